@@ -1,0 +1,526 @@
+"""Datasets, augmentation and loaders: CIFAR-10 or an ImageFolder tree, kept on the device when it fits."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+DATASETS = ("cifar10", "folder")
+FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
+IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
+
+
+class DataError(ValueError):
+    """Missing or unreadable data, or a split that cannot be made: a message for the user."""
+
+
+@dataclass
+class Data:
+    """The loaders of one run and what the rest of the pipeline needs to know about them."""
+
+    train: "ResidentLoader | StreamingLoader"
+    val: "ResidentLoader | StreamingLoader"
+    test: "ResidentLoader | StreamingLoader"
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    resident: bool
+    val_is_test: bool  # VAL_SPLIT = 0: the test set doubles as the per-epoch validation set
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _CIFAR10(datasets.CIFAR10):
+    """torchvision's CIFAR-10 that checks the official archive but not the extracted files' sums.
+
+    Copies rebuilt from other sources (the JPEG copy in ../shared/data) have other checksums,
+    so an extracted file only has to exist; the downloaded archive is still checked.
+    """
+
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+def _read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, ...] | list[str]:
+    """CIFAR-10 as uint8 (N, 32, 32, 3) images and int64 labels, downloading it when missing."""
+    folder = os.path.join(data_dir, _CIFAR10.base_folder)
+    missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing and download:
+        try:
+            _CIFAR10(data_dir, train=True, download=True)
+        except (OSError, RuntimeError) as error:  # no network, refused, bad archive
+            raise DataError(_missing_message(folder, missing, f"the download failed: {error}")) from None
+        missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        reason = "DOWNLOAD is off" if not download else "the downloaded archive lacked them"
+        raise DataError(_missing_message(folder, missing, reason))
+    try:
+        train, test = _CIFAR10(data_dir, train=True), _CIFAR10(data_dir, train=False)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+        raise DataError(f"{_bad_cifar_file(folder)} is not a readable CIFAR-10 batch file ({error}); "
+                        f"replace it, or delete {folder} to download CIFAR-10 again") from None
+    if len(train.classes) != 10 or len(train.data) != len(train.targets) or len(test.data) != len(test.targets):
+        raise DataError(f"{folder} does not hold CIFAR-10: expected 10 classes and one label per image")
+    return (torch.from_numpy(train.data), torch.tensor(train.targets), torch.from_numpy(test.data),
+            torch.tensor(test.targets), list(train.classes))
+
+
+def _missing_message(folder: str, missing: list[str], reason: str) -> str:
+    return (f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}) and {reason}. "
+            f"Put the python-version files there (data_batch_1..5, test_batch, batches.meta, as "
+            f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz unpacks), or set DATA_DIR to the "
+            f"folder that holds cifar-10-batches-py/")
+
+
+def _bad_cifar_file(folder: str) -> str:
+    """The first batch file that does not unpickle into a batch dict (only called after a failure)."""
+    for name in CIFAR_FILES:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            key = "label_names" if name == "batches.meta" else "data"
+            entry[key]
+            if key == "data":
+                np.asarray(entry["data"]).reshape(-1, 3, 32, 32)
+        except Exception:  # any failure marks the culprit; this runs only to name it
+            return path
+    return folder
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """ImageFolder that can be told its class list, so every split maps names to the same indices."""
+
+    def __init__(self, root: str, classes: list[str] | None = None, **kwargs):
+        self._given_classes = classes
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        if self._given_classes is None:
+            return super().find_classes(directory)
+        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
+
+
+class _Readable:
+    """is_valid_file for ImageFolder: an image extension and a header Pillow can open; counts the rest."""
+
+    def __init__(self):
+        self.skipped: list[str] = []
+
+    def __call__(self, path: str) -> bool:
+        if not path.lower().endswith(IMAGE_EXTENSIONS):
+            return False
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            return True
+        except Exception:  # Pillow raises many types for a bad file; every one means "skip it"
+            self.skipped.append(path)
+            return False
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB, naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise DataError(f"cannot decode image {path}: {error}") from None
+
+
+def _scan_folder(data_dir: str) -> dict[str, _ImageFolder]:
+    """The train, val and (optional) test ImageFolders of DATA_DIR, with a shared class list."""
+    train_dir = os.path.join(data_dir, "train")
+    if not os.path.isdir(train_dir):
+        raise DataError(f"no ImageFolder tree in {data_dir}: expected {train_dir}/<class>/<image> "
+                        f"(and optionally val/ and test/ beside it); set DATA_DIR")
+    check = _Readable()
+    try:
+        splits = {"train": _ImageFolder(train_dir, loader=_load_rgb, is_valid_file=check)}
+    except FileNotFoundError as error:  # no class folders, or no images in them
+        raise DataError(f"no readable images in {train_dir}: {error}") from None
+    classes = splits["train"].classes
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} has {len(classes)} class folder(s) with images; a classifier needs "
+                        f"at least two (train/<class>/<image>)")
+    for split in ("val", "test"):
+        folder = os.path.join(data_dir, split)
+        if os.path.isdir(folder):
+            extra = sorted(set(os.listdir(folder)) - set(classes))
+            extra = [name for name in extra if os.path.isdir(os.path.join(folder, name))]
+            if extra:
+                raise DataError(f"{folder} has class folders that train/ lacks: {', '.join(extra)}")
+            splits[split] = _ImageFolder(folder, classes=classes, loader=_load_rgb, is_valid_file=check,
+                                         allow_empty=True)
+            if len(splits[split]) == 0:
+                raise DataError(f"{folder} holds no readable images; fill it or remove it")
+    if check.skipped:
+        print(f"warning: skipped {len(check.skipped)} unreadable image file(s), "
+              f"e.g. {check.skipped[0]}", file=sys.stderr)
+    return splits
+
+
+def _decode_all(source: Dataset, image_size: int, num_workers: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode and resize every image of an image Dataset into uint8 (N, S, S, 3), with a progress bar."""
+    to_tensor = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                                    transforms.PILToTensor()])
+    loader = DataLoader(_Transformed(source, to_tensor), batch_size=256, num_workers=num_workers)
+    images, labels = [], []
+    for batch_images, batch_labels in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty()):
+        images.append(batch_images.permute(0, 2, 3, 1).contiguous())
+        labels.append(batch_labels)
+    return torch.cat(images), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------- splitting and statistics
+
+
+def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed."""
+    n = len(labels)
+    if not 0 <= n_holdout <= n:
+        raise ValueError(f"cannot hold out {n_holdout} of {n} images")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    classes, counts = labels.unique(return_counts=True)
+    exact = counts.double() * n_holdout / n
+    quota = exact.floor().long()
+    remainder = n_holdout - int(quota.sum())
+    quota[torch.argsort(exact - quota, descending=True, stable=True)[:remainder]] += 1
+    shuffled = labels[order]
+    held = torch.cat([order[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())])
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[held] = True
+    return mask.logical_not().nonzero().flatten(), mask.nonzero().flatten()
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std (0-1 scale) of uint8 (N, H, W, C) images, from histograms."""
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for c in range(images.shape[-1]):
+        counts = torch.bincount(images[..., c].flatten(), minlength=256).double()
+        total = counts.sum()
+        mean = (counts * values).sum() / total
+        var = (counts * values.square()).sum() / total - mean.square()
+        means.append(float(mean) / 255)
+        stds.append(max(float(var.clamp(min=0).sqrt()) / 255, 1e-3))
+    return tuple(means), tuple(stds)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def crop_flip(images: torch.Tensor, padding: int, flipped: torch.Tensor | None = None,
+              reflect: bool = False) -> torch.Tensor:
+    """Random crops (shifts of up to `padding` pixels, black or reflected border) of uint8 (N, H, W, C)
+    images, mirrored where `flipped` (N bools) is set, as one gather on the images' device."""
+    n, h, w, _ = images.shape
+    device = images.device
+    dy = torch.randint(-padding, padding + 1, (n, 1), device=device)
+    dx = torch.randint(-padding, padding + 1, (n, 1), device=device)
+    rows = torch.arange(h, device=device) + dy                      # (n, h): source row of each output row
+    cols = torch.arange(w, device=device).expand(n, w)
+    if flipped is not None:
+        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
+    cols = cols + dx                                                # (n, w): source column of each output column
+    batch = torch.arange(n, device=device)[:, None, None]
+    if reflect:
+        return images[batch, _reflect(rows, h)[:, :, None], _reflect(cols, w)[:, None, :]]
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+    return out * inside[..., None]                                  # black border, as RandomCrop(padding=p)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class ResidentLoader:
+    """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor ops.
+
+    Shuffling is seeded by (seed, epoch) as in DistributedSampler, so every rank draws the same order
+    and takes its own shard; augmentation draws from the device's global generator.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean, std,
+                 train: bool, crop_padding: int = 4, flip: str = "random", reflect: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True):
+        self.images, self.labels = images, labels
+        self.batch_size, self.train = batch_size, train
+        self.crop_padding, self.flip, self.reflect = crop_padding, flip, reflect
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last = channels_last
+        self.epoch = 0
+        if flip == "alternate":  # a fixed random half starts flipped; every other epoch flips them all
+            self.flip_base = (torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5) \
+                .to(images.device)
+        mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1 / (255 * std), -mean / std
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffle of this epoch (the same on every rank)."""
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size, device=self.labels.device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        per_rank = n // self.world_size  # equal shards: every rank must take the same number of steps
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.labels.device)
+
+    def __len__(self) -> int:
+        n = len(self.labels) // self.world_size if self.train else len(range(self.rank, len(self.labels), self.world_size))
+        return _num_batches(n, self.batch_size, self.train)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices()
+        for i in range(len(self)):
+            batch = indices[i * self.batch_size:(i + 1) * self.batch_size]
+            images = self.images[batch]
+            if self.train and (self.crop_padding or self.flip != "none"):
+                images = crop_flip(images, self.crop_padding, self._flips(batch), self.reflect)
+            yield self.normalize(images), self.labels[batch]
+
+    def _flips(self, batch: torch.Tensor) -> torch.Tensor | None:
+        if self.flip == "random":
+            return torch.rand(len(batch), device=batch.device) < 0.5
+        if self.flip == "alternate":
+            return self.flip_base[batch] ^ bool(self.epoch % 2 == 0)
+        return None
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """The first n images, normalised, without augmentation (for data-dependent initialisation)."""
+        return self.normalize(self.images[:n])
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) to normalised float (N, C, H, W), channels_last in memory when asked."""
+        images = images.permute(0, 3, 1, 2)  # a view: NHWC memory is channels_last NCHW
+        if not self.channels_last:
+            images = images.contiguous()
+        return images.float() * self.scale + self.shift
+
+
+class StreamingLoader:
+    """A DataLoader with PIL transforms in worker processes, for data that does not fit on the device;
+    yields batches on the device, in the same layout as ResidentLoader."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, train: bool, device: torch.device,
+                 num_workers: int, seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True):
+        self.train, self.device, self.channels_last = train, device, channels_last
+        if train:
+            self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                               shuffle=True, seed=seed, drop_last=True)
+        else:
+            self.sampler = range(rank, len(dataset), world_size)
+        n = len(self.sampler)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda", drop_last=train and n >= batch_size,
+                                 persistent_workers=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffle of this epoch (the same on every rank)."""
+        if self.train:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """About n images as the loader yields them (for data-dependent initialisation)."""
+        images = []
+        for batch, _ in self:
+            images.append(batch)
+            if sum(map(len, images)) >= n:
+                break
+        return torch.cat(images)[:n]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def _num_batches(n: int, batch_size: int, train: bool) -> int:
+    """Training drops a last partial batch, unless it is the only one; evaluation keeps it."""
+    if train and n >= batch_size:
+        return n // batch_size
+    return -(-n // batch_size)
+
+
+def _pil_transform(train: bool, image_size: int, resize: bool, crop_padding: int, flip: str, reflect: bool,
+                   mean, std) -> transforms.Compose:
+    """The streaming path's PIL pipeline ("alternate" flips are drawn at random here)."""
+    steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)] if resize else []
+    if train and crop_padding:
+        steps.append(transforms.RandomCrop(image_size, padding=crop_padding,
+                                           padding_mode="reflect" if reflect else "constant"))
+    if train and flip != "none":
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def fits_on_device(num_bytes: int, device: torch.device) -> bool:
+    """Whether data of this size may be kept on the device (a quarter of its free memory at most)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return num_bytes <= RESIDENT_SHARE * free
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: int = 256,
+             eval_batch_size: int | None = None, val_split: int = 5000, train_subset: int | None = None,
+             image_size: int = 32, crop_padding: int = 4, flip: str = "random", reflect: bool = False,
+             resident: bool | str = "auto", num_workers: int | None = None, download: bool = True,
+             device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
+             channels_last: bool = True) -> Data:
+    """Read a dataset, split off validation images, and build the train, val and test loaders."""
+    if dataset not in DATASETS:
+        raise DataError(f"DATASET = {dataset!r} is not known; choose one of {', '.join(DATASETS)}")
+    if flip not in FLIPS:
+        raise DataError(f"FLIP = {flip!r} is not known; choose one of {', '.join(FLIPS)}")
+    device = torch.device(device)
+    num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+
+    # Sources: (uint8 NHWC images, labels) in memory, or image Datasets read on the fly.
+    if dataset == "cifar10":
+        train_images, train_labels, test_images, test_labels, classes = _read_cifar10(data_dir, download)
+        sources = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
+        size = train_images.shape[1]
+        resident = fits_on_device(train_images.numel() + test_images.numel(), device) if resident == "auto" \
+            else resident
+    else:
+        sources, classes, size = _scan_folder(data_dir), None, image_size
+        classes = sources["train"].classes
+        if resident == "auto":
+            resident = fits_on_device(sum(len(s) for s in sources.values()) * 3 * size * size, device)
+        if resident:
+            sources = {name: _decode_all(source, size, num_workers, f"decoding {name}")
+                       for name, source in sources.items()}
+
+    # Splits: validation held out from training (stratified) unless the tree has its own val/.
+    labels = _labels(sources["train"])
+    train_index = torch.arange(len(labels))
+    parts = {}
+    if "val" in sources:
+        parts["val"] = sources["val"]
+    elif val_split:
+        if val_split >= len(labels):
+            raise DataError(f"VAL_SPLIT = {val_split} is too large: the training set has {len(labels)} images")
+        train_index, val_index = stratified_split(labels, val_split, seed)
+        parts["val"] = _take(sources["train"], val_index)
+    elif "test" in sources:
+        parts["val"] = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
+    else:
+        raise DataError(f"{data_dir} has no val/ or test/ folder and VAL_SPLIT = 0: nothing to validate on; "
+                        f"set VAL_SPLIT > 0 or add {data_dir}/val/<class>/<image>")
+    if train_subset is not None:
+        if not 1 <= train_subset <= len(train_index):
+            raise DataError(f"TRAIN_SUBSET = {train_subset} is out of range: use 1 to {len(train_index)} "
+                            f"(the training images left after VAL_SPLIT), or None for all")
+        _, keep = stratified_split(labels[train_index], train_subset, seed)
+        train_index = train_index[keep]
+    parts["train"] = _take(sources["train"], train_index)
+    if "test" in sources:
+        parts["test"] = sources["test"]
+    else:
+        print(f"note: {data_dir} has no test/ folder; the final evaluation uses the validation images",
+              file=sys.stderr)
+        parts["test"] = parts["val"]
+    for name, part in parts.items():
+        if len(_labels(part)) == 0:
+            raise DataError(f"the {name} split is empty; check TRAIN_SUBSET, VAL_SPLIT and {data_dir}")
+
+    if resident:
+        mean, std = channel_stats(parts["train"][0])
+    else:  # streaming: estimate from a seeded sample of at most 2,000 training images
+        sample = torch.randperm(len(parts["train"]), generator=torch.Generator().manual_seed(seed))[:2000]
+        mean, std = channel_stats(_decode_all(_take(parts["train"], sample), size, num_workers, "statistics")[0])
+
+    def loader(split: str, train: bool) -> ResidentLoader | StreamingLoader:
+        common = dict(batch_size=batch_size if train else eval_batch_size or 2 * batch_size, train=train,
+                      seed=seed, rank=rank, world_size=world_size, channels_last=channels_last)
+        if resident:
+            images, targets = parts[split]
+            return ResidentLoader(images.to(device), targets.to(device), mean=mean, std=std,
+                                  crop_padding=crop_padding, flip=flip, reflect=reflect, **common)
+        transform = _pil_transform(train, size, dataset == "folder", crop_padding, flip, reflect, mean, std)
+        return StreamingLoader(_Transformed(parts[split], transform), device=device, num_workers=num_workers,
+                               **common)
+
+    loaders = {"train": loader("train", True), "val": loader("val", False)}
+    loaders["test"] = loaders["val"] if parts["test"] is parts["val"] else loader("test", False)
+    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), mean, std, size,
+                bool(resident), val_is_test=parts["val"] is sources.get("test"))
+
+
+def _labels(source) -> torch.Tensor:
+    """The labels of a source: an (images, labels) pair, an ImageFolder, or a Subset of one."""
+    if isinstance(source, tuple):
+        return source[1]
+    if isinstance(source, Subset):
+        return torch.tensor(source.dataset.targets)[source.indices]
+    return torch.tensor(source.targets)
+
+
+def _take(source, index: torch.Tensor):
+    """The images of a source at the given indices, in the source's kind."""
+    if isinstance(source, tuple):
+        return source[0][index], source[1][index]
+    return Subset(source, index.tolist())
+
+
+class _Transformed(Dataset):
+    """A source read as (transform(PIL image), label): in-memory pairs, ImageFolders or Subsets of them."""
+
+    def __init__(self, source, transform):
+        self.source, self.transform = source, transform
+        if isinstance(source, tuple):
+            self.images, self.labels = source[0].numpy(), source[1].tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels) if isinstance(self.source, tuple) else len(self.source)
+
+    def __getitem__(self, index: int):
+        if isinstance(self.source, tuple):
+            return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+        image, label = self.source[index]  # ImageFolders here have no transform: a PIL image
+        return self.transform(image), label
+
+
+def load_image(path: str, image_size: int, mean, std) -> torch.Tensor:
+    """One image file as a normalised (C, S, S) tensor, resized and centre-cropped to image_size."""
+    if not os.path.isfile(path):
+        raise DataError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError:
+        raise DataError(f"{path} is not an image file that Pillow can read") from None
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])(image)

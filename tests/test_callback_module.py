@@ -1,0 +1,396 @@
+"""LRA on scripted metric sequences: cuts, phases, dwell, stops, restoring, the prompt, state."""
+
+import builtins
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import callback_module
+import model_module
+import train_module
+from callback_module import LRA
+from conftest import make_tiny_data
+
+
+def tiny_model(freeze=False):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten())
+    model = model_module.Classifier(body, nn.Linear(4, 3))
+    if freeze:
+        model_module.freeze_body(model)
+    return model
+
+
+def make_lra(model=None, lr=0.1, **kwargs):
+    model = model or tiny_model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    kwargs.setdefault("ask_epoch", None)
+    return LRA(model, optimizer, stream=io.StringIO(), **kwargs)
+
+
+def metrics(train_acc=0.5, val_loss=1.0, val_acc=0.5, train_loss=1.0):
+    return {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
+
+
+def lr_of(lra):
+    return lra.optimizer.param_groups[0]["lr"]
+
+
+def train_step(model, optimizer, seed):
+    """One real optimizer step, so weights, BatchNorm buffers and momentum all change."""
+    torch.manual_seed(seed)
+    model.train()
+    loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 6, 6)), torch.randint(0, 3, (8,)))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def snapshot(lra):
+    model_state = {k: v.clone() for k, v in lra.model.state_dict().items()}
+    momentum = [lra.optimizer.state[p]["momentum_buffer"].clone() for p in lra.model.parameters()
+                if p in lra.optimizer.state]
+    return model_state, momentum
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize("name, value", [("patience", 0), ("stop_patience", 0), ("threshold", 1.5),
+                                         ("factor", 1.0), ("factor", 0.0), ("ask_epoch", 0), ("min_lr", -1),
+                                         ("min_delta", -0.1)])
+def test_bad_parameter_is_refused_naming_it(name, value):
+    with pytest.raises(ValueError, match=name):
+        make_lra(**{name: value})
+
+
+# ----------------------------------------------------------------------------- cuts
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_cut_happens_on_the_patience_th_bad_epoch(patience):
+    lra = make_lra(patience=patience, threshold=1.0, stop_patience=10)  # phase: training accuracy
+    lra.on_epoch_end(1, metrics(train_acc=0.5))
+    for bad in range(1, patience + 1):
+        lra.on_epoch_end(1 + bad, metrics(train_acc=0.4))
+        expected = 0.05 if bad == patience else 0.1
+        assert lr_of(lra) == pytest.approx(expected), f"after {bad} bad epochs"
+        assert ("LR cut" in lra.event) == (bad == patience)
+    assert lra.cuts == 1 and lra.bad_epochs == 0
+
+
+def test_no_cut_while_improving():
+    lra = make_lra(threshold=1.0)
+    for epoch, acc in enumerate([0.2, 0.3, 0.4, 0.5, 0.6, 0.7], start=1):
+        assert lra.on_epoch_end(epoch, metrics(train_acc=acc)) is False
+        assert lra.improved
+    assert lr_of(lra) == 0.1 and lra.cuts == 0
+
+
+def test_cut_respects_min_lr_and_factor():
+    lra = make_lra(threshold=1.0, factor=0.25, min_lr=0.02, stop_patience=10)
+    lra.on_epoch_end(1, metrics(train_acc=0.5))
+    lra.on_epoch_end(2, metrics(train_acc=0.4))
+    assert lr_of(lra) == pytest.approx(0.025)
+    lra.on_epoch_end(3, metrics(train_acc=0.4))
+    assert lr_of(lra) == pytest.approx(0.02)
+
+
+def test_min_delta_counts_small_gains_as_bad():
+    lra = make_lra(threshold=1.0, min_delta=0.05, stop_patience=10)
+    lra.on_epoch_end(1, metrics(train_acc=0.5))
+    lra.on_epoch_end(2, metrics(train_acc=0.52))
+    assert not lra.improved and lr_of(lra) == pytest.approx(0.05)
+
+
+def test_bad_epochs_without_a_cut_print_a_row():
+    """The Keras original crashed printing a bad epoch that did not cut (patience >= 2)."""
+    lra = make_lra(patience=3, threshold=1.0)
+    lra.on_epoch_end(1, metrics(train_acc=0.5))
+    lra.on_epoch_end(2, metrics(train_acc=0.4))
+    rows = lra.stream.getvalue().strip().splitlines()
+    assert len(rows) == 2 and rows[-1].split("|")[0].strip() == "2"
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def test_phase_switches_at_threshold_and_back():
+    lra = make_lra(threshold=0.6, stop_patience=10)
+    lra.on_epoch_end(1, metrics(train_acc=0.4, val_loss=1.0))
+    assert lra.phase == "train_acc"
+    lra.on_epoch_end(2, metrics(train_acc=0.6, val_loss=0.9))  # exactly at the threshold: validation loss
+    assert lra.phase == "val_loss" and lra.improved
+    lra.on_epoch_end(3, metrics(train_acc=0.7, val_loss=0.95))  # accuracy up, but the monitor is val_loss
+    assert lra.phase == "val_loss" and not lra.improved and "LR cut" in lra.event
+    lra.on_epoch_end(4, metrics(train_acc=0.5, val_loss=0.99))  # below the threshold again
+    assert lra.phase == "train_acc"
+
+
+def test_best_weights_follow_validation_loss_in_the_accuracy_phase():
+    """Best weights are chosen by validation loss in both phases (the Keras original used accuracy)."""
+    lra = make_lra(threshold=1.0, dwell=False, stop_patience=10)
+    lra.on_epoch_end(1, metrics(train_acc=0.5, val_loss=0.8))
+    lra.on_epoch_end(2, metrics(train_acc=0.6, val_loss=1.2))
+    assert lra.improved and not lra.new_best and lra.best_epoch == 1
+
+
+def test_percent_improvement_is_relative_and_blank_first():
+    lra = make_lra(threshold=1.0)
+    lra.on_epoch_end(1, metrics(train_acc=0.5))
+    assert lra.change is None
+    lra.on_epoch_end(2, metrics(train_acc=0.6))
+    assert lra.change == pytest.approx(20.0)
+    assert callback_module.relative_change(1.0, 0.0, True) is None  # never divides by zero
+
+
+# ----------------------------------------------------------------------------- dwell
+
+
+def test_dwell_restores_weights_buffers_and_optimizer_state_of_the_best_epoch():
+    lra = make_lra(threshold=0.0, stop_patience=10)  # phase: validation loss
+    train_step(lra.model, lra.optimizer, 1)
+    lra.on_epoch_end(1, metrics(val_loss=1.0))
+    best_model, best_momentum = snapshot(lra)
+    train_step(lra.model, lra.optimizer, 2)
+    changed_model, _ = snapshot(lra)
+    assert not torch.equal(changed_model["body.1.running_mean"], best_model["body.1.running_mean"])
+    lra.on_epoch_end(2, metrics(val_loss=1.5))
+    restored_model, restored_momentum = snapshot(lra)
+    assert_same(restored_model, best_model)
+    assert all(torch.equal(a, b) for a, b in zip(restored_momentum, best_momentum))
+    assert lr_of(lra) == pytest.approx(0.05)  # the new LR applies after the restore
+    assert "restored epoch 1" in lra.event
+
+
+def test_no_dwell_keeps_the_current_weights():
+    lra = make_lra(threshold=0.0, dwell=False, stop_patience=10)
+    lra.on_epoch_end(1, metrics(val_loss=1.0))
+    train_step(lra.model, lra.optimizer, 2)
+    current, _ = snapshot(lra)
+    lra.on_epoch_end(2, metrics(val_loss=1.5))
+    assert_same(snapshot(lra)[0], current)
+    assert lr_of(lra) == pytest.approx(0.05)
+
+
+# ----------------------------------------------------------------------------- stopping and the end
+
+
+def test_stop_after_stop_patience_cuts_without_improvement():
+    lra = make_lra(threshold=0.0, stop_patience=2)
+    assert not lra.on_epoch_end(1, metrics(val_loss=1.0))
+    assert not lra.on_epoch_end(2, metrics(val_loss=1.1))
+    assert lra.on_epoch_end(3, metrics(val_loss=1.2))
+    assert "2 LR cuts" in lra.stop_reason and lra.cuts == 2
+
+
+def test_improvement_between_cuts_resets_the_stop_count():
+    lra = make_lra(threshold=0.0, stop_patience=2)
+    lra.on_epoch_end(1, metrics(val_loss=1.0))
+    lra.on_epoch_end(2, metrics(val_loss=1.1))      # cut 1
+    lra.on_epoch_end(3, metrics(val_loss=0.9))      # improvement
+    assert not lra.on_epoch_end(4, metrics(val_loss=1.0))  # cut 1 again, no stop
+    assert lra.on_epoch_end(5, metrics(val_loss=1.0))
+
+
+def _run_to_an_end(lra, ending, monkeypatch):
+    """Epoch 1 is the best; epoch 2 moves the weights; then training ends one way or another."""
+    train_step(lra.model, lra.optimizer, 1)
+    lra.on_epoch_end(1, metrics(val_loss=1.0, val_acc=0.7))
+    best, _ = snapshot(lra)
+    train_step(lra.model, lra.optimizer, 2)
+    if ending == "epoch limit":
+        lra.on_epoch_end(2, metrics(val_loss=1.5))
+        lra.on_train_end()
+    elif ending == "LRA stop":
+        assert lra.on_epoch_end(2, metrics(val_loss=1.5))
+        train_step(lra.model, lra.optimizer, 3)  # anything after the stop is undone too
+        lra.on_train_end()
+    else:
+        answers = {"H": ["H"], "Ctrl-C": [KeyboardInterrupt()]}[ending]
+        scripted_input(monkeypatch, answers)
+        assert lra.on_epoch_end(2, metrics(val_loss=1.5))
+        lra.on_train_end()
+    return best
+
+
+@pytest.mark.parametrize("ending", ["epoch limit", "LRA stop", "H", "Ctrl-C"])
+def test_best_weights_are_restored_whatever_ended_training(ending, monkeypatch):
+    lra = make_lra(threshold=0.0, dwell=False, stop_patience=1, ask_epoch=2)
+    best = _run_to_an_end(lra, ending, monkeypatch)
+    assert_same(snapshot(lra)[0], best)
+    output = lra.stream.getvalue()
+    assert "from epoch 1" in output and "70.00%" in output
+
+
+def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path):
+    data = make_tiny_data()
+    model = tiny_model()
+    model.head = nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    lra = LRA(model, optimizer, ask_epoch=None, stream=io.StringIO())
+    calls = {"n": 0}
+    original = train_module.train_one_epoch
+
+    def interrupted_on_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", interrupted_on_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.fit(model, data, optimizer, lra, epochs=5, loss_fn=nn.CrossEntropyLoss(),
+                         output_dir=str(tmp_path))
+    assert lra.best_epoch in (1, 2)
+    assert_same(model.state_dict(), lra.best_weights)
+    assert "interrupted during epoch 3" in lra.stream.getvalue()
+
+
+# ----------------------------------------------------------------------------- the prompt
+
+
+def scripted_input(monkeypatch, answers, terminal=True):
+    """Make stdin look like a terminal whose user types `answers` (EOF when they run out)."""
+    answers = list(answers)
+    asked = []
+
+    def fake_input(prompt=""):
+        asked.append(prompt)
+        if not answers:
+            raise EOFError
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(callback_module, "_stdin_is_terminal", lambda: terminal)
+    monkeypatch.setattr(builtins, "input", fake_input)
+    return asked
+
+
+def test_h_halts(monkeypatch):
+    asked = scripted_input(monkeypatch, ["h"])
+    lra = make_lra(ask_epoch=2, threshold=1.0)
+    assert not lra.on_epoch_end(1, metrics(train_acc=0.1))
+    assert lra.on_epoch_end(2, metrics(train_acc=0.2))
+    assert len(asked) == 1 and "halted by the user" in lra.stop_reason
+
+
+def test_a_number_trains_that_many_more_epochs_then_asks_again(monkeypatch):
+    asked = scripted_input(monkeypatch, ["3", "H"])
+    lra = make_lra(ask_epoch=2, threshold=1.0)
+    stops = [lra.on_epoch_end(e, metrics(train_acc=0.1 * e)) for e in range(1, 6)]
+    assert stops == [False, False, False, False, True]
+    assert len(asked) == 2 and lra.run_until == 5
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "0", "-3", "maybe", "2.5", "F"])
+def test_bad_answers_are_asked_again(monkeypatch, bad):
+    asked = scripted_input(monkeypatch, [bad, "h"])
+    lra = make_lra(ask_epoch=1)  # no frozen layers, so F is not offered and not accepted
+    assert lra.on_epoch_end(1, metrics())
+    assert len(asked) == 2
+    assert "not accepted" in lra.stream.getvalue()
+    assert "F to fine-tune" not in asked[0]
+
+
+def test_end_of_input_stops_asking_and_goes_on(monkeypatch):
+    asked = scripted_input(monkeypatch, [])
+    lra = make_lra(ask_epoch=1, threshold=1.0)
+    stops = [lra.on_epoch_end(e, metrics(train_acc=0.1 * e)) for e in range(1, 5)]
+    assert stops == [False] * 4 and len(asked) == 1 and lra.prompts_off
+
+
+def test_ctrl_c_at_the_prompt_halts_cleanly(monkeypatch):
+    scripted_input(monkeypatch, [KeyboardInterrupt()])
+    lra = make_lra(ask_epoch=1)
+    assert lra.on_epoch_end(1, metrics())
+    assert "Ctrl-C" in lra.stop_reason
+
+
+def test_without_a_terminal_input_is_never_called(monkeypatch):
+    def forbidden(prompt=""):
+        raise AssertionError("input() was called without a terminal")
+    monkeypatch.setattr(builtins, "input", forbidden)
+    monkeypatch.setattr("sys.stdin", io.StringIO("H\n"))  # not a terminal, even with text waiting
+    lra = make_lra(ask_epoch=1, threshold=1.0)
+    stops = [lra.on_epoch_end(e, metrics(train_acc=0.1 * e)) for e in range(1, 4)]
+    assert stops == [False] * 3
+    assert lra.stream.getvalue().count("prompts are off") == 1
+
+
+def test_f_unfreezes_and_gives_the_layers_to_the_optimizer(monkeypatch):
+    asked = scripted_input(monkeypatch, ["F", "h"])
+    model = tiny_model(freeze=True)
+    lra = make_lra(model, ask_epoch=2, threshold=1.0, patience=1)
+    frozen = [p for p in model.body.parameters()]
+    assert not any(p.requires_grad for p in frozen)
+    lra.on_epoch_end(1, metrics(train_acc=0.5))
+    lra.on_epoch_end(2, metrics(train_acc=0.4))  # a cut, then F
+    assert "F to fine-tune" in asked[0]
+    assert all(p.requires_grad for p in frozen)
+    groups = lra.optimizer.param_groups
+    assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == {id(p) for p in frozen}
+    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"]) == pytest.approx(0.05)
+    assert lra.bad_epochs == 0 and lra.cuts == 0 and lra.ask_epoch == 4
+    model.train()
+    assert model.body[1].training  # the BatchNorm layer trains again
+    lra.on_epoch_end(3, metrics(train_acc=0.6))
+    assert lra.on_epoch_end(4, metrics(train_acc=0.7))  # asked again ask_epoch epochs later
+    assert len(asked) == 2
+
+
+def test_dwell_after_fine_tuning_restores_every_parameter_group(monkeypatch):
+    scripted_input(monkeypatch, ["F"])
+    model = tiny_model(freeze=True)
+    lra = make_lra(model, ask_epoch=1, threshold=0.0, stop_patience=10)
+    lra.on_epoch_end(1, metrics(val_loss=1.0))   # best, then F
+    train_step(model, lra.optimizer, 5)
+    lra.on_epoch_end(2, metrics(val_loss=2.0))   # cut with dwell: must not fail on the new group
+    assert len(lra.optimizer.param_groups) == 2
+    assert all(g["lr"] == pytest.approx(0.05) for g in lra.optimizer.param_groups)
+
+
+def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
+    scripted_input(monkeypatch, ["3"])  # then EOF: no more questions
+    data = make_tiny_data()
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    lra = LRA(model, optimizer, ask_epoch=2, stream=io.StringIO())
+    history = train_module.fit(model, data, optimizer, lra, epochs=2, loss_fn=nn.CrossEntropyLoss(),
+                               output_dir=str(tmp_path))
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def test_state_round_trip_makes_the_same_decisions():
+    sequence = [metrics(train_acc=a, val_loss=v) for a, v in
+                [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85), (0.97, 0.84), (0.98, 0.9)]]
+    straight = make_lra(threshold=0.9, stop_patience=5)
+    straight_log = [(straight.on_epoch_end(e, m), lr_of(straight), straight.phase, straight.cuts)
+                    for e, m in enumerate(sequence, start=1)]
+
+    first = make_lra(threshold=0.9, stop_patience=5)
+    log = [(first.on_epoch_end(e, m), lr_of(first), first.phase, first.cuts)
+           for e, m in enumerate(sequence[:3], start=1)]
+    state = first.state_dict()
+    second = make_lra(threshold=0.9, stop_patience=5)
+    second.model.load_state_dict(first.model.state_dict())
+    second.load_state_dict(state)
+    log += [(second.on_epoch_end(e, m), lr_of(second), second.phase, second.cuts)
+            for e, m in enumerate(sequence[3:], start=4)]
+    assert log == straight_log
+    assert second.best_epoch == straight.best_epoch

@@ -1,0 +1,271 @@
+"""The hand-written training loop: train_one_epoch, evaluate and fit, with their small helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import utils
+from callback_module import LRA
+
+SCHEDULES = ("lra", "onecycle")
+CHECK_EVERY = 50  # batches between checks for a non-finite loss (each check waits for the GPU once)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, batch: int, value: float):
+        super().__init__(f"the training loss became {value} at epoch {epoch}, batch {batch}")
+        self.epoch, self.batch = epoch, batch
+
+
+# --------------------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+                   nesterov: bool = True, norm_lr_scale: float = 1.0) -> torch.optim.SGD:
+    """SGD over the trainable parameters only. BatchNorm parameters get norm_lr_scale times the LR and
+    weight decay divided by it, so their decay per step (lr x decay) is the same as the others'."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in norms], "lr": lr, "weight_decay": weight_decay}]
+    norm_params = [p for p in trainable if id(p) in norms]
+    if norm_lr_scale != 1.0 and norm_params:
+        groups.append({"params": norm_params, "lr": lr * norm_lr_scale, "weight_decay": weight_decay / norm_lr_scale})
+    else:
+        groups[0]["params"] += norm_params
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,
+                           weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
+                   warmup: float = 0.23) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """None for "lra" (LRA drives the LR), else a per-step schedule: "onecycle" rises linearly from
+    0.2x to 1x the LR over the warmup share of the steps, then falls linearly to 0.07x (airbench's shape)."""
+    if schedule == "lra":
+        return None
+    if schedule != "onecycle":
+        raise ValueError(f"SCHEDULE = {schedule!r} is not known; choose one of {', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
+        pct_start=warmup, anneal_strategy="linear", cycle_momentum=False, div_factor=5.0,
+        final_div_factor=0.2 / 0.07)
+
+
+class Lookahead:
+    """airbench's lookahead: every `every` steps, pull a slow copy of the weights towards the fast ones
+    by an amount that grows over the run, then continue from the slow copy; the run ends on it."""
+
+    def __init__(self, model: nn.Module, total_steps: int, every: int = 5):
+        self.model, self.total_steps, self.every, self.step = model, total_steps, every, 0
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Count one optimizer step; every `every` steps (and on the last) sync the weights."""
+        self.step += 1
+        if self.step % self.every and self.step != self.total_steps:
+            return
+        decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (self.step / self.total_steps) ** 3
+        state = self.model.state_dict()
+        slow, fast = list(self.slow.values()), [state[k] for k in self.slow]
+        torch._foreach_lerp_(slow, fast, 1 - decay)
+        torch._foreach_copy_(fast, slow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "slow": self.slow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        for key, value in state["slow"].items():
+            self.slow[key].copy_(value)
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16 (or other) autocast on the given device, or nothing."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
+                    epoch: int = 1, scheduler=None, lookahead: Lookahead | None = None,
+                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """One pass over the training data; returns train_loss and train_acc (over every process).
+    Loss and accuracy stay on the device until the end, so the GPU never waits on Python."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, recent, batch = 0, [], 0  # recent: per-batch losses not yet checked for NaN
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not _show_progress())
+    check_every = CHECK_EVERY if bar.disable else 10  # a bar shows running figures, which costs a sync
+    for batch, (images, targets) in enumerate(loader, start=1):
+        with _autocast(device, autocast_dtype):
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None and scheduler.last_epoch < scheduler.total_steps - 1:
+            scheduler.step()  # the schedule holds its last LR if the user asked for more epochs
+        if lookahead is not None:
+            lookahead.update()
+        recent.append(loss.detach().float())
+        loss_sum += recent[-1] * len(targets)
+        correct += (logits.argmax(1) == targets).sum()
+        seen += len(targets)
+        if batch % check_every == 0:
+            _check_finite(recent, epoch, batch - len(recent) + 1)
+            recent = []
+            if not bar.disable:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}")
+        bar.update()
+    bar.close()
+    _check_finite(recent, epoch, batch - len(recent) + 1)
+    loss_sum, correct, seen = _sum_over_processes(loss_sum, correct, seen)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
+
+
+def _check_finite(losses: list[torch.Tensor], epoch: int, first_batch: int) -> None:
+    """Raise NonFiniteLoss naming the first batch whose loss is not finite."""
+    if not losses:
+        return
+    values = torch.stack(losses)
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise NonFiniteLoss(epoch, first_batch + i, float(values[i]))
+
+
+def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, float]:
+    """Read the device accumulators once (summed over torchrun processes) as Python floats."""
+    totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)])
+    return tuple(utils.all_reduce_sum(totals.double()).tolist())
+
+
+def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Mean logits over the image and its mirror, and both shifted one pixel up-left and down-right
+    (airbench's test-time augmentation, level 2)."""
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * model(x) + 0.5 * model(x.flip(-1))
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    shifted = mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])
+    return 0.5 * mirrored(images) + 0.25 * shifted
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype | None = None,
+             tta: bool = False, num_classes: int | None = None) -> dict[str, float]:
+    """Cross-entropy loss and accuracy of the model over a loader (over every process); with
+    num_classes, also the accuracy of each class ("per_class")."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    hits = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
+    totals = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
+    for images, targets in loader:
+        with _autocast(device, autocast_dtype):
+            logits = _tta_logits(model, images) if tta else model(images)
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
+        by_class = targets if num_classes else torch.zeros_like(targets)
+        hits += torch.bincount(by_class[logits.argmax(1) == targets], minlength=len(hits))
+        totals += torch.bincount(by_class, minlength=len(totals))
+    counts = utils.all_reduce_sum(torch.cat([loss_sum[None].double(), hits.double(), totals.double()])).tolist()
+    loss_sum, hits, totals = counts[0], counts[1:1 + len(hits)], counts[1 + len(hits):]
+    result = {"loss": loss_sum / sum(totals), "acc": sum(hits) / sum(totals)}
+    if num_classes:
+        result["per_class"] = [h / t if t else float("nan") for h, t in zip(hits, totals)]
+    return result
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities for a batch of normalised images."""
+    model.eval()
+    device = next(model.parameters()).device
+    return model(images.to(device)).float().softmax(1).cpu()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, epochs: int, loss_fn: nn.Module,
+        output_dir: str = ".", train_model: nn.Module | None = None, scheduler=None,
+        lookahead: Lookahead | None = None, autocast_dtype: torch.dtype | None = None, start_epoch: int = 1,
+        history: list[dict] | None = None, run_info: dict | None = None, main_process: bool = True) -> list[dict]:
+    """Train to `epochs` (or as far as the user asks at the prompt) unless LRA stops first; after each
+    epoch save last_checkpoint.pth, best_model.pth on a new best, and the CSV. Ends holding the best weights.
+
+    train_model is what runs the batches (a DistributedDataParallel or compiled wrapper of model);
+    run_info (constants, classes, normalisation) goes into the checkpoint and best_model.json.
+    """
+    train_model = train_model or model
+    history = list(history or [])
+    lra.on_train_begin()
+    epoch, reason = start_epoch, None
+    try:
+        while epoch <= max(epochs, lra.run_until):
+            started = time.perf_counter()
+            data.train.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            metrics = {"epoch": epoch, **train_one_epoch(train_model, data.train, optimizer, loss_fn, epoch=epoch,
+                                                         scheduler=scheduler, lookahead=lookahead,
+                                                         autocast_dtype=autocast_dtype)}
+            val = evaluate(train_model, data.val, autocast_dtype=autocast_dtype)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr,
+                           seconds=time.perf_counter() - started)
+            stop = lra.on_epoch_end(epoch, metrics)
+            metrics.update(next_lr=optimizer.param_groups[0]["lr"], monitor=lra.phase, improved=lra.improved,
+                           new_best=lra.new_best, event=lra.event)
+            history.append(metrics)
+            if main_process:
+                save_epoch(output_dir, model, optimizer, lra, history, scheduler=scheduler, lookahead=lookahead,
+                           run_info=run_info or {})
+            if stop:
+                break
+            epoch += 1
+    except NonFiniteLoss as error:
+        reason = f"{error}; stopped"
+        raise
+    except KeyboardInterrupt:
+        reason = f"interrupted during epoch {epoch}"
+        raise
+    finally:
+        lra.on_train_end(reason)
+    return history
+
+
+def save_epoch(output_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, lra: LRA,
+               history: list[dict], *, scheduler=None, lookahead: Lookahead | None = None,
+               run_info: dict) -> None:
+    """Write the epoch's files: last_checkpoint.pth first (the authority on resume), then best_model.pth
+    when this epoch is a new best, then the CSV. Each is written atomically."""
+    checkpoint = {"epoch": history[-1]["epoch"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "lra": lra.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": utils.rng_state(),
+                  "history": history, "best_epoch": lra.best_epoch, "best_val_loss": lra.best_val_loss, **run_info}
+    utils.save_torch(checkpoint, os.path.join(output_dir, utils.CHECKPOINT))
+    if lra.new_best:
+        utils.save_best_model(lra.best_weights, output_dir, run_info, epoch=lra.best_epoch,
+                              val_loss=lra.best_val_loss, val_acc=lra.best_val_acc)
+    utils.write_metrics(history, os.path.join(output_dir, utils.METRICS_CSV))

@@ -1,0 +1,194 @@
+"""Run plumbing: seeding, device choice, the metrics CSV, checkpoint files, random states, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+BEST_MODEL, BEST_MODEL_INFO = "best_model.pth", "best_model.json"
+CHECKPOINT, METRICS_CSV, CURVES = "last_checkpoint.pth", "training_metrics.csv", "training_curves.png"
+CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr", "monitor",
+               "improved", "new_best", "event", "seconds"]
+
+
+class CheckpointError(ValueError):
+    """A weights or checkpoint file that is missing, unreadable, unsafe or of the wrong kind."""
+
+
+# --------------------------------------------------------------------------- seeding and devices
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (every device) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(local_rank: int = 0) -> torch.device:
+    """CUDA when available (this process's GPU under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random-number state a run draws from, in a form that loads with weights_only=True."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+                                                     has_gauss, gauss],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states saved by rng_state."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write a file through a temporary file in the same folder and os.replace, so a crash at any
+    moment leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_torch(obj: Any, path: str) -> None:
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: str, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only; a file that carries
+    other pickled objects (code that would run on load) is refused, never executed."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise CheckpointError(f"{what} {path} holds pickled objects other than tensors (code could run "
+                                  f"on load), so it was refused and nothing in it ran; use only weights "
+                                  f"saved by this pipeline or another source you trust") from None
+        raise CheckpointError(f"{what} {path} is not a PyTorch checkpoint ({error})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as error:
+        raise CheckpointError(f"{what} {path} is truncated or not a PyTorch checkpoint "
+                              f"({str(error).splitlines()[0]})") from None
+
+
+def load_state_dict(path: str, what: str = "WEIGHTS") -> dict[str, torch.Tensor]:
+    """A model state dict from best_model.pth (or the model part of a last_checkpoint.pth)."""
+    state = load_torch(path, what)
+    if isinstance(state, dict) and "model" in state and "lra" in state:  # a resume checkpoint
+        state = state["model"]
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{what} {path} is not a model state dict (best_model.pth holds one)")
+    return state
+
+
+def save_best_model(state: dict[str, torch.Tensor], output_dir: str, run_info: dict[str, Any], **best: Any) -> None:
+    """Write best_model.pth (a plain state dict) and best_model.json beside it: what the weights are
+    (model, classes, normalisation, image size) and which epoch they came from, for --predict."""
+    save_torch(state, os.path.join(output_dir, BEST_MODEL))
+    config = run_info.get("config", {})
+    info = {"model": config.get("MODEL"), "image_size": run_info.get("image_size"),
+            "classes": run_info.get("classes"), "mean": run_info.get("mean"), "std": run_info.get("std"), **best}
+    atomic_write(os.path.join(output_dir, BEST_MODEL_INFO), lambda f: f.write(json.dumps(info, indent=2).encode()))
+
+
+def load_best_model_info(output_dir: str) -> dict[str, Any]:
+    """best_model.json: what best_model.pth in output_dir is (model, classes, normalisation, size)."""
+    path = os.path.join(output_dir, BEST_MODEL_INFO)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist: train first (python main.py), or set OUTPUT_DIR to the "
+                              f"folder that holds best_model.pth and best_model.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        missing = [key for key in ("model", "classes", "mean", "std", "image_size") if info.get(key) is None]
+    except (ValueError, AttributeError) as error:
+        raise CheckpointError(f"{path} is not readable JSON ({error})") from None
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; train again to rewrite it")
+    return info
+
+
+def write_metrics(history: list[dict[str, Any]], path: str) -> None:
+    """Write training_metrics.csv (one row per epoch so far), atomically."""
+    frame = pd.DataFrame(history, columns=CSV_COLUMNS)
+    atomic_write(path, lambda f: frame.to_csv(f, index=False))
+
+
+def check_writable(folder: str) -> None:
+    """Fail now, not after an epoch of training, when outputs cannot be written to folder."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OSError(f"OUTPUT_DIR {folder} is not writable ({error.strerror}); choose another OUTPUT_DIR") \
+            from None
+
+
+# --------------------------------------------------------------------------- processes (torchrun)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the torchrun process group when launched by torchrun; returns (rank, world size, local rank)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, local_rank
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several under torchrun."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over every process (the tensor itself when alone)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of obj on every process (obj itself when alone)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
