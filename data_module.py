@@ -456,9 +456,9 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
         if len(_labels(part)) == 0:
             raise DataError(f"the {name} split is empty; check TRAIN_SUBSET, VAL_SPLIT and {data_dir}")
 
-    if resident:
+    if isinstance(parts["train"], tuple):  # in memory: exact
         mean, std = channel_stats(parts["train"][0])
-    else:  # streaming: estimate from a seeded sample of at most 2,000 training images
+    else:  # an ImageFolder read on the fly: estimate from a seeded sample of at most 2,000 training images
         sample = torch.randperm(len(parts["train"]), generator=torch.Generator().manual_seed(seed))[:2000]
         mean, std = channel_stats(_decode_all(_take(parts["train"], sample), size, num_workers, "statistics")[0])
 
