@@ -1,0 +1,226 @@
+"""main.py: constants on the command line, bad input, interruptions, resume, the quick real-data run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import main
+import utils
+from conftest import ROOT, run_main, write_fake_cifar
+
+TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "32"]
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Arguments for a quick run on a fake CIFAR-10 folder, writing to tmp_path/out."""
+    data = write_fake_cifar(tmp_path / "data", per_batch=40)
+    out = tmp_path / "out"
+    return ["--data-dir", data, "--output-dir", str(out), *TINY], out
+
+
+def assert_one_clean_line(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def main_in_process(args, capsys):
+    """main.main(args) in this process (quicker than a subprocess when it stops before training)."""
+    capsys.readouterr()
+    status = main.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out, err)
+
+
+# ----------------------------------------------------------------------------- constants and flags
+
+
+def test_flags_are_derived_from_the_constants():
+    config, predict = main.parse_config(["--epochs", "3", "--data-dir", "/x", "--train-subset", "none",
+                                         "--dwell", "false", "--lr", "0.2"])
+    assert config["EPOCHS"] == 3 and config["DATA_DIR"] == "/x" and config["TRAIN_SUBSET"] is None
+    assert config["DWELL"] is False and config["LR"] == 0.2 and predict is None
+    assert set(main.constants()) >= {"DATA_DIR", "DATASET", "MODEL", "EPOCHS", "BATCH_SIZE", "LR", "FREEZE",
+                                     "WEIGHTS", "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR", "DWELL",
+                                     "ASK_EPOCH", "VAL_SPLIT", "TRAIN_SUBSET", "SEED", "OUTPUT_DIR"}
+
+
+def test_a_preset_applies_and_flags_override_it():
+    config, _ = main.parse_config(["--preset", "fast", "--epochs", "12"])
+    assert config["MODEL"] == "fast" and config["SCHEDULE"] == "onecycle" and config["EPOCHS"] == 12
+
+
+def test_an_unknown_flag_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main.parse_config(["--epoch", "3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unrecognized arguments: --epoch" in err and "--epochs" in err
+
+
+def test_a_value_of_the_wrong_type_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main.parse_config(["--epochs", "three"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "EPOCHS takes a whole number, not 'three'" in err
+
+
+@pytest.mark.parametrize("name, value", [("EPOCHS", 0), ("BATCH_SIZE", 0), ("LR", 0.0), ("FACTOR", 1.0),
+                                         ("PATIENCE", 0), ("STOP_PATIENCE", 0), ("THRESHOLD", 1.5),
+                                         ("VAL_SPLIT", -1), ("TRAIN_SUBSET", 0), ("MODEL", "vgg"),
+                                         ("DATASET", "mnist"), ("SCHEDULE", "cosine")])
+def test_out_of_range_constants_name_the_constant(name, value):
+    config = main.constants()
+    config[name] = value
+    with pytest.raises(ValueError, match=f"^{name} = "):
+        main.check_config(config)
+
+
+# ----------------------------------------------------------------------------- bad input, end to end
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--epochs", "0"], ["EPOCHS = 0", ">= 1"]),
+    (["--model", "vgg"], ["MODEL = 'vgg'", "cnn"]),
+    (["--factor", "2"], ["FACTOR = 2.0"]),
+])
+def test_bad_constants_exit_2_with_one_line(tiny_run, args, fragments, capsys):
+    assert_one_clean_line(main_in_process(tiny_run[0] + args, capsys), *fragments)
+
+
+def test_missing_data_offline_exits_2_with_one_line_and_no_traceback(tmp_path):
+    result = run_main(["--data-dir", tmp_path / "none", "--output-dir", tmp_path])  # DOWNLOAD on, no network
+    assert_one_clean_line(result, "cifar-10-batches-py", "DATA_DIR")
+
+
+def test_an_unwritable_output_dir_is_reported_before_training(tiny_run, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args, _ = tiny_run
+    result = main_in_process(args + ["--output-dir", blocker / "out"], capsys)
+    assert_one_clean_line(result, "OUTPUT_DIR")
+    assert "Epoch" not in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--resume"])
+def test_bad_checkpoints_exit_2_and_leave_good_files_alone(tiny_run, tmp_path, flag, capsys):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+    before = {name: (out / name).read_bytes() for name in ("best_model.pth", "training_metrics.csv")}
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((out / "last_checkpoint.pth").read_bytes()[:1000])
+    other = tmp_path / "resnet.pth"
+    import model_module
+    utils.save_torch(model_module.get_model("resnet18", 10).state_dict(), str(other))
+    cases = [([flag, tmp_path / "missing.pth"], "does not exist"), ([flag, truncated], "truncated"),
+             ([flag, out / "training_metrics.csv"], "not a PyTorch checkpoint")]
+    if flag == "--weights":
+        cases += [([flag, other], "does not fit this model"),
+                  (["--model", "resnet18", flag, out / "best_model.pth"], "does not fit this model")]
+    else:
+        cases += [([flag, other], "not a last_checkpoint.pth"),
+                  (["--model", "resnet18", flag, out / "last_checkpoint.pth"], "MODEL = 'cnn'")]
+    for extra, fragment in cases:
+        assert_one_clean_line(main_in_process(args + extra, capsys), fragment)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+# ----------------------------------------------------------------------------- interruptions and resume
+
+
+def start_main(args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_rows(csv, rows, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"main.py ended early: {process.communicate()}")
+        if csv.exists() and len(pd.read_csv(csv)) >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no progress")
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_run_finishes_cleanly(tiny_run, signum, status):
+    args, out = tiny_run
+    process = start_main(args + ["--epochs", "500"])
+    wait_for_rows(out / "training_metrics.csv", 2, process)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert "Traceback" not in stderr and "--resume auto" in stderr
+    assert "Restored the best weights" in stdout
+    rows = len(pd.read_csv(out / "training_metrics.csv"))
+    checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
+    assert rows >= 2 and checkpoint["epoch"] == rows and len(checkpoint["history"]) == rows
+    utils.load_state_dict(str(out / "best_model.pth"))
+
+
+def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
+    args, out = tiny_run
+    args = args + ["--epochs", "6", "--patience", "1", "--stop-patience", "10", "--threshold", "0.3"]
+    straight = tmp_path / "straight"
+    assert run_main(args + ["--output-dir", straight]).returncode == 0
+
+    process = start_main(args)
+    wait_for_rows(out / "training_metrics.csv", 2, process)
+    process.kill()
+    process.communicate()
+    killed_at = len(pd.read_csv(out / "training_metrics.csv"))
+    assert killed_at < 6, "the run finished before it could be killed"
+    utils.load_torch(str(out / "last_checkpoint.pth"))  # every file stays loadable
+    utils.load_state_dict(str(out / "best_model.pth"))
+
+    resumed = run_main(args + ["--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming" in resumed.stdout
+    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out / "training_metrics.csv")
+    assert list(actual["epoch"]) == list(expected["epoch"]) == list(range(1, 7))
+    numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
+    assert (actual[numeric] - expected[numeric]).abs().max().max() <= 1e-6
+    assert list(actual["event"].fillna("")) == list(expected["event"].fillna(""))
+    best = torch.load(out / "best_model.pth", weights_only=True)
+    reference = torch.load(straight / "best_model.pth", weights_only=True)
+    assert all(torch.allclose(best[k].float(), reference[k].float(), atol=1e-6) for k in best)
+
+
+def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_run):
+    args, out = tiny_run
+    result = run_main(args + ["--epochs", "1", "--resume", "auto"])
+    assert result.returncode == 0 and "Resuming" not in result.stdout
+
+
+def test_resume_after_the_last_epoch_trains_no_more(tiny_run):
+    args, out = tiny_run
+    assert run_main(args + ["--epochs", "2"]).returncode == 0
+    result = run_main(args + ["--epochs", "2", "--resume", "auto"])
+    assert result.returncode == 0 and len(pd.read_csv(out / "training_metrics.csv")) == 2
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_quick_real_data_run(cifar_dir, tmp_path):
+    """The README's quick check: 5,000 images, 3 epochs, on a 2-CPU machine within 3 minutes."""
+    started = time.time()
+    result = run_main(["--data-dir", cifar_dir, "--train-subset", "5000", "--epochs", "3", "--output-dir", tmp_path],
+                      timeout=180)
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(tmp_path / "training_metrics.csv")
+    assert len(frame) == 3 and frame["val_acc"].max() >= 0.35, frame
+    assert "Test accuracy" in result.stdout
+    print(f"quick run: {time.time() - started:.0f} s, best val acc {frame['val_acc'].max():.3f}")
