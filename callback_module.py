@@ -41,13 +41,14 @@ class LRA:
     After each call: `new_best` (this epoch has the lowest validation loss so far), `improved` (the
     monitored metric improved), `best_epoch`, `event` (what LRA did) and, once stopped, `stop_reason`.
     With adjust_lr=False (a fixed LR schedule drives the LR) LRA keeps the best weights and asks, but
-    never cuts the LR or stops on its own.
+    never cuts the LR or stops on its own. unfreeze_epoch does what F at the prompt does, after that epoch.
+    Under torchrun every process runs LRA on the same metrics; `share` gives them rank 0's prompt answers.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, patience: int = 1,
                  stop_patience: int = 3, threshold: float = 0.9, factor: float = 0.5, dwell: bool = True,
                  ask_epoch: int | None = 5, min_lr: float = 0.0, min_delta: float = 0.0, *,
-                 adjust_lr: bool = True, main_process: bool = True,
+                 adjust_lr: bool = True, unfreeze_epoch: int | None = None, main_process: bool = True,
                  share: Callable[[Any], Any] | None = None, stream=None):
         _check("patience", patience, isinstance(patience, int) and patience >= 1, "a whole number >= 1")
         _check("stop_patience", stop_patience, isinstance(stop_patience, int) and stop_patience >= 1,
@@ -58,6 +59,9 @@ class LRA:
                "a whole number >= 1, or None to never ask")
         _check("min_lr", min_lr, min_lr >= 0, "a number >= 0")
         _check("min_delta", min_delta, min_delta >= 0, "a number >= 0")
+        _check("unfreeze_epoch", unfreeze_epoch, unfreeze_epoch is None or unfreeze_epoch >= 1,
+               "a whole number >= 1, or None")
+        self.unfreeze_epoch = unfreeze_epoch
         self.model, self.optimizer = model, optimizer
         self.patience, self.stop_patience, self.threshold, self.factor = patience, stop_patience, threshold, factor
         self.dwell, self.min_lr, self.min_delta, self.adjust_lr = dwell, min_lr, min_delta, adjust_lr
@@ -133,6 +137,9 @@ class LRA:
             self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.phase} "
                                 f"(STOP_PATIENCE = {self.stop_patience})")
             events.append("stop")
+        if epoch == self.unfreeze_epoch and not stop and model_module.frozen_parameters(self.model):
+            self._fine_tune()  # as F at the prompt does
+            events.append("unfroze the body")
         self.event = ", ".join(events)
         # 6. The row.
         self._print_row(epoch, metrics, lr, self.optimizer.param_groups[0]["lr"])

@@ -20,6 +20,7 @@ FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every o
 IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
+AUGMENT_CHUNK = 16384  # images augmented together: few kernel launches per epoch, bounded memory
 
 
 class DataError(ValueError):
@@ -294,13 +295,16 @@ class ResidentLoader:
         return _num_batches(n, self.batch_size, self.train)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self._indices()
-        for i in range(len(self)):
-            batch = indices[i * self.batch_size:(i + 1) * self.batch_size]
-            images = self.images[batch]
-            if self.train and (self.crop_padding or self.flip != "none"):
-                images = crop_flip(images, self.crop_padding, self._flips(batch), self.reflect)
-            yield self.normalize(images), self.labels[batch]
+        indices = self._indices()[:len(self) * self.batch_size]
+        augment = self.train and (self.crop_padding or self.flip != "none")
+        chunk = max(self.batch_size, AUGMENT_CHUNK // self.batch_size * self.batch_size)
+        for start in range(0, len(indices), chunk):
+            chosen = indices[start:start + chunk]
+            images, labels = self.images[chosen], self.labels[chosen]
+            if augment:
+                images = crop_flip(images, self.crop_padding, self._flips(chosen), self.reflect)
+            for i in range(0, len(chosen), self.batch_size):
+                yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
 
     def _flips(self, batch: torch.Tensor) -> torch.Tensor | None:
         if self.flip == "random":
@@ -318,7 +322,7 @@ class ResidentLoader:
         images = images.permute(0, 3, 1, 2)  # a view: NHWC memory is channels_last NCHW
         if not self.channels_last:
             images = images.contiguous()
-        return images.float() * self.scale + self.shift
+        return torch.addcmul(self.shift, images.float(), self.scale)
 
 
 class StreamingLoader:

@@ -41,6 +41,7 @@ NUM_WORKERS: int | None = None   # DataLoader worker processes when not resident
 # --- Model
 MODEL: str = "cnn"               # "cnn" (three conv blocks), "resnet18" (adapted to 32x32) or "fast" (airbench94's)
 FREEZE: bool = False             # train only the classifier head (answer F at the prompt to unfreeze the rest)
+UNFREEZE_EPOCH: int | None = None  # with FREEZE: unfreeze the body after this epoch, as F at the prompt does
 WEIGHTS: str | None = None       # start from a saved best_model.pth; a new head when the class count differs
 
 # --- Optimisation
@@ -108,6 +109,7 @@ CHECKS = {  # constant: (test, what is allowed)
     "IMAGE_SIZE": (lambda v: v >= 8, "a whole number of pixels >= 8"),
     "CROP_PADDING": (lambda v: 0 <= v, "a whole number of pixels >= 0"),
     "NUM_WORKERS": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
+    "UNFREEZE_EPOCH": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
 }
 
 
@@ -221,24 +223,26 @@ def main(argv: list[str] | None = None) -> int:
         lookahead = train_module.Lookahead(model, total_steps) if c.LOOKAHEAD else None
         lra = LRA(model, optimizer, patience=c.PATIENCE, stop_patience=c.STOP_PATIENCE, threshold=c.THRESHOLD,
                   factor=c.FACTOR, dwell=c.DWELL, ask_epoch=c.ASK_EPOCH, min_lr=c.MIN_LR, min_delta=c.MIN_DELTA,
-                  adjust_lr=c.SCHEDULE == "lra", main_process=main_process, share=utils.broadcast)
+                  adjust_lr=c.SCHEDULE == "lra", unfreeze_epoch=c.UNFREEZE_EPOCH, main_process=main_process,
+                  share=utils.broadcast)
         run_info = {"config": config, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
                     "image_size": data.image_size}
         start_epoch, history = 1, []
         checkpoint = _resume_path(c)
         if checkpoint:
             start_epoch, history = resume(checkpoint, model, optimizer, lra, scheduler, lookahead, run_info,
-                                          c.OUTPUT_DIR, main_process)
+                                          c.OUTPUT_DIR, rank, world_size)
     except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    train_model = model
-    if c.COMPILE:
-        train_model = torch.compile(model)
-    if world_size > 1:
-        devices = [local_rank] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=devices)
+    def wrap(model: nn.Module) -> nn.Module:
+        """What runs the training batches: the model, compiled and/or data-parallel as asked."""
+        if c.COMPILE:
+            model = torch.compile(model)
+        if world_size > 1:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        return model
     autocast_dtype = torch.bfloat16 if c.BF16 and device.type == "cuda" else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING)
     if main_process:
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         train_module.fit(model, data, optimizer, lra, epochs=c.EPOCHS, loss_fn=loss_fn, output_dir=c.OUTPUT_DIR,
-                         train_model=train_model, scheduler=scheduler, lookahead=lookahead,
+                         wrap=wrap, scheduler=scheduler, lookahead=lookahead,
                          autocast_dtype=autocast_dtype, start_epoch=start_epoch, history=history,
                          run_info=run_info, main_process=main_process)
     except KeyboardInterrupt as interrupt:
@@ -280,7 +284,7 @@ def _resume_path(c) -> str | None:
 
 
 def resume(path: str, model, optimizer, lra, scheduler, lookahead, run_info, output_dir: str,
-           main_process: bool) -> tuple[int, list[dict]]:
+           rank: int = 0, world_size: int = 1) -> tuple[int, list[dict]]:
     """Load a last_checkpoint.pth so the run continues exactly where it stopped; returns the next epoch
     and the history so far. Rewrites best_model.pth and the CSV from the checkpoint, its authority."""
     checkpoint = utils.load_torch(path, "RESUME")
@@ -305,9 +309,10 @@ def resume(path: str, model, optimizer, lra, scheduler, lookahead, run_info, out
     except (RuntimeError, KeyError, ValueError) as error:
         raise utils.CheckpointError(f"RESUME {path} does not fit this run's model or optimizer "
                                     f"({str(error).splitlines()[0]})") from None
-    utils.set_rng_state(checkpoint["rng"])
+    states = checkpoint["rng"]  # one per process of the saved run
+    utils.set_rng_state(states[rank] if len(states) == world_size else states[0])
     history = checkpoint["history"]
-    if main_process:
+    if rank == 0:
         if lra.best_weights is not None:
             utils.save_best_model(lra.best_weights, output_dir, run_info, epoch=lra.best_epoch,
                                   val_loss=lra.best_val_loss, val_acc=lra.best_val_acc)

@@ -210,37 +210,43 @@ def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, epochs: int, loss_fn: nn.Module,
-        output_dir: str = ".", train_model: nn.Module | None = None, scheduler=None,
-        lookahead: Lookahead | None = None, autocast_dtype: torch.dtype | None = None, start_epoch: int = 1,
-        history: list[dict] | None = None, run_info: dict | None = None, main_process: bool = True) -> list[dict]:
+        output_dir: str = ".", wrap=None, scheduler=None, lookahead: Lookahead | None = None,
+        autocast_dtype: torch.dtype | None = None, start_epoch: int = 1, history: list[dict] | None = None,
+        run_info: dict | None = None, main_process: bool = True) -> list[dict]:
     """Train to `epochs` (or as far as the user asks at the prompt) unless LRA stops first; after each
-    epoch save last_checkpoint.pth, best_model.pth on a new best, and the CSV. Ends holding the best weights.
+    epoch save last_checkpoint.pth, best_model.pth on a new best, and the CSV; at the end (or on an
+    interruption) draw training_curves.png. Ends holding the best weights.
 
-    train_model is what runs the batches (a DistributedDataParallel or compiled wrapper of model);
+    wrap(model) gives what runs the training batches (DistributedDataParallel, torch.compile); it is
+    called again after the body is unfrozen, so its new parameters train on every process.
     run_info (constants, classes, normalisation) goes into the checkpoint and best_model.json.
     """
-    train_model = train_model or model
+    wrap = wrap or (lambda m: m)
+    train_model, fine_tuned = wrap(model), lra.fine_tuned
     history = list(history or [])
     lra.on_train_begin()
     epoch, reason = start_epoch, None
     try:
         while epoch <= max(epochs, lra.run_until):
+            if lra.fine_tuned != fine_tuned:
+                train_model, fine_tuned = wrap(model), lra.fine_tuned
             started = time.perf_counter()
             data.train.set_epoch(epoch)
             lr = optimizer.param_groups[0]["lr"]
             metrics = {"epoch": epoch, **train_one_epoch(train_model, data.train, optimizer, loss_fn, epoch=epoch,
                                                          scheduler=scheduler, lookahead=lookahead,
                                                          autocast_dtype=autocast_dtype)}
-            val = evaluate(train_model, data.val, autocast_dtype=autocast_dtype)
-            metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr,
-                           seconds=time.perf_counter() - started)
+            val = evaluate(_unwrapped(train_model), data.val, autocast_dtype=autocast_dtype)
+            metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started)
+            metrics = utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
             stop = lra.on_epoch_end(epoch, metrics)
             metrics.update(next_lr=optimizer.param_groups[0]["lr"], monitor=lra.phase, improved=lra.improved,
                            new_best=lra.new_best, event=lra.event)
             history.append(metrics)
+            rng = utils.gather(utils.rng_state())  # every process's, so a resume continues each one
             if main_process:
                 save_epoch(output_dir, model, optimizer, lra, history, scheduler=scheduler, lookahead=lookahead,
-                           run_info=run_info or {})
+                           rng=rng, run_info=run_info or {})
             if stop:
                 break
             epoch += 1
@@ -252,17 +258,37 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
         raise
     finally:
         lra.on_train_end(reason)
+        if main_process and history:
+            utils.plot_training_curves(history, os.path.join(output_dir, utils.CURVES))
+    _check_agreement(history, main_process)
     return history
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel: evaluation needs no gradient sync, and shards of
+    different sizes must not wait on each other."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _check_agreement(history: list[dict], main_process: bool) -> None:
+    """Under torchrun, confirm every process made the same LR decisions (they must, to stay in step)."""
+    if not utils.is_distributed():
+        return
+    decisions = utils.gather([(row["epoch"], row["next_lr"], row["event"]) for row in history])
+    if main_process:
+        agree = all(d == decisions[0] for d in decisions)
+        print(f"LR decisions {'agreed' if agree else 'DIFFERED'} on all {len(decisions)} processes"
+              f"{'' if agree else ': ' + repr(decisions)}", file=sys.stdout if agree else sys.stderr)
 
 
 def save_epoch(output_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, lra: LRA,
                history: list[dict], *, scheduler=None, lookahead: Lookahead | None = None,
-               run_info: dict) -> None:
+               rng: list[dict] | None = None, run_info: dict) -> None:
     """Write the epoch's files: last_checkpoint.pth first (the authority on resume), then best_model.pth
     when this epoch is a new best, then the CSV. Each is written atomically."""
     checkpoint = {"epoch": history[-1]["epoch"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "lra": lra.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": utils.rng_state(),
+                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng or [utils.rng_state()],
                   "history": history, "best_epoch": lra.best_epoch, "best_val_loss": lra.best_val_loss, **run_info}
     utils.save_torch(checkpoint, os.path.join(output_dir, utils.CHECKPOINT))
     if lra.new_best:

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -116,7 +117,7 @@ def load_state_dict(path: str, what: str = "WEIGHTS") -> dict[str, torch.Tensor]
 def save_best_model(state: dict[str, torch.Tensor], output_dir: str, run_info: dict[str, Any], **best: Any) -> None:
     """Write best_model.pth (a plain state dict) and best_model.json beside it: what the weights are
     (model, classes, normalisation, image size) and which epoch they came from, for --predict."""
-    save_torch(state, os.path.join(output_dir, BEST_MODEL))
+    save_torch({k: v.cpu() for k, v in state.items()}, os.path.join(output_dir, BEST_MODEL))  # loads anywhere
     config = run_info.get("config", {})
     info = {"model": config.get("MODEL"), "image_size": run_info.get("image_size"),
             "classes": run_info.get("classes"), "mean": run_info.get("mean"), "std": run_info.get("std"), **best}
@@ -144,6 +145,38 @@ def write_metrics(history: list[dict[str, Any]], path: str) -> None:
     """Write training_metrics.csv (one row per epoch so far), atomically."""
     frame = pd.DataFrame(history, columns=CSV_COLUMNS)
     atomic_write(path, lambda f: frame.to_csv(f, index=False))
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
+    """Draw training_curves.png: loss and accuracy per epoch, training and validation, the LR on a second
+    axis, LR cuts and weight restores marked. A failure to draw only warns: the run matters more."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+        epochs = [row["epoch"] for row in history]
+        cuts = [row["epoch"] for row in history if "LR cut" in str(row.get("event") or "")]
+        restores = [row["epoch"] for row in history if "restored" in str(row.get("event") or "")]
+        figure = Figure(figsize=(12, 4.5), dpi=100)
+        panels = figure.subplots(1, 2)
+        for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"), (panels[1], "acc", 100, "Accuracy (%)")):
+            panel.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", ms=3, label="training")
+            panel.plot(epochs, [scale * row[f"val_{key}"] for row in history], "o-", ms=3, label="validation")
+            for i, epoch in enumerate(cuts):
+                panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0 else None)
+            for i, epoch in enumerate(restores):
+                panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8, label="weights restored" if i == 0 else None)
+            panel.set(xlabel="epoch", title=title)
+            lr_axis = panel.twinx()
+            lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6, label="LR")
+            lr_axis.set_yscale("log")
+            lr_axis.set_ylabel("learning rate")
+            lines, labels = panel.get_legend_handles_labels()
+            more_lines, more_labels = lr_axis.get_legend_handles_labels()
+            panel.legend(lines + more_lines, labels + more_labels, fontsize="small")
+        figure.tight_layout()
+        atomic_write(path, lambda f: figure.savefig(f, format="png"))
+    except Exception as error:  # a plot is a convenience: never let it end a run or hide its real error
+        print(f"warning: could not draw {path}: {error}", file=sys.stderr)
 
 
 def check_writable(folder: str) -> None:
@@ -183,6 +216,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every process's obj, in rank order ([obj] when alone)."""
+    if not is_distributed():
+        return [obj]
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def broadcast(obj: Any) -> Any:

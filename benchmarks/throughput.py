@@ -1,0 +1,200 @@
+"""Training images/s of one model and batch size three ways, in one run: the bare step rate (one fixed
+batch, no data work), this pipeline's device-resident path (train_one_epoch over its loader), and a
+tutorial path (torchvision dataset, PIL crop/flip in DataLoader workers, fp32). Prints a table with
+the ratios, writes JSON, and reports peak memory. Works on the CPU and on a GPU.
+
+    python benchmarks/throughput.py --data-dir ../shared/data
+    python benchmarks/throughput.py --data-dir ../shared/data --batch-size 512 --images 45000 --epochs 3
+    python benchmarks/throughput.py --data-dir ../shared/data --main-epochs 1   # also: peak RSS of main.py
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+import data_module  # noqa: E402
+import model_module  # noqa: E402
+import train_module  # noqa: E402
+import utils  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fresh_model(name: str, device: torch.device, channels_last: bool):
+    torch.manual_seed(0)
+    model = model_module.get_model(name, 10, sample_images=lambda: torch.randn(512, 3, 32, 32))
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def bare_step_rate(args, device, autocast_dtype) -> float:
+    """Images/s of forward, loss, backward and step on one fixed batch already on the device."""
+    model = fresh_model(args.model, device, channels_last=True)
+    optimizer = train_module.make_optimizer(model, 0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    model.train()
+
+    def steps(n):
+        for _ in range(n):
+            with train_module._autocast(device, autocast_dtype):
+                loss = loss_fn(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    steps(args.warmup_steps)
+    n = max(args.images // args.batch_size, 5)
+    best = 0.0
+    for _ in range(args.epochs):
+        synchronize(device)
+        started = time.perf_counter()
+        steps(n)
+        synchronize(device)
+        best = max(best, n * args.batch_size / (time.perf_counter() - started))
+    return best
+
+
+def pipeline_rate(args, device, autocast_dtype) -> float:
+    """Images/s of train_one_epoch over the pipeline's device-resident loader (crop, flip, normalise on
+    the device, loss and accuracy accumulated there)."""
+    data = data_module.get_data("cifar10", args.data_dir, batch_size=args.batch_size, val_split=0,
+                                train_subset=args.images, resident=True, download=False, device=device)
+    model = fresh_model(args.model, device, channels_last=True)
+    optimizer = train_module.make_optimizer(model, 0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    images_per_epoch = len(data.train) * args.batch_size
+    best = 0.0
+    for epoch in range(args.epochs + 1):  # the first pass warms up (cudnn autotuning, allocator)
+        data.train.set_epoch(epoch)
+        synchronize(device)
+        started = time.perf_counter()
+        train_module.train_one_epoch(model, data.train, optimizer, loss_fn, autocast_dtype=autocast_dtype)
+        synchronize(device)
+        if epoch:
+            best = max(best, images_per_epoch / (time.perf_counter() - started))
+    return best
+
+
+def tutorial_rate(args, device) -> tuple[float, float]:
+    """Images/s of the loop most tutorials teach: torchvision's dataset with PIL transforms in DataLoader
+    workers, fp32, .item() every batch. Returns (steady rate, first epoch seconds with worker start-up)."""
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
+    dataset = data_module._CIFAR10(args.data_dir, train=True, transform=transform)
+    loader = DataLoader(Subset(dataset, range(args.images)), batch_size=args.batch_size, shuffle=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
+    model = fresh_model(args.model, device, channels_last=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    first, best = 0.0, 0.0
+    for epoch in range(args.epochs + 1):
+        started = time.perf_counter()
+        running_loss, seen = 0.0, 0
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            outputs = model(inputs)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            seen += len(labels)
+        elapsed = time.perf_counter() - started
+        if epoch == 0:
+            first = elapsed
+        else:
+            best = max(best, seen / elapsed)
+    return best, first
+
+
+def main_peak_rss(args) -> dict:
+    """Run main.py on the full CIFAR-10 training set for --main-epochs and report its peak RSS."""
+    out = os.path.join(args.output, "main_run")
+    command = [sys.executable, os.path.join(ROOT, "main.py"), "--data-dir", args.data_dir, "--epochs",
+               str(args.main_epochs), "--output-dir", out, "--ask-epoch", "none"]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"main.py failed:\n{result.stderr}")
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"main_epochs": args.main_epochs, "main_seconds": round(seconds, 1), "main_peak_rss_mb": round(peak_mb)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="./data", help="folder that holds cifar-10-batches-py/")
+    parser.add_argument("--model", default="cnn", choices=list(model_module.MODELS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=None, help="training images per pass (default: 45,000 "
+                        "on a GPU, 2,048 on the CPU)")
+    parser.add_argument("--epochs", type=int, default=None, help="timed passes per path, best kept (default: 3 "
+                        "on a GPU, 1 on the CPU)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tutorial DataLoader workers")
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
+    parser.add_argument("--main-epochs", type=int, default=0, help="also run main.py for this many epochs "
+                        "and report its peak RSS (0: skip)")
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+
+    device = utils.get_device()
+    on_gpu = device.type == "cuda"
+    args.images = args.images or (45000 if on_gpu else 2048)
+    args.epochs = args.epochs or (3 if on_gpu else 1)
+    torch.backends.cudnn.benchmark = True
+    autocast_dtype = torch.bfloat16 if on_gpu and not args.no_bf16 else None
+    os.makedirs(args.output, exist_ok=True)
+    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    print(f"{args.model}, batch {args.batch_size}, {args.images} images a pass, best of {args.epochs}, on {name}")
+
+    bare = bare_step_rate(args, device, autocast_dtype)
+    resident = pipeline_rate(args, device, autocast_dtype)
+    tutorial, tutorial_first = tutorial_rate(args, device)
+    result = {"device": name, "model": args.model, "batch_size": args.batch_size, "images": args.images,
+              "bf16": autocast_dtype is not None, "tutorial_workers": args.workers,
+              "bare_images_per_s": round(bare), "pipeline_images_per_s": round(resident),
+              "tutorial_images_per_s": round(tutorial), "tutorial_first_epoch_s": round(tutorial_first, 2),
+              "pipeline_over_bare": round(resident / bare, 3), "pipeline_over_tutorial": round(resident / tutorial, 2),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if on_gpu:
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    if args.main_epochs:
+        result.update(main_peak_rss(args))
+
+    print(f"{'path':<44} {'images/s':>10} {'ratio':>8}")
+    print(f"{'bare step rate (one fixed batch)':<44} {bare:>10,.0f} {1:>8.2f}")
+    print(f"{'pipeline, device-resident data':<44} {resident:>10,.0f} {resident / bare:>8.2f}  of bare")
+    print(f"{f'tutorial, DataLoader + PIL, {args.workers} workers, fp32':<44} {tutorial:>10,.0f} "
+          f"{resident / tutorial:>8.2f}  pipeline / tutorial (first epoch {tutorial_first:.1f} s)")
+    print("peak host RSS %d MB" % result["peak_rss_mb"] + (f", peak GPU memory {result['peak_gpu_mb']} MB"
+                                                           if on_gpu else ""))
+    if args.main_epochs:
+        print(f"main.py, {args.main_epochs} epoch(s) of the full training set: {result['main_seconds']} s, "
+              f"peak RSS {result['main_peak_rss_mb']} MB")
+    path = os.path.join(args.output, f"throughput_{device.type}_{args.model}_{args.batch_size}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

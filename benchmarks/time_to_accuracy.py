@@ -1,0 +1,192 @@
+"""Time to accuracy: the fast preset through main.py's normal path, and airbench94 (when the `airbench`
+package is installed) on the same data in the same process. Prints accuracies, times and their ratio,
+and writes JSON. Needs a GPU for meaningful times (airbench runs only on CUDA).
+
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/data --runs 3 --airbench-runs 3
+
+Times, as airbench measures its own: airbench94's printed total (whitening set-up, training, final
+test-time-augmented evaluation). Ours: the training epochs (train_one_epoch) plus the final evaluation,
+and separately the whole of fit (which adds per-epoch validation, LRA and the checkpoint files).
+Both runs warm up first. The last figure is `python main.py --preset fast` as a command, start to exit.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import data_module  # noqa: E402
+import main as pipeline  # noqa: E402
+import train_module  # noqa: E402
+
+
+class Timer:
+    """Wraps a function of train_module to add up the seconds spent in it."""
+
+    def __init__(self, name: str):
+        self.name, self.original, self.seconds = name, getattr(train_module, name), 0.0
+
+    def __enter__(self):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started  # both functions end by reading the device
+        setattr(train_module, self.name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(train_module, self.name, self.original)
+
+
+def run_ours(args, seed: int, epochs: int | None = None) -> dict:
+    """One `main.py --preset fast` run in this process; accuracy and times."""
+    out = tempfile.mkdtemp(prefix="fast_")
+    argv = ["--preset", "fast", "--data-dir", args.data_dir, "--output-dir", out, "--seed", str(seed)]
+    if epochs:
+        argv += ["--epochs", str(epochs)]
+    argv += args.main_args.split()
+    printed = io.StringIO()
+    with Timer("train_one_epoch") as training, Timer("evaluate") as evaluation, contextlib.redirect_stdout(printed):
+        started = time.perf_counter()
+        status = pipeline.main(argv)
+        total = time.perf_counter() - started
+    text = printed.getvalue()
+    if status != 0:
+        raise SystemExit(f"main.py --preset fast failed ({status}):\n{text}")
+    accuracy = float(re.search(r"Test accuracy .*?: ([\d.]+)%", text).group(1))
+    fit_seconds = float(re.search(r"Elapsed ([\d.]+) s", text).group(1))
+    final_eval = float(re.search(r"Test accuracy .*; ([\d.]+) s\)", text).group(1))
+    return {"seed": seed, "epochs": epochs or pipeline.PRESETS["fast"]["EPOCHS"], "test_acc": accuracy,
+            "train_plus_final_eval_s": round(training.seconds + final_eval, 3),
+            "fit_plus_final_eval_s": round(fit_seconds + final_eval, 3),
+            "in_process_total_s": round(total, 2)}
+
+
+def write_airbench_data(data_dir: str, folder: str) -> None:
+    """airbench's loader reads ./cifar10/train.pt and test.pt: dicts of uint8 N x 32 x 32 x 3 images,
+    int64 labels and class names. Written from the same files the pipeline reads."""
+    train_images, train_labels, test_images, test_labels, classes = data_module._read_cifar10(data_dir, False)
+    os.makedirs(os.path.join(folder, "cifar10"), exist_ok=True)
+    for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
+        torch.save({"images": images.contiguous(), "labels": labels, "classes": classes},
+                   os.path.join(folder, "cifar10", f"{name}.pt"))
+
+
+def run_airbench(airbench, runs: int) -> list[dict]:
+    """airbench94 runs (after its warm-up), parsed from the table it prints."""
+    results = []
+    with contextlib.redirect_stdout(io.StringIO()):
+        airbench.warmup94()
+    for run in range(runs):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            airbench.train94()
+        for line in printed.getvalue().splitlines():
+            fields = [field.strip() for field in line.split("|")]
+            if len(fields) > 7 and fields[2] == "eval":
+                results.append({"run": run, "test_acc": 100 * float(fields[6]), "seconds": float(fields[7])})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--runs", type=int, default=3, help="runs of the fast preset (seeds 0, 1, ...)")
+    parser.add_argument("--epochs", type=int, nargs="*", default=[None],
+                        help="preset EPOCHS to try (default: the preset's own)")
+    parser.add_argument("--airbench-runs", type=int, default=3)
+    parser.add_argument("--main-args", default="", help="more main.py flags, e.g. '--train-subset 512' for a "
+                        "quick check on the CPU")
+    parser.add_argument("--skip-command", action="store_true", help="skip the start-to-exit command timing")
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    args.data_dir = os.path.abspath(args.data_dir)
+    os.makedirs(args.output, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"time to accuracy on {device}")
+
+    run_ours(args, seed=100, epochs=1)  # warm-up: CUDA context, cudnn autotuning
+    ours = {}
+    for epochs in args.epochs:
+        runs = [run_ours(args, seed, epochs) for seed in range(args.runs)]
+        ours[str(epochs or pipeline.PRESETS["fast"]["EPOCHS"])] = runs
+        for r in runs:
+            print(f"  ours    epochs {r['epochs']:>2} seed {r['seed']}: {r['test_acc']:.2f}%  train+final eval "
+                  f"{r['train_plus_final_eval_s']:.2f} s  fit+final eval {r['fit_plus_final_eval_s']:.2f} s")
+
+    airbench_runs = []
+    try:
+        import airbench
+    except ImportError:
+        print("  airbench is not installed (pip install airbench==0.1.8): no comparison")
+    else:
+        if not torch.cuda.is_available():
+            print("  airbench needs CUDA: no comparison")
+        else:
+            work = tempfile.mkdtemp(prefix="airbench_")
+            write_airbench_data(args.data_dir, work)
+            here = os.getcwd()
+            os.chdir(work)
+            try:
+                airbench_runs = run_airbench(airbench, args.airbench_runs)
+            finally:
+                os.chdir(here)
+            for r in airbench_runs:
+                print(f"  airbench94 run {r['run']}: {r['test_acc']:.2f}%  {r['seconds']:.2f} s")
+
+    summary = {"device": device, "ours": ours, "airbench94": airbench_runs}
+    print(f"\n{'':<26} {'mean acc':>9} {'min acc':>8} {'time (s)':>9} {'fit time':>9} {'ratio':>6}")
+    base = statistics.mean(r["seconds"] for r in airbench_runs) if airbench_runs else None
+    if airbench_runs:
+        accs = [r["test_acc"] for r in airbench_runs]
+        print(f"{'airbench94':<26} {statistics.mean(accs):>8.2f}% {min(accs):>7.2f}% {base:>9.2f} {'':>9} {1:>6.2f}")
+    for epochs, runs in ours.items():
+        accs = [r["test_acc"] for r in runs]
+        seconds = statistics.mean(r["train_plus_final_eval_s"] for r in runs)
+        fit = statistics.mean(r["fit_plus_final_eval_s"] for r in runs)
+        ratio = f"{seconds / base:>6.2f}" if base else "     -"
+        print(f"{f'fast preset, {epochs} epochs':<26} {statistics.mean(accs):>8.2f}% {min(accs):>7.2f}% "
+              f"{seconds:>9.2f} {fit:>9.2f} {ratio}")
+        summary[f"ratio_{epochs}"] = seconds / base if base else None
+        summary[f"fit_ratio_{epochs}"] = fit / base if base else None
+
+    if not args.skip_command:
+        with tempfile.TemporaryDirectory() as out:
+            started = time.perf_counter()
+            command = [sys.executable, os.path.join(ROOT, "main.py"), "--preset", "fast", "--data-dir",
+                       args.data_dir, "--output-dir", out, *args.main_args.split()]
+            result = subprocess.run(command, capture_output=True, text=True)
+            summary["command_seconds"] = round(time.perf_counter() - started, 1)
+            summary["command_status"] = result.returncode
+            summary["command_output_tail"] = result.stdout.splitlines()[-13:]
+        tested = next((line for line in result.stdout.splitlines() if "Test accuracy" in line), result.stderr[-300:])
+        print(f"\n`python main.py --preset fast`, start to exit: {summary['command_seconds']} s "
+              f"(status {result.returncode}); {tested}")
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if torch.cuda.is_available():
+        summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    print(f"peak host RSS {summary['peak_rss_mb']} MB" +
+          (f", peak GPU memory {summary['peak_gpu_mb']} MB" if "peak_gpu_mb" in summary else ""))
+    path = os.path.join(args.output, "time_to_accuracy.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
