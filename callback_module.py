@@ -228,7 +228,8 @@ class LRA:
 
     def _snapshot(self) -> None:
         self._best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self._best_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        if self.dwell and self.adjust_lr:  # only a dwell ever goes back to the optimizer's state
+            self._best_optimizer = copy.deepcopy(self.optimizer.state_dict())
 
     def _restore(self) -> None:
         self.model.load_state_dict(self._best_model)

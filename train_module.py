@@ -68,8 +68,10 @@ class Lookahead:
     by an amount that grows over the run, then continue from the slow copy; the run ends on it."""
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5):
-        self.model, self.total_steps, self.every, self.step = model, total_steps, every, 0
-        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.total_steps, self.every, self.step = total_steps, every, 0
+        state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.slow = {k: v.detach().clone() for k, v in state.items()}
+        self._fast, self._slow = list(state.values()), list(self.slow.values())  # views of the live tensors
 
     @torch.no_grad()
     def update(self) -> None:
@@ -78,10 +80,8 @@ class Lookahead:
         if self.step % self.every and self.step != self.total_steps:
             return
         decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (self.step / self.total_steps) ** 3
-        state = self.model.state_dict()
-        slow, fast = list(self.slow.values()), [state[k] for k in self.slow]
-        torch._foreach_lerp_(slow, fast, 1 - decay)
-        torch._foreach_copy_(fast, slow)
+        torch._foreach_lerp_(self._slow, self._fast, 1 - decay)
+        torch._foreach_copy_(self._fast, self._slow)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "slow": self.slow}
@@ -110,14 +110,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     epoch: int = 1, scheduler=None, lookahead: Lookahead | None = None,
                     autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One pass over the training data; returns train_loss and train_acc (over every process).
-    Loss and accuracy stay on the device until the end, so the GPU never waits on Python."""
+    Each step only queues work: losses and logits are tallied on the device every CHECK_EVERY steps,
+    so the GPU never waits on Python."""
     model.train()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen, recent, batch = 0, [], 0  # recent: per-batch losses not yet checked for NaN
+    totals = [torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0]
+    pending = ([], [], [])  # losses, logits, targets of the steps not yet tallied
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not _show_progress())
     check_every = CHECK_EVERY if bar.disable else 10  # a bar shows running figures, which costs a sync
+    batch = 0
     for batch, (images, targets) in enumerate(loader, start=1):
         with _autocast(device, autocast_dtype):
             logits = model(images)
@@ -129,31 +130,36 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             scheduler.step()  # the schedule holds its last LR if the user asked for more epochs
         if lookahead is not None:
             lookahead.update()
-        recent.append(loss.detach().float())
-        loss_sum += recent[-1] * len(targets)
-        correct += (logits.argmax(1) == targets).sum()
-        seen += len(targets)
+        for store, value in zip(pending, (loss.detach(), logits.detach(), targets)):
+            store.append(value)
         if batch % check_every == 0:
-            _check_finite(recent, epoch, batch - len(recent) + 1)
-            recent = []
+            _tally(pending, totals, epoch, batch)
             if not bar.disable:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}")
+                bar.set_postfix(loss=f"{totals[0].item() / totals[2]:.4f}", acc=f"{totals[1].item() / totals[2]:.2%}")
         bar.update()
     bar.close()
-    _check_finite(recent, epoch, batch - len(recent) + 1)
-    loss_sum, correct, seen = _sum_over_processes(loss_sum, correct, seen)
+    _tally(pending, totals, epoch, batch)
+    loss_sum, correct, seen = _sum_over_processes(*totals)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen}
 
 
-def _check_finite(losses: list[torch.Tensor], epoch: int, first_batch: int) -> None:
-    """Raise NonFiniteLoss naming the first batch whose loss is not finite."""
+def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batch: int) -> None:
+    """Add the pending steps' summed loss, correct count and size to totals; raise NonFiniteLoss
+    naming the first batch whose loss is not finite."""
+    losses, logits, targets = pending
     if not losses:
         return
-    values = torch.stack(losses)
-    bad = (~torch.isfinite(values)).nonzero()
+    values = torch.stack(losses).float()
+    bad = (~torch.isfinite(values)).nonzero()  # the one wait for the GPU in CHECK_EVERY steps
     if len(bad):
         i = int(bad[0])
-        raise NonFiniteLoss(epoch, first_batch + i, float(values[i]))
+        raise NonFiniteLoss(epoch, last_batch - len(losses) + 1 + i, float(values[i]))
+    sizes = [len(t) for t in targets]
+    totals[0] += values @ torch.tensor(sizes, device=values.device, dtype=values.dtype)
+    totals[1] += (torch.cat(logits).argmax(1) == torch.cat(targets)).sum()
+    totals[2] += sum(sizes)
+    for store in pending:
+        store.clear()
 
 
 def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, float]:
