@@ -82,7 +82,7 @@ PRESET: str | None = None        # "fast": PRESETS["fast"] replaces the constant
 # LR and WEIGHT_DECAY are airbench's 11.5 and 0.0153 (per 1024 images, summed loss) in torch.optim.SGD's
 # terms for a mean loss: 11.5 / (1 + 1 / (1 - 0.85)) = 1.5, and 0.0153 * 1024 / 7851 / 1.5 = 1.33e-3.
 PRESETS = {
-    "fast": dict(MODEL="fast", EPOCHS=10, BATCH_SIZE=1024, LR=1.5, MOMENTUM=0.85, WEIGHT_DECAY=1.33e-3,
+    "fast": dict(MODEL="fast", EPOCHS=12, BATCH_SIZE=1024, LR=1.5, MOMENTUM=0.85, WEIGHT_DECAY=1.33e-3,
                  NORM_LR_SCALE=64.0, LABEL_SMOOTHING=0.2, SCHEDULE="onecycle", LOOKAHEAD=True, TTA=True,
                  VAL_SPLIT=0, CROP_PADDING=2, REFLECT=True, FLIP="alternate", ASK_EPOCH=None),
 }
