@@ -57,8 +57,10 @@ class _CIFAR10(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-def _read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, ...] | list[str]:
-    """CIFAR-10 as uint8 (N, 32, 32, 3) images and int64 labels, downloading it when missing."""
+def _read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          list[str]]:
+    """CIFAR-10 as (train images, train labels, test images, test labels, class names): uint8
+    (N, 32, 32, 3) images and int64 labels, downloaded first when missing."""
     folder = os.path.join(data_dir, _CIFAR10.base_folder)
     missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing and download:
@@ -283,6 +285,7 @@ class ResidentLoader:
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
+        """This rank's share of the images, shuffled for training."""
         n = len(self.labels)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size, device=self.labels.device)
@@ -291,8 +294,9 @@ class ResidentLoader:
         return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.labels.device)
 
     def __len__(self) -> int:
-        n = len(self.labels) // self.world_size if self.train else len(range(self.rank, len(self.labels), self.world_size))
-        return _num_batches(n, self.batch_size, self.train)
+        n = len(self.labels)
+        shard = n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
+        return _num_batches(shard, self.batch_size, self.train)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()[:len(self) * self.batch_size]
@@ -419,7 +423,7 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
         resident = fits_on_device(train_images.numel() + test_images.numel(), device) if resident == "auto" \
             else resident
     else:
-        sources, classes, size = _scan_folder(data_dir), None, image_size
+        sources, size = _scan_folder(data_dir), image_size
         classes = sources["train"].classes
         if resident == "auto":
             resident = fits_on_device(sum(len(s) for s in sources.values()) * 3 * size * size, device)

@@ -198,81 +198,101 @@ def main(argv: list[str] | None = None) -> int:
     if predict_images:
         return predict(c, predict_images)
     rank, world_size, local_rank = utils.init_distributed()
-    main_process = rank == 0
     try:
         check_config(config)
-        utils.check_writable(c.OUTPUT_DIR)
-        utils.seed_everything(c.SEED)
-        device = utils.get_device(local_rank)
-        torch.backends.cudnn.benchmark = True
-        data = data_module.get_data(
-            c.DATASET, c.DATA_DIR, batch_size=c.BATCH_SIZE, val_split=c.VAL_SPLIT, train_subset=c.TRAIN_SUBSET,
-            image_size=c.IMAGE_SIZE, crop_padding=c.CROP_PADDING, flip=c.FLIP, reflect=c.REFLECT,
-            resident={"auto": "auto", "yes": True, "no": False}[c.RESIDENT], num_workers=c.NUM_WORKERS,
-            download=c.DOWNLOAD, device=device, seed=c.SEED, rank=rank, world_size=world_size,
-            channels_last=c.CHANNELS_LAST)
-        model = model_module.get_model(c.MODEL, len(data.classes), freeze=c.FREEZE, weights=c.WEIGHTS,
-                                       sample_images=lambda: data.train.first_images(5000))
-        model = model.to(device, memory_format=torch.channels_last if c.CHANNELS_LAST else torch.preserve_format)
-        if world_size > 1:
-            utils.seed_everything(c.SEED + rank)  # same initial weights everywhere, different augmentations
-        optimizer = train_module.make_optimizer(model, c.LR, c.MOMENTUM, c.WEIGHT_DECAY, nesterov=True,
-                                                norm_lr_scale=c.NORM_LR_SCALE)
-        total_steps = c.EPOCHS * len(data.train)
-        scheduler = train_module.make_scheduler(optimizer, c.SCHEDULE, total_steps)
-        lookahead = train_module.Lookahead(model, total_steps) if c.LOOKAHEAD else None
-        lra = LRA(model, optimizer, patience=c.PATIENCE, stop_patience=c.STOP_PATIENCE, threshold=c.THRESHOLD,
-                  factor=c.FACTOR, dwell=c.DWELL, ask_epoch=c.ASK_EPOCH, min_lr=c.MIN_LR, min_delta=c.MIN_DELTA,
-                  adjust_lr=c.SCHEDULE == "lra", unfreeze_epoch=c.UNFREEZE_EPOCH, main_process=main_process,
-                  share=utils.broadcast)
-        run_info = {"config": config, "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
-                    "image_size": data.image_size}
-        start_epoch, history = 1, []
-        checkpoint = _resume_path(c)
-        if checkpoint:
-            start_epoch, history = resume(checkpoint, model, optimizer, lra, scheduler, lookahead, run_info,
-                                          c.OUTPUT_DIR, rank, world_size)
+        run = setup(c, rank, world_size, local_rank)
     except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
         print(f"error: {error}", file=sys.stderr)
+        utils.close_distributed()
         return 2
+    try:
+        status = train(c, run)
+        if status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
+            report(run.model, run.data, run.autocast_dtype, c.TTA, run.main_process)
+        return status
+    finally:
+        utils.close_distributed()
 
+
+def setup(c, rank: int, world_size: int, local_rank: int) -> types.SimpleNamespace:
+    """Seed, device, data, model, optimizer, schedule and LRA, resumed when asked. Raises ValueError or
+    OSError for anything the user got wrong, before any training."""
+    utils.check_writable(c.OUTPUT_DIR)
+    utils.seed_everything(c.SEED)
+    device = utils.get_device(local_rank)
+    torch.backends.cudnn.benchmark = True
+    data = data_module.get_data(
+        c.DATASET, c.DATA_DIR, batch_size=c.BATCH_SIZE, val_split=c.VAL_SPLIT, train_subset=c.TRAIN_SUBSET,
+        image_size=c.IMAGE_SIZE, crop_padding=c.CROP_PADDING, flip=c.FLIP, reflect=c.REFLECT,
+        resident={"auto": "auto", "yes": True, "no": False}[c.RESIDENT], num_workers=c.NUM_WORKERS,
+        download=c.DOWNLOAD, device=device, seed=c.SEED, rank=rank, world_size=world_size,
+        channels_last=c.CHANNELS_LAST)
+    model = model_module.get_model(c.MODEL, len(data.classes), freeze=c.FREEZE, weights=c.WEIGHTS,
+                                   sample_images=lambda: data.train.first_images(5000))
+    model = model.to(device, memory_format=torch.channels_last if c.CHANNELS_LAST else torch.preserve_format)
+    if world_size > 1:
+        utils.seed_everything(c.SEED + rank)  # same initial weights everywhere, different augmentations
+    optimizer = train_module.make_optimizer(model, c.LR, c.MOMENTUM, c.WEIGHT_DECAY, nesterov=True,
+                                            norm_lr_scale=c.NORM_LR_SCALE)
+    total_steps = c.EPOCHS * len(data.train)
+    scheduler = train_module.make_scheduler(optimizer, c.SCHEDULE, total_steps)
+    lookahead = train_module.Lookahead(model, total_steps) if c.LOOKAHEAD else None
+    lra = LRA(model, optimizer, patience=c.PATIENCE, stop_patience=c.STOP_PATIENCE, threshold=c.THRESHOLD,
+              factor=c.FACTOR, dwell=c.DWELL, ask_epoch=c.ASK_EPOCH, min_lr=c.MIN_LR, min_delta=c.MIN_DELTA,
+              adjust_lr=c.SCHEDULE == "lra", unfreeze_epoch=c.UNFREEZE_EPOCH, main_process=rank == 0,
+              share=utils.broadcast)
+    run_info = {"config": vars(c), "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
+                "image_size": data.image_size}
+    start_epoch, history = 1, []
+    checkpoint = _resume_path(c)
+    if checkpoint:
+        start_epoch, history = resume(checkpoint, model, optimizer, lra, scheduler, lookahead, run_info,
+                                      c.OUTPUT_DIR, rank, world_size)
+    return types.SimpleNamespace(
+        device=device, data=data, model=model, optimizer=optimizer, scheduler=scheduler, lookahead=lookahead,
+        lra=lra, run_info=run_info, start_epoch=start_epoch, history=history, main_process=rank == 0,
+        world_size=world_size, local_rank=local_rank,
+        autocast_dtype=torch.bfloat16 if c.BF16 and device.type == "cuda" else None)
+
+
+def train(c, run: types.SimpleNamespace) -> int:
+    """fit, with Ctrl-C, SIGTERM, a non-finite loss and a full disk turned into a message and a status."""
     def wrap(model: nn.Module) -> nn.Module:
         """What runs the training batches: the model, compiled and/or data-parallel as asked."""
         if c.COMPILE:
             model = torch.compile(model)
-        if world_size > 1:
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        if run.world_size > 1:
+            devices = [run.local_rank] if run.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
         return model
-    autocast_dtype = torch.bfloat16 if c.BF16 and device.type == "cuda" else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING)
-    if main_process:
-        print(f"{c.MODEL} on {device} | {len(data.train)} batches of {c.BATCH_SIZE} per epoch | "
-              f"data {'resident on the device' if data.resident else 'streamed by DataLoader workers'} | "
+
+    if run.main_process:
+        print(f"{c.MODEL} on {run.device} | {len(run.data.train)} batches of {c.BATCH_SIZE} per epoch | data "
+              f"{'resident on the device' if run.data.resident else 'streamed by DataLoader workers'} | "
               f"outputs in {os.path.abspath(c.OUTPUT_DIR)}")
     signal.signal(signal.SIGTERM, _raise_terminated)
-    status = 0
     try:
-        train_module.fit(model, data, optimizer, lra, epochs=c.EPOCHS, loss_fn=loss_fn, output_dir=c.OUTPUT_DIR,
-                         wrap=wrap, scheduler=scheduler, lookahead=lookahead,
-                         autocast_dtype=autocast_dtype, start_epoch=start_epoch, history=history,
-                         run_info=run_info, main_process=main_process)
+        train_module.fit(run.model, run.data, run.optimizer, run.lra, epochs=c.EPOCHS,
+                         loss_fn=nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING), output_dir=c.OUTPUT_DIR,
+                         wrap=wrap, scheduler=run.scheduler, lookahead=run.lookahead,
+                         autocast_dtype=run.autocast_dtype, start_epoch=run.start_epoch, history=run.history,
+                         run_info=run.run_info, main_process=run.main_process)
     except KeyboardInterrupt as interrupt:
-        if main_process:
+        if run.main_process:
             print(f"Interrupted. The last completed epoch is saved; to go on, run: python main.py --resume auto "
                   f"--output-dir {c.OUTPUT_DIR}", file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     except train_module.NonFiniteLoss as error:
         print(f"error: {error}. The best weights so far are in {c.OUTPUT_DIR}/best_model.pth; try a lower LR.",
               file=sys.stderr)
-        status = 1
+        return 1
     except OSError as error:  # a full disk, say: the files of the last completed epoch stay as they were
         print(f"error: could not write the run's files ({error}); free the space and resume with "
               f"--resume auto", file=sys.stderr)
-        return 1
+        return 3
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    report(model, data, autocast_dtype, c.TTA, main_process)
-    return status
+    return 0
 
 
 def _resume_path(c) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -242,7 +241,9 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
             metrics = {"epoch": epoch, **train_one_epoch(train_model, data.train, optimizer, loss_fn, epoch=epoch,
                                                          scheduler=scheduler, lookahead=lookahead,
                                                          autocast_dtype=autocast_dtype)}
+            utils.release_free_memory()
             val = evaluate(_unwrapped(train_model), data.val, autocast_dtype=autocast_dtype)
+            utils.release_free_memory()
             metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started)
             metrics = utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
             stop = lra.on_epoch_end(epoch, metrics)

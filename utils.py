@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import pickle
@@ -61,6 +63,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _find_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give memory freed by the last pass back to the OS. glibc keeps freed activation buffers in its
+    heap, so on the CPU an evaluation's buffers would stack on top of training's; this keeps a CIFAR-10
+    run under 1.5 GB. Costs a few milliseconds, once per pass."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # --------------------------------------------------------------------------- files
@@ -164,7 +184,8 @@ def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
             for i, epoch in enumerate(cuts):
                 panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0 else None)
             for i, epoch in enumerate(restores):
-                panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8, label="weights restored" if i == 0 else None)
+                panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8,
+                              label="weights restored" if i == 0 else None)
             panel.set(xlabel="epoch", title=title)
             lr_axis = panel.twinx()
             lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6, label="LR")
@@ -204,6 +225,12 @@ def init_distributed() -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
     return dist.get_rank(), world_size, local_rank
+
+
+def close_distributed() -> None:
+    """Leave the torchrun process group (exiting without this can abort in gloo's threads)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

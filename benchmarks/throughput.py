@@ -163,7 +163,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     autocast_dtype = torch.bfloat16 if on_gpu and not args.no_bf16 else None
     os.makedirs(args.output, exist_ok=True)
-    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores, {threads} threads)"
     print(f"{args.model}, batch {args.batch_size}, {args.images} images a pass, best of {args.epochs}, on {name}")
 
     bare = bare_step_rate(args, device, autocast_dtype)

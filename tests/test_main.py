@@ -198,17 +198,18 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     assert all(torch.allclose(best[k].float(), reference[k].float(), atol=1e-6) for k in best)
 
 
-def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_run):
+def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_run, capsys):
     args, out = tiny_run
-    result = run_main(args + ["--epochs", "1", "--resume", "auto"])
+    result = main_in_process(args + ["--epochs", "1", "--resume", "auto"], capsys)
     assert result.returncode == 0 and "Resuming" not in result.stdout
 
 
-def test_resume_after_the_last_epoch_trains_no_more(tiny_run):
+def test_resume_after_the_last_epoch_trains_no_more(tiny_run, capsys):
     args, out = tiny_run
-    assert run_main(args + ["--epochs", "2"]).returncode == 0
-    result = run_main(args + ["--epochs", "2", "--resume", "auto"])
-    assert result.returncode == 0 and len(pd.read_csv(out / "training_metrics.csv")) == 2
+    assert main_in_process(args + ["--epochs", "2"], capsys).returncode == 0
+    result = main_in_process(args + ["--epochs", "2", "--resume", "auto"], capsys)
+    assert result.returncode == 0 and "Resuming" in result.stdout
+    assert len(pd.read_csv(out / "training_metrics.csv")) == 2
 
 
 # ----------------------------------------------------------------------------- real data

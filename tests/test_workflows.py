@@ -8,13 +8,12 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 import data_module
 import main
 import utils
-from conftest import CLASSES, ROOT, run_main, write_fake_cifar, write_image_tree
+from conftest import CLASSES, ROOT, run_main, write_fake_cifar
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "16"]
 
@@ -148,12 +147,12 @@ def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path)
     the other five written from the test set; it must beat the same small data trained from scratch."""
     train_images, train_labels, test_images, test_labels, classes = data_module._read_cifar10(cifar_dir, False)
     source, target = tmp_path / "source", tmp_path / "target"
-    write_cifar_tree(source, train_images, train_labels, classes, range(5), 500, "train")
+    write_cifar_tree(source, train_images, train_labels, classes, range(5), 400, "train")
     write_cifar_tree(source, test_images, test_labels, classes, range(5), 100, "val")
     write_cifar_tree(target, test_images[:5000], test_labels[:5000], classes, range(5, 10), 40, "train")
     write_cifar_tree(target, test_images[5000:], test_labels[5000:], classes, range(5, 10), 100, "val")
     common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0", "--batch-size", "64"]
-    assert main.main(common + ["--data-dir", str(source), "--output-dir", str(tmp_path / "a"), "--epochs", "4"]) == 0
+    assert main.main(common + ["--data-dir", str(source), "--output-dir", str(tmp_path / "a"), "--epochs", "3"]) == 0
 
     budget = ["--data-dir", str(target), "--epochs", "8", "--lr", "0.02", "--stop-patience", "8"]
     assert main.main(common + budget + ["--output-dir", str(tmp_path / "scratch")]) == 0
