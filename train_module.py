@@ -267,7 +267,7 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
         lra.on_train_end(reason)
         if main_process and history:
             utils.plot_training_curves(history, os.path.join(output_dir, utils.CURVES))
-    _check_agreement(history, main_process)
+    _check_agreement(model, history, main_process)
     return history
 
 
@@ -277,15 +277,18 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _check_agreement(history: list[dict], main_process: bool) -> None:
-    """Under torchrun, confirm every process made the same LR decisions (they must, to stay in step)."""
+def _check_agreement(model: nn.Module, history: list[dict], main_process: bool) -> None:
+    """Under torchrun, confirm every process made the same LR decisions and ends with the same weights
+    (they must, to stay in step)."""
     if not utils.is_distributed():
         return
-    decisions = utils.gather([(row["epoch"], row["next_lr"], row["event"]) for row in history])
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() for p in model.parameters()))
+    states = utils.gather(([(row["epoch"], row["next_lr"], row["event"]) for row in history], checksum))
     if main_process:
-        agree = all(d == decisions[0] for d in decisions)
-        print(f"LR decisions {'agreed' if agree else 'DIFFERED'} on all {len(decisions)} processes"
-              f"{'' if agree else ': ' + repr(decisions)}", file=sys.stdout if agree else sys.stderr)
+        agree = all(state == states[0] for state in states)
+        print(f"LR decisions and weights {'agreed' if agree else 'DIFFERED'} on all {len(states)} processes"
+              f"{'' if agree else ': ' + repr(states)}", file=sys.stdout if agree else sys.stderr)
 
 
 def save_epoch(output_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, lra: LRA,

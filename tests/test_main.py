@@ -12,7 +12,7 @@ import torch
 
 import main
 import utils
-from conftest import ROOT, run_main, write_fake_cifar
+from conftest import ROOT, run_main, write_fake_cifar, write_image_tree
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "32"]
 
@@ -132,6 +132,34 @@ def test_bad_checkpoints_exit_2_and_leave_good_files_alone(tiny_run, tmp_path, f
     for extra, fragment in cases:
         assert_one_clean_line(main_in_process(args + extra, capsys), fragment)
     assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_bad_data_exits_2_with_one_line(tmp_path, capsys):
+    common = ["--output-dir", tmp_path / "out", "--download", "false"]
+    truncated = write_fake_cifar(tmp_path / "truncated", per_batch=20)
+    batch = tmp_path / "truncated" / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:300])
+    assert_one_clean_line(main_in_process(["--data-dir", truncated, *common], capsys), "data_batch_2")
+    one_class = write_image_tree(tmp_path / "one", splits=("train",), classes=("only",))
+    assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", one_class, *common], capsys),
+                          "at least two")
+    empty_val = write_image_tree(tmp_path / "empty", splits=("train",))
+    (tmp_path / "empty" / "val" / "cats").mkdir(parents=True)
+    assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", empty_val, *common], capsys),
+                          "no readable images")
+    small = write_fake_cifar(tmp_path / "small", per_batch=20)
+    assert_one_clean_line(main_in_process(["--data-dir", small, *common, "--val-split", "20",
+                                           "--train-subset", "500"], capsys), "TRAIN_SUBSET = 500")
+
+
+def test_resume_from_a_run_with_other_classes_is_refused(tiny_run, tmp_path, capsys):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+    checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
+    checkpoint["classes"] = checkpoint["classes"][:5] + ["a", "b", "c", "d", "e"]
+    other = tmp_path / "other.pth"
+    utils.save_torch(checkpoint, str(other))
+    assert_one_clean_line(main_in_process(args + ["--resume", other], capsys), "trained on other classes")
 
 
 # ----------------------------------------------------------------------------- interruptions and resume

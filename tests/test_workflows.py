@@ -39,20 +39,21 @@ def test_two_processes_train_in_step_and_resume(tmp_path):
     data = write_fake_cifar(tmp_path / "data", per_batch=40)
     out = tmp_path / "out"
     args = ["--data-dir", data, "--output-dir", out, *TINY, "--threshold", "0", "--patience", "1",
-            "--stop-patience", "10"]
+            "--stop-patience", "10", "--freeze", "true", "--unfreeze-epoch", "2"]
     first = torchrun(args + ["--epochs", "3"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("Epoch |") == 1  # only rank 0 prints the table
-    assert "LR decisions agreed on all 2 processes" in first.stdout
+    assert "LR decisions and weights agreed on all 2 processes" in first.stdout
     frame = pd.read_csv(out / "training_metrics.csv")
     assert list(frame["epoch"]) == [1, 2, 3]
     assert frame["event"].fillna("").str.contains("LR cut").any()  # decisions to agree on
+    assert "unfroze the body" in frame["event"].iloc[1]  # and the unfrozen body trains in step too
     checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
     assert len(checkpoint["rng"]) == 2  # each process's random state
 
     resumed = torchrun(args + ["--epochs", "5", "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming" in resumed.stdout and "LR decisions agreed on all 2 processes" in resumed.stdout
+    assert "Resuming" in resumed.stdout and "LR decisions and weights agreed on all 2 processes" in resumed.stdout
     frame = pd.read_csv(out / "training_metrics.csv")
     assert list(frame["epoch"]) == [1, 2, 3, 4, 5]
     assert frame["lr"].iloc[3] == pytest.approx(frame["next_lr"].iloc[2])  # the LR carried over
