@@ -154,11 +154,6 @@ def unfreeze_body(model: Classifier) -> list[nn.Parameter]:
     return thawed
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters an optimizer should be given: the ones that require gradients."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> list[str]:
     """Load a state dict, keeping the model's own head where the saved head has another shape
     (transfer to a new class count); returns the names skipped. Raises ValueError for another architecture."""
