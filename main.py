@@ -199,13 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         return predict(c, predict_images)
     rank, world_size, local_rank = utils.init_distributed()
     try:
-        check_config(config)
-        run = setup(c, rank, world_size, local_rank)
-    except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
-        print(f"error: {error}", file=sys.stderr)
-        utils.close_distributed()
-        return 2
-    try:
+        try:
+            check_config(config)
+            run = setup(c, rank, world_size, local_rank)
+        except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         status = train(c, run)
         if status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
             report(run.model, run.data, run.autocast_dtype, c.TTA, run.main_process)
@@ -283,8 +282,9 @@ def train(c, run: types.SimpleNamespace) -> int:
                   f"--output-dir {c.OUTPUT_DIR}", file=sys.stderr)
         return 143 if isinstance(interrupt, Terminated) else 130
     except train_module.NonFiniteLoss as error:
-        print(f"error: {error}. The best weights so far are in {c.OUTPUT_DIR}/best_model.pth; try a lower LR.",
-              file=sys.stderr)
+        if run.main_process:
+            print(f"error: {error}. The best weights so far are in {c.OUTPUT_DIR}/best_model.pth; try a lower "
+                  f"LR.", file=sys.stderr)
         return 1
     except OSError as error:  # a full disk, say: the files of the last completed epoch stay as they were
         print(f"error: could not write the run's files ({error}); free the space and resume with "

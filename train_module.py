@@ -293,12 +293,12 @@ def _check_agreement(model: nn.Module, history: list[dict], main_process: bool) 
 
 def save_epoch(output_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, lra: LRA,
                history: list[dict], *, scheduler=None, lookahead: Lookahead | None = None,
-               rng: list[dict] | None = None, run_info: dict) -> None:
+               rng: list[dict], run_info: dict) -> None:
     """Write the epoch's files: last_checkpoint.pth first (the authority on resume), then best_model.pth
     when this epoch is a new best, then the CSV. Each is written atomically."""
     checkpoint = {"epoch": history[-1]["epoch"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "lra": lra.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng or [utils.rng_state()],
+                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng,
                   "history": history, "best_epoch": lra.best_epoch, "best_val_loss": lra.best_val_loss, **run_info}
     utils.save_torch(checkpoint, os.path.join(output_dir, utils.CHECKPOINT))
     if lra.new_best:
