@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import difflib
 import json
 import os
 import pickle
@@ -25,6 +26,17 @@ CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", 
 
 class CheckpointError(ValueError):
     """A weights or checkpoint file that is missing, unreadable, unsafe or of the wrong kind."""
+
+
+def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> str:
+    """The one message for a value that is not among the choices: "NAME = 'x' is not known; choose one
+    of ...". With closest (for long lists, such as model names), only the nearest names are offered."""
+    choices = list(choices)
+    if closest:
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=5, cutoff=0.5)
+        offer = f"the closest are {', '.join(near)}" if near else f"there are {len(choices)} to choose from"
+        return f"{name} = {value!r} is not known; {offer}"
+    return f"{name} = {value!r} is not known; choose one of {', '.join(map(repr, choices))}"
 
 
 # --------------------------------------------------------------------------- seeding and devices
