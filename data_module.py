@@ -11,9 +11,11 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from tqdm import tqdm
+
+import utils
 
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
@@ -42,10 +44,93 @@ class Data:
     val_is_test: bool  # VAL_SPLIT = 0: the test set doubles as the per-epoch validation set
 
 
+# --------------------------------------------------------------------------- sources
+# A source is one split's images and labels, wherever they live: `labels`, `len` and `take(index)` for
+# splitting, `read(i)` for the streaming loader, `decode` for the resident one, and `statistics`.
+
+
+@dataclass
+class Images:
+    """uint8 images and their labels in memory: the main kind of source."""
+
+    images: torch.Tensor  # uint8 (N, H, W, C)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: torch.Tensor) -> Images:
+        """The images at these indices."""
+        return Images(self.images[index], self.labels[index])
+
+    def read(self, i: int) -> Image.Image:
+        """Image i as a PIL image, for the streaming loader's transforms."""
+        return Image.fromarray(self.images[i].numpy())
+
+    def decode(self, num_workers: int, desc: str) -> Images:
+        """Already decoded: itself."""
+        return self
+
+    def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Exact per-channel mean and std of all the images."""
+        return channel_stats(self.images)
+
+
+class ImageFiles:
+    """Image files decoded when read, resized and centre-cropped to image_size: the fallback to Images."""
+
+    def __init__(self, paths: list[str], labels: torch.Tensor, image_size: int):
+        self.paths, self.labels, self.image_size = paths, labels, image_size
+        self.resize = _resize_crop(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, index: torch.Tensor) -> ImageFiles:
+        """The files at these indices."""
+        return ImageFiles([self.paths[i] for i in index.tolist()], self.labels[index], self.image_size)
+
+    def read(self, i: int) -> Image.Image:
+        """File i as a PIL image of the run's size."""
+        return self.resize(_load_rgb(self.paths[i]))
+
+    def decode(self, num_workers: int, desc: str) -> Images:
+        """Every file decoded into uint8 (N, S, S, 3) images in memory, with a progress bar."""
+        loader = DataLoader(_Transformed(self, transforms.PILToTensor()), batch_size=256, num_workers=num_workers)
+        batches = tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty())
+        return Images(torch.cat([images.permute(0, 2, 3, 1).contiguous() for images, _ in batches]), self.labels)
+
+    def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std estimated from a seeded sample of at most 2,000 files (decoding all is slow)."""
+        sample = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:2000]
+        return channel_stats(self.take(sample).decode(num_workers, "statistics").images)
+
+
+Source = Images | ImageFiles
+
+
+class _Transformed(Dataset):
+    """A source read as (transform(PIL image), label), for a DataLoader."""
+
+    def __init__(self, source: Source, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.source.read(i)), int(self.source.labels[i])
+
+
+def _resize_crop(image_size: int) -> transforms.Compose:
+    """Shorter side to image_size, then the centre square: how an image file takes the run's size."""
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+
+
 # --------------------------------------------------------------------------- reading
 
 
-class _CIFAR10(datasets.CIFAR10):
+class CIFAR10(datasets.CIFAR10):
     """torchvision's CIFAR-10 that checks the official archive but not the extracted files' sums.
 
     Copies rebuilt from other sources (the JPEG copy in ../shared/data) have other checksums,
@@ -57,15 +142,15 @@ class _CIFAR10(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-def _read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                           list[str]]:
     """CIFAR-10 as (train images, train labels, test images, test labels, class names): uint8
     (N, 32, 32, 3) images and int64 labels, downloaded first when missing."""
-    folder = os.path.join(data_dir, _CIFAR10.base_folder)
+    folder = os.path.join(data_dir, CIFAR10.base_folder)
     missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing and download:
         try:
-            _CIFAR10(data_dir, train=True, download=True)
+            CIFAR10(data_dir, train=True, download=True)
         except (OSError, RuntimeError) as error:  # no network, refused, bad archive
             raise DataError(_missing_message(folder, missing, f"the download failed: {error}")) from None
         missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
@@ -73,7 +158,7 @@ def _read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Te
         reason = "DOWNLOAD is off" if not download else "the downloaded archive lacked them"
         raise DataError(_missing_message(folder, missing, reason))
     try:
-        train, test = _CIFAR10(data_dir, train=True), _CIFAR10(data_dir, train=False)
+        train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
         raise DataError(f"{_bad_cifar_file(folder)} is not a readable CIFAR-10 batch file ({error}); "
                         f"replace it, or delete {folder} to download CIFAR-10 again") from None
@@ -106,21 +191,8 @@ def _bad_cifar_file(folder: str) -> str:
     return folder
 
 
-class _ImageFolder(datasets.ImageFolder):
-    """ImageFolder that can be told its class list, so every split maps names to the same indices."""
-
-    def __init__(self, root: str, classes: list[str] | None = None, **kwargs):
-        self._given_classes = classes
-        super().__init__(root, **kwargs)
-
-    def find_classes(self, directory):
-        if self._given_classes is None:
-            return super().find_classes(directory)
-        return self._given_classes, {name: i for i, name in enumerate(self._given_classes)}
-
-
 class _Readable:
-    """is_valid_file for ImageFolder: an image extension and a header Pillow can open; counts the rest."""
+    """is_valid_file for the folder scan: an image extension and a header Pillow can open; counts the rest."""
 
     def __init__(self):
         self.skipped: list[str] = []
@@ -143,21 +215,21 @@ def _load_rgb(path: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as error:
-        raise DataError(f"cannot decode image {path}: {error}") from None
+        raise DataError(f"{path} is not an image file that Pillow can read ({error})") from None
 
 
-def _scan_folder(data_dir: str) -> dict[str, _ImageFolder]:
-    """The train, val and (optional) test ImageFolders of DATA_DIR, with a shared class list."""
+def _scan_folder(data_dir: str, image_size: int) -> tuple[dict[str, ImageFiles], list[str]]:
+    """The train, val and (optional) test files of DATA_DIR, labelled by train/'s class folders, and the classes."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(f"no ImageFolder tree in {data_dir}: expected {train_dir}/<class>/<image> "
                         f"(and optionally val/ and test/ beside it); set DATA_DIR")
     check = _Readable()
     try:
-        splits = {"train": _ImageFolder(train_dir, loader=_load_rgb, is_valid_file=check)}
+        classes, class_to_idx = datasets.folder.find_classes(train_dir)
+        splits = {"train": datasets.folder.make_dataset(train_dir, class_to_idx, is_valid_file=check)}
     except FileNotFoundError as error:  # no class folders, or no images in them
         raise DataError(f"no readable images in {train_dir}: {error}") from None
-    classes = splits["train"].classes
     if len(classes) < 2:
         raise DataError(f"{train_dir} has {len(classes)} class folder(s) with images; a classifier needs "
                         f"at least two (train/<class>/<image>)")
@@ -168,26 +240,24 @@ def _scan_folder(data_dir: str) -> dict[str, _ImageFolder]:
             extra = [name for name in extra if os.path.isdir(os.path.join(folder, name))]
             if extra:
                 raise DataError(f"{folder} has class folders that train/ lacks: {', '.join(extra)}")
-            splits[split] = _ImageFolder(folder, classes=classes, loader=_load_rgb, is_valid_file=check,
-                                         allow_empty=True)
+            splits[split] = datasets.folder.make_dataset(folder, class_to_idx, is_valid_file=check, allow_empty=True)
             if len(splits[split]) == 0:
                 raise DataError(f"{folder} holds no readable images; fill it or remove it")
     if check.skipped:
         print(f"warning: skipped {len(check.skipped)} unreadable image file(s), "
               f"e.g. {check.skipped[0]}", file=sys.stderr)
-    return splits
+    return {name: ImageFiles([path for path, _ in samples], torch.tensor([label for _, label in samples]), image_size)
+            for name, samples in splits.items()}, classes
 
 
-def _decode_all(source: Dataset, image_size: int, num_workers: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode and resize every image of an image Dataset into uint8 (N, S, S, 3), with a progress bar."""
-    to_tensor = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                                    transforms.PILToTensor()])
-    loader = DataLoader(_Transformed(source, to_tensor), batch_size=256, num_workers=num_workers)
-    images, labels = [], []
-    for batch_images, batch_labels in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty()):
-        images.append(batch_images.permute(0, 2, 3, 1).contiguous())
-        labels.append(batch_labels)
-    return torch.cat(images), torch.cat(labels)
+def _read_sources(dataset: str, data_dir: str, image_size: int,
+                  download: bool) -> tuple[dict[str, Source], list[str], int]:
+    """The train, test and (ImageFolder trees only) val sources, the class names and the image size."""
+    if dataset == "folder":
+        return *_scan_folder(data_dir, image_size), image_size
+    train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir, download)
+    sources = {"train": Images(train_images, train_labels), "test": Images(test_images, test_labels)}
+    return sources, classes, train_images.shape[1]
 
 
 # --------------------------------------------------------------------------- splitting and statistics
@@ -209,6 +279,39 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int) -> tuple[t
     mask = torch.zeros(n, dtype=torch.bool)
     mask[held] = True
     return mask.logical_not().nonzero().flatten(), mask.nonzero().flatten()
+
+
+def _split(sources: dict[str, Source], val_split: int, train_subset: int | None, seed: int,
+           data_dir: str) -> dict[str, Source]:
+    """The train, val and test parts: validation held out unless the tree has val/, a stratified TRAIN_SUBSET
+    of the training images left, and the test set, or the validation images when there is none."""
+    train, train_index = sources["train"], torch.arange(len(sources["train"]))
+    if "val" in sources:
+        val = sources["val"]
+    elif val_split:
+        if val_split >= len(train):
+            raise DataError(f"VAL_SPLIT = {val_split} is too large: the training set has {len(train)} images")
+        train_index, val_index = stratified_split(train.labels, val_split, seed)
+        val = train.take(val_index)
+    elif "test" in sources:
+        val = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
+    else:
+        raise DataError(f"{data_dir} has no val/ or test/ folder and VAL_SPLIT = 0: nothing to validate on; "
+                        f"set VAL_SPLIT > 0 or add {data_dir}/val/<class>/<image>")
+    if train_subset is not None:
+        if not 1 <= train_subset <= len(train_index):
+            raise DataError(f"TRAIN_SUBSET = {train_subset} is out of range: use 1 to {len(train_index)} "
+                            f"(the training images left after VAL_SPLIT), or None for all")
+        _, keep = stratified_split(train.labels[train_index], train_subset, seed)
+        train_index = train_index[keep]
+    parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
+    if "test" not in sources:
+        print(f"note: {data_dir} has no test/ folder; the final evaluation uses the validation images",
+              file=sys.stderr)
+    for name, part in parts.items():
+        if len(part) == 0:
+            raise DataError(f"the {name} split is empty; check TRAIN_SUBSET, VAL_SPLIT and {data_dir}")
+    return parts
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -377,10 +480,10 @@ def _num_batches(n: int, batch_size: int, train: bool) -> int:
     return -(-n // batch_size)
 
 
-def _pil_transform(train: bool, image_size: int, resize: bool, crop_padding: int, flip: str, reflect: bool,
+def _pil_transform(train: bool, image_size: int, crop_padding: int, flip: str, reflect: bool,
                    mean, std) -> transforms.Compose:
-    """The streaming path's PIL pipeline ("alternate" flips are drawn at random here)."""
-    steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)] if resize else []
+    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are drawn at random)."""
+    steps = []
     if train and crop_padding:
         steps.append(transforms.RandomCrop(image_size, padding=crop_padding,
                                            padding_mode="reflect" if reflect else "constant"))
@@ -398,137 +501,56 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
     return num_bytes <= RESIDENT_SHARE * free
 
 
+def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mean, std, *, batch_size: int,
+                  crop_padding: int, flip: str, reflect: bool, device: torch.device, num_workers: int, seed: int,
+                  rank: int, world_size: int, channels_last: bool) -> dict[str, ResidentLoader | StreamingLoader]:
+    """The train, val and test loaders (one loader when test is val); evaluation batches are twice as large."""
+    def make(part: Source, train: bool) -> ResidentLoader | StreamingLoader:
+        common = dict(batch_size=batch_size if train else 2 * batch_size, train=train, seed=seed, rank=rank,
+                      world_size=world_size, channels_last=channels_last)
+        if resident:  # the parts were decoded into Images
+            return ResidentLoader(part.images.to(device), part.labels.to(device), mean=mean, std=std,
+                                  crop_padding=crop_padding, flip=flip, reflect=reflect, **common)
+        transform = _pil_transform(train, image_size, crop_padding, flip, reflect, mean, std)
+        return StreamingLoader(_Transformed(part, transform), device=device, num_workers=num_workers, **common)
+
+    loaders = {"train": make(parts["train"], True), "val": make(parts["val"], False)}
+    loaders["test"] = loaders["val"] if parts["test"] is parts["val"] else make(parts["test"], False)
+    return loaders
+
+
 # --------------------------------------------------------------------------- the entry point
 
 
-def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: int = 256,
-             eval_batch_size: int | None = None, val_split: int = 5000, train_subset: int | None = None,
-             image_size: int = 32, crop_padding: int = 4, flip: str = "random", reflect: bool = False,
-             resident: bool | str = "auto", num_workers: int | None = None, download: bool = True,
-             device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
-             channels_last: bool = True) -> Data:
+def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: int = 256, val_split: int = 5000,
+             train_subset: int | None = None, image_size: int = 32, crop_padding: int = 4, flip: str = "random",
+             reflect: bool = False, resident: bool | str = "auto", num_workers: int | None = None,
+             download: bool = True, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0,
+             world_size: int = 1, channels_last: bool = True) -> Data:
     """Read a dataset, split off validation images, and build the train, val and test loaders."""
     if dataset not in DATASETS:
-        raise DataError(f"DATASET = {dataset!r} is not known; choose one of {', '.join(DATASETS)}")
+        raise DataError(utils.not_known("DATASET", dataset, DATASETS))
     if flip not in FLIPS:
-        raise DataError(f"FLIP = {flip!r} is not known; choose one of {', '.join(FLIPS)}")
+        raise DataError(utils.not_known("FLIP", flip, FLIPS))
     device = torch.device(device)
     num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-
-    # Sources: (uint8 NHWC images, labels) in memory, or image Datasets read on the fly.
-    if dataset == "cifar10":
-        train_images, train_labels, test_images, test_labels, classes = _read_cifar10(data_dir, download)
-        sources = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
-        size = train_images.shape[1]
-        resident = fits_on_device(train_images.numel() + test_images.numel(), device) if resident == "auto" \
-            else resident
-    else:
-        sources, size = _scan_folder(data_dir), image_size
-        classes = sources["train"].classes
-        if resident == "auto":
-            resident = fits_on_device(sum(len(s) for s in sources.values()) * 3 * size * size, device)
-        if resident:
-            sources = {name: _decode_all(source, size, num_workers, f"decoding {name}")
-                       for name, source in sources.items()}
-
-    # Splits: validation held out from training (stratified) unless the tree has its own val/.
-    labels = _labels(sources["train"])
-    train_index = torch.arange(len(labels))
-    parts = {}
-    if "val" in sources:
-        parts["val"] = sources["val"]
-    elif val_split:
-        if val_split >= len(labels):
-            raise DataError(f"VAL_SPLIT = {val_split} is too large: the training set has {len(labels)} images")
-        train_index, val_index = stratified_split(labels, val_split, seed)
-        parts["val"] = _take(sources["train"], val_index)
-    elif "test" in sources:
-        parts["val"] = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
-    else:
-        raise DataError(f"{data_dir} has no val/ or test/ folder and VAL_SPLIT = 0: nothing to validate on; "
-                        f"set VAL_SPLIT > 0 or add {data_dir}/val/<class>/<image>")
-    if train_subset is not None:
-        if not 1 <= train_subset <= len(train_index):
-            raise DataError(f"TRAIN_SUBSET = {train_subset} is out of range: use 1 to {len(train_index)} "
-                            f"(the training images left after VAL_SPLIT), or None for all")
-        _, keep = stratified_split(labels[train_index], train_subset, seed)
-        train_index = train_index[keep]
-    parts["train"] = _take(sources["train"], train_index)
-    if "test" in sources:
-        parts["test"] = sources["test"]
-    else:
-        print(f"note: {data_dir} has no test/ folder; the final evaluation uses the validation images",
-              file=sys.stderr)
-        parts["test"] = parts["val"]
-    for name, part in parts.items():
-        if len(_labels(part)) == 0:
-            raise DataError(f"the {name} split is empty; check TRAIN_SUBSET, VAL_SPLIT and {data_dir}")
-
-    if isinstance(parts["train"], tuple):  # in memory: exact
-        mean, std = channel_stats(parts["train"][0])
-    else:  # an ImageFolder read on the fly: estimate from a seeded sample of at most 2,000 training images
-        sample = torch.randperm(len(parts["train"]), generator=torch.Generator().manual_seed(seed))[:2000]
-        mean, std = channel_stats(_decode_all(_take(parts["train"], sample), size, num_workers, "statistics")[0])
-
-    def loader(split: str, train: bool) -> ResidentLoader | StreamingLoader:
-        common = dict(batch_size=batch_size if train else eval_batch_size or 2 * batch_size, train=train,
-                      seed=seed, rank=rank, world_size=world_size, channels_last=channels_last)
-        if resident:
-            images, targets = parts[split]
-            return ResidentLoader(images.to(device), targets.to(device), mean=mean, std=std,
-                                  crop_padding=crop_padding, flip=flip, reflect=reflect, **common)
-        transform = _pil_transform(train, size, dataset == "folder", crop_padding, flip, reflect, mean, std)
-        return StreamingLoader(_Transformed(parts[split], transform), device=device, num_workers=num_workers,
-                               **common)
-
-    loaders = {"train": loader("train", True), "val": loader("val", False)}
-    loaders["test"] = loaders["val"] if parts["test"] is parts["val"] else loader("test", False)
-    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), mean, std, size,
-                bool(resident), val_is_test=parts["val"] is sources.get("test"))
-
-
-def _labels(source) -> torch.Tensor:
-    """The labels of a source: an (images, labels) pair, an ImageFolder, or a Subset of one."""
-    if isinstance(source, tuple):
-        return source[1]
-    if isinstance(source, Subset):
-        return torch.tensor(source.dataset.targets)[source.indices]
-    return torch.tensor(source.targets)
-
-
-def _take(source, index: torch.Tensor):
-    """The images of a source at the given indices, in the source's kind."""
-    if isinstance(source, tuple):
-        return source[0][index], source[1][index]
-    return Subset(source, index.tolist())
-
-
-class _Transformed(Dataset):
-    """A source read as (transform(PIL image), label): in-memory pairs, ImageFolders or Subsets of them."""
-
-    def __init__(self, source, transform):
-        self.source, self.transform = source, transform
-        if isinstance(source, tuple):
-            self.images, self.labels = source[0].numpy(), source[1].tolist()
-
-    def __len__(self) -> int:
-        return len(self.labels) if isinstance(self.source, tuple) else len(self.source)
-
-    def __getitem__(self, index: int):
-        if isinstance(self.source, tuple):
-            return self.transform(Image.fromarray(self.images[index])), self.labels[index]
-        image, label = self.source[index]  # ImageFolders here have no transform: a PIL image
-        return self.transform(image), label
+    sources, classes, size = _read_sources(dataset, data_dir, image_size, download)
+    if resident == "auto":  # as uint8 images: 3 bytes a pixel
+        resident = fits_on_device(sum(map(len, sources.values())) * 3 * size * size, device)
+    if resident:
+        sources = {name: source.decode(num_workers, f"decoding {name}") for name, source in sources.items()}
+    parts = _split(sources, val_split, train_subset, seed, data_dir)
+    mean, std = parts["train"].statistics(seed, num_workers)
+    loaders = _make_loaders(parts, bool(resident), size, mean, std, batch_size=batch_size, crop_padding=crop_padding,
+                            flip=flip, reflect=reflect, device=device, num_workers=num_workers, seed=seed,
+                            rank=rank, world_size=world_size, channels_last=channels_last)
+    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), mean, std, size, bool(resident),
+                val_is_test=parts["val"] is sources.get("test"))
 
 
 def load_image(path: str, image_size: int, mean, std) -> torch.Tensor:
     """One image file as a normalised (C, S, S) tensor, resized and centre-cropped to image_size."""
     if not os.path.isfile(path):
         raise DataError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError:
-        raise DataError(f"{path} is not an image file that Pillow can read") from None
-    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])(image)
+    to_tensor = transforms.Compose([_resize_crop(image_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return to_tensor(_load_rgb(path))

@@ -38,7 +38,7 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
     import pickle
     with open(os.path.join(root, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
         raw = pickle.load(f, encoding="latin1")["data"][0]
-    train_images = data_module._read_cifar10(root, download=False)[0]
+    train_images = data_module.read_cifar10(root, download=False)[0]
     # row: 1,024 red values, then green, then blue, each row-major; the reader gives H x W x C
     expected = raw.reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(train_images[0].numpy(), expected)
@@ -133,6 +133,21 @@ def test_a_tree_without_val_holds_out_val_split(tmp_path):
     data = data_module.get_data("folder", root, batch_size=4, image_size=8, val_split=6, resident=True,
                                 num_workers=0)
     assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val
+
+
+def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
+    root = write_image_tree(tmp_path, splits=("train",), per_class=10)
+    files, _ = data_module._scan_folder(root, image_size=8)
+    images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
+    from_files = data_module._split(files, val_split=6, train_subset=12, seed=3, data_dir=root)
+    from_images = data_module._split(images, val_split=6, train_subset=12, seed=3, data_dir=root)
+    for name in ("train", "val"):
+        decoded = from_files[name].decode(num_workers=0, desc=name)
+        assert torch.equal(decoded.images, from_images[name].images)
+        assert torch.equal(decoded.labels, from_images[name].labels)
+    assert len(from_images["train"]) == 12 and torch.bincount(from_images["val"].labels).tolist() == [2, 2, 2]
+    # under 2,000 files the sample is all of them, so the estimate is the exact value
+    assert from_files["train"].statistics(seed=0, num_workers=0) == from_images["train"].statistics(0, 0)
 
 
 def test_a_tree_with_one_class_is_refused(tmp_path):
