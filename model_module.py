@@ -1,10 +1,19 @@
-"""Architectures, freezing and weight loading: every model is a body of features and a classifier head."""
+"""Architectures, freezing and weight loading: every model is a body of features and a classifier head.
+
+Our own models (cnn, fast, resnet18_cifar) and every torchvision classification model by name, the latter
+optionally starting from torchvision's published ImageNet weights (PRETRAINED)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import http.client
+import os
+import re
+import urllib.parse
+from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import resnet18
 
@@ -53,7 +62,7 @@ def cnn(num_classes: int, widths: tuple[int, ...] = (48, 96, 192)) -> Classifier
     return Classifier(body, nn.Sequential(nn.Dropout(0.2), nn.Linear(in_channels, num_classes)))
 
 
-def resnet18_small(num_classes: int) -> Classifier:
+def resnet18_cifar(num_classes: int) -> Classifier:
     """torchvision's ResNet-18 adapted to 32x32 inputs: a 3x3 stride-1 stem and no stem max pool."""
     body = resnet18(num_classes=num_classes)
     body.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
@@ -125,7 +134,164 @@ def fast(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)) -> Cla
     return Classifier(body, nn.Sequential(nn.Linear(widths[2], num_classes, bias=False), _Scale(1 / 9)))
 
 
-MODELS: dict[str, Callable[[int], Classifier]] = {"cnn": cnn, "resnet18": resnet18_small, "fast": fast}
+MODELS: dict[str, Callable[[int], Classifier]] = {"cnn": cnn, "resnet18_cifar": resnet18_cifar, "fast": fast}
+TORCHVISION_MODELS: tuple[str, ...] = tuple(torchvision.models.list_models(module=torchvision.models))
+# Names that files saved before torchvision's models came mean otherwise: their "resnet18" is the 32-pixel
+# variant, now resnet18_cifar, while "resnet18" is torchvision's own. The checkpoint code maps old files.
+LEGACY_NAMES: dict[str, str] = {"resnet18": "resnet18_cifar"}
+
+
+def model_names() -> list[str]:
+    """Every accepted MODEL: our own, then torchvision's classification models."""
+    return [*MODELS, *TORCHVISION_MODELS]
+
+
+def _check_name(name: str) -> None:
+    if name not in MODELS and name not in TORCHVISION_MODELS:
+        raise ValueError(utils.not_known("MODEL", name, model_names(), closest=True))
+
+
+# --------------------------------------------------------------------------- torchvision's architectures
+
+_HEAD_HOLDERS = ("fc", "classifier", "heads", "head")  # where torchvision's families keep their classifier
+_AUXILIARY = ("AuxLogits.", "aux1.", "aux2.")  # inception_v3's and googlenet's side classifiers, built off here
+
+
+def _build_torchvision(name: str, num_classes: int, image_size: int | None,
+                       weights: torchvision.models.WeightsEnum | None) -> nn.Module:
+    """torchvision's architecture with a num_classes classifier; image_size sizes the models made for one
+    size (ViT's position embedding, MaxViT's attention windows), which then take only that size."""
+    options: dict[str, Any] = {"num_classes": num_classes}
+    if name in ("googlenet", "inception_v3"):
+        # Plain logits from forward, and always the input transform that the ported Google weights expect,
+        # so that a saved model means the same whether it started from them or not.
+        options.update(aux_logits=False, transform_input=True, init_weights=True)
+    size = image_size
+    if name.startswith(("vit_", "maxvit_")):
+        native = weights.meta["min_size"][0] if weights is not None else None
+        if native is not None and image_size not in (None, native):
+            raise ValueError(f"{name}'s {weights.name} weights are for {native}-pixel images, so IMAGE_SIZE must be "
+                             f"{native} with PRETRAINED = {weights.name!r}, not {image_size}")
+        size = image_size or native
+        if size is not None:
+            options.update({"image_size": size} if name.startswith("vit_") else {"input_size": (size, size)})
+    try:
+        return torchvision.models.get_model(name, **options)
+    except (ValueError, AssertionError) as error:  # ViT asserts the patch size divides it, MaxViT checks its windows
+        if size is None:
+            raise
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"MODEL = {name!r} cannot be built for IMAGE_SIZE = {size} ({detail}); it takes one "
+                         f"image size, fixed when it is built, and 224 fits it") from None
+
+
+def _final_layer_name(model: nn.Module) -> str:
+    """The qualified name of torchvision's last classification layer: the last Linear (squeezenet: the
+    1x1 Conv2d) inside the model's fc, classifier, heads or head."""
+    holder = next(h for h in _HEAD_HOLDERS if isinstance(getattr(model, h, None), nn.Module))
+    layers = [n for n, m in getattr(model, holder).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return ".".join(filter(None, (holder, layers[-1])))
+
+
+def _split_head(model: nn.Module, final: str) -> Classifier:
+    """Classifier(body, head): the body is torchvision's model with its final layer made an identity (so it
+    returns the features that layer took), the head that layer (sized for our classes at construction)."""
+    if isinstance(model, torchvision.models.SqueezeNet):
+        # squeezenet classifies with a 1x1 conv, a ReLU and global pooling, and flattens after them: all of
+        # that is the head, so the body ends with the feature maps (and the dropout before the conv).
+        dropout, conv, relu, pool = model.classifier
+        body = nn.Sequential(OrderedDict(features=model.features, dropout=dropout))
+        return Classifier(body, nn.Sequential(conv, relu, pool, nn.Flatten()))
+    parent_name, _, child = final.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    head = parent.get_submodule(child)
+    setattr(parent, child, nn.Identity())
+    return Classifier(model, head)
+
+
+# densenet's published files predate its layer names: "denselayer1.norm.1.weight" for "denselayer1.norm1.weight"
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
+
+
+def _load_body(model: nn.Module, state: dict[str, torch.Tensor], final: str, source: str) -> None:
+    """Load ImageNet weights into torchvision's model, all but its final layer (and the auxiliary
+    classifiers, built off), which keeps the fresh num_classes layer; raises ValueError for another model."""
+    for key in list(state):  # deleted in place: the dict's module versions (_metadata) must stay with it
+        old = _OLD_DENSENET_KEY.match(key)
+        if old:
+            state[old.group(1) + old.group(2)] = state.pop(key)
+        elif key.startswith((final + ".", *_AUXILIARY)):
+            del state[key]
+    try:
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(final + ".")]
+        problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                    for what, keys in (("missing", missing), ("unexpected", result.unexpected_keys)) if keys]
+    except RuntimeError as error:  # tensors of other shapes
+        problems = [(str(error).splitlines() or ["other shapes"])[-1].strip()]
+    if problems:
+        raise ValueError(f"{source} does not fit {type(model).__name__} ({'; '.join(problems)}); delete it so that "
+                         f"the published file is downloaded again")
+
+
+def _torchvision_classifier(name: str, num_classes: int, image_size: int | None,
+                            weights: torchvision.models.WeightsEnum | None) -> Classifier:
+    """torchvision's model `name` as Classifier(body, head), the body from the ImageNet weights when given."""
+    model = _build_torchvision(name, num_classes, image_size, weights)
+    final = _final_layer_name(model)
+    if weights is not None:
+        state, path = _load_pretrained(weights)
+        _load_body(model, state, final, f"PRETRAINED weights {path}")
+    return _split_head(model, final)
+
+
+# --------------------------------------------------------------------------- published (ImageNet) weights
+
+
+def weight_names(name: str) -> list[str]:
+    """The PRETRAINED values MODEL `name` accepts: "default" and the names of its published weights (none
+    for our own models)."""
+    if name not in TORCHVISION_MODELS:
+        return []
+    return ["default", *(w.name for w in torchvision.models.get_model_weights(name))]
+
+
+def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
+    """The weights enum member PRETRAINED names for MODEL `name` ("default" or a member name, any case)."""
+    allowed = weight_names(name)
+    if str(pretrained).upper() not in {a.upper() for a in allowed}:
+        what = f"the weights published for {name}" if allowed else \
+            f"{name} has no published weights; torchvision's models have, such as resnet18"
+        raise ValueError(f"{utils.not_known('PRETRAINED', pretrained, allowed or [None])} ({what})")
+    return torchvision.models.get_model_weights(name)[pretrained.upper()]
+
+
+def _load_pretrained(weights: torchvision.models.WeightsEnum) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict of published weights and its path: read from torch's hub cache
+    ($TORCH_HOME/hub/checkpoints), downloaded there first if missing. Only tensors load (weights_only)."""
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    file_name = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    path = os.path.join(folder, file_name)
+    if os.path.isfile(path):  # the pipeline's safe loader, with its messages for a truncated or unsafe file
+        return utils.load_state_dict(path, "PRETRAINED weights"), path
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True, map_location="cpu"), path
+    except (OSError, http.client.HTTPException, RuntimeError) as error:  # offline, refused, cut short, bad hash
+        detail = (str(getattr(error, "reason", error)).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"PRETRAINED weights {file_name} are not in {folder} and could not be downloaded "
+                         f"({detail}); download {weights.url} into that folder") from None
+
+
+def preprocessing(name: str, pretrained: str | None) -> dict[str, Any] | None:
+    """How images must be prepared for MODEL `name`'s published weights PRETRAINED (None without): resize
+    size (shorter side), crop size, mean and std, interpolation, from the weights' own transforms."""
+    _check_name(name)
+    if pretrained is None:
+        return None
+    transforms = _find_weights(name, pretrained).transforms()
+    return {"resize_size": transforms.resize_size[0], "crop_size": transforms.crop_size[0],
+            "mean": list(transforms.mean), "std": list(transforms.std),
+            "interpolation": transforms.interpolation.value}
 
 
 # --------------------------------------------------------------------------- freezing and weights
@@ -159,31 +325,45 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
     (transfer to a new class count); returns the names skipped. Raises ValueError for another architecture."""
     own = model.state_dict()
     skipped = [k for k in state if k.startswith("head.") and k in own and state[k].shape != own[k].shape]
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing = sorted(set(own) - set(state) - set(skipped))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
+    kept = OrderedDict((k, v) for k, v in state.items() if k not in skipped)
+    missing = sorted(set(own) - set(kept) - set(skipped))
+    unexpected = sorted(set(kept) - set(own))
+    mismatched = sorted(k for k in kept if k in own and kept[k].shape != own[k].shape)
     if missing or unexpected or mismatched:
         detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for what, keys in (("missing", missing), ("unexpected", unexpected),
                                               ("other shapes", mismatched)) if keys)
         raise ValueError(f"{source} does not fit this model ({detail}); was it saved from another MODEL?")
-    model.load_state_dict(state, strict=False)
+    # Module versions travel in a state dict's _metadata, and MNASNet refuses a state without them; a
+    # plain dict (best_model.pth) was saved from this code's models, whose versions are this model's own.
+    kept._metadata = getattr(state, "_metadata", None) or own._metadata
+    model.load_state_dict(kept, strict=False)
     return skipped
 
 
 def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | None = None,
-              sample_images: Callable[[], torch.Tensor] | None = None) -> Classifier:
-    """Build a model by name, optionally start from saved weights, and optionally freeze its body.
+              sample_images: Callable[[], torch.Tensor] | None = None, *, image_size: int | None = None,
+              pretrained: str | None = None) -> Classifier:
+    """Build a model by name, optionally start from saved or published weights, and optionally freeze its body.
 
     sample_images returns normalised (N, C, H, W) training images, asked for only by architectures with
     data-dependent layers (the fast model's whitening filters); saved weights, when given, override them.
+    image_size (pixels) matters only to the models built for one size (vit_*, maxvit_t; when None, the
+    size of their pretrained weights, else 224); the others take any size. pretrained ("default" or a
+    weights name such as "IMAGENET1K_V2") starts a torchvision model's body from its published ImageNet
+    weights, weights (a best_model.pth) the whole model from our own.
     """
-    if name not in MODELS:
-        raise ValueError(f"MODEL = {name!r} is not known; choose one of {', '.join(MODELS)}")
+    _check_name(name)
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least two classes, got {num_classes}")
-    model = MODELS[name](num_classes)
+    if pretrained is not None and weights is not None:
+        raise ValueError("PRETRAINED and WEIGHTS cannot both be set: WEIGHTS (a best_model.pth) holds the whole "
+                         "model already; set PRETRAINED to start from published weights, or WEIGHTS, not both")
+    published = _find_weights(name, pretrained) if pretrained is not None else None
+    if name in MODELS:
+        model = MODELS[name](num_classes)
+    else:
+        model = _torchvision_classifier(name, num_classes, image_size, published)
     whitening = [m for m in model.modules() if isinstance(m, Whitening)]
     if whitening and sample_images is not None:
         images = sample_images()

@@ -1,7 +1,10 @@
 """Models: architectures by name, freezing that really freezes, weights and transfer to a new head."""
 
+import os
+
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import model_module
@@ -18,9 +21,9 @@ def test_each_architecture_classifies_32x32_images(name):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
-def test_an_unknown_name_lists_the_choices():
-    with pytest.raises(ValueError, match="MODEL = 'vgg99' is not known; choose one of cnn, resnet18, fast"):
-        model_module.get_model("vgg99", 10)
+def test_an_unknown_name_offers_the_closest_names():
+    with pytest.raises(ValueError, match="MODEL = 'resnet5O' is not known; the closest are resnet50, "):
+        model_module.get_model("resnet5O", 10)
 
 
 def test_the_fast_model_whitens_from_data():
@@ -43,9 +46,9 @@ def test_freeze_leaves_only_the_head_trainable_and_batchnorm_in_eval():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
     assert model.head.training
-    optimizer = train_module.make_optimizer(model, 0.1)
-    given = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert given == {id(p) for p in model.head.parameters()}
+    optimizer = train_module.make_optimizer(model, 0.1)  # holds the frozen body too, for unfreezing later
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+    assert trained == {id(p) for p in model.head.parameters()}
 
 
 def test_an_epoch_with_freeze_changes_only_the_head(tmp_path):
@@ -93,6 +96,200 @@ def test_weights_of_the_same_shape_load_fully(tmp_path):
 
 def test_weights_from_another_architecture_are_refused(tmp_path):
     path = str(tmp_path / "resnet.pth")
-    utils.save_torch(model_module.get_model("resnet18", 10).state_dict(), path)
+    utils.save_torch(model_module.get_model("resnet18_cifar", 10).state_dict(), path)
     with pytest.raises(ValueError, match="does not fit this model.*another MODEL"):
         model_module.get_model("cnn", 10, weights=path)
+
+
+# --------------------------------------------------------------------------- torchvision's models by name
+
+
+def test_every_torchvision_classifier_and_our_own_models_are_names():
+    names = model_module.model_names()
+    assert names[:3] == ["cnn", "resnet18_cifar", "fast"]
+    assert sorted(names[3:]) == sorted(torchvision.models.list_models(module=torchvision.models))
+    assert len(names) == len(set(names)) == 83
+    assert {"vit_b_16", "swin_t", "convnext_tiny", "squeezenet1_0", "regnet_y_400mf"} <= set(names)
+
+
+def test_old_files_resnet18_is_the_small_variant_now_resnet18_cifar(tmp_path):
+    assert model_module.LEGACY_NAMES == {"resnet18": "resnet18_cifar"}
+    torch.manual_seed(0)
+    old = str(tmp_path / "best_model.pth")  # what a file saved as MODEL = "resnet18" before holds
+    saved = model_module.resnet18_cifar(10).state_dict()
+    utils.save_torch(saved, old)
+    model = model_module.get_model(model_module.LEGACY_NAMES["resnet18"], 10, weights=old)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    with pytest.raises(ValueError, match="does not fit this model"):  # torchvision's resnet18: a 7x7 stem
+        model_module.get_model("resnet18", 10, weights=old)
+
+
+# CNNs of several families, squeezenet's conv head, googlenet's side heads, LayerNorm (convnext), two
+# transformers (swin; ViT with its position embedding sized for 64 pixels), and MNASNet, which checks
+# module versions when loading a plain dict
+ARCHITECTURES = [("resnet18", None), ("mobilenet_v3_small", None), ("efficientnet_b0", None),
+                 ("regnet_y_400mf", None), ("squeezenet1_0", None), ("googlenet", None), ("mnasnet0_5", None),
+                 ("convnext_tiny", None), ("swin_t", None), ("vit_b_16", 64)]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: batches this small gain nothing from more, and on a busy machine more spin idle."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _copy(state):
+    return {key: value.clone() for key, value in state.items()}
+
+
+def _calibrate_batchnorm(model, images):
+    """Give BatchNorm the statistics of these images, as a trained body has: a fresh one's (mean 0,
+    variance 1) shrink a deep random network's features towards zero, and into slow denormal floats."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative average: one batch sets the statistics
+    with torch.no_grad():
+        model.train()(images)
+    for module, momentum in zip(norms, momenta):
+        module.momentum = momentum
+
+
+def _train_steps(model, steps=1, classes=3):
+    """Real training steps on random 64-pixel images: model.train(), SGD on what requires grad."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        images, targets = torch.randn(4, 3, 64, 64), torch.arange(4) % classes
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name, image_size", ARCHITECTURES)
+def test_a_frozen_torchvision_model_trains_only_its_head_and_reloads_from_a_file(name, image_size, tmp_path,
+                                                                                 one_thread):
+    torch.manual_seed(0)
+    model = model_module.get_model(name, 3, image_size=image_size)
+    _calibrate_batchnorm(model, torch.randn(8, 3, 64, 64))
+    model_module.freeze_body(model)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.head.parameters()}
+    body, head = _copy(model.body.state_dict()), _copy(model.head.state_dict())
+    _train_steps(model)
+    for key, value in model.body.state_dict().items():  # parameters and BatchNorm statistics alike
+        assert torch.equal(value, body[key]), key
+    for key, value in model.head.state_dict().items():
+        assert not torch.equal(value, head[key]), key
+    thawed = model_module.unfreeze_body(model)
+    assert {id(p) for p in thawed} == {id(p) for p in model.body.parameters()} and thawed
+    assert all(p.requires_grad for p in model.parameters())
+
+    path = str(tmp_path / "best_model.pth")
+    utils.save_torch(dict(model.state_dict()), path)  # a plain dict, as best_model.pth holds
+    torch.manual_seed(1)
+    reloaded = model_module.get_model(name, 3, weights=path, image_size=image_size)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.eval()(images)
+        assert expected.shape == (2, 3)
+        assert torch.equal(reloaded.eval()(images), expected)
+
+
+def test_models_built_for_one_size_refuse_a_size_they_cannot_take():
+    with pytest.raises(ValueError, match="MODEL = 'vit_b_16' cannot be built for IMAGE_SIZE = 60"):
+        model_module.get_model("vit_b_16", 3, image_size=60)  # not a multiple of its 16-pixel patches
+    with pytest.raises(ValueError, match="MODEL = 'maxvit_t' cannot be built for IMAGE_SIZE = 64"):
+        model_module.get_model("maxvit_t", 3, image_size=64)
+    with pytest.raises(ValueError, match="IMAGENET1K_V1 weights are for 224-pixel images"):
+        model_module.get_model("vit_b_16", 3, image_size=64, pretrained="IMAGENET1K_V1")
+
+
+# --------------------------------------------------------------------------- published weights
+
+
+def _publish(name, state, torch_home):
+    """Put a state dict where torch's hub cache keeps the published file of `name`'s default weights."""
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / os.path.basename(url))
+
+
+def test_pretrained_weights_fill_the_body_and_stay_put_while_the_head_trains(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    published = torchvision.models.mobilenet_v3_small()
+    with torch.no_grad():  # statistics unlike a fresh model's, so that equal ones can only come from the file
+        for module in published.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+    state = published.state_dict()
+    _publish("mobilenet_v3_small", state, tmp_path)
+    expected = {k: v for k, v in state.items() if not k.startswith("classifier.3.")}  # all but the last Linear
+
+    torch.manual_seed(1)
+    model = model_module.get_model("mobilenet_v3_small", 5, pretrained="default", freeze=True)
+    assert model.head.weight.shape == (5, 1024)
+    head = _copy(model.head.state_dict())
+    _train_steps(model, steps=2, classes=5)
+    body = model.body.state_dict()
+    assert body.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(body[key], value), key
+    for key, value in model.head.state_dict().items():
+        assert not torch.equal(value, head[key]), key
+
+
+def test_pretrained_weights_offline_and_not_cached_name_the_file_and_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ValueError) as error:
+        model_module.get_model("resnet18", 5, pretrained="default")
+    message, folder = str(error.value), os.path.join(str(tmp_path), "hub", "checkpoints")
+    assert message.startswith(f"PRETRAINED weights resnet18-f37072fd.pth are not in {folder} and could not be "
+                              f"downloaded (")
+    assert message.endswith("; download https://download.pytorch.org/models/resnet18-f37072fd.pth into that folder")
+    assert "\n" not in message
+    assert [name for _, _, names in os.walk(tmp_path) for name in names] == []
+
+
+@pytest.mark.parametrize("content, fragment", [(b"not a checkpoint", "PRETRAINED weights .*resnet18-f37072fd.pth"),
+                                               ("squeezenet", "resnet18-f37072fd.pth does not fit ResNet")])
+def test_a_bad_cached_file_is_refused_cleanly(tmp_path, monkeypatch, content, fragment):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    if content == "squeezenet":
+        _publish("resnet18", torchvision.models.squeezenet1_1().state_dict(), tmp_path)
+    else:
+        _publish("resnet18", {}, tmp_path)
+        (tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth").write_bytes(content)
+    with pytest.raises(ValueError, match=fragment):
+        model_module.get_model("resnet18", 5, pretrained="default")
+
+
+def test_pretrained_names_that_do_not_exist_list_the_allowed_ones():
+    with pytest.raises(ValueError, match="PRETRAINED = 'IMAGENET1K_V3' is not known; choose one of 'default', "
+                                         "'IMAGENET1K_V1', 'IMAGENET1K_V2'"):
+        model_module.get_model("resnet50", 5, pretrained="IMAGENET1K_V3")
+    for name in ("cnn", "fast", "resnet18_cifar"):
+        with pytest.raises(ValueError, match=f"choose one of None .{name} has no published weights"):
+            model_module.get_model(name, 5, pretrained="default")
+
+
+def test_pretrained_and_saved_weights_cannot_both_be_given(tmp_path):
+    with pytest.raises(ValueError, match="PRETRAINED and WEIGHTS cannot both be set"):
+        model_module.get_model("resnet18", 5, pretrained="default", weights=str(tmp_path / "best_model.pth"))
+
+
+def test_preprocessing_is_the_published_weights_own():
+    imagenet = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # torchvision's documented values
+    assert model_module.preprocessing("resnet50", "IMAGENET1K_V2") == dict(
+        resize_size=232, crop_size=224, interpolation="bilinear", **imagenet)
+    assert model_module.preprocessing("resnet50", "IMAGENET1K_V1")["resize_size"] == 256
+    assert model_module.preprocessing("efficientnet_b0", "default") == dict(
+        resize_size=256, crop_size=224, interpolation="bicubic", **imagenet)
+    assert model_module.preprocessing("resnet18", None) is None and model_module.preprocessing("cnn", None) is None
