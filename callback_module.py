@@ -1,29 +1,69 @@
-"""LRA, the learning-rate adjuster: cuts the LR when training stalls, restores the best weights,
-stops early and asks the user whether to go on. Specified in ../shared/docs/LRA.md."""
+"""LRA, the learning-rate adjuster: decides each epoch whether to cut the LR, go back to the best
+weights, unfreeze the body or stop, and asks the user whether to go on. Specified in
+../shared/docs/LRA.md. LRA only decides: it returns a Decision, and the training loop carries it out."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import sys
 import time
 from typing import Any, Callable
 
-import torch
+import utils
 
-import model_module
-
-PROMPT_FINE_TUNE = ("Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
-                    "more epochs before asking again: ")
+PROMPT_UNFREEZE = ("Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
+                   "more epochs before asking again: ")
 PROMPT = "Enter H to halt or a number N to train N more epochs before asking again: "
-STATE_KEYS = ("bad_epochs", "cuts", "best_val_loss", "best_val_acc", "best_train_acc", "best_epoch", "phase",
-              "ask_epoch", "ask_every", "prompts_off", "run_until", "fine_tuned")
+STATE_KEYS = ("bad_epochs", "cuts", "best_val_loss", "best_val_acc", "best_train_acc", "best_epoch", "monitor",
+              "ask_epoch", "ask_every", "prompts_off", "run_until", "frozen")
 HEADER = (f"{'Epoch':>5} | {'Loss':>7} | {'Accuracy':>8} | {'V_loss':>7} | {'V_acc':>7} | {'LR':>9} | "
           f"{'Next LR':>9} | {'Monitor':<9} | {'% Improv':>8} | {'Duration':>8}")
 
+# LRA's parameters: (test, what is allowed). main.py checks its constants against this same table.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "patience": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    "stop_patience": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    "threshold": (lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
+    "factor": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
+    "ask_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a whole number >= 1, or None"),
+    "min_lr": (lambda v: v >= 0, "a number >= 0"),
+    "min_delta": (lambda v: v >= 0, "a number >= 0"),
+    "unfreeze_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a whole number >= 1, or None"),
+}
 
-def _stdin_is_terminal() -> bool:
-    return sys.stdin is not None and sys.stdin.isatty()
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What LRA decided at the end of an epoch; the training loop carries it out, in this order:
+    keep a snapshot when new_best, go back to it when restore, unfreeze, set next_lr, stop."""
+
+    stop: bool
+    next_lr: float | None  # the LR of the next epoch; None when a fixed schedule drives the LR
+    restore: bool          # go back to the best epoch's weights and optimizer state (dwell)
+    unfreeze: bool         # make the frozen body trainable (F at the prompt, or UNFREEZE_EPOCH)
+    new_best: bool         # lowest validation loss so far: the weights to keep
+    improved: bool         # the monitored metric improved on its own best
+    monitor: str           # the monitored metric: "train_acc" or "val_loss"
+    event: str             # what happened, for the table and the CSV
+    reason: str | None     # why training stops, once it does
+
+    def row(self) -> dict[str, Any]:
+        """The decision's columns of training_metrics.csv."""
+        return {"monitor": self.monitor, "improved": self.improved, "new_best": self.new_best, "event": self.event}
+
+
+# --------------------------------------------------------------------------- pure decision helpers
+
+
+def is_improvement(value: float, best: float, min_delta: float, higher_is_better: bool) -> bool:
+    """Whether value beats best by more than min_delta."""
+    return value > best + min_delta if higher_is_better else value < best - min_delta
+
+
+def monitored(train_acc: float, threshold: float) -> str:
+    """The metric LRA watches: training accuracy below the threshold, validation loss at or above it."""
+    return "train_acc" if train_acc < threshold else "val_loss"
 
 
 def relative_change(value: float, best: float | None, higher_is_better: bool) -> float | None:
@@ -35,37 +75,36 @@ def relative_change(value: float, best: float | None, higher_is_better: bool) ->
     return 100 * change / abs(best)
 
 
-class LRA:
-    """The learning-rate adjuster. Call on_epoch_end(epoch, metrics) after every epoch; True means stop.
+def cut_lr(lr: float, factor: float, min_lr: float) -> float:
+    """The LR after a cut, never below min_lr."""
+    return max(lr * factor, min_lr)
 
-    After each call: `new_best` (this epoch has the lowest validation loss so far), `improved` (the
-    monitored metric improved), `best_epoch`, `event` (what LRA did) and, once stopped, `stop_reason`.
-    With adjust_lr=False (a fixed LR schedule drives the LR) LRA keeps the best weights and asks, but
-    never cuts the LR or stops on its own. unfreeze_epoch does what F at the prompt does, after that epoch.
-    Under torchrun every process runs LRA on the same metrics; `share` gives them rank 0's prompt answers.
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+class LRA:
+    """The learning-rate adjuster. Call on_epoch_end(epoch, metrics) after every epoch; it returns a
+    Decision. metrics holds train_loss, train_acc, val_loss, val_acc and lr (the epoch's LR).
+
+    With adjust_lr=False (a fixed LR schedule drives the LR) LRA keeps track of the best weights and
+    asks, but never cuts the LR or stops on its own. frozen says the model has frozen layers (so F is
+    offered); unfreeze_epoch unfreezes them after that epoch, as F does. Under torchrun every process
+    runs LRA on the same metrics; `share` gives them rank 0's prompt answers.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, patience: int = 1,
-                 stop_patience: int = 3, threshold: float = 0.9, factor: float = 0.5, dwell: bool = True,
-                 ask_epoch: int | None = 5, min_lr: float = 0.0, min_delta: float = 0.0, *,
-                 adjust_lr: bool = True, unfreeze_epoch: int | None = None, main_process: bool = True,
-                 share: Callable[[Any], Any] | None = None, stream=None):
-        _check("patience", patience, isinstance(patience, int) and patience >= 1, "a whole number >= 1")
-        _check("stop_patience", stop_patience, isinstance(stop_patience, int) and stop_patience >= 1,
-               "a whole number >= 1")
-        _check("threshold", threshold, 0 <= threshold <= 1, "a fraction from 0 to 1")
-        _check("factor", factor, 0 < factor < 1, "a number strictly between 0 and 1")
-        _check("ask_epoch", ask_epoch, ask_epoch is None or (isinstance(ask_epoch, int) and ask_epoch >= 1),
-               "a whole number >= 1, or None to never ask")
-        _check("min_lr", min_lr, min_lr >= 0, "a number >= 0")
-        _check("min_delta", min_delta, min_delta >= 0, "a number >= 0")
-        _check("unfreeze_epoch", unfreeze_epoch, unfreeze_epoch is None or unfreeze_epoch >= 1,
-               "a whole number >= 1, or None")
-        self.unfreeze_epoch = unfreeze_epoch
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, patience: int = 1, stop_patience: int = 3, threshold: float = 0.9, factor: float = 0.5,
+                 dwell: bool = True, ask_epoch: int | None = 5, min_lr: float = 0.0, min_delta: float = 0.0, *,
+                 adjust_lr: bool = True, frozen: bool = False, unfreeze_epoch: int | None = None,
+                 main_process: bool = True, share: Callable[[Any], Any] | None = None, stream=None):
+        for name, value in (("patience", patience), ("stop_patience", stop_patience), ("threshold", threshold),
+                            ("factor", factor), ("ask_epoch", ask_epoch), ("min_lr", min_lr),
+                            ("min_delta", min_delta), ("unfreeze_epoch", unfreeze_epoch)):
+            utils.check_rule(name, value, RULES, "LRA ")
         self.patience, self.stop_patience, self.threshold, self.factor = patience, stop_patience, threshold, factor
         self.dwell, self.min_lr, self.min_delta, self.adjust_lr = dwell, min_lr, min_delta, adjust_lr
-        self.main_process, self.share, self.stream = main_process, share, stream
+        self.unfreeze_epoch, self.main_process, self.share, self.stream = unfreeze_epoch, main_process, share, stream
 
         self.bad_epochs = 0          # bad epochs in a row since the last improvement or cut
         self.cuts = 0                # LR cuts in a row with no improvement in between
@@ -73,19 +112,22 @@ class LRA:
         self.best_val_acc: float | None = None
         self.best_train_acc = -math.inf
         self.best_epoch: int | None = None
-        self.phase = "train_acc"     # the monitored metric: train_acc below threshold, val_loss at or above
+        self.monitor = "train_acc"
         self.ask_epoch, self.ask_every = ask_epoch, ask_epoch
         self.prompts_off = False
         self.run_until = 0           # the user asked to train at least to this epoch
-        self.fine_tuned = False
-        self._best_model: dict[str, torch.Tensor] | None = None
-        self._best_optimizer: dict[str, Any] | None = None
-
-        self.new_best = self.improved = False
-        self.change: float | None = None
-        self.event = ""
+        self.frozen = frozen         # the model has frozen layers that F would unfreeze
         self.stop_reason: str | None = None
         self._started = time.perf_counter()
+
+    @property
+    def restores(self) -> bool:
+        """Whether a decision can ever go back to the best epoch (so its optimizer state is worth keeping)."""
+        return self.dwell and self.adjust_lr
+
+    def epoch_limit(self, epochs: int) -> int:
+        """The last epoch to train: EPOCHS, or further when the user asked for more at the prompt."""
+        return max(epochs, self.run_until)
 
     # ----------------------------------------------------------------------- the epoch decision
 
@@ -94,110 +136,97 @@ class LRA:
         self._started = time.perf_counter()
         self._print(HEADER)
 
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Record the epoch, cut the LR / restore / stop as LRA.md says, print its row, ask when due.
-        Returns True when training should stop."""
-        train_acc, val_loss = float(metrics["train_acc"]), float(metrics["val_loss"])
-        lr = self.optimizer.param_groups[0]["lr"]
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> Decision:
+        """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask when due."""
+        train_acc, val_loss, lr = float(metrics["train_acc"]), float(metrics["val_loss"]), float(metrics["lr"])
         events = []
-
-        # 1. Best weights: lowest validation loss, whatever the phase.
+        # 1. Best weights: lowest validation loss, whatever the monitored metric.
         previous_val_loss, previous_train_acc = self.best_val_loss, self.best_train_acc
-        self.new_best = val_loss < self.best_val_loss - self.min_delta
-        if self.new_best:
+        new_best = is_improvement(val_loss, self.best_val_loss, self.min_delta, higher_is_better=False)
+        if new_best:
             self.best_val_loss, self.best_val_acc, self.best_epoch = val_loss, float(metrics["val_acc"]), epoch
-            self._snapshot()
             events.append("best")
         # 2. The monitored metric and whether it improved on its own best; both bests always tracked.
-        acc_improved = train_acc > self.best_train_acc + self.min_delta
+        acc_improved = is_improvement(train_acc, self.best_train_acc, self.min_delta, higher_is_better=True)
         if acc_improved:
             self.best_train_acc = train_acc
-        self.phase = "train_acc" if train_acc < self.threshold else "val_loss"
-        if self.phase == "train_acc":
-            self.improved, self.change = acc_improved, relative_change(train_acc, previous_train_acc, True)
-        else:
-            self.improved, self.change = self.new_best, relative_change(val_loss, previous_val_loss, False)
-        # 3-4. Reset on improvement; on the patience-th bad epoch cut the LR (after going back to the best).
-        if self.improved:
+        self.monitor = monitored(train_acc, self.threshold)
+        improved = acc_improved if self.monitor == "train_acc" else new_best
+        change = relative_change(train_acc, previous_train_acc, True) if self.monitor == "train_acc" \
+            else relative_change(val_loss, previous_val_loss, False)
+        # 3-5. Reset on improvement; on the patience-th bad epoch cut (after going back to the best); stop.
+        next_lr, restore = (lr if self.adjust_lr else None), False
+        if improved:
             self.bad_epochs = self.cuts = 0
         elif self.adjust_lr:
             self.bad_epochs += 1
             if self.bad_epochs >= self.patience:
-                new_lrs = [max(group["lr"] * self.factor, self.min_lr) for group in self.optimizer.param_groups]
-                if self.dwell and self._best_model is not None and not self.new_best:
-                    self._restore()
-                    events.append(f"restored epoch {self.best_epoch}")
-                for group, new_lr in zip(self.optimizer.param_groups, new_lrs):
-                    group["lr"] = new_lr
-                self.bad_epochs, self.cuts = 0, self.cuts + 1
-                events.append("LR cut")
-        # 5. Stop after stop_patience cuts with no improvement in between.
+                restore = self.dwell and self.best_epoch is not None and not new_best
+                events += [f"restored epoch {self.best_epoch}"] * restore + ["LR cut"]
+                next_lr, self.bad_epochs, self.cuts = cut_lr(lr, self.factor, self.min_lr), 0, self.cuts + 1
         stop = self.adjust_lr and self.cuts >= self.stop_patience
         if stop:
-            self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.phase} "
+            self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
                                 f"(STOP_PATIENCE = {self.stop_patience})")
             events.append("stop")
-        if epoch == self.unfreeze_epoch and not stop and model_module.frozen_parameters(self.model):
-            self._fine_tune()  # as F at the prompt does
+        unfreeze = epoch == self.unfreeze_epoch and not stop and self.frozen
+        if unfreeze:
+            self._unfreeze()
             events.append("unfroze the body")
-        self.event = ", ".join(events)
-        # 6. The row.
-        self._print_row(epoch, metrics, lr, self.optimizer.param_groups[0]["lr"])
-        # 7. The question.
+        # 6. The row. 7. The question.
+        event = ", ".join(events)
+        self._print_row(epoch, metrics, lr, lr if next_lr is None else next_lr, change, event)
         if not stop and self.ask_epoch is not None and not self.prompts_off and epoch >= self.ask_epoch:
-            stop = self._ask(epoch)
-        return stop
+            answer = self._ask(epoch, next_lr if next_lr is not None else lr)
+            stop, unfreeze = answer == "halt", unfreeze or answer == "unfreeze"
+        return Decision(stop=stop, next_lr=next_lr, restore=restore, unfreeze=unfreeze, new_best=new_best,
+                        improved=improved, monitor=self.monitor, event=event,
+                        reason=self.stop_reason if stop else None)
 
     def on_train_end(self, reason: str | None = None) -> None:
-        """Load the best weights, whatever ended training, and say where they came from and why it ended."""
+        """Say which epoch the best weights (which the loop has restored) came from and why training ended."""
         if reason and not self.stop_reason:
             self.stop_reason = reason
         elapsed = time.perf_counter() - self._started
-        if self._best_model is None:
+        if self.best_epoch is None:
             self._print(f"Training ended ({self.stop_reason or 'no epoch completed'}) after {elapsed:.1f} s; "
                         f"no epoch finished with a finite validation loss, so no best weights to restore.")
             return
-        self.model.load_state_dict(self._best_model)
         self._print(f"Training ended: {self.stop_reason or 'the epoch limit was reached'}. Restored the best "
                     f"weights, from epoch {self.best_epoch} (validation loss {self.best_val_loss:.4f}, "
                     f"accuracy {100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s.")
 
-    @property
-    def best_weights(self) -> dict[str, torch.Tensor] | None:
-        """The model state of the best epoch (what best_model.pth holds)."""
-        return self._best_model
-
     # ----------------------------------------------------------------------- asking the user
 
-    def _ask(self, epoch: int) -> bool:
-        decision = self._prompt(epoch) if self.main_process else None
+    def _ask(self, epoch: int, lr: float) -> str:
+        """Ask (rank 0 only; every process gets its answer) and return "halt", "unfreeze" or "go on"."""
+        answer = self._prompt(epoch) if self.main_process else None
         if self.share is not None:
-            decision = self.share(decision)  # under torchrun, rank 0's answer for every rank
-        kind = decision[0]
+            answer = self.share(answer)  # under torchrun, rank 0's answer for every rank
+        kind = answer[0]
         if kind == "halt":
-            self.stop_reason = decision[1]
-            return True
+            self.stop_reason = answer[1]
+            return "halt"
         if kind == "more":
-            self.ask_epoch = epoch + decision[1]
+            self.ask_epoch = epoch + answer[1]
             self.run_until = max(self.run_until, self.ask_epoch)
-        elif kind == "fine_tune":
-            self._fine_tune()
+        elif kind == "unfreeze":
+            self._unfreeze()
             self.ask_epoch = epoch + self.ask_every
-            self._print(f"Unfroze the body at LR {self.optimizer.param_groups[0]['lr']:.3g}; asking again "
-                        f"after epoch {self.ask_epoch}.")
+            self._print(f"Unfreezing the body at LR {lr:.3g}; asking again after epoch {self.ask_epoch}.")
+            return "unfreeze"
         else:  # "eof" or "off": stop asking, go on to the configured number of epochs
             self.prompts_off = True
-        return False
+        return "go on"
 
     def _prompt(self, epoch: int) -> tuple:
         """Ask on the terminal until the answer is one LRA accepts; never calls input() without one."""
         if not _stdin_is_terminal():
             self._print("Standard input is not a terminal: prompts are off; training goes on to EPOCHS.")
             return ("off",)
-        can_fine_tune = bool(model_module.frozen_parameters(self.model))
         while True:
             try:
-                answer = input(PROMPT_FINE_TUNE if can_fine_tune else PROMPT).strip()
+                answer = input(PROMPT_UNFREEZE if self.frozen else PROMPT).strip()
             except EOFError:
                 self._print("\nEnd of input: no more questions; training goes on to EPOCHS.")
                 return ("eof",)
@@ -206,55 +235,28 @@ class LRA:
                 return ("halt", f"halted with Ctrl-C at the prompt after epoch {epoch}")
             if answer.lower() == "h":
                 return ("halt", f"halted by the user after epoch {epoch}")
-            if answer.lower() == "f" and can_fine_tune:
-                return ("fine_tune",)
+            if answer.lower() == "f" and self.frozen:
+                return ("unfreeze",)
             if answer.isascii() and answer.isdigit() and int(answer) > 0:
                 return ("more", int(answer))
-            offered = "H, F" if can_fine_tune else "H"
+            offered = "H, F" if self.frozen else "H"
             self._print(f"{answer!r} is not accepted: enter {offered}, or a whole number of epochs above 0.")
 
-    def _fine_tune(self) -> None:
-        """Unfreeze the frozen layers, give them to the optimizer at the current LR, reset the counts."""
-        thawed = model_module.unfreeze_body(self.model)
-        if thawed:
-            self.optimizer.add_param_group({"params": thawed, "lr": self.optimizer.param_groups[0]["lr"]})
-            if self._best_optimizer is not None:  # a later dwell restores every group, the new one included
-                self._best_optimizer["param_groups"].append(
-                    copy.deepcopy(self.optimizer.state_dict()["param_groups"][-1]))
+    def _unfreeze(self) -> None:
+        """Count unfreezing as a fresh start: no frozen layers left, bad-epoch and cut counts reset."""
+        self.frozen = False
         self.bad_epochs = self.cuts = 0
-        self.fine_tuned = True
 
-    # ----------------------------------------------------------------------- snapshots and state
-
-    def _snapshot(self) -> None:
-        self._best_model = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        if self.dwell and self.adjust_lr:  # only a dwell ever goes back to the optimizer's state
-            self._best_optimizer = copy.deepcopy(self.optimizer.state_dict())
-
-    def _restore(self) -> None:
-        self.model.load_state_dict(self._best_model)
-        self.optimizer.load_state_dict(self._best_optimizer)
+    # ----------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything LRA needs to make the same decisions after a resume (loads with weights_only)."""
-        state = {key: getattr(self, key) for key in STATE_KEYS}
-        state["lrs"] = [group["lr"] for group in self.optimizer.param_groups]
-        state["best_model"], state["best_optimizer"] = self._best_model, self._best_optimizer
-        return state
+        """Everything LRA needs to make the same decisions after a resume (plain values)."""
+        return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore LRA's state. Call before loading the optimizer's state: a fine-tuned run's state adds
-        the unfrozen layers' parameter group first."""
+        """Restore LRA's state."""
         for key in STATE_KEYS:
             setattr(self, key, state[key])
-        if self.fine_tuned and model_module.frozen_parameters(self.model):
-            self._fine_tune()
-        for group, lr in zip(self.optimizer.param_groups, state["lrs"]):
-            group["lr"] = lr
-        device = next(self.model.parameters()).device
-        self._best_model = None if state["best_model"] is None else \
-            {k: v.to(device) for k, v in state["best_model"].items()}
-        self._best_optimizer = state["best_optimizer"]
 
     # ----------------------------------------------------------------------- the table
 
@@ -262,20 +264,15 @@ class LRA:
         if self.main_process:
             print(text, file=self.stream or sys.stdout, flush=True)
 
-    def _print_row(self, epoch: int, metrics: dict[str, float], lr: float, next_lr: float) -> None:
-        change = "" if self.change is None else f"{self.change:+.2f}"
+    def _print_row(self, epoch: int, metrics: dict[str, float], lr: float, next_lr: float, change: float | None,
+                   event: str) -> None:
         seconds = metrics.get("seconds")
         row = (f"{epoch:>5} | {metrics['train_loss']:>7.4f} | {100 * metrics['train_acc']:>7.2f}% | "
                f"{metrics['val_loss']:>7.4f} | {100 * metrics['val_acc']:>6.2f}% | {lr:>9.3g} | {next_lr:>9.3g} | "
-               f"{self.phase:<9} | {change:>8} | {'' if seconds is None else f'{seconds:.1f} s':>8}")
-        if self.event:
-            stream = self.stream or sys.stdout
-            colour = getattr(stream, "isatty", lambda: False)()
-            note = self.event.replace("best", "* new best")
+               f"{self.monitor:<9} | {'' if change is None else f'{change:+.2f}':>8} | "
+               f"{'' if seconds is None else f'{seconds:.1f} s':>8}")
+        if event:
+            colour = getattr(self.stream or sys.stdout, "isatty", lambda: False)()
+            note = event.replace("best", "* new best")
             row += f"  \033[1m{note}\033[0m" if colour else f"  {note}"
         self._print(row)
-
-
-def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"LRA {name} = {value!r} is out of range: use {allowed}")

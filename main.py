@@ -6,6 +6,8 @@ EPOCHS, `--data-dir DIR` sets DATA_DIR, `--train-subset none` sets TRAIN_SUBSET 
 """
 
 import argparse
+import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -16,6 +18,8 @@ import typing
 import torch
 from torch import nn
 
+import callback_module
+import checkpoint_module
 import data_module
 import model_module
 import train_module
@@ -87,9 +91,10 @@ PRESETS = {
                  VAL_SPLIT=0, CROP_PADDING=2, REFLECT=True, FLIP="alternate", ASK_EPOCH=None),
 }
 
-CHOICES = {"DATASET": data_module.DATASETS, "MODEL": tuple(model_module.MODELS), "SCHEDULE": train_module.SCHEDULES,
-           "FLIP": data_module.FLIPS, "RESIDENT": ("auto", "yes", "no"), "PRESET": (None, *PRESETS)}
-CHECKS = {  # constant: (test, what is allowed)
+CHOICES = {"DATASET": data_module.DATASETS, "SCHEDULE": train_module.SCHEDULES, "FLIP": data_module.FLIPS,
+           "RESIDENT": ("auto", "yes", "no"), "PRESET": (None, *PRESETS)}
+CHECKS = {  # constant: (test, what is allowed); LRA's own constants follow its table
+    **{name.upper(): rule for name, rule in callback_module.RULES.items()},
     "EPOCHS": (lambda v: v >= 1, "a whole number >= 1"),
     "BATCH_SIZE": (lambda v: v >= 1, "a whole number >= 1"),
     "LR": (lambda v: v > 0, "a number > 0"),
@@ -97,19 +102,11 @@ CHECKS = {  # constant: (test, what is allowed)
     "WEIGHT_DECAY": (lambda v: v >= 0, "a number >= 0"),
     "NORM_LR_SCALE": (lambda v: v > 0, "a number > 0"),
     "LABEL_SMOOTHING": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
-    "FACTOR": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
-    "PATIENCE": (lambda v: v >= 1, "a whole number >= 1"),
-    "STOP_PATIENCE": (lambda v: v >= 1, "a whole number >= 1"),
-    "THRESHOLD": (lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
-    "ASK_EPOCH": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
-    "MIN_LR": (lambda v: v >= 0, "a number >= 0"),
-    "MIN_DELTA": (lambda v: v >= 0, "a number >= 0"),
     "VAL_SPLIT": (lambda v: v >= 0, "a whole number >= 0"),
     "TRAIN_SUBSET": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
     "IMAGE_SIZE": (lambda v: v >= 8, "a whole number of pixels >= 8"),
     "CROP_PADDING": (lambda v: 0 <= v, "a whole number of pixels >= 0"),
     "NUM_WORKERS": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
-    "UNFREEZE_EPOCH": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
 }
 
 
@@ -163,7 +160,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], 
     config = constants()
     preset = args.get("PRESET", config["PRESET"])
     if preset is not None and preset not in PRESETS:
-        parser.error(f"PRESET = {preset!r} is not known; choose one of {', '.join(PRESETS)}, or none")
+        parser.error(utils.not_known("PRESET", preset, CHOICES["PRESET"]))
     config.update(PRESETS.get(preset, {}))
     config.update(args)
     return config, predict
@@ -173,14 +170,52 @@ def check_config(config: dict[str, typing.Any]) -> None:
     """Raise ValueError naming the first constant that is out of range."""
     for name, allowed in CHOICES.items():
         if config[name] not in allowed:
-            raise ValueError(f"{name} = {config[name]!r} is not known; choose one of "
-                             f"{', '.join(map(repr, allowed))}")
-    for name, (test, allowed) in CHECKS.items():
-        if not test(config[name]):
-            raise ValueError(f"{name} = {config[name]!r} is out of range: use {allowed}")
+            raise ValueError(utils.not_known(name, config[name], allowed))
+    if config["MODEL"] not in model_module.model_names():
+        raise ValueError(utils.not_known("MODEL", config["MODEL"], model_module.model_names(), closest=True))
+    for name in CHECKS:
+        utils.check_rule(name, config[name], CHECKS)
 
 
 # --------------------------------------------------------------------------- the run
+
+
+Config = dataclasses.make_dataclass("Config", [(name, __annotations__[name]) for name in constants()], frozen=True)
+Config.__doc__ = "The constants of one run, after PRESET and the command line."
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything setup builds for train and report."""
+
+    device: torch.device
+    data: data_module.Data
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: train_module.OneCycle | None
+    lookahead: train_module.Lookahead | None
+    lra: LRA
+    best: train_module.Snapshot
+    run_info: dict[str, typing.Any]
+    start_epoch: int
+    history: list[dict]
+    rank: int
+    world_size: int
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one run gives back to code that calls it (the benchmarks): the exit status and the figures."""
+
+    status: int
+    history: list[dict] = dataclasses.field(default_factory=list)  # one metrics dict per epoch
+    fit_seconds: float | None = None  # the whole of fit: training, validation, LRA and the files
+    test: dict[str, typing.Any] | None = None  # evaluate's result on the test set, and its "seconds"
 
 
 class Terminated(KeyboardInterrupt):
@@ -192,28 +227,33 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate on the test set and report; returns the exit status."""
-    config, predict_images = parse_config(argv)
-    c = types.SimpleNamespace(**config)
+    """Train, evaluate on the test set and report (or predict); returns the exit status."""
+    return run_main(argv).status
+
+
+def run_main(argv: list[str] | None = None) -> Outcome:
+    """main, returning the run's figures too."""
+    values, predict_images = parse_config(argv)
+    config = Config(**values)
     if predict_images:
-        return predict(c, predict_images)
+        return Outcome(predict(config, predict_images))
     rank, world_size, local_rank = utils.init_distributed()
     try:
         try:
-            check_config(config)
-            run = setup(c, rank, world_size, local_rank)
+            check_config(values)
+            run = setup(config, rank, world_size, local_rank)
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {error}", file=sys.stderr)
-            return 2
-        status = train(c, run)
-        if status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
-            report(run.model, run.data, run.autocast_dtype, c.TTA, run.main_process)
-        return status
+            return Outcome(2)
+        outcome = train(config, run)
+        if outcome.status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
+            outcome.test = report(run.model, run.data, run.autocast_dtype, config.TTA, run.main_process)
+        return outcome
     finally:
         utils.close_distributed()
 
 
-def setup(c, rank: int, world_size: int, local_rank: int) -> types.SimpleNamespace:
+def setup(c: Config, rank: int, world_size: int, local_rank: int) -> Run:
     """Seed, device, data, model, optimizer, schedule and LRA, resumed when asked. Raises ValueError or
     OSError for anything the user got wrong, before any training."""
     utils.check_writable(c.OUTPUT_DIR)
@@ -234,133 +274,90 @@ def setup(c, rank: int, world_size: int, local_rank: int) -> types.SimpleNamespa
     optimizer = train_module.make_optimizer(model, c.LR, c.MOMENTUM, c.WEIGHT_DECAY, nesterov=True,
                                             norm_lr_scale=c.NORM_LR_SCALE)
     total_steps = c.EPOCHS * len(data.train)
-    scheduler = train_module.make_scheduler(optimizer, c.SCHEDULE, total_steps)
+    schedule = train_module.make_schedule(optimizer, c.SCHEDULE, c.LR, total_steps)
     lookahead = train_module.Lookahead(model, total_steps) if c.LOOKAHEAD else None
-    lra = LRA(model, optimizer, patience=c.PATIENCE, stop_patience=c.STOP_PATIENCE, threshold=c.THRESHOLD,
-              factor=c.FACTOR, dwell=c.DWELL, ask_epoch=c.ASK_EPOCH, min_lr=c.MIN_LR, min_delta=c.MIN_DELTA,
-              adjust_lr=c.SCHEDULE == "lra", unfreeze_epoch=c.UNFREEZE_EPOCH, main_process=rank == 0,
-              share=utils.broadcast)
-    run_info = {"config": vars(c), "classes": data.classes, "mean": list(data.mean), "std": list(data.std),
-                "image_size": data.image_size}
+    lra = LRA(c.PATIENCE, c.STOP_PATIENCE, c.THRESHOLD, c.FACTOR, c.DWELL, c.ASK_EPOCH, c.MIN_LR, c.MIN_DELTA,
+              adjust_lr=c.SCHEDULE == "lra", frozen=bool(model_module.frozen_parameters(model)),
+              unfreeze_epoch=c.UNFREEZE_EPOCH, main_process=rank == 0, share=utils.broadcast)
+    best = train_module.Snapshot(with_optimizer=lra.restores)
+    run_info = {"config": dataclasses.asdict(c), "classes": data.classes, "mean": list(data.mean),
+                "std": list(data.std), "image_size": data.image_size}
     start_epoch, history = 1, []
     checkpoint = _resume_path(c)
     if checkpoint:
-        start_epoch, history = resume(checkpoint, model, optimizer, lra, scheduler, lookahead, run_info,
-                                      c.OUTPUT_DIR, rank, world_size)
-    return types.SimpleNamespace(
-        device=device, data=data, model=model, optimizer=optimizer, scheduler=scheduler, lookahead=lookahead,
-        lra=lra, run_info=run_info, start_epoch=start_epoch, history=history, main_process=rank == 0,
-        world_size=world_size, local_rank=local_rank,
-        autocast_dtype=torch.bfloat16 if c.BF16 and device.type == "cuda" else None)
+        start_epoch, history = checkpoint_module.resume(
+            checkpoint, model=model, optimizer=optimizer, lra=lra, best=best, schedule=schedule,
+            lookahead=lookahead, run_info=run_info, output_dir=c.OUTPUT_DIR, rank=rank, world_size=world_size)
+    return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
+               world_size, torch.bfloat16 if c.BF16 and device.type == "cuda" else None)
 
 
-def train(c, run: types.SimpleNamespace) -> int:
+def train(c: Config, run: Run) -> Outcome:
     """fit, with Ctrl-C, SIGTERM, a non-finite loss and a full disk turned into a message and a status."""
-    def wrap(model: nn.Module) -> nn.Module:
-        """What runs the training batches: the model, compiled and/or data-parallel as asked."""
-        if c.COMPILE:
-            model = torch.compile(model)
-        if run.world_size > 1:
-            devices = [run.local_rank] if run.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
-        return model
-
     if run.main_process:
         print(f"{c.MODEL} on {run.device} | {len(run.data.train)} batches of {c.BATCH_SIZE} per epoch | data "
               f"{'resident on the device' if run.data.resident else 'streamed by DataLoader workers'} | "
               f"outputs in {os.path.abspath(c.OUTPUT_DIR)}")
     signal.signal(signal.SIGTERM, _raise_terminated)
+    wrap = functools.partial(train_module.wrap_for_training, compile=c.COMPILE, world_size=run.world_size,
+                             device=run.device)
+    started = time.perf_counter()
     try:
-        train_module.fit(run.model, run.data, run.optimizer, run.lra, epochs=c.EPOCHS,
+        history = train_module.fit(run.model, run.data, run.optimizer, run.lra, epochs=c.EPOCHS,
                          loss_fn=nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING), output_dir=c.OUTPUT_DIR,
-                         wrap=wrap, scheduler=run.scheduler, lookahead=run.lookahead,
+                         best=run.best, wrap=wrap, schedule=run.schedule, lookahead=run.lookahead,
                          autocast_dtype=run.autocast_dtype, start_epoch=run.start_epoch, history=run.history,
                          run_info=run.run_info, main_process=run.main_process)
     except KeyboardInterrupt as interrupt:
         if run.main_process:
             print(f"Interrupted. The last completed epoch is saved; to go on, run: python main.py --resume auto "
                   f"--output-dir {c.OUTPUT_DIR}", file=sys.stderr)
-        return 143 if isinstance(interrupt, Terminated) else 130
+        return Outcome(143 if isinstance(interrupt, Terminated) else 130)
     except train_module.NonFiniteLoss as error:
         if run.main_process:
-            print(f"error: {error}. The best weights so far are in {c.OUTPUT_DIR}/best_model.pth; try a lower "
-                  f"LR.", file=sys.stderr)
-        return 1
+            print(f"error: {error}. The best weights so far are in {c.OUTPUT_DIR}/{checkpoint_module.BEST_MODEL}; "
+                  f"try a lower LR.", file=sys.stderr)
+        return Outcome(1)
     except OSError as error:  # a full disk, say: the files of the last completed epoch stay as they were
         print(f"error: could not write the run's files ({error}); free the space and resume with "
               f"--resume auto", file=sys.stderr)
-        return 3
+        return Outcome(3)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    return 0
+    return Outcome(0, history, time.perf_counter() - started)
 
 
-def _resume_path(c) -> str | None:
+def _resume_path(c: Config) -> str | None:
     """The checkpoint RESUME points at ("auto": OUTPUT_DIR's, when there), or None."""
     if c.RESUME != "auto":
         return c.RESUME
-    path = os.path.join(c.OUTPUT_DIR, utils.CHECKPOINT)
+    path = os.path.join(c.OUTPUT_DIR, checkpoint_module.CHECKPOINT)
     return path if os.path.exists(path) else None
 
 
-def resume(path: str, model, optimizer, lra, scheduler, lookahead, run_info, output_dir: str,
-           rank: int = 0, world_size: int = 1) -> tuple[int, list[dict]]:
-    """Load a last_checkpoint.pth so the run continues exactly where it stopped; returns the next epoch
-    and the history so far. Rewrites best_model.pth and the CSV from the checkpoint, its authority."""
-    checkpoint = utils.load_torch(path, "RESUME")
-    keys = ("epoch", "model", "optimizer", "lra", "rng", "history", "config")
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in keys):
-        raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")
-    saved, current = checkpoint["config"], run_info["config"]
-    for name in ("MODEL", "DATASET"):
-        if saved.get(name) != current[name]:
-            raise utils.CheckpointError(f"RESUME {path} was saved with {name} = {saved.get(name)!r}, but this "
-                                        f"run has {current[name]!r}; set {name} to match or start afresh")
-    if checkpoint.get("classes") != run_info["classes"]:
-        raise utils.CheckpointError(f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
-    try:
-        model.load_state_dict(checkpoint["model"])
-        lra.load_state_dict(checkpoint["lra"])  # before the optimizer: fine-tuning adds a parameter group
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler"):
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if lookahead is not None and checkpoint.get("lookahead"):
-            lookahead.load_state_dict(checkpoint["lookahead"])
-    except (RuntimeError, KeyError, ValueError) as error:
-        raise utils.CheckpointError(f"RESUME {path} does not fit this run's model or optimizer "
-                                    f"({str(error).splitlines()[0]})") from None
-    states = checkpoint["rng"]  # one per process of the saved run
-    utils.set_rng_state(states[rank] if len(states) == world_size else states[0])
-    history = checkpoint["history"]
-    if rank == 0:
-        if lra.best_weights is not None:
-            utils.save_best_model(lra.best_weights, output_dir, run_info, epoch=lra.best_epoch,
-                                  val_loss=lra.best_val_loss, val_acc=lra.best_val_acc)
-        utils.write_metrics(history, os.path.join(output_dir, utils.METRICS_CSV))
-        print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {lra.best_epoch}).")
-    return checkpoint["epoch"] + 1, history
-
-
-def report(model, data, autocast_dtype, tta: bool, main_process: bool) -> None:
-    """Evaluate the (best) model on the test set and print overall and per-class accuracy."""
+def report(model: nn.Module, data: data_module.Data, autocast_dtype, tta: bool,
+           main_process: bool) -> dict[str, typing.Any]:
+    """Evaluate the (best) model on the test set, print overall and per-class accuracy, return the figures."""
     started = time.perf_counter()
     result = train_module.evaluate(model, data.test, autocast_dtype=autocast_dtype, tta=tta,
                                    num_classes=len(data.classes))
+    result["seconds"] = time.perf_counter() - started
     if not main_process:
-        return
+        return result
     which = "validation (test) set" if data.val_is_test else "test set"
     print(f"Test accuracy on the {which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
-          f"{', with test-time augmentation' if tta else ''}; {time.perf_counter() - started:.1f} s)")
+          f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
     for name, acc in zip(data.classes, result["per_class"]):
         print(f"  {name:>12}: {100 * acc:6.2f}%")
+    return result
 
 
-def predict(c, paths: list[str]) -> int:
+def predict(c: Config, paths: list[str]) -> int:
     """Print the top-3 classes of each image with OUTPUT_DIR/best_model.pth; 2 if any image failed."""
     try:
-        info = utils.load_best_model_info(c.OUTPUT_DIR)
+        info = checkpoint_module.load_best_model_info(c.OUTPUT_DIR)
         model = model_module.get_model(info["model"], len(info["classes"]),
-                                       weights=os.path.join(c.OUTPUT_DIR, utils.BEST_MODEL))
+                                       weights=os.path.join(c.OUTPUT_DIR, checkpoint_module.BEST_MODEL))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

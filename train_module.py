@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import checkpoint_module
+import model_module
 import utils
-from callback_module import LRA
+from callback_module import LRA, Decision
 
 SCHEDULES = ("lra", "onecycle")
 CHECK_EVERY = 50  # batches between checks for a non-finite loss (each check waits for the GPU once)
@@ -25,41 +28,79 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, epoch: int, batch: int, value: float):
         super().__init__(f"the training loss became {value} at epoch {epoch}, batch {batch}")
-        self.epoch, self.batch = epoch, batch
 
 
 # --------------------------------------------------------------------------- optimizer and schedule
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                   nesterov: bool = True, norm_lr_scale: float = 1.0) -> torch.optim.SGD:
-    """SGD over the trainable parameters only. BatchNorm parameters get norm_lr_scale times the LR and
-    weight decay divided by it, so their decay per step (lr x decay) is the same as the others'."""
+                   nesterov: bool = True, norm_lr_scale: float = 1.0, body_lr_scale: float = 1.0) -> torch.optim.SGD:
+    """SGD over every parameter meant to train, the frozen body included (it has no gradients, so SGD
+    skips it until it is unfrozen; the groups never change, so no schedule or saved state has to follow
+    a new one). Each group trains at LR x its lr_scale: BatchNorm parameters at norm_lr_scale (their
+    weight decay divided by it, so their decay per step is the others'), the frozen body at body_lr_scale."""
     norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in norms], "lr": lr, "weight_decay": weight_decay}]
-    norm_params = [p for p in trainable if id(p) in norms]
-    if norm_lr_scale != 1.0 and norm_params:
-        groups.append({"params": norm_params, "lr": lr * norm_lr_scale, "weight_decay": weight_decay / norm_lr_scale})
-    else:
-        groups[0]["params"] += norm_params
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=nesterov,
-                           weight_decay=weight_decay)
+    frozen = {id(p) for p in model_module.frozen_parameters(model)} if isinstance(model, model_module.Classifier) \
+        else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad or id(p) in frozen:
+            groups.setdefault((id(p) in norms and norm_lr_scale != 1.0, id(p) in frozen), []).append(p)
+    param_groups = [{"params": params, "lr_scale": (norm_lr_scale if norm else 1.0) * (body_lr_scale if body else 1.0),
+                     "weight_decay": weight_decay / norm_lr_scale if norm else weight_decay}
+                    for (norm, body), params in sorted(groups.items())]
+    optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    set_lr(optimizer, lr)
+    return optimizer
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
-                   warmup: float = 0.23) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """None for "lra" (LRA drives the LR), else a per-step schedule: "onecycle" rises linearly from
-    0.2x to 1x the LR over the warmup share of the steps, then falls linearly to 0.07x (airbench's shape)."""
-    if schedule == "lra":
-        return None
-    if schedule != "onecycle":
-        raise ValueError(f"SCHEDULE = {schedule!r} is not known; choose one of {', '.join(SCHEDULES)}")
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
-        pct_start=warmup, anneal_strategy="linear", cycle_momentum=False, div_factor=5.0,
-        final_div_factor=0.2 / 0.07)
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The one writer of the LR: every group trains at lr times its lr_scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def get_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR that set_lr last set."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
+class OneCycle:
+    """A fixed per-step LR: rises linearly from 0.2x to 1x the peak over the first 23% of the steps,
+    then falls linearly to 0.07x (airbench's shape), and holds its last value past the end (when the
+    user asks for more epochs). Call advance(optimizer) after each optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int, warmup: float = 0.23):
+        self.peak_lr, self.total_steps, self.step = peak_lr, total_steps, 0
+        self.warmup_steps = warmup * total_steps - 1
+        set_lr(optimizer, self.lr_at(0))
+
+    def lr_at(self, step: int) -> float:
+        """The LR of the given step (0-based)."""
+        last = self.total_steps - 1
+        step = min(step, last)
+        if step <= self.warmup_steps:
+            return self.peak_lr * (0.2 + 0.8 * step / self.warmup_steps)
+        return self.peak_lr * (1 - 0.93 * (step - self.warmup_steps) / (last - self.warmup_steps))
+
+    def advance(self, optimizer: torch.optim.Optimizer) -> None:
+        self.step += 1
+        set_lr(optimizer, self.lr_at(self.step))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int) -> OneCycle | None:
+    """None for "lra" (LRA's decisions set the LR), else the per-step schedule that does."""
+    if schedule not in SCHEDULES:
+        raise ValueError(utils.not_known("SCHEDULE", schedule, SCHEDULES))
+    return OneCycle(optimizer, lr, total_steps) if schedule == "onecycle" else None
 
 
 class Lookahead:
@@ -94,7 +135,7 @@ class Lookahead:
 # --------------------------------------------------------------------------- one epoch
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
     """bf16 (or other) autocast on the given device, or nothing."""
     if dtype is None:
         return contextlib.nullcontext()
@@ -106,7 +147,7 @@ def _show_progress() -> bool:
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
-                    epoch: int = 1, scheduler=None, lookahead: Lookahead | None = None,
+                    epoch: int = 1, schedule: OneCycle | None = None, lookahead: Lookahead | None = None,
                     autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One pass over the training data; returns train_loss and train_acc (over every process).
     Each step only queues work: losses and logits are tallied on the device every CHECK_EVERY steps,
@@ -119,14 +160,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     check_every = CHECK_EVERY if bar.disable else 10  # a bar shows running figures, which costs a sync
     batch = 0
     for batch, (images, targets) in enumerate(loader, start=1):
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             logits = model(images)
             loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if scheduler is not None and scheduler.last_epoch < scheduler.total_steps - 1:
-            scheduler.step()  # the schedule holds its last LR if the user asked for more epochs
+        if schedule is not None:
+            schedule.advance(optimizer)
         if lookahead is not None:
             lookahead.update()
         for store, value in zip(pending, (loss.detach(), logits.detach(), targets)):
@@ -189,7 +230,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
     hits = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
     totals = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
     for images, targets in loader:
-        with _autocast(device, autocast_dtype):
+        with autocast(device, autocast_dtype):
             logits = _tta_logits(model, images) if tta else model(images)
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
         by_class = targets if num_classes else torch.zeros_like(targets)
@@ -211,64 +252,120 @@ def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images.to(device)).float().softmax(1).cpu()
 
 
+# --------------------------------------------------------------------------- carrying out LRA's decisions
+
+
+class Snapshot:
+    """The best epoch's model state and (when a restore can use it) optimizer state, on the device."""
+
+    def __init__(self, with_optimizer: bool = True):
+        self.with_optimizer = with_optimizer
+        self.model: dict[str, torch.Tensor] | None = None
+        self.optimizer: dict[str, Any] | None = None
+
+    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.with_optimizer:
+            self.optimizer = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Load the snapshot into the model (and the optimizer, when given)."""
+        model.load_state_dict(self.model)
+        if optimizer is not None:
+            optimizer.load_state_dict(self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.model = None if state["model"] is None else {k: v.to(device) for k, v in state["model"].items()}
+        self.optimizer = state["optimizer"]
+
+
+def apply_decision(decision: Decision, model: nn.Module, optimizer: torch.optim.Optimizer, best: Snapshot) -> None:
+    """Carry out LRA's decision: keep a new best, go back to the best, unfreeze the body, set the LR."""
+    if decision.new_best:
+        best.take(model, optimizer)
+    if decision.restore:
+        best.restore(model, optimizer)
+    if decision.unfreeze:
+        model_module.unfreeze_body(model)  # the optimizer already holds its parameters (make_optimizer)
+    if decision.next_lr is not None:
+        set_lr(optimizer, decision.next_lr)
+
+
+def wrap_for_training(model: nn.Module, *, compile: bool = False, world_size: int = 1,
+                      device: torch.device | None = None) -> nn.Module:
+    """What runs the training batches: the model, compiled and/or data-parallel as asked. Call again
+    after unfreezing, so the new trainable parameters are synchronised too."""
+    if compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        devices = [device.index] if device is not None and device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=devices)
+    return model
+
+
 # --------------------------------------------------------------------------- the run
 
 
 def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, epochs: int, loss_fn: nn.Module,
-        output_dir: str = ".", wrap=None, scheduler=None, lookahead: Lookahead | None = None,
+        output_dir: str = ".", best: Snapshot | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+        schedule: OneCycle | None = None, lookahead: Lookahead | None = None,
         autocast_dtype: torch.dtype | None = None, start_epoch: int = 1, history: list[dict] | None = None,
         run_info: dict | None = None, main_process: bool = True) -> list[dict]:
-    """Train to `epochs` (or as far as the user asks at the prompt) unless LRA stops first; after each
-    epoch save last_checkpoint.pth, best_model.pth on a new best, and the CSV; at the end (or on an
-    interruption) draw training_curves.png. Ends holding the best weights.
-
-    wrap(model) gives what runs the training batches (DistributedDataParallel, torch.compile); it is
-    called again after the body is unfrozen, so its new parameters train on every process.
-    run_info (constants, classes, normalisation) goes into the checkpoint and best_model.json.
-    """
+    """Train to `epochs` (or as far as the user asks at the prompt) unless LRA stops first, carrying out
+    its decisions; save the epoch's files (checkpoint_module.save_epoch); at the end, or on an
+    interruption, restore the best weights and draw training_curves.png. wrap(model) gives what runs
+    the training batches (see wrap_for_training); run_info (constants, classes, normalisation) goes
+    into the checkpoint and best_model.json."""
     wrap = wrap or (lambda m: m)
-    train_model, fine_tuned = wrap(model), lra.fine_tuned
-    history = list(history or [])
+    best = best or Snapshot(with_optimizer=lra.restores)
+    train_model, history, run_info = wrap(model), list(history or []), run_info or {}
     lra.on_train_begin()
     epoch, reason = start_epoch, None
     try:
-        while epoch <= max(epochs, lra.run_until):
-            if lra.fine_tuned != fine_tuned:
-                train_model, fine_tuned = wrap(model), lra.fine_tuned
-            started = time.perf_counter()
-            data.train.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            metrics = {"epoch": epoch, **train_one_epoch(train_model, data.train, optimizer, loss_fn, epoch=epoch,
-                                                         scheduler=scheduler, lookahead=lookahead,
-                                                         autocast_dtype=autocast_dtype)}
-            utils.release_free_memory()
-            val = evaluate(_unwrapped(train_model), data.val, autocast_dtype=autocast_dtype)
-            utils.release_free_memory()
-            metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started)
-            metrics = utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
-            stop = lra.on_epoch_end(epoch, metrics)
-            metrics.update(next_lr=optimizer.param_groups[0]["lr"], monitor=lra.phase, improved=lra.improved,
-                           new_best=lra.new_best, event=lra.event)
-            history.append(metrics)
+        while epoch <= lra.epoch_limit(epochs):
+            metrics = _train_and_validate(train_model, data, optimizer, loss_fn, epoch, schedule=schedule,
+                                          lookahead=lookahead, autocast_dtype=autocast_dtype)
+            decision = lra.on_epoch_end(epoch, metrics)
+            apply_decision(decision, model, optimizer, best)
+            if decision.unfreeze:
+                train_model = wrap(model)
+            history.append({**metrics, "next_lr": get_lr(optimizer), **decision.row()})
             rng = utils.gather(utils.rng_state())  # every process's, so a resume continues each one
             if main_process:
-                save_epoch(output_dir, model, optimizer, lra, history, scheduler=scheduler, lookahead=lookahead,
-                           rng=rng, run_info=run_info or {})
-            if stop:
+                checkpoint_module.save_epoch(output_dir, model=model, optimizer=optimizer, lra=lra, best=best,
+                                             new_best=decision.new_best, schedule=schedule, lookahead=lookahead,
+                                             rng=rng, history=history, run_info=run_info)
+            if decision.stop:
                 break
             epoch += 1
-    except NonFiniteLoss as error:
-        reason = f"{error}; stopped"
-        raise
-    except KeyboardInterrupt:
-        reason = f"interrupted during epoch {epoch}"
+    except (NonFiniteLoss, KeyboardInterrupt) as error:
+        reason = f"{error}; stopped" if isinstance(error, NonFiniteLoss) else f"interrupted during epoch {epoch}"
         raise
     finally:
+        if best.model is not None:
+            best.restore(model)
         lra.on_train_end(reason)
         if main_process and history:
             utils.plot_training_curves(history, os.path.join(output_dir, utils.CURVES))
     _check_agreement(model, history, main_process)
     return history
+
+
+def _train_and_validate(model: nn.Module, data, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, epoch: int,
+                        **train_options: Any) -> dict[str, Any]:
+    """One epoch: train, then validate; returns the epoch's metrics, rank 0's under torchrun."""
+    started = time.perf_counter()
+    data.train.set_epoch(epoch)
+    lr = get_lr(optimizer)
+    metrics = {"epoch": epoch, **train_one_epoch(model, data.train, optimizer, loss_fn, epoch=epoch, **train_options)}
+    trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
+    val = evaluate(_unwrapped(model), data.val, autocast_dtype=train_options.get("autocast_dtype"))
+    metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started,
+                   train_seconds=trained - started)
+    return utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -289,19 +386,3 @@ def _check_agreement(model: nn.Module, history: list[dict], main_process: bool) 
         agree = all(state == states[0] for state in states)
         print(f"LR decisions and weights {'agreed' if agree else 'DIFFERED'} on all {len(states)} processes"
               f"{'' if agree else ': ' + repr(states)}", file=sys.stdout if agree else sys.stderr)
-
-
-def save_epoch(output_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, lra: LRA,
-               history: list[dict], *, scheduler=None, lookahead: Lookahead | None = None,
-               rng: list[dict], run_info: dict) -> None:
-    """Write the epoch's files: last_checkpoint.pth first (the authority on resume), then best_model.pth
-    when this epoch is a new best, then the CSV. Each is written atomically."""
-    checkpoint = {"epoch": history[-1]["epoch"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "lra": lra.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng,
-                  "history": history, "best_epoch": lra.best_epoch, "best_val_loss": lra.best_val_loss, **run_info}
-    utils.save_torch(checkpoint, os.path.join(output_dir, utils.CHECKPOINT))
-    if lra.new_best:
-        utils.save_best_model(lra.best_weights, output_dir, run_info, epoch=lra.best_epoch,
-                              val_loss=lra.best_val_loss, val_acc=lra.best_val_acc)
-    utils.write_metrics(history, os.path.join(output_dir, utils.METRICS_CSV))

@@ -1,11 +1,9 @@
-"""Run plumbing: seeding, device choice, the metrics CSV, checkpoint files, random states, processes."""
+"""Run plumbing: seeding, device choice, safe file writing and loading, the metrics CSV and plot, random
+states, processes."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import difflib
-import json
 import os
 import pickle
 import random
@@ -18,8 +16,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-BEST_MODEL, BEST_MODEL_INFO = "best_model.pth", "best_model.json"
-CHECKPOINT, METRICS_CSV, CURVES = "last_checkpoint.pth", "training_metrics.csv", "training_curves.png"
+CURVES = "training_curves.png"
 CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr", "monitor",
                "improved", "new_best", "event", "seconds"]
 
@@ -39,6 +36,13 @@ def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> 
     return f"{name} = {value!r} is not known; choose one of {', '.join(map(repr, choices))}"
 
 
+def check_rule(name: str, value: Any, rules: dict[str, tuple[Callable[[Any], bool], str]], prefix: str = "") -> None:
+    """Raise ValueError naming the setting when value breaks its rule in a table of (test, what is allowed)."""
+    test, allowed = rules[name]
+    if not test(value):
+        raise ValueError(f"{prefix}{name} = {value!r} is out of range: use {allowed}")
+
+
 # --------------------------------------------------------------------------- seeding and devices
 
 
@@ -50,11 +54,15 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(local_rank: int = 0) -> torch.device:
-    """CUDA when available (this process's GPU under torchrun), else the CPU."""
-    if torch.cuda.is_available():
+    """The accelerator when there is one (CUDA, this process's GPU under torchrun; Apple's MPS; others
+    torch.accelerator knows), else the CPU."""
+    if not torch.accelerator.is_available():
+        return torch.device("cpu")
+    device = torch.accelerator.current_accelerator()
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return device
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,24 +83,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _find_malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Give memory freed by the last pass back to the OS. glibc keeps freed activation buffers in its
-    heap, so on the CPU an evaluation's buffers would stack on top of training's; this keeps a CIFAR-10
-    run under 1.5 GB. Costs a few milliseconds, once per pass."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 # --------------------------------------------------------------------------- files
@@ -136,41 +126,12 @@ def load_torch(path: str, what: str = "checkpoint") -> Any:
 
 
 def load_state_dict(path: str, what: str = "WEIGHTS") -> dict[str, torch.Tensor]:
-    """A model state dict from best_model.pth (or the model part of a last_checkpoint.pth)."""
+    """A model state dict (names to tensors, as best_model.pth holds) from a file, loaded safely."""
     state = load_torch(path, what)
-    if isinstance(state, dict) and "model" in state and "lra" in state:  # a resume checkpoint
-        state = state["model"]
     if not isinstance(state, dict) or not state or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{what} {path} is not a model state dict (best_model.pth holds one)")
     return state
-
-
-def save_best_model(state: dict[str, torch.Tensor], output_dir: str, run_info: dict[str, Any], **best: Any) -> None:
-    """Write best_model.pth (a plain state dict) and best_model.json beside it: what the weights are
-    (model, classes, normalisation, image size) and which epoch they came from, for --predict."""
-    save_torch({k: v.cpu() for k, v in state.items()}, os.path.join(output_dir, BEST_MODEL))  # loads anywhere
-    config = run_info.get("config", {})
-    info = {"model": config.get("MODEL"), "image_size": run_info.get("image_size"),
-            "classes": run_info.get("classes"), "mean": run_info.get("mean"), "std": run_info.get("std"), **best}
-    atomic_write(os.path.join(output_dir, BEST_MODEL_INFO), lambda f: f.write(json.dumps(info, indent=2).encode()))
-
-
-def load_best_model_info(output_dir: str) -> dict[str, Any]:
-    """best_model.json: what best_model.pth in output_dir is (model, classes, normalisation, size)."""
-    path = os.path.join(output_dir, BEST_MODEL_INFO)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist: train first (python main.py), or set OUTPUT_DIR to the "
-                              f"folder that holds best_model.pth and best_model.json")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-        missing = [key for key in ("model", "classes", "mean", "std", "image_size") if info.get(key) is None]
-    except (ValueError, AttributeError) as error:
-        raise CheckpointError(f"{path} is not readable JSON ({error})") from None
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}; train again to rewrite it")
-    return info
 
 
 def write_metrics(history: list[dict[str, Any]], path: str) -> None:

@@ -52,7 +52,7 @@ def bare_step_rate(args, device, autocast_dtype) -> float:
 
     def steps(n):
         for _ in range(n):
-            with train_module._autocast(device, autocast_dtype):
+            with train_module.autocast(device, autocast_dtype):
                 loss = loss_fn(model(images), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -97,7 +97,7 @@ def tutorial_rate(args, device) -> tuple[float, float]:
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                                     transforms.ToTensor(), transforms.Normalize(mean, std)])
-    dataset = data_module._CIFAR10(args.data_dir, train=True, transform=transform)
+    dataset = data_module.CIFAR10(args.data_dir, train=True, transform=transform)
     loader = DataLoader(Subset(dataset, range(args.images)), batch_size=args.batch_size, shuffle=True,
                         num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
     model = fresh_model(args.model, device, channels_last=False)

@@ -5,7 +5,7 @@ and writes JSON. Needs a GPU for meaningful times (airbench runs only on CUDA).
     python benchmarks/time_to_accuracy.py --data-dir ../shared/data --runs 3 --airbench-runs 3
 
 Times, as airbench measures its own: airbench94's printed total (whitening set-up, training, final
-test-time-augmented evaluation). Ours: the training epochs (train_one_epoch) plus the final evaluation,
+test-time-augmented evaluation). Ours: the training epochs (each epoch's train_seconds) plus the final evaluation,
 and separately the whole of fit (which adds per-epoch validation, LRA and the checkpoint files).
 Both runs warm up first. The last figure is `python main.py --preset fast` as a command, start to exit.
 """
@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -30,27 +29,6 @@ import torch  # noqa: E402
 
 import data_module  # noqa: E402
 import main as pipeline  # noqa: E402
-import train_module  # noqa: E402
-
-
-class Timer:
-    """Wraps a function of train_module to add up the seconds spent in it."""
-
-    def __init__(self, name: str):
-        self.name, self.original, self.seconds = name, getattr(train_module, name), 0.0
-
-    def __enter__(self):
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return self.original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started  # both functions end by reading the device
-        setattr(train_module, self.name, timed)
-        return self
-
-    def __exit__(self, *exc):
-        setattr(train_module, self.name, self.original)
 
 
 def run_ours(args, seed: int, epochs: int | None = None) -> dict:
@@ -61,26 +39,24 @@ def run_ours(args, seed: int, epochs: int | None = None) -> dict:
         argv += ["--epochs", str(epochs)]
     argv += args.main_args.split()
     printed = io.StringIO()
-    with Timer("train_one_epoch") as training, contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed):
         started = time.perf_counter()
-        status = pipeline.main(argv)
+        outcome = pipeline.run_main(argv)
         total = time.perf_counter() - started
-    text = printed.getvalue()
-    if status != 0:
-        raise SystemExit(f"main.py --preset fast failed ({status}):\n{text}")
-    accuracy = float(re.search(r"Test accuracy .*?: ([\d.]+)%", text).group(1))
-    fit_seconds = float(re.search(r"Elapsed ([\d.]+) s", text).group(1))
-    final_eval = float(re.search(r"Test accuracy .*; ([\d.]+) s\)", text).group(1))
-    return {"seed": seed, "epochs": epochs or pipeline.PRESETS["fast"]["EPOCHS"], "test_acc": accuracy,
-            "train_plus_final_eval_s": round(training.seconds + final_eval, 3),
-            "fit_plus_final_eval_s": round(fit_seconds + final_eval, 3),
+    if outcome.status != 0:
+        raise SystemExit(f"main.py --preset fast failed ({outcome.status}):\n{printed.getvalue()}")
+    training = sum(row["train_seconds"] for row in outcome.history)
+    final_eval = outcome.test["seconds"]
+    return {"seed": seed, "epochs": epochs or pipeline.PRESETS["fast"]["EPOCHS"], "test_acc": 100 * outcome.test["acc"],
+            "train_plus_final_eval_s": round(training + final_eval, 3),
+            "fit_plus_final_eval_s": round(outcome.fit_seconds + final_eval, 3),
             "in_process_total_s": round(total, 2)}
 
 
 def write_airbench_data(data_dir: str, folder: str) -> None:
     """airbench's loader reads ./cifar10/train.pt and test.pt: dicts of uint8 N x 32 x 32 x 3 images,
     int64 labels and class names. Written from the same files the pipeline reads."""
-    train_images, train_labels, test_images, test_labels, classes = data_module._read_cifar10(data_dir, False)
+    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(data_dir, False)
     os.makedirs(os.path.join(folder, "cifar10"), exist_ok=True)
     for name, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
         torch.save({"images": images.contiguous(), "labels": labels, "classes": classes},

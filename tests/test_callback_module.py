@@ -24,19 +24,46 @@ def tiny_model(freeze=False):
     return model
 
 
+class Harness:
+    """LRA and the loop's half of the work, as fit does it: metrics in (with the epoch's LR), the
+    decision carried out on a real model and optimizer."""
+
+    def __init__(self, model=None, lr=0.1, **kwargs):
+        self.model = model or tiny_model()
+        self.optimizer = train_module.make_optimizer(self.model, lr, momentum=0.9, weight_decay=0.0, nesterov=False)
+        kwargs.setdefault("ask_epoch", None)
+        kwargs.setdefault("frozen", bool(model_module.frozen_parameters(self.model)))
+        self.lra = LRA(stream=io.StringIO(), **kwargs)
+        self.best = train_module.Snapshot(with_optimizer=self.lra.restores)
+        self.decision = None
+
+    def on_epoch_end(self, epoch, epoch_metrics):
+        """One epoch's decision, carried out; returns whether to stop."""
+        epoch_metrics = {**epoch_metrics, "lr": train_module.get_lr(self.optimizer)}
+        self.decision = self.lra.on_epoch_end(epoch, epoch_metrics)
+        train_module.apply_decision(self.decision, self.model, self.optimizer, self.best)
+        return self.decision.stop
+
+    def on_train_end(self, reason=None):
+        if self.best.model is not None:
+            self.best.restore(self.model)
+        self.lra.on_train_end(reason)
+
+    @property
+    def output(self):
+        return self.lra.stream.getvalue()
+
+
 def make_lra(model=None, lr=0.1, **kwargs):
-    model = model or tiny_model()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
-    kwargs.setdefault("ask_epoch", None)
-    return LRA(model, optimizer, stream=io.StringIO(), **kwargs)
+    return Harness(model, lr, **kwargs)
 
 
 def metrics(train_acc=0.5, val_loss=1.0, val_acc=0.5, train_loss=1.0):
     return {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
 
 
-def lr_of(lra):
-    return lra.optimizer.param_groups[0]["lr"]
+def lr_of(h):
+    return h.optimizer.param_groups[0]["lr"]
 
 
 def train_step(model, optimizer, seed):
@@ -84,16 +111,16 @@ def test_cut_happens_on_the_patience_th_bad_epoch(patience):
         lra.on_epoch_end(1 + bad, metrics(train_acc=0.4))
         expected = 0.05 if bad == patience else 0.1
         assert lr_of(lra) == pytest.approx(expected), f"after {bad} bad epochs"
-        assert ("LR cut" in lra.event) == (bad == patience)
-    assert lra.cuts == 1 and lra.bad_epochs == 0
+        assert ("LR cut" in lra.decision.event) == (bad == patience)
+    assert lra.lra.cuts == 1 and lra.lra.bad_epochs == 0
 
 
 def test_no_cut_while_improving():
     lra = make_lra(threshold=1.0)
     for epoch, acc in enumerate([0.2, 0.3, 0.4, 0.5, 0.6, 0.7], start=1):
         assert lra.on_epoch_end(epoch, metrics(train_acc=acc)) is False
-        assert lra.improved
-    assert lr_of(lra) == 0.1 and lra.cuts == 0
+        assert lra.decision.improved
+    assert lr_of(lra) == 0.1 and lra.lra.cuts == 0
 
 
 def test_cut_respects_min_lr_and_factor():
@@ -109,7 +136,7 @@ def test_min_delta_counts_small_gains_as_bad():
     lra = make_lra(threshold=1.0, min_delta=0.05, stop_patience=10)
     lra.on_epoch_end(1, metrics(train_acc=0.5))
     lra.on_epoch_end(2, metrics(train_acc=0.52))
-    assert not lra.improved and lr_of(lra) == pytest.approx(0.05)
+    assert not lra.decision.improved and lr_of(lra) == pytest.approx(0.05)
 
 
 def test_bad_epochs_without_a_cut_print_a_row():
@@ -117,7 +144,7 @@ def test_bad_epochs_without_a_cut_print_a_row():
     lra = make_lra(patience=3, threshold=1.0)
     lra.on_epoch_end(1, metrics(train_acc=0.5))
     lra.on_epoch_end(2, metrics(train_acc=0.4))
-    rows = lra.stream.getvalue().strip().splitlines()
+    rows = lra.output.strip().splitlines()
     assert len(rows) == 2 and rows[-1].split("|")[0].strip() == "2"
 
 
@@ -127,13 +154,13 @@ def test_bad_epochs_without_a_cut_print_a_row():
 def test_phase_switches_at_threshold_and_back():
     lra = make_lra(threshold=0.6, stop_patience=10)
     lra.on_epoch_end(1, metrics(train_acc=0.4, val_loss=1.0))
-    assert lra.phase == "train_acc"
+    assert lra.decision.monitor == "train_acc"
     lra.on_epoch_end(2, metrics(train_acc=0.6, val_loss=0.9))  # exactly at the threshold: validation loss
-    assert lra.phase == "val_loss" and lra.improved
+    assert lra.decision.monitor == "val_loss" and lra.decision.improved
     lra.on_epoch_end(3, metrics(train_acc=0.7, val_loss=0.95))  # accuracy up, but the monitor is val_loss
-    assert lra.phase == "val_loss" and not lra.improved and "LR cut" in lra.event
+    assert lra.decision.monitor == "val_loss" and not lra.decision.improved and "LR cut" in lra.decision.event
     lra.on_epoch_end(4, metrics(train_acc=0.5, val_loss=0.99))  # below the threshold again
-    assert lra.phase == "train_acc"
+    assert lra.decision.monitor == "train_acc"
 
 
 def test_best_weights_follow_validation_loss_in_the_accuracy_phase():
@@ -141,15 +168,20 @@ def test_best_weights_follow_validation_loss_in_the_accuracy_phase():
     lra = make_lra(threshold=1.0, dwell=False, stop_patience=10)
     lra.on_epoch_end(1, metrics(train_acc=0.5, val_loss=0.8))
     lra.on_epoch_end(2, metrics(train_acc=0.6, val_loss=1.2))
-    assert lra.improved and not lra.new_best and lra.best_epoch == 1
+    assert lra.decision.improved and not lra.decision.new_best and lra.lra.best_epoch == 1
+
+
+def improv_column(h):
+    """The % Improv column of the table's last row."""
+    return h.output.strip().splitlines()[-1].split("|")[8].strip()
 
 
 def test_percent_improvement_is_relative_and_blank_first():
     lra = make_lra(threshold=1.0)
     lra.on_epoch_end(1, metrics(train_acc=0.5))
-    assert lra.change is None
+    assert improv_column(lra) == ""
     lra.on_epoch_end(2, metrics(train_acc=0.6))
-    assert lra.change == pytest.approx(20.0)
+    assert float(improv_column(lra)) == pytest.approx(20.0)
     assert callback_module.relative_change(1.0, 0.0, True) is None  # never divides by zero
 
 
@@ -169,7 +201,7 @@ def test_dwell_restores_weights_buffers_and_optimizer_state_of_the_best_epoch():
     assert_same(restored_model, best_model)
     assert all(torch.equal(a, b) for a, b in zip(restored_momentum, best_momentum))
     assert lr_of(lra) == pytest.approx(0.05)  # the new LR applies after the restore
-    assert "restored epoch 1" in lra.event
+    assert "restored epoch 1" in lra.decision.event
 
 
 def test_no_dwell_keeps_the_current_weights():
@@ -190,7 +222,7 @@ def test_stop_after_stop_patience_cuts_without_improvement():
     assert not lra.on_epoch_end(1, metrics(val_loss=1.0))
     assert not lra.on_epoch_end(2, metrics(val_loss=1.1))
     assert lra.on_epoch_end(3, metrics(val_loss=1.2))
-    assert "2 LR cuts" in lra.stop_reason and lra.cuts == 2
+    assert "2 LR cuts" in lra.lra.stop_reason and lra.lra.cuts == 2
 
 
 def test_improvement_between_cuts_resets_the_stop_count():
@@ -228,7 +260,7 @@ def test_best_weights_are_restored_whatever_ended_training(ending, monkeypatch):
     lra = make_lra(threshold=0.0, dwell=False, stop_patience=1, ask_epoch=2)
     best = _run_to_an_end(lra, ending, monkeypatch)
     assert_same(snapshot(lra)[0], best)
-    output = lra.stream.getvalue()
+    output = lra.output
     assert "from epoch 1" in output and "70.00%" in output
 
 
@@ -237,7 +269,8 @@ def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path
     model = tiny_model()
     model.head = nn.Linear(4, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    lra = LRA(model, optimizer, ask_epoch=None, stream=io.StringIO())
+    lra = LRA(ask_epoch=None, stream=io.StringIO())
+    best = train_module.Snapshot()
     calls = {"n": 0}
     original = train_module.train_one_epoch
 
@@ -250,9 +283,9 @@ def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted_on_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         train_module.fit(model, data, optimizer, lra, epochs=5, loss_fn=nn.CrossEntropyLoss(),
-                         output_dir=str(tmp_path))
+                         output_dir=str(tmp_path), best=best)
     assert lra.best_epoch in (1, 2)
-    assert_same(model.state_dict(), lra.best_weights)
+    assert_same(model.state_dict(), best.model)
     assert "interrupted during epoch 3" in lra.stream.getvalue()
 
 
@@ -283,7 +316,7 @@ def test_h_halts(monkeypatch):
     lra = make_lra(ask_epoch=2, threshold=1.0)
     assert not lra.on_epoch_end(1, metrics(train_acc=0.1))
     assert lra.on_epoch_end(2, metrics(train_acc=0.2))
-    assert len(asked) == 1 and "halted by the user" in lra.stop_reason
+    assert len(asked) == 1 and "halted by the user" in lra.lra.stop_reason
 
 
 def test_a_number_trains_that_many_more_epochs_then_asks_again(monkeypatch):
@@ -291,7 +324,7 @@ def test_a_number_trains_that_many_more_epochs_then_asks_again(monkeypatch):
     lra = make_lra(ask_epoch=2, threshold=1.0)
     stops = [lra.on_epoch_end(e, metrics(train_acc=0.1 * e)) for e in range(1, 6)]
     assert stops == [False, False, False, False, True]
-    assert len(asked) == 2 and lra.run_until == 5
+    assert len(asked) == 2 and lra.lra.run_until == 5
 
 
 @pytest.mark.parametrize("bad", ["", "   ", "0", "-3", "maybe", "2.5", "F"])
@@ -300,7 +333,7 @@ def test_bad_answers_are_asked_again(monkeypatch, bad):
     lra = make_lra(ask_epoch=1)  # no frozen layers, so F is not offered and not accepted
     assert lra.on_epoch_end(1, metrics())
     assert len(asked) == 2
-    assert "not accepted" in lra.stream.getvalue()
+    assert "not accepted" in lra.output
     assert "F to fine-tune" not in asked[0]
 
 
@@ -308,14 +341,14 @@ def test_end_of_input_stops_asking_and_goes_on(monkeypatch):
     asked = scripted_input(monkeypatch, [])
     lra = make_lra(ask_epoch=1, threshold=1.0)
     stops = [lra.on_epoch_end(e, metrics(train_acc=0.1 * e)) for e in range(1, 5)]
-    assert stops == [False] * 4 and len(asked) == 1 and lra.prompts_off
+    assert stops == [False] * 4 and len(asked) == 1 and lra.lra.prompts_off
 
 
 def test_ctrl_c_at_the_prompt_halts_cleanly(monkeypatch):
     scripted_input(monkeypatch, [KeyboardInterrupt()])
     lra = make_lra(ask_epoch=1)
     assert lra.on_epoch_end(1, metrics())
-    assert "Ctrl-C" in lra.stop_reason
+    assert "Ctrl-C" in lra.lra.stop_reason
 
 
 def test_without_a_terminal_input_is_never_called(monkeypatch):
@@ -326,7 +359,7 @@ def test_without_a_terminal_input_is_never_called(monkeypatch):
     lra = make_lra(ask_epoch=1, threshold=1.0)
     stops = [lra.on_epoch_end(e, metrics(train_acc=0.1 * e)) for e in range(1, 4)]
     assert stops == [False] * 3
-    assert lra.stream.getvalue().count("prompts are off") == 1
+    assert lra.output.count("prompts are off") == 1
 
 
 def test_f_unfreezes_and_gives_the_layers_to_the_optimizer(monkeypatch):
@@ -342,7 +375,7 @@ def test_f_unfreezes_and_gives_the_layers_to_the_optimizer(monkeypatch):
     groups = lra.optimizer.param_groups
     assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == {id(p) for p in frozen}
     assert groups[1]["lr"] == pytest.approx(groups[0]["lr"]) == pytest.approx(0.05)
-    assert lra.bad_epochs == 0 and lra.cuts == 0 and lra.ask_epoch == 4
+    assert lra.lra.bad_epochs == 0 and lra.lra.cuts == 0 and lra.lra.ask_epoch == 4
     model.train()
     assert model.body[1].training  # the BatchNorm layer trains again
     lra.on_epoch_end(3, metrics(train_acc=0.6))
@@ -367,7 +400,7 @@ def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    lra = LRA(model, optimizer, ask_epoch=2, stream=io.StringIO())
+    lra = LRA(ask_epoch=2, stream=io.StringIO())
     history = train_module.fit(model, data, optimizer, lra, epochs=2, loss_fn=nn.CrossEntropyLoss(),
                                output_dir=str(tmp_path))
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
@@ -380,17 +413,19 @@ def test_state_round_trip_makes_the_same_decisions():
     sequence = [metrics(train_acc=a, val_loss=v) for a, v in
                 [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85), (0.97, 0.84), (0.98, 0.9)]]
     straight = make_lra(threshold=0.9, stop_patience=5)
-    straight_log = [(straight.on_epoch_end(e, m), lr_of(straight), straight.phase, straight.cuts)
+    straight_log = [(straight.on_epoch_end(e, m), lr_of(straight), straight.decision.monitor, straight.lra.cuts)
                     for e, m in enumerate(sequence, start=1)]
 
     first = make_lra(threshold=0.9, stop_patience=5)
-    log = [(first.on_epoch_end(e, m), lr_of(first), first.phase, first.cuts)
+    log = [(first.on_epoch_end(e, m), lr_of(first), first.decision.monitor, first.lra.cuts)
            for e, m in enumerate(sequence[:3], start=1)]
-    state = first.state_dict()
+    state = first.lra.state_dict()
     second = make_lra(threshold=0.9, stop_patience=5)
     second.model.load_state_dict(first.model.state_dict())
-    second.load_state_dict(state)
-    log += [(second.on_epoch_end(e, m), lr_of(second), second.phase, second.cuts)
+    second.optimizer.load_state_dict(first.optimizer.state_dict())
+    second.best.load_state_dict(first.best.state_dict(), torch.device("cpu"))
+    second.lra.load_state_dict(state)
+    log += [(second.on_epoch_end(e, m), lr_of(second), second.decision.monitor, second.lra.cuts)
             for e, m in enumerate(sequence[3:], start=4)]
     assert log == straight_log
-    assert second.best_epoch == straight.best_epoch
+    assert second.lra.best_epoch == straight.lra.best_epoch

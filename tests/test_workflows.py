@@ -131,7 +131,7 @@ def test_unfreeze_epoch_unfreezes_the_body(tmp_path):
     frame = pd.read_csv(tmp_path / "tuned" / "training_metrics.csv")
     assert "unfroze the body" in frame["event"].iloc[0]
     checkpoint = utils.load_torch(str(tmp_path / "tuned" / "last_checkpoint.pth"))
-    assert checkpoint["lra"]["fine_tuned"] and len(checkpoint["optimizer"]["param_groups"]) == 2
+    assert not checkpoint["lra"]["frozen"] and len(checkpoint["optimizer"]["param_groups"]) == 2
 
 
 def write_cifar_tree(root, images, labels, classes, keep, per_class, split):
@@ -146,7 +146,7 @@ def write_cifar_tree(root, images, labels, classes, keep, per_class, split):
 def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path):
     """Train the CNN briefly on CIFAR-10's first five classes, then fine-tune it, frozen, on a small tree of
     the other five written from the test set; it must beat the same small data trained from scratch."""
-    train_images, train_labels, test_images, test_labels, classes = data_module._read_cifar10(cifar_dir, False)
+    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(cifar_dir, False)
     source, target = tmp_path / "source", tmp_path / "target"
     write_cifar_tree(source, train_images, train_labels, classes, range(5), 400, "train")
     write_cifar_tree(source, test_images, test_labels, classes, range(5), 100, "val")

@@ -1,0 +1,129 @@
+"""A run's files, written and read side by side with one list of keys: last_checkpoint.pth (everything
+a resume needs), best_model.pth with best_model.json beside it (what --predict and WEIGHTS need), and
+training_metrics.csv."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import model_module
+import utils
+
+BEST_MODEL, BEST_MODEL_INFO = "best_model.pth", "best_model.json"
+CHECKPOINT, METRICS_CSV = "last_checkpoint.pth", "training_metrics.csv"
+FORMAT = 2  # of the files written here; files without one were written before MODEL names followed torchvision
+STATE_KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "rng", "history")
+RUN_INFO_KEYS = ("config", "classes", "mean", "std", "image_size")  # what the run is, in both files
+INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_epoch(output_dir: str, *, model, optimizer, lra, best, new_best: bool, schedule, lookahead,
+               rng: list[dict], history: list[dict], run_info: dict[str, Any]) -> None:
+    """Write the epoch's files: last_checkpoint.pth first (the authority on resume), then best_model.pth
+    when this epoch is a new best, then the CSV. Each is written atomically."""
+    checkpoint = {"format": FORMAT, "epoch": history[-1]["epoch"], "model": model.state_dict(),
+                  "optimizer": optimizer.state_dict(), "lra": lra.state_dict(), "best": best.state_dict(),
+                  "schedule": schedule.state_dict() if schedule else None,
+                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng, "history": history,
+                  **{key: run_info.get(key) for key in RUN_INFO_KEYS}}
+    utils.save_torch(checkpoint, os.path.join(output_dir, CHECKPOINT))
+    _write_outputs(output_dir, best.model if new_best else None, lra, history, run_info)
+
+
+def _write_outputs(output_dir: str, best_weights: dict | None, lra, history: list[dict],
+                   run_info: dict[str, Any]) -> None:
+    """best_model.pth and best_model.json (when best_weights are given), then training_metrics.csv."""
+    if best_weights is not None:
+        utils.save_torch({k: v.cpu() for k, v in best_weights.items()}, os.path.join(output_dir, BEST_MODEL))
+        info = {"format": FORMAT, "model": run_info.get("config", {}).get("MODEL"),
+                **{key: run_info.get(key) for key in INFO_KEYS if key != "model"},
+                "epoch": lra.best_epoch, "val_loss": lra.best_val_loss, "val_acc": lra.best_val_acc}
+        utils.atomic_write(os.path.join(output_dir, BEST_MODEL_INFO),
+                           lambda f: f.write(json.dumps(info, indent=2).encode()))
+    utils.write_metrics(history, os.path.join(output_dir, METRICS_CSV))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def resume(path: str, *, model, optimizer, lra, best, schedule, lookahead, run_info: dict[str, Any],
+           output_dir: str, rank: int = 0, world_size: int = 1) -> tuple[int, list[dict]]:
+    """Load a last_checkpoint.pth so the run continues exactly where it stopped; returns the next epoch
+    and the history so far. Rewrites best_model.pth and the CSV from the checkpoint, its authority."""
+    checkpoint = _read_checkpoint(path)
+    saved = checkpoint["config"]
+    for name in ("MODEL", "DATASET"):
+        if saved.get(name) != run_info["config"][name]:
+            raise utils.CheckpointError(f"RESUME {path} was saved with {name} = {saved.get(name)!r}, but this "
+                                        f"run has {run_info['config'][name]!r}; set {name} to match or start afresh")
+    if checkpoint.get("classes") != run_info["classes"]:
+        raise utils.CheckpointError(f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        lra.load_state_dict(checkpoint["lra"])
+        if not lra.frozen:  # unfrozen during the saved run (the optimizer has held the body all along)
+            model_module.unfreeze_body(model)
+        best.load_state_dict(checkpoint["best"], next(model.parameters()).device)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        for part, name in ((schedule, "schedule"), (lookahead, "lookahead")):
+            if part is not None and checkpoint.get(name):
+                part.load_state_dict(checkpoint[name])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise utils.CheckpointError(f"RESUME {path} does not fit this run's model or optimizer "
+                                    f"({str(error).splitlines()[0]})") from None
+    states = checkpoint["rng"]  # one per process of the saved run
+    utils.set_rng_state(states[rank] if len(states) == world_size else states[0])
+    if rank == 0:
+        _write_outputs(output_dir, best.model, lra, checkpoint["history"], run_info)
+        print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {lra.best_epoch}).")
+    return checkpoint["epoch"] + 1, checkpoint["history"]
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """A last_checkpoint.pth, brought up to this FORMAT; CheckpointError for anything else."""
+    checkpoint = utils.load_torch(path, "RESUME")
+    if not is_checkpoint(checkpoint):
+        raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")
+    if checkpoint.get("format", 1) == 1:  # LRA held the best snapshot and named two things otherwise
+        lra = dict(checkpoint["lra"])
+        checkpoint["best"] = {"model": lra.pop("best_model"), "optimizer": lra.pop("best_optimizer")}
+        lra["monitor"] = lra.pop("phase")
+        lra["frozen"] = bool(checkpoint["config"].get("FREEZE")) and not lra.pop("fine_tuned")
+        checkpoint["lra"] = lra
+        checkpoint["config"] = {**checkpoint["config"], "MODEL": _current_name(checkpoint["config"].get("MODEL"))}
+    return checkpoint
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is a last_checkpoint.pth (of this format or the first)."""
+    return isinstance(obj, dict) and all(key in obj for key in ("epoch", "model", "optimizer", "lra", "rng",
+                                                                "history", "config"))
+
+
+def load_best_model_info(output_dir: str) -> dict[str, Any]:
+    """best_model.json: what best_model.pth in output_dir is (model, classes, normalisation, size)."""
+    path = os.path.join(output_dir, BEST_MODEL_INFO)
+    if not os.path.isfile(path):
+        raise utils.CheckpointError(f"{path} does not exist: train first (python main.py), or set OUTPUT_DIR "
+                                    f"to the folder that holds best_model.pth and best_model.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        missing = [key for key in INFO_KEYS if info.get(key) is None]
+    except (ValueError, AttributeError) as error:
+        raise utils.CheckpointError(f"{path} is not readable JSON ({error})") from None
+    if missing:
+        raise utils.CheckpointError(f"{path} lacks {', '.join(missing)}; train again to rewrite it")
+    if info.get("format", 1) == 1:
+        info["model"] = _current_name(info["model"])
+    return info
+
+
+def _current_name(model: str | None) -> str | None:
+    """Today's MODEL name for a name written by a file of the first format."""
+    return model_module.LEGACY_NAMES.get(model, model)
