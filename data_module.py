@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
+from torchvision.ops import roi_align
 from tqdm import tqdm
 
 import utils
 
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
-IMAGE_EXTENSIONS = datasets.folder.IMG_EXTENSIONS
+AUGMENTS = ("auto", "photo", "shift")  # photo: RandomResizedCrop; shift: pad-crops; auto: photo for folders
+# Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif, say)
+# count as files that are not images. Pillow knows more (.mpg, .eps, .h5), but it only identifies those.
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif",
+                    ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".avif", ".heic", ".heif")
+IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS if Image.registered_extensions().get(e) in Image.OPEN)
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
-AUGMENT_CHUNK = 16384  # images augmented together: few kernel launches per epoch, bounded memory
+AUGMENT_CHUNK = 16384  # CIFAR images augmented together: few kernel launches per epoch, bounded memory
+# Photo folders follow torchvision's classification reference (references/classification/presets.py):
+RESIZE_RATIO = 0.875  # crop size / resize size of its evaluation preset (224 of 256)
+CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's share of the stored image's area (torchvision's default)
+CROP_RATIO = (3 / 4, 4 / 3)  # and its width / height range (torchvision's default)
+CROP_TRIES = 10  # boxes drawn before the central-crop fallback, as RandomResizedCrop.get_params
 
 
 class DataError(ValueError):
@@ -42,6 +55,7 @@ class Data:
     image_size: int
     resident: bool
     val_is_test: bool  # VAL_SPLIT = 0: the test set doubles as the per-epoch validation set
+    resize_size: int | None = None  # photo folders: the size images are stored at and resized to; None for CIFAR
 
 
 # --------------------------------------------------------------------------- sources
@@ -77,28 +91,33 @@ class Images:
 
 
 class ImageFiles:
-    """Image files decoded when read, resized and centre-cropped to image_size: the fallback to Images."""
+    """Image files decoded when read (upright, RGB), shorter side resized to `size` and centre-cropped
+    square: the fallback to Images."""
 
-    def __init__(self, paths: list[str], labels: torch.Tensor, image_size: int):
-        self.paths, self.labels, self.image_size = paths, labels, image_size
-        self.resize = _resize_crop(image_size)
+    def __init__(self, paths: list[str], labels: torch.Tensor, size: int):
+        self.paths, self.labels, self.size = paths, labels, size
+        self.resize = _resize_crop(size)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def take(self, index: torch.Tensor) -> ImageFiles:
         """The files at these indices."""
-        return ImageFiles([self.paths[i] for i in index.tolist()], self.labels[index], self.image_size)
+        return ImageFiles([self.paths[i] for i in index.tolist()], self.labels[index], self.size)
 
     def read(self, i: int) -> Image.Image:
-        """File i as a PIL image of the run's size."""
-        return self.resize(_load_rgb(self.paths[i]))
+        """File i as a PIL image of the stored size."""
+        return self.resize(open_rgb(self.paths[i]))
 
     def decode(self, num_workers: int, desc: str) -> Images:
         """Every file decoded into uint8 (N, S, S, 3) images in memory, with a progress bar."""
         loader = DataLoader(_Transformed(self, transforms.PILToTensor()), batch_size=256, num_workers=num_workers)
-        batches = tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty())
-        return Images(torch.cat([images.permute(0, 2, 3, 1).contiguous() for images, _ in batches]), self.labels)
+        images = torch.empty((len(self), self.size, self.size, 3), dtype=torch.uint8)  # filled in place: no 2nd copy
+        start = 0
+        for batch, _ in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty()):
+            images[start:start + len(batch)] = batch.permute(0, 2, 3, 1)
+            start += len(batch)
+        return Images(images, self.labels)
 
     def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std estimated from a seeded sample of at most 2,000 files (decoding all is slow)."""
@@ -122,9 +141,9 @@ class _Transformed(Dataset):
         return self.transform(self.source.read(i)), int(self.source.labels[i])
 
 
-def _resize_crop(image_size: int) -> transforms.Compose:
-    """Shorter side to image_size, then the centre square: how an image file takes the run's size."""
-    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+def _resize_crop(size: int) -> transforms.Compose:
+    """Shorter side to `size`, then the centre square: how an image file is stored."""
+    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
 
 
 # --------------------------------------------------------------------------- reading
@@ -191,44 +210,110 @@ def _bad_cifar_file(folder: str) -> str:
     return folder
 
 
-class _Readable:
-    """is_valid_file for the folder scan: an image extension and a header Pillow can open; counts the rest."""
+class _FileCheck:
+    """is_valid_file for the folder scan: an image extension and a header Pillow can open (as cheap as a
+    scan can be that still catches corrupt files); counts the files it turns away."""
 
     def __init__(self):
-        self.skipped: list[str] = []
+        self.not_images: list[str] = []  # no image extension this Pillow reads: notes.txt, .DS_Store
+        self.unreadable: list[str] = []  # an image extension, but Pillow cannot open it
 
     def __call__(self, path: str) -> bool:
         if not path.lower().endswith(IMAGE_EXTENSIONS):
+            self.not_images.append(path)
             return False
         try:
             with Image.open(path) as image:
                 image.verify()
             return True
         except Exception:  # Pillow raises many types for a bad file; every one means "skip it"
-            self.skipped.append(path)
+            self.unreadable.append(path)
             return False
 
+    def warn(self) -> None:
+        """One line on stderr for each kind of file skipped."""
+        if self.not_images:
+            extensions = sorted({os.path.splitext(path)[1].lower() or "(none)" for path in self.not_images})
+            print(f"warning: skipped {len(self.not_images)} files that are not images "
+                  f"(extensions {', '.join(extensions)})", file=sys.stderr)
+        if self.unreadable:
+            print(f"warning: skipped {len(self.unreadable)} unreadable image file(s), "
+                  f"e.g. {self.unreadable[0]}", file=sys.stderr)
 
-def _load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB, naming the file when it cannot be decoded."""
+
+def open_rgb(path: str) -> Image.Image:
+    """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by to_rgb).
+
+    A file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with the
+    missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per process;
+    a file that does not open at all raises DataError naming it.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        raise DataError(f"{path} is not an image file that Pillow can read ({error})") from None
+            return to_rgb(_upright(image))
+    except (OSError, ValueError) as error:  # ValueError: a mode Pillow cannot convert to RGB
+        first_error = error
+    try:
+        with _truncated_images_allowed(), Image.open(path) as image:
+            rgb = to_rgb(_upright(image))
+    except (OSError, ValueError):
+        raise DataError(f"{path} is not an image file that Pillow can read ({first_error})") from None
+    if path not in _WARNED:
+        _WARNED.add(path)
+        print(f"warning: {path} is truncated or damaged ({first_error}); the part that decodes is used, "
+              f"the rest is grey", file=sys.stderr)
+    return rgb
 
 
-def _scan_folder(data_dir: str, image_size: int) -> tuple[dict[str, ImageFiles], list[str]]:
-    """The train, val and (optional) test files of DATA_DIR, labelled by train/'s class folders, and the classes."""
+_WARNED: set[str] = set()  # damaged files already named in this process
+
+
+@contextlib.contextmanager
+def _truncated_images_allowed() -> Iterator[None]:
+    """Pillow's switch is global: set it only around one load (loads run one at a time in each process)."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image decoded and turned as its EXIF orientation tag says (phones store photos sideways)."""
+    image.load()  # decoding errors (a truncated file) belong to the caller
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block (Pillow raises several types): keep the pixels as stored
+        return image.copy()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled to 8 bits (a plain convert clips it at 255),
+    transparency composited on white (as a viewer shows it; the colour under transparent pixels is
+    often black or junk), palette, greyscale and CMYK converted by Pillow."""
+    if image.mode == "I" or image.mode.startswith("I;16"):  # "I": 16-bit PNGs in older Pillows
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")  # round(v / 257)
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
+    """The train, val and (optional) test files of DATA_DIR, labelled by train/'s class folders, and the
+    classes; the files are read at `size` (pixels, a square)."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(f"no ImageFolder tree in {data_dir}: expected {train_dir}/<class>/<image> "
                         f"(and optionally val/ and test/ beside it); set DATA_DIR")
-    check = _Readable()
+    check = _FileCheck()
     try:
         classes, class_to_idx = datasets.folder.find_classes(train_dir)
         splits = {"train": datasets.folder.make_dataset(train_dir, class_to_idx, is_valid_file=check)}
     except FileNotFoundError as error:  # no class folders, or no images in them
+        check.warn()
         raise DataError(f"no readable images in {train_dir}: {error}") from None
     if len(classes) < 2:
         raise DataError(f"{train_dir} has {len(classes)} class folder(s) with images; a classifier needs "
@@ -243,18 +328,17 @@ def _scan_folder(data_dir: str, image_size: int) -> tuple[dict[str, ImageFiles],
             splits[split] = datasets.folder.make_dataset(folder, class_to_idx, is_valid_file=check, allow_empty=True)
             if len(splits[split]) == 0:
                 raise DataError(f"{folder} holds no readable images; fill it or remove it")
-    if check.skipped:
-        print(f"warning: skipped {len(check.skipped)} unreadable image file(s), "
-              f"e.g. {check.skipped[0]}", file=sys.stderr)
-    return {name: ImageFiles([path for path, _ in samples], torch.tensor([label for _, label in samples]), image_size)
+    check.warn()
+    return {name: ImageFiles([path for path, _ in samples], torch.tensor([label for _, label in samples]), size)
             for name, samples in splits.items()}, classes
 
 
-def _read_sources(dataset: str, data_dir: str, image_size: int,
+def _read_sources(dataset: str, data_dir: str, resize_size: int,
                   download: bool) -> tuple[dict[str, Source], list[str], int]:
-    """The train, test and (ImageFolder trees only) val sources, the class names and the image size."""
+    """The train, test and (ImageFolder trees only) val sources, the class names and the stored image size
+    (resize_size for a folder, 32 for CIFAR-10)."""
     if dataset == "folder":
-        return *_scan_folder(data_dir, image_size), image_size
+        return *_scan_folder(data_dir, resize_size), resize_size
     train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir, download)
     sources = {"train": Images(train_images, train_labels), "test": Images(test_images, test_labels)}
     return sources, classes, train_images.shape[1]
@@ -357,22 +441,91 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
+def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float] = CROP_SCALE,
+                      ratio: tuple[float, float] = CROP_RATIO, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n boxes (top, left, height, width) as int64 (n, 4), each drawn as torchvision's
+    RandomResizedCrop.get_params draws one: up to CROP_TRIES tries of an area share in `scale` and a
+    log-uniform width / height in `ratio` that fit the image, else the central crop of the nearest allowed
+    ratio; all n at once on `device`, from its global generator."""
+    area = height * width
+    target_area = area * torch.empty(n, CROP_TRIES, device=device).uniform_(scale[0], scale[1])
+    aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w = (target_area * aspect).sqrt().round().long()
+    h = (target_area / aspect).sqrt().round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (argmax takes the first maximum)
+    found = fits.any(1)
+    fallback_h, fallback_w = _central_box(height, width, ratio)
+    h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
+    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
+    top = _random_offset(height - h, device)
+    left = _random_offset(width - w, device)
+    top = torch.where(found, top, (height - h) // 2)
+    left = torch.where(found, left, (width - w) // 2)
+    return torch.stack([top, left, h, w], 1)
+
+
+def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """RandomResizedCrop's fallback size (height, width): the whole image, trimmed to the nearest allowed ratio."""
+    if width / height < min(ratio):
+        return int(round(width / min(ratio))), width
+    if width / height > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
+def _random_offset(room: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A uniform integer in 0..room for each entry (randint with a per-entry bound)."""
+    offset = (torch.rand(room.shape, device=device) * (room + 1)).floor().long()
+    return torch.minimum(offset, room)  # float rounding can reach room + 1
+
+
+def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
+                    flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """The boxes (top, left, height, width) of uint8 (N, H, W, C) images resized to size x size, mirrored
+    where `flipped` is set: float (N, C, size, size) on the 0-255 scale, in one batched call.
+
+    roi_align with aligned=True is bilinear resizing of each box; its adaptive sampling (ceil(box / size)
+    samples a pixel in each direction, averaged) stands in for the antialiasing of PIL's resize when the box
+    is larger than the output. One kernel for the batch, where torchvision.transforms.v2 draws one box per
+    call (RandomResizedCrop on a batch crops every image alike).
+    """
+    top, left, height, width = boxes.unbind(1)
+    batch = torch.arange(len(images), device=images.device)
+    rois = torch.stack([batch, left, top, left + width, top + height], 1).float()
+    crops = roi_align(images.permute(0, 3, 1, 2).float(), rois, output_size=size, aligned=True)
+    if flipped is not None:
+        crops = torch.where(flipped[:, None, None, None], crops.flip(-1), crops)
+    return crops
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop places it."""
+    _, height, width, _ = images.shape
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return images[:, top:top + size, left:left + size].contiguous()
+
+
 # --------------------------------------------------------------------------- loaders
 
 
 class ResidentLoader:
     """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor ops.
 
+    Without crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect) and flips at their
+    own size. With crop_size (photo folders, stored as squares larger than crop_size), training images get
+    RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the centre crop.
     Shuffling is seeded by (seed, epoch) as in DistributedSampler, so every rank draws the same order
     and takes its own shard; augmentation draws from the device's global generator.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean, std,
                  train: bool, crop_padding: int = 4, flip: str = "random", reflect: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True):
+                 crop_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = True):
         self.images, self.labels = images, labels
         self.batch_size, self.train = batch_size, train
-        self.crop_padding, self.flip, self.reflect = crop_padding, flip, reflect
+        self.crop_padding, self.flip, self.reflect, self.crop_size = crop_padding, flip, reflect, crop_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
         self.epoch = 0
@@ -403,6 +556,15 @@ class ResidentLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()[:len(self) * self.batch_size]
+        if self.crop_size is None:
+            yield from self._padded_batches(indices)
+        else:
+            for start in range(0, len(indices), self.batch_size):  # per batch: float 256-px copies are big
+                chosen = indices[start:start + self.batch_size]
+                yield self._photos(chosen), self.labels[chosen]
+
+    def _padded_batches(self, indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """CIFAR-10's batches: pad-crops and flips drawn a chunk of batches at a time."""
         augment = self.train and (self.crop_padding or self.flip != "none")
         chunk = max(self.batch_size, AUGMENT_CHUNK // self.batch_size * self.batch_size)
         for start in range(0, len(indices), chunk):
@@ -413,6 +575,16 @@ class ResidentLoader:
             for i in range(0, len(chosen), self.batch_size):
                 yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
 
+    def _photos(self, chosen: torch.Tensor) -> torch.Tensor:
+        """A photo batch: random-resized crops and flips for training, centre crops for evaluation."""
+        images = self.images[chosen]
+        if not self.train:
+            return self.normalize(center_crop(images, self.crop_size))
+        boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2], device=images.device)
+        crops = torch.addcmul(self.shift, crop_and_resize(images, boxes, self.crop_size, self._flips(chosen)),
+                              self.scale)
+        return crops.contiguous(memory_format=torch.channels_last) if self.channels_last else crops
+
     def _flips(self, batch: torch.Tensor) -> torch.Tensor | None:
         if self.flip == "random":
             return torch.rand(len(batch), device=batch.device) < 0.5
@@ -421,8 +593,9 @@ class ResidentLoader:
         return None
 
     def first_images(self, n: int) -> torch.Tensor:
-        """The first n images, normalised, without augmentation (for data-dependent initialisation)."""
-        return self.normalize(self.images[:n])
+        """The first n images, normalised, as evaluation sees them (for data-dependent initialisation)."""
+        images = self.images[:n]
+        return self.normalize(images if self.crop_size is None else center_crop(images, self.crop_size))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, C) to normalised float (N, C, H, W), channels_last in memory when asked."""
@@ -481,10 +654,14 @@ def _num_batches(n: int, batch_size: int, train: bool) -> int:
 
 
 def _pil_transform(train: bool, image_size: int, crop_padding: int, flip: str, reflect: bool,
-                   mean, std) -> transforms.Compose:
-    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are drawn at random)."""
+                   mean, std, photos: bool) -> transforms.Compose:
+    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are drawn at random):
+    photos get RandomResizedCrop (training) or the centre crop (evaluation), CIFAR-10 its pad-crops."""
     steps = []
-    if train and crop_padding:
+    if photos:
+        steps.append(transforms.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO) if train
+                     else transforms.CenterCrop(image_size))
+    elif train and crop_padding:
         steps.append(transforms.RandomCrop(image_size, padding=crop_padding,
                                            padding_mode="reflect" if reflect else "constant"))
     if train and flip != "none":
@@ -501,17 +678,20 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
     return num_bytes <= RESIDENT_SHARE * free
 
 
-def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mean, std, *, batch_size: int,
-                  crop_padding: int, flip: str, reflect: bool, device: torch.device, num_workers: int, seed: int,
-                  rank: int, world_size: int, channels_last: bool) -> dict[str, ResidentLoader | StreamingLoader]:
-    """The train, val and test loaders (one loader when test is val); evaluation batches are twice as large."""
+def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mean, std, *, photos: bool,
+                  batch_size: int, crop_padding: int, flip: str, reflect: bool, device: torch.device,
+                  num_workers: int, seed: int, rank: int, world_size: int,
+                  channels_last: bool) -> dict[str, ResidentLoader | StreamingLoader]:
+    """The train, val and test loaders (one loader when test is val); evaluation batches are twice as large.
+    Photos (a folder's images) are cropped to image_size from their stored squares; CIFAR-10 is pad-cropped."""
     def make(part: Source, train: bool) -> ResidentLoader | StreamingLoader:
         common = dict(batch_size=batch_size if train else 2 * batch_size, train=train, seed=seed, rank=rank,
                       world_size=world_size, channels_last=channels_last)
         if resident:  # the parts were decoded into Images
             return ResidentLoader(part.images.to(device), part.labels.to(device), mean=mean, std=std,
-                                  crop_padding=crop_padding, flip=flip, reflect=reflect, **common)
-        transform = _pil_transform(train, image_size, crop_padding, flip, reflect, mean, std)
+                                  crop_padding=crop_padding, flip=flip, reflect=reflect,
+                                  crop_size=image_size if photos else None, **common)
+        transform = _pil_transform(train, image_size, crop_padding, flip, reflect, mean, std, photos)
         return StreamingLoader(_Transformed(part, transform), device=device, num_workers=num_workers, **common)
 
     loaders = {"train": make(parts["train"], True), "val": make(parts["val"], False)}
@@ -523,34 +703,59 @@ def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mea
 
 
 def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: int = 256, val_split: int = 5000,
-             train_subset: int | None = None, image_size: int = 32, crop_padding: int = 4, flip: str = "random",
-             reflect: bool = False, resident: bool | str = "auto", num_workers: int | None = None,
-             download: bool = True, device: torch.device | str = "cpu", seed: int = 0, rank: int = 0,
-             world_size: int = 1, channels_last: bool = True) -> Data:
-    """Read a dataset, split off validation images, and build the train, val and test loaders."""
+             train_subset: int | None = None, image_size: int = 32, resize_size: int | None = None,
+             mean: Sequence[float] | None = None, std: Sequence[float] | None = None, augment: str = "auto",
+             crop_padding: int = 4, flip: str = "random", reflect: bool = False, resident: bool | str = "auto",
+             num_workers: int | None = None, download: bool = True, device: torch.device | str = "cpu",
+             seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True) -> Data:
+    """Read a dataset, split off validation images, and build the train, val and test loaders.
+
+    augment "photo" (the default for folders): images are stored as resize_size squares (None: image_size /
+    RESIZE_RATIO, 256 for 224) and cropped to image_size: RandomResizedCrop for training, the centre for
+    evaluation, as torchvision's classification reference does. "shift" (the default for CIFAR-10, and for
+    folders of small images): stored at image_size, with pad-crops (crop_padding, reflect). CIFAR-10 stays
+    32 pixels. mean and std (a pretrained model's) replace the training images' own statistics.
+    """
     if dataset not in DATASETS:
         raise DataError(utils.not_known("DATASET", dataset, DATASETS))
     if flip not in FLIPS:
         raise DataError(utils.not_known("FLIP", flip, FLIPS))
+    if augment not in AUGMENTS:
+        raise DataError(utils.not_known("AUGMENT", augment, AUGMENTS))
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std are given together or not at all")
+    photos = augment == "photo" or (augment == "auto" and dataset == "folder")
+    if dataset == "folder":
+        resize_size = (resize_size or round(image_size / RESIZE_RATIO)) if photos else image_size
+        if resize_size < image_size:
+            raise DataError(f"the resize size {resize_size} is smaller than IMAGE_SIZE = {image_size}: "
+                            f"a centre crop of IMAGE_SIZE would not fit in it")
     device = torch.device(device)
     num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    sources, classes, size = _read_sources(dataset, data_dir, image_size, download)
+    sources, classes, size = _read_sources(dataset, data_dir, resize_size, download)
     if resident == "auto":  # as uint8 images: 3 bytes a pixel
         resident = fits_on_device(sum(map(len, sources.values())) * 3 * size * size, device)
     if resident:
         sources = {name: source.decode(num_workers, f"decoding {name}") for name, source in sources.items()}
     parts = _split(sources, val_split, train_subset, seed, data_dir)
-    mean, std = parts["train"].statistics(seed, num_workers)
-    loaders = _make_loaders(parts, bool(resident), size, mean, std, batch_size=batch_size, crop_padding=crop_padding,
-                            flip=flip, reflect=reflect, device=device, num_workers=num_workers, seed=seed,
-                            rank=rank, world_size=world_size, channels_last=channels_last)
-    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), mean, std, size, bool(resident),
-                val_is_test=parts["val"] is sources.get("test"))
+    if mean is None:
+        mean, std = parts["train"].statistics(seed, num_workers)
+    mean, std = tuple(map(float, mean)), tuple(map(float, std))
+    image_size = image_size if dataset == "folder" else size
+    loaders = _make_loaders(parts, bool(resident), image_size, mean, std, photos=photos, batch_size=batch_size,
+                            crop_padding=crop_padding, flip=flip, reflect=reflect, device=device,
+                            num_workers=num_workers, seed=seed, rank=rank, world_size=world_size,
+                            channels_last=channels_last)
+    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), mean, std, image_size,
+                bool(resident), val_is_test=parts["val"] is sources.get("test"),
+                resize_size=resize_size if dataset == "folder" else None)
 
 
-def load_image(path: str, image_size: int, mean, std) -> torch.Tensor:
-    """One image file as a normalised (C, S, S) tensor, resized and centre-cropped to image_size."""
+def load_image(path: str, image_size: int, mean, std, resize_size: int | None = None) -> torch.Tensor:
+    """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images are: upright,
+    RGB, stored at resize_size (None: image_size) and centre-cropped to image_size."""
     if not os.path.isfile(path):
         raise DataError(f"image {path} does not exist")
-    to_tensor = transforms.Compose([_resize_crop(image_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
-    return to_tensor(_load_rgb(path))
+    to_tensor = transforms.Compose([_resize_crop(resize_size or image_size), transforms.CenterCrop(image_size),
+                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
+    return to_tensor(open_rgb(path))

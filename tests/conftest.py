@@ -1,5 +1,6 @@
 """Shared fixtures: no network, tiny synthetic datasets, and the real-data folder from CIFAR10_DIR."""
 
+import io
 import os
 import pickle
 import socket
@@ -101,3 +102,66 @@ def run_main(args, cwd=ROOT, timeout=300, env=None, **kwargs):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=full_env, **kwargs)
+
+
+PHOTO_CLASSES = ["chat noir", "zèbre", "éléphant"]  # as ImageFolder sorts them (by code point)
+PHOTO_KINDS = [  # (file name, width, height): one of each in every class folder of every split
+    ("rgb.jpg", 300, 200), ("grey.png", 40, 30), ("alpha.png", 120, 90), ("palette.png", 64, 64),
+    ("palette_transparent.png", 80, 60), ("cmyk.jpg", 100, 150), ("sixteen_bit.png", 90, 70),
+    ("sideways.jpg", 100, 200), ("lossy.webp", 150, 100), ("bitmap.bmp", 50, 60), ("still.gif", 70, 50)]
+PHOTOS_PER_CLASS = len(PHOTO_KINDS)  # in each split; train/chat noir/ has one more, truncated.jpg
+
+
+def photo_pixels(rng, label, width, height):
+    """uint8 (height, width, 3) noise around a colour of the label's own, so a model can tell classes apart."""
+    base = np.array([70 * label + 30, 220 - 70 * label, 60 + 50 * (label % 2)], dtype=np.int16)
+    return np.clip(base + rng.integers(-35, 35, size=(height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def write_photo_tree(root, splits=("train", "val"), seed=0):
+    """An ImageFolder tree of what a user's photo folder holds: PHOTO_CLASSES (spaces, accents), each with
+    the PHOTO_KINDS (sizes 40x30 to 300x200; RGB, L, RGBA, P with and without transparency, CMYK, 16-bit
+    greyscale; JPEG, PNG, WebP, BMP, GIF; sideways.jpg stored 200x100 with EXIF orientation 6, so it is
+    100x200 upright). train/chat noir/ also holds truncated.jpg (its header opens, its data is cut),
+    notes.txt and image.heic (not images to this Pillow without a HEIF plugin) and broken.png (unreadable)."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for label, name in enumerate(PHOTO_CLASSES):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for file_name, width, height in PHOTO_KINDS:
+                path = os.path.join(folder, file_name)
+                image = Image.fromarray(photo_pixels(rng, label, width, height))
+                if file_name == "grey.png":
+                    image.convert("L").save(path)
+                elif file_name == "alpha.png":
+                    alpha = np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))
+                    image.putalpha(Image.fromarray(alpha))
+                    image.save(path)
+                elif file_name.startswith("palette"):
+                    palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+                    palette.save(path, **({"transparency": 0} if "transparent" in file_name else {}))
+                elif file_name == "cmyk.jpg":
+                    image.convert("CMYK").save(path, quality=95)
+                elif file_name == "sixteen_bit.png":
+                    grey = np.asarray(image.convert("L")).astype(np.uint16) * 257  # 8-bit values, 16-bit range
+                    Image.fromarray(grey).save(path)
+                elif file_name == "sideways.jpg":  # stored turned 90 degrees anticlockwise, as phones do
+                    exif = Image.Exif()
+                    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+                    image.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+                else:
+                    image.save(path, **({"quality": 95} if file_name.endswith((".jpg", ".webp")) else {}))
+    if "train" in splits:
+        folder = os.path.join(root, "train", PHOTO_CLASSES[0])
+        whole = io.BytesIO()
+        Image.fromarray(photo_pixels(rng, 0, 120, 80)).save(whole, "JPEG")
+        with open(os.path.join(folder, "truncated.jpg"), "wb") as f:
+            f.write(whole.getvalue()[:len(whole.getvalue()) * 6 // 10])
+        with open(os.path.join(folder, "notes.txt"), "w") as f:
+            f.write("photos from the zoo trip\n")
+        with open(os.path.join(folder, "image.heic"), "wb") as f:
+            f.write(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+        with open(os.path.join(folder, "broken.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n garbage")
+    return str(root)

@@ -1,13 +1,18 @@
 """Data: the CIFAR-10 reader, splits, ImageFolder trees, offline errors, augmentation, both loader paths."""
 
+import io
 import os
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFile
+from torchvision import transforms
+from torchvision.transforms import functional as F
 
 import data_module
-from conftest import CLASSES, write_fake_cifar, write_image_tree
+from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, write_fake_cifar, write_image_tree,
+                      write_photo_tree)
 from data_module import DataError
 
 
@@ -137,7 +142,7 @@ def test_a_tree_without_val_holds_out_val_split(tmp_path):
 
 def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
-    files, _ = data_module._scan_folder(root, image_size=8)
+    files, _ = data_module._scan_folder(root, size=8)
     images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
     from_files = data_module._split(files, val_split=6, train_subset=12, seed=3, data_dir=root)
     from_images = data_module._split(images, val_split=6, train_subset=12, seed=3, data_dir=root)
@@ -287,3 +292,236 @@ def test_load_image_for_prediction(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="not an image"):
         data_module.load_image(str(tmp_path / "notes.txt"), 16, (0.5,) * 3, (0.5,) * 3)
+
+
+# ----------------------------------------------------------------------------- photo folders
+
+
+def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
+    root = write_photo_tree(tmp_path)
+    kwargs = dict(batch_size=8, image_size=32, num_workers=0, seed=0)
+    resident = data_module.get_data("folder", root, resident=True, **kwargs)
+    warnings = capsys.readouterr().err
+    streaming = data_module.get_data("folder", root, resident=False, **kwargs)
+    assert resident.classes == streaming.classes == PHOTO_CLASSES
+    assert resident.resize_size == streaming.resize_size == 37  # round(32 / 0.875)
+    n_train = 3 * PHOTOS_PER_CLASS + 1  # and truncated.jpg, which loads
+    assert len(resident.train.labels) == n_train and resident.train.images.shape[1:] == (37, 37, 3)
+    if ".heic" in data_module.IMAGE_EXTENSIONS:  # a HEIF plugin is installed: the fake .heic is a bad image
+        assert "skipped 1 files that are not images (extensions .txt)" in warnings
+        assert "skipped 2 unreadable image file(s), e.g. " in warnings
+    else:
+        assert "skipped 2 files that are not images (extensions .heic, .txt)" in warnings
+        assert "skipped 1 unreadable image file(s), e.g. " in warnings and "broken.png" in warnings
+    assert warnings.count("not images") == 1
+    # evaluation: the same centre crops of the same stored squares, normalised alike
+    (rv, rl), (sv, sl) = collect(resident.val), collect(streaming.val)
+    assert rv.shape == (3 * PHOTOS_PER_CLASS, 3, 32, 32) and torch.equal(rl, sl)
+    assert rl.tolist() == sorted(rl.tolist()) and torch.bincount(rl).tolist() == [PHOTOS_PER_CLASS] * 3
+    assert resident.mean == streaming.mean and torch.allclose(rv, sv, atol=1e-5)
+    # training: random-resized crops of the model's size, a batch at a time, on both paths
+    torch.manual_seed(0)
+    (rt, rtl), (st, stl) = collect(resident.train), collect(streaming.train)
+    assert rt.shape == st.shape == (n_train // 8 * 8, 3, 32, 32) and len(resident.train) == len(streaming.train)
+    assert sorted(rtl.tolist()) != rtl.tolist()  # shuffled
+    assert abs(rt.mean() - st.mean()) < 0.1 and abs(rt.std() - st.std()) < 0.1
+    train_crop = streaming.train.loader.dataset.transform.transforms[0]
+    assert isinstance(train_crop, transforms.RandomResizedCrop) and train_crop.size == (32, 32)
+    assert train_crop.scale == (0.08, 1.0) and train_crop.ratio == (3 / 4, 4 / 3)
+    assert isinstance(streaming.val.loader.dataset.transform.transforms[0], transforms.CenterCrop)
+
+
+def test_a_photo_folder_keeps_its_class_colours(tmp_path):
+    """Labels follow the folders: class 0's RGB photos are the least red (see conftest.photo_pixels)."""
+    root = write_photo_tree(tmp_path, splits=("train",))
+    data = data_module.get_data("folder", root, batch_size=8, image_size=16, val_split=9, resident=True,
+                                num_workers=0, mean=(0,) * 3, std=(1,) * 3)
+    images, labels = data.train.images, data.train.labels
+    is_colour = images.float().std(-1).mean((1, 2)) > 20  # grey photos have equal channels
+    red = images[..., 0].float().mean((1, 2))
+    per_class = [red[(labels == c) & is_colour].mean() for c in range(3)]
+    assert per_class[0] + 40 < per_class[1] < per_class[2] - 40
+
+
+def test_every_image_mode_reads_as_rgb():
+    def pixel(image):
+        return data_module.to_rgb(image).getpixel((0, 0))
+
+    def row(image):
+        return [tuple(p) for p in np.asarray(data_module.to_rgb(image))[0].tolist()]
+
+    assert pixel(Image.new("L", (2, 2), 90)) == (90, 90, 90)
+    assert pixel(Image.new("1", (2, 2), 1)) == (255, 255, 255)
+    assert pixel(Image.new("CMYK", (2, 2), (0, 255, 255, 0))) == (255, 0, 0)
+    # 16-bit greyscale scaled to 8 bits (Pillow's own convert clips every value above 255 to white)
+    sixteen = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    for image in (Image.fromarray(sixteen), Image.fromarray(sixteen.astype(np.int32), "I")):
+        assert image.mode in ("I;16", "I")
+        assert np.array_equal(np.asarray(data_module.to_rgb(image))[0, :, 0], [0, 100, 255])
+    # transparency is composited on white: opaque keeps its colour, clear is white, half is halfway
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(200, 0, 0, 255), (200, 0, 0, 0), (0, 0, 0, 128)])
+    assert row(rgba) == [(200, 0, 0), (255, 255, 255), (127, 127, 127)]
+    assert pixel(Image.new("LA", (2, 2), (10, 0))) == (255, 255, 255)
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.putdata([0, 1])
+    assert row(palette) == [(255, 0, 0), (0, 0, 255)]
+    palette.info["transparency"] = 0  # index 0 is clear
+    assert row(palette) == [(255, 255, 255), (0, 0, 255)]
+    for image in (rgba, palette, Image.new("I;16", (2, 2))):
+        assert data_module.to_rgb(image).mode == "RGB"
+
+
+def test_exif_orientation_turns_a_sideways_photo_upright(tmp_path):
+    stored = np.zeros((100, 200, 3), dtype=np.uint8)  # 200 wide, 100 high: left half red, right half blue
+    stored[:, :100, 0] = 255
+    stored[:, 100:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: turn 90 degrees clockwise to view, so the left half ends on top
+    path = str(tmp_path / "phone.jpg")
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = np.asarray(data_module.open_rgb(path)).astype(int)
+    assert upright.shape == (200, 100, 3)
+    assert (upright[:90, :, 0] > 200).all() and (upright[:90, :, 2] < 50).all()   # top: red
+    assert (upright[110:, :, 2] > 200).all() and (upright[110:, :, 0] < 50).all()  # bottom: blue
+    square = data_module.load_image(path, 16, (0,) * 3, (1,) * 3)  # the middle of the upright photo
+    assert (square[0, :7] > 0.8).all() and (square[2, 9:] > 0.8).all() and (square[0, 9:] < 0.2).all()
+
+
+def test_a_truncated_jpeg_loads_grey_where_cut_with_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data_module, "_WARNED", set())
+    noise = np.random.default_rng(0).integers(-20, 20, size=(80, 120, 3))
+    whole = io.BytesIO()  # noisy, so that the data, not the header, fills most of the file
+    Image.fromarray((noise + [200, 60, 60]).astype(np.uint8)).save(whole, "JPEG")
+    path = str(tmp_path / "cut.jpg")
+    with open(path, "wb") as f:
+        f.write(whole.getvalue()[:len(whole.getvalue()) * 6 // 10])
+    image = np.asarray(data_module.open_rgb(path)).astype(int)
+    assert image.shape == (80, 120, 3)
+    assert np.abs(image[:8].mean((0, 1)) - [200, 60, 60]).max() < 5 and (image[-1] == 128).all()
+    assert "cut.jpg is truncated or damaged" in capsys.readouterr().err
+    data_module.open_rgb(path)
+    assert capsys.readouterr().err == ""  # named once per process
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # Pillow's global switch is left as it was
+
+
+def test_crop_boxes_fit_and_follow_torchvisions_distribution():
+    torch.manual_seed(0)
+    for height, width in [(256, 256), (100, 300)]:
+        boxes = data_module.sample_crop_boxes(3000, height, width).double()
+        top, left, h, w = boxes.unbind(1)
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+        # within scale (0.08, 1) and ratio (3/4, 4/3) up to the rounding of w and h to whole pixels
+        area = height * width
+        assert ((w + 0.5) * (h + 0.5) >= 0.08 * area).all() and ((w - 0.5) * (h - 0.5) <= area).all()
+        assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
+        image = torch.zeros(3, height, width)
+        reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+                                  for _ in range(3000)]).double()
+        for ours, theirs in [(h * w / area, reference[:, 2] * reference[:, 3] / area),
+                             ((w / h).log(), (reference[:, 3] / reference[:, 2]).log()),
+                             (top + h / 2, reference[:, 0] + reference[:, 2] / 2)]:
+            standard_error = (ours.var() / 3000 + theirs.var() / 3000).sqrt()
+            assert (ours.mean() - theirs.mean()).abs() < 4 * standard_error
+
+
+def test_crop_boxes_fall_back_to_torchvisions_central_crop():
+    # no box of 99-100% of a 10 x 100 image has a ratio in (3/4, 4/3): ten misses, then the central crop
+    boxes = data_module.sample_crop_boxes(5, 10, 100, scale=(0.99, 1.0))
+    expected = transforms.RandomResizedCrop.get_params(torch.zeros(3, 10, 100), [0.99, 1.0], [3 / 4, 4 / 3])
+    assert boxes.tolist() == [list(expected)] * 5 == [[0, 43, 10, 13]] * 5
+
+
+def smooth_photo(size=256, seed=0):
+    """A uint8 (size, size, 3) image with a photo's smoothness: bicubic-enlarged noise."""
+    noise = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed)) * 255
+    big = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+    return big.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).contiguous()
+
+
+@pytest.mark.parametrize("box, enlarged", [((20, 30, 150, 120), True), ((40, 100, 90, 150), True),
+                                           ((0, 0, 256, 256), False), ((10, 5, 240, 200), False)])
+def test_the_same_box_gives_the_same_pixels_on_both_paths(box, enlarged):
+    """The resident crop (roi_align) against the streaming path's (resized_crop of the PIL image).
+
+    Compared inside a one-pixel frame: at a box's edge the resident crop interpolates with the image's real
+    pixels just outside the box, where resized_crop repeats the box's edge. Inside it: a box enlarged to
+    224 is plain bilinear on both paths, equal to float precision, and PIL rounds to 8 bits after each of
+    its two passes (at most 1 level); a box shrunk to 224 is antialiased by PIL's triangle filter and by
+    roi_align's averaged samples, two low-pass filters that differ by under 2.5 levels (1%) on a photo.
+    """
+    image = smooth_photo()
+    ours = data_module.crop_and_resize(image[None], torch.tensor([box]), 224)[0][:, 1:-1, 1:-1]
+    streamed = np.array(F.resized_crop(Image.fromarray(image.numpy()), *box, [224, 224]))
+    difference = (ours - torch.from_numpy(streamed).permute(2, 0, 1)[:, 1:-1, 1:-1]).abs()
+    if enlarged:
+        bilinear = F.resized_crop(image.permute(2, 0, 1).float(), *box, [224, 224], antialias=False)
+        assert (ours - bilinear[:, 1:-1, 1:-1]).abs().max() < 1e-3
+        assert difference.max() <= 1 + 1e-3
+    else:
+        assert difference.max() < 2.5 and difference.mean() < 0.5
+
+
+def test_resident_photo_crops_are_each_images_own_box_then_flipped():
+    """Channel 0 is the image's label, channels 1 and 2 its column and row: each crop shows its own image,
+    and its columns tell its box and its flip."""
+    n, size = 32, 64
+    columns = torch.arange(size).expand(size, size)
+    images = torch.stack([torch.stack([torch.full((size, size), 7 * i), columns, columns.T], -1)
+                          for i in range(n)]).to(torch.uint8)
+    labels = torch.arange(n)
+    loader = data_module.ResidentLoader(images, labels, batch_size=8, mean=(0,) * 3, std=(1 / 255,) * 3,
+                                        train=True, flip="random", crop_size=16, channels_last=False)
+    torch.manual_seed(0)
+    crops, seen = collect(loader)
+    assert crops.shape == (n, 3, 16, 16)
+    assert torch.allclose(crops[:, 0], 7 * seen.view(-1, 1, 1).float(), atol=1e-3)
+    left_to_right = crops[:, 1, :, -1] - crops[:, 1, :, 0]
+    assert (left_to_right.abs() > 1).all()  # a ramp: each crop is a resized part of its own image
+    flipped = left_to_right[:, 0] < 0
+    assert 8 < flipped.sum() < 24  # about half are mirrored
+    assert len({round(float(c), 1) for c in crops[:, 1, 8, 0]}) > 20  # the boxes differ from image to image
+
+
+def test_photo_evaluation_is_the_centre_crop():
+    images = torch.stack([smooth_photo(37, seed=i) for i in range(5)])
+    loader = data_module.ResidentLoader(images, torch.arange(5), batch_size=4, mean=(0,) * 3, std=(1 / 255,) * 3,
+                                        train=False, crop_size=32)
+    batch, _ = collect(loader)
+    for image, out in zip(images, batch):
+        centre = F.center_crop(Image.fromarray(image.numpy()), [32, 32])  # offset round(2.5) = 2, as torchvision
+        assert torch.equal(out, torch.from_numpy(np.array(centre)).permute(2, 0, 1).float())
+    assert torch.equal(loader.first_images(5), batch)
+
+
+def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
+    root = write_image_tree(tmp_path, splits=("train", "val"), size=(40, 30))
+
+    def refuse(*args):
+        raise AssertionError("statistics computed although mean and std were given")
+    monkeypatch.setattr(data_module.Images, "statistics", refuse)
+    monkeypatch.setattr(data_module.ImageFiles, "statistics", refuse)
+    for resident in (True, False):
+        data = data_module.get_data("folder", root, batch_size=4, image_size=16, resize_size=24, mean=(0.5,) * 3,
+                                    std=(0.25,) * 3, resident=resident, num_workers=0)
+        assert data.mean == (0.5,) * 3 and data.std == (0.25,) * 3 and data.resize_size == 24 and data.image_size == 16
+        files = data_module._scan_folder(root, 24)[0]["val"]
+        stored = torch.from_numpy(np.array(files.read(0)))
+        assert stored.shape == (24, 24, 3)
+        images, _ = collect(data.val)
+        expected = (stored[4:20, 4:20].permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+        assert torch.allclose(images[0], expected, atol=1e-5)
+        path = files.paths[0]
+        assert torch.allclose(data_module.load_image(path, 16, data.mean, data.std, resize_size=24), expected,
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="mean and std"):
+        data_module.get_data("folder", root, mean=(0.5,) * 3)
+    with pytest.raises(DataError, match="resize size 20 is smaller than IMAGE_SIZE = 24"):
+        data_module.get_data("folder", root, image_size=24, resize_size=20)
+
+
+def test_cifar_ignores_resize_size_but_takes_mean_and_std(fake_cifar):
+    data = data_module.get_data("cifar10", fake_cifar, batch_size=8, val_split=20, image_size=224, resize_size=256,
+                                mean=(0.1, 0.2, 0.3), std=(0.5,) * 3, download=False)
+    assert data.resize_size is None and data.image_size == 32 and data.mean == (0.1, 0.2, 0.3)
