@@ -33,17 +33,21 @@ from callback_module import LRA
 DATA_DIR: str = "./data"         # holds cifar-10-batches-py/ (fetched when missing), or train/ val/ test/ trees
 DATASET: str = "cifar10"         # "cifar10", or "folder" for an ImageFolder tree: DATA_DIR/train/<class>/<image>
 DOWNLOAD: bool = True            # fetch CIFAR-10 (and check the archive's checksum) when DATA_DIR lacks it
-IMAGE_SIZE: int = 32             # pixels; folder images are resized and centre-cropped to it
+IMAGE_SIZE: int | None = None    # pixels the model sees (folders); None: PRETRAINED's crop size, else 32. CIFAR is 32
 VAL_SPLIT: int = 5000            # training images held out for validation, stratified; 0 = validate on the test set
 TRAIN_SUBSET: int | None = None  # train on only this many images (stratified), for quick runs; None = all
-CROP_PADDING: int = 4            # random-crop shift in pixels (0 = no crop)
+AUGMENT: str = "auto"            # "photo": RandomResizedCrop + flip (torchvision's reference), "shift": pad-crops +
+                                 # flips (CIFAR's, for small images); "auto": shift for CIFAR-10, photo for folders
+CROP_PADDING: int = 4            # "shift" crops: random shift in pixels (0 = no crop)
 REFLECT: bool = False            # crops pad by reflecting the border instead of with black
 FLIP: str = "random"             # "random" flips, "alternate" (each image every other epoch, as airbench) or "none"
 RESIDENT: str = "auto"           # keep the data on the device as uint8: "auto" (when it fits), "yes" or "no"
 NUM_WORKERS: int | None = None   # DataLoader worker processes when not resident; None = one per CPU core
 
 # --- Model
-MODEL: str = "cnn"               # "cnn" (three conv blocks), "resnet18" (adapted to 32x32) or "fast" (airbench94's)
+MODEL: str = "cnn"               # "cnn" (three conv blocks), "resnet18_cifar", "fast" (airbench94's), or any
+                                 # torchvision classification model: "resnet50", "mobilenet_v3_small", "vit_b_16", ...
+PRETRAINED: str | None = None    # a torchvision MODEL's ImageNet weights: "default" or a name such as "IMAGENET1K_V2"
 FREEZE: bool = False             # train only the classifier head (answer F at the prompt to unfreeze the rest)
 UNFREEZE_EPOCH: int | None = None  # with FREEZE: unfreeze the body after this epoch, as F at the prompt does
 WEIGHTS: str | None = None       # start from a saved best_model.pth; a new head when the class count differs
@@ -55,6 +59,7 @@ LR: float = 0.05                 # SGD learning rate (not scaled with BATCH_SIZE
 MOMENTUM: float = 0.9            # SGD Nesterov momentum
 WEIGHT_DECAY: float = 5e-4       # L2 penalty, coupled to the LR as in torch.optim.SGD
 NORM_LR_SCALE: float = 1.0       # BatchNorm parameters train at this many times LR (decay divided by it)
+BODY_LR_SCALE: float = 0.1       # a body unfrozen after FREEZE trains at this many times LR (fastai's discriminative LR)
 LABEL_SMOOTHING: float = 0.0     # share of each target spread over the other classes
 SCHEDULE: str = "lra"            # "lra": LRA cuts the LR on plateaus; "onecycle": fixed per-step warm-up and decay
 LOOKAHEAD: bool = False          # airbench's lookahead: every 5 steps pull the weights towards a slow average
@@ -91,8 +96,8 @@ PRESETS = {
                  VAL_SPLIT=0, CROP_PADDING=2, REFLECT=True, FLIP="alternate", ASK_EPOCH=None),
 }
 
-CHOICES = {"DATASET": data_module.DATASETS, "SCHEDULE": train_module.SCHEDULES, "FLIP": data_module.FLIPS,
-           "RESIDENT": ("auto", "yes", "no"), "PRESET": (None, *PRESETS)}
+CHOICES = {"DATASET": data_module.DATASETS, "AUGMENT": data_module.AUGMENTS, "SCHEDULE": train_module.SCHEDULES,
+           "FLIP": data_module.FLIPS, "RESIDENT": ("auto", "yes", "no"), "PRESET": (None, *PRESETS)}
 CHECKS = {  # constant: (test, what is allowed); LRA's own constants follow its table
     **{name.upper(): rule for name, rule in callback_module.RULES.items()},
     "EPOCHS": (lambda v: v >= 1, "a whole number >= 1"),
@@ -101,10 +106,11 @@ CHECKS = {  # constant: (test, what is allowed); LRA's own constants follow its 
     "MOMENTUM": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "WEIGHT_DECAY": (lambda v: v >= 0, "a number >= 0"),
     "NORM_LR_SCALE": (lambda v: v > 0, "a number > 0"),
+    "BODY_LR_SCALE": (lambda v: v > 0, "a number > 0"),
     "LABEL_SMOOTHING": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "VAL_SPLIT": (lambda v: v >= 0, "a whole number >= 0"),
     "TRAIN_SUBSET": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
-    "IMAGE_SIZE": (lambda v: v >= 8, "a whole number of pixels >= 8"),
+    "IMAGE_SIZE": (lambda v: v is None or v >= 8, "a whole number of pixels >= 8, or None"),
     "CROP_PADDING": (lambda v: 0 <= v, "a whole number of pixels >= 0"),
     "NUM_WORKERS": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
 }
@@ -116,6 +122,12 @@ CHECKS = {  # constant: (test, what is allowed); LRA's own constants follow its 
 def constants() -> dict[str, typing.Any]:
     """The constants of this file, by name."""
     return {name: globals()[name] for name in __annotations__ if name.isupper()}
+
+
+def _type_name(annotation) -> str:
+    """INT for int and int | None, and so on: the metavar of a constant's flag."""
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return next(k for k in kinds if k is not type(None)).__name__.upper()
 
 
 def _parse_value(name: str, annotation) -> typing.Callable[[str], typing.Any]:
@@ -151,7 +163,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], 
     """The constants, with the chosen PRESET and then the command line applied; and --predict's images."""
     parser = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     for name, value in constants().items():
-        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar=type(value).__name__.upper(),
+        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar=_type_name(__annotations__[name]),
                             type=_parse_value(name, __annotations__[name]), default=argparse.SUPPRESS,
                             help=f"sets {name} (now {value!r})")
     parser.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with best_model.pth")
@@ -250,6 +262,7 @@ def run_main(argv: list[str] | None = None) -> Outcome:
             outcome.test = report(run.model, run.data, run.autocast_dtype, config.TTA, run.main_process)
         return outcome
     finally:
+        utils.unlock_folder(config.OUTPUT_DIR)
         utils.close_distributed()
 
 
@@ -257,22 +270,27 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int) -> Run:
     """Seed, device, data, model, optimizer, schedule and LRA, resumed when asked. Raises ValueError or
     OSError for anything the user got wrong, before any training."""
     utils.check_writable(c.OUTPUT_DIR)
+    utils.check_unlocked(c.OUTPUT_DIR, main_process=rank == 0)  # another run writing there: refused at once
     utils.seed_everything(c.SEED)
     device = utils.get_device(local_rank)
     torch.backends.cudnn.benchmark = True
+    weights = model_module.preprocessing(c.MODEL, c.PRETRAINED) or {}  # the published weights' own preparation
     data = data_module.get_data(
         c.DATASET, c.DATA_DIR, batch_size=c.BATCH_SIZE, val_split=c.VAL_SPLIT, train_subset=c.TRAIN_SUBSET,
-        image_size=c.IMAGE_SIZE, crop_padding=c.CROP_PADDING, flip=c.FLIP, reflect=c.REFLECT,
-        resident={"auto": "auto", "yes": True, "no": False}[c.RESIDENT], num_workers=c.NUM_WORKERS,
-        download=c.DOWNLOAD, device=device, seed=c.SEED, rank=rank, world_size=world_size,
-        channels_last=c.CHANNELS_LAST)
+        image_size=c.IMAGE_SIZE or weights.get("crop_size", 32),
+        resize_size=weights.get("resize_size") if c.IMAGE_SIZE is None else None,
+        mean=weights.get("mean"), std=weights.get("std"), augment=c.AUGMENT, crop_padding=c.CROP_PADDING,
+        flip=c.FLIP, reflect=c.REFLECT, resident={"auto": "auto", "yes": True, "no": False}[c.RESIDENT],
+        num_workers=c.NUM_WORKERS, download=c.DOWNLOAD, device=device, seed=c.SEED, rank=rank,
+        world_size=world_size, channels_last=c.CHANNELS_LAST)
     model = model_module.get_model(c.MODEL, len(data.classes), freeze=c.FREEZE, weights=c.WEIGHTS,
-                                   sample_images=lambda: data.train.first_images(5000))
+                                   sample_images=lambda: data.train.first_images(5000), image_size=data.image_size,
+                                   pretrained=c.PRETRAINED)
     model = model.to(device, memory_format=torch.channels_last if c.CHANNELS_LAST else torch.preserve_format)
     if world_size > 1:
         utils.seed_everything(c.SEED + rank)  # same initial weights everywhere, different augmentations
     optimizer = train_module.make_optimizer(model, c.LR, c.MOMENTUM, c.WEIGHT_DECAY, nesterov=True,
-                                            norm_lr_scale=c.NORM_LR_SCALE)
+                                            norm_lr_scale=c.NORM_LR_SCALE, body_lr_scale=c.BODY_LR_SCALE)
     total_steps = c.EPOCHS * len(data.train)
     schedule = train_module.make_schedule(optimizer, c.SCHEDULE, c.LR, total_steps)
     lookahead = train_module.Lookahead(model, total_steps) if c.LOOKAHEAD else None
@@ -280,14 +298,19 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int) -> Run:
               adjust_lr=c.SCHEDULE == "lra", frozen=bool(model_module.frozen_parameters(model)),
               unfreeze_epoch=c.UNFREEZE_EPOCH, main_process=rank == 0, share=utils.broadcast)
     best = train_module.Snapshot(with_optimizer=lra.restores)
+    os.makedirs(c.OUTPUT_DIR, exist_ok=True)  # only now: bad input above leaves nothing behind
+    utils.lock_folder(c.OUTPUT_DIR, main_process=rank == 0)  # held until run_main ends (or the process dies)
     run_info = {"config": dataclasses.asdict(c), "classes": data.classes, "mean": list(data.mean),
-                "std": list(data.std), "image_size": data.image_size}
+                "std": list(data.std), "image_size": data.image_size, "resize_size": data.resize_size,
+                "started": checkpoint_module.timestamp()}
     start_epoch, history = 1, []
     checkpoint = _resume_path(c)
     if checkpoint:
         start_epoch, history = checkpoint_module.resume(
             checkpoint, model=model, optimizer=optimizer, lra=lra, best=best, schedule=schedule,
             lookahead=lookahead, run_info=run_info, output_dir=c.OUTPUT_DIR, rank=rank, world_size=world_size)
+    elif rank == 0:  # a new run: the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
+        checkpoint_module.move_earlier_run(c.OUTPUT_DIR)
     return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
                world_size, torch.bfloat16 if c.BF16 and device.type == "cuda" else None)
 
@@ -356,7 +379,7 @@ def predict(c: Config, paths: list[str]) -> int:
     """Print the top-3 classes of each image with OUTPUT_DIR/best_model.pth; 2 if any image failed."""
     try:
         info = checkpoint_module.load_best_model_info(c.OUTPUT_DIR)
-        model = model_module.get_model(info["model"], len(info["classes"]),
+        model = model_module.get_model(info["model"], len(info["classes"]), image_size=info["image_size"],
                                        weights=os.path.join(c.OUTPUT_DIR, checkpoint_module.BEST_MODEL))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -364,7 +387,8 @@ def predict(c: Config, paths: list[str]) -> int:
     status = 0
     for path in paths:
         try:
-            image = data_module.load_image(path, info["image_size"], info["mean"], info["std"])
+            image = data_module.load_image(path, info["image_size"], info["mean"], info["std"],
+                                           resize_size=info.get("resize_size"))
         except data_module.DataError as error:
             print(f"error: {error}", file=sys.stderr)
             status = 2

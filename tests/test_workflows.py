@@ -1,5 +1,6 @@
 """Workflows beyond one run: torchrun data-parallel training, transfer learning, plots, predictions."""
 
+import json
 import os
 import struct
 import subprocess
@@ -13,7 +14,7 @@ from PIL import Image
 import data_module
 import main
 import utils
-from conftest import CLASSES, ROOT, run_main, write_fake_cifar
+from conftest import CLASSES, PHOTO_CLASSES, ROOT, run_main, write_fake_cifar, write_image_tree, write_photo_tree
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "16"]
 
@@ -152,7 +153,8 @@ def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path)
     write_cifar_tree(source, test_images, test_labels, classes, range(5), 100, "val")
     write_cifar_tree(target, test_images[:5000], test_labels[:5000], classes, range(5, 10), 40, "train")
     write_cifar_tree(target, test_images[5000:], test_labels[5000:], classes, range(5, 10), 100, "val")
-    common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0", "--batch-size", "64"]
+    common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0", "--batch-size", "64",
+              "--augment", "shift"]  # 32-pixel images: CIFAR's pad-crops, not the photo recipe
     assert main.main(common + ["--data-dir", str(source), "--output-dir", str(tmp_path / "a"), "--epochs", "3"]) == 0
 
     budget = ["--data-dir", str(target), "--epochs", "8", "--lr", "0.02", "--stop-patience", "8"]
@@ -163,3 +165,124 @@ def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path)
     transfer = pd.read_csv(tmp_path / "transfer" / "training_metrics.csv")["val_acc"].max()
     print(f"transfer {transfer:.3f} vs scratch {scratch:.3f}")
     assert transfer > scratch + 0.03
+
+
+# ----------------------------------------------------------------------------- pretrained backbones
+
+
+def fake_published_weights(torch_home, name):
+    """torchvision's model `name`, seeded, saved where its default weights are cached ($TORCH_HOME/hub/
+    checkpoints/<file of the weights' URL>), as a download would leave them; returns the state dict."""
+    import torch
+    import torchvision
+    torch.manual_seed(1)
+    state = torchvision.models.get_model(name).state_dict()
+    for key, value in state.items():  # random BatchNorm statistics, so a frozen body's buffers are checked too
+        if key.endswith(("running_mean", "running_var")):
+            value.copy_(torch.rand_like(value) + 0.5)
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    folder = os.path.join(torch_home, "hub", "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    torch.save(state, os.path.join(folder, os.path.basename(url)))
+    return state
+
+
+def test_pretrained_weights_offline_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = tmp_path / "out"
+    status = main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--model", "mobilenet_v3_small",
+                        "--pretrained", "default"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "mobilenet_v3_small-047dcff4.pth" in lines[0]
+    assert os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints") in lines[0]
+    assert not out.exists()
+
+
+def test_a_frozen_pretrained_backbone_keeps_its_weights_and_predicts(tmp_path, monkeypatch, capsys):
+    import torch
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    published = fake_published_weights(str(tmp_path / "torch_home"), "mobilenet_v3_small")
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = str(tmp_path / "out")
+    assert main.main(["--data-dir", data, "--output-dir", out, *TINY, "--epochs", "2", "--model",
+                      "mobilenet_v3_small", "--pretrained", "default", "--freeze", "true"]) == 0
+    best = torch.load(os.path.join(out, "best_model.pth"), weights_only=True)
+    body = {k[len("body."):]: v for k, v in best.items() if k.startswith("body.") and "num_batches" not in k}
+    assert body and all(torch.equal(value, published[key]) for key, value in body.items())  # weights and statistics
+    info = json.load(open(os.path.join(out, "best_model.json")))
+    assert info["mean"] == pytest.approx([0.485, 0.456, 0.406]) and info["std"] == pytest.approx([0.229, 0.224, 0.225])
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(picture)
+    capsys.readouterr()
+    assert main.main(["--output-dir", out, "--predict", str(picture)]) == 0
+    assert capsys.readouterr().out.startswith(f"{picture}: ")
+
+
+def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_path):
+    """--schedule onecycle --freeze true --unfreeze-epoch 1 used to end in KeyError: 'max_lr'."""
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = tmp_path / "out"
+    args = ["--data-dir", data, "--output-dir", str(out), *TINY, "--schedule", "onecycle", "--freeze", "true",
+            "--unfreeze-epoch", "1", "--body-lr-scale", "0.25"]
+    assert main.main(args + ["--epochs", "2"]) == 0
+    assert "unfroze the body" in pd.read_csv(out / "training_metrics.csv")["event"].iloc[0]
+    checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert sorted(g["lr_scale"] for g in groups) == [0.25, 1.0]
+    head, body = sorted(groups, key=lambda g: -g["lr_scale"])
+    assert body["lr"] == pytest.approx(0.25 * head["lr"])
+    assert main.main(args + ["--epochs", "3", "--resume", "auto"]) == 0
+    assert list(pd.read_csv(out / "training_metrics.csv")["epoch"]) == [1, 2, 3]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny batches: more threads only contend with each other on 2 cores."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
+                                  "squeezenet1_1", "densenet121", "convnext_tiny", "swin_t"])
+def test_a_torchvision_architecture_trains_frozen_then_predicts(name, tmp_path, capsys, one_thread):
+    """CNNs, one with LayerNorm (convnext), one transformer (swin): a step at 64 px, best_model.pth, --predict."""
+    data = write_image_tree(tmp_path / "photos", per_class=4, size=(80, 60))
+    out = str(tmp_path / "out")
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--model", name,
+                      "--image-size", "64", "--freeze", "true", "--epochs", "1", "--batch-size", "6",
+                      "--ask-epoch", "none", "--num-workers", "0"]) == 0
+    info = json.load(open(os.path.join(out, "best_model.json")))
+    assert info["model"] == name and info["image_size"] == 64
+    capsys.readouterr()
+    picture = os.path.join(data, "val", "owls", "0.png")
+    assert main.main(["--output-dir", out, "--predict", picture]) == 0
+    ranked = capsys.readouterr().out.strip().split(": ", 1)[1].split(", ")
+    assert [entry.split()[0] for entry in ranked] and {entry.split()[0] for entry in ranked} == {"cats", "dogs", "owls"}
+
+
+@pytest.mark.parametrize("resident", ["yes", "no"])
+def test_a_folder_of_real_world_photos_trains_and_predicts(tmp_path, resident, capsys, one_thread):
+    """Mixed sizes, modes and formats, EXIF-rotated JPEGs, accented class names, a truncated JPEG, a text
+    file: the run trains on every image, says what it skipped, and predicts the odd ones."""
+    photos = write_photo_tree(tmp_path / "photos")
+    out = str(tmp_path / "out")
+    status = main.main(["--dataset", "folder", "--data-dir", photos, "--output-dir", out, "--image-size", "48",
+                        "--epochs", "1", "--batch-size", "8", "--ask-epoch", "none", "--num-workers", "0",
+                        "--resident", resident])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "skipped 2 files that are not images" in captured.err and "skipped 1 unreadable" in captured.err
+    info = json.load(open(os.path.join(out, "best_model.json")))
+    assert info["classes"] == PHOTO_CLASSES and info["image_size"] == 48 and info["resize_size"] == 55
+    odd = [os.path.join(photos, "val", "zèbre", name) for name in ("sideways.jpg", "sixteen_bit.png", "cmyk.jpg")]
+    assert main.main(["--output-dir", out, "--predict", *odd]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == odd
+    for line in lines:  # "path: class p%, class p%, class p%", class names with spaces included
+        assert sorted(entry.rsplit(" ", 1)[0] for entry in line.split(": ", 1)[1].split(", ")) == sorted(PHOTO_CLASSES)
