@@ -1,12 +1,16 @@
 """A run's files, written and read side by side with one list of keys: last_checkpoint.pth (everything
 a resume needs), best_model.pth with best_model.json beside it (what --predict and WEIGHTS need), and
-training_metrics.csv."""
+training_metrics.csv; and an earlier run's files, moved aside to previous/ when a new run starts."""
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import json
 import os
 from typing import Any
+
+import torch
 
 import model_module
 import utils
@@ -15,8 +19,12 @@ BEST_MODEL, BEST_MODEL_INFO = "best_model.pth", "best_model.json"
 CHECKPOINT, METRICS_CSV = "last_checkpoint.pth", "training_metrics.csv"
 FORMAT = 2  # of the files written here; files without one were written before MODEL names followed torchvision
 STATE_KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "rng", "history")
-RUN_INFO_KEYS = ("config", "classes", "mean", "std", "image_size")  # what the run is, in both files
-INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs
+RUN_INFO_KEYS = ("config", "classes", "mean", "std", "image_size", "resize_size",  # what the run is, in both files
+                 "started")  # when it started (timestamp()): the name of its folder in previous/ once moved
+INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs (and resize_size)
+RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, utils.CURVES)  # all a run writes in OUTPUT_DIR
+PREVIOUS = "previous"  # OUTPUT_DIR/previous/<start time>/ holds the files of the runs before
+FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: Windows forbids them)
 
 
 # --------------------------------------------------------------------------- writing
@@ -41,20 +49,85 @@ def _write_outputs(output_dir: str, best_weights: dict | None, lra, history: lis
     if best_weights is not None:
         utils.save_torch({k: v.cpu() for k, v in best_weights.items()}, os.path.join(output_dir, BEST_MODEL))
         info = {"format": FORMAT, "model": run_info.get("config", {}).get("MODEL"),
-                **{key: run_info.get(key) for key in INFO_KEYS if key != "model"},
+                **{key: run_info.get(key) for key in RUN_INFO_KEYS if key != "config"},
                 "epoch": lra.best_epoch, "val_loss": lra.best_val_loss, "val_acc": lra.best_val_acc}
         utils.atomic_write(os.path.join(output_dir, BEST_MODEL_INFO),
                            lambda f: f.write(json.dumps(info, indent=2).encode()))
     utils.write_metrics(history, os.path.join(output_dir, METRICS_CSV))
 
 
+def timestamp() -> str:
+    """Now, as `started` records it: ISO 8601 local time with its UTC offset, to the second."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def move_earlier_run(output_dir: str) -> str | None:
+    """Move the files an earlier run left in output_dir (finished or interrupted) into
+    output_dir/previous/<its start time>/ (a suffix _2, _3, ... when that is taken) by atomic renames,
+    saying where in one line; returns that folder, or None when there were none. The caller holds
+    output_dir's lock, so no run is writing them."""
+    names = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if not names:
+        return None
+    stamp = run_started(output_dir).strftime(FOLDER_TIME)
+    os.makedirs(os.path.join(output_dir, PREVIOUS), exist_ok=True)
+    for n in itertools.count(1):
+        target = os.path.join(output_dir, PREVIOUS, stamp if n == 1 else f"{stamp}_{n}")
+        try:
+            os.mkdir(target)  # claims the name: fails if it is there
+            break
+        except FileExistsError:
+            continue
+    for name in names:
+        os.rename(os.path.join(output_dir, name), os.path.join(target, name))
+    utils.fsync_folder(target)
+    utils.fsync_folder(output_dir)
+    print(f"The earlier run's files are kept in {target}")
+    return target
+
+
 # --------------------------------------------------------------------------- reading
+
+
+def run_started(output_dir: str) -> datetime.datetime | None:
+    """When the run whose files are in output_dir started: the `started` its best_model.json or
+    last_checkpoint.pth recorded, else (files written before they recorded it) the oldest file's
+    modification time; None when output_dir holds none of a run's files."""
+    paths = [os.path.join(output_dir, name) for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    if not paths:
+        return None
+    for read in (_info_started, _checkpoint_started):
+        try:
+            return datetime.datetime.fromisoformat(read(output_dir)).astimezone()
+        except (TypeError, ValueError):  # not recorded, or not a time
+            continue
+    return datetime.datetime.fromtimestamp(min(os.path.getmtime(path) for path in paths)).astimezone()
+
+
+def _info_started(output_dir: str) -> str | None:
+    """The `started` of output_dir's best_model.json, if it has one."""
+    try:
+        with open(os.path.join(output_dir, BEST_MODEL_INFO)) as f:
+            return json.load(f).get("started")
+    except (OSError, ValueError, AttributeError):  # missing, or not a JSON object
+        return None
+
+
+def _checkpoint_started(output_dir: str) -> str | None:
+    """The `started` of output_dir's last_checkpoint.pth, if it has one."""
+    try:  # mmap: the tensors stay on the disk, however big the checkpoint
+        checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT), map_location="cpu", weights_only=True, mmap=True)
+        return checkpoint.get("started")
+    except Exception:  # missing, truncated, foreign: any failure only means the time is not recorded here
+        return None
 
 
 def resume(path: str, *, model, optimizer, lra, best, schedule, lookahead, run_info: dict[str, Any],
            output_dir: str, rank: int = 0, world_size: int = 1) -> tuple[int, list[dict]]:
     """Load a last_checkpoint.pth so the run continues exactly where it stopped; returns the next epoch
-    and the history so far. Rewrites best_model.pth and the CSV from the checkpoint, its authority."""
+    and the history so far. Rewrites best_model.pth and the CSV from the checkpoint, its authority; a
+    checkpoint from another folder first moves the files of output_dir's own run aside (move_earlier_run).
+    run_info takes the saved run's start time: it is the same run, going on."""
     checkpoint = _read_checkpoint(path)
     saved = checkpoint["config"]
     for name in ("MODEL", "DATASET"):
@@ -78,7 +151,12 @@ def resume(path: str, *, model, optimizer, lra, best, schedule, lookahead, run_i
                                     f"({str(error).splitlines()[0]})") from None
     states = checkpoint["rng"]  # one per process of the saved run
     utils.set_rng_state(states[rank] if len(states) == world_size else states[0])
+    if checkpoint.get("started"):  # files from before `started` was recorded: this run's start time stands in
+        run_info["started"] = checkpoint["started"]
     if rank == 0:
+        own = os.path.join(output_dir, CHECKPOINT)
+        if not (os.path.exists(own) and os.path.samefile(path, own)):
+            move_earlier_run(output_dir)
         _write_outputs(output_dir, best.model, lra, checkpoint["history"], run_info)
         print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {lra.best_epoch}).")
     return checkpoint["epoch"] + 1, checkpoint["history"]

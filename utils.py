@@ -1,9 +1,10 @@
-"""Run plumbing: seeding, device choice, safe file writing and loading, the metrics CSV and plot, random
-states, processes."""
+"""Run plumbing: seeding, device choice, safe file writing and loading, the output folder's lock, the metrics
+CSV and plot, random states, processes."""
 
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import pickle
 import random
@@ -16,7 +17,13 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: runs there take no lock on their folder, and nothing fails
+    fcntl = None
+
 CURVES = "training_curves.png"
+LOCK_FILE = ".lock"  # in OUTPUT_DIR: flock'ed by the run writing there, and holding its process id
 CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr", "monitor",
                "improved", "new_best", "event", "seconds"]
 
@@ -88,18 +95,49 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- files
 
 
+def _read_umask() -> int:
+    """The process's umask (os.umask can only read it by setting it, so set it back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# What open() gives a new file under the umask (-rw-r--r-- under 022), read once at import while no other thread
+# creates files; mkstemp's temporary files are 0o600 whatever the umask.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Write a file through a temporary file in the same folder and os.replace, so a crash at any
-    moment leaves either the old file or the new one, never half of one."""
+    """Write a file through a temporary file in the same folder and os.replace, so a crash or a power cut
+    at any moment leaves either the old file or the new one, never half of one. The file gets the
+    umask's mode, as open() would give it."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            os.chmod(tmp, FILE_MODE)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on the disk before the name points at it
         os.replace(tmp, path)
+        fsync_folder(folder)  # and so is the new name
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make the renames in folder survive a power cut (POSIX; Windows cannot open a folder, nor needs to)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync folders; nothing more to do
+            raise
+    finally:
+        os.close(fd)
 
 
 def save_torch(obj: Any, path: str) -> None:
@@ -174,14 +212,97 @@ def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
 
 
 def check_writable(folder: str) -> None:
-    """Fail now, not after an epoch of training, when outputs cannot be written to folder."""
+    """Fail now, not after an epoch of training, when outputs cannot be written to folder. Creates
+    nothing: a folder not there yet is checked through the nearest one that is."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), existing)
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise OSError(f"OUTPUT_DIR {folder} is not writable ({error.strerror}); choose another OUTPUT_DIR") \
             from None
+
+
+# --------------------------------------------------------------------------- the output folder's lock
+
+
+class FolderInUse(OSError):
+    """OUTPUT_DIR is locked by another run that is still going."""
+
+
+_locks: dict[str, int] = {}  # folder (its real path) -> the descriptor whose flock this process holds
+
+
+def check_unlocked(folder: str, main_process: bool = True) -> None:
+    """Refuse now, before the data and model load, when another live run holds folder's lock (the lock
+    itself is taken by lock_folder, later). Creates nothing. Under torchrun rank 0 looks, and every
+    process raises FolderInUse with it."""
+    error = None
+    path = os.path.join(folder, LOCK_FILE)
+    if main_process and fcntl and os.path.realpath(folder) not in _locks and os.path.isfile(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            error = _try_flock(fd, folder, fcntl.LOCK_SH)  # shared: meets a holder's, and NFS allows it read-only
+        finally:
+            os.close(fd)  # which drops the shared lock
+    error = broadcast(error)
+    if error:
+        raise FolderInUse(error)
+
+
+def lock_folder(folder: str, main_process: bool = True) -> None:
+    """Hold an flock on folder/.lock (which then holds this process's id) until unlock_folder or the end of
+    the process, however it ends: the operating system drops the lock with the process, so a run killed
+    with kill -9 never blocks the next. Raises FolderInUse, naming the holder, when another run holds it.
+    Under torchrun only rank 0 locks, and every process raises with it."""
+    error, key = None, os.path.realpath(folder)
+    if main_process and fcntl and key not in _locks:
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
+        error = _try_flock(fd, folder, fcntl.LOCK_EX)
+        if error:
+            os.close(fd)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _locks[key] = fd
+    error = broadcast(error)
+    if error:
+        raise FolderInUse(error)
+
+
+def unlock_folder(folder: str) -> None:
+    """Let go of folder's lock, when this process holds it. The file stays: removing it would let a run
+    that opened it a moment before lock a file no longer there while a third locks a new one."""
+    fd = _locks.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _try_flock(fd: int, folder: str, kind: int) -> str | None:
+    """flock fd without waiting; None when it is ours, else the message naming the process that holds it."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        return (f"OUTPUT_DIR {folder} is in use by another run (process {holder}); wait for it to end, "
+                f"or choose another OUTPUT_DIR")
+
+
+def _forget_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that a run killed
+    with kill -9 does not stay locked while its workers linger. Closing a copy never unlocks the parent."""
+    for fd in _locks.values():
+        os.close(fd)
+    _locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks)
 
 
 # --------------------------------------------------------------------------- processes (torchrun)

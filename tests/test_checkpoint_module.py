@@ -1,7 +1,10 @@
-"""A run's files: what the checkpoint holds, model weights from either file, files of the first format."""
+"""A run's files: what the checkpoint holds, model weights from either file, files of the first format, an
+earlier run's files moved aside."""
 
+import datetime
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from callback_module import LRA
 from conftest import make_tiny_data
 
 
-def run_fit(tmp_path, epochs=2):
+def run_fit(tmp_path, epochs=2, started=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     data = make_tiny_data(size=16)
@@ -23,7 +26,7 @@ def run_fit(tmp_path, epochs=2):
     optimizer = train_module.make_optimizer(model, 0.05)
     lra = LRA(ask_epoch=None, stream=io.StringIO())
     run_info = {"config": {"MODEL": "cnn", "DATASET": "cifar10", "FREEZE": False}, "classes": data.classes,
-                "mean": list(data.mean), "std": list(data.std), "image_size": 16}
+                "mean": list(data.mean), "std": list(data.std), "image_size": 16, "started": started}
     history = train_module.fit(model, data, optimizer, lra, epochs=epochs, loss_fn=nn.CrossEntropyLoss(),
                                output_dir=str(tmp_path), run_info=run_info)
     return model, lra, history, run_info
@@ -66,3 +69,58 @@ def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
     assert resumed_lra.state_dict() == lra.state_dict()
     for key, value in snapshot.model.items():
         assert torch.equal(value, best["model"][key])
+
+
+# ----------------------------------------------------------------------------- earlier runs
+
+
+def files_in(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+def test_both_files_record_when_the_run_started(tmp_path):
+    started = checkpoint_module.timestamp()
+    run_fit(tmp_path, epochs=1, started=started)
+    assert torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)["started"] == started
+    assert json.loads((tmp_path / "best_model.json").read_text())["started"] == started
+    assert checkpoint_module.run_started(str(tmp_path)) == datetime.datetime.fromisoformat(started)
+
+
+def test_an_earlier_run_moves_to_previous_under_its_start_time_byte_for_byte(tmp_path, capsys):
+    out = tmp_path / "out"
+    run_fit(out, epochs=2, started="2026-11-27T03:58:12+00:00")
+    (out / "notes.txt").write_text("mine")
+    before = {name: data for name, data in files_in(out).items() if name != "notes.txt"}
+    assert set(before) == {"last_checkpoint.pth", "best_model.pth", "best_model.json", "training_metrics.csv",
+                           "training_curves.png"}
+    local = datetime.datetime(2026, 11, 27, 3, 58, 12, tzinfo=datetime.timezone.utc).astimezone()
+    expected = out / "previous" / local.strftime("%Y-%m-%dT%H-%M-%S")
+
+    assert checkpoint_module.move_earlier_run(str(out)) == str(expected)
+    assert files_in(expected) == before
+    assert files_in(out) == {"notes.txt": b"mine"}  # what the run did not write stays
+    assert capsys.readouterr().out == f"The earlier run's files are kept in {expected}\n"
+
+    run_fit(out, epochs=1, started="2026-11-27T03:58:12+00:00")  # another run that started the same second
+    assert checkpoint_module.move_earlier_run(str(out)) == f"{expected}_2"
+    assert set(files_in(expected)) == set(files_in(out / "previous" / f"{expected.name}_2")) == set(before)
+
+
+def test_files_that_did_not_record_a_start_are_named_by_the_oldest_file(tmp_path):
+    for age, name in enumerate(["training_metrics.csv", "best_model.pth", "last_checkpoint.pth"]):
+        (tmp_path / name).write_bytes(b"written before runs recorded their start")
+        os.utime(tmp_path / name, (1_800_000_000 - 3600 * age,) * 2)
+    oldest = datetime.datetime.fromtimestamp(1_800_000_000 - 7200)
+    assert checkpoint_module.move_earlier_run(str(tmp_path)).endswith(oldest.strftime("previous/%Y-%m-%dT%H-%M-%S"))
+
+
+def test_a_checkpoint_alone_gives_its_start_time(tmp_path):
+    utils.save_torch({"started": "2026-01-02T03:04:05+00:00"}, str(tmp_path / "last_checkpoint.pth"))
+    assert checkpoint_module.run_started(str(tmp_path)) == datetime.datetime(2026, 1, 2, 3, 4, 5,
+                                                                             tzinfo=datetime.timezone.utc)
+
+
+def test_a_folder_without_a_run_moves_nothing(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert checkpoint_module.move_earlier_run(str(tmp_path)) is None
+    assert os.listdir(tmp_path) == ["notes.txt"]

@@ -1,14 +1,20 @@
-"""main.py: constants on the command line, bad input, interruptions, resume, the quick real-data run."""
+"""main.py: constants on the command line, bad input, interruptions, resume, earlier runs kept and one run per
+folder, the quick real-data run."""
 
+import datetime
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import main
 import utils
@@ -132,6 +138,7 @@ def test_bad_checkpoints_exit_2_and_leave_good_files_alone(tiny_run, tmp_path, f
     for extra, fragment in cases:
         assert_one_clean_line(main_in_process(args + extra, capsys), fragment)
     assert {name: (out / name).read_bytes() for name in before} == before
+    assert not (out / "previous").exists()
 
 
 def test_bad_data_exits_2_with_one_line(tmp_path, capsys):
@@ -237,6 +244,110 @@ def test_resume_after_the_last_epoch_trains_no_more(tiny_run, capsys):
     assert main_in_process(args + ["--epochs", "2"], capsys).returncode == 0
     result = main_in_process(args + ["--epochs", "2", "--resume", "auto"], capsys)
     assert result.returncode == 0 and "Resuming" in result.stdout
+    assert len(pd.read_csv(out / "training_metrics.csv")) == 2
+
+
+# ----------------------------------------------------------------------------- earlier runs kept, one run per folder
+
+
+def run_files(folder):
+    """A run's files in folder, by name (not the lock, nor previous/)."""
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file() and path.name != ".lock"}
+
+
+def started(folder):
+    return datetime.datetime.fromisoformat(json.loads((folder / "best_model.json").read_text())["started"])
+
+
+def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_time(tiny_run, tmp_path):
+    """Run as users run it, in a folder of their own under umask 027: every output is -rw-r-----."""
+    args, out = tiny_run
+    args, cwd = args + ["--epochs", "1"], tmp_path / "cwd"
+    cwd.mkdir()
+    data_before = {path: path.stat().st_mtime_ns for path in (tmp_path / "data").rglob("*")}
+    first_began = int(time.time())
+    assert run_main(args, cwd=cwd, umask=0o027).returncode == 0
+    first_ended, first = time.time(), run_files(out)
+    assert set(first) == {"last_checkpoint.pth", "best_model.pth", "best_model.json", "training_metrics.csv",
+                          "training_curves.png"}
+
+    second_began = int(time.time())
+    second = run_main(args + ["--lr", "0.01"], cwd=cwd, umask=0o027)
+    assert second.returncode == 0, second.stderr
+    [kept] = (out / "previous").iterdir()
+    assert run_files(kept) == first
+    assert first_began <= datetime.datetime.strptime(kept.name, "%Y-%m-%dT%H-%M-%S").timestamp() <= first_ended
+    assert f"The earlier run's files are kept in {kept}" in second.stdout.splitlines()
+    assert set(run_files(out)) == set(first) and started(out).timestamp() >= second_began
+    assert run_files(out)["best_model.pth"] != first["best_model.pth"]
+
+    for path in [out, out / "previous", kept, *out.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o750 if path.is_dir() else 0o640), path
+    assert list(cwd.iterdir()) == []  # nothing lands outside OUTPUT_DIR
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "data").rglob("*")} == data_before
+
+
+def test_a_second_run_is_refused_at_once_while_the_first_trains(tiny_run, capsys):
+    args, out = tiny_run
+    first = start_main(args + ["--epochs", "5", "--stop-patience", "100"])
+    wait_for_rows(out / "training_metrics.csv", 1, first)
+    for extra in (["--epochs", "1"], ["--resume", "auto"]):  # a new run, and a resume
+        began = time.time()
+        refused = main_in_process(args + extra, capsys)
+        assert time.time() - began < 5
+        assert_one_clean_line(refused, f"OUTPUT_DIR {out} is in use by another run (process {first.pid})")
+    assert first.poll() is None, "the first run ended before the others were refused"
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert list(pd.read_csv(out / "training_metrics.csv")["epoch"]) == list(range(1, 6))
+    assert not (out / "previous").exists()
+
+
+def test_a_run_killed_with_kill_9_blocks_nothing_and_its_files_are_kept(tiny_run, capsys):
+    args, out = tiny_run
+    process = start_main(args + ["--epochs", "500"])
+    wait_for_rows(out / "training_metrics.csv", 2, process)
+    process.kill()
+    process.communicate()
+    assert (out / ".lock").read_text() == f"{process.pid}\n"  # its lock file stays, naming the dead process
+    interrupted = {name: data for name, data in run_files(out).items() if not name.startswith(".")}
+    result = main_in_process(args + ["--epochs", "1"], capsys)
+    assert result.returncode == 0, result.stderr
+    [kept] = (out / "previous").iterdir()
+    assert run_files(kept) == interrupted and len(interrupted) == 4  # no training_curves.png after kill -9
+
+
+def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(tiny_run, tmp_path, capsys):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+    first = run_files(out)
+    assert main_in_process(args + ["--epochs", "1", "--lr", "0.01"], capsys).returncode == 0
+    second_started = json.loads((out / "best_model.json").read_text())["started"]
+    [kept] = (out / "previous").iterdir()
+
+    resumed = main_in_process(args + ["--epochs", "2", "--lr", "0.01", "--resume", "auto"], capsys)
+    assert resumed.returncode == 0 and "Resuming" in resumed.stdout and "kept" not in resumed.stdout
+    assert list((out / "previous").iterdir()) == [kept] and run_files(kept) == first
+    assert len(pd.read_csv(out / "training_metrics.csv")) == 2
+    assert json.loads((out / "best_model.json").read_text())["started"] == second_started  # the same run, going on
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(picture)
+    for folder in (out, kept):
+        predicted = main_in_process(["--output-dir", folder, "--predict", picture], capsys)
+        assert predicted.returncode == 0 and predicted.stdout.startswith(f"{picture}: "), predicted.stderr
+
+
+def test_resuming_another_folders_checkpoint_keeps_this_folders_run(tiny_run, tmp_path, capsys):
+    args, out = tiny_run
+    other = tmp_path / "other"
+    assert main_in_process(args + ["--epochs", "1", "--output-dir", other], capsys).returncode == 0
+    assert main_in_process(args + ["--epochs", "1", "--lr", "0.01"], capsys).returncode == 0
+    own = run_files(out)
+    resumed = main_in_process(args + ["--epochs", "2", "--resume", other / "last_checkpoint.pth"], capsys)
+    assert resumed.returncode == 0 and "Resuming" in resumed.stdout
+    [kept] = (out / "previous").iterdir()
+    assert run_files(kept) == own
     assert len(pd.read_csv(out / "training_metrics.csv")) == 2
 
 

@@ -1,8 +1,14 @@
-"""Files and states: atomic writes, safe loading (a real payload never runs), random states, the CSV."""
+"""Files and states: atomic writes (durable, with the umask's mode), safe loading (a real payload never
+runs), the output folder's lock, random states, the CSV."""
 
+import fcntl
 import os
 import pickle
 import random
+import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -10,6 +16,7 @@ import pytest
 import torch
 
 import utils
+from conftest import ROOT
 
 
 class Payload:
@@ -70,6 +77,105 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         utils.atomic_write(str(path), failing)
     assert path.read_bytes() == b"good" and os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        status = os.fstat(fd)
+        events.append(("fsync", status.st_ino, status.st_size if stat.S_ISREG(status.st_mode) else "folder"))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", os.stat(source).st_ino, target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "file.bin"
+    utils.atomic_write(str(path), lambda f: f.write(b"new bytes"))
+    file, folder = path.stat().st_ino, tmp_path.stat().st_ino
+    assert events == [("fsync", file, len(b"new bytes")), ("replace", file, str(path)), ("fsync", folder, "folder")]
+    assert path.read_bytes() == b"new bytes"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_write_gives_files_the_umask_s_mode_as_open_does(tmp_path, umask):
+    """mkstemp makes -rw------- whatever the umask; the outputs get what open() gives (-rw-r--r-- under 022)."""
+    code = ("import sys, utils; utils.atomic_write(sys.argv[1], lambda f: f.write(b'x')); "
+            "open(sys.argv[2], 'w').close()")
+    subprocess.run([sys.executable, "-c", code, tmp_path / "atomic", tmp_path / "plain"], cwd=ROOT, check=True,
+                   umask=umask)
+    mode = stat.S_IMODE((tmp_path / "atomic").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert mode == {0o022: 0o644, 0o027: 0o640}[umask]
+
+
+# ----------------------------------------------------------------------------- the output folder's lock
+
+
+def test_a_folder_locked_by_a_live_process_is_refused_and_a_kill_9_frees_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, utils; utils.lock_folder(sys.argv[1]); "
+                               "print('locked', flush=True); sys.stdin.read()", tmp_path], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert (tmp_path / utils.LOCK_FILE).read_text() == f"{holder.pid}\n"
+        for refused in (utils.check_unlocked, utils.lock_folder):
+            with pytest.raises(utils.FolderInUse, match=rf"^OUTPUT_DIR {tmp_path} is in use by another run "
+                                                        rf"\(process {holder.pid}\)"):
+                refused(str(tmp_path))
+    finally:
+        holder.kill()  # SIGKILL: the process gets no chance to let go
+        holder.wait()
+    utils.check_unlocked(str(tmp_path))
+    utils.lock_folder(str(tmp_path))
+    try:
+        assert (tmp_path / utils.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    finally:
+        utils.unlock_folder(str(tmp_path))
+
+
+def can_lock(path) -> bool:
+    """Whether a new open file description can take an exclusive flock on path now."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_unlock_folder_lets_go_and_a_forked_child_does_not_hold_on(tmp_path):
+    """A DataLoader worker forked by a run must not keep its folder locked after the run is gone."""
+    utils.lock_folder(str(tmp_path))
+    lock = str(tmp_path / utils.LOCK_FILE)
+    assert not can_lock(lock)
+    ready, say_ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child says it is up, then sleeps, holding whatever descriptors it still has
+        os.write(say_ready, b"up")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(ready, 2) == b"up"
+        utils.unlock_folder(str(tmp_path))
+        assert can_lock(lock)
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        os.close(ready)
+        os.close(say_ready)
+
+
+def test_check_unlocked_creates_nothing(tmp_path):
+    utils.check_unlocked(str(tmp_path / "new"))
+    utils.check_unlocked(str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_random_states_round_trip_through_a_safe_checkpoint(tmp_path):
