@@ -759,3 +759,38 @@ def load_image(path: str, image_size: int, mean, std, resize_size: int | None = 
     to_tensor = transforms.Compose([_resize_crop(resize_size or image_size), transforms.CenterCrop(image_size),
                                     transforms.ToTensor(), transforms.Normalize(mean, std)])
     return to_tensor(open_rgb(path))
+
+
+def find_images(paths: list[str]) -> tuple[list[str], int]:
+    """The files to classify: each file as named, and the image files under each folder (searched
+    recursively, in sorted order). Returns them and how many files under the folders were not images."""
+    found, skipped = [], 0
+    for path in paths:
+        if not os.path.isdir(path):
+            found.append(path)
+            continue
+        for folder, subfolders, names in os.walk(path):
+            subfolders.sort()
+            for name in sorted(names):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(os.path.join(folder, name))
+                else:
+                    skipped += 1
+    return found, skipped
+
+
+class PredictionImages(Dataset):
+    """Image files prepared as load_image does, for batched prediction in DataLoader workers: item i is
+    (image, "") or, for a file that cannot be read, (zeros, the error message)."""
+
+    def __init__(self, paths: list[str], image_size: int, mean, std, resize_size: int | None = None):
+        self.paths, self.options = paths, (image_size, mean, std, resize_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return load_image(self.paths[i], *self.options), ""
+        except DataError as error:
+            return torch.zeros(3, self.options[0], self.options[0]), str(error)
