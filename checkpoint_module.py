@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import model_module
+import report_module
 import utils
 
 BEST_MODEL, BEST_MODEL_INFO = "best_model.pth", "best_model.json"
@@ -22,7 +23,9 @@ STATE_KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahe
 RUN_INFO_KEYS = ("config", "classes", "mean", "std", "image_size", "resize_size",  # what the run is, in both files
                  "started")  # when it started (timestamp()): the name of its folder in previous/ once moved
 INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs (and resize_size)
-RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, utils.CURVES)  # all a run writes in OUTPUT_DIR
+PREDICTIONS = "predictions.csv"
+RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS, *report_module.FILES,
+             *model_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
 PREVIOUS = "previous"  # OUTPUT_DIR/previous/<start time>/ holds the files of the runs before
 FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: Windows forbids them)
 

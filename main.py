@@ -15,13 +15,17 @@ import time
 import types
 import typing
 
+import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import callback_module
 import checkpoint_module
 import data_module
 import model_module
+import report_module
 import train_module
 import utils
 from callback_module import LRA
@@ -85,11 +89,15 @@ SEED: int = 0                    # seeds the split, initialisation, shuffling an
 OUTPUT_DIR: str = "."            # where best_model.pth, training_metrics.csv and last_checkpoint.pth go
 RESUME: str | None = None        # a last_checkpoint.pth to continue from, or "auto" (OUTPUT_DIR's, when there)
 PRESET: str | None = None        # "fast": PRESETS["fast"] replaces the constants it names
+TENSORBOARD: bool = False        # also log each epoch and the test confusion matrix to OUTPUT_DIR/tensorboard/
 
 # airbench94's recipe on this pipeline: >= 90.6% test accuracy in seconds on a GPU. It trains on all
 # 50,000 images and validates on the test set each epoch (VAL_SPLIT = 0), as airbench does.
 # LR and WEIGHT_DECAY are airbench's 11.5 and 0.0153 (per 1024 images, summed loss) in torch.optim.SGD's
 # terms for a mean loss: 11.5 / (1 + 1 / (1 - 0.85)) = 1.5, and 0.0153 * 1024 / 7851 / 1.5 = 1.33e-3.
+PREDICT_BATCH = 64  # images per batch for --predict
+PREDICT_PRINT = 20  # --predict prints a line per image up to this many images (all go to predictions.csv)
+
 PRESETS = {
     "fast": dict(MODEL="fast", EPOCHS=12, BATCH_SIZE=1024, LR=1.5, MOMENTUM=0.85, WEIGHT_DECAY=1.33e-3,
                  NORM_LR_SCALE=64.0, LABEL_SMOOTHING=0.2, SCHEDULE="onecycle", LOOKAHEAD=True, TTA=True,
@@ -159,23 +167,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nvalid options: {flags}\n")
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], list[str] | None]:
-    """The constants, with the chosen PRESET and then the command line applied; and --predict's images."""
+def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], dict[str, typing.Any]]:
+    """The constants, with the chosen PRESET and then the command line applied; and the command: what
+    --predict, --export and --find-lr ask for instead of training (None or False when not given)."""
     parser = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
     for name, value in constants().items():
         parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar=_type_name(__annotations__[name]),
                             type=_parse_value(name, __annotations__[name]), default=argparse.SUPPRESS,
                             help=f"sets {name} (now {value!r})")
-    parser.add_argument("--predict", nargs="+", metavar="IMAGE", help="classify images with best_model.pth")
+    parser.add_argument("--predict", nargs="+", metavar="PATH", help="classify image files, and the images in "
+                        "folders, with OUTPUT_DIR/best_model.pth; writes OUTPUT_DIR/predictions.csv")
+    parser.add_argument("--export", choices=model_module.EXPORT_KINDS, help="write OUTPUT_DIR/best_model.pth as "
+                        "model.onnx or torch.export's model.pt2, checked against PyTorch on real test images")
+    parser.add_argument("--find-lr", action="store_true", help="instead of training, run the LR range test: "
+                        "lr_finder.png and a suggested LR")
     args = vars(parser.parse_args(argv))
-    predict = args.pop("predict", None)
+    command = {name: args.pop(name) for name in ("predict", "export", "find_lr")}
     config = constants()
     preset = args.get("PRESET", config["PRESET"])
     if preset is not None and preset not in PRESETS:
         parser.error(utils.not_known("PRESET", preset, CHOICES["PRESET"]))
     config.update(PRESETS.get(preset, {}))
     config.update(args)
-    return config, predict
+    return config, command
 
 
 def check_config(config: dict[str, typing.Any]) -> None:
@@ -214,6 +228,7 @@ class Run:
     rank: int
     world_size: int
     autocast_dtype: torch.dtype | None
+    tensorboard: report_module.TensorBoardLog | None = None
 
     @property
     def main_process(self) -> bool:
@@ -239,36 +254,45 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate on the test set and report (or predict); returns the exit status."""
+    """Train, evaluate on the test set and report (or predict, export, find the LR); returns the exit status."""
     return run_main(argv).status
 
 
 def run_main(argv: list[str] | None = None) -> Outcome:
     """main, returning the run's figures too."""
-    values, predict_images = parse_config(argv)
+    values, command = parse_config(argv)
     config = Config(**values)
-    if predict_images:
-        return Outcome(predict(config, predict_images))
+    if command["predict"]:
+        return Outcome(predict(config, command["predict"]))
+    if command["export"]:
+        return Outcome(export(config, command["export"]))
     rank, world_size, local_rank = utils.init_distributed()
     try:
         try:
             check_config(values)
-            run = setup(config, rank, world_size, local_rank)
+            run = setup(config, rank, world_size, local_rank, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {error}", file=sys.stderr)
             return Outcome(2)
+        if command["find_lr"]:
+            return Outcome(find_lr(config, run))
         outcome = train(config, run)
         if outcome.status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
-            outcome.test = report(run.model, run.data, run.autocast_dtype, config.TTA, run.main_process)
+            try:
+                outcome.test = report(config, run)
+            except OSError as error:
+                print(f"error: could not write the test report ({error})", file=sys.stderr)
+                outcome.status = 3
         return outcome
     finally:
         utils.unlock_folder(config.OUTPUT_DIR)
         utils.close_distributed()
 
 
-def setup(c: Config, rank: int, world_size: int, local_rank: int) -> Run:
-    """Seed, device, data, model, optimizer, schedule and LRA, resumed when asked. Raises ValueError or
-    OSError for anything the user got wrong, before any training."""
+def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool = True) -> Run:
+    """Seed, device, data, model, optimizer, schedule and LRA, resumed when asked; for a new run the earlier
+    run's files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong,
+    before any training."""
     utils.check_writable(c.OUTPUT_DIR)
     utils.check_unlocked(c.OUTPUT_DIR, main_process=rank == 0)  # another run writing there: refused at once
     utils.seed_everything(c.SEED)
@@ -309,10 +333,13 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int) -> Run:
         start_epoch, history = checkpoint_module.resume(
             checkpoint, model=model, optimizer=optimizer, lra=lra, best=best, schedule=schedule,
             lookahead=lookahead, run_info=run_info, output_dir=c.OUTPUT_DIR, rank=rank, world_size=world_size)
-    elif rank == 0:  # a new run: the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
+    elif rank == 0 and new_run:  # the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
         checkpoint_module.move_earlier_run(c.OUTPUT_DIR)
+    tensorboard = None
+    if c.TENSORBOARD and rank == 0 and new_run:
+        tensorboard = report_module.TensorBoardLog(os.path.join(c.OUTPUT_DIR, "tensorboard", run_info["started"]))
     return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
-               world_size, torch.bfloat16 if c.BF16 and device.type == "cuda" else None)
+               world_size, torch.bfloat16 if c.BF16 and device.type == "cuda" else None, tensorboard)
 
 
 def train(c: Config, run: Run) -> Outcome:
@@ -330,7 +357,8 @@ def train(c: Config, run: Run) -> Outcome:
                          loss_fn=nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING), output_dir=c.OUTPUT_DIR,
                          best=run.best, wrap=wrap, schedule=run.schedule, lookahead=run.lookahead,
                          autocast_dtype=run.autocast_dtype, start_epoch=run.start_epoch, history=run.history,
-                         run_info=run.run_info, main_process=run.main_process)
+                         run_info=run.run_info, main_process=run.main_process,
+                         on_epoch=run.tensorboard.log_epoch if run.tensorboard else None)
     except KeyboardInterrupt as interrupt:
         if run.main_process:
             print(f"Interrupted. The last completed epoch is saved; to go on, run: python main.py --resume auto "
@@ -358,46 +386,126 @@ def _resume_path(c: Config) -> str | None:
     return path if os.path.exists(path) else None
 
 
-def report(model: nn.Module, data: data_module.Data, autocast_dtype, tta: bool,
-           main_process: bool) -> dict[str, typing.Any]:
-    """Evaluate the (best) model on the test set, print overall and per-class accuracy, return the figures."""
-    started = time.perf_counter()
-    result = train_module.evaluate(model, data.test, autocast_dtype=autocast_dtype, tta=tta,
-                                   num_classes=len(data.classes))
+def report(c: Config, run: Run) -> dict[str, typing.Any]:
+    """Evaluate the (best) model on the test set, print overall and per-class accuracy, write the test report,
+    the confusion matrix and the most confident mistakes; return the figures."""
+    data, started = run.data, time.perf_counter()
+    result = train_module.evaluate(run.model, data.test, autocast_dtype=run.autocast_dtype, tta=c.TTA,
+                                   num_classes=len(data.classes), collect=True)
     result["seconds"] = time.perf_counter() - started
-    if not main_process:
+    if not run.main_process:
         return result
     which = "validation (test) set" if data.val_is_test else "test set"
     print(f"Test accuracy on the {which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
-          f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
+          f"{', with test-time augmentation' if c.TTA else ''}; {result['seconds']:.1f} s)")
     for name, acc in zip(data.classes, result["per_class"]):
         print(f"  {name:>12}: {100 * acc:6.2f}%")
+    report_module.write_test_outputs(result, data.classes, data.mean, data.std, c.OUTPUT_DIR)
+    if run.tensorboard:
+        run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(run.history))
+        run.tensorboard.close()
     return result
 
 
-def predict(c: Config, paths: list[str]) -> int:
-    """Print the top-3 classes of each image with OUTPUT_DIR/best_model.pth; 2 if any image failed."""
+def find_lr(c: Config, run: Run) -> int:
+    """The LR range test on the training data, instead of training: lr_finder.png and a suggested LR."""
+    lrs, losses, suggestion = train_module.find_lr(
+        run.model, run.data.train, run.optimizer, nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING),
+        autocast_dtype=run.autocast_dtype)
+    if run.main_process:
+        path = os.path.join(c.OUTPUT_DIR, report_module.LR_FINDER)
+        report_module.plot_lr_finder(lrs, losses, suggestion, path)
+        print(f"LR finder: {len(lrs)} steps, LR {lrs[0]:.0e} to {lrs[-1]:.1e}. Suggested LR: {suggestion:.2g} "
+              f"(the middle of the longest fall of the smoothed loss, fastai's valley rule; plot: {path}). "
+              f"To use it: python main.py --lr {suggestion:.2g}")
+    return 0
+
+
+def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
+    """best_model.json and the model of best_model.pth in output_dir, on the device, for inference."""
+    info = checkpoint_module.load_best_model_info(output_dir)
+    model = model_module.get_model(info["model"], len(info["classes"]), image_size=info["image_size"],
+                                   weights=os.path.join(output_dir, checkpoint_module.BEST_MODEL))
+    return info, model.to(utils.get_device()).eval()
+
+
+def _example_images(c: Config, info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
+    """n real images of DATA_DIR's test set (else its val/ or train/ folder), prepared as for --predict."""
+    if c.DATASET == "cifar10":
+        images = data_module.read_cifar10(c.DATA_DIR, download=False)[2][:n]
+        mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+        return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    folders = [os.path.join(c.DATA_DIR, split) for split in ("test", "val", "train")]
+    files, _ = data_module.find_images([next((f for f in folders if os.path.isdir(f)), c.DATA_DIR)])
+    dataset = data_module.PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
+                                           info.get("resize_size"))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def export(c: Config, kind: str) -> int:
+    """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images: 0 when its
+    logits agree with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
+    path = os.path.join(c.OUTPUT_DIR, model_module.EXPORT_FILES[kind])
     try:
-        info = checkpoint_module.load_best_model_info(c.OUTPUT_DIR)
-        model = model_module.get_model(info["model"], len(info["classes"]), image_size=info["image_size"],
-                                       weights=os.path.join(c.OUTPUT_DIR, checkpoint_module.BEST_MODEL))
+        model_module.check_export(kind)
+        info, model = _best_model(c.OUTPUT_DIR)
+        images = _example_images(c, info)
+        utils.lock_folder(c.OUTPUT_DIR)  # it writes there: never while a run does
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    status = 0
-    for path in paths:
-        try:
-            image = data_module.load_image(path, info["image_size"], info["mean"], info["std"],
-                                           resize_size=info.get("resize_size"))
-        except data_module.DataError as error:
-            print(f"error: {error}", file=sys.stderr)
-            status = 2
-            continue
-        probabilities = train_module.predict_proba(model, image[None])[0]
-        top = probabilities.topk(min(3, len(probabilities)))
-        ranked = ", ".join(f"{info['classes'][i]} {100 * p:.1f}%" for p, i in zip(top.values.tolist(),
-                                                                                     top.indices.tolist()))
-        print(f"{path}: {ranked}")
+    try:
+        difference = model_module.export(model.cpu(), path, kind, mean=info["mean"], std=info["std"],
+                                         classes=info["classes"], example_images=images,
+                                         resize_size=info.get("resize_size"))
+    except Exception as error:  # exporters fail in many ways on unusual models; best_model.pth is untouched
+        print(f"error: could not export {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+              file=sys.stderr)
+        return 3
+    finally:
+        utils.unlock_folder(c.OUTPUT_DIR)
+    print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test images, at batch "
+          f"sizes 1 and 5: {difference:.1e} (relative)")
+    if difference > model_module.EXPORT_TOLERANCE:
+        print(f"error: {path} differs from PyTorch by more than {model_module.EXPORT_TOLERANCE:g}; do not ship it",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+def predict(c: Config, paths: list[str]) -> int:
+    """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth, in batches
+    on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3) and print a line per
+    image when there are few. 2 when a file named on the command line is not an image (the rest is written)."""
+    try:
+        info, model = _best_model(c.OUTPUT_DIR)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    files, skipped = data_module.find_images(paths)
+    if skipped:
+        print(f"note: skipped {skipped} files in the folders given that are not images", file=sys.stderr)
+    images = data_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
+    loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
+                        (c.NUM_WORKERS if c.NUM_WORKERS is not None else os.cpu_count() or 1))
+    rows, status, done = [], 0, 0
+    for batch, errors in tqdm(loader, desc="predicting", unit="batch", disable=not sys.stderr.isatty()):
+        top = train_module.predict_proba(model, batch).topk(min(3, len(info["classes"])))
+        for path, error, values, indices in zip(files[done:], errors, top.values.tolist(), top.indices.tolist()):
+            if error:
+                print(f"error: {error}", file=sys.stderr)
+                status = 2
+                continue
+            ranked = [(info["classes"][i], p) for p, i in zip(values, indices)]
+            rows.append({"path": path, **{f"{key}{k}": value for k, (name, p) in enumerate(ranked, start=1)
+                                          for key, value in (("top", name), ("p", round(p, 6)))}})
+            if len(files) <= PREDICT_PRINT:
+                print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in ranked))
+        done += len(errors)
+    frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
+    output = os.path.join(c.OUTPUT_DIR, checkpoint_module.PREDICTIONS)
+    utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
+    print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
     return status
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 import os
 import sys
 import time
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 import checkpoint_module
 import model_module
+import report_module
 import utils
 from callback_module import LRA, Decision
 
@@ -221,27 +224,84 @@ def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype | None = None,
-             tta: bool = False, num_classes: int | None = None) -> dict[str, float]:
+             tta: bool = False, num_classes: int | None = None, collect: bool = False) -> dict[str, Any]:
     """Cross-entropy loss and accuracy of the model over a loader (over every process); with
-    num_classes, also the accuracy of each class ("per_class")."""
+    num_classes, also the accuracy of each class ("per_class"); with collect (which needs num_classes),
+    also the confusion matrix ("confusion": counts, rows the true class, columns the predicted one) and
+    the MISTAKES most confident wrong predictions ("mistakes", a list of Mistake, most confident first)."""
+    if collect and not num_classes:
+        raise ValueError("evaluate(collect=True) needs num_classes")
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
     totals = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
+    confusion = torch.zeros((num_classes or 1) ** 2, dtype=torch.int64, device=device)  # true x C + predicted
+    mistakes = _MostConfidentMistakes(MISTAKES)
     for images, targets in loader:
         with autocast(device, autocast_dtype):
             logits = _tta_logits(model, images) if tta else model(images)
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
+        predicted = logits.argmax(1)
         by_class = targets if num_classes else torch.zeros_like(targets)
-        hits += torch.bincount(by_class[logits.argmax(1) == targets], minlength=len(hits))
+        hits += torch.bincount(by_class[predicted == targets], minlength=len(hits))
         totals += torch.bincount(by_class, minlength=len(totals))
+        if collect:
+            confusion += torch.bincount(targets * num_classes + predicted, minlength=len(confusion))
+            mistakes.add(images, logits, targets)
     counts = utils.all_reduce_sum(torch.cat([loss_sum[None].double(), hits.double(), totals.double()])).tolist()
     loss_sum, hits, totals = counts[0], counts[1:1 + len(hits)], counts[1 + len(hits):]
     result = {"loss": loss_sum / sum(totals), "acc": sum(hits) / sum(totals)}
     if num_classes:
         result["per_class"] = [h / t if t else float("nan") for h, t in zip(hits, totals)]
+    if collect:
+        result["confusion"] = utils.all_reduce_sum(confusion).view(num_classes, num_classes).cpu()
+        result["mistakes"] = mistakes.result()
     return result
+
+
+MISTAKES = 25  # wrong predictions evaluate(collect=True) keeps for the gallery (misclassified.png)
+
+
+@dataclasses.dataclass
+class Mistake:
+    """A wrong prediction: the image as the model saw it (normalised, C x H x W, on the CPU), its true and
+    predicted class indices, and the probability the model gave the predicted class."""
+
+    image: torch.Tensor
+    target: int
+    predicted: int
+    probability: float
+
+
+class _MostConfidentMistakes:
+    """A running top-k of the wrong predictions by the predicted class's probability, kept on the device:
+    k images at most, never the whole set, and no wait for the device per batch."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.kept: tuple[torch.Tensor, ...] | None = None  # probabilities, images, targets, predictions
+
+    def add(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        probability, predicted = logits.float().softmax(1).max(1)
+        score = torch.where(predicted != targets, probability, -1.0)  # right answers rank below every mistake
+        chosen = score.topk(min(self.k, len(score))).indices
+        candidates = (score[chosen], images[chosen], targets[chosen], predicted[chosen])
+        if self.kept is not None:
+            candidates = tuple(torch.cat(pair) for pair in zip(self.kept, candidates))
+        keep = candidates[0].topk(min(self.k, len(candidates[0]))).indices
+        self.kept = tuple(c[keep] for c in candidates)
+
+    def result(self) -> list[Mistake]:
+        """The k most confident mistakes over every process, most confident first."""
+        mine = []
+        if self.kept is not None:
+            probabilities, images, targets, predicted = self.kept
+            mine = [Mistake(image, target, prediction, probability) for probability, image, target, prediction
+                    in zip(probabilities.tolist(), images.cpu(), targets.tolist(), predicted.tolist())
+                    if probability >= 0]
+        everyone = [m for mistakes in utils.gather(mine) for m in mistakes]
+        return sorted(everyone, key=lambda m: -m.probability)[:self.k]
 
 
 @torch.no_grad()
@@ -250,6 +310,88 @@ def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     return model(images.to(device)).float().softmax(1).cpu()
+
+
+# --------------------------------------------------------------------------- the LR range test
+
+
+def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
+            start_lr: float = 1e-7, end_lr: float = 10.0, steps: int = 100, autocast_dtype: torch.dtype | None = None,
+            beta: float = 0.98, diverge: float = 4.0) -> tuple[list[float], list[float], float]:
+    """An LR range test (Smith 2017, fastai's lr_find): train up to `steps` batches (cycling the loader when
+    it has fewer) with the LR rising exponentially from start_lr to end_lr, recording the loss smoothed
+    as fastai does (an exponential moving average with `beta`, bias-corrected), and stop once it exceeds
+    `diverge` times the lowest so far (or is not finite). Returns the LRs, the smoothed losses and the
+    suggested LR (see suggest_lr). The model, the optimizer and the random states are then put back exactly
+    as they were: the test trains only to measure."""
+    if not 0 < start_lr < end_lr:
+        raise ValueError(f"the LR finder needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    if steps < 2:
+        raise ValueError(f"the LR finder needs at least 2 steps, got {steps}")
+    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved_optimizer, rng, training = copy.deepcopy(optimizer.state_dict()), utils.rng_state(), model.training
+    device = next(model.parameters()).device
+    lrs, losses, average, best = [], [], 0.0, math.inf
+    try:
+        model.train()
+        for step, (images, targets) in enumerate(_cycle(loader, steps)):
+            lr = start_lr * (end_lr / start_lr) ** (step / (steps - 1))
+            set_lr(optimizer, lr)
+            with autocast(device, autocast_dtype):
+                loss = loss_fn(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()  # one wait for the device per step: 100 steps, once
+            if not math.isfinite(value):
+                break
+            average = beta * average + (1 - beta) * value
+            smoothed = average / (1 - beta ** (step + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if smoothed > diverge * best:
+                break
+    finally:
+        model.load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_optimizer)
+        model.zero_grad(set_to_none=True)
+        model.train(training)
+        utils.set_rng_state(rng)
+    if not lrs:
+        raise ValueError(f"the loss was not finite at the LR finder's first step (LR {start_lr})")
+    return lrs, losses, suggest_lr(lrs, losses)
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> float:
+    """After fastai's "valley" rule: leave out the first tenth of the points and the last five (the start is
+    flat and noisy, the end diverging), find the longest run of points over which the smoothed loss keeps
+    falling (the longest decreasing subsequence), and take the LR midway between its first and last point
+    (on the log scale). With under 20 points, all are used."""
+    if len(lrs) >= 20:
+        lrs, losses = lrs[len(lrs) // 10:-5], losses[len(losses) // 10:-5]
+    lengths, firsts = [1] * len(losses), list(range(len(losses)))  # the longest run ending at each point
+    for i in range(len(losses)):
+        for j in range(i):
+            if losses[j] > losses[i] and lengths[j] + 1 >= lengths[i]:  # ties: the later start, off a plateau
+                lengths[i], firsts[i] = lengths[j] + 1, firsts[j]
+    end = lengths.index(max(lengths))
+    return lrs[(firsts[end] + end) // 2]
+
+
+def _cycle(loader: Iterable, steps: int) -> Iterable:
+    """`steps` batches from the loader, starting it again as often as needed."""
+    step = 0
+    while step < steps:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            step += 1
+            if step == steps:
+                return
+        if empty:
+            raise ValueError("the LR finder got no batches from the training data")
 
 
 # --------------------------------------------------------------------------- carrying out LRA's decisions
@@ -313,12 +455,13 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
         output_dir: str = ".", best: Snapshot | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
         schedule: OneCycle | None = None, lookahead: Lookahead | None = None,
         autocast_dtype: torch.dtype | None = None, start_epoch: int = 1, history: list[dict] | None = None,
-        run_info: dict | None = None, main_process: bool = True) -> list[dict]:
+        run_info: dict | None = None, main_process: bool = True,
+        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train to `epochs` (or as far as the user asks at the prompt) unless LRA stops first, carrying out
     its decisions; save the epoch's files (checkpoint_module.save_epoch); at the end, or on an
     interruption, restore the best weights and draw training_curves.png. wrap(model) gives what runs
     the training batches (see wrap_for_training); run_info (constants, classes, normalisation) goes
-    into the checkpoint and best_model.json."""
+    into the checkpoint and best_model.json; on_epoch(metrics) is called after each epoch's files (TensorBoard)."""
     wrap = wrap or (lambda m: m)
     best = best or Snapshot(with_optimizer=lra.restores)
     train_model, history, run_info = wrap(model), list(history or []), run_info or {}
@@ -338,6 +481,8 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
                 checkpoint_module.save_epoch(output_dir, model=model, optimizer=optimizer, lra=lra, best=best,
                                              new_best=decision.new_best, schedule=schedule, lookahead=lookahead,
                                              rng=rng, history=history, run_info=run_info)
+                if on_epoch is not None:
+                    on_epoch(history[-1])
             if decision.stop:
                 break
             epoch += 1
@@ -349,7 +494,7 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
             best.restore(model)
         lra.on_train_end(reason)
         if main_process and history:
-            utils.plot_training_curves(history, os.path.join(output_dir, utils.CURVES))
+            report_module.plot_training_curves(history, os.path.join(output_dir, report_module.CURVES))
     _check_agreement(model, history, main_process)
     return history
 

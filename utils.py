@@ -8,7 +8,6 @@ import errno
 import os
 import pickle
 import random
-import sys
 import tempfile
 from typing import Any, Callable
 
@@ -22,7 +21,6 @@ try:
 except ImportError:  # Windows has no flock: runs there take no lock on their folder, and nothing fails
     fcntl = None
 
-CURVES = "training_curves.png"
 LOCK_FILE = ".lock"  # in OUTPUT_DIR: flock'ed by the run writing there, and holding its process id
 CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr", "monitor",
                "improved", "new_best", "event", "seconds"]
@@ -176,39 +174,6 @@ def write_metrics(history: list[dict[str, Any]], path: str) -> None:
     """Write training_metrics.csv (one row per epoch so far), atomically."""
     frame = pd.DataFrame(history, columns=CSV_COLUMNS)
     atomic_write(path, lambda f: frame.to_csv(f, index=False))
-
-
-def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
-    """Draw training_curves.png: loss and accuracy per epoch, training and validation, the LR on a second
-    axis, LR cuts and weight restores marked. A failure to draw only warns: the run matters more."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-
-        epochs = [row["epoch"] for row in history]
-        cuts = [row["epoch"] for row in history if "LR cut" in str(row.get("event") or "")]
-        restores = [row["epoch"] for row in history if "restored" in str(row.get("event") or "")]
-        figure = Figure(figsize=(12, 4.5), dpi=100)
-        panels = figure.subplots(1, 2)
-        for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"), (panels[1], "acc", 100, "Accuracy (%)")):
-            panel.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", ms=3, label="training")
-            panel.plot(epochs, [scale * row[f"val_{key}"] for row in history], "o-", ms=3, label="validation")
-            for i, epoch in enumerate(cuts):
-                panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0 else None)
-            for i, epoch in enumerate(restores):
-                panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8,
-                              label="weights restored" if i == 0 else None)
-            panel.set(xlabel="epoch", title=title)
-            lr_axis = panel.twinx()
-            lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6, label="LR")
-            lr_axis.set_yscale("log")
-            lr_axis.set_ylabel("learning rate")
-            lines, labels = panel.get_legend_handles_labels()
-            more_lines, more_labels = lr_axis.get_legend_handles_labels()
-            panel.legend(lines + more_lines, labels + more_labels, fontsize="small")
-        figure.tight_layout()
-        atomic_write(path, lambda f: figure.savefig(f, format="png"))
-    except Exception as error:  # a plot is a convenience: never let it end a run or hide its real error
-        print(f"warning: could not draw {path}: {error}", file=sys.stderr)
 
 
 def check_writable(folder: str) -> None:

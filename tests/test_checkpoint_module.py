@@ -6,7 +6,6 @@ import io
 import json
 import os
 
-import pytest
 import torch
 from torch import nn
 

@@ -52,10 +52,10 @@ def main_in_process(args, capsys):
 
 
 def test_flags_are_derived_from_the_constants():
-    config, predict = main.parse_config(["--epochs", "3", "--data-dir", "/x", "--train-subset", "none",
+    config, command = main.parse_config(["--epochs", "3", "--data-dir", "/x", "--train-subset", "none",
                                          "--dwell", "false", "--lr", "0.2"])
     assert config["EPOCHS"] == 3 and config["DATA_DIR"] == "/x" and config["TRAIN_SUBSET"] is None
-    assert config["DWELL"] is False and config["LR"] == 0.2 and predict is None
+    assert config["DWELL"] is False and config["LR"] == 0.2 and command["predict"] is None
     assert set(main.constants()) >= {"DATA_DIR", "DATASET", "MODEL", "EPOCHS", "BATCH_SIZE", "LR", "FREEZE",
                                      "WEIGHTS", "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR", "DWELL",
                                      "ASK_EPOCH", "VAL_SPLIT", "TRAIN_SUBSET", "SEED", "OUTPUT_DIR"}
@@ -269,7 +269,7 @@ def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_tim
     assert run_main(args, cwd=cwd, umask=0o027).returncode == 0
     first_ended, first = time.time(), run_files(out)
     assert set(first) == {"last_checkpoint.pth", "best_model.pth", "best_model.json", "training_metrics.csv",
-                          "training_curves.png"}
+                          "training_curves.png", "test_report.csv", "confusion_matrix.png", "misclassified.png"}
 
     second_began = int(time.time())
     second = run_main(args + ["--lr", "0.01"], cwd=cwd, umask=0o027)

@@ -1,5 +1,7 @@
-"""The loop: CSV rows, best_model.pth, non-finite losses, schedules, lookahead, the fast preset."""
+"""The loop: CSV rows, best_model.pth, non-finite losses, schedules, lookahead, the fast preset, evaluate's
+confusion matrix and mistakes, the LR finder."""
 
+import copy
 import io
 import json
 
@@ -184,3 +186,144 @@ def test_the_fast_preset_trains_a_few_steps_on_tiny_data(tmp_path):
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
     assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert schedule.step == steps and lookahead.step == steps
+
+
+# --------------------------------------------------------------------------- evaluate(collect=True)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: batches this small gain nothing from more, and on a busy machine two threads spin
+    idle waiting for each other (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_evaluate_collects_a_confusion_matrix_and_the_most_confident_mistakes(one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(n_val=40, size=8, batch_size=4)  # validation batches of 8: the top-k runs over 5
+    model = model_module.get_model("cnn", 4).eval()
+    result = train_module.evaluate(model, data.val, num_classes=4, collect=True)
+    confusion = result["confusion"]
+    assert confusion.shape == (4, 4) and confusion.dtype == torch.int64
+    assert confusion.sum() == len(data.val.labels) == 40
+    assert confusion.trace().item() / 40 == pytest.approx(result["acc"])
+    assert (confusion.diag() / confusion.sum(1)).tolist() == pytest.approx(result["per_class"])
+
+    images = torch.cat([batch for batch, _ in data.val])  # by hand: every wrong prediction, ranked
+    with torch.no_grad():
+        probabilities = model(images).softmax(1)
+    confidence, predicted = probabilities.max(1)
+    wrong = (predicted != data.val.labels).nonzero().squeeze(1)
+    assert len(wrong) > train_module.MISTAKES  # an untrained model: more mistakes than the gallery keeps
+    expected = confidence[wrong].sort(descending=True).values[:train_module.MISTAKES]
+    mistakes = result["mistakes"]
+    assert [m.probability for m in mistakes] == pytest.approx(expected.tolist(), rel=1e-5)
+    for mistake in mistakes:
+        with torch.no_grad():
+            again = model(mistake.image[None]).softmax(1)[0]
+        assert mistake.predicted != mistake.target and again.argmax().item() == mistake.predicted
+        assert again.max().item() == pytest.approx(mistake.probability, rel=1e-5)
+        index = next(i for i in range(len(images)) if torch.equal(images[i], mistake.image))
+        assert data.val.labels[index].item() == mistake.target  # the image is the test image it claims to be
+
+
+def test_evaluate_without_collect_returns_what_it_always_did():
+    data = make_tiny_data(size=8)
+    model = model_module.get_model("cnn", 4)
+    assert set(train_module.evaluate(model, data.val)) == {"loss", "acc"}
+    assert set(train_module.evaluate(model, data.val, num_classes=4)) == {"loss", "acc", "per_class"}
+    with pytest.raises(ValueError, match="needs num_classes"):
+        train_module.evaluate(model, data.val, collect=True)
+
+
+def test_a_perfect_model_has_no_mistakes_and_a_diagonal_confusion_matrix():
+    data = make_tiny_data(size=8)
+
+    class Oracle(nn.Module):  # reads the class off the brightness that make_tiny_data gives each class
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(()))
+
+        def forward(self, images):
+            brightness = images.mean((1, 2, 3))
+            order = brightness.argsort().argsort()  # rank within the batch; classes are balanced and in order
+            return 10 * nn.functional.one_hot(order * 4 // len(images), 4).float() + self.anchor
+
+    result = train_module.evaluate(Oracle(), data.val, num_classes=4, collect=True)
+    assert result["acc"] == 1.0 and result["mistakes"] == []
+    assert torch.equal(result["confusion"], torch.diag(torch.bincount(data.val.labels, minlength=4)))
+
+
+# --------------------------------------------------------------------------- the LR finder
+
+
+def _state(model, optimizer):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()))
+
+
+def _assert_same(model, optimizer, state):
+    weights, optimizer_state = state
+    for key, value in model.state_dict().items():  # weights and BatchNorm buffers, bit for bit
+        assert torch.equal(value, weights[key]), key
+    assert optimizer.state_dict()["param_groups"] == optimizer_state["param_groups"]  # LRs included
+    now = optimizer.state_dict()["state"]
+    assert now.keys() == optimizer_state["state"].keys()
+    for key in now:
+        assert torch.equal(now[key]["momentum_buffer"], optimizer_state["state"][key]["momentum_buffer"])
+
+
+def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_it_tried(one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8, batch_size=16)  # 4 batches: the finder cycles through them
+    model = model_module.get_model("cnn", 4)
+    optimizer = train_module.make_optimizer(model, 0.05)
+    train_module.train_one_epoch(model, data.train, optimizer, nn.CrossEntropyLoss())  # momentum to keep
+    model.eval()
+    before = _state(model, optimizer)
+    rng = torch.get_rng_state()
+    lrs, losses, suggestion = train_module.find_lr(model, data.train, optimizer, nn.CrossEntropyLoss(),
+                                                   start_lr=1e-4, end_lr=10, steps=60)
+    _assert_same(model, optimizer, before)
+    assert not model.training and train_module.get_lr(optimizer) == 0.05
+    assert torch.equal(torch.get_rng_state(), rng)  # a run with the finder draws what one without would
+    assert lrs[0] == pytest.approx(1e-4) and all(a < b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[1] / lrs[0] == pytest.approx((10 / 1e-4) ** (1 / 59))  # exponential steps, 10 reached at 60
+    assert 1e-4 <= suggestion <= 10 and suggestion in lrs
+    # this net diverges before LR 10: the test stops once the smoothed loss passes 4x its lowest
+    assert len(lrs) < 60 and losses[-1] > 4 * min(losses) and all(x <= 4 * min(losses[:i + 1])
+                                                                   for i, x in enumerate(losses[:-1]))
+    # the first smoothed loss is the first batch's own (the bias correction), at the untouched weights
+    images, targets = next(iter(data.train))
+    first = nn.functional.cross_entropy(model.train()(images), targets).item()
+    assert losses[0] == pytest.approx(first, rel=1e-6)
+
+
+def test_the_lr_finder_trains_only_the_head_of_a_frozen_model(one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8)
+    model = model_module.get_model("cnn", 4, freeze=True)
+    optimizer = train_module.make_optimizer(model, 0.05, body_lr_scale=0.1)
+    before = _state(model, optimizer)
+    body = {k: v.clone() for k, v in model.body.state_dict().items()}
+    heads = []
+
+    def loss_fn(logits, targets):  # called at every step: the body is as it was, the head moves
+        for key, value in model.body.state_dict().items():
+            assert torch.equal(value, body[key]), key
+        heads.append(model.head[1].weight.detach().clone())
+        return nn.functional.cross_entropy(logits, targets)
+
+    lrs, losses, suggestion = train_module.find_lr(model, data.train, optimizer, loss_fn, steps=20, end_lr=1)
+    assert len(lrs) > 5 and not torch.equal(heads[0], heads[-1])
+    assert lrs[0] <= suggestion <= lrs[-1]
+    _assert_same(model, optimizer, before)
+
+
+def test_the_suggestion_is_the_middle_of_the_longest_fall():
+    lrs = [10.0 ** (i / 10) for i in range(40)]
+    losses = [3.0] * 10 + [3.0 - 0.1 * i for i in range(20)] + [1.5 + 0.5 * i for i in range(10)]
+    # trimmed to points 4..34; the longest fall runs from the plateau's last point, 10, to point 29
+    assert train_module.suggest_lr(lrs, losses) == lrs[(10 + 29) // 2]

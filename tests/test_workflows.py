@@ -13,6 +13,7 @@ from PIL import Image
 
 import data_module
 import main
+import report_module
 import utils
 from conftest import CLASSES, PHOTO_CLASSES, ROOT, run_main, write_fake_cifar, write_image_tree, write_photo_tree
 
@@ -68,7 +69,7 @@ def test_training_curves_are_a_png_of_the_expected_size(tmp_path):
                 "lr": 0.1 if e < 3 else 0.05, "event": "restored epoch 2, LR cut" if e == 3 else "best"}
                for e in range(1, 6)]
     path = tmp_path / "training_curves.png"
-    utils.plot_training_curves(history, str(path))
+    report_module.plot_training_curves(history, str(path))
     assert png_size(path) == (1200, 450)
     Image.open(path).verify()
 
@@ -286,3 +287,78 @@ def test_a_folder_of_real_world_photos_trains_and_predicts(tmp_path, resident, c
     assert [line.split(": ")[0] for line in lines] == odd
     for line in lines:  # "path: class p%, class p%, class p%", class names with spaces included
         assert sorted(entry.rsplit(" ", 1)[0] for entry in line.split(": ", 1)[1].split(", ")) == sorted(PHOTO_CLASSES)
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy(tmp_path, capsys):
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = tmp_path / "out"
+    assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--epochs", "1"]) == 0
+    printed = float(next(line for line in capsys.readouterr().out.splitlines()
+                         if line.startswith("Test accuracy")).split(": ")[1].split("%")[0])
+    frame = pd.read_csv(out / "test_report.csv")
+    assert list(frame.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert list(frame["class"]) == CLASSES + ["macro avg", "weighted avg"]
+    per_class = frame.iloc[:10]
+    assert per_class["support"].sum() == 20  # the test batch: the confusion matrix counts every test image once
+    assert 100 * frame.set_index("class").loc["weighted avg", "recall"] == pytest.approx(printed, abs=0.005)
+    for name in ("confusion_matrix.png", "misclassified.png"):
+        Image.open(out / name).verify()
+
+
+def test_predict_classifies_a_nested_folder_into_a_table(tmp_path, capsys):
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = str(tmp_path / "out")
+    assert main.main(["--data-dir", data, "--output-dir", out, *TINY, "--epochs", "1"]) == 0
+    folder = tmp_path / "new"
+    paths = []
+    for i, sub in enumerate(["", "a", "a/b", "c"]):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        path = folder / sub / f"image{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    (folder / "a" / "notes.txt").write_text("not an image")
+    capsys.readouterr()
+    assert main.main(["--output-dir", out, "--predict", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 files" in captured.err
+    frame = pd.read_csv(os.path.join(out, "predictions.csv"))
+    assert list(frame.columns) == ["path", "top1", "p1", "top2", "p2", "top3", "p3"]
+    assert sorted(frame["path"]) == sorted(paths) and frame["top1"].isin(CLASSES).all()
+    assert (frame["p1"] >= frame["p2"]).all() and (frame["p2"] >= frame["p3"]).all()
+    assert len(captured.out.strip().splitlines()) == 4
+
+
+def test_a_named_file_that_is_not_an_image_exits_2_and_the_good_rows_are_written(tmp_path, capsys):
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = str(tmp_path / "out")
+    assert main.main(["--data-dir", data, "--output-dir", out, *TINY, "--epochs", "1"]) == 0
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(good)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    assert main.main(["--output-dir", out, "--predict", str(text), str(good)]) == 2
+    assert "notes.txt is not an image" in capsys.readouterr().err
+    assert list(pd.read_csv(os.path.join(out, "predictions.csv"))["path"]) == [str(good)]
+
+
+def test_export_onnx_writes_a_checked_model(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = str(tmp_path / "out")
+    assert main.main(["--data-dir", data, "--output-dir", out, *TINY, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main.main(["--data-dir", data, "--output-dir", out, "--export", "onnx"]) == 0
+    assert "Exported" in capsys.readouterr().out and os.path.getsize(os.path.join(out, "model.onnx")) > 0
+
+
+def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsys):
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    out = tmp_path / "out"
+    assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--find-lr", "--freeze", "true"]) == 0
+    text = capsys.readouterr().out
+    suggested = float(text.split("Suggested LR: ")[1].split()[0])
+    assert 1e-7 <= suggested <= 10 and f"--lr {suggested:.2g}" in text
+    assert sorted(os.listdir(out)) == [".lock", "lr_finder.png"]

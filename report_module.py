@@ -1,0 +1,252 @@
+"""What a run leaves to look at: the training curves, the test report, the confusion matrix, the gallery
+of confident mistakes, the LR finder's plot, and (optionally) a TensorBoard log.
+
+Figures are drawn with matplotlib's Figure, never pyplot (no global state, no display needed), and every
+file is written atomically (utils.atomic_write). A figure that cannot be drawn only warns: the run matters
+more. Only rank 0 calls these under torchrun.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+import utils
+
+CURVES = "training_curves.png"
+TEST_REPORT = "test_report.csv"
+CONFUSION = "confusion_matrix.png"
+MISCLASSIFIED = "misclassified.png"
+LR_FINDER = "lr_finder.png"
+FILES = (CURVES, TEST_REPORT, CONFUSION, MISCLASSIFIED, LR_FINDER)  # all this module writes in OUTPUT_DIR
+REPORT_COLUMNS = ["class", "precision", "recall", "f1", "support"]
+AVERAGES = ("macro avg", "weighted avg")  # the rows after the classes, as scikit-learn's classification_report
+
+
+# --------------------------------------------------------------------------- the test set
+
+
+def write_test_outputs(result: dict[str, Any], classes: Sequence[str], mean: Sequence[float],
+                       std: Sequence[float], output_dir: str) -> None:
+    """Write test_report.csv, confusion_matrix.png and misclassified.png from evaluate(..., collect=True)."""
+    write_test_report(result["confusion"], classes, os.path.join(output_dir, TEST_REPORT))
+    plot_confusion_matrix(result["confusion"], classes, os.path.join(output_dir, CONFUSION))
+    plot_misclassified(result["mistakes"], classes, mean, std, os.path.join(output_dir, MISCLASSIFIED))
+
+
+def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows the true class, columns
+    the predicted one), then their macro and support-weighted averages, as scikit-learn's
+    classification_report with zero_division=nan: a ratio with nothing to divide (a class never predicted
+    has no precision; one with no images no recall) is NaN, and left out of the averages. Recall is each
+    class's accuracy, so the weighted recall is the accuracy."""
+    counts = confusion.double().cpu().numpy()
+    if counts.shape != (len(classes), len(classes)):
+        raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit {len(classes)} classes")
+    hits, support, predicted = np.diag(counts), counts.sum(1), counts.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, as wanted
+        precision, recall = hits / predicted, hits / support
+        f1 = 2 * hits / (support + predicted)  # the harmonic mean of the two, also when one is undefined
+    frame = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall, "f1": f1,
+                          "support": support.astype(np.int64)})
+    rows = [frame]
+    for name, weights in zip(AVERAGES, (np.ones_like(support), support)):
+        averages = {key: _nan_average(frame[key].to_numpy(), weights) for key in ("precision", "recall", "f1")}
+        rows.append(pd.DataFrame([{"class": name, **averages, "support": int(support.sum())}]))
+    return pd.concat(rows, ignore_index=True)[REPORT_COLUMNS]
+
+
+def _nan_average(values: np.ndarray, weights: np.ndarray) -> float:
+    """The weighted mean of the values that are not NaN (NaN when none is, or their weights add to 0)."""
+    known = ~np.isnan(values)
+    total = weights[known].sum()
+    return float((values[known] * weights[known]).sum() / total) if total else math.nan
+
+
+def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str) -> pd.DataFrame:
+    """Write test_report.csv (classification_report), atomically; returns the table. Unlike the figures, a
+    file that cannot be written raises OSError."""
+    frame = classification_report(confusion, classes)
+    utils.atomic_write(path, lambda f: frame.to_csv(f, index=False, float_format="%.6f"))
+    return frame
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str) -> None:
+    """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's share
+    going to each prediction), class names on both axes; the figure and the fonts scale with the class count,
+    readable up to about 50 classes."""
+    _draw(path, lambda: confusion_figure(confusion, classes))
+
+
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]):
+    """The confusion matrix as a matplotlib Figure (for plot_confusion_matrix and TensorBoard)."""
+    from matplotlib.figure import Figure
+
+    counts = confusion.cpu().numpy()
+    n = len(classes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))  # a class with no images: an empty row
+    side = max(5.0, 2.5 + 0.34 * n)  # inches: about a third of an inch per cell beyond the margins
+    cell_font = float(np.clip(12 - n / 7, 7, 10))  # points: 10 up to 14 classes, 7 from 35 (four digits fit)
+    label_font = float(np.clip(12 - n / 10, 8, 10))
+    figure = Figure(figsize=(side + 1.2, side), dpi=100)
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, column), count in np.ndenumerate(counts):
+        if count or n <= 20:  # beyond 20 classes a blank cell reads as 0, which keeps the matrix legible
+            axes.text(column, row, str(count), ha="center", va="center", fontsize=cell_font,
+                      color="white" if shares[row, column] > 0.5 else "black")
+    ticks = np.arange(n)
+    axes.set_xticks(ticks, labels=list(classes), rotation=45 if n <= 10 else 90, fontsize=label_font,
+                    ha="right" if n <= 10 else "center", rotation_mode="anchor" if n <= 10 else "default")
+    axes.set_yticks(ticks, labels=list(classes), fontsize=label_font)
+    total = int(counts.sum())
+    accuracy = np.trace(counts) / total if total else math.nan
+    axes.set(xlabel="predicted class", ylabel="true class",
+             title=f"Confusion matrix: {total} test images, accuracy {100 * accuracy:.2f}%")
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
+    figure.tight_layout()
+    return figure
+
+
+def plot_misclassified(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
+                       std: Sequence[float], path: str) -> None:
+    """Draw misclassified.png: the given mistakes (train_module.Mistake, most confident first), each image
+    un-normalised (x std + mean) and titled with its true class, the predicted class and its probability."""
+    _draw(path, lambda: _mistakes_figure(mistakes, classes, mean, std))
+
+
+def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
+                     std: Sequence[float]):
+    from matplotlib.figure import Figure
+
+    if not mistakes:
+        figure = Figure(figsize=(4, 1.5), dpi=100)
+        figure.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        return figure
+    columns = math.ceil(math.sqrt(len(mistakes)))
+    rows = math.ceil(len(mistakes) / columns)
+    figure = Figure(figsize=(2.1 * columns, 2.4 * rows), dpi=100)
+    panels = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
+    mean_, std_ = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+    for panel, mistake in zip(panels, mistakes):
+        pixels = (mistake.image.float().cpu() * std_ + mean_).clamp(0, 1).permute(1, 2, 0).numpy()
+        panel.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1,
+                     interpolation="nearest")
+        panel.set_title(f"true: {classes[mistake.target]}\npredicted: {classes[mistake.predicted]} "
+                        f"({100 * mistake.probability:.1f}%)", fontsize=8, color="tab:red")
+    for panel in panels:
+        panel.axis("off")
+    figure.suptitle(f"The {len(mistakes)} most confident mistakes on the test set")
+    figure.tight_layout()
+    return figure
+
+
+# --------------------------------------------------------------------------- training
+
+
+def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
+    """Draw training_curves.png: loss and accuracy per epoch, training and validation, the LR on a second
+    axis, LR cuts and weight restores marked."""
+    _draw(path, lambda: _curves_figure(history))
+
+
+def _curves_figure(history: list[dict[str, Any]]):
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    cuts = [row["epoch"] for row in history if "LR cut" in str(row.get("event") or "")]
+    restores = [row["epoch"] for row in history if "restored" in str(row.get("event") or "")]
+    figure = Figure(figsize=(12, 4.5), dpi=100)
+    panels = figure.subplots(1, 2)
+    for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"), (panels[1], "acc", 100, "Accuracy (%)")):
+        panel.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", ms=3, label="training")
+        panel.plot(epochs, [scale * row[f"val_{key}"] for row in history], "o-", ms=3, label="validation")
+        for i, epoch in enumerate(cuts):
+            panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0 else None)
+        for i, epoch in enumerate(restores):
+            panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8, label="weights restored" if i == 0 else None)
+        panel.set(xlabel="epoch", title=title)
+        lr_axis = panel.twinx()
+        lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6, label="LR")
+        lr_axis.set_yscale("log")
+        lr_axis.set_ylabel("learning rate")
+        lines, labels = panel.get_legend_handles_labels()
+        more_lines, more_labels = lr_axis.get_legend_handles_labels()
+        panel.legend(lines + more_lines, labels + more_labels, fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float, path: str) -> None:
+    """Draw lr_finder.png: the smoothed loss against the LR (log axis), the suggested LR marked."""
+    _draw(path, lambda: _lr_finder_figure(lrs, losses, suggestion))
+
+
+def _lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    axes = figure.subplots()
+    axes.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
+    axes.set_xscale("log")
+    axes.axvline(suggestion, color="tab:red", ls="--", label=f"suggested LR {suggestion:.3g}")
+    lowest = int(np.argmin(losses))
+    top = max(losses[:lowest + 1])  # the diverging tail runs off the top rather than flattening the rest
+    margin = 0.05 * (top - losses[lowest]) or 0.05 * abs(top) or 1.0
+    axes.set_ylim(losses[lowest] - margin, top + margin)
+    axes.set(xlabel="learning rate (log scale)", ylabel="loss", title="LR range test")
+    axes.legend()
+    figure.tight_layout()
+    return figure
+
+
+def _draw(path: str, make_figure: Callable[[], Any]) -> None:
+    """Make a figure and write it to path as a PNG, atomically; a failure only warns."""
+    try:
+        figure = make_figure()
+        utils.atomic_write(path, lambda f: figure.savefig(f, format="png"))
+    except Exception as error:  # a plot is a convenience: never let it end a run or hide its real error
+        print(f"warning: could not draw {path}: {error}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- TensorBoard (optional)
+
+
+class TensorBoardLog:
+    """Per-epoch metrics and LR, and the test confusion matrix, written for TensorBoard into log_dir
+    (`tensorboard --logdir OUTPUT_DIR/tensorboard`). Needs the tensorboard package."""
+
+    def __init__(self, log_dir: str):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("TENSORBOARD = True needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(log_dir)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """One epoch's metrics dict (fit's history row): losses, accuracies and the LR."""
+        epoch = row["epoch"]
+        for name, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train", "train_acc"),
+                          ("accuracy/val", "val_acc"), ("lr", "lr")):
+            self.writer.add_scalar(name, row[key], epoch)
+        self.writer.flush()
+
+    def log_confusion(self, confusion: torch.Tensor, classes: Sequence[str], step: int) -> None:
+        """The confusion matrix figure, as an image."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(confusion_figure(confusion, classes))
+        canvas.draw()
+        self.writer.add_image("test/confusion_matrix", np.asarray(canvas.buffer_rgba())[..., :3], step,
+                              dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

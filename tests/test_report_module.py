@@ -1,0 +1,214 @@
+"""What a run leaves to look at: the test report against a hand computation, the figures as real PNGs,
+and the optional TensorBoard log."""
+
+import io
+import math
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import model_module
+import report_module
+import train_module
+from conftest import make_tiny_data
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: batches this small gain nothing from more, and on a busy machine two threads spin
+    idle waiting for each other (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_png(path):
+    """The PNG's size in pixels, after checking that it is one."""
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_HEADER
+    with Image.open(path) as image:
+        image.verify()
+        return image.size
+
+
+# --------------------------------------------------------------------------- the test report
+
+
+def test_the_report_agrees_with_a_hand_computation(tmp_path):
+    confusion = torch.tensor([[5, 1, 0],  # rows: the true class; columns: the predicted one
+                              [2, 3, 1],
+                              [0, 0, 4]])
+    path = tmp_path / "test_report.csv"
+    report_module.write_test_report(confusion, ["ant", "bee", "cow"], str(path))
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert list(frame["class"]) == ["ant", "bee", "cow", "macro avg", "weighted avg"]
+    precision = [5 / 7, 3 / 4, 4 / 5]  # the diagonal over each column's sum
+    recall = [5 / 6, 3 / 6, 4 / 4]  # the diagonal over each row's sum
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
+    support = [6, 6, 4]
+    rows = frame.set_index("class")
+    for i, name in enumerate(["ant", "bee", "cow"]):
+        assert rows.loc[name, ["precision", "recall", "f1"]].tolist() == pytest.approx(
+            [precision[i], recall[i], f1[i]], abs=1e-6)
+        assert rows.loc[name, "support"] == support[i]
+    for name, weights in (("macro avg", [1, 1, 1]), ("weighted avg", support)):
+        expected = [sum(w * v for w, v in zip(weights, values)) / sum(weights) for values in (precision, recall, f1)]
+        assert rows.loc[name, ["precision", "recall", "f1"]].tolist() == pytest.approx(expected, abs=1e-6)
+        assert rows.loc[name, "support"] == 16
+    assert rows.loc["weighted avg", "recall"] == pytest.approx((5 + 3 + 4) / 16, abs=1e-6)  # the accuracy
+
+
+def test_undefined_ratios_are_left_empty_and_out_of_the_averages(tmp_path):
+    confusion = torch.tensor([[2, 0, 0],  # "bee" is never predicted: no precision
+                              [1, 0, 0],  # "cow" has no images and is never predicted: nothing is defined
+                              [0, 0, 0]])
+    frame = report_module.write_test_report(confusion, ["ant", "bee", "cow"], str(tmp_path / "r.csv"))
+    rows = pd.read_csv(tmp_path / "r.csv").set_index("class")
+    assert math.isnan(rows.loc["bee", "precision"]) and rows.loc["bee", "recall"] == 0 and rows.loc["bee", "f1"] == 0
+    assert rows.loc["cow", ["precision", "recall", "f1"]].isna().all() and rows.loc["cow", "support"] == 0
+    assert rows.loc["macro avg", "precision"] == pytest.approx(2 / 3, abs=1e-6)  # ant's alone
+    assert rows.loc["macro avg", "recall"] == pytest.approx((1 + 0) / 2, abs=1e-6)
+    assert rows.loc["weighted avg", "recall"] == pytest.approx(2 / 3, abs=1e-6)
+    assert frame.shape == rows.reset_index().shape
+
+
+def test_the_reports_weighted_recall_is_evaluates_accuracy_and_recall_its_per_class_accuracy(tmp_path, one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(n_val=36, size=8, classes=3, batch_size=4)  # unbalanced counts would show a slip
+    model = model_module.get_model("cnn", 3)
+    result = train_module.evaluate(model, data.val, num_classes=3, collect=True)
+    frame = report_module.write_test_report(result["confusion"], data.classes, str(tmp_path / "r.csv"))
+    rows = frame.set_index("class")
+    assert rows.loc["weighted avg", "recall"] == pytest.approx(result["acc"], abs=1e-12)
+    assert rows.loc[data.classes, "recall"].tolist() == pytest.approx(result["per_class"], abs=1e-12)
+    assert rows.loc[data.classes, "support"].sum() == len(data.val.labels)
+
+
+# --------------------------------------------------------------------------- the figures
+
+
+@pytest.mark.parametrize("classes, size", [(3, (620, 500)), (50, (2070, 1950))])
+def test_the_confusion_matrix_is_a_png_that_grows_with_the_class_count(tmp_path, classes, size):
+    generator = torch.Generator().manual_seed(0)
+    confusion = 90 * torch.eye(classes).long()
+    confusion[torch.arange(classes), torch.randint(0, classes, (classes,), generator=generator)] += 10
+    names = [f"class_{i:02d}" for i in range(classes)]
+    path = tmp_path / "confusion_matrix.png"
+    report_module.plot_confusion_matrix(confusion, names, str(path))
+    assert read_png(path) == size
+
+
+@pytest.mark.parametrize("classes", [10, 50])
+def test_the_confusion_matrix_stays_legible(classes):
+    """Neighbouring class names are at least a line apart, none is cut off, and each count fits in its cell."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    confusion = 1000 * torch.eye(classes).long()  # four digits: the widest counts
+    confusion[0, 1] = 7  # beyond 20 classes only counts that are not 0 are written
+    figure = report_module.confusion_figure(confusion, [f"a_long_name_{i}" for i in range(classes)])
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # places the tick labels
+    renderer, axes = canvas.get_renderer(), figure.axes[0]
+    cell = axes.transData.transform((1, 0))[0] - axes.transData.transform((0, 0))[0]  # pixels, square cells
+    for label in axes.get_xticklabels() + axes.get_yticklabels():
+        line = label.get_fontsize() * figure.dpi / 72  # pixels
+        rotation = math.radians(label.get_rotation() or 90)  # y labels are level, stacked a cell apart
+        assert cell * math.sin(rotation) >= line  # the gap between neighbours, across the text
+        box = label.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= figure.bbox.width and box.y1 <= figure.bbox.height
+    widest = max(text.get_window_extent(renderer).width for text in axes.texts)
+    assert len(axes.texts) == (classes * classes if classes <= 20 else classes + 1) and widest < cell
+
+
+def test_the_gallery_shows_the_mistakes_of_evaluate(tmp_path, one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(n_val=40, size=8, batch_size=4)
+    result = train_module.evaluate(model_module.get_model("cnn", 4), data.val, num_classes=4, collect=True)
+    assert len(result["mistakes"]) == train_module.MISTAKES
+    path = tmp_path / "misclassified.png"
+    report_module.plot_misclassified(result["mistakes"], data.classes, data.mean, data.std, str(path))
+    assert read_png(path) == (5 * 210, 5 * 240)  # a 5 x 5 grid
+
+
+def test_the_gallery_shows_the_images_as_they_were_before_normalisation():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.1)
+    pixels = torch.rand(3, 6, 6)
+    normalised = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    figure = report_module._mistakes_figure([train_module.Mistake(normalised, 0, 1, 0.9)], ["a", "b"], mean, std)
+    shown = figure.axes[0].images[0].get_array()
+    assert torch.from_numpy(shown.data).permute(2, 0, 1) == pytest.approx(pixels, abs=1e-6)
+    assert figure.axes[0].get_title() == "true: a\npredicted: b (90.0%)"
+
+
+def test_no_mistakes_still_gives_a_png(tmp_path):
+    report_module.plot_misclassified([], ["a", "b"], (0.5,) * 3, (0.2,) * 3, str(tmp_path / "m.png"))
+    read_png(tmp_path / "m.png")
+
+
+def test_the_lr_finder_plot_is_a_png_on_a_log_axis_with_the_suggestion_marked(tmp_path):
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    losses = [2.3 - 1.5 / (1 + math.exp(-(i - 50) / 8)) + (0.002 * (i - 80) ** 2 if i > 80 else 0)
+              for i in range(100)]
+    suggestion = train_module.suggest_lr(lrs, losses)
+    report_module.plot_lr_finder(lrs, losses, suggestion, str(tmp_path / "lr_finder.png"))
+    assert read_png(tmp_path / "lr_finder.png") == (700, 450)
+    axes = report_module._lr_finder_figure(lrs, losses, suggestion).axes[0]
+    assert axes.get_xscale() == "log"
+    assert [list(line.get_xdata()) for line in axes.lines][1] == [suggestion, suggestion]
+
+
+def test_the_training_curves_are_a_png(tmp_path):
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 20,
+                "val_acc": 0.5 + e / 25, "lr": 0.05 if e < 3 else 0.025,
+                "event": "restored epoch 2, LR cut" if e == 3 else ""} for e in range(1, 5)]
+    report_module.plot_training_curves(history, str(tmp_path / "training_curves.png"))
+    assert read_png(tmp_path / "training_curves.png") == (1200, 450)
+
+
+def test_a_figure_that_cannot_be_written_only_warns(tmp_path, capsys):
+    path = tmp_path / "missing_folder" / "confusion_matrix.png"
+    report_module.plot_confusion_matrix(torch.eye(2, dtype=torch.int64), ["a", "b"], str(path))
+    assert not path.exists()
+    assert f"warning: could not draw {path}" in capsys.readouterr().err
+
+
+def test_write_test_outputs_writes_the_three_files(tmp_path, one_thread):
+    data = make_tiny_data(size=8)
+    result = train_module.evaluate(model_module.get_model("cnn", 4), data.val, num_classes=4, collect=True)
+    report_module.write_test_outputs(result, data.classes, data.mean, data.std, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png", "misclassified.png",
+                                                          "test_report.csv"]  # and no temporary files left
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ValueError, match="^TENSORBOARD = True needs the tensorboard package: pip install tensorboard$"):
+        report_module.TensorBoardLog(str(tmp_path))
+
+
+def test_tensorboard_logs_the_epochs_and_the_confusion_matrix(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = report_module.TensorBoardLog(str(tmp_path))
+    for epoch in (1, 2):
+        log.log_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.5 / epoch, "train_acc": 0.5,
+                       "val_acc": 0.4 + epoch / 10, "lr": 0.05 / epoch})
+    log.log_confusion(torch.tensor([[3, 1], [0, 4]]), ["a", "b"], step=2)
+    log.close()
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("lr")] == [(1, pytest.approx(0.05)), (2, pytest.approx(0.025))]
+    assert [e.value for e in events.Scalars("accuracy/val")] == pytest.approx([0.5, 0.6])
+    image = events.Images("test/confusion_matrix")[0]
+    assert image.step == 2 and Image.open(io.BytesIO(image.encoded_image_string)).format == "PNG"
