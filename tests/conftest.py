@@ -27,6 +27,16 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: batches this small gain nothing from more, and on a busy 2-core machine two
+    threads spin idle waiting for each other (tens of times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def cifar_dir():
     """The real CIFAR-10 folder (CIFAR10_DIR holds cifar-10-batches-py/); skips without it."""
     path = os.environ.get("CIFAR10_DIR")

@@ -136,15 +136,6 @@ ARCHITECTURES = [("resnet18", None), ("mobilenet_v3_small", None), ("efficientne
                  ("convnext_tiny", None), ("swin_t", None), ("vit_b_16", 64)]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: batches this small gain nothing from more, and on a busy machine more spin idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _copy(state):
     return {key: value.clone() for key, value in state.items()}
 

@@ -18,16 +18,6 @@ from conftest import make_tiny_data
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: batches this small gain nothing from more, and on a busy machine two threads spin
-    idle waiting for each other (tens of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_png(path):
     """The PNG's size in pixels, after checking that it is one."""
     with open(path, "rb") as f:

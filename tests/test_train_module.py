@@ -191,16 +191,6 @@ def test_the_fast_preset_trains_a_few_steps_on_tiny_data(tmp_path):
 # --------------------------------------------------------------------------- evaluate(collect=True)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: batches this small gain nothing from more, and on a busy machine two threads spin
-    idle waiting for each other (tens of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_evaluate_collects_a_confusion_matrix_and_the_most_confident_mistakes(one_thread):
     torch.manual_seed(0)
     data = make_tiny_data(n_val=40, size=8, batch_size=4)  # validation batches of 8: the top-k runs over 5

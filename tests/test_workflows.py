@@ -239,16 +239,6 @@ def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_
     assert list(pd.read_csv(out / "training_metrics.csv")["epoch"]) == [1, 2, 3]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny batches: more threads only contend with each other on 2 cores."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
                                   "squeezenet1_1", "densenet121", "convnext_tiny", "swin_t"])
 def test_a_torchvision_architecture_trains_frozen_then_predicts(name, tmp_path, capsys, one_thread):
