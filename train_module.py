@@ -75,9 +75,11 @@ class OneCycle:
     then falls linearly to 0.07x (airbench's shape), and holds its last value past the end (when the
     user asks for more epochs). Call advance(optimizer) after each optimizer step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int, warmup: float = 0.23):
+    WARMUP = 0.23  # share of the steps spent rising (airbench's)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int):
         self.peak_lr, self.total_steps, self.step = peak_lr, total_steps, 0
-        self.warmup_steps = warmup * total_steps - 1
+        self.warmup_steps = self.WARMUP * total_steps - 1
         set_lr(optimizer, self.lr_at(0))
 
     def lr_at(self, step: int) -> float:
