@@ -1,4 +1,5 @@
-"""Datasets, augmentation and loaders: CIFAR-10 or an ImageFolder tree, kept on the device when it fits."""
+"""Datasets, augmentation and loaders: CIFAR-10 or an ImageFolder tree, kept on the device when it fits, else
+streamed from the decoded-image cache (cache_module) with the same batched augmentation."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import contextlib
 import math
 import os
 import pickle
+import queue
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,8 +19,10 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 from torchvision.ops import roi_align
+from torchvision.transforms import functional as F
 from tqdm import tqdm
 
+import cache_module
 import utils
 
 DATASETS = ("cifar10", "folder")
@@ -31,6 +36,8 @@ IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS if Image.registered_extensi
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
 AUGMENT_CHUNK = 16384  # CIFAR images augmented together: few kernel launches per epoch, bounded memory
+PREFETCH = 3  # batches read from the cache ahead of the one training: covers a slow read, bounded memory
+DECODE_BATCH = 32  # files per DataLoader batch when decoding: little pixel data in flight with many workers
 # Photo folders follow torchvision's classification reference (references/classification/presets.py):
 RESIZE_RATIO = 0.875  # crop size / resize size of its evaluation preset (224 of 256)
 CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's share of the stored image's area (torchvision's default)
@@ -46,9 +53,9 @@ class DataError(ValueError):
 class Data:
     """The loaders of one run and what the rest of the pipeline needs to know about them."""
 
-    train: "ResidentLoader | StreamingLoader"
-    val: "ResidentLoader | StreamingLoader"
-    test: "ResidentLoader | StreamingLoader"
+    train: "ResidentLoader | MappedLoader | StreamingLoader"
+    val: "ResidentLoader | MappedLoader | StreamingLoader"
+    test: "ResidentLoader | MappedLoader | StreamingLoader"
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -56,11 +63,13 @@ class Data:
     resident: bool
     val_is_test: bool  # VAL_SPLIT = 0: the test set doubles as the per-epoch validation set
     resize_size: int | None = None  # photo folders: the size images are stored at and resized to; None for CIFAR
+    cache_file: str | None = None  # photo folders: the decoded-image cache the images come from; None: no cache
 
 
 # --------------------------------------------------------------------------- sources
 # A source is one split's images and labels, wherever they live: `labels`, `len` and `take(index)` for
-# splitting, `read(i)` for the streaming loader, `decode` for the resident one, and `statistics`.
+# splitting, `decode` for the resident loader (uint8 images in memory), `statistics`, and `read(i)` (a PIL
+# image) for the streaming loader, the fallback for what has no cache.
 
 
 @dataclass
@@ -90,13 +99,37 @@ class Images:
         return channel_stats(self.images)
 
 
+@dataclass
+class MappedImages:
+    """Rows of the decoded-image cache (uint8, memory-mapped) and their labels: splitting picks rows, and
+    pixels are read only when a batch (or decode) asks for them."""
+
+    images: torch.Tensor  # uint8 (M, S, S, C): the whole cache, memory-mapped
+    rows: torch.Tensor  # int64 (N,): this source's rows of it
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: torch.Tensor) -> MappedImages:
+        """The rows at these indices (no pixels read)."""
+        return MappedImages(self.images, self.rows[index], self.labels[index])
+
+    def decode(self, num_workers: int, desc: str) -> Images:
+        """The rows read into memory."""
+        return Images(self.images[self.rows], self.labels)
+
+    def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of a seeded sample of at most 2,000 rows, as ImageFiles estimates them."""
+        sample = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:2000]
+        return channel_stats(self.take(sample).decode(num_workers, "statistics").images)
+
+
 class ImageFiles:
-    """Image files decoded when read (upright, RGB), shorter side resized to `size` and centre-cropped
-    square: the fallback to Images."""
+    """Image files decoded when read (upright, RGB), stored as read_stored does: the source without a cache."""
 
     def __init__(self, paths: list[str], labels: torch.Tensor, size: int):
         self.paths, self.labels, self.size = paths, labels, size
-        self.resize = _resize_crop(size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -107,16 +140,14 @@ class ImageFiles:
 
     def read(self, i: int) -> Image.Image:
         """File i as a PIL image of the stored size."""
-        return self.resize(open_rgb(self.paths[i]))
+        return read_stored(self.paths[i], self.size)
 
     def decode(self, num_workers: int, desc: str) -> Images:
-        """Every file decoded into uint8 (N, S, S, 3) images in memory, with a progress bar."""
-        loader = DataLoader(_Transformed(self, transforms.PILToTensor()), batch_size=256, num_workers=num_workers)
-        images = torch.empty((len(self), self.size, self.size, 3), dtype=torch.uint8)  # filled in place: no 2nd copy
-        start = 0
-        for batch, _ in tqdm(loader, desc=desc, unit="batch", disable=not sys.stderr.isatty()):
-            images[start:start + len(batch)] = batch.permute(0, 2, 3, 1)
-            start += len(batch)
+        """Every file decoded into uint8 (N, S, S, 3) images in memory, in parallel, with a progress bar."""
+        images = torch.empty((len(self), self.size, self.size, 3), dtype=torch.uint8)  # filled in place
+        failures = decode_files(self.paths, self.size, images, num_workers, desc)
+        if failures:  # the scan opened every file, so only a file changed since then gets here
+            raise DataError(failures[0][1])
         return Images(images, self.labels)
 
     def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -125,7 +156,7 @@ class ImageFiles:
         return channel_stats(self.take(sample).decode(num_workers, "statistics").images)
 
 
-Source = Images | ImageFiles
+Source = Images | MappedImages | ImageFiles
 
 
 class _Transformed(Dataset):
@@ -139,11 +170,6 @@ class _Transformed(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.source.read(i)), int(self.source.labels[i])
-
-
-def _resize_crop(size: int) -> transforms.Compose:
-    """Shorter side to `size`, then the centre square: how an image file is stored."""
-    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size)])
 
 
 # --------------------------------------------------------------------------- reading
@@ -210,53 +236,26 @@ def _bad_cifar_file(folder: str) -> str:
     return folder
 
 
-class _FileCheck:
-    """is_valid_file for the folder scan: an image extension and a header Pillow can open (as cheap as a
-    scan can be that still catches corrupt files); counts the files it turns away."""
-
-    def __init__(self):
-        self.not_images: list[str] = []  # no image extension this Pillow reads: notes.txt, .DS_Store
-        self.unreadable: list[str] = []  # an image extension, but Pillow cannot open it
-
-    def __call__(self, path: str) -> bool:
-        if not path.lower().endswith(IMAGE_EXTENSIONS):
-            self.not_images.append(path)
-            return False
-        try:
-            with Image.open(path) as image:
-                image.verify()
-            return True
-        except Exception:  # Pillow raises many types for a bad file; every one means "skip it"
-            self.unreadable.append(path)
-            return False
-
-    def warn(self) -> None:
-        """One line on stderr for each kind of file skipped."""
-        if self.not_images:
-            extensions = sorted({os.path.splitext(path)[1].lower() or "(none)" for path in self.not_images})
-            print(f"warning: skipped {len(self.not_images)} files that are not images "
-                  f"(extensions {', '.join(extensions)})", file=sys.stderr)
-        if self.unreadable:
-            print(f"warning: skipped {len(self.unreadable)} unreadable image file(s), "
-                  f"e.g. {self.unreadable[0]}", file=sys.stderr)
-
-
-def open_rgb(path: str) -> Image.Image:
+def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
     """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by to_rgb).
 
+    With reduce_to (pixels), a JPEG is decoded at 1/2, 1/4 or 1/8 scale where its sides keep at least twice
+    reduce_to pixels (JPEG DCT scaling, as Pillow's thumbnail does): 2 to 7 times faster for photos much
+    larger than that, and within a few levels of a full decode once resized to reduce_to.
     A file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with the
     missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per process;
     a file that does not open at all raises DataError naming it.
     """
+    unreadable = (OSError, ValueError, Image.DecompressionBombError)  # ValueError: a mode RGB cannot come from
     try:
         with Image.open(path) as image:
-            return to_rgb(_upright(image))
-    except (OSError, ValueError) as error:  # ValueError: a mode Pillow cannot convert to RGB
+            return to_rgb(_upright(image, reduce_to))
+    except unreadable as error:
         first_error = error
     try:
         with _truncated_images_allowed(), Image.open(path) as image:
-            rgb = to_rgb(_upright(image))
-    except (OSError, ValueError):
+            rgb = to_rgb(_upright(image, reduce_to))
+    except unreadable:
         raise DataError(f"{path} is not an image file that Pillow can read ({first_error})") from None
     if path not in _WARNED:
         _WARNED.add(path)
@@ -279,8 +278,11 @@ def _truncated_images_allowed() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """The image decoded and turned as its EXIF orientation tag says (phones store photos sideways)."""
+def _upright(image: Image.Image, reduce_to: int | None = None) -> Image.Image:
+    """The image decoded (a JPEG scaled down while decoding, see open_rgb) and turned as its EXIF orientation
+    tag says (phones store photos sideways)."""
+    if reduce_to:
+        image.draft(None, (2 * reduce_to, 2 * reduce_to))  # a no-op but for JPEGs; square: any orientation
     image.load()  # decoding errors (a truncated file) belong to the caller
     try:
         return ImageOps.exif_transpose(image)
@@ -301,47 +303,166 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
-    """The train, val and (optional) test files of DATA_DIR, labelled by train/'s class folders, and the
-    classes; the files are read at `size` (pixels, a square)."""
+def read_stored(path: str, size: int) -> Image.Image:
+    """An image file as a folder's images are stored: upright RGB (open_rgb), shorter side resized to size,
+    the centre size x size square."""
+    return F.center_crop(F.resize(open_rgb(path, reduce_to=size), size), [size, size])
+
+
+class _Stored(Dataset):
+    """Files read as read_stored does, for decoding in DataLoader workers: item i is (uint8 (S, S, 3) pixels,
+    "") or, for a file that cannot be read, (zeros, the error message)."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return torch.from_numpy(np.array(read_stored(self.paths[i], self.size))), ""
+        except DataError as error:
+            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), str(error)
+
+
+def decode_files(paths: list[str], size: int, out: torch.Tensor, num_workers: int,
+                 desc: str) -> list[tuple[int, str]]:
+    """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): in memory, or the cache's
+    memory map), in num_workers processes with a progress bar; returns (i, message) for each file that
+    could not be read (its row left black)."""
+    loader = DataLoader(_Stored(paths, size), batch_size=DECODE_BATCH, num_workers=num_workers)
+    failures, start = [], 0
+    with tqdm(total=len(paths), desc=desc, unit="image", disable=not sys.stderr.isatty()) as bar:
+        for images, errors in loader:
+            out[start:start + len(images)] = images
+            failures += [(start + i, error) for i, error in enumerate(errors) if error]
+            start += len(images)
+            bar.update(len(images))
+    return failures
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]], list[str]]:
+    """The classes of DATA_DIR/train, and for each split (train, and val and test when there) its image files
+    with their labels, in ImageFolder's order; and the files that are not images. Opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(f"no ImageFolder tree in {data_dir}: expected {train_dir}/<class>/<image> "
                         f"(and optionally val/ and test/ beside it); set DATA_DIR")
-    check = _FileCheck()
     try:
         classes, class_to_idx = datasets.folder.find_classes(train_dir)
-        splits = {"train": datasets.folder.make_dataset(train_dir, class_to_idx, is_valid_file=check)}
-    except FileNotFoundError as error:  # no class folders, or no images in them
-        check.warn()
+    except FileNotFoundError as error:  # no class folders
         raise DataError(f"no readable images in {train_dir}: {error}") from None
+    splits, not_images = {}, []
+    for split in ("train", "val", "test"):
+        folder = os.path.join(data_dir, split)
+        if not os.path.isdir(folder):
+            continue
+        extra = sorted(name for name in set(os.listdir(folder)) - set(classes)
+                       if os.path.isdir(os.path.join(folder, name)))
+        if extra:
+            raise DataError(f"{folder} has class folders that train/ lacks: {', '.join(extra)}")
+        samples = datasets.folder.make_dataset(folder, class_to_idx, is_valid_file=lambda path: True,
+                                               allow_empty=True)
+        splits[split] = [(path, label) for path, label in samples if path.lower().endswith(IMAGE_EXTENSIONS)]
+        not_images += [path for path, _ in samples if not path.lower().endswith(IMAGE_EXTENSIONS)]
+    return classes, splits, not_images
+
+
+def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]]) -> None:
+    """Raise DataError unless every class of train/ has an image, there are two classes or more, and val/ and
+    test/ (when there) hold images."""
+    train_dir = os.path.join(data_dir, "train")
+    found = {label for _, label in splits["train"]}
+    empty = [name for label, name in enumerate(classes) if label not in found]
+    if empty:
+        raise DataError(f"no readable images in {train_dir}: none in the class folder(s) {', '.join(empty)}")
     if len(classes) < 2:
         raise DataError(f"{train_dir} has {len(classes)} class folder(s) with images; a classifier needs "
                         f"at least two (train/<class>/<image>)")
     for split in ("val", "test"):
-        folder = os.path.join(data_dir, split)
-        if os.path.isdir(folder):
-            extra = sorted(set(os.listdir(folder)) - set(classes))
-            extra = [name for name in extra if os.path.isdir(os.path.join(folder, name))]
-            if extra:
-                raise DataError(f"{folder} has class folders that train/ lacks: {', '.join(extra)}")
-            splits[split] = datasets.folder.make_dataset(folder, class_to_idx, is_valid_file=check, allow_empty=True)
-            if len(splits[split]) == 0:
-                raise DataError(f"{folder} holds no readable images; fill it or remove it")
-    check.warn()
-    return {name: ImageFiles([path for path, _ in samples], torch.tensor([label for _, label in samples]), size)
-            for name, samples in splits.items()}, classes
+        if split in splits and not splits[split]:
+            raise DataError(f"{os.path.join(data_dir, split)} holds no readable images; fill it or remove it")
 
 
-def _read_sources(dataset: str, data_dir: str, resize_size: int,
-                  download: bool) -> tuple[dict[str, Source], list[str], int]:
-    """The train, test and (ImageFolder trees only) val sources, the class names and the stored image size
-    (resize_size for a folder, 32 for CIFAR-10)."""
-    if dataset == "folder":
-        return *_scan_folder(data_dir, resize_size), resize_size
-    train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir, download)
-    sources = {"train": Images(train_images, train_labels), "test": Images(test_images, test_labels)}
-    return sources, classes, train_images.shape[1]
+def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]], not_images: list[str],
+              unreadable: list[str]) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Each split's images but the unreadable ones, as (paths, labels), after one line on stderr for each kind
+    of file skipped; DataError when a class or a split is left without images."""
+    if not_images:
+        extensions = sorted({os.path.splitext(path)[1].lower() or "(none)" for path in not_images})
+        print(f"warning: skipped {len(not_images)} files that are not images "
+              f"(extensions {', '.join(extensions)})", file=sys.stderr)
+    if unreadable:
+        print(f"warning: skipped {len(unreadable)} unreadable image file(s), e.g. {unreadable[0]}",
+              file=sys.stderr)
+    skip = set(unreadable)
+    splits = {name: [(path, label) for path, label in samples if path not in skip] for name, samples in splits.items()}
+    _check_splits(data_dir, classes, splits)
+    return {name: ([path for path, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.int64))
+            for name, samples in splits.items()}
+
+
+def _opens(path: str) -> bool:
+    """Whether Pillow opens the file and finds its header sound (as cheap as a check can be that still catches
+    corrupt files, yet 20 times the cost of listing it: a valid cache spares it)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # Pillow raises many types for a bad file; every one means "skip it"
+        return False
+
+
+def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
+    """The train, val and (optional) test files of DATA_DIR that Pillow opens, labelled by train/'s class
+    folders, and the classes; the files are read at `size` (pixels, a square)."""
+    classes, splits, not_images = _list_tree(data_dir)
+    unreadable = [path for samples in splits.values() for path, _ in samples if not _opens(path)]
+    splits = _readable(data_dir, classes, splits, not_images, unreadable)
+    return {name: ImageFiles(paths, labels, size) for name, (paths, labels) in splits.items()}, classes
+
+
+def _cached_folder(data_dir: str, size: int, cache_dir: str,
+                   num_workers: int) -> tuple[dict[str, MappedImages], list[str], str]:
+    """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in cache_dir, built
+    first when missing or stale (files that fail to decode are the unreadable ones); a valid cache opens no
+    image file. Also the cache file."""
+    classes, splits, not_images = _list_tree(data_dir)
+    _check_splits(data_dir, classes, splits)  # before anything is decoded
+    paths = [path for samples in splits.values() for path, _ in samples]
+    cache = cache_module.open_or_build(
+        paths, size, cache_dir, root=data_dir,
+        fill=lambda out: [i for i, _ in decode_files(paths, size, out, num_workers, "decoding")])
+    row = {path: i for i, path in enumerate(paths)}
+    splits = _readable(data_dir, classes, splits, not_images, [paths[i] for i in cache.failed])
+    return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels)
+            for name, (paths, labels) in splits.items()}, classes, cache.path
+
+
+def _read_sources(dataset: str, data_dir: str, resize_size: int, download: bool, cache_dir: str | None,
+                  num_workers: int) -> tuple[dict[str, Source], list[str], int, str | None]:
+    """The train, test and (ImageFolder trees only) val sources, the class names, the stored image size
+    (resize_size for a folder, 32 for CIFAR-10) and the cache file (None without one)."""
+    if dataset == "cifar10":
+        train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir, download)
+        sources = {"train": Images(train_images, train_labels), "test": Images(test_images, test_labels)}
+        return sources, classes, train_images.shape[1], None
+    if cache_dir is not None:
+        folder = os.path.join(data_dir, ".cache") if cache_dir == "auto" else cache_dir
+        try:
+            sources, classes, cache_file = _cached_folder(data_dir, resize_size, folder, num_workers)
+            return sources, classes, resize_size, cache_file
+        except cache_module.CacheError as error:
+            if cache_dir != "auto":
+                raise DataError(f"CACHE_DIR = {cache_dir!r}: {error}; choose a writable folder with room, or "
+                                f"None to decode the images without a cache") from None
+            print(f"warning: {error}; the images are decoded without a cache (set CACHE_DIR to a writable "
+                  f"folder to keep them)", file=sys.stderr)
+    return *_scan_folder(data_dir, resize_size), resize_size, None
 
 
 # --------------------------------------------------------------------------- splitting and statistics
@@ -529,11 +650,13 @@ class ResidentLoader:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last = channels_last
         self.epoch = 0
+        self.index_device = labels.device  # where the shuffled indices are made
+        self.chunk = AUGMENT_CHUNK  # CIFAR-size images gathered and augmented together
         if flip == "alternate":  # a fixed random half starts flipped; every other epoch flips them all
             self.flip_base = (torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5) \
-                .to(images.device)
-        mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+                .to(labels.device)
+        mean = torch.tensor(mean, device=labels.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=labels.device).view(1, -1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -mean / std
 
     def set_epoch(self, epoch: int) -> None:
@@ -544,10 +667,10 @@ class ResidentLoader:
         """This rank's share of the images, shuffled for training."""
         n = len(self.labels)
         if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.labels.device)
+            return torch.arange(self.rank, n, self.world_size, device=self.index_device)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         per_rank = n // self.world_size  # equal shards: every rank must take the same number of steps
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.labels.device)
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.index_device)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -556,28 +679,31 @@ class ResidentLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()[:len(self) * self.batch_size]
-        if self.crop_size is None:
-            yield from self._padded_batches(indices)
-        else:
-            for start in range(0, len(indices), self.batch_size):  # per batch: float 256-px copies are big
-                chosen = indices[start:start + self.batch_size]
-                yield self._photos(chosen), self.labels[chosen]
+        if self.crop_size is None:  # CIFAR-10's pad-crops and flips, drawn for a chunk of batches at once
+            step = max(self.batch_size, self.chunk // self.batch_size * self.batch_size)
+            for chosen, images in self._gather(indices, step):
+                yield from self._padded_batches(chosen, images)
+        else:  # photos a batch at a time: their float 256-px copies are big
+            for chosen, images in self._gather(indices, self.batch_size):
+                yield self._photos(chosen, images), self.labels[chosen]
 
-    def _padded_batches(self, indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """CIFAR-10's batches: pad-crops and flips drawn a chunk of batches at a time."""
-        augment = self.train and (self.crop_padding or self.flip != "none")
-        chunk = max(self.batch_size, AUGMENT_CHUNK // self.batch_size * self.batch_size)
-        for start in range(0, len(indices), chunk):
-            chosen = indices[start:start + chunk]
-            images, labels = self.images[chosen], self.labels[chosen]
-            if augment:
-                images = crop_flip(images, self.crop_padding, self._flips(chosen), self.reflect)
-            for i in range(0, len(chosen), self.batch_size):
-                yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
+    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(indices, their uint8 images) on the device, `step` images at a time."""
+        for start in range(0, len(indices), step):
+            chosen = indices[start:start + step]
+            yield chosen, self.images[chosen]
 
-    def _photos(self, chosen: torch.Tensor) -> torch.Tensor:
+    def _padded_batches(self, chosen: torch.Tensor,
+                        images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather, then normalised."""
+        if self.train and (self.crop_padding or self.flip != "none"):
+            images = crop_flip(images, self.crop_padding, self._flips(chosen), self.reflect)
+        labels = self.labels[chosen]
+        for i in range(0, len(chosen), self.batch_size):
+            yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
+
+    def _photos(self, chosen: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """A photo batch: random-resized crops and flips for training, centre crops for evaluation."""
-        images = self.images[chosen]
         if not self.train:
             return self.normalize(center_crop(images, self.crop_size))
         boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2], device=images.device)
@@ -594,7 +720,8 @@ class ResidentLoader:
 
     def first_images(self, n: int) -> torch.Tensor:
         """The first n images, normalised, as evaluation sees them (for data-dependent initialisation)."""
-        images = self.images[:n]
+        first = torch.arange(min(n, len(self.labels)), device=self.index_device)
+        _, images = next(self._gather(first, len(first)))
         return self.normalize(images if self.crop_size is None else center_crop(images, self.crop_size))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -603,6 +730,84 @@ class ResidentLoader:
         if not self.channels_last:
             images = images.contiguous()
         return torch.addcmul(self.shift, images.float(), self.scale)
+
+
+class MappedLoader(ResidentLoader):
+    """ResidentLoader's batches (the same order, augmentation and normalisation, on the device) from uint8
+    images that stay in host memory, such as the memory-mapped cache: a background thread gathers each batch's
+    rows, PREFETCH batches ahead (on a GPU into pinned memory, copied on a CUDA stream of its own), while the
+    device works on the batch before."""
+
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+                 **options):
+        super().__init__(images, labels.to(device), **options)
+        self.rows = rows  # int64 (N,): row of images of each of the N labelled images
+        self.index_device = torch.device("cpu")  # the thread picks rows with them
+        self.chunk = self.batch_size  # a batch at a time: little host memory, and the first batch comes soon
+
+    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.labels.device
+        copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+        def read() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]]:  # in the thread
+            if copy_stream is not None:
+                torch.cuda.set_device(device)  # a new thread starts on GPU 0: pinned memory would make a context there
+            for start in range(0, len(indices), step):
+                chosen = indices[start:start + step]
+                host = torch.empty((len(chosen), *self.images.shape[1:]), dtype=torch.uint8,
+                                   pin_memory=copy_stream is not None)
+                torch.index_select(self.images, 0, self.rows[chosen], out=host)
+                if copy_stream is None:
+                    yield chosen.to(device), host.to(device), None
+                    continue
+                with torch.cuda.stream(copy_stream):
+                    chosen, images = chosen.to(device, non_blocking=True), host.to(device, non_blocking=True)
+                yield chosen, images, copy_stream.record_event()
+
+        for chosen, images, copied in _in_background(read(), PREFETCH):
+            if copied is not None:  # the training stream waits for the copy, and keeps the memory until used
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(copied)
+                chosen.record_stream(stream)
+                images.record_stream(stream)
+            yield chosen, images
+
+
+def _in_background(items: Iterable, depth: int) -> Iterator:
+    """The items, made in a background thread at most `depth` ahead of the consumer, so that making them
+    (reading a file, copying to the device) overlaps using them. An exception there is raised here; a
+    consumer that stops early stops the thread."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as error:  # any failure belongs to the consumer, which raises it
+            put(error)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class StreamingLoader:
@@ -681,16 +886,20 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
 def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mean, std, *, photos: bool,
                   batch_size: int, crop_padding: int, flip: str, reflect: bool, device: torch.device,
                   num_workers: int, seed: int, rank: int, world_size: int,
-                  channels_last: bool) -> dict[str, ResidentLoader | StreamingLoader]:
+                  channels_last: bool) -> dict[str, ResidentLoader | MappedLoader | StreamingLoader]:
     """The train, val and test loaders (one loader when test is val); evaluation batches are twice as large.
-    Photos (a folder's images) are cropped to image_size from their stored squares; CIFAR-10 is pad-cropped."""
-    def make(part: Source, train: bool) -> ResidentLoader | StreamingLoader:
+    Photos (a folder's images) are cropped to image_size from their stored squares; CIFAR-10 is pad-cropped.
+    Resident parts (decoded into Images) go to the device; the cache's rows stay mapped and are read a batch
+    at a time, augmented alike on the device; files (no cache) go through PIL in DataLoader workers."""
+    def make(part: Source, train: bool) -> ResidentLoader | MappedLoader | StreamingLoader:
         common = dict(batch_size=batch_size if train else 2 * batch_size, train=train, seed=seed, rank=rank,
                       world_size=world_size, channels_last=channels_last)
-        if resident:  # the parts were decoded into Images
-            return ResidentLoader(part.images.to(device), part.labels.to(device), mean=mean, std=std,
-                                  crop_padding=crop_padding, flip=flip, reflect=reflect,
-                                  crop_size=image_size if photos else None, **common)
+        on_device = dict(mean=mean, std=std, crop_padding=crop_padding, flip=flip, reflect=reflect,
+                         crop_size=image_size if photos else None, **common)
+        if resident:
+            return ResidentLoader(part.images.to(device), part.labels.to(device), **on_device)
+        if isinstance(part, MappedImages):
+            return MappedLoader(part.images, part.rows, part.labels, device=device, **on_device)
         transform = _pil_transform(train, image_size, crop_padding, flip, reflect, mean, std, photos)
         return StreamingLoader(_Transformed(part, transform), device=device, num_workers=num_workers, **common)
 
@@ -707,7 +916,8 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
              mean: Sequence[float] | None = None, std: Sequence[float] | None = None, augment: str = "auto",
              crop_padding: int = 4, flip: str = "random", reflect: bool = False, resident: bool | str = "auto",
              num_workers: int | None = None, download: bool = True, device: torch.device | str = "cpu",
-             seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True) -> Data:
+             seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True,
+             cache_dir: str | None = None) -> Data:
     """Read a dataset, split off validation images, and build the train, val and test loaders.
 
     augment "photo" (the default for folders): images are stored as resize_size squares (None: image_size /
@@ -715,6 +925,11 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
     evaluation, as torchvision's classification reference does. "shift" (the default for CIFAR-10, and for
     folders of small images): stored at image_size, with pad-crops (crop_padding, reflect). CIFAR-10 stays
     32 pixels. mean and std (a pretrained model's) replace the training images' own statistics.
+
+    cache_dir (folders): where the stored squares are kept, decoded once, for later runs ("auto":
+    DATA_DIR/.cache); they go to the device when they fit (resident), else are read from the memory-mapped
+    cache a batch at a time. None: no cache; the files are decoded into memory (resident) or by PIL in
+    DataLoader workers every epoch.
     """
     if dataset not in DATASETS:
         raise DataError(utils.not_known("DATASET", dataset, DATASETS))
@@ -732,12 +947,17 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
                             f"a centre crop of IMAGE_SIZE would not fit in it")
     device = torch.device(device)
     num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    sources, classes, size = _read_sources(dataset, data_dir, resize_size, download)
-    if resident == "auto":  # as uint8 images: 3 bytes a pixel
-        resident = fits_on_device(sum(map(len, sources.values())) * 3 * size * size, device)
+    sources, classes, size, cache_file = _read_sources(dataset, data_dir, resize_size, download, cache_dir,
+                                                       num_workers)
+    parts = _split(sources, val_split, train_subset, seed, data_dir)  # files and cache rows: nothing read yet
+    val_is_test = parts["val"] is sources.get("test")
+    if resident == "auto":  # as uint8 images: 3 bytes a pixel; for the CPU the mapped cache is in memory already
+        resident = fits_on_device(sum(map(len, sources.values())) * 3 * size * size, device) and not (
+            cache_file and device.type == "cpu")
     if resident:
-        sources = {name: source.decode(num_workers, f"decoding {name}") for name, source in sources.items()}
-    parts = _split(sources, val_split, train_subset, seed, data_dir)
+        train, val = (parts[name].decode(num_workers, f"decoding {name}") for name in ("train", "val"))
+        test = val if parts["test"] is parts["val"] else parts["test"].decode(num_workers, "decoding test")
+        parts = {"train": train, "val": val, "test": test}
     if mean is None:
         mean, std = parts["train"].statistics(seed, num_workers)
     mean, std = tuple(map(float, mean)), tuple(map(float, std))
@@ -747,18 +967,18 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
                             num_workers=num_workers, seed=seed, rank=rank, world_size=world_size,
                             channels_last=channels_last)
     return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), mean, std, image_size,
-                bool(resident), val_is_test=parts["val"] is sources.get("test"),
-                resize_size=resize_size if dataset == "folder" else None)
+                bool(resident), val_is_test=val_is_test, resize_size=resize_size if dataset == "folder" else None,
+                cache_file=cache_file)
 
 
 def load_image(path: str, image_size: int, mean, std, resize_size: int | None = None) -> torch.Tensor:
-    """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images are: upright,
-    RGB, stored at resize_size (None: image_size) and centre-cropped to image_size."""
+    """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images are: stored
+    as read_stored does at resize_size (None: image_size) and centre-cropped to image_size."""
     if not os.path.isfile(path):
         raise DataError(f"image {path} does not exist")
-    to_tensor = transforms.Compose([_resize_crop(resize_size or image_size), transforms.CenterCrop(image_size),
-                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
-    return to_tensor(open_rgb(path))
+    to_tensor = transforms.Compose([transforms.CenterCrop(image_size), transforms.ToTensor(),
+                                    transforms.Normalize(mean, std)])
+    return to_tensor(read_stored(path, resize_size or image_size))
 
 
 def find_images(paths: list[str]) -> tuple[list[str], int]:

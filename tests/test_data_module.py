@@ -1,5 +1,6 @@
-"""Data: the CIFAR-10 reader, splits, ImageFolder trees, offline errors, augmentation, both loader paths."""
+"""Data: the CIFAR-10 reader, splits, ImageFolder trees, offline errors, augmentation, the loader paths, the cache."""
 
+import glob
 import io
 import os
 
@@ -525,3 +526,169 @@ def test_cifar_ignores_resize_size_but_takes_mean_and_std(fake_cifar):
     data = data_module.get_data("cifar10", fake_cifar, batch_size=8, val_split=20, image_size=224, resize_size=256,
                                 mean=(0.1, 0.2, 0.3), std=(0.5,) * 3, download=False)
     assert data.resize_size is None and data.image_size == 32 and data.mean == (0.1, 0.2, 0.3)
+
+
+# ----------------------------------------------------------------------------- the decoded-image cache
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The files data_module decodes (decode_files' calls, flattened), for tests that must see none."""
+    seen = []
+    decode_files = data_module.decode_files
+
+    def counting(paths, *args, **kwargs):
+        seen.extend(paths)
+        return decode_files(paths, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "decode_files", counting)
+    return seen
+
+
+def cached_data(root, cache_dir, **options):
+    """get_data on a folder with small batches and images, decoding in this process."""
+    defaults = dict(batch_size=8, image_size=32, num_workers=0, seed=0)
+    return data_module.get_data("folder", root, cache_dir=cache_dir and str(cache_dir), **{**defaults, **options})
+
+
+def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, decoded, monkeypatch, capsys):
+    root = write_photo_tree(tmp_path / "photos")
+    first = cached_data(root, tmp_path / "cache")
+    n_images = 2 * 3 * PHOTOS_PER_CLASS + 2  # and truncated.jpg and broken.png, which are tried too
+    assert len(decoded) == n_images and first.cache_file.startswith(str(tmp_path / "cache"))
+    assert not first.resident and isinstance(first.train, data_module.MappedLoader)  # the CPU reads the map
+    warnings = capsys.readouterr().err
+    written = os.stat(first.cache_file).st_mtime_ns
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image file was opened although the cache is valid")
+    monkeypatch.setattr(Image, "open", refuse)
+    again = cached_data(root, tmp_path / "cache")
+    assert len(decoded) == n_images and os.stat(again.cache_file).st_mtime_ns == written
+    later_warnings = capsys.readouterr().err  # the cache remembers what was skipped
+    assert "skipped 1 unreadable image file(s)" in later_warnings and "files that are not images" in later_warnings
+    assert later_warnings.splitlines()[-3:] == warnings.splitlines()[-3:]
+    assert again.mean == first.mean and again.classes == first.classes == PHOTO_CLASSES
+    (v1, l1), (v2, l2) = collect(first.val), collect(again.val)
+    assert torch.equal(v1, v2) and torch.equal(l1, l2)
+
+
+def test_the_cache_is_rebuilt_when_a_file_or_the_image_size_changes(tmp_path, decoded):
+    root = write_image_tree(tmp_path, splits=("train", "val"), size=(40, 30))
+    assert len(cached_data(root, tmp_path / "cache").train.labels) == 18 and len(decoded) == 36
+    cat = os.path.join(root, "train", "cats", "0.png")
+
+    def rebuilt(**options):
+        """The number of files the next get_data decodes, and its Data."""
+        before = len(decoded)
+        data = cached_data(root, tmp_path / "cache", **options)
+        return len(decoded) - before, data
+
+    assert rebuilt()[0] == 0
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(cat)  # changed: another size on disk
+    count, data = rebuilt()
+    red = torch.tensor([255, 0, 0], dtype=torch.uint8)
+    assert count == 36 and sum(bool((image == red).all()) for image in data.train.images[data.train.rows]) == 1
+    stat = os.stat(cat)
+    os.utime(cat, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: same bytes, a new time
+    assert rebuilt()[0] == 36
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(os.path.join(root, "train", "cats", "new.png"))  # added
+    count, data = rebuilt()
+    assert count == 37 and len(data.train.labels) == 19
+    os.remove(cat)  # removed
+    count, data = rebuilt()
+    assert count == 36 and len(data.train.labels) == 18
+    count, data = rebuilt(image_size=16)  # another stored size (IMAGE_SIZE 16: 18 px squares)
+    assert count == 36 and data.resize_size == 18
+    assert rebuilt(image_size=16)[0] == rebuilt()[0] == 0  # both sizes stay cached
+    assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 2  # the superseded 37-px caches are gone
+
+
+def test_a_truncated_cache_file_is_rebuilt_never_trusted(tmp_path, decoded):
+    root = write_image_tree(tmp_path, splits=("train", "val"), size=(40, 30))
+    first = cached_data(root, tmp_path / "cache", resident=True)
+    stored = first.val.images.clone()
+    size = os.path.getsize(first.cache_file)
+    with open(first.cache_file, "r+b") as f:  # a copy cut short, a full disk
+        f.truncate(size // 2)
+    again = cached_data(root, tmp_path / "cache", resident=True)
+    assert len(decoded) == 2 * 36 and os.path.getsize(again.cache_file) == size
+    assert torch.equal(again.val.images, stored)
+
+
+def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
+    root = write_photo_tree(tmp_path / "photos")
+    cached = cached_data(root, tmp_path / "cache")  # rows of the memory-mapped cache, read a batch at a time
+    resident = cached_data(root, tmp_path / "cache", resident=True)  # the same rows, on the device
+    streamed = cached_data(root, None, resident=False)  # no cache: PIL in DataLoader workers
+    assert isinstance(streamed.train, data_module.StreamingLoader) and streamed.cache_file is None
+    assert cached.mean == resident.mean == streamed.mean  # under 2,000 images: all of them, exactly
+    # the stored squares: each cache row is the file as the streaming path reads it
+    files = data_module._scan_folder(root, 37)[0]["val"]
+    rows = cached.val.images[cached.val.rows]
+    assert torch.equal(rows, resident.val.images)
+    for i in range(len(files)):
+        assert torch.equal(rows[i], torch.from_numpy(np.array(files.read(i))))
+    # evaluation: the same centre crops, normalised alike, on all three paths
+    (cv, cl), (rv, rl), (sv, sl) = collect(cached.val), collect(resident.val), collect(streamed.val)
+    assert torch.equal(cv, rv) and torch.equal(cl, rl) and torch.equal(cl, sl) and torch.allclose(cv, sv, atol=1e-5)
+    # training: the same seed gives the same shuffle, boxes and flips from the cache and from the device
+    for epoch in (1, 2):
+        for data in (cached, resident):
+            data.train.set_epoch(epoch)
+        torch.manual_seed(epoch)
+        (ct, ctl) = collect(cached.train)
+        torch.manual_seed(epoch)
+        (rt, rtl) = collect(resident.train)
+        assert torch.equal(ct, rt) and torch.equal(ctl, rtl)
+    assert torch.equal(cached.train.first_images(5), resident.train.first_images(5))
+    # and a box cut from a cache row matches PIL's crop of the streamed square (see the test of the two paths)
+    box = (3, 5, 30, 24)
+    ours = data_module.crop_and_resize(rows[:1], torch.tensor([box]), 32)[0][:, 1:-1, 1:-1]
+    theirs = np.array(F.resized_crop(files.read(0), *box, [32, 32]))
+    assert (ours - torch.from_numpy(theirs).permute(2, 0, 1)[:, 1:-1, 1:-1]).abs().max() <= 1 + 1e-3
+
+
+def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys):
+    root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="CACHE_DIR = '.*a_file/cache': cannot write.*or None"):
+        cached_data(root, tmp_path / "a_file" / "cache", image_size=8)
+    (tmp_path / "tree" / ".cache").write_text("")  # "auto" (DATA_DIR/.cache) cannot be made: no cache, a warning
+    data = cached_data(root, "auto", image_size=8)
+    assert data.cache_file is None and data.resident
+    assert "images are decoded without a cache" in capsys.readouterr().err
+
+
+def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(tmp_path, decoded):
+    root = write_image_tree(tmp_path, splits=("train",), classes=("only",))
+    with pytest.raises(DataError, match="at least two"):
+        cached_data(root, tmp_path / "cache")
+    assert decoded == [] and not os.path.exists(tmp_path / "cache")
+
+
+def test_photos_are_decoded_at_a_reduced_scale_close_to_a_full_decode(tmp_path):
+    """JPEG DCT scaling (Image.draft) keeps at least twice the stored size, then PIL resizes as before."""
+    path = str(tmp_path / "big.jpg")
+    Image.fromarray(smooth_photo(600, seed=3).numpy()).resize((800, 600)).save(path, quality=95)
+    assert data_module.open_rgb(path, reduce_to=50).size == (200, 150)  # 1/4: 150 >= 2 x 50
+    assert data_module.open_rgb(path, reduce_to=200).size == (800, 600)  # 1/2 would leave 300 < 400
+    stored = np.array(data_module.read_stored(path, 50)).astype(int)
+    full = np.array(F.center_crop(F.resize(data_module.open_rgb(path), 50), [50, 50])).astype(int)
+    assert stored.shape == (50, 50, 3) and np.abs(stored - full).mean() < 1 and np.abs(stored - full).max() <= 6
+
+
+def test_the_background_reader_raises_its_errors_and_stops_when_left():
+    import threading
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(data_module._in_background(failing(), 2))
+    threads = threading.active_count()
+    items = data_module._in_background(iter(range(1000)), 2)
+    assert next(items) == 0
+    items.close()  # the consumer leaves early: the thread ends
+    assert threading.active_count() == threads

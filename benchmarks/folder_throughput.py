@@ -1,0 +1,305 @@
+"""Photo-folder training images/s, in one run and for the same model, step and batch: the bare step rate (one
+fixed batch on the device), this pipeline's first epoch (decoding into the cache included), its steady epochs
+resident on the device and streamed from the memory-mapped cache, how soon a second run has its first batch,
+and torchvision's classification reference loader (ImageFolder, RandomResizedCrop, flip, ToTensor, Normalize in
+one DataLoader worker per core, pinned memory). Prints images/s, the ratios and peak memory; writes JSON.
+
+    python benchmarks/folder_throughput.py --data-dir ../shared/data              # writes 20,000 JPEGs first
+    python benchmarks/folder_throughput.py --data-dir ../shared/data --images 2000  # a CPU-sized run
+    python benchmarks/folder_throughput.py --folder my_photos                      # any ImageFolder tree
+
+Defaults: resnet18 at 224 px, bf16, batch 256 on a GPU; the cnn at 64 px, fp32, batch 128 on the CPU.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchvision import datasets, transforms  # noqa: E402
+
+import data_module  # noqa: E402
+import model_module  # noqa: E402
+import train_module  # noqa: E402
+import utils  # noqa: E402
+
+PHOTO_SIZE = (400, 300)  # width, height of the JPEGs written from CIFAR-10's 32-px images
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+def _write_jpeg(job: tuple[str, bytes]) -> None:
+    path, pixels = job
+    image = Image.frombytes("RGB", (32, 32), pixels).resize(PHOTO_SIZE, Image.Resampling.BICUBIC)
+    image.save(path, quality=90)
+
+
+def write_folder(folder: str, n: int, data_dir: str, workers: int) -> None:
+    """n CIFAR-10 training images as 400x300 JPEGs in folder/train/<class>/, and n // 10 test images in
+    folder/val/<class>/; kept for the next run (folder/.complete records n)."""
+    marker = os.path.join(folder, ".complete")
+    if os.path.exists(marker) and open(marker).read() == str(n):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(data_dir, False)
+    jobs = []
+    for split, images, labels, count in (("train", train_images, train_labels, n),
+                                         ("val", test_images, test_labels, max(n // 10, 10))):
+        for name in classes:
+            os.makedirs(os.path.join(folder, split, name), exist_ok=True)
+        for i in range(count):
+            j = i % len(images)
+            path = os.path.join(folder, split, classes[labels[j]], f"{i:06d}.jpg")
+            jobs.append((path, images[j].numpy().tobytes()))
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for _ in pool.imap_unordered(_write_jpeg, jobs, chunksize=64):
+            pass
+    with open(marker, "w") as f:
+        f.write(str(n))
+    print(f"wrote {len(jobs)} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} to {folder} in "
+          f"{time.perf_counter() - started:.1f} s")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fresh_model(args, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    model = model_module.get_model(args.model, 10, image_size=args.image_size)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def bare_step_rate(args, device, autocast_dtype) -> float:
+    """Images/s of forward, loss, backward and step on one fixed batch already on the device."""
+    model = fresh_model(args, device)
+    optimizer = train_module.make_optimizer(model, 0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 10, (args.batch_size,), device=device)
+    model.train()
+
+    def steps(n):
+        for _ in range(n):
+            with train_module.autocast(device, autocast_dtype):
+                loss = loss_fn(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    steps(args.warmup_steps)  # cudnn autotuning and the allocator, for every path after this one too
+    n = max(args.images // args.batch_size, 5)
+    best = 0.0
+    for _ in range(args.epochs):
+        synchronize(device)
+        started = time.perf_counter()
+        steps(n)
+        synchronize(device)
+        best = max(best, n * args.batch_size / (time.perf_counter() - started))
+    return best
+
+
+def epoch_seconds(model, loader, device, autocast_dtype, epoch: int) -> float:
+    """Seconds of one train_one_epoch over the loader."""
+    optimizer = train_module.make_optimizer(model, 0.01)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    synchronize(device)
+    started = time.perf_counter()
+    train_module.train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def loader_seconds(loader, device: torch.device) -> float:
+    """Seconds of one pass over the loader's batches (read, cropped, normalised on the device), no model."""
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def get_folder_data(args, device, cache_dir: str, resident) -> data_module.Data:
+    return data_module.get_data("folder", args.folder, batch_size=args.batch_size, image_size=args.image_size,
+                                resident=resident, device=device, cache_dir=cache_dir, seed=0)
+
+
+def ours(args, device, autocast_dtype) -> dict:
+    """The pipeline: a first epoch that decodes into a new cache; a second run's start; steady epochs from the
+    cache, streamed (memory-mapped, read a batch at a time) and resident on the device."""
+    result = {}
+    cache_dir = os.path.join(args.work_dir, "cache")
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    model = fresh_model(args, device)
+    started = time.perf_counter()
+    data = get_folder_data(args, device, cache_dir, "auto")
+    result["decode_s"] = time.perf_counter() - started
+    result["first_epoch_s"] = result["decode_s"] + epoch_seconds(model, data.train, device, autocast_dtype, 1)
+    result["first_epoch_resident"] = data.resident
+    result["images_per_epoch"] = len(data.train) * args.batch_size
+    result["cache_mb"] = os.path.getsize(data.cache_file) / 2**20
+    del data
+
+    started = time.perf_counter()  # a second run in this process: no imports, no CUDA start-up
+    data = get_folder_data(args, device, cache_dir, "auto")
+    next(iter(data.train))
+    synchronize(device)
+    result["second_run_first_batch_s"] = time.perf_counter() - started
+    del data
+
+    for name, resident in (("streamed", False), ("resident", True)):
+        if name == "resident":  # the CPU's default path reads the map: its peak memory is the one to check
+            result["peak_rss_mb_streamed"] = peak_rss_mb()
+        data = get_folder_data(args, device, cache_dir, resident)
+        assert data.resident == resident and data.cache_file, "not the path meant"
+        result[f"{name}_loader_alone_images_per_s"] = result["images_per_epoch"] / loader_seconds(data.train, device)
+        model = fresh_model(args, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        best = min(epoch_seconds(model, data.train, device, autocast_dtype, epoch) for epoch in range(args.epochs))
+        result[f"{name}_images_per_s"] = result["images_per_epoch"] / best
+        if device.type == "cuda":
+            result[f"peak_gpu_mb_{name}"] = torch.cuda.max_memory_allocated() / 2**20
+        del data, model
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+class _ToDevice:
+    """The reference's loop: each batch to the device (non_blocking from pinned memory), channels_last."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def reference(args, device, autocast_dtype) -> dict:
+    """torchvision's references/classification loader (presets.ClassificationPresetTrain without
+    auto-augment): every JPEG decoded and cropped by PIL in DataLoader workers, every epoch."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    transform = transforms.Compose([transforms.RandomResizedCrop(args.image_size),
+                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                    transforms.Normalize(mean, std)])
+    dataset = datasets.ImageFolder(os.path.join(args.folder, "train"), transform)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    model = fresh_model(args, device)
+    seconds = [epoch_seconds(model, _ToDevice(loader, device), device, autocast_dtype, epoch)
+               for epoch in range(args.epochs + 1)]  # the first starts the workers
+    images = len(loader) * args.batch_size
+    return {"reference_first_epoch_s": seconds[0], "reference_images_per_s": images / min(seconds[1:]),
+            "reference_workers": args.workers}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", help="an ImageFolder tree (train/<class>/<image>); default: write one")
+    parser.add_argument("--data-dir", default="./data", help="holds cifar-10-batches-py/, to write the folder from")
+    parser.add_argument("--images", type=int, default=None, help="training JPEGs to write (default: 20,000 on a "
+                        "GPU, 2,000 on the CPU)")
+    parser.add_argument("--work-dir", default=None, help="where the folder and the cache go (default: "
+                        "$TMPDIR/folder_throughput_<images>)")
+    parser.add_argument("--model", default=None, help="default: resnet18 on a GPU, cnn on the CPU")
+    parser.add_argument("--image-size", type=int, default=None, help="default: 224 on a GPU, 64 on the CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU, 128 on the CPU")
+    parser.add_argument("--epochs", type=int, default=None, help="timed passes per path, best kept (default: 3 "
+                        "on a GPU, 1 on the CPU)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="reference DataLoader workers")
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+
+    device = utils.get_device()
+    on_gpu = device.type == "cuda"
+    args.images = args.images or (20000 if on_gpu else 2000)
+    args.model = args.model or ("resnet18" if on_gpu else "cnn")
+    args.image_size = args.image_size or (224 if on_gpu else 64)
+    args.batch_size = args.batch_size or (256 if on_gpu else 128)
+    args.epochs = args.epochs or (3 if on_gpu else 1)
+    args.work_dir = args.work_dir or os.path.join(tempfile.gettempdir(), f"folder_throughput_{args.images}")
+    if args.folder is None:
+        args.folder = os.path.join(args.work_dir, "photos")
+        write_folder(args.folder, args.images, args.data_dir, os.cpu_count() or 1)
+    args.images = sum(len(files) for _, _, files in os.walk(os.path.join(args.folder, "train")))
+    torch.backends.cudnn.benchmark = True
+    autocast_dtype = torch.bfloat16 if on_gpu and not args.no_bf16 else None
+    threads = torch.get_num_threads()
+    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({os.cpu_count()} cores, {threads} threads)"
+    print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.images} training images in "
+          f"{args.folder}, best of {args.epochs}, on {name}")
+
+    bare = bare_step_rate(args, device, autocast_dtype)
+    result = {"device": name, "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+              "images": args.images, "bf16": autocast_dtype is not None, "bare_images_per_s": bare,
+              "peak_rss_mb_bare": peak_rss_mb(), **ours(args, device, autocast_dtype),
+              **reference(args, device, autocast_dtype)}
+    result["peak_rss_mb_with_reference"] = peak_rss_mb()
+    steady = result["streamed_images_per_s"]
+    first_path = "resident" if result["first_epoch_resident"] else "streamed"  # what "auto" chose
+    first_rate = result["images_per_epoch"] / result["first_epoch_s"]
+    result["first_over_steady_epoch"] = result[f"{first_path}_images_per_s"] / first_rate
+    result["ours_over_reference"] = max(steady, result["resident_images_per_s"]) / result["reference_images_per_s"]
+    print(f"{'path':<52} {'images/s':>9} {'of bare':>8}")
+    for label, rate in [("bare step rate (one fixed batch on the device)", bare),
+                        ("ours, first epoch (decoding into the cache included)", first_rate),
+                        ("ours, steady, streamed from the memory-mapped cache", steady),
+                        ("ours, steady, resident on the device", result["resident_images_per_s"]),
+                        ("ours, streamed loader alone (no model)", result["streamed_loader_alone_images_per_s"]),
+                        ("ours, resident loader alone (no model)", result["resident_loader_alone_images_per_s"]),
+                        (f"reference: ImageFolder + PIL, {args.workers} workers", result["reference_images_per_s"])]:
+        print(f"{label:<52} {rate:>9,.0f} {rate / bare:>8.2f}")
+    print(f"ours / reference: {result['ours_over_reference']:.2f}; first epoch {result['first_epoch_s']:.1f} s "
+          f"(decoding {result['decode_s']:.1f} s, then {first_path}) = {result['first_over_steady_epoch']:.2f} "
+          f"steady epochs; a second run's first batch after {result['second_run_first_batch_s']:.2f} s")
+    print(f"peak host RSS {result['peak_rss_mb_bare']:,.0f} MB after the bare steps, "
+          f"{result['peak_rss_mb_streamed']:,.0f} MB streamed from the cache ({result['cache_mb']:,.0f} MB file), "
+          f"{result['peak_rss_mb']:,.0f} MB after the resident path" +
+          (f"; peak GPU memory {result['peak_gpu_mb_resident']:,.0f} MB resident, "
+           f"{result['peak_gpu_mb_streamed']:,.0f} MB streamed" if on_gpu else ""))
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, f"folder_throughput_{device.type}_{args.model}_{args.image_size}_"
+                                     f"{args.images}.json")
+    with open(path, "w") as f:
+        json.dump({key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()},
+                  f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

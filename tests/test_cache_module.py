@@ -1,0 +1,221 @@
+"""The decoded-image cache: built once, opened after, rebuilt when the files or the size change or a file of it
+is cut short, and one valid cache when two processes build it at once."""
+
+import glob
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import cache_module
+
+
+def write_files(folder, n=5):
+    """n small files standing for images (the cache only stats them; fill 'decodes' them)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"{i}.jpg")
+        with open(path, "wb") as f:
+            f.write(bytes([i]) * (10 + i))
+        paths.append(path)
+    return paths
+
+
+class Fill:
+    """A stand-in decoder: row i is filled with the first byte of file i; files named bad* fail. Counts calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, out):
+        self.calls += 1
+        failed = []
+        for i, path in enumerate(self.paths):
+            if os.path.basename(path).startswith("bad"):
+                failed.append(i)
+                continue
+            with open(path, "rb") as f:
+                out[i] = f.read(1)[0]
+        return failed
+
+
+def build(paths, cache_dir, root, size=4, fill=None):
+    fill = fill or Fill()
+    fill.paths = paths
+    return cache_module.open_or_build(paths, size, str(cache_dir), root=str(root), fill=fill), fill
+
+
+def cache_files(cache_dir):
+    return sorted(os.listdir(cache_dir))
+
+
+def test_the_cache_is_built_once_then_opened_without_decoding(tmp_path):
+    paths = write_files(tmp_path / "images")
+    first, fill = build(paths, tmp_path / "cache", tmp_path)
+    assert first.built and fill.calls == 1 and first.failed == []
+    assert first.images.shape == (5, 4, 4, 3) and first.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    written = os.stat(first.path)
+    again, fill = build(paths, tmp_path / "cache", tmp_path)
+    assert not again.built and fill.calls == 0 and again.path == first.path
+    assert torch.equal(again.images, first.images)
+    assert os.stat(again.path).st_mtime_ns == written.st_mtime_ns and os.stat(again.path).st_ino == written.st_ino
+    assert [name for name in cache_files(tmp_path / "cache") if name.endswith((".npy", ".json"))] == [
+        os.path.basename(first.path)[:-4] + ".json", os.path.basename(first.path)]
+
+
+def test_unreadable_files_are_remembered_with_the_cache(tmp_path):
+    paths = write_files(tmp_path / "images", 3)
+    os.rename(paths[1], str(tmp_path / "images" / "bad.jpg"))
+    paths[1] = str(tmp_path / "images" / "bad.jpg")
+    assert build(paths, tmp_path / "cache", tmp_path)[0].failed == [1]
+    cache, fill = build(paths, tmp_path / "cache", tmp_path)
+    assert cache.failed == [1] and fill.calls == 0
+
+
+@pytest.mark.parametrize("change", ["content", "mtime", "added", "removed", "size"])
+def test_a_changed_folder_or_size_gets_a_new_cache_and_the_superseded_one_goes(tmp_path, change):
+    paths = write_files(tmp_path / "images")
+    old, _ = build(paths, tmp_path / "cache", tmp_path)
+    size = 4
+    if change == "content":
+        with open(paths[2], "wb") as f:
+            f.write(b"\x09" * 30)
+    elif change == "mtime":  # same bytes, touched
+        stat = os.stat(paths[2])
+        os.utime(paths[2], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    elif change == "added":
+        paths += write_files(tmp_path / "more", 1)
+    elif change == "removed":
+        os.remove(paths.pop())
+    else:
+        size = 6
+    new, fill = build(paths, tmp_path / "cache", tmp_path, size=size)
+    assert new.built and fill.calls == 1 and new.path != old.path
+    assert new.images.shape == (len(paths), size, size, 3)
+    if change == "content":
+        assert new.images[2, 0, 0, 0] == 9
+    # the old cache of the same folder and size can never be opened again: it is deleted; another size stays
+    assert os.path.exists(old.path) == (change == "size")
+    assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == (2 if change == "size" else 1)
+
+
+def test_a_moved_folder_keeps_its_cache(tmp_path):
+    paths = write_files(tmp_path / "a" / "images")
+    build(paths, tmp_path / "cache", tmp_path / "a")
+    os.rename(tmp_path / "a", tmp_path / "b")
+    moved = [path.replace(os.sep + "a" + os.sep, os.sep + "b" + os.sep) for path in paths]
+    assert not build(moved, tmp_path / "cache", tmp_path / "b")[0].built
+
+
+@pytest.mark.parametrize("damage", ["truncated npy", "truncated index", "no index", "index of another size"])
+def test_a_damaged_cache_is_rebuilt_never_trusted(tmp_path, damage):
+    paths = write_files(tmp_path / "images")
+    good, _ = build(paths, tmp_path / "cache", tmp_path)
+    expected = good.images.clone()
+    index = good.path[:-4] + ".json"
+    del good
+    if damage == "truncated npy":  # an interrupted copy of the cache folder, say
+        with open(index[:-5] + ".npy", "r+b") as f:
+            f.truncate(os.path.getsize(index[:-5] + ".npy") - 7)
+    elif damage == "truncated index":
+        with open(index, "r+b") as f:
+            f.truncate(10)
+    elif damage == "no index":  # killed after the .npy was moved into place, before the index was written
+        os.remove(index)
+    else:
+        with open(index) as f:
+            fields = json.load(f)
+        with open(index, "w") as f:
+            json.dump({**fields, "size": 8}, f)
+    cache, fill = build(paths, tmp_path / "cache", tmp_path)
+    assert cache.built and fill.calls == 1 and torch.equal(cache.images, expected)
+    assert not build(paths, tmp_path / "cache", tmp_path)[0].built
+
+
+def test_a_failed_build_leaves_no_file_and_the_next_run_builds(tmp_path):
+    paths = write_files(tmp_path / "images")
+
+    def interrupted(out):
+        out[0] = 7
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache_module.open_or_build(paths, 4, str(tmp_path / "cache"), root=str(tmp_path), fill=interrupted)
+    assert [name for name in cache_files(tmp_path / "cache") if not name.endswith(".lock")] == []
+    assert build(paths, tmp_path / "cache", tmp_path)[0].built
+
+
+def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(tmp_path):
+    paths = write_files(tmp_path / "images")
+    key = cache_module.cache_key(paths, 4, str(tmp_path))
+    os.makedirs(tmp_path / "cache")
+    stale = tmp_path / "cache" / f".4px-{key}.abc123.npy.tmp"
+    stale.write_bytes(b"half a cache")
+    build(paths, tmp_path / "cache", tmp_path)
+    assert not stale.exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_raises_cache_error(tmp_path):
+    paths = write_files(tmp_path / "images")
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(cache_module.CacheError, match="cannot write the decoded-image cache in"):
+        build(paths, tmp_path / "a_file" / "cache", tmp_path)
+
+
+def test_a_cache_larger_than_the_free_space_is_refused_before_decoding(tmp_path, monkeypatch):
+    paths = write_files(tmp_path / "images")
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 1000})())
+    with pytest.raises(cache_module.CacheError, match="needs 0.00 GiB in .*which has 0.00 GiB free"):
+        build(paths, tmp_path / "cache", tmp_path, size=40)
+
+
+def build_in_a_process(paths, cache_dir, lock, barrier, results):
+    """One of two processes building the same cache of 64-px rows at once: row i is i + 1. Numpy only: torch's
+    OpenMP threads, once started in the test process, do not survive a fork."""
+    if not lock:
+        cache_module.fcntl = None  # as on Windows: no lock, both decode, and os.replace leaves one whole cache
+    decoded = []
+
+    def fill(out):
+        decoded.append(True)
+        for i in range(len(paths)):
+            out.numpy()[i] = i + 1
+            time.sleep(0.02)  # slow enough that the two builds overlap
+        return []
+
+    barrier.wait()
+    cache = cache_module.open_or_build(paths, 64, cache_dir, root=os.path.dirname(paths[0]), fill=fill)
+    results.put((bool(decoded), int(cache.images.numpy().sum(dtype=np.int64))))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks the test process (the children need no torch import)")
+@pytest.mark.parametrize("lock", [True, False])
+def test_two_processes_building_at_once_leave_one_valid_cache(tmp_path, lock):
+    paths = write_files(tmp_path / "images", 20)
+    cache_dir = str(tmp_path / "cache")
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    builders = [context.Process(target=build_in_a_process, args=(paths, cache_dir, lock, barrier, results))
+                for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    outcomes = [results.get(timeout=60) for _ in builders]
+    for builder in builders:
+        builder.join(timeout=60)
+    assert [builder.exitcode for builder in builders] == [0, 0]
+    expected = sum((i + 1) * 64 * 64 * 3 for i in range(20))
+    assert [total for _, total in outcomes] == [expected] * 2
+    decoded = sum(built for built, _ in outcomes)
+    assert decoded == (1 if lock else 2)  # under the lock the second waits, then opens the first's cache
+    names = cache_files(cache_dir)
+    assert len([name for name in names if name.endswith(".npy")]) == 1
+    assert len([name for name in names if name.endswith(".json")]) == 1
+    assert not [name for name in names if name.endswith(".tmp")]
+    cache, fill = build(paths, cache_dir, str(tmp_path / "images"), size=64)
+    assert not cache.built and cache.images[:, 0, 0, 0].tolist() == list(range(1, 21))
