@@ -34,6 +34,7 @@ import data_module  # noqa: E402
 import model_module  # noqa: E402
 import train_module  # noqa: E402
 import utils  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 
 PHOTO_SIZE = (400, 300)  # width, height of the JPEGs written from CIFAR-10's 32-px images
 
@@ -77,11 +78,6 @@ def write_folder(folder: str, n: int, data_dir: str, workers: int) -> None:
 # --------------------------------------------------------------------------- timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def fresh_model(args, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     model = model_module.get_model(args.model, 10, image_size=args.image_size)
@@ -89,33 +85,13 @@ def fresh_model(args, device: torch.device) -> nn.Module:
 
 
 def bare_step_rate(args, device, autocast_dtype) -> float:
-    """Images/s of forward, loss, backward and step on one fixed batch already on the device."""
-    model = fresh_model(args, device)
-    optimizer = train_module.make_optimizer(model, 0.01)
-    loss_fn = nn.CrossEntropyLoss()
+    """Images/s of forward, loss, backward and step on one fixed batch already on the device (the warm-up
+    also serves every path after this one: cudnn autotuning and the allocator)."""
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    images = images.contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (args.batch_size,), device=device)
-    model.train()
-
-    def steps(n):
-        for _ in range(n):
-            with train_module.autocast(device, autocast_dtype):
-                loss = loss_fn(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    steps(args.warmup_steps)  # cudnn autotuning and the allocator, for every path after this one too
-    n = max(args.images // args.batch_size, 5)
-    best = 0.0
-    for _ in range(args.epochs):
-        synchronize(device)
-        started = time.perf_counter()
-        steps(n)
-        synchronize(device)
-        best = max(best, n * args.batch_size / (time.perf_counter() - started))
-    return best
+    return common.bare_step_rate(fresh_model(args, device), images.contiguous(memory_format=torch.channels_last),
+                                 targets, steps=max(args.images // args.batch_size, 5), repeats=args.epochs,
+                                 warmup=args.warmup_steps, autocast_dtype=autocast_dtype)
 
 
 def epoch_seconds(model, loader, device, autocast_dtype, epoch: int) -> float:
@@ -123,20 +99,20 @@ def epoch_seconds(model, loader, device, autocast_dtype, epoch: int) -> float:
     optimizer = train_module.make_optimizer(model, 0.01)
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    synchronize(device)
+    common.synchronize(device)
     started = time.perf_counter()
     train_module.train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype)
-    synchronize(device)
+    common.synchronize(device)
     return time.perf_counter() - started
 
 
 def loader_seconds(loader, device: torch.device) -> float:
     """Seconds of one pass over the loader's batches (read, cropped, normalised on the device), no model."""
-    synchronize(device)
+    common.synchronize(device)
     started = time.perf_counter()
     for _ in loader:
         pass
-    synchronize(device)
+    common.synchronize(device)
     return time.perf_counter() - started
 
 
@@ -164,7 +140,7 @@ def ours(args, device, autocast_dtype) -> dict:
     started = time.perf_counter()  # a second run in this process: no imports, no CUDA start-up
     data = get_folder_data(args, device, cache_dir, "auto")
     next(iter(data.train))
-    synchronize(device)
+    common.synchronize(device)
     result["second_run_first_batch_s"] = time.perf_counter() - started
     del data
 

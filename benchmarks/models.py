@@ -9,17 +9,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import model_module  # noqa: E402
-import train_module  # noqa: E402
 import utils  # noqa: E402
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 
 MODELS = ["cnn", "mobilenet_v3_small", "squeezenet1_1", "regnet_y_400mf", "efficientnet_b0", "resnet18",
           "mobilenet_v3_large", "resnet50", "convnext_tiny", "swin_t", "vit_b_16"]
@@ -30,25 +28,10 @@ def step_rate(name: str, size: int, batch_size: int, steps: int, device: torch.d
     """Best images/s over `steps` timed training steps on one random batch, after two warm-up steps."""
     torch.manual_seed(0)
     model = model_module.get_model(name, 10, image_size=size).to(device, memory_format=torch.channels_last)
-    optimizer = train_module.make_optimizer(model, 0.01)
     images = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (batch_size,), device=device)
-    model.train()
-    best = 0.0
-    for step in range(steps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        with train_module.autocast(device, autocast_dtype):
-            loss = nn.functional.cross_entropy(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= 2:
-            best = max(best, batch_size / (time.perf_counter() - started))
-    return best
+    return common.bare_step_rate(model, images, targets, steps=1, repeats=steps, warmup=2,
+                                 autocast_dtype=autocast_dtype)
 
 
 def main() -> None:

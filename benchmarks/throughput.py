@@ -28,11 +28,7 @@ import data_module  # noqa: E402
 import model_module  # noqa: E402
 import train_module  # noqa: E402
 import utils  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+import common  # noqa: E402  (benchmarks/common.py, beside this script)
 
 
 def fresh_model(name: str, device: torch.device, channels_last: bool):
@@ -43,31 +39,11 @@ def fresh_model(name: str, device: torch.device, channels_last: bool):
 
 def bare_step_rate(args, device, autocast_dtype) -> float:
     """Images/s of forward, loss, backward and step on one fixed batch already on the device."""
-    model = fresh_model(args.model, device, channels_last=True)
-    optimizer = train_module.make_optimizer(model, 0.01)
-    loss_fn = nn.CrossEntropyLoss()
     images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (args.batch_size,), device=device)
-    model.train()
-
-    def steps(n):
-        for _ in range(n):
-            with train_module.autocast(device, autocast_dtype):
-                loss = loss_fn(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-    steps(args.warmup_steps)
-    n = max(args.images // args.batch_size, 5)
-    best = 0.0
-    for _ in range(args.epochs):
-        synchronize(device)
-        started = time.perf_counter()
-        steps(n)
-        synchronize(device)
-        best = max(best, n * args.batch_size / (time.perf_counter() - started))
-    return best
+    return common.bare_step_rate(fresh_model(args.model, device, channels_last=True), images, targets,
+                                 steps=max(args.images // args.batch_size, 5), repeats=args.epochs,
+                                 warmup=args.warmup_steps, autocast_dtype=autocast_dtype)
 
 
 def pipeline_rate(args, device, autocast_dtype) -> float:
@@ -82,10 +58,10 @@ def pipeline_rate(args, device, autocast_dtype) -> float:
     best = 0.0
     for epoch in range(args.epochs + 1):  # the first pass warms up (cudnn autotuning, allocator)
         data.train.set_epoch(epoch)
-        synchronize(device)
+        common.synchronize(device)
         started = time.perf_counter()
         train_module.train_one_epoch(model, data.train, optimizer, loss_fn, autocast_dtype=autocast_dtype)
-        synchronize(device)
+        common.synchronize(device)
         if epoch:
             best = max(best, images_per_epoch / (time.perf_counter() - started))
     return best
