@@ -1,61 +1,41 @@
-"""Datasets, augmentation and loaders: CIFAR-10 or an ImageFolder tree, kept on the device when it fits, else
-streamed from the decoded-image cache (cache_module) with the same batched augmentation."""
+"""Datasets and their loaders: CIFAR-10 or an ImageFolder tree read (folders through the decoded-image cache,
+cache_module), split, measured, and handed to the loaders of loader_module: kept on the device when they fit,
+else read from the memory-mapped cache a batch at a time, with the same batched augmentation."""
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import pickle
-import queue
 import sys
-import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
-from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets, transforms
-from torchvision.ops import roi_align
-from torchvision.transforms import functional as F
-from tqdm import tqdm
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
 
 import cache_module
 import utils
+from augment_module import RESIZE_RATIO, pil_transform
+from image_module import IMAGE_EXTENSIONS, DataError, decode_files, opens, read_stored
+from loader_module import Loader, MappedLoader, ResidentLoader, StreamingLoader
 
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
 AUGMENTS = ("auto", "photo", "shift")  # photo: RandomResizedCrop; shift: pad-crops; auto: photo for folders
-# Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif, say)
-# count as files that are not images. Pillow knows more (.mpg, .eps, .h5), but it only identifies those.
-PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif",
-                    ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".avif", ".heic", ".heif")
-IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS if Image.registered_extensions().get(e) in Image.OPEN)
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
-AUGMENT_CHUNK = 16384  # CIFAR images augmented together: few kernel launches per epoch, bounded memory
-PREFETCH = 3  # batches read from the cache ahead of the one training: covers a slow read, bounded memory
-DECODE_BATCH = 32  # files per DataLoader batch when decoding: little pixel data in flight with many workers
-# Photo folders follow torchvision's classification reference (references/classification/presets.py):
-RESIZE_RATIO = 0.875  # crop size / resize size of its evaluation preset (224 of 256)
-CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's share of the stored image's area (torchvision's default)
-CROP_RATIO = (3 / 4, 4 / 3)  # and its width / height range (torchvision's default)
-CROP_TRIES = 10  # boxes drawn before the central-crop fallback, as RandomResizedCrop.get_params
-
-
-class DataError(ValueError):
-    """Missing or unreadable data, or a split that cannot be made: a message for the user."""
 
 
 @dataclass
 class Data:
     """The loaders of one run and what the rest of the pipeline needs to know about them."""
 
-    train: "ResidentLoader | MappedLoader | StreamingLoader"
-    val: "ResidentLoader | MappedLoader | StreamingLoader"
-    test: "ResidentLoader | MappedLoader | StreamingLoader"
+    train: Loader
+    val: Loader
+    test: Loader
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -172,7 +152,7 @@ class _Transformed(Dataset):
         return self.transform(self.source.read(i)), int(self.source.labels[i])
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- CIFAR-10
 
 
 class CIFAR10(datasets.CIFAR10):
@@ -234,112 +214,6 @@ def _bad_cifar_file(folder: str) -> str:
         except Exception:  # any failure marks the culprit; this runs only to name it
             return path
     return folder
-
-
-def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
-    """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by to_rgb).
-
-    With reduce_to (pixels), a JPEG is decoded at 1/2, 1/4 or 1/8 scale where its sides keep at least twice
-    reduce_to pixels (JPEG DCT scaling, as Pillow's thumbnail does): 2 to 7 times faster for photos much
-    larger than that, and within a few levels of a full decode once resized to reduce_to.
-    A file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with the
-    missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per process;
-    a file that does not open at all raises DataError naming it.
-    """
-    unreadable = (OSError, ValueError, Image.DecompressionBombError)  # ValueError: a mode RGB cannot come from
-    try:
-        with Image.open(path) as image:
-            return to_rgb(_upright(image, reduce_to))
-    except unreadable as error:
-        first_error = error
-    try:
-        with _truncated_images_allowed(), Image.open(path) as image:
-            rgb = to_rgb(_upright(image, reduce_to))
-    except unreadable:
-        raise DataError(f"{path} is not an image file that Pillow can read ({first_error})") from None
-    if path not in _WARNED:
-        _WARNED.add(path)
-        print(f"warning: {path} is truncated or damaged ({first_error}); the part that decodes is used, "
-              f"the rest is grey", file=sys.stderr)
-    return rgb
-
-
-_WARNED: set[str] = set()  # damaged files already named in this process
-
-
-@contextlib.contextmanager
-def _truncated_images_allowed() -> Iterator[None]:
-    """Pillow's switch is global: set it only around one load (loads run one at a time in each process)."""
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
-
-
-def _upright(image: Image.Image, reduce_to: int | None = None) -> Image.Image:
-    """The image decoded (a JPEG scaled down while decoding, see open_rgb) and turned as its EXIF orientation
-    tag says (phones store photos sideways)."""
-    if reduce_to:
-        image.draft(None, (2 * reduce_to, 2 * reduce_to))  # a no-op but for JPEGs; square: any orientation
-    image.load()  # decoding errors (a truncated file) belong to the caller
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block (Pillow raises several types): keep the pixels as stored
-        return image.copy()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled to 8 bits (a plain convert clips it at 255),
-    transparency composited on white (as a viewer shows it; the colour under transparent pixels is
-    often black or junk), palette, greyscale and CMYK converted by Pillow."""
-    if image.mode == "I" or image.mode.startswith("I;16"):  # "I": 16-bit PNGs in older Pillows
-        values = np.asarray(image).astype(np.int64).clip(0, 65535)
-        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")  # round(v / 257)
-    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_stored(path: str, size: int) -> Image.Image:
-    """An image file as a folder's images are stored: upright RGB (open_rgb), shorter side resized to size,
-    the centre size x size square."""
-    return F.center_crop(F.resize(open_rgb(path, reduce_to=size), size), [size, size])
-
-
-class _Stored(Dataset):
-    """Files read as read_stored does, for decoding in DataLoader workers: item i is (uint8 (S, S, 3) pixels,
-    "") or, for a file that cannot be read, (zeros, the error message)."""
-
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        try:
-            return torch.from_numpy(np.array(read_stored(self.paths[i], self.size))), ""
-        except DataError as error:
-            return torch.zeros(self.size, self.size, 3, dtype=torch.uint8), str(error)
-
-
-def decode_files(paths: list[str], size: int, out: torch.Tensor, num_workers: int,
-                 desc: str) -> list[tuple[int, str]]:
-    """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): in memory, or the cache's
-    memory map), in num_workers processes with a progress bar; returns (i, message) for each file that
-    could not be read (its row left black)."""
-    loader = DataLoader(_Stored(paths, size), batch_size=DECODE_BATCH, num_workers=num_workers)
-    failures, start = [], 0
-    with tqdm(total=len(paths), desc=desc, unit="image", disable=not sys.stderr.isatty()) as bar:
-        for images, errors in loader:
-            out[start:start + len(images)] = images
-            failures += [(start + i, error) for i, error in enumerate(errors) if error]
-            start += len(images)
-            bar.update(len(images))
-    return failures
 
 
 # --------------------------------------------------------------------------- folders
@@ -406,22 +280,13 @@ def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[st
             for name, samples in splits.items()}
 
 
-def _opens(path: str) -> bool:
-    """Whether Pillow opens the file and finds its header sound (as cheap as a check can be that still catches
-    corrupt files, yet 20 times the cost of listing it: a valid cache spares it)."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # Pillow raises many types for a bad file; every one means "skip it"
-        return False
 
 
 def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
     """The train, val and (optional) test files of DATA_DIR that Pillow opens, labelled by train/'s class
     folders, and the classes; the files are read at `size` (pixels, a square)."""
     classes, splits, not_images = _list_tree(data_dir)
-    unreadable = [path for samples in splits.values() for path, _ in samples if not _opens(path)]
+    unreadable = [path for samples in splits.values() for path, _ in samples if not opens(path)]
     splits = _readable(data_dir, classes, splits, not_images, unreadable)
     return {name: ImageFiles(paths, labels, size) for name, (paths, labels) in splits.items()}, classes
 
@@ -533,345 +398,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(means), tuple(stds)
 
 
-# --------------------------------------------------------------------------- augmentation
-
-
-def crop_flip(images: torch.Tensor, padding: int, flipped: torch.Tensor | None = None,
-              reflect: bool = False) -> torch.Tensor:
-    """Random crops (shifts of up to `padding` pixels, black or reflected border) of uint8 (N, H, W, C)
-    images, mirrored where `flipped` (N bools) is set, as one gather on the images' device."""
-    n, h, w, _ = images.shape
-    device = images.device
-    dy = torch.randint(-padding, padding + 1, (n, 1), device=device)
-    dx = torch.randint(-padding, padding + 1, (n, 1), device=device)
-    rows = torch.arange(h, device=device) + dy                      # (n, h): source row of each output row
-    cols = torch.arange(w, device=device).expand(n, w)
-    if flipped is not None:
-        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
-    cols = cols + dx                                                # (n, w): source column of each output column
-    batch = torch.arange(n, device=device)[:, None, None]
-    if reflect:
-        return images[batch, _reflect(rows, h)[:, :, None], _reflect(cols, w)[:, None, :]]
-    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-    out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
-    return out * inside[..., None]                                  # black border, as RandomCrop(padding=p)
-
-
-def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
-    index = index.abs()
-    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
-
-
-def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float] = CROP_SCALE,
-                      ratio: tuple[float, float] = CROP_RATIO, device: torch.device | str = "cpu") -> torch.Tensor:
-    """n boxes (top, left, height, width) as int64 (n, 4), each drawn as torchvision's
-    RandomResizedCrop.get_params draws one: up to CROP_TRIES tries of an area share in `scale` and a
-    log-uniform width / height in `ratio` that fit the image, else the central crop of the nearest allowed
-    ratio; all n at once on `device`, from its global generator."""
-    area = height * width
-    target_area = area * torch.empty(n, CROP_TRIES, device=device).uniform_(scale[0], scale[1])
-    aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w = (target_area * aspect).sqrt().round().long()
-    h = (target_area / aspect).sqrt().round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (argmax takes the first maximum)
-    found = fits.any(1)
-    fallback_h, fallback_w = _central_box(height, width, ratio)
-    h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
-    w = torch.where(found, w.gather(1, first).squeeze(1), fallback_w)
-    top = _random_offset(height - h, device)
-    left = _random_offset(width - w, device)
-    top = torch.where(found, top, (height - h) // 2)
-    left = torch.where(found, left, (width - w) // 2)
-    return torch.stack([top, left, h, w], 1)
-
-
-def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """RandomResizedCrop's fallback size (height, width): the whole image, trimmed to the nearest allowed ratio."""
-    if width / height < min(ratio):
-        return int(round(width / min(ratio))), width
-    if width / height > max(ratio):
-        return height, int(round(height * max(ratio)))
-    return height, width
-
-
-def _random_offset(room: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A uniform integer in 0..room for each entry (randint with a per-entry bound)."""
-    offset = (torch.rand(room.shape, device=device) * (room + 1)).floor().long()
-    return torch.minimum(offset, room)  # float rounding can reach room + 1
-
-
-def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
-                    flipped: torch.Tensor | None = None) -> torch.Tensor:
-    """The boxes (top, left, height, width) of uint8 (N, H, W, C) images resized to size x size, mirrored
-    where `flipped` is set: float (N, C, size, size) on the 0-255 scale, in one batched call.
-
-    roi_align with aligned=True is bilinear resizing of each box; its adaptive sampling (ceil(box / size)
-    samples a pixel in each direction, averaged) stands in for the antialiasing of PIL's resize when the box
-    is larger than the output. One kernel for the batch, where torchvision.transforms.v2 draws one box per
-    call (RandomResizedCrop on a batch crops every image alike).
-    """
-    top, left, height, width = boxes.unbind(1)
-    batch = torch.arange(len(images), device=images.device)
-    rois = torch.stack([batch, left, top, left + width, top + height], 1).float()
-    crops = roi_align(images.permute(0, 3, 1, 2).float(), rois, output_size=size, aligned=True)
-    if flipped is not None:
-        crops = torch.where(flipped[:, None, None, None], crops.flip(-1), crops)
-    return crops
-
-
-def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop places it."""
-    _, height, width, _ = images.shape
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-    return images[:, top:top + size, left:left + size].contiguous()
-
-
 # --------------------------------------------------------------------------- loaders
-
-
-class ResidentLoader:
-    """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor ops.
-
-    Without crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect) and flips at their
-    own size. With crop_size (photo folders, stored as squares larger than crop_size), training images get
-    RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the centre crop.
-    Shuffling is seeded by (seed, epoch) as in DistributedSampler, so every rank draws the same order
-    and takes its own shard; augmentation draws from the device's global generator.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean, std,
-                 train: bool, crop_padding: int = 4, flip: str = "random", reflect: bool = False,
-                 crop_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = True):
-        self.images, self.labels = images, labels
-        self.batch_size, self.train = batch_size, train
-        self.crop_padding, self.flip, self.reflect, self.crop_size = crop_padding, flip, reflect, crop_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.channels_last = channels_last
-        self.epoch = 0
-        self.index_device = labels.device  # where the shuffled indices are made
-        self.chunk = AUGMENT_CHUNK  # CIFAR-size images gathered and augmented together
-        if flip == "alternate":  # a fixed random half starts flipped; every other epoch flips them all
-            self.flip_base = (torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5) \
-                .to(labels.device)
-        mean = torch.tensor(mean, device=labels.device).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=labels.device).view(1, -1, 1, 1)
-        self.scale, self.shift = 1 / (255 * std), -mean / std
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the shuffle of this epoch (the same on every rank)."""
-        self.epoch = epoch
-
-    def _indices(self) -> torch.Tensor:
-        """This rank's share of the images, shuffled for training."""
-        n = len(self.labels)
-        if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.index_device)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        per_rank = n // self.world_size  # equal shards: every rank must take the same number of steps
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.index_device)
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        shard = n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
-        return _num_batches(shard, self.batch_size, self.train)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self._indices()[:len(self) * self.batch_size]
-        if self.crop_size is None:  # CIFAR-10's pad-crops and flips, drawn for a chunk of batches at once
-            step = max(self.batch_size, self.chunk // self.batch_size * self.batch_size)
-            for chosen, images in self._gather(indices, step):
-                yield from self._padded_batches(chosen, images)
-        else:  # photos a batch at a time: their float 256-px copies are big
-            for chosen, images in self._gather(indices, self.batch_size):
-                yield self._photos(chosen, images), self.labels[chosen]
-
-    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(indices, their uint8 images) on the device, `step` images at a time."""
-        for start in range(0, len(indices), step):
-            chosen = indices[start:start + step]
-            yield chosen, self.images[chosen]
-
-    def _padded_batches(self, chosen: torch.Tensor,
-                        images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather, then normalised."""
-        if self.train and (self.crop_padding or self.flip != "none"):
-            images = crop_flip(images, self.crop_padding, self._flips(chosen), self.reflect)
-        labels = self.labels[chosen]
-        for i in range(0, len(chosen), self.batch_size):
-            yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
-
-    def _photos(self, chosen: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """A photo batch: random-resized crops and flips for training, centre crops for evaluation."""
-        if not self.train:
-            return self.normalize(center_crop(images, self.crop_size))
-        boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2], device=images.device)
-        crops = torch.addcmul(self.shift, crop_and_resize(images, boxes, self.crop_size, self._flips(chosen)),
-                              self.scale)
-        return crops.contiguous(memory_format=torch.channels_last) if self.channels_last else crops
-
-    def _flips(self, batch: torch.Tensor) -> torch.Tensor | None:
-        if self.flip == "random":
-            return torch.rand(len(batch), device=batch.device) < 0.5
-        if self.flip == "alternate":
-            return self.flip_base[batch] ^ bool(self.epoch % 2 == 0)
-        return None
-
-    def first_images(self, n: int) -> torch.Tensor:
-        """The first n images, normalised, as evaluation sees them (for data-dependent initialisation)."""
-        first = torch.arange(min(n, len(self.labels)), device=self.index_device)
-        _, images = next(self._gather(first, len(first)))
-        return self.normalize(images if self.crop_size is None else center_crop(images, self.crop_size))
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, C) to normalised float (N, C, H, W), channels_last in memory when asked."""
-        images = images.permute(0, 3, 1, 2)  # a view: NHWC memory is channels_last NCHW
-        if not self.channels_last:
-            images = images.contiguous()
-        return torch.addcmul(self.shift, images.float(), self.scale)
-
-
-class MappedLoader(ResidentLoader):
-    """ResidentLoader's batches (the same order, augmentation and normalisation, on the device) from uint8
-    images that stay in host memory, such as the memory-mapped cache: a background thread gathers each batch's
-    rows, PREFETCH batches ahead (on a GPU into pinned memory, copied on a CUDA stream of its own), while the
-    device works on the batch before."""
-
-    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
-                 **options):
-        super().__init__(images, labels.to(device), **options)
-        self.rows = rows  # int64 (N,): row of images of each of the N labelled images
-        self.index_device = torch.device("cpu")  # the thread picks rows with them
-        self.chunk = self.batch_size  # a batch at a time: little host memory, and the first batch comes soon
-
-    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = self.labels.device
-        copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-        def read() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]]:  # in the thread
-            if copy_stream is not None:
-                torch.cuda.set_device(device)  # a new thread starts on GPU 0: pinned memory would make a context there
-            for start in range(0, len(indices), step):
-                chosen = indices[start:start + step]
-                host = torch.empty((len(chosen), *self.images.shape[1:]), dtype=torch.uint8,
-                                   pin_memory=copy_stream is not None)
-                torch.index_select(self.images, 0, self.rows[chosen], out=host)
-                if copy_stream is None:
-                    yield chosen.to(device), host.to(device), None
-                    continue
-                with torch.cuda.stream(copy_stream):
-                    chosen, images = chosen.to(device, non_blocking=True), host.to(device, non_blocking=True)
-                yield chosen, images, copy_stream.record_event()
-
-        for chosen, images, copied in _in_background(read(), PREFETCH):
-            if copied is not None:  # the training stream waits for the copy, and keeps the memory until used
-                stream = torch.cuda.current_stream(device)
-                stream.wait_event(copied)
-                chosen.record_stream(stream)
-                images.record_stream(stream)
-            yield chosen, images
-
-
-def _in_background(items: Iterable, depth: int) -> Iterator:
-    """The items, made in a background thread at most `depth` ahead of the consumer, so that making them
-    (reading a file, copying to the device) overlaps using them. An exception there is raised here; a
-    consumer that stops early stops the thread."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop, end = threading.Event(), object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as error:  # any failure belongs to the consumer, which raises it
-            put(error)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-class StreamingLoader:
-    """A DataLoader with PIL transforms in worker processes, for data that does not fit on the device;
-    yields batches on the device, in the same layout as ResidentLoader."""
-
-    def __init__(self, dataset: Dataset, *, batch_size: int, train: bool, device: torch.device,
-                 num_workers: int, seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True):
-        self.train, self.device, self.channels_last = train, device, channels_last
-        if train:
-            self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                               shuffle=True, seed=seed, drop_last=True)
-        else:
-            self.sampler = range(rank, len(dataset), world_size)
-        n = len(self.sampler)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=device.type == "cuda", drop_last=train and n >= batch_size,
-                                 persistent_workers=False)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the shuffle of this epoch (the same on every rank)."""
-        if self.train:
-            self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def first_images(self, n: int) -> torch.Tensor:
-        """About n images as the loader yields them (for data-dependent initialisation)."""
-        images = []
-        for batch, _ in self:
-            images.append(batch)
-            if sum(map(len, images)) >= n:
-                break
-        return torch.cat(images)[:n]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
-            yield images, labels.to(self.device, non_blocking=True)
-
-
-def _num_batches(n: int, batch_size: int, train: bool) -> int:
-    """Training drops a last partial batch, unless it is the only one; evaluation keeps it."""
-    if train and n >= batch_size:
-        return n // batch_size
-    return -(-n // batch_size)
-
-
-def _pil_transform(train: bool, image_size: int, crop_padding: int, flip: str, reflect: bool,
-                   mean, std, photos: bool) -> transforms.Compose:
-    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are drawn at random):
-    photos get RandomResizedCrop (training) or the centre crop (evaluation), CIFAR-10 its pad-crops."""
-    steps = []
-    if photos:
-        steps.append(transforms.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO) if train
-                     else transforms.CenterCrop(image_size))
-    elif train and crop_padding:
-        steps.append(transforms.RandomCrop(image_size, padding=crop_padding,
-                                           padding_mode="reflect" if reflect else "constant"))
-    if train and flip != "none":
-        steps.append(transforms.RandomHorizontalFlip())
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def fits_on_device(num_bytes: int, device: torch.device) -> bool:
@@ -886,12 +413,12 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
 def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mean, std, *, photos: bool,
                   batch_size: int, crop_padding: int, flip: str, reflect: bool, device: torch.device,
                   num_workers: int, seed: int, rank: int, world_size: int,
-                  channels_last: bool) -> dict[str, ResidentLoader | MappedLoader | StreamingLoader]:
+                  channels_last: bool) -> dict[str, Loader]:
     """The train, val and test loaders (one loader when test is val); evaluation batches are twice as large.
     Photos (a folder's images) are cropped to image_size from their stored squares; CIFAR-10 is pad-cropped.
     Resident parts (decoded into Images) go to the device; the cache's rows stay mapped and are read a batch
     at a time, augmented alike on the device; files (no cache) go through PIL in DataLoader workers."""
-    def make(part: Source, train: bool) -> ResidentLoader | MappedLoader | StreamingLoader:
+    def make(part: Source, train: bool) -> Loader:
         common = dict(batch_size=batch_size if train else 2 * batch_size, train=train, seed=seed, rank=rank,
                       world_size=world_size, channels_last=channels_last)
         on_device = dict(mean=mean, std=std, crop_padding=crop_padding, flip=flip, reflect=reflect,
@@ -900,7 +427,7 @@ def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mea
             return ResidentLoader(part.images.to(device), part.labels.to(device), **on_device)
         if isinstance(part, MappedImages):
             return MappedLoader(part.images, part.rows, part.labels, device=device, **on_device)
-        transform = _pil_transform(train, image_size, crop_padding, flip, reflect, mean, std, photos)
+        transform = pil_transform(train, image_size, crop_padding, flip, reflect, mean, std, photos)
         return StreamingLoader(_Transformed(part, transform), device=device, num_workers=num_workers, **common)
 
     loaders = {"train": make(parts["train"], True), "val": make(parts["val"], False)}
@@ -970,47 +497,3 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
                 bool(resident), val_is_test=val_is_test, resize_size=resize_size if dataset == "folder" else None,
                 cache_file=cache_file)
 
-
-def load_image(path: str, image_size: int, mean, std, resize_size: int | None = None) -> torch.Tensor:
-    """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images are: stored
-    as read_stored does at resize_size (None: image_size) and centre-cropped to image_size."""
-    if not os.path.isfile(path):
-        raise DataError(f"image {path} does not exist")
-    to_tensor = transforms.Compose([transforms.CenterCrop(image_size), transforms.ToTensor(),
-                                    transforms.Normalize(mean, std)])
-    return to_tensor(read_stored(path, resize_size or image_size))
-
-
-def find_images(paths: list[str]) -> tuple[list[str], int]:
-    """The files to classify: each file as named, and the image files under each folder (searched
-    recursively, in sorted order). Returns them and how many files under the folders were not images."""
-    found, skipped = [], 0
-    for path in paths:
-        if not os.path.isdir(path):
-            found.append(path)
-            continue
-        for folder, subfolders, names in os.walk(path):
-            subfolders.sort()
-            for name in sorted(names):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(os.path.join(folder, name))
-                else:
-                    skipped += 1
-    return found, skipped
-
-
-class PredictionImages(Dataset):
-    """Image files prepared as load_image does, for batched prediction in DataLoader workers: item i is
-    (image, "") or, for a file that cannot be read, (zeros, the error message)."""
-
-    def __init__(self, paths: list[str], image_size: int, mean, std, resize_size: int | None = None):
-        self.paths, self.options = paths, (image_size, mean, std, resize_size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        try:
-            return load_image(self.paths[i], *self.options), ""
-        except DataError as error:
-            return torch.zeros(3, self.options[0], self.options[0]), str(error)

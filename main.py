@@ -26,6 +26,7 @@ from tqdm import tqdm
 import callback_module
 import checkpoint_module
 import data_module
+import image_module
 import model_module
 import report_module
 import train_module
@@ -447,8 +448,8 @@ def _example_images(c: Config, info: dict[str, typing.Any], n: int = 5) -> torch
         mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
         return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
     folders = [os.path.join(c.DATA_DIR, split) for split in ("test", "val", "train")]
-    files, _ = data_module.find_images([next((f for f in folders if os.path.isdir(f)), c.DATA_DIR)])
-    dataset = data_module.PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
+    files, _ = image_module.find_images([next((f for f in folders if os.path.isdir(f)), c.DATA_DIR)])
+    dataset = image_module.PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
                                            info.get("resize_size"))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
@@ -493,10 +494,10 @@ def predict(c: Config, paths: list[str]) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    files, skipped = data_module.find_images(paths)
+    files, skipped = image_module.find_images(paths)
     if skipped:
         print(f"note: skipped {skipped} files in the folders given that are not images", file=sys.stderr)
-    images = data_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
+    images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
     loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
                         (c.NUM_WORKERS if c.NUM_WORKERS is not None else os.cpu_count() or 1))
     rows, status, done = [], 0, 0

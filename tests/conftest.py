@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data_module
+import loader_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -98,9 +99,9 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
     (train_images, train_labels), (val_images, val_labels) = split(n_train), split(n_val)
     mean, std = data_module.channel_stats(train_images)
     common = dict(mean=mean, std=std, seed=seed)
-    train = data_module.ResidentLoader(train_images.to(device), train_labels.to(device), batch_size=batch_size,
+    train = loader_module.ResidentLoader(train_images.to(device), train_labels.to(device), batch_size=batch_size,
                                        train=True, crop_padding=1, **common)
-    val = data_module.ResidentLoader(val_images.to(device), val_labels.to(device), batch_size=2 * batch_size,
+    val = loader_module.ResidentLoader(val_images.to(device), val_labels.to(device), batch_size=2 * batch_size,
                                      train=False, **common)
     return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size, True,
                             val_is_test=False)
@@ -175,3 +176,21 @@ def write_photo_tree(root, splits=("train", "val"), seed=0):
         with open(os.path.join(folder, "broken.png"), "wb") as f:
             f.write(b"\x89PNG\r\n\x1a\n garbage")
     return str(root)
+
+
+def collect(loader, limit=None):
+    """A loader's batches (the first `limit` of them) joined: (images, labels)."""
+    images, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        images.append(x)
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+def smooth_photo(size=256, seed=0):
+    """A uint8 (size, size, 3) image with a photo's smoothness: bicubic-enlarged noise."""
+    noise = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed)) * 255
+    big = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+    return big.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).contiguous()

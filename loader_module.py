@@ -1,0 +1,248 @@
+"""Loaders that yield normalised batches on the device: from uint8 images kept there (ResidentLoader), from
+images left in host memory such as the memory-mapped cache (MappedLoader), or from a PIL Dataset in
+DataLoader workers (StreamingLoader, the fallback for what has no cache)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from augment_module import center_crop, crop_and_resize, crop_flip, sample_crop_boxes
+
+AUGMENT_CHUNK = 16384  # CIFAR images augmented together: few kernel launches per epoch, bounded memory
+PREFETCH = 3  # batches read from the cache ahead of the one training: covers a slow read, bounded memory
+
+
+class ResidentLoader:
+    """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor ops.
+
+    Without crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect) and flips at their
+    own size. With crop_size (photo folders, stored as squares larger than crop_size), training images get
+    RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the centre crop.
+    Shuffling is seeded by (seed, epoch) as in DistributedSampler, so every rank draws the same order
+    and takes its own shard; augmentation draws from the device's global generator.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean, std,
+                 train: bool, crop_padding: int = 4, flip: str = "random", reflect: bool = False,
+                 crop_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = True):
+        self.images, self.labels = images, labels
+        self.batch_size, self.train = batch_size, train
+        self.crop_padding, self.flip, self.reflect, self.crop_size = crop_padding, flip, reflect, crop_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last = channels_last
+        self.epoch = 0
+        self.index_device = labels.device  # where the shuffled indices are made
+        self.chunk = AUGMENT_CHUNK  # CIFAR-size images gathered and augmented together
+        if flip == "alternate":  # a fixed random half starts flipped; every other epoch flips them all
+            self.flip_base = (torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5) \
+                .to(labels.device)
+        mean = torch.tensor(mean, device=labels.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=labels.device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1 / (255 * std), -mean / std
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffle of this epoch (the same on every rank)."""
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        """This rank's share of the images, shuffled for training."""
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size, device=self.index_device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        per_rank = n // self.world_size  # equal shards: every rank must take the same number of steps
+        return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.index_device)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        shard = n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
+        return _num_batches(shard, self.batch_size, self.train)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices()[:len(self) * self.batch_size]
+        if self.crop_size is None:  # CIFAR-10's pad-crops and flips, drawn for a chunk of batches at once
+            step = max(self.batch_size, self.chunk // self.batch_size * self.batch_size)
+            for chosen, images in self._gather(indices, step):
+                yield from self._padded_batches(chosen, images)
+        else:  # photos a batch at a time: their float 256-px copies are big
+            for chosen, images in self._gather(indices, self.batch_size):
+                yield self._photos(chosen, images), self.labels[chosen]
+
+    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(indices, their uint8 images) on the device, `step` images at a time."""
+        for start in range(0, len(indices), step):
+            chosen = indices[start:start + step]
+            yield chosen, self.images[chosen]
+
+    def _padded_batches(self, chosen: torch.Tensor,
+                        images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather, then normalised."""
+        if self.train and (self.crop_padding or self.flip != "none"):
+            images = crop_flip(images, self.crop_padding, self._flips(chosen), self.reflect)
+        labels = self.labels[chosen]
+        for i in range(0, len(chosen), self.batch_size):
+            yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
+
+    def _photos(self, chosen: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """A photo batch: random-resized crops and flips for training, centre crops for evaluation."""
+        if not self.train:
+            return self.normalize(center_crop(images, self.crop_size))
+        boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2], device=images.device)
+        crops = torch.addcmul(self.shift, crop_and_resize(images, boxes, self.crop_size, self._flips(chosen)),
+                              self.scale)
+        return crops.contiguous(memory_format=torch.channels_last) if self.channels_last else crops
+
+    def _flips(self, batch: torch.Tensor) -> torch.Tensor | None:
+        if self.flip == "random":
+            return torch.rand(len(batch), device=batch.device) < 0.5
+        if self.flip == "alternate":
+            return self.flip_base[batch] ^ bool(self.epoch % 2 == 0)
+        return None
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """The first n images, normalised, as evaluation sees them (for data-dependent initialisation)."""
+        first = torch.arange(min(n, len(self.labels)), device=self.index_device)
+        _, images = next(self._gather(first, len(first)))
+        return self.normalize(images if self.crop_size is None else center_crop(images, self.crop_size))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) to normalised float (N, C, H, W), channels_last in memory when asked."""
+        images = images.permute(0, 3, 1, 2)  # a view: NHWC memory is channels_last NCHW
+        if not self.channels_last:
+            images = images.contiguous()
+        return torch.addcmul(self.shift, images.float(), self.scale)
+
+
+class MappedLoader(ResidentLoader):
+    """ResidentLoader's batches (the same order, augmentation and normalisation, on the device) from uint8
+    images that stay in host memory, such as the memory-mapped cache: a background thread gathers each batch's
+    rows, PREFETCH batches ahead (on a GPU into pinned memory, copied on a CUDA stream of its own), while the
+    device works on the batch before."""
+
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
+                 **options):
+        super().__init__(images, labels.to(device), **options)
+        self.rows = rows  # int64 (N,): row of images of each of the N labelled images
+        self.index_device = torch.device("cpu")  # the thread picks rows with them
+        self.chunk = self.batch_size  # a batch at a time: little host memory, and the first batch comes soon
+
+    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.labels.device
+        copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+        def read() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]]:  # in the thread
+            if copy_stream is not None:
+                torch.cuda.set_device(device)  # a new thread starts on GPU 0: pinned memory would make a context there
+            for start in range(0, len(indices), step):
+                chosen = indices[start:start + step]
+                host = torch.empty((len(chosen), *self.images.shape[1:]), dtype=torch.uint8,
+                                   pin_memory=copy_stream is not None)
+                torch.index_select(self.images, 0, self.rows[chosen], out=host)
+                if copy_stream is None:
+                    yield chosen.to(device), host.to(device), None
+                    continue
+                with torch.cuda.stream(copy_stream):
+                    chosen, images = chosen.to(device, non_blocking=True), host.to(device, non_blocking=True)
+                yield chosen, images, copy_stream.record_event()
+
+        for chosen, images, copied in _in_background(read(), PREFETCH):
+            if copied is not None:  # the training stream waits for the copy, and keeps the memory until used
+                stream = torch.cuda.current_stream(device)
+                stream.wait_event(copied)
+                chosen.record_stream(stream)
+                images.record_stream(stream)
+            yield chosen, images
+
+
+def _in_background(items: Iterable, depth: int) -> Iterator:
+    """The items, made in a background thread at most `depth` ahead of the consumer, so that making them
+    (reading a file, copying to the device) overlaps using them. An exception there is raised here; a
+    consumer that stops early stops the thread."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as error:  # any failure belongs to the consumer, which raises it
+            put(error)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class StreamingLoader:
+    """A DataLoader with PIL transforms in worker processes, for data that does not fit on the device;
+    yields batches on the device, in the same layout as ResidentLoader."""
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, train: bool, device: torch.device,
+                 num_workers: int, seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True):
+        self.train, self.device, self.channels_last = train, device, channels_last
+        if train:
+            self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                               shuffle=True, seed=seed, drop_last=True)
+        else:
+            self.sampler = range(rank, len(dataset), world_size)
+        n = len(self.sampler)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda", drop_last=train and n >= batch_size,
+                                 persistent_workers=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffle of this epoch (the same on every rank)."""
+        if self.train:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """About n images as the loader yields them (for data-dependent initialisation)."""
+        images = []
+        for batch, _ in self:
+            images.append(batch)
+            if sum(map(len, images)) >= n:
+                break
+        return torch.cat(images)[:n]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
+            yield images, labels.to(self.device, non_blocking=True)
+
+
+def _num_batches(n: int, batch_size: int, train: bool) -> int:
+    """Training drops a last partial batch, unless it is the only one; evaluation keeps it."""
+    if train and n >= batch_size:
+        return n // batch_size
+    return -(-n // batch_size)
+
+
+Loader = ResidentLoader | MappedLoader | StreamingLoader

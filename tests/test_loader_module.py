@@ -1,0 +1,90 @@
+"""The loaders: shuffling and shards, alternate flips, photo crops and centre crops, the background reader."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as F
+
+import loader_module
+from conftest import collect, smooth_photo
+
+
+def test_alternate_flip_mirrors_every_image_every_other_epoch():
+    images = torch.randint(0, 256, (10, 4, 4, 3), dtype=torch.uint8)
+    labels = torch.arange(10)
+    loader = loader_module.ResidentLoader(images, labels, batch_size=10, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                        train=True, crop_padding=0, flip="alternate")
+    epochs = []
+    for epoch in (1, 2, 3):
+        loader.set_epoch(epoch)
+        x, y = collect(loader)
+        epochs.append(x[torch.argsort(y)])
+    assert torch.allclose(epochs[1], epochs[0].flip(-1)) and torch.allclose(epochs[2], epochs[0])
+    assert not torch.allclose(epochs[0], loader.normalize(images))  # about half start flipped
+
+
+def test_epochs_shuffle_differently_and_shards_do_not_overlap():
+    images = torch.zeros(20, 4, 4, 3, dtype=torch.uint8)
+    labels = torch.arange(20)
+    shards = [loader_module.ResidentLoader(images, labels, batch_size=5, mean=(0,) * 3, std=(1,) * 3, train=True,
+                                         rank=r, world_size=2) for r in (0, 1)]
+    seen = [collect(s)[1] for s in shards]
+    assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0].tolist()) & set(seen[1].tolist())
+    shards[0].set_epoch(2)
+    assert not torch.equal(collect(shards[0])[1], seen[0])
+
+
+def test_a_training_set_smaller_than_a_batch_still_gives_one_batch():
+    images = torch.zeros(5, 4, 4, 3, dtype=torch.uint8)
+    loader = loader_module.ResidentLoader(images, torch.arange(5), batch_size=8, mean=(0,) * 3, std=(1,) * 3,
+                                        train=True)
+    assert len(loader) == 1 and len(collect(loader)[1]) == 5
+
+
+def test_resident_photo_crops_are_each_images_own_box_then_flipped():
+    """Channel 0 is the image's label, channels 1 and 2 its column and row: each crop shows its own image,
+    and its columns tell its box and its flip."""
+    n, size = 32, 64
+    columns = torch.arange(size).expand(size, size)
+    images = torch.stack([torch.stack([torch.full((size, size), 7 * i), columns, columns.T], -1)
+                          for i in range(n)]).to(torch.uint8)
+    labels = torch.arange(n)
+    loader = loader_module.ResidentLoader(images, labels, batch_size=8, mean=(0,) * 3, std=(1 / 255,) * 3,
+                                        train=True, flip="random", crop_size=16, channels_last=False)
+    torch.manual_seed(0)
+    crops, seen = collect(loader)
+    assert crops.shape == (n, 3, 16, 16)
+    assert torch.allclose(crops[:, 0], 7 * seen.view(-1, 1, 1).float(), atol=1e-3)
+    left_to_right = crops[:, 1, :, -1] - crops[:, 1, :, 0]
+    assert (left_to_right.abs() > 1).all()  # a ramp: each crop is a resized part of its own image
+    flipped = left_to_right[:, 0] < 0
+    assert 8 < flipped.sum() < 24  # about half are mirrored
+    assert len({round(float(c), 1) for c in crops[:, 1, 8, 0]}) > 20  # the boxes differ from image to image
+
+
+def test_photo_evaluation_is_the_centre_crop():
+    images = torch.stack([smooth_photo(37, seed=i) for i in range(5)])
+    loader = loader_module.ResidentLoader(images, torch.arange(5), batch_size=4, mean=(0,) * 3, std=(1 / 255,) * 3,
+                                        train=False, crop_size=32)
+    batch, _ = collect(loader)
+    for image, out in zip(images, batch):
+        centre = F.center_crop(Image.fromarray(image.numpy()), [32, 32])  # offset round(2.5) = 2, as torchvision
+        assert torch.equal(out, torch.from_numpy(np.array(centre)).permute(2, 0, 1).float())
+    assert torch.equal(loader.first_images(5), batch)
+
+
+def test_the_background_reader_raises_its_errors_and_stops_when_left():
+    import threading
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(loader_module._in_background(failing(), 2))
+    threads = threading.active_count()
+    items = loader_module._in_background(iter(range(1000)), 2)
+    assert next(items) == 0
+    items.close()  # the consumer leaves early: the thread ends
+    assert threading.active_count() == threads
