@@ -96,8 +96,9 @@ RESUME: str | None = None        # a last_checkpoint.pth to continue from, or "a
 PRESET: str | None = None        # "fast": PRESETS["fast"] replaces the constants it names
 TENSORBOARD: bool = False        # also log each epoch and the test confusion matrix to OUTPUT_DIR/tensorboard/
 
-# airbench94's recipe on this pipeline: >= 90.6% test accuracy in seconds on a GPU. It trains on all
-# 50,000 images and validates on the test set each epoch (VAL_SPLIT = 0), as airbench does.
+# airbench94's recipe on this pipeline: >= 90.6% test accuracy in seconds on a GPU. Unlike airbench, which
+# watches the test set, it holds out 2,000 training images (stratified) to choose its best epoch on, and
+# touches the test set once, at the end: its test accuracy is a clean held-out figure.
 # LR and WEIGHT_DECAY are airbench's 11.5 and 0.0153 (per 1024 images, summed loss) in torch.optim.SGD's
 # terms for a mean loss: 11.5 / (1 + 1 / (1 - 0.85)) = 1.5, and 0.0153 * 1024 / 7851 / 1.5 = 1.33e-3.
 PREDICT_BATCH = 64  # images per batch for --predict
@@ -106,7 +107,7 @@ PREDICT_PRINT = 20  # --predict prints a line per image up to this many images (
 PRESETS = {
     "fast": dict(MODEL="fast", EPOCHS=12, BATCH_SIZE=1024, LR=1.5, MOMENTUM=0.85, WEIGHT_DECAY=1.33e-3,
                  NORM_LR_SCALE=64.0, LABEL_SMOOTHING=0.2, SCHEDULE="onecycle", LOOKAHEAD=True, TTA=True,
-                 VAL_SPLIT=0, CROP_PADDING=2, REFLECT=True, FLIP="alternate", ASK_EPOCH=None),
+                 VAL_SPLIT=2000, CROP_PADDING=2, REFLECT=True, FLIP="alternate", ASK_EPOCH=None),
 }
 
 CHOICES = {"DATASET": data_module.DATASETS, "AUGMENT": data_module.AUGMENTS, "SCHEDULE": train_module.SCHEDULES,

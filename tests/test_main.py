@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data_module
 import main
 import utils
 from conftest import ROOT, run_main, write_fake_cifar, write_image_tree
@@ -64,6 +65,17 @@ def test_flags_are_derived_from_the_constants():
 def test_a_preset_applies_and_flags_override_it():
     config, _ = main.parse_config(["--preset", "fast", "--epochs", "12"])
     assert config["MODEL"] == "fast" and config["SCHEDULE"] == "onecycle" and config["EPOCHS"] == 12
+
+
+@pytest.mark.parametrize("preset", list(main.PRESETS))
+def test_no_preset_chooses_its_best_epoch_on_the_test_set(preset, cifar_dir):
+    config, _ = main.parse_config(["--preset", preset])
+    data = data_module.get_data("cifar10", cifar_dir, batch_size=config["BATCH_SIZE"], val_split=config["VAL_SPLIT"],
+                                download=False, seed=config["SEED"])
+    assert not data.val_is_test and data.val is not data.test
+    assert len(data.val.labels) == config["VAL_SPLIT"] > 0 and len(data.test.labels) == 10000
+    assert len(data.train.labels) == 50000 - config["VAL_SPLIT"]  # held out of the 50,000 training images
+    assert data.val.labels.bincount().tolist() == [config["VAL_SPLIT"] // 10] * 10  # stratified
 
 
 def test_an_unknown_flag_lists_the_valid_names(capsys):
