@@ -1,7 +1,8 @@
-"""What the benchmark scripts share: waiting for the device, and the bare step rate (the limit a loader
-is measured against)."""
+"""What the benchmark scripts share: waiting for the device, the bare training step (the limit a loader is
+measured against), eager or captured in a CUDA graph, and timing passes interleaved, best kept."""
 
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -15,29 +16,71 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, steps: int, repeats: int,
-                   warmup: int, autocast_dtype: torch.dtype | None = None) -> float:
-    """Images/s of forward, loss, backward and SGD step on one fixed batch already on the device: the best
-    of `repeats` timings of `steps` steps each, after `warmup` untimed steps."""
+def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
+              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> Callable[[], None]:
+    """One training step (forward, loss, backward, the pipeline's SGD step) on one fixed batch already on the
+    device, as a function of no arguments. graphed (CUDA only): the step captured once in a CUDA graph and
+    replayed, so no kernel is launched from Python: the rate a launch-bound model could reach at most."""
     device = images.device
     optimizer = train_module.make_optimizer(model, 0.01)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
 
-    def run(n: int) -> None:
-        for _ in range(n):
-            with train_module.autocast(device, autocast_dtype):
-                loss = loss_fn(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    def step() -> None:
+        # autocast's weight cache must be off inside a graph (torch.cuda.graph's documented restriction)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                            cache_enabled=not graphed):
+            loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=not graphed)  # a graph keeps its .grad tensors: zero them in place
+        loss.backward()
+        optimizer.step()
 
-    run(warmup)
-    best = 0.0
+    if not graphed:
+        return step
+    if device.type != "cuda":
+        raise ValueError("a CUDA graph needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires (cuDNN choices, SGD buffers)
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def best_rates(passes: dict[str, tuple[Callable[[], None], int]], *, repeats: int,
+               device: torch.device) -> dict[str, float]:
+    """Images/s of each pass (a function and the images it trains on), as the best of `repeats` timings
+    taken in turn (A B C, A B C, ...) after one untimed warm-up of each, so that a clock that rises or a
+    neighbour that comes and goes touches every pass alike."""
+    for run, _ in passes.values():
+        run()
+    synchronize(device)
+    best = dict.fromkeys(passes, 0.0)
     for _ in range(repeats):
-        synchronize(device)
-        started = time.perf_counter()
-        run(steps)
-        synchronize(device)
-        best = max(best, steps * len(images) / (time.perf_counter() - started))
+        for name, (run, images) in passes.items():
+            synchronize(device)
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            best[name] = max(best[name], images / (time.perf_counter() - started))
     return best
+
+
+def steps(step: Callable[[], None], n: int) -> Callable[[], None]:
+    """A pass of n steps."""
+    def run() -> None:
+        for _ in range(n):
+            step()
+    return run
+
+
+def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, steps_per_pass: int,
+                   repeats: int, autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> float:
+    """Images/s of the bare step alone: the best of `repeats` passes of steps_per_pass steps, after one untimed
+    pass."""
+    run = steps(bare_step(model, images, targets, autocast_dtype=autocast_dtype, graphed=graphed), steps_per_pass)
+    return best_rates({"bare": (run, steps_per_pass * len(images))}, repeats=repeats, device=images.device)["bare"]

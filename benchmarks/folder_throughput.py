@@ -85,13 +85,13 @@ def fresh_model(args, device: torch.device) -> nn.Module:
 
 
 def bare_step_rate(args, device, autocast_dtype) -> float:
-    """Images/s of forward, loss, backward and step on one fixed batch already on the device (the warm-up
-    also serves every path after this one: cudnn autotuning and the allocator)."""
+    """Images/s of forward, loss, backward and step on one fixed batch already on the device (its untimed
+    first pass also warms up every path after this one: cudnn autotuning and the allocator)."""
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     targets = torch.randint(0, 10, (args.batch_size,), device=device)
     return common.bare_step_rate(fresh_model(args, device), images.contiguous(memory_format=torch.channels_last),
-                                 targets, steps=max(args.images // args.batch_size, 5), repeats=args.epochs,
-                                 warmup=args.warmup_steps, autocast_dtype=autocast_dtype)
+                                 targets, steps_per_pass=max(args.images // args.batch_size, 5),
+                                 repeats=args.epochs, autocast_dtype=autocast_dtype)
 
 
 def epoch_seconds(model, loader, device, autocast_dtype, epoch: int) -> float:
@@ -216,7 +216,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="timed passes per path, best kept (default: 3 "
                         "on a GPU, 1 on the CPU)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="reference DataLoader workers")
-    parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()

@@ -25,12 +25,12 @@ MODELS = ["cnn", "mobilenet_v3_small", "squeezenet1_1", "regnet_y_400mf", "effic
 
 def step_rate(name: str, size: int, batch_size: int, steps: int, device: torch.device,
               autocast_dtype: torch.dtype | None) -> float:
-    """Best images/s over `steps` timed training steps on one random batch, after two warm-up steps."""
+    """Best images/s over `steps` timed training steps on one random batch, after one warm-up step."""
     torch.manual_seed(0)
     model = model_module.get_model(name, 10, image_size=size).to(device, memory_format=torch.channels_last)
     images = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (batch_size,), device=device)
-    return common.bare_step_rate(model, images, targets, steps=1, repeats=steps, warmup=2,
+    return common.bare_step_rate(model, images, targets, steps_per_pass=1, repeats=steps,
                                  autocast_dtype=autocast_dtype)
 
 

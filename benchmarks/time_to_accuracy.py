@@ -7,7 +7,8 @@ and writes JSON. Needs a GPU for meaningful times (airbench runs only on CUDA).
 Times, as airbench measures its own: airbench94's printed total (whitening set-up, training, final
 test-time-augmented evaluation). Ours: the training epochs (each epoch's train_seconds) plus the final evaluation,
 and separately the whole of fit (which adds per-epoch validation, LRA and the checkpoint files).
-Both runs warm up first. The last figure is `python main.py --preset fast` as a command, start to exit.
+Both runs warm up first. Last, each program runs cold as a command, start to exit, --cold-runs times in turn:
+`python main.py --preset fast` and (when installed, on CUDA) airbench94's train94() in a fresh process.
 """
 
 import argparse
@@ -79,16 +80,38 @@ def run_airbench(airbench, runs: int) -> list[dict]:
     return results
 
 
+def cold_runs(args, airbench_folder: str | None) -> dict[str, list[dict]]:
+    """Each program run --cold-runs times as a fresh process, start to exit, in turn (ours, airbench94, ours,
+    ...): `python main.py --preset fast`, and airbench94's train94() run from the folder its data is in."""
+    commands = {"python main.py --preset fast": (None, [
+        sys.executable, os.path.join(ROOT, "main.py"), "--preset", "fast", "--data-dir", args.data_dir,
+        *args.main_args.split()])}
+    if airbench_folder:
+        commands["airbench94"] = (airbench_folder, [sys.executable, "-c", "import airbench; airbench.train94()"])
+    runs = {program: [] for program in commands}
+    for _ in range(args.cold_runs):
+        for program, (cwd, command) in commands.items():
+            with tempfile.TemporaryDirectory() as out:
+                extra = ["--output-dir", out] if cwd is None else []
+                started = time.perf_counter()
+                result = subprocess.run(command + extra, cwd=cwd, capture_output=True, text=True)
+                seconds = time.perf_counter() - started
+            tested = next((line for line in result.stdout.splitlines() if "Test accuracy" in line), "")
+            runs[program].append({"seconds": round(seconds, 2), "status": result.returncode, "test_line": tested,
+                                  "stderr_tail": result.stderr[-300:] if result.returncode else ""})
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="./data")
-    parser.add_argument("--runs", type=int, default=3, help="runs of the fast preset (seeds 0, 1, ...)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of the fast preset (seeds 0, 1, ...)")
     parser.add_argument("--epochs", type=int, nargs="*", default=[None],
                         help="preset EPOCHS to try (default: the preset's own)")
-    parser.add_argument("--airbench-runs", type=int, default=3)
+    parser.add_argument("--airbench-runs", type=int, default=5)
+    parser.add_argument("--cold-runs", type=int, default=2, help="start-to-exit runs of each program")
     parser.add_argument("--main-args", default="", help="more main.py flags, e.g. '--train-subset 512' for a "
                         "quick check on the CPU")
-    parser.add_argument("--skip-command", action="store_true", help="skip the start-to-exit command timing")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     args.data_dir = os.path.abspath(args.data_dir)
@@ -105,7 +128,7 @@ def main() -> None:
             print(f"  ours    epochs {r['epochs']:>2} seed {r['seed']}: {r['test_acc']:.2f}%  train+final eval "
                   f"{r['train_plus_final_eval_s']:.2f} s  fit+final eval {r['fit_plus_final_eval_s']:.2f} s")
 
-    airbench_runs = []
+    airbench_runs, work = [], None
     try:
         import airbench
     except ImportError:
@@ -141,18 +164,10 @@ def main() -> None:
         summary[f"ratio_{epochs}"] = seconds / base if base else None
         summary[f"fit_ratio_{epochs}"] = fit / base if base else None
 
-    if not args.skip_command:
-        with tempfile.TemporaryDirectory() as out:
-            started = time.perf_counter()
-            command = [sys.executable, os.path.join(ROOT, "main.py"), "--preset", "fast", "--data-dir",
-                       args.data_dir, "--output-dir", out, *args.main_args.split()]
-            result = subprocess.run(command, capture_output=True, text=True)
-            summary["command_seconds"] = round(time.perf_counter() - started, 1)
-            summary["command_status"] = result.returncode
-            summary["command_output_tail"] = result.stdout.splitlines()[-13:]
-        tested = next((line for line in result.stdout.splitlines() if "Test accuracy" in line), result.stderr[-300:])
-        print(f"\n`python main.py --preset fast`, start to exit: {summary['command_seconds']} s "
-              f"(status {result.returncode}); {tested}")
+    summary["cold"] = cold_runs(args, work)
+    for program, runs in summary["cold"].items():
+        times = ", ".join(f"{r['seconds']:.1f} s" + (f" (status {r['status']})" if r["status"] else "") for r in runs)
+        print(f"{program + ', cold process, start to exit:':<46} {times}")
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if torch.cuda.is_available():
         summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
