@@ -21,6 +21,7 @@ CHECKPOINT, METRICS_CSV = "last_checkpoint.pth", "training_metrics.csv"
 FORMAT = 2  # of the files written here; files without one were written before MODEL names followed torchvision
 STATE_KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "rng", "history")
 RUN_INFO_KEYS = ("config", "classes", "mean", "std", "image_size", "resize_size",  # what the run is, in both files
+                 "precision",  # "bf16" or "fp32": what it trains in, chosen once (main._precision)
                  "started")  # when it started (timestamp()): the name of its folder in previous/ once moved
 INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs (and resize_size)
 PREDICTIONS = "predictions.csv"
@@ -156,6 +157,7 @@ def resume(path: str, *, model, optimizer, lra, best, schedule, lookahead, run_i
     utils.set_rng_state(states[rank] if len(states) == world_size else states[0])
     if checkpoint.get("started"):  # files from before `started` was recorded: this run's start time stands in
         run_info["started"] = checkpoint["started"]
+    run_info["precision"] = checkpoint.get("precision")  # None in older files: main applies the rule of their time
     if rank == 0:
         own = os.path.join(output_dir, CHECKPOINT)
         if not (os.path.exists(own) and os.path.samefile(path, own)):

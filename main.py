@@ -85,7 +85,7 @@ MIN_LR: float = 0.0              # cuts never go below this LR
 MIN_DELTA: float = 0.0           # smallest change that counts as an improvement
 
 # --- Speed
-BF16: bool = True                # bf16 autocast on CUDA (the CPU stays fp32: bf16 measured slower there, README)
+BF16: bool = True                # bf16 autocast on CUDA, and on a CPU where a trial step finds it faster (README)
 CHANNELS_LAST: bool = True       # NHWC memory layout: faster convolutions on GPUs and CPUs
 COMPILE: bool = False            # torch.compile the model (a slower start, faster steps)
 
@@ -101,6 +101,7 @@ TENSORBOARD: bool = False        # also log each epoch and the test confusion ma
 # touches the test set once, at the end: its test accuracy is a clean held-out figure.
 # LR and WEIGHT_DECAY are airbench's 11.5 and 0.0153 (per 1024 images, summed loss) in torch.optim.SGD's
 # terms for a mean loss: 11.5 / (1 + 1 / (1 - 0.85)) = 1.5, and 0.0153 * 1024 / 7851 / 1.5 = 1.33e-3.
+BF16_TRIAL_STEPS = 500  # a CPU run of at least this many training steps first times bf16 against fp32 (~2 s)
 PREDICT_BATCH = 64  # images per batch for --predict
 PREDICT_PRINT = 20  # --predict prints a line per image up to this many images (all go to predictions.csv)
 
@@ -344,8 +345,33 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
     tensorboard = None
     if c.TENSORBOARD and rank == 0 and new_run:
         tensorboard = report_module.TensorBoardLog(os.path.join(c.OUTPUT_DIR, "tensorboard", run_info["started"]))
+    if run_info.get("precision") is None:  # a resumed run keeps its precision; older checkpoints had none, and
+        # get the rule of their time (no trial: bf16 on CUDA only)
+        trial_steps = 0 if checkpoint else total_steps
+        run_info["precision"] = utils.broadcast(_precision(c, device, model, data.image_size, trial_steps, rank))
+    autocast_dtype = torch.bfloat16 if run_info["precision"] == "bf16" else None
     return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
-               world_size, torch.bfloat16 if c.BF16 and device.type == "cuda" else None, tensorboard)
+               world_size, autocast_dtype, tensorboard)
+
+
+def _precision(c: Config, device: torch.device, model: nn.Module, image_size: int, run_steps: int,
+               rank: int) -> str:
+    """"bf16" or "fp32": bf16 (when BF16 is on) always on CUDA, and on a CPU only where a trial step of this
+    model runs BF16_CPU_GAIN times as fast (CPUs that report native bf16 differ: README); short CPU runs and
+    other devices stay fp32."""
+    if not c.BF16 or device.type not in ("cuda", "cpu"):
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16"
+    if run_steps < BF16_TRIAL_STEPS or rank != 0:  # rank 0 measures; every rank takes its answer
+        return "fp32"
+    speedup = train_module.bf16_speedup_on_cpu(model, image_size, c.CHANNELS_LAST)
+    if speedup is None:
+        return "fp32"
+    choice = "bf16" if speedup >= train_module.BF16_CPU_GAIN else "fp32"
+    print(f"bf16 on this CPU: a trial step ran {speedup:.2f}x as fast as fp32, so training is in {choice} "
+          f"(bf16 needs {train_module.BF16_CPU_GAIN}x)")
+    return choice
 
 
 def train(c: Config, run: Run) -> Outcome:

@@ -18,6 +18,7 @@ from PIL import Image
 
 import data_module
 import main
+import train_module
 import utils
 from conftest import ROOT, run_main, write_fake_cifar, write_image_tree
 
@@ -243,6 +244,36 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     best = torch.load(out / "best_model.pth", weights_only=True)
     reference = torch.load(straight / "best_model.pth", weights_only=True)
     assert all(torch.allclose(best[k].float(), reference[k].float(), atol=1e-6) for k in best)
+
+
+def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it(tiny_run, capsys, monkeypatch):
+    args, out = tiny_run
+    monkeypatch.setattr(main, "BF16_TRIAL_STEPS", 1)  # the tiny run is long enough to measure
+    used = []
+    train_one_epoch = train_module.train_one_epoch
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["autocast_dtype"])
+        return train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", recording)
+    monkeypatch.setattr(train_module, "bf16_speedup_on_cpu", lambda *a, **k: 3.0)  # a CPU where bf16 pays
+    result = main_in_process(args + ["--epochs", "1"], capsys)
+    assert result.returncode == 0 and "ran 3.00x as fast as fp32, so training is in bf16" in result.stdout
+    assert used == [torch.bfloat16]
+    assert json.loads((out / "best_model.json").read_text())["precision"] == "bf16"
+
+    monkeypatch.setattr(train_module, "bf16_speedup_on_cpu", lambda *a, **k: 0.5)  # a new trial would say fp32
+    result = main_in_process(args + ["--epochs", "2", "--resume", "auto"], capsys)
+    assert result.returncode == 0 and "Resuming" in result.stdout and "trial" not in result.stdout
+    assert used == [torch.bfloat16] * 2  # the resumed epoch trains as the first did
+
+    result = main_in_process(args + ["--epochs", "1"], capsys)  # a new run: a new trial
+    assert "so training is in fp32" in result.stdout and used[-1] is None
+    assert json.loads((out / "best_model.json").read_text())["precision"] == "fp32"
+    monkeypatch.setattr(main, "BF16_TRIAL_STEPS", 10**6)  # a short run: no trial, fp32
+    result = main_in_process(args + ["--epochs", "1"], capsys)
+    assert "trial" not in result.stdout and used[-1] is None
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_run, capsys):

@@ -317,3 +317,20 @@ def test_the_suggestion_is_the_middle_of_the_longest_fall():
     losses = [3.0] * 10 + [3.0 - 0.1 * i for i in range(20)] + [1.5 + 0.5 * i for i in range(10)]
     # trimmed to points 4..34; the longest fall runs from the plateau's last point, 10, to point 29
     assert train_module.suggest_lr(lrs, losses) == lrs[(10 + 29) // 2]
+
+
+def test_the_bf16_trial_leaves_the_model_and_the_random_state_as_they_were(monkeypatch):
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 10)
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    speedup = train_module.bf16_speedup_on_cpu(model, 16, steps=1)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert isinstance(speedup, float) and speedup > 0
+    else:
+        assert speedup is None
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    assert all(p.grad is None for p in model.parameters())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert train_module.bf16_speedup_on_cpu(model, 16) is None  # no native bf16: no trial, fp32
