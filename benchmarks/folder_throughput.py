@@ -84,14 +84,26 @@ def fresh_model(args, device: torch.device) -> nn.Module:
     return model.to(device, memory_format=torch.channels_last)
 
 
-def bare_step_rate(args, device, autocast_dtype) -> float:
-    """Images/s of forward, loss, backward and step on one fixed batch already on the device (its untimed
-    first pass also warms up every path after this one: cudnn autotuning and the allocator)."""
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+def bare_pass(args, device, autocast_dtype, images: int) -> tuple:
+    """A pass of bare steps (forward, loss, backward, step on one fixed batch already on the device) over as
+    many images as an epoch, for common.best_rates."""
+    batch = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     targets = torch.randint(0, 10, (args.batch_size,), device=device)
-    return common.bare_step_rate(fresh_model(args, device), images.contiguous(memory_format=torch.channels_last),
-                                 targets, steps_per_pass=max(args.images // args.batch_size, 5),
-                                 repeats=args.epochs, autocast_dtype=autocast_dtype)
+    step = common.bare_step(fresh_model(args, device), batch.contiguous(memory_format=torch.channels_last), targets,
+                            autocast_dtype=autocast_dtype)
+    steps = images // args.batch_size
+    return common.steps(step, steps), steps * args.batch_size
+
+
+def epoch_pass(model, loader, device, autocast_dtype) -> tuple:
+    """A pass of train_one_epoch over the loader (a new epoch's shuffle each time), for common.best_rates."""
+    optimizer = train_module.make_optimizer(model, 0.01)
+    epochs = iter(range(10**9))
+
+    def run() -> None:
+        loader.set_epoch(next(epochs))
+        train_module.train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype)
+    return run, len(loader) * loader.batch_size
 
 
 def epoch_seconds(model, loader, device, autocast_dtype, epoch: int) -> float:
@@ -144,20 +156,21 @@ def ours(args, device, autocast_dtype) -> dict:
     result["second_run_first_batch_s"] = time.perf_counter() - started
     del data
 
+    passes = {"bare": bare_pass(args, device, autocast_dtype, result["images_per_epoch"])}
     for name, resident in (("streamed", False), ("resident", True)):
-        if name == "resident":  # the CPU's default path reads the map: its peak memory is the one to check
-            result["peak_rss_mb_streamed"] = peak_rss_mb()
         data = get_folder_data(args, device, cache_dir, resident)
         assert data.resident == resident and data.cache_file, "not the path meant"
         result[f"{name}_loader_alone_images_per_s"] = result["images_per_epoch"] / loader_seconds(data.train, device)
-        model = fresh_model(args, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        best = min(epoch_seconds(model, data.train, device, autocast_dtype, epoch) for epoch in range(args.epochs))
-        result[f"{name}_images_per_s"] = result["images_per_epoch"] / best
-        if device.type == "cuda":
-            result[f"peak_gpu_mb_{name}"] = torch.cuda.max_memory_allocated() / 2**20
-        del data, model
+        passes[name] = epoch_pass(fresh_model(args, device), data.train, device, autocast_dtype)
+        if name == "streamed":  # the CPU's default path reads the map: its peak memory, before the resident copy
+            passes[name][0]()
+            result["peak_rss_mb_streamed"] = peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    rates = common.best_rates(passes, repeats=args.epochs, device=device)  # timed in turn, best kept
+    result.update({f"{name}_images_per_s": rate for name, rate in rates.items()})
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -213,8 +226,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: resnet18 on a GPU, cnn on the CPU")
     parser.add_argument("--image-size", type=int, default=None, help="default: 224 on a GPU, 64 on the CPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU, 128 on the CPU")
-    parser.add_argument("--epochs", type=int, default=None, help="timed passes per path, best kept (default: 3 "
-                        "on a GPU, 1 on the CPU)")
+    parser.add_argument("--epochs", type=int, default=None, help="timed passes per path, taken in turn after "
+                        "one untimed pass each, best kept (default: 3 on a GPU, 2 on the CPU)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="reference DataLoader workers")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -226,7 +239,7 @@ def main() -> None:
     args.model = args.model or ("resnet18" if on_gpu else "cnn")
     args.image_size = args.image_size or (224 if on_gpu else 64)
     args.batch_size = args.batch_size or (256 if on_gpu else 128)
-    args.epochs = args.epochs or (3 if on_gpu else 1)
+    args.epochs = args.epochs or (3 if on_gpu else 2)
     args.work_dir = args.work_dir or os.path.join(tempfile.gettempdir(), f"folder_throughput_{args.images}")
     if args.folder is None:
         args.folder = os.path.join(args.work_dir, "photos")
@@ -239,11 +252,12 @@ def main() -> None:
     print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.images} training images in "
           f"{args.folder}, best of {args.epochs}, on {name}")
 
-    bare = bare_step_rate(args, device, autocast_dtype)
+    step_alone, _ = bare_pass(args, device, autocast_dtype, args.images)
+    step_alone()  # the model step alone: its peak memory, before any data is read
     result = {"device": name, "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
-              "images": args.images, "bf16": autocast_dtype is not None, "bare_images_per_s": bare,
-              "peak_rss_mb_bare": peak_rss_mb(), **ours(args, device, autocast_dtype),
-              **reference(args, device, autocast_dtype)}
+              "images": args.images, "bf16": autocast_dtype is not None, "peak_rss_mb_bare": peak_rss_mb(),
+              **ours(args, device, autocast_dtype), **reference(args, device, autocast_dtype)}
+    bare = result["bare_images_per_s"]
     result["peak_rss_mb_with_reference"] = peak_rss_mb()
     steady = result["streamed_images_per_s"]
     first_path = "resident" if result["first_epoch_resident"] else "streamed"  # what "auto" chose
@@ -265,8 +279,8 @@ def main() -> None:
     print(f"peak host RSS {result['peak_rss_mb_bare']:,.0f} MB after the bare steps, "
           f"{result['peak_rss_mb_streamed']:,.0f} MB streamed from the cache ({result['cache_mb']:,.0f} MB file), "
           f"{result['peak_rss_mb']:,.0f} MB after the resident path" +
-          (f"; peak GPU memory {result['peak_gpu_mb_resident']:,.0f} MB resident, "
-           f"{result['peak_gpu_mb_streamed']:,.0f} MB streamed" if on_gpu else ""))
+          (f"; peak GPU memory {result['peak_gpu_mb']:,.0f} MB with both paths' data on the device"
+           if on_gpu else ""))
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, f"folder_throughput_{device.type}_{args.model}_{args.image_size}_"
                                      f"{args.images}.json")
