@@ -4,10 +4,13 @@ training_metrics.csv; and an earlier run's files, moved aside to previous/ when 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import itertools
 import json
 import os
+import sys
+import threading
 from typing import Any
 
 import torch
@@ -34,27 +37,84 @@ FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: W
 # --------------------------------------------------------------------------- writing
 
 
-def save_epoch(output_dir: str, *, model, optimizer, lra, best, new_best: bool, schedule, lookahead,
-               rng: list[dict], history: list[dict], run_info: dict[str, Any]) -> None:
-    """Write the epoch's files: last_checkpoint.pth first (the authority on resume), then best_model.pth
-    when this epoch is a new best, then the CSV. Each is written atomically."""
-    checkpoint = {"format": FORMAT, "epoch": history[-1]["epoch"], "model": model.state_dict(),
-                  "optimizer": optimizer.state_dict(), "lra": lra.state_dict(), "best": best.state_dict(),
-                  "schedule": schedule.state_dict() if schedule else None,
-                  "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng, "history": history,
-                  **{key: run_info.get(key) for key in RUN_INFO_KEYS}}
-    utils.save_torch(checkpoint, os.path.join(output_dir, CHECKPOINT))
-    _write_outputs(output_dir, best.model if new_best else None, lra, history, run_info)
+class EpochWriter:
+    """Each epoch's files written in a background thread, so the device goes on training while they are
+    serialized and fsynced: last_checkpoint.pth first (the authority on resume), then best_model.pth and
+    .json when the epoch is a new best, then the CSV, each atomically. save() copies the state to the CPU
+    first (the next epoch changes the live tensors), after the previous write has finished: one write at a
+    time, in order. A write's error is raised by the next save() or by wait(). A process killed mid-write
+    leaves the earlier files whole, and resume starts from the last checkpoint that landed."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, *, model, optimizer, lra, best, new_best: bool, schedule, lookahead, rng: list[dict],
+             history: list[dict], run_info: dict[str, Any]) -> None:
+        self.wait()
+        files = _epoch_files(model=model, optimizer=optimizer, lra=lra, best=best, new_best=new_best,
+                             schedule=schedule, lookahead=lookahead, rng=rng, history=history, run_info=run_info)
+        self._thread = threading.Thread(target=self._write, args=files, name="epoch-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self, *files) -> None:
+        try:
+            _write_epoch(self.output_dir, *files)
+        except BaseException as error:  # the training thread raises it
+            self._error = error
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Wait for the write in flight; raise its error (or, with raise_error False, print it)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+        if error is not None:
+            print(f"warning: the last epoch's files could not be written ({error})", file=sys.stderr)
 
 
-def _write_outputs(output_dir: str, best_weights: dict | None, lra, history: list[dict],
-                   run_info: dict[str, Any]) -> None:
-    """best_model.pth and best_model.json (when best_weights are given), then training_metrics.csv."""
+def _epoch_files(*, model, optimizer, lra, best, new_best: bool, schedule, lookahead, rng: list[dict],
+                 history: list[dict], run_info: dict[str, Any]) -> tuple:
+    """The epoch's files as CPU copies, which nothing changes after: (checkpoint, best weights and their
+    best_model.json when new_best else None and None, the history rows)."""
+    checkpoint = _cpu_copy({"format": FORMAT, "epoch": history[-1]["epoch"], "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "lra": lra.state_dict(), "best": best.state_dict(),
+                            "schedule": schedule.state_dict() if schedule else None,
+                            "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng,
+                            "history": history, **{key: run_info.get(key) for key in RUN_INFO_KEYS}})
+    if not new_best:
+        return checkpoint, None, None, list(history)
+    return checkpoint, _cpu_copy(best.model), _best_info(lra, run_info), list(history)
+
+
+def _cpu_copy(value: Any) -> Any:
+    """value with every tensor in it copied to the CPU (dicts, lists and tuples rebuilt; the rest shared)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((key, _cpu_copy(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
+def _best_info(lra, run_info: dict[str, Any]) -> dict[str, Any]:
+    """best_model.json: what --predict needs and what the best epoch scored."""
+    return {"format": FORMAT, "model": run_info.get("config", {}).get("MODEL"),
+            **{key: run_info.get(key) for key in RUN_INFO_KEYS if key != "config"},
+            "epoch": lra.best_epoch, "val_loss": lra.best_val_loss, "val_acc": lra.best_val_acc}
+
+
+def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict | None,
+                 history: list[dict]) -> None:
+    """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the CSV."""
+    if checkpoint is not None:
+        utils.save_torch(checkpoint, os.path.join(output_dir, CHECKPOINT))
     if best_weights is not None:
-        utils.save_torch({k: v.cpu() for k, v in best_weights.items()}, os.path.join(output_dir, BEST_MODEL))
-        info = {"format": FORMAT, "model": run_info.get("config", {}).get("MODEL"),
-                **{key: run_info.get(key) for key in RUN_INFO_KEYS if key != "config"},
-                "epoch": lra.best_epoch, "val_loss": lra.best_val_loss, "val_acc": lra.best_val_acc}
+        utils.save_torch(best_weights, os.path.join(output_dir, BEST_MODEL))
         utils.atomic_write(os.path.join(output_dir, BEST_MODEL_INFO),
                            lambda f: f.write(json.dumps(info, indent=2).encode()))
     utils.write_metrics(history, os.path.join(output_dir, METRICS_CSV))
@@ -162,7 +222,7 @@ def resume(path: str, *, model, optimizer, lra, best, schedule, lookahead, run_i
         own = os.path.join(output_dir, CHECKPOINT)
         if not (os.path.exists(own) and os.path.samefile(path, own)):
             move_earlier_run(output_dir)
-        _write_outputs(output_dir, best.model, lra, checkpoint["history"], run_info)
+        _write_epoch(output_dir, None, _cpu_copy(best.model), _best_info(lra, run_info), checkpoint["history"])
         print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {lra.best_epoch}).")
     return checkpoint["epoch"] + 1, checkpoint["history"]
 

@@ -503,8 +503,8 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
         run_info: dict | None = None, main_process: bool = True,
         on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Train to `epochs` (or as far as the user asks at the prompt) unless LRA stops first, carrying out
-    its decisions; save the epoch's files (checkpoint_module.save_epoch); at the end, or on an
-    interruption, restore the best weights and draw training_curves.png. wrap(model) gives what runs
+    its decisions; save the epoch's files (checkpoint_module.EpochWriter, while the next epoch trains); at
+    the end, or on an interruption, restore the best weights and draw training_curves.png. wrap(model) gives what runs
     the training batches (see wrap_for_training); run_info (constants, classes, normalisation) goes
     into the checkpoint and best_model.json; on_epoch(metrics) is called after each epoch's files (TensorBoard)."""
     wrap = wrap or (lambda m: m)
@@ -512,6 +512,7 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
     train_model, history, run_info = wrap(model), list(history or []), run_info or {}
     lra.on_train_begin()
     epoch, reason = start_epoch, None
+    writer = checkpoint_module.EpochWriter(output_dir) if main_process else None
     try:
         while epoch <= lra.epoch_limit(epochs):
             metrics = _train_and_validate(train_model, data, optimizer, loss_fn, epoch, schedule=schedule,
@@ -522,19 +523,22 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
                 train_model = wrap(model)
             history.append({**metrics, "next_lr": get_lr(optimizer), **decision.row()})
             rng = utils.gather(utils.rng_state())  # every process's, so a resume continues each one
-            if main_process:
-                checkpoint_module.save_epoch(output_dir, model=model, optimizer=optimizer, lra=lra, best=best,
-                                             new_best=decision.new_best, schedule=schedule, lookahead=lookahead,
-                                             rng=rng, history=history, run_info=run_info)
+            if writer is not None:  # written while the next epoch trains
+                writer.save(model=model, optimizer=optimizer, lra=lra, best=best, new_best=decision.new_best,
+                            schedule=schedule, lookahead=lookahead, rng=rng, history=history, run_info=run_info)
                 if on_epoch is not None:
                     on_epoch(history[-1])
             if decision.stop:
                 break
             epoch += 1
+        if writer is not None:
+            writer.wait()  # the last epoch's files are on disk, or their error is raised, before fit returns
     except (NonFiniteLoss, KeyboardInterrupt) as error:
         reason = f"{error}; stopped" if isinstance(error, NonFiniteLoss) else f"interrupted during epoch {epoch}"
         raise
     finally:
+        if writer is not None:
+            writer.wait(raise_error=False)  # interrupted: the write in flight still lands
         if best.model is not None:
             best.restore(model)
         lra.on_train_end(reason)

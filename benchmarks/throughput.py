@@ -153,7 +153,8 @@ def main() -> None:
               "bare_images_per_s": round(bare), "graphed_bare_images_per_s": graphed and round(graphed),
               "pipeline_images_per_s": round(resident), "tutorial_images_per_s": round(tutorial),
               "tutorial_first_epoch_s": round(tutorial_first, 2), "pipeline_over_bare": round(resident / bare, 3),
-              "pipeline_over_limit": round(resident / limit, 3), "pipeline_over_tutorial": round(resident / tutorial, 2),
+              "pipeline_over_limit": round(resident / limit, 3),
+              "pipeline_over_tutorial": round(resident / tutorial, 2),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if on_gpu:
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)

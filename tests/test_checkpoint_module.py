@@ -5,7 +5,9 @@ import datetime
 import io
 import json
 import os
+import threading
 
+import pytest
 import torch
 from torch import nn
 
@@ -123,3 +125,54 @@ def test_a_folder_without_a_run_moves_nothing(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     assert checkpoint_module.move_earlier_run(str(tmp_path)) is None
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def writer_state(model, epoch=1):
+    optimizer = train_module.make_optimizer(model, 0.05)
+    best = train_module.Snapshot(with_optimizer=False)
+    best.take(model, optimizer)
+    return dict(model=model, optimizer=optimizer, lra=LRA(ask_epoch=None, stream=io.StringIO()), best=best,
+                new_best=True, schedule=None, lookahead=None, rng=[utils.rng_state()],
+                history=[{"epoch": epoch, "val_loss": 1.0}], run_info={"config": {"MODEL": "cnn"}})
+
+
+def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    state = writer_state(model)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    trained_on, save_torch = threading.Event(), utils.save_torch
+
+    def after_the_next_step(obj, path):  # the write starts only once the live tensors have changed
+        assert trained_on.wait(10)
+        save_torch(obj, path)
+
+    monkeypatch.setattr(utils, "save_torch", after_the_next_step)
+    writer = checkpoint_module.EpochWriter(str(tmp_path))
+    writer.save(**state)
+    with torch.no_grad():  # the next epoch changes the live tensors while the files are written
+        for p in model.parameters():
+            p.add_(1.0)
+    state["history"].append({"epoch": 2, "val_loss": 0.5})
+    trained_on.set()
+    writer.wait()
+    checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
+    assert all(torch.equal(checkpoint["model"][k], v) for k, v in expected.items())
+    assert all(torch.equal(v, expected[k]) for k, v in torch.load(tmp_path / "best_model.pth").items())
+    assert len(open(tmp_path / "training_metrics.csv").read().splitlines()) == 2  # header and epoch 1
+
+
+def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(utils, "save_torch", full_disk)
+    writer = checkpoint_module.EpochWriter(str(tmp_path))
+    writer.save(**writer_state(model_module.get_model("cnn", 4)))  # returns at once; the write fails behind it
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    writer.wait()  # raised once
+    with pytest.raises(OSError, match="No space left"):
+        run_fit(tmp_path / "run", epochs=2)
+    assert not os.path.exists(tmp_path / "run" / "last_checkpoint.pth")
