@@ -457,9 +457,9 @@ class Snapshot:
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Load the snapshot into the model (and the optimizer, when given)."""
-        model.load_state_dict(self.model)
-        if optimizer is not None:
-            optimizer.load_state_dict(self.optimizer)
+        model.load_state_dict(self.model)  # copies the values in
+        if optimizer is not None:  # load_state_dict keeps the tensors it is given: training would change the snapshot
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer))
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer}

@@ -79,6 +79,29 @@ def test_a_non_finite_loss_names_the_epoch_and_batch(tmp_path):
     assert len(pd.read_csv(tmp_path / "training_metrics.csv")) == 1
 
 
+def test_restoring_the_best_epoch_twice_brings_back_the_same_state():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    optimizer = train_module.make_optimizer(model, 0.1)
+    images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+
+    def step():
+        nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    best = train_module.Snapshot()
+    best.take(model, optimizer)
+    kept = copy.deepcopy(best.optimizer)
+    for _ in range(2):  # LRA restores the same best epoch after each of two bad epochs
+        step()
+        best.restore(model, optimizer)
+        momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
+        assert all(torch.equal(m, kept["state"][i]["momentum_buffer"]) for i, m in enumerate(momentum))
+        assert all(torch.equal(v, best.model[k]) for k, v in model.state_dict().items())
+
+
 def test_evaluate_reports_per_class_accuracy():
     data = make_tiny_data(size=16)
     model = model_module.get_model("cnn", 4)
