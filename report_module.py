@@ -124,6 +124,8 @@ def plot_misclassified(mistakes: Sequence[Any], classes: Sequence[str], mean: Se
 
 def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                      std: Sequence[float]):
+    """One image of all the mistakes (a mosaic in a single axes, each cell a title band over the image) with
+    their titles as text: a grid of 25 axes and tight_layout took 0.7-0.9 s to draw, this 0.2-0.4 s."""
     from matplotlib.figure import Figure
 
     if not mistakes:
@@ -132,20 +134,41 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
         return figure
     columns = math.ceil(math.sqrt(len(mistakes)))
     rows = math.ceil(len(mistakes) / columns)
-    figure = Figure(figsize=(2.1 * columns, 2.4 * rows), dpi=100)
-    panels = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
     mean_, std_ = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
-    for panel, mistake in zip(panels, mistakes):
-        pixels = (mistake.image.float().cpu() * std_ + mean_).clamp(0, 1).permute(1, 2, 0).numpy()
-        panel.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, cmap="gray", vmin=0, vmax=1,
-                     interpolation="nearest")
-        panel.set_title(f"true: {classes[mistake.target]}\npredicted: {classes[mistake.predicted]} "
-                        f"({100 * mistake.probability:.1f}%)", fontsize=8, color="tab:red")
-    for panel in panels:
-        panel.axis("off")
+    images = [(m.image.float().cpu() * std_ + mean_).clamp(0, 1).permute(1, 2, 0) for m in mistakes]
+    height, width, channels = images[0].shape
+    cell_height, cell_width = _gallery_cell(height, width)
+    mosaic = torch.ones(rows * cell_height, columns * cell_width, channels)  # white between the images
+    for i, (image, mistake) in enumerate(zip(images, mistakes)):
+        top, left = _gallery_origin(i, columns, height, width)
+        mosaic[top:top + height, left:left + width] = image
+    title_band = 0.45  # inches above the grid for the figure's title
+    figure_width = 2.1 * columns
+    grid_height = figure_width * mosaic.shape[0] / mosaic.shape[1]
+    figure = Figure(figsize=(figure_width, grid_height + title_band), dpi=100)
+    axes = figure.add_axes((0, 0, 1, grid_height / (grid_height + title_band)))
+    pixels = mosaic.numpy()
+    axes.imshow(pixels[..., 0] if channels == 1 else pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for i, mistake in enumerate(mistakes):
+        top, left = _gallery_origin(i, columns, height, width)
+        axes.text(left + width / 2, top - 0.04 * height, f"true: {classes[mistake.target]}\npredicted: "
+                  f"{classes[mistake.predicted]} ({100 * mistake.probability:.1f}%)", fontsize=8, color="tab:red",
+                  ha="center", va="bottom")
+    axes.axis("off")
     figure.suptitle(f"The {len(mistakes)} most confident mistakes on the test set")
-    figure.tight_layout()
     return figure
+
+
+def _gallery_cell(height: int, width: int) -> tuple[int, int]:
+    """A gallery cell's size in image pixels: a band for two lines of title above the image, a margin beside."""
+    return height + math.ceil(0.4 * height), width + math.ceil(0.1 * width)
+
+
+def _gallery_origin(i: int, columns: int, height: int, width: int) -> tuple[int, int]:
+    """Where mistake i's image starts in the mosaic (row, column of its top-left pixel)."""
+    cell_height, cell_width = _gallery_cell(height, width)
+    row, column = divmod(i, columns)
+    return row * cell_height + cell_height - height, column * cell_width + (cell_width - width) // 2
 
 
 # --------------------------------------------------------------------------- training
@@ -180,7 +203,7 @@ def _curves_figure(history: list[dict[str, Any]]):
         lines, labels = panel.get_legend_handles_labels()
         more_lines, more_labels = lr_axis.get_legend_handles_labels()
         panel.legend(lines + more_lines, labels + more_labels, fontsize="small")
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.06, right=0.93, bottom=0.11, top=0.93, wspace=0.32)  # tight_layout: 0.3 s more
     return figure
 
 

@@ -124,17 +124,23 @@ def test_the_gallery_shows_the_mistakes_of_evaluate(tmp_path, one_thread):
     assert len(result["mistakes"]) == train_module.MISTAKES
     path = tmp_path / "misclassified.png"
     report_module.plot_misclassified(result["mistakes"], data.classes, data.mean, data.std, str(path))
-    assert read_png(path) == (5 * 210, 5 * 240)  # a 5 x 5 grid
+    assert read_png(path)[0] == 5 * 210  # a 5 x 5 grid, 2.1 inches a column
+    figure = report_module._mistakes_figure(result["mistakes"], data.classes, data.mean, data.std)
+    titles = [text.get_text() for text in figure.axes[0].texts]
+    assert len(titles) == 25 and all(t.startswith("true: ") and "\npredicted: " in t for t in titles)
 
 
 def test_the_gallery_shows_the_images_as_they_were_before_normalisation():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.1)
     pixels = torch.rand(3, 6, 6)
     normalised = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    figure = report_module._mistakes_figure([train_module.Mistake(normalised, 0, 1, 0.9)], ["a", "b"], mean, std)
-    shown = figure.axes[0].images[0].get_array()
-    assert torch.from_numpy(shown.data).permute(2, 0, 1) == pytest.approx(pixels, abs=1e-6)
-    assert figure.axes[0].get_title() == "true: a\npredicted: b (90.0%)"
+    other = torch.zeros(3, 6, 6)
+    figure = report_module._mistakes_figure([train_module.Mistake(other, 1, 0, 0.95),
+                                             train_module.Mistake(normalised, 0, 1, 0.9)], ["a", "b"], mean, std)
+    shown = torch.from_numpy(figure.axes[0].images[0].get_array().data)
+    top, left = report_module._gallery_origin(1, 2, 6, 6)  # the second of a row of two
+    assert shown[top:top + 6, left:left + 6].permute(2, 0, 1) == pytest.approx(pixels, abs=1e-6)
+    assert [text.get_text() for text in figure.axes[0].texts][1] == "true: a\npredicted: b (90.0%)"
 
 
 def test_no_mistakes_still_gives_a_png(tmp_path):
