@@ -24,7 +24,7 @@ CHECKPOINT, METRICS_CSV = "last_checkpoint.pth", "training_metrics.csv"
 FORMAT = 2  # of the files written here; files without one were written before MODEL names followed torchvision
 STATE_KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "rng", "history")
 RUN_INFO_KEYS = ("config", "classes", "mean", "std", "image_size", "resize_size",  # what the run is, in both files
-                 "precision",  # "bf16" or "fp32": what it trains in, chosen once (main._precision)
+                 "precision",  # "bf16" or "fp32": what it trains in, chosen once (train_module.choose_precision)
                  "started")  # when it started (timestamp()): the name of its folder in previous/ once moved
 INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs (and resize_size)
 PREDICTIONS = "predictions.csv"

@@ -347,31 +347,13 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
         tensorboard = report_module.TensorBoardLog(os.path.join(c.OUTPUT_DIR, "tensorboard", run_info["started"]))
     if run_info.get("precision") is None:  # a resumed run keeps its precision; older checkpoints had none, and
         # get the rule of their time (no trial: bf16 on CUDA only)
-        trial_steps = 0 if checkpoint else total_steps
-        run_info["precision"] = utils.broadcast(_precision(c, device, model, data.image_size, trial_steps, rank))
+        precision = train_module.choose_precision(
+            c.BF16, device, model, data.image_size, channels_last=c.CHANNELS_LAST,
+            run_steps=0 if checkpoint else total_steps, trial_steps=BF16_TRIAL_STEPS, main_process=rank == 0)
+        run_info["precision"] = utils.broadcast(precision)  # rank 0 measures; every rank takes its answer
     autocast_dtype = torch.bfloat16 if run_info["precision"] == "bf16" else None
     return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
                world_size, autocast_dtype, tensorboard)
-
-
-def _precision(c: Config, device: torch.device, model: nn.Module, image_size: int, run_steps: int,
-               rank: int) -> str:
-    """"bf16" or "fp32": bf16 (when BF16 is on) always on CUDA, and on a CPU only where a trial step of this
-    model runs BF16_CPU_GAIN times as fast (CPUs that report native bf16 differ: README); short CPU runs and
-    other devices stay fp32."""
-    if not c.BF16 or device.type not in ("cuda", "cpu"):
-        return "fp32"
-    if device.type == "cuda":
-        return "bf16"
-    if run_steps < BF16_TRIAL_STEPS or rank != 0:  # rank 0 measures; every rank takes its answer
-        return "fp32"
-    speedup = train_module.bf16_speedup_on_cpu(model, image_size, c.CHANNELS_LAST)
-    if speedup is None:
-        return "fp32"
-    choice = "bf16" if speedup >= train_module.BF16_CPU_GAIN else "fp32"
-    print(f"bf16 on this CPU: a trial step ran {speedup:.2f}x as fast as fp32, so training is in {choice} "
-          f"(bf16 needs {train_module.BF16_CPU_GAIN}x)")
-    return choice
 
 
 def train(c: Config, run: Run) -> Outcome:

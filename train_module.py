@@ -149,6 +149,26 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_size: int, *, channels_last: bool,
+                     run_steps: int, trial_steps: int, main_process: bool = True) -> str:
+    """"bf16" or "fp32" for a run of run_steps training steps: with bf16 on, always bf16 on CUDA, and on a CPU
+    only where a trial (bf16_speedup_on_cpu, on runs of at least trial_steps) finds it BF16_CPU_GAIN times
+    as fast; other devices, and other processes than the main one, fp32 (they take the main one's answer)."""
+    if not bf16 or device.type not in ("cuda", "cpu"):
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16"
+    if run_steps < trial_steps or not main_process:
+        return "fp32"
+    speedup = bf16_speedup_on_cpu(model, image_size, channels_last)
+    if speedup is None:
+        return "fp32"
+    choice = "bf16" if speedup >= BF16_CPU_GAIN else "fp32"
+    print(f"bf16 on this CPU: a trial step ran {speedup:.2f}x as fast as fp32, so training is in {choice} "
+          f"(bf16 needs {BF16_CPU_GAIN}x)")
+    return choice
+
+
 def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True, steps: int = 3) -> float | None:
     """How many times as fast a training step of this model runs on the CPU under bf16 autocast as in fp32,
     or None where the CPU has no native bf16 (oneDNN says so). Each precision trains its own copy for one

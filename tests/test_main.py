@@ -271,9 +271,9 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
     result = main_in_process(args + ["--epochs", "1"], capsys)  # a new run: a new trial
     assert "so training is in fp32" in result.stdout and used[-1] is None
     assert json.loads((out / "best_model.json").read_text())["precision"] == "fp32"
-    config = main.Config(**main.parse_config([])[0])
     monkeypatch.setattr(train_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail("measured a short run"))
-    assert main._precision(config, torch.device("cpu"), None, 32, main.BF16_TRIAL_STEPS - 1, 0) == "fp32"
+    assert train_module.choose_precision(True, torch.device("cpu"), None, 32, channels_last=True, run_steps=499,
+                                         trial_steps=500) == "fp32"
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_run, capsys):
