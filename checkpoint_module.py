@@ -94,8 +94,11 @@ def _cpu_copy(value: Any) -> Any:
     """value with every tensor in it copied to the CPU (dicts, lists and tuples rebuilt; the rest shared)."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return type(value)((key, _cpu_copy(item)) for key, item in value.items())
+    if isinstance(value, dict):  # a model's state_dict is an OrderedDict with its modules' versions in _metadata
+        copied = type(value)((key, _cpu_copy(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            copied._metadata = copy.deepcopy(value._metadata)
+        return copied
     if isinstance(value, (list, tuple)):
         return type(value)(_cpu_copy(item) for item in value)
     return copy.deepcopy(value)

@@ -345,12 +345,11 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
     tensorboard = None
     if c.TENSORBOARD and rank == 0 and new_run:
         tensorboard = report_module.TensorBoardLog(os.path.join(c.OUTPUT_DIR, "tensorboard", run_info["started"]))
-    if run_info.get("precision") is None:  # a resumed run keeps its precision; older checkpoints had none, and
-        # get the rule of their time (no trial: bf16 on CUDA only)
-        precision = train_module.choose_precision(
-            c.BF16, device, model, data.image_size, channels_last=c.CHANNELS_LAST,
-            run_steps=0 if checkpoint else total_steps, trial_steps=BF16_TRIAL_STEPS, main_process=rank == 0)
-        run_info["precision"] = utils.broadcast(precision)  # rank 0 measures; every rank takes its answer
+    # a resumed run keeps its precision; older checkpoints recorded none and get the rule of their time (no trial)
+    precision = train_module.choose_precision(
+        c.BF16, device, model, data.image_size, channels_last=c.CHANNELS_LAST, run_steps=0 if checkpoint else
+        total_steps, trial_steps=BF16_TRIAL_STEPS, main_process=rank == 0, recorded=run_info.get("precision"))
+    run_info["precision"] = utils.broadcast(precision)  # rank 0 measures; every rank takes its answer
     autocast_dtype = torch.bfloat16 if run_info["precision"] == "bf16" else None
     return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
                world_size, autocast_dtype, tensorboard)

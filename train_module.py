@@ -150,12 +150,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_size: int, *, channels_last: bool,
-                     run_steps: int, trial_steps: int, main_process: bool = True) -> str:
+                     run_steps: int, trial_steps: int, main_process: bool = True, recorded: str | None = None) -> str:
     """"bf16" or "fp32" for a run of run_steps training steps: with bf16 on, always bf16 on CUDA, and on a CPU
     only where a trial (bf16_speedup_on_cpu, on runs of at least trial_steps) finds it BF16_CPU_GAIN times
-    as fast; other devices, and other processes than the main one, fp32 (they take the main one's answer)."""
+    as fast; other devices, and other processes than the main one, fp32 (they take the main one's answer).
+    recorded: what a resumed run trained in, kept (so it goes on as it would have) unless BF16 is now off or
+    this device has no native bf16."""
     if not bf16 or device.type not in ("cuda", "cpu"):
         return "fp32"
+    native = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if recorded == "fp32" or (recorded == "bf16" and native):
+        return recorded
     if device.type == "cuda":
         return "bf16"
     if run_steps < trial_steps or not main_process:
@@ -486,7 +491,7 @@ class Snapshot:
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.model = None if state["model"] is None else {k: v.to(device) for k, v in state["model"].items()}
-        self.optimizer = state["optimizer"]
+        self.optimizer = copy.deepcopy(state["optimizer"])  # the optimizer may be loaded from the same tensors
 
 
 def apply_decision(decision: Decision, model: nn.Module, optimizer: torch.optim.Optimizer, best: Snapshot) -> None:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -165,6 +166,8 @@ def main() -> None:
         summary[f"fit_ratio_{epochs}"] = fit / base if base else None
 
     summary["cold"] = cold_runs(args, work)
+    if work:
+        shutil.rmtree(work)  # airbench's copy of CIFAR-10
     for program, runs in summary["cold"].items():
         times = ", ".join(f"{r['seconds']:.1f} s" + (f" (status {r['status']})" if r["status"] else "") for r in runs)
         print(f"{program + ', cold process, start to exit:':<46} {times}")

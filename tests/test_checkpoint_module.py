@@ -159,6 +159,7 @@ def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, mo
     checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
     assert all(torch.equal(checkpoint["model"][k], v) for k, v in expected.items())
+    assert checkpoint["model"]._metadata == model.state_dict()._metadata  # the modules' versions, for loading
     assert all(torch.equal(v, expected[k]) for k, v in torch.load(tmp_path / "best_model.pth").items())
     assert len(open(tmp_path / "training_metrics.csv").read().splitlines()) == 2  # header and epoch 1
 

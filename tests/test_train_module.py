@@ -2,6 +2,7 @@
 confusion matrix and mistakes, the LR finder."""
 
 import copy
+import functools
 import io
 import json
 
@@ -100,6 +101,39 @@ def test_restoring_the_best_epoch_twice_brings_back_the_same_state():
         momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
         assert all(torch.equal(m, kept["state"][i]["momentum_buffer"]) for i, m in enumerate(momentum))
         assert all(torch.equal(v, best.model[k]) for k, v in model.state_dict().items())
+
+
+def test_a_snapshot_read_from_a_checkpoint_shares_no_tensor_with_the_optimizer():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    optimizer = train_module.make_optimizer(model, 0.1)
+    images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    nn.functional.cross_entropy(model(images), targets).backward()
+    optimizer.step()
+    saved = {"optimizer": optimizer.state_dict(), "best": {"model": model.state_dict(), "optimizer": None}}
+    saved["best"]["optimizer"] = saved["optimizer"]  # torch.load keeps tensors that were shared when saved
+    kept = copy.deepcopy(saved["optimizer"])
+    best = train_module.Snapshot()
+    best.load_state_dict(saved["best"], torch.device("cpu"))
+    optimizer.load_state_dict(saved["optimizer"])  # as resume does
+    nn.functional.cross_entropy(model(images), targets).backward()
+    optimizer.step()
+    assert all(torch.equal(best.optimizer["state"][i]["momentum_buffer"], kept["state"][i]["momentum_buffer"])
+               for i in kept["state"])
+
+
+def test_a_resumed_run_keeps_its_precision_where_it_still_runs_natively(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail("no trial on resume"))
+    choose = functools.partial(train_module.choose_precision, model=None, image_size=32, channels_last=True,
+                               run_steps=0, trial_steps=500)
+    assert choose(True, cuda, recorded="fp32") == "fp32" and choose(True, cuda, recorded="bf16") == "bf16"
+    assert choose(False, cuda, recorded="bf16") == "fp32"  # BF16 turned off: off
+    assert choose(True, cuda) == "bf16" and choose(True, cpu) == "fp32"  # older files: the rule of their time
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert choose(True, cpu, recorded="bf16") == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert choose(True, cpu, recorded="bf16") == "fp32"  # from a GPU to a CPU without native bf16
 
 
 def test_evaluate_reports_per_class_accuracy():
