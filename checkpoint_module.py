@@ -220,7 +220,7 @@ def resume(path: str, *, model, optimizer, lra, best, schedule, lookahead, run_i
     utils.set_rng_state(states[rank] if len(states) == world_size else states[0])
     if checkpoint.get("started"):  # files from before `started` was recorded: this run's start time stands in
         run_info["started"] = checkpoint["started"]
-    run_info["precision"] = checkpoint.get("precision")  # None in older files: main applies the rule of their time
+    run_info["precision"] = checkpoint.get("precision") or run_info.get("precision")  # older files: the caller's
     if rank == 0:
         own = os.path.join(output_dir, CHECKPOINT)
         if not (os.path.exists(own) and os.path.samefile(path, own)):

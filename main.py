@@ -336,7 +336,11 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
                 "started": checkpoint_module.timestamp()}
     start_epoch, history = 1, []
     checkpoint = _resume_path(c)
-    if checkpoint:
+    choose_precision = functools.partial(train_module.choose_precision, c.BF16, device, model, data.image_size,
+                                         channels_last=c.CHANNELS_LAST, trial_steps=BF16_TRIAL_STEPS,
+                                         main_process=rank == 0)
+    if checkpoint:  # older checkpoints recorded no precision: theirs was the rule of their time (no trial)
+        run_info["precision"] = choose_precision(run_steps=0)
         start_epoch, history = checkpoint_module.resume(
             checkpoint, model=model, optimizer=optimizer, lra=lra, best=best, schedule=schedule,
             lookahead=lookahead, run_info=run_info, output_dir=c.OUTPUT_DIR, rank=rank, world_size=world_size)
@@ -345,10 +349,7 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
     tensorboard = None
     if c.TENSORBOARD and rank == 0 and new_run:
         tensorboard = report_module.TensorBoardLog(os.path.join(c.OUTPUT_DIR, "tensorboard", run_info["started"]))
-    # a resumed run keeps its precision; older checkpoints recorded none and get the rule of their time (no trial)
-    precision = train_module.choose_precision(
-        c.BF16, device, model, data.image_size, channels_last=c.CHANNELS_LAST, run_steps=0 if checkpoint else
-        total_steps, trial_steps=BF16_TRIAL_STEPS, main_process=rank == 0, recorded=run_info.get("precision"))
+    precision = choose_precision(run_steps=0 if checkpoint else total_steps, recorded=run_info.get("precision"))
     run_info["precision"] = utils.broadcast(precision)  # rank 0 measures; every rank takes its answer
     autocast_dtype = torch.bfloat16 if run_info["precision"] == "bf16" else None
     return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,

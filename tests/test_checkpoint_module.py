@@ -63,11 +63,13 @@ def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
     fresh = model_module.get_model("cnn", 4)
     optimizer = train_module.make_optimizer(fresh, 0.05)
     resumed_lra, snapshot = LRA(ask_epoch=None, stream=io.StringIO()), train_module.Snapshot()
+    run_info["precision"] = "fp32"  # the caller's answer for a file that recorded none
     next_epoch, resumed_history = checkpoint_module.resume(
         str(tmp_path / "old.pth"), model=fresh, optimizer=optimizer, lra=resumed_lra, best=snapshot, schedule=None,
         lookahead=None, run_info=run_info, output_dir=str(tmp_path / "run"))
     assert next_epoch == 3 and resumed_history == history
     assert resumed_lra.state_dict() == lra.state_dict()
+    assert json.loads((tmp_path / "run" / "best_model.json").read_text())["precision"] == "fp32"
     for key, value in snapshot.model.items():
         assert torch.equal(value, best["model"][key])
 
