@@ -53,9 +53,14 @@ class EpochWriter:
     def save(self, *, model, optimizer, lra, best, new_best: bool, schedule, lookahead, rng: list[dict],
              history: list[dict], run_info: dict[str, Any]) -> None:
         self.wait()
-        files = _epoch_files(model=model, optimizer=optimizer, lra=lra, best=best, new_best=new_best,
-                             schedule=schedule, lookahead=lookahead, rng=rng, history=history, run_info=run_info)
-        self._thread = threading.Thread(target=self._write, args=files, name="epoch-writer", daemon=True)
+        checkpoint = _cpu_copy({"format": FORMAT, "epoch": history[-1]["epoch"], "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(), "lra": lra.state_dict(),
+                                "best": best.state_dict(), "schedule": schedule.state_dict() if schedule else None,
+                                "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng,
+                                "history": history, **{key: run_info.get(key) for key in RUN_INFO_KEYS}})
+        best_files = (checkpoint["best"]["model"], _best_info(lra, run_info)) if new_best else (None, None)
+        self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files, list(history)),
+                                        name="epoch-writer", daemon=True)
         self._thread.start()
 
     def _write(self, *files) -> None:
@@ -76,22 +81,9 @@ class EpochWriter:
             print(f"warning: the last epoch's files could not be written ({error})", file=sys.stderr)
 
 
-def _epoch_files(*, model, optimizer, lra, best, new_best: bool, schedule, lookahead, rng: list[dict],
-                 history: list[dict], run_info: dict[str, Any]) -> tuple:
-    """The epoch's files as CPU copies, which nothing changes after: (checkpoint, best weights and their
-    best_model.json when new_best else None and None, the history rows)."""
-    checkpoint = _cpu_copy({"format": FORMAT, "epoch": history[-1]["epoch"], "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "lra": lra.state_dict(), "best": best.state_dict(),
-                            "schedule": schedule.state_dict() if schedule else None,
-                            "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng,
-                            "history": history, **{key: run_info.get(key) for key in RUN_INFO_KEYS}})
-    if not new_best:
-        return checkpoint, None, None, list(history)
-    return checkpoint, _cpu_copy(best.model), _best_info(lra, run_info), list(history)
-
-
 def _cpu_copy(value: Any) -> Any:
-    """value with every tensor in it copied to the CPU (dicts, lists and tuples rebuilt; the rest shared)."""
+    """A copy of value that nothing changes after: every tensor copied to the CPU, dicts, lists and tuples
+    rebuilt, the rest deep-copied."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):  # a model's state_dict is an OrderedDict with its modules' versions in _metadata

@@ -78,6 +78,31 @@ def steps(step: Callable[[], None], n: int) -> Callable[[], None]:
     return run
 
 
+def bare_pass(model: nn.Module, batch_size: int, image_size: int, n_steps: int, *,
+              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> tuple[Callable[[], None], int]:
+    """A pass of n_steps bare steps on one random batch (channels_last, on the model's device) and the images it
+    trains on, for best_rates."""
+    device = next(model.parameters()).device
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    targets = torch.randint(0, 10, (batch_size,), device=device)
+    step = bare_step(model, images.contiguous(memory_format=torch.channels_last), targets,
+                     autocast_dtype=autocast_dtype, graphed=graphed)
+    return steps(step, n_steps), n_steps * batch_size
+
+
+def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None) -> tuple[Callable[[], None], int]:
+    """A pass of train_one_epoch over the loader (the next epoch's shuffle each time) and the images it trains
+    on, for best_rates."""
+    optimizer = train_module.make_optimizer(model, 0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    epochs = iter(range(10**9))
+
+    def run() -> None:
+        loader.set_epoch(next(epochs))
+        train_module.train_one_epoch(model, loader, optimizer, loss_fn, autocast_dtype=autocast_dtype)
+    return run, len(loader) * loader.batch_size
+
+
 def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, steps_per_pass: int,
                    repeats: int, autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> float:
     """Images/s of the bare step alone: the best of `repeats` passes of steps_per_pass steps, after one untimed

@@ -85,25 +85,9 @@ def fresh_model(args, device: torch.device) -> nn.Module:
 
 
 def bare_pass(args, device, autocast_dtype, images: int) -> tuple:
-    """A pass of bare steps (forward, loss, backward, step on one fixed batch already on the device) over as
-    many images as an epoch, for common.best_rates."""
-    batch = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    targets = torch.randint(0, 10, (args.batch_size,), device=device)
-    step = common.bare_step(fresh_model(args, device), batch.contiguous(memory_format=torch.channels_last), targets,
+    """A pass of bare steps over as many images as an epoch, for common.best_rates."""
+    return common.bare_pass(fresh_model(args, device), args.batch_size, args.image_size, images // args.batch_size,
                             autocast_dtype=autocast_dtype)
-    steps = images // args.batch_size
-    return common.steps(step, steps), steps * args.batch_size
-
-
-def epoch_pass(model, loader, device, autocast_dtype) -> tuple:
-    """A pass of train_one_epoch over the loader (a new epoch's shuffle each time), for common.best_rates."""
-    optimizer = train_module.make_optimizer(model, 0.01)
-    epochs = iter(range(10**9))
-
-    def run() -> None:
-        loader.set_epoch(next(epochs))
-        train_module.train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype)
-    return run, len(loader) * loader.batch_size
 
 
 def epoch_seconds(model, loader, device, autocast_dtype, epoch: int) -> float:
@@ -161,7 +145,7 @@ def ours(args, device, autocast_dtype) -> dict:
         data = get_folder_data(args, device, cache_dir, resident)
         assert data.resident == resident and data.cache_file, "not the path meant"
         result[f"{name}_loader_alone_images_per_s"] = result["images_per_epoch"] / loader_seconds(data.train, device)
-        passes[name] = epoch_pass(fresh_model(args, device), data.train, device, autocast_dtype)
+        passes[name] = common.epoch_pass(fresh_model(args, device), data.train, autocast_dtype)
         if name == "streamed":  # the CPU's default path reads the map: its peak memory, before the resident copy
             passes[name][0]()
             result["peak_rss_mb_streamed"] = peak_rss_mb()

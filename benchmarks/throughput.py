@@ -28,7 +28,6 @@ from torchvision import transforms  # noqa: E402
 
 import data_module  # noqa: E402
 import model_module  # noqa: E402
-import train_module  # noqa: E402
 import utils  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 
@@ -47,25 +46,13 @@ def step_and_epoch_rates(args, device, autocast_dtype) -> dict[str, float]:
     data = data_module.get_data("cifar10", args.data_dir, batch_size=args.batch_size, val_split=0,
                                 train_subset=args.images, resident=True, download=False, device=device)
     n_steps = len(data.train)
-    images = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    targets = torch.randint(0, 10, (args.batch_size,), device=device)
-    bare = common.bare_step(fresh_model(args.model, device, channels_last=True), images, targets,
-                            autocast_dtype=autocast_dtype)
-    passes = {"bare": (common.steps(bare, n_steps), n_steps * args.batch_size)}
+    passes = {"bare": common.bare_pass(fresh_model(args.model, device, channels_last=True), args.batch_size, 32,
+                                       n_steps, autocast_dtype=autocast_dtype)}
     if device.type == "cuda":
-        graphed = common.bare_step(fresh_model(args.model, device, channels_last=True), images, targets,
-                                   autocast_dtype=autocast_dtype, graphed=True)
-        passes["graphed"] = (common.steps(graphed, n_steps), n_steps * args.batch_size)
-    model = fresh_model(args.model, device, channels_last=True)
-    optimizer = train_module.make_optimizer(model, 0.01)
-    loss_fn = nn.CrossEntropyLoss()
-    epochs = iter(range(10**9))
-
-    def epoch() -> None:
-        data.train.set_epoch(next(epochs))
-        train_module.train_one_epoch(model, data.train, optimizer, loss_fn, autocast_dtype=autocast_dtype)
-
-    passes["pipeline"] = (epoch, n_steps * args.batch_size)
+        passes["graphed"] = common.bare_pass(fresh_model(args.model, device, channels_last=True), args.batch_size,
+                                             32, n_steps, autocast_dtype=autocast_dtype, graphed=True)
+    passes["pipeline"] = common.epoch_pass(fresh_model(args.model, device, channels_last=True), data.train,
+                                           autocast_dtype)
     return common.best_rates(passes, repeats=args.epochs, device=device)
 
 
