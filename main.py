@@ -88,6 +88,8 @@ MIN_DELTA: float = 0.0           # smallest change that counts as an improvement
 BF16: bool = True                # bf16 autocast on CUDA, and on a CPU where a trial step finds it faster (README)
 CHANNELS_LAST: bool = True       # NHWC memory layout: faster convolutions on GPUs and CPUs
 COMPILE: bool = False            # torch.compile the model (a slower start, faster steps)
+CUDA_GRAPHS: str = "auto"        # replay each training step from a CUDA graph (one launch, not hundreds): "yes",
+                                 # "no", or "auto": on CUDA in one process without COMPILE (README)
 
 # --- Run
 SEED: int = 0                    # seeds the split, initialisation, shuffling and augmentation
@@ -112,7 +114,8 @@ PRESETS = {
 }
 
 CHOICES = {"DATASET": data_module.DATASETS, "AUGMENT": data_module.AUGMENTS, "SCHEDULE": train_module.SCHEDULES,
-           "FLIP": data_module.FLIPS, "RESIDENT": ("auto", "yes", "no"), "PRESET": (None, *PRESETS)}
+           "FLIP": data_module.FLIPS, "RESIDENT": ("auto", "yes", "no"),
+           "CUDA_GRAPHS": ("auto", "yes", "no"), "PRESET": (None, *PRESETS)}
 CHECKS = {  # constant: (test, what is allowed); LRA's own constants follow its table
     **{name.upper(): rule for name, rule in callback_module.RULES.items()},
     "EPOCHS": (lambda v: v >= 1, "a whole number >= 1"),
@@ -235,6 +238,7 @@ class Run:
     rank: int
     world_size: int
     autocast_dtype: torch.dtype | None
+    cuda_graph: bool
     tensorboard: report_module.TensorBoardLog | None = None
 
     @property
@@ -304,6 +308,7 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
     utils.check_unlocked(c.OUTPUT_DIR, main_process=rank == 0)  # another run writing there: refused at once
     utils.seed_everything(c.SEED)
     device = utils.get_device(local_rank)
+    cuda_graph = train_module.use_cuda_graph(c.CUDA_GRAPHS, device, world_size=world_size, compile=c.COMPILE)
     torch.backends.cudnn.benchmark = True
     weights = model_module.preprocessing(c.MODEL, c.PRETRAINED) or {}  # the published weights' own preparation
     data = data_module.get_data(
@@ -321,7 +326,8 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
     if world_size > 1:
         utils.seed_everything(c.SEED + rank)  # same initial weights everywhere, different augmentations
     optimizer = train_module.make_optimizer(model, c.LR, c.MOMENTUM, c.WEIGHT_DECAY, nesterov=True,
-                                            norm_lr_scale=c.NORM_LR_SCALE, body_lr_scale=c.BODY_LR_SCALE)
+                                            norm_lr_scale=c.NORM_LR_SCALE, body_lr_scale=c.BODY_LR_SCALE,
+                                            lr_device=device if cuda_graph else None)
     total_steps = c.EPOCHS * len(data.train)
     schedule = train_module.make_schedule(optimizer, c.SCHEDULE, c.LR, total_steps)
     lookahead = train_module.Lookahead(model, total_steps) if c.LOOKAHEAD else None
@@ -353,13 +359,14 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
     run_info["precision"] = utils.broadcast(precision)  # rank 0 measures; every rank takes its answer
     autocast_dtype = torch.bfloat16 if run_info["precision"] == "bf16" else None
     return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
-               world_size, autocast_dtype, tensorboard)
+               world_size, autocast_dtype, cuda_graph, tensorboard)
 
 
 def train(c: Config, run: Run) -> Outcome:
     """fit, with Ctrl-C, SIGTERM, a non-finite loss and a full disk turned into a message and a status."""
     if run.main_process:
-        print(f"{c.MODEL} on {run.device} | {len(run.data.train)} batches of {c.BATCH_SIZE} per epoch | "
+        print(f"{c.MODEL} on {run.device}{' (steps replayed from a CUDA graph)' if run.cuda_graph else ''} | "
+              f"{len(run.data.train)} batches of {c.BATCH_SIZE} per epoch | "
               f"{_data_path(run.data)} | "
               f"outputs in {os.path.abspath(c.OUTPUT_DIR)}")
     signal.signal(signal.SIGTERM, _raise_terminated)
@@ -372,7 +379,8 @@ def train(c: Config, run: Run) -> Outcome:
                          best=run.best, wrap=wrap, schedule=run.schedule, lookahead=run.lookahead,
                          autocast_dtype=run.autocast_dtype, start_epoch=run.start_epoch, history=run.history,
                          run_info=run.run_info, main_process=run.main_process,
-                         on_epoch=run.tensorboard.log_epoch if run.tensorboard else None)
+                         on_epoch=run.tensorboard.log_epoch if run.tensorboard else None,
+                         cuda_graph=run.cuda_graph)
     except KeyboardInterrupt as interrupt:
         if run.main_process:
             print(f"Interrupted. The last completed epoch is saved; to go on, run: python main.py --resume auto "

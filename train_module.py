@@ -39,11 +39,14 @@ class NonFiniteLoss(RuntimeError):
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                   nesterov: bool = True, norm_lr_scale: float = 1.0, body_lr_scale: float = 1.0) -> torch.optim.SGD:
+                   nesterov: bool = True, norm_lr_scale: float = 1.0, body_lr_scale: float = 1.0,
+                   lr_device: torch.device | None = None) -> torch.optim.SGD:
     """SGD over every parameter meant to train, the frozen body included (it has no gradients, so SGD
     skips it until it is unfrozen; the groups never change, so no schedule or saved state has to follow
     a new one). Each group trains at LR x its lr_scale: BatchNorm parameters at norm_lr_scale (their
-    weight decay divided by it, so their decay per step is the others'), the frozen body at body_lr_scale."""
+    weight decay divided by it, so their decay per step is the others'), the frozen body at body_lr_scale.
+    lr_device: each group's LR is held as a tensor there and read by the fused SGD kernel, so a step
+    captured in a CUDA graph sees every new LR (see hold_lr_as_tensor)."""
     norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for p in m.parameters()}
     frozen = {id(p) for p in model_module.frozen_parameters(model)} if isinstance(model, model_module.Classifier) \
@@ -56,20 +59,44 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_de
                      "weight_decay": weight_decay / norm_lr_scale if norm else weight_decay}
                     for (norm, body), params in sorted(groups.items())]
     optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    if lr_device is not None:
+        hold_lr_as_tensor(optimizer, lr_device)
     set_lr(optimizer, lr)
     return optimizer
 
 
+def hold_lr_as_tensor(optimizer: torch.optim.SGD, device: torch.device) -> None:
+    """Hold each group's LR as a one-element tensor on the device, stepped by the fused SGD kernel (which
+    reads the LR from the tensor, where the foreach one reads a number when the step is launched): what a
+    CUDA graph needs to see the LR change. set_lr fills the tensors in place. Saved state still holds plain
+    numbers, so every checkpoint loads into every optimizer, and loading one makes them tensors again."""
+    def to_tensors(optimizer: torch.optim.SGD) -> None:
+        for group in optimizer.param_groups:
+            group.update(lr=torch.tensor(float(group["lr"]), device=device), fused=True, foreach=None)
+
+    def to_numbers(optimizer: torch.optim.SGD, state: dict[str, Any]) -> dict[str, Any]:
+        for group in state["param_groups"]:
+            group.update(lr=float(group["lr"]), fused=None)
+        return state
+    to_tensors(optimizer)
+    optimizer.register_load_state_dict_post_hook(to_tensors)
+    optimizer.register_state_dict_post_hook(to_numbers)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The one writer of the LR: every group trains at lr times its lr_scale."""
+    """The one writer of the LR: every group trains at lr times its lr_scale (an LR tensor is filled in place)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
 
 
 def get_lr(optimizer: torch.optim.Optimizer) -> float:
     """The LR that set_lr last set."""
     group = optimizer.param_groups[0]
-    return group["lr"] / group.get("lr_scale", 1.0)
+    return float(group["lr"]) / group.get("lr_scale", 1.0)
 
 
 class OneCycle:
@@ -142,11 +169,124 @@ class Lookahead:
 # --------------------------------------------------------------------------- one epoch
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """bf16 (or other) autocast on the given device, or nothing."""
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
+    """bf16 (or other) autocast on the given device, or nothing. cache=False: no cache of cast weights (which a
+    CUDA graph must not capture)."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+class TrainStep:
+    """One training step on a batch (forward, loss, backward, optimizer step); returns the loss and the logits.
+
+    graph=True (CUDA): the step is captured once in a CUDA graph, then replayed for every batch of the captured
+    size: one launch where eager mode launches one kernel per operation, which is what holds small models back
+    on a GPU. The graph reads and writes fixed tensors: its input buffers, the model's state, the momentum
+    buffers and the LR tensors (make_optimizer's lr_device; set_lr fills them in place). new_epoch() notices
+    when any of them was replaced (a restore or resume loads new optimizer state, unfreezing adds parameters)
+    and the next batch captures the step again. Batches of another size run eagerly."""
+
+    WARMUP_STEPS = 3  # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
+                 autocast_dtype: torch.dtype | None = None, graph: bool = False):
+        self.model, self.optimizer, self.loss_fn, self.autocast_dtype = model, optimizer, loss_fn, autocast_dtype
+        self.device = next(model.parameters()).device
+        if graph and self.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA device, not {self.device}")
+        if graph and not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
+            raise ValueError("a captured step needs the LR held as a tensor (make_optimizer's lr_device)")
+        self.use_graph = graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.key: tuple | None = None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.use_graph or (self.graph is not None and images.shape != self.inputs[0].shape):
+            return self._step(images, targets)
+        if self.graph is None:
+            try:
+                self._capture(images, targets)
+            except RuntimeError as error:  # an operation that cannot be captured (one that reads the device, say)
+                print(f"note: the training step could not be captured in a CUDA graph "
+                      f"({str(error).splitlines()[0]}); training without one", file=sys.stderr)
+                self.use_graph, self.graph = False, None
+                return self._step(images, targets)
+        self.inputs[0].copy_(images)
+        self.inputs[1].copy_(targets)
+        self.graph.replay()
+        return self.outputs[0].clone(), self.outputs[1].clone()  # the graph overwrites its outputs next step
+
+    def new_epoch(self) -> None:
+        """Drop the graph when a tensor it reads or writes has been replaced since it was captured."""
+        if self.graph is not None and graph_key(self.model, self.optimizer) != self.key:
+            self.graph = self.inputs = self.outputs = None
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.autocast_dtype, cache=not self.use_graph):
+            logits = self.model(images)
+            loss = self.loss_fn(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)  # in a capture: backward makes the graph's own .grad tensors
+        loss.backward()
+        self.optimizer.step()
+        return loss, logits
+
+    def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """Warm up on a side stream, put everything back, and capture the step (PyTorch's whole-network capture,
+        which records the work without doing it): the model, the optimizer and the random state are as they
+        were, and the batch is then trained on by a replay."""
+        init_momentum(self.optimizer)
+        self.inputs = (images.clone(), targets.clone())
+        current = torch.cuda.current_stream(self.device)
+        with rolled_back(self.model, self.optimizer):
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP_STEPS):
+                    self._step(*self.inputs)
+            current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self._step(*self.inputs)
+        self.graph, self.key = graph, graph_key(self.model, self.optimizer)
+
+
+def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+    """Where the tensors a captured step reads and writes live (the model's state, the momentum buffers, the LR
+    tensors), and which parameters train: while it is unchanged, a captured step is still the step."""
+    state = [t.data_ptr() for t in model.state_dict().values()]
+    buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"].data_ptr() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
+    return (tuple(state), tuple(b.data_ptr() if b is not None else None for b in buffers), tuple(lrs),
+            tuple(p.requires_grad for p in model.parameters()))
+
+
+def init_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give every trainable parameter that has none a zero momentum buffer: SGD's first step then computes what
+    it computes without one (the buffer becomes the gradient), and a captured step has a buffer to update."""
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0):
+            for p in group["params"]:
+                if p.requires_grad and optimizer.state.get(p, {}).get("momentum_buffer") is None:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@contextlib.contextmanager
+def rolled_back(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Run the block (warm-up steps), then put the model's state, the momentum buffers and the random states back
+    as they were, in place (a captured step keeps pointing at the same tensors)."""
+    tensors = list(model.state_dict().values()) + [s["momentum_buffer"] for s in optimizer.state.values()
+                                                   if s.get("momentum_buffer") is not None]
+    saved, rng = [t.clone() for t in tensors], utils.rng_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
+        utils.set_rng_state(rng)
 
 
 def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_size: int, *, channels_last: bool,
@@ -201,18 +341,12 @@ def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool =
 
 
 def _trial_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype | None) -> Callable[[], None]:
+                dtype: torch.dtype | None) -> Callable[[], Any]:
     """One training step of model (a copy) as a function: forward, loss, backward, SGD."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        with autocast(images.device, dtype):
-            loss = F.cross_entropy(model(images).float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    step = TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=dtype)
+    return lambda: step(images, targets)
 
 
 def _show_progress() -> bool:
@@ -221,24 +355,22 @@ def _show_progress() -> bool:
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
                     epoch: int = 1, schedule: OneCycle | None = None, lookahead: Lookahead | None = None,
-                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                    autocast_dtype: torch.dtype | None = None, step: TrainStep | None = None) -> dict[str, float]:
     """One pass over the training data; returns train_loss and train_acc (over every process).
     Each step only queues work: losses and logits are tallied on the device every CHECK_EVERY steps,
-    so the GPU never waits on Python."""
+    so the GPU never waits on Python. step: the TrainStep to use (one kept across epochs keeps its CUDA graph);
+    None: an eager one."""
     model.train()
     device = next(model.parameters()).device
+    step = step or TrainStep(model, optimizer, loss_fn, autocast_dtype=autocast_dtype)
+    step.new_epoch()
     totals = [torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0]
     pending = ([], [], [])  # losses, logits, targets of the steps not yet tallied
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not _show_progress())
     check_every = CHECK_EVERY if bar.disable else 10  # a bar shows running figures, which costs a sync
     batch = 0
     for batch, (images, targets) in enumerate(loader, start=1):
-        with autocast(device, autocast_dtype):
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = step(images, targets)
         if schedule is not None:
             schedule.advance(optimizer)
         if lookahead is not None:
@@ -506,6 +638,17 @@ def apply_decision(decision: Decision, model: nn.Module, optimizer: torch.optim.
         set_lr(optimizer, decision.next_lr)
 
 
+def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1, compile: bool = False) -> bool:
+    """Whether training steps are replayed from a CUDA graph: "auto" on a CUDA device in one process without
+    torch.compile (whose own graphs would nest), "yes" there or a ValueError saying why not, "no" never."""
+    possible = {"a CUDA device": device.type == "cuda", "one process (not torchrun)": world_size == 1,
+                "COMPILE off": not compile}
+    if setting == "yes" and not all(possible.values()):
+        missing = ", ".join(need for need, met in possible.items() if not met)
+        raise ValueError(f"CUDA_GRAPHS='yes' needs {missing}; set it to 'auto' or 'no'")
+    return setting != "no" and all(possible.values())
+
+
 def wrap_for_training(model: nn.Module, *, compile: bool = False, world_size: int = 1,
                       device: torch.device | None = None) -> nn.Module:
     """What runs the training batches: the model, compiled and/or data-parallel as asked. Call again
@@ -526,26 +669,30 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, lra: LRA, *, e
         schedule: OneCycle | None = None, lookahead: Lookahead | None = None,
         autocast_dtype: torch.dtype | None = None, start_epoch: int = 1, history: list[dict] | None = None,
         run_info: dict | None = None, main_process: bool = True,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, cuda_graph: bool = False) -> list[dict]:
     """Train to `epochs` (or as far as the user asks at the prompt) unless LRA stops first, carrying out
     its decisions; save the epoch's files (checkpoint_module.EpochWriter, while the next epoch trains); at
     the end, or on an interruption, restore the best weights and draw training_curves.png. wrap(model) gives what runs
     the training batches (see wrap_for_training); run_info (constants, classes, normalisation) goes
-    into the checkpoint and best_model.json; on_epoch(metrics) is called after each epoch's files (TensorBoard)."""
+    into the checkpoint and best_model.json; on_epoch(metrics) is called after each epoch's files (TensorBoard);
+    cuda_graph: replay the training step from a CUDA graph (TrainStep; the optimizer needs make_optimizer's
+    lr_device)."""
     wrap = wrap or (lambda m: m)
     best = best or Snapshot(with_optimizer=lra.restores)
     train_model, history, run_info = wrap(model), list(history or []), run_info or {}
+    step = TrainStep(train_model, optimizer, loss_fn, autocast_dtype=autocast_dtype, graph=cuda_graph)
     lra.on_train_begin()
     epoch, reason = start_epoch, None
     writer = checkpoint_module.EpochWriter(output_dir) if main_process else None
     try:
         while epoch <= lra.epoch_limit(epochs):
             metrics = _train_and_validate(train_model, data, optimizer, loss_fn, epoch, schedule=schedule,
-                                          lookahead=lookahead, autocast_dtype=autocast_dtype)
+                                          lookahead=lookahead, autocast_dtype=autocast_dtype, step=step)
             decision = lra.on_epoch_end(epoch, metrics)
             apply_decision(decision, model, optimizer, best)
             if decision.unfreeze:
                 train_model = wrap(model)
+                step = TrainStep(train_model, optimizer, loss_fn, autocast_dtype=autocast_dtype, graph=step.use_graph)
             history.append({**metrics, "next_lr": get_lr(optimizer), **decision.row()})
             rng = utils.gather(utils.rng_state())  # every process's, so a resume continues each one
             if writer is not None:  # written while the next epoch trains

@@ -1,5 +1,5 @@
 """What the benchmark scripts share: waiting for the device, the bare training step (the limit a loader is
-measured against), eager or captured in a CUDA graph, and timing passes interleaved, best kept."""
+measured against), eager or replayed from a CUDA graph, and timing passes interleaved, best kept."""
 
 import time
 from typing import Callable
@@ -18,37 +18,15 @@ def synchronize(device: torch.device) -> None:
 
 def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
               autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> Callable[[], None]:
-    """One training step (forward, loss, backward, the pipeline's SGD step) on one fixed batch already on the
-    device, as a function of no arguments. graphed (CUDA only): the step captured once in a CUDA graph and
-    replayed, so no kernel is launched from Python: the rate a launch-bound model could reach at most."""
-    device = images.device
-    optimizer = train_module.make_optimizer(model, 0.01)
-    loss_fn = nn.CrossEntropyLoss()
+    """One training step (forward, loss, backward, the pipeline's SGD step: train_module.TrainStep) on one fixed
+    batch already on the device, as a function of no arguments. graphed (CUDA only): the step replayed from a
+    CUDA graph, as main.py's CUDA_GRAPHS does, so no kernel is launched from Python: the rate a launch-bound
+    model could reach at most."""
+    optimizer = train_module.make_optimizer(model, 0.01, lr_device=images.device if graphed else None)
+    step = train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
+                                  graph=graphed)
     model.train()
-
-    def step() -> None:
-        # autocast's weight cache must be off inside a graph (torch.cuda.graph's documented restriction)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
-                            cache_enabled=not graphed):
-            loss = loss_fn(model(images), targets)
-        optimizer.zero_grad(set_to_none=not graphed)  # a graph keeps its .grad tensors: zero them in place
-        loss.backward()
-        optimizer.step()
-
-    if not graphed:
-        return step
-    if device.type != "cuda":
-        raise ValueError("a CUDA graph needs a CUDA device")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires (cuDNN choices, SGD buffers)
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    return lambda: step(images, targets)
 
 
 def best_rates(passes: dict[str, tuple[Callable[[], None], int]], *, repeats: int,
@@ -90,16 +68,19 @@ def bare_pass(model: nn.Module, batch_size: int, image_size: int, n_steps: int, 
     return steps(step, n_steps), n_steps * batch_size
 
 
-def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None) -> tuple[Callable[[], None], int]:
+def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None,
+               graphed: bool = False) -> tuple[Callable[[], None], int]:
     """A pass of train_one_epoch over the loader (the next epoch's shuffle each time) and the images it trains
-    on, for best_rates."""
-    optimizer = train_module.make_optimizer(model, 0.01)
+    on, for best_rates; graphed: its steps replayed from a CUDA graph (captured in the first pass)."""
+    device = next(model.parameters()).device
+    optimizer = train_module.make_optimizer(model, 0.01, lr_device=device if graphed else None)
     loss_fn = nn.CrossEntropyLoss()
+    step = train_module.TrainStep(model, optimizer, loss_fn, autocast_dtype=autocast_dtype, graph=graphed)
     epochs = iter(range(10**9))
 
     def run() -> None:
         loader.set_epoch(next(epochs))
-        train_module.train_one_epoch(model, loader, optimizer, loss_fn, autocast_dtype=autocast_dtype)
+        train_module.train_one_epoch(model, loader, optimizer, loss_fn, autocast_dtype=autocast_dtype, step=step)
     return run, len(loader) * loader.batch_size
 
 

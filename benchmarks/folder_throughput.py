@@ -87,18 +87,25 @@ def fresh_model(args, device: torch.device) -> nn.Module:
 def bare_pass(args, device, autocast_dtype, images: int) -> tuple:
     """A pass of bare steps over as many images as an epoch, for common.best_rates."""
     return common.bare_pass(fresh_model(args, device), args.batch_size, args.image_size, images // args.batch_size,
-                            autocast_dtype=autocast_dtype)
+                            autocast_dtype=autocast_dtype, graphed=device.type == "cuda")
 
 
-def epoch_seconds(model, loader, device, autocast_dtype, epoch: int) -> float:
-    """Seconds of one train_one_epoch over the loader."""
-    optimizer = train_module.make_optimizer(model, 0.01)
+def make_step(model, device, autocast_dtype) -> train_module.TrainStep:
+    """The training step main.py would use: replayed from a CUDA graph on CUDA (CUDA_GRAPHS = "auto")."""
+    graphed = device.type == "cuda"
+    optimizer = train_module.make_optimizer(model, 0.01, lr_device=device if graphed else None)
+    return train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
+                                  graph=graphed)
+
+
+def epoch_seconds(step: train_module.TrainStep, loader, epoch: int) -> float:
+    """Seconds of one train_one_epoch over the loader with the step (a capture it makes included)."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
-    common.synchronize(device)
+    common.synchronize(step.device)
     started = time.perf_counter()
-    train_module.train_one_epoch(model, loader, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype)
-    common.synchronize(device)
+    train_module.train_one_epoch(step.model, loader, step.optimizer, step.loss_fn, step=step)
+    common.synchronize(step.device)
     return time.perf_counter() - started
 
 
@@ -127,7 +134,8 @@ def ours(args, device, autocast_dtype) -> dict:
     started = time.perf_counter()
     data = get_folder_data(args, device, cache_dir, "auto")
     result["decode_s"] = time.perf_counter() - started
-    result["first_epoch_s"] = result["decode_s"] + epoch_seconds(model, data.train, device, autocast_dtype, 1)
+    result["first_epoch_s"] = result["decode_s"] + epoch_seconds(make_step(model, device, autocast_dtype),
+                                                                 data.train, 1)
     result["first_epoch_resident"] = data.resident
     result["images_per_epoch"] = len(data.train) * args.batch_size
     result["cache_mb"] = os.path.getsize(data.cache_file) / 2**20
@@ -145,7 +153,8 @@ def ours(args, device, autocast_dtype) -> dict:
         data = get_folder_data(args, device, cache_dir, resident)
         assert data.resident == resident and data.cache_file, "not the path meant"
         result[f"{name}_loader_alone_images_per_s"] = result["images_per_epoch"] / loader_seconds(data.train, device)
-        passes[name] = common.epoch_pass(fresh_model(args, device), data.train, autocast_dtype)
+        passes[name] = common.epoch_pass(fresh_model(args, device), data.train, autocast_dtype,
+                                         graphed=device.type == "cuda")
         if name == "streamed":  # the CPU's default path reads the map: its peak memory, before the resident copy
             passes[name][0]()
             result["peak_rss_mb_streamed"] = peak_rss_mb()
@@ -184,8 +193,8 @@ def reference(args, device, autocast_dtype) -> dict:
     dataset = datasets.ImageFolder(os.path.join(args.folder, "train"), transform)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=True)
-    model = fresh_model(args, device)
-    seconds = [epoch_seconds(model, _ToDevice(loader, device), device, autocast_dtype, epoch)
+    step = make_step(fresh_model(args, device), device, autocast_dtype)
+    seconds = [epoch_seconds(step, _ToDevice(loader, device), epoch)
                for epoch in range(args.epochs + 1)]  # the first starts the workers
     images = len(loader) * args.batch_size
     return {"reference_first_epoch_s": seconds[0], "reference_images_per_s": images / min(seconds[1:]),

@@ -111,6 +111,7 @@ def test_out_of_range_constants_name_the_constant(name, value):
     (["--epochs", "0"], ["EPOCHS = 0", ">= 1"]),
     (["--model", "vgg"], ["MODEL = 'vgg'", "the closest are", "vgg11"]),
     (["--factor", "2"], ["FACTOR = 2.0"]),
+    (["--cuda-graphs", "yes", "--compile", "true"], ["CUDA_GRAPHS='yes' needs", "COMPILE off"]),
 ])
 def test_bad_constants_exit_2_with_one_line(tiny_run, args, fragments, capsys):
     assert_one_clean_line(main_in_process(tiny_run[0] + args, capsys), *fragments)

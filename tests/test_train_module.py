@@ -1,6 +1,7 @@
 """The loop: CSV rows, best_model.pth, non-finite losses, schedules, lookahead, the fast preset, evaluate's
 confusion matrix and mistakes, the LR finder."""
 
+import contextlib
 import copy
 import functools
 import io
@@ -391,3 +392,200 @@ def test_the_bf16_trial_leaves_the_model_and_the_random_state_as_they_were(monke
     assert all(p.grad is None for p in model.parameters())
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert train_module.bf16_speedup_on_cpu(model, 16) is None  # no native bf16: no trial, fp32
+
+
+# --------------------------------------------------------------------------- what a captured (CUDA-graph) step needs
+
+
+def _batch(n=8, size=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+
+
+def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    twin = copy.deepcopy(model)
+    number = train_module.make_optimizer(model, 0.1, norm_lr_scale=4.0)
+    held = train_module.make_optimizer(twin, 0.1, norm_lr_scale=4.0, lr_device=torch.device("cpu"))
+    tensors = [group["lr"] for group in held.param_groups]
+    assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 2
+    steps = [train_module.TrainStep(m, o, nn.CrossEntropyLoss()) for m, o in ((model, number), (twin, held))]
+    for lr in (0.1, 0.02, 0.3):
+        for optimizer, step in zip((number, held), steps):
+            train_module.set_lr(optimizer, lr)
+            torch.manual_seed(1)  # the same dropout
+            step(*_batch(seed=int(lr * 100)))
+        assert all(group["lr"] is t for group, t in zip(held.param_groups, tensors))  # filled in place
+        assert [float(g["lr"]) for g in held.param_groups] == pytest.approx([g["lr"] for g in number.param_groups])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), "the fused step with tensor LRs trained differently"
+    saved = held.state_dict()
+    assert all(type(group["lr"]) is float for group in saved["param_groups"])  # any optimizer loads it
+    number.load_state_dict(copy.deepcopy(saved))
+    assert all(type(group["lr"]) is float and not group["fused"] for group in number.param_groups)
+    held.load_state_dict(copy.deepcopy(number.state_dict()))
+    assert all(isinstance(group["lr"], torch.Tensor) and group["fused"] for group in held.param_groups)
+    assert train_module.get_lr(held) == pytest.approx(0.3)
+
+
+def test_a_zero_momentum_buffer_steps_exactly_as_none_does():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    twin = copy.deepcopy(model)
+    plain, primed = train_module.make_optimizer(model, 0.1), train_module.make_optimizer(twin, 0.1)
+    train_module.init_momentum(primed)
+    assert len(primed.state) == len(list(twin.parameters())) and not plain.state
+    for m, o in ((model, plain), (twin, primed)):
+        torch.manual_seed(1)  # the same dropout
+        train_module.TrainStep(m, o, nn.CrossEntropyLoss())(*_batch())
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_warm_up_steps_leave_the_model_the_optimizer_and_the_random_state_as_they_were():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    optimizer = train_module.make_optimizer(model, 0.1, lr_device=torch.device("cpu"))
+    step = train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss())
+    step(*_batch())
+    before, key = _state(model, optimizer), train_module.graph_key(model, optimizer)
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    with train_module.rolled_back(model, optimizer):
+        for seed in range(3):
+            step(*_batch(seed=seed))
+            torch.rand(5)
+    _assert_same(model, optimizer, before)
+    assert torch.equal(torch.rand(3), expected)
+    assert train_module.graph_key(model, optimizer) == key  # put back in place: a graph would still hold
+
+
+def test_the_graph_key_changes_exactly_when_a_captured_step_would_go_stale():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4, freeze=True)
+    optimizer = train_module.make_optimizer(model, 0.1, lr_device=torch.device("cpu"))
+    train_module.init_momentum(optimizer)
+    step = train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss())
+    key = train_module.graph_key(model, optimizer)
+    best = train_module.Snapshot()
+    best.take(model, optimizer)
+    step(*_batch())
+    train_module.set_lr(optimizer, 0.01)
+    best.restore(model)  # the weights are copied in
+    assert train_module.graph_key(model, optimizer) == key
+    best.restore(model, optimizer)  # new momentum buffers and LR tensors
+    assert train_module.graph_key(model, optimizer) != key
+    key = train_module.graph_key(model, optimizer)
+    model_module.unfreeze_body(model)  # more parameters train
+    assert train_module.graph_key(model, optimizer) != key
+
+
+def test_cuda_graphs_are_used_where_they_can_be_and_a_yes_that_cannot_be_is_refused():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert train_module.use_cuda_graph("auto", cuda)
+    assert not train_module.use_cuda_graph("auto", cpu)
+    assert not train_module.use_cuda_graph("auto", cuda, world_size=2)
+    assert not train_module.use_cuda_graph("no", cuda)
+    with pytest.raises(ValueError, match="needs a CUDA device, one process"):
+        train_module.use_cuda_graph("yes", cpu, world_size=2)
+    with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device"):
+        model = model_module.get_model("cnn", 4)
+        train_module.TrainStep(model, train_module.make_optimizer(model, 0.1, lr_device=cpu), nn.CrossEntropyLoss(),
+                               graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA device")
+def test_a_captured_step_trains_as_the_eager_step_does_through_lr_changes_restores_and_a_short_batch():
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = model_module.get_model("cnn", 4).to(device, memory_format=torch.channels_last)
+    model.head[0].p = 0.0  # no dropout: the two must draw nothing at random
+    twin = copy.deepcopy(model)
+    optimizers = [train_module.make_optimizer(m, 0.1, lr_device=device) for m in (model, twin)]
+    steps = [train_module.TrainStep(m, o, nn.CrossEntropyLoss(), graph=graph)
+             for m, o, graph in ((model, optimizers[0], False), (twin, optimizers[1], True))]
+    bests = [train_module.Snapshot(), train_module.Snapshot()]
+    for epoch in range(3):
+        for i, (images, targets) in enumerate([_batch(seed=epoch * 10 + s) for s in range(4)] + [_batch(n=5)]):
+            for o, step in zip(optimizers, steps):
+                if i == 0:
+                    step.new_epoch()
+                train_module.set_lr(o, 0.1 / (1 + i))
+                step(images.to(device), targets.to(device))
+        for m, o, best in zip((model, twin), optimizers, bests):
+            if epoch == 0:
+                best.take(m, o)
+            else:
+                best.restore(m, o)
+    assert steps[1].graph is not None and steps[1].use_graph
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+
+
+class _EagerGraph:
+    """torch.cuda.CUDAGraph's stand-in on the CPU: replay() runs the captured TrainStep's step eagerly on its
+    input buffers and writes its output buffers, as a replay does."""
+
+    def __init__(self):
+        self.step = None
+
+    def replay(self):
+        loss, logits = self.step._step(*self.step.inputs)
+        self.step.outputs[0].copy_(loss.detach())
+        self.step.outputs[1].copy_(logits.detach())
+
+
+def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_as_eager_fit_does(tmp_path,
+                                                                                               monkeypatch):
+    """The bookkeeping of the CUDA-graph path, on the CPU: torch.cuda's streams and graph capture are replaced by
+    stand-ins that run eagerly (the capture's step rolled back: a capture records work without doing it), so
+    what is checked is when fit captures and that warm-up leaves no trace."""
+    captured, capturing = [], []
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class CapturedStep(train_module.TrainStep):
+        def __init__(self, *args, graph=False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.use_graph = graph  # past the CUDA check
+
+        def _capture(self, images, targets):
+            capturing[:] = [self]
+            super()._capture(images, targets)
+            self.graph.step, self.outputs = self, tuple(t.detach() for t in self.outputs)
+            captured.append(len(self.optimizer.state))
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph",
+                        lambda graph: train_module.rolled_back(capturing[0].model, capturing[0].optimizer))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _EagerGraph)
+    monkeypatch.setattr(train_module, "TrainStep", CapturedStep)
+
+    def run(cuda_graph):
+        torch.manual_seed(0)
+        data = make_tiny_data(size=16)
+        model = model_module.get_model("cnn", 4, freeze=True)
+        optimizer = train_module.make_optimizer(model, 0.5, lr_device=torch.device("cpu"))
+        lra = LRA(ask_epoch=None, stream=io.StringIO(), unfreeze_epoch=2, frozen=True)
+        out = tmp_path / str(cuda_graph)
+        out.mkdir()
+        return train_module.fit(model, data, optimizer, lra, epochs=8, loss_fn=nn.CrossEntropyLoss(),
+                                output_dir=str(out), cuda_graph=cuda_graph, run_info={"classes": data.classes})
+
+    eager = run(False)
+    assert not captured
+    graphed = run(True)
+    events = [row["event"] for row in graphed]
+    assert any("unfroze" in e for e in events) and any("restored" in e for e in events)
+    assert len(captured) == 2 + sum("restored" in e for e in events)  # at the start, after unfreezing, each restore
+    assert captured[1] > captured[0]  # the unfrozen body's parameters are in the new capture
+    assert [row["train_loss"] for row in graphed] == pytest.approx([row["train_loss"] for row in eager], rel=1e-6)
+    assert [row["event"] for row in eager] == events
