@@ -248,7 +248,7 @@ class TrainStep:
                     self._step(*self.inputs)
             current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # a loader's thread may pin memory meanwhile
             self.outputs = self._step(*self.inputs)
         self.graph, self.key = graph, graph_key(self.model, self.optimizer)
 

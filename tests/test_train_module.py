@@ -565,7 +565,7 @@ def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_a
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph",
-                        lambda graph: train_module.rolled_back(capturing[0].model, capturing[0].optimizer))
+                        lambda graph, **options: train_module.rolled_back(capturing[0].model, capturing[0].optimizer))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _EagerGraph)
     monkeypatch.setattr(train_module, "TrainStep", CapturedStep)
 
