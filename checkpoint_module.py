@@ -145,6 +145,19 @@ def move_earlier_run(output_dir: str) -> str | None:
     return target
 
 
+def remove_partial_writes(output_dir: str) -> int:
+    """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of a run's files that a killed run left in
+    output_dir half-written; returns how many. Never one of the run's files itself, nor anyone else's
+    temporary file. The caller holds output_dir's lock, so no write of a live run is among them."""
+    removed = 0
+    for entry in os.scandir(output_dir):
+        if entry.is_file() and entry.name.endswith(".tmp") and any(
+                entry.name.startswith(f".{name}.") for name in RUN_FILES):
+            os.remove(entry.path)
+            removed += 1
+    return removed
+
+
 # --------------------------------------------------------------------------- reading
 
 

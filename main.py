@@ -337,6 +337,8 @@ def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool 
     best = train_module.Snapshot(with_optimizer=lra.restores)
     os.makedirs(c.OUTPUT_DIR, exist_ok=True)  # only now: bad input above leaves nothing behind
     utils.lock_folder(c.OUTPUT_DIR, main_process=rank == 0)  # held until run_main ends (or the process dies)
+    if rank == 0:
+        checkpoint_module.remove_partial_writes(c.OUTPUT_DIR)  # what a killed run was writing: never a whole file
     run_info = {"config": dataclasses.asdict(c), "classes": data.classes, "mean": list(data.mean),
                 "std": list(data.std), "image_size": data.image_size, "resize_size": data.resize_size,
                 "started": checkpoint_module.timestamp()}
