@@ -249,7 +249,7 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     torch.manual_seed(0)
     (rt, rtl), (st, stl) = collect(resident.train), collect(streaming.train)
     assert rt.shape == st.shape == (n_train // 8 * 8, 3, 32, 32) and len(resident.train) == len(streaming.train)
-    assert sorted(rtl.tolist()) != rtl.tolist()  # shuffled
+    assert sorted(rtl.tolist()) != rtl.tolist() and sorted(stl.tolist()) != stl.tolist()  # both shuffled
     assert abs(rt.mean() - st.mean()) < 0.1 and abs(rt.std() - st.std()) < 0.1
     train_crop = streaming.train.loader.dataset.transform.transforms[0]
     assert isinstance(train_crop, transforms.RandomResizedCrop) and train_crop.size == (32, 32)
