@@ -235,8 +235,10 @@ class TrainStep:
 
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """Warm up on a side stream, put everything back, and capture the step (PyTorch's whole-network capture,
-        which records the work without doing it): the model, the optimizer and the random state are as they
-        were, and the batch is then trained on by a replay."""
+        which records the work without doing it); then check that a replay trains as the first eager step did
+        (the same loss and weights after it, from the same state), and put everything back again. The model,
+        the optimizer and the random state are as they were, and the batch is then trained on by a replay.
+        A replay that disagrees raises RuntimeError."""
         init_momentum(self.optimizer)
         self.inputs = (images.clone(), targets.clone())
         current = torch.cuda.current_stream(self.device)
@@ -244,13 +246,28 @@ class TrainStep:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
-                for _ in range(self.WARMUP_STEPS):
-                    self._step(*self.inputs)
+                for i in range(self.WARMUP_STEPS):
+                    loss, _ = self._step(*self.inputs)
+                    if i == 0:
+                        expected = _loss_and_weights(loss, self.optimizer)
             current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # a loader's thread may pin memory meanwhile
             self.outputs = self._step(*self.inputs)
+        with rolled_back(self.model, self.optimizer):
+            graph.replay()
+            replayed = _loss_and_weights(self.outputs[0], self.optimizer)
+            if not torch.allclose(replayed, expected, rtol=1e-3, atol=1e-5):  # one wait for the device
+                raise RuntimeError(f"a replay of the captured step gave (loss, weight norm) {replayed.tolist()} "
+                                   f"where the eager step gave {expected.tolist()}")
         self.graph, self.key = graph, graph_key(self.model, self.optimizer)
+
+
+def _loss_and_weights(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """A step's loss and the norm of the weights it trained, as a device tensor: two figures to tell steps apart."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).float())
+    return torch.stack([loss.detach().float(), norm])
 
 
 def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:

@@ -525,23 +525,31 @@ def test_a_captured_step_trains_as_the_eager_step_does_through_lr_changes_restor
 
 class _EagerGraph:
     """torch.cuda.CUDAGraph's stand-in on the CPU: replay() runs the captured TrainStep's step eagerly on its
-    input buffers and writes its output buffers, as a replay does."""
+    input buffers and writes its output buffers, as a replay does; broken=True leaves out the optimizer step."""
 
-    def __init__(self):
-        self.step = None
+    def __init__(self, step, broken=False):
+        self.step, self.broken = step, broken
 
     def replay(self):
-        loss, logits = self.step._step(*self.step.inputs)
-        self.step.outputs[0].copy_(loss.detach())
-        self.step.outputs[1].copy_(logits.detach())
+        step = self.step.optimizer.step
+        if self.broken:
+            self.step.optimizer.step = lambda: None
+        try:
+            loss, logits = self.step._step(*self.step.inputs)
+        finally:
+            self.step.optimizer.step = step
+        with torch.no_grad():
+            self.step.outputs[0].copy_(loss)
+            self.step.outputs[1].copy_(logits)
 
 
-def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_as_eager_fit_does(tmp_path,
-                                                                                               monkeypatch):
-    """The bookkeeping of the CUDA-graph path, on the CPU: torch.cuda's streams and graph capture are replaced by
-    stand-ins that run eagerly (the capture's step rolled back: a capture records work without doing it), so
-    what is checked is when fit captures and that warm-up leaves no trace."""
-    captured, capturing = [], []
+@pytest.fixture
+def stand_in_cuda(monkeypatch):
+    """torch.cuda's streams and graph capture replaced by stand-ins that run eagerly (the capture's step rolled
+    back: a capture records work without doing it), and train_module.TrainStep by one that takes graph=True on
+    the CPU: the CUDA-graph path's bookkeeping, testable here. Yields the sizes of the optimizer state at each
+    capture, and a switch that breaks the replays."""
+    captured, capturing, broken = [], [], []
 
     class Stream:
         def __init__(self, *args):
@@ -558,7 +566,6 @@ def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_a
         def _capture(self, images, targets):
             capturing[:] = [self]
             super()._capture(images, targets)
-            self.graph.step, self.outputs = self, tuple(t.detach() for t in self.outputs)
             captured.append(len(self.optimizer.state))
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
@@ -566,8 +573,14 @@ def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_a
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph",
                         lambda graph, **options: train_module.rolled_back(capturing[0].model, capturing[0].optimizer))
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _EagerGraph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EagerGraph(capturing[0], broken=bool(broken)))
     monkeypatch.setattr(train_module, "TrainStep", CapturedStep)
+    yield captured, broken
+
+
+def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_as_eager_fit_does(tmp_path,
+                                                                                               stand_in_cuda):
+    captured, _ = stand_in_cuda
 
     def run(cuda_graph):
         torch.manual_seed(0)
@@ -589,3 +602,20 @@ def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_a
     assert captured[1] > captured[0]  # the unfrozen body's parameters are in the new capture
     assert [row["train_loss"] for row in graphed] == pytest.approx([row["train_loss"] for row in eager], rel=1e-6)
     assert [row["event"] for row in eager] == events
+
+
+def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_with_a_note(stand_in_cuda, capsys):
+    captured, broken = stand_in_cuda
+    broken.append(True)  # its replays leave out the optimizer step
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    twin = copy.deepcopy(model)
+    steps = [train_module.TrainStep(m, train_module.make_optimizer(m, 0.1, lr_device=torch.device("cpu")),
+                                    nn.CrossEntropyLoss(), graph=graph) for m, graph in ((model, True), (twin, False))]
+    for seed in range(2):
+        for step in steps:
+            torch.manual_seed(seed)  # the same dropout
+            step(*_batch(seed=seed))
+    assert not steps[0].use_graph and not captured
+    assert "could not be captured in a CUDA graph (a replay of the captured step gave" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
