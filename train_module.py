@@ -185,7 +185,8 @@ class TrainStep:
     on a GPU. The graph reads and writes fixed tensors: its input buffers, the model's state, the momentum
     buffers and the LR tensors (make_optimizer's lr_device; set_lr fills them in place). new_epoch() notices
     when any of them was replaced (a restore or resume loads new optimizer state, unfreezing adds parameters)
-    and the next batch captures the step again. Batches of another size run eagerly."""
+    and the next batch captures the step again. Batches of another size run eagerly (after one, the parameters'
+    .grad are that step's, while replays write the graph's own gradient tensors: read neither)."""
 
     WARMUP_STEPS = 3  # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
 
@@ -211,7 +212,7 @@ class TrainStep:
                 self._capture(images, targets)
             except RuntimeError as error:  # an operation that cannot be captured (one that reads the device, say)
                 print(f"note: the training step could not be captured in a CUDA graph "
-                      f"({str(error).splitlines()[0]}); training without one", file=sys.stderr)
+                      f"({(str(error).splitlines() or [repr(error)])[0]}); training without one", file=sys.stderr)
                 self.use_graph, self.graph = False, None
                 return self._step(images, targets)
         self.inputs[0].copy_(images)
@@ -234,40 +235,56 @@ class TrainStep:
         return loss, logits
 
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """Warm up on a side stream, put everything back, and capture the step (PyTorch's whole-network capture,
-        which records the work without doing it); then check that a replay trains as the first eager step did
-        (the same loss and weights after it, from the same state), and put everything back again. The model,
-        the optimizer and the random state are as they were, and the batch is then trained on by a replay.
-        A replay that disagrees raises RuntimeError."""
+        """Warm up on a side stream, put everything back, and capture the step there (PyTorch's whole-network
+        capture, which records the work without doing it); then check that a replay trains as the first eager
+        step did (the same loss, change to the weights and momentum, from the same state), and put everything
+        back again. The model, the optimizer and the random state are as they were, and the batch is then
+        trained on by a replay. A replay that disagrees raises RuntimeError. The capture is thread_local: a
+        loader's thread may pin memory meanwhile (and backward's own thread is not watched either, so the
+        check after it is what catches a step that the graph does not repeat)."""
         init_momentum(self.optimizer)
         self.inputs = (images.clone(), targets.clone())
         current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        start = [p.detach().clone() for p in _trained(self.optimizer)]
         with rolled_back(self.model, self.optimizer):
-            side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for i in range(self.WARMUP_STEPS):
                     loss, _ = self._step(*self.inputs)
                     if i == 0:
-                        expected = _loss_and_weights(loss, self.optimizer)
+                        expected = _step_figures(loss, self.optimizer, start)
             current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # a loader's thread may pin memory meanwhile
-            self.outputs = self._step(*self.inputs)
+        try:
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                self.outputs = self._step(*self.inputs)
+        finally:
+            torch.cuda.set_stream(current)  # a capture that fails at its end can leave its stream current
+        self.outputs = tuple(t.detach() for t in self.outputs)
         with rolled_back(self.model, self.optimizer):
             graph.replay()
-            replayed = _loss_and_weights(self.outputs[0], self.optimizer)
-            if not torch.allclose(replayed, expected, rtol=1e-3, atol=1e-5):  # one wait for the device
-                raise RuntimeError(f"a replay of the captured step gave (loss, weight norm) {replayed.tolist()} "
-                                   f"where the eager step gave {expected.tolist()}")
+            replayed = _step_figures(self.outputs[0], self.optimizer, start)
+            if not torch.allclose(replayed, expected, rtol=1e-3, atol=1e-6):  # one wait for the device
+                raise RuntimeError(f"a replay of the captured step gave (loss, weight change, momentum) "
+                                   f"{replayed.tolist()} where the eager step gave {expected.tolist()}")
         self.graph, self.key = graph, graph_key(self.model, self.optimizer)
 
 
-def _loss_and_weights(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """A step's loss and the norm of the weights it trained, as a device tensor: two figures to tell steps apart."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)).float())
-    return torch.stack([loss.detach().float(), norm])
+def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer, start: list[torch.Tensor]) -> torch.Tensor:
+    """A step's loss, the norm of the change it made to the weights (from start) and the norm of the momentum
+    buffers, as one device tensor: figures that tell apart steps that differ in forward, backward or update."""
+    params = _trained(optimizer)
+    buffers = [b for b in (optimizer.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
+
+    def norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float()) if tensors \
+            else torch.zeros((), device=loss.device)
+    return torch.stack([loss.detach().float(), norm(torch._foreach_sub(params, start)), norm(buffers)])
 
 
 def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:

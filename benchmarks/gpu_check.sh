@@ -12,7 +12,8 @@ OUT=${OUT:-.device/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 parts=${*:-tests throughput tta folder}
-exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+
+checks() {
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date -u
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
@@ -21,7 +22,7 @@ if [ -d .device/wheels ]; then  # airbench is pure Python
 fi
 DATA=.device/cifar
 if [ ! -d $DATA/cifar-10-batches-py ]; then
-    python3 .device/tools/cifar10_from_jpeg.py $DATA || exit 1  # reads .device/data/jpeg, beside its folder
+    python3 .device/tools/cifar10_from_jpeg.py $DATA || return 1  # reads .device/data/jpeg, beside its folder
 fi
 
 for part in $parts; do
@@ -38,3 +39,5 @@ for part in $parts; do
     esac
     echo "=== $part: exit $?, $((SECONDS - start)) s"
 done
+}
+checks 2>&1 | tee -a "$OUT/gpu_check.log"

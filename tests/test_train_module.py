@@ -505,22 +505,24 @@ def test_a_captured_step_trains_as_the_eager_step_does_through_lr_changes_restor
     optimizers = [train_module.make_optimizer(m, 0.1, lr_device=device) for m in (model, twin)]
     steps = [train_module.TrainStep(m, o, nn.CrossEntropyLoss(), graph=graph)
              for m, o, graph in ((model, optimizers[0], False), (twin, optimizers[1], True))]
-    bests = [train_module.Snapshot(), train_module.Snapshot()]
+    bests, graphs = [train_module.Snapshot(), train_module.Snapshot()], []
     for epoch in range(3):
+        for step in steps:
+            step.new_epoch()
         for i, (images, targets) in enumerate([_batch(seed=epoch * 10 + s) for s in range(4)] + [_batch(n=5)]):
             for o, step in zip(optimizers, steps):
-                if i == 0:
-                    step.new_epoch()
-                train_module.set_lr(o, 0.1 / (1 + i))
+                train_module.set_lr(o, 0.1 / (1 + i + epoch))
                 step(images.to(device), targets.to(device))
+        graphs.append(steps[1].graph)
+        assert steps[1].use_graph and steps[1].graph is not None
+        for a, b in zip(model.state_dict().values(), twin.state_dict().values()):  # before the restore
+            assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), f"epoch {epoch}"
         for m, o, best in zip((model, twin), optimizers, bests):
             if epoch == 0:
                 best.take(m, o)
             else:
-                best.restore(m, o)
-    assert steps[1].graph is not None and steps[1].use_graph
-    for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4)
+                best.restore(m, o)  # new optimizer state: the next epoch captures again
+    assert graphs[0] is graphs[1] and graphs[2] is not graphs[1]  # kept through epoch 1, captured after a restore
 
 
 class _EagerGraph:
@@ -571,6 +573,7 @@ def stand_in_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "graph",
                         lambda graph, **options: train_module.rolled_back(capturing[0].model, capturing[0].optimizer))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EagerGraph(capturing[0], broken=bool(broken)))
