@@ -199,12 +199,20 @@ class TrainStep:
         if graph and not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
             raise ValueError("a captured step needs the LR held as a tensor (make_optimizer's lr_device)")
         self.use_graph = graph
+        self.compiling = hasattr(_unwrapped(model, compiled=False), "_orig_mod")  # torch.compile's: timed once
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.key: tuple | None = None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiling:  # torch.compile compiles on the first call
+            started, self.compiling = time.perf_counter(), False
+            result = self._step(images, targets)
+            if not utils.is_distributed() or torch.distributed.get_rank() == 0:
+                print(f"torch.compile: the first training step took {time.perf_counter() - started:.1f} s, "
+                      f"compiling included")
+            return result
         if not self.use_graph or (self.graph is not None and images.shape != self.inputs[0].shape):
             return self._step(images, targets)
         if self.graph is None:
@@ -768,10 +776,12 @@ def _train_and_validate(model: nn.Module, data, optimizer: torch.optim.Optimizer
     return utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel: evaluation needs no gradient sync, and shards of
-    different sizes must not wait on each other."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _unwrapped(model: nn.Module, compiled: bool = True) -> nn.Module:
+    """The module inside DistributedDataParallel (evaluation needs no gradient sync, and shards of different
+    sizes must not wait on each other) and, with compiled, inside torch.compile's wrapper (evaluation runs
+    eagerly, so its other mode and batch sizes compile nothing more)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model) if compiled else model
 
 
 def _check_agreement(model: nn.Module, history: list[dict], main_process: bool) -> None:

@@ -525,6 +525,22 @@ def test_a_captured_step_trains_as_the_eager_step_does_through_lr_changes_restor
     assert graphs[0] is graphs[1] and graphs[2] is not graphs[1]  # kept through epoch 1, captured after a restore
 
 
+def test_a_compiled_run_times_its_first_step_once_and_evaluates_the_plain_model(tmp_path, monkeypatch, capsys):
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile(model, backend="eager"))  # quick: no code generated
+    evaluated, evaluate = [], train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda model, *args, **kwargs: evaluated.append(model) or
+                        evaluate(model, *args, **kwargs))
+    torch.manual_seed(0)
+    data = make_tiny_data(size=16)
+    model = model_module.get_model("cnn", 4)
+    train_module.fit(model, data, train_module.make_optimizer(model, 0.05), LRA(ask_epoch=None, stream=io.StringIO()),
+                     epochs=2, loss_fn=nn.CrossEntropyLoss(), output_dir=str(tmp_path), run_info={"classes": data.classes},
+                     wrap=functools.partial(train_module.wrap_for_training, compile=True))
+    assert capsys.readouterr().out.count("torch.compile: the first training step took") == 1
+    assert len(evaluated) == 2 and all(m is model for m in evaluated)  # not the compiled wrapper: nothing recompiles
+
+
 class _EagerGraph:
     """torch.cuda.CUDAGraph's stand-in on the CPU: replay() runs the captured TrainStep's step eagerly on its
     input buffers and writes its output buffers, as a replay does; broken=True leaves out the optimizer step."""
