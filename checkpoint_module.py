@@ -30,6 +30,7 @@ INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json
 PREDICTIONS = "predictions.csv"
 RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS, *report_module.FILES,
              *model_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
+TRAINING_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, *report_module.FILES)  # under the lock
 PREVIOUS = "previous"  # OUTPUT_DIR/previous/<start time>/ holds the files of the runs before
 FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: Windows forbids them)
 
@@ -146,13 +147,14 @@ def move_earlier_run(output_dir: str) -> str | None:
 
 
 def remove_partial_writes(output_dir: str) -> int:
-    """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of a run's files that a killed run left in
-    output_dir half-written; returns how many. Never one of the run's files itself, nor anyone else's
-    temporary file. The caller holds output_dir's lock, so no write of a live run is among them."""
+    """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of the files training writes that a killed
+    run left in output_dir half-written; returns how many. Never one of the files itself, nor anyone else's
+    temporary file. The caller holds output_dir's lock, which every writer of these files holds (--predict,
+    which takes no lock, writes predictions.csv: its temporary files are left alone)."""
     removed = 0
     for entry in os.scandir(output_dir):
         if entry.is_file() and entry.name.endswith(".tmp") and any(
-                entry.name.startswith(f".{name}.") for name in RUN_FILES):
+                entry.name.startswith(f".{name}.") for name in TRAINING_FILES):
             os.remove(entry.path)
             removed += 1
     return removed

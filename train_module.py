@@ -200,6 +200,8 @@ class TrainStep:
             raise ValueError("a captured step needs the LR held as a tensor (make_optimizer's lr_device)")
         self.use_graph = graph
         self.compiling = hasattr(_unwrapped(model, compiled=False), "_orig_mod")  # torch.compile's: timed once
+        if graph and self.compiling:
+            raise ValueError("a torch.compile'd model is not captured in a CUDA graph of ours (it makes its own)")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -209,9 +211,11 @@ class TrainStep:
         if self.compiling:  # torch.compile compiles on the first call
             started, self.compiling = time.perf_counter(), False
             result = self._step(images, targets)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             if not utils.is_distributed() or torch.distributed.get_rank() == 0:
                 print(f"torch.compile: the first training step took {time.perf_counter() - started:.1f} s, "
-                      f"compiling included")
+                      f"compiling included", file=sys.stderr)
             return result
         if not self.use_graph or (self.graph is not None and images.shape != self.inputs[0].shape):
             return self._step(images, targets)
@@ -267,8 +271,9 @@ class TrainStep:
         try:
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self.outputs = self._step(*self.inputs)
-        finally:
+        except BaseException:
             torch.cuda.set_stream(current)  # a capture that fails at its end can leave its stream current
+            raise
         self.outputs = tuple(t.detach() for t in self.outputs)
         with rolled_back(self.model, self.optimizer):
             graph.replay()

@@ -357,11 +357,13 @@ def test_a_run_killed_with_kill_9_blocks_nothing_and_its_files_are_kept(tiny_run
     interrupted = {name: data for name, data in run_files(out).items() if not name.startswith(".")}
     (out / ".last_checkpoint.pth.k9x2ab.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
     (out / ".my_notes.tmp").write_text("not the run's")
+    (out / ".predictions.csv.p1q2r3.tmp").write_text("path,top1\n")  # --predict's, which takes no lock
     result = main_in_process(args + ["--epochs", "1"], capsys)
     assert result.returncode == 0, result.stderr
     [kept] = (out / "previous").iterdir()
     assert run_files(kept) == interrupted and len(interrupted) == 4  # no training_curves.png after kill -9
     assert not list(out.glob(".last_checkpoint.pth.*.tmp")) and (out / ".my_notes.tmp").exists()
+    assert (out / ".predictions.csv.p1q2r3.tmp").exists()
 
 
 def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(tiny_run, tmp_path, capsys):

@@ -537,7 +537,7 @@ def test_a_compiled_run_times_its_first_step_once_and_evaluates_the_plain_model(
     train_module.fit(model, data, train_module.make_optimizer(model, 0.05), LRA(ask_epoch=None, stream=io.StringIO()),
                      epochs=2, loss_fn=nn.CrossEntropyLoss(), output_dir=str(tmp_path), run_info={"classes": data.classes},
                      wrap=functools.partial(train_module.wrap_for_training, compile=True))
-    assert capsys.readouterr().out.count("torch.compile: the first training step took") == 1
+    assert capsys.readouterr().err.count("torch.compile: the first training step took") == 1
     assert len(evaluated) == 2 and all(m is model for m in evaluated)  # not the compiled wrapper: nothing recompiles
 
 
