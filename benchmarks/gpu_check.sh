@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures the README still lacks, in one command on a lent device machine (about 8 minutes on an H100
-# with 16 cores; give parts to run fewer). The machine has no ../shared: carry .device/, made here with
+# The GPU figures the README still lacks, in one command on a lent device machine. Not yet run on a GPU: the
+# whole is estimated at 6-9 minutes on an H100 with 16 cores, so give parts (two calls) if the device time is
+# short. The machine has no ../shared: carry .device/, made here with
 #   mkdir -p .device/tools .device/data && cp ../shared/tools/cifar10_from_jpeg.py .device/tools/ &&
 #   cp -r ../shared/data/jpeg .device/data/
 #   python3 -m pip download --no-deps -d .device/wheels airbench==0.1.8     # optional: airbench94's side
