@@ -4,7 +4,7 @@
 # short. The machine has no ../shared: carry .device/, made here with
 #   mkdir -p .device/tools .device/data && cp ../shared/tools/cifar10_from_jpeg.py .device/tools/ &&
 #   cp -r ../shared/data/jpeg .device/data/
-#   python3 -m pip download --no-deps -d .device/wheels airbench==0.1.8     # optional: airbench94's side
+#   python3 -m pip wheel --no-deps -w .device/wheels airbench==0.1.8    # optional: airbench94's side (a wheel)
 # (.device/ is git-ignored), then run `bash benchmarks/gpu_check.sh [tests] [throughput] [tta] [folder]`.
 # Everything printed also goes to $OUT/gpu_check.log, and the benchmarks' JSON to $OUT.
 set -uo pipefail
