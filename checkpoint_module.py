@@ -146,18 +146,15 @@ def move_earlier_run(output_dir: str) -> str | None:
     return target
 
 
-def remove_partial_writes(output_dir: str) -> int:
+def remove_partial_writes(output_dir: str) -> None:
     """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of the files training writes that a killed
-    run left in output_dir half-written; returns how many. Never one of the files itself, nor anyone else's
-    temporary file. The caller holds output_dir's lock, which every writer of these files holds (--predict,
-    which takes no lock, writes predictions.csv: its temporary files are left alone)."""
-    removed = 0
+    run left in output_dir half-written. Never one of the files itself, nor anyone else's temporary file.
+    The caller holds output_dir's lock, which every writer of these files holds (--predict, which takes no
+    lock, writes predictions.csv: its temporary files are left alone)."""
     for entry in os.scandir(output_dir):
         if entry.is_file() and entry.name.endswith(".tmp") and any(
                 entry.name.startswith(f".{name}.") for name in TRAINING_FILES):
             os.remove(entry.path)
-            removed += 1
-    return removed
 
 
 # --------------------------------------------------------------------------- reading

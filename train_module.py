@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -288,11 +289,16 @@ def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
+def _momentum(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
+    """p's momentum buffer, or None (without adding an empty state for p, as optimizer.state[p] would)."""
+    return optimizer.state.get(p, {}).get("momentum_buffer")
+
+
 def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer, start: list[torch.Tensor]) -> torch.Tensor:
     """A step's loss, the norm of the change it made to the weights (from start) and the norm of the momentum
     buffers, as one device tensor: figures that tell apart steps that differ in forward, backward or update."""
     params = _trained(optimizer)
-    buffers = [b for b in (optimizer.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
+    buffers = [b for b in map(functools.partial(_momentum, optimizer), params) if b is not None]
 
     def norm(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float()) if tensors \
@@ -304,7 +310,7 @@ def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
     """Where the tensors a captured step reads and writes live (the model's state, the momentum buffers, the LR
     tensors), and which parameters train: while it is unchanged, a captured step is still the step."""
     state = [t.data_ptr() for t in model.state_dict().values()]
-    buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for g in optimizer.param_groups for p in g["params"]]
+    buffers = [_momentum(optimizer, p) for g in optimizer.param_groups for p in g["params"]]
     lrs = [g["lr"].data_ptr() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
     return (tuple(state), tuple(b.data_ptr() if b is not None else None for b in buffers), tuple(lrs),
             tuple(p.requires_grad for p in model.parameters()))
@@ -316,7 +322,7 @@ def init_momentum(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         if group.get("momentum", 0):
             for p in group["params"]:
-                if p.requires_grad and optimizer.state.get(p, {}).get("momentum_buffer") is None:
+                if p.requires_grad and _momentum(optimizer, p) is None:
                     optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 

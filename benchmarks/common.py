@@ -16,15 +16,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def train_step(model: nn.Module, autocast_dtype: torch.dtype | None = None,
+               graphed: bool = False) -> train_module.TrainStep:
+    """The pipeline's training step for the model, with its own SGD; graphed (CUDA only): replayed from a CUDA
+    graph, as main.py's CUDA_GRAPHS does."""
+    device = next(model.parameters()).device
+    optimizer = train_module.make_optimizer(model, 0.01, lr_device=device if graphed else None)
+    return train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
+                                  graph=graphed)
+
+
 def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
               autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> Callable[[], None]:
     """One training step (forward, loss, backward, the pipeline's SGD step: train_module.TrainStep) on one fixed
     batch already on the device, as a function of no arguments. graphed (CUDA only): the step replayed from a
     CUDA graph, as main.py's CUDA_GRAPHS does, so no kernel is launched from Python: the rate a launch-bound
     model could reach at most."""
-    optimizer = train_module.make_optimizer(model, 0.01, lr_device=images.device if graphed else None)
-    step = train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
-                                  graph=graphed)
+    step = train_step(model, autocast_dtype, graphed)
     model.train()
     return lambda: step(images, targets)
 
@@ -72,15 +80,12 @@ def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = No
                graphed: bool = False) -> tuple[Callable[[], None], int]:
     """A pass of train_one_epoch over the loader (the next epoch's shuffle each time) and the images it trains
     on, for best_rates; graphed: its steps replayed from a CUDA graph (captured in the first pass)."""
-    device = next(model.parameters()).device
-    optimizer = train_module.make_optimizer(model, 0.01, lr_device=device if graphed else None)
-    loss_fn = nn.CrossEntropyLoss()
-    step = train_module.TrainStep(model, optimizer, loss_fn, autocast_dtype=autocast_dtype, graph=graphed)
+    step = train_step(model, autocast_dtype, graphed)
     epochs = iter(range(10**9))
 
     def run() -> None:
         loader.set_epoch(next(epochs))
-        train_module.train_one_epoch(model, loader, optimizer, loss_fn, autocast_dtype=autocast_dtype, step=step)
+        train_module.train_one_epoch(model, loader, step.optimizer, step.loss_fn, step=step)
     return run, len(loader) * loader.batch_size
 
 

@@ -92,14 +92,6 @@ def bare_pass(args, device, autocast_dtype, images: int) -> tuple:
                             autocast_dtype=autocast_dtype, graphed=device.type == "cuda")
 
 
-def make_step(model, device, autocast_dtype) -> train_module.TrainStep:
-    """The training step main.py would use: replayed from a CUDA graph on CUDA (CUDA_GRAPHS = "auto")."""
-    graphed = device.type == "cuda"
-    optimizer = train_module.make_optimizer(model, 0.01, lr_device=device if graphed else None)
-    return train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
-                                  graph=graphed)
-
-
 def epoch_seconds(step: train_module.TrainStep, loader, epoch: int) -> float:
     """Seconds of one train_one_epoch over the loader with the step (a capture it makes included)."""
     if hasattr(loader, "set_epoch"):
@@ -167,7 +159,7 @@ def ours(args, device, autocast_dtype) -> dict:
     started = time.perf_counter()
     data = get_folder_data(args, device, cache_dir, "auto")
     result["decode_s"] = time.perf_counter() - started
-    result["first_epoch_s"] = result["decode_s"] + epoch_seconds(make_step(model, device, autocast_dtype),
+    result["first_epoch_s"] = result["decode_s"] + epoch_seconds(common.train_step(model, autocast_dtype, graphed=device.type == "cuda"),
                                                                  data.train, 1)
     result["first_epoch_resident"] = data.resident
     result["images_per_epoch"] = len(data.train) * args.batch_size
@@ -227,7 +219,7 @@ def reference(args, device, autocast_dtype) -> dict:
     dataset = datasets.ImageFolder(os.path.join(args.folder, "train"), transform)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=True)
-    step = make_step(fresh_model(args, device), device, autocast_dtype)
+    step = common.train_step(fresh_model(args, device), autocast_dtype, graphed=device.type == "cuda")
     seconds = [epoch_seconds(step, _ToDevice(loader, device), epoch)
                for epoch in range(args.epochs + 1)]  # the first starts the workers
     images = len(loader) * args.batch_size
