@@ -9,7 +9,7 @@ import os
 import pickle
 import random
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,21 @@ def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> 
     return f"{name} = {value!r} is not known; choose one of {', '.join(map(repr, choices))}"
 
 
-def check_rule(name: str, value: Any, rules: dict[str, tuple[Callable[[Any], bool], str]], prefix: str = "") -> None:
+Rules = dict[str, tuple[Callable[[Any], bool], str]]  # a setting's name: (test, what is allowed)
+
+
+def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]] | None = None) -> None:
+    """Raise ValueError naming the first field of a config that is not among its choices or breaks its rule.
+    A field is named as the constant of main.py that sets it: VAL_SPLIT for val_split."""
+    for name, allowed in (choices or {}).items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(not_known(name.upper(), getattr(config, name), allowed))
+    for name, (test, allowed) in rules.items():
+        if not test(getattr(config, name)):
+            raise ValueError(f"{name.upper()} = {getattr(config, name)!r} is out of range: use {allowed}")
+
+
+def check_rule(name: str, value: Any, rules: Rules, prefix: str = "") -> None:
     """Raise ValueError naming the setting when value breaks its rule in a table of (test, what is allowed)."""
     test, allowed = rules[name]
     if not test(value):
