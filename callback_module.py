@@ -20,7 +20,7 @@ STATE_KEYS = ("bad_epochs", "cuts", "best_val_loss", "best_val_acc", "best_train
 HEADER = (f"{'Epoch':>5} | {'Loss':>7} | {'Accuracy':>8} | {'V_loss':>7} | {'V_acc':>7} | {'LR':>9} | "
           f"{'Next LR':>9} | {'Monitor':<9} | {'% Improv':>8} | {'Duration':>8}")
 
-# LRA's parameters: (test, what is allowed). main.py checks its constants against this same table.
+# (test, what is allowed) for LRAConfig's fields; dwell and adjust_lr, any bool, need none.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "patience": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "stop_patience": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
@@ -31,6 +31,26 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_delta": (lambda v: v >= 0, "a number >= 0"),
     "unfreeze_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a whole number >= 1, or None"),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class LRAConfig:
+    """LRA's settings, each set by the constant of main.py with its name in upper case (PATIENCE for
+    patience); a value out of range raises ValueError naming that constant."""
+
+    patience: int = 1                  # bad epochs in a row that trigger a cut; the cut falls on the last
+    stop_patience: int = 3             # cuts in a row with no improvement in between that stop training
+    threshold: float = 0.9             # training accuracy (a fraction) below which LRA watches it; else val_loss
+    factor: float = 0.5                # a cut multiplies the LR by this
+    dwell: bool = True                 # a cut first goes back to the best epoch's weights and optimizer state
+    ask_epoch: int | None = 5          # ask the user after this epoch; None never asks
+    min_lr: float = 0.0                # a cut never takes the LR below this
+    min_delta: float = 0.0             # the smallest change that counts as an improvement
+    adjust_lr: bool = True             # False when a fixed schedule drives the LR: LRA never cuts nor stops
+    unfreeze_epoch: int | None = None  # unfreeze the frozen layers after this epoch, as F does; None never
+
+    def __post_init__(self) -> None:
+        utils.check_fields(self, RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,23 +108,15 @@ class LRA:
     """The learning-rate adjuster. Call on_epoch_end(epoch, metrics) after every epoch; it returns a
     Decision. metrics holds train_loss, train_acc, val_loss, val_acc and lr (the epoch's LR).
 
-    With adjust_lr=False (a fixed LR schedule drives the LR) LRA keeps track of the best weights and
-    asks, but never cuts the LR or stops on its own. frozen says the model has frozen layers (so F is
-    offered); unfreeze_epoch unfreezes them after that epoch, as F does. Under torchrun every process
-    runs LRA on the same metrics; `share` gives them rank 0's prompt answers.
+    With config.adjust_lr False (a fixed LR schedule drives the LR) LRA keeps track of the best weights
+    and asks, but never cuts the LR or stops on its own. frozen says the model has frozen layers (so F is
+    offered, and config.unfreeze_epoch can unfreeze them). Under torchrun every process runs LRA on the
+    same metrics; `share` gives them rank 0's prompt answers.
     """
 
-    def __init__(self, patience: int = 1, stop_patience: int = 3, threshold: float = 0.9, factor: float = 0.5,
-                 dwell: bool = True, ask_epoch: int | None = 5, min_lr: float = 0.0, min_delta: float = 0.0, *,
-                 adjust_lr: bool = True, frozen: bool = False, unfreeze_epoch: int | None = None,
-                 main_process: bool = True, share: Callable[[Any], Any] | None = None, stream=None):
-        for name, value in (("patience", patience), ("stop_patience", stop_patience), ("threshold", threshold),
-                            ("factor", factor), ("ask_epoch", ask_epoch), ("min_lr", min_lr),
-                            ("min_delta", min_delta), ("unfreeze_epoch", unfreeze_epoch)):
-            utils.check_rule(name, value, RULES, "LRA ")
-        self.patience, self.stop_patience, self.threshold, self.factor = patience, stop_patience, threshold, factor
-        self.dwell, self.min_lr, self.min_delta, self.adjust_lr = dwell, min_lr, min_delta, adjust_lr
-        self.unfreeze_epoch, self.main_process, self.share, self.stream = unfreeze_epoch, main_process, share, stream
+    def __init__(self, config: LRAConfig = LRAConfig(), *, frozen: bool = False, main_process: bool = True,
+                 share: Callable[[Any], Any] | None = None, stream=None):
+        self.config, self.main_process, self.share, self.stream = config, main_process, share, stream
 
         self.bad_epochs = 0          # bad epochs in a row since the last improvement or cut
         self.cuts = 0                # LR cuts in a row with no improvement in between
@@ -113,7 +125,8 @@ class LRA:
         self.best_train_acc = -math.inf
         self.best_epoch: int | None = None
         self.monitor = "train_acc"
-        self.ask_epoch, self.ask_every = ask_epoch, ask_epoch
+        # ask_epoch moves with the user's answers; ask_every is the step after F, saved with the state
+        self.ask_epoch, self.ask_every = config.ask_epoch, config.ask_epoch
         self.prompts_off = False
         self.run_until = 0           # the user asked to train at least to this epoch
         self.frozen = frozen         # the model has frozen layers that F would unfreeze
@@ -123,7 +136,7 @@ class LRA:
     @property
     def restores(self) -> bool:
         """Whether a decision can ever go back to the best epoch (so its optimizer state is worth keeping)."""
-        return self.dwell and self.adjust_lr
+        return self.config.dwell and self.config.adjust_lr
 
     def epoch_limit(self, epochs: int) -> int:
         """The last epoch to train: EPOCHS, or further when the user asked for more at the prompt."""
@@ -142,34 +155,35 @@ class LRA:
         events = []
         # 1. Best weights: lowest validation loss, whatever the monitored metric.
         previous_val_loss, previous_train_acc = self.best_val_loss, self.best_train_acc
-        new_best = is_improvement(val_loss, self.best_val_loss, self.min_delta, higher_is_better=False)
+        new_best = is_improvement(val_loss, self.best_val_loss, self.config.min_delta, higher_is_better=False)
         if new_best:
             self.best_val_loss, self.best_val_acc, self.best_epoch = val_loss, float(metrics["val_acc"]), epoch
             events.append("best")
         # 2. The monitored metric and whether it improved on its own best; both bests always tracked.
-        acc_improved = is_improvement(train_acc, self.best_train_acc, self.min_delta, higher_is_better=True)
+        acc_improved = is_improvement(train_acc, self.best_train_acc, self.config.min_delta, higher_is_better=True)
         if acc_improved:
             self.best_train_acc = train_acc
-        self.monitor = monitored(train_acc, self.threshold)
+        self.monitor = monitored(train_acc, self.config.threshold)
         improved = acc_improved if self.monitor == "train_acc" else new_best
         change = relative_change(train_acc, previous_train_acc, True) if self.monitor == "train_acc" \
             else relative_change(val_loss, previous_val_loss, False)
         # 3-5. Reset on improvement; on the patience-th bad epoch cut (after going back to the best); stop.
-        next_lr, restore = (lr if self.adjust_lr else None), False
+        next_lr, restore = (lr if self.config.adjust_lr else None), False
         if improved:
             self.bad_epochs = self.cuts = 0
-        elif self.adjust_lr:
+        elif self.config.adjust_lr:
             self.bad_epochs += 1
-            if self.bad_epochs >= self.patience:
-                restore = self.dwell and self.best_epoch is not None and not new_best
+            if self.bad_epochs >= self.config.patience:
+                restore = self.config.dwell and self.best_epoch is not None and not new_best
                 events += [f"restored epoch {self.best_epoch}"] * restore + ["LR cut"]
-                next_lr, self.bad_epochs, self.cuts = cut_lr(lr, self.factor, self.min_lr), 0, self.cuts + 1
-        stop = self.adjust_lr and self.cuts >= self.stop_patience
+                next_lr = cut_lr(lr, self.config.factor, self.config.min_lr)
+                self.bad_epochs, self.cuts = 0, self.cuts + 1
+        stop = self.config.adjust_lr and self.cuts >= self.config.stop_patience
         if stop:
             self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
-                                f"(STOP_PATIENCE = {self.stop_patience})")
+                                f"(STOP_PATIENCE = {self.config.stop_patience})")
             events.append("stop")
-        unfreeze = epoch == self.unfreeze_epoch and not stop and self.frozen
+        unfreeze = epoch == self.config.unfreeze_epoch and not stop and self.frozen
         if unfreeze:
             self._unfreeze()
             events.append("unfroze the body")

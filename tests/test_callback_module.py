@@ -1,7 +1,9 @@
 """LRA on scripted metric sequences: cuts, phases, dwell, stops, restoring, the prompt, state."""
 
 import builtins
+import dataclasses
 import io
+import re
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 import callback_module
 import model_module
 import train_module
-from callback_module import LRA
+from callback_module import LRA, LRAConfig
 from conftest import make_tiny_data
 
 
@@ -28,12 +30,12 @@ class Harness:
     """LRA and the loop's half of the work, as fit does it: metrics in (with the epoch's LR), the
     decision carried out on a real model and optimizer."""
 
-    def __init__(self, model=None, lr=0.1, **kwargs):
+    def __init__(self, model=None, lr=0.1, **settings):
+        """settings: LRAConfig's fields; ask_epoch is None (no prompt) unless given."""
         self.model = model or tiny_model()
         self.optimizer = train_module.make_optimizer(self.model, lr, momentum=0.9, weight_decay=0.0, nesterov=False)
-        kwargs.setdefault("ask_epoch", None)
-        kwargs.setdefault("frozen", bool(model_module.frozen_parameters(self.model)))
-        self.lra = LRA(stream=io.StringIO(), **kwargs)
+        self.lra = LRA(LRAConfig(**{"ask_epoch": None, **settings}),
+                       frozen=bool(model_module.frozen_parameters(self.model)), stream=io.StringIO())
         self.best = train_module.Snapshot(with_optimizer=self.lra.restores)
         self.decision = None
 
@@ -54,8 +56,8 @@ class Harness:
         return self.lra.stream.getvalue()
 
 
-def make_lra(model=None, lr=0.1, **kwargs):
-    return Harness(model, lr, **kwargs)
+def make_lra(model=None, lr=0.1, **settings):
+    return Harness(model, lr, **settings)
 
 
 def metrics(train_acc=0.5, val_loss=1.0, val_acc=0.5, train_loss=1.0):
@@ -89,15 +91,25 @@ def assert_same(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-# ----------------------------------------------------------------------------- parameters
+# ----------------------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize("name, value", [("patience", 0), ("stop_patience", 0), ("threshold", 1.5),
-                                         ("factor", 1.0), ("factor", 0.0), ("ask_epoch", 0), ("min_lr", -1),
-                                         ("min_delta", -0.1)])
-def test_bad_parameter_is_refused_naming_it(name, value):
-    with pytest.raises(ValueError, match=name):
-        make_lra(**{name: value})
+@pytest.mark.parametrize("name, value", [("patience", 0), ("patience", 1.5), ("stop_patience", 0),
+                                         ("threshold", 1.5), ("factor", 1.0), ("factor", 0.0), ("ask_epoch", 0),
+                                         ("min_lr", -1), ("min_delta", -0.1), ("unfreeze_epoch", 0)])
+def test_bad_setting_is_refused_naming_its_constant(name, value):
+    with pytest.raises(ValueError, match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
+        LRAConfig(**{name: value})
+
+
+def test_every_rule_is_for_a_setting_of_lra_config():
+    fields = {field.name for field in dataclasses.fields(LRAConfig)}
+    assert set(callback_module.RULES) == fields - {"dwell", "adjust_lr"}
+
+
+def test_a_config_cannot_change_after_it_is_checked():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LRAConfig().patience = 0
 
 
 # ----------------------------------------------------------------------------- cuts
@@ -269,7 +281,7 @@ def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path
     model = tiny_model()
     model.head = nn.Linear(4, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    lra = LRA(ask_epoch=None, stream=io.StringIO())
+    lra = LRA(LRAConfig(ask_epoch=None), stream=io.StringIO())
     best = train_module.Snapshot()
     calls = {"n": 0}
     original = train_module.train_one_epoch
@@ -400,7 +412,7 @@ def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    lra = LRA(ask_epoch=2, stream=io.StringIO())
+    lra = LRA(LRAConfig(ask_epoch=2), stream=io.StringIO())
     history = train_module.fit(model, data, optimizer, lra, epochs=2, loss_fn=nn.CrossEntropyLoss(),
                                output_dir=str(tmp_path))
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
