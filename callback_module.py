@@ -100,6 +100,13 @@ def cut_lr(lr: float, factor: float, min_lr: float) -> float:
     return max(lr * factor, min_lr)
 
 
+def describe(new_best: bool, restored_epoch: int | None, cut: bool, stop: bool, unfroze: bool) -> str:
+    """The event column: what happened this epoch, in the order the loop carries it out."""
+    events = [(new_best, "best"), (restored_epoch is not None, f"restored epoch {restored_epoch}"),
+              (cut, "LR cut"), (stop, "stop"), (unfroze, "unfroze the body")]
+    return ", ".join(text for happened, text in events if happened)
+
+
 def _stdin_is_terminal() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
@@ -152,46 +159,22 @@ class LRA:
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> Decision:
         """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask when due."""
         train_acc, val_loss, lr = float(metrics["train_acc"]), float(metrics["val_loss"]), float(metrics["lr"])
-        events = []
-        # 1. Best weights: lowest validation loss, whatever the monitored metric.
-        previous_val_loss, previous_train_acc = self.best_val_loss, self.best_train_acc
-        new_best = is_improvement(val_loss, self.best_val_loss, self.config.min_delta, higher_is_better=False)
-        if new_best:
-            self.best_val_loss, self.best_val_acc, self.best_epoch = val_loss, float(metrics["val_acc"]), epoch
-            events.append("best")
-        # 2. The monitored metric and whether it improved on its own best; both bests always tracked.
-        acc_improved = is_improvement(train_acc, self.best_train_acc, self.config.min_delta, higher_is_better=True)
-        if acc_improved:
-            self.best_train_acc = train_acc
         self.monitor = monitored(train_acc, self.config.threshold)
+        change = self._change(train_acc, val_loss)  # against the bests before this epoch, so first
+        new_best = self._note_val_loss(epoch, val_loss, float(metrics["val_acc"]))  # step 1
+        acc_improved = self._note_train_acc(train_acc)  # step 2: both bests, whichever is monitored
         improved = acc_improved if self.monitor == "train_acc" else new_best
-        change = relative_change(train_acc, previous_train_acc, True) if self.monitor == "train_acc" \
-            else relative_change(val_loss, previous_val_loss, False)
-        # 3-5. Reset on improvement; on the patience-th bad epoch cut (after going back to the best); stop.
-        next_lr, restore = (lr if self.config.adjust_lr else None), False
-        if improved:
-            self.bad_epochs = self.cuts = 0
-        elif self.config.adjust_lr:
-            self.bad_epochs += 1
-            if self.bad_epochs >= self.config.patience:
-                restore = self.config.dwell and self.best_epoch is not None and not new_best
-                events += [f"restored epoch {self.best_epoch}"] * restore + ["LR cut"]
-                next_lr = cut_lr(lr, self.config.factor, self.config.min_lr)
-                self.bad_epochs, self.cuts = 0, self.cuts + 1
-        stop = self.config.adjust_lr and self.cuts >= self.config.stop_patience
-        if stop:
-            self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
-                                f"(STOP_PATIENCE = {self.config.stop_patience})")
-            events.append("stop")
+        cut, restore = self._count_bad_epoch(improved, new_best)  # steps 3 and 4
+        next_lr = self._next_lr(lr, cut)
+        stop = self._stop_due()  # step 5
         unfreeze = epoch == self.config.unfreeze_epoch and not stop and self.frozen
         if unfreeze:
             self._unfreeze()
-            events.append("unfroze the body")
-        # 6. The row. 7. The question.
-        event = ", ".join(events)
-        self._print_row(epoch, metrics, lr, lr if next_lr is None else next_lr, change, event)
-        if not stop and self.ask_epoch is not None and not self.prompts_off and epoch >= self.ask_epoch:
-            answer = self._ask(epoch, next_lr if next_lr is not None else lr)
+        event = describe(new_best, self.best_epoch if restore else None, cut, stop, unfreeze)
+        shown_lr = lr if next_lr is None else next_lr
+        self._print_row(epoch, metrics, lr, shown_lr, change, event)  # step 6
+        if not stop and self._ask_due(epoch):  # step 7
+            answer = self._ask(epoch, shown_lr)
             stop, unfreeze = answer == "halt", unfreeze or answer == "unfreeze"
         return Decision(stop=stop, next_lr=next_lr, restore=restore, unfreeze=unfreeze, new_best=new_best,
                         improved=improved, monitor=self.monitor, event=event,
@@ -209,6 +192,60 @@ class LRA:
         self._print(f"Training ended: {self.stop_reason or 'the epoch limit was reached'}. Restored the best "
                     f"weights, from epoch {self.best_epoch} (validation loss {self.best_val_loss:.4f}, "
                     f"accuracy {100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s.")
+
+    # ----------------------------------------------------------------------- the steps of on_epoch_end
+
+    def _change(self, train_acc: float, val_loss: float) -> float | None:
+        """% Improv: the monitored metric against its best before this epoch (so call it before noting)."""
+        if self.monitor == "train_acc":
+            return relative_change(train_acc, self.best_train_acc, higher_is_better=True)
+        return relative_change(val_loss, self.best_val_loss, higher_is_better=False)
+
+    def _note_val_loss(self, epoch: int, val_loss: float, val_acc: float) -> bool:
+        """Whether this epoch has the lowest validation loss so far (the best weights); if so, remember it."""
+        new_best = is_improvement(val_loss, self.best_val_loss, self.config.min_delta, higher_is_better=False)
+        if new_best:
+            self.best_val_loss, self.best_val_acc, self.best_epoch = val_loss, val_acc, epoch
+        return new_best
+
+    def _note_train_acc(self, train_acc: float) -> bool:
+        """Whether training accuracy beats its best so far; if so, remember it."""
+        improved = is_improvement(train_acc, self.best_train_acc, self.config.min_delta, higher_is_better=True)
+        if improved:
+            self.best_train_acc = train_acc
+        return improved
+
+    def _count_bad_epoch(self, improved: bool, new_best: bool) -> tuple[bool, bool]:
+        """(cut, restore): reset the counts on an improvement; cut on the patience-th bad epoch in a row,
+        going back to the best epoch first under dwell unless this epoch is the best one."""
+        if improved:
+            self.bad_epochs = self.cuts = 0
+            return False, False
+        if not self.config.adjust_lr:
+            return False, False
+        self.bad_epochs += 1
+        if self.bad_epochs < self.config.patience:
+            return False, False
+        self.bad_epochs, self.cuts = 0, self.cuts + 1
+        return True, self.config.dwell and self.best_epoch is not None and not new_best
+
+    def _next_lr(self, lr: float, cut: bool) -> float | None:
+        """The next epoch's LR: lower after a cut; None when a fixed schedule sets it."""
+        if not self.config.adjust_lr:
+            return None
+        return cut_lr(lr, self.config.factor, self.config.min_lr) if cut else lr
+
+    def _stop_due(self) -> bool:
+        """Whether stop_patience cuts in a row passed with no improvement; if so, say so in stop_reason."""
+        if not self.config.adjust_lr or self.cuts < self.config.stop_patience:
+            return False
+        self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
+                            f"(STOP_PATIENCE = {self.config.stop_patience})")
+        return True
+
+    def _ask_due(self, epoch: int) -> bool:
+        """Whether to ask the user after this epoch."""
+        return self.ask_epoch is not None and not self.prompts_off and epoch >= self.ask_epoch
 
     # ----------------------------------------------------------------------- asking the user
 

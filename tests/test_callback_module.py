@@ -246,6 +246,15 @@ def test_improvement_between_cuts_resets_the_stop_count():
     assert lra.on_epoch_end(5, metrics(val_loss=1.0))
 
 
+def test_event_names_what_happened_in_the_order_the_loop_carries_it_out():
+    lra = make_lra(threshold=0.0, stop_patience=1)
+    lra.on_epoch_end(1, metrics(val_loss=1.0))
+    assert lra.decision.event == "best"
+    lra.on_epoch_end(2, metrics(val_loss=1.5))
+    assert lra.decision.event == "restored epoch 1, LR cut, stop"
+    assert callback_module.describe(True, None, True, False, True) == "best, LR cut, unfroze the body"
+
+
 def _run_to_an_end(lra, ending, monkeypatch):
     """Epoch 1 is the best; epoch 2 moves the weights; then training ends one way or another."""
     train_step(lra.model, lra.optimizer, 1)
