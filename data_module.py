@@ -20,7 +20,7 @@ import cache_module
 import utils
 from augment_module import RESIZE_RATIO, pil_transform
 from image_module import IMAGE_EXTENSIONS, DataError, decode_files, opens, read_stored
-from loader_module import Loader, MappedLoader, ResidentLoader, StreamingLoader
+from loader_module import Augmentation, Batching, Loader, MappedLoader, ResidentLoader, StreamingLoader
 
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
@@ -418,17 +418,16 @@ def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mea
     Photos (a folder's images) are cropped to image_size from their stored squares; CIFAR-10 is pad-cropped.
     Resident parts (decoded into Images) go to the device; the cache's rows stay mapped and are read a batch
     at a time, augmented alike on the device; files (no cache) go through PIL in DataLoader workers."""
+    augmentation = Augmentation(mean, std, crop_padding, flip, reflect, crop_size=image_size if photos else None)
+
     def make(part: Source, train: bool) -> Loader:
-        common = dict(batch_size=batch_size if train else 2 * batch_size, train=train, seed=seed, rank=rank,
-                      world_size=world_size, channels_last=channels_last)
-        on_device = dict(mean=mean, std=std, crop_padding=crop_padding, flip=flip, reflect=reflect,
-                         crop_size=image_size if photos else None, **common)
+        batching = Batching(batch_size if train else 2 * batch_size, train, seed, rank, world_size, channels_last)
         if resident:
-            return ResidentLoader(part.images.to(device), part.labels.to(device), **on_device)
+            return ResidentLoader(part.images.to(device), part.labels.to(device), batching, augmentation)
         if isinstance(part, MappedImages):
-            return MappedLoader(part.images, part.rows, part.labels, device=device, **on_device)
+            return MappedLoader(part.images, part.rows, part.labels, device, batching, augmentation)
         transform = pil_transform(train, image_size, crop_padding, flip, reflect, mean, std, photos)
-        return StreamingLoader(_Transformed(part, transform), device=device, num_workers=num_workers, **common)
+        return StreamingLoader(_Transformed(part, transform), batching, device, num_workers)
 
     loaders = {"train": make(parts["train"], True), "val": make(parts["val"], False)}
     loaders["test"] = loaders["val"] if parts["test"] is parts["val"] else make(parts["test"], False)
