@@ -20,6 +20,22 @@ from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, collect, write_f
 from data_module import DataConfig, DataError
 
 
+# ----------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize("field, message", [
+    (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0"),
+    (dict(train_subset=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
+    (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels >= 8"),
+    (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
+    (dict(resident=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
+])
+def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, message):
+    with pytest.raises(ValueError) as error:
+        DataConfig(**field)
+    assert str(error.value) == message
+
+
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
