@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -20,13 +19,54 @@ import cache_module
 import utils
 from augment_module import RESIZE_RATIO, pil_transform
 from image_module import IMAGE_EXTENSIONS, DataError, decode_files, opens, read_stored
-from loader_module import Loader, MappedLoader, ResidentLoader, StreamingLoader
+from loader_module import Augmentation, Batching, Loader, MappedLoader, ResidentLoader, StreamingLoader
 
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
 AUGMENTS = ("auto", "photo", "shift")  # photo: RandomResizedCrop; shift: pad-crops; auto: photo for folders
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
+
+CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS, "resident": ("auto", "yes", "no")}
+RULES: utils.Rules = {  # a field: (test, what is allowed)
+    "batch_size": (lambda v: v >= 1, "a whole number >= 1"),
+    "val_split": (lambda v: v >= 0, "a whole number >= 0"),
+    "train_subset": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
+    "image_size": (lambda v: v >= 8, "a whole number of pixels >= 8"),
+    "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
+    "num_workers": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What get_data reads and how it loads it; each field is main.py's constant of the same name in upper
+    case, and is checked when the config is built (ValueError naming that constant)."""
+
+    dataset: str = "cifar10"  # "cifar10", or "folder": an ImageFolder tree, data_dir/train/<class>/<image>
+    data_dir: str = "./data"
+    batch_size: int = 256  # training images per batch; evaluation batches are twice as large
+    val_split: int = 5000  # training images held out for validation (stratified); 0: validate on the test set
+    train_subset: int | None = None  # training images kept after the split (stratified); None: all
+    image_size: int = 32  # pixels the model sees (folders); CIFAR-10 stays 32
+    resize_size: int | None = None  # photo folders: pixels stored and resized to; None: image_size / RESIZE_RATIO
+    mean: tuple[float, ...] | None = None  # a pretrained model's normalisation; None: the training images' own
+    std: tuple[float, ...] | None = None  # given with mean
+    augment: str = "auto"  # "photo", "shift" or "auto" (photo for folders, shift for CIFAR-10): see AUGMENTS
+    crop_padding: int = 4  # "shift" crops: random shift in pixels (0: no crop)
+    flip: str = "random"  # training flips: see FLIPS
+    reflect: bool = False  # pad-crops reflect the border instead of padding with black
+    resident: str = "auto"  # keep the images on the device as uint8: "auto" (when they fit), "yes" or "no"
+    num_workers: int | None = None  # processes that decode files and feed the streaming loader; None: one per core
+    download: bool = True  # fetch CIFAR-10 when data_dir lacks it
+    seed: int = 0  # the split, the subset and the shuffles
+    channels_last: bool = True  # batches' memory layout
+    cache_dir: str | None = None  # folders: decoded images kept here for later runs; "auto": data_dir/.cache
+
+    def __post_init__(self):
+        utils.check_fields(self, RULES, CHOICES)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std are given together or not at all")
 
 
 @dataclass
@@ -308,12 +348,13 @@ def _cached_folder(data_dir: str, size: int, cache_dir: str,
             for name, (paths, labels) in splits.items()}, classes, cache.path
 
 
-def _read_sources(dataset: str, data_dir: str, resize_size: int, download: bool, cache_dir: str | None,
+def _read_sources(config: DataConfig, resize_size: int | None,
                   num_workers: int) -> tuple[dict[str, Source], list[str], int, str | None]:
     """The train, test and (ImageFolder trees only) val sources, the class names, the stored image size
     (resize_size for a folder, 32 for CIFAR-10) and the cache file (None without one)."""
-    if dataset == "cifar10":
-        train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir, download)
+    data_dir, cache_dir = config.data_dir, config.cache_dir
+    if config.dataset == "cifar10":
+        train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir, config.download)
         sources = {"train": Images(train_images, train_labels), "test": Images(test_images, test_labels)}
         return sources, classes, train_images.shape[1], None
     if cache_dir is not None:
@@ -410,42 +451,66 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
     return num_bytes <= RESIDENT_SHARE * free
 
 
-def _make_loaders(parts: dict[str, Source], resident: bool, image_size: int, mean, std, *, photos: bool,
-                  batch_size: int, crop_padding: int, flip: str, reflect: bool, device: torch.device,
-                  num_workers: int, seed: int, rank: int, world_size: int,
-                  channels_last: bool) -> dict[str, Loader]:
+def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Augmentation, *, image_size: int,
+                  resident: bool, device: torch.device, num_workers: int) -> dict[str, Loader]:
     """The train, val and test loaders (one loader when test is val); evaluation batches are twice as large.
-    Photos (a folder's images) are cropped to image_size from their stored squares; CIFAR-10 is pad-cropped.
-    Resident parts (decoded into Images) go to the device; the cache's rows stay mapped and are read a batch
-    at a time, augmented alike on the device; files (no cache) go through PIL in DataLoader workers."""
+    Photos (augmentation.crop_size set) are cropped to image_size from their stored squares; CIFAR-10 is
+    pad-cropped. Resident parts (decoded into Images) go to the device; the cache's rows stay mapped and are
+    read a batch at a time, augmented alike on the device; files (no cache) go through PIL in DataLoader
+    workers."""
+    evaluation = replace(batching, batch_size=2 * batching.batch_size, train=False)
+
     def make(part: Source, train: bool) -> Loader:
-        common = dict(batch_size=batch_size if train else 2 * batch_size, train=train, seed=seed, rank=rank,
-                      world_size=world_size, channels_last=channels_last)
-        on_device = dict(mean=mean, std=std, crop_padding=crop_padding, flip=flip, reflect=reflect,
-                         crop_size=image_size if photos else None, **common)
+        batches = batching if train else evaluation
         if resident:
-            return ResidentLoader(part.images.to(device), part.labels.to(device), **on_device)
+            return ResidentLoader(part.images.to(device), part.labels.to(device), batches, augmentation)
         if isinstance(part, MappedImages):
-            return MappedLoader(part.images, part.rows, part.labels, device=device, **on_device)
-        transform = pil_transform(train, image_size, crop_padding, flip, reflect, mean, std, photos)
-        return StreamingLoader(_Transformed(part, transform), device=device, num_workers=num_workers, **common)
+            return MappedLoader(part.images, part.rows, part.labels, device, batches, augmentation)
+        transform = pil_transform(train, image_size, augmentation.crop_padding, augmentation.flip,
+                                  augmentation.reflect, augmentation.mean, augmentation.std,
+                                  photos=augmentation.crop_size is not None)
+        return StreamingLoader(_Transformed(part, transform), batches, device, num_workers)
 
     loaders = {"train": make(parts["train"], True), "val": make(parts["val"], False)}
     loaders["test"] = loaders["val"] if parts["test"] is parts["val"] else make(parts["test"], False)
     return loaders
 
 
+def _resize_size(config: DataConfig, photos: bool) -> int | None:
+    """The size a folder's images are stored at (pixels, a square): resize_size, or image_size / RESIZE_RATIO
+    when None, for photos; image_size for small images. None for CIFAR-10, which stays 32 pixels."""
+    if config.dataset != "folder":
+        return None
+    size = (config.resize_size or round(config.image_size / RESIZE_RATIO)) if photos else config.image_size
+    if size < config.image_size:
+        raise DataError(f"the resize size {size} is smaller than IMAGE_SIZE = {config.image_size}: "
+                        f"a centre crop of IMAGE_SIZE would not fit in it")
+    return size
+
+
+def _keeps_resident(resident: str, sources: dict[str, Source], size: int, cache_file: str | None,
+                    device: torch.device) -> bool:
+    """RESIDENT "yes" or "no", or for "auto" whether the images (as uint8: 3 bytes a pixel) fit on the device;
+    on the CPU a mapped cache is in memory already, so "auto" leaves it mapped."""
+    if resident != "auto":
+        return resident == "yes"
+    num_bytes = sum(map(len, sources.values())) * 3 * size * size
+    return fits_on_device(num_bytes, device) and not (cache_file and device.type == "cpu")
+
+
+def _decode(parts: dict[str, Source], num_workers: int) -> dict[str, Images]:
+    """The parts read into memory; a test part that is the val part is read once."""
+    train, val = (parts[name].decode(num_workers, f"decoding {name}") for name in ("train", "val"))
+    test = val if parts["test"] is parts["val"] else parts["test"].decode(num_workers, "decoding test")
+    return {"train": train, "val": val, "test": test}
+
+
 # --------------------------------------------------------------------------- the entry point
 
 
-def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: int = 256, val_split: int = 5000,
-             train_subset: int | None = None, image_size: int = 32, resize_size: int | None = None,
-             mean: Sequence[float] | None = None, std: Sequence[float] | None = None, augment: str = "auto",
-             crop_padding: int = 4, flip: str = "random", reflect: bool = False, resident: bool | str = "auto",
-             num_workers: int | None = None, download: bool = True, device: torch.device | str = "cpu",
-             seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True,
-             cache_dir: str | None = None) -> Data:
-    """Read a dataset, split off validation images, and build the train, val and test loaders.
+def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: int = 0, world_size: int = 1) -> Data:
+    """Read a dataset, split off validation images, and build the train, val and test loaders (this rank's
+    shard of world_size) that yield batches on the device.
 
     augment "photo" (the default for folders): images are stored as resize_size squares (None: image_size /
     RESIZE_RATIO, 256 for 224) and cropped to image_size: RandomResizedCrop for training, the centre for
@@ -458,42 +523,26 @@ def get_data(dataset: str = "cifar10", data_dir: str = "./data", *, batch_size: 
     cache a batch at a time. None: no cache; the files are decoded into memory (resident) or by PIL in
     DataLoader workers every epoch.
     """
-    if dataset not in DATASETS:
-        raise DataError(utils.not_known("DATASET", dataset, DATASETS))
-    if flip not in FLIPS:
-        raise DataError(utils.not_known("FLIP", flip, FLIPS))
-    if augment not in AUGMENTS:
-        raise DataError(utils.not_known("AUGMENT", augment, AUGMENTS))
-    if (mean is None) != (std is None):
-        raise ValueError("mean and std are given together or not at all")
-    photos = augment == "photo" or (augment == "auto" and dataset == "folder")
-    if dataset == "folder":
-        resize_size = (resize_size or round(image_size / RESIZE_RATIO)) if photos else image_size
-        if resize_size < image_size:
-            raise DataError(f"the resize size {resize_size} is smaller than IMAGE_SIZE = {image_size}: "
-                            f"a centre crop of IMAGE_SIZE would not fit in it")
     device = torch.device(device)
-    num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-    sources, classes, size, cache_file = _read_sources(dataset, data_dir, resize_size, download, cache_dir,
-                                                       num_workers)
-    parts = _split(sources, val_split, train_subset, seed, data_dir)  # files and cache rows: nothing read yet
+    photos = config.augment == "photo" or (config.augment == "auto" and config.dataset == "folder")
+    resize_size = _resize_size(config, photos)
+    num_workers = (os.cpu_count() or 1) if config.num_workers is None else config.num_workers
+    sources, classes, size, cache_file = _read_sources(config, resize_size, num_workers)
+    # files and cache rows are split by their labels: no pixel is read yet
+    parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir)
     val_is_test = parts["val"] is sources.get("test")
-    if resident == "auto":  # as uint8 images: 3 bytes a pixel; for the CPU the mapped cache is in memory already
-        resident = fits_on_device(sum(map(len, sources.values())) * 3 * size * size, device) and not (
-            cache_file and device.type == "cpu")
+    resident = _keeps_resident(config.resident, sources, size, cache_file, device)
     if resident:
-        train, val = (parts[name].decode(num_workers, f"decoding {name}") for name in ("train", "val"))
-        test = val if parts["test"] is parts["val"] else parts["test"].decode(num_workers, "decoding test")
-        parts = {"train": train, "val": val, "test": test}
+        parts = _decode(parts, num_workers)
+    mean, std = config.mean, config.std
     if mean is None:
-        mean, std = parts["train"].statistics(seed, num_workers)
-    mean, std = tuple(map(float, mean)), tuple(map(float, std))
-    image_size = image_size if dataset == "folder" else size
-    loaders = _make_loaders(parts, bool(resident), image_size, mean, std, photos=photos, batch_size=batch_size,
-                            crop_padding=crop_padding, flip=flip, reflect=reflect, device=device,
-                            num_workers=num_workers, seed=seed, rank=rank, world_size=world_size,
-                            channels_last=channels_last)
-    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), mean, std, image_size,
-                bool(resident), val_is_test=val_is_test, resize_size=resize_size if dataset == "folder" else None,
+        mean, std = parts["train"].statistics(config.seed, num_workers)
+    image_size = config.image_size if config.dataset == "folder" else size
+    augmentation = Augmentation(tuple(map(float, mean)), tuple(map(float, std)), config.crop_padding, config.flip,
+                                config.reflect, crop_size=image_size if photos else None)
+    batching = Batching(config.batch_size, True, config.seed, rank, world_size, config.channels_last)
+    loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident, device=device,
+                            num_workers=num_workers)
+    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), augmentation.mean,
+                augmentation.std, image_size, resident, val_is_test=val_is_test, resize_size=resize_size,
                 cache_file=cache_file)
-

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -17,33 +18,56 @@ AUGMENT_CHUNK = 16384  # CIFAR images augmented together: few kernel launches pe
 PREFETCH = 3  # batches read from the cache ahead of the one training: covers a slow read, bounded memory
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a loader cuts its images into batches: their size; training (shuffled by (seed, epoch), a last
+    partial batch dropped) or evaluation (in order, all kept); this rank's shard of world_size; and whether
+    batches are channels_last in memory."""
+
+    batch_size: int
+    train: bool
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What a device loader does to each image: training pad-crops (crop_padding pixels, black or reflected
+    border) and flips ("random", "alternate" or "none") at the image's own size, or with crop_size (photos)
+    random-resized crops of that size and flips, the centre crop for evaluation; then normalisation by
+    mean and std (0-1 scale, per channel)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+    flip: str = "random"
+    reflect: bool = False
+    crop_size: int | None = None
+
+
 class ResidentLoader:
     """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor ops.
 
-    Without crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect) and flips at their
-    own size. With crop_size (photo folders, stored as squares larger than crop_size), training images get
-    RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the centre crop.
-    Shuffling is seeded by (seed, epoch) as in DistributedSampler, so every rank draws the same order
-    and takes its own shard; augmentation draws from the device's global generator.
+    Without augmentation.crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect) and flips
+    at their own size. With crop_size (photo folders, stored as squares larger than crop_size), training
+    images get RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the
+    centre crop. Shuffling is seeded by (batching.seed, epoch) as in DistributedSampler, so every rank draws
+    the same order and takes its own shard; augmentation draws from the device's global generator.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, mean, std,
-                 train: bool, crop_padding: int = 4, flip: str = "random", reflect: bool = False,
-                 crop_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = True):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching, augmentation: Augmentation):
         self.images, self.labels = images, labels
-        self.batch_size, self.train = batch_size, train
-        self.crop_padding, self.flip, self.reflect, self.crop_size = crop_padding, flip, reflect, crop_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.channels_last = channels_last
+        self.batching, self.augmentation = batching, augmentation
         self.epoch = 0
         self.index_device = labels.device  # where the shuffled indices are made
         self.chunk = AUGMENT_CHUNK  # CIFAR-size images gathered and augmented together
-        if flip == "alternate":  # a fixed random half starts flipped; every other epoch flips them all
-            self.flip_base = (torch.rand(len(labels), generator=torch.Generator().manual_seed(seed)) < 0.5) \
-                .to(labels.device)
-        mean = torch.tensor(mean, device=labels.device).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=labels.device).view(1, -1, 1, 1)
+        if augmentation.flip == "alternate":  # a fixed random half starts flipped; every other epoch flips them all
+            flipped = torch.rand(len(labels), generator=torch.Generator().manual_seed(batching.seed)) < 0.5
+            self.flip_base = flipped.to(labels.device)
+        mean = torch.tensor(augmentation.mean, device=labels.device).view(1, -1, 1, 1)
+        std = torch.tensor(augmentation.std, device=labels.device).view(1, -1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -mean / std
 
     def set_epoch(self, epoch: int) -> None:
@@ -52,26 +76,27 @@ class ResidentLoader:
 
     def _indices(self) -> torch.Tensor:
         """This rank's share of the images, shuffled for training."""
-        n = len(self.labels)
-        if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.index_device)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        per_rank = n // self.world_size  # equal shards: every rank must take the same number of steps
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank].to(self.index_device)
+        n, rank, world_size = len(self.labels), self.batching.rank, self.batching.world_size
+        if not self.batching.train:
+            return torch.arange(rank, n, world_size, device=self.index_device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.batching.seed + self.epoch))
+        per_rank = n // world_size  # equal shards: every rank must take the same number of steps
+        return order[rank * per_rank:(rank + 1) * per_rank].to(self.index_device)
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        shard = n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
-        return _num_batches(shard, self.batch_size, self.train)
+        n, rank, world_size = len(self.labels), self.batching.rank, self.batching.world_size
+        shard = n // world_size if self.batching.train else len(range(rank, n, world_size))
+        return _num_batches(shard, self.batching.batch_size, self.batching.train)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self._indices()[:len(self) * self.batch_size]
-        if self.crop_size is None:  # CIFAR-10's pad-crops and flips, drawn for a chunk of batches at once
-            step = max(self.batch_size, self.chunk // self.batch_size * self.batch_size)
+        batch_size = self.batching.batch_size
+        indices = self._indices()[:len(self) * batch_size]
+        if self.augmentation.crop_size is None:  # CIFAR-10's pad-crops and flips, drawn for a chunk of batches at once
+            step = max(batch_size, self.chunk // batch_size * batch_size)
             for chosen, images in self._gather(indices, step):
                 yield from self._padded_batches(chosen, images)
         else:  # photos a batch at a time: their float 256-px copies are big
-            for chosen, images in self._gather(indices, self.batch_size):
+            for chosen, images in self._gather(indices, batch_size):
                 yield self._photos(chosen, images), self.labels[chosen]
 
     def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,25 +108,26 @@ class ResidentLoader:
     def _padded_batches(self, chosen: torch.Tensor,
                         images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather, then normalised."""
-        if self.train and (self.crop_padding or self.flip != "none"):
-            images = crop_flip(images, self.crop_padding, self._flips(chosen), self.reflect)
+        augmentation, batch_size = self.augmentation, self.batching.batch_size
+        if self.batching.train and (augmentation.crop_padding or augmentation.flip != "none"):
+            images = crop_flip(images, augmentation.crop_padding, self._flips(chosen), augmentation.reflect)
         labels = self.labels[chosen]
-        for i in range(0, len(chosen), self.batch_size):
-            yield self.normalize(images[i:i + self.batch_size]), labels[i:i + self.batch_size]
+        for i in range(0, len(chosen), batch_size):
+            yield self.normalize(images[i:i + batch_size]), labels[i:i + batch_size]
 
     def _photos(self, chosen: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """A photo batch: random-resized crops and flips for training, centre crops for evaluation."""
-        if not self.train:
-            return self.normalize(center_crop(images, self.crop_size))
+        crop_size = self.augmentation.crop_size
+        if not self.batching.train:
+            return self.normalize(center_crop(images, crop_size))
         boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2], device=images.device)
-        crops = torch.addcmul(self.shift, crop_and_resize(images, boxes, self.crop_size, self._flips(chosen)),
-                              self.scale)
-        return crops.contiguous(memory_format=torch.channels_last) if self.channels_last else crops
+        crops = torch.addcmul(self.shift, crop_and_resize(images, boxes, crop_size, self._flips(chosen)), self.scale)
+        return crops.contiguous(memory_format=torch.channels_last) if self.batching.channels_last else crops
 
     def _flips(self, batch: torch.Tensor) -> torch.Tensor | None:
-        if self.flip == "random":
+        if self.augmentation.flip == "random":
             return torch.rand(len(batch), device=batch.device) < 0.5
-        if self.flip == "alternate":
+        if self.augmentation.flip == "alternate":
             return self.flip_base[batch] ^ bool(self.epoch % 2 == 0)
         return None
 
@@ -109,12 +135,13 @@ class ResidentLoader:
         """The first n images, normalised, as evaluation sees them (for data-dependent initialisation)."""
         first = torch.arange(min(n, len(self.labels)), device=self.index_device)
         _, images = next(self._gather(first, len(first)))
-        return self.normalize(images if self.crop_size is None else center_crop(images, self.crop_size))
+        crop_size = self.augmentation.crop_size
+        return self.normalize(images if crop_size is None else center_crop(images, crop_size))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, C) to normalised float (N, C, H, W), channels_last in memory when asked."""
         images = images.permute(0, 3, 1, 2)  # a view: NHWC memory is channels_last NCHW
-        if not self.channels_last:
+        if not self.batching.channels_last:
             images = images.contiguous()
         return torch.addcmul(self.shift, images.float(), self.scale)
 
@@ -125,12 +152,12 @@ class MappedLoader(ResidentLoader):
     rows, PREFETCH batches ahead (on a GPU into pinned memory, copied on a CUDA stream of its own), while the
     device works on the batch before."""
 
-    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, *, device: torch.device,
-                 **options):
-        super().__init__(images, labels.to(device), **options)
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 batching: Batching, augmentation: Augmentation):
+        super().__init__(images, labels.to(device), batching, augmentation)
         self.rows = rows  # int64 (N,): row of images of each of the N labelled images
         self.index_device = torch.device("cpu")  # the thread picks rows with them
-        self.chunk = self.batch_size  # a batch at a time: little host memory, and the first batch comes soon
+        self.chunk = batching.batch_size  # a batch at a time: little host memory, and the first batch comes soon
 
     def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.labels.device
@@ -201,22 +228,22 @@ class StreamingLoader:
     """A DataLoader with PIL transforms in worker processes, for data that does not fit on the device;
     yields batches on the device, in the same layout as ResidentLoader."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, train: bool, device: torch.device,
-                 num_workers: int, seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = True):
-        self.train, self.device, self.channels_last = train, device, channels_last
-        if train:
+    def __init__(self, dataset: Dataset, batching: Batching, device: torch.device, num_workers: int):
+        self.batching, self.device = batching, device
+        rank, world_size, batch_size = batching.rank, batching.world_size, batching.batch_size
+        if batching.train:
             self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                               shuffle=True, seed=seed, drop_last=True)
+                                                               shuffle=True, seed=batching.seed, drop_last=True)
         else:
             self.sampler = range(rank, len(dataset), world_size)
         n = len(self.sampler)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=device.type == "cuda", drop_last=train and n >= batch_size,
+                                 pin_memory=device.type == "cuda", drop_last=batching.train and n >= batch_size,
                                  persistent_workers=False)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle of this epoch (the same on every rank)."""
-        if self.train:
+        if self.batching.train:
             self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -232,7 +259,7 @@ class StreamingLoader:
         return torch.cat(images)[:n]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if self.batching.channels_last else torch.contiguous_format
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
             yield images, labels.to(self.device, non_blocking=True)

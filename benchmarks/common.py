@@ -86,7 +86,7 @@ def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = No
     def run() -> None:
         loader.set_epoch(next(epochs))
         train_module.train_one_epoch(model, loader, step.optimizer, step.loss_fn, step=step)
-    return run, len(loader) * loader.batch_size
+    return run, len(loader) * loader.batching.batch_size
 
 
 def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, steps_per_pass: int,

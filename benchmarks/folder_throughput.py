@@ -144,9 +144,10 @@ def cold_start_seconds(args, cache_dir: str, limit: float = 300.0) -> float | No
     return seconds
 
 
-def get_folder_data(args, device, cache_dir: str, resident) -> data_module.Data:
-    return data_module.get_data("folder", args.folder, batch_size=args.batch_size, image_size=args.image_size,
-                                resident=resident, device=device, cache_dir=cache_dir, seed=0)
+def get_folder_data(args, device, cache_dir: str, resident: str) -> data_module.Data:
+    config = data_module.DataConfig("folder", args.folder, batch_size=args.batch_size, image_size=args.image_size,
+                                    resident=resident, cache_dir=cache_dir, seed=0)
+    return data_module.get_data(config, device)
 
 
 def ours(args, device, autocast_dtype) -> dict:
@@ -175,9 +176,9 @@ def ours(args, device, autocast_dtype) -> dict:
     result["second_run_cold_start_s"] = cold_start_seconds(args, cache_dir)  # a new process: imports, CUDA, model
 
     passes = {"bare": bare_pass(args, device, autocast_dtype, result["images_per_epoch"])}
-    for name, resident in (("streamed", False), ("resident", True)):
+    for name, resident in (("streamed", "no"), ("resident", "yes")):
         data = get_folder_data(args, device, cache_dir, resident)
-        assert data.resident == resident and data.cache_file, "not the path meant"
+        assert data.resident == (resident == "yes") and data.cache_file, "not the path meant"
         result[f"{name}_loader_alone_images_per_s"] = result["images_per_epoch"] / loader_seconds(data.train, device)
         passes[name] = common.epoch_pass(fresh_model(args, device), data.train, autocast_dtype,
                                          graphed=device.type == "cuda")

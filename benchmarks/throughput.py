@@ -43,8 +43,9 @@ def step_and_epoch_rates(args, device, autocast_dtype) -> dict[str, float]:
     (on CUDA: the limit when kernel launches cost nothing), and of train_one_epoch over the pipeline's
     device-resident loader (crop, flip, normalise on the device, loss and accuracy tallied there): each
     warmed up by one untimed pass, then timed in turn, best of --epochs."""
-    data = data_module.get_data("cifar10", args.data_dir, batch_size=args.batch_size, val_split=0,
-                                train_subset=args.images, resident=True, download=False, device=device)
+    config = data_module.DataConfig("cifar10", args.data_dir, batch_size=args.batch_size, val_split=0,
+                                    train_subset=args.images, resident="yes", download=False)
+    data = data_module.get_data(config, device)
     n_steps = len(data.train)
     passes = {"bare": common.bare_pass(fresh_model(args.model, device, channels_last=True), args.batch_size, 32,
                                        n_steps, autocast_dtype=autocast_dtype)}

@@ -98,11 +98,12 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
 
     (train_images, train_labels), (val_images, val_labels) = split(n_train), split(n_val)
     mean, std = data_module.channel_stats(train_images)
-    common = dict(mean=mean, std=std, seed=seed)
-    train = loader_module.ResidentLoader(train_images.to(device), train_labels.to(device), batch_size=batch_size,
-                                       train=True, crop_padding=1, **common)
-    val = loader_module.ResidentLoader(val_images.to(device), val_labels.to(device), batch_size=2 * batch_size,
-                                     train=False, **common)
+    train = loader_module.ResidentLoader(train_images.to(device), train_labels.to(device),
+                                         loader_module.Batching(batch_size, train=True, seed=seed),
+                                         loader_module.Augmentation(mean, std, crop_padding=1))
+    val = loader_module.ResidentLoader(val_images.to(device), val_labels.to(device),
+                                       loader_module.Batching(2 * batch_size, train=False, seed=seed),
+                                       loader_module.Augmentation(mean, std))
     return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size, True,
                             val_is_test=False)
 

@@ -17,14 +17,30 @@ import image_module
 import loader_module
 from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, collect, write_fake_cifar, write_image_tree,
                       write_photo_tree)
-from data_module import DataError
+from data_module import DataConfig, DataError
+
+
+# ----------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize("field, message", [
+    (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0"),
+    (dict(train_subset=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
+    (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels >= 8"),
+    (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
+    (dict(resident=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
+])
+def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, message):
+    with pytest.raises(ValueError) as error:
+        DataConfig(**field)
+    assert str(error.value) == message
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
 def test_cifar_reader_on_a_fake_batch_folder(fake_cifar):
-    data = data_module.get_data("cifar10", fake_cifar, batch_size=8, val_split=20, download=False)
+    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False))
     assert data.classes == CLASSES and data.resident and not data.val_is_test
     assert len(data.train.labels) == 80 and len(data.val.labels) == 20 and len(data.test.labels) == 20
     assert torch.bincount(data.val.labels).tolist() == [2] * 10  # stratified
@@ -44,26 +60,26 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
 
 
 def test_val_split_zero_validates_on_the_test_set(fake_cifar):
-    data = data_module.get_data("cifar10", fake_cifar, batch_size=8, val_split=0, download=False)
+    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=0, download=False))
     assert data.val_is_test and data.val is data.test and len(data.train.labels) == 100
 
 
 def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
-    data = data_module.get_data("cifar10", fake_cifar, batch_size=8, val_split=20, train_subset=30,
-                                download=False)
+    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, train_subset=30,
+                                           download=False))
     assert len(data.train.labels) == 30 and torch.bincount(data.train.labels).tolist() == [3] * 10
     with pytest.raises(DataError, match="TRAIN_SUBSET = 81"):
-        data_module.get_data("cifar10", fake_cifar, val_split=20, train_subset=81, download=False)
+        data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=20, train_subset=81, download=False))
 
 
 def test_val_split_larger_than_the_training_set_is_refused(fake_cifar):
     with pytest.raises(DataError, match="VAL_SPLIT = 100 is too large"):
-        data_module.get_data("cifar10", fake_cifar, val_split=100, download=False)
+        data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=100, download=False))
 
 
 def test_missing_folder_offline_gives_one_clear_message(tmp_path):
     with pytest.raises(DataError) as error:
-        data_module.get_data("cifar10", str(tmp_path / "nowhere"), download=True)
+        data_module.get_data(DataConfig("cifar10", str(tmp_path / "nowhere"), download=True))
     message = str(error.value)
     assert "download failed" in message and "cifar-10-batches-py" in message and "DATA_DIR" in message
     assert "\n" not in message
@@ -71,7 +87,7 @@ def test_missing_folder_offline_gives_one_clear_message(tmp_path):
 
 def test_missing_folder_without_download_says_where_to_put_the_files(tmp_path):
     with pytest.raises(DataError, match="DOWNLOAD is off.*data_batch_1..5"):
-        data_module.get_data("cifar10", str(tmp_path), download=False)
+        data_module.get_data(DataConfig("cifar10", str(tmp_path), download=False))
 
 
 def test_truncated_batch_file_is_named(fake_cifar):
@@ -81,14 +97,14 @@ def test_truncated_batch_file_is_named(fake_cifar):
     with open(path, "wb") as f:
         f.write(head)
     with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR-10 batch"):
-        data_module.get_data("cifar10", fake_cifar, download=False)
+        data_module.get_data(DataConfig("cifar10", fake_cifar, download=False))
 
 
 def test_a_file_that_is_not_a_pickle_is_named(fake_cifar):
     with open(os.path.join(fake_cifar, "cifar-10-batches-py", "test_batch"), "w") as f:
         f.write("this is not a pickle")
     with pytest.raises(DataError, match="test_batch is not a readable"):
-        data_module.get_data("cifar10", fake_cifar, download=False)
+        data_module.get_data(DataConfig("cifar10", fake_cifar, download=False))
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -118,19 +134,21 @@ def test_channel_stats_match_numpy():
 # ----------------------------------------------------------------------------- ImageFolder trees
 
 
-@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("resident", ["yes", "no"])
 def test_an_image_folder_tree_loads_resized(tmp_path, resident):
     root = write_image_tree(tmp_path, splits=("train", "val", "test"))
-    data = data_module.get_data("folder", root, batch_size=4, image_size=12, resident=resident, num_workers=0)
-    assert data.classes == ["cats", "dogs", "owls"] and data.image_size == 12 and data.resident == resident
+    data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=12, resident=resident,
+                                           num_workers=0))
+    assert data.classes == ["cats", "dogs", "owls"] and data.image_size == 12
+    assert data.resident == (resident == "yes")
     images, labels = collect(data.val)
     assert images.shape == (18, 3, 12, 12) and sorted(labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
 
 
 def test_a_tree_without_val_holds_out_val_split(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
-    data = data_module.get_data("folder", root, batch_size=4, image_size=8, val_split=6, resident=True,
-                                num_workers=0)
+    data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, val_split=6, resident="yes",
+                                           num_workers=0))
     assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val
 
 
@@ -152,12 +170,12 @@ def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
 def test_a_tree_with_one_class_is_refused(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), classes=("only",))
     with pytest.raises(DataError, match="at least two"):
-        data_module.get_data("folder", root, num_workers=0)
+        data_module.get_data(DataConfig("folder", root, num_workers=0))
 
 
 def test_a_missing_tree_is_refused(tmp_path):
     with pytest.raises(DataError, match="no ImageFolder tree"):
-        data_module.get_data("folder", str(tmp_path), num_workers=0)
+        data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
 
 
 def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
@@ -166,7 +184,7 @@ def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
         f.write(b"\x89PNG\r\n\x1a\n garbage")
     with open(os.path.join(root, "train", "dogs", "empty.jpg"), "wb"):
         pass
-    data = data_module.get_data("folder", root, batch_size=4, image_size=8, resident=True, num_workers=0)
+    data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, resident="yes", num_workers=0))
     assert len(data.train.labels) == 18
     assert "skipped 2 unreadable image file(s)" in capsys.readouterr().err
 
@@ -175,15 +193,15 @@ def test_an_empty_val_folder_is_refused(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",))
     os.makedirs(os.path.join(root, "val", "cats"))
     with pytest.raises(DataError, match="no readable images"):
-        data_module.get_data("folder", root, num_workers=0)
+        data_module.get_data(DataConfig("folder", root, num_workers=0))
 
 
 # ----------------------------------------------------------------------------- normalisation
 
 
 def test_normalisation_uses_the_training_statistics(fake_cifar):
-    data = data_module.get_data("cifar10", fake_cifar, batch_size=100, val_split=0, crop_padding=0, flip="none",
-                                download=False)
+    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=100, val_split=0, crop_padding=0,
+                                           flip="none", download=False))
     images, _ = collect(data.train)
     per_channel = images.transpose(0, 1).reshape(3, -1)
     assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-4)
@@ -195,8 +213,8 @@ def test_normalisation_uses_the_training_statistics(fake_cifar):
 
 def test_resident_and_streaming_paths_agree(fake_cifar):
     kwargs = dict(batch_size=16, val_split=20, download=False, num_workers=0, seed=1)
-    resident = data_module.get_data("cifar10", fake_cifar, resident=True, **kwargs)
-    streaming = data_module.get_data("cifar10", fake_cifar, resident=False, **kwargs)
+    resident = data_module.get_data(DataConfig("cifar10", fake_cifar, resident="yes", **kwargs))
+    streaming = data_module.get_data(DataConfig("cifar10", fake_cifar, resident="no", **kwargs))
     assert not streaming.resident and resident.mean == streaming.mean
     # without augmentation (validation) the batches are the same images, normalised the same way
     (rv, rl), (sv, sl) = collect(resident.val), collect(streaming.val)
@@ -211,7 +229,8 @@ def test_resident_and_streaming_paths_agree(fake_cifar):
 def test_the_same_seed_gives_the_same_first_batches(fake_cifar):
     def first_batches(seed):
         torch.manual_seed(seed)
-        data = data_module.get_data("cifar10", fake_cifar, batch_size=16, val_split=20, seed=seed, download=False)
+        data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=16, val_split=20, seed=seed,
+                                               download=False))
         data.train.set_epoch(1)
         return collect(data.train, limit=2)
 
@@ -226,9 +245,9 @@ def test_the_same_seed_gives_the_same_first_batches(fake_cifar):
 def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     root = write_photo_tree(tmp_path)
     kwargs = dict(batch_size=8, image_size=32, num_workers=0, seed=0)
-    resident = data_module.get_data("folder", root, resident=True, **kwargs)
+    resident = data_module.get_data(DataConfig("folder", root, resident="yes", **kwargs))
     warnings = capsys.readouterr().err
-    streaming = data_module.get_data("folder", root, resident=False, **kwargs)
+    streaming = data_module.get_data(DataConfig("folder", root, resident="no", **kwargs))
     assert resident.classes == streaming.classes == PHOTO_CLASSES
     assert resident.resize_size == streaming.resize_size == 37  # round(32 / 0.875)
     n_train = 3 * PHOTOS_PER_CLASS + 1  # and truncated.jpg, which loads
@@ -260,8 +279,8 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
 def test_a_photo_folder_keeps_its_class_colours(tmp_path):
     """Labels follow the folders: class 0's RGB photos are the least red (see conftest.photo_pixels)."""
     root = write_photo_tree(tmp_path, splits=("train",))
-    data = data_module.get_data("folder", root, batch_size=8, image_size=16, val_split=9, resident=True,
-                                num_workers=0, mean=(0,) * 3, std=(1,) * 3)
+    data = data_module.get_data(DataConfig("folder", root, batch_size=8, image_size=16, val_split=9, resident="yes",
+                                           num_workers=0, mean=(0,) * 3, std=(1,) * 3))
     images, labels = data.train.images, data.train.labels
     is_colour = images.float().std(-1).mean((1, 2)) > 20  # grey photos have equal channels
     red = images[..., 0].float().mean((1, 2))
@@ -276,9 +295,9 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
         raise AssertionError("statistics computed although mean and std were given")
     monkeypatch.setattr(data_module.Images, "statistics", refuse)
     monkeypatch.setattr(data_module.ImageFiles, "statistics", refuse)
-    for resident in (True, False):
-        data = data_module.get_data("folder", root, batch_size=4, image_size=16, resize_size=24, mean=(0.5,) * 3,
-                                    std=(0.25,) * 3, resident=resident, num_workers=0)
+    for resident in ("yes", "no"):
+        data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=16, resize_size=24,
+                                               mean=(0.5,) * 3, std=(0.25,) * 3, resident=resident, num_workers=0))
         assert data.mean == (0.5,) * 3 and data.std == (0.25,) * 3 and data.resize_size == 24 and data.image_size == 16
         files = data_module._scan_folder(root, 24)[0]["val"]
         stored = torch.from_numpy(np.array(files.read(0)))
@@ -290,14 +309,14 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
         assert torch.allclose(image_module.load_image(path, 16, data.mean, data.std, resize_size=24), expected,
                               atol=1e-5)
     with pytest.raises(ValueError, match="mean and std"):
-        data_module.get_data("folder", root, mean=(0.5,) * 3)
+        DataConfig("folder", root, mean=(0.5,) * 3)
     with pytest.raises(DataError, match="resize size 20 is smaller than IMAGE_SIZE = 24"):
-        data_module.get_data("folder", root, image_size=24, resize_size=20)
+        data_module.get_data(DataConfig("folder", root, image_size=24, resize_size=20))
 
 
 def test_cifar_ignores_resize_size_but_takes_mean_and_std(fake_cifar):
-    data = data_module.get_data("cifar10", fake_cifar, batch_size=8, val_split=20, image_size=224, resize_size=256,
-                                mean=(0.1, 0.2, 0.3), std=(0.5,) * 3, download=False)
+    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, image_size=224,
+                                           resize_size=256, mean=(0.1, 0.2, 0.3), std=(0.5,) * 3, download=False))
     assert data.resize_size is None and data.image_size == 32 and data.mean == (0.1, 0.2, 0.3)
 
 
@@ -321,7 +340,8 @@ def decoded(monkeypatch):
 def cached_data(root, cache_dir, **options):
     """get_data on a folder with small batches and images, decoding in this process."""
     defaults = dict(batch_size=8, image_size=32, num_workers=0, seed=0)
-    return data_module.get_data("folder", root, cache_dir=cache_dir and str(cache_dir), **{**defaults, **options})
+    config = DataConfig("folder", root, cache_dir=cache_dir and str(cache_dir), **{**defaults, **options})
+    return data_module.get_data(config)
 
 
 def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, decoded, monkeypatch, capsys):
@@ -379,12 +399,12 @@ def test_the_cache_is_rebuilt_when_a_file_or_the_image_size_changes(tmp_path, de
 
 def test_a_truncated_cache_file_is_rebuilt_never_trusted(tmp_path, decoded):
     root = write_image_tree(tmp_path, splits=("train", "val"), size=(40, 30))
-    first = cached_data(root, tmp_path / "cache", resident=True)
+    first = cached_data(root, tmp_path / "cache", resident="yes")
     stored = first.val.images.clone()
     size = os.path.getsize(first.cache_file)
     with open(first.cache_file, "r+b") as f:  # a copy cut short, a full disk
         f.truncate(size // 2)
-    again = cached_data(root, tmp_path / "cache", resident=True)
+    again = cached_data(root, tmp_path / "cache", resident="yes")
     assert len(decoded) == 2 * 36 and os.path.getsize(again.cache_file) == size
     assert torch.equal(again.val.images, stored)
 
@@ -392,8 +412,8 @@ def test_a_truncated_cache_file_is_rebuilt_never_trusted(tmp_path, decoded):
 def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     root = write_photo_tree(tmp_path / "photos")
     cached = cached_data(root, tmp_path / "cache")  # rows of the memory-mapped cache, read a batch at a time
-    resident = cached_data(root, tmp_path / "cache", resident=True)  # the same rows, on the device
-    streamed = cached_data(root, None, resident=False)  # no cache: PIL in DataLoader workers
+    resident = cached_data(root, tmp_path / "cache", resident="yes")  # the same rows, on the device
+    streamed = cached_data(root, None, resident="no")  # no cache: PIL in DataLoader workers
     assert isinstance(streamed.train, loader_module.StreamingLoader) and streamed.cache_file is None
     assert cached.mean == resident.mean == streamed.mean  # under 2,000 images: all of them, exactly
     # the stored squares: each cache row is the file as the streaming path reads it

@@ -8,13 +8,14 @@ from torchvision.transforms import functional as F
 
 import loader_module
 from conftest import collect, smooth_photo
+from loader_module import Augmentation, Batching
 
 
 def test_alternate_flip_mirrors_every_image_every_other_epoch():
     images = torch.randint(0, 256, (10, 4, 4, 3), dtype=torch.uint8)
     labels = torch.arange(10)
-    loader = loader_module.ResidentLoader(images, labels, batch_size=10, mean=(0.5,) * 3, std=(0.25,) * 3,
-                                        train=True, crop_padding=0, flip="alternate")
+    loader = loader_module.ResidentLoader(images, labels, Batching(10, train=True),
+                                          Augmentation((0.5,) * 3, (0.25,) * 3, crop_padding=0, flip="alternate"))
     epochs = []
     for epoch in (1, 2, 3):
         loader.set_epoch(epoch)
@@ -27,8 +28,8 @@ def test_alternate_flip_mirrors_every_image_every_other_epoch():
 def test_epochs_shuffle_differently_and_shards_do_not_overlap():
     images = torch.zeros(20, 4, 4, 3, dtype=torch.uint8)
     labels = torch.arange(20)
-    shards = [loader_module.ResidentLoader(images, labels, batch_size=5, mean=(0,) * 3, std=(1,) * 3, train=True,
-                                         rank=r, world_size=2) for r in (0, 1)]
+    shards = [loader_module.ResidentLoader(images, labels, Batching(5, train=True, rank=r, world_size=2),
+                                           Augmentation((0,) * 3, (1,) * 3)) for r in (0, 1)]
     seen = [collect(s)[1] for s in shards]
     assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0].tolist()) & set(seen[1].tolist())
     shards[0].set_epoch(2)
@@ -37,8 +38,8 @@ def test_epochs_shuffle_differently_and_shards_do_not_overlap():
 
 def test_a_training_set_smaller_than_a_batch_still_gives_one_batch():
     images = torch.zeros(5, 4, 4, 3, dtype=torch.uint8)
-    loader = loader_module.ResidentLoader(images, torch.arange(5), batch_size=8, mean=(0,) * 3, std=(1,) * 3,
-                                        train=True)
+    loader = loader_module.ResidentLoader(images, torch.arange(5), Batching(8, train=True),
+                                          Augmentation((0,) * 3, (1,) * 3))
     assert len(loader) == 1 and len(collect(loader)[1]) == 5
 
 
@@ -50,8 +51,8 @@ def test_resident_photo_crops_are_each_images_own_box_then_flipped():
     images = torch.stack([torch.stack([torch.full((size, size), 7 * i), columns, columns.T], -1)
                           for i in range(n)]).to(torch.uint8)
     labels = torch.arange(n)
-    loader = loader_module.ResidentLoader(images, labels, batch_size=8, mean=(0,) * 3, std=(1 / 255,) * 3,
-                                        train=True, flip="random", crop_size=16, channels_last=False)
+    loader = loader_module.ResidentLoader(images, labels, Batching(8, train=True, channels_last=False),
+                                          Augmentation((0,) * 3, (1 / 255,) * 3, flip="random", crop_size=16))
     torch.manual_seed(0)
     crops, seen = collect(loader)
     assert crops.shape == (n, 3, 16, 16)
@@ -65,8 +66,8 @@ def test_resident_photo_crops_are_each_images_own_box_then_flipped():
 
 def test_photo_evaluation_is_the_centre_crop():
     images = torch.stack([smooth_photo(37, seed=i) for i in range(5)])
-    loader = loader_module.ResidentLoader(images, torch.arange(5), batch_size=4, mean=(0,) * 3, std=(1 / 255,) * 3,
-                                        train=False, crop_size=32)
+    loader = loader_module.ResidentLoader(images, torch.arange(5), Batching(4, train=False),
+                                          Augmentation((0,) * 3, (1 / 255,) * 3, crop_size=32))
     batch, _ = collect(loader)
     for image, out in zip(images, batch):
         centre = F.center_crop(Image.fromarray(image.numpy()), [32, 32])  # offset round(2.5) = 2, as torchvision

@@ -71,8 +71,9 @@ def test_a_preset_applies_and_flags_override_it():
 @pytest.mark.parametrize("preset", list(main.PRESETS))
 def test_no_preset_chooses_its_best_epoch_on_the_test_set(preset, cifar_dir):
     config, _ = main.parse_config(["--preset", preset])
-    data = data_module.get_data("cifar10", cifar_dir, batch_size=config["BATCH_SIZE"], val_split=config["VAL_SPLIT"],
-                                download=False, seed=config["SEED"])
+    data = data_module.get_data(data_module.DataConfig("cifar10", cifar_dir, batch_size=config["BATCH_SIZE"],
+                                                       val_split=config["VAL_SPLIT"], download=False,
+                                                       seed=config["SEED"]))
     assert not data.val_is_test and data.val is not data.test
     assert len(data.val.labels) == config["VAL_SPLIT"] > 0 and len(data.test.labels) == 10000
     assert len(data.train.labels) == 50000 - config["VAL_SPLIT"]  # held out of the 50,000 training images
