@@ -5,6 +5,7 @@ training_metrics.csv; and an earlier run's files, moved aside to previous/ when 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import itertools
 import json
@@ -17,16 +18,15 @@ import torch
 
 import model_module
 import report_module
+import state_module
 import utils
+from state_module import TrainState
 
 BEST_MODEL, BEST_MODEL_INFO = "best_model.pth", "best_model.json"
 CHECKPOINT, METRICS_CSV = "last_checkpoint.pth", "training_metrics.csv"
-FORMAT = 2  # of the files written here; files without one were written before MODEL names followed torchvision
-STATE_KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "rng", "history")
-RUN_INFO_KEYS = ("config", "classes", "mean", "std", "image_size", "resize_size",  # what the run is, in both files
-                 "precision",  # "bf16" or "fp32": what it trains in, chosen once (train_module.choose_precision)
-                 "started")  # when it started (timestamp()): the name of its folder in previous/ once moved
+FORMAT = 2  # of the files written here: a resume refuses files of another
 INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs (and resize_size)
+INFO_FIELDS = [f.name for f in dataclasses.fields(state_module.RunInfo) if f.name != "config"]
 PREDICTIONS = "predictions.csv"
 RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS, *report_module.FILES,
              *model_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
@@ -51,16 +51,12 @@ class EpochWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, *, model, optimizer, lra, best, new_best: bool, schedule, lookahead, rng: list[dict],
-             history: list[dict], run_info: dict[str, Any]) -> None:
+    def save(self, checkpoint: dict[str, Any], new_best: bool) -> None:
+        """Write a TrainState.state_dict() as the epoch's files (best_model.pth and .json too when new_best)."""
         self.wait()
-        checkpoint = _cpu_copy({"format": FORMAT, "epoch": history[-1]["epoch"], "model": model.state_dict(),
-                                "optimizer": optimizer.state_dict(), "lra": lra.state_dict(),
-                                "best": best.state_dict(), "schedule": schedule.state_dict() if schedule else None,
-                                "lookahead": lookahead.state_dict() if lookahead else None, "rng": rng,
-                                "history": history, **{key: run_info.get(key) for key in RUN_INFO_KEYS}})
-        best_files = (checkpoint["best"]["model"], _best_info(lra, run_info)) if new_best else (None, None)
-        self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files, list(history)),
+        checkpoint = _cpu_copy({"format": FORMAT, **checkpoint})
+        best_files = (checkpoint["best"]["model"], _best_info(checkpoint)) if new_best else (None, None)
+        self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files, checkpoint["history"]),
                                         name="epoch-writer", daemon=True)
         self._thread.start()
 
@@ -97,11 +93,12 @@ def _cpu_copy(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _best_info(lra, run_info: dict[str, Any]) -> dict[str, Any]:
-    """best_model.json: what --predict needs and what the best epoch scored."""
-    return {"format": FORMAT, "model": run_info.get("config", {}).get("MODEL"),
-            **{key: run_info.get(key) for key in RUN_INFO_KEYS if key != "config"},
-            "epoch": lra.best_epoch, "val_loss": lra.best_val_loss, "val_acc": lra.best_val_acc}
+def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """best_model.json: what --predict needs (the RunInfo but its config) and what the best epoch scored."""
+    info = {name: checkpoint.get(name) for name in INFO_FIELDS}
+    lra = checkpoint["lra"]
+    return {"format": FORMAT, "model": checkpoint.get("config", {}).get("MODEL"), **info, "epoch": lra["best_epoch"],
+            "val_loss": lra["best_val_loss"], "val_acc": lra["best_val_acc"]}
 
 
 def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict | None,
@@ -193,66 +190,43 @@ def _checkpoint_started(output_dir: str) -> str | None:
         return None
 
 
-def resume(path: str, *, model, optimizer, lra, best, schedule, lookahead, run_info: dict[str, Any],
-           output_dir: str, rank: int = 0, world_size: int = 1) -> tuple[int, list[dict]]:
-    """Load a last_checkpoint.pth so the run continues exactly where it stopped; returns the next epoch
-    and the history so far. Rewrites best_model.pth and the CSV from the checkpoint, its authority; a
-    checkpoint from another folder first moves the files of output_dir's own run aside (move_earlier_run).
-    run_info takes the saved run's start time: it is the same run, going on."""
-    checkpoint = _read_checkpoint(path)
-    saved = checkpoint["config"]
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A last_checkpoint.pth of this FORMAT, loaded; CheckpointError for anything else."""
+    checkpoint = utils.load_torch(path, "RESUME")
+    if not is_checkpoint(checkpoint) or checkpoint.get("format") != FORMAT:
+        raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")
+    return checkpoint
+
+
+def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_dir: str, rank: int = 0,
+           world_size: int = 1) -> None:
+    """Load a read_checkpoint() from path into state, so the run continues exactly where it stopped. Rewrites
+    best_model.pth and the CSV from the checkpoint, its authority; a checkpoint from another folder first moves
+    the files of output_dir's own run aside (move_earlier_run)."""
     for name in ("MODEL", "DATASET"):
-        if saved.get(name) != run_info["config"][name]:
-            raise utils.CheckpointError(f"RESUME {path} was saved with {name} = {saved.get(name)!r}, but this "
-                                        f"run has {run_info['config'][name]!r}; set {name} to match or start afresh")
-    if checkpoint.get("classes") != run_info["classes"]:
+        if checkpoint["config"].get(name) != state.info.config[name]:
+            raise utils.CheckpointError(f"RESUME {path} was saved with {name} = {checkpoint['config'].get(name)!r}, "
+                                        f"but this run has {state.info.config[name]!r}; set {name} to match or "
+                                        f"start afresh")
+    if checkpoint.get("classes") != state.info.classes:
         raise utils.CheckpointError(f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
     try:
-        model.load_state_dict(checkpoint["model"])
-        lra.load_state_dict(checkpoint["lra"])
-        if not lra.frozen:  # unfrozen during the saved run (the optimizer has held the body all along)
-            model_module.unfreeze_body(model)
-        best.load_state_dict(checkpoint["best"], next(model.parameters()).device)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        for part, name in ((schedule, "schedule"), (lookahead, "lookahead")):
-            if part is not None and checkpoint.get(name):
-                part.load_state_dict(checkpoint[name])
+        state.load_state_dict(checkpoint, rank, world_size)
     except (RuntimeError, KeyError, ValueError) as error:
         raise utils.CheckpointError(f"RESUME {path} does not fit this run's model or optimizer "
                                     f"({str(error).splitlines()[0]})") from None
-    states = checkpoint["rng"]  # one per process of the saved run
-    utils.set_rng_state(states[rank] if len(states) == world_size else states[0])
-    if checkpoint.get("started"):  # files from before `started` was recorded: this run's start time stands in
-        run_info["started"] = checkpoint["started"]
-    run_info["precision"] = checkpoint.get("precision") or run_info.get("precision")  # older files: the caller's
     if rank == 0:
         own = os.path.join(output_dir, CHECKPOINT)
         if not (os.path.exists(own) and os.path.samefile(path, own)):
             move_earlier_run(output_dir)
-        _write_epoch(output_dir, None, _cpu_copy(best.model), _best_info(lra, run_info), checkpoint["history"])
-        print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {lra.best_epoch}).")
-    return checkpoint["epoch"] + 1, checkpoint["history"]
-
-
-def _read_checkpoint(path: str) -> dict[str, Any]:
-    """A last_checkpoint.pth, brought up to this FORMAT; CheckpointError for anything else."""
-    checkpoint = utils.load_torch(path, "RESUME")
-    if not is_checkpoint(checkpoint):
-        raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")
-    if checkpoint.get("format", 1) == 1:  # LRA held the best snapshot and named two things otherwise
-        lra = dict(checkpoint["lra"])
-        checkpoint["best"] = {"model": lra.pop("best_model"), "optimizer": lra.pop("best_optimizer")}
-        lra["monitor"] = lra.pop("phase")
-        lra["frozen"] = bool(checkpoint["config"].get("FREEZE")) and not lra.pop("fine_tuned")
-        checkpoint["lra"] = lra
-        checkpoint["config"] = {**checkpoint["config"], "MODEL": _current_name(checkpoint["config"].get("MODEL"))}
-    return checkpoint
+        best = _best_info({**checkpoint, "lra": state.lra.state_dict(), **dataclasses.asdict(state.info)})
+        _write_epoch(output_dir, None, _cpu_copy(state.best.model), best, checkpoint["history"])
+        print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {state.lra.best_epoch}).")
 
 
 def is_checkpoint(obj: Any) -> bool:
-    """Whether a loaded file is a last_checkpoint.pth (of this format or the first)."""
-    return isinstance(obj, dict) and all(key in obj for key in ("epoch", "model", "optimizer", "lra", "rng",
-                                                                "history", "config"))
+    """Whether a loaded file is a last_checkpoint.pth."""
+    return isinstance(obj, dict) and all(key in obj for key in (*state_module.KEYS, "config"))
 
 
 def load_best_model_info(output_dir: str) -> dict[str, Any]:
@@ -269,11 +243,4 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
         raise utils.CheckpointError(f"{path} is not readable JSON ({error})") from None
     if missing:
         raise utils.CheckpointError(f"{path} lacks {', '.join(missing)}; train again to rewrite it")
-    if info.get("format", 1) == 1:
-        info["model"] = _current_name(info["model"])
     return info
-
-
-def _current_name(model: str | None) -> str | None:
-    """Today's MODEL name for a name written by a file of the first format."""
-    return model_module.LEGACY_NAMES.get(model, model)

@@ -7,7 +7,6 @@ EPOCHS, `--data-dir DIR` sets DATA_DIR, `--train-subset none` sets TRAIN_SUBSET 
 
 import argparse
 import dataclasses
-import functools
 import os
 import signal
 import sys
@@ -28,7 +27,10 @@ import checkpoint_module
 import data_module
 import image_module
 import model_module
+import optim_module
 import report_module
+import state_module
+import step_module
 import train_module
 import utils
 from callback_module import LRA
@@ -113,27 +115,6 @@ PRESETS = {
                  VAL_SPLIT=2000, CROP_PADDING=2, REFLECT=True, FLIP="alternate", ASK_EPOCH=None),
 }
 
-CHOICES = {"DATASET": data_module.DATASETS, "AUGMENT": data_module.AUGMENTS, "SCHEDULE": train_module.SCHEDULES,
-           "FLIP": data_module.FLIPS, "RESIDENT": ("auto", "yes", "no"),
-           "CUDA_GRAPHS": ("auto", "yes", "no"), "PRESET": (None, *PRESETS)}
-CHECKS = {  # constant: (test, what is allowed); LRA's own constants follow its table
-    **{name.upper(): rule for name, rule in callback_module.RULES.items()},
-    "EPOCHS": (lambda v: v >= 1, "a whole number >= 1"),
-    "BATCH_SIZE": (lambda v: v >= 1, "a whole number >= 1"),
-    "LR": (lambda v: v > 0, "a number > 0"),
-    "MOMENTUM": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
-    "WEIGHT_DECAY": (lambda v: v >= 0, "a number >= 0"),
-    "NORM_LR_SCALE": (lambda v: v > 0, "a number > 0"),
-    "BODY_LR_SCALE": (lambda v: v > 0, "a number > 0"),
-    "LABEL_SMOOTHING": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
-    "VAL_SPLIT": (lambda v: v >= 0, "a whole number >= 0"),
-    "TRAIN_SUBSET": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
-    "IMAGE_SIZE": (lambda v: v is None or v >= 8, "a whole number of pixels >= 8, or None"),
-    "CROP_PADDING": (lambda v: 0 <= v, "a whole number of pixels >= 0"),
-    "NUM_WORKERS": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
-}
-
-
 # --------------------------------------------------------------------------- constants and command line
 
 
@@ -196,28 +177,54 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], 
     config = constants()
     preset = args.get("PRESET", config["PRESET"])
     if preset is not None and preset not in PRESETS:
-        parser.error(utils.not_known("PRESET", preset, CHOICES["PRESET"]))
+        parser.error(utils.not_known("PRESET", preset, (None, *PRESETS)))
     config.update(PRESETS.get(preset, {}))
     config.update(args)
     return config, command
 
 
-def check_config(config: dict[str, typing.Any]) -> None:
-    """Raise ValueError naming the first constant that is out of range."""
-    for name, allowed in CHOICES.items():
-        if config[name] not in allowed:
-            raise ValueError(utils.not_known(name, config[name], allowed))
-    if config["MODEL"] not in model_module.model_names():
-        raise ValueError(utils.not_known("MODEL", config["MODEL"], model_module.model_names(), closest=True))
-    for name in CHECKS:
-        utils.check_rule(name, config[name], CHECKS)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run's settings: the constants after PRESET and the command line (`constants`, by name: what each
+    checkpoint records), and the configs the modules take, built from them and checked as they are built."""
+
+    constants: dict[str, typing.Any]
+    data: data_module.DataConfig
+    optim: optim_module.OptimConfig
+    lra: callback_module.LRAConfig
+    fit: train_module.FitConfig
+
+
+def build_config(values: dict[str, typing.Any]) -> Config:
+    """Each module's config from the constants; ValueError naming the first constant that is out of range."""
+    if values["MODEL"] not in model_module.model_names():
+        raise ValueError(utils.not_known("MODEL", values["MODEL"], model_module.model_names(), closest=True))
+    if values["CUDA_GRAPHS"] not in step_module.CUDA_GRAPHS:
+        raise ValueError(utils.not_known("CUDA_GRAPHS", values["CUDA_GRAPHS"], step_module.CUDA_GRAPHS))
+    weights = model_module.preprocessing(values["MODEL"], values["PRETRAINED"]) or {}  # the weights' preparation
+    own_size = values["IMAGE_SIZE"] is not None
+    data = data_module.DataConfig(
+        **_lower(values, "DATASET", "DATA_DIR", "BATCH_SIZE", "VAL_SPLIT", "TRAIN_SUBSET", "AUGMENT",
+                 "CROP_PADDING", "FLIP", "REFLECT", "RESIDENT", "NUM_WORKERS", "DOWNLOAD", "SEED",
+                 "CHANNELS_LAST", "CACHE_DIR"),
+        image_size=values["IMAGE_SIZE"] if own_size else weights.get("crop_size", 32),
+        resize_size=None if own_size else weights.get("resize_size"),
+        mean=weights.get("mean"), std=weights.get("std"))
+    optim = optim_module.OptimConfig(**_lower(values, "LR", "MOMENTUM", "WEIGHT_DECAY", "NORM_LR_SCALE",
+                                              "BODY_LR_SCALE", "SCHEDULE", "LOOKAHEAD"))
+    lra = callback_module.LRAConfig(**_lower(values, "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR", "DWELL",
+                                             "ASK_EPOCH", "MIN_LR", "MIN_DELTA", "UNFREEZE_EPOCH"),
+                                    adjust_lr=values["SCHEDULE"] == "lra")
+    fit = train_module.FitConfig(**_lower(values, "EPOCHS", "OUTPUT_DIR", "LABEL_SMOOTHING", "COMPILE"))
+    return Config(dict(values), data, optim, lra, fit)
+
+
+def _lower(values: dict[str, typing.Any], *names: str) -> dict[str, typing.Any]:
+    """The named constants as a config's fields: {"val_split": VAL_SPLIT, ...}."""
+    return {name.lower(): values[name] for name in names}
 
 
 # --------------------------------------------------------------------------- the run
-
-
-Config = dataclasses.make_dataclass("Config", [(name, __annotations__[name]) for name in constants()], frozen=True)
-Config.__doc__ = "The constants of one run, after PRESET and the command line."
 
 
 @dataclasses.dataclass
@@ -226,19 +233,9 @@ class Run:
 
     device: torch.device
     data: data_module.Data
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    schedule: train_module.OneCycle | None
-    lookahead: train_module.Lookahead | None
-    lra: LRA
-    best: train_module.Snapshot
-    run_info: dict[str, typing.Any]
-    start_epoch: int
-    history: list[dict]
+    state: state_module.TrainState
+    fit: train_module.FitConfig  # the config's, with what setup found out: precision, CUDA graph, processes
     rank: int
-    world_size: int
-    autocast_dtype: torch.dtype | None
-    cuda_graph: bool
     tensorboard: report_module.TensorBoardLog | None = None
 
     @property
@@ -272,15 +269,14 @@ def main(argv: list[str] | None = None) -> int:
 def run_main(argv: list[str] | None = None) -> Outcome:
     """main, returning the run's figures too."""
     values, command = parse_config(argv)
-    config = Config(**values)
     if command["predict"]:
-        return Outcome(predict(config, command["predict"]))
+        return Outcome(predict(values, command["predict"]))
     if command["export"]:
-        return Outcome(export(config, command["export"]))
+        return Outcome(export(values, command["export"]))
     rank, world_size, local_rank = utils.init_distributed()
     try:
         try:
-            check_config(values)
+            config = build_config(values)
             run = setup(config, rank, world_size, local_rank, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {error}", file=sys.stderr)
@@ -296,101 +292,89 @@ def run_main(argv: list[str] | None = None) -> Outcome:
                 outcome.status = 3
         return outcome
     finally:
-        utils.unlock_folder(config.OUTPUT_DIR)
+        utils.unlock_folder(values["OUTPUT_DIR"])
         utils.close_distributed()
 
 
-def setup(c: Config, rank: int, world_size: int, local_rank: int, new_run: bool = True) -> Run:
-    """Seed, device, data, model, optimizer, schedule and LRA, resumed when asked; for a new run the earlier
-    run's files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong,
-    before any training."""
-    utils.check_writable(c.OUTPUT_DIR)
-    utils.check_unlocked(c.OUTPUT_DIR, main_process=rank == 0)  # another run writing there: refused at once
-    utils.seed_everything(c.SEED)
+def setup(config: Config, rank: int, world_size: int, local_rank: int, new_run: bool = True) -> Run:
+    """Seed, device, data, model and the training state, resumed when asked; for a new run the earlier run's
+    files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before
+    any training."""
+    k, output_dir = config.constants, config.fit.output_dir
+    utils.check_writable(output_dir)
+    utils.check_unlocked(output_dir, main_process=rank == 0)  # another run writing there: refused at once
+    path = _resume_path(k)
+    saved = checkpoint_module.read_checkpoint(path) if path else None
+    utils.seed_everything(k["SEED"])
     device = utils.get_device(local_rank)
-    cuda_graph = train_module.use_cuda_graph(c.CUDA_GRAPHS, device, world_size=world_size, compile=c.COMPILE)
+    cuda_graph = step_module.use_cuda_graph(k["CUDA_GRAPHS"], device, world_size=world_size, compile=k["COMPILE"])
     torch.backends.cudnn.benchmark = True
-    weights = model_module.preprocessing(c.MODEL, c.PRETRAINED) or {}  # the published weights' own preparation
-    data = data_module.get_data(
-        c.DATASET, c.DATA_DIR, batch_size=c.BATCH_SIZE, val_split=c.VAL_SPLIT, train_subset=c.TRAIN_SUBSET,
-        image_size=c.IMAGE_SIZE or weights.get("crop_size", 32),
-        resize_size=weights.get("resize_size") if c.IMAGE_SIZE is None else None,
-        mean=weights.get("mean"), std=weights.get("std"), augment=c.AUGMENT, crop_padding=c.CROP_PADDING,
-        flip=c.FLIP, reflect=c.REFLECT, resident={"auto": "auto", "yes": True, "no": False}[c.RESIDENT],
-        num_workers=c.NUM_WORKERS, download=c.DOWNLOAD, device=device, seed=c.SEED, rank=rank,
-        world_size=world_size, channels_last=c.CHANNELS_LAST, cache_dir=c.CACHE_DIR)
-    model = model_module.get_model(c.MODEL, len(data.classes), freeze=c.FREEZE, weights=c.WEIGHTS,
-                                   sample_images=lambda: data.train.first_images(5000), image_size=data.image_size,
-                                   pretrained=c.PRETRAINED)
-    model = model.to(device, memory_format=torch.channels_last if c.CHANNELS_LAST else torch.preserve_format)
+    data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
+    state = _make_state(config, data, device, lr_device=device if cuda_graph else None, rank=rank)
     if world_size > 1:
-        utils.seed_everything(c.SEED + rank)  # same initial weights everywhere, different augmentations
-    optimizer = train_module.make_optimizer(model, c.LR, c.MOMENTUM, c.WEIGHT_DECAY, nesterov=True,
-                                            norm_lr_scale=c.NORM_LR_SCALE, body_lr_scale=c.BODY_LR_SCALE,
-                                            lr_device=device if cuda_graph else None)
-    total_steps = c.EPOCHS * len(data.train)
-    schedule = train_module.make_schedule(optimizer, c.SCHEDULE, c.LR, total_steps)
-    lookahead = train_module.Lookahead(model, total_steps) if c.LOOKAHEAD else None
-    lra = LRA(c.PATIENCE, c.STOP_PATIENCE, c.THRESHOLD, c.FACTOR, c.DWELL, c.ASK_EPOCH, c.MIN_LR, c.MIN_DELTA,
-              adjust_lr=c.SCHEDULE == "lra", frozen=bool(model_module.frozen_parameters(model)),
-              unfreeze_epoch=c.UNFREEZE_EPOCH, main_process=rank == 0, share=utils.broadcast)
-    best = train_module.Snapshot(with_optimizer=lra.restores)
-    os.makedirs(c.OUTPUT_DIR, exist_ok=True)  # only now: bad input above leaves nothing behind
-    utils.lock_folder(c.OUTPUT_DIR, main_process=rank == 0)  # held until run_main ends (or the process dies)
+        utils.seed_everything(k["SEED"] + rank)  # same initial weights everywhere, different augmentations
+    total_steps = config.fit.epochs * len(data.train)
+    precision = utils.broadcast(step_module.choose_precision(  # rank 0 measures; every rank takes its answer
+        k["BF16"], device, state.model, data.image_size, channels_last=k["CHANNELS_LAST"],
+        trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
+        recorded=saved and saved["precision"]))
+    state.info = state_module.RunInfo(dict(k), data.classes, list(data.mean),
+                                      list(data.std), data.image_size, data.resize_size, precision,
+                                      started=saved["started"] if saved else checkpoint_module.timestamp())
+    fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+                              cuda_graph=cuda_graph, world_size=world_size, main_process=rank == 0)
+    os.makedirs(output_dir, exist_ok=True)  # only now: bad input above leaves nothing behind
+    utils.lock_folder(output_dir, main_process=rank == 0)  # held until run_main ends (or the process dies)
     if rank == 0:
-        checkpoint_module.remove_partial_writes(c.OUTPUT_DIR)  # what a killed run was writing: never a whole file
-    run_info = {"config": dataclasses.asdict(c), "classes": data.classes, "mean": list(data.mean),
-                "std": list(data.std), "image_size": data.image_size, "resize_size": data.resize_size,
-                "started": checkpoint_module.timestamp()}
-    start_epoch, history = 1, []
-    checkpoint = _resume_path(c)
-    choose_precision = functools.partial(train_module.choose_precision, c.BF16, device, model, data.image_size,
-                                         channels_last=c.CHANNELS_LAST, trial_steps=BF16_TRIAL_STEPS,
-                                         main_process=rank == 0)
-    if checkpoint:  # older checkpoints recorded no precision: theirs was the rule of their time (no trial)
-        run_info["precision"] = choose_precision(run_steps=0)
-        start_epoch, history = checkpoint_module.resume(
-            checkpoint, model=model, optimizer=optimizer, lra=lra, best=best, schedule=schedule,
-            lookahead=lookahead, run_info=run_info, output_dir=c.OUTPUT_DIR, rank=rank, world_size=world_size)
+        checkpoint_module.remove_partial_writes(output_dir)  # what a killed run was writing: never a whole file
+    if saved:
+        checkpoint_module.resume(saved, path, state, output_dir=output_dir, rank=rank, world_size=world_size)
     elif rank == 0 and new_run:  # the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
-        checkpoint_module.move_earlier_run(c.OUTPUT_DIR)
+        checkpoint_module.move_earlier_run(output_dir)
     tensorboard = None
-    if c.TENSORBOARD and rank == 0 and new_run:
-        tensorboard = report_module.TensorBoardLog(os.path.join(c.OUTPUT_DIR, "tensorboard", run_info["started"]))
-    precision = choose_precision(run_steps=0 if checkpoint else total_steps, recorded=run_info.get("precision"))
-    run_info["precision"] = utils.broadcast(precision)  # rank 0 measures; every rank takes its answer
-    autocast_dtype = torch.bfloat16 if run_info["precision"] == "bf16" else None
-    return Run(device, data, model, optimizer, schedule, lookahead, lra, best, run_info, start_epoch, history, rank,
-               world_size, autocast_dtype, cuda_graph, tensorboard)
+    if k["TENSORBOARD"] and rank == 0 and new_run:
+        tensorboard = report_module.TensorBoardLog(os.path.join(output_dir, "tensorboard", state.info.started))
+    return Run(device, data, state, fit, rank, tensorboard)
 
 
-def train(c: Config, run: Run) -> Outcome:
-    """fit, with Ctrl-C, SIGTERM, a non-finite loss and a full disk turned into a message and a status."""
+def _make_state(config: Config, data: data_module.Data, device: torch.device, lr_device: torch.device | None,
+                rank: int) -> state_module.TrainState:
+    """A new run's model (on the device), optimizer, schedule, Lookahead and LRA."""
+    k = config.constants
+    model = model_module.get_model(k["MODEL"], len(data.classes), freeze=k["FREEZE"], weights=k["WEIGHTS"],
+                                   sample_images=lambda: data.train.first_images(5000), image_size=data.image_size,
+                                   pretrained=k["PRETRAINED"])
+    model = model.to(device, memory_format=torch.channels_last if k["CHANNELS_LAST"] else torch.preserve_format)
+    optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
+    total_steps = config.fit.epochs * len(data.train)
+    schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr, total_steps)
+    lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
+    lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)), main_process=rank == 0,
+              share=utils.broadcast)
+    return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead)
+
+
+def train(config: Config, run: Run) -> Outcome:
+    """fit, with Ctrl-C, SIGTERM, a non-finite loss and a full disk turned into a message and a status; then
+    the training curves."""
+    k, output_dir = config.constants, run.fit.output_dir
     if run.main_process:
-        print(f"{c.MODEL} on {run.device}{' (steps replayed from a CUDA graph)' if run.cuda_graph else ''} | "
-              f"{len(run.data.train)} batches of {c.BATCH_SIZE} per epoch | "
-              f"{_data_path(run.data)} | "
-              f"outputs in {os.path.abspath(c.OUTPUT_DIR)}")
+        print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
+              f"{len(run.data.train)} batches of {config.data.batch_size} per epoch | {_data_path(run.data)} | "
+              f"outputs in {os.path.abspath(output_dir)}")
     signal.signal(signal.SIGTERM, _raise_terminated)
-    wrap = functools.partial(train_module.wrap_for_training, compile=c.COMPILE, world_size=run.world_size,
-                             device=run.device)
     started = time.perf_counter()
     try:
-        history = train_module.fit(run.model, run.data, run.optimizer, run.lra, epochs=c.EPOCHS,
-                         loss_fn=nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING), output_dir=c.OUTPUT_DIR,
-                         best=run.best, wrap=wrap, schedule=run.schedule, lookahead=run.lookahead,
-                         autocast_dtype=run.autocast_dtype, start_epoch=run.start_epoch, history=run.history,
-                         run_info=run.run_info, main_process=run.main_process,
-                         on_epoch=run.tensorboard.log_epoch if run.tensorboard else None,
-                         cuda_graph=run.cuda_graph)
+        history = train_module.fit(run.state, run.data, run.fit,
+                                   on_epoch=run.tensorboard.log_epoch if run.tensorboard else None)
     except KeyboardInterrupt as interrupt:
         if run.main_process:
             print(f"Interrupted. The last completed epoch is saved; to go on, run: python main.py --resume auto "
-                  f"--output-dir {c.OUTPUT_DIR}", file=sys.stderr)
+                  f"--output-dir {output_dir}", file=sys.stderr)
         return Outcome(143 if isinstance(interrupt, Terminated) else 130)
     except train_module.NonFiniteLoss as error:
         if run.main_process:
-            print(f"error: {error}. The best weights so far are in {c.OUTPUT_DIR}/{checkpoint_module.BEST_MODEL}; "
+            print(f"error: {error}. The best weights so far are in {output_dir}/{checkpoint_module.BEST_MODEL}; "
                   f"try a lower LR.", file=sys.stderr)
         return Outcome(1)
     except OSError as error:  # a full disk, say: the files of the last completed epoch stay as they were
@@ -399,6 +383,8 @@ def train(c: Config, run: Run) -> Outcome:
         return Outcome(3)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if run.main_process and run.state.history:
+            report_module.plot_training_curves(run.state.history, os.path.join(output_dir, report_module.CURVES))
     return Outcome(0, history, time.perf_counter() - started)
 
 
@@ -409,42 +395,42 @@ def _data_path(data: data_module.Data) -> str:
     return "data streamed from the decoded-image cache" if data.cache_file else "data streamed by DataLoader workers"
 
 
-def _resume_path(c: Config) -> str | None:
+def _resume_path(constants: dict[str, typing.Any]) -> str | None:
     """The checkpoint RESUME points at ("auto": OUTPUT_DIR's, when there), or None."""
-    if c.RESUME != "auto":
-        return c.RESUME
-    path = os.path.join(c.OUTPUT_DIR, checkpoint_module.CHECKPOINT)
+    if constants["RESUME"] != "auto":
+        return constants["RESUME"]
+    path = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.CHECKPOINT)
     return path if os.path.exists(path) else None
 
 
-def report(c: Config, run: Run) -> dict[str, typing.Any]:
+def report(config: Config, run: Run) -> dict[str, typing.Any]:
     """Evaluate the (best) model on the test set, print overall and per-class accuracy, write the test report,
     the confusion matrix and the most confident mistakes; return the figures."""
-    data, started = run.data, time.perf_counter()
-    result = train_module.evaluate(run.model, data.test, autocast_dtype=run.autocast_dtype, tta=c.TTA,
+    data, started, tta = run.data, time.perf_counter(), config.constants["TTA"]
+    result = train_module.evaluate(run.state.model, data.test, autocast_dtype=run.fit.autocast_dtype, tta=tta,
                                    num_classes=len(data.classes), collect=True)
     result["seconds"] = time.perf_counter() - started
     if not run.main_process:
         return result
     which = "validation (test) set" if data.val_is_test else "test set"
     print(f"Test accuracy on the {which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
-          f"{', with test-time augmentation' if c.TTA else ''}; {result['seconds']:.1f} s)")
+          f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
     for name, acc in zip(data.classes, result["per_class"]):
         print(f"  {name:>12}: {100 * acc:6.2f}%")
-    report_module.write_test_outputs(result, data.classes, data.mean, data.std, c.OUTPUT_DIR)
+    report_module.write_test_outputs(result, data.classes, data.mean, data.std, run.fit.output_dir)
     if run.tensorboard:
-        run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(run.history))
+        run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(run.state.history))
         run.tensorboard.close()
     return result
 
 
-def find_lr(c: Config, run: Run) -> int:
+def find_lr(config: Config, run: Run) -> int:
     """The LR range test on the training data, instead of training: lr_finder.png and a suggested LR."""
-    lrs, losses, suggestion = train_module.find_lr(
-        run.model, run.data.train, run.optimizer, nn.CrossEntropyLoss(label_smoothing=c.LABEL_SMOOTHING),
-        autocast_dtype=run.autocast_dtype)
+    lrs, losses, suggestion = optim_module.find_lr(
+        run.state.model, run.data.train, run.state.optimizer,
+        nn.CrossEntropyLoss(label_smoothing=config.fit.label_smoothing), autocast_dtype=run.fit.autocast_dtype)
     if run.main_process:
-        path = os.path.join(c.OUTPUT_DIR, report_module.LR_FINDER)
+        path = os.path.join(run.fit.output_dir, report_module.LR_FINDER)
         report_module.plot_lr_finder(lrs, losses, suggestion, path)
         print(f"LR finder: {len(lrs)} steps, LR {lrs[0]:.0e} to {lrs[-1]:.1e}. Suggested LR: {suggestion:.2g} "
               f"(the middle of the longest fall of the smoothed loss, fastai's valley rule; plot: {path}). "
@@ -460,28 +446,30 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
     return info, model.to(utils.get_device()).eval()
 
 
-def _example_images(c: Config, info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
+def _example_images(constants: dict[str, typing.Any], info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
     """n real images of DATA_DIR's test set (else its val/ or train/ folder), prepared as for --predict."""
-    if c.DATASET == "cifar10":
-        images = data_module.read_cifar10(c.DATA_DIR, download=False)[2][:n]
+    data_dir = constants["DATA_DIR"]
+    if constants["DATASET"] == "cifar10":
+        images = data_module.read_cifar10(data_dir, download=False)[2][:n]
         mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
         return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
-    folders = [os.path.join(c.DATA_DIR, split) for split in ("test", "val", "train")]
-    files, _ = image_module.find_images([next((f for f in folders if os.path.isdir(f)), c.DATA_DIR)])
+    folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
+    files, _ = image_module.find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
     dataset = image_module.PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
                                            info.get("resize_size"))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def export(c: Config, kind: str) -> int:
+def export(constants: dict[str, typing.Any], kind: str) -> int:
     """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images: 0 when its
     logits agree with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
-    path = os.path.join(c.OUTPUT_DIR, model_module.EXPORT_FILES[kind])
+    output_dir = constants["OUTPUT_DIR"]
+    path = os.path.join(output_dir, model_module.EXPORT_FILES[kind])
     try:
         model_module.check_export(kind)
-        info, model = _best_model(c.OUTPUT_DIR)
-        images = _example_images(c, info)
-        utils.lock_folder(c.OUTPUT_DIR)  # it writes there: never while a run does
+        info, model = _best_model(output_dir)
+        images = _example_images(constants, info)
+        utils.lock_folder(output_dir)  # it writes there: never while a run does
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -494,7 +482,7 @@ def export(c: Config, kind: str) -> int:
               file=sys.stderr)
         return 3
     finally:
-        utils.unlock_folder(c.OUTPUT_DIR)
+        utils.unlock_folder(output_dir)
     print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test images, at batch "
           f"sizes 1 and 5: {difference:.1e} (relative)")
     if difference > model_module.EXPORT_TOLERANCE:
@@ -504,12 +492,12 @@ def export(c: Config, kind: str) -> int:
     return 0
 
 
-def predict(c: Config, paths: list[str]) -> int:
+def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
     """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth, in batches
     on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3) and print a line per
     image when there are few. 2 when a file named on the command line is not an image (the rest is written)."""
     try:
-        info, model = _best_model(c.OUTPUT_DIR)
+        info, model = _best_model(constants["OUTPUT_DIR"])
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -518,7 +506,7 @@ def predict(c: Config, paths: list[str]) -> int:
         print(f"note: skipped {skipped} files in the folders given that are not images", file=sys.stderr)
     images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
     loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
-                        (c.NUM_WORKERS if c.NUM_WORKERS is not None else os.cpu_count() or 1))
+                        (constants["NUM_WORKERS"] if constants["NUM_WORKERS"] is not None else os.cpu_count() or 1))
     rows, status, done = [], 0, 0
     for batch, errors in tqdm(loader, desc="predicting", unit="batch", disable=not sys.stderr.isatty()):
         top = train_module.predict_proba(model, batch).topk(min(3, len(info["classes"])))
@@ -534,7 +522,7 @@ def predict(c: Config, paths: list[str]) -> int:
                 print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in ranked))
         done += len(errors)
     frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
-    output = os.path.join(c.OUTPUT_DIR, checkpoint_module.PREDICTIONS)
+    output = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.PREDICTIONS)
     utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
     print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
     return status

@@ -55,13 +55,6 @@ def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]] | 
             raise ValueError(f"{name.upper()} = {getattr(config, name)!r} is out of range: use {allowed}")
 
 
-def check_rule(name: str, value: Any, rules: Rules, prefix: str = "") -> None:
-    """Raise ValueError naming the setting when value breaks its rule in a table of (test, what is allowed)."""
-    test, allowed = rules[name]
-    if not test(value):
-        raise ValueError(f"{prefix}{name} = {value!r} is out of range: use {allowed}")
-
-
 # --------------------------------------------------------------------------- seeding and devices
 
 

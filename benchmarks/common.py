@@ -7,7 +7,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+import optim_module
+import step_module
 import train_module
+from optim_module import OptimConfig
 
 
 def synchronize(device: torch.device) -> None:
@@ -17,18 +20,18 @@ def synchronize(device: torch.device) -> None:
 
 
 def train_step(model: nn.Module, autocast_dtype: torch.dtype | None = None,
-               graphed: bool = False) -> train_module.TrainStep:
+               graphed: bool = False) -> step_module.TrainStep:
     """The pipeline's training step for the model, with its own SGD; graphed (CUDA only): replayed from a CUDA
     graph, as main.py's CUDA_GRAPHS does."""
     device = next(model.parameters()).device
-    optimizer = train_module.make_optimizer(model, 0.01, lr_device=device if graphed else None)
-    return train_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.01), lr_device=device if graphed else None)
+    return step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
                                   graph=graphed)
 
 
 def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
               autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> Callable[[], None]:
-    """One training step (forward, loss, backward, the pipeline's SGD step: train_module.TrainStep) on one fixed
+    """One training step (forward, loss, backward, the pipeline's SGD step: step_module.TrainStep) on one fixed
     batch already on the device, as a function of no arguments. graphed (CUDA only): the step replayed from a
     CUDA graph, as main.py's CUDA_GRAPHS does, so no kernel is launched from Python: the rate a launch-bound
     model could reach at most."""
@@ -85,7 +88,7 @@ def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = No
 
     def run() -> None:
         loader.set_epoch(next(epochs))
-        train_module.train_one_epoch(model, loader, step.optimizer, step.loss_fn, step=step)
+        train_module.train_one_epoch(step, loader)
     return run, len(loader) * loader.batching.batch_size
 
 

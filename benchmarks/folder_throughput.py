@@ -34,6 +34,7 @@ from torchvision import datasets, transforms  # noqa: E402
 
 import data_module  # noqa: E402
 import model_module  # noqa: E402
+import step_module  # noqa: E402
 import train_module  # noqa: E402
 import utils  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
@@ -92,13 +93,13 @@ def bare_pass(args, device, autocast_dtype, images: int) -> tuple:
                             autocast_dtype=autocast_dtype, graphed=device.type == "cuda")
 
 
-def epoch_seconds(step: train_module.TrainStep, loader, epoch: int) -> float:
+def epoch_seconds(step: step_module.TrainStep, loader, epoch: int) -> float:
     """Seconds of one train_one_epoch over the loader with the step (a capture it makes included)."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     common.synchronize(step.device)
     started = time.perf_counter()
-    train_module.train_one_epoch(step.model, loader, step.optimizer, step.loss_fn, step=step)
+    train_module.train_one_epoch(step, loader)
     common.synchronize(step.device)
     return time.perf_counter() - started
 

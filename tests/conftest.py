@@ -1,5 +1,7 @@
 """Shared fixtures: no network, tiny synthetic datasets, and the real-data folder from CIFAR10_DIR."""
 
+import contextlib
+import copy
 import io
 import os
 import pickle
@@ -13,6 +15,8 @@ from PIL import Image
 
 import data_module
 import loader_module
+import step_module
+import train_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -195,3 +199,87 @@ def smooth_photo(size=256, seed=0):
     noise = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed)) * 255
     big = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
     return big.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).contiguous()
+
+
+# --------------------------------------------------------------------------- training state and CUDA-graph stand-ins
+
+
+def state_of(model, optimizer):
+    """Copies of the model's state and the optimizer's, for assert_same_state."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()))
+
+
+def assert_same_state(model, optimizer, state):
+    """The model and the optimizer hold exactly what state_of copied: weights, buffers, LRs, momentum."""
+    weights, optimizer_state = state
+    for key, value in model.state_dict().items():  # weights and BatchNorm buffers, bit for bit
+        assert torch.equal(value, weights[key]), key
+    assert optimizer.state_dict()["param_groups"] == optimizer_state["param_groups"]  # LRs included
+    now = optimizer.state_dict()["state"]
+    assert now.keys() == optimizer_state["state"].keys()
+    for key in now:
+        assert torch.equal(now[key]["momentum_buffer"], optimizer_state["state"][key]["momentum_buffer"])
+
+
+def random_batch(n=8, size=16, seed=0):
+    """A seeded batch of n random images and 4-class targets."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+
+
+class _EagerGraph:
+    """torch.cuda.CUDAGraph's stand-in on the CPU: replay() runs the captured TrainStep's step eagerly on its
+    input buffers and writes its output buffers, as a replay does; broken=True leaves out the optimizer step."""
+
+    def __init__(self, step, broken=False):
+        self.step, self.broken = step, broken
+
+    def replay(self):
+        step = self.step.optimizer.step
+        if self.broken:
+            self.step.optimizer.step = lambda: None
+        try:
+            loss, logits = self.step._step(*self.step.inputs)
+        finally:
+            self.step.optimizer.step = step
+        with torch.no_grad():
+            self.step.outputs[0].copy_(loss)
+            self.step.outputs[1].copy_(logits)
+
+
+@pytest.fixture
+def stand_in_cuda(monkeypatch):
+    """torch.cuda's streams and graph capture replaced by stand-ins that run eagerly (the capture's step rolled
+    back: a capture records work without doing it), and TrainStep by one that takes graph=True on the CPU.
+    This tests the CUDA-graph path's bookkeeping only (when a step is captured, what is rolled back, when the
+    capture is checked and dropped), never capture itself: nothing here records or replays device work.
+    Yields the sizes of the optimizer state at each capture, and a switch that breaks the replays."""
+    captured, capturing, broken = [], [], []
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class CapturedStep(step_module.TrainStep):
+        def __init__(self, *args, graph=False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.use_graph = graph  # past the CUDA check
+
+        def _capture(self, images, targets):
+            capturing[:] = [self]
+            super()._capture(images, targets)
+            captured.append(len(self.optimizer.state))
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "graph",
+                        lambda graph, **options: step_module.rolled_back(capturing[0].model, capturing[0].optimizer))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EagerGraph(capturing[0], broken=bool(broken)))
+    monkeypatch.setattr(train_module, "TrainStep", CapturedStep)
+    monkeypatch.setattr(step_module, "TrainStep", CapturedStep)
+    yield captured, broken

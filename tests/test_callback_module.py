@@ -11,9 +11,14 @@ from torch import nn
 
 import callback_module
 import model_module
+import optim_module
+import state_module
 import train_module
 from callback_module import LRA, LRAConfig
 from conftest import make_tiny_data
+from optim_module import OptimConfig
+from state_module import TrainState
+from train_module import FitConfig
 
 
 def tiny_model(freeze=False):
@@ -33,23 +38,19 @@ class Harness:
     def __init__(self, model=None, lr=0.1, **settings):
         """settings: LRAConfig's fields; ask_epoch is None (no prompt) unless given."""
         self.model = model or tiny_model()
-        self.optimizer = train_module.make_optimizer(self.model, lr, momentum=0.9, weight_decay=0.0, nesterov=False)
+        self.optimizer = optim_module.make_optimizer(self.model, OptimConfig(lr, momentum=0.9, weight_decay=0.0,
+                                                                             nesterov=False))
         self.lra = LRA(LRAConfig(**{"ask_epoch": None, **settings}),
                        frozen=bool(model_module.frozen_parameters(self.model)), stream=io.StringIO())
-        self.best = train_module.Snapshot(with_optimizer=self.lra.restores)
+        self.state = TrainState(self.model, self.optimizer, self.lra)
         self.decision = None
 
     def on_epoch_end(self, epoch, epoch_metrics):
         """One epoch's decision, carried out; returns whether to stop."""
-        epoch_metrics = {**epoch_metrics, "lr": train_module.get_lr(self.optimizer)}
+        epoch_metrics = {**epoch_metrics, "lr": optim_module.get_lr(self.optimizer)}
         self.decision = self.lra.on_epoch_end(epoch, epoch_metrics)
-        train_module.apply_decision(self.decision, self.model, self.optimizer, self.best)
+        train_module.apply_decision(self.decision, self.state)
         return self.decision.stop
-
-    def on_train_end(self, reason=None):
-        if self.best.model is not None:
-            self.best.restore(self.model)
-        self.lra.on_train_end(reason)
 
     @property
     def output(self):
@@ -255,33 +256,32 @@ def test_event_names_what_happened_in_the_order_the_loop_carries_it_out():
     assert callback_module.describe(True, None, True, False, True) == "best, LR cut, unfroze the body"
 
 
-def _run_to_an_end(lra, ending, monkeypatch):
-    """Epoch 1 is the best; epoch 2 moves the weights; then training ends one way or another."""
-    train_step(lra.model, lra.optimizer, 1)
-    lra.on_epoch_end(1, metrics(val_loss=1.0, val_acc=0.7))
-    best, _ = snapshot(lra)
-    train_step(lra.model, lra.optimizer, 2)
-    if ending == "epoch limit":
-        lra.on_epoch_end(2, metrics(val_loss=1.5))
-        lra.on_train_end()
-    elif ending == "LRA stop":
-        assert lra.on_epoch_end(2, metrics(val_loss=1.5))
-        train_step(lra.model, lra.optimizer, 3)  # anything after the stop is undone too
-        lra.on_train_end()
-    else:
-        answers = {"H": ["H"], "Ctrl-C": [KeyboardInterrupt()]}[ending]
-        scripted_input(monkeypatch, answers)
-        assert lra.on_epoch_end(2, metrics(val_loss=1.5))
-        lra.on_train_end()
-    return best
-
-
 @pytest.mark.parametrize("ending", ["epoch limit", "LRA stop", "H", "Ctrl-C"])
-def test_best_weights_are_restored_whatever_ended_training(ending, monkeypatch):
-    lra = make_lra(threshold=0.0, dwell=False, stop_patience=1, ask_epoch=2)
-    best = _run_to_an_end(lra, ending, monkeypatch)
-    assert_same(snapshot(lra)[0], best)
-    output = lra.output
+def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatch, tmp_path):
+    """Epoch 1 is the best, epoch 2 moves the weights and is worse; then training ends one way or another, and
+    fit's own ending puts epoch 1's weights back."""
+    settings = {"epoch limit": {}, "LRA stop": {"stop_patience": 1}, "H": {"ask_epoch": 2},
+                "Ctrl-C": {"ask_epoch": 2}}[ending]
+    if ending in ("H", "Ctrl-C"):
+        scripted_input(monkeypatch, {"H": ["H"], "Ctrl-C": [KeyboardInterrupt()]}[ending])
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    lra = LRA(LRAConfig(**{"threshold": 0.0, "dwell": False, "stop_patience": 5, "ask_epoch": None, **settings}),
+              stream=io.StringIO())
+    scripted, weights = {1: metrics(val_loss=1.0, val_acc=0.7), 2: metrics(val_loss=1.5)}, []
+
+    def one_epoch(step, data, epoch, state):  # a real step moves the weights; the metrics are scripted
+        train_step(state.model, state.optimizer, epoch)
+        weights.append({k: v.clone() for k, v in state.model.state_dict().items()})
+        return {"epoch": epoch, **scripted[epoch], "lr": optim_module.get_lr(state.optimizer)}
+
+    monkeypatch.setattr(train_module, "_train_and_validate", one_epoch)
+    epochs = 2 if ending == "epoch limit" else 5
+    history = train_module.fit(TrainState(model, optimizer, lra), None, FitConfig(epochs, str(tmp_path)))
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert not all(torch.equal(v, weights[0][k]) for k, v in weights[1].items())  # epoch 2 did move them
+    assert_same(model.state_dict(), weights[0])
+    output = lra.stream.getvalue()
     assert "from epoch 1" in output and "70.00%" in output
 
 
@@ -291,7 +291,7 @@ def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path
     model.head = nn.Linear(4, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     lra = LRA(LRAConfig(ask_epoch=None), stream=io.StringIO())
-    best = train_module.Snapshot()
+    best = state_module.Snapshot()
     calls = {"n": 0}
     original = train_module.train_one_epoch
 
@@ -303,8 +303,7 @@ def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted_on_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        train_module.fit(model, data, optimizer, lra, epochs=5, loss_fn=nn.CrossEntropyLoss(),
-                         output_dir=str(tmp_path), best=best)
+        train_module.fit(TrainState(model, optimizer, lra, best), data, FitConfig(epochs=5, output_dir=str(tmp_path)))
     assert lra.best_epoch in (1, 2)
     assert_same(model.state_dict(), best.model)
     assert "interrupted during epoch 3" in lra.stream.getvalue()
@@ -422,8 +421,7 @@ def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
     model = model_module.get_model("cnn", 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     lra = LRA(LRAConfig(ask_epoch=2), stream=io.StringIO())
-    history = train_module.fit(model, data, optimizer, lra, epochs=2, loss_fn=nn.CrossEntropyLoss(),
-                               output_dir=str(tmp_path))
+    history = train_module.fit(TrainState(model, optimizer, lra), data, FitConfig(epochs=2, output_dir=str(tmp_path)))
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
 
 
@@ -444,7 +442,7 @@ def test_state_round_trip_makes_the_same_decisions():
     second = make_lra(threshold=0.9, stop_patience=5)
     second.model.load_state_dict(first.model.state_dict())
     second.optimizer.load_state_dict(first.optimizer.state_dict())
-    second.best.load_state_dict(first.best.state_dict(), torch.device("cpu"))
+    second.state.best.load_state_dict(first.state.best.state_dict(), torch.device("cpu"))
     second.lra.load_state_dict(state)
     log += [(second.on_epoch_end(e, m), lr_of(second), second.decision.monitor, second.lra.cuts)
             for e, m in enumerate(sequence[3:], start=4)]

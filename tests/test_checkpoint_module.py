@@ -1,6 +1,7 @@
-"""A run's files: what the checkpoint holds, model weights from either file, files of the first format, an
-earlier run's files moved aside."""
+"""A run's files: what the checkpoint holds, a resume from it, files of another format refused, an earlier run's
+files moved aside."""
 
+import dataclasses
 import datetime
 import io
 import json
@@ -9,69 +10,73 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 
 import checkpoint_module
 import model_module
+import optim_module
+import state_module
 import train_module
 import utils
-from callback_module import LRA
+from callback_module import LRA, LRAConfig
 from conftest import make_tiny_data
+from optim_module import OptimConfig
+from state_module import RunInfo, TrainState
+from train_module import FitConfig
+
+
+def new_state(data, model_name="cnn", started=None):
+    model = model_module.get_model(model_name, 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    info = RunInfo({"MODEL": model_name, "DATASET": "cifar10", "FREEZE": False}, data.classes, list(data.mean),
+                   list(data.std), 16, started=started)
+    return TrainState(model, optimizer, LRA(LRAConfig(ask_epoch=None), stream=io.StringIO()), info=info)
 
 
 def run_fit(tmp_path, epochs=2, started=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     data = make_tiny_data(size=16)
-    model = model_module.get_model("cnn", 4)
-    optimizer = train_module.make_optimizer(model, 0.05)
-    lra = LRA(ask_epoch=None, stream=io.StringIO())
-    run_info = {"config": {"MODEL": "cnn", "DATASET": "cifar10", "FREEZE": False}, "classes": data.classes,
-                "mean": list(data.mean), "std": list(data.std), "image_size": 16, "started": started}
-    history = train_module.fit(model, data, optimizer, lra, epochs=epochs, loss_fn=nn.CrossEntropyLoss(),
-                               output_dir=str(tmp_path), run_info=run_info)
-    return model, lra, history, run_info
+    state = new_state(data, started=started)
+    history = train_module.fit(state, data, FitConfig(epochs=epochs, output_dir=str(tmp_path)))
+    return state, data, history
 
 
 def test_the_checkpoint_holds_everything_a_resume_needs(tmp_path):
-    _, lra, _, _ = run_fit(tmp_path, epochs=2)
+    state, _, _ = run_fit(tmp_path, epochs=2)
     checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
-    for key in (*checkpoint_module.STATE_KEYS, *checkpoint_module.RUN_INFO_KEYS, "format"):
-        assert key in checkpoint
+    fields = [field.name for field in dataclasses.fields(RunInfo)]
+    assert set(checkpoint) == {*state_module.KEYS, *fields, "format"}
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
-    assert checkpoint["lra"]["best_epoch"] == lra.best_epoch and checkpoint["best"]["model"] is not None
+    assert checkpoint["lra"]["best_epoch"] == state.lra.best_epoch and checkpoint["best"]["model"] is not None
 
 
-def test_a_best_model_json_of_the_first_format_names_todays_model(tmp_path):
-    info = {"model": "resnet18", "classes": ["a", "b"], "mean": [0.5] * 3, "std": [0.2] * 3, "image_size": 32}
-    (tmp_path / "best_model.json").write_text(json.dumps(info))
-    assert checkpoint_module.load_best_model_info(str(tmp_path))["model"] == model_module.LEGACY_NAMES["resnet18"]
-    (tmp_path / "best_model.json").write_text(json.dumps({**info, "format": checkpoint_module.FORMAT}))
-    assert checkpoint_module.load_best_model_info(str(tmp_path))["model"] == "resnet18"
+def test_a_resume_loads_the_whole_state_and_rewrites_the_best_files_from_the_checkpoint(tmp_path):
+    state, data, history = run_fit(tmp_path / "run", epochs=2)
+    (tmp_path / "run" / "best_model.pth").unlink()
+    path = str(tmp_path / "run" / "last_checkpoint.pth")
+    resumed = new_state(data, started=state.info.started)
+    checkpoint_module.resume(checkpoint_module.read_checkpoint(path), path, resumed,
+                             output_dir=str(tmp_path / "run"))
+    assert resumed.epoch == 2 and resumed.history == history
+    assert resumed.lra.state_dict() == state.lra.state_dict()
+    for key, value in resumed.best.model.items():
+        assert torch.equal(value, state.best.model[key])
+    for key, value in resumed.model.state_dict().items():  # the last epoch's weights, not the best
+        assert torch.equal(value, torch.load(path, weights_only=True)["model"][key])
+    saved = torch.load(tmp_path / "run" / "best_model.pth", weights_only=True)
+    assert all(torch.equal(saved[key], value) for key, value in state.best.model.items())
 
 
-def test_a_checkpoint_of_the_first_format_resumes(tmp_path):
-    """Before LRA returned decisions it held the best snapshot and said phase and fine_tuned."""
-    model, lra, history, run_info = run_fit(tmp_path / "run", epochs=2)
-    checkpoint = torch.load(tmp_path / "run" / "last_checkpoint.pth", weights_only=True)
-    old_lra = {("phase" if k == "monitor" else k): v for k, v in checkpoint.pop("lra").items() if k != "frozen"}
-    best = checkpoint.pop("best")
-    checkpoint.pop("format")
-    checkpoint["lra"] = {**old_lra, "fine_tuned": False, "best_model": best["model"], "best_optimizer": best["optimizer"]}
-    utils.save_torch(checkpoint, str(tmp_path / "old.pth"))
-
-    fresh = model_module.get_model("cnn", 4)
-    optimizer = train_module.make_optimizer(fresh, 0.05)
-    resumed_lra, snapshot = LRA(ask_epoch=None, stream=io.StringIO()), train_module.Snapshot()
-    run_info["precision"] = "fp32"  # the caller's answer for a file that recorded none
-    next_epoch, resumed_history = checkpoint_module.resume(
-        str(tmp_path / "old.pth"), model=fresh, optimizer=optimizer, lra=resumed_lra, best=snapshot, schedule=None,
-        lookahead=None, run_info=run_info, output_dir=str(tmp_path / "run"))
-    assert next_epoch == 3 and resumed_history == history
-    assert resumed_lra.state_dict() == lra.state_dict()
-    assert json.loads((tmp_path / "run" / "best_model.json").read_text())["precision"] == "fp32"
-    for key, value in snapshot.model.items():
-        assert torch.equal(value, best["model"][key])
+def test_a_checkpoint_of_another_format_or_model_is_refused(tmp_path):
+    state, data, _ = run_fit(tmp_path / "run", epochs=1)
+    path = str(tmp_path / "run" / "last_checkpoint.pth")
+    checkpoint = torch.load(path, weights_only=True)
+    utils.save_torch({**checkpoint, "format": 1}, str(tmp_path / "old.pth"))
+    with pytest.raises(utils.CheckpointError, match="is not a last_checkpoint.pth of this pipeline"):
+        checkpoint_module.read_checkpoint(str(tmp_path / "old.pth"))
+    other = new_state(data, model_name="resnet18_cifar")
+    with pytest.raises(utils.CheckpointError, match="was saved with MODEL = 'cnn', but this run has 'resnet18_cifar'"):
+        checkpoint_module.resume(checkpoint, path, other, output_dir=str(tmp_path / "run"))
 
 
 # ----------------------------------------------------------------------------- earlier runs
@@ -94,8 +99,7 @@ def test_an_earlier_run_moves_to_previous_under_its_start_time_byte_for_byte(tmp
     run_fit(out, epochs=2, started="2026-11-27T03:58:12+00:00")
     (out / "notes.txt").write_text("mine")
     before = {name: data for name, data in files_in(out).items() if name != "notes.txt"}
-    assert set(before) == {"last_checkpoint.pth", "best_model.pth", "best_model.json", "training_metrics.csv",
-                           "training_curves.png"}
+    assert set(before) == {"last_checkpoint.pth", "best_model.pth", "best_model.json", "training_metrics.csv"}
     local = datetime.datetime(2026, 11, 27, 3, 58, 12, tzinfo=datetime.timezone.utc).astimezone()
     expected = out / "previous" / local.strftime("%Y-%m-%dT%H-%M-%S")
 
@@ -130,12 +134,11 @@ def test_a_folder_without_a_run_moves_nothing(tmp_path):
 
 
 def writer_state(model, epoch=1):
-    optimizer = train_module.make_optimizer(model, 0.05)
-    best = train_module.Snapshot(with_optimizer=False)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    best = state_module.Snapshot(with_optimizer=False)
     best.take(model, optimizer)
-    return dict(model=model, optimizer=optimizer, lra=LRA(ask_epoch=None, stream=io.StringIO()), best=best,
-                new_best=True, schedule=None, lookahead=None, rng=[utils.rng_state()],
-                history=[{"epoch": epoch, "val_loss": 1.0}], run_info={"config": {"MODEL": "cnn"}})
+    return TrainState(model, optimizer, LRA(LRAConfig(ask_epoch=None), stream=io.StringIO()), best,
+                      history=[{"epoch": epoch, "val_loss": 1.0}])
 
 
 def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, monkeypatch):
@@ -151,11 +154,11 @@ def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, mo
 
     monkeypatch.setattr(utils, "save_torch", after_the_next_step)
     writer = checkpoint_module.EpochWriter(str(tmp_path))
-    writer.save(**state)
+    writer.save(state.state_dict(), new_best=True)
     with torch.no_grad():  # the next epoch changes the live tensors while the files are written
         for p in model.parameters():
             p.add_(1.0)
-    state["history"].append({"epoch": 2, "val_loss": 0.5})
+    state.history.append({"epoch": 2, "val_loss": 0.5})
     trained_on.set()
     writer.wait()
     checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
@@ -172,7 +175,7 @@ def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(utils, "save_torch", full_disk)
     writer = checkpoint_module.EpochWriter(str(tmp_path))
-    writer.save(**writer_state(model_module.get_model("cnn", 4)))  # returns at once; the write fails behind it
+    writer.save(writer_state(model_module.get_model("cnn", 4)).state_dict(), new_best=True)  # returns at once; the write fails behind it
     with pytest.raises(OSError, match="No space left"):
         writer.wait()
     writer.wait()  # raised once

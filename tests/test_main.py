@@ -18,6 +18,7 @@ from PIL import Image
 
 import data_module
 import main
+import step_module
 import train_module
 import utils
 from conftest import ROOT, run_main, write_fake_cifar, write_image_tree
@@ -102,7 +103,7 @@ def test_out_of_range_constants_name_the_constant(name, value):
     config = main.constants()
     config[name] = value
     with pytest.raises(ValueError, match=f"^{name} = "):
-        main.check_config(config)
+        main.build_config(config)
 
 
 # ----------------------------------------------------------------------------- bad input, end to end
@@ -254,18 +255,18 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
     used = []
     train_one_epoch = train_module.train_one_epoch
 
-    def recording(*args, **kwargs):
-        used.append(kwargs["autocast_dtype"])
-        return train_one_epoch(*args, **kwargs)
+    def recording(step, *args, **kwargs):
+        used.append(step.autocast_dtype)
+        return train_one_epoch(step, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", recording)
-    monkeypatch.setattr(train_module, "bf16_speedup_on_cpu", lambda *a, **k: 3.0)  # a CPU where bf16 pays
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 3.0)  # a CPU where bf16 pays
     result = main_in_process(args + ["--epochs", "1"], capsys)
     assert result.returncode == 0 and "ran 3.00x as fast as fp32, so training is in bf16" in result.stdout
     assert used == [torch.bfloat16]
     assert json.loads((out / "best_model.json").read_text())["precision"] == "bf16"
 
-    monkeypatch.setattr(train_module, "bf16_speedup_on_cpu", lambda *a, **k: 0.5)  # a new trial would say fp32
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 0.5)  # a new trial would say fp32
     result = main_in_process(args + ["--epochs", "2", "--resume", "auto"], capsys)
     assert result.returncode == 0 and "Resuming" in result.stdout and "trial" not in result.stdout
     assert used == [torch.bfloat16] * 2  # the resumed epoch trains as the first did
@@ -273,9 +274,10 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
     result = main_in_process(args + ["--epochs", "1"], capsys)  # a new run: a new trial
     assert "so training is in fp32" in result.stdout and used[-1] is None
     assert json.loads((out / "best_model.json").read_text())["precision"] == "fp32"
-    monkeypatch.setattr(train_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail("measured a short run"))
-    assert train_module.choose_precision(True, torch.device("cpu"), None, 32, channels_last=True, run_steps=499,
-                                         trial_steps=500) == "fp32"
+    monkeypatch.setattr(main, "BF16_TRIAL_STEPS", 10 ** 9)  # a run too short to pay for a trial
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail("measured a short run"))
+    result = main_in_process(args + ["--epochs", "1"], capsys)
+    assert result.returncode == 0 and "trial" not in result.stdout and used[-1] is None
 
 
 def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_run, capsys):

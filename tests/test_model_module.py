@@ -11,9 +11,12 @@ import torchvision
 from torch import nn
 
 import model_module
+import optim_module
+import step_module
 import train_module
 import utils
 from conftest import ROOT, make_tiny_data
+from optim_module import OptimConfig
 
 
 @pytest.mark.parametrize("name", list(model_module.MODELS))
@@ -49,7 +52,7 @@ def test_freeze_leaves_only_the_head_trainable_and_batchnorm_in_eval():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
     assert model.head.training
-    optimizer = train_module.make_optimizer(model, 0.1)  # holds the frozen body too, for unfreezing later
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))  # holds the frozen body too, for unfreezing later
     trained = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
     assert trained == {id(p) for p in model.head.parameters()}
 
@@ -60,8 +63,8 @@ def test_an_epoch_with_freeze_changes_only_the_head(tmp_path):
     model = model_module.get_model("cnn", 4, freeze=True)
     body_before = {k: v.clone() for k, v in model.body.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
-    optimizer = train_module.make_optimizer(model, 0.1)
-    train_module.train_one_epoch(model, data.train, optimizer, nn.CrossEntropyLoss())
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))
+    train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()), data.train)
     for key, value in model.body.state_dict().items():  # parameters and BatchNorm buffers alike
         assert torch.equal(value, body_before[key]), key
     assert any(not torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import model_module
+import optim_module
 import report_module
 import train_module
 from conftest import make_tiny_data
@@ -152,7 +153,7 @@ def test_the_lr_finder_plot_is_a_png_on_a_log_axis_with_the_suggestion_marked(tm
     lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
     losses = [2.3 - 1.5 / (1 + math.exp(-(i - 50) / 8)) + (0.002 * (i - 80) ** 2 if i > 80 else 0)
               for i in range(100)]
-    suggestion = train_module.suggest_lr(lrs, losses)
+    suggestion = optim_module.suggest_lr(lrs, losses)
     report_module.plot_lr_finder(lrs, losses, suggestion, str(tmp_path / "lr_finder.png"))
     assert read_png(tmp_path / "lr_finder.png") == (700, 450)
     axes = report_module._lr_finder_figure(lrs, losses, suggestion).axes[0]

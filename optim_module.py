@@ -1,0 +1,270 @@
+"""The optimizer and what sets its LR: SGD with per-group LR scales, the one-cycle schedule, airbench's
+Lookahead, and the LR range test (the LR finder)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+import model_module
+import utils
+from step_module import autocast
+
+SCHEDULES = ("lra", "onecycle")
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """SGD and its LR schedule, as main.py's constants of the same names set them."""
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    norm_lr_scale: float = 1.0  # BatchNorm parameters train at this many times lr (their decay divided by it)
+    body_lr_scale: float = 1.0  # a body frozen at the start trains at this many times lr once unfrozen
+    schedule: str = "lra"
+    lookahead: bool = False
+
+    def __post_init__(self) -> None:
+        utils.check_fields(self, RULES, {"schedule": SCHEDULES})
+
+
+RULES: utils.Rules = {
+    "lr": (lambda v: v > 0, "a number > 0"),
+    "momentum": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "norm_lr_scale": (lambda v: v > 0, "a number > 0"),
+    "body_lr_scale": (lambda v: v > 0, "a number > 0"),
+}
+
+
+# --------------------------------------------------------------------------- optimizer and schedule
+
+
+def make_optimizer(model: nn.Module, config: OptimConfig, lr_device: torch.device | None = None) -> torch.optim.SGD:
+    """SGD over every parameter meant to train, the frozen body included (it has no gradients, so SGD
+    skips it until it is unfrozen; the groups never change, so no schedule or saved state has to follow
+    a new one). Each group trains at LR x its lr_scale: BatchNorm parameters at norm_lr_scale (their
+    weight decay divided by it, so their decay per step is the others'), the frozen body at body_lr_scale.
+    lr_device: each group's LR is held as a tensor there and read by the fused SGD kernel, so a step
+    captured in a CUDA graph sees every new LR (see hold_lr_as_tensor)."""
+    c = config
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters()}
+    frozen = {id(p) for p in model_module.frozen_parameters(model)} if isinstance(model, model_module.Classifier) \
+        else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad or id(p) in frozen:
+            groups.setdefault((id(p) in norms and c.norm_lr_scale != 1.0, id(p) in frozen), []).append(p)
+    param_groups = [{"params": params,
+                     "lr_scale": (c.norm_lr_scale if norm else 1.0) * (c.body_lr_scale if body else 1.0),
+                     "weight_decay": c.weight_decay / c.norm_lr_scale if norm else c.weight_decay}
+                    for (norm, body), params in sorted(groups.items())]
+    optimizer = torch.optim.SGD(param_groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                weight_decay=c.weight_decay)
+    if lr_device is not None:
+        hold_lr_as_tensor(optimizer, lr_device)
+    set_lr(optimizer, c.lr)
+    return optimizer
+
+
+def hold_lr_as_tensor(optimizer: torch.optim.SGD, device: torch.device) -> None:
+    """Hold each group's LR as a one-element tensor on the device, stepped by the fused SGD kernel (which
+    reads the LR from the tensor, where the foreach one reads a number when the step is launched): what a
+    CUDA graph needs to see the LR change. set_lr fills the tensors in place. Saved state still holds plain
+    numbers, so every checkpoint loads into every optimizer, and loading one makes them tensors again."""
+    def to_tensors(optimizer: torch.optim.SGD) -> None:
+        for group in optimizer.param_groups:
+            group.update(lr=torch.tensor(float(group["lr"]), device=device), fused=True, foreach=None)
+
+    def to_numbers(optimizer: torch.optim.SGD, state: dict[str, Any]) -> dict[str, Any]:
+        for group in state["param_groups"]:
+            group.update(lr=float(group["lr"]), fused=None)
+        return state
+    to_tensors(optimizer)
+    optimizer.register_load_state_dict_post_hook(to_tensors)
+    optimizer.register_state_dict_post_hook(to_numbers)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The one writer of the LR: every group trains at lr times its lr_scale (an LR tensor is filled in place)."""
+    for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value
+
+
+def get_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR that set_lr last set."""
+    group = optimizer.param_groups[0]
+    return float(group["lr"]) / group.get("lr_scale", 1.0)
+
+
+class OneCycle:
+    """A fixed per-step LR: rises linearly from 0.2x to 1x the peak over the first 23% of the steps,
+    then falls linearly to 0.07x (airbench's shape), and holds its last value past the end (when the
+    user asks for more epochs). Call advance(optimizer) after each optimizer step."""
+
+    WARMUP = 0.23  # share of the steps spent rising (airbench's)
+
+    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int):
+        self.peak_lr, self.total_steps, self.step = peak_lr, total_steps, 0
+        self.warmup_steps = self.WARMUP * total_steps - 1
+        set_lr(optimizer, self.lr_at(0))
+
+    def lr_at(self, step: int) -> float:
+        """The LR of the given step (0-based)."""
+        last = self.total_steps - 1
+        step = min(step, last)
+        if step <= self.warmup_steps:
+            return self.peak_lr * (0.2 + 0.8 * step / self.warmup_steps)
+        return self.peak_lr * (1 - 0.93 * (step - self.warmup_steps) / (last - self.warmup_steps))
+
+    def advance(self, optimizer: torch.optim.Optimizer) -> None:
+        self.step += 1
+        set_lr(optimizer, self.lr_at(self.step))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int) -> OneCycle | None:
+    """None for "lra" (LRA's decisions set the LR), else the per-step schedule that does."""
+    if schedule not in SCHEDULES:
+        raise ValueError(utils.not_known("SCHEDULE", schedule, SCHEDULES))
+    return OneCycle(optimizer, lr, total_steps) if schedule == "onecycle" else None
+
+
+class Lookahead:
+    """airbench's lookahead: every `every` steps, pull a slow copy of the weights towards the fast ones
+    by an amount that grows over the run, then continue from the slow copy; the run ends on it."""
+
+    def __init__(self, model: nn.Module, total_steps: int, every: int = 5):
+        self.total_steps, self.every, self.step = total_steps, every, 0
+        state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.slow = {k: v.detach().clone() for k, v in state.items()}
+        self._fast, self._slow = list(state.values()), list(self.slow.values())  # views of the live tensors
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Count one optimizer step; every `every` steps (and on the last) sync the weights."""
+        self.step += 1
+        if self.step % self.every and self.step != self.total_steps:
+            return
+        decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (self.step / self.total_steps) ** 3
+        torch._foreach_lerp_(self._slow, self._fast, 1 - decay)
+        torch._foreach_copy_(self._fast, self._slow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "slow": self.slow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        for key, value in state["slow"].items():
+            self.slow[key].copy_(value)
+
+
+# --------------------------------------------------------------------------- the LR range test
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeTest:
+    """The LR range test's sweep: from start_lr to end_lr over `steps` steps, the loss smoothed with `beta`,
+    stopped once it exceeds `diverge` times the lowest so far."""
+
+    start_lr: float = 1e-7
+    end_lr: float = 10.0
+    steps: int = 100
+    beta: float = 0.98
+    diverge: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.start_lr < self.end_lr:
+            raise ValueError(f"the LR finder needs 0 < start_lr < end_lr, got {self.start_lr} and {self.end_lr}")
+        if self.steps < 2:
+            raise ValueError(f"the LR finder needs at least 2 steps, got {self.steps}")
+
+
+def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
+            autocast_dtype: torch.dtype | None = None,
+            sweep: RangeTest = RangeTest()) -> tuple[list[float], list[float], float]:
+    """An LR range test (Smith 2017, fastai's lr_find): train up to sweep.steps batches (cycling the loader
+    when it has fewer) with the LR rising exponentially from start_lr to end_lr, recording the loss smoothed
+    as fastai does (an exponential moving average, bias-corrected), and stop once it diverges (or is not
+    finite). Returns the LRs, the smoothed losses and the suggested LR (see suggest_lr). The model, the
+    optimizer and the random states are then put back exactly as they were: the test trains only to measure."""
+    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    saved_optimizer, rng, training = copy.deepcopy(optimizer.state_dict()), utils.rng_state(), model.training
+    device = next(model.parameters()).device
+    lrs, losses, average, best = [], [], 0.0, math.inf
+    try:
+        model.train()
+        for step, (images, targets) in enumerate(_cycle(loader, sweep.steps)):
+            lr = sweep.start_lr * (sweep.end_lr / sweep.start_lr) ** (step / (sweep.steps - 1))
+            set_lr(optimizer, lr)
+            with autocast(device, autocast_dtype):
+                loss = loss_fn(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()  # one wait for the device per step: 100 steps, once
+            if not math.isfinite(value):
+                break
+            average = sweep.beta * average + (1 - sweep.beta) * value
+            lrs.append(lr)
+            losses.append(average / (1 - sweep.beta ** (step + 1)))
+            best = min(best, losses[-1])
+            if losses[-1] > sweep.diverge * best:
+                break
+    finally:
+        model.load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_optimizer)
+        model.zero_grad(set_to_none=True)
+        model.train(training)
+        utils.set_rng_state(rng)
+    if not lrs:
+        raise ValueError(f"the loss was not finite at the LR finder's first step (LR {sweep.start_lr})")
+    return lrs, losses, suggest_lr(lrs, losses)
+
+
+def suggest_lr(lrs: list[float], losses: list[float]) -> float:
+    """After fastai's "valley" rule: leave out the first tenth of the points and the last five (the start is
+    flat and noisy, the end diverging), find the longest run of points over which the smoothed loss keeps
+    falling (the longest decreasing subsequence), and take the LR midway between its first and last point
+    (on the log scale). With under 20 points, all are used."""
+    if len(lrs) >= 20:
+        lrs, losses = lrs[len(lrs) // 10:-5], losses[len(losses) // 10:-5]
+    lengths, firsts = [1] * len(losses), list(range(len(losses)))  # the longest run ending at each point
+    for i in range(len(losses)):
+        for j in range(i):
+            if losses[j] > losses[i] and lengths[j] + 1 >= lengths[i]:  # ties: the later start, off a plateau
+                lengths[i], firsts[i] = lengths[j] + 1, firsts[j]
+    end = lengths.index(max(lengths))
+    return lrs[(firsts[end] + end) // 2]
+
+
+def _cycle(loader: Iterable, steps: int) -> Iterable:
+    """`steps` batches from the loader, starting it again as often as needed."""
+    step = 0
+    while step < steps:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            step += 1
+            if step == steps:
+                return
+        if empty:
+            raise ValueError("the LR finder got no batches from the training data")
+

@@ -1,0 +1,111 @@
+"""What one run trains with, as one object: TrainState holds the model, the optimizer, LRA, the best epoch's
+snapshot, the schedule, Lookahead, the history and the RunInfo, and its state_dict() is what
+last_checkpoint.pth holds."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+import model_module
+import utils
+from callback_module import LRA
+from optim_module import Lookahead, OneCycle
+
+KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "rng", "history")  # beside RunInfo's
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """What a run is, recorded in last_checkpoint.pth and (but config) best_model.json."""
+
+    config: dict[str, Any]  # main.py's constants, by name, as the run set them
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    image_size: int
+    resize_size: int | None = None  # photo folders: the size images are stored at; None for CIFAR-10
+    precision: str = "fp32"  # "bf16" or "fp32": what it trains in, chosen once (step_module.choose_precision)
+    started: str | None = None  # when it started (checkpoint_module.timestamp()): its folder's name in previous/
+
+
+class Snapshot:
+    """The best epoch's model state and (when a restore can use it) optimizer state, on the device."""
+
+    def __init__(self, with_optimizer: bool = True):
+        self.with_optimizer = with_optimizer
+        self.model: dict[str, torch.Tensor] | None = None
+        self.optimizer: dict[str, Any] | None = None
+
+    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.with_optimizer:
+            self.optimizer = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Load the snapshot into the model (and the optimizer, when given)."""
+        model.load_state_dict(self.model)  # copies the values in
+        if optimizer is not None:  # load_state_dict keeps the tensors it is given: training would change the snapshot
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.model = None if state["model"] is None else {k: v.to(device) for k, v in state["model"].items()}
+        self.optimizer = copy.deepcopy(state["optimizer"])  # the optimizer may be loaded from the same tensors
+
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run trains with and a resume needs; best defaults to an empty Snapshot that keeps optimizer
+    state when LRA can go back to it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lra: LRA
+    best: Snapshot | None = None
+    schedule: OneCycle | None = None
+    lookahead: Lookahead | None = None
+    history: list[dict] = dataclasses.field(default_factory=list)  # one metrics row per finished epoch
+    info: RunInfo | None = None
+
+    def __post_init__(self) -> None:
+        if self.best is None:
+            self.best = Snapshot(with_optimizer=self.lra.restores)
+
+    @property
+    def epoch(self) -> int:
+        """The last finished epoch (0 before the first)."""
+        return self.history[-1]["epoch"] if self.history else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """KEYS and RunInfo's fields, referring to the live tensors. Every process calls it together: it gathers
+        each process's random state, so a resume continues each one."""
+        optional = {name: part.state_dict() if part is not None else None
+                    for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead))}
+        return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lra": self.lra.state_dict(), "best": self.best.state_dict(), **optional,
+                "rng": utils.gather(utils.rng_state()), "history": list(self.history),
+                **(dataclasses.asdict(self.info) if self.info is not None else {})}
+
+    def load_state_dict(self, state: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
+        """Continue exactly where state left off: weights, optimizer, LRA (and the body it unfroze), the best
+        snapshot, schedule, Lookahead, history and this process's random state."""
+        self.model.load_state_dict(state["model"])
+        self.lra.load_state_dict(state["lra"])
+        if not self.lra.frozen:  # unfrozen during the saved run (the optimizer has held the body all along)
+            model_module.unfreeze_body(self.model)
+        self.best.load_state_dict(state["best"], next(self.model.parameters()).device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for part, name in ((self.schedule, "schedule"), (self.lookahead, "lookahead")):
+            if part is not None and state.get(name):
+                part.load_state_dict(state[name])
+        self.history = list(state["history"])
+        states = state["rng"]  # one per process of the saved run
+        utils.set_rng_state(states[rank] if len(states) == world_size else states[0])

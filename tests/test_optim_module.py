@@ -1,0 +1,163 @@
+"""optim_module: SGD's groups and LR scales, the one-cycle schedule, Lookahead, the LR held as a tensor, the LR
+finder."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import model_module
+import optim_module
+import step_module
+import train_module
+from conftest import assert_same_state, make_tiny_data, random_batch, state_of
+from optim_module import OptimConfig, RangeTest
+
+
+def test_onecycle_rises_then_falls_and_holds_past_its_end():
+    model = nn.Linear(2, 2)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=1.0))
+    schedule = optim_module.make_schedule(optimizer, "onecycle", 1.0, total_steps=100)
+    lrs = []
+    for _ in range(120):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.advance(optimizer)
+    assert lrs[0] == pytest.approx(0.2) and max(lrs) == pytest.approx(1.0, abs=0.01)
+    assert lrs[99] == pytest.approx(0.07, abs=0.01) and lrs[119] == lrs[99]
+    assert optim_module.make_schedule(optimizer, "lra", 1.0, 100) is None
+
+
+def test_onecycle_matches_torchs_one_cycle_lr():
+    """The schedule is airbench's shape in OneCycleLR's terms, step for step."""
+    model = nn.Linear(2, 2)
+    ours = optim_module.make_optimizer(model, OptimConfig(lr=1.5))
+    schedule = optim_module.make_schedule(ours, "onecycle", 1.5, total_steps=50)
+    theirs = torch.optim.SGD(model.parameters(), lr=1.5)
+    reference = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=1.5, total_steps=50, pct_start=0.23,
+                                                    anneal_strategy="linear", cycle_momentum=False,
+                                                    div_factor=5.0, final_div_factor=0.2 / 0.07)
+    for _ in range(49):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-9)
+        theirs.step()
+        reference.step()
+        schedule.advance(ours)
+
+
+def test_onecycle_schedules_the_body_after_unfreezing():
+    """The body's group is in the optimizer from the start, so the schedule sets its LR once it trains."""
+    model = model_module.get_model("cnn", 4, freeze=True)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=1.0))
+    schedule = optim_module.make_schedule(optimizer, "onecycle", 1.0, total_steps=10)
+    schedule.advance(optimizer)
+    model_module.unfreeze_body(model)
+    schedule.advance(optimizer)
+    assert len({group["lr"] for group in optimizer.param_groups}) == 1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(schedule.lr_at(2))
+
+
+def test_norm_parameters_get_a_scaled_lr_and_the_same_decay_per_step():
+    model = model_module.get_model("cnn", 10)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1, weight_decay=1e-3, norm_lr_scale=64))
+    main, norms = optimizer.param_groups
+    assert norms["lr"] == pytest.approx(6.4) and norms["lr"] * norms["weight_decay"] == pytest.approx(1e-4)
+    assert main["lr"] * main["weight_decay"] == pytest.approx(1e-4)
+    bn_ids = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for p in norms["params"]} == bn_ids
+
+
+def test_lookahead_ends_on_the_slow_weights():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    lookahead = optim_module.Lookahead(model, total_steps=7, every=5)
+    for _ in range(7):
+        model(torch.randn(4, 3)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lookahead.update()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, lookahead.slow[key])
+
+
+def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_it_tried(one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8, batch_size=16)  # 4 batches: the finder cycles through them
+    model = model_module.get_model("cnn", 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()), data.train)  # momentum
+    model.eval()
+    before = state_of(model, optimizer)
+    rng = torch.get_rng_state()
+    lrs, losses, suggestion = optim_module.find_lr(model, data.train, optimizer, nn.CrossEntropyLoss(),
+                                                   sweep=RangeTest(start_lr=1e-4, end_lr=10, steps=60))
+    assert_same_state(model, optimizer, before)
+    assert not model.training and optim_module.get_lr(optimizer) == 0.05
+    assert torch.equal(torch.get_rng_state(), rng)  # a run with the finder draws what one without would
+    assert lrs[0] == pytest.approx(1e-4) and all(a < b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[1] / lrs[0] == pytest.approx((10 / 1e-4) ** (1 / 59))  # exponential steps, 10 reached at 60
+    assert 1e-4 <= suggestion <= 10 and suggestion in lrs
+    # this net diverges before LR 10: the test stops once the smoothed loss passes 4x its lowest
+    assert len(lrs) < 60 and losses[-1] > 4 * min(losses) and all(x <= 4 * min(losses[:i + 1])
+                                                                   for i, x in enumerate(losses[:-1]))
+    # the first smoothed loss is the first batch's own (the bias correction), at the untouched weights
+    images, targets = next(iter(data.train))
+    first = nn.functional.cross_entropy(model.train()(images), targets).item()
+    assert losses[0] == pytest.approx(first, rel=1e-6)
+
+
+def test_the_lr_finder_trains_only_the_head_of_a_frozen_model(one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8)
+    model = model_module.get_model("cnn", 4, freeze=True)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05, body_lr_scale=0.1))
+    before = state_of(model, optimizer)
+    body = {k: v.clone() for k, v in model.body.state_dict().items()}
+    heads = []
+
+    def loss_fn(logits, targets):  # called at every step: the body is as it was, the head moves
+        for key, value in model.body.state_dict().items():
+            assert torch.equal(value, body[key]), key
+        heads.append(model.head[1].weight.detach().clone())
+        return nn.functional.cross_entropy(logits, targets)
+
+    lrs, losses, suggestion = optim_module.find_lr(model, data.train, optimizer, loss_fn,
+                                                   sweep=RangeTest(steps=20, end_lr=1))
+    assert len(lrs) > 5 and not torch.equal(heads[0], heads[-1])
+    assert lrs[0] <= suggestion <= lrs[-1]
+    assert_same_state(model, optimizer, before)
+
+
+def test_the_suggestion_is_the_middle_of_the_longest_fall():
+    lrs = [10.0 ** (i / 10) for i in range(40)]
+    losses = [3.0] * 10 + [3.0 - 0.1 * i for i in range(20)] + [1.5 + 0.5 * i for i in range(10)]
+    # trimmed to points 4..34; the longest fall runs from the plateau's last point, 10, to point 29
+    assert optim_module.suggest_lr(lrs, losses) == lrs[(10 + 29) // 2]
+
+
+def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    twin = copy.deepcopy(model)
+    number = optim_module.make_optimizer(model, OptimConfig(lr=0.1, norm_lr_scale=4.0))
+    held = optim_module.make_optimizer(twin, OptimConfig(lr=0.1, norm_lr_scale=4.0), lr_device=torch.device("cpu"))
+    tensors = [group["lr"] for group in held.param_groups]
+    assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 2
+    steps = [step_module.TrainStep(m, o, nn.CrossEntropyLoss()) for m, o in ((model, number), (twin, held))]
+    for lr in (0.1, 0.02, 0.3):
+        for optimizer, step in zip((number, held), steps):
+            optim_module.set_lr(optimizer, lr)
+            torch.manual_seed(1)  # the same dropout
+            step(*random_batch(seed=int(lr * 100)))
+        assert all(group["lr"] is t for group, t in zip(held.param_groups, tensors))  # filled in place
+        assert [float(g["lr"]) for g in held.param_groups] == pytest.approx([g["lr"] for g in number.param_groups])
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), "the fused step with tensor LRs trained differently"
+    saved = held.state_dict()
+    assert all(type(group["lr"]) is float for group in saved["param_groups"])  # any optimizer loads it
+    number.load_state_dict(copy.deepcopy(saved))
+    assert all(type(group["lr"]) is float and not group["fused"] for group in number.param_groups)
+    held.load_state_dict(copy.deepcopy(number.state_dict()))
+    assert all(isinstance(group["lr"], torch.Tensor) and group["fused"] for group in held.param_groups)
+    assert optim_module.get_lr(held) == pytest.approx(0.3)

@@ -1,0 +1,96 @@
+"""state_module: the best epoch's snapshot, taken, restored and read back from a checkpoint; a TrainState saved
+and loaded goes on as the one it was saved from."""
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+
+import io
+
+import model_module
+import optim_module
+import state_module
+import train_module
+import utils
+from callback_module import LRA, LRAConfig
+from conftest import make_tiny_data
+from optim_module import OptimConfig
+from state_module import RunInfo, TrainState
+
+
+def test_restoring_the_best_epoch_twice_brings_back_the_same_state():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))
+    images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+
+    def step():
+        nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step()
+    best = state_module.Snapshot()
+    best.take(model, optimizer)
+    kept = copy.deepcopy(best.optimizer)
+    for _ in range(2):  # LRA restores the same best epoch after each of two bad epochs
+        step()
+        best.restore(model, optimizer)
+        momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
+        assert all(torch.equal(m, kept["state"][i]["momentum_buffer"]) for i, m in enumerate(momentum))
+        assert all(torch.equal(v, best.model[k]) for k, v in model.state_dict().items())
+
+
+def test_a_snapshot_read_from_a_checkpoint_shares_no_tensor_with_the_optimizer():
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))
+    images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    nn.functional.cross_entropy(model(images), targets).backward()
+    optimizer.step()
+    saved = {"optimizer": optimizer.state_dict(), "best": {"model": model.state_dict(), "optimizer": None}}
+    saved["best"]["optimizer"] = saved["optimizer"]  # torch.load keeps tensors that were shared when saved
+    kept = copy.deepcopy(saved["optimizer"])
+    best = state_module.Snapshot()
+    best.load_state_dict(saved["best"], torch.device("cpu"))
+    optimizer.load_state_dict(saved["optimizer"])  # as resume does
+    nn.functional.cross_entropy(model(images), targets).backward()
+    optimizer.step()
+    assert all(torch.equal(best.optimizer["state"][i]["momentum_buffer"], kept["state"][i]["momentum_buffer"])
+               for i in kept["state"])
+
+
+def new_state(data):
+    model = model_module.get_model("cnn", 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.5, schedule="onecycle", lookahead=True))
+    steps = 4 * len(data.train)
+    info = RunInfo({"MODEL": "cnn"}, data.classes, list(data.mean), list(data.std), 8, precision="fp32",
+                   started="2026-11-30T04:00:00+00:00")
+    return TrainState(model, optimizer, LRA(LRAConfig(ask_epoch=None, adjust_lr=False), stream=io.StringIO()),
+                      schedule=optim_module.make_schedule(optimizer, "onecycle", 0.5, steps),
+                      lookahead=optim_module.Lookahead(model, steps), info=info)
+
+
+def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tmp_path):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8)
+    original = new_state(data)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    train_module.fit(original, data, train_module.FitConfig(epochs=2, output_dir=str(tmp_path / "a")))
+    saved = original.state_dict()
+    assert set(saved) == {*state_module.KEYS, *(f.name for f in dataclasses.fields(RunInfo))}
+    assert saved["epoch"] == original.epoch == 2 and saved["started"] == original.info.started
+    utils.save_torch(saved, str(tmp_path / "state.pth"))
+    train_module.fit(original, data, train_module.FitConfig(epochs=3, output_dir=str(tmp_path / "a")))
+    torch.manual_seed(123)  # the loaded random state, not this one, must decide what comes next
+    copy_ = new_state(data)
+    copy_.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
+    assert copy_.epoch == 2 and copy_.history == original.history[:2]
+    assert copy_.schedule.step == 2 * len(data.train) and copy_.lookahead.step == 2 * len(data.train)
+    train_module.fit(copy_, data, train_module.FitConfig(epochs=3, output_dir=str(tmp_path / "b")))
+    assert copy_.history[-1]["train_loss"] == original.history[-1]["train_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(copy_.model.state_dict().values(),
+                                                  original.model.state_dict().values()))
