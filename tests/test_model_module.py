@@ -111,7 +111,7 @@ def test_every_torchvision_classifier_and_our_own_models_are_names():
     names = model_module.model_names()
     assert names[:3] == ["cnn", "resnet18_cifar", "fast"]
     assert sorted(names[3:]) == sorted(torchvision.models.list_models(module=torchvision.models))
-    assert len(names) == len(set(names)) == 83
+    assert len(names) == len(set(names))
     assert {"vit_b_16", "swin_t", "convnext_tiny", "squeezenet1_0", "regnet_y_400mf"} <= set(names)
 
 
