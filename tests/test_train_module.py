@@ -565,8 +565,10 @@ class _EagerGraph:
 def stand_in_cuda(monkeypatch):
     """torch.cuda's streams and graph capture replaced by stand-ins that run eagerly (the capture's step rolled
     back: a capture records work without doing it), and train_module.TrainStep by one that takes graph=True on
-    the CPU: the CUDA-graph path's bookkeeping, testable here. Yields the sizes of the optimizer state at each
-    capture, and a switch that breaks the replays."""
+    the CPU. Tests that use it check bookkeeping only: when the step is captured again, which optimizer state
+    a capture holds, and the fallback to eager steps. Nothing is captured or replayed here, so they say
+    nothing about whether CUDA captures the step; the CUDA-only test of a captured step does that. Yields the
+    sizes of the optimizer state at each capture, and a switch that breaks the replays."""
     captured, capturing, broken = [], [], []
 
     class Stream:
