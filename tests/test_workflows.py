@@ -223,7 +223,8 @@ def test_a_frozen_pretrained_backbone_keeps_its_weights_and_predicts(tmp_path, m
 
 
 def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_path):
-    """--schedule onecycle --freeze true --unfreeze-epoch 1 used to end in KeyError: 'max_lr'."""
+    """--schedule onecycle --freeze true --unfreeze-epoch 1: the unfrozen body joins OneCycle's schedule at
+    --body-lr-scale times the head's LR, and the run resumes from its checkpoint."""
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     args = ["--data-dir", data, "--output-dir", str(out), *TINY, "--schedule", "onecycle", "--freeze", "true",
