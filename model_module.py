@@ -139,9 +139,6 @@ def fast(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)) -> Cla
 
 MODELS: dict[str, Callable[[int], Classifier]] = {"cnn": cnn, "resnet18_cifar": resnet18_cifar, "fast": fast}
 TORCHVISION_MODELS: tuple[str, ...] = tuple(torchvision.models.list_models(module=torchvision.models))
-# Names that files saved before torchvision's models came mean otherwise: their "resnet18" is the 32-pixel
-# variant, now resnet18_cifar, while "resnet18" is torchvision's own. The checkpoint code maps old files.
-LEGACY_NAMES: dict[str, str] = {"resnet18": "resnet18_cifar"}
 
 
 def model_names() -> list[str]:

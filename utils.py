@@ -1,5 +1,6 @@
-"""Run plumbing: seeding, device choice, safe file writing and loading, the output folder's lock, the metrics
-CSV and plot, random states, processes."""
+"""Run plumbing: the messages for a bad setting and the checks of a config's choices and ranges, seeding,
+device choice, random states, atomic file writes and safe loading of weights and checkpoints, the metrics
+CSV, the output folder's lock, and the torchrun process helpers."""
 
 from __future__ import annotations
 

@@ -88,7 +88,8 @@ def test_a_truncated_jpeg_loads_grey_where_cut_with_a_warning(tmp_path, capsys, 
 
 
 def test_photos_are_decoded_at_a_reduced_scale_close_to_a_full_decode(tmp_path):
-    """JPEG DCT scaling (Image.draft) keeps at least twice the stored size, then PIL resizes as before."""
+    """JPEG DCT scaling (Image.draft) keeps at least twice the stored size, then PIL resizes to the stored size:
+    within a few levels of a full decode resized alike."""
     path = str(tmp_path / "big.jpg")
     Image.fromarray(smooth_photo(600, seed=3).numpy()).resize((800, 600)).save(path, quality=95)
     assert image_module.open_rgb(path, reduce_to=50).size == (200, 150)  # 1/4: 150 >= 2 x 50

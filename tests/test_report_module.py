@@ -1,13 +1,17 @@
-"""What a run leaves to look at: the test report against a hand computation, the figures as real PNGs,
-and the optional TensorBoard log."""
+"""What a run leaves to look at: the test report against a hand computation, the figures' PNGs read back
+pixel by pixel against what they must show, and the optional TensorBoard log."""
 
 import io
 import math
 import sys
 
+import matplotlib
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 import model_module
@@ -26,6 +30,34 @@ def read_png(path):
     with Image.open(path) as image:
         image.verify()
         return image.size
+
+
+def read_pixels(path):
+    """The PNG's pixels as int (H, W, 3) RGB, on the 0-255 scale."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def laid_out(figure):
+    """The figure drawn in memory, so that its transforms place data where the saved PNG has it (an axes
+    with equal aspect, as imshow's, takes its final box only when drawn)."""
+    FigureCanvasAgg(figure).draw()
+    return figure
+
+
+def pixel_rows_columns(pixels, axes, points):
+    """The (row, column) of the PNG pixel at each (x, y) data point of the axes (display y runs upwards)."""
+    x, y = axes.transData.transform(np.asarray(points, dtype=float)).T
+    return np.round(len(pixels) - y).astype(int), np.round(x).astype(int)
+
+
+def colour_distance(pixels, axes, points, colour, reach=1):
+    """For each data point, how far the nearest PNG pixel within `reach` pixels of it is from the colour (the
+    largest channel difference, 0-255): a drawn line or marker is 0 there, give or take antialiasing."""
+    rows, columns = pixel_rows_columns(pixels, axes, points)
+    target = 255 * np.asarray(to_rgb(colour))
+    return np.min([np.abs(pixels[rows + dr, columns + dc] - target).max(1)
+                   for dr in range(-reach, reach + 1) for dc in range(-reach, reach + 1)], axis=0)
 
 
 # --------------------------------------------------------------------------- the test report
@@ -86,14 +118,27 @@ def test_the_reports_weighted_recall_is_evaluates_accuracy_and_recall_its_per_cl
 
 
 @pytest.mark.parametrize("classes, size", [(3, (620, 500)), (50, (2070, 1950))])
-def test_the_confusion_matrix_is_a_png_that_grows_with_the_class_count(tmp_path, classes, size):
+def test_the_confusion_matrix_shows_each_count_coloured_by_its_share_of_the_true_class(tmp_path, classes, size):
+    """Rows are true classes, columns predictions: a transposed or column-normalised matrix fails, since each
+    row's 10 stray predictions land in a random column."""
     generator = torch.Generator().manual_seed(0)
     confusion = 90 * torch.eye(classes).long()
     confusion[torch.arange(classes), torch.randint(0, classes, (classes,), generator=generator)] += 10
     names = [f"class_{i:02d}" for i in range(classes)]
     path = tmp_path / "confusion_matrix.png"
     report_module.plot_confusion_matrix(confusion, names, str(path))
-    assert read_png(path) == size
+    assert read_png(path) == size  # the figure grows with the class count
+    axes = laid_out(report_module.confusion_figure(confusion, names)).axes[0]
+    written = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in axes.texts}
+    assert written == {(row, column): str(count) for (row, column), count in np.ndenumerate(confusion.numpy())
+                       if count or classes <= 20}  # beyond 20 classes, the cells that are not 0
+    shares = confusion.double() / 100  # each row holds 100 images
+    rows, columns = np.divmod(np.arange(classes * classes), classes)
+    pixels = read_pixels(path)
+    # a third of a cell up and left of each centre, clear of the count written there
+    shown = pixels[pixel_rows_columns(pixels, axes, np.stack([columns - 0.33, rows - 0.33], 1))]
+    expected = 255 * matplotlib.colormaps["Blues"](shares.flatten().numpy())[:, :3]
+    assert np.abs(shown - expected).max() <= 2
 
 
 @pytest.mark.parametrize("classes", [10, 50])
@@ -126,9 +171,19 @@ def test_the_gallery_shows_the_mistakes_of_evaluate(tmp_path, one_thread):
     path = tmp_path / "misclassified.png"
     report_module.plot_misclassified(result["mistakes"], data.classes, data.mean, data.std, str(path))
     assert read_png(path)[0] == 5 * 210  # a 5 x 5 grid, 2.1 inches a column
-    figure = report_module._mistakes_figure(result["mistakes"], data.classes, data.mean, data.std)
+    figure = laid_out(report_module._mistakes_figure(result["mistakes"], data.classes, data.mean, data.std))
     titles = [text.get_text() for text in figure.axes[0].texts]
     assert len(titles) == 25 and all(t.startswith("true: ") and "\npredicted: " in t for t in titles)
+    assert titles == [f"true: {data.classes[m.target]}\npredicted: {data.classes[m.predicted]} "
+                      f"({100 * m.probability:.1f}%)" for m in result["mistakes"]]
+    pixels = read_pixels(path)
+    mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
+    rows, columns = np.divmod(np.arange(8 * 8), 8)
+    for i, mistake in enumerate(result["mistakes"]):  # each image pixel, at its centre in the PNG
+        top, left = report_module._gallery_origin(i, 5, 8, 8)
+        shown = pixels[pixel_rows_columns(pixels, figure.axes[0], np.stack([left + columns, top + rows], 1))]
+        expected = 255 * (mistake.image * std + mean).clamp(0, 1).permute(1, 2, 0).reshape(-1, 3).numpy()
+        assert np.abs(shown - expected).max() <= 1, f"mistake {i}"
 
 
 def test_the_gallery_shows_the_images_as_they_were_before_normalisation():
@@ -144,9 +199,14 @@ def test_the_gallery_shows_the_images_as_they_were_before_normalisation():
     assert [text.get_text() for text in figure.axes[0].texts][1] == "true: a\npredicted: b (90.0%)"
 
 
-def test_no_mistakes_still_gives_a_png(tmp_path):
+def test_no_mistakes_give_a_png_that_says_so(tmp_path):
     report_module.plot_misclassified([], ["a", "b"], (0.5,) * 3, (0.2,) * 3, str(tmp_path / "m.png"))
-    read_png(tmp_path / "m.png")
+    assert read_png(tmp_path / "m.png") == (400, 150)
+    figure = report_module._mistakes_figure([], ["a", "b"], (0.5,) * 3, (0.2,) * 3)
+    assert [text.get_text() for text in figure.texts] == ["no misclassified test images"]
+    dark = (read_pixels(tmp_path / "m.png") < 128).all(2)
+    rows, columns = np.nonzero(dark)  # the note's letters, centred on a white figure
+    assert dark.sum() > 100 and abs(rows.mean() - 75) < 10 and abs(columns.mean() - 200) < 20
 
 
 def test_the_lr_finder_plot_is_a_png_on_a_log_axis_with_the_suggestion_marked(tmp_path):
@@ -156,17 +216,47 @@ def test_the_lr_finder_plot_is_a_png_on_a_log_axis_with_the_suggestion_marked(tm
     suggestion = optim_module.suggest_lr(lrs, losses)
     report_module.plot_lr_finder(lrs, losses, suggestion, str(tmp_path / "lr_finder.png"))
     assert read_png(tmp_path / "lr_finder.png") == (700, 450)
-    axes = report_module._lr_finder_figure(lrs, losses, suggestion).axes[0]
+    axes = laid_out(report_module._lr_finder_figure(lrs, losses, suggestion)).axes[0]
     assert axes.get_xscale() == "log"
     assert [list(line.get_xdata()) for line in axes.lines][1] == [suggestion, suggestion]
+    pixels = read_pixels(tmp_path / "lr_finder.png")
+    lowest = losses.index(min(losses))  # the diverging tail beyond it runs off the top
+    assert colour_distance(pixels, axes, list(zip(lrs, losses))[:lowest + 1], "tab:blue").max() <= 16
+    assert colour_distance(pixels, axes, list(zip(lrs, losses[::-1]))[:lowest + 1], "tab:blue").min() > 16
+
+    def red_share(lr):
+        """The share of the plot's height that is red in the pixel column at lr."""
+        box = axes.get_window_extent()
+        column = pixels[round(len(pixels) - box.y1) + 2:round(len(pixels) - box.y0) - 2,
+                        round(axes.transData.transform((lr, 1))[0])]
+        return (np.abs(column - 255 * np.asarray(to_rgb("tab:red"))).max(1) <= 16).mean()
+
+    assert red_share(suggestion) > 0.4  # dashed: about half the column
+    elsewhere = (suggestion / 100, suggestion * 30, suggestion * 3000)  # all within the plotted 1e-7 to 10
+    assert all(red_share(lr) < 0.05 for lr in elsewhere)  # the legend's red sample is a few pixels high
 
 
-def test_the_training_curves_are_a_png(tmp_path):
+def test_the_training_curves_show_each_epochs_metrics_in_their_panel_and_mark_the_events(tmp_path):
     history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 20,
                 "val_acc": 0.5 + e / 25, "lr": 0.05 if e < 3 else 0.025,
                 "event": "restored epoch 2, LR cut" if e == 3 else ""} for e in range(1, 5)]
     report_module.plot_training_curves(history, str(tmp_path / "training_curves.png"))
     assert read_png(tmp_path / "training_curves.png") == (1200, 450)
+    figure = laid_out(report_module._curves_figure(history))
+    panels = {axes.get_title(): axes for axes in figure.axes if axes.get_title()}
+    assert list(panels) == ["Loss", "Accuracy (%)"]
+    pixels = read_pixels(tmp_path / "training_curves.png")
+    for title, key, scale in (("Loss", "loss", 1), ("Accuracy (%)", "acc", 100)):
+        for split, colour, other in (("train", "tab:blue", "tab:orange"), ("val", "tab:orange", "tab:blue")):
+            points = [(row["epoch"], scale * row[f"{split}_{key}"]) for row in history]
+            assert colour_distance(pixels, panels[title], points, colour).max() <= 8, (title, split)
+            assert colour_distance(pixels, panels[title], points, other).min() > 100, (title, split)
+        marks = {(line.get_xdata()[0], line.get_color()) for line in panels[title].lines if line.get_label() in
+                 ("LR cut", "weights restored")}
+        assert marks == {(3, "tab:red"), (3, "tab:purple")}
+        lr_axis = next(axes for axes in figure.axes if axes is not panels[title] and axes.bbox.bounds ==
+                       panels[title].bbox.bounds)  # its twin
+        assert lr_axis.get_yscale() == "log" and list(lr_axis.lines[0].get_ydata()) == [row["lr"] for row in history]
 
 
 def test_a_figure_that_cannot_be_written_only_warns(tmp_path, capsys):

@@ -1,21 +1,27 @@
 """Workflows beyond one run: torchrun data-parallel training, transfer learning, plots, predictions."""
 
+import copy
 import json
+import math
 import os
 import struct
 import subprocess
 import sys
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import data_module
 import main
 import report_module
+import train_module
 import utils
 from conftest import CLASSES, PHOTO_CLASSES, ROOT, run_main, write_fake_cifar, write_image_tree, write_photo_tree
+from test_report_module import laid_out, pixel_rows_columns, read_pixels
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "16"]
 
@@ -64,7 +70,7 @@ def test_two_processes_train_in_step_and_resume(tmp_path):
 # ----------------------------------------------------------------------------- plots
 
 
-def test_training_curves_are_a_png_of_the_expected_size(tmp_path):
+def test_training_curves_are_the_same_for_the_same_history_and_change_only_where_it_changes(tmp_path):
     history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "train_acc": 0.1 * e, "val_acc": 0.09 * e,
                 "lr": 0.1 if e < 3 else 0.05, "event": "restored epoch 2, LR cut" if e == 3 else "best"}
                for e in range(1, 6)]
@@ -72,12 +78,30 @@ def test_training_curves_are_a_png_of_the_expected_size(tmp_path):
     report_module.plot_training_curves(history, str(path))
     assert png_size(path) == (1200, 450)
     Image.open(path).verify()
+    report_module.plot_training_curves(copy.deepcopy(history), str(tmp_path / "again.png"))
+    assert np.array_equal(read_pixels(tmp_path / "again.png"), read_pixels(path))
+    panels = {axes.get_title(): axes for axes in laid_out(report_module._curves_figure(history)).axes}
+    for key, value, title in (("val_acc", 0.3, "Accuracy (%)"), ("train_loss", 0.45, "Loss")):
+        changed = copy.deepcopy(history)
+        changed[3][key] = value  # epoch 4's, within the range plotted: the axes keep their limits
+        report_module.plot_training_curves(changed, str(tmp_path / "changed.png"))
+        # more than 8 levels: the antialiasing of the untouched segments moves by a level or two
+        rows, columns = np.nonzero(np.abs(read_pixels(tmp_path / "changed.png") - read_pixels(path)).max(2) > 8)
+        assert len(rows), key
+        left = panels[title].transData.transform((3, 0))[0]  # only the segments to and from epoch 4 move
+        right = panels[title].transData.transform((5, 0))[0]
+        assert left - 1 <= columns.min() and columns.max() <= right + 1, key
 
 
-def test_a_run_draws_its_curves(tmp_path):
+def test_a_run_draws_the_curves_of_its_metrics(tmp_path):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "2"])
     assert status == 0 and png_size(tmp_path / "out" / "training_curves.png") == (1200, 450)
+    history = pd.read_csv(tmp_path / "out" / "training_metrics.csv")
+    assert list(history["epoch"]) == [1, 2]
+    report_module.plot_training_curves(history.to_dict("records"), str(tmp_path / "from_csv.png"))
+    assert np.array_equal(read_pixels(tmp_path / "out" / "training_curves.png"),
+                          read_pixels(tmp_path / "from_csv.png"))
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -223,7 +247,8 @@ def test_a_frozen_pretrained_backbone_keeps_its_weights_and_predicts(tmp_path, m
 
 
 def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_path):
-    """--schedule onecycle --freeze true --unfreeze-epoch 1 used to end in KeyError: 'max_lr'."""
+    """--schedule onecycle --freeze true --unfreeze-epoch 1: the unfrozen body joins OneCycle's schedule at
+    --body-lr-scale times the head's LR, and the run resumes from its checkpoint."""
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     args = ["--data-dir", data, "--output-dir", str(out), *TINY, "--schedule", "onecycle", "--freeze", "true",
@@ -282,7 +307,7 @@ def test_a_folder_of_real_world_photos_trains_and_predicts(tmp_path, resident, c
 # ----------------------------------------------------------------------------- after training
 
 
-def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy(tmp_path, capsys):
+def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy_and_with_its_figures(tmp_path, capsys):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--epochs", "1"]) == 0
@@ -296,6 +321,19 @@ def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy(tmp
     assert 100 * frame.set_index("class").loc["weighted avg", "recall"] == pytest.approx(printed, abs=0.005)
     for name in ("confusion_matrix.png", "misclassified.png"):
         Image.open(out / name).verify()
+    rows = frame.set_index("class").loc[CLASSES]
+    support = rows["support"].to_numpy()
+    hits = np.round(rows["recall"].fillna(0).to_numpy() * support).astype(int)  # recall: each class's share right
+    # the report gives the diagonal and the row sums, so a matrix with them has the run's title and layout
+    stand_in = np.diag(hits)
+    stand_in[np.arange(10), (np.arange(10) + 1) % 10] += support - hits
+    axes = laid_out(report_module.confusion_figure(torch.from_numpy(stand_in), CLASSES)).axes[0]
+    pixels = read_pixels(out / "confusion_matrix.png")
+    diagonal = pixels[pixel_rows_columns(pixels, axes, [(i - 0.33, i - 0.33) for i in range(10)])]
+    shares = np.divide(hits, support, out=np.zeros(10), where=support > 0)
+    assert np.abs(diagonal - 255 * matplotlib.colormaps["Blues"](shares)[:, :3]).max() <= 2
+    shown = min(train_module.MISTAKES, support.sum() - hits.sum())  # the gallery: the mistakes, as many as it holds
+    assert png_size(out / "misclassified.png")[0] == (210 * math.ceil(math.sqrt(shown)) if shown else 400)
 
 
 def test_predict_classifies_a_nested_folder_into_a_table(tmp_path, capsys):
