@@ -94,10 +94,13 @@ def _cpu_copy(value: Any) -> Any:
 
 
 def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """best_model.json: what --predict needs (the RunInfo but its config) and what the best epoch scored."""
-    info = {name: checkpoint.get(name) for name in INFO_FIELDS}
+    """best_model.json: what --predict needs (the RunInfo but its config), the run's data, and what the best epoch
+    scored."""
+    info, config = {name: checkpoint.get(name) for name in INFO_FIELDS}, checkpoint.get("config", {})
+    data_dir = config.get("DATA_DIR")  # what --export reads its example images from
     lra = checkpoint["lra"]
-    return {"format": FORMAT, "model": checkpoint.get("config", {}).get("MODEL"), **info, "epoch": lra["best_epoch"],
+    return {"format": FORMAT, "model": config.get("MODEL"), **info, "dataset": config.get("DATASET"),
+            "data_dir": data_dir and os.path.abspath(data_dir), "epoch": lra["best_epoch"],
             "val_loss": lra["best_val_loss"], "val_acc": lra["best_val_acc"]}
 
 

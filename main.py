@@ -7,7 +7,10 @@ EPOCHS, `--data-dir DIR` sets DATA_DIR, `--train-subset none` sets TRAIN_SUBSET 
 
 import argparse
 import dataclasses
+import difflib
 import os
+import re
+import shlex
 import signal
 import sys
 import time
@@ -153,27 +156,68 @@ def _parse_value(name: str, annotation) -> typing.Callable[[str], typing.Any]:
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse that answers a mistyped flag with the closest ones, not a dump of every option."""
+
     def error(self, message: str) -> typing.NoReturn:
-        flags = ", ".join(sorted(a.option_strings[0] for a in self._actions if a.option_strings))
-        self.exit(2, f"{self.prog}: error: {message}\nvalid options: {flags}\n")
+        flags = [option for action in self._actions for option in action.option_strings]
+        if message.startswith("unrecognized arguments: "):
+            unknown = [word for word in message.split(": ", 1)[1].split() if word.startswith("-")]
+            word = (unknown or message.split(": ", 1)[1].split())[0]
+            near = difflib.get_close_matches(word.split("=")[0], flags, n=3, cutoff=0.6)
+            message = f"unknown flag {word}" + (f"; did you mean {' or '.join(near)}?" if near else "")
+        self.exit(2, f"{self.prog}: error: {message}\n(python main.py --help lists every flag)\n")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a constant: --val-split for VAL_SPLIT."""
+    return "--" + name.lower().replace("_", "-")
+
+
+def _documentation() -> dict[str, tuple[str, str]]:
+    """Each constant's comment in this file (its continuation lines joined) and its group (the `# --- Data` line
+    above it): what --help shows."""
+    with open(__file__, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    found, group, last = {}, "Constants", None
+    for line in lines:
+        heading = re.match(r"# --- (.+)$", line)
+        constant = re.match(r"([A-Z][A-Z0-9_]*): [^#]*#\s?(.*)$", line)
+        more = re.match(r"\s+#\s?(.*)$", line)
+        if heading:
+            group, last = heading.group(1), None
+        elif constant:
+            last = constant.group(1)
+            found[last] = (constant.group(2).strip(), group)
+        elif more and last:
+            found[last] = (f"{found[last][0]} {more.group(1).strip()}", group)
+        else:
+            last = None
+    return found
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], dict[str, typing.Any]]:
     """The constants, with the chosen PRESET and then the command line applied; and the command: what
-    --predict, --export and --find-lr ask for instead of training (None or False when not given)."""
+    --predict, --export and --find-lr ask for instead of training (None or False when not given), and "given":
+    the constants the command line set."""
     parser = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    documentation, groups = _documentation(), {}
     for name, value in constants().items():
-        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar=_type_name(__annotations__[name]),
-                            type=_parse_value(name, __annotations__[name]), default=argparse.SUPPRESS,
-                            help=f"sets {name} (now {value!r})")
-    parser.add_argument("--predict", nargs="+", metavar="PATH", help="classify image files, and the images in "
-                        "folders, with OUTPUT_DIR/best_model.pth; writes OUTPUT_DIR/predictions.csv")
-    parser.add_argument("--export", choices=model_module.EXPORT_KINDS, help="write OUTPUT_DIR/best_model.pth as "
-                        "model.onnx or torch.export's model.pt2, checked against PyTorch on real test images")
-    parser.add_argument("--find-lr", action="store_true", help="instead of training, run the LR range test: "
-                        "lr_finder.png and a suggested LR")
+        text, group = documentation.get(name, ("", "Constants"))
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups[group].add_argument(flag(name), dest=name, metavar=_type_name(__annotations__[name]),
+                                   type=_parse_value(name, __annotations__[name]), default=argparse.SUPPRESS,
+                                   help=f"{text} [{name}; default {value!r}]".replace("%", "%%"))
+    commands = parser.add_argument_group("Instead of training")
+    commands.add_argument("--predict", nargs="+", metavar="PATH", help="classify image files, and the images in "
+                          "folders, with OUTPUT_DIR/best_model.pth; writes OUTPUT_DIR/predictions.csv")
+    commands.add_argument("--export", choices=model_module.EXPORT_KINDS, help="write OUTPUT_DIR/best_model.pth as "
+                          "model.onnx or torch.export's model.pt2, checked against PyTorch on real test images")
+    commands.add_argument("--find-lr", action="store_true", help="run the LR range test: lr_finder.png and a "
+                          "suggested LR")
     args = vars(parser.parse_args(argv))
     command = {name: args.pop(name) for name in ("predict", "export", "find_lr")}
+    command["given"] = set(args)
     config = constants()
     preset = args.get("PRESET", config["PRESET"])
     if preset is not None and preset not in PRESETS:
@@ -181,6 +225,25 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], 
     config.update(PRESETS.get(preset, {}))
     config.update(args)
     return config, command
+
+
+RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR")  # how far a resumed run goes, and where it is
+
+
+def resumed_config(values: dict[str, typing.Any], given: set[str]) -> dict[str, typing.Any]:
+    """With RESUME, the constants the resumed run started with, so it goes on as it began; the flags in
+    RESUME_MAY_CHANGE given now apply, and any other given flag that differs from the run's is refused
+    (ValueError naming both values)."""
+    path = _resume_path(values)
+    if path is None:
+        return values
+    saved = checkpoint_module.read_checkpoint(path)["config"]
+    for name in sorted(given - set(RESUME_MAY_CHANGE)):
+        if name in saved and saved[name] != values[name]:
+            raise ValueError(f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
+                             f"{saved[name]!r}; leave the flag out to resume, or start a new run elsewhere")
+    mine = {"RESUME", "OUTPUT_DIR"} | (given & set(RESUME_MAY_CHANGE))  # where the run is; how far it goes now
+    return {**values, **{name: saved[name] for name in values if name in saved and name not in mine}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,17 +335,17 @@ def run_main(argv: list[str] | None = None) -> Outcome:
     if command["predict"]:
         return Outcome(predict(values, command["predict"]))
     if command["export"]:
-        return Outcome(export(values, command["export"]))
+        return Outcome(export(values, command["export"], command["given"]))
     rank, world_size, local_rank = utils.init_distributed()
     try:
         try:
-            config = build_config(values)
+            config = build_config(resumed_config(values, command["given"]))
             run = setup(config, rank, world_size, local_rank, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {error}", file=sys.stderr)
             return Outcome(2)
         if command["find_lr"]:
-            return Outcome(find_lr(config, run))
+            return Outcome(find_lr(config, run, argv if argv is not None else sys.argv[1:]))
         outcome = train(config, run)
         if outcome.status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
             try:
@@ -424,8 +487,9 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     return result
 
 
-def find_lr(config: Config, run: Run) -> int:
-    """The LR range test on the training data, instead of training: lr_finder.png and a suggested LR."""
+def find_lr(config: Config, run: Run, argv: list[str]) -> int:
+    """The LR range test on the training data, instead of training: lr_finder.png and a suggested LR, with the
+    command (argv, the LR finder's own flags and --lr replaced) that trains at it."""
     lrs, losses, suggestion = optim_module.find_lr(
         run.state.model, run.data.train, run.state.optimizer,
         nn.CrossEntropyLoss(label_smoothing=config.fit.label_smoothing), autocast_dtype=run.fit.autocast_dtype)
@@ -434,8 +498,22 @@ def find_lr(config: Config, run: Run) -> int:
         report_module.plot_lr_finder(lrs, losses, suggestion, path)
         print(f"LR finder: {len(lrs)} steps, LR {lrs[0]:.0e} to {lrs[-1]:.1e}. Suggested LR: {suggestion:.2g} "
               f"(the middle of the longest fall of the smoothed loss, fastai's valley rule; plot: {path}). "
-              f"To use it: python main.py --lr {suggestion:.2g}")
+              f"To train at it: {_command_with(argv, {'--find-lr': None, '--lr': f'{suggestion:.2g}'})}")
     return 0
+
+
+def _command_with(argv: list[str], changes: dict[str, str | None]) -> str:
+    """`python main.py` and argv, with each flag in changes dropped (None) or set to its value (at the end)."""
+    kept, skip = [], False
+    for word in argv:
+        name = word.split("=")[0]
+        if skip and not word.startswith("--"):
+            continue
+        skip = name in changes
+        if not skip:
+            kept.append(word)
+    kept += [part for name, value in changes.items() if value is not None for part in (name, value)]
+    return shlex.join(["python", "main.py", *kept])
 
 
 def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
@@ -446,10 +524,9 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
     return info, model.to(utils.get_device()).eval()
 
 
-def _example_images(constants: dict[str, typing.Any], info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
-    """n real images of DATA_DIR's test set (else its val/ or train/ folder), prepared as for --predict."""
-    data_dir = constants["DATA_DIR"]
-    if constants["DATASET"] == "cifar10":
+def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
+    """n real images of the data's test set (else its val/ or train/ folder), prepared as for --predict."""
+    if dataset == "cifar10":
         images = data_module.read_cifar10(data_dir, download=False)[2][:n]
         mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
         return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -460,15 +537,18 @@ def _example_images(constants: dict[str, typing.Any], info: dict[str, typing.Any
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def export(constants: dict[str, typing.Any], kind: str) -> int:
-    """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images: 0 when its
-    logits agree with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
+def export(constants: dict[str, typing.Any], kind: str, given: set[str]) -> int:
+    """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images (of the run's
+    own data, unless --data-dir and --dataset say otherwise): 0 when its logits agree with PyTorch's, 2 for bad
+    input, 3 when the export fails or disagrees."""
     output_dir = constants["OUTPUT_DIR"]
     path = os.path.join(output_dir, model_module.EXPORT_FILES[kind])
     try:
         model_module.check_export(kind)
         info, model = _best_model(output_dir)
-        images = _example_images(constants, info)
+        data = {name: constants[name] if name in given or info.get(name.lower()) is None else info[name.lower()]
+                for name in ("DATA_DIR", "DATASET")}
+        images = _example_images(data["DATA_DIR"], data["DATASET"], info)
         utils.lock_folder(output_dir)  # it writes there: never while a run does
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -81,11 +81,27 @@ def test_no_preset_chooses_its_best_epoch_on_the_test_set(preset, cifar_dir):
     assert data.val.labels.bincount().tolist() == [config["VAL_SPLIT"] // 10] * 10  # stratified
 
 
-def test_an_unknown_flag_lists_the_valid_names(capsys):
+@pytest.mark.parametrize("typed, meant", [("--epoch", "--epochs"), ("--ephocs", "--epochs"),
+                                          ("--val_split", "--val-split"), ("--learning-rate", None)])
+def test_an_unknown_flag_names_the_closest_flags_in_two_lines(typed, meant, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main.parse_config(["--epoch", "3"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "unrecognized arguments: --epoch" in err and "--epochs" in err
+        main.parse_config([typed, "3"])
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(lines) == 2 and f"unknown flag {typed}" in lines[0]
+    assert (f"did you mean {meant}" in lines[0]) if meant else "did you mean" not in lines[0]
+    assert "--help" in lines[1] and "--momentum" not in "".join(lines)  # no dump of every option
+
+
+def test_help_shows_each_constants_comment_and_default_grouped_as_the_constants_are(capsys):
+    with pytest.raises(SystemExit):
+        main.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    text = text[text.index("options:"):]  # after the usage line
+    assert "Data: --data-dir STR holds cifar-10-batches-py/" in text
+    assert "SGD Nesterov momentum [MOMENTUM; default 0.9]" in text
+    assert text.index("LRA (") < text.index("--patience INT") < text.index("Speed:")
+    comments = main._documentation()
+    assert set(comments) == set(main.constants()) and all(text for text, _ in comments.values())
 
 
 def test_a_value_of_the_wrong_type_is_refused(capsys):
@@ -213,7 +229,7 @@ def test_a_signal_mid_run_finishes_cleanly(tiny_run, signum, status):
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == status, stderr
-    assert "Traceback" not in stderr and "--resume auto" in stderr
+    assert "Traceback" not in stderr and f"to go on, run: python main.py --resume auto --output-dir {out}" in stderr
     assert "Restored the best weights" in stdout
     rows = len(pd.read_csv(out / "training_metrics.csv"))
     checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
@@ -236,7 +252,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     utils.load_torch(str(out / "last_checkpoint.pth"))  # every file stays loadable
     utils.load_state_dict(str(out / "best_model.pth"))
 
-    resumed = run_main(args + ["--resume", "auto"])
+    resumed = run_main(["--resume", "auto", "--output-dir", out])  # the run's own settings, from its checkpoint
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stdout
     expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out / "training_metrics.csv")
@@ -284,6 +300,18 @@ def test_resume_auto_without_a_checkpoint_starts_afresh(tiny_run, capsys):
     args, out = tiny_run
     result = main_in_process(args + ["--epochs", "1", "--resume", "auto"], capsys)
     assert result.returncode == 0 and "Resuming" not in result.stdout
+
+
+def test_a_resume_takes_more_epochs_but_refuses_a_flag_that_would_change_the_run(tiny_run, capsys):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1", "--lr", "0.02"], capsys).returncode == 0
+    refused = main_in_process(["--resume", "auto", "--output-dir", out, "--lr", "0.1"], capsys)
+    assert_one_clean_line(refused, "--lr 0.1 differs from the run", "LR = 0.02")
+    assert len(pd.read_csv(out / "training_metrics.csv")) == 1
+    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2", "--lr", "0.02"], capsys)
+    assert result.returncode == 0 and "Resuming" in result.stdout
+    history = pd.read_csv(out / "training_metrics.csv")
+    assert list(history["epoch"]) == [1, 2] and history["lr"].iloc[0] == pytest.approx(0.02)
 
 
 def test_resume_after_the_last_epoch_trains_no_more(tiny_run, capsys):
