@@ -282,6 +282,16 @@ def build_config(values: dict[str, typing.Any]) -> Config:
     return Config(dict(values), data, optim, lra, fit)
 
 
+def as_typed(message: str, given: set[str]) -> str:
+    """A message that starts "NAME = value" about a constant the user set by its flag, said as they typed it:
+    "--name value (NAME) ..."."""
+    match = re.match(r"([A-Z][A-Z0-9_]*) = (\S+)", message)
+    if not match or match.group(1) not in given:
+        return message
+    name, value = match.groups()
+    return f"{flag(name)} {value} ({name}){message[match.end():]}"
+
+
 def _lower(values: dict[str, typing.Any], *names: str) -> dict[str, typing.Any]:
     """The named constants as a config's fields: {"val_split": VAL_SPLIT, ...}."""
     return {name.lower(): values[name] for name in names}
@@ -342,7 +352,7 @@ def run_main(argv: list[str] | None = None) -> Outcome:
             config = build_config(resumed_config(values, command["given"]))
             run = setup(config, rank, world_size, local_rank, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
             return Outcome(2)
         if command["find_lr"]:
             return Outcome(find_lr(config, run, argv if argv is not None else sys.argv[1:]))

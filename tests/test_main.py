@@ -126,9 +126,9 @@ def test_out_of_range_constants_name_the_constant(name, value):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--epochs", "0"], ["EPOCHS = 0", ">= 1"]),
-    (["--model", "vgg"], ["MODEL = 'vgg'", "the closest are", "vgg11"]),
-    (["--factor", "2"], ["FACTOR = 2.0"]),
+    (["--epochs", "0"], ["--epochs 0 (EPOCHS) is out of range", ">= 1"]),
+    (["--model", "vgg"], ["--model 'vgg' (MODEL) is not known", "the closest are", "vgg11"]),
+    (["--factor", "2"], ["--factor 2.0 (FACTOR) is out of range"]),
     (["--cuda-graphs", "yes", "--compile", "true"], ["CUDA_GRAPHS='yes' needs", "COMPILE off"]),
 ])
 def test_bad_constants_exit_2_with_one_line(tiny_run, args, fragments, capsys):

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -372,13 +373,16 @@ def test_a_named_file_that_is_not_an_image_exits_2_and_the_good_rows_are_written
     assert list(pd.read_csv(os.path.join(out, "predictions.csv"))["path"]) == [str(good)]
 
 
-def test_export_onnx_writes_a_checked_model(tmp_path, capsys):
+def test_export_onnx_after_a_folder_run_needs_only_the_output_dir(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
-    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    data = write_image_tree(tmp_path / "photos", splits=("train",), per_class=8)
     out = str(tmp_path / "out")
-    assert main.main(["--data-dir", data, "--output-dir", out, *TINY, "--epochs", "1"]) == 0
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--val-split", "6",
+                      "--image-size", "16", "--cache-dir", "none", "--num-workers", "0", "--ask-epoch", "none",
+                      "--epochs", "1"]) == 0
     capsys.readouterr()
-    assert main.main(["--data-dir", data, "--output-dir", out, "--export", "onnx"]) == 0
+    monkeypatch.chdir(tmp_path)  # the run's data folder is found from anywhere
+    assert main.main(["--output-dir", out, "--export", "onnx"]) == 0
     assert "Exported" in capsys.readouterr().out and os.path.getsize(os.path.join(out, "model.onnx")) > 0
 
 
@@ -388,5 +392,9 @@ def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsy
     assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--find-lr", "--freeze", "true"]) == 0
     text = capsys.readouterr().out
     suggested = float(text.split("Suggested LR: ")[1].split()[0])
-    assert 1e-7 <= suggested <= 10 and f"--lr {suggested:.2g}" in text
+    assert 1e-7 <= suggested <= 10
     assert sorted(os.listdir(out)) == [".lock", "lr_finder.png"]
+    command = shlex.split(text.split("To train at it: ")[1].splitlines()[0])
+    assert command[:2] == ["python", "main.py"] and "--find-lr" not in command
+    config, _ = main.parse_config(command[2:])  # the command trains on this data, with these flags, at the LR
+    assert config["LR"] == float(f"{suggested:.2g}") and config["FREEZE"] and config["DATA_DIR"] == data
