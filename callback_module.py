@@ -180,8 +180,9 @@ class LRA:
                         improved=improved, monitor=self.monitor, event=event,
                         reason=self.stop_reason if stop else None)
 
-    def on_train_end(self, reason: str | None = None) -> None:
-        """Say which epoch the best weights (which the loop has restored) came from and why training ended."""
+    def on_train_end(self, reason: str | None = None, saved_best: int | None = -1) -> None:
+        """Say which epoch the best weights (which the loop has restored) came from and why training ended;
+        saved_best (when not -1): the epoch best_model.pth holds, said when a failed write left it behind."""
         if reason and not self.stop_reason:
             self.stop_reason = reason
         elapsed = time.perf_counter() - self._started
@@ -189,9 +190,12 @@ class LRA:
             self._print(f"Training ended ({self.stop_reason or 'no epoch completed'}) after {elapsed:.1f} s; "
                         f"no epoch finished with a finite validation loss, so no best weights to restore.")
             return
+        on_disk = "" if saved_best in (-1, self.best_epoch) else (
+            f" best_model.pth holds epoch {saved_best}'s weights, the last written whole." if saved_best else
+            " best_model.pth was never written whole.")
         self._print(f"Training ended: {self.stop_reason or 'the epoch limit was reached'}. Restored the best "
                     f"weights, from epoch {self.best_epoch} (validation loss {self.best_val_loss:.4f}, "
-                    f"accuracy {100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s.")
+                    f"accuracy {100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s.{on_disk}")
 
     # ----------------------------------------------------------------------- the steps of on_epoch_end
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import errno
 import itertools
 import json
 import os
@@ -43,11 +44,14 @@ class EpochWriter:
     serialized and fsynced: last_checkpoint.pth first (the authority on resume), then best_model.pth and
     .json when the epoch is a new best, then the CSV, each atomically. save() copies the state to the CPU
     first (the next epoch changes the live tensors), after the previous write has finished: one write at a
-    time, in order. A write's error is raised by the next save() or by wait(). A process killed mid-write
-    leaves the earlier files whole, and resume starts from the last checkpoint that landed."""
+    time, in order. A write's error is raised by check() (which the loop calls every step, so a full disk
+    stops training at once), the next save() or wait(). A process killed mid-write leaves the earlier files
+    whole, and resume starts from the last checkpoint that landed. `landed` says which epoch each file
+    written whole holds."""
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, best_epoch: int | None = None):
         self.output_dir = output_dir
+        self.landed: dict[str, int | None] = {BEST_MODEL: best_epoch}  # best_epoch: the one already on disk
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -62,9 +66,15 @@ class EpochWriter:
 
     def _write(self, *files) -> None:
         try:
-            _write_epoch(self.output_dir, *files)
+            _write_epoch(self.output_dir, *files, landed=self.landed)
         except BaseException as error:  # the training thread raises it
             self._error = error
+
+    def check(self) -> None:
+        """Raise the error of a write that failed in the background, without waiting for the one in flight."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def wait(self, raise_error: bool = True) -> None:
         """Wait for the write in flight; raise its error (or, with raise_error False, print it)."""
@@ -105,15 +115,36 @@ def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict | None,
-                 history: list[dict]) -> None:
-    """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the CSV."""
+                 history: list[dict], landed: dict[str, int | None] | None = None) -> None:
+    """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the CSV; landed
+    records the epoch each file whole on disk holds."""
+    landed = {} if landed is None else landed
     if checkpoint is not None:
         utils.save_torch(checkpoint, os.path.join(output_dir, CHECKPOINT))
+        landed[CHECKPOINT] = checkpoint["epoch"]
     if best_weights is not None:
         utils.save_torch(best_weights, os.path.join(output_dir, BEST_MODEL))
+        landed[BEST_MODEL] = info["epoch"]
         utils.atomic_write(os.path.join(output_dir, BEST_MODEL_INFO),
                            lambda f: f.write(json.dumps(info, indent=2).encode()))
     utils.write_metrics(history, os.path.join(output_dir, METRICS_CSV))
+
+
+def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
+    """Refuse a run whose epoch files cannot fit: OSError naming the folder, the bytes needed and the bytes
+    free. The checkpoint holds the model, its momentum, the best snapshot (and its momentum when LRA can go
+    back to it) and Lookahead's slow weights; best_model.pth the model. Each is written beside the file it
+    replaces, so a new run needs room for two of each, a resumed one for one more of each."""
+    model = utils.tensor_bytes(state.model.state_dict())
+    trained = sum(p.nelement() * p.element_size() for p in state.model.parameters())
+    checkpoint = 2 * model + trained * (1 + state.best.with_optimizer) + (model if state.lookahead else 0)
+    needed = (1 if resuming else 2) * (checkpoint + model)
+    free = utils.free_bytes(output_dir)
+    if free < needed:
+        raise utils.FileError(errno.ENOSPC, f"{os.path.abspath(output_dir)} has {utils.megabytes(free)} free, and this "
+                                    f"run's epoch files need about {utils.megabytes(needed)} (the checkpoint, "
+                                    f"best_model.pth and their temporary copies); free some space or choose "
+                                    f"another --output-dir")
 
 
 def timestamp() -> str:

@@ -361,7 +361,7 @@ def run_main(argv: list[str] | None = None) -> Outcome:
             try:
                 outcome.test = report(config, run)
             except OSError as error:
-                print(f"error: could not write the test report ({error})", file=sys.stderr)
+                print(f"error: {error}", file=sys.stderr)
                 outcome.status = 3
         return outcome
     finally:
@@ -396,6 +396,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, new_run: 
                                       started=saved["started"] if saved else checkpoint_module.timestamp())
     fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
                               cuda_graph=cuda_graph, world_size=world_size, main_process=rank == 0)
+    if rank == 0:
+        checkpoint_module.check_room(output_dir, state, resuming=saved is not None)
     os.makedirs(output_dir, exist_ok=True)  # only now: bad input above leaves nothing behind
     utils.lock_folder(output_dir, main_process=rank == 0)  # held until run_main ends (or the process dies)
     if rank == 0:
@@ -428,37 +430,39 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device, lr
 
 
 def train(config: Config, run: Run) -> Outcome:
-    """fit, with Ctrl-C, SIGTERM, a non-finite loss and a full disk turned into a message and a status; then
-    the training curves."""
+    """fit, with Ctrl-C, SIGTERM, a non-finite loss and a failed write turned into a message and a status; then
+    the training curves, whatever ended it."""
     k, output_dir = config.constants, run.fit.output_dir
+    go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
     if run.main_process:
         print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
-              f"{len(run.data.train)} batches of {config.data.batch_size} per epoch | {_data_path(run.data)} | "
-              f"outputs in {os.path.abspath(output_dir)}")
+              f"{utils.plural(len(run.data.train), 'batch')} of {config.data.batch_size} per epoch | "
+              f"{_data_path(run.data)} | outputs in {os.path.abspath(output_dir)}")
     signal.signal(signal.SIGTERM, _raise_terminated)
-    started = time.perf_counter()
+    started, outcome, message = time.perf_counter(), Outcome(0), None
     try:
-        history = train_module.fit(run.state, run.data, run.fit,
-                                   on_epoch=run.tensorboard.log_epoch if run.tensorboard else None)
+        outcome.history = train_module.fit(run.state, run.data, run.fit,
+                                           on_epoch=run.tensorboard.log_epoch if run.tensorboard else None)
+        outcome.fit_seconds = time.perf_counter() - started
     except KeyboardInterrupt as interrupt:
-        if run.main_process:
-            print(f"Interrupted. The last completed epoch is saved; to go on, run: python main.py --resume auto "
-                  f"--output-dir {output_dir}", file=sys.stderr)
-        return Outcome(143 if isinstance(interrupt, Terminated) else 130)
+        outcome.status = 143 if isinstance(interrupt, Terminated) else 130
+        message = f"Interrupted. The last completed epoch is saved; to go on, run: {go_on}"
     except train_module.NonFiniteLoss as error:
-        if run.main_process:
-            print(f"error: {error}. The best weights so far are in {output_dir}/{checkpoint_module.BEST_MODEL}; "
-                  f"try a lower LR.", file=sys.stderr)
-        return Outcome(1)
-    except OSError as error:  # a full disk, say: the files of the last completed epoch stay as they were
-        print(f"error: could not write the run's files ({error}); free the space and resume with "
-              f"--resume auto", file=sys.stderr)
-        return Outcome(3)
+        outcome.status = 1
+        message = (f"error: {error}. The best weights so far are in {output_dir}/{checkpoint_module.BEST_MODEL}; "
+                   f"try a lower LR.")
+    except OSError as error:  # a full disk, say: the files written whole before it stay as they were
+        outcome.status, message = 3, f"error: {error}; free the space, then go on with: {go_on}"
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if run.main_process and run.state.history:
+    if run.main_process and run.state.history and outcome.status != 3:
+        try:
             report_module.plot_training_curves(run.state.history, os.path.join(output_dir, report_module.CURVES))
-    return Outcome(0, history, time.perf_counter() - started)
+        except OSError as error:
+            outcome.status, message = 3, f"error: {error}"
+    if run.main_process and message:
+        print(message, file=sys.stderr)
+    return outcome
 
 
 def _data_path(data: data_module.Data) -> str:
@@ -593,7 +597,8 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
         return 2
     files, skipped = image_module.find_images(paths)
     if skipped:
-        print(f"note: skipped {skipped} files in the folders given that are not images", file=sys.stderr)
+        print(f"note: skipped {utils.plural(skipped, 'file')} in the folders given that are not images",
+              file=sys.stderr)
     images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
     loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
                         (constants["NUM_WORKERS"] if constants["NUM_WORKERS"] is not None else os.cpu_count() or 1))
@@ -613,7 +618,11 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
         done += len(errors)
     frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
     output = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.PREDICTIONS)
-    utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
+    try:
+        utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
     return status
 

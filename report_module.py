@@ -235,7 +235,9 @@ def _draw(path: str, make_figure: Callable[[], Any]) -> None:
     try:
         figure = make_figure()
         utils.atomic_write(path, lambda f: figure.savefig(f, format="png"))
-    except Exception as error:  # a plot is a convenience: never let it end a run or hide its real error
+    except utils.WriteFailed:  # a full or failing disk: the run must say so, as for any file it writes
+        raise
+    except Exception as error:  # a plot that cannot be drawn is a convenience lost: never let it end a run
         print(f"warning: could not draw {path}: {error}", file=sys.stderr)
 
 

@@ -36,10 +36,11 @@ def _show_progress() -> bool:
 
 
 def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1, schedule: OneCycle | None = None,
-                    lookahead: Lookahead | None = None) -> dict[str, float]:
+                    lookahead: Lookahead | None = None, check: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over the training data with this step (one kept across epochs keeps its CUDA graph); returns
     train_loss and train_acc (over every process). Each step only queues work: losses and logits are tallied
-    on the device every CHECK_EVERY steps, so the GPU never waits on Python."""
+    on the device every CHECK_EVERY steps, so the GPU never waits on Python. check() is called before each
+    step (the epoch writer's: it raises the error of a write that failed)."""
     step.model.train()
     device = step.device
     step.new_epoch()
@@ -49,6 +50,8 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1, schedu
     check_every = CHECK_EVERY if bar.disable else 10  # a bar shows running figures, which costs a sync
     batch = 0
     for batch, (images, targets) in enumerate(loader, start=1):
+        if check is not None:
+            check()
         loss, logits = step(images, targets)
         if schedule is not None:
             schedule.advance(step.optimizer)
@@ -239,12 +242,12 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
     loss_fn: None for cross-entropy with config.label_smoothing; on_epoch(row) after each epoch (TensorBoard)."""
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     step = _make_step(state, config, loss_fn, config.cuda_graph)
-    writer = checkpoint_module.EpochWriter(config.output_dir) if config.main_process else None
+    writer = checkpoint_module.EpochWriter(config.output_dir, state.lra.best_epoch) if config.main_process else None
     state.lra.on_train_begin()
     epoch, reason = state.epoch + 1, None
     try:
         while epoch <= state.lra.epoch_limit(config.epochs):
-            metrics = _train_and_validate(step, data, epoch, state)
+            metrics = _train_and_validate(step, data, epoch, state, writer.check if writer else None)
             decision = state.lra.on_epoch_end(epoch, metrics)
             apply_decision(decision, state)
             if decision.unfreeze:  # new trainable parameters: wrapped (and captured) again
@@ -260,15 +263,15 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
             epoch += 1
         if writer is not None:
             writer.wait()  # the last epoch's files are on disk, or their error is raised, before fit returns
-    except (NonFiniteLoss, KeyboardInterrupt) as error:
-        reason = f"{error}; stopped" if isinstance(error, NonFiniteLoss) else f"interrupted during epoch {epoch}"
+    except (NonFiniteLoss, utils.WriteFailed, KeyboardInterrupt) as error:
+        reason = f"interrupted during epoch {epoch}" if isinstance(error, KeyboardInterrupt) else f"{error}; stopped"
         raise
     finally:
         if writer is not None:
             writer.wait(raise_error=False)  # interrupted: the write in flight still lands
         if state.best.model is not None:
             state.best.restore(state.model)
-        state.lra.on_train_end(reason)
+        state.lra.on_train_end(reason, writer.landed[checkpoint_module.BEST_MODEL] if writer else -1)
     _check_agreement(state.model, state.history, config.main_process)
     return state.history
 
@@ -280,13 +283,15 @@ def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: 
     return TrainStep(model, state.optimizer, loss_fn, autocast_dtype=config.autocast_dtype, graph=graph)
 
 
-def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState) -> dict[str, Any]:
-    """One epoch: train, then validate; returns the epoch's metrics, rank 0's under torchrun."""
+def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
+                        check: Callable[[], None] | None) -> dict[str, Any]:
+    """One epoch: train (calling check() before each step), then validate; returns the epoch's metrics, rank
+    0's under torchrun."""
     started = time.perf_counter()
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
     metrics = {"epoch": epoch, **train_one_epoch(step, data.train, epoch=epoch, schedule=state.schedule,
-                                                 lookahead=state.lookahead)}
+                                                 lookahead=state.lookahead, check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
     val = evaluate(step_module.unwrapped(step.model), data.val, autocast_dtype=step.autocast_dtype)
     metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started,

@@ -9,6 +9,7 @@ import errno
 import os
 import pickle
 import random
+import shutil
 import tempfile
 from typing import Any, Callable, Sequence
 
@@ -113,13 +114,59 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()
 
 
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+write_fault: Callable[[str], None] | None = None  # tests: called with each path atomic_write is about to write,
+# raising OSError (ENOSPC, EIO, EROFS) as a full, failing or read-only disk would
+
+
+class FileError(OSError):
+    """An OSError whose text is its message alone (no "[Errno 28]"), for one line to the user."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class WriteFailed(FileError):
+    """A file could not be written: the one line says which, in which folder, why, and (a full disk) how much
+    room there is against what it needs."""
+
+    def __init__(self, path: str, error: OSError, needed: int | None = None):
+        folder, name = os.path.split(os.path.abspath(path))
+        reason = (error.strerror or str(error)).lower()
+        if error.errno == errno.ENOSPC:
+            reason += f" ({megabytes(free_bytes(folder))} free" + (f"; {name} needs about {megabytes(needed)})"
+                                                                  if needed else ")")
+        super().__init__(error.errno, f"could not write {name} in {folder}: {reason}")
+        self.name = name
+
+
+def plural(n: int, word: str) -> str:
+    """"1 file", "2 files", "1 batch", "3 batches"."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+
+
+def megabytes(n: int) -> str:
+    """A byte count for a message: "12 MB", "0.3 MB"."""
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**20:.1f} MB"
+
+
+def free_bytes(folder: str) -> int:
+    """The free space of the file system that holds folder (or, when it does not exist yet, its nearest parent)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
+
+
+def atomic_write(path: str, write: Callable[[Any], None], needed: int | None = None) -> None:
     """Write a file through a temporary file in the same folder and os.replace, so a crash or a power cut
     at any moment leaves either the old file or the new one, never half of one. The file gets the
-    umask's mode, as open() would give it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    umask's mode, as open() would give it. Any failure to write raises WriteFailed (needed: the bytes the
+    file takes, for its message)."""
+    folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
+        if write_fault is not None:
+            write_fault(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
             write(f)
             os.chmod(tmp, FILE_MODE)
@@ -127,8 +174,14 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
             os.fsync(f.fileno())  # the data is on the disk before the name points at it
         os.replace(tmp, path)
         fsync_folder(folder)  # and so is the new name
+    except WriteFailed:
+        raise
+    except OSError as error:
+        raise WriteFailed(path, error, needed) from None
+    except RuntimeError as error:  # torch.save reports a short write as its own error
+        raise WriteFailed(path, OSError(errno.EIO, str(error).splitlines()[0]), needed) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -148,7 +201,18 @@ def fsync_folder(folder: str) -> None:
 
 def save_torch(obj: Any, path: str) -> None:
     """torch.save, atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), needed=tensor_bytes(obj))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in obj (dicts, lists and tuples searched): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(tensor_bytes, obj))
+    return 0
 
 
 def load_torch(path: str, what: str = "checkpoint") -> Any:

@@ -270,7 +270,7 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
               stream=io.StringIO())
     scripted, weights = {1: metrics(val_loss=1.0, val_acc=0.7), 2: metrics(val_loss=1.5)}, []
 
-    def one_epoch(step, data, epoch, state):  # a real step moves the weights; the metrics are scripted
+    def one_epoch(step, data, epoch, state, check):  # a real step moves the weights; the metrics are scripted
         train_step(state.model, state.optimizer, epoch)
         weights.append({k: v.clone() for k, v in state.model.state_dict().items()})
         return {"epoch": epoch, **scripted[epoch], "lr": optim_module.get_lr(state.optimizer)}

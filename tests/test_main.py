@@ -2,6 +2,7 @@
 folder, the quick real-data run."""
 
 import datetime
+import errno
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint_module
 import data_module
 import main
 import step_module
@@ -444,3 +446,93 @@ def test_quick_real_data_run(cifar_dir, tmp_path):
     assert len(frame) == 3 and frame["val_acc"].max() >= 0.35, frame
     assert "Test accuracy" in result.stdout
     print(f"quick run: {time.time() - started:.0f} s, best val acc {frame['val_acc'].max():.3f}")
+
+
+# ----------------------------------------------------------------------------- a full or failing disk
+
+
+def fail_writes(monkeypatch, name, after=0, error=errno.ENOSPC):
+    """Make every write of the file `name` after its first `after` ones fail with `error`, as a full (ENOSPC),
+    failing (EIO) or read-only (EROFS) disk would; returns the paths written whole, in order."""
+    written = []
+
+    def fault(path):
+        if os.path.basename(path) == name and written.count(name) >= after:
+            raise OSError(error, os.strerror(error))
+        written.append(os.path.basename(path))
+    monkeypatch.setattr(utils, "write_fault", fault)
+    return written
+
+
+def assert_loadable(out):
+    """The checkpoint, and whichever of the other files a run writes while it trains are there, load as they
+    should (weights only)."""
+    utils.load_torch(str(out / "last_checkpoint.pth"))
+    if (out / "best_model.pth").exists():
+        utils.load_state_dict(str(out / "best_model.pth"))
+    if (out / "best_model.json").exists():
+        json.loads((out / "best_model.json").read_text())
+    if (out / "training_metrics.csv").exists():
+        assert len(pd.read_csv(out / "training_metrics.csv")) >= 1
+
+
+@pytest.mark.parametrize("name, after, error", [
+    ("last_checkpoint.pth", 1, errno.ENOSPC), ("last_checkpoint.pth", 1, errno.EIO),
+    ("last_checkpoint.pth", 1, errno.EROFS), ("best_model.pth", 0, errno.ENOSPC),
+    ("best_model.json", 0, errno.ENOSPC), ("training_metrics.csv", 1, errno.ENOSPC),
+    ("training_curves.png", 0, errno.ENOSPC), ("test_report.csv", 0, errno.ENOSPC),
+    ("confusion_matrix.png", 0, errno.ENOSPC), ("misclassified.png", 0, errno.ENOSPC)])
+def test_each_file_a_run_writes_that_fails_gives_one_line_and_status_3(tiny_run, name, after, error, capsys,
+                                                                       monkeypatch):
+    args, out = tiny_run
+    fail_writes(monkeypatch, name, after, error)
+    result = main_in_process(args + ["--epochs", "2"], capsys)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write {name} in {out}: "), result.stderr
+    assert os.strerror(error).lower() in lines[0]
+    assert_loadable(out)
+    if name in checkpoint_module.TRAINING_FILES[:4]:  # an epoch file: the run stops in the next epoch
+        assert utils.load_torch(str(out / "last_checkpoint.pth"))["epoch"] <= after + 1
+
+
+def test_predictions_and_an_export_that_cannot_be_written_give_one_line_and_status_3(tiny_run, capsys,
+                                                                                    monkeypatch, tmp_path):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+    image = tmp_path / "one.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    for name, command in [("predictions.csv", ["--predict", image]), ("model.pt2", ["--export", "pt2"])]:
+        fail_writes(monkeypatch, name)
+        result = main_in_process(["--output-dir", out, *command], capsys)
+        assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+        assert f"could not write {name} in {out}: no space left on device" in result.stderr
+        assert not (out / name).exists()
+    assert_loadable(out)
+
+
+def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_stopped(tiny_run, tmp_path, capsys,
+                                                                                    monkeypatch):
+    args, out = tiny_run
+    args = args + ["--epochs", "4", "--threshold", "0"]
+    straight = tmp_path / "straight"
+    assert main_in_process(args + ["--output-dir", straight], capsys).returncode == 0
+    fail_writes(monkeypatch, "best_model.pth")  # epoch 1's checkpoint lands, its best model does not
+    stopped = main_in_process(args, capsys)
+    assert stopped.returncode == 3 and "--resume auto --output-dir" in stopped.stderr
+    assert "best_model.pth was never written whole" in stopped.stdout
+    assert utils.load_torch(str(out / "last_checkpoint.pth"))["epoch"] == 1
+    monkeypatch.setattr(utils, "write_fault", None)  # space freed
+    resumed = main_in_process(["--resume", "auto", "--output-dir", out], capsys)
+    assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr
+    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out / "training_metrics.csv")
+    numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
+    assert list(actual["epoch"]) == [1, 2, 3, 4] and (actual[numeric] - expected[numeric]).abs().max().max() <= 1e-6
+
+
+def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_written(tiny_run, capsys, monkeypatch):
+    args, out = tiny_run
+    monkeypatch.setattr(utils, "free_bytes", lambda folder: 2**20)
+    result = main_in_process(args, capsys)
+    assert_one_clean_line(result, f"{out} has 1 MB free", "epoch files need about", "--output-dir")
+    assert not out.exists()
