@@ -1,17 +1,21 @@
 """The loop: CSV rows, best_model.pth, non-finite losses, the fast preset, evaluate's confusion matrix and
 mistakes, TTA, fit with a compiled model and with a captured step."""
 
+import errno
 import io
 import json
+import os
 
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+import checkpoint_module
 import model_module
 import optim_module
 import state_module
+import step_module
 import train_module
 import utils
 from callback_module import LRA, LRAConfig
@@ -222,3 +226,23 @@ def test_fit_captures_the_step_again_after_a_restore_or_an_unfreeze_and_trains_a
     assert captured[1] > captured[0]  # the unfrozen body's parameters are in the new capture
     assert [row["train_loss"] for row in graphed] == pytest.approx([row["train_loss"] for row in eager], rel=1e-6)
     assert [row["event"] for row in eager] == events
+
+
+def test_a_write_that_failed_in_the_background_stops_training_before_the_next_step(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8)
+    state = TrainState(model_module.get_model("cnn", 4), None, LRA(LRAConfig(ask_epoch=None)))
+    state.optimizer = optim_module.make_optimizer(state.model, OptimConfig(lr=0.05))
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(utils, "write_fault", full_disk)
+    writer = checkpoint_module.EpochWriter(str(tmp_path))
+    writer.save(state.state_dict(), new_best=False)
+    writer._thread.join()  # the write has failed, and nobody has asked yet
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    step = step_module.TrainStep(state.model, state.optimizer, nn.CrossEntropyLoss())
+    with pytest.raises(utils.WriteFailed, match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
+        train_module.train_one_epoch(step, data.train, check=writer.check)
+    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())  # not one step taken
+    writer.wait()  # raised once, by check()
