@@ -293,9 +293,10 @@ def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tupl
     found = {label for _, label in splits["train"]}
     empty = [name for label, name in enumerate(classes) if label not in found]
     if empty:
-        raise DataError(f"no readable images in {train_dir}: none in the class folder(s) {', '.join(empty)}")
+        raise DataError(f"no readable images in {train_dir}: none in the class "
+                        f"{'folder' if len(empty) == 1 else 'folders'} {', '.join(empty)}")
     if len(classes) < 2:
-        raise DataError(f"{train_dir} has {len(classes)} class folder(s) with images; a classifier needs "
+        raise DataError(f"{train_dir} has {utils.plural(len(classes), 'class folder')} with images; a classifier needs "
                         f"at least two (train/<class>/<image>)")
     for split in ("val", "test"):
         if split in splits and not splits[split]:
@@ -308,10 +309,12 @@ def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[st
     of file skipped; DataError when a class or a split is left without images."""
     if not_images:
         extensions = sorted({os.path.splitext(path)[1].lower() or "(none)" for path in not_images})
-        print(f"warning: skipped {len(not_images)} files that are not images "
-              f"(extensions {', '.join(extensions)})", file=sys.stderr)
+        what = "is not an image" if len(not_images) == 1 else "are not images"
+        print(f"warning: skipped {utils.plural(len(not_images), 'file')} that {what} "
+              f"({'extension' if len(extensions) == 1 else 'extensions'} {', '.join(extensions)})", file=sys.stderr)
     if unreadable:
-        print(f"warning: skipped {len(unreadable)} unreadable image file(s), e.g. {unreadable[0]}",
+        example = ": " if len(unreadable) == 1 else ", e.g. "
+        print(f"warning: skipped {utils.plural(len(unreadable), 'unreadable image file')}{example}{unreadable[0]}",
               file=sys.stderr)
     skip = set(unreadable)
     splits = {name: [(path, label) for path, label in samples if path not in skip] for name, samples in splits.items()}
@@ -378,7 +381,7 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int) -> tuple[t
     """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed."""
     n = len(labels)
     if not 0 <= n_holdout <= n:
-        raise ValueError(f"cannot hold out {n_holdout} of {n} images")
+        raise ValueError(f"cannot hold out {n_holdout} of {utils.plural(n, 'image')}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     classes, counts = labels.unique(return_counts=True)
     exact = counts.double() * n_holdout / n

@@ -186,7 +186,24 @@ def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
         pass
     data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, resident="yes", num_workers=0))
     assert len(data.train.labels) == 18
-    assert "skipped 2 unreadable image file(s)" in capsys.readouterr().err
+    assert "skipped 2 unreadable image files, e.g. " in capsys.readouterr().err
+
+
+def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
+    root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
+    (tmp_path / "tree" / "train" / "cats" / "notes.txt").write_text("not a picture")
+    broken = tmp_path / "tree" / "train" / "dogs" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, resident="yes", num_workers=0))
+    warnings = capsys.readouterr().err
+    assert "skipped 1 file that is not an image (extension .txt)" in warnings
+    assert f"skipped 1 unreadable image file: {broken}" in warnings
+    one_class = write_image_tree(tmp_path / "one", splits=("train",), classes=("only",))
+    with pytest.raises(DataError, match="has 1 class folder with images"):
+        data_module.get_data(DataConfig("folder", one_class, num_workers=0))
+    os.makedirs(tmp_path / "tree" / "train" / "owls2")
+    with pytest.raises(DataError, match="none in the class folder owls2$"):
+        data_module.get_data(DataConfig("folder", root, num_workers=0))
 
 
 def test_an_empty_val_folder_is_refused(tmp_path):
@@ -253,12 +270,12 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     n_train = 3 * PHOTOS_PER_CLASS + 1  # and truncated.jpg, which loads
     assert len(resident.train.labels) == n_train and resident.train.images.shape[1:] == (37, 37, 3)
     if ".heic" in image_module.IMAGE_EXTENSIONS:  # a HEIF plugin is installed: the fake .heic is a bad image
-        assert "skipped 1 files that are not images (extensions .txt)" in warnings
-        assert "skipped 2 unreadable image file(s), e.g. " in warnings
+        assert "skipped 1 file that is not an image (extension .txt)" in warnings
+        assert "skipped 2 unreadable image files, e.g. " in warnings
     else:
         assert "skipped 2 files that are not images (extensions .heic, .txt)" in warnings
-        assert "skipped 1 unreadable image file(s), e.g. " in warnings and "broken.png" in warnings
-    assert warnings.count("not images") == 1
+        assert "skipped 1 unreadable image file: " in warnings and "broken.png" in warnings
+    assert warnings.count("that are not images") + warnings.count("that is not an image") == 1
     # evaluation: the same centre crops of the same stored squares, normalised alike
     (rv, rl), (sv, sl) = collect(resident.val), collect(streaming.val)
     assert rv.shape == (3 * PHOTOS_PER_CLASS, 3, 32, 32) and torch.equal(rl, sl)
@@ -359,7 +376,7 @@ def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, 
     again = cached_data(root, tmp_path / "cache")
     assert len(decoded) == n_images and os.stat(again.cache_file).st_mtime_ns == written
     later_warnings = capsys.readouterr().err  # the cache remembers what was skipped
-    assert "skipped 1 unreadable image file(s)" in later_warnings and "files that are not images" in later_warnings
+    assert "skipped 1 unreadable image file: " in later_warnings and "files that are not images" in later_warnings
     assert later_warnings.splitlines()[-3:] == warnings.splitlines()[-3:]
     assert again.mean == first.mean and again.classes == first.classes == PHOTO_CLASSES
     (v1, l1), (v2, l2) = collect(first.val), collect(again.val)
