@@ -86,6 +86,11 @@ class Data:
     cache_file: str | None = None  # photo folders: the decoded-image cache the images come from; None: no cache
 
 
+def _flag(name: str) -> str:
+    """A constant of main.py as the user types it, with its name beside it: "--val-split (VAL_SPLIT)"."""
+    return f"--{name.lower().replace('_', '-')} ({name})"
+
+
 # --------------------------------------------------------------------------- sources
 # A source is one split's images and labels, wherever they live: `labels`, `len` and `take(index)` for
 # splitting, `decode` for the resident loader (uint8 images in memory), `statistics`, and `read(i)` (a PIL
@@ -220,7 +225,7 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
             raise DataError(_missing_message(folder, missing, f"the download failed: {error}")) from None
         missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
-        reason = "DOWNLOAD is off" if not download else "the downloaded archive lacked them"
+        reason = f"{_flag('DOWNLOAD')} is false" if not download else "the downloaded archive lacked them"
         raise DataError(_missing_message(folder, missing, reason))
     try:
         train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)
@@ -234,10 +239,9 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
 
 
 def _missing_message(folder: str, missing: list[str], reason: str) -> str:
-    return (f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}) and {reason}. "
-            f"Put the python-version files there (data_batch_1..5, test_batch, batches.meta, as "
-            f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz unpacks), or set DATA_DIR to the "
-            f"folder that holds cifar-10-batches-py/")
+    lacks = "" if len(missing) == len(CIFAR_FILES) else f" (missing {', '.join(missing)})"
+    return (f"CIFAR-10 is not in {folder}{lacks} and {reason}; unpack {CIFAR10.url} in {os.path.dirname(folder)}, "
+            f"or point {_flag('DATA_DIR')} at the folder that holds cifar-10-batches-py/")
 
 
 def _bad_cifar_file(folder: str) -> str:
@@ -265,7 +269,8 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(f"no ImageFolder tree in {data_dir}: expected {train_dir}/<class>/<image> "
-                        f"(and optionally val/ and test/ beside it); set DATA_DIR")
+                        f"(and optionally val/ and test/ beside it); point {_flag('DATA_DIR')} at the folder "
+                        f"that holds train/")
     try:
         classes, class_to_idx = datasets.folder.find_classes(train_dir)
     except FileNotFoundError as error:  # no class folders
@@ -367,10 +372,10 @@ def _read_sources(config: DataConfig, resize_size: int | None,
             return sources, classes, resize_size, cache_file
         except cache_module.CacheError as error:
             if cache_dir != "auto":
-                raise DataError(f"CACHE_DIR = {cache_dir!r}: {error}; choose a writable folder with room, or "
-                                f"None to decode the images without a cache") from None
-            print(f"warning: {error}; the images are decoded without a cache (set CACHE_DIR to a writable "
-                  f"folder to keep them)", file=sys.stderr)
+                raise DataError(f"{_flag('CACHE_DIR')} {cache_dir}: {error}; set it to a writable folder with "
+                                f"room, or to none to decode the images without a cache") from None
+            print(f"warning: {error}; the images are decoded without a cache (set {_flag('CACHE_DIR')} to a "
+                  f"writable folder to keep them)", file=sys.stderr)
     return *_scan_folder(data_dir, resize_size), resize_size, None
 
 
@@ -404,18 +409,19 @@ def _split(sources: dict[str, Source], val_split: int, train_subset: int | None,
         val = sources["val"]
     elif val_split:
         if val_split >= len(train):
-            raise DataError(f"VAL_SPLIT = {val_split} is too large: the training set has {len(train)} images")
+            raise DataError(f"{_flag('VAL_SPLIT')} {val_split} is too large: the training set has "
+                            f"{utils.plural(len(train), 'image')}; use fewer")
         train_index, val_index = stratified_split(train.labels, val_split, seed)
         val = train.take(val_index)
     elif "test" in sources:
         val = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
     else:
-        raise DataError(f"{data_dir} has no val/ or test/ folder and VAL_SPLIT = 0: nothing to validate on; "
-                        f"set VAL_SPLIT > 0 or add {data_dir}/val/<class>/<image>")
+        raise DataError(f"{data_dir} has no val/ or test/ folder and {_flag('VAL_SPLIT')} is 0: nothing to "
+                        f"validate on; set it above 0, or add {data_dir}/val/<class>/<image>")
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_index):
-            raise DataError(f"TRAIN_SUBSET = {train_subset} is out of range: use 1 to {len(train_index)} "
-                            f"(the training images left after VAL_SPLIT), or None for all")
+            raise DataError(f"{_flag('TRAIN_SUBSET')} {train_subset} is out of range: use 1 to {len(train_index)} "
+                            f"(the training images left after the validation images are held out), or none for all")
         _, keep = stratified_split(train.labels[train_index], train_subset, seed)
         train_index = train_index[keep]
     parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
@@ -424,7 +430,8 @@ def _split(sources: dict[str, Source], val_split: int, train_subset: int | None,
               file=sys.stderr)
     for name, part in parts.items():
         if len(part) == 0:
-            raise DataError(f"the {name} split is empty; check TRAIN_SUBSET, VAL_SPLIT and {data_dir}")
+            raise DataError(f"the {name} split is empty; check {_flag('TRAIN_SUBSET')}, {_flag('VAL_SPLIT')} "
+                            f"and {data_dir}")
     return parts
 
 
@@ -486,8 +493,8 @@ def _resize_size(config: DataConfig, photos: bool) -> int | None:
         return None
     size = (config.resize_size or round(config.image_size / RESIZE_RATIO)) if photos else config.image_size
     if size < config.image_size:
-        raise DataError(f"the resize size {size} is smaller than IMAGE_SIZE = {config.image_size}: "
-                        f"a centre crop of IMAGE_SIZE would not fit in it")
+        raise DataError(f"the resize size {size} is smaller than {_flag('IMAGE_SIZE')} {config.image_size}: "
+                        f"a centre crop of that size would not fit in it; lower --image-size")
     return size
 
 

@@ -68,12 +68,12 @@ def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, train_subset=30,
                                            download=False))
     assert len(data.train.labels) == 30 and torch.bincount(data.train.labels).tolist() == [3] * 10
-    with pytest.raises(DataError, match="TRAIN_SUBSET = 81"):
+    with pytest.raises(DataError, match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
         data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=20, train_subset=81, download=False))
 
 
 def test_val_split_larger_than_the_training_set_is_refused(fake_cifar):
-    with pytest.raises(DataError, match="VAL_SPLIT = 100 is too large"):
+    with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) 100 is too large: the training set has 100 "):
         data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=100, download=False))
 
 
@@ -81,12 +81,12 @@ def test_missing_folder_offline_gives_one_clear_message(tmp_path):
     with pytest.raises(DataError) as error:
         data_module.get_data(DataConfig("cifar10", str(tmp_path / "nowhere"), download=True))
     message = str(error.value)
-    assert "download failed" in message and "cifar-10-batches-py" in message and "DATA_DIR" in message
+    assert "download failed" in message and "cifar-10-batches-py" in message and "--data-dir (DATA_DIR)" in message
     assert "\n" not in message
 
 
 def test_missing_folder_without_download_says_where_to_put_the_files(tmp_path):
-    with pytest.raises(DataError, match="DOWNLOAD is off.*data_batch_1..5"):
+    with pytest.raises(DataError, match=r"--download \(DOWNLOAD\) is false; unpack https://.*-python.tar.gz in "):
         data_module.get_data(DataConfig("cifar10", str(tmp_path), download=False))
 
 
@@ -152,6 +152,12 @@ def test_a_tree_without_val_holds_out_val_split(tmp_path):
     assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val
 
 
+def test_a_tree_without_val_or_test_and_val_split_zero_names_the_flag(tmp_path):
+    root = write_image_tree(tmp_path, splits=("train",))
+    with pytest.raises(DataError, match=r"no val/ or test/ folder and --val-split \(VAL_SPLIT\) is 0: nothing"):
+        data_module.get_data(DataConfig("folder", root, val_split=0, num_workers=0))
+
+
 def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
     files, _ = data_module._scan_folder(root, size=8)
@@ -174,7 +180,7 @@ def test_a_tree_with_one_class_is_refused(tmp_path):
 
 
 def test_a_missing_tree_is_refused(tmp_path):
-    with pytest.raises(DataError, match="no ImageFolder tree"):
+    with pytest.raises(DataError, match=r"no ImageFolder tree .*; point --data-dir \(DATA_DIR\) at the folder"):
         data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
 
 
@@ -327,7 +333,7 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
                               atol=1e-5)
     with pytest.raises(ValueError, match="mean and std"):
         DataConfig("folder", root, mean=(0.5,) * 3)
-    with pytest.raises(DataError, match="resize size 20 is smaller than IMAGE_SIZE = 24"):
+    with pytest.raises(DataError, match=r"resize size 20 is smaller than --image-size \(IMAGE_SIZE\) 24: .*; lower"):
         data_module.get_data(DataConfig("folder", root, image_size=24, resize_size=20))
 
 
@@ -462,12 +468,12 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
 def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys):
     root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(DataError, match="CACHE_DIR = '.*a_file/cache': cannot write.*or None"):
+    with pytest.raises(DataError, match=r"^--cache-dir \(CACHE_DIR\) .*a_file/cache: cannot write.*or to none "):
         cached_data(root, tmp_path / "a_file" / "cache", image_size=8)
     (tmp_path / "tree" / ".cache").write_text("")  # "auto" (DATA_DIR/.cache) cannot be made: no cache, a warning
     data = cached_data(root, "auto", image_size=8)
     assert data.cache_file is None and data.resident
-    assert "images are decoded without a cache" in capsys.readouterr().err
+    assert "images are decoded without a cache (set --cache-dir (CACHE_DIR) to" in capsys.readouterr().err
 
 
 def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(tmp_path, decoded):
