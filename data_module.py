@@ -25,12 +25,14 @@ DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
 AUGMENTS = ("auto", "photo", "shift")  # photo: RandomResizedCrop; shift: pad-crops; auto: photo for folders
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+CIFAR_VAL_SPLIT = 5000  # VAL_SPLIT unset, CIFAR-10: validation images held out of its 50,000 training images
+FOLDER_VAL_SHARE = 10  # VAL_SPLIT unset, a folder without val/: one image in this many held out of train/
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
 
 CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS, "resident": ("auto", "yes", "no")}
 RULES: utils.Rules = {  # a field: (test, what is allowed)
     "batch_size": (lambda v: v >= 1, "a whole number >= 1"),
-    "val_split": (lambda v: v >= 0, "a whole number >= 0"),
+    "val_split": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
     "train_subset": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
     "image_size": (lambda v: v >= 8, "a whole number of pixels >= 8"),
     "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
@@ -46,7 +48,8 @@ class DataConfig:
     dataset: str = "cifar10"  # "cifar10", or "folder": an ImageFolder tree, data_dir/train/<class>/<image>
     data_dir: str = "./data"
     batch_size: int = 256  # training images per batch; evaluation batches are twice as large
-    val_split: int = 5000  # training images held out for validation (stratified); 0: validate on the test set
+    val_split: int | None = None  # training images held out for validation (stratified); 0: validate on the test
+    # set; None: CIFAR_VAL_SPLIT for CIFAR-10, a tenth of train/ for a folder without val/ (see default_val_split)
     train_subset: int | None = None  # training images kept after the split (stratified); None: all
     image_size: int = 32  # pixels the model sees (folders); CIFAR-10 stays 32
     resize_size: int | None = None  # photo folders: pixels stored and resized to; None: image_size / RESIZE_RATIO
@@ -382,17 +385,23 @@ def _read_sources(config: DataConfig, resize_size: int | None,
 # --------------------------------------------------------------------------- splitting and statistics
 
 
-def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed."""
+def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int,
+                     every_class: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed. With
+    every_class, each class holds out one image and keeps one at least, and the rest are shared in proportion
+    to what each class has beyond those two."""
     n = len(labels)
     if not 0 <= n_holdout <= n:
         raise ValueError(f"cannot hold out {n_holdout} of {utils.plural(n, 'image')}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     classes, counts = labels.unique(return_counts=True)
-    exact = counts.double() * n_holdout / n
-    quota = exact.floor().long()
-    remainder = n_holdout - int(quota.sum())
-    quota[torch.argsort(exact - quota, descending=True, stable=True)[:remainder]] += 1
+    if not every_class:
+        quota = _apportion(counts, n_holdout)
+    elif (counts >= 2).all() and len(classes) <= n_holdout <= n - len(classes):
+        quota = 1 + _apportion(counts - 2, n_holdout - len(classes))
+    else:
+        raise ValueError(f"cannot hold out {n_holdout} of {utils.plural(n, 'image')} with one of each class "
+                         f"held out and one kept")
     shuffled = labels[order]
     held = torch.cat([order[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())])
     mask = torch.zeros(n, dtype=torch.bool)
@@ -400,18 +409,18 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int) -> tuple[t
     return mask.logical_not().nonzero().flatten(), mask.nonzero().flatten()
 
 
-def _split(sources: dict[str, Source], val_split: int, train_subset: int | None, seed: int,
-           data_dir: str) -> dict[str, Source]:
-    """The train, val and test parts: validation held out unless the tree has val/, a stratified TRAIN_SUBSET
-    of the training images left, and the test set, or the validation images when there is none."""
+def _split(sources: dict[str, Source], val_split: int | None, train_subset: int | None, seed: int, data_dir: str,
+           dataset: str, classes: list[str]) -> dict[str, Source]:
+    """The train, val and test parts: validation held out unless the tree has val/ (VAL_SPLIT images, or
+    default_val_split's when None), a stratified TRAIN_SUBSET of the training images left, and the test set,
+    or the validation images when there is none."""
     train, train_index = sources["train"], torch.arange(len(sources["train"]))
     if "val" in sources:
         val = sources["val"]
-    elif val_split:
-        if val_split >= len(train):
-            raise DataError(f"{_flag('VAL_SPLIT')} {val_split} is too large: the training set has "
-                            f"{utils.plural(len(train), 'image')}; use fewer")
-        train_index, val_index = stratified_split(train.labels, val_split, seed)
+    elif val_split != 0:
+        n_val = _n_held_out(train.labels, val_split, dataset, classes, data_dir)
+        every_class = val_split is None and dataset == "folder"
+        train_index, val_index = stratified_split(train.labels, n_val, seed, every_class)
         val = train.take(val_index)
     elif "test" in sources:
         val = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
@@ -433,6 +442,49 @@ def _split(sources: dict[str, Source], val_split: int, train_subset: int | None,
             raise DataError(f"the {name} split is empty; check {_flag('TRAIN_SUBSET')}, {_flag('VAL_SPLIT')} "
                             f"and {data_dir}")
     return parts
+
+
+def _apportion(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """total shared out in proportion to counts, by largest remainder: int64 shares that sum to total."""
+    if total == 0:
+        return torch.zeros_like(counts)
+    exact = counts.double() * total / int(counts.sum())
+    quota = exact.floor().long()
+    remainder = total - int(quota.sum())
+    quota[torch.argsort(exact - quota, descending=True, stable=True)[:remainder]] += 1
+    return quota
+
+
+def default_val_split(dataset: str, labels: torch.Tensor) -> int:
+    """VAL_SPLIT when it is None: CIFAR_VAL_SPLIT for CIFAR-10; for a folder without val/, a tenth of train/'s
+    images (rounded half up), at least one image of each class and leaving at least one of each to train on."""
+    if dataset == "cifar10":
+        return CIFAR_VAL_SPLIT
+    n, n_classes = len(labels), len(labels.unique())
+    return min(max((n + FOLDER_VAL_SHARE // 2) // FOLDER_VAL_SHARE, n_classes), n - n_classes)
+
+
+def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, classes: list[str],
+                data_dir: str) -> int:
+    """The training images to hold out for validation: VAL_SPLIT, or default_val_split's when None. DataError
+    when that leaves none to train on, or (None, a folder) a class has a single image to split."""
+    if val_split is None and dataset == "folder":
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+        single = [name for name, count in zip(classes, counts) if count == 1]
+        if single:
+            raise DataError(f"{os.path.join(data_dir, 'train', single[0])} has a single image, and an unset "
+                            f"{_flag('VAL_SPLIT')} holds out one of each class; add images or val/, or set it")
+    n_val = default_val_split(dataset, labels) if val_split is None else val_split
+    if n_val < len(labels):
+        return n_val
+    images = utils.plural(len(labels), "image")
+    if val_split is None:
+        raise DataError(f"{_flag('VAL_SPLIT')} is unset, which holds out {n_val} of CIFAR-10's training images, "
+                        f"but there are {images}; set a smaller one")
+    if dataset == "folder":
+        raise DataError(f"{_flag('VAL_SPLIT')} {n_val} is too large: train/ has {images}; use fewer, or leave "
+                        f"it unset for a tenth of them")
+    raise DataError(f"{_flag('VAL_SPLIT')} {n_val} is too large: the training set has {images}; use fewer")
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -539,7 +591,8 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     num_workers = (os.cpu_count() or 1) if config.num_workers is None else config.num_workers
     sources, classes, size, cache_file = _read_sources(config, resize_size, num_workers)
     # files and cache rows are split by their labels: no pixel is read yet
-    parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir)
+    parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir, config.dataset,
+                   classes)
     val_is_test = parts["val"] is sources.get("test")
     resident = _keeps_resident(config.resident, sources, size, cache_file, device)
     if resident:

@@ -24,7 +24,7 @@ from data_module import DataConfig, DataError
 
 
 @pytest.mark.parametrize("field, message", [
-    (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0"),
+    (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0, or None"),
     (dict(train_subset=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
     (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels >= 8"),
     (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
@@ -124,6 +124,26 @@ def test_stratified_split_is_stratified_seeded_and_complete():
     assert torch.equal(kept, again) and not torch.equal(kept, other)
 
 
+def test_stratified_split_of_every_class_holds_one_of_each_out_and_keeps_one():
+    labels = torch.tensor([0] * 100 + [1] * 2 + [2] * 2)
+    _, held = data_module.stratified_split(labels, 10, seed=0)
+    assert torch.bincount(labels[held], minlength=3).tolist() == [10, 0, 0]  # in proportion, the small ones lose
+    kept, held = data_module.stratified_split(labels, 10, seed=0, every_class=True)
+    # one of each held out, one of each kept, and the other 7 shared as the classes' 98, 0 and 0 spare images
+    assert torch.bincount(labels[held]).tolist() == [8, 1, 1] and torch.bincount(labels[kept]).tolist() == [92, 1, 1]
+    with pytest.raises(ValueError, match="one of each class"):
+        data_module.stratified_split(labels, 2, seed=0, every_class=True)
+
+
+def test_an_unset_val_split_is_5000_for_cifar_and_a_tenth_with_every_class_for_a_folder():
+    assert DataConfig().val_split is None
+    assert data_module.default_val_split("cifar10", torch.arange(50000) % 10) == 5000
+    assert data_module.default_val_split("folder", torch.arange(90) % 3) == 9
+    assert data_module.default_val_split("folder", torch.arange(95) % 3) == 10  # 9.5 rounds up
+    assert data_module.default_val_split("folder", torch.arange(12) % 4) == 4  # a tenth is 1; one per class
+    assert data_module.default_val_split("folder", torch.arange(6) % 3) == 3  # and one of each left to train on
+
+
 def test_channel_stats_match_numpy():
     images = torch.randint(0, 256, (50, 6, 5, 3), dtype=torch.uint8)
     mean, std = data_module.channel_stats(images)
@@ -158,12 +178,43 @@ def test_a_tree_without_val_or_test_and_val_split_zero_names_the_flag(tmp_path):
         data_module.get_data(DataConfig("folder", root, val_split=0, num_workers=0))
 
 
+def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default(tmp_path):
+    root = write_image_tree(tmp_path, splits=("train",), per_class=30)
+    data = data_module.get_data(DataConfig(dataset="folder", data_dir=root, num_workers=0))
+    assert torch.bincount(data.val.labels).tolist() == [3, 3, 3] and len(data.train.labels) == 81
+    with pytest.raises(DataError) as error:
+        data_module.get_data(DataConfig(dataset="folder", data_dir=root, val_split=5000, num_workers=0))
+    assert str(error.value) == ("--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "
+                                "leave it unset for a tenth of them")
+
+
+def test_an_uneven_folder_validates_on_every_class_by_default(tmp_path):
+    for name, count in [("many", 40), ("few", 3), ("two", 2)]:
+        write_image_tree(tmp_path, splits=("train",), classes=(name,), per_class=count)
+    data = data_module.get_data(DataConfig("folder", str(tmp_path), image_size=8, resident="yes", num_workers=0))
+    assert data.classes == ["few", "many", "two"]
+    assert torch.bincount(data.val.labels).tolist() == [1, 3, 1]  # 5 of 45: a tenth, rounded half up
+    assert torch.bincount(data.train.labels).tolist() == [2, 37, 1]
+    write_image_tree(tmp_path, splits=("train",), classes=("one",), per_class=1)
+    with pytest.raises(DataError, match=r"train/one has a single image, and an unset --val-split \(VAL_SPLIT\)"):
+        data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
+    data = data_module.get_data(DataConfig("folder", str(tmp_path), val_split=4, num_workers=0))
+    assert len(data.val.labels) == 4  # a value given is held out in proportion, as before
+
+
+def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_cifar):
+    with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of CIFAR-10's "
+                                        r"training images, but there are 100 images; set a smaller one$"):
+        data_module.get_data(DataConfig("cifar10", fake_cifar, download=False))
+
+
 def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
-    files, _ = data_module._scan_folder(root, size=8)
+    files, classes = data_module._scan_folder(root, size=8)
     images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
-    from_files = data_module._split(files, val_split=6, train_subset=12, seed=3, data_dir=root)
-    from_images = data_module._split(images, val_split=6, train_subset=12, seed=3, data_dir=root)
+    options = dict(val_split=6, train_subset=12, seed=3, data_dir=root, dataset="folder", classes=classes)
+    from_files = data_module._split(files, **options)
+    from_images = data_module._split(images, **options)
     for name in ("train", "val"):
         decoded = from_files[name].decode(num_workers=0, desc=name)
         assert torch.equal(decoded.images, from_images[name].images)
