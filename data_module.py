@@ -24,6 +24,7 @@ from loader_module import Augmentation, Batching, Loader, MappedLoader, Resident
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
 AUGMENTS = ("auto", "photo", "shift")  # photo: RandomResizedCrop; shift: pad-crops; auto: photo for folders
+SPLITS = ("train", "val", "test")  # a folder tree's split folders: DATA_DIR/<split>/<class>/<image>
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 CIFAR_VAL_SPLIT = 5000  # VAL_SPLIT unset, CIFAR-10: validation images held out of its 50,000 training images
 FOLDER_VAL_SHARE = 10  # VAL_SPLIT unset, a folder without val/: one image in this many held out of train/
@@ -219,8 +220,13 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
                                                           list[str]]:
     """CIFAR-10 as (train images, train labels, test images, test labels, class names): uint8
     (N, 32, 32, 3) images and int64 labels, downloaded first when missing."""
+    if os.path.isfile(data_dir):
+        raise DataError(_file_message(data_dir, "cifar-10-batches-py/"))
     folder = os.path.join(data_dir, CIFAR10.base_folder)
     missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing and any(os.path.isfile(os.path.join(data_dir, name)) for name in CIFAR_FILES):
+        raise DataError(f"{_flag('DATA_DIR')} {data_dir} holds CIFAR-10's files itself: use its parent, "
+                        f"--data-dir {_parent(data_dir)}")
     if missing and download:
         try:
             CIFAR10(data_dir, train=True, download=True)
@@ -247,6 +253,18 @@ def _missing_message(folder: str, missing: list[str], reason: str) -> str:
             f"or point {_flag('DATA_DIR')} at the folder that holds cifar-10-batches-py/")
 
 
+def _file_message(data_dir: str, holder_of: str) -> str:
+    """The message for a DATA_DIR that is a file, not a folder."""
+    archive = data_dir.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip"))
+    return (f"{_flag('DATA_DIR')} {data_dir} is {'an archive' if archive else 'a file'}, not a folder; "
+            f"{'unpack it and ' if archive else ''}point it at the folder that holds {holder_of}")
+
+
+def _parent(path: str) -> str:
+    """The folder that holds path, as the user would type it ("." for a bare name)."""
+    return os.path.dirname(os.path.normpath(path)) or "."
+
+
 def _bad_cifar_file(folder: str) -> str:
     """The first batch file that does not unpickle into a batch dict (only called after a failure)."""
     for name in CIFAR_FILES:
@@ -271,15 +289,13 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     with their labels, in ImageFolder's order; and the files that are not images. Opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
-        raise DataError(f"no ImageFolder tree in {data_dir}: expected {train_dir}/<class>/<image> "
-                        f"(and optionally val/ and test/ beside it); point {_flag('DATA_DIR')} at the folder "
-                        f"that holds train/")
+        raise DataError(_no_tree_message(data_dir))
     try:
         classes, class_to_idx = datasets.folder.find_classes(train_dir)
     except FileNotFoundError as error:  # no class folders
         raise DataError(f"no readable images in {train_dir}: {error}") from None
     splits, not_images = {}, []
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         folder = os.path.join(data_dir, split)
         if not os.path.isdir(folder):
             continue
@@ -292,6 +308,34 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
         splits[split] = [(path, label) for path, label in samples if path.lower().endswith(IMAGE_EXTENSIONS)]
         not_images += [path for path, _ in samples if not path.lower().endswith(IMAGE_EXTENSIONS)]
     return classes, splits, not_images
+
+
+def _no_tree_message(data_dir: str) -> str:
+    """Why DATA_DIR holds no train/: it is a file, missing, a split folder given for the folder above it, or
+    a folder of class folders with no train/ around them; else where the tree is expected."""
+    if os.path.isfile(data_dir):
+        return _file_message(data_dir, "train/<class>/<image>")
+    if not os.path.isdir(data_dir):
+        return f"{_flag('DATA_DIR')} {data_dir} does not exist; point it at the folder that holds train/<class>/<image>"
+    parent, class_folders = _parent(data_dir), _holds_class_folders(data_dir)
+    split_name = os.path.basename(os.path.normpath(data_dir)) in SPLITS
+    if os.path.isdir(os.path.join(parent, "train")) and (split_name or class_folders):
+        return f"{_flag('DATA_DIR')} {data_dir} is a split folder; use its parent, --data-dir {parent}"
+    if class_folders:
+        return (f"{_flag('DATA_DIR')} {data_dir} holds class folders but no train/: move them into "
+                f"{os.path.join(data_dir, 'train')}/, or point --data-dir at the folder that holds train/")
+    return (f"no ImageFolder tree in {data_dir}: expected {os.path.join(data_dir, 'train')}/<class>/<image> "
+            f"(val/ and test/ beside it optional); point {_flag('DATA_DIR')} at the folder that holds train/")
+
+
+def _holds_class_folders(folder: str) -> bool:
+    """Whether a subfolder of folder holds an image file: folder is one split's class folders."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(entry.is_dir() and any(name.lower().endswith(IMAGE_EXTENSIONS)
+                                              for name in os.listdir(entry.path)) for entry in entries)
+    except OSError:  # unreadable: nothing to say about it here
+        return False
 
 
 def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]]) -> None:

@@ -90,6 +90,26 @@ def test_missing_folder_without_download_says_where_to_put_the_files(tmp_path):
         data_module.get_data(DataConfig("cifar10", str(tmp_path), download=False))
 
 
+def test_a_data_dir_one_level_too_deep_for_cifar_names_its_parent(fake_cifar):
+    folder = os.path.join(fake_cifar, "cifar-10-batches-py")
+    with pytest.raises(DataError) as error:
+        data_module.get_data(DataConfig("cifar10", folder, download=True))
+    assert str(error.value) == (f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: use its parent, "
+                                f"--data-dir {fake_cifar}")
+    assert sorted(os.listdir(folder)) == sorted(data_module.CIFAR_FILES)  # no download into it
+
+
+@pytest.mark.parametrize("name, kind", [("data_batch_1", "a file, not a folder; point"),
+                                        ("cifar-10-python.tar.gz", "an archive, not a folder; unpack it and point")])
+def test_a_cifar_data_dir_that_is_a_file_is_called_one(tmp_path, name, kind):
+    path = tmp_path / name
+    path.write_bytes(b"not a folder")
+    with pytest.raises(DataError) as error:
+        data_module.get_data(DataConfig("cifar10", str(path), download=True))
+    expected = f"--data-dir (DATA_DIR) {path} is {kind} it at the folder that holds cifar-10-batches-py/"
+    assert str(error.value) == expected
+
+
 def test_truncated_batch_file_is_named(fake_cifar):
     path = os.path.join(fake_cifar, "cifar-10-batches-py", "data_batch_3")
     with open(path, "rb") as f:
@@ -233,6 +253,33 @@ def test_a_tree_with_one_class_is_refused(tmp_path):
 def test_a_missing_tree_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"no ImageFolder tree .*; point --data-dir \(DATA_DIR\) at the folder"):
         data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
+
+
+def test_a_split_folder_given_for_its_tree_names_the_tree(tmp_path):
+    root = write_image_tree(tmp_path / "photos", splits=("train", "val"))
+    for split in ("train", "val", "train/"):
+        with pytest.raises(DataError) as error:
+            data_module.get_data(DataConfig("folder", os.path.join(root, split), num_workers=0))
+        assert str(error.value) == (f"--data-dir (DATA_DIR) {os.path.join(root, split)} is a split folder; "
+                                    f"use its parent, --data-dir {root}")
+    assert sorted(os.listdir(root)) == ["train", "val"] and "train" not in os.listdir(os.path.join(root, "train"))
+
+
+def test_class_folders_without_train_a_file_or_no_folder_are_each_named(tmp_path):
+    classes_only = tmp_path / "pets"
+    write_image_tree(tmp_path / "tree", splits=("train",))
+    os.rename(tmp_path / "tree" / "train", classes_only)
+    with pytest.raises(DataError, match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
+                                        rf"train/: move them into {classes_only}/train/, or point"):
+        data_module.get_data(DataConfig("folder", str(classes_only), num_workers=0))
+    (tmp_path / "photos.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*photos.zip is an archive, not a folder; unpack"):
+        data_module.get_data(DataConfig("folder", str(tmp_path / "photos.zip"), num_workers=0))
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*notes.txt is a file, not a folder; point it"):
+        data_module.get_data(DataConfig("folder", str(tmp_path / "notes.txt"), num_workers=0))
+    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*nowhere does not exist; point it at the folder"):
+        data_module.get_data(DataConfig("folder", str(tmp_path / "nowhere"), num_workers=0))
 
 
 def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
