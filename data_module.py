@@ -65,7 +65,8 @@ class DataConfig:
     download: bool = True  # fetch CIFAR-10 when data_dir lacks it
     seed: int = 0  # the split, the subset and the shuffles
     channels_last: bool = True  # batches' memory layout
-    cache_dir: str | None = None  # folders: decoded images kept here for later runs; "auto": data_dir/.cache
+    cache_dir: str | None = None  # folders: decoded images kept here for later runs; "auto": the user's cache
+    # folder, cache_module.default_cache_dir() (~/.cache/lra-pipeline), one for every data folder
 
     def __post_init__(self):
         utils.check_fields(self, RULES, CHOICES)
@@ -413,7 +414,7 @@ def _read_sources(config: DataConfig, resize_size: int | None,
         sources = {"train": Images(train_images, train_labels), "test": Images(test_images, test_labels)}
         return sources, classes, train_images.shape[1], None
     if cache_dir is not None:
-        folder = os.path.join(data_dir, ".cache") if cache_dir == "auto" else cache_dir
+        folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir
         try:
             sources, classes, cache_file = _cached_folder(data_dir, resize_size, folder, num_workers)
             return sources, classes, resize_size, cache_file
@@ -624,10 +625,10 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     folders of small images): stored at image_size, with pad-crops (crop_padding, reflect). CIFAR-10 stays
     32 pixels. mean and std (a pretrained model's) replace the training images' own statistics.
 
-    cache_dir (folders): where the stored squares are kept, decoded once, for later runs ("auto":
-    DATA_DIR/.cache); they go to the device when they fit (resident), else are read from the memory-mapped
-    cache a batch at a time. None: no cache; the files are decoded into memory (resident) or by PIL in
-    DataLoader workers every epoch.
+    cache_dir (folders): where the stored squares are kept, decoded once, for later runs ("auto": the user's
+    cache folder, cache_module.default_cache_dir()); they go to the device when they fit (resident), else are
+    read from the memory-mapped cache a batch at a time. None: no cache; the files are decoded into memory
+    (resident) or by PIL in DataLoader workers every epoch.
     """
     device = torch.device(device)
     photos = config.augment == "photo" or (config.augment == "auto" and config.dataset == "folder")

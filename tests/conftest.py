@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import cache_module
 import data_module
 import loader_module
 import step_module
 import train_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_DEFAULT_CACHE_DIR = cache_module.default_cache_dir  # user_cache replaces it in every test; its own tests use this
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -29,6 +31,15 @@ def no_network(monkeypatch):
         raise OSError("network access is blocked in tests")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch):
+    """CACHE_DIR "auto" (the user's cache folder) in a folder of each test's own: no test writes to the real
+    ~/.cache, and none finds another's cache. The folder is made only when a cache is built in it."""
+    folder = tmp_path_factory.mktemp("user_cache") / cache_module.PROJECT
+    monkeypatch.setattr(cache_module, "default_cache_dir", lambda: str(folder))
+    return folder
 
 
 @pytest.fixture

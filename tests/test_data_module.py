@@ -15,8 +15,9 @@ import augment_module
 import data_module
 import image_module
 import loader_module
-from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, collect, write_fake_cifar, write_image_tree,
-                      write_photo_tree)
+import cache_module
+from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, REAL_DEFAULT_CACHE_DIR, collect, write_fake_cifar,
+                      write_image_tree, write_photo_tree)
 from data_module import DataConfig, DataError
 
 
@@ -563,12 +564,13 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     assert (ours - torch.from_numpy(theirs).permute(2, 0, 1)[:, 1:-1, 1:-1]).abs().max() <= 1 + 1e-3
 
 
-def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys):
+def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys, monkeypatch):
     root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DataError, match=r"^--cache-dir \(CACHE_DIR\) .*a_file/cache: cannot write.*or to none "):
         cached_data(root, tmp_path / "a_file" / "cache", image_size=8)
-    (tmp_path / "tree" / ".cache").write_text("")  # "auto" (DATA_DIR/.cache) cannot be made: no cache, a warning
+    monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # "auto" cannot be made: no cache, a warning
     data = cached_data(root, "auto", image_size=8)
     assert data.cache_file is None and data.resident
     assert "images are decoded without a cache (set --cache-dir (CACHE_DIR) to" in capsys.readouterr().err
@@ -581,3 +583,24 @@ def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(
     assert decoded == [] and not os.path.exists(tmp_path / "cache")
 
 
+
+
+def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path, monkeypatch, decoded):
+    monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    one = write_image_tree(tmp_path / "one", splits=("train", "val"), seed=1)
+    two = write_image_tree(tmp_path / "two", splits=("train", "val"), seed=2)  # the same file names
+    first, second = cached_data(one, "auto", resident="yes"), cached_data(two, "auto", resident="yes")
+    folder = str(tmp_path / "xdg" / "lra-pipeline")
+    assert os.path.dirname(first.cache_file) == os.path.dirname(second.cache_file) == folder
+    assert first.cache_file != second.cache_file and not torch.equal(first.val.images, second.val.images)
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two)) == ["train", "val"]  # nothing written beside them
+    assert len(decoded) == 2 * 36 and cached_data(one, "auto").cache_file == first.cache_file
+    assert len(decoded) == 2 * 36  # the first folder's cache is still there, and opened
+
+
+def test_a_folder_run_with_a_mistyped_data_dir_creates_nothing(tmp_path, user_cache):
+    for cache_dir in ("auto", str(tmp_path / "cache"), None):
+        with pytest.raises(DataError, match="does not exist"):
+            cached_data(str(tmp_path / "nowhere"), cache_dir)
+    assert os.listdir(tmp_path) == [] and not os.path.exists(user_cache)
