@@ -4,8 +4,10 @@ else read from the memory-mapped cache a batch at a time, with the same batched 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import shutil
 import sys
 from dataclasses import dataclass, replace
 
@@ -230,7 +232,7 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
                         f"--data-dir {_parent(data_dir)}")
     if missing and download:
         try:
-            CIFAR10(data_dir, train=True, download=True)
+            _download_cifar10(data_dir)
         except (OSError, RuntimeError) as error:  # no network, refused, bad archive
             raise DataError(_missing_message(folder, missing, f"the download failed: {error}")) from None
         missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
@@ -246,6 +248,34 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
         raise DataError(f"{folder} does not hold CIFAR-10: expected 10 classes and one label per image")
     return (torch.from_numpy(train.data), torch.tensor(train.targets), torch.from_numpy(test.data),
             torch.tensor(test.targets), list(train.classes))
+
+
+def _download_cifar10(data_dir: str) -> None:
+    """Download and unpack CIFAR-10 into data_dir. When that fails (or is interrupted), what the attempt made is
+    removed: data_dir and the parents it lacked, or in a data_dir that was there, the archive and the folder
+    that were not, so a mistyped DATA_DIR leaves nothing behind."""
+    missing = _outermost_missing(data_dir)
+    made = [os.path.join(data_dir, name) for name in (CIFAR10.filename, CIFAR10.base_folder)]
+    made = [missing] if missing else [path for path in made if not os.path.lexists(path)]
+    try:
+        CIFAR10(data_dir, train=True, download=True)
+    except BaseException:
+        for path in made:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        raise
+
+
+def _outermost_missing(path: str) -> str | None:
+    """The outermost folder of path that does not exist (path itself when only it is missing); None when path
+    exists."""
+    missing, path = None, os.path.abspath(path)
+    while not os.path.lexists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def _missing_message(folder: str, missing: list[str], reason: str) -> str:

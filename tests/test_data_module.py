@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
+from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
 import augment_module
@@ -84,6 +84,29 @@ def test_missing_folder_offline_gives_one_clear_message(tmp_path):
     message = str(error.value)
     assert "download failed" in message and "cifar-10-batches-py" in message and "--data-dir (DATA_DIR)" in message
     assert "\n" not in message
+
+
+def test_a_failed_download_leaves_no_folder_behind(tmp_path):
+    for data_dir in (tmp_path / "nowhere", tmp_path / "deeper" / "still"):
+        with pytest.raises(DataError, match="the download failed"):
+            data_module.get_data(DataConfig(data_dir=str(data_dir), download=True))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "other.tar.gz").write_bytes(b"mine")
+
+    def cut_short(url, root, filename, md5):  # as a download that stops half way through unpacking
+        (tmp_path / filename).write_bytes(b"half an archive")
+        os.makedirs(tmp_path / "cifar-10-batches-py")
+        (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half a batch")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(datasets.cifar, "download_and_extract_archive", cut_short)
+    with pytest.raises(DataError, match="the download failed: connection reset"):
+        data_module.get_data(DataConfig(data_dir=str(tmp_path), download=True))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "other.tar.gz"]
 
 
 def test_missing_folder_without_download_says_where_to_put_the_files(tmp_path):
