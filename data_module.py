@@ -89,6 +89,8 @@ class Data:
     image_size: int
     resident: bool
     val_is_test: bool  # VAL_SPLIT = 0: the test set doubles as the per-epoch validation set
+    test_is_val: bool  # a folder without test/: the test loader is the validation loader, the final evaluation
+    # is on the validation images (never True with val_is_test: that is the test set used for both)
     resize_size: int | None = None  # photo folders: the size images are stored at and resized to; None for CIFAR
     cache_file: str | None = None  # photo folders: the decoded-image cache the images come from; None: no cache
 
@@ -668,7 +670,7 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     # files and cache rows are split by their labels: no pixel is read yet
     parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir, config.dataset,
                    classes)
-    val_is_test = parts["val"] is sources.get("test")
+    val_is_test, test_is_val = parts["val"] is sources.get("test"), "test" not in sources
     resident = _keeps_resident(config.resident, sources, size, cache_file, device)
     if resident:
         parts = _decode(parts, num_workers)
@@ -682,5 +684,5 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident, device=device,
                             num_workers=num_workers)
     return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), augmentation.mean,
-                augmentation.std, image_size, resident, val_is_test=val_is_test, resize_size=resize_size,
-                cache_file=cache_file)
+                augmentation.std, image_size, resident, val_is_test=val_is_test, test_is_val=test_is_val,
+                resize_size=resize_size, cache_file=cache_file)

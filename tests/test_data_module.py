@@ -42,7 +42,7 @@ def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, mes
 
 def test_cifar_reader_on_a_fake_batch_folder(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False))
-    assert data.classes == CLASSES and data.resident and not data.val_is_test
+    assert data.classes == CLASSES and data.resident and not data.val_is_test and not data.test_is_val
     assert len(data.train.labels) == 80 and len(data.val.labels) == 20 and len(data.test.labels) == 20
     assert torch.bincount(data.val.labels).tolist() == [2] * 10  # stratified
     images, labels = next(iter(data.train))
@@ -63,6 +63,7 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
 def test_val_split_zero_validates_on_the_test_set(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=0, download=False))
     assert data.val_is_test and data.val is data.test and len(data.train.labels) == 100
+    assert not data.test_is_val  # the test set serves both: the final evaluation is on the test set
 
 
 def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
@@ -204,7 +205,7 @@ def test_an_image_folder_tree_loads_resized(tmp_path, resident):
     data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=12, resident=resident,
                                            num_workers=0))
     assert data.classes == ["cats", "dogs", "owls"] and data.image_size == 12
-    assert data.resident == (resident == "yes")
+    assert data.resident == (resident == "yes") and not data.test_is_val and not data.val_is_test
     images, labels = collect(data.val)
     assert images.shape == (18, 3, 12, 12) and sorted(labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
 
@@ -213,7 +214,7 @@ def test_a_tree_without_val_holds_out_val_split(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
     data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, val_split=6, resident="yes",
                                            num_workers=0))
-    assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val
+    assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val and data.test_is_val
 
 
 def test_a_tree_without_val_or_test_and_val_split_zero_names_the_flag(tmp_path):
@@ -226,6 +227,7 @@ def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default
     root = write_image_tree(tmp_path, splits=("train",), per_class=30)
     data = data_module.get_data(DataConfig(dataset="folder", data_dir=root, num_workers=0))
     assert torch.bincount(data.val.labels).tolist() == [3, 3, 3] and len(data.train.labels) == 81
+    assert data.test_is_val and data.test is data.val and not data.val_is_test  # no test/
     with pytest.raises(DataError) as error:
         data_module.get_data(DataConfig(dataset="folder", data_dir=root, val_split=5000, num_workers=0))
     assert str(error.value) == ("--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "
@@ -394,6 +396,7 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     warnings = capsys.readouterr().err
     streaming = data_module.get_data(DataConfig("folder", root, resident="no", **kwargs))
     assert resident.classes == streaming.classes == PHOTO_CLASSES
+    assert resident.test_is_val and resident.test is resident.val  # val/ but no test/
     assert resident.resize_size == streaming.resize_size == 37  # round(32 / 0.875)
     n_train = 3 * PHOTOS_PER_CLASS + 1  # and truncated.jpg, which loads
     assert len(resident.train.labels) == n_train and resident.train.images.shape[1:] == (37, 37, 3)
