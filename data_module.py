@@ -462,7 +462,7 @@ def _read_sources(config: DataConfig, resize_size: int | None,
 # --------------------------------------------------------------------------- splitting and statistics
 
 
-def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int,
+def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
                      every_class: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed. With
     every_class, each class holds out one image and keeps one at least, and the rest are shared in proportion
@@ -497,7 +497,7 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
     elif val_split != 0:
         n_val = _n_held_out(train.labels, val_split, dataset, classes, data_dir)
         every_class = val_split is None and dataset == "folder"
-        train_index, val_index = stratified_split(train.labels, n_val, seed, every_class)
+        train_index, val_index = stratified_split(train.labels, n_val, seed, every_class=every_class)
         val = train.take(val_index)
     elif "test" in sources:
         val = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
