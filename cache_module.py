@@ -35,6 +35,7 @@ except ImportError:  # Windows has no flock: concurrent builders each write, and
     fcntl = None
 
 FORMAT = 1  # raise it when the stored pixels or the layout change: older caches are then rebuilt
+PROJECT = "lra-pipeline"  # the per-user cache folder's name, under $XDG_CACHE_HOME or ~/.cache
 
 
 class CacheError(OSError):
@@ -49,6 +50,15 @@ class Cache:
     failed: list[int]  # rows whose files could not be read (left black)
     path: str  # the .npy file
     built: bool  # decoded by this call (False: opened as a later run finds it)
+
+
+def default_cache_dir() -> str:
+    """The per-user cache folder (CACHE_DIR "auto"), where pip and torchvision keep theirs:
+    $XDG_CACHE_HOME/lra-pipeline, else ~/.cache/lra-pipeline. The environment is read at each call."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative: the XDG spec says to ignore it
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, PROJECT)
 
 
 def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,

@@ -4,8 +4,10 @@ else read from the memory-mapped cache a batch at a time, with the same batched 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import shutil
 import sys
 from dataclasses import dataclass, replace
 
@@ -24,13 +26,16 @@ from loader_module import Augmentation, Batching, Loader, MappedLoader, Resident
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
 AUGMENTS = ("auto", "photo", "shift")  # photo: RandomResizedCrop; shift: pad-crops; auto: photo for folders
+SPLITS = ("train", "val", "test")  # a folder tree's split folders: DATA_DIR/<split>/<class>/<image>
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+CIFAR_VAL_SPLIT = 5000  # VAL_SPLIT unset, CIFAR-10: validation images held out of its 50,000 training images
+FOLDER_VAL_SHARE = 10  # VAL_SPLIT unset, a folder without val/: one image in this many held out of train/
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
 
 CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS, "resident": ("auto", "yes", "no")}
 RULES: utils.Rules = {  # a field: (test, what is allowed)
     "batch_size": (lambda v: v >= 1, "a whole number >= 1"),
-    "val_split": (lambda v: v >= 0, "a whole number >= 0"),
+    "val_split": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
     "train_subset": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
     "image_size": (lambda v: v >= 8, "a whole number of pixels >= 8"),
     "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
@@ -46,7 +51,8 @@ class DataConfig:
     dataset: str = "cifar10"  # "cifar10", or "folder": an ImageFolder tree, data_dir/train/<class>/<image>
     data_dir: str = "./data"
     batch_size: int = 256  # training images per batch; evaluation batches are twice as large
-    val_split: int = 5000  # training images held out for validation (stratified); 0: validate on the test set
+    val_split: int | None = None  # training images held out for validation (stratified); 0: validate on the test
+    # set; None: CIFAR_VAL_SPLIT for CIFAR-10, a tenth of train/ for a folder without val/ (see default_val_split)
     train_subset: int | None = None  # training images kept after the split (stratified); None: all
     image_size: int = 32  # pixels the model sees (folders); CIFAR-10 stays 32
     resize_size: int | None = None  # photo folders: pixels stored and resized to; None: image_size / RESIZE_RATIO
@@ -61,7 +67,8 @@ class DataConfig:
     download: bool = True  # fetch CIFAR-10 when data_dir lacks it
     seed: int = 0  # the split, the subset and the shuffles
     channels_last: bool = True  # batches' memory layout
-    cache_dir: str | None = None  # folders: decoded images kept here for later runs; "auto": data_dir/.cache
+    cache_dir: str | None = None  # folders: decoded images kept here for later runs; "auto": the user's cache
+    # folder, cache_module.default_cache_dir() (~/.cache/lra-pipeline), one for every data folder
 
     def __post_init__(self):
         utils.check_fields(self, RULES, CHOICES)
@@ -82,8 +89,15 @@ class Data:
     image_size: int
     resident: bool
     val_is_test: bool  # VAL_SPLIT = 0: the test set doubles as the per-epoch validation set
+    test_is_val: bool  # a folder without test/: the test loader is the validation loader, the final evaluation
+    # is on the validation images (never True with val_is_test: that is the test set used for both)
     resize_size: int | None = None  # photo folders: the size images are stored at and resized to; None for CIFAR
     cache_file: str | None = None  # photo folders: the decoded-image cache the images come from; None: no cache
+
+
+def _flag(name: str) -> str:
+    """A constant of main.py as the user types it, with its name beside it: "--val-split (VAL_SPLIT)"."""
+    return f"--{name.lower().replace('_', '-')} ({name})"
 
 
 # --------------------------------------------------------------------------- sources
@@ -211,16 +225,21 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
                                                           list[str]]:
     """CIFAR-10 as (train images, train labels, test images, test labels, class names): uint8
     (N, 32, 32, 3) images and int64 labels, downloaded first when missing."""
+    if os.path.isfile(data_dir):
+        raise DataError(_file_message(data_dir, "cifar-10-batches-py/"))
     folder = os.path.join(data_dir, CIFAR10.base_folder)
     missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing and any(os.path.isfile(os.path.join(data_dir, name)) for name in CIFAR_FILES):
+        raise DataError(f"{_flag('DATA_DIR')} {data_dir} holds CIFAR-10's files itself: use its parent, "
+                        f"--data-dir {_parent(data_dir)}")
     if missing and download:
         try:
-            CIFAR10(data_dir, train=True, download=True)
+            _download_cifar10(data_dir)
         except (OSError, RuntimeError) as error:  # no network, refused, bad archive
             raise DataError(_missing_message(folder, missing, f"the download failed: {error}")) from None
         missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
-        reason = "DOWNLOAD is off" if not download else "the downloaded archive lacked them"
+        reason = f"{_flag('DOWNLOAD')} is false" if not download else "the downloaded archive lacked them"
         raise DataError(_missing_message(folder, missing, reason))
     try:
         train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)
@@ -233,11 +252,50 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
             torch.tensor(test.targets), list(train.classes))
 
 
+def _download_cifar10(data_dir: str) -> None:
+    """Download and unpack CIFAR-10 into data_dir. When that fails (or is interrupted), what the attempt made is
+    removed: data_dir and the parents it lacked, or in a data_dir that was there, the archive and the folder
+    that were not, so a mistyped DATA_DIR leaves nothing behind."""
+    missing = _outermost_missing(data_dir)
+    made = [os.path.join(data_dir, name) for name in (CIFAR10.filename, CIFAR10.base_folder)]
+    made = [missing] if missing else [path for path in made if not os.path.lexists(path)]
+    try:
+        CIFAR10(data_dir, train=True, download=True)
+    except BaseException:
+        for path in made:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        raise
+
+
+def _outermost_missing(path: str) -> str | None:
+    """The outermost folder of path that does not exist (path itself when only it is missing); None when path
+    exists."""
+    missing, path = None, os.path.abspath(path)
+    while not os.path.lexists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
 def _missing_message(folder: str, missing: list[str], reason: str) -> str:
-    return (f"CIFAR-10 is not in {folder} (missing {', '.join(missing)}) and {reason}. "
-            f"Put the python-version files there (data_batch_1..5, test_batch, batches.meta, as "
-            f"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz unpacks), or set DATA_DIR to the "
-            f"folder that holds cifar-10-batches-py/")
+    lacks = "" if len(missing) == len(CIFAR_FILES) else f" (missing {', '.join(missing)})"
+    return (f"CIFAR-10 is not in {folder}{lacks} and {reason}; unpack {CIFAR10.url} in {os.path.dirname(folder)}, "
+            f"or point {_flag('DATA_DIR')} at the folder that holds cifar-10-batches-py/")
+
+
+def _file_message(data_dir: str, holder_of: str) -> str:
+    """The message for a DATA_DIR that is a file, not a folder."""
+    archive = data_dir.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip"))
+    return (f"{_flag('DATA_DIR')} {data_dir} is {'an archive' if archive else 'a file'}, not a folder; "
+            f"{'unpack it and ' if archive else ''}point it at the folder that holds {holder_of}")
+
+
+def _parent(path: str) -> str:
+    """The folder that holds path, as the user would type it ("." for a bare name)."""
+    return os.path.dirname(os.path.normpath(path)) or "."
 
 
 def _bad_cifar_file(folder: str) -> str:
@@ -264,14 +322,13 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     with their labels, in ImageFolder's order; and the files that are not images. Opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
-        raise DataError(f"no ImageFolder tree in {data_dir}: expected {train_dir}/<class>/<image> "
-                        f"(and optionally val/ and test/ beside it); set DATA_DIR")
+        raise DataError(_no_tree_message(data_dir))
     try:
         classes, class_to_idx = datasets.folder.find_classes(train_dir)
     except FileNotFoundError as error:  # no class folders
         raise DataError(f"no readable images in {train_dir}: {error}") from None
     splits, not_images = {}, []
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         folder = os.path.join(data_dir, split)
         if not os.path.isdir(folder):
             continue
@@ -286,6 +343,34 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     return classes, splits, not_images
 
 
+def _no_tree_message(data_dir: str) -> str:
+    """Why DATA_DIR holds no train/: it is a file, missing, a split folder given for the folder above it, or
+    a folder of class folders with no train/ around them; else where the tree is expected."""
+    if os.path.isfile(data_dir):
+        return _file_message(data_dir, "train/<class>/<image>")
+    if not os.path.isdir(data_dir):
+        return f"{_flag('DATA_DIR')} {data_dir} does not exist; point it at the folder that holds train/<class>/<image>"
+    parent, class_folders = _parent(data_dir), _holds_class_folders(data_dir)
+    split_name = os.path.basename(os.path.normpath(data_dir)) in SPLITS
+    if os.path.isdir(os.path.join(parent, "train")) and (split_name or class_folders):
+        return f"{_flag('DATA_DIR')} {data_dir} is a split folder; use its parent, --data-dir {parent}"
+    if class_folders:
+        return (f"{_flag('DATA_DIR')} {data_dir} holds class folders but no train/: move them into "
+                f"{os.path.join(data_dir, 'train')}/, or point --data-dir at the folder that holds train/")
+    return (f"no ImageFolder tree in {data_dir}: expected {os.path.join(data_dir, 'train')}/<class>/<image> "
+            f"(val/ and test/ beside it optional); point {_flag('DATA_DIR')} at the folder that holds train/")
+
+
+def _holds_class_folders(folder: str) -> bool:
+    """Whether a subfolder of folder holds an image file: folder is one split's class folders."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(entry.is_dir() and any(name.lower().endswith(IMAGE_EXTENSIONS)
+                                              for name in os.listdir(entry.path)) for entry in entries)
+    except OSError:  # unreadable: nothing to say about it here
+        return False
+
+
 def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]]) -> None:
     """Raise DataError unless every class of train/ has an image, there are two classes or more, and val/ and
     test/ (when there) hold images."""
@@ -293,9 +378,10 @@ def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tupl
     found = {label for _, label in splits["train"]}
     empty = [name for label, name in enumerate(classes) if label not in found]
     if empty:
-        raise DataError(f"no readable images in {train_dir}: none in the class folder(s) {', '.join(empty)}")
+        raise DataError(f"no readable images in {train_dir}: none in the class "
+                        f"{'folder' if len(empty) == 1 else 'folders'} {', '.join(empty)}")
     if len(classes) < 2:
-        raise DataError(f"{train_dir} has {len(classes)} class folder(s) with images; a classifier needs "
+        raise DataError(f"{train_dir} has {utils.plural(len(classes), 'class folder')} with images; a classifier needs "
                         f"at least two (train/<class>/<image>)")
     for split in ("val", "test"):
         if split in splits and not splits[split]:
@@ -308,10 +394,12 @@ def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[st
     of file skipped; DataError when a class or a split is left without images."""
     if not_images:
         extensions = sorted({os.path.splitext(path)[1].lower() or "(none)" for path in not_images})
-        print(f"warning: skipped {len(not_images)} files that are not images "
-              f"(extensions {', '.join(extensions)})", file=sys.stderr)
+        what = "is not an image" if len(not_images) == 1 else "are not images"
+        print(f"warning: skipped {utils.plural(len(not_images), 'file')} that {what} "
+              f"({'extension' if len(extensions) == 1 else 'extensions'} {', '.join(extensions)})", file=sys.stderr)
     if unreadable:
-        print(f"warning: skipped {len(unreadable)} unreadable image file(s), e.g. {unreadable[0]}",
+        example = ": " if len(unreadable) == 1 else ", e.g. "
+        print(f"warning: skipped {utils.plural(len(unreadable), 'unreadable image file')}{example}{unreadable[0]}",
               file=sys.stderr)
     skip = set(unreadable)
     splits = {name: [(path, label) for path, label in samples if path not in skip] for name, samples in splits.items()}
@@ -358,33 +446,39 @@ def _read_sources(config: DataConfig, resize_size: int | None,
         sources = {"train": Images(train_images, train_labels), "test": Images(test_images, test_labels)}
         return sources, classes, train_images.shape[1], None
     if cache_dir is not None:
-        folder = os.path.join(data_dir, ".cache") if cache_dir == "auto" else cache_dir
+        folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir
         try:
             sources, classes, cache_file = _cached_folder(data_dir, resize_size, folder, num_workers)
             return sources, classes, resize_size, cache_file
         except cache_module.CacheError as error:
             if cache_dir != "auto":
-                raise DataError(f"CACHE_DIR = {cache_dir!r}: {error}; choose a writable folder with room, or "
-                                f"None to decode the images without a cache") from None
-            print(f"warning: {error}; the images are decoded without a cache (set CACHE_DIR to a writable "
-                  f"folder to keep them)", file=sys.stderr)
+                raise DataError(f"{_flag('CACHE_DIR')} {cache_dir}: {error}; set it to a writable folder with "
+                                f"room, or to none to decode the images without a cache") from None
+            print(f"warning: {error}; the images are decoded without a cache (set {_flag('CACHE_DIR')} to a "
+                  f"writable folder to keep them)", file=sys.stderr)
     return *_scan_folder(data_dir, resize_size), resize_size, None
 
 
 # --------------------------------------------------------------------------- splitting and statistics
 
 
-def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed."""
+def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
+                     every_class: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed. With
+    every_class, each class holds out one image and keeps one at least, and the rest are shared in proportion
+    to what each class has beyond those two."""
     n = len(labels)
     if not 0 <= n_holdout <= n:
-        raise ValueError(f"cannot hold out {n_holdout} of {n} images")
+        raise ValueError(f"cannot hold out {n_holdout} of {utils.plural(n, 'image')}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     classes, counts = labels.unique(return_counts=True)
-    exact = counts.double() * n_holdout / n
-    quota = exact.floor().long()
-    remainder = n_holdout - int(quota.sum())
-    quota[torch.argsort(exact - quota, descending=True, stable=True)[:remainder]] += 1
+    if not every_class:
+        quota = _apportion(counts, n_holdout)
+    elif (counts >= 2).all() and len(classes) <= n_holdout <= n - len(classes):
+        quota = 1 + _apportion(counts - 2, n_holdout - len(classes))
+    else:
+        raise ValueError(f"cannot hold out {n_holdout} of {utils.plural(n, 'image')} with one of each class "
+                         f"held out and one kept")
     shuffled = labels[order]
     held = torch.cat([order[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())])
     mask = torch.zeros(n, dtype=torch.bool)
@@ -392,27 +486,28 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int) -> tuple[t
     return mask.logical_not().nonzero().flatten(), mask.nonzero().flatten()
 
 
-def _split(sources: dict[str, Source], val_split: int, train_subset: int | None, seed: int,
-           data_dir: str) -> dict[str, Source]:
-    """The train, val and test parts: validation held out unless the tree has val/, a stratified TRAIN_SUBSET
-    of the training images left, and the test set, or the validation images when there is none."""
+def _split(sources: dict[str, Source], val_split: int | None, train_subset: int | None, seed: int, data_dir: str,
+           dataset: str, classes: list[str]) -> dict[str, Source]:
+    """The train, val and test parts: validation held out unless the tree has val/ (VAL_SPLIT images, or
+    default_val_split's when None), a stratified TRAIN_SUBSET of the training images left, and the test set,
+    or the validation images when there is none."""
     train, train_index = sources["train"], torch.arange(len(sources["train"]))
     if "val" in sources:
         val = sources["val"]
-    elif val_split:
-        if val_split >= len(train):
-            raise DataError(f"VAL_SPLIT = {val_split} is too large: the training set has {len(train)} images")
-        train_index, val_index = stratified_split(train.labels, val_split, seed)
+    elif val_split != 0:
+        n_val = _n_held_out(train.labels, val_split, dataset, classes, data_dir)
+        every_class = val_split is None and dataset == "folder"
+        train_index, val_index = stratified_split(train.labels, n_val, seed, every_class=every_class)
         val = train.take(val_index)
     elif "test" in sources:
         val = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
     else:
-        raise DataError(f"{data_dir} has no val/ or test/ folder and VAL_SPLIT = 0: nothing to validate on; "
-                        f"set VAL_SPLIT > 0 or add {data_dir}/val/<class>/<image>")
+        raise DataError(f"{data_dir} has no val/ or test/ folder and {_flag('VAL_SPLIT')} is 0: nothing to "
+                        f"validate on; set it above 0, or add {data_dir}/val/<class>/<image>")
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_index):
-            raise DataError(f"TRAIN_SUBSET = {train_subset} is out of range: use 1 to {len(train_index)} "
-                            f"(the training images left after VAL_SPLIT), or None for all")
+            raise DataError(f"{_flag('TRAIN_SUBSET')} {train_subset} is out of range: use 1 to {len(train_index)} "
+                            f"(the training images left after the validation images are held out), or none for all")
         _, keep = stratified_split(train.labels[train_index], train_subset, seed)
         train_index = train_index[keep]
     parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
@@ -421,8 +516,52 @@ def _split(sources: dict[str, Source], val_split: int, train_subset: int | None,
               file=sys.stderr)
     for name, part in parts.items():
         if len(part) == 0:
-            raise DataError(f"the {name} split is empty; check TRAIN_SUBSET, VAL_SPLIT and {data_dir}")
+            raise DataError(f"the {name} split is empty; check {_flag('TRAIN_SUBSET')}, {_flag('VAL_SPLIT')} "
+                            f"and {data_dir}")
     return parts
+
+
+def _apportion(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """total shared out in proportion to counts, by largest remainder: int64 shares that sum to total."""
+    if total == 0:
+        return torch.zeros_like(counts)
+    exact = counts.double() * total / int(counts.sum())
+    quota = exact.floor().long()
+    remainder = total - int(quota.sum())
+    quota[torch.argsort(exact - quota, descending=True, stable=True)[:remainder]] += 1
+    return quota
+
+
+def default_val_split(dataset: str, labels: torch.Tensor) -> int:
+    """VAL_SPLIT when it is None: CIFAR_VAL_SPLIT for CIFAR-10; for a folder without val/, a tenth of train/'s
+    images (rounded half up), at least one image of each class and leaving at least one of each to train on."""
+    if dataset == "cifar10":
+        return CIFAR_VAL_SPLIT
+    n, n_classes = len(labels), len(labels.unique())
+    return min(max((n + FOLDER_VAL_SHARE // 2) // FOLDER_VAL_SHARE, n_classes), n - n_classes)
+
+
+def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, classes: list[str],
+                data_dir: str) -> int:
+    """The training images to hold out for validation: VAL_SPLIT, or default_val_split's when None. DataError
+    when that leaves none to train on, or (None, a folder) a class has a single image to split."""
+    if val_split is None and dataset == "folder":
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+        single = [name for name, count in zip(classes, counts) if count == 1]
+        if single:
+            raise DataError(f"{os.path.join(data_dir, 'train', single[0])} has a single image, and an unset "
+                            f"{_flag('VAL_SPLIT')} holds out one of each class; add images or val/, or set it")
+    n_val = default_val_split(dataset, labels) if val_split is None else val_split
+    if n_val < len(labels):
+        return n_val
+    images = utils.plural(len(labels), "image")
+    if val_split is None:
+        raise DataError(f"{_flag('VAL_SPLIT')} is unset, which holds out {n_val} of CIFAR-10's training images, "
+                        f"but there are {images}; set a smaller one")
+    if dataset == "folder":
+        raise DataError(f"{_flag('VAL_SPLIT')} {n_val} is too large: train/ has {images}; use fewer, or leave "
+                        f"it unset for a tenth of them")
+    raise DataError(f"{_flag('VAL_SPLIT')} {n_val} is too large: the training set has {images}; use fewer")
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -483,8 +622,8 @@ def _resize_size(config: DataConfig, photos: bool) -> int | None:
         return None
     size = (config.resize_size or round(config.image_size / RESIZE_RATIO)) if photos else config.image_size
     if size < config.image_size:
-        raise DataError(f"the resize size {size} is smaller than IMAGE_SIZE = {config.image_size}: "
-                        f"a centre crop of IMAGE_SIZE would not fit in it")
+        raise DataError(f"the resize size {size} is smaller than {_flag('IMAGE_SIZE')} {config.image_size}: "
+                        f"a centre crop of that size would not fit in it; lower --image-size")
     return size
 
 
@@ -518,10 +657,10 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     folders of small images): stored at image_size, with pad-crops (crop_padding, reflect). CIFAR-10 stays
     32 pixels. mean and std (a pretrained model's) replace the training images' own statistics.
 
-    cache_dir (folders): where the stored squares are kept, decoded once, for later runs ("auto":
-    DATA_DIR/.cache); they go to the device when they fit (resident), else are read from the memory-mapped
-    cache a batch at a time. None: no cache; the files are decoded into memory (resident) or by PIL in
-    DataLoader workers every epoch.
+    cache_dir (folders): where the stored squares are kept, decoded once, for later runs ("auto": the user's
+    cache folder, cache_module.default_cache_dir()); they go to the device when they fit (resident), else are
+    read from the memory-mapped cache a batch at a time. None: no cache; the files are decoded into memory
+    (resident) or by PIL in DataLoader workers every epoch.
     """
     device = torch.device(device)
     photos = config.augment == "photo" or (config.augment == "auto" and config.dataset == "folder")
@@ -529,8 +668,9 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     num_workers = (os.cpu_count() or 1) if config.num_workers is None else config.num_workers
     sources, classes, size, cache_file = _read_sources(config, resize_size, num_workers)
     # files and cache rows are split by their labels: no pixel is read yet
-    parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir)
-    val_is_test = parts["val"] is sources.get("test")
+    parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir, config.dataset,
+                   classes)
+    val_is_test, test_is_val = parts["val"] is sources.get("test"), "test" not in sources
     resident = _keeps_resident(config.resident, sources, size, cache_file, device)
     if resident:
         parts = _decode(parts, num_workers)
@@ -544,5 +684,5 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident, device=device,
                             num_workers=num_workers)
     return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), augmentation.mean,
-                augmentation.std, image_size, resident, val_is_test=val_is_test, resize_size=resize_size,
-                cache_file=cache_file)
+                augmentation.std, image_size, resident, val_is_test=val_is_test, test_is_val=test_is_val,
+                resize_size=resize_size, cache_file=cache_file)

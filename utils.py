@@ -43,6 +43,12 @@ def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> 
     return f"{name} = {value!r} is not known; choose one of {', '.join(map(repr, choices))}"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count with its noun, singular for one: plural(1, "file") is "1 file", plural(2, "file") "2 files";
+    `many` gives a plural that is not word + "s"."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 Rules = dict[str, tuple[Callable[[Any], bool], str]]  # a setting's name: (test, what is allowed)
 
 

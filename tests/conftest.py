@@ -13,12 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import cache_module
 import data_module
 import loader_module
 import step_module
 import train_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_DEFAULT_CACHE_DIR = cache_module.default_cache_dir  # user_cache replaces it in every test; its own tests use this
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -29,6 +31,15 @@ def no_network(monkeypatch):
         raise OSError("network access is blocked in tests")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch):
+    """CACHE_DIR "auto" (the user's cache folder) in a folder of each test's own: no test writes to the real
+    ~/.cache, and none finds another's cache. The folder is made only when a cache is built in it."""
+    folder = tmp_path_factory.mktemp("user_cache") / cache_module.PROJECT
+    monkeypatch.setattr(cache_module, "default_cache_dir", lambda: str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -109,7 +120,7 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
                                        loader_module.Batching(2 * batch_size, train=False, seed=seed),
                                        loader_module.Augmentation(mean, std))
     return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size, True,
-                            val_is_test=False)
+                            val_is_test=False, test_is_val=True)
 
 
 def run_main(args, cwd=ROOT, timeout=300, env=None, **kwargs):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cache_module
+from conftest import REAL_DEFAULT_CACHE_DIR
 
 
 def write_files(folder, n=5):
@@ -111,6 +112,38 @@ def test_a_moved_folder_keeps_its_cache(tmp_path):
     os.rename(tmp_path / "a", tmp_path / "b")
     moved = [path.replace(os.sep + "a" + os.sep, os.sep + "b" + os.sep) for path in paths]
     assert not build(moved, tmp_path / "cache", tmp_path / "b")[0].built
+
+
+def test_two_folders_with_the_same_file_names_get_caches_of_their_own(tmp_path):
+    first = write_files(tmp_path / "one" / "images")
+    second = write_files(tmp_path / "two" / "images")  # the same names and sizes
+    for path, twin in zip(first, second):
+        with open(twin, "r+b") as f:
+            f.write(b"\x09")  # other pixels
+        stat = os.stat(path)
+        os.utime(twin, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # written at another time
+    one, _ = build(first, tmp_path / "cache", tmp_path / "one")
+    two, fill = build(second, tmp_path / "cache", tmp_path / "two")
+    assert fill.calls == 1 and two.path != one.path
+    assert one.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4] and two.images[:, 0, 0, 0].tolist() == [9] * 5
+    again, fill = build(first, tmp_path / "cache", tmp_path / "one")  # the second did not replace the first
+    assert fill.calls == 0 and again.path == one.path
+    # a copy that keeps every file's name, size and time to the nanosecond (cp -a) is taken for the same
+    # files, as a moved folder is
+    for path, twin in zip(first, second):
+        os.utime(twin, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns))
+    assert build(second, tmp_path / "cache", tmp_path / "two")[0].path == one.path
+
+
+def test_the_default_cache_folder_is_the_users_own_read_from_the_environment_at_each_call(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert REAL_DEFAULT_CACHE_DIR() == str(tmp_path / "xdg" / "lra-pipeline")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: a relative path is ignored
+    assert REAL_DEFAULT_CACHE_DIR() == str(tmp_path / "home" / ".cache" / "lra-pipeline")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert REAL_DEFAULT_CACHE_DIR() == str(tmp_path / "home" / ".cache" / "lra-pipeline")
+    assert not (tmp_path / "home").exists() and not (tmp_path / "xdg").exists()  # naming it creates nothing
 
 
 @pytest.mark.parametrize("damage", ["truncated npy", "truncated index", "no index", "index of another size"])

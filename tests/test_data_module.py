@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
+from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
 import augment_module
 import data_module
 import image_module
 import loader_module
-from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, collect, write_fake_cifar, write_image_tree,
-                      write_photo_tree)
+import cache_module
+from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, REAL_DEFAULT_CACHE_DIR, collect, write_fake_cifar,
+                      write_image_tree, write_photo_tree)
 from data_module import DataConfig, DataError
 
 
@@ -24,7 +25,7 @@ from data_module import DataConfig, DataError
 
 
 @pytest.mark.parametrize("field, message", [
-    (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0"),
+    (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0, or None"),
     (dict(train_subset=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
     (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels >= 8"),
     (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
@@ -41,7 +42,7 @@ def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, mes
 
 def test_cifar_reader_on_a_fake_batch_folder(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False))
-    assert data.classes == CLASSES and data.resident and not data.val_is_test
+    assert data.classes == CLASSES and data.resident and not data.val_is_test and not data.test_is_val
     assert len(data.train.labels) == 80 and len(data.val.labels) == 20 and len(data.test.labels) == 20
     assert torch.bincount(data.val.labels).tolist() == [2] * 10  # stratified
     images, labels = next(iter(data.train))
@@ -62,18 +63,19 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
 def test_val_split_zero_validates_on_the_test_set(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=0, download=False))
     assert data.val_is_test and data.val is data.test and len(data.train.labels) == 100
+    assert not data.test_is_val  # the test set serves both: the final evaluation is on the test set
 
 
 def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, train_subset=30,
                                            download=False))
     assert len(data.train.labels) == 30 and torch.bincount(data.train.labels).tolist() == [3] * 10
-    with pytest.raises(DataError, match="TRAIN_SUBSET = 81"):
+    with pytest.raises(DataError, match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
         data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=20, train_subset=81, download=False))
 
 
 def test_val_split_larger_than_the_training_set_is_refused(fake_cifar):
-    with pytest.raises(DataError, match="VAL_SPLIT = 100 is too large"):
+    with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) 100 is too large: the training set has 100 "):
         data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=100, download=False))
 
 
@@ -81,13 +83,56 @@ def test_missing_folder_offline_gives_one_clear_message(tmp_path):
     with pytest.raises(DataError) as error:
         data_module.get_data(DataConfig("cifar10", str(tmp_path / "nowhere"), download=True))
     message = str(error.value)
-    assert "download failed" in message and "cifar-10-batches-py" in message and "DATA_DIR" in message
+    assert "download failed" in message and "cifar-10-batches-py" in message and "--data-dir (DATA_DIR)" in message
     assert "\n" not in message
 
 
+def test_a_failed_download_leaves_no_folder_behind(tmp_path):
+    for data_dir in (tmp_path / "nowhere", tmp_path / "deeper" / "still"):
+        with pytest.raises(DataError, match="the download failed"):
+            data_module.get_data(DataConfig(data_dir=str(data_dir), download=True))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "other.tar.gz").write_bytes(b"mine")
+
+    def cut_short(url, root, filename, md5):  # as a download that stops half way through unpacking
+        (tmp_path / filename).write_bytes(b"half an archive")
+        os.makedirs(tmp_path / "cifar-10-batches-py")
+        (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half a batch")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(datasets.cifar, "download_and_extract_archive", cut_short)
+    with pytest.raises(DataError, match="the download failed: connection reset"):
+        data_module.get_data(DataConfig(data_dir=str(tmp_path), download=True))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "other.tar.gz"]
+
+
 def test_missing_folder_without_download_says_where_to_put_the_files(tmp_path):
-    with pytest.raises(DataError, match="DOWNLOAD is off.*data_batch_1..5"):
+    with pytest.raises(DataError, match=r"--download \(DOWNLOAD\) is false; unpack https://.*-python.tar.gz in "):
         data_module.get_data(DataConfig("cifar10", str(tmp_path), download=False))
+
+
+def test_a_data_dir_one_level_too_deep_for_cifar_names_its_parent(fake_cifar):
+    folder = os.path.join(fake_cifar, "cifar-10-batches-py")
+    with pytest.raises(DataError) as error:
+        data_module.get_data(DataConfig("cifar10", folder, download=True))
+    assert str(error.value) == (f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: use its parent, "
+                                f"--data-dir {fake_cifar}")
+    assert sorted(os.listdir(folder)) == sorted(data_module.CIFAR_FILES)  # no download into it
+
+
+@pytest.mark.parametrize("name, kind", [("data_batch_1", "a file, not a folder; point"),
+                                        ("cifar-10-python.tar.gz", "an archive, not a folder; unpack it and point")])
+def test_a_cifar_data_dir_that_is_a_file_is_called_one(tmp_path, name, kind):
+    path = tmp_path / name
+    path.write_bytes(b"not a folder")
+    with pytest.raises(DataError) as error:
+        data_module.get_data(DataConfig("cifar10", str(path), download=True))
+    expected = f"--data-dir (DATA_DIR) {path} is {kind} it at the folder that holds cifar-10-batches-py/"
+    assert str(error.value) == expected
 
 
 def test_truncated_batch_file_is_named(fake_cifar):
@@ -124,6 +169,26 @@ def test_stratified_split_is_stratified_seeded_and_complete():
     assert torch.equal(kept, again) and not torch.equal(kept, other)
 
 
+def test_stratified_split_of_every_class_holds_one_of_each_out_and_keeps_one():
+    labels = torch.tensor([0] * 100 + [1] * 2 + [2] * 2)
+    _, held = data_module.stratified_split(labels, 10, seed=0)
+    assert torch.bincount(labels[held], minlength=3).tolist() == [10, 0, 0]  # in proportion, the small ones lose
+    kept, held = data_module.stratified_split(labels, 10, seed=0, every_class=True)
+    # one of each held out, one of each kept, and the other 7 shared as the classes' 98, 0 and 0 spare images
+    assert torch.bincount(labels[held]).tolist() == [8, 1, 1] and torch.bincount(labels[kept]).tolist() == [92, 1, 1]
+    with pytest.raises(ValueError, match="one of each class"):
+        data_module.stratified_split(labels, 2, seed=0, every_class=True)
+
+
+def test_an_unset_val_split_is_5000_for_cifar_and_a_tenth_with_every_class_for_a_folder():
+    assert DataConfig().val_split is None
+    assert data_module.default_val_split("cifar10", torch.arange(50000) % 10) == 5000
+    assert data_module.default_val_split("folder", torch.arange(90) % 3) == 9
+    assert data_module.default_val_split("folder", torch.arange(95) % 3) == 10  # 9.5 rounds up
+    assert data_module.default_val_split("folder", torch.arange(12) % 4) == 4  # a tenth is 1; one per class
+    assert data_module.default_val_split("folder", torch.arange(6) % 3) == 3  # and one of each left to train on
+
+
 def test_channel_stats_match_numpy():
     images = torch.randint(0, 256, (50, 6, 5, 3), dtype=torch.uint8)
     mean, std = data_module.channel_stats(images)
@@ -140,7 +205,7 @@ def test_an_image_folder_tree_loads_resized(tmp_path, resident):
     data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=12, resident=resident,
                                            num_workers=0))
     assert data.classes == ["cats", "dogs", "owls"] and data.image_size == 12
-    assert data.resident == (resident == "yes")
+    assert data.resident == (resident == "yes") and not data.test_is_val and not data.val_is_test
     images, labels = collect(data.val)
     assert images.shape == (18, 3, 12, 12) and sorted(labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
 
@@ -149,15 +214,53 @@ def test_a_tree_without_val_holds_out_val_split(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
     data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, val_split=6, resident="yes",
                                            num_workers=0))
-    assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val
+    assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val and data.test_is_val
+
+
+def test_a_tree_without_val_or_test_and_val_split_zero_names_the_flag(tmp_path):
+    root = write_image_tree(tmp_path, splits=("train",))
+    with pytest.raises(DataError, match=r"no val/ or test/ folder and --val-split \(VAL_SPLIT\) is 0: nothing"):
+        data_module.get_data(DataConfig("folder", root, val_split=0, num_workers=0))
+
+
+def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default(tmp_path):
+    root = write_image_tree(tmp_path, splits=("train",), per_class=30)
+    data = data_module.get_data(DataConfig(dataset="folder", data_dir=root, num_workers=0))
+    assert torch.bincount(data.val.labels).tolist() == [3, 3, 3] and len(data.train.labels) == 81
+    assert data.test_is_val and data.test is data.val and not data.val_is_test  # no test/
+    with pytest.raises(DataError) as error:
+        data_module.get_data(DataConfig(dataset="folder", data_dir=root, val_split=5000, num_workers=0))
+    assert str(error.value) == ("--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "
+                                "leave it unset for a tenth of them")
+
+
+def test_an_uneven_folder_validates_on_every_class_by_default(tmp_path):
+    for name, count in [("many", 40), ("few", 3), ("two", 2)]:
+        write_image_tree(tmp_path, splits=("train",), classes=(name,), per_class=count)
+    data = data_module.get_data(DataConfig("folder", str(tmp_path), image_size=8, resident="yes", num_workers=0))
+    assert data.classes == ["few", "many", "two"]
+    assert torch.bincount(data.val.labels).tolist() == [1, 3, 1]  # 5 of 45: a tenth, rounded half up
+    assert torch.bincount(data.train.labels).tolist() == [2, 37, 1]
+    write_image_tree(tmp_path, splits=("train",), classes=("one",), per_class=1)
+    with pytest.raises(DataError, match=r"train/one has a single image, and an unset --val-split \(VAL_SPLIT\)"):
+        data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
+    data = data_module.get_data(DataConfig("folder", str(tmp_path), val_split=4, num_workers=0))
+    assert len(data.val.labels) == 4  # a value given is held out in proportion, as before
+
+
+def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_cifar):
+    with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of CIFAR-10's "
+                                        r"training images, but there are 100 images; set a smaller one$"):
+        data_module.get_data(DataConfig("cifar10", fake_cifar, download=False))
 
 
 def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
-    files, _ = data_module._scan_folder(root, size=8)
+    files, classes = data_module._scan_folder(root, size=8)
     images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
-    from_files = data_module._split(files, val_split=6, train_subset=12, seed=3, data_dir=root)
-    from_images = data_module._split(images, val_split=6, train_subset=12, seed=3, data_dir=root)
+    options = dict(val_split=6, train_subset=12, seed=3, data_dir=root, dataset="folder", classes=classes)
+    from_files = data_module._split(files, **options)
+    from_images = data_module._split(images, **options)
     for name in ("train", "val"):
         decoded = from_files[name].decode(num_workers=0, desc=name)
         assert torch.equal(decoded.images, from_images[name].images)
@@ -174,8 +277,35 @@ def test_a_tree_with_one_class_is_refused(tmp_path):
 
 
 def test_a_missing_tree_is_refused(tmp_path):
-    with pytest.raises(DataError, match="no ImageFolder tree"):
+    with pytest.raises(DataError, match=r"no ImageFolder tree .*; point --data-dir \(DATA_DIR\) at the folder"):
         data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
+
+
+def test_a_split_folder_given_for_its_tree_names_the_tree(tmp_path):
+    root = write_image_tree(tmp_path / "photos", splits=("train", "val"))
+    for split in ("train", "val", "train/"):
+        with pytest.raises(DataError) as error:
+            data_module.get_data(DataConfig("folder", os.path.join(root, split), num_workers=0))
+        assert str(error.value) == (f"--data-dir (DATA_DIR) {os.path.join(root, split)} is a split folder; "
+                                    f"use its parent, --data-dir {root}")
+    assert sorted(os.listdir(root)) == ["train", "val"] and "train" not in os.listdir(os.path.join(root, "train"))
+
+
+def test_class_folders_without_train_a_file_or_no_folder_are_each_named(tmp_path):
+    classes_only = tmp_path / "pets"
+    write_image_tree(tmp_path / "tree", splits=("train",))
+    os.rename(tmp_path / "tree" / "train", classes_only)
+    with pytest.raises(DataError, match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
+                                        rf"train/: move them into {classes_only}/train/, or point"):
+        data_module.get_data(DataConfig("folder", str(classes_only), num_workers=0))
+    (tmp_path / "photos.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*photos.zip is an archive, not a folder; unpack"):
+        data_module.get_data(DataConfig("folder", str(tmp_path / "photos.zip"), num_workers=0))
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*notes.txt is a file, not a folder; point it"):
+        data_module.get_data(DataConfig("folder", str(tmp_path / "notes.txt"), num_workers=0))
+    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*nowhere does not exist; point it at the folder"):
+        data_module.get_data(DataConfig("folder", str(tmp_path / "nowhere"), num_workers=0))
 
 
 def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
@@ -186,7 +316,24 @@ def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
         pass
     data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, resident="yes", num_workers=0))
     assert len(data.train.labels) == 18
-    assert "skipped 2 unreadable image file(s)" in capsys.readouterr().err
+    assert "skipped 2 unreadable image files, e.g. " in capsys.readouterr().err
+
+
+def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
+    root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
+    (tmp_path / "tree" / "train" / "cats" / "notes.txt").write_text("not a picture")
+    broken = tmp_path / "tree" / "train" / "dogs" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, resident="yes", num_workers=0))
+    warnings = capsys.readouterr().err
+    assert "skipped 1 file that is not an image (extension .txt)" in warnings
+    assert f"skipped 1 unreadable image file: {broken}" in warnings
+    one_class = write_image_tree(tmp_path / "one", splits=("train",), classes=("only",))
+    with pytest.raises(DataError, match="has 1 class folder with images"):
+        data_module.get_data(DataConfig("folder", one_class, num_workers=0))
+    os.makedirs(tmp_path / "tree" / "train" / "owls2")
+    with pytest.raises(DataError, match="none in the class folder owls2$"):
+        data_module.get_data(DataConfig("folder", root, num_workers=0))
 
 
 def test_an_empty_val_folder_is_refused(tmp_path):
@@ -249,16 +396,17 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     warnings = capsys.readouterr().err
     streaming = data_module.get_data(DataConfig("folder", root, resident="no", **kwargs))
     assert resident.classes == streaming.classes == PHOTO_CLASSES
+    assert resident.test_is_val and resident.test is resident.val  # val/ but no test/
     assert resident.resize_size == streaming.resize_size == 37  # round(32 / 0.875)
     n_train = 3 * PHOTOS_PER_CLASS + 1  # and truncated.jpg, which loads
     assert len(resident.train.labels) == n_train and resident.train.images.shape[1:] == (37, 37, 3)
     if ".heic" in image_module.IMAGE_EXTENSIONS:  # a HEIF plugin is installed: the fake .heic is a bad image
-        assert "skipped 1 files that are not images (extensions .txt)" in warnings
-        assert "skipped 2 unreadable image file(s), e.g. " in warnings
+        assert "skipped 1 file that is not an image (extension .txt)" in warnings
+        assert "skipped 2 unreadable image files, e.g. " in warnings
     else:
         assert "skipped 2 files that are not images (extensions .heic, .txt)" in warnings
-        assert "skipped 1 unreadable image file(s), e.g. " in warnings and "broken.png" in warnings
-    assert warnings.count("not images") == 1
+        assert "skipped 1 unreadable image file: " in warnings and "broken.png" in warnings
+    assert warnings.count("that are not images") + warnings.count("that is not an image") == 1
     # evaluation: the same centre crops of the same stored squares, normalised alike
     (rv, rl), (sv, sl) = collect(resident.val), collect(streaming.val)
     assert rv.shape == (3 * PHOTOS_PER_CLASS, 3, 32, 32) and torch.equal(rl, sl)
@@ -310,7 +458,7 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
                               atol=1e-5)
     with pytest.raises(ValueError, match="mean and std"):
         DataConfig("folder", root, mean=(0.5,) * 3)
-    with pytest.raises(DataError, match="resize size 20 is smaller than IMAGE_SIZE = 24"):
+    with pytest.raises(DataError, match=r"resize size 20 is smaller than --image-size \(IMAGE_SIZE\) 24: .*; lower"):
         data_module.get_data(DataConfig("folder", root, image_size=24, resize_size=20))
 
 
@@ -359,7 +507,7 @@ def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, 
     again = cached_data(root, tmp_path / "cache")
     assert len(decoded) == n_images and os.stat(again.cache_file).st_mtime_ns == written
     later_warnings = capsys.readouterr().err  # the cache remembers what was skipped
-    assert "skipped 1 unreadable image file(s)" in later_warnings and "files that are not images" in later_warnings
+    assert "skipped 1 unreadable image file: " in later_warnings and "files that are not images" in later_warnings
     assert later_warnings.splitlines()[-3:] == warnings.splitlines()[-3:]
     assert again.mean == first.mean and again.classes == first.classes == PHOTO_CLASSES
     (v1, l1), (v2, l2) = collect(first.val), collect(again.val)
@@ -442,15 +590,16 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     assert (ours - torch.from_numpy(theirs).permute(2, 0, 1)[:, 1:-1, 1:-1]).abs().max() <= 1 + 1e-3
 
 
-def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys):
+def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys, monkeypatch):
     root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(DataError, match="CACHE_DIR = '.*a_file/cache': cannot write.*or None"):
+    with pytest.raises(DataError, match=r"^--cache-dir \(CACHE_DIR\) .*a_file/cache: cannot write.*or to none "):
         cached_data(root, tmp_path / "a_file" / "cache", image_size=8)
-    (tmp_path / "tree" / ".cache").write_text("")  # "auto" (DATA_DIR/.cache) cannot be made: no cache, a warning
+    monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # "auto" cannot be made: no cache, a warning
     data = cached_data(root, "auto", image_size=8)
     assert data.cache_file is None and data.resident
-    assert "images are decoded without a cache" in capsys.readouterr().err
+    assert "images are decoded without a cache (set --cache-dir (CACHE_DIR) to" in capsys.readouterr().err
 
 
 def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(tmp_path, decoded):
@@ -460,3 +609,24 @@ def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(
     assert decoded == [] and not os.path.exists(tmp_path / "cache")
 
 
+
+
+def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path, monkeypatch, decoded):
+    monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    one = write_image_tree(tmp_path / "one", splits=("train", "val"), seed=1)
+    two = write_image_tree(tmp_path / "two", splits=("train", "val"), seed=2)  # the same file names
+    first, second = cached_data(one, "auto", resident="yes"), cached_data(two, "auto", resident="yes")
+    folder = str(tmp_path / "xdg" / "lra-pipeline")
+    assert os.path.dirname(first.cache_file) == os.path.dirname(second.cache_file) == folder
+    assert first.cache_file != second.cache_file and not torch.equal(first.val.images, second.val.images)
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two)) == ["train", "val"]  # nothing written beside them
+    assert len(decoded) == 2 * 36 and cached_data(one, "auto").cache_file == first.cache_file
+    assert len(decoded) == 2 * 36  # the first folder's cache is still there, and opened
+
+
+def test_a_folder_run_with_a_mistyped_data_dir_creates_nothing(tmp_path, user_cache):
+    for cache_dir in ("auto", str(tmp_path / "cache"), None):
+        with pytest.raises(DataError, match="does not exist"):
+            cached_data(str(tmp_path / "nowhere"), cache_dir)
+    assert os.listdir(tmp_path) == [] and not os.path.exists(user_cache)

@@ -200,3 +200,8 @@ def test_an_unwritable_output_dir_is_reported(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OSError, match="OUTPUT_DIR .* is not writable"):
         utils.check_writable(str(blocker / "sub"))
+
+
+def test_plural_counts_one_in_the_singular_and_others_in_the_plural():
+    assert [utils.plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
+    assert utils.plural(1, "class folder") == "1 class folder" and utils.plural(3, "batch", "batches") == "3 batches"
