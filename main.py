@@ -46,7 +46,8 @@ DATA_DIR: str = "./data"         # holds cifar-10-batches-py/ (fetched when miss
 DATASET: str = "cifar10"         # "cifar10", or "folder" for an ImageFolder tree: DATA_DIR/train/<class>/<image>
 DOWNLOAD: bool = True            # fetch CIFAR-10 (and check the archive's checksum) when DATA_DIR lacks it
 IMAGE_SIZE: int | None = None    # pixels the model sees (folders); None: PRETRAINED's crop size, else 32. CIFAR is 32
-VAL_SPLIT: int = 5000            # training images held out for validation, stratified; 0 = validate on the test set
+VAL_SPLIT: int | None = None     # training images held out for validation, stratified; None: 5,000 for CIFAR-10,
+                                 # a tenth of a folder's train/ (one of each class at least); 0 = validate on the test set
 TRAIN_SUBSET: int | None = None  # train on only this many images (stratified), for quick runs; None = all
 AUGMENT: str = "auto"            # "photo": RandomResizedCrop + flip (torchvision's reference), "shift": pad-crops +
                                  # flips (CIFAR's, for small images); "auto": shift for CIFAR-10, photo for folders
@@ -55,7 +56,8 @@ REFLECT: bool = False            # crops pad by reflecting the border instead of
 FLIP: str = "random"             # "random" flips, "alternate" (each image every other epoch, as airbench) or "none"
 RESIDENT: str = "auto"           # keep the data on the device as uint8: "auto" (when it fits), "yes" or "no"
 NUM_WORKERS: int | None = None   # DataLoader worker processes when not resident; None = one per CPU core
-CACHE_DIR: str | None = "auto"   # folders: images decoded once and kept here for later runs; "auto": DATA_DIR/.cache;
+CACHE_DIR: str | None = "auto"   # folders: images decoded once and kept here for later runs; "auto": the user's
+                                 # cache folder (~/.cache/lra-pipeline, or $XDG_CACHE_HOME's);
                                  # None: no cache (decoded every run; streamed by PIL workers when not resident)
 
 # --- Model
@@ -436,7 +438,7 @@ def train(config: Config, run: Run) -> Outcome:
     go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
     if run.main_process:
         print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
-              f"{utils.plural(len(run.data.train), 'batch')} of {config.data.batch_size} per epoch | "
+              f"{utils.plural(len(run.data.train), 'batch', 'batches')} of {config.data.batch_size} per epoch | "
               f"{_data_path(run.data)} | outputs in {os.path.abspath(output_dir)}")
     signal.signal(signal.SIGTERM, _raise_terminated)
     started, outcome, message = time.perf_counter(), Outcome(0), None
@@ -489,12 +491,14 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     result["seconds"] = time.perf_counter() - started
     if not run.main_process:
         return result
-    which = "validation (test) set" if data.val_is_test else "test set"
-    print(f"Test accuracy on the {which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
+    split = "validation" if data.test_is_val else "test"
+    which = {"validation": "Validation accuracy (no test/ folder)", "test": "Test accuracy"}[split]
+    which += " on the validation (test) set" if data.val_is_test else ""
+    print(f"{which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
           f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
     for name, acc in zip(data.classes, result["per_class"]):
         print(f"  {name:>12}: {100 * acc:6.2f}%")
-    report_module.write_test_outputs(result, data.classes, data.mean, data.std, run.fit.output_dir)
+    report_module.write_test_outputs(result, data.classes, data.mean, data.std, run.fit.output_dir, split)
     if run.tensorboard:
         run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(run.state.history))
         run.tensorboard.close()

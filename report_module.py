@@ -33,11 +33,12 @@ AVERAGES = ("macro avg", "weighted avg")  # the rows after the classes, as sciki
 
 
 def write_test_outputs(result: dict[str, Any], classes: Sequence[str], mean: Sequence[float],
-                       std: Sequence[float], output_dir: str) -> None:
-    """Write test_report.csv, confusion_matrix.png and misclassified.png from evaluate(..., collect=True)."""
+                       std: Sequence[float], output_dir: str, split: str = "test") -> None:
+    """Write test_report.csv, confusion_matrix.png and misclassified.png from evaluate(..., collect=True) on the
+    split named ("validation" when a folder has no test/)."""
     write_test_report(result["confusion"], classes, os.path.join(output_dir, TEST_REPORT))
-    plot_confusion_matrix(result["confusion"], classes, os.path.join(output_dir, CONFUSION))
-    plot_misclassified(result["mistakes"], classes, mean, std, os.path.join(output_dir, MISCLASSIFIED))
+    plot_confusion_matrix(result["confusion"], classes, os.path.join(output_dir, CONFUSION), split)
+    plot_misclassified(result["mistakes"], classes, mean, std, os.path.join(output_dir, MISCLASSIFIED), split)
 
 
 def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
@@ -77,14 +78,14 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
     return frame
 
 
-def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str) -> None:
+def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str, split: str = "test") -> None:
     """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's share
     going to each prediction), class names on both axes; the figure and the fonts scale with the class count,
     readable up to about 50 classes."""
-    _draw(path, lambda: confusion_figure(confusion, classes))
+    _draw(path, lambda: confusion_figure(confusion, classes, split))
 
 
-def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]):
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str = "test"):
     """The confusion matrix as a matplotlib Figure (for plot_confusion_matrix and TensorBoard)."""
     from matplotlib.figure import Figure
 
@@ -109,28 +110,28 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]):
     total = int(counts.sum())
     accuracy = np.trace(counts) / total if total else math.nan
     axes.set(xlabel="predicted class", ylabel="true class",
-             title=f"Confusion matrix: {total} test images, accuracy {100 * accuracy:.2f}%")
+             title=f"Confusion matrix: {total} {split} images, accuracy {100 * accuracy:.2f}%")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
     figure.tight_layout()
     return figure
 
 
 def plot_misclassified(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
-                       std: Sequence[float], path: str) -> None:
+                       std: Sequence[float], path: str, split: str = "test") -> None:
     """Draw misclassified.png: the given mistakes (train_module.Mistake, most confident first), each image
     un-normalised (x std + mean) and titled with its true class, the predicted class and its probability."""
-    _draw(path, lambda: _mistakes_figure(mistakes, classes, mean, std))
+    _draw(path, lambda: _mistakes_figure(mistakes, classes, mean, std, split))
 
 
 def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
-                     std: Sequence[float]):
+                     std: Sequence[float], split: str = "test"):
     """One image of all the mistakes (a mosaic in a single axes, each cell a title band over the image) with
     their titles as text: this draws in 0.2-0.4 s, a grid of 25 axes with tight_layout in 0.7-0.9 s."""
     from matplotlib.figure import Figure
 
     if not mistakes:
         figure = Figure(figsize=(4, 1.5), dpi=100)
-        figure.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        figure.text(0.5, 0.5, f"no misclassified {split} images", ha="center", va="center")
         return figure
     columns = math.ceil(math.sqrt(len(mistakes)))
     rows = math.ceil(len(mistakes) / columns)

@@ -145,11 +145,6 @@ class WriteFailed(FileError):
         self.name = name
 
 
-def plural(n: int, word: str) -> str:
-    """"1 file", "2 files", "1 batch", "3 batches"."""
-    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
-
-
 def megabytes(n: int) -> str:
     """A byte count for a message: "12 MB", "0.3 MB"."""
     return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**20:.1f} MB"

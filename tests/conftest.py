@@ -26,20 +26,19 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Tests never download: any connection attempt fails as it would offline."""
-    def refuse(*args, **kwargs):
+    """Tests never download: any connection to another machine fails as it would offline (local sockets, which
+    multiprocessing's workers use, still connect)."""
+    connect = socket.socket.connect
+
+    def refuse(self, address, *args, **kwargs):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError("network access is blocked in tests")
+        return connect(self, address, *args, **kwargs)
+
+    def refuse_any(*args, **kwargs):
         raise OSError("network access is blocked in tests")
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.fixture(autouse=True)
-def user_cache(tmp_path_factory, monkeypatch):
-    """CACHE_DIR "auto" (the user's cache folder) in a folder of each test's own: no test writes to the real
-    ~/.cache, and none finds another's cache. The folder is made only when a cache is built in it."""
-    folder = tmp_path_factory.mktemp("user_cache") / cache_module.PROJECT
-    monkeypatch.setattr(cache_module, "default_cache_dir", lambda: str(folder))
-    return folder
+    monkeypatch.setattr(socket, "create_connection", refuse_any)
 
 
 @pytest.fixture

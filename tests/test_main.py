@@ -190,7 +190,34 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys):
                           "no readable images")
     small = write_fake_cifar(tmp_path / "small", per_batch=20)
     assert_one_clean_line(main_in_process(["--data-dir", small, *common, "--val-split", "20",
-                                           "--train-subset", "500"], capsys), "TRAIN_SUBSET = 500")
+                                           "--train-subset", "500"], capsys), "--train-subset (TRAIN_SUBSET) 500")
+
+
+def test_a_small_photo_folder_with_only_train_trains_with_the_default_constants(tmp_path, capsys):
+    photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=30)  # 3 classes x 30 images
+    out = tmp_path / "out"
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out, "--epochs", "1",
+                              "--ask-epoch", "none"], capsys)
+    assert result.returncode == 0, result.stderr
+    assert "1 batch of 128 per epoch" in result.stdout
+    assert "Validation accuracy (no test/ folder): " in result.stdout and "Test accuracy" not in result.stdout
+    report = pd.read_csv(out / "test_report.csv")
+    assert report.set_index("class").loc[["cats", "dogs", "owls"], "support"].tolist() == [3, 3, 3]  # a tenth
+
+
+@pytest.mark.parametrize("where, fragment", [("cifar-10-batches-py", "holds CIFAR-10's files itself: use its parent"),
+                                             ("cifar-10-batches-py/data_batch_1", "is a file, not a folder")])
+def test_a_data_dir_at_the_wrong_level_names_the_folder_to_give(where, fragment, fake_cifar, tmp_path, capsys):
+    result = main_in_process(["--data-dir", os.path.join(fake_cifar, where), "--output-dir", tmp_path / "out",
+                              "--download", "false"], capsys)
+    assert_one_clean_line(result, "--data-dir (DATA_DIR)", fragment)
+
+
+def test_a_run_without_its_data_creates_nothing(tmp_path, capsys):
+    nowhere = tmp_path / "nowhere"
+    result = main_in_process(["--data-dir", nowhere, "--output-dir", tmp_path / "out"], capsys)  # downloads: offline
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) <= 2, result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_resume_from_a_run_with_other_classes_is_refused(tiny_run, tmp_path, capsys):
