@@ -1,6 +1,6 @@
 """LRA, the learning-rate adjuster: decides each epoch whether to cut the LR, go back to the best
 weights, unfreeze the body or stop, and asks the user whether to go on. Specified in
-../shared/docs/LRA.md. LRA only decides: it returns a Decision, and the training loop carries it out."""
+the README's LRA section. LRA only decides: it returns a Decision, and the training loop carries it out."""
 
 from __future__ import annotations
 

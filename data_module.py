@@ -212,7 +212,7 @@ class _Transformed(Dataset):
 class CIFAR10(datasets.CIFAR10):
     """torchvision's CIFAR-10 that checks the official archive but not the extracted files' sums.
 
-    Copies rebuilt from other sources (the JPEG copy in ../shared/data) have other checksums,
+    Copies rebuilt from other sources (from JPEGs, say) have other checksums,
     so an extracted file only has to exist; the downloaded archive is still checked.
     """
 

@@ -81,7 +81,7 @@ SCHEDULE: str = "lra"            # "lra": LRA cuts the LR on plateaus; "onecycle
 LOOKAHEAD: bool = False          # airbench's lookahead: every 5 steps pull the weights towards a slow average
 TTA: bool = False                # final test evaluation averages flipped and shifted views
 
-# --- LRA (../shared/docs/LRA.md)
+# --- LRA (README: LRA, the callback in charge)
 PATIENCE: int = 1                # bad epochs in a row that cut the LR
 STOP_PATIENCE: int = 3           # cuts in a row with no improvement that stop training
 THRESHOLD: float = 0.9           # training accuracy below which LRA watches it; above, validation loss

@@ -4,8 +4,8 @@ resident on the device and streamed from the memory-mapped cache, how soon a sec
 and torchvision's classification reference loader (ImageFolder, RandomResizedCrop, flip, ToTensor, Normalize in
 one DataLoader worker per core, pinned memory). Prints images/s, the ratios and peak memory; writes JSON.
 
-    python benchmarks/folder_throughput.py --data-dir ../shared/data              # writes 20,000 JPEGs first
-    python benchmarks/folder_throughput.py --data-dir ../shared/data --images 2000  # a CPU-sized run
+    python benchmarks/folder_throughput.py --data-dir ./data              # writes 20,000 JPEGs first
+    python benchmarks/folder_throughput.py --data-dir ./data --images 2000  # a CPU-sized run
     python benchmarks/folder_throughput.py --folder my_photos                      # any ImageFolder tree
 
 Defaults: resnet18 at 224 px, bf16, batch 256 on a GPU; the cnn at 64 px, fp32, batch 128 on the CPU.

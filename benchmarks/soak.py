@@ -2,8 +2,8 @@
 LRA's table), and compare the process's peak resident memory, open file descriptors and threads at an early
 epoch with the last. Linux only (it reads /proc/self). Prints the figures and the growth, and writes JSON.
 
-    python benchmarks/soak.py --data-dir ../shared/data                 # 200 epochs of 256 images
-    python benchmarks/soak.py --data-dir ../shared/data --epochs 30 --early 5
+    python benchmarks/soak.py --data-dir ./data                 # 200 epochs of 256 images
+    python benchmarks/soak.py --data-dir ./data --epochs 30 --early 5
 """
 
 import argparse

@@ -5,9 +5,9 @@ crop/flip in DataLoader workers, fp32). The first three are warmed up by one unt
 timed in turn, best kept, so the bare figure cannot lose to the pipeline by coming first. Prints a table
 with the ratios, writes JSON, and reports peak memory. Works on the CPU and on a GPU.
 
-    python benchmarks/throughput.py --data-dir ../shared/data
-    python benchmarks/throughput.py --data-dir ../shared/data --batch-size 512 --images 45000 --epochs 3
-    python benchmarks/throughput.py --data-dir ../shared/data --main-epochs 1   # also: peak RSS of main.py
+    python benchmarks/throughput.py --data-dir ./data
+    python benchmarks/throughput.py --data-dir ./data --batch-size 512 --images 45000 --epochs 3
+    python benchmarks/throughput.py --data-dir ./data --main-epochs 1   # also: peak RSS of main.py
 """
 
 import argparse

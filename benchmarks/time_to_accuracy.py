@@ -2,7 +2,7 @@
 package is installed) on the same data in the same process. Prints accuracies, times and their ratio,
 and writes JSON. Needs a GPU for meaningful times (airbench runs only on CUDA).
 
-    python benchmarks/time_to_accuracy.py --data-dir ../shared/data --runs 3 --airbench-runs 3
+    python benchmarks/time_to_accuracy.py --data-dir ./data --runs 3 --airbench-runs 3
 
 Times, as airbench measures its own: airbench94's printed total (whitening set-up, training, final
 test-time-augmented evaluation). Ours: the training epochs (each epoch's train_seconds) plus the final evaluation,
