@@ -15,7 +15,8 @@ import utils
 PROMPT_UNFREEZE = ("Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
                    "more epochs before asking again: ")
 PROMPT = "Enter H to halt or a number N to train N more epochs before asking again: "
-STATE_KEYS = ("bad_epochs", "cuts", "best_val_loss", "best_val_acc", "best_train_acc", "best_epoch", "monitor",
+STATE_KEYS = ("bad_epochs", "cuts", "best_val_loss", "best_val_acc", "best_train_acc", "best_train_loss",
+              "best_epoch", "monitor",
               "ask_epoch", "ask_every", "prompts_off", "run_until", "frozen")
 HEADER = (f"{'Epoch':>5} | {'Loss':>7} | {'Accuracy':>8} | {'V_loss':>7} | {'V_acc':>7} | {'LR':>9} | "
           f"{'Next LR':>9} | {'Monitor':<9} | {'% Improv':>8} | {'Duration':>8}")
@@ -64,7 +65,7 @@ class Decision:
     unfreeze: bool         # make the frozen body trainable (F at the prompt, or UNFREEZE_EPOCH)
     new_best: bool         # lowest validation loss so far: the weights to keep
     improved: bool         # the monitored metric improved on its own best
-    monitor: str           # the monitored metric: "train_acc" or "val_loss"
+    monitor: str           # the monitored metric: "train_acc", "val_loss", or without validation "train_loss"
     event: str             # what happened, for the table and the CSV
     reason: str | None     # why training stops, once it does
 
@@ -81,9 +82,12 @@ def is_improvement(value: float, best: float, min_delta: float, higher_is_better
     return value > best + min_delta if higher_is_better else value < best - min_delta
 
 
-def monitored(train_acc: float, threshold: float) -> str:
-    """The metric LRA watches: training accuracy below the threshold, validation loss at or above it."""
-    return "train_acc" if train_acc < threshold else "val_loss"
+def monitored(train_acc: float, threshold: float, validated: bool = True) -> str:
+    """The metric LRA watches: training accuracy below the threshold, validation loss at or above it (training
+    loss in a run without validation images)."""
+    if train_acc < threshold:
+        return "train_acc"
+    return "val_loss" if validated else "train_loss"
 
 
 def relative_change(value: float, best: float | None, higher_is_better: bool) -> float | None:
@@ -130,6 +134,7 @@ class LRA:
         self.best_val_loss = math.inf
         self.best_val_acc: float | None = None
         self.best_train_acc = -math.inf
+        self.best_train_loss = math.inf
         self.best_epoch: int | None = None
         self.monitor = "train_acc"
         # ask_epoch moves with the user's answers; ask_every is the step after F, saved with the state
@@ -158,12 +163,13 @@ class LRA:
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> Decision:
         """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask when due."""
-        train_acc, val_loss, lr = float(metrics["train_acc"]), float(metrics["val_loss"]), float(metrics["lr"])
-        self.monitor = monitored(train_acc, self.config.threshold)
-        change = self._change(train_acc, val_loss)  # against the bests before this epoch, so first
-        new_best = self._note_val_loss(epoch, val_loss, float(metrics["val_acc"]))  # step 1
-        acc_improved = self._note_train_acc(train_acc)  # step 2: both bests, whichever is monitored
-        improved = acc_improved if self.monitor == "train_acc" else new_best
+        train_acc, train_loss, lr = float(metrics["train_acc"]), float(metrics["train_loss"]), float(metrics["lr"])
+        val_loss = metrics.get("val_loss")  # None: no validation images; the last epoch's weights are the best
+        self.monitor = monitored(train_acc, self.config.threshold, validated=val_loss is not None)
+        change = self._change(metrics)  # against the bests before this epoch, so first
+        new_best = self._note_val_loss(epoch, val_loss, metrics.get("val_acc"))  # step 1
+        improved = {"train_acc": self._note_train_acc(train_acc), "train_loss": self._note_train_loss(train_loss),
+                    "val_loss": new_best}[self.monitor]  # step 2: every best kept, whichever is monitored
         cut, restore = self._count_bad_epoch(improved, new_best)  # steps 3 and 4
         next_lr = self._next_lr(lr, cut)
         stop = self._stop_due()  # step 5
@@ -193,24 +199,42 @@ class LRA:
         on_disk = "" if saved_best in (-1, self.best_epoch) else (
             f" best_model.pth holds epoch {saved_best}'s weights, the last written whole." if saved_best else
             " best_model.pth was never written whole.")
-        self._print(f"Training ended: {self.stop_reason or 'the epoch limit was reached'}. Restored the best "
-                    f"weights, from epoch {self.best_epoch} (validation loss {self.best_val_loss:.4f}, "
-                    f"accuracy {100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s.{on_disk}")
+        ended = f"Training ended: {self.stop_reason or 'the epoch limit was reached'}."
+        if self.best_val_acc is None:  # no validation images: the best weights are the last
+            self._print(f"{ended} No validation images: the model and best_model.pth hold the final weights, "
+                        f"from epoch {self.best_epoch}. Elapsed {elapsed:.1f} s.{on_disk}")
+            return
+        self._print(f"{ended} Restored the best weights, from epoch {self.best_epoch} (validation loss "
+                    f"{self.best_val_loss:.4f}, accuracy {100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s."
+                    f"{on_disk}")
 
     # ----------------------------------------------------------------------- the steps of on_epoch_end
 
-    def _change(self, train_acc: float, val_loss: float) -> float | None:
+    def _change(self, metrics: dict[str, float]) -> float | None:
         """% Improv: the monitored metric against its best before this epoch (so call it before noting)."""
+        value = float(metrics[self.monitor])
         if self.monitor == "train_acc":
-            return relative_change(train_acc, self.best_train_acc, higher_is_better=True)
-        return relative_change(val_loss, self.best_val_loss, higher_is_better=False)
+            return relative_change(value, self.best_train_acc, higher_is_better=True)
+        best = self.best_val_loss if self.monitor == "val_loss" else self.best_train_loss
+        return relative_change(value, best, higher_is_better=False)
 
-    def _note_val_loss(self, epoch: int, val_loss: float, val_acc: float) -> bool:
-        """Whether this epoch has the lowest validation loss so far (the best weights); if so, remember it."""
-        new_best = is_improvement(val_loss, self.best_val_loss, self.config.min_delta, higher_is_better=False)
+    def _note_val_loss(self, epoch: int, val_loss: float | None, val_acc: float | None) -> bool:
+        """Whether this epoch has the best weights: the lowest validation loss so far, or without validation
+        (val_loss None) every epoch, the last being the best; if so, remember it."""
+        new_best = val_loss is None or is_improvement(float(val_loss), self.best_val_loss, self.config.min_delta,
+                                                      higher_is_better=False)
         if new_best:
-            self.best_val_loss, self.best_val_acc, self.best_epoch = val_loss, val_acc, epoch
+            self.best_epoch = epoch
+            if val_loss is not None:
+                self.best_val_loss, self.best_val_acc = float(val_loss), float(val_acc)
         return new_best
+
+    def _note_train_loss(self, train_loss: float) -> bool:
+        """Whether training loss beats its best so far (watched without validation); if so, remember it."""
+        improved = is_improvement(train_loss, self.best_train_loss, self.config.min_delta, higher_is_better=False)
+        if improved:
+            self.best_train_loss = train_loss
+        return improved
 
     def _note_train_acc(self, train_acc: float) -> bool:
         """Whether training accuracy beats its best so far; if so, remember it."""
@@ -322,8 +346,11 @@ class LRA:
     def _print_row(self, epoch: int, metrics: dict[str, float], lr: float, next_lr: float, change: float | None,
                    event: str) -> None:
         seconds = metrics.get("seconds")
+        validated = metrics.get("val_loss") is not None  # else the validation columns stay empty
+        val_loss = f"{metrics['val_loss']:>7.4f}" if validated else " " * 7
+        val_acc = f"{100 * metrics['val_acc']:>6.2f}%" if validated else " " * 7
         row = (f"{epoch:>5} | {metrics['train_loss']:>7.4f} | {100 * metrics['train_acc']:>7.2f}% | "
-               f"{metrics['val_loss']:>7.4f} | {100 * metrics['val_acc']:>6.2f}% | {lr:>9.3g} | {next_lr:>9.3g} | "
+               f"{val_loss} | {val_acc} | {lr:>9.3g} | {next_lr:>9.3g} | "
                f"{self.monitor:<9} | {'' if change is None else f'{change:+.2f}':>8} | "
                f"{'' if seconds is None else f'{seconds:.1f} s':>8}")
         if event:

@@ -81,16 +81,15 @@ class Data:
     """The loaders of one run and what the rest of the pipeline needs to know about them."""
 
     train: Loader
-    val: Loader
+    val: Loader | None  # None: VAL_SPLIT = 0, no validation (the test set is never used for it)
     test: Loader
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     image_size: int
     resident: bool
-    val_is_test: bool  # VAL_SPLIT = 0: the test set doubles as the per-epoch validation set
     test_is_val: bool  # a folder without test/: the test loader is the validation loader, the final evaluation
-    # is on the validation images (never True with val_is_test: that is the test set used for both)
+    # is on the validation images
     resize_size: int | None = None  # photo folders: the size images are stored at and resized to; None for CIFAR
     cache_file: str | None = None  # photo folders: the decoded-image cache the images come from; None: no cache
 
@@ -489,8 +488,8 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
 def _split(sources: dict[str, Source], val_split: int | None, train_subset: int | None, seed: int, data_dir: str,
            dataset: str, classes: list[str]) -> dict[str, Source]:
     """The train, val and test parts: validation held out unless the tree has val/ (VAL_SPLIT images, or
-    default_val_split's when None), a stratified TRAIN_SUBSET of the training images left, and the test set,
-    or the validation images when there is none."""
+    default_val_split's when None; VAL_SPLIT 0: no validation, val None), a stratified TRAIN_SUBSET of the
+    training images left, and the test set, or the validation images when there is none."""
     train, train_index = sources["train"], torch.arange(len(sources["train"]))
     if "val" in sources:
         val = sources["val"]
@@ -500,10 +499,10 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         train_index, val_index = stratified_split(train.labels, n_val, seed, every_class=every_class)
         val = train.take(val_index)
     elif "test" in sources:
-        val = sources["test"]  # VAL_SPLIT = 0: validate on the test set, as airbench does
+        val = None  # VAL_SPLIT = 0: train on every image and validate on none (never on the test set)
     else:
         raise DataError(f"{data_dir} has no val/ or test/ folder and {_flag('VAL_SPLIT')} is 0: nothing to "
-                        f"validate on; set it above 0, or add {data_dir}/val/<class>/<image>")
+                        f"evaluate on; set it above 0, or add {data_dir}/val/<class>/<image>")
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_index):
             raise DataError(f"{_flag('TRAIN_SUBSET')} {train_subset} is out of range: use 1 to {len(train_index)} "
@@ -515,7 +514,7 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         print(f"note: {data_dir} has no test/ folder; the final evaluation uses the validation images",
               file=sys.stderr)
     for name, part in parts.items():
-        if len(part) == 0:
+        if part is not None and len(part) == 0:
             raise DataError(f"the {name} split is empty; check {_flag('TRAIN_SUBSET')}, {_flag('VAL_SPLIT')} "
                             f"and {data_dir}")
     return parts
@@ -610,7 +609,7 @@ def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Au
                                   photos=augmentation.crop_size is not None)
         return StreamingLoader(_Transformed(part, transform), batches, device, num_workers)
 
-    loaders = {"train": make(parts["train"], True), "val": make(parts["val"], False)}
+    loaders = {"train": make(parts["train"], True), "val": parts["val"] and make(parts["val"], False)}
     loaders["test"] = loaders["val"] if parts["test"] is parts["val"] else make(parts["test"], False)
     return loaders
 
@@ -639,7 +638,7 @@ def _keeps_resident(resident: str, sources: dict[str, Source], size: int, cache_
 
 def _decode(parts: dict[str, Source], num_workers: int) -> dict[str, Images]:
     """The parts read into memory; a test part that is the val part is read once."""
-    train, val = (parts[name].decode(num_workers, f"decoding {name}") for name in ("train", "val"))
+    train, val = (parts[name] and parts[name].decode(num_workers, f"decoding {name}") for name in ("train", "val"))
     test = val if parts["test"] is parts["val"] else parts["test"].decode(num_workers, "decoding test")
     return {"train": train, "val": val, "test": test}
 
@@ -670,7 +669,7 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     # files and cache rows are split by their labels: no pixel is read yet
     parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir, config.dataset,
                    classes)
-    val_is_test, test_is_val = parts["val"] is sources.get("test"), "test" not in sources
+    test_is_val = "test" not in sources
     resident = _keeps_resident(config.resident, sources, size, cache_file, device)
     if resident:
         parts = _decode(parts, num_workers)
@@ -684,5 +683,5 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident, device=device,
                             num_workers=num_workers)
     return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), augmentation.mean,
-                augmentation.std, image_size, resident, val_is_test=val_is_test, test_is_val=test_is_val,
+                augmentation.std, image_size, resident, test_is_val=test_is_val,
                 resize_size=resize_size, cache_file=cache_file)

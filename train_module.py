@@ -285,15 +285,16 @@ def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: 
 
 def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                         check: Callable[[], None] | None) -> dict[str, Any]:
-    """One epoch: train (calling check() before each step), then validate; returns the epoch's metrics, rank
-    0's under torchrun."""
+    """One epoch: train (calling check() before each step), then validate (val_loss and val_acc None without
+    validation images); returns the epoch's metrics, rank 0's under torchrun."""
     started = time.perf_counter()
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
     metrics = {"epoch": epoch, **train_one_epoch(step, data.train, epoch=epoch, schedule=state.schedule,
                                                  lookahead=state.lookahead, check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
-    val = evaluate(step_module.unwrapped(step.model), data.val, autocast_dtype=step.autocast_dtype)
+    val = {"loss": None, "acc": None} if data.val is None else \
+        evaluate(step_module.unwrapped(step.model), data.val, autocast_dtype=step.autocast_dtype)
     metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started,
                    train_seconds=trained - started)
     return utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process

@@ -119,7 +119,7 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
                                        loader_module.Batching(2 * batch_size, train=False, seed=seed),
                                        loader_module.Augmentation(mean, std))
     return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size, True,
-                            val_is_test=False, test_is_val=True)
+                            test_is_val=True)
 
 
 def run_main(args, cwd=ROOT, timeout=300, env=None, **kwargs):

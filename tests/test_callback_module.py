@@ -448,3 +448,20 @@ def test_state_round_trip_makes_the_same_decisions():
             for e, m in enumerate(sequence[3:], start=4)]
     assert log == straight_log
     assert second.lra.best_epoch == straight.lra.best_epoch
+
+
+def test_without_validation_the_last_epoch_is_best_and_training_loss_is_watched_above_the_threshold():
+    h = make_lra(threshold=0.5, patience=1, stop_patience=5)
+    rows = [(0.3, 2.0), (0.6, 1.5), (0.7, 1.6), (0.8, 1.4)]  # (train_acc, train_loss); no val_loss, no val_acc
+    decisions = []
+    for epoch, (acc, loss) in enumerate(rows, start=1):
+        h.on_epoch_end(epoch, {"train_acc": acc, "train_loss": loss})
+        decisions.append(h.decision)
+    assert all(d.new_best and not d.restore for d in decisions)  # every epoch the best; dwell has nowhere to go
+    assert [d.monitor for d in decisions] == ["train_acc", "train_loss", "train_loss", "train_loss"]
+    assert ["LR cut" in d.event for d in decisions] == [False, False, True, False]  # loss rose at epoch 3
+    assert h.lra.best_epoch == 4 and h.lra.best_val_acc is None
+    lines = h.output.splitlines()
+    assert lines[3].split("|")[3].strip() == "" and lines[3].split("|")[4].strip() == ""  # empty V_loss, V_acc
+    h.lra.on_train_end()
+    assert "No validation images: the model and best_model.pth hold the final weights, from epoch 4" in h.output

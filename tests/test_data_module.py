@@ -42,7 +42,7 @@ def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, mes
 
 def test_cifar_reader_on_a_fake_batch_folder(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False))
-    assert data.classes == CLASSES and data.resident and not data.val_is_test and not data.test_is_val
+    assert data.classes == CLASSES and data.resident and not data.test_is_val
     assert len(data.train.labels) == 80 and len(data.val.labels) == 20 and len(data.test.labels) == 20
     assert torch.bincount(data.val.labels).tolist() == [2] * 10  # stratified
     images, labels = next(iter(data.train))
@@ -60,10 +60,10 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
     assert np.array_equal(train_images[0].numpy(), expected)
 
 
-def test_val_split_zero_validates_on_the_test_set(fake_cifar):
+def test_val_split_zero_trains_on_every_image_and_validates_on_none(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=0, download=False))
-    assert data.val_is_test and data.val is data.test and len(data.train.labels) == 100
-    assert not data.test_is_val  # the test set serves both: the final evaluation is on the test set
+    assert data.val is None and len(data.train.labels) == 100  # every training image, none held out
+    assert len(data.test.labels) == 100 and not data.test_is_val  # the test set, for the end only
 
 
 def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
@@ -205,7 +205,7 @@ def test_an_image_folder_tree_loads_resized(tmp_path, resident):
     data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=12, resident=resident,
                                            num_workers=0))
     assert data.classes == ["cats", "dogs", "owls"] and data.image_size == 12
-    assert data.resident == (resident == "yes") and not data.test_is_val and not data.val_is_test
+    assert data.resident == (resident == "yes") and not data.test_is_val
     images, labels = collect(data.val)
     assert images.shape == (18, 3, 12, 12) and sorted(labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
 
@@ -227,7 +227,7 @@ def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default
     root = write_image_tree(tmp_path, splits=("train",), per_class=30)
     data = data_module.get_data(DataConfig(dataset="folder", data_dir=root, num_workers=0))
     assert torch.bincount(data.val.labels).tolist() == [3, 3, 3] and len(data.train.labels) == 81
-    assert data.test_is_val and data.test is data.val and not data.val_is_test  # no test/
+    assert data.test_is_val and data.test is data.val  # no test/
     with pytest.raises(DataError) as error:
         data_module.get_data(DataConfig(dataset="folder", data_dir=root, val_split=5000, num_workers=0))
     assert str(error.value) == ("--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "

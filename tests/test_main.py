@@ -72,15 +72,18 @@ def test_a_preset_applies_and_flags_override_it():
 
 
 @pytest.mark.parametrize("preset", list(main.PRESETS))
-def test_no_preset_chooses_its_best_epoch_on_the_test_set(preset, cifar_dir):
+def test_no_preset_validates_on_the_test_set(preset, cifar_dir):
     config, _ = main.parse_config(["--preset", preset])
     data = data_module.get_data(data_module.DataConfig("cifar10", cifar_dir, batch_size=config["BATCH_SIZE"],
                                                        val_split=config["VAL_SPLIT"], download=False,
                                                        seed=config["SEED"]))
-    assert not data.val_is_test and data.val is not data.test
-    assert len(data.val.labels) == config["VAL_SPLIT"] > 0 and len(data.test.labels) == 10000
-    assert len(data.train.labels) == 50000 - config["VAL_SPLIT"]  # held out of the 50,000 training images
-    assert data.val.labels.bincount().tolist() == [config["VAL_SPLIT"] // 10] * 10  # stratified
+    assert data.val is not data.test and len(data.test.labels) == 10000
+    held_out = config["VAL_SPLIT"]
+    assert len(data.train.labels) == 50000 - held_out  # held out of the 50,000 training images, or none
+    if held_out:
+        assert data.val.labels.bincount().tolist() == [held_out // 10] * 10  # stratified
+    else:
+        assert data.val is None
 
 
 @pytest.mark.parametrize("typed, meant", [("--epoch", "--epochs"), ("--ephocs", "--epochs"),
@@ -563,3 +566,26 @@ def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_writ
     result = main_in_process(args, capsys)
     assert_one_clean_line(result, f"{out} has 1 MB free", "epoch files need about", "--output-dir")
     assert not out.exists()
+
+
+def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_columns_are_empty(tiny_run, capsys,
+                                                                                              monkeypatch):
+    args, out = tiny_run
+    args = [a for a in args if a not in ("--val-split", "20")]
+    evaluated, evaluate = [], train_module.evaluate
+
+    def recording(model, loader, **kwargs):
+        evaluated.append(loader)
+        return evaluate(model, loader, **kwargs)
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    setup = main.setup
+    runs = []
+    monkeypatch.setattr(main, "setup", lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
+    result = main_in_process(args + ["--val-split", "0", "--epochs", "3"], capsys)
+    assert result.returncode == 0, result.stderr
+    data = runs[0].data
+    assert data.val is None and evaluated == [data.test]  # once, after training, and nothing else evaluated
+    frame = pd.read_csv(out / "training_metrics.csv")
+    assert frame["val_loss"].isna().all() and frame["val_acc"].isna().all() and list(frame["epoch"]) == [1, 2, 3]
+    assert json.loads((out / "best_model.json").read_text())["epoch"] == 3  # the last epoch's weights
+    assert "No validation images" in result.stdout
