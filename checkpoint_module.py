@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -88,19 +88,54 @@ class EpochWriter:
             print(f"warning: the last epoch's files could not be written ({error})", file=sys.stderr)
 
 
-def _cpu_copy(value: Any) -> Any:
-    """A copy of value that nothing changes after: every tensor copied to the CPU, dicts, lists and tuples
-    rebuilt, the rest deep-copied."""
+def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
+    """A copy of value that nothing changes after: every tensor copied to the CPU, all of them by one
+    copy_to_host call (so a device is waited for once, not once a tensor), dicts, lists and tuples rebuilt,
+    the rest deep-copied. hosts: the copies, in the order this walk meets the tensors (None: make them)."""
+    if hosts is None:
+        def tensors_in(item: Any) -> Iterator[torch.Tensor]:  # in the order of the walk below
+            if isinstance(item, torch.Tensor):
+                yield item
+            elif isinstance(item, (dict, list, tuple)):
+                for inner in (item.values() if isinstance(item, dict) else item):
+                    yield from tensors_in(inner)
+        hosts = iter(copy_to_host(list(tensors_in(value))))
+        copied = _cpu_copy(value, hosts)
+        assert next(hosts, None) is None, "a copy for every tensor, and every copy used"
+        return copied
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return next(hosts)
     if isinstance(value, dict):  # a model's state_dict is an OrderedDict with its modules' versions in _metadata
-        copied = type(value)((key, _cpu_copy(item)) for key, item in value.items())
+        copied = type(value)((key, _cpu_copy(item, hosts)) for key, item in value.items())
         if hasattr(value, "_metadata"):
             copied._metadata = copy.deepcopy(value._metadata)
         return copied
     if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(item) for item in value)
+        return type(value)(_cpu_copy(item, hosts) for item in value)
     return copy.deepcopy(value)
+
+
+def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of the tensors, made in one pass. Every CUDA tensor is copied into pinned memory without
+    waiting, and then the host waits once, on an event recorded after the last copy: a copy each with
+    .to("cpu") waits every time (1,500 of a fast-preset run's 1,780 host synchronisations on an H200). The
+    pinned blocks come from PyTorch's caching host allocator, which hands back those of the copies already
+    freed (the last epoch's, once written). CPU tensors (and any other device's) are copied one by one:
+    the live tensors change next epoch."""
+    copies, devices = [], set()
+    for tensor in tensors:
+        tensor = tensor.detach()
+        if tensor.is_cuda and tensor.layout == torch.strided:
+            host = torch.empty_like(tensor, device="cpu", pin_memory=True)  # the same strides (channels_last)
+            copies.append(host.copy_(tensor, non_blocking=True))
+            devices.add(tensor.device)
+        else:
+            copies.append(tensor.to("cpu", copy=True))
+    for device in devices:  # one, but for a state spread over several GPUs
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))  # after the copies, queued on that stream
+        event.synchronize()  # they are in host memory: the writer's thread may read them
+    return copies
 
 
 def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:

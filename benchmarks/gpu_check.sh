@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# The GPU figures the README still lacks, in one command on a lent device machine. Not yet run on a GPU: the
-# whole is estimated at 6-9 minutes on an H100 with 16 cores, so give parts (two calls) if the device time is
-# short. The machine has no ../shared: carry .device/, made here with
+# The GPU figures the README still lacks, in one command on a lent device machine. Estimated on an H200 with
+# 16 cores at about 7.5 minutes in all, from what each part's work took in the 2026-11-30 logs
+# (../shared/gpu/2026-11-30/; the script prints each part's real time, "=== part: exit N, S s"):
+#   set-up      ~20 s   CIFAR-10 rebuilt from the JPEG archive (once)
+#   tests       ~45 s   the CUDA tests: captured steps (test_step_module), host copies (test_checkpoint_module)
+#   profile     ~45 s   the fast preset's step: kernel table and host synchronisations of 20 warm steps; then
+#                       those of a whole 2-epoch fast-preset run, after one uncounted run
+#   throughput  ~1.5 min  default CNN at batch 128 and 512: bare, graphed, pipeline and tutorial paths
+#   tta         ~2 min  fast preset 5 seeds, airbench94 5 runs, and 2 cold runs of each
+#   folder      ~2 min  20,000 JPEGs written, decoded into the cache, streamed, resident and the reference
+# Give parts (two calls) if the device time is short. The machine has no ../shared: carry .device/, made here with
 #   mkdir -p .device/tools .device/data && cp ../shared/tools/cifar10_from_jpeg.py .device/tools/ &&
 #   cp -r ../shared/data/jpeg .device/data/
 #   python3 -m pip wheel --no-deps -w .device/wheels airbench==0.1.8    # optional: airbench94's side (a wheel)
-# (.device/ is git-ignored), then run `bash benchmarks/gpu_check.sh [tests] [throughput] [tta] [folder]`.
+# (.device/ is git-ignored), then run `bash benchmarks/gpu_check.sh [tests] [profile] [throughput] [tta] [folder]`.
 # Everything printed also goes to $OUT/gpu_check.log, and the benchmarks' JSON to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.device/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests throughput tta folder}
+parts=${*:-tests profile throughput tta folder}
 
 checks() {
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date -u
@@ -30,13 +38,16 @@ for part in $parts; do
     echo "=== $part"
     start=$SECONDS
     case $part in
-        tests) python3 -m pytest -q -p no:cacheprovider tests/test_train_module.py -k "captured or cuda" ;;
+        tests) python3 -m pytest -q -p no:cacheprovider tests/test_step_module.py tests/test_checkpoint_module.py \
+                   -k "captured or cuda" ;;
+        profile) python3 benchmarks/profile_step.py --preset fast --steps 20 --fit --epochs 2 --data-dir $DATA \
+                     --output "$OUT" ;;
         throughput) for batch in 128 512; do
                 python3 benchmarks/throughput.py --data-dir $DATA --batch-size $batch --output "$OUT"; done ;;
         tta) python3 benchmarks/time_to_accuracy.py --data-dir $DATA --output "$OUT" ;;
         folder) python3 benchmarks/folder_throughput.py --data-dir $DATA --output "$OUT" \
                     --work-dir /tmp/folder_throughput ;;
-        *) echo "unknown part $part (tests, throughput, tta, folder)" ;;
+        *) echo "unknown part $part (tests, profile, throughput, tta, folder)" ;;
     esac
     echo "=== $part: exit $?, $((SECONDS - start)) s"
 done

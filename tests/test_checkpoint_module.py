@@ -182,3 +182,56 @@ def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         run_fit(tmp_path / "run", epochs=2)
     assert not os.path.exists(tmp_path / "run" / "last_checkpoint.pth")
+
+
+def test_the_writer_copies_the_whole_state_to_the_host_in_one_call(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    state = writer_state(model)
+    checkpoint = state.state_dict()
+    calls, copy_to_host = [], checkpoint_module.copy_to_host
+
+    def counted(tensors):
+        calls.append(list(tensors))
+        return copy_to_host(tensors)
+
+    monkeypatch.setattr(checkpoint_module, "copy_to_host", counted)
+    writer = checkpoint_module.EpochWriter(str(tmp_path))
+    writer.save(checkpoint, new_best=True)
+    writer.wait()
+    expected = [leaf for leaf in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(leaf, torch.Tensor)]
+    assert len(calls) == 1  # one pass, so one wait for a device however many tensors
+    assert len(expected) > len(model.state_dict())  # the model's, the best weights', the random states...
+    assert sorted(map(id, calls[0])) == sorted(map(id, expected))  # every tensor of the state, each once
+    saved = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
+    assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
+
+
+def test_host_copies_are_new_tensors_with_the_values_and_strides():
+    weight = torch.randn(8, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    tensors = [weight, torch.arange(5), torch.ones(2, requires_grad=True)]
+    copies = checkpoint_module.copy_to_host(tensors)
+    for original, copied in zip(tensors, copies):
+        assert copied.data_ptr() != original.data_ptr() and torch.equal(copied, original.detach())
+        assert copied.stride() == original.stride() and not copied.requires_grad
+    assert checkpoint_module.copy_to_host([]) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="copies from a CUDA device need one")
+def test_cuda_tensors_reach_pinned_host_memory_with_no_synchronising_copy():
+    x = torch.randn(2048, 2048, device="cuda")
+    for _ in range(20):  # queued work that the copy must wait for
+        x = torch.tanh(x @ x / 64)
+    weight = torch.randn(64, 3, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
+    tensors = [x, weight, torch.arange(10, device="cuda"), torch.randn(5)]
+    torch.cuda.set_sync_debug_mode("error")  # a copy that waits for the device (as .to("cpu") does) raises
+    try:
+        copies = checkpoint_module.copy_to_host(tensors)
+        first = copies[0].clone()  # read at once: the one wait at the end has let every copy land
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(first, x.cpu())
+    for original, copied in zip(tensors, copies):
+        assert copied.device.type == "cpu" and torch.equal(copied, original.cpu())
+        assert copied.stride() == original.stride()
+    assert all(c.is_pinned() for c in copies[:3]) and copies[3].data_ptr() != tensors[3].data_ptr()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import model_module
 import optim_module
@@ -42,6 +43,64 @@ def test_the_fast_model_whitens_from_data():
     covariance = flat @ flat.T / flat.shape[1]
     assert torch.allclose(covariance, torch.eye(12), atol=0.05)  # whitened: unit, uncorrelated
     assert not whitening.weight.requires_grad
+
+
+def _fast_with_adaptive_pool(seed):
+    """The fast model as it was built before it pooled with max_pool2d: AdaptiveMaxPool2d(1) after the last group."""
+    torch.manual_seed(seed)
+    model = model_module.get_model("fast", 10, sample_images=lambda: torch.randn(256, 3, 32, 32))
+    model.body[-2] = nn.AdaptiveMaxPool2d(1)
+    return model
+
+
+class _RecordedOps(TorchDispatchMode):
+    """The names of the aten operations run inside it (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_fast_model_pools_with_max_pool2d_not_the_adaptive_kernel():
+    model = model_module.get_model("fast", 10)
+    images = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with _RecordedOps() as ops:
+        model(images).sum().backward()
+    pools = sorted(name for name in ops.names if "pool" in name)
+    assert pools == ["aten.max_pool2d_with_indices", "aten.max_pool2d_with_indices_backward"]
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (40, 40), (32, 48)])  # last maps 3x3, 4x4 and 3x5
+def test_the_fast_model_gives_the_logits_and_gradients_of_its_adaptive_pooling_form(height, width):
+    old = _fast_with_adaptive_pool(seed=1)
+    torch.manual_seed(0)
+    model = model_module.get_model("fast", 10, sample_images=lambda: torch.randn(256, 3, 32, 32))
+    old.load_state_dict(model.state_dict())  # strict: the pools hold no state, so the keys are the same
+    images = torch.randn(8, 3, height, width).contiguous(memory_format=torch.channels_last)
+    for net in (model, old):  # training mode: batch statistics, and the gradients through the pool
+        net(images).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), old.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=0, atol=1e-6), name
+    with torch.no_grad():
+        logits, expected = model.eval()(images), old.eval()(images)
+    assert logits.shape == (8, 10) and logits.abs().max() > 1e-3  # logits, not zeros that agree trivially
+    assert torch.allclose(logits, expected, rtol=0, atol=1e-6)
+
+
+def test_a_fast_model_saved_with_adaptive_pooling_loads_and_gives_its_logits(tmp_path):
+    old = _fast_with_adaptive_pool(seed=2)
+    with torch.no_grad():  # trained-looking BatchNorm statistics
+        old.train()(torch.randn(64, 3, 32, 32))
+    utils.save_torch(old.state_dict(), str(tmp_path / "best_model.pth"))
+    model = model_module.get_model("fast", 10, weights=str(tmp_path / "best_model.pth"))
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(images), old.eval()(images), rtol=0, atol=1e-6)
 
 
 def test_freeze_leaves_only_the_head_trainable_and_batchnorm_in_eval():
