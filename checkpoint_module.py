@@ -165,6 +165,17 @@ def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | 
     utils.write_metrics(history, os.path.join(output_dir, METRICS_CSV))
 
 
+def record_time(output_dir: str, figures: dict[str, float]) -> None:
+    """Add the run's time account (seconds by part) to its best_model.json, as "time"."""
+    path = os.path.join(output_dir, BEST_MODEL_INFO)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        info = json.load(f)
+    info["time"] = figures
+    utils.atomic_write(path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+
+
 def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
     """Refuse a run whose epoch files cannot fit: OSError naming the folder, the bytes needed and the bytes
     free. The checkpoint holds the model, its momentum, the best snapshot (and its momentum when LRA can go

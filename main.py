@@ -17,6 +17,7 @@ import time
 import types
 import typing
 
+STARTED = time.perf_counter()  # the time account's start: everything below it is counted, the imports first
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # on Apple's MPS, run missing operations on the CPU
 
 import pandas as pd  # noqa: E402 (torch must see the setting above when it loads)
@@ -25,7 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import callback_module
+import utils
+
+utils.import_torchvision_without_dynamo()  # before any module imports torchvision: a second or more saved
+
+import callback_module  # noqa: E402
 import checkpoint_module
 import data_module
 import image_module
@@ -34,9 +39,10 @@ import optim_module
 import report_module
 import state_module
 import step_module
-import train_module
-import utils
-from callback_module import LRA
+import train_module  # noqa: E402
+from callback_module import LRA  # noqa: E402
+
+IMPORTED = time.perf_counter()
 
 # Every annotated UPPER_CASE name below is a constant: settable here or as --lower-case-name on the
 # command line, recorded in each checkpoint, and checked before anything runs.
@@ -313,6 +319,7 @@ class Run:
     state: state_module.TrainState
     fit: train_module.FitConfig  # the config's, with what setup found out: precision, CUDA graph, processes
     rank: int
+    account: utils.TimeAccount  # where the run's time goes
     tensorboard: report_module.TensorBoardLog | None = None
 
     @property
@@ -328,6 +335,7 @@ class Outcome:
     history: list[dict] = dataclasses.field(default_factory=list)  # one metrics dict per epoch
     fit_seconds: float | None = None  # the whole of fit: training, validation, LRA and the files
     test: dict[str, typing.Any] | None = None  # evaluate's result on the test set, and its "seconds"
+    time: dict[str, float] | None = None  # the time account: seconds by part, "other" and "total"
 
 
 class Terminated(KeyboardInterrupt):
@@ -351,10 +359,12 @@ def run_main(argv: list[str] | None = None) -> Outcome:
     if command["export"]:
         return Outcome(export(values, command["export"], command["given"]))
     rank, world_size, local_rank = utils.init_distributed()
+    account = utils.TimeAccount(STARTED)
+    account.add("imports", IMPORTED - STARTED)
     try:
         try:
             config = build_config(resumed_config(values, command["given"]))
-            run = setup(config, rank, world_size, local_rank, new_run=not command["find_lr"])
+            run = setup(config, rank, world_size, local_rank, account, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
             return Outcome(2)
@@ -364,6 +374,10 @@ def run_main(argv: list[str] | None = None) -> Outcome:
         if outcome.status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
             try:
                 outcome.test = report(config, run)
+                outcome.time = account.figures()
+                if run.main_process:
+                    print(account.line())
+                    checkpoint_module.record_time(run.fit.output_dir, outcome.time)
             except OSError as error:
                 print(f"error: {error}", file=sys.stderr)
                 outcome.status = 3
@@ -373,7 +387,8 @@ def run_main(argv: list[str] | None = None) -> Outcome:
         utils.close_distributed()
 
 
-def setup(config: Config, rank: int, world_size: int, local_rank: int, new_run: bool = True) -> Run:
+def setup(config: Config, rank: int, world_size: int, local_rank: int, account: utils.TimeAccount,
+          new_run: bool = True) -> Run:
     """Seed, device, data, model and the training state, resumed when asked; for a new run the earlier run's
     files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before
     any training."""
@@ -386,15 +401,18 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, new_run: 
     device = utils.get_device(local_rank)
     cuda_graph = step_module.use_cuda_graph(k["CUDA_GRAPHS"], device, world_size=world_size, compile=k["COMPILE"])
     torch.backends.cudnn.benchmark = True
-    data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
-    state = _make_state(config, data, device, lr_device=device if cuda_graph else None, rank=rank)
+    with account.timed("data"):
+        data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
+    with account.timed("model"):
+        state = _make_state(config, data, device, lr_device=device if cuda_graph else None, rank=rank)
     if world_size > 1:
         utils.seed_everything(k["SEED"] + rank)  # same initial weights everywhere, different augmentations
     total_steps = config.fit.epochs * len(data.train)
-    precision = utils.broadcast(step_module.choose_precision(  # rank 0 measures; every rank takes its answer
-        k["BF16"], device, state.model, data.image_size, channels_last=k["CHANNELS_LAST"],
-        trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
-        recorded=saved and saved["precision"]))
+    with account.timed("precision"):
+        precision = utils.broadcast(step_module.choose_precision(  # rank 0 measures; every rank takes its answer
+            k["BF16"], device, state.model, data.image_size, channels_last=k["CHANNELS_LAST"],
+            trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
+            recorded=saved and saved["precision"]))
     state.info = state_module.RunInfo(dict(k), data.classes, list(data.mean),
                                       list(data.std), data.image_size, data.resize_size, precision,
                                       started=saved["started"] if saved else checkpoint_module.timestamp())
@@ -413,7 +431,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, new_run: 
     tensorboard = None
     if k["TENSORBOARD"] and rank == 0 and new_run:
         tensorboard = report_module.TensorBoardLog(os.path.join(output_dir, "tensorboard", state.info.started))
-    return Run(device, data, state, fit, rank, tensorboard)
+    return Run(device, data, state, fit, rank, account, tensorboard)
 
 
 def _make_state(config: Config, data: data_module.Data, device: torch.device, lr_device: torch.device | None,
@@ -445,7 +463,7 @@ def train(config: Config, run: Run) -> Outcome:
     signal.signal(signal.SIGTERM, _raise_terminated)
     started, outcome, message = time.perf_counter(), Outcome(0), None
     try:
-        outcome.history = train_module.fit(run.state, run.data, run.fit,
+        outcome.history = train_module.fit(run.state, run.data, run.fit, account=run.account,
                                            on_epoch=run.tensorboard.log_epoch if run.tensorboard else None)
         outcome.fit_seconds = time.perf_counter() - started
     except KeyboardInterrupt as interrupt:
@@ -461,7 +479,8 @@ def train(config: Config, run: Run) -> Outcome:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if run.main_process and run.state.history and outcome.status != 3:
         try:
-            report_module.plot_training_curves(run.state.history, os.path.join(output_dir, report_module.CURVES))
+            with run.account.timed("reports"):
+                report_module.plot_training_curves(run.state.history, os.path.join(output_dir, report_module.CURVES))
         except OSError as error:
             outcome.status, message = 3, f"error: {error}"
     if run.main_process and message:
@@ -488,8 +507,9 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     """Evaluate the (best) model on the test set, print overall and per-class accuracy, write the test report,
     the confusion matrix and the most confident mistakes; return the figures."""
     data, started, tta = run.data, time.perf_counter(), config.constants["TTA"]
-    result = train_module.evaluate(run.state.model, data.test, autocast_dtype=run.fit.autocast_dtype, tta=tta,
-                                   num_classes=len(data.classes), collect=True)
+    with run.account.timed("final evaluation"):
+        result = train_module.evaluate(run.state.model, data.test, autocast_dtype=run.fit.autocast_dtype, tta=tta,
+                                       num_classes=len(data.classes), collect=True)
     result["seconds"] = time.perf_counter() - started
     if not run.main_process:
         return result
@@ -499,7 +519,8 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
           f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
     for name, acc in zip(data.classes, result["per_class"]):
         print(f"  {name:>12}: {100 * acc:6.2f}%")
-    report_module.write_test_outputs(result, data.classes, data.mean, data.std, run.fit.output_dir, split)
+    with run.account.timed("reports"):
+        report_module.write_test_outputs(result, data.classes, data.mean, data.std, run.fit.output_dir, split)
     if run.tensorboard:
         run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(run.state.history))
         run.tensorboard.close()

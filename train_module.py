@@ -235,12 +235,15 @@ RULES: utils.Rules = {
 
 
 def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, account: utils.TimeAccount | None = None) -> list[dict]:
     """Train from the epoch after state's last to config.epochs (or as far as the user asks at the prompt)
     unless LRA stops first, carrying out its decisions and saving each epoch's files while the next trains
     (checkpoint_module.EpochWriter). At the end, or on an interruption, the model holds the best weights.
-    loss_fn: None for cross-entropy with config.label_smoothing; on_epoch(row) after each epoch (TensorBoard)."""
+    loss_fn: None for cross-entropy with config.label_smoothing; on_epoch(row) after each epoch (TensorBoard);
+    account: gets the seconds of training, validation and the epoch files (what the training thread spends
+    on them)."""
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    account = account or utils.TimeAccount(time.perf_counter())
     step = _make_step(state, config, loss_fn, config.cuda_graph)
     writer = checkpoint_module.EpochWriter(config.output_dir, state.lra.best_epoch) if config.main_process else None
     state.lra.on_train_begin()
@@ -253,16 +256,20 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
             if decision.unfreeze:  # new trainable parameters: wrapped (and captured) again
                 step = _make_step(state, config, loss_fn, step.use_graph)
             state.history.append({**metrics, "next_lr": get_lr(state.optimizer), **decision.row()})
-            checkpoint = state.state_dict()  # every process: it gathers their random states
-            if writer is not None:  # written while the next epoch trains
-                writer.save(checkpoint, new_best=decision.new_best)
-                if on_epoch is not None:
-                    on_epoch(state.history[-1])
+            account.add("training", metrics["train_seconds"])
+            account.add("validation", metrics["seconds"] - metrics["train_seconds"])
+            with account.timed("epoch files"):
+                checkpoint = state.state_dict()  # every process: it gathers their random states
+                if writer is not None:  # written while the next epoch trains
+                    writer.save(checkpoint, new_best=decision.new_best)
+            if writer is not None and on_epoch is not None:
+                on_epoch(state.history[-1])
             if decision.stop:
                 break
             epoch += 1
-        if writer is not None:
-            writer.wait()  # the last epoch's files are on disk, or their error is raised, before fit returns
+        with account.timed("epoch files"):
+            if writer is not None:
+                writer.wait()  # the last epoch's files are on disk, or their error is raised, before fit returns
     except (NonFiniteLoss, utils.WriteFailed, KeyboardInterrupt) as error:
         reason = f"interrupted during epoch {epoch}" if isinstance(error, KeyboardInterrupt) else f"{error}; stopped"
         raise
