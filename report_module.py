@@ -183,6 +183,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
 
 def _curves_figure(history: list[dict[str, Any]]):
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     cuts = [row["epoch"] for row in history if "LR cut" in str(row.get("event") or "")]
@@ -191,12 +192,15 @@ def _curves_figure(history: list[dict[str, Any]]):
     panels = figure.subplots(1, 2)
     for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"), (panels[1], "acc", 100, "Accuracy (%)")):
         panel.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", ms=3, label="training")
-        panel.plot(epochs, [scale * row[f"val_{key}"] for row in history], "o-", ms=3, label="validation")
+        if any(row.get(f"val_{key}") is not None for row in history):  # none: a run without validation images
+            panel.plot(epochs, [math.nan if row.get(f"val_{key}") is None else scale * row[f"val_{key}"]
+                                for row in history], "o-", ms=3, label="validation")
         for i, epoch in enumerate(cuts):
             panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0 else None)
         for i, epoch in enumerate(restores):
             panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8, label="weights restored" if i == 0 else None)
         panel.set(xlabel="epoch", title=title)
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         lr_axis = panel.twinx()
         lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6, label="LR")
         lr_axis.set_yscale("log")

@@ -299,3 +299,13 @@ def test_tensorboard_logs_the_epochs_and_the_confusion_matrix(tmp_path):
     assert [e.value for e in events.Scalars("accuracy/val")] == pytest.approx([0.5, 0.6])
     image = events.Images("test/confusion_matrix")[0]
     assert image.step == 2 and Image.open(io.BytesIO(image.encoded_image_string)).format == "PNG"
+
+
+def test_the_curves_mark_whole_epochs_only_and_draw_a_run_without_validation():
+    history = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.2 * e, "val_loss": None, "val_acc": None,
+                "lr": 0.1, "event": ""} for e in range(1, 5)]
+    figure = report_module._curves_figure(history)
+    for panel in figure.axes[:2]:  # the loss and accuracy panels (their LR axes come after them)
+        ticks = [t for t in panel.get_xticks() if 1 <= t <= 4]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert [line.get_label() for line in panel.get_lines()] == ["training"]  # no validation line
