@@ -321,6 +321,11 @@ class LRA:
             offered = "H, F" if self.frozen else "H"
             self._print(f"{answer!r} is not accepted: enter {offered}, or a whole number of epochs above 0.")
 
+    def ask_anew(self, ask_epoch: int | None) -> None:
+        """Ask after ask_epoch (then every ask_epoch epochs), or never (None), whatever a resumed state said."""
+        self.ask_epoch = self.ask_every = ask_epoch
+        self.prompts_off = False
+
     def _unfreeze(self) -> None:
         """Count unfreezing as a fresh start: no frozen layers left, bad-epoch and cut counts reset."""
         self.frozen = False

@@ -146,7 +146,8 @@ def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
     lra = checkpoint["lra"]
     return {"format": FORMAT, "model": config.get("MODEL"), **info, "dataset": config.get("DATASET"),
             "data_dir": data_dir and os.path.abspath(data_dir), "epoch": lra["best_epoch"],
-            "val_loss": lra["best_val_loss"], "val_acc": lra["best_val_acc"]}
+            "val_loss": lra["best_val_loss"] if lra["best_val_acc"] is not None else None,  # none: no validation
+            "val_acc": lra["best_val_acc"]}
 
 
 def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict | None,

@@ -51,8 +51,8 @@ class DataConfig:
     dataset: str = "cifar10"  # "cifar10", or "folder": an ImageFolder tree, data_dir/train/<class>/<image>
     data_dir: str = "./data"
     batch_size: int = 256  # training images per batch; evaluation batches are twice as large
-    val_split: int | None = None  # training images held out for validation (stratified); 0: validate on the test
-    # set; None: CIFAR_VAL_SPLIT for CIFAR-10, a tenth of train/ for a folder without val/ (see default_val_split)
+    val_split: int | None = None  # training images held out for validation (stratified); 0: no validation (the
+    # test set is never used for it); None: CIFAR_VAL_SPLIT for CIFAR-10, a tenth of a folder's train/ without val/
     train_subset: int | None = None  # training images kept after the split (stratified); None: all
     image_size: int = 32  # pixels the model sees (folders); CIFAR-10 stays 32
     resize_size: int | None = None  # photo folders: pixels stored and resized to; None: image_size / RESIZE_RATIO

@@ -8,6 +8,7 @@ EPOCHS, `--data-dir DIR` sets DATA_DIR, `--train-subset none` sets TRAIN_SUBSET 
 import argparse
 import dataclasses
 import difflib
+import errno
 import os
 import re
 import shlex
@@ -43,6 +44,7 @@ import train_module  # noqa: E402
 from callback_module import LRA  # noqa: E402
 
 IMPORTED = time.perf_counter()
+_imports_counted = False  # whether a run's time account has counted them
 
 # Every annotated UPPER_CASE name below is a constant: settable here or as --lower-case-name on the
 # command line, recorded in each checkpoint, and checked before anything runs.
@@ -237,7 +239,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any], 
     return config, command
 
 
-RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR")  # how far a resumed run goes, and where it is
+RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR",  # how far a resumed run goes, and where it is;
+                     "DATA_DIR", "DOWNLOAD", "CACHE_DIR", "NUM_WORKERS", "TENSORBOARD")  # where its data is now
+PATHS = ("DATA_DIR", "CACHE_DIR", "WEIGHTS")  # recorded as absolute paths, so a resume finds them from anywhere
 
 
 def resumed_config(values: dict[str, typing.Any], given: set[str]) -> dict[str, typing.Any]:
@@ -248,7 +252,8 @@ def resumed_config(values: dict[str, typing.Any], given: set[str]) -> dict[str, 
     if path is None:
         return values
     saved = checkpoint_module.read_checkpoint(path)["config"]
-    for name in sorted(given - set(RESUME_MAY_CHANGE)):
+    fixed = ("EPOCHS",) if saved.get("SCHEDULE") == "onecycle" or saved.get("LOOKAHEAD") else ()  # sized to it
+    for name in sorted(given - set(RESUME_MAY_CHANGE) | (given & set(fixed))):
         if name in saved and saved[name] != values[name]:
             raise ValueError(f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
                              f"{saved[name]!r}; leave the flag out to resume, or start a new run elsewhere")
@@ -359,15 +364,18 @@ def run_main(argv: list[str] | None = None) -> Outcome:
     if command["export"]:
         return Outcome(export(values, command["export"], command["given"]))
     rank, world_size, local_rank = utils.init_distributed()
-    account = utils.TimeAccount(STARTED)
-    account.add("imports", IMPORTED - STARTED)
+    global _imports_counted
+    account = utils.TimeAccount(STARTED if not _imports_counted else time.perf_counter())
+    if not _imports_counted:  # the first run of this process pays for them
+        account.add("imports", IMPORTED - STARTED)
+        _imports_counted = True
     try:
         try:
             config = build_config(resumed_config(values, command["given"]))
             run = setup(config, rank, world_size, local_rank, account, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
-            return Outcome(2)
+            return Outcome(3 if isinstance(error, utils.WriteFailed) else 2)
         if command["find_lr"]:
             return Outcome(find_lr(config, run, argv if argv is not None else sys.argv[1:]))
         outcome = train(config, run)
@@ -404,7 +412,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     with account.timed("data"):
         data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
     with account.timed("model"):
-        state = _make_state(config, data, device, lr_device=device if cuda_graph else None, rank=rank)
+        state = _make_state(config, data, device, lr_device=device if cuda_graph else None, rank=rank,
+                            fresh=saved is None)
     if world_size > 1:
         utils.seed_everything(k["SEED"] + rank)  # same initial weights everywhere, different augmentations
     total_steps = config.fit.epochs * len(data.train)
@@ -413,7 +422,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
             k["BF16"], device, state.model, data.image_size, channels_last=k["CHANNELS_LAST"],
             trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
             recorded=saved and saved["precision"]))
-    state.info = state_module.RunInfo(dict(k), data.classes, list(data.mean),
+    recorded = {**k, **{name: os.path.abspath(k[name]) for name in PATHS if k[name] not in (None, "auto")}}
+    state.info = state_module.RunInfo(recorded, data.classes, list(data.mean),
                                       list(data.std), data.image_size, data.resize_size, precision,
                                       started=saved["started"] if saved else checkpoint_module.timestamp())
     fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
@@ -426,6 +436,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         checkpoint_module.remove_partial_writes(output_dir)  # what a killed run was writing: never a whole file
     if saved:
         checkpoint_module.resume(saved, path, state, output_dir=output_dir, rank=rank, world_size=world_size)
+        if k["ASK_EPOCH"] != saved["config"].get("ASK_EPOCH"):  # given anew: it replaces the run's own
+            state.lra.ask_anew(k["ASK_EPOCH"])
     elif rank == 0 and new_run:  # the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
         checkpoint_module.move_earlier_run(output_dir)
     tensorboard = None
@@ -435,10 +447,12 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
 
 
 def _make_state(config: Config, data: data_module.Data, device: torch.device, lr_device: torch.device | None,
-                rank: int) -> state_module.TrainState:
-    """A new run's model (on the device), optimizer, schedule, Lookahead and LRA."""
+                rank: int, fresh: bool) -> state_module.TrainState:
+    """A run's model (on the device), optimizer, schedule, Lookahead and LRA; fresh: a new run, which starts
+    from WEIGHTS (a resumed one takes its weights from its checkpoint)."""
     k = config.constants
-    model = model_module.get_model(k["MODEL"], len(data.classes), freeze=k["FREEZE"], weights=k["WEIGHTS"],
+    model = model_module.get_model(k["MODEL"], len(data.classes), freeze=k["FREEZE"],
+                                   weights=k["WEIGHTS"] if fresh else None,
                                    sample_images=lambda: data.train.first_images(5000), image_size=data.image_size,
                                    pretrained=k["PRETRAINED"])
     model = model.to(device, memory_format=torch.channels_last if k["CHANNELS_LAST"] else torch.preserve_format)
@@ -474,7 +488,8 @@ def train(config: Config, run: Run) -> Outcome:
         message = (f"error: {error}. The best weights so far are in {output_dir}/{checkpoint_module.BEST_MODEL}; "
                    f"try a lower LR.")
     except OSError as error:  # a full disk, say: the files written whole before it stay as they were
-        outcome.status, message = 3, f"error: {error}; free the space, then go on with: {go_on}"
+        fix = "free the space" if error.errno == errno.ENOSPC else "fix the disk"
+        outcome.status, message = 3, f"error: {error}; {fix}, then go on with: {go_on}"
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if run.main_process and run.state.history and outcome.status != 3:
@@ -482,7 +497,8 @@ def train(config: Config, run: Run) -> Outcome:
             with run.account.timed("reports"):
                 report_module.plot_training_curves(run.state.history, os.path.join(output_dir, report_module.CURVES))
         except OSError as error:
-            outcome.status, message = 3, f"error: {error}"
+            if outcome.status in (0, 1):  # a stop's own message stands; the curves are only a picture of it
+                outcome.status, message = 3, f"error: {error}"
     if run.main_process and message:
         print(message, file=sys.stderr)
     return outcome

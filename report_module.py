@@ -265,7 +265,8 @@ class TensorBoardLog:
         epoch = row["epoch"]
         for name, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train", "train_acc"),
                           ("accuracy/val", "val_acc"), ("lr", "lr")):
-            self.writer.add_scalar(name, row[key], epoch)
+            if row.get(key) is not None:  # without validation images there are no validation figures
+                self.writer.add_scalar(name, row[key], epoch)
         self.writer.flush()
 
     def log_confusion(self, confusion: torch.Tensor, classes: Sequence[str], step: int) -> None:

@@ -270,7 +270,7 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
         with account.timed("epoch files"):
             if writer is not None:
                 writer.wait()  # the last epoch's files are on disk, or their error is raised, before fit returns
-    except (NonFiniteLoss, utils.WriteFailed, KeyboardInterrupt) as error:
+    except BaseException as error:  # whatever ended training early is the reason LRA's closing line gives
         reason = f"interrupted during epoch {epoch}" if isinstance(error, KeyboardInterrupt) else f"{error}; stopped"
         raise
     finally:

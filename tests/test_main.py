@@ -346,6 +346,30 @@ def test_a_resume_takes_more_epochs_but_refuses_a_flag_that_would_change_the_run
     assert list(history["epoch"]) == [1, 2] and history["lr"].iloc[0] == pytest.approx(0.02)
 
 
+def test_a_resume_asks_anew_when_told_and_refuses_a_new_epoch_count_under_onecycle(tiny_run, capsys):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0  # ASK_EPOCH none: never asks
+    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2", "--ask-epoch", "2"], capsys)
+    assert result.returncode == 0 and "prompts are off" in result.stdout  # it came to ask after epoch 2
+    onecycle = out.parent / "onecycle"
+    assert main_in_process(args + ["--output-dir", onecycle, "--epochs", "1", "--schedule", "onecycle"],
+                           capsys).returncode == 0
+    refused = main_in_process(["--resume", "auto", "--output-dir", onecycle, "--epochs", "3"], capsys)
+    assert_one_clean_line(refused, "--epochs 3 differs from the run", "EPOCHS = 1")
+
+
+def test_a_run_with_a_relative_data_dir_resumes_from_another_directory(tmp_path, capsys, monkeypatch):
+    write_fake_cifar(tmp_path / "project" / "data", per_batch=40)
+    monkeypatch.chdir(tmp_path / "project")
+    out = tmp_path / "out"
+    args = ["--data-dir", "data", "--output-dir", out, *TINY[2:], "--val-split", "20"]
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+    monkeypatch.chdir(tmp_path)  # where ./data is another folder (here: none)
+    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2"], capsys)
+    assert result.returncode == 0 and "Resuming" in result.stdout, result.stderr
+    assert len(pd.read_csv(out / "training_metrics.csv")) == 2
+
+
 def test_resume_after_the_last_epoch_trains_no_more(tiny_run, capsys):
     args, out = tiny_run
     assert main_in_process(args + ["--epochs", "2"], capsys).returncode == 0
