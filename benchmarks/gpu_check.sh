@@ -6,21 +6,24 @@
 #   tests       ~45 s   the CUDA tests: captured steps (test_step_module), host copies (test_checkpoint_module)
 #   profile     ~45 s   the fast preset's step: kernel table and host synchronisations of 20 warm steps; then
 #                       those of a whole 2-epoch fast-preset run, after one uncounted run
-#   throughput  ~1.5 min  default CNN at batch 128 and 512: bare, graphed, pipeline and tutorial paths
+#   throughput  ~45 s   default CNN at batch 128: bare, graphed, pipeline and tutorial paths
+#   default     ~45 s   a cold `python main.py` (40 epochs) and its time account (everything outside the epochs),
+#                       and three cold `python -c "import torch, torchvision"`, the floor of any start-up
 #   tta         ~2 min  fast preset 5 seeds, airbench94 5 runs, and 2 cold runs of each
 #   folder      ~2 min  20,000 JPEGs written, decoded into the cache, streamed, resident and the reference
 # Give parts (two calls) if the device time is short. The machine has no ../shared: carry .device/, made here with
 #   mkdir -p .device/tools .device/data && cp ../shared/tools/cifar10_from_jpeg.py .device/tools/ &&
 #   cp -r ../shared/data/jpeg .device/data/
 #   python3 -m pip wheel --no-deps -w .device/wheels airbench==0.1.8    # optional: airbench94's side (a wheel)
-# (.device/ is git-ignored), then run `bash benchmarks/gpu_check.sh [tests] [profile] [throughput] [tta] [folder]`.
+# (.device/ is git-ignored), then run `bash benchmarks/gpu_check.sh [tests] [profile] [throughput] [default] [tta]
+# [folder]`.
 # Everything printed also goes to $OUT/gpu_check.log, and the benchmarks' JSON to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.device/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests profile throughput tta folder}
+parts=${*:-tests profile throughput default tta folder}
 
 checks() {
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date -u
@@ -42,12 +45,16 @@ for part in $parts; do
                    -k "captured or cuda" ;;
         profile) python3 benchmarks/profile_step.py --preset fast --steps 20 --fit --epochs 2 --data-dir $DATA \
                      --output "$OUT" ;;
-        throughput) for batch in 128 512; do
-                python3 benchmarks/throughput.py --data-dir $DATA --batch-size $batch --output "$OUT"; done ;;
+        throughput) python3 benchmarks/throughput.py --data-dir $DATA --batch-size 128 --output "$OUT" ;;
+        default) for i in 1 2 3; do /usr/bin/time -f "import torch, torchvision: %e s" python3 -c "import torch, torchvision"; done
+                 rm -rf /tmp/default_run
+                 /usr/bin/time -f "python main.py, start to exit: %e s" python3 main.py --data-dir $DATA \
+                     --output-dir /tmp/default_run --ask-epoch none | grep -E "^(Time|Test accuracy|Training ended)"
+                 cp /tmp/default_run/best_model.json "$OUT/default_best_model.json" ;;
         tta) python3 benchmarks/time_to_accuracy.py --data-dir $DATA --output "$OUT" ;;
         folder) python3 benchmarks/folder_throughput.py --data-dir $DATA --output "$OUT" \
                     --work-dir /tmp/folder_throughput ;;
-        *) echo "unknown part $part (tests, profile, throughput, tta, folder)" ;;
+        *) echo "unknown part $part (tests, profile, throughput, default, tta, folder)" ;;
     esac
     echo "=== $part: exit $?, $((SECONDS - start)) s"
 done
