@@ -46,10 +46,11 @@ for part in $parts; do
         profile) python3 benchmarks/profile_step.py --preset fast --steps 20 --fit --epochs 2 --data-dir $DATA \
                      --output "$OUT" ;;
         throughput) python3 benchmarks/throughput.py --data-dir $DATA --batch-size 128 --output "$OUT" ;;
-        default) for i in 1 2 3; do /usr/bin/time -f "import torch, torchvision: %e s" python3 -c "import torch, torchvision"; done
+        default) for i in 1 2 3; do TIMEFORMAT="import torch, torchvision: %R s"; time python3 -c "import torch, torchvision"; done
                  rm -rf /tmp/default_run
-                 /usr/bin/time -f "python main.py, start to exit: %e s" python3 main.py --data-dir $DATA \
-                     --output-dir /tmp/default_run --ask-epoch none | grep -E "^(Time|Test accuracy|Training ended)"
+                 TIMEFORMAT="python main.py, start to exit: %R s"
+                 time python3 main.py --data-dir $DATA --output-dir /tmp/default_run --ask-epoch none \
+                     | grep -E "^(Time|Test accuracy|Training ended)"
                  cp /tmp/default_run/best_model.json "$OUT/default_best_model.json" ;;
         tta) python3 benchmarks/time_to_accuracy.py --data-dir $DATA --output "$OUT" ;;
         folder) python3 benchmarks/folder_throughput.py --data-dir $DATA --output "$OUT" \
