@@ -342,7 +342,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device, lr
     """A new run's model (on the device), optimizer, schedule, Lookahead and LRA."""
     k = config.constants
     model = model_module.get_model(k["MODEL"], len(data.classes), freeze=k["FREEZE"], weights=k["WEIGHTS"],
-                                   sample_images=lambda: data.train.first_images(5000), image_size=data.image_size,
+                                   sample_images=data.train.first_images, image_size=data.image_size,
                                    pretrained=k["PRETRAINED"])
     model = model.to(device, memory_format=torch.channels_last if k["CHANNELS_LAST"] else torch.preserve_format)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
