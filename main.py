@@ -453,7 +453,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device, lr
     k = config.constants
     model = model_module.get_model(k["MODEL"], len(data.classes), freeze=k["FREEZE"],
                                    weights=k["WEIGHTS"] if fresh else None,
-                                   sample_images=lambda: data.train.first_images(5000), image_size=data.image_size,
+                                   sample_images=data.train.first_images, image_size=data.image_size,
                                    pretrained=k["PRETRAINED"])
     model = model.to(device, memory_format=torch.channels_last if k["CHANNELS_LAST"] else torch.preserve_format)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)

@@ -354,13 +354,64 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
     return skipped
 
 
+WHITENING_IMAGES = 5000  # training images the fast model's whitening filters are computed from
+CALIBRATION_IMAGES = 64  # training images whose statistics start a fresh torchvision model's BatchNorm running stats
+CALIBRATION_BATCH = 32  # images per forward pass while calibrating (at least)
+BATCHNORM_MOMENTUM = 0.1  # the least momentum of a torchvision model's BatchNorm running stats (PyTorch's default)
+
+
+def quicken_batchnorm(model: nn.Module, momentum: float = BATCHNORM_MOMENTUM) -> None:
+    """Raise every BatchNorm's running-statistics momentum to at least `momentum`.
+
+    MobileNetV3, EfficientNet-B5 to B7 and MaxViT use 0.01, MNASNet 0.0003: running stats that average
+    over hundreds (thousands) of steps, made for ImageNet's thousands of steps per epoch. A small folder
+    trains a step or a few per epoch while the weights change fast, so in eval mode each layer is divided
+    by the standard deviation of weights long gone, and validation sees another network than training."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
+            module.momentum = max(module.momentum, momentum)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.Tensor]) -> None:
+    """Start every BatchNorm's running mean and variance as the statistics of the freshly initialised model on
+    training images (the average over a few batches in train mode), not at PyTorch's 0 and 1.
+
+    The 0 and 1 are far off for torchvision's initialisation: kaiming fan_out counts a depthwise conv's
+    fan-out C times over, so a fresh MobileNetV3's depthwise and projection layers see variances of 1e-3 to
+    1e-8, not 1. Eval mode divides each layer by sqrt(running var), so until the running stats have
+    forgotten the 1 the signal shrinks layer after layer and every image gets the same logits: exactly
+    1/num_classes, loss ln(num_classes). The momentum, the random state (dropout, stochastic depth, the
+    loader's shuffling) and the weights are left as they were; only the running statistics change."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta, training = [m.momentum for m in norms], model.training
+    with torch.random.fork_rng(devices=[]):
+        images = sample_images(CALIBRATION_IMAGES).cpu()
+        if len(images) < 2:  # one image has no variance
+            return
+        for module in norms:
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average over the batches below
+        model.train()
+        for batch in images.tensor_split(max(1, len(images) // CALIBRATION_BATCH)):  # batches of about equal size
+            model(batch)
+    for module, momentum in zip(norms, momenta):
+        module.momentum = momentum
+        module.num_batches_tracked.zero_()
+    model.train(training)
+
+
 def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | None = None,
-              sample_images: Callable[[], torch.Tensor] | None = None, *, image_size: int | None = None,
+              sample_images: Callable[[int], torch.Tensor] | None = None, *, image_size: int | None = None,
               pretrained: str | None = None) -> Classifier:
     """Build a model by name, optionally start from saved or published weights, and optionally freeze its body.
 
-    sample_images returns normalised (N, C, H, W) training images, asked for only by architectures with
-    data-dependent layers (the fast model's whitening filters); saved weights, when given, override them.
+    sample_images(n) returns up to n normalised (N, C, H, W) training images, asked for only by what depends
+    on data: the fast model's whitening filters, and the BatchNorm running statistics of a torchvision model
+    that starts from scratch (calibrate_batchnorm); saved weights, when given, override both. Without
+    PRETRAINED, a torchvision model's BatchNorm momentum is at least BATCHNORM_MOMENTUM (quicken_batchnorm).
     image_size (pixels) matters only to the models built for one size (vit_*, maxvit_t; when None, the
     size of their pretrained weights, else 224); the others take any size. pretrained ("default" or a
     weights name such as "IMAGENET1K_V2") starts a torchvision model's body from its published ImageNet
@@ -379,9 +430,13 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
         model = _torchvision_classifier(name, num_classes, image_size, published)
     whitening = [m for m in model.modules() if isinstance(m, Whitening)]
     if whitening and sample_images is not None:
-        images = sample_images()
+        images = sample_images(WHITENING_IMAGES)
         for module in whitening:
             module.init_from_data(images.cpu())
+    if name in TORCHVISION_MODELS and published is None:  # from scratch (or from our own WEIGHTS, trained so)
+        quicken_batchnorm(model)
+        if weights is None and sample_images is not None:
+            calibrate_batchnorm(model, sample_images)
     if weights is not None:
         skipped = load_weights(model, utils.load_state_dict(weights, "WEIGHTS"), f"WEIGHTS {weights}")
         if skipped:

@@ -34,7 +34,7 @@ import common  # noqa: E402  (benchmarks/common.py, beside this script)
 
 def fresh_model(name: str, device: torch.device, channels_last: bool):
     torch.manual_seed(0)
-    model = model_module.get_model(name, 10, sample_images=lambda: torch.randn(512, 3, 32, 32))
+    model = model_module.get_model(name, 10, sample_images=lambda n: torch.randn(min(n, 512), 3, 32, 32))
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

@@ -23,7 +23,7 @@ from optim_module import OptimConfig
 @pytest.mark.parametrize("name", list(model_module.MODELS))
 def test_each_architecture_classifies_32x32_images(name):
     torch.manual_seed(0)
-    model = model_module.get_model(name, 7, sample_images=lambda: torch.randn(64, 3, 32, 32))
+    model = model_module.get_model(name, 7, sample_images=lambda n: torch.randn(min(n, 64), 3, 32, 32))
     model.eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
@@ -36,7 +36,7 @@ def test_an_unknown_name_offers_the_closest_names():
 def test_the_fast_model_whitens_from_data():
     torch.manual_seed(0)
     images = torch.randn(256, 3, 32, 32) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
-    model = model_module.get_model("fast", 10, sample_images=lambda: images)
+    model = model_module.get_model("fast", 10, sample_images=lambda n: images[:n])
     whitening = model.body[0]
     out = nn.functional.conv2d(images, whitening.weight[:12])  # the + half of the filters
     flat = out.transpose(0, 1).reshape(12, -1)
@@ -241,6 +241,52 @@ def test_a_frozen_torchvision_model_trains_only_its_head_and_reloads_from_a_file
         expected = model.eval()(images)
         assert expected.shape == (2, 3)
         assert torch.equal(reloaded.eval()(images), expected)
+
+
+def test_a_torchvision_model_from_scratch_tells_images_apart_in_eval_mode(one_thread):
+    # torchvision's init leaves a fresh MobileNetV3's depthwise layers with variances of 1e-3 to 1e-8: BatchNorm's
+    # running statistics at PyTorch's 0 and 1 shrank its eval-mode features to ~1e-10, every image got the same
+    # logits, and a small folder (one step per epoch, momentum 0.01) validated at exactly 1/3, loss ln 3
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 32, 32)
+    model = model_module.get_model("mobilenet_v3_small", 3, sample_images=lambda n: images[:n])
+    assert all(m.momentum >= model_module.BATCHNORM_MOMENTUM for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        spread = {mode: model.train(mode == "train").body(images).std(0).mean().item() for mode in ("eval", "train")}
+    assert 0.5 < spread["eval"] / spread["train"] < 2  # eval mode sees the network that training sees
+
+
+def test_batchnorm_calibration_changes_only_the_running_statistics():
+    torch.manual_seed(0)
+    plain = model_module.get_model("mobilenet_v3_small", 3)
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(0)
+    calibrated = model_module.get_model("mobilenet_v3_small", 3, sample_images=lambda n: torch.randn(n, 3, 32, 32))
+    assert torch.equal(torch.get_rng_state(), after_plain)  # the run's shuffling and augmentation stay as they were
+    buffers = dict(calibrated.named_buffers())
+    for key, value in plain.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            assert not torch.equal(value, buffers[key]), key
+        else:
+            assert torch.equal(value, calibrated.state_dict()[key]), key  # weights, num_batches_tracked: 0
+    assert all(m.momentum == 0.1 for m in calibrated.modules() if isinstance(m, nn.BatchNorm2d))
+    assert calibrated.training
+
+
+def test_mobilenet_v3_small_learns_in_two_steps_of_one_batch_each(one_thread):
+    # the user's folder: fewer images than BATCH_SIZE, so each epoch is one step; LR 0.05, as main.py's default
+    torch.manual_seed(0)
+    data = make_tiny_data(n_train=60, n_val=30, classes=3, size=32, batch_size=64)
+    assert len(data.train) == 1
+    model = model_module.get_model("mobilenet_v3_small", 3, sample_images=data.train.first_images)
+    step = step_module.TrainStep(model, optim_module.make_optimizer(model, OptimConfig(lr=0.05)), nn.CrossEntropyLoss())
+    for _ in range(2):
+        model.train()
+        for images, targets in data.train:
+            step(images, targets)
+    result = train_module.evaluate(model, data.val)
+    assert result["acc"] > 0.5  # 1/3 and loss ln 3 before BatchNorm's statistics were calibrated
 
 
 def test_models_built_for_one_size_refuse_a_size_they_cannot_take():

@@ -116,7 +116,7 @@ def test_tta_evaluation_averages_the_six_views():
 def test_the_fast_preset_trains_a_few_steps_on_tiny_data(tmp_path):
     torch.manual_seed(0)
     data = make_tiny_data(n_train=64, size=32, batch_size=16)
-    model = model_module.get_model("fast", 4, sample_images=lambda: data.train.first_images(64))
+    model = model_module.get_model("fast", 4, sample_images=lambda n: data.train.first_images(min(n, 64)))
     optimizer = optim_module.make_optimizer(model, OptimConfig(lr=1.5, momentum=0.85, weight_decay=1.33e-3, norm_lr_scale=64))
     steps = 2 * len(data.train)
     schedule = optim_module.make_schedule(optimizer, "onecycle", 1.5, steps)
