@@ -151,7 +151,7 @@ def make_step(values: dict, device: torch.device, total_steps: int) -> Step:
     torch.backends.cudnn.benchmark = True  # as main.setup
     size, batch = config.data.image_size, config.data.batch_size
     model = model_module.get_model(values["MODEL"], NUM_CLASSES, freeze=values["FREEZE"], image_size=size,
-                                   sample_images=lambda: torch.randn(512, 3, size, size))
+                                   sample_images=lambda n: torch.randn(min(n, 512), 3, size, size))
     memory_format = torch.channels_last if values["CHANNELS_LAST"] else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     graph = step_module.use_cuda_graph(values["CUDA_GRAPHS"], device, compile=values["COMPILE"])

@@ -48,7 +48,7 @@ def test_the_fast_model_whitens_from_data():
 def _fast_with_adaptive_pool(seed):
     """The fast model as it was built before it pooled with max_pool2d: AdaptiveMaxPool2d(1) after the last group."""
     torch.manual_seed(seed)
-    model = model_module.get_model("fast", 10, sample_images=lambda: torch.randn(256, 3, 32, 32))
+    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3, 32, 32))
     model.body[-2] = nn.AdaptiveMaxPool2d(1)
     return model
 
@@ -78,7 +78,7 @@ def test_the_fast_model_pools_with_max_pool2d_not_the_adaptive_kernel():
 def test_the_fast_model_gives_the_logits_and_gradients_of_its_adaptive_pooling_form(height, width):
     old = _fast_with_adaptive_pool(seed=1)
     torch.manual_seed(0)
-    model = model_module.get_model("fast", 10, sample_images=lambda: torch.randn(256, 3, 32, 32))
+    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3, 32, 32))
     old.load_state_dict(model.state_dict())  # strict: the pools hold no state, so the keys are the same
     images = torch.randn(8, 3, height, width).contiguous(memory_format=torch.channels_last)
     for net in (model, old):  # training mode: batch statistics, and the gradients through the pool
