@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import difflib
 import errno
+import math
 import os
 import re
 import shlex
@@ -535,12 +536,31 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
           f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
     for name, acc in zip(data.classes, result["per_class"]):
         print(f"  {name:>12}: {100 * acc:6.2f}%")
+    warning = chance_warning(result, len(data.classes), run.state.history)
+    if warning:
+        print(warning, file=sys.stderr)
     with run.account.timed("reports"):
         report_module.write_test_outputs(result, data.classes, data.mean, data.std, run.fit.output_dir, split)
     if run.tensorboard:
         run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(run.state.history))
         run.tensorboard.close()
     return result
+
+
+def chance_warning(result: dict[str, typing.Any], num_classes: int, history: list[dict]) -> str | None:
+    """One line when the final evaluation is at chance (accuracy within two standard errors of 1/classes, loss
+    within 1% of ln classes: the same output for every image), with the likely cause; None otherwise."""
+    chance, images = 1 / num_classes, int(result["confusion"].sum())
+    if abs(result["acc"] - chance) > 2 * math.sqrt(chance * (1 - chance) / images) or \
+            abs(result["loss"] - math.log(num_classes)) > 0.01 * math.log(num_classes):
+        return None
+    trained = max((row["train_acc"] for row in history), default=0.0)
+    cause = (f"training accuracy reached {100 * trained:.0f}%, so in eval mode the model gives every image the same "
+             f"output (BatchNorm statistics behind the weights, as with few steps an epoch): try --pretrained "
+             f"default, a smaller --batch-size or --model cnn") if trained > 2 * chance else \
+        "nothing was learnt: try a lower --lr, or --find-lr's suggestion"
+    return (f"warning: the final accuracy {100 * result['acc']:.1f}% is chance (1/{num_classes}) and the loss "
+            f"{result['loss']:.4f} is ln {num_classes}; {cause}")
 
 
 def find_lr(config: Config, run: Run, argv: list[str]) -> int:

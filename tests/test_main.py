@@ -4,6 +4,7 @@ folder, the quick real-data run."""
 import datetime
 import errno
 import json
+import math
 import os
 import signal
 import stat
@@ -613,3 +614,14 @@ def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_col
     assert frame["val_loss"].isna().all() and frame["val_acc"].isna().all() and list(frame["epoch"]) == [1, 2, 3]
     assert json.loads((out / "best_model.json").read_text())["epoch"] == 3  # the last epoch's weights
     assert "No validation images" in result.stdout
+
+
+def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
+    confusion = torch.tensor([[30, 0, 0], [30, 0, 0], [30, 0, 0]])  # every image one class
+    chance = {"acc": 1 / 3, "loss": math.log(3), "confusion": confusion}
+    learnt_in_training = main.chance_warning(chance, 3, [{"train_acc": 0.4}, {"train_acc": 0.99}])
+    assert learnt_in_training.startswith("warning: the final accuracy 33.3% is chance (1/3) and the loss 1.0986 is ln 3")
+    assert "training accuracy reached 99%" in learnt_in_training and "BatchNorm" in learnt_in_training
+    assert "a lower --lr" in main.chance_warning(chance, 3, [{"train_acc": 0.34}])
+    assert main.chance_warning({**chance, "acc": 0.6}, 3, []) is None  # learnt something
+    assert main.chance_warning({**chance, "loss": 0.7}, 3, []) is None  # not the same output for every image
