@@ -538,7 +538,7 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
         print(f"  {name:>12}: {100 * acc:6.2f}%")
     warning = chance_warning(result, len(data.classes), run.state.history)
     if warning:
-        print(warning, file=sys.stderr)
+        print(warning)
     with run.account.timed("reports"):
         report_module.write_test_outputs(result, data.classes, data.mean, data.std, run.fit.output_dir, split)
     if run.tensorboard:

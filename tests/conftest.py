@@ -41,6 +41,15 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse_any)
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path_factory, monkeypatch):
+    """CACHE_DIR "auto" (the user's cache folder) in a folder of each test's own: no test writes to the real
+    ~/.cache, and none finds another's cache. The folder is made only when a cache is built in it."""
+    folder = tmp_path_factory.mktemp("user_cache") / cache_module.PROJECT
+    monkeypatch.setattr(cache_module, "default_cache_dir", lambda: str(folder))
+    return folder
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: batches this small gain nothing from more, and on a busy 2-core machine two

@@ -57,5 +57,5 @@ def test_profile_step_fit_counts_a_whole_main_run(tmp_path):
                                "--output", tmp_path)
     fit = json.loads((tmp_path / "profile_step_cnn_nopreset_cpu.json").read_text())["fit"]
     assert fit["status"] == 0 and fit["epochs"] == 1 and fit["syncs"]["total"] == 0
-    assert f"Test accuracy on the test set: {100 * fit['test_acc']:.2f}%" in printed  # as main.py printed it
+    assert f"Test accuracy: {100 * fit['test_acc']:.2f}%" in printed  # as main.py printed it
     assert "host synchronisations in the whole run: 0" in printed

@@ -273,7 +273,8 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
     def one_epoch(step, data, epoch, state, check):  # a real step moves the weights; the metrics are scripted
         train_step(state.model, state.optimizer, epoch)
         weights.append({k: v.clone() for k, v in state.model.state_dict().items()})
-        return {"epoch": epoch, **scripted[epoch], "lr": optim_module.get_lr(state.optimizer)}
+        return {"epoch": epoch, **scripted[epoch], "lr": optim_module.get_lr(state.optimizer), "seconds": 0.0,
+                "train_seconds": 0.0}
 
     monkeypatch.setattr(train_module, "_train_and_validate", one_epoch)
     epochs = 2 if ending == "epoch limit" else 5

@@ -63,7 +63,7 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
 def test_val_split_zero_trains_on_every_image_and_validates_on_none(fake_cifar):
     data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=0, download=False))
     assert data.val is None and len(data.train.labels) == 100  # every training image, none held out
-    assert len(data.test.labels) == 100 and not data.test_is_val  # the test set, for the end only
+    assert len(data.test.labels) == 20 and not data.test_is_val  # the test set, for the end only
 
 
 def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):

@@ -18,6 +18,7 @@ import model_module
 import optim_module
 import report_module
 import train_module
+import utils
 from conftest import make_tiny_data
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -259,11 +260,16 @@ def test_the_training_curves_show_each_epochs_metrics_in_their_panel_and_mark_th
         assert lr_axis.get_yscale() == "log" and list(lr_axis.lines[0].get_ydata()) == [row["lr"] for row in history]
 
 
-def test_a_figure_that_cannot_be_written_only_warns(tmp_path, capsys):
-    path = tmp_path / "missing_folder" / "confusion_matrix.png"
-    report_module.plot_confusion_matrix(torch.eye(2, dtype=torch.int64), ["a", "b"], str(path))
-    assert not path.exists()
-    assert f"warning: could not draw {path}" in capsys.readouterr().err
+def test_a_figure_that_cannot_be_drawn_only_warns_but_one_that_cannot_be_written_is_an_error(tmp_path, capsys,
+                                                                                           monkeypatch):
+    path = tmp_path / "confusion_matrix.png"
+    with monkeypatch.context() as patch:
+        patch.setattr(report_module, "confusion_figure", lambda *args: 1 / 0)  # matplotlib failing to draw
+        report_module.plot_confusion_matrix(torch.eye(2, dtype=torch.int64), ["a", "b"], str(path))
+    assert not path.exists() and f"warning: could not draw {path}" in capsys.readouterr().err
+    missing = tmp_path / "missing_folder" / "confusion_matrix.png"  # as a full or read-only disk would fail
+    with pytest.raises(utils.WriteFailed, match="could not write confusion_matrix.png in .*missing_folder"):
+        report_module.plot_confusion_matrix(torch.eye(2, dtype=torch.int64), ["a", "b"], str(missing))
 
 
 def test_write_test_outputs_writes_the_three_files(tmp_path, one_thread):
