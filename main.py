@@ -28,11 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import utils
-
-utils.import_torchvision_without_dynamo()  # before any module imports torchvision: a second or more saved
-
-import callback_module  # noqa: E402
+import callback_module
 import checkpoint_module
 import data_module
 import image_module
@@ -41,8 +37,9 @@ import optim_module
 import report_module
 import state_module
 import step_module
-import train_module  # noqa: E402
-from callback_module import LRA  # noqa: E402
+import train_module
+import utils
+from callback_module import LRA
 
 IMPORTED = time.perf_counter()
 _imports_counted = False  # whether a run's time account has counted them

@@ -7,15 +7,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
-import importlib
 import os
 import pickle
 import random
 import shutil
-import sys
 import tempfile
 import time
-import types
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -66,30 +63,6 @@ def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]] | 
     for name, (test, allowed) in rules.items():
         if not test(getattr(config, name)):
             raise ValueError(f"{name.upper()} = {getattr(config, name)!r} is out of range: use {allowed}")
-
-
-# --------------------------------------------------------------------------- start-up
-
-
-def import_torchvision_without_dynamo() -> None:
-    """Import torchvision without importing torch._dynamo, the slowest part of a cold start (1.2 s of 2.9 s of
-    `import main` on a 2-core CPU, 3.3 s of 7.2 s on an H200 machine). torchvision.ops.roi_align imports
-    torch._dynamo.utils at import time only for is_compile_supported, which it calls in rare cases. A stand-in
-    module lends it a function that imports the real one when called, and is removed at once, so torch.compile
-    and torch.export import torch._dynamo as usual."""
-    if "torchvision" in sys.modules or "torch._dynamo.utils" in sys.modules:
-        return
-    stand_in = types.ModuleType("torch._dynamo.utils")
-
-    def is_compile_supported(device_type: Any) -> Any:
-        from torch._dynamo.utils import is_compile_supported as real  # the module itself, once it is needed
-        return real(device_type)
-    stand_in.is_compile_supported = is_compile_supported
-    sys.modules["torch._dynamo.utils"] = stand_in  # found there, its parent package is not imported
-    try:
-        importlib.import_module("torchvision")
-    finally:
-        del sys.modules["torch._dynamo.utils"]
 
 
 # --------------------------------------------------------------------------- the time account

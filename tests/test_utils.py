@@ -205,16 +205,3 @@ def test_an_unwritable_output_dir_is_reported(tmp_path):
 def test_plural_counts_one_in_the_singular_and_others_in_the_plural():
     assert [utils.plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
     assert utils.plural(1, "class folder") == "1 class folder" and utils.plural(3, "batch", "batches") == "3 batches"
-
-
-def test_main_imports_torchvision_without_dynamo_and_dynamo_still_loads_when_compile_needs_it():
-    code = ("import sys, torch, main, torchvision\n"
-            "assert 'torch._dynamo' not in sys.modules, 'imported at start-up'\n"
-            "boxes = torch.tensor([[0, 0, 0, 4, 4.0]])\n"
-            "assert torchvision.ops.roi_align(torch.rand(1, 3, 8, 8), boxes, 2).shape == (1, 3, 2, 2)\n"
-            "stand_in = torchvision.ops.roi_align.__globals__['is_compile_supported']\n"
-            "assert stand_in('cpu') in (True, False) and 'torch._dynamo' in sys.modules  # loaded when called\n"
-            "assert torch.compile(lambda x: x * 2, backend='eager')(torch.ones(2)).tolist() == [2.0, 2.0]\n"
-            "assert 'torch._dynamo.utils' in sys.modules and hasattr(sys.modules['torch._dynamo.utils'], 'counters')\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
