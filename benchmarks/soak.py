@@ -15,12 +15,14 @@ import resource
 import sys
 import tempfile
 import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main  # noqa: E402
 import train_module  # noqa: E402
+import utils  # noqa: E402
 
 
 def sample() -> dict[str, float]:
@@ -37,7 +39,8 @@ def soak(args) -> dict:
                                        "--val-split", str(args.val), "--epochs", str(args.epochs),
                                        "--ask-epoch", "none", "--patience", "1000", "--stop-patience", "1000",
                                        "--download", "false", "--output-dir", output_dir])
-        run = main.setup(main.build_config(values), rank=0, world_size=1, local_rank=0)
+        run = main.setup(main.build_config(values), rank=0, world_size=1, local_rank=0,
+                         account=utils.TimeAccount(time.perf_counter()))
         samples = {}
 
         def on_epoch(row: dict) -> None:
