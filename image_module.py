@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import functional as F
@@ -84,9 +84,11 @@ def _upright(image: Image.Image, reduce_to: int | None = None) -> Image.Image:
         image.draft(None, (2 * reduce_to, 2 * reduce_to))  # a no-op but for JPEGs; square: any orientation
     image.load()  # decoding errors (a truncated file) belong to the caller
     try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
+            return image  # upright as stored: itself, not exif_transpose's copy (3% of a decode)
         return ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block (Pillow raises several types): keep the pixels as stored
-        return image.copy()
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -99,7 +101,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
 
 def read_stored(path: str, size: int) -> Image.Image:
