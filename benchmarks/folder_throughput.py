@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,8 +99,9 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
     """Images/s of decode_files (into a new .npy memory map in the work folder, as the cache is built) and of a
     plain multiprocessing.Pool doing the same decode per file (read_stored, chunks of DECODE_CHUNK, pixels
     dropped), each with args.workers processes started in the pass, on the training files at the stored size;
-    timed in turn after an untimed pass each (A B, A B, ...), best of args.decode_repeats. This process's
-    memory after each (that of the last pass)."""
+    timed in turn after an untimed pass each (A B C, A B C, ...), best of args.decode_repeats, and the median
+    of each turn's ratio (passes side by side in time: steadier when others share the machine). This
+    process's memory after each (that of the last pass)."""
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(args.folder, "train"))
                    for name in names)
     size = args.decode_size
@@ -149,6 +151,8 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
     return {"decode_size": size, "decode_workers": args.workers, "decode_images": len(paths),
             "decode_images_per_s": best["decode_files"], "pool_images_per_s": best["plain pool"],
             "decode_over_pool": best["decode_files"] / best["plain pool"],
+            "decode_over_pool_median_of_turns": statistics.median(
+                ours / pool for ours, pool in zip(rates["decode_files"], rates["plain pool"])),
             "decode_passes_images_per_s": [round(rate) for rate in rates["decode_files"]],
             "pool_passes_images_per_s": [round(rate) for rate in rates["plain pool"]],
             "decode_memory_images_per_s": best["decode_files into memory"],
@@ -170,7 +174,8 @@ def print_decode(result: dict) -> None:
     print(f"decode, {result['decode_images']} files to {result['decode_size']} px on {result['decode_workers']} "
           f"workers, best of {len(result['decode_passes_images_per_s'])} in turn: decode_files "
           f"{result['decode_images_per_s']:,.0f} img/s, plain pool {result['pool_images_per_s']:,.0f} img/s: "
-          f"decode_over_pool {result['decode_over_pool']:.2f} (each pass: "
+          f"decode_over_pool {result['decode_over_pool']:.2f}, median of the turns' ratios "
+          f"{result['decode_over_pool_median_of_turns']:.2f} (each pass: "
           f"{', '.join(map(str, result['decode_passes_images_per_s']))} against "
           f"{', '.join(map(str, result['pool_passes_images_per_s']))}); CPU time per image (least of the "
           f"passes, workers included): {result['decode_cpu_ms_per_image']:.2f} ms against "
