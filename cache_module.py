@@ -62,11 +62,12 @@ def default_cache_dir() -> str:
 
 
 def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,
-                  fill: Callable[[torch.Tensor], list[int]]) -> Cache:
+                  fill: Callable[[np.memmap], list[int]]) -> Cache:
     """The cache of these image files at this size: opened when a valid one is in cache_dir, else built by
-    fill(images), which decodes paths[i] into images[i] (uint8 (N, size, size, 3)) and returns the rows it could
-    not read. Paths are keyed relative to root, so a moved folder keeps its cache. Raises CacheError when a
-    cache is needed and cannot be written."""
+    fill(images), which decodes paths[i] into images[i] and returns the rows it could not read: images is the
+    new .npy file's np.memmap (uint8 (N, size, size, 3)), which worker processes can open by its filename.
+    Paths are keyed relative to root, so a moved folder keeps its cache. Raises CacheError when a cache is
+    needed and cannot be written."""
     base = os.path.join(cache_dir, f"{size}px-{cache_key(paths, size, root)}")
     cache = _open(base, len(paths), size)
     if cache is not None:
@@ -114,7 +115,7 @@ def _open(base: str, count: int, size: int) -> Cache | None:
     return Cache(torch.from_numpy(images), failed, base + ".npy", built=False)
 
 
-def _build(base: str, count: int, size: int, root: str, fill: Callable[[torch.Tensor], list[int]]) -> Cache:
+def _build(base: str, count: int, size: int, root: str, fill: Callable[[np.memmap], list[int]]) -> Cache:
     """Decode into a temporary .npy, move it into place, then write the index that marks it complete."""
     folder, name = os.path.split(base)
     if fcntl is not None:  # under the lock no other build of this cache is live: these are killed builds'
@@ -130,7 +131,7 @@ def _build(base: str, count: int, size: int, root: str, fill: Callable[[torch.Te
         os.close(fd)
         images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
         _claim_space(tmp)
-        failed = sorted(fill(torch.from_numpy(images)))
+        failed = sorted(fill(images))
         images.flush()
         del images
         with open(tmp, "r+b") as f:

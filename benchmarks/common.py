@@ -1,6 +1,8 @@
 """What the benchmark scripts share: waiting for the device, the bare training step (the limit a loader is
-measured against), eager or replayed from a CUDA graph, and timing passes interleaved, best kept."""
+measured against), eager or replayed from a CUDA graph, timing passes interleaved, best kept, and this process's
+resident memory, anonymous apart from file pages."""
 
+import threading
 import time
 from typing import Callable
 
@@ -98,3 +100,48 @@ def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     pass."""
     run = steps(bare_step(model, images, targets, autocast_dtype=autocast_dtype, graphed=graphed), steps_per_pass)
     return best_rates({"bare": (run, steps_per_pass * len(images))}, repeats=repeats, device=images.device)["bare"]
+
+
+def resident_mb() -> dict[str, float]:
+    """This process's resident memory now (Linux's /proc/self/status, MB): anonymous (RssAnon: the heap,
+    tensors, what grows with the data held) and file pages (RssFile: libraries, and a memory-mapped cache's
+    pages, which the kernel can drop); empty where there is no /proc."""
+    sizes = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    name, kilobytes = line.split()[:2]
+                    sizes[name[3:-1].lower() + "_mb"] = int(kilobytes) / 1024
+    except OSError:
+        pass
+    return sizes
+
+
+class MemoryWatch:
+    """resident_mb now and at its peak since the last read, sampled every `interval` seconds by a daemon thread
+    (the kernel keeps no peak of each kind apart)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.peak, self.stop = resident_mb(), threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self.thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            self._update()
+
+    def _update(self) -> dict[str, float]:
+        now = resident_mb()
+        with self.lock:
+            self.peak = {name: max(value, self.peak.get(name, 0.0)) for name, value in now.items()}
+        return now
+
+    def read(self) -> dict[str, float]:
+        """{anon_mb, file_mb, peak_anon_mb, peak_file_mb}: now, and the peaks since the last read."""
+        now = self._update()
+        with self.lock:
+            figures = {**now, **{f"peak_{name}": value for name, value in self.peak.items()}}
+            self.peak = dict(now)
+        return figures

@@ -2,10 +2,15 @@
 fixed batch on the device), this pipeline's first epoch (decoding into the cache included), its steady epochs
 resident on the device and streamed from the memory-mapped cache, how soon a second run has its first batch,
 and torchvision's classification reference loader (ImageFolder, RandomResizedCrop, flip, ToTensor, Normalize in
-one DataLoader worker per core, pinned memory). Prints images/s, the ratios and peak memory; writes JSON.
+one DataLoader worker per core, pinned memory). Before them, the decode alone: image_module.decode_files into a
+new .npy memory map, as the cache is built, against a plain process pool decoding the same files alike
+(read_stored) and writing nothing, on as many workers (decode_over_pool). Prints images/s, the ratios, peak
+memory, and this process's anonymous memory apart from its file pages (the cache's) after each path; writes
+JSON.
 
     python benchmarks/folder_throughput.py --data-dir ./data              # writes 20,000 JPEGs first
     python benchmarks/folder_throughput.py --data-dir ./data --images 2000  # a CPU-sized run
+    python benchmarks/folder_throughput.py --data-dir ./data --images 2000 --decode-only  # the decode alone
     python benchmarks/folder_throughput.py --folder my_photos                      # any ImageFolder tree
 
 Defaults: resnet18 at 224 px, bf16, batch 256 on a GPU; the cnn at 64 px, fp32, batch 128 on the CPU.
@@ -17,6 +22,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,13 +32,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
+import cache_module  # noqa: E402
 import data_module  # noqa: E402
+import image_module  # noqa: E402
 import model_module  # noqa: E402
 import step_module  # noqa: E402
 import train_module  # noqa: E402
@@ -76,6 +85,114 @@ def write_folder(folder: str, n: int, data_dir: str, workers: int) -> None:
         f.write(str(n))
     print(f"wrote {len(jobs)} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} to {folder} in "
           f"{time.perf_counter() - started:.1f} s")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _read_stored(job: tuple[str, int]) -> None:
+    """In a pool worker: one file decoded as the cache stores it, the pixels dropped."""
+    image_module.read_stored(*job)
+
+
+def decode_rates(args, memory: common.MemoryWatch) -> dict:
+    """Images/s of decode_files (into a new .npy memory map in the work folder, as the cache is built) and of a
+    plain multiprocessing.Pool doing the same decode per file (read_stored, chunks of DECODE_CHUNK, pixels
+    dropped), each with args.workers processes started in the pass, on the training files at the stored size;
+    timed in turn after an untimed pass each (A B C, A B C, ...), best of args.decode_repeats, and the median
+    of each turn's ratio (passes side by side in time: steadier when others share the machine). This
+    process's memory after each (that of the last pass)."""
+    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(args.folder, "train"))
+                   for name in names)
+    size = args.decode_size
+    npy = os.path.join(args.work_dir, "decode_rates.npy")
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)  # as decode_files
+
+    def ours() -> float:
+        rows = np.lib.format.open_memmap(npy, "w+", np.uint8, (len(paths), size, size, 3))
+        cache_module._claim_space(npy)  # its blocks allocated, as the cache's are
+        started = time.perf_counter()
+        failures = image_module.decode_files(paths, size, rows, args.workers, "decoding")
+        seconds = time.perf_counter() - started
+        assert not failures, failures[:3]
+        del rows
+        os.remove(npy)  # untimed: dropping a large file's pages takes a while
+        return seconds
+
+    def into_memory() -> float:  # as ImageFiles.decode does without a cache
+        rows = torch.empty((len(paths), size, size, 3), dtype=torch.uint8)
+        started = time.perf_counter()
+        failures = image_module.decode_files(paths, size, rows, args.workers, "decoding")
+        seconds = time.perf_counter() - started
+        assert not failures, failures[:3]
+        return seconds
+
+    def pool() -> float:
+        started = time.perf_counter()
+        with context.Pool(args.workers) as workers:
+            for _ in workers.imap_unordered(_read_stored, [(path, size) for path in paths],
+                                            chunksize=image_module.DECODE_CHUNK):
+                pass
+        return time.perf_counter() - started
+
+    passes = {"decode_files": ours, "decode_files into memory": into_memory, "plain pool": pool}
+    rates, cpu_ms = {name: [] for name in passes}, {name: [] for name in passes}
+    figures = {}
+    for run in passes.values():
+        run()  # untimed: the files into the page cache, the code warm
+    memory.read()
+    for _ in range(args.decode_repeats):
+        for name, run in passes.items():
+            cpu_before = cpu_seconds()
+            rates[name].append(len(paths) / run())
+            cpu_ms[name].append(1000 * (cpu_seconds() - cpu_before) / len(paths))
+            figures[name] = memory.read()
+    best = {name: max(values) for name, values in rates.items()}
+    return {"decode_size": size, "decode_workers": args.workers, "decode_images": len(paths),
+            "decode_images_per_s": best["decode_files"], "pool_images_per_s": best["plain pool"],
+            "decode_over_pool": best["decode_files"] / best["plain pool"],
+            "decode_over_pool_median_of_turns": statistics.median(
+                ours / pool for ours, pool in zip(rates["decode_files"], rates["plain pool"])),
+            "decode_passes_images_per_s": [round(rate) for rate in rates["decode_files"]],
+            "pool_passes_images_per_s": [round(rate) for rate in rates["plain pool"]],
+            "decode_memory_images_per_s": best["decode_files into memory"],
+            "decode_memory_over_pool": best["decode_files into memory"] / best["plain pool"],
+            "decode_memory_passes_images_per_s": [round(rate) for rate in rates["decode_files into memory"]],
+            "decode_memory_cpu_ms_per_image": min(cpu_ms["decode_files into memory"]),
+            "decode_cpu_ms_per_image": min(cpu_ms["decode_files"]), "pool_cpu_ms_per_image": min(cpu_ms["plain pool"]),
+            "memory": figures}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its ended children (the pools' workers), user and system:
+    what a pass costs whatever else shares the machine."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def print_decode(result: dict) -> None:
+    print(f"decode, {result['decode_images']} files to {result['decode_size']} px on {result['decode_workers']} "
+          f"workers, best of {len(result['decode_passes_images_per_s'])} in turn: decode_files "
+          f"{result['decode_images_per_s']:,.0f} img/s, plain pool {result['pool_images_per_s']:,.0f} img/s: "
+          f"decode_over_pool {result['decode_over_pool']:.2f}, median of the turns' ratios "
+          f"{result['decode_over_pool_median_of_turns']:.2f} (each pass: "
+          f"{', '.join(map(str, result['decode_passes_images_per_s']))} against "
+          f"{', '.join(map(str, result['pool_passes_images_per_s']))}); CPU time per image (least of the "
+          f"passes, workers included): {result['decode_cpu_ms_per_image']:.2f} ms against "
+          f"{result['pool_cpu_ms_per_image']:.2f} ms")
+    print(f"decode_files into memory (no cache): {result['decode_memory_images_per_s']:,.0f} img/s, "
+          f"{result['decode_memory_over_pool']:.2f} of the pool (each pass: "
+          f"{', '.join(map(str, result['decode_memory_passes_images_per_s']))}); CPU time per image "
+          f"{result['decode_memory_cpu_ms_per_image']:.2f} ms")
+
+
+def print_memory(memory: dict[str, dict[str, float]]) -> None:
+    """This process's RssAnon and RssFile (MB) after each path and at their peaks during it."""
+    print(f"{'this process after':<44} {'anon':>8} {'peak anon':>10} {'file':>8} {'peak file':>10}")
+    for path, figures in memory.items():
+        print(f"{path:<44} {figures.get('anon_mb', float('nan')):>8,.0f} "
+              f"{figures.get('peak_anon_mb', float('nan')):>10,.0f} {figures.get('file_mb', float('nan')):>8,.0f} "
+              f"{figures.get('peak_file_mb', float('nan')):>10,.0f}")
 
 
 # --------------------------------------------------------------------------- timing
@@ -151,10 +268,12 @@ def get_folder_data(args, device, cache_dir: str, resident: str) -> data_module.
     return data_module.get_data(config, device)
 
 
-def ours(args, device, autocast_dtype) -> dict:
+def ours(args, device, autocast_dtype, memory: common.MemoryWatch) -> dict:
     """The pipeline: a first epoch that decodes into a new cache; a second run's start; steady epochs from the
-    cache, streamed (memory-mapped, read a batch at a time) and resident on the device."""
-    result = {}
+    cache, streamed (memory-mapped, read a batch at a time) and resident on the device. This process's memory
+    after each (result["memory"])."""
+    result, figures = {}, {}
+    memory.read()
     cache_dir = os.path.join(args.work_dir, "cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
     model = fresh_model(args, device)
@@ -167,6 +286,7 @@ def ours(args, device, autocast_dtype) -> dict:
     result["images_per_epoch"] = len(data.train) * args.batch_size
     result["cache_mb"] = os.path.getsize(data.cache_file) / 2**20
     del data
+    figures["first run: the cache built, an epoch"] = memory.read()
 
     started = time.perf_counter()  # a second run in this process: no imports, no CUDA start-up
     data = get_folder_data(args, device, cache_dir, "auto")
@@ -174,6 +294,7 @@ def ours(args, device, autocast_dtype) -> dict:
     common.synchronize(device)
     result["second_run_first_batch_s"] = time.perf_counter() - started
     del data
+    figures["second run: the cache opened, a batch"] = memory.read()
     result["second_run_cold_start_s"] = cold_start_seconds(args, cache_dir)  # a new process: imports, CUDA, model
 
     passes = {"bare": bare_pass(args, device, autocast_dtype, result["images_per_epoch"])}
@@ -186,6 +307,8 @@ def ours(args, device, autocast_dtype) -> dict:
         if name == "streamed":  # the CPU's default path reads the map: its peak memory, before the resident copy
             passes[name][0]()
             result["peak_rss_mb_streamed"] = peak_rss_mb()
+        figures[f"{name}: loader alone, then an epoch" if name == "streamed" else
+                f"{name}: loaded, loader alone"] = memory.read()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rates = common.best_rates(passes, repeats=args.epochs, device=device)  # timed in turn, best kept
@@ -193,6 +316,8 @@ def ours(args, device, autocast_dtype) -> dict:
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["peak_rss_mb"] = peak_rss_mb()
+    figures["bare, streamed, resident timed in turn"] = memory.read()
+    result["memory"] = figures
     return result
 
 
@@ -211,7 +336,7 @@ class _ToDevice:
             yield images, labels.to(self.device, non_blocking=True)
 
 
-def reference(args, device, autocast_dtype) -> dict:
+def reference(args, device, autocast_dtype, memory: common.MemoryWatch) -> dict:
     """torchvision's references/classification loader (presets.ClassificationPresetTrain without
     auto-augment): every JPEG decoded and cropped by PIL in DataLoader workers, every epoch."""
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -226,7 +351,7 @@ def reference(args, device, autocast_dtype) -> dict:
                for epoch in range(args.epochs + 1)]  # the first starts the workers
     images = len(loader) * args.batch_size
     return {"reference_first_epoch_s": seconds[0], "reference_images_per_s": images / min(seconds[1:]),
-            "reference_workers": args.workers}
+            "reference_workers": args.workers, "memory": {"reference": memory.read()}}
 
 
 def peak_rss_mb() -> float:
@@ -251,6 +376,10 @@ def main() -> None:
                         "one untimed pass each, best kept (default: 3 on a GPU, 2 on the CPU)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="reference DataLoader workers")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
+    parser.add_argument("--decode-size", type=int, default=None, help="pixels the decode comparison stores "
+                        "(default: the pipeline's, --image-size / RESIZE_RATIO)")
+    parser.add_argument("--decode-repeats", type=int, default=3, help="timed passes of each decode, in turn")
+    parser.add_argument("--decode-only", action="store_true", help="the decode comparison alone, no training")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
 
@@ -262,6 +391,7 @@ def main() -> None:
     args.batch_size = args.batch_size or (256 if on_gpu else 128)
     args.epochs = args.epochs or (3 if on_gpu else 2)
     args.work_dir = args.work_dir or os.path.join(tempfile.gettempdir(), f"folder_throughput_{args.images}")
+    args.decode_size = args.decode_size or round(args.image_size / data_module.RESIZE_RATIO)
     if args.folder is None:
         args.folder = os.path.join(args.work_dir, "photos")
         write_folder(args.folder, args.images, args.data_dir, os.cpu_count() or 1)
@@ -273,13 +403,23 @@ def main() -> None:
     print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.images} training images in "
           f"{args.folder}, best of {args.epochs}, on {name}")
 
+    memory = common.MemoryWatch()
+    if args.decode_only:
+        result = {"device": name, "images": args.images, **decode_rates(args, memory)}
+        print_decode(result)
+        print_memory(result["memory"])
+        write_result(result, os.path.join(args.output, f"folder_decode_{args.decode_size}_{args.images}.json"))
+        return
     step_alone, _ = bare_pass(args, device, autocast_dtype, args.images)
     step_alone()  # the model step alone: its peak memory, before any data is read
     peak_rss_bare = peak_rss_mb()
     del step_alone  # its model and batch would count in the device peak below
     result = {"device": name, "model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
               "images": args.images, "bf16": autocast_dtype is not None, "peak_rss_mb_bare": peak_rss_bare,
-              **ours(args, device, autocast_dtype), **reference(args, device, autocast_dtype)}
+              "memory": {"bare steps": memory.read()}}
+    for part in (decode_rates(args, memory), ours(args, device, autocast_dtype, memory),
+                 reference(args, device, autocast_dtype, memory)):
+        result.update({**part, "memory": {**result["memory"], **part.pop("memory")}})
     bare = result["bare_images_per_s"]
     result["peak_rss_mb_with_reference"] = peak_rss_mb()
     steady = result["streamed_images_per_s"]
@@ -306,12 +446,21 @@ def main() -> None:
           f"{result['peak_rss_mb']:,.0f} MB after the resident path" +
           (f"; peak GPU memory {result['peak_gpu_mb']:,.0f} MB with both paths' data on the device"
            if on_gpu else ""))
-    os.makedirs(args.output, exist_ok=True)
-    path = os.path.join(args.output, f"folder_throughput_{device.type}_{args.model}_{args.image_size}_"
-                                     f"{args.images}.json")
+    print_decode(result)
+    print_memory(result["memory"])
+    write_result(result, os.path.join(args.output, f"folder_throughput_{device.type}_{args.model}_"
+                                                   f"{args.image_size}_{args.images}.json"))
+
+
+def write_result(result: dict, path: str) -> None:
+    """The result as JSON, floats to 3 decimals."""
+    def rounded(value):
+        if isinstance(value, dict):
+            return {key: rounded(item) for key, item in value.items()}
+        return round(value, 3) if isinstance(value, float) else value
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({key: round(value, 3) if isinstance(value, float) else value for key, value in result.items()},
-                  f, indent=2)
+        json.dump(rounded(result), f, indent=2)
     print(f"wrote {path}")
 
 

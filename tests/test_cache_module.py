@@ -218,7 +218,7 @@ def build_in_a_process(paths, cache_dir, lock, barrier, results):
     def fill(out):
         decoded.append(True)
         for i in range(len(paths)):
-            out.numpy()[i] = i + 1
+            out[i] = i + 1
             time.sleep(0.02)  # slow enough that the two builds overlap
         return []
 

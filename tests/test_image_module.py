@@ -1,15 +1,18 @@
-"""Image files: any mode read as upright RGB, truncated files, reduced-scale decoding, prediction input."""
+"""Image files: any mode read as upright RGB, truncated files, reduced-scale decoding, prediction input, and many
+files decoded in parallel into memory or a .npy file."""
 
 import io
 import os
+import sys
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+import torch
+from PIL import Image, ImageFile, JpegImagePlugin
 from torchvision.transforms import functional as F
 
 import image_module
-from conftest import smooth_photo, write_image_tree
+from conftest import smooth_photo, write_image_tree, write_photo_tree
 from image_module import DataError
 
 
@@ -97,3 +100,91 @@ def test_photos_are_decoded_at_a_reduced_scale_close_to_a_full_decode(tmp_path):
     stored = np.array(image_module.read_stored(path, 50)).astype(int)
     full = np.array(F.center_crop(F.resize(image_module.open_rgb(path), 50), [50, 50])).astype(int)
     assert stored.shape == (50, 50, 3) and np.abs(stored - full).mean() < 1 and np.abs(stored - full).max() <= 6
+
+
+# ----------------------------------------------------------------------------- decoding many files
+
+
+def photo_files(tmp_path):
+    """Every file of a photo tree (JPEG, PNG, CMYK, greyscale, 16-bit, EXIF-rotated, WebP, BMP, GIF, a
+    truncated JPEG; and broken.png, notes.txt, image.heic, which do not read), in sorted order: 70 files."""
+    root = write_photo_tree(tmp_path / "photos")
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+
+
+def rows_of(kind, tmp_path, shape):
+    """Where decode_files writes, filled with 7s (so a row left unwritten shows): a tensor in memory, or the
+    memory map of a new .npy file, as the cache builds it."""
+    if kind == "tensor":
+        return torch.full(shape, 7, dtype=torch.uint8)
+    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, shape)
+    rows[:] = 7
+    return rows
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", ["tensor", "npy"])
+def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_cannot_read(tmp_path, kind,
+                                                                                       num_workers):
+    paths = photo_files(tmp_path)
+    out = rows_of(kind, tmp_path, (len(paths), 24, 24, 3))
+    failures = image_module.decode_files(paths, 24, out, num_workers, "decoding")
+    rows = out.numpy() if kind == "tensor" else out
+    unreadable = {"broken.png", "notes.txt", "image.heic"}
+    assert [os.path.basename(paths[i]) for i, _ in failures] == sorted(unreadable)  # in row order
+    for i, message in failures:
+        with pytest.raises(DataError) as error:
+            image_module.read_stored(paths[i], 24)
+        assert message == str(error.value) and not rows[i].any()
+    for i, path in enumerate(paths):
+        if os.path.basename(path) not in unreadable:
+            assert np.array_equal(rows[i], np.asarray(image_module.read_stored(path, 24))), path
+    assert len(paths) == 70  # 9 chunks of 8 on 2 workers, 4 scratch chunks in memory: each reused
+
+
+def test_decoding_workers_write_the_npy_file_themselves(tmp_path):
+    """This process maps the file read-only: the pixels it then sees were written by the workers, and no
+    pixel went through it."""
+    paths = [path for path in photo_files(tmp_path) if not path.endswith(("broken.png", ".txt", ".heic"))]
+    np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 16, 16, 3))
+    read_only = np.load(str(tmp_path / "rows.npy"), mmap_mode="r")
+    failures = image_module.decode_files(paths, 16, read_only, 2, "decoding")
+    assert failures == []
+    for i, path in enumerate(paths):
+        assert np.array_equal(read_only[i], np.asarray(image_module.read_stored(path, 16))), path
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the workers see the patched reader only when forked")
+def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(tmp_path, monkeypatch):
+    paths = photo_files(tmp_path)
+    read_stored = image_module.read_stored
+
+    def failing(path, size):
+        if path == paths[33]:
+            raise MemoryError("out of memory in a worker")
+        return read_stored(path, size)
+    monkeypatch.setattr(image_module, "read_stored", failing)
+    with pytest.raises(MemoryError, match="out of memory in a worker"):
+        image_module.decode_files(paths, 16, torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8), 2, "decoding")
+
+
+def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_stored_size(tmp_path, monkeypatch):
+    """JPEG DCT scaling (Image.draft) by 1/2, 1/4 or 1/8 in decode_files as in read_stored, as far as the
+    shorter side stays at least twice the stored size: an 800x600 JPEG stored at 50 px is decoded at 200x150,
+    at 150 px at 400x300, and at 200 px whole (1/2 would leave 300 < 400); a PNG is decoded whole."""
+    decoded = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(image, mode, size):
+        result = draft(image, mode, size)
+        decoded.append(image.size)
+        return result
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    photo = Image.fromarray(smooth_photo(600, seed=1).numpy()).resize((800, 600))
+    photo.save(tmp_path / "big.jpg", quality=95)
+    photo.save(tmp_path / "big.png")
+    paths = [str(tmp_path / "big.jpg"), str(tmp_path / "big.png")]
+    for size, scaled in ((50, (200, 150)), (150, (400, 300)), (200, (800, 600))):
+        decoded.clear()
+        image_module.decode_files(paths, size, torch.zeros(2, size, size, 3, dtype=torch.uint8), 0, "decoding")
+        assert decoded == [scaled]  # the JPEG's; a PNG has no DCT to scale
