@@ -46,8 +46,8 @@ class EpochWriter:
     first (the next epoch changes the live tensors), after the previous write has finished: one write at a
     time, in order. A write's error is raised by check() (which the loop calls every step, so a full disk
     stops training at once), the next save() or wait(). A process killed mid-write leaves the earlier files
-    whole, and resume starts from the last checkpoint that landed. `landed` says which epoch each file
-    written whole holds."""
+    whole, and resume starts from the last checkpoint that landed. `landed` says which epoch best_model.pth
+    holds, written whole."""
 
     def __init__(self, output_dir: str, best_epoch: int | None = None):
         self.output_dir = output_dir
@@ -153,11 +153,10 @@ def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict | None,
                  history: list[dict], landed: dict[str, int | None] | None = None) -> None:
     """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the CSV; landed
-    records the epoch each file whole on disk holds."""
+    records the epoch best_model.pth holds once it is whole on disk."""
     landed = {} if landed is None else landed
     if checkpoint is not None:
         utils.save_torch(checkpoint, os.path.join(output_dir, CHECKPOINT))
-        landed[CHECKPOINT] = checkpoint["epoch"]
     if best_weights is not None:
         utils.save_torch(best_weights, os.path.join(output_dir, BEST_MODEL))
         landed[BEST_MODEL] = info["epoch"]

@@ -242,14 +242,14 @@ RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR",  # how far a
 PATHS = ("DATA_DIR", "CACHE_DIR", "WEIGHTS")  # recorded as absolute paths, so a resume finds them from anywhere
 
 
-def resumed_config(values: dict[str, typing.Any], given: set[str]) -> dict[str, typing.Any]:
-    """With RESUME, the constants the resumed run started with, so it goes on as it began; the flags in
-    RESUME_MAY_CHANGE given now apply, and any other given flag that differs from the run's is refused
-    (ValueError naming both values)."""
-    path = _resume_path(values)
-    if path is None:
+def resumed_config(values: dict[str, typing.Any], given: set[str],
+                   checkpoint: dict[str, typing.Any] | None) -> dict[str, typing.Any]:
+    """With a checkpoint to resume (read_checkpoint's), the constants the resumed run started with, so it goes
+    on as it began; the flags in RESUME_MAY_CHANGE given now apply, and any other given flag that differs from
+    the run's is refused (ValueError naming both values)."""
+    if checkpoint is None:
         return values
-    saved = checkpoint_module.read_checkpoint(path)["config"]
+    path, saved = _resume_path(values), checkpoint["config"]
     fixed = ("EPOCHS",) if saved.get("SCHEDULE") == "onecycle" or saved.get("LOOKAHEAD") else ()  # sized to it
     for name in sorted(given - set(RESUME_MAY_CHANGE) | (given & set(fixed))):
         if name in saved and saved[name] != values[name]:
@@ -369,8 +369,10 @@ def run_main(argv: list[str] | None = None) -> Outcome:
         _imports_counted = True
     try:
         try:
-            config = build_config(resumed_config(values, command["given"]))
-            run = setup(config, rank, world_size, local_rank, account, new_run=not command["find_lr"])
+            path = _resume_path(values)  # RESUME and OUTPUT_DIR are never the checkpoint's own
+            saved = checkpoint_module.read_checkpoint(path) if path else None  # read once, for both
+            config = build_config(resumed_config(values, command["given"], saved))
+            run = setup(config, rank, world_size, local_rank, account, saved, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
             return Outcome(3 if isinstance(error, utils.WriteFailed) else 2)
@@ -394,15 +396,14 @@ def run_main(argv: list[str] | None = None) -> Outcome:
 
 
 def setup(config: Config, rank: int, world_size: int, local_rank: int, account: utils.TimeAccount,
-          new_run: bool = True) -> Run:
-    """Seed, device, data, model and the training state, resumed when asked; for a new run the earlier run's
-    files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before
+          saved: dict[str, typing.Any] | None = None, new_run: bool = True) -> Run:
+    """Seed, device, data, model and the training state, resumed from saved (RESUME's checkpoint, as
+    read_checkpoint read it) when given; for a new run the earlier run's files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before
     any training."""
     k, output_dir = config.constants, config.fit.output_dir
     utils.check_writable(output_dir)
     utils.check_unlocked(output_dir, main_process=rank == 0)  # another run writing there: refused at once
     path = _resume_path(k)
-    saved = checkpoint_module.read_checkpoint(path) if path else None
     utils.seed_everything(k["SEED"])
     device = utils.get_device(local_rank)
     cuda_graph = step_module.use_cuda_graph(k["CUDA_GRAPHS"], device, world_size=world_size, compile=k["COMPILE"])
