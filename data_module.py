@@ -140,22 +140,25 @@ class MappedImages:
     images: torch.Tensor  # uint8 (M, S, S, C): the whole cache, memory-mapped
     rows: torch.Tensor  # int64 (N,): this source's rows of it
     labels: torch.Tensor  # int64 (N,)
+    cache_file: str  # the cache's .npy: its statistics are remembered beside it
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: torch.Tensor) -> MappedImages:
         """The rows at these indices (no pixels read)."""
-        return MappedImages(self.images, self.rows[index], self.labels[index])
+        return MappedImages(self.images, self.rows[index], self.labels[index], self.cache_file)
 
     def decode(self, num_workers: int, desc: str) -> Images:
         """The rows read into memory."""
         return Images(self.images[self.rows], self.labels)
 
     def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of a seeded sample of at most 2,000 rows, as ImageFiles estimates them."""
-        sample = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:2000]
-        return channel_stats(self.take(sample).decode(num_workers, "statistics").images)
+        """Per-channel mean and std of a seeded sample of at most 2,000 rows, as ImageFiles estimates them;
+        remembered beside the cache, so a later run of the same split reads no pixels for them."""
+        sample = self.take(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:2000])
+        return cache_module.remembered(self.cache_file, sample.rows,
+                                       lambda: channel_stats(sample.decode(num_workers, "statistics").images))
 
 
 class ImageFiles:
@@ -431,7 +434,7 @@ def _cached_folder(data_dir: str, size: int, cache_dir: str,
         fill=lambda out: [i for i, _ in decode_files(paths, size, out, num_workers, "decoding")])
     row = {path: i for i, path in enumerate(paths)}
     splits = _readable(data_dir, classes, splits, not_images, [paths[i] for i in cache.failed])
-    return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels)
+    return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels, cache.path)
             for name, (paths, labels) in splits.items()}, classes, cache.path
 
 
@@ -670,10 +673,12 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir, config.dataset,
                    classes)
     test_is_val = "test" not in sources
+    mean, std = config.mean, config.std
+    if mean is None and cache_file is not None:  # a sample's, remembered beside the cache: read before decoding
+        mean, std = parts["train"].statistics(config.seed, num_workers)
     resident = _keeps_resident(config.resident, sources, size, cache_file, device)
     if resident:
         parts = _decode(parts, num_workers)
-    mean, std = config.mean, config.std
     if mean is None:
         mean, std = parts["train"].statistics(config.seed, num_workers)
     image_size = config.image_size if config.dataset == "folder" else size

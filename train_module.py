@@ -122,8 +122,10 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
     totals = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
     confusion = torch.zeros((num_classes or 1) ** 2, dtype=torch.int64, device=device)  # true x C + predicted
     mistakes = _MostConfidentMistakes(MISTAKES)
+    first_size = None
     for images, targets in loader:
-        with autocast(device, autocast_dtype):
+        first_size = first_size or len(images)
+        with autocast(device, autocast_dtype), step_module.autotuned(len(images) == first_size):
             logits = _tta_logits(model, images) if tta else model(images)
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
         predicted = logits.argmax(1)

@@ -114,6 +114,57 @@ def test_a_moved_folder_keeps_its_cache(tmp_path):
     assert not build(moved, tmp_path / "cache", tmp_path / "b")[0].built
 
 
+def test_the_key_is_the_same_for_relative_and_absolute_paths_and_roots(tmp_path, monkeypatch):
+    paths = write_files(tmp_path / "images")
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(path, tmp_path) for path in paths]
+    key = cache_module.cache_key(paths, 4, str(tmp_path))
+    assert cache_module.cache_key(relative, 4, ".") == key == cache_module.cache_key(relative, 4, str(tmp_path))
+    assert cache_module.cache_key(paths, 4, str(tmp_path / "images")) != key  # the relative paths differ
+
+
+class Statistics:
+    """A stand-in for channel statistics that counts its calls."""
+
+    def __init__(self, value):
+        self.value, self.calls = value, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.value
+
+
+def test_statistics_are_computed_once_per_set_of_rows_and_remembered_beside_the_cache(tmp_path):
+    cache, _ = build(write_files(tmp_path / "images"), tmp_path / "cache", tmp_path)
+    first = Statistics(((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]), first) == first.value and first.calls == 1
+    again = Statistics(((9.0,) * 3, (9.0,) * 3))
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]), again) == first.value and again.calls == 0
+    other = Statistics(((0.7,) * 3, (0.8,) * 3))  # other rows: computed, and both kept
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 3]), other) == other.value and other.calls == 1
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]), again) == first.value and again.calls == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "a list", "read-only folder"])
+def test_a_memo_that_cannot_be_read_or_written_is_only_computed(tmp_path, damage):
+    cache, _ = build(write_files(tmp_path / "images"), tmp_path / "cache", tmp_path)
+    memo = cache.path[:-len(".npy")] + ".statistics.json"
+    if damage == "read-only folder":
+        os.chmod(tmp_path / "cache", 0o555)
+        if os.access(tmp_path / "cache", os.W_OK):
+            pytest.skip("running as a user that writes read-only folders")
+    else:
+        with open(memo, "w") as f:
+            f.write("{not json" if damage == "garbage" else "[1, 2]")
+    try:
+        for calls in (1, 2):
+            statistics = Statistics(((0.5,) * 3, (0.25,) * 3))
+            assert cache_module.remembered(cache.path, torch.arange(3), statistics) == statistics.value
+            assert statistics.calls == (1 if damage == "read-only folder" or calls == 1 else 0)
+    finally:
+        os.chmod(tmp_path / "cache", 0o755)
+
+
 def test_two_folders_with_the_same_file_names_get_caches_of_their_own(tmp_path):
     first = write_files(tmp_path / "one" / "images")
     second = write_files(tmp_path / "two" / "images")  # the same names and sizes

@@ -514,6 +514,19 @@ def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, 
     assert torch.equal(v1, v2) and torch.equal(l1, l2)
 
 
+def test_a_cached_folders_statistics_are_a_samples_remembered_and_the_same_resident_or_not(tmp_path, monkeypatch):
+    root = write_photo_tree(tmp_path / "photos")
+    streamed = cached_data(root, tmp_path / "cache", resident="no")
+    exact = data_module.channel_stats(streamed.train.images[streamed.train.rows])  # under 2,000: all of them
+
+    def refuse(images):
+        raise AssertionError("statistics computed again although the cache remembers them")
+    monkeypatch.setattr(data_module, "channel_stats", refuse)
+    resident = cached_data(root, tmp_path / "cache", resident="yes")
+    assert resident.resident and not streamed.resident
+    assert (resident.mean, resident.std) == (streamed.mean, streamed.std) == exact
+
+
 def test_the_cache_is_rebuilt_when_a_file_or_the_image_size_changes(tmp_path, decoded):
     root = write_image_tree(tmp_path, splits=("train", "val"), size=(40, 30))
     assert len(cached_data(root, tmp_path / "cache").train.labels) == 18 and len(decoded) == 36

@@ -95,6 +95,28 @@ def test_evaluate_reports_per_class_accuracy():
     assert sum(result["per_class"]) / 4 == pytest.approx(result["acc"])  # balanced classes
 
 
+def test_evaluation_times_cudnn_algorithms_for_its_full_batches_only(monkeypatch):
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, images):
+            seen.append((len(images), torch.backends.cudnn.benchmark))
+            return self.linear(images)
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    batches = [(torch.randn(n, 4), torch.zeros(n, dtype=torch.int64)) for n in (4, 4, 3)]
+    train_module.evaluate(Recording(), batches)
+    assert seen == [(4, True), (4, True), (3, False)] and torch.backends.cudnn.benchmark
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # never turned on where it was off
+    seen.clear()
+    train_module.evaluate(Recording(), batches)
+    assert seen == [(4, False), (4, False), (3, False)]
+
+
 def test_tta_evaluation_averages_the_six_views():
     torch.manual_seed(0)
     data = make_tiny_data(size=16)
