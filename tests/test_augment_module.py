@@ -13,6 +13,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import augment_module
 from augment_module import GEOMETRIC, OPS
 from conftest import smooth_photo
@@ -216,6 +218,45 @@ def test_ops_are_drawn_uniformly_and_independently_for_each_image():
         place = order.tolist().index(0)
         ops_of_image_0.add(int(np.searchsorted(np.cumsum(counts), place, side="right")))
     assert ops_of_image_0 == set(range(len(OPS)))
+
+
+class HostReads(TorchDispatchMode):
+    """The operators run inside it that, on a GPU, would make the host wait for the device: a value read back
+    (_local_scalar_dense: .item(), bool()), a result sized by the data (nonzero, masked_select, a boolean-mask
+    read), a boolean-mask write other than ATen's masked_fill_ path (a one-element CPU value), or an explicit
+    copy to another device. Seen on the CPU, since they are properties of the operators (.tolist() and
+    .numpy() bypass the dispatcher: not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        indexing = name in ("index", "index_put", "index_put_", "_index_put_impl_")
+        masks = indexing and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                 for i in args[1])
+        masked_fill = masks and name != "index" and args[2].numel() == 1 and args[2].device.type == "cpu"
+        if name in ("_local_scalar_dense", "nonzero", "masked_select") or (masks and not masked_fill) or \
+                (name == "_to_copy" and "device" in kwargs):
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_the_batched_augmentation_never_makes_the_device_wait_for_the_host():
+    images = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)
+    for policy in augment_module.AUTO_AUGMENTS:
+        augment_module.auto_augment(images, policy)  # the first call makes the tables it keeps on the device
+    with HostReads() as watch:
+        for policy in augment_module.AUTO_AUGMENTS:
+            augment_module.auto_augment(images, policy)
+        augment_module.erase_masks(64, 16, 16, 0.5, "cpu")
+    assert watch.found == []
+    with HostReads() as watch:  # the watch sees them
+        images[images > 100] = images[images > 100] // 2
+        torch.zeros(3).sum().item()
+    assert watch.found == ["aten.index.Tensor", "aten.index_put_.default", "aten._local_scalar_dense.default"]
 
 
 # ----------------------------------------------------------------------------- random erasing
