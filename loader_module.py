@@ -58,8 +58,9 @@ class ResidentLoader:
     at their own size. With crop_size (photo folders, stored as squares larger than crop_size), training
     images get RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the
     centre crop. Training images then get their own auto_augment ops (uint8, before normalisation) and
-    random_erasing boxes (after it). Shuffling is seeded by (batching.seed, epoch) as in DistributedSampler, so every rank draws
-    the same order and takes its own shard; augmentation draws from the device's global generator.
+    random_erasing boxes (after it). Shuffling is seeded by (batching.seed, epoch) as in DistributedSampler,
+    so every rank draws the same order and takes its own shard; augmentation draws from the device's global
+    generator.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching, augmentation: Augmentation):

@@ -152,7 +152,8 @@ def test_each_op_on_a_batch_equals_torchvisions_on_each_image_alone(policy, op, 
     magnitudes = every_magnitude(policy, op, 32)
     n = len(magnitudes)
     photos = torch.stack([smooth_photo(32, seed=i) for i in range(n // 2)]).mul(0.625).add(40).to(torch.uint8)
-    noise = torch.randint(0, 256, (n - n // 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randint(0, 256, (n - n // 2, 32, 32, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
     images = torch.cat([photos, noise]).permute(0, 3, 1, 2)  # channels_last (N, C, H, W), as the loader's
     batched = augment_module.apply_op(images, op, magnitudes)
     for image, out, magnitude in zip(images, batched, magnitudes.tolist()):
@@ -277,7 +278,8 @@ def test_erased_boxes_follow_torchvisions_distribution():
     kept = (h > 0) & (h < size)
     h, w, top = h[kept], w[kept], top[kept]
     ref_h, ref_w, ref_top = reference[:, 2], reference[:, 3], reference[:, 0]
-    for ours, theirs in [(h * w, ref_h * ref_w), ((h / w).log(), (ref_h / ref_w).log()), (top + h / 2, ref_top + ref_h / 2)]:
+    for ours, theirs in [(h * w, ref_h * ref_w), ((h / w).log(), (ref_h / ref_w).log()),
+                         (top + h / 2, ref_top + ref_h / 2)]:
         standard_error = (ours.var() / len(ours) + theirs.var() / len(theirs)).sqrt()
         assert (ours.mean() - theirs.mean()).abs() < 4 * standard_error
     erased = augment_module.erase_masks(n, size, size, 0.25, "cpu").flatten(1).any(1).double().mean()
