@@ -19,7 +19,7 @@ from torchvision import datasets
 
 import cache_module
 import utils
-from augment_module import RESIZE_RATIO, pil_transform
+from augment_module import AUTO_AUGMENTS, RESIZE_RATIO, pil_transform
 from image_module import IMAGE_EXTENSIONS, DataError, decode_files, opens, read_stored
 from loader_module import Augmentation, Batching, Loader, MappedLoader, ResidentLoader, StreamingLoader
 
@@ -32,13 +32,15 @@ CIFAR_VAL_SPLIT = 5000  # VAL_SPLIT unset, CIFAR-10: validation images held out 
 FOLDER_VAL_SHARE = 10  # VAL_SPLIT unset, a folder without val/: one image in this many held out of train/
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
 
-CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS, "resident": ("auto", "yes", "no")}
+CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS, "resident": ("auto", "yes", "no"),
+           "auto_augment": (None, *AUTO_AUGMENTS)}
 RULES: utils.Rules = {  # a field: (test, what is allowed)
     "batch_size": (lambda v: v >= 1, "a whole number >= 1"),
     "val_split": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
     "train_subset": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
     "image_size": (lambda v: v >= 8, "a whole number of pixels >= 8"),
     "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
+    "random_erasing": (lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     "num_workers": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
 }
 
@@ -62,6 +64,9 @@ class DataConfig:
     crop_padding: int = 4  # "shift" crops: random shift in pixels (0: no crop)
     flip: str = "random"  # training flips: see FLIPS
     reflect: bool = False  # pad-crops reflect the border instead of padding with black
+    auto_augment: str | None = None  # training: each image's own ops of torchvision's "trivialaugment" or
+    # "randaugment" (augment_module.AUTO_AUGMENTS); None: none
+    random_erasing: float = 0.0  # training: probability that an image gets a box erased (RandomErasing's)
     resident: str = "auto"  # keep the images on the device as uint8: "auto" (when they fit), "yes" or "no"
     num_workers: int | None = None  # processes that decode files and feed the streaming loader; None: one per core
     download: bool = True  # fetch CIFAR-10 when data_dir lacks it
@@ -607,9 +612,7 @@ def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Au
             return ResidentLoader(part.images.to(device), part.labels.to(device), batches, augmentation)
         if isinstance(part, MappedImages):
             return MappedLoader(part.images, part.rows, part.labels, device, batches, augmentation)
-        transform = pil_transform(train, image_size, augmentation.crop_padding, augmentation.flip,
-                                  augmentation.reflect, augmentation.mean, augmentation.std,
-                                  photos=augmentation.crop_size is not None)
+        transform = pil_transform(train, image_size, augmentation)
         return StreamingLoader(_Transformed(part, transform), batches, device, num_workers)
 
     loaders = {"train": make(parts["train"], True), "val": parts["val"] and make(parts["val"], False)}
@@ -683,7 +686,8 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
         mean, std = parts["train"].statistics(config.seed, num_workers)
     image_size = config.image_size if config.dataset == "folder" else size
     augmentation = Augmentation(tuple(map(float, mean)), tuple(map(float, std)), config.crop_padding, config.flip,
-                                config.reflect, crop_size=image_size if photos else None)
+                                config.reflect, crop_size=image_size if photos else None,
+                                auto_augment=config.auto_augment, random_erasing=config.random_erasing)
     batching = Batching(config.batch_size, True, config.seed, rank, world_size, config.channels_last)
     loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident, device=device,
                             num_workers=num_workers)

@@ -65,6 +65,11 @@ AUGMENT: str = "auto"            # "photo": RandomResizedCrop + flip (torchvisio
 CROP_PADDING: int = 4            # "shift" crops: random shift in pixels (0 = no crop)
 REFLECT: bool = False            # crops pad by reflecting the border instead of with black
 FLIP: str = "random"             # "random" flips, "alternate" (each image every other epoch, as airbench) or "none"
+AUTO_AUGMENT: str | None = None  # "trivialaugment": one op of torchvision's TrivialAugmentWide for each training
+                                 # image (its own op, magnitude and sign), "randaugment": two of RandAugment's at
+                                 # magnitude 9; batched on the device; None: off
+RANDOM_ERASING: float = 0.0      # probability that a training image gets RandomErasing's box (2-33% of its area)
+                                 # set to 0 after normalisation; torchvision's reference uses 0.25 with AUTO_AUGMENT
 RESIDENT: str = "auto"           # keep the data on the device as uint8: "auto" (when it fits), "yes" or "no"
 NUM_WORKERS: int | None = None   # DataLoader worker processes when not resident; None = one per CPU core
 CACHE_DIR: str | None = "auto"   # folders: images decoded once and kept here for later runs; "auto": the user's
@@ -285,8 +290,8 @@ def build_config(values: dict[str, typing.Any]) -> Config:
     own_size = values["IMAGE_SIZE"] is not None
     data = data_module.DataConfig(
         **_lower(values, "DATASET", "DATA_DIR", "BATCH_SIZE", "VAL_SPLIT", "TRAIN_SUBSET", "AUGMENT",
-                 "CROP_PADDING", "FLIP", "REFLECT", "RESIDENT", "NUM_WORKERS", "DOWNLOAD", "SEED",
-                 "CHANNELS_LAST", "CACHE_DIR"),
+                 "CROP_PADDING", "FLIP", "REFLECT", "AUTO_AUGMENT", "RANDOM_ERASING", "RESIDENT", "NUM_WORKERS",
+                 "DOWNLOAD", "SEED", "CHANNELS_LAST", "CACHE_DIR"),
         image_size=values["IMAGE_SIZE"] if own_size else weights.get("crop_size", 32),
         resize_size=None if own_size else weights.get("resize_size"),
         mean=weights.get("mean"), std=weights.get("std"))

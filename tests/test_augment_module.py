@@ -1,14 +1,24 @@
-"""Batched augmentation: pad-crops and flips, torchvision's RandomResizedCrop boxes, and crops that match PIL's."""
+"""Batched augmentation: pad-crops and flips, torchvision's RandomResizedCrop boxes, crops that match PIL's,
+automatic augmentation (each op against torchvision's on one image, a draw for each image) and random
+erasing, and the streaming path's PIL transforms."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
+from torchvision.transforms.v2 import functional as F2
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment_module
+from augment_module import GEOMETRIC, OPS
 from conftest import smooth_photo
+from loader_module import Augmentation
 
 
 def test_flip_alone_mirrors_exactly():
@@ -84,3 +94,222 @@ def test_the_same_box_gives_the_same_pixels_on_both_paths(box, enlarged):
         assert difference.max() <= 1 + 1e-3
     else:
         assert difference.max() < 2.5 and difference.mean() < 0.5
+
+
+# ----------------------------------------------------------------------------- automatic augmentation
+
+
+def torchvisions_op(image, op, magnitude):
+    """What torchvision's auto-augment policies do to one (C, H, W) uint8 image for an op at a magnitude (as
+    their _apply_image_or_video_transform calls v2.functional)."""
+    nearest = InterpolationMode.NEAREST
+    shear = math.degrees(math.atan(magnitude))
+    calls = {
+        "Identity": lambda: image,
+        "ShearX": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
+                                    interpolation=nearest, center=[0, 0]),
+        "ShearY": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, shear],
+                                    interpolation=nearest, center=[0, 0]),
+        "TranslateX": lambda: F2.affine(image, angle=0.0, translate=[int(magnitude), 0], scale=1.0,
+                                        shear=[0.0, 0.0], interpolation=nearest),
+        "TranslateY": lambda: F2.affine(image, angle=0.0, translate=[0, int(magnitude)], scale=1.0,
+                                        shear=[0.0, 0.0], interpolation=nearest),
+        "Rotate": lambda: F2.rotate(image, angle=magnitude, interpolation=nearest),
+        "Brightness": lambda: F2.adjust_brightness(image, 1.0 + magnitude),
+        "Color": lambda: F2.adjust_saturation(image, 1.0 + magnitude),
+        "Contrast": lambda: F2.adjust_contrast(image, 1.0 + magnitude),
+        "Sharpness": lambda: F2.adjust_sharpness(image, 1.0 + magnitude),
+        "Posterize": lambda: F2.posterize(image, int(magnitude)),
+        "Solarize": lambda: F2.solarize(image, 255 * magnitude),
+        "AutoContrast": lambda: F2.autocontrast(image),
+        "Equalize": lambda: F2.equalize(image),
+    }
+    return calls[op]()
+
+
+def every_magnitude(policy, op, size):
+    """The policy's magnitudes of an op at each bin, and their negatives where the op is signed (torchvision's
+    own table), as float32."""
+    magnitudes, signed = augment_module.POLICIES[policy]._AUGMENTATION_SPACE[op]
+    values = magnitudes(augment_module.MAGNITUDE_BINS, size, size)
+    if values is None:
+        return torch.zeros(4)
+    return torch.cat([values, -values]).float() if signed else values.float()
+
+
+def test_the_ops_are_torchvisions_in_its_order_for_both_policies():
+    for policy in augment_module.POLICIES.values():
+        assert tuple(policy._AUGMENTATION_SPACE) == OPS
+    assert GEOMETRIC == ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+@pytest.mark.parametrize("policy", augment_module.AUTO_AUGMENTS)
+@pytest.mark.parametrize("op", OPS)
+def test_each_op_on_a_batch_equals_torchvisions_on_each_image_alone(policy, op, one_thread):
+    """At every magnitude bin and sign, on photo-like images (of grey levels 40-200, so that AutoContrast has
+    work) and on noise: the colour ops within one grey level (on this CPU they are exact), the geometric ones
+    on at least 99% of each image's pixels (a shear's half-pixel ties may round the other way)."""
+    magnitudes = every_magnitude(policy, op, 32)
+    n = len(magnitudes)
+    photos = torch.stack([smooth_photo(32, seed=i) for i in range(n // 2)]).mul(0.625).add(40).to(torch.uint8)
+    noise = torch.randint(0, 256, (n - n // 2, 32, 32, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    images = torch.cat([photos, noise]).permute(0, 3, 1, 2)  # channels_last (N, C, H, W), as the loader's
+    batched = augment_module.apply_op(images, op, magnitudes)
+    for image, out, magnitude in zip(images, batched, magnitudes.tolist()):
+        expected = torchvisions_op(image.contiguous(), op, magnitude)
+        difference = (out.int() - expected.int()).abs()
+        if op in GEOMETRIC:
+            assert (difference == 0).float().mean() >= 0.99, (op, magnitude)
+        else:
+            assert difference.max() <= 1, (op, magnitude)
+    assert (batched[:n // 2] != images[:n // 2]).any() or op == "Identity"  # the op changes photos
+
+
+def test_two_identical_images_in_one_batch_come_out_different():
+    torch.manual_seed(0)
+    image = smooth_photo(32)
+    for policy in augment_module.AUTO_AUGMENTS:
+        out = augment_module.auto_augment(image.expand(64, 32, 32, 3), policy)
+        assert not torch.equal(out[0], out[1])
+        distinct = {o.numpy().tobytes() for o in out}
+        # unchanged outputs (Identity, magnitude 0, a full-range image's AutoContrast) are alike, few others are;
+        # one draw for the whole batch (transforms.v2 on a batch tensor) would give 1
+        assert len(distinct) >= 40, (policy, len(distinct))
+
+
+def test_each_output_is_torchvisions_op_on_its_own_image_and_every_op_is_drawn():
+    """1,400 copies of one image through TrivialAugmentWide: each output is one op of OPS at one of its
+    magnitudes applied to the image, and every op comes up (about 100 times each)."""
+    torch.manual_seed(0)
+    image = smooth_photo(32, seed=3).mul(0.625).add(40).to(torch.uint8)  # grey levels 40-200: AutoContrast works
+    outcomes = {}  # an output's pixels: the ops that give it
+    for op in OPS:
+        magnitudes = every_magnitude("trivialaugment", op, 32)
+        for out in augment_module.apply_op(image.permute(2, 0, 1).expand(len(magnitudes), 3, 32, 32), op, magnitudes):
+            outcomes.setdefault(out.permute(1, 2, 0).numpy().tobytes(), set()).add(op)
+    outputs = augment_module.auto_augment(image.expand(1400, 32, 32, 3), "trivialaugment")
+    drawn = [outcomes.get(out.numpy().tobytes()) for out in outputs]
+    assert all(drawn)
+    counts = {op: sum(op in ops and len(ops) == 1 for ops in drawn) for op in OPS if op != "Identity"}
+    assert all(count > 30 for count in counts.values()), counts  # told apart by their output: most of ~100 each
+
+
+def test_each_output_depends_only_on_its_own_image():
+    images = torch.randint(0, 256, (40, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    changed = images.clone()
+    changed[7] = 255 - changed[7]
+    for policy in augment_module.AUTO_AUGMENTS:
+        torch.manual_seed(5)
+        out = augment_module.auto_augment(images, policy)
+        torch.manual_seed(5)
+        out_changed = augment_module.auto_augment(changed, policy)
+        same = (out == out_changed).flatten(1).all(1)
+        assert not same[7] and same[torch.arange(40) != 7].all()
+
+
+def test_ops_are_drawn_uniformly_and_independently_for_each_image():
+    torch.manual_seed(0)
+    order, counts = augment_module.draw_ops(14000, "cpu")
+    assert sorted(order.tolist()) == list(range(14000)) and sum(counts) == 14000
+    assert all(abs(count - 1000) < 5 * math.sqrt(1000) for count in counts)  # multinomial(14000, 1/14 each)
+    ops_of_image_0 = set()
+    for _ in range(300):
+        order, counts = augment_module.draw_ops(20, "cpu")
+        place = order.tolist().index(0)
+        ops_of_image_0.add(int(np.searchsorted(np.cumsum(counts), place, side="right")))
+    assert ops_of_image_0 == set(range(len(OPS)))
+
+
+class HostReads(TorchDispatchMode):
+    """The operators run inside it that, on a GPU, would make the host wait for the device: a value read back
+    (_local_scalar_dense: .item(), bool()), a result sized by the data (nonzero, masked_select, a boolean-mask
+    read), a boolean-mask write other than ATen's masked_fill_ path (a one-element CPU value), or an explicit
+    copy to another device. Seen on the CPU, since they are properties of the operators (.tolist() and
+    .numpy() bypass the dispatcher: not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        indexing = name in ("index", "index_put", "index_put_", "_index_put_impl_")
+        masks = indexing and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                 for i in args[1])
+        masked_fill = masks and name != "index" and args[2].numel() == 1 and args[2].device.type == "cpu"
+        if name in ("_local_scalar_dense", "nonzero", "masked_select") or (masks and not masked_fill) or \
+                (name == "_to_copy" and "device" in kwargs):
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_the_batched_augmentation_never_makes_the_device_wait_for_the_host():
+    images = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)
+    for policy in augment_module.AUTO_AUGMENTS:
+        augment_module.auto_augment(images, policy)  # the first call makes the tables it keeps on the device
+    with HostReads() as watch:
+        for policy in augment_module.AUTO_AUGMENTS:
+            augment_module.auto_augment(images, policy)
+        augment_module.erase_masks(64, 16, 16, 0.5, "cpu")
+    assert watch.found == []
+    with HostReads() as watch:  # the watch sees them
+        images[images > 100] = images[images > 100] // 2
+        torch.zeros(3).sum().item()
+    assert watch.found == ["aten.index.Tensor", "aten.index_put_.default", "aten._local_scalar_dense.default"]
+
+
+# ----------------------------------------------------------------------------- random erasing
+
+
+def test_erased_boxes_follow_torchvisions_distribution():
+    torch.manual_seed(0)
+    n, size = 4000, 32
+    masks = augment_module.erase_masks(n, size, size, 1.0, "cpu")[:, 0]
+    rows, cols = masks.any(2), masks.any(1)
+    assert torch.equal(masks, rows[:, :, None] & cols[:, None, :])  # each a box
+    h, w = rows.sum(1).double(), cols.sum(1).double()
+    top = rows.double().argmax(1)
+    erasing = transforms.RandomErasing(1.0)
+    reference = torch.tensor([erasing.get_params(torch.zeros(3, size, size), erasing.scale, erasing.ratio, [0.0])[:4]
+                              for _ in range(n)]).double()
+    assert (h > 0).float().mean() > 0.99 and (reference[:, 2] < size).float().mean() > 0.99  # nearly all fit
+    kept = (h > 0) & (h < size)
+    h, w, top = h[kept], w[kept], top[kept]
+    ref_h, ref_w, ref_top = reference[:, 2], reference[:, 3], reference[:, 0]
+    for ours, theirs in [(h * w, ref_h * ref_w), ((h / w).log(), (ref_h / ref_w).log()),
+                         (top + h / 2, ref_top + ref_h / 2)]:
+        standard_error = (ours.var() / len(ours) + theirs.var() / len(theirs)).sqrt()
+        assert (ours.mean() - theirs.mean()).abs() < 4 * standard_error
+    erased = augment_module.erase_masks(n, size, size, 0.25, "cpu").flatten(1).any(1).double().mean()
+    assert abs(erased - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+
+
+def test_random_erasing_gives_two_identical_images_boxes_of_their_own():
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 32, 32).add(5).expand(2, 3, 32, 32)  # normalised, and never 0
+    masks = augment_module.erase_masks(2, 32, 32, 1.0, "cpu")
+    erased = images.masked_fill(masks, 0.0)
+    assert not torch.equal(erased[0], erased[1])
+    assert torch.equal(erased == 0, masks.expand(2, 3, 32, 32)) and masks.any()
+
+
+# ----------------------------------------------------------------------------- the streaming path
+
+
+def test_the_streaming_path_trains_with_torchvisions_own_transforms():
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    for policy, kind in [("trivialaugment", transforms.TrivialAugmentWide), ("randaugment", transforms.RandAugment)]:
+        augmentation = Augmentation(mean, std, auto_augment=policy, random_erasing=0.25)
+        steps = augment_module.pil_transform(True, 32, augmentation).transforms
+        assert [type(step) for step in steps] == [transforms.RandomCrop, transforms.RandomHorizontalFlip, kind,
+                                                  transforms.ToTensor, transforms.Normalize, transforms.RandomErasing]
+        assert steps[2].num_magnitude_bins == 31 and (policy == "trivialaugment" or
+                                                      (steps[2].num_ops, steps[2].magnitude) == (2, 9))
+        assert (steps[-1].p, steps[-1].scale, steps[-1].ratio, steps[-1].value) == (0.25, (0.02, 0.33), (0.3, 3.3), 0)
+        evaluation = augment_module.pil_transform(False, 32, augmentation).transforms
+        assert [type(step) for step in evaluation] == [transforms.ToTensor, transforms.Normalize]
+    plain = augment_module.pil_transform(True, 32, Augmentation(mean, std)).transforms
+    assert [type(step) for step in plain] == [transforms.RandomCrop, transforms.RandomHorizontalFlip,
+                                              transforms.ToTensor, transforms.Normalize]

@@ -37,6 +37,17 @@ def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, mes
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("field, message", [
+    (dict(auto_augment="autoaugment"),
+     "AUTO_AUGMENT = 'autoaugment' is not known; choose one of None, 'trivialaugment', 'randaugment'"),
+    (dict(random_erasing=1.5), "RANDOM_ERASING = 1.5 is out of range: use a probability from 0 to 1"),
+])
+def test_a_bad_auto_augment_or_random_erasing_names_the_constant_and_what_is_allowed(field, message):
+    with pytest.raises(ValueError) as error:
+        DataConfig(**field)
+    assert str(error.value) == message
+
+
 # ----------------------------------------------------------------------------- CIFAR-10
 
 

@@ -7,6 +7,7 @@ from PIL import Image
 from torchvision.transforms import functional as F
 
 import loader_module
+from augment_module import auto_augment, erase_masks
 from conftest import collect, smooth_photo
 from loader_module import Augmentation, Batching
 
@@ -73,6 +74,50 @@ def test_photo_evaluation_is_the_centre_crop():
         centre = F.center_crop(Image.fromarray(image.numpy()), [32, 32])  # offset round(2.5) = 2, as torchvision
         assert torch.equal(out, torch.from_numpy(np.array(centre)).permute(2, 0, 1).float())
     assert torch.equal(loader.first_images(5), batch)
+
+
+@pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
+def test_training_chunks_get_each_images_own_ops_then_normalisation_then_erased_boxes(policy):
+    """Replayed from the same seed: the loader's batches are auto_augment of the chunk in its shuffled order,
+    normalised, with erase_masks' boxes at 0, each image beside its own label."""
+    images = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augmentation = Augmentation((0.5,) * 3, (0.25,) * 3, crop_padding=0, flip="none", auto_augment=policy,
+                                random_erasing=0.5)
+    loader = loader_module.ResidentLoader(images, torch.arange(48), Batching(16, train=True), augmentation)
+    torch.manual_seed(3)
+    batches, labels = collect(loader)
+    torch.manual_seed(3)
+    expected = loader.normalize(auto_augment(images[labels], policy))
+    expected.masked_fill_(erase_masks(48, 8, 8, 0.5, "cpu"), 0.0)
+    assert torch.equal(batches, expected)
+    assert not torch.equal(batches, loader.normalize(images[labels]))
+
+
+def test_evaluation_batches_are_untouched_by_auto_augment_and_erasing():
+    images = torch.randint(0, 256, (20, 8, 8, 3), dtype=torch.uint8)
+    augmentation = Augmentation((0.5,) * 3, (0.25,) * 3, auto_augment="trivialaugment", random_erasing=1.0)
+    loader = loader_module.ResidentLoader(images, torch.arange(20), Batching(8, train=False), augmentation)
+    assert torch.equal(collect(loader)[0], loader.normalize(images))
+    photos = torch.stack([smooth_photo(37, seed=i) for i in range(5)])
+    loader = loader_module.ResidentLoader(photos, torch.arange(5), Batching(4, train=False),
+                                          Augmentation((0,) * 3, (1 / 255,) * 3, crop_size=32,
+                                                       auto_augment="randaugment", random_erasing=1.0))
+    assert torch.equal(collect(loader)[0], loader.normalize(photos[:, 2:34, 2:34]))
+
+
+def test_photo_crops_are_rounded_to_grey_levels_augmented_normalised_then_erased():
+    """mean 0.5 and std 1/255 make a normalised grey level v - 127.5: never 0, and never a whole number."""
+    photos = torch.stack([smooth_photo(48, seed=i) for i in range(16)])
+    augmentation = Augmentation((0.5,) * 3, (1 / 255,) * 3, crop_size=24, auto_augment="trivialaugment",
+                                random_erasing=1.0)
+    loader = loader_module.ResidentLoader(photos, torch.arange(16), Batching(8, train=True), augmentation)
+    torch.manual_seed(0)
+    crops, _ = collect(loader)
+    erased = crops == 0
+    assert crops.shape == (16, 3, 24, 24) and erased.flatten(1).any(1).all()  # a box in every crop
+    grey_levels = crops[~erased] + 127.5
+    assert torch.allclose(grey_levels, grey_levels.round(), atol=1e-3) and grey_levels.min() >= 0
+    assert grey_levels.max() <= 255
 
 
 def test_the_background_reader_raises_its_errors_and_stops_when_left():

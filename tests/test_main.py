@@ -67,6 +67,17 @@ def test_flags_are_derived_from_the_constants():
                                      "ASK_EPOCH", "VAL_SPLIT", "TRAIN_SUBSET", "SEED", "OUTPUT_DIR"}
 
 
+def test_auto_augment_and_random_erasing_flags_reach_the_data_config():
+    config, _ = main.parse_config(["--auto-augment", "trivialaugment", "--random-erasing", "0.25"])
+    data = main.build_config(config).data
+    assert (data.auto_augment, data.random_erasing) == ("trivialaugment", 0.25)
+    config, _ = main.parse_config(["--auto-augment", "none"])
+    assert config["AUTO_AUGMENT"] is None and main.build_config(config).data.random_erasing == 0.0
+    config["AUTO_AUGMENT"] = "rand"
+    with pytest.raises(ValueError, match="^AUTO_AUGMENT = 'rand' is not known; choose one of None, 'trivialaug"):
+        main.build_config(config)
+
+
 def test_a_preset_applies_and_flags_override_it():
     config, _ = main.parse_config(["--preset", "fast", "--epochs", "12"])
     assert config["MODEL"] == "fast" and config["SCHEDULE"] == "onecycle" and config["EPOCHS"] == 12
