@@ -234,6 +234,8 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
     finally:
         batches.close()
         target.close()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the batches' blocks back to the device: its free memory then decides RESIDENT
     return sorted(left)
 
 
@@ -297,25 +299,33 @@ def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.
 
 
 def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Whole decoded JPEGs, uint8 (3, H, W) (at least one), as read_stored stores them: uint8 (N, size, size, 3).
-    First reduced as read_stored's JPEG draft decodes them (_draft_scale; each s x s block's mean, which is
-    what DCT scaling computes, rounded to uint8 as it is), then the shorter side resized to size (bilinear,
-    antialiased), the centre square. Without the reduction a 2000x1500 photo stored at 24 px would differ
-    from Pillow's by 14 levels on average, and an 801x603 one at 128 px by 9 (its resized width one pixel
-    off, the crop shifted); with it, within 1 level of Pillow's on average (see the tests). Images of one
-    shape are reduced and resized as one batch (a folder's photos mostly share a few)."""
-    squares = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images[0].device)
+    """Whole decoded JPEGs, uint8 (3, H, W) (at least one), as read_stored stores them: uint8 (N, size, size, 3)
+    (_squares_of). Images of one shape are reduced and resized as one batch (a folder's photos mostly share a
+    few; when they share one, its squares come back as they are, no copy made)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(k)
-    for shape, positions in groups.items():
-        same = torch.stack([images[k] for k in positions])
-        scale = _draft_scale(shape[1], shape[2], size)
-        if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
-            same = torch.nn.functional.avg_pool2d(same.float(), scale, ceil_mode=True).round_().to(torch.uint8)
-        resized = F2.resize(same, [size], interpolation=F2.InterpolationMode.BILINEAR, antialias=True)
-        squares[positions] = F2.center_crop(resized, [size, size]).permute(0, 2, 3, 1)
+    if len(groups) == 1:
+        return _squares_of(torch.stack(images), size)
+    squares = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images[0].device)
+    for positions in groups.values():
+        index = torch.tensor(positions, device=squares.device)
+        squares.index_copy_(0, index, _squares_of(torch.stack([images[k] for k in positions]), size))
     return squares
+
+
+def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) whole decoded JPEGs as read_stored stores them: uint8 (N, size, size, 3), maybe a
+    view. First reduced as read_stored's JPEG draft decodes them (_draft_scale; each s x s block's mean, which
+    is what DCT scaling computes, rounded to uint8 as it is), then the shorter side resized to size (bilinear,
+    antialiased), the centre square. Without the reduction a 2000x1500 photo stored at 24 px would differ from
+    Pillow's by 14 levels on average, and an 801x603 one at 128 px by 9 (its resized width one pixel off, the
+    crop shifted); with it, within 1 level of Pillow's on average (see the tests)."""
+    scale = _draft_scale(images.shape[2], images.shape[3], size)
+    if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
+        images = torch.nn.functional.avg_pool2d(images.float(), scale, ceil_mode=True).round_().to(torch.uint8)
+    resized = F2.resize(images, [size], interpolation=F2.InterpolationMode.BILINEAR, antialias=True)
+    return F2.center_crop(resized, [size, size]).permute(0, 2, 3, 1)
 
 
 def _draft_scale(height: int, width: int, size: int) -> int:
