@@ -206,8 +206,8 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
 
     A thread reads the files ahead (_read_ahead); each batch's squares are copied to the host (pinned memory on
     CUDA, one copy a batch) while the next batch is decoded, then written to their rows as _RowFile or
-    _RowArray writes a worker's. Pixels are within a few levels of Pillow's (the IDCT's rounding, and no JPEG
-    draft: the image is decoded whole and resized from its full size)."""
+    _RowArray writes a worker's. Pixels are within a level of Pillow's on average, a few at most: the decoder's
+    rounding differs, and the JPEG draft is reproduced from the whole image (_squares_of)."""
     pinned = device.type == "cuda"
     staging = [torch.empty((GPU_DECODE_BATCH, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
                for _ in range(2)]  # one for the batch being copied, one for the batch being written

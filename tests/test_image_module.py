@@ -391,13 +391,15 @@ def test_files_read_ahead_come_in_order_an_error_there_is_raised_here_and_closin
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
 def test_the_cuda_decode_is_close_to_the_same_code_on_the_cpu_and_to_pillow(jpegs, tmp_path):
-    """nvJPEG's IDCT and the float resize on the GPU against torchvision's CPU decoder: within a level on
-    average and 4 at most (unmeasured bound, set before a GPU run); against Pillow, the CPU path's bound
-    widened by those."""
+    """nvJPEG and the float resize on the GPU against torchvision's CPU decoder through the same code: within
+    1.5 levels on average for each file. Unmeasured bounds, set before any GPU run: torchvision's own test
+    holds nvJPEG within 2 levels on average of libjpeg before any resize (its chroma upsampling and IDCT
+    differ), and resizing down averages that; the largest difference is bounded loosely (24), as the 50x40
+    JPEG is enlarged, not averaged. Against Pillow: the CPU path's bound widened alike."""
     cpu, left = on_the_device(jpegs, 64)
     rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(jpegs), 64, 64, 3))
     assert image_module.decode_files(jpegs, 64, rows, 2, "decoding", device="cuda") == []
-    gaps = np.abs(rows.astype(int) - cpu.astype(int))
-    assert left == [] and gaps.mean() <= 1 and gaps.max() <= 4
+    gaps = np.abs(rows.astype(int) - cpu.astype(int)).reshape(len(jpegs), -1)
+    assert left == [] and gaps.mean(1).max() <= 1.5 and gaps.max() <= 24, (gaps.mean(1), gaps.max(1))
     means, largest = differences(rows, jpegs, 64)
-    assert max(means) <= 1.5 and max(largest) <= 8, (means, largest)
+    assert max(means) <= 2 and max(largest) <= 24, (means, largest)
