@@ -128,7 +128,7 @@ class Images:
         """Image i as a PIL image, for the streaming loader's transforms."""
         return Image.fromarray(self.images[i].numpy())
 
-    def decode(self, num_workers: int, desc: str) -> Images:
+    def decode(self, num_workers: int, desc: str, device: torch.device | None = None) -> Images:
         """Already decoded: itself."""
         return self
 
@@ -154,7 +154,7 @@ class MappedImages:
         """The rows at these indices (no pixels read)."""
         return MappedImages(self.images, self.rows[index], self.labels[index], self.cache_file)
 
-    def decode(self, num_workers: int, desc: str) -> Images:
+    def decode(self, num_workers: int, desc: str, device: torch.device | None = None) -> Images:
         """The rows read into memory."""
         return Images(self.images[self.rows], self.labels)
 
@@ -183,10 +183,11 @@ class ImageFiles:
         """File i as a PIL image of the stored size."""
         return read_stored(self.paths[i], self.size)
 
-    def decode(self, num_workers: int, desc: str) -> Images:
-        """Every file decoded into uint8 (N, S, S, 3) images in memory, in parallel, with a progress bar."""
+    def decode(self, num_workers: int, desc: str, device: torch.device | None = None) -> Images:
+        """Every file decoded into uint8 (N, S, S, 3) images in memory, in parallel, with a progress bar (the
+        JPEGs on the device when it is a CUDA device: decode_files)."""
         images = torch.empty((len(self), self.size, self.size, 3), dtype=torch.uint8)  # filled in place
-        failures = decode_files(self.paths, self.size, images, num_workers, desc)
+        failures = decode_files(self.paths, self.size, images, num_workers, desc, device=device)
         if failures:  # the scan opened every file, so only a file changed since then gets here
             raise DataError(failures[0][1])
         return Images(images, self.labels)
@@ -426,27 +427,28 @@ def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[
     return {name: ImageFiles(paths, labels, size) for name, (paths, labels) in splits.items()}, classes
 
 
-def _cached_folder(data_dir: str, size: int, cache_dir: str,
-                   num_workers: int) -> tuple[dict[str, MappedImages], list[str], str]:
+def _cached_folder(data_dir: str, size: int, cache_dir: str, num_workers: int,
+                   device: torch.device) -> tuple[dict[str, MappedImages], list[str], str]:
     """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in cache_dir, built
-    first when missing or stale (files that fail to decode are the unreadable ones); a valid cache opens no
-    image file. Also the cache file."""
+    first when missing or stale (files that fail to decode are the unreadable ones; JPEGs decoded on the
+    device when it is a CUDA device); a valid cache opens no image file. Also the cache file."""
     classes, splits, not_images = _list_tree(data_dir)
     _check_splits(data_dir, classes, splits)  # before anything is decoded
     paths = [path for samples in splits.values() for path, _ in samples]
     cache = cache_module.open_or_build(
         paths, size, cache_dir, root=data_dir,
-        fill=lambda out: [i for i, _ in decode_files(paths, size, out, num_workers, "decoding")])
+        fill=lambda out: [i for i, _ in decode_files(paths, size, out, num_workers, "decoding", device=device)])
     row = {path: i for i, path in enumerate(paths)}
     splits = _readable(data_dir, classes, splits, not_images, [paths[i] for i in cache.failed])
     return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels, cache.path)
             for name, (paths, labels) in splits.items()}, classes, cache.path
 
 
-def _read_sources(config: DataConfig, resize_size: int | None,
-                  num_workers: int) -> tuple[dict[str, Source], list[str], int, str | None]:
+def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
+                  device: torch.device) -> tuple[dict[str, Source], list[str], int, str | None]:
     """The train, test and (ImageFolder trees only) val sources, the class names, the stored image size
-    (resize_size for a folder, 32 for CIFAR-10) and the cache file (None without one)."""
+    (resize_size for a folder, 32 for CIFAR-10) and the cache file (None without one); a cache is built with
+    the device's help (decode_files)."""
     data_dir, cache_dir = config.data_dir, config.cache_dir
     if config.dataset == "cifar10":
         train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir, config.download)
@@ -455,7 +457,7 @@ def _read_sources(config: DataConfig, resize_size: int | None,
     if cache_dir is not None:
         folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir
         try:
-            sources, classes, cache_file = _cached_folder(data_dir, resize_size, folder, num_workers)
+            sources, classes, cache_file = _cached_folder(data_dir, resize_size, folder, num_workers, device)
             return sources, classes, resize_size, cache_file
         except cache_module.CacheError as error:
             if cache_dir != "auto":
@@ -642,10 +644,12 @@ def _keeps_resident(resident: str, sources: dict[str, Source], size: int, cache_
     return fits_on_device(num_bytes, device) and not (cache_file and device.type == "cpu")
 
 
-def _decode(parts: dict[str, Source], num_workers: int) -> dict[str, Images]:
-    """The parts read into memory; a test part that is the val part is read once."""
-    train, val = (parts[name] and parts[name].decode(num_workers, f"decoding {name}") for name in ("train", "val"))
-    test = val if parts["test"] is parts["val"] else parts["test"].decode(num_workers, "decoding test")
+def _decode(parts: dict[str, Source], num_workers: int, device: torch.device) -> dict[str, Images]:
+    """The parts read into memory (files' JPEGs on the device when it is a CUDA device); a test part that is
+    the val part is read once."""
+    train, val = (parts[name] and parts[name].decode(num_workers, f"decoding {name}", device)
+                  for name in ("train", "val"))
+    test = val if parts["test"] is parts["val"] else parts["test"].decode(num_workers, "decoding test", device)
     return {"train": train, "val": val, "test": test}
 
 
@@ -671,7 +675,7 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     photos = config.augment == "photo" or (config.augment == "auto" and config.dataset == "folder")
     resize_size = _resize_size(config, photos)
     num_workers = (os.cpu_count() or 1) if config.num_workers is None else config.num_workers
-    sources, classes, size, cache_file = _read_sources(config, resize_size, num_workers)
+    sources, classes, size, cache_file = _read_sources(config, resize_size, num_workers, device)
     # files and cache rows are split by their labels: no pixel is read yet
     parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir, config.dataset,
                    classes)
@@ -681,7 +685,7 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
         mean, std = parts["train"].statistics(config.seed, num_workers)
     resident = _keeps_resident(config.resident, sources, size, cache_file, device)
     if resident:
-        parts = _decode(parts, num_workers)
+        parts = _decode(parts, num_workers, device)
     if mean is None:
         mean, std = parts["train"].statistics(config.seed, num_workers)
     image_size = config.image_size if config.dataset == "folder" else size

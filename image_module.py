@@ -1,9 +1,11 @@
 """Image files: one read as an upright RGB picture at the size a folder's images are stored at, many decoded in
-parallel into uint8 arrays, and the files a prediction is asked for found."""
+parallel into uint8 arrays (JPEGs in batches on a CUDA device, the rest in worker processes), and the files a
+prediction is asked for found."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import mmap
 import multiprocessing
@@ -12,14 +14,18 @@ import os
 import queue
 import sys
 import tempfile
-from typing import Iterator
+import threading
+import warnings
+from typing import Generator, Iterator, TypeVar
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
+from torchvision.transforms.v2 import functional as F2
 from tqdm import tqdm
 
 # Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif, say)
@@ -28,6 +34,13 @@ PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", 
                     ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".avif", ".heic", ".heif")
 IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS if Image.registered_extensions().get(e) in Image.OPEN)
 DECODE_CHUNK = 16  # most files per decoding task: a task's own cost (about 0.1 ms) is under 1% of theirs
+GPU_DECODE_BATCH = 128  # most JPEGs per decode_jpeg call on a CUDA device: nvJPEG decodes a list as one batch,
+# and 128 rows of 256 px are 25 MB of pinned staging, twice
+GPU_DECODE_PIXELS = 2 ** 27  # most decoded pixels in such a batch (134 M: 0.4 GB as uint8 RGB, 1.6 GB as the
+# resize's float copy), so that large photos come fewer at a time: 11 of 12 MP, 128 of 1 MP
+GPU_READ_AHEAD = 3  # batches of file bytes a thread reads ahead of the device's decoding
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI, then a marker)
+JPEG_END = b"\xff\xd9"  # the last marker of a whole JPEG (EOI); a file cut short lacks it
 
 
 class DataError(ValueError):
@@ -110,44 +123,281 @@ def read_stored(path: str, size: int) -> Image.Image:
     return F.center_crop(F.resize(open_rgb(path, reduce_to=size), size), [size, size])
 
 
-def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, num_workers: int,
-                 desc: str) -> list[tuple[int, str]]:
+def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, num_workers: int, desc: str, *,
+                 device: torch.device | str | None = None) -> list[tuple[int, str]]:
     """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor in memory, or the
     cache's np.memmap of its .npy file), in num_workers processes (0: in this one) with a progress bar; returns
     (i, message) for each file that could not be read (its row left black).
 
     Workers take DECODE_CHUNK file names at a time and write their rows straight into the .npy file, which
     each opens itself; rows in memory they write into a few shared chunks, which this process copies into
-    out. Only the failures come back."""
+    out. Only the failures come back.
+
+    With a CUDA device, the JPEGs that need no turning are decoded there first, in batches (_decode_jpegs:
+    within a level of Pillow's pixels on average, a few at most); the other files, and any JPEG the device
+    could not decode, then go to the processes as above."""
     rows = out.numpy() if isinstance(out, torch.Tensor) else out
     assert rows.shape == (len(paths), size, size, 3) and rows.dtype == np.uint8, "out is not N stored squares"
-    failures = []
     with tqdm(total=len(paths), desc=desc, unit="image", disable=not sys.stderr.isatty()) as bar:
-        if num_workers == 0 or not paths:
-            for i, path in enumerate(paths):
-                pixels, message = _stored_bytes(path, size)
-                rows[i] = np.frombuffer(pixels, np.uint8).reshape(size, size, 3)
-                failures += [(i, message)] if message else []
-                bar.update(1)
-            return failures
-        chunk = max(1, min(DECODE_CHUNK, len(paths) // (4 * num_workers)))  # every worker gets several
-        processes = min(num_workers, -(-len(paths) // chunk))
-        context = _worker_context()
-        with _shared_rows(rows, 2 * processes * chunk, context) as (target, scratch):
-            pool = context.Pool(processes, _set_target, (target,))
-            try:
-                tasks = -(-len(paths) // chunk)  # a slot each when workers write rows themselves
-                slots = [None] * tasks if scratch is None else range(2 * processes)
-                for start, count, slot, failed in _in_turn(pool, paths, chunk, slots):
-                    if scratch is not None:
-                        rows[start:start + count] = scratch[slot * chunk:slot * chunk + count]
-                    failures += failed
-                    bar.update(count)
-                pool.close()
-            finally:
-                pool.terminate()
-                pool.join()
+        left = list(range(len(paths)))
+        jpeg_device = _jpeg_device(device)
+        if jpeg_device is not None and paths:
+            left = _decode_jpegs(paths, size, rows, jpeg_device, bar)
+        return _decode_in_processes(paths, left, rows, num_workers, bar)
+
+
+def _decode_in_processes(paths: list[str], files: list[int], rows: np.ndarray, num_workers: int,
+                         bar: tqdm) -> list[tuple[int, str]]:
+    """decode_files' CPU path: the files numbered `files` (ascending) into their rows, as decode_files says."""
+    size, failures = rows.shape[1], []
+    if num_workers == 0 or not files:
+        for i in files:
+            pixels, message = _stored_bytes(paths[i], size)
+            rows[i] = np.frombuffer(pixels, np.uint8).reshape(size, size, 3)
+            failures += [(i, message)] if message else []
+            bar.update(1)
+        return failures
+    chunk = max(1, min(DECODE_CHUNK, len(files) // (4 * num_workers)))  # every worker gets several
+    processes = min(num_workers, -(-len(files) // chunk))
+    context = _worker_context()
+    with _shared_rows(rows, 2 * processes * chunk, context) as (target, scratch):
+        pool = context.Pool(processes, _set_target, (target,))
+        try:
+            tasks = -(-len(files) // chunk)  # a slot each when workers write rows themselves
+            slots = [None] * tasks if scratch is None else range(2 * processes)
+            for done, slot, failed in _in_turn(pool, paths, files, chunk, slots):
+                if scratch is not None:
+                    for k, count in _runs(done):
+                        rows[done[k]:done[k] + count] = scratch[slot * chunk + k:slot * chunk + k + count]
+                failures += failed
+                bar.update(len(done))
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
     return sorted(failures)
+
+
+def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
+    """(position, length) of each run of consecutive numbers in the list: [4, 5, 6, 9] gives (0, 3), (3, 1)."""
+    start = 0
+    for k in range(1, len(numbers) + 1):
+        if k == len(numbers) or numbers[k] != numbers[k - 1] + 1:
+            yield start, k - start
+            start = k
+
+
+# --------------------------------------------------------------------------- JPEGs decoded on a CUDA device
+
+
+def _jpeg_device(device: torch.device | str | None) -> torch.device | None:
+    """The device decode_files decodes JPEGs on: the device given when it is a CUDA device, else None (every
+    file on the CPU). The seam tests replace to run the batched path on the CPU."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return torch.device(device)
+
+
+def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.device, bar: tqdm) -> list[int]:
+    """The JPEGs among paths that the device may decode (_device_pixels), decoded there in batches, resized and
+    cropped as read_stored does (_stored_squares), into their rows; returns the numbers of the other files,
+    ascending, for the CPU: files of other formats, JPEGs to be turned, cut short or of other colour spaces,
+    and any JPEG the device failed to decode.
+
+    A thread reads the files ahead (_read_ahead); each batch's squares are copied to the host (pinned memory on
+    CUDA, one copy a batch) while the next batch is decoded, then written to their rows as _RowFile or
+    _RowArray writes a worker's. Pixels are within a level of Pillow's on average, a few at most: the decoder's
+    rounding differs, and the JPEG draft is reproduced from the whole image (_squares_of)."""
+    pinned = device.type == "cuda"
+    staging = [torch.empty((GPU_DECODE_BATCH, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
+               for _ in range(2)]  # one for the batch being copied, one for the batch being written
+    target = _RowFile(rows.filename, rows.offset, size) if _in_a_file(rows) else _RowArray(rows)
+    left, pending = [], None
+    batches = _read_ahead(_jpeg_batches(paths), GPU_READ_AHEAD)
+    try:
+        for turn, (files, encoded, others) in enumerate(batches):
+            images = _decode_on(device, encoded)
+            left += others + [i for i, image in zip(files, images) if image is None]
+            decoded = [(i, image) for i, image in zip(files, images) if image is not None]
+            copied = None
+            if decoded:
+                squares = staging[turn % 2][:len(decoded)]
+                squares.copy_(_stored_squares([image for _, image in decoded], size), non_blocking=pinned)
+                copied = ([i for i, _ in decoded], squares, _copied_event(device))
+            if pending:
+                _write_rows(target, *pending)
+                bar.update(len(pending[0]))
+            pending = copied
+        if pending:
+            _write_rows(target, *pending)
+            bar.update(len(pending[0]))
+    finally:
+        batches.close()
+        target.close()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the batches' blocks back to the device: its free memory then decides RESIDENT
+    return sorted(left)
+
+
+def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tensor], list[int]]]:
+    """The files the device may decode, read, in batches: (their numbers, their bytes as uint8 tensors, the
+    numbers of the files passed over since the last batch, for the CPU). A batch holds GPU_DECODE_BATCH files
+    and GPU_DECODE_PIXELS decoded pixels at most."""
+    files, encoded, others, pixels = [], [], [], 0
+    for i, path in enumerate(paths):
+        try:
+            data = np.fromfile(path, np.uint8)
+        except OSError:  # unreadable: the CPU path names it
+            data = np.empty(0, np.uint8)
+        count = _device_pixels(data)
+        if not count:
+            others.append(i)
+            continue
+        if files and (len(files) == GPU_DECODE_BATCH or pixels + count > GPU_DECODE_PIXELS):
+            yield files, encoded, others
+            files, encoded, others, pixels = [], [], [], 0
+        files.append(i)
+        encoded.append(torch.from_numpy(data))
+        pixels += count
+    if files or others:
+        yield files, encoded, others
+
+
+def _device_pixels(data: np.ndarray) -> int:
+    """The pixels a file's bytes decode to when the device may decode them (0 when not): a whole JPEG (its
+    signature first, its end marker last), YCbCr (Pillow's mode RGB: greyscale, CMYK and Adobe's unconverted
+    RGB go to Pillow, whose conversions the device's decoder need not share), upright as stored (an EXIF
+    orientation other than 1 is Pillow's to apply, as read_stored does). Pillow reads the header alone."""
+    if data[:3].tobytes() != JPEG_SIGNATURE or not data[-64:].tobytes().rstrip(b"\0").endswith(JPEG_END):
+        return 0
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)  # as _upright turns
+            if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0:
+                return image.width * image.height
+    except Exception:  # Pillow raises many types for a bad header (or EXIF block): the CPU path reports it
+        pass
+    return 0
+
+
+def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The JPEGs decoded on the device as uint8 (3, H, W) RGB tensors, in one batch; None for each that fails.
+    One bad file fails a batch, which is then decoded a file at a time."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders for TorchCodec
+        try:
+            return list(decode_jpeg(encoded, ImageReadMode.RGB, device)) if encoded else []
+        except RuntimeError:  # decoding errors (a corrupt file) are RuntimeErrors, on the CPU and on CUDA
+            pass
+        images = []
+        for data in encoded:
+            try:
+                images.append(decode_jpeg([data], ImageReadMode.RGB, device)[0])
+            except RuntimeError:
+                images.append(None)
+        return images
+
+
+def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Whole decoded JPEGs, uint8 (3, H, W) (at least one), as read_stored stores them: uint8 (N, size, size, 3)
+    (_squares_of). Images of one shape are reduced and resized as one batch (a folder's photos mostly share a
+    few; when they share one, its squares come back as they are, no copy made)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(k)
+    if len(groups) == 1:
+        return _squares_of(torch.stack(images), size)
+    squares = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images[0].device)
+    for positions in groups.values():
+        index = torch.tensor(positions, device=squares.device)
+        squares.index_copy_(0, index, _squares_of(torch.stack([images[k] for k in positions]), size))
+    return squares
+
+
+def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) whole decoded JPEGs as read_stored stores them: uint8 (N, size, size, 3), maybe a
+    view. First reduced as read_stored's JPEG draft decodes them (_draft_scale; each s x s block's mean, which
+    is what DCT scaling computes, rounded to uint8 as it is), then the shorter side resized to size (bilinear,
+    antialiased), the centre square. Without the reduction a 2000x1500 photo stored at 24 px would differ from
+    Pillow's by 14 levels on average, and an 801x603 one at 128 px by 9 (its resized width one pixel off, the
+    crop shifted); with it, within 1 level of Pillow's on average (see the tests)."""
+    scale = _draft_scale(images.shape[2], images.shape[3], size)
+    if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
+        images = torch.nn.functional.avg_pool2d(images.float(), scale, ceil_mode=True).round_().to(torch.uint8)
+    resized = F2.resize(images, [size], interpolation=F2.InterpolationMode.BILINEAR, antialias=True)
+    return F2.center_crop(resized, [size, size]).permute(0, 2, 3, 1)
+
+
+def _draft_scale(height: int, width: int, size: int) -> int:
+    """The reduction (1, 2, 4 or 8) Pillow's JpegImageFile.draft picks for read_stored (open_rgb's reduce_to
+    size, a square of twice that asked for): the largest that keeps both sides at least 2 x size."""
+    fits = min(width // (2 * size), height // (2 * size))
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
+
+
+def _copied_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event recorded after the copies queued on the device's current stream (None on the CPU, whose copies
+    are done when queued)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _write_rows(target: _RowFile | _RowArray, files: list[int], squares: torch.Tensor,
+                copied: torch.cuda.Event | None) -> None:
+    """Host squares[k] (once copied) into file files[k]'s row, a run of consecutive rows at a time."""
+    if copied is not None:
+        copied.synchronize()
+    pixels = squares.numpy()
+    for k, count in _runs(files):
+        target.write(files[k], pixels[k:k + count])
+
+
+T = TypeVar("T")
+
+
+def _read_ahead(items: Iterator[T], depth: int) -> Generator[T, None, None]:
+    """items made in a thread of their own, at most depth ahead of the caller; an error raised there is raised
+    here. Closing the generator stops the thread."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as error:  # handed to the caller, which raises it
+            put(("error", error))
+
+    thread = threading.Thread(target=produce, name="read_ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --------------------------------------------------------------------------- files decoded on the CPU
 
 
 def _stored_bytes(path: str, size: int) -> tuple[bytes, str]:
@@ -167,13 +417,18 @@ class _RowFile:
     def __init__(self, filename: str, offset: int, size: int):
         self.filename, self.offset, self.size, self.file = filename, offset, size, None  # opened in the worker
 
-    def write(self, row: int, pixels: bytes) -> None:
+    def write(self, row: int, pixels: bytes | np.ndarray) -> None:
+        """Rows from `row` on: as many as pixels holds (contiguous, whole rows)."""
         if self.file is None:
             self.file = open(self.filename, "r+b", buffering=0)
-        self.file.seek(self.offset + row * len(pixels))
-        view = memoryview(pixels)
+        self.file.seek(self.offset + row * 3 * self.size ** 2)
+        view = memoryview(pixels).cast("B")
         while view:  # a regular file takes it whole, but for a full disk, which raises
             view = view[self.file.write(view):]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 class _RowArray:
@@ -182,8 +437,13 @@ class _RowArray:
     def __init__(self, rows: np.ndarray):
         self.rows, self.size = rows, rows.shape[1]
 
-    def write(self, row: int, pixels: bytes) -> None:
-        self.rows[row] = np.frombuffer(pixels, np.uint8).reshape(self.rows.shape[1:])
+    def write(self, row: int, pixels: bytes | np.ndarray) -> None:
+        """Rows from `row` on: as many as pixels holds (contiguous, whole rows)."""
+        rows = np.frombuffer(pixels, np.uint8).reshape(-1, *self.rows.shape[1:])
+        self.rows[row:row + len(rows)] = rows
+
+    def close(self) -> None:
+        pass
 
 
 _target: _RowFile | _RowArray | None = None  # in a decoding worker process: where it writes (_set_target)
@@ -195,32 +455,34 @@ def _set_target(target: _RowFile | _RowArray) -> None:
     _target = target
 
 
-def _decode_task(task: tuple[int, list[str], int, int | None]) -> tuple[int, int, int | None, list[tuple[int, str]]]:
-    """In a worker: the files of rows start on decoded into the target's rows from `first` on; (start, count,
-    slot, failures)."""
-    start, paths, first, slot = task
+def _decode_task(task: tuple[list[int], list[str], int | None, int | None]
+                 ) -> tuple[list[int], int | None, list[tuple[int, str]]]:
+    """In a worker: files numbered `files` (their paths given) decoded into their own rows of the target
+    (first None), or into its rows from `first` on; (files, slot, failures)."""
+    files, paths, first, slot = task
     failures = []
-    for k, path in enumerate(paths):
+    for k, (i, path) in enumerate(zip(files, paths)):
         pixels, message = _stored_bytes(path, _target.size)
-        _target.write(first + k, pixels)
-        failures += [(start + k, message)] if message else []
-    return start, len(paths), slot, failures
+        _target.write(i if first is None else first + k, pixels)
+        failures += [(i, message)] if message else []
+    return files, slot, failures
 
 
-def _in_turn(pool: multiprocessing.pool.Pool, paths: list[str], chunk: int,
-             slots: list[int | None] | range) -> Iterator[tuple[int, int, int | None, list[tuple[int, str]]]]:
-    """What _decode_task returns for each chunk of paths, as workers finish them: into their own rows (slot
-    None), or into scratch slot s (rows s * chunk on). A slot holds one task at a time and is given the next
-    chunk once the caller has taken the last one's rows (with two slots for each worker, each has the next
-    task in its queue)."""
+def _in_turn(pool: multiprocessing.pool.Pool, paths: list[str], files: list[int], chunk: int,
+             slots: list[int | None] | range) -> Iterator[tuple[list[int], int | None, list[tuple[int, str]]]]:
+    """What _decode_task returns for each chunk of the files (numbers into paths), as workers finish them:
+    into their own rows (slot None), or into scratch slot s (rows s * chunk on). A slot holds one task at a
+    time and is given the next chunk once the caller has taken the last one's rows (with two slots for each
+    worker, each has the next task in its queue)."""
     results = queue.SimpleQueue()
-    starts = iter(range(0, len(paths), chunk))
+    starts = iter(range(0, len(files), chunk))
 
     def submit(slot: int | None) -> int:
         start = next(starts, None)
         if start is None:
             return 0
-        task = (start, paths[start:start + chunk], start if slot is None else slot * chunk, slot)
+        numbers = files[start:start + chunk]
+        task = (numbers, [paths[i] for i in numbers], None if slot is None else slot * chunk, slot)
         pool.apply_async(_decode_task, (task,), callback=results.put, error_callback=results.put)
         return 1
 
@@ -230,7 +492,7 @@ def _in_turn(pool: multiprocessing.pool.Pool, paths: list[str], chunk: int,
         if isinstance(result, BaseException):  # raised in a worker (a DataError is caught there)
             raise result
         yield result
-        in_flight += submit(result[2]) - 1
+        in_flight += submit(result[1]) - 1
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -252,7 +514,7 @@ def _shared_rows(rows: np.ndarray, scratch_rows: int, context: multiprocessing.c
     small temporary file. Reused, because the first write to shared memory is slow: on a 2-core VM, 150 us
     for a 256-px row (48 new pages), against 28 us once its pages are there."""
     size = rows.shape[1]
-    if isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and rows.filename:  # not a view
+    if _in_a_file(rows):
         yield _RowFile(rows.filename, rows.offset, size), None
         return
     shape = (scratch_rows, *rows.shape[1:])
@@ -264,6 +526,11 @@ def _shared_rows(rows: np.ndarray, scratch_rows: int, context: multiprocessing.c
         scratch = np.lib.format.open_memmap(os.path.join(folder, "rows.npy"), "w+", np.uint8, shape)
         yield _RowFile(scratch.filename, scratch.offset, size), scratch
         del scratch  # unmapped before the folder is removed (Windows cannot remove a mapped file)
+
+
+def _in_a_file(rows: np.ndarray) -> bool:
+    """Whether rows are a whole .npy file's memory map (not a view of one), which can be written by its name."""
+    return isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and bool(rows.filename)
 
 
 def opens(path: str) -> bool:

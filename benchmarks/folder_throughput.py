@@ -4,9 +4,9 @@ resident on the device and streamed from the memory-mapped cache, how soon a sec
 and torchvision's classification reference loader (ImageFolder, RandomResizedCrop, flip, ToTensor, Normalize in
 one DataLoader worker per core, pinned memory). Before them, the decode alone: image_module.decode_files into a
 new .npy memory map, as the cache is built, against a plain process pool decoding the same files alike
-(read_stored) and writing nothing, on as many workers (decode_over_pool). Prints images/s, the ratios, peak
-memory, and this process's anonymous memory apart from its file pages (the cache's) after each path; writes
-JSON.
+(read_stored) and writing nothing, on as many workers (decode_over_pool), and on a GPU decode_files with the
+device (JPEGs decoded there in batches: gpu_img_s, gpu_over_pool). Prints images/s, the ratios, peak memory,
+and this process's anonymous memory apart from its file pages (the cache's) after each path; writes JSON.
 
     python benchmarks/folder_throughput.py --data-dir ./data              # writes 20,000 JPEGs first
     python benchmarks/folder_throughput.py --data-dir ./data --images 2000  # a CPU-sized run
@@ -100,19 +100,20 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
     plain multiprocessing.Pool doing the same decode per file (read_stored, chunks of DECODE_CHUNK, pixels
     dropped), each with args.workers processes started in the pass, on the training files at the stored size;
     timed in turn after an untimed pass each (A B C, A B C, ...), best of args.decode_repeats, and the median
-    of each turn's ratio (passes side by side in time: steadier when others share the machine). This
-    process's memory after each (that of the last pass)."""
+    of each turn's ratio (passes side by side in time: steadier when others share the machine). With CUDA, a
+    fourth pass: decode_files into a new .npy with the GPU (its JPEGs decoded there). This process's memory
+    after each (that of the last pass)."""
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(args.folder, "train"))
                    for name in names)
     size = args.decode_size
     npy = os.path.join(args.work_dir, "decode_rates.npy")
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)  # as decode_files
 
-    def ours() -> float:
+    def ours(device: torch.device | None = None) -> float:
         rows = np.lib.format.open_memmap(npy, "w+", np.uint8, (len(paths), size, size, 3))
         cache_module._claim_space(npy)  # its blocks allocated, as the cache's are
         started = time.perf_counter()
-        failures = image_module.decode_files(paths, size, rows, args.workers, "decoding")
+        failures = image_module.decode_files(paths, size, rows, args.workers, "decoding", device=device)
         seconds = time.perf_counter() - started
         assert not failures, failures[:3]
         del rows
@@ -136,6 +137,8 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
         return time.perf_counter() - started
 
     passes = {"decode_files": ours, "decode_files into memory": into_memory, "plain pool": pool}
+    if torch.cuda.is_available():
+        passes["decode_files on the GPU"] = lambda: ours(torch.device("cuda"))
     rates, cpu_ms = {name: [] for name in passes}, {name: [] for name in passes}
     figures = {}
     for run in passes.values():
@@ -148,6 +151,12 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
             cpu_ms[name].append(1000 * (cpu_seconds() - cpu_before) / len(paths))
             figures[name] = memory.read()
     best = {name: max(values) for name, values in rates.items()}
+    gpu = {}
+    if "decode_files on the GPU" in best:
+        gpu = {"gpu_img_s": best["decode_files on the GPU"],
+               "gpu_over_pool": best["decode_files on the GPU"] / best["plain pool"],
+               "gpu_passes_images_per_s": [round(rate) for rate in rates["decode_files on the GPU"]],
+               "gpu_cpu_ms_per_image": min(cpu_ms["decode_files on the GPU"])}
     return {"decode_size": size, "decode_workers": args.workers, "decode_images": len(paths),
             "decode_images_per_s": best["decode_files"], "pool_images_per_s": best["plain pool"],
             "decode_over_pool": best["decode_files"] / best["plain pool"],
@@ -160,7 +169,7 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
             "decode_memory_passes_images_per_s": [round(rate) for rate in rates["decode_files into memory"]],
             "decode_memory_cpu_ms_per_image": min(cpu_ms["decode_files into memory"]),
             "decode_cpu_ms_per_image": min(cpu_ms["decode_files"]), "pool_cpu_ms_per_image": min(cpu_ms["plain pool"]),
-            "memory": figures}
+            **gpu, "memory": figures}
 
 
 def cpu_seconds() -> float:
@@ -184,6 +193,11 @@ def print_decode(result: dict) -> None:
           f"{result['decode_memory_over_pool']:.2f} of the pool (each pass: "
           f"{', '.join(map(str, result['decode_memory_passes_images_per_s']))}); CPU time per image "
           f"{result['decode_memory_cpu_ms_per_image']:.2f} ms")
+    if "gpu_img_s" in result:
+        print(f"decode_files with the GPU (JPEGs decoded there, in batches): {result['gpu_img_s']:,.0f} img/s, "
+              f"gpu_over_pool {result['gpu_over_pool']:.2f} (each pass: "
+              f"{', '.join(map(str, result['gpu_passes_images_per_s']))}); CPU time per image "
+              f"{result['gpu_cpu_ms_per_image']:.2f} ms")
 
 
 def print_memory(memory: dict[str, dict[str, float]]) -> None:

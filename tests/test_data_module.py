@@ -3,6 +3,7 @@ paths, the cache."""
 
 import glob
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -612,6 +613,25 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     ours = augment_module.crop_and_resize(rows[:1], torch.tensor([box]), 32)[0][:, 1:-1, 1:-1]
     theirs = np.array(F.resized_crop(files.read(0), *box, [32, 32]))
     assert (ours - torch.from_numpy(theirs).permute(2, 0, 1)[:, 1:-1, 1:-1]).abs().max() <= 1 + 1e-3
+
+
+def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_when_files_are_read_into_memory(
+        tmp_path, monkeypatch):
+    """decode_files decodes JPEGs on a CUDA device: get_data hands it the run's device at both places it decodes
+    a folder (here the CPU, which decode_files keeps to its worker processes)."""
+    calls = []
+    decode_files = image_module.decode_files
+
+    def recording(paths, size, out, num_workers, desc, *, device=None):
+        calls.append((desc, device))
+        return decode_files(paths, size, out, num_workers, desc, device=device)
+    monkeypatch.setattr(data_module, "decode_files", recording)
+    root = write_image_tree(tmp_path / "photos")
+    config = DataConfig("folder", root, batch_size=8, image_size=16, num_workers=0, cache_dir=str(tmp_path / "c"))
+    data_module.get_data(config, "cpu")
+    data_module.get_data(replace(config, cache_dir=None, resident="yes"), torch.device("cpu"))
+    assert calls == [("decoding", torch.device("cpu")), ("decoding train", torch.device("cpu")),
+                     ("decoding val", torch.device("cpu"))]
 
 
 def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys, monkeypatch):
