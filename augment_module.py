@@ -1,5 +1,6 @@
 """Augmentation as batched tensor operations on the device (CIFAR-10's pad-crops and flips, photos'
-random-resized crops), and the PIL pipeline of the streaming fallback that does the same image by image."""
+random-resized crops, Mixup and CutMix of whole batches), and the PIL pipeline of the streaming fallback that does
+the same image by image."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 
 import torch
 from torchvision import transforms
+from torchvision.transforms import v2
 from torchvision.ops import roi_align
 
 # Photo folders follow torchvision's classification reference (references/classification/presets.py):
@@ -106,6 +108,20 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return images[:, top:top + size, left:left + size].contiguous()
 
+
+def batch_mixer(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
+    """torchvision's v2.MixUp (Beta(mixup, mixup)) and v2.CutMix (alpha cutmix) of a normalised batch and its
+    class indices, each off at 0; with both on, one of the two chosen at random for each batch (v2.RandomChoice),
+    as torchvision's references/classification/train.py does. Called as mix(images, labels), it returns (mixed
+    images, float (N, num_classes) targets, each row summing to 1), each image paired with the one before it in
+    the batch (which the loaders shuffle). None when both are off. Its random draws (lambda, the box, the choice)
+    are CPU numbers; on the device it only rolls, scales and copies the batch, in its own memory layout, so it
+    never waits for the device."""
+    mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
+             if alpha > 0]
+    if len(mixes) > 1:
+        return v2.RandomChoice(mixes)
+    return mixes[0] if mixes else None
 
 
 def pil_transform(train: bool, image_size: int, crop_padding: int, flip: str, reflect: bool,
