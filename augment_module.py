@@ -117,7 +117,7 @@ def batch_mixer(mixup: float, cutmix: float, num_classes: int) -> v2.Transform |
     the batch (which the loaders shuffle). None when both are off. Its random draws (lambda, the box, the choice)
     are CPU numbers; on the device it only rolls, scales and copies the batch, in its own memory layout, so it
     never waits for the device."""
-    mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
+    mixes = [kind(alpha=alpha, num_classes=num_classes) for kind, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
              if alpha > 0]
     if len(mixes) > 1:
         return v2.RandomChoice(mixes)

@@ -320,7 +320,7 @@ def test_the_training_loss_weighs_each_class_and_keeps_label_smoothing():
     assert unweighted(logits, targets).item() == pytest.approx(per_image.mean().item(), rel=1e-6)
 
 
-def test_balanced_class_weights_raise_the_rare_classs_recall_on_a_ten_to_one_split(one_thread):
+def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_one_split(one_thread):
     """Two overlapping Gaussians, 1,000 images of class 0 and 100 of class 1, and a linear model trained by
     train_one_epoch with fit's loss (training_loss): unweighted, it calls most of the rare class common; with
     the balanced weights, it trains as if balanced and finds most of it, on a balanced test set."""
