@@ -1,6 +1,6 @@
 """Augmentation as batched tensor operations on the device (CIFAR-10's pad-crops and flips, photos'
-random-resized crops, torchvision's automatic augmentation and random erasing with a draw for each image), and
-the PIL pipeline of the streaming fallback that does the same image by image."""
+random-resized crops, torchvision's automatic augmentation and random erasing with a draw for each image, Mixup
+and CutMix of whole batches), and the PIL pipeline of the streaming fallback that does the same image by image."""
 
 from __future__ import annotations
 
@@ -130,6 +130,24 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     _, height, width, _ = images.shape
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return images[:, top:top + size, left:left + size].contiguous()
+
+
+# --------------------------------------------------------------------------- Mixup and CutMix
+
+
+def batch_mixer(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
+    """torchvision's v2.MixUp (Beta(mixup, mixup)) and v2.CutMix (alpha cutmix) of a normalised batch and its
+    class indices, each off at 0; with both on, one of the two chosen at random for each batch (v2.RandomChoice),
+    as torchvision's references/classification/train.py does. Called as mix(images, labels), it returns (mixed
+    images, float (N, num_classes) targets, each row summing to 1), each image paired with the one before it in
+    the batch (which the loaders shuffle). None when both are off. Its random draws (lambda, the box, the choice)
+    are CPU numbers; on the device it only rolls, scales and copies the batch, in its own memory layout, so it
+    never waits for the device."""
+    mixes = [kind(alpha=alpha, num_classes=num_classes) for kind, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
+             if alpha > 0]
+    if len(mixes) > 1:
+        return v2.RandomChoice(mixes)
+    return mixes[0] if mixes else None
 
 
 # --------------------------------------------------------------------------- automatic augmentation

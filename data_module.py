@@ -19,9 +19,9 @@ from torchvision import datasets
 
 import cache_module
 import utils
-from augment_module import AUTO_AUGMENTS, RESIZE_RATIO, pil_transform
+from augment_module import AUTO_AUGMENTS, RESIZE_RATIO, batch_mixer, pil_transform
 from image_module import IMAGE_EXTENSIONS, DataError, decode_files, opens, read_stored
-from loader_module import Augmentation, Batching, Loader, MappedLoader, ResidentLoader, StreamingLoader
+from loader_module import Augmentation, Batching, Loader, MappedLoader, MixedLoader, ResidentLoader, StreamingLoader
 
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
@@ -42,6 +42,8 @@ RULES: utils.Rules = {  # a field: (test, what is allowed)
     "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
     "random_erasing": (lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     "num_workers": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
+    "mixup": (lambda v: v >= 0, "a number >= 0 (0: off)"),
+    "cutmix": (lambda v: v >= 0, "a number >= 0 (0: off)"),
 }
 
 
@@ -74,6 +76,8 @@ class DataConfig:
     channels_last: bool = True  # batches' memory layout
     cache_dir: str | None = None  # folders: decoded images kept here for later runs; "auto": the user's cache
     # folder, cache_module.default_cache_dir() (~/.cache/lra-pipeline), one for every data folder
+    mixup: float = 0.0  # training batches: Mixup's Beta(alpha, alpha), torchvision's v2.MixUp; 0: off
+    cutmix: float = 0.0  # training batches: CutMix's alpha, v2.CutMix; 0: off; with mixup, one of the two a batch
 
     def __post_init__(self):
         utils.check_fields(self, RULES, CHOICES)
@@ -97,6 +101,8 @@ class Data:
     # is on the validation images
     resize_size: int | None = None  # photo folders: the size images are stored at and resized to; None for CIFAR
     cache_file: str | None = None  # photo folders: the decoded-image cache the images come from; None: no cache
+    class_counts: tuple[int, ...] | None = None  # the training split's images of each class (every rank's shard
+    # together), after VAL_SPLIT and TRAIN_SUBSET: what balanced class weights come from
 
 
 def _flag(name: str) -> str:
@@ -670,6 +676,9 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     cache folder, cache_module.default_cache_dir()); they go to the device when they fit (resident), else are
     read from the memory-mapped cache a batch at a time. None: no cache; the files are decoded into memory
     (resident) or by PIL in DataLoader workers every epoch.
+
+    mixup, cutmix: the training loader is a MixedLoader, whose batches are mixed on the device after
+    normalisation and come with soft targets (augment_module.batch_mixer); evaluation batches are never mixed.
     """
     device = torch.device(device)
     photos = config.augment == "photo" or (config.augment == "auto" and config.dataset == "folder")
@@ -695,6 +704,9 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     batching = Batching(config.batch_size, True, config.seed, rank, world_size, config.channels_last)
     loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident, device=device,
                             num_workers=num_workers)
-    return Data(loaders["train"], loaders["val"], loaders["test"], list(classes), augmentation.mean,
+    mix = batch_mixer(config.mixup, config.cutmix, len(classes))
+    train = MixedLoader(loaders["train"], mix) if mix is not None else loaders["train"]
+    counts = torch.bincount(parts["train"].labels, minlength=len(classes))
+    return Data(train, loaders["val"], loaders["test"], list(classes), augmentation.mean,
                 augmentation.std, image_size, resident, test_is_val=test_is_val,
-                resize_size=resize_size, cache_file=cache_file)
+                resize_size=resize_size, cache_file=cache_file, class_counts=tuple(counts.tolist()))

@@ -1,13 +1,14 @@
 """Loaders that yield normalised batches on the device: from uint8 images kept there (ResidentLoader), from
 images left in host memory such as the memory-mapped cache (MappedLoader), or from a PIL Dataset in
-DataLoader workers (StreamingLoader, the fallback for what has no cache)."""
+DataLoader workers (StreamingLoader, the fallback for what has no cache); and any of them with its training
+batches mixed (MixedLoader: Mixup, CutMix)."""
 
 from __future__ import annotations
 
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -292,6 +293,33 @@ class StreamingLoader:
             yield images, labels.to(self.device, non_blocking=True)
 
 
+class MixedLoader:
+    """A training loader whose batches are mixed on the device as they come (mix: augment_module.batch_mixer's
+    Mixup and/or CutMix): it yields (mixed images, float (N, classes) targets whose rows sum to 1). Its length,
+    batching, set_epoch and first_images are the loader's own, unmixed. Only training loaders are wrapped:
+    evaluation never mixes."""
+
+    def __init__(self, loader: ResidentLoader | MappedLoader | StreamingLoader,
+                 mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+        self.loader, self.mix = loader, mix
+        self.batching = loader.batching
+
+    def set_epoch(self, epoch: int) -> None:
+        """The loader's own: choose the shuffle of this epoch."""
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """The loader's first n images, unmixed (for data-dependent initialisation)."""
+        return self.loader.first_images(n)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield self.mix(images, labels)
+
+
 def _num_batches(n: int, batch_size: int, train: bool) -> int:
     """Training drops a last partial batch, unless it is the only one; evaluation keeps it."""
     if train and n >= batch_size:
@@ -299,4 +327,4 @@ def _num_batches(n: int, batch_size: int, train: bool) -> int:
     return -(-n // batch_size)
 
 
-Loader = ResidentLoader | MappedLoader | StreamingLoader
+Loader = ResidentLoader | MappedLoader | StreamingLoader | MixedLoader

@@ -70,6 +70,12 @@ AUTO_AUGMENT: str | None = None  # "trivialaugment": one op of torchvision's Tri
                                  # magnitude 9; batched on the device; None: off
 RANDOM_ERASING: float = 0.0      # probability that a training image gets RandomErasing's box (2-33% of its area)
                                  # set to 0 after normalisation; torchvision's reference uses 0.25 with AUTO_AUGMENT
+MIXUP: float = 0.0               # Mixup's alpha: each training image blended with another of its batch, by a share
+                                 # drawn from Beta(alpha, alpha), targets alike (torchvision's v2.MixUp); 0 off;
+                                 # torchvision's reference recipe uses 0.2
+CUTMIX: float = 0.0              # CutMix's alpha: a box of another image of the batch pasted into each, targets by
+                                 # area (v2.CutMix); 0 off; the reference uses 1.0. With MIXUP too, each batch gets
+                                 # one of the two at random (v2.RandomChoice, as the reference)
 RESIDENT: str = "auto"           # keep the data on the device as uint8: "auto" (when it fits), "yes" or "no"
 NUM_WORKERS: int | None = None   # DataLoader worker processes when not resident; None = one per CPU core
 CACHE_DIR: str | None = "auto"   # folders: images decoded once and kept here for later runs; "auto": the user's
@@ -93,6 +99,9 @@ WEIGHT_DECAY: float = 5e-4       # L2 penalty, coupled to the LR as in torch.opt
 NORM_LR_SCALE: float = 1.0       # BatchNorm parameters train at this many times LR (decay divided by it)
 BODY_LR_SCALE: float = 0.1       # a body unfrozen after FREEZE trains at this many times LR (fastai's discriminative LR)
 LABEL_SMOOTHING: float = 0.0     # share of each target spread over the other classes
+CLASS_WEIGHTS: str | None = None  # "balanced": the training loss weighs class c by n / (classes x count_c) over the
+                                 # training split (scikit-learn's), so a 10:1 split trains as if balanced; None:
+                                 # equal. Validation and test losses (and LRA's val_loss) stay unweighted
 SCHEDULE: str = "lra"            # "lra": LRA cuts the LR on plateaus; "onecycle": fixed per-step warm-up and decay
 LOOKAHEAD: bool = False          # airbench's lookahead: every 5 steps pull the weights towards a slow average
 TTA: bool = False                # final test evaluation averages flipped and shifted views
@@ -286,12 +295,14 @@ def build_config(values: dict[str, typing.Any]) -> Config:
         raise ValueError(utils.not_known("MODEL", values["MODEL"], model_module.model_names(), closest=True))
     if values["CUDA_GRAPHS"] not in step_module.CUDA_GRAPHS:
         raise ValueError(utils.not_known("CUDA_GRAPHS", values["CUDA_GRAPHS"], step_module.CUDA_GRAPHS))
+    if values["CLASS_WEIGHTS"] not in train_module.CLASS_WEIGHTS:  # the weights come from the data (setup)
+        raise ValueError(utils.not_known("CLASS_WEIGHTS", values["CLASS_WEIGHTS"], train_module.CLASS_WEIGHTS))
     weights = model_module.preprocessing(values["MODEL"], values["PRETRAINED"]) or {}  # the weights' preparation
     own_size = values["IMAGE_SIZE"] is not None
     data = data_module.DataConfig(
         **_lower(values, "DATASET", "DATA_DIR", "BATCH_SIZE", "VAL_SPLIT", "TRAIN_SUBSET", "AUGMENT",
                  "CROP_PADDING", "FLIP", "REFLECT", "AUTO_AUGMENT", "RANDOM_ERASING", "RESIDENT", "NUM_WORKERS",
-                 "DOWNLOAD", "SEED", "CHANNELS_LAST", "CACHE_DIR"),
+                 "DOWNLOAD", "SEED", "CHANNELS_LAST", "CACHE_DIR", "MIXUP", "CUTMIX"),
         image_size=values["IMAGE_SIZE"] if own_size else weights.get("crop_size", 32),
         resize_size=None if own_size else weights.get("resize_size"),
         mean=weights.get("mean"), std=weights.get("std"))
@@ -434,8 +445,11 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     state.info = state_module.RunInfo(recorded, data.classes, list(data.mean),
                                       list(data.std), data.image_size, data.resize_size, precision,
                                       started=saved["started"] if saved else checkpoint_module.timestamp())
+    class_weights = train_module.balanced_class_weights(data.class_counts, data.classes) \
+        if k["CLASS_WEIGHTS"] == "balanced" else None
     fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
-                              cuda_graph=cuda_graph, world_size=world_size, main_process=rank == 0)
+                              cuda_graph=cuda_graph, world_size=world_size, main_process=rank == 0,
+                              class_weights=class_weights)
     if rank == 0:
         checkpoint_module.check_room(output_dir, state, resuming=saved is not None)
     os.makedirs(output_dir, exist_ok=True)  # only now: bad input above leaves nothing behind
@@ -482,6 +496,8 @@ def train(config: Config, run: Run) -> Outcome:
         print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
               f"{utils.plural(len(run.data.train), 'batch', 'batches')} of {config.data.batch_size} per epoch | "
               f"{_data_path(run.data)} | outputs in {os.path.abspath(output_dir)}")
+        if run.fit.class_weights is not None:
+            print(_class_weights_line(run.fit.class_weights, run.data.classes))
     signal.signal(signal.SIGTERM, _raise_terminated)
     started, outcome, message = time.perf_counter(), Outcome(0), None
     try:
@@ -512,6 +528,14 @@ def train(config: Config, run: Run) -> Outcome:
     return outcome
 
 
+def _class_weights_line(weights: tuple[float, ...], classes: list[str]) -> str:
+    """The line that says the training loss is weighted: the smallest and the largest weight, and their classes."""
+    low, high = min(range(len(weights)), key=weights.__getitem__), max(range(len(weights)), key=weights.__getitem__)
+    spread = f"{weights[low]:.3g} for every class (a balanced split)" if weights[low] == weights[high] else \
+        f"{weights[low]:.3g} ({classes[low]}) to {weights[high]:.3g} ({classes[high]})"
+    return f"class weights (CLASS_WEIGHTS balanced, the training loss only): {spread}"
+
+
 def _data_path(data: data_module.Data) -> str:
     """Where the training batches come from, in words."""
     if data.resident:
@@ -528,7 +552,8 @@ def _resume_path(constants: dict[str, typing.Any]) -> str | None:
 
 
 def report(config: Config, run: Run) -> dict[str, typing.Any]:
-    """Evaluate the (best) model on the test set, print overall and per-class accuracy, write the test report,
+    """Evaluate the (best) model on the test set, print the accuracy and each class's recall (its accuracy: the
+    share of its images called it), write the test report (test_report.csv, recall among its columns),
     the confusion matrix and the most confident mistakes; return the figures."""
     data, started, tta = run.data, time.perf_counter(), config.constants["TTA"]
     with run.account.timed("final evaluation"):
@@ -541,8 +566,9 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     which = {"validation": "Validation accuracy (no test/ folder)", "test": "Test accuracy"}[split]
     print(f"{which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
           f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
-    for name, acc in zip(data.classes, result["per_class"]):
-        print(f"  {name:>12}: {100 * acc:6.2f}%")
+    print("Recall of each class (the share of its images called it):")
+    for name, recall in zip(data.classes, result["per_class"]):
+        print(f"  {name:>12}: {100 * recall:6.2f}%")
     warning = chance_warning(result, len(data.classes), run.state.history)
     if warning:
         print(warning)
@@ -575,7 +601,7 @@ def find_lr(config: Config, run: Run, argv: list[str]) -> int:
     command (argv, the LR finder's own flags and --lr replaced) that trains at it."""
     lrs, losses, suggestion = optim_module.find_lr(
         run.state.model, run.data.train, run.state.optimizer,
-        nn.CrossEntropyLoss(label_smoothing=config.fit.label_smoothing), autocast_dtype=run.fit.autocast_dtype)
+        train_module.training_loss(run.fit).to(run.device), autocast_dtype=run.fit.autocast_dtype)
     if run.main_process:
         path = os.path.join(run.fit.output_dir, report_module.LR_FINDER)
         report_module.plot_lr_finder(lrs, losses, suggestion, path)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,10 @@ def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batc
         raise NonFiniteLoss(epoch, last_batch - len(losses) + 1 + i, float(values[i]))
     sizes = [len(t) for t in targets]
     totals[0] += values @ torch.tensor(sizes, device=values.device, dtype=values.dtype)
-    totals[1] += (torch.cat(logits).argmax(1) == torch.cat(targets)).sum()
+    classes = torch.cat(targets)
+    if classes.ndim == 2:  # soft targets (Mixup, CutMix): a hit is the logits' argmax on the targets' largest class
+        classes = classes.argmax(1)
+    totals[1] += (torch.cat(logits).argmax(1) == classes).sum()
     totals[2] += sum(sizes)
     for store in pending:
         store.clear()
@@ -109,9 +113,9 @@ def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype | None = None,
              tta: bool = False, num_classes: int | None = None, collect: bool = False) -> dict[str, Any]:
-    """Cross-entropy loss and accuracy of the model over a loader (over every process); with
-    num_classes, also the accuracy of each class ("per_class"); with collect (which needs num_classes),
-    also the confusion matrix ("confusion": counts, rows the true class, columns the predicted one) and
+    """Cross-entropy loss and accuracy of the model over a loader (over every process); with num_classes,
+    also the accuracy of each class (its recall: "per_class"); with collect (which needs num_classes), also
+    the confusion matrix ("confusion": counts, rows the true class, columns the predicted one) and
     the MISTAKES most confident wrong predictions ("mistakes", a list of Mistake, most confident first)."""
     if collect and not num_classes:
         raise ValueError("evaluate(collect=True) needs num_classes")
@@ -213,6 +217,9 @@ def apply_decision(decision: Decision, state: TrainState) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+CLASS_WEIGHTS = (None, "balanced")  # CLASS_WEIGHTS: equal, or scikit-learn's "balanced" (balanced_class_weights)
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
     """How fit trains: the epoch limit, where the epoch files go, the loss, and how each step runs."""
@@ -220,6 +227,8 @@ class FitConfig:
     epochs: int
     output_dir: str = "."
     label_smoothing: float = 0.0  # share of each target spread over the other classes
+    class_weights: tuple[float, ...] | None = None  # the training loss's weight of each class (one per class);
+    # None: equal. Validation and test losses are never weighted
     autocast_dtype: torch.dtype | None = None
     cuda_graph: bool = False  # replay the step from a CUDA graph (the optimizer needs make_optimizer's lr_device)
     compile: bool = False  # torch.compile what runs the training batches
@@ -233,7 +242,30 @@ class FitConfig:
 RULES: utils.Rules = {
     "epochs": (lambda v: v >= 1, "a whole number >= 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "class_weights": (lambda v: v is None or all(0 < w < math.inf for w in v), "finite numbers > 0, or None"),
 }
+
+
+def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tuple[float, ...]:
+    """scikit-learn's "balanced" class weights: class c weighs n / (classes x count_c), n the images counted,
+    so every class adds as much to the training loss as it would in a balanced split. ValueError naming
+    CLASS_WEIGHTS and the first class with no images (its weight would be infinite)."""
+    if len(counts) != len(classes):
+        raise ValueError(f"{len(counts)} class counts for {len(classes)} classes")
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:
+        raise ValueError(f"CLASS_WEIGHTS = 'balanced' needs training images of every class, and {empty[0]!r} has "
+                         f"none after VAL_SPLIT and TRAIN_SUBSET; give it images, or set CLASS_WEIGHTS to None")
+    n = sum(counts)
+    return tuple(n / (len(counts) * count) for count in counts)
+
+
+def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
+    """The training loss: cross-entropy with config's label smoothing and class weights (on the CPU: move it to
+    the model's device). It takes class indices or probabilities (Mixup's and CutMix's soft targets); with
+    probabilities and weights, the mean is over the images, with indices over their classes' weights."""
+    weight = None if config.class_weights is None else torch.tensor(config.class_weights, dtype=torch.float32)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
 def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None = None,
@@ -241,10 +273,10 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
     """Train from the epoch after state's last to config.epochs (or as far as the user asks at the prompt)
     unless LRA stops first, carrying out its decisions and saving each epoch's files while the next trains
     (checkpoint_module.EpochWriter). At the end, or on an interruption, the model holds the best weights.
-    loss_fn: None for cross-entropy with config.label_smoothing; on_epoch(row) after each epoch (TensorBoard);
-    account: gets the seconds of training, validation and the epoch files (what the training thread spends
-    on them)."""
-    loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    loss_fn: None for training_loss(config) (cross-entropy, label smoothing, class weights); on_epoch(row)
+    after each epoch (TensorBoard); account: gets the seconds of training, validation and the epoch files (what
+    the training thread spends on them)."""
+    loss_fn = loss_fn or training_loss(config).to(next(state.model.parameters()).device)
     account = account or utils.TimeAccount(time.perf_counter())
     step = _make_step(state, config, loss_fn, config.cuda_graph)
     writer = checkpoint_module.EpochWriter(config.output_dir, state.lra.best_epoch) if config.main_process else None

@@ -313,3 +313,65 @@ def test_the_streaming_path_trains_with_torchvisions_own_transforms():
     plain = augment_module.pil_transform(True, 32, Augmentation(mean, std)).transforms
     assert [type(step) for step in plain] == [transforms.RandomCrop, transforms.RandomHorizontalFlip,
                                               transforms.ToTensor, transforms.Normalize]
+
+
+# ----------------------------------------------------------------------------- Mixup and CutMix
+
+
+def labelled_batch(n=6, classes=10, size=8):
+    """A channels_last batch of n images, image i filled with the value i (so a pixel tells its source image),
+    and labels that differ from the one before each (so a target row tells both of its classes)."""
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, size, size)
+    return images.contiguous(memory_format=torch.channels_last), torch.arange(n) % classes
+
+
+def test_mixup_targets_sum_to_one_and_each_image_is_blended_with_the_one_before_by_its_targets_share():
+    images, labels = labelled_batch()
+    mix = augment_module.batch_mixer(mixup=0.2, cutmix=0.0, num_classes=10)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        mixed, targets = mix(images, labels)
+        assert targets.shape == (6, 10) and targets.dtype == torch.float32
+        assert torch.allclose(targets.sum(1), torch.ones(6))
+        lam = targets[0, labels[0]].item()  # the image's own share; the rest goes to the class of the one before
+        assert 0 <= lam <= 1 and targets[0, labels[-1]].item() == pytest.approx(1 - lam)
+        assert torch.allclose(targets[:, labels], lam * torch.eye(6) + (1 - lam) * torch.eye(6).roll(-1, 1))
+        assert torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-6)
+        assert mixed.is_contiguous(memory_format=torch.channels_last)  # the loaders' layout is kept
+
+
+def test_cutmix_pastes_a_box_of_the_image_before_whose_area_share_is_that_classes_target_weight():
+    images, labels = labelled_batch(size=16)
+    mix = augment_module.batch_mixer(mixup=0.0, cutmix=1.0, num_classes=10)
+    pasted_somewhere = False
+    for seed in range(8):
+        torch.manual_seed(seed)
+        mixed, targets = mix(images, labels)
+        assert torch.allclose(targets.sum(1), torch.ones(6))
+        for i in range(6):
+            from_before = mixed[i] == images[i - 1]
+            assert torch.equal(from_before | (mixed[i] == images[i]), torch.ones_like(from_before))  # no blending
+            share = from_before.float().mean().item()
+            assert targets[i, labels[i - 1]].item() == pytest.approx(share, abs=1e-6)
+            assert targets[i, labels[i]].item() == pytest.approx(1 - share, abs=1e-6)
+            pasted_somewhere |= share > 0
+        assert mixed.is_contiguous(memory_format=torch.channels_last)
+    assert pasted_somewhere
+
+
+def test_with_both_on_each_batch_gets_mixup_or_cutmix_and_with_both_off_there_is_no_mixer():
+    images, labels = labelled_batch(size=16)
+    mix = augment_module.batch_mixer(mixup=0.2, cutmix=1.0, num_classes=10)
+    kinds = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mixed, targets = mix(images, labels)
+        lam = targets[1, labels[1]].item()
+        if lam in (0.0, 1.0):
+            continue  # nothing mixed: either could have done it
+        blended = torch.allclose(mixed[1], lam * images[1] + (1 - lam) * images[0], atol=1e-6)
+        pasted = bool(((mixed[1] == images[0]) | (mixed[1] == images[1])).all())  # every pixel one image's own
+        assert blended != pasted  # one or the other
+        kinds.add("mixup" if blended else "cutmix")
+    assert kinds == {"mixup", "cutmix"}
+    assert augment_module.batch_mixer(0.0, 0.0, 10) is None

@@ -31,6 +31,8 @@ from data_module import DataConfig, DataError
     (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels >= 8"),
     (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
     (dict(resident=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
+    (dict(mixup=-0.2), "MIXUP = -0.2 is out of range: use a number >= 0 (0: off)"),
+    (dict(cutmix=-1.0), "CUTMIX = -1.0 is out of range: use a number >= 0 (0: off)"),
 ])
 def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, message):
     with pytest.raises(ValueError) as error:
@@ -70,6 +72,32 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
     # row: 1,024 red values, then green, then blue, each row-major; the reader gives H x W x C
     expected = raw.reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(train_images[0].numpy(), expected)
+
+
+def test_mixup_and_cutmix_mix_the_training_batches_only(fake_cifar):
+    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False,
+                                           mixup=0.2, cutmix=1.0))
+    assert isinstance(data.train, loader_module.MixedLoader)
+    images, targets = next(iter(data.train))
+    assert images.shape == (8, 3, 32, 32) and targets.shape == (8, 10) and targets.dtype == torch.float32
+    assert torch.allclose(targets.sum(1), torch.ones(8))
+    for loader in (data.val, data.test):  # evaluation is never mixed: class indices, as without mixing
+        assert isinstance(loader, loader_module.ResidentLoader)
+        assert next(iter(loader))[1].dtype == torch.int64
+    plain = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False))
+    assert isinstance(plain.train, loader_module.ResidentLoader)  # off by default
+
+
+def test_the_class_counts_are_the_training_splits_after_the_validation_images_and_the_subset(tmp_path):
+    root = write_image_tree(tmp_path / "tree", splits=("train", "test"), classes=("cats", "dogs"), per_class=12,
+                            size=(8, 8))
+    for i in range(9):  # 12 cats, 3 dogs
+        os.remove(os.path.join(root, "train", "dogs", f"{i}.png"))
+    config = DataConfig("folder", root, batch_size=4, image_size=8, augment="shift")
+    assert data_module.get_data(replace(config, val_split=0)).class_counts == (12, 3)
+    data = data_module.get_data(config)  # a tenth held out, one of each class at least
+    assert data.class_counts == (11, 2) == tuple(torch.bincount(data.train.labels).tolist())
+    assert data_module.get_data(replace(config, train_subset=5)).class_counts == (4, 1)  # stratified
 
 
 def test_val_split_zero_trains_on_every_image_and_validates_on_none(fake_cifar):

@@ -1,4 +1,5 @@
-"""The loaders: shuffling and shards, alternate flips, photo crops and centre crops, the background reader."""
+"""The loaders: shuffling and shards, alternate flips, photo crops and centre crops, the background reader, mixed
+training batches."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as F
 
+import augment_module
 import loader_module
 from augment_module import auto_augment, erase_masks
 from conftest import collect, smooth_photo
@@ -134,3 +136,33 @@ def test_the_background_reader_raises_its_errors_and_stops_when_left():
     assert next(items) == 0
     items.close()  # the consumer leaves early: the thread ends
     assert threading.active_count() == threads
+
+
+def test_a_mixed_loader_mixes_each_batch_of_its_loader_and_passes_the_rest_through_unmixed():
+    images = torch.randint(0, 256, (20, 4, 4, 3), dtype=torch.uint8)
+    plain = loader_module.ResidentLoader(images, torch.arange(20) % 5, Batching(8, train=True),
+                                         Augmentation((0.5,) * 3, (0.25,) * 3, crop_padding=0, flip="none"))
+    seen = []
+
+    def mix(x, y):  # a stand-in that records what it was given
+        seen.append((x, y))
+        return x.flip(0), torch.nn.functional.one_hot(y, 5).float()
+    mixed = loader_module.MixedLoader(plain, mix)
+    mixed.set_epoch(3)
+    assert plain.epoch == 3 and len(mixed) == len(plain) == 2 and mixed.batching is plain.batching
+    batches, expected = list(mixed), list(plain)  # the same epoch, so the same shuffle
+    assert [torch.equal(x, e) and torch.equal(y, f) for (x, y), (e, f) in zip(seen, expected)] == [True, True]
+    for (x, targets), (e, f) in zip(batches, expected):
+        assert torch.equal(x, e.flip(0)) and torch.equal(targets.argmax(1), f)
+    assert torch.equal(mixed.first_images(6), plain.first_images(6))  # as evaluation sees them: never mixed
+
+
+def test_a_mixed_loader_with_torchvisions_mixup_and_cutmix_yields_soft_targets_that_sum_to_one():
+    images = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8)
+    plain = loader_module.ResidentLoader(images, torch.arange(32) % 4, Batching(8, train=True),
+                                         Augmentation((0.5,) * 3, (0.25,) * 3))
+    mixed = loader_module.MixedLoader(plain, augment_module.batch_mixer(0.2, 1.0, num_classes=4))
+    torch.manual_seed(0)
+    for x, targets in mixed:
+        assert x.shape == (8, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
+        assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))

@@ -20,6 +20,7 @@ from PIL import Image
 
 import checkpoint_module
 import data_module
+import loader_module
 import main
 import step_module
 import train_module
@@ -131,7 +132,8 @@ def test_a_value_of_the_wrong_type_is_refused(capsys):
 @pytest.mark.parametrize("name, value", [("EPOCHS", 0), ("BATCH_SIZE", 0), ("LR", 0.0), ("FACTOR", 1.0),
                                          ("PATIENCE", 0), ("STOP_PATIENCE", 0), ("THRESHOLD", 1.5),
                                          ("VAL_SPLIT", -1), ("TRAIN_SUBSET", 0), ("MODEL", "vgg"),
-                                         ("DATASET", "mnist"), ("SCHEDULE", "cosine")])
+                                         ("DATASET", "mnist"), ("SCHEDULE", "cosine"), ("MIXUP", -0.2),
+                                         ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance")])
 def test_out_of_range_constants_name_the_constant(name, value):
     config = main.constants()
     config[name] = value
@@ -147,6 +149,9 @@ def test_out_of_range_constants_name_the_constant(name, value):
     (["--model", "vgg"], ["--model 'vgg' (MODEL) is not known", "the closest are", "vgg11"]),
     (["--factor", "2"], ["--factor 2.0 (FACTOR) is out of range"]),
     (["--cuda-graphs", "yes", "--compile", "true"], ["CUDA_GRAPHS='yes' needs", "COMPILE off"]),
+    (["--class-weights", "inverse"], ["--class-weights 'inverse' (CLASS_WEIGHTS) is not known; choose one of None, "
+                                      "'balanced'"]),
+    (["--mixup", "-1"], ["--mixup -1.0 (MIXUP) is out of range: use a number >= 0 (0: off)"]),
 ])
 def test_bad_constants_exit_2_with_one_line(tiny_run, args, fragments, capsys):
     assert_one_clean_line(main_in_process(tiny_run[0] + args, capsys), *fragments)
@@ -218,6 +223,35 @@ def test_a_small_photo_folder_with_only_train_trains_with_the_default_constants(
     assert "Validation accuracy (no test/ folder): " in result.stdout and "Test accuracy" not in result.stdout
     report = pd.read_csv(out / "test_report.csv")
     assert report.set_index("class").loc[["cats", "dogs", "owls"], "support"].tolist() == [3, 3, 3]  # a tenth
+
+
+def test_a_ten_to_one_folder_trains_with_balanced_weights_and_mixed_batches_and_reports_the_recall_of_each_class(
+        tmp_path, capsys, monkeypatch):
+    photos = write_image_tree(tmp_path / "photos", splits=("train", "test"), classes=("cats", "dogs"), per_class=20)
+    for i in range(18):  # 20 cats, 2 dogs
+        os.remove(tmp_path / "photos" / "train" / "dogs" / f"{i}.png")
+    setup, runs = main.setup, []
+    monkeypatch.setattr(main, "setup", lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
+    out = tmp_path / "out"
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out, "--epochs", "1",
+                              "--ask-epoch", "none", "--val-split", "0", "--batch-size", "8", "--cache-dir", "none",
+                              "--mixup", "0.2", "--cutmix", "1.0", "--class-weights", "balanced"], capsys)
+    assert result.returncode == 0, result.stderr
+    run = runs[0]
+    assert run.data.class_counts == (20, 2) and isinstance(run.data.train, loader_module.MixedLoader)
+    assert run.fit.class_weights == pytest.approx((22 / 40, 22 / 4))
+    assert "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.55 (cats) to 5.5 (dogs)" in result.stdout
+    recalls = pd.read_csv(out / "test_report.csv").set_index("class")["recall"]
+    lines = result.stdout.split("Recall of each class (the share of its images called it):\n")[1].splitlines()
+    assert [line.split(":")[0].strip() for line in lines[:2]] == ["cats", "dogs"]
+    assert [float(line.split(":")[1].strip(" %")) for line in lines[:2]] == \
+        pytest.approx([100 * recalls["cats"], 100 * recalls["dogs"]], abs=0.005)
+
+
+def test_the_class_weights_line_names_the_lightest_and_the_heaviest_class():
+    assert main._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == \
+        "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.5 (owls) to 3 (dogs)"
+    assert main._class_weights_line((1.0, 1.0), ["cats", "dogs"]).endswith(": 1 for every class (a balanced split)")
 
 
 @pytest.mark.parametrize("where, fragment", [("cifar-10-batches-py", "holds CIFAR-10's files itself: use its parent"),

@@ -2,17 +2,21 @@
 finder."""
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
+import augment_module
+import loader_module
 import model_module
 import optim_module
 import step_module
 import train_module
 from conftest import assert_same_state, make_tiny_data, random_batch, state_of
 from optim_module import OptimConfig, RangeTest
+from train_module import FitConfig
 
 
 def test_onecycle_rises_then_falls_and_holds_past_its_end():
@@ -127,6 +131,21 @@ def test_the_lr_finder_trains_only_the_head_of_a_frozen_model(one_thread):
     assert len(lrs) > 5 and not torch.equal(heads[0], heads[-1])
     assert lrs[0] <= suggestion <= lrs[-1]
     assert_same_state(model, optimizer, before)
+
+
+def test_the_lr_finder_runs_on_mixed_batches_with_fits_weighted_loss(one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8)
+    mixed = loader_module.MixedLoader(data.train, augment_module.batch_mixer(0.2, 1.0, num_classes=4))
+    model = model_module.get_model("cnn", 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    before, rng = state_of(model, optimizer), torch.get_rng_state()
+    loss_fn = train_module.training_loss(FitConfig(epochs=1, label_smoothing=0.1, class_weights=(1.0, 2.0, 1.0, 0.5)))
+    lrs, losses, suggestion = optim_module.find_lr(model, mixed, optimizer, loss_fn,
+                                                   sweep=RangeTest(steps=20, end_lr=1))
+    assert len(lrs) > 5 and all(math.isfinite(x) for x in losses) and lrs[0] <= suggestion <= lrs[-1]
+    assert_same_state(model, optimizer, before)
+    assert torch.equal(torch.get_rng_state(), rng)  # the mixing's draws too are put back
 
 
 def test_the_suggestion_is_the_middle_of_the_longest_fall():

@@ -1,9 +1,10 @@
 """The loop: CSV rows, best_model.pth, non-finite losses, the fast preset, evaluate's confusion matrix and
-mistakes, TTA, fit with a compiled model and with a captured step."""
+mistakes, TTA, fit with a compiled model and with a captured step, mixed batches' soft targets, class weights."""
 
 import errno
 import io
 import json
+import math
 import os
 
 import pandas as pd
@@ -11,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+import augment_module
 import checkpoint_module
+import loader_module
 import model_module
 import optim_module
 import state_module
@@ -268,3 +271,104 @@ def test_a_write_that_failed_in_the_background_stops_training_before_the_next_st
         train_module.train_one_epoch(step, data.train, check=writer.check)
     assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())  # not one step taken
     writer.wait()  # raised once, by check()
+
+
+# ----------------------------------------------------------------------------- soft targets and class weights
+
+
+def test_the_accuracy_tally_counts_a_hit_when_the_logits_argmax_is_the_soft_targets_largest_class():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]])
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.6, 0.4, 0.0], [0.0, 0.2, 0.8], [0.1, 0.0, 0.9]])  # hit, miss, hit, miss
+    totals = [torch.zeros(()), torch.zeros((), dtype=torch.int64), 0]
+    train_module._tally(([torch.tensor(0.5)], [logits], [soft]), totals, epoch=1, last_batch=1)
+    assert totals[1].item() == 2 and totals[2] == 4 and totals[0].item() == pytest.approx(2.0)
+    train_module._tally(([torch.tensor(0.5)], [logits], [torch.tensor([0, 1, 1, 0])]), totals, 1, 2)  # indices
+    assert totals[1].item() == 2 + 3 and totals[2] == 8
+
+
+def mixed_fit(tmp_path, cuda_graph=False):
+    """fit on tiny data whose training batches get Mixup or CutMix (both on, as the reference recipe)."""
+    torch.manual_seed(0)
+    data = make_tiny_data(size=16)
+    data.train = loader_module.MixedLoader(data.train, augment_module.batch_mixer(0.2, 1.0, num_classes=4))
+    model = model_module.get_model("cnn", 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05),
+                                            lr_device=torch.device("cpu") if cuda_graph else None)
+    lra = LRA(LRAConfig(ask_epoch=None), stream=io.StringIO())
+    tmp_path.mkdir(exist_ok=True)
+    return train_module.fit(TrainState(model, optimizer, lra), data,
+                            FitConfig(epochs=2, output_dir=str(tmp_path), label_smoothing=0.1,
+                                      cuda_graph=cuda_graph))
+
+
+def test_fit_trains_on_mixed_batches_on_the_cpu_and_validates_on_plain_ones(tmp_path, monkeypatch, one_thread):
+    evaluated, evaluate = [], train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda model, loader, **kwargs: evaluated.append(loader) or
+                        evaluate(model, loader, **kwargs))
+    history = mixed_fit(tmp_path)
+    assert len(history) == 2 and all(math.isfinite(row["train_loss"]) for row in history)
+    assert all(0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1 for row in history)
+    assert all(isinstance(loader, loader_module.ResidentLoader) for loader in evaluated) and len(evaluated) == 2
+
+
+def test_a_captured_step_takes_soft_targets_and_trains_as_the_eager_one_does(tmp_path, stand_in_cuda, one_thread):
+    captured, _ = stand_in_cuda
+    eager = mixed_fit(tmp_path / "eager")
+    graphed = mixed_fit(tmp_path / "graphed", cuda_graph=True)
+    assert captured  # the float (N, 4) targets went through the graph's input buffer
+    assert [row["train_loss"] for row in graphed] == pytest.approx([row["train_loss"] for row in eager], rel=1e-6)
+
+
+def test_balanced_class_weights_are_n_over_classes_times_each_count():
+    weights = train_module.balanced_class_weights([90, 10, 20], ["a", "b", "c"])
+    assert weights == pytest.approx((120 / (3 * 90), 120 / (3 * 10), 120 / (3 * 20)))
+    assert sum(w * c for w, c in zip(weights, [90, 10, 20])) == pytest.approx(120)  # each class adds n / classes
+    with pytest.raises(ValueError, match="^CLASS_WEIGHTS = 'balanced' needs training images of every class, and "
+                                         "'b' has none"):
+        train_module.balanced_class_weights([5, 0, 3], ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"^CLASS_WEIGHTS = \(1.0, 0.0\) is out of range"):
+        FitConfig(epochs=1, class_weights=(1.0, 0.0))
+
+
+def test_the_training_loss_weighs_each_class_and_keeps_label_smoothing():
+    logits, targets = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 0, 0, 0, 1, 2])
+    loss = train_module.training_loss(FitConfig(epochs=1, class_weights=(0.5, 2.0, 2.0), label_smoothing=0.1))
+    per_image = nn.functional.cross_entropy(logits, targets, label_smoothing=0.1, reduction="none")
+    smoothed = 0.9 * nn.functional.one_hot(targets, 3) + 0.1 / 3
+    by_hand = -(torch.tensor([0.5, 2.0, 2.0]) * smoothed * logits.log_softmax(1)).sum(1)  # weight of each class
+    weights = torch.tensor([0.5, 2.0, 2.0])[targets]
+    assert loss(logits, targets).item() == pytest.approx((by_hand.sum() / weights.sum()).item(), rel=1e-5)
+    unweighted = train_module.training_loss(FitConfig(epochs=1, label_smoothing=0.1))
+    assert unweighted(logits, targets).item() == pytest.approx(per_image.mean().item(), rel=1e-6)
+
+
+def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_one_split(one_thread):
+    """Two overlapping Gaussians, 1,000 images of class 0 and 100 of class 1, and a linear model trained by
+    train_one_epoch with fit's loss (training_loss): unweighted, it calls most of the rare class common; with
+    the balanced weights, it trains as if balanced and finds most of it, on a balanced test set."""
+    generator = torch.Generator().manual_seed(0)
+
+    def gaussians(n_common, n_rare):
+        points = torch.cat([torch.randn(n_common, 2, generator=generator),
+                            torch.randn(n_rare, 2, generator=generator) + torch.tensor([1.5, 0.0])])
+        return points, torch.cat([torch.zeros(n_common, dtype=torch.int64), torch.ones(n_rare, dtype=torch.int64)])
+
+    train_points, train_labels = gaussians(1000, 100)
+    test_batches = [gaussians(500, 500)]
+    counts = torch.bincount(train_labels).tolist()
+
+    def rare_recall(class_weights):
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                     train_module.training_loss(FitConfig(epochs=1, class_weights=class_weights)))
+        for epoch in range(20):
+            order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(epoch))
+            batches = [(train_points[i], train_labels[i]) for i in order.split(50)]
+            train_module.train_one_epoch(step, batches, epoch=epoch)
+        return train_module.evaluate(model, test_batches, num_classes=2)["per_class"][1]
+
+    weights = train_module.balanced_class_weights(counts, ["common", "rare"])
+    assert weights == pytest.approx((1100 / 2000, 1100 / 200))
+    plain, balanced = rare_recall(None), rare_recall(weights)
+    assert plain < 0.4 and balanced > 0.6, (plain, balanced)
