@@ -109,13 +109,13 @@ class TrainStep:
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor, index: int = 0,
               group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device, self.autocast_dtype, cache=not self.use_graph):
-            logits = self.model(images)
-            loss = self.loss_fn(logits, targets)
-        if index == 0:
-            self.optimizer.zero_grad(set_to_none=True)  # in a capture: backward makes the graph's own .grad tensors
         last = index == group - 1
-        with contextlib.nullcontext() if last else _no_sync(self.model):
+        with contextlib.nullcontext() if last else _no_sync(self.model):  # DDP decides in forward: both inside
+            with autocast(self.device, self.autocast_dtype, cache=not self.use_graph):
+                logits = self.model(images)
+                loss = self.loss_fn(logits, targets)
+            if index == 0:
+                self.optimizer.zero_grad(set_to_none=True)  # in a capture: backward makes the graph's own .grad
             (loss / group if group > 1 else loss).backward()
         if last:
             if self.clip_grad_norm is not None:  # no error_if_nonfinite: that would wait for the device
