@@ -167,7 +167,7 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
 # --------------------------------------------------------------------------- the EMA of the weights
 
 
-def test_the_ema_of_constant_weights_is_those_weights():
+def test_the_ema_of_constant_weights_is_those_weights(one_thread):
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)  # BatchNorm: its statistics are averaged too
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_the_ema_after_k_updates_is_the_closed_form_for_a_scalar_parameter():
     assert decays[0] == pytest.approx(0.1) and decays[-1] == decay and ema.decay_at(10**6) == decay
 
 
-def test_the_ema_copies_whole_number_buffers_and_leaves_the_model_alone():
+def test_the_ema_copies_whole_number_buffers_and_leaves_the_model_alone(one_thread):
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
     ema = optim_module.EMA(model, decay=0.9)

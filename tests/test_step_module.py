@@ -171,7 +171,7 @@ def mlp():
 
 
 @pytest.mark.parametrize("micro_batches, groups", [(8, [4, 4]), (6, [4, 2])], ids=["whole groups", "a last smaller group"])
-def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(micro_batches, groups):
+def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(micro_batches, groups, one_thread):
     batches = [random_batch(seed=seed) for seed in range(micro_batches)]
     joined, start = [], 0
     for size in groups:  # the reference: one batch of each group's micro-batches together
@@ -202,7 +202,7 @@ def test_micro_batches_fall_into_groups_of_accumulate_and_the_last_holds_what_is
 
 
 @pytest.mark.parametrize("ratio", [0.25, 4.0])
-def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_ones_alone(ratio):
+def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_ones_alone(ratio, one_thread):
     model, images_targets = mlp(), random_batch()
     reference = copy.deepcopy(model)
     nn.CrossEntropyLoss()(reference(images_targets[0]), images_targets[1]).backward()
@@ -217,7 +217,7 @@ def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_o
         assert torch.allclose(trained, before - lr * scale * gradient, rtol=1e-5, atol=1e-7)
 
 
-def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_torchrun(tmp_path):
+def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_torchrun(tmp_path, one_thread):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", world_size=1, rank=0)
     try:
