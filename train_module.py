@@ -292,7 +292,8 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
         if state.best.model is not None:
             state.best.restore(state.model, ema=state.ema)
         state.lra.on_train_end(reason, writer.landed[checkpoint_module.BEST_MODEL] if writer else -1)
-    _check_agreement(state.model, state.history, config.main_process)
+    _check_agreement([state.model] + ([state.ema.module] if state.ema is not None else []), state.history,
+                     config.main_process)
     return state.history
 
 
@@ -321,13 +322,13 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
     return utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
 
 
-def _check_agreement(model: nn.Module, history: list[dict], main_process: bool) -> None:
-    """Under torchrun, confirm every process made the same LR decisions and ends with the same weights
-    (they must, to stay in step)."""
+def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
+    """Under torchrun, confirm every process made the same LR decisions and ends with the same weights (of the
+    model and its EMA: they must, to stay in step)."""
     if not utils.is_distributed():
         return
     with torch.no_grad():
-        checksum = float(sum(p.double().sum() for p in model.parameters()))
+        checksum = [float(sum(p.double().sum() for p in model.parameters())) for model in models]
     states = utils.gather(([(row["epoch"], row["next_lr"], row["event"]) for row in history], checksum))
     if main_process:
         agree = all(state == states[0] for state in states)
