@@ -532,12 +532,12 @@ def _resume_path(constants: dict[str, typing.Any]) -> str | None:
 
 
 def report(config: Config, run: Run) -> dict[str, typing.Any]:
-    """Evaluate the (best) model (its EMA, with EMA_DECAY) on the test set, print overall and per-class accuracy, write the test report,
-    the confusion matrix and the most confident mistakes; return the figures."""
+    """Evaluate the (best) model, or its EMA with EMA_DECAY, on the test set, print overall and per-class
+    accuracy, write the test report, the confusion matrix and the most confident mistakes; return the figures."""
     data, started, tta = run.data, time.perf_counter(), config.constants["TTA"]
     with run.account.timed("final evaluation"):
-        result = train_module.evaluate(run.state.evaluated_model, data.test, autocast_dtype=run.fit.autocast_dtype, tta=tta,
-                                       num_classes=len(data.classes), collect=True)
+        result = train_module.evaluate(run.state.evaluated_model, data.test, autocast_dtype=run.fit.autocast_dtype,
+                                       tta=tta, num_classes=len(data.classes), collect=True)
     result["seconds"] = time.perf_counter() - started
     if not run.main_process:
         return result

@@ -170,7 +170,8 @@ def mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
-@pytest.mark.parametrize("micro_batches, groups", [(8, [4, 4]), (6, [4, 2])], ids=["whole groups", "a last smaller group"])
+@pytest.mark.parametrize("micro_batches, groups", [(8, [4, 4]), (6, [4, 2])],
+                         ids=["whole groups", "a last smaller group"])
 def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(micro_batches, groups, one_thread):
     batches = [random_batch(seed=seed) for seed in range(micro_batches)]
     joined, start = [], 0
