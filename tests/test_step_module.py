@@ -253,3 +253,21 @@ def test_accumulation_turns_cuda_graphs_off_with_a_note_and_a_yes_is_refused_nam
     with pytest.raises(ValueError, match="accumulates no micro-batches"):
         step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
                               graph=True, accumulate=2)
+
+
+def test_a_captured_step_clips_as_the_eager_one_does_and_the_ema_follows_its_replays(stand_in_cuda, one_thread):
+    captured, _ = stand_in_cuda
+    batches = [random_batch(seed=seed) for seed in range(4)]
+    trained = []
+    for graph in (True, False):
+        model = mlp()
+        optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.5), lr_device=torch.device("cpu"))
+        ema = optim_module.EMA(model, 0.9)
+        step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), graph=graph, clip_grad_norm=0.1)
+        train_module.train_one_epoch(step, batches, ema=ema)
+        trained.append((model, ema))
+    assert len(captured) == 1  # the graphed run's steps were replays of one capture (the stand-in's)
+    (model, ema), (eager, eager_ema) = trained
+    for a, b in zip([*model.parameters(), *ema.module.parameters()],
+                    [*eager.parameters(), *eager_ema.module.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
