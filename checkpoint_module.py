@@ -59,7 +59,8 @@ class EpochWriter:
         """Write a TrainState.state_dict() as the epoch's files (best_model.pth and .json too when new_best)."""
         self.wait()
         checkpoint = _cpu_copy({"format": FORMAT, **checkpoint})
-        best_files = (checkpoint["best"]["model"], _best_info(checkpoint)) if new_best else (None, None)
+        best_files = (state_module.best_weights(checkpoint["best"]), _best_info(checkpoint)) if new_best \
+            else (None, None)
         self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files, checkpoint["history"]),
                                         name="epoch-writer", daemon=True)
         self._thread.start()
@@ -179,11 +180,13 @@ def record_time(output_dir: str, figures: dict[str, float]) -> None:
 def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
     """Refuse a run whose epoch files cannot fit: OSError naming the folder, the bytes needed and the bytes
     free. The checkpoint holds the model, its momentum, the best snapshot (and its momentum when LRA can go
-    back to it) and Lookahead's slow weights; best_model.pth the model. Each is written beside the file it
-    replaces, so a new run needs room for two of each, a resumed one for one more of each."""
+    back to it), Lookahead's slow weights and the EMA (and the best epoch's); best_model.pth the model. Each is
+    written beside the file it replaces, so a new run needs room for two of each, a resumed one for one more of
+    each."""
     model = utils.tensor_bytes(state.model.state_dict())
     trained = sum(p.nelement() * p.element_size() for p in state.model.parameters())
-    checkpoint = 2 * model + trained * (1 + state.best.with_optimizer) + (model if state.lookahead else 0)
+    checkpoint = 2 * model + trained * (1 + state.best.with_optimizer) + (model if state.lookahead else 0) + \
+        (2 * model if state.ema is not None else 0)
     needed = (1 if resuming else 2) * (checkpoint + model)
     free = utils.free_bytes(output_dir)
     if free < needed:
@@ -300,13 +303,14 @@ def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_d
         if not (os.path.exists(own) and os.path.samefile(path, own)):
             move_earlier_run(output_dir)
         best = _best_info({**checkpoint, "lra": state.lra.state_dict(), **dataclasses.asdict(state.info)})
-        _write_epoch(output_dir, None, _cpu_copy(state.best.model), best, checkpoint["history"])
+        _write_epoch(output_dir, None, _cpu_copy(state.best.weights), best, checkpoint["history"])
         print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {state.lra.best_epoch}).")
 
 
 def is_checkpoint(obj: Any) -> bool:
     """Whether a loaded file is a last_checkpoint.pth."""
-    return isinstance(obj, dict) and all(key in obj for key in (*state_module.KEYS, "config"))
+    return isinstance(obj, dict) and all(key in obj for key in (*state_module.KEYS, "config")
+                                         if key not in state_module.NEWER_KEYS)
 
 
 def load_best_model_info(output_dir: str) -> dict[str, Any]:

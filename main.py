@@ -104,6 +104,13 @@ CLASS_WEIGHTS: str | None = None  # "balanced": the training loss weighs class c
                                  # equal. Validation and test losses (and LRA's val_loss) stay unweighted
 SCHEDULE: str = "lra"            # "lra": LRA cuts the LR on plateaus; "onecycle": fixed per-step warm-up and decay
 LOOKAHEAD: bool = False          # airbench's lookahead: every 5 steps pull the weights towards a slow average
+EMA_DECAY: float | None = None   # keep an exponential moving average of the weights and evaluate and save it
+                                 # (torchvision's --model-ema); decay per optimizer step, e.g. 0.999, warmed up as
+                                 # TensorFlow's: min(EMA_DECAY, (1 + t) / (10 + t)) at step t; None: no average
+ACCUMULATE_STEPS: int = 1        # batches of BATCH_SIZE whose gradients add up to one optimizer step (a larger
+                                 # batch in the memory of one; CUDA graphs then stay off)
+CLIP_GRAD_NORM: float | None = None  # scale the gradients down to this total L2 norm before each optimizer step
+                                 # (torch.nn.utils.clip_grad_norm_); None: no clipping
 TTA: bool = False                # final test evaluation averages flipped and shifted views
 
 # --- LRA (README: LRA, the callback in charge)
@@ -307,11 +314,12 @@ def build_config(values: dict[str, typing.Any]) -> Config:
         resize_size=None if own_size else weights.get("resize_size"),
         mean=weights.get("mean"), std=weights.get("std"))
     optim = optim_module.OptimConfig(**_lower(values, "LR", "MOMENTUM", "WEIGHT_DECAY", "NORM_LR_SCALE",
-                                              "BODY_LR_SCALE", "SCHEDULE", "LOOKAHEAD"))
+                                              "BODY_LR_SCALE", "SCHEDULE", "LOOKAHEAD", "EMA_DECAY"))
     lra = callback_module.LRAConfig(**_lower(values, "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR", "DWELL",
                                              "ASK_EPOCH", "MIN_LR", "MIN_DELTA", "UNFREEZE_EPOCH"),
                                     adjust_lr=values["SCHEDULE"] == "lra")
-    fit = train_module.FitConfig(**_lower(values, "EPOCHS", "OUTPUT_DIR", "LABEL_SMOOTHING", "COMPILE"))
+    fit = train_module.FitConfig(**_lower(values, "EPOCHS", "OUTPUT_DIR", "LABEL_SMOOTHING", "COMPILE",
+                                          "ACCUMULATE_STEPS", "CLIP_GRAD_NORM"))
     return Config(dict(values), data, optim, lra, fit)
 
 
@@ -426,7 +434,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     path = _resume_path(k)
     utils.seed_everything(k["SEED"])
     device = utils.get_device(local_rank)
-    cuda_graph = step_module.use_cuda_graph(k["CUDA_GRAPHS"], device, world_size=world_size, compile=k["COMPILE"])
+    cuda_graph = step_module.use_cuda_graph(k["CUDA_GRAPHS"], device, world_size=world_size, compile=k["COMPILE"],
+                                            accumulate_steps=k["ACCUMULATE_STEPS"], main_process=rank == 0)
     torch.backends.cudnn.benchmark = True
     with account.timed("data"):
         data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
@@ -470,8 +479,9 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
 
 def _make_state(config: Config, data: data_module.Data, device: torch.device, lr_device: torch.device | None,
                 rank: int, fresh: bool) -> state_module.TrainState:
-    """A run's model (on the device), optimizer, schedule, Lookahead and LRA; fresh: a new run, which starts
-    from WEIGHTS (a resumed one takes its weights from its checkpoint)."""
+    """A run's model (on the device), optimizer, schedule, Lookahead, EMA and LRA; fresh: a new run, which
+    starts from WEIGHTS (a resumed one takes its weights from its checkpoint). The schedule and Lookahead
+    count optimizer steps (ACCUMULATE_STEPS batches each)."""
     k = config.constants
     model = model_module.get_model(k["MODEL"], len(data.classes), freeze=k["FREEZE"],
                                    weights=k["WEIGHTS"] if fresh else None,
@@ -479,12 +489,13 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device, lr
                                    pretrained=k["PRETRAINED"])
     model = model.to(device, memory_format=torch.channels_last if k["CHANNELS_LAST"] else torch.preserve_format)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
-    total_steps = config.fit.epochs * len(data.train)
+    total_steps = config.fit.epochs * step_module.optimizer_steps(len(data.train), config.fit.accumulate_steps)
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr, total_steps)
     lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
+    ema = optim_module.EMA(model, config.optim.ema_decay) if config.optim.ema_decay is not None else None
     lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)), main_process=rank == 0,
               share=utils.broadcast)
-    return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead)
+    return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead, ema=ema)
 
 
 def train(config: Config, run: Run) -> Outcome:
@@ -492,9 +503,11 @@ def train(config: Config, run: Run) -> Outcome:
     the training curves, whatever ended it."""
     k, output_dir = config.constants, run.fit.output_dir
     go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
+    accumulation = f", {k['ACCUMULATE_STEPS']} to an optimizer step" if k["ACCUMULATE_STEPS"] > 1 else ""
     if run.main_process:
         print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
-              f"{utils.plural(len(run.data.train), 'batch', 'batches')} of {config.data.batch_size} per epoch | "
+              f"{utils.plural(len(run.data.train), 'batch', 'batches')} of {config.data.batch_size} per epoch"
+              f"{accumulation} | "
               f"{_data_path(run.data)} | outputs in {os.path.abspath(output_dir)}")
         if run.fit.class_weights is not None:
             print(_class_weights_line(run.fit.class_weights, run.data.classes))
@@ -552,13 +565,13 @@ def _resume_path(constants: dict[str, typing.Any]) -> str | None:
 
 
 def report(config: Config, run: Run) -> dict[str, typing.Any]:
-    """Evaluate the (best) model on the test set, print the accuracy and each class's recall (its accuracy: the
-    share of its images called it), write the test report (test_report.csv, recall among its columns),
-    the confusion matrix and the most confident mistakes; return the figures."""
+    """Evaluate the (best) model, or its EMA with EMA_DECAY, on the test set, print the accuracy and each class's
+    recall (its accuracy: the share of its images called it), write the test report (test_report.csv, recall
+    among its columns), the confusion matrix and the most confident mistakes; return the figures."""
     data, started, tta = run.data, time.perf_counter(), config.constants["TTA"]
     with run.account.timed("final evaluation"):
-        result = train_module.evaluate(run.state.model, data.test, autocast_dtype=run.fit.autocast_dtype, tta=tta,
-                                       num_classes=len(data.classes), collect=True)
+        result = train_module.evaluate(run.state.evaluated_model, data.test, autocast_dtype=run.fit.autocast_dtype,
+                                       tta=tta, num_classes=len(data.classes), collect=True)
     result["seconds"] = time.perf_counter() - started
     if not run.main_process:
         return result

@@ -1,15 +1,17 @@
 """The optimizer and what sets its LR: SGD with per-group LR scales, the one-cycle schedule, airbench's
-Lookahead, and the LR range test (the LR finder)."""
+Lookahead, the exponential moving average of the weights (EMA), and the LR range test (the LR finder)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import model_module
 import utils
@@ -29,6 +31,7 @@ class OptimConfig:
     body_lr_scale: float = 1.0  # a body frozen at the start trains at this many times lr once unfrozen
     schedule: str = "lra"
     lookahead: bool = False
+    ema_decay: float | None = None  # the EMA's decay per optimizer step; None: no EMA
 
     def __post_init__(self) -> None:
         utils.check_fields(self, RULES, {"schedule": SCHEDULES})
@@ -40,6 +43,7 @@ RULES: utils.Rules = {
     "weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "norm_lr_scale": (lambda v: v > 0, "a number > 0"),
     "body_lr_scale": (lambda v: v > 0, "a number > 0"),
+    "ema_decay": (lambda v: v is None or 0 < v < 1, "a number strictly between 0 and 1 (0.999, say), or None"),
 }
 
 
@@ -173,6 +177,57 @@ class Lookahead:
         self.step = state["step"]
         for key, value in state["slow"].items():
             self.slow[key].copy_(value)
+
+
+class EMA:
+    """An exponential moving average of the model's weights and buffers (BatchNorm statistics too, as
+    torchvision's --model-ema averages them), updated after each optimizer step: what validation, the best
+    epoch's choice, best_model.pth and the final test see. Its copy of the model is a swa_utils.AveragedModel's
+    `module` (the model's own class and state_dict keys), averaged by swa_utils' EMA function (one
+    torch._foreach_lerp_). AveragedModel.update_parameters is not used: it reads its device-held count on the
+    host at every call (a wait for the GPU each step); the count here is a Python int. The decay at update t
+    (from 0) is min(decay, (1 + t) / (10 + t)), TensorFlow's ExponentialMovingAverage with num_updates: 0.1 at
+    the first, 0.99 by the 890th, so the average soon leaves the initial weights behind. Whole-number buffers
+    (BatchNorm's num_batches_tracked) are copied, not averaged, as timm's ModelEmaV3 does."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.averaged.module.requires_grad_(False).zero_grad(set_to_none=True)  # deepcopy copies any .grad
+        self._averaged, self._copied = ([], []), ([], [])  # (the average's, the model's): floats; the rest
+        for ours, theirs in zip(_tensors(self.averaged.module), _tensors(model), strict=True):
+            pair = self._averaged if ours.is_floating_point() else self._copied
+            pair[0].append(ours.detach())  # views of the live tensors
+            pair[1].append(theirs.detach())
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged copy of the model (for evaluation: nothing trains it)."""
+        return self.averaged.module
+
+    def decay_at(self, update: int) -> float:
+        """The decay of the given update (counted from 0)."""
+        return min(self.decay, (1 + update) / (10 + update))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the model's weights after an optimizer step (device work only, no wait)."""
+        get_ema_multi_avg_fn(self.decay_at(self.updates))(*self._averaged, None)
+        if self._copied[0]:
+            torch._foreach_copy_(*self._copied)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "model": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        self.module.load_state_dict(state["model"])  # copies the values in: the lists above stay the live tensors
+
+
+def _tensors(model: nn.Module) -> Iterable[torch.Tensor]:
+    """A model's parameters and buffers, each once (as swa_utils.AveragedModel pairs them)."""
+    return itertools.chain(model.parameters(), model.buffers())
 
 
 # --------------------------------------------------------------------------- the LR range test

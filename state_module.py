@@ -1,5 +1,5 @@
 """What one run trains with, as one object: TrainState holds the model, the optimizer, LRA, the best epoch's
-snapshot, the schedule, Lookahead, the history and the RunInfo, and its state_dict() is what
+snapshot, the schedule, Lookahead, the EMA, the history and the RunInfo, and its state_dict() is what
 last_checkpoint.pth holds."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from torch import nn
 import model_module
 import utils
 from callback_module import LRA
-from optim_module import Lookahead, OneCycle
+from optim_module import EMA, Lookahead, OneCycle
 
-KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "rng", "history")  # beside RunInfo's
+KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "ema", "rng",
+        "history")  # beside RunInfo's
+NEWER_KEYS = ("ema",)  # a checkpoint written before these existed lacks them, and resumes as a run without them
 
 
 @dataclasses.dataclass
@@ -34,30 +36,57 @@ class RunInfo:
 
 
 class Snapshot:
-    """The best epoch's model state and (when a restore can use it) optimizer state, on the device."""
+    """The best epoch's model state, its EMA (when the run keeps one) and (when a restore can use it) optimizer
+    state, on the device."""
 
     def __init__(self, with_optimizer: bool = True):
         self.with_optimizer = with_optimizer
         self.model: dict[str, torch.Tensor] | None = None
         self.optimizer: dict[str, Any] | None = None
+        self.ema: dict[str, Any] | None = None  # EMA.state_dict()'s copy
 
-    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None = None) -> None:
+        self.model = _clone(model.state_dict())
         if self.with_optimizer:
             self.optimizer = copy.deepcopy(optimizer.state_dict())
+        averaged = None if ema is None else ema.state_dict()
+        self.ema = None if averaged is None else {**averaged, "model": _clone(averaged["model"])}
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Load the snapshot into the model (and the optimizer, when given)."""
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None) -> None:
+        """Load the snapshot into the model (and the optimizer and the EMA, when given)."""
         model.load_state_dict(self.model)  # copies the values in
         if optimizer is not None:  # load_state_dict keeps the tensors it is given: training would change the snapshot
             optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        if ema is not None and self.ema is not None:
+            ema.load_state_dict(self.ema)  # copies the values in
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor] | None:
+        """What best_model.pth holds: best_weights of this snapshot."""
+        return best_weights(self.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "optimizer": self.optimizer}
+        return {"model": self.model, "optimizer": self.optimizer, "ema": self.ema}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.model = None if state["model"] is None else {k: v.to(device) for k, v in state["model"].items()}
+        self.model = None if state["model"] is None else _to(state["model"], device)
         self.optimizer = copy.deepcopy(state["optimizer"])  # the optimizer may be loaded from the same tensors
+        ema = state.get("ema")  # none in a checkpoint of a run without an EMA, or from before EMA_DECAY
+        self.ema = None if ema is None else {**ema, "model": _to(ema["model"], device)}
+
+
+def best_weights(best: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The weights best_model.pth holds, from a Snapshot's state_dict(): the best epoch's EMA when the run keeps
+    one (what validation chose it by), else its model state."""
+    return best["ema"]["model"] if best.get("ema") is not None else best["model"]
+
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _to(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in state.items()}
 
 
 
@@ -72,12 +101,19 @@ class TrainState:
     best: Snapshot | None = None
     schedule: OneCycle | None = None
     lookahead: Lookahead | None = None
+    ema: EMA | None = None  # the moving average of the weights (EMA_DECAY), which validation and the test see
     history: list[dict] = dataclasses.field(default_factory=list)  # one metrics row per finished epoch
     info: RunInfo | None = None
 
     def __post_init__(self) -> None:
         if self.best is None:
             self.best = Snapshot(with_optimizer=self.lra.restores)
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What validation (so the best epoch's choice) and the final test evaluate: the EMA's averaged copy of
+        the model when the run keeps one, else the model itself."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def epoch(self) -> int:
@@ -88,7 +124,7 @@ class TrainState:
         """KEYS and RunInfo's fields, referring to the live tensors. Every process calls it together: it gathers
         each process's random state, so a resume continues each one."""
         optional = {name: part.state_dict() if part is not None else None
-                    for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead))}
+                    for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead), ("ema", self.ema))}
         return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "lra": self.lra.state_dict(), "best": self.best.state_dict(), **optional,
                 "rng": utils.gather(utils.rng_state()), "history": list(self.history),
@@ -96,14 +132,14 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
         """Continue exactly where state left off: weights, optimizer, LRA (and the body it unfroze), the best
-        snapshot, schedule, Lookahead, history and this process's random state."""
+        snapshot, schedule, Lookahead, EMA, history and this process's random state."""
         self.model.load_state_dict(state["model"])
         self.lra.load_state_dict(state["lra"])
         if not self.lra.frozen:  # unfrozen during the saved run (the optimizer has held the body all along)
             model_module.unfreeze_body(self.model)
         self.best.load_state_dict(state["best"], next(self.model.parameters()).device)
         self.optimizer.load_state_dict(state["optimizer"])
-        for part, name in ((self.schedule, "schedule"), (self.lookahead, "lookahead")):
+        for part, name in ((self.schedule, "schedule"), (self.lookahead, "lookahead"), (self.ema, "ema")):
             if part is not None and state.get(name):
                 part.load_state_dict(state[name])
         self.history = list(state["history"])

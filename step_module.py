@@ -1,5 +1,6 @@
-"""One training step and how it runs: autocast precision (chosen once per run, with a timing trial on a CPU),
-the step replayed from a CUDA graph, and the model compiled or data-parallel for training."""
+"""One training step and how it runs: gradient accumulation and clipping, autocast precision (chosen once per
+run, with a timing trial on a CPU), the step replayed from a CUDA graph, and the model compiled or data-parallel
+for training."""
 
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def autotuned(worth_it: bool):
 class TrainStep:
     """One training step on a batch (forward, loss, backward, optimizer step); returns the loss and the logits.
 
+    accumulate > 1: each call trains on one micro-batch, the index-th of a group of `group` (micro_batch says
+    which): its mean loss counts 1/group of the update, the gradients are zeroed at the group's first and the
+    optimizer steps at its last, so a group of equal micro-batches updates as one batch of them all would
+    (but BatchNorm, which sees each micro-batch alone). Under torchrun the gradients are all-reduced at the
+    last only (DistributedDataParallel's no_sync before). clip_grad_norm: the gradients (summed over the group)
+    are scaled down to this total norm before each optimizer step, on the device, with no wait for it.
+
     graph=True (CUDA): the step is captured once in a CUDA graph, then replayed for every batch of the captured
     size: one launch where eager mode launches one kernel per operation, which is what holds small models back
     on a GPU. The graph reads and writes fixed tensors: its input buffers, the model's state, the momentum
@@ -59,9 +67,13 @@ class TrainStep:
     WARMUP_STEPS = 3  # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
-                 autocast_dtype: torch.dtype | None = None, graph: bool = False):
+                 autocast_dtype: torch.dtype | None = None, graph: bool = False, accumulate: int = 1,
+                 clip_grad_norm: float | None = None):
         self.model, self.optimizer, self.loss_fn, self.autocast_dtype = model, optimizer, loss_fn, autocast_dtype
+        self.accumulate, self.clip_grad_norm = accumulate, clip_grad_norm
         self.device = next(model.parameters()).device
+        if graph and accumulate > 1:  # use_cuda_graph keeps graphs off then: a captured step is a whole update
+            raise ValueError("a captured step is one whole optimizer step: it accumulates no micro-batches")
         if graph and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA device, not {self.device}")
         if graph and not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
@@ -75,10 +87,13 @@ class TrainStep:
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.key: tuple | None = None
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, *, index: int = 0,
+                 group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on the batch, the index-th micro-batch of a group of `group` (one optimizer step per group)."""
+        assert 0 <= index < group <= self.accumulate, "micro_batch's position in a group of at most accumulate"
         if self.compiling:  # torch.compile compiles on the first call
             started, self.compiling = time.perf_counter(), False
-            result = self._step(images, targets)
+            result = self._step(images, targets, index, group)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             if not utils.is_distributed() or torch.distributed.get_rank() == 0:
@@ -86,7 +101,7 @@ class TrainStep:
                       f"compiling included", file=sys.stderr)
             return result
         if not self.use_graph or (self.graph is not None and images.shape != self.inputs[0].shape):
-            return self._step(images, targets)
+            return self._step(images, targets, index, group)
         if self.graph is None:
             try:
                 self._capture(images, targets)
@@ -105,13 +120,20 @@ class TrainStep:
         if self.graph is not None and graph_key(self.model, self.optimizer) != self.key:
             self.graph = self.inputs = self.outputs = None
 
-    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with autocast(self.device, self.autocast_dtype, cache=not self.use_graph):
-            logits = self.model(images)
-            loss = self.loss_fn(logits, targets)
-        self.optimizer.zero_grad(set_to_none=True)  # in a capture: backward makes the graph's own .grad tensors
-        loss.backward()
-        self.optimizer.step()
+    def _step(self, images: torch.Tensor, targets: torch.Tensor, index: int = 0,
+              group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        last = index == group - 1
+        with contextlib.nullcontext() if last else _no_sync(self.model):  # DDP decides in forward: both inside
+            with autocast(self.device, self.autocast_dtype, cache=not self.use_graph):
+                logits = self.model(images)
+                loss = self.loss_fn(logits, targets)
+            if index == 0:
+                self.optimizer.zero_grad(set_to_none=True)  # in a capture: backward makes the graph's own .grad
+            (loss / group if group > 1 else loss).backward()
+        if last:
+            if self.clip_grad_norm is not None:  # no error_if_nonfinite: that would wait for the device
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            self.optimizer.step()
         return loss, logits
 
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
@@ -150,6 +172,23 @@ class TrainStep:
                 raise RuntimeError(f"a replay of the captured step gave (loss, weight change, momentum) "
                                    f"{replayed.tolist()} where the eager step gave {expected.tolist()}")
         self.graph, self.key = graph, graph_key(self.model, self.optimizer)
+
+
+def micro_batch(batch: int, batches: int, accumulate: int) -> tuple[int, int]:
+    """Where the batch-th of an epoch's batches (from 1) falls when accumulate of them make an optimizer step:
+    its index in its group and the group's size (the epoch's last group holds what is left)."""
+    first = (batch - 1) // accumulate * accumulate
+    return batch - 1 - first, min(accumulate, batches - first)
+
+
+def optimizer_steps(batches: int, accumulate: int) -> int:
+    """The optimizer steps of an epoch of this many batches, accumulate to a step (a last smaller group counts)."""
+    return -(-batches // accumulate)
+
+
+def _no_sync(model: nn.Module):
+    """DistributedDataParallel's no_sync (backward leaves the gradients unreduced), or nothing for a plain model."""
+    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
 
 
 def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -275,9 +314,12 @@ def _trial_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 # --------------------------------------------------------------------------- what runs the step
 
 
-def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1, compile: bool = False) -> bool:
+def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1, compile: bool = False,
+                   accumulate_steps: int = 1, main_process: bool = True) -> bool:
     """Whether training steps are replayed from a CUDA graph: "auto" on a CUDA device in one process without
-    torch.compile (whose own graphs would nest), "yes" there or a ValueError saying why not, "no" never."""
+    torch.compile (whose own graphs would nest) and without gradient accumulation (a captured step is one whole
+    optimizer step: "auto" then says in a line that graphs are off), "yes" there or a ValueError saying why
+    not, "no" never."""
     if setting not in CUDA_GRAPHS:
         raise ValueError(utils.not_known("CUDA_GRAPHS", setting, CUDA_GRAPHS))
     possible = {"a CUDA device": device.type == "cuda", "one process (not torchrun)": world_size == 1,
@@ -285,6 +327,14 @@ def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1, c
     if setting == "yes" and not all(possible.values()):
         missing = ", ".join(need for need, met in possible.items() if not met)
         raise ValueError(f"CUDA_GRAPHS='yes' needs {missing}; set it to 'auto' or 'no'")
+    if setting != "no" and all(possible.values()) and accumulate_steps > 1:
+        if setting == "yes":
+            raise ValueError(f"CUDA_GRAPHS='yes' needs ACCUMULATE_STEPS = 1, not {accumulate_steps} (a captured "
+                             f"step is one whole optimizer step); set CUDA_GRAPHS to 'auto' or 'no'")
+        if main_process:
+            print(f"note: training steps are not replayed from a CUDA graph with ACCUMULATE_STEPS = "
+                  f"{accumulate_steps} (a captured step is one whole optimizer step)", file=sys.stderr)
+        return False
     return setting != "no" and all(possible.values())
 
 

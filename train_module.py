@@ -18,7 +18,7 @@ import model_module
 import step_module
 import utils
 from callback_module import Decision
-from optim_module import Lookahead, OneCycle, get_lr, set_lr
+from optim_module import EMA, Lookahead, OneCycle, get_lr, set_lr
 from state_module import TrainState
 from step_module import TrainStep, autocast
 
@@ -37,11 +37,14 @@ def _show_progress() -> bool:
 
 
 def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1, schedule: OneCycle | None = None,
-                    lookahead: Lookahead | None = None, check: Callable[[], None] | None = None) -> dict[str, float]:
+                    lookahead: Lookahead | None = None, ema: EMA | None = None,
+                    check: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over the training data with this step (one kept across epochs keeps its CUDA graph); returns
-    train_loss and train_acc (over every process). Each step only queues work: losses and logits are tallied
-    on the device every CHECK_EVERY steps, so the GPU never waits on Python. check() is called before each
-    step (the epoch writer's: it raises the error of a write that failed)."""
+    train_loss and train_acc (over every process). With step.accumulate > 1 the batches train in groups of
+    that many, one optimizer step each (the last group holds what is left); the schedule, Lookahead and the
+    EMA follow each optimizer step, in that order. Each step only queues work: losses and logits are tallied
+    on the device every CHECK_EVERY batches, so the GPU never waits on Python. check() is called before each
+    batch (the epoch writer's: it raises the error of a write that failed)."""
     step.model.train()
     device = step.device
     step.new_epoch()
@@ -49,15 +52,19 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1, schedu
     pending = ([], [], [])  # losses, logits, targets of the steps not yet tallied
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not _show_progress())
     check_every = CHECK_EVERY if bar.disable else 10  # a bar shows running figures, which costs a sync
-    batch = 0
+    batch, batches = 0, len(loader)
     for batch, (images, targets) in enumerate(loader, start=1):
         if check is not None:
             check()
-        loss, logits = step(images, targets)
-        if schedule is not None:
-            schedule.advance(step.optimizer)
-        if lookahead is not None:
-            lookahead.update()
+        index, group = step_module.micro_batch(batch, batches, step.accumulate)
+        loss, logits = step(images, targets, index=index, group=group)
+        if index == group - 1:  # the group's optimizer step was taken
+            if schedule is not None:
+                schedule.advance(step.optimizer)
+            if lookahead is not None:
+                lookahead.update()
+            if ema is not None:
+                ema.update()
         for store, value in zip(pending, (loss.detach(), logits.detach(), targets)):
             store.append(value)
         if batch % check_every == 0:
@@ -203,11 +210,12 @@ def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_decision(decision: Decision, state: TrainState) -> None:
-    """Carry out LRA's decision: keep a new best, go back to the best, unfreeze the body, set the LR."""
+    """Carry out LRA's decision: keep a new best, go back to the best (the weights, the optimizer state and
+    the EMA), unfreeze the body, set the LR."""
     if decision.new_best:
-        state.best.take(state.model, state.optimizer)
+        state.best.take(state.model, state.optimizer, state.ema)
     if decision.restore:
-        state.best.restore(state.model, state.optimizer)
+        state.best.restore(state.model, state.optimizer, state.ema)
     if decision.unfreeze:
         model_module.unfreeze_body(state.model)  # the optimizer already holds its parameters (make_optimizer)
     if decision.next_lr is not None:
@@ -232,6 +240,8 @@ class FitConfig:
     autocast_dtype: torch.dtype | None = None
     cuda_graph: bool = False  # replay the step from a CUDA graph (the optimizer needs make_optimizer's lr_device)
     compile: bool = False  # torch.compile what runs the training batches
+    accumulate_steps: int = 1  # batches whose gradients add up to one optimizer step
+    clip_grad_norm: float | None = None  # the gradients' total norm is scaled down to this before each step
     world_size: int = 1  # processes under torchrun: the model runs data-parallel when more than one
     main_process: bool = True  # the one that writes the files
 
@@ -243,6 +253,8 @@ RULES: utils.Rules = {
     "epochs": (lambda v: v >= 1, "a whole number >= 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "class_weights": (lambda v: v is None or all(0 < w < math.inf for w in v), "finite numbers > 0, or None"),
+    "accumulate_steps": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
+    "clip_grad_norm": (lambda v: v is None or v > 0, "a number > 0, or None"),
 }
 
 
@@ -272,7 +284,8 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
         on_epoch: Callable[[dict], None] | None = None, account: utils.TimeAccount | None = None) -> list[dict]:
     """Train from the epoch after state's last to config.epochs (or as far as the user asks at the prompt)
     unless LRA stops first, carrying out its decisions and saving each epoch's files while the next trains
-    (checkpoint_module.EpochWriter). At the end, or on an interruption, the model holds the best weights.
+    (checkpoint_module.EpochWriter). At the end, or on an interruption, the model holds the best weights (and
+    the EMA, with one, the best epoch's average).
     loss_fn: None for training_loss(config) (cross-entropy, label smoothing, class weights); on_epoch(row)
     after each epoch (TensorBoard); account: gets the seconds of training, validation and the epoch files (what
     the training thread spends on them)."""
@@ -311,9 +324,10 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
         if writer is not None:
             writer.wait(raise_error=False)  # interrupted: the write in flight still lands
         if state.best.model is not None:
-            state.best.restore(state.model)
+            state.best.restore(state.model, ema=state.ema)
         state.lra.on_train_end(reason, writer.landed[checkpoint_module.BEST_MODEL] if writer else -1)
-    _check_agreement(state.model, state.history, config.main_process)
+    _check_agreement([state.model] + ([state.ema.module] if state.ema is not None else []), state.history,
+                     config.main_process)
     return state.history
 
 
@@ -321,7 +335,8 @@ def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: 
     """The training step over what runs the batches: the model, compiled and/or data-parallel as asked."""
     model = step_module.wrap_for_training(state.model, compile=config.compile, world_size=config.world_size,
                                           device=next(state.model.parameters()).device)
-    return TrainStep(model, state.optimizer, loss_fn, autocast_dtype=config.autocast_dtype, graph=graph)
+    return TrainStep(model, state.optimizer, loss_fn, autocast_dtype=config.autocast_dtype, graph=graph,
+                     accumulate=config.accumulate_steps, clip_grad_norm=config.clip_grad_norm)
 
 
 def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
@@ -332,22 +347,22 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
     metrics = {"epoch": epoch, **train_one_epoch(step, data.train, epoch=epoch, schedule=state.schedule,
-                                                 lookahead=state.lookahead, check=check)}
+                                                 lookahead=state.lookahead, ema=state.ema, check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
     val = {"loss": None, "acc": None} if data.val is None else \
-        evaluate(step_module.unwrapped(step.model), data.val, autocast_dtype=step.autocast_dtype)
+        evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype)  # the EMA, with one
     metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started,
                    train_seconds=trained - started)
     return utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
 
 
-def _check_agreement(model: nn.Module, history: list[dict], main_process: bool) -> None:
-    """Under torchrun, confirm every process made the same LR decisions and ends with the same weights
-    (they must, to stay in step)."""
+def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
+    """Under torchrun, confirm every process made the same LR decisions and ends with the same weights (of the
+    model and its EMA: they must, to stay in step)."""
     if not utils.is_distributed():
         return
     with torch.no_grad():
-        checksum = float(sum(p.double().sum() for p in model.parameters()))
+        checksum = [float(sum(p.double().sum() for p in model.parameters())) for model in models]
     states = utils.gather(([(row["epoch"], row["next_lr"], row["event"]) for row in history], checksum))
     if main_process:
         agree = all(state == states[0] for state in states)

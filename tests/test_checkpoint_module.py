@@ -79,6 +79,19 @@ def test_a_checkpoint_of_another_format_or_model_is_refused(tmp_path):
         checkpoint_module.resume(checkpoint, path, other, output_dir=str(tmp_path / "run"))
 
 
+def test_a_checkpoint_written_before_the_ema_existed_resumes_as_a_run_without_one(tmp_path, one_thread):
+    state, data, history = run_fit(tmp_path / "run", epochs=1)
+    path = str(tmp_path / "old.pth")
+    checkpoint = torch.load(tmp_path / "run" / "last_checkpoint.pth", weights_only=True)
+    del checkpoint["ema"], checkpoint["best"]["ema"]  # as FORMAT 2 files were first written
+    utils.save_torch(checkpoint, path)
+    resumed = new_state(data, started=state.info.started)
+    checkpoint_module.resume(checkpoint_module.read_checkpoint(path), path, resumed, output_dir=str(tmp_path / "run"))
+    assert resumed.ema is None and resumed.history == history
+    saved = torch.load(tmp_path / "run" / "best_model.pth", weights_only=True)
+    assert all(torch.equal(saved[key], value) for key, value in state.best.model.items())
+
+
 # ----------------------------------------------------------------------------- earlier runs
 
 

@@ -22,6 +22,7 @@ import checkpoint_module
 import data_module
 import loader_module
 import main
+import model_module
 import step_module
 import train_module
 import utils
@@ -133,7 +134,8 @@ def test_a_value_of_the_wrong_type_is_refused(capsys):
                                          ("PATIENCE", 0), ("STOP_PATIENCE", 0), ("THRESHOLD", 1.5),
                                          ("VAL_SPLIT", -1), ("TRAIN_SUBSET", 0), ("MODEL", "vgg"),
                                          ("DATASET", "mnist"), ("SCHEDULE", "cosine"), ("MIXUP", -0.2),
-                                         ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance")])
+                                         ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance"), ("EMA_DECAY", 1.0),
+                                         ("EMA_DECAY", 0.0), ("ACCUMULATE_STEPS", 0), ("CLIP_GRAD_NORM", 0.0)])
 def test_out_of_range_constants_name_the_constant(name, value):
     config = main.constants()
     config[name] = value
@@ -422,6 +424,38 @@ def test_resume_after_the_last_epoch_trains_no_more(tiny_run, capsys):
     result = main_in_process(args + ["--epochs", "2", "--resume", "auto"], capsys)
     assert result.returncode == 0 and "Resuming" in result.stdout
     assert len(pd.read_csv(out / "training_metrics.csv")) == 2
+
+
+METRICS = "training_metrics.csv"
+
+
+def test_a_run_with_an_ema_accumulation_and_clipping_resumes_as_if_never_stopped_and_is_tested_on_its_ema(
+        tiny_run, tmp_path, capsys, one_thread):
+    args, out = tiny_run
+    args = [str(a) for a in args] + ["--ema-decay", "0.9", "--accumulate-steps", "2", "--clip-grad-norm", "1",
+                                     "--threshold", "0"]
+    straight = str(tmp_path / "straight")
+    capsys.readouterr()
+    expected = main.run_main(args + ["--output-dir", straight, "--epochs", "3"])
+    assert expected.status == 0 and "batches of 32 per epoch, 2 to an optimizer step" in capsys.readouterr().out
+    assert main_in_process(args + ["--epochs", "2"], capsys).returncode == 0
+    resumed = main.run_main(["--resume", "auto", "--output-dir", str(out), "--epochs", "3"])
+    assert resumed.status == 0 and "Resuming" in capsys.readouterr().out
+    numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
+    before, after = pd.read_csv(tmp_path / "straight" / METRICS), pd.read_csv(out / METRICS)
+    assert list(after["epoch"]) == [1, 2, 3] and (after[numeric] - before[numeric]).abs().max().max() <= 1e-6
+    assert resumed.test["loss"] == pytest.approx(expected.test["loss"], rel=1e-6)
+
+    best = torch.load(out / "best_model.pth", weights_only=True)  # the best epoch's EMA, which the test saw
+    checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
+    assert all(torch.equal(best[k], v) for k, v in checkpoint["best"]["ema"]["model"].items())
+    config = main.build_config(main.parse_config(args)[0])  # the run's data, read again
+    data = data_module.get_data(config.data, torch.device("cpu"))
+    model = model_module.get_model("cnn", 10)
+    model.load_state_dict(best)
+    assert train_module.evaluate(model, data.test)["loss"] == pytest.approx(resumed.test["loss"], rel=1e-5)
+    model.load_state_dict(checkpoint["best"]["model"])  # the raw weights of that epoch score otherwise
+    assert train_module.evaluate(model, data.test)["loss"] != pytest.approx(resumed.test["loss"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- earlier runs kept, one run per folder

@@ -180,3 +180,56 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
     held.load_state_dict(copy.deepcopy(number.state_dict()))
     assert all(isinstance(group["lr"], torch.Tensor) and group["fused"] for group in held.param_groups)
     assert optim_module.get_lr(held) == pytest.approx(0.3)
+
+
+# --------------------------------------------------------------------------- the EMA of the weights
+
+
+def test_the_ema_of_constant_weights_is_those_weights(one_thread):
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)  # BatchNorm: its statistics are averaged too
+    with torch.no_grad():
+        for buffer in model.buffers():
+            buffer.add_(3)  # not the initial values a fresh copy would share by chance
+    ema = optim_module.EMA(model, decay=0.999)
+    for _ in range(25):  # the warm-up's decays (0.1 rising) and all
+        ema.update()
+    assert ema.updates == 25
+    for key, value in model.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[key], value), key
+
+
+def test_the_ema_after_k_updates_is_the_closed_form_for_a_scalar_parameter():
+    """With decays d_t = min(D, (1 + t) / (10 + t)) and weights w_1..w_k after the steps, the average is
+    w_0 d_0 ... d_(k-1) + the sum over t of (1 - d_t) w_(t+1) d_(t+1) ... d_(k-1)."""
+    model = nn.Module()
+    model.w = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    decay, k = 0.5, 20  # the warm-up's decay passes 0.5 at t = 8: both regimes
+    ema = optim_module.EMA(model, decay)
+    weights = [2.0] + [math.sin(t) + t / 4 for t in range(1, k + 1)]
+    for w in weights[1:]:
+        model.w.data.fill_(w)
+        ema.update()
+    decays = [min(decay, (1 + t) / (10 + t)) for t in range(k)]
+    expected = weights[0] * math.prod(decays) + sum(
+        (1 - decays[t]) * weights[t + 1] * math.prod(decays[t + 1:]) for t in range(k))
+    assert ema.module.w.item() == pytest.approx(expected, rel=1e-12)
+    assert decays[0] == pytest.approx(0.1) and decays[-1] == decay and ema.decay_at(10**6) == decay
+
+
+def test_the_ema_copies_whole_number_buffers_and_leaves_the_model_alone(one_thread):
+    torch.manual_seed(0)
+    model = model_module.get_model("cnn", 4)
+    ema = optim_module.EMA(model, decay=0.9)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(4, 3, 16, 16))  # BatchNorm counts batches and moves its statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update()
+    averaged = ema.module.state_dict()
+    counts = [k for k in averaged if k.endswith("num_batches_tracked")]
+    assert counts and all(averaged[k].item() == 3 for k in counts)
+    mean = next(k for k in averaged if k.endswith("running_mean"))  # the first decay, 0.1: 0.9 of the way there
+    assert torch.allclose(averaged[mean], 0.9 * before[mean], atol=1e-7)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in ema.module.parameters())

@@ -1,4 +1,5 @@
-"""step_module: the precision choice and the bf16 trial, and what a captured (CUDA-graph) step needs."""
+"""step_module: the precision choice and the bf16 trial, what a captured (CUDA-graph) step needs, gradient
+accumulation (under torchrun too) and clipping."""
 
 import copy
 import functools
@@ -11,6 +12,7 @@ import model_module
 import optim_module
 import state_module
 import step_module
+import train_module
 from conftest import assert_same_state, random_batch, state_of
 from optim_module import OptimConfig
 
@@ -157,3 +159,115 @@ def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_wit
     assert not steps[0].use_graph and not captured
     assert "could not be captured in a CUDA graph (a replay of the captured step gave" in capsys.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+# --------------------------------------------------------------------------- accumulation and clipping
+
+
+def mlp():
+    """A model without BatchNorm or dropout: a micro-batch trains it as its share of a larger batch would."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@pytest.mark.parametrize("micro_batches, groups", [(8, [4, 4]), (6, [4, 2])],
+                         ids=["whole groups", "a last smaller group"])
+def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(micro_batches, groups, one_thread):
+    batches = [random_batch(seed=seed) for seed in range(micro_batches)]
+    joined, start = [], 0
+    for size in groups:  # the reference: one batch of each group's micro-batches together
+        joined.append(tuple(torch.cat(parts) for parts in zip(*batches[start:start + size])))
+        start += size
+    trained = []
+    for loader, accumulate in ((batches, 4), (joined, 1)):
+        model = mlp()
+        optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))  # Nesterov momentum, weight decay
+        schedule = optim_module.make_schedule(optimizer, "onecycle", 0.1, total_steps=len(groups))
+        ema = optim_module.EMA(model, 0.9)
+        step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), accumulate=accumulate)
+        metrics = train_module.train_one_epoch(step, loader, schedule=schedule, ema=ema)
+        assert schedule.step == ema.updates == len(groups) == step_module.optimizer_steps(len(loader), accumulate)
+        trained.append((model, ema, metrics))
+    (model, ema, metrics), (reference, reference_ema, reference_metrics) = trained
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(ema.module.parameters(), reference_ema.module.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert metrics["train_loss"] == pytest.approx(reference_metrics["train_loss"], rel=1e-6)
+
+
+def test_micro_batches_fall_into_groups_of_accumulate_and_the_last_holds_what_is_left():
+    assert [step_module.micro_batch(b, 6, 4) for b in range(1, 7)] == [(0, 4), (1, 4), (2, 4), (3, 4), (0, 2), (1, 2)]
+    assert [step_module.micro_batch(b, 3, 1) for b in range(1, 4)] == [(0, 1)] * 3
+    assert [step_module.optimizer_steps(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("ratio", [0.25, 4.0])
+def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_ones_alone(ratio, one_thread):
+    model, images_targets = mlp(), random_batch()
+    reference = copy.deepcopy(model)
+    nn.CrossEntropyLoss()(reference(images_targets[0]), images_targets[1]).backward()
+    gradients = [p.grad for p in reference.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])).item()
+    max_norm, lr = ratio * norm, 0.1
+    step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr), nn.CrossEntropyLoss(),
+                                 clip_grad_norm=max_norm)
+    step(*images_targets)
+    scale = min(1.0, max_norm / norm)  # SGD on the gradients scaled to the max norm, or as they are
+    for trained, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
+        assert torch.allclose(trained, before - lr * scale * gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_torchrun(tmp_path, one_thread):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", world_size=1, rank=0)
+    try:
+        model = nn.parallel.DistributedDataParallel(mlp())
+        reductions = []
+
+        def count(state, bucket):  # DistributedDataParallel's all-reduce of a bucket of gradients, counted
+            reductions.append(len(bucket.gradients()))
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+        model.register_comm_hook(None, count)
+        step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                                     accumulate=3)
+        for batch in range(1, 4):
+            index, group = step_module.micro_batch(batch, 3, 3)
+            step(*random_batch(seed=batch), index=index, group=group)
+            assert sum(reductions) == (4 if batch == 3 else 0)  # every parameter's gradient, once, at the last
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulation_turns_cuda_graphs_off_with_a_note_and_a_yes_is_refused_naming_both(capsys):
+    cuda = torch.device("cuda", 0)
+    assert not step_module.use_cuda_graph("auto", cuda, accumulate_steps=4)
+    assert "not replayed from a CUDA graph with ACCUMULATE_STEPS = 4" in capsys.readouterr().err
+    assert not step_module.use_cuda_graph("auto", torch.device("cpu"), accumulate_steps=4)
+    assert capsys.readouterr().err == ""  # no graph to turn off: nothing to say
+    with pytest.raises(ValueError, match="CUDA_GRAPHS='yes' needs ACCUMULATE_STEPS = 1, not 4"):
+        step_module.use_cuda_graph("yes", cuda, accumulate_steps=4)
+    model = mlp()
+    with pytest.raises(ValueError, match="accumulates no micro-batches"):
+        step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                              graph=True, accumulate=2)
+
+
+def test_a_captured_step_clips_as_the_eager_one_does_and_the_ema_follows_its_replays(stand_in_cuda, one_thread):
+    captured, _ = stand_in_cuda
+    batches = [random_batch(seed=seed) for seed in range(4)]
+    trained = []
+    for graph in (True, False):
+        model = mlp()
+        optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.5), lr_device=torch.device("cpu"))
+        ema = optim_module.EMA(model, 0.9)
+        step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), graph=graph, clip_grad_norm=0.1)
+        train_module.train_one_epoch(step, batches, ema=ema)
+        trained.append((model, ema))
+    assert len(captured) == 1  # the graphed run's steps were replays of one capture (the stand-in's)
+    (model, ema), (eager, eager_ema) = trained
+    for a, b in zip([*model.parameters(), *ema.module.parameters()],
+                    [*eager.parameters(), *eager_ema.module.parameters()]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

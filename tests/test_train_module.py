@@ -372,3 +372,37 @@ def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_o
     assert weights == pytest.approx((1100 / 2000, 1100 / 200))
     plain, balanced = rare_recall(None), rare_recall(weights)
     assert plain < 0.4 and balanced > 0.6, (plain, balanced)
+
+
+def test_validation_and_best_model_pth_see_the_ema_worked_out_from_the_weights_after_each_step(tmp_path, one_thread):
+    torch.manual_seed(0)
+    data = make_tiny_data(size=8)
+    model = model_module.get_model("cnn", 4)
+    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    ema = optim_module.EMA(model, decay=0.8)
+    lra = LRA(LRAConfig(ask_epoch=None, adjust_lr=False), stream=io.StringIO())  # no cuts: no restores
+    def exact(state):  # floats in float64, whole numbers as they are
+        return {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
+    initial, after_steps = exact(model.state_dict()), []
+    optimizer.register_step_post_hook(lambda *_: after_steps.append(exact(model.state_dict())))
+    state = TrainState(model, optimizer, lra, ema=ema)
+    history = train_module.fit(state, data, FitConfig(epochs=3, output_dir=str(tmp_path)))
+
+    averages, average = [], initial  # the EMA by its definition, in float64, from the weights after each step
+    for t, weights in enumerate(after_steps):
+        decay = min(0.8, (1 + t) / (10 + t))
+        average = {k: decay * average[k] + (1 - decay) * v if v.is_floating_point() else v
+                   for k, v in weights.items()}
+        if (t + 1) % len(data.train) == 0:
+            averages.append(average)
+    assert len(averages) == len(history) == 3
+    saved = torch.load(tmp_path / "best_model.pth", weights_only=True)
+    for row, average in zip(history, averages):
+        averaged_model = model_module.get_model("cnn", 4)
+        averaged_model.load_state_dict({k: v.to(saved[k].dtype) for k, v in average.items()})
+        assert train_module.evaluate(averaged_model, data.val)["loss"] == pytest.approx(row["val_loss"], rel=1e-4)
+    for key, value in averages[lra.best_epoch - 1].items():
+        assert torch.allclose(saved[key].to(value.dtype), value, atol=1e-5), key
+        assert torch.equal(state.evaluated_model.state_dict()[key], saved[key])  # what the final test sees
+    raw = train_module.evaluate(model, data.val)["loss"]  # fit ends on the best epoch's own weights
+    assert raw != pytest.approx(history[lra.best_epoch - 1]["val_loss"], rel=1e-3)  # which validation did not see
