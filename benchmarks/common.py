@@ -21,14 +21,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_step(model: nn.Module, autocast_dtype: torch.dtype | None = None,
-               graphed: bool = False) -> step_module.TrainStep:
+def train_step(model: nn.Module, autocast_dtype: torch.dtype | None = None, graphed: bool = False,
+               **options) -> step_module.TrainStep:
     """The pipeline's training step for the model, with its own SGD; graphed (CUDA only): replayed from a CUDA
-    graph, as main.py's CUDA_GRAPHS does."""
+    graph, as main.py's CUDA_GRAPHS does; options: TrainStep's accumulate and clip_grad_norm."""
     device = next(model.parameters()).device
     optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.01), lr_device=device if graphed else None)
     return step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
-                                  graph=graphed)
+                                  graph=graphed, **options)
 
 
 def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
@@ -81,16 +81,18 @@ def bare_pass(model: nn.Module, batch_size: int, image_size: int, n_steps: int, 
     return steps(step, n_steps), n_steps * batch_size
 
 
-def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None,
-               graphed: bool = False) -> tuple[Callable[[], None], int]:
+def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None, graphed: bool = False,
+               ema_decay: float | None = None, **options) -> tuple[Callable[[], None], int]:
     """A pass of train_one_epoch over the loader (the next epoch's shuffle each time) and the images it trains
-    on, for best_rates; graphed: its steps replayed from a CUDA graph (captured in the first pass)."""
-    step = train_step(model, autocast_dtype, graphed)
+    on, for best_rates; graphed: its steps replayed from a CUDA graph (captured in the first pass); ema_decay: an
+    EMA of the weights follows each optimizer step (optim_module.EMA); options: TrainStep's."""
+    step = train_step(model, autocast_dtype, graphed, **options)
+    ema = optim_module.EMA(model, ema_decay) if ema_decay is not None else None
     epochs = iter(range(10**9))
 
     def run() -> None:
         loader.set_epoch(next(epochs))
-        train_module.train_one_epoch(step, loader)
+        train_module.train_one_epoch(step, loader, ema=ema)
     return run, len(loader) * loader.batching.batch_size
 
 

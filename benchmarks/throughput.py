@@ -8,9 +8,11 @@ with the ratios, writes JSON, and reports peak memory. Works on the CPU and on a
     python benchmarks/throughput.py --data-dir ./data
     python benchmarks/throughput.py --data-dir ./data --batch-size 512 --images 45000 --epochs 3
     python benchmarks/throughput.py --data-dir ./data --main-epochs 1   # also: peak RSS of main.py
+    python benchmarks/throughput.py --data-dir ./data --recipe   # also: the pipeline with each recipe feature
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -57,6 +59,34 @@ def step_and_epoch_rates(args, device, autocast_dtype) -> dict[str, float]:
     if device.type == "cuda":  # main.py's default there (CUDA_GRAPHS = "auto")
         passes["pipeline_graphed"] = common.epoch_pass(fresh_model(args.model, device, channels_last=True),
                                                        data.train, autocast_dtype, graphed=True)
+    return common.best_rates(passes, repeats=args.epochs, device=device)
+
+
+RECIPE = {  # issue 23's features, one at a time and as the GPU accuracy run uses them: (DataConfig, EMA, step)
+    "AUTO_AUGMENT trivialaugment": (dict(auto_augment="trivialaugment"), None, {}),
+    "AUTO_AUGMENT randaugment": (dict(auto_augment="randaugment"), None, {}),
+    "RANDOM_ERASING 0.25": (dict(random_erasing=0.25), None, {}),
+    "MIXUP 0.2 + CUTMIX 1.0": (dict(mixup=0.2, cutmix=1.0), None, {}),
+    "EMA_DECAY 0.999": ({}, 0.999, {}),
+    "ACCUMULATE_STEPS 4": ({}, None, dict(accumulate=4)),
+    "CLIP_GRAD_NORM 1.0": ({}, None, dict(clip_grad_norm=1.0)),
+    "trivialaugment + EMA 0.999": (dict(auto_augment="trivialaugment"), 0.999, {}),
+}
+
+
+def recipe_rates(args, device, autocast_dtype) -> dict[str, float]:
+    """Images/s of the pipeline as main.py runs it here (on CUDA replayed from a graph, which accumulation turns
+    off), plain and with each RECIPE feature, timed in turn as step_and_epoch_rates does."""
+    config = data_module.DataConfig("cifar10", args.data_dir, batch_size=args.batch_size, val_split=0,
+                                    train_subset=args.images, resident="yes", download=False)
+    graphed = device.type == "cuda"
+    passes = {"plain": common.epoch_pass(fresh_model(args.model, device, channels_last=True),
+                                         data_module.get_data(config, device).train, autocast_dtype, graphed)}
+    for name, (data_options, ema_decay, step_options) in RECIPE.items():
+        loader = data_module.get_data(dataclasses.replace(config, **data_options), device).train
+        passes[name] = common.epoch_pass(fresh_model(args.model, device, channels_last=True), loader,
+                                         autocast_dtype, graphed and not step_options.get("accumulate"),
+                                         ema_decay=ema_decay, **step_options)
     return common.best_rates(passes, repeats=args.epochs, device=device)
 
 
@@ -121,6 +151,8 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
     parser.add_argument("--main-epochs", type=int, default=0, help="also run main.py for this many epochs "
                         "and report its peak RSS (0: skip)")
+    parser.add_argument("--recipe", action="store_true", help="also time the pipeline with each recipe feature "
+                        "(AUTO_AUGMENT, RANDOM_ERASING, MIXUP/CUTMIX, EMA_DECAY, ACCUMULATE_STEPS, CLIP_GRAD_NORM)")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
 
@@ -167,6 +199,14 @@ def main() -> None:
     if args.main_epochs:
         print(f"main.py, {args.main_epochs} epoch(s) of the full training set: {result['main_seconds']} s, "
               f"peak RSS {result['main_peak_rss_mb']} MB")
+    if args.recipe:
+        recipe = recipe_rates(args, device, autocast_dtype)
+        plain = recipe["plain"]
+        result["recipe"] = {name: {"images_per_s": round(rate), "over_plain": round(rate / plain, 3),
+                                   "over_limit": round(rate / limit, 3)} for name, rate in recipe.items()}
+        print(f"{'the pipeline with each recipe feature':<44} {'images/s':>10} {'/ plain':>8} {'/ limit':>8}")
+        for name, rate in recipe.items():
+            print(f"{name:<44} {rate:>10,.0f} {rate / plain:>8.2f} {rate / limit:>8.2f}")
     path = os.path.join(args.output, f"throughput_{device.type}_{args.model}_{args.batch_size}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
