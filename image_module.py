@@ -14,9 +14,8 @@ import os
 import queue
 import sys
 import tempfile
-import threading
 import warnings
-from typing import Generator, Iterator, TypeVar
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,6 +26,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 from tqdm import tqdm
+
+import utils
 
 # Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif, say)
 # count as files that are not images. Pillow knows more (.mpg, .eps, .h5), but it only identifies those.
@@ -204,7 +205,7 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
     ascending, for the CPU: files of other formats, JPEGs to be turned, cut short or of other colour spaces,
     and any JPEG the device failed to decode.
 
-    A thread reads the files ahead (_read_ahead); each batch's squares are copied to the host (pinned memory on
+    A thread reads the files ahead (utils.in_background); each batch's squares are copied to the host (pinned memory on
     CUDA, one copy a batch) while the next batch is decoded, then written to their rows as _RowFile or
     _RowArray writes a worker's. Pixels are within a level of Pillow's on average, a few at most: the decoder's
     rounding differs, and the JPEG draft is reproduced from the whole image (_squares_of)."""
@@ -213,7 +214,7 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
                for _ in range(2)]  # one for the batch being copied, one for the batch being written
     target = _RowFile(rows.filename, rows.offset, size) if _in_a_file(rows) else _RowArray(rows)
     left, pending = [], None
-    batches = _read_ahead(_jpeg_batches(paths), GPU_READ_AHEAD)
+    batches = utils.in_background(_jpeg_batches(paths), GPU_READ_AHEAD)
     try:
         for turn, (files, encoded, others) in enumerate(batches):
             images = _decode_on(device, encoded)
@@ -354,47 +355,6 @@ def _write_rows(target: _RowFile | _RowArray, files: list[int], squares: torch.T
     for k, count in _runs(files):
         target.write(files[k], pixels[k:k + count])
 
-
-T = TypeVar("T")
-
-
-def _read_ahead(items: Iterator[T], depth: int) -> Generator[T, None, None]:
-    """items made in a thread of their own, at most depth ahead of the caller; an error raised there is raised
-    here. Closing the generator stops the thread."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(entry: tuple[str, object]) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as error:  # handed to the caller, which raises it
-            put(("error", error))
-
-    thread = threading.Thread(target=produce, name="read_ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = ready.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
 
 
 # --------------------------------------------------------------------------- files decoded on the CPU

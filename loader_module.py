@@ -5,13 +5,13 @@ batches mixed (MixedLoader: Mixup, CutMix)."""
 
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+import utils
 
 from augment_module import auto_augment, center_crop, crop_and_resize, crop_flip, erase_masks, sample_crop_boxes
 
@@ -206,7 +206,7 @@ class MappedLoader(ResidentLoader):
                     chosen, images = chosen.to(device, non_blocking=True), host.to(device, non_blocking=True)
                 yield chosen, images, copy_stream.record_event()
 
-        for chosen, images, copied in _in_background(read(), PREFETCH):
+        for chosen, images, copied in utils.in_background(read(), PREFETCH):
             if copied is not None:  # the training stream waits for the copy, and keeps the memory until used
                 stream = torch.cuda.current_stream(device)
                 stream.wait_event(copied)
@@ -214,42 +214,6 @@ class MappedLoader(ResidentLoader):
                 images.record_stream(stream)
             yield chosen, images
 
-
-def _in_background(items: Iterable, depth: int) -> Iterator:
-    """The items, made in a background thread at most `depth` ahead of the consumer, so that making them
-    (reading a file, copying to the device) overlaps using them. An exception there is raised here; a
-    consumer that stops early stops the thread."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop, end = threading.Event(), object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as error:  # any failure belongs to the consumer, which raises it
-            put(error)
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 class StreamingLoader:

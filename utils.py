@@ -9,11 +9,13 @@ import difflib
 import errno
 import os
 import pickle
+import queue
 import random
 import shutil
 import tempfile
+import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -432,3 +434,46 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
+    """The items, made in a thread of their own at most `depth` ahead of the consumer, so that making them
+    (reading files, copying to the device) overlaps using them. An error raised there is raised here; a
+    consumer that stops early (closing the generator) stops the thread."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as error:  # any failure belongs to the consumer, which raises it
+            put(("error", error))
+
+    thread = threading.Thread(target=produce, name="in_background", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()

@@ -2,11 +2,8 @@
 files decoded in parallel into memory or a .npy file."""
 
 import io
-import itertools
 import os
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -364,29 +361,6 @@ def test_decode_files_hands_a_cuda_device_its_jpegs_and_the_worker_processes_wha
             assert (out[i] == 200).all()
         elif i not in dict(failures):  # the rest decoded by the workers, as without a device
             assert np.array_equal(out[i].numpy(), np.asarray(image_module.read_stored(path, 16))), path
-
-
-def test_files_read_ahead_come_in_order_an_error_there_is_raised_here_and_closing_stops_the_thread():
-    def failing():
-        yield from range(5)
-        raise OSError("the disk went away")
-    ahead = image_module._read_ahead(failing(), 2)
-    assert [next(ahead) for _ in range(5)] == list(range(5))
-    with pytest.raises(OSError, match="the disk went away"):
-        next(ahead)
-    made = []
-
-    def endless():
-        for k in itertools.count():
-            made.append(k)
-            yield k
-    ahead = image_module._read_ahead(endless(), 2)
-    assert next(ahead) == 0
-    ahead.close()
-    stopped = len(made)
-    time.sleep(0.3)
-    assert len(made) == stopped <= 5  # two queued, one handed over, one waiting to be queued
-    assert not any(thread.name == "read_ahead" for thread in threading.enumerate())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")

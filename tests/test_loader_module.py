@@ -122,22 +122,6 @@ def test_photo_crops_are_rounded_to_grey_levels_augmented_normalised_then_erased
     assert grey_levels.max() <= 255
 
 
-def test_the_background_reader_raises_its_errors_and_stops_when_left():
-    import threading
-
-    def failing():
-        yield 1
-        raise OSError("disk gone")
-
-    with pytest.raises(OSError, match="disk gone"):
-        list(loader_module._in_background(failing(), 2))
-    threads = threading.active_count()
-    items = loader_module._in_background(iter(range(1000)), 2)
-    assert next(items) == 0
-    items.close()  # the consumer leaves early: the thread ends
-    assert threading.active_count() == threads
-
-
 def test_a_mixed_loader_mixes_each_batch_of_its_loader_and_passes_the_rest_through_unmixed():
     images = torch.randint(0, 256, (20, 4, 4, 3), dtype=torch.uint8)
     plain = loader_module.ResidentLoader(images, torch.arange(20) % 5, Batching(8, train=True),

@@ -2,12 +2,14 @@
 runs), the output folder's lock, random states, the CSV."""
 
 import fcntl
+import itertools
 import os
 import pickle
 import random
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -205,3 +207,26 @@ def test_an_unwritable_output_dir_is_reported(tmp_path):
 def test_plural_counts_one_in_the_singular_and_others_in_the_plural():
     assert [utils.plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
     assert utils.plural(1, "class folder") == "1 class folder" and utils.plural(3, "batch", "batches") == "3 batches"
+
+
+def test_items_made_in_the_background_come_in_order_an_error_there_is_raised_here_and_closing_stops_the_thread():
+    def failing():
+        yield from range(5)
+        raise OSError("the disk went away")
+    ahead = utils.in_background(failing(), 2)
+    assert [next(ahead) for _ in range(5)] == list(range(5))
+    with pytest.raises(OSError, match="the disk went away"):
+        next(ahead)
+    made = []
+
+    def endless():
+        for k in itertools.count():
+            made.append(k)
+            yield k
+    ahead = utils.in_background(endless(), 2)
+    assert next(ahead) == 0
+    ahead.close()
+    stopped = len(made)
+    time.sleep(0.3)
+    assert len(made) == stopped <= 5  # two queued, one handed over, one waiting to be queued
+    assert not any(thread.name == "in_background" for thread in threading.enumerate())
