@@ -406,6 +406,7 @@ def main() -> None:
     args.epochs = args.epochs or (3 if on_gpu else 2)
     args.work_dir = args.work_dir or os.path.join(tempfile.gettempdir(), f"folder_throughput_{args.images}")
     args.decode_size = args.decode_size or round(args.image_size / data_module.RESIZE_RATIO)
+    os.makedirs(args.work_dir, exist_ok=True)  # a --folder given: nothing is written there, but the scratch files
     if args.folder is None:
         args.folder = os.path.join(args.work_dir, "photos")
         write_folder(args.folder, args.images, args.data_dir, os.cpu_count() or 1)
