@@ -1,0 +1,122 @@
+"""After training: --predict classifies image files with OUTPUT_DIR/best_model.pth, and --export writes it as
+ONNX or torch.export's .pt2, checked against PyTorch on real images of the run's data. main.py's constants
+reach them as a dict, by name."""
+
+from __future__ import annotations
+
+import os
+import sys
+import typing
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import checkpoint_module
+import data_module
+import image_module
+import model_module
+import train_module
+import utils
+
+PREDICT_BATCH = 64  # images per batch for --predict
+PREDICT_PRINT = 20  # --predict prints a line per image up to this many images (all go to predictions.csv)
+
+
+def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
+    """best_model.json and the model of best_model.pth in output_dir, on the device, for inference."""
+    info = checkpoint_module.load_best_model_info(output_dir)
+    model = model_module.get_model(info["model"], len(info["classes"]), image_size=info["image_size"],
+                                   weights=os.path.join(output_dir, checkpoint_module.BEST_MODEL))
+    return info, model.to(utils.get_device()).eval()
+
+
+def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
+    """n real images of the data's test set (else its val/ or train/ folder), prepared as for --predict."""
+    if dataset == "cifar10":
+        images = data_module.read_cifar10(data_dir, download=False)[2][:n]
+        mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
+        return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
+    files, _ = image_module.find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
+    dataset = image_module.PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
+                                           info.get("resize_size"))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def export(constants: dict[str, typing.Any], kind: str, given: set[str]) -> int:
+    """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images (of the run's
+    own data, unless --data-dir and --dataset say otherwise): 0 when its logits agree with PyTorch's, 2 for bad
+    input, 3 when the export fails or disagrees."""
+    output_dir = constants["OUTPUT_DIR"]
+    path = os.path.join(output_dir, model_module.EXPORT_FILES[kind])
+    try:
+        model_module.check_export(kind)
+        info, model = _best_model(output_dir)
+        data = {name: constants[name] if name in given or info.get(name.lower()) is None else info[name.lower()]
+                for name in ("DATA_DIR", "DATASET")}
+        images = _example_images(data["DATA_DIR"], data["DATASET"], info)
+        utils.lock_folder(output_dir)  # it writes there: never while a run does
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        difference = model_module.export(model.cpu(), path, kind, mean=info["mean"], std=info["std"],
+                                         classes=info["classes"], example_images=images,
+                                         resize_size=info.get("resize_size"))
+    except Exception as error:  # exporters fail in many ways on unusual models; best_model.pth is untouched
+        print(f"error: could not export {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+              file=sys.stderr)
+        return 3
+    finally:
+        utils.unlock_folder(output_dir)
+    print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test images, at batch "
+          f"sizes 1 and 5: {difference:.1e} (relative)")
+    if difference > model_module.EXPORT_TOLERANCE:
+        print(f"error: {path} differs from PyTorch by more than {model_module.EXPORT_TOLERANCE:g}; do not ship it",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
+    """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth, in batches
+    on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3) and print a line per
+    image when there are few. 2 when a file named on the command line is not an image (the rest is written)."""
+    try:
+        info, model = _best_model(constants["OUTPUT_DIR"])
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    files, skipped = image_module.find_images(paths)
+    if skipped:
+        print(f"note: skipped {utils.plural(skipped, 'file')} in the folders given that are not images",
+              file=sys.stderr)
+    images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
+    loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
+                        (constants["NUM_WORKERS"] if constants["NUM_WORKERS"] is not None else os.cpu_count() or 1))
+    rows, status, done = [], 0, 0
+    for batch, errors in tqdm(loader, desc="predicting", unit="batch", disable=not sys.stderr.isatty()):
+        top = train_module.predict_proba(model, batch).topk(min(3, len(info["classes"])))
+        for path, error, values, indices in zip(files[done:], errors, top.values.tolist(), top.indices.tolist()):
+            if error:
+                print(f"error: {error}", file=sys.stderr)
+                status = 2
+                continue
+            ranked = [(info["classes"][i], p) for p, i in zip(values, indices)]
+            rows.append({"path": path, **{f"{key}{k}": value for k, (name, p) in enumerate(ranked, start=1)
+                                          for key, value in (("top", name), ("p", round(p, 6)))}})
+            if len(files) <= PREDICT_PRINT:
+                print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in ranked))
+        done += len(errors)
+    frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
+    output = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.PREDICTIONS)
+    try:
+        utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
+    return status
