@@ -46,8 +46,8 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI, the
 JPEG_END = b"\xff\xd9"  # the last marker of a whole JPEG (EOI); a file cut short lacks it
 PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 32767  # bytes a path may have,
 # its NUL included (Linux: 4,096): a longer one cannot be opened (ENAMETOOLONG), so a walk skips it
-REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "F")  # modes whose pixels Image.reduce may
-# average as they are; the rest (palettes, 1-bit, 16-bit) are made RGB first, at full size
+RESIZED_EARLY = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L", "I;16B", "F")  # modes
+# Pillow resizes by their values (a palette it resizes by nearest index, a 1-bit image stays 1-bit)
 PIXEL_LIMIT_NOTE = "(PIL.Image.MAX_IMAGE_PIXELS)"  # ends the message of an image refused for its size
 SKIPS = {  # why a walk or a decode passes over a file (or a folder): what one and many are called in a warning
     "not an image": ("file that is not an image", "files that are not images"),
@@ -77,12 +77,12 @@ class TooManyPixels(DataError):
 def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
     """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by to_rgb).
 
-    With reduce_to (pixels), the image is made smaller while it decodes, to the least whole fraction of its
-    size whose sides keep at least twice reduce_to pixels: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (JPEG
-    DCT scaling, as Pillow's thumbnail does: 2 to 7 times faster for photos much larger than that), any other
-    format reduced by Image.reduce (box averages) before its mode is converted, so that what a worker holds
-    past the decoder itself is near the stored square. Either is within a few levels of a full decode once
-    resized to reduce_to.
+    With reduce_to (pixels), the image is made smaller while it decodes: a JPEG is decoded at 1/2, 1/4 or 1/8
+    scale where its sides keep at least twice reduce_to pixels (JPEG DCT scaling, as Pillow's thumbnail does:
+    2 to 7 times faster for photos much larger than that, and within a few levels of a full decode once
+    resized to reduce_to); any other image is resized as read_stored resizes it (shorter side reduce_to)
+    before its mode is converted, so that a worker holds the decoded file and its small copy, not the three
+    or four full-size copies to_rgb makes (a 100-megapixel RGBA PNG: 0.4 GB, not 1.5 GB).
     A file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with the
     missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per process;
     a file that does not open at all raises DataError naming it, and one of more pixels than
@@ -167,25 +167,15 @@ def _truncated_images_allowed() -> Iterator[None]:
 
 
 def _decoded(image: Image.Image, reduce_to: int | None) -> Image.Image:
-    """An opened image decoded as open_rgb says: upright, reduced (when reduce_to is given and it is not a JPEG,
-    which its draft has reduced), RGB. Reduced before to_rgb, whose conversions copy the image three or four
-    times, where its mode allows (REDUCIBLE, no transparent colour, which averaging would not keep), else
-    after it."""
+    """An opened image decoded as open_rgb says: upright and RGB; with reduce_to, a JPEG at the scale its
+    draft picks, and any other image whose mode allows it (RESIZED_EARLY, and no transparent colour, which
+    resizing would blend away) resized as read_stored resizes it, before to_rgb rather than after: the same
+    pixels (RGB, greyscale), or within two levels (transparency: composited on white before or after)."""
     drafted = bool(reduce_to) and image.draft(None, (2 * reduce_to, 2 * reduce_to)) is not None  # JPEGs only
     image = _upright(image)
-    if not reduce_to or drafted:
-        return to_rgb(image)
-    if image.mode in REDUCIBLE and "transparency" not in image.info:
-        return to_rgb(_reduced(image, reduce_to))
-    return _reduced(to_rgb(image), reduce_to)
-
-
-def _reduced(image: Image.Image, reduce_to: int) -> Image.Image:
-    """The image reduced by the largest whole factor that keeps both sides at least twice reduce_to
-    (Image.reduce: the mean of each factor x factor block, the box filter a JPEG's draft applies); itself
-    when that factor is 1."""
-    factor = min(image.width, image.height) // (2 * reduce_to)
-    return image.reduce(factor) if factor > 1 else image
+    if reduce_to and not drafted and image.mode in RESIZED_EARLY and "transparency" not in image.info:
+        image = F.resize(image, reduce_to)
+    return to_rgb(image)
 
 
 def _upright(image: Image.Image) -> Image.Image:
