@@ -20,8 +20,8 @@ from torchvision import datasets
 import cache_module
 import utils
 from augment_module import AUTO_AUGMENTS, RESIZE_RATIO, batch_mixer, pil_transform
-from image_module import (IMAGE_EXTENSIONS, DataError, Skipped, check_image, decode_files, read_stored,
-                          skip_reason, walk_images)
+from image_module import (IMAGE_EXTENSIONS, DataError, Skipped, check_image, decode_files,
+                          read_stored, skip_reason, walk_images)
 from loader_module import Augmentation, Batching, Loader, MappedLoader, MixedLoader, ResidentLoader, StreamingLoader
 
 DATASETS = ("cifar10", "folder")
@@ -333,23 +333,24 @@ def _bad_cifar_file(folder: str) -> str:
 
 
 def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]], Skipped]:
-    """The classes of DATA_DIR/train (their names as utils.printable shows them), and for each split (train, and
-    val and test when there) its image files with their labels, in ImageFolder's order (walk_images: regular
-    files only, each real folder once, folder links followed, a link loop refused); and what was skipped.
-    Opens no file."""
+    """The classes of DATA_DIR/train (their names as utils.printable shows them), and for each split
+    (train, and val and test when there) its image files with their labels, in ImageFolder's order
+    (walk_images: regular files only, each real folder once, folder links followed, a link loop
+    refused); and what was skipped. Opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
     listings = {split: _entries(os.path.join(data_dir, split)) for split in SPLITS
                 if os.path.isdir(os.path.join(data_dir, split))}
-    classes = [entry.name for entry in listings["train"] if _is_folder(entry)]  # find_classes' order, by name
+    classes = [entry.name for entry in listings["train"] if _is_folder(entry)]  # sorted by name
     if not classes:
-        raise DataError(f"no readable images in {train_dir}: it has no class folders (train/<class>/<image>)")
+        raise DataError(f"no readable images in {train_dir}: it has no class folders "
+                        f"(train/<class>/<image>)")
     shown = [utils.printable(name) for name in classes]
     twins = sorted({name for name in shown if shown.count(name) > 1})
     if twins:
-        raise DataError(f"{train_dir} has class folders whose names read alike once their bytes that are not "
-                        f"UTF-8 are shown as \\xNN: {', '.join(twins)}; rename one of them")
+        raise DataError(f"{train_dir} has class folders whose names read alike once their bytes "
+                        f"that are not UTF-8 are shown as \\xNN: {', '.join(twins)}; rename one")
     skipped, roots, labels, split_of = Skipped(), [], [], []
     for split, entries in listings.items():
         folder = os.path.join(data_dir, split)
@@ -381,7 +382,7 @@ def _entries(folder: str) -> list[os.DirEntry]:
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
-    """Whether an entry is a folder or a link to one (False for a link that leads nowhere, or in a loop)."""
+    """Whether an entry is a folder or a link to one (not a link to nothing, or in a loop)."""
     try:
         return entry.is_dir()
     except OSError:  # a loop of links, a target without permission
@@ -435,8 +436,9 @@ def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tupl
 
 def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
               skipped: Skipped) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """Each split's images but those skipped, as (paths, labels), after one line on stderr for each reason a
-    file was skipped for (Skipped.warnings); DataError when a class or a split is left without images."""
+    """Each split's images but those skipped, as (paths, labels), after one line on stderr for each
+    reason a file was skipped for (Skipped.warnings); DataError when a class or a split is left
+    without images."""
     for line in skipped.warnings():
         print(f"warning: {line}", file=sys.stderr)
     skip = skipped.every_path()
@@ -447,9 +449,9 @@ def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[st
 
 
 def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
-    """The train, val and (optional) test files of DATA_DIR that Pillow opens (check_image: no more pixels
-    than its limit either), labelled by train/'s class folders, and the classes; the files are read at `size`
-    (pixels, a square)."""
+    """The train, val and (optional) test files of DATA_DIR that Pillow opens (check_image: no more
+    pixels than its limit either), labelled by train/'s class folders, and the classes; the files
+    are read at `size` (pixels, a square)."""
     classes, splits, skipped = _list_tree(data_dir)
     for samples in splits.values():
         for path, _ in samples:
@@ -462,10 +464,10 @@ def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[
 
 def _cached_folder(data_dir: str, size: int, cache_dir: str, num_workers: int,
                    device: torch.device) -> tuple[dict[str, MappedImages], list[str], str]:
-    """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in cache_dir, built
-    first when missing or stale (files that fail to decode are the skipped ones, for the reason their message
-    gives, which the cache keeps; JPEGs decoded on the device when it is a CUDA device); a valid cache opens
-    no image file. Also the cache file."""
+    """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in
+    cache_dir, built first when missing or stale (files that fail to decode are the skipped ones,
+    for the reason their message gives, which the cache keeps; JPEGs decoded on the device when it
+    is a CUDA device); a valid cache opens no image file. Also the cache file."""
     classes, splits, skipped = _list_tree(data_dir)
     _check_splits(data_dir, classes, splits)  # before anything is decoded
     paths = [path for samples in splits.values() for path, _ in samples]
@@ -505,9 +507,9 @@ def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
 
 
 def check_output_dir(config: DataConfig, output_dir: str) -> None:
-    """DataError when a folder's images would include OUTPUT_DIR's files (its figures read as photos by the
-    next run): OUTPUT_DIR is, or is inside, DATA_DIR's train/, val/ or test/, or a class folder (wherever
-    its link leads). Reads nothing but those folders' names."""
+    """DataError when a folder's images would include OUTPUT_DIR's files (its figures read as photos
+    by the next run): OUTPUT_DIR is, or is inside, DATA_DIR's train/, val/ or test/, or a class
+    folder (wherever its link leads). Reads nothing but those folders' names."""
     if config.dataset != "folder":
         return
     output = os.path.realpath(output_dir)
@@ -518,10 +520,11 @@ def check_output_dir(config: DataConfig, output_dir: str) -> None:
         for inside in [folder] + [entry.path for entry in _entries(folder) if _is_folder(entry)]:
             real = os.path.realpath(inside)
             if output == real or output.startswith(os.path.join(real, "")):
-                raise DataError(f"{_flag('OUTPUT_DIR')} {utils.printable(output_dir)} is inside the data folder "
-                                f"{utils.printable(inside)}, whose images the next run would read with its "
-                                f"figures among them; choose an output folder outside {_flag('DATA_DIR')}'s "
-                                f"train/, val/ and test/")
+                shown = utils.printable(output_dir)
+                raise DataError(f"{_flag('OUTPUT_DIR')} {shown} is inside the data folder "
+                                f"{utils.printable(inside)}, whose images the next run would read "
+                                f"with its figures among them; choose an output folder outside "
+                                f"{_flag('DATA_DIR')}'s train/, val/ and test/")
 
 
 # --------------------------------------------------------------------------- splitting and statistics

@@ -44,17 +44,20 @@ GPU_DECODE_PIXELS = 2 ** 27  # most decoded pixels in such a batch (134 M: 0.4 G
 GPU_READ_AHEAD = 3  # batches of file bytes a thread reads ahead of the device's decoding
 JPEG_SIGNATURE = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI, then a marker)
 JPEG_END = b"\xff\xd9"  # the last marker of a whole JPEG (EOI); a file cut short lacks it
-PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 32767  # bytes a path may have,
-# its NUL included (Linux: 4,096): a longer one cannot be opened (ENAMETOOLONG), so a walk skips it
-RESIZED_EARLY = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L", "I;16B", "F")  # modes
-# Pillow resizes by their values (a palette it resizes by nearest index, a 1-bit image stays 1-bit)
-PIXEL_LIMIT_NOTE = "(PIL.Image.MAX_IMAGE_PIXELS)"  # ends the message of an image refused for its size
-SKIPS = {  # why a walk or a decode passes over a file (or a folder): what one and many are called in a warning
+# bytes a path may have, its NUL included (Linux: 4,096): a longer one cannot be opened
+# (ENAMETOOLONG), so a walk skips it
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 32767
+# modes Pillow resizes by their values (a palette it resizes by nearest index; 1-bit stays 1-bit)
+RESIZED_EARLY = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L", "I;16B",
+                 "F")
+PIXEL_LIMIT_NOTE = "(PIL.Image.MAX_IMAGE_PIXELS)"  # ends the message of an image too large to read
+SKIPS = {  # why a walk or a decode passes a file (or folder) over: what one and many are called
     "not an image": ("file that is not an image", "files that are not images"),
     "outside the classes": ("file outside the class folders", "files outside the class folders"),
     "not a regular file": ("file that is not a regular file (a FIFO, socket or device)",
                            "files that are not regular files (FIFOs, sockets or devices)"),
-    "dangling link": ("link whose target is missing or unreachable", "links whose targets are missing or unreachable"),
+    "dangling link": ("link whose target is missing or unreachable",
+                      "links whose targets are missing or unreachable"),
     "folder read already": ("link to a folder read already", "links to folders read already"),
     "cannot list": ("folder that cannot be listed", "folders that cannot be listed"),
     "path too long": (f"path longer than the system allows ({PATH_MAX} bytes)",
@@ -70,26 +73,28 @@ class DataError(ValueError):
 
 
 class TooManyPixels(DataError):
-    """An image of more pixels than PIL.Image.MAX_IMAGE_PIXELS: skipped like an unreadable one, never decoded."""
+    """An image of more pixels than PIL.Image.MAX_IMAGE_PIXELS: skipped like an unreadable one,
+    never decoded."""
 
 
 
 def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
-    """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by to_rgb).
+    """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by
+    to_rgb).
 
-    With reduce_to (pixels), the image is made smaller while it decodes: a JPEG is decoded at 1/2, 1/4 or 1/8
-    scale where its sides keep at least twice reduce_to pixels (JPEG DCT scaling, as Pillow's thumbnail does:
-    2 to 7 times faster for photos much larger than that, and within a few levels of a full decode once
-    resized to reduce_to); any other image is resized as read_stored resizes it (shorter side reduce_to)
-    before its mode is converted, so that a worker holds the decoded file and its small copy, not the three
-    or four full-size copies to_rgb makes (a 100-megapixel RGBA PNG: 0.4 GB, not 1.5 GB).
-    A file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with the
-    missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per process;
-    a file that does not open at all raises DataError naming it, and one of more pixels than
-    PIL.Image.MAX_IMAGE_PIXELS TooManyPixels (it is never decoded).
-    """
-    unreadable = (OSError, ValueError, Image.DecompressionBombError)  # ValueError: a mode RGB cannot come from;
-    # the bomb error: a frame of an animation, which Pillow checks as it loads it
+    With reduce_to (pixels), the image is made smaller while it decodes: a JPEG is decoded at 1/2,
+    1/4 or 1/8 scale where its sides keep at least twice reduce_to pixels (JPEG DCT scaling, as
+    Pillow's thumbnail does: 2 to 7 times faster for photos much larger than that, and within a few
+    levels of a full decode once resized to reduce_to); any other image is resized as read_stored
+    resizes it (shorter side reduce_to) before its mode is converted, so that a worker holds the
+    decoded file and its small copy, not the three or four full-size copies to_rgb makes (a
+    100-megapixel RGBA PNG: 0.4 GB, not 1.5 GB). A file whose header opens but whose data is cut
+    short or damaged (an interrupted copy) loads with the missing part grey, as Pillow's
+    LOAD_TRUNCATED_IMAGES does, and a warning names it once per process; a file that does not open
+    at all raises DataError naming it, and one of more pixels than PIL.Image.MAX_IMAGE_PIXELS
+    TooManyPixels (it is never decoded)."""
+    # ValueError: a mode RGB cannot come from; the bomb error: an animation's frame, as it loads
+    unreadable = (OSError, ValueError, Image.DecompressionBombError)
     try:
         with _open(path) as image:
             return _decoded(image, reduce_to)
@@ -101,25 +106,25 @@ def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
         with _truncated_images_allowed(), _open(path) as image:
             rgb = _decoded(image, reduce_to)
     except unreadable:
-        raise DataError(f"{utils.printable(path)} is not an image file that Pillow can read ({first_error})") \
-            from None
+        raise DataError(f"{utils.printable(path)} is not an image file that Pillow can read "
+                        f"({first_error})") from None
     if path not in _WARNED:
         _WARNED.add(path)
-        print(f"warning: {utils.printable(path)} is truncated or damaged ({first_error}); the part that decodes "
-              f"is used, the rest is grey", file=sys.stderr)
+        print(f"warning: {utils.printable(path)} is truncated or damaged ({first_error}); the part "
+              f"that decodes is used, the rest is grey", file=sys.stderr)
     return rgb
 
 
 _WARNED: set[str] = set()  # damaged files already named in this process
-# Pillow warns of an image over its limit and raises over twice it; _open refuses any over it, so the
-# warning would only repeat that (and may come from the GPU decoder's reading thread)
+# Pillow warns of an image over its limit and raises over twice it; _open refuses any over it, so
+# the warning would only repeat that (and may come from the GPU decoder's reading thread)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _open(path: str) -> Image.Image:
-    """Image.open (the header read, no pixel decoded), refusing with TooManyPixels an image of more pixels
-    than PIL.Image.MAX_IMAGE_PIXELS (read at each call; None: no limit): a 100-megapixel PNG of 2 MB takes
-    over a gigabyte to decode."""
+    """Image.open (the header read, no pixel decoded), refusing with TooManyPixels an image of more
+    pixels than PIL.Image.MAX_IMAGE_PIXELS (read at each call; None: no limit): a 100-megapixel PNG
+    of 2 MB takes over a gigabyte to decode."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
         image = Image.open(path)
@@ -132,19 +137,20 @@ def _open(path: str) -> Image.Image:
 
 
 def _too_many_pixels(path: str, pixels: str, limit: int) -> str:
-    """The message of an image refused for its size: it ends with PIXEL_LIMIT_NOTE (see skip_reason)."""
-    return f"{utils.printable(path)} has {pixels} pixels, over the limit of {limit:,} {PIXEL_LIMIT_NOTE}"
+    """The message of an image refused for its size: it ends with PIXEL_LIMIT_NOTE (skip_reason)."""
+    return f"{utils.printable(path)} has {pixels} pixels, over {limit:,} {PIXEL_LIMIT_NOTE}"
 
 
 def skip_reason(message: str) -> str:
-    """Why a file that failed to decode with this message (decode_files') is skipped: a key of SKIPS."""
+    """Why a file that failed to decode with this message (decode_files') is skipped: "unreadable",
+    or "too many pixels" (a key of SKIPS)."""
     return "too many pixels" if message.endswith(PIXEL_LIMIT_NOTE) else "unreadable"
 
 
 def check_image(path: str) -> str | None:
-    """Why Pillow would not decode the file (a key of SKIPS: "unreadable", "too many pixels"), or None when it
-    opens and its header is sound (as cheap as a check can be that still catches corrupt files, yet 20 times
-    the cost of listing it: a valid cache spares it)."""
+    """Why Pillow would not decode the file (a key of SKIPS: "unreadable", "too many pixels"), or
+    None when it opens and its header is sound (as cheap as a check can be that still catches
+    corrupt files, yet 20 times the cost of listing it: a valid cache spares it)."""
     try:
         with _open(path) as image:
             image.verify()
@@ -167,20 +173,22 @@ def _truncated_images_allowed() -> Iterator[None]:
 
 
 def _decoded(image: Image.Image, reduce_to: int | None) -> Image.Image:
-    """An opened image decoded as open_rgb says: upright and RGB; with reduce_to, a JPEG at the scale its
-    draft picks, and any other image whose mode allows it (RESIZED_EARLY, and no transparent colour, which
-    resizing would blend away) resized as read_stored resizes it, before to_rgb rather than after: the same
-    pixels (RGB, greyscale), or within two levels (transparency: composited on white before or after)."""
-    drafted = bool(reduce_to) and image.draft(None, (2 * reduce_to, 2 * reduce_to)) is not None  # JPEGs only
+    """An opened image decoded as open_rgb says: upright and RGB; with reduce_to, a JPEG at the
+    scale its draft picks, and any other image whose mode allows it (RESIZED_EARLY, and no
+    transparent colour, which resizing would blend away) resized as read_stored resizes it, before
+    to_rgb rather than after: the same pixels (RGB, greyscale), or within two levels (transparency:
+    composited on white before or after)."""
+    drafted = bool(reduce_to) and image.draft(None, (2 * reduce_to,) * 2) is not None  # JPEGs only
     image = _upright(image)
-    if reduce_to and not drafted and image.mode in RESIZED_EARLY and "transparency" not in image.info:
+    early = image.mode in RESIZED_EARLY and "transparency" not in image.info
+    if reduce_to and not drafted and early:
         image = F.resize(image, reduce_to)
     return to_rgb(image)
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """The image decoded (a JPEG at the scale its draft set) and turned as its EXIF orientation tag says
-    (phones store photos sideways)."""
+    """The image decoded (a JPEG at the scale its draft set) and turned as its EXIF orientation tag
+    says (phones store photos sideways)."""
     image.load()  # decoding errors (a truncated file) belong to the caller
     try:
         if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
@@ -350,17 +358,19 @@ def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tens
 
 
 def _device_pixels(data: np.ndarray) -> int:
-    """The pixels a file's bytes decode to when the device may decode them (0 when not): a whole JPEG (its
-    signature first, its end marker last), YCbCr (Pillow's mode RGB: greyscale, CMYK and Adobe's unconverted
-    RGB go to Pillow, whose conversions the device's decoder need not share), upright as stored (an EXIF
-    orientation other than 1 is Pillow's to apply, as read_stored does), of no more pixels than
-    PIL.Image.MAX_IMAGE_PIXELS (a larger one is the CPU path's to refuse). Pillow reads the header alone."""
+    """The pixels a file's bytes decode to when the device may decode them (0 when not): a whole
+    JPEG (its signature first, its end marker last), YCbCr (Pillow's mode RGB: greyscale, CMYK and
+    Adobe's unconverted RGB go to Pillow, whose conversions the device's decoder need not share),
+    upright as stored (an EXIF orientation other than 1 is Pillow's to apply, as read_stored does),
+    of no more pixels than PIL.Image.MAX_IMAGE_PIXELS (a larger one is the CPU path's to refuse).
+    Pillow reads the header alone."""
     if data[:3].tobytes() != JPEG_SIGNATURE or not data[-64:].tobytes().rstrip(b"\0").endswith(JPEG_END):
         return 0
     try:
         with Image.open(io.BytesIO(data)) as image:
             upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)  # as _upright turns
-            small = not Image.MAX_IMAGE_PIXELS or image.width * image.height <= Image.MAX_IMAGE_PIXELS
+            limit = Image.MAX_IMAGE_PIXELS
+            small = not limit or image.width * image.height <= limit
             if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0 and small:
                 return image.width * image.height
     except Exception:  # Pillow raises many types for a bad header (or EXIF block): the CPU path reports it
@@ -585,8 +595,8 @@ def _in_a_file(rows: np.ndarray) -> bool:
 
 @dataclass
 class Skipped:
-    """What a walk of folders or a decode passed over: for each reason (a key of SKIPS), the paths, in the
-    order met."""
+    """What a walk of folders or a decode passed over: for each reason (a key of SKIPS), the paths,
+    in the order met."""
 
     paths: dict[str, list[str]] = field(default_factory=dict)
 
@@ -600,7 +610,8 @@ class Skipped:
 
     def warnings(self) -> list[str]:
         """A line for each reason: how many were skipped, and the first of them (names shown as
-        utils.printable shows them): "skipped 2 unreadable image files, e.g. train/cat/broken.png"."""
+        utils.printable shows them): "skipped 2 unreadable image files, e.g. train/cat/broken.png".
+        """
         lines = []
         for reason, (one, many) in SKIPS.items():
             paths = self.paths.get(reason, [])
@@ -608,8 +619,10 @@ class Skipped:
                 continue
             detail = ""
             if reason == "not an image":
-                extensions = sorted({os.path.splitext(path)[1].lower() or "(none)" for path in paths})
-                detail = f" ({'extension' if len(extensions) == 1 else 'extensions'} {', '.join(extensions)})"
+                extensions = sorted({os.path.splitext(path)[1].lower() or "(none)"
+                                     for path in paths})
+                kind = "extension" if len(extensions) == 1 else "extensions"
+                detail = f" ({kind} {', '.join(extensions)})"
             elif reason == "too many pixels":
                 detail = f" ({Image.MAX_IMAGE_PIXELS:,})"
             example = ": " if len(paths) == 1 else ", e.g. "
@@ -619,31 +632,33 @@ class Skipped:
 
 
 def walk_images(roots: list[str], skipped: Skipped) -> list[list[str]]:
-    """The image files under each root folder, searched recursively: its folders in the order of their paths
-    (as sorted(os.walk(root)) gives them), each one's files by name. Only regular files with an image
-    extension are listed; the rest (SKIPS: other files, FIFOs, sockets, devices, dangling links, paths too
-    long to open, folders that cannot be listed) are counted in skipped, never opened.
+    """The image files under each root folder, searched recursively: its folders in the order of
+    their paths (as sorted(os.walk(root)) gives them), each one's files by name. Only regular files
+    with an image extension are listed; the rest (SKIPS: other files, FIFOs, sockets, devices,
+    dangling links, paths too long to open, folders that cannot be listed) are counted in skipped,
+    never opened.
 
-    Links to folders are followed, and each real folder is read once, for one root: every root's own folders
-    first, then the folders that only links reach, each for the root of the folder that holds the first link
-    to it; a link to a folder read already is counted in skipped. So a link to a folder elsewhere (another
-    disk) adds its images, and a link into the tree's own folders adds nothing twice. A link to a folder on
-    its own path (itself, a parent, or one that links led the walk through to reach it) would make the walk
-    endless: DataError, naming it."""
+    Links to folders are followed, and each real folder is read once, for one root: every root's own
+    folders first, then the folders that only links reach, each for the root of the folder that
+    holds the first link to it; a link to a folder read already is counted in skipped. So a link to
+    a folder elsewhere (another disk) adds its images, and a link into the tree's own folders adds
+    nothing twice. A link to a folder on its own path (itself, a parent, or one that links led the
+    walk through to reach it) would make the walk endless: DataError, naming it."""
     walk = _Walk(skipped, [[] for _ in roots])
     tops = [walk.read(root, r) for r, root in enumerate(roots)]
     if walk.links:
         walk.follow_links(roots, tops)
-    return [[os.path.join(folder, name) for folder, names in sorted(folders, key=lambda entry: entry[0])
+    return [[os.path.join(folder, name) for folder, names in sorted(folders, key=lambda f: f[0])
              for name in names] for folders in walk.found]
 
 
-Identity = tuple[int, int]  # a folder's (device, inode): the same for every path (and link) that leads to it
+Identity = tuple[int, int]  # a folder's (device, inode): the same whatever path or link leads to it
 
 
 @dataclass
 class _Listing:
-    """A folder's entries that a walk goes on with (names, sorted): image files, subfolders, links to folders."""
+    """A folder's entries that a walk goes on with (names, sorted): image files, subfolders, links
+    to folders."""
 
     files: list[str]
     folders: list[str]
@@ -652,8 +667,8 @@ class _Listing:
 
 @dataclass
 class _Walk:
-    """walk_images' state: what it skipped, each root's folders (path, image file names), and for each folder
-    read, its root, its listing and its subfolders' identities by name."""
+    """walk_images' state: what it skipped, each root's folders (path, image file names), and for
+    each folder read, its root, its listing and its subfolders' identities by name."""
 
     skipped: Skipped
     found: list[list[tuple[str, list[str]]]]
@@ -663,10 +678,10 @@ class _Walk:
     links: bool = False  # whether a folder read holds a link to a folder
 
     def read(self, top: str, root: int) -> Identity | None:
-        """The folder top and its subfolders (links not followed) read for the root numbered root, but those
-        read already (a root given twice, or a link to a folder read; a bind mount): counted in skipped.
-        Returns top's identity (None when it cannot be listed)."""
-        stack: list[tuple[str, Identity | None]] = [(top, None)]  # a folder and the folder that holds it
+        """The folder top and its subfolders (links not followed) read for the root numbered root,
+        but those read already (a root given twice, or a link to a folder read; a bind mount):
+        counted in skipped. Returns top's identity (None when it cannot be listed)."""
+        stack: list[tuple[str, Identity | None]] = [(top, None)]  # a folder, and the one above it
         first = None
         while stack:
             path, above = stack.pop()
@@ -678,7 +693,8 @@ class _Walk:
             if identity in self.root_of:
                 self.skipped.add("folder read already", path)
                 continue
-            self.root_of[identity], self.listings[identity], self.below[identity] = root, listing, {}
+            self.root_of[identity], self.listings[identity] = root, listing
+            self.below[identity] = {}
             if above is not None:
                 self.below[above][os.path.basename(path)] = identity
             self.found[root].append((path, listing.files))
@@ -687,20 +703,21 @@ class _Walk:
         return first
 
     def follow_links(self, roots: list[str], tops: list[Identity | None]) -> None:
-        """A depth-first walk from each root through subfolders and links alike, each folder once, that reads
-        the folders only links reach and refuses a link to a folder on its own path (the loop it closes
-        would be walked for ever)."""
-        finished: set[Identity] = set()  # folders whose walk is over: whatever lies below them was seen
+        """A depth-first walk from each root through subfolders and links alike, each folder once,
+        that reads the folders only links reach and refuses a link to a folder on its own path (the
+        loop it closes would be walked for ever)."""
+        finished: set[Identity] = set()  # folders whose walk is over: all below them was seen
         for root, top in zip(roots, tops):
-            way: list[tuple[Identity, str]] = []  # the folders the walk went through to here: identity, real path
-            stack: list[tuple[str, Identity | None, str] | None] = [(root, top, os.path.realpath(root))]
+            way: list[tuple[Identity, str]] = []  # the folders walked through to here; real paths
+            stack: list[tuple[str, Identity | None, str] | None] = [
+                (root, top, os.path.realpath(root))]
             while stack:
                 entry = stack.pop()
                 if entry is None:  # all below way[-1] seen
                     finished.add(way.pop()[0])
                     continue
                 path, identity, real = entry
-                if identity is None or identity in finished or any(identity == seen for seen, _ in way):
+                if identity is None or identity in finished or any(identity == i for i, _ in way):
                     continue
                 way.append((identity, real))
                 stack.append(None)
@@ -710,31 +727,24 @@ class _Walk:
                 stack += [(os.path.join(path, name), below.get(name), os.path.join(real, name))
                           for name in reversed(listing.folders)]
 
-    def _follow(self, link: str, root: int, way: list[tuple[Identity, str]]) -> list[tuple[str, Identity, str]]:
-        """A link to a folder, met on the way given in a folder read for root: DataError when it leads to a
-        folder on that way or above one; else its target read for that root unless read already (counted in
-        skipped), and what the walk enters next, itself."""
+    def _follow(self, link: str, root: int,
+                way: list[tuple[Identity, str]]) -> list[tuple[str, Identity, str]]:
+        """A link to a folder, met on the way given in a folder read for root: DataError when it
+        leads to a folder on that way or above one; else its target read for that root unless read
+        already (counted in skipped), and what the walk enters next, itself."""
         target = os.path.realpath(link)
         if any(real == target or real.startswith(os.path.join(target, "")) for _, real in way):
-            raise DataError(f"{utils.printable(link)} is a link to {utils.printable(target)}, a folder on its own "
-                            f"path, so a walk through it would never end; remove the link, or point it at a "
-                            f"folder outside that path")
-        try:
-            status = os.stat(link)
-        except OSError:  # gone since it was listed
-            self.skipped.add("dangling link", link)
-            return []
-        identity = (status.st_dev, status.st_ino)
-        if identity in self.root_of:
-            self.skipped.add("folder read already", link)  # still walked: a loop may run through it
-        elif self.read(link, root) is None:
-            return []
-        return [(link, identity, target)]
+            raise DataError(f"{utils.printable(link)} is a link to {utils.printable(target)}, a "
+                            f"folder on its own path, so a walk through it would never end; remove "
+                            f"the link, or point it at a folder outside that path")
+        identity = self.read(link, root)  # or counted as read already: walked still, for loops
+        return [] if identity is None else [(link, identity, target)]
 
 
-def _list_folder(path: str, skipped: Skipped) -> tuple[tuple[int, int], _Listing] | None:
-    """A folder's identity (device, inode) and listing, or None (counted in skipped) when it cannot be listed;
-    the entries that are not image files or folders are counted in skipped as _Walk.read says."""
+def _list_folder(path: str, skipped: Skipped) -> tuple[Identity, _Listing] | None:
+    """A folder's identity (device, inode) and listing, or None (counted in skipped) when it cannot
+    be listed; the entries that are not image files or folders are counted in skipped as _Walk.read
+    says."""
     try:
         status = os.stat(path)
         with os.scandir(path) as scan:
@@ -774,8 +784,9 @@ def load_image(path: str, image_size: int, mean, std, resize_size: int | None = 
 
 
 def find_images(paths: list[str]) -> tuple[list[str], Skipped]:
-    """The files to classify: each file as named, and the image files under each folder (walk_images:
-    recursively, in sorted order, links to folders followed). Returns them and what the walk skipped."""
+    """The files to classify: each file as named, and the image files under each folder
+    (walk_images: recursively, in sorted order, links to folders followed). Returns them and what
+    the walk skipped."""
     skipped = Skipped()
     folders = [path for path in paths if os.path.isdir(path)]
     listed = iter(walk_images(folders, skipped))

@@ -82,10 +82,11 @@ def export(constants: dict[str, typing.Any], kind: str, given: set[str]) -> int:
 
 
 def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
-    """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth, in batches
-    on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3; a path as
-    utils.printable shows it) and print a line per image when there are few. 2 when a file named on the
-    command line is not an image (the rest is written), or a folder given holds a link loop."""
+    """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth,
+    in batches on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3;
+    a path as utils.printable shows it) and print a line per image when there are few. 2 when a file
+    named on the command line is not an image (the rest is written), or a folder given holds a link
+    loop."""
     try:
         info, model = _best_model(constants["OUTPUT_DIR"])
     except (ValueError, OSError) as error:
@@ -110,7 +111,7 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
                 status = 2
                 continue
             ranked = [(info["classes"][i], p) for p, i in zip(values, indices)]
-            path = utils.printable(path)  # as written and printed; a name that is not UTF-8 shows its bytes
+            path = utils.printable(path)  # as written and printed: a name not UTF-8 shows its bytes
             rows.append({"path": path, **{f"{key}{k}": value for k, (name, p) in enumerate(ranked, start=1)
                                           for key, value in (("top", name), ("p", round(p, 6)))}})
             if len(files) <= PREDICT_PRINT:

@@ -54,10 +54,10 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 def printable(name: str) -> str:
-    """A file or folder name as text any file or terminal takes: the bytes of a name that is not UTF-8 (a
-    Latin-1 "café" from an old archive, which os.fsdecode keeps as surrogates and open() still opens)
-    shown as \\xNN escapes, "caf\\xe9"; UTF-8 names as they are. For what is written or printed, never for
-    opening."""
+    """A file or folder name as text any file or terminal takes: the bytes of a name that is not
+    UTF-8 (a Latin-1 "café" from an old archive, which os.fsdecode keeps as surrogates and open()
+    still opens) shown as \\xNN escapes, "caf\\xe9"; UTF-8 names as they are. For what is written or
+    printed, never for opening."""
     try:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate that no byte stands for

@@ -29,8 +29,8 @@ def write_files(folder, n=5):
 
 
 class Fill:
-    """A stand-in decoder: row i is filled with the first byte of file i; files named bad* fail (with the message
-    "bad"). Counts calls."""
+    """A stand-in decoder: row i is filled with the first byte of file i; files named bad* fail
+    (with the message "bad"). Counts calls."""
 
     def __init__(self):
         self.calls = 0
