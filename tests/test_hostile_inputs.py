@@ -1,7 +1,7 @@
-"""Photo folders off the happy path: names that are not UTF-8, FIFOs, sockets and devices, dangling links, link
-loops, links to folders elsewhere, images over Pillow's pixel limit, paths too long to open, and an OUTPUT_DIR
-inside the tree. Each is read the same with and without the decoded-image cache, and every file skipped is
-counted with an example."""
+"""Photo folders off the happy path: names that are not UTF-8, FIFOs, sockets and devices, dangling
+links, link loops, links to folders elsewhere, images over Pillow's pixel limit, paths too long to
+open, and an OUTPUT_DIR inside the tree. Each is read the same with and without the decoded-image
+cache, and every file skipped is counted with an example."""
 
 import contextlib
 import json
@@ -21,7 +21,7 @@ import utils
 from conftest import write_image_tree
 from data_module import DataConfig, DataError
 
-LATIN1 = b"caf\xe9"  # "café" in Latin-1: not UTF-8, so os.fsdecode keeps the \xe9 byte as a surrogate
+LATIN1 = b"caf\xe9"  # "café" in Latin-1, not UTF-8: os.fsdecode keeps its \xe9 as a surrogate
 
 
 @contextlib.contextmanager
@@ -39,7 +39,8 @@ def within(seconds):
 
 
 def tree(tmp_path, per_class=4):
-    """train/ and val/ with the classes cats and dogs, per_class small PNGs each (each image its own noise)."""
+    """train/ and val/ with the classes cats and dogs, per_class small PNGs each (each image its own
+    noise)."""
     return write_image_tree(tmp_path / "data", splits=("train", "val"), classes=("cats", "dogs"),
                             per_class=per_class)
 
@@ -50,15 +51,17 @@ def png(path, size=(20, 14), colour=(200, 30, 30)):
 
 def read(root, cache_dir):
     """get_data's images in memory: {split: (images, labels)}, and the classes."""
-    config = DataConfig("folder", str(root), batch_size=4, image_size=8, resident="yes", num_workers=0,
-                        cache_dir=cache_dir and str(cache_dir))
+    config = DataConfig("folder", str(root), batch_size=4, image_size=8, resident="yes",
+                        num_workers=0, cache_dir=cache_dir and str(cache_dir))
     data = data_module.get_data(config)
-    return {"train": (data.train.images, data.train.labels), "val": (data.val.images, data.val.labels)}, data.classes
+    return {name: (loader.images, loader.labels) for name, loader in
+            (("train", data.train), ("val", data.val))}, data.classes
 
 
 def read_every_way(root, tmp_path, capsys):
-    """The tree read without a cache, then building one, then opening it: the same images (so the same files,
-    in the same order), labels, classes and warnings each time. Returns them, and the warnings' lines."""
+    """The tree read without a cache, then building one, then opening it: the same images (so the
+    same files, in the same order), labels, classes and warnings each time. Returns them, and the
+    warnings' lines."""
     results = []
     for cache_dir in (None, tmp_path / "cache", tmp_path / "cache"):
         with within(60):
@@ -67,14 +70,15 @@ def read_every_way(root, tmp_path, capsys):
     splits, classes, warnings = results[0]
     for other, other_classes, other_warnings in results[1:]:
         assert other_classes == classes and other_warnings == warnings
-        for name in splits:
-            assert torch.equal(other[name][0], splits[name][0]) and torch.equal(other[name][1], splits[name][1])
+        for name, (images, labels) in splits.items():
+            assert torch.equal(other[name][0], images) and torch.equal(other[name][1], labels)
     return splits, classes, warnings.splitlines()
 
 
 def counts(splits):
     """Each split's images of each class."""
-    return {name: torch.bincount(labels, minlength=2).tolist() for name, (_, labels) in splits.items()}
+    return {name: torch.bincount(labels, minlength=2).tolist()
+            for name, (_, labels) in splits.items()}
 
 
 def warning(lines, start):
@@ -84,22 +88,24 @@ def warning(lines, start):
     return found[0]
 
 
-# ----------------------------------------------------------------------------- names that are not UTF-8
+# ------------------------------------------------------------------------- names that are not UTF-8
 
 
-def test_names_that_are_not_utf8_are_read_alike_with_and_without_a_cache_and_shown_as_their_bytes(tmp_path,
-                                                                                                  capsys):
+def test_names_not_in_utf8_are_read_alike_with_or_without_a_cache_and_shown_as_bytes(tmp_path,
+                                                                                      capsys):
     root = tree(tmp_path)
-    png(os.path.join(os.fsencode(root), b"train", b"cats", LATIN1 + b".png"))
+    raw = os.fsencode(root)
+    png(os.path.join(raw, b"train", b"cats", LATIN1 + b".png"))
     for split in (b"train", b"val"):
-        os.rename(os.path.join(os.fsencode(root), split, b"dogs"), os.path.join(os.fsencode(root), split, LATIN1))
+        os.rename(os.path.join(raw, split, b"dogs"), os.path.join(raw, split, LATIN1))
     splits, classes, lines = read_every_way(root, tmp_path, capsys)
     assert classes == ["caf\\xe9", "cats"]  # sorted by the real names: "caf\udce9" before "cats"
     assert counts(splits) == {"train": [4, 5], "val": [4, 4]}
     assert not any("skipped" in line for line in lines)
     index = [name for name in os.listdir(tmp_path / "cache")  # the cache's index, read back
              if name.endswith(".json") and not name.endswith(".statistics.json")]
-    assert len(index) == 1 and json.loads((tmp_path / "cache" / index[0]).read_text())["count"] == 17
+    assert len(index) == 1
+    assert json.loads((tmp_path / "cache" / index[0]).read_text())["count"] == 17
 
 
 def test_utils_printable_shows_the_bytes_of_a_name_that_is_not_utf8():
@@ -109,10 +115,11 @@ def test_utils_printable_shows_the_bytes_of_a_name_that_is_not_utf8():
     assert utils.printable("\ud800") == "\\ud800"  # a lone surrogate no byte stands for
 
 
-def test_a_run_on_names_that_are_not_utf8_writes_its_report_and_predicts_them(tmp_path, capsys, one_thread):
-    """A class folder and a file named in Latin-1: the run trains, its report, figures and best_model.json
-    name the class as its bytes, and --predict (on the file, and on a folder holding it, a FIFO and a dangling
-    link) writes predictions.csv with the path shown alike."""
+def test_a_run_on_names_not_in_utf8_writes_its_report_and_predicts_them(tmp_path, capsys,
+                                                                        one_thread):
+    """A class folder and a file named in Latin-1: the run trains, its report, figures and
+    best_model.json name the class as its bytes, and --predict (on the file, and on a folder holding
+    it, a FIFO and a dangling link) writes predictions.csv with the path shown alike."""
     root = tree(tmp_path)
     raw = os.fsencode(root)
     for split in (b"train", b"val"):
@@ -120,8 +127,9 @@ def test_a_run_on_names_that_are_not_utf8_writes_its_report_and_predicts_them(tm
     picture = os.fsdecode(os.path.join(raw, b"val", LATIN1, LATIN1 + b".png"))
     png(picture, colour=(40, 200, 90))
     out = str(tmp_path / "out")
-    assert main.main(["--dataset", "folder", "--data-dir", root, "--output-dir", out, "--image-size", "16",
-                      "--epochs", "1", "--ask-epoch", "none", "--num-workers", "0", "--batch-size", "8"]) == 0
+    assert main.main(["--dataset", "folder", "--data-dir", root, "--output-dir", out,
+                      "--epochs", "1", "--image-size", "16", "--ask-epoch", "none",
+                      "--num-workers", "0", "--batch-size", "8"]) == 0
     assert "caf\\xe9:" in capsys.readouterr().out  # the recall of each class, printed
     report = pd.read_csv(os.path.join(out, "test_report.csv"))
     assert list(report["class"])[:2] == ["caf\\xe9", "cats"]
@@ -146,10 +154,11 @@ def test_a_run_on_names_that_are_not_utf8_writes_its_report_and_predicts_them(tm
 
     os.symlink(".", folder / "loop")  # a folder given that holds a loop: one line, exit 2
     assert main.main(["--output-dir", out, "--predict", str(folder)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {folder / 'loop'} is a link to")
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {folder / 'loop'} is a link to")
 
 
-# ----------------------------------------------------------------------------- files that are not regular
+# ------------------------------------------------------------------------- not regular files
 
 
 def test_fifos_sockets_and_devices_are_skipped_unopened_with_a_count(tmp_path, capsys, monkeypatch):
@@ -160,7 +169,7 @@ def test_fifos_sockets_and_devices_are_skipped_unopened_with_a_count(tmp_path, c
     server = socket.socket(socket.AF_UNIX)
     server.bind("socket.png")
     monkeypatch.chdir(tmp_path)
-    os.symlink(os.devnull, os.path.join(root, "val", "dogs", "null.jpg"))  # a character device, by a link
+    os.symlink(os.devnull, os.path.join(root, "val", "dogs", "null.jpg"))  # a device, by a link
     try:
         splits, _, lines = read_every_way(root, tmp_path, capsys)
     finally:
@@ -170,7 +179,8 @@ def test_fifos_sockets_and_devices_are_skipped_unopened_with_a_count(tmp_path, c
     assert line.endswith(os.path.join(cats, "pipe.jpg"))
 
 
-def test_dangling_links_and_loops_of_file_links_are_skipped_alike_with_and_without_a_cache(tmp_path, capsys):
+def test_dangling_links_and_loops_of_file_links_are_skipped_alike_with_or_without_a_cache(tmp_path,
+                                                                                          capsys):
     root = tree(tmp_path)
     cats = os.path.join(root, "train", "cats")
     os.symlink("nowhere.png", os.path.join(cats, "gone.png"))
@@ -192,10 +202,11 @@ def test_every_kind_of_file_skipped_is_counted_with_an_example(tmp_path, capsys)
     _, _, lines = read_every_way(root, tmp_path, capsys)
     assert warning(lines, "1 file that is not an image (extension .txt): ").endswith("notes.txt")
     assert warning(lines, "1 unreadable image file: ").endswith("broken.png")
-    assert warning(lines, "1 file outside the class folders: ").endswith(os.path.join("train", "labels.csv"))
+    outside = warning(lines, "1 file outside the class folders: ")
+    assert outside.endswith(os.path.join("train", "labels.csv"))
 
 
-# ----------------------------------------------------------------------------- links to folders
+# ------------------------------------------------------------------------- links to folders
 
 
 @pytest.mark.parametrize("links", [
@@ -203,8 +214,8 @@ def test_every_kind_of_file_skipped_is_counted_with_an_example(tmp_path, capsys)
     {"train/cats/up": ".."},  # its parent: every dog would be a cat
     {"train/cats/top": "../../.."},  # above the data folder
     {"train/cats/one": ".", "train/cats/two": "."},  # two: the walk doubled at each level
-    {"train/cats/sub1/to2": "../sub2", "train/cats/sub2/to1": "../sub1"},  # two that lead to each other
-    {"train/cats/x": "../dogs", "train/dogs/y": "../cats"},  # two class folders, each into the other
+    {"train/cats/sub1/to2": "../sub2", "train/cats/sub2/to1": "../sub1"},  # two, to each other
+    {"train/cats/x": "../dogs", "train/dogs/y": "../cats"},  # two class folders, each to the other
 ])
 def test_a_link_to_a_folder_on_its_own_path_is_refused_in_one_line_naming_it(tmp_path, links):
     root = tree(tmp_path)
@@ -218,7 +229,8 @@ def test_a_link_to_a_folder_on_its_own_path_is_refused_in_one_line_naming_it(tmp
         message = str(error.value)
         assert "\n" not in message and "is a link to" in message and "remove the link" in message
         named = message.split(" is a link to ")[0]
-        assert os.path.islink(named) and os.path.basename(named) in {os.path.basename(k) for k in links}
+        assert os.path.islink(named)
+        assert os.path.basename(named) in {os.path.basename(link) for link in links}
     assert not os.path.exists(tmp_path / "cache")  # refused before anything was decoded
 
 
@@ -227,17 +239,17 @@ def test_a_loop_refused_exits_2_with_one_line(tmp_path, capsys):
     os.symlink("..", os.path.join(root, "train", "cats", "up"))
     out = tmp_path / "out"
     with within(60):
-        status = main.main(["--dataset", "folder", "--data-dir", root, "--output-dir", str(out), "--epochs", "1"])
+        status = main.main(["--dataset", "folder", "--data-dir", root, "--output-dir", str(out)])
     assert status == 2 and not out.exists()
+    link, train = os.path.join(root, "train", "cats", "up"), os.path.join(root, "train")
     assert capsys.readouterr().err.splitlines() == [
-        f"error: {os.path.join(root, 'train', 'cats', 'up')} is a link to {os.path.join(root, 'train')}, a folder "
-        f"on its own path, so a walk through it would never end; remove the link, or point it at a folder outside "
-        f"that path"]
+        f"error: {link} is a link to {train}, a folder on its own path, so a walk through it would "
+        f"never end; remove the link, or point it at a folder outside that path"]
 
 
 def test_links_into_the_tree_add_nothing_twice_and_are_counted(tmp_path, capsys):
-    """A link to another class folder, one from val/ to train/'s folder of the same class, and one to a
-    subfolder read already: each real folder is read once, for its own class and split."""
+    """A link to another class folder, one from val/ to train/'s folder of the same class, and one
+    to a subfolder read already: each real folder is read once, for its own class and split."""
     plain = tree(tmp_path / "plain")
     expected, _, _ = read_every_way(plain, tmp_path / "plain", capsys)
     root = tree(tmp_path)
@@ -248,13 +260,15 @@ def test_links_into_the_tree_add_nothing_twice_and_are_counted(tmp_path, capsys)
     os.symlink("more", os.path.join(root, "train", "dogs", "again"))
     splits, _, lines = read_every_way(root, tmp_path, capsys)
     assert counts(splits) == {"train": [4, 5], "val": [4, 4]}
-    assert warning(lines, "3 links to folders read already, e.g. ").endswith(os.path.join("cats", "dogs"))
-    assert torch.equal(splits["val"][0], expected["val"][0])  # val/ is what it was without the links
+    line = warning(lines, "3 links to folders read already, e.g. ")
+    assert line.endswith(os.path.join("cats", "dogs"))
+    assert torch.equal(splits["val"][0], expected["val"][0])  # val/ as it was without the links
 
 
 def test_links_to_folders_outside_the_tree_add_their_images_once(tmp_path, capsys):
-    """Photos on another disk, linked from a class folder (its subfolders too), and linked a second time
-    from the other class (counted, not read twice); a class folder that is itself a link works as well."""
+    """Photos on another disk, linked from a class folder (its subfolders too), and linked a second
+    time from the other class (counted, not read twice); a class folder that is itself a link works
+    as well."""
     root = tree(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "deeper").mkdir(parents=True)
@@ -271,15 +285,15 @@ def test_links_to_folders_outside_the_tree_add_their_images_once(tmp_path, capsy
     assert line.endswith(os.path.join("train", "dogs", "elsewhere"))
 
 
-# ----------------------------------------------------------------------------- sizes and lengths
+# ------------------------------------------------------------------------- sizes and lengths
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, for the sizes it opens
-def test_an_image_over_the_pixel_limit_is_skipped_with_a_count_and_the_cache_remembers_why(tmp_path, capsys,
-                                                                                          monkeypatch):
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, as it opens
+def test_an_image_over_the_pixel_limit_is_skipped_with_a_count_the_cache_keeps(tmp_path, capsys,
+                                                                              monkeypatch):
     root = tree(tmp_path)  # 20 x 14 = 280 pixels each
     png(os.path.join(root, "train", "cats", "big.png"), size=(40, 30))  # over the limit
-    png(os.path.join(root, "train", "dogs", "huge.png"), size=(60, 50))  # over twice it: Pillow refuses it
+    png(os.path.join(root, "train", "dogs", "huge.png"), size=(60, 50))  # twice over it
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     splits, _, lines = read_every_way(root, tmp_path, capsys)
     assert counts(splits) == {"train": [4, 4], "val": [4, 4]}
@@ -289,8 +303,8 @@ def test_an_image_over_the_pixel_limit_is_skipped_with_a_count_and_the_cache_rem
 
 
 def test_a_path_longer_than_the_system_allows_is_skipped_with_a_count(tmp_path, capsys):
-    """Folders nested deeper than PATH_MAX bytes (made through folder descriptors, as no path reaches them):
-    counted where the walk meets the first path it cannot open."""
+    """Folders nested deeper than PATH_MAX bytes (made through folder descriptors, as no path
+    reaches them): counted where the walk meets the first path it cannot open."""
     root = tree(tmp_path)
     fd = os.open(os.path.join(root, "train", "cats"), os.O_RDONLY)
     name, depth = "d" * 200, image_module.PATH_MAX // 200 + 1
@@ -312,21 +326,23 @@ def test_a_path_longer_than_the_system_allows_is_skipped_with_a_count(tmp_path, 
     assert len(os.fsencode(path)) >= image_module.PATH_MAX and path.endswith(name)
 
 
-# ----------------------------------------------------------------------------- where the outputs go
+# ------------------------------------------------------------------------- where the outputs go
 
 
-@pytest.mark.parametrize("inside", ["train/cats", "train/cats/run", "train", "val/dogs/runs/1", "linked/run"])
-def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(tmp_path, inside, monkeypatch):
+@pytest.mark.parametrize("inside", ["train/cats", "train/cats/run", "train", "val/dogs/1",
+                                    "linked/run"])
+def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(tmp_path, inside,
+                                                                              monkeypatch):
     root = tree(tmp_path)
     linked = tmp_path / "linked"  # a class folder that is a link: its target is in the tree too
     os.rename(os.path.join(root, "train", "dogs"), linked)
     os.symlink(linked, os.path.join(root, "train", "dogs"))
     output_dir = str(linked / "run") if inside == "linked/run" else os.path.join(root, inside)
-    with pytest.raises(DataError, match=r"^--output-dir \(OUTPUT_DIR\) .* is inside the data folder"):
+    with pytest.raises(DataError, match=r"^--output-dir \(OUTPUT_DIR\) .* is inside the data "):
         data_module.check_output_dir(DataConfig("folder", root), output_dir)
-    for beside in (tmp_path / "out", tmp_path / "data", tmp_path / "data" / "runs"):  # nothing read there
+    for beside in (tmp_path / "out", tmp_path / "data", tmp_path / "data" / "runs"):  # never read
         data_module.check_output_dir(DataConfig("folder", root), str(beside))
-    data_module.check_output_dir(DataConfig("cifar10", root), output_dir)  # CIFAR-10 reads its batch files only
+    data_module.check_output_dir(DataConfig("cifar10", root), output_dir)  # reads batch files only
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read")
