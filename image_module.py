@@ -88,11 +88,11 @@ def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
     levels of a full decode once resized to reduce_to); any other image is resized as read_stored
     resizes it (shorter side reduce_to) before its mode is converted, so that a worker holds the
     decoded file and its small copy, not the full-size copies to_rgb makes (a 36-megapixel RGBA PNG
-    stored at 256 px: 0.28 GB at its peak, not 0.55 GB; Pillow's resize premultiplies a copy). A file whose header opens but whose data is cut
-    short or damaged (an interrupted copy) loads with the missing part grey, as Pillow's
-    LOAD_TRUNCATED_IMAGES does, and a warning names it once per process; a file that does not open
-    at all raises DataError naming it, and one of more pixels than PIL.Image.MAX_IMAGE_PIXELS
-    TooManyPixels (it is never decoded)."""
+    stored at 256 px: 0.28 GB at its peak, not 0.55 GB; Pillow's resize premultiplies a copy). A
+    file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with
+    the missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per
+    process; a file that does not open at all raises DataError naming it, and one of more pixels
+    than PIL.Image.MAX_IMAGE_PIXELS TooManyPixels (it is never decoded)."""
     # ValueError: a mode RGB cannot come from; the bomb error: an animation's frame, as it loads
     unreadable = (OSError, ValueError, Image.DecompressionBombError)
     try:
