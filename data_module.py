@@ -580,8 +580,8 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         train_index = train_index[keep]
     parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
     if "test" not in sources:
-        print(f"note: {data_dir} has no test/ folder; the final evaluation uses the validation images",
-              file=sys.stderr)
+        print(f"note: {utils.printable(data_dir)} has no test/ folder; the final evaluation uses "
+              f"the validation images", file=sys.stderr)
     for name, part in parts.items():
         if part is not None and len(part) == 0:
             raise DataError(f"the {name} split is empty; check {_flag('TRAIN_SUBSET')}, {_flag('VAL_SPLIT')} "

@@ -124,5 +124,6 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
+    print(f"Wrote {len(rows)} predictions to {utils.printable(output)}",
+          file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
     return status

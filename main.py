@@ -503,7 +503,7 @@ def train(config: Config, run: Run) -> Outcome:
         print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
               f"{utils.plural(len(run.data.train), 'batch', 'batches')} of {config.data.batch_size} per epoch"
               f"{accumulation} | "
-              f"{_data_path(run.data)} | outputs in {os.path.abspath(output_dir)}")
+              f"{_data_path(run.data)} | outputs in {utils.printable(os.path.abspath(output_dir))}")
         if run.fit.class_weights is not None:
             print(_class_weights_line(run.fit.class_weights, run.data.classes))
     signal.signal(signal.SIGTERM, _raise_terminated)

@@ -117,20 +117,24 @@ def test_utils_printable_shows_the_bytes_of_a_name_that_is_not_utf8():
 
 def test_a_run_on_names_not_in_utf8_writes_its_report_and_predicts_them(tmp_path, capsys,
                                                                         one_thread):
-    """A class folder and a file named in Latin-1: the run trains, its report, figures and
-    best_model.json name the class as its bytes, and --predict (on the file, and on a folder holding
-    it, a FIFO and a dangling link) writes predictions.csv with the path shown alike."""
-    root = tree(tmp_path)
+    """A class folder, a file, and the folder that holds the data and the outputs named in Latin-1:
+    the run trains, its report, figures and best_model.json name the class as its bytes, what it
+    prints takes no stdout that refuses them (capsys's), and --predict (on the file, and on a folder
+    holding it, a FIFO and a dangling link) writes predictions.csv with the path shown alike."""
+    base = tmp_path / os.fsdecode(LATIN1)
+    root = tree(base)
     raw = os.fsencode(root)
     for split in (b"train", b"val"):
         os.rename(os.path.join(raw, split, b"dogs"), os.path.join(raw, split, LATIN1))
     picture = os.fsdecode(os.path.join(raw, b"val", LATIN1, LATIN1 + b".png"))
     png(picture, colour=(40, 200, 90))
-    out = str(tmp_path / "out")
+    out = str(base / "out")
     assert main.main(["--dataset", "folder", "--data-dir", root, "--output-dir", out,
                       "--epochs", "1", "--image-size", "16", "--ask-epoch", "none",
                       "--num-workers", "0", "--batch-size", "8"]) == 0
-    assert "caf\\xe9:" in capsys.readouterr().out  # the recall of each class, printed
+    printed = capsys.readouterr().out
+    assert "caf\\xe9:" in printed  # the recall of each class
+    assert f"outputs in {utils.printable(out)}" in printed
     report = pd.read_csv(os.path.join(out, "test_report.csv"))
     assert list(report["class"])[:2] == ["caf\\xe9", "cats"]
     assert json.load(open(os.path.join(out, "best_model.json")))["classes"] == ["caf\\xe9", "cats"]
