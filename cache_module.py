@@ -4,7 +4,8 @@ A cache is two files in the cache folder, named by a key of (the stored size, th
 modification times), so a changed folder or size finds no cache and builds a new one:
 
     <size>px-<key>.npy   uint8 (N, size, size, 3), row i the i-th file; numpy's .npy, opened with mmap
-    <size>px-<key>.json  the index: format, key, root, size, count, bytes (the .npy's length), failed rows
+    <size>px-<key>.json  the index: format, key, root, size, count, bytes (the .npy's length), the
+                         failed rows with their messages
     <size>px-<key>.statistics.json  per-channel statistics of sets of rows, by a hash of the rows (remembered)
 
 Both are written to temporary files in the same folder and moved into place (os.replace), the .npy first: the
@@ -35,7 +36,8 @@ try:
 except ImportError:  # Windows has no flock: concurrent builders each write, and the last complete one stays
     fcntl = None
 
-FORMAT = 1  # raise it when the stored pixels or the layout change: older caches are then rebuilt
+FORMAT = 2  # raise it when the stored pixels or the layout change: older caches are then rebuilt
+# (2: failed rows kept with their messages; images other than JPEGs resized before to_rgb)
 PROJECT = "lra-pipeline"  # the per-user cache folder's name, under $XDG_CACHE_HOME or ~/.cache
 
 
@@ -48,7 +50,7 @@ class Cache:
     """A folder's decoded images, memory-mapped: pages are read from the file as rows are used."""
 
     images: torch.Tensor  # uint8 (N, size, size, 3): row i is paths[i]; never written (copy-on-write mapping)
-    failed: list[int]  # rows whose files could not be read (left black)
+    failed: list[tuple[int, str]]  # rows whose files could not be read (left black), and why
     path: str  # the .npy file
     built: bool  # decoded by this call (False: opened as a later run finds it)
 
@@ -63,12 +65,13 @@ def default_cache_dir() -> str:
 
 
 def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,
-                  fill: Callable[[np.memmap], list[int]]) -> Cache:
-    """The cache of these image files at this size: opened when a valid one is in cache_dir, else built by
-    fill(images), which decodes paths[i] into images[i] and returns the rows it could not read: images is the
-    new .npy file's np.memmap (uint8 (N, size, size, 3)), which worker processes can open by its filename.
-    Paths are keyed relative to root, so a moved folder keeps its cache. Raises CacheError when a cache is
-    needed and cannot be written."""
+                  fill: Callable[[np.memmap], list[tuple[int, str]]]) -> Cache:
+    """The cache of these image files at this size: opened when a valid one is in cache_dir, else
+    built by fill(images), which decodes paths[i] into images[i] and returns the rows it could not
+    read, each with a message (kept in the index, for later runs to tell): images is the new .npy
+    file's np.memmap (uint8 (N, size, size, 3)), which worker processes can open by its filename.
+    Paths are keyed relative to root, so a moved folder keeps its cache. Raises CacheError when a
+    cache is needed and cannot be written."""
     base = os.path.join(cache_dir, f"{size}px-{cache_key(paths, size, root)}")
     cache = _open(base, len(paths), size)
     if cache is not None:
@@ -88,14 +91,15 @@ def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,
 
 
 def cache_key(paths: list[str], size: int, root: str) -> str:
-    """A hash of the format, the size and every file's path (relative to root), size and modification time."""
+    """A hash of the format, the size and every file's path (relative to root), size and
+    modification time; a name that is not UTF-8 (os.fsdecode's surrogates) as its bytes."""
     entries, prefix = [], os.path.join(os.path.abspath(root), "")
     for path in paths:
         status, absolute = os.stat(path), os.path.abspath(path)
         relative = absolute[len(prefix):] if absolute.startswith(prefix) else os.path.relpath(absolute, prefix)
         entries.append([relative, status.st_size, status.st_mtime_ns])  # relpath's answer, a tenth of its time
     text = json.dumps([FORMAT, size, entries], ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def _open(base: str, count: int, size: int) -> Cache | None:
@@ -109,7 +113,7 @@ def _open(base: str, count: int, size: int) -> Cache | None:
         if os.path.getsize(base + ".npy") != index["bytes"]:  # truncated, or another build's half
             return None
         images = np.load(base + ".npy", mmap_mode="c")  # copy-on-write: writable for torch, never written back
-        failed = [int(row) for row in index["failed"]]
+        failed = [(int(row), str(message)) for row, message in index["failed"]]
     except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable, or not what this format writes
         return None
     if images.shape != (count, size, size, 3) or images.dtype != np.uint8:
@@ -117,7 +121,8 @@ def _open(base: str, count: int, size: int) -> Cache | None:
     return Cache(torch.from_numpy(images), failed, base + ".npy", built=False)
 
 
-def _build(base: str, count: int, size: int, root: str, fill: Callable[[np.memmap], list[int]]) -> Cache:
+def _build(base: str, count: int, size: int, root: str,
+           fill: Callable[[np.memmap], list[tuple[int, str]]]) -> Cache:
     """Decode into a temporary .npy, move it into place, then write the index that marks it complete."""
     folder, name = os.path.split(base)
     if fcntl is not None:  # under the lock no other build of this cache is live: these are killed builds'

@@ -20,7 +20,8 @@ from torchvision import datasets
 import cache_module
 import utils
 from augment_module import AUTO_AUGMENTS, RESIZE_RATIO, batch_mixer, pil_transform
-from image_module import IMAGE_EXTENSIONS, DataError, decode_files, opens, read_stored
+from image_module import (IMAGE_EXTENSIONS, DataError, Skipped, check_image, decode_files,
+                          read_stored, skip_reason, walk_images)
 from loader_module import Augmentation, Batching, Loader, MappedLoader, MixedLoader, ResidentLoader, StreamingLoader
 
 DATASETS = ("cifar10", "folder")
@@ -331,30 +332,61 @@ def _bad_cifar_file(folder: str) -> str:
 # --------------------------------------------------------------------------- folders
 
 
-def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]], list[str]]:
-    """The classes of DATA_DIR/train, and for each split (train, and val and test when there) its image files
-    with their labels, in ImageFolder's order; and the files that are not images. Opens no file."""
+def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]], Skipped]:
+    """The classes of DATA_DIR/train (their names as utils.printable shows them), and for each split
+    (train, and val and test when there) its image files with their labels, in ImageFolder's order
+    (walk_images: regular files only, each real folder once, folder links followed, a link loop
+    refused); and what was skipped. Opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
-    try:
-        classes, class_to_idx = datasets.folder.find_classes(train_dir)
-    except FileNotFoundError as error:  # no class folders
-        raise DataError(f"no readable images in {train_dir}: {error}") from None
-    splits, not_images = {}, []
-    for split in SPLITS:
+    listings = {split: _entries(os.path.join(data_dir, split)) for split in SPLITS
+                if os.path.isdir(os.path.join(data_dir, split))}
+    classes = [entry.name for entry in listings["train"] if _is_folder(entry)]  # sorted by name
+    if not classes:
+        raise DataError(f"no readable images in {train_dir}: it has no class folders "
+                        f"(train/<class>/<image>)")
+    shown = [utils.printable(name) for name in classes]
+    twins = sorted({name for name in shown if shown.count(name) > 1})
+    if twins:
+        raise DataError(f"{train_dir} has class folders whose names read alike once their bytes "
+                        f"that are not UTF-8 are shown as \\xNN: {', '.join(twins)}; rename one")
+    skipped, roots, labels, split_of = Skipped(), [], [], []
+    for split, entries in listings.items():
         folder = os.path.join(data_dir, split)
-        if not os.path.isdir(folder):
-            continue
-        extra = sorted(name for name in set(os.listdir(folder)) - set(classes)
-                       if os.path.isdir(os.path.join(folder, name)))
+        folders = {entry.name for entry in entries if _is_folder(entry)}
+        extra = sorted(utils.printable(name) for name in folders - set(classes))
         if extra:
             raise DataError(f"{folder} has class folders that train/ lacks: {', '.join(extra)}")
-        samples = datasets.folder.make_dataset(folder, class_to_idx, is_valid_file=lambda path: True,
-                                               allow_empty=True)
-        splits[split] = [(path, label) for path, label in samples if path.lower().endswith(IMAGE_EXTENSIONS)]
-        not_images += [path for path, _ in samples if not path.lower().endswith(IMAGE_EXTENSIONS)]
-    return classes, splits, not_images
+        for entry in entries:
+            if entry.name not in folders:
+                missing = entry.is_symlink() and not os.path.exists(entry.path)
+                skipped.add("dangling link" if missing else "outside the classes", entry.path)
+        present = [label for label, name in enumerate(classes) if name in folders]
+        roots += [os.path.join(folder, classes[label]) for label in present]
+        labels += present
+        split_of += [split] * len(present)
+    splits = {split: [] for split in listings}
+    for split, label, paths in zip(split_of, labels, walk_images(roots, skipped)):
+        splits[split] += [(path, label) for path in paths]
+    return shown, splits, skipped
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """A folder's entries, sorted by name."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        raise DataError(f"cannot list {folder} ({error.strerror}); check its permissions") from None
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder or a link to one (not a link to nothing, or in a loop)."""
+    try:
+        return entry.is_dir()
+    except OSError:  # a loop of links, a target without permission
+        return False
 
 
 def _no_tree_message(data_dir: str) -> str:
@@ -402,50 +434,50 @@ def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tupl
             raise DataError(f"{os.path.join(data_dir, split)} holds no readable images; fill it or remove it")
 
 
-def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]], not_images: list[str],
-              unreadable: list[str]) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """Each split's images but the unreadable ones, as (paths, labels), after one line on stderr for each kind
-    of file skipped; DataError when a class or a split is left without images."""
-    if not_images:
-        extensions = sorted({os.path.splitext(path)[1].lower() or "(none)" for path in not_images})
-        what = "is not an image" if len(not_images) == 1 else "are not images"
-        print(f"warning: skipped {utils.plural(len(not_images), 'file')} that {what} "
-              f"({'extension' if len(extensions) == 1 else 'extensions'} {', '.join(extensions)})", file=sys.stderr)
-    if unreadable:
-        example = ": " if len(unreadable) == 1 else ", e.g. "
-        print(f"warning: skipped {utils.plural(len(unreadable), 'unreadable image file')}{example}{unreadable[0]}",
-              file=sys.stderr)
-    skip = set(unreadable)
+def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
+              skipped: Skipped) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Each split's images but those skipped, as (paths, labels), after one line on stderr for each
+    reason a file was skipped for (Skipped.warnings); DataError when a class or a split is left
+    without images."""
+    for line in skipped.warnings():
+        print(f"warning: {line}", file=sys.stderr)
+    skip = skipped.every_path()
     splits = {name: [(path, label) for path, label in samples if path not in skip] for name, samples in splits.items()}
     _check_splits(data_dir, classes, splits)
     return {name: ([path for path, _ in samples], torch.tensor([label for _, label in samples], dtype=torch.int64))
             for name, samples in splits.items()}
 
 
-
-
 def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
-    """The train, val and (optional) test files of DATA_DIR that Pillow opens, labelled by train/'s class
-    folders, and the classes; the files are read at `size` (pixels, a square)."""
-    classes, splits, not_images = _list_tree(data_dir)
-    unreadable = [path for samples in splits.values() for path, _ in samples if not opens(path)]
-    splits = _readable(data_dir, classes, splits, not_images, unreadable)
+    """The train, val and (optional) test files of DATA_DIR that Pillow opens (check_image: no more
+    pixels than its limit either), labelled by train/'s class folders, and the classes; the files
+    are read at `size` (pixels, a square)."""
+    classes, splits, skipped = _list_tree(data_dir)
+    for samples in splits.values():
+        for path, _ in samples:
+            reason = check_image(path)
+            if reason:
+                skipped.add(reason, path)
+    splits = _readable(data_dir, classes, splits, skipped)
     return {name: ImageFiles(paths, labels, size) for name, (paths, labels) in splits.items()}, classes
 
 
 def _cached_folder(data_dir: str, size: int, cache_dir: str, num_workers: int,
                    device: torch.device) -> tuple[dict[str, MappedImages], list[str], str]:
-    """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in cache_dir, built
-    first when missing or stale (files that fail to decode are the unreadable ones; JPEGs decoded on the
-    device when it is a CUDA device); a valid cache opens no image file. Also the cache file."""
-    classes, splits, not_images = _list_tree(data_dir)
+    """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in
+    cache_dir, built first when missing or stale (files that fail to decode are the skipped ones,
+    for the reason their message gives, which the cache keeps; JPEGs decoded on the device when it
+    is a CUDA device); a valid cache opens no image file. Also the cache file."""
+    classes, splits, skipped = _list_tree(data_dir)
     _check_splits(data_dir, classes, splits)  # before anything is decoded
     paths = [path for samples in splits.values() for path, _ in samples]
     cache = cache_module.open_or_build(
         paths, size, cache_dir, root=data_dir,
-        fill=lambda out: [i for i, _ in decode_files(paths, size, out, num_workers, "decoding", device=device)])
+        fill=lambda out: decode_files(paths, size, out, num_workers, "decoding", device=device))
+    for i, message in cache.failed:
+        skipped.add(skip_reason(message), paths[i])
     row = {path: i for i, path in enumerate(paths)}
-    splits = _readable(data_dir, classes, splits, not_images, [paths[i] for i in cache.failed])
+    splits = _readable(data_dir, classes, splits, skipped)
     return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels, cache.path)
             for name, (paths, labels) in splits.items()}, classes, cache.path
 
@@ -472,6 +504,27 @@ def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
             print(f"warning: {error}; the images are decoded without a cache (set {_flag('CACHE_DIR')} to a "
                   f"writable folder to keep them)", file=sys.stderr)
     return *_scan_folder(data_dir, resize_size), resize_size, None
+
+
+def check_output_dir(config: DataConfig, output_dir: str) -> None:
+    """DataError when a folder's images would include OUTPUT_DIR's files (its figures read as photos
+    by the next run): OUTPUT_DIR is, or is inside, DATA_DIR's train/, val/ or test/, or a class
+    folder (wherever its link leads). Reads nothing but those folders' names."""
+    if config.dataset != "folder":
+        return
+    output = os.path.realpath(output_dir)
+    for split in SPLITS:
+        folder = os.path.join(config.data_dir, split)
+        if not os.path.isdir(folder):
+            continue
+        for inside in [folder] + [entry.path for entry in _entries(folder) if _is_folder(entry)]:
+            real = os.path.realpath(inside)
+            if output == real or output.startswith(os.path.join(real, "")):
+                shown = utils.printable(output_dir)
+                raise DataError(f"{_flag('OUTPUT_DIR')} {shown} is inside the data folder "
+                                f"{utils.printable(inside)}, whose images the next run would read "
+                                f"with its figures among them; choose an output folder outside "
+                                f"{_flag('DATA_DIR')}'s train/, val/ and test/")
 
 
 # --------------------------------------------------------------------------- splitting and statistics
@@ -527,8 +580,8 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         train_index = train_index[keep]
     parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
     if "test" not in sources:
-        print(f"note: {data_dir} has no test/ folder; the final evaluation uses the validation images",
-              file=sys.stderr)
+        print(f"note: {utils.printable(data_dir)} has no test/ folder; the final evaluation uses "
+              f"the validation images", file=sys.stderr)
     for name, part in parts.items():
         if part is not None and len(part) == 0:
             raise DataError(f"the {name} split is empty; check {_flag('TRAIN_SUBSET')}, {_flag('VAL_SPLIT')} "

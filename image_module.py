@@ -5,6 +5,7 @@ prediction is asked for found."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import mmap
@@ -15,6 +16,7 @@ import queue
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -42,42 +44,121 @@ GPU_DECODE_PIXELS = 2 ** 27  # most decoded pixels in such a batch (134 M: 0.4 G
 GPU_READ_AHEAD = 3  # batches of file bytes a thread reads ahead of the device's decoding
 JPEG_SIGNATURE = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI, then a marker)
 JPEG_END = b"\xff\xd9"  # the last marker of a whole JPEG (EOI); a file cut short lacks it
+# bytes a path may have, its NUL included (Linux: 4,096): a longer one cannot be opened
+# (ENAMETOOLONG), so a walk skips it
+PATH_MAX = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 32767
+# modes Pillow resizes by their values (a palette it resizes by nearest index; 1-bit stays 1-bit)
+RESIZED_EARLY = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L", "I;16B",
+                 "F")
+PIXEL_LIMIT_NOTE = "(PIL.Image.MAX_IMAGE_PIXELS)"  # ends the message of an image too large to read
+SKIPS = {  # why a walk or a decode passes a file (or folder) over: what one and many are called
+    "not an image": ("file that is not an image", "files that are not images"),
+    "outside the classes": ("file outside the class folders", "files outside the class folders"),
+    "not a regular file": ("file that is not a regular file (a FIFO, socket or device)",
+                           "files that are not regular files (FIFOs, sockets or devices)"),
+    "dangling link": ("link whose target is missing or unreachable",
+                      "links whose targets are missing or unreachable"),
+    "folder read already": ("link to a folder read already", "links to folders read already"),
+    "cannot list": ("folder that cannot be listed", "folders that cannot be listed"),
+    "path too long": (f"path longer than the system allows ({PATH_MAX} bytes)",
+                      f"paths longer than the system allows ({PATH_MAX} bytes)"),
+    "unreadable": ("unreadable image file", "unreadable image files"),
+    "too many pixels": ("image of more pixels than PIL.Image.MAX_IMAGE_PIXELS",
+                        "images of more pixels than PIL.Image.MAX_IMAGE_PIXELS"),
+}
 
 
 class DataError(ValueError):
     """Missing or unreadable data, or a split that cannot be made: a message for the user."""
 
 
+class TooManyPixels(DataError):
+    """An image of more pixels than PIL.Image.MAX_IMAGE_PIXELS: skipped like an unreadable one,
+    never decoded."""
+
+
 
 def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
-    """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by to_rgb).
+    """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by
+    to_rgb).
 
-    With reduce_to (pixels), a JPEG is decoded at 1/2, 1/4 or 1/8 scale where its sides keep at least twice
-    reduce_to pixels (JPEG DCT scaling, as Pillow's thumbnail does): 2 to 7 times faster for photos much
-    larger than that, and within a few levels of a full decode once resized to reduce_to.
-    A file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with the
-    missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per process;
-    a file that does not open at all raises DataError naming it.
-    """
-    unreadable = (OSError, ValueError, Image.DecompressionBombError)  # ValueError: a mode RGB cannot come from
+    With reduce_to (pixels), the image is made smaller while it decodes: a JPEG is decoded at 1/2,
+    1/4 or 1/8 scale where its sides keep at least twice reduce_to pixels (JPEG DCT scaling, as
+    Pillow's thumbnail does: 2 to 7 times faster for photos much larger than that, and within a few
+    levels of a full decode once resized to reduce_to); any other image is resized as read_stored
+    resizes it (shorter side reduce_to) before its mode is converted, so that a worker holds the
+    decoded file and its small copy, not the full-size copies to_rgb makes (a 36-megapixel RGBA PNG
+    stored at 256 px: 0.28 GB at its peak, not 0.55 GB; Pillow's resize premultiplies a copy). A
+    file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with
+    the missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per
+    process; a file that does not open at all raises DataError naming it, and one of more pixels
+    than PIL.Image.MAX_IMAGE_PIXELS TooManyPixels (it is never decoded)."""
+    # ValueError: a mode RGB cannot come from; the bomb error: an animation's frame, as it loads
+    unreadable = (OSError, ValueError, Image.DecompressionBombError)
     try:
-        with Image.open(path) as image:
-            return to_rgb(_upright(image, reduce_to))
+        with _open(path) as image:
+            return _decoded(image, reduce_to)
+    except TooManyPixels:
+        raise
     except unreadable as error:
         first_error = error
     try:
-        with _truncated_images_allowed(), Image.open(path) as image:
-            rgb = to_rgb(_upright(image, reduce_to))
+        with _truncated_images_allowed(), _open(path) as image:
+            rgb = _decoded(image, reduce_to)
     except unreadable:
-        raise DataError(f"{path} is not an image file that Pillow can read ({first_error})") from None
+        raise DataError(f"{utils.printable(path)} is not an image file that Pillow can read "
+                        f"({first_error})") from None
     if path not in _WARNED:
         _WARNED.add(path)
-        print(f"warning: {path} is truncated or damaged ({first_error}); the part that decodes is used, "
-              f"the rest is grey", file=sys.stderr)
+        print(f"warning: {utils.printable(path)} is truncated or damaged ({first_error}); the part "
+              f"that decodes is used, the rest is grey", file=sys.stderr)
     return rgb
 
 
 _WARNED: set[str] = set()  # damaged files already named in this process
+# Pillow warns of an image over its limit and raises over twice it; _open refuses any over it, so
+# the warning would only repeat that (and may come from the GPU decoder's reading thread)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _open(path: str) -> Image.Image:
+    """Image.open (the header read, no pixel decoded), refusing with TooManyPixels an image of more
+    pixels than PIL.Image.MAX_IMAGE_PIXELS (read at each call; None: no limit): a 100-megapixel PNG
+    of 2 MB takes over a gigabyte to decode."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it itself
+        raise TooManyPixels(_too_many_pixels(path, f"more than {2 * limit:,}", limit)) from None
+    if limit and image.width * image.height > limit:
+        image.close()
+        raise TooManyPixels(_too_many_pixels(path, f"{image.width} x {image.height}", limit))
+    return image
+
+
+def _too_many_pixels(path: str, pixels: str, limit: int) -> str:
+    """The message of an image refused for its size: it ends with PIXEL_LIMIT_NOTE (skip_reason)."""
+    return f"{utils.printable(path)} has {pixels} pixels, over {limit:,} {PIXEL_LIMIT_NOTE}"
+
+
+def skip_reason(message: str) -> str:
+    """Why a file that failed to decode with this message (decode_files') is skipped: "unreadable",
+    or "too many pixels" (a key of SKIPS)."""
+    return "too many pixels" if message.endswith(PIXEL_LIMIT_NOTE) else "unreadable"
+
+
+def check_image(path: str) -> str | None:
+    """Why Pillow would not decode the file (a key of SKIPS: "unreadable", "too many pixels"), or
+    None when it opens and its header is sound (as cheap as a check can be that still catches
+    corrupt files, yet 20 times the cost of listing it: a valid cache spares it)."""
+    try:
+        with _open(path) as image:
+            image.verify()
+        return None
+    except TooManyPixels:
+        return "too many pixels"
+    except Exception:  # Pillow raises many types for a bad file; every one means "skip it"
+        return "unreadable"
 
 
 @contextlib.contextmanager
@@ -91,11 +172,23 @@ def _truncated_images_allowed() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
-def _upright(image: Image.Image, reduce_to: int | None = None) -> Image.Image:
-    """The image decoded (a JPEG scaled down while decoding, see open_rgb) and turned as its EXIF orientation
-    tag says (phones store photos sideways)."""
-    if reduce_to:
-        image.draft(None, (2 * reduce_to, 2 * reduce_to))  # a no-op but for JPEGs; square: any orientation
+def _decoded(image: Image.Image, reduce_to: int | None) -> Image.Image:
+    """An opened image decoded as open_rgb says: upright and RGB; with reduce_to, a JPEG at the
+    scale its draft picks, and any other image whose mode allows it (RESIZED_EARLY, and no
+    transparent colour, which resizing would blend away) resized as read_stored resizes it, before
+    to_rgb rather than after: the same pixels (RGB, greyscale), or within two levels (transparency:
+    composited on white before or after)."""
+    drafted = bool(reduce_to) and image.draft(None, (2 * reduce_to,) * 2) is not None  # JPEGs only
+    image = _upright(image)
+    early = image.mode in RESIZED_EARLY and "transparency" not in image.info
+    if reduce_to and not drafted and early:
+        image = F.resize(image, reduce_to)
+    return to_rgb(image)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image decoded (a JPEG at the scale its draft set) and turned as its EXIF orientation tag
+    says (phones store photos sideways)."""
     image.load()  # decoding errors (a truncated file) belong to the caller
     try:
         if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
@@ -265,16 +358,20 @@ def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tens
 
 
 def _device_pixels(data: np.ndarray) -> int:
-    """The pixels a file's bytes decode to when the device may decode them (0 when not): a whole JPEG (its
-    signature first, its end marker last), YCbCr (Pillow's mode RGB: greyscale, CMYK and Adobe's unconverted
-    RGB go to Pillow, whose conversions the device's decoder need not share), upright as stored (an EXIF
-    orientation other than 1 is Pillow's to apply, as read_stored does). Pillow reads the header alone."""
+    """The pixels a file's bytes decode to when the device may decode them (0 when not): a whole
+    JPEG (its signature first, its end marker last), YCbCr (Pillow's mode RGB: greyscale, CMYK and
+    Adobe's unconverted RGB go to Pillow, whose conversions the device's decoder need not share),
+    upright as stored (an EXIF orientation other than 1 is Pillow's to apply, as read_stored does),
+    of no more pixels than PIL.Image.MAX_IMAGE_PIXELS (a larger one is the CPU path's to refuse).
+    Pillow reads the header alone."""
     if data[:3].tobytes() != JPEG_SIGNATURE or not data[-64:].tobytes().rstrip(b"\0").endswith(JPEG_END):
         return 0
     try:
         with Image.open(io.BytesIO(data)) as image:
             upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)  # as _upright turns
-            if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0:
+            limit = Image.MAX_IMAGE_PIXELS
+            small = not limit or image.width * image.height <= limit
+            if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0 and small:
                 return image.width * image.height
     except Exception:  # Pillow raises many types for a bad header (or EXIF block): the CPU path reports it
         pass
@@ -493,42 +590,209 @@ def _in_a_file(rows: np.ndarray) -> bool:
     return isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and bool(rows.filename)
 
 
-def opens(path: str) -> bool:
-    """Whether Pillow opens the file and finds its header sound (as cheap as a check can be that still catches
-    corrupt files, yet 20 times the cost of listing it: a valid cache spares it)."""
+# --------------------------------------------------------------------------- folders walked
+
+
+@dataclass
+class Skipped:
+    """What a walk of folders or a decode passed over: for each reason (a key of SKIPS), the paths,
+    in the order met."""
+
+    paths: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, path: str) -> None:
+        assert reason in SKIPS, f"no such reason to skip a file: {reason}"
+        self.paths.setdefault(reason, []).append(path)
+
+    def every_path(self) -> set[str]:
+        """The paths skipped, for every reason."""
+        return {path for paths in self.paths.values() for path in paths}
+
+    def warnings(self) -> list[str]:
+        """A line for each reason: how many were skipped, and the first of them (names shown as
+        utils.printable shows them): "skipped 2 unreadable image files, e.g. train/cat/broken.png".
+        """
+        lines = []
+        for reason, (one, many) in SKIPS.items():
+            paths = self.paths.get(reason, [])
+            if not paths:
+                continue
+            detail = ""
+            if reason == "not an image":
+                extensions = sorted({os.path.splitext(path)[1].lower() or "(none)"
+                                     for path in paths})
+                kind = "extension" if len(extensions) == 1 else "extensions"
+                detail = f" ({kind} {', '.join(extensions)})"
+            elif reason == "too many pixels":
+                detail = f" ({Image.MAX_IMAGE_PIXELS:,})"
+            example = ": " if len(paths) == 1 else ", e.g. "
+            lines.append(f"skipped {utils.plural(len(paths), one, many)}{detail}{example}"
+                         f"{utils.printable(paths[0])}")
+        return lines
+
+
+def walk_images(roots: list[str], skipped: Skipped) -> list[list[str]]:
+    """The image files under each root folder, searched recursively: its folders in the order of
+    their paths (as sorted(os.walk(root)) gives them), each one's files by name. Only regular files
+    with an image extension are listed; the rest (SKIPS: other files, FIFOs, sockets, devices,
+    dangling links, paths too long to open, folders that cannot be listed) are counted in skipped,
+    never opened.
+
+    Links to folders are followed, and each real folder is read once, for one root: every root's own
+    folders first, then the folders that only links reach, each for the root of the folder that
+    holds the first link to it; a link to a folder read already is counted in skipped. So a link to
+    a folder elsewhere (another disk) adds its images, and a link into the tree's own folders adds
+    nothing twice. A link to a folder on its own path (itself, a parent, or one that links led the
+    walk through to reach it) would make the walk endless: DataError, naming it."""
+    walk = _Walk(skipped, [[] for _ in roots])
+    tops = [walk.read(root, r) for r, root in enumerate(roots)]
+    if walk.links:
+        walk.follow_links(roots, tops)
+    return [[os.path.join(folder, name) for folder, names in sorted(folders, key=lambda f: f[0])
+             for name in names] for folders in walk.found]
+
+
+Identity = tuple[int, int]  # a folder's (device, inode): the same whatever path or link leads to it
+
+
+@dataclass
+class _Listing:
+    """A folder's entries that a walk goes on with (names, sorted): image files, subfolders, links
+    to folders."""
+
+    files: list[str]
+    folders: list[str]
+    links: list[str]
+
+
+@dataclass
+class _Walk:
+    """walk_images' state: what it skipped, each root's folders (path, image file names), and for
+    each folder read, its root, its listing and its subfolders' identities by name."""
+
+    skipped: Skipped
+    found: list[list[tuple[str, list[str]]]]
+    root_of: dict[Identity, int] = field(default_factory=dict)
+    listings: dict[Identity, _Listing] = field(default_factory=dict)
+    below: dict[Identity, dict[str, Identity]] = field(default_factory=dict)
+    links: bool = False  # whether a folder read holds a link to a folder
+
+    def read(self, top: str, root: int) -> Identity | None:
+        """The folder top and its subfolders (links not followed) read for the root numbered root,
+        but those read already (a root given twice, or a link to a folder read; a bind mount):
+        counted in skipped. Returns top's identity (None when it cannot be listed)."""
+        stack: list[tuple[str, Identity | None]] = [(top, None)]  # a folder, and the one above it
+        first = None
+        while stack:
+            path, above = stack.pop()
+            listed = _list_folder(path, self.skipped)
+            if listed is None:
+                continue
+            identity, listing = listed
+            first = first or identity
+            if identity in self.root_of:
+                self.skipped.add("folder read already", path)
+                continue
+            self.root_of[identity], self.listings[identity] = root, listing
+            self.below[identity] = {}
+            if above is not None:
+                self.below[above][os.path.basename(path)] = identity
+            self.found[root].append((path, listing.files))
+            stack += [(os.path.join(path, name), identity) for name in reversed(listing.folders)]
+            self.links |= bool(listing.links)
+        return first
+
+    def follow_links(self, roots: list[str], tops: list[Identity | None]) -> None:
+        """A depth-first walk from each root through subfolders and links alike, each folder once,
+        that reads the folders only links reach and refuses a link to a folder on its own path (the
+        loop it closes would be walked for ever)."""
+        finished: set[Identity] = set()  # folders whose walk is over: all below them was seen
+        for root, top in zip(roots, tops):
+            way: list[tuple[Identity, str]] = []  # the folders walked through to here; real paths
+            stack: list[tuple[str, Identity | None, str] | None] = [
+                (root, top, os.path.realpath(root))]
+            while stack:
+                entry = stack.pop()
+                if entry is None:  # all below way[-1] seen
+                    finished.add(way.pop()[0])
+                    continue
+                path, identity, real = entry
+                if identity is None or identity in finished or any(identity == i for i, _ in way):
+                    continue
+                way.append((identity, real))
+                stack.append(None)
+                listing, below = self.listings[identity], self.below[identity]
+                for name in reversed(listing.links):
+                    stack += self._follow(os.path.join(path, name), self.root_of[identity], way)
+                stack += [(os.path.join(path, name), below.get(name), os.path.join(real, name))
+                          for name in reversed(listing.folders)]
+
+    def _follow(self, link: str, root: int,
+                way: list[tuple[Identity, str]]) -> list[tuple[str, Identity, str]]:
+        """A link to a folder, met on the way given in a folder read for root: DataError when it
+        leads to a folder on that way or above one; else its target read for that root unless read
+        already (counted in skipped), and what the walk enters next, itself."""
+        target = os.path.realpath(link)
+        if any(real == target or real.startswith(os.path.join(target, "")) for _, real in way):
+            raise DataError(f"{utils.printable(link)} is a link to {utils.printable(target)}, a "
+                            f"folder on its own path, so a walk through it would never end; remove "
+                            f"the link, or point it at a folder outside that path")
+        identity = self.read(link, root)  # or counted as read already: walked still, for loops
+        return [] if identity is None else [(link, identity, target)]
+
+
+def _list_folder(path: str, skipped: Skipped) -> tuple[Identity, _Listing] | None:
+    """A folder's identity (device, inode) and listing, or None (counted in skipped) when it cannot
+    be listed; the entries that are not image files or folders are counted in skipped as _Walk.read
+    says."""
     try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # Pillow raises many types for a bad file; every one means "skip it"
-        return False
+        status = os.stat(path)
+        with os.scandir(path) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+    except OSError as error:
+        skipped.add("path too long" if error.errno == errno.ENAMETOOLONG else "cannot list", path)
+        return None
+    listing = _Listing([], [], [])
+    for entry in entries:
+        try:
+            if len(os.fsencode(entry.path)) >= PATH_MAX:
+                skipped.add("path too long", entry.path)
+            elif entry.is_dir():  # a link to a folder too
+                (listing.links if entry.is_symlink() else listing.folders).append(entry.name)
+            elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped.add("not an image", entry.path)
+            elif entry.is_file():  # a regular file, or a link to one
+                listing.files.append(entry.name)
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                skipped.add("dangling link", entry.path)
+            else:  # opening a FIFO would wait for a writer for ever; a device may never end
+                skipped.add("not a regular file", entry.path)
+        except OSError:  # a link whose target cannot be looked at (a loop of links, no permission)
+            skipped.add("dangling link", entry.path)
+    return (status.st_dev, status.st_ino), listing
 
 
 def load_image(path: str, image_size: int, mean, std, resize_size: int | None = None) -> torch.Tensor:
     """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images are: stored
     as read_stored does at resize_size (None: image_size) and centre-cropped to image_size."""
     if not os.path.isfile(path):
-        raise DataError(f"image {path} does not exist")
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise DataError(f"image {utils.printable(path)} {what}")
     to_tensor = transforms.Compose([transforms.CenterCrop(image_size), transforms.ToTensor(),
                                     transforms.Normalize(mean, std)])
     return to_tensor(read_stored(path, resize_size or image_size))
 
 
-def find_images(paths: list[str]) -> tuple[list[str], int]:
-    """The files to classify: each file as named, and the image files under each folder (searched
-    recursively, in sorted order). Returns them and how many files under the folders were not images."""
-    found, skipped = [], 0
+def find_images(paths: list[str]) -> tuple[list[str], Skipped]:
+    """The files to classify: each file as named, and the image files under each folder
+    (walk_images: recursively, in sorted order, links to folders followed). Returns them and what
+    the walk skipped."""
+    skipped = Skipped()
+    folders = [path for path in paths if os.path.isdir(path)]
+    listed = iter(walk_images(folders, skipped))
+    found = []
     for path in paths:
-        if not os.path.isdir(path):
-            found.append(path)
-            continue
-        for folder, subfolders, names in os.walk(path):
-            subfolders.sort()
-            for name in sorted(names):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(os.path.join(folder, name))
-                else:
-                    skipped += 1
+        found += next(listed) if path in folders else [path]
     return found, skipped
 
 

@@ -82,18 +82,23 @@ def export(constants: dict[str, typing.Any], kind: str, given: set[str]) -> int:
 
 
 def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
-    """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth, in batches
-    on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3) and print a line per
-    image when there are few. 2 when a file named on the command line is not an image (the rest is written)."""
+    """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth,
+    in batches on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3;
+    a path as utils.printable shows it) and print a line per image when there are few. 2 when a file
+    named on the command line is not an image (the rest is written), or a folder given holds a link
+    loop."""
     try:
         info, model = _best_model(constants["OUTPUT_DIR"])
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    files, skipped = image_module.find_images(paths)
-    if skipped:
-        print(f"note: skipped {utils.plural(skipped, 'file')} in the folders given that are not images",
-              file=sys.stderr)
+    try:
+        files, skipped = image_module.find_images(paths)
+    except ValueError as error:  # a link loop in a folder given
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in skipped.warnings():
+        print(f"warning: {line} (in the folders given)", file=sys.stderr)
     images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
     loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
                         (constants["NUM_WORKERS"] if constants["NUM_WORKERS"] is not None else os.cpu_count() or 1))
@@ -106,6 +111,7 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
                 status = 2
                 continue
             ranked = [(info["classes"][i], p) for p, i in zip(values, indices)]
+            path = utils.printable(path)  # as written and printed: a name not UTF-8 shows its bytes
             rows.append({"path": path, **{f"{key}{k}": value for k, (name, p) in enumerate(ranked, start=1)
                                           for key, value in (("top", name), ("p", round(p, 6)))}})
             if len(files) <= PREDICT_PRINT:
@@ -118,5 +124,6 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    print(f"Wrote {len(rows)} predictions to {output}", file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
+    print(f"Wrote {len(rows)} predictions to {utils.printable(output)}",
+          file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
     return status

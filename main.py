@@ -423,6 +423,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     read_checkpoint read it) when given; for a new run the earlier run's files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before
     any training."""
     k, output_dir = config.constants, config.fit.output_dir
+    data_module.check_output_dir(config.data, output_dir)  # before anything is read or written
     utils.check_writable(output_dir)
     utils.check_unlocked(output_dir, main_process=rank == 0)  # another run writing there: refused at once
     path = _resume_path(k)
@@ -502,7 +503,7 @@ def train(config: Config, run: Run) -> Outcome:
         print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
               f"{utils.plural(len(run.data.train), 'batch', 'batches')} of {config.data.batch_size} per epoch"
               f"{accumulation} | "
-              f"{_data_path(run.data)} | outputs in {os.path.abspath(output_dir)}")
+              f"{_data_path(run.data)} | outputs in {utils.printable(os.path.abspath(output_dir))}")
         if run.fit.class_weights is not None:
             print(_class_weights_line(run.fit.class_weights, run.data.classes))
     signal.signal(signal.SIGTERM, _raise_terminated)

@@ -47,6 +47,7 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     classification_report with zero_division=nan: a ratio with nothing to divide (a class never predicted
     has no precision; one with no images no recall) is NaN, and left out of the averages. Recall is each
     class's accuracy, so the weighted recall is the accuracy."""
+    classes = [utils.printable(name) for name in classes]  # a name that is not UTF-8: its bytes
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
         raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit {len(classes)} classes")
@@ -89,6 +90,7 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     """The confusion matrix as a matplotlib Figure (for plot_confusion_matrix and TensorBoard)."""
     from matplotlib.figure import Figure
 
+    classes = [utils.printable(name) for name in classes]  # as the report writes them
     counts = confusion.cpu().numpy()
     n = len(classes)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -129,6 +131,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
     their titles as text: this draws in 0.2-0.4 s, a grid of 25 axes with tight_layout in 0.7-0.9 s."""
     from matplotlib.figure import Figure
 
+    classes = [utils.printable(name) for name in classes]  # as the report writes them
     if not mistakes:
         figure = Figure(figsize=(4, 1.5), dpi=100)
         figure.text(0.5, 0.5, f"no misclassified {split} images", ha="center", va="center")

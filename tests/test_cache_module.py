@@ -29,7 +29,8 @@ def write_files(folder, n=5):
 
 
 class Fill:
-    """A stand-in decoder: row i is filled with the first byte of file i; files named bad* fail. Counts calls."""
+    """A stand-in decoder: row i is filled with the first byte of file i; files named bad* fail
+    (with the message "bad"). Counts calls."""
 
     def __init__(self):
         self.calls = 0
@@ -39,7 +40,7 @@ class Fill:
         failed = []
         for i, path in enumerate(self.paths):
             if os.path.basename(path).startswith("bad"):
-                failed.append(i)
+                failed.append((i, "bad"))
                 continue
             with open(path, "rb") as f:
                 out[i] = f.read(1)[0]
@@ -74,9 +75,9 @@ def test_unreadable_files_are_remembered_with_the_cache(tmp_path):
     paths = write_files(tmp_path / "images", 3)
     os.rename(paths[1], str(tmp_path / "images" / "bad.jpg"))
     paths[1] = str(tmp_path / "images" / "bad.jpg")
-    assert build(paths, tmp_path / "cache", tmp_path)[0].failed == [1]
+    assert build(paths, tmp_path / "cache", tmp_path)[0].failed == [(1, "bad")]
     cache, fill = build(paths, tmp_path / "cache", tmp_path)
-    assert cache.failed == [1] and fill.calls == 0
+    assert cache.failed == [(1, "bad")] and fill.calls == 0
 
 
 @pytest.mark.parametrize("change", ["content", "mtime", "added", "removed", "size"])

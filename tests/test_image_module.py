@@ -377,3 +377,66 @@ def test_the_cuda_decode_is_close_to_the_same_code_on_the_cpu_and_to_pillow(jpeg
     assert left == [] and gaps.mean(1).max() <= 1.5 and gaps.max() <= 24, (gaps.mean(1), gaps.max(1))
     means, largest = differences(rows, jpegs, 64)
     assert max(means) <= 2 and max(largest) <= 24, (means, largest)
+
+
+def test_other_formats_are_resized_before_their_mode_is_converted(tmp_path, monkeypatch):
+    """A PNG stored at 50 px is resized while its mode is RGBA, before to_rgb's full-size copies (a
+    palette image after them: resizing would mix palette indices; a JPEG only by its draft); its
+    stored square has the pixels of a full decode resized after to_rgb, within rounding (Pillow
+    resizes RGBA premultiplied)."""
+    resized = []
+    resize = Image.Image.resize
+
+    def spy(image, size, *args, **kwargs):
+        if image.mode not in ("RGBa", "La"):  # not Pillow's premultiplied step in an RGBA resize
+            resized.append((image.mode, image.size, tuple(size)))
+        return resize(image, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    photo = Image.fromarray(smooth_photo(600, seed=2).numpy()).resize((800, 600))
+    resized.clear()
+    alpha = photo.convert("RGBA")
+    alpha.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, 800, dtype=np.uint8), (600, 1))))
+    alpha.save(tmp_path / "big.png")
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png")
+    photo.save(tmp_path / "big.jpg", quality=95)
+    assert image_module.open_rgb(str(tmp_path / "big.png"), reduce_to=50).size == (66, 50)
+    assert resized == [("RGBA", (800, 600), (66, 50))]  # the decoded file, before any conversion
+    resized.clear()
+    assert image_module.open_rgb(str(tmp_path / "palette.png"), reduce_to=50).size == (800, 600)
+    assert image_module.open_rgb(str(tmp_path / "big.jpg"), reduce_to=50).size == (200, 150)  # 1/4
+    assert resized == []
+    for name in ("big.png", "palette.png"):
+        path = str(tmp_path / name)
+        stored = np.array(image_module.read_stored(path, 50)).astype(int)
+        full = np.array(F.center_crop(F.resize(image_module.open_rgb(path), 50), [50, 50]))
+        difference = np.abs(stored - full.astype(int))
+        assert difference.mean() < 0.5 and difference.max() <= 2  # RGBA is rounded twice
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, as it opens
+def test_an_image_over_pillows_pixel_limit_is_refused_before_it_decodes(tmp_path, monkeypatch):
+    """PIL.Image.MAX_IMAGE_PIXELS, read when a file is opened: an image over it (Pillow only warns
+    up to twice it) is never loaded, and every path that opens files calls it the same."""
+    loads = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda image: loads.append(image.size) or load(image))
+    sizes = {"small.png": (30, 20), "over.png": (40, 30), "twice_over.png": (60, 50),
+             "over.jpg": (40, 30)}
+    for name, size in sizes.items():
+        Image.fromarray(smooth_photo(60, seed=1).numpy()).resize(size).save(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    paths = [str(tmp_path / name) for name in sizes]
+    assert [image_module.check_image(path) for path in paths] == [None] + ["too many pixels"] * 3
+    for path in paths[1:]:
+        with pytest.raises(image_module.TooManyPixels, match=r"over 1,000 \(PIL.Image.MAX_IMA"):
+            image_module.open_rgb(path, reduce_to=8)
+    assert loads == []  # not one of the three was decoded
+    rows = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
+    failures = image_module.decode_files(paths, 8, rows, 0, "decoding")
+    assert [(i, image_module.skip_reason(message)) for i, message in failures] == [
+        (1, "too many pixels"), (2, "too many pixels"), (3, "too many pixels")]
+    # the device's JPEG decoder leaves it to the CPU path, which refuses it
+    assert image_module._device_pixels(np.fromfile(paths[3], np.uint8)) == 0
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit: all of them read
+    assert [image_module.check_image(path) for path in paths] == [None] * 4
