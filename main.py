@@ -269,22 +269,26 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
     if checkpoint is None:
         return values
     path, saved = _resume_path(values), checkpoint["config"]
+    mine = {"RESUME", "OUTPUT_DIR"} | (given & set(RESUME_MAY_CHANGE))  # where it is; how far it goes
+    taken = {name: saved[name] for name in values if name in saved and name not in mine}
+    for name, value in taken.items():  # the run's own settings, of the types their flags take
+        try:
+            utils.check_type(name, value, __annotations__[name])
+        except ValueError as error:
+            raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
+                from None
     fixed = ("EPOCHS",) if saved.get("SCHEDULE") == "onecycle" or saved.get("LOOKAHEAD") else ()  # sized to it
     for name in sorted(given - set(RESUME_MAY_CHANGE) | (given & set(fixed))):
         if name in saved and saved[name] != values[name]:
             raise ValueError(f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
                              f"{saved[name]!r}; leave the flag out to resume, or start a new run elsewhere")
-    mine = {"RESUME", "OUTPUT_DIR"} | (given & set(RESUME_MAY_CHANGE))  # where the run is; how far it goes now
-    taken = {name: saved[name] for name in values if name in saved and name not in mine}
-    try:  # the run's own settings, checked as flags are: their types, then (build_config) ranges
-        for name, value in taken.items():
-            utils.check_type(name, value, __annotations__[name])
+    try:  # and in the ranges build_config allows them
         build_config({**values, **taken})
     except ValueError as error:
         named = re.match(r"[A-Z][A-Z0-9_]*", str(error))
         if named and named.group(0) in taken:  # else a flag's error, which build_config gives again
-            fix = checkpoint_module.RESUME_FIX
-            raise checkpoint_module.damaged(f"RESUME {path}", error, fix) from None
+            raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
+                from None
     return {**values, **taken}
 
 
