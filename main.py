@@ -269,7 +269,7 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
     if checkpoint is None:
         return values
     path, saved = _resume_path(values), checkpoint["config"]
-    mine = {"RESUME", "OUTPUT_DIR"} | (given & set(RESUME_MAY_CHANGE))  # where it is; how far it goes
+    mine = {"RESUME", "OUTPUT_DIR"} | (given & set(RESUME_MAY_CHANGE))  # where, how far it goes
     taken = {name: saved[name] for name in values if name in saved and name not in mine}
     for name, value in taken.items():  # the run's own settings, of the types their flags take
         try:
