@@ -57,7 +57,8 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 
 Rules = dict[str, tuple[Callable[[Any], bool], str]]  # a setting's name: (test, what is allowed)
-TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
+              dict: "a table of names and values"}
 
 
 def type_words(annotation: Any) -> str:
@@ -390,7 +391,8 @@ def safe_cell(value: Any) -> Any:
 
 def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """The table with each text cell made safe (safe_cell); numbers stay numbers."""
-    text = [column for column in frame.columns if frame[column].dtype == object]
+    text = [column for column in frame.columns if pd.api.types.is_object_dtype(frame[column]) or
+            pd.api.types.is_string_dtype(frame[column])]
     return frame.assign(**{column: frame[column].map(safe_cell) for column in text})
 
 
