@@ -451,15 +451,14 @@ def _read_json(path: str) -> Any:
     read, is too big or is not JSON."""
     try:
         size = os.path.getsize(path)
-        if size > MAX_INFO_BYTES:
-            most = utils.megabytes(MAX_INFO_BYTES)
-            raise utils.CheckpointError(f"{path} takes {utils.megabytes(size)}, more than a "
-                                        f"{BEST_MODEL_INFO} ever does ({most}); train again to "
-                                        f"rewrite it")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        if size <= MAX_INFO_BYTES:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
     except OSError as error:
         raise utils.CheckpointError(f"{path} could not be read ({error.strerror})") from None
     except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deep
         detail = utils.short_repr(str(error))[1:-1]
         raise utils.CheckpointError(f"{path} is not readable JSON ({detail})") from None
+    most = utils.megabytes(MAX_INFO_BYTES)
+    raise utils.CheckpointError(f"{path} takes {utils.megabytes(size)}, more than a "
+                                f"{BEST_MODEL_INFO} ever does ({most}); train again to rewrite it")

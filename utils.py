@@ -287,33 +287,33 @@ def not_a_plain_file(path: str) -> str | None:
     """Why path may not be replaced or moved as one of a run's files, in words: "PATH is a symbolic
     link to /etc/passwd, not a file of a run; ..." (or a folder, a FIFO, ...); None when it is a
     regular file or absent. Looked at with lstat: a link is never followed."""
-    try:
-        status = os.lstat(path)
-    except FileNotFoundError:
+    kind = _what_is(path)
+    if kind in (None, "a file"):
         return None
-    if stat.S_ISREG(status.st_mode):
-        return None
-    if stat.S_ISLNK(status.st_mode):
-        kind = f"a symbolic link to {os.readlink(path)}"
-    else:
-        kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                 (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
-        kind = next((k for test, k in kinds if test(status.st_mode)), "not a regular file")
     return f"{path} is {kind}, not a file of a run; remove it, or choose another OUTPUT_DIR"
 
 
 def not_a_plain_folder(path: str) -> str | None:
     """Why path may not hold a run's files (previous/, tensorboard/), in words; None when it is a
     folder (not a link to one) or absent."""
+    kind = _what_is(path)
+    if kind in (None, "a folder"):
+        return None
+    return f"{path} is {kind}, not a folder of a run; remove it, or choose another OUTPUT_DIR"
+
+
+def _what_is(path: str) -> str | None:
+    """What path is, by lstat (a link is not followed): "a file", "a folder", "a symbolic link to
+    TARGET", "a FIFO", ...; None when there is nothing there."""
     try:
-        status = os.lstat(path)
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return None
-    if stat.S_ISDIR(status.st_mode):
-        return None
-    kind = f"a symbolic link to {os.readlink(path)}" if stat.S_ISLNK(status.st_mode) else \
-        "not a folder"
-    return f"{path} is {kind}, not a folder of a run; remove it, or choose another OUTPUT_DIR"
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((kind for test, kind in kinds if test(mode)), "of another kind")
 
 
 def fsync_folder(folder: str) -> None:
