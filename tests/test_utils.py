@@ -261,8 +261,8 @@ def test_a_lock_that_is_a_link_or_not_a_plain_file_is_refused_and_what_it_points
         tmp_path, kind, fragment):
     victim = planted(tmp_path, kind)
     folder = str(tmp_path / "out")
-    expected = f"^{re.escape(folder)}/.lock {re.escape(fragment)}.*; remove it, or choose another " \
-               f"OUTPUT_DIR$"
+    expected = f"^{re.escape(folder)}/.lock {re.escape(fragment)}.*; remove it, or choose " \
+               f"another OUTPUT_DIR$"
     for refused in (utils.check_unlocked, utils.lock_folder):
         with pytest.raises(ValueError, match=expected) as error:
             refused(folder)
