@@ -130,7 +130,7 @@ def test_a_batch_file_larger_than_cifar_s_is_refused_before_it_is_read(tmp_path)
     path = os.path.join(root, "cifar-10-batches-py", "test_batch")
     with open(path, "r+b") as f:
         f.truncate(data_module.CIFAR_BATCH_BYTES + 1)  # sparse: reading it would take 64 MB
-    expected = f"^{path} is not a CIFAR-10 batch file: it takes 64 MB, and one never takes over 64 MB"
+    expected = f"^{path} is not a CIFAR-10 batch file: it takes 64 MB, and one never takes over 64"
     with pytest.raises(DataError, match=expected):
         data_module.read_cifar10(root, download=False)
 
