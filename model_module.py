@@ -303,7 +303,9 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> str:
     path = os.path.join(folder, file_name)
     if os.path.isfile(path):
         return path
-    made = [f for f in (os.path.dirname(folder), folder) if not os.path.isdir(f)]  # gone on failure
+    made, missing = [], folder  # the folders makedirs makes, removed again on failure
+    while not os.path.isdir(missing):
+        made, missing = [missing, *made], os.path.dirname(missing)
     try:
         os.makedirs(folder, exist_ok=True)
         digest = torch.hub.HASH_REGEX.search(file_name)
