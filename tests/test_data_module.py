@@ -29,7 +29,10 @@ from data_module import DataConfig, DataError
 @pytest.mark.parametrize("field, message", [
     (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0, or None"),
     (dict(train_subset=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
-    (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels >= 8"),
+    (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels from 8 to "
+                         "1024"),
+    (dict(image_size=60000), "IMAGE_SIZE = 60000 is out of range: use a whole number of pixels "
+                             "from 8 to 1024"),
     (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
     (dict(resident=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
     (dict(mixup=-0.2), "MIXUP = -0.2 is out of range: use a number >= 0 (0: off)"),
