@@ -29,7 +29,7 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
     """best_model.json and the model of best_model.pth in output_dir, on the device, for inference."""
     info = checkpoint_module.load_best_model_info(output_dir)  # each field checked
     path, classes = os.path.join(output_dir, checkpoint_module.BEST_MODEL), len(info["classes"])
-    state = utils.load_state_dict(path, "best_model.pth")
+    state = utils.load_state_dict(path, "the best model")
     heads = [tensor for name, tensor in state.items() if name.startswith("head.") and
              name.endswith("weight") and tensor.dim() >= 1]  # the last one has a row for each class
     if not heads or heads[-1].shape[0] != classes:  # checked before a model of that size is built
