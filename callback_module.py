@@ -15,9 +15,13 @@ import utils
 PROMPT_UNFREEZE = ("Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
                    "more epochs before asking again: ")
 PROMPT = "Enter H to halt or a number N to train N more epochs before asking again: "
-STATE_KEYS = ("bad_epochs", "cuts", "best_val_loss", "best_val_acc", "best_train_acc", "best_train_loss",
-              "best_epoch", "monitor",
-              "ask_epoch", "ask_every", "prompts_off", "run_until", "frozen")
+STATE_TYPES = {  # LRA's state, as a checkpoint holds it: each value's type is checked on resume
+    "bad_epochs": int, "cuts": int, "best_val_loss": float, "best_val_acc": float | None,
+    "best_train_acc": float, "best_train_loss": float, "best_epoch": int | None, "monitor": str,
+    "ask_epoch": int | None, "ask_every": int | None, "prompts_off": bool, "run_until": int,
+    "frozen": bool}
+STATE_KEYS = tuple(STATE_TYPES)
+MONITORS = ("train_acc", "val_loss", "train_loss")  # what monitored() may choose
 HEADER = (f"{'Epoch':>5} | {'Loss':>7} | {'Accuracy':>8} | {'V_loss':>7} | {'V_acc':>7} | {'LR':>9} | "
           f"{'Next LR':>9} | {'Monitor':<9} | {'% Improv':>8} | {'Duration':>8}")
 
@@ -338,7 +342,11 @@ class LRA:
         return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore LRA's state."""
+        """Restore LRA's state; ValueError naming the first value of the wrong kind."""
+        for key, kind in STATE_TYPES.items():
+            utils.check_type(f"lra's {key}", state[key], kind)
+        if state["monitor"] not in MONITORS:
+            raise ValueError(utils.not_known("lra's monitor", state["monitor"], MONITORS))
         for key in STATE_KEYS:
             setattr(self, key, state[key])
 

@@ -10,13 +10,16 @@ import datetime
 import errno
 import itertools
 import json
+import math
 import os
 import sys
 import threading
+import typing
 from typing import Any, Iterator
 
 import torch
 
+import data_module
 import model_module
 import report_module
 import state_module
@@ -33,6 +36,11 @@ RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS, 
              *model_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
 TRAINING_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, *report_module.FILES)  # under the lock
 PREVIOUS = "previous"  # OUTPUT_DIR/previous/<start time>/ holds the files of the runs before
+RUN_FOLDERS = (PREVIOUS, report_module.TENSORBOARD)  # the folders a run makes in OUTPUT_DIR
+MAX_INFO_BYTES = 16 * 2**20  # best_model.json: ImageNet-21k's 21,841 class names take under 1 MB;
+# a bigger file is not one of ours (json reads it whole before any field can be looked at)
+STARTED_SLACK = datetime.timedelta(days=1)  # a `started` may be this far ahead of this clock
+RESUME_FIX = "resume another checkpoint, or start afresh"  # what to do about a damaged checkpoint
 FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: Windows forbids them)
 
 
@@ -206,7 +214,8 @@ def move_earlier_run(output_dir: str) -> str | None:
     output_dir/previous/<its start time>/ (a suffix _2, _3, ... when that is taken) by atomic renames,
     saying where in one line; returns that folder, or None when there were none. The caller holds
     output_dir's lock, so no run is writing them."""
-    names = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    check_output_dir(output_dir)  # no link is moved, and no file leaves output_dir through one
+    names = _run_files(output_dir)
     if not names:
         return None
     stamp = run_started(output_dir).strftime(FOLDER_TIME)
@@ -226,13 +235,35 @@ def move_earlier_run(output_dir: str) -> str | None:
     return target
 
 
+def check_output_dir(output_dir: str, names: tuple[str, ...] = RUN_FILES) -> None:
+    """Refuse (ValueError, one line) an output_dir where one of the named files a run writes,
+    replaces or moves (all of them by default), or its lock, is a link or not a regular file, or
+    where previous/ or tensorboard/ is not a folder of its own: a run writes through no link, and
+    moves nothing out of output_dir. Creates nothing; called before the data is read."""
+    for name in (*names, utils.LOCK_FILE):
+        problem = utils.not_a_plain_file(os.path.join(output_dir, name))
+        if problem:
+            raise ValueError(problem)
+    for name in RUN_FOLDERS:
+        problem = utils.not_a_plain_folder(os.path.join(output_dir, name))
+        if problem:
+            raise ValueError(problem)
+
+
+def _run_files(output_dir: str) -> list[str]:
+    """The names of the run files that output_dir holds as regular files (links never count)."""
+    paths = {name: os.path.join(output_dir, name) for name in RUN_FILES}
+    return [name for name, path in paths.items()
+            if os.path.isfile(path) and not os.path.islink(path)]
+
+
 def remove_partial_writes(output_dir: str) -> None:
     """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of the files training writes that a killed
     run left in output_dir half-written. Never one of the files itself, nor anyone else's temporary file.
     The caller holds output_dir's lock, which every writer of these files holds (--predict, which takes no
     lock, writes predictions.csv: its temporary files are left alone)."""
     for entry in os.scandir(output_dir):
-        if entry.is_file() and entry.name.endswith(".tmp") and any(
+        if entry.is_file(follow_symlinks=False) and entry.name.endswith(".tmp") and any(
                 entry.name.startswith(f".{name}.") for name in TRAINING_FILES):
             os.remove(entry.path)
 
@@ -244,23 +275,37 @@ def run_started(output_dir: str) -> datetime.datetime | None:
     """When the run whose files are in output_dir started: the `started` its best_model.json or
     last_checkpoint.pth recorded, else (files written before they recorded it) the oldest file's
     modification time; None when output_dir holds none of a run's files."""
-    paths = [os.path.join(output_dir, name) for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    paths = [os.path.join(output_dir, name) for name in _run_files(output_dir)]
     if not paths:
         return None
     for read in (_info_started, _checkpoint_started):
         try:
-            return datetime.datetime.fromisoformat(read(output_dir)).astimezone()
-        except (TypeError, ValueError):  # not recorded, or not a time
+            return parse_started(read(output_dir))
+        except ValueError:  # not recorded, or not a time it started at: only a folder's name
             continue
-    return datetime.datetime.fromtimestamp(min(os.path.getmtime(path) for path in paths)).astimezone()
+    oldest = min(os.path.getmtime(path) for path in paths)
+    return datetime.datetime.fromtimestamp(oldest).astimezone()
+
+
+def parse_started(value: Any) -> datetime.datetime:
+    """A recorded `started` (timestamp()'s) as a local time; ValueError unless it is ISO 8601 text
+    with a UTC offset, and not later than now (give or take STARTED_SLACK)."""
+    try:
+        when = datetime.datetime.fromisoformat(value)
+        if when.tzinfo is not None and when <= datetime.datetime.now().astimezone() + STARTED_SLACK:
+            return when.astimezone()
+    except (TypeError, ValueError, OverflowError):  # not text, not a time, the calendar's ends
+        pass
+    raise ValueError(f"started = {utils.short_repr(value)} is not when a run started: use a past "
+                     f"time in ISO 8601 with its UTC offset, as {timestamp()}")
 
 
 def _info_started(output_dir: str) -> str | None:
     """The `started` of output_dir's best_model.json, if it has one."""
     try:
-        with open(os.path.join(output_dir, BEST_MODEL_INFO)) as f:
-            return json.load(f).get("started")
-    except (OSError, ValueError, AttributeError):  # missing, or not a JSON object
+        info = _read_json(os.path.join(output_dir, BEST_MODEL_INFO))
+        return info.get("started")
+    except (utils.CheckpointError, AttributeError):  # missing, too big, or not a JSON object
         return None
 
 
@@ -274,11 +319,71 @@ def _checkpoint_started(output_dir: str) -> str | None:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """A last_checkpoint.pth of this FORMAT, loaded; CheckpointError for anything else."""
+    """A last_checkpoint.pth of this FORMAT, loaded, its plain fields checked (its settings are
+    checked by main.resumed_config); CheckpointError for anything else."""
     checkpoint = utils.load_torch(path, "RESUME")
     if not is_checkpoint(checkpoint) or checkpoint.get("format") != FORMAT:
         raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")
+    check_run_info(checkpoint, f"RESUME {path}", RESUME_FIX)
+    try:
+        config, history = checkpoint["config"], checkpoint["history"]
+        utils.check_type("config", config, dict)
+        utils.check_type("config's names", list(config), list[str])
+        utils.check_type("epoch", checkpoint["epoch"], int)
+        utils.check_type("history", history, list[dict])
+        for row in history:
+            utils.check_type("history's values", list(row.values()),
+                             list[float | str | bool | None])
+        epochs = [row.get("epoch") for row in history]
+        if epochs != list(range(1, len(epochs) + 1)) or checkpoint["epoch"] != len(epochs):
+            raise ValueError(f"epoch = {utils.short_repr(checkpoint['epoch'])} and its history's "
+                             f"epochs, {utils.short_repr(epochs)}, are not 1, 2, ... up to it")
+    except ValueError as error:
+        raise damaged(f"RESUME {path}", error, RESUME_FIX) from None
     return checkpoint
+
+
+def damaged(where: str, error: Exception, fix: str) -> utils.CheckpointError:
+    """The one line for a run file with a field that is wrong: "{where}: {error}; ...: {fix}"."""
+    return utils.CheckpointError(f"{where}: {error}; the file was changed, or not written by this "
+                                 f"pipeline: {fix}")
+
+
+def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
+    """Raise CheckpointError (damaged) for the first of RunInfo's fields (but config) in info, a
+    checkpoint or best_model.json, that is of the wrong type or out of range; a field missing takes
+    RunInfo's default. Checked before any is used: image_size sizes memory, classes the model."""
+    fields = {field.name: field for field in dataclasses.fields(state_module.RunInfo)}
+    types = typing.get_type_hints(state_module.RunInfo)
+    try:
+        values = {name: info.get(name, fields[name].default) for name in INFO_FIELDS}
+        for name, value in values.items():
+            utils.check_type(name, value, types[name])
+        classes = values["classes"]
+        if len(classes) < 2 or len(set(classes)) < len(classes):
+            raise ValueError(f"classes = {utils.short_repr(classes)} is out of range: use two or "
+                             f"more names, each once")
+        for name in ("mean", "std"):
+            channels = values[name]
+            if len(channels) != 3 or not all(map(math.isfinite, channels)) or \
+                    (name == "std" and min(channels) <= 0):
+                positive = ", each > 0" if name == "std" else ""
+                raise ValueError(f"{name} = {utils.short_repr(channels)} is out of range: use "
+                                 f"three finite numbers, one a colour channel{positive}")
+        size, resize = values["image_size"], values["resize_size"]
+        test, allowed = data_module.RULES["image_size"]
+        if not test(size):
+            raise ValueError(f"image_size = {size!r} is out of range: use {allowed}")
+        if resize is not None and not size <= resize <= 2 * size:
+            raise ValueError(f"resize_size = {resize!r} is out of range: use from image_size "
+                             f"({size}) to twice it")
+        if values["precision"] not in state_module.PRECISIONS:
+            raise ValueError(utils.not_known("precision", values["precision"],
+                                             state_module.PRECISIONS))
+        if values["started"] is not None:
+            parse_started(values["started"])
+    except ValueError as error:
+        raise damaged(where, error, fix) from None
 
 
 def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_dir: str, rank: int = 0,
@@ -295,7 +400,8 @@ def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_d
         raise utils.CheckpointError(f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
     try:
         state.load_state_dict(checkpoint, rank, world_size)
-    except (RuntimeError, KeyError, ValueError) as error:
+    # a value of the wrong kind in a checkpoint's state fails in any of these ways, meaning the same
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
         raise utils.CheckpointError(f"RESUME {path} does not fit this run's model or optimizer "
                                     f"({str(error).splitlines()[0]})") from None
     if rank == 0:
@@ -314,17 +420,45 @@ def is_checkpoint(obj: Any) -> bool:
 
 
 def load_best_model_info(output_dir: str) -> dict[str, Any]:
-    """best_model.json: what best_model.pth in output_dir is (model, classes, normalisation, size)."""
+    """best_model.json: what best_model.pth in output_dir is (model, classes, normalisation, size),
+    each field checked (CheckpointError naming the first that is wrong) before anything uses it."""
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
         raise utils.CheckpointError(f"{path} does not exist: train first (python main.py), or set OUTPUT_DIR "
                                     f"to the folder that holds best_model.pth and best_model.json")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-        missing = [key for key in INFO_KEYS if info.get(key) is None]
-    except (ValueError, AttributeError) as error:
-        raise utils.CheckpointError(f"{path} is not readable JSON ({error})") from None
+    info, fix = _read_json(path), "train again to rewrite it"
+    if not isinstance(info, dict):
+        raise utils.CheckpointError(f"{path} is not a JSON object of a run; {fix}")
+    missing = [key for key in INFO_KEYS if info.get(key) is None]
     if missing:
-        raise utils.CheckpointError(f"{path} lacks {', '.join(missing)}; train again to rewrite it")
+        raise utils.CheckpointError(f"{path} lacks {', '.join(missing)}; {fix}")
+    check_run_info(info, path, fix)
+    try:
+        names = model_module.model_names()
+        utils.check_type("model", info["model"], str)
+        if info["model"] not in names:
+            raise ValueError(utils.not_known("model", info["model"], names, closest=True))
+        utils.check_type("data_dir", info.get("data_dir"), str | None)
+        if info.get("dataset") not in (None, *data_module.DATASETS):
+            raise ValueError(utils.not_known("dataset", info.get("dataset"), data_module.DATASETS))
+    except ValueError as error:
+        raise damaged(path, error, fix) from None
     return info
+
+
+def _read_json(path: str) -> Any:
+    """A run's JSON file, its size checked before it is read; CheckpointError when it cannot be
+    read, is too big or is not JSON."""
+    try:
+        size = os.path.getsize(path)
+        if size <= MAX_INFO_BYTES:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    except OSError as error:
+        raise utils.CheckpointError(f"{path} could not be read ({error.strerror})") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deep
+        detail = utils.short_repr(str(error))[1:-1]
+        raise utils.CheckpointError(f"{path} is not readable JSON ({detail})") from None
+    most = utils.megabytes(MAX_INFO_BYTES)
+    raise utils.CheckpointError(f"{path} takes {utils.megabytes(size)}, more than a "
+                                f"{BEST_MODEL_INFO} ever does ({most}); train again to rewrite it")

@@ -32,6 +32,8 @@ CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches
 CIFAR_VAL_SPLIT = 5000  # VAL_SPLIT unset, CIFAR-10: validation images held out of its 50,000 training images
 FOLDER_VAL_SHARE = 10  # VAL_SPLIT unset, a folder without val/: one image in this many held out of train/
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
+MAX_IMAGE_SIZE = 1024  # pixels: above the largest published weights' crop (efficientnet_b7's 600);
+# a batch of 128 such float images takes 1.6 GB already, and 60,000 pixels would ask 43 GB an image
 
 CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS, "resident": ("auto", "yes", "no"),
            "auto_augment": (None, *AUTO_AUGMENTS)}
@@ -39,7 +41,8 @@ RULES: utils.Rules = {  # a field: (test, what is allowed)
     "batch_size": (lambda v: v >= 1, "a whole number >= 1"),
     "val_split": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
     "train_subset": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
-    "image_size": (lambda v: v >= 8, "a whole number of pixels >= 8"),
+    "image_size": (lambda v: 8 <= v <= MAX_IMAGE_SIZE,
+                   f"a whole number of pixels from 8 to {MAX_IMAGE_SIZE}"),
     "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
     "random_erasing": (lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     "num_workers": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
@@ -225,15 +228,89 @@ class _Transformed(Dataset):
 
 
 class CIFAR10(datasets.CIFAR10):
-    """torchvision's CIFAR-10 that checks the official archive but not the extracted files' sums.
-
-    Copies rebuilt from other sources (from JPEGs, say) have other checksums,
-    so an extracted file only has to exist; the downloaded archive is still checked.
-    """
+    """torchvision's CIFAR-10, its batch files read by _read_batch (which runs no code a file names)
+    and not checked against their sums: copies rebuilt from other sources (from JPEGs, say) have
+    other sums. The downloaded archive's checksum is still checked (_download_cifar10)."""
 
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
     test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
     meta = {**datasets.CIFAR10.meta, "md5": None}
+
+    def __init__(self, root: str, train: bool = True, transform=None, target_transform=None):
+        datasets.VisionDataset.__init__(self, root, transform=transform,
+                                        target_transform=target_transform)
+        self.train = train
+        folder = os.path.join(self.root, self.base_folder)
+        names = [name for name, _ in (self.train_list if train else self.test_list)]
+        batches = [_read_batch(os.path.join(folder, name)) for name in names]
+        rows = np.vstack([batch["data"] for batch in batches])
+        self.data = rows.reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # (N, H, W, C)
+        self.targets = [label for batch in batches for label in batch["labels"]]
+        self.classes = _read_batch(os.path.join(folder, self.meta["filename"]))["label_names"]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+CIFAR_BATCH_BYTES = 64 * 2**20  # the most a batch file may take: one of 10,000 images takes 31 MB,
+# and a file is read whole into memory before it can be looked at
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10's batch files, which hold dicts, lists, text, numbers and numpy
+    arrays. A pickle may name any function to call as it loads (os.system, say): find_class admits
+    only those that rebuild a numpy array, so a crafted file is refused before its code runs."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),  # numpy 1 (the official files)
+               ("numpy._core.multiarray", "_reconstruct"),  # numpy 2
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               # (pickle protocol 5)
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # bytes in a protocol-2 pickle written by Python 3
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise _Crafted(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _Crafted(pickle.UnpicklingError):
+    """A pickle names a function CIFAR-10's batch files never call."""
+
+
+def _read_batch(path: str) -> dict:
+    """A CIFAR-10 batch file (the python version's pickle), read with _BatchUnpickler and checked:
+    "data" uint8 rows of 3,072 with one of "labels" (0-9) each, or batches.meta's "label_names".
+    DataError naming the file otherwise; a crafted file's code never runs."""
+    fix = f"replace it, or delete {os.path.dirname(path)} to download CIFAR-10 again"
+    size = os.path.getsize(path)
+    if size > CIFAR_BATCH_BYTES:
+        raise DataError(f"{path} is not a CIFAR-10 batch file: it takes {utils.megabytes(size)}, "
+                        f"and one never takes over {utils.megabytes(CIFAR_BATCH_BYTES)}; {fix}")
+    try:
+        with open(path, "rb") as f:
+            entry = _BatchUnpickler(f, encoding="latin1").load()
+        if os.path.basename(path) == CIFAR10.meta["filename"]:
+            names = entry["label_names"]
+            if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+                raise ValueError("its label_names are not a list of names")
+            return entry
+        data, labels = entry["data"], entry["labels"]
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and
+                data.shape[1] == 3 * 32 * 32):
+            raise ValueError("its data is not uint8 rows of 3,072 values")
+        if not (isinstance(labels, list) and len(labels) == len(data) and
+                all(type(label) is int and 0 <= label < 10 for label in labels)):
+            raise ValueError("its labels are not a class from 0 to 9 for each image")
+        return entry
+    except _Crafted as error:
+        raise DataError(f"{path} is not a CIFAR-10 batch file: it calls {error} as it loads, "
+                        f"which CIFAR-10's never do (it may be crafted to run code), so it was "
+                        f"refused and nothing in it ran; {fix}") from None
+    # a pickle that is cut short or foreign fails in any of these ways
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+            IndexError, MemoryError, RecursionError) as error:
+        detail = (str(error).splitlines() or [type(error).__name__])[0]
+        message = f"{path} is not a readable CIFAR-10 batch file ({detail}); {fix}"
+        raise DataError(message) from None
 
 
 def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -256,11 +333,7 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
     if missing:
         reason = f"{_flag('DOWNLOAD')} is false" if not download else "the downloaded archive lacked them"
         raise DataError(_missing_message(folder, missing, reason))
-    try:
-        train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
-        raise DataError(f"{_bad_cifar_file(folder)} is not a readable CIFAR-10 batch file ({error}); "
-                        f"replace it, or delete {folder} to download CIFAR-10 again") from None
+    train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)  # or DataError
     if len(train.classes) != 10 or len(train.data) != len(train.targets) or len(test.data) != len(test.targets):
         raise DataError(f"{folder} does not hold CIFAR-10: expected 10 classes and one label per image")
     return (torch.from_numpy(train.data), torch.tensor(train.targets), torch.from_numpy(test.data),
@@ -274,8 +347,9 @@ def _download_cifar10(data_dir: str) -> None:
     missing = _outermost_missing(data_dir)
     made = [os.path.join(data_dir, name) for name in (CIFAR10.filename, CIFAR10.base_folder)]
     made = [missing] if missing else [path for path in made if not os.path.lexists(path)]
-    try:
-        CIFAR10(data_dir, train=True, download=True)
+    try:  # torchvision's download: the archive's checksum checked, then unpacked
+        datasets.cifar.download_and_extract_archive(CIFAR10.url, data_dir,
+                                                    filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
     except BaseException:
         for path in made:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -311,22 +385,6 @@ def _file_message(data_dir: str, holder_of: str) -> str:
 def _parent(path: str) -> str:
     """The folder that holds path, as the user would type it ("." for a bare name)."""
     return os.path.dirname(os.path.normpath(path)) or "."
-
-
-def _bad_cifar_file(folder: str) -> str:
-    """The first batch file that does not unpickle into a batch dict (only called after a failure)."""
-    for name in CIFAR_FILES:
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
-            key = "label_names" if name == "batches.meta" else "data"
-            entry[key]
-            if key == "data":
-                np.asarray(entry["data"]).reshape(-1, 3, 32, 32)
-        except Exception:  # any failure marks the culprit; this runs only to name it
-            return path
-    return folder
 
 
 # --------------------------------------------------------------------------- folders

@@ -27,9 +27,17 @@ PREDICT_PRINT = 20  # --predict prints a line per image up to this many images (
 
 def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
     """best_model.json and the model of best_model.pth in output_dir, on the device, for inference."""
-    info = checkpoint_module.load_best_model_info(output_dir)
-    model = model_module.get_model(info["model"], len(info["classes"]), image_size=info["image_size"],
-                                   weights=os.path.join(output_dir, checkpoint_module.BEST_MODEL))
+    info = checkpoint_module.load_best_model_info(output_dir)  # each field checked
+    path, classes = os.path.join(output_dir, checkpoint_module.BEST_MODEL), len(info["classes"])
+    state = utils.load_state_dict(path, "the best model")
+    heads = [tensor for name, tensor in state.items() if name.startswith("head.") and
+             name.endswith("weight") and tensor.dim() >= 1]  # the last one has a row for each class
+    if not heads or heads[-1].shape[0] != classes:  # checked before a model of that size is built
+        raise utils.CheckpointError(f"{path} does not classify the {classes} classes that "
+                                    f"{checkpoint_module.BEST_MODEL_INFO} beside it lists; they "
+                                    f"are not of one run: train again to rewrite them")
+    model = model_module.get_model(info["model"], classes, image_size=info["image_size"])
+    model_module.load_weights(model, state, path)
     return info, model.to(utils.get_device()).eval()
 
 
@@ -54,6 +62,7 @@ def export(constants: dict[str, typing.Any], kind: str, given: set[str]) -> int:
     path = os.path.join(output_dir, model_module.EXPORT_FILES[kind])
     try:
         model_module.check_export(kind)
+        checkpoint_module.check_output_dir(output_dir, (model_module.EXPORT_FILES[kind],))
         info, model = _best_model(output_dir)
         data = {name: constants[name] if name in given or info.get(name.lower()) is None else info[name.lower()]
                 for name in ("DATA_DIR", "DATASET")}
@@ -88,6 +97,10 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
     named on the command line is not an image (the rest is written), or a folder given holds a link
     loop."""
     try:
+        output = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.PREDICTIONS)
+        problem = utils.not_a_plain_file(output)
+        if problem:  # what it writes is never written through a link
+            raise ValueError(problem)
         info, model = _best_model(constants["OUTPUT_DIR"])
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -118,7 +131,7 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
                 print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in ranked))
         done += len(errors)
     frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
-    output = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.PREDICTIONS)
+    frame = utils.spreadsheet_safe(frame)  # a file or class named "=1+2" is shown, never run
     try:
         utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
     except OSError as error:

@@ -179,8 +179,8 @@ def _parse_value(name: str, annotation) -> typing.Callable[[str], typing.Any]:
                 return kind(text)
             except ValueError:
                 pass
-        allowed = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[kind]
-        raise argparse.ArgumentTypeError(f"{name} takes {allowed}{' or none' if optional else ''}, not {text!r}")
+        allowed = utils.type_words(annotation)  # as a checkpoint's value of the wrong type is told
+        raise argparse.ArgumentTypeError(f"{name} takes {allowed}, not {text!r}")
     return parse
 
 
@@ -269,13 +269,27 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
     if checkpoint is None:
         return values
     path, saved = _resume_path(values), checkpoint["config"]
+    mine = {"RESUME", "OUTPUT_DIR"} | (given & set(RESUME_MAY_CHANGE))  # where, how far it goes
+    taken = {name: saved[name] for name in values if name in saved and name not in mine}
+    for name, value in taken.items():  # the run's own settings, of the types their flags take
+        try:
+            utils.check_type(name, value, __annotations__[name])
+        except ValueError as error:
+            raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
+                from None
     fixed = ("EPOCHS",) if saved.get("SCHEDULE") == "onecycle" or saved.get("LOOKAHEAD") else ()  # sized to it
     for name in sorted(given - set(RESUME_MAY_CHANGE) | (given & set(fixed))):
         if name in saved and saved[name] != values[name]:
             raise ValueError(f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
                              f"{saved[name]!r}; leave the flag out to resume, or start a new run elsewhere")
-    mine = {"RESUME", "OUTPUT_DIR"} | (given & set(RESUME_MAY_CHANGE))  # where the run is; how far it goes now
-    return {**values, **{name: saved[name] for name in values if name in saved and name not in mine}}
+    try:  # and in the ranges build_config allows them
+        build_config({**values, **taken})
+    except ValueError as error:
+        named = re.match(r"[A-Z][A-Z0-9_]*", str(error))
+        if named and named.group(0) in taken:  # else a flag's error, which build_config gives again
+            raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
+                from None
+    return {**values, **taken}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,7 +439,11 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     k, output_dir = config.constants, config.fit.output_dir
     data_module.check_output_dir(config.data, output_dir)  # before anything is read or written
     utils.check_writable(output_dir)
+    checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
     utils.check_unlocked(output_dir, main_process=rank == 0)  # another run writing there: refused at once
+    if saved is None and k["WEIGHTS"] is not None and not os.path.isfile(k["WEIGHTS"]):
+        raise utils.CheckpointError(f"WEIGHTS {k['WEIGHTS']} does not exist")  # as get_model would
+    model_module.fetch_pretrained(k["MODEL"], k["PRETRAINED"])  # downloaded before any decoding
     path = _resume_path(k)
     utils.seed_everything(k["SEED"])
     device = utils.get_device(local_rank)
@@ -468,7 +486,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         checkpoint_module.move_earlier_run(output_dir)
     tensorboard = None
     if k["TENSORBOARD"] and rank == 0 and new_run:
-        tensorboard = report_module.TensorBoardLog(os.path.join(output_dir, "tensorboard", state.info.started))
+        folder = os.path.join(output_dir, report_module.TENSORBOARD, state.info.started)
+        tensorboard = report_module.TensorBoardLog(folder)
     return Run(device, data, state, fit, rank, account, tensorboard)
 
 

@@ -5,6 +5,7 @@ optionally starting from torchvision's published ImageNet weights (PRETRAINED)."
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import importlib.util
@@ -282,14 +283,40 @@ def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
 def _load_pretrained(weights: torchvision.models.WeightsEnum) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict of published weights and its path: read from torch's hub cache
     ($TORCH_HOME/hub/checkpoints), downloaded there first if missing. Only tensors load (weights_only)."""
+    path = _fetch_pretrained(weights)  # read by the safe loader, with its messages for a bad file
+    return utils.load_state_dict(path, "PRETRAINED weights"), path
+
+
+def fetch_pretrained(name: str, pretrained: str | None) -> None:
+    """Make sure MODEL `name`'s published weights PRETRAINED are in torch's hub cache, downloading
+    them if need be: ValueError naming the file and the folder when they cannot be had. A run asks
+    before it reads any data."""
+    if pretrained is not None:
+        _fetch_pretrained(_find_weights(name, pretrained))
+
+
+def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> str:
+    """The path of published weights in $TORCH_HOME/hub/checkpoints, downloaded there first when
+    missing, as torch.hub.load_state_dict_from_url does (the hash in the file's name checked)."""
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     file_name = os.path.basename(urllib.parse.urlparse(weights.url).path)
     path = os.path.join(folder, file_name)
-    if os.path.isfile(path):  # the pipeline's safe loader, with its messages for a truncated or unsafe file
-        return utils.load_state_dict(path, "PRETRAINED weights"), path
+    if os.path.isfile(path):
+        return path
+    made, missing = [], folder  # the folders makedirs makes, removed again on failure
+    while not os.path.isdir(missing):
+        made, missing = [missing, *made], os.path.dirname(missing)
     try:
-        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True, map_location="cpu"), path
-    except (OSError, http.client.HTTPException, RuntimeError) as error:  # offline, refused, cut short, bad hash
+        os.makedirs(folder, exist_ok=True)
+        digest = torch.hub.HASH_REGEX.search(file_name)
+        torch.hub.download_url_to_file(weights.url, path, digest.group(1) if digest else None,
+                                       progress=False)
+        return path
+    # offline, refused, cut short, a bad hash
+    except (OSError, http.client.HTTPException, RuntimeError) as error:
+        for empty in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(empty)
         detail = (str(getattr(error, "reason", error)).splitlines() or [type(error).__name__])[0]
         raise ValueError(f"PRETRAINED weights {file_name} are not in {folder} and could not be downloaded "
                          f"({detail}); download {weights.url} into that folder") from None

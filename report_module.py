@@ -25,6 +25,7 @@ CONFUSION = "confusion_matrix.png"
 MISCLASSIFIED = "misclassified.png"
 LR_FINDER = "lr_finder.png"
 FILES = (CURVES, TEST_REPORT, CONFUSION, MISCLASSIFIED, LR_FINDER)  # all this module writes in OUTPUT_DIR
+TENSORBOARD = "tensorboard"  # OUTPUT_DIR/tensorboard/<start time>/: TensorBoardLog's folder
 REPORT_COLUMNS = ["class", "precision", "recall", "f1", "support"]
 AVERAGES = ("macro avg", "weighted avg")  # the rows after the classes, as scikit-learn's classification_report
 
@@ -75,19 +76,26 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
     """Write test_report.csv (classification_report), atomically; returns the table. Unlike the figures, a
     file that cannot be written raises OSError."""
     frame = classification_report(confusion, classes)
-    utils.atomic_write(path, lambda f: frame.to_csv(f, index=False, float_format="%.6f"))
+    safe = utils.spreadsheet_safe(frame)  # a class named "=1+2" is shown, never run
+    utils.atomic_write(path, lambda f: safe.to_csv(f, index=False, float_format="%.6f"))
     return frame
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str, split: str = "test") -> None:
     """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's share
     going to each prediction), class names on both axes; the figure and the fonts scale with the class count,
-    readable up to about 50 classes."""
+    readable up to LEGIBLE_CLASSES; past them, colours at that size (confusion_figure)."""
     _draw(path, lambda: confusion_figure(confusion, classes, split))
 
 
+LEGIBLE_CLASSES = 50  # past this many classes the confusion matrix keeps this one's size (19.5
+# inches, about 2,000 pixels a side) and drops the counts and every class name but one in
+# ceil(classes / 50): a third of an inch a cell drew 34,370 x 34,250 pixels for 1,000 (4.4 GB)
+
+
 def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str = "test"):
-    """The confusion matrix as a matplotlib Figure (for plot_confusion_matrix and TensorBoard)."""
+    """The confusion matrix as a matplotlib Figure (for plot_confusion_matrix and TensorBoard), no
+    bigger than LEGIBLE_CLASSES' whatever the class count."""
     from matplotlib.figure import Figure
 
     classes = [utils.printable(name) for name in classes]  # as the report writes them
@@ -95,23 +103,27 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     n = len(classes)
     with np.errstate(divide="ignore", invalid="ignore"):
         shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))  # a class with no images: an empty row
-    side = max(5.0, 2.5 + 0.34 * n)  # inches: about a third of an inch per cell beyond the margins
+    shown = min(n, LEGIBLE_CLASSES)
+    side = max(5.0, 2.5 + 0.34 * shown)  # inches: a third of an inch per cell beyond the margins
     cell_font = float(np.clip(12 - n / 7, 7, 10))  # points: 10 up to 14 classes, 7 from 35 (four digits fit)
-    label_font = float(np.clip(12 - n / 10, 8, 10))
+    label_font = float(np.clip(12 - shown / 10, 8, 10))
     figure = Figure(figsize=(side + 1.2, side), dpi=100)
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    for (row, column), count in np.ndenumerate(counts):
+    written = counts if n <= LEGIBLE_CLASSES else counts[:0]  # past them, no cell fits its count
+    for (row, column), count in np.ndenumerate(written):
         if count or n <= 20:  # beyond 20 classes a blank cell reads as 0, which keeps the matrix legible
             axes.text(column, row, str(count), ha="center", va="center", fontsize=cell_font,
                       color="white" if shares[row, column] > 0.5 else "black")
-    ticks = np.arange(n)
-    axes.set_xticks(ticks, labels=list(classes), rotation=45 if n <= 10 else 90, fontsize=label_font,
+    ticks = np.arange(0, n, math.ceil(n / LEGIBLE_CLASSES))  # every class, or one in ceil(n / 50)
+    names = [str(classes[i]) for i in ticks]
+    axes.set_xticks(ticks, labels=names, rotation=45 if n <= 10 else 90, fontsize=label_font,
                     ha="right" if n <= 10 else "center", rotation_mode="anchor" if n <= 10 else "default")
-    axes.set_yticks(ticks, labels=list(classes), fontsize=label_font)
+    axes.set_yticks(ticks, labels=names, fontsize=label_font)
     total = int(counts.sum())
     accuracy = np.trace(counts) / total if total else math.nan
-    axes.set(xlabel="predicted class", ylabel="true class",
+    every = "" if len(ticks) == n else f" (one name in {ticks[1] - ticks[0]})"
+    axes.set(xlabel=f"predicted class{every}", ylabel=f"true class{every}",
              title=f"Confusion matrix: {total} {split} images, accuracy {100 * accuracy:.2f}%")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
     figure.tight_layout()

@@ -19,6 +19,7 @@ from optim_module import EMA, Lookahead, OneCycle
 KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "ema", "rng",
         "history")  # beside RunInfo's
 NEWER_KEYS = ("ema",)  # a checkpoint written before these existed lacks them, and resumes as a run without them
+PRECISIONS = ("bf16", "fp32")  # what a run trains in (RunInfo.precision)
 
 
 @dataclasses.dataclass

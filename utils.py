@@ -12,9 +12,12 @@ import pickle
 import queue
 import random
 import shutil
+import stat
 import tempfile
 import threading
 import time
+import types
+import typing
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -66,6 +69,55 @@ def printable(name: str) -> str:
 
 
 Rules = dict[str, tuple[Callable[[Any], bool], str]]  # a setting's name: (test, what is allowed)
+TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text",
+              dict: "a table of names and values"}
+
+
+def type_words(annotation: Any) -> str:
+    """What a setting of this type takes, in words: "a whole number or none" for int | None, "a
+    list, each a number" for list[float]."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        kinds = typing.get_args(annotation)
+        words = " or ".join(type_words(kind) for kind in kinds if kind is not type(None))
+        return words + (" or none" if type(None) in kinds else "")
+    if typing.get_origin(annotation) is list:
+        return f"a list, each {type_words(typing.get_args(annotation)[0])}"
+    return TYPE_WORDS[annotation]
+
+
+def is_of_type(value: Any, annotation: Any) -> bool:
+    """Whether value is exactly of the annotation's type, as a JSON file or a checkpoint holds it: a
+    bool is not a number, a whole number is a number, "64" is text (int | None, list[str], dict and
+    Any are understood)."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        return any(is_of_type(value, kind) for kind in typing.get_args(annotation))
+    if origin is list:
+        item_type = typing.get_args(annotation)[0]
+        return isinstance(value, list) and all(is_of_type(item, item_type) for item in value)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def check_type(name: str, value: Any, annotation: Any) -> None:
+    """Raise ValueError unless value is of the annotation's type (is_of_type), in the words a flag's
+    wrong type gets: "BATCH_SIZE takes a whole number, not '64'"."""
+    if not is_of_type(value, annotation):
+        raise ValueError(f"{name} takes {type_words(annotation)}, not {short_repr(value)}")
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to about limit characters: a value from a file can be any size, a message is
+    one line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
 def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]] | None = None) -> None:
@@ -190,7 +242,8 @@ class WriteFailed(FileError):
 
     def __init__(self, path: str, error: OSError, needed: int | None = None):
         folder, name = os.path.split(os.path.abspath(path))
-        reason = (error.strerror or str(error)).lower()
+        reason = error.strerror or str(error)
+        reason = reason[:1].lower() + reason[1:]  # "no space left on device"; paths as they are
         if error.errno == errno.ENOSPC:
             reason += f" ({megabytes(free_bytes(folder))} free" + (f"; {name} needs about {megabytes(needed)})"
                                                                   if needed else ")")
@@ -220,6 +273,9 @@ def atomic_write(path: str, write: Callable[[Any], None], needed: int | None = N
     try:
         if write_fault is not None:
             write_fault(path)
+        problem = not_a_plain_file(path)
+        if problem:  # os.replace would replace a link, not its target; but a link is not this file
+            raise WriteFailed(path, OSError(errno.EEXIST, problem))
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -237,6 +293,39 @@ def atomic_write(path: str, write: Callable[[Any], None], needed: int | None = N
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def not_a_plain_file(path: str) -> str | None:
+    """Why path may not be replaced or moved as one of a run's files, in words: "PATH is a symbolic
+    link to /etc/passwd, not a file of a run; ..." (or a folder, a FIFO, ...); None when it is a
+    regular file or absent. Looked at with lstat: a link is never followed."""
+    kind = _what_is(path)
+    if kind in (None, "a file"):
+        return None
+    return f"{path} is {kind}, not a file of a run; remove it, or choose another OUTPUT_DIR"
+
+
+def not_a_plain_folder(path: str) -> str | None:
+    """Why path may not hold a run's files (previous/, tensorboard/), in words; None when it is a
+    folder (not a link to one) or absent."""
+    kind = _what_is(path)
+    if kind in (None, "a folder"):
+        return None
+    return f"{path} is {kind}, not a folder of a run; remove it, or choose another OUTPUT_DIR"
+
+
+def _what_is(path: str) -> str | None:
+    """What path is, by lstat (a link is not followed): "a file", "a folder", "a symbolic link to
+    TARGET", "a FIFO", ...; None when there is nothing there."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(path)}"
+    kinds = ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((kind for test, kind in kinds if test(mode)), "of another kind")
 
 
 def fsync_folder(folder: str) -> None:
@@ -298,8 +387,25 @@ def load_state_dict(path: str, what: str = "WEIGHTS") -> dict[str, torch.Tensor]
 
 def write_metrics(history: list[dict[str, Any]], path: str) -> None:
     """Write training_metrics.csv (one row per epoch so far), atomically."""
-    frame = pd.DataFrame(history, columns=CSV_COLUMNS)
+    frame = spreadsheet_safe(pd.DataFrame(history, columns=CSV_COLUMNS))
     atomic_write(path, lambda f: frame.to_csv(f, index=False))
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a cell that starts so runs as a formula (OWASP)
+
+
+def safe_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will show, never run: text that starts as a formula
+    (FORMULA_STARTS, as a file or class named "=HYPERLINK(...)" does) gets a leading ', as OWASP's
+    CSV injection advice says; the rest as it is."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with each text cell made safe (safe_cell); numbers stay numbers."""
+    text = [column for column in frame.columns if pd.api.types.is_object_dtype(frame[column]) or
+            pd.api.types.is_string_dtype(frame[column])]
+    return frame.assign(**{column: frame[column].map(safe_cell) for column in text})
 
 
 def check_writable(folder: str) -> None:
@@ -307,6 +413,11 @@ def check_writable(folder: str) -> None:
     nothing: a folder not there yet is checked through the nearest one that is."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # makedirs would fail on it later: "[Errno 17] File exists"
+            where = "" if existing == os.path.abspath(folder) else f"inside {existing}, "
+            raise OSError(f"OUTPUT_DIR {folder} is {where}a symbolic link to "
+                          f"{os.readlink(existing)}, which does not exist; make that folder, or "
+                          f"choose another OUTPUT_DIR")
         existing = os.path.dirname(existing)
     try:
         if not os.path.isdir(existing):
@@ -330,17 +441,20 @@ _locks: dict[str, int] = {}  # folder (its real path) -> the descriptor whose fl
 
 def check_unlocked(folder: str, main_process: bool = True) -> None:
     """Refuse now, before the data and model load, when another live run holds folder's lock (the lock
-    itself is taken by lock_folder, later). Creates nothing. Under torchrun rank 0 looks, and every
-    process raises FolderInUse with it."""
-    error = None
+    itself is taken by lock_folder, later), or (ValueError) when folder/.lock is a link or not a
+    plain file. Creates nothing. Under torchrun rank 0 looks, and every process raises with it."""
+    error, unsafe = None, None
     path = os.path.join(folder, LOCK_FILE)
-    if main_process and fcntl and os.path.realpath(folder) not in _locks and os.path.isfile(path):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            error = _try_flock(fd, folder, fcntl.LOCK_SH)  # shared: meets a holder's, and NFS allows it read-only
-        finally:
-            os.close(fd)  # which drops the shared lock
-    error = broadcast(error)
+    if main_process and fcntl and os.path.realpath(folder) not in _locks and os.path.lexists(path):
+        fd, unsafe = _open_lock(path, os.O_RDONLY)
+        if fd is not None:
+            try:  # shared: meets a holder's, and NFS allows it read-only
+                error = _try_flock(fd, folder, fcntl.LOCK_SH)
+            finally:
+                os.close(fd)  # which drops the shared lock
+    error, unsafe = broadcast((error, unsafe))
+    if unsafe:
+        raise ValueError(unsafe)
     if error:
         raise FolderInUse(error)
 
@@ -349,20 +463,48 @@ def lock_folder(folder: str, main_process: bool = True) -> None:
     """Hold an flock on folder/.lock (which then holds this process's id) until unlock_folder or the end of
     the process, however it ends: the operating system drops the lock with the process, so a run killed
     with kill -9 never blocks the next. Raises FolderInUse, naming the holder, when another run holds it.
-    Under torchrun only rank 0 locks, and every process raises with it."""
-    error, key = None, os.path.realpath(folder)
+    Under torchrun only rank 0 locks, and every process raises with it. ValueError when .lock is a
+    link or not a plain file (what it points at would be overwritten)."""
+    error, unsafe, key = None, None, os.path.realpath(folder)
     if main_process and fcntl and key not in _locks:
-        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
-        error = _try_flock(fd, folder, fcntl.LOCK_EX)
-        if error:
-            os.close(fd)
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            _locks[key] = fd
-    error = broadcast(error)
+        fd, unsafe = _open_lock(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT)
+        if fd is not None:
+            error = _try_flock(fd, folder, fcntl.LOCK_EX)
+            if error:
+                os.close(fd)
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                _locks[key] = fd
+    error, unsafe = broadcast((error, unsafe))
+    if unsafe:
+        raise ValueError(unsafe)
     if error:
         raise FolderInUse(error)
+
+
+def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
+    """Open a .lock without following a link (O_NOFOLLOW) or waiting on a FIFO (O_NONBLOCK): (its
+    descriptor, None), or (None, why not) when it is a link, not a regular file, or one with another
+    name (a hard link): lock_folder truncates it and writes into it, which must reach no other
+    file."""
+    problem = not_a_plain_file(path)
+    if problem is None:
+        try:
+            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        except OSError as error:
+            if error.errno not in (errno.ELOOP, errno.ENXIO):  # a link or a FIFO put there since
+                raise
+            problem = not_a_plain_file(path) or f"{path} changed while it was opened"
+        else:
+            status = os.fstat(fd)
+            if stat.S_ISREG(status.st_mode) and status.st_nlink <= 1:
+                return fd, None
+            os.close(fd)
+            problem = not_a_plain_file(path) or (
+                f"{path} has {status.st_nlink} names (a hard link to another file); remove it, or "
+                f"choose another OUTPUT_DIR")
+    return None, problem
 
 
 def unlock_folder(folder: str) -> None:

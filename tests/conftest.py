@@ -5,6 +5,7 @@ import copy
 import io
 import os
 import pickle
+import shlex
 import socket
 import sys
 
@@ -87,6 +88,29 @@ def write_fake_cifar(root, per_batch=20, seed=0):
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
     return str(root)
+
+
+class RunsOnLoad:
+    """Pickles into a call that writes the file `marker` when it is unpickled: os.system, as a
+    crafted file would, or exec."""
+
+    def __init__(self, marker, call="system"):
+        self.marker, self.call = str(marker), call
+
+    def __reduce__(self):
+        if self.call == "system":
+            return os.system, (f"echo ran > {shlex.quote(self.marker)}",)
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def plant_crafted_batch(data_dir, marker, name="data_batch_1", call="system"):
+    """Replace the CIFAR-10 batch file `name` in data_dir with a crafted one, whose batch keys hold
+    code that writes marker when it is unpickled; returns its path."""
+    path = os.path.join(data_dir, "cifar-10-batches-py", name)
+    with open(path, "wb") as f:
+        pickle.dump({"batch_label": name, "labels": [0], "data": RunsOnLoad(marker, call),
+                     "label_names": RunsOnLoad(marker, call)}, f, protocol=2)
+    return path
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import dataclasses
 import datetime
 import io
 import json
+import math
 import os
 import threading
 
@@ -248,3 +249,159 @@ def test_cuda_tensors_reach_pinned_host_memory_with_no_synchronising_copy():
         assert copied.device.type == "cpu" and torch.equal(copied, original.cpu())
         assert copied.stride() == original.stride()
     assert all(c.is_pinned() for c in copies[:3]) and copies[3].data_ptr() != tensors[3].data_ptr()
+
+
+# --------------------------------------------------------------------------- links in OUTPUT_DIR
+
+
+@pytest.mark.parametrize("name", [*checkpoint_module.RUN_FILES, utils.LOCK_FILE])
+def test_a_link_in_place_of_any_file_a_run_writes_or_moves_is_refused(tmp_path, name):
+    victim, out = tmp_path / "victim.txt", tmp_path / "out"
+    victim.write_text("someone else's file")
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    expected = f"^{out / name} is a symbolic link to {victim}, not a file of a run"
+    with pytest.raises(ValueError, match=expected):
+        checkpoint_module.check_output_dir(str(out))
+    with pytest.raises(ValueError, match=expected):
+        checkpoint_module.move_earlier_run(str(out))  # never moves a link, nor anything beside one
+    assert victim.read_text() == "someone else's file" and (out / name).is_symlink()
+    assert not (out / "previous").exists()
+
+
+@pytest.mark.parametrize("folder", ["previous", "tensorboard"])
+def test_a_run_folder_that_is_a_link_is_refused_and_nothing_leaves_the_output_dir(tmp_path, folder):
+    elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "training_metrics.csv").write_text("epoch\n1\n")
+    (out / folder).symlink_to(elsewhere)
+    expected = f"^{out / folder} is a symbolic link to {elsewhere}, not a folder of a run"
+    with pytest.raises(ValueError, match=expected):
+        checkpoint_module.move_earlier_run(str(out))
+    assert os.listdir(elsewhere) == []
+    assert (out / "training_metrics.csv").read_text() == "epoch\n1\n"
+    (out / folder).unlink()
+    (out / folder).write_text("a file")
+    with pytest.raises(ValueError, match=f"^{out / folder} is a file, not a folder of a run"):
+        checkpoint_module.check_output_dir(str(out))
+
+
+def test_leftover_temporary_files_are_removed_but_a_link_named_like_one_is_left(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".last_checkpoint.pth.abc.tmp").write_bytes(b"half a checkpoint")
+    (out / ".best_model.pth.def.tmp").symlink_to(victim)
+    checkpoint_module.remove_partial_writes(str(out))
+    assert os.listdir(out) == [".best_model.pth.def.tmp"]
+    assert victim.read_text() == "someone else's file"
+
+
+@pytest.mark.parametrize("started", ["9999-12-31T23:59:59+00:00", "2026-11-27T03:58:12",
+                                     "yesterday", 5, None])
+def test_a_start_that_is_not_a_past_time_with_an_offset_names_the_folder_by_the_oldest_file(
+        tmp_path, started):
+    (tmp_path / "best_model.json").write_text(json.dumps({"started": started}))
+    os.utime(tmp_path / "best_model.json", (1_800_000_000,) * 2)
+    assert checkpoint_module.run_started(str(tmp_path)) == \
+        datetime.datetime.fromtimestamp(1_800_000_000).astimezone()
+
+
+# ----------------------------------------------------------------------- fields checked before use
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A one-epoch run's files: (its folder, best_model.json's dict, last_checkpoint.pth's)."""
+    out = tmp_path_factory.mktemp("finished")
+    run_fit(out, epochs=1, started="2026-11-27T03:58:12+00:00")
+    return out, json.loads((out / "best_model.json").read_text()), \
+        torch.load(out / "last_checkpoint.pth", weights_only=True)
+
+
+CHANGED = "; the file was changed, or not written by this pipeline: "
+HOSTILE_INFO = [  # a field of best_model.json or of the checkpoint, a value, what the one line says
+    ("classes", 5, "classes takes a list, each text, not 5"),
+    ("classes", ["c0", 1, "c2", "c3"], "classes takes a list, each text, not ['c0', 1, 'c2', "),
+    ("classes", ["c0"], "classes = ['c0'] is out of range: use two or more names, each once"),
+    ("classes", ["c0", "c0", "c1", "c2"], "classes = ['c0', 'c0', 'c1', 'c2'] is out of range"),
+    ("mean", [0.5, 0.5], "mean = [0.5, 0.5] is out of range: use three finite numbers"),
+    ("mean", [0.5, math.nan, 0.5], "mean = [0.5, nan, 0.5] is out of range"),
+    ("std", [0.2, 0.0, 0.2], "std = [0.2, 0.0, 0.2] is out of range: use three finite numbers, "
+                             "one a colour channel, each > 0"),
+    ("image_size", 60000, "image_size = 60000 is out of range: use a whole number of pixels from 8 "
+                          "to 1024"),
+    ("image_size", "16", "image_size takes a whole number, not '16'"),
+    ("image_size", 16.0, "image_size takes a whole number, not 16.0"),
+    ("resize_size", 10 ** 9, "resize_size = 1000000000 is out of range: use from image_size (16) "
+                             "to twice it"),
+    ("precision", "fp8", "precision = 'fp8' is not known; choose one of 'bf16', 'fp32'"),
+    ("started", "9999-12-31T23:59:59+00:00", "started = '9999-12-31T23:59:59+00:00' is not when a "
+                                             "run started"),
+    ("started", "../../elsewhere", "started = '../../elsewhere' is not when a run started"),
+    ("started", "2026-11-27T03:58:12", "started = '2026-11-27T03:58:12' is not when a run started"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", HOSTILE_INFO + [
+    ("model", "../../evil", "model = '../../evil' is not known"),
+    ("model", ["cnn"], "model takes text, not"),
+    ("data_dir", 5, "data_dir takes text or none, not 5"),
+    ("dataset", "mnist", "dataset = 'mnist' is not known")])
+def test_each_field_of_best_model_json_is_checked_before_use_with_one_line(
+        finished_run, tmp_path, field, value, message):
+    _, info, _ = finished_run
+    (tmp_path / "best_model.json").write_text(json.dumps({**info, field: value}))
+    with pytest.raises(utils.CheckpointError) as error:
+        checkpoint_module.load_best_model_info(str(tmp_path))
+    line = str(error.value)
+    assert line.startswith(f"{tmp_path / 'best_model.json'}: {message}") and "\n" not in line
+    assert line.endswith(f"{CHANGED}train again to rewrite it")
+
+
+def test_best_model_json_too_big_too_deep_or_not_an_object_is_refused_before_its_fields(tmp_path):
+    path = tmp_path / "best_model.json"
+    with open(path, "wb") as f:
+        f.truncate(checkpoint_module.MAX_INFO_BYTES + 1)  # sparse: checked by its size, never read
+    with pytest.raises(utils.CheckpointError, match="takes 16 MB, more than a best_model.json"):
+        checkpoint_module.load_best_model_info(str(tmp_path))
+    for text, fragment in (("[" * 100_000 + "]" * 100_000, "is not readable JSON"),
+                           ('["cnn"]', "is not a JSON object of a run"),
+                           ("{", "is not readable JSON")):
+        path.write_text(text)
+        with pytest.raises(utils.CheckpointError, match=fragment):
+            checkpoint_module.load_best_model_info(str(tmp_path))
+
+
+@pytest.mark.parametrize("field, value, message", HOSTILE_INFO + [
+    ("epoch", "1", "epoch takes a whole number, not '1'"),
+    ("epoch", 7, "epoch = 7 and its history's epochs, [1], are not 1, 2, ... up to it"),
+    ("history", [{"epoch": 1, "train_loss": [1.0]}], "history's values takes"),
+    ("config", [("MODEL", "cnn")], "config takes a table of names and values, not"),
+    ("config", {1: "cnn"}, "config's names takes a list, each text, not [1]")])
+def test_each_plain_field_of_a_checkpoint_is_checked_when_it_is_read(
+        finished_run, tmp_path, field, value, message):
+    _, _, checkpoint = finished_run
+    path = tmp_path / "bad.pth"
+    utils.save_torch({**checkpoint, field: value}, str(path))
+    with pytest.raises(utils.CheckpointError) as error:
+        checkpoint_module.read_checkpoint(str(path))
+    line = str(error.value)
+    assert line.startswith(f"RESUME {path}: {message}") and "\n" not in line
+    assert line.endswith(f"{CHANGED}resume another checkpoint, or start afresh")
+
+
+@pytest.mark.parametrize("key, value", [("best_epoch", "1"), ("bad_epochs", 1.5),
+                                        ("monitor", "os.system"), ("prompts_off", 0)])
+def test_lras_state_of_the_wrong_kind_is_refused_on_resume_and_none_of_it_loads(
+        finished_run, tmp_path, key, value):
+    out, _, checkpoint = finished_run
+    path = tmp_path / "bad.pth"
+    utils.save_torch({**checkpoint, "lra": {**checkpoint["lra"], key: value}}, str(path))
+    state = new_state(make_tiny_data(size=16), started=checkpoint["started"])
+    with pytest.raises(utils.CheckpointError, match=f"does not fit this run's model .*lra's {key}"):
+        checkpoint_module.resume(checkpoint_module.read_checkpoint(str(path)), str(path), state,
+                                 output_dir=str(tmp_path / "out"))
+    assert state.lra.best_epoch is None and state.history == []

@@ -3,6 +3,7 @@ paths, the cache."""
 
 import glob
 import os
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +19,7 @@ import image_module
 import loader_module
 import cache_module
 from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, REAL_DEFAULT_CACHE_DIR, collect, write_fake_cifar,
-                      write_image_tree, write_photo_tree)
+                      write_image_tree, write_photo_tree, plant_crafted_batch)
 from data_module import DataConfig, DataError
 
 
@@ -28,7 +29,10 @@ from data_module import DataConfig, DataError
 @pytest.mark.parametrize("field, message", [
     (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0, or None"),
     (dict(train_subset=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
-    (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels >= 8"),
+    (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels from 8 to "
+                         "1024"),
+    (dict(image_size=60000), "IMAGE_SIZE = 60000 is out of range: use a whole number of pixels "
+                             "from 8 to 1024"),
     (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
     (dict(resident=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
     (dict(mixup=-0.2), "MIXUP = -0.2 is out of range: use a number >= 0 (0: off)"),
@@ -72,6 +76,82 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
     # row: 1,024 red values, then green, then blue, each row-major; the reader gives H x W x C
     expected = raw.reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(train_images[0].numpy(), expected)
+
+
+@pytest.mark.parametrize("name", data_module.CIFAR_FILES)
+@pytest.mark.parametrize("call, named", [("system", "posix.system"), ("exec", "__builtin__.exec")])
+def test_a_crafted_batch_file_is_refused_naming_it_and_its_code_never_runs(tmp_path, name, call,
+                                                                          named):
+    root = write_fake_cifar(tmp_path / "data", per_batch=10)
+    marker = tmp_path / "marker"
+    path = plant_crafted_batch(root, marker, name, call)
+    with pytest.raises(DataError) as error:
+        data_module.read_cifar10(root, download=False)
+    line = str(error.value)
+    assert line.startswith(f"{path} is not a CIFAR-10 batch file: it calls {named} as it loads")
+    assert "it was refused and nothing in it ran" in line and "\n" not in line
+    assert not marker.exists()
+    with open(path, "rb") as f:  # the payload is real: a plain unpickler runs it
+        pickle.load(f, encoding="latin1")
+    assert marker.read_text().strip() == "ran"
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_batch_files_written_at_any_pickle_protocol_read_alike(tmp_path, protocol):
+    root = write_fake_cifar(tmp_path / "data", per_batch=10)
+    expected = data_module.read_cifar10(root, download=False)
+    for name in data_module.CIFAR_FILES:  # as numpy 2 writes them at that protocol
+        path = os.path.join(root, "cifar-10-batches-py", name)
+        with open(path, "rb") as f:
+            entry = pickle.load(f)
+        with open(path, "wb") as f:
+            pickle.dump(entry, f, protocol=protocol)
+    for got, want in zip(data_module.read_cifar10(root, download=False), expected):
+        assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(labels=[10] * 10), "its labels are not a class from 0 to 9 for each image"),
+    (dict(labels=[0] * 9), "its labels are not a class from 0 to 9 for each image"),
+    (dict(data=np.zeros((10, 3072), np.float32)), "its data is not uint8 rows of 3,072 values"),
+    (dict(data=np.zeros((10, 100), np.uint8)), "its data is not uint8 rows of 3,072 values"),
+    (dict(data=b"\0" * 30720), "its data is not uint8 rows of 3,072 values")])
+def test_a_batch_file_is_checked_field_by_field(tmp_path, change, fragment):
+    root = write_fake_cifar(tmp_path / "data", per_batch=10)
+    path = os.path.join(root, "cifar-10-batches-py", "data_batch_4")
+    with open(path, "rb") as f:
+        entry = pickle.load(f)
+    with open(path, "wb") as f:
+        pickle.dump({**entry, **change}, f, protocol=2)
+    expected = f"^{path} is not a readable CIFAR-10 batch file \\({fragment}\\)"
+    with pytest.raises(DataError, match=expected):
+        data_module.read_cifar10(root, download=False)
+
+
+def test_a_batch_file_larger_than_cifar_s_is_refused_before_it_is_read(tmp_path):
+    root = write_fake_cifar(tmp_path / "data", per_batch=10)
+    path = os.path.join(root, "cifar-10-batches-py", "test_batch")
+    with open(path, "r+b") as f:
+        f.truncate(data_module.CIFAR_BATCH_BYTES + 1)  # sparse: reading it would take 64 MB
+    expected = f"^{path} is not a CIFAR-10 batch file: it takes 64 MB, and one never takes over 64"
+    with pytest.raises(DataError, match=expected):
+        data_module.read_cifar10(root, download=False)
+
+
+def test_the_real_batch_files_read_as_a_plain_unpickler_reads_them(cifar_dir):
+    folder = os.path.join(cifar_dir, "cifar-10-batches-py")
+
+    def plain(name):  # pickle.load: trusted here, on the real files
+        with open(os.path.join(folder, name), "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    images, labels, test_images, test_labels, classes = data_module.read_cifar10(cifar_dir, False)
+    for names, got_images, got_labels in ((data_module.CIFAR_FILES[:5], images, labels),
+                                          (["test_batch"], test_images, test_labels)):
+        batches = [plain(name) for name in names]
+        rows = np.concatenate([batch["data"] for batch in batches])
+        assert np.array_equal(got_images.numpy(), rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        assert got_labels.tolist() == [label for batch in batches for label in batch["labels"]]
+    assert classes == plain("batches.meta")["label_names"] == CLASSES
 
 
 def test_mixup_and_cutmix_mix_the_training_batches_only(fake_cifar):

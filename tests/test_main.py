@@ -26,7 +26,7 @@ import model_module
 import step_module
 import train_module
 import utils
-from conftest import ROOT, run_main, write_fake_cifar, write_image_tree
+from conftest import ROOT, plant_crafted_batch, run_main, write_fake_cifar, write_image_tree
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "32"]
 
@@ -704,3 +704,171 @@ def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
     assert "a lower --lr" in main.chance_warning(chance, 3, [{"train_acc": 0.34}])
     assert main.chance_warning({**chance, "acc": 0.6}, 3, []) is None  # learnt something
     assert main.chance_warning({**chance, "loss": 0.7}, 3, []) is None  # not the same output for every image
+
+
+# ----------------------------------------------------------------------------- off the happy path
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Reading the data (decoding, caching) fails the test: what is checked first stops the run."""
+    def read(*args, **kwargs):
+        raise AssertionError("the data was read before the run was refused")
+    monkeypatch.setattr(data_module, "get_data", read)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished one-epoch run on a fake CIFAR-10: (its data folder, its output folder)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_fake_cifar(root / "data", per_batch=40)
+    out = root / "out"
+    assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--epochs", "1"]) == 0
+    return data, out
+
+
+def copy_run(out, to):
+    """A copy of a run's files (not its lock) in the folder `to`."""
+    to.mkdir()
+    for name, data in run_files(out).items():
+        (to / name).write_bytes(data)
+    return to
+
+
+@pytest.mark.parametrize("name", [utils.LOCK_FILE, *checkpoint_module.RUN_FILES])
+def test_a_link_planted_for_any_run_file_is_refused_before_the_data_and_its_target_kept(
+        tiny_run, tmp_path, name, no_data, capsys):
+    args, out = tiny_run
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file\n")
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    result = main_in_process(args + ["--epochs", "1"], capsys)
+    assert_one_clean_line(result, f"{out / name} is a symbolic link to {victim}", "remove it")
+    assert victim.read_text() == "someone else's file\n" and os.listdir(out) == [name]
+
+
+@pytest.mark.parametrize("folder", ["previous", "tensorboard"])
+def test_a_run_folder_planted_as_a_link_is_refused_and_the_earlier_run_stays(
+        tiny_run, tmp_path, folder, no_data, capsys):
+    args, out = tiny_run
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "training_metrics.csv").write_text("epoch\n1\n")  # an earlier run's, which would move
+    (out / folder).symlink_to(elsewhere)
+    result = main_in_process(args + ["--epochs", "1", "--tensorboard", "true"], capsys)
+    assert_one_clean_line(result, f"{out / folder} is a symbolic link to {elsewhere}, not a folder")
+    assert os.listdir(elsewhere) == []
+    assert (out / "training_metrics.csv").read_text() == "epoch\n1\n"
+
+
+def test_an_output_dir_that_is_a_dangling_link_is_refused_at_once_naming_it_and_its_target(
+        tiny_run, tmp_path, no_data, capsys):
+    args, out = tiny_run
+    out.symlink_to(tmp_path / "gone")
+    result = main_in_process(args + ["--epochs", "1"], capsys)
+    assert_one_clean_line(result, f"OUTPUT_DIR {out} is a symbolic link to {tmp_path / 'gone'}, "
+                                  f"which does not exist")
+    assert not (tmp_path / "gone").exists()
+
+
+def test_crafted_batch_files_never_run_from_the_data_dir_a_resume_or_an_export(trained, tmp_path,
+                                                                               capsys):
+    data, out = trained
+    crafted = write_fake_cifar(tmp_path / "crafted", per_batch=40)
+    marker = tmp_path / "marker"
+    batch = plant_crafted_batch(crafted, marker, "data_batch_2")
+    refused = f"{batch} is not a CIFAR-10 batch file: it calls posix.system as it loads"
+
+    result = main_in_process(["--data-dir", crafted, "--output-dir", tmp_path / "a", *TINY], capsys)
+    assert_one_clean_line(result, refused)
+
+    checkpoint = torch.load(out / "last_checkpoint.pth", weights_only=True)
+    checkpoint["config"]["DATA_DIR"] = crafted  # what --resume reads when --data-dir is not given
+    utils.save_torch(checkpoint, str(tmp_path / "crafted.pth"))
+    resumed = ["--resume", tmp_path / "crafted.pth", "--output-dir", tmp_path / "b"]
+    assert_one_clean_line(main_in_process(resumed, capsys), refused)
+
+    exported = copy_run(out, tmp_path / "c")
+    info = json.loads((exported / "best_model.json").read_text())
+    (exported / "best_model.json").write_text(json.dumps({**info, "data_dir": crafted}))
+    result = main_in_process(["--export", "pt2", "--output-dir", exported], capsys)
+    assert_one_clean_line(result, refused)
+    assert not marker.exists() and not (exported / "model.pt2").exists()
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("BATCH_SIZE", "64", "BATCH_SIZE takes a whole number, not '64'"),
+    ("IMAGE_SIZE", 60000, "IMAGE_SIZE = 60000 is out of range: use a whole number of pixels"),
+    ("EPOCHS", -1, "EPOCHS = -1 is out of range"),
+    ("MODEL", 5, "MODEL takes text, not 5"),
+    ("LR", True, "LR takes a number, not True"),
+    ("DATA_DIR", ["x"], "DATA_DIR takes text, not ['x']"),
+    ("started", "9999-01-01T00:00:00+00:00", "started = '9999-01-01T00:00:00+00:00' is not when"),
+    ("classes", 5, "classes takes a list, each text, not 5"),
+    ("image_size", 60000, "image_size = 60000 is out of range")])
+def test_a_checkpoint_with_a_hostile_field_stops_the_resume_in_one_line_before_the_data(
+        trained, tmp_path, field, value, fragment, no_data, capsys):
+    _, out = trained
+    checkpoint = torch.load(out / "last_checkpoint.pth", weights_only=True)
+    if field.isupper():  # one of the run's settings
+        checkpoint["config"][field] = value
+    else:
+        checkpoint[field] = value
+    path = tmp_path / "hostile.pth"
+    utils.save_torch(checkpoint, str(path))
+    result = main_in_process(["--resume", path, "--output-dir", tmp_path / "new"], capsys)
+    assert_one_clean_line(result, f"RESUME {path}: {fragment}", "resume another checkpoint")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("classes", 5, "classes takes a list, each text, not 5"),
+    ("mean", [0.5, 0.5], "mean = [0.5, 0.5] is out of range"),
+    ("image_size", 60000, "image_size = 60000 is out of range"),
+    ("started", "9999-01-01T00:00:00+00:00", "is not when a run started"),
+    ("classes", [f"c{i}" for i in range(11)], "does not classify the 11 classes that best_model")])
+def test_a_hostile_best_model_json_stops_predict_and_export_in_one_line(
+        trained, tmp_path, field, value, fragment, capsys):
+    _, out = trained
+    run = copy_run(out, tmp_path / "run")
+    info = json.loads((run / "best_model.json").read_text())
+    (run / "best_model.json").write_text(json.dumps({**info, field: value}))
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(picture)
+    for command in (["--predict", picture], ["--export", "pt2"]):
+        assert_one_clean_line(main_in_process(["--output-dir", run, *command], capsys), fragment)
+    assert sorted(os.listdir(run)) == sorted(run_files(out))  # nothing written
+
+
+def test_predictions_csv_escapes_file_and_class_names_that_start_as_formulas(
+        trained, tmp_path, monkeypatch, capsys):
+    _, out = trained
+    run = copy_run(out, tmp_path / "run")
+    info = json.loads((run / "best_model.json").read_text())
+    classes = ["=cmd|'/c calc'!A0", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "c6", "c7", "c8", "c9"]
+    (run / "best_model.json").write_text(json.dumps({**info, "classes": classes}))
+    monkeypatch.chdir(tmp_path)
+    names = ["=x.png", "@y.png", "+z.png", "plain.png"]  # ("-y.png" would be read as a flag)
+    for name in names:
+        Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    result = main_in_process(["--output-dir", run, "--predict", *names], capsys)
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(run / "predictions.csv", keep_default_na=False)
+    assert frame["path"].tolist() == ["'=x.png", "'@y.png", "'+z.png", "plain.png"]
+    escaped = {"'" + name if name[0] in "=+-@\t\r" else name for name in classes}
+    assert set(frame[["top1", "top2", "top3"]].to_numpy().ravel()) <= escaped
+    assert pd.api.types.is_float_dtype(frame["p1"])  # numbers stay numbers
+
+
+def test_missing_published_weights_stop_a_folder_run_before_anything_is_read_or_cached(
+        tmp_path, monkeypatch, user_cache, no_data, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty; and no network
+    photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=6)
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--model", "resnet18",
+                              "--pretrained", "default", "--output-dir", tmp_path / "out"], capsys)
+    folder = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert_one_clean_line(result, f"PRETRAINED weights resnet18-f37072fd.pth are not in {folder}")
+    assert not user_cache.exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "torch_home").exists()  # the folders a download would have used: gone

@@ -164,6 +164,38 @@ def test_the_confusion_matrix_stays_legible(classes):
     assert len(axes.texts) == (classes * classes if classes <= 20 else classes + 1) and widest < cell
 
 
+@pytest.mark.parametrize("classes", [51, 1000])
+def test_past_fifty_classes_the_confusion_matrix_keeps_fifty_s_size_and_writes_no_counts(
+        tmp_path, classes):
+    """1,000 classes drew 34,370 x 34,250 pixels; past 50 the figure stays 50 classes' size, with
+    no counts in the cells and at most 50 class names an axis, each the name of its tick's class."""
+    generator = torch.Generator().manual_seed(0)
+    confusion = torch.randint(0, 5, (classes, classes), generator=generator)
+    confusion += 90 * torch.eye(classes).long()
+    names = [f"class_{i:04d}" for i in range(classes)]
+    report_module.plot_confusion_matrix(confusion, names, str(tmp_path / "many.png"))
+    fifty = confusion[:50, :50]
+    report_module.plot_confusion_matrix(fifty, names[:50], str(tmp_path / "fifty.png"))
+    assert read_png(tmp_path / "many.png") == read_png(tmp_path / "fifty.png") == (2070, 1950)
+    axes = laid_out(report_module.confusion_figure(confusion, names)).axes[0]
+    assert len(axes.texts) == 0
+    for ticks, labels in ((axes.get_xticks(), axes.get_xticklabels()),
+                          (axes.get_yticks(), axes.get_yticklabels())):
+        assert 0 < len(labels) <= 50
+        assert [label.get_text() for label in labels] == [names[int(at)] for at in ticks]
+    shares = (confusion.double() / confusion.sum(1, keepdim=True)).numpy()
+    assert np.allclose(axes.images[0].get_array(), shares)  # every cell still coloured by its share
+
+
+def test_text_cells_of_the_test_report_that_start_as_a_formula_are_escaped(tmp_path):
+    classes = ["=HYPERLINK(\"http://x\")", "+1", "-1", "@SUM(A1)", "\tx", "plain"]
+    path = tmp_path / "test_report.csv"
+    frame = report_module.write_test_report(torch.eye(len(classes)).long(), classes, str(path))
+    assert frame["class"].tolist()[:6] == classes  # the table returned is as computed
+    written = pd.read_csv(path, keep_default_na=False)["class"].tolist()
+    assert written == ["'" + name for name in classes[:5]] + ["plain", "macro avg", "weighted avg"]
+
+
 def test_the_gallery_shows_the_mistakes_of_evaluate(tmp_path, one_thread):
     torch.manual_seed(0)
     data = make_tiny_data(n_val=40, size=8, batch_size=4)

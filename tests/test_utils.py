@@ -6,6 +6,7 @@ import itertools
 import os
 import pickle
 import random
+import re
 import stat
 import subprocess
 import sys
@@ -230,3 +231,121 @@ def test_items_made_in_the_background_come_in_order_an_error_there_is_raised_her
     time.sleep(0.3)
     assert len(made) == stopped <= 5  # two queued, one handed over, one waiting to be queued
     assert not any(thread.name == "in_background" for thread in threading.enumerate())
+
+
+# ------------------------------------------------------------ links and other files in OUTPUT_DIR
+
+
+def planted(tmp_path, kind):
+    """OUTPUT_DIR/.lock planted as `kind` ("symlink" to a file of someone else's, "fifo", "hardlink"
+    to it, "folder"); returns that other file, whose bytes must never change."""
+    victim, lock = tmp_path / "victim.txt", tmp_path / "out" / utils.LOCK_FILE
+    victim.write_text("someone else's file\n")
+    lock.parent.mkdir()
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "hardlink":
+        os.link(victim, lock)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    return victim
+
+
+@pytest.mark.parametrize("kind, fragment", [("symlink", "is a symbolic link to "),
+                                            ("fifo", "is a FIFO"),
+                                            ("hardlink", "has 2 names (a hard link"),
+                                            ("folder", "is a folder")])
+def test_a_lock_that_is_a_link_or_not_a_plain_file_is_refused_and_what_it_points_at_left_alone(
+        tmp_path, kind, fragment):
+    victim = planted(tmp_path, kind)
+    folder = str(tmp_path / "out")
+    expected = f"^{re.escape(folder)}/.lock {re.escape(fragment)}.*; remove it, or choose " \
+               f"another OUTPUT_DIR$"
+    for refused in (utils.check_unlocked, utils.lock_folder):
+        with pytest.raises(ValueError, match=expected) as error:
+            refused(folder)
+        assert not isinstance(error.value, utils.FolderInUse)
+    assert victim.read_text() == "someone else's file\n"
+    assert os.path.realpath(folder) not in utils._locks
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "folder"])
+def test_atomic_write_refuses_a_link_or_a_folder_where_its_file_goes_and_leaves_it(tmp_path, kind):
+    victim, path = tmp_path / "victim.txt", tmp_path / "best_model.json"
+    victim.write_text("someone else's file\n")
+    if kind == "symlink":
+        path.symlink_to(victim)
+    elif kind == "dangling":
+        path.symlink_to(tmp_path / "nowhere")
+    else:
+        path.mkdir()
+    expected = f"^could not write best_model.json in {tmp_path}: {path} is a"
+    with pytest.raises(utils.WriteFailed, match=expected):
+        utils.atomic_write(str(path), lambda f: f.write(b"new"))
+    assert victim.read_text() == "someone else's file\n" and not (tmp_path / "nowhere").exists()
+    assert path.is_symlink() == (kind != "folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.json", "victim.txt"]
+
+
+def test_an_output_dir_that_is_a_dangling_link_is_refused_naming_it_and_its_target(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(OSError, match=f"^OUTPUT_DIR {tmp_path}/out is a symbolic link to "
+                                      f"{tmp_path}/gone, which does not exist; make that folder"):
+        utils.check_writable(str(tmp_path / "out"))
+    with pytest.raises(OSError, match=f"^OUTPUT_DIR {tmp_path}/out/run is inside {tmp_path}/out, a "
+                                      f"symbolic link to {tmp_path}/gone, which does not exist"):
+        utils.check_writable(str(tmp_path / "out" / "run"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    utils.check_writable(str(tmp_path / "linked"))  # a link to a folder that is there: allowed
+    assert not (tmp_path / "gone").exists() and os.listdir(tmp_path / "real") == []
+
+
+# ------------------------------------------------------------------ values read from files
+
+
+@pytest.mark.parametrize("value, annotation, ok", [
+    (64, int, True), ("64", int, False), (True, int, False), (64.0, int, False), (64, float, True),
+    (True, float, False), (None, int | None, True), (None, int, False), (True, bool, True),
+    (1, bool, False), (["a", "b"], list[str], True), (["a", 1], list[str], False),
+    ("ab", list[str], False), ([0.5, 1], list[float], True), ({"a": 1}, dict, True),
+    ([], dict, False)])
+def test_values_read_from_files_must_be_exactly_of_their_settings_type(value, annotation, ok):
+    assert utils.is_of_type(value, annotation) == ok
+    if not ok:
+        with pytest.raises(ValueError, match=rf"^NAME takes .+, not {re.escape(repr(value))}$"):
+            utils.check_type("NAME", value, annotation)
+
+
+def test_a_wrong_type_is_told_in_the_words_a_flag_gets():
+    with pytest.raises(ValueError) as error:
+        utils.check_type("BATCH_SIZE", "64", int | None)
+    assert str(error.value) == "BATCH_SIZE takes a whole number or none, not '64'"
+    assert utils.type_words(list[float]) == "a list, each a number"
+    long = utils.short_repr("x" * 1000)
+    assert long.endswith("...x'") and len(long) <= 60
+
+
+# ------------------------------------------------------------------ CSV cells
+
+
+FORMULAS = ["=HYPERLINK(\"http://x\")", "+1+2", "-2+3", "@SUM(A1)", "\tcmd", "\rcmd"]
+
+
+def test_text_cells_that_start_as_a_formula_get_a_leading_quote_and_the_rest_stay_as_they_are():
+    assert [utils.safe_cell(text) for text in FORMULAS] == ["'" + text for text in FORMULAS]
+    others = ("cat", "a=b", "", -2.5, 3, None)
+    assert [utils.safe_cell(value) for value in others] == list(others)
+    frame = pd.DataFrame({"path": ["-x.jpg", "y.jpg"], "p1": [-0.5, 0.25]})
+    safe = utils.spreadsheet_safe(frame)
+    assert safe["path"].tolist() == ["'-x.jpg", "y.jpg"] and safe["p1"].tolist() == [-0.5, 0.25]
+    assert frame["path"].tolist() == ["-x.jpg", "y.jpg"]  # the table given is left as it was
+
+
+def test_the_metrics_csv_escapes_its_text_cells(tmp_path):
+    path = str(tmp_path / "m.csv")
+    utils.write_metrics([{"epoch": 1, "train_loss": 1.0, "monitor": "=1+2", "event": "@x"}], path)
+    row = pd.read_csv(path).iloc[0]
+    assert row["monitor"] == "'=1+2" and row["event"] == "'@x" and row["epoch"] == 1
