@@ -255,7 +255,9 @@ def test_accumulation_turns_cuda_graphs_off_with_a_note_and_a_yes_is_refused_nam
                               graph=True, accumulate=2)
 
 
-def test_a_captured_step_clips_as_the_eager_one_does_and_the_ema_follows_its_replays(stand_in_cuda, one_thread):
+def test_a_clipped_step_captures_once_and_the_ema_follows_its_replays(stand_in_cuda, one_thread):
+    """Bookkeeping only (the stand-in replays eagerly): one capture, and the EMA updated after each
+    replay as after each eager step, bit for bit (the same fused SGD and clipping)."""
     captured, _ = stand_in_cuda
     batches = [random_batch(seed=seed) for seed in range(4)]
     trained = []
@@ -270,4 +272,4 @@ def test_a_captured_step_clips_as_the_eager_one_does_and_the_ema_follows_its_rep
     (model, ema), (eager, eager_ema) = trained
     for a, b in zip([*model.parameters(), *ema.module.parameters()],
                     [*eager.parameters(), *eager_ema.module.parameters()]):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert torch.equal(a, b)
