@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 from torchvision.transforms import functional as F
 
 import augment_module
@@ -160,3 +161,20 @@ def test_a_mixed_loader_with_torchvisions_mixup_and_cutmix_yields_soft_targets_t
     for x, targets in mixed:
         assert x.shape == (8, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
         assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))
+
+
+def test_a_new_augmentation_is_one_registry_entry_and_its_constant(monkeypatch):
+    """An entry of AUGMENTATIONS and a constant of its name reach the config, its check, the device
+    loader (at the entry's stage) and the PIL pipeline, alike."""
+    invert = augment_module.Kind((None, True), None, "pixels", lambda images, on: 255 - images,
+                                 lambda on: [transforms.RandomInvert(p=1.0)])
+    monkeypatch.setitem(augment_module.AUGMENTATIONS, "invert", invert)
+    images = torch.randint(0, 256, (8, 4, 4, 3), dtype=torch.uint8)
+    augmented = augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0, FLIP="none", INVERT=True)
+    loader = loader_module.ResidentLoader(images, torch.arange(8), Batching(8, train=True), augmented)
+    batch, labels = collect(loader)
+    assert torch.equal(batch, loader.normalize(255 - images[labels]))
+    streamed = augment_module.pil_transform(True, 4, augmented)(Image.fromarray(images[0].numpy()))
+    assert torch.allclose(streamed, loader.normalize(255 - images[:1])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="^INVERT = 'yes' is not known; choose one of None, True"):
+        augmentation((0.5,) * 3, (0.25,) * 3, INVERT="yes")
