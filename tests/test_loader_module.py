@@ -171,7 +171,7 @@ def test_a_new_augmentation_is_one_registry_entry_and_its_constant(monkeypatch):
     monkeypatch.setitem(augment_module.AUGMENTATIONS, "invert", invert)
     images = torch.randint(0, 256, (8, 4, 4, 3), dtype=torch.uint8)
     augmented = augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0, FLIP="none", INVERT=True)
-    loader = loader_module.ResidentLoader(images, torch.arange(8), Batching(8, train=True), augmented)
+    loader = loader_module.ResidentLoader(images, torch.arange(8), Batching(8, True), augmented)
     batch, labels = collect(loader)
     assert torch.equal(batch, loader.normalize(255 - images[labels]))
     streamed = augment_module.pil_transform(True, 4, augmented)(Image.fromarray(images[0].numpy()))
