@@ -280,16 +280,15 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What setup, train and report read besides the modules' configs: each field but resume is the
-    constant of the same name in upper case, checked as it is built."""
+    """What setup, train and report read besides the modules' configs (SEED and CHANNELS_LAST are
+    DataConfig's): each field but resume is the constant of the same name in upper case, checked as
+    it is built."""
 
     model: str
     pretrained: str | None
     freeze: bool
     weights: str | None
-    seed: int
     bf16: bool
-    channels_last: bool
     cuda_graphs: str
     class_weights: str | None  # the weights themselves come from the data (setup)
     tta: bool
@@ -319,8 +318,8 @@ class Config:
 def build_config(values: dict[str, typing.Any]) -> Config:
     """Each config from the constants (the one place that reads them by name); ValueError naming the
     first constant that is out of range."""
-    run = RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "SEED", "BF16",
-                             "CHANNELS_LAST", "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TENSORBOARD"),
+    run = RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "BF16",
+                             "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TENSORBOARD"),
                     resume=_resume_path(values))
     weights = model_module.preprocessing(run.model, run.pretrained) or {}  # their preparation
     own_size = values["IMAGE_SIZE"] is not None
@@ -464,7 +463,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     options, output_dir = config.run, config.fit.output_dir
     utils.check_writable(output_dir)
     utils.check_unlocked(output_dir, main_process=rank == 0)  # another run writing there: refused at once
-    utils.seed_everything(options.seed)
+    utils.seed_everything(config.data.seed)
     device = utils.get_device(local_rank)
     cuda_graph = step_module.use_cuda_graph(options.cuda_graphs, device, world_size=world_size,
                                             compile=config.fit.compile, main_process=rank == 0,
@@ -476,11 +475,12 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         state = _make_state(config, data, device, lr_device=device if cuda_graph else None, rank=rank,
                             fresh=saved is None)
     if world_size > 1:
-        utils.seed_everything(options.seed + rank)  # same initial weights, different augmentations
+        utils.seed_everything(config.data.seed + rank)  # same initial weights, other augmentations
     total_steps = config.fit.epochs * len(data.train)
     with account.timed("precision"):
         precision = utils.broadcast(step_module.choose_precision(  # rank 0 measures; every rank takes its answer
-            options.bf16, device, state.model, data.image_size, channels_last=options.channels_last,
+            options.bf16, device, state.model, data.image_size,
+            channels_last=config.data.channels_last,
             trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
             recorded=saved and saved["precision"]))
     state.info = state_module.RunInfo(config.constants, data.classes, list(data.mean),
@@ -520,7 +520,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device, lr
                                    weights=options.weights if fresh else None,
                                    sample_images=data.train.first_images, image_size=data.image_size,
                                    pretrained=options.pretrained)
-    layout = torch.channels_last if options.channels_last else torch.preserve_format
+    layout = torch.channels_last if config.data.channels_last else torch.preserve_format
     model = model.to(device, memory_format=layout)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
     total_steps = config.fit.epochs * step_module.optimizer_steps(len(data.train), config.fit.accumulate_steps)

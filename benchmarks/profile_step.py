@@ -148,19 +148,19 @@ def make_step(values: dict, device: torch.device, total_steps: int) -> Step:
     """The step main.py would train with under these constants (main.parse_config's), on random data."""
     config = pipeline.build_config(values)
     run = config.run
-    utils.seed_everything(run.seed)
+    utils.seed_everything(config.data.seed)
     torch.backends.cudnn.benchmark = True  # as main.setup
     size, batch = config.data.image_size, config.data.batch_size
     model = model_module.get_model(run.model, NUM_CLASSES, freeze=run.freeze, image_size=size,
                                    sample_images=lambda n: torch.randn(min(n, 512), 3, size, size))
-    memory_format = torch.channels_last if run.channels_last else torch.preserve_format
+    memory_format = torch.channels_last if config.data.channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     graph = step_module.use_cuda_graph(run.cuda_graphs, device, compile=config.fit.compile)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=device if graph else None)
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr, total_steps)
     lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
     precision = step_module.choose_precision(run.bf16, device, model, size,
-                                             channels_last=run.channels_last, trial=False)
+                                             channels_last=config.data.channels_last, trial=False)
     wrapped = step_module.wrap_for_training(model, compile=config.fit.compile)
     step = step_module.TrainStep(wrapped, optimizer,
                                  nn.CrossEntropyLoss(label_smoothing=config.fit.label_smoothing),
