@@ -1,13 +1,17 @@
-"""Augmentation as batched tensor operations on the device (CIFAR-10's pad-crops and flips, photos'
-random-resized crops, torchvision's automatic augmentation and random erasing with a draw for each image, Mixup
-and CutMix of whole batches), and the PIL pipeline of the streaming fallback that does the same image by image."""
+"""Augmentation as batched tensor operations on the device (CIFAR-10's pad-crops and flips,
+photos' random-resized crops, torchvision's automatic augmentation and random erasing with a draw
+for each image, Mixup and CutMix of whole batches), and the PIL pipeline of the streaming
+fallback that does the same image by image; AUGMENTATIONS holds each one a constant switches on,
+its batched and its PIL version side by side."""
 
 from __future__ import annotations
 
 import functools
 import itertools
 import math
-from typing import TYPE_CHECKING
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch.nn.functional import conv2d, grid_sample
@@ -16,8 +20,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-if TYPE_CHECKING:
-    from loader_module import Augmentation
+import utils
 
 # Photo folders follow torchvision's classification reference (references/classification/presets.py):
 RESIZE_RATIO = 0.875  # crop size / resize size of its evaluation preset (224 of 256)
@@ -130,24 +133,6 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     _, height, width, _ = images.shape
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return images[:, top:top + size, left:left + size].contiguous()
-
-
-# --------------------------------------------------------------------------- Mixup and CutMix
-
-
-def batch_mixer(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
-    """torchvision's v2.MixUp (Beta(mixup, mixup)) and v2.CutMix (alpha cutmix) of a normalised batch and its
-    class indices, each off at 0; with both on, one of the two chosen at random for each batch (v2.RandomChoice),
-    as torchvision's references/classification/train.py does. Called as mix(images, labels), it returns (mixed
-    images, float (N, num_classes) targets, each row summing to 1), each image paired with the one before it in
-    the batch (which the loaders shuffle). None when both are off. Its random draws (lambda, the box, the choice)
-    are CPU numbers; on the device it only rolls, scales and copies the batch, in its own memory layout, so it
-    never waits for the device."""
-    mixes = [kind(alpha=alpha, num_classes=num_classes) for kind, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
-             if alpha > 0]
-    if len(mixes) > 1:
-        return v2.RandomChoice(mixes)
-    return mixes[0] if mixes else None
 
 
 # --------------------------------------------------------------------------- automatic augmentation
@@ -366,28 +351,131 @@ def erase_masks(n: int, height: int, width: int, probability: float, device: tor
     return (inside_rows[:, :, None] & inside_cols[:, None, :])[:, None]
 
 
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A training augmentation, on where main.py's constant of its name in upper case is true: the
+    settings allowed (choices, or a rule: (test, what is allowed)); its stage ("pixels": uint8
+    (N, H, W, C) images; "normalised": float (N, C, H, W) ones; "batch": normalised batches and
+    their labels, MixedLoader's); its batched version and its PIL one, for the streaming path."""
+
+    choices: tuple | None
+    rule: tuple[Callable[[Any], bool], str] | None
+    stage: str
+    batched: Callable  # (images, setting) -> images; "batch": (setting, classes) -> mix(x, labels)
+    pil: Callable[[Any], list] | None  # setting -> the PIL pipeline's transforms; None for "batch"
+
+
+def _erase(images: torch.Tensor, probability: float) -> torch.Tensor:
+    """Normalised (N, C, H, W) images, erase_masks' boxes at 0 (RandomErasing after Normalize)."""
+    masks = erase_masks(len(images), *images.shape[2:], probability, images.device)
+    return images.masked_fill_(masks, 0.0)
+
+
+def _pil_auto_augment(policy: str) -> list:
+    if policy == "trivialaugment":
+        return [transforms.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS)]
+    return [transforms.RandAugment(RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE, MAGNITUDE_BINS)]
+
+
+_ALPHA = (lambda alpha: alpha >= 0, "a number >= 0 (0: off)")  # Mixup's and CutMix's Beta parameter
+AUGMENTATIONS = {  # each stage's kinds run in this order
+    "auto_augment": Kind((None, *AUTO_AUGMENTS), None, "pixels", auto_augment, _pil_auto_augment),
+    "random_erasing": Kind(
+        None, (lambda p: 0 <= p <= 1, "a probability from 0 to 1"), "normalised", _erase,
+        lambda p: [transforms.RandomErasing(p, ERASE_SCALE, ERASE_RATIO, value=0)]),
+    "mixup": Kind(None, _ALPHA, "batch",
+                  lambda alpha, classes: v2.MixUp(alpha=alpha, num_classes=classes), None),
+    "cutmix": Kind(None, _ALPHA, "batch",
+                   lambda alpha, classes: v2.CutMix(alpha=alpha, num_classes=classes), None),
+}
+
+
+def check(settings: dict[str, Any]) -> None:
+    """ValueError naming (as main.py's constant) the first setting its kind does not allow."""
+    utils.check_fields(types.SimpleNamespace(**settings),
+                       {name: kind.rule for name, kind in AUGMENTATIONS.items() if kind.rule},
+                       {name: kind.choices for name, kind in AUGMENTATIONS.items() if kind.choices})
+
+
+def switched_on(settings: dict[str, Any], stage: str) -> list[tuple[Kind, Any]]:
+    """The kinds of the stage that the settings (by name; a kind not named is off) switch on,
+    each with its setting, in order."""
+    return [(kind, settings[name]) for name, kind in AUGMENTATIONS.items()
+            if kind.stage == stage and settings.get(name)]
+
+
+def augment(images: torch.Tensor, stage: str, settings: dict[str, Any]) -> torch.Tensor:
+    """Training images through the batched version of each kind of the stage switched on."""
+    for kind, setting in switched_on(settings, stage):
+        images = kind.batched(images, setting)
+    return images
+
+
+def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | None:
+    """The "batch" kinds the settings switch on (torchvision's v2.MixUp and v2.CutMix of a
+    normalised batch and its class indices); with both on, one of the two chosen at random for
+    each batch (v2.RandomChoice), as torchvision's references/classification/train.py does.
+    Called as mix(images, labels), it returns (mixed images, float (N, num_classes) targets, each
+    row summing to 1), each image paired with the one before it in the batch (which the loaders
+    shuffle). None when none is on. Its random draws (lambda, the box, the choice) are CPU
+    numbers; on the device it only rolls, scales and copies the batch, in its own memory layout,
+    so it never waits for the device."""
+    mixes = [kind.batched(setting, num_classes) for kind, setting in switched_on(settings, "batch")]
+    if len(mixes) > 1:
+        return v2.RandomChoice(mixes)
+    return mixes[0] if mixes else None
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What a loader does to each image: training pad-crops (crop_padding pixels, black or
+    reflected border) and flips ("random", "alternate" or "none") at the image's own size, or
+    with crop_size (photos) random-resized crops of that size and flips, the centre crop for
+    evaluation; normalisation by mean and std (0-1 scale, per channel); and for training the
+    AUGMENTATIONS that `augmentations` (their settings, by name) switch on, each at its stage."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_size: int | None
+    crop_padding: int
+    flip: str
+    reflect: bool
+    augmentations: dict[str, Any]
+
+
 # --------------------------------------------------------------------------- the streaming path
 
 
 def pil_transform(train: bool, image_size: int, augmentation: Augmentation) -> transforms.Compose:
-    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are drawn at random):
-    photos (augmentation.crop_size set) get RandomResizedCrop (training) or the centre crop (evaluation),
-    CIFAR-10 its pad-crops; training images then torchvision's own TrivialAugmentWide or RandAugment
-    (auto_augment) and, after Normalize, RandomErasing (random_erasing), as its classification reference."""
+    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are
+    drawn at random): photos (augmentation.crop_size set) get RandomResizedCrop for training,
+    CIFAR-10 its pad-crops; then the AUGMENTATIONS' PIL versions around ToTensor and Normalize,
+    as torchvision's classification reference. Evaluation: evaluation_transform."""
+    if not train:
+        return evaluation_transform(augmentation.crop_size, augmentation.mean, augmentation.std)
     steps = []
     if augmentation.crop_size is not None:
-        steps.append(transforms.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO) if train
-                     else transforms.CenterCrop(image_size))
-    elif train and augmentation.crop_padding:
-        steps.append(transforms.RandomCrop(image_size, padding=augmentation.crop_padding,
-                                           padding_mode="reflect" if augmentation.reflect else "constant"))
-    if train and augmentation.flip != "none":
+        steps.append(transforms.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO))
+    elif augmentation.crop_padding:
+        mode = "reflect" if augmentation.reflect else "constant"
+        steps.append(transforms.RandomCrop(image_size, augmentation.crop_padding,
+                                           padding_mode=mode))
+    if augmentation.flip != "none":
         steps.append(transforms.RandomHorizontalFlip())
-    if train and augmentation.auto_augment == "trivialaugment":
-        steps.append(transforms.TrivialAugmentWide(num_magnitude_bins=MAGNITUDE_BINS))
-    elif train and augmentation.auto_augment == "randaugment":
-        steps.append(transforms.RandAugment(RANDAUGMENT_OPS, RANDAUGMENT_MAGNITUDE, MAGNITUDE_BINS))
-    steps += [transforms.ToTensor(), transforms.Normalize(augmentation.mean, augmentation.std)]
-    if train and augmentation.random_erasing:
-        steps.append(transforms.RandomErasing(augmentation.random_erasing, ERASE_SCALE, ERASE_RATIO, value=0))
-    return transforms.Compose(steps)
+
+    def pil(stage: str) -> list:
+        return [step for kind, setting in switched_on(augmentation.augmentations, stage)
+                for step in kind.pil(setting)]
+    normalize = transforms.Normalize(augmentation.mean, augmentation.std)
+    return transforms.Compose([*steps, *pil("pixels"), transforms.ToTensor(), normalize,
+                               *pil("normalised")])
+
+
+def evaluation_transform(crop_size: int | None, mean, std) -> transforms.Compose:
+    """How evaluation prepares a PIL image: its centre crop_size square (None: all of it),
+    normalised by mean and std: a float (C, H, W) tensor."""
+    crop = [transforms.CenterCrop(crop_size)] if crop_size is not None else []
+    return transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(mean, std)])

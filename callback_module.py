@@ -43,16 +43,16 @@ class LRAConfig:
     """LRA's settings, each set by the constant of main.py with its name in upper case (PATIENCE for
     patience); a value out of range raises ValueError naming that constant."""
 
-    patience: int = 1                  # bad epochs in a row that trigger a cut; the cut falls on the last
-    stop_patience: int = 3             # cuts in a row with no improvement in between that stop training
-    threshold: float = 0.9             # training accuracy (a fraction) below which LRA watches it; else val_loss
-    factor: float = 0.5                # a cut multiplies the LR by this
-    dwell: bool = True                 # a cut first goes back to the best epoch's weights and optimizer state
-    ask_epoch: int | None = 5          # ask the user after this epoch; None never asks
-    min_lr: float = 0.0                # a cut never takes the LR below this
-    min_delta: float = 0.0             # the smallest change that counts as an improvement
-    adjust_lr: bool = True             # False when a fixed schedule drives the LR: LRA never cuts nor stops
-    unfreeze_epoch: int | None = None  # unfreeze the frozen layers after this epoch, as F does; None never
+    patience: int
+    stop_patience: int
+    threshold: float
+    factor: float
+    dwell: bool
+    ask_epoch: int | None
+    min_lr: float
+    min_delta: float
+    adjust_lr: bool  # no constant: False under a fixed SCHEDULE (LRA then never cuts nor stops)
+    unfreeze_epoch: int | None
 
     def __post_init__(self) -> None:
         utils.check_fields(self, RULES)
@@ -129,7 +129,7 @@ class LRA:
     same metrics; `share` gives them rank 0's prompt answers.
     """
 
-    def __init__(self, config: LRAConfig = LRAConfig(), *, frozen: bool = False, main_process: bool = True,
+    def __init__(self, config: LRAConfig, *, frozen: bool = False, main_process: bool = True,
                  share: Callable[[Any], Any] | None = None, stream=None):
         self.config, self.main_process, self.share, self.stream = config, main_process, share, stream
 

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import sys
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,12 +18,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
+import augment_module
 import cache_module
 import utils
-from augment_module import AUTO_AUGMENTS, RESIZE_RATIO, batch_mixer, pil_transform
+from augment_module import RESIZE_RATIO, Augmentation, batch_mixer, pil_transform
 from image_module import (IMAGE_EXTENSIONS, DataError, Skipped, check_image, decode_files,
                           read_stored, skip_reason, walk_images)
-from loader_module import Augmentation, Batching, Loader, MappedLoader, MixedLoader, ResidentLoader, StreamingLoader
+from loader_module import (Batching, Loader, MappedLoader, MixedLoader, ResidentLoader,
+                           StreamingLoader)
 
 DATASETS = ("cifar10", "folder")
 FLIPS = ("random", "alternate", "none")  # alternate: each image flipped every other epoch (airbench)
@@ -34,9 +37,10 @@ FOLDER_VAL_SHARE = 10  # VAL_SPLIT unset, a folder without val/: one image in th
 RESIDENT_SHARE = 0.25  # keep data on the device only when it takes at most this share of free memory
 MAX_IMAGE_SIZE = 1024  # pixels: above the largest published weights' crop (efficientnet_b7's 600);
 # a batch of 128 such float images takes 1.6 GB already, and 60,000 pixels would ask 43 GB an image
+STATISTICS_SAMPLE = 2000  # images that estimate a folder's mean and std (decoding all is slow)
 
-CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS, "resident": ("auto", "yes", "no"),
-           "auto_augment": (None, *AUTO_AUGMENTS)}
+CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS,
+           "resident": ("auto", "yes", "no")}
 RULES: utils.Rules = {  # a field: (test, what is allowed)
     "batch_size": (lambda v: v >= 1, "a whole number >= 1"),
     "val_split": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
@@ -44,49 +48,49 @@ RULES: utils.Rules = {  # a field: (test, what is allowed)
     "image_size": (lambda v: 8 <= v <= MAX_IMAGE_SIZE,
                    f"a whole number of pixels from 8 to {MAX_IMAGE_SIZE}"),
     "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
-    "random_erasing": (lambda v: 0 <= v <= 1, "a probability from 0 to 1"),
     "num_workers": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
-    "mixup": (lambda v: v >= 0, "a number >= 0 (0: off)"),
-    "cutmix": (lambda v: v >= 0, "a number >= 0 (0: off)"),
 }
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What get_data reads and how it loads it; each field is main.py's constant of the same name in upper
-    case, and is checked when the config is built (ValueError naming that constant)."""
+    """What get_data reads and how it loads it. Each field but the four from image_size on is
+    main.py's constant of the same name in upper case (its default and meaning are there), and is
+    checked when the config is built (ValueError naming that constant)."""
 
-    dataset: str = "cifar10"  # "cifar10", or "folder": an ImageFolder tree, data_dir/train/<class>/<image>
-    data_dir: str = "./data"
-    batch_size: int = 256  # training images per batch; evaluation batches are twice as large
-    val_split: int | None = None  # training images held out for validation (stratified); 0: no validation (the
-    # test set is never used for it); None: CIFAR_VAL_SPLIT for CIFAR-10, a tenth of a folder's train/ without val/
-    train_subset: int | None = None  # training images kept after the split (stratified); None: all
-    image_size: int = 32  # pixels the model sees (folders); CIFAR-10 stays 32
-    resize_size: int | None = None  # photo folders: pixels stored and resized to; None: image_size / RESIZE_RATIO
-    mean: tuple[float, ...] | None = None  # a pretrained model's normalisation; None: the training images' own
-    std: tuple[float, ...] | None = None  # given with mean
-    augment: str = "auto"  # "photo", "shift" or "auto" (photo for folders, shift for CIFAR-10): see AUGMENTS
-    crop_padding: int = 4  # "shift" crops: random shift in pixels (0: no crop)
-    flip: str = "random"  # training flips: see FLIPS
-    reflect: bool = False  # pad-crops reflect the border instead of padding with black
-    auto_augment: str | None = None  # training: each image's own ops of torchvision's "trivialaugment" or
-    # "randaugment" (augment_module.AUTO_AUGMENTS); None: none
-    random_erasing: float = 0.0  # training: probability that an image gets a box erased (RandomErasing's)
-    resident: str = "auto"  # keep the images on the device as uint8: "auto" (when they fit), "yes" or "no"
-    num_workers: int | None = None  # processes that decode files and feed the streaming loader; None: one per core
-    download: bool = True  # fetch CIFAR-10 when data_dir lacks it
-    seed: int = 0  # the split, the subset and the shuffles
-    channels_last: bool = True  # batches' memory layout
-    cache_dir: str | None = None  # folders: decoded images kept here for later runs; "auto": the user's cache
-    # folder, cache_module.default_cache_dir() (~/.cache/lra-pipeline), one for every data folder
-    mixup: float = 0.0  # training batches: Mixup's Beta(alpha, alpha), torchvision's v2.MixUp; 0: off
-    cutmix: float = 0.0  # training batches: CutMix's alpha, v2.CutMix; 0: off; with mixup, one of the two a batch
+    dataset: str
+    data_dir: str
+    batch_size: int
+    val_split: int | None
+    train_subset: int | None
+    image_size: int  # IMAGE_SIZE, or the pretrained weights' crop size, else 32; CIFAR-10 stays 32
+    resize_size: int | None  # photo folders: pixels stored at; None: image_size / RESIZE_RATIO
+    mean: tuple[float, ...] | None  # a pretrained model's normalisation; None: the training images'
+    std: tuple[float, ...] | None  # given with mean
+    augment: str
+    crop_padding: int
+    flip: str
+    reflect: bool
+    augmentations: dict[str, Any]  # augment_module.AUGMENTATIONS' settings by name: AUTO_AUGMENT's
+    # as "auto_augment", ...
+    resident: str
+    num_workers: int | None
+    download: bool
+    seed: int
+    channels_last: bool
+    cache_dir: str | None
 
     def __post_init__(self):
         utils.check_fields(self, RULES, CHOICES)
+        augment_module.check(self.augmentations)
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std are given together or not at all")
+
+    def augmentation(self, mean, std, crop_size: int | None) -> Augmentation:
+        """What the loaders do to each image, with these statistics; crop_size: photos' (None:
+        pad-crops)."""
+        return Augmentation(tuple(map(float, mean)), tuple(map(float, std)), crop_size,
+                            self.crop_padding, self.flip, self.reflect, self.augmentations)
 
 
 @dataclass
@@ -111,7 +115,7 @@ class Data:
 
 def _flag(name: str) -> str:
     """A constant of main.py as the user types it, with its name beside it: "--val-split (VAL_SPLIT)"."""
-    return f"--{name.lower().replace('_', '-')} ({name})"
+    return f"{utils.flag(name)} ({name})"
 
 
 # --------------------------------------------------------------------------- sources
@@ -169,9 +173,9 @@ class MappedImages:
         return Images(self.images[self.rows], self.labels)
 
     def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of a seeded sample of at most 2,000 rows, as ImageFiles estimates them;
-        remembered beside the cache, so a later run of the same split reads no pixels for them."""
-        sample = self.take(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:2000])
+        """Per-channel mean and std of _sampled rows, as ImageFiles estimates them; remembered
+        beside the cache, so a later run of the same split reads no pixels for them."""
+        sample = _sampled(self, seed)
         return cache_module.remembered(self.cache_file, sample.rows,
                                        lambda: channel_stats(sample.decode(num_workers, "statistics").images))
 
@@ -203,12 +207,17 @@ class ImageFiles:
         return Images(images, self.labels)
 
     def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std estimated from a seeded sample of at most 2,000 files (decoding all is slow)."""
-        sample = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:2000]
-        return channel_stats(self.take(sample).decode(num_workers, "statistics").images)
+        """Per-channel mean and std estimated from _sampled files."""
+        return channel_stats(_sampled(self, seed).decode(num_workers, "statistics").images)
 
 
 Source = Images | MappedImages | ImageFiles
+
+
+def _sampled(source: MappedImages | ImageFiles, seed: int) -> MappedImages | ImageFiles:
+    """A seeded sample of STATISTICS_SAMPLE of the source's images (all when it has fewer)."""
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    return source.take(order[:STATISTICS_SAMPLE])
 
 
 class _Transformed(Dataset):
@@ -788,8 +797,9 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     read from the memory-mapped cache a batch at a time. None: no cache; the files are decoded into memory
     (resident) or by PIL in DataLoader workers every epoch.
 
-    mixup, cutmix: the training loader is a MixedLoader, whose batches are mixed on the device after
-    normalisation and come with soft targets (augment_module.batch_mixer); evaluation batches are never mixed.
+    augmentations that mix batches (Mixup, CutMix): the training loader is a MixedLoader, whose
+    batches are mixed on the device after normalisation and come with soft targets
+    (augment_module.batch_mixer); evaluation batches are never mixed.
     """
     device = torch.device(device)
     photos = config.augment == "photo" or (config.augment == "auto" and config.dataset == "folder")
@@ -809,13 +819,11 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     if mean is None:
         mean, std = parts["train"].statistics(config.seed, num_workers)
     image_size = config.image_size if config.dataset == "folder" else size
-    augmentation = Augmentation(tuple(map(float, mean)), tuple(map(float, std)), config.crop_padding, config.flip,
-                                config.reflect, crop_size=image_size if photos else None,
-                                auto_augment=config.auto_augment, random_erasing=config.random_erasing)
+    augmentation = config.augmentation(mean, std, crop_size=image_size if photos else None)
     batching = Batching(config.batch_size, True, config.seed, rank, world_size, config.channels_last)
     loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident, device=device,
                             num_workers=num_workers)
-    mix = batch_mixer(config.mixup, config.cutmix, len(classes))
+    mix = batch_mixer(config.augmentations, len(classes))
     train = MixedLoader(loaders["train"], mix) if mix is not None else loaders["train"]
     counts = torch.bincount(parts["train"].labels, minlength=len(classes))
     return Data(train, loaders["val"], loaders["test"], list(classes), augmentation.mean,

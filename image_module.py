@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
-from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 from tqdm import tqdm
 
 import utils
+from augment_module import evaluation_transform
 
 # Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif, say)
 # count as files that are not images. Pillow knows more (.mpg, .eps, .h5), but it only identifies those.
@@ -778,9 +778,7 @@ def load_image(path: str, image_size: int, mean, std, resize_size: int | None = 
     if not os.path.isfile(path):
         what = "is not a regular file" if os.path.exists(path) else "does not exist"
         raise DataError(f"image {utils.printable(path)} {what}")
-    to_tensor = transforms.Compose([transforms.CenterCrop(image_size), transforms.ToTensor(),
-                                    transforms.Normalize(mean, std)])
-    return to_tensor(read_stored(path, resize_size or image_size))
+    return evaluation_transform(image_size, mean, std)(read_stored(path, resize_size or image_size))
 
 
 def find_images(paths: list[str]) -> tuple[list[str], Skipped]:

@@ -1,6 +1,5 @@
 """After training: --predict classifies image files with OUTPUT_DIR/best_model.pth, and --export writes it as
-ONNX or torch.export's .pt2, checked against PyTorch on real images of the run's data. main.py's constants
-reach them as a dict, by name."""
+ONNX or torch.export's .pt2, checked against PyTorch on real images of the run's data."""
 
 from __future__ import annotations
 
@@ -10,10 +9,12 @@ import typing
 
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import augment_module
 import checkpoint_module
 import data_module
 import image_module
@@ -44,9 +45,9 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
 def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
     """n real images of the data's test set (else its val/ or train/ folder), prepared as for --predict."""
     if dataset == "cifar10":
-        images = data_module.read_cifar10(data_dir, download=False)[2][:n]
-        mean, std = torch.tensor(info["mean"]).view(1, 3, 1, 1), torch.tensor(info["std"]).view(1, 3, 1, 1)
-        return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        prepare = augment_module.evaluation_transform(None, info["mean"], info["std"])
+        return torch.stack([prepare(Image.fromarray(image.numpy()))
+                            for image in data_module.read_cifar10(data_dir, download=False)[2][:n]])
     folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
     files, _ = image_module.find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
     dataset = image_module.PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
@@ -54,19 +55,18 @@ def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], n:
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
-def export(constants: dict[str, typing.Any], kind: str, given: set[str]) -> int:
+def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[str]) -> int:
     """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images (of the run's
-    own data, unless --data-dir and --dataset say otherwise): 0 when its logits agree with PyTorch's, 2 for bad
-    input, 3 when the export fails or disagrees."""
-    output_dir = constants["OUTPUT_DIR"]
+    own data, unless --data-dir and --dataset are among the flags `given`): 0 when its logits agree
+    with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
     path = os.path.join(output_dir, model_module.EXPORT_FILES[kind])
     try:
         model_module.check_export(kind)
         checkpoint_module.check_output_dir(output_dir, (model_module.EXPORT_FILES[kind],))
         info, model = _best_model(output_dir)
-        data = {name: constants[name] if name in given or info.get(name.lower()) is None else info[name.lower()]
-                for name in ("DATA_DIR", "DATASET")}
-        images = _example_images(data["DATA_DIR"], data["DATASET"], info)
+        data_dir, dataset = (getattr(data, name) if name.upper() in given or info.get(name) is None
+                             else info[name] for name in ("data_dir", "dataset"))
+        images = _example_images(data_dir, dataset, info)
         utils.lock_folder(output_dir)  # it writes there: never while a run does
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -90,18 +90,18 @@ def export(constants: dict[str, typing.Any], kind: str, given: set[str]) -> int:
     return 0
 
 
-def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
+def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
     """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth,
-    in batches on the device; write OUTPUT_DIR/predictions.csv (path, top1, p1, top2, p2, top3, p3;
-    a path as utils.printable shows it) and print a line per image when there are few. 2 when a file
-    named on the command line is not an image (the rest is written), or a folder given holds a link
-    loop."""
+    in batches on the device (num_workers: NUM_WORKERS'); write OUTPUT_DIR/predictions.csv (path,
+    top1, p1, top2, p2, top3, p3; a path as utils.printable shows it) and print a line per image
+    when there are few. 2 when a file named on the command line is not an image (the rest is
+    written), or a folder given holds a link loop."""
     try:
-        output = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.PREDICTIONS)
+        output = os.path.join(output_dir, checkpoint_module.PREDICTIONS)
         problem = utils.not_a_plain_file(output)
         if problem:  # what it writes is never written through a link
             raise ValueError(problem)
-        info, model = _best_model(constants["OUTPUT_DIR"])
+        info, model = _best_model(output_dir)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -114,7 +114,7 @@ def predict(constants: dict[str, typing.Any], paths: list[str]) -> int:
         print(f"warning: {line} (in the folders given)", file=sys.stderr)
     images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
     loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
-                        (constants["NUM_WORKERS"] if constants["NUM_WORKERS"] is not None else os.cpu_count() or 1))
+                        (num_workers if num_workers is not None else os.cpu_count() or 1))
     rows, status, done = [], 0, 0
     for batch, errors in tqdm(loader, desc="predicting", unit="batch", disable=not sys.stderr.isatty()):
         top = train_module.predict_proba(model, batch).topk(min(3, len(info["classes"])))

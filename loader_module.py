@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import utils
-
-from augment_module import auto_augment, center_crop, crop_and_resize, crop_flip, erase_masks, sample_crop_boxes
+from augment_module import (Augmentation, augment, center_crop, crop_and_resize, crop_flip,
+                            sample_crop_boxes, switched_on)
 
 AUGMENT_CHUNK = 16384  # CIFAR images augmented together: few kernel launches per epoch, bounded memory
 PREFETCH = 3  # batches read from the cache ahead of the one training: covers a slow read, bounded memory
@@ -33,35 +33,16 @@ class Batching:
     channels_last: bool = True
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """What a device loader does to each image: training pad-crops (crop_padding pixels, black or reflected
-    border) and flips ("random", "alternate" or "none") at the image's own size, or with crop_size (photos)
-    random-resized crops of that size and flips, the centre crop for evaluation; for training, auto_augment's
-    ops of torchvision's "trivialaugment" or "randaugment" for each image (None: none); then normalisation by
-    mean and std (0-1 scale, per channel), and for training a box erased to 0 in each image with probability
-    random_erasing, as torchvision's RandomErasing after Normalize."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_padding: int = 4
-    flip: str = "random"
-    reflect: bool = False
-    crop_size: int | None = None
-    auto_augment: str | None = None
-    random_erasing: float = 0.0
-
-
 class ResidentLoader:
     """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor ops.
 
     Without augmentation.crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect) and flips
     at their own size. With crop_size (photo folders, stored as squares larger than crop_size), training
     images get RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the
-    centre crop. Training images then get their own auto_augment ops (uint8, before normalisation) and
-    random_erasing boxes (after it). Shuffling is seeded by (batching.seed, epoch) as in DistributedSampler,
-    so every rank draws the same order and takes its own shard; augmentation draws from the device's global
-    generator.
+    centre crop. Training images then get the augmentations that augment_module.AUGMENTATIONS
+    holds, each at its stage (uint8 before normalisation, or after it). Shuffling is seeded by
+    (batching.seed, epoch) as in DistributedSampler, so every rank draws the same order and takes
+    its own shard; augmentation draws from the device's global generator.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching, augmentation: Augmentation):
@@ -114,43 +95,34 @@ class ResidentLoader:
 
     def _padded_batches(self, chosen: torch.Tensor,
                         images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather, auto_augment's ops,
-        then normalised, and boxes erased."""
+        """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather and the
+        "pixels" augmentations for the chunk, then each batch normalised and through the
+        "normalised" ones."""
         augmentation, batch_size, train = self.augmentation, self.batching.batch_size, self.batching.train
         if train and (augmentation.crop_padding or augmentation.flip != "none"):
             images = crop_flip(images, augmentation.crop_padding, self._flips(chosen), augmentation.reflect)
-        if train and augmentation.auto_augment:
-            images = auto_augment(images, augmentation.auto_augment)
-        erased = self._erase_masks(len(chosen), images.shape[1], images.shape[2], images.device)
+        if train:
+            images = augment(images, "pixels", augmentation.augmentations)
         labels = self.labels[chosen]
         for i in range(0, len(chosen), batch_size):
             batch = self.normalize(images[i:i + batch_size])
-            if erased is not None:
-                batch.masked_fill_(erased[i:i + batch_size], 0.0)
+            if train:
+                batch = augment(batch, "normalised", augmentation.augmentations)
             yield batch, labels[i:i + batch_size]
 
     def _photos(self, chosen: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """A photo batch: random-resized crops and flips for training, centre crops for evaluation."""
-        crop_size = self.augmentation.crop_size
+        """A photo batch: random-resized crops and flips for training, then the augmentations
+        (the "pixels" ones on the crops rounded to whole grey levels, as torchvision's ops take
+        them); for evaluation the centre crops."""
         if not self.batching.train:
-            return self.normalize(center_crop(images, crop_size))
+            return self.evaluated(images)
+        settings = self.augmentation.augmentations
         boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2], device=images.device)
-        crops = crop_and_resize(images, boxes, crop_size, self._flips(chosen))  # float (N, C, S, S), 0-255
-        policy = self.augmentation.auto_augment
-        if policy:  # its ops take whole grey levels, as torchvision's do
-            augmented = auto_augment(crops.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1), policy)
-            crops = augmented.permute(0, 3, 1, 2).float()
-        crops = torch.addcmul(self.shift, crops, self.scale)
-        erased = self._erase_masks(len(chosen), crop_size, crop_size, crops.device)
-        if erased is not None:
-            crops.masked_fill_(erased, 0.0)
-        return crops.contiguous(memory_format=torch.channels_last) if self.batching.channels_last else crops
-
-    def _erase_masks(self, n: int, height: int, width: int, device: torch.device) -> torch.Tensor | None:
-        """Training with random_erasing: the boxes of n images to set to 0 after normalisation; else None."""
-        if not (self.batching.train and self.augmentation.random_erasing):
-            return None
-        return erase_masks(n, height, width, self.augmentation.random_erasing, device)
+        crops = crop_and_resize(images, boxes, self.augmentation.crop_size, self._flips(chosen))
+        crops = crops.permute(0, 2, 3, 1)  # float (N, S, S, C) on the 0-255 scale
+        if switched_on(settings, "pixels"):
+            crops = augment(crops.round().clamp_(0, 255).to(torch.uint8), "pixels", settings)
+        return augment(self.normalize(crops), "normalised", settings)
 
     def _flips(self, batch: torch.Tensor) -> torch.Tensor | None:
         if self.augmentation.flip == "random":
@@ -162,15 +134,18 @@ class ResidentLoader:
     def first_images(self, n: int) -> torch.Tensor:
         """The first n images, normalised, as evaluation sees them (for data-dependent initialisation)."""
         first = torch.arange(min(n, len(self.labels)), device=self.index_device)
-        _, images = next(self._gather(first, len(first)))
+        return self.evaluated(next(self._gather(first, len(first)))[1])
+
+    def evaluated(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) images as evaluation sees them: normalised, photos' centre crops."""
         crop_size = self.augmentation.crop_size
         return self.normalize(images if crop_size is None else center_crop(images, crop_size))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, C) to normalised float (N, C, H, W), channels_last in memory when asked."""
-        images = images.permute(0, 3, 1, 2)  # a view: NHWC memory is channels_last NCHW
-        if not self.batching.channels_last:
-            images = images.contiguous()
+        """(N, H, W, C) images on the 0-255 scale (uint8, or float crops) to normalised float
+        (N, C, H, W), channels_last in memory when asked (NHWC memory is channels_last NCHW)."""
+        layout = torch.channels_last if self.batching.channels_last else torch.contiguous_format
+        images = images.permute(0, 3, 1, 2).contiguous(memory_format=layout)
         return torch.addcmul(self.shift, images.float(), self.scale)
 
 

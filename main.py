@@ -26,6 +26,7 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # on Apple's MPS, run
 
 import torch  # noqa: E402 (torch must see the setting above when it loads)
 
+import augment_module
 import callback_module
 import checkpoint_module
 import data_module
@@ -38,6 +39,7 @@ import step_module
 import train_module
 import utils
 from callback_module import LRA
+from utils import flag
 
 gc.freeze()  # the modules' objects, never garbage, leave the collector's sight: later collections skip them
 gc.enable()
@@ -98,7 +100,9 @@ LABEL_SMOOTHING: float = 0.0     # share of each target spread over the other cl
 CLASS_WEIGHTS: str | None = None  # "balanced": the training loss weighs class c by n / (classes x count_c) over the
                                  # training split (scikit-learn's), so a 10:1 split trains as if balanced; None:
                                  # equal. Validation and test losses (and LRA's val_loss) stay unweighted
-SCHEDULE: str = "lra"            # "lra": LRA cuts the LR on plateaus; "onecycle": fixed per-step warm-up and decay
+SCHEDULE: str = "lra"            # "lra": LRA cuts the LR on plateaus; "onecycle": fixed per-step
+                                 # warm-up and decay; "cosine": per-step cosine decay from LR to 0
+                                 # over the run
 LOOKAHEAD: bool = False          # airbench's lookahead: every 5 steps pull the weights towards a slow average
 EMA_DECAY: float | None = None   # keep an exponential moving average of the weights and evaluate and save it
                                  # (torchvision's --model-ema); decay per optimizer step, e.g. 0.999, warmed up as
@@ -197,11 +201,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(python main.py --help lists every flag)\n")
 
 
-def flag(name: str) -> str:
-    """The command-line flag of a constant: --val-split for VAL_SPLIT."""
-    return "--" + name.lower().replace("_", "-")
-
-
 def _documentation() -> dict[str, tuple[str, str]]:
     """Each constant's comment in this file (its continuation lines joined) and its group (the `# --- Data` line
     above it): what --help shows."""
@@ -277,7 +276,8 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
         except ValueError as error:
             raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
                 from None
-    fixed = ("EPOCHS",) if saved.get("SCHEDULE") == "onecycle" or saved.get("LOOKAHEAD") else ()  # sized to it
+    schedule = optim_module.SCHEDULES.get(saved.get("SCHEDULE"))  # it, Lookahead: sized to EPOCHS
+    fixed = ("EPOCHS",) if saved.get("LOOKAHEAD") or schedule and schedule.sized_to_epochs else ()
     for name in sorted(given - set(RESUME_MAY_CHANGE) | (given & set(fixed))):
         if name in saved and saved[name] != values[name]:
             raise ValueError(f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
@@ -293,31 +293,55 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
 
 
 @dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What setup, train and report read besides the modules' configs (SEED and CHANNELS_LAST are
+    DataConfig's): each field but resume is the constant of the same name in upper case, checked as
+    it is built."""
+
+    model: str
+    pretrained: str | None
+    freeze: bool
+    weights: str | None
+    bf16: bool
+    cuda_graphs: str
+    class_weights: str | None  # the weights themselves come from the data (setup)
+    tta: bool
+    tensorboard: bool
+    resume: str | None  # RESUME's checkpoint ("auto": OUTPUT_DIR's, when there); None: a new run
+
+    def __post_init__(self) -> None:
+        model_module.check_name(self.model)
+        utils.check_fields(self, {}, {"cuda_graphs": step_module.CUDA_GRAPHS,
+                                      "class_weights": train_module.CLASS_WEIGHTS})
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """One run's settings: the constants after PRESET and the command line (`constants`, by name: what each
-    checkpoint records), and the configs the modules take, built from them and checked as they are built."""
+    """One run's settings: the constants after PRESET and the command line (`constants`, by name,
+    paths made absolute: what each checkpoint records), and the configs built from them and checked
+    as they are built."""
 
     constants: dict[str, typing.Any]
     data: data_module.DataConfig
     optim: optim_module.OptimConfig
     lra: callback_module.LRAConfig
     fit: train_module.FitConfig
+    run: RunConfig
 
 
 def build_config(values: dict[str, typing.Any]) -> Config:
-    """Each module's config from the constants; ValueError naming the first constant that is out of range."""
-    if values["MODEL"] not in model_module.model_names():
-        raise ValueError(utils.not_known("MODEL", values["MODEL"], model_module.model_names(), closest=True))
-    if values["CUDA_GRAPHS"] not in step_module.CUDA_GRAPHS:
-        raise ValueError(utils.not_known("CUDA_GRAPHS", values["CUDA_GRAPHS"], step_module.CUDA_GRAPHS))
-    if values["CLASS_WEIGHTS"] not in train_module.CLASS_WEIGHTS:  # the weights come from the data (setup)
-        raise ValueError(utils.not_known("CLASS_WEIGHTS", values["CLASS_WEIGHTS"], train_module.CLASS_WEIGHTS))
-    weights = model_module.preprocessing(values["MODEL"], values["PRETRAINED"]) or {}  # the weights' preparation
+    """Each config from the constants (the one place that reads them by name); ValueError naming the
+    first constant that is out of range."""
+    run = RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "BF16",
+                             "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TENSORBOARD"),
+                    resume=_resume_path(values))
+    weights = model_module.preprocessing(run.model, run.pretrained) or {}  # their preparation
     own_size = values["IMAGE_SIZE"] is not None
     data = data_module.DataConfig(
         **_lower(values, "DATASET", "DATA_DIR", "BATCH_SIZE", "VAL_SPLIT", "TRAIN_SUBSET", "AUGMENT",
-                 "CROP_PADDING", "FLIP", "REFLECT", "AUTO_AUGMENT", "RANDOM_ERASING", "RESIDENT", "NUM_WORKERS",
-                 "DOWNLOAD", "SEED", "CHANNELS_LAST", "CACHE_DIR", "MIXUP", "CUTMIX"),
+                 "CROP_PADDING", "FLIP", "REFLECT", "RESIDENT", "NUM_WORKERS", "DOWNLOAD", "SEED",
+                 "CHANNELS_LAST", "CACHE_DIR"),
+        augmentations=_lower(values, *map(str.upper, augment_module.AUGMENTATIONS)),
         image_size=values["IMAGE_SIZE"] if own_size else weights.get("crop_size", 32),
         resize_size=None if own_size else weights.get("resize_size"),
         mean=weights.get("mean"), std=weights.get("std"))
@@ -325,10 +349,12 @@ def build_config(values: dict[str, typing.Any]) -> Config:
                                               "BODY_LR_SCALE", "SCHEDULE", "LOOKAHEAD", "EMA_DECAY"))
     lra = callback_module.LRAConfig(**_lower(values, "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR", "DWELL",
                                              "ASK_EPOCH", "MIN_LR", "MIN_DELTA", "UNFREEZE_EPOCH"),
-                                    adjust_lr=values["SCHEDULE"] == "lra")
+                                    adjust_lr=optim_module.SCHEDULES[optim.schedule].shape is None)
     fit = train_module.FitConfig(**_lower(values, "EPOCHS", "OUTPUT_DIR", "LABEL_SMOOTHING", "COMPILE",
                                           "ACCUMULATE_STEPS", "CLIP_GRAD_NORM"))
-    return Config(dict(values), data, optim, lra, fit)
+    recorded = {**values, **{name: os.path.abspath(values[name]) for name in PATHS
+                             if values[name] not in (None, "auto")}}
+    return Config(recorded, data, optim, lra, fit, run)
 
 
 def as_typed(message: str, given: set[str]) -> str:
@@ -393,10 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_main(argv: list[str] | None = None) -> Outcome:
     """main, returning the run's figures too."""
     values, command = parse_config(argv)
-    if command["predict"]:
-        return Outcome(inference_module.predict(values, command["predict"]))
-    if command["export"]:
-        return Outcome(inference_module.export(values, command["export"], command["given"]))
+    if command["predict"] or command["export"]:
+        return Outcome(_inference(values, command))
     rank, world_size, local_rank = utils.init_distributed()
     global _imports_counted
     account = utils.TimeAccount(STARTED if not _imports_counted else time.perf_counter())
@@ -431,24 +455,38 @@ def run_main(argv: list[str] | None = None) -> Outcome:
         utils.close_distributed()
 
 
+def _inference(values: dict[str, typing.Any], command: dict[str, typing.Any]) -> int:
+    """--predict or --export, with the configs of the constants given."""
+    try:
+        config = build_config(values)
+    except ValueError as error:  # a bad constant: one clear line
+        print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
+        return 2
+    if command["predict"]:
+        return inference_module.predict(config.fit.output_dir, config.data.num_workers,
+                                        command["predict"])
+    return inference_module.export(config.fit.output_dir, config.data, command["export"],
+                                   command["given"])
+
+
 def setup(config: Config, rank: int, world_size: int, local_rank: int, account: utils.TimeAccount,
           saved: dict[str, typing.Any] | None = None, new_run: bool = True) -> Run:
     """Seed, device, data, model and the training state, resumed from saved (RESUME's checkpoint, as
     read_checkpoint read it) when given; for a new run the earlier run's files move to OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before
     any training."""
-    k, output_dir = config.constants, config.fit.output_dir
+    options, output_dir = config.run, config.fit.output_dir
     data_module.check_output_dir(config.data, output_dir)  # before anything is read or written
     utils.check_writable(output_dir)
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
     utils.check_unlocked(output_dir, main_process=rank == 0)  # another run writing there: refused at once
-    if saved is None and k["WEIGHTS"] is not None and not os.path.isfile(k["WEIGHTS"]):
-        raise utils.CheckpointError(f"WEIGHTS {k['WEIGHTS']} does not exist")  # as get_model would
-    model_module.fetch_pretrained(k["MODEL"], k["PRETRAINED"])  # downloaded before any decoding
-    path = _resume_path(k)
-    utils.seed_everything(k["SEED"])
+    if saved is None and options.weights is not None and not os.path.isfile(options.weights):
+        raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")  # as get_model would
+    model_module.fetch_pretrained(options.model, options.pretrained)  # downloaded before any decoding
+    utils.seed_everything(config.data.seed)
     device = utils.get_device(local_rank)
-    cuda_graph = step_module.use_cuda_graph(k["CUDA_GRAPHS"], device, world_size=world_size, compile=k["COMPILE"],
-                                            accumulate_steps=k["ACCUMULATE_STEPS"], main_process=rank == 0)
+    cuda_graph = step_module.use_cuda_graph(options.cuda_graphs, device, world_size=world_size,
+                                            compile=config.fit.compile, main_process=rank == 0,
+                                            accumulate_steps=config.fit.accumulate_steps)
     torch.backends.cudnn.benchmark = True
     with account.timed("data"):
         data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
@@ -456,19 +494,19 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         state = _make_state(config, data, device, lr_device=device if cuda_graph else None, rank=rank,
                             fresh=saved is None)
     if world_size > 1:
-        utils.seed_everything(k["SEED"] + rank)  # same initial weights everywhere, different augmentations
+        utils.seed_everything(config.data.seed + rank)  # same initial weights, other augmentations
     total_steps = config.fit.epochs * len(data.train)
     with account.timed("precision"):
         precision = utils.broadcast(step_module.choose_precision(  # rank 0 measures; every rank takes its answer
-            k["BF16"], device, state.model, data.image_size, channels_last=k["CHANNELS_LAST"],
+            options.bf16, device, state.model, data.image_size,
+            channels_last=config.data.channels_last,
             trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
             recorded=saved and saved["precision"]))
-    recorded = {**k, **{name: os.path.abspath(k[name]) for name in PATHS if k[name] not in (None, "auto")}}
-    state.info = state_module.RunInfo(recorded, data.classes, list(data.mean),
+    state.info = state_module.RunInfo(config.constants, data.classes, list(data.mean),
                                       list(data.std), data.image_size, data.resize_size, precision,
                                       started=saved["started"] if saved else checkpoint_module.timestamp())
     class_weights = train_module.balanced_class_weights(data.class_counts, data.classes) \
-        if k["CLASS_WEIGHTS"] == "balanced" else None
+        if options.class_weights == "balanced" else None
     fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
                               cuda_graph=cuda_graph, world_size=world_size, main_process=rank == 0,
                               class_weights=class_weights)
@@ -479,13 +517,14 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     if rank == 0:
         checkpoint_module.remove_partial_writes(output_dir)  # what a killed run was writing: never a whole file
     if saved:
-        checkpoint_module.resume(saved, path, state, output_dir=output_dir, rank=rank, world_size=world_size)
-        if k["ASK_EPOCH"] != saved["config"].get("ASK_EPOCH"):  # given anew: it replaces the run's own
-            state.lra.ask_anew(k["ASK_EPOCH"])
+        checkpoint_module.resume(saved, options.resume, state, output_dir=output_dir, rank=rank,
+                                 world_size=world_size)
+        if config.lra.ask_epoch != saved["config"].get("ASK_EPOCH"):  # given anew: it replaces it
+            state.lra.ask_anew(config.lra.ask_epoch)
     elif rank == 0 and new_run:  # the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
         checkpoint_module.move_earlier_run(output_dir)
     tensorboard = None
-    if k["TENSORBOARD"] and rank == 0 and new_run:
+    if options.tensorboard and rank == 0 and new_run:
         folder = os.path.join(output_dir, report_module.TENSORBOARD, state.info.started)
         tensorboard = report_module.TensorBoardLog(folder)
     return Run(device, data, state, fit, rank, account, tensorboard)
@@ -496,12 +535,13 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device, lr
     """A run's model (on the device), optimizer, schedule, Lookahead, EMA and LRA; fresh: a new run, which
     starts from WEIGHTS (a resumed one takes its weights from its checkpoint). The schedule and Lookahead
     count optimizer steps (ACCUMULATE_STEPS batches each)."""
-    k = config.constants
-    model = model_module.get_model(k["MODEL"], len(data.classes), freeze=k["FREEZE"],
-                                   weights=k["WEIGHTS"] if fresh else None,
+    options = config.run
+    model = model_module.get_model(options.model, len(data.classes), freeze=options.freeze,
+                                   weights=options.weights if fresh else None,
                                    sample_images=data.train.first_images, image_size=data.image_size,
-                                   pretrained=k["PRETRAINED"])
-    model = model.to(device, memory_format=torch.channels_last if k["CHANNELS_LAST"] else torch.preserve_format)
+                                   pretrained=options.pretrained)
+    layout = torch.channels_last if config.data.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=layout)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
     total_steps = config.fit.epochs * step_module.optimizer_steps(len(data.train), config.fit.accumulate_steps)
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr, total_steps)
@@ -515,11 +555,12 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device, lr
 def train(config: Config, run: Run) -> Outcome:
     """fit, with Ctrl-C, SIGTERM, a non-finite loss and a failed write turned into a message and a status; then
     the training curves, whatever ended it."""
-    k, output_dir = config.constants, run.fit.output_dir
+    output_dir, accumulate = run.fit.output_dir, run.fit.accumulate_steps
     go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
-    accumulation = f", {k['ACCUMULATE_STEPS']} to an optimizer step" if k["ACCUMULATE_STEPS"] > 1 else ""
+    accumulation = f", {accumulate} to an optimizer step" if accumulate > 1 else ""
     if run.main_process:
-        print(f"{k['MODEL']} on {run.device}{' (steps replayed from a CUDA graph)' if run.fit.cuda_graph else ''} | "
+        graphed = " (steps replayed from a CUDA graph)" if run.fit.cuda_graph else ""
+        print(f"{config.run.model} on {run.device}{graphed} | "
               f"{utils.plural(len(run.data.train), 'batch', 'batches')} of {config.data.batch_size} per epoch"
               f"{accumulation} | "
               f"{_data_path(run.data)} | outputs in {utils.printable(os.path.abspath(output_dir))}")
@@ -582,7 +623,7 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     """Evaluate the (best) model, or its EMA with EMA_DECAY, on the test set, print the accuracy and each class's
     recall (its accuracy: the share of its images called it), write the test report (test_report.csv, recall
     among its columns), the confusion matrix and the most confident mistakes; return the figures."""
-    data, started, tta = run.data, time.perf_counter(), config.constants["TTA"]
+    data, started, tta = run.data, time.perf_counter(), config.run.tta
     with run.account.timed("final evaluation"):
         result = train_module.evaluate(run.state.evaluated_model, data.test, autocast_dtype=run.fit.autocast_dtype,
                                        tta=tta, num_classes=len(data.classes), collect=True)

@@ -160,7 +160,8 @@ def model_names() -> list[str]:
     return [*MODELS, *TORCHVISION_MODELS]
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """ValueError unless MODEL `name` is one of model_names()."""
     if name not in MODELS and name not in TORCHVISION_MODELS:
         raise ValueError(utils.not_known("MODEL", name, model_names(), closest=True))
 
@@ -325,7 +326,7 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> str:
 def preprocessing(name: str, pretrained: str | None) -> dict[str, Any] | None:
     """How images must be prepared for MODEL `name`'s published weights PRETRAINED (None without): resize
     size (shorter side), crop size, mean and std, interpolation, from the weights' own transforms."""
-    _check_name(name)
+    check_name(name)
     if pretrained is None:
         return None
     transforms = _find_weights(name, pretrained).transforms()
@@ -444,7 +445,7 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
     weights name such as "IMAGENET1K_V2") starts a torchvision model's body from its published ImageNet
     weights, weights (a best_model.pth) the whole model from our own.
     """
-    _check_name(name)
+    check_name(name)
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least two classes, got {num_classes}")
     if pretrained is not None and weights is not None:

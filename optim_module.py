@@ -1,5 +1,6 @@
-"""The optimizer and what sets its LR: SGD with per-group LR scales, the one-cycle schedule, airbench's
-Lookahead, the exponential moving average of the weights (EMA), and the LR range test (the LR finder)."""
+"""The optimizer and what sets its LR: SGD with per-group LR scales, the fixed schedules
+(SCHEDULES), airbench's Lookahead, the exponential moving average of the weights (EMA), and the LR
+range test (the LR finder)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 import dataclasses
 import itertools
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -17,21 +18,21 @@ import model_module
 import utils
 from step_module import autocast
 
-SCHEDULES = ("lra", "onecycle")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """SGD and its LR schedule, as main.py's constants of the same names set them."""
+    """SGD and its LR schedule: each field but nesterov is main.py's constant of the same name in
+    upper case."""
 
     lr: float
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = True
-    norm_lr_scale: float = 1.0  # BatchNorm parameters train at this many times lr (their decay divided by it)
-    body_lr_scale: float = 1.0  # a body frozen at the start trains at this many times lr once unfrozen
-    schedule: str = "lra"
-    lookahead: bool = False
-    ema_decay: float | None = None  # the EMA's decay per optimizer step; None: no EMA
+    momentum: float
+    weight_decay: float
+    norm_lr_scale: float
+    body_lr_scale: float
+    schedule: str  # a name in SCHEDULES
+    lookahead: bool
+    ema_decay: float | None
+    nesterov: bool = True  # no constant: Nesterov momentum is the recipe's (tests turn it off)
 
     def __post_init__(self) -> None:
         utils.check_fields(self, RULES, {"schedule": SCHEDULES})
@@ -112,25 +113,13 @@ def get_lr(optimizer: torch.optim.Optimizer) -> float:
     return float(group["lr"]) / group.get("lr_scale", 1.0)
 
 
-class OneCycle:
-    """A fixed per-step LR: rises linearly from 0.2x to 1x the peak over the first 23% of the steps,
-    then falls linearly to 0.07x (airbench's shape), and holds its last value past the end (when the
-    user asks for more epochs). Call advance(optimizer) after each optimizer step."""
+class StepSchedule:
+    """A fixed LR for each optimizer step, lr_at(step), held at its last value past the run's steps
+    (when the user asks for more epochs). Call advance(optimizer) after each optimizer step."""
 
-    WARMUP = 0.23  # share of the steps spent rising (airbench's)
-
-    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, total_steps: int):
-        self.peak_lr, self.total_steps, self.step = peak_lr, total_steps, 0
-        self.warmup_steps = self.WARMUP * total_steps - 1
-        set_lr(optimizer, self.lr_at(0))
-
-    def lr_at(self, step: int) -> float:
-        """The LR of the given step (0-based)."""
-        last = self.total_steps - 1
-        step = min(step, last)
-        if step <= self.warmup_steps:
-            return self.peak_lr * (0.2 + 0.8 * step / self.warmup_steps)
-        return self.peak_lr * (1 - 0.93 * (step - self.warmup_steps) / (last - self.warmup_steps))
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float]):
+        self.lr_at, self.step = lr_at, 0
+        set_lr(optimizer, lr_at(0))
 
     def advance(self, optimizer: torch.optim.Optimizer) -> None:
         self.step += 1
@@ -143,11 +132,42 @@ class OneCycle:
         self.step = state["step"]
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int) -> OneCycle | None:
-    """None for "lra" (LRA's decisions set the LR), else the per-step schedule that does."""
-    if schedule not in SCHEDULES:
-        raise ValueError(utils.not_known("SCHEDULE", schedule, SCHEDULES))
-    return OneCycle(optimizer, lr, total_steps) if schedule == "onecycle" else None
+def one_cycle(peak_lr: float, total_steps: int) -> Callable[[int], float]:
+    """airbench's shape: a linear rise from 0.2x to 1x the peak over the first 23% of the steps,
+    then a linear fall to 0.07x at the last."""
+    last, warmup = total_steps - 1, 0.23 * total_steps - 1
+
+    def lr_at(step: int) -> float:
+        step = min(step, last)
+        if step <= warmup:
+            return peak_lr * (0.2 + 0.8 * step / warmup)
+        return peak_lr * (1 - 0.93 * (step - warmup) / (last - warmup))
+    return lr_at
+
+
+def cosine(peak_lr: float, total_steps: int) -> Callable[[int], float]:
+    """Cosine decay from the peak to 0 after the last step: CosineAnnealingLR's closed form (eta_min
+    0, T_max the steps), which stays at 0 past the end (CosineAnnealingLR would rise again)."""
+    return lambda step: peak_lr * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)) / 2
+
+
+class Schedule(NamedTuple):
+    """A SCHEDULE: shape(lr, total steps) gives the LR of each step (None: LRA's decisions set it),
+    and sized_to_epochs whether that depends on the epoch count (a resume then keeps EPOCHS)."""
+
+    shape: Callable[[float, int], Callable[[int], float]] | None
+    sized_to_epochs: bool
+
+
+SCHEDULES = {"lra": Schedule(None, False), "onecycle": Schedule(one_cycle, True),
+             "cosine": Schedule(cosine, True)}
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float,
+                  total_steps: int) -> StepSchedule | None:
+    """The per-step schedule that sets the LR, or None where LRA's decisions do ("lra")."""
+    shape = SCHEDULES[schedule].shape
+    return None if shape is None else StepSchedule(optimizer, shape(lr, total_steps))
 
 
 class Lookahead:

@@ -14,7 +14,7 @@ from torch import nn
 import model_module
 import utils
 from callback_module import LRA
-from optim_module import EMA, Lookahead, OneCycle
+from optim_module import EMA, Lookahead, StepSchedule
 
 KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "ema", "rng",
         "history")  # beside RunInfo's
@@ -100,7 +100,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     lra: LRA
     best: Snapshot | None = None
-    schedule: OneCycle | None = None
+    schedule: StepSchedule | None = None
     lookahead: Lookahead | None = None
     ema: EMA | None = None  # the moving average of the weights (EMA_DECAY), which validation and the test see
     history: list[dict] = dataclasses.field(default_factory=list)  # one metrics row per finished epoch

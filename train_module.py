@@ -18,7 +18,7 @@ import model_module
 import step_module
 import utils
 from callback_module import Decision
-from optim_module import EMA, Lookahead, OneCycle, get_lr, set_lr
+from optim_module import EMA, Lookahead, StepSchedule, get_lr, set_lr
 from state_module import TrainState
 from step_module import TrainStep, autocast
 
@@ -36,8 +36,9 @@ def _show_progress() -> bool:
     return sys.stderr.isatty()
 
 
-def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1, schedule: OneCycle | None = None,
-                    lookahead: Lookahead | None = None, ema: EMA | None = None,
+def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
+                    schedule: StepSchedule | None = None, lookahead: Lookahead | None = None,
+                    ema: EMA | None = None,
                     check: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over the training data with this step (one kept across epochs keeps its CUDA graph); returns
     train_loss and train_acc (over every process). With step.accumulate > 1 the batches train in groups of
@@ -230,18 +231,20 @@ CLASS_WEIGHTS = (None, "balanced")  # CLASS_WEIGHTS: equal, or scikit-learn's "b
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """How fit trains: the epoch limit, where the epoch files go, the loss, and how each step runs."""
+    """How fit trains: the epoch limit, where the epoch files go, the loss, and how each step runs.
+    The fields up to clip_grad_norm are main.py's constants of the same names in upper case; the
+    rest are what setup finds out."""
 
     epochs: int
-    output_dir: str = "."
-    label_smoothing: float = 0.0  # share of each target spread over the other classes
+    output_dir: str
+    label_smoothing: float
+    compile: bool  # torch.compile what runs the training batches
+    accumulate_steps: int
+    clip_grad_norm: float | None
     class_weights: tuple[float, ...] | None = None  # the training loss's weight of each class (one per class);
     # None: equal. Validation and test losses are never weighted
     autocast_dtype: torch.dtype | None = None
     cuda_graph: bool = False  # replay the step from a CUDA graph (the optimizer needs make_optimizer's lr_device)
-    compile: bool = False  # torch.compile what runs the training batches
-    accumulate_steps: int = 1  # batches whose gradients add up to one optimizer step
-    clip_grad_norm: float | None = None  # the gradients' total norm is scaled down to this before each step
     world_size: int = 1  # processes under torchrun: the model runs data-parallel when more than one
     main_process: bool = True  # the one that writes the files
 

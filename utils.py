@@ -50,6 +50,11 @@ def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> 
     return f"{name} = {value!r} is not known; choose one of {', '.join(map(repr, choices))}"
 
 
+def flag(name: str) -> str:
+    """The command-line flag of main.py's constant: --val-split for VAL_SPLIT."""
+    return "--" + name.lower().replace("_", "-")
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """A count with its noun, singular for one: plural(1, "file") is "1 file", plural(2, "file") "2 files";
     `many` gives a plural that is not word + "s"."""

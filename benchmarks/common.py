@@ -9,10 +9,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+import main
 import optim_module
 import step_module
 import train_module
-from optim_module import OptimConfig
+
+
+def configs(**constants) -> main.Config:
+    """main.build_config of main.py's constants (the defaults), the ones named changed."""
+    return main.build_config({**main.constants(), **constants})
 
 
 def synchronize(device: torch.device) -> None:
@@ -26,7 +31,8 @@ def train_step(model: nn.Module, autocast_dtype: torch.dtype | None = None, grap
     """The pipeline's training step for the model, with its own SGD; graphed (CUDA only): replayed from a CUDA
     graph, as main.py's CUDA_GRAPHS does; options: TrainStep's accumulate and clip_grad_norm."""
     device = next(model.parameters()).device
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.01), lr_device=device if graphed else None)
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.01).optim,
+                                            lr_device=device if graphed else None)
     return step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
                                   graph=graphed, **options)
 

@@ -277,9 +277,10 @@ def cold_start_seconds(args, cache_dir: str, limit: float = 300.0) -> float | No
 
 
 def get_folder_data(args, device, cache_dir: str, resident: str) -> data_module.Data:
-    config = data_module.DataConfig("folder", args.folder, batch_size=args.batch_size, image_size=args.image_size,
-                                    resident=resident, cache_dir=cache_dir, seed=0)
-    return data_module.get_data(config, device)
+    config = common.configs(DATASET="folder", DATA_DIR=args.folder, BATCH_SIZE=args.batch_size,
+                            IMAGE_SIZE=args.image_size, RESIDENT=resident, CACHE_DIR=cache_dir,
+                            SEED=0)
+    return data_module.get_data(config.data, device)
 
 
 def ours(args, device, autocast_dtype, memory: common.MemoryWatch) -> dict:

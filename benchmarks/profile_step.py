@@ -147,20 +147,22 @@ class Step:
 def make_step(values: dict, device: torch.device, total_steps: int) -> Step:
     """The step main.py would train with under these constants (main.parse_config's), on random data."""
     config = pipeline.build_config(values)
-    utils.seed_everything(values["SEED"])
+    run = config.run
+    utils.seed_everything(config.data.seed)
     torch.backends.cudnn.benchmark = True  # as main.setup
     size, batch = config.data.image_size, config.data.batch_size
-    model = model_module.get_model(values["MODEL"], NUM_CLASSES, freeze=values["FREEZE"], image_size=size,
+    model = model_module.get_model(run.model, NUM_CLASSES, freeze=run.freeze, image_size=size,
                                    sample_images=lambda n: torch.randn(min(n, 512), 3, size, size))
-    memory_format = torch.channels_last if values["CHANNELS_LAST"] else torch.preserve_format
+    memory_format = torch.channels_last if config.data.channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
-    graph = step_module.use_cuda_graph(values["CUDA_GRAPHS"], device, compile=values["COMPILE"])
+    graph = step_module.use_cuda_graph(run.cuda_graphs, device, compile=config.fit.compile)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=device if graph else None)
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr, total_steps)
     lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
-    precision = step_module.choose_precision(values["BF16"], device, model, size,
-                                             channels_last=values["CHANNELS_LAST"], trial=False)
-    step = step_module.TrainStep(step_module.wrap_for_training(model, compile=values["COMPILE"]), optimizer,
+    precision = step_module.choose_precision(run.bf16, device, model, size,
+                                             channels_last=config.data.channels_last, trial=False)
+    wrapped = step_module.wrap_for_training(model, compile=config.fit.compile)
+    step = step_module.TrainStep(wrapped, optimizer,
                                  nn.CrossEntropyLoss(label_smoothing=config.fit.label_smoothing),
                                  autocast_dtype=torch.bfloat16 if precision == "bf16" else None, graph=graph)
     model.train()

@@ -12,7 +12,6 @@ with the ratios, writes JSON, and reports peak memory. Works on the CPU and on a
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -45,9 +44,7 @@ def step_and_epoch_rates(args, device, autocast_dtype) -> dict[str, float]:
     (on CUDA: the limit when kernel launches cost nothing), and of train_one_epoch over the pipeline's
     device-resident loader (crop, flip, normalise on the device, loss and accuracy tallied there): each
     warmed up by one untimed pass, then timed in turn, best of --epochs."""
-    config = data_module.DataConfig("cifar10", args.data_dir, batch_size=args.batch_size, val_split=0,
-                                    train_subset=args.images, resident="yes", download=False)
-    data = data_module.get_data(config, device)
+    data = data_module.get_data(cifar_config(args), device)
     n_steps = len(data.train)
     passes = {"bare": common.bare_pass(fresh_model(args.model, device, channels_last=True), args.batch_size, 32,
                                        n_steps, autocast_dtype=autocast_dtype)}
@@ -62,28 +59,35 @@ def step_and_epoch_rates(args, device, autocast_dtype) -> dict[str, float]:
     return common.best_rates(passes, repeats=args.epochs, device=device)
 
 
-RECIPE = {  # issue 23's features, one at a time and as the GPU accuracy run uses them: (DataConfig, EMA, step)
-    "AUTO_AUGMENT trivialaugment": (dict(auto_augment="trivialaugment"), None, {}),
-    "AUTO_AUGMENT randaugment": (dict(auto_augment="randaugment"), None, {}),
-    "RANDOM_ERASING 0.25": (dict(random_erasing=0.25), None, {}),
-    "MIXUP 0.2 + CUTMIX 1.0": (dict(mixup=0.2, cutmix=1.0), None, {}),
+def cifar_config(args, **constants) -> data_module.DataConfig:
+    """The resident CIFAR-10 training set of --data-dir, --batch-size and --images, the constants
+    named changed."""
+    return common.configs(DATA_DIR=args.data_dir, BATCH_SIZE=args.batch_size, VAL_SPLIT=0,
+                          TRAIN_SUBSET=args.images, RESIDENT="yes", DOWNLOAD=False,
+                          **constants).data
+
+
+RECIPE = {  # issue 23's features, alone and as the GPU accuracy run has them (constants, EMA, step)
+    "AUTO_AUGMENT trivialaugment": (dict(AUTO_AUGMENT="trivialaugment"), None, {}),
+    "AUTO_AUGMENT randaugment": (dict(AUTO_AUGMENT="randaugment"), None, {}),
+    "RANDOM_ERASING 0.25": (dict(RANDOM_ERASING=0.25), None, {}),
+    "MIXUP 0.2 + CUTMIX 1.0": (dict(MIXUP=0.2, CUTMIX=1.0), None, {}),
     "EMA_DECAY 0.999": ({}, 0.999, {}),
     "ACCUMULATE_STEPS 4": ({}, None, dict(accumulate=4)),
     "CLIP_GRAD_NORM 1.0": ({}, None, dict(clip_grad_norm=1.0)),
-    "trivialaugment + EMA 0.999": (dict(auto_augment="trivialaugment"), 0.999, {}),
+    "trivialaugment + EMA 0.999": (dict(AUTO_AUGMENT="trivialaugment"), 0.999, {}),
 }
 
 
 def recipe_rates(args, device, autocast_dtype) -> dict[str, float]:
     """Images/s of the pipeline as main.py runs it here (on CUDA replayed from a graph, which accumulation turns
     off), plain and with each RECIPE feature, timed in turn as step_and_epoch_rates does."""
-    config = data_module.DataConfig("cifar10", args.data_dir, batch_size=args.batch_size, val_split=0,
-                                    train_subset=args.images, resident="yes", download=False)
     graphed = device.type == "cuda"
-    passes = {"plain": common.epoch_pass(fresh_model(args.model, device, channels_last=True),
-                                         data_module.get_data(config, device).train, autocast_dtype, graphed)}
-    for name, (data_options, ema_decay, step_options) in RECIPE.items():
-        loader = data_module.get_data(dataclasses.replace(config, **data_options), device).train
+    plain = data_module.get_data(cifar_config(args), device).train
+    passes = {"plain": common.epoch_pass(fresh_model(args.model, device, channels_last=True), plain,
+                                         autocast_dtype, graphed)}
+    for name, (constants, ema_decay, step_options) in RECIPE.items():
+        loader = data_module.get_data(cifar_config(args, **constants), device).train
         passes[name] = common.epoch_pass(fresh_model(args.model, device, channels_last=True), loader,
                                          autocast_dtype, graphed and not step_options.get("accumulate"),
                                          ema_decay=ema_decay, **step_options)

@@ -17,6 +17,7 @@ from PIL import Image
 import cache_module
 import data_module
 import loader_module
+import main
 import step_module
 import train_module
 
@@ -133,6 +134,18 @@ def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "ow
     return str(root)
 
 
+def configs(**constants) -> main.Config:
+    """main.build_config of main.py's constants, the ones named (as main.py spells them) changed:
+    each setting's default lives in main.py alone, and tests build their configs from it."""
+    return main.build_config({**main.constants(), **constants})
+
+
+def augmentation(mean, std, crop_size=None, **constants):
+    """The Augmentation get_data makes of main.py's constants (the ones named changed), with
+    these statistics and crop_size (photos'; None: pad-crops)."""
+    return configs(**constants).data.augmentation(mean, std, crop_size)
+
+
 def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=0, device="cpu"):
     """A Data of random uint8 images whose class sets the mean brightness, so a model can learn it."""
     g = torch.Generator().manual_seed(seed)
@@ -147,10 +160,10 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
     mean, std = data_module.channel_stats(train_images)
     train = loader_module.ResidentLoader(train_images.to(device), train_labels.to(device),
                                          loader_module.Batching(batch_size, train=True, seed=seed),
-                                         loader_module.Augmentation(mean, std, crop_padding=1))
+                                         augmentation(mean, std, CROP_PADDING=1))
     val = loader_module.ResidentLoader(val_images.to(device), val_labels.to(device),
                                        loader_module.Batching(2 * batch_size, train=False, seed=seed),
-                                       loader_module.Augmentation(mean, std))
+                                       augmentation(mean, std))
     return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size, True,
                             test_is_val=True)
 

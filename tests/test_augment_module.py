@@ -17,8 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import augment_module
 from augment_module import GEOMETRIC, OPS
-from conftest import smooth_photo
-from loader_module import Augmentation
+from conftest import augmentation, smooth_photo
 
 
 def test_flip_alone_mirrors_exactly():
@@ -301,16 +300,16 @@ def test_random_erasing_gives_two_identical_images_boxes_of_their_own():
 def test_the_streaming_path_trains_with_torchvisions_own_transforms():
     mean, std = (0.5,) * 3, (0.25,) * 3
     for policy, kind in [("trivialaugment", transforms.TrivialAugmentWide), ("randaugment", transforms.RandAugment)]:
-        augmentation = Augmentation(mean, std, auto_augment=policy, random_erasing=0.25)
-        steps = augment_module.pil_transform(True, 32, augmentation).transforms
+        augmented = augmentation(mean, std, AUTO_AUGMENT=policy, RANDOM_ERASING=0.25)
+        steps = augment_module.pil_transform(True, 32, augmented).transforms
         assert [type(step) for step in steps] == [transforms.RandomCrop, transforms.RandomHorizontalFlip, kind,
                                                   transforms.ToTensor, transforms.Normalize, transforms.RandomErasing]
         assert steps[2].num_magnitude_bins == 31 and (policy == "trivialaugment" or
                                                       (steps[2].num_ops, steps[2].magnitude) == (2, 9))
         assert (steps[-1].p, steps[-1].scale, steps[-1].ratio, steps[-1].value) == (0.25, (0.02, 0.33), (0.3, 3.3), 0)
-        evaluation = augment_module.pil_transform(False, 32, augmentation).transforms
+        evaluation = augment_module.pil_transform(False, 32, augmented).transforms
         assert [type(step) for step in evaluation] == [transforms.ToTensor, transforms.Normalize]
-    plain = augment_module.pil_transform(True, 32, Augmentation(mean, std)).transforms
+    plain = augment_module.pil_transform(True, 32, augmentation(mean, std)).transforms
     assert [type(step) for step in plain] == [transforms.RandomCrop, transforms.RandomHorizontalFlip,
                                               transforms.ToTensor, transforms.Normalize]
 
@@ -327,7 +326,7 @@ def labelled_batch(n=6, classes=10, size=8):
 
 def test_mixup_targets_sum_to_one_and_each_image_is_blended_with_the_one_before_by_its_targets_share():
     images, labels = labelled_batch()
-    mix = augment_module.batch_mixer(mixup=0.2, cutmix=0.0, num_classes=10)
+    mix = augment_module.batch_mixer(dict(mixup=0.2, cutmix=0.0), num_classes=10)
     for seed in range(5):
         torch.manual_seed(seed)
         mixed, targets = mix(images, labels)
@@ -342,7 +341,7 @@ def test_mixup_targets_sum_to_one_and_each_image_is_blended_with_the_one_before_
 
 def test_cutmix_pastes_a_box_of_the_image_before_whose_area_share_is_that_classes_target_weight():
     images, labels = labelled_batch(size=16)
-    mix = augment_module.batch_mixer(mixup=0.0, cutmix=1.0, num_classes=10)
+    mix = augment_module.batch_mixer(dict(mixup=0.0, cutmix=1.0), num_classes=10)
     pasted_somewhere = False
     for seed in range(8):
         torch.manual_seed(seed)
@@ -361,7 +360,7 @@ def test_cutmix_pastes_a_box_of_the_image_before_whose_area_share_is_that_classe
 
 def test_with_both_on_each_batch_gets_mixup_or_cutmix_and_with_both_off_there_is_no_mixer():
     images, labels = labelled_batch(size=16)
-    mix = augment_module.batch_mixer(mixup=0.2, cutmix=1.0, num_classes=10)
+    mix = augment_module.batch_mixer(dict(mixup=0.2, cutmix=1.0), num_classes=10)
     kinds = set()
     for seed in range(20):
         torch.manual_seed(seed)
@@ -374,4 +373,4 @@ def test_with_both_on_each_batch_gets_mixup_or_cutmix_and_with_both_off_there_is
         assert blended != pasted  # one or the other
         kinds.add("mixup" if blended else "cutmix")
     assert kinds == {"mixup", "cutmix"}
-    assert augment_module.batch_mixer(0.0, 0.0, 10) is None
+    assert augment_module.batch_mixer(dict(mixup=0.0, cutmix=0.0), 10) is None

@@ -15,10 +15,8 @@ import optim_module
 import state_module
 import train_module
 from callback_module import LRA, LRAConfig
-from conftest import make_tiny_data
-from optim_module import OptimConfig
+from conftest import configs, make_tiny_data
 from state_module import TrainState
-from train_module import FitConfig
 
 
 def tiny_model(freeze=False):
@@ -38,9 +36,10 @@ class Harness:
     def __init__(self, model=None, lr=0.1, **settings):
         """settings: LRAConfig's fields; ask_epoch is None (no prompt) unless given."""
         self.model = model or tiny_model()
-        self.optimizer = optim_module.make_optimizer(self.model, OptimConfig(lr, momentum=0.9, weight_decay=0.0,
-                                                                             nesterov=False))
-        self.lra = LRA(LRAConfig(**{"ask_epoch": None, **settings}),
+        sgd = dataclasses.replace(configs(LR=lr, MOMENTUM=0.9, WEIGHT_DECAY=0.0).optim,
+                                  nesterov=False)
+        self.optimizer = optim_module.make_optimizer(self.model, sgd)
+        self.lra = LRA(dataclasses.replace(configs(ASK_EPOCH=None).lra, **settings),
                        frozen=bool(model_module.frozen_parameters(self.model)), stream=io.StringIO())
         self.state = TrainState(self.model, self.optimizer, self.lra)
         self.decision = None
@@ -100,7 +99,7 @@ def assert_same(a, b):
                                          ("min_lr", -1), ("min_delta", -0.1), ("unfreeze_epoch", 0)])
 def test_bad_setting_is_refused_naming_its_constant(name, value):
     with pytest.raises(ValueError, match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
-        LRAConfig(**{name: value})
+        configs(**{name.upper(): value})
 
 
 def test_every_rule_is_for_a_setting_of_lra_config():
@@ -110,7 +109,7 @@ def test_every_rule_is_for_a_setting_of_lra_config():
 
 def test_a_config_cannot_change_after_it_is_checked():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        LRAConfig().patience = 0
+        configs().lra.patience = 0
 
 
 # ----------------------------------------------------------------------------- cuts
@@ -266,8 +265,9 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
         scripted_input(monkeypatch, {"H": ["H"], "Ctrl-C": [KeyboardInterrupt()]}[ending])
     model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    lra = LRA(LRAConfig(**{"threshold": 0.0, "dwell": False, "stop_patience": 5, "ask_epoch": None, **settings}),
-              stream=io.StringIO())
+    lra = LRA(dataclasses.replace(configs().lra, **{"threshold": 0.0, "dwell": False,
+                                                    "stop_patience": 5, "ask_epoch": None,
+                                        **settings}), stream=io.StringIO())
     scripted, weights = {1: metrics(val_loss=1.0, val_acc=0.7), 2: metrics(val_loss=1.5)}, []
 
     def one_epoch(step, data, epoch, state, check):  # a real step moves the weights; the metrics are scripted
@@ -278,7 +278,8 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
 
     monkeypatch.setattr(train_module, "_train_and_validate", one_epoch)
     epochs = 2 if ending == "epoch limit" else 5
-    history = train_module.fit(TrainState(model, optimizer, lra), None, FitConfig(epochs, str(tmp_path)))
+    history = train_module.fit(TrainState(model, optimizer, lra), None,
+                               configs(EPOCHS=epochs, OUTPUT_DIR=str(tmp_path)).fit)
     assert [row["epoch"] for row in history] == [1, 2]
     assert not all(torch.equal(v, weights[0][k]) for k, v in weights[1].items())  # epoch 2 did move them
     assert_same(model.state_dict(), weights[0])
@@ -291,7 +292,7 @@ def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path
     model = tiny_model()
     model.head = nn.Linear(4, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    lra = LRA(LRAConfig(ask_epoch=None), stream=io.StringIO())
+    lra = LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO())
     best = state_module.Snapshot()
     calls = {"n": 0}
     original = train_module.train_one_epoch
@@ -304,7 +305,8 @@ def test_best_weights_are_restored_when_fit_is_interrupted(monkeypatch, tmp_path
 
     monkeypatch.setattr(train_module, "train_one_epoch", interrupted_on_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        train_module.fit(TrainState(model, optimizer, lra, best), data, FitConfig(epochs=5, output_dir=str(tmp_path)))
+        train_module.fit(TrainState(model, optimizer, lra, best), data,
+                         configs(EPOCHS=5, OUTPUT_DIR=str(tmp_path)).fit)
     assert lra.best_epoch in (1, 2)
     assert_same(model.state_dict(), best.model)
     assert "interrupted during epoch 3" in lra.stream.getvalue()
@@ -395,7 +397,9 @@ def test_f_unfreezes_and_gives_the_layers_to_the_optimizer(monkeypatch):
     assert all(p.requires_grad for p in frozen)
     groups = lra.optimizer.param_groups
     assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == {id(p) for p in frozen}
-    assert groups[1]["lr"] == pytest.approx(groups[0]["lr"]) == pytest.approx(0.05)
+    body_lr_scale = configs().optim.body_lr_scale  # the unfrozen body trains at BODY_LR_SCALE x LR
+    assert groups[1]["lr"] == pytest.approx(body_lr_scale * groups[0]["lr"])
+    assert groups[0]["lr"] == pytest.approx(0.05)
     assert lra.lra.bad_epochs == 0 and lra.lra.cuts == 0 and lra.lra.ask_epoch == 4
     model.train()
     assert model.body[1].training  # the BatchNorm layer trains again
@@ -412,7 +416,7 @@ def test_dwell_after_fine_tuning_restores_every_parameter_group(monkeypatch):
     train_step(model, lra.optimizer, 5)
     lra.on_epoch_end(2, metrics(val_loss=2.0))   # cut with dwell: must not fail on the new group
     assert len(lra.optimizer.param_groups) == 2
-    assert all(g["lr"] == pytest.approx(0.05) for g in lra.optimizer.param_groups)
+    assert all(g["lr"] / g["lr_scale"] == pytest.approx(0.05) for g in lra.optimizer.param_groups)
 
 
 def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
@@ -421,8 +425,9 @@ def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    lra = LRA(LRAConfig(ask_epoch=2), stream=io.StringIO())
-    history = train_module.fit(TrainState(model, optimizer, lra), data, FitConfig(epochs=2, output_dir=str(tmp_path)))
+    lra = LRA(configs(ASK_EPOCH=2).lra, stream=io.StringIO())
+    history = train_module.fit(TrainState(model, optimizer, lra), data,
+                               configs(EPOCHS=2, OUTPUT_DIR=str(tmp_path)).fit)
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
 
 

@@ -18,19 +18,18 @@ import optim_module
 import state_module
 import train_module
 import utils
-from callback_module import LRA, LRAConfig
-from conftest import make_tiny_data
-from optim_module import OptimConfig
+from callback_module import LRA
+from conftest import configs, make_tiny_data
 from state_module import RunInfo, TrainState
-from train_module import FitConfig
 
 
 def new_state(data, model_name="cnn", started=None):
     model = model_module.get_model(model_name, 4)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
     info = RunInfo({"MODEL": model_name, "DATASET": "cifar10", "FREEZE": False}, data.classes, list(data.mean),
                    list(data.std), 16, started=started)
-    return TrainState(model, optimizer, LRA(LRAConfig(ask_epoch=None), stream=io.StringIO()), info=info)
+    return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO()),
+                      info=info)
 
 
 def run_fit(tmp_path, epochs=2, started=None):
@@ -38,7 +37,7 @@ def run_fit(tmp_path, epochs=2, started=None):
     torch.manual_seed(0)
     data = make_tiny_data(size=16)
     state = new_state(data, started=started)
-    history = train_module.fit(state, data, FitConfig(epochs=epochs, output_dir=str(tmp_path)))
+    history = train_module.fit(state, data, configs(EPOCHS=epochs, OUTPUT_DIR=str(tmp_path)).fit)
     return state, data, history
 
 
@@ -148,10 +147,11 @@ def test_a_folder_without_a_run_moves_nothing(tmp_path):
 
 
 def writer_state(model, epoch=1):
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
     best = state_module.Snapshot(with_optimizer=False)
     best.take(model, optimizer)
-    return TrainState(model, optimizer, LRA(LRAConfig(ask_epoch=None), stream=io.StringIO()), best,
+    return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO()),
+                      best,
                       history=[{"epoch": epoch, "val_loss": 1.0}])
 
 

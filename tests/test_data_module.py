@@ -18,40 +18,52 @@ import data_module
 import image_module
 import loader_module
 import cache_module
-from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, REAL_DEFAULT_CACHE_DIR, collect, write_fake_cifar,
-                      write_image_tree, write_photo_tree, plant_crafted_batch)
-from data_module import DataConfig, DataError
+from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, REAL_DEFAULT_CACHE_DIR, collect,
+                      configs, plant_crafted_batch, write_fake_cifar, write_image_tree,
+                      write_photo_tree)
+from data_module import DataError
 
 
 # ----------------------------------------------------------------------------- the config
 
 
-@pytest.mark.parametrize("field, message", [
-    (dict(val_split=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0, or None"),
-    (dict(train_subset=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
-    (dict(image_size=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels from 8 to "
+def data_config(dataset, data_dir, **constants):
+    """main.py's DataConfig for the dataset in data_dir (no cache unless CACHE_DIR names one), the
+    constants named changed."""
+    return configs(DATASET=dataset, DATA_DIR=data_dir, **{"CACHE_DIR": None, **constants}).data
+
+
+def get_data(dataset, data_dir, **constants):
+    return data_module.get_data(data_config(dataset, data_dir, **constants))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(VAL_SPLIT=-1), "VAL_SPLIT = -1 is out of range: use a whole number >= 0, or None"),
+    (dict(TRAIN_SUBSET=0), "TRAIN_SUBSET = 0 is out of range: use a whole number >= 1, or None"),
+    (dict(IMAGE_SIZE=4), "IMAGE_SIZE = 4 is out of range: use a whole number of pixels from 8 to "
                          "1024"),
-    (dict(image_size=60000), "IMAGE_SIZE = 60000 is out of range: use a whole number of pixels "
+    (dict(IMAGE_SIZE=60000), "IMAGE_SIZE = 60000 is out of range: use a whole number of pixels "
                              "from 8 to 1024"),
-    (dict(dataset="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
-    (dict(resident=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
-    (dict(mixup=-0.2), "MIXUP = -0.2 is out of range: use a number >= 0 (0: off)"),
-    (dict(cutmix=-1.0), "CUTMIX = -1.0 is out of range: use a number >= 0 (0: off)"),
+    (dict(DATASET="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
+    (dict(RESIDENT=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
+    (dict(MIXUP=-0.2), "MIXUP = -0.2 is out of range: use a number >= 0 (0: off)"),
+    (dict(CUTMIX=-1.0), "CUTMIX = -1.0 is out of range: use a number >= 0 (0: off)"),
 ])
-def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(field, message):
+def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(bad, message):
     with pytest.raises(ValueError) as error:
-        DataConfig(**field)
+        configs(**bad)
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize("field, message", [
-    (dict(auto_augment="autoaugment"),
+@pytest.mark.parametrize("bad, message", [
+    (dict(AUTO_AUGMENT="autoaugment"),
      "AUTO_AUGMENT = 'autoaugment' is not known; choose one of None, 'trivialaugment', 'randaugment'"),
-    (dict(random_erasing=1.5), "RANDOM_ERASING = 1.5 is out of range: use a probability from 0 to 1"),
+    (dict(RANDOM_ERASING=1.5),
+     "RANDOM_ERASING = 1.5 is out of range: use a probability from 0 to 1"),
 ])
-def test_a_bad_auto_augment_or_random_erasing_names_the_constant_and_what_is_allowed(field, message):
+def test_a_bad_auto_augment_or_random_erasing_names_the_constant_and_what_is_allowed(bad, message):
     with pytest.raises(ValueError) as error:
-        DataConfig(**field)
+        configs(**bad)
     assert str(error.value) == message
 
 
@@ -59,7 +71,7 @@ def test_a_bad_auto_augment_or_random_erasing_names_the_constant_and_what_is_all
 
 
 def test_cifar_reader_on_a_fake_batch_folder(fake_cifar):
-    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False))
+    data = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, DOWNLOAD=False)
     assert data.classes == CLASSES and data.resident and not data.test_is_val
     assert len(data.train.labels) == 80 and len(data.val.labels) == 20 and len(data.test.labels) == 20
     assert torch.bincount(data.val.labels).tolist() == [2] * 10  # stratified
@@ -155,8 +167,8 @@ def test_the_real_batch_files_read_as_a_plain_unpickler_reads_them(cifar_dir):
 
 
 def test_mixup_and_cutmix_mix_the_training_batches_only(fake_cifar):
-    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False,
-                                           mixup=0.2, cutmix=1.0))
+    data = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, DOWNLOAD=False, MIXUP=0.2,
+                    CUTMIX=1.0)
     assert isinstance(data.train, loader_module.MixedLoader)
     images, targets = next(iter(data.train))
     assert images.shape == (8, 3, 32, 32) and targets.shape == (8, 10) and targets.dtype == torch.float32
@@ -164,7 +176,7 @@ def test_mixup_and_cutmix_mix_the_training_batches_only(fake_cifar):
     for loader in (data.val, data.test):  # evaluation is never mixed: class indices, as without mixing
         assert isinstance(loader, loader_module.ResidentLoader)
         assert next(iter(loader))[1].dtype == torch.int64
-    plain = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, download=False))
+    plain = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, DOWNLOAD=False)
     assert isinstance(plain.train, loader_module.ResidentLoader)  # off by default
 
 
@@ -173,7 +185,7 @@ def test_the_class_counts_are_the_training_splits_after_the_validation_images_an
                             size=(8, 8))
     for i in range(9):  # 12 cats, 3 dogs
         os.remove(os.path.join(root, "train", "dogs", f"{i}.png"))
-    config = DataConfig("folder", root, batch_size=4, image_size=8, augment="shift")
+    config = data_config("folder", root, BATCH_SIZE=4, IMAGE_SIZE=8, AUGMENT="shift")
     assert data_module.get_data(replace(config, val_split=0)).class_counts == (12, 3)
     data = data_module.get_data(config)  # a tenth held out, one of each class at least
     assert data.class_counts == (11, 2) == tuple(torch.bincount(data.train.labels).tolist())
@@ -181,27 +193,27 @@ def test_the_class_counts_are_the_training_splits_after_the_validation_images_an
 
 
 def test_val_split_zero_trains_on_every_image_and_validates_on_none(fake_cifar):
-    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=0, download=False))
+    data = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=0, DOWNLOAD=False)
     assert data.val is None and len(data.train.labels) == 100  # every training image, none held out
     assert len(data.test.labels) == 20 and not data.test_is_val  # the test set, for the end only
 
 
 def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
-    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, train_subset=30,
-                                           download=False))
+    data = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, TRAIN_SUBSET=30,
+                    DOWNLOAD=False)
     assert len(data.train.labels) == 30 and torch.bincount(data.train.labels).tolist() == [3] * 10
     with pytest.raises(DataError, match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
-        data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=20, train_subset=81, download=False))
+        get_data("cifar10", fake_cifar, VAL_SPLIT=20, TRAIN_SUBSET=81, DOWNLOAD=False)
 
 
 def test_val_split_larger_than_the_training_set_is_refused(fake_cifar):
     with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) 100 is too large: the training set has 100 "):
-        data_module.get_data(DataConfig("cifar10", fake_cifar, val_split=100, download=False))
+        get_data("cifar10", fake_cifar, VAL_SPLIT=100, DOWNLOAD=False)
 
 
 def test_missing_folder_offline_gives_one_clear_message(tmp_path):
     with pytest.raises(DataError) as error:
-        data_module.get_data(DataConfig("cifar10", str(tmp_path / "nowhere"), download=True))
+        get_data("cifar10", str(tmp_path / "nowhere"), DOWNLOAD=True)
     message = str(error.value)
     assert "download failed" in message and "cifar-10-batches-py" in message and "--data-dir (DATA_DIR)" in message
     assert "\n" not in message
@@ -210,7 +222,7 @@ def test_missing_folder_offline_gives_one_clear_message(tmp_path):
 def test_a_failed_download_leaves_no_folder_behind(tmp_path):
     for data_dir in (tmp_path / "nowhere", tmp_path / "deeper" / "still"):
         with pytest.raises(DataError, match="the download failed"):
-            data_module.get_data(DataConfig(data_dir=str(data_dir), download=True))
+            data_module.get_data(configs(DATA_DIR=str(data_dir), DOWNLOAD=True).data)
     assert os.listdir(tmp_path) == []
 
 
@@ -226,19 +238,19 @@ def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(
 
     monkeypatch.setattr(datasets.cifar, "download_and_extract_archive", cut_short)
     with pytest.raises(DataError, match="the download failed: connection reset"):
-        data_module.get_data(DataConfig(data_dir=str(tmp_path), download=True))
+        data_module.get_data(configs(DATA_DIR=str(tmp_path), DOWNLOAD=True).data)
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "other.tar.gz"]
 
 
 def test_missing_folder_without_download_says_where_to_put_the_files(tmp_path):
     with pytest.raises(DataError, match=r"--download \(DOWNLOAD\) is false; unpack https://.*-python.tar.gz in "):
-        data_module.get_data(DataConfig("cifar10", str(tmp_path), download=False))
+        get_data("cifar10", str(tmp_path), DOWNLOAD=False)
 
 
 def test_a_data_dir_one_level_too_deep_for_cifar_names_its_parent(fake_cifar):
     folder = os.path.join(fake_cifar, "cifar-10-batches-py")
     with pytest.raises(DataError) as error:
-        data_module.get_data(DataConfig("cifar10", folder, download=True))
+        get_data("cifar10", folder, DOWNLOAD=True)
     assert str(error.value) == (f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: use its parent, "
                                 f"--data-dir {fake_cifar}")
     assert sorted(os.listdir(folder)) == sorted(data_module.CIFAR_FILES)  # no download into it
@@ -250,7 +262,7 @@ def test_a_cifar_data_dir_that_is_a_file_is_called_one(tmp_path, name, kind):
     path = tmp_path / name
     path.write_bytes(b"not a folder")
     with pytest.raises(DataError) as error:
-        data_module.get_data(DataConfig("cifar10", str(path), download=True))
+        get_data("cifar10", str(path), DOWNLOAD=True)
     expected = f"--data-dir (DATA_DIR) {path} is {kind} it at the folder that holds cifar-10-batches-py/"
     assert str(error.value) == expected
 
@@ -262,14 +274,14 @@ def test_truncated_batch_file_is_named(fake_cifar):
     with open(path, "wb") as f:
         f.write(head)
     with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR-10 batch"):
-        data_module.get_data(DataConfig("cifar10", fake_cifar, download=False))
+        get_data("cifar10", fake_cifar, DOWNLOAD=False)
 
 
 def test_a_file_that_is_not_a_pickle_is_named(fake_cifar):
     with open(os.path.join(fake_cifar, "cifar-10-batches-py", "test_batch"), "w") as f:
         f.write("this is not a pickle")
     with pytest.raises(DataError, match="test_batch is not a readable"):
-        data_module.get_data(DataConfig("cifar10", fake_cifar, download=False))
+        get_data("cifar10", fake_cifar, DOWNLOAD=False)
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -301,7 +313,7 @@ def test_stratified_split_of_every_class_holds_one_of_each_out_and_keeps_one():
 
 
 def test_an_unset_val_split_is_5000_for_cifar_and_a_tenth_with_every_class_for_a_folder():
-    assert DataConfig().val_split is None
+    assert configs().data.val_split is None
     assert data_module.default_val_split("cifar10", torch.arange(50000) % 10) == 5000
     assert data_module.default_val_split("folder", torch.arange(90) % 3) == 9
     assert data_module.default_val_split("folder", torch.arange(95) % 3) == 10  # 9.5 rounds up
@@ -322,8 +334,7 @@ def test_channel_stats_match_numpy():
 @pytest.mark.parametrize("resident", ["yes", "no"])
 def test_an_image_folder_tree_loads_resized(tmp_path, resident):
     root = write_image_tree(tmp_path, splits=("train", "val", "test"))
-    data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=12, resident=resident,
-                                           num_workers=0))
+    data = get_data("folder", root, BATCH_SIZE=4, IMAGE_SIZE=12, RESIDENT=resident, NUM_WORKERS=0)
     assert data.classes == ["cats", "dogs", "owls"] and data.image_size == 12
     assert data.resident == (resident == "yes") and not data.test_is_val
     images, labels = collect(data.val)
@@ -332,24 +343,24 @@ def test_an_image_folder_tree_loads_resized(tmp_path, resident):
 
 def test_a_tree_without_val_holds_out_val_split(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
-    data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, val_split=6, resident="yes",
-                                           num_workers=0))
+    data = get_data("folder", root, BATCH_SIZE=4, IMAGE_SIZE=8, VAL_SPLIT=6, RESIDENT="yes",
+                    NUM_WORKERS=0)
     assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val and data.test_is_val
 
 
 def test_a_tree_without_val_or_test_and_val_split_zero_names_the_flag(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",))
     with pytest.raises(DataError, match=r"no val/ or test/ folder and --val-split \(VAL_SPLIT\) is 0: nothing"):
-        data_module.get_data(DataConfig("folder", root, val_split=0, num_workers=0))
+        get_data("folder", root, VAL_SPLIT=0, NUM_WORKERS=0)
 
 
 def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=30)
-    data = data_module.get_data(DataConfig(dataset="folder", data_dir=root, num_workers=0))
+    data = get_data("folder", root, NUM_WORKERS=0)
     assert torch.bincount(data.val.labels).tolist() == [3, 3, 3] and len(data.train.labels) == 81
     assert data.test_is_val and data.test is data.val  # no test/
     with pytest.raises(DataError) as error:
-        data_module.get_data(DataConfig(dataset="folder", data_dir=root, val_split=5000, num_workers=0))
+        get_data("folder", root, VAL_SPLIT=5000, NUM_WORKERS=0)
     assert str(error.value) == ("--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "
                                 "leave it unset for a tenth of them")
 
@@ -357,21 +368,21 @@ def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default
 def test_an_uneven_folder_validates_on_every_class_by_default(tmp_path):
     for name, count in [("many", 40), ("few", 3), ("two", 2)]:
         write_image_tree(tmp_path, splits=("train",), classes=(name,), per_class=count)
-    data = data_module.get_data(DataConfig("folder", str(tmp_path), image_size=8, resident="yes", num_workers=0))
+    data = get_data("folder", str(tmp_path), IMAGE_SIZE=8, RESIDENT="yes", NUM_WORKERS=0)
     assert data.classes == ["few", "many", "two"]
     assert torch.bincount(data.val.labels).tolist() == [1, 3, 1]  # 5 of 45: a tenth, rounded half up
     assert torch.bincount(data.train.labels).tolist() == [2, 37, 1]
     write_image_tree(tmp_path, splits=("train",), classes=("one",), per_class=1)
     with pytest.raises(DataError, match=r"train/one has a single image, and an unset --val-split \(VAL_SPLIT\)"):
-        data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
-    data = data_module.get_data(DataConfig("folder", str(tmp_path), val_split=4, num_workers=0))
+        get_data("folder", str(tmp_path), NUM_WORKERS=0)
+    data = get_data("folder", str(tmp_path), VAL_SPLIT=4, NUM_WORKERS=0)
     assert len(data.val.labels) == 4  # a value given is held out in proportion, as before
 
 
 def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_cifar):
     with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of CIFAR-10's "
                                         r"training images, but there are 100 images; set a smaller one$"):
-        data_module.get_data(DataConfig("cifar10", fake_cifar, download=False))
+        get_data("cifar10", fake_cifar, DOWNLOAD=False)
 
 
 def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
@@ -393,19 +404,19 @@ def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
 def test_a_tree_with_one_class_is_refused(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), classes=("only",))
     with pytest.raises(DataError, match="at least two"):
-        data_module.get_data(DataConfig("folder", root, num_workers=0))
+        get_data("folder", root, NUM_WORKERS=0)
 
 
 def test_a_missing_tree_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"no ImageFolder tree .*; point --data-dir \(DATA_DIR\) at the folder"):
-        data_module.get_data(DataConfig("folder", str(tmp_path), num_workers=0))
+        get_data("folder", str(tmp_path), NUM_WORKERS=0)
 
 
 def test_a_split_folder_given_for_its_tree_names_the_tree(tmp_path):
     root = write_image_tree(tmp_path / "photos", splits=("train", "val"))
     for split in ("train", "val", "train/"):
         with pytest.raises(DataError) as error:
-            data_module.get_data(DataConfig("folder", os.path.join(root, split), num_workers=0))
+            get_data("folder", os.path.join(root, split), NUM_WORKERS=0)
         assert str(error.value) == (f"--data-dir (DATA_DIR) {os.path.join(root, split)} is a split folder; "
                                     f"use its parent, --data-dir {root}")
     assert sorted(os.listdir(root)) == ["train", "val"] and "train" not in os.listdir(os.path.join(root, "train"))
@@ -417,15 +428,15 @@ def test_class_folders_without_train_a_file_or_no_folder_are_each_named(tmp_path
     os.rename(tmp_path / "tree" / "train", classes_only)
     with pytest.raises(DataError, match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
                                         rf"train/: move them into {classes_only}/train/, or point"):
-        data_module.get_data(DataConfig("folder", str(classes_only), num_workers=0))
+        get_data("folder", str(classes_only), NUM_WORKERS=0)
     (tmp_path / "photos.zip").write_bytes(b"PK")
     with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*photos.zip is an archive, not a folder; unpack"):
-        data_module.get_data(DataConfig("folder", str(tmp_path / "photos.zip"), num_workers=0))
+        get_data("folder", str(tmp_path / "photos.zip"), NUM_WORKERS=0)
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*notes.txt is a file, not a folder; point it"):
-        data_module.get_data(DataConfig("folder", str(tmp_path / "notes.txt"), num_workers=0))
+        get_data("folder", str(tmp_path / "notes.txt"), NUM_WORKERS=0)
     with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*nowhere does not exist; point it at the folder"):
-        data_module.get_data(DataConfig("folder", str(tmp_path / "nowhere"), num_workers=0))
+        get_data("folder", str(tmp_path / "nowhere"), NUM_WORKERS=0)
 
 
 def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
@@ -434,7 +445,7 @@ def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
         f.write(b"\x89PNG\r\n\x1a\n garbage")
     with open(os.path.join(root, "train", "dogs", "empty.jpg"), "wb"):
         pass
-    data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, resident="yes", num_workers=0))
+    data = get_data("folder", root, BATCH_SIZE=4, IMAGE_SIZE=8, RESIDENT="yes", NUM_WORKERS=0)
     assert len(data.train.labels) == 18
     assert "skipped 2 unreadable image files, e.g. " in capsys.readouterr().err
 
@@ -444,31 +455,31 @@ def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
     (tmp_path / "tree" / "train" / "cats" / "notes.txt").write_text("not a picture")
     broken = tmp_path / "tree" / "train" / "dogs" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=8, resident="yes", num_workers=0))
+    get_data("folder", root, BATCH_SIZE=4, IMAGE_SIZE=8, RESIDENT="yes", NUM_WORKERS=0)
     warnings = capsys.readouterr().err
     assert "skipped 1 file that is not an image (extension .txt)" in warnings
     assert f"skipped 1 unreadable image file: {broken}" in warnings
     one_class = write_image_tree(tmp_path / "one", splits=("train",), classes=("only",))
     with pytest.raises(DataError, match="has 1 class folder with images"):
-        data_module.get_data(DataConfig("folder", one_class, num_workers=0))
+        get_data("folder", one_class, NUM_WORKERS=0)
     os.makedirs(tmp_path / "tree" / "train" / "owls2")
     with pytest.raises(DataError, match="none in the class folder owls2$"):
-        data_module.get_data(DataConfig("folder", root, num_workers=0))
+        get_data("folder", root, NUM_WORKERS=0)
 
 
 def test_an_empty_val_folder_is_refused(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",))
     os.makedirs(os.path.join(root, "val", "cats"))
     with pytest.raises(DataError, match="no readable images"):
-        data_module.get_data(DataConfig("folder", root, num_workers=0))
+        get_data("folder", root, NUM_WORKERS=0)
 
 
 # ----------------------------------------------------------------------------- normalisation
 
 
 def test_normalisation_uses_the_training_statistics(fake_cifar):
-    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=100, val_split=0, crop_padding=0,
-                                           flip="none", download=False))
+    data = get_data("cifar10", fake_cifar, BATCH_SIZE=100, VAL_SPLIT=0, CROP_PADDING=0,
+                    FLIP="none", DOWNLOAD=False)
     images, _ = collect(data.train)
     per_channel = images.transpose(0, 1).reshape(3, -1)
     assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-4)
@@ -479,9 +490,9 @@ def test_normalisation_uses_the_training_statistics(fake_cifar):
 
 
 def test_resident_and_streaming_paths_agree(fake_cifar):
-    kwargs = dict(batch_size=16, val_split=20, download=False, num_workers=0, seed=1)
-    resident = data_module.get_data(DataConfig("cifar10", fake_cifar, resident="yes", **kwargs))
-    streaming = data_module.get_data(DataConfig("cifar10", fake_cifar, resident="no", **kwargs))
+    kwargs = dict(BATCH_SIZE=16, VAL_SPLIT=20, DOWNLOAD=False, NUM_WORKERS=0, SEED=1)
+    resident = get_data("cifar10", fake_cifar, RESIDENT="yes", **kwargs)
+    streaming = get_data("cifar10", fake_cifar, RESIDENT="no", **kwargs)
     assert not streaming.resident and resident.mean == streaming.mean
     # without augmentation (validation) the batches are the same images, normalised the same way
     (rv, rl), (sv, sl) = collect(resident.val), collect(streaming.val)
@@ -496,8 +507,8 @@ def test_resident_and_streaming_paths_agree(fake_cifar):
 def test_the_same_seed_gives_the_same_first_batches(fake_cifar):
     def first_batches(seed):
         torch.manual_seed(seed)
-        data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=16, val_split=20, seed=seed,
-                                               download=False))
+        data = get_data("cifar10", fake_cifar, BATCH_SIZE=16, VAL_SPLIT=20, SEED=seed,
+                        DOWNLOAD=False)
         data.train.set_epoch(1)
         return collect(data.train, limit=2)
 
@@ -511,10 +522,10 @@ def test_the_same_seed_gives_the_same_first_batches(fake_cifar):
 
 def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     root = write_photo_tree(tmp_path)
-    kwargs = dict(batch_size=8, image_size=32, num_workers=0, seed=0)
-    resident = data_module.get_data(DataConfig("folder", root, resident="yes", **kwargs))
+    kwargs = dict(BATCH_SIZE=8, IMAGE_SIZE=32, NUM_WORKERS=0, SEED=0)
+    resident = get_data("folder", root, RESIDENT="yes", **kwargs)
     warnings = capsys.readouterr().err
-    streaming = data_module.get_data(DataConfig("folder", root, resident="no", **kwargs))
+    streaming = get_data("folder", root, RESIDENT="no", **kwargs)
     assert resident.classes == streaming.classes == PHOTO_CLASSES
     assert resident.test_is_val and resident.test is resident.val  # val/ but no test/
     assert resident.resize_size == streaming.resize_size == 37  # round(32 / 0.875)
@@ -547,8 +558,9 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
 def test_a_photo_folder_keeps_its_class_colours(tmp_path):
     """Labels follow the folders: class 0's RGB photos are the least red (see conftest.photo_pixels)."""
     root = write_photo_tree(tmp_path, splits=("train",))
-    data = data_module.get_data(DataConfig("folder", root, batch_size=8, image_size=16, val_split=9, resident="yes",
-                                           num_workers=0, mean=(0,) * 3, std=(1,) * 3))
+    config = data_config("folder", root, BATCH_SIZE=8, IMAGE_SIZE=16, VAL_SPLIT=9, RESIDENT="yes",
+                         NUM_WORKERS=0)
+    data = data_module.get_data(replace(config, mean=(0,) * 3, std=(1,) * 3))
     images, labels = data.train.images, data.train.labels
     is_colour = images.float().std(-1).mean((1, 2)) > 20  # grey photos have equal channels
     red = images[..., 0].float().mean((1, 2))
@@ -564,8 +576,10 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module.Images, "statistics", refuse)
     monkeypatch.setattr(data_module.ImageFiles, "statistics", refuse)
     for resident in ("yes", "no"):
-        data = data_module.get_data(DataConfig("folder", root, batch_size=4, image_size=16, resize_size=24,
-                                               mean=(0.5,) * 3, std=(0.25,) * 3, resident=resident, num_workers=0))
+        config = data_config("folder", root, BATCH_SIZE=4, IMAGE_SIZE=16, RESIDENT=resident,
+                             NUM_WORKERS=0)
+        data = data_module.get_data(replace(config, resize_size=24, mean=(0.5,) * 3,
+                                            std=(0.25,) * 3))
         assert data.mean == (0.5,) * 3 and data.std == (0.25,) * 3 and data.resize_size == 24 and data.image_size == 16
         files = data_module._scan_folder(root, 24)[0]["val"]
         stored = torch.from_numpy(np.array(files.read(0)))
@@ -577,14 +591,16 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
         assert torch.allclose(image_module.load_image(path, 16, data.mean, data.std, resize_size=24), expected,
                               atol=1e-5)
     with pytest.raises(ValueError, match="mean and std"):
-        DataConfig("folder", root, mean=(0.5,) * 3)
+        replace(data_config("folder", root), mean=(0.5,) * 3)
     with pytest.raises(DataError, match=r"resize size 20 is smaller than --image-size \(IMAGE_SIZE\) 24: .*; lower"):
-        data_module.get_data(DataConfig("folder", root, image_size=24, resize_size=20))
+        data_module.get_data(replace(data_config("folder", root, IMAGE_SIZE=24), resize_size=20))
 
 
 def test_cifar_ignores_resize_size_but_takes_mean_and_std(fake_cifar):
-    data = data_module.get_data(DataConfig("cifar10", fake_cifar, batch_size=8, val_split=20, image_size=224,
-                                           resize_size=256, mean=(0.1, 0.2, 0.3), std=(0.5,) * 3, download=False))
+    config = data_config("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, IMAGE_SIZE=224,
+                         DOWNLOAD=False)
+    data = data_module.get_data(replace(config, resize_size=256, mean=(0.1, 0.2, 0.3),
+                                        std=(0.5,) * 3))
     assert data.resize_size is None and data.image_size == 32 and data.mean == (0.1, 0.2, 0.3)
 
 
@@ -605,11 +621,10 @@ def decoded(monkeypatch):
     return seen
 
 
-def cached_data(root, cache_dir, **options):
+def cached_data(root, cache_dir, **constants):
     """get_data on a folder with small batches and images, decoding in this process."""
-    defaults = dict(batch_size=8, image_size=32, num_workers=0, seed=0)
-    config = DataConfig("folder", root, cache_dir=cache_dir and str(cache_dir), **{**defaults, **options})
-    return data_module.get_data(config)
+    defaults = dict(BATCH_SIZE=8, IMAGE_SIZE=32, NUM_WORKERS=0, SEED=0)
+    return get_data("folder", root, CACHE_DIR=cache_dir and str(cache_dir), **defaults | constants)
 
 
 def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, decoded, monkeypatch, capsys):
@@ -636,13 +651,13 @@ def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, 
 
 def test_a_cached_folders_statistics_are_a_samples_remembered_and_the_same_resident_or_not(tmp_path, monkeypatch):
     root = write_photo_tree(tmp_path / "photos")
-    streamed = cached_data(root, tmp_path / "cache", resident="no")
+    streamed = cached_data(root, tmp_path / "cache", RESIDENT="no")
     exact = data_module.channel_stats(streamed.train.images[streamed.train.rows])  # under 2,000: all of them
 
     def refuse(images):
         raise AssertionError("statistics computed again although the cache remembers them")
     monkeypatch.setattr(data_module, "channel_stats", refuse)
-    resident = cached_data(root, tmp_path / "cache", resident="yes")
+    resident = cached_data(root, tmp_path / "cache", RESIDENT="yes")
     assert resident.resident and not streamed.resident
     assert (resident.mean, resident.std) == (streamed.mean, streamed.std) == exact
 
@@ -672,20 +687,20 @@ def test_the_cache_is_rebuilt_when_a_file_or_the_image_size_changes(tmp_path, de
     os.remove(cat)  # removed
     count, data = rebuilt()
     assert count == 36 and len(data.train.labels) == 18
-    count, data = rebuilt(image_size=16)  # another stored size (IMAGE_SIZE 16: 18 px squares)
+    count, data = rebuilt(IMAGE_SIZE=16)  # another stored size (IMAGE_SIZE 16: 18 px squares)
     assert count == 36 and data.resize_size == 18
-    assert rebuilt(image_size=16)[0] == rebuilt()[0] == 0  # both sizes stay cached
+    assert rebuilt(IMAGE_SIZE=16)[0] == rebuilt()[0] == 0  # both sizes stay cached
     assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 2  # the superseded 37-px caches are gone
 
 
 def test_a_truncated_cache_file_is_rebuilt_never_trusted(tmp_path, decoded):
     root = write_image_tree(tmp_path, splits=("train", "val"), size=(40, 30))
-    first = cached_data(root, tmp_path / "cache", resident="yes")
+    first = cached_data(root, tmp_path / "cache", RESIDENT="yes")
     stored = first.val.images.clone()
     size = os.path.getsize(first.cache_file)
     with open(first.cache_file, "r+b") as f:  # a copy cut short, a full disk
         f.truncate(size // 2)
-    again = cached_data(root, tmp_path / "cache", resident="yes")
+    again = cached_data(root, tmp_path / "cache", RESIDENT="yes")
     assert len(decoded) == 2 * 36 and os.path.getsize(again.cache_file) == size
     assert torch.equal(again.val.images, stored)
 
@@ -693,8 +708,8 @@ def test_a_truncated_cache_file_is_rebuilt_never_trusted(tmp_path, decoded):
 def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     root = write_photo_tree(tmp_path / "photos")
     cached = cached_data(root, tmp_path / "cache")  # rows of the memory-mapped cache, read a batch at a time
-    resident = cached_data(root, tmp_path / "cache", resident="yes")  # the same rows, on the device
-    streamed = cached_data(root, None, resident="no")  # no cache: PIL in DataLoader workers
+    resident = cached_data(root, tmp_path / "cache", RESIDENT="yes")  # the same rows, on the device
+    streamed = cached_data(root, None, RESIDENT="no")  # no cache: PIL in DataLoader workers
     assert isinstance(streamed.train, loader_module.StreamingLoader) and streamed.cache_file is None
     assert cached.mean == resident.mean == streamed.mean  # under 2,000 images: all of them, exactly
     # the stored squares: each cache row is the file as the streaming path reads it
@@ -735,7 +750,8 @@ def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_when_fil
         return decode_files(paths, size, out, num_workers, desc, device=device)
     monkeypatch.setattr(data_module, "decode_files", recording)
     root = write_image_tree(tmp_path / "photos")
-    config = DataConfig("folder", root, batch_size=8, image_size=16, num_workers=0, cache_dir=str(tmp_path / "c"))
+    config = data_config("folder", root, BATCH_SIZE=8, IMAGE_SIZE=16, NUM_WORKERS=0,
+                         CACHE_DIR=str(tmp_path / "c"))
     data_module.get_data(config, "cpu")
     data_module.get_data(replace(config, cache_dir=None, resident="yes"), torch.device("cpu"))
     assert calls == [("decoding", torch.device("cpu")), ("decoding train", torch.device("cpu")),
@@ -746,10 +762,10 @@ def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys, m
     root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DataError, match=r"^--cache-dir \(CACHE_DIR\) .*a_file/cache: cannot write.*or to none "):
-        cached_data(root, tmp_path / "a_file" / "cache", image_size=8)
+        cached_data(root, tmp_path / "a_file" / "cache", IMAGE_SIZE=8)
     monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # "auto" cannot be made: no cache, a warning
-    data = cached_data(root, "auto", image_size=8)
+    data = cached_data(root, "auto", IMAGE_SIZE=8)
     assert data.cache_file is None and data.resident
     assert "images are decoded without a cache (set --cache-dir (CACHE_DIR) to" in capsys.readouterr().err
 
@@ -768,7 +784,7 @@ def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     one = write_image_tree(tmp_path / "one", splits=("train", "val"), seed=1)
     two = write_image_tree(tmp_path / "two", splits=("train", "val"), seed=2)  # the same file names
-    first, second = cached_data(one, "auto", resident="yes"), cached_data(two, "auto", resident="yes")
+    first, second = (cached_data(folder, "auto", RESIDENT="yes") for folder in (one, two))
     folder = str(tmp_path / "xdg" / "lra-pipeline")
     assert os.path.dirname(first.cache_file) == os.path.dirname(second.cache_file) == folder
     assert first.cache_file != second.cache_file and not torch.equal(first.val.images, second.val.images)

@@ -18,8 +18,8 @@ import data_module
 import image_module
 import main
 import utils
-from conftest import write_image_tree
-from data_module import DataConfig, DataError
+from conftest import configs, write_image_tree
+from data_module import DataError
 
 LATIN1 = b"caf\xe9"  # "café" in Latin-1, not UTF-8: os.fsdecode keeps its \xe9 as a surrogate
 
@@ -45,14 +45,18 @@ def tree(tmp_path, per_class=4):
                             per_class=per_class)
 
 
+def folder_config(root):
+    return configs(DATASET="folder", DATA_DIR=str(root)).data
+
+
 def png(path, size=(20, 14), colour=(200, 30, 30)):
     Image.new("RGB", size, colour).save(path, "PNG")
 
 
 def read(root, cache_dir):
     """get_data's images in memory: {split: (images, labels)}, and the classes."""
-    config = DataConfig("folder", str(root), batch_size=4, image_size=8, resident="yes",
-                        num_workers=0, cache_dir=cache_dir and str(cache_dir))
+    config = configs(DATASET="folder", DATA_DIR=str(root), BATCH_SIZE=4, IMAGE_SIZE=8,
+                     RESIDENT="yes", NUM_WORKERS=0, CACHE_DIR=cache_dir and str(cache_dir)).data
     data = data_module.get_data(config)
     return {name: (loader.images, loader.labels) for name, loader in
             (("train", data.train), ("val", data.val))}, data.classes
@@ -343,10 +347,10 @@ def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(t
     os.symlink(linked, os.path.join(root, "train", "dogs"))
     output_dir = str(linked / "run") if inside == "linked/run" else os.path.join(root, inside)
     with pytest.raises(DataError, match=r"^--output-dir \(OUTPUT_DIR\) .* is inside the data "):
-        data_module.check_output_dir(DataConfig("folder", root), output_dir)
+        data_module.check_output_dir(folder_config(root), output_dir)
     for beside in (tmp_path / "out", tmp_path / "data", tmp_path / "data" / "runs"):  # never read
-        data_module.check_output_dir(DataConfig("folder", root), str(beside))
-    data_module.check_output_dir(DataConfig("cifar10", root), output_dir)  # reads batch files only
+        data_module.check_output_dir(folder_config(root), str(beside))
+    data_module.check_output_dir(configs(DATASET="cifar10", DATA_DIR=str(root)).data, output_dir)  # reads batch files only
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read")

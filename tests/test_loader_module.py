@@ -5,20 +5,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 from torchvision.transforms import functional as F
 
 import augment_module
 import loader_module
 from augment_module import auto_augment, erase_masks
-from conftest import collect, smooth_photo
-from loader_module import Augmentation, Batching
+from conftest import augmentation, collect, smooth_photo
+from loader_module import Batching
 
 
 def test_alternate_flip_mirrors_every_image_every_other_epoch():
     images = torch.randint(0, 256, (10, 4, 4, 3), dtype=torch.uint8)
     labels = torch.arange(10)
     loader = loader_module.ResidentLoader(images, labels, Batching(10, train=True),
-                                          Augmentation((0.5,) * 3, (0.25,) * 3, crop_padding=0, flip="alternate"))
+                                          augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0,
+                                                       FLIP="alternate"))
     epochs = []
     for epoch in (1, 2, 3):
         loader.set_epoch(epoch)
@@ -32,7 +34,7 @@ def test_epochs_shuffle_differently_and_shards_do_not_overlap():
     images = torch.zeros(20, 4, 4, 3, dtype=torch.uint8)
     labels = torch.arange(20)
     shards = [loader_module.ResidentLoader(images, labels, Batching(5, train=True, rank=r, world_size=2),
-                                           Augmentation((0,) * 3, (1,) * 3)) for r in (0, 1)]
+                                           augmentation((0,) * 3, (1,) * 3)) for r in (0, 1)]
     seen = [collect(s)[1] for s in shards]
     assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0].tolist()) & set(seen[1].tolist())
     shards[0].set_epoch(2)
@@ -42,7 +44,7 @@ def test_epochs_shuffle_differently_and_shards_do_not_overlap():
 def test_a_training_set_smaller_than_a_batch_still_gives_one_batch():
     images = torch.zeros(5, 4, 4, 3, dtype=torch.uint8)
     loader = loader_module.ResidentLoader(images, torch.arange(5), Batching(8, train=True),
-                                          Augmentation((0,) * 3, (1,) * 3))
+                                          augmentation((0,) * 3, (1,) * 3))
     assert len(loader) == 1 and len(collect(loader)[1]) == 5
 
 
@@ -55,7 +57,8 @@ def test_resident_photo_crops_are_each_images_own_box_then_flipped():
                           for i in range(n)]).to(torch.uint8)
     labels = torch.arange(n)
     loader = loader_module.ResidentLoader(images, labels, Batching(8, train=True, channels_last=False),
-                                          Augmentation((0,) * 3, (1 / 255,) * 3, flip="random", crop_size=16))
+                                          augmentation((0,) * 3, (1 / 255,) * 3, crop_size=16,
+                                                       FLIP="random"))
     torch.manual_seed(0)
     crops, seen = collect(loader)
     assert crops.shape == (n, 3, 16, 16)
@@ -70,7 +73,7 @@ def test_resident_photo_crops_are_each_images_own_box_then_flipped():
 def test_photo_evaluation_is_the_centre_crop():
     images = torch.stack([smooth_photo(37, seed=i) for i in range(5)])
     loader = loader_module.ResidentLoader(images, torch.arange(5), Batching(4, train=False),
-                                          Augmentation((0,) * 3, (1 / 255,) * 3, crop_size=32))
+                                          augmentation((0,) * 3, (1 / 255,) * 3, crop_size=32))
     batch, _ = collect(loader)
     for image, out in zip(images, batch):
         centre = F.center_crop(Image.fromarray(image.numpy()), [32, 32])  # offset round(2.5) = 2, as torchvision
@@ -81,38 +84,44 @@ def test_photo_evaluation_is_the_centre_crop():
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
 def test_training_chunks_get_each_images_own_ops_then_normalisation_then_erased_boxes(policy):
     """Replayed from the same seed: the loader's batches are auto_augment of the chunk in its shuffled order,
-    normalised, with erase_masks' boxes at 0, each image beside its own label."""
+    then each batch normalised, with erase_masks' boxes at 0, each image beside its own label."""
     images = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    augmentation = Augmentation((0.5,) * 3, (0.25,) * 3, crop_padding=0, flip="none", auto_augment=policy,
-                                random_erasing=0.5)
-    loader = loader_module.ResidentLoader(images, torch.arange(48), Batching(16, train=True), augmentation)
+    augmented = augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0, FLIP="none",
+                             AUTO_AUGMENT=policy,
+                             RANDOM_ERASING=0.5)
+    loader = loader_module.ResidentLoader(images, torch.arange(48), Batching(16, train=True),
+                                          augmented)
     torch.manual_seed(3)
     batches, labels = collect(loader)
     torch.manual_seed(3)
-    expected = loader.normalize(auto_augment(images[labels], policy))
-    expected.masked_fill_(erase_masks(48, 8, 8, 0.5, "cpu"), 0.0)
+    chunk = loader.normalize(auto_augment(images[labels], policy))
+    expected = torch.cat([batch.masked_fill(erase_masks(16, 8, 8, 0.5, "cpu"),
+                                            0.0) for batch in chunk.split(16)])
     assert torch.equal(batches, expected)
     assert not torch.equal(batches, loader.normalize(images[labels]))
 
 
 def test_evaluation_batches_are_untouched_by_auto_augment_and_erasing():
     images = torch.randint(0, 256, (20, 8, 8, 3), dtype=torch.uint8)
-    augmentation = Augmentation((0.5,) * 3, (0.25,) * 3, auto_augment="trivialaugment", random_erasing=1.0)
-    loader = loader_module.ResidentLoader(images, torch.arange(20), Batching(8, train=False), augmentation)
+    augmented = augmentation((0.5,) * 3, (0.25,) * 3, AUTO_AUGMENT="trivialaugment",
+                             RANDOM_ERASING=1.0)
+    loader = loader_module.ResidentLoader(images, torch.arange(20), Batching(8, train=False),
+                                          augmented)
     assert torch.equal(collect(loader)[0], loader.normalize(images))
     photos = torch.stack([smooth_photo(37, seed=i) for i in range(5)])
-    loader = loader_module.ResidentLoader(photos, torch.arange(5), Batching(4, train=False),
-                                          Augmentation((0,) * 3, (1 / 255,) * 3, crop_size=32,
-                                                       auto_augment="randaugment", random_erasing=1.0))
+    augmented = augmentation((0,) * 3, (1 / 255,) * 3, crop_size=32, AUTO_AUGMENT="randaugment",
+                             RANDOM_ERASING=1.0)
+    loader = loader_module.ResidentLoader(photos, torch.arange(5), Batching(4, False), augmented)
     assert torch.equal(collect(loader)[0], loader.normalize(photos[:, 2:34, 2:34]))
 
 
 def test_photo_crops_are_rounded_to_grey_levels_augmented_normalised_then_erased():
     """mean 0.5 and std 1/255 make a normalised grey level v - 127.5: never 0, and never a whole number."""
     photos = torch.stack([smooth_photo(48, seed=i) for i in range(16)])
-    augmentation = Augmentation((0.5,) * 3, (1 / 255,) * 3, crop_size=24, auto_augment="trivialaugment",
-                                random_erasing=1.0)
-    loader = loader_module.ResidentLoader(photos, torch.arange(16), Batching(8, train=True), augmentation)
+    augmented = augmentation((0.5,) * 3, (1 / 255,) * 3, crop_size=24,
+                             AUTO_AUGMENT="trivialaugment", RANDOM_ERASING=1.0)
+    loader = loader_module.ResidentLoader(photos, torch.arange(16), Batching(8, train=True),
+                                          augmented)
     torch.manual_seed(0)
     crops, _ = collect(loader)
     erased = crops == 0
@@ -125,7 +134,8 @@ def test_photo_crops_are_rounded_to_grey_levels_augmented_normalised_then_erased
 def test_a_mixed_loader_mixes_each_batch_of_its_loader_and_passes_the_rest_through_unmixed():
     images = torch.randint(0, 256, (20, 4, 4, 3), dtype=torch.uint8)
     plain = loader_module.ResidentLoader(images, torch.arange(20) % 5, Batching(8, train=True),
-                                         Augmentation((0.5,) * 3, (0.25,) * 3, crop_padding=0, flip="none"))
+                                         augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0,
+                                                      FLIP="none"))
     seen = []
 
     def mix(x, y):  # a stand-in that records what it was given
@@ -144,9 +154,27 @@ def test_a_mixed_loader_mixes_each_batch_of_its_loader_and_passes_the_rest_throu
 def test_a_mixed_loader_with_torchvisions_mixup_and_cutmix_yields_soft_targets_that_sum_to_one():
     images = torch.randint(0, 256, (32, 8, 8, 3), dtype=torch.uint8)
     plain = loader_module.ResidentLoader(images, torch.arange(32) % 4, Batching(8, train=True),
-                                         Augmentation((0.5,) * 3, (0.25,) * 3))
-    mixed = loader_module.MixedLoader(plain, augment_module.batch_mixer(0.2, 1.0, num_classes=4))
+                                         augmentation((0.5,) * 3, (0.25,) * 3))
+    mix = augment_module.batch_mixer(dict(mixup=0.2, cutmix=1.0), num_classes=4)
+    mixed = loader_module.MixedLoader(plain, mix)
     torch.manual_seed(0)
     for x, targets in mixed:
         assert x.shape == (8, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
         assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))
+
+
+def test_a_new_augmentation_is_one_registry_entry_and_its_constant(monkeypatch):
+    """An entry of AUGMENTATIONS and a constant of its name reach the config, its check, the device
+    loader (at the entry's stage) and the PIL pipeline, alike."""
+    invert = augment_module.Kind((None, True), None, "pixels", lambda images, on: 255 - images,
+                                 lambda on: [transforms.RandomInvert(p=1.0)])
+    monkeypatch.setitem(augment_module.AUGMENTATIONS, "invert", invert)
+    images = torch.randint(0, 256, (8, 4, 4, 3), dtype=torch.uint8)
+    augmented = augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0, FLIP="none", INVERT=True)
+    loader = loader_module.ResidentLoader(images, torch.arange(8), Batching(8, True), augmented)
+    batch, labels = collect(loader)
+    assert torch.equal(batch, loader.normalize(255 - images[labels]))
+    streamed = augment_module.pil_transform(True, 4, augmented)(Image.fromarray(images[0].numpy()))
+    assert torch.allclose(streamed, loader.normalize(255 - images[:1])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="^INVERT = 'yes' is not known; choose one of None, True"):
+        augmentation((0.5,) * 3, (0.25,) * 3, INVERT="yes")

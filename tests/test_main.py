@@ -72,9 +72,11 @@ def test_flags_are_derived_from_the_constants():
 def test_auto_augment_and_random_erasing_flags_reach_the_data_config():
     config, _ = main.parse_config(["--auto-augment", "trivialaugment", "--random-erasing", "0.25"])
     data = main.build_config(config).data
-    assert (data.auto_augment, data.random_erasing) == ("trivialaugment", 0.25)
+    assert data.augmentations == dict(auto_augment="trivialaugment", random_erasing=0.25,
+                                      mixup=0.0, cutmix=0.0)
     config, _ = main.parse_config(["--auto-augment", "none"])
-    assert config["AUTO_AUGMENT"] is None and main.build_config(config).data.random_erasing == 0.0
+    settings = main.build_config(config).data.augmentations
+    assert config["AUTO_AUGMENT"] is None and settings["random_erasing"] == 0
     config["AUTO_AUGMENT"] = "rand"
     with pytest.raises(ValueError, match="^AUTO_AUGMENT = 'rand' is not known; choose one of None, 'trivialaug"):
         main.build_config(config)
@@ -88,9 +90,8 @@ def test_a_preset_applies_and_flags_override_it():
 @pytest.mark.parametrize("preset", list(main.PRESETS))
 def test_no_preset_validates_on_the_test_set(preset, cifar_dir):
     config, _ = main.parse_config(["--preset", preset])
-    data = data_module.get_data(data_module.DataConfig("cifar10", cifar_dir, batch_size=config["BATCH_SIZE"],
-                                                       val_split=config["VAL_SPLIT"], download=False,
-                                                       seed=config["SEED"]))
+    data = data_module.get_data(main.build_config({**config, "DATA_DIR": cifar_dir,
+                                                   "DOWNLOAD": False}).data)
     assert data.val is not data.test and len(data.test.labels) == 10000
     held_out = config["VAL_SPLIT"]
     assert len(data.train.labels) == 50000 - held_out  # held out of the 50,000 training images, or none
@@ -133,7 +134,8 @@ def test_a_value_of_the_wrong_type_is_refused(capsys):
 @pytest.mark.parametrize("name, value", [("EPOCHS", 0), ("BATCH_SIZE", 0), ("LR", 0.0), ("FACTOR", 1.0),
                                          ("PATIENCE", 0), ("STOP_PATIENCE", 0), ("THRESHOLD", 1.5),
                                          ("VAL_SPLIT", -1), ("TRAIN_SUBSET", 0), ("MODEL", "vgg"),
-                                         ("DATASET", "mnist"), ("SCHEDULE", "cosine"), ("MIXUP", -0.2),
+                                         ("DATASET", "mnist"), ("SCHEDULE", "step"),
+                                         ("MIXUP", -0.2),
                                          ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance"), ("EMA_DECAY", 1.0),
                                          ("EMA_DECAY", 0.0), ("ACCUMULATE_STEPS", 0), ("CLIP_GRAD_NORM", 0.0)])
 def test_out_of_range_constants_name_the_constant(name, value):
@@ -404,6 +406,19 @@ def test_a_resume_asks_anew_when_told_and_refuses_a_new_epoch_count_under_onecyc
                            capsys).returncode == 0
     refused = main_in_process(["--resume", "auto", "--output-dir", onecycle, "--epochs", "3"], capsys)
     assert_one_clean_line(refused, "--epochs 3 differs from the run", "EPOCHS = 1")
+
+
+def test_a_cosine_run_decays_the_lr_to_0_uncut_and_a_resume_keeps_its_epochs(tiny_run, capsys):
+    args, out = tiny_run
+    result = main_in_process(args + ["--epochs", "2", "--schedule", "cosine", "--lr", "0.05"],
+                             capsys)
+    assert result.returncode == 0, result.stderr
+    history = pd.read_csv(out / "training_metrics.csv")
+    assert history["lr"].tolist() == pytest.approx([0.05, 0.025])  # epoch 2 starts half way: cos 90
+    assert history["next_lr"].iloc[-1] == 0  # after the last step
+    assert not history["event"].str.contains("cut", na=False).any()  # LRA leaves the LR alone
+    refused = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "3"], capsys)
+    assert_one_clean_line(refused, "--epochs 3 differs from the run", "EPOCHS = 2")
 
 
 def test_a_run_with_a_relative_data_dir_resumes_from_another_directory(tmp_path, capsys, monkeypatch):

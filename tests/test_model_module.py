@@ -16,8 +16,7 @@ import optim_module
 import step_module
 import train_module
 import utils
-from conftest import ROOT, make_tiny_data
-from optim_module import OptimConfig
+from conftest import ROOT, configs, make_tiny_data
 
 
 @pytest.mark.parametrize("name", list(model_module.MODELS))
@@ -111,7 +110,8 @@ def test_freeze_leaves_only_the_head_trainable_and_batchnorm_in_eval():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
     assert model.head.training
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))  # holds the frozen body too, for unfreezing later
+    # the optimizer holds the frozen body too, for unfreezing later
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
     trained = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
     assert trained == {id(p) for p in model.head.parameters()}
 
@@ -122,7 +122,7 @@ def test_an_epoch_with_freeze_changes_only_the_head(tmp_path):
     model = model_module.get_model("cnn", 4, freeze=True)
     body_before = {k: v.clone() for k, v in model.body.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
     train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()), data.train)
     for key, value in model.body.state_dict().items():  # parameters and BatchNorm buffers alike
         assert torch.equal(value, body_before[key]), key
@@ -280,7 +280,8 @@ def test_mobilenet_v3_small_learns_in_two_steps_of_one_batch_each(one_thread):
     data = make_tiny_data(n_train=60, n_val=30, classes=3, size=32, batch_size=64)
     assert len(data.train) == 1
     model = model_module.get_model("mobilenet_v3_small", 3, sample_images=data.train.first_images)
-    step = step_module.TrainStep(model, optim_module.make_optimizer(model, OptimConfig(lr=0.05)), nn.CrossEntropyLoss())
+    step = step_module.TrainStep(model, optim_module.make_optimizer(model, configs(LR=0.05).optim),
+                                 nn.CrossEntropyLoss())
     for _ in range(2):
         model.train()
         for images, targets in data.train:

@@ -3,6 +3,7 @@ finder."""
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,14 +15,13 @@ import model_module
 import optim_module
 import step_module
 import train_module
-from conftest import assert_same_state, make_tiny_data, random_batch, state_of
-from optim_module import OptimConfig, RangeTest
-from train_module import FitConfig
+from conftest import assert_same_state, configs, make_tiny_data, random_batch, state_of
+from optim_module import RangeTest
 
 
 def test_onecycle_rises_then_falls_and_holds_past_its_end():
     model = nn.Linear(2, 2)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=1.0))
+    optimizer = optim_module.make_optimizer(model, configs(LR=1.0).optim)
     schedule = optim_module.make_schedule(optimizer, "onecycle", 1.0, total_steps=100)
     lrs = []
     for _ in range(120):
@@ -36,7 +36,7 @@ def test_onecycle_rises_then_falls_and_holds_past_its_end():
 def test_onecycle_matches_torchs_one_cycle_lr():
     """The schedule is airbench's shape in OneCycleLR's terms, step for step."""
     model = nn.Linear(2, 2)
-    ours = optim_module.make_optimizer(model, OptimConfig(lr=1.5))
+    ours = optim_module.make_optimizer(model, configs(LR=1.5).optim)
     schedule = optim_module.make_schedule(ours, "onecycle", 1.5, total_steps=50)
     theirs = torch.optim.SGD(model.parameters(), lr=1.5)
     reference = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=1.5, total_steps=50, pct_start=0.23,
@@ -49,21 +49,40 @@ def test_onecycle_matches_torchs_one_cycle_lr():
         schedule.advance(ours)
 
 
+def test_cosine_is_torchs_cosine_annealing_lr_over_the_run_and_then_holds_0():
+    model = nn.Linear(2, 2)
+    ours = optim_module.make_optimizer(model, configs(LR=1.5, SCHEDULE="cosine").optim)
+    schedule = optim_module.make_schedule(ours, "cosine", 1.5, total_steps=50)
+    theirs = torch.optim.SGD(model.parameters(), lr=1.5)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(theirs, T_max=50)
+    # theirs is recursive: each step multiplies the last LR by a ratio of cosines, so 50 steps
+    # accumulate about 50 x 3 float64 roundings (eps 2.2e-16): 1e-12 x the peak covers them
+    for step in range(56):
+        expected = theirs.param_groups[0]["lr"] if step <= 50 else 0.0  # theirs would rise again
+        assert optim_module.get_lr(ours) == pytest.approx(expected, abs=1.5e-12)
+        theirs.step()
+        reference.step()
+        schedule.advance(ours)
+    assert optim_module.get_lr(ours) == 0.0 and not configs(SCHEDULE="cosine").lra.adjust_lr
+
+
 def test_onecycle_schedules_the_body_after_unfreezing():
     """The body's group is in the optimizer from the start, so the schedule sets its LR once it trains."""
     model = model_module.get_model("cnn", 4, freeze=True)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=1.0))
+    optimizer = optim_module.make_optimizer(model, configs(LR=1.0).optim)
     schedule = optim_module.make_schedule(optimizer, "onecycle", 1.0, total_steps=10)
     schedule.advance(optimizer)
     model_module.unfreeze_body(model)
     schedule.advance(optimizer)
-    assert len({group["lr"] for group in optimizer.param_groups}) == 1
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(schedule.lr_at(2))
+    groups = optimizer.param_groups  # the body's at BODY_LR_SCALE x the schedule's LR
+    lrs = [group["lr"] / group["lr_scale"] for group in groups]
+    assert lrs == pytest.approx([schedule.lr_at(2)] * len(groups))
 
 
 def test_norm_parameters_get_a_scaled_lr_and_the_same_decay_per_step():
     model = model_module.get_model("cnn", 10)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1, weight_decay=1e-3, norm_lr_scale=64))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.1, WEIGHT_DECAY=1e-3,
+                                                           NORM_LR_SCALE=64).optim)
     main, norms = optimizer.param_groups
     assert norms["lr"] == pytest.approx(6.4) and norms["lr"] * norms["weight_decay"] == pytest.approx(1e-4)
     assert main["lr"] * main["weight_decay"] == pytest.approx(1e-4)
@@ -89,7 +108,7 @@ def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_it_tried(one_thre
     torch.manual_seed(0)
     data = make_tiny_data(size=8, batch_size=16)  # 4 batches: the finder cycles through them
     model = model_module.get_model("cnn", 4)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
     train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()), data.train)  # momentum
     model.eval()
     before = state_of(model, optimizer)
@@ -115,7 +134,7 @@ def test_the_lr_finder_trains_only_the_head_of_a_frozen_model(one_thread):
     torch.manual_seed(0)
     data = make_tiny_data(size=8)
     model = model_module.get_model("cnn", 4, freeze=True)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05, body_lr_scale=0.1))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.05, BODY_LR_SCALE=0.1).optim)
     before = state_of(model, optimizer)
     body = {k: v.clone() for k, v in model.body.state_dict().items()}
     heads = []
@@ -136,11 +155,13 @@ def test_the_lr_finder_trains_only_the_head_of_a_frozen_model(one_thread):
 def test_the_lr_finder_runs_on_mixed_batches_with_fits_weighted_loss(one_thread):
     torch.manual_seed(0)
     data = make_tiny_data(size=8)
-    mixed = loader_module.MixedLoader(data.train, augment_module.batch_mixer(0.2, 1.0, num_classes=4))
+    mix = augment_module.batch_mixer(dict(mixup=0.2, cutmix=1.0), num_classes=4)
+    mixed = loader_module.MixedLoader(data.train, mix)
     model = model_module.get_model("cnn", 4)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.05))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
     before, rng = state_of(model, optimizer), torch.get_rng_state()
-    loss_fn = train_module.training_loss(FitConfig(epochs=1, label_smoothing=0.1, class_weights=(1.0, 2.0, 1.0, 0.5)))
+    loss_fn = train_module.training_loss(replace(configs(EPOCHS=1, LABEL_SMOOTHING=0.1).fit,
+                                                 class_weights=(1.0, 2.0, 1.0, 0.5)))
     lrs, losses, suggestion = optim_module.find_lr(model, mixed, optimizer, loss_fn,
                                                    sweep=RangeTest(steps=20, end_lr=1))
     assert len(lrs) > 5 and all(math.isfinite(x) for x in losses) and lrs[0] <= suggestion <= lrs[-1]
@@ -159,8 +180,9 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
     twin = copy.deepcopy(model)
-    number = optim_module.make_optimizer(model, OptimConfig(lr=0.1, norm_lr_scale=4.0))
-    held = optim_module.make_optimizer(twin, OptimConfig(lr=0.1, norm_lr_scale=4.0), lr_device=torch.device("cpu"))
+    number = optim_module.make_optimizer(model, configs(LR=0.1, NORM_LR_SCALE=4.0).optim)
+    held = optim_module.make_optimizer(twin, configs(LR=0.1, NORM_LR_SCALE=4.0).optim,
+                                       lr_device=torch.device("cpu"))
     tensors = [group["lr"] for group in held.param_groups]
     assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 2
     steps = [step_module.TrainStep(m, o, nn.CrossEntropyLoss()) for m, o in ((model, number), (twin, held))]

@@ -16,16 +16,15 @@ import state_module
 import step_module
 import train_module
 import utils
-from callback_module import LRA, LRAConfig
-from conftest import assert_same_state, make_tiny_data, random_batch, state_of
-from optim_module import OptimConfig
+from callback_module import LRA
+from conftest import assert_same_state, configs, make_tiny_data, random_batch, state_of
 from state_module import RunInfo, TrainState
 
 
 def test_restoring_the_best_epoch_twice_brings_back_the_same_state():
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
     images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
 
     def step():
@@ -48,7 +47,7 @@ def test_restoring_the_best_epoch_twice_brings_back_the_same_state():
 def test_a_snapshot_read_from_a_checkpoint_shares_no_tensor_with_the_optimizer():
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
     images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
     nn.functional.cross_entropy(model(images), targets).backward()
     optimizer.step()
@@ -66,11 +65,13 @@ def test_a_snapshot_read_from_a_checkpoint_shares_no_tensor_with_the_optimizer()
 
 def new_state(data, ema_decay=None, accumulate=1):
     model = model_module.get_model("cnn", 4)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.5, schedule="onecycle", lookahead=True))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.5, SCHEDULE="onecycle",
+                                                           LOOKAHEAD=True).optim)
     steps = 4 * step_module.optimizer_steps(len(data.train), accumulate)
     info = RunInfo({"MODEL": "cnn"}, data.classes, list(data.mean), list(data.std), 8, precision="fp32",
                    started="2026-11-30T04:00:00+00:00")
-    return TrainState(model, optimizer, LRA(LRAConfig(ask_epoch=None, adjust_lr=False), stream=io.StringIO()),
+    return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None, SCHEDULE="onecycle").lra,
+                                            stream=io.StringIO()),
                       schedule=optim_module.make_schedule(optimizer, "onecycle", 0.5, steps),
                       lookahead=optim_module.Lookahead(model, steps),
                       ema=optim_module.EMA(model, ema_decay) if ema_decay else None, info=info)
@@ -85,13 +86,13 @@ def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tm
     original = new_state(data, ema_decay, accumulate)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    fit_config = functools.partial(train_module.FitConfig, accumulate_steps=accumulate, clip_grad_norm=clip)
-    train_module.fit(original, data, fit_config(epochs=2, output_dir=str(tmp_path / "a")))
+    fit_config = functools.partial(configs, ACCUMULATE_STEPS=accumulate, CLIP_GRAD_NORM=clip)
+    train_module.fit(original, data, fit_config(EPOCHS=2, OUTPUT_DIR=str(tmp_path / "a")).fit)
     saved = original.state_dict()
     assert set(saved) == {*state_module.KEYS, *(f.name for f in dataclasses.fields(RunInfo))}
     assert saved["epoch"] == original.epoch == 2 and saved["started"] == original.info.started
     utils.save_torch(saved, str(tmp_path / "state.pth"))
-    train_module.fit(original, data, fit_config(epochs=3, output_dir=str(tmp_path / "a")))
+    train_module.fit(original, data, fit_config(EPOCHS=3, OUTPUT_DIR=str(tmp_path / "a")).fit)
     torch.manual_seed(123)  # the loaded random state, not this one, must decide what comes next
     copy_ = new_state(data, ema_decay, accumulate)
     copy_.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
@@ -99,7 +100,7 @@ def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tm
     steps = 2 * step_module.optimizer_steps(len(data.train), accumulate)
     assert copy_.schedule.step == steps and copy_.lookahead.step == steps
     assert copy_.ema is None or copy_.ema.updates == steps
-    train_module.fit(copy_, data, fit_config(epochs=3, output_dir=str(tmp_path / "b")))
+    train_module.fit(copy_, data, fit_config(EPOCHS=3, OUTPUT_DIR=str(tmp_path / "b")).fit)
     assert copy_.history[-1]["train_loss"] == original.history[-1]["train_loss"]
     assert [row["val_loss"] for row in copy_.history] == [row["val_loss"] for row in original.history]
     assert all(torch.equal(a, b) for a, b in zip(copy_.model.state_dict().values(),
@@ -114,7 +115,7 @@ def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tm
 def test_restoring_the_best_epoch_puts_back_the_weights_the_optimizer_state_and_the_ema(one_thread):
     torch.manual_seed(0)
     model = model_module.get_model("cnn", 4)
-    optimizer = optim_module.make_optimizer(model, OptimConfig(lr=0.1))
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
     ema = optim_module.EMA(model, 0.9)
     step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss())
 
