@@ -260,7 +260,7 @@ def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_s
     bf16."""
     if not bf16 or device.type not in ("cuda", "cpu"):
         return "fp32"
-    native = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = device.type == "cuda" or cpu_has_bf16()
     if recorded == "fp32" or (recorded == "bf16" and native):
         return recorded
     if device.type == "cuda":
@@ -276,13 +276,18 @@ def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_s
     return choice
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's answer)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True, steps: int = 3) -> float | None:
     """How many times as fast a training step of this model runs on the CPU under bf16 autocast as in fp32,
     or None where the CPU has no native bf16 (oneDNN says so). Each precision trains its own copy for one
     untimed step and then `steps` timed steps, taken in turn, best kept; the model, the optimizer and the
     random state are left as they were. Measured, not assumed: on an Intel Xeon with AVX512-BF16 and no AMX
     bf16 ran at 0.66x fp32 for the default CNN, on an AMD EPYC with AVX512-BF16 at 2x (README)."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not cpu_has_bf16():
         return None
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(TRIAL_BATCH, 3, image_size, image_size, generator=generator)

@@ -358,6 +358,7 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
         return train_one_epoch(step, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_one_epoch", recording)
+    monkeypatch.setattr(step_module, "cpu_has_bf16", lambda: True)  # whatever this machine's CPU
     monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 3.0)  # a CPU where bf16 pays
     result = main_in_process(args + ["--epochs", "1"], capsys)
     assert result.returncode == 0 and "ran 3.00x as fast as fp32, so training is in bf16" in result.stdout
