@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -333,9 +334,11 @@ def _locked(path: str, waiting: str | None = None) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), utils.FILE_MODE)
     _held.add(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        quiet_until, held = time.monotonic() + LOCK_NOTE_AFTER, _try_flock(fd)
+        while not held and time.monotonic() < quiet_until:
+            time.sleep(0.01)
+            held = _try_flock(fd)
+        if not held:
             if waiting:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 print(f"note: waiting for another run (process {holder}), which is {waiting}",
@@ -349,6 +352,19 @@ def _locked(path: str, waiting: str | None = None) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+LOCK_NOTE_AFTER = 0.5  # seconds a run waits for a cache's lock before it says so: _remove_leftovers
+# holds another cache's lock for a moment, which is no wait worth a line
+
+
+def _try_flock(fd: int) -> bool:
+    """Whether this process now holds an exclusive flock on fd (taken without waiting)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 @contextlib.contextmanager
 def _unless_locked(path: str) -> Iterator[bool]:
     """Whether path's lock was free, holding it for the block when it was (no lock file: free)."""
@@ -359,12 +375,7 @@ def _unless_locked(path: str) -> Iterator[bool]:
         return
     _held.add(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
+        yield _try_flock(fd)
     finally:
         _held.discard(fd)
         os.close(fd)
