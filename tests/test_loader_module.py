@@ -170,8 +170,10 @@ class Killing(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-        with open(os.path.join(self.folder, f"{os.getpid()}"), "w") as f:
+        path = os.path.join(self.folder, f"{os.getpid()}")
+        with open(f"{path}.tmp", "w") as f:
             f.write(f"{ignored}")
+        os.replace(f"{path}.tmp", path)  # whole: the other worker may still be at it below
         if i == self.victim:
             os.kill(os.getpid(), signal.SIGKILL)
         return torch.zeros(3, 4, 4), 0
@@ -187,4 +189,4 @@ def test_a_streaming_worker_that_dies_raises_worker_died_and_workers_leave_ctrl_
     with pytest.raises(utils.WorkerDied, match=died):
         collect(loader)
     assert time.monotonic() - began < 10
-    assert {path.read_text() for path in tmp_path.iterdir()} == {"True"}
+    assert {path.read_text() for path in tmp_path.glob("[0-9]*[0-9]")} == {"True"}
