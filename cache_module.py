@@ -283,7 +283,7 @@ def _remove_superseded(base: str, root: str, size: int) -> None:
         with _unless_locked(other + ".lock") as free:
             if free:
                 for suffix in (".json", ".npy", ".statistics.json", ".lock"):
-                    with contextlib.suppress(FileNotFoundError):
+                    with contextlib.suppress(OSError):  # gone, or not ours to remove
                         os.remove(other + suffix)
 
 
@@ -294,9 +294,11 @@ def _remove_leftovers(folder: str) -> None:
     """Delete what killed builds (and statistics writes) of any cache in the folder left: temporary
     files, and a .npy without its index; only those of caches whose lock no process holds, as every
     build and memo write holds its cache's lock while such files are there. No flock: nothing."""
-    if fcntl is None or not os.path.isdir(folder):
+    try:
+        names = os.listdir(folder) if fcntl is not None else []
+    except OSError:  # none yet, or unreadable: nothing to clean up
         return
-    for name in os.listdir(folder):
+    for name in names:
         match = _LEFTOVER.fullmatch(name)
         base = match and os.path.join(folder, match.group(1) or match.group(2))
         if not match or (name.endswith(".npy") and os.path.exists(base + ".json")):
@@ -372,6 +374,9 @@ def _unless_locked(path: str) -> Iterator[bool]:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         yield True
+        return
+    except OSError:  # unreadable (another user's): as if held, left alone
+        yield False
         return
     _held.add(fd)
     try:
