@@ -709,7 +709,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         mean = (counts * values).sum() / total
         var = (counts * values.square()).sum() / total - mean.square()
         means.append(float(mean) / 255)
-        stds.append(max(float(var.clamp(min=0).sqrt()) / 255, 1e-3))
+        stds.append(max(float(var.clamp(min=0).sqrt()) / 255, cache_module.MIN_STD))
     return tuple(means), tuple(stds)
 
 

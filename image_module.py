@@ -10,13 +10,14 @@ import io
 import math
 import mmap
 import multiprocessing
-import multiprocessing.pool
+import multiprocessing.connection
 import os
-import queue
+import signal
 import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Iterator
 
 import numpy as np
@@ -254,21 +255,15 @@ def _decode_in_processes(paths: list[str], files: list[int], rows: np.ndarray, n
     chunk = max(1, min(DECODE_CHUNK, len(files) // (4 * num_workers)))  # every worker gets several
     processes = min(num_workers, -(-len(files) // chunk))
     context = _worker_context()
-    with _shared_rows(rows, 2 * processes * chunk, context) as (target, scratch):
-        pool = context.Pool(processes, _set_target, (target,))
-        try:
-            tasks = -(-len(files) // chunk)  # a slot each when workers write rows themselves
-            slots = [None] * tasks if scratch is None else range(2 * processes)
-            for done, slot, failed in _in_turn(pool, paths, files, chunk, slots):
-                if scratch is not None:
-                    for k, count in _runs(done):
-                        rows[done[k]:done[k] + count] = scratch[slot * chunk + k:slot * chunk + k + count]
-                failures += failed
-                bar.update(len(done))
-            pool.close()
-        finally:
-            pool.terminate()
-            pool.join()
+    with _shared_rows(rows, 2 * processes * chunk, context) as (target, scratch), \
+            _Workers(context, processes, target, paths) as workers:
+        for done, slot, failed in _in_turn(workers, paths, files, chunk, scratch is not None):
+            if scratch is not None:
+                for k, count in _runs(done):
+                    first = slot * chunk + k
+                    rows[done[k]:done[k] + count] = scratch[first:first + count]
+            failures += failed
+            bar.update(len(done))
     return sorted(failures)
 
 
@@ -503,53 +498,166 @@ class _RowArray:
         pass
 
 
-_target: _RowFile | _RowArray | None = None  # in a decoding worker process: where it writes (_set_target)
+_target: _RowFile | _RowArray | None = None  # in a decoding worker process: where it writes (_work)
 
 
-def _set_target(target: _RowFile | _RowArray) -> None:
-    """A worker's initializer: where its rows go."""
-    global _target
-    _target = target
-
-
-def _decode_task(task: tuple[list[int], list[str], int | None, int | None]
+def _decode_task(task: tuple[list[int], list[str], int | None, int | None], decoding, worker: int
                  ) -> tuple[list[int], int | None, list[tuple[int, str]]]:
     """In a worker: files numbered `files` (their paths given) decoded into their own rows of the target
-    (first None), or into its rows from `first` on; (files, slot, failures)."""
+    (first None), or into its rows from `first` on; (files, slot, failures). decoding[worker] holds
+    the number of the file being decoded, for the parent to name should this process die (-1
+    between tasks)."""
     files, paths, first, slot = task
     failures = []
     for k, (i, path) in enumerate(zip(files, paths)):
+        decoding[worker] = i
         pixels, message = _stored_bytes(path, _target.size)
         _target.write(i if first is None else first + k, pixels)
         failures += [(i, message)] if message else []
+    decoding[worker] = -1
     return files, slot, failures
 
 
-def _in_turn(pool: multiprocessing.pool.Pool, paths: list[str], files: list[int], chunk: int,
-             slots: list[int | None] | range) -> Iterator[tuple[list[int], int | None, list[tuple[int, str]]]]:
-    """What _decode_task returns for each chunk of the files (numbers into paths), as workers finish them:
-    into their own rows (slot None), or into scratch slot s (rows s * chunk on). A slot holds one task at a
-    time and is given the next chunk once the caller has taken the last one's rows (with two slots for each
-    worker, each has the next task in its queue)."""
-    results = queue.SimpleQueue()
+def _work(connection: Connection, parents_ends: list[Connection], target: _RowFile | _RowArray,
+          decoding, worker: int, parent: int) -> None:
+    """A decoding worker's life: the tasks sent to it, one at a time, each answered with
+    _decode_task's result (or the error it raised) until None comes, or the parent is gone. It
+    leaves Ctrl-C to the parent and dies with it. parents_ends: the parent's ends of the pipes so
+    far, which a forked worker closes (so that its pipe ends with the parent)."""
+    global _target
+    for end in parents_ends:
+        end.close()
+    utils.become_worker(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the run's handler
+    if hasattr(signal, "pthread_sigmask"):  # blocked by _Workers while it started this process
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)
+    _target = target
+    while True:
+        try:
+            task = connection.recv()
+        except EOFError:  # the parent is gone
+            return
+        if task is None:
+            return
+        try:
+            result = _decode_task(task, decoding, worker)
+        except Exception as error:  # the parent raises it (a DataError is caught in _stored_bytes)
+            result = error
+        try:
+            connection.send(result)
+        except Exception:  # an error that does not pickle: its text
+            connection.send(RuntimeError(f"{type(result).__name__}: {result}"))
+
+
+_RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the run's to handle, never a decoding worker's
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """_RUN_SIGNALS blocked in this thread for the block (held until its end, when Python runs their
+    handlers), so that a process started in it begins with them blocked. No masks: nothing."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+class _Workers:
+    """Decoding worker processes, each sent tasks of its own through a pipe, with shared memory
+    where each notes the file it is decoding. A worker that dies (the out-of-memory killer, a crash
+    in a decoder) is noticed at once and raises WorkerDied naming that file, where
+    multiprocessing.Pool would start another and wait forever for the lost task. Leaving the block
+    stops them all."""
+
+    def __init__(self, context: multiprocessing.context.BaseContext, count: int,
+                 target: _RowFile | _RowArray, paths: list[str]):
+        self.context, self.count, self.target, self.paths = context, count, target, paths
+        self.decoding = context.RawArray("q", [-1] * count)  # the file each worker is on (-1: none)
+        self.processes, self.connections, self.held = [], [], [0] * count
+
+    def __enter__(self) -> _Workers:
+        try:
+            with _signals_blocked():  # until each worker has set its own handling (_work); one that
+                for w in range(self.count):  # comes to this process meanwhile waits for the unblock
+                    ours, theirs = self.context.Pipe()
+                    args = (theirs, self.connections + [ours], self.target, self.decoding, w,
+                            os.getpid())
+                    process = self.context.Process(target=_work, args=args, name=f"decode-{w}",
+                                                   daemon=True)
+                    process.start()
+                    theirs.close()
+                    self.processes.append(process)
+                    self.connections.append(ours)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exception) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join()
+        for connection in self.connections:
+            connection.close()
+
+    def send(self, worker: int, task: tuple) -> None:
+        """Queue a task for this worker (it takes its tasks in the order sent)."""
+        self.connections[worker].send(task)
+        self.held[worker] += 1
+
+    def result(self) -> tuple[int, object]:
+        """The next answer of any worker, and which worker gave it; WorkerDied when one died holding
+        tasks."""
+        while True:
+            watched = [w for w in range(self.count) if self.held[w]]
+            ready = multiprocessing.connection.wait([self.connections[w] for w in watched] +
+                                                    [self.processes[w].sentinel for w in watched])
+            for w in watched:
+                if self.connections[w] in ready:
+                    with contextlib.suppress(EOFError, ConnectionError):  # died: see its sentinel
+                        answer = self.connections[w].recv()
+                        self.held[w] -= 1
+                        return w, answer
+            for w in watched:
+                process = self.processes[w]
+                if process.sentinel in ready:
+                    process.join()
+                    i = self.decoding[w]
+                    doing = f"decoding {self.paths[i]}" if i >= 0 else "decoding images"
+                    raise utils.worker_death(process.pid, process.exitcode, doing)
+
+
+def _in_turn(workers: _Workers, paths: list[str], files: list[int], chunk: int, scratch: bool
+             ) -> Iterator[tuple[list[int], int | None, list[tuple[int, str]]]]:
+    """What _decode_task returns for each chunk of the files (numbers into paths), as workers finish
+    them: into their own rows (slot None), or into scratch slot s (rows s * chunk on). Each worker
+    holds two tasks, so that it has the next one when it finishes one; with scratch, each of its
+    tasks has a slot of its own, given the worker's next chunk once the caller took its rows."""
     starts = iter(range(0, len(files), chunk))
 
-    def submit(slot: int | None) -> int:
+    def submit(worker: int, slot: int | None) -> int:
         start = next(starts, None)
         if start is None:
             return 0
         numbers = files[start:start + chunk]
-        task = (numbers, [paths[i] for i in numbers], None if slot is None else slot * chunk, slot)
-        pool.apply_async(_decode_task, (task,), callback=results.put, error_callback=results.put)
+        first = None if slot is None else slot * chunk
+        workers.send(worker, (numbers, [paths[i] for i in numbers], first, slot))
         return 1
 
-    in_flight = sum(submit(slot) for slot in slots)
+    n = workers.count
+    in_flight = sum(submit(w, k * n + w if scratch else None) for k in range(2) for w in range(n))
     while in_flight:
-        result = results.get()
+        worker, result = workers.result()
         if isinstance(result, BaseException):  # raised in a worker (a DataError is caught there)
             raise result
         yield result
-        in_flight += submit(result[1]) - 1
+        in_flight += submit(worker, result[1]) - 1
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:

@@ -3,8 +3,11 @@ ONNX or torch.export's .pt2, checked against PyTorch on real images of the run's
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
+import time
 import typing
 
 import pandas as pd
@@ -24,6 +27,8 @@ import utils
 
 PREDICT_BATCH = 64  # images per batch for --predict
 PREDICT_PRINT = 20  # --predict prints a line per image up to this many images (all go to predictions.csv)
+PREDICT_SAVE_SECONDS = 30  # a long --predict rewrites predictions.csv this often: a kill -9 loses
+# no more than this, and the rewrites of a growing CSV stay a small share of the time
 
 
 def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
@@ -94,49 +99,102 @@ def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
     """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth,
     in batches on the device (num_workers: NUM_WORKERS'); write OUTPUT_DIR/predictions.csv (path,
     top1, p1, top2, p2, top3, p3; a path as utils.printable shows it) and print a line per image
-    when there are few. 2 when a file named on the command line is not an image (the rest is
-    written), or a folder given holds a link loop."""
+    when there are few. 2 when a file named on the command line is missing or not an image (the
+    rest is written), a folder given holds a link loop, or no image was classified (the last
+    predictions.csv then stays). Ctrl-C or SIGTERM (130, 143) and a DataLoader worker that dies
+    (WorkerDied) keep the rows so far."""
     try:
         output = os.path.join(output_dir, checkpoint_module.PREDICTIONS)
         problem = utils.not_a_plain_file(output)
         if problem:  # what it writes is never written through a link
             raise ValueError(problem)
         info, model = _best_model(output_dir)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
         files, skipped = image_module.find_images(paths)
-    except ValueError as error:  # a link loop in a folder given
+    except (ValueError, OSError) as error:  # a bad run file, or a link loop in a folder given
         print(f"error: {error}", file=sys.stderr)
         return 2
     for line in skipped.warnings():
         print(f"warning: {line} (in the folders given)", file=sys.stderr)
-    images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"], info.get("resize_size"))
-    loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=0 if len(files) <= PREDICT_BATCH else
-                        (num_workers if num_workers is not None else os.cpu_count() or 1))
-    rows, status, done = [], 0, 0
-    for batch, errors in tqdm(loader, desc="predicting", unit="batch", disable=not sys.stderr.isatty()):
-        top = train_module.predict_proba(model, batch).topk(min(3, len(info["classes"])))
-        for path, error, values, indices in zip(files[done:], errors, top.values.tolist(), top.indices.tolist()):
-            if error:
-                print(f"error: {error}", file=sys.stderr)
-                status = 2
-                continue
-            ranked = [(info["classes"][i], p) for p, i in zip(values, indices)]
-            path = utils.printable(path)  # as written and printed: a name not UTF-8 shows its bytes
-            rows.append({"path": path, **{f"{key}{k}": value for k, (name, p) in enumerate(ranked, start=1)
-                                          for key, value in (("top", name), ("p", round(p, 6)))}})
-            if len(files) <= PREDICT_PRINT:
-                print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in ranked))
-        done += len(errors)
-    frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
-    frame = utils.spreadsheet_safe(frame)  # a file or class named "=1+2" is shown, never run
+    images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"],
+                                           info.get("resize_size"))
+    workers = 0 if len(files) <= PREDICT_BATCH else \
+        (num_workers if num_workers is not None else os.cpu_count() or 1)
+    loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=workers,
+                        worker_init_fn=functools.partial(utils.become_worker, os.getpid()))
+    rows = []
     try:
-        utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
+        status = _classify(model, loader, files, info["classes"], rows, output)
+    except KeyboardInterrupt as interrupt:
+        kept = _kept(rows, output)
+        print(f"Interrupted with {len(rows)} of {len(files)} images classified; {kept}",
+              file=sys.stderr)
+        return utils.interrupt_status(interrupt)
+    except (RuntimeError, ConnectionError, EOFError) as error:  # a DataLoader worker died, say
+        died = utils.worker_died(error, "reading the images to classify")
+        if died is None:
+            raise
+        raise utils.WorkerDied(f"{died} ({_kept(rows, output)})") from None
+    if not rows:  # each file given was named in an error line; the last predictions.csv stays
+        if not files:
+            print(f"error: no image files in {', '.join(map(utils.printable, paths))}",
+                  file=sys.stderr)
+        return 2
+    try:
+        _write_predictions(rows, output)
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
     print(f"Wrote {len(rows)} predictions to {utils.printable(output)}",
           file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
     return status
+
+
+def _classify(model: nn.Module, loader: DataLoader, files: list[str], classes: list[str],
+              rows: list[dict[str, typing.Any]], output: str) -> int:
+    """predict's batches: each image's row appended to rows as it comes (an interruption keeps
+    them), predictions.csv rewritten every PREDICT_SAVE_SECONDS; 2 when a file did not read, else
+    0."""
+    status, done, saved = 0, 0, time.monotonic()
+    batches = iter(loader)
+    utils.sigchld_default()  # a worker that dies is reported by the loader
+    for batch, errors in tqdm(batches, desc="predicting", unit="batch", total=len(loader),
+                              disable=not sys.stderr.isatty()):
+        top = train_module.predict_proba(model, batch).topk(min(3, len(classes)))
+        for path, error, values, indices in zip(files[done:], errors, top.values.tolist(),
+                                                top.indices.tolist()):
+            if error:
+                print(f"error: {error}", file=sys.stderr)
+                status = 2
+                continue
+            ranked = [(classes[i], p) for p, i in zip(values, indices)]
+            path = utils.printable(path)  # as written and printed: a name not UTF-8 shows its bytes
+            rows.append({"path": path, **{f"{key}{k}": value
+                                          for k, (name, p) in enumerate(ranked, start=1)
+                                          for key, value in (("top", name), ("p", round(p, 6)))}})
+            if len(files) <= PREDICT_PRINT:
+                print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in ranked))
+        done += len(errors)
+        if time.monotonic() - saved > PREDICT_SAVE_SECONDS and done < len(files):
+            with contextlib.suppress(OSError):  # a failed write is reported by the last one
+                _write_predictions(rows, output)
+            saved = time.monotonic()
+    return status
+
+
+def _write_predictions(rows: list[dict[str, typing.Any]], output: str) -> None:
+    """predictions.csv (atomically: a reader sees the last whole file or this one), its cells safe
+    for a spreadsheet (a file or class named "=1+2" is shown, never run)."""
+    frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
+    frame = utils.spreadsheet_safe(frame)
+    utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
+
+
+def _kept(rows: list[dict[str, typing.Any]], output: str) -> str:
+    """The rows classified so far written to predictions.csv (an interrupted --predict): where."""
+    if not rows:
+        return f"{utils.printable(output)} is left as it was"
+    try:
+        _write_predictions(rows, output)
+    except OSError as error:
+        return f"{error}"
+    return f"{len(rows)} predictions written to {utils.printable(output)}"

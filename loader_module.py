@@ -5,6 +5,8 @@ batches mixed (MixedLoader: Mixup, CutMix)."""
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -206,7 +208,8 @@ class StreamingLoader:
         n = len(self.sampler)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  pin_memory=device.type == "cuda", drop_last=batching.train and n >= batch_size,
-                                 persistent_workers=False)
+                                 persistent_workers=False,  # workers leave Ctrl-C to the run:
+                                 worker_init_fn=functools.partial(utils.become_worker, os.getpid()))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle of this epoch (the same on every rank)."""
@@ -226,10 +229,21 @@ class StreamingLoader:
         return torch.cat(images)[:n]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches; a worker that dies (the out-of-memory killer) raises WorkerDied here."""
         memory_format = torch.channels_last if self.batching.channels_last else torch.contiguous_format
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
-            yield images, labels.to(self.device, non_blocking=True)
+        try:
+            batches = iter(self.loader)
+            utils.sigchld_default()
+            for images, labels in batches:
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                yield images.contiguous(memory_format=memory_format), labels
+        except (RuntimeError, ConnectionError, EOFError) as error:
+            which = "training" if self.batching.train else "evaluation"
+            died = utils.worker_died(error, f"reading {which} images")
+            if died is None:
+                raise
+            raise died from None
 
 
 class MixedLoader:

@@ -24,6 +24,17 @@ STARTED = time.perf_counter()  # the time account's start: everything below it i
 gc.disable()  # no cycle collections while torch's modules load: a quarter of the imports' time (README, Start-up)
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # on Apple's MPS, run missing operations on the CPU
 
+
+def _stop_while_starting(signum, frame) -> None:
+    """Ctrl-C or SIGTERM while the modules load (nothing to clean up yet): one line, no
+    traceback."""
+    os.write(2, b"Interrupted while starting.\n")
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+_SIGNALS_BEFORE = {signum: signal.signal(signum, _stop_while_starting)
+                   for signum in (signal.SIGINT, signal.SIGTERM)}
+
 import torch  # noqa: E402 (torch must see the setting above when it loads)
 
 import augment_module
@@ -43,6 +54,8 @@ from utils import flag
 
 gc.freeze()  # the modules' objects, never garbage, leave the collector's sight: later collections skip them
 gc.enable()
+for _signum, _handler in _SIGNALS_BEFORE.items():  # run_main takes them from here
+    signal.signal(_signum, _handler)
 IMPORTED = time.perf_counter()
 _imports_counted = False  # whether a run's time account has counted them
 
@@ -403,23 +416,45 @@ class Outcome:
     time: dict[str, float] | None = None  # the time account: seconds by part, "other" and "total"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate on the test set and report (or predict, export, find the LR); returns the exit status."""
     return run_main(argv).status
 
 
 def run_main(argv: list[str] | None = None) -> Outcome:
-    """main, returning the run's figures too."""
+    """main, returning the run's figures too. Ctrl-C or SIGTERM anywhere ends it with one line and
+    130 or 143, and a worker process that dies with one line and WORKER_DIED."""
     values, command = parse_config(argv)
+    stage = ["starting"]  # what the run is doing: said when an interruption stops it there
+    with utils.signals_interrupt():
+        try:
+            return _run(values, command, argv, stage)
+        except KeyboardInterrupt as interrupt:  # wherever train did not take it
+            print(_interrupted_line(stage[0], values["OUTPUT_DIR"]), file=sys.stderr)
+            return Outcome(utils.interrupt_status(interrupt))
+        except utils.WorkerDied as error:  # the out-of-memory killer's, most often
+            print(f"error: {error}, then run again", file=sys.stderr)
+            return Outcome(WORKER_DIED)
+
+
+WORKER_DIED = 4  # the exit status of a run whose worker process died (most often: short of memory)
+FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's stage
+
+
+def _interrupted_line(stage: str, output_dir: str) -> str:
+    """The one line for a run interrupted outside the epochs (train and predict say their own)."""
+    go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
+    if stage == FINAL_EVALUATION:
+        return (f"Interrupted during the final evaluation; training is done and saved. To "
+                f"evaluate, run: {go_on}")
+    return f"Interrupted while {stage}."
+
+
+def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: list[str] | None,
+         stage: list[str]) -> Outcome:
+    """run_main's work; stage[0] says what it is doing."""
     if command["predict"] or command["export"]:
+        stage[0] = "predicting" if command["predict"] else "exporting the model"
         return Outcome(_inference(values, command))
     rank, world_size, local_rank = utils.init_distributed()
     global _imports_counted
@@ -432,14 +467,18 @@ def run_main(argv: list[str] | None = None) -> Outcome:
             path = _resume_path(values)  # RESUME and OUTPUT_DIR are never the checkpoint's own
             saved = checkpoint_module.read_checkpoint(path) if path else None  # read once, for both
             config = build_config(resumed_config(values, command["given"], saved))
+            stage[0] = "loading the data and building the model, before training"
             run = setup(config, rank, world_size, local_rank, account, saved, new_run=not command["find_lr"])
         except (ValueError, OSError) as error:  # bad constants, data, weights or checkpoint: one clear line
             print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
             return Outcome(3 if isinstance(error, utils.WriteFailed) else 2)
         if command["find_lr"]:
+            stage[0] = "finding the LR"
             return Outcome(find_lr(config, run, argv if argv is not None else sys.argv[1:]))
+        stage[0] = "training"
         outcome = train(config, run)
         if outcome.status in (0, 1):  # finished, or stopped by a non-finite loss with the best weights restored
+            stage[0] = FINAL_EVALUATION
             try:
                 outcome.test = report(config, run)
                 outcome.time = account.figures()
@@ -566,14 +605,13 @@ def train(config: Config, run: Run) -> Outcome:
               f"{_data_path(run.data)} | outputs in {utils.printable(os.path.abspath(output_dir))}")
         if run.fit.class_weights is not None:
             print(_class_weights_line(run.fit.class_weights, run.data.classes))
-    signal.signal(signal.SIGTERM, _raise_terminated)
     started, outcome, message = time.perf_counter(), Outcome(0), None
     try:
         outcome.history = train_module.fit(run.state, run.data, run.fit, account=run.account,
                                            on_epoch=run.tensorboard.log_epoch if run.tensorboard else None)
         outcome.fit_seconds = time.perf_counter() - started
     except KeyboardInterrupt as interrupt:
-        outcome.status = 143 if isinstance(interrupt, Terminated) else 130
+        outcome.status = utils.interrupt_status(interrupt)
         message = f"Interrupted. The last completed epoch is saved; to go on, run: {go_on}"
     except train_module.NonFiniteLoss as error:
         outcome.status = 1
@@ -582,8 +620,8 @@ def train(config: Config, run: Run) -> Outcome:
     except OSError as error:  # a full disk, say: the files written whole before it stay as they were
         fix = "free the space" if error.errno == errno.ENOSPC else "fix the disk"
         outcome.status, message = 3, f"error: {error}; {fix}, then go on with: {go_on}"
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except utils.WorkerDied as error:  # a DataLoader worker died (the out-of-memory killer, say)
+        outcome.status, message = WORKER_DIED, f"error: {error}, then go on with: {go_on}"
     if run.main_process and run.state.history and outcome.status != 3:
         try:
             with run.account.timed("reports"):

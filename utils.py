@@ -1,18 +1,22 @@
 """Run plumbing: the messages for a bad setting and the checks of a config's choices and ranges, seeding,
 device choice, random states, atomic file writes and safe loading of weights and checkpoints, the metrics
-CSV, the output folder's lock, and the torchrun process helpers."""
+CSV, the output folder's lock, signals and worker processes, and the torchrun process helpers."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import difflib
 import errno
 import os
 import pickle
 import queue
 import random
+import re
 import shutil
 import stat
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -541,6 +545,109 @@ def _forget_locks() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks)
+
+
+# ------------------------------------------------------------------ signals and worker processes
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """In the block SIGTERM raises Terminated, as Ctrl-C raises KeyboardInterrupt, wherever the run
+    is; the handler before comes back after. Outside the main thread (no signals there): nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def interrupt_status(interrupt: KeyboardInterrupt) -> int:
+    """The exit status of a run stopped by Ctrl-C (130) or SIGTERM (143), as a shell gives it."""
+    return 143 if isinstance(interrupt, Terminated) else 130
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended unasked (the out-of-memory killer, most often): a message for the
+    user."""
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)'s option: the signal the kernel sends when the parent ends
+
+
+def become_worker(parent: int, worker_id: int | None = None) -> None:
+    """Called first in a new worker process of parent (a DataLoader's worker_init_fn, parent bound):
+    Ctrl-C, which a terminal sends to every process of the run, is left to the parent, which stops
+    the workers; and on Linux the worker is killed when its parent dies (kill -9 too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: the checks below and EOFs
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the kernel was told
+        os._exit(1)
+
+
+def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDied:
+    """The error for a worker process that ended unasked while `doing` ("decoding x.jpg"): how it
+    ended, the likely cause and the fix (the caller says what then). The out-of-memory killer sends
+    SIGKILL; SIGSEGV is a crash in a decoder, SIGBUS a memory-mapped file cut short (full disk); an
+    exit status of its own, an error in the worker, which --num-workers 0 shows where it happens."""
+    how, cause = "ended", "most likely the system ran out of memory; free some memory or lower " \
+        "--num-workers (NUM_WORKERS)"
+    if exitcode in (-signal.SIGSEGV, -signal.SIGBUS):
+        cause = "a crash in the image decoder, or a full disk under a memory-mapped file; check " \
+            "the file and the disk"
+    elif exitcode is not None and exitcode > 0:
+        how, cause = f"exited with status {exitcode}", "an error in the worker; see it with " \
+            "--num-workers 0"
+    elif exitcode is not None and exitcode < 0 and exitcode != -signal.SIGKILL:
+        cause = "a signal from outside the run"
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+    which = f" (process {pid})" if pid is not None else ""
+    return WorkerDied(f"a worker process{which} {how} while {doing}: {cause}")
+
+
+def sigchld_default() -> None:
+    """Call after starting a DataLoader's workers (iter(loader)). torch's SIGCHLD handler raises
+    when one dies, wherever the main thread then is (amid an error message, a plot, another loader's
+    shutdown: a traceback); with the default back, the loader itself raises where it is read, within
+    MP_STATUS_CHECK_INTERVAL (5 s) of the death."""
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+_DATALOADER_DEATH = re.compile(r"DataLoader worker \(pid\(?s?\)? (\d+)[\d, ]*\) "
+                               r"(?:is killed by signal: ([^.]+)|exited unexpectedly"
+                               r"(?: with exit code (-?\d+))?)")  # torch's words
+
+
+def worker_died(error: BaseException, doing: str) -> WorkerDied | None:
+    """What a DataLoader raises where it is read when one of its workers died, as WorkerDied:
+    torch's RuntimeError, or the ConnectionError of fetching a batch's shared memory from the dead
+    worker; None for any other error."""
+    if isinstance(error, (ConnectionError, EOFError)):
+        return worker_death(None, None, doing)
+    match = _DATALOADER_DEATH.search(str(error)) if isinstance(error, RuntimeError) else None
+    if match is None:
+        return None
+    pid, signal_text, status = match.groups()
+    exitcode = int(status) if status else None
+    if signal_text:  # strsignal's words: "Killed", "Segmentation fault"
+        exitcode = next((-number for number in signal.Signals
+                         if signal.strsignal(number) == signal_text), None)
+    return worker_death(int(pid), exitcode, doing)
 
 
 # --------------------------------------------------------------------------- processes (torchrun)

@@ -1,19 +1,27 @@
 """The decoded-image cache: built once, opened after, rebuilt when the files or the size change or a file of it
 is cut short, and one valid cache when two processes build it at once."""
 
+import errno
 import glob
 import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import cache_module
+import image_module
+import utils
+from cache_module import fcntl
 from conftest import REAL_DEFAULT_CACHE_DIR
+
+needs_flock = pytest.mark.skipif(fcntl is None, reason="no flock (Windows): builds take no lock")
 
 
 def write_files(folder, n=5):
@@ -304,3 +312,212 @@ def test_two_processes_building_at_once_leave_one_valid_cache(tmp_path, lock):
     assert not [name for name in names if name.endswith(".tmp")]
     cache, fill = build(paths, cache_dir, str(tmp_path / "images"), size=64)
     assert not cache.built and cache.images[:, 0, 0, 0].tolist() == list(range(1, 21))
+
+
+# ----------------------------------------------------------------------------- off the happy path
+
+
+def index_of(cache):
+    return cache.path[:-len(".npy")] + ".json"
+
+
+@pytest.mark.parametrize("change", [
+    {"failed": [99999]}, {"failed": "0"}, {"failed": [1, 1]}, {"failed": [[1]]}, {"bytes": "12"},
+    {"root": None}, {"count": 4}, {"format": "1"}, "[]", "null", "{}"])
+def test_an_index_that_reads_but_is_wrong_is_rebuilt_with_one_warning(tmp_path, capsys, change):
+    paths = write_files(tmp_path / "images")
+    good, _ = build(paths, tmp_path / "cache", tmp_path)
+    expected, index = good.images.clone(), index_of(good)
+    with open(index) as f:
+        fields = json.load(f)
+    with open(index, "w") as f:
+        f.write(change if isinstance(change, str) else json.dumps({**fields, **change}))
+    del good
+    capsys.readouterr()
+    cache, fill = build(paths, tmp_path / "cache", tmp_path)
+    assert cache.built and fill.calls == 1 and cache.failed == []
+    assert torch.equal(cache.images, expected)
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: the decoded-image cache {cache.path} is damaged (") and \
+        line.endswith("); rebuilding it")
+    assert not build(paths, tmp_path / "cache", tmp_path)[0].built and capsys.readouterr().err == ""
+
+
+def test_an_index_of_an_older_format_is_rebuilt_without_a_word(tmp_path, capsys):
+    paths = write_files(tmp_path / "images")
+    index = index_of(build(paths, tmp_path / "cache", tmp_path)[0])
+    with open(index) as f:
+        fields = json.load(f)
+    with open(index, "w") as f:
+        json.dump({**fields, "format": cache_module.FORMAT - 1}, f)
+    capsys.readouterr()
+    assert build(paths, tmp_path / "cache", tmp_path)[0].built and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("entry", [
+    [[0.5, 0.5], [0.2, 0.2]], [[0.5] * 3, [0.2, 0.0, 0.2]], [[0.5] * 3, [0.2] * 3, 1],
+    [[0.5, float("nan"), 0.5], [0.2] * 3], [[0.5] * 3, ["0.2"] * 3], [[2.0] * 3, [0.2] * 3],
+    "mean"])
+def test_a_memo_that_reads_but_is_wrong_is_computed_anew_with_one_warning(tmp_path, capsys, entry):
+    cache, _ = build(write_files(tmp_path / "images"), tmp_path / "cache", tmp_path)
+    rows, right = torch.arange(3), Statistics(((0.5,) * 3, (0.25,) * 3))
+    cache_module.remembered(cache.path, rows, right)
+    memo = cache.path[:-len(".npy")] + ".statistics.json"
+    with open(memo) as f:
+        [key] = json.load(f)
+    with open(memo, "w") as f:
+        f.write(json.dumps({key: entry}))  # json writes NaN as NaN, which json.load reads
+    capsys.readouterr()
+    statistics = Statistics(((0.5,) * 3, (0.25,) * 3))
+    assert cache_module.remembered(cache.path, rows, statistics) == statistics.value
+    assert statistics.calls == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: the statistics remembered in {memo} are damaged (")
+    again = Statistics(((0.9,) * 3, (0.9,) * 3))
+    assert cache_module.remembered(cache.path, rows, again) == statistics.value and again.calls == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failed_index_write_removes_the_npy_whose_room_the_next_build_needs(tmp_path,
+                                                                              monkeypatch):
+    paths = write_files(tmp_path / "images")
+
+    def full_disk(path):
+        if path.endswith(".json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(utils, "write_fault", full_disk)
+    with pytest.raises(cache_module.CacheError, match="no space left on device"):
+        build(paths, tmp_path / "cache", tmp_path)
+    assert [name for name in cache_files(tmp_path / "cache") if not name.endswith(".lock")] == []
+    monkeypatch.setattr(utils, "write_fault", None)
+    assert build(paths, tmp_path / "cache", tmp_path)[0].built
+
+
+@needs_flock
+def test_what_killed_builds_of_any_cache_left_is_removed_once_no_process_holds_its_lock(tmp_path):
+    """Temporary files (the .npy's, the index's, the memo's) and a .npy without its index, of the
+    folder before it changed: the next run removes them, unless a live build (which holds that
+    cache's lock) is writing."""
+    paths = write_files(tmp_path / "images")
+    cache_dir = tmp_path / "cache"
+    os.makedirs(cache_dir)
+    killed, live = "4px-" + "a" * 24, "4px-" + "b" * 24
+    leftovers = [f".{killed}.k9x2ab.npy.tmp", f".{killed}.json.p1q2r3.tmp",
+                 f".{killed}.statistics.json.z.tmp", f"{killed}.npy"]
+    writing = [f".{live}.u7v8w9.npy.tmp", f"{live}.npy"]
+    for name in leftovers + writing + ["notes.tmp", "8px-old.npy.bak"]:
+        (cache_dir / name).write_bytes(b"half a cache")
+    holder = os.open(cache_dir / f"{live}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as a live build holds it
+    try:
+        build(paths, cache_dir, tmp_path)
+        names = cache_files(cache_dir)
+        assert not set(leftovers) & set(names) and set(writing) <= set(names)
+        assert {"notes.tmp", "8px-old.npy.bak"} <= set(names)  # not a build's
+    finally:
+        os.close(holder)
+    build(paths, cache_dir, tmp_path)  # opened, not built: the leftovers go too, the lock now free
+    assert not set(writing) & set(cache_files(cache_dir))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks")
+def test_a_process_forked_while_a_build_holds_the_lock_does_not_hold_it(tmp_path):
+    lock = str(tmp_path / "4px-key.lock")
+    context = multiprocessing.get_context("fork")
+    started, release = context.Event(), context.Event()
+    with cache_module._locked(lock):
+        child = context.Process(target=wait_for, args=(started, release))
+        child.start()  # as a decoding worker starts during a build
+    started.wait(60)
+    try:
+        fd = os.open(lock, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the child held it
+        os.close(fd)
+    finally:
+        release.set()
+        child.join()
+
+
+def wait_for(started, release):
+    started.set()
+    release.wait(60)
+
+
+@needs_flock
+def test_a_build_that_waits_for_another_runs_lock_says_so_in_one_line(tmp_path, capsys):
+    paths = write_files(tmp_path / "images")
+    cache_dir = tmp_path / "cache"
+    os.makedirs(cache_dir)
+    base = cache_dir / f"4px-{cache_module.cache_key(paths, 4, str(tmp_path))}"
+    holder = os.open(f"{base}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    os.pwrite(holder, b"4242\n", 0)
+    waiter = threading.Thread(target=build, args=(paths, cache_dir, tmp_path))
+    waiter.start()
+    try:
+        deadline, said = time.monotonic() + 30, ""
+        while "note:" not in said and time.monotonic() < deadline:
+            time.sleep(0.01)
+            said += capsys.readouterr().err
+        assert waiter.is_alive()
+    finally:
+        os.close(holder)
+        waiter.join(timeout=30)
+    assert said == f"note: waiting for another run (process 4242), which is building the " \
+        f"decoded-image cache {base}.npy\n"
+    assert build(paths, cache_dir, tmp_path)[0].path == f"{base}.npy"
+
+
+def build_stuck_on_the_last_file(paths, cache_dir, pid_file):
+    """A run building a cache whose worker decodes the last file for long, having written its
+    process id."""
+    read_stored = image_module.read_stored
+
+    def stuck(path, size):
+        if path == paths[-1]:
+            with open(f"{pid_file}.tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename(f"{pid_file}.tmp", pid_file)
+            time.sleep(30)
+        return read_stored(path, size)
+    image_module.read_stored = stuck
+    cache_module.open_or_build(paths, 8, cache_dir, os.path.dirname(paths[0]),
+                               lambda out: image_module.decode_files(paths, 8, out, 2, "decoding"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent by prctl")
+def test_a_decoding_worker_dies_with_its_parent_and_the_next_run_builds_at_once(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = [str(images / f"{i}.png") for i in range(8)]
+    for path in paths:
+        Image.new("RGB", (8, 8), "blue").save(path)
+    cache_dir, pid_file = tmp_path / "cache", tmp_path / "worker.pid"
+    run = multiprocessing.get_context("fork").Process(target=build_stuck_on_the_last_file,
+                                                      args=(paths, str(cache_dir), str(pid_file)))
+    run.start()
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and run.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid_file.exists()
+    worker = int(pid_file.read_text())
+    run.kill()  # kill -9: no clean-up of its own
+    run.join()
+    deadline = time.monotonic() + 5
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(worker)
+    assert [name for name in cache_files(cache_dir) if name.endswith(".tmp")]  # the killed build's
+    began = time.monotonic()
+    cache = cache_module.open_or_build(paths, 8, str(cache_dir), str(images), lambda out: [])
+    assert cache.built and time.monotonic() - began < 5  # the lock was free: no wait
+    assert not [name for name in cache_files(cache_dir) if name.endswith(".tmp")]
+
+
+def alive(pid):
+    """Whether the process runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

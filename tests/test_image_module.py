@@ -3,7 +3,9 @@ files decoded in parallel into memory or a .npy file."""
 
 import io
 import os
+import signal
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from torchvision.transforms import functional as F
 from tqdm import tqdm
 
 import image_module
+import utils
 from conftest import smooth_photo, write_image_tree, write_photo_tree
 from image_module import DataError
 
@@ -167,6 +170,32 @@ def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(t
     monkeypatch.setattr(image_module, "read_stored", failing)
     with pytest.raises(MemoryError, match="out of memory in a worker"):
         image_module.decode_files(paths, 16, torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8), 2, "decoding")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers see the patched reader when forked")
+@pytest.mark.parametrize("kind", ["tensor", "npy"])
+def test_a_decoding_worker_that_dies_is_named_with_its_file_at_once_and_the_others_stop(
+        tmp_path, monkeypatch, kind):
+    paths = [str(tmp_path / f"{i}.png") for i in range(40)]
+    for path in paths:
+        Image.new("RGB", (8, 8), "red").save(path)
+    read_stored, pids = image_module.read_stored, tmp_path / "pids"
+
+    def killed_on_the_thirtieth(path, size):  # as the out-of-memory killer kills a worker
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if path == paths[29]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read_stored(path, size)
+    monkeypatch.setattr(image_module, "read_stored", killed_on_the_thirtieth)
+    began = time.monotonic()
+    with pytest.raises(utils.WorkerDied) as died:
+        image_module.decode_files(paths, 8, rows_of(kind, tmp_path, (40, 8, 8, 3)), 2, "decoding")
+    assert time.monotonic() - began < 10
+    assert f"was killed by SIGKILL while decoding {paths[29]}: most likely the system ran out of " \
+        f"memory" in str(died.value)
+    workers = set(map(int, pids.read_text().split()))
+    assert len(workers) == 2 and not any(os.path.exists(f"/proc/{pid}") for pid in workers)
 
 
 def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_stored_size(tmp_path, monkeypatch):

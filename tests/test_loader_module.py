@@ -1,6 +1,11 @@
 """The loaders: shuffling and shards, alternate flips, photo crops and centre crops, the background reader, mixed
 training batches."""
 
+import os
+import signal
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +15,7 @@ from torchvision.transforms import functional as F
 
 import augment_module
 import loader_module
+import utils
 from augment_module import auto_augment, erase_masks
 from conftest import augmentation, collect, smooth_photo
 from loader_module import Batching
@@ -178,3 +184,37 @@ def test_a_new_augmentation_is_one_registry_entry_and_its_constant(monkeypatch):
     assert torch.allclose(streamed, loader.normalize(255 - images[:1])[0], atol=1e-5)
     with pytest.raises(ValueError, match="^INVERT = 'yes' is not known; choose one of None, True"):
         augmentation((0.5,) * 3, (0.25,) * 3, INVERT="yes")
+
+
+class Killing(torch.utils.data.Dataset):
+    """Items that are zeros, but item `victim` kills the worker process that reads it (as the
+    out-of-memory killer does); each worker writes whether it ignores SIGINT to a file."""
+
+    def __init__(self, victim, folder):
+        self.victim, self.folder = victim, folder
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        path = os.path.join(self.folder, f"{os.getpid()}")
+        with open(f"{path}.tmp", "w") as f:
+            f.write(f"{ignored}")
+        os.replace(f"{path}.tmp", path)  # whole: the other worker may still be at it below
+        if i == self.victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(3, 4, 4), 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forked workers")
+def test_a_streaming_worker_that_dies_raises_worker_died_and_workers_leave_ctrl_c_to_the_run(
+        tmp_path):
+    loader = loader_module.StreamingLoader(Killing(40, str(tmp_path)), Batching(8, train=False),
+                                           torch.device("cpu"), num_workers=2)
+    began = time.monotonic()
+    died = r"^a worker process( \(process \d+\))? .*while reading evaluation images: most likely"
+    with pytest.raises(utils.WorkerDied, match=died):
+        collect(loader)
+    assert time.monotonic() - began < 10
+    assert {path.read_text() for path in tmp_path.glob("[0-9]*[0-9]")} == {"True"}

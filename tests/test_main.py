@@ -3,6 +3,7 @@ folder, the quick real-data run."""
 
 import datetime
 import errno
+import fcntl
 import json
 import math
 import os
@@ -20,9 +21,12 @@ from PIL import Image
 
 import checkpoint_module
 import data_module
+import image_module
+import inference_module
 import loader_module
 import main
 import model_module
+import optim_module
 import step_module
 import train_module
 import utils
@@ -888,3 +892,262 @@ def test_missing_published_weights_stop_a_folder_run_before_anything_is_read_or_
     assert_one_clean_line(result, f"PRETRAINED weights resnet18-f37072fd.pth are not in {folder}")
     assert not user_cache.exists() and not (tmp_path / "out").exists()
     assert not (tmp_path / "torch_home").exists()  # the folders a download would have used: gone
+
+
+# --------------------------------------------------------------- interruptions and workers anywhere
+
+STALL = """
+import os, sys, time
+import {module}
+real = {module}.{name}
+
+def stalled(*args, **kwargs):  # once {condition}: say so (and in which process), then take long
+    if {condition}:
+        with open({reached!r} + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename({reached!r} + ".tmp", {reached!r})
+        time.sleep(60)
+    return real(*args, **kwargs)
+
+{module}.{name} = stalled
+sys.argv = [{main!r}, *{args!r}]
+import runpy
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+def start_stalled(args, reached, module, name, condition):
+    """python main.py ARGS in a session of its own (so that a Ctrl-C can go to all its processes, as
+    a terminal sends it), with module.name replaced by one that stalls once `condition` holds (of
+    its args), first writing the id of the process it stalls in to `reached`."""
+    code = STALL.format(module=module, name=name, condition=condition, reached=str(reached),
+                        main=os.path.join(ROOT, "main.py"), args=[str(a) for a in args])
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(path, process, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
+def ctrl_c(process):
+    """Ctrl-C as a terminal sends it: SIGINT to every process of the run; (status, stderr lines)."""
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    return process.returncode, [line for line in stderr.splitlines() if line.strip()]
+
+
+def running(pid):
+    """Whether the process runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+BEFORE_TRAINING = "Interrupted while loading the data and building the model, before training."
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="process groups, and /proc")
+def test_ctrl_c_while_the_cache_is_built_ends_in_one_line_leaving_no_process_lock_or_file(tmp_path):
+    photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=6)
+    cache, reached = tmp_path / "cache", tmp_path / "reached"
+    last = os.path.join(photos, "train", "owls", "5.png")
+    process = start_stalled(["--dataset", "folder", "--data-dir", photos, "--output-dir",
+                             tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"],
+                            reached, "image_module", "read_stored", f"args[0] == {last!r}")
+    worker = wait_for(reached, process)
+    assert worker != process.pid  # a decoding worker
+    assert ctrl_c(process) == (130, [BEFORE_TRAINING])  # and no traceback from the workers
+    assert_cleaned_up(cache, worker)
+    assert not (tmp_path / "out").exists()
+
+
+def assert_cleaned_up(cache, worker):
+    """No half-built cache in the folder, its locks free, the worker gone."""
+    assert [name for name in os.listdir(cache) if not name.endswith(".lock")] == []
+    for lock in cache.glob("*.lock"):
+        fd = os.open(lock, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a process holds it
+        os.close(fd)
+    deadline = time.monotonic() + 5
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not running(worker)
+
+
+def signalled(monkeypatch, module, name, when, signum, target=os.getpid):
+    """module.name replaced by one that sends signum to target() (this process: the run's) once
+    `when` holds of its arguments, having written its process id to $SIGNALLED_DIR/pid, and then
+    goes on: a Ctrl-C or a SIGTERM at that very point."""
+    real, pids = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        if when(*args, **kwargs) and not pids:
+            pids.append(os.getpid())
+            with open(os.path.join(os.environ["SIGNALLED_DIR"], "pid"), "w") as f:
+                f.write(str(os.getpid()))
+            os.kill(target(), signum)
+            time.sleep(0.5 if os.getpid() != target() else 0)  # a worker: the run stops it
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, interrupted)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers see the patched reader when forked")
+def test_sigterm_while_the_cache_is_built_ends_in_one_line_leaving_no_process_lock_or_file(
+        tmp_path, capsys, monkeypatch):
+    photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=6)
+    monkeypatch.setenv("SIGNALLED_DIR", str(tmp_path))
+    last = os.path.join(photos, "train", "owls", "5.png")
+    signalled(monkeypatch, image_module, "read_stored", lambda path, size: path == last,
+              signal.SIGTERM, target=os.getppid)  # from a worker to the run, as `kill` sends it
+    cache = tmp_path / "cache"
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir",
+                              tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], capsys)
+    assert result.returncode == 143 and result.stderr == BEFORE_TRAINING + "\n"
+    assert_cleaned_up(cache, int((tmp_path / "pid").read_text()))
+
+
+def test_ctrl_c_in_the_evaluation_predict_export_or_lr_finder_ends_in_one_line_predict_keeping_rows(
+        tiny_run, tmp_path, capsys, monkeypatch):
+    args, out = tiny_run
+    monkeypatch.setenv("SIGNALLED_DIR", str(tmp_path))
+    with monkeypatch.context() as patch:
+        signalled(patch, train_module, "evaluate", lambda *args, collect=False, **kwargs: collect,
+                  signal.SIGINT)  # the final evaluation's
+        result = main_in_process(args + ["--epochs", "1"], capsys)
+    assert result.returncode == 130 and result.stderr == (
+        f"Interrupted during the final evaluation; training is done and saved. To evaluate, run: "
+        f"python main.py --resume auto --output-dir {out}\n")
+    assert not (out / "test_report.csv").exists()
+    utils.load_state_dict(str(out / "best_model.pth"))
+
+    images = tmp_path / "new"
+    images.mkdir()
+    total, kept = inference_module.PREDICT_BATCH + 6, inference_module.PREDICT_BATCH
+    for i in range(total):
+        Image.fromarray(np.full((32, 32, 3), 3 * i, dtype=np.uint8)).save(images / f"{i:03d}.png")
+    second_batch = str(images / f"{kept + 2:03d}.png")
+    with monkeypatch.context() as patch:
+        signalled(patch, image_module, "load_image", lambda path, *args: path == second_batch,
+                  signal.SIGINT)
+        result = main_in_process(["--output-dir", out, "--predict", images, "--num-workers", "0"],
+                                 capsys)
+    assert result.returncode == 130 and result.stderr == f"Interrupted with {kept} of {total} " \
+        f"images classified; {kept} predictions written to {out / 'predictions.csv'}\n"
+    written = (out / "predictions.csv").read_bytes()
+    first = sorted(map(str, images.iterdir()))[:kept]
+    assert list(pd.read_csv(out / "predictions.csv")["path"]) == first
+
+    missing = main_in_process(["--output-dir", out, "--predict", tmp_path / "missing.png"], capsys)
+    assert_one_clean_line(missing, f"{tmp_path / 'missing.png'} does not exist")
+    assert (out / "predictions.csv").read_bytes() == written  # the last predictions stay
+
+    for module, name, command, stage in [
+            (model_module, "export", ["--export", "pt2"], "exporting the model"),
+            (optim_module, "find_lr", [*args, "--find-lr"], "finding the LR")]:
+        with monkeypatch.context() as patch:
+            signalled(patch, module, name, lambda *args, **kwargs: True, signal.SIGINT)
+            result = main_in_process(["--output-dir", out, *command], capsys)
+        assert (result.returncode, result.stderr) == (130, f"Interrupted while {stage}.\n")
+        assert not (out / model_module.EXPORT_FILES["pt2"]).exists()
+        assert not (out / "lr_finder.png").exists()
+
+
+def killed_in(monkeypatch, module, name, when):
+    """module.name replaced by one that kills its own process with SIGKILL (as the out-of-memory
+    killer does) when `when` holds of its path."""
+    real = getattr(module, name)
+
+    def killed(path, *args):
+        if when(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *args)
+    monkeypatch.setattr(module, name, killed)
+
+
+def error_lines(result):
+    """The lines of a run's stderr but for notes (a folder without test/ gets one)."""
+    return [line for line in result.stderr.splitlines() if not line.startswith("note: ")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers see the patched reader when forked")
+@pytest.mark.parametrize("cache", ["auto", "none"])
+def test_a_decoding_worker_killed_ends_the_run_in_one_line_naming_its_file(tmp_path, capsys,
+                                                                           monkeypatch, cache):
+    photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=6)
+    victim = os.path.join(photos, "train", "dogs", "2.png")
+    killed_in(monkeypatch, image_module, "read_stored", lambda path: path == victim)
+    began = time.monotonic()
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir",
+                              tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], capsys)
+    assert time.monotonic() - began < 20
+    [line] = error_lines(result)
+    assert result.returncode == main.WORKER_DIED and "Traceback" not in result.stderr
+    assert f"was killed by SIGKILL while decoding {victim}: most likely the system ran out of " \
+        f"memory" in line
+
+
+KILLED_IN_A_DATALOADER_WORKER = """
+import os, runpy, signal, sys
+import torch
+import data_module
+real = data_module.read_stored
+
+def killed(path, *args):  # in a DataLoader worker: killed, as the out-of-memory killer kills
+    if torch.utils.data.get_worker_info() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, *args)
+
+data_module.read_stored = killed
+sys.argv = [{main!r}, *{args!r}]
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers see the patched reader when forked")
+def test_a_dataloader_worker_killed_in_training_ends_the_run_in_one_line(tmp_path):
+    photos = write_image_tree(tmp_path / "photos", splits=("train", "val"), per_class=6)
+    out = tmp_path / "out"
+    args = ["--dataset", "folder", "--data-dir", str(photos), "--output-dir", str(out),
+            "--cache-dir", "none", "--resident", "no", "--num-workers", "2", "--epochs", "1"]
+    code = KILLED_IN_A_DATALOADER_WORKER.format(main=os.path.join(ROOT, "main.py"), args=args)
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert time.monotonic() - began < 60
+    [line] = error_lines(result)  # nothing from the workers, nor from torch's threads
+    assert result.returncode == main.WORKER_DIED
+    assert line.startswith("error: a worker process") and \
+        "while reading training images: most likely the system ran out of memory" in line
+    assert line.endswith(f"then go on with: python main.py --resume auto --output-dir {out}")
+
+
+SIGNAL_AT_IMPORT = """
+import builtins, os, runpy, signal, sys
+real_import = builtins.__import__
+
+def importing(name, *args, **kwargs):  # the signal comes as main.py starts to load torch
+    if name == "torch":
+        os.kill(os.getpid(), {signum})
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = importing
+sys.argv = [{main!r}, "--predict", "x.png"]
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_while_the_modules_load_ends_in_one_line(tmp_path, signum, status):
+    code = SIGNAL_AT_IMPORT.format(signum=int(signum), main=os.path.join(ROOT, "main.py"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (status, "Interrupted while starting.\n")
+    assert list(tmp_path.iterdir()) == []

@@ -349,3 +349,20 @@ def test_the_metrics_csv_escapes_its_text_cells(tmp_path):
     utils.write_metrics([{"epoch": 1, "train_loss": 1.0, "monitor": "=1+2", "event": "@x"}], path)
     row = pd.read_csv(path).iloc[0]
     assert row["monitor"] == "'=1+2" and row["event"] == "'@x" and row["epoch"] == 1
+
+
+@pytest.mark.parametrize("message, how, cause", [
+    ("DataLoader worker (pid 123) is killed by signal: Killed. ",
+     "(process 123) was killed by SIGKILL", "most likely the system ran out of memory"),
+    ("DataLoader worker (pid 7) is killed by signal: Segmentation fault. ",
+     "(process 7) was killed by SIGSEGV", "a crash in the image decoder"),
+    ("DataLoader worker (pid(s) 5, 6) exited unexpectedly", "(process 5) ended",
+     "most likely the system ran out of memory"),
+    ("DataLoader worker (pid 8) exited unexpectedly with exit code 1. Details are lost",
+     "(process 8) exited with status 1", "an error in the worker; see it with --num-workers 0")])
+def test_torchs_words_for_a_dead_dataloader_worker_become_a_line_with_the_likely_cause(message, how,
+                                                                                     cause):
+    died = utils.worker_died(RuntimeError(message), "reading training images")
+    assert str(died).startswith(f"a worker process {how} while reading training images: {cause}")
+    assert utils.worker_died(RuntimeError("CUDA out of memory"), "x") is None  # not a death
+    assert "a worker process ended while x" in str(utils.worker_died(ConnectionResetError(), "x"))
