@@ -22,47 +22,61 @@ from torchvision.transforms.v2 import functional as F
 
 import utils
 
-# Photo folders follow torchvision's classification reference (references/classification/presets.py):
+# Photo folders follow torchvision's classification reference
+# (references/classification/presets.py):
 RESIZE_RATIO = 0.875  # crop size / resize size of its evaluation preset (224 of 256)
-CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop's share of the stored image's area (torchvision's default)
+# RandomResizedCrop's share of the stored image's area (torchvision's default)
+CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)  # and its width / height range (torchvision's default)
 CROP_TRIES = 10  # boxes drawn before the central-crop fallback, as RandomResizedCrop.get_params
 
-# Automatic augmentation, as torchvision's reference recipes use it (--auto-augment ta_wide / rand-m9-...):
-AUTO_AUGMENTS = ("trivialaugment", "randaugment")  # TrivialAugmentWide(), RandAugment(num_ops=2, magnitude=9)
-POLICIES = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}  # their op tables and bins
-MAGNITUDE_BINS = 31  # magnitude steps of each op's range (both policies' num_magnitude_bins default)
+# Automatic augmentation, as torchvision's reference recipes use it (--auto-augment ta_wide /
+# rand-m9-...):
+# TrivialAugmentWide(), RandAugment(num_ops=2, magnitude=9)
+AUTO_AUGMENTS = ("trivialaugment", "randaugment")
+# their op tables and bins
+POLICIES = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}
+# magnitude steps of each op's range (both policies' num_magnitude_bins default)
+MAGNITUDE_BINS = 31
 RANDAUGMENT_OPS = 2  # ops applied one after the other to each image (RandAugment's num_ops default)
-RANDAUGMENT_MAGNITUDE = 9  # the bin of MAGNITUDE_BINS every RandAugment op takes (its magnitude default)
-OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
-       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")  # both policies' ops, in their order
+# the bin of MAGNITUDE_BINS every RandAugment op takes (its magnitude default)
+RANDAUGMENT_MAGNITUDE = 9
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+    "Contrast",
+       # both policies' ops, in their order
+       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 GEOMETRIC = OPS[1:6]  # the ops that move pixels: one batched resample for them all
-SHARPNESS_KERNEL = ((1, 1, 1), (1, 5, 1), (1, 1, 1))  # adjust_sharpness' smoothing filter, over its sum (13)
+# adjust_sharpness' smoothing filter, over its sum (13)
+SHARPNESS_KERNEL = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
 # Random erasing, as transforms.RandomErasing (its defaults; value 0 in normalised units):
 ERASE_SCALE = (0.02, 0.33)  # share of the image's area the box takes
 ERASE_RATIO = (0.3, 3.3)  # the box's height / width range, drawn log-uniform
-ERASE_TRIES = 10  # boxes drawn before giving up on the image (left whole), as RandomErasing.get_params
+# boxes drawn before giving up on the image (left whole), as RandomErasing.get_params
+ERASE_TRIES = 10
 
 
 def crop_flip(images: torch.Tensor, padding: int, flipped: torch.Tensor | None = None,
               reflect: bool = False) -> torch.Tensor:
-    """Random crops (shifts of up to `padding` pixels, black or reflected border) of uint8 (N, H, W, C)
-    images, mirrored where `flipped` (N bools) is set, as one gather on the images' device."""
+    """Random crops (shifts of up to `padding` pixels, black or reflected border) of uint8 (N, H, W,
+    C) images, mirrored where `flipped` (N bools) is set, as one gather on the images' device."""
     n, h, w, _ = images.shape
     device = images.device
     dy = torch.randint(-padding, padding + 1, (n, 1), device=device)
     dx = torch.randint(-padding, padding + 1, (n, 1), device=device)
-    rows = torch.arange(h, device=device) + dy                      # (n, h): source row of each output row
+    # (n, h): source row of each output row
+    rows = torch.arange(h, device=device) + dy
     cols = torch.arange(w, device=device).expand(n, w)
     if flipped is not None:
         cols = torch.where(flipped[:, None], w - 1 - cols, cols)
-    cols = cols + dx                                                # (n, w): source column of each output column
+    # (n, w): source column of each output column
+    cols = cols + dx
     batch = torch.arange(n, device=device)[:, None, None]
     if reflect:
         return images[batch, _reflect(rows, h)[:, :, None], _reflect(cols, w)[:, None, :]]
     inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
     out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
-    return out * inside[..., None]                                  # black border, as RandomCrop(padding=p)
+    # black border, as RandomCrop(padding=p)
+    return out * inside[..., None]
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -71,18 +85,21 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float] = CROP_SCALE,
-                      ratio: tuple[float, float] = CROP_RATIO, device: torch.device | str = "cpu") -> torch.Tensor:
+                      ratio: tuple[float, float] = CROP_RATIO, device: torch.device
+                      | str = "cpu") -> torch.Tensor:
     """n boxes (top, left, height, width) as int64 (n, 4), each drawn as torchvision's
     RandomResizedCrop.get_params draws one: up to CROP_TRIES tries of an area share in `scale` and a
-    log-uniform width / height in `ratio` that fit the image, else the central crop of the nearest allowed
-    ratio; all n at once on `device`, from its global generator."""
+    log-uniform width / height in `ratio` that fit the image, else the central crop of the nearest
+    allowed ratio; all n at once on `device`, from its global generator."""
     area = height * width
     target_area = area * torch.empty(n, CROP_TRIES, device=device).uniform_(scale[0], scale[1])
-    aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]), math.log(ratio[
+        1])).exp()
     w = (target_area * aspect).sqrt().round().long()
     h = (target_area / aspect).sqrt().round().long()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.long().argmax(1, keepdim=True)  # the first try that fits (argmax takes the first maximum)
+    # the first try that fits (argmax takes the first maximum)
+    first = fits.long().argmax(1, keepdim=True)
     found = fits.any(1)
     fallback_h, fallback_w = _central_box(height, width, ratio)
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
@@ -95,7 +112,8 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
 
 
 def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """RandomResizedCrop's fallback size (height, width): the whole image, trimmed to the nearest allowed ratio."""
+    """RandomResizedCrop's fallback size (height, width): the whole image, trimmed to the nearest
+    allowed ratio."""
     if width / height < min(ratio):
         return int(round(width / min(ratio))), width
     if width / height > max(ratio):
@@ -111,13 +129,15 @@ def _random_offset(room: torch.Tensor, device: torch.device | str) -> torch.Tens
 
 def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
                     flipped: torch.Tensor | None = None) -> torch.Tensor:
-    """The boxes (top, left, height, width) of uint8 (N, H, W, C) images resized to size x size, mirrored
-    where `flipped` is set: float (N, C, size, size) on the 0-255 scale, in one batched call.
+    """The boxes (top, left, height, width) of uint8 (N, H, W, C) images resized to size x size,
+    mirrored where `flipped` is set: float (N, C, size, size) on the 0-255 scale, in one batched
+    call.
 
-    roi_align with aligned=True is bilinear resizing of each box; its adaptive sampling (ceil(box / size)
-    samples a pixel in each direction, averaged) stands in for the antialiasing of PIL's resize when the box
-    is larger than the output. One kernel for the batch, where torchvision.transforms.v2 draws one box per
-    call (RandomResizedCrop on a batch crops every image alike).
+    roi_align with aligned=True is bilinear resizing of each box; its adaptive sampling (ceil(box /
+    size) samples a pixel in each direction, averaged) stands in for the antialiasing of PIL's
+    resize when the box is larger than the output. One kernel for the batch, where
+    torchvision.transforms.v2 draws one box per call (RandomResizedCrop on a batch crops every image
+    alike).
     """
     top, left, height, width = boxes.unbind(1)
     batch = torch.arange(len(images), device=images.device)
@@ -129,7 +149,8 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop places it."""
+    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop places
+    it."""
     _, height, width, _ = images.shape
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return images[:, top:top + size, left:left + size].contiguous()
@@ -139,28 +160,31 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def auto_augment(images: torch.Tensor, policy: str) -> torch.Tensor:
-    """uint8 (N, H, W, C) images, each through ops of its own, drawn as torchvision's `policy` (AUTO_AUGMENTS)
-    draws them for one image: "trivialaugment" one op of OPS at a random magnitude bin, "randaugment"
-    RANDAUGMENT_OPS ops in turn at bin RANDAUGMENT_MAGNITUDE; a signed op takes either sign. Batched: the
-    images are sorted by the op they drew and each op runs once on its share (the geometric ones as one
-    resample), never image by image. A new uint8 (N, H, W, C) tensor, image i from image i."""
+    """uint8 (N, H, W, C) images, each through ops of its own, drawn as torchvision's `policy`
+    (AUTO_AUGMENTS) draws them for one image: "trivialaugment" one op of OPS at a random magnitude
+    bin, "randaugment" RANDAUGMENT_OPS ops in turn at bin RANDAUGMENT_MAGNITUDE; a signed op takes
+    either sign. Batched: the images are sorted by the op they drew and each op runs once on its
+    share (the geometric ones as one resample), never image by image. A new uint8 (N, H, W, C)
+    tensor, image i from image i."""
     for _ in range(RANDAUGMENT_OPS if policy == "randaugment" else 1):
         images = _apply_drawn_ops(images, policy)
     return images
 
 
 def draw_ops(n: int, device: torch.device | str) -> tuple[torch.Tensor, list[int]]:
-    """An op of OPS for each of n images, uniform and independent as torchvision draws one per call, as
-    `order`, the images sorted by op (the first counts[0] of order take OPS[0], the next counts[1] OPS[1], ...),
-    and `counts`. Independent uniform draws are a multinomial count of each op, drawn on the CPU so that the
-    shares' sizes are known without waiting for the device, and a uniformly random choice of the images that
-    take them: a permutation, drawn on the device from its global generator."""
+    """An op of OPS for each of n images, uniform and independent as torchvision draws one per call,
+    as `order`, the images sorted by op (the first counts[0] of order take OPS[0], the next
+    counts[1] OPS[1], ...), and `counts`. Independent uniform draws are a multinomial count of each
+    op, drawn on the CPU so that the shares' sizes are known without waiting for the device, and a
+    uniformly random choice of the images that take them: a permutation, drawn on the device from
+    its global generator."""
     counts = torch.randint(len(OPS), (n,)).bincount(minlength=len(OPS)).tolist()
     return torch.randperm(n, device=device), counts
 
 
 def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
-    """One round of auto_augment: an op, a magnitude bin and a sign drawn for each image, and applied."""
+    """One round of auto_augment: an op, a magnitude bin and a sign drawn for each image, and
+    applied."""
     n, height, width, _ = images.shape
     device = images.device
     order, counts = draw_ops(n, device)
@@ -169,9 +193,11 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
         bins = torch.full((n,), RANDAUGMENT_MAGNITUDE, device=device)
     else:
         bins = torch.randint(MAGNITUDE_BINS, (n,), device=device)
-    negative = torch.rand(n, device=device) <= 0.5  # as torchvision's `torch.rand(()) <= 0.5` for each image
+    # as torchvision's `torch.rand(()) <= 0.5` for each image
+    negative = torch.rand(n, device=device) <= 0.5
     shuffled = images[order]  # sorted by op: each op's share is a slice; a copy, changed in place
-    sorted_images = shuffled.permute(0, 3, 1, 2)  # (N, C, H, W) views, as torchvision's ops take them
+    # (N, C, H, W) views, as torchvision's ops take them
+    sorted_images = shuffled.permute(0, 3, 1, 2)
     starts = [0, *itertools.accumulate(counts)]
     matrices = []
     for k, op in enumerate(OPS):
@@ -185,7 +211,8 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
             matrices.append(affine_matrices(op, magnitudes, height, width))
         else:
             sorted_images[share] = apply_op(sorted_images[share], op, magnitudes)
-    if matrices:  # the geometric ops' shares are one slice (OPS' order): one resample for all of them
+    # the geometric ops' shares are one slice (OPS' order): one resample for all of them
+    if matrices:
         share = slice(starts[OPS.index(GEOMETRIC[0])], starts[OPS.index(GEOMETRIC[-1]) + 1])
         sorted_images[share] = resample(sorted_images[share], torch.cat(matrices))
     return torch.empty_like(images).index_copy_(0, order, shuffled)  # back in the images' order
@@ -194,9 +221,9 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _magnitude_table(policy: str, height: int, width: int,
                      device: torch.device) -> tuple[torch.Tensor, tuple[bool, ...]]:
-    """The policy's magnitudes of each op at each bin, float32 (len(OPS), MAGNITUDE_BINS) on the device (zeros
-    for the ops that take none), from torchvision's own op table, and whether each op is signed; made once for
-    each image size and device."""
+    """The policy's magnitudes of each op at each bin, float32 (len(OPS), MAGNITUDE_BINS) on the
+    device (zeros for the ops that take none), from torchvision's own op table, and whether each op
+    is signed; made once for each image size and device."""
     space = POLICIES[policy]._AUGMENTATION_SPACE
     rows, signed = [], []
     for op in OPS:
@@ -208,37 +235,43 @@ def _magnitude_table(policy: str, height: int, width: int,
 
 
 def apply_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> torch.Tensor:
-    """OPS' op on uint8 (N, C, H, W) images, image i at magnitudes[i] (signed, as torchvision's policies hand
-    it to the op): what their _apply_image_or_video_transform does to one image, for the batch at once."""
+    """OPS' op on uint8 (N, C, H, W) images, image i at magnitudes[i] (signed, as torchvision's
+    policies hand it to the op): what their _apply_image_or_video_transform does to one image, for
+    the batch at once."""
     if op in GEOMETRIC:
         return resample(images, affine_matrices(op, magnitudes, images.shape[-2], images.shape[-1]))
     return _COLOUR_OPS[op](images, magnitudes.view(-1, 1, 1, 1))
 
 
-def _blend(images: torch.Tensor, degenerate: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """v2.functional's _blend at ratio 1 + magnitude for each image: ratio * image + (1 - ratio) * degenerate,
-    clamped and truncated to uint8, in its float32 arithmetic (1 - ratio is -magnitude exactly)."""
-    blended = torch.addcmul(images.mul(1 + magnitudes), degenerate.float(), -magnitudes)  # add_'s fused a + alpha * b
+def _blend(images: torch.Tensor, degenerate: torch.Tensor,
+        magnitudes: torch.Tensor) -> torch.Tensor:
+    """v2.functional's _blend at ratio 1 + magnitude for each image: ratio * image + (1 - ratio) *
+    degenerate, clamped and truncated to uint8, in its float32 arithmetic (1 - ratio is -magnitude
+    exactly)."""
+    # add_'s fused a + alpha * b
+    blended = torch.addcmul(images.mul(1 + magnitudes), degenerate.float(), -magnitudes)
     return blended.clamp_(0, 255).to(torch.uint8)
 
 
 def _mean_grey(images: torch.Tensor) -> torch.Tensor:
-    """adjust_contrast's degenerate image: the mean of each image's grey (rgb_to_grayscale's, whose uint8 is
-    the floor adjust_contrast takes), unrounded as adjust_contrast blends it. F.adjust_contrast(images, 0)
-    would truncate it."""
+    """adjust_contrast's degenerate image: the mean of each image's grey (rgb_to_grayscale's, whose
+    uint8 is the floor adjust_contrast takes), unrounded as adjust_contrast blends it.
+    F.adjust_contrast(images, 0) would truncate it."""
     return F.rgb_to_grayscale(images).float().mean((-3, -2, -1), keepdim=True)
 
 
 @functools.lru_cache(maxsize=None)
 def _sharpness_kernel(device: torch.device) -> torch.Tensor:
-    """adjust_sharpness' smoothing filter, float32 (1, 1, 3, 3) on the device, made once (torchvision makes it
-    on every call: on a GPU a copy from the host that waits for the device)."""
-    return (torch.tensor(SHARPNESS_KERNEL, dtype=torch.float64) / 13).float().view(1, 1, 3, 3).to(device)
+    """adjust_sharpness' smoothing filter, float32 (1, 1, 3, 3) on the device, made once
+    (torchvision makes it on every call: on a GPU a copy from the host that waits for the
+    device)."""
+    return (torch.tensor(SHARPNESS_KERNEL, dtype=torch.float64) / 13).float().view(1, 1, 3, 3).to(
+        device)
 
 
 def _smoothed(images: torch.Tensor) -> torch.Tensor:
-    """adjust_sharpness' degenerate image in float, as F.adjust_sharpness(images, 0) gives it: the rounded
-    smoothing of SHARPNESS_KERNEL inside a one-pixel frame of the image's own pixels."""
+    """adjust_sharpness' degenerate image in float, as F.adjust_sharpness(images, 0) gives it: the
+    rounded smoothing of SHARPNESS_KERNEL inside a one-pixel frame of the image's own pixels."""
     channels = images.shape[1]
     smoothed = images.float()
     kernel = _sharpness_kernel(images.device).expand(channels, 1, 3, 3)
@@ -247,15 +280,18 @@ def _smoothed(images: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpen(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """adjust_sharpness at 1 + magnitude for each image, in its own arithmetic: image + (1 - factor) *
-    (smoothed - image), clamped and truncated to uint8 (the frame, where the two are equal, stays)."""
+    """adjust_sharpness at 1 + magnitude for each image, in its own arithmetic: image + (1 - factor)
+    * (smoothed - image), clamped and truncated to uint8 (the frame, where the two are equal,
+    stays)."""
     original = images.float()
-    return torch.addcmul(original, _smoothed(images) - original, -magnitudes).clamp_(0, 255).to(torch.uint8)
+    return torch.addcmul(original, _smoothed(images) - original, -magnitudes).clamp_(0, 255).to(
+        torch.uint8)
 
 
 def _posterize(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """posterize to each image's own bits (its magnitude): the low 8 - bits bits cleared, as v2.functional's
-    mask does for one image, in one masking for all of them (no group for each number of bits)."""
+    """posterize to each image's own bits (its magnitude): the low 8 - bits bits cleared, as
+    v2.functional's mask does for one image, in one masking for all of them (no group for each
+    number of bits)."""
     cleared = 8 - magnitudes.to(torch.int32)
     mask = torch.full_like(cleared, 255).bitwise_left_shift(cleared).bitwise_and(255)
     return images & mask.to(torch.uint8)
@@ -263,12 +299,15 @@ def _posterize(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
 
 _COLOUR_OPS = {  # (uint8 images, magnitudes (N, 1, 1, 1)) -> uint8 images
     "Identity": lambda images, magnitudes: images,
-    "Brightness": lambda images, magnitudes: _blend(images, F.adjust_brightness(images, 0.0), magnitudes),
-    "Color": lambda images, magnitudes: _blend(images, F.adjust_saturation(images, 0.0), magnitudes),
+    "Brightness": lambda images, magnitudes: _blend(images, F.adjust_brightness(images, 0.0),
+    magnitudes),
+    "Color": lambda images, magnitudes: _blend(images, F.adjust_saturation(images, 0.0),
+    magnitudes),
     "Contrast": lambda images, magnitudes: _blend(images, _mean_grey(images), magnitudes),
     "Sharpness": _sharpen,
     "Posterize": _posterize,
-    "Solarize": lambda images, magnitudes: torch.where(images >= 255 * magnitudes, images.bitwise_not(), images),
+    "Solarize": lambda images, magnitudes: torch.where(images >= 255 * magnitudes,
+    images.bitwise_not(), images),
     "AutoContrast": lambda images, magnitudes: F.autocontrast(images),
     "Equalize": lambda images, magnitudes: F.equalize(images),
 }
@@ -276,13 +315,15 @@ _COLOUR_OPS = {  # (uint8 images, magnitudes (N, 1, 1, 1)) -> uint8 images
 
 def affine_matrices(op: str, magnitudes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """float32 (N, 2, 3): a geometric op's inverse affine matrix at each magnitude, as torchvision's
-    auto-augment calls F.affine or F.rotate: shears by atan(magnitude) about the top-left corner (its
-    center=[0, 0]), translations by whole pixels (int(magnitude)), rotations by magnitude degrees
-    anticlockwise about the centre. Worked out in float64 as torchvision's (in Python floats) where the device
-    has it (not Apple's MPS): in float32 a shear's half-pixel ties round the other way for a few pixels."""
+    auto-augment calls F.affine or F.rotate: shears by atan(magnitude) about the top-left corner
+    (its center=[0, 0]), translations by whole pixels (int(magnitude)), rotations by magnitude
+    degrees anticlockwise about the centre. Worked out in float64 as torchvision's (in Python
+    floats) where the device has it (not Apple's MPS): in float32 a shear's half-pixel ties round
+    the other way for a few pixels."""
     magnitudes = magnitudes.to(torch.float32 if magnitudes.device.type == "mps" else torch.float64)
     zero = torch.zeros_like(magnitudes)
-    corner = (-width / 2, -height / 2)  # center=[0, 0] in _get_inverse_affine_matrix's centred pixels
+    # center=[0, 0] in _get_inverse_affine_matrix's centred pixels
+    corner = (-width / 2, -height / 2)
     if op == "ShearX":
         return _inverse_affine(zero, magnitudes.atan(), zero, (zero, zero), corner)
     if op == "ShearY":
@@ -296,8 +337,10 @@ def affine_matrices(op: str, magnitudes: torch.Tensor, height: int, width: int) 
 
 
 def _inverse_affine(rotation: torch.Tensor, shear_x: torch.Tensor, shear_y: torch.Tensor,
-                    translate: tuple[torch.Tensor, torch.Tensor], center: tuple[float, float]) -> torch.Tensor:
-    """v2.functional's _get_inverse_affine_matrix (scale 1; angles in radians) for a batch: (N, 2, 3)."""
+                    translate: tuple[torch.Tensor, torch.Tensor], center: tuple[float,
+                    float]) -> torch.Tensor:
+    """v2.functional's _get_inverse_affine_matrix (scale 1; angles in radians) for a batch: (N, 2,
+    3)."""
     (tx, ty), (cx, cy) = translate, center
     a = torch.cos(rotation - shear_y) / torch.cos(shear_y)
     b = -(a * torch.tan(shear_x) + torch.sin(rotation))
@@ -309,30 +352,33 @@ def _inverse_affine(rotation: torch.Tensor, shear_x: torch.Tensor, shear_y: torc
 
 
 def resample(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) images, each through its own inverse affine matrix (N, 2, 3): the nearest pixel, 0
-    outside the image, on v2.functional.affine's grid (_affine_grid: pixel centres about the image's centre,
-    normalised after the matrix) with its grid_sample, for the batch at once."""
+    """uint8 (N, C, H, W) images, each through its own inverse affine matrix (N, 2, 3): the nearest
+    pixel, 0 outside the image, on v2.functional.affine's grid (_affine_grid: pixel centres about
+    the image's centre, normalised after the matrix) with its grid_sample, for the batch at once."""
     n, _, height, width = images.shape
     device = images.device
     xs = torch.linspace((1 - width) / 2, (width - 1) / 2, width, device=device)
     ys = torch.linspace((1 - height) / 2, (height - 1) / 2, height, device=device)
     base = torch.stack([xs.expand(height, width), ys[:, None].expand(height, width),
                         torch.ones(height, width, device=device)], -1).view(1, height * width, 3)
-    rescaled = torch.stack([matrices[:, 0] / (0.5 * width), matrices[:, 1] / (0.5 * height)], 2)  # (N, 3, 2)
+    # (N, 3, 2)
+    rescaled = torch.stack([matrices[:, 0] / (0.5 * width), matrices[:, 1] / (0.5 * height)], 2)
     grid = base.matmul(rescaled).view(n, height, width, 2)
-    resampled = grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    resampled = grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
+        align_corners=False)
     return resampled.to(torch.uint8)  # nearest: whole numbers already
 
 
 # --------------------------------------------------------------------------- random erasing
 
 
-def erase_masks(n: int, height: int, width: int, probability: float, device: torch.device | str) -> torch.Tensor:
-    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each of n images: an image is
-    chosen with that probability, then up to ERASE_TRIES tries of an area share in ERASE_SCALE and a log-uniform
-    height / width in ERASE_RATIO, the first smaller than the image placed uniformly in it, as
-    RandomErasing.get_params; no box when none fits. All drawn at once on the device, from its global
-    generator."""
+def erase_masks(n: int, height: int, width: int, probability: float, device: torch.device
+        | str) -> torch.Tensor:
+    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each of n images: an
+    image is chosen with that probability, then up to ERASE_TRIES tries of an area share in
+    ERASE_SCALE and a log-uniform height / width in ERASE_RATIO, the first smaller than the image
+    placed uniformly in it, as RandomErasing.get_params; no box when none fits. All drawn at once on
+    the device, from its global generator."""
     area = height * width
     target_area = area * torch.empty(n, ERASE_TRIES, device=device).uniform_(*ERASE_SCALE)
     log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
@@ -344,7 +390,8 @@ def erase_masks(n: int, height: int, width: int, probability: float, device: tor
     erased = fits.any(1) & (torch.rand(n, device=device) < probability)
     h = torch.where(erased, h.gather(1, first).squeeze(1), 0)  # no box: empty
     w = torch.where(erased, w.gather(1, first).squeeze(1), 0)
-    rows = torch.arange(height, device=device) - _random_offset(height - h, device)[:, None]  # from the box's top
+    # from the box's top
+    rows = torch.arange(height, device=device) - _random_offset(height - h, device)[:, None]
     cols = torch.arange(width, device=device) - _random_offset(width - w, device)[:, None]
     inside_rows = (rows >= 0) & (rows < h[:, None])
     inside_cols = (cols >= 0) & (cols < w[:, None])

@@ -1,18 +1,20 @@
-"""The decoded-image cache: a folder's images decoded once into a memory-mapped uint8 file that later runs open.
+"""The decoded-image cache: a folder's images decoded once into a memory-mapped uint8 file that
+later runs open.
 
-A cache is two files in the cache folder, named by a key of (the stored size, the image files' paths, sizes and
-modification times), so a changed folder or size finds no cache and builds a new one:
+A cache is two files in the cache folder, named by a key of (the stored size, the image files'
+paths, sizes and modification times), so a changed folder or size finds no cache and builds a new
+one:
 
-    <size>px-<key>.npy   uint8 (N, size, size, 3), row i the i-th file; numpy's .npy, opened with mmap
+    <size>px-<key>.npy   uint8 (N, size, size, 3), row i the i-th file; numpy's .npy, mmap'ed
     <size>px-<key>.json  the index: format, key, root, size, count, bytes (the .npy's length), the
                          failed rows with their messages
-    <size>px-<key>.statistics.json  per-channel statistics of sets of rows, by a hash of the rows (remembered)
+    <size>px-<key>.statistics.json  per-channel statistics of sets of rows, by their hash
 
-Both are written to temporary files in the same folder and moved into place (os.replace), the .npy first: the
-index is the completion marker, and its byte count catches a truncated .npy. Whatever does not check out is
-rebuilt, never trusted. Builders of the same cache take turns under an flock (<size>px-<key>.lock),
-so the second finds the first's; what a killed build left (a temporary file, a .npy without its
-index) is removed by a later run once no process holds that cache's lock.
+Both are written to temporary files in the same folder and moved into place (os.replace), the .npy
+first: the index is the completion marker, and its byte count catches a truncated .npy. Whatever
+does not check out is rebuilt, never trusted. Builders of the same cache take turns under an flock
+(<size>px-<key>.lock), so the second finds the first's; what a killed build left (a temporary file,
+a .npy without its index) is removed by a later run once no process holds that cache's lock.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import utils
 
 try:
     import fcntl
-except ImportError:  # Windows has no flock: concurrent builders each write, and the last complete one stays
+# Windows has no flock: concurrent builders each write, and the last complete one stays
+except ImportError:
     fcntl = None
 
 FORMAT = 2  # raise it when the stored pixels or the layout change: older caches are then rebuilt
@@ -55,7 +58,8 @@ class CacheError(OSError):
 class Cache:
     """A folder's decoded images, memory-mapped: pages are read from the file as rows are used."""
 
-    images: torch.Tensor  # uint8 (N, size, size, 3): row i is paths[i]; never written (copy-on-write mapping)
+    # uint8 (N, size, size, 3): row i is paths[i]; never written (copy-on-write mapping)
+    images: torch.Tensor
     failed: list[tuple[int, str]]  # rows whose files could not be read (left black), and why
     path: str  # the .npy file
     built: bool  # decoded by this call (False: opened as a later run finds it)
@@ -63,7 +67,8 @@ class Cache:
 
 def default_cache_dir() -> str:
     """The per-user cache folder (CACHE_DIR "auto"), where pip and torchvision keep theirs:
-    $XDG_CACHE_HOME/lra-pipeline, else ~/.cache/lra-pipeline. The environment is read at each call."""
+    $XDG_CACHE_HOME/lra-pipeline, else ~/.cache/lra-pipeline. The environment is read at each
+    call."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # unset, empty or relative: the XDG spec says to ignore it
         base = os.path.join(os.path.expanduser("~"), ".cache")
@@ -95,7 +100,8 @@ def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,
     except OSError as error:
         if isinstance(error, CacheError):
             raise
-        raise CacheError(f"cannot write the decoded-image cache in {cache_dir} ({error.strerror or error})") \
+        raise CacheError(
+            f"cannot write the decoded-image cache in {cache_dir} ({error.strerror or error})") \
             from None
     return cache
 
@@ -106,8 +112,10 @@ def cache_key(paths: list[str], size: int, root: str) -> str:
     entries, prefix = [], os.path.join(os.path.abspath(root), "")
     for path in paths:
         status, absolute = os.stat(path), os.path.abspath(path)
-        relative = absolute[len(prefix):] if absolute.startswith(prefix) else os.path.relpath(absolute, prefix)
-        entries.append([relative, status.st_size, status.st_mtime_ns])  # relpath's answer, a tenth of its time
+        relative = absolute[len(prefix):] if absolute.startswith(prefix) else os.path.relpath(
+            absolute, prefix)
+        # relpath's answer, a tenth of its time
+        entries.append([relative, status.st_size, status.st_mtime_ns])
     text = json.dumps([FORMAT, size, entries], ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
@@ -165,9 +173,11 @@ def _index_problem(index, key: str, count: int, size: int) -> str | None:
 
 def _build(base: str, count: int, size: int, root: str,
            fill: Callable[[np.memmap], list[tuple[int, str]]]) -> Cache:
-    """Decode into a temporary .npy, move it into place, then write the index that marks it complete."""
+    """Decode into a temporary .npy, move it into place, then write the index that marks it
+    complete."""
     folder, name = os.path.split(base)
-    if fcntl is not None:  # under the lock no other build of this cache is live: these are killed builds'
+    # under the lock no other build of this cache is live: these are killed builds'
+    if fcntl is not None:
         for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.*.tmp")):
             os.remove(stale)
     with contextlib.suppress(FileNotFoundError):  # a killed build's, or a damaged one: its room
@@ -175,12 +185,14 @@ def _build(base: str, count: int, size: int, root: str,
     needed = count * size * size * 3 + 4096
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise CacheError(f"the decoded-image cache needs {needed / 2**30:.2f} GiB in {folder}, which has "
+        raise CacheError(
+            f"the decoded-image cache needs {needed / 2**30:.2f} GiB in {folder}, which has "
                          f"{free / 2**30:.2f} GiB free")
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npy.tmp", dir=folder)
     try:
         os.close(fd)
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, size, size,
+            3))
         _claim_space(tmp)
         failed = sorted(fill(images))
         images.flush()
@@ -207,12 +219,13 @@ def _build(base: str, count: int, size: int, root: str,
 
 
 def remembered(cache_file: str, rows: torch.Tensor,
-               compute: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]) -> tuple[tuple, tuple]:
-    """compute()'s per-channel (mean, std) of these rows of the cache, kept beside it (its .statistics.json,
-    by a hash of the rows) so that a later run on the same rows reads two lines instead of the rows' pixels.
-    A file that cannot be read or written is only a missed memo: computed, as without it; one that
-    reads but holds what compute could not have given (not three channels, a std of 0, NaN) is
-    computed anew, with a warning."""
+               compute: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]) -> tuple[tuple,
+               tuple]:
+    """compute()'s per-channel (mean, std) of these rows of the cache, kept beside it (its
+    .statistics.json, by a hash of the rows) so that a later run on the same rows reads two lines
+    instead of the rows' pixels. A file that cannot be read or written is only a missed memo:
+    computed, as without it; one that reads but holds what compute could not have given (not three
+    channels, a std of 0, NaN) is computed anew, with a warning."""
     base = cache_file[:-len(".npy")]
     path = base + ".statistics.json"
     key = hashlib.sha256(rows.to(torch.int64).numpy().tobytes()).hexdigest()[:24]
@@ -261,8 +274,8 @@ def _statistics_problem(entry) -> str | None:
 
 
 def _claim_space(path: str) -> None:
-    """Allocate the file's blocks now: a disk that fills up under a memory map kills the process (SIGBUS)
-    instead of raising. File systems that cannot allocate ahead are left as they are."""
+    """Allocate the file's blocks now: a disk that fills up under a memory map kills the process
+    (SIGBUS) instead of raising. File systems that cannot allocate ahead are left as they are."""
     if not hasattr(os, "posix_fallocate"):  # macOS, Windows
         return
     with open(path, "r+b") as f:
@@ -274,9 +287,9 @@ def _claim_space(path: str) -> None:
 
 
 def _remove_superseded(base: str, root: str, size: int) -> None:
-    """Delete this folder's older caches of the same size (the files changed since): they would never be
-    opened again. Other sizes stay, for runs at another IMAGE_SIZE; so does a cache whose lock
-    another process holds (building it, or writing its statistics)."""
+    """Delete this folder's older caches of the same size (the files changed since): they would
+    never be opened again. Other sizes stay, for runs at another IMAGE_SIZE; so does a cache whose
+    lock another process holds (building it, or writing its statistics)."""
     folder = glob.escape(os.path.dirname(base))
     for index_path in glob.glob(os.path.join(folder, f"{size}px-*.json")):
         other = index_path[:-len(".json")]

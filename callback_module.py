@@ -1,6 +1,6 @@
 """LRA, the learning-rate adjuster: decides each epoch whether to cut the LR, go back to the best
-weights, unfreeze the body or stop, and asks the user whether to go on. Specified in
-the README's LRA section. LRA only decides: it returns a Decision, and the training loop carries it out."""
+weights, unfreeze the body or stop, and asks the user whether to go on. Specified in the README's
+LRA section. LRA only decides: it returns a Decision, and the training loop carries it out."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import utils
 
-PROMPT_UNFREEZE = ("Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
+PROMPT_UNFREEZE = (
+    "Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
                    "more epochs before asking again: ")
 PROMPT = "Enter H to halt or a number N to train N more epochs before asking again: "
 STATE_TYPES = {  # LRA's state, as a checkpoint holds it: each value's type is checked on resume
@@ -22,7 +23,8 @@ STATE_TYPES = {  # LRA's state, as a checkpoint holds it: each value's type is c
     "frozen": bool}
 STATE_KEYS = tuple(STATE_TYPES)
 MONITORS = ("train_acc", "val_loss", "train_loss")  # what monitored() may choose
-HEADER = (f"{'Epoch':>5} | {'Loss':>7} | {'Accuracy':>8} | {'V_loss':>7} | {'V_acc':>7} | {'LR':>9} | "
+HEADER = (f"{'Epoch':>5} | {'Loss':>7} | {'Accuracy':>8} | {'V_loss':>7} | {'V_acc':>7} | "
+          f"{'LR':>9} | "
           f"{'Next LR':>9} | {'Monitor':<9} | {'% Improv':>8} | {'Duration':>8}")
 
 # (test, what is allowed) for LRAConfig's fields; dwell and adjust_lr, any bool, need none.
@@ -31,10 +33,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stop_patience": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "threshold": (lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
     "factor": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
-    "ask_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a whole number >= 1, or None"),
+    "ask_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
+    "a whole number >= 1, or None"),
     "min_lr": (lambda v: v >= 0, "a number >= 0"),
     "min_delta": (lambda v: v >= 0, "a number >= 0"),
-    "unfreeze_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1), "a whole number >= 1, or None"),
+    "unfreeze_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
+    "a whole number >= 1, or None"),
 }
 
 
@@ -69,13 +73,15 @@ class Decision:
     unfreeze: bool         # make the frozen body trainable (F at the prompt, or UNFREEZE_EPOCH)
     new_best: bool         # lowest validation loss so far: the weights to keep
     improved: bool         # the monitored metric improved on its own best
-    monitor: str           # the monitored metric: "train_acc", "val_loss", or without validation "train_loss"
+    # the monitored metric: "train_acc", "val_loss", or without validation "train_loss"
+    monitor: str
     event: str             # what happened, for the table and the CSV
     reason: str | None     # why training stops, once it does
 
     def row(self) -> dict[str, Any]:
         """The decision's columns of training_metrics.csv."""
-        return {"monitor": self.monitor, "improved": self.improved, "new_best": self.new_best, "event": self.event}
+        return {"monitor": self.monitor, "improved": self.improved, "new_best": self.new_best,
+            "event": self.event}
 
 
 # --------------------------------------------------------------------------- pure decision helpers
@@ -87,16 +93,16 @@ def is_improvement(value: float, best: float, min_delta: float, higher_is_better
 
 
 def monitored(train_acc: float, threshold: float, validated: bool = True) -> str:
-    """The metric LRA watches: training accuracy below the threshold, validation loss at or above it (training
-    loss in a run without validation images)."""
+    """The metric LRA watches: training accuracy below the threshold, validation loss at or above it
+    (training loss in a run without validation images)."""
     if train_acc < threshold:
         return "train_acc"
     return "val_loss" if validated else "train_loss"
 
 
 def relative_change(value: float, best: float | None, higher_is_better: bool) -> float | None:
-    """Improvement of value over the previous best, in percent (positive is better); None when there is
-    no previous best or it is zero."""
+    """Improvement of value over the previous best, in percent (positive is better); None when there
+    is no previous best or it is zero."""
     if best is None or not math.isfinite(best) or best == 0 or not math.isfinite(value):
         return None
     change = (value - best) if higher_is_better else (best - value)
@@ -108,7 +114,8 @@ def cut_lr(lr: float, factor: float, min_lr: float) -> float:
     return max(lr * factor, min_lr)
 
 
-def describe(new_best: bool, restored_epoch: int | None, cut: bool, stop: bool, unfroze: bool) -> str:
+def describe(new_best: bool, restored_epoch: int | None, cut: bool, stop: bool,
+        unfroze: bool) -> str:
     """The event column: what happened this epoch, in the order the loop carries it out."""
     events = [(new_best, "best"), (restored_epoch is not None, f"restored epoch {restored_epoch}"),
               (cut, "LR cut"), (stop, "stop"), (unfroze, "unfroze the body")]
@@ -123,15 +130,20 @@ class LRA:
     """The learning-rate adjuster. Call on_epoch_end(epoch, metrics) after every epoch; it returns a
     Decision. metrics holds train_loss, train_acc, val_loss, val_acc and lr (the epoch's LR).
 
-    With config.adjust_lr False (a fixed LR schedule drives the LR) LRA keeps track of the best weights
-    and asks, but never cuts the LR or stops on its own. frozen says the model has frozen layers (so F is
-    offered, and config.unfreeze_epoch can unfreeze them). Under torchrun every process runs LRA on the
-    same metrics; `share` gives them rank 0's prompt answers.
+    With config.adjust_lr False (a fixed LR schedule drives the LR) LRA keeps track of the best
+    weights and asks, but never cuts the LR or stops on its own. frozen says the model has frozen
+    layers (so F is offered, and config.unfreeze_epoch can unfreeze them). Under torchrun every
+    process runs LRA on the same metrics; `share` gives them rank 0's prompt answers.
     """
 
     def __init__(self, config: LRAConfig, *, frozen: bool = False, main_process: bool = True,
                  share: Callable[[Any], Any] | None = None, stream=None):
-        self.config, self.main_process, self.share, self.stream = config, main_process, share, stream
+        self.config, self.main_process, self.share, self.stream = (
+            config,
+            main_process,
+            share,
+            stream,
+        )
 
         self.bad_epochs = 0          # bad epochs in a row since the last improvement or cut
         self.cuts = 0                # LR cuts in a row with no improvement in between
@@ -141,7 +153,8 @@ class LRA:
         self.best_train_loss = math.inf
         self.best_epoch: int | None = None
         self.monitor = "train_acc"
-        # ask_epoch moves with the user's answers; ask_every is the step after F, saved with the state
+        # ask_epoch moves with the user's answers; ask_every is the step after F, saved with the
+        # state
         self.ask_epoch, self.ask_every = config.ask_epoch, config.ask_epoch
         self.prompts_off = False
         self.run_until = 0           # the user asked to train at least to this epoch
@@ -151,11 +164,13 @@ class LRA:
 
     @property
     def restores(self) -> bool:
-        """Whether a decision can ever go back to the best epoch (so its optimizer state is worth keeping)."""
+        """Whether a decision can ever go back to the best epoch (so its optimizer state is worth
+        keeping)."""
         return self.config.dwell and self.config.adjust_lr
 
     def epoch_limit(self, epochs: int) -> int:
-        """The last epoch to train: EPOCHS, or further when the user asked for more at the prompt."""
+        """The last epoch to train: EPOCHS, or further when the user asked for more at the
+        prompt."""
         return max(epochs, self.run_until)
 
     # ----------------------------------------------------------------------- the epoch decision
@@ -166,14 +181,19 @@ class LRA:
         self._print(HEADER)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> Decision:
-        """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask when due."""
-        train_acc, train_loss, lr = float(metrics["train_acc"]), float(metrics["train_loss"]), float(metrics["lr"])
-        val_loss = metrics.get("val_loss")  # None: no validation images; the last epoch's weights are the best
+        """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask
+        when due."""
+        train_acc, train_loss, lr = float(metrics["train_acc"]), float(metrics[
+            "train_loss"]), float(metrics["lr"])
+        # None: no validation images; the last epoch's weights are the best
+        val_loss = metrics.get("val_loss")
         self.monitor = monitored(train_acc, self.config.threshold, validated=val_loss is not None)
         change = self._change(metrics)  # against the bests before this epoch, so first
         new_best = self._note_val_loss(epoch, val_loss, metrics.get("val_acc"))  # step 1
-        improved = {"train_acc": self._note_train_acc(train_acc), "train_loss": self._note_train_loss(train_loss),
-                    "val_loss": new_best}[self.monitor]  # step 2: every best kept, whichever is monitored
+        improved = {"train_acc": self._note_train_acc(train_acc),
+            "train_loss": self._note_train_loss(train_loss),
+                    # step 2: every best kept, whichever is monitored
+                    "val_loss": new_best}[self.monitor]
         cut, restore = self._count_bad_epoch(improved, new_best)  # steps 3 and 4
         next_lr = self._next_lr(lr, cut)
         stop = self._stop_due()  # step 5
@@ -186,36 +206,46 @@ class LRA:
         if not stop and self._ask_due(epoch):  # step 7
             answer = self._ask(epoch, shown_lr)
             stop, unfreeze = answer == "halt", unfreeze or answer == "unfreeze"
-        return Decision(stop=stop, next_lr=next_lr, restore=restore, unfreeze=unfreeze, new_best=new_best,
+        return Decision(stop=stop, next_lr=next_lr, restore=restore, unfreeze=unfreeze,
+            new_best=new_best,
                         improved=improved, monitor=self.monitor, event=event,
                         reason=self.stop_reason if stop else None)
 
     def on_train_end(self, reason: str | None = None, saved_best: int | None = -1) -> None:
-        """Say which epoch the best weights (which the loop has restored) came from and why training ended;
-        saved_best (when not -1): the epoch best_model.pth holds, said when a failed write left it behind."""
+        """Say which epoch the best weights (which the loop has restored) came from and why training
+        ended; saved_best (when not -1): the epoch best_model.pth holds, said when a failed write
+        left it behind."""
         if reason and not self.stop_reason:
             self.stop_reason = reason
         elapsed = time.perf_counter() - self._started
         if self.best_epoch is None:
-            self._print(f"Training ended ({self.stop_reason or 'no epoch completed'}) after {elapsed:.1f} s; "
-                        f"no epoch finished with a finite validation loss, so no best weights to restore.")
+            self._print(f"Training ended ({self.stop_reason or 'no epoch completed'}) after "
+                        f"{elapsed:.1f} s; "
+                        "no epoch finished with a finite validation loss, so no best weights to "
+                        "restore.")
             return
         on_disk = "" if saved_best in (-1, self.best_epoch) else (
-            f" best_model.pth holds epoch {saved_best}'s weights, the last written whole." if saved_best else
+            f" best_model.pth holds epoch {saved_best}'s weights, the last written whole."
+            if saved_best else
             " best_model.pth was never written whole.")
         ended = f"Training ended: {self.stop_reason or 'the epoch limit was reached'}."
         if self.best_val_acc is None:  # no validation images: the best weights are the last
-            self._print(f"{ended} No validation images: the model and best_model.pth hold the final weights, "
+            self._print(f"{ended} No validation images: the model and best_model.pth hold the "
+                        "final weights, "
                         f"from epoch {self.best_epoch}. Elapsed {elapsed:.1f} s.{on_disk}")
             return
-        self._print(f"{ended} Restored the best weights, from epoch {self.best_epoch} (validation loss "
-                    f"{self.best_val_loss:.4f}, accuracy {100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s."
+        self._print(f"{ended} Restored the best weights, from epoch {self.best_epoch} (validation "
+                    "loss "
+                    f"{self.best_val_loss:.4f}, accuracy {100 * self.best_val_acc:.2f}%). Elapsed "
+                    f"{elapsed:.1f} s."
                     f"{on_disk}")
 
-    # ----------------------------------------------------------------------- the steps of on_epoch_end
+    # ----------------------------------------------------------------------- the steps of
+    # on_epoch_end
 
     def _change(self, metrics: dict[str, float]) -> float | None:
-        """% Improv: the monitored metric against its best before this epoch (so call it before noting)."""
+        """% Improv: the monitored metric against its best before this epoch (so call it before
+        noting)."""
         value = float(metrics[self.monitor])
         if self.monitor == "train_acc":
             return relative_change(value, self.best_train_acc, higher_is_better=True)
@@ -223,9 +253,10 @@ class LRA:
         return relative_change(value, best, higher_is_better=False)
 
     def _note_val_loss(self, epoch: int, val_loss: float | None, val_acc: float | None) -> bool:
-        """Whether this epoch has the best weights: the lowest validation loss so far, or without validation
-        (val_loss None) every epoch, the last being the best; if so, remember it."""
-        new_best = val_loss is None or is_improvement(float(val_loss), self.best_val_loss, self.config.min_delta,
+        """Whether this epoch has the best weights: the lowest validation loss so far, or without
+        validation (val_loss None) every epoch, the last being the best; if so, remember it."""
+        new_best = val_loss is None or is_improvement(float(val_loss), self.best_val_loss,
+            self.config.min_delta,
                                                       higher_is_better=False)
         if new_best:
             self.best_epoch = epoch
@@ -234,22 +265,25 @@ class LRA:
         return new_best
 
     def _note_train_loss(self, train_loss: float) -> bool:
-        """Whether training loss beats its best so far (watched without validation); if so, remember it."""
-        improved = is_improvement(train_loss, self.best_train_loss, self.config.min_delta, higher_is_better=False)
+        """Whether training loss beats its best so far (watched without validation); if so, remember
+        it."""
+        improved = is_improvement(train_loss, self.best_train_loss, self.config.min_delta,
+            higher_is_better=False)
         if improved:
             self.best_train_loss = train_loss
         return improved
 
     def _note_train_acc(self, train_acc: float) -> bool:
         """Whether training accuracy beats its best so far; if so, remember it."""
-        improved = is_improvement(train_acc, self.best_train_acc, self.config.min_delta, higher_is_better=True)
+        improved = is_improvement(train_acc, self.best_train_acc, self.config.min_delta,
+            higher_is_better=True)
         if improved:
             self.best_train_acc = train_acc
         return improved
 
     def _count_bad_epoch(self, improved: bool, new_best: bool) -> tuple[bool, bool]:
-        """(cut, restore): reset the counts on an improvement; cut on the patience-th bad epoch in a row,
-        going back to the best epoch first under dwell unless this epoch is the best one."""
+        """(cut, restore): reset the counts on an improvement; cut on the patience-th bad epoch in a
+        row, going back to the best epoch first under dwell unless this epoch is the best one."""
         if improved:
             self.bad_epochs = self.cuts = 0
             return False, False
@@ -268,7 +302,8 @@ class LRA:
         return cut_lr(lr, self.config.factor, self.config.min_lr) if cut else lr
 
     def _stop_due(self) -> bool:
-        """Whether stop_patience cuts in a row passed with no improvement; if so, say so in stop_reason."""
+        """Whether stop_patience cuts in a row passed with no improvement; if so, say so in
+        stop_reason."""
         if not self.config.adjust_lr or self.cuts < self.config.stop_patience:
             return False
         self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
@@ -282,7 +317,8 @@ class LRA:
     # ----------------------------------------------------------------------- asking the user
 
     def _ask(self, epoch: int, lr: float) -> str:
-        """Ask (rank 0 only; every process gets its answer) and return "halt", "unfreeze" or "go on"."""
+        """Ask (rank 0 only; every process gets its answer) and return "halt", "unfreeze" or "go
+        on"."""
         answer = self._prompt(epoch) if self.main_process else None
         if self.share is not None:
             answer = self.share(answer)  # under torchrun, rank 0's answer for every rank
@@ -296,16 +332,19 @@ class LRA:
         elif kind == "unfreeze":
             self._unfreeze()
             self.ask_epoch = epoch + self.ask_every
-            self._print(f"Unfreezing the body at LR {lr:.3g}; asking again after epoch {self.ask_epoch}.")
+            self._print(f"Unfreezing the body at LR {lr:.3g}; asking again after epoch "
+                        f"{self.ask_epoch}.")
             return "unfreeze"
         else:  # "eof" or "off": stop asking, go on to the configured number of epochs
             self.prompts_off = True
         return "go on"
 
     def _prompt(self, epoch: int) -> tuple:
-        """Ask on the terminal until the answer is one LRA accepts; never calls input() without one."""
+        """Ask on the terminal until the answer is one LRA accepts; never calls input() without
+        one."""
         if not _stdin_is_terminal():
-            self._print("Standard input is not a terminal: prompts are off; training goes on to EPOCHS.")
+            self._print("Standard input is not a terminal: prompts are off; training goes on to "
+                        "EPOCHS.")
             return ("off",)
         while True:
             try:
@@ -323,15 +362,18 @@ class LRA:
             if answer.isascii() and answer.isdigit() and int(answer) > 0:
                 return ("more", int(answer))
             offered = "H, F" if self.frozen else "H"
-            self._print(f"{answer!r} is not accepted: enter {offered}, or a whole number of epochs above 0.")
+            self._print(f"{answer!r} is not accepted: enter {offered}, or a whole number of epochs "
+                        "above 0.")
 
     def ask_anew(self, ask_epoch: int | None) -> None:
-        """Ask after ask_epoch (then every ask_epoch epochs), or never (None), whatever a resumed state said."""
+        """Ask after ask_epoch (then every ask_epoch epochs), or never (None), whatever a resumed
+        state said."""
         self.ask_epoch = self.ask_every = ask_epoch
         self.prompts_off = False
 
     def _unfreeze(self) -> None:
-        """Count unfreezing as a fresh start: no frozen layers left, bad-epoch and cut counts reset."""
+        """Count unfreezing as a fresh start: no frozen layers left, bad-epoch and cut counts
+        reset."""
         self.frozen = False
         self.bad_epochs = self.cuts = 0
 
@@ -356,13 +398,15 @@ class LRA:
         if self.main_process:
             print(text, file=self.stream or sys.stdout, flush=True)
 
-    def _print_row(self, epoch: int, metrics: dict[str, float], lr: float, next_lr: float, change: float | None,
+    def _print_row(self, epoch: int, metrics: dict[str, float], lr: float, next_lr: float,
+        change: float | None,
                    event: str) -> None:
         seconds = metrics.get("seconds")
         validated = metrics.get("val_loss") is not None  # else the validation columns stay empty
         val_loss = f"{metrics['val_loss']:>7.4f}" if validated else " " * 7
         val_acc = f"{100 * metrics['val_acc']:>6.2f}%" if validated else " " * 7
-        row = (f"{epoch:>5} | {metrics['train_loss']:>7.4f} | {100 * metrics['train_acc']:>7.2f}% | "
+        row = (f"{epoch:>5} | {metrics['train_loss']:>7.4f} | {100 * metrics['train_acc']:>7.2f}% "
+               "| "
                f"{val_loss} | {val_acc} | {lr:>9.3g} | {next_lr:>9.3g} | "
                f"{self.monitor:<9} | {'' if change is None else f'{change:+.2f}':>8} | "
                f"{'' if seconds is None else f'{seconds:.1f} s':>8}")

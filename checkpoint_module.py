@@ -1,6 +1,7 @@
-"""A run's files, written and read side by side with one list of keys: last_checkpoint.pth (everything
-a resume needs), best_model.pth with best_model.json beside it (what --predict and WEIGHTS need), and
-training_metrics.csv; and an earlier run's files, moved aside to previous/ when a new run starts."""
+"""A run's files, written and read side by side with one list of keys: last_checkpoint.pth
+(everything a resume needs), best_model.pth with best_model.json beside it (what --predict and
+WEIGHTS need), and training_metrics.csv; and an earlier run's files, moved aside to previous/ when a
+new run starts."""
 
 from __future__ import annotations
 
@@ -29,12 +30,15 @@ from state_module import TrainState
 BEST_MODEL, BEST_MODEL_INFO = "best_model.pth", "best_model.json"
 CHECKPOINT, METRICS_CSV = "last_checkpoint.pth", "training_metrics.csv"
 FORMAT = 2  # of the files written here: a resume refuses files of another
-INFO_KEYS = ("model", "classes", "mean", "std", "image_size")  # best_model.json: what --predict needs (and resize_size)
+# best_model.json: what --predict needs (and resize_size)
+INFO_KEYS = ("model", "classes", "mean", "std", "image_size")
 INFO_FIELDS = [f.name for f in dataclasses.fields(state_module.RunInfo) if f.name != "config"]
 PREDICTIONS = "predictions.csv"
-RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS, *report_module.FILES,
+RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS,
+    *report_module.FILES,
              *model_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
-TRAINING_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, *report_module.FILES)  # under the lock
+# under the lock
+TRAINING_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, *report_module.FILES)
 PREVIOUS = "previous"  # OUTPUT_DIR/previous/<start time>/ holds the files of the runs before
 RUN_FOLDERS = (PREVIOUS, report_module.TENSORBOARD)  # the folders a run makes in OUTPUT_DIR
 MAX_INFO_BYTES = 16 * 2**20  # best_model.json: ImageNet-21k's 21,841 class names take under 1 MB;
@@ -48,28 +52,32 @@ FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: W
 
 
 class EpochWriter:
-    """Each epoch's files written in a background thread, so the device goes on training while they are
-    serialized and fsynced: last_checkpoint.pth first (the authority on resume), then best_model.pth and
-    .json when the epoch is a new best, then the CSV, each atomically. save() copies the state to the CPU
-    first (the next epoch changes the live tensors), after the previous write has finished: one write at a
-    time, in order. A write's error is raised by check() (which the loop calls every step, so a full disk
-    stops training at once), the next save() or wait(). A process killed mid-write leaves the earlier files
-    whole, and resume starts from the last checkpoint that landed. `landed` says which epoch best_model.pth
-    holds, written whole."""
+    """Each epoch's files written in a background thread, so the device goes on training while they
+    are serialized and fsynced: last_checkpoint.pth first (the authority on resume), then
+    best_model.pth and .json when the epoch is a new best, then the CSV, each atomically. save()
+    copies the state to the CPU first (the next epoch changes the live tensors), after the previous
+    write has finished: one write at a time, in order. A write's error is raised by check() (which
+    the loop calls every step, so a full disk stops training at once), the next save() or wait(). A
+    process killed mid-write leaves the earlier files whole, and resume starts from the last
+    checkpoint that landed. `landed` says which epoch best_model.pth holds, written whole."""
 
     def __init__(self, output_dir: str, best_epoch: int | None = None):
         self.output_dir = output_dir
-        self.landed: dict[str, int | None] = {BEST_MODEL: best_epoch}  # best_epoch: the one already on disk
+        # best_epoch: the one already on disk
+        self.landed: dict[str, int | None] = {BEST_MODEL: best_epoch}
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def save(self, checkpoint: dict[str, Any], new_best: bool) -> None:
-        """Write a TrainState.state_dict() as the epoch's files (best_model.pth and .json too when new_best)."""
+        """Write a TrainState.state_dict() as the epoch's files (best_model.pth and .json too when
+        new_best)."""
         self.wait()
         checkpoint = _cpu_copy({"format": FORMAT, **checkpoint})
-        best_files = (state_module.best_weights(checkpoint["best"]), _best_info(checkpoint)) if new_best \
+        best_files = (state_module.best_weights(checkpoint["best"]), _best_info(
+            checkpoint)) if new_best \
             else (None, None)
-        self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files, checkpoint["history"]),
+        self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files,
+            checkpoint["history"]),
                                         name="epoch-writer", daemon=True)
         self._thread.start()
 
@@ -80,7 +88,8 @@ class EpochWriter:
             self._error = error
 
     def check(self) -> None:
-        """Raise the error of a write that failed in the background, without waiting for the one in flight."""
+        """Raise the error of a write that failed in the background, without waiting for the one in
+        flight."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -94,13 +103,15 @@ class EpochWriter:
         if error is not None and raise_error:
             raise error
         if error is not None:
-            print(f"warning: the last epoch's files could not be written ({error})", file=sys.stderr)
+            print(f"warning: the last epoch's files could not be written ({error})",
+                file=sys.stderr)
 
 
 def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
-    """A copy of value that nothing changes after: every tensor copied to the CPU, all of them by one
-    copy_to_host call (so a device is waited for once, not once a tensor), dicts, lists and tuples rebuilt,
-    the rest deep-copied. hosts: the copies, in the order this walk meets the tensors (None: make them)."""
+    """A copy of value that nothing changes after: every tensor copied to the CPU, all of them by
+    one copy_to_host call (so a device is waited for once, not once a tensor), dicts, lists and
+    tuples rebuilt, the rest deep-copied. hosts: the copies, in the order this walk meets the
+    tensors (None: make them)."""
     if hosts is None:
         def tensors_in(item: Any) -> Iterator[torch.Tensor]:  # in the order of the walk below
             if isinstance(item, torch.Tensor):
@@ -114,7 +125,8 @@ def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
         return copied
     if isinstance(value, torch.Tensor):
         return next(hosts)
-    if isinstance(value, dict):  # a model's state_dict is an OrderedDict with its modules' versions in _metadata
+    # a model's state_dict is an OrderedDict with its modules' versions in _metadata
+    if isinstance(value, dict):
         copied = type(value)((key, _cpu_copy(item, hosts)) for key, item in value.items())
         if hasattr(value, "_metadata"):
             copied._metadata = copy.deepcopy(value._metadata)
@@ -125,17 +137,18 @@ def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
 
 
 def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of the tensors, made in one pass. Every CUDA tensor is copied into pinned memory without
-    waiting, and then the host waits once, on an event recorded after the last copy: a copy each with
-    .to("cpu") waits every time (1,500 of a fast-preset run's 1,780 host synchronisations on an H200). The
-    pinned blocks come from PyTorch's caching host allocator, which hands back those of the copies already
-    freed (the last epoch's, once written). CPU tensors (and any other device's) are copied one by one:
-    the live tensors change next epoch."""
+    """CPU copies of the tensors, made in one pass. Every CUDA tensor is copied into pinned memory
+    without waiting, and then the host waits once, on an event recorded after the last copy: a copy
+    each with .to("cpu") waits every time (1,500 of a fast-preset run's 1,780 host synchronisations
+    on an H200). The pinned blocks come from PyTorch's caching host allocator, which hands back
+    those of the copies already freed (the last epoch's, once written). CPU tensors (and any other
+    device's) are copied one by one: the live tensors change next epoch."""
     copies, devices = [], set()
     for tensor in tensors:
         tensor = tensor.detach()
         if tensor.is_cuda and tensor.layout == torch.strided:
-            host = torch.empty_like(tensor, device="cpu", pin_memory=True)  # the same strides (channels_last)
+            # the same strides (channels_last)
+            host = torch.empty_like(tensor, device="cpu", pin_memory=True)
             copies.append(host.copy_(tensor, non_blocking=True))
             devices.add(tensor.device)
         else:
@@ -148,21 +161,25 @@ def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """best_model.json: what --predict needs (the RunInfo but its config), the run's data, and what the best epoch
-    scored."""
-    info, config = {name: checkpoint.get(name) for name in INFO_FIELDS}, checkpoint.get("config", {})
+    """best_model.json: what --predict needs (the RunInfo but its config), the run's data, and what
+    the best epoch scored."""
+    info, config = {name: checkpoint.get(name) for name in INFO_FIELDS}, checkpoint.get("config",
+        {})
     data_dir = config.get("DATA_DIR")  # what --export reads its example images from
     lra = checkpoint["lra"]
-    return {"format": FORMAT, "model": config.get("MODEL"), **info, "dataset": config.get("DATASET"),
+    return {"format": FORMAT, "model": config.get("MODEL"), **info, "dataset": config.get(
+        "DATASET"),
             "data_dir": data_dir and os.path.abspath(data_dir), "epoch": lra["best_epoch"],
-            "val_loss": lra["best_val_loss"] if lra["best_val_acc"] is not None else None,  # none: no validation
+            # none: no validation
+            "val_loss": lra["best_val_loss"] if lra["best_val_acc"] is not None else None,
             "val_acc": lra["best_val_acc"]}
 
 
-def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict | None,
+def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict
+    | None,
                  history: list[dict], landed: dict[str, int | None] | None = None) -> None:
-    """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the CSV; landed
-    records the epoch best_model.pth holds once it is whole on disk."""
+    """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the
+    CSV; landed records the epoch best_model.pth holds once it is whole on disk."""
     landed = {} if landed is None else landed
     if checkpoint is not None:
         utils.save_torch(checkpoint, os.path.join(output_dir, CHECKPOINT))
@@ -186,21 +203,25 @@ def record_time(output_dir: str, figures: dict[str, float]) -> None:
 
 
 def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
-    """Refuse a run whose epoch files cannot fit: OSError naming the folder, the bytes needed and the bytes
-    free. The checkpoint holds the model, its momentum, the best snapshot (and its momentum when LRA can go
-    back to it), Lookahead's slow weights and the EMA (and the best epoch's); best_model.pth the model. Each is
-    written beside the file it replaces, so a new run needs room for two of each, a resumed one for one more of
-    each."""
+    """Refuse a run whose epoch files cannot fit: OSError naming the folder, the bytes needed and
+    the bytes free. The checkpoint holds the model, its momentum, the best snapshot (and its
+    momentum when LRA can go back to it), Lookahead's slow weights and the EMA (and the best
+    epoch's); best_model.pth the model. Each is written beside the file it replaces, so a new run
+    needs room for two of each, a resumed one for one more of each."""
     model = utils.tensor_bytes(state.model.state_dict())
     trained = sum(p.nelement() * p.element_size() for p in state.model.parameters())
-    checkpoint = 2 * model + trained * (1 + state.best.with_optimizer) + (model if state.lookahead else 0) + \
+    checkpoint = 2 * model + trained * (1 + state.best.with_optimizer) + (model if state.lookahead
+        else 0) + \
         (2 * model if state.ema is not None else 0)
     needed = (1 if resuming else 2) * (checkpoint + model)
     free = utils.free_bytes(output_dir)
     if free < needed:
-        raise utils.FileError(errno.ENOSPC, f"{os.path.abspath(output_dir)} has {utils.megabytes(free)} free, and this "
-                                    f"run's epoch files need about {utils.megabytes(needed)} (the checkpoint, "
-                                    f"best_model.pth and their temporary copies); free some space or choose "
+        raise utils.FileError(errno.ENOSPC,
+            f"{os.path.abspath(output_dir)} has {utils.megabytes(free)} free, and this "
+                                    f"run's epoch files need about {utils.megabytes(needed)} (the "
+                                    "checkpoint, "
+                                    "best_model.pth and their temporary copies); free some space "
+                                    "or choose "
                                     f"another --output-dir")
 
 
@@ -211,9 +232,9 @@ def timestamp() -> str:
 
 def move_earlier_run(output_dir: str) -> str | None:
     """Move the files an earlier run left in output_dir (finished or interrupted) into
-    output_dir/previous/<its start time>/ (a suffix _2, _3, ... when that is taken) by atomic renames,
-    saying where in one line; returns that folder, or None when there were none. The caller holds
-    output_dir's lock, so no run is writing them."""
+    output_dir/previous/<its start time>/ (a suffix _2, _3, ... when that is taken) by atomic
+    renames, saying where in one line; returns that folder, or None when there were none. The caller
+    holds output_dir's lock, so no run is writing them."""
     check_output_dir(output_dir)  # no link is moved, and no file leaves output_dir through one
     names = _run_files(output_dir)
     if not names:
@@ -258,10 +279,11 @@ def _run_files(output_dir: str) -> list[str]:
 
 
 def remove_partial_writes(output_dir: str) -> None:
-    """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of the files training writes that a killed
-    run left in output_dir half-written. Never one of the files itself, nor anyone else's temporary file.
-    The caller holds output_dir's lock, which every writer of these files holds (--predict, which takes no
-    lock, writes predictions.csv: its temporary files are left alone)."""
+    """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of the files training writes
+    that a killed run left in output_dir half-written. Never one of the files itself, nor anyone
+    else's temporary file. The caller holds output_dir's lock, which every writer of these files
+    holds (--predict, which takes no lock, writes predictions.csv: its temporary files are left
+    alone)."""
     for entry in os.scandir(output_dir):
         if entry.is_file(follow_symlinks=False) and entry.name.endswith(".tmp") and any(
                 entry.name.startswith(f".{name}.") for name in TRAINING_FILES):
@@ -312,9 +334,11 @@ def _info_started(output_dir: str) -> str | None:
 def _checkpoint_started(output_dir: str) -> str | None:
     """The `started` of output_dir's last_checkpoint.pth, if it has one."""
     try:  # mmap: the tensors stay on the disk, however big the checkpoint
-        checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT), map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT), map_location="cpu",
+            weights_only=True, mmap=True)
         return checkpoint.get("started")
-    except Exception:  # missing, truncated, foreign: any failure only means the time is not recorded here
+    # missing, truncated, foreign: any failure only means the time is not recorded here
+    except Exception:
         return None
 
 
@@ -386,18 +410,22 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
         raise damaged(where, error, fix) from None
 
 
-def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_dir: str, rank: int = 0,
+def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_dir: str,
+    rank: int = 0,
            world_size: int = 1) -> None:
-    """Load a read_checkpoint() from path into state, so the run continues exactly where it stopped. Rewrites
-    best_model.pth and the CSV from the checkpoint, its authority; a checkpoint from another folder first moves
-    the files of output_dir's own run aside (move_earlier_run)."""
+    """Load a read_checkpoint() from path into state, so the run continues exactly where it stopped.
+    Rewrites best_model.pth and the CSV from the checkpoint, its authority; a checkpoint from
+    another folder first moves the files of output_dir's own run aside (move_earlier_run)."""
     for name in ("MODEL", "DATASET"):
         if checkpoint["config"].get(name) != state.info.config[name]:
-            raise utils.CheckpointError(f"RESUME {path} was saved with {name} = {checkpoint['config'].get(name)!r}, "
-                                        f"but this run has {state.info.config[name]!r}; set {name} to match or "
+            raise utils.CheckpointError(
+                f"RESUME {path} was saved with {name} = {checkpoint['config'].get(name)!r}, "
+                                        f"but this run has {state.info.config[name]!r}; set {name} "
+                                        "to match or "
                                         f"start afresh")
     if checkpoint.get("classes") != state.info.classes:
-        raise utils.CheckpointError(f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
+        raise utils.CheckpointError(
+            f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
     try:
         state.load_state_dict(checkpoint, rank, world_size)
     # a value of the wrong kind in a checkpoint's state fails in any of these ways, meaning the same
@@ -408,9 +436,11 @@ def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_d
         own = os.path.join(output_dir, CHECKPOINT)
         if not (os.path.exists(own) and os.path.samefile(path, own)):
             move_earlier_run(output_dir)
-        best = _best_info({**checkpoint, "lra": state.lra.state_dict(), **dataclasses.asdict(state.info)})
+        best = _best_info({**checkpoint, "lra": state.lra.state_dict(), **dataclasses.asdict(
+            state.info)})
         _write_epoch(output_dir, None, _cpu_copy(state.best.weights), best, checkpoint["history"])
-        print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch {state.lra.best_epoch}).")
+        print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch "
+              f"{state.lra.best_epoch}).")
 
 
 def is_checkpoint(obj: Any) -> bool:
@@ -424,7 +454,8 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
     each field checked (CheckpointError naming the first that is wrong) before anything uses it."""
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
-        raise utils.CheckpointError(f"{path} does not exist: train first (python main.py), or set OUTPUT_DIR "
+        raise utils.CheckpointError(
+            f"{path} does not exist: train first (python main.py), or set OUTPUT_DIR "
                                     f"to the folder that holds best_model.pth and best_model.json")
     info, fix = _read_json(path), "train again to rewrite it"
     if not isinstance(info, dict):

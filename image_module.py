@@ -1,6 +1,6 @@
-"""Image files: one read as an upright RGB picture at the size a folder's images are stored at, many decoded in
-parallel into uint8 arrays (JPEGs in batches on a CUDA device, the rest in worker processes), and the files a
-prediction is asked for found."""
+"""Image files: one read as an upright RGB picture at the size a folder's images are stored at, many
+decoded in parallel into uint8 arrays (JPEGs in batches on a CUDA device, the rest in worker
+processes), and the files a prediction is asked for found."""
 
 from __future__ import annotations
 
@@ -32,15 +32,22 @@ from tqdm import tqdm
 import utils
 from augment_module import evaluation_transform
 
-# Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif, say)
-# count as files that are not images. Pillow knows more (.mpg, .eps, .h5), but it only identifies those.
-PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif",
-                    ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k", ".avif", ".heic", ".heif")
-IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS if Image.registered_extensions().get(e) in Image.OPEN)
-DECODE_CHUNK = 16  # most files per decoding task: a task's own cost (about 0.1 ms) is under 1% of theirs
-GPU_DECODE_BATCH = 128  # most JPEGs per decode_jpeg call on a CUDA device: nvJPEG decodes a list as one batch,
+# Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif,
+# say) count as files that are not images. Pillow knows more (.mpg, .eps, .h5), but it only
+# identifies those.
+PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib",
+    ".gif", ".tif",
+                    ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k",
+                    ".avif", ".heic", ".heif")
+IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS if Image.registered_extensions().get(
+    e) in Image.OPEN)
+# most files per decoding task: a task's own cost (about 0.1 ms) is under 1% of theirs
+DECODE_CHUNK = 16
+# most JPEGs per decode_jpeg call on a CUDA device: nvJPEG decodes a list as one batch,
+GPU_DECODE_BATCH = 128
 # and 128 rows of 256 px are 25 MB of pinned staging, twice
-GPU_DECODE_PIXELS = 2 ** 27  # most decoded pixels in such a batch (134 M: 0.4 GB as uint8 RGB, 1.6 GB as the
+# most decoded pixels in such a batch (134 M: 0.4 GB as uint8 RGB, 1.6 GB as the
+GPU_DECODE_PIXELS = 2 ** 27
 # resize's float copy), so that large photos come fewer at a time: 11 of 12 MP, 128 of 1 MP
 GPU_READ_AHEAD = 3  # batches of file bytes a thread reads ahead of the device's decoding
 JPEG_SIGNATURE = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI, then a marker)
@@ -164,7 +171,8 @@ def check_image(path: str) -> str | None:
 
 @contextlib.contextmanager
 def _truncated_images_allowed() -> Iterator[None]:
-    """Pillow's switch is global: set it only around one load (loads run one at a time in each process)."""
+    """Pillow's switch is global: set it only around one load (loads run one at a time in each
+    process)."""
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
@@ -195,44 +203,50 @@ def _upright(image: Image.Image) -> Image.Image:
         if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
             return image  # upright as stored: itself, not exif_transpose's copy (3% of a decode)
         return ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block (Pillow raises several types): keep the pixels as stored
+    # a malformed EXIF block (Pillow raises several types): keep the pixels as stored
+    except Exception:
         return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled to 8 bits (a plain convert clips it at 255),
-    transparency composited on white (as a viewer shows it; the colour under transparent pixels is
-    often black or junk), palette, greyscale and CMYK converted by Pillow."""
+    """Any PIL image as 8-bit RGB: 16-bit greyscale scaled to 8 bits (a plain convert clips it at
+    255), transparency composited on white (as a viewer shows it; the colour under transparent
+    pixels is often black or junk), palette, greyscale and CMYK converted by Pillow."""
     if image.mode == "I" or image.mode.startswith("I;16"):  # "I": 16-bit PNGs in older Pillows
         values = np.asarray(image).astype(np.int64).clip(0, 65535)
-        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")  # round(v / 257)
+        # round(v / 257)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+            rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
 
 def read_stored(path: str, size: int) -> Image.Image:
-    """An image file as a folder's images are stored: upright RGB (open_rgb), shorter side resized to size,
-    the centre size x size square."""
+    """An image file as a folder's images are stored: upright RGB (open_rgb), shorter side resized
+    to size, the centre size x size square."""
     return F.center_crop(F.resize(open_rgb(path, reduce_to=size), size), [size, size])
 
 
-def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, num_workers: int, desc: str, *,
+def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, num_workers: int,
+    desc: str, *,
                  device: torch.device | str | None = None) -> list[tuple[int, str]]:
-    """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor in memory, or the
-    cache's np.memmap of its .npy file), in num_workers processes (0: in this one) with a progress bar; returns
-    (i, message) for each file that could not be read (its row left black).
+    """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor in
+    memory, or the cache's np.memmap of its .npy file), in num_workers processes (0: in this one)
+    with a progress bar; returns (i, message) for each file that could not be read (its row left
+    black).
 
-    Workers take DECODE_CHUNK file names at a time and write their rows straight into the .npy file, which
-    each opens itself; rows in memory they write into a few shared chunks, which this process copies into
-    out. Only the failures come back.
+    Workers take DECODE_CHUNK file names at a time and write their rows straight into the .npy file,
+    which each opens itself; rows in memory they write into a few shared chunks, which this process
+    copies into out. Only the failures come back.
 
-    With a CUDA device, the JPEGs that need no turning are decoded there first, in batches (_decode_jpegs:
-    within a level of Pillow's pixels on average, a few at most); the other files, and any JPEG the device
-    could not decode, then go to the processes as above."""
+    With a CUDA device, the JPEGs that need no turning are decoded there first, in batches
+    (_decode_jpegs: within a level of Pillow's pixels on average, a few at most); the other files,
+    and any JPEG the device could not decode, then go to the processes as above."""
     rows = out.numpy() if isinstance(out, torch.Tensor) else out
-    assert rows.shape == (len(paths), size, size, 3) and rows.dtype == np.uint8, "out is not N stored squares"
+    assert rows.shape == (len(paths), size, size,
+        3) and rows.dtype == np.uint8, "out is not N stored squares"
     with tqdm(total=len(paths), desc=desc, unit="image", disable=not sys.stderr.isatty()) as bar:
         left = list(range(len(paths)))
         jpeg_device = _jpeg_device(device)
@@ -243,7 +257,8 @@ def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, nu
 
 def _decode_in_processes(paths: list[str], files: list[int], rows: np.ndarray, num_workers: int,
                          bar: tqdm) -> list[tuple[int, str]]:
-    """decode_files' CPU path: the files numbered `files` (ascending) into their rows, as decode_files says."""
+    """decode_files' CPU path: the files numbered `files` (ascending) into their rows, as
+    decode_files says."""
     size, failures = rows.shape[1], []
     if num_workers == 0 or not files:
         for i in files:
@@ -268,7 +283,8 @@ def _decode_in_processes(paths: list[str], files: list[int], rows: np.ndarray, n
 
 
 def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
-    """(position, length) of each run of consecutive numbers in the list: [4, 5, 6, 9] gives (0, 3), (3, 1)."""
+    """(position, length) of each run of consecutive numbers in the list: [4, 5, 6, 9] gives (0, 3),
+    (3, 1)."""
     start = 0
     for k in range(1, len(numbers) + 1):
         if k == len(numbers) or numbers[k] != numbers[k - 1] + 1:
@@ -276,27 +292,30 @@ def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
             start = k
 
 
-# --------------------------------------------------------------------------- JPEGs decoded on a CUDA device
+# --------------------------------------------------------------------------- JPEGs decoded on a
+# CUDA device
 
 
 def _jpeg_device(device: torch.device | str | None) -> torch.device | None:
-    """The device decode_files decodes JPEGs on: the device given when it is a CUDA device, else None (every
-    file on the CPU). The seam tests replace to run the batched path on the CPU."""
+    """The device decode_files decodes JPEGs on: the device given when it is a CUDA device, else
+    None (every file on the CPU). The seam tests replace to run the batched path on the CPU."""
     if device is None or torch.device(device).type != "cuda":
         return None
     return torch.device(device)
 
 
-def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.device, bar: tqdm) -> list[int]:
-    """The JPEGs among paths that the device may decode (_device_pixels), decoded there in batches, resized and
-    cropped as read_stored does (_stored_squares), into their rows; returns the numbers of the other files,
-    ascending, for the CPU: files of other formats, JPEGs to be turned, cut short or of other colour spaces,
-    and any JPEG the device failed to decode.
+def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.device,
+        bar: tqdm) -> list[int]:
+    """The JPEGs among paths that the device may decode (_device_pixels), decoded there in batches,
+    resized and cropped as read_stored does (_stored_squares), into their rows; returns the numbers
+    of the other files, ascending, for the CPU: files of other formats, JPEGs to be turned, cut
+    short or of other colour spaces, and any JPEG the device failed to decode.
 
-    A thread reads the files ahead (utils.in_background); each batch's squares are copied to the host (pinned memory on
-    CUDA, one copy a batch) while the next batch is decoded, then written to their rows as _RowFile or
-    _RowArray writes a worker's. Pixels are within a level of Pillow's on average, a few at most: the decoder's
-    rounding differs, and the JPEG draft is reproduced from the whole image (_squares_of)."""
+    A thread reads the files ahead (utils.in_background); each batch's squares are copied to the
+    host (pinned memory on CUDA, one copy a batch) while the next batch is decoded, then written to
+    their rows as _RowFile or _RowArray writes a worker's. Pixels are within a level of Pillow's on
+    average, a few at most: the decoder's rounding differs, and the JPEG draft is reproduced from
+    the whole image (_squares_of)."""
     pinned = device.type == "cuda"
     staging = [torch.empty((GPU_DECODE_BATCH, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
                for _ in range(2)]  # one for the batch being copied, one for the batch being written
@@ -311,7 +330,8 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
             copied = None
             if decoded:
                 squares = staging[turn % 2][:len(decoded)]
-                squares.copy_(_stored_squares([image for _, image in decoded], size), non_blocking=pinned)
+                squares.copy_(_stored_squares([image for _, image in decoded], size),
+                    non_blocking=pinned)
                 copied = ([i for i, _ in decoded], squares, _copied_event(device))
             if pending:
                 _write_rows(target, *pending)
@@ -324,14 +344,15 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
         batches.close()
         target.close()
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # the batches' blocks back to the device: its free memory then decides RESIDENT
+        # the batches' blocks back to the device: its free memory then decides RESIDENT
+        torch.cuda.empty_cache()
     return sorted(left)
 
 
 def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tensor], list[int]]]:
-    """The files the device may decode, read, in batches: (their numbers, their bytes as uint8 tensors, the
-    numbers of the files passed over since the last batch, for the CPU). A batch holds GPU_DECODE_BATCH files
-    and GPU_DECODE_PIXELS decoded pixels at most."""
+    """The files the device may decode, read, in batches: (their numbers, their bytes as uint8
+    tensors, the numbers of the files passed over since the last batch, for the CPU). A batch holds
+    GPU_DECODE_BATCH files and GPU_DECODE_PIXELS decoded pixels at most."""
     files, encoded, others, pixels = [], [], [], 0
     for i, path in enumerate(paths):
         try:
@@ -359,28 +380,33 @@ def _device_pixels(data: np.ndarray) -> int:
     upright as stored (an EXIF orientation other than 1 is Pillow's to apply, as read_stored does),
     of no more pixels than PIL.Image.MAX_IMAGE_PIXELS (a larger one is the CPU path's to refuse).
     Pillow reads the header alone."""
-    if data[:3].tobytes() != JPEG_SIGNATURE or not data[-64:].tobytes().rstrip(b"\0").endswith(JPEG_END):
+    if data[:3].tobytes() != JPEG_SIGNATURE or not data[-64:].tobytes().rstrip(b"\0").endswith(
+            JPEG_END):
         return 0
     try:
         with Image.open(io.BytesIO(data)) as image:
-            upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)  # as _upright turns
+            # as _upright turns
+            upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)
             limit = Image.MAX_IMAGE_PIXELS
             small = not limit or image.width * image.height <= limit
             if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0 and small:
                 return image.width * image.height
-    except Exception:  # Pillow raises many types for a bad header (or EXIF block): the CPU path reports it
+    # Pillow raises many types for a bad header (or EXIF block): the CPU path reports it
+    except Exception:
         pass
     return 0
 
 
 def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The JPEGs decoded on the device as uint8 (3, H, W) RGB tensors, in one batch; None for each that fails.
-    One bad file fails a batch, which is then decoded a file at a time."""
+    """The JPEGs decoded on the device as uint8 (3, H, W) RGB tensors, in one batch; None for each
+    that fails. One bad file fails a batch, which is then decoded a file at a time."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders for TorchCodec
+        # torchvision 0.29 deprecates its decoders for TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return list(decode_jpeg(encoded, ImageReadMode.RGB, device)) if encoded else []
-        except RuntimeError:  # decoding errors (a corrupt file) are RuntimeErrors, on the CPU and on CUDA
+        # decoding errors (a corrupt file) are RuntimeErrors, on the CPU and on CUDA
+        except RuntimeError:
             pass
         images = []
         for data in encoded:
@@ -392,9 +418,10 @@ def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.
 
 
 def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Whole decoded JPEGs, uint8 (3, H, W) (at least one), as read_stored stores them: uint8 (N, size, size, 3)
-    (_squares_of). Images of one shape are reduced and resized as one batch (a folder's photos mostly share a
-    few; when they share one, its squares come back as they are, no copy made)."""
+    """Whole decoded JPEGs, uint8 (3, H, W) (at least one), as read_stored stores them: uint8 (N,
+    size, size, 3) (_squares_of). Images of one shape are reduced and resized as one batch (a
+    folder's photos mostly share a few; when they share one, its squares come back as they are, no
+    copy made)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(k)
@@ -403,34 +430,38 @@ def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
     squares = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images[0].device)
     for positions in groups.values():
         index = torch.tensor(positions, device=squares.device)
-        squares.index_copy_(0, index, _squares_of(torch.stack([images[k] for k in positions]), size))
+        squares.index_copy_(0, index, _squares_of(torch.stack([images[k] for k in positions]),
+            size))
     return squares
 
 
 def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) whole decoded JPEGs as read_stored stores them: uint8 (N, size, size, 3), maybe a
-    view. First reduced as read_stored's JPEG draft decodes them (_draft_scale; each s x s block's mean, which
-    is what DCT scaling computes, rounded to uint8 as it is), then the shorter side resized to size (bilinear,
-    antialiased), the centre square. Without the reduction a 2000x1500 photo stored at 24 px would differ from
-    Pillow's by 14 levels on average, and an 801x603 one at 128 px by 9 (its resized width one pixel off, the
-    crop shifted); with it, within 1 level of Pillow's on average (see the tests)."""
+    """uint8 (N, 3, H, W) whole decoded JPEGs as read_stored stores them: uint8 (N, size, size, 3),
+    maybe a view. First reduced as read_stored's JPEG draft decodes them (_draft_scale; each s x s
+    block's mean, which is what DCT scaling computes, rounded to uint8 as it is), then the shorter
+    side resized to size (bilinear, antialiased), the centre square. Without the reduction a
+    2000x1500 photo stored at 24 px would differ from Pillow's by 14 levels on average, and an
+    801x603 one at 128 px by 9 (its resized width one pixel off, the crop shifted); with it, within
+    1 level of Pillow's on average (see the tests)."""
     scale = _draft_scale(images.shape[2], images.shape[3], size)
     if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
-        images = torch.nn.functional.avg_pool2d(images.float(), scale, ceil_mode=True).round_().to(torch.uint8)
+        images = torch.nn.functional.avg_pool2d(images.float(), scale, ceil_mode=True).round_().to(
+            torch.uint8)
     resized = F2.resize(images, [size], interpolation=F2.InterpolationMode.BILINEAR, antialias=True)
     return F2.center_crop(resized, [size, size]).permute(0, 2, 3, 1)
 
 
 def _draft_scale(height: int, width: int, size: int) -> int:
-    """The reduction (1, 2, 4 or 8) Pillow's JpegImageFile.draft picks for read_stored (open_rgb's reduce_to
-    size, a square of twice that asked for): the largest that keeps both sides at least 2 x size."""
+    """The reduction (1, 2, 4 or 8) Pillow's JpegImageFile.draft picks for read_stored (open_rgb's
+    reduce_to size, a square of twice that asked for): the largest that keeps both sides at least 2
+    x size."""
     fits = min(width // (2 * size), height // (2 * size))
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
 def _copied_event(device: torch.device) -> torch.cuda.Event | None:
-    """An event recorded after the copies queued on the device's current stream (None on the CPU, whose copies
-    are done when queued)."""
+    """An event recorded after the copies queued on the device's current stream (None on the CPU,
+    whose copies are done when queued)."""
     if device.type != "cuda":
         return None
     event = torch.cuda.Event()
@@ -440,7 +471,8 @@ def _copied_event(device: torch.device) -> torch.cuda.Event | None:
 
 def _write_rows(target: _RowFile | _RowArray, files: list[int], squares: torch.Tensor,
                 copied: torch.cuda.Event | None) -> None:
-    """Host squares[k] (once copied) into file files[k]'s row, a run of consecutive rows at a time."""
+    """Host squares[k] (once copied) into file files[k]'s row, a run of consecutive rows at a
+    time."""
     if copied is not None:
         copied.synchronize()
     pixels = squares.numpy()
@@ -449,12 +481,13 @@ def _write_rows(target: _RowFile | _RowArray, files: list[int], squares: torch.T
 
 
 
-# --------------------------------------------------------------------------- files decoded on the CPU
+# --------------------------------------------------------------------------- files decoded on the
+# CPU
 
 
 def _stored_bytes(path: str, size: int) -> tuple[bytes, str]:
-    """read_stored's pixels as bytes (size rows of size RGB pixels) and "", or zeros and the message of a file
-    that cannot be read."""
+    """read_stored's pixels as bytes (size rows of size RGB pixels) and "", or zeros and the message
+    of a file that cannot be read."""
     try:
         return read_stored(path, size).tobytes(), ""
     except DataError as error:
@@ -462,12 +495,13 @@ def _stored_bytes(path: str, size: int) -> tuple[bytes, str]:
 
 
 class _RowFile:
-    """Rows of a .npy file, for a worker to write in place: written with write(2), which costs this 2-core VM
-    a third of the system time that storing them through a memory map does (0.12 ms against 0.39 ms for a
-    256-px row), as the map takes a page fault for each of its 48 pages."""
+    """Rows of a .npy file, for a worker to write in place: written with write(2), which costs this
+    2-core VM a third of the system time that storing them through a memory map does (0.12 ms
+    against 0.39 ms for a 256-px row), as the map takes a page fault for each of its 48 pages."""
 
     def __init__(self, filename: str, offset: int, size: int):
-        self.filename, self.offset, self.size, self.file = filename, offset, size, None  # opened in the worker
+        # opened in the worker
+        self.filename, self.offset, self.size, self.file = filename, offset, size, None
 
     def write(self, row: int, pixels: bytes | np.ndarray) -> None:
         """Rows from `row` on: as many as pixels holds (contiguous, whole rows)."""
@@ -503,9 +537,9 @@ _target: _RowFile | _RowArray | None = None  # in a decoding worker process: whe
 
 def _decode_task(task: tuple[list[int], list[str], int | None, int | None], decoding, worker: int
                  ) -> tuple[list[int], int | None, list[tuple[int, str]]]:
-    """In a worker: files numbered `files` (their paths given) decoded into their own rows of the target
-    (first None), or into its rows from `first` on; (files, slot, failures). decoding[worker] holds
-    the number of the file being decoded, for the parent to name should this process die (-1
+    """In a worker: files numbered `files` (their paths given) decoded into their own rows of the
+    target (first None), or into its rows from `first` on; (files, slot, failures). decoding[worker]
+    holds the number of the file being decoded, for the parent to name should this process die (-1
     between tasks)."""
     files, paths, first, slot = task
     failures = []
@@ -661,9 +695,9 @@ def _in_turn(workers: _Workers, paths: list[str], files: list[int], chunk: int, 
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork on Linux: workers start at once, sharing this process's imports and memory, as DataLoader workers
-    do there (they touch no torch tensor, so torch's threads are not missed); else the platform's default
-    (spawn), whose workers import this module."""
+    """fork on Linux: workers start at once, sharing this process's imports and memory, as
+    DataLoader workers do there (they touch no torch tensor, so torch's threads are not missed);
+    else the platform's default (spawn), whose workers import this module."""
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()
@@ -674,17 +708,19 @@ def _shared_rows(rows: np.ndarray, scratch_rows: int, context: multiprocessing.c
                  ) -> Iterator[tuple[_RowFile | _RowArray, np.ndarray | None]]:
     """Where workers write, and the scratch to copy rows from (None: they write rows themselves).
 
-    A .npy file's whole memory map (the cache): the file, which workers open. Rows in private memory: a
-    scratch of scratch_rows rows, reused, in shared anonymous memory that forked workers inherit, else in a
-    small temporary file. Reused, because the first write to shared memory is slow: on a 2-core VM, 150 us
-    for a 256-px row (48 new pages), against 28 us once its pages are there."""
+    A .npy file's whole memory map (the cache): the file, which workers open. Rows in private
+    memory: a scratch of scratch_rows rows, reused, in shared anonymous memory that forked workers
+    inherit, else in a small temporary file. Reused, because the first write to shared memory is
+    slow: on a 2-core VM, 150 us for a 256-px row (48 new pages), against 28 us once its pages are
+    there."""
     size = rows.shape[1]
     if _in_a_file(rows):
         yield _RowFile(rows.filename, rows.offset, size), None
         return
     shape = (scratch_rows, *rows.shape[1:])
     if context.get_start_method() == "fork":
-        scratch = np.frombuffer(mmap.mmap(-1, math.prod(shape)), np.uint8).reshape(shape)  # MAP_SHARED
+        # MAP_SHARED
+        scratch = np.frombuffer(mmap.mmap(-1, math.prod(shape)), np.uint8).reshape(shape)
         yield _RowArray(scratch), scratch
         return
     with tempfile.TemporaryDirectory(prefix="decode_", ignore_cleanup_errors=True) as folder:
@@ -694,7 +730,8 @@ def _shared_rows(rows: np.ndarray, scratch_rows: int, context: multiprocessing.c
 
 
 def _in_a_file(rows: np.ndarray) -> bool:
-    """Whether rows are a whole .npy file's memory map (not a view of one), which can be written by its name."""
+    """Whether rows are a whole .npy file's memory map (not a view of one), which can be written by
+    its name."""
     return isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and bool(rows.filename)
 
 
@@ -880,9 +917,11 @@ def _list_folder(path: str, skipped: Skipped) -> tuple[Identity, _Listing] | Non
     return (status.st_dev, status.st_ino), listing
 
 
-def load_image(path: str, image_size: int, mean, std, resize_size: int | None = None) -> torch.Tensor:
-    """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images are: stored
-    as read_stored does at resize_size (None: image_size) and centre-cropped to image_size."""
+def load_image(path: str, image_size: int, mean, std, resize_size: int
+        | None = None) -> torch.Tensor:
+    """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images
+    are: stored as read_stored does at resize_size (None: image_size) and centre-cropped to
+    image_size."""
     if not os.path.isfile(path):
         what = "is not a regular file" if os.path.exists(path) else "does not exist"
         raise DataError(f"image {utils.printable(path)} {what}")
@@ -903,10 +942,11 @@ def find_images(paths: list[str]) -> tuple[list[str], Skipped]:
 
 
 class PredictionImages(Dataset):
-    """Image files prepared as load_image does, for batched prediction in DataLoader workers: item i is
-    (image, "") or, for a file that cannot be read, (zeros, the error message)."""
+    """Image files prepared as load_image does, for batched prediction in DataLoader workers: item i
+    is (image, "") or, for a file that cannot be read, (zeros, the error message)."""
 
-    def __init__(self, paths: list[str], image_size: int, mean, std, resize_size: int | None = None):
+    def __init__(self, paths: list[str], image_size: int, mean, std, resize_size: int
+            | None = None):
         self.paths, self.options = paths, (image_size, mean, std, resize_size)
 
     def __len__(self) -> int:

@@ -1,5 +1,6 @@
-"""After training: --predict classifies image files with OUTPUT_DIR/best_model.pth, and --export writes it as
-ONNX or torch.export's .pt2, checked against PyTorch on real images of the run's data."""
+"""After training: --predict classifies image files with OUTPUT_DIR/best_model.pth, and --export
+writes it as ONNX or torch.export's .pt2, checked against PyTorch on real images of the run's
+data."""
 
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ import train_module
 import utils
 
 PREDICT_BATCH = 64  # images per batch for --predict
-PREDICT_PRINT = 20  # --predict prints a line per image up to this many images (all go to predictions.csv)
+# --predict prints a line per image up to this many images (all go to predictions.csv)
+PREDICT_PRINT = 20
 PREDICT_SAVE_SECONDS = 30  # a long --predict rewrites predictions.csv this often: a kill -9 loses
 # no more than this, and the rewrites of a growing CSV stay a small share of the time
 
 
 def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
-    """best_model.json and the model of best_model.pth in output_dir, on the device, for inference."""
+    """best_model.json and the model of best_model.pth in output_dir, on the device, for
+    inference."""
     info = checkpoint_module.load_best_model_info(output_dir)  # each field checked
     path, classes = os.path.join(output_dir, checkpoint_module.BEST_MODEL), len(info["classes"])
     state = utils.load_state_dict(path, "the best model")
@@ -47,23 +50,26 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
     return info, model.to(utils.get_device()).eval()
 
 
-def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], n: int = 5) -> torch.Tensor:
-    """n real images of the data's test set (else its val/ or train/ folder), prepared as for --predict."""
+def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any],
+        n: int = 5) -> torch.Tensor:
+    """n real images of the data's test set (else its val/ or train/ folder), prepared as for
+    --predict."""
     if dataset == "cifar10":
         prepare = augment_module.evaluation_transform(None, info["mean"], info["std"])
         return torch.stack([prepare(Image.fromarray(image.numpy()))
                             for image in data_module.read_cifar10(data_dir, download=False)[2][:n]])
     folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
     files, _ = image_module.find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
-    dataset = image_module.PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
+    dataset = image_module.PredictionImages(files[:n], info["image_size"], info["mean"], info[
+        "std"],
                                            info.get("resize_size"))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
 def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[str]) -> int:
-    """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images (of the run's
-    own data, unless --data-dir and --dataset are among the flags `given`): 0 when its logits agree
-    with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
+    """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images
+    (of the run's own data, unless --data-dir and --dataset are among the flags `given`): 0 when its
+    logits agree with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
     path = os.path.join(output_dir, model_module.EXPORT_FILES[kind])
     try:
         model_module.check_export(kind)
@@ -77,19 +83,24 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        difference = model_module.export(model.cpu(), path, kind, mean=info["mean"], std=info["std"],
+        difference = model_module.export(model.cpu(), path, kind, mean=info["mean"], std=info[
+            "std"],
                                          classes=info["classes"], example_images=images,
                                          resize_size=info.get("resize_size"))
-    except Exception as error:  # exporters fail in many ways on unusual models; best_model.pth is untouched
-        print(f"error: could not export {path} ({str(error).splitlines()[0] if str(error) else type(error).__name__})",
+    # exporters fail in many ways on unusual models; best_model.pth is untouched
+    except Exception as error:
+        print(f"error: could not export {path} "
+              f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
               file=sys.stderr)
         return 3
     finally:
         utils.unlock_folder(output_dir)
-    print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test images, at batch "
+    print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test "
+          "images, at batch "
           f"sizes 1 and 5: {difference:.1e} (relative)")
     if difference > model_module.EXPORT_TOLERANCE:
-        print(f"error: {path} differs from PyTorch by more than {model_module.EXPORT_TOLERANCE:g}; do not ship it",
+        print(f"error: {path} differs from PyTorch by more than {model_module.EXPORT_TOLERANCE:g}; "
+              "do not ship it",
               file=sys.stderr)
         return 3
     return 0

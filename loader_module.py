@@ -1,7 +1,7 @@
-"""Loaders that yield normalised batches on the device: from uint8 images kept there (ResidentLoader), from
-images left in host memory such as the memory-mapped cache (MappedLoader), or from a PIL Dataset in
-DataLoader workers (StreamingLoader, the fallback for what has no cache); and any of them with its training
-batches mixed (MixedLoader: Mixup, CutMix)."""
+"""Loaders that yield normalised batches on the device: from uint8 images kept there
+(ResidentLoader), from images left in host memory such as the memory-mapped cache (MappedLoader), or
+from a PIL Dataset in DataLoader workers (StreamingLoader, the fallback for what has no cache); and
+any of them with its training batches mixed (MixedLoader: Mixup, CutMix)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,17 @@ import utils
 from augment_module import (Augmentation, augment, center_crop, crop_and_resize, crop_flip,
                             sample_crop_boxes, switched_on)
 
-AUGMENT_CHUNK = 16384  # CIFAR images augmented together: few kernel launches per epoch, bounded memory
-PREFETCH = 3  # batches read from the cache ahead of the one training: covers a slow read, bounded memory
+# CIFAR images augmented together: few kernel launches per epoch, bounded memory
+AUGMENT_CHUNK = 16384
+# batches read from the cache ahead of the one training: covers a slow read, bounded memory
+PREFETCH = 3
 
 
 @dataclass(frozen=True)
 class Batching:
-    """How a loader cuts its images into batches: their size; training (shuffled by (seed, epoch), a last
-    partial batch dropped) or evaluation (in order, all kept); this rank's shard of world_size; and whether
-    batches are channels_last in memory."""
+    """How a loader cuts its images into batches: their size; training (shuffled by (seed, epoch), a
+    last partial batch dropped) or evaluation (in order, all kept); this rank's shard of world_size;
+    and whether batches are channels_last in memory."""
 
     batch_size: int
     train: bool
@@ -36,25 +38,29 @@ class Batching:
 
 
 class ResidentLoader:
-    """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor ops.
+    """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor
+    ops.
 
-    Without augmentation.crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect) and flips
-    at their own size. With crop_size (photo folders, stored as squares larger than crop_size), training
-    images get RandomResizedCrop boxes of their own, resized to crop_size, and flips; evaluation takes the
-    centre crop. Training images then get the augmentations that augment_module.AUGMENTATIONS
-    holds, each at its stage (uint8 before normalisation, or after it). Shuffling is seeded by
-    (batching.seed, epoch) as in DistributedSampler, so every rank draws the same order and takes
-    its own shard; augmentation draws from the device's global generator.
+    Without augmentation.crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect)
+    and flips at their own size. With crop_size (photo folders, stored as squares larger than
+    crop_size), training images get RandomResizedCrop boxes of their own, resized to crop_size, and
+    flips; evaluation takes the centre crop. Training images then get the augmentations that
+    augment_module.AUGMENTATIONS holds, each at its stage (uint8 before normalisation, or after it).
+    Shuffling is seeded by (batching.seed, epoch) as in DistributedSampler, so every rank draws the
+    same order and takes its own shard; augmentation draws from the device's global generator.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching, augmentation: Augmentation):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching,
+            augmentation: Augmentation):
         self.images, self.labels = images, labels
         self.batching, self.augmentation = batching, augmentation
         self.epoch = 0
         self.index_device = labels.device  # where the shuffled indices are made
         self.chunk = AUGMENT_CHUNK  # CIFAR-size images gathered and augmented together
-        if augmentation.flip == "alternate":  # a fixed random half starts flipped; every other epoch flips them all
-            flipped = torch.rand(len(labels), generator=torch.Generator().manual_seed(batching.seed)) < 0.5
+        # a fixed random half starts flipped; every other epoch flips them all
+        if augmentation.flip == "alternate":
+            flipped = torch.rand(len(labels), generator=torch.Generator().manual_seed(
+                batching.seed)) < 0.5
             self.flip_base = flipped.to(labels.device)
         mean = torch.tensor(augmentation.mean, device=labels.device).view(1, -1, 1, 1)
         std = torch.tensor(augmentation.std, device=labels.device).view(1, -1, 1, 1)
@@ -69,7 +75,8 @@ class ResidentLoader:
         n, rank, world_size = len(self.labels), self.batching.rank, self.batching.world_size
         if not self.batching.train:
             return torch.arange(rank, n, world_size, device=self.index_device)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.batching.seed + self.epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.batching.seed
+            + self.epoch))
         per_rank = n // world_size  # equal shards: every rank must take the same number of steps
         return order[rank * per_rank:(rank + 1) * per_rank].to(self.index_device)
 
@@ -81,7 +88,8 @@ class ResidentLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batch_size = self.batching.batch_size
         indices = self._indices()[:len(self) * batch_size]
-        if self.augmentation.crop_size is None:  # CIFAR-10's pad-crops and flips, drawn for a chunk of batches at once
+        # CIFAR-10's pad-crops and flips, drawn for a chunk of batches at once
+        if self.augmentation.crop_size is None:
             step = max(batch_size, self.chunk // batch_size * batch_size)
             for chosen, images in self._gather(indices, step):
                 yield from self._padded_batches(chosen, images)
@@ -89,7 +97,8 @@ class ResidentLoader:
             for chosen, images in self._gather(indices, batch_size):
                 yield self._photos(chosen, images), self.labels[chosen]
 
-    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor,
+            torch.Tensor]]:
         """(indices, their uint8 images) on the device, `step` images at a time."""
         for start in range(0, len(indices), step):
             chosen = indices[start:start + step]
@@ -100,9 +109,14 @@ class ResidentLoader:
         """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather and the
         "pixels" augmentations for the chunk, then each batch normalised and through the
         "normalised" ones."""
-        augmentation, batch_size, train = self.augmentation, self.batching.batch_size, self.batching.train
+        augmentation, batch_size, train = (
+            self.augmentation,
+            self.batching.batch_size,
+            self.batching.train,
+        )
         if train and (augmentation.crop_padding or augmentation.flip != "none"):
-            images = crop_flip(images, augmentation.crop_padding, self._flips(chosen), augmentation.reflect)
+            images = crop_flip(images, augmentation.crop_padding, self._flips(chosen),
+                augmentation.reflect)
         if train:
             images = augment(images, "pixels", augmentation.augmentations)
         labels = self.labels[chosen]
@@ -119,7 +133,8 @@ class ResidentLoader:
         if not self.batching.train:
             return self.evaluated(images)
         settings = self.augmentation.augmentations
-        boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2], device=images.device)
+        boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2],
+            device=images.device)
         crops = crop_and_resize(images, boxes, self.augmentation.crop_size, self._flips(chosen))
         crops = crops.permute(0, 2, 3, 1)  # float (N, S, S, C) on the 0-255 scale
         if switched_on(settings, "pixels"):
@@ -134,7 +149,8 @@ class ResidentLoader:
         return None
 
     def first_images(self, n: int) -> torch.Tensor:
-        """The first n images, normalised, as evaluation sees them (for data-dependent initialisation)."""
+        """The first n images, normalised, as evaluation sees them (for data-dependent
+        initialisation)."""
         first = torch.arange(min(n, len(self.labels)), device=self.index_device)
         return self.evaluated(next(self._gather(first, len(first)))[1])
 
@@ -152,25 +168,30 @@ class ResidentLoader:
 
 
 class MappedLoader(ResidentLoader):
-    """ResidentLoader's batches (the same order, augmentation and normalisation, on the device) from uint8
-    images that stay in host memory, such as the memory-mapped cache: a background thread gathers each batch's
-    rows, PREFETCH batches ahead (on a GPU into pinned memory, copied on a CUDA stream of its own), while the
-    device works on the batch before."""
+    """ResidentLoader's batches (the same order, augmentation and normalisation, on the device) from
+    uint8 images that stay in host memory, such as the memory-mapped cache: a background thread
+    gathers each batch's rows, PREFETCH batches ahead (on a GPU into pinned memory, copied on a CUDA
+    stream of its own), while the device works on the batch before."""
 
-    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, device: torch.device,
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+        device: torch.device,
                  batching: Batching, augmentation: Augmentation):
         super().__init__(images, labels.to(device), batching, augmentation)
         self.rows = rows  # int64 (N,): row of images of each of the N labelled images
         self.index_device = torch.device("cpu")  # the thread picks rows with them
-        self.chunk = batching.batch_size  # a batch at a time: little host memory, and the first batch comes soon
+        # a batch at a time: little host memory, and the first batch comes soon
+        self.chunk = batching.batch_size
 
-    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor,
+            torch.Tensor]]:
         device = self.labels.device
         copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-        def read() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]]:  # in the thread
+        # in the thread
+        def read() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]]:
             if copy_stream is not None:
-                torch.cuda.set_device(device)  # a new thread starts on GPU 0: pinned memory would make a context there
+                # a new thread starts on GPU 0: pinned memory would make a context there
+                torch.cuda.set_device(device)
             for start in range(0, len(indices), step):
                 chosen = indices[start:start + step]
                 host = torch.empty((len(chosen), *self.images.shape[1:]), dtype=torch.uint8,
@@ -180,11 +201,13 @@ class MappedLoader(ResidentLoader):
                     yield chosen.to(device), host.to(device), None
                     continue
                 with torch.cuda.stream(copy_stream):
-                    chosen, images = chosen.to(device, non_blocking=True), host.to(device, non_blocking=True)
+                    chosen, images = chosen.to(device, non_blocking=True), host.to(device,
+                        non_blocking=True)
                 yield chosen, images, copy_stream.record_event()
 
         for chosen, images, copied in utils.in_background(read(), PREFETCH):
-            if copied is not None:  # the training stream waits for the copy, and keeps the memory until used
+            # the training stream waits for the copy, and keeps the memory until used
+            if copied is not None:
                 stream = torch.cuda.current_stream(device)
                 stream.wait_event(copied)
                 chosen.record_stream(stream)
@@ -194,20 +217,25 @@ class MappedLoader(ResidentLoader):
 
 
 class StreamingLoader:
-    """A DataLoader with PIL transforms in worker processes, for data that does not fit on the device;
-    yields batches on the device, in the same layout as ResidentLoader."""
+    """A DataLoader with PIL transforms in worker processes, for data that does not fit on the
+    device; yields batches on the device, in the same layout as ResidentLoader."""
 
-    def __init__(self, dataset: Dataset, batching: Batching, device: torch.device, num_workers: int):
+    def __init__(self, dataset: Dataset, batching: Batching, device: torch.device,
+            num_workers: int):
         self.batching, self.device = batching, device
         rank, world_size, batch_size = batching.rank, batching.world_size, batching.batch_size
         if batching.train:
-            self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                               shuffle=True, seed=batching.seed, drop_last=True)
+            self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size,
+                rank=rank,
+                                                               shuffle=True, seed=batching.seed,
+                                                               drop_last=True)
         else:
             self.sampler = range(rank, len(dataset), world_size)
         n = len(self.sampler)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=device.type == "cuda", drop_last=batching.train and n >= batch_size,
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+            num_workers=num_workers,
+                                 pin_memory=device.type == "cuda", drop_last=batching.train and n
+                                 >= batch_size,
                                  persistent_workers=False,  # workers leave Ctrl-C to the run:
                                  worker_init_fn=functools.partial(utils.become_worker, os.getpid()))
 
@@ -230,7 +258,9 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches; a worker that dies (the out-of-memory killer) raises WorkerDied here."""
-        memory_format = torch.channels_last if self.batching.channels_last else torch.contiguous_format
+        memory_format = (
+            torch.channels_last if self.batching.channels_last else torch.contiguous_format
+        )
         try:
             batches = iter(self.loader)
             utils.sigchld_default()
@@ -247,10 +277,10 @@ class StreamingLoader:
 
 
 class MixedLoader:
-    """A training loader whose batches are mixed on the device as they come (mix: augment_module.batch_mixer's
-    Mixup and/or CutMix): it yields (mixed images, float (N, classes) targets whose rows sum to 1). Its length,
-    batching, set_epoch and first_images are the loader's own, unmixed. Only training loaders are wrapped:
-    evaluation never mixes."""
+    """A training loader whose batches are mixed on the device as they come (mix:
+    augment_module.batch_mixer's Mixup and/or CutMix): it yields (mixed images, float (N, classes)
+    targets whose rows sum to 1). Its length, batching, set_epoch and first_images are the loader's
+    own, unmixed. Only training loaders are wrapped: evaluation never mixes."""
 
     def __init__(self, loader: ResidentLoader | MappedLoader | StreamingLoader,
                  mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):

@@ -1,7 +1,8 @@
-"""Architectures, freezing, weight loading and export: every model is a body of features and a classifier head.
+"""Architectures, freezing, weight loading and export: every model is a body of features and a
+classifier head.
 
-Our own models (cnn, fast, resnet18_cifar) and every torchvision classification model by name, the latter
-optionally starting from torchvision's published ImageNet weights (PRETRAINED)."""
+Our own models (cnn, fast, resnet18_cifar) and every torchvision classification model by name, the
+latter optionally starting from torchvision's published ImageNet weights (PRETRAINED)."""
 
 from __future__ import annotations
 
@@ -52,12 +53,14 @@ def _is_frozen(module: nn.Module) -> bool:
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(
+        out_channels),
             nn.ReLU(inplace=True)]
 
 
 def cnn(num_classes: int, widths: tuple[int, ...] = (48, 96, 192)) -> Classifier:
-    """The custom CNN: blocks of two 3x3 conv-BN-ReLU layers and a 2x2 max pool, then a linear head."""
+    """The custom CNN: blocks of two 3x3 conv-BN-ReLU layers and a 2x2 max pool, then a linear
+    head."""
     layers, in_channels = [], 3
     for width in widths:
         layers += _conv_bn(in_channels, width) + _conv_bn(width, width) + [nn.MaxPool2d(2)]
@@ -96,23 +99,27 @@ class _DiracConv(nn.Conv2d):
 
 
 def _fast_group(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(_DiracConv(in_channels, out_channels), nn.MaxPool2d(2), _FastBatchNorm(out_channels),
-                         nn.GELU(), _DiracConv(out_channels, out_channels), _FastBatchNorm(out_channels), nn.GELU())
+    return nn.Sequential(_DiracConv(in_channels, out_channels), nn.MaxPool2d(2), _FastBatchNorm(
+        out_channels),
+                         nn.GELU(), _DiracConv(out_channels, out_channels), _FastBatchNorm(
+                         out_channels), nn.GELU())
 
 
 class Whitening(nn.Conv2d):
     """A 2x2 conv fixed to whiten image patches (airbench94): set from data by `init_from_data`."""
 
     def __init__(self, in_channels: int = 3, kernel_size: int = 2):
-        super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, padding=0, bias=True)
+        super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, padding=0,
+            bias=True)
         self.weight.requires_grad = False
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the filters to the eigenvectors of the patch covariance of normalised images, scaled to
-        unit variance, in +/- pairs."""
+        """Set the filters to the eigenvectors of the patch covariance of normalised images, scaled
+        to unit variance, in +/- pairs."""
         c, (h, w) = images.shape[1], self.weight.shape[2:]
-        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h
+            * w)
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.reshape(-1, c, h, w).flip(0)
@@ -130,29 +137,34 @@ class _Scale(nn.Module):
 
 
 class _WholeMapMaxPool(nn.Module):
-    """The max over each channel's whole map, (N, C, H, W) to (N, C, 1, 1): max_pool2d with the map's size as
-    its kernel, what airbench94's MaxPool2d(3) does to the 3x3 map of a 32-pixel image. The same values as
-    AdaptiveMaxPool2d(1), whose CUDA kernels, written for any output size, took 127 ms forward and 89 ms
-    backward (atomic adds) of a 12-epoch fast-preset run on an H200 (2026-11-30 profile). The kernel size
-    is read from the map, not fixed when the model is built: the fast model takes any IMAGE_SIZE (a folder's,
-    --predict's, the benchmarks') and is built without it, and the map's size is known at every call, the
-    same in every replay of a CUDA graph and fixed in an export."""
+    """The max over each channel's whole map, (N, C, H, W) to (N, C, 1, 1): max_pool2d with the
+    map's size as its kernel, what airbench94's MaxPool2d(3) does to the 3x3 map of a 32-pixel
+    image. The same values as AdaptiveMaxPool2d(1), whose CUDA kernels, written for any output size,
+    took 127 ms forward and 89 ms backward (atomic adds) of a 12-epoch fast-preset run on an H200
+    (2026-11-30 profile). The kernel size is read from the map, not fixed when the model is built:
+    the fast model takes any IMAGE_SIZE (a folder's, --predict's, the benchmarks') and is built
+    without it, and the map's size is known at every call, the same in every replay of a CUDA graph
+    and fixed in an export."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.max_pool2d(x, kernel_size=x.shape[-2:])
 
 
 def fast(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)) -> Classifier:
-    """The airbench94 network: a whitening layer, three conv groups, max pooling and a scaled linear head."""
+    """The airbench94 network: a whitening layer, three conv groups, max pooling and a scaled linear
+    head."""
     whitening = Whitening()
     body = nn.Sequential(whitening, nn.GELU(), _fast_group(whitening.out_channels, widths[0]),
                          _fast_group(widths[0], widths[1]), _fast_group(widths[1], widths[2]),
                          _WholeMapMaxPool(), nn.Flatten())
-    return Classifier(body, nn.Sequential(nn.Linear(widths[2], num_classes, bias=False), _Scale(1 / 9)))
+    return Classifier(body, nn.Sequential(nn.Linear(widths[2], num_classes, bias=False), _Scale(1
+        / 9)))
 
 
-MODELS: dict[str, Callable[[int], Classifier]] = {"cnn": cnn, "resnet18_cifar": resnet18_cifar, "fast": fast}
-TORCHVISION_MODELS: tuple[str, ...] = tuple(torchvision.models.list_models(module=torchvision.models))
+MODELS: dict[str, Callable[[int], Classifier]] = {"cnn": cnn, "resnet18_cifar": resnet18_cifar,
+    "fast": fast}
+TORCHVISION_MODELS: tuple[str, ...] = tuple(torchvision.models.list_models(
+    module=torchvision.models))
 
 
 def model_names() -> list[str]:
@@ -166,54 +178,66 @@ def check_name(name: str) -> None:
         raise ValueError(utils.not_known("MODEL", name, model_names(), closest=True))
 
 
-# --------------------------------------------------------------------------- torchvision's architectures
+# --------------------------------------------------------------------------- torchvision's
+# architectures
 
-_HEAD_HOLDERS = ("fc", "classifier", "heads", "head")  # where torchvision's families keep their classifier
-_AUXILIARY = ("AuxLogits.", "aux1.", "aux2.")  # inception_v3's and googlenet's side classifiers, built off here
+# where torchvision's families keep their classifier
+_HEAD_HOLDERS = ("fc", "classifier", "heads", "head")
+# inception_v3's and googlenet's side classifiers, built off here
+_AUXILIARY = ("AuxLogits.", "aux1.", "aux2.")
 
 
 def _build_torchvision(name: str, num_classes: int, image_size: int | None,
                        weights: torchvision.models.WeightsEnum | None) -> nn.Module:
-    """torchvision's architecture with a num_classes classifier; image_size sizes the models made for one
-    size (ViT's position embedding, MaxViT's attention windows), which then take only that size."""
+    """torchvision's architecture with a num_classes classifier; image_size sizes the models made
+    for one size (ViT's position embedding, MaxViT's attention windows), which then take only that
+    size."""
     options: dict[str, Any] = {"num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
-        # Plain logits from forward, and always the input transform that the ported Google weights expect,
-        # so that a saved model means the same whether it started from them or not.
+        # Plain logits from forward, and always the input transform that the ported Google weights
+        # expect, so that a saved model means the same whether it started from them or not.
         options.update(aux_logits=False, transform_input=True, init_weights=True)
     size = image_size
     if name.startswith(("vit_", "maxvit_")):
         native = weights.meta["min_size"][0] if weights is not None else None
         if native is not None and image_size not in (None, native):
-            raise ValueError(f"{name}'s {weights.name} weights are for {native}-pixel images, so IMAGE_SIZE must be "
+            raise ValueError(
+                f"{name}'s {weights.name} weights are for {native}-pixel images, so IMAGE_SIZE "
+                "must be "
                              f"{native} with PRETRAINED = {weights.name!r}, not {image_size}")
         size = image_size or native
         if size is not None:
-            options.update({"image_size": size} if name.startswith("vit_") else {"input_size": (size, size)})
+            options.update({"image_size": size} if name.startswith("vit_") else {"input_size": (
+                size, size)})
     try:
         return torchvision.models.get_model(name, **options)
-    except (ValueError, AssertionError) as error:  # ViT asserts the patch size divides it, MaxViT checks its windows
+    # ViT asserts the patch size divides it, MaxViT checks its windows
+    except (ValueError, AssertionError) as error:
         if size is None:
             raise
         detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"MODEL = {name!r} cannot be built for IMAGE_SIZE = {size} ({detail}); it takes one "
+        raise ValueError(
+            f"MODEL = {name!r} cannot be built for IMAGE_SIZE = {size} ({detail}); it takes one "
                          f"image size, fixed when it is built, and 224 fits it") from None
 
 
 def _final_layer_name(model: nn.Module) -> str:
-    """The qualified name of torchvision's last classification layer: the last Linear (squeezenet: the
-    1x1 Conv2d) inside the model's fc, classifier, heads or head."""
+    """The qualified name of torchvision's last classification layer: the last Linear (squeezenet:
+    the 1x1 Conv2d) inside the model's fc, classifier, heads or head."""
     holder = next(h for h in _HEAD_HOLDERS if isinstance(getattr(model, h, None), nn.Module))
-    layers = [n for n, m in getattr(model, holder).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    layers = [n for n, m in getattr(model, holder).named_modules() if isinstance(m, (nn.Linear,
+        nn.Conv2d))]
     return ".".join(filter(None, (holder, layers[-1])))
 
 
 def _split_head(model: nn.Module, final: str) -> Classifier:
-    """Classifier(body, head): the body is torchvision's model with its final layer made an identity (so it
-    returns the features that layer took), the head that layer (sized for our classes at construction)."""
+    """Classifier(body, head): the body is torchvision's model with its final layer made an identity
+    (so it returns the features that layer took), the head that layer (sized for our classes at
+    construction)."""
     if isinstance(model, torchvision.models.SqueezeNet):
-        # squeezenet classifies with a 1x1 conv, a ReLU and global pooling, and flattens after them: all of
-        # that is the head, so the body ends with the feature maps (and the dropout before the conv).
+        # squeezenet classifies with a 1x1 conv, a ReLU and global pooling, and flattens after them:
+        # all of that is the head, so the body ends with the feature maps (and the dropout before
+        # the conv).
         dropout, conv, relu, pool = model.classifier
         body = nn.Sequential(OrderedDict(features=model.features, dropout=dropout))
         return Classifier(body, nn.Sequential(conv, relu, pool, nn.Flatten()))
@@ -224,14 +248,18 @@ def _split_head(model: nn.Module, final: str) -> Classifier:
     return Classifier(model, head)
 
 
-# densenet's published files predate its layer names: "denselayer1.norm.1.weight" for "denselayer1.norm1.weight"
-_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
+# densenet's published files predate its layer names: "denselayer1.norm.1.weight" for
+# "denselayer1.norm1.weight"
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_\w+))$")
 
 
 def _load_body(model: nn.Module, state: dict[str, torch.Tensor], final: str, source: str) -> None:
     """Load ImageNet weights into torchvision's model, all but its final layer (and the auxiliary
-    classifiers, built off), which keeps the fresh num_classes layer; raises ValueError for another model."""
-    for key in list(state):  # deleted in place: the dict's module versions (_metadata) must stay with it
+    classifiers, built off), which keeps the fresh num_classes layer; raises ValueError for another
+    model."""
+    # deleted in place: the dict's module versions (_metadata) must stay with it
+    for key in list(state):
         old = _OLD_DENSENET_KEY.match(key)
         if old:
             state[old.group(1) + old.group(2)] = state.pop(key)
@@ -241,17 +269,21 @@ def _load_body(model: nn.Module, state: dict[str, torch.Tensor], final: str, sou
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(final + ".")]
         problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                    for what, keys in (("missing", missing), ("unexpected", result.unexpected_keys)) if keys]
+                    for what, keys in (("missing", missing), ("unexpected",
+                    result.unexpected_keys)) if keys]
     except RuntimeError as error:  # tensors of other shapes
         problems = [(str(error).splitlines() or ["other shapes"])[-1].strip()]
     if problems:
-        raise ValueError(f"{source} does not fit {type(model).__name__} ({'; '.join(problems)}); delete it so that "
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__} ({'; '.join(problems)}); delete it so "
+            "that "
                          f"the published file is downloaded again")
 
 
 def _torchvision_classifier(name: str, num_classes: int, image_size: int | None,
                             weights: torchvision.models.WeightsEnum | None) -> Classifier:
-    """torchvision's model `name` as Classifier(body, head), the body from the ImageNet weights when given."""
+    """torchvision's model `name` as Classifier(body, head), the body from the ImageNet weights when
+    given."""
     model = _build_torchvision(name, num_classes, image_size, weights)
     final = _final_layer_name(model)
     if weights is not None:
@@ -260,19 +292,21 @@ def _torchvision_classifier(name: str, num_classes: int, image_size: int | None,
     return _split_head(model, final)
 
 
-# --------------------------------------------------------------------------- published (ImageNet) weights
+# --------------------------------------------------------------------------- published (ImageNet)
+# weights
 
 
 def weight_names(name: str) -> list[str]:
-    """The PRETRAINED values MODEL `name` accepts: "default" and the names of its published weights (none
-    for our own models)."""
+    """The PRETRAINED values MODEL `name` accepts: "default" and the names of its published weights
+    (none for our own models)."""
     if name not in TORCHVISION_MODELS:
         return []
     return ["default", *(w.name for w in torchvision.models.get_model_weights(name))]
 
 
 def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
-    """The weights enum member PRETRAINED names for MODEL `name` ("default" or a member name, any case)."""
+    """The weights enum member PRETRAINED names for MODEL `name` ("default" or a member name, any
+    case)."""
     allowed = weight_names(name)
     if str(pretrained).upper() not in {a.upper() for a in allowed}:
         what = f"the weights published for {name}" if allowed else \
@@ -281,9 +315,11 @@ def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
     return torchvision.models.get_model_weights(name)[pretrained.upper()]
 
 
-def _load_pretrained(weights: torchvision.models.WeightsEnum) -> tuple[dict[str, torch.Tensor], str]:
+def _load_pretrained(weights: torchvision.models.WeightsEnum) -> tuple[dict[str, torch.Tensor],
+        str]:
     """The state dict of published weights and its path: read from torch's hub cache
-    ($TORCH_HOME/hub/checkpoints), downloaded there first if missing. Only tensors load (weights_only)."""
+    ($TORCH_HOME/hub/checkpoints), downloaded there first if missing. Only tensors load
+    (weights_only)."""
     path = _fetch_pretrained(weights)  # read by the safe loader, with its messages for a bad file
     return utils.load_state_dict(path, "PRETRAINED weights"), path
 
@@ -319,13 +355,15 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> str:
             with contextlib.suppress(OSError):
                 os.rmdir(empty)
         detail = (str(getattr(error, "reason", error)).splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"PRETRAINED weights {file_name} are not in {folder} and could not be downloaded "
+        raise ValueError(
+            f"PRETRAINED weights {file_name} are not in {folder} and could not be downloaded "
                          f"({detail}); download {weights.url} into that folder") from None
 
 
 def preprocessing(name: str, pretrained: str | None) -> dict[str, Any] | None:
-    """How images must be prepared for MODEL `name`'s published weights PRETRAINED (None without): resize
-    size (shorter side), crop size, mean and std, interpolation, from the weights' own transforms."""
+    """How images must be prepared for MODEL `name`'s published weights PRETRAINED (None without):
+    resize size (shorter side), crop size, mean and std, interpolation, from the weights' own
+    transforms."""
     check_name(name)
     if pretrained is None:
         return None
@@ -346,8 +384,8 @@ def freeze_body(model: Classifier) -> None:
 
 
 def frozen_parameters(model: Classifier) -> list[nn.Parameter]:
-    """Body parameters that are frozen but that the architecture means to train (so not the whitening
-    filters or the fast model's fixed BatchNorm scales)."""
+    """Body parameters that are frozen but that the architecture means to train (so not the
+    whitening filters or the fast model's fixed BatchNorm scales)."""
     fixed = {id(m.weight) for m in model.modules() if isinstance(m, (Whitening, _FastBatchNorm))}
     return [p for p in model.body.parameters() if not p.requires_grad and id(p) not in fixed]
 
@@ -361,11 +399,14 @@ def unfreeze_body(model: Classifier) -> list[nn.Parameter]:
     return thawed
 
 
-def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> list[str]:
+def load_weights(model: Classifier, state: dict[str, torch.Tensor],
+        source: str = "the checkpoint") -> list[str]:
     """Load a state dict, keeping the model's own head where the saved head has another shape
-    (transfer to a new class count); returns the names skipped. Raises ValueError for another architecture."""
+    (transfer to a new class count); returns the names skipped. Raises ValueError for another
+    architecture."""
     own = model.state_dict()
-    skipped = [k for k in state if k.startswith("head.") and k in own and state[k].shape != own[k].shape]
+    skipped = [k for k in state if k.startswith("head.") and k in own and state[k].shape != own[
+        k].shape]
     kept = OrderedDict((k, v) for k, v in state.items() if k not in skipped)
     missing = sorted(set(own) - set(kept) - set(skipped))
     unexpected = sorted(set(kept) - set(own))
@@ -374,27 +415,32 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor], source: str 
         detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for what, keys in (("missing", missing), ("unexpected", unexpected),
                                               ("other shapes", mismatched)) if keys)
-        raise ValueError(f"{source} does not fit this model ({detail}); was it saved from another MODEL?")
-    # Module versions travel in a state dict's _metadata, and MNASNet refuses a state without them; a
-    # plain dict (best_model.pth) was saved from this code's models, whose versions are this model's own.
+        raise ValueError(
+            f"{source} does not fit this model ({detail}); was it saved from another MODEL?")
+    # Module versions travel in a state dict's _metadata, and MNASNet refuses a state without them;
+    # a plain dict (best_model.pth) was saved from this code's models, whose versions are this
+    # model's own.
     kept._metadata = getattr(state, "_metadata", None) or own._metadata
     model.load_state_dict(kept, strict=False)
     return skipped
 
 
 WHITENING_IMAGES = 5000  # training images the fast model's whitening filters are computed from
-CALIBRATION_IMAGES = 64  # training images whose statistics start a fresh torchvision model's BatchNorm running stats
+# training images whose statistics start a fresh torchvision model's BatchNorm running stats
+CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 32  # images per forward pass while calibrating (at least)
-BATCHNORM_MOMENTUM = 0.1  # the least momentum of a torchvision model's BatchNorm running stats (PyTorch's default)
+# the least momentum of a torchvision model's BatchNorm running stats (PyTorch's default)
+BATCHNORM_MOMENTUM = 0.1
 
 
 def quicken_batchnorm(model: nn.Module, momentum: float = BATCHNORM_MOMENTUM) -> None:
     """Raise every BatchNorm's running-statistics momentum to at least `momentum`.
 
-    MobileNetV3, EfficientNet-B5 to B7 and MaxViT use 0.01, MNASNet 0.0003: running stats that average
-    over hundreds (thousands) of steps, made for ImageNet's thousands of steps per epoch. A small folder
-    trains a step or a few per epoch while the weights change fast, so in eval mode each layer is divided
-    by the standard deviation of weights long gone, and validation sees another network than training."""
+    MobileNetV3, EfficientNet-B5 to B7 and MaxViT use 0.01, MNASNet 0.0003: running stats that
+    average over hundreds (thousands) of steps, made for ImageNet's thousands of steps per epoch. A
+    small folder trains a step or a few per epoch while the weights change fast, so in eval mode
+    each layer is divided by the standard deviation of weights long gone, and validation sees
+    another network than training."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
             module.momentum = max(module.momentum, momentum)
@@ -402,16 +448,19 @@ def quicken_batchnorm(model: nn.Module, momentum: float = BATCHNORM_MOMENTUM) ->
 
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.Tensor]) -> None:
-    """Start every BatchNorm's running mean and variance as the statistics of the freshly initialised model on
-    training images (the average over a few batches in train mode), not at PyTorch's 0 and 1.
+    """Start every BatchNorm's running mean and variance as the statistics of the freshly
+    initialised model on training images (the average over a few batches in train mode), not at
+    PyTorch's 0 and 1.
 
-    The 0 and 1 are far off for torchvision's initialisation: kaiming fan_out counts a depthwise conv's
-    fan-out C times over, so a fresh MobileNetV3's depthwise and projection layers see variances of 1e-3 to
-    1e-8, not 1. Eval mode divides each layer by sqrt(running var), so until the running stats have
-    forgotten the 1 the signal shrinks layer after layer and every image gets the same logits: exactly
-    1/num_classes, loss ln(num_classes). The momentum, the random state (dropout, stochastic depth, the
-    loader's shuffling) and the weights are left as they were; only the running statistics change."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    The 0 and 1 are far off for torchvision's initialisation: kaiming fan_out counts a depthwise
+    conv's fan-out C times over, so a fresh MobileNetV3's depthwise and projection layers see
+    variances of 1e-3 to 1e-8, not 1. Eval mode divides each layer by sqrt(running var), so until
+    the running stats have forgotten the 1 the signal shrinks layer after layer and every image gets
+    the same logits: exactly 1/num_classes, loss ln(num_classes). The momentum, the random state
+    (dropout, stochastic depth, the loader's shuffling) and the weights are left as they were; only
+    the running statistics change."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats]
     if not norms:
         return
     momenta, training = [m.momentum for m in norms], model.training
@@ -423,7 +472,8 @@ def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.T
             module.reset_running_stats()
             module.momentum = None  # a cumulative average over the batches below
         model.train()
-        for batch in images.tensor_split(max(1, len(images) // CALIBRATION_BATCH)):  # batches of about equal size
+        # batches of about equal size
+        for batch in images.tensor_split(max(1, len(images) // CALIBRATION_BATCH)):
             model(batch)
     for module, momentum in zip(norms, momenta):
         module.momentum = momentum
@@ -432,25 +482,30 @@ def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.T
 
 
 def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | None = None,
-              sample_images: Callable[[int], torch.Tensor] | None = None, *, image_size: int | None = None,
+              sample_images: Callable[[int], torch.Tensor] | None = None, *, image_size: int
+              | None = None,
               pretrained: str | None = None) -> Classifier:
-    """Build a model by name, optionally start from saved or published weights, and optionally freeze its body.
+    """Build a model by name, optionally start from saved or published weights, and optionally
+    freeze its body.
 
-    sample_images(n) returns up to n normalised (N, C, H, W) training images, asked for only by what depends
-    on data: the fast model's whitening filters, and the BatchNorm running statistics of a torchvision model
-    that starts from scratch (calibrate_batchnorm); saved weights, when given, override both. Without
-    PRETRAINED, a torchvision model's BatchNorm momentum is at least BATCHNORM_MOMENTUM (quicken_batchnorm).
-    image_size (pixels) matters only to the models built for one size (vit_*, maxvit_t; when None, the
-    size of their pretrained weights, else 224); the others take any size. pretrained ("default" or a
-    weights name such as "IMAGENET1K_V2") starts a torchvision model's body from its published ImageNet
-    weights, weights (a best_model.pth) the whole model from our own.
+    sample_images(n) returns up to n normalised (N, C, H, W) training images, asked for only by what
+    depends on data: the fast model's whitening filters, and the BatchNorm running statistics of a
+    torchvision model that starts from scratch (calibrate_batchnorm); saved weights, when given,
+    override both. Without PRETRAINED, a torchvision model's BatchNorm momentum is at least
+    BATCHNORM_MOMENTUM (quicken_batchnorm). image_size (pixels) matters only to the models built for
+    one size (vit_*, maxvit_t; when None, the size of their pretrained weights, else 224); the
+    others take any size. pretrained ("default" or a weights name such as "IMAGENET1K_V2") starts a
+    torchvision model's body from its published ImageNet weights, weights (a best_model.pth) the
+    whole model from our own.
     """
     check_name(name)
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least two classes, got {num_classes}")
     if pretrained is not None and weights is not None:
-        raise ValueError("PRETRAINED and WEIGHTS cannot both be set: WEIGHTS (a best_model.pth) holds the whole "
-                         "model already; set PRETRAINED to start from published weights, or WEIGHTS, not both")
+        raise ValueError(
+            "PRETRAINED and WEIGHTS cannot both be set: WEIGHTS (a best_model.pth) holds the whole "
+                         "model already; set PRETRAINED to start from published weights, or "
+                         "WEIGHTS, not both")
     published = _find_weights(name, pretrained) if pretrained is not None else None
     if name in MODELS:
         model = MODELS[name](num_classes)
@@ -461,56 +516,69 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
         images = sample_images(WHITENING_IMAGES)
         for module in whitening:
             module.init_from_data(images.cpu())
-    if name in TORCHVISION_MODELS and published is None:  # from scratch (or from our own WEIGHTS, trained so)
+    # from scratch (or from our own WEIGHTS, trained so)
+    if name in TORCHVISION_MODELS and published is None:
         quicken_batchnorm(model)
         if weights is None and sample_images is not None:
             calibrate_batchnorm(model, sample_images)
     if weights is not None:
-        skipped = load_weights(model, utils.load_state_dict(weights, "WEIGHTS"), f"WEIGHTS {weights}")
+        skipped = load_weights(model, utils.load_state_dict(weights, "WEIGHTS"),
+            f"WEIGHTS {weights}")
         if skipped:
-            print(f"WEIGHTS {weights}: new head for {num_classes} classes (the saved head had another size)")
+            print(f"WEIGHTS {weights}: new head for {num_classes} classes (the saved head had "
+                  "another size)")
     if freeze:
         freeze_body(model)
     return model
 
 
-# --------------------------------------------------------------------------- export for inference elsewhere
+# --------------------------------------------------------------------------- export for inference
+# elsewhere
 
 EXPORT_KINDS = ("onnx", "pt2")
 EXPORT_FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}  # in OUTPUT_DIR
-EXPORT_TOLERANCE = 1e-4  # the largest relative difference from PyTorch's logits an exported file may show
+# the largest relative difference from PyTorch's logits an exported file may show
+EXPORT_TOLERANCE = 1e-4
 _EXPORT_PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "pt2": ()}
 
 
 def check_export(kind: str) -> None:
-    """Raise ValueError, before any training, when EXPORT names no kind or its packages are missing."""
+    """Raise ValueError, before any training, when EXPORT names no kind or its packages are
+    missing."""
     if kind not in EXPORT_KINDS:
         raise ValueError(utils.not_known("EXPORT", kind, EXPORT_KINDS))
     missing = [name for name in _EXPORT_PACKAGES[kind] if importlib.util.find_spec(name) is None]
     if missing:
-        raise ValueError(f"EXPORT = {kind!r} needs {', '.join(missing)}: pip install -r requirements.txt")
+        raise ValueError(
+            f"EXPORT = {kind!r} needs {', '.join(missing)}: pip install -r requirements.txt")
 
 
 def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std: Sequence[float],
-           classes: Sequence[str], example_images: torch.Tensor, resize_size: int | None = None) -> float:
-    """Write the model in eval mode for inference outside this pipeline, and check the file by running it.
+           classes: Sequence[str], example_images: torch.Tensor, resize_size: int
+           | None = None) -> float:
+    """Write the model in eval mode for inference outside this pipeline, and check the file by
+    running it.
 
-    Both kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images' size,
-    any batch size, and return logits; both carry the normalisation, the sizes and the class names (ONNX
-    in its metadata_props, each value JSON; pt2 in its extra file "metadata.json"). "onnx": torch.onnx's
-    torch.export-based exporter, run back with onnxruntime; "pt2": torch.export's ExportedProgram
-    (torch.export.load(path).module()). The export and the comparison run on a float32 copy on the CPU.
-    Returns the largest relative difference between the file's logits and the model's on example_images
-    at batch sizes 1 and 5: max |file - model| / max |model|, the latter over all five images, so that
-    an image whose logits are all near 0 does not make a rounding difference look large."""
+    Both kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images'
+    size, any batch size, and return logits; both carry the normalisation, the sizes and the class
+    names (ONNX in its metadata_props, each value JSON; pt2 in its extra file "metadata.json").
+    "onnx": torch.onnx's torch.export-based exporter, run back with onnxruntime; "pt2":
+    torch.export's ExportedProgram (torch.export.load(path).module()). The export and the comparison
+    run on a float32 copy on the CPU. Returns the largest relative difference between the file's
+    logits and the model's on example_images at batch sizes 1 and 5: max |file - model| / max
+    |model|, the latter over all five images, so that an image whose logits are all near 0 does not
+    make a rounding difference look large."""
     check_export(kind)
     model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
     images = example_images.detach().cpu().float().contiguous()
     images = images.repeat(-(-5 // len(images)), 1, 1, 1)[:5]  # five real images, repeated if fewer
-    metadata = {"input": "normalised float32 NCHW images: (pixels / 255 - mean) / std", "output": "logits",
-                "mean": list(mean), "std": list(std), "classes": list(classes), "image_size": images.shape[-1],
+    metadata = {"input": "normalised float32 NCHW images: (pixels / 255 - mean) / std",
+        "output": "logits",
+                "mean": list(mean), "std": list(std), "classes": list(classes),
+                "image_size": images.shape[-1],
                 "resize_size": resize_size}
-    batch = {0: torch.export.Dim("batch")}  # traced at batch 2: torch.export specialises sizes 0 and 1
+    # traced at batch 2: torch.export specialises sizes 0 and 1
+    batch = {0: torch.export.Dim("batch")}
     if kind == "onnx":
         run = _export_onnx(model, path, images[:2], batch, metadata)
     else:
@@ -518,18 +586,22 @@ def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std
     with torch.no_grad():
         expected = model(images)
         scale = expected.abs().max().clamp_min(1e-12)
-        return max(float((run(images[:n]).float() - expected[:n]).abs().max() / scale) for n in (1, 5))
+        return max(float((run(images[:n]).float() - expected[:n]).abs().max() / scale) for n in (1,
+            5))
 
 
 def _export_onnx(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
                  metadata: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Write model.onnx (one file, the metadata added) and return a function that runs it with onnxruntime."""
-    import onnx  # only export needs these (check_export names them): python main.py runs without them
+    """Write model.onnx (one file, the metadata added) and return a function that runs it with
+    onnxruntime."""
+    # only export needs these (check_export names them): python main.py runs without them
+    import onnx
     import onnxruntime
 
     program = torch.onnx.export(model, (images,), None, dynamo=True, input_names=["images"],
                                 output_names=["logits"], dynamic_shapes=(batch,), verbose=False)
-    proto = program.model_proto  # serialised here, not by export(f=path), which puts the weights in a second file
+    # serialised here, not by export(f=path), which puts the weights in a second file
+    proto = program.model_proto
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
     utils.atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -538,9 +610,11 @@ def _export_onnx(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
 
 def _export_pt2(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
                 metadata: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Write model.pt2 (torch.export.save, the metadata as an extra file) and return its loaded module."""
+    """Write model.pt2 (torch.export.save, the metadata as an extra file) and return its loaded
+    module."""
     program = torch.export.export(model, (images,), dynamic_shapes=(batch,))
     utils.atomic_write(path, lambda f: torch.export.save(program, f,
-                                                         extra_files={"metadata.json": json.dumps(metadata)}))
+                                                         extra_files={"metadata.json": json.dumps(
+                                                         metadata)}))
     return torch.export.load(path).module()
 

@@ -44,31 +44,36 @@ RULES: utils.Rules = {
     "weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "norm_lr_scale": (lambda v: v > 0, "a number > 0"),
     "body_lr_scale": (lambda v: v > 0, "a number > 0"),
-    "ema_decay": (lambda v: v is None or 0 < v < 1, "a number strictly between 0 and 1 (0.999, say), or None"),
+    "ema_decay": (lambda v: v is None or 0 < v < 1,
+    "a number strictly between 0 and 1 (0.999, say), or None"),
 }
 
 
 # --------------------------------------------------------------------------- optimizer and schedule
 
 
-def make_optimizer(model: nn.Module, config: OptimConfig, lr_device: torch.device | None = None) -> torch.optim.SGD:
-    """SGD over every parameter meant to train, the frozen body included (it has no gradients, so SGD
-    skips it until it is unfrozen; the groups never change, so no schedule or saved state has to follow
-    a new one). Each group trains at LR x its lr_scale: BatchNorm parameters at norm_lr_scale (their
-    weight decay divided by it, so their decay per step is the others'), the frozen body at body_lr_scale.
-    lr_device: each group's LR is held as a tensor there and read by the fused SGD kernel, so a step
-    captured in a CUDA graph sees every new LR (see hold_lr_as_tensor)."""
+def make_optimizer(model: nn.Module, config: OptimConfig, lr_device: torch.device
+        | None = None) -> torch.optim.SGD:
+    """SGD over every parameter meant to train, the frozen body included (it has no gradients, so
+    SGD skips it until it is unfrozen; the groups never change, so no schedule or saved state has to
+    follow a new one). Each group trains at LR x its lr_scale: BatchNorm parameters at norm_lr_scale
+    (their weight decay divided by it, so their decay per step is the others'), the frozen body at
+    body_lr_scale. lr_device: each group's LR is held as a tensor there and read by the fused SGD
+    kernel, so a step captured in a CUDA graph sees every new LR (see hold_lr_as_tensor)."""
     c = config
     norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for p in m.parameters()}
-    frozen = {id(p) for p in model_module.frozen_parameters(model)} if isinstance(model, model_module.Classifier) \
+    frozen = {id(p) for p in model_module.frozen_parameters(model)} if isinstance(model,
+        model_module.Classifier) \
         else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad or id(p) in frozen:
-            groups.setdefault((id(p) in norms and c.norm_lr_scale != 1.0, id(p) in frozen), []).append(p)
+            groups.setdefault((id(p) in norms and c.norm_lr_scale != 1.0, id(p) in frozen),
+                []).append(p)
     param_groups = [{"params": params,
-                     "lr_scale": (c.norm_lr_scale if norm else 1.0) * (c.body_lr_scale if body else 1.0),
+                     "lr_scale": (c.norm_lr_scale if norm else 1.0) * (c.body_lr_scale if body
+                     else 1.0),
                      "weight_decay": c.weight_decay / c.norm_lr_scale if norm else c.weight_decay}
                     for (norm, body), params in sorted(groups.items())]
     optimizer = torch.optim.SGD(param_groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
@@ -80,13 +85,15 @@ def make_optimizer(model: nn.Module, config: OptimConfig, lr_device: torch.devic
 
 
 def hold_lr_as_tensor(optimizer: torch.optim.SGD, device: torch.device) -> None:
-    """Hold each group's LR as a one-element tensor on the device, stepped by the fused SGD kernel (which
-    reads the LR from the tensor, where the foreach one reads a number when the step is launched): what a
-    CUDA graph needs to see the LR change. set_lr fills the tensors in place. Saved state still holds plain
-    numbers, so every checkpoint loads into every optimizer, and loading one makes them tensors again."""
+    """Hold each group's LR as a one-element tensor on the device, stepped by the fused SGD kernel
+    (which reads the LR from the tensor, where the foreach one reads a number when the step is
+    launched): what a CUDA graph needs to see the LR change. set_lr fills the tensors in place.
+    Saved state still holds plain numbers, so every checkpoint loads into every optimizer, and
+    loading one makes them tensors again."""
     def to_tensors(optimizer: torch.optim.SGD) -> None:
         for group in optimizer.param_groups:
-            group.update(lr=torch.tensor(float(group["lr"]), device=device), fused=True, foreach=None)
+            group.update(lr=torch.tensor(float(group["lr"]), device=device), fused=True,
+                foreach=None)
 
     def to_numbers(optimizer: torch.optim.SGD, state: dict[str, Any]) -> dict[str, Any]:
         for group in state["param_groups"]:
@@ -98,7 +105,8 @@ def hold_lr_as_tensor(optimizer: torch.optim.SGD, device: torch.device) -> None:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The one writer of the LR: every group trains at lr times its lr_scale (an LR tensor is filled in place)."""
+    """The one writer of the LR: every group trains at lr times its lr_scale (an LR tensor is filled
+    in place)."""
     for group in optimizer.param_groups:
         value = lr * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):
@@ -171,14 +179,16 @@ def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float,
 
 
 class Lookahead:
-    """airbench's lookahead: every `every` steps, pull a slow copy of the weights towards the fast ones
-    by an amount that grows over the run, then continue from the slow copy; the run ends on it."""
+    """airbench's lookahead: every `every` steps, pull a slow copy of the weights towards the fast
+    ones by an amount that grows over the run, then continue from the slow copy; the run ends on
+    it."""
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5):
         self.total_steps, self.every, self.step = total_steps, every, 0
         state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
         self.slow = {k: v.detach().clone() for k, v in state.items()}
-        self._fast, self._slow = list(state.values()), list(self.slow.values())  # views of the live tensors
+        # views of the live tensors
+        self._fast, self._slow = list(state.values()), list(self.slow.values())
 
     @torch.no_grad()
     def update(self) -> None:
@@ -186,7 +196,8 @@ class Lookahead:
         self.step += 1
         if self.step % self.every and self.step != self.total_steps:
             return
-        decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (self.step / self.total_steps) ** 3
+        decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (self.step
+            / self.total_steps) ** 3
         torch._foreach_lerp_(self._slow, self._fast, 1 - decay)
         torch._foreach_copy_(self._fast, self._slow)
 
@@ -200,21 +211,25 @@ class Lookahead:
 
 
 class EMA:
-    """An exponential moving average of the model's weights and buffers (BatchNorm statistics too, as
-    torchvision's --model-ema averages them), updated after each optimizer step: what validation, the best
-    epoch's choice, best_model.pth and the final test see. Its copy of the model is a swa_utils.AveragedModel's
-    `module` (the model's own class and state_dict keys), averaged by swa_utils' EMA function (one
-    torch._foreach_lerp_). AveragedModel.update_parameters is not used: it reads its device-held count on the
-    host at every call (a wait for the GPU each step); the count here is a Python int. The decay at update t
-    (from 0) is min(decay, (1 + t) / (10 + t)), TensorFlow's ExponentialMovingAverage with num_updates: 0.1 at
-    the first, 0.99 by the 890th, so the average soon leaves the initial weights behind. Whole-number buffers
-    (BatchNorm's num_batches_tracked) are copied, not averaged, as timm's ModelEmaV3 does."""
+    """An exponential moving average of the model's weights and buffers (BatchNorm statistics too,
+    as torchvision's --model-ema averages them), updated after each optimizer step: what validation,
+    the best epoch's choice, best_model.pth and the final test see. Its copy of the model is a
+    swa_utils.AveragedModel's `module` (the model's own class and state_dict keys), averaged by
+    swa_utils' EMA function (one torch._foreach_lerp_). AveragedModel.update_parameters is not used:
+    it reads its device-held count on the host at every call (a wait for the GPU each step); the
+    count here is a Python int. The decay at update t (from 0) is min(decay, (1 + t) / (10 + t)),
+    TensorFlow's ExponentialMovingAverage with num_updates: 0.1 at the first, 0.99 by the 890th, so
+    the average soon leaves the initial weights behind. Whole-number buffers (BatchNorm's
+    num_batches_tracked) are copied, not averaged, as timm's ModelEmaV3 does."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.averaged.module.requires_grad_(False).zero_grad(set_to_none=True)  # deepcopy copies any .grad
-        self._averaged, self._copied = ([], []), ([], [])  # (the average's, the model's): floats; the rest
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+            use_buffers=True)
+        # deepcopy copies any .grad
+        self.averaged.module.requires_grad_(False).zero_grad(set_to_none=True)
+        # (the average's, the model's): floats; the rest
+        self._averaged, self._copied = ([], []), ([], [])
         for ours, theirs in zip(_tensors(self.averaged.module), _tensors(model), strict=True):
             pair = self._averaged if ours.is_floating_point() else self._copied
             pair[0].append(ours.detach())  # views of the live tensors
@@ -231,7 +246,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Move the average towards the model's weights after an optimizer step (device work only, no wait)."""
+        """Move the average towards the model's weights after an optimizer step (device work only,
+        no wait)."""
         get_ema_multi_avg_fn(self.decay_at(self.updates))(*self._averaged, None)
         if self._copied[0]:
             torch._foreach_copy_(*self._copied)
@@ -242,7 +258,8 @@ class EMA:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = state["updates"]
-        self.module.load_state_dict(state["model"])  # copies the values in: the lists above stay the live tensors
+        # copies the values in: the lists above stay the live tensors
+        self.module.load_state_dict(state["model"])
 
 
 def _tensors(model: nn.Module) -> Iterable[torch.Tensor]:
@@ -255,8 +272,8 @@ def _tensors(model: nn.Module) -> Iterable[torch.Tensor]:
 
 @dataclasses.dataclass(frozen=True)
 class RangeTest:
-    """The LR range test's sweep: from start_lr to end_lr over `steps` steps, the loss smoothed with `beta`,
-    stopped once it exceeds `diverge` times the lowest so far."""
+    """The LR range test's sweep: from start_lr to end_lr over `steps` steps, the loss smoothed with
+    `beta`, stopped once it exceeds `diverge` times the lowest so far."""
 
     start_lr: float = 1e-7
     end_lr: float = 10.0
@@ -266,21 +283,25 @@ class RangeTest:
 
     def __post_init__(self) -> None:
         if not 0 < self.start_lr < self.end_lr:
-            raise ValueError(f"the LR finder needs 0 < start_lr < end_lr, got {self.start_lr} and {self.end_lr}")
+            raise ValueError(
+                f"the LR finder needs 0 < start_lr < end_lr, got {self.start_lr} and {self.end_lr}")
         if self.steps < 2:
             raise ValueError(f"the LR finder needs at least 2 steps, got {self.steps}")
 
 
-def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
+def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module, *,
             autocast_dtype: torch.dtype | None = None,
             sweep: RangeTest = RangeTest()) -> tuple[list[float], list[float], float]:
-    """An LR range test (Smith 2017, fastai's lr_find): train up to sweep.steps batches (cycling the loader
-    when it has fewer) with the LR rising exponentially from start_lr to end_lr, recording the loss smoothed
-    as fastai does (an exponential moving average, bias-corrected), and stop once it diverges (or is not
-    finite). Returns the LRs, the smoothed losses and the suggested LR (see suggest_lr). The model, the
-    optimizer and the random states are then put back exactly as they were: the test trains only to measure."""
+    """An LR range test (Smith 2017, fastai's lr_find): train up to sweep.steps batches (cycling the
+    loader when it has fewer) with the LR rising exponentially from start_lr to end_lr, recording
+    the loss smoothed as fastai does (an exponential moving average, bias-corrected), and stop once
+    it diverges (or is not finite). Returns the LRs, the smoothed losses and the suggested LR (see
+    suggest_lr). The model, the optimizer and the random states are then put back exactly as they
+    were: the test trains only to measure."""
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved_optimizer, rng, training = copy.deepcopy(optimizer.state_dict()), utils.rng_state(), model.training
+    saved_optimizer, rng, training = copy.deepcopy(
+        optimizer.state_dict()), utils.rng_state(), model.training
     device = next(model.parameters()).device
     lrs, losses, average, best = [], [], 0.0, math.inf
     try:
@@ -309,21 +330,24 @@ def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer
         model.train(training)
         utils.set_rng_state(rng)
     if not lrs:
-        raise ValueError(f"the loss was not finite at the LR finder's first step (LR {sweep.start_lr})")
+        raise ValueError(
+            f"the loss was not finite at the LR finder's first step (LR {sweep.start_lr})")
     return lrs, losses, suggest_lr(lrs, losses)
 
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> float:
-    """After fastai's "valley" rule: leave out the first tenth of the points and the last five (the start is
-    flat and noisy, the end diverging), find the longest run of points over which the smoothed loss keeps
-    falling (the longest decreasing subsequence), and take the LR midway between its first and last point
-    (on the log scale). With under 20 points, all are used."""
+    """After fastai's "valley" rule: leave out the first tenth of the points and the last five (the
+    start is flat and noisy, the end diverging), find the longest run of points over which the
+    smoothed loss keeps falling (the longest decreasing subsequence), and take the LR midway between
+    its first and last point (on the log scale). With under 20 points, all are used."""
     if len(lrs) >= 20:
         lrs, losses = lrs[len(lrs) // 10:-5], losses[len(losses) // 10:-5]
-    lengths, firsts = [1] * len(losses), list(range(len(losses)))  # the longest run ending at each point
+    # the longest run ending at each point
+    lengths, firsts = [1] * len(losses), list(range(len(losses)))
     for i in range(len(losses)):
         for j in range(i):
-            if losses[j] > losses[i] and lengths[j] + 1 >= lengths[i]:  # ties: the later start, off a plateau
+            # ties: the later start, off a plateau
+            if losses[j] > losses[i] and lengths[j] + 1 >= lengths[i]:
                 lengths[i], firsts[i] = lengths[j] + 1, firsts[j]
     end = lengths.index(max(lengths))
     return lrs[(firsts[end] + end) // 2]

@@ -1,9 +1,9 @@
-"""What a run leaves to look at: the training curves, the test report, the confusion matrix, the gallery
-of confident mistakes, the LR finder's plot, and (optionally) a TensorBoard log.
+"""What a run leaves to look at: the training curves, the test report, the confusion matrix, the
+gallery of confident mistakes, the LR finder's plot, and (optionally) a TensorBoard log.
 
-Figures are drawn with matplotlib's Figure, never pyplot (no global state, no display needed), and every
-file is written atomically (utils.atomic_write). A figure that cannot be drawn only warns: the run matters
-more. Only rank 0 calls these under torchrun.
+Figures are drawn with matplotlib's Figure, never pyplot (no global state, no display needed), and
+every file is written atomically (utils.atomic_write). A figure that cannot be drawn only warns: the
+run matters more. Only rank 0 calls these under torchrun.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ TEST_REPORT = "test_report.csv"
 CONFUSION = "confusion_matrix.png"
 MISCLASSIFIED = "misclassified.png"
 LR_FINDER = "lr_finder.png"
-FILES = (CURVES, TEST_REPORT, CONFUSION, MISCLASSIFIED, LR_FINDER)  # all this module writes in OUTPUT_DIR
+# all this module writes in OUTPUT_DIR
+FILES = (CURVES, TEST_REPORT, CONFUSION, MISCLASSIFIED, LR_FINDER)
 TENSORBOARD = "tensorboard"  # OUTPUT_DIR/tensorboard/<start time>/: TensorBoardLog's folder
 REPORT_COLUMNS = ["class", "precision", "recall", "f1", "support"]
-AVERAGES = ("macro avg", "weighted avg")  # the rows after the classes, as scikit-learn's classification_report
+# the rows after the classes, as scikit-learn's classification_report
+AVERAGES = ("macro avg", "weighted avg")
 
 
 # --------------------------------------------------------------------------- the test set
@@ -35,56 +37,64 @@ AVERAGES = ("macro avg", "weighted avg")  # the rows after the classes, as sciki
 
 def write_test_outputs(result: dict[str, Any], classes: Sequence[str], mean: Sequence[float],
                        std: Sequence[float], output_dir: str, split: str = "test") -> None:
-    """Write test_report.csv, confusion_matrix.png and misclassified.png from evaluate(..., collect=True) on the
-    split named ("validation" when a folder has no test/)."""
+    """Write test_report.csv, confusion_matrix.png and misclassified.png from evaluate(...,
+    collect=True) on the split named ("validation" when a folder has no test/)."""
     write_test_report(result["confusion"], classes, os.path.join(output_dir, TEST_REPORT))
     plot_confusion_matrix(result["confusion"], classes, os.path.join(output_dir, CONFUSION), split)
-    plot_misclassified(result["mistakes"], classes, mean, std, os.path.join(output_dir, MISCLASSIFIED), split)
+    plot_misclassified(result["mistakes"], classes, mean, std, os.path.join(output_dir,
+        MISCLASSIFIED), split)
 
 
 def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support of each class from a confusion matrix (rows the true class, columns
-    the predicted one), then their macro and support-weighted averages, as scikit-learn's
-    classification_report with zero_division=nan: a ratio with nothing to divide (a class never predicted
-    has no precision; one with no images no recall) is NaN, and left out of the averages. Recall is each
-    class's accuracy, so the weighted recall is the accuracy."""
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows the true class,
+    columns the predicted one), then their macro and support-weighted averages, as scikit-learn's
+    classification_report with zero_division=nan: a ratio with nothing to divide (a class never
+    predicted has no precision; one with no images no recall) is NaN, and left out of the averages.
+    Recall is each class's accuracy, so the weighted recall is the accuracy."""
     classes = [utils.printable(name) for name in classes]  # a name that is not UTF-8: its bytes
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
-        raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit {len(classes)} classes")
+        raise ValueError(
+            f"a confusion matrix of shape {counts.shape} does not fit {len(classes)} classes")
     hits, support, predicted = np.diag(counts), counts.sum(1), counts.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, as wanted
         precision, recall = hits / predicted, hits / support
-        f1 = 2 * hits / (support + predicted)  # the harmonic mean of the two, also when one is undefined
-    frame = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall, "f1": f1,
+        # the harmonic mean of the two, also when one is undefined
+        f1 = 2 * hits / (support + predicted)
+    frame = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall,
+        "f1": f1,
                           "support": support.astype(np.int64)})
     rows = [frame]
     for name, weights in zip(AVERAGES, (np.ones_like(support), support)):
-        averages = {key: _nan_average(frame[key].to_numpy(), weights) for key in ("precision", "recall", "f1")}
+        averages = {key: _nan_average(frame[key].to_numpy(), weights) for key in ("precision",
+            "recall", "f1")}
         rows.append(pd.DataFrame([{"class": name, **averages, "support": int(support.sum())}]))
     return pd.concat(rows, ignore_index=True)[REPORT_COLUMNS]
 
 
 def _nan_average(values: np.ndarray, weights: np.ndarray) -> float:
-    """The weighted mean of the values that are not NaN (NaN when none is, or their weights add to 0)."""
+    """The weighted mean of the values that are not NaN (NaN when none is, or their weights add to
+    0)."""
     known = ~np.isnan(values)
     total = weights[known].sum()
     return float((values[known] * weights[known]).sum() / total) if total else math.nan
 
 
 def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str) -> pd.DataFrame:
-    """Write test_report.csv (classification_report), atomically; returns the table. Unlike the figures, a
-    file that cannot be written raises OSError."""
+    """Write test_report.csv (classification_report), atomically; returns the table. Unlike the
+    figures, a file that cannot be written raises OSError."""
     frame = classification_report(confusion, classes)
     safe = utils.spreadsheet_safe(frame)  # a class named "=1+2" is shown, never run
     utils.atomic_write(path, lambda f: safe.to_csv(f, index=False, float_format="%.6f"))
     return frame
 
 
-def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str, split: str = "test") -> None:
-    """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's share
-    going to each prediction), class names on both axes; the figure and the fonts scale with the class count,
-    readable up to LEGIBLE_CLASSES; past them, colours at that size (confusion_figure)."""
+def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str,
+        split: str = "test") -> None:
+    """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's
+    share going to each prediction), class names on both axes; the figure and the fonts scale with
+    the class count, readable up to LEGIBLE_CLASSES; past them, colours at that size
+    (confusion_figure)."""
     _draw(path, lambda: confusion_figure(confusion, classes, split))
 
 
@@ -102,23 +112,27 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     counts = confusion.cpu().numpy()
     n = len(classes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))  # a class with no images: an empty row
+        # a class with no images: an empty row
+        shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))
     shown = min(n, LEGIBLE_CLASSES)
     side = max(5.0, 2.5 + 0.34 * shown)  # inches: a third of an inch per cell beyond the margins
-    cell_font = float(np.clip(12 - n / 7, 7, 10))  # points: 10 up to 14 classes, 7 from 35 (four digits fit)
+    # points: 10 up to 14 classes, 7 from 35 (four digits fit)
+    cell_font = float(np.clip(12 - n / 7, 7, 10))
     label_font = float(np.clip(12 - shown / 10, 8, 10))
     figure = Figure(figsize=(side + 1.2, side), dpi=100)
     axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     written = counts if n <= LEGIBLE_CLASSES else counts[:0]  # past them, no cell fits its count
     for (row, column), count in np.ndenumerate(written):
-        if count or n <= 20:  # beyond 20 classes a blank cell reads as 0, which keeps the matrix legible
+        # beyond 20 classes a blank cell reads as 0, which keeps the matrix legible
+        if count or n <= 20:
             axes.text(column, row, str(count), ha="center", va="center", fontsize=cell_font,
                       color="white" if shares[row, column] > 0.5 else "black")
     ticks = np.arange(0, n, math.ceil(n / LEGIBLE_CLASSES))  # every class, or one in ceil(n / 50)
     names = [str(classes[i]) for i in ticks]
     axes.set_xticks(ticks, labels=names, rotation=45 if n <= 10 else 90, fontsize=label_font,
-                    ha="right" if n <= 10 else "center", rotation_mode="anchor" if n <= 10 else "default")
+                    ha="right" if n <= 10 else "center", rotation_mode="anchor" if n <= 10
+                    else "default")
     axes.set_yticks(ticks, labels=names, fontsize=label_font)
     total = int(counts.sum())
     accuracy = np.trace(counts) / total if total else math.nan
@@ -132,15 +146,17 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
 
 def plot_misclassified(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                        std: Sequence[float], path: str, split: str = "test") -> None:
-    """Draw misclassified.png: the given mistakes (train_module.Mistake, most confident first), each image
-    un-normalised (x std + mean) and titled with its true class, the predicted class and its probability."""
+    """Draw misclassified.png: the given mistakes (train_module.Mistake, most confident first), each
+    image un-normalised (x std + mean) and titled with its true class, the predicted class and its
+    probability."""
     _draw(path, lambda: _mistakes_figure(mistakes, classes, mean, std, split))
 
 
 def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                      std: Sequence[float], split: str = "test"):
-    """One image of all the mistakes (a mosaic in a single axes, each cell a title band over the image) with
-    their titles as text: this draws in 0.2-0.4 s, a grid of 25 axes with tight_layout in 0.7-0.9 s."""
+    """One image of all the mistakes (a mosaic in a single axes, each cell a title band over the
+    image) with their titles as text: this draws in 0.2-0.4 s, a grid of 25 axes with tight_layout
+    in 0.7-0.9 s."""
     from matplotlib.figure import Figure
 
     classes = [utils.printable(name) for name in classes]  # as the report writes them
@@ -154,7 +170,8 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
     images = [(m.image.float().cpu() * std_ + mean_).clamp(0, 1).permute(1, 2, 0) for m in mistakes]
     height, width, channels = images[0].shape
     cell_height, cell_width = _gallery_cell(height, width)
-    mosaic = torch.ones(rows * cell_height, columns * cell_width, channels)  # white between the images
+    # white between the images
+    mosaic = torch.ones(rows * cell_height, columns * cell_width, channels)
     for i, (image, mistake) in enumerate(zip(images, mistakes)):
         top, left = _gallery_origin(i, columns, height, width)
         mosaic[top:top + height, left:left + width] = image
@@ -164,11 +181,14 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
     figure = Figure(figsize=(figure_width, grid_height + title_band), dpi=100)
     axes = figure.add_axes((0, 0, 1, grid_height / (grid_height + title_band)))
     pixels = mosaic.numpy()
-    axes.imshow(pixels[..., 0] if channels == 1 else pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    axes.imshow(pixels[..., 0] if channels == 1 else pixels, cmap="gray", vmin=0, vmax=1,
+        interpolation="nearest")
     for i, mistake in enumerate(mistakes):
         top, left = _gallery_origin(i, columns, height, width)
-        axes.text(left + width / 2, top - 0.04 * height, f"true: {classes[mistake.target]}\npredicted: "
-                  f"{classes[mistake.predicted]} ({100 * mistake.probability:.1f}%)", fontsize=8, color="tab:red",
+        axes.text(left + width / 2, top - 0.04 * height,
+            f"true: {classes[mistake.target]}\npredicted: "
+                  f"{classes[mistake.predicted]} ({100 * mistake.probability:.1f}%)", fontsize=8,
+                  color="tab:red",
                   ha="center", va="bottom")
     axes.axis("off")
     figure.suptitle(f"The {len(mistakes)} most confident mistakes on the test set")
@@ -176,7 +196,8 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
 
 
 def _gallery_cell(height: int, width: int) -> tuple[int, int]:
-    """A gallery cell's size in image pixels: a band for two lines of title above the image, a margin beside."""
+    """A gallery cell's size in image pixels: a band for two lines of title above the image, a
+    margin beside."""
     return height + math.ceil(0.4 * height), width + math.ceil(0.1 * width)
 
 
@@ -191,8 +212,8 @@ def _gallery_origin(i: int, columns: int, height: int, width: int) -> tuple[int,
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
-    """Draw training_curves.png: loss and accuracy per epoch, training and validation, the LR on a second
-    axis, LR cuts and weight restores marked."""
+    """Draw training_curves.png: loss and accuracy per epoch, training and validation, the LR on a
+    second axis, LR cuts and weight restores marked."""
     _draw(path, lambda: _curves_figure(history))
 
 
@@ -205,29 +226,38 @@ def _curves_figure(history: list[dict[str, Any]]):
     restores = [row["epoch"] for row in history if "restored" in str(row.get("event") or "")]
     figure = Figure(figsize=(12, 4.5), dpi=100)
     panels = figure.subplots(1, 2)
-    for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"), (panels[1], "acc", 100, "Accuracy (%)")):
-        panel.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", ms=3, label="training")
-        if any(row.get(f"val_{key}") is not None for row in history):  # none: a run without validation images
-            panel.plot(epochs, [math.nan if row.get(f"val_{key}") is None else scale * row[f"val_{key}"]
+    for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"), (panels[1], "acc", 100,
+            "Accuracy (%)")):
+        panel.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", ms=3,
+            label="training")
+        # none: a run without validation images
+        if any(row.get(f"val_{key}") is not None for row in history):
+            panel.plot(epochs, [math.nan if row.get(f"val_{key}") is None else scale * row[
+                f"val_{key}"]
                                 for row in history], "o-", ms=3, label="validation")
         for i, epoch in enumerate(cuts):
-            panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0 else None)
+            panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0
+                else None)
         for i, epoch in enumerate(restores):
-            panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8, label="weights restored" if i == 0 else None)
+            panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8, label="weights restored"
+                if i == 0 else None)
         panel.set(xlabel="epoch", title=title)
         panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         lr_axis = panel.twinx()
-        lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6, label="LR")
+        lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6,
+            label="LR")
         lr_axis.set_yscale("log")
         lr_axis.set_ylabel("learning rate")
         lines, labels = panel.get_legend_handles_labels()
         more_lines, more_labels = lr_axis.get_legend_handles_labels()
         panel.legend(lines + more_lines, labels + more_labels, fontsize="small")
-    figure.subplots_adjust(left=0.06, right=0.93, bottom=0.11, top=0.93, wspace=0.32)  # tight_layout: 0.3 s more
+    # tight_layout: 0.3 s more
+    figure.subplots_adjust(left=0.06, right=0.93, bottom=0.11, top=0.93, wspace=0.32)
     return figure
 
 
-def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float, path: str) -> None:
+def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float,
+        path: str) -> None:
     """Draw lr_finder.png: the smoothed loss against the LR (log axis), the suggested LR marked."""
     _draw(path, lambda: _lr_finder_figure(lrs, losses, suggestion))
 
@@ -241,7 +271,8 @@ def _lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], suggestion:
     axes.set_xscale("log")
     axes.axvline(suggestion, color="tab:red", ls="--", label=f"suggested LR {suggestion:.3g}")
     lowest = int(np.argmin(losses))
-    top = max(losses[:lowest + 1])  # the diverging tail runs off the top rather than flattening the rest
+    # the diverging tail runs off the top rather than flattening the rest
+    top = max(losses[:lowest + 1])
     margin = 0.05 * (top - losses[lowest]) or 0.05 * abs(top) or 1.0
     axes.set_ylim(losses[lowest] - margin, top + margin)
     axes.set(xlabel="learning rate (log scale)", ylabel="loss", title="LR range test")
@@ -255,9 +286,11 @@ def _draw(path: str, make_figure: Callable[[], Any]) -> None:
     try:
         figure = make_figure()
         utils.atomic_write(path, lambda f: figure.savefig(f, format="png"))
-    except utils.WriteFailed:  # a full or failing disk: the run must say so, as for any file it writes
+    # a full or failing disk: the run must say so, as for any file it writes
+    except utils.WriteFailed:
         raise
-    except Exception as error:  # a plot that cannot be drawn is a convenience lost: never let it end a run
+    # a plot that cannot be drawn is a convenience lost: never let it end a run
+    except Exception as error:
         print(f"warning: could not draw {path}: {error}", file=sys.stderr)
 
 
@@ -272,15 +305,19 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("TENSORBOARD = True needs the tensorboard package: pip install tensorboard") from None
+            raise ValueError(
+                "TENSORBOARD = True needs the tensorboard package: pip install tensorboard"
+            ) from None
         self.writer = SummaryWriter(log_dir)
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's metrics dict (fit's history row): losses, accuracies and the LR."""
         epoch = row["epoch"]
-        for name, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train", "train_acc"),
+        for name, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train",
+            "train_acc"),
                           ("accuracy/val", "val_acc"), ("lr", "lr")):
-            if row.get(key) is not None:  # without validation images there are no validation figures
+            # without validation images there are no validation figures
+            if row.get(key) is not None:
                 self.writer.add_scalar(name, row[key], epoch)
         self.writer.flush()
 
@@ -290,7 +327,8 @@ class TensorBoardLog:
 
         canvas = FigureCanvasAgg(confusion_figure(confusion, classes))
         canvas.draw()
-        self.writer.add_image("test/confusion_matrix", np.asarray(canvas.buffer_rgba())[..., :3], step,
+        self.writer.add_image("test/confusion_matrix", np.asarray(canvas.buffer_rgba())[..., :3],
+            step,
                               dataformats="HWC")
         self.writer.flush()
 

@@ -1,6 +1,6 @@
-"""What one run trains with, as one object: TrainState holds the model, the optimizer, LRA, the best epoch's
-snapshot, the schedule, Lookahead, the EMA, the history and the RunInfo, and its state_dict() is what
-last_checkpoint.pth holds."""
+"""What one run trains with, as one object: TrainState holds the model, the optimizer, LRA, the best
+epoch's snapshot, the schedule, Lookahead, the EMA, the history and the RunInfo, and its
+state_dict() is what last_checkpoint.pth holds."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from optim_module import EMA, Lookahead, StepSchedule
 
 KEYS = ("epoch", "model", "optimizer", "lra", "best", "schedule", "lookahead", "ema", "rng",
         "history")  # beside RunInfo's
-NEWER_KEYS = ("ema",)  # a checkpoint written before these existed lacks them, and resumes as a run without them
+# a checkpoint written before these existed lacks them, and resumes as a run without them
+NEWER_KEYS = ("ema",)
 PRECISIONS = ("bf16", "fp32")  # what a run trains in (RunInfo.precision)
 
 
@@ -31,14 +32,17 @@ class RunInfo:
     mean: list[float]
     std: list[float]
     image_size: int
-    resize_size: int | None = None  # photo folders: the size images are stored at; None for CIFAR-10
-    precision: str = "fp32"  # "bf16" or "fp32": what it trains in, chosen once (step_module.choose_precision)
-    started: str | None = None  # when it started (checkpoint_module.timestamp()): its folder's name in previous/
+    # photo folders: the size images are stored at; None for CIFAR-10
+    resize_size: int | None = None
+    # "bf16" or "fp32": what it trains in, chosen once (step_module.choose_precision)
+    precision: str = "fp32"
+    # when it started (checkpoint_module.timestamp()): its folder's name in previous/
+    started: str | None = None
 
 
 class Snapshot:
-    """The best epoch's model state, its EMA (when the run keeps one) and (when a restore can use it) optimizer
-    state, on the device."""
+    """The best epoch's model state, its EMA (when the run keeps one) and (when a restore can use
+    it) optimizer state, on the device."""
 
     def __init__(self, with_optimizer: bool = True):
         self.with_optimizer = with_optimizer
@@ -46,17 +50,20 @@ class Snapshot:
         self.optimizer: dict[str, Any] | None = None
         self.ema: dict[str, Any] | None = None  # EMA.state_dict()'s copy
 
-    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None = None) -> None:
+    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA
+            | None = None) -> None:
         self.model = _clone(model.state_dict())
         if self.with_optimizer:
             self.optimizer = copy.deepcopy(optimizer.state_dict())
         averaged = None if ema is None else ema.state_dict()
         self.ema = None if averaged is None else {**averaged, "model": _clone(averaged["model"])}
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA | None = None) -> None:
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA
+            | None = None) -> None:
         """Load the snapshot into the model (and the optimizer and the EMA, when given)."""
         model.load_state_dict(self.model)  # copies the values in
-        if optimizer is not None:  # load_state_dict keeps the tensors it is given: training would change the snapshot
+        # load_state_dict keeps the tensors it is given: training would change the snapshot
+        if optimizer is not None:
             optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         if ema is not None and self.ema is not None:
             ema.load_state_dict(self.ema)  # copies the values in
@@ -71,14 +78,16 @@ class Snapshot:
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.model = None if state["model"] is None else _to(state["model"], device)
-        self.optimizer = copy.deepcopy(state["optimizer"])  # the optimizer may be loaded from the same tensors
-        ema = state.get("ema")  # none in a checkpoint of a run without an EMA, or from before EMA_DECAY
+        # the optimizer may be loaded from the same tensors
+        self.optimizer = copy.deepcopy(state["optimizer"])
+        # none in a checkpoint of a run without an EMA, or from before EMA_DECAY
+        ema = state.get("ema")
         self.ema = None if ema is None else {**ema, "model": _to(ema["model"], device)}
 
 
 def best_weights(best: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The weights best_model.pth holds, from a Snapshot's state_dict(): the best epoch's EMA when the run keeps
-    one (what validation chose it by), else its model state."""
+    """The weights best_model.pth holds, from a Snapshot's state_dict(): the best epoch's EMA when
+    the run keeps one (what validation chose it by), else its model state."""
     return best["ema"]["model"] if best.get("ema") is not None else best["model"]
 
 
@@ -93,8 +102,8 @@ def _to(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 @dataclasses.dataclass
 class TrainState:
-    """Everything a run trains with and a resume needs; best defaults to an empty Snapshot that keeps optimizer
-    state when LRA can go back to it."""
+    """Everything a run trains with and a resume needs; best defaults to an empty Snapshot that
+    keeps optimizer state when LRA can go back to it."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -102,8 +111,10 @@ class TrainState:
     best: Snapshot | None = None
     schedule: StepSchedule | None = None
     lookahead: Lookahead | None = None
-    ema: EMA | None = None  # the moving average of the weights (EMA_DECAY), which validation and the test see
-    history: list[dict] = dataclasses.field(default_factory=list)  # one metrics row per finished epoch
+    # the moving average of the weights (EMA_DECAY), which validation and the test see
+    ema: EMA | None = None
+    # one metrics row per finished epoch
+    history: list[dict] = dataclasses.field(default_factory=list)
     info: RunInfo | None = None
 
     def __post_init__(self) -> None:
@@ -112,8 +123,8 @@ class TrainState:
 
     @property
     def evaluated_model(self) -> nn.Module:
-        """What validation (so the best epoch's choice) and the final test evaluate: the EMA's averaged copy of
-        the model when the run keeps one, else the model itself."""
+        """What validation (so the best epoch's choice) and the final test evaluate: the EMA's
+        averaged copy of the model when the run keeps one, else the model itself."""
         return self.ema.module if self.ema is not None else self.model
 
     @property
@@ -122,25 +133,29 @@ class TrainState:
         return self.history[-1]["epoch"] if self.history else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """KEYS and RunInfo's fields, referring to the live tensors. Every process calls it together: it gathers
-        each process's random state, so a resume continues each one."""
+        """KEYS and RunInfo's fields, referring to the live tensors. Every process calls it
+        together: it gathers each process's random state, so a resume continues each one."""
         optional = {name: part.state_dict() if part is not None else None
-                    for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead), ("ema", self.ema))}
-        return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead), (
+                    "ema", self.ema))}
+        return {"epoch": self.epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
                 "lra": self.lra.state_dict(), "best": self.best.state_dict(), **optional,
                 "rng": utils.gather(utils.rng_state()), "history": list(self.history),
                 **(dataclasses.asdict(self.info) if self.info is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
-        """Continue exactly where state left off: weights, optimizer, LRA (and the body it unfroze), the best
-        snapshot, schedule, Lookahead, EMA, history and this process's random state."""
+        """Continue exactly where state left off: weights, optimizer, LRA (and the body it unfroze),
+        the best snapshot, schedule, Lookahead, EMA, history and this process's random state."""
         self.model.load_state_dict(state["model"])
         self.lra.load_state_dict(state["lra"])
-        if not self.lra.frozen:  # unfrozen during the saved run (the optimizer has held the body all along)
+        # unfrozen during the saved run (the optimizer has held the body all along)
+        if not self.lra.frozen:
             model_module.unfreeze_body(self.model)
         self.best.load_state_dict(state["best"], next(self.model.parameters()).device)
         self.optimizer.load_state_dict(state["optimizer"])
-        for part, name in ((self.schedule, "schedule"), (self.lookahead, "lookahead"), (self.ema, "ema")):
+        for part, name in ((self.schedule, "schedule"), (self.lookahead, "lookahead"), (self.ema,
+                "ema")):
             if part is not None and state.get(name):
                 part.load_state_dict(state[name])
         self.history = list(state["history"])

@@ -1,6 +1,6 @@
-"""One training step and how it runs: gradient accumulation and clipping, autocast precision (chosen once per
-run, with a timing trial on a CPU), the step replayed from a CUDA graph, and the model compiled or data-parallel
-for training."""
+"""One training step and how it runs: gradient accumulation and clipping, autocast precision (chosen
+once per run, with a timing trial on a CPU), the step replayed from a CUDA graph, and the model
+compiled or data-parallel for training."""
 
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ from torch import nn
 import utils
 
 CUDA_GRAPHS = ("auto", "yes", "no")
-BF16_CPU_GAIN = 1.25  # bf16 trains on a CPU only where a trial step runs at least this many times as fast
-TRIAL_BATCH = 64  # images in each trial step: enough for a CPU's kernels to show their speed, quick at any size
+# bf16 trains on a CPU only where a trial step runs at least this many times as fast
+BF16_CPU_GAIN = 1.25
+# images in each trial step: enough for a CPU's kernels to show their speed, quick at any size
+TRIAL_BATCH = 64
 
 
 # --------------------------------------------------------------------------- the step
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True):
-    """bf16 (or other) autocast on the given device, or nothing. cache=False: no cache of cast weights (which a
-    CUDA graph must not capture)."""
+    """bf16 (or other) autocast on the given device, or nothing. cache=False: no cache of cast
+    weights (which a CUDA graph must not capture)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
@@ -35,9 +37,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True
 
 @contextlib.contextmanager
 def autotuned(worth_it: bool):
-    """cuDNN's benchmark mode (set in main.setup: each new input shape first times the algorithms of every
-    convolution) left on only where worth_it: off for a batch size that runs once, such as the last, smaller
-    batch of an evaluation, whose timing would cost more than it saves."""
+    """cuDNN's benchmark mode (set in main.setup: each new input shape first times the algorithms of
+    every convolution) left on only where worth_it: off for a batch size that runs once, such as the
+    last, smaller batch of an evaluation, whose timing would cost more than it saves."""
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark and worth_it
     try:
@@ -47,41 +49,57 @@ def autotuned(worth_it: bool):
 
 
 class TrainStep:
-    """One training step on a batch (forward, loss, backward, optimizer step); returns the loss and the logits.
+    """One training step on a batch (forward, loss, backward, optimizer step); returns the loss and
+    the logits.
 
-    accumulate > 1: each call trains on one micro-batch, the index-th of a group of `group` (micro_batch says
-    which): its mean loss counts 1/group of the update, the gradients are zeroed at the group's first and the
-    optimizer steps at its last, so a group of equal micro-batches updates as one batch of them all would
-    (but BatchNorm, which sees each micro-batch alone). Under torchrun the gradients are all-reduced at the
-    last only (DistributedDataParallel's no_sync before). clip_grad_norm: the gradients (summed over the group)
-    are scaled down to this total norm before each optimizer step, on the device, with no wait for it.
+    accumulate > 1: each call trains on one micro-batch, the index-th of a group of `group`
+    (micro_batch says which): its mean loss counts 1/group of the update, the gradients are zeroed
+    at the group's first and the optimizer steps at its last, so a group of equal micro-batches
+    updates as one batch of them all would (but BatchNorm, which sees each micro-batch alone). Under
+    torchrun the gradients are all-reduced at the last only (DistributedDataParallel's no_sync
+    before). clip_grad_norm: the gradients (summed over the group) are scaled down to this total
+    norm before each optimizer step, on the device, with no wait for it.
 
-    graph=True (CUDA): the step is captured once in a CUDA graph, then replayed for every batch of the captured
-    size: one launch where eager mode launches one kernel per operation, which is what holds small models back
-    on a GPU. The graph reads and writes fixed tensors: its input buffers, the model's state, the momentum
-    buffers and the LR tensors (make_optimizer's lr_device; set_lr fills them in place). new_epoch() notices
-    when any of them was replaced (a restore or resume loads new optimizer state, unfreezing adds parameters)
-    and the next batch captures the step again. Batches of another size run eagerly (after one, the parameters'
-    .grad are that step's, while replays write the graph's own gradient tensors: read neither)."""
+    graph=True (CUDA): the step is captured once in a CUDA graph, then replayed for every batch of
+    the captured size: one launch where eager mode launches one kernel per operation, which is what
+    holds small models back on a GPU. The graph reads and writes fixed tensors: its input buffers,
+    the model's state, the momentum buffers and the LR tensors (make_optimizer's lr_device; set_lr
+    fills them in place). new_epoch() notices when any of them was replaced (a restore or resume
+    loads new optimizer state, unfreezing adds parameters) and the next batch captures the step
+    again. Batches of another size run eagerly (after one, the parameters' .grad are that step's,
+    while replays write the graph's own gradient tensors: read neither)."""
 
-    WARMUP_STEPS = 3  # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
+    # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
+    WARMUP_STEPS = 3
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
-                 autocast_dtype: torch.dtype | None = None, graph: bool = False, accumulate: int = 1,
+                 autocast_dtype: torch.dtype | None = None, graph: bool = False,
+                 accumulate: int = 1,
                  clip_grad_norm: float | None = None):
-        self.model, self.optimizer, self.loss_fn, self.autocast_dtype = model, optimizer, loss_fn, autocast_dtype
+        self.model, self.optimizer, self.loss_fn, self.autocast_dtype = (
+            model,
+            optimizer,
+            loss_fn,
+            autocast_dtype,
+        )
         self.accumulate, self.clip_grad_norm = accumulate, clip_grad_norm
         self.device = next(model.parameters()).device
-        if graph and accumulate > 1:  # use_cuda_graph keeps graphs off then: a captured step is a whole update
-            raise ValueError("a captured step is one whole optimizer step: it accumulates no micro-batches")
+        # use_cuda_graph keeps graphs off then: a captured step is a whole update
+        if graph and accumulate > 1:
+            raise ValueError(
+                "a captured step is one whole optimizer step: it accumulates no micro-batches")
         if graph and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA device, not {self.device}")
         if graph and not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
-            raise ValueError("a captured step needs the LR held as a tensor (make_optimizer's lr_device)")
+            raise ValueError(
+                "a captured step needs the LR held as a tensor (make_optimizer's lr_device)")
         self.use_graph = graph
-        self.compiling = hasattr(unwrapped(model, compiled=False), "_orig_mod")  # torch.compile's: timed once
+        # torch.compile's: timed once
+        self.compiling = hasattr(unwrapped(model, compiled=False), "_orig_mod")
         if graph and self.compiling:
-            raise ValueError("a torch.compile'd model is not captured in a CUDA graph of ours (it makes its own)")
+            raise ValueError(
+                "a torch.compile'd model is not captured in a CUDA graph of ours (it makes its own)"
+            )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -89,15 +107,19 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, *, index: int = 0,
                  group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train on the batch, the index-th micro-batch of a group of `group` (one optimizer step per group)."""
-        assert 0 <= index < group <= self.accumulate, "micro_batch's position in a group of at most accumulate"
+        """Train on the batch, the index-th micro-batch of a group of `group` (one optimizer step
+        per group)."""
+        assert 0 <= index < group <= self.accumulate, (
+            "micro_batch's position in a group of at most accumulate"
+        )
         if self.compiling:  # torch.compile compiles on the first call
             started, self.compiling = time.perf_counter(), False
             result = self._step(images, targets, index, group)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             if not utils.is_distributed() or torch.distributed.get_rank() == 0:
-                print(f"torch.compile: the first training step took {time.perf_counter() - started:.1f} s, "
+                print("torch.compile: the first training step took "
+                      f"{time.perf_counter() - started:.1f} s, "
                       f"compiling included", file=sys.stderr)
             return result
         if not self.use_graph or (self.graph is not None and images.shape != self.inputs[0].shape):
@@ -105,45 +127,53 @@ class TrainStep:
         if self.graph is None:
             try:
                 self._capture(images, targets)
-            except RuntimeError as error:  # an operation that cannot be captured (one that reads the device, say)
+            # an operation that cannot be captured (one that reads the device, say)
+            except RuntimeError as error:
                 print(f"note: the training step could not be captured in a CUDA graph "
-                      f"({(str(error).splitlines() or [repr(error)])[0]}); training without one", file=sys.stderr)
+                      f"({(str(error).splitlines() or [repr(error)])[0]}); training without one",
+                      file=sys.stderr)
                 self.use_graph, self.graph = False, None
                 return self._step(images, targets)
         self.inputs[0].copy_(images)
         self.inputs[1].copy_(targets)
         self.graph.replay()
-        return self.outputs[0].clone(), self.outputs[1].clone()  # the graph overwrites its outputs next step
+        # the graph overwrites its outputs next step
+        return self.outputs[0].clone(), self.outputs[1].clone()
 
     def new_epoch(self) -> None:
-        """Drop the graph when a tensor it reads or writes has been replaced since it was captured."""
+        """Drop the graph when a tensor it reads or writes has been replaced since it was
+        captured."""
         if self.graph is not None and graph_key(self.model, self.optimizer) != self.key:
             self.graph = self.inputs = self.outputs = None
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor, index: int = 0,
               group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         last = index == group - 1
-        with contextlib.nullcontext() if last else _no_sync(self.model):  # DDP decides in forward: both inside
+        # DDP decides in forward: both inside
+        with contextlib.nullcontext() if last else _no_sync(self.model):
             with autocast(self.device, self.autocast_dtype, cache=not self.use_graph):
                 logits = self.model(images)
                 loss = self.loss_fn(logits, targets)
             if index == 0:
-                self.optimizer.zero_grad(set_to_none=True)  # in a capture: backward makes the graph's own .grad
+                # in a capture: backward makes the graph's own .grad
+                self.optimizer.zero_grad(set_to_none=True)
             (loss / group if group > 1 else loss).backward()
         if last:
-            if self.clip_grad_norm is not None:  # no error_if_nonfinite: that would wait for the device
+            # no error_if_nonfinite: that would wait for the device
+            if self.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
             self.optimizer.step()
         return loss, logits
 
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """Warm up on a side stream, put everything back, and capture the step there (PyTorch's whole-network
-        capture, which records the work without doing it); then check that a replay trains as the first eager
-        step did (the same loss, change to the weights and momentum, from the same state), and put everything
-        back again. The model, the optimizer and the random state are as they were, and the batch is then
-        trained on by a replay. A replay that disagrees raises RuntimeError. The capture is thread_local: a
-        loader's thread may pin memory meanwhile (and backward's own thread is not watched either, so the
-        check after it is what catches a step that the graph does not repeat)."""
+        """Warm up on a side stream, put everything back, and capture the step there (PyTorch's
+        whole-network capture, which records the work without doing it); then check that a replay
+        trains as the first eager step did (the same loss, change to the weights and momentum, from
+        the same state), and put everything back again. The model, the optimizer and the random
+        state are as they were, and the batch is then trained on by a replay. A replay that
+        disagrees raises RuntimeError. The capture is thread_local: a loader's thread may pin memory
+        meanwhile (and backward's own thread is not watched either, so the check after it is what
+        catches a step that the graph does not repeat)."""
         init_momentum(self.optimizer)
         self.inputs = (images.clone(), targets.clone())
         current = torch.cuda.current_stream(self.device)
@@ -162,33 +192,41 @@ class TrainStep:
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 self.outputs = self._step(*self.inputs)
         except BaseException:
-            torch.cuda.set_stream(current)  # a capture that fails at its end can leave its stream current
+            # a capture that fails at its end can leave its stream current
+            torch.cuda.set_stream(current)
             raise
         self.outputs = tuple(t.detach() for t in self.outputs)
         with rolled_back(self.model, self.optimizer):
             graph.replay()
             replayed = _step_figures(self.outputs[0], self.optimizer, start)
-            if not torch.allclose(replayed, expected, rtol=1e-3, atol=1e-6):  # one wait for the device
-                raise RuntimeError(f"a replay of the captured step gave (loss, weight change, momentum) "
-                                   f"{replayed.tolist()} where the eager step gave {expected.tolist()}")
+            # one wait for the device
+            if not torch.allclose(replayed, expected, rtol=1e-3, atol=1e-6):
+                raise RuntimeError(
+                    f"a replay of the captured step gave (loss, weight change, momentum) "
+                                   f"{replayed.tolist()} where the eager step gave "
+                                   f"{expected.tolist()}")
         self.graph, self.key = graph, graph_key(self.model, self.optimizer)
 
 
 def micro_batch(batch: int, batches: int, accumulate: int) -> tuple[int, int]:
-    """Where the batch-th of an epoch's batches (from 1) falls when accumulate of them make an optimizer step:
-    its index in its group and the group's size (the epoch's last group holds what is left)."""
+    """Where the batch-th of an epoch's batches (from 1) falls when accumulate of them make an
+    optimizer step: its index in its group and the group's size (the epoch's last group holds what
+    is left)."""
     first = (batch - 1) // accumulate * accumulate
     return batch - 1 - first, min(accumulate, batches - first)
 
 
 def optimizer_steps(batches: int, accumulate: int) -> int:
-    """The optimizer steps of an epoch of this many batches, accumulate to a step (a last smaller group counts)."""
+    """The optimizer steps of an epoch of this many batches, accumulate to a step (a last smaller
+    group counts)."""
     return -(-batches // accumulate)
 
 
 def _no_sync(model: nn.Module):
-    """DistributedDataParallel's no_sync (backward leaves the gradients unreduced), or nothing for a plain model."""
-    return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+    """DistributedDataParallel's no_sync (backward leaves the gradients unreduced), or nothing for a
+    plain model."""
+    return model.no_sync() if isinstance(model,
+        nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
 
 
 def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -196,47 +234,59 @@ def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _momentum(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
-    """p's momentum buffer, or None (without adding an empty state for p, as optimizer.state[p] would)."""
+    """p's momentum buffer, or None (without adding an empty state for p, as optimizer.state[p]
+    would)."""
     return optimizer.state.get(p, {}).get("momentum_buffer")
 
 
-def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer, start: list[torch.Tensor]) -> torch.Tensor:
-    """A step's loss, the norm of the change it made to the weights (from start) and the norm of the momentum
-    buffers, as one device tensor: figures that tell apart steps that differ in forward, backward or update."""
+def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer, start: list[
+        torch.Tensor]) -> torch.Tensor:
+    """A step's loss, the norm of the change it made to the weights (from start) and the norm of the
+    momentum buffers, as one device tensor: figures that tell apart steps that differ in forward,
+    backward or update."""
     params = _trained(optimizer)
     buffers = [b for b in map(functools.partial(_momentum, optimizer), params) if b is not None]
 
     def norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float()) if tensors \
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+            tensors)).float()) if tensors \
             else torch.zeros((), device=loss.device)
-    return torch.stack([loss.detach().float(), norm(torch._foreach_sub(params, start)), norm(buffers)])
+    return torch.stack([loss.detach().float(), norm(torch._foreach_sub(params, start)), norm(
+        buffers)])
 
 
 def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
-    """Where the tensors a captured step reads and writes live (the model's state, the momentum buffers, the LR
-    tensors), and which parameters train: while it is unchanged, a captured step is still the step."""
+    """Where the tensors a captured step reads and writes live (the model's state, the momentum
+    buffers, the LR tensors), and which parameters train: while it is unchanged, a captured step is
+    still the step."""
     state = [t.data_ptr() for t in model.state_dict().values()]
     buffers = [_momentum(optimizer, p) for g in optimizer.param_groups for p in g["params"]]
-    lrs = [g["lr"].data_ptr() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups]
-    return (tuple(state), tuple(b.data_ptr() if b is not None else None for b in buffers), tuple(lrs),
+    lrs = [g["lr"].data_ptr() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+        for g in optimizer.param_groups]
+    return (tuple(state), tuple(b.data_ptr() if b is not None else None for b in buffers), tuple(
+        lrs),
             tuple(p.requires_grad for p in model.parameters()))
 
 
 def init_momentum(optimizer: torch.optim.Optimizer) -> None:
-    """Give every trainable parameter that has none a zero momentum buffer: SGD's first step then computes what
-    it computes without one (the buffer becomes the gradient), and a captured step has a buffer to update."""
+    """Give every trainable parameter that has none a zero momentum buffer: SGD's first step then
+    computes what it computes without one (the buffer becomes the gradient), and a captured step has
+    a buffer to update."""
     for group in optimizer.param_groups:
         if group.get("momentum", 0):
             for p in group["params"]:
                 if p.requires_grad and _momentum(optimizer, p) is None:
-                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p,
+                        memory_format=torch.preserve_format)
 
 
 @contextlib.contextmanager
 def rolled_back(model: nn.Module, optimizer: torch.optim.Optimizer):
-    """Run the block (warm-up steps), then put the model's state, the momentum buffers and the random states back
-    as they were, in place (a captured step keeps pointing at the same tensors)."""
-    tensors = list(model.state_dict().values()) + [s["momentum_buffer"] for s in optimizer.state.values()
+    """Run the block (warm-up steps), then put the model's state, the momentum buffers and the
+    random states back as they were, in place (a captured step keeps pointing at the same
+    tensors)."""
+    tensors = list(model.state_dict().values()) + [s["momentum_buffer"]
+        for s in optimizer.state.values()
                                                    if s.get("momentum_buffer") is not None]
     saved, rng = [t.clone() for t in tensors], utils.rng_state()
     try:
@@ -251,13 +301,14 @@ def rolled_back(model: nn.Module, optimizer: torch.optim.Optimizer):
 # --------------------------------------------------------------------------- precision
 
 
-def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_size: int, *, channels_last: bool,
+def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_size: int, *,
+    channels_last: bool,
                      trial: bool, recorded: str | None = None) -> str:
-    """"bf16" or "fp32": with bf16 on, always bf16 on CUDA, and on a CPU only where trial is allowed (a run
-    long enough to pay for it, in the main process) and bf16_speedup_on_cpu finds it BF16_CPU_GAIN times as
-    fast; other devices fp32 (other processes take the main one's answer). recorded: what a resumed run
-    trained in, kept (so it goes on as it would have) unless BF16 is now off or this device has no native
-    bf16."""
+    """"bf16" or "fp32": with bf16 on, always bf16 on CUDA, and on a CPU only where trial is allowed
+    (a run long enough to pay for it, in the main process) and bf16_speedup_on_cpu finds it
+    BF16_CPU_GAIN times as fast; other devices fp32 (other processes take the main one's answer).
+    recorded: what a resumed run trained in, kept (so it goes on as it would have) unless BF16 is
+    now off or this device has no native bf16."""
     if not bf16 or device.type not in ("cuda", "cpu"):
         return "fp32"
     native = device.type == "cuda" or cpu_has_bf16()
@@ -271,7 +322,8 @@ def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_s
     if speedup is None:
         return "fp32"
     choice = "bf16" if speedup >= BF16_CPU_GAIN else "fp32"
-    print(f"bf16 on this CPU: a trial step ran {speedup:.2f}x as fast as fp32, so training is in {choice} "
+    print(f"bf16 on this CPU: a trial step ran {speedup:.2f}x as fast as fp32, so training is in "
+          f"{choice} "
           f"(bf16 needs {BF16_CPU_GAIN}x)")
     return choice
 
@@ -281,12 +333,14 @@ def cpu_has_bf16() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True, steps: int = 3) -> float | None:
-    """How many times as fast a training step of this model runs on the CPU under bf16 autocast as in fp32,
-    or None where the CPU has no native bf16 (oneDNN says so). Each precision trains its own copy for one
-    untimed step and then `steps` timed steps, taken in turn, best kept; the model, the optimizer and the
-    random state are left as they were. Measured, not assumed: on an Intel Xeon with AVX512-BF16 and no AMX
-    bf16 ran at 0.66x fp32 for the default CNN, on an AMD EPYC with AVX512-BF16 at 2x (README)."""
+def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True,
+        steps: int = 3) -> float | None:
+    """How many times as fast a training step of this model runs on the CPU under bf16 autocast as
+    in fp32, or None where the CPU has no native bf16 (oneDNN says so). Each precision trains its
+    own copy for one untimed step and then `steps` timed steps, taken in turn, best kept; the model,
+    the optimizer and the random state are left as they were. Measured, not assumed: on an Intel
+    Xeon with AVX512-BF16 and no AMX bf16 ran at 0.66x fp32 for the default CNN, on an AMD EPYC with
+    AVX512-BF16 at 2x (README)."""
     if not cpu_has_bf16():
         return None
     generator = torch.Generator().manual_seed(0)
@@ -311,7 +365,8 @@ def _trial_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                 dtype: torch.dtype | None) -> Callable[[], Any]:
     """One training step of model (a copy) as a function: forward, loss, backward, SGD."""
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+        momentum=0.9)
     step = TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=dtype)
     return lambda: step(images, targets)
 
@@ -319,24 +374,30 @@ def _trial_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 # --------------------------------------------------------------------------- what runs the step
 
 
-def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1, compile: bool = False,
+def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1,
+    compile: bool = False,
                    accumulate_steps: int = 1, main_process: bool = True) -> bool:
-    """Whether training steps are replayed from a CUDA graph: "auto" on a CUDA device in one process without
-    torch.compile (whose own graphs would nest) and without gradient accumulation (a captured step is one whole
-    optimizer step: "auto" then says in a line that graphs are off), "yes" there or a ValueError saying why
-    not, "no" never."""
-    possible = {"a CUDA device": device.type == "cuda", "one process (not torchrun)": world_size == 1,
+    """Whether training steps are replayed from a CUDA graph: "auto" on a CUDA device in one process
+    without torch.compile (whose own graphs would nest) and without gradient accumulation (a
+    captured step is one whole optimizer step: "auto" then says in a line that graphs are off),
+    "yes" there or a ValueError saying why not, "no" never."""
+    possible = {"a CUDA device": device.type == "cuda", "one process (not torchrun)": world_size
+        == 1,
                 "COMPILE off": not compile}
     if setting == "yes" and not all(possible.values()):
         missing = ", ".join(need for need, met in possible.items() if not met)
         raise ValueError(f"CUDA_GRAPHS='yes' needs {missing}; set it to 'auto' or 'no'")
     if setting != "no" and all(possible.values()) and accumulate_steps > 1:
         if setting == "yes":
-            raise ValueError(f"CUDA_GRAPHS='yes' needs ACCUMULATE_STEPS = 1, not {accumulate_steps} (a captured "
-                             f"step is one whole optimizer step); set CUDA_GRAPHS to 'auto' or 'no'")
+            raise ValueError(
+                f"CUDA_GRAPHS='yes' needs ACCUMULATE_STEPS = 1, not {accumulate_steps} (a captured "
+                f"step is one whole optimizer step); set CUDA_GRAPHS to 'auto' or 'no'"
+            )
         if main_process:
-            print(f"note: training steps are not replayed from a CUDA graph with ACCUMULATE_STEPS = "
-                  f"{accumulate_steps} (a captured step is one whole optimizer step)", file=sys.stderr)
+            print("note: training steps are not replayed from a CUDA graph with ACCUMULATE_STEPS "
+                  "= "
+                  f"{accumulate_steps} (a captured step is one whole optimizer step)",
+                  file=sys.stderr)
         return False
     return setting != "no" and all(possible.values())
 
@@ -354,9 +415,9 @@ def wrap_for_training(model: nn.Module, *, compile: bool = False, world_size: in
 
 
 def unwrapped(model: nn.Module, compiled: bool = True) -> nn.Module:
-    """The module inside DistributedDataParallel (evaluation needs no gradient sync, and shards of different
-    sizes must not wait on each other) and, with compiled, inside torch.compile's wrapper (evaluation runs
-    eagerly, so its other mode and batch sizes compile nothing more)."""
+    """The module inside DistributedDataParallel (evaluation needs no gradient sync, and shards of
+    different sizes must not wait on each other) and, with compiled, inside torch.compile's wrapper
+    (evaluation runs eagerly, so its other mode and batch sizes compile nothing more)."""
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return getattr(model, "_orig_mod", model) if compiled else model
 

@@ -40,19 +40,22 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
                     schedule: StepSchedule | None = None, lookahead: Lookahead | None = None,
                     ema: EMA | None = None,
                     check: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over the training data with this step (one kept across epochs keeps its CUDA graph); returns
-    train_loss and train_acc (over every process). With step.accumulate > 1 the batches train in groups of
-    that many, one optimizer step each (the last group holds what is left); the schedule, Lookahead and the
-    EMA follow each optimizer step, in that order. Each step only queues work: losses and logits are tallied
-    on the device every CHECK_EVERY batches, so the GPU never waits on Python. check() is called before each
-    batch (the epoch writer's: it raises the error of a write that failed)."""
+    """One pass over the training data with this step (one kept across epochs keeps its CUDA graph);
+    returns train_loss and train_acc (over every process). With step.accumulate > 1 the batches
+    train in groups of that many, one optimizer step each (the last group holds what is left); the
+    schedule, Lookahead and the EMA follow each optimizer step, in that order. Each step only queues
+    work: losses and logits are tallied on the device every CHECK_EVERY batches, so the GPU never
+    waits on Python. check() is called before each batch (the epoch writer's: it raises the error of
+    a write that failed)."""
     step.model.train()
     device = step.device
     step.new_epoch()
     totals = [torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0]
     pending = ([], [], [])  # losses, logits, targets of the steps not yet tallied
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False, disable=not _show_progress())
-    check_every = CHECK_EVERY if bar.disable else 10  # a bar shows running figures, which costs a sync
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
+        disable=not _show_progress())
+    # a bar shows running figures, which costs a sync
+    check_every = CHECK_EVERY if bar.disable else 10
     batch, batches = 0, len(loader)
     for batch, (images, targets) in enumerate(loader, start=1):
         if check is not None:
@@ -71,7 +74,8 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
         if batch % check_every == 0:
             _tally(pending, totals, epoch, batch)
             if not bar.disable:
-                bar.set_postfix(loss=f"{totals[0].item() / totals[2]:.4f}", acc=f"{totals[1].item() / totals[2]:.2%}")
+                bar.set_postfix(loss=f"{totals[0].item() / totals[2]:.4f}",
+                    acc=f"{totals[1].item() / totals[2]:.2%}")
         bar.update()
     bar.close()
     _tally(pending, totals, epoch, batch)
@@ -93,7 +97,8 @@ def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batc
     sizes = [len(t) for t in targets]
     totals[0] += values @ torch.tensor(sizes, device=values.device, dtype=values.dtype)
     classes = torch.cat(targets)
-    if classes.ndim == 2:  # soft targets (Mixup, CutMix): a hit is the logits' argmax on the targets' largest class
+    # soft targets (Mixup, CutMix): a hit is the logits' argmax on the targets' largest class
+    if classes.ndim == 2:
         classes = classes.argmax(1)
     totals[1] += (torch.cat(logits).argmax(1) == classes).sum()
     totals[2] += sum(sizes)
@@ -101,9 +106,11 @@ def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batc
         store.clear()
 
 
-def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float, float]:
+def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float,
+        float, float]:
     """Read the device accumulators once (summed over torchrun processes) as Python floats."""
-    totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)])
+    totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen),
+        device=loss_sum.device)])
     return tuple(utils.all_reduce_sum(totals.double()).tolist())
 
 
@@ -120,11 +127,13 @@ def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype | None = None,
-             tta: bool = False, num_classes: int | None = None, collect: bool = False) -> dict[str, Any]:
-    """Cross-entropy loss and accuracy of the model over a loader (over every process); with num_classes,
-    also the accuracy of each class (its recall: "per_class"); with collect (which needs num_classes), also
-    the confusion matrix ("confusion": counts, rows the true class, columns the predicted one) and
-    the MISTAKES most confident wrong predictions ("mistakes", a list of Mistake, most confident first)."""
+             tta: bool = False, num_classes: int | None = None, collect: bool = False) -> dict[str,
+             Any]:
+    """Cross-entropy loss and accuracy of the model over a loader (over every process); with
+    num_classes, also the accuracy of each class (its recall: "per_class"); with collect (which
+    needs num_classes), also the confusion matrix ("confusion": counts, rows the true class, columns
+    the predicted one) and the MISTAKES most confident wrong predictions ("mistakes", a list of
+    Mistake, most confident first)."""
     if collect and not num_classes:
         raise ValueError("evaluate(collect=True) needs num_classes")
     model.eval()
@@ -132,7 +141,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
     totals = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
-    confusion = torch.zeros((num_classes or 1) ** 2, dtype=torch.int64, device=device)  # true x C + predicted
+    # true x C + predicted
+    confusion = torch.zeros((num_classes or 1) ** 2, dtype=torch.int64, device=device)
     mistakes = _MostConfidentMistakes(MISTAKES)
     first_size = None
     for images, targets in loader:
@@ -147,7 +157,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
         if collect:
             confusion += torch.bincount(targets * num_classes + predicted, minlength=len(confusion))
             mistakes.add(images, logits, targets)
-    counts = utils.all_reduce_sum(torch.cat([loss_sum[None].double(), hits.double(), totals.double()])).tolist()
+    counts = utils.all_reduce_sum(torch.cat([loss_sum[None].double(), hits.double(),
+        totals.double()])).tolist()
     loss_sum, hits, totals = counts[0], counts[1:1 + len(hits)], counts[1 + len(hits):]
     result = {"loss": loss_sum / sum(totals), "acc": sum(hits) / sum(totals)}
     if num_classes:
@@ -163,8 +174,8 @@ MISTAKES = 25  # wrong predictions evaluate(collect=True) keeps for the gallery 
 
 @dataclasses.dataclass
 class Mistake:
-    """A wrong prediction: the image as the model saw it (normalised, C x H x W, on the CPU), its true and
-    predicted class indices, and the probability the model gave the predicted class."""
+    """A wrong prediction: the image as the model saw it (normalised, C x H x W, on the CPU), its
+    true and predicted class indices, and the probability the model gave the predicted class."""
 
     image: torch.Tensor
     target: int
@@ -173,16 +184,18 @@ class Mistake:
 
 
 class _MostConfidentMistakes:
-    """A running top-k of the wrong predictions by the predicted class's probability, kept on the device:
-    k images at most, never the whole set, and no wait for the device per batch."""
+    """A running top-k of the wrong predictions by the predicted class's probability, kept on the
+    device: k images at most, never the whole set, and no wait for the device per batch."""
 
     def __init__(self, k: int):
         self.k = k
-        self.kept: tuple[torch.Tensor, ...] | None = None  # probabilities, images, targets, predictions
+        # probabilities, images, targets, predictions
+        self.kept: tuple[torch.Tensor, ...] | None = None
 
     def add(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         probability, predicted = logits.float().softmax(1).max(1)
-        score = torch.where(predicted != targets, probability, -1.0)  # right answers rank below every mistake
+        # right answers rank below every mistake
+        score = torch.where(predicted != targets, probability, -1.0)
         chosen = score.topk(min(self.k, len(score))).indices
         candidates = (score[chosen], images[chosen], targets[chosen], predicted[chosen])
         if self.kept is not None:
@@ -195,8 +208,10 @@ class _MostConfidentMistakes:
         mine = []
         if self.kept is not None:
             probabilities, images, targets, predicted = self.kept
-            mine = [Mistake(image, target, prediction, probability) for probability, image, target, prediction
-                    in zip(probabilities.tolist(), images.cpu(), targets.tolist(), predicted.tolist())
+            mine = [Mistake(image, target, prediction, probability) for probability, image, target,
+                prediction
+                    in zip(probabilities.tolist(), images.cpu(), targets.tolist(),
+                    predicted.tolist())
                     if probability >= 0]
         everyone = [m for mistakes in utils.gather(mine) for m in mistakes]
         return sorted(everyone, key=lambda m: -m.probability)[:self.k]
@@ -211,14 +226,15 @@ def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_decision(decision: Decision, state: TrainState) -> None:
-    """Carry out LRA's decision: keep a new best, go back to the best (the weights, the optimizer state and
-    the EMA), unfreeze the body, set the LR."""
+    """Carry out LRA's decision: keep a new best, go back to the best (the weights, the optimizer
+    state and the EMA), unfreeze the body, set the LR."""
     if decision.new_best:
         state.best.take(state.model, state.optimizer, state.ema)
     if decision.restore:
         state.best.restore(state.model, state.optimizer, state.ema)
     if decision.unfreeze:
-        model_module.unfreeze_body(state.model)  # the optimizer already holds its parameters (make_optimizer)
+        # the optimizer already holds its parameters (make_optimizer)
+        model_module.unfreeze_body(state.model)
     if decision.next_lr is not None:
         set_lr(state.optimizer, decision.next_lr)
 
@@ -226,7 +242,8 @@ def apply_decision(decision: Decision, state: TrainState) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-CLASS_WEIGHTS = (None, "balanced")  # CLASS_WEIGHTS: equal, or scikit-learn's "balanced" (balanced_class_weights)
+# CLASS_WEIGHTS: equal, or scikit-learn's "balanced" (balanced_class_weights)
+CLASS_WEIGHTS = (None, "balanced")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,10 +258,12 @@ class FitConfig:
     compile: bool  # torch.compile what runs the training batches
     accumulate_steps: int
     clip_grad_norm: float | None
-    class_weights: tuple[float, ...] | None = None  # the training loss's weight of each class (one per class);
+    # the training loss's weight of each class (one per class);
+    class_weights: tuple[float, ...] | None = None
     # None: equal. Validation and test losses are never weighted
     autocast_dtype: torch.dtype | None = None
-    cuda_graph: bool = False  # replay the step from a CUDA graph (the optimizer needs make_optimizer's lr_device)
+    # replay the step from a CUDA graph (the optimizer needs make_optimizer's lr_device)
+    cuda_graph: bool = False
     world_size: int = 1  # processes under torchrun: the model runs data-parallel when more than one
     main_process: bool = True  # the one that writes the files
 
@@ -255,52 +274,62 @@ class FitConfig:
 RULES: utils.Rules = {
     "epochs": (lambda v: v >= 1, "a whole number >= 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
-    "class_weights": (lambda v: v is None or all(0 < w < math.inf for w in v), "finite numbers > 0, or None"),
+    "class_weights": (lambda v: v is None or all(0 < w < math.inf for w in v),
+    "finite numbers > 0, or None"),
     "accumulate_steps": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "a number > 0, or None"),
 }
 
 
 def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tuple[float, ...]:
-    """scikit-learn's "balanced" class weights: class c weighs n / (classes x count_c), n the images counted,
-    so every class adds as much to the training loss as it would in a balanced split. ValueError naming
-    CLASS_WEIGHTS and the first class with no images (its weight would be infinite)."""
+    """scikit-learn's "balanced" class weights: class c weighs n / (classes x count_c), n the images
+    counted, so every class adds as much to the training loss as it would in a balanced split.
+    ValueError naming CLASS_WEIGHTS and the first class with no images (its weight would be
+    infinite)."""
     if len(counts) != len(classes):
         raise ValueError(f"{len(counts)} class counts for {len(classes)} classes")
     empty = [name for name, count in zip(classes, counts) if count == 0]
     if empty:
-        raise ValueError(f"CLASS_WEIGHTS = 'balanced' needs training images of every class, and {empty[0]!r} has "
-                         f"none after VAL_SPLIT and TRAIN_SUBSET; give it images, or set CLASS_WEIGHTS to None")
+        raise ValueError(
+            f"CLASS_WEIGHTS = 'balanced' needs training images of every class, and {empty[0]!r} "
+            "has "
+                         "none after VAL_SPLIT and TRAIN_SUBSET; give it images, or set "
+                         "CLASS_WEIGHTS to None")
     n = sum(counts)
     return tuple(n / (len(counts) * count) for count in counts)
 
 
 def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
-    """The training loss: cross-entropy with config's label smoothing and class weights (on the CPU: move it to
-    the model's device). It takes class indices or probabilities (Mixup's and CutMix's soft targets); with
-    probabilities and weights, the mean is over the images, with indices over their classes' weights."""
-    weight = None if config.class_weights is None else torch.tensor(config.class_weights, dtype=torch.float32)
+    """The training loss: cross-entropy with config's label smoothing and class weights (on the CPU:
+    move it to the model's device). It takes class indices or probabilities (Mixup's and CutMix's
+    soft targets); with probabilities and weights, the mean is over the images, with indices over
+    their classes' weights."""
+    weight = None if config.class_weights is None else torch.tensor(config.class_weights,
+        dtype=torch.float32)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
 def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None = None,
-        on_epoch: Callable[[dict], None] | None = None, account: utils.TimeAccount | None = None) -> list[dict]:
-    """Train from the epoch after state's last to config.epochs (or as far as the user asks at the prompt)
-    unless LRA stops first, carrying out its decisions and saving each epoch's files while the next trains
-    (checkpoint_module.EpochWriter). At the end, or on an interruption, the model holds the best weights (and
-    the EMA, with one, the best epoch's average).
-    loss_fn: None for training_loss(config) (cross-entropy, label smoothing, class weights); on_epoch(row)
-    after each epoch (TensorBoard); account: gets the seconds of training, validation and the epoch files (what
+        on_epoch: Callable[[dict], None] | None = None, account: utils.TimeAccount
+        | None = None) -> list[dict]:
+    """Train from the epoch after state's last to config.epochs (or as far as the user asks at the
+    prompt) unless LRA stops first, carrying out its decisions and saving each epoch's files while
+    the next trains (checkpoint_module.EpochWriter). At the end, or on an interruption, the model
+    holds the best weights (and the EMA, with one, the best epoch's average). loss_fn: None for
+    training_loss(config) (cross-entropy, label smoothing, class weights); on_epoch(row) after each
+    epoch (TensorBoard); account: gets the seconds of training, validation and the epoch files (what
     the training thread spends on them)."""
     loss_fn = loss_fn or training_loss(config).to(next(state.model.parameters()).device)
     account = account or utils.TimeAccount(time.perf_counter())
     step = _make_step(state, config, loss_fn, config.cuda_graph)
-    writer = checkpoint_module.EpochWriter(config.output_dir, state.lra.best_epoch) if config.main_process else None
+    writer = checkpoint_module.EpochWriter(config.output_dir,
+        state.lra.best_epoch) if config.main_process else None
     state.lra.on_train_begin()
     epoch, reason = state.epoch + 1, None
     try:
         while epoch <= state.lra.epoch_limit(config.epochs):
-            metrics = _train_and_validate(step, data, epoch, state, writer.check if writer else None)
+            metrics = _train_and_validate(step, data, epoch, state, writer.check if writer
+                else None)
             decision = state.lra.on_epoch_end(epoch, metrics)
             apply_decision(decision, state)
             if decision.unfreeze:  # new trainable parameters: wrapped (and captured) again
@@ -319,55 +348,69 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
             epoch += 1
         with account.timed("epoch files"):
             if writer is not None:
-                writer.wait()  # the last epoch's files are on disk, or their error is raised, before fit returns
-    except BaseException as error:  # whatever ended training early is the reason LRA's closing line gives
-        reason = f"interrupted during epoch {epoch}" if isinstance(error, KeyboardInterrupt) else f"{error}; stopped"
+                # the last epoch's files are on disk, or their error is raised, before fit returns
+                writer.wait()
+    # whatever ended training early is the reason LRA's closing line gives
+    except BaseException as error:
+        reason = f"interrupted during epoch {epoch}" if isinstance(error,
+            KeyboardInterrupt) else f"{error}; stopped"
         raise
     finally:
         if writer is not None:
             writer.wait(raise_error=False)  # interrupted: the write in flight still lands
         if state.best.model is not None:
             state.best.restore(state.model, ema=state.ema)
-        state.lra.on_train_end(reason, writer.landed[checkpoint_module.BEST_MODEL] if writer else -1)
-    _check_agreement([state.model] + ([state.ema.module] if state.ema is not None else []), state.history,
+        state.lra.on_train_end(reason, writer.landed[checkpoint_module.BEST_MODEL] if writer else
+            -1)
+    _check_agreement([state.model] + ([state.ema.module] if state.ema is not None else []),
+        state.history,
                      config.main_process)
     return state.history
 
 
 def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: bool) -> TrainStep:
-    """The training step over what runs the batches: the model, compiled and/or data-parallel as asked."""
-    model = step_module.wrap_for_training(state.model, compile=config.compile, world_size=config.world_size,
+    """The training step over what runs the batches: the model, compiled and/or data-parallel as
+    asked."""
+    model = step_module.wrap_for_training(state.model, compile=config.compile,
+        world_size=config.world_size,
                                           device=next(state.model.parameters()).device)
-    return TrainStep(model, state.optimizer, loss_fn, autocast_dtype=config.autocast_dtype, graph=graph,
+    return TrainStep(model, state.optimizer, loss_fn, autocast_dtype=config.autocast_dtype,
+        graph=graph,
                      accumulate=config.accumulate_steps, clip_grad_norm=config.clip_grad_norm)
 
 
 def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                         check: Callable[[], None] | None) -> dict[str, Any]:
-    """One epoch: train (calling check() before each step), then validate (val_loss and val_acc None without
-    validation images); returns the epoch's metrics, rank 0's under torchrun."""
+    """One epoch: train (calling check() before each step), then validate (val_loss and val_acc None
+    without validation images); returns the epoch's metrics, rank 0's under torchrun."""
     started = time.perf_counter()
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
-    metrics = {"epoch": epoch, **train_one_epoch(step, data.train, epoch=epoch, schedule=state.schedule,
-                                                 lookahead=state.lookahead, ema=state.ema, check=check)}
+    metrics = {"epoch": epoch, **train_one_epoch(step, data.train, epoch=epoch,
+        schedule=state.schedule,
+                                                 lookahead=state.lookahead, ema=state.ema,
+                                                 check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
+    # the EMA, with one
     val = {"loss": None, "acc": None} if data.val is None else \
-        evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype)  # the EMA, with one
-    metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter() - started,
+        evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype)
+    metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter()
+        - started,
                    train_seconds=trained - started)
     return utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
 
 
 def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
-    """Under torchrun, confirm every process made the same LR decisions and ends with the same weights (of the
-    model and its EMA: they must, to stay in step)."""
+    """Under torchrun, confirm every process made the same LR decisions and ends with the same
+    weights (of the model and its EMA: they must, to stay in step)."""
     if not utils.is_distributed():
         return
     with torch.no_grad():
         checksum = [float(sum(p.double().sum() for p in model.parameters())) for model in models]
-    states = utils.gather(([(row["epoch"], row["next_lr"], row["event"]) for row in history], checksum))
+    states = utils.gather(([(row["epoch"], row["next_lr"], row["event"]) for row in history],
+        checksum))
     if main_process:
         agree = all(state == states[0] for state in states)
-        print(f"LR decisions and weights {'agreed' if agree else 'DIFFERED'} on all {len(states)} processes"
+        print(f"LR decisions and weights {'agreed' if agree else 'DIFFERED'} on all {len(states)} "
+              "processes"
               f"{'' if agree else ': ' + repr(states)}", file=sys.stdout if agree else sys.stderr)

@@ -1,6 +1,7 @@
-"""Run plumbing: the messages for a bad setting and the checks of a config's choices and ranges, seeding,
-device choice, random states, atomic file writes and safe loading of weights and checkpoints, the metrics
-CSV, the output folder's lock, signals and worker processes, and the torchrun process helpers."""
+"""Run plumbing: the messages for a bad setting and the checks of a config's choices and ranges,
+seeding, device choice, random states, atomic file writes and safe loading of weights and
+checkpoints, the metrics CSV, the output folder's lock, signals and worker processes, and the
+torchrun process helpers."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ import torch.distributed as dist
 
 try:
     import fcntl
-except ImportError:  # Windows has no flock: runs there take no lock on their folder, and nothing fails
+# Windows has no flock: runs there take no lock on their folder, and nothing fails
+except ImportError:
     fcntl = None
 
 LOCK_FILE = ".lock"  # in OUTPUT_DIR: flock'ed by the run writing there, and holding its process id
-CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr", "monitor",
+CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr",
+    "monitor",
                "improved", "new_best", "event", "seconds"]
 
 
@@ -44,12 +47,17 @@ class CheckpointError(ValueError):
 
 
 def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> str:
-    """The one message for a value that is not among the choices: "NAME = 'x' is not known; choose one
-    of ...". With closest (for long lists, such as model names), only the nearest names are offered."""
+    """The one message for a value that is not among the choices: "NAME = 'x' is not known; choose
+    one of ...". With closest (for long lists, such as model names), only the nearest names are
+    offered."""
     choices = list(choices)
     if closest:
         near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=5, cutoff=0.5)
-        offer = f"the closest are {', '.join(near)}" if near else f"there are {len(choices)} to choose from"
+        offer = (
+            f"the closest are {', '.join(near)}"
+            if near
+            else f"there are {len(choices)} to choose from"
+        )
         return f"{name} = {value!r} is not known; {offer}"
     return f"{name} = {value!r} is not known; choose one of {', '.join(map(repr, choices))}"
 
@@ -60,8 +68,8 @@ def flag(name: str) -> str:
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
-    """A count with its noun, singular for one: plural(1, "file") is "1 file", plural(2, "file") "2 files";
-    `many` gives a plural that is not word + "s"."""
+    """A count with its noun, singular for one: plural(1, "file") is "1 file", plural(2, "file") "2
+    files"; `many` gives a plural that is not word + "s"."""
     return f"{n} {word if n == 1 else many or word + 's'}"
 
 
@@ -129,23 +137,25 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
-def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]] | None = None) -> None:
-    """Raise ValueError naming the first field of a config that is not among its choices or breaks its rule.
-    A field is named as the constant of main.py that sets it: VAL_SPLIT for val_split."""
+def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]]
+        | None = None) -> None:
+    """Raise ValueError naming the first field of a config that is not among its choices or breaks
+    its rule. A field is named as the constant of main.py that sets it: VAL_SPLIT for val_split."""
     for name, allowed in (choices or {}).items():
         if getattr(config, name) not in allowed:
             raise ValueError(not_known(name.upper(), getattr(config, name), allowed))
     for name, (test, allowed) in rules.items():
         if not test(getattr(config, name)):
-            raise ValueError(f"{name.upper()} = {getattr(config, name)!r} is out of range: use {allowed}")
+            raise ValueError(
+                f"{name.upper()} = {getattr(config, name)!r} is out of range: use {allowed}")
 
 
 # --------------------------------------------------------------------------- the time account
 
 
 class TimeAccount:
-    """Where a run's time went, by part, in seconds, as Lightning's simple profiler shows it: what the parts
-    leave out of the whole is "other"."""
+    """Where a run's time went, by part, in seconds, as Lightning's simple profiler shows it: what
+    the parts leave out of the whole is "other"."""
 
     def __init__(self, started: float):
         self.started = started  # time.perf_counter() when the process began its work
@@ -167,13 +177,16 @@ class TimeAccount:
         """The parts, "other" and the "total" so far, rounded to milliseconds."""
         total = time.perf_counter() - self.started
         return {name: round(seconds, 3) for name, seconds in
-                {**self.parts, "other": max(total - sum(self.parts.values()), 0.0), "total": total}.items()}
+                {**self.parts, "other": max(total - sum(self.parts.values()), 0.0),
+                "total": total}.items()}
 
     def line(self) -> str:
-        """The account in one line: "Time: imports 2.9 s, data 0.4 s, ..., other 0.2 s; total 19.8 s"."""
+        """The account in one line: "Time: imports 2.9 s, data 0.4 s, ..., other 0.2 s; total 19.8
+        s"."""
         figures = self.figures()
         total = figures.pop("total")
-        return "Time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in figures.items()) + \
+        return "Time: " + ", ".join(f"{name} {seconds:.1f} s" for name,
+            seconds in figures.items()) + \
             f"; total {total:.1f} s"
 
 
@@ -188,8 +201,8 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(local_rank: int = 0) -> torch.device:
-    """The accelerator when there is one (CUDA, this process's GPU under torchrun; Apple's MPS; others
-    torch.accelerator knows), else the CPU."""
+    """The accelerator when there is one (CUDA, this process's GPU under torchrun; Apple's MPS;
+    others torch.accelerator knows), else the CPU."""
     if not torch.accelerator.is_available():
         return torch.device("cpu")
     device = torch.accelerator.current_accelerator()
@@ -202,7 +215,8 @@ def get_device(local_rank: int = 0) -> torch.device:
 def rng_state() -> dict[str, Any]:
     """Every random-number state a run draws from, in a form that loads with weights_only=True."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)),
+        position,
                                                      has_gauss, gauss],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -229,12 +243,13 @@ def _read_umask() -> int:
     return umask
 
 
-# What open() gives a new file under the umask (-rw-r--r-- under 022), read once at import while no other thread
-# creates files; mkstemp's temporary files are 0o600 whatever the umask.
+# What open() gives a new file under the umask (-rw-r--r-- under 022), read once at import while no
+# other thread creates files; mkstemp's temporary files are 0o600 whatever the umask.
 FILE_MODE = 0o666 & ~_read_umask()
 
 
-write_fault: Callable[[str], None] | None = None  # tests: called with each path atomic_write is about to write,
+# tests: called with each path atomic_write is about to write,
+write_fault: Callable[[str], None] | None = None
 # raising OSError (ENOSPC, EIO, EROFS) as a full, failing or read-only disk would
 
 
@@ -246,15 +261,16 @@ class FileError(OSError):
 
 
 class WriteFailed(FileError):
-    """A file could not be written: the one line says which, in which folder, why, and (a full disk) how much
-    room there is against what it needs."""
+    """A file could not be written: the one line says which, in which folder, why, and (a full disk)
+    how much room there is against what it needs."""
 
     def __init__(self, path: str, error: OSError, needed: int | None = None):
         folder, name = os.path.split(os.path.abspath(path))
         reason = error.strerror or str(error)
         reason = reason[:1].lower() + reason[1:]  # "no space left on device"; paths as they are
         if error.errno == errno.ENOSPC:
-            reason += f" ({megabytes(free_bytes(folder))} free" + (f"; {name} needs about {megabytes(needed)})"
+            reason += f" ({megabytes(free_bytes(folder))} free" + (
+                f"; {name} needs about {megabytes(needed)})"
                                                                   if needed else ")")
         super().__init__(error.errno, f"could not write {name} in {folder}: {reason}")
         self.name = name
@@ -266,7 +282,8 @@ def megabytes(n: int) -> str:
 
 
 def free_bytes(folder: str) -> int:
-    """The free space of the file system that holds folder (or, when it does not exist yet, its nearest parent)."""
+    """The free space of the file system that holds folder (or, when it does not exist yet, its
+    nearest parent)."""
     folder = os.path.abspath(folder)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -274,10 +291,10 @@ def free_bytes(folder: str) -> int:
 
 
 def atomic_write(path: str, write: Callable[[Any], None], needed: int | None = None) -> None:
-    """Write a file through a temporary file in the same folder and os.replace, so a crash or a power cut
-    at any moment leaves either the old file or the new one, never half of one. The file gets the
-    umask's mode, as open() would give it. Any failure to write raises WriteFailed (needed: the bytes the
-    file takes, for its message)."""
+    """Write a file through a temporary file in the same folder and os.replace, so a crash or a
+    power cut at any moment leaves either the old file or the new one, never half of one. The file
+    gets the umask's mode, as open() would give it. Any failure to write raises WriteFailed (needed:
+    the bytes the file takes, for its message)."""
     folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
         if write_fault is not None:
@@ -338,14 +355,16 @@ def _what_is(path: str) -> str | None:
 
 
 def fsync_folder(folder: str) -> None:
-    """Make the renames in folder survive a power cut (POSIX; Windows cannot open a folder, nor needs to)."""
+    """Make the renames in folder survive a power cut (POSIX; Windows cannot open a folder, nor
+    needs to)."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as error:
-        if error.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync folders; nothing more to do
+        # EINVAL: a file system that cannot sync folders; nothing more to do
+        if error.errno != errno.EINVAL:
             raise
     finally:
         os.close(fd)
@@ -357,7 +376,8 @@ def save_torch(obj: Any, path: str) -> None:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """The bytes of every tensor in obj (dicts, lists and tuples searched): about what torch.save writes."""
+    """The bytes of every tensor in obj (dicts, lists and tuples searched): about what torch.save
+    writes."""
     if isinstance(obj, torch.Tensor):
         return obj.nelement() * obj.element_size()
     if isinstance(obj, dict):
@@ -376,13 +396,17 @@ def load_torch(path: str, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
-            raise CheckpointError(f"{what} {path} holds pickled objects other than tensors (code could run "
-                                  f"on load), so it was refused and nothing in it ran; use only weights "
+            raise CheckpointError(
+                f"{what} {path} holds pickled objects other than tensors (code could run "
+                                  "on load), so it was refused and nothing in it ran; use only "
+                                  "weights "
                                   f"saved by this pipeline or another source you trust") from None
         raise CheckpointError(f"{what} {path} is not a PyTorch checkpoint ({error})") from None
-    except Exception as error:  # the restricted unpickler fails in many ways on foreign bytes; all mean "not ours"
+    # the restricted unpickler fails in many ways on foreign bytes; all mean "not ours"
+    except Exception as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(f"{what} {path} is truncated or not a PyTorch checkpoint ({detail})") from None
+        raise CheckpointError(
+            f"{what} {path} is truncated or not a PyTorch checkpoint ({detail})") from None
 
 
 def load_state_dict(path: str, what: str = "WEIGHTS") -> dict[str, torch.Tensor]:
@@ -434,24 +458,27 @@ def check_writable(folder: str) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise OSError(f"OUTPUT_DIR {folder} is not writable ({error.strerror}); choose another OUTPUT_DIR") \
+        raise OSError(f"OUTPUT_DIR {folder} is not writable ({error.strerror}); choose another "
+                      "OUTPUT_DIR") \
             from None
 
 
-# --------------------------------------------------------------------------- the output folder's lock
+# --------------------------------------------------------------------------- the output folder's
+# lock
 
 
 class FolderInUse(OSError):
     """OUTPUT_DIR is locked by another run that is still going."""
 
 
-_locks: dict[str, int] = {}  # folder (its real path) -> the descriptor whose flock this process holds
+# folder (its real path) -> the descriptor whose flock this process holds
+_locks: dict[str, int] = {}
 
 
 def check_unlocked(folder: str, main_process: bool = True) -> None:
-    """Refuse now, before the data and model load, when another live run holds folder's lock (the lock
-    itself is taken by lock_folder, later), or (ValueError) when folder/.lock is a link or not a
-    plain file. Creates nothing. Under torchrun rank 0 looks, and every process raises with it."""
+    """Refuse now, before the data and model load, when another live run holds folder's lock (the
+    lock itself is taken by lock_folder, later), or (ValueError) when folder/.lock is a link or not
+    a plain file. Creates nothing. Under torchrun rank 0 looks, and every process raises with it."""
     error, unsafe = None, None
     path = os.path.join(folder, LOCK_FILE)
     if main_process and fcntl and os.path.realpath(folder) not in _locks and os.path.lexists(path):
@@ -469,11 +496,11 @@ def check_unlocked(folder: str, main_process: bool = True) -> None:
 
 
 def lock_folder(folder: str, main_process: bool = True) -> None:
-    """Hold an flock on folder/.lock (which then holds this process's id) until unlock_folder or the end of
-    the process, however it ends: the operating system drops the lock with the process, so a run killed
-    with kill -9 never blocks the next. Raises FolderInUse, naming the holder, when another run holds it.
-    Under torchrun only rank 0 locks, and every process raises with it. ValueError when .lock is a
-    link or not a plain file (what it points at would be overwritten)."""
+    """Hold an flock on folder/.lock (which then holds this process's id) until unlock_folder or the
+    end of the process, however it ends: the operating system drops the lock with the process, so a
+    run killed with kill -9 never blocks the next. Raises FolderInUse, naming the holder, when
+    another run holds it. Under torchrun only rank 0 locks, and every process raises with it.
+    ValueError when .lock is a link or not a plain file (what it points at would be overwritten)."""
     error, unsafe, key = None, None, os.path.realpath(folder)
     if main_process and fcntl and key not in _locks:
         fd, unsafe = _open_lock(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT)
@@ -517,27 +544,30 @@ def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
 
 
 def unlock_folder(folder: str) -> None:
-    """Let go of folder's lock, when this process holds it. The file stays: removing it would let a run
-    that opened it a moment before lock a file no longer there while a third locks a new one."""
+    """Let go of folder's lock, when this process holds it. The file stays: removing it would let a
+    run that opened it a moment before lock a file no longer there while a third locks a new one."""
     fd = _locks.pop(os.path.realpath(folder), None)
     if fd is not None:
         os.close(fd)
 
 
 def _try_flock(fd: int, folder: str, kind: int) -> str | None:
-    """flock fd without waiting; None when it is ours, else the message naming the process that holds it."""
+    """flock fd without waiting; None when it is ours, else the message naming the process that
+    holds it."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        return (f"OUTPUT_DIR {folder} is in use by another run (process {holder}); wait for it to end, "
+        return (f"OUTPUT_DIR {folder} is in use by another run (process {holder}); wait for it to "
+                "end, "
                 f"or choose another OUTPUT_DIR")
 
 
 def _forget_locks() -> None:
-    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that a run killed
-    with kill -9 does not stay locked while its workers linger. Closing a copy never unlocks the parent."""
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that a run
+    killed with kill -9 does not stay locked while its workers linger. Closing a copy never unlocks
+    the parent."""
     for fd in _locks.values():
         os.close(fd)
     _locks.clear()
@@ -654,7 +684,8 @@ def worker_died(error: BaseException, doing: str) -> WorkerDied | None:
 
 
 def init_distributed() -> tuple[int, int, int]:
-    """Join the torchrun process group when launched by torchrun; returns (rank, world size, local rank)."""
+    """Join the torchrun process group when launched by torchrun; returns (rank, world size, local
+    rank)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
@@ -706,9 +737,9 @@ T = TypeVar("T")
 
 
 def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
-    """The items, made in a thread of their own at most `depth` ahead of the consumer, so that making them
-    (reading files, copying to the device) overlaps using them. An error raised there is raised here; a
-    consumer that stops early (closing the generator) stops the thread."""
+    """The items, made in a thread of their own at most `depth` ahead of the consumer, so that
+    making them (reading files, copying to the device) overlaps using them. An error raised there is
+    raised here; a consumer that stops early (closing the generator) stops the thread."""
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 

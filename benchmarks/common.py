@@ -1,6 +1,6 @@
-"""What the benchmark scripts share: waiting for the device, the bare training step (the limit a loader is
-measured against), eager or replayed from a CUDA graph, timing passes interleaved, best kept, and this process's
-resident memory, anonymous apart from file pages."""
+"""What the benchmark scripts share: waiting for the device, the bare training step (the limit a
+loader is measured against), eager or replayed from a CUDA graph, timing passes interleaved, best
+kept, and this process's resident memory, anonymous apart from file pages."""
 
 import threading
 import time
@@ -28,21 +28,24 @@ def synchronize(device: torch.device) -> None:
 
 def train_step(model: nn.Module, autocast_dtype: torch.dtype | None = None, graphed: bool = False,
                **options) -> step_module.TrainStep:
-    """The pipeline's training step for the model, with its own SGD; graphed (CUDA only): replayed from a CUDA
-    graph, as main.py's CUDA_GRAPHS does; options: TrainStep's accumulate and clip_grad_norm."""
+    """The pipeline's training step for the model, with its own SGD; graphed (CUDA only): replayed
+    from a CUDA graph, as main.py's CUDA_GRAPHS does; options: TrainStep's accumulate and
+    clip_grad_norm."""
     device = next(model.parameters()).device
     optimizer = optim_module.make_optimizer(model, configs(LR=0.01).optim,
                                             lr_device=device if graphed else None)
-    return step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=autocast_dtype,
+    return step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(),
+        autocast_dtype=autocast_dtype,
                                   graph=graphed, **options)
 
 
 def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
-              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> Callable[[], None]:
-    """One training step (forward, loss, backward, the pipeline's SGD step: step_module.TrainStep) on one fixed
-    batch already on the device, as a function of no arguments. graphed (CUDA only): the step replayed from a
-    CUDA graph, as main.py's CUDA_GRAPHS does, so no kernel is launched from Python: the rate a launch-bound
-    model could reach at most."""
+              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> Callable[[],
+              None]:
+    """One training step (forward, loss, backward, the pipeline's SGD step: step_module.TrainStep)
+    on one fixed batch already on the device, as a function of no arguments. graphed (CUDA only):
+    the step replayed from a CUDA graph, as main.py's CUDA_GRAPHS does, so no kernel is launched
+    from Python: the rate a launch-bound model could reach at most."""
     step = train_step(model, autocast_dtype, graphed)
     model.train()
     return lambda: step(images, targets)
@@ -50,9 +53,9 @@ def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
 
 def best_rates(passes: dict[str, tuple[Callable[[], None], int]], *, repeats: int,
                device: torch.device) -> dict[str, float]:
-    """Images/s of each pass (a function and the images it trains on), as the best of `repeats` timings
-    taken in turn (A B C, A B C, ...) after one untimed warm-up of each, so that a clock that rises or a
-    neighbour that comes and goes touches every pass alike."""
+    """Images/s of each pass (a function and the images it trains on), as the best of `repeats`
+    timings taken in turn (A B C, A B C, ...) after one untimed warm-up of each, so that a clock
+    that rises or a neighbour that comes and goes touches every pass alike."""
     for run, _ in passes.values():
         run()
     synchronize(device)
@@ -76,9 +79,10 @@ def steps(step: Callable[[], None], n: int) -> Callable[[], None]:
 
 
 def bare_pass(model: nn.Module, batch_size: int, image_size: int, n_steps: int, *,
-              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> tuple[Callable[[], None], int]:
-    """A pass of n_steps bare steps on one random batch (channels_last, on the model's device) and the images it
-    trains on, for best_rates."""
+              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> tuple[Callable[
+              [], None], int]:
+    """A pass of n_steps bare steps on one random batch (channels_last, on the model's device) and
+    the images it trains on, for best_rates."""
     device = next(model.parameters()).device
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     targets = torch.randint(0, 10, (batch_size,), device=device)
@@ -87,11 +91,13 @@ def bare_pass(model: nn.Module, batch_size: int, image_size: int, n_steps: int, 
     return steps(step, n_steps), n_steps * batch_size
 
 
-def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None, graphed: bool = False,
+def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None,
+    graphed: bool = False,
                ema_decay: float | None = None, **options) -> tuple[Callable[[], None], int]:
-    """A pass of train_one_epoch over the loader (the next epoch's shuffle each time) and the images it trains
-    on, for best_rates; graphed: its steps replayed from a CUDA graph (captured in the first pass); ema_decay: an
-    EMA of the weights follows each optimizer step (optim_module.EMA); options: TrainStep's."""
+    """A pass of train_one_epoch over the loader (the next epoch's shuffle each time) and the images
+    it trains on, for best_rates; graphed: its steps replayed from a CUDA graph (captured in the
+    first pass); ema_decay: an EMA of the weights follows each optimizer step (optim_module.EMA);
+    options: TrainStep's."""
     step = train_step(model, autocast_dtype, graphed, **options)
     ema = optim_module.EMA(model, ema_decay) if ema_decay is not None else None
     epochs = iter(range(10**9))
@@ -102,18 +108,22 @@ def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = No
     return run, len(loader) * loader.batching.batch_size
 
 
-def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, steps_per_pass: int,
-                   repeats: int, autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> float:
-    """Images/s of the bare step alone: the best of `repeats` passes of steps_per_pass steps, after one untimed
-    pass."""
-    run = steps(bare_step(model, images, targets, autocast_dtype=autocast_dtype, graphed=graphed), steps_per_pass)
-    return best_rates({"bare": (run, steps_per_pass * len(images))}, repeats=repeats, device=images.device)["bare"]
+def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
+    steps_per_pass: int,
+                   repeats: int, autocast_dtype: torch.dtype | None = None,
+                   graphed: bool = False) -> float:
+    """Images/s of the bare step alone: the best of `repeats` passes of steps_per_pass steps, after
+    one untimed pass."""
+    run = steps(bare_step(model, images, targets, autocast_dtype=autocast_dtype, graphed=graphed),
+        steps_per_pass)
+    return best_rates({"bare": (run, steps_per_pass * len(images))}, repeats=repeats,
+        device=images.device)["bare"]
 
 
 def resident_mb() -> dict[str, float]:
-    """This process's resident memory now (Linux's /proc/self/status, MB): anonymous (RssAnon: the heap,
-    tensors, what grows with the data held) and file pages (RssFile: libraries, and a memory-mapped cache's
-    pages, which the kernel can drop); empty where there is no /proc."""
+    """This process's resident memory now (Linux's /proc/self/status, MB): anonymous (RssAnon: the
+    heap, tensors, what grows with the data held) and file pages (RssFile: libraries, and a
+    memory-mapped cache's pages, which the kernel can drop); empty where there is no /proc."""
     sizes = {}
     try:
         with open("/proc/self/status") as f:
@@ -127,8 +137,8 @@ def resident_mb() -> dict[str, float]:
 
 
 class MemoryWatch:
-    """resident_mb now and at its peak since the last read, sampled every `interval` seconds by a daemon thread
-    (the kernel keeps no peak of each kind apart)."""
+    """resident_mb now and at its peak since the last read, sampled every `interval` seconds by a
+    daemon thread (the kernel keeps no peak of each kind apart)."""
 
     def __init__(self, interval: float = 0.02):
         self.peak, self.stop = resident_mb(), threading.Event()
@@ -147,7 +157,8 @@ class MemoryWatch:
         return now
 
     def read(self) -> dict[str, float]:
-        """{anon_mb, file_mb, peak_anon_mb, peak_file_mb}: now, and the peaks since the last read."""
+        """{anon_mb, file_mb, peak_anon_mb, peak_file_mb}: now, and the peaks since the last
+        read."""
         now = self._update()
         with self.lock:
             figures = {**now, **{f"peak_{name}": value for name, value in self.peak.items()}}

@@ -1,4 +1,5 @@
-"""Shared fixtures: no network, tiny synthetic datasets, and the real-data folder from CIFAR10_DIR."""
+"""Shared fixtures: no network, tiny synthetic datasets, and the real-data folder from
+CIFAR10_DIR."""
 
 import contextlib
 import copy
@@ -22,14 +23,15 @@ import step_module
 import train_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_DEFAULT_CACHE_DIR = cache_module.default_cache_dir  # user_cache replaces it in every test; its own tests use this
+# user_cache replaces it in every test; its own tests use this
+REAL_DEFAULT_CACHE_DIR = cache_module.default_cache_dir
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
-    """Tests never download: any connection to another machine fails as it would offline (local sockets, which
-    multiprocessing's workers use, still connect)."""
+    """Tests never download: any connection to another machine fails as it would offline (local
+    sockets, which multiprocessing's workers use, still connect)."""
     connect = socket.socket.connect
 
     def refuse(self, address, *args, **kwargs):
@@ -45,8 +47,9 @@ def no_network(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def user_cache(tmp_path_factory, monkeypatch):
-    """CACHE_DIR "auto" (the user's cache folder) in a folder of each test's own: no test writes to the real
-    ~/.cache, and none finds another's cache. The folder is made only when a cache is built in it."""
+    """CACHE_DIR "auto" (the user's cache folder) in a folder of each test's own: no test writes to
+    the real ~/.cache, and none finds another's cache. The folder is made only when a cache is built
+    in it."""
     folder = tmp_path_factory.mktemp("user_cache") / cache_module.PROJECT
     monkeypatch.setattr(cache_module, "default_cache_dir", lambda: str(folder))
     return folder
@@ -54,8 +57,8 @@ def user_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread: batches this small gain nothing from more, and on a busy 2-core machine two
-    threads spin idle waiting for each other (tens of times slower)."""
+    """One intra-op thread: batches this small gain nothing from more, and on a busy 2-core machine
+    two threads spin idle waiting for each other (tens of times slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -87,7 +90,8 @@ def write_fake_cifar(root, per_batch=20, seed=0):
             pickle.dump({"batch_label": name, "labels": labels, "data": data,
                          "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}, f, protocol=2)
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f,
+            protocol=2)
     return str(root)
 
 
@@ -119,7 +123,8 @@ def fake_cifar(tmp_path):
     return write_fake_cifar(tmp_path / "data")
 
 
-def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "owls"), per_class=6, size=(20, 14),
+def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "owls"), per_class=6,
+    size=(20, 14),
                      seed=0):
     """An ImageFolder tree of small PNGs, each class a different mean colour."""
     rng = np.random.default_rng(seed)
@@ -129,7 +134,8 @@ def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "ow
             os.makedirs(folder, exist_ok=True)
             for i in range(per_class):
                 base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.int16)
-                pixels = np.clip(base + rng.integers(-40, 40, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+                pixels = np.clip(base + rng.integers(-40, 40, size=(size[1], size[0], 3)), 0,
+                    255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return str(root)
 
@@ -147,13 +153,15 @@ def augmentation(mean, std, crop_size=None, **constants):
 
 
 def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=0, device="cpu"):
-    """A Data of random uint8 images whose class sets the mean brightness, so a model can learn it."""
+    """A Data of random uint8 images whose class sets the mean brightness, so a model can learn
+    it."""
     g = torch.Generator().manual_seed(seed)
 
     def split(n):
         labels = torch.arange(n) % classes
         noise = torch.randint(0, 60, (n, size, size, 3), generator=g)
-        images = (labels.view(-1, 1, 1, 1) * (190 // max(classes - 1, 1)) + noise).clamp(0, 255).to(torch.uint8)
+        images = (labels.view(-1, 1, 1, 1) * (190 // max(classes - 1, 1)) + noise).clamp(0, 255).to(
+            torch.uint8)
         return images, labels
 
     (train_images, train_labels), (val_images, val_labels) = split(n_train), split(n_val)
@@ -162,9 +170,11 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
                                          loader_module.Batching(batch_size, train=True, seed=seed),
                                          augmentation(mean, std, CROP_PADDING=1))
     val = loader_module.ResidentLoader(val_images.to(device), val_labels.to(device),
-                                       loader_module.Batching(2 * batch_size, train=False, seed=seed),
+                                       loader_module.Batching(2 * batch_size, train=False,
+                                       seed=seed),
                                        augmentation(mean, std))
-    return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size, True,
+    return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size,
+        True,
                             test_is_val=True)
 
 
@@ -180,22 +190,25 @@ PHOTO_CLASSES = ["chat noir", "zèbre", "éléphant"]  # as ImageFolder sorts th
 PHOTO_KINDS = [  # (file name, width, height): one of each in every class folder of every split
     ("rgb.jpg", 300, 200), ("grey.png", 40, 30), ("alpha.png", 120, 90), ("palette.png", 64, 64),
     ("palette_transparent.png", 80, 60), ("cmyk.jpg", 100, 150), ("sixteen_bit.png", 90, 70),
-    ("sideways.jpg", 100, 200), ("lossy.webp", 150, 100), ("bitmap.bmp", 50, 60), ("still.gif", 70, 50)]
+    ("sideways.jpg", 100, 200), ("lossy.webp", 150, 100), ("bitmap.bmp", 50, 60), ("still.gif", 70,
+    50)]
 PHOTOS_PER_CLASS = len(PHOTO_KINDS)  # in each split; train/chat noir/ has one more, truncated.jpg
 
 
 def photo_pixels(rng, label, width, height):
-    """uint8 (height, width, 3) noise around a colour of the label's own, so a model can tell classes apart."""
+    """uint8 (height, width, 3) noise around a colour of the label's own, so a model can tell
+    classes apart."""
     base = np.array([70 * label + 30, 220 - 70 * label, 60 + 50 * (label % 2)], dtype=np.int16)
     return np.clip(base + rng.integers(-35, 35, size=(height, width, 3)), 0, 255).astype(np.uint8)
 
 
 def write_photo_tree(root, splits=("train", "val"), seed=0):
-    """An ImageFolder tree of what a user's photo folder holds: PHOTO_CLASSES (spaces, accents), each with
-    the PHOTO_KINDS (sizes 40x30 to 300x200; RGB, L, RGBA, P with and without transparency, CMYK, 16-bit
-    greyscale; JPEG, PNG, WebP, BMP, GIF; sideways.jpg stored 200x100 with EXIF orientation 6, so it is
-    100x200 upright). train/chat noir/ also holds truncated.jpg (its header opens, its data is cut),
-    notes.txt and image.heic (not images to this Pillow without a HEIF plugin) and broken.png (unreadable)."""
+    """An ImageFolder tree of what a user's photo folder holds: PHOTO_CLASSES (spaces, accents),
+    each with the PHOTO_KINDS (sizes 40x30 to 300x200; RGB, L, RGBA, P with and without
+    transparency, CMYK, 16-bit greyscale; JPEG, PNG, WebP, BMP, GIF; sideways.jpg stored 200x100
+    with EXIF orientation 6, so it is 100x200 upright). train/chat noir/ also holds truncated.jpg
+    (its header opens, its data is cut), notes.txt and image.heic (not images to this Pillow without
+    a HEIF plugin) and broken.png (unreadable)."""
     rng = np.random.default_rng(seed)
     for split in splits:
         for label, name in enumerate(PHOTO_CLASSES):
@@ -212,18 +225,22 @@ def write_photo_tree(root, splits=("train", "val"), seed=0):
                     image.save(path)
                 elif file_name.startswith("palette"):
                     palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-                    palette.save(path, **({"transparency": 0} if "transparent" in file_name else {}))
+                    palette.save(path, **({"transparency": 0} if "transparent" in file_name
+                        else {}))
                 elif file_name == "cmyk.jpg":
                     image.convert("CMYK").save(path, quality=95)
                 elif file_name == "sixteen_bit.png":
-                    grey = np.asarray(image.convert("L")).astype(np.uint16) * 257  # 8-bit values, 16-bit range
+                    # 8-bit values, 16-bit range
+                    grey = np.asarray(image.convert("L")).astype(np.uint16) * 257
                     Image.fromarray(grey).save(path)
-                elif file_name == "sideways.jpg":  # stored turned 90 degrees anticlockwise, as phones do
+                # stored turned 90 degrees anticlockwise, as phones do
+                elif file_name == "sideways.jpg":
                     exif = Image.Exif()
                     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
                     image.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
                 else:
-                    image.save(path, **({"quality": 95} if file_name.endswith((".jpg", ".webp")) else {}))
+                    image.save(path, **({"quality": 95} if file_name.endswith((".jpg", ".webp"))
+                        else {}))
     if "train" in splits:
         folder = os.path.join(root, "train", PHOTO_CLASSES[0])
         whole = io.BytesIO()
@@ -253,20 +270,24 @@ def collect(loader, limit=None):
 def smooth_photo(size=256, seed=0):
     """A uint8 (size, size, 3) image with a photo's smoothness: bicubic-enlarged noise."""
     noise = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed)) * 255
-    big = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)
+    big = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic",
+        align_corners=False)
     return big.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).contiguous()
 
 
-# --------------------------------------------------------------------------- training state and CUDA-graph stand-ins
+# --------------------------------------------------------------------------- training state and
+# CUDA-graph stand-ins
 
 
 def state_of(model, optimizer):
     """Copies of the model's state and the optimizer's, for assert_same_state."""
-    return ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()))
+    return ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(
+        optimizer.state_dict()))
 
 
 def assert_same_state(model, optimizer, state):
-    """The model and the optimizer hold exactly what state_of copied: weights, buffers, LRs, momentum."""
+    """The model and the optimizer hold exactly what state_of copied: weights, buffers, LRs,
+    momentum."""
     weights, optimizer_state = state
     for key, value in model.state_dict().items():  # weights and BatchNorm buffers, bit for bit
         assert torch.equal(value, weights[key]), key
@@ -274,18 +295,21 @@ def assert_same_state(model, optimizer, state):
     now = optimizer.state_dict()["state"]
     assert now.keys() == optimizer_state["state"].keys()
     for key in now:
-        assert torch.equal(now[key]["momentum_buffer"], optimizer_state["state"][key]["momentum_buffer"])
+        assert torch.equal(now[key]["momentum_buffer"], optimizer_state["state"][key][
+            "momentum_buffer"])
 
 
 def random_batch(n=8, size=16, seed=0):
     """A seeded batch of n random images and 4-class targets."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+    return torch.randn(n, 3, size, size, generator=generator), torch.randint(0, 4, (n,),
+        generator=generator)
 
 
 class _EagerGraph:
-    """torch.cuda.CUDAGraph's stand-in on the CPU: replay() runs the captured TrainStep's step eagerly on its
-    input buffers and writes its output buffers, as a replay does; broken=True leaves out the optimizer step."""
+    """torch.cuda.CUDAGraph's stand-in on the CPU: replay() runs the captured TrainStep's step
+    eagerly on its input buffers and writes its output buffers, as a replay does; broken=True leaves
+    out the optimizer step."""
 
     def __init__(self, step, broken=False):
         self.step, self.broken = step, broken
@@ -305,11 +329,12 @@ class _EagerGraph:
 
 @pytest.fixture
 def stand_in_cuda(monkeypatch):
-    """torch.cuda's streams and graph capture replaced by stand-ins that run eagerly (the capture's step rolled
-    back: a capture records work without doing it), and TrainStep by one that takes graph=True on the CPU.
-    This tests the CUDA-graph path's bookkeeping only (when a step is captured, what is rolled back, when the
-    capture is checked and dropped), never capture itself: nothing here records or replays device work.
-    Yields the sizes of the optimizer state at each capture, and a switch that breaks the replays."""
+    """torch.cuda's streams and graph capture replaced by stand-ins that run eagerly (the capture's
+    step rolled back: a capture records work without doing it), and TrainStep by one that takes
+    graph=True on the CPU. This tests the CUDA-graph path's bookkeeping only (when a step is
+    captured, what is rolled back, when the capture is checked and dropped), never capture itself:
+    nothing here records or replays device work. Yields the sizes of the optimizer state at each
+    capture, and a switch that breaks the replays."""
     captured, capturing, broken = [], [], []
 
     class Stream:
@@ -334,8 +359,10 @@ def stand_in_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "graph",
-                        lambda graph, **options: step_module.rolled_back(capturing[0].model, capturing[0].optimizer))
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EagerGraph(capturing[0], broken=bool(broken)))
+                        lambda graph, **options: step_module.rolled_back(capturing[0].model,
+                        capturing[0].optimizer))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EagerGraph(capturing[0], broken=bool(
+        broken)))
     monkeypatch.setattr(train_module, "TrainStep", CapturedStep)
     monkeypatch.setattr(step_module, "TrainStep", CapturedStep)
     yield captured, broken

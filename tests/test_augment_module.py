@@ -1,6 +1,6 @@
-"""Batched augmentation: pad-crops and flips, torchvision's RandomResizedCrop boxes, crops that match PIL's,
-automatic augmentation (each op against torchvision's on one image, a draw for each image) and random
-erasing, and the streaming path's PIL transforms."""
+"""Batched augmentation: pad-crops and flips, torchvision's RandomResizedCrop boxes, crops that
+match PIL's, automatic augmentation (each op against torchvision's on one image, a draw for each
+image) and random erasing, and the streaming path's PIL transforms."""
 
 import math
 
@@ -39,7 +39,8 @@ def test_crops_are_shifts_within_the_padding(reflect):
     shifts_seen = set()
     for i in range(len(images)):
         matches = [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
-                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i].permute(2, 0, 1).float())]
+                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i].permute(2, 0,
+                   1).float())]
         assert matches, f"image {i} is not a crop of its padded self"
         shifts_seen.add(matches[0])
     assert len(shifts_seen) > 5  # the shifts really vary
@@ -50,13 +51,16 @@ def test_crop_boxes_fit_and_follow_torchvisions_distribution():
     for height, width in [(256, 256), (100, 300)]:
         boxes = augment_module.sample_crop_boxes(3000, height, width).double()
         top, left, h, w = boxes.unbind(1)
-        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+        assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w
+            <= width).all()
         # within scale (0.08, 1) and ratio (3/4, 4/3) up to the rounding of w and h to whole pixels
         area = height * width
-        assert ((w + 0.5) * (h + 0.5) >= 0.08 * area).all() and ((w - 0.5) * (h - 0.5) <= area).all()
+        assert ((w + 0.5) * (h + 0.5) >= 0.08 * area).all() and ((w - 0.5) * (h - 0.5)
+            <= area).all()
         assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
         image = torch.zeros(3, height, width)
-        reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+        reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0], [3
+            / 4, 4 / 3])
                                   for _ in range(3000)]).double()
         for ours, theirs in [(h * w / area, reference[:, 2] * reference[:, 3] / area),
                              ((w / h).log(), (reference[:, 3] / reference[:, 2]).log()),
@@ -66,9 +70,11 @@ def test_crop_boxes_fit_and_follow_torchvisions_distribution():
 
 
 def test_crop_boxes_fall_back_to_torchvisions_central_crop():
-    # no box of 99-100% of a 10 x 100 image has a ratio in (3/4, 4/3): ten misses, then the central crop
+    # no box of 99-100% of a 10 x 100 image has a ratio in (3/4, 4/3): ten misses, then the central
+    # crop
     boxes = augment_module.sample_crop_boxes(5, 10, 100, scale=(0.99, 1.0))
-    expected = transforms.RandomResizedCrop.get_params(torch.zeros(3, 10, 100), [0.99, 1.0], [3 / 4, 4 / 3])
+    expected = transforms.RandomResizedCrop.get_params(torch.zeros(3, 10, 100), [0.99, 1.0], [3 / 4,
+        4 / 3])
     assert boxes.tolist() == [list(expected)] * 5 == [[0, 43, 10, 13]] * 5
 
 
@@ -77,11 +83,12 @@ def test_crop_boxes_fall_back_to_torchvisions_central_crop():
 def test_the_same_box_gives_the_same_pixels_on_both_paths(box, enlarged):
     """The resident crop (roi_align) against the streaming path's (resized_crop of the PIL image).
 
-    Compared inside a one-pixel frame: at a box's edge the resident crop interpolates with the image's real
-    pixels just outside the box, where resized_crop repeats the box's edge. Inside it: a box enlarged to
-    224 is plain bilinear on both paths, equal to float precision, and PIL rounds to 8 bits after each of
-    its two passes (at most 1 level); a box shrunk to 224 is antialiased by PIL's triangle filter and by
-    roi_align's averaged samples, two low-pass filters that differ by under 2.5 levels (1%) on a photo.
+    Compared inside a one-pixel frame: at a box's edge the resident crop interpolates with the
+    image's real pixels just outside the box, where resized_crop repeats the box's edge. Inside it:
+    a box enlarged to 224 is plain bilinear on both paths, equal to float precision, and PIL rounds
+    to 8 bits after each of its two passes (at most 1 level); a box shrunk to 224 is antialiased by
+    PIL's triangle filter and by roi_align's averaged samples, two low-pass filters that differ by
+    under 2.5 levels (1%) on a photo.
     """
     image = smooth_photo()
     ours = augment_module.crop_and_resize(image[None], torch.tensor([box]), 224)[0][:, 1:-1, 1:-1]
@@ -95,19 +102,22 @@ def test_the_same_box_gives_the_same_pixels_on_both_paths(box, enlarged):
         assert difference.max() < 2.5 and difference.mean() < 0.5
 
 
-# ----------------------------------------------------------------------------- automatic augmentation
+# ----------------------------------------------------------------------------- automatic
+# augmentation
 
 
 def torchvisions_op(image, op, magnitude):
-    """What torchvision's auto-augment policies do to one (C, H, W) uint8 image for an op at a magnitude (as
-    their _apply_image_or_video_transform calls v2.functional)."""
+    """What torchvision's auto-augment policies do to one (C, H, W) uint8 image for an op at a
+    magnitude (as their _apply_image_or_video_transform calls v2.functional)."""
     nearest = InterpolationMode.NEAREST
     shear = math.degrees(math.atan(magnitude))
     calls = {
         "Identity": lambda: image,
-        "ShearX": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
+        "ShearX": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear,
+        0.0],
                                     interpolation=nearest, center=[0, 0]),
-        "ShearY": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, shear],
+        "ShearY": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0,
+        shear],
                                     interpolation=nearest, center=[0, 0]),
         "TranslateX": lambda: F2.affine(image, angle=0.0, translate=[int(magnitude), 0], scale=1.0,
                                         shear=[0.0, 0.0], interpolation=nearest),
@@ -127,8 +137,8 @@ def torchvisions_op(image, op, magnitude):
 
 
 def every_magnitude(policy, op, size):
-    """The policy's magnitudes of an op at each bin, and their negatives where the op is signed (torchvision's
-    own table), as float32."""
+    """The policy's magnitudes of an op at each bin, and their negatives where the op is signed
+    (torchvision's own table), as float32."""
     magnitudes, signed = augment_module.POLICIES[policy]._AUGMENTATION_SPACE[op]
     values = magnitudes(augment_module.MAGNITUDE_BINS, size, size)
     if values is None:
@@ -145,15 +155,18 @@ def test_the_ops_are_torchvisions_in_its_order_for_both_policies():
 @pytest.mark.parametrize("policy", augment_module.AUTO_AUGMENTS)
 @pytest.mark.parametrize("op", OPS)
 def test_each_op_on_a_batch_equals_torchvisions_on_each_image_alone(policy, op, one_thread):
-    """At every magnitude bin and sign, on photo-like images (of grey levels 40-200, so that AutoContrast has
-    work) and on noise: the colour ops within one grey level (on this CPU they are exact), the geometric ones
-    on at least 99% of each image's pixels (a shear's half-pixel ties may round the other way)."""
+    """At every magnitude bin and sign, on photo-like images (of grey levels 40-200, so that
+    AutoContrast has work) and on noise: the colour ops within one grey level (on this CPU they are
+    exact), the geometric ones on at least 99% of each image's pixels (a shear's half-pixel ties may
+    round the other way)."""
     magnitudes = every_magnitude(policy, op, 32)
     n = len(magnitudes)
-    photos = torch.stack([smooth_photo(32, seed=i) for i in range(n // 2)]).mul(0.625).add(40).to(torch.uint8)
+    photos = torch.stack([smooth_photo(32, seed=i) for i in range(n // 2)]).mul(0.625).add(40).to(
+        torch.uint8)
     noise = torch.randint(0, 256, (n - n // 2, 32, 32, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))
-    images = torch.cat([photos, noise]).permute(0, 3, 1, 2)  # channels_last (N, C, H, W), as the loader's
+    # channels_last (N, C, H, W), as the loader's
+    images = torch.cat([photos, noise]).permute(0, 3, 1, 2)
     batched = augment_module.apply_op(images, op, magnitudes)
     for image, out, magnitude in zip(images, batched, magnitudes.tolist()):
         expected = torchvisions_op(image.contiguous(), op, magnitude)
@@ -172,30 +185,36 @@ def test_two_identical_images_in_one_batch_come_out_different():
         out = augment_module.auto_augment(image.expand(64, 32, 32, 3), policy)
         assert not torch.equal(out[0], out[1])
         distinct = {o.numpy().tobytes() for o in out}
-        # unchanged outputs (Identity, magnitude 0, a full-range image's AutoContrast) are alike, few others are;
-        # one draw for the whole batch (transforms.v2 on a batch tensor) would give 1
+        # unchanged outputs (Identity, magnitude 0, a full-range image's AutoContrast) are alike,
+        # few others are; one draw for the whole batch (transforms.v2 on a batch tensor) would give
+        # 1
         assert len(distinct) >= 40, (policy, len(distinct))
 
 
 def test_each_output_is_torchvisions_op_on_its_own_image_and_every_op_is_drawn():
-    """1,400 copies of one image through TrivialAugmentWide: each output is one op of OPS at one of its
-    magnitudes applied to the image, and every op comes up (about 100 times each)."""
+    """1,400 copies of one image through TrivialAugmentWide: each output is one op of OPS at one of
+    its magnitudes applied to the image, and every op comes up (about 100 times each)."""
     torch.manual_seed(0)
-    image = smooth_photo(32, seed=3).mul(0.625).add(40).to(torch.uint8)  # grey levels 40-200: AutoContrast works
+    # grey levels 40-200: AutoContrast works
+    image = smooth_photo(32, seed=3).mul(0.625).add(40).to(torch.uint8)
     outcomes = {}  # an output's pixels: the ops that give it
     for op in OPS:
         magnitudes = every_magnitude("trivialaugment", op, 32)
-        for out in augment_module.apply_op(image.permute(2, 0, 1).expand(len(magnitudes), 3, 32, 32), op, magnitudes):
+        for out in augment_module.apply_op(image.permute(2, 0, 1).expand(len(magnitudes), 3, 32,
+                32), op, magnitudes):
             outcomes.setdefault(out.permute(1, 2, 0).numpy().tobytes(), set()).add(op)
     outputs = augment_module.auto_augment(image.expand(1400, 32, 32, 3), "trivialaugment")
     drawn = [outcomes.get(out.numpy().tobytes()) for out in outputs]
     assert all(drawn)
-    counts = {op: sum(op in ops and len(ops) == 1 for ops in drawn) for op in OPS if op != "Identity"}
-    assert all(count > 30 for count in counts.values()), counts  # told apart by their output: most of ~100 each
+    counts = {op: sum(op in ops and len(ops) == 1 for ops in drawn) for op in OPS if op
+        != "Identity"}
+    # told apart by their output: most of ~100 each
+    assert all(count > 30 for count in counts.values()), counts
 
 
 def test_each_output_depends_only_on_its_own_image():
-    images = torch.randint(0, 256, (40, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(0, 256, (40, 16, 16, 3), dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(1))
     changed = images.clone()
     changed[7] = 255 - changed[7]
     for policy in augment_module.AUTO_AUGMENTS:
@@ -211,7 +230,8 @@ def test_ops_are_drawn_uniformly_and_independently_for_each_image():
     torch.manual_seed(0)
     order, counts = augment_module.draw_ops(14000, "cpu")
     assert sorted(order.tolist()) == list(range(14000)) and sum(counts) == 14000
-    assert all(abs(count - 1000) < 5 * math.sqrt(1000) for count in counts)  # multinomial(14000, 1/14 each)
+    # multinomial(14000, 1/14 each)
+    assert all(abs(count - 1000) < 5 * math.sqrt(1000) for count in counts)
     ops_of_image_0 = set()
     for _ in range(300):
         order, counts = augment_module.draw_ops(20, "cpu")
@@ -221,11 +241,11 @@ def test_ops_are_drawn_uniformly_and_independently_for_each_image():
 
 
 class HostReads(TorchDispatchMode):
-    """The operators run inside it that, on a GPU, would make the host wait for the device: a value read back
-    (_local_scalar_dense: .item(), bool()), a result sized by the data (nonzero, masked_select, a boolean-mask
-    read), a boolean-mask write other than ATen's masked_fill_ path (a one-element CPU value), or an explicit
-    copy to another device. Seen on the CPU, since they are properties of the operators (.tolist() and
-    .numpy() bypass the dispatcher: not seen)."""
+    """The operators run inside it that, on a GPU, would make the host wait for the device: a value
+    read back (_local_scalar_dense: .item(), bool()), a result sized by the data (nonzero,
+    masked_select, a boolean-mask read), a boolean-mask write other than ATen's masked_fill_ path (a
+    one-element CPU value), or an explicit copy to another device. Seen on the CPU, since they are
+    properties of the operators (.tolist() and .numpy() bypass the dispatcher: not seen)."""
 
     def __init__(self):
         super().__init__()
@@ -235,10 +255,13 @@ class HostReads(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         indexing = name in ("index", "index_put", "index_put_", "_index_put_impl_")
-        masks = indexing and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+        masks = indexing and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool,
+            torch.uint8)
                                  for i in args[1])
-        masked_fill = masks and name != "index" and args[2].numel() == 1 and args[2].device.type == "cpu"
-        if name in ("_local_scalar_dense", "nonzero", "masked_select") or (masks and not masked_fill) or \
+        masked_fill = masks and name != "index" and args[2].numel() == 1 and args[
+            2].device.type == "cpu"
+        if name in ("_local_scalar_dense", "nonzero", "masked_select") or (masks
+            and not masked_fill) or \
                 (name == "_to_copy" and "device" in kwargs):
             self.found.append(str(func))
         return func(*args, **kwargs)
@@ -247,7 +270,8 @@ class HostReads(TorchDispatchMode):
 def test_the_batched_augmentation_never_makes_the_device_wait_for_the_host():
     images = torch.randint(0, 256, (64, 16, 16, 3), dtype=torch.uint8)
     for policy in augment_module.AUTO_AUGMENTS:
-        augment_module.auto_augment(images, policy)  # the first call makes the tables it keeps on the device
+        # the first call makes the tables it keeps on the device
+        augment_module.auto_augment(images, policy)
     with HostReads() as watch:
         for policy in augment_module.AUTO_AUGMENTS:
             augment_module.auto_augment(images, policy)
@@ -256,7 +280,8 @@ def test_the_batched_augmentation_never_makes_the_device_wait_for_the_host():
     with HostReads() as watch:  # the watch sees them
         images[images > 100] = images[images > 100] // 2
         torch.zeros(3).sum().item()
-    assert watch.found == ["aten.index.Tensor", "aten.index_put_.default", "aten._local_scalar_dense.default"]
+    assert watch.found == ["aten.index.Tensor", "aten.index_put_.default",
+        "aten._local_scalar_dense.default"]
 
 
 # ----------------------------------------------------------------------------- random erasing
@@ -271,9 +296,11 @@ def test_erased_boxes_follow_torchvisions_distribution():
     h, w = rows.sum(1).double(), cols.sum(1).double()
     top = rows.double().argmax(1)
     erasing = transforms.RandomErasing(1.0)
-    reference = torch.tensor([erasing.get_params(torch.zeros(3, size, size), erasing.scale, erasing.ratio, [0.0])[:4]
+    reference = torch.tensor([erasing.get_params(torch.zeros(3, size, size), erasing.scale,
+        erasing.ratio, [0.0])[:4]
                               for _ in range(n)]).double()
-    assert (h > 0).float().mean() > 0.99 and (reference[:, 2] < size).float().mean() > 0.99  # nearly all fit
+    # nearly all fit
+    assert (h > 0).float().mean() > 0.99 and (reference[:, 2] < size).float().mean() > 0.99
     kept = (h > 0) & (h < size)
     h, w, top = h[kept], w[kept], top[kept]
     ref_h, ref_w, ref_top = reference[:, 2], reference[:, 3], reference[:, 0]
@@ -281,7 +308,8 @@ def test_erased_boxes_follow_torchvisions_distribution():
                          (top + h / 2, ref_top + ref_h / 2)]:
         standard_error = (ours.var() / len(ours) + theirs.var() / len(theirs)).sqrt()
         assert (ours.mean() - theirs.mean()).abs() < 4 * standard_error
-    erased = augment_module.erase_masks(n, size, size, 0.25, "cpu").flatten(1).any(1).double().mean()
+    erased = augment_module.erase_masks(n, size, size, 0.25, "cpu").flatten(1).any(
+        1).double().mean()
     assert abs(erased - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
 
 
@@ -299,18 +327,24 @@ def test_random_erasing_gives_two_identical_images_boxes_of_their_own():
 
 def test_the_streaming_path_trains_with_torchvisions_own_transforms():
     mean, std = (0.5,) * 3, (0.25,) * 3
-    for policy, kind in [("trivialaugment", transforms.TrivialAugmentWide), ("randaugment", transforms.RandAugment)]:
+    for policy, kind in [("trivialaugment", transforms.TrivialAugmentWide), ("randaugment",
+            transforms.RandAugment)]:
         augmented = augmentation(mean, std, AUTO_AUGMENT=policy, RANDOM_ERASING=0.25)
         steps = augment_module.pil_transform(True, 32, augmented).transforms
-        assert [type(step) for step in steps] == [transforms.RandomCrop, transforms.RandomHorizontalFlip, kind,
-                                                  transforms.ToTensor, transforms.Normalize, transforms.RandomErasing]
+        assert [type(step) for step in steps] == [transforms.RandomCrop,
+            transforms.RandomHorizontalFlip, kind,
+                                                  transforms.ToTensor, transforms.Normalize,
+                                                  transforms.RandomErasing]
         assert steps[2].num_magnitude_bins == 31 and (policy == "trivialaugment" or
-                                                      (steps[2].num_ops, steps[2].magnitude) == (2, 9))
-        assert (steps[-1].p, steps[-1].scale, steps[-1].ratio, steps[-1].value) == (0.25, (0.02, 0.33), (0.3, 3.3), 0)
+                                                      (steps[2].num_ops, steps[2].magnitude) == (2,
+                                                      9))
+        assert (steps[-1].p, steps[-1].scale, steps[-1].ratio, steps[-1].value) == (0.25, (0.02,
+            0.33), (0.3, 3.3), 0)
         evaluation = augment_module.pil_transform(False, 32, augmented).transforms
         assert [type(step) for step in evaluation] == [transforms.ToTensor, transforms.Normalize]
     plain = augment_module.pil_transform(True, 32, augmentation(mean, std)).transforms
-    assert [type(step) for step in plain] == [transforms.RandomCrop, transforms.RandomHorizontalFlip,
+    assert [type(step) for step in plain] == [transforms.RandomCrop,
+        transforms.RandomHorizontalFlip,
                                               transforms.ToTensor, transforms.Normalize]
 
 
@@ -318,13 +352,14 @@ def test_the_streaming_path_trains_with_torchvisions_own_transforms():
 
 
 def labelled_batch(n=6, classes=10, size=8):
-    """A channels_last batch of n images, image i filled with the value i (so a pixel tells its source image),
-    and labels that differ from the one before each (so a target row tells both of its classes)."""
+    """A channels_last batch of n images, image i filled with the value i (so a pixel tells its
+    source image), and labels that differ from the one before each (so a target row tells both of
+    its classes)."""
     images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, size, size)
     return images.contiguous(memory_format=torch.channels_last), torch.arange(n) % classes
 
 
-def test_mixup_targets_sum_to_one_and_each_image_is_blended_with_the_one_before_by_its_targets_share():
+def test_mixup_targets_sum_to_one_and_each_image_is_blended_with_the_one_before_by_its_share():
     images, labels = labelled_batch()
     mix = augment_module.batch_mixer(dict(mixup=0.2, cutmix=0.0), num_classes=10)
     for seed in range(5):
@@ -332,9 +367,11 @@ def test_mixup_targets_sum_to_one_and_each_image_is_blended_with_the_one_before_
         mixed, targets = mix(images, labels)
         assert targets.shape == (6, 10) and targets.dtype == torch.float32
         assert torch.allclose(targets.sum(1), torch.ones(6))
-        lam = targets[0, labels[0]].item()  # the image's own share; the rest goes to the class of the one before
+        # the image's own share; the rest goes to the class of the one before
+        lam = targets[0, labels[0]].item()
         assert 0 <= lam <= 1 and targets[0, labels[-1]].item() == pytest.approx(1 - lam)
-        assert torch.allclose(targets[:, labels], lam * torch.eye(6) + (1 - lam) * torch.eye(6).roll(-1, 1))
+        assert torch.allclose(targets[:, labels], lam * torch.eye(6) + (1 - lam) * torch.eye(
+            6).roll(-1, 1))
         assert torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-6)
         assert mixed.is_contiguous(memory_format=torch.channels_last)  # the loaders' layout is kept
 
@@ -349,7 +386,8 @@ def test_cutmix_pastes_a_box_of_the_image_before_whose_area_share_is_that_classe
         assert torch.allclose(targets.sum(1), torch.ones(6))
         for i in range(6):
             from_before = mixed[i] == images[i - 1]
-            assert torch.equal(from_before | (mixed[i] == images[i]), torch.ones_like(from_before))  # no blending
+            # no blending
+            assert torch.equal(from_before | (mixed[i] == images[i]), torch.ones_like(from_before))
             share = from_before.float().mean().item()
             assert targets[i, labels[i - 1]].item() == pytest.approx(share, abs=1e-6)
             assert targets[i, labels[i]].item() == pytest.approx(1 - share, abs=1e-6)
@@ -369,7 +407,8 @@ def test_with_both_on_each_batch_gets_mixup_or_cutmix_and_with_both_off_there_is
         if lam in (0.0, 1.0):
             continue  # nothing mixed: either could have done it
         blended = torch.allclose(mixed[1], lam * images[1] + (1 - lam) * images[0], atol=1e-6)
-        pasted = bool(((mixed[1] == images[0]) | (mixed[1] == images[1])).all())  # every pixel one image's own
+        # every pixel one image's own
+        pasted = bool(((mixed[1] == images[0]) | (mixed[1] == images[1])).all())
         assert blended != pasted  # one or the other
         kinds.add("mixup" if blended else "cutmix")
     assert kinds == {"mixup", "cutmix"}

@@ -1,5 +1,5 @@
-"""The decoded-image cache: built once, opened after, rebuilt when the files or the size change or a file of it
-is cut short, and one valid cache when two processes build it at once."""
+"""The decoded-image cache: built once, opened after, rebuilt when the files or the size change or a
+file of it is cut short, and one valid cache when two processes build it at once."""
 
 import errno
 import glob
@@ -69,13 +69,16 @@ def test_the_cache_is_built_once_then_opened_without_decoding(tmp_path):
     paths = write_files(tmp_path / "images")
     first, fill = build(paths, tmp_path / "cache", tmp_path)
     assert first.built and fill.calls == 1 and first.failed == []
-    assert first.images.shape == (5, 4, 4, 3) and first.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert first.images.shape == (5, 4, 4, 3) and first.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3,
+        4]
     written = os.stat(first.path)
     again, fill = build(paths, tmp_path / "cache", tmp_path)
     assert not again.built and fill.calls == 0 and again.path == first.path
     assert torch.equal(again.images, first.images)
-    assert os.stat(again.path).st_mtime_ns == written.st_mtime_ns and os.stat(again.path).st_ino == written.st_ino
-    assert [name for name in cache_files(tmp_path / "cache") if name.endswith((".npy", ".json"))] == [
+    assert os.stat(again.path).st_mtime_ns == written.st_mtime_ns and os.stat(
+        again.path).st_ino == written.st_ino
+    assert [name for name in cache_files(tmp_path / "cache") if name.endswith((".npy",
+        ".json"))] == [
         os.path.basename(first.path)[:-4] + ".json", os.path.basename(first.path)]
 
 
@@ -110,7 +113,8 @@ def test_a_changed_folder_or_size_gets_a_new_cache_and_the_superseded_one_goes(t
     assert new.images.shape == (len(paths), size, size, 3)
     if change == "content":
         assert new.images[2, 0, 0, 0] == 9
-    # the old cache of the same folder and size can never be opened again: it is deleted; another size stays
+    # the old cache of the same folder and size can never be opened again: it is deleted; another
+    # size stays
     assert os.path.exists(old.path) == (change == "size")
     assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == (2 if change == "size" else 1)
 
@@ -128,8 +132,10 @@ def test_the_key_is_the_same_for_relative_and_absolute_paths_and_roots(tmp_path,
     monkeypatch.chdir(tmp_path)
     relative = [os.path.relpath(path, tmp_path) for path in paths]
     key = cache_module.cache_key(paths, 4, str(tmp_path))
-    assert cache_module.cache_key(relative, 4, ".") == key == cache_module.cache_key(relative, 4, str(tmp_path))
-    assert cache_module.cache_key(paths, 4, str(tmp_path / "images")) != key  # the relative paths differ
+    assert cache_module.cache_key(relative, 4, ".") == key == cache_module.cache_key(relative, 4,
+        str(tmp_path))
+    # the relative paths differ
+    assert cache_module.cache_key(paths, 4, str(tmp_path / "images")) != key
 
 
 class Statistics:
@@ -146,12 +152,16 @@ class Statistics:
 def test_statistics_are_computed_once_per_set_of_rows_and_remembered_beside_the_cache(tmp_path):
     cache, _ = build(write_files(tmp_path / "images"), tmp_path / "cache", tmp_path)
     first = Statistics(((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
-    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]), first) == first.value and first.calls == 1
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]),
+        first) == first.value and first.calls == 1
     again = Statistics(((9.0,) * 3, (9.0,) * 3))
-    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]), again) == first.value and again.calls == 0
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]),
+        again) == first.value and again.calls == 0
     other = Statistics(((0.7,) * 3, (0.8,) * 3))  # other rows: computed, and both kept
-    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 3]), other) == other.value and other.calls == 1
-    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]), again) == first.value and again.calls == 0
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 3]),
+        other) == other.value and other.calls == 1
+    assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]),
+        again) == first.value and again.calls == 0
 
 
 @pytest.mark.parametrize("damage", ["garbage", "a list", "read-only folder"])
@@ -168,7 +178,8 @@ def test_a_memo_that_cannot_be_read_or_written_is_only_computed(tmp_path, damage
     try:
         for calls in (1, 2):
             statistics = Statistics(((0.5,) * 3, (0.25,) * 3))
-            assert cache_module.remembered(cache.path, torch.arange(3), statistics) == statistics.value
+            assert cache_module.remembered(cache.path, torch.arange(3),
+                statistics) == statistics.value
             assert statistics.calls == (1 if damage == "read-only folder" or calls == 1 else 0)
     finally:
         os.chmod(tmp_path / "cache", 0o755)
@@ -185,28 +196,34 @@ def test_two_folders_with_the_same_file_names_get_caches_of_their_own(tmp_path):
     one, _ = build(first, tmp_path / "cache", tmp_path / "one")
     two, fill = build(second, tmp_path / "cache", tmp_path / "two")
     assert fill.calls == 1 and two.path != one.path
-    assert one.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4] and two.images[:, 0, 0, 0].tolist() == [9] * 5
-    again, fill = build(first, tmp_path / "cache", tmp_path / "one")  # the second did not replace the first
+    assert one.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4] and two.images[:, 0, 0,
+        0].tolist() == [9] * 5
+    # the second did not replace the first
+    again, fill = build(first, tmp_path / "cache", tmp_path / "one")
     assert fill.calls == 0 and again.path == one.path
-    # a copy that keeps every file's name, size and time to the nanosecond (cp -a) is taken for the same
-    # files, as a moved folder is
+    # a copy that keeps every file's name, size and time to the nanosecond (cp -a) is taken for the
+    # same files, as a moved folder is
     for path, twin in zip(first, second):
         os.utime(twin, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns))
     assert build(second, tmp_path / "cache", tmp_path / "two")[0].path == one.path
 
 
-def test_the_default_cache_folder_is_the_users_own_read_from_the_environment_at_each_call(tmp_path, monkeypatch):
+def test_the_default_cache_folder_is_the_users_own_read_from_the_environment_at_each_call(tmp_path,
+        monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert REAL_DEFAULT_CACHE_DIR() == str(tmp_path / "xdg" / "lra-pipeline")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: a relative path is ignored
+    # the XDG spec: a relative path is ignored
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
     assert REAL_DEFAULT_CACHE_DIR() == str(tmp_path / "home" / ".cache" / "lra-pipeline")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert REAL_DEFAULT_CACHE_DIR() == str(tmp_path / "home" / ".cache" / "lra-pipeline")
-    assert not (tmp_path / "home").exists() and not (tmp_path / "xdg").exists()  # naming it creates nothing
+    # naming it creates nothing
+    assert not (tmp_path / "home").exists() and not (tmp_path / "xdg").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated npy", "truncated index", "no index", "index of another size"])
+@pytest.mark.parametrize("damage", ["truncated npy", "truncated index", "no index",
+    "index of another size"])
 def test_a_damaged_cache_is_rebuilt_never_trusted(tmp_path, damage):
     paths = write_files(tmp_path / "images")
     good, _ = build(paths, tmp_path / "cache", tmp_path)
@@ -219,7 +236,8 @@ def test_a_damaged_cache_is_rebuilt_never_trusted(tmp_path, damage):
     elif damage == "truncated index":
         with open(index, "r+b") as f:
             f.truncate(10)
-    elif damage == "no index":  # killed after the .npy was moved into place, before the index was written
+    # killed after the .npy was moved into place, before the index was written
+    elif damage == "no index":
         os.remove(index)
     else:
         with open(index) as f:
@@ -239,7 +257,8 @@ def test_a_failed_build_leaves_no_file_and_the_next_run_builds(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cache_module.open_or_build(paths, 4, str(tmp_path / "cache"), root=str(tmp_path), fill=interrupted)
+        cache_module.open_or_build(paths, 4, str(tmp_path / "cache"), root=str(tmp_path),
+            fill=interrupted)
     assert [name for name in cache_files(tmp_path / "cache") if not name.endswith(".lock")] == []
     assert build(paths, tmp_path / "cache", tmp_path)[0].built
 
@@ -263,16 +282,19 @@ def test_a_cache_folder_that_cannot_be_written_raises_cache_error(tmp_path):
 
 def test_a_cache_larger_than_the_free_space_is_refused_before_decoding(tmp_path, monkeypatch):
     paths = write_files(tmp_path / "images")
-    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 1000})())
-    with pytest.raises(cache_module.CacheError, match="needs 0.00 GiB in .*which has 0.00 GiB free"):
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda folder: type("Usage", (), {
+        "free": 1000})())
+    with pytest.raises(cache_module.CacheError,
+            match="needs 0.00 GiB in .*which has 0.00 GiB free"):
         build(paths, tmp_path / "cache", tmp_path, size=40)
 
 
 def build_in_a_process(paths, cache_dir, lock, barrier, results):
-    """One of two processes building the same cache of 64-px rows at once: row i is i + 1. Numpy only: torch's
-    OpenMP threads, once started in the test process, do not survive a fork."""
+    """One of two processes building the same cache of 64-px rows at once: row i is i + 1. Numpy
+    only: torch's OpenMP threads, once started in the test process, do not survive a fork."""
     if not lock:
-        cache_module.fcntl = None  # as on Windows: no lock, both decode, and os.replace leaves one whole cache
+        # as on Windows: no lock, both decode, and os.replace leaves one whole cache
+        cache_module.fcntl = None
     decoded = []
 
     def fill(out):
@@ -283,18 +305,21 @@ def build_in_a_process(paths, cache_dir, lock, barrier, results):
         return []
 
     barrier.wait()
-    cache = cache_module.open_or_build(paths, 64, cache_dir, root=os.path.dirname(paths[0]), fill=fill)
+    cache = cache_module.open_or_build(paths, 64, cache_dir, root=os.path.dirname(paths[0]),
+        fill=fill)
     results.put((bool(decoded), int(cache.images.numpy().sum(dtype=np.int64))))
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="forks the test process (the children need no torch import)")
+@pytest.mark.skipif(sys.platform != "linux",
+    reason="forks the test process (the children need no torch import)")
 @pytest.mark.parametrize("lock", [True, False])
 def test_two_processes_building_at_once_leave_one_valid_cache(tmp_path, lock):
     paths = write_files(tmp_path / "images", 20)
     cache_dir = str(tmp_path / "cache")
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(2), context.Queue()
-    builders = [context.Process(target=build_in_a_process, args=(paths, cache_dir, lock, barrier, results))
+    builders = [context.Process(target=build_in_a_process, args=(paths, cache_dir, lock, barrier,
+        results))
                 for _ in range(2)]
     for builder in builders:
         builder.start()
@@ -305,7 +330,8 @@ def test_two_processes_building_at_once_leave_one_valid_cache(tmp_path, lock):
     expected = sum((i + 1) * 64 * 64 * 3 for i in range(20))
     assert [total for _, total in outcomes] == [expected] * 2
     decoded = sum(built for built, _ in outcomes)
-    assert decoded == (1 if lock else 2)  # under the lock the second waits, then opens the first's cache
+    # under the lock the second waits, then opens the first's cache
+    assert decoded == (1 if lock else 2)
     names = cache_files(cache_dir)
     assert len([name for name in names if name.endswith(".npy")]) == 1
     assert len([name for name in names if name.endswith(".json")]) == 1

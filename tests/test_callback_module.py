@@ -21,7 +21,8 @@ from state_module import TrainState
 
 def tiny_model(freeze=False):
     torch.manual_seed(0)
-    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+    body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
                          nn.Flatten())
     model = model_module.Classifier(body, nn.Linear(4, 3))
     if freeze:
@@ -40,7 +41,8 @@ class Harness:
                                   nesterov=False)
         self.optimizer = optim_module.make_optimizer(self.model, sgd)
         self.lra = LRA(dataclasses.replace(configs(ASK_EPOCH=None).lra, **settings),
-                       frozen=bool(model_module.frozen_parameters(self.model)), stream=io.StringIO())
+                       frozen=bool(model_module.frozen_parameters(self.model)),
+                       stream=io.StringIO())
         self.state = TrainState(self.model, self.optimizer, self.lra)
         self.decision = None
 
@@ -61,7 +63,8 @@ def make_lra(model=None, lr=0.1, **settings):
 
 
 def metrics(train_acc=0.5, val_loss=1.0, val_acc=0.5, train_loss=1.0):
-    return {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc}
+    return {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+        "val_acc": val_acc}
 
 
 def lr_of(h):
@@ -95,10 +98,13 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("name, value", [("patience", 0), ("patience", 1.5), ("stop_patience", 0),
-                                         ("threshold", 1.5), ("factor", 1.0), ("factor", 0.0), ("ask_epoch", 0),
-                                         ("min_lr", -1), ("min_delta", -0.1), ("unfreeze_epoch", 0)])
+                                         ("threshold", 1.5), ("factor", 1.0), ("factor", 0.0), (
+                                         "ask_epoch", 0),
+                                         ("min_lr", -1), ("min_delta", -0.1), ("unfreeze_epoch",
+                                         0)])
 def test_bad_setting_is_refused_naming_its_constant(name, value):
-    with pytest.raises(ValueError, match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
+    with pytest.raises(ValueError,
+            match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
         configs(**{name.upper(): value})
 
 
@@ -167,16 +173,23 @@ def test_phase_switches_at_threshold_and_back():
     lra = make_lra(threshold=0.6, stop_patience=10)
     lra.on_epoch_end(1, metrics(train_acc=0.4, val_loss=1.0))
     assert lra.decision.monitor == "train_acc"
-    lra.on_epoch_end(2, metrics(train_acc=0.6, val_loss=0.9))  # exactly at the threshold: validation loss
+    # exactly at the threshold: validation loss
+    lra.on_epoch_end(2, metrics(train_acc=0.6, val_loss=0.9))
     assert lra.decision.monitor == "val_loss" and lra.decision.improved
-    lra.on_epoch_end(3, metrics(train_acc=0.7, val_loss=0.95))  # accuracy up, but the monitor is val_loss
-    assert lra.decision.monitor == "val_loss" and not lra.decision.improved and "LR cut" in lra.decision.event
+    # accuracy up, but the monitor is val_loss
+    lra.on_epoch_end(3, metrics(train_acc=0.7, val_loss=0.95))
+    assert (
+        lra.decision.monitor == "val_loss"
+        and not lra.decision.improved
+        and "LR cut" in lra.decision.event
+    )
     lra.on_epoch_end(4, metrics(train_acc=0.5, val_loss=0.99))  # below the threshold again
     assert lra.decision.monitor == "train_acc"
 
 
 def test_best_weights_follow_validation_loss_in_the_accuracy_phase():
-    """Best weights are chosen by validation loss in both phases (the Keras original used accuracy)."""
+    """Best weights are chosen by validation loss in both phases (the Keras original used
+    accuracy)."""
     lra = make_lra(threshold=1.0, dwell=False, stop_patience=10)
     lra.on_epoch_end(1, metrics(train_acc=0.5, val_loss=0.8))
     lra.on_epoch_end(2, metrics(train_acc=0.6, val_loss=1.2))
@@ -252,13 +265,14 @@ def test_event_names_what_happened_in_the_order_the_loop_carries_it_out():
     assert lra.decision.event == "best"
     lra.on_epoch_end(2, metrics(val_loss=1.5))
     assert lra.decision.event == "restored epoch 1, LR cut, stop"
-    assert callback_module.describe(True, None, True, False, True) == "best, LR cut, unfroze the body"
+    assert callback_module.describe(True, None, True, False,
+        True) == "best, LR cut, unfroze the body"
 
 
 @pytest.mark.parametrize("ending", ["epoch limit", "LRA stop", "H", "Ctrl-C"])
 def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatch, tmp_path):
-    """Epoch 1 is the best, epoch 2 moves the weights and is worse; then training ends one way or another, and
-    fit's own ending puts epoch 1's weights back."""
+    """Epoch 1 is the best, epoch 2 moves the weights and is worse; then training ends one way or
+    another, and fit's own ending puts epoch 1's weights back."""
     settings = {"epoch limit": {}, "LRA stop": {"stop_patience": 1}, "H": {"ask_epoch": 2},
                 "Ctrl-C": {"ask_epoch": 2}}[ending]
     if ending in ("H", "Ctrl-C"):
@@ -270,10 +284,12 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
                                         **settings}), stream=io.StringIO())
     scripted, weights = {1: metrics(val_loss=1.0, val_acc=0.7), 2: metrics(val_loss=1.5)}, []
 
-    def one_epoch(step, data, epoch, state, check):  # a real step moves the weights; the metrics are scripted
+    # a real step moves the weights; the metrics are scripted
+    def one_epoch(step, data, epoch, state, check):
         train_step(state.model, state.optimizer, epoch)
         weights.append({k: v.clone() for k, v in state.model.state_dict().items()})
-        return {"epoch": epoch, **scripted[epoch], "lr": optim_module.get_lr(state.optimizer), "seconds": 0.0,
+        return {"epoch": epoch, **scripted[epoch], "lr": optim_module.get_lr(state.optimizer),
+            "seconds": 0.0,
                 "train_seconds": 0.0}
 
     monkeypatch.setattr(train_module, "_train_and_validate", one_epoch)
@@ -281,7 +297,8 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
     history = train_module.fit(TrainState(model, optimizer, lra), None,
                                configs(EPOCHS=epochs, OUTPUT_DIR=str(tmp_path)).fit)
     assert [row["epoch"] for row in history] == [1, 2]
-    assert not all(torch.equal(v, weights[0][k]) for k, v in weights[1].items())  # epoch 2 did move them
+    # epoch 2 did move them
+    assert not all(torch.equal(v, weights[0][k]) for k, v in weights[1].items())
     assert_same(model.state_dict(), weights[0])
     output = lra.stream.getvalue()
     assert "from epoch 1" in output and "70.00%" in output
@@ -436,9 +453,11 @@ def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
 
 def test_state_round_trip_makes_the_same_decisions():
     sequence = [metrics(train_acc=a, val_loss=v) for a, v in
-                [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85), (0.97, 0.84), (0.98, 0.9)]]
+                [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85), (0.97, 0.84), (
+                0.98, 0.9)]]
     straight = make_lra(threshold=0.9, stop_patience=5)
-    straight_log = [(straight.on_epoch_end(e, m), lr_of(straight), straight.decision.monitor, straight.lra.cuts)
+    straight_log = [(straight.on_epoch_end(e, m), lr_of(straight), straight.decision.monitor,
+        straight.lra.cuts)
                     for e, m in enumerate(sequence, start=1)]
 
     first = make_lra(threshold=0.9, stop_patience=5)
@@ -456,18 +475,25 @@ def test_state_round_trip_makes_the_same_decisions():
     assert second.lra.best_epoch == straight.lra.best_epoch
 
 
-def test_without_validation_the_last_epoch_is_best_and_training_loss_is_watched_above_the_threshold():
+def test_without_validation_the_last_epoch_is_best_and_training_loss_is_watched_above_threshold():
     h = make_lra(threshold=0.5, patience=1, stop_patience=5)
-    rows = [(0.3, 2.0), (0.6, 1.5), (0.7, 1.6), (0.8, 1.4)]  # (train_acc, train_loss); no val_loss, no val_acc
+    # (train_acc, train_loss); no val_loss, no val_acc
+    rows = [(0.3, 2.0), (0.6, 1.5), (0.7, 1.6), (0.8, 1.4)]
     decisions = []
     for epoch, (acc, loss) in enumerate(rows, start=1):
         h.on_epoch_end(epoch, {"train_acc": acc, "train_loss": loss})
         decisions.append(h.decision)
-    assert all(d.new_best and not d.restore for d in decisions)  # every epoch the best; dwell has nowhere to go
+    # every epoch the best; dwell has nowhere to go
+    assert all(d.new_best and not d.restore for d in decisions)
     assert [d.monitor for d in decisions] == ["train_acc", "train_loss", "train_loss", "train_loss"]
-    assert ["LR cut" in d.event for d in decisions] == [False, False, True, False]  # loss rose at epoch 3
+    # loss rose at epoch 3
+    assert ["LR cut" in d.event for d in decisions] == [False, False, True, False]
     assert h.lra.best_epoch == 4 and h.lra.best_val_acc is None
     lines = h.output.splitlines()
-    assert lines[3].split("|")[3].strip() == "" and lines[3].split("|")[4].strip() == ""  # empty V_loss, V_acc
+    # empty V_loss, V_acc
+    assert lines[3].split("|")[3].strip() == "" and lines[3].split("|")[4].strip() == ""
     h.lra.on_train_end()
-    assert "No validation images: the model and best_model.pth hold the final weights, from epoch 4" in h.output
+    assert (
+        "No validation images: the model and best_model.pth hold the final weights, from epoch 4"
+        in h.output
+    )

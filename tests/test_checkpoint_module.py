@@ -1,5 +1,5 @@
-"""A run's files: what the checkpoint holds, a resume from it, files of another format refused, an earlier run's
-files moved aside."""
+"""A run's files: what the checkpoint holds, a resume from it, files of another format refused, an
+earlier run's files moved aside."""
 
 import dataclasses
 import datetime
@@ -26,7 +26,8 @@ from state_module import RunInfo, TrainState
 def new_state(data, model_name="cnn", started=None):
     model = model_module.get_model(model_name, 4)
     optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
-    info = RunInfo({"MODEL": model_name, "DATASET": "cifar10", "FREEZE": False}, data.classes, list(data.mean),
+    info = RunInfo({"MODEL": model_name, "DATASET": "cifar10", "FREEZE": False}, data.classes, list(
+        data.mean),
                    list(data.std), 16, started=started)
     return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO()),
                       info=info)
@@ -47,7 +48,8 @@ def test_the_checkpoint_holds_everything_a_resume_needs(tmp_path):
     fields = [field.name for field in dataclasses.fields(RunInfo)]
     assert set(checkpoint) == {*state_module.KEYS, *fields, "format"}
     assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
-    assert checkpoint["lra"]["best_epoch"] == state.lra.best_epoch and checkpoint["best"]["model"] is not None
+    assert checkpoint["lra"]["best_epoch"] == state.lra.best_epoch and checkpoint["best"][
+        "model"] is not None
 
 
 def test_a_resume_loads_the_whole_state_and_rewrites_the_best_files_from_the_checkpoint(tmp_path):
@@ -72,21 +74,25 @@ def test_a_checkpoint_of_another_format_or_model_is_refused(tmp_path):
     path = str(tmp_path / "run" / "last_checkpoint.pth")
     checkpoint = torch.load(path, weights_only=True)
     utils.save_torch({**checkpoint, "format": 1}, str(tmp_path / "old.pth"))
-    with pytest.raises(utils.CheckpointError, match="is not a last_checkpoint.pth of this pipeline"):
+    with pytest.raises(utils.CheckpointError,
+            match="is not a last_checkpoint.pth of this pipeline"):
         checkpoint_module.read_checkpoint(str(tmp_path / "old.pth"))
     other = new_state(data, model_name="resnet18_cifar")
-    with pytest.raises(utils.CheckpointError, match="was saved with MODEL = 'cnn', but this run has 'resnet18_cifar'"):
+    with pytest.raises(utils.CheckpointError,
+            match="was saved with MODEL = 'cnn', but this run has 'resnet18_cifar'"):
         checkpoint_module.resume(checkpoint, path, other, output_dir=str(tmp_path / "run"))
 
 
-def test_a_checkpoint_written_before_the_ema_existed_resumes_as_a_run_without_one(tmp_path, one_thread):
+def test_a_checkpoint_written_before_the_ema_existed_resumes_as_a_run_without_one(tmp_path,
+        one_thread):
     state, data, history = run_fit(tmp_path / "run", epochs=1)
     path = str(tmp_path / "old.pth")
     checkpoint = torch.load(tmp_path / "run" / "last_checkpoint.pth", weights_only=True)
     del checkpoint["ema"], checkpoint["best"]["ema"]  # as FORMAT 2 files were first written
     utils.save_torch(checkpoint, path)
     resumed = new_state(data, started=state.info.started)
-    checkpoint_module.resume(checkpoint_module.read_checkpoint(path), path, resumed, output_dir=str(tmp_path / "run"))
+    checkpoint_module.resume(checkpoint_module.read_checkpoint(path), path, resumed, output_dir=str(
+        tmp_path / "run"))
     assert resumed.ema is None and resumed.history == history
     saved = torch.load(tmp_path / "run" / "best_model.pth", weights_only=True)
     assert all(torch.equal(saved[key], value) for key, value in state.best.model.items())
@@ -112,7 +118,8 @@ def test_an_earlier_run_moves_to_previous_under_its_start_time_byte_for_byte(tmp
     run_fit(out, epochs=2, started="2026-11-27T03:58:12+00:00")
     (out / "notes.txt").write_text("mine")
     before = {name: data for name, data in files_in(out).items() if name != "notes.txt"}
-    assert set(before) == {"last_checkpoint.pth", "best_model.pth", "best_model.json", "training_metrics.csv"}
+    assert set(before) == {"last_checkpoint.pth", "best_model.pth", "best_model.json",
+        "training_metrics.csv"}
     local = datetime.datetime(2026, 11, 27, 3, 58, 12, tzinfo=datetime.timezone.utc).astimezone()
     expected = out / "previous" / local.strftime("%Y-%m-%dT%H-%M-%S")
 
@@ -121,9 +128,11 @@ def test_an_earlier_run_moves_to_previous_under_its_start_time_byte_for_byte(tmp
     assert files_in(out) == {"notes.txt": b"mine"}  # what the run did not write stays
     assert capsys.readouterr().out == f"The earlier run's files are kept in {expected}\n"
 
-    run_fit(out, epochs=1, started="2026-11-27T03:58:12+00:00")  # another run that started the same second
+    # another run that started the same second
+    run_fit(out, epochs=1, started="2026-11-27T03:58:12+00:00")
     assert checkpoint_module.move_earlier_run(str(out)) == f"{expected}_2"
-    assert set(files_in(expected)) == set(files_in(out / "previous" / f"{expected.name}_2")) == set(before)
+    assert set(files_in(expected)) == set(files_in(out / "previous" / f"{expected.name}_2")) == set(
+        before)
 
 
 def test_files_that_did_not_record_a_start_are_named_by_the_oldest_file(tmp_path):
@@ -131,13 +140,16 @@ def test_files_that_did_not_record_a_start_are_named_by_the_oldest_file(tmp_path
         (tmp_path / name).write_bytes(b"written before runs recorded their start")
         os.utime(tmp_path / name, (1_800_000_000 - 3600 * age,) * 2)
     oldest = datetime.datetime.fromtimestamp(1_800_000_000 - 7200)
-    assert checkpoint_module.move_earlier_run(str(tmp_path)).endswith(oldest.strftime("previous/%Y-%m-%dT%H-%M-%S"))
+    assert checkpoint_module.move_earlier_run(str(tmp_path)).endswith(oldest.strftime(
+        "previous/%Y-%m-%dT%H-%M-%S"))
 
 
 def test_a_checkpoint_alone_gives_its_start_time(tmp_path):
-    utils.save_torch({"started": "2026-01-02T03:04:05+00:00"}, str(tmp_path / "last_checkpoint.pth"))
-    assert checkpoint_module.run_started(str(tmp_path)) == datetime.datetime(2026, 1, 2, 3, 4, 5,
-                                                                             tzinfo=datetime.timezone.utc)
+    utils.save_torch({"started": "2026-01-02T03:04:05+00:00"}, str(tmp_path
+        / "last_checkpoint.pth"))
+    assert checkpoint_module.run_started(str(tmp_path)) == datetime.datetime(
+        2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc
+    )
 
 
 def test_a_folder_without_a_run_moves_nothing(tmp_path):
@@ -178,9 +190,12 @@ def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, mo
     checkpoint = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and len(checkpoint["history"]) == 1
     assert all(torch.equal(checkpoint["model"][k], v) for k, v in expected.items())
-    assert checkpoint["model"]._metadata == model.state_dict()._metadata  # the modules' versions, for loading
-    assert all(torch.equal(v, expected[k]) for k, v in torch.load(tmp_path / "best_model.pth").items())
-    assert len(open(tmp_path / "training_metrics.csv").read().splitlines()) == 2  # header and epoch 1
+    # the modules' versions, for loading
+    assert checkpoint["model"]._metadata == model.state_dict()._metadata
+    assert all(torch.equal(v, expected[k]) for k, v in torch.load(tmp_path
+        / "best_model.pth").items())
+    # header and epoch 1
+    assert len(open(tmp_path / "training_metrics.csv").read().splitlines()) == 2
 
 
 def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
@@ -189,7 +204,8 @@ def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(utils, "save_torch", full_disk)
     writer = checkpoint_module.EpochWriter(str(tmp_path))
-    writer.save(writer_state(model_module.get_model("cnn", 4)).state_dict(), new_best=True)  # returns at once; the write fails behind it
+    # returns at once; the write fails behind it
+    writer.save(writer_state(model_module.get_model("cnn", 4)).state_dict(), new_best=True)
     with pytest.raises(OSError, match="No space left"):
         writer.wait()
     writer.wait()  # raised once
@@ -213,10 +229,13 @@ def test_the_writer_copies_the_whole_state_to_the_host_in_one_call(tmp_path, mon
     writer = checkpoint_module.EpochWriter(str(tmp_path))
     writer.save(checkpoint, new_best=True)
     writer.wait()
-    expected = [leaf for leaf in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(leaf, torch.Tensor)]
+    expected = [leaf for leaf in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(leaf,
+        torch.Tensor)]
     assert len(calls) == 1  # one pass, so one wait for a device however many tensors
-    assert len(expected) > len(model.state_dict())  # the model's, the best weights', the random states...
-    assert sorted(map(id, calls[0])) == sorted(map(id, expected))  # every tensor of the state, each once
+    # the model's, the best weights', the random states...
+    assert len(expected) > len(model.state_dict())
+    # every tensor of the state, each once
+    assert sorted(map(id, calls[0])) == sorted(map(id, expected))
     saved = torch.load(tmp_path / "last_checkpoint.pth", weights_only=True)
     assert all(torch.equal(saved["model"][k], v) for k, v in model.state_dict().items())
 
@@ -238,7 +257,8 @@ def test_cuda_tensors_reach_pinned_host_memory_with_no_synchronising_copy():
         x = torch.tanh(x @ x / 64)
     weight = torch.randn(64, 3, 3, 3, device="cuda").contiguous(memory_format=torch.channels_last)
     tensors = [x, weight, torch.arange(10, device="cuda"), torch.randn(5)]
-    torch.cuda.set_sync_debug_mode("error")  # a copy that waits for the device (as .to("cpu") does) raises
+    # a copy that waits for the device (as .to("cpu") does) raises
+    torch.cuda.set_sync_debug_mode("error")
     try:
         copies = checkpoint_module.copy_to_host(tensors)
         first = copies[0].clone()  # read at once: the one wait at the end has let every copy land

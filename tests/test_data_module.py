@@ -1,5 +1,5 @@
-"""Data end to end: the CIFAR-10 reader, splits, ImageFolder trees, offline errors, normalisation, the two loader
-paths, the cache."""
+"""Data end to end: the CIFAR-10 reader, splits, ImageFolder trees, offline errors, normalisation,
+the two loader paths, the cache."""
 
 import glob
 import os
@@ -57,7 +57,8 @@ def test_a_config_out_of_range_names_the_constant_and_what_is_allowed(bad, messa
 
 @pytest.mark.parametrize("bad, message", [
     (dict(AUTO_AUGMENT="autoaugment"),
-     "AUTO_AUGMENT = 'autoaugment' is not known; choose one of None, 'trivialaugment', 'randaugment'"),
+     "AUTO_AUGMENT = 'autoaugment' is not known; choose one of None, 'trivialaugment', "
+     "'randaugment'"),
     (dict(RANDOM_ERASING=1.5),
      "RANDOM_ERASING = 1.5 is out of range: use a probability from 0 to 1"),
 ])
@@ -73,10 +74,12 @@ def test_a_bad_auto_augment_or_random_erasing_names_the_constant_and_what_is_all
 def test_cifar_reader_on_a_fake_batch_folder(fake_cifar):
     data = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, DOWNLOAD=False)
     assert data.classes == CLASSES and data.resident and not data.test_is_val
-    assert len(data.train.labels) == 80 and len(data.val.labels) == 20 and len(data.test.labels) == 20
+    assert len(data.train.labels) == 80 and len(data.val.labels) == 20 and len(
+        data.test.labels) == 20
     assert torch.bincount(data.val.labels).tolist() == [2] * 10  # stratified
     images, labels = next(iter(data.train))
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.shape == (8, 3, 32,
+        32) and images.dtype == torch.float32 and labels.dtype == torch.int64
 
 
 def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
@@ -171,17 +174,21 @@ def test_mixup_and_cutmix_mix_the_training_batches_only(fake_cifar):
                     CUTMIX=1.0)
     assert isinstance(data.train, loader_module.MixedLoader)
     images, targets = next(iter(data.train))
-    assert images.shape == (8, 3, 32, 32) and targets.shape == (8, 10) and targets.dtype == torch.float32
+    assert images.shape == (8, 3, 32, 32) and targets.shape == (8,
+        10) and targets.dtype == torch.float32
     assert torch.allclose(targets.sum(1), torch.ones(8))
-    for loader in (data.val, data.test):  # evaluation is never mixed: class indices, as without mixing
+    # evaluation is never mixed: class indices, as without mixing
+    for loader in (data.val, data.test):
         assert isinstance(loader, loader_module.ResidentLoader)
         assert next(iter(loader))[1].dtype == torch.int64
     plain = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, DOWNLOAD=False)
     assert isinstance(plain.train, loader_module.ResidentLoader)  # off by default
 
 
-def test_the_class_counts_are_the_training_splits_after_the_validation_images_and_the_subset(tmp_path):
-    root = write_image_tree(tmp_path / "tree", splits=("train", "test"), classes=("cats", "dogs"), per_class=12,
+def test_the_class_counts_are_the_training_splits_after_the_validation_images_and_the_subset(
+        tmp_path):
+    root = write_image_tree(tmp_path / "tree", splits=("train", "test"), classes=("cats", "dogs"),
+        per_class=12,
                             size=(8, 8))
     for i in range(9):  # 12 cats, 3 dogs
         os.remove(os.path.join(root, "train", "dogs", f"{i}.png"))
@@ -189,7 +196,8 @@ def test_the_class_counts_are_the_training_splits_after_the_validation_images_an
     assert data_module.get_data(replace(config, val_split=0)).class_counts == (12, 3)
     data = data_module.get_data(config)  # a tenth held out, one of each class at least
     assert data.class_counts == (11, 2) == tuple(torch.bincount(data.train.labels).tolist())
-    assert data_module.get_data(replace(config, train_subset=5)).class_counts == (4, 1)  # stratified
+    # stratified
+    assert data_module.get_data(replace(config, train_subset=5)).class_counts == (4, 1)
 
 
 def test_val_split_zero_trains_on_every_image_and_validates_on_none(fake_cifar):
@@ -202,12 +210,14 @@ def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
     data = get_data("cifar10", fake_cifar, BATCH_SIZE=8, VAL_SPLIT=20, TRAIN_SUBSET=30,
                     DOWNLOAD=False)
     assert len(data.train.labels) == 30 and torch.bincount(data.train.labels).tolist() == [3] * 10
-    with pytest.raises(DataError, match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
+    with pytest.raises(DataError,
+            match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
         get_data("cifar10", fake_cifar, VAL_SPLIT=20, TRAIN_SUBSET=81, DOWNLOAD=False)
 
 
 def test_val_split_larger_than_the_training_set_is_refused(fake_cifar):
-    with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) 100 is too large: the training set has 100 "):
+    with pytest.raises(DataError,
+            match=r"^--val-split \(VAL_SPLIT\) 100 is too large: the training set has 100 "):
         get_data("cifar10", fake_cifar, VAL_SPLIT=100, DOWNLOAD=False)
 
 
@@ -215,7 +225,11 @@ def test_missing_folder_offline_gives_one_clear_message(tmp_path):
     with pytest.raises(DataError) as error:
         get_data("cifar10", str(tmp_path / "nowhere"), DOWNLOAD=True)
     message = str(error.value)
-    assert "download failed" in message and "cifar-10-batches-py" in message and "--data-dir (DATA_DIR)" in message
+    assert (
+        "download failed" in message
+        and "cifar-10-batches-py" in message
+        and "--data-dir (DATA_DIR)" in message
+    )
     assert "\n" not in message
 
 
@@ -226,7 +240,8 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(tmp_path, monkeypatch):
+def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(tmp_path,
+        monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "other.tar.gz").write_bytes(b"mine")
 
@@ -243,7 +258,8 @@ def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(
 
 
 def test_missing_folder_without_download_says_where_to_put_the_files(tmp_path):
-    with pytest.raises(DataError, match=r"--download \(DOWNLOAD\) is false; unpack https://.*-python.tar.gz in "):
+    with pytest.raises(DataError,
+            match=r"--download \(DOWNLOAD\) is false; unpack https://.*-python.tar.gz in "):
         get_data("cifar10", str(tmp_path), DOWNLOAD=False)
 
 
@@ -251,19 +267,23 @@ def test_a_data_dir_one_level_too_deep_for_cifar_names_its_parent(fake_cifar):
     folder = os.path.join(fake_cifar, "cifar-10-batches-py")
     with pytest.raises(DataError) as error:
         get_data("cifar10", folder, DOWNLOAD=True)
-    assert str(error.value) == (f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: use its parent, "
+    assert str(error.value) == (
+        f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: use its parent, "
                                 f"--data-dir {fake_cifar}")
     assert sorted(os.listdir(folder)) == sorted(data_module.CIFAR_FILES)  # no download into it
 
 
 @pytest.mark.parametrize("name, kind", [("data_batch_1", "a file, not a folder; point"),
-                                        ("cifar-10-python.tar.gz", "an archive, not a folder; unpack it and point")])
+                                        ("cifar-10-python.tar.gz",
+                                        "an archive, not a folder; unpack it and point")])
 def test_a_cifar_data_dir_that_is_a_file_is_called_one(tmp_path, name, kind):
     path = tmp_path / name
     path.write_bytes(b"not a folder")
     with pytest.raises(DataError) as error:
         get_data("cifar10", str(path), DOWNLOAD=True)
-    expected = f"--data-dir (DATA_DIR) {path} is {kind} it at the folder that holds cifar-10-batches-py/"
+    expected = (
+        f"--data-dir (DATA_DIR) {path} is {kind} it at the folder that holds cifar-10-batches-py/"
+    )
     assert str(error.value) == expected
 
 
@@ -304,10 +324,13 @@ def test_stratified_split_is_stratified_seeded_and_complete():
 def test_stratified_split_of_every_class_holds_one_of_each_out_and_keeps_one():
     labels = torch.tensor([0] * 100 + [1] * 2 + [2] * 2)
     _, held = data_module.stratified_split(labels, 10, seed=0)
-    assert torch.bincount(labels[held], minlength=3).tolist() == [10, 0, 0]  # in proportion, the small ones lose
+    # in proportion, the small ones lose
+    assert torch.bincount(labels[held], minlength=3).tolist() == [10, 0, 0]
     kept, held = data_module.stratified_split(labels, 10, seed=0, every_class=True)
-    # one of each held out, one of each kept, and the other 7 shared as the classes' 98, 0 and 0 spare images
-    assert torch.bincount(labels[held]).tolist() == [8, 1, 1] and torch.bincount(labels[kept]).tolist() == [92, 1, 1]
+    # one of each held out, one of each kept, and the other 7 shared as the classes' 98, 0 and 0
+    # spare images
+    assert torch.bincount(labels[held]).tolist() == [8, 1, 1] and torch.bincount(labels[
+        kept]).tolist() == [92, 1, 1]
     with pytest.raises(ValueError, match="one of each class"):
         data_module.stratified_split(labels, 2, seed=0, every_class=True)
 
@@ -317,8 +340,10 @@ def test_an_unset_val_split_is_5000_for_cifar_and_a_tenth_with_every_class_for_a
     assert data_module.default_val_split("cifar10", torch.arange(50000) % 10) == 5000
     assert data_module.default_val_split("folder", torch.arange(90) % 3) == 9
     assert data_module.default_val_split("folder", torch.arange(95) % 3) == 10  # 9.5 rounds up
-    assert data_module.default_val_split("folder", torch.arange(12) % 4) == 4  # a tenth is 1; one per class
-    assert data_module.default_val_split("folder", torch.arange(6) % 3) == 3  # and one of each left to train on
+    # a tenth is 1; one per class
+    assert data_module.default_val_split("folder", torch.arange(12) % 4) == 4
+    # and one of each left to train on
+    assert data_module.default_val_split("folder", torch.arange(6) % 3) == 3
 
 
 def test_channel_stats_match_numpy():
@@ -338,19 +363,22 @@ def test_an_image_folder_tree_loads_resized(tmp_path, resident):
     assert data.classes == ["cats", "dogs", "owls"] and data.image_size == 12
     assert data.resident == (resident == "yes") and not data.test_is_val
     images, labels = collect(data.val)
-    assert images.shape == (18, 3, 12, 12) and sorted(labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    assert images.shape == (18, 3, 12, 12) and sorted(labels.tolist()) == [0] * 6 + [1] * 6 + [
+        2] * 6
 
 
 def test_a_tree_without_val_holds_out_val_split(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
     data = get_data("folder", root, BATCH_SIZE=4, IMAGE_SIZE=8, VAL_SPLIT=6, RESIDENT="yes",
                     NUM_WORKERS=0)
-    assert len(data.val.labels) == 6 and len(data.train.labels) == 24 and data.test is data.val and data.test_is_val
+    assert len(data.val.labels) == 6 and len(
+        data.train.labels) == 24 and data.test is data.val and data.test_is_val
 
 
 def test_a_tree_without_val_or_test_and_val_split_zero_names_the_flag(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",))
-    with pytest.raises(DataError, match=r"no val/ or test/ folder and --val-split \(VAL_SPLIT\) is 0: nothing"):
+    with pytest.raises(DataError,
+            match=r"no val/ or test/ folder and --val-split \(VAL_SPLIT\) is 0: nothing"):
         get_data("folder", root, VAL_SPLIT=0, NUM_WORKERS=0)
 
 
@@ -361,7 +389,8 @@ def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default
     assert data.test_is_val and data.test is data.val  # no test/
     with pytest.raises(DataError) as error:
         get_data("folder", root, VAL_SPLIT=5000, NUM_WORKERS=0)
-    assert str(error.value) == ("--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "
+    assert str(error.value) == (
+        "--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "
                                 "leave it unset for a tenth of them")
 
 
@@ -370,18 +399,22 @@ def test_an_uneven_folder_validates_on_every_class_by_default(tmp_path):
         write_image_tree(tmp_path, splits=("train",), classes=(name,), per_class=count)
     data = get_data("folder", str(tmp_path), IMAGE_SIZE=8, RESIDENT="yes", NUM_WORKERS=0)
     assert data.classes == ["few", "many", "two"]
-    assert torch.bincount(data.val.labels).tolist() == [1, 3, 1]  # 5 of 45: a tenth, rounded half up
+    # 5 of 45: a tenth, rounded half up
+    assert torch.bincount(data.val.labels).tolist() == [1, 3, 1]
     assert torch.bincount(data.train.labels).tolist() == [2, 37, 1]
     write_image_tree(tmp_path, splits=("train",), classes=("one",), per_class=1)
-    with pytest.raises(DataError, match=r"train/one has a single image, and an unset --val-split \(VAL_SPLIT\)"):
+    with pytest.raises(DataError,
+            match=r"train/one has a single image, and an unset --val-split \(VAL_SPLIT\)"):
         get_data("folder", str(tmp_path), NUM_WORKERS=0)
     data = get_data("folder", str(tmp_path), VAL_SPLIT=4, NUM_WORKERS=0)
     assert len(data.val.labels) == 4  # a value given is held out in proportion, as before
 
 
 def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_cifar):
-    with pytest.raises(DataError, match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of CIFAR-10's "
-                                        r"training images, but there are 100 images; set a smaller one$"):
+    with pytest.raises(DataError,
+        match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of CIFAR-10's "
+                                        r"training images, but there are 100 images; set a smaller "
+                                        r"one$"):
         get_data("cifar10", fake_cifar, DOWNLOAD=False)
 
 
@@ -389,16 +422,19 @@ def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
     files, classes = data_module._scan_folder(root, size=8)
     images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
-    options = dict(val_split=6, train_subset=12, seed=3, data_dir=root, dataset="folder", classes=classes)
+    options = dict(val_split=6, train_subset=12, seed=3, data_dir=root, dataset="folder",
+        classes=classes)
     from_files = data_module._split(files, **options)
     from_images = data_module._split(images, **options)
     for name in ("train", "val"):
         decoded = from_files[name].decode(num_workers=0, desc=name)
         assert torch.equal(decoded.images, from_images[name].images)
         assert torch.equal(decoded.labels, from_images[name].labels)
-    assert len(from_images["train"]) == 12 and torch.bincount(from_images["val"].labels).tolist() == [2, 2, 2]
+    assert len(from_images["train"]) == 12 and torch.bincount(from_images[
+        "val"].labels).tolist() == [2, 2, 2]
     # under 2,000 files the sample is all of them, so the estimate is the exact value
-    assert from_files["train"].statistics(seed=0, num_workers=0) == from_images["train"].statistics(0, 0)
+    assert from_files["train"].statistics(seed=0, num_workers=0) == from_images["train"].statistics(
+        0, 0)
 
 
 def test_a_tree_with_one_class_is_refused(tmp_path):
@@ -408,7 +444,8 @@ def test_a_tree_with_one_class_is_refused(tmp_path):
 
 
 def test_a_missing_tree_is_refused(tmp_path):
-    with pytest.raises(DataError, match=r"no ImageFolder tree .*; point --data-dir \(DATA_DIR\) at the folder"):
+    with pytest.raises(DataError,
+            match=r"no ImageFolder tree .*; point --data-dir \(DATA_DIR\) at the folder"):
         get_data("folder", str(tmp_path), NUM_WORKERS=0)
 
 
@@ -417,25 +454,31 @@ def test_a_split_folder_given_for_its_tree_names_the_tree(tmp_path):
     for split in ("train", "val", "train/"):
         with pytest.raises(DataError) as error:
             get_data("folder", os.path.join(root, split), NUM_WORKERS=0)
-        assert str(error.value) == (f"--data-dir (DATA_DIR) {os.path.join(root, split)} is a split folder; "
+        assert str(error.value) == (
+            f"--data-dir (DATA_DIR) {os.path.join(root, split)} is a split folder; "
                                     f"use its parent, --data-dir {root}")
-    assert sorted(os.listdir(root)) == ["train", "val"] and "train" not in os.listdir(os.path.join(root, "train"))
+    assert sorted(os.listdir(root)) == ["train", "val"] and "train" not in os.listdir(os.path.join(
+        root, "train"))
 
 
 def test_class_folders_without_train_a_file_or_no_folder_are_each_named(tmp_path):
     classes_only = tmp_path / "pets"
     write_image_tree(tmp_path / "tree", splits=("train",))
     os.rename(tmp_path / "tree" / "train", classes_only)
-    with pytest.raises(DataError, match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
+    with pytest.raises(DataError,
+        match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
                                         rf"train/: move them into {classes_only}/train/, or point"):
         get_data("folder", str(classes_only), NUM_WORKERS=0)
     (tmp_path / "photos.zip").write_bytes(b"PK")
-    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*photos.zip is an archive, not a folder; unpack"):
+    with pytest.raises(DataError,
+            match=r"^--data-dir \(DATA_DIR\) .*photos.zip is an archive, not a folder; unpack"):
         get_data("folder", str(tmp_path / "photos.zip"), NUM_WORKERS=0)
     (tmp_path / "notes.txt").write_text("")
-    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*notes.txt is a file, not a folder; point it"):
+    with pytest.raises(DataError,
+            match=r"^--data-dir \(DATA_DIR\) .*notes.txt is a file, not a folder; point it"):
         get_data("folder", str(tmp_path / "notes.txt"), NUM_WORKERS=0)
-    with pytest.raises(DataError, match=r"^--data-dir \(DATA_DIR\) .*nowhere does not exist; point it at the folder"):
+    with pytest.raises(DataError,
+            match=r"^--data-dir \(DATA_DIR\) .*nowhere does not exist; point it at the folder"):
         get_data("folder", str(tmp_path / "nowhere"), NUM_WORKERS=0)
 
 
@@ -500,7 +543,8 @@ def test_resident_and_streaming_paths_agree(fake_cifar):
     # with augmentation: same shapes, batch counts and statistics
     torch.manual_seed(0)
     (rt, _), (st, _) = collect(resident.train), collect(streaming.train)
-    assert rt.shape == st.shape == (80, 3, 32, 32) and len(resident.train) == len(streaming.train) == 5
+    assert rt.shape == st.shape == (80, 3, 32, 32) and len(resident.train) == len(
+        streaming.train) == 5
     assert abs(rt.mean() - st.mean()) < 0.05 and abs(rt.std() - st.std()) < 0.05
 
 
@@ -531,7 +575,8 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     assert resident.resize_size == streaming.resize_size == 37  # round(32 / 0.875)
     n_train = 3 * PHOTOS_PER_CLASS + 1  # and truncated.jpg, which loads
     assert len(resident.train.labels) == n_train and resident.train.images.shape[1:] == (37, 37, 3)
-    if ".heic" in image_module.IMAGE_EXTENSIONS:  # a HEIF plugin is installed: the fake .heic is a bad image
+    # a HEIF plugin is installed: the fake .heic is a bad image
+    if ".heic" in image_module.IMAGE_EXTENSIONS:
         assert "skipped 1 file that is not an image (extension .txt)" in warnings
         assert "skipped 2 unreadable image files, e.g. " in warnings
     else:
@@ -541,13 +586,16 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
     # evaluation: the same centre crops of the same stored squares, normalised alike
     (rv, rl), (sv, sl) = collect(resident.val), collect(streaming.val)
     assert rv.shape == (3 * PHOTOS_PER_CLASS, 3, 32, 32) and torch.equal(rl, sl)
-    assert rl.tolist() == sorted(rl.tolist()) and torch.bincount(rl).tolist() == [PHOTOS_PER_CLASS] * 3
+    assert rl.tolist() == sorted(rl.tolist()) and torch.bincount(rl).tolist() == [
+        PHOTOS_PER_CLASS] * 3
     assert resident.mean == streaming.mean and torch.allclose(rv, sv, atol=1e-5)
     # training: random-resized crops of the model's size, a batch at a time, on both paths
     torch.manual_seed(0)
     (rt, rtl), (st, stl) = collect(resident.train), collect(streaming.train)
-    assert rt.shape == st.shape == (n_train // 8 * 8, 3, 32, 32) and len(resident.train) == len(streaming.train)
-    assert sorted(rtl.tolist()) != rtl.tolist() and sorted(stl.tolist()) != stl.tolist()  # both shuffled
+    assert rt.shape == st.shape == (n_train // 8 * 8, 3, 32, 32) and len(resident.train) == len(
+        streaming.train)
+    # both shuffled
+    assert sorted(rtl.tolist()) != rtl.tolist() and sorted(stl.tolist()) != stl.tolist()
     assert abs(rt.mean() - st.mean()) < 0.1 and abs(rt.std() - st.std()) < 0.1
     train_crop = streaming.train.loader.dataset.transform.transforms[0]
     assert isinstance(train_crop, transforms.RandomResizedCrop) and train_crop.size == (32, 32)
@@ -556,7 +604,8 @@ def test_a_photo_folder_loads_alike_on_both_paths(tmp_path, capsys):
 
 
 def test_a_photo_folder_keeps_its_class_colours(tmp_path):
-    """Labels follow the folders: class 0's RGB photos are the least red (see conftest.photo_pixels)."""
+    """Labels follow the folders: class 0's RGB photos are the least red (see
+    conftest.photo_pixels)."""
     root = write_photo_tree(tmp_path, splits=("train",))
     config = data_config("folder", root, BATCH_SIZE=8, IMAGE_SIZE=16, VAL_SPLIT=9, RESIDENT="yes",
                          NUM_WORKERS=0)
@@ -580,7 +629,8 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
                              NUM_WORKERS=0)
         data = data_module.get_data(replace(config, resize_size=24, mean=(0.5,) * 3,
                                             std=(0.25,) * 3))
-        assert data.mean == (0.5,) * 3 and data.std == (0.25,) * 3 and data.resize_size == 24 and data.image_size == 16
+        assert data.mean == (0.5,) * 3 and data.std == (0.25,
+            ) * 3 and data.resize_size == 24 and data.image_size == 16
         files = data_module._scan_folder(root, 24)[0]["val"]
         stored = torch.from_numpy(np.array(files.read(0)))
         assert stored.shape == (24, 24, 3)
@@ -588,11 +638,13 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
         expected = (stored[4:20, 4:20].permute(2, 0, 1).float() / 255 - 0.5) / 0.25
         assert torch.allclose(images[0], expected, atol=1e-5)
         path = files.paths[0]
-        assert torch.allclose(image_module.load_image(path, 16, data.mean, data.std, resize_size=24), expected,
+        assert torch.allclose(image_module.load_image(path, 16, data.mean, data.std,
+            resize_size=24), expected,
                               atol=1e-5)
     with pytest.raises(ValueError, match="mean and std"):
         replace(data_config("folder", root), mean=(0.5,) * 3)
-    with pytest.raises(DataError, match=r"resize size 20 is smaller than --image-size \(IMAGE_SIZE\) 24: .*; lower"):
+    with pytest.raises(DataError,
+            match=r"resize size 20 is smaller than --image-size \(IMAGE_SIZE\) 24: .*; lower"):
         data_module.get_data(replace(data_config("folder", root, IMAGE_SIZE=24), resize_size=20))
 
 
@@ -604,12 +656,14 @@ def test_cifar_ignores_resize_size_but_takes_mean_and_std(fake_cifar):
     assert data.resize_size is None and data.image_size == 32 and data.mean == (0.1, 0.2, 0.3)
 
 
-# ----------------------------------------------------------------------------- the decoded-image cache
+# ----------------------------------------------------------------------------- the decoded-image
+# cache
 
 
 @pytest.fixture
 def decoded(monkeypatch):
-    """The files data_module decodes (decode_files' calls, flattened), for tests that must see none."""
+    """The files data_module decodes (decode_files' calls, flattened), for tests that must see
+    none."""
     seen = []
     decode_files = image_module.decode_files
 
@@ -627,12 +681,14 @@ def cached_data(root, cache_dir, **constants):
     return get_data("folder", root, CACHE_DIR=cache_dir and str(cache_dir), **defaults | constants)
 
 
-def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, decoded, monkeypatch, capsys):
+def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, decoded,
+        monkeypatch, capsys):
     root = write_photo_tree(tmp_path / "photos")
     first = cached_data(root, tmp_path / "cache")
     n_images = 2 * 3 * PHOTOS_PER_CLASS + 2  # and truncated.jpg and broken.png, which are tried too
     assert len(decoded) == n_images and first.cache_file.startswith(str(tmp_path / "cache"))
-    assert not first.resident and isinstance(first.train, loader_module.MappedLoader)  # the CPU reads the map
+    # the CPU reads the map
+    assert not first.resident and isinstance(first.train, loader_module.MappedLoader)
     warnings = capsys.readouterr().err
     written = os.stat(first.cache_file).st_mtime_ns
 
@@ -642,17 +698,22 @@ def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, 
     again = cached_data(root, tmp_path / "cache")
     assert len(decoded) == n_images and os.stat(again.cache_file).st_mtime_ns == written
     later_warnings = capsys.readouterr().err  # the cache remembers what was skipped
-    assert "skipped 1 unreadable image file: " in later_warnings and "files that are not images" in later_warnings
+    assert (
+        "skipped 1 unreadable image file: " in later_warnings
+        and "files that are not images" in later_warnings
+    )
     assert later_warnings.splitlines()[-3:] == warnings.splitlines()[-3:]
     assert again.mean == first.mean and again.classes == first.classes == PHOTO_CLASSES
     (v1, l1), (v2, l2) = collect(first.val), collect(again.val)
     assert torch.equal(v1, v2) and torch.equal(l1, l2)
 
 
-def test_a_cached_folders_statistics_are_a_samples_remembered_and_the_same_resident_or_not(tmp_path, monkeypatch):
+def test_a_cached_folders_statistics_are_a_samples_remembered_and_the_same_resident_or_not(tmp_path,
+        monkeypatch):
     root = write_photo_tree(tmp_path / "photos")
     streamed = cached_data(root, tmp_path / "cache", RESIDENT="no")
-    exact = data_module.channel_stats(streamed.train.images[streamed.train.rows])  # under 2,000: all of them
+    # under 2,000: all of them
+    exact = data_module.channel_stats(streamed.train.images[streamed.train.rows])
 
     def refuse(images):
         raise AssertionError("statistics computed again although the cache remembers them")
@@ -677,11 +738,14 @@ def test_the_cache_is_rebuilt_when_a_file_or_the_image_size_changes(tmp_path, de
     Image.new("RGB", (40, 30), (255, 0, 0)).save(cat)  # changed: another size on disk
     count, data = rebuilt()
     red = torch.tensor([255, 0, 0], dtype=torch.uint8)
-    assert count == 36 and sum(bool((image == red).all()) for image in data.train.images[data.train.rows]) == 1
+    assert count == 36 and sum(bool((image == red).all()) for image in data.train.images[
+        data.train.rows]) == 1
     stat = os.stat(cat)
-    os.utime(cat, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: same bytes, a new time
+    # touched: same bytes, a new time
+    os.utime(cat, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert rebuilt()[0] == 36
-    Image.new("RGB", (40, 30), (0, 0, 255)).save(os.path.join(root, "train", "cats", "new.png"))  # added
+    # added
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(os.path.join(root, "train", "cats", "new.png"))
     count, data = rebuilt()
     assert count == 37 and len(data.train.labels) == 19
     os.remove(cat)  # removed
@@ -690,7 +754,8 @@ def test_the_cache_is_rebuilt_when_a_file_or_the_image_size_changes(tmp_path, de
     count, data = rebuilt(IMAGE_SIZE=16)  # another stored size (IMAGE_SIZE 16: 18 px squares)
     assert count == 36 and data.resize_size == 18
     assert rebuilt(IMAGE_SIZE=16)[0] == rebuilt()[0] == 0  # both sizes stay cached
-    assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 2  # the superseded 37-px caches are gone
+    # the superseded 37-px caches are gone
+    assert len(glob.glob(str(tmp_path / "cache" / "*.npy"))) == 2
 
 
 def test_a_truncated_cache_file_is_rebuilt_never_trusted(tmp_path, decoded):
@@ -707,7 +772,8 @@ def test_a_truncated_cache_file_is_rebuilt_never_trusted(tmp_path, decoded):
 
 def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     root = write_photo_tree(tmp_path / "photos")
-    cached = cached_data(root, tmp_path / "cache")  # rows of the memory-mapped cache, read a batch at a time
+    # rows of the memory-mapped cache, read a batch at a time
+    cached = cached_data(root, tmp_path / "cache")
     resident = cached_data(root, tmp_path / "cache", RESIDENT="yes")  # the same rows, on the device
     streamed = cached_data(root, None, RESIDENT="no")  # no cache: PIL in DataLoader workers
     assert isinstance(streamed.train, loader_module.StreamingLoader) and streamed.cache_file is None
@@ -720,8 +786,10 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
         assert torch.equal(rows[i], torch.from_numpy(np.array(files.read(i))))
     # evaluation: the same centre crops, normalised alike, on all three paths
     (cv, cl), (rv, rl), (sv, sl) = collect(cached.val), collect(resident.val), collect(streamed.val)
-    assert torch.equal(cv, rv) and torch.equal(cl, rl) and torch.equal(cl, sl) and torch.allclose(cv, sv, atol=1e-5)
-    # training: the same seed gives the same shuffle, boxes and flips from the cache and from the device
+    assert torch.equal(cv, rv) and torch.equal(cl, rl) and torch.equal(cl, sl) and torch.allclose(
+        cv, sv, atol=1e-5)
+    # training: the same seed gives the same shuffle, boxes and flips from the cache and from the
+    # device
     for epoch in (1, 2):
         for data in (cached, resident):
             data.train.set_epoch(epoch)
@@ -731,17 +799,19 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
         (rt, rtl) = collect(resident.train)
         assert torch.equal(ct, rt) and torch.equal(ctl, rtl)
     assert torch.equal(cached.train.first_images(5), resident.train.first_images(5))
-    # and a box cut from a cache row matches PIL's crop of the streamed square (see the test of the two paths)
+    # and a box cut from a cache row matches PIL's crop of the streamed square (see the test of the
+    # two paths)
     box = (3, 5, 30, 24)
     ours = augment_module.crop_and_resize(rows[:1], torch.tensor([box]), 32)[0][:, 1:-1, 1:-1]
     theirs = np.array(F.resized_crop(files.read(0), *box, [32, 32]))
     assert (ours - torch.from_numpy(theirs).permute(2, 0, 1)[:, 1:-1, 1:-1]).abs().max() <= 1 + 1e-3
 
 
-def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_when_files_are_read_into_memory(
-        tmp_path, monkeypatch):
-    """decode_files decodes JPEGs on a CUDA device: get_data hands it the run's device at both places it decodes
-    a folder (here the CPU, which decode_files keeps to its worker processes)."""
+def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_files_are_read(
+    tmp_path, monkeypatch
+):
+    """decode_files decodes JPEGs on a CUDA device: get_data hands it the run's device at both
+    places it decodes a folder (here the CPU, which decode_files keeps to its worker processes)."""
     calls = []
     decode_files = image_module.decode_files
 
@@ -761,13 +831,18 @@ def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_when_fil
 def test_an_unwritable_cache_folder_falls_back_or_is_refused(tmp_path, capsys, monkeypatch):
     root = write_image_tree(tmp_path / "tree", splits=("train", "val"))
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(DataError, match=r"^--cache-dir \(CACHE_DIR\) .*a_file/cache: cannot write.*or to none "):
+    with pytest.raises(DataError,
+            match=r"^--cache-dir \(CACHE_DIR\) .*a_file/cache: cannot write.*or to none "):
         cached_data(root, tmp_path / "a_file" / "cache", IMAGE_SIZE=8)
     monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # "auto" cannot be made: no cache, a warning
+    # "auto" cannot be made: no cache, a warning
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))
     data = cached_data(root, "auto", IMAGE_SIZE=8)
     assert data.cache_file is None and data.resident
-    assert "images are decoded without a cache (set --cache-dir (CACHE_DIR) to" in capsys.readouterr().err
+    assert (
+        "images are decoded without a cache (set --cache-dir (CACHE_DIR) to"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(tmp_path, decoded):
@@ -779,7 +854,8 @@ def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(
 
 
 
-def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path, monkeypatch, decoded):
+def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path, monkeypatch,
+        decoded):
     monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     one = write_image_tree(tmp_path / "one", splits=("train", "val"), seed=1)
@@ -787,8 +863,10 @@ def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path
     first, second = (cached_data(folder, "auto", RESIDENT="yes") for folder in (one, two))
     folder = str(tmp_path / "xdg" / "lra-pipeline")
     assert os.path.dirname(first.cache_file) == os.path.dirname(second.cache_file) == folder
-    assert first.cache_file != second.cache_file and not torch.equal(first.val.images, second.val.images)
-    assert sorted(os.listdir(one)) == sorted(os.listdir(two)) == ["train", "val"]  # nothing written beside them
+    assert first.cache_file != second.cache_file and not torch.equal(first.val.images,
+        second.val.images)
+    # nothing written beside them
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two)) == ["train", "val"]
     assert len(decoded) == 2 * 36 and cached_data(one, "auto").cache_file == first.cache_file
     assert len(decoded) == 2 * 36  # the first folder's cache is still there, and opened
 

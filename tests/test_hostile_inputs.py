@@ -350,7 +350,8 @@ def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(t
         data_module.check_output_dir(folder_config(root), output_dir)
     for beside in (tmp_path / "out", tmp_path / "data", tmp_path / "data" / "runs"):  # never read
         data_module.check_output_dir(folder_config(root), str(beside))
-    data_module.check_output_dir(configs(DATASET="cifar10", DATA_DIR=str(root)).data, output_dir)  # reads batch files only
+    # reads batch files only
+    data_module.check_output_dir(configs(DATASET="cifar10", DATA_DIR=str(root)).data, output_dir)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read")

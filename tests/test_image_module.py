@@ -1,5 +1,5 @@
-"""Image files: any mode read as upright RGB, truncated files, reduced-scale decoding, prediction input, and many
-files decoded in parallel into memory or a .npy file."""
+"""Image files: any mode read as upright RGB, truncated files, reduced-scale decoding, prediction
+input, and many files decoded in parallel into memory or a .npy file."""
 
 import io
 import os
@@ -22,7 +22,8 @@ from image_module import DataError
 
 def test_load_image_for_prediction(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",))
-    image = image_module.load_image(os.path.join(root, "train", "cats", "0.png"), 16, (0.5,) * 3, (0.5,) * 3)
+    image = image_module.load_image(os.path.join(root, "train", "cats", "0.png"), 16, (0.5,) * 3, (
+        0.5,) * 3)
     assert image.shape == (3, 16, 16)
     with pytest.raises(DataError, match="does not exist"):
         image_module.load_image(str(tmp_path / "missing.png"), 16, (0.5,) * 3, (0.5,) * 3)
@@ -62,19 +63,23 @@ def test_every_image_mode_reads_as_rgb():
 
 
 def test_exif_orientation_turns_a_sideways_photo_upright(tmp_path):
-    stored = np.zeros((100, 200, 3), dtype=np.uint8)  # 200 wide, 100 high: left half red, right half blue
+    # 200 wide, 100 high: left half red, right half blue
+    stored = np.zeros((100, 200, 3), dtype=np.uint8)
     stored[:, :100, 0] = 255
     stored[:, 100:, 2] = 255
     exif = Image.Exif()
-    exif[0x0112] = 6  # Orientation 6: turn 90 degrees clockwise to view, so the left half ends on top
+    # Orientation 6: turn 90 degrees clockwise to view, so the left half ends on top
+    exif[0x0112] = 6
     path = str(tmp_path / "phone.jpg")
     Image.fromarray(stored).save(path, exif=exif, quality=95)
     upright = np.asarray(image_module.open_rgb(path)).astype(int)
     assert upright.shape == (200, 100, 3)
     assert (upright[:90, :, 0] > 200).all() and (upright[:90, :, 2] < 50).all()   # top: red
     assert (upright[110:, :, 2] > 200).all() and (upright[110:, :, 0] < 50).all()  # bottom: blue
-    square = image_module.load_image(path, 16, (0,) * 3, (1,) * 3)  # the middle of the upright photo
-    assert (square[0, :7] > 0.8).all() and (square[2, 9:] > 0.8).all() and (square[0, 9:] < 0.2).all()
+    # the middle of the upright photo
+    square = image_module.load_image(path, 16, (0,) * 3, (1,) * 3)
+    assert (square[0, :7] > 0.8).all() and (square[2, 9:] > 0.8).all() and (square[0, 9:]
+        < 0.2).all()
 
 
 def test_a_truncated_jpeg_loads_grey_where_cut_with_a_warning(tmp_path, capsys, monkeypatch):
@@ -95,30 +100,34 @@ def test_a_truncated_jpeg_loads_grey_where_cut_with_a_warning(tmp_path, capsys, 
 
 
 def test_photos_are_decoded_at_a_reduced_scale_close_to_a_full_decode(tmp_path):
-    """JPEG DCT scaling (Image.draft) keeps at least twice the stored size, then PIL resizes to the stored size:
-    within a few levels of a full decode resized alike."""
+    """JPEG DCT scaling (Image.draft) keeps at least twice the stored size, then PIL resizes to the
+    stored size: within a few levels of a full decode resized alike."""
     path = str(tmp_path / "big.jpg")
     Image.fromarray(smooth_photo(600, seed=3).numpy()).resize((800, 600)).save(path, quality=95)
     assert image_module.open_rgb(path, reduce_to=50).size == (200, 150)  # 1/4: 150 >= 2 x 50
-    assert image_module.open_rgb(path, reduce_to=200).size == (800, 600)  # 1/2 would leave 300 < 400
+    # 1/2 would leave 300 < 400
+    assert image_module.open_rgb(path, reduce_to=200).size == (800, 600)
     stored = np.array(image_module.read_stored(path, 50)).astype(int)
     full = np.array(F.center_crop(F.resize(image_module.open_rgb(path), 50), [50, 50])).astype(int)
-    assert stored.shape == (50, 50, 3) and np.abs(stored - full).mean() < 1 and np.abs(stored - full).max() <= 6
+    assert stored.shape == (50, 50, 3) and np.abs(stored - full).mean() < 1 and np.abs(stored
+        - full).max() <= 6
 
 
 # ----------------------------------------------------------------------------- decoding many files
 
 
 def photo_files(tmp_path):
-    """Every file of a photo tree (JPEG, PNG, CMYK, greyscale, 16-bit, EXIF-rotated, WebP, BMP, GIF, a
-    truncated JPEG; and broken.png, notes.txt, image.heic, which do not read), in sorted order: 70 files."""
+    """Every file of a photo tree (JPEG, PNG, CMYK, greyscale, 16-bit, EXIF-rotated, WebP, BMP, GIF,
+    a truncated JPEG; and broken.png, notes.txt, image.heic, which do not read), in sorted order: 70
+    files."""
     root = write_photo_tree(tmp_path / "photos")
-    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names)
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root)
+        for name in names)
 
 
 def rows_of(kind, tmp_path, shape):
-    """Where decode_files writes, filled with 7s (so a row left unwritten shows): a tensor in memory, or the
-    memory map of a new .npy file, as the cache builds it."""
+    """Where decode_files writes, filled with 7s (so a row left unwritten shows): a tensor in
+    memory, or the memory map of a new .npy file, as the cache builds it."""
     if kind == "tensor":
         return torch.full(shape, 7, dtype=torch.uint8)
     rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, shape)
@@ -128,7 +137,8 @@ def rows_of(kind, tmp_path, shape):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("kind", ["tensor", "npy"])
-def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_cannot_read(tmp_path, kind,
+def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_cannot_read(tmp_path,
+    kind,
                                                                                        num_workers):
     paths = photo_files(tmp_path)
     out = rows_of(kind, tmp_path, (len(paths), 24, 24, 3))
@@ -147,9 +157,10 @@ def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_canno
 
 
 def test_decoding_workers_write_the_npy_file_themselves(tmp_path):
-    """This process maps the file read-only: the pixels it then sees were written by the workers, and no
-    pixel went through it."""
-    paths = [path for path in photo_files(tmp_path) if not path.endswith(("broken.png", ".txt", ".heic"))]
+    """This process maps the file read-only: the pixels it then sees were written by the workers,
+    and no pixel went through it."""
+    paths = [path for path in photo_files(tmp_path) if not path.endswith(("broken.png", ".txt",
+        ".heic"))]
     np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 16, 16, 3))
     read_only = np.load(str(tmp_path / "rows.npy"), mmap_mode="r")
     failures = image_module.decode_files(paths, 16, read_only, 2, "decoding")
@@ -158,8 +169,10 @@ def test_decoding_workers_write_the_npy_file_themselves(tmp_path):
         assert np.array_equal(read_only[i], np.asarray(image_module.read_stored(path, 16))), path
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="the workers see the patched reader only when forked")
-def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(tmp_path, monkeypatch):
+@pytest.mark.skipif(sys.platform != "linux",
+    reason="the workers see the patched reader only when forked")
+def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(tmp_path,
+        monkeypatch):
     paths = photo_files(tmp_path)
     read_stored = image_module.read_stored
 
@@ -169,7 +182,8 @@ def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(t
         return read_stored(path, size)
     monkeypatch.setattr(image_module, "read_stored", failing)
     with pytest.raises(MemoryError, match="out of memory in a worker"):
-        image_module.decode_files(paths, 16, torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8), 2, "decoding")
+        image_module.decode_files(paths, 16, torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8),
+            2, "decoding")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers see the patched reader when forked")
@@ -198,10 +212,12 @@ def test_a_decoding_worker_that_dies_is_named_with_its_file_at_once_and_the_othe
     assert len(workers) == 2 and not any(os.path.exists(f"/proc/{pid}") for pid in workers)
 
 
-def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_stored_size(tmp_path, monkeypatch):
-    """JPEG DCT scaling (Image.draft) by 1/2, 1/4 or 1/8 in decode_files as in read_stored, as far as the
-    shorter side stays at least twice the stored size: an 800x600 JPEG stored at 50 px is decoded at 200x150,
-    at 150 px at 400x300, and at 200 px whole (1/2 would leave 300 < 400); a PNG is decoded whole."""
+def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_stored_size(tmp_path,
+        monkeypatch):
+    """JPEG DCT scaling (Image.draft) by 1/2, 1/4 or 1/8 in decode_files as in read_stored, as far
+    as the shorter side stays at least twice the stored size: an 800x600 JPEG stored at 50 px is
+    decoded at 200x150, at 150 px at 400x300, and at 200 px whole (1/2 would leave 300 < 400); a PNG
+    is decoded whole."""
     decoded = []
     draft = JpegImagePlugin.JpegImageFile.draft
 
@@ -216,20 +232,25 @@ def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_s
     paths = [str(tmp_path / "big.jpg"), str(tmp_path / "big.png")]
     for size, scaled in ((50, (200, 150)), (150, (400, 300)), (200, (800, 600))):
         decoded.clear()
-        image_module.decode_files(paths, size, torch.zeros(2, size, size, 3, dtype=torch.uint8), 0, "decoding")
+        image_module.decode_files(paths, size, torch.zeros(2, size, size, 3, dtype=torch.uint8), 0,
+            "decoding")
         assert decoded == [scaled]  # the JPEG's; a PNG has no DCT to scale
 
 
-# ----------------------------------------------------------------------------- JPEGs decoded in batches on a device
+# ----------------------------------------------------------------------------- JPEGs decoded in
+# batches on a device
 
-JPEG_SHAPES = [(300, 200), (200, 300), (640, 480), (801, 603), (1200, 900), (1000, 250), (50, 40)]  # width, height
-# stored at 24 and 64 px, Pillow decodes these at every JPEG draft scale: 1/8, 1/4, 1/2 and whole (50x40: enlarged)
+# width, height
+JPEG_SHAPES = [(300, 200), (200, 300), (640, 480), (801, 603), (1200, 900), (1000, 250), (50, 40)]
+# stored at 24 and 64 px, Pillow decodes these at every JPEG draft scale: 1/8, 1/4, 1/2 and whole
+# (50x40: enlarged)
 
 
 def textured_photo(width, height, seed):
-    """uint8 (height, width, 3): a smooth photo with fine noise on it (+-30 levels), the hardest case for a
-    decoder's rounding and for scaled decoding."""
-    smooth = Image.fromarray(smooth_photo(max(width, height), seed=seed).numpy()).resize((width, height))
+    """uint8 (height, width, 3): a smooth photo with fine noise on it (+-30 levels), the hardest
+    case for a decoder's rounding and for scaled decoding."""
+    smooth = Image.fromarray(smooth_photo(max(width, height), seed=seed).numpy()).resize((width,
+        height))
     noise = np.random.default_rng(seed).integers(-30, 30, size=(height, width, 3))
     return np.clip(np.asarray(smooth).astype(int) + noise, 0, 255).astype(np.uint8)
 
@@ -246,25 +267,28 @@ def jpegs(tmp_path_factory):
 
 
 def on_the_device(paths, size, rows=None):
-    """_decode_jpegs on the CPU (the CUDA path's code, torchvision's CPU decoder): rows filled with 7s first
-    (or the rows given), and the numbers of the files it left to the CPU path."""
+    """_decode_jpegs on the CPU (the CUDA path's code, torchvision's CPU decoder): rows filled with
+    7s first (or the rows given), and the numbers of the files it left to the CPU path."""
     rows = np.full((len(paths), size, size, 3), 7, np.uint8) if rows is None else rows
     left = image_module._decode_jpegs(paths, size, rows, torch.device("cpu"), tqdm(disable=True))
     return rows, left
 
 
 def differences(rows, paths, size):
-    """Per file, the mean and the largest absolute difference of its row from read_stored's pixels."""
+    """Per file, the mean and the largest absolute difference of its row from read_stored's
+    pixels."""
     gaps = [np.abs(row.astype(int) - np.asarray(image_module.read_stored(path, size)).astype(int))
             for row, path in zip(rows, paths)]
     return [gap.mean() for gap in gaps], [gap.max() for gap in gaps]
 
 
 @pytest.mark.parametrize("size", [24, 64])
-def test_the_batched_jpeg_decode_is_within_a_level_of_pillows_on_average_and_four_at_most(jpegs, size):
-    """Measured on these JPEGs: mean absolute difference 0 to 0.52 levels, largest 3 (coarser noise, +-40 on
-    16-px blocks: up to 0.67 and 5). The JPEG draft is reproduced (block means at Pillow's scale): without it,
-    the 1200x900 JPEG stored at 24 px differs by 14 levels on average (90 at most), the 801x603 one by 5.6."""
+def test_the_batched_jpeg_decode_is_within_a_level_of_pillows_on_average_and_four_at_most(jpegs,
+        size):
+    """Measured on these JPEGs: mean absolute difference 0 to 0.52 levels, largest 3 (coarser noise,
+    +-40 on 16-px blocks: up to 0.67 and 5). The JPEG draft is reproduced (block means at Pillow's
+    scale): without it, the 1200x900 JPEG stored at 24 px differs by 14 levels on average (90 at
+    most), the 801x603 one by 5.6."""
     rows, left = on_the_device(jpegs, size)
     assert left == []
     means, largest = differences(rows, jpegs, size)
@@ -281,17 +305,21 @@ def test_the_reduction_before_resizing_is_the_one_pillows_jpeg_draft_picks(jpegs
                 assert image.size == (-(-width // scale), -(-height // scale)), (path, size, scale)
 
 
-def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_them_as_always(tmp_path, monkeypatch):
-    """PNG, WebP, BMP, GIF, CMYK and greyscale JPEGs, a JPEG with EXIF orientation 6, a truncated JPEG and files
-    that are not images go to the CPU path; decode_files with a CUDA device (the seam pointed at the CPU) gives
-    them exactly the rows and the failures it gives without one, and the plain JPEGs rows within the bound."""
+def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_them_as_always(
+        tmp_path, monkeypatch):
+    """PNG, WebP, BMP, GIF, CMYK and greyscale JPEGs, a JPEG with EXIF orientation 6, a truncated
+    JPEG and files that are not images go to the CPU path; decode_files with a CUDA device (the seam
+    pointed at the CPU) gives them exactly the rows and the failures it gives without one, and the
+    plain JPEGs rows within the bound."""
     paths = photo_files(tmp_path)
     Image.fromarray(textured_photo(90, 60, seed=1)).convert("L").save(tmp_path / "grey.jpg")
     paths.append(str(tmp_path / "grey.jpg"))
     rows, left = on_the_device(paths, 24)
     on_device = [i for i in range(len(paths)) if i not in left]
-    assert {os.path.basename(paths[i]) for i in on_device} == {"rgb.jpg"} and len(on_device) == 6  # 3 classes, 2 splits
-    assert {"sideways.jpg", "cmyk.jpg", "truncated.jpg", "grey.jpg"} <= {os.path.basename(paths[i]) for i in left}
+    # 3 classes, 2 splits
+    assert {os.path.basename(paths[i]) for i in on_device} == {"rgb.jpg"} and len(on_device) == 6
+    assert {"sideways.jpg", "cmyk.jpg", "truncated.jpg", "grey.jpg"} <= {os.path.basename(paths[i])
+        for i in left}
     assert (rows[left] == 7).all()  # not written: the CPU path's to fill
 
     cpu = torch.full((len(paths), 24, 24, 3), 7, dtype=torch.uint8)
@@ -299,7 +327,8 @@ def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_th
     monkeypatch.setattr(image_module, "_jpeg_device", lambda device: torch.device("cpu"))
     out = torch.full((len(paths), 24, 24, 3), 7, dtype=torch.uint8)
     assert image_module.decode_files(paths, 24, out, 2, "decoding", device="cuda") == cpu_failures
-    assert [os.path.basename(paths[i]) for i, _ in cpu_failures] == ["broken.png", "image.heic", "notes.txt"]
+    assert [os.path.basename(paths[i]) for i, _ in cpu_failures] == ["broken.png", "image.heic",
+        "notes.txt"]
     for i in left:
         assert torch.equal(out[i], cpu[i]), paths[i]
     means, largest = differences(out[on_device].numpy(), [paths[i] for i in on_device], 24)
@@ -307,8 +336,8 @@ def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_th
 
 
 def corrupt_jpeg(path, seed=0):
-    """A JPEG whose header reads but whose data holds a bad marker: torchvision's decoder refuses it, Pillow
-    decodes what it can and warns."""
+    """A JPEG whose header reads but whose data holds a bad marker: torchvision's decoder refuses
+    it, Pillow decodes what it can and warns."""
     whole = io.BytesIO()
     Image.fromarray(textured_photo(64, 48, seed=seed)).save(whole, "JPEG", quality=90)
     data = bytearray(whole.getvalue())
@@ -334,28 +363,38 @@ def test_a_corrupt_jpeg_falls_back_to_the_cpu_path_and_the_rest_of_its_batch_sta
         return decode_jpeg(encoded, *args)
     monkeypatch.setattr(image_module, "decode_jpeg", counting)
     rows, left = on_the_device(paths, 16)
-    assert left == [2] and (rows[2] == 7).all() and not (rows[[0, 1, 3, 4]] == 7).all((1, 2, 3)).any()
-    assert calls == [5, 1, 1, 1, 1, 1]  # the batch failed as one; then each alone, the corrupt one failing
+    assert left == [2] and (rows[2] == 7).all() and not (rows[[0, 1, 3, 4]] == 7).all((1, 2,
+        3)).any()
+    # the batch failed as one; then each alone, the corrupt one failing
+    assert calls == [5, 1, 1, 1, 1, 1]
 
     monkeypatch.setattr(image_module, "_jpeg_device", lambda device: torch.device("cpu"))
     out = torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8)
-    assert image_module.decode_files(paths, 16, out, 0, "decoding", device="cuda") == []  # Pillow reads part
+    # Pillow reads part
+    assert image_module.decode_files(paths, 16, out, 0, "decoding", device="cuda") == []
     assert torch.equal(out[2], torch.from_numpy(np.array(image_module.read_stored(paths[2], 16))))
-    assert capsys.readouterr().err.count("corrupt.jpg is truncated or damaged") == 1  # as the CPU path warns
+    # as the CPU path warns
+    assert capsys.readouterr().err.count("corrupt.jpg is truncated or damaged") == 1
 
 
-def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_a_npy_file(tmp_path, monkeypatch,
+def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_a_npy_file(tmp_path,
+    monkeypatch,
                                                                                             jpegs):
-    """Small batches (3 files, or 1.2 M pixels) through the two staging buffers in turn, into the rows of a
-    .npy file, which this process writes by name as the workers do; the non-JPEG between them is left."""
+    """Small batches (3 files, or 1.2 M pixels) through the two staging buffers in turn, into the
+    rows of a .npy file, which this process writes by name as the workers do; the non-JPEG between
+    them is left."""
     Image.fromarray(textured_photo(40, 30, seed=9)).save(tmp_path / "between.png")
-    paths = jpegs[:3] + [str(tmp_path / "between.png")] + jpegs[3:]  # pixels: 60 k, 60 k, 307 k, -, 483 k, 1.08 M,
-    # 250 k, 2 k: three files fill a batch, the fourth JPEG and the fifth each fill one with their pixels
+    # pixels: 60 k, 60 k, 307 k, -, 483 k, 1.08 M,
+    paths = jpegs[:3] + [str(tmp_path / "between.png")] + jpegs[3:]
+    # 250 k, 2 k: three files fill a batch, the fourth JPEG and the fifth each fill one with their
+    # pixels
     monkeypatch.setattr(image_module, "GPU_DECODE_BATCH", 3)
     monkeypatch.setattr(image_module, "GPU_DECODE_PIXELS", 1_200_000)
     batches = [(files, others) for files, _, others in image_module._jpeg_batches(paths)]
-    assert batches == [([0, 1, 2], [3]), ([4], []), ([5], []), ([6, 7], [])]  # the PNG with the batch before it
-    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 24, 24, 3))
+    # the PNG with the batch before it
+    assert batches == [([0, 1, 2], [3]), ([4], []), ([5], []), ([6, 7], [])]
+    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 24,
+        24, 3))
     rows[:] = 7
     _, left = on_the_device(paths, 24, rows)
     assert left == [3] and (rows[3] == 7).all()
@@ -365,45 +404,53 @@ def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_
     assert max(means) <= 1 and max(largest) <= 4
 
 
-def test_decode_files_hands_a_cuda_device_its_jpegs_and_the_worker_processes_what_it_leaves(tmp_path, monkeypatch):
+def test_decode_files_hands_a_cuda_device_its_jpegs_and_the_worker_processes_what_it_leaves(
+        tmp_path, monkeypatch):
     assert image_module._jpeg_device(None) is None and image_module._jpeg_device("cpu") is None
     assert image_module._jpeg_device(torch.device("meta")) is None
     assert image_module._jpeg_device("cuda:1") == torch.device("cuda:1")
     paths = photo_files(tmp_path)
     devices = []
 
-    def on_device(paths, size, rows, device, bar):  # stands in for the device: takes the plain JPEGs
+    # stands in for the device: takes the plain JPEGs
+    def on_device(paths, size, rows, device, bar):
         devices.append(device)
         left = [i for i, path in enumerate(paths) if not path.endswith("rgb.jpg")]
         rows[[i for i in range(len(paths)) if i not in left]] = 200
         return left
     monkeypatch.setattr(image_module, "_decode_jpegs", on_device)
     for device in (None, "cpu", torch.device("cpu")):
-        image_module.decode_files(paths[:3], 16, torch.zeros(3, 16, 16, 3, dtype=torch.uint8), 0, "x", device=device)
+        image_module.decode_files(paths[:3], 16, torch.zeros(3, 16, 16, 3, dtype=torch.uint8), 0,
+            "x", device=device)
     assert devices == []
     out = torch.full((len(paths), 16, 16, 3), 7, dtype=torch.uint8)
     failures = image_module.decode_files(paths, 16, out, 2, "decoding", device="cuda")
     assert devices == [torch.device("cuda")]
-    assert [os.path.basename(paths[i]) for i, _ in failures] == ["broken.png", "image.heic", "notes.txt"]
+    assert [os.path.basename(paths[i]) for i, _ in failures] == ["broken.png", "image.heic",
+        "notes.txt"]
     for i, path in enumerate(paths):
         if path.endswith("rgb.jpg"):
             assert (out[i] == 200).all()
         elif i not in dict(failures):  # the rest decoded by the workers, as without a device
-            assert np.array_equal(out[i].numpy(), np.asarray(image_module.read_stored(path, 16))), path
+            assert np.array_equal(out[i].numpy(), np.asarray(image_module.read_stored(path,
+                16))), path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
 def test_the_cuda_decode_is_close_to_the_same_code_on_the_cpu_and_to_pillow(jpegs, tmp_path):
-    """nvJPEG and the float resize on the GPU against torchvision's CPU decoder through the same code: within
-    1.5 levels on average for each file. Unmeasured bounds, set before any GPU run: torchvision's own test
-    holds nvJPEG within 2 levels on average of libjpeg before any resize (its chroma upsampling and IDCT
-    differ), and resizing down averages that; the largest difference is bounded loosely (24), as the 50x40
-    JPEG is enlarged, not averaged. Against Pillow: the CPU path's bound widened alike."""
+    """nvJPEG and the float resize on the GPU against torchvision's CPU decoder through the same
+    code: within 1.5 levels on average for each file. Unmeasured bounds, set before any GPU run:
+    torchvision's own test holds nvJPEG within 2 levels on average of libjpeg before any resize (its
+    chroma upsampling and IDCT differ), and resizing down averages that; the largest difference is
+    bounded loosely (24), as the 50x40 JPEG is enlarged, not averaged. Against Pillow: the CPU
+    path's bound widened alike."""
     cpu, left = on_the_device(jpegs, 64)
-    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(jpegs), 64, 64, 3))
+    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(jpegs), 64,
+        64, 3))
     assert image_module.decode_files(jpegs, 64, rows, 2, "decoding", device="cuda") == []
     gaps = np.abs(rows.astype(int) - cpu.astype(int)).reshape(len(jpegs), -1)
-    assert left == [] and gaps.mean(1).max() <= 1.5 and gaps.max() <= 24, (gaps.mean(1), gaps.max(1))
+    assert left == [] and gaps.mean(1).max() <= 1.5 and gaps.max() <= 24, (gaps.mean(1), gaps.max(
+        1))
     means, largest = differences(rows, jpegs, 64)
     assert max(means) <= 2 and max(largest) <= 24, (means, largest)
 

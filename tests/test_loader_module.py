@@ -1,5 +1,5 @@
-"""The loaders: shuffling and shards, alternate flips, photo crops and centre crops, the background reader, mixed
-training batches."""
+"""The loaders: shuffling and shards, alternate flips, photo crops and centre crops, the background
+reader, mixed training batches."""
 
 import os
 import signal
@@ -39,7 +39,8 @@ def test_alternate_flip_mirrors_every_image_every_other_epoch():
 def test_epochs_shuffle_differently_and_shards_do_not_overlap():
     images = torch.zeros(20, 4, 4, 3, dtype=torch.uint8)
     labels = torch.arange(20)
-    shards = [loader_module.ResidentLoader(images, labels, Batching(5, train=True, rank=r, world_size=2),
+    shards = [loader_module.ResidentLoader(images, labels, Batching(5, train=True, rank=r,
+        world_size=2),
                                            augmentation((0,) * 3, (1,) * 3)) for r in (0, 1)]
     seen = [collect(s)[1] for s in shards]
     assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0].tolist()) & set(seen[1].tolist())
@@ -55,14 +56,15 @@ def test_a_training_set_smaller_than_a_batch_still_gives_one_batch():
 
 
 def test_resident_photo_crops_are_each_images_own_box_then_flipped():
-    """Channel 0 is the image's label, channels 1 and 2 its column and row: each crop shows its own image,
-    and its columns tell its box and its flip."""
+    """Channel 0 is the image's label, channels 1 and 2 its column and row: each crop shows its own
+    image, and its columns tell its box and its flip."""
     n, size = 32, 64
     columns = torch.arange(size).expand(size, size)
     images = torch.stack([torch.stack([torch.full((size, size), 7 * i), columns, columns.T], -1)
                           for i in range(n)]).to(torch.uint8)
     labels = torch.arange(n)
-    loader = loader_module.ResidentLoader(images, labels, Batching(8, train=True, channels_last=False),
+    loader = loader_module.ResidentLoader(images, labels, Batching(8, train=True,
+        channels_last=False),
                                           augmentation((0,) * 3, (1 / 255,) * 3, crop_size=16,
                                                        FLIP="random"))
     torch.manual_seed(0)
@@ -73,7 +75,8 @@ def test_resident_photo_crops_are_each_images_own_box_then_flipped():
     assert (left_to_right.abs() > 1).all()  # a ramp: each crop is a resized part of its own image
     flipped = left_to_right[:, 0] < 0
     assert 8 < flipped.sum() < 24  # about half are mirrored
-    assert len({round(float(c), 1) for c in crops[:, 1, 8, 0]}) > 20  # the boxes differ from image to image
+    # the boxes differ from image to image
+    assert len({round(float(c), 1) for c in crops[:, 1, 8, 0]}) > 20
 
 
 def test_photo_evaluation_is_the_centre_crop():
@@ -82,16 +85,19 @@ def test_photo_evaluation_is_the_centre_crop():
                                           augmentation((0,) * 3, (1 / 255,) * 3, crop_size=32))
     batch, _ = collect(loader)
     for image, out in zip(images, batch):
-        centre = F.center_crop(Image.fromarray(image.numpy()), [32, 32])  # offset round(2.5) = 2, as torchvision
+        # offset round(2.5) = 2, as torchvision
+        centre = F.center_crop(Image.fromarray(image.numpy()), [32, 32])
         assert torch.equal(out, torch.from_numpy(np.array(centre)).permute(2, 0, 1).float())
     assert torch.equal(loader.first_images(5), batch)
 
 
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
 def test_training_chunks_get_each_images_own_ops_then_normalisation_then_erased_boxes(policy):
-    """Replayed from the same seed: the loader's batches are auto_augment of the chunk in its shuffled order,
-    then each batch normalised, with erase_masks' boxes at 0, each image beside its own label."""
-    images = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    """Replayed from the same seed: the loader's batches are auto_augment of the chunk in its
+    shuffled order, then each batch normalised, with erase_masks' boxes at 0, each image beside its
+    own label."""
+    images = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8,
+        generator=torch.Generator().manual_seed(0))
     augmented = augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0, FLIP="none",
                              AUTO_AUGMENT=policy,
                              RANDOM_ERASING=0.5)
@@ -122,7 +128,8 @@ def test_evaluation_batches_are_untouched_by_auto_augment_and_erasing():
 
 
 def test_photo_crops_are_rounded_to_grey_levels_augmented_normalised_then_erased():
-    """mean 0.5 and std 1/255 make a normalised grey level v - 127.5: never 0, and never a whole number."""
+    """mean 0.5 and std 1/255 make a normalised grey level v - 127.5: never 0, and never a whole
+    number."""
     photos = torch.stack([smooth_photo(48, seed=i) for i in range(16)])
     augmented = augmentation((0.5,) * 3, (1 / 255,) * 3, crop_size=24,
                              AUTO_AUGMENT="trivialaugment", RANDOM_ERASING=1.0)
@@ -151,10 +158,12 @@ def test_a_mixed_loader_mixes_each_batch_of_its_loader_and_passes_the_rest_throu
     mixed.set_epoch(3)
     assert plain.epoch == 3 and len(mixed) == len(plain) == 2 and mixed.batching is plain.batching
     batches, expected = list(mixed), list(plain)  # the same epoch, so the same shuffle
-    assert [torch.equal(x, e) and torch.equal(y, f) for (x, y), (e, f) in zip(seen, expected)] == [True, True]
+    assert [torch.equal(x, e) and torch.equal(y, f) for (x, y), (e, f) in zip(seen, expected)] == [
+        True, True]
     for (x, targets), (e, f) in zip(batches, expected):
         assert torch.equal(x, e.flip(0)) and torch.equal(targets.argmax(1), f)
-    assert torch.equal(mixed.first_images(6), plain.first_images(6))  # as evaluation sees them: never mixed
+    # as evaluation sees them: never mixed
+    assert torch.equal(mixed.first_images(6), plain.first_images(6))
 
 
 def test_a_mixed_loader_with_torchvisions_mixup_and_cutmix_yields_soft_targets_that_sum_to_one():

@@ -1,5 +1,5 @@
-"""main.py: constants on the command line, bad input, interruptions, resume, earlier runs kept and one run per
-folder, the quick real-data run."""
+"""main.py: constants on the command line, bad input, interruptions, resume, earlier runs kept and
+one run per folder, the quick real-data run."""
 
 import datetime
 import errno
@@ -64,12 +64,15 @@ def main_in_process(args, capsys):
 
 
 def test_flags_are_derived_from_the_constants():
-    config, command = main.parse_config(["--epochs", "3", "--data-dir", "/x", "--train-subset", "none",
+    config, command = main.parse_config(["--epochs", "3", "--data-dir", "/x", "--train-subset",
+        "none",
                                          "--dwell", "false", "--lr", "0.2"])
     assert config["EPOCHS"] == 3 and config["DATA_DIR"] == "/x" and config["TRAIN_SUBSET"] is None
     assert config["DWELL"] is False and config["LR"] == 0.2 and command["predict"] is None
-    assert set(main.constants()) >= {"DATA_DIR", "DATASET", "MODEL", "EPOCHS", "BATCH_SIZE", "LR", "FREEZE",
-                                     "WEIGHTS", "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR", "DWELL",
+    assert set(main.constants()) >= {"DATA_DIR", "DATASET", "MODEL", "EPOCHS", "BATCH_SIZE", "LR",
+        "FREEZE",
+                                     "WEIGHTS", "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR",
+                                     "DWELL",
                                      "ASK_EPOCH", "VAL_SPLIT", "TRAIN_SUBSET", "SEED", "OUTPUT_DIR"}
 
 
@@ -82,7 +85,8 @@ def test_auto_augment_and_random_erasing_flags_reach_the_data_config():
     settings = main.build_config(config).data.augmentations
     assert config["AUTO_AUGMENT"] is None and settings["random_erasing"] == 0
     config["AUTO_AUGMENT"] = "rand"
-    with pytest.raises(ValueError, match="^AUTO_AUGMENT = 'rand' is not known; choose one of None, 'trivialaug"):
+    with pytest.raises(ValueError,
+            match="^AUTO_AUGMENT = 'rand' is not known; choose one of None, 'trivialaug"):
         main.build_config(config)
 
 
@@ -98,7 +102,8 @@ def test_no_preset_validates_on_the_test_set(preset, cifar_dir):
                                                    "DOWNLOAD": False}).data)
     assert data.val is not data.test and len(data.test.labels) == 10000
     held_out = config["VAL_SPLIT"]
-    assert len(data.train.labels) == 50000 - held_out  # held out of the 50,000 training images, or none
+    # held out of the 50,000 training images, or none
+    assert len(data.train.labels) == 50000 - held_out
     if held_out:
         assert data.val.labels.bincount().tolist() == [held_out // 10] * 10  # stratified
     else:
@@ -106,7 +111,8 @@ def test_no_preset_validates_on_the_test_set(preset, cifar_dir):
 
 
 @pytest.mark.parametrize("typed, meant", [("--epoch", "--epochs"), ("--ephocs", "--epochs"),
-                                          ("--val_split", "--val-split"), ("--learning-rate", None)])
+                                          ("--val_split", "--val-split"), ("--learning-rate",
+                                          None)])
 def test_an_unknown_flag_names_the_closest_flags_in_two_lines(typed, meant, capsys):
     with pytest.raises(SystemExit) as exit_:
         main.parse_config([typed, "3"])
@@ -135,13 +141,16 @@ def test_a_value_of_the_wrong_type_is_refused(capsys):
     assert exit_.value.code == 2 and "EPOCHS takes a whole number, not 'three'" in err
 
 
-@pytest.mark.parametrize("name, value", [("EPOCHS", 0), ("BATCH_SIZE", 0), ("LR", 0.0), ("FACTOR", 1.0),
+@pytest.mark.parametrize("name, value", [("EPOCHS", 0), ("BATCH_SIZE", 0), ("LR", 0.0), ("FACTOR",
+    1.0),
                                          ("PATIENCE", 0), ("STOP_PATIENCE", 0), ("THRESHOLD", 1.5),
                                          ("VAL_SPLIT", -1), ("TRAIN_SUBSET", 0), ("MODEL", "vgg"),
                                          ("DATASET", "mnist"), ("SCHEDULE", "step"),
                                          ("MIXUP", -0.2),
-                                         ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance"), ("EMA_DECAY", 1.0),
-                                         ("EMA_DECAY", 0.0), ("ACCUMULATE_STEPS", 0), ("CLIP_GRAD_NORM", 0.0)])
+                                         ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance"), (
+                                         "EMA_DECAY", 1.0),
+                                         ("EMA_DECAY", 0.0), ("ACCUMULATE_STEPS", 0), (
+                                         "CLIP_GRAD_NORM", 0.0)])
 def test_out_of_range_constants_name_the_constant(name, value):
     config = main.constants()
     config[name] = value
@@ -149,7 +158,8 @@ def test_out_of_range_constants_name_the_constant(name, value):
         main.build_config(config)
 
 
-# ----------------------------------------------------------------------------- bad input, end to end
+# ----------------------------------------------------------------------------- bad input, end to
+# end
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -157,7 +167,8 @@ def test_out_of_range_constants_name_the_constant(name, value):
     (["--model", "vgg"], ["--model 'vgg' (MODEL) is not known", "the closest are", "vgg11"]),
     (["--factor", "2"], ["--factor 2.0 (FACTOR) is out of range"]),
     (["--cuda-graphs", "yes", "--compile", "true"], ["CUDA_GRAPHS='yes' needs", "COMPILE off"]),
-    (["--class-weights", "inverse"], ["--class-weights 'inverse' (CLASS_WEIGHTS) is not known; choose one of None, "
+    (["--class-weights", "inverse"], [
+    "--class-weights 'inverse' (CLASS_WEIGHTS) is not known; choose one of None, "
                                       "'balanced'"]),
     (["--mixup", "-1"], ["--mixup -1.0 (MIXUP) is out of range: use a number >= 0 (0: off)"]),
 ])
@@ -166,7 +177,8 @@ def test_bad_constants_exit_2_with_one_line(tiny_run, args, fragments, capsys):
 
 
 def test_missing_data_offline_exits_2_with_one_line_and_no_traceback(tmp_path):
-    result = run_main(["--data-dir", tmp_path / "none", "--output-dir", tmp_path])  # DOWNLOAD on, no network
+    # DOWNLOAD on, no network
+    result = run_main(["--data-dir", tmp_path / "none", "--output-dir", tmp_path])
     assert_one_clean_line(result, "cifar-10-batches-py", "DATA_DIR")
 
 
@@ -183,7 +195,8 @@ def test_an_unwritable_output_dir_is_reported_before_training(tiny_run, tmp_path
 def test_bad_checkpoints_exit_2_and_leave_good_files_alone(tiny_run, tmp_path, flag, capsys):
     args, out = tiny_run
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
-    before = {name: (out / name).read_bytes() for name in ("best_model.pth", "training_metrics.csv")}
+    before = {name: (out / name).read_bytes() for name in ("best_model.pth",
+        "training_metrics.csv")}
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((out / "last_checkpoint.pth").read_bytes()[:1000])
     other = tmp_path / "resnet.pth"
@@ -193,7 +206,8 @@ def test_bad_checkpoints_exit_2_and_leave_good_files_alone(tiny_run, tmp_path, f
              ([flag, out / "training_metrics.csv"], "not a PyTorch checkpoint")]
     if flag == "--weights":
         cases += [([flag, other], "does not fit this model"),
-                  (["--model", "resnet18", flag, out / "best_model.pth"], "does not fit this model")]
+                  (["--model", "resnet18", flag, out / "best_model.pth"],
+                  "does not fit this model")]
     else:
         cases += [([flag, other], "not a last_checkpoint.pth"),
                   (["--model", "resnet18", flag, out / "last_checkpoint.pth"], "MODEL = 'cnn'")]
@@ -208,49 +222,69 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys):
     truncated = write_fake_cifar(tmp_path / "truncated", per_batch=20)
     batch = tmp_path / "truncated" / "cifar-10-batches-py" / "data_batch_2"
     batch.write_bytes(batch.read_bytes()[:300])
-    assert_one_clean_line(main_in_process(["--data-dir", truncated, *common], capsys), "data_batch_2")
+    assert_one_clean_line(main_in_process(["--data-dir", truncated, *common], capsys),
+        "data_batch_2")
     one_class = write_image_tree(tmp_path / "one", splits=("train",), classes=("only",))
-    assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", one_class, *common], capsys),
+    assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", one_class, *common],
+        capsys),
                           "at least two")
     empty_val = write_image_tree(tmp_path / "empty", splits=("train",))
     (tmp_path / "empty" / "val" / "cats").mkdir(parents=True)
-    assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", empty_val, *common], capsys),
+    assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", empty_val, *common],
+        capsys),
                           "no readable images")
     small = write_fake_cifar(tmp_path / "small", per_batch=20)
     assert_one_clean_line(main_in_process(["--data-dir", small, *common, "--val-split", "20",
-                                           "--train-subset", "500"], capsys), "--train-subset (TRAIN_SUBSET) 500")
+                                           "--train-subset", "500"], capsys),
+                                           "--train-subset (TRAIN_SUBSET) 500")
 
 
 def test_a_small_photo_folder_with_only_train_trains_with_the_default_constants(tmp_path, capsys):
-    photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=30)  # 3 classes x 30 images
+    # 3 classes x 30 images
+    photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=30)
     out = tmp_path / "out"
-    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out, "--epochs", "1",
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out,
+        "--epochs", "1",
                               "--ask-epoch", "none"], capsys)
     assert result.returncode == 0, result.stderr
     assert "1 batch of 128 per epoch" in result.stdout
-    assert "Validation accuracy (no test/ folder): " in result.stdout and "Test accuracy" not in result.stdout
+    assert (
+        "Validation accuracy (no test/ folder): " in result.stdout
+        and "Test accuracy" not in result.stdout
+    )
     report = pd.read_csv(out / "test_report.csv")
-    assert report.set_index("class").loc[["cats", "dogs", "owls"], "support"].tolist() == [3, 3, 3]  # a tenth
+    # a tenth
+    assert report.set_index("class").loc[["cats", "dogs", "owls"], "support"].tolist() == [3, 3, 3]
 
 
-def test_a_ten_to_one_folder_trains_with_balanced_weights_and_mixed_batches_and_reports_the_recall_of_each_class(
-        tmp_path, capsys, monkeypatch):
-    photos = write_image_tree(tmp_path / "photos", splits=("train", "test"), classes=("cats", "dogs"), per_class=20)
+def test_a_ten_to_one_folder_trains_balanced_and_mixed_and_reports_each_classs_recall(
+    tmp_path, capsys, monkeypatch
+):
+    photos = write_image_tree(tmp_path / "photos", splits=("train", "test"), classes=("cats",
+        "dogs"), per_class=20)
     for i in range(18):  # 20 cats, 2 dogs
         os.remove(tmp_path / "photos" / "train" / "dogs" / f"{i}.png")
     setup, runs = main.setup, []
     monkeypatch.setattr(main, "setup", lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
     out = tmp_path / "out"
-    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out, "--epochs", "1",
-                              "--ask-epoch", "none", "--val-split", "0", "--batch-size", "8", "--cache-dir", "none",
-                              "--mixup", "0.2", "--cutmix", "1.0", "--class-weights", "balanced"], capsys)
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out,
+        "--epochs", "1",
+                              "--ask-epoch", "none", "--val-split", "0", "--batch-size", "8",
+                              "--cache-dir", "none",
+                              "--mixup", "0.2", "--cutmix", "1.0", "--class-weights", "balanced"],
+                              capsys)
     assert result.returncode == 0, result.stderr
     run = runs[0]
-    assert run.data.class_counts == (20, 2) and isinstance(run.data.train, loader_module.MixedLoader)
+    assert run.data.class_counts == (20, 2) and isinstance(run.data.train,
+        loader_module.MixedLoader)
     assert run.fit.class_weights == pytest.approx((22 / 40, 22 / 4))
-    assert "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.55 (cats) to 5.5 (dogs)" in result.stdout
+    assert (
+        "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.55 (cats) to 5.5 (dogs)"
+        in result.stdout
+    )
     recalls = pd.read_csv(out / "test_report.csv").set_index("class")["recall"]
-    lines = result.stdout.split("Recall of each class (the share of its images called it):\n")[1].splitlines()
+    lines = result.stdout.split("Recall of each class (the share of its images called it):\n")[
+        1].splitlines()
     assert [line.split(":")[0].strip() for line in lines[:2]] == ["cats", "dogs"]
     assert [float(line.split(":")[1].strip(" %")) for line in lines[:2]] == \
         pytest.approx([100 * recalls["cats"], 100 * recalls["dogs"]], abs=0.005)
@@ -259,20 +293,26 @@ def test_a_ten_to_one_folder_trains_with_balanced_weights_and_mixed_batches_and_
 def test_the_class_weights_line_names_the_lightest_and_the_heaviest_class():
     assert main._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == \
         "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.5 (owls) to 3 (dogs)"
-    assert main._class_weights_line((1.0, 1.0), ["cats", "dogs"]).endswith(": 1 for every class (a balanced split)")
+    assert main._class_weights_line((1.0, 1.0), ["cats", "dogs"]).endswith(
+        ": 1 for every class (a balanced split)")
 
 
-@pytest.mark.parametrize("where, fragment", [("cifar-10-batches-py", "holds CIFAR-10's files itself: use its parent"),
-                                             ("cifar-10-batches-py/data_batch_1", "is a file, not a folder")])
-def test_a_data_dir_at_the_wrong_level_names_the_folder_to_give(where, fragment, fake_cifar, tmp_path, capsys):
-    result = main_in_process(["--data-dir", os.path.join(fake_cifar, where), "--output-dir", tmp_path / "out",
+@pytest.mark.parametrize("where, fragment", [("cifar-10-batches-py",
+    "holds CIFAR-10's files itself: use its parent"),
+                                             ("cifar-10-batches-py/data_batch_1",
+                                             "is a file, not a folder")])
+def test_a_data_dir_at_the_wrong_level_names_the_folder_to_give(where, fragment, fake_cifar,
+        tmp_path, capsys):
+    result = main_in_process(["--data-dir", os.path.join(fake_cifar, where), "--output-dir",
+        tmp_path / "out",
                               "--download", "false"], capsys)
     assert_one_clean_line(result, "--data-dir (DATA_DIR)", fragment)
 
 
 def test_a_run_without_its_data_creates_nothing(tmp_path, capsys):
     nowhere = tmp_path / "nowhere"
-    result = main_in_process(["--data-dir", nowhere, "--output-dir", tmp_path / "out"], capsys)  # downloads: offline
+    # downloads: offline
+    result = main_in_process(["--data-dir", nowhere, "--output-dir", tmp_path / "out"], capsys)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) <= 2, result.stderr
     assert os.listdir(tmp_path) == []
 
@@ -284,15 +324,18 @@ def test_resume_from_a_run_with_other_classes_is_refused(tiny_run, tmp_path, cap
     checkpoint["classes"] = checkpoint["classes"][:5] + ["a", "b", "c", "d", "e"]
     other = tmp_path / "other.pth"
     utils.save_torch(checkpoint, str(other))
-    assert_one_clean_line(main_in_process(args + ["--resume", other], capsys), "trained on other classes")
+    assert_one_clean_line(main_in_process(args + ["--resume", other], capsys),
+        "trained on other classes")
 
 
-# ----------------------------------------------------------------------------- interruptions and resume
+# ----------------------------------------------------------------------------- interruptions and
+# resume
 
 
 def start_main(args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)],
+        cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -315,7 +358,10 @@ def test_a_signal_mid_run_finishes_cleanly(tiny_run, signum, status):
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == status, stderr
-    assert "Traceback" not in stderr and f"to go on, run: python main.py --resume auto --output-dir {out}" in stderr
+    assert (
+        "Traceback" not in stderr
+        and f"to go on, run: python main.py --resume auto --output-dir {out}" in stderr
+    )
     assert "Restored the best weights" in stdout
     rows = len(pd.read_csv(out / "training_metrics.csv"))
     checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
@@ -325,7 +371,8 @@ def test_a_signal_mid_run_finishes_cleanly(tiny_run, signum, status):
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     args, out = tiny_run
-    args = args + ["--epochs", "6", "--patience", "1", "--stop-patience", "10", "--threshold", "0.3"]
+    args = args + ["--epochs", "6", "--patience", "1", "--stop-patience", "10", "--threshold",
+        "0.3"]
     straight = tmp_path / "straight"
     assert run_main(args + ["--output-dir", straight]).returncode == 0
 
@@ -338,10 +385,12 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     utils.load_torch(str(out / "last_checkpoint.pth"))  # every file stays loadable
     utils.load_state_dict(str(out / "best_model.pth"))
 
-    resumed = run_main(["--resume", "auto", "--output-dir", out])  # the run's own settings, from its checkpoint
+    # the run's own settings, from its checkpoint
+    resumed = run_main(["--resume", "auto", "--output-dir", out])
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stdout
-    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out / "training_metrics.csv")
+    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out
+        / "training_metrics.csv")
     assert list(actual["epoch"]) == list(expected["epoch"]) == list(range(1, 7))
     numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
     assert (actual[numeric] - expected[numeric]).abs().max().max() <= 1e-6
@@ -351,7 +400,8 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     assert all(torch.allclose(best[k].float(), reference[k].float(), atol=1e-6) for k in best)
 
 
-def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it(tiny_run, capsys, monkeypatch):
+def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it(tiny_run, capsys,
+        monkeypatch):
     args, out = tiny_run
     monkeypatch.setattr(main, "BF16_TRIAL_STEPS", 1)  # the tiny run is long enough to measure
     used = []
@@ -363,13 +413,18 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
 
     monkeypatch.setattr(train_module, "train_one_epoch", recording)
     monkeypatch.setattr(step_module, "cpu_has_bf16", lambda: True)  # whatever this machine's CPU
-    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 3.0)  # a CPU where bf16 pays
+    # a CPU where bf16 pays
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 3.0)
     result = main_in_process(args + ["--epochs", "1"], capsys)
-    assert result.returncode == 0 and "ran 3.00x as fast as fp32, so training is in bf16" in result.stdout
+    assert (
+        result.returncode == 0
+        and "ran 3.00x as fast as fp32, so training is in bf16" in result.stdout
+    )
     assert used == [torch.bfloat16]
     assert json.loads((out / "best_model.json").read_text())["precision"] == "bf16"
 
-    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 0.5)  # a new trial would say fp32
+    # a new trial would say fp32
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 0.5)
     result = main_in_process(args + ["--epochs", "2", "--resume", "auto"], capsys)
     assert result.returncode == 0 and "Resuming" in result.stdout and "trial" not in result.stdout
     assert used == [torch.bfloat16] * 2  # the resumed epoch trains as the first did
@@ -378,7 +433,8 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
     assert "so training is in fp32" in result.stdout and used[-1] is None
     assert json.loads((out / "best_model.json").read_text())["precision"] == "fp32"
     monkeypatch.setattr(main, "BF16_TRIAL_STEPS", 10 ** 9)  # a run too short to pay for a trial
-    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail("measured a short run"))
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail(
+        "measured a short run"))
     result = main_in_process(args + ["--epochs", "1"], capsys)
     assert result.returncode == 0 and "trial" not in result.stdout and used[-1] is None
 
@@ -395,21 +451,28 @@ def test_a_resume_takes_more_epochs_but_refuses_a_flag_that_would_change_the_run
     refused = main_in_process(["--resume", "auto", "--output-dir", out, "--lr", "0.1"], capsys)
     assert_one_clean_line(refused, "--lr 0.1 differs from the run", "LR = 0.02")
     assert len(pd.read_csv(out / "training_metrics.csv")) == 1
-    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2", "--lr", "0.02"], capsys)
+    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2", "--lr",
+        "0.02"], capsys)
     assert result.returncode == 0 and "Resuming" in result.stdout
     history = pd.read_csv(out / "training_metrics.csv")
     assert list(history["epoch"]) == [1, 2] and history["lr"].iloc[0] == pytest.approx(0.02)
 
 
-def test_a_resume_asks_anew_when_told_and_refuses_a_new_epoch_count_under_onecycle(tiny_run, capsys):
+def test_a_resume_asks_anew_when_told_and_refuses_a_new_epoch_count_under_onecycle(tiny_run,
+        capsys):
     args, out = tiny_run
-    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0  # ASK_EPOCH none: never asks
-    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2", "--ask-epoch", "2"], capsys)
-    assert result.returncode == 0 and "prompts are off" in result.stdout  # it came to ask after epoch 2
+    # ASK_EPOCH none: never asks
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2",
+        "--ask-epoch", "2"], capsys)
+    # it came to ask after epoch 2
+    assert result.returncode == 0 and "prompts are off" in result.stdout
     onecycle = out.parent / "onecycle"
-    assert main_in_process(args + ["--output-dir", onecycle, "--epochs", "1", "--schedule", "onecycle"],
+    assert main_in_process(args + ["--output-dir", onecycle, "--epochs", "1", "--schedule",
+        "onecycle"],
                            capsys).returncode == 0
-    refused = main_in_process(["--resume", "auto", "--output-dir", onecycle, "--epochs", "3"], capsys)
+    refused = main_in_process(["--resume", "auto", "--output-dir", onecycle, "--epochs", "3"],
+        capsys)
     assert_one_clean_line(refused, "--epochs 3 differs from the run", "EPOCHS = 1")
 
 
@@ -426,7 +489,8 @@ def test_a_cosine_run_decays_the_lr_to_0_uncut_and_a_resume_keeps_its_epochs(tin
     assert_one_clean_line(refused, "--epochs 3 differs from the run", "EPOCHS = 2")
 
 
-def test_a_run_with_a_relative_data_dir_resumes_from_another_directory(tmp_path, capsys, monkeypatch):
+def test_a_run_with_a_relative_data_dir_resumes_from_another_directory(tmp_path, capsys,
+        monkeypatch):
     write_fake_cifar(tmp_path / "project" / "data", per_batch=40)
     monkeypatch.chdir(tmp_path / "project")
     out = tmp_path / "out"
@@ -449,48 +513,62 @@ def test_resume_after_the_last_epoch_trains_no_more(tiny_run, capsys):
 METRICS = "training_metrics.csv"
 
 
-def test_a_run_with_an_ema_accumulation_and_clipping_resumes_as_if_never_stopped_and_is_tested_on_its_ema(
-        tiny_run, tmp_path, capsys, one_thread):
+def test_a_run_with_ema_accumulation_and_clipping_resumes_as_if_never_stopped_tested_on_its_ema(
+    tiny_run, tmp_path, capsys, one_thread
+):
     args, out = tiny_run
-    args = [str(a) for a in args] + ["--ema-decay", "0.9", "--accumulate-steps", "2", "--clip-grad-norm", "1",
+    args = [str(a) for a in args] + ["--ema-decay", "0.9", "--accumulate-steps", "2",
+        "--clip-grad-norm", "1",
                                      "--threshold", "0"]
     straight = str(tmp_path / "straight")
     capsys.readouterr()
     expected = main.run_main(args + ["--output-dir", straight, "--epochs", "3"])
-    assert expected.status == 0 and "batches of 32 per epoch, 2 to an optimizer step" in capsys.readouterr().out
+    assert (
+        expected.status == 0
+        and "batches of 32 per epoch, 2 to an optimizer step" in capsys.readouterr().out
+    )
     assert main_in_process(args + ["--epochs", "2"], capsys).returncode == 0
     resumed = main.run_main(["--resume", "auto", "--output-dir", str(out), "--epochs", "3"])
     assert resumed.status == 0 and "Resuming" in capsys.readouterr().out
     numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
     before, after = pd.read_csv(tmp_path / "straight" / METRICS), pd.read_csv(out / METRICS)
-    assert list(after["epoch"]) == [1, 2, 3] and (after[numeric] - before[numeric]).abs().max().max() <= 1e-6
+    assert list(after["epoch"]) == [1, 2, 3] and (after[numeric] - before[
+        numeric]).abs().max().max() <= 1e-6
     assert resumed.test["loss"] == pytest.approx(expected.test["loss"], rel=1e-6)
 
-    best = torch.load(out / "best_model.pth", weights_only=True)  # the best epoch's EMA, which the test saw
+    # the best epoch's EMA, which the test saw
+    best = torch.load(out / "best_model.pth", weights_only=True)
     checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
     assert all(torch.equal(best[k], v) for k, v in checkpoint["best"]["ema"]["model"].items())
     config = main.build_config(main.parse_config(args)[0])  # the run's data, read again
     data = data_module.get_data(config.data, torch.device("cpu"))
     model = model_module.get_model("cnn", 10)
     model.load_state_dict(best)
-    assert train_module.evaluate(model, data.test)["loss"] == pytest.approx(resumed.test["loss"], rel=1e-5)
-    model.load_state_dict(checkpoint["best"]["model"])  # the raw weights of that epoch score otherwise
-    assert train_module.evaluate(model, data.test)["loss"] != pytest.approx(resumed.test["loss"], rel=1e-5)
+    assert train_module.evaluate(model, data.test)["loss"] == pytest.approx(resumed.test["loss"],
+        rel=1e-5)
+    # the raw weights of that epoch score otherwise
+    model.load_state_dict(checkpoint["best"]["model"])
+    assert train_module.evaluate(model, data.test)["loss"] != pytest.approx(resumed.test["loss"],
+        rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- earlier runs kept, one run per folder
+# ----------------------------------------------------------------------------- earlier runs kept,
+# one run per folder
 
 
 def run_files(folder):
     """A run's files in folder, by name (not the lock, nor previous/)."""
-    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file() and path.name != ".lock"}
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()
+        and path.name != ".lock"}
 
 
 def started(folder):
-    return datetime.datetime.fromisoformat(json.loads((folder / "best_model.json").read_text())["started"])
+    return datetime.datetime.fromisoformat(json.loads((folder / "best_model.json").read_text())[
+        "started"])
 
 
-def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_time(tiny_run, tmp_path):
+def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_time(tiny_run,
+        tmp_path):
     """Run as users run it, in a folder of their own under umask 027: every output is -rw-r-----."""
     args, out = tiny_run
     args, cwd = args + ["--epochs", "1"], tmp_path / "cwd"
@@ -499,15 +577,18 @@ def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_tim
     first_began = int(time.time())
     assert run_main(args, cwd=cwd, umask=0o027).returncode == 0
     first_ended, first = time.time(), run_files(out)
-    assert set(first) == {"last_checkpoint.pth", "best_model.pth", "best_model.json", "training_metrics.csv",
-                          "training_curves.png", "test_report.csv", "confusion_matrix.png", "misclassified.png"}
+    assert set(first) == {"last_checkpoint.pth", "best_model.pth", "best_model.json",
+        "training_metrics.csv",
+                          "training_curves.png", "test_report.csv", "confusion_matrix.png",
+                          "misclassified.png"}
 
     second_began = int(time.time())
     second = run_main(args + ["--lr", "0.01"], cwd=cwd, umask=0o027)
     assert second.returncode == 0, second.stderr
     [kept] = (out / "previous").iterdir()
     assert run_files(kept) == first
-    assert first_began <= datetime.datetime.strptime(kept.name, "%Y-%m-%dT%H-%M-%S").timestamp() <= first_ended
+    assert first_began <= datetime.datetime.strptime(kept.name,
+        "%Y-%m-%dT%H-%M-%S").timestamp() <= first_ended
     assert f"The earlier run's files are kept in {kept}" in second.stdout.splitlines()
     assert set(run_files(out)) == set(first) and started(out).timestamp() >= second_began
     assert run_files(out)["best_model.pth"] != first["best_model.pth"]
@@ -526,7 +607,8 @@ def test_a_second_run_is_refused_at_once_while_the_first_trains(tiny_run, capsys
         began = time.time()
         refused = main_in_process(args + extra, capsys)
         assert time.time() - began < 5
-        assert_one_clean_line(refused, f"OUTPUT_DIR {out} is in use by another run (process {first.pid})")
+        assert_one_clean_line(refused,
+            f"OUTPUT_DIR {out} is in use by another run (process {first.pid})")
     assert first.poll() is None, "the first run ended before the others were refused"
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
@@ -540,20 +622,24 @@ def test_a_run_killed_with_kill_9_blocks_nothing_and_its_files_are_kept(tiny_run
     wait_for_rows(out / "training_metrics.csv", 2, process)
     process.kill()
     process.communicate()
-    assert (out / ".lock").read_text() == f"{process.pid}\n"  # its lock file stays, naming the dead process
+    # its lock file stays, naming the dead process
+    assert (out / ".lock").read_text() == f"{process.pid}\n"
     interrupted = {name: data for name, data in run_files(out).items() if not name.startswith(".")}
     (out / ".last_checkpoint.pth.k9x2ab.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
     (out / ".my_notes.tmp").write_text("not the run's")
-    (out / ".predictions.csv.p1q2r3.tmp").write_text("path,top1\n")  # --predict's, which takes no lock
+    # --predict's, which takes no lock
+    (out / ".predictions.csv.p1q2r3.tmp").write_text("path,top1\n")
     result = main_in_process(args + ["--epochs", "1"], capsys)
     assert result.returncode == 0, result.stderr
     [kept] = (out / "previous").iterdir()
-    assert run_files(kept) == interrupted and len(interrupted) == 4  # no training_curves.png after kill -9
+    # no training_curves.png after kill -9
+    assert run_files(kept) == interrupted and len(interrupted) == 4
     assert not list(out.glob(".last_checkpoint.pth.*.tmp")) and (out / ".my_notes.tmp").exists()
     assert (out / ".predictions.csv.p1q2r3.tmp").exists()
 
 
-def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(tiny_run, tmp_path, capsys):
+def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(tiny_run, tmp_path,
+        capsys):
     args, out = tiny_run
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
     first = run_files(out)
@@ -565,13 +651,15 @@ def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout and "kept" not in resumed.stdout
     assert list((out / "previous").iterdir()) == [kept] and run_files(kept) == first
     assert len(pd.read_csv(out / "training_metrics.csv")) == 2
-    assert json.loads((out / "best_model.json").read_text())["started"] == second_started  # the same run, going on
+    # the same run, going on
+    assert json.loads((out / "best_model.json").read_text())["started"] == second_started
 
     picture = tmp_path / "picture.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(picture)
     for folder in (out, kept):
         predicted = main_in_process(["--output-dir", folder, "--predict", picture], capsys)
-        assert predicted.returncode == 0 and predicted.stdout.startswith(f"{picture}: "), predicted.stderr
+        assert predicted.returncode == 0 and predicted.stdout.startswith(
+            f"{picture}: "), predicted.stderr
 
 
 def test_resuming_another_folders_checkpoint_keeps_this_folders_run(tiny_run, tmp_path, capsys):
@@ -580,7 +668,8 @@ def test_resuming_another_folders_checkpoint_keeps_this_folders_run(tiny_run, tm
     assert main_in_process(args + ["--epochs", "1", "--output-dir", other], capsys).returncode == 0
     assert main_in_process(args + ["--epochs", "1", "--lr", "0.01"], capsys).returncode == 0
     own = run_files(out)
-    resumed = main_in_process(args + ["--epochs", "2", "--resume", other / "last_checkpoint.pth"], capsys)
+    resumed = main_in_process(args + ["--epochs", "2", "--resume", other / "last_checkpoint.pth"],
+        capsys)
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout
     [kept] = (out / "previous").iterdir()
     assert run_files(kept) == own
@@ -593,7 +682,8 @@ def test_resuming_another_folders_checkpoint_keeps_this_folders_run(tiny_run, tm
 def test_the_quick_start_trains_on_real_cifar10(cifar_dir, tmp_path):
     """The README's quick start command (5,000 images, 3 epochs), on the real data."""
     started = time.time()
-    result = run_main(["--data-dir", cifar_dir, "--train-subset", "5000", "--val-split", "1000", "--epochs", "3",
+    result = run_main(["--data-dir", cifar_dir, "--train-subset", "5000", "--val-split", "1000",
+        "--epochs", "3",
                        "--output-dir", tmp_path], timeout=900)
     assert result.returncode == 0, result.stderr
     frame = pd.read_csv(tmp_path / "training_metrics.csv")
@@ -602,12 +692,14 @@ def test_the_quick_start_trains_on_real_cifar10(cifar_dir, tmp_path):
     print(f"quick run: {time.time() - started:.0f} s, best val acc {frame['val_acc'].max():.3f}")
 
 
-# ----------------------------------------------------------------------------- a full or failing disk
+# ----------------------------------------------------------------------------- a full or failing
+# disk
 
 
 def fail_writes(monkeypatch, name, after=0, error=errno.ENOSPC):
-    """Make every write of the file `name` after its first `after` ones fail with `error`, as a full (ENOSPC),
-    failing (EIO) or read-only (EROFS) disk would; returns the paths written whole, in order."""
+    """Make every write of the file `name` after its first `after` ones fail with `error`, as a full
+    (ENOSPC), failing (EIO) or read-only (EROFS) disk would; returns the paths written whole, in
+    order."""
     written = []
 
     def fault(path):
@@ -619,8 +711,8 @@ def fail_writes(monkeypatch, name, after=0, error=errno.ENOSPC):
 
 
 def assert_loadable(out):
-    """The checkpoint, and whichever of the other files a run writes while it trains are there, load as they
-    should (weights only)."""
+    """The checkpoint, and whichever of the other files a run writes while it trains are there, load
+    as they should (weights only)."""
     utils.load_torch(str(out / "last_checkpoint.pth"))
     if (out / "best_model.pth").exists():
         utils.load_state_dict(str(out / "best_model.pth"))
@@ -636,27 +728,33 @@ def assert_loadable(out):
     ("best_model.json", 0, errno.ENOSPC), ("training_metrics.csv", 1, errno.ENOSPC),
     ("training_curves.png", 0, errno.ENOSPC), ("test_report.csv", 0, errno.ENOSPC),
     ("confusion_matrix.png", 0, errno.ENOSPC), ("misclassified.png", 0, errno.ENOSPC)])
-def test_each_file_a_run_writes_that_fails_gives_one_line_and_status_3(tiny_run, name, after, error, capsys,
+def test_each_file_a_run_writes_that_fails_gives_one_line_and_status_3(tiny_run, name, after, error,
+    capsys,
                                                                        monkeypatch):
     args, out = tiny_run
     fail_writes(monkeypatch, name, after, error)
     result = main_in_process(args + ["--epochs", "2"], capsys)
     assert result.returncode == 3 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: could not write {name} in {out}: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: could not write {name} in {out}: "), result.stderr
     assert os.strerror(error).lower() in lines[0]
     assert_loadable(out)
-    if name in checkpoint_module.TRAINING_FILES[:4]:  # an epoch file: the run stops in the next epoch
+    # an epoch file: the run stops in the next epoch
+    if name in checkpoint_module.TRAINING_FILES[:4]:
         assert utils.load_torch(str(out / "last_checkpoint.pth"))["epoch"] <= after + 1
 
 
-def test_predictions_and_an_export_that_cannot_be_written_give_one_line_and_status_3(tiny_run, capsys,
-                                                                                    monkeypatch, tmp_path):
+def test_predictions_and_an_export_that_cannot_be_written_give_one_line_and_status_3(tiny_run,
+    capsys,
+                                                                                    monkeypatch,
+                                                                                    tmp_path):
     args, out = tiny_run
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
     image = tmp_path / "one.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
-    for name, command in [("predictions.csv", ["--predict", image]), ("model.pt2", ["--export", "pt2"])]:
+    for name, command in [("predictions.csv", ["--predict", image]), ("model.pt2", ["--export",
+            "pt2"])]:
         fail_writes(monkeypatch, name)
         result = main_in_process(["--output-dir", out, *command], capsys)
         assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
@@ -665,13 +763,15 @@ def test_predictions_and_an_export_that_cannot_be_written_give_one_line_and_stat
     assert_loadable(out)
 
 
-def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_stopped(tiny_run, tmp_path, capsys,
+def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_stopped(tiny_run,
+    tmp_path, capsys,
                                                                                     monkeypatch):
     args, out = tiny_run
     args = args + ["--epochs", "4", "--threshold", "0"]
     straight = tmp_path / "straight"
     assert main_in_process(args + ["--output-dir", straight], capsys).returncode == 0
-    fail_writes(monkeypatch, "best_model.pth")  # epoch 1's checkpoint lands, its best model does not
+    # epoch 1's checkpoint lands, its best model does not
+    fail_writes(monkeypatch, "best_model.pth")
     stopped = main_in_process(args, capsys)
     assert stopped.returncode == 3 and "--resume auto --output-dir" in stopped.stderr
     assert "best_model.pth was never written whole" in stopped.stdout
@@ -679,12 +779,15 @@ def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_sto
     monkeypatch.setattr(utils, "write_fault", None)  # space freed
     resumed = main_in_process(["--resume", "auto", "--output-dir", out], capsys)
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr
-    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out / "training_metrics.csv")
+    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out
+        / "training_metrics.csv")
     numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
-    assert list(actual["epoch"]) == [1, 2, 3, 4] and (actual[numeric] - expected[numeric]).abs().max().max() <= 1e-6
+    assert list(actual["epoch"]) == [1, 2, 3, 4] and (actual[numeric] - expected[
+        numeric]).abs().max().max() <= 1e-6
 
 
-def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_written(tiny_run, capsys, monkeypatch):
+def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_written(tiny_run,
+        capsys, monkeypatch):
     args, out = tiny_run
     monkeypatch.setattr(utils, "free_bytes", lambda folder: 2**20)
     result = main_in_process(args, capsys)
@@ -692,8 +795,9 @@ def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_writ
     assert not out.exists()
 
 
-def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_columns_are_empty(tiny_run, capsys,
-                                                                                              monkeypatch):
+def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_columns_are_empty(
+    tiny_run, capsys, monkeypatch
+):
     args, out = tiny_run
     args = [a for a in args if a not in ("--val-split", "20")]
     evaluated, evaluate = [], train_module.evaluate
@@ -708,10 +812,13 @@ def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_col
     result = main_in_process(args + ["--val-split", "0", "--epochs", "3"], capsys)
     assert result.returncode == 0, result.stderr
     data = runs[0].data
-    assert data.val is None and evaluated == [data.test]  # once, after training, and nothing else evaluated
+    # once, after training, and nothing else evaluated
+    assert data.val is None and evaluated == [data.test]
     frame = pd.read_csv(out / "training_metrics.csv")
-    assert frame["val_loss"].isna().all() and frame["val_acc"].isna().all() and list(frame["epoch"]) == [1, 2, 3]
-    assert json.loads((out / "best_model.json").read_text())["epoch"] == 3  # the last epoch's weights
+    assert frame["val_loss"].isna().all() and frame["val_acc"].isna().all() and list(frame[
+        "epoch"]) == [1, 2, 3]
+    # the last epoch's weights
+    assert json.loads((out / "best_model.json").read_text())["epoch"] == 3
     assert "No validation images" in result.stdout
 
 
@@ -719,11 +826,15 @@ def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
     confusion = torch.tensor([[30, 0, 0], [30, 0, 0], [30, 0, 0]])  # every image one class
     chance = {"acc": 1 / 3, "loss": math.log(3), "confusion": confusion}
     learnt_in_training = main.chance_warning(chance, 3, [{"train_acc": 0.4}, {"train_acc": 0.99}])
-    assert learnt_in_training.startswith("warning: the final accuracy 33.3% is chance (1/3) and the loss 1.0986 is ln 3")
-    assert "training accuracy reached 99%" in learnt_in_training and "BatchNorm" in learnt_in_training
+    assert learnt_in_training.startswith(
+        "warning: the final accuracy 33.3% is chance (1/3) and the loss 1.0986 is ln 3")
+    assert (
+        "training accuracy reached 99%" in learnt_in_training and "BatchNorm" in learnt_in_training
+    )
     assert "a lower --lr" in main.chance_warning(chance, 3, [{"train_acc": 0.34}])
     assert main.chance_warning({**chance, "acc": 0.6}, 3, []) is None  # learnt something
-    assert main.chance_warning({**chance, "loss": 0.7}, 3, []) is None  # not the same output for every image
+    # not the same output for every image
+    assert main.chance_warning({**chance, "loss": 0.7}, 3, []) is None
 
 
 # ----------------------------------------------------------------------------- off the happy path

@@ -1,4 +1,5 @@
-"""Models: architectures by name, freezing that really freezes, weights and transfer to a new head, export."""
+"""Models: architectures by name, freezing that really freezes, weights and transfer to a new head,
+export."""
 
 import importlib.util
 import json
@@ -22,13 +23,15 @@ from conftest import ROOT, configs, make_tiny_data
 @pytest.mark.parametrize("name", list(model_module.MODELS))
 def test_each_architecture_classifies_32x32_images(name):
     torch.manual_seed(0)
-    model = model_module.get_model(name, 7, sample_images=lambda n: torch.randn(min(n, 64), 3, 32, 32))
+    model = model_module.get_model(name, 7, sample_images=lambda n: torch.randn(min(n, 64), 3, 32,
+        32))
     model.eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
 def test_an_unknown_name_offers_the_closest_names():
-    with pytest.raises(ValueError, match="MODEL = 'resnet5O' is not known; the closest are resnet50, "):
+    with pytest.raises(ValueError,
+            match="MODEL = 'resnet5O' is not known; the closest are resnet50, "):
         model_module.get_model("resnet5O", 10)
 
 
@@ -45,9 +48,11 @@ def test_the_fast_model_whitens_from_data():
 
 
 def _fast_with_adaptive_pool(seed):
-    """The fast model as it was built before it pooled with max_pool2d: AdaptiveMaxPool2d(1) after the last group."""
+    """The fast model as it was built before it pooled with max_pool2d: AdaptiveMaxPool2d(1) after
+    the last group."""
     torch.manual_seed(seed)
-    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3, 32, 32))
+    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3,
+        32, 32))
     model.body[-2] = nn.AdaptiveMaxPool2d(1)
     return model
 
@@ -73,12 +78,15 @@ def test_the_fast_model_pools_with_max_pool2d_not_the_adaptive_kernel():
     assert pools == ["aten.max_pool2d_with_indices", "aten.max_pool2d_with_indices_backward"]
 
 
-@pytest.mark.parametrize("height, width", [(32, 32), (40, 40), (32, 48)])  # last maps 3x3, 4x4 and 3x5
+# last maps 3x3, 4x4 and 3x5
+@pytest.mark.parametrize("height, width", [(32, 32), (40, 40), (32, 48)])
 def test_the_fast_model_gives_the_logits_and_gradients_of_its_adaptive_pooling_form(height, width):
     old = _fast_with_adaptive_pool(seed=1)
     torch.manual_seed(0)
-    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3, 32, 32))
-    old.load_state_dict(model.state_dict())  # strict: the pools hold no state, so the keys are the same
+    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3,
+        32, 32))
+    # strict: the pools hold no state, so the keys are the same
+    old.load_state_dict(model.state_dict())
     images = torch.randn(8, 3, height, width).contiguous(memory_format=torch.channels_last)
     for net in (model, old):  # training mode: batch statistics, and the gradients through the pool
         net(images).square().sum().backward()
@@ -87,7 +95,8 @@ def test_the_fast_model_gives_the_logits_and_gradients_of_its_adaptive_pooling_f
         assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=0, atol=1e-6), name
     with torch.no_grad():
         logits, expected = model.eval()(images), old.eval()(images)
-    assert logits.shape == (8, 10) and logits.abs().max() > 1e-3  # logits, not zeros that agree trivially
+    # logits, not zeros that agree trivially
+    assert logits.shape == (8, 10) and logits.abs().max() > 1e-3
     assert torch.allclose(logits, expected, rtol=0, atol=1e-6)
 
 
@@ -112,7 +121,8 @@ def test_freeze_leaves_only_the_head_trainable_and_batchnorm_in_eval():
     assert model.head.training
     # the optimizer holds the frozen body too, for unfreezing later
     optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
-    trained = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]
+        if p.requires_grad}
     assert trained == {id(p) for p in model.head.parameters()}
 
 
@@ -123,7 +133,8 @@ def test_an_epoch_with_freeze_changes_only_the_head(tmp_path):
     body_before = {k: v.clone() for k, v in model.body.state_dict().items()}
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
     optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
-    train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()), data.train)
+    train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()),
+        data.train)
     for key, value in model.body.state_dict().items():  # parameters and BatchNorm buffers alike
         assert torch.equal(value, body_before[key]), key
     assert any(not torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())
@@ -166,7 +177,8 @@ def test_weights_from_another_architecture_are_refused(tmp_path):
         model_module.get_model("cnn", 10, weights=path)
 
 
-# --------------------------------------------------------------------------- torchvision's models by name
+# --------------------------------------------------------------------------- torchvision's models
+# by name
 
 
 def test_every_torchvision_classifier_and_our_own_models_are_names():
@@ -177,11 +189,12 @@ def test_every_torchvision_classifier_and_our_own_models_are_names():
     assert {"vit_b_16", "swin_t", "convnext_tiny", "squeezenet1_0", "regnet_y_400mf"} <= set(names)
 
 
-# CNNs of several families, squeezenet's conv head, googlenet's side heads, LayerNorm (convnext), two
-# transformers (swin; ViT with its position embedding sized for 64 pixels), and MNASNet, which checks
-# module versions when loading a plain dict
+# CNNs of several families, squeezenet's conv head, googlenet's side heads, LayerNorm (convnext),
+# two transformers (swin; ViT with its position embedding sized for 64 pixels), and MNASNet, which
+# checks module versions when loading a plain dict
 ARCHITECTURES = [("resnet18", None), ("mobilenet_v3_small", None), ("efficientnet_b0", None),
-                 ("regnet_y_400mf", None), ("squeezenet1_0", None), ("googlenet", None), ("mnasnet0_5", None),
+                 ("regnet_y_400mf", None), ("squeezenet1_0", None), ("googlenet", None), (
+                 "mnasnet0_5", None),
                  ("convnext_tiny", None), ("swin_t", None), ("vit_b_16", 64)]
 
 
@@ -191,7 +204,8 @@ def _copy(state):
 
 def _calibrate_batchnorm(model, images):
     """Give BatchNorm the statistics of these images, as a trained body has: a fresh one's (mean 0,
-    variance 1) shrink a deep random network's features towards zero, and into slow denormal floats."""
+    variance 1) shrink a deep random network's features towards zero, and into slow denormal
+    floats."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for module in norms:
@@ -206,7 +220,8 @@ def _calibrate_batchnorm(model, images):
 def _train_steps(model, steps=1, classes=3):
     """Real training steps on random 64-pixel images: model.train(), SGD on what requires grad."""
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1,
+        momentum=0.9)
     for _ in range(steps):
         images, targets = torch.randn(4, 3, 64, 64), torch.arange(4) % classes
         optimizer.zero_grad()
@@ -215,13 +230,15 @@ def _train_steps(model, steps=1, classes=3):
 
 
 @pytest.mark.parametrize("name, image_size", ARCHITECTURES)
-def test_a_frozen_torchvision_model_trains_only_its_head_and_reloads_from_a_file(name, image_size, tmp_path,
+def test_a_frozen_torchvision_model_trains_only_its_head_and_reloads_from_a_file(name, image_size,
+    tmp_path,
                                                                                  one_thread):
     torch.manual_seed(0)
     model = model_module.get_model(name, 3, image_size=image_size)
     _calibrate_batchnorm(model, torch.randn(8, 3, 64, 64))
     model_module.freeze_body(model)
-    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.head.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p)
+        for p in model.head.parameters()}
     body, head = _copy(model.body.state_dict()), _copy(model.head.state_dict())
     _train_steps(model)
     for key, value in model.body.state_dict().items():  # parameters and BatchNorm statistics alike
@@ -244,17 +261,20 @@ def test_a_frozen_torchvision_model_trains_only_its_head_and_reloads_from_a_file
 
 
 def test_a_torchvision_model_from_scratch_tells_images_apart_in_eval_mode(one_thread):
-    # torchvision's init leaves a fresh MobileNetV3's depthwise layers with variances of 1e-3 to 1e-8: BatchNorm's
-    # running statistics at PyTorch's 0 and 1 shrank its eval-mode features to ~1e-10, every image got the same
-    # logits, and a small folder (one step per epoch, momentum 0.01) validated at exactly 1/3, loss ln 3
+    # torchvision's init leaves a fresh MobileNetV3's depthwise layers with variances of 1e-3 to
+    # 1e-8: BatchNorm's running statistics at PyTorch's 0 and 1 shrank its eval-mode features to
+    # ~1e-10, every image got the same logits, and a small folder (one step per epoch, momentum
+    # 0.01) validated at exactly 1/3, loss ln 3
     torch.manual_seed(0)
     images = torch.randn(64, 3, 32, 32)
     model = model_module.get_model("mobilenet_v3_small", 3, sample_images=lambda n: images[:n])
     assert all(m.momentum >= model_module.BATCHNORM_MOMENTUM for m in model.modules()
                if isinstance(m, nn.BatchNorm2d))
     with torch.no_grad():
-        spread = {mode: model.train(mode == "train").body(images).std(0).mean().item() for mode in ("eval", "train")}
-    assert 0.5 < spread["eval"] / spread["train"] < 2  # eval mode sees the network that training sees
+        spread = {mode: model.train(mode == "train").body(images).std(0).mean().item() for mode in (
+            "eval", "train")}
+    # eval mode sees the network that training sees
+    assert 0.5 < spread["eval"] / spread["train"] < 2
 
 
 def test_batchnorm_calibration_changes_only_the_running_statistics():
@@ -262,20 +282,24 @@ def test_batchnorm_calibration_changes_only_the_running_statistics():
     plain = model_module.get_model("mobilenet_v3_small", 3)
     after_plain = torch.get_rng_state()
     torch.manual_seed(0)
-    calibrated = model_module.get_model("mobilenet_v3_small", 3, sample_images=lambda n: torch.randn(n, 3, 32, 32))
-    assert torch.equal(torch.get_rng_state(), after_plain)  # the run's shuffling and augmentation stay as they were
+    calibrated = model_module.get_model("mobilenet_v3_small", 3,
+        sample_images=lambda n: torch.randn(n, 3, 32, 32))
+    # the run's shuffling and augmentation stay as they were
+    assert torch.equal(torch.get_rng_state(), after_plain)
     buffers = dict(calibrated.named_buffers())
     for key, value in plain.state_dict().items():
         if key.endswith(("running_mean", "running_var")):
             assert not torch.equal(value, buffers[key]), key
         else:
-            assert torch.equal(value, calibrated.state_dict()[key]), key  # weights, num_batches_tracked: 0
+            # weights, num_batches_tracked: 0
+            assert torch.equal(value, calibrated.state_dict()[key]), key
     assert all(m.momentum == 0.1 for m in calibrated.modules() if isinstance(m, nn.BatchNorm2d))
     assert calibrated.training
 
 
 def test_mobilenet_v3_small_learns_in_two_steps_of_one_batch_each(one_thread):
-    # the user's folder: fewer images than BATCH_SIZE, so each epoch is one step; LR 0.05, as main.py's default
+    # the user's folder: fewer images than BATCH_SIZE, so each epoch is one step; LR 0.05, as
+    # main.py's default
     torch.manual_seed(0)
     data = make_tiny_data(n_train=60, n_val=30, classes=3, size=32, batch_size=64)
     assert len(data.train) == 1
@@ -292,7 +316,8 @@ def test_mobilenet_v3_small_learns_in_two_steps_of_one_batch_each(one_thread):
 
 def test_models_built_for_one_size_refuse_a_size_they_cannot_take():
     with pytest.raises(ValueError, match="MODEL = 'vit_b_16' cannot be built for IMAGE_SIZE = 60"):
-        model_module.get_model("vit_b_16", 3, image_size=60)  # not a multiple of its 16-pixel patches
+        # not a multiple of its 16-pixel patches
+        model_module.get_model("vit_b_16", 3, image_size=60)
     with pytest.raises(ValueError, match="MODEL = 'maxvit_t' cannot be built for IMAGE_SIZE = 64"):
         model_module.get_model("maxvit_t", 3, image_size=64)
     with pytest.raises(ValueError, match="IMAGENET1K_V1 weights are for 224-pixel images"):
@@ -303,25 +328,29 @@ def test_models_built_for_one_size_refuse_a_size_they_cannot_take():
 
 
 def _publish(name, state, torch_home):
-    """Put a state dict where torch's hub cache keeps the published file of `name`'s default weights."""
+    """Put a state dict where torch's hub cache keeps the published file of `name`'s default
+    weights."""
     url = torchvision.models.get_model_weights(name).DEFAULT.url
     folder = torch_home / "hub" / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / os.path.basename(url))
 
 
-def test_pretrained_weights_fill_the_body_and_stay_put_while_the_head_trains(tmp_path, monkeypatch, one_thread):
+def test_pretrained_weights_fill_the_body_and_stay_put_while_the_head_trains(tmp_path, monkeypatch,
+        one_thread):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)
     published = torchvision.models.mobilenet_v3_small()
-    with torch.no_grad():  # statistics unlike a fresh model's, so that equal ones can only come from the file
+    # statistics unlike a fresh model's, so that equal ones can only come from the file
+    with torch.no_grad():
         for module in published.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.normal_()
                 module.running_var.uniform_(0.5, 2.0)
     state = published.state_dict()
     _publish("mobilenet_v3_small", state, tmp_path)
-    expected = {k: v for k, v in state.items() if not k.startswith("classifier.3.")}  # all but the last Linear
+    # all but the last Linear
+    expected = {k: v for k, v in state.items() if not k.startswith("classifier.3.")}
 
     torch.manual_seed(1)
     model = model_module.get_model("mobilenet_v3_small", 5, pretrained="default", freeze=True)
@@ -336,20 +365,25 @@ def test_pretrained_weights_fill_the_body_and_stay_put_while_the_head_trains(tmp
         assert not torch.equal(value, head[key]), key
 
 
-def test_pretrained_weights_offline_and_not_cached_name_the_file_and_the_folder(tmp_path, monkeypatch):
+def test_pretrained_weights_offline_and_not_cached_name_the_file_and_the_folder(tmp_path,
+        monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ValueError) as error:
         model_module.get_model("resnet18", 5, pretrained="default")
     message, folder = str(error.value), os.path.join(str(tmp_path), "hub", "checkpoints")
-    assert message.startswith(f"PRETRAINED weights resnet18-f37072fd.pth are not in {folder} and could not be "
+    assert message.startswith(
+        f"PRETRAINED weights resnet18-f37072fd.pth are not in {folder} and could not be "
                               f"downloaded (")
-    assert message.endswith("; download https://download.pytorch.org/models/resnet18-f37072fd.pth into that folder")
+    assert message.endswith(
+        "; download https://download.pytorch.org/models/resnet18-f37072fd.pth into that folder")
     assert "\n" not in message
     assert [name for _, _, names in os.walk(tmp_path) for name in names] == []
 
 
-@pytest.mark.parametrize("content, fragment", [(b"not a checkpoint", "PRETRAINED weights .*resnet18-f37072fd.pth"),
-                                               ("squeezenet", "resnet18-f37072fd.pth does not fit ResNet")])
+@pytest.mark.parametrize("content, fragment", [(b"not a checkpoint",
+    "PRETRAINED weights .*resnet18-f37072fd.pth"),
+                                               ("squeezenet",
+                                               "resnet18-f37072fd.pth does not fit ResNet")])
 def test_a_bad_cached_file_is_refused_cleanly(tmp_path, monkeypatch, content, fragment):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     if content == "squeezenet":
@@ -362,34 +396,40 @@ def test_a_bad_cached_file_is_refused_cleanly(tmp_path, monkeypatch, content, fr
 
 
 def test_pretrained_names_that_do_not_exist_list_the_allowed_ones():
-    with pytest.raises(ValueError, match="PRETRAINED = 'IMAGENET1K_V3' is not known; choose one of 'default', "
+    with pytest.raises(ValueError,
+        match="PRETRAINED = 'IMAGENET1K_V3' is not known; choose one of 'default', "
                                          "'IMAGENET1K_V1', 'IMAGENET1K_V2'"):
         model_module.get_model("resnet50", 5, pretrained="IMAGENET1K_V3")
     for name in ("cnn", "fast", "resnet18_cifar"):
-        with pytest.raises(ValueError, match=f"choose one of None .{name} has no published weights"):
+        with pytest.raises(ValueError,
+                match=f"choose one of None .{name} has no published weights"):
             model_module.get_model(name, 5, pretrained="default")
 
 
 def test_pretrained_and_saved_weights_cannot_both_be_given(tmp_path):
     with pytest.raises(ValueError, match="PRETRAINED and WEIGHTS cannot both be set"):
-        model_module.get_model("resnet18", 5, pretrained="default", weights=str(tmp_path / "best_model.pth"))
+        model_module.get_model("resnet18", 5, pretrained="default", weights=str(tmp_path
+            / "best_model.pth"))
 
 
 def test_preprocessing_is_the_published_weights_own():
-    imagenet = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])  # torchvision's documented values
+    # torchvision's documented values
+    imagenet = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     assert model_module.preprocessing("resnet50", "IMAGENET1K_V2") == dict(
         resize_size=232, crop_size=224, interpolation="bilinear", **imagenet)
     assert model_module.preprocessing("resnet50", "IMAGENET1K_V1")["resize_size"] == 256
     assert model_module.preprocessing("efficientnet_b0", "default") == dict(
         resize_size=256, crop_size=224, interpolation="bicubic", **imagenet)
-    assert model_module.preprocessing("resnet18", None) is None and model_module.preprocessing("cnn", None) is None
+    assert model_module.preprocessing("resnet18", None) is None and model_module.preprocessing(
+        "cnn", None) is None
 
 
 # --------------------------------------------------------------------------- export
 
 
 def _export_model(name, image_size):
-    """A model with trained-looking BatchNorm statistics, in training mode (export must switch it to eval)."""
+    """A model with trained-looking BatchNorm statistics, in training mode (export must switch it to
+    eval)."""
     torch.manual_seed(0)
     model = model_module.get_model(name, 3, image_size=image_size)
     _calibrate_batchnorm(model, torch.randn(8, 3, image_size, image_size))
@@ -397,7 +437,8 @@ def _export_model(name, image_size):
 
 
 def _relative(logits, expected, scale):
-    """max |logits - expected| / scale (the largest logit over all the images, as export measures it)."""
+    """max |logits - expected| / scale (the largest logit over all the images, as export measures
+    it)."""
     return float((torch.as_tensor(logits) - expected).abs().max() / scale)
 
 
@@ -407,33 +448,41 @@ EXPORT_INFO = dict(mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], classes=["ca
 @pytest.mark.parametrize("name, image_size", [("cnn", 32)])
 def test_onnx_export_gives_the_models_logits_at_any_batch_size_and_carries_the_preprocessing(
         name, image_size, tmp_path, one_thread):
-    onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (requirements.txt has it)")
+    onnxruntime = pytest.importorskip("onnxruntime",
+        reason="onnxruntime is not installed (requirements.txt has it)")
     onnx = pytest.importorskip("onnx", reason="onnx is not installed (requirements.txt has it)")
-    pytest.importorskip("onnxscript", reason="onnxscript is not installed (requirements.txt has it)")
+    pytest.importorskip("onnxscript",
+        reason="onnxscript is not installed (requirements.txt has it)")
     model, images = _export_model(name, image_size)
     path = str(tmp_path / "model.onnx")
     difference = model_module.export(model, path, "onnx", example_images=images[:5], **EXPORT_INFO)
     assert difference <= model_module.EXPORT_TOLERANCE
     assert model.training  # the caller's model is left as it was
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])  # by hand, on other images
+    # by hand, on other images
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = model.eval()(images)
         for batch in (1, 5, 4):
             logits = session.run(None, {"images": images[-batch:].numpy()})[0]
             assert logits.shape == (batch, 3)
-            assert _relative(logits, expected[-batch:], expected.abs().max()) <= model_module.EXPORT_TOLERANCE
+            assert _relative(logits, expected[-batch:],
+                expected.abs().max()) <= model_module.EXPORT_TOLERANCE
     proto = onnx.load(path)
     metadata = {p.key: json.loads(p.value) for p in proto.metadata_props}
-    assert {k: metadata[k] for k in EXPORT_INFO} == EXPORT_INFO and metadata["image_size"] == image_size
-    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:] == [3, image_size, image_size]
+    assert {k: metadata[k] for k in EXPORT_INFO} == EXPORT_INFO and metadata[
+        "image_size"] == image_size
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][1:] == [3,
+        image_size, image_size]
     assert os.listdir(tmp_path) == ["model.onnx"]  # one file: the weights are inside it
 
 
 @pytest.mark.parametrize("name, image_size", [("cnn", 32), ("mobilenet_v3_small", 64)])
-def test_pt2_export_loads_back_with_the_same_logits_and_the_preprocessing(name, image_size, tmp_path, one_thread):
+def test_pt2_export_loads_back_with_the_same_logits_and_the_preprocessing(name, image_size,
+        tmp_path, one_thread):
     model, images = _export_model(name, image_size)
     path = str(tmp_path / "model.pt2")
-    difference = model_module.export(model, path, "pt2", example_images=images[:5], resize_size=73, **EXPORT_INFO)
+    difference = model_module.export(model, path, "pt2", example_images=images[:5], resize_size=73,
+        **EXPORT_INFO)
     assert difference <= model_module.EXPORT_TOLERANCE
     extra = {"metadata.json": ""}
     loaded = torch.export.load(path, extra_files=extra).module()
@@ -448,15 +497,18 @@ def test_pt2_export_loads_back_with_the_same_logits_and_the_preprocessing(name, 
 
 
 def test_export_refuses_an_unknown_kind_before_writing():
-    with pytest.raises(ValueError, match="EXPORT = 'torchscript' is not known; choose one of 'onnx', 'pt2'"):
+    with pytest.raises(ValueError,
+            match="EXPORT = 'torchscript' is not known; choose one of 'onnx', 'pt2'"):
         model_module.check_export("torchscript")
 
 
 def test_export_names_the_packages_it_lacks(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime"
+        else
                         real_find_spec(name, *a))
-    with pytest.raises(ValueError, match="EXPORT = 'onnx' needs onnxruntime: pip install -r requirements.txt"):
+    with pytest.raises(ValueError,
+            match="EXPORT = 'onnx' needs onnxruntime: pip install -r requirements.txt"):
         model_module.check_export("onnx")
 
 
@@ -464,7 +516,8 @@ def test_export_names_the_packages_it_lacks(monkeypatch):
 def test_the_pipeline_loads_without_the_export_and_tensorboard_packages(module, monkeypatch):
     for name in ("onnx", "onnxruntime", "onnxscript", "tensorboard", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)  # importing any of them now raises ImportError
-    spec = importlib.util.spec_from_file_location(f"fresh_{module}", os.path.join(ROOT, f"{module}.py"))
+    spec = importlib.util.spec_from_file_location(f"fresh_{module}", os.path.join(ROOT,
+        f"{module}.py"))
     fresh = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, fresh)  # dataclasses look their module up there
     spec.loader.exec_module(fresh)  # a fresh copy, run from the top

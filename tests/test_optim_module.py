@@ -1,5 +1,5 @@
-"""optim_module: SGD's groups and LR scales, the one-cycle schedule, Lookahead, the LR held as a tensor, the LR
-finder."""
+"""optim_module: SGD's groups and LR scales, the one-cycle schedule, Lookahead, the LR held as a
+tensor, the LR finder."""
 
 import copy
 import math
@@ -39,7 +39,8 @@ def test_onecycle_matches_torchs_one_cycle_lr():
     ours = optim_module.make_optimizer(model, configs(LR=1.5).optim)
     schedule = optim_module.make_schedule(ours, "onecycle", 1.5, total_steps=50)
     theirs = torch.optim.SGD(model.parameters(), lr=1.5)
-    reference = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=1.5, total_steps=50, pct_start=0.23,
+    reference = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=1.5, total_steps=50,
+        pct_start=0.23,
                                                     anneal_strategy="linear", cycle_momentum=False,
                                                     div_factor=5.0, final_div_factor=0.2 / 0.07)
     for _ in range(49):
@@ -67,7 +68,8 @@ def test_cosine_is_torchs_cosine_annealing_lr_over_the_run_and_then_holds_0():
 
 
 def test_onecycle_schedules_the_body_after_unfreezing():
-    """The body's group is in the optimizer from the start, so the schedule sets its LR once it trains."""
+    """The body's group is in the optimizer from the start, so the schedule sets its LR once it
+    trains."""
     model = model_module.get_model("cnn", 4, freeze=True)
     optimizer = optim_module.make_optimizer(model, configs(LR=1.0).optim)
     schedule = optim_module.make_schedule(optimizer, "onecycle", 1.0, total_steps=10)
@@ -84,9 +86,11 @@ def test_norm_parameters_get_a_scaled_lr_and_the_same_decay_per_step():
     optimizer = optim_module.make_optimizer(model, configs(LR=0.1, WEIGHT_DECAY=1e-3,
                                                            NORM_LR_SCALE=64).optim)
     main, norms = optimizer.param_groups
-    assert norms["lr"] == pytest.approx(6.4) and norms["lr"] * norms["weight_decay"] == pytest.approx(1e-4)
+    assert norms["lr"] == pytest.approx(6.4) and norms["lr"] * norms[
+        "weight_decay"] == pytest.approx(1e-4)
     assert main["lr"] * main["weight_decay"] == pytest.approx(1e-4)
-    bn_ids = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    bn_ids = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
+        for p in m.parameters()}
     assert {id(p) for p in norms["params"]} == bn_ids
 
 
@@ -109,22 +113,30 @@ def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_it_tried(one_thre
     data = make_tiny_data(size=8, batch_size=16)  # 4 batches: the finder cycles through them
     model = model_module.get_model("cnn", 4)
     optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
-    train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()), data.train)  # momentum
+    # momentum
+    train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()),
+        data.train)
     model.eval()
     before = state_of(model, optimizer)
     rng = torch.get_rng_state()
-    lrs, losses, suggestion = optim_module.find_lr(model, data.train, optimizer, nn.CrossEntropyLoss(),
-                                                   sweep=RangeTest(start_lr=1e-4, end_lr=10, steps=60))
+    lrs, losses, suggestion = optim_module.find_lr(model, data.train, optimizer,
+        nn.CrossEntropyLoss(),
+                                                   sweep=RangeTest(start_lr=1e-4, end_lr=10,
+                                                   steps=60))
     assert_same_state(model, optimizer, before)
     assert not model.training and optim_module.get_lr(optimizer) == 0.05
-    assert torch.equal(torch.get_rng_state(), rng)  # a run with the finder draws what one without would
+    # a run with the finder draws what one without would
+    assert torch.equal(torch.get_rng_state(), rng)
     assert lrs[0] == pytest.approx(1e-4) and all(a < b for a, b in zip(lrs, lrs[1:]))
-    assert lrs[1] / lrs[0] == pytest.approx((10 / 1e-4) ** (1 / 59))  # exponential steps, 10 reached at 60
+    # exponential steps, 10 reached at 60
+    assert lrs[1] / lrs[0] == pytest.approx((10 / 1e-4) ** (1 / 59))
     assert 1e-4 <= suggestion <= 10 and suggestion in lrs
     # this net diverges before LR 10: the test stops once the smoothed loss passes 4x its lowest
     assert len(lrs) < 60 and losses[-1] > 4 * min(losses) and all(x <= 4 * min(losses[:i + 1])
-                                                                   for i, x in enumerate(losses[:-1]))
-    # the first smoothed loss is the first batch's own (the bias correction), at the untouched weights
+                                                                   for i, x in enumerate(losses[
+                                                                   :-1]))
+    # the first smoothed loss is the first batch's own (the bias correction), at the untouched
+    # weights
     images, targets = next(iter(data.train))
     first = nn.functional.cross_entropy(model.train()(images), targets).item()
     assert losses[0] == pytest.approx(first, rel=1e-6)
@@ -164,7 +176,8 @@ def test_the_lr_finder_runs_on_mixed_batches_with_fits_weighted_loss(one_thread)
                                                  class_weights=(1.0, 2.0, 1.0, 0.5)))
     lrs, losses, suggestion = optim_module.find_lr(model, mixed, optimizer, loss_fn,
                                                    sweep=RangeTest(steps=20, end_lr=1))
-    assert len(lrs) > 5 and all(math.isfinite(x) for x in losses) and lrs[0] <= suggestion <= lrs[-1]
+    assert len(lrs) > 5 and all(math.isfinite(x) for x in losses) and lrs[0] <= suggestion <= lrs[
+        -1]
     assert_same_state(model, optimizer, before)
     assert torch.equal(torch.get_rng_state(), rng)  # the mixing's draws too are put back
 
@@ -185,22 +198,27 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
                                        lr_device=torch.device("cpu"))
     tensors = [group["lr"] for group in held.param_groups]
     assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 2
-    steps = [step_module.TrainStep(m, o, nn.CrossEntropyLoss()) for m, o in ((model, number), (twin, held))]
+    steps = [step_module.TrainStep(m, o, nn.CrossEntropyLoss()) for m, o in ((model, number), (twin,
+        held))]
     for lr in (0.1, 0.02, 0.3):
         for optimizer, step in zip((number, held), steps):
             optim_module.set_lr(optimizer, lr)
             torch.manual_seed(1)  # the same dropout
             step(*random_batch(seed=int(lr * 100)))
-        assert all(group["lr"] is t for group, t in zip(held.param_groups, tensors))  # filled in place
-        assert [float(g["lr"]) for g in held.param_groups] == pytest.approx([g["lr"] for g in number.param_groups])
+        # filled in place
+        assert all(group["lr"] is t for group, t in zip(held.param_groups, tensors))
+        assert [float(g["lr"]) for g in held.param_groups] == pytest.approx([g["lr"]
+            for g in number.param_groups])
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-6), "the fused step with tensor LRs trained differently"
     saved = held.state_dict()
-    assert all(type(group["lr"]) is float for group in saved["param_groups"])  # any optimizer loads it
+    # any optimizer loads it
+    assert all(type(group["lr"]) is float for group in saved["param_groups"])
     number.load_state_dict(copy.deepcopy(saved))
     assert all(type(group["lr"]) is float and not group["fused"] for group in number.param_groups)
     held.load_state_dict(copy.deepcopy(number.state_dict()))
-    assert all(isinstance(group["lr"], torch.Tensor) and group["fused"] for group in held.param_groups)
+    assert all(isinstance(group["lr"], torch.Tensor) and group["fused"]
+        for group in held.param_groups)
     assert optim_module.get_lr(held) == pytest.approx(0.3)
 
 
@@ -222,8 +240,8 @@ def test_the_ema_of_constant_weights_is_those_weights(one_thread):
 
 
 def test_the_ema_after_k_updates_is_the_closed_form_for_a_scalar_parameter():
-    """With decays d_t = min(D, (1 + t) / (10 + t)) and weights w_1..w_k after the steps, the average is
-    w_0 d_0 ... d_(k-1) + the sum over t of (1 - d_t) w_(t+1) d_(t+1) ... d_(k-1)."""
+    """With decays d_t = min(D, (1 + t) / (10 + t)) and weights w_1..w_k after the steps, the
+    average is w_0 d_0 ... d_(k-1) + the sum over t of (1 - d_t) w_(t+1) d_(t+1) ... d_(k-1)."""
     model = nn.Module()
     model.w = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
     decay, k = 0.5, 20  # the warm-up's decay passes 0.5 at t = 8: both regimes
@@ -251,7 +269,8 @@ def test_the_ema_copies_whole_number_buffers_and_leaves_the_model_alone(one_thre
     averaged = ema.module.state_dict()
     counts = [k for k in averaged if k.endswith("num_batches_tracked")]
     assert counts and all(averaged[k].item() == 3 for k in counts)
-    mean = next(k for k in averaged if k.endswith("running_mean"))  # the first decay, 0.1: 0.9 of the way there
+    # the first decay, 0.1: 0.9 of the way there
+    mean = next(k for k in averaged if k.endswith("running_mean"))
     assert torch.allclose(averaged[mean], 0.9 * before[mean], atol=1e-7)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(p.requires_grad for p in ema.module.parameters())

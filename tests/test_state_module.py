@@ -1,5 +1,6 @@
-"""state_module: the best epoch's snapshot (the EMA's too), taken, restored and read back from a checkpoint; a
-TrainState saved and loaded goes on as the one it was saved from, with an EMA, accumulation and clipping too."""
+"""state_module: the best epoch's snapshot (the EMA's too), taken, restored and read back from a
+checkpoint; a TrainState saved and loaded goes on as the one it was saved from, with an EMA,
+accumulation and clipping too."""
 
 import copy
 import dataclasses
@@ -39,8 +40,10 @@ def test_restoring_the_best_epoch_twice_brings_back_the_same_state():
     for _ in range(2):  # LRA restores the same best epoch after each of two bad epochs
         step()
         best.restore(model, optimizer)
-        momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p in optimizer.state]
-        assert all(torch.equal(m, kept["state"][i]["momentum_buffer"]) for i, m in enumerate(momentum))
+        momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()
+            if p in optimizer.state]
+        assert all(torch.equal(m, kept["state"][i]["momentum_buffer"]) for i, m in enumerate(
+            momentum))
         assert all(torch.equal(v, best.model[k]) for k, v in model.state_dict().items())
 
 
@@ -51,15 +54,18 @@ def test_a_snapshot_read_from_a_checkpoint_shares_no_tensor_with_the_optimizer()
     images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
     nn.functional.cross_entropy(model(images), targets).backward()
     optimizer.step()
-    saved = {"optimizer": optimizer.state_dict(), "best": {"model": model.state_dict(), "optimizer": None}}
-    saved["best"]["optimizer"] = saved["optimizer"]  # torch.load keeps tensors that were shared when saved
+    saved = {"optimizer": optimizer.state_dict(), "best": {"model": model.state_dict(),
+        "optimizer": None}}
+    # torch.load keeps tensors that were shared when saved
+    saved["best"]["optimizer"] = saved["optimizer"]
     kept = copy.deepcopy(saved["optimizer"])
     best = state_module.Snapshot()
     best.load_state_dict(saved["best"], torch.device("cpu"))
     optimizer.load_state_dict(saved["optimizer"])  # as resume does
     nn.functional.cross_entropy(model(images), targets).backward()
     optimizer.step()
-    assert all(torch.equal(best.optimizer["state"][i]["momentum_buffer"], kept["state"][i]["momentum_buffer"])
+    assert all(torch.equal(best.optimizer["state"][i]["momentum_buffer"], kept["state"][i][
+        "momentum_buffer"])
                for i in kept["state"])
 
 
@@ -68,7 +74,8 @@ def new_state(data, ema_decay=None, accumulate=1):
     optimizer = optim_module.make_optimizer(model, configs(LR=0.5, SCHEDULE="onecycle",
                                                            LOOKAHEAD=True).optim)
     steps = 4 * step_module.optimizer_steps(len(data.train), accumulate)
-    info = RunInfo({"MODEL": "cnn"}, data.classes, list(data.mean), list(data.std), 8, precision="fp32",
+    info = RunInfo({"MODEL": "cnn"}, data.classes, list(data.mean), list(data.std), 8,
+        precision="fp32",
                    started="2026-11-30T04:00:00+00:00")
     return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None, SCHEDULE="onecycle").lra,
                                             stream=io.StringIO()),
@@ -79,10 +86,12 @@ def new_state(data, ema_decay=None, accumulate=1):
 
 @pytest.mark.parametrize("ema_decay, accumulate, clip", [(None, 1, None), (0.9, 3, 1.0)],
                          ids=["plain", "EMA, accumulation and clipping"])
-def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tmp_path, ema_decay, accumulate, clip,
+def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tmp_path, ema_decay,
+    accumulate, clip,
                                                                              one_thread):
     torch.manual_seed(0)
-    data = make_tiny_data(size=8)  # 4 batches: with accumulate 3, a group of 3 and one of 1 each epoch
+    # 4 batches: with accumulate 3, a group of 3 and one of 1 each epoch
+    data = make_tiny_data(size=8)
     original = new_state(data, ema_decay, accumulate)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -102,7 +111,8 @@ def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tm
     assert copy_.ema is None or copy_.ema.updates == steps
     train_module.fit(copy_, data, fit_config(EPOCHS=3, OUTPUT_DIR=str(tmp_path / "b")).fit)
     assert copy_.history[-1]["train_loss"] == original.history[-1]["train_loss"]
-    assert [row["val_loss"] for row in copy_.history] == [row["val_loss"] for row in original.history]
+    assert [row["val_loss"] for row in copy_.history] == [row["val_loss"]
+        for row in original.history]
     assert all(torch.equal(a, b) for a, b in zip(copy_.model.state_dict().values(),
                                                   original.model.state_dict().values()))
     if ema_decay:
@@ -126,12 +136,14 @@ def test_restoring_the_best_epoch_puts_back_the_weights_the_optimizer_state_and_
     train(0)
     best = state_module.Snapshot()
     best.take(model, optimizer, ema)
-    kept = state_of(model, optimizer), {k: v.clone() for k, v in ema.module.state_dict().items()}, ema.updates
+    kept = state_of(model, optimizer), {k: v.clone() for k,
+        v in ema.module.state_dict().items()}, ema.updates
     assert best.weights is best.ema["model"]  # best_model.pth: the EMA's
     for seed in (1, 2):  # two bad epochs
         train(seed)
     best.restore(model, optimizer, ema)
     assert_same_state(model, optimizer, kept[0])
-    assert all(torch.equal(v, kept[1][k]) for k, v in ema.module.state_dict().items()) and ema.updates == kept[2]
+    assert all(torch.equal(v, kept[1][k]) for k,
+        v in ema.module.state_dict().items()) and ema.updates == kept[2]
     train(3)  # training on changes neither the snapshot nor what it was taken from
     assert all(torch.equal(v, kept[1][k]) for k, v in best.ema["model"].items())

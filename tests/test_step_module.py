@@ -1,5 +1,5 @@
-"""step_module: the precision choice and the bf16 trial, what a captured (CUDA-graph) step needs, gradient
-accumulation (under torchrun too) and clipping."""
+"""step_module: the precision choice and the bf16 trial, what a captured (CUDA-graph) step needs,
+gradient accumulation (under torchrun too) and clipping."""
 
 import copy
 import functools
@@ -18,10 +18,13 @@ from conftest import assert_same_state, configs, random_batch, state_of
 
 def test_a_resumed_run_keeps_its_precision_where_it_still_runs_natively(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail("no trial on resume"))
-    choose = functools.partial(step_module.choose_precision, model=None, image_size=32, channels_last=True,
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail(
+        "no trial on resume"))
+    choose = functools.partial(step_module.choose_precision, model=None, image_size=32,
+        channels_last=True,
                                trial=False)
-    assert choose(True, cuda, recorded="fp32") == "fp32" and choose(True, cuda, recorded="bf16") == "bf16"
+    assert choose(True, cuda, recorded="fp32") == "fp32" and choose(True, cuda,
+        recorded="bf16") == "bf16"
     assert choose(False, cuda, recorded="bf16") == "fp32"  # BF16 turned off: off
     assert choose(True, cuda) == "bf16" and choose(True, cpu) == "fp32"  # a new run without a trial
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
@@ -41,7 +44,8 @@ def test_the_bf16_trial_leaves_the_model_and_the_random_state_as_they_were(monke
     else:
         assert speedup is None
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm statistics too
+    # BatchNorm statistics too
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert step_module.bf16_speedup_on_cpu(model, 16) is None  # no native bf16: no trial, fp32
@@ -78,7 +82,8 @@ def test_warm_up_steps_leave_the_model_the_optimizer_and_the_random_state_as_the
             torch.rand(5)
     assert_same_state(model, optimizer, before)
     assert torch.equal(torch.rand(3), expected)
-    assert step_module.graph_key(model, optimizer) == key  # put back in place: a graph would still hold
+    # put back in place: a graph would still hold
+    assert step_module.graph_key(model, optimizer) == key
 
 
 def test_the_graph_key_changes_exactly_when_a_captured_step_would_go_stale():
@@ -117,7 +122,7 @@ def test_cuda_graphs_are_used_where_they_can_be_and_a_yes_that_cannot_be_is_refu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a CUDA device")
-def test_a_captured_step_trains_as_the_eager_step_does_through_lr_changes_restores_and_a_short_batch():
+def test_a_captured_step_trains_as_the_eager_step_through_lr_changes_restores_and_a_short_batch():
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = model_module.get_model("cnn", 4).to(device, memory_format=torch.channels_last)
@@ -131,23 +136,27 @@ def test_a_captured_step_trains_as_the_eager_step_does_through_lr_changes_restor
     for epoch in range(3):
         for step in steps:
             step.new_epoch()
-        for i, (images, targets) in enumerate([random_batch(seed=epoch * 10 + s) for s in range(4)] + [random_batch(n=5)]):
+        for i, (images, targets) in enumerate([random_batch(seed=epoch * 10 + s) for s in range(4)]
+                + [random_batch(n=5)]):
             for o, step in zip(optimizers, steps):
                 optim_module.set_lr(o, 0.1 / (1 + i + epoch))
                 step(images.to(device), targets.to(device))
         graphs.append(steps[1].graph)
         assert steps[1].use_graph and steps[1].graph is not None
-        for a, b in zip(model.state_dict().values(), twin.state_dict().values()):  # before the restore
+        # before the restore
+        for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
             assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), f"epoch {epoch}"
         for m, o, best in zip((model, twin), optimizers, bests):
             if epoch == 0:
                 best.take(m, o)
             else:
                 best.restore(m, o)  # new optimizer state: the next epoch captures again
-    assert graphs[0] is graphs[1] and graphs[2] is not graphs[1]  # kept through epoch 1, captured after a restore
+    # kept through epoch 1, captured after a restore
+    assert graphs[0] is graphs[1] and graphs[2] is not graphs[1]
 
 
-def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_with_a_note(stand_in_cuda, capsys):
+def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_with_a_note(
+        stand_in_cuda, capsys):
     captured, broken = stand_in_cuda
     broken.append(True)  # its replays leave out the optimizer step
     torch.manual_seed(0)
@@ -155,28 +164,36 @@ def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_wit
     twin = copy.deepcopy(model)
     steps = [step_module.TrainStep(m, optim_module.make_optimizer(m, configs(LR=0.1).optim,
                                                                   lr_device=torch.device("cpu")),
-                                    nn.CrossEntropyLoss(), graph=graph) for m, graph in ((model, True), (twin, False))]
+                                    nn.CrossEntropyLoss(), graph=graph) for m, graph in ((model,
+                                    True), (twin, False))]
     for seed in range(2):
         for step in steps:
             torch.manual_seed(seed)  # the same dropout
             step(*random_batch(seed=seed))
     assert not steps[0].use_graph and not captured
-    assert "could not be captured in a CUDA graph (a replay of the captured step gave" in capsys.readouterr().err
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    assert (
+        "could not be captured in a CUDA graph (a replay of the captured step gave"
+        in capsys.readouterr().err
+    )
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+        twin.state_dict().values()))
 
 
-# --------------------------------------------------------------------------- accumulation and clipping
+# --------------------------------------------------------------------------- accumulation and
+# clipping
 
 
 def mlp():
-    """A model without BatchNorm or dropout: a micro-batch trains it as its share of a larger batch would."""
+    """A model without BatchNorm or dropout: a micro-batch trains it as its share of a larger batch
+    would."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
 @pytest.mark.parametrize("micro_batches, groups", [(8, [4, 4]), (6, [4, 2])],
                          ids=["whole groups", "a last smaller group"])
-def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(micro_batches, groups, one_thread):
+def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(micro_batches, groups,
+        one_thread):
     batches = [random_batch(seed=seed) for seed in range(micro_batches)]
     joined, start = [], 0
     for size in groups:  # the reference: one batch of each group's micro-batches together
@@ -190,7 +207,8 @@ def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(mic
         ema = optim_module.EMA(model, 0.9)
         step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), accumulate=accumulate)
         metrics = train_module.train_one_epoch(step, loader, schedule=schedule, ema=ema)
-        assert schedule.step == ema.updates == len(groups) == step_module.optimizer_steps(len(loader), accumulate)
+        assert schedule.step == ema.updates == len(groups) == step_module.optimizer_steps(len(
+            loader), accumulate)
         trained.append((model, ema, metrics))
     (model, ema, metrics), (reference, reference_ema, reference_metrics) = trained
     # The two sum each step's 32 per-image gradients (and losses) in other groupings: float32 gives
@@ -207,20 +225,23 @@ def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(mic
 
 
 def test_micro_batches_fall_into_groups_of_accumulate_and_the_last_holds_what_is_left():
-    assert [step_module.micro_batch(b, 6, 4) for b in range(1, 7)] == [(0, 4), (1, 4), (2, 4), (3, 4), (0, 2), (1, 2)]
+    assert [step_module.micro_batch(b, 6, 4) for b in range(1, 7)] == [(0, 4), (1, 4), (2, 4), (3,
+        4), (0, 2), (1, 2)]
     assert [step_module.micro_batch(b, 3, 1) for b in range(1, 4)] == [(0, 1)] * 3
     assert [step_module.optimizer_steps(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
 
 
 @pytest.mark.parametrize("ratio", [0.25, 4.0])
-def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_ones_alone(ratio, one_thread):
+def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_ones_alone(ratio,
+        one_thread):
     model, images_targets = mlp(), random_batch()
     reference = copy.deepcopy(model)
     nn.CrossEntropyLoss()(reference(images_targets[0]), images_targets[1]).backward()
     gradients = [p.grad for p in reference.parameters()]
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])).item()
     max_norm, lr = ratio * norm, 0.1
-    step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr), nn.CrossEntropyLoss(),
+    step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr),
+        nn.CrossEntropyLoss(),
                                  clip_grad_norm=max_norm)
     step(*images_targets)
     scale = min(1.0, max_norm / norm)  # SGD on the gradients scaled to the max norm, or as they are
@@ -228,25 +249,29 @@ def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_o
         assert torch.allclose(trained, before - lr * scale * gradient, rtol=1e-5, atol=1e-7)
 
 
-def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_torchrun(tmp_path, one_thread):
+def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_torchrun(tmp_path,
+        one_thread):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", world_size=1, rank=0)
     try:
         model = nn.parallel.DistributedDataParallel(mlp())
         reductions = []
 
-        def count(state, bucket):  # DistributedDataParallel's all-reduce of a bucket of gradients, counted
+        # DistributedDataParallel's all-reduce of a bucket of gradients, counted
+        def count(state, bucket):
             reductions.append(len(bucket.gradients()))
             done = torch.futures.Future()
             done.set_result(bucket.buffer())
             return done
         model.register_comm_hook(None, count)
-        step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+        step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+            nn.CrossEntropyLoss(),
                                      accumulate=3)
         for batch in range(1, 4):
             index, group = step_module.micro_batch(batch, 3, 3)
             step(*random_batch(seed=batch), index=index, group=group)
-            assert sum(reductions) == (4 if batch == 3 else 0)  # every parameter's gradient, once, at the last
+            # every parameter's gradient, once, at the last
+            assert sum(reductions) == (4 if batch == 3 else 0)
     finally:
         dist.destroy_process_group()
 
@@ -261,7 +286,8 @@ def test_accumulation_turns_cuda_graphs_off_with_a_note_and_a_yes_is_refused_nam
         step_module.use_cuda_graph("yes", cuda, accumulate_steps=4)
     model = mlp()
     with pytest.raises(ValueError, match="accumulates no micro-batches"):
-        step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+        step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
+            nn.CrossEntropyLoss(),
                               graph=True, accumulate=2)
 
 
@@ -276,10 +302,12 @@ def test_a_clipped_step_captures_once_and_the_ema_follows_its_replays(stand_in_c
         optimizer = optim_module.make_optimizer(model, configs(LR=0.5).optim,
                                                 lr_device=torch.device("cpu"))
         ema = optim_module.EMA(model, 0.9)
-        step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), graph=graph, clip_grad_norm=0.1)
+        step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), graph=graph,
+            clip_grad_norm=0.1)
         train_module.train_one_epoch(step, batches, ema=ema)
         trained.append((model, ema))
-    assert len(captured) == 1  # the graphed run's steps were replays of one capture (the stand-in's)
+    # the graphed run's steps were replays of one capture (the stand-in's)
+    assert len(captured) == 1
     (model, ema), (eager, eager_ema) = trained
     for a, b in zip([*model.parameters(), *ema.module.parameters()],
                     [*eager.parameters(), *eager_ema.module.parameters()]):

@@ -1,5 +1,6 @@
-"""The loop: CSV rows, best_model.pth, non-finite losses, the fast preset, evaluate's confusion matrix and
-mistakes, TTA, fit with a compiled model and with a captured step, mixed batches' soft targets, class weights."""
+"""The loop: CSV rows, best_model.pth, non-finite losses, the fast preset, evaluate's confusion
+matrix and mistakes, TTA, fit with a compiled model and with a captured step, mixed batches' soft
+targets, class weights."""
 
 import errno
 import io
@@ -44,7 +45,8 @@ def test_the_csv_has_one_row_per_epoch_with_the_columns(tmp_path):
     frame = pd.read_csv(tmp_path / "training_metrics.csv")
     assert list(frame["epoch"]) == [1, 2, 3]
     assert set(utils.CSV_COLUMNS) <= set(frame.columns)
-    assert frame["val_acc"].between(0, 1).all() and frame["monitor"].isin(["train_acc", "val_loss"]).all()
+    assert frame["val_acc"].between(0, 1).all() and frame["monitor"].isin(["train_acc",
+        "val_loss"]).all()
     assert frame["val_loss"].tolist() == pytest.approx([row["val_loss"] for row in history])
 
 
@@ -57,7 +59,8 @@ def test_best_model_loads_safely_and_reproduces_the_best_epoch(tmp_path):
     assert result["acc"] == pytest.approx(best["val_acc"], abs=1e-9)
     assert result["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     info = json.loads((tmp_path / "best_model.json").read_text())
-    assert info["epoch"] == lra.best_epoch and info["model"] == "cnn" and info["classes"] == data.classes
+    assert info["epoch"] == lra.best_epoch and info["model"] == "cnn" and info[
+        "classes"] == data.classes
 
 
 def test_fit_ends_holding_the_best_weights(tmp_path):
@@ -76,7 +79,8 @@ def test_a_non_finite_loss_names_the_epoch_and_batch(tmp_path):
     def loss_fn(logits, targets):
         calls["n"] += 1
         loss = nn.functional.cross_entropy(logits, targets)
-        return loss * float("nan") if calls["n"] == 11 else loss  # batch 3 of epoch 2 (8 batches an epoch)
+        # batch 3 of epoch 2 (8 batches an epoch)
+        return loss * float("nan") if calls["n"] == 11 else loss
 
     lra = LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO())
     best = state_module.Snapshot()
@@ -113,7 +117,8 @@ def test_evaluation_times_cudnn_algorithms_for_its_full_batches_only(monkeypatch
     batches = [(torch.randn(n, 4), torch.zeros(n, dtype=torch.int64)) for n in (4, 4, 3)]
     train_module.evaluate(Recording(), batches)
     assert seen == [(4, True), (4, True), (3, False)] and torch.backends.cudnn.benchmark
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # never turned on where it was off
+    # never turned on where it was off
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     seen.clear()
     train_module.evaluate(Recording(), batches)
     assert seen == [(4, False), (4, False), (3, False)]
@@ -123,9 +128,11 @@ def test_tta_evaluation_averages_the_six_views():
     torch.manual_seed(0)
     data = make_tiny_data(size=16)
     model = model_module.get_model("cnn", 4).eval()
-    model.head[1].weight.data *= 50  # confident logits, so the views' disagreement shows in the loss
+    # confident logits, so the views' disagreement shows in the loss
+    model.head[1].weight.data *= 50
     images, targets = next(iter(data.val))
-    with torch.no_grad():  # by hand: the image, and shifted one pixel up-left and down-right, each mirrored
+    # by hand: the image, and shifted one pixel up-left and down-right, each mirrored
+    with torch.no_grad():
         padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
         views = [images, padded[..., :16, :16], padded[..., 2:, 2:]]
         mirrored = [(model(v) + model(v.flip(-1))) / 2 for v in views]
@@ -134,13 +141,15 @@ def test_tta_evaluation_averages_the_six_views():
     assert len(targets) == len(data.val.labels)  # one batch holds the whole validation set
     augmented = train_module.evaluate(model, data.val, tta=True)
     assert augmented["loss"] == pytest.approx(expected, rel=1e-5)
-    assert augmented["loss"] != pytest.approx(train_module.evaluate(model, data.val)["loss"], rel=1e-5)
+    assert augmented["loss"] != pytest.approx(train_module.evaluate(model, data.val)["loss"],
+        rel=1e-5)
 
 
 def test_the_fast_preset_trains_a_few_steps_on_tiny_data(tmp_path):
     torch.manual_seed(0)
     data = make_tiny_data(n_train=64, size=32, batch_size=16)
-    model = model_module.get_model("fast", 4, sample_images=lambda n: data.train.first_images(min(n, 64)))
+    model = model_module.get_model("fast", 4, sample_images=lambda n: data.train.first_images(min(n,
+        64)))
     sgd = configs(LR=1.5, MOMENTUM=0.85, WEIGHT_DECAY=1.33e-3, NORM_LR_SCALE=64).optim
     optimizer = optim_module.make_optimizer(model, sgd)
     steps = 2 * len(data.train)
@@ -158,7 +167,8 @@ def test_the_fast_preset_trains_a_few_steps_on_tiny_data(tmp_path):
 
 def test_evaluate_collects_a_confusion_matrix_and_the_most_confident_mistakes(one_thread):
     torch.manual_seed(0)
-    data = make_tiny_data(n_val=40, size=8, batch_size=4)  # validation batches of 8: the top-k runs over 5
+    # validation batches of 8: the top-k runs over 5
+    data = make_tiny_data(n_val=40, size=8, batch_size=4)
     model = model_module.get_model("cnn", 4).eval()
     result = train_module.evaluate(model, data.val, num_classes=4, collect=True)
     confusion = result["confusion"]
@@ -172,7 +182,8 @@ def test_evaluate_collects_a_confusion_matrix_and_the_most_confident_mistakes(on
         probabilities = model(images).softmax(1)
     confidence, predicted = probabilities.max(1)
     wrong = (predicted != data.val.labels).nonzero().squeeze(1)
-    assert len(wrong) > train_module.MISTAKES  # an untrained model: more mistakes than the gallery keeps
+    # an untrained model: more mistakes than the gallery keeps
+    assert len(wrong) > train_module.MISTAKES
     expected = confidence[wrong].sort(descending=True).values[:train_module.MISTAKES]
     mistakes = result["mistakes"]
     assert [m.probability for m in mistakes] == pytest.approx(expected.tolist(), rel=1e-5)
@@ -182,14 +193,16 @@ def test_evaluate_collects_a_confusion_matrix_and_the_most_confident_mistakes(on
         assert mistake.predicted != mistake.target and again.argmax().item() == mistake.predicted
         assert again.max().item() == pytest.approx(mistake.probability, rel=1e-5)
         index = next(i for i in range(len(images)) if torch.equal(images[i], mistake.image))
-        assert data.val.labels[index].item() == mistake.target  # the image is the test image it claims to be
+        # the image is the test image it claims to be
+        assert data.val.labels[index].item() == mistake.target
 
 
 def test_evaluate_without_collect_gives_the_loss_and_accuracy_and_per_class_with_num_classes():
     data = make_tiny_data(size=8)
     model = model_module.get_model("cnn", 4)
     assert set(train_module.evaluate(model, data.val)) == {"loss", "acc"}
-    assert set(train_module.evaluate(model, data.val, num_classes=4)) == {"loss", "acc", "per_class"}
+    assert set(train_module.evaluate(model, data.val, num_classes=4)) == {"loss", "acc",
+        "per_class"}
     with pytest.raises(ValueError, match="needs num_classes"):
         train_module.evaluate(model, data.val, collect=True)
 
@@ -197,26 +210,32 @@ def test_evaluate_without_collect_gives_the_loss_and_accuracy_and_per_class_with
 def test_a_perfect_model_has_no_mistakes_and_a_diagonal_confusion_matrix():
     data = make_tiny_data(size=8)
 
-    class Oracle(nn.Module):  # reads the class off the brightness that make_tiny_data gives each class
+    # reads the class off the brightness that make_tiny_data gives each class
+    class Oracle(nn.Module):
         def __init__(self):
             super().__init__()
             self.anchor = nn.Parameter(torch.zeros(()))
 
         def forward(self, images):
             brightness = images.mean((1, 2, 3))
-            order = brightness.argsort().argsort()  # rank within the batch; classes are balanced and in order
+            # rank within the batch; classes are balanced and in order
+            order = brightness.argsort().argsort()
             return 10 * nn.functional.one_hot(order * 4 // len(images), 4).float() + self.anchor
 
     result = train_module.evaluate(Oracle(), data.val, num_classes=4, collect=True)
     assert result["acc"] == 1.0 and result["mistakes"] == []
-    assert torch.equal(result["confusion"], torch.diag(torch.bincount(data.val.labels, minlength=4)))
+    assert torch.equal(result["confusion"], torch.diag(torch.bincount(data.val.labels,
+        minlength=4)))
 
 
-def test_a_compiled_run_times_its_first_step_once_and_evaluates_the_plain_model(tmp_path, monkeypatch, capsys):
+def test_a_compiled_run_times_its_first_step_once_and_evaluates_the_plain_model(tmp_path,
+        monkeypatch, capsys):
     compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model: compile(model, backend="eager"))  # quick: no code generated
+    # quick: no code generated
+    monkeypatch.setattr(torch, "compile", lambda model: compile(model, backend="eager"))
     evaluated, evaluate = [], train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", lambda model, *args, **kwargs: evaluated.append(model) or
+    monkeypatch.setattr(train_module, "evaluate", lambda model, *args, **kwargs: evaluated.append(
+        model) or
                         evaluate(model, *args, **kwargs))
     torch.manual_seed(0)
     data = make_tiny_data(size=16)
@@ -225,7 +244,8 @@ def test_a_compiled_run_times_its_first_step_once_and_evaluates_the_plain_model(
                        LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO()))
     train_module.fit(state, data, configs(EPOCHS=2, OUTPUT_DIR=str(tmp_path), COMPILE=True).fit)
     assert capsys.readouterr().err.count("torch.compile: the first training step took") == 1
-    assert len(evaluated) == 2 and all(m is model for m in evaluated)  # not the compiled wrapper: nothing recompiles
+    # not the compiled wrapper: nothing recompiles
+    assert len(evaluated) == 2 and all(m is model for m in evaluated)
 
 
 def test_fit_captures_again_after_a_restore_or_an_unfreeze_and_replays(tmp_path, stand_in_cuda):
@@ -251,13 +271,15 @@ def test_fit_captures_again_after_a_restore_or_an_unfreeze_and_replays(tmp_path,
     graphed = run(True)
     events = [row["event"] for row in graphed]
     assert any("unfroze" in e for e in events) and any("restored" in e for e in events)
-    assert len(captured) == 2 + sum("restored" in e for e in events)  # at the start, after unfreezing, each restore
+    # at the start, after unfreezing, each restore
+    assert len(captured) == 2 + sum("restored" in e for e in events)
     assert captured[1] > captured[0]  # the unfrozen body's parameters are in the new capture
     assert [row["train_loss"] for row in graphed] == [row["train_loss"] for row in eager]
     assert [row["event"] for row in eager] == events
 
 
-def test_a_write_that_failed_in_the_background_stops_training_before_the_next_step(tmp_path, monkeypatch):
+def test_a_write_that_failed_in_the_background_stops_training_before_the_next_step(tmp_path,
+        monkeypatch):
     torch.manual_seed(0)
     data = make_tiny_data(size=8)
     state = TrainState(model_module.get_model("cnn", 4), None, LRA(configs(ASK_EPOCH=None).lra))
@@ -271,27 +293,33 @@ def test_a_write_that_failed_in_the_background_stops_training_before_the_next_st
     writer._thread.join()  # the write has failed, and nobody has asked yet
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     step = step_module.TrainStep(state.model, state.optimizer, nn.CrossEntropyLoss())
-    with pytest.raises(utils.WriteFailed, match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
+    with pytest.raises(utils.WriteFailed,
+            match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
         train_module.train_one_epoch(step, data.train, check=writer.check)
-    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())  # not one step taken
+    # not one step taken
+    assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
     writer.wait()  # raised once, by check()
 
 
-# ----------------------------------------------------------------------------- soft targets and class weights
+# ----------------------------------------------------------------------------- soft targets and
+# class weights
 
 
 def test_the_accuracy_tally_counts_a_hit_when_the_logits_argmax_is_the_soft_targets_largest_class():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]])
-    soft = torch.tensor([[0.7, 0.3, 0.0], [0.6, 0.4, 0.0], [0.0, 0.2, 0.8], [0.1, 0.0, 0.9]])  # hit, miss, hit, miss
+    # hit, miss, hit, miss
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.6, 0.4, 0.0], [0.0, 0.2, 0.8], [0.1, 0.0, 0.9]])
     totals = [torch.zeros(()), torch.zeros((), dtype=torch.int64), 0]
     train_module._tally(([torch.tensor(0.5)], [logits], [soft]), totals, epoch=1, last_batch=1)
     assert totals[1].item() == 2 and totals[2] == 4 and totals[0].item() == pytest.approx(2.0)
-    train_module._tally(([torch.tensor(0.5)], [logits], [torch.tensor([0, 1, 1, 0])]), totals, 1, 2)  # indices
+    # indices
+    train_module._tally(([torch.tensor(0.5)], [logits], [torch.tensor([0, 1, 1, 0])]), totals, 1, 2)
     assert totals[1].item() == 2 + 3 and totals[2] == 8
 
 
 def mixed_fit(tmp_path, cuda_graph=False):
-    """fit on tiny data whose training batches get Mixup or CutMix (both on, as the reference recipe)."""
+    """fit on tiny data whose training batches get Mixup or CutMix (both on, as the reference
+    recipe)."""
     torch.manual_seed(0)
     data = make_tiny_data(size=16)
     mix = augment_module.batch_mixer(dict(mixup=0.2, cutmix=1.0), num_classes=4)
@@ -306,14 +334,17 @@ def mixed_fit(tmp_path, cuda_graph=False):
                                             LABEL_SMOOTHING=0.1).fit, cuda_graph=cuda_graph))
 
 
-def test_fit_trains_on_mixed_batches_on_the_cpu_and_validates_on_plain_ones(tmp_path, monkeypatch, one_thread):
+def test_fit_trains_on_mixed_batches_on_the_cpu_and_validates_on_plain_ones(tmp_path, monkeypatch,
+        one_thread):
     evaluated, evaluate = [], train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", lambda model, loader, **kwargs: evaluated.append(loader) or
+    monkeypatch.setattr(train_module, "evaluate", lambda model, loader, **kwargs: evaluated.append(
+        loader) or
                         evaluate(model, loader, **kwargs))
     history = mixed_fit(tmp_path)
     assert len(history) == 2 and all(math.isfinite(row["train_loss"]) for row in history)
     assert all(0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1 for row in history)
-    assert all(isinstance(loader, loader_module.ResidentLoader) for loader in evaluated) and len(evaluated) == 2
+    assert all(isinstance(loader, loader_module.ResidentLoader) for loader in evaluated) and len(
+        evaluated) == 2
 
 
 def test_a_step_with_soft_targets_captures_once_and_replays(tmp_path, stand_in_cuda, one_thread):
@@ -331,8 +362,10 @@ def test_a_step_with_soft_targets_captures_once_and_replays(tmp_path, stand_in_c
 def test_balanced_class_weights_are_n_over_classes_times_each_count():
     weights = train_module.balanced_class_weights([90, 10, 20], ["a", "b", "c"])
     assert weights == pytest.approx((120 / (3 * 90), 120 / (3 * 10), 120 / (3 * 20)))
-    assert sum(w * c for w, c in zip(weights, [90, 10, 20])) == pytest.approx(120)  # each class adds n / classes
-    with pytest.raises(ValueError, match="^CLASS_WEIGHTS = 'balanced' needs training images of every class, and "
+    # each class adds n / classes
+    assert sum(w * c for w, c in zip(weights, [90, 10, 20])) == pytest.approx(120)
+    with pytest.raises(ValueError,
+        match="^CLASS_WEIGHTS = 'balanced' needs training images of every class, and "
                                          "'b' has none"):
         train_module.balanced_class_weights([5, 0, 3], ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"^CLASS_WEIGHTS = \(1.0, 0.0\) is out of range"):
@@ -340,28 +373,34 @@ def test_balanced_class_weights_are_n_over_classes_times_each_count():
 
 
 def test_the_training_loss_weighs_each_class_and_keeps_label_smoothing():
-    logits, targets = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 0, 0, 0, 1, 2])
+    logits, targets = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([
+        0, 0, 0, 0, 1, 2])
     loss = train_module.training_loss(replace(configs(EPOCHS=1, LABEL_SMOOTHING=0.1).fit,
                                               class_weights=(0.5, 2.0, 2.0)))
     per_image = nn.functional.cross_entropy(logits, targets, label_smoothing=0.1, reduction="none")
     smoothed = 0.9 * nn.functional.one_hot(targets, 3) + 0.1 / 3
-    by_hand = -(torch.tensor([0.5, 2.0, 2.0]) * smoothed * logits.log_softmax(1)).sum(1)  # weight of each class
+    # weight of each class
+    by_hand = -(torch.tensor([0.5, 2.0, 2.0]) * smoothed * logits.log_softmax(1)).sum(1)
     weights = torch.tensor([0.5, 2.0, 2.0])[targets]
-    assert loss(logits, targets).item() == pytest.approx((by_hand.sum() / weights.sum()).item(), rel=1e-5)
+    assert loss(logits, targets).item() == pytest.approx((by_hand.sum() / weights.sum()).item(),
+        rel=1e-5)
     unweighted = train_module.training_loss(configs(EPOCHS=1, LABEL_SMOOTHING=0.1).fit)
     assert unweighted(logits, targets).item() == pytest.approx(per_image.mean().item(), rel=1e-6)
 
 
-def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_one_split(one_thread):
-    """Two overlapping Gaussians, 1,000 images of class 0 and 100 of class 1, and a linear model trained by
-    train_one_epoch with fit's loss (training_loss): unweighted, it calls most of the rare class common; with
-    the balanced weights, it trains as if balanced and finds most of it, on a balanced test set."""
+def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_one_split(
+        one_thread):
+    """Two overlapping Gaussians, 1,000 images of class 0 and 100 of class 1, and a linear model
+    trained by train_one_epoch with fit's loss (training_loss): unweighted, it calls most of the
+    rare class common; with the balanced weights, it trains as if balanced and finds most of it, on
+    a balanced test set."""
     generator = torch.Generator().manual_seed(0)
 
     def gaussians(n_common, n_rare):
         points = torch.cat([torch.randn(n_common, 2, generator=generator),
                             torch.randn(n_rare, 2, generator=generator) + torch.tensor([1.5, 0.0])])
-        return points, torch.cat([torch.zeros(n_common, dtype=torch.int64), torch.ones(n_rare, dtype=torch.int64)])
+        return points, torch.cat([torch.zeros(n_common, dtype=torch.int64), torch.ones(n_rare,
+            dtype=torch.int64)])
 
     train_points, train_labels = gaussians(1000, 100)
     test_batches = [gaussians(500, 500)]
@@ -371,10 +410,12 @@ def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_o
         torch.manual_seed(0)
         model = nn.Linear(2, 2)
         loss_fn = train_module.training_loss(replace(configs().fit, class_weights=class_weights))
-        step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1,
+            momentum=0.9),
                                      loss_fn)
         for epoch in range(20):
-            order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(epoch))
+            order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(
+                epoch))
             batches = [(train_points[i], train_labels[i]) for i in order.split(50)]
             train_module.train_one_epoch(step, batches, epoch=epoch)
         return train_module.evaluate(model, test_batches, num_classes=2)["per_class"][1]
@@ -385,7 +426,8 @@ def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_o
     assert plain < 0.4 and balanced > 0.6, (plain, balanced)
 
 
-def test_validation_and_best_model_pth_see_the_ema_worked_out_from_the_weights_after_each_step(tmp_path, one_thread):
+def test_validation_and_best_model_pth_see_the_ema_worked_out_from_the_weights_after_each_step(
+        tmp_path, one_thread):
     torch.manual_seed(0)
     data = make_tiny_data(size=8)
     model = model_module.get_model("cnn", 4)
@@ -400,7 +442,8 @@ def test_validation_and_best_model_pth_see_the_ema_worked_out_from_the_weights_a
     state = TrainState(model, optimizer, lra, ema=ema)
     history = train_module.fit(state, data, configs(EPOCHS=3, OUTPUT_DIR=str(tmp_path)).fit)
 
-    averages, average = [], initial  # the EMA by its definition, in float64, from the weights after each step
+    # the EMA by its definition, in float64, from the weights after each step
+    averages, average = [], initial
     for t, weights in enumerate(after_steps):
         decay = min(0.8, (1 + t) / (10 + t))
         average = {k: decay * average[k] + (1 - decay) * v if v.is_floating_point() else v
@@ -412,9 +455,12 @@ def test_validation_and_best_model_pth_see_the_ema_worked_out_from_the_weights_a
     for row, average in zip(history, averages):
         averaged_model = model_module.get_model("cnn", 4)
         averaged_model.load_state_dict({k: v.to(saved[k].dtype) for k, v in average.items()})
-        assert train_module.evaluate(averaged_model, data.val)["loss"] == pytest.approx(row["val_loss"], rel=1e-4)
+        assert train_module.evaluate(averaged_model, data.val)["loss"] == pytest.approx(row[
+            "val_loss"], rel=1e-4)
     for key, value in averages[lra.best_epoch - 1].items():
         assert torch.allclose(saved[key].to(value.dtype), value, atol=1e-5), key
-        assert torch.equal(state.evaluated_model.state_dict()[key], saved[key])  # what the final test sees
+        # what the final test sees
+        assert torch.equal(state.evaluated_model.state_dict()[key], saved[key])
     raw = train_module.evaluate(model, data.val)["loss"]  # fit ends on the best epoch's own weights
-    assert raw != pytest.approx(history[lra.best_epoch - 1]["val_loss"], rel=1e-3)  # which validation did not see
+    # which validation did not see
+    assert raw != pytest.approx(history[lra.best_epoch - 1]["val_loss"], rel=1e-3)

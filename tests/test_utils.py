@@ -1,5 +1,5 @@
-"""Files and states: atomic writes (durable, with the umask's mode), safe loading (a real payload never
-runs), the output folder's lock, random states, the CSV."""
+"""Files and states: atomic writes (durable, with the umask's mode), safe loading (a real payload
+never runs), the output folder's lock, random states, the CSV."""
 
 import fcntl
 import itertools
@@ -37,7 +37,8 @@ def test_a_pickled_payload_is_refused_and_never_runs(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(2), "extra": Payload(str(marker))}, path)
     control = tmp_path / "control"
-    pickle.loads(pickle.dumps(Payload(str(control))))  # the payload is real: a plain unpickler runs it
+    # the payload is real: a plain unpickler runs it
+    pickle.loads(pickle.dumps(Payload(str(control))))
     assert control.read_text() == "ran"
     with pytest.raises(utils.CheckpointError, match="refused and nothing in it ran"):
         utils.load_state_dict(str(path))
@@ -45,7 +46,8 @@ def test_a_pickled_payload_is_refused_and_never_runs(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"", "truncated or not"),
-                                              (b"hello, not a checkpoint", "not a PyTorch checkpoint")])
+                                              (b"hello, not a checkpoint",
+                                              "not a PyTorch checkpoint")])
 def test_bad_files_get_a_clear_message(tmp_path, content, message):
     path = tmp_path / "weights.pth"
     if content is not None:
@@ -88,7 +90,8 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
 
     def fsync(fd):
         status = os.fstat(fd)
-        events.append(("fsync", status.st_ino, status.st_size if stat.S_ISREG(status.st_mode) else "folder"))
+        events.append(("fsync", status.st_ino, status.st_size if stat.S_ISREG(status.st_mode)
+            else "folder"))
         real_fsync(fd)
 
     def replace(source, target):
@@ -100,34 +103,40 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     path = tmp_path / "file.bin"
     utils.atomic_write(str(path), lambda f: f.write(b"new bytes"))
     file, folder = path.stat().st_ino, tmp_path.stat().st_ino
-    assert events == [("fsync", file, len(b"new bytes")), ("replace", file, str(path)), ("fsync", folder, "folder")]
+    assert events == [("fsync", file, len(b"new bytes")), ("replace", file, str(path)), ("fsync",
+        folder, "folder")]
     assert path.read_bytes() == b"new bytes"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_atomic_write_gives_files_the_umask_s_mode_as_open_does(tmp_path, umask):
-    """mkstemp makes -rw------- whatever the umask; the outputs get what open() gives (-rw-r--r-- under 022)."""
+    """mkstemp makes -rw------- whatever the umask; the outputs get what open() gives (-rw-r--r--
+    under 022)."""
     code = ("import sys, utils; utils.atomic_write(sys.argv[1], lambda f: f.write(b'x')); "
             "open(sys.argv[2], 'w').close()")
-    subprocess.run([sys.executable, "-c", code, tmp_path / "atomic", tmp_path / "plain"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-c", code, tmp_path / "atomic", tmp_path / "plain"], cwd=ROOT,
+        check=True,
                    umask=umask)
     mode = stat.S_IMODE((tmp_path / "atomic").stat().st_mode)
     assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     assert mode == {0o022: 0o644, 0o027: 0o640}[umask]
 
 
-# ----------------------------------------------------------------------------- the output folder's lock
+# ----------------------------------------------------------------------------- the output folder's
+# lock
 
 
 def test_a_folder_locked_by_a_live_process_is_refused_and_a_kill_9_frees_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, utils; utils.lock_folder(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c",
+        "import sys, utils; utils.lock_folder(sys.argv[1]); "
                                "print('locked', flush=True); sys.stdin.read()", tmp_path], cwd=ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         assert (tmp_path / utils.LOCK_FILE).read_text() == f"{holder.pid}\n"
         for refused in (utils.check_unlocked, utils.lock_folder):
-            with pytest.raises(utils.FolderInUse, match=rf"^OUTPUT_DIR {tmp_path} is in use by another run "
+            with pytest.raises(utils.FolderInUse,
+                match=rf"^OUTPUT_DIR {tmp_path} is in use by another run "
                                                         rf"\(process {holder.pid}\)"):
                 refused(str(tmp_path))
     finally:
@@ -160,7 +169,8 @@ def test_unlock_folder_lets_go_and_a_forked_child_does_not_hold_on(tmp_path):
     assert not can_lock(lock)
     ready, say_ready = os.pipe()
     child = os.fork()
-    if child == 0:  # the child says it is up, then sleeps, holding whatever descriptors it still has
+    # the child says it is up, then sleeps, holding whatever descriptors it still has
+    if child == 0:
         os.write(say_ready, b"up")
         time.sleep(30)
         os._exit(0)
@@ -207,10 +217,11 @@ def test_an_unwritable_output_dir_is_reported(tmp_path):
 
 def test_plural_counts_one_in_the_singular_and_others_in_the_plural():
     assert [utils.plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
-    assert utils.plural(1, "class folder") == "1 class folder" and utils.plural(3, "batch", "batches") == "3 batches"
+    assert utils.plural(1, "class folder") == "1 class folder" and utils.plural(3, "batch",
+        "batches") == "3 batches"
 
 
-def test_items_made_in_the_background_come_in_order_an_error_there_is_raised_here_and_closing_stops_the_thread():
+def test_background_items_come_in_order_an_error_there_is_raised_here_closing_stops_the_thread():
     def failing():
         yield from range(5)
         raise OSError("the disk went away")

@@ -1,4 +1,5 @@
-"""Workflows beyond one run: torchrun data-parallel training, transfer learning, plots, predictions."""
+"""Workflows beyond one run: torchrun data-parallel training, transfer learning, plots,
+predictions."""
 
 import copy
 import json
@@ -21,7 +22,15 @@ import main
 import report_module
 import train_module
 import utils
-from conftest import CLASSES, PHOTO_CLASSES, ROOT, run_main, write_fake_cifar, write_image_tree, write_photo_tree
+from conftest import (
+    CLASSES,
+    PHOTO_CLASSES,
+    ROOT,
+    run_main,
+    write_fake_cifar,
+    write_image_tree,
+    write_photo_tree,
+)
 from test_report_module import laid_out, pixel_rows_columns, read_pixels
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "16"]
@@ -31,7 +40,8 @@ def torchrun(args, timeout=180):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(ROOT, "main.py"), *map(str, args)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env)
 
 
 def png_size(path):
@@ -62,7 +72,10 @@ def test_two_processes_train_in_step_and_resume(tmp_path):
 
     resumed = torchrun(args + ["--epochs", "5", "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming" in resumed.stdout and "LR decisions and weights agreed on all 2 processes" in resumed.stdout
+    assert (
+        "Resuming" in resumed.stdout
+        and "LR decisions and weights agreed on all 2 processes" in resumed.stdout
+    )
     frame = pd.read_csv(out / "training_metrics.csv")
     assert list(frame["epoch"]) == [1, 2, 3, 4, 5]
     assert frame["lr"].iloc[3] == pytest.approx(frame["next_lr"].iloc[2])  # the LR carried over
@@ -71,9 +84,12 @@ def test_two_processes_train_in_step_and_resume(tmp_path):
 # ----------------------------------------------------------------------------- plots
 
 
-def test_training_curves_are_the_same_for_the_same_history_and_change_only_where_it_changes(tmp_path):
-    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "train_acc": 0.1 * e, "val_acc": 0.09 * e,
-                "lr": 0.1 if e < 3 else 0.05, "event": "restored epoch 2, LR cut" if e == 3 else "best"}
+def test_training_curves_are_the_same_for_the_same_history_and_change_only_where_it_changes(
+        tmp_path):
+    history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "train_acc": 0.1 * e,
+        "val_acc": 0.09 * e,
+                "lr": 0.1 if e < 3 else 0.05, "event": "restored epoch 2, LR cut" if e == 3
+                else "best"}
                for e in range(1, 6)]
     path = tmp_path / "training_curves.png"
     report_module.plot_training_curves(history, str(path))
@@ -81,22 +97,26 @@ def test_training_curves_are_the_same_for_the_same_history_and_change_only_where
     Image.open(path).verify()
     report_module.plot_training_curves(copy.deepcopy(history), str(tmp_path / "again.png"))
     assert np.array_equal(read_pixels(tmp_path / "again.png"), read_pixels(path))
-    panels = {axes.get_title(): axes for axes in laid_out(report_module._curves_figure(history)).axes}
+    panels = {axes.get_title(): axes for axes in laid_out(report_module._curves_figure(
+        history)).axes}
     for key, value, title in (("val_acc", 0.3, "Accuracy (%)"), ("train_loss", 0.45, "Loss")):
         changed = copy.deepcopy(history)
         changed[3][key] = value  # epoch 4's, within the range plotted: the axes keep their limits
         report_module.plot_training_curves(changed, str(tmp_path / "changed.png"))
         # more than 8 levels: the antialiasing of the untouched segments moves by a level or two
-        rows, columns = np.nonzero(np.abs(read_pixels(tmp_path / "changed.png") - read_pixels(path)).max(2) > 8)
+        rows, columns = np.nonzero(np.abs(read_pixels(tmp_path / "changed.png") - read_pixels(
+            path)).max(2) > 8)
         assert len(rows), key
-        left = panels[title].transData.transform((3, 0))[0]  # only the segments to and from epoch 4 move
+        # only the segments to and from epoch 4 move
+        left = panels[title].transData.transform((3, 0))[0]
         right = panels[title].transData.transform((5, 0))[0]
         assert left - 1 <= columns.min() and columns.max() <= right + 1, key
 
 
 def test_a_run_draws_the_curves_of_its_metrics(tmp_path):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
-    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "2"])
+    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "out"), *TINY,
+        "--epochs", "2"])
     assert status == 0 and png_size(tmp_path / "out" / "training_curves.png") == (1200, 450)
     history = pd.read_csv(tmp_path / "out" / "training_metrics.csv")
     assert list(history["epoch"]) == [1, 2]
@@ -115,7 +135,8 @@ def test_predict_prints_the_top_three_classes(tmp_path, capsys):
     images = []
     for i, size in enumerate([(32, 32), (50, 20)]):
         path = tmp_path / f"picture{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3),
+            dtype=np.uint8)).save(path)
         images.append(str(path))
     capsys.readouterr()
     assert main.main(["--output-dir", out, "--predict", *images]) == 0
@@ -137,7 +158,10 @@ def test_predict_refuses_bad_images_clearly(tmp_path):
     text.write_text("not an image")
     result = run_main(["--output-dir", out, "--predict", tmp_path / "missing.png", text])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "missing.png does not exist" in result.stderr and "notes.txt is not an image" in result.stderr
+    assert (
+        "missing.png does not exist" in result.stderr
+        and "notes.txt is not an image" in result.stderr
+    )
 
 
 def test_predict_without_a_trained_model_says_so(tmp_path, capsys):
@@ -152,8 +176,10 @@ def test_unfreeze_epoch_unfreezes_the_body(tmp_path):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--epochs", "1"]) == 0
-    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "tuned"), *TINY, "--epochs", "3",
-                        "--weights", str(out / "best_model.pth"), "--freeze", "true", "--unfreeze-epoch", "1"])
+    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "tuned"), *TINY,
+        "--epochs", "3",
+                        "--weights", str(out / "best_model.pth"), "--freeze", "true",
+                        "--unfreeze-epoch", "1"])
     assert status == 0
     frame = pd.read_csv(tmp_path / "tuned" / "training_metrics.csv")
     assert "unfroze the body" in frame["event"].iloc[0]
@@ -171,21 +197,28 @@ def write_cifar_tree(root, images, labels, classes, keep, per_class, split):
 
 
 def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path):
-    """Train the CNN briefly on CIFAR-10's first five classes, then fine-tune it, frozen, on a small tree of
-    the other five written from the test set; it must beat the same small data trained from scratch."""
-    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(cifar_dir, False)
+    """Train the CNN briefly on CIFAR-10's first five classes, then fine-tune it, frozen, on a small
+    tree of the other five written from the test set; it must beat the same small data trained from
+    scratch."""
+    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(
+        cifar_dir, False)
     source, target = tmp_path / "source", tmp_path / "target"
     write_cifar_tree(source, train_images, train_labels, classes, range(5), 400, "train")
     write_cifar_tree(source, test_images, test_labels, classes, range(5), 100, "val")
-    write_cifar_tree(target, test_images[:5000], test_labels[:5000], classes, range(5, 10), 40, "train")
-    write_cifar_tree(target, test_images[5000:], test_labels[5000:], classes, range(5, 10), 100, "val")
-    common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0", "--batch-size", "64",
+    write_cifar_tree(target, test_images[:5000], test_labels[:5000], classes, range(5, 10), 40,
+        "train")
+    write_cifar_tree(target, test_images[5000:], test_labels[5000:], classes, range(5, 10), 100,
+        "val")
+    common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0", "--batch-size",
+        "64",
               "--augment", "shift"]  # 32-pixel images: CIFAR's pad-crops, not the photo recipe
-    assert main.main(common + ["--data-dir", str(source), "--output-dir", str(tmp_path / "a"), "--epochs", "3"]) == 0
+    assert main.main(common + ["--data-dir", str(source), "--output-dir", str(tmp_path / "a"),
+        "--epochs", "3"]) == 0
 
     budget = ["--data-dir", str(target), "--epochs", "8", "--lr", "0.02", "--stop-patience", "8"]
     assert main.main(common + budget + ["--output-dir", str(tmp_path / "scratch")]) == 0
-    assert main.main(common + budget + ["--output-dir", str(tmp_path / "transfer"), "--freeze", "true",
+    assert main.main(common + budget + ["--output-dir", str(tmp_path / "transfer"), "--freeze",
+        "true",
                                         "--weights", str(tmp_path / "a" / "best_model.pth")]) == 0
     scratch = pd.read_csv(tmp_path / "scratch" / "training_metrics.csv")["val_acc"].max()
     transfer = pd.read_csv(tmp_path / "transfer" / "training_metrics.csv")["val_acc"].max()
@@ -197,13 +230,15 @@ def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path)
 
 
 def fake_published_weights(torch_home, name):
-    """torchvision's model `name`, seeded, saved where its default weights are cached ($TORCH_HOME/hub/
-    checkpoints/<file of the weights' URL>), as a download would leave them; returns the state dict."""
+    """torchvision's model `name`, seeded, saved where its default weights are cached
+    ($TORCH_HOME/hub/ checkpoints/<file of the weights' URL>), as a download would leave them;
+    returns the state dict."""
     import torch
     import torchvision
     torch.manual_seed(1)
     state = torchvision.models.get_model(name).state_dict()
-    for key, value in state.items():  # random BatchNorm statistics, so a frozen body's buffers are checked too
+    # random BatchNorm statistics, so a frozen body's buffers are checked too
+    for key, value in state.items():
         if key.endswith(("running_mean", "running_var")):
             value.copy_(torch.rand_like(value) + 0.5)
     url = torchvision.models.get_model_weights(name).DEFAULT.url
@@ -213,11 +248,13 @@ def fake_published_weights(torch_home, name):
     return state
 
 
-def test_pretrained_weights_offline_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
+def test_pretrained_weights_offline_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch,
+        capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
-    status = main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--model", "mobilenet_v3_small",
+    status = main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--model",
+        "mobilenet_v3_small",
                         "--pretrained", "default"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -236,10 +273,13 @@ def test_a_frozen_pretrained_backbone_keeps_its_weights_and_predicts(tmp_path, m
     assert main.main(["--data-dir", data, "--output-dir", out, *TINY, "--epochs", "2", "--model",
                       "mobilenet_v3_small", "--pretrained", "default", "--freeze", "true"]) == 0
     best = torch.load(os.path.join(out, "best_model.pth"), weights_only=True)
-    body = {k[len("body."):]: v for k, v in best.items() if k.startswith("body.") and "num_batches" not in k}
-    assert body and all(torch.equal(value, published[key]) for key, value in body.items())  # weights and statistics
+    body = {k[len("body."):]: v for k, v in best.items() if k.startswith("body.")
+        and "num_batches" not in k}
+    # weights and statistics
+    assert body and all(torch.equal(value, published[key]) for key, value in body.items())
     info = json.load(open(os.path.join(out, "best_model.json")))
-    assert info["mean"] == pytest.approx([0.485, 0.456, 0.406]) and info["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert info["mean"] == pytest.approx([0.485, 0.456, 0.406]) and info["std"] == pytest.approx([
+        0.229, 0.224, 0.225])
     picture = tmp_path / "picture.png"
     Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(picture)
     capsys.readouterr()
@@ -248,11 +288,13 @@ def test_a_frozen_pretrained_backbone_keeps_its_weights_and_predicts(tmp_path, m
 
 
 def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_path):
-    """--schedule onecycle --freeze true --unfreeze-epoch 1: the unfrozen body joins OneCycle's schedule at
+    """--schedule onecycle --freeze true --unfreeze-epoch 1: the unfrozen body joins OneCycle's
+    schedule at
     --body-lr-scale times the head's LR, and the run resumes from its checkpoint."""
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
-    args = ["--data-dir", data, "--output-dir", str(out), *TINY, "--schedule", "onecycle", "--freeze", "true",
+    args = ["--data-dir", data, "--output-dir", str(out), *TINY, "--schedule", "onecycle",
+        "--freeze", "true",
             "--unfreeze-epoch", "1", "--body-lr-scale", "0.25"]
     assert main.main(args + ["--epochs", "2"]) == 0
     assert "unfroze the body" in pd.read_csv(out / "training_metrics.csv")["event"].iloc[0]
@@ -261,19 +303,25 @@ def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_
     assert sorted(g["lr_scale"] for g in groups) == [0.25, 1.0]
     head, body = sorted(groups, key=lambda g: -g["lr_scale"])
     assert body["lr"] == pytest.approx(0.25 * head["lr"])
-    assert main.main(args + ["--epochs", "3", "--resume", "auto"]) == 2  # its one-cycle is sized to 2 epochs
-    assert main.main(args + ["--epochs", "2", "--resume", "auto"]) == 0  # resumes, after its last epoch
+    # its one-cycle is sized to 2 epochs
+    assert main.main(args + ["--epochs", "3", "--resume", "auto"]) == 2
+    # resumes, after its last epoch
+    assert main.main(args + ["--epochs", "2", "--resume", "auto"]) == 0
     assert list(pd.read_csv(out / "training_metrics.csv")["epoch"]) == [1, 2]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0",
+    "regnet_y_400mf",
                                   "squeezenet1_1", "densenet121", "convnext_tiny", "swin_t"])
 def test_a_torchvision_architecture_trains_frozen_then_predicts(name, tmp_path, capsys, one_thread):
-    """CNNs, one with LayerNorm (convnext), one transformer (swin): a step at 64 px, best_model.pth, --predict."""
+    """CNNs, one with LayerNorm (convnext), one transformer (swin): a step at 64 px, best_model.pth,
+    --predict."""
     data = write_image_tree(tmp_path / "photos", per_class=4, size=(80, 60))
     out = str(tmp_path / "out")
-    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--model", name,
-                      "--image-size", "64", "--freeze", "true", "--epochs", "1", "--batch-size", "6",
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--model",
+        name,
+                      "--image-size", "64", "--freeze", "true", "--epochs", "1", "--batch-size",
+                      "6",
                       "--ask-epoch", "none", "--num-workers", "0"]) == 0
     info = json.load(open(os.path.join(out, "best_model.json")))
     assert info["model"] == name and info["image_size"] == 64
@@ -281,35 +329,45 @@ def test_a_torchvision_architecture_trains_frozen_then_predicts(name, tmp_path, 
     picture = os.path.join(data, "val", "owls", "0.png")
     assert main.main(["--output-dir", out, "--predict", picture]) == 0
     ranked = capsys.readouterr().out.strip().split(": ", 1)[1].split(", ")
-    assert [entry.split()[0] for entry in ranked] and {entry.split()[0] for entry in ranked} == {"cats", "dogs", "owls"}
+    assert [entry.split()[0] for entry in ranked] and {entry.split()[0] for entry in ranked} == {
+        "cats", "dogs", "owls"}
 
 
 @pytest.mark.parametrize("resident", ["yes", "no"])
 def test_a_folder_of_real_world_photos_trains_and_predicts(tmp_path, resident, capsys, one_thread):
-    """Mixed sizes, modes and formats, EXIF-rotated JPEGs, accented class names, a truncated JPEG, a text
-    file: the run trains on every image, says what it skipped, and predicts the odd ones."""
+    """Mixed sizes, modes and formats, EXIF-rotated JPEGs, accented class names, a truncated JPEG, a
+    text file: the run trains on every image, says what it skipped, and predicts the odd ones."""
     photos = write_photo_tree(tmp_path / "photos")
     out = str(tmp_path / "out")
-    status = main.main(["--dataset", "folder", "--data-dir", photos, "--output-dir", out, "--image-size", "48",
-                        "--epochs", "1", "--batch-size", "8", "--ask-epoch", "none", "--num-workers", "0",
+    status = main.main(["--dataset", "folder", "--data-dir", photos, "--output-dir", out,
+        "--image-size", "48",
+                        "--epochs", "1", "--batch-size", "8", "--ask-epoch", "none",
+                        "--num-workers", "0",
                         "--resident", resident])
     captured = capsys.readouterr()
     assert status == 0, captured.err
-    assert "skipped 2 files that are not images" in captured.err and "skipped 1 unreadable" in captured.err
+    assert (
+        "skipped 2 files that are not images" in captured.err
+        and "skipped 1 unreadable" in captured.err
+    )
     info = json.load(open(os.path.join(out, "best_model.json")))
-    assert info["classes"] == PHOTO_CLASSES and info["image_size"] == 48 and info["resize_size"] == 55
-    odd = [os.path.join(photos, "val", "zèbre", name) for name in ("sideways.jpg", "sixteen_bit.png", "cmyk.jpg")]
+    assert info["classes"] == PHOTO_CLASSES and info["image_size"] == 48 and info[
+        "resize_size"] == 55
+    odd = [os.path.join(photos, "val", "zèbre", name) for name in ("sideways.jpg",
+        "sixteen_bit.png", "cmyk.jpg")]
     assert main.main(["--output-dir", out, "--predict", *odd]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == odd
     for line in lines:  # "path: class p%, class p%, class p%", class names with spaces included
-        assert sorted(entry.rsplit(" ", 1)[0] for entry in line.split(": ", 1)[1].split(", ")) == sorted(PHOTO_CLASSES)
+        assert sorted(entry.rsplit(" ", 1)[0] for entry in line.split(": ", 1)[1].split(
+            ", ")) == sorted(PHOTO_CLASSES)
 
 
 # ----------------------------------------------------------------------------- after training
 
 
-def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy_and_with_its_figures(tmp_path, capsys):
+def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy_and_with_its_figures(
+        tmp_path, capsys):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--epochs", "1"]) == 0
@@ -319,14 +377,18 @@ def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy_and
     assert list(frame.columns) == ["class", "precision", "recall", "f1", "support"]
     assert list(frame["class"]) == CLASSES + ["macro avg", "weighted avg"]
     per_class = frame.iloc[:10]
-    assert per_class["support"].sum() == 20  # the test batch: the confusion matrix counts every test image once
-    assert 100 * frame.set_index("class").loc["weighted avg", "recall"] == pytest.approx(printed, abs=0.005)
+    # the test batch: the confusion matrix counts every test image once
+    assert per_class["support"].sum() == 20
+    assert 100 * frame.set_index("class").loc["weighted avg", "recall"] == pytest.approx(printed,
+        abs=0.005)
     for name in ("confusion_matrix.png", "misclassified.png"):
         Image.open(out / name).verify()
     rows = frame.set_index("class").loc[CLASSES]
     support = rows["support"].to_numpy()
-    hits = np.round(rows["recall"].fillna(0).to_numpy() * support).astype(int)  # recall: each class's share right
-    # the report gives the diagonal and the row sums, so a matrix with them has the run's title and layout
+    # recall: each class's share right
+    hits = np.round(rows["recall"].fillna(0).to_numpy() * support).astype(int)
+    # the report gives the diagonal and the row sums, so a matrix with them has the run's title and
+    # layout
     stand_in = np.diag(hits)
     stand_in[np.arange(10), (np.arange(10) + 1) % 10] += support - hits
     axes = laid_out(report_module.confusion_figure(torch.from_numpy(stand_in), CLASSES)).axes[0]
@@ -334,8 +396,10 @@ def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy_and
     diagonal = pixels[pixel_rows_columns(pixels, axes, [(i - 0.33, i - 0.33) for i in range(10)])]
     shares = np.divide(hits, support, out=np.zeros(10), where=support > 0)
     assert np.abs(diagonal - 255 * matplotlib.colormaps["Blues"](shares)[:, :3]).max() <= 2
-    shown = min(train_module.MISTAKES, support.sum() - hits.sum())  # the gallery: the mistakes, as many as it holds
-    assert png_size(out / "misclassified.png")[0] == (210 * math.ceil(math.sqrt(shown)) if shown else 400)
+    # the gallery: the mistakes, as many as it holds
+    shown = min(train_module.MISTAKES, support.sum() - hits.sum())
+    assert png_size(out / "misclassified.png")[0] == (210 * math.ceil(math.sqrt(shown)) if shown
+        else 400)
 
 
 def test_predict_classifies_a_nested_folder_into_a_table(tmp_path, capsys):
@@ -347,7 +411,8 @@ def test_predict_classifies_a_nested_folder_into_a_table(tmp_path, capsys):
     for i, sub in enumerate(["", "a", "a/b", "c"]):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         path = folder / sub / f"image{i}.png"
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 40, 3),
+            dtype=np.uint8)).save(path)
         paths.append(str(path))
     (folder / "a" / "notes.txt").write_text("not an image")
     capsys.readouterr()
@@ -375,27 +440,34 @@ def test_a_named_file_that_is_not_an_image_exits_2_and_the_good_rows_are_written
 
 
 def test_export_onnx_after_a_folder_run_needs_only_the_output_dir(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
+    pytest.importorskip("onnxruntime",
+        reason="onnxruntime is not installed (pip install -r requirements.txt)")
     data = write_image_tree(tmp_path / "photos", splits=("train",), per_class=8)
     out = str(tmp_path / "out")
-    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--val-split", "6",
-                      "--image-size", "16", "--cache-dir", "none", "--num-workers", "0", "--ask-epoch", "none",
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--val-split",
+        "6",
+                      "--image-size", "16", "--cache-dir", "none", "--num-workers", "0",
+                      "--ask-epoch", "none",
                       "--epochs", "1"]) == 0
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)  # the run's data folder is found from anywhere
     assert main.main(["--output-dir", out, "--export", "onnx"]) == 0
-    assert "Exported" in capsys.readouterr().out and os.path.getsize(os.path.join(out, "model.onnx")) > 0
+    assert "Exported" in capsys.readouterr().out and os.path.getsize(os.path.join(out,
+        "model.onnx")) > 0
 
 
 def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsys):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
-    assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--find-lr", "--freeze", "true"]) == 0
+    assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--find-lr", "--freeze",
+        "true"]) == 0
     text = capsys.readouterr().out
     suggested = float(text.split("Suggested LR: ")[1].split()[0])
     assert 1e-7 <= suggested <= 10
     assert sorted(os.listdir(out)) == [".lock", "lr_finder.png"]
     command = shlex.split(text.split("To train at it: ")[1].splitlines()[0])
     assert command[:2] == ["python", "main.py"] and "--find-lr" not in command
-    config, _ = main.parse_config(command[2:])  # the command trains on this data, with these flags, at the LR
-    assert config["LR"] == float(f"{suggested:.2g}") and config["FREEZE"] and config["DATA_DIR"] == data
+    # the command trains on this data, with these flags, at the LR
+    config, _ = main.parse_config(command[2:])
+    assert config["LR"] == float(f"{suggested:.2g}") and config["FREEZE"] and config[
+        "DATA_DIR"] == data
