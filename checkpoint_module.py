@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 import data_module
+import export_module
 import model_module
 import report_module
 import state_module
@@ -36,7 +37,7 @@ INFO_FIELDS = [f.name for f in dataclasses.fields(state_module.RunInfo) if f.nam
 PREDICTIONS = "predictions.csv"
 RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS,
     *report_module.FILES,
-             *model_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
+             *export_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
 # under the lock
 TRAINING_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, *report_module.FILES)
 PREVIOUS = "previous"  # OUTPUT_DIR/previous/<start time>/ holds the files of the runs before

@@ -21,6 +21,7 @@ from tqdm import tqdm
 import augment_module
 import checkpoint_module
 import data_module
+import export_module
 import image_module
 import model_module
 import train_module
@@ -70,10 +71,10 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
     """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images
     (of the run's own data, unless --data-dir and --dataset are among the flags `given`): 0 when its
     logits agree with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
-    path = os.path.join(output_dir, model_module.EXPORT_FILES[kind])
+    path = os.path.join(output_dir, export_module.EXPORT_FILES[kind])
     try:
-        model_module.check_export(kind)
-        checkpoint_module.check_output_dir(output_dir, (model_module.EXPORT_FILES[kind],))
+        export_module.check_export(kind)
+        checkpoint_module.check_output_dir(output_dir, (export_module.EXPORT_FILES[kind],))
         info, model = _best_model(output_dir)
         data_dir, dataset = (getattr(data, name) if name.upper() in given or info.get(name) is None
                              else info[name] for name in ("data_dir", "dataset"))
@@ -83,7 +84,7 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        difference = model_module.export(model.cpu(), path, kind, mean=info["mean"], std=info[
+        difference = export_module.export(model.cpu(), path, kind, mean=info["mean"], std=info[
             "std"],
                                          classes=info["classes"], example_images=images,
                                          resize_size=info.get("resize_size"))
@@ -98,9 +99,9 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
     print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test "
           "images, at batch "
           f"sizes 1 and 5: {difference:.1e} (relative)")
-    if difference > model_module.EXPORT_TOLERANCE:
-        print(f"error: {path} differs from PyTorch by more than {model_module.EXPORT_TOLERANCE:g}; "
-              "do not ship it",
+    if difference > export_module.EXPORT_TOLERANCE:
+        print(f"error: {path} differs from PyTorch by more than "
+              f"{export_module.EXPORT_TOLERANCE:g}; do not ship it",
               file=sys.stderr)
         return 3
     return 0

@@ -44,6 +44,7 @@ import augment_module
 import callback_module
 import checkpoint_module
 import data_module
+import export_module
 import inference_module
 import model_module
 import optim_module
@@ -303,7 +304,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
         help="classify image files, and the images in "
                           "folders, with OUTPUT_DIR/best_model.pth; writes "
                           "OUTPUT_DIR/predictions.csv")
-    commands.add_argument("--export", choices=model_module.EXPORT_KINDS,
+    commands.add_argument("--export", choices=export_module.EXPORT_KINDS,
         help="write OUTPUT_DIR/best_model.pth as "
                           "model.onnx or torch.export's model.pt2, checked against PyTorch on real "
                           "test images")

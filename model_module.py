@@ -1,5 +1,5 @@
-"""Architectures, freezing, weight loading and export: every model is a body of features and a
-classifier head.
+"""Architectures, freezing and weight loading: every model is a body of features and a classifier
+head.
 
 Our own models (cnn, fast, resnet18_cifar) and every torchvision classification model by name, the
 latter optionally starting from torchvision's published ImageNet weights (PRETRAINED)."""
@@ -7,21 +7,19 @@ latter optionally starting from torchvision's published ImageNet weights (PRETRA
 from __future__ import annotations
 
 import contextlib
-import copy
 import http.client
-import importlib.util
-import json
 import os
 import re
 import urllib.parse
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torchvision
 from torch import nn
 from torchvision.models import resnet18
 
+import batchnorm_module
 import utils
 
 
@@ -426,59 +424,6 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor],
 
 
 WHITENING_IMAGES = 5000  # training images the fast model's whitening filters are computed from
-# training images whose statistics start a fresh torchvision model's BatchNorm running stats
-CALIBRATION_IMAGES = 64
-CALIBRATION_BATCH = 32  # images per forward pass while calibrating (at least)
-# the least momentum of a torchvision model's BatchNorm running stats (PyTorch's default)
-BATCHNORM_MOMENTUM = 0.1
-
-
-def quicken_batchnorm(model: nn.Module, momentum: float = BATCHNORM_MOMENTUM) -> None:
-    """Raise every BatchNorm's running-statistics momentum to at least `momentum`.
-
-    MobileNetV3, EfficientNet-B5 to B7 and MaxViT use 0.01, MNASNet 0.0003: running stats that
-    average over hundreds (thousands) of steps, made for ImageNet's thousands of steps per epoch. A
-    small folder trains a step or a few per epoch while the weights change fast, so in eval mode
-    each layer is divided by the standard deviation of weights long gone, and validation sees
-    another network than training."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
-            module.momentum = max(module.momentum, momentum)
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.Tensor]) -> None:
-    """Start every BatchNorm's running mean and variance as the statistics of the freshly
-    initialised model on training images (the average over a few batches in train mode), not at
-    PyTorch's 0 and 1.
-
-    The 0 and 1 are far off for torchvision's initialisation: kaiming fan_out counts a depthwise
-    conv's fan-out C times over, so a fresh MobileNetV3's depthwise and projection layers see
-    variances of 1e-3 to 1e-8, not 1. Eval mode divides each layer by sqrt(running var), so until
-    the running stats have forgotten the 1 the signal shrinks layer after layer and every image gets
-    the same logits: exactly 1/num_classes, loss ln(num_classes). The momentum, the random state
-    (dropout, stochastic depth, the loader's shuffling) and the weights are left as they were; only
-    the running statistics change."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats]
-    if not norms:
-        return
-    momenta, training = [m.momentum for m in norms], model.training
-    with torch.random.fork_rng(devices=[]):
-        images = sample_images(CALIBRATION_IMAGES).cpu()
-        if len(images) < 2:  # one image has no variance
-            return
-        for module in norms:
-            module.reset_running_stats()
-            module.momentum = None  # a cumulative average over the batches below
-        model.train()
-        # batches of about equal size
-        for batch in images.tensor_split(max(1, len(images) // CALIBRATION_BATCH)):
-            model(batch)
-    for module, momentum in zip(norms, momenta):
-        module.momentum = momentum
-        module.num_batches_tracked.zero_()
-    model.train(training)
 
 
 def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | None = None,
@@ -490,13 +435,13 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
 
     sample_images(n) returns up to n normalised (N, C, H, W) training images, asked for only by what
     depends on data: the fast model's whitening filters, and the BatchNorm running statistics of a
-    torchvision model that starts from scratch (calibrate_batchnorm); saved weights, when given,
-    override both. Without PRETRAINED, a torchvision model's BatchNorm momentum is at least
-    BATCHNORM_MOMENTUM (quicken_batchnorm). image_size (pixels) matters only to the models built for
-    one size (vit_*, maxvit_t; when None, the size of their pretrained weights, else 224); the
-    others take any size. pretrained ("default" or a weights name such as "IMAGENET1K_V2") starts a
-    torchvision model's body from its published ImageNet weights, weights (a best_model.pth) the
-    whole model from our own.
+    torchvision model that starts from scratch (batchnorm_module.calibrate_batchnorm); saved
+    weights, when given, override both. Without PRETRAINED, a torchvision model's BatchNorm momentum
+    is at least batchnorm_module.BATCHNORM_MOMENTUM (quicken_batchnorm). image_size (pixels) matters
+    only to the models built for one size (vit_*, maxvit_t; when None, the size of their pretrained
+    weights, else 224); the others take any size. pretrained ("default" or a weights name such as
+    "IMAGENET1K_V2") starts a torchvision model's body from its published ImageNet weights, weights
+    (a best_model.pth) the whole model from our own.
     """
     check_name(name)
     if num_classes < 2:
@@ -518,9 +463,9 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
             module.init_from_data(images.cpu())
     # from scratch (or from our own WEIGHTS, trained so)
     if name in TORCHVISION_MODELS and published is None:
-        quicken_batchnorm(model)
+        batchnorm_module.quicken_batchnorm(model)
         if weights is None and sample_images is not None:
-            calibrate_batchnorm(model, sample_images)
+            batchnorm_module.calibrate_batchnorm(model, sample_images)
     if weights is not None:
         skipped = load_weights(model, utils.load_state_dict(weights, "WEIGHTS"),
             f"WEIGHTS {weights}")
@@ -530,91 +475,3 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
     if freeze:
         freeze_body(model)
     return model
-
-
-# --------------------------------------------------------------------------- export for inference
-# elsewhere
-
-EXPORT_KINDS = ("onnx", "pt2")
-EXPORT_FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}  # in OUTPUT_DIR
-# the largest relative difference from PyTorch's logits an exported file may show
-EXPORT_TOLERANCE = 1e-4
-_EXPORT_PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "pt2": ()}
-
-
-def check_export(kind: str) -> None:
-    """Raise ValueError, before any training, when EXPORT names no kind or its packages are
-    missing."""
-    if kind not in EXPORT_KINDS:
-        raise ValueError(utils.not_known("EXPORT", kind, EXPORT_KINDS))
-    missing = [name for name in _EXPORT_PACKAGES[kind] if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ValueError(
-            f"EXPORT = {kind!r} needs {', '.join(missing)}: pip install -r requirements.txt")
-
-
-def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std: Sequence[float],
-           classes: Sequence[str], example_images: torch.Tensor, resize_size: int
-           | None = None) -> float:
-    """Write the model in eval mode for inference outside this pipeline, and check the file by
-    running it.
-
-    Both kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images'
-    size, any batch size, and return logits; both carry the normalisation, the sizes and the class
-    names (ONNX in its metadata_props, each value JSON; pt2 in its extra file "metadata.json").
-    "onnx": torch.onnx's torch.export-based exporter, run back with onnxruntime; "pt2":
-    torch.export's ExportedProgram (torch.export.load(path).module()). The export and the comparison
-    run on a float32 copy on the CPU. Returns the largest relative difference between the file's
-    logits and the model's on example_images at batch sizes 1 and 5: max |file - model| / max
-    |model|, the latter over all five images, so that an image whose logits are all near 0 does not
-    make a rounding difference look large."""
-    check_export(kind)
-    model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
-    images = example_images.detach().cpu().float().contiguous()
-    images = images.repeat(-(-5 // len(images)), 1, 1, 1)[:5]  # five real images, repeated if fewer
-    metadata = {"input": "normalised float32 NCHW images: (pixels / 255 - mean) / std",
-        "output": "logits",
-                "mean": list(mean), "std": list(std), "classes": list(classes),
-                "image_size": images.shape[-1],
-                "resize_size": resize_size}
-    # traced at batch 2: torch.export specialises sizes 0 and 1
-    batch = {0: torch.export.Dim("batch")}
-    if kind == "onnx":
-        run = _export_onnx(model, path, images[:2], batch, metadata)
-    else:
-        run = _export_pt2(model, path, images[:2], batch, metadata)
-    with torch.no_grad():
-        expected = model(images)
-        scale = expected.abs().max().clamp_min(1e-12)
-        return max(float((run(images[:n]).float() - expected[:n]).abs().max() / scale) for n in (1,
-            5))
-
-
-def _export_onnx(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
-                 metadata: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Write model.onnx (one file, the metadata added) and return a function that runs it with
-    onnxruntime."""
-    # only export needs these (check_export names them): python main.py runs without them
-    import onnx
-    import onnxruntime
-
-    program = torch.onnx.export(model, (images,), None, dynamo=True, input_names=["images"],
-                                output_names=["logits"], dynamic_shapes=(batch,), verbose=False)
-    # serialised here, not by export(f=path), which puts the weights in a second file
-    proto = program.model_proto
-    onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
-    utils.atomic_write(path, lambda f: f.write(proto.SerializeToString()))
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
-
-
-def _export_pt2(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
-                metadata: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Write model.pt2 (torch.export.save, the metadata as an extra file) and return its loaded
-    module."""
-    program = torch.export.export(model, (images,), dynamic_shapes=(batch,))
-    utils.atomic_write(path, lambda f: torch.export.save(program, f,
-                                                         extra_files={"metadata.json": json.dumps(
-                                                         metadata)}))
-    return torch.export.load(path).module()
-

@@ -16,7 +16,8 @@ from torchvision.transforms import functional as F
 import augment_module
 import loader_module
 import utils
-from augment_module import auto_augment, erase_masks
+from augment_module import erase_masks
+from autoaugment_module import auto_augment
 from conftest import augmentation, collect, smooth_photo
 from loader_module import Batching
 

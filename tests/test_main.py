@@ -21,6 +21,7 @@ from PIL import Image
 
 import checkpoint_module
 import data_module
+import export_module
 import image_module
 import inference_module
 import loader_module
@@ -1161,13 +1162,13 @@ def test_ctrl_c_in_the_evaluation_predict_export_or_lr_finder_ends_in_one_line_p
     assert (out / "predictions.csv").read_bytes() == written  # the last predictions stay
 
     for module, name, command, stage in [
-            (model_module, "export", ["--export", "pt2"], "exporting the model"),
+            (export_module, "export", ["--export", "pt2"], "exporting the model"),
             (optim_module, "find_lr", [*args, "--find-lr"], "finding the LR")]:
         with monkeypatch.context() as patch:
             signalled(patch, module, name, lambda *args, **kwargs: True, signal.SIGINT)
             result = main_in_process(["--output-dir", out, *command], capsys)
         assert (result.returncode, result.stderr) == (130, f"Interrupted while {stage}.\n")
-        assert not (out / model_module.EXPORT_FILES["pt2"]).exists()
+        assert not (out / export_module.EXPORT_FILES["pt2"]).exists()
         assert not (out / "lr_finder.png").exists()
 
 
