@@ -23,10 +23,11 @@ import augment_module
 import cache_module
 import utils
 from augment_module import RESIZE_RATIO, Augmentation, batch_mixer, pil_transform
-from image_module import (IMAGE_EXTENSIONS, DataError, Skipped, check_image, decode_files,
-                          read_stored, skip_reason, walk_images)
+from decode_module import decode_files
+from image_module import IMAGE_EXTENSIONS, DataError, check_image, read_stored, skip_reason
 from loader_module import (Batching, Loader, MappedLoader, MixedLoader, ResidentLoader,
                            StreamingLoader)
+from walk_module import Skipped, walk_images
 
 DATASETS = ("cifar10", "folder")
 # alternate: each image flipped every other epoch (airbench)

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import augment_module
@@ -26,12 +26,44 @@ import image_module
 import model_module
 import train_module
 import utils
+import walk_module
 
 PREDICT_BATCH = 64  # images per batch for --predict
 # --predict prints a line per image up to this many images (all go to predictions.csv)
 PREDICT_PRINT = 20
 PREDICT_SAVE_SECONDS = 30  # a long --predict rewrites predictions.csv this often: a kill -9 loses
 # no more than this, and the rewrites of a growing CSV stay a small share of the time
+
+
+def find_images(paths: list[str]) -> tuple[list[str], walk_module.Skipped]:
+    """The files to classify: each file as named, and the image files under each folder
+    (walk_images: recursively, in sorted order, links to folders followed). Returns them and what
+    the walk skipped."""
+    skipped = walk_module.Skipped()
+    folders = [path for path in paths if os.path.isdir(path)]
+    listed = iter(walk_module.walk_images(folders, skipped))
+    found = []
+    for path in paths:
+        found += next(listed) if path in folders else [path]
+    return found, skipped
+
+
+class PredictionImages(Dataset):
+    """Image files prepared as load_image does, for batched prediction in DataLoader workers: item i
+    is (image, "") or, for a file that cannot be read, (zeros, the error message)."""
+
+    def __init__(self, paths: list[str], image_size: int, mean, std, resize_size: int
+            | None = None):
+        self.paths, self.options = paths, (image_size, mean, std, resize_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return image_module.load_image(self.paths[i], *self.options), ""
+        except image_module.DataError as error:
+            return torch.zeros(3, self.options[0], self.options[0]), str(error)
 
 
 def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
@@ -60,8 +92,8 @@ def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any],
         return torch.stack([prepare(Image.fromarray(image.numpy()))
                             for image in data_module.read_cifar10(data_dir, download=False)[2][:n]])
     folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
-    files, _ = image_module.find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
-    dataset = image_module.PredictionImages(files[:n], info["image_size"], info["mean"], info[
+    files, _ = find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
+    dataset = PredictionImages(files[:n], info["image_size"], info["mean"], info[
         "std"],
                                            info.get("resize_size"))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -121,13 +153,13 @@ def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
         if problem:  # what it writes is never written through a link
             raise ValueError(problem)
         info, model = _best_model(output_dir)
-        files, skipped = image_module.find_images(paths)
+        files, skipped = find_images(paths)
     except (ValueError, OSError) as error:  # a bad run file, or a link loop in a folder given
         print(f"error: {error}", file=sys.stderr)
         return 2
     for line in skipped.warnings():
         print(f"warning: {line} (in the folders given)", file=sys.stderr)
-    images = image_module.PredictionImages(files, info["image_size"], info["mean"], info["std"],
+    images = PredictionImages(files, info["image_size"], info["mean"], info["std"],
                                            info.get("resize_size"))
     workers = 0 if len(files) <= PREDICT_BATCH else \
         (num_workers if num_workers is not None else os.cpu_count() or 1)

@@ -3,12 +3,12 @@ rate (one fixed batch on the device), this pipeline's first epoch (decoding into
 included), its steady epochs resident on the device and streamed from the memory-mapped cache, how
 soon a second run has its first batch, and torchvision's classification reference loader
 (ImageFolder, RandomResizedCrop, flip, ToTensor, Normalize in one DataLoader worker per core, pinned
-memory). Before them, the decode alone: image_module.decode_files into a new .npy memory map, as the
-cache is built, against a plain process pool decoding the same files alike (read_stored) and writing
-nothing, on as many workers (decode_over_pool), and on a GPU decode_files with the device (JPEGs
-decoded there in batches: gpu_img_s, gpu_over_pool). Prints images/s, the ratios, peak memory, and
-this process's anonymous memory apart from its file pages (the cache's) after each path; writes
-JSON.
+memory). Before them, the decode alone: decode_module.decode_files into a new .npy memory map, as
+the cache is built, against a plain process pool decoding the same files alike (read_stored) and
+writing nothing, on as many workers (decode_over_pool), and on a GPU decode_files with the device
+(JPEGs decoded there in batches: gpu_img_s, gpu_over_pool). Prints images/s, the ratios, peak
+memory, and this process's anonymous memory apart from its file pages (the cache's) after each path;
+writes JSON.
 
     python benchmarks/folder_throughput.py --data-dir ./data  # writes 20,000 JPEGs first
     python benchmarks/folder_throughput.py --data-dir ./data --images 2000  # a CPU-sized run
@@ -44,6 +44,7 @@ from torchvision import datasets, transforms  # noqa: E402
 
 import cache_module  # noqa: E402
 import data_module  # noqa: E402
+import decode_module  # noqa: E402
 import image_module  # noqa: E402
 import model_module  # noqa: E402
 import step_module  # noqa: E402
@@ -120,7 +121,7 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
         rows = np.lib.format.open_memmap(npy, "w+", np.uint8, (len(paths), size, size, 3))
         cache_module._claim_space(npy)  # its blocks allocated, as the cache's are
         started = time.perf_counter()
-        failures = image_module.decode_files(paths, size, rows, args.workers, "decoding",
+        failures = decode_module.decode_files(paths, size, rows, args.workers, "decoding",
             device=device)
         seconds = time.perf_counter() - started
         assert not failures, failures[:3]
@@ -131,7 +132,7 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
     def into_memory() -> float:  # as ImageFiles.decode does without a cache
         rows = torch.empty((len(paths), size, size, 3), dtype=torch.uint8)
         started = time.perf_counter()
-        failures = image_module.decode_files(paths, size, rows, args.workers, "decoding")
+        failures = decode_module.decode_files(paths, size, rows, args.workers, "decoding")
         seconds = time.perf_counter() - started
         assert not failures, failures[:3]
         return seconds
@@ -140,7 +141,7 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
         started = time.perf_counter()
         with context.Pool(args.workers) as workers:
             for _ in workers.imap_unordered(_read_stored, [(path, size) for path in paths],
-                                            chunksize=image_module.DECODE_CHUNK):
+                                            chunksize=decode_module.DECODE_CHUNK):
                 pass
         return time.perf_counter() - started
 

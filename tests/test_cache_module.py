@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import cache_module
+import decode_module
 import image_module
 import utils
 from cache_module import fcntl
@@ -508,7 +509,7 @@ def build_stuck_on_the_last_file(paths, cache_dir, pid_file):
         return read_stored(path, size)
     image_module.read_stored = stuck
     cache_module.open_or_build(paths, 8, cache_dir, os.path.dirname(paths[0]),
-                               lambda out: image_module.decode_files(paths, 8, out, 2, "decoding"))
+                               lambda out: decode_module.decode_files(paths, 8, out, 2, "decoding"))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent by prctl")

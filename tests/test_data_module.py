@@ -15,6 +15,7 @@ from torchvision.transforms import functional as F
 
 import augment_module
 import data_module
+import decode_module
 import image_module
 import loader_module
 import cache_module
@@ -665,7 +666,7 @@ def decoded(monkeypatch):
     """The files data_module decodes (decode_files' calls, flattened), for tests that must see
     none."""
     seen = []
-    decode_files = image_module.decode_files
+    decode_files = decode_module.decode_files
 
     def counting(paths, *args, **kwargs):
         seen.extend(paths)
@@ -813,7 +814,7 @@ def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_files_ar
     """decode_files decodes JPEGs on a CUDA device: get_data hands it the run's device at both
     places it decodes a folder (here the CPU, which decode_files keeps to its worker processes)."""
     calls = []
-    decode_files = image_module.decode_files
+    decode_files = decode_module.decode_files
 
     def recording(paths, size, out, num_workers, desc, *, device=None):
         calls.append((desc, device))

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import data_module
-import image_module
 import main
 import utils
+import walk_module
 from conftest import configs, write_image_tree
 from data_module import DataError
 
@@ -315,7 +315,7 @@ def test_a_path_longer_than_the_system_allows_is_skipped_with_a_count(tmp_path, 
     reaches them): counted where the walk meets the first path it cannot open."""
     root = tree(tmp_path)
     fd = os.open(os.path.join(root, "train", "cats"), os.O_RDONLY)
-    name, depth = "d" * 200, image_module.PATH_MAX // 200 + 1
+    name, depth = "d" * 200, walk_module.PATH_MAX // 200 + 1
     try:
         for _ in range(depth):
             os.mkdir(name, dir_fd=fd)
@@ -329,9 +329,9 @@ def test_a_path_longer_than_the_system_allows_is_skipped_with_a_count(tmp_path, 
         os.close(fd)
     splits, _, lines = read_every_way(root, tmp_path, capsys)
     assert counts(splits) == {"train": [4, 4], "val": [4, 4]}
-    line = warning(lines, f"1 path longer than the system allows ({image_module.PATH_MAX} bytes): ")
+    line = warning(lines, f"1 path longer than the system allows ({walk_module.PATH_MAX} bytes): ")
     path = line.split(": ", 1)[1]
-    assert len(os.fsencode(path)) >= image_module.PATH_MAX and path.endswith(name)
+    assert len(os.fsencode(path)) >= walk_module.PATH_MAX and path.endswith(name)
 
 
 # ------------------------------------------------------------------------- where the outputs go

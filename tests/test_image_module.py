@@ -14,6 +14,8 @@ from PIL import Image, ImageFile, JpegImagePlugin
 from torchvision.transforms import functional as F
 from tqdm import tqdm
 
+import decode_module
+import gpu_decode_module
 import image_module
 import utils
 from conftest import smooth_photo, write_image_tree, write_photo_tree
@@ -142,7 +144,7 @@ def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_canno
                                                                                        num_workers):
     paths = photo_files(tmp_path)
     out = rows_of(kind, tmp_path, (len(paths), 24, 24, 3))
-    failures = image_module.decode_files(paths, 24, out, num_workers, "decoding")
+    failures = decode_module.decode_files(paths, 24, out, num_workers, "decoding")
     rows = out.numpy() if kind == "tensor" else out
     unreadable = {"broken.png", "notes.txt", "image.heic"}
     assert [os.path.basename(paths[i]) for i, _ in failures] == sorted(unreadable)  # in row order
@@ -163,7 +165,7 @@ def test_decoding_workers_write_the_npy_file_themselves(tmp_path):
         ".heic"))]
     np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 16, 16, 3))
     read_only = np.load(str(tmp_path / "rows.npy"), mmap_mode="r")
-    failures = image_module.decode_files(paths, 16, read_only, 2, "decoding")
+    failures = decode_module.decode_files(paths, 16, read_only, 2, "decoding")
     assert failures == []
     for i, path in enumerate(paths):
         assert np.array_equal(read_only[i], np.asarray(image_module.read_stored(path, 16))), path
@@ -182,7 +184,7 @@ def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(t
         return read_stored(path, size)
     monkeypatch.setattr(image_module, "read_stored", failing)
     with pytest.raises(MemoryError, match="out of memory in a worker"):
-        image_module.decode_files(paths, 16, torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8),
+        decode_module.decode_files(paths, 16, torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8),
             2, "decoding")
 
 
@@ -204,7 +206,7 @@ def test_a_decoding_worker_that_dies_is_named_with_its_file_at_once_and_the_othe
     monkeypatch.setattr(image_module, "read_stored", killed_on_the_thirtieth)
     began = time.monotonic()
     with pytest.raises(utils.WorkerDied) as died:
-        image_module.decode_files(paths, 8, rows_of(kind, tmp_path, (40, 8, 8, 3)), 2, "decoding")
+        decode_module.decode_files(paths, 8, rows_of(kind, tmp_path, (40, 8, 8, 3)), 2, "decoding")
     assert time.monotonic() - began < 10
     assert f"was killed by SIGKILL while decoding {paths[29]}: most likely the system ran out of " \
         f"memory" in str(died.value)
@@ -232,7 +234,7 @@ def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_s
     paths = [str(tmp_path / "big.jpg"), str(tmp_path / "big.png")]
     for size, scaled in ((50, (200, 150)), (150, (400, 300)), (200, (800, 600))):
         decoded.clear()
-        image_module.decode_files(paths, size, torch.zeros(2, size, size, 3, dtype=torch.uint8), 0,
+        decode_module.decode_files(paths, size, torch.zeros(2, size, size, 3, dtype=torch.uint8), 0,
             "decoding")
         assert decoded == [scaled]  # the JPEG's; a PNG has no DCT to scale
 
@@ -270,7 +272,8 @@ def on_the_device(paths, size, rows=None):
     """_decode_jpegs on the CPU (the CUDA path's code, torchvision's CPU decoder): rows filled with
     7s first (or the rows given), and the numbers of the files it left to the CPU path."""
     rows = np.full((len(paths), size, size, 3), 7, np.uint8) if rows is None else rows
-    left = image_module._decode_jpegs(paths, size, rows, torch.device("cpu"), tqdm(disable=True))
+    left = gpu_decode_module._decode_jpegs(paths, size, rows, torch.device("cpu"),
+                                           tqdm(disable=True))
     return rows, left
 
 
@@ -301,7 +304,7 @@ def test_the_reduction_before_resizing_is_the_one_pillows_jpeg_draft_picks(jpegs
             with Image.open(path) as image:
                 width, height = image.size
                 image.draft(None, (2 * size, 2 * size))
-                scale = image_module._draft_scale(height, width, size)
+                scale = gpu_decode_module._draft_scale(height, width, size)
                 assert image.size == (-(-width // scale), -(-height // scale)), (path, size, scale)
 
 
@@ -323,10 +326,10 @@ def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_th
     assert (rows[left] == 7).all()  # not written: the CPU path's to fill
 
     cpu = torch.full((len(paths), 24, 24, 3), 7, dtype=torch.uint8)
-    cpu_failures = image_module.decode_files(paths, 24, cpu, 0, "decoding")
-    monkeypatch.setattr(image_module, "_jpeg_device", lambda device: torch.device("cpu"))
+    cpu_failures = decode_module.decode_files(paths, 24, cpu, 0, "decoding")
+    monkeypatch.setattr(gpu_decode_module, "_jpeg_device", lambda device: torch.device("cpu"))
     out = torch.full((len(paths), 24, 24, 3), 7, dtype=torch.uint8)
-    assert image_module.decode_files(paths, 24, out, 2, "decoding", device="cuda") == cpu_failures
+    assert decode_module.decode_files(paths, 24, out, 2, "decoding", device="cuda") == cpu_failures
     assert [os.path.basename(paths[i]) for i, _ in cpu_failures] == ["broken.png", "image.heic",
         "notes.txt"]
     for i in left:
@@ -356,22 +359,22 @@ def test_a_corrupt_jpeg_falls_back_to_the_cpu_path_and_the_rest_of_its_batch_sta
         Image.fromarray(textured_photo(64, 48, seed=k)).save(path, quality=90)
     paths.insert(2, corrupt_jpeg(tmp_path / "corrupt.jpg"))
     calls = []
-    decode_jpeg = image_module.decode_jpeg
+    decode_jpeg = gpu_decode_module.decode_jpeg
 
     def counting(encoded, *args):
         calls.append(len(encoded))
         return decode_jpeg(encoded, *args)
-    monkeypatch.setattr(image_module, "decode_jpeg", counting)
+    monkeypatch.setattr(gpu_decode_module, "decode_jpeg", counting)
     rows, left = on_the_device(paths, 16)
     assert left == [2] and (rows[2] == 7).all() and not (rows[[0, 1, 3, 4]] == 7).all((1, 2,
         3)).any()
     # the batch failed as one; then each alone, the corrupt one failing
     assert calls == [5, 1, 1, 1, 1, 1]
 
-    monkeypatch.setattr(image_module, "_jpeg_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(gpu_decode_module, "_jpeg_device", lambda device: torch.device("cpu"))
     out = torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8)
     # Pillow reads part
-    assert image_module.decode_files(paths, 16, out, 0, "decoding", device="cuda") == []
+    assert decode_module.decode_files(paths, 16, out, 0, "decoding", device="cuda") == []
     assert torch.equal(out[2], torch.from_numpy(np.array(image_module.read_stored(paths[2], 16))))
     # as the CPU path warns
     assert capsys.readouterr().err.count("corrupt.jpg is truncated or damaged") == 1
@@ -388,9 +391,9 @@ def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_
     paths = jpegs[:3] + [str(tmp_path / "between.png")] + jpegs[3:]
     # 250 k, 2 k: three files fill a batch, the fourth JPEG and the fifth each fill one with their
     # pixels
-    monkeypatch.setattr(image_module, "GPU_DECODE_BATCH", 3)
-    monkeypatch.setattr(image_module, "GPU_DECODE_PIXELS", 1_200_000)
-    batches = [(files, others) for files, _, others in image_module._jpeg_batches(paths)]
+    monkeypatch.setattr(gpu_decode_module, "GPU_DECODE_BATCH", 3)
+    monkeypatch.setattr(gpu_decode_module, "GPU_DECODE_PIXELS", 1_200_000)
+    batches = [(files, others) for files, _, others in gpu_decode_module._jpeg_batches(paths)]
     # the PNG with the batch before it
     assert batches == [([0, 1, 2], [3]), ([4], []), ([5], []), ([6, 7], [])]
     rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 24,
@@ -406,9 +409,10 @@ def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_
 
 def test_decode_files_hands_a_cuda_device_its_jpegs_and_the_worker_processes_what_it_leaves(
         tmp_path, monkeypatch):
-    assert image_module._jpeg_device(None) is None and image_module._jpeg_device("cpu") is None
-    assert image_module._jpeg_device(torch.device("meta")) is None
-    assert image_module._jpeg_device("cuda:1") == torch.device("cuda:1")
+    assert gpu_decode_module._jpeg_device(None) is None and gpu_decode_module._jpeg_device(
+        "cpu") is None
+    assert gpu_decode_module._jpeg_device(torch.device("meta")) is None
+    assert gpu_decode_module._jpeg_device("cuda:1") == torch.device("cuda:1")
     paths = photo_files(tmp_path)
     devices = []
 
@@ -418,13 +422,13 @@ def test_decode_files_hands_a_cuda_device_its_jpegs_and_the_worker_processes_wha
         left = [i for i, path in enumerate(paths) if not path.endswith("rgb.jpg")]
         rows[[i for i in range(len(paths)) if i not in left]] = 200
         return left
-    monkeypatch.setattr(image_module, "_decode_jpegs", on_device)
+    monkeypatch.setattr(gpu_decode_module, "_decode_jpegs", on_device)
     for device in (None, "cpu", torch.device("cpu")):
-        image_module.decode_files(paths[:3], 16, torch.zeros(3, 16, 16, 3, dtype=torch.uint8), 0,
+        decode_module.decode_files(paths[:3], 16, torch.zeros(3, 16, 16, 3, dtype=torch.uint8), 0,
             "x", device=device)
     assert devices == []
     out = torch.full((len(paths), 16, 16, 3), 7, dtype=torch.uint8)
-    failures = image_module.decode_files(paths, 16, out, 2, "decoding", device="cuda")
+    failures = decode_module.decode_files(paths, 16, out, 2, "decoding", device="cuda")
     assert devices == [torch.device("cuda")]
     assert [os.path.basename(paths[i]) for i, _ in failures] == ["broken.png", "image.heic",
         "notes.txt"]
@@ -447,7 +451,7 @@ def test_the_cuda_decode_is_close_to_the_same_code_on_the_cpu_and_to_pillow(jpeg
     cpu, left = on_the_device(jpegs, 64)
     rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(jpegs), 64,
         64, 3))
-    assert image_module.decode_files(jpegs, 64, rows, 2, "decoding", device="cuda") == []
+    assert decode_module.decode_files(jpegs, 64, rows, 2, "decoding", device="cuda") == []
     gaps = np.abs(rows.astype(int) - cpu.astype(int)).reshape(len(jpegs), -1)
     assert left == [] and gaps.mean(1).max() <= 1.5 and gaps.max() <= 24, (gaps.mean(1), gaps.max(
         1))
@@ -509,10 +513,10 @@ def test_an_image_over_pillows_pixel_limit_is_refused_before_it_decodes(tmp_path
             image_module.open_rgb(path, reduce_to=8)
     assert loads == []  # not one of the three was decoded
     rows = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
-    failures = image_module.decode_files(paths, 8, rows, 0, "decoding")
+    failures = decode_module.decode_files(paths, 8, rows, 0, "decoding")
     assert [(i, image_module.skip_reason(message)) for i, message in failures] == [
         (1, "too many pixels"), (2, "too many pixels"), (3, "too many pixels")]
     # the device's JPEG decoder leaves it to the CPU path, which refuses it
-    assert image_module._device_pixels(np.fromfile(paths[3], np.uint8)) == 0
+    assert gpu_decode_module._device_pixels(np.fromfile(paths[3], np.uint8)) == 0
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no limit: all of them read
     assert [image_module.check_image(path) for path in paths] == [None] * 4

@@ -1,0 +1,212 @@
+"""JPEGs decoded on a CUDA device (nvJPEG), in batches, resized and cropped as
+image_module.read_stored stores them, into their rows."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F2
+from tqdm import tqdm
+
+import utils
+from rows_module import _in_a_file, _RowArray, _RowFile, _runs
+
+# most JPEGs per decode_jpeg call on a CUDA device: nvJPEG decodes a list as one batch,
+GPU_DECODE_BATCH = 128
+# and 128 rows of 256 px are 25 MB of pinned staging, twice
+# most decoded pixels in such a batch (134 M: 0.4 GB as uint8 RGB, 1.6 GB as the
+GPU_DECODE_PIXELS = 2 ** 27
+# resize's float copy), so that large photos come fewer at a time: 11 of 12 MP, 128 of 1 MP
+GPU_READ_AHEAD = 3  # batches of file bytes a thread reads ahead of the device's decoding
+JPEG_SIGNATURE = b"\xff\xd8\xff"  # the first bytes of every JPEG file (SOI, then a marker)
+JPEG_END = b"\xff\xd9"  # the last marker of a whole JPEG (EOI); a file cut short lacks it
+
+
+def _jpeg_device(device: torch.device | str | None) -> torch.device | None:
+    """The device decode_files decodes JPEGs on: the device given when it is a CUDA device, else
+    None (every file on the CPU). The seam tests replace to run the batched path on the CPU."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return torch.device(device)
+
+
+def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.device,
+        bar: tqdm) -> list[int]:
+    """The JPEGs among paths that the device may decode (_device_pixels), decoded there in batches,
+    resized and cropped as read_stored does (_stored_squares), into their rows; returns the numbers
+    of the other files, ascending, for the CPU: files of other formats, JPEGs to be turned, cut
+    short or of other colour spaces, and any JPEG the device failed to decode.
+
+    A thread reads the files ahead (utils.in_background); each batch's squares are copied to the
+    host (pinned memory on CUDA, one copy a batch) while the next batch is decoded, then written to
+    their rows as _RowFile or _RowArray writes a worker's. Pixels are within a level of Pillow's on
+    average, a few at most: the decoder's rounding differs, and the JPEG draft is reproduced from
+    the whole image (_squares_of)."""
+    pinned = device.type == "cuda"
+    staging = [torch.empty((GPU_DECODE_BATCH, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
+               for _ in range(2)]  # one for the batch being copied, one for the batch being written
+    target = _RowFile(rows.filename, rows.offset, size) if _in_a_file(rows) else _RowArray(rows)
+    left, pending = [], None
+    batches = utils.in_background(_jpeg_batches(paths), GPU_READ_AHEAD)
+    try:
+        for turn, (files, encoded, others) in enumerate(batches):
+            images = _decode_on(device, encoded)
+            left += others + [i for i, image in zip(files, images) if image is None]
+            decoded = [(i, image) for i, image in zip(files, images) if image is not None]
+            copied = None
+            if decoded:
+                squares = staging[turn % 2][:len(decoded)]
+                squares.copy_(_stored_squares([image for _, image in decoded], size),
+                    non_blocking=pinned)
+                copied = ([i for i, _ in decoded], squares, _copied_event(device))
+            if pending:
+                _write_rows(target, *pending)
+                bar.update(len(pending[0]))
+            pending = copied
+        if pending:
+            _write_rows(target, *pending)
+            bar.update(len(pending[0]))
+    finally:
+        batches.close()
+        target.close()
+    if device.type == "cuda":
+        # the batches' blocks back to the device: its free memory then decides RESIDENT
+        torch.cuda.empty_cache()
+    return sorted(left)
+
+
+def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tensor], list[int]]]:
+    """The files the device may decode, read, in batches: (their numbers, their bytes as uint8
+    tensors, the numbers of the files passed over since the last batch, for the CPU). A batch holds
+    GPU_DECODE_BATCH files and GPU_DECODE_PIXELS decoded pixels at most."""
+    files, encoded, others, pixels = [], [], [], 0
+    for i, path in enumerate(paths):
+        try:
+            data = np.fromfile(path, np.uint8)
+        except OSError:  # unreadable: the CPU path names it
+            data = np.empty(0, np.uint8)
+        count = _device_pixels(data)
+        if not count:
+            others.append(i)
+            continue
+        if files and (len(files) == GPU_DECODE_BATCH or pixels + count > GPU_DECODE_PIXELS):
+            yield files, encoded, others
+            files, encoded, others, pixels = [], [], [], 0
+        files.append(i)
+        encoded.append(torch.from_numpy(data))
+        pixels += count
+    if files or others:
+        yield files, encoded, others
+
+
+def _device_pixels(data: np.ndarray) -> int:
+    """The pixels a file's bytes decode to when the device may decode them (0 when not): a whole
+    JPEG (its signature first, its end marker last), YCbCr (Pillow's mode RGB: greyscale, CMYK and
+    Adobe's unconverted RGB go to Pillow, whose conversions the device's decoder need not share),
+    upright as stored (an EXIF orientation other than 1 is Pillow's to apply, as read_stored does),
+    of no more pixels than PIL.Image.MAX_IMAGE_PIXELS (a larger one is the CPU path's to refuse).
+    Pillow reads the header alone."""
+    if data[:3].tobytes() != JPEG_SIGNATURE or not data[-64:].tobytes().rstrip(b"\0").endswith(
+            JPEG_END):
+        return 0
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # as _upright turns
+            upright = image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9)
+            limit = Image.MAX_IMAGE_PIXELS
+            small = not limit or image.width * image.height <= limit
+            if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0 and small:
+                return image.width * image.height
+    # Pillow raises many types for a bad header (or EXIF block): the CPU path reports it
+    except Exception:
+        pass
+    return 0
+
+
+def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The JPEGs decoded on the device as uint8 (3, H, W) RGB tensors, in one batch; None for each
+    that fails. One bad file fails a batch, which is then decoded a file at a time."""
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(encoded, ImageReadMode.RGB, device)) if encoded else []
+        # decoding errors (a corrupt file) are RuntimeErrors, on the CPU and on CUDA
+        except RuntimeError:
+            pass
+        images = []
+        for data in encoded:
+            try:
+                images.append(decode_jpeg([data], ImageReadMode.RGB, device)[0])
+            except RuntimeError:
+                images.append(None)
+        return images
+
+
+def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Whole decoded JPEGs, uint8 (3, H, W) (at least one), as read_stored stores them: uint8 (N,
+    size, size, 3) (_squares_of). Images of one shape are reduced and resized as one batch (a
+    folder's photos mostly share a few; when they share one, its squares come back as they are, no
+    copy made)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(k)
+    if len(groups) == 1:
+        return _squares_of(torch.stack(images), size)
+    squares = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images[0].device)
+    for positions in groups.values():
+        index = torch.tensor(positions, device=squares.device)
+        squares.index_copy_(0, index, _squares_of(torch.stack([images[k] for k in positions]),
+            size))
+    return squares
+
+
+def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) whole decoded JPEGs as read_stored stores them: uint8 (N, size, size, 3),
+    maybe a view. First reduced as read_stored's JPEG draft decodes them (_draft_scale; each s x s
+    block's mean, which is what DCT scaling computes, rounded to uint8 as it is), then the shorter
+    side resized to size (bilinear, antialiased), the centre square. Without the reduction a
+    2000x1500 photo stored at 24 px would differ from Pillow's by 14 levels on average, and an
+    801x603 one at 128 px by 9 (its resized width one pixel off, the crop shifted); with it, within
+    1 level of Pillow's on average (see the tests)."""
+    scale = _draft_scale(images.shape[2], images.shape[3], size)
+    if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
+        images = torch.nn.functional.avg_pool2d(images.float(), scale, ceil_mode=True).round_().to(
+            torch.uint8)
+    resized = F2.resize(images, [size], interpolation=F2.InterpolationMode.BILINEAR, antialias=True)
+    return F2.center_crop(resized, [size, size]).permute(0, 2, 3, 1)
+
+
+def _draft_scale(height: int, width: int, size: int) -> int:
+    """The reduction (1, 2, 4 or 8) Pillow's JpegImageFile.draft picks for read_stored (open_rgb's
+    reduce_to size, a square of twice that asked for): the largest that keeps both sides at least 2
+    x size."""
+    fits = min(width // (2 * size), height // (2 * size))
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
+
+
+def _copied_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event recorded after the copies queued on the device's current stream (None on the CPU,
+    whose copies are done when queued)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def _write_rows(target: _RowFile | _RowArray, files: list[int], squares: torch.Tensor,
+                copied: torch.cuda.Event | None) -> None:
+    """Host squares[k] (once copied) into file files[k]'s row, a run of consecutive rows at a
+    time."""
+    if copied is not None:
+        copied.synchronize()
+    pixels = squares.numpy()
+    for k, count in _runs(files):
+        target.write(files[k], pixels[k:k + count])

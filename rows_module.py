@@ -1,0 +1,63 @@
+"""Where decoded images are written: rows of a .npy file written in place, or of an array in shared
+memory, a run of consecutive rows at a time."""
+
+from __future__ import annotations
+
+import mmap
+from typing import Iterator
+
+import numpy as np
+
+
+def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
+    """(position, length) of each run of consecutive numbers in the list: [4, 5, 6, 9] gives (0, 3),
+    (3, 1)."""
+    start = 0
+    for k in range(1, len(numbers) + 1):
+        if k == len(numbers) or numbers[k] != numbers[k - 1] + 1:
+            yield start, k - start
+            start = k
+
+
+class _RowFile:
+    """Rows of a .npy file, for a worker to write in place: written with write(2), which costs this
+    2-core VM a third of the system time that storing them through a memory map does (0.12 ms
+    against 0.39 ms for a 256-px row), as the map takes a page fault for each of its 48 pages."""
+
+    def __init__(self, filename: str, offset: int, size: int):
+        # opened in the worker
+        self.filename, self.offset, self.size, self.file = filename, offset, size, None
+
+    def write(self, row: int, pixels: bytes | np.ndarray) -> None:
+        """Rows from `row` on: as many as pixels holds (contiguous, whole rows)."""
+        if self.file is None:
+            self.file = open(self.filename, "r+b", buffering=0)
+        self.file.seek(self.offset + row * 3 * self.size ** 2)
+        view = memoryview(pixels).cast("B")
+        while view:  # a regular file takes it whole, but for a full disk, which raises
+            view = view[self.file.write(view):]
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class _RowArray:
+    """Rows of an array in shared memory, which a forked worker inherits."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows, self.size = rows, rows.shape[1]
+
+    def write(self, row: int, pixels: bytes | np.ndarray) -> None:
+        """Rows from `row` on: as many as pixels holds (contiguous, whole rows)."""
+        rows = np.frombuffer(pixels, np.uint8).reshape(-1, *self.rows.shape[1:])
+        self.rows[row:row + len(rows)] = rows
+
+    def close(self) -> None:
+        pass
+
+
+def _in_a_file(rows: np.ndarray) -> bool:
+    """Whether rows are a whole .npy file's memory map (not a view of one), which can be written by
+    its name."""
+    return isinstance(rows, np.memmap) and isinstance(rows.base, mmap.mmap) and bool(rows.filename)
