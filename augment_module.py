@@ -17,7 +17,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 import autoaugment_module
-import utils
+import messages_module
 
 # Photo folders follow torchvision's classification reference
 # (references/classification/presets.py):
@@ -212,7 +212,7 @@ AUGMENTATIONS = {  # each stage's kinds run in this order
 
 def check(settings: dict[str, Any]) -> None:
     """ValueError naming (as main.py's constant) the first setting its kind does not allow."""
-    utils.check_fields(types.SimpleNamespace(**settings),
+    messages_module.check_fields(types.SimpleNamespace(**settings),
                        {name: kind.rule for name, kind in AUGMENTATIONS.items() if kind.rule},
                        {name: kind.choices for name, kind in AUGMENTATIONS.items() if kind.choices})
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-import utils
+import files_module
 
 try:
     import fcntl
@@ -199,7 +199,7 @@ def _build(base: str, count: int, size: int, root: str,
         del images
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, utils.FILE_MODE)
+        os.chmod(tmp, files_module.FILE_MODE)
         os.replace(tmp, base + ".npy")
     finally:
         if os.path.exists(tmp):
@@ -207,7 +207,7 @@ def _build(base: str, count: int, size: int, root: str,
     try:
         index = dict(format=FORMAT, key=name.split("-", 1)[1], root=root, size=size, count=count,
                      bytes=os.path.getsize(base + ".npy"), failed=failed)
-        utils.atomic_write(base + ".json", lambda f: f.write(json.dumps(index).encode()))
+        files_module.atomic_write(base + ".json", lambda f: f.write(json.dumps(index).encode()))
     except BaseException:  # a full disk, say: a .npy without its index is never opened, and would
         with contextlib.suppress(OSError):  # take the room that the next build needs
             os.remove(base + ".npy")
@@ -250,7 +250,7 @@ def remembered(cache_file: str, rows: torch.Tensor,
     mean, std = compute()
     memo = json.dumps({**known, key: [mean, std]}).encode()
     with contextlib.suppress(OSError), _locked(base + ".lock"):  # not amid a build's clean-up
-        utils.atomic_write(path, lambda f: f.write(memo))
+        files_module.atomic_write(path, lambda f: f.write(memo))
     return mean, std
 
 
@@ -355,7 +355,7 @@ def _locked(path: str, waiting: str | None = None) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), utils.FILE_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), files_module.FILE_MODE)
     _held.add(fd)
     try:
         quiet_until, held = time.monotonic() + LOCK_NOTE_AFTER, _try_flock(fd)

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, Callable
 
-import utils
+import messages_module
 
 PROMPT_UNFREEZE = (
     "Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
@@ -59,7 +59,7 @@ class LRAConfig:
     unfreeze_epoch: int | None
 
     def __post_init__(self) -> None:
-        utils.check_fields(self, RULES)
+        messages_module.check_fields(self, RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,9 +386,9 @@ class LRA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore LRA's state; ValueError naming the first value of the wrong kind."""
         for key, kind in STATE_TYPES.items():
-            utils.check_type(f"lra's {key}", state[key], kind)
+            messages_module.check_type(f"lra's {key}", state[key], kind)
         if state["monitor"] not in MONITORS:
-            raise ValueError(utils.not_known("lra's monitor", state["monitor"], MONITORS))
+            raise ValueError(messages_module.not_known("lra's monitor", state["monitor"], MONITORS))
         for key in STATE_KEYS:
             setattr(self, key, state[key])
 

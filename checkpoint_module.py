@@ -22,6 +22,8 @@ import torch
 
 import data_module
 import export_module
+import files_module
+import messages_module
 import model_module
 import report_module
 import state_module
@@ -187,7 +189,7 @@ def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | 
     if best_weights is not None:
         utils.save_torch(best_weights, os.path.join(output_dir, BEST_MODEL))
         landed[BEST_MODEL] = info["epoch"]
-        utils.atomic_write(os.path.join(output_dir, BEST_MODEL_INFO),
+        files_module.atomic_write(os.path.join(output_dir, BEST_MODEL_INFO),
                            lambda f: f.write(json.dumps(info, indent=2).encode()))
     utils.write_metrics(history, os.path.join(output_dir, METRICS_CSV))
 
@@ -200,7 +202,7 @@ def record_time(output_dir: str, figures: dict[str, float]) -> None:
     with open(path) as f:
         info = json.load(f)
     info["time"] = figures
-    utils.atomic_write(path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+    files_module.atomic_write(path, lambda f: f.write(json.dumps(info, indent=2).encode()))
 
 
 def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
@@ -215,11 +217,12 @@ def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
         else 0) + \
         (2 * model if state.ema is not None else 0)
     needed = (1 if resuming else 2) * (checkpoint + model)
-    free = utils.free_bytes(output_dir)
+    free = files_module.free_bytes(output_dir)
     if free < needed:
-        raise utils.FileError(errno.ENOSPC,
-            f"{os.path.abspath(output_dir)} has {utils.megabytes(free)} free, and this "
-                                    f"run's epoch files need about {utils.megabytes(needed)} (the "
+        raise files_module.FileError(errno.ENOSPC,
+            f"{os.path.abspath(output_dir)} has {files_module.megabytes(free)} free, and this "
+                                    "run's epoch files need about "
+                                    f"{files_module.megabytes(needed)} (the "
                                     "checkpoint, "
                                     "best_model.pth and their temporary copies); free some space "
                                     "or choose "
@@ -251,8 +254,8 @@ def move_earlier_run(output_dir: str) -> str | None:
             continue
     for name in names:
         os.rename(os.path.join(output_dir, name), os.path.join(target, name))
-    utils.fsync_folder(target)
-    utils.fsync_folder(output_dir)
+    files_module.fsync_folder(target)
+    files_module.fsync_folder(output_dir)
     print(f"The earlier run's files are kept in {target}")
     return target
 
@@ -262,12 +265,12 @@ def check_output_dir(output_dir: str, names: tuple[str, ...] = RUN_FILES) -> Non
     replaces or moves (all of them by default), or its lock, is a link or not a regular file, or
     where previous/ or tensorboard/ is not a folder of its own: a run writes through no link, and
     moves nothing out of output_dir. Creates nothing; called before the data is read."""
-    for name in (*names, utils.LOCK_FILE):
-        problem = utils.not_a_plain_file(os.path.join(output_dir, name))
+    for name in (*names, files_module.LOCK_FILE):
+        problem = files_module.not_a_plain_file(os.path.join(output_dir, name))
         if problem:
             raise ValueError(problem)
     for name in RUN_FOLDERS:
-        problem = utils.not_a_plain_folder(os.path.join(output_dir, name))
+        problem = files_module.not_a_plain_folder(os.path.join(output_dir, name))
         if problem:
             raise ValueError(problem)
 
@@ -280,11 +283,11 @@ def _run_files(output_dir: str) -> list[str]:
 
 
 def remove_partial_writes(output_dir: str) -> None:
-    """Delete the temporary files (utils.atomic_write's .NAME.*.tmp) of the files training writes
-    that a killed run left in output_dir half-written. Never one of the files itself, nor anyone
-    else's temporary file. The caller holds output_dir's lock, which every writer of these files
-    holds (--predict, which takes no lock, writes predictions.csv: its temporary files are left
-    alone)."""
+    """Delete the temporary files (files_module.atomic_write's .NAME.*.tmp) of the files training
+    writes that a killed run left in output_dir half-written. Never one of the files itself, nor
+    anyone else's temporary file. The caller holds output_dir's lock, which every writer of these
+    files holds (--predict, which takes no lock, writes predictions.csv: its temporary files are
+    left alone)."""
     for entry in os.scandir(output_dir):
         if entry.is_file(follow_symlinks=False) and entry.name.endswith(".tmp") and any(
                 entry.name.startswith(f".{name}.") for name in TRAINING_FILES):
@@ -319,7 +322,8 @@ def parse_started(value: Any) -> datetime.datetime:
             return when.astimezone()
     except (TypeError, ValueError, OverflowError):  # not text, not a time, the calendar's ends
         pass
-    raise ValueError(f"started = {utils.short_repr(value)} is not when a run started: use a past "
+    raise ValueError(
+        f"started = {messages_module.short_repr(value)} is not when a run started: use a past "
                      f"time in ISO 8601 with its UTC offset, as {timestamp()}")
 
 
@@ -352,17 +356,19 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     check_run_info(checkpoint, f"RESUME {path}", RESUME_FIX)
     try:
         config, history = checkpoint["config"], checkpoint["history"]
-        utils.check_type("config", config, dict)
-        utils.check_type("config's names", list(config), list[str])
-        utils.check_type("epoch", checkpoint["epoch"], int)
-        utils.check_type("history", history, list[dict])
+        messages_module.check_type("config", config, dict)
+        messages_module.check_type("config's names", list(config), list[str])
+        messages_module.check_type("epoch", checkpoint["epoch"], int)
+        messages_module.check_type("history", history, list[dict])
         for row in history:
-            utils.check_type("history's values", list(row.values()),
+            messages_module.check_type("history's values", list(row.values()),
                              list[float | str | bool | None])
         epochs = [row.get("epoch") for row in history]
         if epochs != list(range(1, len(epochs) + 1)) or checkpoint["epoch"] != len(epochs):
-            raise ValueError(f"epoch = {utils.short_repr(checkpoint['epoch'])} and its history's "
-                             f"epochs, {utils.short_repr(epochs)}, are not 1, 2, ... up to it")
+            raise ValueError(
+                f"epoch = {messages_module.short_repr(checkpoint['epoch'])} and its history's "
+                             f"epochs, {messages_module.short_repr(epochs)}, are not 1, 2, ... up "
+                             "to it")
     except ValueError as error:
         raise damaged(f"RESUME {path}", error, RESUME_FIX) from None
     return checkpoint
@@ -383,17 +389,19 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
     try:
         values = {name: info.get(name, fields[name].default) for name in INFO_FIELDS}
         for name, value in values.items():
-            utils.check_type(name, value, types[name])
+            messages_module.check_type(name, value, types[name])
         classes = values["classes"]
         if len(classes) < 2 or len(set(classes)) < len(classes):
-            raise ValueError(f"classes = {utils.short_repr(classes)} is out of range: use two or "
+            raise ValueError(
+                f"classes = {messages_module.short_repr(classes)} is out of range: use two or "
                              f"more names, each once")
         for name in ("mean", "std"):
             channels = values[name]
             if len(channels) != 3 or not all(map(math.isfinite, channels)) or \
                     (name == "std" and min(channels) <= 0):
                 positive = ", each > 0" if name == "std" else ""
-                raise ValueError(f"{name} = {utils.short_repr(channels)} is out of range: use "
+                raise ValueError(
+                    f"{name} = {messages_module.short_repr(channels)} is out of range: use "
                                  f"three finite numbers, one a colour channel{positive}")
         size, resize = values["image_size"], values["resize_size"]
         test, allowed = data_module.RULES["image_size"]
@@ -403,7 +411,7 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
             raise ValueError(f"resize_size = {resize!r} is out of range: use from image_size "
                              f"({size}) to twice it")
         if values["precision"] not in state_module.PRECISIONS:
-            raise ValueError(utils.not_known("precision", values["precision"],
+            raise ValueError(messages_module.not_known("precision", values["precision"],
                                              state_module.PRECISIONS))
         if values["started"] is not None:
             parse_started(values["started"])
@@ -467,12 +475,13 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
     check_run_info(info, path, fix)
     try:
         names = model_module.model_names()
-        utils.check_type("model", info["model"], str)
+        messages_module.check_type("model", info["model"], str)
         if info["model"] not in names:
-            raise ValueError(utils.not_known("model", info["model"], names, closest=True))
-        utils.check_type("data_dir", info.get("data_dir"), str | None)
+            raise ValueError(messages_module.not_known("model", info["model"], names, closest=True))
+        messages_module.check_type("data_dir", info.get("data_dir"), str | None)
         if info.get("dataset") not in (None, *data_module.DATASETS):
-            raise ValueError(utils.not_known("dataset", info.get("dataset"), data_module.DATASETS))
+            raise ValueError(messages_module.not_known("dataset", info.get("dataset"),
+                data_module.DATASETS))
     except ValueError as error:
         raise damaged(path, error, fix) from None
     return info
@@ -489,8 +498,8 @@ def _read_json(path: str) -> Any:
     except OSError as error:
         raise utils.CheckpointError(f"{path} could not be read ({error.strerror})") from None
     except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deep
-        detail = utils.short_repr(str(error))[1:-1]
+        detail = messages_module.short_repr(str(error))[1:-1]
         raise utils.CheckpointError(f"{path} is not readable JSON ({detail})") from None
-    most = utils.megabytes(MAX_INFO_BYTES)
-    raise utils.CheckpointError(f"{path} takes {utils.megabytes(size)}, more than a "
+    most = files_module.megabytes(MAX_INFO_BYTES)
+    raise utils.CheckpointError(f"{path} takes {files_module.megabytes(size)}, more than a "
                                 f"{BEST_MODEL_INFO} ever does ({most}); train again to rewrite it")

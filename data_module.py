@@ -21,7 +21,8 @@ from torchvision import datasets
 
 import augment_module
 import cache_module
-import utils
+import files_module
+import messages_module
 from augment_module import RESIZE_RATIO, Augmentation, batch_mixer, pil_transform
 from decode_module import decode_files
 from image_module import IMAGE_EXTENSIONS, DataError, check_image, read_stored, skip_reason
@@ -48,7 +49,7 @@ STATISTICS_SAMPLE = 2000  # images that estimate a folder's mean and std (decodi
 
 CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS,
            "resident": ("auto", "yes", "no")}
-RULES: utils.Rules = {  # a field: (test, what is allowed)
+RULES: messages_module.Rules = {  # a field: (test, what is allowed)
     "batch_size": (lambda v: v >= 1, "a whole number >= 1"),
     "val_split": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
     "train_subset": (lambda v: v is None or v >= 1, "a whole number >= 1, or None"),
@@ -88,7 +89,7 @@ class DataConfig:
     cache_dir: str | None
 
     def __post_init__(self):
-        utils.check_fields(self, RULES, CHOICES)
+        messages_module.check_fields(self, RULES, CHOICES)
         augment_module.check(self.augmentations)
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std are given together or not at all")
@@ -127,7 +128,7 @@ class Data:
 def _flag(name: str) -> str:
     """A constant of main.py as the user types it, with its name beside it: "--val-split
     (VAL_SPLIT)"."""
-    return f"{utils.flag(name)} ({name})"
+    return f"{messages_module.flag(name)} ({name})"
 
 
 # --------------------------------------------------------------------------- sources
@@ -310,8 +311,10 @@ def _read_batch(path: str) -> dict:
     fix = f"replace it, or delete {os.path.dirname(path)} to download CIFAR-10 again"
     size = os.path.getsize(path)
     if size > CIFAR_BATCH_BYTES:
-        raise DataError(f"{path} is not a CIFAR-10 batch file: it takes {utils.megabytes(size)}, "
-                        f"and one never takes over {utils.megabytes(CIFAR_BATCH_BYTES)}; {fix}")
+        raise DataError(
+            f"{path} is not a CIFAR-10 batch file: it takes {files_module.megabytes(size)}, "
+                        f"and one never takes over {files_module.megabytes(CIFAR_BATCH_BYTES)}; "
+                        f"{fix}")
     try:
         with open(path, "rb") as f:
             entry = _BatchUnpickler(f, encoding="latin1").load()
@@ -429,10 +432,10 @@ def _parent(path: str) -> str:
 
 
 def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]], Skipped]:
-    """The classes of DATA_DIR/train (their names as utils.printable shows them), and for each split
-    (train, and val and test when there) its image files with their labels, in ImageFolder's order
-    (walk_images: regular files only, each real folder once, folder links followed, a link loop
-    refused); and what was skipped. Opens no file."""
+    """The classes of DATA_DIR/train (their names as messages_module.printable shows them), and for
+    each split (train, and val and test when there) its image files with their labels, in
+    ImageFolder's order (walk_images: regular files only, each real folder once, folder links
+    followed, a link loop refused); and what was skipped. Opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
@@ -442,7 +445,7 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     if not classes:
         raise DataError(f"no readable images in {train_dir}: it has no class folders "
                         f"(train/<class>/<image>)")
-    shown = [utils.printable(name) for name in classes]
+    shown = [messages_module.printable(name) for name in classes]
     twins = sorted({name for name in shown if shown.count(name) > 1})
     if twins:
         raise DataError(f"{train_dir} has class folders whose names read alike once their bytes "
@@ -451,7 +454,7 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     for split, entries in listings.items():
         folder = os.path.join(data_dir, split)
         folders = {entry.name for entry in entries if _is_folder(entry)}
-        extra = sorted(utils.printable(name) for name in folders - set(classes))
+        extra = sorted(messages_module.printable(name) for name in folders - set(classes))
         if extra:
             raise DataError(f"{folder} has class folders that train/ lacks: {', '.join(extra)}")
         for entry in entries:
@@ -533,7 +536,8 @@ def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tupl
                         f"{'folder' if len(empty) == 1 else 'folders'} {', '.join(empty)}")
     if len(classes) < 2:
         raise DataError(
-            f"{train_dir} has {utils.plural(len(classes), 'class folder')} with images; a "
+            f"{train_dir} has {messages_module.plural(len(classes), 'class folder')} with images; "
+            "a "
             "classifier needs "
                         f"at least two (train/<class>/<image>)")
     for split in ("val", "test"):
@@ -637,9 +641,10 @@ def check_output_dir(config: DataConfig, output_dir: str) -> None:
         for inside in [folder] + [entry.path for entry in _entries(folder) if _is_folder(entry)]:
             real = os.path.realpath(inside)
             if output == real or output.startswith(os.path.join(real, "")):
-                shown = utils.printable(output_dir)
+                shown = messages_module.printable(output_dir)
                 raise DataError(f"{_flag('OUTPUT_DIR')} {shown} is inside the data folder "
-                                f"{utils.printable(inside)}, whose images the next run would read "
+                                f"{messages_module.printable(inside)}, whose images the next run "
+                                "would read "
                                 f"with its figures among them; choose an output folder outside "
                                 f"{_flag('DATA_DIR')}'s train/, val/ and test/")
 
@@ -655,7 +660,7 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
     in proportion to what each class has beyond those two."""
     n = len(labels)
     if not 0 <= n_holdout <= n:
-        raise ValueError(f"cannot hold out {n_holdout} of {utils.plural(n, 'image')}")
+        raise ValueError(f"cannot hold out {n_holdout} of {messages_module.plural(n, 'image')}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     classes, counts = labels.unique(return_counts=True)
     if not every_class:
@@ -664,7 +669,8 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
         quota = 1 + _apportion(counts - 2, n_holdout - len(classes))
     else:
         raise ValueError(
-            f"cannot hold out {n_holdout} of {utils.plural(n, 'image')} with one of each class "
+            f"cannot hold out {n_holdout} of {messages_module.plural(n, 'image')} with one of each "
+            "class "
                          f"held out and one kept")
     shuffled = labels[order]
     held = torch.cat([order[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())])
@@ -707,7 +713,8 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         train_index = train_index[keep]
     parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
     if "test" not in sources:
-        print(f"note: {utils.printable(data_dir)} has no test/ folder; the final evaluation uses "
+        print(f"note: {messages_module.printable(data_dir)} has no test/ folder; the final "
+              "evaluation uses "
               f"the validation images", file=sys.stderr)
     for name, part in parts.items():
         if part is not None and len(part) == 0:
@@ -755,7 +762,7 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
     n_val = default_val_split(dataset, labels) if val_split is None else val_split
     if n_val < len(labels):
         return n_val
-    images = utils.plural(len(labels), "image")
+    images = messages_module.plural(len(labels), "image")
     if val_split is None:
         raise DataError(
             f"{_flag('VAL_SPLIT')} is unset, which holds out {n_val} of CIFAR-10's training "

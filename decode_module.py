@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import gpu_decode_module
 import image_module
-import utils
+import process_module
 from rows_module import _in_a_file, _RowArray, _RowFile, _runs
 
 # most files per decoding task: a task's own cost (about 0.1 ms) is under 1% of theirs
@@ -120,7 +120,7 @@ def _work(connection: Connection, parents_ends: list[Connection], target: _RowFi
     global _target
     for end in parents_ends:
         end.close()
-    utils.become_worker(parent)
+    process_module.become_worker(parent)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the run's handler
     if hasattr(signal, "pthread_sigmask"):  # blocked by _Workers while it started this process
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)
@@ -223,7 +223,7 @@ class _Workers:
                     process.join()
                     i = self.decoding[w]
                     doing = f"decoding {self.paths[i]}" if i >= 0 else "decoding images"
-                    raise utils.worker_death(process.pid, process.exitcode, doing)
+                    raise process_module.worker_death(process.pid, process.exitcode, doing)
 
 
 def _in_turn(workers: _Workers, paths: list[str], files: list[int], chunk: int, scratch: bool

@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-import utils
+import files_module
+import messages_module
 
 
 # --------------------------------------------------------------------------- export for inference
@@ -28,7 +29,7 @@ def check_export(kind: str) -> None:
     """Raise ValueError, before any training, when EXPORT names no kind or its packages are
     missing."""
     if kind not in EXPORT_KINDS:
-        raise ValueError(utils.not_known("EXPORT", kind, EXPORT_KINDS))
+        raise ValueError(messages_module.not_known("EXPORT", kind, EXPORT_KINDS))
     missing = [name for name in _EXPORT_PACKAGES[kind] if importlib.util.find_spec(name) is None]
     if missing:
         raise ValueError(
@@ -85,7 +86,7 @@ def _export_onnx(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
     # serialised here, not by export(f=path), which puts the weights in a second file
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
-    utils.atomic_write(path, lambda f: f.write(proto.SerializeToString()))
+    files_module.atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
 
@@ -95,7 +96,7 @@ def _export_pt2(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
     """Write model.pt2 (torch.export.save, the metadata as an extra file) and return its loaded
     module."""
     program = torch.export.export(model, (images,), dynamic_shapes=(batch,))
-    utils.atomic_write(path, lambda f: torch.export.save(program, f,
+    files_module.atomic_write(path, lambda f: torch.export.save(program, f,
                                                          extra_files={"metadata.json": json.dumps(
                                                          metadata)}))
     return torch.export.load(path).module()

@@ -14,7 +14,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F2
 from tqdm import tqdm
 
-import utils
+import process_module
 from rows_module import _in_a_file, _RowArray, _RowFile, _runs
 
 # most JPEGs per decode_jpeg call on a CUDA device: nvJPEG decodes a list as one batch,
@@ -43,17 +43,17 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
     of the other files, ascending, for the CPU: files of other formats, JPEGs to be turned, cut
     short or of other colour spaces, and any JPEG the device failed to decode.
 
-    A thread reads the files ahead (utils.in_background); each batch's squares are copied to the
-    host (pinned memory on CUDA, one copy a batch) while the next batch is decoded, then written to
-    their rows as _RowFile or _RowArray writes a worker's. Pixels are within a level of Pillow's on
-    average, a few at most: the decoder's rounding differs, and the JPEG draft is reproduced from
-    the whole image (_squares_of)."""
+    A thread reads the files ahead (process_module.in_background); each batch's squares are copied
+    to the host (pinned memory on CUDA, one copy a batch) while the next batch is decoded, then
+    written to their rows as _RowFile or _RowArray writes a worker's. Pixels are within a level of
+    Pillow's on average, a few at most: the decoder's rounding differs, and the JPEG draft is
+    reproduced from the whole image (_squares_of)."""
     pinned = device.type == "cuda"
     staging = [torch.empty((GPU_DECODE_BATCH, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
                for _ in range(2)]  # one for the batch being copied, one for the batch being written
     target = _RowFile(rows.filename, rows.offset, size) if _in_a_file(rows) else _RowArray(rows)
     left, pending = [], None
-    batches = utils.in_background(_jpeg_batches(paths), GPU_READ_AHEAD)
+    batches = process_module.in_background(_jpeg_batches(paths), GPU_READ_AHEAD)
     try:
         for turn, (files, encoded, others) in enumerate(batches):
             images = _decode_on(device, encoded)

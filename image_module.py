@@ -15,7 +15,7 @@ import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
 from torchvision.transforms import functional as F
 
-import utils
+import messages_module
 from augment_module import evaluation_transform
 
 # Photo formats a folder tree may hold; the ones this Pillow cannot open (.heic without pillow-heif,
@@ -70,11 +70,13 @@ def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
         with _truncated_images_allowed(), _open(path) as image:
             rgb = _decoded(image, reduce_to)
     except unreadable:
-        raise DataError(f"{utils.printable(path)} is not an image file that Pillow can read "
+        raise DataError(
+            f"{messages_module.printable(path)} is not an image file that Pillow can read "
                         f"({first_error})") from None
     if path not in _WARNED:
         _WARNED.add(path)
-        print(f"warning: {utils.printable(path)} is truncated or damaged ({first_error}); the part "
+        print(f"warning: {messages_module.printable(path)} is truncated or damaged "
+              f"({first_error}); the part "
               f"that decodes is used, the rest is grey", file=sys.stderr)
     return rgb
 
@@ -102,7 +104,9 @@ def _open(path: str) -> Image.Image:
 
 def _too_many_pixels(path: str, pixels: str, limit: int) -> str:
     """The message of an image refused for its size: it ends with PIXEL_LIMIT_NOTE (skip_reason)."""
-    return f"{utils.printable(path)} has {pixels} pixels, over {limit:,} {PIXEL_LIMIT_NOTE}"
+    return (
+        f"{messages_module.printable(path)} has {pixels} pixels, over {limit:,} {PIXEL_LIMIT_NOTE}"
+    )
 
 
 def skip_reason(message: str) -> str:
@@ -192,5 +196,5 @@ def load_image(path: str, image_size: int, mean, std, resize_size: int
     image_size."""
     if not os.path.isfile(path):
         what = "is not a regular file" if os.path.exists(path) else "does not exist"
-        raise DataError(f"image {utils.printable(path)} {what}")
+        raise DataError(f"image {messages_module.printable(path)} {what}")
     return evaluation_transform(image_size, mean, std)(read_stored(path, resize_size or image_size))

@@ -22,8 +22,11 @@ import augment_module
 import checkpoint_module
 import data_module
 import export_module
+import files_module
 import image_module
+import messages_module
 import model_module
+import process_module
 import train_module
 import utils
 import walk_module
@@ -111,7 +114,7 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
         data_dir, dataset = (getattr(data, name) if name.upper() in given or info.get(name) is None
                              else info[name] for name in ("data_dir", "dataset"))
         images = _example_images(data_dir, dataset, info)
-        utils.lock_folder(output_dir)  # it writes there: never while a run does
+        files_module.lock_folder(output_dir)  # it writes there: never while a run does
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -127,7 +130,7 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
               file=sys.stderr)
         return 3
     finally:
-        utils.unlock_folder(output_dir)
+        files_module.unlock_folder(output_dir)
     print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test "
           "images, at batch "
           f"sizes 1 and 5: {difference:.1e} (relative)")
@@ -142,14 +145,14 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
 def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
     """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth,
     in batches on the device (num_workers: NUM_WORKERS'); write OUTPUT_DIR/predictions.csv (path,
-    top1, p1, top2, p2, top3, p3; a path as utils.printable shows it) and print a line per image
-    when there are few. 2 when a file named on the command line is missing or not an image (the
-    rest is written), a folder given holds a link loop, or no image was classified (the last
+    top1, p1, top2, p2, top3, p3; a path as messages_module.printable shows it) and print a line per
+    image when there are few. 2 when a file named on the command line is missing or not an image
+    (the rest is written), a folder given holds a link loop, or no image was classified (the last
     predictions.csv then stays). Ctrl-C or SIGTERM (130, 143) and a DataLoader worker that dies
     (WorkerDied) keep the rows so far."""
     try:
         output = os.path.join(output_dir, checkpoint_module.PREDICTIONS)
-        problem = utils.not_a_plain_file(output)
+        problem = files_module.not_a_plain_file(output)
         if problem:  # what it writes is never written through a link
             raise ValueError(problem)
         info, model = _best_model(output_dir)
@@ -164,7 +167,7 @@ def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
     workers = 0 if len(files) <= PREDICT_BATCH else \
         (num_workers if num_workers is not None else os.cpu_count() or 1)
     loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=workers,
-                        worker_init_fn=functools.partial(utils.become_worker, os.getpid()))
+                        worker_init_fn=functools.partial(process_module.become_worker, os.getpid()))
     rows = []
     try:
         status = _classify(model, loader, files, info["classes"], rows, output)
@@ -172,15 +175,15 @@ def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
         kept = _kept(rows, output)
         print(f"Interrupted with {len(rows)} of {len(files)} images classified; {kept}",
               file=sys.stderr)
-        return utils.interrupt_status(interrupt)
+        return process_module.interrupt_status(interrupt)
     except (RuntimeError, ConnectionError, EOFError) as error:  # a DataLoader worker died, say
-        died = utils.worker_died(error, "reading the images to classify")
+        died = process_module.worker_died(error, "reading the images to classify")
         if died is None:
             raise
-        raise utils.WorkerDied(f"{died} ({_kept(rows, output)})") from None
+        raise process_module.WorkerDied(f"{died} ({_kept(rows, output)})") from None
     if not rows:  # each file given was named in an error line; the last predictions.csv stays
         if not files:
-            print(f"error: no image files in {', '.join(map(utils.printable, paths))}",
+            print(f"error: no image files in {', '.join(map(messages_module.printable, paths))}",
                   file=sys.stderr)
         return 2
     try:
@@ -188,7 +191,7 @@ def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    print(f"Wrote {len(rows)} predictions to {utils.printable(output)}",
+    print(f"Wrote {len(rows)} predictions to {messages_module.printable(output)}",
           file=sys.stderr if len(files) <= PREDICT_PRINT else sys.stdout)
     return status
 
@@ -200,7 +203,7 @@ def _classify(model: nn.Module, loader: DataLoader, files: list[str], classes: l
     0."""
     status, done, saved = 0, 0, time.monotonic()
     batches = iter(loader)
-    utils.sigchld_default()  # a worker that dies is reported by the loader
+    process_module.sigchld_default()  # a worker that dies is reported by the loader
     for batch, errors in tqdm(batches, desc="predicting", unit="batch", total=len(loader),
                               disable=not sys.stderr.isatty()):
         top = train_module.predict_proba(model, batch).topk(min(3, len(classes)))
@@ -211,7 +214,8 @@ def _classify(model: nn.Module, loader: DataLoader, files: list[str], classes: l
                 status = 2
                 continue
             ranked = [(classes[i], p) for p, i in zip(values, indices)]
-            path = utils.printable(path)  # as written and printed: a name not UTF-8 shows its bytes
+            # as written and printed: a name not UTF-8 shows its bytes
+            path = messages_module.printable(path)
             rows.append({"path": path, **{f"{key}{k}": value
                                           for k, (name, p) in enumerate(ranked, start=1)
                                           for key, value in (("top", name), ("p", round(p, 6)))}})
@@ -230,15 +234,15 @@ def _write_predictions(rows: list[dict[str, typing.Any]], output: str) -> None:
     for a spreadsheet (a file or class named "=1+2" is shown, never run)."""
     frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
     frame = utils.spreadsheet_safe(frame)
-    utils.atomic_write(output, lambda f: frame.to_csv(f, index=False))
+    files_module.atomic_write(output, lambda f: frame.to_csv(f, index=False))
 
 
 def _kept(rows: list[dict[str, typing.Any]], output: str) -> str:
     """The rows classified so far written to predictions.csv (an interrupted --predict): where."""
     if not rows:
-        return f"{utils.printable(output)} is left as it was"
+        return f"{messages_module.printable(output)} is left as it was"
     try:
         _write_predictions(rows, output)
     except OSError as error:
         return f"{error}"
-    return f"{len(rows)} predictions written to {utils.printable(output)}"
+    return f"{len(rows)} predictions written to {messages_module.printable(output)}"

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import utils
+import process_module
 from augment_module import (Augmentation, augment, center_crop, crop_and_resize, crop_flip,
                             sample_crop_boxes, switched_on)
 
@@ -205,7 +205,7 @@ class MappedLoader(ResidentLoader):
                         non_blocking=True)
                 yield chosen, images, copy_stream.record_event()
 
-        for chosen, images, copied in utils.in_background(read(), PREFETCH):
+        for chosen, images, copied in process_module.in_background(read(), PREFETCH):
             # the training stream waits for the copy, and keeps the memory until used
             if copied is not None:
                 stream = torch.cuda.current_stream(device)
@@ -237,7 +237,8 @@ class StreamingLoader:
                                  pin_memory=device.type == "cuda", drop_last=batching.train and n
                                  >= batch_size,
                                  persistent_workers=False,  # workers leave Ctrl-C to the run:
-                                 worker_init_fn=functools.partial(utils.become_worker, os.getpid()))
+                                 worker_init_fn=functools.partial(process_module.become_worker,
+                                 os.getpid()))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle of this epoch (the same on every rank)."""
@@ -263,14 +264,14 @@ class StreamingLoader:
         )
         try:
             batches = iter(self.loader)
-            utils.sigchld_default()
+            process_module.sigchld_default()
             for images, labels in batches:
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
                 yield images.contiguous(memory_format=memory_format), labels
         except (RuntimeError, ConnectionError, EOFError) as error:
             which = "training" if self.batching.train else "evaluation"
-            died = utils.worker_died(error, f"reading {which} images")
+            died = process_module.worker_died(error, f"reading {which} images")
             if died is None:
                 raise
             raise died from None

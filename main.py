@@ -44,17 +44,21 @@ import augment_module
 import callback_module
 import checkpoint_module
 import data_module
+import distributed_module
 import export_module
+import files_module
 import inference_module
+import messages_module
 import model_module
 import optim_module
+import process_module
 import report_module
 import state_module
 import step_module
 import train_module
 import utils
 from callback_module import LRA
-from utils import flag
+from messages_module import flag
 
 # the modules' objects, never garbage, leave the collector's sight: later collections skip them
 gc.freeze()
@@ -243,7 +247,8 @@ def _parse_value(name: str, annotation) -> typing.Callable[[str], typing.Any]:
                 return kind(text)
             except ValueError:
                 pass
-        allowed = utils.type_words(annotation)  # as a checkpoint's value of the wrong type is told
+        # as a checkpoint's value of the wrong type is told
+        allowed = messages_module.type_words(annotation)
         raise argparse.ArgumentTypeError(f"{name} takes {allowed}, not {text!r}")
     return parse
 
@@ -317,7 +322,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
     config = constants()
     preset = args.get("PRESET", config["PRESET"])
     if preset is not None and preset not in PRESETS:
-        parser.error(utils.not_known("PRESET", preset, (None, *PRESETS)))
+        parser.error(messages_module.not_known("PRESET", preset, (None, *PRESETS)))
     config.update(PRESETS.get(preset, {}))
     config.update(args)
     return config, command
@@ -343,7 +348,7 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
     taken = {name: saved[name] for name in values if name in saved and name not in mine}
     for name, value in taken.items():  # the run's own settings, of the types their flags take
         try:
-            utils.check_type(name, value, __annotations__[name])
+            messages_module.check_type(name, value, __annotations__[name])
         except ValueError as error:
             raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
                 from None
@@ -384,7 +389,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         model_module.check_name(self.model)
-        utils.check_fields(self, {}, {"cuda_graphs": step_module.CUDA_GRAPHS,
+        messages_module.check_fields(self, {}, {"cuda_graphs": step_module.CUDA_GRAPHS,
                                       "class_weights": train_module.CLASS_WEIGHTS})
 
 
@@ -495,13 +500,13 @@ def run_main(argv: list[str] | None = None) -> Outcome:
     130 or 143, and a worker process that dies with one line and WORKER_DIED."""
     values, command = parse_config(argv)
     stage = ["starting"]  # what the run is doing: said when an interruption stops it there
-    with utils.signals_interrupt():
+    with process_module.signals_interrupt():
         try:
             return _run(values, command, argv, stage)
         except KeyboardInterrupt as interrupt:  # wherever train did not take it
             print(_interrupted_line(stage[0], values["OUTPUT_DIR"]), file=sys.stderr)
-            return Outcome(utils.interrupt_status(interrupt))
-        except utils.WorkerDied as error:  # the out-of-memory killer's, most often
+            return Outcome(process_module.interrupt_status(interrupt))
+        except process_module.WorkerDied as error:  # the out-of-memory killer's, most often
             print(f"error: {error}, then run again", file=sys.stderr)
             return Outcome(WORKER_DIED)
 
@@ -525,7 +530,7 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
     if command["predict"] or command["export"]:
         stage[0] = "predicting" if command["predict"] else "exporting the model"
         return Outcome(_inference(values, command))
-    rank, world_size, local_rank = utils.init_distributed()
+    rank, world_size, local_rank = distributed_module.init_distributed()
     global _imports_counted
     account = utils.TimeAccount(STARTED if not _imports_counted else time.perf_counter())
     if not _imports_counted:  # the first run of this process pays for them
@@ -542,7 +547,7 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
         # bad constants, data, weights or checkpoint: one clear line
         except (ValueError, OSError) as error:
             print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
-            return Outcome(3 if isinstance(error, utils.WriteFailed) else 2)
+            return Outcome(3 if isinstance(error, files_module.WriteFailed) else 2)
         if command["find_lr"]:
             stage[0] = "finding the LR"
             return Outcome(find_lr(config, run, argv if argv is not None else sys.argv[1:]))
@@ -562,8 +567,8 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
                 outcome.status = 3
         return outcome
     finally:
-        utils.unlock_folder(values["OUTPUT_DIR"])
-        utils.close_distributed()
+        files_module.unlock_folder(values["OUTPUT_DIR"])
+        distributed_module.close_distributed()
 
 
 def _inference(values: dict[str, typing.Any], command: dict[str, typing.Any]) -> int:
@@ -588,10 +593,10 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     training."""
     options, output_dir = config.run, config.fit.output_dir
     data_module.check_output_dir(config.data, output_dir)  # before anything is read or written
-    utils.check_writable(output_dir)
+    files_module.check_writable(output_dir)
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
     # another run writing there: refused at once
-    utils.check_unlocked(output_dir, main_process=rank == 0)
+    files_module.check_unlocked(output_dir, main_process=rank == 0)
     if saved is None and options.weights is not None and not os.path.isfile(options.weights):
         # as get_model would
         raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")
@@ -614,7 +619,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     total_steps = config.fit.epochs * len(data.train)
     with account.timed("precision"):
         # rank 0 measures; every rank takes its answer
-        precision = utils.broadcast(step_module.choose_precision(
+        precision = distributed_module.broadcast(step_module.choose_precision(
             options.bf16, device, state.model, data.image_size,
             channels_last=config.data.channels_last,
             trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
@@ -633,7 +638,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         checkpoint_module.check_room(output_dir, state, resuming=saved is not None)
     os.makedirs(output_dir, exist_ok=True)  # only now: bad input above leaves nothing behind
     # held until run_main ends (or the process dies)
-    utils.lock_folder(output_dir, main_process=rank == 0)
+    files_module.lock_folder(output_dir, main_process=rank == 0)
     if rank == 0:
         # what a killed run was writing: never a whole file
         checkpoint_module.remove_partial_writes(output_dir)
@@ -676,7 +681,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
         config.optim.ema_decay) if config.optim.ema_decay is not None else None
     lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)), main_process=rank
         == 0,
-              share=utils.broadcast)
+              share=distributed_module.broadcast)
     return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead,
         ema=ema)
 
@@ -690,10 +695,11 @@ def train(config: Config, run: Run) -> Outcome:
     if run.main_process:
         graphed = " (steps replayed from a CUDA graph)" if run.fit.cuda_graph else ""
         print(f"{config.run.model} on {run.device}{graphed} | "
-              f"{utils.plural(len(run.data.train), 'batch', 'batches')} of "
+              f"{messages_module.plural(len(run.data.train), 'batch', 'batches')} of "
               f"{config.data.batch_size} per epoch"
               f"{accumulation} | "
-              f"{_data_path(run.data)} | outputs in {utils.printable(os.path.abspath(output_dir))}")
+              f"{_data_path(run.data)} | outputs in "
+              f"{messages_module.printable(os.path.abspath(output_dir))}")
         if run.fit.class_weights is not None:
             print(_class_weights_line(run.fit.class_weights, run.data.classes))
     started, outcome, message = time.perf_counter(), Outcome(0), None
@@ -703,7 +709,7 @@ def train(config: Config, run: Run) -> Outcome:
                                            else None)
         outcome.fit_seconds = time.perf_counter() - started
     except KeyboardInterrupt as interrupt:
-        outcome.status = utils.interrupt_status(interrupt)
+        outcome.status = process_module.interrupt_status(interrupt)
         message = f"Interrupted. The last completed epoch is saved; to go on, run: {go_on}"
     except train_module.NonFiniteLoss as error:
         outcome.status = 1
@@ -714,7 +720,8 @@ def train(config: Config, run: Run) -> Outcome:
     except OSError as error:
         fix = "free the space" if error.errno == errno.ENOSPC else "fix the disk"
         outcome.status, message = 3, f"error: {error}; {fix}, then go on with: {go_on}"
-    except utils.WorkerDied as error:  # a DataLoader worker died (the out-of-memory killer, say)
+    # a DataLoader worker died (the out-of-memory killer, say)
+    except process_module.WorkerDied as error:
         outcome.status, message = WORKER_DIED, f"error: {error}, then go on with: {go_on}"
     if run.main_process and run.state.history and outcome.status != 3:
         try:

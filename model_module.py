@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.models import resnet18
 
 import batchnorm_module
+import messages_module
 import utils
 
 
@@ -173,7 +174,7 @@ def model_names() -> list[str]:
 def check_name(name: str) -> None:
     """ValueError unless MODEL `name` is one of model_names()."""
     if name not in MODELS and name not in TORCHVISION_MODELS:
-        raise ValueError(utils.not_known("MODEL", name, model_names(), closest=True))
+        raise ValueError(messages_module.not_known("MODEL", name, model_names(), closest=True))
 
 
 # --------------------------------------------------------------------------- torchvision's
@@ -309,7 +310,8 @@ def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
     if str(pretrained).upper() not in {a.upper() for a in allowed}:
         what = f"the weights published for {name}" if allowed else \
             f"{name} has no published weights; torchvision's models have, such as resnet18"
-        raise ValueError(f"{utils.not_known('PRETRAINED', pretrained, allowed or [None])} ({what})")
+        raise ValueError(
+            f"{messages_module.not_known('PRETRAINED', pretrained, allowed or [None])} ({what})")
     return torchvision.models.get_model_weights(name)[pretrained.upper()]
 
 

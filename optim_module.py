@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+import messages_module
 import model_module
 import utils
 from step_module import autocast
@@ -35,10 +36,10 @@ class OptimConfig:
     nesterov: bool = True  # no constant: Nesterov momentum is the recipe's (tests turn it off)
 
     def __post_init__(self) -> None:
-        utils.check_fields(self, RULES, {"schedule": SCHEDULES})
+        messages_module.check_fields(self, RULES, {"schedule": SCHEDULES})
 
 
-RULES: utils.Rules = {
+RULES: messages_module.Rules = {
     "lr": (lambda v: v > 0, "a number > 0"),
     "momentum": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "weight_decay": (lambda v: v >= 0, "a number >= 0"),

@@ -2,8 +2,8 @@
 gallery of confident mistakes, the LR finder's plot, and (optionally) a TensorBoard log.
 
 Figures are drawn with matplotlib's Figure, never pyplot (no global state, no display needed), and
-every file is written atomically (utils.atomic_write). A figure that cannot be drawn only warns: the
-run matters more. Only rank 0 calls these under torchrun.
+every file is written atomically (files_module.atomic_write). A figure that cannot be drawn only
+warns: the run matters more. Only rank 0 calls these under torchrun.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+import files_module
+import messages_module
 import utils
 
 CURVES = "training_curves.png"
@@ -51,7 +53,8 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     classification_report with zero_division=nan: a ratio with nothing to divide (a class never
     predicted has no precision; one with no images no recall) is NaN, and left out of the averages.
     Recall is each class's accuracy, so the weighted recall is the accuracy."""
-    classes = [utils.printable(name) for name in classes]  # a name that is not UTF-8: its bytes
+    # a name that is not UTF-8: its bytes
+    classes = [messages_module.printable(name) for name in classes]
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
         raise ValueError(
@@ -85,7 +88,7 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
     figures, a file that cannot be written raises OSError."""
     frame = classification_report(confusion, classes)
     safe = utils.spreadsheet_safe(frame)  # a class named "=1+2" is shown, never run
-    utils.atomic_write(path, lambda f: safe.to_csv(f, index=False, float_format="%.6f"))
+    files_module.atomic_write(path, lambda f: safe.to_csv(f, index=False, float_format="%.6f"))
     return frame
 
 
@@ -108,7 +111,7 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     bigger than LEGIBLE_CLASSES' whatever the class count."""
     from matplotlib.figure import Figure
 
-    classes = [utils.printable(name) for name in classes]  # as the report writes them
+    classes = [messages_module.printable(name) for name in classes]  # as the report writes them
     counts = confusion.cpu().numpy()
     n = len(classes)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -159,7 +162,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
     in 0.7-0.9 s."""
     from matplotlib.figure import Figure
 
-    classes = [utils.printable(name) for name in classes]  # as the report writes them
+    classes = [messages_module.printable(name) for name in classes]  # as the report writes them
     if not mistakes:
         figure = Figure(figsize=(4, 1.5), dpi=100)
         figure.text(0.5, 0.5, f"no misclassified {split} images", ha="center", va="center")
@@ -285,9 +288,9 @@ def _draw(path: str, make_figure: Callable[[], Any]) -> None:
     """Make a figure and write it to path as a PNG, atomically; a failure only warns."""
     try:
         figure = make_figure()
-        utils.atomic_write(path, lambda f: figure.savefig(f, format="png"))
+        files_module.atomic_write(path, lambda f: figure.savefig(f, format="png"))
     # a full or failing disk: the run must say so, as for any file it writes
-    except utils.WriteFailed:
+    except files_module.WriteFailed:
         raise
     # a plot that cannot be drawn is a convenience lost: never let it end a run
     except Exception as error:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import distributed_module
 import model_module
 import utils
 from callback_module import LRA
@@ -141,7 +142,7 @@ class TrainState:
         return {"epoch": self.epoch, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
                 "lra": self.lra.state_dict(), "best": self.best.state_dict(), **optional,
-                "rng": utils.gather(utils.rng_state()), "history": list(self.history),
+                "rng": distributed_module.gather(utils.rng_state()), "history": list(self.history),
                 **(dataclasses.asdict(self.info) if self.info is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+import distributed_module
 import utils
 
 CUDA_GRAPHS = ("auto", "yes", "no")
@@ -117,7 +118,7 @@ class TrainStep:
             result = self._step(images, targets, index, group)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            if not utils.is_distributed() or torch.distributed.get_rank() == 0:
+            if not distributed_module.is_distributed() or torch.distributed.get_rank() == 0:
                 print("torch.compile: the first training step took "
                       f"{time.perf_counter() - started:.1f} s, "
                       f"compiling included", file=sys.stderr)

@@ -14,6 +14,8 @@ from torch import nn
 from tqdm import tqdm
 
 import checkpoint_module
+import distributed_module
+import messages_module
 import model_module
 import step_module
 import utils
@@ -111,7 +113,7 @@ def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int
     """Read the device accumulators once (summed over torchrun processes) as Python floats."""
     totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen),
         device=loss_sum.device)])
-    return tuple(utils.all_reduce_sum(totals.double()).tolist())
+    return tuple(distributed_module.all_reduce_sum(totals.double()).tolist())
 
 
 def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -157,14 +159,15 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
         if collect:
             confusion += torch.bincount(targets * num_classes + predicted, minlength=len(confusion))
             mistakes.add(images, logits, targets)
-    counts = utils.all_reduce_sum(torch.cat([loss_sum[None].double(), hits.double(),
+    counts = distributed_module.all_reduce_sum(torch.cat([loss_sum[None].double(), hits.double(),
         totals.double()])).tolist()
     loss_sum, hits, totals = counts[0], counts[1:1 + len(hits)], counts[1 + len(hits):]
     result = {"loss": loss_sum / sum(totals), "acc": sum(hits) / sum(totals)}
     if num_classes:
         result["per_class"] = [h / t if t else float("nan") for h, t in zip(hits, totals)]
     if collect:
-        result["confusion"] = utils.all_reduce_sum(confusion).view(num_classes, num_classes).cpu()
+        result["confusion"] = distributed_module.all_reduce_sum(confusion).view(num_classes,
+            num_classes).cpu()
         result["mistakes"] = mistakes.result()
     return result
 
@@ -213,7 +216,7 @@ class _MostConfidentMistakes:
                     in zip(probabilities.tolist(), images.cpu(), targets.tolist(),
                     predicted.tolist())
                     if probability >= 0]
-        everyone = [m for mistakes in utils.gather(mine) for m in mistakes]
+        everyone = [m for mistakes in distributed_module.gather(mine) for m in mistakes]
         return sorted(everyone, key=lambda m: -m.probability)[:self.k]
 
 
@@ -268,10 +271,10 @@ class FitConfig:
     main_process: bool = True  # the one that writes the files
 
     def __post_init__(self) -> None:
-        utils.check_fields(self, RULES)
+        messages_module.check_fields(self, RULES)
 
 
-RULES: utils.Rules = {
+RULES: messages_module.Rules = {
     "epochs": (lambda v: v >= 1, "a whole number >= 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "class_weights": (lambda v: v is None or all(0 < w < math.inf for w in v),
@@ -397,17 +400,19 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
     metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter()
         - started,
                    train_seconds=trained - started)
-    return utils.broadcast(metrics)  # under torchrun, rank 0's figures decide for every process
+    # under torchrun, rank 0's figures decide for every process
+    return distributed_module.broadcast(metrics)
 
 
 def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
     """Under torchrun, confirm every process made the same LR decisions and ends with the same
     weights (of the model and its EMA: they must, to stay in step)."""
-    if not utils.is_distributed():
+    if not distributed_module.is_distributed():
         return
     with torch.no_grad():
         checksum = [float(sum(p.double().sum() for p in model.parameters())) for model in models]
-    states = utils.gather(([(row["epoch"], row["next_lr"], row["event"]) for row in history],
+    states = distributed_module.gather(([(row["epoch"], row["next_lr"], row["event"])
+        for row in history],
         checksum))
     if main_process:
         agree = all(state == states[0] for state in states)

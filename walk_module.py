@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-import utils
+import messages_module
 from image_module import IMAGE_EXTENSIONS, DataError
 
 # bytes a path may have, its NUL included (Linux: 4,096): a longer one cannot be opened
@@ -49,7 +49,8 @@ class Skipped:
 
     def warnings(self) -> list[str]:
         """A line for each reason: how many were skipped, and the first of them (names shown as
-        utils.printable shows them): "skipped 2 unreadable image files, e.g. train/cat/broken.png".
+        messages_module.printable shows them): "skipped 2 unreadable image files, e.g.
+        train/cat/broken.png".
         """
         lines = []
         for reason, (one, many) in SKIPS.items():
@@ -65,8 +66,8 @@ class Skipped:
             elif reason == "too many pixels":
                 detail = f" ({Image.MAX_IMAGE_PIXELS:,})"
             example = ": " if len(paths) == 1 else ", e.g. "
-            lines.append(f"skipped {utils.plural(len(paths), one, many)}{detail}{example}"
-                         f"{utils.printable(paths[0])}")
+            lines.append(f"skipped {messages_module.plural(len(paths), one, many)}{detail}{example}"
+                         f"{messages_module.printable(paths[0])}")
         return lines
 
 
@@ -173,7 +174,9 @@ class _Walk:
         already (counted in skipped), and what the walk enters next, itself."""
         target = os.path.realpath(link)
         if any(real == target or real.startswith(os.path.join(target, "")) for _, real in way):
-            raise DataError(f"{utils.printable(link)} is a link to {utils.printable(target)}, a "
+            raise DataError(
+                f"{messages_module.printable(link)} is a link to "
+                f"{messages_module.printable(target)}, a "
                             f"folder on its own path, so a walk through it would never end; remove "
                             f"the link, or point it at a folder outside that path")
         identity = self.read(link, root)  # or counted as read already: walked still, for loops

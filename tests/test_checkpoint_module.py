@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint_module
+import files_module
 import model_module
 import optim_module
 import state_module
@@ -274,7 +275,7 @@ def test_cuda_tensors_reach_pinned_host_memory_with_no_synchronising_copy():
 # --------------------------------------------------------------------------- links in OUTPUT_DIR
 
 
-@pytest.mark.parametrize("name", [*checkpoint_module.RUN_FILES, utils.LOCK_FILE])
+@pytest.mark.parametrize("name", [*checkpoint_module.RUN_FILES, files_module.LOCK_FILE])
 def test_a_link_in_place_of_any_file_a_run_writes_or_moves_is_refused(tmp_path, name):
     victim, out = tmp_path / "victim.txt", tmp_path / "out"
     victim.write_text("someone else's file")

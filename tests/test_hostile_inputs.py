@@ -16,7 +16,7 @@ from PIL import Image
 
 import data_module
 import main
-import utils
+import messages_module
 import walk_module
 from conftest import configs, write_image_tree
 from data_module import DataError
@@ -113,10 +113,10 @@ def test_names_not_in_utf8_are_read_alike_with_or_without_a_cache_and_shown_as_b
 
 
 def test_utils_printable_shows_the_bytes_of_a_name_that_is_not_utf8():
-    assert utils.printable(os.fsdecode(b"caf\xe9 \xff.png")) == "caf\\xe9 \\xff.png"
-    assert utils.printable("zèbre.png") == "zèbre.png"  # UTF-8 names stay as they are
-    assert utils.printable(utils.printable(os.fsdecode(b"\xe9"))) == "\\xe9"
-    assert utils.printable("\ud800") == "\\ud800"  # a lone surrogate no byte stands for
+    assert messages_module.printable(os.fsdecode(b"caf\xe9 \xff.png")) == "caf\\xe9 \\xff.png"
+    assert messages_module.printable("zèbre.png") == "zèbre.png"  # UTF-8 names stay as they are
+    assert messages_module.printable(messages_module.printable(os.fsdecode(b"\xe9"))) == "\\xe9"
+    assert messages_module.printable("\ud800") == "\\ud800"  # a lone surrogate no byte stands for
 
 
 def test_a_run_on_names_not_in_utf8_writes_its_report_and_predicts_them(tmp_path, capsys,
@@ -138,7 +138,7 @@ def test_a_run_on_names_not_in_utf8_writes_its_report_and_predicts_them(tmp_path
                       "--num-workers", "0", "--batch-size", "8"]) == 0
     printed = capsys.readouterr().out
     assert "caf\\xe9:" in printed  # the recall of each class
-    assert f"outputs in {utils.printable(out)}" in printed
+    assert f"outputs in {messages_module.printable(out)}" in printed
     report = pd.read_csv(os.path.join(out, "test_report.csv"))
     assert list(report["class"])[:2] == ["caf\\xe9", "cats"]
     assert json.load(open(os.path.join(out, "best_model.json")))["classes"] == ["caf\\xe9", "cats"]
@@ -153,7 +153,7 @@ def test_a_run_on_names_not_in_utf8_writes_its_report_and_predicts_them(tmp_path
     with within(60):
         assert main.main(["--output-dir", out, "--predict", picture, str(folder)]) == 0
     captured = capsys.readouterr()
-    shown = [utils.printable(picture), os.path.join(str(folder), "caf\\xe9.png")]
+    shown = [messages_module.printable(picture), os.path.join(str(folder), "caf\\xe9.png")]
     assert [line.split(": ")[0] for line in captured.out.splitlines()] == shown
     assert "skipped 1 file that is not a regular file" in captured.err
     assert "skipped 1 link whose target is missing" in captured.err

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import decode_module
 import gpu_decode_module
 import image_module
-import utils
+import process_module
 from conftest import smooth_photo, write_image_tree, write_photo_tree
 from image_module import DataError
 
@@ -205,7 +205,7 @@ def test_a_decoding_worker_that_dies_is_named_with_its_file_at_once_and_the_othe
         return read_stored(path, size)
     monkeypatch.setattr(image_module, "read_stored", killed_on_the_thirtieth)
     began = time.monotonic()
-    with pytest.raises(utils.WorkerDied) as died:
+    with pytest.raises(process_module.WorkerDied) as died:
         decode_module.decode_files(paths, 8, rows_of(kind, tmp_path, (40, 8, 8, 3)), 2, "decoding")
     assert time.monotonic() - began < 10
     assert f"was killed by SIGKILL while decoding {paths[29]}: most likely the system ran out of " \

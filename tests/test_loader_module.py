@@ -15,7 +15,7 @@ from torchvision.transforms import functional as F
 
 import augment_module
 import loader_module
-import utils
+import process_module
 from augment_module import erase_masks
 from autoaugment_module import auto_augment
 from conftest import augmentation, collect, smooth_photo
@@ -224,7 +224,7 @@ def test_a_streaming_worker_that_dies_raises_worker_died_and_workers_leave_ctrl_
                                            torch.device("cpu"), num_workers=2)
     began = time.monotonic()
     died = r"^a worker process( \(process \d+\))? .*while reading evaluation images: most likely"
-    with pytest.raises(utils.WorkerDied, match=died):
+    with pytest.raises(process_module.WorkerDied, match=died):
         collect(loader)
     assert time.monotonic() - began < 10
     assert {path.read_text() for path in tmp_path.glob("[0-9]*[0-9]")} == {"True"}

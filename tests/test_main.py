@@ -867,7 +867,7 @@ def copy_run(out, to):
     return to
 
 
-@pytest.mark.parametrize("name", [utils.LOCK_FILE, *checkpoint_module.RUN_FILES])
+@pytest.mark.parametrize("name", [files_module.LOCK_FILE, *checkpoint_module.RUN_FILES])
 def test_a_link_planted_for_any_run_file_is_refused_before_the_data_and_its_target_kept(
         tiny_run, tmp_path, name, no_data, capsys):
     args, out = tiny_run
@@ -1210,6 +1210,7 @@ KILLED_IN_A_DATALOADER_WORKER = """
 import os, runpy, signal, sys
 import torch
 import data_module
+import files_module
 real = data_module.read_stored
 
 def killed(path, *args):  # in a DataLoader worker: killed, as the out-of-memory killer kills

@@ -14,11 +14,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from PIL import Image
 
+import files_module
 import model_module
 import optim_module
 import report_module
 import train_module
-import utils
 from conftest import make_tiny_data
 
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
@@ -345,7 +345,7 @@ def test_a_figure_that_cannot_be_drawn_only_warns_but_one_that_cannot_be_written
     assert not path.exists() and f"warning: could not draw {path}" in capsys.readouterr().err
     # as a full or read-only disk would fail
     missing = tmp_path / "missing_folder" / "confusion_matrix.png"
-    with pytest.raises(utils.WriteFailed,
+    with pytest.raises(files_module.WriteFailed,
             match="could not write confusion_matrix.png in .*missing_folder"):
         report_module.plot_confusion_matrix(torch.eye(2, dtype=torch.int64), ["a", "b"], str(
             missing))

@@ -16,6 +16,7 @@ from torch import nn
 
 import augment_module
 import checkpoint_module
+import files_module
 import loader_module
 import model_module
 import optim_module
@@ -293,7 +294,7 @@ def test_a_write_that_failed_in_the_background_stops_training_before_the_next_st
     writer._thread.join()  # the write has failed, and nobody has asked yet
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     step = step_module.TrainStep(state.model, state.optimizer, nn.CrossEntropyLoss())
-    with pytest.raises(utils.WriteFailed,
+    with pytest.raises(files_module.WriteFailed,
             match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
         train_module.train_one_epoch(step, data.train, check=writer.check)
     # not one step taken

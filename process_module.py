@@ -1,0 +1,157 @@
+"""The run's other processes and threads: SIGTERM handled as Ctrl-C, DataLoader worker processes
+(their set-up and their deaths, named for the user), and items made ahead in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+from typing import Iterable, Iterator, TypeVar
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """In the block SIGTERM raises Terminated, as Ctrl-C raises KeyboardInterrupt, wherever the run
+    is; the handler before comes back after. Outside the main thread (no signals there): nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def interrupt_status(interrupt: KeyboardInterrupt) -> int:
+    """The exit status of a run stopped by Ctrl-C (130) or SIGTERM (143), as a shell gives it."""
+    return 143 if isinstance(interrupt, Terminated) else 130
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended unasked (the out-of-memory killer, most often): a message for the
+    user."""
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)'s option: the signal the kernel sends when the parent ends
+
+
+def become_worker(parent: int, worker_id: int | None = None) -> None:
+    """Called first in a new worker process of parent (a DataLoader's worker_init_fn, parent bound):
+    Ctrl-C, which a terminal sends to every process of the run, is left to the parent, which stops
+    the workers; and on Linux the worker is killed when its parent dies (kill -9 too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: the checks below and EOFs
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the kernel was told
+        os._exit(1)
+
+
+def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDied:
+    """The error for a worker process that ended unasked while `doing` ("decoding x.jpg"): how it
+    ended, the likely cause and the fix (the caller says what then). The out-of-memory killer sends
+    SIGKILL; SIGSEGV is a crash in a decoder, SIGBUS a memory-mapped file cut short (full disk); an
+    exit status of its own, an error in the worker, which --num-workers 0 shows where it happens."""
+    how, cause = "ended", "most likely the system ran out of memory; free some memory or lower " \
+        "--num-workers (NUM_WORKERS)"
+    if exitcode in (-signal.SIGSEGV, -signal.SIGBUS):
+        cause = "a crash in the image decoder, or a full disk under a memory-mapped file; check " \
+            "the file and the disk"
+    elif exitcode is not None and exitcode > 0:
+        how, cause = f"exited with status {exitcode}", "an error in the worker; see it with " \
+            "--num-workers 0"
+    elif exitcode is not None and exitcode < 0 and exitcode != -signal.SIGKILL:
+        cause = "a signal from outside the run"
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+    which = f" (process {pid})" if pid is not None else ""
+    return WorkerDied(f"a worker process{which} {how} while {doing}: {cause}")
+
+
+def sigchld_default() -> None:
+    """Call after starting a DataLoader's workers (iter(loader)). torch's SIGCHLD handler raises
+    when one dies, wherever the main thread then is (amid an error message, a plot, another loader's
+    shutdown: a traceback); with the default back, the loader itself raises where it is read, within
+    MP_STATUS_CHECK_INTERVAL (5 s) of the death."""
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+_DATALOADER_DEATH = re.compile(r"DataLoader worker \(pid\(?s?\)? (\d+)[\d, ]*\) "
+                               r"(?:is killed by signal: ([^.]+)|exited unexpectedly"
+                               r"(?: with exit code (-?\d+))?)")  # torch's words
+
+
+def worker_died(error: BaseException, doing: str) -> WorkerDied | None:
+    """What a DataLoader raises where it is read when one of its workers died, as WorkerDied:
+    torch's RuntimeError, or the ConnectionError of fetching a batch's shared memory from the dead
+    worker; None for any other error."""
+    if isinstance(error, (ConnectionError, EOFError)):
+        return worker_death(None, None, doing)
+    match = _DATALOADER_DEATH.search(str(error)) if isinstance(error, RuntimeError) else None
+    if match is None:
+        return None
+    pid, signal_text, status = match.groups()
+    exitcode = int(status) if status else None
+    if signal_text:  # strsignal's words: "Killed", "Segmentation fault"
+        exitcode = next((-number for number in signal.Signals
+                         if signal.strsignal(number) == signal_text), None)
+    return worker_death(int(pid), exitcode, doing)
+
+
+T = TypeVar("T")
+
+
+def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
+    """The items, made in a thread of their own at most `depth` ahead of the consumer, so that
+    making them (reading files, copying to the device) overlaps using them. An error raised there is
+    raised here; a consumer that stops early (closing the generator) stops the thread."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, object]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as error:  # any failure belongs to the consumer, which raises it
+            put(("error", error))
+
+    thread = threading.Thread(target=produce, name="in_background", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()

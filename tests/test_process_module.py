@@ -1,0 +1,52 @@
+"""Worker processes and threads: items made ahead in a background thread, and torch's words for a
+dead DataLoader worker made into a line for the user."""
+
+import itertools
+import threading
+import time
+
+import pytest
+
+import process_module
+
+
+def test_background_items_come_in_order_an_error_there_is_raised_here_closing_stops_the_thread():
+    def failing():
+        yield from range(5)
+        raise OSError("the disk went away")
+    ahead = process_module.in_background(failing(), 2)
+    assert [next(ahead) for _ in range(5)] == list(range(5))
+    with pytest.raises(OSError, match="the disk went away"):
+        next(ahead)
+    made = []
+
+    def endless():
+        for k in itertools.count():
+            made.append(k)
+            yield k
+    ahead = process_module.in_background(endless(), 2)
+    assert next(ahead) == 0
+    ahead.close()
+    stopped = len(made)
+    time.sleep(0.3)
+    assert len(made) == stopped <= 5  # two queued, one handed over, one waiting to be queued
+    assert not any(thread.name == "in_background" for thread in threading.enumerate())
+
+
+@pytest.mark.parametrize("message, how, cause", [
+    ("DataLoader worker (pid 123) is killed by signal: Killed. ",
+     "(process 123) was killed by SIGKILL", "most likely the system ran out of memory"),
+    ("DataLoader worker (pid 7) is killed by signal: Segmentation fault. ",
+     "(process 7) was killed by SIGSEGV", "a crash in the image decoder"),
+    ("DataLoader worker (pid(s) 5, 6) exited unexpectedly", "(process 5) ended",
+     "most likely the system ran out of memory"),
+    ("DataLoader worker (pid 8) exited unexpectedly with exit code 1. Details are lost",
+     "(process 8) exited with status 1", "an error in the worker; see it with --num-workers 0")])
+def test_torchs_words_for_a_dead_dataloader_worker_become_a_line_with_the_likely_cause(message, how,
+                                                                                     cause):
+    died = process_module.worker_died(RuntimeError(message), "reading training images")
+    assert str(died).startswith(f"a worker process {how} while reading training images: {cause}")
+    # not a death
+    assert process_module.worker_died(RuntimeError("CUDA out of memory"), "x") is None
+    assert "a worker process ended while x" in str(
+        process_module.worker_died(ConnectionResetError(), "x"))
