@@ -22,6 +22,7 @@ from PIL import Image
 import checkpoint_module
 import data_module
 import export_module
+import files_module
 import image_module
 import inference_module
 import loader_module
@@ -1210,7 +1211,6 @@ KILLED_IN_A_DATALOADER_WORKER = """
 import os, runpy, signal, sys
 import torch
 import data_module
-import files_module
 real = data_module.read_stored
 
 def killed(path, *args):  # in a DataLoader worker: killed, as the out-of-memory killer kills
