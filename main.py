@@ -5,19 +5,12 @@ EPOCHS, `--data-dir DIR` sets DATA_DIR, `--train-subset none` sets TRAIN_SUBSET 
 `python main.py --predict IMAGE [IMAGE ...]` classifies images with OUTPUT_DIR/best_model.pth.
 """
 
-import argparse
-import dataclasses
-import difflib
-import errno
 import gc
-import math
 import os
 import re
-import shlex
 import signal
 import sys
 import time
-import types
 import typing
 
 # the time account's start: everything below it is counted, the imports first
@@ -38,11 +31,12 @@ def _stop_while_starting(signum, frame) -> None:
 _SIGNALS_BEFORE = {signum: signal.signal(signum, _stop_while_starting)
                    for signum in (signal.SIGINT, signal.SIGTERM)}
 
-import torch  # noqa: E402 (torch must see the setting above when it loads)
+import torch  # noqa: E402, F401 (torch must see the setting above when it loads)
 
 import augment_module
 import callback_module
 import checkpoint_module
+import cli_module
 import data_module
 import distributed_module
 import export_module
@@ -52,12 +46,9 @@ import messages_module
 import model_module
 import optim_module
 import process_module
-import report_module
-import state_module
-import step_module
+import run_module
 import train_module
 import utils
-from callback_module import LRA
 from messages_module import flag
 
 # the modules' objects, never garbage, leave the collector's sight: later collections skip them
@@ -221,89 +212,13 @@ def constants() -> dict[str, typing.Any]:
     return {name: globals()[name] for name in __annotations__ if name.isupper()}
 
 
-def _type_name(annotation) -> str:
-    """INT for int and int | None, and so on: the metavar of a constant's flag."""
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,
-        )
-    return next(k for k in kinds if k is not type(None)).__name__.upper()
-
-
-def _parse_value(name: str, annotation) -> typing.Callable[[str], typing.Any]:
-    """A command-line parser for a constant of the given type (int | None, bool, str, ...)."""
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,
-        )
-    optional, kind = type(None) in kinds, next(k for k in kinds if k is not type(None))
-
-    def parse(text: str):
-        if optional and text.lower() == "none":
-            return None
-        if kind is bool:
-            if text.lower() in ("true", "yes", "on", "1"):
-                return True
-            if text.lower() in ("false", "no", "off", "0"):
-                return False
-        else:
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        # as a checkpoint's value of the wrong type is told
-        allowed = messages_module.type_words(annotation)
-        raise argparse.ArgumentTypeError(f"{name} takes {allowed}, not {text!r}")
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that answers a mistyped flag with the closest ones, not a dump of every option."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        flags = [option for action in self._actions for option in action.option_strings]
-        if message.startswith("unrecognized arguments: "):
-            unknown = [word for word in message.split(": ", 1)[1].split() if word.startswith("-")]
-            word = (unknown or message.split(": ", 1)[1].split())[0]
-            near = difflib.get_close_matches(word.split("=")[0], flags, n=3, cutoff=0.6)
-            message = f"unknown flag {word}" + (f"; did you mean {' or '.join(near)}?" if near
-                else "")
-        self.exit(2, f"{self.prog}: error: {message}\n(python main.py --help lists every flag)\n")
-
-
-def _documentation() -> dict[str, tuple[str, str]]:
-    """Each constant's comment in this file (its continuation lines joined) and its group (the `#
-    --- Data` line above it): what --help shows."""
-    with open(__file__, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    found, group, last = {}, "Constants", None
-    for line in lines:
-        heading = re.match(r"# --- (.+)$", line)
-        constant = re.match(r"([A-Z][A-Z0-9_]*): [^#]*#\s?(.*)$", line)
-        more = re.match(r"\s+#\s?(.*)$", line)
-        if heading:
-            group, last = heading.group(1), None
-        elif constant:
-            last = constant.group(1)
-            found[last] = (constant.group(2).strip(), group)
-        elif more and last:
-            found[last] = (f"{found[last][0]} {more.group(1).strip()}", group)
-        else:
-            last = None
-    return found
-
-
 def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
                                                          dict[str, typing.Any]]:
     """The constants, with the chosen PRESET and then the command line applied; and the command:
     what --predict, --export and --find-lr ask for instead of training (None or False when not
     given), and "given": the constants the command line set."""
-    parser = _Parser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    documentation, groups = _documentation(), {}
-    for name, value in constants().items():
-        text, group = documentation.get(name, ("", "Constants"))
-        if group not in groups:
-            groups[group] = parser.add_argument_group(group)
-        groups[group].add_argument(flag(name), dest=name, metavar=_type_name(__annotations__[name]),
-                                   type=_parse_value(name, __annotations__[name]),
-                                   default=argparse.SUPPRESS,
-                                   help=f"{text} [{name}; default {value!r}]".replace("%", "%%"))
+    parser = cli_module.make_parser(__doc__.splitlines()[0], constants(), __annotations__,
+                                    __file__)
     commands = parser.add_argument_group("Instead of training")
     commands.add_argument("--predict", nargs="+", metavar="PATH",
         help="classify image files, and the images in "
@@ -370,49 +285,12 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
     return {**values, **taken}
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """What setup, train and report read besides the modules' configs (SEED and CHANNELS_LAST are
-    DataConfig's): each field but resume is the constant of the same name in upper case, checked as
-    it is built."""
-
-    model: str
-    pretrained: str | None
-    freeze: bool
-    weights: str | None
-    bf16: bool
-    cuda_graphs: str
-    class_weights: str | None  # the weights themselves come from the data (setup)
-    tta: bool
-    tensorboard: bool
-    resume: str | None  # RESUME's checkpoint ("auto": OUTPUT_DIR's, when there); None: a new run
-
-    def __post_init__(self) -> None:
-        model_module.check_name(self.model)
-        messages_module.check_fields(self, {}, {"cuda_graphs": step_module.CUDA_GRAPHS,
-                                      "class_weights": train_module.CLASS_WEIGHTS})
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """One run's settings: the constants after PRESET and the command line (`constants`, by name,
-    paths made absolute: what each checkpoint records), and the configs built from them and checked
-    as they are built."""
-
-    constants: dict[str, typing.Any]
-    data: data_module.DataConfig
-    optim: optim_module.OptimConfig
-    lra: callback_module.LRAConfig
-    fit: train_module.FitConfig
-    run: RunConfig
-
-
-def build_config(values: dict[str, typing.Any]) -> Config:
+def build_config(values: dict[str, typing.Any]) -> run_module.Config:
     """Each config from the constants (the one place that reads them by name); ValueError naming the
     first constant that is out of range."""
-    run = RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "BF16",
-                             "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TENSORBOARD"),
-                    resume=_resume_path(values))
+    run = run_module.RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "BF16",
+                                        "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TENSORBOARD"),
+                               resume=_resume_path(values), bf16_trial_steps=BF16_TRIAL_STEPS)
     weights = model_module.preprocessing(run.model, run.pretrained) or {}  # their preparation
     own_size = values["IMAGE_SIZE"] is not None
     data = data_module.DataConfig(
@@ -437,17 +315,7 @@ def build_config(values: dict[str, typing.Any]) -> Config:
                                           "ACCUMULATE_STEPS", "CLIP_GRAD_NORM"))
     recorded = {**values, **{name: os.path.abspath(values[name]) for name in PATHS
                              if values[name] not in (None, "auto")}}
-    return Config(recorded, data, optim, lra, fit, run)
-
-
-def as_typed(message: str, given: set[str]) -> str:
-    """A message that starts "NAME = value" about a constant the user set by its flag, said as they
-    typed it: "--name value (NAME) ..."."""
-    match = re.match(r"([A-Z][A-Z0-9_]*) = (\S+)", message)
-    if not match or match.group(1) not in given:
-        return message
-    name, value = match.groups()
-    return f"{flag(name)} {value} ({name}){message[match.end():]}"
+    return run_module.Config(recorded, data, optim, lra, fit, run)
 
 
 def _lower(values: dict[str, typing.Any], *names: str) -> dict[str, typing.Any]:
@@ -458,44 +326,13 @@ def _lower(values: dict[str, typing.Any], *names: str) -> dict[str, typing.Any]:
 # --------------------------------------------------------------------------- the run
 
 
-@dataclasses.dataclass
-class Run:
-    """Everything setup builds for train and report."""
-
-    device: torch.device
-    data: data_module.Data
-    state: state_module.TrainState
-    # the config's, with what setup found out: precision, CUDA graph, processes
-    fit: train_module.FitConfig
-    rank: int
-    account: utils.TimeAccount  # where the run's time goes
-    tensorboard: report_module.TensorBoardLog | None = None
-
-    @property
-    def main_process(self) -> bool:
-        return self.rank == 0
-
-
-@dataclasses.dataclass
-class Outcome:
-    """What one run gives back to code that calls it (the benchmarks): the exit status and the
-    figures."""
-
-    status: int
-    history: list[dict] = dataclasses.field(default_factory=list)  # one metrics dict per epoch
-    fit_seconds: float | None = None  # the whole of fit: training, validation, LRA and the files
-    # evaluate's result on the test set, and its "seconds"
-    test: dict[str, typing.Any] | None = None
-    time: dict[str, float] | None = None  # the time account: seconds by part, "other" and "total"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate on the test set and report (or predict, export, find the LR); returns the
     exit status."""
     return run_main(argv).status
 
 
-def run_main(argv: list[str] | None = None) -> Outcome:
+def run_main(argv: list[str] | None = None) -> run_module.Outcome:
     """main, returning the run's figures too. Ctrl-C or SIGTERM anywhere ends it with one line and
     130 or 143, and a worker process that dies with one line and WORKER_DIED."""
     values, command = parse_config(argv)
@@ -504,32 +341,19 @@ def run_main(argv: list[str] | None = None) -> Outcome:
         try:
             return _run(values, command, argv, stage)
         except KeyboardInterrupt as interrupt:  # wherever train did not take it
-            print(_interrupted_line(stage[0], values["OUTPUT_DIR"]), file=sys.stderr)
-            return Outcome(process_module.interrupt_status(interrupt))
+            print(run_module.interrupted_line(stage[0], values["OUTPUT_DIR"]), file=sys.stderr)
+            return run_module.Outcome(process_module.interrupt_status(interrupt))
         except process_module.WorkerDied as error:  # the out-of-memory killer's, most often
             print(f"error: {error}, then run again", file=sys.stderr)
-            return Outcome(WORKER_DIED)
-
-
-WORKER_DIED = 4  # the exit status of a run whose worker process died (most often: short of memory)
-FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's stage
-
-
-def _interrupted_line(stage: str, output_dir: str) -> str:
-    """The one line for a run interrupted outside the epochs (train and predict say their own)."""
-    go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
-    if stage == FINAL_EVALUATION:
-        return (f"Interrupted during the final evaluation; training is done and saved. To "
-                f"evaluate, run: {go_on}")
-    return f"Interrupted while {stage}."
+            return run_module.Outcome(run_module.WORKER_DIED)
 
 
 def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: list[str] | None,
-         stage: list[str]) -> Outcome:
+         stage: list[str]) -> run_module.Outcome:
     """run_main's work; stage[0] says what it is doing."""
     if command["predict"] or command["export"]:
         stage[0] = "predicting" if command["predict"] else "exporting the model"
-        return Outcome(_inference(values, command))
+        return run_module.Outcome(_inference(values, command))
     rank, world_size, local_rank = distributed_module.init_distributed()
     global _imports_counted
     account = utils.TimeAccount(STARTED if not _imports_counted else time.perf_counter())
@@ -542,22 +366,23 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
             saved = checkpoint_module.read_checkpoint(path) if path else None  # read once, for both
             config = build_config(resumed_config(values, command["given"], saved))
             stage[0] = "loading the data and building the model, before training"
-            run = setup(config, rank, world_size, local_rank, account, saved, new_run=not command[
-                "find_lr"])
+            run = run_module.setup(config, rank, world_size, local_rank, account, saved,
+                                   new_run=not command["find_lr"])
         # bad constants, data, weights or checkpoint: one clear line
         except (ValueError, OSError) as error:
-            print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
-            return Outcome(3 if isinstance(error, files_module.WriteFailed) else 2)
+            print(f"error: {cli_module.as_typed(str(error), command['given'])}", file=sys.stderr)
+            return run_module.Outcome(3 if isinstance(error, files_module.WriteFailed) else 2)
         if command["find_lr"]:
             stage[0] = "finding the LR"
-            return Outcome(find_lr(config, run, argv if argv is not None else sys.argv[1:]))
+            return run_module.Outcome(run_module.find_lr(config, run, argv if argv is not None
+                                                         else sys.argv[1:]))
         stage[0] = "training"
-        outcome = train(config, run)
+        outcome = run_module.train(config, run)
         # finished, or stopped by a non-finite loss with the best weights restored
         if outcome.status in (0, 1):
-            stage[0] = FINAL_EVALUATION
+            stage[0] = run_module.FINAL_EVALUATION
             try:
-                outcome.test = report(config, run)
+                outcome.test = run_module.report(config, run)
                 outcome.time = account.figures()
                 if run.main_process:
                     print(account.line())
@@ -576,7 +401,7 @@ def _inference(values: dict[str, typing.Any], command: dict[str, typing.Any]) ->
     try:
         config = build_config(values)
     except ValueError as error:  # a bad constant: one clear line
-        print(f"error: {as_typed(str(error), command['given'])}", file=sys.stderr)
+        print(f"error: {cli_module.as_typed(str(error), command['given'])}", file=sys.stderr)
         return 2
     if command["predict"]:
         return inference_module.predict(config.fit.output_dir, config.data.num_workers,
@@ -585,273 +410,12 @@ def _inference(values: dict[str, typing.Any], command: dict[str, typing.Any]) ->
                                    command["given"])
 
 
-def setup(config: Config, rank: int, world_size: int, local_rank: int, account: utils.TimeAccount,
-          saved: dict[str, typing.Any] | None = None, new_run: bool = True) -> Run:
-    """Seed, device, data, model and the training state, resumed from saved (RESUME's checkpoint, as
-    read_checkpoint read it) when given; for a new run the earlier run's files move to
-    OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before any
-    training."""
-    options, output_dir = config.run, config.fit.output_dir
-    data_module.check_output_dir(config.data, output_dir)  # before anything is read or written
-    files_module.check_writable(output_dir)
-    checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
-    # another run writing there: refused at once
-    files_module.check_unlocked(output_dir, main_process=rank == 0)
-    if saved is None and options.weights is not None and not os.path.isfile(options.weights):
-        # as get_model would
-        raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")
-    # downloaded before any decoding
-    model_module.fetch_pretrained(options.model, options.pretrained)
-    utils.seed_everything(config.data.seed)
-    device = utils.get_device(local_rank)
-    cuda_graph = step_module.use_cuda_graph(options.cuda_graphs, device, world_size=world_size,
-                                            compile=config.fit.compile, main_process=rank == 0,
-                                            accumulate_steps=config.fit.accumulate_steps)
-    torch.backends.cudnn.benchmark = True
-    with account.timed("data"):
-        data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
-    with account.timed("model"):
-        state = _make_state(config, data, device, lr_device=device if cuda_graph else None,
-            rank=rank,
-                            fresh=saved is None)
-    if world_size > 1:
-        utils.seed_everything(config.data.seed + rank)  # same initial weights, other augmentations
-    total_steps = config.fit.epochs * len(data.train)
-    with account.timed("precision"):
-        # rank 0 measures; every rank takes its answer
-        precision = distributed_module.broadcast(step_module.choose_precision(
-            options.bf16, device, state.model, data.image_size,
-            channels_last=config.data.channels_last,
-            trial=saved is None and rank == 0 and total_steps >= BF16_TRIAL_STEPS,
-            recorded=saved and saved["precision"]))
-    state.info = state_module.RunInfo(config.constants, data.classes, list(data.mean),
-                                      list(data.std), data.image_size, data.resize_size, precision,
-                                      started=saved["started"] if saved
-                                      else checkpoint_module.timestamp())
-    class_weights = train_module.balanced_class_weights(data.class_counts, data.classes) \
-        if options.class_weights == "balanced" else None
-    fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16"
-        else None,
-                              cuda_graph=cuda_graph, world_size=world_size, main_process=rank == 0,
-                              class_weights=class_weights)
-    if rank == 0:
-        checkpoint_module.check_room(output_dir, state, resuming=saved is not None)
-    os.makedirs(output_dir, exist_ok=True)  # only now: bad input above leaves nothing behind
-    # held until run_main ends (or the process dies)
-    files_module.lock_folder(output_dir, main_process=rank == 0)
-    if rank == 0:
-        # what a killed run was writing: never a whole file
-        checkpoint_module.remove_partial_writes(output_dir)
-    if saved:
-        checkpoint_module.resume(saved, options.resume, state, output_dir=output_dir, rank=rank,
-                                 world_size=world_size)
-        if config.lra.ask_epoch != saved["config"].get("ASK_EPOCH"):  # given anew: it replaces it
-            state.lra.ask_anew(config.lra.ask_epoch)
-    # the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
-    elif rank == 0 and new_run:
-        checkpoint_module.move_earlier_run(output_dir)
-    tensorboard = None
-    if options.tensorboard and rank == 0 and new_run:
-        folder = os.path.join(output_dir, report_module.TENSORBOARD, state.info.started)
-        tensorboard = report_module.TensorBoardLog(folder)
-    return Run(device, data, state, fit, rank, account, tensorboard)
-
-
-def _make_state(config: Config, data: data_module.Data, device: torch.device,
-    lr_device: torch.device | None,
-                rank: int, fresh: bool) -> state_module.TrainState:
-    """A run's model (on the device), optimizer, schedule, Lookahead, EMA and LRA; fresh: a new run,
-    which starts from WEIGHTS (a resumed one takes its weights from its checkpoint). The schedule
-    and Lookahead count optimizer steps (ACCUMULATE_STEPS batches each)."""
-    options = config.run
-    model = model_module.get_model(options.model, len(data.classes), freeze=options.freeze,
-                                   weights=options.weights if fresh else None,
-                                   sample_images=data.train.first_images,
-                                   image_size=data.image_size,
-                                   pretrained=options.pretrained)
-    layout = torch.channels_last if config.data.channels_last else torch.preserve_format
-    model = model.to(device, memory_format=layout)
-    optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
-    total_steps = config.fit.epochs * step_module.optimizer_steps(len(data.train),
-        config.fit.accumulate_steps)
-    schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr,
-        total_steps)
-    lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
-    ema = optim_module.EMA(model,
-        config.optim.ema_decay) if config.optim.ema_decay is not None else None
-    lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)), main_process=rank
-        == 0,
-              share=distributed_module.broadcast)
-    return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead,
-        ema=ema)
-
-
-def train(config: Config, run: Run) -> Outcome:
-    """fit, with Ctrl-C, SIGTERM, a non-finite loss and a failed write turned into a message and a
-    status; then the training curves, whatever ended it."""
-    output_dir, accumulate = run.fit.output_dir, run.fit.accumulate_steps
-    go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
-    accumulation = f", {accumulate} to an optimizer step" if accumulate > 1 else ""
-    if run.main_process:
-        graphed = " (steps replayed from a CUDA graph)" if run.fit.cuda_graph else ""
-        print(f"{config.run.model} on {run.device}{graphed} | "
-              f"{messages_module.plural(len(run.data.train), 'batch', 'batches')} of "
-              f"{config.data.batch_size} per epoch"
-              f"{accumulation} | "
-              f"{_data_path(run.data)} | outputs in "
-              f"{messages_module.printable(os.path.abspath(output_dir))}")
-        if run.fit.class_weights is not None:
-            print(_class_weights_line(run.fit.class_weights, run.data.classes))
-    started, outcome, message = time.perf_counter(), Outcome(0), None
-    try:
-        outcome.history = train_module.fit(run.state, run.data, run.fit, account=run.account,
-                                           on_epoch=run.tensorboard.log_epoch if run.tensorboard
-                                           else None)
-        outcome.fit_seconds = time.perf_counter() - started
-    except KeyboardInterrupt as interrupt:
-        outcome.status = process_module.interrupt_status(interrupt)
-        message = f"Interrupted. The last completed epoch is saved; to go on, run: {go_on}"
-    except train_module.NonFiniteLoss as error:
-        outcome.status = 1
-        message = (f"error: {error}. The best weights so far are in "
-                   f"{output_dir}/{checkpoint_module.BEST_MODEL}; "
-                   f"try a lower LR.")
-    # a full disk, say: the files written whole before it stay as they were
-    except OSError as error:
-        fix = "free the space" if error.errno == errno.ENOSPC else "fix the disk"
-        outcome.status, message = 3, f"error: {error}; {fix}, then go on with: {go_on}"
-    # a DataLoader worker died (the out-of-memory killer, say)
-    except process_module.WorkerDied as error:
-        outcome.status, message = WORKER_DIED, f"error: {error}, then go on with: {go_on}"
-    if run.main_process and run.state.history and outcome.status != 3:
-        try:
-            with run.account.timed("reports"):
-                report_module.plot_training_curves(run.state.history, os.path.join(output_dir,
-                    report_module.CURVES))
-        except OSError as error:
-            # a stop's own message stands; the curves are only a picture of it
-            if outcome.status in (0, 1):
-                outcome.status, message = 3, f"error: {error}"
-    if run.main_process and message:
-        print(message, file=sys.stderr)
-    return outcome
-
-
-def _class_weights_line(weights: tuple[float, ...], classes: list[str]) -> str:
-    """The line that says the training loss is weighted: the smallest and the largest weight, and
-    their classes."""
-    low, high = min(range(len(weights)), key=weights.__getitem__), max(range(len(weights)),
-        key=weights.__getitem__)
-    spread = f"{weights[low]:.3g} for every class (a balanced split)" if weights[low] == weights[
-        high] else \
-        f"{weights[low]:.3g} ({classes[low]}) to {weights[high]:.3g} ({classes[high]})"
-    return f"class weights (CLASS_WEIGHTS balanced, the training loss only): {spread}"
-
-
-def _data_path(data: data_module.Data) -> str:
-    """Where the training batches come from, in words."""
-    if data.resident:
-        return "data resident on the device"
-    return (
-        "data streamed from the decoded-image cache"
-        if data.cache_file
-        else "data streamed by DataLoader workers"
-    )
-
-
 def _resume_path(constants: dict[str, typing.Any]) -> str | None:
     """The checkpoint RESUME points at ("auto": OUTPUT_DIR's, when there), or None."""
     if constants["RESUME"] != "auto":
         return constants["RESUME"]
     path = os.path.join(constants["OUTPUT_DIR"], checkpoint_module.CHECKPOINT)
     return path if os.path.exists(path) else None
-
-
-def report(config: Config, run: Run) -> dict[str, typing.Any]:
-    """Evaluate the (best) model, or its EMA with EMA_DECAY, on the test set, print the accuracy and
-    each class's recall (its accuracy: the share of its images called it), write the test report
-    (test_report.csv, recall among its columns), the confusion matrix and the most confident
-    mistakes; return the figures."""
-    data, started, tta = run.data, time.perf_counter(), config.run.tta
-    with run.account.timed("final evaluation"):
-        result = train_module.evaluate(run.state.evaluated_model, data.test,
-            autocast_dtype=run.fit.autocast_dtype,
-                                       tta=tta, num_classes=len(data.classes), collect=True)
-    result["seconds"] = time.perf_counter() - started
-    if not run.main_process:
-        return result
-    split = "validation" if data.test_is_val else "test"
-    which = {"validation": "Validation accuracy (no test/ folder)", "test": "Test accuracy"}[split]
-    print(f"{which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
-          f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
-    print("Recall of each class (the share of its images called it):")
-    for name, recall in zip(data.classes, result["per_class"]):
-        print(f"  {name:>12}: {100 * recall:6.2f}%")
-    warning = chance_warning(result, len(data.classes), run.state.history)
-    if warning:
-        print(warning)
-    with run.account.timed("reports"):
-        report_module.write_test_outputs(result, data.classes, data.mean, data.std,
-            run.fit.output_dir, split)
-    if run.tensorboard:
-        run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(
-            run.state.history))
-        run.tensorboard.close()
-    return result
-
-
-def chance_warning(result: dict[str, typing.Any], num_classes: int, history: list[
-        dict]) -> str | None:
-    """One line when the final evaluation is at chance (accuracy within two standard errors of
-    1/classes, loss within 1% of ln classes: the same output for every image), with the likely
-    cause; None otherwise."""
-    chance, images = 1 / num_classes, int(result["confusion"].sum())
-    if abs(result["acc"] - chance) > 2 * math.sqrt(chance * (1 - chance) / images) or \
-            abs(result["loss"] - math.log(num_classes)) > 0.01 * math.log(num_classes):
-        return None
-    trained = max((row["train_acc"] for row in history), default=0.0)
-    cause = (f"training accuracy reached {100 * trained:.0f}%, so in eval mode the model gives "
-             "every image the same "
-             "output (BatchNorm statistics behind the weights, as with few steps an epoch): try "
-             "--pretrained "
-             f"default, a smaller --batch-size or --model cnn") if trained > 2 * chance else \
-        "nothing was learnt: try a lower --lr, or --find-lr's suggestion"
-    return (f"warning: the final accuracy {100 * result['acc']:.1f}% is chance (1/{num_classes}) "
-            "and the loss "
-            f"{result['loss']:.4f} is ln {num_classes}; {cause}")
-
-
-def find_lr(config: Config, run: Run, argv: list[str]) -> int:
-    """The LR range test on the training data, instead of training: lr_finder.png and a suggested
-    LR, with the command (argv, the LR finder's own flags and --lr replaced) that trains at it."""
-    lrs, losses, suggestion = optim_module.find_lr(
-        run.state.model, run.data.train, run.state.optimizer,
-        train_module.training_loss(run.fit).to(run.device), autocast_dtype=run.fit.autocast_dtype)
-    if run.main_process:
-        path = os.path.join(run.fit.output_dir, report_module.LR_FINDER)
-        report_module.plot_lr_finder(lrs, losses, suggestion, path)
-        print(f"LR finder: {len(lrs)} steps, LR {lrs[0]:.0e} to {lrs[-1]:.1e}. Suggested LR: "
-              f"{suggestion:.2g} "
-              "(the middle of the longest fall of the smoothed loss, fastai's valley rule; plot: "
-              f"{path}). "
-              "To train at it: "
-              f"{_command_with(argv, {'--find-lr': None, '--lr': f'{suggestion:.2g}'})}")
-    return 0
-
-
-def _command_with(argv: list[str], changes: dict[str, str | None]) -> str:
-    """`python main.py` and argv, with each flag in changes dropped (None) or set to its value (at
-    the end)."""
-    kept, skip = [], False
-    for word in argv:
-        name = word.split("=")[0]
-        if skip and not word.startswith("--"):
-            continue
-        skip = name in changes
-        if not skip:
-            kept.append(word)
-    kept += [part for name, value in changes.items() if value is not None for part in (name, value)]
-    return shlex.join(["python", "main.py", *kept])
 
 
 if __name__ == "__main__":

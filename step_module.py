@@ -38,9 +38,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True
 
 @contextlib.contextmanager
 def autotuned(worth_it: bool):
-    """cuDNN's benchmark mode (set in main.setup: each new input shape first times the algorithms of
-    every convolution) left on only where worth_it: off for a batch size that runs once, such as the
-    last, smaller batch of an evaluation, whose timing would cost more than it saves."""
+    """cuDNN's benchmark mode (set in run_module.setup: each new input shape first times the
+    algorithms of every convolution) left on only where worth_it: off for a batch size that runs
+    once, such as the last, smaller batch of an evaluation, whose timing would cost more than it
+    saves."""
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark and worth_it
     try:

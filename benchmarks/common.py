@@ -11,11 +11,12 @@ from torch import nn
 
 import main
 import optim_module
+import run_module
 import step_module
 import train_module
 
 
-def configs(**constants) -> main.Config:
+def configs(**constants) -> run_module.Config:
     """main.build_config of main.py's constants (the defaults), the ones named changed."""
     return main.build_config({**main.constants(), **constants})
 

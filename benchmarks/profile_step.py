@@ -159,7 +159,7 @@ def make_step(values: dict, device: torch.device, total_steps: int) -> Step:
     config = pipeline.build_config(values)
     run = config.run
     utils.seed_everything(config.data.seed)
-    torch.backends.cudnn.benchmark = True  # as main.setup
+    torch.backends.cudnn.benchmark = True  # as run_module.setup
     size, batch = config.data.image_size, config.data.batch_size
     model = model_module.get_model(run.model, NUM_CLASSES, freeze=run.freeze, image_size=size,
                                    sample_images=lambda n: torch.randn(min(n, 512), 3, size, size))

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import main  # noqa: E402
+import run_module  # noqa: E402
 import train_module  # noqa: E402
 import utils  # noqa: E402
 
@@ -42,7 +43,7 @@ def soak(args) -> dict:
                                        "--ask-epoch", "none", "--patience", "1000",
                                        "--stop-patience", "1000",
                                        "--download", "false", "--output-dir", output_dir])
-        run = main.setup(main.build_config(values), rank=0, world_size=1, local_rank=0,
+        run = run_module.setup(main.build_config(values), rank=0, world_size=1, local_rank=0,
                          account=utils.TimeAccount(time.perf_counter()))
         samples = {}
 

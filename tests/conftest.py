@@ -19,6 +19,7 @@ import cache_module
 import data_module
 import loader_module
 import main
+import run_module
 import step_module
 import train_module
 
@@ -140,7 +141,7 @@ def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "ow
     return str(root)
 
 
-def configs(**constants) -> main.Config:
+def configs(**constants) -> run_module.Config:
     """main.build_config of main.py's constants, the ones named (as main.py spells them) changed:
     each setting's default lives in main.py alone, and tests build their configs from it."""
     return main.build_config({**main.constants(), **constants})

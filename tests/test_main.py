@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import checkpoint_module
+import cli_module
 import data_module
 import export_module
 import files_module
@@ -29,6 +30,7 @@ import loader_module
 import main
 import model_module
 import optim_module
+import run_module
 import step_module
 import train_module
 import utils
@@ -132,7 +134,7 @@ def test_help_shows_each_constants_comment_and_default_grouped_as_the_constants_
     assert "Data: --data-dir STR holds cifar-10-batches-py/" in text
     assert "SGD Nesterov momentum [MOMENTUM; default 0.9]" in text
     assert text.index("LRA (") < text.index("--patience INT") < text.index("Speed:")
-    comments = main._documentation()
+    comments = cli_module.documentation(main.__file__)
     assert set(comments) == set(main.constants()) and all(text for text, _ in comments.values())
 
 
@@ -266,8 +268,9 @@ def test_a_ten_to_one_folder_trains_balanced_and_mixed_and_reports_each_classs_r
         "dogs"), per_class=20)
     for i in range(18):  # 20 cats, 2 dogs
         os.remove(tmp_path / "photos" / "train" / "dogs" / f"{i}.png")
-    setup, runs = main.setup, []
-    monkeypatch.setattr(main, "setup", lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
+    setup, runs = run_module.setup, []
+    monkeypatch.setattr(run_module, "setup",
+                        lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
     out = tmp_path / "out"
     result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out,
         "--epochs", "1",
@@ -293,9 +296,9 @@ def test_a_ten_to_one_folder_trains_balanced_and_mixed_and_reports_each_classs_r
 
 
 def test_the_class_weights_line_names_the_lightest_and_the_heaviest_class():
-    assert main._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == \
+    assert run_module._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == \
         "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.5 (owls) to 3 (dogs)"
-    assert main._class_weights_line((1.0, 1.0), ["cats", "dogs"]).endswith(
+    assert run_module._class_weights_line((1.0, 1.0), ["cats", "dogs"]).endswith(
         ": 1 for every class (a balanced split)")
 
 
@@ -808,9 +811,10 @@ def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_col
         evaluated.append(loader)
         return evaluate(model, loader, **kwargs)
     monkeypatch.setattr(train_module, "evaluate", recording)
-    setup = main.setup
+    setup = run_module.setup
     runs = []
-    monkeypatch.setattr(main, "setup", lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
+    monkeypatch.setattr(run_module, "setup",
+                        lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
     result = main_in_process(args + ["--val-split", "0", "--epochs", "3"], capsys)
     assert result.returncode == 0, result.stderr
     data = runs[0].data
@@ -827,16 +831,17 @@ def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_col
 def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
     confusion = torch.tensor([[30, 0, 0], [30, 0, 0], [30, 0, 0]])  # every image one class
     chance = {"acc": 1 / 3, "loss": math.log(3), "confusion": confusion}
-    learnt_in_training = main.chance_warning(chance, 3, [{"train_acc": 0.4}, {"train_acc": 0.99}])
+    learnt_in_training = run_module.chance_warning(chance, 3, [{"train_acc": 0.4},
+                                                               {"train_acc": 0.99}])
     assert learnt_in_training.startswith(
         "warning: the final accuracy 33.3% is chance (1/3) and the loss 1.0986 is ln 3")
     assert (
         "training accuracy reached 99%" in learnt_in_training and "BatchNorm" in learnt_in_training
     )
-    assert "a lower --lr" in main.chance_warning(chance, 3, [{"train_acc": 0.34}])
-    assert main.chance_warning({**chance, "acc": 0.6}, 3, []) is None  # learnt something
+    assert "a lower --lr" in run_module.chance_warning(chance, 3, [{"train_acc": 0.34}])
+    assert run_module.chance_warning({**chance, "acc": 0.6}, 3, []) is None  # learnt something
     # not the same output for every image
-    assert main.chance_warning({**chance, "loss": 0.7}, 3, []) is None
+    assert run_module.chance_warning({**chance, "loss": 0.7}, 3, []) is None
 
 
 # ----------------------------------------------------------------------------- off the happy path
@@ -1202,7 +1207,7 @@ def test_a_decoding_worker_killed_ends_the_run_in_one_line_naming_its_file(tmp_p
                               tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], capsys)
     assert time.monotonic() - began < 20
     [line] = error_lines(result)
-    assert result.returncode == main.WORKER_DIED and "Traceback" not in result.stderr
+    assert result.returncode == run_module.WORKER_DIED and "Traceback" not in result.stderr
     assert f"was killed by SIGKILL while decoding {victim}: most likely the system ran out of " \
         f"memory" in line
 
@@ -1236,7 +1241,7 @@ def test_a_dataloader_worker_killed_in_training_ends_the_run_in_one_line(tmp_pat
                             timeout=120)
     assert time.monotonic() - began < 60
     [line] = error_lines(result)  # nothing from the workers, nor from torch's threads
-    assert result.returncode == main.WORKER_DIED
+    assert result.returncode == run_module.WORKER_DIED
     assert line.startswith("error: a worker process") and \
         "while reading training images: most likely the system ran out of memory" in line
     assert line.endswith(f"then go on with: python main.py --resume auto --output-dir {out}")
