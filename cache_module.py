@@ -254,7 +254,7 @@ def remembered(cache_file: str, rows: torch.Tensor,
     return mean, std
 
 
-MIN_STD = 1e-3  # the smallest standard deviation data_module.channel_stats gives (a flat
+MIN_STD = 1e-3  # the smallest standard deviation source_module.channel_stats gives (a flat
 # channel's), as normalisation divides by it: a memo's smaller one (0) would make a NaN loss
 
 

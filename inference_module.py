@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import augment_module
 import checkpoint_module
+import cifar_module
 import data_module
 import export_module
 import files_module
@@ -92,8 +93,8 @@ def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any],
     --predict."""
     if dataset == "cifar10":
         prepare = augment_module.evaluation_transform(None, info["mean"], info["std"])
-        return torch.stack([prepare(Image.fromarray(image.numpy()))
-                            for image in data_module.read_cifar10(data_dir, download=False)[2][:n]])
+        test_images = cifar_module.read_cifar10(data_dir, download=False)[2]
+        return torch.stack([prepare(Image.fromarray(image.numpy())) for image in test_images[:n]])
     folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
     files, _ = find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
     dataset = PredictionImages(files[:n], info["image_size"], info["mean"], info[

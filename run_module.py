@@ -15,6 +15,7 @@ import torch
 import callback_module
 import checkpoint_module
 import data_module
+import folder_module
 import distributed_module
 import files_module
 import messages_module
@@ -121,7 +122,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before any
     training."""
     options, output_dir = config.run, config.fit.output_dir
-    data_module.check_output_dir(config.data, output_dir)  # before anything is read or written
+    folder_module.check_output_dir(config.data, output_dir)  # before anything is read or written
     files_module.check_writable(output_dir)
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
     # another run writing there: refused at once

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 import cache_module  # noqa: E402
+import cifar_module  # noqa: E402
 import data_module  # noqa: E402
 import decode_module  # noqa: E402
 import image_module  # noqa: E402
@@ -71,7 +72,7 @@ def write_folder(folder: str, n: int, data_dir: str, workers: int) -> None:
     if os.path.exists(marker) and open(marker).read() == str(n):
         return
     shutil.rmtree(folder, ignore_errors=True)
-    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(
+    train_images, train_labels, test_images, test_labels, classes = cifar_module.read_cifar10(
         data_dir, False)
     jobs = []
     for split, images, labels, count in (("train", train_images, train_labels, n),

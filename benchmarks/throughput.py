@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
+import cifar_module  # noqa: E402
 import data_module  # noqa: E402
 import model_module  # noqa: E402
 import utils  # noqa: E402
@@ -113,7 +114,7 @@ def tutorial_rate(args, device) -> tuple[float, float]:
     transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
         transforms.RandomHorizontalFlip(),
                                     transforms.ToTensor(), transforms.Normalize(mean, std)])
-    dataset = data_module.CIFAR10(args.data_dir, train=True, transform=transform)
+    dataset = cifar_module.CIFAR10(args.data_dir, train=True, transform=transform)
     loader = DataLoader(Subset(dataset, range(args.images)), batch_size=args.batch_size,
         shuffle=True,
                         num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)

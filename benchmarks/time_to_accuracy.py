@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import data_module  # noqa: E402
+import cifar_module  # noqa: E402
 import main as pipeline  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def run_ours(args, seed: int, epochs: int | None = None) -> dict:
 def write_airbench_data(data_dir: str, folder: str) -> None:
     """airbench's loader reads ./cifar10/train.pt and test.pt: dicts of uint8 N x 32 x 32 x 3
     images, int64 labels and class names. Written from the same files the pipeline reads."""
-    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(
+    train_images, train_labels, test_images, test_labels, classes = cifar_module.read_cifar10(
         data_dir, False)
     os.makedirs(os.path.join(folder, "cifar10"), exist_ok=True)
     for name, images, labels in (("train", train_images, train_labels), ("test", test_images,

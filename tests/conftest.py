@@ -20,6 +20,7 @@ import data_module
 import loader_module
 import main
 import run_module
+import source_module
 import step_module
 import train_module
 
@@ -166,7 +167,7 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
         return images, labels
 
     (train_images, train_labels), (val_images, val_labels) = split(n_train), split(n_val)
-    mean, std = data_module.channel_stats(train_images)
+    mean, std = source_module.channel_stats(train_images)
     train = loader_module.ResidentLoader(train_images.to(device), train_labels.to(device),
                                          loader_module.Batching(batch_size, train=True, seed=seed),
                                          augmentation(mean, std, CROP_PADDING=1))

@@ -14,10 +14,13 @@ from torchvision import datasets, transforms
 from torchvision.transforms import functional as F
 
 import augment_module
+import cifar_module
 import data_module
 import decode_module
+import folder_module
 import image_module
 import loader_module
+import source_module
 import cache_module
 from conftest import (CLASSES, PHOTO_CLASSES, PHOTOS_PER_CLASS, REAL_DEFAULT_CACHE_DIR, collect,
                       configs, plant_crafted_batch, write_fake_cifar, write_image_tree,
@@ -88,13 +91,13 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
     import pickle
     with open(os.path.join(root, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
         raw = pickle.load(f, encoding="latin1")["data"][0]
-    train_images = data_module.read_cifar10(root, download=False)[0]
+    train_images = cifar_module.read_cifar10(root, download=False)[0]
     # row: 1,024 red values, then green, then blue, each row-major; the reader gives H x W x C
     expected = raw.reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(train_images[0].numpy(), expected)
 
 
-@pytest.mark.parametrize("name", data_module.CIFAR_FILES)
+@pytest.mark.parametrize("name", cifar_module.CIFAR_FILES)
 @pytest.mark.parametrize("call, named", [("system", "posix.system"), ("exec", "__builtin__.exec")])
 def test_a_crafted_batch_file_is_refused_naming_it_and_its_code_never_runs(tmp_path, name, call,
                                                                           named):
@@ -102,7 +105,7 @@ def test_a_crafted_batch_file_is_refused_naming_it_and_its_code_never_runs(tmp_p
     marker = tmp_path / "marker"
     path = plant_crafted_batch(root, marker, name, call)
     with pytest.raises(DataError) as error:
-        data_module.read_cifar10(root, download=False)
+        cifar_module.read_cifar10(root, download=False)
     line = str(error.value)
     assert line.startswith(f"{path} is not a CIFAR-10 batch file: it calls {named} as it loads")
     assert "it was refused and nothing in it ran" in line and "\n" not in line
@@ -115,14 +118,14 @@ def test_a_crafted_batch_file_is_refused_naming_it_and_its_code_never_runs(tmp_p
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_batch_files_written_at_any_pickle_protocol_read_alike(tmp_path, protocol):
     root = write_fake_cifar(tmp_path / "data", per_batch=10)
-    expected = data_module.read_cifar10(root, download=False)
-    for name in data_module.CIFAR_FILES:  # as numpy 2 writes them at that protocol
+    expected = cifar_module.read_cifar10(root, download=False)
+    for name in cifar_module.CIFAR_FILES:  # as numpy 2 writes them at that protocol
         path = os.path.join(root, "cifar-10-batches-py", name)
         with open(path, "rb") as f:
             entry = pickle.load(f)
         with open(path, "wb") as f:
             pickle.dump(entry, f, protocol=protocol)
-    for got, want in zip(data_module.read_cifar10(root, download=False), expected):
+    for got, want in zip(cifar_module.read_cifar10(root, download=False), expected):
         assert torch.equal(got, want) if isinstance(want, torch.Tensor) else got == want
 
 
@@ -141,17 +144,17 @@ def test_a_batch_file_is_checked_field_by_field(tmp_path, change, fragment):
         pickle.dump({**entry, **change}, f, protocol=2)
     expected = f"^{path} is not a readable CIFAR-10 batch file \\({fragment}\\)"
     with pytest.raises(DataError, match=expected):
-        data_module.read_cifar10(root, download=False)
+        cifar_module.read_cifar10(root, download=False)
 
 
 def test_a_batch_file_larger_than_cifar_s_is_refused_before_it_is_read(tmp_path):
     root = write_fake_cifar(tmp_path / "data", per_batch=10)
     path = os.path.join(root, "cifar-10-batches-py", "test_batch")
     with open(path, "r+b") as f:
-        f.truncate(data_module.CIFAR_BATCH_BYTES + 1)  # sparse: reading it would take 64 MB
+        f.truncate(cifar_module.CIFAR_BATCH_BYTES + 1)  # sparse: reading it would take 64 MB
     expected = f"^{path} is not a CIFAR-10 batch file: it takes 64 MB, and one never takes over 64"
     with pytest.raises(DataError, match=expected):
-        data_module.read_cifar10(root, download=False)
+        cifar_module.read_cifar10(root, download=False)
 
 
 def test_the_real_batch_files_read_as_a_plain_unpickler_reads_them(cifar_dir):
@@ -160,8 +163,8 @@ def test_the_real_batch_files_read_as_a_plain_unpickler_reads_them(cifar_dir):
     def plain(name):  # pickle.load: trusted here, on the real files
         with open(os.path.join(folder, name), "rb") as f:
             return pickle.load(f, encoding="latin1")
-    images, labels, test_images, test_labels, classes = data_module.read_cifar10(cifar_dir, False)
-    for names, got_images, got_labels in ((data_module.CIFAR_FILES[:5], images, labels),
+    images, labels, test_images, test_labels, classes = cifar_module.read_cifar10(cifar_dir, False)
+    for names, got_images, got_labels in ((cifar_module.CIFAR_FILES[:5], images, labels),
                                           (["test_batch"], test_images, test_labels)):
         batches = [plain(name) for name in names]
         rows = np.concatenate([batch["data"] for batch in batches])
@@ -271,7 +274,7 @@ def test_a_data_dir_one_level_too_deep_for_cifar_names_its_parent(fake_cifar):
     assert str(error.value) == (
         f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: use its parent, "
                                 f"--data-dir {fake_cifar}")
-    assert sorted(os.listdir(folder)) == sorted(data_module.CIFAR_FILES)  # no download into it
+    assert sorted(os.listdir(folder)) == sorted(cifar_module.CIFAR_FILES)  # no download into it
 
 
 @pytest.mark.parametrize("name, kind", [("data_batch_1", "a file, not a folder; point"),
@@ -349,7 +352,7 @@ def test_an_unset_val_split_is_5000_for_cifar_and_a_tenth_with_every_class_for_a
 
 def test_channel_stats_match_numpy():
     images = torch.randint(0, 256, (50, 6, 5, 3), dtype=torch.uint8)
-    mean, std = data_module.channel_stats(images)
+    mean, std = source_module.channel_stats(images)
     values = images.numpy().reshape(-1, 3) / 255
     assert np.allclose(mean, values.mean(0)) and np.allclose(std, values.std(0))
 
@@ -421,7 +424,7 @@ def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_ci
 
 def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
-    files, classes = data_module._scan_folder(root, size=8)
+    files, classes = folder_module._scan_folder(root, size=8)
     images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
     options = dict(val_split=6, train_subset=12, seed=3, data_dir=root, dataset="folder",
         classes=classes)
@@ -623,8 +626,8 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
 
     def refuse(*args):
         raise AssertionError("statistics computed although mean and std were given")
-    monkeypatch.setattr(data_module.Images, "statistics", refuse)
-    monkeypatch.setattr(data_module.ImageFiles, "statistics", refuse)
+    monkeypatch.setattr(source_module.Images, "statistics", refuse)
+    monkeypatch.setattr(source_module.ImageFiles, "statistics", refuse)
     for resident in ("yes", "no"):
         config = data_config("folder", root, BATCH_SIZE=4, IMAGE_SIZE=16, RESIDENT=resident,
                              NUM_WORKERS=0)
@@ -632,7 +635,7 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
                                             std=(0.25,) * 3))
         assert data.mean == (0.5,) * 3 and data.std == (0.25,
             ) * 3 and data.resize_size == 24 and data.image_size == 16
-        files = data_module._scan_folder(root, 24)[0]["val"]
+        files = folder_module._scan_folder(root, 24)[0]["val"]
         stored = torch.from_numpy(np.array(files.read(0)))
         assert stored.shape == (24, 24, 3)
         images, _ = collect(data.val)
@@ -672,7 +675,8 @@ def decoded(monkeypatch):
         seen.extend(paths)
         return decode_files(paths, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "decode_files", counting)
+    for module in (source_module, folder_module):  # files read, and the cache built
+        monkeypatch.setattr(module, "decode_files", counting)
     return seen
 
 
@@ -714,11 +718,11 @@ def test_a_cached_folders_statistics_are_a_samples_remembered_and_the_same_resid
     root = write_photo_tree(tmp_path / "photos")
     streamed = cached_data(root, tmp_path / "cache", RESIDENT="no")
     # under 2,000: all of them
-    exact = data_module.channel_stats(streamed.train.images[streamed.train.rows])
+    exact = source_module.channel_stats(streamed.train.images[streamed.train.rows])
 
     def refuse(images):
         raise AssertionError("statistics computed again although the cache remembers them")
-    monkeypatch.setattr(data_module, "channel_stats", refuse)
+    monkeypatch.setattr(source_module, "channel_stats", refuse)
     resident = cached_data(root, tmp_path / "cache", RESIDENT="yes")
     assert resident.resident and not streamed.resident
     assert (resident.mean, resident.std) == (streamed.mean, streamed.std) == exact
@@ -780,7 +784,7 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     assert isinstance(streamed.train, loader_module.StreamingLoader) and streamed.cache_file is None
     assert cached.mean == resident.mean == streamed.mean  # under 2,000 images: all of them, exactly
     # the stored squares: each cache row is the file as the streaming path reads it
-    files = data_module._scan_folder(root, 37)[0]["val"]
+    files = folder_module._scan_folder(root, 37)[0]["val"]
     rows = cached.val.images[cached.val.rows]
     assert torch.equal(rows, resident.val.images)
     for i in range(len(files)):
@@ -819,7 +823,8 @@ def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_files_ar
     def recording(paths, size, out, num_workers, desc, *, device=None):
         calls.append((desc, device))
         return decode_files(paths, size, out, num_workers, desc, device=device)
-    monkeypatch.setattr(data_module, "decode_files", recording)
+    for module in (source_module, folder_module):  # files read, and the cache built
+        monkeypatch.setattr(module, "decode_files", recording)
     root = write_image_tree(tmp_path / "photos")
     config = data_config("folder", root, BATCH_SIZE=8, IMAGE_SIZE=16, NUM_WORKERS=0,
                          CACHE_DIR=str(tmp_path / "c"))

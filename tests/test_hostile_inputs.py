@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data_module
+import folder_module
 import main
 import messages_module
 import walk_module
@@ -347,15 +348,15 @@ def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(t
     os.symlink(linked, os.path.join(root, "train", "dogs"))
     output_dir = str(linked / "run") if inside == "linked/run" else os.path.join(root, inside)
     with pytest.raises(DataError, match=r"^--output-dir \(OUTPUT_DIR\) .* is inside the data "):
-        data_module.check_output_dir(folder_config(root), output_dir)
+        folder_module.check_output_dir(folder_config(root), output_dir)
     for beside in (tmp_path / "out", tmp_path / "data", tmp_path / "data" / "runs"):  # never read
-        data_module.check_output_dir(folder_config(root), str(beside))
+        folder_module.check_output_dir(folder_config(root), str(beside))
     # reads batch files only
-    data_module.check_output_dir(configs(DATASET="cifar10", DATA_DIR=str(root)).data, output_dir)
+    folder_module.check_output_dir(configs(DATASET="cifar10", DATA_DIR=str(root)).data, output_dir)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read")
-    monkeypatch.setattr(data_module, "walk_images", refuse)
+    monkeypatch.setattr(folder_module, "walk_images", refuse)
     before = sorted(os.walk(tmp_path))
     assert main.main(["--dataset", "folder", "--data-dir", root, "--output-dir", output_dir]) == 2
     assert sorted(os.walk(tmp_path)) == before  # nothing written either

@@ -1215,15 +1215,15 @@ def test_a_decoding_worker_killed_ends_the_run_in_one_line_naming_its_file(tmp_p
 KILLED_IN_A_DATALOADER_WORKER = """
 import os, runpy, signal, sys
 import torch
-import data_module
-real = data_module.read_stored
+import source_module
+real = source_module.read_stored
 
 def killed(path, *args):  # in a DataLoader worker: killed, as the out-of-memory killer kills
     if torch.utils.data.get_worker_info() is not None:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, *args)
 
-data_module.read_stored = killed
+source_module.read_stored = killed
 sys.argv = [{main!r}, *{args!r}]
 runpy.run_path({main!r}, run_name="__main__")
 """

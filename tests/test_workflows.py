@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data_module
+import cifar_module
 import main
 import report_module
 import train_module
@@ -200,7 +200,7 @@ def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path)
     """Train the CNN briefly on CIFAR-10's first five classes, then fine-tune it, frozen, on a small
     tree of the other five written from the test set; it must beat the same small data trained from
     scratch."""
-    train_images, train_labels, test_images, test_labels, classes = data_module.read_cifar10(
+    train_images, train_labels, test_images, test_labels, classes = cifar_module.read_cifar10(
         cifar_dir, False)
     source, target = tmp_path / "source", tmp_path / "target"
     write_cifar_tree(source, train_images, train_labels, classes, range(5), 400, "train")

@@ -1,0 +1,250 @@
+"""DATA_DIR's photo-folder tree (DATA_DIR/<split>/<class>/<image>): listed, checked and read, its
+files one by one or through the decoded-image cache (cache_module); what is wrong with DATA_DIR,
+said; and check_output_dir, which keeps OUTPUT_DIR out of the tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+import cache_module
+import messages_module
+from decode_module import decode_files
+from image_module import IMAGE_EXTENSIONS, DataError, check_image, skip_reason
+from walk_module import Skipped, walk_images
+from source_module import ImageFiles, MappedImages, Source
+
+SPLITS = ("train", "val", "test")  # a folder tree's split folders: DATA_DIR/<split>/<class>/<image>
+
+
+def _flag(name: str) -> str:
+    """A constant of main.py as the user types it, with its name beside it: "--val-split
+    (VAL_SPLIT)"."""
+    return f"{messages_module.flag(name)} ({name})"
+
+
+def _file_message(data_dir: str, holder_of: str) -> str:
+    """The message for a DATA_DIR that is a file, not a folder."""
+    archive = data_dir.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip"))
+    return (f"{_flag('DATA_DIR')} {data_dir} is {'an archive' if archive else 'a file'}, not a "
+            "folder; "
+            f"{'unpack it and ' if archive else ''}point it at the folder that holds {holder_of}")
+
+
+def _parent(path: str) -> str:
+    """The folder that holds path, as the user would type it ("." for a bare name)."""
+    return os.path.dirname(os.path.normpath(path)) or "."
+
+
+def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]], Skipped]:
+    """The classes of DATA_DIR/train (their names as messages_module.printable shows them), and for
+    each split (train, and val and test when there) its image files with their labels, in
+    ImageFolder's order (walk_images: regular files only, each real folder once, folder links
+    followed, a link loop refused); and what was skipped. Opens no file."""
+    train_dir = os.path.join(data_dir, "train")
+    if not os.path.isdir(train_dir):
+        raise DataError(_no_tree_message(data_dir))
+    listings = {split: _entries(os.path.join(data_dir, split)) for split in SPLITS
+                if os.path.isdir(os.path.join(data_dir, split))}
+    classes = [entry.name for entry in listings["train"] if _is_folder(entry)]  # sorted by name
+    if not classes:
+        raise DataError(f"no readable images in {train_dir}: it has no class folders "
+                        f"(train/<class>/<image>)")
+    shown = [messages_module.printable(name) for name in classes]
+    twins = sorted({name for name in shown if shown.count(name) > 1})
+    if twins:
+        raise DataError(f"{train_dir} has class folders whose names read alike once their bytes "
+                        f"that are not UTF-8 are shown as \\xNN: {', '.join(twins)}; rename one")
+    skipped, roots, labels, split_of = Skipped(), [], [], []
+    for split, entries in listings.items():
+        folder = os.path.join(data_dir, split)
+        folders = {entry.name for entry in entries if _is_folder(entry)}
+        extra = sorted(messages_module.printable(name) for name in folders - set(classes))
+        if extra:
+            raise DataError(f"{folder} has class folders that train/ lacks: {', '.join(extra)}")
+        for entry in entries:
+            if entry.name not in folders:
+                missing = entry.is_symlink() and not os.path.exists(entry.path)
+                skipped.add("dangling link" if missing else "outside the classes", entry.path)
+        present = [label for label, name in enumerate(classes) if name in folders]
+        roots += [os.path.join(folder, classes[label]) for label in present]
+        labels += present
+        split_of += [split] * len(present)
+    splits = {split: [] for split in listings}
+    for split, label, paths in zip(split_of, labels, walk_images(roots, skipped)):
+        splits[split] += [(path, label) for path in paths]
+    return shown, splits, skipped
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """A folder's entries, sorted by name."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda entry: entry.name)
+    except OSError as error:
+        raise DataError(f"cannot list {folder} ({error.strerror}); check its permissions") from None
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether an entry is a folder or a link to one (not a link to nothing, or in a loop)."""
+    try:
+        return entry.is_dir()
+    except OSError:  # a loop of links, a target without permission
+        return False
+
+
+def _no_tree_message(data_dir: str) -> str:
+    """Why DATA_DIR holds no train/: it is a file, missing, a split folder given for the folder
+    above it, or a folder of class folders with no train/ around them; else where the tree is
+    expected."""
+    if os.path.isfile(data_dir):
+        return _file_message(data_dir, "train/<class>/<image>")
+    if not os.path.isdir(data_dir):
+        return (f"{_flag('DATA_DIR')} {data_dir} does not exist; point it at the folder that "
+                f"holds train/<class>/<image>")
+    parent, class_folders = _parent(data_dir), _holds_class_folders(data_dir)
+    split_name = os.path.basename(os.path.normpath(data_dir)) in SPLITS
+    if os.path.isdir(os.path.join(parent, "train")) and (split_name or class_folders):
+        return (
+            f"{_flag('DATA_DIR')} {data_dir} is a split folder; use its parent, --data-dir {parent}"
+        )
+    if class_folders:
+        return (f"{_flag('DATA_DIR')} {data_dir} holds class folders but no train/: move them into "
+                f"{os.path.join(data_dir, 'train')}/, or point --data-dir at the folder that holds "
+                "train/")
+    return (f"no ImageFolder tree in {data_dir}: expected "
+            f"{os.path.join(data_dir, 'train')}/<class>/<image> "
+            f"(val/ and test/ beside it optional); point {_flag('DATA_DIR')} at the folder that "
+            "holds train/")
+
+
+def _holds_class_folders(folder: str) -> bool:
+    """Whether a subfolder of folder holds an image file: folder is one split's class folders."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(entry.is_dir() and any(name.lower().endswith(IMAGE_EXTENSIONS)
+                                              for name in os.listdir(entry.path))
+                                              for entry in entries)
+    except OSError:  # unreadable: nothing to say about it here
+        return False
+
+
+def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str,
+        int]]]) -> None:
+    """Raise DataError unless every class of train/ has an image, there are two classes or more, and
+    val/ and test/ (when there) hold images."""
+    train_dir = os.path.join(data_dir, "train")
+    found = {label for _, label in splits["train"]}
+    empty = [name for label, name in enumerate(classes) if label not in found]
+    if empty:
+        raise DataError(f"no readable images in {train_dir}: none in the class "
+                        f"{'folder' if len(empty) == 1 else 'folders'} {', '.join(empty)}")
+    if len(classes) < 2:
+        raise DataError(
+            f"{train_dir} has {messages_module.plural(len(classes), 'class folder')} with images; "
+            "a "
+            "classifier needs "
+                        f"at least two (train/<class>/<image>)")
+    for split in ("val", "test"):
+        if split in splits and not splits[split]:
+            raise DataError(
+                f"{os.path.join(data_dir, split)} holds no readable images; fill it or remove it")
+
+
+def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
+              skipped: Skipped) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Each split's images but those skipped, as (paths, labels), after one line on stderr for each
+    reason a file was skipped for (Skipped.warnings); DataError when a class or a split is left
+    without images."""
+    for line in skipped.warnings():
+        print(f"warning: {line}", file=sys.stderr)
+    skip = skipped.every_path()
+    splits = {name: [(path, label) for path, label in samples if path not in skip] for name,
+        samples in splits.items()}
+    _check_splits(data_dir, classes, splits)
+    return {name: ([path for path, _ in samples], torch.tensor([label for _, label in samples],
+        dtype=torch.int64))
+            for name, samples in splits.items()}
+
+
+def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
+    """The train, val and (optional) test files of DATA_DIR that Pillow opens (check_image: no more
+    pixels than its limit either), labelled by train/'s class folders, and the classes; the files
+    are read at `size` (pixels, a square)."""
+    classes, splits, skipped = _list_tree(data_dir)
+    for samples in splits.values():
+        for path, _ in samples:
+            reason = check_image(path)
+            if reason:
+                skipped.add(reason, path)
+    splits = _readable(data_dir, classes, splits, skipped)
+    return {name: ImageFiles(paths, labels, size) for name, (paths,
+        labels) in splits.items()}, classes
+
+
+def _cached_folder(data_dir: str, size: int, cache_dir: str, num_workers: int,
+                   device: torch.device) -> tuple[dict[str, MappedImages], list[str], str]:
+    """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in
+    cache_dir, built first when missing or stale (files that fail to decode are the skipped ones,
+    for the reason their message gives, which the cache keeps; JPEGs decoded on the device when it
+    is a CUDA device); a valid cache opens no image file. Also the cache file."""
+    classes, splits, skipped = _list_tree(data_dir)
+    _check_splits(data_dir, classes, splits)  # before anything is decoded
+    paths = [path for samples in splits.values() for path, _ in samples]
+    cache = cache_module.open_or_build(
+        paths, size, cache_dir, root=data_dir,
+        fill=lambda out: decode_files(paths, size, out, num_workers, "decoding", device=device))
+    for i, message in cache.failed:
+        skipped.add(skip_reason(message), paths[i])
+    row = {path: i for i, path in enumerate(paths)}
+    splits = _readable(data_dir, classes, splits, skipped)
+    return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels,
+        cache.path)
+            for name, (paths, labels) in splits.items()}, classes, cache.path
+
+
+def read_folder(data_dir: str, size: int, cache_dir: str | None, num_workers: int,
+                device: torch.device) -> tuple[dict[str, Source], list[str], str | None]:
+    """A folder's train, val and test sources (files or rows: _scan_folder's, _cached_folder's), its
+    class names and the cache file (None without one): through the cache in cache_dir ("auto": the
+    user's cache folder) unless it is None or, "auto", cannot be used; a cache is built with the
+    device's help (decode_files)."""
+    if cache_dir is not None:
+        folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir
+        try:
+            return _cached_folder(data_dir, size, folder, num_workers, device)
+        except cache_module.CacheError as error:
+            if cache_dir != "auto":
+                raise DataError(
+                    f"{_flag('CACHE_DIR')} {cache_dir}: {error}; set it to a writable folder with "
+                                f"room, or to none to decode the images without a cache") from None
+            print(f"warning: {error}; the images are decoded without a cache (set "
+                  f"{_flag('CACHE_DIR')} to a "
+                  f"writable folder to keep them)", file=sys.stderr)
+    return *_scan_folder(data_dir, size), None
+
+
+def check_output_dir(config: Any, output_dir: str) -> None:
+    """DataError when a folder's images would include OUTPUT_DIR's files (its figures read as photos
+    by the next run): OUTPUT_DIR is, or is inside, DATA_DIR's train/, val/ or test/, or a class
+    folder (wherever its link leads). Reads nothing but those folders' names. config: a
+    data_module.DataConfig (its dataset and data_dir)."""
+    if config.dataset != "folder":
+        return
+    output = os.path.realpath(output_dir)
+    for split in SPLITS:
+        folder = os.path.join(config.data_dir, split)
+        if not os.path.isdir(folder):
+            continue
+        for inside in [folder] + [entry.path for entry in _entries(folder) if _is_folder(entry)]:
+            real = os.path.realpath(inside)
+            if output == real or output.startswith(os.path.join(real, "")):
+                shown = messages_module.printable(output_dir)
+                raise DataError(f"{_flag('OUTPUT_DIR')} {shown} is inside the data folder "
+                                f"{messages_module.printable(inside)}, whose images the next run "
+                                "would read "
+                                f"with its figures among them; choose an output folder outside "
+                                f"{_flag('DATA_DIR')}'s train/, val/ and test/")
