@@ -1,7 +1,6 @@
-"""A run's files, written and read side by side with one list of keys: last_checkpoint.pth
-(everything a resume needs), best_model.pth with best_model.json beside it (what --predict and
-WEIGHTS need), and training_metrics.csv; and an earlier run's files, moved aside to previous/ when a
-new run starts."""
+"""A run's files, written and read side by side: last_checkpoint.pth (all a resume needs),
+best_model.pth and best_model.json (what --predict and WEIGHTS need), training_metrics.csv; and an
+earlier run's files, moved aside to previous/ when a new run starts."""
 
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ MAX_INFO_BYTES = 16 * 2**20  # best_model.json: ImageNet-21k's 21,841 class name
 # a bigger file is not one of ours (json reads it whole before any field can be looked at)
 STARTED_SLACK = datetime.timedelta(days=1)  # a `started` may be this far ahead of this clock
 RESUME_FIX = "resume another checkpoint, or start afresh"  # what to do about a damaged checkpoint
-FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: Windows forbids them)
+FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: Windows's rule)
 
 
 # --------------------------------------------------------------------------- writing
@@ -107,14 +106,13 @@ class EpochWriter:
             raise error
         if error is not None:
             print(f"warning: the last epoch's files could not be written ({error})",
-                file=sys.stderr)
+                  file=sys.stderr)
 
 
 def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
-    """A copy of value that nothing changes after: every tensor copied to the CPU, all of them by
-    one copy_to_host call (so a device is waited for once, not once a tensor), dicts, lists and
-    tuples rebuilt, the rest deep-copied. hosts: the copies, in the order this walk meets the
-    tensors (None: make them)."""
+    """A copy of value that nothing changes after: its tensors copied to the CPU by one
+    copy_to_host call, dicts, lists and tuples rebuilt, the rest deep-copied. hosts: the copies, in
+    the order this walk meets the tensors (None: make them)."""
     if hosts is None:
         def tensors_in(item: Any) -> Iterator[torch.Tensor]:  # in the order of the walk below
             if isinstance(item, torch.Tensor):
@@ -140,12 +138,10 @@ def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
 
 
 def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of the tensors, made in one pass. Every CUDA tensor is copied into pinned memory
-    without waiting, and then the host waits once, on an event recorded after the last copy: a copy
-    each with .to("cpu") waits every time (1,500 of a fast-preset run's 1,780 host synchronisations
-    on an H200). The pinned blocks come from PyTorch's caching host allocator, which hands back
-    those of the copies already freed (the last epoch's, once written). CPU tensors (and any other
-    device's) are copied one by one: the live tensors change next epoch."""
+    """CPU copies of the tensors, made in one pass: each CUDA tensor copied into pinned memory
+    (PyTorch's caching host allocator) without waiting, then one wait on an event after the last
+    copy (.to("cpu") waits for each: 1,500 of a fast-preset run's 1,780 host synchronisations on an
+    H200). Other tensors are copied one by one: the live ones change next epoch."""
     copies, devices = [], set()
     for tensor in tensors:
         tensor = tensor.detach()
