@@ -416,8 +416,7 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
 
 
 def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_dir: str,
-    rank: int = 0,
-           world_size: int = 1) -> None:
+    rank: int = 0, world_size: int = 1) -> None:
     """Load a read_checkpoint() from path into state, so the run continues exactly where it stopped.
     Rewrites best_model.pth and the CSV from the checkpoint, its authority; a checkpoint from
     another folder first moves the files of output_dir's own run aside (move_earlier_run)."""
