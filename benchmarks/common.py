@@ -2,6 +2,7 @@
 loader is measured against), eager or replayed from a CUDA graph, timing passes interleaved, best
 kept, and this process's resident memory, anonymous apart from file pages."""
 
+import os
 import threading
 import time
 from typing import Callable
@@ -19,6 +20,19 @@ import train_module
 def configs(**constants) -> run_module.Config:
     """main.build_config of main.py's constants (the defaults), the ones named changed."""
     return main.build_config({**main.constants(), **constants})
+
+
+def add_device_arguments(parser, workers: str) -> None:
+    """--workers (what the DataLoader's are, in words) and --no-bf16, which both scripts take."""
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help=workers)
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
+
+
+def device_name(on_gpu: bool) -> str:
+    """The GPU's name, or the CPU's cores and torch's threads: what a benchmark ran on."""
+    if on_gpu:
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def synchronize(device: torch.device) -> None:

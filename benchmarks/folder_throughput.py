@@ -435,9 +435,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None,
         help="timed passes per path, taken in turn after "
                         "one untimed pass each, best kept (default: 3 on a GPU, 2 on the CPU)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
-        help="reference DataLoader workers")
-    parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
+    common.add_device_arguments(parser, "reference DataLoader workers")
     parser.add_argument("--decode-size", type=int, default=None,
         help="pixels the decode comparison stores "
                         "(default: the pipeline's, --image-size / RESIZE_RATIO)")
@@ -466,12 +464,7 @@ def main() -> None:
     args.images = sum(len(files) for _, _, files in os.walk(os.path.join(args.folder, "train")))
     torch.backends.cudnn.benchmark = True
     autocast_dtype = torch.bfloat16 if on_gpu and not args.no_bf16 else None
-    threads = torch.get_num_threads()
-    name = (
-        torch.cuda.get_device_name()
-        if on_gpu
-        else f"CPU ({os.cpu_count()} cores, {threads} threads)"
-    )
+    name = common.device_name(on_gpu)
     print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.images} training "
           "images in "
           f"{args.folder}, best of {args.epochs}, on {name}")

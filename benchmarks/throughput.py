@@ -171,9 +171,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None,
         help="timed passes per path, best kept (default: 3 "
                         "on a GPU, 2 on the CPU)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
-        help="tutorial DataLoader workers")
-    parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too")
+    common.add_device_arguments(parser, "tutorial DataLoader workers")
     parser.add_argument("--main-epochs", type=int, default=0,
         help="also run main.py for this many epochs "
                         "and report its peak RSS (0: skip)")
@@ -191,12 +189,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     autocast_dtype = torch.bfloat16 if on_gpu and not args.no_bf16 else None
     os.makedirs(args.output, exist_ok=True)
-    threads = torch.get_num_threads()
-    name = (
-        torch.cuda.get_device_name()
-        if on_gpu
-        else f"CPU ({os.cpu_count()} cores, {threads} threads)"
-    )
+    name = common.device_name(on_gpu)
     print(f"{args.model}, batch {args.batch_size}, {args.images} images a pass, best of "
           f"{args.epochs}, on {name}")
 
