@@ -17,8 +17,8 @@ from PIL import Image
 
 import cache_module
 import decode_module
+import files_module
 import image_module
-import utils
 from cache_module import fcntl
 from conftest import REAL_DEFAULT_CACHE_DIR
 
@@ -412,11 +412,11 @@ def test_a_failed_index_write_removes_the_npy_whose_room_the_next_build_needs(tm
     def full_disk(path):
         if path.endswith(".json"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(utils, "write_fault", full_disk)
+    monkeypatch.setattr(files_module, "write_fault", full_disk)
     with pytest.raises(cache_module.CacheError, match="no space left on device"):
         build(paths, tmp_path / "cache", tmp_path)
     assert [name for name in cache_files(tmp_path / "cache") if not name.endswith(".lock")] == []
-    monkeypatch.setattr(utils, "write_fault", None)
+    monkeypatch.setattr(files_module, "write_fault", None)
     assert build(paths, tmp_path / "cache", tmp_path)[0].built
 
 

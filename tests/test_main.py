@@ -711,7 +711,7 @@ def fail_writes(monkeypatch, name, after=0, error=errno.ENOSPC):
         if os.path.basename(path) == name and written.count(name) >= after:
             raise OSError(error, os.strerror(error))
         written.append(os.path.basename(path))
-    monkeypatch.setattr(utils, "write_fault", fault)
+    monkeypatch.setattr(files_module, "write_fault", fault)
     return written
 
 
@@ -781,7 +781,7 @@ def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_sto
     assert stopped.returncode == 3 and "--resume auto --output-dir" in stopped.stderr
     assert "best_model.pth was never written whole" in stopped.stdout
     assert utils.load_torch(str(out / "last_checkpoint.pth"))["epoch"] == 1
-    monkeypatch.setattr(utils, "write_fault", None)  # space freed
+    monkeypatch.setattr(files_module, "write_fault", None)  # space freed
     resumed = main_in_process(["--resume", "auto", "--output-dir", out], capsys)
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr
     expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out
@@ -794,7 +794,7 @@ def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_sto
 def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_written(tiny_run,
         capsys, monkeypatch):
     args, out = tiny_run
-    monkeypatch.setattr(utils, "free_bytes", lambda folder: 2**20)
+    monkeypatch.setattr(files_module, "free_bytes", lambda folder: 2**20)
     result = main_in_process(args, capsys)
     assert_one_clean_line(result, f"{out} has 1 MB free", "epoch files need about", "--output-dir")
     assert not out.exists()

@@ -288,7 +288,7 @@ def test_a_write_that_failed_in_the_background_stops_training_before_the_next_st
 
     def full_disk(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(utils, "write_fault", full_disk)
+    monkeypatch.setattr(files_module, "write_fault", full_disk)
     writer = checkpoint_module.EpochWriter(str(tmp_path))
     writer.save(state.state_dict(), new_best=False)
     writer._thread.join()  # the write has failed, and nobody has asked yet
