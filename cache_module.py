@@ -207,7 +207,7 @@ def _build(base: str, count: int, size: int, root: str,
     try:
         index = dict(format=FORMAT, key=name.split("-", 1)[1], root=root, size=size, count=count,
                      bytes=os.path.getsize(base + ".npy"), failed=failed)
-        files_module.atomic_write(base + ".json", lambda f: f.write(json.dumps(index).encode()))
+        files_module.write_json(base + ".json", index)
     except BaseException:  # a full disk, say: a .npy without its index is never opened, and would
         with contextlib.suppress(OSError):  # take the room that the next build needs
             os.remove(base + ".npy")

@@ -185,8 +185,7 @@ def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | 
     if best_weights is not None:
         utils.save_torch(best_weights, os.path.join(output_dir, BEST_MODEL))
         landed[BEST_MODEL] = info["epoch"]
-        files_module.atomic_write(os.path.join(output_dir, BEST_MODEL_INFO),
-                           lambda f: f.write(json.dumps(info, indent=2).encode()))
+        files_module.write_json(os.path.join(output_dir, BEST_MODEL_INFO), info, indent=2)
     utils.write_metrics(history, os.path.join(output_dir, METRICS_CSV))
 
 
@@ -195,10 +194,11 @@ def record_time(output_dir: str, figures: dict[str, float]) -> None:
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        info = json.load(f)
-    info["time"] = figures
-    files_module.atomic_write(path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+    try:  # read as any run file is: a file changed under the run is told in one line
+        info = _read_json(path)
+        files_module.write_json(path, {**info, "time": figures}, indent=2)
+    except (utils.CheckpointError, TypeError) as error:  # TypeError: not a JSON object
+        print(f"warning: {error}; the run's time is not recorded there", file=sys.stderr)
 
 
 def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:

@@ -13,8 +13,9 @@ import torch
 from torchvision import datasets
 
 import files_module
-from folder_module import _file_message, _flag, _parent
+from folder_module import _file_message, _parent
 from image_module import DataError
+from messages_module import flag_named
 
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
 
@@ -118,7 +119,7 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
     missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing and any(os.path.isfile(os.path.join(data_dir, name)) for name in CIFAR_FILES):
         raise DataError(
-            f"{_flag('DATA_DIR')} {data_dir} holds CIFAR-10's files itself: use its parent, "
+            f"{flag_named('DATA_DIR')} {data_dir} holds CIFAR-10's files itself: use its parent, "
                         f"--data-dir {_parent(data_dir)}")
     if missing and download:
         try:
@@ -129,7 +130,7 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
         missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         reason = (
-            f"{_flag('DOWNLOAD')} is false"
+            f"{flag_named('DOWNLOAD')} is false"
             if not download
             else "the downloaded archive lacked them"
         )
@@ -176,4 +177,4 @@ def _missing_message(folder: str, missing: list[str], reason: str) -> str:
     lacks = "" if len(missing) == len(CIFAR_FILES) else f" (missing {', '.join(missing)})"
     return (f"CIFAR-10 is not in {folder}{lacks} and {reason}; unpack {CIFAR10.url} in "
             f"{os.path.dirname(folder)}, "
-            f"or point {_flag('DATA_DIR')} at the folder that holds cifar-10-batches-py/")
+            f"or point {flag_named('DATA_DIR')} at the folder that holds cifar-10-batches-py/")

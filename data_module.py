@@ -17,10 +17,11 @@ import augment_module
 import messages_module
 from augment_module import RESIZE_RATIO, Augmentation, batch_mixer, pil_transform
 from cifar_module import read_cifar10
-from folder_module import _flag, read_folder
+from folder_module import read_folder
 from image_module import DataError
 from loader_module import (Batching, Loader, MappedLoader, MixedLoader, ResidentLoader,
                            StreamingLoader)
+from messages_module import flag_named
 from source_module import Images, MappedImages, Source
 
 DATASETS = ("cifar10", "folder")
@@ -199,12 +200,13 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         val = None
     else:
         raise DataError(
-            f"{data_dir} has no val/ or test/ folder and {_flag('VAL_SPLIT')} is 0: nothing to "
+            f"{data_dir} has no val/ or test/ folder and {flag_named('VAL_SPLIT')} is 0: nothing "
+            "to "
                         f"evaluate on; set it above 0, or add {data_dir}/val/<class>/<image>")
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_index):
             raise DataError(
-                f"{_flag('TRAIN_SUBSET')} {train_subset} is out of range: use 1 to "
+                f"{flag_named('TRAIN_SUBSET')} {train_subset} is out of range: use 1 to "
                 f"{len(train_index)} "
                             "(the training images left after the validation images are held out), "
                             "or none for all")
@@ -218,7 +220,8 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
     for name, part in parts.items():
         if part is not None and len(part) == 0:
             raise DataError(
-                f"the {name} split is empty; check {_flag('TRAIN_SUBSET')}, {_flag('VAL_SPLIT')} "
+                f"the {name} split is empty; check {flag_named('TRAIN_SUBSET')}, "
+                f"{flag_named('VAL_SPLIT')} "
                             f"and {data_dir}")
     return parts
 
@@ -256,7 +259,7 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
         if single:
             raise DataError(
                 f"{os.path.join(data_dir, 'train', single[0])} has a single image, and an unset "
-                            f"{_flag('VAL_SPLIT')} holds out one of each class; add images or "
+                            f"{flag_named('VAL_SPLIT')} holds out one of each class; add images or "
                             "val/, or set it")
     n_val = default_val_split(dataset, labels) if val_split is None else val_split
     if n_val < len(labels):
@@ -264,15 +267,16 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
     images = messages_module.plural(len(labels), "image")
     if val_split is None:
         raise DataError(
-            f"{_flag('VAL_SPLIT')} is unset, which holds out {n_val} of CIFAR-10's training "
+            f"{flag_named('VAL_SPLIT')} is unset, which holds out {n_val} of CIFAR-10's training "
             "images, "
                         f"but there are {images}; set a smaller one")
     if dataset == "folder":
         raise DataError(
-            f"{_flag('VAL_SPLIT')} {n_val} is too large: train/ has {images}; use fewer, or leave "
+            f"{flag_named('VAL_SPLIT')} {n_val} is too large: train/ has {images}; use fewer, or "
+            "leave "
                         f"it unset for a tenth of them")
     raise DataError(
-        f"{_flag('VAL_SPLIT')} {n_val} is too large: the training set has {images}; use fewer")
+        f"{flag_named('VAL_SPLIT')} {n_val} is too large: the training set has {images}; use fewer")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -325,7 +329,8 @@ def _resize_size(config: DataConfig, photos: bool) -> int | None:
         / RESIZE_RATIO)) if photos else config.image_size
     if size < config.image_size:
         raise DataError(
-            f"the resize size {size} is smaller than {_flag('IMAGE_SIZE')} {config.image_size}: "
+            f"the resize size {size} is smaller than {flag_named('IMAGE_SIZE')} "
+            f"{config.image_size}: "
                         f"a centre crop of that size would not fit in it; lower --image-size")
     return size
 

@@ -4,6 +4,7 @@ told in one line, links and other non-files refused, and the output folder's che
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
@@ -104,6 +105,11 @@ def atomic_write(path: str, write: Callable[[Any], None], needed: int | None = N
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path: str, obj: Any, indent: int | None = None) -> None:
+    """obj as a JSON file, written as atomic_write writes."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def not_a_plain_file(path: str) -> str | None:

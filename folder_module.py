@@ -1,6 +1,6 @@
 """DATA_DIR's photo-folder tree (DATA_DIR/<split>/<class>/<image>): listed, checked and read, its
 files one by one or through the decoded-image cache (cache_module); what is wrong with DATA_DIR,
-said; and check_output_dir, which keeps OUTPUT_DIR out of the tree."""
+said; and check_outside_data, which keeps OUTPUT_DIR out of the tree."""
 
 from __future__ import annotations
 
@@ -14,22 +14,18 @@ import cache_module
 import messages_module
 from decode_module import decode_files
 from image_module import IMAGE_EXTENSIONS, DataError, check_image, skip_reason
-from walk_module import Skipped, walk_images
+from messages_module import flag_named
 from source_module import ImageFiles, MappedImages, Source
+from walk_module import Skipped, walk_images
 
 SPLITS = ("train", "val", "test")  # a folder tree's split folders: DATA_DIR/<split>/<class>/<image>
-
-
-def _flag(name: str) -> str:
-    """A constant of main.py as the user types it, with its name beside it: "--val-split
-    (VAL_SPLIT)"."""
-    return f"{messages_module.flag(name)} ({name})"
 
 
 def _file_message(data_dir: str, holder_of: str) -> str:
     """The message for a DATA_DIR that is a file, not a folder."""
     archive = data_dir.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip"))
-    return (f"{_flag('DATA_DIR')} {data_dir} is {'an archive' if archive else 'a file'}, not a "
+    return (f"{flag_named('DATA_DIR')} {data_dir} is {'an archive' if archive else 'a file'}, not "
+            "a "
             "folder; "
             f"{'unpack it and ' if archive else ''}point it at the folder that holds {holder_of}")
 
@@ -103,21 +99,24 @@ def _no_tree_message(data_dir: str) -> str:
     if os.path.isfile(data_dir):
         return _file_message(data_dir, "train/<class>/<image>")
     if not os.path.isdir(data_dir):
-        return (f"{_flag('DATA_DIR')} {data_dir} does not exist; point it at the folder that "
+        return (f"{flag_named('DATA_DIR')} {data_dir} does not exist; point it at the folder that "
                 f"holds train/<class>/<image>")
     parent, class_folders = _parent(data_dir), _holds_class_folders(data_dir)
     split_name = os.path.basename(os.path.normpath(data_dir)) in SPLITS
     if os.path.isdir(os.path.join(parent, "train")) and (split_name or class_folders):
         return (
-            f"{_flag('DATA_DIR')} {data_dir} is a split folder; use its parent, --data-dir {parent}"
+            f"{flag_named('DATA_DIR')} {data_dir} is a split folder; use its parent, --data-dir "
+            f"{parent}"
         )
     if class_folders:
-        return (f"{_flag('DATA_DIR')} {data_dir} holds class folders but no train/: move them into "
+        return (f"{flag_named('DATA_DIR')} {data_dir} holds class folders but no train/: move them "
+                "into "
                 f"{os.path.join(data_dir, 'train')}/, or point --data-dir at the folder that holds "
                 "train/")
     return (f"no ImageFolder tree in {data_dir}: expected "
             f"{os.path.join(data_dir, 'train')}/<class>/<image> "
-            f"(val/ and test/ beside it optional); point {_flag('DATA_DIR')} at the folder that "
+            f"(val/ and test/ beside it optional); point {flag_named('DATA_DIR')} at the folder "
+            "that "
             "holds train/")
 
 
@@ -219,15 +218,16 @@ def read_folder(data_dir: str, size: int, cache_dir: str | None, num_workers: in
         except cache_module.CacheError as error:
             if cache_dir != "auto":
                 raise DataError(
-                    f"{_flag('CACHE_DIR')} {cache_dir}: {error}; set it to a writable folder with "
+                    f"{flag_named('CACHE_DIR')} {cache_dir}: {error}; set it to a writable folder "
+                    "with "
                                 f"room, or to none to decode the images without a cache") from None
             print(f"warning: {error}; the images are decoded without a cache (set "
-                  f"{_flag('CACHE_DIR')} to a "
+                  f"{flag_named('CACHE_DIR')} to a "
                   f"writable folder to keep them)", file=sys.stderr)
     return *_scan_folder(data_dir, size), None
 
 
-def check_output_dir(config: Any, output_dir: str) -> None:
+def check_outside_data(config: Any, output_dir: str) -> None:
     """DataError when a folder's images would include OUTPUT_DIR's files (its figures read as photos
     by the next run): OUTPUT_DIR is, or is inside, DATA_DIR's train/, val/ or test/, or a class
     folder (wherever its link leads). Reads nothing but those folders' names. config: a
@@ -243,8 +243,8 @@ def check_output_dir(config: Any, output_dir: str) -> None:
             real = os.path.realpath(inside)
             if output == real or output.startswith(os.path.join(real, "")):
                 shown = messages_module.printable(output_dir)
-                raise DataError(f"{_flag('OUTPUT_DIR')} {shown} is inside the data folder "
+                raise DataError(f"{flag_named('OUTPUT_DIR')} {shown} is inside the data folder "
                                 f"{messages_module.printable(inside)}, whose images the next run "
                                 "would read "
                                 f"with its figures among them; choose an output folder outside "
-                                f"{_flag('DATA_DIR')}'s train/, val/ and test/")
+                                f"{flag_named('DATA_DIR')}'s train/, val/ and test/")

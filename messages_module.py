@@ -30,6 +30,11 @@ def flag(name: str) -> str:
     return "--" + name.lower().replace("_", "-")
 
 
+def flag_named(name: str) -> str:
+    """A constant's flag with its name beside it: "--val-split (VAL_SPLIT)"."""
+    return f"{flag(name)} ({name})"
+
+
 def plural(n: int, word: str, many: str | None = None) -> str:
     """A count with its noun, singular for one: plural(1, "file") is "1 file", plural(2, "file") "2
     files"; `many` gives a plural that is not word + "s"."""

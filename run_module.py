@@ -15,9 +15,9 @@ import torch
 import callback_module
 import checkpoint_module
 import data_module
-import folder_module
 import distributed_module
 import files_module
+import folder_module
 import messages_module
 import model_module
 import optim_module
@@ -106,9 +106,14 @@ WORKER_DIED = 4  # the exit status of a run whose worker process died (most ofte
 FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's stage
 
 
+def resume_command(output_dir: str) -> str:
+    """The command that goes on with the run in output_dir."""
+    return shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
+
+
 def interrupted_line(stage: str, output_dir: str) -> str:
     """The one line for a run interrupted outside the epochs (train and predict say their own)."""
-    go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
+    go_on = resume_command(output_dir)
     if stage == FINAL_EVALUATION:
         return (f"Interrupted during the final evaluation; training is done and saved. To "
                 f"evaluate, run: {go_on}")
@@ -122,7 +127,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before any
     training."""
     options, output_dir = config.run, config.fit.output_dir
-    folder_module.check_output_dir(config.data, output_dir)  # before anything is read or written
+    folder_module.check_outside_data(config.data, output_dir)  # before anything is read or written
     files_module.check_writable(output_dir)
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
     # another run writing there: refused at once
@@ -220,7 +225,7 @@ def train(config: Config, run: Run) -> Outcome:
     """fit, with Ctrl-C, SIGTERM, a non-finite loss and a failed write turned into a message and a
     status; then the training curves, whatever ended it."""
     output_dir, accumulate = run.fit.output_dir, run.fit.accumulate_steps
-    go_on = shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
+    go_on = resume_command(output_dir)
     accumulation = f", {accumulate} to an optimizer step" if accumulate > 1 else ""
     if run.main_process:
         graphed = " (steps replayed from a CUDA graph)" if run.fit.cuda_graph else ""

@@ -348,11 +348,12 @@ def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(t
     os.symlink(linked, os.path.join(root, "train", "dogs"))
     output_dir = str(linked / "run") if inside == "linked/run" else os.path.join(root, inside)
     with pytest.raises(DataError, match=r"^--output-dir \(OUTPUT_DIR\) .* is inside the data "):
-        folder_module.check_output_dir(folder_config(root), output_dir)
+        folder_module.check_outside_data(folder_config(root), output_dir)
     for beside in (tmp_path / "out", tmp_path / "data", tmp_path / "data" / "runs"):  # never read
-        folder_module.check_output_dir(folder_config(root), str(beside))
+        folder_module.check_outside_data(folder_config(root), str(beside))
     # reads batch files only
-    folder_module.check_output_dir(configs(DATASET="cifar10", DATA_DIR=str(root)).data, output_dir)
+    folder_module.check_outside_data(configs(DATASET="cifar10", DATA_DIR=str(root)).data,
+        output_dir)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read")
