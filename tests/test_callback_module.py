@@ -498,3 +498,108 @@ def test_without_validation_the_last_epoch_is_best_and_training_loss_is_watched_
         "No validation images: the model and best_model.pth hold the final weights, from epoch 4"
         in h.output
     )
+
+
+# ----------------------------------------------------------------------------- MONITOR, warm-up
+
+
+def scored(train_acc=0.95, macro_f1=0.5, val_loss=1.0):
+    return {**metrics(train_acc=train_acc, val_loss=val_loss), "macro_f1": macro_f1,
+            "balanced_acc": macro_f1}
+
+
+def test_a_higher_is_better_monitor_keeps_its_highest_epoch_and_cuts_when_it_falls():
+    h = make_lra(monitor="macro_f1", threshold=0.9, patience=1, stop_patience=5, min_delta=0.01)
+    # val_loss falls throughout: it would keep epoch 5; macro_f1 peaks at epoch 2
+    for epoch, f1 in enumerate([0.50, 0.70, 0.60, 0.705, 0.65], start=1):
+        h.on_epoch_end(epoch, scored(macro_f1=f1, val_loss=1.0 - 0.1 * epoch))
+        assert h.decision.monitor == "macro_f1"
+        assert h.decision.new_best == (epoch in (1, 2))  # 0.705 is within MIN_DELTA of 0.70
+        assert ("LR cut" in h.decision.event) == (epoch >= 3)
+    assert h.lra.best_epoch == 2 and h.lra.best_score == 0.70
+    assert h.lra.best_val_loss == pytest.approx(0.8)  # the best epoch's, not the lowest
+    h.lra.on_train_end()
+    assert "(by macro_f1), from epoch 2 (macro_f1 0.7000, validation loss 0.8000" in h.output
+
+
+def test_below_threshold_the_monitor_still_picks_the_best_weights():
+    h = make_lra(monitor="balanced_acc", threshold=0.9, stop_patience=5)
+    for epoch, score in enumerate([0.4, 0.6, 0.5], start=1):
+        h.on_epoch_end(epoch, scored(train_acc=0.5, macro_f1=score))
+        assert h.decision.monitor == "train_acc"
+    assert h.lra.best_epoch == 2
+
+
+def test_during_warm_up_lra_neither_counts_nor_cuts_nor_sets_the_lr():
+    h = make_lra(warmup_epochs=3, patience=2, stop_patience=1, threshold=1.0)
+    for epoch, acc in enumerate([0.5, 0.4, 0.3], start=1):  # three bad epochs: none counts
+        assert not h.on_epoch_end(epoch, metrics(train_acc=acc, val_loss=1.0 - 0.1 * epoch))
+        assert h.decision.next_lr is None and "cut" not in h.decision.event
+        assert h.lra.bad_epochs == 0 and h.lra.cuts == 0
+    assert h.decision.new_best and h.lra.best_epoch == 3  # the best weights are still kept
+    h.on_epoch_end(4, metrics(train_acc=0.45))  # below epoch 1's 0.5: the first bad epoch counted
+    assert h.lra.bad_epochs == 1 and h.decision.next_lr == pytest.approx(0.1)
+    assert h.on_epoch_end(5, metrics(train_acc=0.45))  # the second: a cut, and STOP_PATIENCE 1
+    waits = [line.split("|")[8].strip() for line in h.output.splitlines()]
+    assert waits == ["warm", "warm", "warm", "1/2", "0/2"]
+
+
+def test_the_table_keeps_its_columns_for_any_value():
+    h = make_lra(monitor="balanced_acc", stop_patience=10)
+    h.lra.on_train_begin()
+    huge = {"train_loss": 123456.78, "train_acc": 1.0, "val_loss": 98765.4321, "val_acc": 1.0,
+            "macro_f1": 1.0, "balanced_acc": 1.0, "seconds": 123456.7}
+    h.on_epoch_end(1, {**huge, "val_loss": 1e9, "balanced_acc": 0.0})
+    h.on_epoch_end(2, huge)  # % Improv: +100.00 and more
+    h.on_epoch_end(3, {**huge, "train_loss": 0.1234, "val_loss": float("nan"), "seconds": 0.5})
+    lines = h.output.splitlines()
+    assert lines[0].split(" | ")[5].strip() == "balanced_acc"  # MONITOR's own column
+    bars = {tuple(i for i, c in enumerate(line) if c == "|") for line in lines}
+    assert len(bars) == 1 and len(lines) == 4, h.output
+    assert "9.9e+04" not in h.output and "98765.4" in h.output  # as many decimals as fit
+
+
+def test_a_stop_on_train_acc_while_validation_improves_says_so_and_names_threshold():
+    h = make_lra(threshold=0.9, patience=1, stop_patience=2)
+    # train_acc stalls below THRESHOLD from epoch 2 (augmentation, say); val_loss keeps falling
+    rows = [(0.50, 1.0), (0.62, 0.9), (0.60, 0.8), (0.61, 0.7)]
+    stops = [h.on_epoch_end(e, metrics(train_acc=a, val_loss=v)) for e, (a, v) in
+             enumerate(rows, start=1)]
+    assert stops == [False, False, False, True]
+    assert all(d in h.output for d in ("* new best", "LR cut"))
+    h.lra.on_train_end()
+    ending = h.output.splitlines()[-1]
+    assert "2 LR cuts in a row with no improvement of train_acc" in ending
+    assert "train_acc stayed below THRESHOLD 0.9 (at best 62.0%" in ending
+    assert "val_loss, which kept improving (a new best at epoch 4)" in ending
+    assert "set --threshold 0.6 or lower" in ending
+
+
+def test_a_stop_on_train_acc_without_validation_gains_says_nothing_of_threshold():
+    h = make_lra(threshold=0.9, patience=1, stop_patience=2)
+    for e, (a, v) in enumerate([(0.50, 1.0), (0.62, 0.9), (0.60, 0.95), (0.61, 0.99)], start=1):
+        h.on_epoch_end(e, metrics(train_acc=a, val_loss=v))
+    assert h.decision.stop and "THRESHOLD" not in h.lra.stop_reason
+
+
+def test_the_no_terminal_notice_comes_before_the_table_and_once(monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal
+    h = make_lra(ask_epoch=1, threshold=1.0)
+    h.lra.on_train_begin()
+    for epoch in range(1, 4):
+        h.on_epoch_end(epoch, metrics(train_acc=0.1 * epoch))
+    lines = h.output.splitlines()
+    assert lines[0] == callback_module.NO_TERMINAL and lines[1].startswith("Epoch")
+    assert h.output.count("prompts are off") == 1 and len(lines) == 5
+
+
+def test_a_state_saved_before_monitor_existed_resumes_chosen_by_val_loss():
+    first = make_lra(threshold=0.9, stop_patience=5)
+    first.on_epoch_end(1, metrics(train_acc=0.95, val_loss=0.8))
+    old = {k: v for k, v in first.lra.state_dict().items()
+           if k not in ("best_score", "improved_epoch")}
+    second = make_lra(threshold=0.9, stop_patience=5, dwell=False)  # no snapshot to go back to
+    second.lra.load_state_dict(old)
+    assert second.lra.best_score == 0.8
+    second.on_epoch_end(2, metrics(train_acc=0.95, val_loss=0.85))
+    assert not second.decision.new_best and "LR cut" in second.decision.event
