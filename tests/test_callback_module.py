@@ -3,6 +3,8 @@
 import builtins
 import dataclasses
 import io
+import json
+import os
 import re
 
 import pytest
@@ -10,12 +12,15 @@ import torch
 from torch import nn
 
 import callback_module
+import data_module
+import loader_module
 import model_module
 import optim_module
+import source_module
 import state_module
 import train_module
 from callback_module import LRA, LRAConfig
-from conftest import configs, make_tiny_data
+from conftest import augmentation, configs, make_tiny_data
 from state_module import TrainState
 
 
@@ -603,3 +608,46 @@ def test_a_state_saved_before_monitor_existed_resumes_chosen_by_val_loss():
     assert second.lra.best_score == 0.8
     second.on_epoch_end(2, metrics(train_acc=0.95, val_loss=0.85))
     assert not second.decision.new_best and "LR cut" in second.decision.event
+
+
+def imbalanced_data(seed=1):
+    """3 classes of 8x8 images, 90:12:12 for training and 60:12:12 for validation, told apart by
+    their brightness through heavy noise."""
+    def split(counts, seed):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        noise = torch.randint(0, 160, (len(labels), 8, 8, 3), generator=g)
+        return (labels.view(-1, 1, 1, 1) * 35 + noise).clamp(0, 255).to(torch.uint8), labels
+    (train_images, train_labels), (val_images, val_labels) = split((90, 12, 12), seed), split(
+        (60, 12, 12), seed + 1)
+    mean, std = source_module.channel_stats(train_images)
+    train = loader_module.ResidentLoader(train_images, train_labels, loader_module.Batching(
+        32, train=True, seed=seed), augmentation(mean, std, CROP_PADDING=1))
+    val = loader_module.ResidentLoader(val_images, val_labels, loader_module.Batching(
+        64, train=False, seed=seed), augmentation(mean, std))
+    return data_module.Data(train, val, val, ["a", "b", "c"], mean, std, 8, True, test_is_val=True)
+
+
+def test_on_imbalanced_classes_macro_f1_keeps_a_better_balanced_epoch_than_val_loss(tmp_path,
+                                                                                  one_thread):
+    runs = {}
+    for monitor in ("val_loss", "macro_f1"):  # no cut, so no DWELL: the same training
+        config = configs(MONITOR=monitor, PATIENCE=50, EPOCHS=7, ASK_EPOCH=None,
+                         OUTPUT_DIR=str(tmp_path / monitor))
+        os.makedirs(config.fit.output_dir)
+        torch.manual_seed(1)
+        model = model_module.get_model("cnn", 3)
+        state = TrainState(model, optim_module.make_optimizer(model, config.optim),
+                           LRA(config.lra, stream=io.StringIO()))
+        history = train_module.fit(state, imbalanced_data(), config.fit)
+        best = json.loads((tmp_path / monitor / "best_model.json").read_text())
+        runs[monitor] = history, best
+    (history, by_loss), (_, by_f1) = runs["val_loss"], runs["macro_f1"]
+    assert [row["val_loss"] for row in history] == [row["val_loss"] for row in runs["macro_f1"][0]]
+    assert by_loss["epoch"] == min(history, key=lambda row: row["val_loss"])["epoch"]
+    assert by_f1["epoch"] == max(history, key=lambda row: row["macro_f1"])["epoch"]
+    assert by_f1["epoch"] != by_loss["epoch"]
+    assert by_f1["score"] == history[by_f1["epoch"] - 1]["macro_f1"]
+    loss_row, f1_row = history[by_loss["epoch"] - 1], history[by_f1["epoch"] - 1]
+    assert f1_row["macro_f1"] > loss_row["macro_f1"] + 0.1
+    assert f1_row["balanced_acc"] > loss_row["balanced_acc"] + 0.1
