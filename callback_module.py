@@ -363,9 +363,9 @@ class LRA:
                 or self.best_score is None:
             return ""
         below = math.floor(20 * self.best_train_acc) / 20  # a round THRESHOLD it has reached
-        return (f"; train_acc stayed below THRESHOLD {self.config.threshold:g} (at best "
-                f"{100 * self.best_train_acc:.1f}%, as augmentation keeps it), so LRA never "
-                f"watched {self.config.monitor}, which kept improving (a new best at epoch "
+        return (f"; train_acc stayed below THRESHOLD {self.config.threshold:g} (it reached "
+                f"{100 * self.best_train_acc:.1f}%; augmentation can keep it low), so LRA judged "
+                f"by it while {self.config.monitor} kept improving (a new best at epoch "
                 f"{self.best_epoch}): set --threshold {below:g} or lower, or a higher "
                 "--stop-patience")
 

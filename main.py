@@ -168,8 +168,9 @@ MIN_DELTA: float = 0.0           # smallest change that counts as an improvement
 MONITOR: str = "val_loss"        # the validation metric that picks the best weights, and that LRA
                                  # watches from THRESHOLD on: "val_loss", "val_acc", or for
                                  # imbalanced classes "macro_f1" or "balanced_acc"
-WARMUP_EPOCHS: int = 0           # the LR rises linearly, step by step, from LR / steps to LR over
-                                 # these first epochs; LRA neither counts nor cuts during them
+WARMUP_EPOCHS: int = 0           # the LR rises linearly, step by step, to LR over these first
+                                 # epochs (step s of S at LR x s / S, under any SCHEDULE); LRA
+                                 # neither counts nor cuts during them
 
 # --- Speed
 BF16: bool = True                # bf16 autocast on CUDA, and on a CPU where a trial step finds it
