@@ -16,16 +16,22 @@ PROMPT_UNFREEZE = (
     "Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
                    "more epochs before asking again: ")
 PROMPT = "Enter H to halt or a number N to train N more epochs before asking again: "
+NO_TERMINAL = "Standard input is not a terminal: prompts are off; training goes on to EPOCHS."
 STATE_TYPES = {  # LRA's state, as a checkpoint holds it: each value's type is checked on resume
     "bad_epochs": int, "cuts": int, "best_val_loss": float, "best_val_acc": float | None,
     "best_train_acc": float, "best_train_loss": float, "best_epoch": int | None, "monitor": str,
     "ask_epoch": int | None, "ask_every": int | None, "prompts_off": bool, "run_until": int,
-    "frozen": bool}
+    "frozen": bool, "best_score": float | None, "improved_epoch": int}
 STATE_KEYS = tuple(STATE_TYPES)
-MONITORS = ("train_acc", "val_loss", "train_loss")  # what monitored() may choose
-HEADER = (f"{'Epoch':>5} | {'Loss':>7} | {'Accuracy':>8} | {'V_loss':>7} | {'V_acc':>7} | "
-          f"{'LR':>9} | "
-          f"{'Next LR':>9} | {'Monitor':<9} | {'% Improv':>8} | {'Duration':>8}")
+# MONITOR's choices, each with whether higher is better: it picks the best weights, and is what
+# LRA watches once train_acc reaches THRESHOLD; macro_f1 and balanced_acc suit imbalanced classes
+VAL_MONITORS = {"val_loss": False, "val_acc": True, "macro_f1": True, "balanced_acc": True}
+HIGHER_IS_BETTER = {"train_acc": True, "train_loss": False, **VAL_MONITORS}
+MONITORS = tuple(HIGHER_IS_BETTER)  # what monitored() may choose
+# (heading, width) of each column; the monitored metric gets a column of its own when the table
+# has none for it (macro_f1, balanced_acc)
+COLUMNS = (("Epoch", 5), ("Loss", 7), ("Accuracy", 8), ("V_loss", 7), ("V_acc", 7), ("LR", 9),
+           ("Next LR", 9), ("Monitor", 12), ("Wait", 6), ("% Improv", 8), ("Duration", 8))
 
 # (test, what is allowed) for LRAConfig's fields; dwell and adjust_lr, any bool, need none.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -57,9 +63,11 @@ class LRAConfig:
     min_delta: float
     adjust_lr: bool  # no constant: False under a fixed SCHEDULE (LRA then never cuts nor stops)
     unfreeze_epoch: int | None
+    monitor: str  # a name in VAL_MONITORS
+    warmup_epochs: int  # LRA neither counts bad epochs nor cuts during them (OptimConfig checks it)
 
     def __post_init__(self) -> None:
-        messages_module.check_fields(self, RULES)
+        messages_module.check_fields(self, RULES, {"monitor": VAL_MONITORS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +79,9 @@ class Decision:
     next_lr: float | None  # the LR of the next epoch; None when a fixed schedule drives the LR
     restore: bool          # go back to the best epoch's weights and optimizer state (dwell)
     unfreeze: bool         # make the frozen body trainable (F at the prompt, or UNFREEZE_EPOCH)
-    new_best: bool         # lowest validation loss so far: the weights to keep
+    new_best: bool         # MONITOR's best validation value so far: the weights to keep
     improved: bool         # the monitored metric improved on its own best
-    # the monitored metric: "train_acc", "val_loss", or without validation "train_loss"
+    # the monitored metric: "train_acc", MONITOR, or without validation "train_loss"
     monitor: str
     event: str             # what happened, for the table and the CSV
     reason: str | None     # why training stops, once it does
@@ -92,12 +100,13 @@ def is_improvement(value: float, best: float, min_delta: float, higher_is_better
     return value > best + min_delta if higher_is_better else value < best - min_delta
 
 
-def monitored(train_acc: float, threshold: float, validated: bool = True) -> str:
-    """The metric LRA watches: training accuracy below the threshold, validation loss at or above it
-    (training loss in a run without validation images)."""
+def monitored(train_acc: float, threshold: float, validated: bool = True,
+              watch: str = "val_loss") -> str:
+    """The metric LRA watches: training accuracy below the threshold, the validation metric `watch`
+    (MONITOR) at or above it (training loss in a run without validation images)."""
     if train_acc < threshold:
         return "train_acc"
-    return "val_loss" if validated else "train_loss"
+    return watch if validated else "train_loss"
 
 
 def relative_change(value: float, best: float | None, higher_is_better: bool) -> float | None:
@@ -120,6 +129,17 @@ def describe(new_best: bool, restored_epoch: int | None, cut: bool, stop: bool,
     events = [(new_best, "best"), (restored_epoch is not None, f"restored epoch {restored_epoch}"),
               (cut, "LR cut"), (stop, "stop"), (unfroze, "unfroze the body")]
     return ", ".join(text for happened, text in events if happened)
+
+
+def _number(value: float | None, width: int, decimals: int, sign: str = "") -> str:
+    """value with as many of its decimals as fit in width (then in e-notation); "" for None."""
+    if value is None:
+        return ""
+    for places in range(decimals, -1, -1):
+        text = f"{value:{sign}.{places}f}"
+        if len(text) <= width:
+            return text
+    return f"{value:{sign}.0e}"
 
 
 def _stdin_is_terminal() -> bool:
@@ -152,6 +172,8 @@ class LRA:
         self.best_train_acc = -math.inf
         self.best_train_loss = math.inf
         self.best_epoch: int | None = None
+        self.best_score: float | None = None  # MONITOR's value at the best epoch
+        self.improved_epoch = 0      # the last epoch the monitored metric improved
         self.monitor = "train_acc"
         # ask_epoch moves with the user's answers; ask_every is the step after F, saved with the
         # state
@@ -176,9 +198,27 @@ class LRA:
     # ----------------------------------------------------------------------- the epoch decision
 
     def on_train_begin(self) -> None:
-        """Print the table's header and start the clock."""
+        """Say before the table when prompts are off (no terminal), print its header, start the
+        clock."""
+        if self.ask_epoch is not None and not self.prompts_off:
+            terminal = _stdin_is_terminal() if self.main_process else None
+            if not (self.share(terminal) if self.share is not None else terminal):
+                self._print(NO_TERMINAL)
+                self.prompts_off = True
         self._started = time.perf_counter()
-        self._print(HEADER)
+        self._print(self._line({name: name for name, _ in self._columns()}))
+
+    def _columns(self) -> tuple[tuple[str, int], ...]:
+        """The table's (heading, width) columns: COLUMNS, and MONITOR's after V_acc when it has
+        none."""
+        watch = self.config.monitor
+        own = () if watch in ("val_loss", "val_acc") else ((watch, max(len(watch), 7)),)
+        return COLUMNS[:5] + own + COLUMNS[5:]
+
+    def _line(self, cells: dict[str, str]) -> str:
+        """A line of the table: each cell padded to its column's width (Monitor's to the left)."""
+        return " | ".join(f"{cells[name]:{'<' if name == 'Monitor' else '>'}{width}}"
+                          for name, width in self._columns())
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> Decision:
         """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask
@@ -187,22 +227,25 @@ class LRA:
             "train_loss"]), float(metrics["lr"])
         # None: no validation images; the last epoch's weights are the best
         val_loss = metrics.get("val_loss")
-        self.monitor = monitored(train_acc, self.config.threshold, validated=val_loss is not None)
+        self.monitor = monitored(train_acc, self.config.threshold, val_loss is not None,
+                                 self.config.monitor)
         change = self._change(metrics)  # against the bests before this epoch, so first
-        new_best = self._note_val_loss(epoch, val_loss, metrics.get("val_acc"))  # step 1
+        new_best = self._note_best(epoch, metrics)  # step 1
+        # step 2: every best kept, whichever is monitored
         improved = {"train_acc": self._note_train_acc(train_acc),
-            "train_loss": self._note_train_loss(train_loss),
-                    # step 2: every best kept, whichever is monitored
-                    "val_loss": new_best}[self.monitor]
-        cut, restore = self._count_bad_epoch(improved, new_best)  # steps 3 and 4
-        next_lr = self._next_lr(lr, cut)
+                    "train_loss": self._note_train_loss(train_loss)}.get(self.monitor, new_best)
+        if improved:
+            self.improved_epoch = epoch
+        warming = epoch <= self.config.warmup_epochs  # the schedule sets the LR; nothing counts
+        cut, restore = (False, False) if warming else self._count_bad_epoch(improved, new_best)
+        next_lr = None if warming else self._next_lr(lr, cut)  # steps 3 and 4
         stop = self._stop_due()  # step 5
         unfreeze = epoch == self.config.unfreeze_epoch and not stop and self.frozen
         if unfreeze:
             self._unfreeze()
         event = describe(new_best, self.best_epoch if restore else None, cut, stop, unfreeze)
         shown_lr = lr if next_lr is None else next_lr
-        self._print_row(epoch, metrics, lr, shown_lr, change, event)  # step 6
+        self._print_row(epoch, metrics, shown_lr, change, event, warming)  # step 6
         if not stop and self._ask_due(epoch):  # step 7
             answer = self._ask(epoch, shown_lr)
             stop, unfreeze = answer == "halt", unfreeze or answer == "unfreeze"
@@ -234,11 +277,11 @@ class LRA:
                         "final weights, "
                         f"from epoch {self.best_epoch}. Elapsed {elapsed:.1f} s.{on_disk}")
             return
-        self._print(f"{ended} Restored the best weights, from epoch {self.best_epoch} (validation "
-                    "loss "
-                    f"{self.best_val_loss:.4f}, accuracy {100 * self.best_val_acc:.2f}%). Elapsed "
-                    f"{elapsed:.1f} s."
-                    f"{on_disk}")
+        watch = self.config.monitor
+        score = "" if watch in ("val_loss", "val_acc") else f"{watch} {self.best_score:.4f}, "
+        self._print(f"{ended} Restored the best weights (by {watch}), from epoch {self.best_epoch} "
+                    f"({score}validation loss {self.best_val_loss:.4f}, accuracy "
+                    f"{100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s.{on_disk}")
 
     # ----------------------------------------------------------------------- the steps of
     # on_epoch_end
@@ -246,23 +289,25 @@ class LRA:
     def _change(self, metrics: dict[str, float]) -> float | None:
         """% Improv: the monitored metric against its best before this epoch (so call it before
         noting)."""
-        value = float(metrics[self.monitor])
-        if self.monitor == "train_acc":
-            return relative_change(value, self.best_train_acc, higher_is_better=True)
-        best = self.best_val_loss if self.monitor == "val_loss" else self.best_train_loss
-        return relative_change(value, best, higher_is_better=False)
+        best = {"train_acc": self.best_train_acc, "train_loss": self.best_train_loss}.get(
+            self.monitor, self.best_score)
+        return relative_change(float(metrics[self.monitor]), best, HIGHER_IS_BETTER[self.monitor])
 
-    def _note_val_loss(self, epoch: int, val_loss: float | None, val_acc: float | None) -> bool:
-        """Whether this epoch has the best weights: the lowest validation loss so far, or without
-        validation (val_loss None) every epoch, the last being the best; if so, remember it."""
-        new_best = val_loss is None or is_improvement(float(val_loss), self.best_val_loss,
-            self.config.min_delta,
-                                                      higher_is_better=False)
-        if new_best:
+    def _note_best(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Whether this epoch has the best weights: MONITOR's best validation value so far, or
+        without validation (val_loss None) every epoch, the last being the best; if so, remember
+        it."""
+        if metrics.get("val_loss") is None:
             self.best_epoch = epoch
-            if val_loss is not None:
-                self.best_val_loss, self.best_val_acc = float(val_loss), float(val_acc)
-        return new_best
+            return True
+        score, best = float(metrics[self.config.monitor]), self.best_score
+        if math.isnan(score) or best is not None and not is_improvement(
+                score, best, self.config.min_delta, VAL_MONITORS[self.config.monitor]):
+            return False
+        self.best_epoch, self.best_score = epoch, score
+        self.best_val_loss, self.best_val_acc = float(metrics["val_loss"]), float(metrics[
+            "val_acc"])
+        return True
 
     def _note_train_loss(self, train_loss: float) -> bool:
         """Whether training loss beats its best so far (watched without validation); if so, remember
@@ -307,8 +352,22 @@ class LRA:
         if not self.config.adjust_lr or self.cuts < self.config.stop_patience:
             return False
         self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
-                            f"(STOP_PATIENCE = {self.config.stop_patience})")
+                            f"(STOP_PATIENCE = {self.config.stop_patience})"
+                            f"{self._still_improving()}")
         return True
+
+    def _still_improving(self) -> str:
+        """What a stop on train_acc says when the validation MONITOR kept improving meanwhile (as
+        with augmentation that holds train_acc below THRESHOLD): why, and what to set."""
+        if self.monitor != "train_acc" or (self.best_epoch or 0) <= self.improved_epoch \
+                or self.best_score is None:
+            return ""
+        below = math.floor(20 * self.best_train_acc) / 20  # a round THRESHOLD it has reached
+        return (f"; train_acc stayed below THRESHOLD {self.config.threshold:g} (it reached "
+                f"{100 * self.best_train_acc:.1f}%; augmentation can keep it low), so LRA judged "
+                f"by it while {self.config.monitor} kept improving (a new best at epoch "
+                f"{self.best_epoch}): set --threshold {below:g} or lower, or a higher "
+                "--stop-patience")
 
     def _ask_due(self, epoch: int) -> bool:
         """Whether to ask the user after this epoch."""
@@ -343,8 +402,7 @@ class LRA:
         """Ask on the terminal until the answer is one LRA accepts; never calls input() without
         one."""
         if not _stdin_is_terminal():
-            self._print("Standard input is not a terminal: prompts are off; training goes on to "
-                        "EPOCHS.")
+            self._print(NO_TERMINAL)
             return ("off",)
         while True:
             try:
@@ -384,7 +442,12 @@ class LRA:
         return {key: getattr(self, key) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore LRA's state; ValueError naming the first value of the wrong kind."""
+        """Restore LRA's state; ValueError naming the first value of the wrong kind. A state saved
+        before MONITOR and the warm-up existed (no best_score) was chosen by val_loss."""
+        if "best_score" not in state:
+            by_loss = self.config.monitor == "val_loss" and state.get("best_val_acc") is not None
+            state = {**state, "improved_epoch": 0,
+                     "best_score": state.get("best_val_loss") if by_loss else None}
         for key, kind in STATE_TYPES.items():
             messages_module.check_type(f"lra's {key}", state[key], kind)
         if state["monitor"] not in MONITORS:
@@ -398,18 +461,25 @@ class LRA:
         if self.main_process:
             print(text, file=self.stream or sys.stdout, flush=True)
 
-    def _print_row(self, epoch: int, metrics: dict[str, float], lr: float, next_lr: float,
-        change: float | None,
-                   event: str) -> None:
-        seconds = metrics.get("seconds")
-        validated = metrics.get("val_loss") is not None  # else the validation columns stay empty
-        val_loss = f"{metrics['val_loss']:>7.4f}" if validated else " " * 7
-        val_acc = f"{100 * metrics['val_acc']:>6.2f}%" if validated else " " * 7
-        row = (f"{epoch:>5} | {metrics['train_loss']:>7.4f} | {100 * metrics['train_acc']:>7.2f}% "
-               "| "
-               f"{val_loss} | {val_acc} | {lr:>9.3g} | {next_lr:>9.3g} | "
-               f"{self.monitor:<9} | {'' if change is None else f'{change:+.2f}':>8} | "
-               f"{'' if seconds is None else f'{seconds:.1f} s':>8}")
+    def _wait(self, warming: bool) -> str:
+        """The Wait column: bad epochs so far of the PATIENCE that cuts, or warm-up."""
+        if warming:
+            return "warm"
+        return f"{self.bad_epochs}/{self.config.patience}" if self.config.adjust_lr else ""
+
+    def _print_row(self, epoch: int, metrics: dict[str, Any], next_lr: float,
+                   change: float | None, event: str, warming: bool) -> None:
+        """One row of the table, each cell within its column's width whatever its value."""
+        val_acc, seconds = metrics.get("val_acc"), metrics.get("seconds")
+        row = self._line({
+            "Epoch": f"{epoch}", "Loss": _number(metrics["train_loss"], 7, 4),
+            "Accuracy": _number(100 * metrics["train_acc"], 7, 2) + "%",
+            "V_loss": _number(metrics.get("val_loss"), 7, 4),
+            "V_acc": "" if val_acc is None else _number(100 * val_acc, 6, 2) + "%",
+            self.config.monitor: _number(metrics.get(self.config.monitor), 7, 4),
+            "LR": f"{metrics['lr']:.3g}", "Next LR": f"{next_lr:.3g}", "Monitor": self.monitor,
+            "Wait": self._wait(warming), "% Improv": _number(change, 8, 2, "+"),
+            "Duration": "" if seconds is None else _number(seconds, 6, 1) + " s"})
         if event:
             colour = getattr(self.stream or sys.stdout, "isatty", lambda: False)()
             note = event.replace("best", "* new best")

@@ -165,6 +165,12 @@ DWELL: bool = True               # a cut first goes back to the best weights and
 ASK_EPOCH: int | None = 5        # ask whether to go on after this epoch; None never asks
 MIN_LR: float = 0.0              # cuts never go below this LR
 MIN_DELTA: float = 0.0           # smallest change that counts as an improvement
+MONITOR: str = "val_loss"        # the validation metric that picks the best weights, and that LRA
+                                 # watches from THRESHOLD on: "val_loss", "val_acc", or for
+                                 # imbalanced classes "macro_f1" or "balanced_acc"
+WARMUP_EPOCHS: int = 0           # the LR rises linearly, step by step, to LR over these first
+                                 # epochs (step s of S at LR x s / S, under any SCHEDULE); LRA
+                                 # neither counts nor cuts during them
 
 # --- Speed
 BF16: bool = True                # bf16 autocast on CUDA, and on a CPU where a trial step finds it
@@ -305,10 +311,11 @@ def build_config(values: dict[str, typing.Any]) -> run_module.Config:
     optim = optim_module.OptimConfig(**_lower(values, "LR", "MOMENTUM", "WEIGHT_DECAY",
         "NORM_LR_SCALE",
                                               "BODY_LR_SCALE", "SCHEDULE", "LOOKAHEAD",
-                                              "EMA_DECAY"))
+                                              "EMA_DECAY", "WARMUP_EPOCHS"))
     lra = callback_module.LRAConfig(**_lower(values, "PATIENCE", "STOP_PATIENCE", "THRESHOLD",
         "FACTOR", "DWELL",
-                                             "ASK_EPOCH", "MIN_LR", "MIN_DELTA", "UNFREEZE_EPOCH"),
+                                             "ASK_EPOCH", "MIN_LR", "MIN_DELTA", "UNFREEZE_EPOCH",
+                                             "MONITOR", "WARMUP_EPOCHS"),
                                     adjust_lr=optim_module.SCHEDULES[optim.schedule].shape is None)
     fit = train_module.FitConfig(**_lower(values, "EPOCHS", "OUTPUT_DIR", "LABEL_SMOOTHING",
         "COMPILE",

@@ -33,6 +33,7 @@ class OptimConfig:
     schedule: str  # a name in SCHEDULES
     lookahead: bool
     ema_decay: float | None
+    warmup_epochs: int
     nesterov: bool = True  # no constant: Nesterov momentum is the recipe's (tests turn it off)
 
     def __post_init__(self) -> None:
@@ -47,6 +48,7 @@ RULES: messages_module.Rules = {
     "body_lr_scale": (lambda v: v > 0, "a number > 0"),
     "ema_decay": (lambda v: v is None or 0 < v < 1,
     "a number strictly between 0 and 1 (0.999, say), or None"),
+    "warmup_epochs": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
 }
 
 
@@ -124,15 +126,18 @@ def get_lr(optimizer: torch.optim.Optimizer) -> float:
 
 class StepSchedule:
     """A fixed LR for each optimizer step, lr_at(step), held at its last value past the run's steps
-    (when the user asks for more epochs). Call advance(optimizer) after each optimizer step."""
+    (when the user asks for more epochs); None leaves the LR to LRA. Call advance(optimizer) after
+    each optimizer step."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float]):
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float | None]):
         self.lr_at, self.step = lr_at, 0
         set_lr(optimizer, lr_at(0))
 
     def advance(self, optimizer: torch.optim.Optimizer) -> None:
         self.step += 1
-        set_lr(optimizer, self.lr_at(self.step))
+        lr = self.lr_at(self.step)
+        if lr is not None:
+            set_lr(optimizer, lr)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -172,11 +177,17 @@ SCHEDULES = {"lra": Schedule(None, False), "onecycle": Schedule(one_cycle, True)
              "cosine": Schedule(cosine, True)}
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float,
-                  total_steps: int) -> StepSchedule | None:
-    """The per-step schedule that sets the LR, or None where LRA's decisions do ("lra")."""
+def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int,
+                  warmup_steps: int = 0) -> StepSchedule | None:
+    """The per-step schedule that sets the LR, or None where LRA's decisions do ("lra"). A warm-up
+    scales step s's LR by (s + 1) / warmup_steps over the first warmup_steps (under "lra", of LR;
+    LRA sets the LR after them)."""
     shape = SCHEDULES[schedule].shape
-    return None if shape is None else StepSchedule(optimizer, shape(lr, total_steps))
+    if not warmup_steps:
+        return None if shape is None else StepSchedule(optimizer, shape(lr, total_steps))
+    lr_at = (lambda step: lr) if shape is None else shape(lr, total_steps)
+    return StepSchedule(optimizer, lambda step: lr_at(step) * (step + 1) / warmup_steps
+                        if step < warmup_steps else None if shape is None else lr_at(step))
 
 
 class Lookahead:

@@ -135,6 +135,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     if saved is None and options.weights is not None and not os.path.isfile(options.weights):
         # as get_model would
         raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")
+    if rank == 0 and saved is None and freeze_warning(options):
+        print(freeze_warning(options), file=sys.stderr)
     # downloaded before any decoding
     model_module.fetch_pretrained(options.model, options.pretrained)
     utils.seed_everything(config.data.seed)
@@ -192,6 +194,17 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     return Run(device, data, state, fit, rank, account, tensorboard)
 
 
+def freeze_warning(options: RunConfig) -> str | None:
+    """The line for FREEZE on a randomly initialised body (neither PRETRAINED nor WEIGHTS), which
+    leaves only the head to learn; None otherwise."""
+    if not options.freeze or options.pretrained is not None or options.weights is not None:
+        return None
+    return ("warning: --freeze true without --pretrained or --weights freezes a randomly "
+            "initialised body, so only the head learns; add --pretrained default (with a "
+            "torchvision --model such as resnet18) or --weights PATH (an earlier run's "
+            "best_model.pth), or leave --freeze false")
+
+
 def _make_state(config: Config, data: data_module.Data, device: torch.device,
     lr_device: torch.device | None,
                 rank: int, fresh: bool) -> state_module.TrainState:
@@ -207,10 +220,10 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
     layout = torch.channels_last if config.data.channels_last else torch.preserve_format
     model = model.to(device, memory_format=layout)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
-    total_steps = config.fit.epochs * step_module.optimizer_steps(len(data.train),
-        config.fit.accumulate_steps)
+    steps = step_module.optimizer_steps(len(data.train), config.fit.accumulate_steps)  # an epoch's
+    total_steps = config.fit.epochs * steps
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr,
-        total_steps)
+                                          total_steps, config.optim.warmup_epochs * steps)
     lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
     ema = optim_module.EMA(model,
         config.optim.ema_decay) if config.optim.ema_decay is not None else None
@@ -327,6 +340,9 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     return result
 
 
+FEW_EPOCHS = 5  # a run of fewer that learnt nothing needs more epochs before a lower LR
+
+
 def chance_warning(result: dict[str, typing.Any], num_classes: int, history: list[
         dict]) -> str | None:
     """One line when the final evaluation is at chance (accuracy within two standard errors of
@@ -342,6 +358,8 @@ def chance_warning(result: dict[str, typing.Any], num_classes: int, history: lis
              "output (BatchNorm statistics behind the weights, as with few steps an epoch): try "
              "--pretrained "
              f"default, a smaller --batch-size or --model cnn") if trained > 2 * chance else \
+        f"nothing was learnt in {messages_module.plural(len(history), 'epoch')}: train longer " \
+        f"(--epochs {FEW_EPOCHS * 2} or more)" if len(history) < FEW_EPOCHS else \
         "nothing was learnt: try a lower --lr, or --find-lr's suggestion"
     return (f"warning: the final accuracy {100 * result['acc']:.1f}% is chance (1/{num_classes}) "
             "and the loss "

@@ -132,18 +132,16 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
              tta: bool = False, num_classes: int | None = None, collect: bool = False) -> dict[str,
              Any]:
     """Cross-entropy loss and accuracy of the model over a loader (over every process); with
-    num_classes, also the accuracy of each class (its recall: "per_class"); with collect (which
-    needs num_classes), also the confusion matrix ("confusion": counts, rows the true class, columns
-    the predicted one) and the MISTAKES most confident wrong predictions ("mistakes", a list of
-    Mistake, most confident first)."""
+    num_classes, also the confusion matrix ("confusion": counts, rows the true class, columns the
+    predicted one) and what class_scores makes of it (per_class, macro_f1, balanced_acc); with
+    collect (which needs num_classes), also the MISTAKES most confident wrong predictions
+    ("mistakes", a list of Mistake, most confident first)."""
     if collect and not num_classes:
         raise ValueError("evaluate(collect=True) needs num_classes")
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    hits = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
-    totals = torch.zeros(num_classes or 1, dtype=torch.int64, device=device)
-    # true x C + predicted
+    loss_sum, hits = torch.zeros((), device=device), torch.zeros((), device=device)
+    # true x C + predicted; one cell without num_classes: the image count
     confusion = torch.zeros((num_classes or 1) ** 2, dtype=torch.int64, device=device)
     mistakes = _MostConfidentMistakes(MISTAKES)
     first_size = None
@@ -153,23 +151,33 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
             logits = _tta_logits(model, images) if tta else model(images)
         loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
         predicted = logits.argmax(1)
-        by_class = targets if num_classes else torch.zeros_like(targets)
-        hits += torch.bincount(by_class[predicted == targets], minlength=len(hits))
-        totals += torch.bincount(by_class, minlength=len(totals))
+        hits += (predicted == targets).sum()
+        cells = targets * num_classes + predicted if num_classes else torch.zeros_like(targets)
+        confusion += torch.bincount(cells, minlength=len(confusion))
         if collect:
-            confusion += torch.bincount(targets * num_classes + predicted, minlength=len(confusion))
             mistakes.add(images, logits, targets)
-    counts = distributed_module.all_reduce_sum(torch.cat([loss_sum[None].double(), hits.double(),
-        totals.double()])).tolist()
-    loss_sum, hits, totals = counts[0], counts[1:1 + len(hits)], counts[1 + len(hits):]
-    result = {"loss": loss_sum / sum(totals), "acc": sum(hits) / sum(totals)}
+    counts = distributed_module.all_reduce_sum(torch.cat([loss_sum[None].double(),
+                                                          hits[None].double(), confusion.double()]))
+    seen = counts[2:].sum().item()
+    result = {"loss": counts[0].item() / seen, "acc": counts[1].item() / seen}
     if num_classes:
-        result["per_class"] = [h / t if t else float("nan") for h, t in zip(hits, totals)]
+        result["confusion"] = counts[2:].long().view(num_classes, num_classes).cpu()
+        result.update(class_scores(result["confusion"]))
     if collect:
-        result["confusion"] = distributed_module.all_reduce_sum(confusion).view(num_classes,
-            num_classes).cpu()
         result["mistakes"] = mistakes.result()
     return result
+
+
+def class_scores(confusion: torch.Tensor) -> dict[str, Any]:
+    """From a confusion matrix (rows the true class): each class's recall ("per_class", NaN for a
+    class with no images), their mean over the classes with images ("balanced_acc", scikit-learn's
+    balanced_accuracy_score) and the mean F1 over the classes seen or predicted ("macro_f1", as
+    report_module.classification_report averages it)."""
+    counts = confusion.double()
+    hits, support, predicted = counts.diag(), counts.sum(1), counts.sum(0)
+    recall, f1 = hits / support, 2 * hits / (support + predicted)  # 0 / 0: NaN, left out
+    return {"per_class": recall.tolist(), "balanced_acc": recall.nanmean().item(),
+            "macro_f1": f1.nanmean().item()}
 
 
 MISTAKES = 25  # wrong predictions evaluate(collect=True) keeps for the gallery (misclassified.png)
@@ -395,10 +403,11 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                                                  check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
     # the EMA, with one
-    val = {"loss": None, "acc": None} if data.val is None else \
-        evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype)
-    metrics.update(val_loss=val["loss"], val_acc=val["acc"], lr=lr, seconds=time.perf_counter()
-        - started,
+    val = dict.fromkeys(("loss", "acc", "macro_f1", "balanced_acc")) if data.val is None else \
+        evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype,
+                 num_classes=len(data.classes))
+    metrics.update(val_loss=val["loss"], val_acc=val["acc"], macro_f1=val["macro_f1"],
+                   balanced_acc=val["balanced_acc"], lr=lr, seconds=time.perf_counter() - started,
                    train_seconds=trained - started)
     # under torchrun, rank 0's figures decide for every process
     return distributed_module.broadcast(metrics)

@@ -16,9 +16,9 @@ import torch
 
 import files_module
 
-CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr",
-    "monitor",
-               "improved", "new_best", "event", "seconds"]
+CSV_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "macro_f1",
+               "balanced_acc", "lr", "next_lr", "monitor", "improved", "new_best", "event",
+               "seconds"]
 
 
 class CheckpointError(ValueError):

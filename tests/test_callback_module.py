@@ -3,6 +3,8 @@
 import builtins
 import dataclasses
 import io
+import json
+import os
 import re
 
 import pytest
@@ -10,12 +12,15 @@ import torch
 from torch import nn
 
 import callback_module
+import data_module
+import loader_module
 import model_module
 import optim_module
+import source_module
 import state_module
 import train_module
 from callback_module import LRA, LRAConfig
-from conftest import configs, make_tiny_data
+from conftest import augmentation, configs, make_tiny_data
 from state_module import TrainState
 
 
@@ -110,7 +115,8 @@ def test_bad_setting_is_refused_naming_its_constant(name, value):
 
 def test_every_rule_is_for_a_setting_of_lra_config():
     fields = {field.name for field in dataclasses.fields(LRAConfig)}
-    assert set(callback_module.RULES) == fields - {"dwell", "adjust_lr"}
+    # monitor is a choice of VAL_MONITORS; OptimConfig checks warmup_epochs, the schedule's
+    assert set(callback_module.RULES) == fields - {"dwell", "adjust_lr", "monitor", "warmup_epochs"}
 
 
 def test_a_config_cannot_change_after_it_is_checked():
@@ -198,7 +204,7 @@ def test_best_weights_follow_validation_loss_in_the_accuracy_phase():
 
 def improv_column(h):
     """The % Improv column of the table's last row."""
-    return h.output.strip().splitlines()[-1].split("|")[8].strip()
+    return h.output.strip().splitlines()[-1].split("|")[9].strip()
 
 
 def test_percent_improvement_is_relative_and_blank_first():
@@ -497,3 +503,151 @@ def test_without_validation_the_last_epoch_is_best_and_training_loss_is_watched_
         "No validation images: the model and best_model.pth hold the final weights, from epoch 4"
         in h.output
     )
+
+
+# ----------------------------------------------------------------------------- MONITOR, warm-up
+
+
+def scored(train_acc=0.95, macro_f1=0.5, val_loss=1.0):
+    return {**metrics(train_acc=train_acc, val_loss=val_loss), "macro_f1": macro_f1,
+            "balanced_acc": macro_f1}
+
+
+def test_a_higher_is_better_monitor_keeps_its_highest_epoch_and_cuts_when_it_falls():
+    h = make_lra(monitor="macro_f1", threshold=0.9, patience=1, stop_patience=5, min_delta=0.01)
+    # val_loss falls throughout: it would keep epoch 5; macro_f1 peaks at epoch 2
+    for epoch, f1 in enumerate([0.50, 0.70, 0.60, 0.705, 0.65], start=1):
+        h.on_epoch_end(epoch, scored(macro_f1=f1, val_loss=1.0 - 0.1 * epoch))
+        assert h.decision.monitor == "macro_f1"
+        assert h.decision.new_best == (epoch in (1, 2))  # 0.705 is within MIN_DELTA of 0.70
+        assert ("LR cut" in h.decision.event) == (epoch >= 3)
+    assert h.lra.best_epoch == 2 and h.lra.best_score == 0.70
+    assert h.lra.best_val_loss == pytest.approx(0.8)  # the best epoch's, not the lowest
+    h.lra.on_train_end()
+    assert "(by macro_f1), from epoch 2 (macro_f1 0.7000, validation loss 0.8000" in h.output
+
+
+def test_below_threshold_the_monitor_still_picks_the_best_weights():
+    h = make_lra(monitor="balanced_acc", threshold=0.9, stop_patience=5)
+    for epoch, score in enumerate([0.4, 0.6, 0.5], start=1):
+        h.on_epoch_end(epoch, scored(train_acc=0.5, macro_f1=score))
+        assert h.decision.monitor == "train_acc"
+    assert h.lra.best_epoch == 2
+
+
+def test_during_warm_up_lra_neither_counts_nor_cuts_nor_sets_the_lr():
+    h = make_lra(warmup_epochs=3, patience=2, stop_patience=1, threshold=1.0)
+    for epoch, acc in enumerate([0.5, 0.4, 0.3], start=1):  # three bad epochs: none counts
+        assert not h.on_epoch_end(epoch, metrics(train_acc=acc, val_loss=1.0 - 0.1 * epoch))
+        assert h.decision.next_lr is None and "cut" not in h.decision.event
+        assert h.lra.bad_epochs == 0 and h.lra.cuts == 0
+    assert h.decision.new_best and h.lra.best_epoch == 3  # the best weights are still kept
+    h.on_epoch_end(4, metrics(train_acc=0.45))  # below epoch 1's 0.5: the first bad epoch counted
+    assert h.lra.bad_epochs == 1 and h.decision.next_lr == pytest.approx(0.1)
+    assert h.on_epoch_end(5, metrics(train_acc=0.45))  # the second: a cut, and STOP_PATIENCE 1
+    waits = [line.split("|")[8].strip() for line in h.output.splitlines()]
+    assert waits == ["warm", "warm", "warm", "1/2", "0/2"]
+
+
+def test_the_table_keeps_its_columns_for_any_value():
+    h = make_lra(monitor="balanced_acc", stop_patience=10)
+    h.lra.on_train_begin()
+    huge = {"train_loss": 123456.78, "train_acc": 1.0, "val_loss": 98765.4321, "val_acc": 1.0,
+            "macro_f1": 1.0, "balanced_acc": 1.0, "seconds": 123456.7}
+    h.on_epoch_end(1, {**huge, "val_loss": 1e9, "balanced_acc": 0.0})
+    h.on_epoch_end(2, huge)  # % Improv: +100.00 and more
+    h.on_epoch_end(3, {**huge, "train_loss": 0.1234, "val_loss": float("nan"), "seconds": 0.5})
+    lines = h.output.splitlines()
+    assert lines[0].split(" | ")[5].strip() == "balanced_acc"  # MONITOR's own column
+    bars = {tuple(i for i, c in enumerate(line) if c == "|") for line in lines}
+    assert len(bars) == 1 and len(lines) == 4, h.output
+    assert "9.9e+04" not in h.output and "98765.4" in h.output  # as many decimals as fit
+
+
+def test_a_stop_on_train_acc_while_validation_improves_says_so_and_names_threshold():
+    h = make_lra(threshold=0.9, patience=1, stop_patience=2)
+    # train_acc stalls below THRESHOLD from epoch 2 (augmentation, say); val_loss keeps falling
+    rows = [(0.50, 1.0), (0.62, 0.9), (0.60, 0.8), (0.61, 0.7)]
+    stops = [h.on_epoch_end(e, metrics(train_acc=a, val_loss=v)) for e, (a, v) in
+             enumerate(rows, start=1)]
+    assert stops == [False, False, False, True]
+    assert all(d in h.output for d in ("* new best", "LR cut"))
+    h.lra.on_train_end()
+    ending = h.output.splitlines()[-1]
+    assert "2 LR cuts in a row with no improvement of train_acc" in ending
+    assert "train_acc stayed below THRESHOLD 0.9 (it reached 62.0%" in ending
+    assert "while val_loss kept improving (a new best at epoch 4)" in ending
+    assert "set --threshold 0.6 or lower" in ending
+
+
+def test_a_stop_on_train_acc_without_validation_gains_says_nothing_of_threshold():
+    h = make_lra(threshold=0.9, patience=1, stop_patience=2)
+    for e, (a, v) in enumerate([(0.50, 1.0), (0.62, 0.9), (0.60, 0.95), (0.61, 0.99)], start=1):
+        h.on_epoch_end(e, metrics(train_acc=a, val_loss=v))
+    assert h.decision.stop and "THRESHOLD" not in h.lra.stop_reason
+
+
+def test_the_no_terminal_notice_comes_before_the_table_and_once(monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal
+    h = make_lra(ask_epoch=1, threshold=1.0)
+    h.lra.on_train_begin()
+    for epoch in range(1, 4):
+        h.on_epoch_end(epoch, metrics(train_acc=0.1 * epoch))
+    lines = h.output.splitlines()
+    assert lines[0] == callback_module.NO_TERMINAL and lines[1].startswith("Epoch")
+    assert h.output.count("prompts are off") == 1 and len(lines) == 5
+
+
+def test_a_state_saved_before_monitor_existed_resumes_chosen_by_val_loss():
+    first = make_lra(threshold=0.9, stop_patience=5)
+    first.on_epoch_end(1, metrics(train_acc=0.95, val_loss=0.8))
+    old = {k: v for k, v in first.lra.state_dict().items()
+           if k not in ("best_score", "improved_epoch")}
+    second = make_lra(threshold=0.9, stop_patience=5, dwell=False)  # no snapshot to go back to
+    second.lra.load_state_dict(old)
+    assert second.lra.best_score == 0.8
+    second.on_epoch_end(2, metrics(train_acc=0.95, val_loss=0.85))
+    assert not second.decision.new_best and "LR cut" in second.decision.event
+
+
+def imbalanced_data(seed=1):
+    """3 classes of 8x8 images, 90:12:12 for training and 60:12:12 for validation, told apart by
+    their brightness through heavy noise."""
+    def split(counts, seed):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        noise = torch.randint(0, 160, (len(labels), 8, 8, 3), generator=g)
+        return (labels.view(-1, 1, 1, 1) * 35 + noise).clamp(0, 255).to(torch.uint8), labels
+    (train_images, train_labels), (val_images, val_labels) = split((90, 12, 12), seed), split(
+        (60, 12, 12), seed + 1)
+    mean, std = source_module.channel_stats(train_images)
+    train = loader_module.ResidentLoader(train_images, train_labels, loader_module.Batching(
+        32, train=True, seed=seed), augmentation(mean, std, CROP_PADDING=1))
+    val = loader_module.ResidentLoader(val_images, val_labels, loader_module.Batching(
+        64, train=False, seed=seed), augmentation(mean, std))
+    return data_module.Data(train, val, val, ["a", "b", "c"], mean, std, 8, True, test_is_val=True)
+
+
+def test_on_imbalanced_classes_macro_f1_keeps_a_better_balanced_epoch_than_val_loss(tmp_path,
+                                                                                  one_thread):
+    runs = {}
+    for monitor in ("val_loss", "macro_f1"):  # no cut, so no DWELL: the same training
+        config = configs(MONITOR=monitor, PATIENCE=50, EPOCHS=7, ASK_EPOCH=None,
+                         OUTPUT_DIR=str(tmp_path / monitor))
+        os.makedirs(config.fit.output_dir)
+        torch.manual_seed(1)
+        model = model_module.get_model("cnn", 3)
+        state = TrainState(model, optim_module.make_optimizer(model, config.optim),
+                           LRA(config.lra, stream=io.StringIO()))
+        history = train_module.fit(state, imbalanced_data(), config.fit)
+        best = json.loads((tmp_path / monitor / "best_model.json").read_text())
+        runs[monitor] = history, best
+    (history, by_loss), (_, by_f1) = runs["val_loss"], runs["macro_f1"]
+    assert [row["val_loss"] for row in history] == [row["val_loss"] for row in runs["macro_f1"][0]]
+    assert by_loss["epoch"] == min(history, key=lambda row: row["val_loss"])["epoch"]
+    assert by_f1["epoch"] == max(history, key=lambda row: row["macro_f1"])["epoch"]
+    assert by_f1["epoch"] != by_loss["epoch"]
+    assert by_f1["score"] == history[by_f1["epoch"] - 1]["macro_f1"]
+    loss_row, f1_row = history[by_loss["epoch"] - 1], history[by_f1["epoch"] - 1]
+    assert f1_row["macro_f1"] > loss_row["macro_f1"] + 0.1
+    assert f1_row["balanced_acc"] > loss_row["balanced_acc"] + 0.1

@@ -838,10 +838,57 @@ def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
     assert (
         "training accuracy reached 99%" in learnt_in_training and "BatchNorm" in learnt_in_training
     )
-    assert "a lower --lr" in run_module.chance_warning(chance, 3, [{"train_acc": 0.34}])
+    # nothing learnt: in one epoch, train longer; in ten, the LR is the likely cause
+    one_epoch = run_module.chance_warning(chance, 3, [{"train_acc": 0.34}])
+    assert "nothing was learnt in 1 epoch: train longer (--epochs 10 or more)" in one_epoch
+    assert "--lr" not in one_epoch
+    assert "a lower --lr" in run_module.chance_warning(chance, 3, [{"train_acc": 0.34}] * 10)
     assert run_module.chance_warning({**chance, "acc": 0.6}, 3, []) is None  # learnt something
     # not the same output for every image
     assert run_module.chance_warning({**chance, "loss": 0.7}, 3, []) is None
+
+
+def test_freeze_on_a_random_body_warns_once_saying_what_to_add(tiny_run, capsys):
+    args, out = tiny_run
+    args = [str(a) for a in args]
+    result = main_in_process(args + ["--epochs", "1", "--freeze", "true"], capsys)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "--freeze true" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
+    assert "--pretrained default" in warnings[0] and "--weights PATH" in warnings[0]
+    options = main.build_config(main.parse_config(args + ["--freeze", "true"])[0]).run
+    assert run_module.freeze_warning(options) == warnings[0]
+    for more in (["--weights", str(out / "best_model.pth")], ["--freeze", "false"],
+                 ["--model", "resnet18", "--pretrained", "default"]):
+        options = main.build_config(main.parse_config(args + ["--freeze", "true", *more])[0]).run
+        assert run_module.freeze_warning(options) is None
+
+
+def test_a_run_resumed_during_warm_up_continues_exactly_and_records_its_monitor(tiny_run, tmp_path,
+                                                                                capsys):
+    args, out = tiny_run
+    args = [str(a) for a in args] + ["--warmup-epochs", "2", "--monitor", "balanced_acc",
+                                     "--patience", "1", "--threshold", "0"]
+    straight = tmp_path / "straight"
+    assert main_in_process(args + ["--output-dir", straight, "--epochs", "4"], capsys).returncode \
+        == 0
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+    resumed = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "4"], capsys)
+    assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr
+    numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "balanced_acc", "macro_f1", "lr",
+               "next_lr"]
+    before, after = pd.read_csv(straight / METRICS), pd.read_csv(out / METRICS)
+    assert list(after["epoch"]) == [1, 2, 3, 4]
+    assert (after[numeric] - before[numeric]).abs().max().max() <= 1e-6
+    assert list(after["event"].fillna("")) == list(before["event"].fillna(""))
+    # the LR rises step by step over two epochs to LR, which LRA then holds or cuts
+    lr = after["lr"].tolist()
+    assert lr[0] < lr[1] < lr[2] == 0.05 and after["next_lr"][1] == 0.05
+    assert not after["event"][:2].str.contains("cut", na=False).any()
+    best = json.loads((out / "best_model.json").read_text())
+    assert best["monitor"] == "balanced_acc"
+    assert best["score"] == pytest.approx(after["balanced_acc"].max())
+    assert best["epoch"] == after["epoch"][after["balanced_acc"].idxmax()]
 
 
 # ----------------------------------------------------------------------------- off the happy path

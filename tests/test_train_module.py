@@ -20,6 +20,7 @@ import files_module
 import loader_module
 import model_module
 import optim_module
+import report_module
 import state_module
 import step_module
 import train_module
@@ -202,10 +203,22 @@ def test_evaluate_without_collect_gives_the_loss_and_accuracy_and_per_class_with
     data = make_tiny_data(size=8)
     model = model_module.get_model("cnn", 4)
     assert set(train_module.evaluate(model, data.val)) == {"loss", "acc"}
-    assert set(train_module.evaluate(model, data.val, num_classes=4)) == {"loss", "acc",
-        "per_class"}
+    assert set(train_module.evaluate(model, data.val, num_classes=4)) == {
+        "loss", "acc", "per_class", "confusion", "macro_f1", "balanced_acc"}
     with pytest.raises(ValueError, match="needs num_classes"):
         train_module.evaluate(model, data.val, collect=True)
+
+
+def test_class_scores_average_recall_and_f1_over_the_classes_that_have_them():
+    # class 2 has no images and is never predicted: left out; class 3 is never predicted: F1 0
+    confusion = torch.tensor([[8, 2, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [3, 0, 0, 0]])
+    scores = train_module.class_scores(confusion)
+    assert scores["balanced_acc"] == pytest.approx((0.8 + 0.5 + 0.0) / 3)
+    assert scores["macro_f1"] == pytest.approx((16 / 22 + 2 / 5 + 0.0) / 3)
+    report = report_module.classification_report(confusion, ["a", "b", "c", "d"])
+    macro = report.set_index("class").loc["macro avg"]
+    assert scores["macro_f1"] == pytest.approx(macro["f1"])
+    assert scores["balanced_acc"] == pytest.approx(macro["recall"])
 
 
 def test_a_perfect_model_has_no_mistakes_and_a_diagonal_confusion_matrix():
