@@ -9,6 +9,8 @@ import os
 import stat
 import warnings
 
+import pandas
+
 import messages_module
 from folder_module import SPLITS, Listing
 from image_module import IMAGE_EXTENSIONS, DataError
@@ -80,8 +82,6 @@ def list_csv(csv_path: str, columns: str) -> Listing:
 def _read(csv_path: str):
     """The CSV as a pandas DataFrame of text, every field as written ("NA" a label, not a missing
     value), blank lines kept as empty rows (their lines count); DataError when it cannot be read."""
-    import pandas  # only a CSV dataset needs it: no run of another pays for its import
-
     if os.path.isdir(csv_path):
         raise DataError(f"{flag_named('DATA_DIR')} {csv_path} is a folder; with "
                         f"{flag_named('DATASET')} csv, point it at a CSV file of paths and labels")

@@ -11,6 +11,8 @@ from PIL import Image
 
 import csv_module
 import data_module
+import image_module
+import inference_module
 import main
 from conftest import collect, configs, write_image_tree
 from data_module import DataError
@@ -52,14 +54,32 @@ def test_a_csv_of_labels_with_spaces_commas_and_quotes_trains_end_to_end_then_pr
                          columns=("path", "label"))
     out = str(tmp_path / "out")
     assert main.main(["--data-dir", csv_path, "--output-dir", out, *RUN]) == 0
-    err = capsys.readouterr().err
-    assert f"{csv_path} has no test rows; the final evaluation uses the validation images" in err
+    captured = capsys.readouterr()
+    assert f"{csv_path} has no test rows; the final evaluation uses the validation images" in \
+        captured.err and "Validation accuracy (no test split): " in captured.out
     info = json.load(open(os.path.join(out, "best_model.json")))
     assert info["classes"] == sorted(LABELS.values()) and info["dataset"] == "csv"
     owl = str(tmp_path / "images" / "train" / "owls" / "0.png")
     assert main.main(["--output-dir", out, "--predict", owl]) == 0
     ranked = capsys.readouterr().out.strip().split(": ", 1)[1]
     assert all(label in ranked for label in LABELS.values())
+
+
+def test_export_checks_the_model_on_the_csvs_own_images(tmp_path):
+    """--export's example images: a CSV's test rows first, then its val rows, prepared as
+    --predict prepares them."""
+    write_image_tree(tmp_path / "images", splits=("train",), per_class=4)
+    rows = tree_rows(str(tmp_path / "images"))
+    splits = ["val" if i % 3 == 0 else "test" if i % 3 == 1 else "" for i in range(len(rows))]
+    csv_path = write_csv(tmp_path / "labels.csv", [row + (split,) for row, split in
+                                                   zip(rows, splits)])
+    info = dict(image_size=12, mean=[0.5] * 3, std=[0.25] * 3, resize_size=14)
+    images = inference_module._example_images(csv_path, "csv", info, "path,label,split", n=6)
+    firsts = [path for (path, _), split in zip(rows, splits) if split == "test"][:4] + \
+        [path for (path, _), split in zip(rows, splits) if split == "val"][:2]
+    expected = [image_module.load_image(str(tmp_path / path), 12, [0.5] * 3, [0.25] * 3, 14)
+                for path in firsts]
+    assert torch.equal(images, torch.stack(expected))
 
 
 def test_paths_relative_to_the_csvs_folder_or_absolute_and_odd_file_names(tmp_path):
