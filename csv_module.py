@@ -44,21 +44,24 @@ def list_csv(csv_path: str, columns: str) -> Listing:
     # a row's line: 2 after the header, plus the blank lines kept as rows and any quoted line breaks
     breaks = frame.apply(lambda column: column.str.count("\n")).sum(axis=1).cumsum().shift(
         fill_value=0)
+    lines = [2 + i + n for i, n in enumerate(breaks.tolist())]
     has_split = len(names) == 3 and names[2] in frame.columns
     rows, folder, skipped = [], os.path.dirname(csv_path), Skipped()
     for i, row in enumerate(frame.itertuples(index=False)):
         values = dict(zip(frame.columns, row))
         if not any(values.values()):  # a blank line
             continue
-        where = f"{csv_path} line {2 + i + int(breaks.iloc[i])}"
+        where = f"{csv_path} line {lines[i]}"
         path, label = values[names[0]], values[names[1]]
         split = (values[names[2]] if has_split else "") or "train"
         if split not in SPLITS:
             raise DataError(f"{where}: the split {split!r} is not known; use train, val or test "
                             f"(or leave it empty for train)")
-        if not label.strip() or any(char < " " or "\x7f" <= char <= "\x9f" for char in label):
-            raise DataError(f"{where}: the label {label!r} is empty or holds a control character "
-                            f"(a line break, a tab); give the row a label")
+        if not label.strip():
+            raise DataError(f"{where}: the label is empty; give the row its label")
+        if any(char < " " or "\x7f" <= char <= "\x9f" for char in label):
+            raise DataError(f"{where}: the label {label!r} holds a control character (a line "
+                            f"break, a tab); remove it")
         if not path:
             raise DataError(f"{where}: the path is empty; give the row its image file")
         path = os.path.join(folder, path)  # an absolute path stays as it is
@@ -80,8 +83,9 @@ def list_csv(csv_path: str, columns: str) -> Listing:
 
 
 def _read(csv_path: str):
-    """The CSV as a pandas DataFrame of text, every field as written ("NA" a label, not a missing
-    value), blank lines kept as empty rows (their lines count); DataError when it cannot be read."""
+    """The CSV as a pandas DataFrame of text, every field as written but the spaces after a comma
+    ("NA" a label, not a missing value), blank lines kept as empty rows (their lines count);
+    DataError when it cannot be read."""
     if os.path.isdir(csv_path):
         raise DataError(f"{flag_named('DATA_DIR')} {csv_path} is a folder; with "
                         f"{flag_named('DATASET')} csv, point it at a CSV file of paths and labels")
@@ -89,7 +93,8 @@ def _read(csv_path: str):
         with warnings.catch_warnings():  # a row longer than the header: an error, not lost data
             warnings.simplefilter("error", pandas.errors.ParserWarning)
             frame = pandas.read_csv(csv_path, dtype=str, na_filter=False, index_col=False,
-                                    skip_blank_lines=False, encoding="utf-8-sig")
+                                    skip_blank_lines=False, skipinitialspace=True,
+                                    encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{flag_named('DATA_DIR')} {csv_path} does not exist; point it at a CSV "
                         f"file of paths and labels") from None
