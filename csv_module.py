@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import warnings
 
@@ -16,6 +17,8 @@ from folder_module import SPLITS, Listing
 from image_module import IMAGE_EXTENSIONS, DataError
 from messages_module import flag_named
 from walk_module import Skipped
+
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # control characters: no label holds one
 
 
 def column_names(text: str) -> list[str] | None:
@@ -45,21 +48,21 @@ def list_csv(csv_path: str, columns: str) -> Listing:
     breaks = frame.apply(lambda column: column.str.count("\n")).sum(axis=1).cumsum().shift(
         fill_value=0)
     lines = [2 + i + n for i, n in enumerate(breaks.tolist())]
-    has_split = len(names) == 3 and names[2] in frame.columns
+    table = [frame[name].tolist() for name in frame.columns]  # lists: quicker to read than a frame
+    column = dict(zip(frame.columns, table))
+    splits_of = column[names[2]] if len(names) == 3 and names[2] in column else [""] * len(frame)
     rows, folder, skipped = [], os.path.dirname(csv_path), Skipped()
-    for i, row in enumerate(frame.itertuples(index=False)):
-        values = dict(zip(frame.columns, row))
-        if not any(values.values()):  # a blank line
+    for i, (path, label, split, *cells) in enumerate(zip(column[names[0]], column[names[1]],
+                                                         splits_of, *table)):
+        if not any(cells):  # a blank line
             continue
-        where = f"{csv_path} line {lines[i]}"
-        path, label = values[names[0]], values[names[1]]
-        split = (values[names[2]] if has_split else "") or "train"
+        where, split = f"{csv_path} line {lines[i]}", split or "train"
         if split not in SPLITS:
             raise DataError(f"{where}: the split {split!r} is not known; use train, val or test "
                             f"(or leave it empty for train)")
         if not label.strip():
             raise DataError(f"{where}: the label is empty; give the row its label")
-        if any(char < " " or "\x7f" <= char <= "\x9f" for char in label):
+        if CONTROL.search(label):
             raise DataError(f"{where}: the label {label!r} holds a control character (a line "
                             f"break, a tab); remove it")
         if not path:
@@ -79,7 +82,7 @@ def list_csv(csv_path: str, columns: str) -> Listing:
         if listed:
             splits[split].append((path, label_of[label]))
     places = {split: f"{csv_path}'s {split} split" for split in SPLITS}
-    return Listing(classes, splits, skipped, os.path.abspath(csv_path), places, "class")
+    return Listing(classes, splits, skipped, folder or ".", places, "class")
 
 
 def _read(csv_path: str):
@@ -110,7 +113,6 @@ def _listed(path: str, where: str, skipped: Skipped) -> bool:
     """Whether a row's path is a regular image file to list; a link to nothing, a file that is not
     regular or not an image, or a path too long is counted in skipped instead. DataError naming the
     row when nothing is there (or it is a folder)."""
-    shown = messages_module.printable(path)
     try:
         status = os.stat(path)
     except (OSError, ValueError) as error:  # ValueError: a NUL in the path
@@ -121,11 +123,12 @@ def _listed(path: str, where: str, skipped: Skipped) -> bool:
             skipped.add("dangling link", path)
             return False
         reason = getattr(error, "strerror", None) or error
-        raise DataError(f"{where}: {shown} cannot be read ({reason}); correct the path (relative "
-                        f"to the CSV's folder, or absolute) or remove the row") from None
+        raise DataError(f"{where}: {messages_module.printable(path)} cannot be read ({reason}); "
+                        f"correct the path (relative to the CSV's folder, or absolute) or remove "
+                        f"the row") from None
     if stat.S_ISDIR(status.st_mode):
-        raise DataError(f"{where}: {shown} is a folder; name an image file in it, or remove the "
-                        f"row")
+        raise DataError(f"{where}: {messages_module.printable(path)} is a folder; name an image "
+                        f"file in it, or remove the row")
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         skipped.add("not an image", path)
     elif not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer for ever
