@@ -1,6 +1,7 @@
-"""DATA_DIR's photo-folder tree (DATA_DIR/<split>/<class>/<image>): listed, checked and read, its
-files one by one or through the decoded-image cache (cache_module); what is wrong with DATA_DIR,
-said; and check_outside_data, which keeps OUTPUT_DIR out of the tree."""
+"""DATA_DIR's photo-folder tree (DATA_DIR/<split>/<class>/<image>) listed; it or a CSV's listing
+(csv_module) checked and read, its files one by one or through the decoded-image cache
+(cache_module); what is wrong with DATA_DIR, said; and check_outside_data, which keeps OUTPUT_DIR
+out of the tree."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class Listing:
     """A dataset's image files, listed and none opened: its classes (as messages_module.printable
     shows them), each split's (path, label) pairs (train, and val and test when there), what was
     skipped, the root its cache keys the paths by, each split's place and what a class is, as
-    messages name them (DATA_DIR/val and "class folder", or a CSV's "val rows" and "label")."""
+    messages name them (DATA_DIR/val and "class folder", or "labels.csv's val split" and
+    "class")."""
 
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]
