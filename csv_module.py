@@ -44,19 +44,16 @@ def list_csv(csv_path: str, columns: str) -> Listing:
         raise DataError(f"{csv_path} line 1: no column {missing[0]!r} (it has "
                         f"{', '.join(map(repr, frame.columns))}); name its columns "
                         f"{','.join(names)} or set {flag_named('CSV_COLUMNS')} to yours")
-    # a row's line: 2 after the header, plus the blank lines kept as rows and any quoted line breaks
-    breaks = frame.apply(lambda column: column.str.count("\n")).sum(axis=1).cumsum().shift(
-        fill_value=0)
-    lines = [2 + i + n for i, n in enumerate(breaks.tolist())]
     table = [frame[name].tolist() for name in frame.columns]  # lists: quicker to read than a frame
     column = dict(zip(frame.columns, table))
     splits_of = column[names[2]] if len(names) == 3 and names[2] in column else [""] * len(frame)
     rows, folder, skipped = [], os.path.dirname(csv_path), Skipped()
-    for i, (path, label, split, *cells) in enumerate(zip(column[names[0]], column[names[1]],
-                                                         splits_of, *table)):
+    next_line = 2  # after the header; blank lines are rows, and quoted line breaks move the rest
+    for path, label, split, *cells in zip(column[names[0]], column[names[1]], splits_of, *table):
+        line, next_line = next_line, next_line + 1 + sum(cell.count("\n") for cell in cells)
         if not any(cells):  # a blank line
             continue
-        where, split = f"{csv_path} line {lines[i]}", split or "train"
+        where, split = f"{csv_path} line {line}", split or "train"
         if split not in SPLITS:
             raise DataError(f"{where}: the split {split!r} is not known; use train, val or test "
                             f"(or leave it empty for train)")

@@ -152,6 +152,7 @@ def test_the_cache_is_built_once_and_a_second_run_opens_no_image(tmp_path, monke
     (["path,label,split", "a.png,cat,train", "b.png,dog,val"], None,
      ["labels.csv line 3: the label 'dog' has no train rows"]),
     (["path,label", "a.png,cat", ",dog"], None, ["labels.csv line 3: the path is empty"]),
+    (["path,label"], None, ["labels.csv has no train rows; add some"]),
     (["path, label", "a.png, cat", '"b.png",  " dog"', "", "", "c.png,\tbird"], None,
      ["labels.csv line 6: the label '\\tbird' holds a control character"]),
     (["path,label", "a.png,cat", "sub,dog"], None, ["labels.csv line 3: ", "sub is a folder"]),
