@@ -136,7 +136,7 @@ def test_the_cache_is_built_once_and_a_second_run_opens_no_image(tmp_path, monke
     assert torch.equal(collect(again.val)[0], collect(first.val)[0])
 
 
-@pytest.mark.parametrize("lines, columns, fragments", [
+@pytest.mark.parametrize("lines, flags, fragments", [
     (["path,label", "a.png,cat", "missing.png,dog"], None,
      ["labels.csv line 3: ", "missing.png cannot be read (No such file or directory); correct the "
       "path"]),
@@ -158,10 +158,15 @@ def test_the_cache_is_built_once_and_a_second_run_opens_no_image(tmp_path, monke
     (["path,label", "a.png,cat", "sub,dog"], None, ["labels.csv line 3: ", "sub is a folder"]),
     (["path,label", "a.png,cat", "b.png,dog,extra"], None,
      ["cannot read ", "labels.csv as a UTF-8 CSV file (", "fix it"]),
-    (["image,class", "a.png,cat"], "image,class,class",
+    (["image,class", "a.png,cat"], ["--csv-columns", "image,class,class"],
      ["--csv-columns 'image,class,class' (CSV_COLUMNS) is out of range"]),
+    (["path,label", "a.png,cat", "b.png,dog", "c.png,dog"], None,
+     ["the class 'cat' of ", "labels.csv has a single image, and an unset --val-split (VAL_SPLIT) "
+      "holds out one of each class; add images or val rows, or set it"]),
+    (["path,label", "a.png,cat", "b.png,dog"], ["--val-split", "0"],
+     ["labels.csv has no val or test rows and --val-split (VAL_SPLIT) is 0"]),
 ])
-def test_a_bad_csv_is_one_line_naming_its_line_and_exit_2(tmp_path, capsys, lines, columns,
+def test_a_bad_csv_is_one_line_naming_its_line_and_exit_2(tmp_path, capsys, lines, flags,
                                                           fragments):
     for name in ("a.png", "b.png", "c.png"):
         Image.new("RGB", (9, 9)).save(tmp_path / name)
@@ -169,7 +174,7 @@ def test_a_bad_csv_is_one_line_naming_its_line_and_exit_2(tmp_path, capsys, line
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     args = ["--data-dir", str(tmp_path / "labels.csv"), "--output-dir", str(tmp_path / "out"), *RUN]
     capsys.readouterr()
-    assert main.main(args + (["--csv-columns", columns] if columns else [])) == 2
+    assert main.main(args + (flags or [])) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
     assert all(fragment in err[0] for fragment in fragments), err[0]
