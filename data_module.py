@@ -1,7 +1,7 @@
-"""Datasets and their loaders: CIFAR-10 (cifar_module) or an ImageFolder tree (folder_module) read
-as sources (source_module), split, measured, and handed to the loaders of loader_module: kept on the
-device when they fit, else read from the memory-mapped cache a batch at a time, with the same
-batched augmentation."""
+"""Datasets and their loaders: CIFAR-10 (cifar_module), an ImageFolder tree (folder_module) or a
+CSV of labelled image files (csv_module) read as sources (source_module), split, measured, and
+handed to the loaders of loader_module: kept on the device when they fit, else read from the
+memory-mapped cache a batch at a time, with the same batched augmentation."""
 
 from __future__ import annotations
 
@@ -14,17 +14,18 @@ import torch
 from torch.utils.data import Dataset
 
 import augment_module
+import csv_module
 import messages_module
 from augment_module import RESIZE_RATIO, Augmentation, batch_mixer, pil_transform
 from cifar_module import read_cifar10
-from folder_module import read_folder
+from folder_module import list_tree, read_folder
 from image_module import DataError
 from loader_module import (Batching, Loader, MappedLoader, MixedLoader, ResidentLoader,
                            StreamingLoader)
 from messages_module import flag_named
 from source_module import Images, MappedImages, Source
 
-DATASETS = ("cifar10", "folder")
+DATASETS = ("cifar10", "folder", "csv")  # csv: read as a folder is (its files, cache, checks)
 # alternate: each image flipped every other epoch (airbench)
 FLIPS = ("random", "alternate", "none")
 # photo: RandomResizedCrop; shift: pad-crops; auto: photo for folders
@@ -48,6 +49,8 @@ RULES: messages_module.Rules = {  # a field: (test, what is allowed)
                    f"a whole number of pixels from 8 to {MAX_IMAGE_SIZE}"),
     "crop_padding": (lambda v: v >= 0, "a whole number of pixels >= 0"),
     "num_workers": (lambda v: v is None or v >= 0, "a whole number >= 0, or None"),
+    "csv_columns": (lambda v: csv_module.column_names(v) is not None,
+                    "two or three different column names: path,label or path,label,split"),
 }
 
 
@@ -78,6 +81,7 @@ class DataConfig:
     seed: int
     channels_last: bool
     cache_dir: str | None
+    csv_columns: str
 
     def __post_init__(self):
         messages_module.check_fields(self, RULES, CHOICES)
@@ -134,9 +138,9 @@ class _Transformed(Dataset):
 
 def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
                   device: torch.device) -> tuple[dict[str, Source], list[str], int, str | None]:
-    """The train, test and (ImageFolder trees only) val sources, the class names, the stored image
+    """The train, test and (folders and CSVs only) val sources, the class names, the stored image
     size (resize_size for a folder, 32 for CIFAR-10) and the cache file (None without one): a
-    folder's through folder_module.read_folder."""
+    folder's or a CSV's listing read through folder_module.read_folder."""
     data_dir = config.data_dir
     if config.dataset == "cifar10":
         train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir,
@@ -144,9 +148,10 @@ def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
         sources = {"train": Images(train_images, train_labels), "test": Images(test_images,
             test_labels)}
         return sources, classes, train_images.shape[1], None
-    sources, classes, cache_file = read_folder(data_dir, resize_size, config.cache_dir,
-                                               num_workers, device)
-    return sources, classes, resize_size, cache_file
+    listing = (csv_module.list_csv(data_dir, config.csv_columns) if config.dataset == "csv"
+               else list_tree(data_dir))
+    sources, cache_file = read_folder(listing, resize_size, config.cache_dir, num_workers, device)
+    return sources, listing.classes, resize_size, cache_file
 
 
 # --------------------------------------------------------------------------- splitting and
@@ -182,7 +187,7 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
 def _split(sources: dict[str, Source], val_split: int | None, train_subset: int | None, seed: int,
     data_dir: str,
            dataset: str, classes: list[str]) -> dict[str, Source]:
-    """The train, val and test parts: validation held out unless the tree has val/ (VAL_SPLIT
+    """The train, val and test parts: validation held out unless there is a val split (VAL_SPLIT
     images, or default_val_split's when None; VAL_SPLIT 0: no validation, val None), a stratified
     TRAIN_SUBSET of the training images left, and the test set, or the validation images when there
     is none."""
@@ -191,7 +196,7 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         val = sources["val"]
     elif val_split != 0:
         n_val = _n_held_out(train.labels, val_split, dataset, classes, data_dir)
-        every_class = val_split is None and dataset == "folder"
+        every_class = val_split is None and dataset != "cifar10"
         train_index, val_index = stratified_split(train.labels, n_val, seed,
             every_class=every_class)
         val = train.take(val_index)
@@ -199,10 +204,11 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         # VAL_SPLIT = 0: train on every image and validate on none (never on the test set)
         val = None
     else:
+        csv = dataset == "csv"
         raise DataError(
-            f"{data_dir} has no val/ or test/ folder and {flag_named('VAL_SPLIT')} is 0: nothing "
-            "to "
-                        f"evaluate on; set it above 0, or add {data_dir}/val/<class>/<image>")
+            f"{data_dir} has no {'val or test rows' if csv else 'val/ or test/ folder'} and "
+            f"{flag_named('VAL_SPLIT')} is 0: nothing to evaluate on; set it above 0, or add "
+            f"{'val rows' if csv else f'{data_dir}/val/<class>/<image>'}")
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_index):
             raise DataError(
@@ -214,8 +220,8 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         train_index = train_index[keep]
     parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
     if "test" not in sources:
-        print(f"note: {messages_module.printable(data_dir)} has no test/ folder; the final "
-              "evaluation uses "
+        print(f"note: {messages_module.printable(data_dir)} has no "
+              f"{'test rows' if dataset == 'csv' else 'test/ folder'}; the final evaluation uses "
               f"the validation images", file=sys.stderr)
     for name, part in parts.items():
         if part is not None and len(part) == 0:
@@ -251,16 +257,18 @@ def default_val_split(dataset: str, labels: torch.Tensor) -> int:
 def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, classes: list[str],
                 data_dir: str) -> int:
     """The training images to hold out for validation: VAL_SPLIT, or default_val_split's when None.
-    DataError when that leaves none to train on, or (None, a folder) a class has a single image to
-    split."""
-    if val_split is None and dataset == "folder":
+    DataError when that leaves none to train on, or (None, a folder or CSV) a class has a single
+    image to split."""
+    csv = dataset == "csv"
+    if val_split is None and dataset != "cifar10":
         counts = torch.bincount(labels, minlength=len(classes)).tolist()
         single = [name for name, count in zip(classes, counts) if count == 1]
         if single:
+            place = (f"the class {single[0]!r} of {data_dir}" if csv
+                     else os.path.join(data_dir, 'train', single[0]))
             raise DataError(
-                f"{os.path.join(data_dir, 'train', single[0])} has a single image, and an unset "
-                            f"{flag_named('VAL_SPLIT')} holds out one of each class; add images or "
-                            "val/, or set it")
+                f"{place} has a single image, and an unset {flag_named('VAL_SPLIT')} holds out one "
+                f"of each class; add images or {'val rows' if csv else 'val/'}, or set it")
     n_val = default_val_split(dataset, labels) if val_split is None else val_split
     if n_val < len(labels):
         return n_val
@@ -270,11 +278,11 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
             f"{flag_named('VAL_SPLIT')} is unset, which holds out {n_val} of CIFAR-10's training "
             "images, "
                         f"but there are {images}; set a smaller one")
-    if dataset == "folder":
+    if dataset != "cifar10":
         raise DataError(
-            f"{flag_named('VAL_SPLIT')} {n_val} is too large: train/ has {images}; use fewer, or "
-            "leave "
-                        f"it unset for a tenth of them")
+            f"{flag_named('VAL_SPLIT')} {n_val} is too large: "
+            f"{'the train rows have' if csv else 'train/ has'} {images}; use fewer, or leave it "
+            f"unset for a tenth of them")
     raise DataError(
         f"{flag_named('VAL_SPLIT')} {n_val} is too large: the training set has {images}; use fewer")
 
@@ -323,7 +331,7 @@ def _resize_size(config: DataConfig, photos: bool) -> int | None:
     """The size a folder's images are stored at (pixels, a square): resize_size, or image_size /
     RESIZE_RATIO when None, for photos; image_size for small images. None for CIFAR-10, which stays
     32 pixels."""
-    if config.dataset != "folder":
+    if config.dataset == "cifar10":
         return None
     size = (config.resize_size or round(config.image_size
         / RESIZE_RATIO)) if photos else config.image_size
@@ -380,7 +388,7 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     (augment_module.batch_mixer); evaluation batches are never mixed.
     """
     device = torch.device(device)
-    photos = config.augment == "photo" or (config.augment == "auto" and config.dataset == "folder")
+    photos = config.augment == "photo" or (config.augment == "auto" and config.dataset != "cifar10")
     resize_size = _resize_size(config, photos)
     num_workers = (os.cpu_count() or 1) if config.num_workers is None else config.num_workers
     sources, classes, size, cache_file = _read_sources(config, resize_size, num_workers, device)
@@ -398,7 +406,7 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
         parts = _decode(parts, num_workers, device)
     if mean is None:
         mean, std = parts["train"].statistics(config.seed, num_workers)
-    image_size = config.image_size if config.dataset == "folder" else size
+    image_size = config.image_size if config.dataset != "cifar10" else size
     augmentation = config.augmentation(mean, std, crop_size=image_size if photos else None)
     batching = Batching(config.batch_size, True, config.seed, rank, world_size,
         config.channels_last)

@@ -1,11 +1,13 @@
-"""DATA_DIR's photo-folder tree (DATA_DIR/<split>/<class>/<image>): listed, checked and read, its
-files one by one or through the decoded-image cache (cache_module); what is wrong with DATA_DIR,
-said; and check_outside_data, which keeps OUTPUT_DIR out of the tree."""
+"""DATA_DIR's photo-folder tree (DATA_DIR/<split>/<class>/<image>) listed; it or a CSV's listing
+(csv_module) checked and read, its files one by one or through the decoded-image cache
+(cache_module); what is wrong with DATA_DIR, said; and check_outside_data, which keeps OUTPUT_DIR
+out of the tree."""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +21,22 @@ from source_module import ImageFiles, MappedImages, Source
 from walk_module import Skipped, walk_images
 
 SPLITS = ("train", "val", "test")  # a folder tree's split folders: DATA_DIR/<split>/<class>/<image>
+
+
+@dataclass
+class Listing:
+    """A dataset's image files, listed and none opened: its classes (as messages_module.printable
+    shows them), each split's (path, label) pairs (train, and val and test when there), what was
+    skipped, the root its cache keys the paths by, each split's place and what a class is, as
+    messages name them (DATA_DIR/val and "class folder", or "labels.csv's val split" and
+    "class")."""
+
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    skipped: Skipped
+    root: str
+    places: dict[str, str]
+    unit: str
 
 
 def _file_message(data_dir: str, holder_of: str) -> str:
@@ -35,11 +53,11 @@ def _parent(path: str) -> str:
     return os.path.dirname(os.path.normpath(path)) or "."
 
 
-def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]]], Skipped]:
-    """The classes of DATA_DIR/train (their names as messages_module.printable shows them), and for
-    each split (train, and val and test when there) its image files with their labels, in
-    ImageFolder's order (walk_images: regular files only, each real folder once, folder links
-    followed, a link loop refused); and what was skipped. Opens no file."""
+def list_tree(data_dir: str) -> Listing:
+    """The classes of DATA_DIR/train, and for each split (train, and val and test when there) its
+    image files with their labels, in ImageFolder's order (walk_images: regular files only, each
+    real folder once, folder links followed, a link loop refused); and what was skipped. Opens no
+    file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
@@ -72,7 +90,8 @@ def _list_tree(data_dir: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     splits = {split: [] for split in listings}
     for split, label, paths in zip(split_of, labels, walk_images(roots, skipped)):
         splits[split] += [(path, label) for path in paths]
-    return shown, splits, skipped
+    places = {split: os.path.join(data_dir, split) for split in SPLITS}
+    return Listing(shown, splits, skipped, data_dir, places, "class folder")
 
 
 def _entries(folder: str) -> list[os.DirEntry]:
@@ -131,90 +150,82 @@ def _holds_class_folders(folder: str) -> bool:
         return False
 
 
-def _check_splits(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str,
-        int]]]) -> None:
-    """Raise DataError unless every class of train/ has an image, there are two classes or more, and
-    val/ and test/ (when there) hold images."""
-    train_dir = os.path.join(data_dir, "train")
+def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) -> None:
+    """Raise DataError unless every class has a training image, there are two classes or more, and
+    val and test (when there) hold images."""
+    classes, train, unit = listing.classes, listing.places["train"], listing.unit
     found = {label for _, label in splits["train"]}
     empty = [name for label, name in enumerate(classes) if label not in found]
     if empty:
-        raise DataError(f"no readable images in {train_dir}: none in the class "
-                        f"{'folder' if len(empty) == 1 else 'folders'} {', '.join(empty)}")
+        raise DataError(f"no readable images in {train}: none in the {unit}"
+                        f"{'' if len(empty) == 1 else 's'} {', '.join(empty)}")
     if len(classes) < 2:
-        raise DataError(
-            f"{train_dir} has {messages_module.plural(len(classes), 'class folder')} with images; "
-            "a "
-            "classifier needs "
-                        f"at least two (train/<class>/<image>)")
+        layout = " (train/<class>/<image>)" if unit == "class folder" else ""
+        raise DataError(f"{train} has {messages_module.plural(len(classes), unit)} with images; a "
+                        f"classifier needs at least two{layout}")
     for split in ("val", "test"):
         if split in splits and not splits[split]:
-            raise DataError(
-                f"{os.path.join(data_dir, split)} holds no readable images; fill it or remove it")
+            raise DataError(f"{listing.places[split]} holds no readable images; fill it or remove "
+                            "it")
 
 
-def _readable(data_dir: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
-              skipped: Skipped) -> dict[str, tuple[list[str], torch.Tensor]]:
+def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
     """Each split's images but those skipped, as (paths, labels), after one line on stderr for each
     reason a file was skipped for (Skipped.warnings); DataError when a class or a split is left
     without images."""
-    for line in skipped.warnings():
+    for line in listing.skipped.warnings():
         print(f"warning: {line}", file=sys.stderr)
-    skip = skipped.every_path()
+    skip = listing.skipped.every_path()
     splits = {name: [(path, label) for path, label in samples if path not in skip] for name,
-        samples in splits.items()}
-    _check_splits(data_dir, classes, splits)
+        samples in listing.splits.items()}
+    _check_splits(listing, splits)
     return {name: ([path for path, _ in samples], torch.tensor([label for _, label in samples],
         dtype=torch.int64))
             for name, samples in splits.items()}
 
 
-def _scan_folder(data_dir: str, size: int) -> tuple[dict[str, ImageFiles], list[str]]:
-    """The train, val and (optional) test files of DATA_DIR that Pillow opens (check_image: no more
-    pixels than its limit either), labelled by train/'s class folders, and the classes; the files
-    are read at `size` (pixels, a square)."""
-    classes, splits, skipped = _list_tree(data_dir)
-    for samples in splits.values():
+def _scan_folder(listing: Listing, size: int) -> dict[str, ImageFiles]:
+    """The train, val and (optional) test files of a listing that Pillow opens (check_image: no more
+    pixels than its limit either; the others added to its skipped), read at `size` (pixels, a
+    square)."""
+    for samples in listing.splits.values():
         for path, _ in samples:
             reason = check_image(path)
             if reason:
-                skipped.add(reason, path)
-    splits = _readable(data_dir, classes, splits, skipped)
+                listing.skipped.add(reason, path)
     return {name: ImageFiles(paths, labels, size) for name, (paths,
-        labels) in splits.items()}, classes
+        labels) in _readable(listing).items()}
 
 
-def _cached_folder(data_dir: str, size: int, cache_dir: str, num_workers: int,
-                   device: torch.device) -> tuple[dict[str, MappedImages], list[str], str]:
-    """The splits, labels and warnings of _scan_folder as rows of the decoded-image cache in
-    cache_dir, built first when missing or stale (files that fail to decode are the skipped ones,
-    for the reason their message gives, which the cache keeps; JPEGs decoded on the device when it
-    is a CUDA device); a valid cache opens no image file. Also the cache file."""
-    classes, splits, skipped = _list_tree(data_dir)
-    _check_splits(data_dir, classes, splits)  # before anything is decoded
-    paths = [path for samples in splits.values() for path, _ in samples]
+def _cached_folder(listing: Listing, size: int, cache_dir: str, num_workers: int,
+                   device: torch.device) -> tuple[dict[str, MappedImages], str]:
+    """The splits and warnings of _scan_folder as rows of the decoded-image cache in cache_dir,
+    built first when missing or stale (files that fail to decode are the skipped ones, for the
+    reason their message gives, which the cache keeps; JPEGs decoded on the device when it is a
+    CUDA device); a valid cache opens no image file. Also the cache file."""
+    _check_splits(listing, listing.splits)  # before anything is decoded
+    paths = [path for samples in listing.splits.values() for path, _ in samples]
     cache = cache_module.open_or_build(
-        paths, size, cache_dir, root=data_dir,
+        paths, size, cache_dir, root=listing.root,
         fill=lambda out: decode_files(paths, size, out, num_workers, "decoding", device=device))
     for i, message in cache.failed:
-        skipped.add(skip_reason(message), paths[i])
+        listing.skipped.add(skip_reason(message), paths[i])
     row = {path: i for i, path in enumerate(paths)}
-    splits = _readable(data_dir, classes, splits, skipped)
     return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels,
         cache.path)
-            for name, (paths, labels) in splits.items()}, classes, cache.path
+            for name, (paths, labels) in _readable(listing).items()}, cache.path
 
 
-def read_folder(data_dir: str, size: int, cache_dir: str | None, num_workers: int,
-                device: torch.device) -> tuple[dict[str, Source], list[str], str | None]:
-    """A folder's train, val and test sources (files or rows: _scan_folder's, _cached_folder's), its
-    class names and the cache file (None without one): through the cache in cache_dir ("auto": the
-    user's cache folder) unless it is None or, "auto", cannot be used; a cache is built with the
-    device's help (decode_files)."""
+def read_folder(listing: Listing, size: int, cache_dir: str | None, num_workers: int,
+                device: torch.device) -> tuple[dict[str, Source], str | None]:
+    """The train, val and test sources of a listing (list_tree's, or csv_module.list_csv's: files or
+    rows, _scan_folder's, _cached_folder's) and the cache file (None without one): through the cache
+    in cache_dir ("auto": the user's cache folder) unless it is None or, "auto", cannot be used; a
+    cache is built with the device's help (decode_files)."""
     if cache_dir is not None:
         folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir
         try:
-            return _cached_folder(data_dir, size, folder, num_workers, device)
+            return _cached_folder(listing, size, folder, num_workers, device)
         except cache_module.CacheError as error:
             if cache_dir != "auto":
                 raise DataError(
@@ -224,7 +235,7 @@ def read_folder(data_dir: str, size: int, cache_dir: str | None, num_workers: in
             print(f"warning: {error}; the images are decoded without a cache (set "
                   f"{flag_named('CACHE_DIR')} to a "
                   f"writable folder to keep them)", file=sys.stderr)
-    return *_scan_folder(data_dir, size), None
+    return _scan_folder(listing, size), None
 
 
 def check_outside_data(config: Any, output_dir: str) -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 import augment_module
 import checkpoint_module
 import cifar_module
+import csv_module
 import data_module
 import export_module
 import files_module
@@ -87,16 +88,20 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
     return info, model.to(utils.get_device()).eval()
 
 
-def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any],
+def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], csv_columns: str,
         n: int = 5) -> torch.Tensor:
-    """n real images of the data's test set (else its val/ or train/ folder), prepared as for
-    --predict."""
+    """n real images of the data's test set (else its val/ or train/ folder, or a CSV's val or train
+    rows), prepared as for --predict."""
     if dataset == "cifar10":
         prepare = augment_module.evaluation_transform(None, info["mean"], info["std"])
         test_images = cifar_module.read_cifar10(data_dir, download=False)[2]
         return torch.stack([prepare(Image.fromarray(image.numpy())) for image in test_images[:n]])
-    folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
-    files, _ = find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
+    if dataset == "csv":
+        splits = csv_module.list_csv(data_dir, csv_columns).splits
+        files = [path for split in ("test", "val", "train") for path, _ in splits.get(split, [])]
+    else:
+        folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
+        files, _ = find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
     dataset = PredictionImages(files[:n], info["image_size"], info["mean"], info[
         "std"],
                                            info.get("resize_size"))
@@ -114,7 +119,7 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
         info, model = _best_model(output_dir)
         data_dir, dataset = (getattr(data, name) if name.upper() in given or info.get(name) is None
                              else info[name] for name in ("data_dir", "dataset"))
-        images = _example_images(data_dir, dataset, info)
+        images = _example_images(data_dir, dataset, info, data.csv_columns)
         files_module.lock_folder(output_dir)  # it writes there: never while a run does
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -64,9 +64,12 @@ _imports_counted = False  # whether a run's time account has counted them
 
 # --- Data
 DATA_DIR: str = "./data"         # holds cifar-10-batches-py/ (fetched when missing), or train/ val/
-                                 # test/ trees
-DATASET: str = "cifar10"         # "cifar10", or "folder" for an ImageFolder tree:
-                                 # DATA_DIR/train/<class>/<image>
+                                 # test/ trees; or is the CSV file (DATASET "csv")
+DATASET: str = "cifar10"         # "cifar10", "folder" for an ImageFolder tree:
+                                 # DATA_DIR/train/<class>/<image>, or "csv": DATA_DIR is a CSV of
+                                 # image paths (relative to its folder, or absolute) and labels
+CSV_COLUMNS: str = "path,label,split"  # DATASET "csv": its path, label and (optional; train, val
+                                 # or test, empty for train) split columns' names
 DOWNLOAD: bool = True            # fetch CIFAR-10 (and check the archive's checksum) when DATA_DIR
                                  # lacks it
 IMAGE_SIZE: int | None = None    # pixels the model sees (folders); None: PRETRAINED's crop size,
@@ -252,7 +255,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
 # how far a resumed run goes, and where it is;
 RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR",
                      # where its data is now
-                     "DATA_DIR", "DOWNLOAD", "CACHE_DIR", "NUM_WORKERS", "TENSORBOARD")
+                     "DATA_DIR", "CSV_COLUMNS", "DOWNLOAD", "CACHE_DIR", "NUM_WORKERS",
+                     "TENSORBOARD")
 # recorded as absolute paths, so a resume finds them from anywhere
 PATHS = ("DATA_DIR", "CACHE_DIR", "WEIGHTS")
 
@@ -303,7 +307,7 @@ def build_config(values: dict[str, typing.Any]) -> run_module.Config:
         **_lower(values, "DATASET", "DATA_DIR", "BATCH_SIZE", "VAL_SPLIT", "TRAIN_SUBSET",
         "AUGMENT",
                  "CROP_PADDING", "FLIP", "REFLECT", "RESIDENT", "NUM_WORKERS", "DOWNLOAD", "SEED",
-                 "CHANNELS_LAST", "CACHE_DIR"),
+                 "CHANNELS_LAST", "CACHE_DIR", "CSV_COLUMNS"),
         augmentations=_lower(values, *map(str.upper, augment_module.AUGMENTATIONS)),
         image_size=values["IMAGE_SIZE"] if own_size else weights.get("crop_size", 32),
         resize_size=None if own_size else weights.get("resize_size"),

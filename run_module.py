@@ -321,7 +321,7 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     if not run.main_process:
         return result
     split = "validation" if data.test_is_val else "test"
-    which = {"validation": "Validation accuracy (no test/ folder)", "test": "Test accuracy"}[split]
+    which = {"validation": "Validation accuracy (no test split)", "test": "Test accuracy"}[split]
     print(f"{which}: {100 * result['acc']:.2f}% (loss {result['loss']:.4f}"
           f"{', with test-time augmentation' if tta else ''}; {result['seconds']:.1f} s)")
     print("Recall of each class (the share of its images called it):")

@@ -48,7 +48,10 @@ def get_data(dataset, data_dir, **constants):
                          "1024"),
     (dict(IMAGE_SIZE=60000), "IMAGE_SIZE = 60000 is out of range: use a whole number of pixels "
                              "from 8 to 1024"),
-    (dict(DATASET="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder'"),
+    (dict(DATASET="mnist"), "DATASET = 'mnist' is not known; choose one of 'cifar10', 'folder', "
+                            "'csv'"),
+    (dict(CSV_COLUMNS="path,path"), "CSV_COLUMNS = 'path,path' is out of range: use two or three "
+                                    "different column names: path,label or path,label,split"),
     (dict(RESIDENT=True), "RESIDENT = True is not known; choose one of 'auto', 'yes', 'no'"),
     (dict(MIXUP=-0.2), "MIXUP = -0.2 is out of range: use a number >= 0 (0: off)"),
     (dict(CUTMIX=-1.0), "CUTMIX = -1.0 is out of range: use a number >= 0 (0: off)"),
@@ -424,7 +427,8 @@ def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_ci
 
 def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",), per_class=10)
-    files, classes = folder_module._scan_folder(root, size=8)
+    listing = folder_module.list_tree(root)
+    files, classes = folder_module._scan_folder(listing, size=8), listing.classes
     images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
     options = dict(val_split=6, train_subset=12, seed=3, data_dir=root, dataset="folder",
         classes=classes)
@@ -635,7 +639,7 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
                                             std=(0.25,) * 3))
         assert data.mean == (0.5,) * 3 and data.std == (0.25,
             ) * 3 and data.resize_size == 24 and data.image_size == 16
-        files = folder_module._scan_folder(root, 24)[0]["val"]
+        files = folder_module._scan_folder(folder_module.list_tree(root), 24)["val"]
         stored = torch.from_numpy(np.array(files.read(0)))
         assert stored.shape == (24, 24, 3)
         images, _ = collect(data.val)
@@ -784,7 +788,7 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
     assert isinstance(streamed.train, loader_module.StreamingLoader) and streamed.cache_file is None
     assert cached.mean == resident.mean == streamed.mean  # under 2,000 images: all of them, exactly
     # the stored squares: each cache row is the file as the streaming path reads it
-    files = folder_module._scan_folder(root, 37)[0]["val"]
+    files = folder_module._scan_folder(folder_module.list_tree(root), 37)["val"]
     rows = cached.val.images[cached.val.rows]
     assert torch.equal(rows, resident.val.images)
     for i in range(len(files)):

@@ -253,7 +253,7 @@ def test_a_small_photo_folder_with_only_train_trains_with_the_default_constants(
     assert result.returncode == 0, result.stderr
     assert "1 batch of 128 per epoch" in result.stdout
     assert (
-        "Validation accuracy (no test/ folder): " in result.stdout
+        "Validation accuracy (no test split): " in result.stdout
         and "Test accuracy" not in result.stdout
     )
     report = pd.read_csv(out / "test_report.csv")

@@ -1,0 +1,135 @@
+"""DATASET "csv": a CSV file of image paths and their labels (and, optionally, splits) listed and
+checked as folder_module lists a photo-folder tree, for the same cache, checks and messages; a row
+that cannot be used is named by its line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import warnings
+
+import pandas
+
+import messages_module
+from folder_module import SPLITS, Listing
+from image_module import IMAGE_EXTENSIONS, DataError
+from messages_module import flag_named
+from walk_module import Skipped
+
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # control characters: no label holds one
+
+
+def column_names(text: str) -> list[str] | None:
+    """CSV_COLUMNS' names: the path column, the label column and the optional split column; None
+    unless it gives two or three, different and not empty."""
+    names = [name.strip() for name in text.split(",")]
+    return names if len(names) in (2, 3) and all(names) and len(set(names)) == len(names) else None
+
+
+def list_csv(csv_path: str, columns: str) -> Listing:
+    """The CSV's image files by split (its split column's, else all train), in the CSV's order,
+    labelled by their places in the sorted labels of the train rows (as ImageFolder sorts class
+    folders). A path is relative to the CSV's folder, or absolute; a regular image file is listed,
+    none opened; a link to nothing, a FIFO, socket or device, or a file without an image extension
+    is skipped as a folder's walk skips it (walk_module.SKIPS). DataError naming the line for a row
+    without a path or a label, a file that is not there, an unknown split or a label the train rows
+    lack."""
+    names = column_names(columns)
+    assert names is not None, "DataConfig checks CSV_COLUMNS"
+    frame = _read(csv_path)
+    missing = [name for name in names[:2] if name not in frame.columns]
+    if missing:
+        raise DataError(f"{csv_path} line 1: no column {missing[0]!r} (it has "
+                        f"{', '.join(map(repr, frame.columns))}); name its columns "
+                        f"{','.join(names)} or set {flag_named('CSV_COLUMNS')} to yours")
+    table = [frame[name].tolist() for name in frame.columns]  # lists: quicker to read than a frame
+    column = dict(zip(frame.columns, table))
+    splits_of = column[names[2]] if len(names) == 3 and names[2] in column else [""] * len(frame)
+    rows, folder, skipped = [], os.path.dirname(csv_path), Skipped()
+    next_line = 2  # after the header; blank lines are rows, and quoted line breaks move the rest
+    for path, label, split, *cells in zip(column[names[0]], column[names[1]], splits_of, *table):
+        line, next_line = next_line, next_line + 1 + sum(cell.count("\n") for cell in cells)
+        if not any(cells):  # a blank line
+            continue
+        where, split = f"{csv_path} line {line}", split or "train"
+        if split not in SPLITS:
+            raise DataError(f"{where}: the split {split!r} is not known; use train, val or test "
+                            f"(or leave it empty for train)")
+        if not label.strip():
+            raise DataError(f"{where}: the label is empty; give the row its label")
+        if CONTROL.search(label):
+            raise DataError(f"{where}: the label {label!r} holds a control character (a line "
+                            f"break, a tab); remove it")
+        if not path:
+            raise DataError(f"{where}: the path is empty; give the row its image file")
+        path = os.path.join(folder, path)  # an absolute path stays as it is
+        rows.append((path, label, split, where, _listed(path, where, skipped)))
+    classes = sorted({label for _, label, split, _, _ in rows if split == "train"})
+    if not classes:
+        raise DataError(f"{csv_path} has no train rows; add some (the split column train or "
+                        f"empty)")
+    label_of = {name: i for i, name in enumerate(classes)}
+    splits = {split: [] for split in SPLITS if any(row[2] == split for row in rows)}
+    for path, label, split, where, listed in rows:
+        if label not in label_of:
+            raise DataError(f"{where}: the label {label!r} has no train rows, so the model cannot "
+                            f"learn it; add some or remove the row")
+        if listed:
+            splits[split].append((path, label_of[label]))
+    places = {split: f"{csv_path}'s {split} split" for split in SPLITS}
+    return Listing(classes, splits, skipped, folder or ".", places, "class")
+
+
+def _read(csv_path: str):
+    """The CSV as a pandas DataFrame of text, every field as written but the spaces after a comma
+    ("NA" a label, not a missing value), blank lines kept as empty rows (their lines count);
+    DataError when it cannot be read."""
+    if os.path.isdir(csv_path):
+        raise DataError(f"{flag_named('DATA_DIR')} {csv_path} is a folder; with "
+                        f"{flag_named('DATASET')} csv, point it at a CSV file of paths and labels")
+    try:
+        with warnings.catch_warnings():  # a row longer than the header: an error, not lost data
+            warnings.simplefilter("error", pandas.errors.ParserWarning)
+            frame = pandas.read_csv(csv_path, dtype=str, na_filter=False, index_col=False,
+                                    skip_blank_lines=False, skipinitialspace=True,
+                                    encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{flag_named('DATA_DIR')} {csv_path} does not exist; point it at a CSV "
+                        f"file of paths and labels") from None
+    except (OSError, UnicodeDecodeError, ValueError, pandas.errors.ParserWarning) as error:
+        reason = str(error).replace("Error tokenizing data. C error: ", "").strip()
+        raise DataError(f"cannot read {csv_path} as a UTF-8 CSV file ({reason}); fix it, or point "
+                        f"{flag_named('DATA_DIR')} at another") from None
+    frame.columns = [str(name).strip() for name in frame.columns]
+    return frame
+
+
+def _listed(path: str, where: str, skipped: Skipped) -> bool:
+    """Whether a row's path is a regular image file to list; a link to nothing, a file that is not
+    regular or not an image, or a path too long is counted in skipped instead. DataError naming the
+    row when nothing is there (or it is a folder)."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        if getattr(error, "errno", None) == errno.ENAMETOOLONG:
+            skipped.add("path too long", path)
+            return False
+        if os.path.islink(path):
+            skipped.add("dangling link", path)
+            return False
+        reason = getattr(error, "strerror", None) or error
+        raise DataError(f"{where}: {messages_module.printable(path)} cannot be read ({reason}); "
+                        f"correct the path (relative to the CSV's folder, or absolute) or remove "
+                        f"the row") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise DataError(f"{where}: {messages_module.printable(path)} is a folder; name an image "
+                        f"file in it, or remove the row")
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        skipped.add("not an image", path)
+    elif not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer for ever
+        skipped.add("not a regular file", path)
+    else:
+        return True
+    return False
