@@ -135,8 +135,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     if saved is None and options.weights is not None and not os.path.isfile(options.weights):
         # as get_model would
         raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")
-    if rank == 0 and saved is None and freeze_warning(options):
-        print(freeze_warning(options), file=sys.stderr)
+    if rank == 0 and saved is None and (warning := freeze_warning(options)):
+        print(warning, file=sys.stderr)
     # downloaded before any decoding
     model_module.fetch_pretrained(options.model, options.pretrained)
     utils.seed_everything(config.data.seed)

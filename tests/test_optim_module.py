@@ -33,6 +33,25 @@ def test_onecycle_rises_then_falls_and_holds_past_its_end():
     assert optim_module.make_schedule(optimizer, "lra", 1.0, 100) is None
 
 
+def test_a_warm_up_rises_linearly_then_leaves_the_lr_to_lra_or_to_the_schedule():
+    model = nn.Linear(2, 2)
+    optimizer = optim_module.make_optimizer(model, configs(LR=0.4).optim)
+    schedule = optim_module.make_schedule(optimizer, "lra", 0.4, 100, warmup_steps=4)
+    lrs = []
+    for step in range(7):
+        lrs.append(optim_module.get_lr(optimizer))
+        schedule.advance(optimizer)
+        if step == 4:
+            optim_module.set_lr(optimizer, 0.2)  # an LRA cut: the warm-up is over and keeps it
+    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.2, 0.2])
+    cosine = optim_module.cosine(0.4, 100)
+    schedule = optim_module.make_schedule(optimizer, "cosine", 0.4, 100, warmup_steps=4)
+    for step in range(6):
+        scale = min(1, (step + 1) / 4)
+        assert optim_module.get_lr(optimizer) == pytest.approx(cosine(step) * scale)
+        schedule.advance(optimizer)
+
+
 def test_onecycle_matches_torchs_one_cycle_lr():
     """The schedule is airbench's shape in OneCycleLR's terms, step for step."""
     model = nn.Linear(2, 2)
