@@ -8,6 +8,8 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import pathlib
+import sys
 import time
 from typing import Any, Sequence
 
@@ -78,23 +80,23 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its database's INFO lines
-        store = os.path.abspath(os.path.join(output_dir, FOLDERS[1]))
-        os.makedirs(store, exist_ok=True)
-        self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI")
-                                   or "sqlite:///" + os.path.join(store, "mlflow.db"))
+        remote = os.environ.get("MLFLOW_TRACKING_URI")
+        store = pathlib.Path(output_dir, FOLDERS[1]).absolute()
+        if not remote:
+            store.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(remote or f"sqlite:///{store / 'mlflow.db'}")
         self.status = RunStatus
         if run_id is not None:
             try:
                 self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
             except MlflowException:
                 print(f"warning: MLflow run {run_id} is not in {self.client.tracking_uri}; "
-                      "logging to a new run")
+                      "logging to a new run", file=sys.stderr)
                 run_id = None
         if run_id is None:
             found = self.client.get_experiment_by_name(EXPERIMENT)
             experiment = found.experiment_id if found else self.client.create_experiment(
-                EXPERIMENT, None if "MLFLOW_TRACKING_URI" in os.environ
-                else "file://" + os.path.join(store, "artifacts"))
+                EXPERIMENT, None if remote else (store / "artifacts").as_uri())
             run_id = self.client.create_run(experiment, tags={"started": started}).info.run_id
             self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
         self.run_id = run_id
