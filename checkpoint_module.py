@@ -26,6 +26,7 @@ import messages_module
 import model_module
 import report_module
 import state_module
+import tracker_module
 import utils
 from state_module import TrainState
 
@@ -36,13 +37,12 @@ FORMAT = 2  # of the files written here: a resume refuses files of another
 INFO_KEYS = ("model", "classes", "mean", "std", "image_size")
 INFO_FIELDS = [f.name for f in dataclasses.fields(state_module.RunInfo) if f.name != "config"]
 PREDICTIONS = "predictions.csv"
-RUN_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, PREDICTIONS,
-    *report_module.FILES,
-             *export_module.EXPORT_FILES.values())  # all a run writes in OUTPUT_DIR
 # under the lock
 TRAINING_FILES = (CHECKPOINT, BEST_MODEL, BEST_MODEL_INFO, METRICS_CSV, *report_module.FILES)
+# all a run writes in OUTPUT_DIR
+RUN_FILES = (*TRAINING_FILES, PREDICTIONS, *export_module.EXPORT_FILES.values())
 PREVIOUS = "previous"  # OUTPUT_DIR/previous/<start time>/ holds the files of the runs before
-RUN_FOLDERS = (PREVIOUS, report_module.TENSORBOARD)  # the folders a run makes in OUTPUT_DIR
+RUN_FOLDERS = (PREVIOUS, *tracker_module.FOLDERS)  # the folders a run makes in OUTPUT_DIR
 MAX_INFO_BYTES = 16 * 2**20  # best_model.json: ImageNet-21k's 21,841 class names take under 1 MB;
 # a bigger file is not one of ours (json reads it whole before any field can be looked at)
 STARTED_SLACK = datetime.timedelta(days=1)  # a `started` may be this far ahead of this clock
@@ -258,7 +258,7 @@ def move_earlier_run(output_dir: str) -> str | None:
 def check_output_dir(output_dir: str, names: tuple[str, ...] = RUN_FILES) -> None:
     """Refuse (ValueError, one line) an output_dir where one of the named files a run writes,
     replaces or moves (all of them by default), or its lock, is a link or not a regular file, or
-    where previous/ or tensorboard/ is not a folder of its own: a run writes through no link, and
+    where a folder of RUN_FOLDERS is not a folder of its own: a run writes through no link, and
     moves nothing out of output_dir. Creates nothing; called before the data is read."""
     for name in (*names, files_module.LOCK_FILE):
         problem = files_module.not_a_plain_file(os.path.join(output_dir, name))

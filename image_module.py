@@ -186,7 +186,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def read_stored(path: str, size: int) -> Image.Image:
     """An image file as a folder's images are stored: upright RGB (open_rgb), shorter side resized
     to size, the centre size x size square."""
-    return F.center_crop(F.resize(open_rgb(path, reduce_to=size), size), [size, size])
+    return _stored(open_rgb(path, reduce_to=size), size)
+
+
+def _stored(image: Image.Image, size: int) -> Image.Image:
+    return F.center_crop(F.resize(image, size), [size, size])
+
+
+def prepare_image(image: Image.Image, image_size: int, mean, std, resize_size: int
+                  | None = None) -> torch.Tensor:
+    """A PIL image prepared as load_image prepares a file's: upright RGB, stored at resize_size
+    (None: image_size), centre-cropped to image_size and normalised."""
+    stored = _stored(_decoded(image, None), resize_size or image_size)
+    return evaluation_transform(image_size, mean, std)(stored)
 
 
 def load_image(path: str, image_size: int, mean, std, resize_size: int

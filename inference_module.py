@@ -5,6 +5,7 @@ data."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import sys
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as F
 from tqdm import tqdm
 
 import augment_module
@@ -252,3 +254,67 @@ def _kept(rows: list[dict[str, typing.Any]], output: str) -> str:
     except OSError as error:
         return f"{error}"
     return f"{len(rows)} predictions written to {messages_module.printable(output)}"
+
+
+# --------------------------------------------------------------------------- the Python API
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One image's k most probable classes, the most probable first, and their probabilities."""
+
+    classes: list[str]
+    probabilities: list[float]
+
+
+class Predictor:
+    """A run's best model (best_model.pth and .json), on the best device, classifying images as
+    --predict does: load(output_dir).predict(images)."""
+
+    def __init__(self, output_dir: str):
+        self.info, self.model = _best_model(output_dir)
+        self.classes: list[str] = self.info["classes"]
+
+    def predict(self, images: typing.Any, k: int = 5) -> list[Prediction]:
+        """One Prediction per image (top min(k, classes)), in order. images: an image file's path,
+        a PIL image, a (3, H, W) tensor or a (N, 3, H, W) batch, or a list of these; a tensor holds
+        uint8 values or floats in [0, 1] (rounded to 8 bits, as a file holds them). Each is
+        prepared as --predict prepares a file: the run's resize, centre crop and normalisation."""
+        items, found = _each_image(images), []
+        for start in range(0, len(items), PREDICT_BATCH):  # a batch's images at a time in memory
+            batch = torch.stack([self._prepare(one) for one in items[start:start + PREDICT_BATCH]])
+            top = train_module.predict_proba(self.model, batch).topk(min(k, len(self.classes)))
+            found += [Prediction([self.classes[i] for i in indices], values)
+                      for values, indices in zip(top.values.tolist(), top.indices.tolist())]
+        return found
+
+    def _prepare(self, image: str | os.PathLike | Image.Image | torch.Tensor) -> torch.Tensor:
+        options = (self.info["image_size"], self.info["mean"], self.info["std"],
+                   self.info.get("resize_size"))
+        if isinstance(image, (str, os.PathLike)):
+            return image_module.load_image(os.fspath(image), *options)
+        if isinstance(image, torch.Tensor):
+            if image.is_floating_point() and not 0 <= image.min() <= image.max() <= 1:
+                raise ValueError("predict takes float tensors of values in [0, 1] (or uint8), not "
+                                 f"from {image.min():.3g} to {image.max():.3g}: not normalised")
+            image = F.to_pil_image(image.cpu() if image.dtype == torch.uint8 else
+                                   (image.cpu() * 255).round().to(torch.uint8))
+        return image_module.prepare_image(image, *options)
+
+
+def load(output_dir: str) -> Predictor:
+    """The best model of the run in output_dir, ready to classify: load(dir).predict(images)."""
+    return Predictor(output_dir)
+
+
+def _each_image(images: typing.Any) -> list:
+    """predict's images as a list of single images (a batch tensor split into its images)."""
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    each = [one for item in items for one in (item if isinstance(item, torch.Tensor)
+                                              and item.dim() == 4 else [item])]
+    for item in each:
+        if not isinstance(item, (str, os.PathLike, Image.Image, torch.Tensor)) or \
+                isinstance(item, torch.Tensor) and item.dim() != 3:
+            raise ValueError("predict takes image paths, PIL images or (3, H, W) or (N, 3, H, W) "
+                             f"tensors, not {messages_module.short_repr(item)}")
+    return each

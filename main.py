@@ -191,8 +191,8 @@ OUTPUT_DIR: str = "."            # where best_model.pth, training_metrics.csv an
 RESUME: str | None = None        # a last_checkpoint.pth to continue from, or "auto" (OUTPUT_DIR's,
                                  # when there)
 PRESET: str | None = None        # "fast": PRESETS["fast"] replaces the constants it names
-TENSORBOARD: bool = False        # also log each epoch and the test confusion matrix to
-                                 # OUTPUT_DIR/tensorboard/
+TRACKER: str | None = None       # also log the run to "tensorboard" (OUTPUT_DIR/tensorboard/) or
+                                 # "mlflow" (OUTPUT_DIR/mlruns/, or $MLFLOW_TRACKING_URI); None: off
 
 # airbench94's recipe on this pipeline: about 90.5% test accuracy in seconds on a GPU. As airbench,
 # it trains on all 50,000 images with no validation (VAL_SPLIT = 0: one-cycle's best epoch is its
@@ -256,7 +256,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
 RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR",
                      # where its data is now
                      "DATA_DIR", "CSV_COLUMNS", "DOWNLOAD", "CACHE_DIR", "NUM_WORKERS",
-                     "TENSORBOARD")
+                     "TRACKER")
 # recorded as absolute paths, so a resume finds them from anywhere
 PATHS = ("DATA_DIR", "CACHE_DIR", "WEIGHTS")
 
@@ -299,7 +299,7 @@ def build_config(values: dict[str, typing.Any]) -> run_module.Config:
     """Each config from the constants (the one place that reads them by name); ValueError naming the
     first constant that is out of range."""
     run = run_module.RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "BF16",
-                                        "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TENSORBOARD"),
+                                        "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TRACKER"),
                                resume=_resume_path(values), bf16_trial_steps=BF16_TRIAL_STEPS)
     weights = model_module.preprocessing(run.model, run.pretrained) or {}  # their preparation
     own_size = values["IMAGE_SIZE"] is not None

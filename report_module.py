@@ -1,5 +1,5 @@
 """What a run leaves to look at: the training curves, the test report, the confusion matrix, the
-gallery of confident mistakes, the LR finder's plot, and (optionally) a TensorBoard log.
+gallery of confident mistakes and the LR finder's plot (the trackers: tracker_module).
 
 Figures are drawn with matplotlib's Figure, never pyplot (no global state, no display needed), and
 every file is written atomically (files_module.atomic_write). A figure that cannot be drawn only
@@ -28,7 +28,6 @@ MISCLASSIFIED = "misclassified.png"
 LR_FINDER = "lr_finder.png"
 # all this module writes in OUTPUT_DIR
 FILES = (CURVES, TEST_REPORT, CONFUSION, MISCLASSIFIED, LR_FINDER)
-TENSORBOARD = "tensorboard"  # OUTPUT_DIR/tensorboard/<start time>/: TensorBoardLog's folder
 REPORT_COLUMNS = ["class", "precision", "recall", "f1", "support"]
 # the rows after the classes, as scikit-learn's classification_report
 AVERAGES = ("macro avg", "weighted avg")
@@ -296,44 +295,3 @@ def _draw(path: str, make_figure: Callable[[], Any]) -> None:
     except Exception as error:
         print(f"warning: could not draw {path}: {error}", file=sys.stderr)
 
-
-# --------------------------------------------------------------------------- TensorBoard (optional)
-
-
-class TensorBoardLog:
-    """Per-epoch metrics and LR, and the test confusion matrix, written for TensorBoard into log_dir
-    (`tensorboard --logdir OUTPUT_DIR/tensorboard`). Needs the tensorboard package."""
-
-    def __init__(self, log_dir: str):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError(
-                "TENSORBOARD = True needs the tensorboard package: pip install tensorboard"
-            ) from None
-        self.writer = SummaryWriter(log_dir)
-
-    def log_epoch(self, row: dict[str, Any]) -> None:
-        """One epoch's metrics dict (fit's history row): losses, accuracies and the LR."""
-        epoch = row["epoch"]
-        for name, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"), ("accuracy/train",
-            "train_acc"),
-                          ("accuracy/val", "val_acc"), ("lr", "lr")):
-            # without validation images there are no validation figures
-            if row.get(key) is not None:
-                self.writer.add_scalar(name, row[key], epoch)
-        self.writer.flush()
-
-    def log_confusion(self, confusion: torch.Tensor, classes: Sequence[str], step: int) -> None:
-        """The confusion matrix figure, as an image."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-        canvas = FigureCanvasAgg(confusion_figure(confusion, classes))
-        canvas.draw()
-        self.writer.add_image("test/confusion_matrix", np.asarray(canvas.buffer_rgba())[..., :3],
-            step,
-                              dataformats="HWC")
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()

@@ -25,6 +25,7 @@ import process_module
 import report_module
 import state_module
 import step_module
+import tracker_module
 import train_module
 import utils
 from callback_module import LRA
@@ -44,7 +45,7 @@ class RunConfig:
     cuda_graphs: str
     class_weights: str | None  # the weights themselves come from the data (setup)
     tta: bool
-    tensorboard: bool
+    tracker: str | None
     resume: str | None  # RESUME's checkpoint ("auto": OUTPUT_DIR's, when there); None: a new run
     # a CPU run of at least this many training steps first times bf16 against fp32
     bf16_trial_steps: int
@@ -52,7 +53,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         model_module.check_name(self.model)
         messages_module.check_fields(self, {}, {"cuda_graphs": step_module.CUDA_GRAPHS,
-                                      "class_weights": train_module.CLASS_WEIGHTS})
+                                      "class_weights": train_module.CLASS_WEIGHTS,
+                                      "tracker": (None, *tracker_module.TRACKERS)})
+        tracker_module.check_installed(self.tracker)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,7 @@ class Run:
     fit: train_module.FitConfig
     rank: int
     account: utils.TimeAccount  # where the run's time goes
-    tensorboard: report_module.TensorBoardLog | None = None
+    tracker: tracker_module.TensorBoardTracker | tracker_module.MLflowTracker | None = None
 
     @property
     def main_process(self) -> bool:
@@ -164,7 +167,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     state.info = state_module.RunInfo(config.constants, data.classes, list(data.mean),
                                       list(data.std), data.image_size, data.resize_size, precision,
                                       started=saved["started"] if saved
-                                      else checkpoint_module.timestamp())
+                                      else checkpoint_module.timestamp(),
+                                      tracker_run=saved.get("tracker_run") if saved else None)
     class_weights = train_module.balanced_class_weights(data.class_counts, data.classes) \
         if options.class_weights == "balanced" else None
     fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16"
@@ -187,11 +191,12 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     # the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
     elif rank == 0 and new_run:
         checkpoint_module.move_earlier_run(output_dir)
-    tensorboard = None
-    if options.tensorboard and rank == 0 and new_run:
-        folder = os.path.join(output_dir, report_module.TENSORBOARD, state.info.started)
-        tensorboard = report_module.TensorBoardLog(folder)
-    return Run(device, data, state, fit, rank, account, tensorboard)
+    tracker = None
+    if options.tracker and rank == 0 and new_run:  # its run id goes into each checkpoint
+        tracker = tracker_module.open_tracker(options.tracker, output_dir, state.info.started,
+                                              state.info.tracker_run, config.constants)
+        state.info.tracker_run = tracker.run_id
+    return Run(device, data, state, fit, rank, account, tracker)
 
 
 def freeze_warning(options: RunConfig) -> str | None:
@@ -253,8 +258,7 @@ def train(config: Config, run: Run) -> Outcome:
     started, outcome, message = time.perf_counter(), Outcome(0), None
     try:
         outcome.history = train_module.fit(run.state, run.data, run.fit, account=run.account,
-                                           on_epoch=run.tensorboard.log_epoch if run.tensorboard
-                                           else None)
+                                           on_epoch=run.tracker.log_epoch if run.tracker else None)
         outcome.fit_seconds = time.perf_counter() - started
     except KeyboardInterrupt as interrupt:
         outcome.status = process_module.interrupt_status(interrupt)
@@ -333,10 +337,13 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     with run.account.timed("reports"):
         report_module.write_test_outputs(result, data.classes, data.mean, data.std,
             run.fit.output_dir, split)
-    if run.tensorboard:
-        run.tensorboard.log_confusion(result["confusion"], data.classes, step=len(
-            run.state.history))
-        run.tensorboard.close()
+    if run.tracker:
+        run.tracker.log_test(result, data.classes, step=len(run.state.history))
+        # the run's files but the checkpoint, which only a resume reads
+        paths = [os.path.join(run.fit.output_dir, name) for name in checkpoint_module.TRAINING_FILES
+                 if name != checkpoint_module.CHECKPOINT]
+        run.tracker.log_files([path for path in paths if os.path.isfile(path)])
+        run.tracker.close()
     return result
 
 

@@ -39,6 +39,7 @@ class RunInfo:
     precision: str = "fp32"
     # when it started (checkpoint_module.timestamp()): its folder's name in previous/
     started: str | None = None
+    tracker_run: str | None = None  # TRACKER's run id (MLflow's): a resume goes on with it
 
 
 class Snapshot:

@@ -290,7 +290,7 @@ def test_a_link_in_place_of_any_file_a_run_writes_or_moves_is_refused(tmp_path, 
     assert not (out / "previous").exists()
 
 
-@pytest.mark.parametrize("folder", ["previous", "tensorboard"])
+@pytest.mark.parametrize("folder", ["previous", "tensorboard", "mlruns"])
 def test_a_run_folder_that_is_a_link_is_refused_and_nothing_leaves_the_output_dir(tmp_path, folder):
     elsewhere, out = tmp_path / "elsewhere", tmp_path / "out"
     elsewhere.mkdir()

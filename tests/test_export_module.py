@@ -104,8 +104,9 @@ def test_export_names_the_packages_it_lacks(monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["model_module", "report_module", "train_module", "main"])
-def test_the_pipeline_loads_without_the_export_and_tensorboard_packages(module, monkeypatch):
-    for name in ("onnx", "onnxruntime", "onnxscript", "tensorboard", "torch.utils.tensorboard"):
+def test_the_pipeline_loads_without_the_export_and_tracker_packages(module, monkeypatch):
+    for name in ("onnx", "onnxruntime", "onnxscript", "tensorboard", "torch.utils.tensorboard",
+                 "mlflow"):
         monkeypatch.setitem(sys.modules, name, None)  # importing any of them now raises ImportError
     spec = importlib.util.spec_from_file_location(f"fresh_{module}", os.path.join(ROOT,
         f"{module}.py"))

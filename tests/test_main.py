@@ -933,7 +933,7 @@ def test_a_link_planted_for_any_run_file_is_refused_before_the_data_and_its_targ
     assert victim.read_text() == "someone else's file\n" and os.listdir(out) == [name]
 
 
-@pytest.mark.parametrize("folder", ["previous", "tensorboard"])
+@pytest.mark.parametrize("folder", ["previous", "tensorboard", "mlruns"])
 def test_a_run_folder_planted_as_a_link_is_refused_and_the_earlier_run_stays(
         tiny_run, tmp_path, folder, no_data, capsys):
     args, out = tiny_run
@@ -942,7 +942,7 @@ def test_a_run_folder_planted_as_a_link_is_refused_and_the_earlier_run_stays(
     out.mkdir()
     (out / "training_metrics.csv").write_text("epoch\n1\n")  # an earlier run's, which would move
     (out / folder).symlink_to(elsewhere)
-    result = main_in_process(args + ["--epochs", "1", "--tensorboard", "true"], capsys)
+    result = main_in_process(args + ["--epochs", "1"], capsys)  # tracker or not
     assert_one_clean_line(result, f"{out / folder} is a symbolic link to {elsewhere}, not a folder")
     assert os.listdir(elsewhere) == []
     assert (out / "training_metrics.csv").read_text() == "epoch\n1\n"

@@ -1,9 +1,7 @@
 """What a run leaves to look at: the test report against a hand computation, the figures' PNGs read
-back pixel by pixel against what they must show, and the optional TensorBoard log."""
+back pixel by pixel against what they must show."""
 
-import io
 import math
-import sys
 
 import matplotlib
 import numpy as np
@@ -360,36 +358,6 @@ def test_write_test_outputs_writes_the_three_files(tmp_path, one_thread):
         "misclassified.png",
                                                           # and no temporary files left
                                                           "test_report.csv"]
-
-
-# --------------------------------------------------------------------------- TensorBoard
-
-
-def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(ValueError,
-            match="^TENSORBOARD = True needs the tensorboard package: pip install tensorboard$"):
-        report_module.TensorBoardLog(str(tmp_path))
-
-
-def test_tensorboard_logs_the_epochs_and_the_confusion_matrix(tmp_path):
-    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install tensorboard)")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    log = report_module.TensorBoardLog(str(tmp_path))
-    for epoch in (1, 2):
-        log.log_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.5 / epoch,
-            "train_acc": 0.5,
-                       "val_acc": 0.4 + epoch / 10, "lr": 0.05 / epoch})
-    log.log_confusion(torch.tensor([[3, 1], [0, 4]]), ["a", "b"], step=2)
-    log.close()
-    events = EventAccumulator(str(tmp_path)).Reload()
-    assert [(e.step, e.value) for e in events.Scalars("lr")] == [(1, pytest.approx(0.05)), (2,
-        pytest.approx(0.025))]
-    assert [e.value for e in events.Scalars("accuracy/val")] == pytest.approx([0.5, 0.6])
-    image = events.Images("test/confusion_matrix")[0]
-    assert image.step == 2 and Image.open(io.BytesIO(image.encoded_image_string)).format == "PNG"
 
 
 def test_the_curves_mark_whole_epochs_only_and_draw_a_run_without_validation():
