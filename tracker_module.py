@@ -41,6 +41,7 @@ class TensorBoardTracker:
         epoch = row["epoch"]
         for name, key in (("loss/train", "train_loss"), ("loss/val", "val_loss"),
                           ("accuracy/train", "train_acc"), ("accuracy/val", "val_acc"),
+                          ("val/macro_f1", "macro_f1"), ("val/balanced_acc", "balanced_acc"),
                           ("lr", "lr")):
             # without validation images there are no validation figures
             if row.get(key) is not None:
