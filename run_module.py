@@ -6,7 +6,6 @@ import errno
 import math
 import os
 import shlex
-import sys
 import time
 import typing
 
@@ -132,6 +131,12 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
     # another run writing there: refused at once
     files_module.check_unlocked(output_dir, main_process=rank == 0)
+    if saved and len(saved["rng"]) != world_size:  # one random state per process of the run
+        raise utils.CheckpointError(
+            f"RESUME {options.resume} was saved by {len(saved['rng'])} processes and this run has "
+            f"{world_size}: each one's batch (BATCH_SIZE), so the global batch and the schedule's "
+            "steps, its share of the data and its random state belong to that number; resume with "
+            f"{len(saved['rng'])} processes in all, or start a new run")
     if saved is None and options.weights is not None and not os.path.isfile(options.weights):
         # as get_model would
         raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")
@@ -267,8 +272,8 @@ def train(config: Config, run: Run) -> Outcome:
             # a stop's own message stands; the curves are only a picture of it
             if outcome.status in (0, 1):
                 outcome.status, message = 3, f"error: {error}"
-    if run.main_process and message:
-        print(message, file=sys.stderr)
+    if message:  # under torchrun: rank 0 prints it, and every process ends with its status
+        outcome.status = distributed_module.end_together(outcome.status, message)
     return outcome
 
 
