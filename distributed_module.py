@@ -197,6 +197,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def share_buffers(*models: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) in every process's models: each process's
+    last training step updated its own from its own batch, and all must evaluate one model."""
+    if is_distributed():
+        for buffer in {id(b): b for model in models for b in model.buffers()}.values():
+            dist.broadcast(buffer, src=0)
+
+
 def gather(obj: Any) -> list[Any]:
     """Every process's obj, in rank order ([obj] when alone)."""
     if not is_distributed():

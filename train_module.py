@@ -394,6 +394,7 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                                                  lookahead=state.lookahead, ema=state.ema,
                                                  check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
+    distributed_module.share_buffers(state.model, state.evaluated_model)
     # the EMA, with one
     val = {"loss": None, "acc": None} if data.val is None else \
         evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype)
