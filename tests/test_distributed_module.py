@@ -148,8 +148,8 @@ if int(os.environ["RANK"]) == victim:
     def failing(step, loader, *, epoch=1, **kwargs):
         if epoch == 2 and kind == "exception":
             raise ZeroDivisionError("a fault of this process alone")
-        if epoch == 2 and kind == "ctrl-c":
-            os.kill(os.getpid(), signal.SIGINT)
+        if epoch == 2 and kind in ("ctrl-c", "kill"):
+            os.kill(os.getpid(), signal.SIGINT if kind == "ctrl-c" else signal.SIGKILL)
         return one_epoch(step, loader, epoch=epoch, **kwargs)
     train_module.train_one_epoch = failing
 sys.exit(main.main(argv))
@@ -160,6 +160,8 @@ sys.exit(main.main(argv))
     ("write", 0, 3, "error: "),
     ("exception", 1, 1, "error on rank 1: ZeroDivisionError: a fault of this process alone"),
     ("ctrl-c", 0, 130, "Interrupted. The last completed epoch is saved"),
+    # rank 0 stops at whichever comes first: torchrun's SIGTERM, or its collective breaking
+    ("kill", 1, -9, ("Interrupted. The last", "error: another process of this run ended")),
 ])
 def test_a_failure_on_one_process_ends_every_process_with_its_status_and_one_line(
         tmp_path, kind, victim, status, line):
