@@ -376,8 +376,9 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
         return run_module.Outcome(_inference(values, command))
     try:
         rank, world_size, local_rank = distributed_module.init_distributed(values["DIST_TIMEOUT"])
-    except ValueError as error:
-        print(f"error: {cli_module.as_typed(str(error), command['given'])}", file=sys.stderr)
+    except ValueError as error:  # every process has it: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {cli_module.as_typed(str(error), command['given'])}", file=sys.stderr)
         return run_module.Outcome(2)
     global _imports_counted
     account = utils.TimeAccount(STARTED if not _imports_counted else time.perf_counter())
