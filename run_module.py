@@ -106,8 +106,12 @@ FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's st
 
 
 def resume_command(output_dir: str) -> str:
-    """The command that goes on with the run in output_dir."""
-    return shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
+    """The command that goes on with the run in output_dir (under torchrun: torchrun's, with as
+    many processes, for a resume with another number is refused)."""
+    world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    launcher = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={local}"] + (
+        [f"--nnodes={world // local}", "..."] if world > local else ["--standalone"])
+    return shlex.join([*launcher, "main.py", "--resume", "auto", "--output-dir", output_dir])
 
 
 def interrupted_line(stage: str, output_dir: str) -> str:

@@ -39,8 +39,24 @@ def launch(args, *launcher, nproc=2, script=None):
                f"--nproc_per_node={nproc}", script or os.path.join(ROOT, "main.py"),
                *map(str, args)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, start_new_session=True)
+    LAUNCHED.append(process)
+    return process
+
+
+LAUNCHED = []  # every launcher a test started
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_left():
+    """A test that fails midway leaves no torchrun (nor its workers) running."""
+    yield
+    while LAUNCHED:
+        process = LAUNCHED.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
 
 
 def finish(process, timeout=LIMIT):
@@ -175,6 +191,8 @@ def test_a_failure_on_one_process_ends_every_process_with_its_status_and_one_lin
     assert f"exitcode  : {status} " in output, output[-3000:]
     said = [row for row in output.splitlines() if row.startswith(("error", "Interrupted"))]
     assert len(said) == 1 and said[0].startswith(line), output[-3000:]
+    if kind in ("write", "ctrl-c"):  # how to go on: with as many processes
+        assert "torchrun --nproc_per_node=2 --standalone main.py --resume auto" in said[0]
     assert "Gloo" not in output and "[rank" not in output  # no other process's traceback
     assert len(pd.read_csv(tmp_path / "out" / "training_metrics.csv")) >= 1, output[-3000:]
 
