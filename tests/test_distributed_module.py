@@ -137,8 +137,8 @@ def test_a_restart_agrees_on_a_new_prefix_and_never_reads_the_keys_of_the_start_
     first = start([0, 1])
     first[0].set("address", "of a process now dead")
     assert first[1].get("address") == b"of a process now dead"  # the two share one prefix
-    server.add("ticket", 1)  # a start whose rank 1 drew a ticket and died before it was answered
-    server.set("ticket/1", str(int(server.get("ticket")) - 1))
+    # a start whose rank 1 drew a ticket and died before it was answered
+    server.set("ticket/1", str(server.add("ticket", 1)))
     second = start([1, 0])
     assert set(second) == {0, 1} and not second[1].check(["address"])  # no key of the first
     second[1].set("address", "new")
