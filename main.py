@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(argv: list[str] | None = None) -> run_module.Outcome:
     """main, returning the run's figures too. Ctrl-C or SIGTERM anywhere ends it with one line and
-    130 or 143, and a worker process that dies with one line and WORKER_DIED."""
+    130 or 143, and a worker process that dies with one line and WORKER_DIED. Under torchrun the
+    first process to fail ends every process with its status, and rank 0 prints its line."""
     values, command = parse_config(argv)
     stage = ["starting"]  # what the run is doing: said when an interruption stops it there
     end = distributed_module.end_together  # under torchrun: every process ends, rank 0 says why
