@@ -1,33 +1,188 @@
-"""The torchrun helpers: joining and leaving the process group, and the sums, gathers and
-broadcasts between its processes (each the value itself when a process is alone)."""
+"""The torchrun helpers: joining and leaving the process group, the sums, gathers and broadcasts
+between its processes (each the value itself when a process is alone), and ending every process
+together when one fails."""
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Any
+import sys
+import threading
+import time
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+FAILURE, TOLD = "failure", "told"  # the store's keys: the first failure, and rank 0 has said it
+POLL_SECONDS = 0.5  # how often each process looks for another's failure
+TELL_SECONDS = 5.0  # how long a failing process waits for rank 0 to print its line
+WRITE_SECONDS = 30.0  # how long a process that ends for another's failure lets its files land
+_group: dict[str, Any] = {}  # rank, world_size, store, stop: the group this process joined
+T = TypeVar("T")
+_said = threading.Lock()  # rank 0 prints one failure line, from whichever thread gets there first
 
-def init_distributed() -> tuple[int, int, int]:
-    """Join the torchrun process group when launched by torchrun; returns (rank, world size, local
-    rank)."""
+
+def init_distributed(timeout: float) -> tuple[int, int, int]:
+    """Join the torchrun process group when launched by torchrun (timeout: the seconds any process
+    waits for the others at a collective); returns (rank, world size, local rank)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not timeout > 0:
+        raise ValueError(f"DIST_TIMEOUT = {timeout!r} is out of range: use a number of seconds > 0")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
-    return dist.get_rank(), world_size, local_rank
+    wait = datetime.timedelta(seconds=timeout)
+    store = _fresh_store(rank, world_size, wait)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=wait)
+    _group.update(rank=rank, world_size=world_size, store=store, stop=threading.Event())
+    threading.Thread(target=_watch, args=(store.clone(), rank, _group["stop"]), daemon=True,
+                     name="failure watch").start()
+    return rank, world_size, local_rank
+
+
+def _fresh_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The group's store, under a prefix that this start of the group alone uses.
+
+    torchrun's agent hosts one TCPStore for every restart of a run (TORCHELASTIC_USE_AGENT_STORE),
+    and init_process_group reads it with no prefix, so the workers of a restart read the keys the
+    killed start left: gloo's addresses of dead processes ("Gloo connectFullMesh failed", or a
+    hang). TORCHELASTIC_RESTART_COUNT cannot tell the starts apart: each node's agent counts its own
+    restarts (pytorch/pytorch#135712). So rank 0 draws a number no start drew before from the
+    store's counter, and hands it to each rank under a key named after a ticket that rank alone
+    drew: no key of an earlier start can answer it."""
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # rank 0 hosts a new one
+        store = dist.TCPStore(address, port, world_size, rank == 0, timeout=timeout)
+        return dist.PrefixStore("run", store)
+    store = dist.TCPStore(address, port, world_size, False, timeout=timeout)
+    ticket = store.add("ticket", 1)
+    if rank != 0:
+        store.set(f"ticket/{rank}", str(ticket))
+        store.wait([f"start/{ticket}"], timeout)
+        start = store.get(f"start/{ticket}").decode()
+        store.set(f"joined/{start}/{rank}", "")
+        return dist.PrefixStore(f"start/{start}", store)
+    waiting, deadline = set(range(1, world_size)), time.monotonic() + timeout.total_seconds()
+    while waiting:  # a stale ticket/{r} gets an answer no live process waits for: harmless
+        for other in list(waiting):
+            if store.check([f"ticket/{other}"]):
+                store.set(f"start/{store.get(f'ticket/{other}').decode()}", str(ticket))
+            if store.check([f"joined/{ticket}/{other}"]):
+                waiting.discard(other)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {sorted(waiting)} did not join within DIST_TIMEOUT")
+        time.sleep(0.02)
+    return dist.PrefixStore(f"start/{ticket}", store)
+
+
+def _watch(store: dist.Store, rank: int, stop: threading.Event) -> None:
+    """The failure watch (a daemon thread): when another process has failed, rank 0 prints its line
+    and this process ends with its status, wherever its main thread waits (NCCL's collectives never
+    notice a peer that left)."""
+    while not stop.wait(POLL_SECONDS):
+        try:
+            failure = _failure(store) if store.check([FAILURE]) else None
+        except (dist.DistError, ValueError):  # the agent's store is gone: torchrun is ending
+            return
+        if failure is not None and failure[0] != rank and not stop.is_set():
+            _tell(store, rank, failure[2])
+            for thread in threading.enumerate():  # an epoch's files being written land whole
+                if not thread.daemon and thread is not threading.main_thread():
+                    thread.join(WRITE_SECONDS)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(failure[1])
+
+
+def _failure(store: dist.Store) -> tuple[int, int, str]:
+    """The first failure: (its rank, its exit status, its line)."""
+    rank, status, line = store.get(FAILURE).decode().split("|", 2)
+    return int(rank), int(status), line
+
+
+def _tell(store: dist.Store, rank: int, line: str) -> None:
+    """Rank 0 prints the failure's line (once), and marks it said."""
+    if rank == 0 and _said.acquire(blocking=False):
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        store.set(TOLD, "")
+
+
+def end_together(status: int, line: str | None) -> int:
+    """A run that stops early with status: alone, print line. Under torchrun, the first process to
+    fail sets every process's status and line, before any leaves, so none waits at a collective for
+    it: rank 0 prints the line, the others wait (a few seconds) until it has. Returns the status to
+    exit with."""
+    if "store" not in _group:
+        if line:
+            print(line, file=sys.stderr)
+        return status
+    store, rank = _group["store"], _group["rank"]
+    store.compare_set(FAILURE, "", f"{rank}|{status}|{line or ''}")
+    _, status, line = _failure(store)
+    _tell(store, rank, line)
+    if rank != 0:
+        try:
+            store.wait([TOLD], datetime.timedelta(seconds=TELL_SECONDS))
+        except dist.DistError:  # rank 0 is gone: torchrun's summary names what ended it
+            pass
+    return status
+
+
+def node_first(make: Callable[[], T], doing: str) -> T:
+    """make() on each node's local rank 0 first, while the node's other processes wait (doing: what
+    it does, for the one line a wait prints); then on them. A decoded-image cache on each node's
+    local disk is built once, and the others open it."""
+    if "store" not in _group:
+        return make()
+    key = f"node_first/{os.environ.get('GROUP_RANK', '0')}/{doing}"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank == 0:
+        made = make()
+        _group["store"].set(key, "")
+        return made
+    started = time.monotonic()
+    while not _group["store"].check([key]):  # as long as it takes; a failure ends this process
+        if local_rank == 1 and started is not None and time.monotonic() - started > 1:
+            print(f"note: local rank 0 of this node is {doing}; its other processes wait for it",
+                  file=sys.stderr, flush=True)
+            started = None
+        time.sleep(0.2)
+    return make()
+
+
+def failed_collective(error: Exception, died: int) -> int | None:
+    """The exit status for an error escaping a run under torchrun: the status of the process whose
+    failure broke a collective (rank 0 prints its line), died for a process that ended without a
+    word (killed; rank 0 says so), or None when the error is this process's own."""
+    if "store" not in _group or not (isinstance(error, dist.DistError) or "gloo" in str(error)):
+        return None
+    store = _group["store"]
+    try:  # a failing process says so before it leaves
+        if store.check([FAILURE]):
+            return end_together(0, None)
+    except dist.DistError:
+        pass
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return end_together(died, f"error: another process of this run ended without a word (killed, "
+                              f"or short of memory?): {first}")
 
 
 def close_distributed() -> None:
     """Leave the torchrun process group (exiting without this can abort in gloo's threads)."""
+    if "stop" in _group:
+        _group["stop"].set()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank in the group it joined (0 alone)."""
+    return _group.get("rank", 0)
 
 
 def is_distributed() -> bool:
@@ -40,6 +195,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor
+
+
+def share_buffers(*models: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) in every process's models: each process's
+    last training step updated its own from its own batch, and all must evaluate one model."""
+    if is_distributed():
+        for buffer in {id(b): b for model in models for b in model.buffers()}.values():
+            dist.broadcast(buffer, src=0)
 
 
 def gather(obj: Any) -> list[Any]:

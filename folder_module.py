@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import cache_module
+import distributed_module
 import messages_module
 from decode_module import decode_files
 from image_module import IMAGE_EXTENSIONS, DataError, check_image, skip_reason
@@ -225,7 +226,9 @@ def read_folder(listing: Listing, size: int, cache_dir: str | None, num_workers:
     if cache_dir is not None:
         folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir
         try:
-            return _cached_folder(listing, size, folder, num_workers, device)
+            return distributed_module.node_first(  # under torchrun: once on each node
+                lambda: _cached_folder(listing, size, folder, num_workers, device),
+                "opening (or first building) the decoded-image cache")
         except cache_module.CacheError as error:
             if cache_dir != "auto":
                 raise DataError(

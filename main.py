@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 import typing
 
 # the time account's start: everything below it is counted, the imports first
@@ -193,6 +194,9 @@ RESUME: str | None = None        # a last_checkpoint.pth to continue from, or "a
 PRESET: str | None = None        # "fast": PRESETS["fast"] replaces the constants it names
 TRACKER: str | None = None       # also log the run to "tensorboard" (OUTPUT_DIR/tensorboard/) or
                                  # "mlflow" (OUTPUT_DIR/mlruns/, or $MLFLOW_TRACKING_URI); None: off
+DIST_TIMEOUT: float = 600        # torchrun: seconds a process waits for the others at a collective
+                                 # before it gives up (NCCL's default); a process that fails tells
+                                 # the others at once, so this only ends a process that hangs
 
 # airbench94's recipe on this pipeline: about 90.5% test accuracy in seconds on a GPU. As airbench,
 # it trains on all 50,000 images with no validation (VAL_SPLIT = 0: one-cycle's best epoch is its
@@ -256,7 +260,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
 RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR",
                      # where its data is now
                      "DATA_DIR", "CSV_COLUMNS", "DOWNLOAD", "CACHE_DIR", "NUM_WORKERS",
-                     "TRACKER")
+                     "TRACKER", "DIST_TIMEOUT")
 # recorded as absolute paths, so a resume finds them from anywhere
 PATHS = ("DATA_DIR", "CACHE_DIR", "WEIGHTS")
 
@@ -299,7 +303,8 @@ def build_config(values: dict[str, typing.Any]) -> run_module.Config:
     """Each config from the constants (the one place that reads them by name); ValueError naming the
     first constant that is out of range."""
     run = run_module.RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "BF16",
-                                        "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TRACKER"),
+                                        "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TRACKER",
+                                        "DIST_TIMEOUT"),
                                resume=_resume_path(values), bf16_trial_steps=BF16_TRIAL_STEPS)
     weights = model_module.preprocessing(run.model, run.pretrained) or {}  # their preparation
     own_size = values["IMAGE_SIZE"] is not None
@@ -345,18 +350,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(argv: list[str] | None = None) -> run_module.Outcome:
     """main, returning the run's figures too. Ctrl-C or SIGTERM anywhere ends it with one line and
-    130 or 143, and a worker process that dies with one line and WORKER_DIED."""
+    130 or 143, and a worker process that dies with one line and WORKER_DIED. Under torchrun the
+    first process to fail ends every process with its status, and rank 0 prints its line."""
     values, command = parse_config(argv)
     stage = ["starting"]  # what the run is doing: said when an interruption stops it there
+    end = distributed_module.end_together  # under torchrun: every process ends, rank 0 says why
     with process_module.signals_interrupt():
         try:
             return _run(values, command, argv, stage)
         except KeyboardInterrupt as interrupt:  # wherever train did not take it
-            print(run_module.interrupted_line(stage[0], values["OUTPUT_DIR"]), file=sys.stderr)
-            return run_module.Outcome(process_module.interrupt_status(interrupt))
+            return run_module.Outcome(end(process_module.interrupt_status(interrupt),
+                                          run_module.interrupted_line(stage[0],
+                                                                      values["OUTPUT_DIR"])))
         except process_module.WorkerDied as error:  # the out-of-memory killer's, most often
-            print(f"error: {error}, then run again", file=sys.stderr)
-            return run_module.Outcome(run_module.WORKER_DIED)
+            return run_module.Outcome(end(run_module.WORKER_DIED,
+                                          f"error: {error}, then run again"))
+        except Exception as error:  # under torchrun: another process's failure, or this one's
+            status = distributed_module.failed_collective(error, run_module.WORKER_DIED)
+            if status is None and not distributed_module.is_distributed():
+                raise
+            if status is None:  # a fault of its own: where it happened, and the others end too
+                frame = traceback.extract_tb(error.__traceback__)[-1]
+                where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+                status = end(1, f"error on rank {distributed_module.rank()}: "
+                                f"{type(error).__name__}: {error} (at {where}; one process shows "
+                                "the traceback)")
+            return run_module.Outcome(status)
+        finally:
+            distributed_module.close_distributed()
 
 
 def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: list[str] | None,
@@ -365,7 +386,12 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
     if command["predict"] or command["export"]:
         stage[0] = "predicting" if command["predict"] else "exporting the model"
         return run_module.Outcome(_inference(values, command))
-    rank, world_size, local_rank = distributed_module.init_distributed()
+    try:
+        rank, world_size, local_rank = distributed_module.init_distributed(values["DIST_TIMEOUT"])
+    except ValueError as error:  # every process has it: rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {cli_module.as_typed(str(error), command['given'])}", file=sys.stderr)
+        return run_module.Outcome(2)
     global _imports_counted
     account = utils.TimeAccount(STARTED if not _imports_counted else time.perf_counter())
     if not _imports_counted:  # the first run of this process pays for them
@@ -381,16 +407,18 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
                                    new_run=not command["find_lr"])
         # bad constants, data, weights or checkpoint: one clear line
         except (ValueError, OSError) as error:
-            print(f"error: {cli_module.as_typed(str(error), command['given'])}", file=sys.stderr)
-            return run_module.Outcome(3 if isinstance(error, files_module.WriteFailed) else 2)
+            return run_module.Outcome(distributed_module.end_together(
+                3 if isinstance(error, files_module.WriteFailed) else 2,
+                f"error: {cli_module.as_typed(str(error), command['given'])}"))
         if command["find_lr"]:
             stage[0] = "finding the LR"
             return run_module.Outcome(run_module.find_lr(config, run, argv if argv is not None
                                                          else sys.argv[1:]))
         stage[0] = "training"
         outcome = run_module.train(config, run)
-        # finished, or stopped by a non-finite loss with the best weights restored
-        if outcome.status in (0, 1):
+        # finished, or stopped by a non-finite loss with the best weights restored (under torchrun
+        # the other processes end with it: no report)
+        if outcome.status == 0 or outcome.status == 1 and world_size == 1:
             stage[0] = run_module.FINAL_EVALUATION
             try:
                 outcome.test = run_module.report(config, run)
@@ -399,12 +427,10 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
                     print(account.line())
                     checkpoint_module.record_time(run.fit.output_dir, outcome.time)
             except OSError as error:
-                print(f"error: {error}", file=sys.stderr)
-                outcome.status = 3
+                outcome.status = distributed_module.end_together(3, f"error: {error}")
         return outcome
     finally:
         files_module.unlock_folder(values["OUTPUT_DIR"])
-        distributed_module.close_distributed()
 
 
 def _inference(values: dict[str, typing.Any], command: dict[str, typing.Any]) -> int:

@@ -46,13 +46,15 @@ class RunConfig:
     class_weights: str | None  # the weights themselves come from the data (setup)
     tta: bool
     tracker: str | None
+    dist_timeout: float  # read before the configs are built (init_distributed); checked here too
     resume: str | None  # RESUME's checkpoint ("auto": OUTPUT_DIR's, when there); None: a new run
     # a CPU run of at least this many training steps first times bf16 against fp32
     bf16_trial_steps: int
 
     def __post_init__(self) -> None:
         model_module.check_name(self.model)
-        messages_module.check_fields(self, {}, {"cuda_graphs": step_module.CUDA_GRAPHS,
+        messages_module.check_fields(self, {"dist_timeout": (lambda t: t > 0, "seconds > 0")}, {
+                                      "cuda_graphs": step_module.CUDA_GRAPHS,
                                       "class_weights": train_module.CLASS_WEIGHTS,
                                       "tracker": (None, *tracker_module.TRACKERS)})
         tracker_module.check_installed(self.tracker)
@@ -110,8 +112,12 @@ FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's st
 
 
 def resume_command(output_dir: str) -> str:
-    """The command that goes on with the run in output_dir."""
-    return shlex.join(["python", "main.py", "--resume", "auto", "--output-dir", output_dir])
+    """The command that goes on with the run in output_dir (under torchrun: torchrun's, with as
+    many processes, for a resume with another number is refused)."""
+    world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    launcher = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={local}"] + (
+        [f"--nnodes={world // local}", "..."] if world > local else ["--standalone"])
+    return shlex.join([*launcher, "main.py", "--resume", "auto", "--output-dir", output_dir])
 
 
 def interrupted_line(stage: str, output_dir: str) -> str:
@@ -135,6 +141,12 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
     # another run writing there: refused at once
     files_module.check_unlocked(output_dir, main_process=rank == 0)
+    if saved and len(saved["rng"]) != world_size:  # one random state per process of the run
+        raise utils.CheckpointError(
+            f"RESUME {options.resume} was saved by {len(saved['rng'])} processes and this run has "
+            f"{world_size}: each one's batch (BATCH_SIZE), so the global batch and the schedule's "
+            "steps, its share of the data and its random state belong to that number; resume with "
+            f"{len(saved['rng'])} processes in all, or start a new run")
     if saved is None and options.weights is not None and not os.path.isfile(options.weights):
         # as get_model would
         raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")
@@ -284,8 +296,8 @@ def train(config: Config, run: Run) -> Outcome:
             # a stop's own message stands; the curves are only a picture of it
             if outcome.status in (0, 1):
                 outcome.status, message = 3, f"error: {error}"
-    if run.main_process and message:
-        print(message, file=sys.stderr)
+    if message:  # under torchrun: rank 0 prints it, and every process ends with its status
+        outcome.status = distributed_module.end_together(outcome.status, message)
     return outcome
 
 

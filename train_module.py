@@ -402,6 +402,7 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                                                  lookahead=state.lookahead, ema=state.ema,
                                                  check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
+    distributed_module.share_buffers(state.model, state.evaluated_model)
     # the EMA, with one
     val = dict.fromkeys(("loss", "acc", "macro_f1", "balanced_acc")) if data.val is None else \
         evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype,

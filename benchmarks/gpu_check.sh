@@ -15,20 +15,22 @@
 #   tta         ~90 s   fast preset 3 seeds, airbench94 3 runs, and 2 cold runs of each
 #   folder      ~2 min  20,000 JPEGs written, decoded into the cache (on the GPU now), streamed, resident and the
 #                       reference; a cold `python main.py` on the cached folder to its first epoch
+#   nccl        ~40 s   with two GPUs or more: `torchrun --nproc_per_node=2` on 5,000 images for 2 epochs over NCCL
+#                       (the processes must agree); with one, skipped with a note (no time)
 #   profile     ~45 s   (not run by default) the fast preset's step: kernel table and host synchronisations
 # Give parts (two calls) if the device time is short. The machine has no ../shared: carry .device/, made here with
 #   mkdir -p .device/tools .device/data && cp ../shared/tools/cifar10_from_jpeg.py .device/tools/ &&
 #   cp -r ../shared/data/jpeg .device/data/
 #   python3 -m pip wheel --no-deps -w .device/wheels airbench==0.1.8    # optional: airbench94's side (a wheel)
 # (.device/ is git-ignored), then run `bash benchmarks/gpu_check.sh [tests] [throughput] [default] [recipe] [tta]
-# [folder] [profile]`.
+# [folder] [nccl] [profile]`.
 # Everything printed also goes to $OUT/gpu_check.log, and the benchmarks' JSON to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.device/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-tests throughput default recipe tta folder}
+parts=${*:-tests throughput default recipe tta folder nccl}
 
 checks() {
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; date -u
@@ -65,7 +67,16 @@ for part in $parts; do
         tta) python3 benchmarks/time_to_accuracy.py --data-dir $DATA --runs 3 --airbench-runs 3 --output "$OUT" ;;
         folder) python3 benchmarks/folder_throughput.py --data-dir $DATA --output "$OUT" \
                     --work-dir /tmp/folder_throughput ;;
-        *) echo "unknown part $part (tests, throughput, default, recipe, tta, folder, profile)" ;;
+        nccl) gpus=$(nvidia-smi --list-gpus | wc -l)
+              if [ "$gpus" -lt 2 ]; then
+                  echo "nccl: skipped: this machine has $gpus GPU; the two-process NCCL check needs two"
+              else
+                  rm -rf /tmp/nccl_run
+                  timeout 300 torchrun --standalone --nproc_per_node=2 main.py --data-dir $DATA \
+                      --output-dir /tmp/nccl_run --train-subset 5000 --epochs 2 --ask-epoch none \
+                      | grep -E "^(Time|Test accuracy|LR decisions|Training ended)"
+              fi ;;
+        *) echo "unknown part $part (tests, throughput, default, recipe, tta, folder, nccl, profile)" ;;
     esac
     echo "=== $part: exit $?, $((SECONDS - start)) s"
 done
