@@ -1,6 +1,9 @@
 """inference_module's Python API: load(output_dir).predict(images), used as the README shows it, and
 its predictions against --predict's predictions.csv for the same images."""
 
+import pathlib
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,16 +14,23 @@ import inference_module
 import main
 from conftest import write_fake_cifar
 
+README = pathlib.Path(__file__).parent.parent / "README.md"
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "32"]
+
+
+def readme_api_lines() -> str:
+    """The README's Python example: the code block after "**From Python**"."""
+    text = README.read_text()
+    return re.search(r"```\n(.*?)```", text[text.index("**From Python**"):], re.S).group(1)
 
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    """A one-epoch run in runs/cifar, cat.jpg and dog.png beside it, and --predict's
+    """A one-epoch run in runs/photos, cat.jpg and dog.png beside it, and --predict's
     predictions.csv for the two: (the folder they are in, the CSV's rows)."""
     root = tmp_path_factory.mktemp("api")
     data = write_fake_cifar(root / "data", per_batch=40)
-    out = root / "runs" / "cifar"
+    out = root / "runs" / "photos"
     assert main.main(["--data-dir", data, "--output-dir", str(out), "--epochs", "1", *TINY]) == 0
     rng = np.random.default_rng(1)
     for name in ("cat.jpg", "dog.png"):
@@ -35,19 +45,14 @@ def test_the_readme_lines_print_the_top_class_of_each_image_as_predict_does(run_
     root, csv = run_folder
     monkeypatch.chdir(root)
     capsys.readouterr()
-    # the README's five lines, as they are there
-    import inference_module  # from the repository's folder
-
-    model = inference_module.load("runs/cifar")  # a run's OUTPUT_DIR
-    for p in model.predict(["cat.jpg", "dog.png"], k=3):  # paths, PIL images or a tensor
-        print(p.classes[0], f"{p.probabilities[0]:.1%}")
+    exec(readme_api_lines(), {})  # the README's lines, as they are there
     assert capsys.readouterr().out.splitlines() == [f"{row.top1} {row.p1:.1%}"
                                                     for row in csv.itertuples()]
 
 
 def test_predict_equals_the_predict_flag_for_paths_pil_images_and_tensors(run_folder):
     root, csv = run_folder
-    model = inference_module.load(str(root / "runs" / "cifar"))
+    model = inference_module.load(str(root / "runs" / "photos"))
     found = model.predict([str(root / "cat.jpg"), root / "dog.png"], k=3)
     assert [p.classes for p in found] == csv[["top1", "top2", "top3"]].values.tolist()
     assert [p.probabilities for p in found] == [pytest.approx(row, abs=1e-6) for row in
@@ -65,7 +70,7 @@ def test_predict_equals_the_predict_flag_for_paths_pil_images_and_tensors(run_fo
 
 def test_predict_refuses_normalised_tensors_and_other_things_in_one_line(run_folder):
     root, _ = run_folder
-    model = inference_module.load(str(root / "runs" / "cifar"))
+    model = inference_module.load(str(root / "runs" / "photos"))
     with pytest.raises(ValueError, match=r"^predict takes float tensors of values in \[0, 1\] "
                                          r"\(or uint8\), not from -1 to 1: not normalised$"):
         model.predict(torch.linspace(-1, 1, 3 * 8 * 8).reshape(3, 8, 8))
