@@ -304,13 +304,14 @@ class RangeTest:
 def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module, *,
             autocast_dtype: torch.dtype | None = None,
-            sweep: RangeTest = RangeTest()) -> tuple[list[float], list[float], float]:
+            sweep: RangeTest = RangeTest()) -> tuple[list[float], list[float], float | None]:
     """An LR range test (Smith 2017, fastai's lr_find): train up to sweep.steps batches (cycling the
     loader when it has fewer) with the LR rising exponentially from start_lr to end_lr, recording
     the loss smoothed as fastai does (an exponential moving average, bias-corrected), and stop once
-    it diverges (or is not finite). Returns the LRs, the smoothed losses and the suggested LR (see
-    suggest_lr). The model, the optimizer and the random states are then put back exactly as they
-    were: the test trains only to measure."""
+    it diverges (or is not finite: the last loss is then inf). Returns the LRs, the smoothed losses
+    and the suggested LR (see suggest_lr; None where the curve is unclear). The model, the
+    optimizer and the random states are then put back exactly as they were: the test trains only
+    to measure."""
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_optimizer, rng, training = copy.deepcopy(
         optimizer.state_dict()), utils.rng_state(), model.training
@@ -328,6 +329,9 @@ def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer
             optimizer.step()
             value = loss.item()  # one wait for the device per step: 100 steps, once
             if not math.isfinite(value):
+                if lrs:  # the curve ends where it blew up: unclear() reads that as divergence
+                    lrs.append(lr)
+                    losses.append(math.inf)
                 break
             average = sweep.beta * average + (1 - sweep.beta) * value
             lrs.append(lr)
@@ -347,13 +351,18 @@ def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer
     return lrs, losses, suggest_lr(lrs, losses)
 
 
-def suggest_lr(lrs: list[float], losses: list[float]) -> float:
-    """After fastai's "valley" rule: leave out the first tenth of the points and the last five (the
-    start is flat and noisy, the end diverging), find the longest run of points over which the
-    smoothed loss keeps falling (the longest decreasing subsequence), and take the LR midway between
-    its first and last point (on the log scale). With under 20 points, all are used."""
-    if len(lrs) >= 20:
-        lrs, losses = lrs[len(lrs) // 10:-5], losses[len(losses) // 10:-5]
+def _trimmed(lrs: list[float], losses: list[float]) -> tuple[list[float], list[float]]:
+    """The curve without its first tenth (flat and noisy) and last five points (diverging); all of
+    it under 20 points."""
+    if len(lrs) < 20:
+        return lrs, losses
+    return lrs[len(lrs) // 10:-5], losses[len(losses) // 10:-5]
+
+
+def valley(lrs: list[float], losses: list[float]) -> float:
+    """fastai's "valley": the LR midway (on the log scale) along the longest run of points over
+    which the trimmed curve keeps falling (the longest decreasing subsequence)."""
+    lrs, losses = _trimmed(lrs, losses)
     # the longest run ending at each point
     lengths, firsts = [1] * len(losses), list(range(len(losses)))
     for i in range(len(losses)):
@@ -363,6 +372,60 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
                 lengths[i], firsts[i] = lengths[j] + 1, firsts[j]
     end = lengths.index(max(lengths))
     return lrs[(firsts[end] + end) // 2]
+
+
+def steepest(lrs: list[float], losses: list[float]) -> float:
+    """fastai's "steep": the LR where the trimmed curve falls fastest against log LR."""
+    lrs, losses = _trimmed(lrs, losses)
+    if len(lrs) < 2:
+        return lrs[0]
+    slopes = [(b - a) / math.log(y / x) for a, b, x, y in zip(losses, losses[1:], lrs, lrs[1:])]
+    return lrs[slopes.index(min(slopes))]
+
+
+def minimum(lrs: list[float], losses: list[float]) -> float:
+    """fastai's "minimum": a tenth of the LR at the lowest loss (Smith: an order of magnitude below
+    where the loss stops falling)."""
+    return lrs[losses.index(min(losses))] / 10
+
+
+def valley_minimum(lrs: list[float], losses: list[float]) -> float:
+    """The geometric mean of valley and minimum: midway between them on the log scale."""
+    return math.sqrt(valley(lrs, losses) * minimum(lrs, losses))
+
+
+# each rule: what it computes, and its words for --find-lr's line
+LR_RULES: dict[str, tuple[Callable[[list[float], list[float]], float], str]] = {
+    "valley": (valley, "the middle of the longest fall of the smoothed loss, fastai's valley rule"),
+    "steepest": (steepest, "where the smoothed loss falls fastest, fastai's steep rule"),
+    "minimum": (minimum, "a tenth of the LR at the lowest loss, fastai's minimum rule"),
+    "valley_minimum": (valley_minimum, "midway (log scale) between fastai's valley rule and a "
+                       "tenth of the LR at the lowest loss"),
+    "lower": (lambda lrs, losses: min(valley(lrs, losses), minimum(lrs, losses)),
+              "the lower of fastai's valley and minimum rules"),
+    "higher": (lambda lrs, losses: max(valley(lrs, losses), minimum(lrs, losses)),
+               "the higher of fastai's valley and minimum rules"),
+}
+LR_RULE = "valley_minimum"  # the one that measured best (benchmarks/lr_finder_rules.py)
+
+
+def unclear(lrs: list[float], losses: list[float], fall: float = 0.05) -> str | None:
+    """Why the curve gives no clear answer, or None: its lowest point is under `fall` (a share)
+    below where it started (flat, or noise), or the loss still falls at the sweep's last LR (no
+    minimum to read)."""
+    start = sorted(losses[:max(1, len(losses) // 10)])[max(1, len(losses) // 10) // 2]
+    lowest = losses.index(min(losses))
+    if min(losses) > (1 - fall) * start:
+        return (f"the smoothed loss never fell clearly (from {start:.3g} to {min(losses):.3g} at "
+                f"most)")
+    if lowest >= len(losses) - 3 and max(losses[lowest:]) < 2 * min(losses):
+        return f"the loss still falls at the sweep's last LR ({lrs[-1]:.2g}): it never diverged"
+    return None
+
+
+def suggest_lr(lrs: list[float], losses: list[float], rule: str = LR_RULE) -> float | None:
+    """The LR that LR_RULES[rule] reads off the curve; None where the curve is unclear."""
+    return None if unclear(lrs, losses) else LR_RULES[rule][0](lrs, losses)
 
 
 def _cycle(loader: Iterable, steps: int) -> Iterable:

@@ -258,20 +258,22 @@ def _curves_figure(history: list[dict[str, Any]]):
     return figure
 
 
-def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float,
+def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None,
         path: str) -> None:
-    """Draw lr_finder.png: the smoothed loss against the LR (log axis), the suggested LR marked."""
+    """Draw lr_finder.png: the smoothed loss against the LR (log axis), the suggested LR (if any)
+    marked."""
     _draw(path, lambda: _lr_finder_figure(lrs, losses, suggestion))
 
 
-def _lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float):
+def _lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None):
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7, 4.5), dpi=100)
     axes = figure.subplots()
     axes.plot(lrs, losses, color="tab:blue", label="smoothed training loss")
     axes.set_xscale("log")
-    axes.axvline(suggestion, color="tab:red", ls="--", label=f"suggested LR {suggestion:.3g}")
+    if suggestion is not None:  # None: the curve gave no clear answer
+        axes.axvline(suggestion, color="tab:red", ls="--", label=f"suggested LR {suggestion:.3g}")
     lowest = int(np.argmin(losses))
     # the diverging tail runs off the top rather than flattening the rest
     top = max(losses[:lowest + 1])

@@ -394,11 +394,13 @@ def find_lr(config: Config, run: Run, argv: list[str]) -> int:
     if run.main_process:
         path = os.path.join(run.fit.output_dir, report_module.LR_FINDER)
         report_module.plot_lr_finder(lrs, losses, suggestion, path)
-        print(f"LR finder: {len(lrs)} steps, LR {lrs[0]:.0e} to {lrs[-1]:.1e}. Suggested LR: "
-              f"{suggestion:.2g} "
-              "(the middle of the longest fall of the smoothed loss, fastai's valley rule; plot: "
-              f"{path}). "
-              "To train at it: "
+        print(f"LR finder: {len(lrs)} steps, LR {lrs[0]:.0e} to {lrs[-1]:.1e}. ", end="")
+        if suggestion is None:  # a guess off such a curve misleads: say so, and keep LR
+            print(f"No clear suggestion: {optim_module.unclear(lrs, losses)}; plot: {path}. Keep "
+                  f"--lr {config.optim.lr:g}, or read the plot.")
+            return 0
+        print(f"Suggested LR: {suggestion:.2g} ({optim_module.LR_RULES[optim_module.LR_RULE][1]}; "
+              f"plot: {path}). To train at it: "
               f"{_command_with(argv, {'--find-lr': None, '--lr': f'{suggestion:.2g}'})}")
     return 0
 

@@ -127,7 +127,7 @@ def test_lookahead_ends_on_the_slow_weights():
         assert torch.equal(value, lookahead.slow[key])
 
 
-def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_it_tried(one_thread):
+def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_in_its_range(one_thread):
     torch.manual_seed(0)
     data = make_tiny_data(size=8, batch_size=16)  # 4 batches: the finder cycles through them
     model = model_module.get_model("cnn", 4)
@@ -149,7 +149,7 @@ def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_it_tried(one_thre
     assert lrs[0] == pytest.approx(1e-4) and all(a < b for a, b in zip(lrs, lrs[1:]))
     # exponential steps, 10 reached at 60
     assert lrs[1] / lrs[0] == pytest.approx((10 / 1e-4) ** (1 / 59))
-    assert 1e-4 <= suggestion <= 10 and suggestion in lrs
+    assert suggestion == optim_module.suggest_lr(lrs, losses) and lrs[0] <= suggestion <= lrs[-1]
     # this net diverges before LR 10: the test stops once the smoothed loss passes 4x its lowest
     assert len(lrs) < 60 and losses[-1] > 4 * min(losses) and all(x <= 4 * min(losses[:i + 1])
                                                                    for i, x in enumerate(losses[
@@ -179,7 +179,7 @@ def test_the_lr_finder_trains_only_the_head_of_a_frozen_model(one_thread):
     lrs, losses, suggestion = optim_module.find_lr(model, data.train, optimizer, loss_fn,
                                                    sweep=RangeTest(steps=20, end_lr=1))
     assert len(lrs) > 5 and not torch.equal(heads[0], heads[-1])
-    assert lrs[0] <= suggestion <= lrs[-1]
+    assert suggestion == optim_module.suggest_lr(lrs, losses)  # None: a random body's flat curve
     assert_same_state(model, optimizer, before)
 
 
@@ -201,11 +201,56 @@ def test_the_lr_finder_runs_on_mixed_batches_with_fits_weighted_loss(one_thread)
     assert torch.equal(torch.get_rng_state(), rng)  # the mixing's draws too are put back
 
 
-def test_the_suggestion_is_the_middle_of_the_longest_fall():
+def test_the_valley_is_the_middle_of_the_longest_fall():
     lrs = [10.0 ** (i / 10) for i in range(40)]
     losses = [3.0] * 10 + [3.0 - 0.1 * i for i in range(20)] + [1.5 + 0.5 * i for i in range(10)]
     # trimmed to points 4..34; the longest fall runs from the plateau's last point, 10, to point 29
-    assert optim_module.suggest_lr(lrs, losses) == lrs[(10 + 29) // 2]
+    assert optim_module.valley(lrs, losses) == lrs[(10 + 29) // 2]
+
+
+def range_curve() -> tuple[list[float], list[float]]:
+    """100 LRs from 1e-7 to 10: flat to point 29, a fall of 0.02 a point to its lowest at 80 but
+    for one drop of 0.3 from 55 to 56, then a rise of 0.1 a point."""
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    losses = [2.3 - 0.02 * min(max(i - 29, 0), 51) - 0.3 * (i > 55) + 0.1 * max(i - 80, 0)
+              for i in range(100)]
+    return lrs, losses
+
+
+def test_each_rule_reads_its_own_point_off_the_curve():
+    lrs, losses = range_curve()
+    assert optim_module.minimum(lrs, losses) == lrs[80] / 10
+    assert optim_module.steepest(lrs, losses) == lrs[55]
+    # the longest fall runs from the plateau's last point, 29, to the lowest, 80
+    assert optim_module.valley(lrs, losses) == lrs[54]
+    rules = {name: rule(lrs, losses) for name, (rule, _) in optim_module.LR_RULES.items()}
+    # midway on the log scale: 10 ** the mean of the exponents (-7 + 8 i / 99), minimum's less 1
+    assert rules["valley_minimum"] == pytest.approx(10 ** ((-14 + 8 * 134 / 99 - 1) / 2))
+    assert rules["lower"] == lrs[54] and rules["higher"] == lrs[80] / 10
+
+
+def test_the_chosen_rule_suggests_its_lr_on_a_clear_curve():
+    lrs, losses = range_curve()
+    assert optim_module.unclear(lrs, losses) is None
+    rule = optim_module.LR_RULES[optim_module.LR_RULE][0]
+    assert optim_module.suggest_lr(lrs, losses) == rule(lrs, losses)
+
+
+def test_a_flat_noisy_curve_gives_no_suggestion():
+    torch.manual_seed(0)
+    lrs, _ = range_curve()
+    losses = (2.3 + 0.03 * torch.randn(100)).tolist()  # noise, up to 4% below the start
+    assert "never fell clearly" in optim_module.unclear(lrs, losses)
+    assert optim_module.suggest_lr(lrs, losses) is None
+
+
+def test_a_curve_still_falling_at_the_sweeps_end_gives_no_suggestion():
+    lrs, losses = range_curve()
+    falling = [2.3 - 0.01 * i for i in range(100)]
+    assert "never diverged" in optim_module.unclear(lrs, falling)
+    assert optim_module.suggest_lr(lrs, falling) is None
+    # a non-finite loss just after the lowest point is a divergence: the curve is clear
+    assert optim_module.unclear(lrs, [*falling[:-1], math.inf]) is None
 
 
 def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():

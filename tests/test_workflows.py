@@ -19,6 +19,7 @@ from PIL import Image
 
 import cifar_module
 import main
+import optim_module
 import report_module
 import train_module
 import utils
@@ -457,10 +458,12 @@ def test_export_onnx_after_a_folder_run_needs_only_the_output_dir(tmp_path, caps
 
 
 def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsys):
-    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    # classes of different colours: a curve that falls clearly (random pixels' would not)
+    data = str(tmp_path / "data")
+    write_image_tree(data, per_class=12)
     out = tmp_path / "out"
-    assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--find-lr", "--freeze",
-        "true"]) == 0
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", str(out), *TINY,
+                      "--cache-dir", "none", "--find-lr", "--label-smoothing", "0.1"]) == 0
     text = capsys.readouterr().out
     suggested = float(text.split("Suggested LR: ")[1].split()[0])
     assert 1e-7 <= suggested <= 10
@@ -469,5 +472,23 @@ def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsy
     assert command[:2] == ["python", "main.py"] and "--find-lr" not in command
     # the command trains on this data, with these flags, at the LR
     config, _ = main.parse_config(command[2:])
-    assert config["LR"] == float(f"{suggested:.2g}") and config["FREEZE"] and config[
-        "DATA_DIR"] == data
+    assert config["LR"] == float(f"{suggested:.2g}") and config["LABEL_SMOOTHING"] == 0.1 and \
+        config["DATA_DIR"] == data
+    rule = optim_module.LR_RULES[optim_module.LR_RULE][1]  # the line names the rule it applied
+    assert f"Suggested LR: {suggested:.2g} ({rule}; plot:" in text
+
+
+def test_find_lr_says_when_the_curve_is_flat_and_suggests_nothing(tmp_path, capsys,
+                                                                   monkeypatch):
+    data = write_fake_cifar(tmp_path / "data", per_batch=20)
+    torch.manual_seed(0)
+    lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
+    flat = (2.3 + 0.03 * torch.randn(100)).tolist()  # noise about a loss that never falls
+    monkeypatch.setattr(optim_module, "find_lr", lambda *args, **kwargs: (
+        lrs, flat, optim_module.suggest_lr(lrs, flat)))
+    out = tmp_path / "out"
+    assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--find-lr"]) == 0
+    text = capsys.readouterr().out
+    assert "No clear suggestion: the smoothed loss never fell clearly" in text
+    assert "Suggested LR" not in text and "To train at it" not in text and "Keep --lr 0.05" in text
+    assert sorted(os.listdir(out)) == [".lock", "lr_finder.png"]  # the plot, to read by eye
