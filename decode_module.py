@@ -149,14 +149,13 @@ _RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the run's to handle, never a d
 def _signals_blocked() -> Iterator[None]:
     """_RUN_SIGNALS blocked in this thread for the block (held until its end, when Python runs their
     handlers), so that a process started in it begins with them blocked. No masks: nothing."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS)
+    masks = hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS) if masks else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        if masks:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class _Workers:

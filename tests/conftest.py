@@ -79,6 +79,15 @@ def cifar_dir():
     return path
 
 
+def alive(pid):
+    """Whether the process runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def write_fake_cifar(root, per_batch=20, seed=0):
     """A CIFAR-10 python-version folder with per_batch images in each of the six batch files."""
     rng = np.random.default_rng(seed)

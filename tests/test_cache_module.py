@@ -20,7 +20,7 @@ import decode_module
 import files_module
 import image_module
 from cache_module import fcntl
-from conftest import REAL_DEFAULT_CACHE_DIR
+from conftest import alive, REAL_DEFAULT_CACHE_DIR
 
 needs_flock = pytest.mark.skipif(fcntl is None, reason="no flock (Windows): builds take no lock")
 
@@ -541,10 +541,3 @@ def test_a_decoding_worker_dies_with_its_parent_and_the_next_run_builds_at_once(
     assert not [name for name in cache_files(cache_dir) if name.endswith(".tmp")]
 
 
-def alive(pid):
-    """Whether the process runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

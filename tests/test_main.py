@@ -34,7 +34,7 @@ import run_module
 import step_module
 import train_module
 import utils
-from conftest import ROOT, plant_crafted_batch, run_main, write_fake_cifar, write_image_tree
+from conftest import alive, ROOT, plant_crafted_batch, run_main, write_fake_cifar, write_image_tree
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "32"]
 
@@ -1107,15 +1107,6 @@ def ctrl_c(process):
     return process.returncode, [line for line in stderr.splitlines() if line.strip()]
 
 
-def running(pid):
-    """Whether the process runs (a zombie, dead but not yet reaped by its new parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 BEFORE_TRAINING = "Interrupted while loading the data and building the model, before training."
 
 
@@ -1142,9 +1133,9 @@ def assert_cleaned_up(cache, worker):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a process holds it
         os.close(fd)
     deadline = time.monotonic() + 5
-    while running(worker) and time.monotonic() < deadline:
+    while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not running(worker)
+    assert not alive(worker)
 
 
 def signalled(monkeypatch, module, name, when, signum, target=os.getpid):
