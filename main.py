@@ -234,16 +234,13 @@ def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
                                     __file__)
     commands = parser.add_argument_group("Instead of training")
     commands.add_argument("--predict", nargs="+", metavar="PATH",
-        help="classify image files, and the images in "
-                          "folders, with OUTPUT_DIR/best_model.pth; writes "
-                          "OUTPUT_DIR/predictions.csv")
+                          help="classify image files, and the images in folders, with "
+                          "OUTPUT_DIR/best_model.pth; writes OUTPUT_DIR/predictions.csv")
     commands.add_argument("--export", choices=export_module.EXPORT_KINDS,
-        help="write OUTPUT_DIR/best_model.pth as "
-                          "model.onnx or torch.export's model.pt2, checked against PyTorch on real "
-                          "test images")
+                          help="write OUTPUT_DIR/best_model.pth as model.onnx or torch.export's "
+                          "model.pt2, checked against PyTorch on real test images")
     commands.add_argument("--find-lr", action="store_true",
-        help="run the LR range test: lr_finder.png and a "
-                          "suggested LR")
+                          help="run the LR range test: lr_finder.png and a suggested LR")
     args = vars(parser.parse_args(argv))
     command = {name: args.pop(name) for name in ("predict", "export", "find_lr")}
     command["given"] = set(args)
@@ -287,8 +284,7 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
         if name in saved and saved[name] != values[name]:
             raise ValueError(
                 f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
-                             f"{saved[name]!r}; leave the flag out to resume, or start a new run "
-                             "elsewhere")
+                f"{saved[name]!r}; leave the flag out to resume, or start a new run elsewhere")
     try:  # and in the ranges build_config allows them
         build_config({**values, **taken})
     except ValueError as error:
@@ -310,25 +306,21 @@ def build_config(values: dict[str, typing.Any]) -> run_module.Config:
     own_size = values["IMAGE_SIZE"] is not None
     data = data_module.DataConfig(
         **_lower(values, "DATASET", "DATA_DIR", "BATCH_SIZE", "VAL_SPLIT", "TRAIN_SUBSET",
-        "AUGMENT",
-                 "CROP_PADDING", "FLIP", "REFLECT", "RESIDENT", "NUM_WORKERS", "DOWNLOAD", "SEED",
-                 "CHANNELS_LAST", "CACHE_DIR", "CSV_COLUMNS"),
+                 "AUGMENT", "CROP_PADDING", "FLIP", "REFLECT", "RESIDENT", "NUM_WORKERS",
+                 "DOWNLOAD", "SEED", "CHANNELS_LAST", "CACHE_DIR", "CSV_COLUMNS"),
         augmentations=_lower(values, *map(str.upper, augment_module.AUGMENTATIONS)),
         image_size=values["IMAGE_SIZE"] if own_size else weights.get("crop_size", 32),
         resize_size=None if own_size else weights.get("resize_size"),
         mean=weights.get("mean"), std=weights.get("std"))
     optim = optim_module.OptimConfig(**_lower(values, "LR", "MOMENTUM", "WEIGHT_DECAY",
-        "NORM_LR_SCALE",
-                                              "BODY_LR_SCALE", "SCHEDULE", "LOOKAHEAD",
-                                              "EMA_DECAY", "WARMUP_EPOCHS"))
+                                              "NORM_LR_SCALE", "BODY_LR_SCALE", "SCHEDULE",
+                                              "LOOKAHEAD", "EMA_DECAY", "WARMUP_EPOCHS"))
     lra = callback_module.LRAConfig(**_lower(values, "PATIENCE", "STOP_PATIENCE", "THRESHOLD",
-        "FACTOR", "DWELL",
-                                             "ASK_EPOCH", "MIN_LR", "MIN_DELTA", "UNFREEZE_EPOCH",
-                                             "MONITOR", "WARMUP_EPOCHS"),
+                                             "FACTOR", "DWELL", "ASK_EPOCH", "MIN_LR", "MIN_DELTA",
+                                             "UNFREEZE_EPOCH", "MONITOR", "WARMUP_EPOCHS"),
                                     adjust_lr=optim_module.SCHEDULES[optim.schedule].shape is None)
     fit = train_module.FitConfig(**_lower(values, "EPOCHS", "OUTPUT_DIR", "LABEL_SMOOTHING",
-        "COMPILE",
-                                          "ACCUMULATE_STEPS", "CLIP_GRAD_NORM"))
+                                          "COMPILE", "ACCUMULATE_STEPS", "CLIP_GRAD_NORM"))
     recorded = {**values, **{name: os.path.abspath(values[name]) for name in PATHS
                              if values[name] not in (None, "auto")}}
     return run_module.Config(recorded, data, optim, lra, fit, run)
