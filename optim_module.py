@@ -406,7 +406,7 @@ LR_RULES: dict[str, tuple[Callable[[list[float], list[float]], float], str]] = {
     "higher": (lambda lrs, losses: max(valley(lrs, losses), minimum(lrs, losses)),
                "the higher of fastai's valley and minimum rules"),
 }
-LR_RULE = "valley_minimum"  # the one that measured best (benchmarks/lr_finder_rules.py)
+LR_RULE = "steepest"  # the one that measured best (benchmarks/lr_finder_rules.py)
 
 
 def unclear(lrs: list[float], losses: list[float], fall: float = 0.05) -> str | None:
