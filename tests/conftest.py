@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import shlex
+import signal
 import socket
 import sys
 
@@ -23,6 +24,12 @@ import run_module
 import source_module
 import step_module
 import train_module
+
+# A harness that starts pytest in the background without job control (`cmd &` in a script) leaves
+# SIGINT ignored, and ignored signals pass to every child: the tests that send Ctrl-C need it heard,
+# as it is from a terminal. A handler of our own is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # user_cache replaces it in every test; its own tests use this
