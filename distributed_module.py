@@ -14,6 +14,8 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+import process_module
+
 FAILURE, TOLD = "failure", "told"  # the store's keys: the first failure, and rank 0 has said it
 POLL_SECONDS = 0.5  # how often each process looks for another's failure
 TELL_SECONDS = 5.0  # how long a failing process waits for rank 0 to print its line
@@ -121,6 +123,7 @@ def end_together(status: int, line: str | None) -> int:
         if line:
             print(line, file=sys.stderr)
         return status
+    process_module.ending()  # torchrun's SIGTERM, once another process leaves, is ignored
     store, rank = _group["store"], _group["rank"]
     store.compare_set(FAILURE, "", f"{rank}|{status}|{line or ''}")
     _, status, line = _failure(store)

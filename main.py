@@ -351,13 +351,16 @@ def run_main(argv: list[str] | None = None) -> run_module.Outcome:
         try:
             return _run(values, command, argv, stage)
         except KeyboardInterrupt as interrupt:  # wherever train did not take it
+            process_module.ending()  # the first statement of each way out: signals are ignored
             return run_module.Outcome(end(process_module.interrupt_status(interrupt),
                                           run_module.interrupted_line(stage[0],
                                                                       values["OUTPUT_DIR"])))
         except process_module.WorkerDied as error:  # the out-of-memory killer's, most often
+            process_module.ending()
             return run_module.Outcome(end(run_module.WORKER_DIED,
                                           f"error: {error}, then run again"))
         except Exception as error:  # under torchrun: another process's failure, or this one's
+            process_module.ending()
             status = distributed_module.failed_collective(error, run_module.WORKER_DIED)
             if status is None and not distributed_module.is_distributed():
                 raise
@@ -369,6 +372,7 @@ def run_main(argv: list[str] | None = None) -> run_module.Outcome:
                                 "the traceback)")
             return run_module.Outcome(status)
         finally:
+            process_module.ending()
             distributed_module.close_distributed()
 
 

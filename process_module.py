@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import queue
 import re
@@ -18,22 +19,38 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_ending: list[bool] = []  # not empty once the run is ending (see `ending`)
+
+
+def _interrupt(signum, frame) -> None:
+    if not _ending:  # once the run is ending it says its line and leaves within moments
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+# Called first where the run's outcome is decided (an except or finally of the block below): from
+# then on Ctrl-C and SIGTERM are ignored, so that a second one (torchrun's agent sends SIGTERM to
+# every process when one dies) cannot break the ending into a traceback. A C callable: no Python
+# frame starts before it takes effect, where a pending signal's handler would run first.
+ending = functools.partial(_ending.append, True)
 
 
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """In the block SIGTERM raises Terminated, as Ctrl-C raises KeyboardInterrupt, wherever the run
-    is; the handler before comes back after. Outside the main thread (no signals there): nothing."""
+    is, until `ending` is called; the handlers before come back after. Ctrl-C stays ignored where it
+    was (nohup). Outside the main thread (no signals there): nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    _ending.clear()
+    taken = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) != signal.SIG_IGN)
+    before = {signum: signal.signal(signum, _interrupt) for signum in taken}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        ending()
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def interrupt_status(interrupt: KeyboardInterrupt) -> int:

@@ -30,6 +30,7 @@ import loader_module
 import main
 import model_module
 import optim_module
+import process_module
 import run_module
 import step_module
 import train_module
@@ -372,6 +373,34 @@ def test_a_signal_mid_run_finishes_cleanly(tiny_run, signum, status):
     checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
     assert rows >= 2 and checkpoint["epoch"] == rows and len(checkpoint["history"]) == rows
     utils.load_state_dict(str(out / "best_model.pth"))
+
+
+@pytest.mark.parametrize("how", ["finished", "interrupted", "failed"])
+def test_a_signal_while_the_run_ends_is_ignored_so_its_ending_keeps_its_status_and_one_line(
+        how, monkeypatch, capsys):
+    # torchrun's agent sends SIGTERM to every process once one dies, whatever each is doing
+    def signals():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            os.kill(os.getpid(), signum)
+        time.sleep(0.1)
+
+    def run(*args):
+        if how == "interrupted":
+            raise KeyboardInterrupt
+        if how == "failed":
+            raise process_module.WorkerDied("a worker process ended")
+        return run_module.Outcome(0)
+
+    def end(status, line):
+        print(line, file=sys.stderr)
+        signals()
+        return status
+    monkeypatch.setattr(main, "_run", run)
+    monkeypatch.setattr(main.distributed_module, "end_together", end)
+    monkeypatch.setattr(main.distributed_module, "close_distributed", signals)
+    result = main_in_process([], capsys)
+    assert result.returncode == {"finished": 0, "interrupted": 130, "failed": 4}[how]
+    assert len(result.stderr.splitlines()) == (how != "finished"), result.stderr
 
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):

@@ -2,6 +2,8 @@
 dead DataLoader worker made into a line for the user."""
 
 import itertools
+import os
+import signal
 import threading
 import time
 
@@ -50,3 +52,26 @@ def test_torchs_words_for_a_dead_dataloader_worker_become_a_line_with_the_likely
     assert process_module.worker_died(RuntimeError("CUDA out of memory"), "x") is None
     assert "a worker process ended while x" in str(
         process_module.worker_died(ConnectionResetError(), "x"))
+
+
+def test_in_the_block_signals_interrupt_until_the_run_is_ending_and_the_handlers_come_back_after():
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, raised in ((signal.SIGTERM, process_module.Terminated),
+                           (signal.SIGINT, KeyboardInterrupt)):
+        with pytest.raises(raised), process_module.signals_interrupt():
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises at once
+    with process_module.signals_interrupt():
+        process_module.ending()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal while the run ends
+            os.kill(os.getpid(), signum)
+        time.sleep(0.1)
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nohup: Ctrl-C stays ignored in the block
+    try:
+        with process_module.signals_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[signal.SIGINT])
