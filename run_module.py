@@ -85,7 +85,7 @@ class Run:
     fit: train_module.FitConfig
     rank: int
     account: utils.TimeAccount  # where the run's time goes
-    tracker: tracker_module.TensorBoardTracker | tracker_module.MLflowTracker | None = None
+    tracker: tracker_module.Guarded | None = None
 
     @property
     def main_process(self) -> bool:

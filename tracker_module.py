@@ -152,8 +152,44 @@ def check_installed(kind: str | None) -> None:
                          f"{entry.install}")
 
 
+class Guarded:
+    """A tracker whose failure mid-run (a full disk, a tracking server gone) never stops the
+    training: one warning, then it logs no more; the run's own files hold every figure."""
+
+    def __init__(self, tracker: TensorBoardTracker | MLflowTracker):
+        self.tracker, self.run_id = tracker, tracker.run_id
+
+    def _call(self, name: str, *args: Any) -> None:
+        if self.tracker is None:
+            return
+        try:
+            getattr(self.tracker, name)(*args)
+        except Exception as error:  # whatever the tracker's packages raise
+            print(f"warning: the tracker stopped logging ({type(error).__name__}: {error}); the "
+                  "run goes on, and its files hold every figure", file=sys.stderr)
+            self.tracker = None
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        self._call("log_epoch", row)
+
+    def log_test(self, result: dict[str, Any], classes: Sequence[str], step: int) -> None:
+        self._call("log_test", result, classes, step)
+
+    def log_files(self, paths: Sequence[str]) -> None:
+        self._call("log_files", paths)
+
+    def close(self) -> None:
+        self._call("close")
+
+
 def open_tracker(kind: str, output_dir: str, started: str, run_id: str | None,
-                 params: dict[str, Any]) -> TensorBoardTracker | MLflowTracker:
+                 params: dict[str, Any]) -> Guarded:
     """TRACKER's tracker for the run that started at `started`, going on with run_id (its MLflow
-    run) when given."""
-    return TRACKERS[kind].make(output_dir, started, run_id, params)
+    run) when given; ValueError when it cannot start (a tracking server out of reach, say)."""
+    # MLflow's usage reports leave the machine and write an id under ~/.config: only when asked
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        return Guarded(TRACKERS[kind].make(output_dir, started, run_id, params))
+    except Exception as error:  # whatever the tracker's packages raise
+        raise ValueError(f"TRACKER = {kind!r} could not start: {type(error).__name__}: "
+                         f"{error}") from error

@@ -137,3 +137,35 @@ def test_a_checkpoint_that_recorded_tensorboard_resumes(tiny_run):
     utils.save_torch(checkpoint, str(path))
     assert main.main(["--resume", "auto", "--output-dir", str(out), "--epochs", "2"]) == 0
     assert torch.load(path, weights_only=True)["epoch"] == 2
+
+
+def test_a_tracker_failing_mid_run_warns_once_and_the_run_trains_on(tiny_run, monkeypatch, capsys):
+    needs("tensorboard")
+    calls = []
+
+    def fail(self, row):
+        calls.append(row["epoch"])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tracker_module.TensorBoardTracker, "log_epoch", fail)
+    args, out = tiny_run
+    assert main.main(args + ["--epochs", "3", "--tracker", "tensorboard"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "tracker" in line]
+    assert warnings == ["warning: the tracker stopped logging (OSError: [Errno 28] No space left "
+                        "on device); the run goes on, and its files hold every figure"], err
+    assert calls == [1] and len(pd.read_csv(out / "training_metrics.csv")) == 3
+
+
+def test_a_tracker_that_cannot_start_is_one_line_and_mlflow_usage_reports_stay_off(
+        tiny_run, monkeypatch, capsys):
+    def unreachable(*args):
+        raise ConnectionError("tracking server 10.0.0.9:5000 refused the connection")
+    monkeypatch.setattr(tracker_module.MLflowTracker, "__init__", unreachable)
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    args, out = tiny_run
+    assert main.main(args + ["--tracker", "mlflow"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --tracker 'mlflow' (TRACKER) could not start: ConnectionError: tracking server "
+        "10.0.0.9:5000 refused the connection\n")
+    # bookkeeping: MLflow's reports to its makers (and their id under ~/.config) only when asked
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
