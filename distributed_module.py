@@ -5,6 +5,7 @@ together when one fails."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import threading
@@ -40,7 +41,8 @@ def init_distributed(timeout: float) -> tuple[int, int, int]:
     wait = datetime.timedelta(seconds=timeout)
     store = _fresh_store(rank, world_size, wait)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=wait)
-    _group.update(rank=rank, world_size=world_size, store=store, stop=threading.Event())
+    _group.update(rank=rank, world_size=world_size, store=store, stop=threading.Event(),
+                  shared=0)
     threading.Thread(target=_watch, args=(store.clone(), rank, _group["stop"]), daemon=True,
                      name="failure watch").start()
     return rank, world_size, local_rank
@@ -125,8 +127,13 @@ def end_together(status: int, line: str | None) -> int:
         return status
     process_module.ending()  # torchrun's SIGTERM, once another process leaves, is ignored
     store, rank = _group["store"], _group["rank"]
-    store.compare_set(FAILURE, "", f"{rank}|{status}|{line or ''}")
-    _, status, line = _failure(store)
+    try:
+        store.compare_set(FAILURE, "", f"{rank}|{status}|{line or ''}")
+        _, status, line = _failure(store)
+    except dist.DistError:  # the agent's store is gone: torchrun is ending every process
+        if rank == 0 and line:
+            print(line, file=sys.stderr)
+        return status
     _tell(store, rank, line)
     if rank != 0:
         try:
@@ -215,6 +222,22 @@ def gather(obj: Any) -> list[Any]:
     objects = [None] * dist.get_world_size()
     dist.all_gather_object(objects, obj)
     return objects
+
+
+def from_rank_0(value: Any) -> Any:
+    """Rank 0's value (JSON: LRA's prompt's answers) on every process, however long rank 0 takes
+    to have it (a person at the prompt): the others poll the store, where a collective would end
+    them after DIST_TIMEOUT. The value itself when alone."""
+    if "store" not in _group:
+        return value
+    _group["shared"] = _group.get("shared", 0) + 1  # every process shares as often, in order
+    store, key = _group["store"], f"from_rank_0/{_group['shared']}"
+    if _group["rank"] == 0:
+        store.set(key, json.dumps(value))
+        return value
+    while not store.check([key]):  # a failure elsewhere ends this process (the failure watch)
+        time.sleep(POLL_SECONDS)
+    return json.loads(store.get(key))
 
 
 def broadcast(obj: Any) -> Any:

@@ -246,7 +246,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
         config.optim.ema_decay) if config.optim.ema_decay is not None else None
     lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)), main_process=rank
         == 0,
-              share=distributed_module.broadcast)
+              share=distributed_module.from_rank_0)
     return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead,
         ema=ema)
 

@@ -168,6 +168,10 @@ if int(os.environ["RANK"]) == victim:
             os.kill(os.getpid(), signal.SIGINT if kind == "ctrl-c" else signal.SIGKILL)
         return one_epoch(step, loader, epoch=epoch, **kwargs)
     train_module.train_one_epoch = failing
+    if kind == "prompt":  # LRA's question, answered after DIST_TIMEOUT has passed
+        import builtins, time, callback_module
+        callback_module._stdin_is_terminal = lambda: True
+        builtins.input = lambda prompt: time.sleep(float(os.environ["ANSWER_AFTER"])) or "h"
 sys.exit(main.main(argv))
 """
 
@@ -195,6 +199,20 @@ def test_a_failure_on_one_process_ends_every_process_with_its_status_and_one_lin
         assert "torchrun --nproc_per_node=2 --standalone main.py --resume auto" in said[0]
     assert "Gloo" not in output and "[rank" not in output  # no other process's traceback
     assert len(pd.read_csv(tmp_path / "out" / "training_metrics.csv")) >= 1, output[-3000:]
+
+
+def test_the_other_processes_wait_for_an_answer_at_lra_s_prompt_longer_than_dist_timeout(
+        tmp_path, monkeypatch):
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT.format(root=ROOT))
+    monkeypatch.setenv("ANSWER_AFTER", "19")
+    data = write_fake_cifar(tmp_path / "data", per_batch=40)
+    run = launch(["prompt", 0, "--data-dir", data, "--output-dir", tmp_path / "out", *TINY,
+                  "--epochs", "4", "--ask-epoch", "1", "--dist-timeout", "15"], script=script)
+    output = finish(run)
+    assert run.returncode == 0, output[-3000:]
+    assert "halted by the user after epoch 1" in output, output[-3000:]
+    assert len(pd.read_csv(tmp_path / "out" / "training_metrics.csv")) == 1
 
 
 # ------------------------------------------------------------------------- two nodes, one machine
