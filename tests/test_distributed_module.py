@@ -3,6 +3,7 @@ nodes on one machine, a photo folder's cache, resuming with another number of pr
 store handshake that keeps a restart away from the keys of the start before it."""
 
 import datetime
+import json
 import os
 import shutil
 import signal
@@ -152,6 +153,16 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 import files_module, main, train_module
 kind, victim, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if kind == "reads":  # each process notes the cache rows it reads: (training?, epoch, split, rows)
+    import json, loader_module
+    gather = loader_module.MappedLoader._gather
+    def noted(self, indices, step):
+        with open(os.path.join(os.environ["READS_DIR"], os.environ["RANK"]), "a") as f:  # a pass
+            split = (len(self.rows), int(self.rows.sum()))
+            f.write(json.dumps([self.batching.train, self.epoch, split,
+                                self.rows[indices].tolist()]) + "\\n")
+        return gather(self, indices, step)
+    loader_module.MappedLoader._gather = noted
 one_epoch = train_module.train_one_epoch
 if int(os.environ["RANK"]) == victim:
     if kind == "write":  # the disk fills up under epoch 2's checkpoint
@@ -251,16 +262,33 @@ def test_a_run_resumed_with_another_number_of_processes_is_refused_in_one_line(s
 # ----------------------------------------------------------------------------- a photo folder
 
 
-def test_a_photo_folder_under_torchrun_is_decoded_once_and_evaluates_as_one_process(tmp_path):
+def test_a_photo_folder_under_torchrun_is_decoded_once_read_by_shards_and_evaluates_as_one_process(
+        tmp_path, monkeypatch):
     data = write_image_tree(tmp_path / "photos", splits=("train", "val", "test"), per_class=8)
     constants = dict(DATASET="folder", DATA_DIR=data, IMAGE_SIZE=16, BATCH_SIZE=4,
                      CACHE_DIR=str(tmp_path / "cache"), RESIDENT="no", NUM_WORKERS=0)
-    run = launch([*(a for name, value in constants.items() for a in (flag(name), value)),
-                  "--epochs", "2", "--ask-epoch", "none", "--output-dir", tmp_path / "out"])
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT.format(root=ROOT))
+    monkeypatch.setenv("READS_DIR", str(tmp_path))
+    flags = [a for name, value in constants.items() for a in (flag(name), value)]
+    run = launch(["reads", -1, *flags, "--epochs", "2", "--ask-epoch", "none", "--output-dir",
+                  tmp_path / "out"], script=script)
     output = finish(run)
     assert run.returncode == 0, output[-3000:]
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # built once, by local rank 0
     assert output.count("decoded-image cache") <= 1  # at most one line about the wait
+    # each process reads only its shard: in each pass over a split the two read disjoint rows,
+    # together all 24 (3 batches of 4 each in training, 12 each in evaluation)
+    passes = {}  # (training?, split): each process's passes over it, in order
+    for rank in (0, 1):
+        for line in (tmp_path / str(rank)).read_text().splitlines():
+            train, _, split, rows = json.loads(line)
+            passes.setdefault((train, tuple(split)), ([], []))[rank].append(rows)
+    assert sorted(len(ours) for ours, _ in passes.values()) == [1, 2, 2]  # test; val, train
+    for ours, theirs in passes.values():
+        assert len(ours) == len(theirs)
+        for mine, other in zip(ours, theirs):
+            assert len(mine) == len(other) == 12 and len(set(mine + other)) == 24
 
     # one process evaluates the best weights on the same cache: the figures the two gave
     data = data_module.get_data(configs(**constants).data, "cpu")
