@@ -458,7 +458,7 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
         raise utils.CheckpointError(
-            f"{path} does not exist: train first (python main.py), or set OUTPUT_DIR "
+            f"{path} {utils.not_a_file(path)}: train first (python main.py), or set OUTPUT_DIR "
                                     f"to the folder that holds best_model.pth and best_model.json")
     info, fix = _read_json(path), "train again to rewrite it"
     if not isinstance(info, dict):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import warnings
 
@@ -17,8 +16,6 @@ from folder_module import SPLITS, Listing
 from image_module import IMAGE_EXTENSIONS, DataError
 from messages_module import flag_named
 from walk_module import Skipped
-
-CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # control characters: no label holds one
 
 
 def column_names(text: str) -> list[str] | None:
@@ -34,8 +31,8 @@ def list_csv(csv_path: str, columns: str) -> Listing:
     folders). A path is relative to the CSV's folder, or absolute; a regular image file is listed,
     none opened; a link to nothing, a FIFO, socket or device, or a file without an image extension
     is skipped as a folder's walk skips it (walk_module.SKIPS). DataError naming the line for a row
-    without a path or a label, a file that is not there, an unknown split or a label the train rows
-    lack."""
+    without a path or a label, a file that is not there, an unknown split, a label the train rows
+    lack or an image listed twice."""
     names = column_names(columns)
     assert names is not None, "DataConfig checks CSV_COLUMNS"
     frame = _read(csv_path)
@@ -47,7 +44,7 @@ def list_csv(csv_path: str, columns: str) -> Listing:
     table = [frame[name].tolist() for name in frame.columns]  # lists: quicker to read than a frame
     column = dict(zip(frame.columns, table))
     splits_of = column[names[2]] if len(names) == 3 and names[2] in column else [""] * len(frame)
-    rows, folder, skipped = [], os.path.dirname(csv_path), Skipped()
+    rows, folder, skipped, first = [], os.path.dirname(csv_path), Skipped(), {}
     next_line = 2  # after the header; blank lines are rows, and quoted line breaks move the rest
     for path, label, split, *cells in zip(column[names[0]], column[names[1]], splits_of, *table):
         line, next_line = next_line, next_line + 1 + sum(cell.count("\n") for cell in cells)
@@ -59,13 +56,17 @@ def list_csv(csv_path: str, columns: str) -> Listing:
                             f"(or leave it empty for train)")
         if not label.strip():
             raise DataError(f"{where}: the label is empty; give the row its label")
-        if CONTROL.search(label):
+        if messages_module.CONTROL.search(label):
             raise DataError(f"{where}: the label {label!r} holds a control character (a line "
                             f"break, a tab); remove it")
         if not path:
             raise DataError(f"{where}: the path is empty; give the row its image file")
         path = os.path.join(folder, path)  # an absolute path stays as it is
-        rows.append((path, label, split, where, _listed(path, where, skipped)))
+        file = _listed(path, where, skipped)
+        if file and first.setdefault(file, line) != line:  # else it could train and validate
+            raise DataError(f"{where}: {messages_module.printable(path)} is the image of line "
+                            f"{first[file]} too; list each image once")
+        rows.append((path, label, split, where, file))
     classes = sorted({label for _, label, split, _, _ in rows if split == "train"})
     if not classes:
         raise DataError(f"{csv_path} has no train rows; add some (the split column train or "
@@ -86,15 +87,14 @@ def _read(csv_path: str):
     """The CSV as a pandas DataFrame of text, every field as written but the spaces after a comma
     ("NA" a label, not a missing value), blank lines kept as empty rows (their lines count);
     DataError when it cannot be read."""
-    if os.path.isdir(csv_path):
-        raise DataError(f"{flag_named('DATA_DIR')} {csv_path} is a folder; with "
-                        f"{flag_named('DATASET')} csv, point it at a CSV file of paths and labels")
     try:
+        mode = os.stat(csv_path).st_mode
+        # only a regular file is read: a FIFO would wait for a writer for ever, /dev/zero never end
         with warnings.catch_warnings():  # a row longer than the header: an error, not lost data
             warnings.simplefilter("error", pandas.errors.ParserWarning)
             frame = pandas.read_csv(csv_path, dtype=str, na_filter=False, index_col=False,
                                     skip_blank_lines=False, skipinitialspace=True,
-                                    encoding="utf-8-sig")
+                                    encoding="utf-8-sig") if stat.S_ISREG(mode) else None
     except FileNotFoundError:
         raise DataError(f"{flag_named('DATA_DIR')} {csv_path} does not exist; point it at a CSV "
                         f"file of paths and labels") from None
@@ -102,23 +102,27 @@ def _read(csv_path: str):
         reason = str(error).replace("Error tokenizing data. C error: ", "").strip()
         raise DataError(f"cannot read {csv_path} as a UTF-8 CSV file ({reason}); fix it, or point "
                         f"{flag_named('DATA_DIR')} at another") from None
+    if frame is None:
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise DataError(f"{flag_named('DATA_DIR')} {csv_path} is {what}; with "
+                        f"{flag_named('DATASET')} csv, point it at a CSV file of paths and labels")
     frame.columns = [str(name).strip() for name in frame.columns]
     return frame
 
 
-def _listed(path: str, where: str, skipped: Skipped) -> bool:
-    """Whether a row's path is a regular image file to list; a link to nothing, a file that is not
-    regular or not an image, or a path too long is counted in skipped instead. DataError naming the
-    row when nothing is there (or it is a folder)."""
+def _listed(path: str, where: str, skipped: Skipped) -> tuple[int, int] | None:
+    """A row's regular image file to list, as (device, inode): the same for every path to it; a
+    link to nothing, a file that is not regular or not an image, or a path too long is counted in
+    skipped instead (None). DataError naming the row when nothing is there (or it is a folder)."""
     try:
         status = os.stat(path)
     except (OSError, ValueError) as error:  # ValueError: a NUL in the path
         if getattr(error, "errno", None) == errno.ENAMETOOLONG:
             skipped.add("path too long", path)
-            return False
+            return None
         if os.path.islink(path):
             skipped.add("dangling link", path)
-            return False
+            return None
         reason = getattr(error, "strerror", None) or error
         raise DataError(f"{where}: {messages_module.printable(path)} cannot be read ({reason}); "
                         f"correct the path (relative to the CSV's folder, or absolute) or remove "
@@ -131,5 +135,5 @@ def _listed(path: str, where: str, skipped: Skipped) -> bool:
     elif not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer for ever
         skipped.add("not a regular file", path)
     else:
-        return True
-    return False
+        return status.st_dev, status.st_ino
+    return None

@@ -280,6 +280,8 @@ class Predictor:
         a PIL image, a (3, H, W) tensor or a (N, 3, H, W) batch, or a list of these; a tensor holds
         uint8 values or floats in [0, 1] (rounded to 8 bits, as a file holds them). Each is
         prepared as --predict prepares a file: the run's resize, centre crop and normalisation."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"predict takes k, the classes per image, of 1 or more, not {k!r}")
         items, found = _each_image(images), []
         for start in range(0, len(items), PREDICT_BATCH):  # a batch's images at a time in memory
             batch = torch.stack([self._prepare(one) for one in items[start:start + PREDICT_BATCH]])
@@ -293,7 +295,13 @@ class Predictor:
                    self.info.get("resize_size"))
         if isinstance(image, (str, os.PathLike)):
             return image_module.load_image(os.fspath(image), *options)
+        size = tuple(image.shape if isinstance(image, torch.Tensor) else image.size)
+        if 0 in size:  # nothing to resize
+            raise ValueError(f"predict takes images of 1 x 1 pixel or more, not of size {size}")
         if isinstance(image, torch.Tensor):
+            if not (image.dtype == torch.uint8 or image.is_floating_point()):
+                raise ValueError(f"predict takes uint8 or float tensors, not {image.dtype}: make "
+                                 f"one of 0-255 values .to(torch.uint8)")
             if image.is_floating_point() and not 0 <= image.min() <= image.max() <= 1:
                 raise ValueError("predict takes float tensors of values in [0, 1] (or uint8), not "
                                  f"from {image.min():.3g} to {image.max():.3g}: not normalised")

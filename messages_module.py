@@ -4,6 +4,7 @@ with its noun, a file name made printable; and the checks of a config's fields t
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from typing import Any, Callable, Sequence
@@ -41,16 +42,21 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n} {word if n == 1 else many or word + 's'}"
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # control characters: no label holds one
+
+
 def printable(name: str) -> str:
     """A file or folder name as text any file or terminal takes: the bytes of a name that is not
     UTF-8 (a Latin-1 "café" from an old archive, which os.fsdecode keeps as surrogates and open()
-    still opens) shown as \\xNN escapes, "caf\\xe9"; UTF-8 names as they are. For what is written or
-    printed, never for opening."""
+    still opens) shown as \\xNN escapes, "caf\\xe9", and control characters as Python writes them
+    ("\\n", "\\x1b": a name keeps its line, and sends the terminal no codes); other UTF-8 names as
+    they are. For what is written or printed, never for opening."""
     try:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate that no byte stands for
         raw = name.encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
+    return CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(),
+                       raw.decode("utf-8", "backslashreplace"))
 
 
 Rules = dict[str, tuple[Callable[[Any], bool], str]]  # a setting's name: (test, what is allowed)

@@ -147,9 +147,9 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
             f"{world_size}: each one's batch (BATCH_SIZE), so the global batch and the schedule's "
             "steps, its share of the data and its random state belong to that number; resume with "
             f"{len(saved['rng'])} processes in all, or start a new run")
-    if saved is None and options.weights is not None and not os.path.isfile(options.weights):
-        # as get_model would
-        raise utils.CheckpointError(f"WEIGHTS {options.weights} does not exist")
+    weights = options.weights
+    if saved is None and weights is not None and not os.path.isfile(weights):  # as get_model would
+        raise utils.CheckpointError(f"WEIGHTS {weights} {utils.not_a_file(weights)}")
     if rank == 0 and saved is None and (warning := freeze_warning(options)):
         print(warning, file=sys.stderr)
     # downloaded before any decoding
@@ -277,9 +277,9 @@ def train(config: Config, run: Run) -> Outcome:
         message = f"Interrupted. The last completed epoch is saved; to go on, run: {go_on}"
     except train_module.NonFiniteLoss as error:
         outcome.status = 1
-        message = (f"error: {error}. The best weights so far are in "
-                   f"{output_dir}/{checkpoint_module.BEST_MODEL}; "
-                   f"try a lower LR.")
+        kept = (f"The best weights so far are in {output_dir}/{checkpoint_module.BEST_MODEL}"
+                if run.state.lra.best_epoch is not None else "No epoch finished: no weights kept")
+        message = f"error: {error}. {kept}; try a lower LR."
     # a full disk, say: the files written whole before it stay as they were
     except OSError as error:
         fix = "free the space" if error.errno == errno.ENOSPC else "fix the disk"
@@ -388,9 +388,16 @@ def chance_warning(result: dict[str, typing.Any], num_classes: int, history: lis
 def find_lr(config: Config, run: Run, argv: list[str]) -> int:
     """The LR range test on the training data, instead of training: lr_finder.png and a suggested
     LR, with the command (argv, the LR finder's own flags and --lr replaced) that trains at it."""
-    lrs, losses, suggestion = optim_module.find_lr(
-        run.state.model, run.data.train, run.state.optimizer,
-        train_module.training_loss(run.fit).to(run.device), autocast_dtype=run.fit.autocast_dtype)
+    try:
+        lrs, losses, suggestion = optim_module.find_lr(
+            run.state.model, run.data.train, run.state.optimizer,
+            train_module.training_loss(run.fit).to(run.device),
+            autocast_dtype=run.fit.autocast_dtype)
+    except ValueError as error:  # a loss not finite from the first step: no curve to draw
+        weights = config.run.weights
+        check = f"; check {messages_module.flag_named('WEIGHTS')} {weights}" if weights else ""
+        return distributed_module.end_together(
+            1, f"error: {error}: no curve to read, nothing written{check}")
     if run.main_process:
         path = os.path.join(run.fit.output_dir, report_module.LR_FINDER)
         report_module.plot_lr_finder(lrs, losses, suggestion, path)

@@ -128,11 +128,16 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def not_a_file(path: str) -> str:
+    """Why path is no file to read, in words: it is missing, or a FIFO, device or folder."""
+    return "is not a regular file" if os.path.exists(path) else "does not exist"
+
+
 def load_torch(path: str, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True: tensors and plain containers only; a file that carries
     other pickled objects (code that would run on load) is refused, never executed."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):  # a FIFO would wait for ever, /dev/zero never end
+        raise CheckpointError(f"{what} {path} {not_a_file(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

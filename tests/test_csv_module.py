@@ -3,6 +3,7 @@ the same cache; a bad row is one line naming its line and exit 2."""
 
 import json
 import os
+import signal
 
 import pandas as pd
 import pytest
@@ -166,12 +167,17 @@ def test_the_cache_is_built_once_and_a_second_run_opens_no_image(tmp_path, monke
       "holds out one of each class; add images or val rows, or set it"]),
     (["path,label", "a.png,cat", "b.png,dog"], ["--val-split", "0"],
      ["labels.csv has no val or test rows and --val-split (VAL_SPLIT) is 0"]),
+    (["path,label,split", "a.png,cat,train", "b.png,dog,train", "./sub/../a.png,cat,val"], None,
+     ["labels.csv line 4: ", "a.png is the image of line 2 too; list each image once"]),
+    (["path,label", "a.png,cat", "b.png,dog", "link.png,dog"], None,
+     ["labels.csv line 4: ", "link.png is the image of line 3 too; list each image once"]),
 ])
 def test_a_bad_csv_is_one_line_naming_its_line_and_exit_2(tmp_path, capsys, lines, flags,
                                                           fragments):
     for name in ("a.png", "b.png", "c.png"):
         Image.new("RGB", (9, 9)).save(tmp_path / name)
     (tmp_path / "sub").mkdir()
+    os.symlink("b.png", tmp_path / "link.png")  # another path to b.png
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     args = ["--data-dir", str(tmp_path / "labels.csv"), "--output-dir", str(tmp_path / "out"), *RUN]
     capsys.readouterr()
@@ -215,3 +221,28 @@ def test_a_split_left_without_readable_images_is_said_as_a_folders_is(tmp_path):
     csv_path = write_csv(tmp_path / "labels.csv", rows)
     with pytest.raises(DataError, match=r"labels.csv's test split holds no readable images"):
         csv_data(csv_path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_csv_that_is_a_fifo_or_a_device_is_refused_unread_in_one_line(tmp_path, capsys, kind):
+    csv_path = tmp_path / "labels.csv"
+    if kind == "fifo":
+        os.mkfifo(csv_path)  # opening it to read waits for a writer for ever
+    else:
+        os.symlink(os.devnull, csv_path)  # as /dev/zero would be, which never ends
+
+    def hung(*_):
+        raise TimeoutError("still reading the CSV after 20 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        status = main.main(["--data-dir", str(csv_path), "--output-dir", str(tmp_path / "out"),
+                            *RUN])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(err) == 1, err
+    assert err[0] == (f"error: --data-dir (DATA_DIR) {csv_path} is not a regular file (a FIFO, "
+                      f"socket or device); with --dataset (DATASET) csv, point it at a CSV file of "
+                      f"paths and labels")

@@ -1,6 +1,7 @@
 """inference_module's Python API: load(output_dir).predict(images), used as the README shows it, and
 its predictions against --predict's predictions.csv for the same images."""
 
+import os
 import pathlib
 import re
 
@@ -76,3 +77,40 @@ def test_predict_refuses_normalised_tensors_and_other_things_in_one_line(run_fol
         model.predict(torch.linspace(-1, 1, 3 * 8 * 8).reshape(3, 8, 8))
     with pytest.raises(ValueError, match="^predict takes image paths, PIL images or .* not 7$"):
         model.predict([7])
+
+
+
+@pytest.mark.parametrize("images, k, refusal", [
+    (torch.arange(3 * 4 * 4).reshape(3, 4, 4), 3, "uint8 or float tensors, not torch.int64"),
+    (torch.ones(3, 4, 4, dtype=torch.bool), 3, "uint8 or float tensors, not torch.bool"),
+    (torch.zeros(3, 0, 4, dtype=torch.uint8), 3,
+     "images of 1 x 1 pixel or more, not of size (3, 0, 4)"),
+    (Image.new("RGB", (0, 0)), 3, "images of 1 x 1 pixel or more, not of size (0, 0)"),
+    (torch.zeros(3, 4, 4), 0, "k, the classes per image, of 1 or more, not 0"),
+    (torch.zeros(3, 4, 4), -1, "k, the classes per image, of 1 or more, not -1"),
+])
+def test_predict_refuses_pixels_it_would_misread_or_a_k_below_1_in_one_line(run_folder, images, k,
+                                                                           refusal):
+    """An int64 tensor of 0-255 values would wrap round when scaled to 8 bits, an empty image divide
+    by zero in the resize, a k below 1 fail inside torch.topk."""
+    model = inference_module.load(str(run_folder[0] / "runs" / "photos"))
+    with pytest.raises(ValueError, match=f"^predict takes {re.escape(refusal)}"):
+        model.predict(images, k=k)
+
+
+def test_the_predict_flag_shows_names_with_line_breaks_and_escape_codes_on_one_line(run_folder,
+                                                                                   capsys):
+    root, _ = run_folder
+    out, odd = root / "runs" / "photos", root / "odd"
+    odd.mkdir(exist_ok=True)
+    for name in ("new\nline.png", "\x1b[31mred.png"):
+        (odd / name).write_bytes((root / "dog.png").read_bytes())
+    capsys.readouterr()
+    gone = str(odd / "gone\n.png")
+    assert main.main(["--output-dir", str(out), "--predict", str(odd), gone]) == 2
+    printed, err = capsys.readouterr()
+    assert [line.split(": ")[0] for line in printed.splitlines()] == [
+        os.path.join(str(odd), "\\x1b[31mred.png"), os.path.join(str(odd), "new\\nline.png")]
+    assert err.splitlines()[0] == f"error: image {odd}/gone\\n.png does not exist"
+    assert list(pd.read_csv(out / "predictions.csv")["path"]) == [line.split(": ")[0] for line
+                                                                  in printed.splitlines()]

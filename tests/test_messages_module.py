@@ -1,6 +1,7 @@
 """The words for a setting: counts with their nouns, values read from files checked against their
 setting's type, and a wrong type told as a flag's is."""
 
+import os
 import re
 
 import pytest
@@ -38,3 +39,10 @@ def test_a_wrong_type_is_told_in_the_words_a_flag_gets():
     assert messages_module.type_words(list[float]) == "a list, each a number"
     long = messages_module.short_repr("x" * 1000)
     assert long.endswith("...x'") and len(long) <= 60
+
+
+def test_printable_escapes_control_characters_so_a_name_keeps_its_line_and_sends_no_codes():
+    assert messages_module.printable("a\nb\r\t\x1b[31m\x7f\x85.png") == \
+        "a\\nb\\r\\t\\x1b[31m\\x7f\\x85.png"
+    assert messages_module.printable(os.fsdecode(b"caf\xe9\n")) == "caf\\xe9\\n"
+    assert messages_module.printable("zèbre, \"a\" #1.png") == "zèbre, \"a\" #1.png"

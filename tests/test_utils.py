@@ -1,6 +1,7 @@
 """Checkpoint files and states: safe loading (a real payload never runs), random states, the
 CSV and its cells."""
 
+import os
 import pickle
 import random
 
@@ -44,6 +45,17 @@ def test_bad_files_get_a_clear_message(tmp_path, content, message):
         path.write_bytes(content)
     with pytest.raises(utils.CheckpointError, match=message):
         utils.load_torch(str(path), "WEIGHTS")
+
+
+def test_a_fifo_or_a_link_to_a_device_is_said_to_be_no_regular_file_never_missing(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pth")  # torch.load of it would wait for a writer for ever
+    os.symlink(os.devnull, tmp_path / "device.pth")
+    for name in ("fifo.pth", "device.pth"):
+        with pytest.raises(utils.CheckpointError, match=r"^the best model .* is not a regular "
+                                                        r"file$"):
+            utils.load_torch(str(tmp_path / name), "the best model")
+    with pytest.raises(utils.CheckpointError, match=r"^RESUME .*gone.pth does not exist$"):
+        utils.load_torch(str(tmp_path / "gone.pth"), "RESUME")
 
 
 def test_a_truncated_checkpoint_is_refused(tmp_path):
