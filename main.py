@@ -24,8 +24,9 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 def _stop_while_starting(signum, frame) -> None:
     """Ctrl-C or SIGTERM while the modules load (nothing to clean up yet): one line, no
-    traceback."""
-    os.write(2, b"Interrupted while starting.\n")
+    traceback (under torchrun, rank 0's)."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, b"Interrupted while starting.\n")
     os._exit(130 if signum == signal.SIGINT else 143)
 
 

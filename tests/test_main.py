@@ -31,6 +31,7 @@ import main
 import model_module
 import optim_module
 import process_module
+import report_module
 import run_module
 import step_module
 import train_module
@@ -401,6 +402,31 @@ def test_a_signal_while_the_run_ends_is_ignored_so_its_ending_keeps_its_status_a
     result = main_in_process([], capsys)
     assert result.returncode == {"finished": 0, "interrupted": 130, "failed": 4}[how]
     assert len(result.stderr.splitlines()) == (how != "finished"), result.stderr
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_while_an_interrupted_run_stops_keeps_the_first_ones_status_line_and_files(
+        tiny_run, capsys, monkeypatch, second):
+    # Ctrl-C in epoch 2, then another signal (a terminal's SIGTERM, say) as the curves are drawn
+    args, out = tiny_run
+    real_evaluate, real_plot = train_module.evaluate, report_module.plot_training_curves
+    validations = []
+
+    def evaluate(*args, **kwargs):
+        validations.append(1)
+        if len(validations) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    def plot(*args):
+        os.kill(os.getpid(), second)
+        return real_plot(*args)
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(report_module, "plot_training_curves", plot)
+    result = main_in_process(args + ["--epochs", "3"], capsys)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.startswith("Interrupted. The last completed epoch is saved")
+    assert len(result.stderr.splitlines()) == 1 and (out / report_module.CURVES).exists()
 
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
@@ -1330,9 +1356,11 @@ runpy.run_path({main!r}, run_name="__main__")
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_while_the_modules_load_ends_in_one_line(tmp_path, signum, status):
+@pytest.mark.parametrize("rank", ["0", "1"])  # under torchrun only rank 0 says it
+def test_ctrl_c_or_sigterm_while_the_modules_load_ends_in_one_line(tmp_path, signum, status, rank):
     code = SIGNAL_AT_IMPORT.format(signum=int(signum), main=os.path.join(ROOT, "main.py"))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (status, "Interrupted while starting.\n")
+                            text=True, timeout=60, env={**os.environ, "RANK": rank})
+    line = "Interrupted while starting.\n" if rank == "0" else ""
+    assert (result.returncode, result.stderr) == (status, line)
     assert list(tmp_path.iterdir()) == []
