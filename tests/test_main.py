@@ -1340,6 +1340,42 @@ def test_a_dataloader_worker_killed_in_training_ends_the_run_in_one_line(tmp_pat
     assert line.endswith(f"then go on with: python main.py --resume auto --output-dir {out}")
 
 
+SIGNAL_AROUND_THE_RUN = """
+import argparse, gc, os, runpy, signal, sys
+calls = []
+
+def signalling(real, when):
+    def call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            os.kill(os.getpid(), {signum})
+        return real(*args, **kwargs)
+    return call
+
+if {where!r} == "reading the flags":
+    argparse.ArgumentParser.parse_args = signalling(argparse.ArgumentParser.parse_args, 1)
+else:  # main.py's second gc.freeze: the run has ended, the process exits
+    gc.freeze = signalling(gc.freeze, 2)
+sys.argv, sys.path[0] = [{main!r}, "--epochs", "0"], os.path.dirname({main!r})
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("where", ["reading the flags", "exiting"])
+def test_a_signal_just_before_or_after_the_run_is_one_line_or_ignored(tmp_path, signum, status,
+                                                                     where):
+    code = SIGNAL_AROUND_THE_RUN.format(signum=int(signum), where=where,
+                                        main=os.path.join(ROOT, "main.py"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    if where == "exiting":  # the run's own status and line stand
+        status, line = 2, "error: --epochs 0 (EPOCHS) is out of range: use a whole number >= 1\n"
+    else:
+        line = "Interrupted while starting.\n"
+    assert (result.returncode, result.stderr) == (status, line)
+
+
 SIGNAL_AT_IMPORT = """
 import builtins, os, runpy, signal, sys
 real_import = builtins.__import__
@@ -1363,4 +1399,14 @@ def test_ctrl_c_or_sigterm_while_the_modules_load_ends_in_one_line(tmp_path, sig
                             text=True, timeout=60, env={**os.environ, "RANK": rank})
     line = "Interrupted while starting.\n" if rank == "0" else ""
     assert (result.returncode, result.stderr) == (status, line)
+
+
+def test_ctrl_c_ignored_before_main_py_starts_stays_ignored_while_the_modules_load(tmp_path):
+    main_py = os.path.join(ROOT, "main.py")
+    code = (f"import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            f"sys.path[0] = {ROOT!r}\n" + SIGNAL_AT_IMPORT.format(signum=int(signal.SIGINT),
+                                                                  main=main_py))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)  # nohup, or a script's background job
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert list(tmp_path.iterdir()) == []
