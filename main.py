@@ -463,6 +463,8 @@ def _resume_path(constants: dict[str, typing.Any]) -> str | None:
 
 if __name__ == "__main__":
     status = main()
+    for _signum in _SIGNALS_BEFORE:  # the run has ended: a signal now, even late in the
+        signal.signal(_signum, signal.SIG_IGN)  # interpreter's shutdown, cannot change its status
     # exit without a last collection of every object torch made: about 1 s (README, Start-up)
     gc.freeze()
     sys.exit(status)

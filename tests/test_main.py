@@ -1341,38 +1341,43 @@ def test_a_dataloader_worker_killed_in_training_ends_the_run_in_one_line(tmp_pat
 
 
 SIGNAL_AROUND_THE_RUN = """
-import argparse, gc, os, runpy, signal, sys
-calls = []
+import argparse, contextlib, os, runpy, signal, sys
+sys.argv, sys.path[0] = [{main!r}, "--epochs", "0"], os.path.dirname({main!r})
+import process_module
 
-def signalling(real, when):
-    def call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == when:
-            os.kill(os.getpid(), {signum})
-        return real(*args, **kwargs)
-    return call
+def signal_now(*args, kill=os.kill, pid=os.getpid()):
+    kill(pid, {signum})
 
 if {where!r} == "reading the flags":
-    argparse.ArgumentParser.parse_args = signalling(argparse.ArgumentParser.parse_args, 1)
-else:  # main.py's second gc.freeze: the run has ended, the process exits
-    gc.freeze = signalling(gc.freeze, 2)
-sys.argv, sys.path[0] = [{main!r}, "--epochs", "0"], os.path.dirname({main!r})
+    real = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = lambda *args: signal_now() or real(*args)
+elif {where!r} == "returning":  # run_main has let go of signals
+    block = process_module.signals_interrupt.__wrapped__
+
+    @contextlib.contextmanager
+    def signals_interrupt():
+        yield from block()
+        signal_now()
+    process_module.signals_interrupt = signals_interrupt
+else:  # exiting: late in the interpreter's shutdown, as it clears the modules
+    sys.modules["late"] = type(sys)("late")  # a module that holds the object to delete then
+    sys.modules["late"].instance = type("Late", (), dict(__del__=signal_now))()
 runpy.run_path({main!r}, run_name="__main__")
 """
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-@pytest.mark.parametrize("where", ["reading the flags", "exiting"])
+@pytest.mark.parametrize("where", ["reading the flags", "returning", "exiting"])
 def test_a_signal_just_before_or_after_the_run_is_one_line_or_ignored(tmp_path, signum, status,
                                                                      where):
     code = SIGNAL_AROUND_THE_RUN.format(signum=int(signum), where=where,
                                         main=os.path.join(ROOT, "main.py"))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60)
-    if where == "exiting":  # the run's own status and line stand
-        status, line = 2, "error: --epochs 0 (EPOCHS) is out of range: use a whole number >= 1\n"
-    else:
+    if where == "reading the flags":
         line = "Interrupted while starting.\n"
+    else:  # the run's own status and line stand
+        status, line = 2, "error: --epochs 0 (EPOCHS) is out of range: use a whole number >= 1\n"
     assert (result.returncode, result.stderr) == (status, line)
 
 
