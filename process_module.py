@@ -37,6 +37,11 @@ def _interrupt(signum, frame) -> None:
 ending = functools.partial(_ending.append, True)
 
 
+def ended() -> bool:
+    """Whether the run is ending (see `ending`)."""
+    return bool(_ending)
+
+
 def interruptible() -> None:
     """After a Ctrl-C taken as an answer (at LRA's prompt), the run goes on: signals interrupt it
     again."""
