@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch.distributed as dist
 
+import checkpoint_module
 import data_module
 import distributed_module
 import main
@@ -330,3 +331,22 @@ def test_another_process_failure_ends_this_one_unless_it_is_ending_on_its_own(mo
         threading.Timer(0.5, stop.set).start()  # then the process leaves the group
         distributed_module._watch(FailedStore(), 0, stop)
     assert (exits == []) == interrupted and set(exits) <= {143}
+
+
+def test_another_process_failure_ends_this_one_once_its_epoch_files_land(monkeypatch, tmp_path):
+    landed, exits, stop = [], [], threading.Event()
+
+    def write_epoch(*args, **kwargs):
+        time.sleep(0.3)
+        landed.append(True)
+
+    def leave(status):
+        exits.append((status, list(landed)))
+        stop.set()
+    monkeypatch.setattr(checkpoint_module, "_write_epoch", write_epoch)
+    monkeypatch.setattr(distributed_module.os, "_exit", leave)
+    monkeypatch.setattr(distributed_module, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(distributed_module, "_said", threading.Lock())
+    checkpoint_module.EpochWriter(str(tmp_path)).save({"history": []}, new_best=False)
+    distributed_module._watch(FailedStore(), 0, stop)
+    assert exits == [(143, [True])]
