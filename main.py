@@ -25,14 +25,14 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 def _stop_while_starting(signum, frame) -> None:
     """Ctrl-C or SIGTERM while the modules load or the flags are read (nothing to clean up yet):
     one line, no traceback (under torchrun, rank 0's). Once the run has ended: ignored."""
-    if _RUN_ENDED:
+    if _run_ended:
         return
     if os.environ.get("RANK", "0") == "0":
         os.write(2, b"Interrupted while starting.\n")
     os._exit(130 if signum == signal.SIGINT else 143)
 
 
-_RUN_ENDED: list[bool] = []  # not empty once run_main has ended the run
+_run_ended: list[bool] = []  # not empty once run_main has ended the run
 _SIGNALS_BEFORE = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
 for _signum in _SIGNALS_BEFORE:  # where not ignored (nohup, a script's background job: Ctrl-C)
     if _SIGNALS_BEFORE[_signum] != signal.SIG_IGN:
@@ -382,7 +382,7 @@ def run_main(argv: list[str] | None = None) -> run_module.Outcome:
             return run_module.Outcome(status)
         finally:
             process_module.ending()
-            _RUN_ENDED.append(True)
+            _run_ended.append(True)
             distributed_module.close_distributed()
 
 
