@@ -429,6 +429,18 @@ def test_a_second_signal_while_an_interrupted_run_stops_keeps_the_first_ones_sta
     assert len(result.stderr.splitlines()) == 1 and (out / report_module.CURVES).exists()
 
 
+def test_sigterm_amid_an_exporters_extension_import_is_an_interruption_not_an_export_error(
+        tiny_run, capsys, monkeypatch):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+
+    def export(*args, **kwargs):  # pybind11 turns an interrupt in a module's set-up into this
+        raise ImportError("initialization failed") from process_module.Terminated()
+    monkeypatch.setattr(inference_module.export_module, "export", export)
+    result = main_in_process(args + ["--export", "onnx"], capsys)
+    assert (result.returncode, result.stderr) == (143, "Interrupted while exporting the model.\n")
+
+
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     args, out = tiny_run
     args = args + ["--epochs", "6", "--patience", "1", "--stop-patience", "10", "--threshold",
