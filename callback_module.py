@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 import messages_module
+import process_module
 
 PROMPT_UNFREEZE = (
     "Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
@@ -410,7 +411,8 @@ class LRA:
             except EOFError:
                 self._print("\nEnd of input: no more questions; training goes on to EPOCHS.")
                 return ("eof",)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # an answer: the run goes on, and a later signal stops it
+                process_module.interruptible()
                 self._print("")
                 return ("halt", f"halted with Ctrl-C at the prompt after epoch {epoch}")
             if answer.lower() == "h":

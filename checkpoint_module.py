@@ -80,7 +80,7 @@ class EpochWriter:
             else (None, None)
         self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files,
             checkpoint["history"]),
-                                        name="epoch-writer", daemon=True)
+                                        name="epoch-writer")  # not a daemon: waited for at exit
         self._thread.start()
 
     def _write(self, *files) -> None:

@@ -133,6 +133,8 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
                                          resize_size=info.get("resize_size"))
     # exporters fail in many ways on unusual models; best_model.pth is untouched
     except Exception as error:
+        if isinstance(error.__cause__, KeyboardInterrupt):  # amid an extension's import (pybind11's
+            raise error.__cause__ from None  # "initialization failed"): a signal, no export error
         print(f"error: could not export {path} "
               f"({str(error).splitlines()[0] if str(error) else type(error).__name__})",
               file=sys.stderr)

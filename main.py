@@ -23,14 +23,20 @@ os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 
 
 def _stop_while_starting(signum, frame) -> None:
-    """Ctrl-C or SIGTERM while the modules load (nothing to clean up yet): one line, no
-    traceback."""
-    os.write(2, b"Interrupted while starting.\n")
+    """Ctrl-C or SIGTERM while the modules load or the flags are read (nothing to clean up yet):
+    one line, no traceback (under torchrun, rank 0's). Once the run has ended: ignored."""
+    if _run_ended:
+        return
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, b"Interrupted while starting.\n")
     os._exit(130 if signum == signal.SIGINT else 143)
 
 
-_SIGNALS_BEFORE = {signum: signal.signal(signum, _stop_while_starting)
-                   for signum in (signal.SIGINT, signal.SIGTERM)}
+_run_ended: list[bool] = []  # not empty once run_main has ended the run
+_SIGNALS_BEFORE = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+for _signum in _SIGNALS_BEFORE:  # where not ignored (nohup, a script's background job: Ctrl-C)
+    if _SIGNALS_BEFORE[_signum] != signal.SIG_IGN:
+        signal.signal(_signum, _stop_while_starting)
 
 import torch  # noqa: E402, F401 (torch must see the setting above when it loads)
 
@@ -55,8 +61,11 @@ from messages_module import flag
 # the modules' objects, never garbage, leave the collector's sight: later collections skip them
 gc.freeze()
 gc.enable()
-for _signum, _handler in _SIGNALS_BEFORE.items():  # run_main takes them from here
-    signal.signal(_signum, _handler)
+# run_main takes them from here. The script keeps its own, which run_main puts back as it
+# returns: a signal while the process exits is no traceback, nor a kill
+for _signum, _handler in _SIGNALS_BEFORE.items():
+    if __name__ != "__main__":
+        signal.signal(_signum, _handler)
 IMPORTED = time.perf_counter()
 _imports_counted = False  # whether a run's time account has counted them
 
@@ -373,6 +382,7 @@ def run_main(argv: list[str] | None = None) -> run_module.Outcome:
             return run_module.Outcome(status)
         finally:
             process_module.ending()
+            _run_ended.append(True)
             distributed_module.close_distributed()
 
 
@@ -454,6 +464,8 @@ def _resume_path(constants: dict[str, typing.Any]) -> str | None:
 
 if __name__ == "__main__":
     status = main()
+    for _signum in _SIGNALS_BEFORE:  # the run has ended: a signal now, even late in the
+        signal.signal(_signum, signal.SIG_IGN)  # interpreter's shutdown, cannot change its status
     # exit without a last collection of every object torch made: about 1 s (README, Start-up)
     gc.freeze()
     sys.exit(status)

@@ -24,6 +24,9 @@ _ending: list[bool] = []  # not empty once the run is ending (see `ending`)
 
 def _interrupt(signum, frame) -> None:
     if not _ending:  # once the run is ending it says its line and leaves within moments
+        # the first signal ends the run: a second (a Ctrl-C, then a terminal's or torchrun's
+        # SIGTERM) cannot break its way out, where the best weights are restored and files land
+        ending()
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -32,6 +35,17 @@ def _interrupt(signum, frame) -> None:
 # every process when one dies) cannot break the ending into a traceback. A C callable: no Python
 # frame starts before it takes effect, where a pending signal's handler would run first.
 ending = functools.partial(_ending.append, True)
+
+
+def ended() -> bool:
+    """Whether the run is ending (see `ending`)."""
+    return bool(_ending)
+
+
+def interruptible() -> None:
+    """After a Ctrl-C taken as an answer (at LRA's prompt), the run goes on: signals interrupt it
+    again."""
+    _ending.clear()
 
 
 @contextlib.contextmanager

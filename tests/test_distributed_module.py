@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 import torch.distributed as dist
 
+import checkpoint_module
 import data_module
 import distributed_module
 import main
 import model_module
+import process_module
 import train_module
 import utils
 from conftest import ROOT, configs, write_fake_cifar, write_image_tree
@@ -300,3 +302,51 @@ def test_a_photo_folder_under_torchrun_is_decoded_once_read_by_shards_and_evalua
     assert val["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     assert val["acc"] == pytest.approx(best["val_acc"])
     assert f"Test accuracy: {100 * test['acc']:.2f}% (loss {test['loss']:.4f}" in output
+
+
+class FailedStore:
+    """torchrun's store where rank 1 has failed with 143."""
+
+    def check(self, keys):
+        return True
+
+    def get(self, key):
+        return b"1|143|Interrupted. The last completed epoch is saved"
+
+    def set(self, key, value):
+        pass
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_another_process_failure_ends_this_one_unless_it_is_ending_on_its_own(monkeypatch,
+                                                                            interrupted):
+    # a terminal's Ctrl-C reaches every process: rank 0, drawing its curves, is not cut short
+    exits, stop = [], threading.Event()
+    monkeypatch.setattr(distributed_module.os, "_exit", exits.append)
+    monkeypatch.setattr(distributed_module, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(distributed_module, "_said", threading.Lock())
+    with process_module.signals_interrupt():
+        if interrupted:
+            process_module.ending()
+        threading.Timer(0.5, stop.set).start()  # then the process leaves the group
+        distributed_module._watch(FailedStore(), 0, stop)
+    assert (exits == []) == interrupted and set(exits) <= {143}
+
+
+def test_another_process_failure_ends_this_one_once_its_epoch_files_land(monkeypatch, tmp_path):
+    landed, exits, stop = [], [], threading.Event()
+
+    def write_epoch(*args, **kwargs):
+        time.sleep(0.3)
+        landed.append(True)
+
+    def leave(status):
+        exits.append((status, list(landed)))
+        stop.set()
+    monkeypatch.setattr(checkpoint_module, "_write_epoch", write_epoch)
+    monkeypatch.setattr(distributed_module.os, "_exit", leave)
+    monkeypatch.setattr(distributed_module, "POLL_SECONDS", 0.01)
+    monkeypatch.setattr(distributed_module, "_said", threading.Lock())
+    checkpoint_module.EpochWriter(str(tmp_path)).save({"history": []}, new_best=False)
+    distributed_module._watch(FailedStore(), 0, stop)
+    assert exits == [(143, [True])]

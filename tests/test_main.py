@@ -31,6 +31,7 @@ import main
 import model_module
 import optim_module
 import process_module
+import report_module
 import run_module
 import step_module
 import train_module
@@ -401,6 +402,43 @@ def test_a_signal_while_the_run_ends_is_ignored_so_its_ending_keeps_its_status_a
     result = main_in_process([], capsys)
     assert result.returncode == {"finished": 0, "interrupted": 130, "failed": 4}[how]
     assert len(result.stderr.splitlines()) == (how != "finished"), result.stderr
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_while_an_interrupted_run_stops_keeps_the_first_ones_status_line_and_files(
+        tiny_run, capsys, monkeypatch, second):
+    # Ctrl-C in epoch 2, then another signal (a terminal's SIGTERM, say) as the curves are drawn
+    args, out = tiny_run
+    real_evaluate, real_plot = train_module.evaluate, report_module.plot_training_curves
+    validations = []
+
+    def evaluate(*args, **kwargs):
+        validations.append(1)
+        if len(validations) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    def plot(*args):
+        os.kill(os.getpid(), second)
+        return real_plot(*args)
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(report_module, "plot_training_curves", plot)
+    result = main_in_process(args + ["--epochs", "3"], capsys)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.startswith("Interrupted. The last completed epoch is saved")
+    assert len(result.stderr.splitlines()) == 1 and (out / report_module.CURVES).exists()
+
+
+def test_sigterm_amid_an_exporters_extension_import_is_an_interruption_not_an_export_error(
+        tiny_run, capsys, monkeypatch):
+    args, out = tiny_run
+    assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
+
+    def export(*args, **kwargs):  # pybind11 turns an interrupt in a module's set-up into this
+        raise ImportError("initialization failed") from process_module.Terminated()
+    monkeypatch.setattr(inference_module.export_module, "export", export)
+    result = main_in_process(args + ["--export", "onnx"], capsys)
+    assert (result.returncode, result.stderr) == (143, "Interrupted while exporting the model.\n")
 
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
@@ -1314,6 +1352,47 @@ def test_a_dataloader_worker_killed_in_training_ends_the_run_in_one_line(tmp_pat
     assert line.endswith(f"then go on with: python main.py --resume auto --output-dir {out}")
 
 
+SIGNAL_AROUND_THE_RUN = """
+import argparse, contextlib, os, runpy, signal, sys
+sys.argv, sys.path[0] = [{main!r}, "--epochs", "0"], os.path.dirname({main!r})
+import process_module
+
+def signal_now(*args, kill=os.kill, pid=os.getpid()):
+    kill(pid, {signum})
+
+if {where!r} == "reading the flags":
+    real = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = lambda *args: signal_now() or real(*args)
+elif {where!r} == "returning":  # run_main has let go of signals
+    block = process_module.signals_interrupt.__wrapped__
+
+    @contextlib.contextmanager
+    def signals_interrupt():
+        yield from block()
+        signal_now()
+    process_module.signals_interrupt = signals_interrupt
+else:  # exiting: late in the interpreter's shutdown, as it clears the modules
+    sys.modules["late"] = type(sys)("late")  # a module that holds the object to delete then
+    sys.modules["late"].instance = type("Late", (), dict(__del__=signal_now))()
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("where", ["reading the flags", "returning", "exiting"])
+def test_a_signal_just_before_or_after_the_run_is_one_line_or_ignored(tmp_path, signum, status,
+                                                                     where):
+    code = SIGNAL_AROUND_THE_RUN.format(signum=int(signum), where=where,
+                                        main=os.path.join(ROOT, "main.py"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    if where == "reading the flags":
+        line = "Interrupted while starting.\n"
+    else:  # the run's own status and line stand
+        status, line = 2, "error: --epochs 0 (EPOCHS) is out of range: use a whole number >= 1\n"
+    assert (result.returncode, result.stderr) == (status, line)
+
+
 SIGNAL_AT_IMPORT = """
 import builtins, os, runpy, signal, sys
 real_import = builtins.__import__
@@ -1330,9 +1409,21 @@ runpy.run_path({main!r}, run_name="__main__")
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_while_the_modules_load_ends_in_one_line(tmp_path, signum, status):
+@pytest.mark.parametrize("rank", ["0", "1"])  # under torchrun only rank 0 says it
+def test_ctrl_c_or_sigterm_while_the_modules_load_ends_in_one_line(tmp_path, signum, status, rank):
     code = SIGNAL_AT_IMPORT.format(signum=int(signum), main=os.path.join(ROOT, "main.py"))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (status, "Interrupted while starting.\n")
+                            text=True, timeout=60, env={**os.environ, "RANK": rank})
+    line = "Interrupted while starting.\n" if rank == "0" else ""
+    assert (result.returncode, result.stderr) == (status, line)
+
+
+def test_ctrl_c_ignored_before_main_py_starts_stays_ignored_while_the_modules_load(tmp_path):
+    main_py = os.path.join(ROOT, "main.py")
+    code = (f"import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            f"sys.path[0] = {ROOT!r}\n" + SIGNAL_AT_IMPORT.format(signum=int(signal.SIGINT),
+                                                                  main=main_py))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)  # nohup, or a script's background job
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -75,3 +75,20 @@ def test_in_the_block_signals_interrupt_until_the_run_is_ending_and_the_handlers
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before[signal.SIGINT])
+
+
+def test_the_first_signal_ends_the_run_a_second_is_ignored_unless_the_first_was_an_answer():
+    with pytest.raises(KeyboardInterrupt), process_module.signals_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises at once
+        finally:  # the way out (best weights restored, files written): a SIGTERM is ignored
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+    with pytest.raises(process_module.Terminated), process_module.signals_interrupt():
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C at LRA's prompt: the run goes on
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        process_module.interruptible()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
