@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from typing import Iterable, Iterator, TypeVar
 
 
@@ -20,14 +21,18 @@ class Terminated(KeyboardInterrupt):
 
 
 _ending: list[bool] = []  # not empty once the run is ending (see `ending`)
+_stopped: list[float] = []  # when a signal last stopped the run (time.monotonic())
+AGAIN_SECONDS = 10.0  # a signal this soon after the one that stopped the run belongs to that stop
 
 
 def _interrupt(signum, frame) -> None:
-    if not _ending:  # once the run is ending it says its line and leaves within moments
-        # the first signal ends the run: a second (a Ctrl-C, then a terminal's or torchrun's
-        # SIGTERM) cannot break its way out, where the best weights are restored and files land
-        ending()
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    # a second signal moments after the first (a terminal's, torchrun's SIGTERM) cannot break its
+    # way out of the stop, where the best weights are restored and files land; a later one stops
+    # the run again (had a library swallowed the first, Ctrl-C still works)
+    if _ending or _stopped and time.monotonic() - _stopped[-1] < AGAIN_SECONDS:
+        return
+    _stopped.append(time.monotonic())
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 # Called first where the run's outcome is decided (an except or finally of the block below): from
@@ -38,14 +43,14 @@ ending = functools.partial(_ending.append, True)
 
 
 def ended() -> bool:
-    """Whether the run is ending (see `ending`)."""
-    return bool(_ending)
+    """Whether the run is ending (see `ending`), or a signal has stopped it."""
+    return bool(_ending or _stopped)
 
 
 def interruptible() -> None:
     """After a Ctrl-C taken as an answer (at LRA's prompt), the run goes on: signals interrupt it
     again."""
-    _ending.clear()
+    _stopped.clear()
 
 
 @contextlib.contextmanager
@@ -57,6 +62,7 @@ def signals_interrupt() -> Iterator[None]:
         yield
         return
     _ending.clear()
+    _stopped.clear()
     taken = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) != signal.SIG_IGN)
     before = {signum: signal.signal(signum, _interrupt) for signum in taken}
     try:

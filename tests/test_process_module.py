@@ -77,7 +77,8 @@ def test_in_the_block_signals_interrupt_until_the_run_is_ending_and_the_handlers
         signal.signal(signal.SIGINT, before[signal.SIGINT])
 
 
-def test_the_first_signal_ends_the_run_a_second_is_ignored_unless_the_first_was_an_answer():
+def test_a_signal_soon_after_the_one_that_stopped_the_run_is_ignored_unless_that_was_an_answer(
+        monkeypatch):
     with pytest.raises(KeyboardInterrupt), process_module.signals_interrupt():
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -90,5 +91,15 @@ def test_the_first_signal_ends_the_run_a_second_is_ignored_unless_the_first_was_
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
         process_module.interruptible()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    # a signal well after the one that stopped the run (a library swallowed the first) stops it
+    monkeypatch.setattr(process_module, "AGAIN_SECONDS", 0.2)
+    with pytest.raises(process_module.Terminated), process_module.signals_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
