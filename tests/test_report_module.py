@@ -215,9 +215,11 @@ def test_text_cells_of_the_test_report_that_start_as_a_formula_are_escaped(tmp_p
     classes = ["=HYPERLINK(\"http://x\")", "+1", "-1", "@SUM(A1)", "\tx", "plain"]
     path = tmp_path / "test_report.csv"
     frame = report_module.write_test_report(torch.eye(len(classes)).long(), classes, str(path))
-    assert frame["class"].tolist()[:6] == classes  # the table returned is as computed
+    # a control character is escaped as in every name shown (a tab: the two characters \t)
+    assert frame["class"].tolist()[:6] == classes[:4] + ["\\tx", "plain"]
     written = pd.read_csv(path, keep_default_na=False)["class"].tolist()
-    assert written == ["'" + name for name in classes[:5]] + ["plain", "macro avg", "weighted avg"]
+    assert written == ["'" + name for name in classes[:4]] + ["\\tx", "plain", "macro avg",
+                                                              "weighted avg"]
 
 
 def test_the_gallery_shows_the_mistakes_of_evaluate(tmp_path, one_thread):
