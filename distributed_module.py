@@ -234,7 +234,7 @@ def from_rank_0(value: Any) -> Any:
     them after DIST_TIMEOUT. The value itself when alone."""
     if "store" not in _group:
         return value
-    _group["shared"] = _group.get("shared", 0) + 1  # every process shares as often, in order
+    _group["shared"] += 1  # every process shares as often, in order (init_distributed sets 0)
     store, key = _group["store"], f"from_rank_0/{_group['shared']}"
     if _group["rank"] == 0:
         store.set(key, json.dumps(value))
