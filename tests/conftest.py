@@ -20,6 +20,7 @@ import cache_module
 import data_module
 import loader_module
 import main
+import process_module
 import run_module
 import source_module
 import step_module
@@ -52,6 +53,15 @@ def no_network(monkeypatch):
         raise OSError("network access is blocked in tests")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse_any)
+
+
+@pytest.fixture(autouse=True)
+def run_not_ending():
+    """Each test starts as a process does: no run ending and no signal taken (a run in an earlier
+    test, ended by main.main, would otherwise make the failure watch wait for its files)."""
+    yield
+    process_module._ending.clear()
+    process_module._stopped.clear()
 
 
 @pytest.fixture(autouse=True)
