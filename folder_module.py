@@ -43,9 +43,8 @@ class Listing:
 def _file_message(data_dir: str, holder_of: str) -> str:
     """The message for a DATA_DIR that is a file, not a folder."""
     archive = data_dir.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip"))
-    return (f"{flag_named('DATA_DIR')} {data_dir} is {'an archive' if archive else 'a file'}, not "
-            "a "
-            "folder; "
+    return (f"{flag_named('DATA_DIR')} {data_dir} is {'an archive' if archive else 'a file'}, "
+            "not a folder; "
             f"{'unpack it and ' if archive else ''}point it at the folder that holds {holder_of}")
 
 
@@ -66,8 +65,8 @@ def list_tree(data_dir: str) -> Listing:
                 if os.path.isdir(os.path.join(data_dir, split))}
     classes = [entry.name for entry in listings["train"] if _is_folder(entry)]  # sorted by name
     if not classes:
-        raise DataError(f"no readable images in {train_dir}: it has no class folders "
-                        f"(train/<class>/<image>)")
+        raise DataError(
+            f"no readable images in {train_dir}: it has no class folders (train/<class>/<image>)")
     shown = [messages_module.printable(name) for name in classes]
     twins = sorted({name for name in shown if shown.count(name) > 1})
     if twins:
@@ -119,25 +118,20 @@ def _no_tree_message(data_dir: str) -> str:
     if os.path.isfile(data_dir):
         return _file_message(data_dir, "train/<class>/<image>")
     if not os.path.isdir(data_dir):
-        return (f"{flag_named('DATA_DIR')} {data_dir} does not exist; point it at the folder that "
-                f"holds train/<class>/<image>")
+        return (f"{flag_named('DATA_DIR')} {data_dir} does not exist; "
+                "point it at the folder that holds train/<class>/<image>")
     parent, class_folders = _parent(data_dir), _holds_class_folders(data_dir)
     split_name = os.path.basename(os.path.normpath(data_dir)) in SPLITS
     if os.path.isdir(os.path.join(parent, "train")) and (split_name or class_folders):
-        return (
-            f"{flag_named('DATA_DIR')} {data_dir} is a split folder; use its parent, --data-dir "
-            f"{parent}"
-        )
+        return (f"{flag_named('DATA_DIR')} {data_dir} is a split folder; use its parent, "
+                f"--data-dir {parent}")
     if class_folders:
-        return (f"{flag_named('DATA_DIR')} {data_dir} holds class folders but no train/: move them "
-                "into "
-                f"{os.path.join(data_dir, 'train')}/, or point --data-dir at the folder that holds "
-                "train/")
+        return (f"{flag_named('DATA_DIR')} {data_dir} holds class folders but no train/: "
+                f"move them into {os.path.join(data_dir, 'train')}/, "
+                "or point --data-dir at the folder that holds train/")
     return (f"no ImageFolder tree in {data_dir}: expected "
-            f"{os.path.join(data_dir, 'train')}/<class>/<image> "
-            f"(val/ and test/ beside it optional); point {flag_named('DATA_DIR')} at the folder "
-            "that "
-            "holds train/")
+            f"{os.path.join(data_dir, 'train')}/<class>/<image> (val/ and test/ beside it "
+            f"optional); point {flag_named('DATA_DIR')} at the folder that holds train/")
 
 
 def _holds_class_folders(folder: str) -> bool:
@@ -146,7 +140,7 @@ def _holds_class_folders(folder: str) -> bool:
         with os.scandir(folder) as entries:
             return any(entry.is_dir() and any(name.lower().endswith(IMAGE_EXTENSIONS)
                                               for name in os.listdir(entry.path))
-                                              for entry in entries)
+                       for entry in entries)
     except OSError:  # unreadable: nothing to say about it here
         return False
 
@@ -158,16 +152,16 @@ def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) ->
     found = {label for _, label in splits["train"]}
     empty = [name for label, name in enumerate(classes) if label not in found]
     if empty:
-        raise DataError(f"no readable images in {train}: none in the {unit}"
-                        f"{'' if len(empty) == 1 else 's'} {', '.join(empty)}")
+        raise DataError(f"no readable images in {train}: "
+                        f"none in the {unit}{'' if len(empty) == 1 else 's'} {', '.join(empty)}")
     if len(classes) < 2:
         layout = " (train/<class>/<image>)" if unit == "class folder" else ""
-        raise DataError(f"{train} has {messages_module.plural(len(classes), unit)} with images; a "
-                        f"classifier needs at least two{layout}")
+        raise DataError(f"{train} has {messages_module.plural(len(classes), unit)} with images; "
+                        f"a classifier needs at least two{layout}")
     for split in ("val", "test"):
         if split in splits and not splits[split]:
-            raise DataError(f"{listing.places[split]} holds no readable images; fill it or remove "
-                            "it")
+            raise DataError(
+                f"{listing.places[split]} holds no readable images; fill it or remove it")
 
 
 def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
@@ -231,13 +225,11 @@ def read_folder(listing: Listing, size: int, cache_dir: str | None, num_workers:
                 "opening (or first building) the decoded-image cache")
         except cache_module.CacheError as error:
             if cache_dir != "auto":
-                raise DataError(
-                    f"{flag_named('CACHE_DIR')} {cache_dir}: {error}; set it to a writable folder "
-                    "with "
-                                f"room, or to none to decode the images without a cache") from None
+                raise DataError(f"{flag_named('CACHE_DIR')} {cache_dir}: {error}; "
+                                "set it to a writable folder with room, "
+                                "or to none to decode the images without a cache") from None
             print(f"warning: {error}; the images are decoded without a cache (set "
-                  f"{flag_named('CACHE_DIR')} to a "
-                  f"writable folder to keep them)", file=sys.stderr)
+                  f"{flag_named('CACHE_DIR')} to a writable folder to keep them)", file=sys.stderr)
     return _scan_folder(listing, size), None
 
 
@@ -259,6 +251,5 @@ def check_outside_data(config: Any, output_dir: str) -> None:
                 shown = messages_module.printable(output_dir)
                 raise DataError(f"{flag_named('OUTPUT_DIR')} {shown} is inside the data folder "
                                 f"{messages_module.printable(inside)}, whose images the next run "
-                                "would read "
-                                f"with its figures among them; choose an output folder outside "
-                                f"{flag_named('DATA_DIR')}'s train/, val/ and test/")
+                                "would read with its figures among them; choose an output folder "
+                                f"outside {flag_named('DATA_DIR')}'s train/, val/ and test/")

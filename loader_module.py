@@ -51,7 +51,7 @@ class ResidentLoader:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching,
-            augmentation: Augmentation):
+                 augmentation: Augmentation):
         self.images, self.labels = images, labels
         self.batching, self.augmentation = batching, augmentation
         self.epoch = 0
@@ -59,8 +59,8 @@ class ResidentLoader:
         self.chunk = AUGMENT_CHUNK  # CIFAR-size images gathered and augmented together
         # a fixed random half starts flipped; every other epoch flips them all
         if augmentation.flip == "alternate":
-            flipped = torch.rand(len(labels), generator=torch.Generator().manual_seed(
-                batching.seed)) < 0.5
+            flipped = torch.rand(len(labels),
+                                 generator=torch.Generator().manual_seed(batching.seed)) < 0.5
             self.flip_base = flipped.to(labels.device)
         mean = torch.tensor(augmentation.mean, device=labels.device).view(1, -1, 1, 1)
         std = torch.tensor(augmentation.std, device=labels.device).view(1, -1, 1, 1)
@@ -75,8 +75,8 @@ class ResidentLoader:
         n, rank, world_size = len(self.labels), self.batching.rank, self.batching.world_size
         if not self.batching.train:
             return torch.arange(rank, n, world_size, device=self.index_device)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.batching.seed
-            + self.epoch))
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(self.batching.seed + self.epoch))
         per_rank = n // world_size  # equal shards: every rank must take the same number of steps
         return order[rank * per_rank:(rank + 1) * per_rank].to(self.index_device)
 
@@ -98,7 +98,7 @@ class ResidentLoader:
                 yield self._photos(chosen, images), self.labels[chosen]
 
     def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor,
-            torch.Tensor]]:
+                                                                          torch.Tensor]]:
         """(indices, their uint8 images) on the device, `step` images at a time."""
         for start in range(0, len(indices), step):
             chosen = indices[start:start + step]
@@ -109,14 +109,11 @@ class ResidentLoader:
         """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather and the
         "pixels" augmentations for the chunk, then each batch normalised and through the
         "normalised" ones."""
-        augmentation, batch_size, train = (
-            self.augmentation,
-            self.batching.batch_size,
-            self.batching.train,
-        )
+        augmentation, batch_size, train = (self.augmentation, self.batching.batch_size,
+                                           self.batching.train)
         if train and (augmentation.crop_padding or augmentation.flip != "none"):
             images = crop_flip(images, augmentation.crop_padding, self._flips(chosen),
-                augmentation.reflect)
+                               augmentation.reflect)
         if train:
             images = augment(images, "pixels", augmentation.augmentations)
         labels = self.labels[chosen]
@@ -134,7 +131,7 @@ class ResidentLoader:
             return self.evaluated(images)
         settings = self.augmentation.augmentations
         boxes = sample_crop_boxes(len(chosen), images.shape[1], images.shape[2],
-            device=images.device)
+                                  device=images.device)
         crops = crop_and_resize(images, boxes, self.augmentation.crop_size, self._flips(chosen))
         crops = crops.permute(0, 2, 3, 1)  # float (N, S, S, C) on the 0-255 scale
         if switched_on(settings, "pixels"):
@@ -174,8 +171,7 @@ class MappedLoader(ResidentLoader):
     stream of its own), while the device works on the batch before."""
 
     def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
-        device: torch.device,
-                 batching: Batching, augmentation: Augmentation):
+                 device: torch.device, batching: Batching, augmentation: Augmentation):
         super().__init__(images, labels.to(device), batching, augmentation)
         self.rows = rows  # int64 (N,): row of images of each of the N labelled images
         self.index_device = torch.device("cpu")  # the thread picks rows with them
@@ -183,7 +179,7 @@ class MappedLoader(ResidentLoader):
         self.chunk = batching.batch_size
 
     def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor,
-            torch.Tensor]]:
+                                                                          torch.Tensor]]:
         device = self.labels.device
         copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -221,14 +217,13 @@ class StreamingLoader:
     device; yields batches on the device, in the same layout as ResidentLoader."""
 
     def __init__(self, dataset: Dataset, batching: Batching, device: torch.device,
-            num_workers: int):
+                 num_workers: int):
         self.batching, self.device = batching, device
         rank, world_size, batch_size = batching.rank, batching.world_size, batching.batch_size
         if batching.train:
             self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size,
-                rank=rank,
-                                                               shuffle=True, seed=batching.seed,
-                                                               drop_last=True)
+                                                               rank=rank, shuffle=True,
+                                                               seed=batching.seed, drop_last=True)
         else:
             self.sampler = range(rank, len(dataset), world_size)
         n = len(self.sampler)
@@ -259,9 +254,8 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches; a worker that dies (the out-of-memory killer) raises WorkerDied here."""
-        memory_format = (
-            torch.channels_last if self.batching.channels_last else torch.contiguous_format
-        )
+        memory_format = (torch.channels_last if self.batching.channels_last
+                         else torch.contiguous_format)
         try:
             batches = iter(self.loader)
             process_module.sigchld_default()

@@ -55,8 +55,8 @@ RULES: messages_module.Rules = {
 # --------------------------------------------------------------------------- optimizer and schedule
 
 
-def make_optimizer(model: nn.Module, config: OptimConfig, lr_device: torch.device
-        | None = None) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, config: OptimConfig,
+                   lr_device: torch.device | None = None) -> torch.optim.SGD:
     """SGD over every parameter meant to train, the frozen body included (it has no gradients, so
     SGD skips it until it is unfrozen; the groups never change, so no schedule or saved state has to
     follow a new one). Each group trains at LR x its lr_scale: BatchNorm parameters at norm_lr_scale
@@ -73,7 +73,7 @@ def make_optimizer(model: nn.Module, config: OptimConfig, lr_device: torch.devic
     for p in model.parameters():
         if p.requires_grad or id(p) in frozen:
             groups.setdefault((id(p) in norms and c.norm_lr_scale != 1.0, id(p) in frozen),
-                []).append(p)
+                              []).append(p)
     param_groups = [{"params": params,
                      "lr_scale": (c.norm_lr_scale if norm else 1.0) * (c.body_lr_scale if body
                      else 1.0),
@@ -96,7 +96,7 @@ def hold_lr_as_tensor(optimizer: torch.optim.SGD, device: torch.device) -> None:
     def to_tensors(optimizer: torch.optim.SGD) -> None:
         for group in optimizer.param_groups:
             group.update(lr=torch.tensor(float(group["lr"]), device=device), fused=True,
-                foreach=None)
+                         foreach=None)
 
     def to_numbers(optimizer: torch.optim.SGD, state: dict[str, Any]) -> dict[str, Any]:
         for group in state["param_groups"]:
@@ -208,8 +208,8 @@ class Lookahead:
         self.step += 1
         if self.step % self.every and self.step != self.total_steps:
             return
-        decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (self.step
-            / self.total_steps) ** 3
+        decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (
+            self.step / self.total_steps) ** 3
         torch._foreach_lerp_(self._slow, self._fast, 1 - decay)
         torch._foreach_copy_(self._fast, self._slow)
 
@@ -237,7 +237,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
-            use_buffers=True)
+                                      use_buffers=True)
         # deepcopy copies any .grad
         self.averaged.module.requires_grad_(False).zero_grad(set_to_none=True)
         # (the average's, the model's): floats; the rest
@@ -302,8 +302,7 @@ class RangeTest:
 
 
 def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module, *,
-            autocast_dtype: torch.dtype | None = None,
+            loss_fn: nn.Module, *, autocast_dtype: torch.dtype | None = None,
             sweep: RangeTest = RangeTest()) -> tuple[list[float], list[float], float | None]:
     """An LR range test (Smith 2017, fastai's lr_find): train up to sweep.steps batches (cycling the
     loader when it has fewer) with the LR rising exponentially from start_lr to end_lr, recording
@@ -416,8 +415,8 @@ def unclear(lrs: list[float], losses: list[float], fall: float = 0.05) -> str | 
     start = sorted(losses[:max(1, len(losses) // 10)])[max(1, len(losses) // 10) // 2]
     lowest = losses.index(min(losses))
     if min(losses) > (1 - fall) * start:
-        return (f"the smoothed loss never fell clearly (from {start:.3g} to {min(losses):.3g} at "
-                f"most)")
+        return (
+            f"the smoothed loss never fell clearly (from {start:.3g} to {min(losses):.3g} at most)")
     if lowest >= len(losses) - 3 and max(losses[lowest:]) < 2 * min(losses):
         return f"the loss still falls at the sweep's last LR ({lrs[-1]:.2g}): it never diverged"
     return None

@@ -76,14 +76,9 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
                  autocast_dtype: torch.dtype | None = None, graph: bool = False,
-                 accumulate: int = 1,
-                 clip_grad_norm: float | None = None):
-        self.model, self.optimizer, self.loss_fn, self.autocast_dtype = (
-            model,
-            optimizer,
-            loss_fn,
-            autocast_dtype,
-        )
+                 accumulate: int = 1, clip_grad_norm: float | None = None):
+        self.model, self.optimizer, self.loss_fn, self.autocast_dtype = (model, optimizer, loss_fn,
+                                                                         autocast_dtype)
         self.accumulate, self.clip_grad_norm = accumulate, clip_grad_norm
         self.device = next(model.parameters()).device
         # use_cuda_graph keeps graphs off then: a captured step is a whole update
@@ -99,9 +94,8 @@ class TrainStep:
         # torch.compile's: timed once
         self.compiling = hasattr(unwrapped(model, compiled=False), "_orig_mod")
         if graph and self.compiling:
-            raise ValueError(
-                "a torch.compile'd model is not captured in a CUDA graph of ours (it makes its own)"
-            )
+            raise ValueError("a torch.compile'd model is not captured in a CUDA graph of ours "
+                             "(it makes its own)")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -112,8 +106,7 @@ class TrainStep:
         """Train on the batch, the index-th micro-batch of a group of `group` (one optimizer step
         per group)."""
         assert 0 <= index < group <= self.accumulate, (
-            "micro_batch's position in a group of at most accumulate"
-        )
+            "micro_batch's position in a group of at most accumulate")
         if self.compiling:  # torch.compile compiles on the first call
             started, self.compiling = time.perf_counter(), False
             result = self._step(images, targets, index, group)
@@ -121,8 +114,7 @@ class TrainStep:
                 torch.cuda.synchronize(self.device)
             if not distributed_module.is_distributed() or torch.distributed.get_rank() == 0:
                 print("torch.compile: the first training step took "
-                      f"{time.perf_counter() - started:.1f} s, "
-                      f"compiling included", file=sys.stderr)
+                      f"{time.perf_counter() - started:.1f} s, compiling included", file=sys.stderr)
             return result
         if not self.use_graph or (self.graph is not None and images.shape != self.inputs[0].shape):
             return self._step(images, targets, index, group)
@@ -131,7 +123,7 @@ class TrainStep:
                 self._capture(images, targets)
             # an operation that cannot be captured (one that reads the device, say)
             except RuntimeError as error:
-                print(f"note: the training step could not be captured in a CUDA graph "
+                print("note: the training step could not be captured in a CUDA graph "
                       f"({(str(error).splitlines() or [repr(error)])[0]}); training without one",
                       file=sys.stderr)
                 self.use_graph, self.graph = False, None
@@ -204,9 +196,8 @@ class TrainStep:
             # one wait for the device
             if not torch.allclose(replayed, expected, rtol=1e-3, atol=1e-6):
                 raise RuntimeError(
-                    f"a replay of the captured step gave (loss, weight change, momentum) "
-                                   f"{replayed.tolist()} where the eager step gave "
-                                   f"{expected.tolist()}")
+                    "a replay of the captured step gave (loss, weight change, momentum) "
+                    f"{replayed.tolist()} where the eager step gave {expected.tolist()}")
         self.graph, self.key = graph, graph_key(self.model, self.optimizer)
 
 
@@ -241,8 +232,8 @@ def _momentum(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor
     return optimizer.state.get(p, {}).get("momentum_buffer")
 
 
-def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer, start: list[
-        torch.Tensor]) -> torch.Tensor:
+def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                  start: list[torch.Tensor]) -> torch.Tensor:
     """A step's loss, the norm of the change it made to the weights (from start) and the norm of the
     momentum buffers, as one device tensor: figures that tell apart steps that differ in forward,
     backward or update."""
@@ -253,8 +244,8 @@ def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer, start: l
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
             tensors)).float()) if tensors \
             else torch.zeros((), device=loss.device)
-    return torch.stack([loss.detach().float(), norm(torch._foreach_sub(params, start)), norm(
-        buffers)])
+    return torch.stack([loss.detach().float(), norm(torch._foreach_sub(params, start)),
+                        norm(buffers)])
 
 
 def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
@@ -264,10 +255,9 @@ def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
     state = [t.data_ptr() for t in model.state_dict().values()]
     buffers = [_momentum(optimizer, p) for g in optimizer.param_groups for p in g["params"]]
     lrs = [g["lr"].data_ptr() if isinstance(g["lr"], torch.Tensor) else g["lr"]
-        for g in optimizer.param_groups]
-    return (tuple(state), tuple(b.data_ptr() if b is not None else None for b in buffers), tuple(
-        lrs),
-            tuple(p.requires_grad for p in model.parameters()))
+           for g in optimizer.param_groups]
+    return (tuple(state), tuple(b.data_ptr() if b is not None else None for b in buffers),
+            tuple(lrs), tuple(p.requires_grad for p in model.parameters()))
 
 
 def init_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -288,7 +278,7 @@ def rolled_back(model: nn.Module, optimizer: torch.optim.Optimizer):
     random states back as they were, in place (a captured step keeps pointing at the same
     tensors)."""
     tensors = list(model.state_dict().values()) + [s["momentum_buffer"]
-        for s in optimizer.state.values()
+                                                   for s in optimizer.state.values()
                                                    if s.get("momentum_buffer") is not None]
     saved, rng = [t.clone() for t in tensors], utils.rng_state()
     try:
@@ -304,8 +294,7 @@ def rolled_back(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 
 def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_size: int, *,
-    channels_last: bool,
-                     trial: bool, recorded: str | None = None) -> str:
+                     channels_last: bool, trial: bool, recorded: str | None = None) -> str:
     """"bf16" or "fp32": with bf16 on, always bf16 on CUDA, and on a CPU only where trial is allowed
     (a run long enough to pay for it, in the main process) and bf16_speedup_on_cpu finds it
     BF16_CPU_GAIN times as fast; other devices fp32 (other processes take the main one's answer).
@@ -324,9 +313,8 @@ def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_s
     if speedup is None:
         return "fp32"
     choice = "bf16" if speedup >= BF16_CPU_GAIN else "fp32"
-    print(f"bf16 on this CPU: a trial step ran {speedup:.2f}x as fast as fp32, so training is in "
-          f"{choice} "
-          f"(bf16 needs {BF16_CPU_GAIN}x)")
+    print(f"bf16 on this CPU: a trial step ran {speedup:.2f}x as fast as fp32, "
+          f"so training is in {choice} (bf16 needs {BF16_CPU_GAIN}x)")
     return choice
 
 
@@ -336,7 +324,7 @@ def cpu_has_bf16() -> bool:
 
 
 def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True,
-        steps: int = 3) -> float | None:
+                        steps: int = 3) -> float | None:
     """How many times as fast a training step of this model runs on the CPU under bf16 autocast as
     in fp32, or None where the CPU has no native bf16 (oneDNN says so). Each precision trains its
     own copy for one untimed step and then `steps` timed steps, taken in turn, best kept; the model,
@@ -368,7 +356,7 @@ def _trial_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     """One training step of model (a copy) as a function: forward, loss, backward, SGD."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-        momentum=0.9)
+                                momentum=0.9)
     step = TrainStep(model, optimizer, nn.CrossEntropyLoss(), autocast_dtype=dtype)
     return lambda: step(images, targets)
 
@@ -377,8 +365,8 @@ def _trial_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 
 def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1,
-    compile: bool = False,
-                   accumulate_steps: int = 1, main_process: bool = True) -> bool:
+                   compile: bool = False, accumulate_steps: int = 1,
+                   main_process: bool = True) -> bool:
     """Whether training steps are replayed from a CUDA graph: "auto" on a CUDA device in one process
     without torch.compile (whose own graphs would nest) and without gradient accumulation (a
     captured step is one whole optimizer step: "auto" then says in a line that graphs are off),
@@ -392,12 +380,10 @@ def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1,
     if setting != "no" and all(possible.values()) and accumulate_steps > 1:
         if setting == "yes":
             raise ValueError(
-                f"CUDA_GRAPHS='yes' needs ACCUMULATE_STEPS = 1, not {accumulate_steps} (a captured "
-                f"step is one whole optimizer step); set CUDA_GRAPHS to 'auto' or 'no'"
-            )
+                f"CUDA_GRAPHS='yes' needs ACCUMULATE_STEPS = 1, not {accumulate_steps} "
+                "(a captured step is one whole optimizer step); set CUDA_GRAPHS to 'auto' or 'no'")
         if main_process:
-            print("note: training steps are not replayed from a CUDA graph with ACCUMULATE_STEPS "
-                  "= "
+            print("note: training steps are not replayed from a CUDA graph with ACCUMULATE_STEPS = "
                   f"{accumulate_steps} (a captured step is one whole optimizer step)",
                   file=sys.stderr)
         return False

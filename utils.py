@@ -143,10 +143,9 @@ def load_torch(path: str, what: str = "checkpoint") -> Any:
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
             raise CheckpointError(
-                f"{what} {path} holds pickled objects other than tensors (code could run "
-                                  "on load), so it was refused and nothing in it ran; use only "
-                                  "weights "
-                                  f"saved by this pipeline or another source you trust") from None
+                f"{what} {path} holds pickled objects other than tensors (code could run on load), "
+                "so it was refused and nothing in it ran; "
+                "use only weights saved by this pipeline or another source you trust") from None
         raise CheckpointError(f"{what} {path} is not a PyTorch checkpoint ({error})") from None
     # the restricted unpickler fails in many ways on foreign bytes; all mean "not ours"
     except Exception as error:
@@ -182,6 +181,6 @@ def safe_cell(value: Any) -> Any:
 
 def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
     """The table with each text cell made safe (safe_cell); numbers stay numbers."""
-    text = [column for column in frame.columns if pd.api.types.is_object_dtype(frame[column]) or
-            pd.api.types.is_string_dtype(frame[column])]
+    text = [column for column in frame.columns if pd.api.types.is_object_dtype(frame[column])
+            or pd.api.types.is_string_dtype(frame[column])]
     return frame.assign(**{column: frame[column].map(safe_cell) for column in text})

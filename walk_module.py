@@ -174,11 +174,10 @@ class _Walk:
         already (counted in skipped), and what the walk enters next, itself."""
         target = os.path.realpath(link)
         if any(real == target or real.startswith(os.path.join(target, "")) for _, real in way):
-            raise DataError(
-                f"{messages_module.printable(link)} is a link to "
-                f"{messages_module.printable(target)}, a "
-                            f"folder on its own path, so a walk through it would never end; remove "
-                            f"the link, or point it at a folder outside that path")
+            raise DataError(f"{messages_module.printable(link)} is a link to "
+                            f"{messages_module.printable(target)}, a folder on its own path, "
+                            "so a walk through it would never end; remove the link, "
+                            "or point it at a folder outside that path")
         identity = self.read(link, root)  # or counted as read already: walked still, for loops
         return [] if identity is None else [(link, identity, target)]
 
