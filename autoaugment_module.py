@@ -119,7 +119,7 @@ def apply_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> torch.T
 
 
 def _blend(images: torch.Tensor, degenerate: torch.Tensor,
-        magnitudes: torch.Tensor) -> torch.Tensor:
+           magnitudes: torch.Tensor) -> torch.Tensor:
     """v2.functional's _blend at ratio 1 + magnitude for each image: ratio * image + (1 - ratio) *
     degenerate, clamped and truncated to uint8, in its float32 arithmetic (1 - ratio is -magnitude
     exactly)."""
@@ -159,8 +159,8 @@ def _sharpen(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
     * (smoothed - image), clamped and truncated to uint8 (the frame, where the two are equal,
     stays)."""
     original = images.float()
-    return torch.addcmul(original, _smoothed(images) - original, -magnitudes).clamp_(0, 255).to(
-        torch.uint8)
+    return torch.addcmul(
+        original, _smoothed(images) - original, -magnitudes).clamp_(0, 255).to(torch.uint8)
 
 
 def _posterize(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
@@ -211,9 +211,9 @@ def affine_matrices(op: str, magnitudes: torch.Tensor, height: int, width: int) 
     return _inverse_affine(-magnitudes.deg2rad(), zero, zero, (zero, zero), (0.0, 0.0))
 
 
-def _inverse_affine(rotation: torch.Tensor, shear_x: torch.Tensor, shear_y: torch.Tensor,
-                    translate: tuple[torch.Tensor, torch.Tensor], center: tuple[float,
-                    float]) -> torch.Tensor:
+def _inverse_affine(
+        rotation: torch.Tensor, shear_x: torch.Tensor, shear_y: torch.Tensor,
+        translate: tuple[torch.Tensor, torch.Tensor], center: tuple[float, float]) -> torch.Tensor:
     """v2.functional's _get_inverse_affine_matrix (scale 1; angles in radians) for a batch: (N, 2,
     3)."""
     (tx, ty), (cx, cy) = translate, center
@@ -240,5 +240,5 @@ def resample(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     rescaled = torch.stack([matrices[:, 0] / (0.5 * width), matrices[:, 1] / (0.5 * height)], 2)
     grid = base.matmul(rescaled).view(n, height, width, 2)
     resampled = grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
-        align_corners=False)
+                            align_corners=False)
     return resampled.to(torch.uint8)  # nearest: whole numbers already

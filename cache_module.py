@@ -95,14 +95,13 @@ def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,
             if cache is None:
                 if damage:
                     print(f"warning: the decoded-image cache {base}.npy is damaged ({damage}); "
-                          f"rebuilding it", file=sys.stderr)
+                          "rebuilding it", file=sys.stderr)
                 cache = _build(base, len(paths), size, os.path.abspath(root), fill)
     except OSError as error:
         if isinstance(error, CacheError):
             raise
-        raise CacheError(
-            f"cannot write the decoded-image cache in {cache_dir} ({error.strerror or error})") \
-            from None
+        raise CacheError(f"cannot write the decoded-image cache in {cache_dir} "
+                         f"({error.strerror or error})") from None
     return cache
 
 
@@ -185,9 +184,8 @@ def _build(base: str, count: int, size: int, root: str,
     needed = count * size * size * 3 + 4096
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise CacheError(
-            f"the decoded-image cache needs {needed / 2**30:.2f} GiB in {folder}, which has "
-                         f"{free / 2**30:.2f} GiB free")
+        raise CacheError(f"the decoded-image cache needs {needed / 2**30:.2f} GiB in {folder}, "
+                         f"which has {free / 2**30:.2f} GiB free")
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npy.tmp", dir=folder)
     try:
         os.close(fd)
@@ -245,8 +243,8 @@ def remembered(cache_file: str, rows: torch.Tensor,
             mean, std = known[key]
             return tuple(map(float, mean)), tuple(map(float, std))
     if damage:
-        print(f"warning: the statistics remembered in {path} are damaged ({damage}); computing "
-              f"them anew", file=sys.stderr)
+        print(f"warning: the statistics remembered in {path} are damaged ({damage}); "
+              "computing them anew", file=sys.stderr)
     mean, std = compute()
     memo = json.dumps({**known, key: [mean, std]}).encode()
     with contextlib.suppress(OSError), _locked(base + ".lock"):  # not amid a build's clean-up

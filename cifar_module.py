@@ -78,8 +78,7 @@ def _read_batch(path: str) -> dict:
     if size > CIFAR_BATCH_BYTES:
         raise DataError(
             f"{path} is not a CIFAR-10 batch file: it takes {files_module.megabytes(size)}, "
-                        f"and one never takes over {files_module.megabytes(CIFAR_BATCH_BYTES)}; "
-                        f"{fix}")
+            f"and one never takes over {files_module.megabytes(CIFAR_BATCH_BYTES)}; {fix}")
     try:
         with open(path, "rb") as f:
             entry = _BatchUnpickler(f, encoding="latin1").load()
@@ -89,8 +88,8 @@ def _read_batch(path: str) -> dict:
                 raise ValueError("its label_names are not a list of names")
             return entry
         data, labels = entry["data"], entry["labels"]
-        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and
-                data.shape[1] == 3 * 32 * 32):
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * 32 * 32):
             raise ValueError("its data is not uint8 rows of 3,072 values")
         if not (isinstance(labels, list) and len(labels) == len(data) and
                 all(type(label) is int and 0 <= label < 10 for label in labels)):
@@ -98,8 +97,8 @@ def _read_batch(path: str) -> dict:
         return entry
     except _Crafted as error:
         raise DataError(f"{path} is not a CIFAR-10 batch file: it calls {error} as it loads, "
-                        f"which CIFAR-10's never do (it may be crafted to run code), so it was "
-                        f"refused and nothing in it ran; {fix}") from None
+                        "which CIFAR-10's never do (it may be crafted to run code), "
+                        f"so it was refused and nothing in it ran; {fix}") from None
     # a pickle that is cut short or foreign fails in any of these ways
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError,
             IndexError, MemoryError, RecursionError) as error:
@@ -109,8 +108,7 @@ def _read_batch(path: str) -> dict:
 
 
 def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor,
-                                                          list[str]]:
+                                                         torch.Tensor, list[str]]:
     """CIFAR-10 as (train images, train labels, test images, test labels, class names): uint8
     (N, 32, 32, 3) images and int64 labels, downloaded first when missing."""
     if os.path.isfile(data_dir):
@@ -118,22 +116,18 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
     folder = os.path.join(data_dir, CIFAR10.base_folder)
     missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing and any(os.path.isfile(os.path.join(data_dir, name)) for name in CIFAR_FILES):
-        raise DataError(
-            f"{flag_named('DATA_DIR')} {data_dir} holds CIFAR-10's files itself: use its parent, "
-                        f"--data-dir {_parent(data_dir)}")
+        raise DataError(f"{flag_named('DATA_DIR')} {data_dir} holds CIFAR-10's files itself: "
+                        f"use its parent, --data-dir {_parent(data_dir)}")
     if missing and download:
         try:
             _download_cifar10(data_dir)
         except (OSError, RuntimeError) as error:  # no network, refused, bad archive
-            raise DataError(_missing_message(folder, missing,
-                f"the download failed: {error}")) from None
+            raise DataError(
+                _missing_message(folder, missing, f"the download failed: {error}")) from None
         missing = [name for name in CIFAR_FILES if not os.path.isfile(os.path.join(folder, name))]
     if missing:
-        reason = (
-            f"{flag_named('DOWNLOAD')} is false"
-            if not download
-            else "the downloaded archive lacked them"
-        )
+        reason = (f"{flag_named('DOWNLOAD')} is false" if not download
+                  else "the downloaded archive lacked them")
         raise DataError(_missing_message(folder, missing, reason))
     train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)  # or DataError
     if len(train.classes) != 10 or len(train.data) != len(train.targets) or len(test.data) != len(
@@ -175,6 +169,6 @@ def _outermost_missing(path: str) -> str | None:
 
 def _missing_message(folder: str, missing: list[str], reason: str) -> str:
     lacks = "" if len(missing) == len(CIFAR_FILES) else f" (missing {', '.join(missing)})"
-    return (f"CIFAR-10 is not in {folder}{lacks} and {reason}; unpack {CIFAR10.url} in "
-            f"{os.path.dirname(folder)}, "
+    return (f"CIFAR-10 is not in {folder}{lacks} and {reason}; "
+            f"unpack {CIFAR10.url} in {os.path.dirname(folder)}, "
             f"or point {flag_named('DATA_DIR')} at the folder that holds cifar-10-batches-py/")

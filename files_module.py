@@ -56,8 +56,7 @@ class WriteFailed(FileError):
         reason = reason[:1].lower() + reason[1:]  # "no space left on device"; paths as they are
         if error.errno == errno.ENOSPC:
             reason += f" ({megabytes(free_bytes(folder))} free" + (
-                f"; {name} needs about {megabytes(needed)})"
-                                                                  if needed else ")")
+                f"; {name} needs about {megabytes(needed)})" if needed else ")")
         super().__init__(error.errno, f"could not write {name} in {folder}: {reason}")
         self.name = name
 
@@ -168,9 +167,9 @@ def check_writable(folder: str) -> None:
     while not os.path.exists(existing):
         if os.path.islink(existing):  # makedirs would fail on it later: "[Errno 17] File exists"
             where = "" if existing == os.path.abspath(folder) else f"inside {existing}, "
-            raise OSError(f"OUTPUT_DIR {folder} is {where}a symbolic link to "
-                          f"{os.readlink(existing)}, which does not exist; make that folder, or "
-                          f"choose another OUTPUT_DIR")
+            raise OSError(
+                f"OUTPUT_DIR {folder} is {where}a symbolic link to {os.readlink(existing)}, "
+                "which does not exist; make that folder, or choose another OUTPUT_DIR")
         existing = os.path.dirname(existing)
     try:
         if not os.path.isdir(existing):
@@ -178,9 +177,8 @@ def check_writable(folder: str) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise OSError(f"OUTPUT_DIR {folder} is not writable ({error.strerror}); choose another "
-                      "OUTPUT_DIR") \
-            from None
+        raise OSError(f"OUTPUT_DIR {folder} is not writable ({error.strerror}); "
+                      "choose another OUTPUT_DIR") from None
 
 
 # --------------------------------------------------------------------------- the output folder's
@@ -279,9 +277,8 @@ def _try_flock(fd: int, folder: str, kind: int) -> str | None:
         return None
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        return (f"OUTPUT_DIR {folder} is in use by another run (process {holder}); wait for it to "
-                "end, "
-                f"or choose another OUTPUT_DIR")
+        return (f"OUTPUT_DIR {folder} is in use by another run (process {holder}); "
+                "wait for it to end, or choose another OUTPUT_DIR")
 
 
 def _forget_locks() -> None:

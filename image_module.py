@@ -25,8 +25,8 @@ PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", 
     ".gif", ".tif",
                     ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k",
                     ".avif", ".heic", ".heif")
-IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS if Image.registered_extensions().get(
-    e) in Image.OPEN)
+IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS
+                         if Image.registered_extensions().get(e) in Image.OPEN)
 # modes Pillow resizes by their values (a palette it resizes by nearest index; 1-bit stays 1-bit)
 RESIZED_EARLY = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L", "I;16B",
                  "F")
@@ -70,14 +70,12 @@ def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
         with _truncated_images_allowed(), _open(path) as image:
             rgb = _decoded(image, reduce_to)
     except unreadable:
-        raise DataError(
-            f"{messages_module.printable(path)} is not an image file that Pillow can read "
-                        f"({first_error})") from None
+        raise DataError(f"{messages_module.printable(path)} is not an image file that Pillow can "
+                        f"read ({first_error})") from None
     if path not in _WARNED:
         _WARNED.add(path)
         print(f"warning: {messages_module.printable(path)} is truncated or damaged "
-              f"({first_error}); the part "
-              f"that decodes is used, the rest is grey", file=sys.stderr)
+              f"({first_error}); the part that decodes is used, the rest is grey", file=sys.stderr)
     return rgb
 
 
@@ -105,8 +103,7 @@ def _open(path: str) -> Image.Image:
 def _too_many_pixels(path: str, pixels: str, limit: int) -> str:
     """The message of an image refused for its size: it ends with PIXEL_LIMIT_NOTE (skip_reason)."""
     return (
-        f"{messages_module.printable(path)} has {pixels} pixels, over {limit:,} {PIXEL_LIMIT_NOTE}"
-    )
+        f"{messages_module.printable(path)} has {pixels} pixels, over {limit:,} {PIXEL_LIMIT_NOTE}")
 
 
 def skip_reason(message: str) -> str:
@@ -179,7 +176,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
-            rgba).convert("RGB")
+                                     rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
 
@@ -193,16 +190,16 @@ def _stored(image: Image.Image, size: int) -> Image.Image:
     return F.center_crop(F.resize(image, size), [size, size])
 
 
-def prepare_image(image: Image.Image, image_size: int, mean, std, resize_size: int
-                  | None = None) -> torch.Tensor:
+def prepare_image(image: Image.Image, image_size: int, mean, std,
+                  resize_size: int | None = None) -> torch.Tensor:
     """A PIL image prepared as load_image prepares a file's: upright RGB, stored at resize_size
     (None: image_size), centre-cropped to image_size and normalised."""
     stored = _stored(_decoded(image, None), resize_size or image_size)
     return evaluation_transform(image_size, mean, std)(stored)
 
 
-def load_image(path: str, image_size: int, mean, std, resize_size: int
-        | None = None) -> torch.Tensor:
+def load_image(path: str, image_size: int, mean, std,
+               resize_size: int | None = None) -> torch.Tensor:
     """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images
     are: stored as read_stored does at resize_size (None: image_size) and centre-cropped to
     image_size."""

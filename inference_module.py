@@ -59,8 +59,8 @@ class PredictionImages(Dataset):
     """Image files prepared as load_image does, for batched prediction in DataLoader workers: item i
     is (image, "") or, for a file that cannot be read, (zeros, the error message)."""
 
-    def __init__(self, paths: list[str], image_size: int, mean, std, resize_size: int
-            | None = None):
+    def __init__(self, paths: list[str], image_size: int, mean, std,
+                 resize_size: int | None = None):
         self.paths, self.options = paths, (image_size, mean, std, resize_size)
 
     def __len__(self) -> int:
@@ -83,15 +83,15 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
              name.endswith("weight") and tensor.dim() >= 1]  # the last one has a row for each class
     if not heads or heads[-1].shape[0] != classes:  # checked before a model of that size is built
         raise utils.CheckpointError(f"{path} does not classify the {classes} classes that "
-                                    f"{checkpoint_module.BEST_MODEL_INFO} beside it lists; they "
-                                    f"are not of one run: train again to rewrite them")
+                                    f"{checkpoint_module.BEST_MODEL_INFO} beside it lists; "
+                                    "they are not of one run: train again to rewrite them")
     model = model_module.get_model(info["model"], classes, image_size=info["image_size"])
     model_module.load_weights(model, state, path)
     return info, model.to(utils.get_device()).eval()
 
 
 def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], csv_columns: str,
-        n: int = 5) -> torch.Tensor:
+                    n: int = 5) -> torch.Tensor:
     """n real images of the data's test set (else its val/ or train/ folder, or a CSV's val or train
     rows), prepared as for --predict."""
     if dataset == "cifar10":
@@ -104,9 +104,8 @@ def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], cs
     else:
         folders = [os.path.join(data_dir, split) for split in ("test", "val", "train")]
         files, _ = find_images([next((f for f in folders if os.path.isdir(f)), data_dir)])
-    dataset = PredictionImages(files[:n], info["image_size"], info["mean"], info[
-        "std"],
-                                           info.get("resize_size"))
+    dataset = PredictionImages(files[:n], info["image_size"], info["mean"], info["std"],
+                               info.get("resize_size"))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 
 
@@ -127,10 +126,9 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        difference = export_module.export(model.cpu(), path, kind, mean=info["mean"], std=info[
-            "std"],
-                                         classes=info["classes"], example_images=images,
-                                         resize_size=info.get("resize_size"))
+        difference = export_module.export(
+            model.cpu(), path, kind, mean=info["mean"], std=info["std"], classes=info["classes"],
+            example_images=images, resize_size=info.get("resize_size"))
     # exporters fail in many ways on unusual models; best_model.pth is untouched
     except Exception as error:
         if isinstance(error.__cause__, KeyboardInterrupt):  # amid an extension's import (pybind11's
@@ -142,12 +140,10 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
     finally:
         files_module.unlock_folder(output_dir)
     print(f"Exported {path}; its largest logit difference from PyTorch's on {len(images)} test "
-          "images, at batch "
-          f"sizes 1 and 5: {difference:.1e} (relative)")
+          f"images, at batch sizes 1 and 5: {difference:.1e} (relative)")
     if difference > export_module.EXPORT_TOLERANCE:
         print(f"error: {path} differs from PyTorch by more than "
-              f"{export_module.EXPORT_TOLERANCE:g}; do not ship it",
-              file=sys.stderr)
+              f"{export_module.EXPORT_TOLERANCE:g}; do not ship it", file=sys.stderr)
         return 3
     return 0
 
@@ -173,9 +169,9 @@ def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
     for line in skipped.warnings():
         print(f"warning: {line} (in the folders given)", file=sys.stderr)
     images = PredictionImages(files, info["image_size"], info["mean"], info["std"],
-                                           info.get("resize_size"))
-    workers = 0 if len(files) <= PREDICT_BATCH else \
-        (num_workers if num_workers is not None else os.cpu_count() or 1)
+                              info.get("resize_size"))
+    workers = 0 if len(files) <= PREDICT_BATCH else (num_workers if num_workers is not None
+                                                     else os.cpu_count() or 1)
     loader = DataLoader(images, batch_size=PREDICT_BATCH, num_workers=workers,
                         worker_init_fn=functools.partial(process_module.become_worker, os.getpid()))
     rows = []
@@ -302,13 +298,13 @@ class Predictor:
             raise ValueError(f"predict takes images of 1 x 1 pixel or more, not of size {size}")
         if isinstance(image, torch.Tensor):
             if not (image.dtype == torch.uint8 or image.is_floating_point()):
-                raise ValueError(f"predict takes uint8 or float tensors, not {image.dtype}: make "
-                                 f"one of 0-255 values .to(torch.uint8)")
+                raise ValueError(f"predict takes uint8 or float tensors, not {image.dtype}: "
+                                 "make one of 0-255 values .to(torch.uint8)")
             if image.is_floating_point() and not 0 <= image.min() <= image.max() <= 1:
-                raise ValueError("predict takes float tensors of values in [0, 1] (or uint8), not "
-                                 f"from {image.min():.3g} to {image.max():.3g}: not normalised")
-            image = F.to_pil_image(image.cpu() if image.dtype == torch.uint8 else
-                                   (image.cpu() * 255).round().to(torch.uint8))
+                raise ValueError("predict takes float tensors of values in [0, 1] (or uint8), "
+                                 f"not from {image.min():.3g} to {image.max():.3g}: not normalised")
+            image = F.to_pil_image(image.cpu() if image.dtype == torch.uint8
+                                   else (image.cpu() * 255).round().to(torch.uint8))
         return image_module.prepare_image(image, *options)
 
 
