@@ -64,16 +64,16 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float] = CROP_SCALE,
-                      ratio: tuple[float, float] = CROP_RATIO, device: torch.device
-                      | str = "cpu") -> torch.Tensor:
+                      ratio: tuple[float, float] = CROP_RATIO,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
     """n boxes (top, left, height, width) as int64 (n, 4), each drawn as torchvision's
     RandomResizedCrop.get_params draws one: up to CROP_TRIES tries of an area share in `scale` and a
     log-uniform width / height in `ratio` that fit the image, else the central crop of the nearest
     allowed ratio; all n at once on `device`, from its global generator."""
     area = height * width
     target_area = area * torch.empty(n, CROP_TRIES, device=device).uniform_(scale[0], scale[1])
-    aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]), math.log(ratio[
-        1])).exp()
+    aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]),
+                                                                math.log(ratio[1])).exp()
     w = (target_area * aspect).sqrt().round().long()
     h = (target_area / aspect).sqrt().round().long()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -138,8 +138,8 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- random erasing
 
 
-def erase_masks(n: int, height: int, width: int, probability: float, device: torch.device
-        | str) -> torch.Tensor:
+def erase_masks(n: int, height: int, width: int, probability: float,
+                device: torch.device | str) -> torch.Tensor:
     """bool (n, 1, height, width): the box RandomErasing(probability) erases in each of n images: an
     image is chosen with that probability, then up to ERASE_TRIES tries of an area share in
     ERASE_SCALE and a log-uniform height / width in ERASE_RATIO, the first smaller than the image
@@ -189,8 +189,7 @@ def _erase(images: torch.Tensor, probability: float) -> torch.Tensor:
 
 def _pil_auto_augment(policy: str) -> list:
     if policy == "trivialaugment":
-        return [transforms.TrivialAugmentWide(
-            num_magnitude_bins=autoaugment_module.MAGNITUDE_BINS)]
+        return [transforms.TrivialAugmentWide(num_magnitude_bins=autoaugment_module.MAGNITUDE_BINS)]
     return [transforms.RandAugment(autoaugment_module.RANDAUGMENT_OPS,
                                    autoaugment_module.RANDAUGMENT_MAGNITUDE,
                                    autoaugment_module.MAGNITUDE_BINS)]

@@ -42,7 +42,7 @@ def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.T
     (dropout, stochastic depth, the loader's shuffling) and the weights are left as they were; only
     the running statistics change."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats]
+             and m.track_running_stats]
     if not norms:
         return
     momenta, training = [m.momentum for m in norms], model.training

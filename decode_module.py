@@ -30,8 +30,7 @@ DECODE_CHUNK = 16
 
 
 def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, num_workers: int,
-    desc: str, *,
-                 device: torch.device | str | None = None) -> list[tuple[int, str]]:
+                 desc: str, *, device: torch.device | str | None = None) -> list[tuple[int, str]]:
     """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor in
     memory, or the cache's np.memmap of its .npy file), in num_workers processes (0: in this one)
     with a progress bar; returns (i, message) for each file that could not be read (its row left
@@ -94,8 +93,8 @@ def _stored_bytes(path: str, size: int) -> tuple[bytes, str]:
 _target: _RowFile | _RowArray | None = None  # in a decoding worker process: where it writes (_work)
 
 
-def _decode_task(task: tuple[list[int], list[str], int | None, int | None], decoding, worker: int
-                 ) -> tuple[list[int], int | None, list[tuple[int, str]]]:
+def _decode_task(task: tuple[list[int], list[str], int | None, int | None], decoding,
+                 worker: int) -> tuple[list[int], int | None, list[tuple[int, str]]]:
     """In a worker: files numbered `files` (their paths given) decoded into their own rows of the
     target (first None), or into its rows from `first` on; (files, slot, failures). decoding[worker]
     holds the number of the file being decoded, for the parent to name should this process die (-1
@@ -225,8 +224,8 @@ class _Workers:
                     raise process_module.worker_death(process.pid, process.exitcode, doing)
 
 
-def _in_turn(workers: _Workers, paths: list[str], files: list[int], chunk: int, scratch: bool
-             ) -> Iterator[tuple[list[int], int | None, list[tuple[int, str]]]]:
+def _in_turn(workers: _Workers, paths: list[str], files: list[int], chunk: int,
+             scratch: bool) -> Iterator[tuple[list[int], int | None, list[tuple[int, str]]]]:
     """What _decode_task returns for each chunk of the files (numbers into paths), as workers finish
     them: into their own rows (slot None), or into scratch slot s (rows s * chunk on). Each worker
     holds two tasks, so that it has the next one when it finishes one; with scratch, each of its

@@ -37,7 +37,7 @@ def _jpeg_device(device: torch.device | str | None) -> torch.device | None:
 
 
 def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.device,
-        bar: tqdm) -> list[int]:
+                  bar: tqdm) -> list[int]:
     """The JPEGs among paths that the device may decode (_device_pixels), decoded there in batches,
     resized and cropped as read_stored does (_stored_squares), into their rows; returns the numbers
     of the other files, ascending, for the CPU: files of other formats, JPEGs to be turned, cut
@@ -63,7 +63,7 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
             if decoded:
                 squares = staging[turn % 2][:len(decoded)]
                 squares.copy_(_stored_squares([image for _, image in decoded], size),
-                    non_blocking=pinned)
+                              non_blocking=pinned)
                 copied = ([i for i, _ in decoded], squares, _copied_event(device))
             if pending:
                 _write_rows(target, *pending)
@@ -163,7 +163,7 @@ def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
     for positions in groups.values():
         index = torch.tensor(positions, device=squares.device)
         squares.index_copy_(0, index, _squares_of(torch.stack([images[k] for k in positions]),
-            size))
+                                                  size))
     return squares
 
 
@@ -177,8 +177,8 @@ def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
     1 level of Pillow's on average (see the tests)."""
     scale = _draft_scale(images.shape[2], images.shape[3], size)
     if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
-        images = torch.nn.functional.avg_pool2d(images.float(), scale, ceil_mode=True).round_().to(
-            torch.uint8)
+        images = torch.nn.functional.avg_pool2d(images.float(), scale,
+                                                ceil_mode=True).round_().to(torch.uint8)
     resized = F2.resize(images, [size], interpolation=F2.InterpolationMode.BILINEAR, antialias=True)
     return F2.center_crop(resized, [size, size]).permute(0, 2, 3, 1)
 

@@ -75,9 +75,9 @@ class MappedImages:
         """Per-channel mean and std of _sampled rows, as ImageFiles estimates them; remembered
         beside the cache, so a later run of the same split reads no pixels for them."""
         sample = _sampled(self, seed)
-        return cache_module.remembered(self.cache_file, sample.rows,
-                                       lambda: channel_stats(sample.decode(num_workers,
-                                       "statistics").images))
+        return cache_module.remembered(
+            self.cache_file, sample.rows,
+            lambda: channel_stats(sample.decode(num_workers, "statistics").images))
 
 
 class ImageFiles:

@@ -23,15 +23,8 @@ import optim_module
 import report_module
 import train_module
 import utils
-from conftest import (
-    CLASSES,
-    PHOTO_CLASSES,
-    ROOT,
-    run_main,
-    write_fake_cifar,
-    write_image_tree,
-    write_photo_tree,
-)
+from conftest import (CLASSES, PHOTO_CLASSES, ROOT, run_main, write_fake_cifar, write_image_tree,
+                      write_photo_tree)
 from test_report_module import laid_out, pixel_rows_columns, read_pixels
 
 TINY = ["--val-split", "20", "--download", "false", "--ask-epoch", "none", "--batch-size", "16"]
@@ -42,7 +35,7 @@ def torchrun(args, timeout=180):
                os.path.join(ROOT, "main.py"), *map(str, args)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        env=env)
+                          env=env)
 
 
 def png_size(path):
@@ -73,10 +66,8 @@ def test_two_processes_train_in_step_and_resume(tmp_path):
 
     resumed = torchrun(args + ["--epochs", "5", "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        "Resuming" in resumed.stdout
-        and "LR decisions and weights agreed on all 2 processes" in resumed.stdout
-    )
+    assert ("Resuming" in resumed.stdout
+            and "LR decisions and weights agreed on all 2 processes" in resumed.stdout)
     frame = pd.read_csv(out / "training_metrics.csv")
     assert list(frame["epoch"]) == [1, 2, 3, 4, 5]
     assert frame["lr"].iloc[3] == pytest.approx(frame["next_lr"].iloc[2])  # the LR carried over
@@ -98,15 +89,15 @@ def test_training_curves_are_the_same_for_the_same_history_and_change_only_where
     Image.open(path).verify()
     report_module.plot_training_curves(copy.deepcopy(history), str(tmp_path / "again.png"))
     assert np.array_equal(read_pixels(tmp_path / "again.png"), read_pixels(path))
-    panels = {axes.get_title(): axes for axes in laid_out(report_module._curves_figure(
-        history)).axes}
+    panels = {axes.get_title(): axes
+              for axes in laid_out(report_module._curves_figure(history)).axes}
     for key, value, title in (("val_acc", 0.3, "Accuracy (%)"), ("train_loss", 0.45, "Loss")):
         changed = copy.deepcopy(history)
         changed[3][key] = value  # epoch 4's, within the range plotted: the axes keep their limits
         report_module.plot_training_curves(changed, str(tmp_path / "changed.png"))
         # more than 8 levels: the antialiasing of the untouched segments moves by a level or two
-        rows, columns = np.nonzero(np.abs(read_pixels(tmp_path / "changed.png") - read_pixels(
-            path)).max(2) > 8)
+        rows, columns = np.nonzero(
+            np.abs(read_pixels(tmp_path / "changed.png") - read_pixels(path)).max(2) > 8)
         assert len(rows), key
         # only the segments to and from epoch 4 move
         left = panels[title].transData.transform((3, 0))[0]
@@ -116,8 +107,8 @@ def test_training_curves_are_the_same_for_the_same_history_and_change_only_where
 
 def test_a_run_draws_the_curves_of_its_metrics(tmp_path):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
-    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "out"), *TINY,
-        "--epochs", "2"])
+    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "out"),
+                        *TINY, "--epochs", "2"])
     assert status == 0 and png_size(tmp_path / "out" / "training_curves.png") == (1200, 450)
     history = pd.read_csv(tmp_path / "out" / "training_metrics.csv")
     assert list(history["epoch"]) == [1, 2]
@@ -137,7 +128,7 @@ def test_predict_prints_the_top_three_classes(tmp_path, capsys):
     for i, size in enumerate([(32, 32), (50, 20)]):
         path = tmp_path / f"picture{i}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (size[1], size[0], 3),
-            dtype=np.uint8)).save(path)
+                                                          dtype=np.uint8)).save(path)
         images.append(str(path))
     capsys.readouterr()
     assert main.main(["--output-dir", out, "--predict", *images]) == 0
@@ -159,10 +150,8 @@ def test_predict_refuses_bad_images_clearly(tmp_path):
     text.write_text("not an image")
     result = run_main(["--output-dir", out, "--predict", tmp_path / "missing.png", text])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert (
-        "missing.png does not exist" in result.stderr
-        and "notes.txt is not an image" in result.stderr
-    )
+    assert ("missing.png does not exist" in result.stderr
+            and "notes.txt is not an image" in result.stderr)
 
 
 def test_predict_without_a_trained_model_says_so(tmp_path, capsys):
@@ -177,10 +166,9 @@ def test_unfreeze_epoch_unfreezes_the_body(tmp_path):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--epochs", "1"]) == 0
-    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "tuned"), *TINY,
-        "--epochs", "3",
-                        "--weights", str(out / "best_model.pth"), "--freeze", "true",
-                        "--unfreeze-epoch", "1"])
+    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "tuned"),
+                        *TINY, "--epochs", "3", "--weights",
+                        str(out / "best_model.pth"), "--freeze", "true", "--unfreeze-epoch", "1"])
     assert status == 0
     frame = pd.read_csv(tmp_path / "tuned" / "training_metrics.csv")
     assert "unfroze the body" in frame["event"].iloc[0]
@@ -206,15 +194,15 @@ def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path)
     source, target = tmp_path / "source", tmp_path / "target"
     write_cifar_tree(source, train_images, train_labels, classes, range(5), 400, "train")
     write_cifar_tree(source, test_images, test_labels, classes, range(5), 100, "val")
-    write_cifar_tree(target, test_images[:5000], test_labels[:5000], classes, range(5, 10), 40,
-        "train")
-    write_cifar_tree(target, test_images[5000:], test_labels[5000:], classes, range(5, 10), 100,
-        "val")
+    write_cifar_tree(target, test_images[:5000], test_labels[:5000], classes, range(5, 10),
+                     40, "train")
+    write_cifar_tree(target, test_images[5000:], test_labels[5000:], classes, range(5, 10),
+                     100, "val")
     common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0", "--batch-size",
         "64",
               "--augment", "shift"]  # 32-pixel images: CIFAR's pad-crops, not the photo recipe
-    assert main.main(common + ["--data-dir", str(source), "--output-dir", str(tmp_path / "a"),
-        "--epochs", "3"]) == 0
+    assert main.main(common + ["--data-dir", str(source), "--output-dir",
+                               str(tmp_path / "a"), "--epochs", "3"]) == 0
 
     budget = ["--data-dir", str(target), "--epochs", "8", "--lr", "0.02", "--stop-patience", "8"]
     assert main.main(common + budget + ["--output-dir", str(tmp_path / "scratch")]) == 0
@@ -250,13 +238,12 @@ def fake_published_weights(torch_home, name):
 
 
 def test_pretrained_weights_offline_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch,
-        capsys):
+                                                                           capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
-    status = main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--model",
-        "mobilenet_v3_small",
-                        "--pretrained", "default"])
+    status = main.main(["--data-dir", data, "--output-dir", str(out),
+                        *TINY, "--model", "mobilenet_v3_small", "--pretrained", "default"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and "Traceback" not in err
@@ -275,7 +262,7 @@ def test_a_frozen_pretrained_backbone_keeps_its_weights_and_predicts(tmp_path, m
                       "mobilenet_v3_small", "--pretrained", "default", "--freeze", "true"]) == 0
     best = torch.load(os.path.join(out, "best_model.pth"), weights_only=True)
     body = {k[len("body."):]: v for k, v in best.items() if k.startswith("body.")
-        and "num_batches" not in k}
+            and "num_batches" not in k}
     # weights and statistics
     assert body and all(torch.equal(value, published[key]) for key, value in body.items())
     info = json.load(open(os.path.join(out, "best_model.json")))
@@ -347,15 +334,13 @@ def test_a_folder_of_real_world_photos_trains_and_predicts(tmp_path, resident, c
                         "--resident", resident])
     captured = capsys.readouterr()
     assert status == 0, captured.err
-    assert (
-        "skipped 2 files that are not images" in captured.err
-        and "skipped 1 unreadable" in captured.err
-    )
+    assert ("skipped 2 files that are not images" in captured.err
+            and "skipped 1 unreadable" in captured.err)
     info = json.load(open(os.path.join(out, "best_model.json")))
     assert info["classes"] == PHOTO_CLASSES and info["image_size"] == 48 and info[
         "resize_size"] == 55
-    odd = [os.path.join(photos, "val", "zèbre", name) for name in ("sideways.jpg",
-        "sixteen_bit.png", "cmyk.jpg")]
+    odd = [os.path.join(photos, "val", "zèbre", name)
+           for name in ("sideways.jpg", "sixteen_bit.png", "cmyk.jpg")]
     assert main.main(["--output-dir", out, "--predict", *odd]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == odd
@@ -400,7 +385,7 @@ def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy_and
     # the gallery: the mistakes, as many as it holds
     shown = min(train_module.MISTAKES, support.sum() - hits.sum())
     assert png_size(out / "misclassified.png")[0] == (210 * math.ceil(math.sqrt(shown)) if shown
-        else 400)
+                                                      else 400)
 
 
 def test_predict_classifies_a_nested_folder_into_a_table(tmp_path, capsys):
@@ -413,7 +398,7 @@ def test_predict_classifies_a_nested_folder_into_a_table(tmp_path, capsys):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         path = folder / sub / f"image{i}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 40, 3),
-            dtype=np.uint8)).save(path)
+                                                          dtype=np.uint8)).save(path)
         paths.append(str(path))
     (folder / "a" / "notes.txt").write_text("not an image")
     capsys.readouterr()
@@ -441,8 +426,8 @@ def test_a_named_file_that_is_not_an_image_exits_2_and_the_good_rows_are_written
 
 
 def test_export_onnx_after_a_folder_run_needs_only_the_output_dir(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("onnxruntime",
-        reason="onnxruntime is not installed (pip install -r requirements.txt)")
+    pytest.importorskip(
+        "onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
     data = write_image_tree(tmp_path / "photos", splits=("train",), per_class=8)
     out = str(tmp_path / "out")
     assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--val-split",
@@ -453,8 +438,8 @@ def test_export_onnx_after_a_folder_run_needs_only_the_output_dir(tmp_path, caps
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)  # the run's data folder is found from anywhere
     assert main.main(["--output-dir", out, "--export", "onnx"]) == 0
-    assert "Exported" in capsys.readouterr().out and os.path.getsize(os.path.join(out,
-        "model.onnx")) > 0
+    assert "Exported" in capsys.readouterr().out and os.path.getsize(
+        os.path.join(out, "model.onnx")) > 0
 
 
 def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsys):
@@ -462,8 +447,8 @@ def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsy
     data = str(tmp_path / "data")
     write_image_tree(data, per_class=12)
     out = tmp_path / "out"
-    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", str(out), *TINY,
-                      "--cache-dir", "none", "--find-lr", "--label-smoothing", "0.1"]) == 0
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", str(out),
+                      *TINY, "--cache-dir", "none", "--find-lr", "--label-smoothing", "0.1"]) == 0
     text = capsys.readouterr().out
     suggested = float(text.split("Suggested LR: ")[1].split()[0])
     assert 1e-7 <= suggested <= 10
@@ -478,8 +463,7 @@ def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsy
     assert f"Suggested LR: {suggested:.2g} ({rule}; plot:" in text
 
 
-def test_find_lr_says_when_the_curve_is_flat_and_suggests_nothing(tmp_path, capsys,
-                                                                   monkeypatch):
+def test_find_lr_says_when_the_curve_is_flat_and_suggests_nothing(tmp_path, capsys, monkeypatch):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     torch.manual_seed(0)
     lrs = [10 ** (-7 + 8 * i / 99) for i in range(100)]
