@@ -171,11 +171,11 @@ def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
     for line in listing.skipped.warnings():
         print(f"warning: {line}", file=sys.stderr)
     skip = listing.skipped.every_path()
-    splits = {name: [(path, label) for path, label in samples if path not in skip] for name,
-        samples in listing.splits.items()}
+    splits = {name: [(path, label) for path, label in samples if path not in skip]
+              for name, samples in listing.splits.items()}
     _check_splits(listing, splits)
-    return {name: ([path for path, _ in samples], torch.tensor([label for _, label in samples],
-        dtype=torch.int64))
+    return {name: ([path for path, _ in samples],
+                   torch.tensor([label for _, label in samples], dtype=torch.int64))
             for name, samples in splits.items()}
 
 
@@ -188,8 +188,8 @@ def _scan_folder(listing: Listing, size: int) -> dict[str, ImageFiles]:
             reason = check_image(path)
             if reason:
                 listing.skipped.add(reason, path)
-    return {name: ImageFiles(paths, labels, size) for name, (paths,
-        labels) in _readable(listing).items()}
+    return {name: ImageFiles(paths, labels, size)
+            for name, (paths, labels) in _readable(listing).items()}
 
 
 def _cached_folder(listing: Listing, size: int, cache_dir: str, num_workers: int,
@@ -207,7 +207,7 @@ def _cached_folder(listing: Listing, size: int, cache_dir: str, num_workers: int
         listing.skipped.add(skip_reason(message), paths[i])
     row = {path: i for i, path in enumerate(paths)}
     return {name: MappedImages(cache.images, torch.tensor([row[path] for path in paths]), labels,
-        cache.path)
+                               cache.path)
             for name, (paths, labels) in _readable(listing).items()}, cache.path
 
 

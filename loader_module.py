@@ -97,8 +97,8 @@ class ResidentLoader:
             for chosen, images in self._gather(indices, batch_size):
                 yield self._photos(chosen, images), self.labels[chosen]
 
-    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor,
-                                                                          torch.Tensor]]:
+    def _gather(self, indices: torch.Tensor,
+                step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(indices, their uint8 images) on the device, `step` images at a time."""
         for start in range(0, len(indices), step):
             chosen = indices[start:start + step]
@@ -178,8 +178,8 @@ class MappedLoader(ResidentLoader):
         # a batch at a time: little host memory, and the first batch comes soon
         self.chunk = batching.batch_size
 
-    def _gather(self, indices: torch.Tensor, step: int) -> Iterator[tuple[torch.Tensor,
-                                                                          torch.Tensor]]:
+    def _gather(self, indices: torch.Tensor,
+                step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.labels.device
         copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -197,8 +197,8 @@ class MappedLoader(ResidentLoader):
                     yield chosen.to(device), host.to(device), None
                     continue
                 with torch.cuda.stream(copy_stream):
-                    chosen, images = chosen.to(device, non_blocking=True), host.to(device,
-                        non_blocking=True)
+                    chosen, images = (chosen.to(device, non_blocking=True),
+                                      host.to(device, non_blocking=True))
                 yield chosen, images, copy_stream.record_event()
 
         for chosen, images, copied in process_module.in_background(read(), PREFETCH):
@@ -228,12 +228,11 @@ class StreamingLoader:
             self.sampler = range(rank, len(dataset), world_size)
         n = len(self.sampler)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
-            num_workers=num_workers,
-                                 pin_memory=device.type == "cuda", drop_last=batching.train and n
-                                 >= batch_size,
+                                 num_workers=num_workers, pin_memory=device.type == "cuda",
+                                 drop_last=batching.train and n >= batch_size,
                                  persistent_workers=False,  # workers leave Ctrl-C to the run:
                                  worker_init_fn=functools.partial(process_module.become_worker,
-                                 os.getpid()))
+                                                                  os.getpid()))
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the shuffle of this epoch (the same on every rank)."""

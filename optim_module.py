@@ -47,7 +47,7 @@ RULES: messages_module.Rules = {
     "norm_lr_scale": (lambda v: v > 0, "a number > 0"),
     "body_lr_scale": (lambda v: v > 0, "a number > 0"),
     "ema_decay": (lambda v: v is None or 0 < v < 1,
-    "a number strictly between 0 and 1 (0.999, say), or None"),
+                  "a number strictly between 0 and 1 (0.999, say), or None"),
     "warmup_epochs": (lambda v: isinstance(v, int) and v >= 0, "a whole number >= 0"),
 }
 
@@ -66,17 +66,15 @@ def make_optimizer(model: nn.Module, config: OptimConfig,
     c = config
     norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for p in m.parameters()}
-    frozen = {id(p) for p in model_module.frozen_parameters(model)} if isinstance(model,
-        model_module.Classifier) \
-        else set()
+    frozen = ({id(p) for p in model_module.frozen_parameters(model)}
+              if isinstance(model, model_module.Classifier) else set())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad or id(p) in frozen:
             groups.setdefault((id(p) in norms and c.norm_lr_scale != 1.0, id(p) in frozen),
                               []).append(p)
-    param_groups = [{"params": params,
-                     "lr_scale": (c.norm_lr_scale if norm else 1.0) * (c.body_lr_scale if body
-                     else 1.0),
+    param_groups = [{"params": params, "lr_scale": (c.norm_lr_scale if norm else 1.0)
+                     * (c.body_lr_scale if body else 1.0),
                      "weight_decay": c.weight_decay / c.norm_lr_scale if norm else c.weight_decay}
                     for (norm, body), params in sorted(groups.items())]
     optimizer = torch.optim.SGD(param_groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
@@ -312,8 +310,8 @@ def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer
     optimizer and the random states are then put back exactly as they were: the test trains only
     to measure."""
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved_optimizer, rng, training = copy.deepcopy(
-        optimizer.state_dict()), utils.rng_state(), model.training
+    saved_optimizer, rng, training = (copy.deepcopy(optimizer.state_dict()), utils.rng_state(),
+                                      model.training)
     device = next(model.parameters()).device
     lrs, losses, average, best = [], [], 0.0, math.inf
     try:
@@ -398,8 +396,8 @@ LR_RULES: dict[str, tuple[Callable[[list[float], list[float]], float], str]] = {
     "valley": (valley, "the middle of the longest fall of the smoothed loss, fastai's valley rule"),
     "steepest": (steepest, "where the smoothed loss falls fastest, fastai's steep rule"),
     "minimum": (minimum, "a tenth of the LR at the lowest loss, fastai's minimum rule"),
-    "valley_minimum": (valley_minimum, "midway (log scale) between fastai's valley rule and a "
-                       "tenth of the LR at the lowest loss"),
+    "valley_minimum": (valley_minimum, "midway (log scale) between fastai's valley rule "
+                       "and a tenth of the LR at the lowest loss"),
     "lower": (lambda lrs, losses: min(valley(lrs, losses), minimum(lrs, losses)),
               "the lower of fastai's valley and minimum rules"),
     "higher": (lambda lrs, losses: max(valley(lrs, losses), minimum(lrs, losses)),

@@ -77,8 +77,8 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, *,
                  autocast_dtype: torch.dtype | None = None, graph: bool = False,
                  accumulate: int = 1, clip_grad_norm: float | None = None):
-        self.model, self.optimizer, self.loss_fn, self.autocast_dtype = (model, optimizer, loss_fn,
-                                                                         autocast_dtype)
+        self.model, self.optimizer, self.loss_fn, self.autocast_dtype = (
+            model, optimizer, loss_fn, autocast_dtype)
         self.accumulate, self.clip_grad_norm = accumulate, clip_grad_norm
         self.device = next(model.parameters()).device
         # use_cuda_graph keeps graphs off then: a captured step is a whole update
@@ -218,8 +218,8 @@ def optimizer_steps(batches: int, accumulate: int) -> int:
 def _no_sync(model: nn.Module):
     """DistributedDataParallel's no_sync (backward leaves the gradients unreduced), or nothing for a
     plain model."""
-    return model.no_sync() if isinstance(model,
-        nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+    return (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel)
+            else contextlib.nullcontext())
 
 
 def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -241,9 +241,8 @@ def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
     buffers = [b for b in map(functools.partial(_momentum, optimizer), params) if b is not None]
 
     def norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-            tensors)).float()) if tensors \
-            else torch.zeros((), device=loss.device)
+        return (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
+                if tensors else torch.zeros((), device=loss.device))
     return torch.stack([loss.detach().float(), norm(torch._foreach_sub(params, start)),
                         norm(buffers)])
 
@@ -268,8 +267,8 @@ def init_momentum(optimizer: torch.optim.Optimizer) -> None:
         if group.get("momentum", 0):
             for p in group["params"]:
                 if p.requires_grad and _momentum(optimizer, p) is None:
-                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p,
-                        memory_format=torch.preserve_format)
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
 
 
 @contextlib.contextmanager
@@ -371,9 +370,8 @@ def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1,
     without torch.compile (whose own graphs would nest) and without gradient accumulation (a
     captured step is one whole optimizer step: "auto" then says in a line that graphs are off),
     "yes" there or a ValueError saying why not, "no" never."""
-    possible = {"a CUDA device": device.type == "cuda", "one process (not torchrun)": world_size
-        == 1,
-                "COMPILE off": not compile}
+    possible = {"a CUDA device": device.type == "cuda",
+                "one process (not torchrun)": world_size == 1, "COMPILE off": not compile}
     if setting == "yes" and not all(possible.values()):
         missing = ", ".join(need for need, met in possible.items() if not met)
         raise ValueError(f"CUDA_GRAPHS='yes' needs {missing}; set it to 'auto' or 'no'")

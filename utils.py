@@ -51,18 +51,17 @@ class TimeAccount:
     def figures(self) -> dict[str, float]:
         """The parts, "other" and the "total" so far, rounded to milliseconds."""
         total = time.perf_counter() - self.started
-        return {name: round(seconds, 3) for name, seconds in
-                {**self.parts, "other": max(total - sum(self.parts.values()), 0.0),
-                "total": total}.items()}
+        return {name: round(seconds, 3) for name, seconds in {
+            **self.parts, "other": max(total - sum(self.parts.values()), 0.0),
+            "total": total}.items()}
 
     def line(self) -> str:
         """The account in one line: "Time: imports 2.9 s, data 0.4 s, ..., other 0.2 s; total 19.8
         s"."""
         figures = self.figures()
         total = figures.pop("total")
-        return "Time: " + ", ".join(f"{name} {seconds:.1f} s" for name,
-            seconds in figures.items()) + \
-            f"; total {total:.1f} s"
+        return ("Time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in figures.items())
+                + f"; total {total:.1f} s")
 
 
 # --------------------------------------------------------------------------- seeding and devices
@@ -90,9 +89,8 @@ def get_device(local_rank: int = 0) -> torch.device:
 def rng_state() -> dict[str, Any]:
     """Every random-number state a run draws from, in a form that loads with weights_only=True."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)),
-        position,
-                                                     has_gauss, gauss],
+    return {"python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
@@ -157,8 +155,8 @@ def load_torch(path: str, what: str = "checkpoint") -> Any:
 def load_state_dict(path: str, what: str = "WEIGHTS") -> dict[str, torch.Tensor]:
     """A model state dict (names to tensors, as best_model.pth holds) from a file, loaded safely."""
     state = load_torch(path, what)
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{what} {path} is not a model state dict (best_model.pth holds one)")
     return state
 
