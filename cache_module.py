@@ -111,8 +111,8 @@ def cache_key(paths: list[str], size: int, root: str) -> str:
     entries, prefix = [], os.path.join(os.path.abspath(root), "")
     for path in paths:
         status, absolute = os.stat(path), os.path.abspath(path)
-        relative = absolute[len(prefix):] if absolute.startswith(prefix) else os.path.relpath(
-            absolute, prefix)
+        relative = (absolute[len(prefix):] if absolute.startswith(prefix)
+                    else os.path.relpath(absolute, prefix))
         # relpath's answer, a tenth of its time
         entries.append([relative, status.st_size, status.st_mtime_ns])
     text = json.dumps([FORMAT, size, entries], ensure_ascii=False)
@@ -161,12 +161,12 @@ def _index_problem(index, key: str, count: int, size: int) -> str | None:
     if type(index.get("bytes")) is not int:
         return "its index has no byte count"
     failed = index.get("failed")
-    if not isinstance(failed, list) or any(
+    if (not isinstance(failed, list) or any(
             not isinstance(entry, list) or len(entry) != 2 or type(entry[0]) is not int
-            or not 0 <= entry[0] < count or not isinstance(entry[1], str) for entry in failed) \
-            or len({entry[0] for entry in failed}) != len(failed):
-        return (f"its index's failed rows are not distinct [row, message] pairs with rows below "
-                f"{count}")
+            or not 0 <= entry[0] < count or not isinstance(entry[1], str) for entry in failed)
+            or len({entry[0] for entry in failed}) != len(failed)):
+        return (f"its index's failed rows are not distinct [row, message] pairs "
+                f"with rows below {count}")
     return None
 
 
@@ -189,8 +189,8 @@ def _build(base: str, count: int, size: int, root: str,
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npy.tmp", dir=folder)
     try:
         os.close(fd)
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(count, size, size,
-            3))
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                           shape=(count, size, size, 3))
         _claim_space(tmp)
         failed = sorted(fill(images))
         images.flush()
@@ -216,9 +216,9 @@ def _build(base: str, count: int, size: int, root: str,
     return Cache(cache.images, cache.failed, cache.path, built=True)
 
 
-def remembered(cache_file: str, rows: torch.Tensor,
-               compute: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]) -> tuple[tuple,
-               tuple]:
+def remembered(
+        cache_file: str, rows: torch.Tensor,
+        compute: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]) -> tuple[tuple, tuple]:
     """compute()'s per-channel (mean, std) of these rows of the cache, kept beside it (its
     .statistics.json, by a hash of the rows) so that a later run on the same rows reads two lines
     instead of the rows' pixels. A file that cannot be read or written is only a missed memo:

@@ -91,8 +91,8 @@ def _read_batch(path: str) -> dict:
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
                 and data.shape[1] == 3 * 32 * 32):
             raise ValueError("its data is not uint8 rows of 3,072 values")
-        if not (isinstance(labels, list) and len(labels) == len(data) and
-                all(type(label) is int and 0 <= label < 10 for label in labels)):
+        if not (isinstance(labels, list) and len(labels) == len(data)
+                and all(type(label) is int and 0 <= label < 10 for label in labels)):
             raise ValueError("its labels are not a class from 0 to 9 for each image")
         return entry
     except _Crafted as error:
@@ -130,8 +130,8 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
                   else "the downloaded archive lacked them")
         raise DataError(_missing_message(folder, missing, reason))
     train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)  # or DataError
-    if len(train.classes) != 10 or len(train.data) != len(train.targets) or len(test.data) != len(
-            test.targets):
+    if (len(train.classes) != 10 or len(train.data) != len(train.targets)
+            or len(test.data) != len(test.targets)):
         raise DataError(
             f"{folder} does not hold CIFAR-10: expected 10 classes and one label per image")
     return (torch.from_numpy(train.data), torch.tensor(train.targets), torch.from_numpy(test.data),

@@ -256,8 +256,8 @@ def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
                 return fd, None
             os.close(fd)
             problem = not_a_plain_file(path) or (
-                f"{path} has {status.st_nlink} names (a hard link to another file); remove it, or "
-                f"choose another OUTPUT_DIR")
+                f"{path} has {status.st_nlink} names (a hard link to another file); "
+                "remove it, or choose another OUTPUT_DIR")
     return None, problem
 
 

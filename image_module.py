@@ -22,14 +22,13 @@ from augment_module import evaluation_transform
 # say) count as files that are not images. Pillow knows more (.mpg, .eps, .h5), but it only
 # identifies those.
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib",
-    ".gif", ".tif",
-                    ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2", ".j2k",
-                    ".avif", ".heic", ".heif")
+                    ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi", ".jp2",
+                    ".j2k", ".avif", ".heic", ".heif")
 IMAGE_EXTENSIONS = tuple(e for e in PHOTO_EXTENSIONS
                          if Image.registered_extensions().get(e) in Image.OPEN)
 # modes Pillow resizes by their values (a palette it resizes by nearest index; 1-bit stays 1-bit)
-RESIZED_EARLY = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L", "I;16B",
-                 "F")
+RESIZED_EARLY = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L",
+                 "I;16B", "F")
 PIXEL_LIMIT_NOTE = "(PIL.Image.MAX_IMAGE_PIXELS)"  # ends the message of an image too large to read
 
 

@@ -319,8 +319,8 @@ def _each_image(images: typing.Any) -> list:
     each = [one for item in items for one in (item if isinstance(item, torch.Tensor)
                                               and item.dim() == 4 else [item])]
     for item in each:
-        if not isinstance(item, (str, os.PathLike, Image.Image, torch.Tensor)) or \
-                isinstance(item, torch.Tensor) and item.dim() != 3:
+        if not isinstance(item, (str, os.PathLike, Image.Image, torch.Tensor)) or (
+                isinstance(item, torch.Tensor) and item.dim() != 3):
             raise ValueError("predict takes image paths, PIL images or (3, H, W) or (N, 3, H, W) "
                              f"tensors, not {messages_module.short_repr(item)}")
     return each
