@@ -211,9 +211,10 @@ AUGMENTATIONS = {  # each stage's kinds run in this order
 
 def check(settings: dict[str, Any]) -> None:
     """ValueError naming (as main.py's constant) the first setting its kind does not allow."""
-    messages_module.check_fields(types.SimpleNamespace(**settings),
-                       {name: kind.rule for name, kind in AUGMENTATIONS.items() if kind.rule},
-                       {name: kind.choices for name, kind in AUGMENTATIONS.items() if kind.choices})
+    messages_module.check_fields(
+        types.SimpleNamespace(**settings),
+        {name: kind.rule for name, kind in AUGMENTATIONS.items() if kind.rule},
+        {name: kind.choices for name, kind in AUGMENTATIONS.items() if kind.choices})
 
 
 def switched_on(settings: dict[str, Any], stage: str) -> list[tuple[Kind, Any]]:

@@ -22,10 +22,9 @@ MAGNITUDE_BINS = 31
 RANDAUGMENT_OPS = 2  # ops applied one after the other to each image (RandAugment's num_ops default)
 # the bin of MAGNITUDE_BINS every RandAugment op takes (its magnitude default)
 RANDAUGMENT_MAGNITUDE = 9
+# both policies' ops, in their order
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-    "Contrast",
-       # both policies' ops, in their order
-       "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+       "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 GEOMETRIC = OPS[1:6]  # the ops that move pixels: one batched resample for them all
 # adjust_sharpness' smoothing filter, over its sum (13)
 SHARPNESS_KERNEL = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
@@ -140,8 +139,8 @@ def _sharpness_kernel(device: torch.device) -> torch.Tensor:
     """adjust_sharpness' smoothing filter, float32 (1, 1, 3, 3) on the device, made once
     (torchvision makes it on every call: on a GPU a copy from the host that waits for the
     device)."""
-    return (torch.tensor(SHARPNESS_KERNEL, dtype=torch.float64) / 13).float().view(1, 1, 3, 3).to(
-        device)
+    return (torch.tensor(SHARPNESS_KERNEL, dtype=torch.float64) / 13).float().view(
+        1, 1, 3, 3).to(device)
 
 
 def _smoothed(images: torch.Tensor) -> torch.Tensor:
@@ -175,14 +174,14 @@ def _posterize(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
 _COLOUR_OPS = {  # (uint8 images, magnitudes (N, 1, 1, 1)) -> uint8 images
     "Identity": lambda images, magnitudes: images,
     "Brightness": lambda images, magnitudes: _blend(images, F.adjust_brightness(images, 0.0),
-    magnitudes),
+                                                    magnitudes),
     "Color": lambda images, magnitudes: _blend(images, F.adjust_saturation(images, 0.0),
-    magnitudes),
+                                               magnitudes),
     "Contrast": lambda images, magnitudes: _blend(images, _mean_grey(images), magnitudes),
     "Sharpness": _sharpen,
     "Posterize": _posterize,
     "Solarize": lambda images, magnitudes: torch.where(images >= 255 * magnitudes,
-    images.bitwise_not(), images),
+                                                       images.bitwise_not(), images),
     "AutoContrast": lambda images, magnitudes: F.autocontrast(images),
     "Equalize": lambda images, magnitudes: F.equalize(images),
 }

@@ -44,8 +44,8 @@ def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, nu
     (_decode_jpegs: within a level of Pillow's pixels on average, a few at most); the other files,
     and any JPEG the device could not decode, then go to the processes as above."""
     rows = out.numpy() if isinstance(out, torch.Tensor) else out
-    assert rows.shape == (len(paths), size, size,
-        3) and rows.dtype == np.uint8, "out is not N stored squares"
+    assert rows.shape == (len(paths), size, size, 3) and rows.dtype == np.uint8, (
+        "out is not N stored squares")
     with tqdm(total=len(paths), desc=desc, unit="image", disable=not sys.stderr.isatty()) as bar:
         left = list(range(len(paths)))
         jpeg_device = gpu_decode_module._jpeg_device(device)
@@ -69,8 +69,8 @@ def _decode_in_processes(paths: list[str], files: list[int], rows: np.ndarray, n
     chunk = max(1, min(DECODE_CHUNK, len(files) // (4 * num_workers)))  # every worker gets several
     processes = min(num_workers, -(-len(files) // chunk))
     context = _worker_context()
-    with _shared_rows(rows, 2 * processes * chunk, context) as (target, scratch), \
-            _Workers(context, processes, target, paths) as workers:
+    with (_shared_rows(rows, 2 * processes * chunk, context) as (target, scratch),
+          _Workers(context, processes, target, paths) as workers):
         for done, slot, failed in _in_turn(workers, paths, files, chunk, scratch is not None):
             if scratch is not None:
                 for k, count in _runs(done):

@@ -112,8 +112,8 @@ def _device_pixels(data: np.ndarray) -> int:
     upright as stored (an EXIF orientation other than 1 is Pillow's to apply, as read_stored does),
     of no more pixels than PIL.Image.MAX_IMAGE_PIXELS (a larger one is the CPU path's to refuse).
     Pillow reads the header alone."""
-    if data[:3].tobytes() != JPEG_SIGNATURE or not data[-64:].tobytes().rstrip(b"\0").endswith(
-            JPEG_END):
+    if (data[:3].tobytes() != JPEG_SIGNATURE
+            or not data[-64:].tobytes().rstrip(b"\0").endswith(JPEG_END)):
         return 0
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -162,8 +162,8 @@ def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
     squares = torch.empty((len(images), size, size, 3), dtype=torch.uint8, device=images[0].device)
     for positions in groups.values():
         index = torch.tensor(positions, device=squares.device)
-        squares.index_copy_(0, index, _squares_of(torch.stack([images[k] for k in positions]),
-                                                  size))
+        squares.index_copy_(0, index,
+                            _squares_of(torch.stack([images[k] for k in positions]), size))
     return squares
 
 
