@@ -43,8 +43,8 @@ class Images:
         """Already decoded: itself."""
         return self
 
-    def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float,
-            ...]]:
+    def statistics(self, seed: int,
+                   num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Exact per-channel mean and std of all the images."""
         return channel_stats(self.images)
 
@@ -70,8 +70,8 @@ class MappedImages:
         """The rows read into memory."""
         return Images(self.images[self.rows], self.labels)
 
-    def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float,
-            ...]]:
+    def statistics(self, seed: int,
+                   num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of _sampled rows, as ImageFiles estimates them; remembered
         beside the cache, so a later run of the same split reads no pixels for them."""
         sample = _sampled(self, seed)
@@ -108,8 +108,8 @@ class ImageFiles:
             raise DataError(failures[0][1])
         return Images(images, self.labels)
 
-    def statistics(self, seed: int, num_workers: int) -> tuple[tuple[float, ...], tuple[float,
-            ...]]:
+    def statistics(self, seed: int,
+                   num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std estimated from _sampled files."""
         return channel_stats(_sampled(self, seed).decode(num_workers, "statistics").images)
 
