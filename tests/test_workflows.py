@@ -79,10 +79,8 @@ def test_two_processes_train_in_step_and_resume(tmp_path):
 def test_training_curves_are_the_same_for_the_same_history_and_change_only_where_it_changes(
         tmp_path):
     history = [{"epoch": e, "train_loss": 2 / e, "val_loss": 2.2 / e, "train_acc": 0.1 * e,
-        "val_acc": 0.09 * e,
-                "lr": 0.1 if e < 3 else 0.05, "event": "restored epoch 2, LR cut" if e == 3
-                else "best"}
-               for e in range(1, 6)]
+                "val_acc": 0.09 * e, "lr": 0.1 if e < 3 else 0.05,
+                "event": "restored epoch 2, LR cut" if e == 3 else "best"} for e in range(1, 6)]
     path = tmp_path / "training_curves.png"
     report_module.plot_training_curves(history, str(path))
     assert png_size(path) == (1200, 450)
@@ -166,9 +164,9 @@ def test_unfreeze_epoch_unfreezes_the_body(tmp_path):
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     assert main.main(["--data-dir", data, "--output-dir", str(out), *TINY, "--epochs", "1"]) == 0
-    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "tuned"),
-                        *TINY, "--epochs", "3", "--weights",
-                        str(out / "best_model.pth"), "--freeze", "true", "--unfreeze-epoch", "1"])
+    status = main.main(["--data-dir", data, "--output-dir", str(tmp_path / "tuned"), *TINY,
+                        "--epochs", "3", "--weights", str(out / "best_model.pth"),
+                        "--freeze", "true", "--unfreeze-epoch", "1"])
     assert status == 0
     frame = pd.read_csv(tmp_path / "tuned" / "training_metrics.csv")
     assert "unfroze the body" in frame["event"].iloc[0]
@@ -198,16 +196,16 @@ def test_transfer_beats_training_from_scratch_on_small_data(cifar_dir, tmp_path)
                      40, "train")
     write_cifar_tree(target, test_images[5000:], test_labels[5000:], classes, range(5, 10),
                      100, "val")
-    common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0", "--batch-size",
-        "64",
-              "--augment", "shift"]  # 32-pixel images: CIFAR's pad-crops, not the photo recipe
-    assert main.main(common + ["--data-dir", str(source), "--output-dir",
-                               str(tmp_path / "a"), "--epochs", "3"]) == 0
+    # 32-pixel images: CIFAR's pad-crops, not the photo recipe
+    common = ["--dataset", "folder", "--ask-epoch", "none", "--num-workers", "0",
+              "--batch-size", "64", "--augment", "shift"]
+    assert main.main(common + ["--data-dir", str(source), "--output-dir", str(tmp_path / "a"),
+                               "--epochs", "3"]) == 0
 
     budget = ["--data-dir", str(target), "--epochs", "8", "--lr", "0.02", "--stop-patience", "8"]
     assert main.main(common + budget + ["--output-dir", str(tmp_path / "scratch")]) == 0
-    assert main.main(common + budget + ["--output-dir", str(tmp_path / "transfer"), "--freeze",
-        "true",
+    assert main.main(common + budget + ["--output-dir", str(tmp_path / "transfer"),
+                                        "--freeze", "true",
                                         "--weights", str(tmp_path / "a" / "best_model.pth")]) == 0
     scratch = pd.read_csv(tmp_path / "scratch" / "training_metrics.csv")["val_acc"].max()
     transfer = pd.read_csv(tmp_path / "transfer" / "training_metrics.csv")["val_acc"].max()
@@ -266,8 +264,8 @@ def test_a_frozen_pretrained_backbone_keeps_its_weights_and_predicts(tmp_path, m
     # weights and statistics
     assert body and all(torch.equal(value, published[key]) for key, value in body.items())
     info = json.load(open(os.path.join(out, "best_model.json")))
-    assert info["mean"] == pytest.approx([0.485, 0.456, 0.406]) and info["std"] == pytest.approx([
-        0.229, 0.224, 0.225])
+    assert (info["mean"] == pytest.approx([0.485, 0.456, 0.406])
+            and info["std"] == pytest.approx([0.229, 0.224, 0.225]))
     picture = tmp_path / "picture.png"
     Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(picture)
     capsys.readouterr()
@@ -282,8 +280,7 @@ def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_
     data = write_fake_cifar(tmp_path / "data", per_batch=20)
     out = tmp_path / "out"
     args = ["--data-dir", data, "--output-dir", str(out), *TINY, "--schedule", "onecycle",
-        "--freeze", "true",
-            "--unfreeze-epoch", "1", "--body-lr-scale", "0.25"]
+            "--freeze", "true", "--unfreeze-epoch", "1", "--body-lr-scale", "0.25"]
     assert main.main(args + ["--epochs", "2"]) == 0
     assert "unfroze the body" in pd.read_csv(out / "training_metrics.csv")["event"].iloc[0]
     checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
@@ -299,26 +296,24 @@ def test_unfreezing_under_onecycle_trains_the_body_at_its_scale_and_resumes(tmp_
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0",
-    "regnet_y_400mf",
-                                  "squeezenet1_1", "densenet121", "convnext_tiny", "swin_t"])
+                                  "regnet_y_400mf", "squeezenet1_1", "densenet121",
+                                  "convnext_tiny", "swin_t"])
 def test_a_torchvision_architecture_trains_frozen_then_predicts(name, tmp_path, capsys, one_thread):
     """CNNs, one with LayerNorm (convnext), one transformer (swin): a step at 64 px, best_model.pth,
     --predict."""
     data = write_image_tree(tmp_path / "photos", per_class=4, size=(80, 60))
     out = str(tmp_path / "out")
-    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--model",
-        name,
-                      "--image-size", "64", "--freeze", "true", "--epochs", "1", "--batch-size",
-                      "6",
-                      "--ask-epoch", "none", "--num-workers", "0"]) == 0
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out,
+                      "--model", name, "--image-size", "64", "--freeze", "true", "--epochs", "1",
+                      "--batch-size", "6", "--ask-epoch", "none", "--num-workers", "0"]) == 0
     info = json.load(open(os.path.join(out, "best_model.json")))
     assert info["model"] == name and info["image_size"] == 64
     capsys.readouterr()
     picture = os.path.join(data, "val", "owls", "0.png")
     assert main.main(["--output-dir", out, "--predict", picture]) == 0
     ranked = capsys.readouterr().out.strip().split(": ", 1)[1].split(", ")
-    assert [entry.split()[0] for entry in ranked] and {entry.split()[0] for entry in ranked} == {
-        "cats", "dogs", "owls"}
+    assert ([entry.split()[0] for entry in ranked]
+            and {entry.split()[0] for entry in ranked} == {"cats", "dogs", "owls"})
 
 
 @pytest.mark.parametrize("resident", ["yes", "no"])
@@ -328,25 +323,23 @@ def test_a_folder_of_real_world_photos_trains_and_predicts(tmp_path, resident, c
     photos = write_photo_tree(tmp_path / "photos")
     out = str(tmp_path / "out")
     status = main.main(["--dataset", "folder", "--data-dir", photos, "--output-dir", out,
-        "--image-size", "48",
-                        "--epochs", "1", "--batch-size", "8", "--ask-epoch", "none",
-                        "--num-workers", "0",
-                        "--resident", resident])
+                        "--image-size", "48", "--epochs", "1", "--batch-size", "8",
+                        "--ask-epoch", "none", "--num-workers", "0", "--resident", resident])
     captured = capsys.readouterr()
     assert status == 0, captured.err
     assert ("skipped 2 files that are not images" in captured.err
             and "skipped 1 unreadable" in captured.err)
     info = json.load(open(os.path.join(out, "best_model.json")))
-    assert info["classes"] == PHOTO_CLASSES and info["image_size"] == 48 and info[
-        "resize_size"] == 55
+    assert (info["classes"] == PHOTO_CLASSES and info["image_size"] == 48
+            and info["resize_size"] == 55)
     odd = [os.path.join(photos, "val", "zèbre", name)
            for name in ("sideways.jpg", "sixteen_bit.png", "cmyk.jpg")]
     assert main.main(["--output-dir", out, "--predict", *odd]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == odd
     for line in lines:  # "path: class p%, class p%, class p%", class names with spaces included
-        assert sorted(entry.rsplit(" ", 1)[0] for entry in line.split(": ", 1)[1].split(
-            ", ")) == sorted(PHOTO_CLASSES)
+        assert sorted(entry.rsplit(" ", 1)[0]
+                      for entry in line.split(": ", 1)[1].split(", ")) == sorted(PHOTO_CLASSES)
 
 
 # ----------------------------------------------------------------------------- after training
@@ -365,8 +358,8 @@ def test_a_run_ends_with_a_test_report_that_agrees_with_the_printed_accuracy_and
     per_class = frame.iloc[:10]
     # the test batch: the confusion matrix counts every test image once
     assert per_class["support"].sum() == 20
-    assert 100 * frame.set_index("class").loc["weighted avg", "recall"] == pytest.approx(printed,
-        abs=0.005)
+    assert (100 * frame.set_index("class").loc["weighted avg", "recall"]
+            == pytest.approx(printed, abs=0.005))
     for name in ("confusion_matrix.png", "misclassified.png"):
         Image.open(out / name).verify()
     rows = frame.set_index("class").loc[CLASSES]
@@ -430,16 +423,14 @@ def test_export_onnx_after_a_folder_run_needs_only_the_output_dir(tmp_path, caps
         "onnxruntime", reason="onnxruntime is not installed (pip install -r requirements.txt)")
     data = write_image_tree(tmp_path / "photos", splits=("train",), per_class=8)
     out = str(tmp_path / "out")
-    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out, "--val-split",
-        "6",
-                      "--image-size", "16", "--cache-dir", "none", "--num-workers", "0",
-                      "--ask-epoch", "none",
-                      "--epochs", "1"]) == 0
+    assert main.main(["--dataset", "folder", "--data-dir", data, "--output-dir", out,
+                      "--val-split", "6", "--image-size", "16", "--cache-dir", "none",
+                      "--num-workers", "0", "--ask-epoch", "none", "--epochs", "1"]) == 0
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)  # the run's data folder is found from anywhere
     assert main.main(["--output-dir", out, "--export", "onnx"]) == 0
-    assert "Exported" in capsys.readouterr().out and os.path.getsize(
-        os.path.join(out, "model.onnx")) > 0
+    assert ("Exported" in capsys.readouterr().out
+            and os.path.getsize(os.path.join(out, "model.onnx")) > 0)
 
 
 def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsys):
@@ -457,8 +448,8 @@ def test_find_lr_draws_its_plot_suggests_an_lr_and_writes_no_run(tmp_path, capsy
     assert command[:2] == ["python", "main.py"] and "--find-lr" not in command
     # the command trains on this data, with these flags, at the LR
     config, _ = main.parse_config(command[2:])
-    assert config["LR"] == float(f"{suggested:.2g}") and config["LABEL_SMOOTHING"] == 0.1 and \
-        config["DATA_DIR"] == data
+    assert (config["LR"] == float(f"{suggested:.2g}") and config["LABEL_SMOOTHING"] == 0.1
+            and config["DATA_DIR"] == data)
     rule = optim_module.LR_RULES[optim_module.LR_RULE][1]  # the line names the rule it applied
     assert f"Suggested LR: {suggested:.2g} ({rule}; plot:" in text
 
