@@ -69,8 +69,8 @@ def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
         with _truncated_images_allowed(), _open(path) as image:
             rgb = _decoded(image, reduce_to)
     except unreadable:
-        raise DataError(f"{messages_module.printable(path)} is not an image file that Pillow can "
-                        f"read ({first_error})") from None
+        raise DataError(f"{messages_module.printable(path)} is not an image file "
+                        f"that Pillow can read ({first_error})") from None
     if path not in _WARNED:
         _WARNED.add(path)
         print(f"warning: {messages_module.printable(path)} is truncated or damaged "

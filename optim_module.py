@@ -206,8 +206,8 @@ class Lookahead:
         self.step += 1
         if self.step % self.every and self.step != self.total_steps:
             return
-        decay = 1.0 if self.step >= self.total_steps else 0.95 ** 5 * (
-            self.step / self.total_steps) ** 3
+        decay = (1.0 if self.step >= self.total_steps
+                 else 0.95 ** 5 * (self.step / self.total_steps) ** 3)
         torch._foreach_lerp_(self._slow, self._fast, 1 - decay)
         torch._foreach_copy_(self._fast, self._slow)
 
