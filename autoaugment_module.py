@@ -12,8 +12,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 # Automatic augmentation, as torchvision's reference recipes use it (--auto-augment ta_wide /
-# rand-m9-...):
-# TrivialAugmentWide(), RandAugment(num_ops=2, magnitude=9)
+# rand-m9-...): TrivialAugmentWide(), RandAugment(num_ops=2, magnitude=9)
 AUTO_AUGMENTS = ("trivialaugment", "randaugment")
 # their op tables and bins
 POLICIES = {"trivialaugment": v2.TrivialAugmentWide, "randaugment": v2.RandAugment}

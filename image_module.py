@@ -1,6 +1,5 @@
 """Image files, one at a time: read as an upright RGB picture at the size a folder's images are
-stored at (pixel limits and damaged files handled), or as a normalised tensor a model
-classifies."""
+stored at (pixel limits and damaged files handled), or as a normalised tensor a model classifies."""
 
 from __future__ import annotations
 

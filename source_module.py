@@ -1,6 +1,5 @@
-"""A split's images wherever they live (a source): uint8 images in memory, rows of the
-decoded-image cache (cache_module), or image files decoded when read; and their per-channel mean
-and std."""
+"""A split's images wherever they live (a source): uint8 images in memory, rows of the decoded-image
+cache (cache_module), or image files decoded when read; and their per-channel mean and std."""
 
 from __future__ import annotations
 
