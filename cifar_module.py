@@ -132,8 +132,8 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
     train, test = CIFAR10(data_dir, train=True), CIFAR10(data_dir, train=False)  # or DataError
     if (len(train.classes) != 10 or len(train.data) != len(train.targets)
             or len(test.data) != len(test.targets)):
-        raise DataError(
-            f"{folder} does not hold CIFAR-10: expected 10 classes and one label per image")
+        raise DataError(f"{folder} does not hold CIFAR-10: "
+                        "expected 10 classes and one label per image")
     return (torch.from_numpy(train.data), torch.tensor(train.targets), torch.from_numpy(test.data),
             torch.tensor(test.targets), list(train.classes))
 

@@ -65,8 +65,8 @@ def list_tree(data_dir: str) -> Listing:
                 if os.path.isdir(os.path.join(data_dir, split))}
     classes = [entry.name for entry in listings["train"] if _is_folder(entry)]  # sorted by name
     if not classes:
-        raise DataError(
-            f"no readable images in {train_dir}: it has no class folders (train/<class>/<image>)")
+        raise DataError(f"no readable images in {train_dir}: it has no class folders "
+                        "(train/<class>/<image>)")
     shown = [messages_module.printable(name) for name in classes]
     twins = sorted({name for name in shown if shown.count(name) > 1})
     if twins:
@@ -160,8 +160,8 @@ def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) ->
                         f"a classifier needs at least two{layout}")
     for split in ("val", "test"):
         if split in splits and not splits[split]:
-            raise DataError(
-                f"{listing.places[split]} holds no readable images; fill it or remove it")
+            raise DataError(f"{listing.places[split]} holds no readable images; "
+                            "fill it or remove it")
 
 
 def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:

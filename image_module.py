@@ -100,8 +100,8 @@ def _open(path: str) -> Image.Image:
 
 def _too_many_pixels(path: str, pixels: str, limit: int) -> str:
     """The message of an image refused for its size: it ends with PIXEL_LIMIT_NOTE (skip_reason)."""
-    return (
-        f"{messages_module.printable(path)} has {pixels} pixels, over {limit:,} {PIXEL_LIMIT_NOTE}")
+    return (f"{messages_module.printable(path)} has {pixels} pixels, "
+            f"over {limit:,} {PIXEL_LIMIT_NOTE}")
 
 
 def skip_reason(message: str) -> str:

@@ -293,8 +293,8 @@ class RangeTest:
 
     def __post_init__(self) -> None:
         if not 0 < self.start_lr < self.end_lr:
-            raise ValueError(
-                f"the LR finder needs 0 < start_lr < end_lr, got {self.start_lr} and {self.end_lr}")
+            raise ValueError("the LR finder needs 0 < start_lr < end_lr, "
+                             f"got {self.start_lr} and {self.end_lr}")
         if self.steps < 2:
             raise ValueError(f"the LR finder needs at least 2 steps, got {self.steps}")
 
@@ -343,8 +343,8 @@ def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer
         model.train(training)
         utils.set_rng_state(rng)
     if not lrs:
-        raise ValueError(
-            f"the loss was not finite at the LR finder's first step (LR {sweep.start_lr})")
+        raise ValueError("the loss was not finite at the LR finder's first step "
+                         f"(LR {sweep.start_lr})")
     return lrs, losses, suggest_lr(lrs, losses)
 
 
@@ -413,8 +413,8 @@ def unclear(lrs: list[float], losses: list[float], fall: float = 0.05) -> str | 
     start = sorted(losses[:max(1, len(losses) // 10)])[max(1, len(losses) // 10) // 2]
     lowest = losses.index(min(losses))
     if min(losses) > (1 - fall) * start:
-        return (
-            f"the smoothed loss never fell clearly (from {start:.3g} to {min(losses):.3g} at most)")
+        return ("the smoothed loss never fell clearly "
+                f"(from {start:.3g} to {min(losses):.3g} at most)")
     if lowest >= len(losses) - 3 and max(losses[lowest:]) < 2 * min(losses):
         return f"the loss still falls at the sweep's last LR ({lrs[-1]:.2g}): it never diverged"
     return None

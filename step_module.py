@@ -83,13 +83,13 @@ class TrainStep:
         self.device = next(model.parameters()).device
         # use_cuda_graph keeps graphs off then: a captured step is a whole update
         if graph and accumulate > 1:
-            raise ValueError(
-                "a captured step is one whole optimizer step: it accumulates no micro-batches")
+            raise ValueError("a captured step is one whole optimizer step: "
+                             "it accumulates no micro-batches")
         if graph and self.device.type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA device, not {self.device}")
         if graph and not all(isinstance(g["lr"], torch.Tensor) for g in optimizer.param_groups):
-            raise ValueError(
-                "a captured step needs the LR held as a tensor (make_optimizer's lr_device)")
+            raise ValueError("a captured step needs the LR held as a tensor "
+                             "(make_optimizer's lr_device)")
         self.use_graph = graph
         # torch.compile's: timed once
         self.compiling = hasattr(unwrapped(model, compiled=False), "_orig_mod")

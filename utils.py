@@ -148,8 +148,8 @@ def load_torch(path: str, what: str = "checkpoint") -> Any:
     # the restricted unpickler fails in many ways on foreign bytes; all mean "not ours"
     except Exception as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise CheckpointError(
-            f"{what} {path} is truncated or not a PyTorch checkpoint ({detail})") from None
+        raise CheckpointError(f"{what} {path} is truncated or not a PyTorch checkpoint "
+                              f"({detail})") from None
 
 
 def load_state_dict(path: str, what: str = "WEIGHTS") -> dict[str, torch.Tensor]:
