@@ -119,7 +119,7 @@ def write_fake_cifar(root, per_batch=20, seed=0):
                          "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}, f, protocol=2)
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f,
-            protocol=2)
+                    protocol=2)
     return str(root)
 
 
@@ -152,8 +152,7 @@ def fake_cifar(tmp_path):
 
 
 def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "owls"), per_class=6,
-    size=(20, 14),
-                     seed=0):
+                     size=(20, 14), seed=0):
     """An ImageFolder tree of small PNGs, each class a different mean colour."""
     rng = np.random.default_rng(seed)
     for split in splits:
@@ -197,13 +196,11 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
     train = loader_module.ResidentLoader(train_images.to(device), train_labels.to(device),
                                          loader_module.Batching(batch_size, train=True, seed=seed),
                                          augmentation(mean, std, CROP_PADDING=1))
-    val = loader_module.ResidentLoader(val_images.to(device), val_labels.to(device),
-                                       loader_module.Batching(2 * batch_size, train=False,
-                                       seed=seed),
-                                       augmentation(mean, std))
+    val = loader_module.ResidentLoader(
+        val_images.to(device), val_labels.to(device),
+        loader_module.Batching(2 * batch_size, train=False, seed=seed), augmentation(mean, std))
     return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size,
-        True,
-                            test_is_val=True)
+                            True, test_is_val=True)
 
 
 def run_main(args, cwd=ROOT, timeout=300, env=None, **kwargs):
@@ -254,7 +251,7 @@ def write_photo_tree(root, splits=("train", "val"), seed=0):
                 elif file_name.startswith("palette"):
                     palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
                     palette.save(path, **({"transparency": 0} if "transparent" in file_name
-                        else {}))
+                                          else {}))
                 elif file_name == "cmyk.jpg":
                     image.convert("CMYK").save(path, quality=95)
                 elif file_name == "sixteen_bit.png":
@@ -268,7 +265,7 @@ def write_photo_tree(root, splits=("train", "val"), seed=0):
                     image.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
                 else:
                     image.save(path, **({"quality": 95} if file_name.endswith((".jpg", ".webp"))
-                        else {}))
+                                        else {}))
     if "train" in splits:
         folder = os.path.join(root, "train", PHOTO_CLASSES[0])
         whole = io.BytesIO()
@@ -299,7 +296,7 @@ def smooth_photo(size=256, seed=0):
     """A uint8 (size, size, 3) image with a photo's smoothness: bicubic-enlarged noise."""
     noise = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed)) * 255
     big = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic",
-        align_corners=False)
+                                          align_corners=False)
     return big.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).contiguous()
 
 

@@ -244,5 +244,5 @@ def test_a_csv_that_is_a_fifo_or_a_device_is_refused_unread_in_one_line(tmp_path
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(err) == 1, err
     assert err[0] == (f"error: --data-dir (DATA_DIR) {csv_path} is not a regular file (a FIFO, "
-                      f"socket or device); with --dataset (DATASET) csv, point it at a CSV file of "
-                      f"paths and labels")
+                      "socket or device); with --dataset (DATASET) csv, point it at a CSV file of "
+                      "paths and labels")
