@@ -98,7 +98,7 @@ def test_training_chunks_get_each_images_own_ops_then_normalisation_then_erased_
     shuffled order, then each batch normalised, with erase_masks' boxes at 0, each image beside its
     own label."""
     images = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8,
-        generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0))
     augmented = augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0, FLIP="none",
                              AUTO_AUGMENT=policy,
                              RANDOM_ERASING=0.5)
@@ -108,8 +108,8 @@ def test_training_chunks_get_each_images_own_ops_then_normalisation_then_erased_
     batches, labels = collect(loader)
     torch.manual_seed(3)
     chunk = loader.normalize(auto_augment(images[labels], policy))
-    expected = torch.cat([batch.masked_fill(erase_masks(16, 8, 8, 0.5, "cpu"),
-                                            0.0) for batch in chunk.split(16)])
+    expected = torch.cat([batch.masked_fill(erase_masks(16, 8, 8, 0.5, "cpu"), 0.0)
+                          for batch in chunk.split(16)])
     assert torch.equal(batches, expected)
     assert not torch.equal(batches, loader.normalize(images[labels]))
 
