@@ -327,8 +327,8 @@ def assert_same_state(model, optimizer, state):
 def random_batch(n=8, size=16, seed=0):
     """A seeded batch of n random images and 4-class targets."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=generator), torch.randint(0, 4, (n,),
-        generator=generator)
+    return torch.randn(n, 3, size, size, generator=generator), torch.randint(
+        0, 4, (n,), generator=generator)
 
 
 class _EagerGraph:

@@ -286,7 +286,7 @@ def test_a_cache_larger_than_the_free_space_is_refused_before_decoding(tmp_path,
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda folder: type("Usage", (), {
         "free": 1000})())
     with pytest.raises(cache_module.CacheError,
-            match="needs 0.00 GiB in .*which has 0.00 GiB free"):
+                       match="needs 0.00 GiB in .*which has 0.00 GiB free"):
         build(paths, tmp_path / "cache", tmp_path, size=40)
 
 

@@ -107,7 +107,7 @@ def assert_same(a, b):
                                          ("unfreeze_epoch", 0)])
 def test_bad_setting_is_refused_naming_its_constant(name, value):
     with pytest.raises(ValueError,
-            match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
+                       match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
         configs(**{name.upper(): value})
 
 

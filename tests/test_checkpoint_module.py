@@ -75,11 +75,11 @@ def test_a_checkpoint_of_another_format_or_model_is_refused(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     utils.save_torch({**checkpoint, "format": 1}, str(tmp_path / "old.pth"))
     with pytest.raises(utils.CheckpointError,
-            match="is not a last_checkpoint.pth of this pipeline"):
+                       match="is not a last_checkpoint.pth of this pipeline"):
         checkpoint_module.read_checkpoint(str(tmp_path / "old.pth"))
     other = new_state(data, model_name="resnet18_cifar")
     with pytest.raises(utils.CheckpointError,
-            match="was saved with MODEL = 'cnn', but this run has 'resnet18_cifar'"):
+                       match="was saved with MODEL = 'cnn', but this run has 'resnet18_cifar'"):
         checkpoint_module.resume(checkpoint, path, other, output_dir=str(tmp_path / "run"))
 
 

@@ -217,7 +217,7 @@ def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
                     DOWNLOAD=False)
     assert len(data.train.labels) == 30 and torch.bincount(data.train.labels).tolist() == [3] * 10
     with pytest.raises(DataError,
-            match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
+                       match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
         get_data("cifar10", fake_cifar, VAL_SPLIT=20, TRAIN_SUBSET=81, DOWNLOAD=False)
 
 
@@ -412,9 +412,9 @@ def test_an_uneven_folder_validates_on_every_class_by_default(tmp_path):
 
 def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_cifar):
     with pytest.raises(DataError,
-        match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of CIFAR-10's "
-                                        r"training images, but there are 100 images; set a smaller "
-                                        r"one$"):
+                       match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of "
+                             r"CIFAR-10's training images, but there are 100 images; "
+                             r"set a smaller one$"):
         get_data("cifar10", fake_cifar, DOWNLOAD=False)
 
 
@@ -466,8 +466,8 @@ def test_class_folders_without_train_a_file_or_no_folder_are_each_named(tmp_path
     write_image_tree(tmp_path / "tree", splits=("train",))
     os.rename(tmp_path / "tree" / "train", classes_only)
     with pytest.raises(DataError,
-        match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
-                                        rf"train/: move them into {classes_only}/train/, or point"):
+                       match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
+                             rf"train/: move them into {classes_only}/train/, or point"):
         get_data("folder", str(classes_only), NUM_WORKERS=0)
     (tmp_path / "photos.zip").write_bytes(b"PK")
     with pytest.raises(DataError,

@@ -89,7 +89,7 @@ def test_pt2_export_loads_back_with_the_same_logits_and_the_preprocessing(
 
 def test_export_refuses_an_unknown_kind_before_writing():
     with pytest.raises(ValueError,
-            match="EXPORT = 'torchscript' is not known; choose one of 'onnx', 'pt2'"):
+                       match="EXPORT = 'torchscript' is not known; choose one of 'onnx', 'pt2'"):
         export_module.check_export("torchscript")
 
 
@@ -99,7 +99,7 @@ def test_export_names_the_packages_it_lacks(monkeypatch):
         importlib.util, "find_spec",
         lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
     with pytest.raises(ValueError,
-            match="EXPORT = 'onnx' needs onnxruntime: pip install -r requirements.txt"):
+                       match="EXPORT = 'onnx' needs onnxruntime: pip install -r requirements.txt"):
         export_module.check_export("onnx")
 
 

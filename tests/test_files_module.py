@@ -79,8 +79,8 @@ def test_a_folder_locked_by_a_live_process_is_refused_and_a_kill_9_frees_it(tmp_
         assert (tmp_path / files_module.LOCK_FILE).read_text() == f"{holder.pid}\n"
         for refused in (files_module.check_unlocked, files_module.lock_folder):
             with pytest.raises(files_module.FolderInUse,
-                match=rf"^OUTPUT_DIR {tmp_path} is in use by another run "
-                                                        rf"\(process {holder.pid}\)"):
+                               match=rf"^OUTPUT_DIR {tmp_path} is in use by another run "
+                                     rf"\(process {holder.pid}\)"):
                 refused(str(tmp_path))
     finally:
         holder.kill()  # SIGKILL: the process gets no chance to let go

@@ -29,7 +29,7 @@ def test_each_architecture_classifies_32x32_images(name):
 
 def test_an_unknown_name_offers_the_closest_names():
     with pytest.raises(ValueError,
-            match="MODEL = 'resnet5O' is not known; the closest are resnet50, "):
+                       match="MODEL = 'resnet5O' is not known; the closest are resnet50, "):
         model_module.get_model("resnet5O", 10)
 
 
@@ -391,12 +391,12 @@ def test_a_bad_cached_file_is_refused_cleanly(tmp_path, monkeypatch, content, fr
 
 def test_pretrained_names_that_do_not_exist_list_the_allowed_ones():
     with pytest.raises(ValueError,
-        match="PRETRAINED = 'IMAGENET1K_V3' is not known; choose one of 'default', "
-                                         "'IMAGENET1K_V1', 'IMAGENET1K_V2'"):
+                       match="PRETRAINED = 'IMAGENET1K_V3' is not known; choose one of 'default', "
+                             "'IMAGENET1K_V1', 'IMAGENET1K_V2'"):
         model_module.get_model("resnet50", 5, pretrained="IMAGENET1K_V3")
     for name in ("cnn", "fast", "resnet18_cifar"):
         with pytest.raises(ValueError,
-                match=f"choose one of None .{name} has no published weights"):
+                           match=f"choose one of None .{name} has no published weights"):
             model_module.get_model(name, 5, pretrained="default")
 
 

@@ -137,7 +137,7 @@ def test_the_confusion_matrix_shows_each_count_coloured_by_its_share_of_the_true
     generator = torch.Generator().manual_seed(0)
     confusion = 90 * torch.eye(classes).long()
     confusion[torch.arange(classes), torch.randint(0, classes, (classes,),
-        generator=generator)] += 10
+                                                   generator=generator)] += 10
     names = [f"class_{i:02d}" for i in range(classes)]
     path = tmp_path / "confusion_matrix.png"
     report_module.plot_confusion_matrix(confusion, names, str(path))
@@ -262,8 +262,8 @@ def test_the_gallery_shows_the_images_as_they_were_before_normalisation():
 
 
 def test_no_mistakes_give_a_png_that_says_so(tmp_path):
-    report_module.plot_misclassified([], ["a", "b"], (0.5,) * 3, (0.2,) * 3, str(tmp_path
-        / "m.png"))
+    report_module.plot_misclassified([], ["a", "b"], (0.5,) * 3, (0.2,) * 3,
+                                     str(tmp_path / "m.png"))
     assert read_png(tmp_path / "m.png") == (400, 150)
     figure = report_module._mistakes_figure([], ["a", "b"], (0.5,) * 3, (0.2,) * 3)
     assert [text.get_text() for text in figure.texts] == ["no misclassified test images"]
@@ -341,7 +341,7 @@ def test_a_figure_that_cannot_be_drawn_only_warns_but_one_that_cannot_be_written
     # as a full or read-only disk would fail
     missing = tmp_path / "missing_folder" / "confusion_matrix.png"
     with pytest.raises(files_module.WriteFailed,
-            match="could not write confusion_matrix.png in .*missing_folder"):
+                       match="could not write confusion_matrix.png in .*missing_folder"):
         report_module.plot_confusion_matrix(torch.eye(2, dtype=torch.int64), ["a", "b"], str(
             missing))
 

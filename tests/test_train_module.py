@@ -308,7 +308,7 @@ def test_a_write_that_failed_in_the_background_stops_training_before_the_next_st
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     step = step_module.TrainStep(state.model, state.optimizer, nn.CrossEntropyLoss())
     with pytest.raises(files_module.WriteFailed,
-            match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
+                       match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
         train_module.train_one_epoch(step, data.train, check=writer.check)
     # not one step taken
     assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
@@ -379,8 +379,8 @@ def test_balanced_class_weights_are_n_over_classes_times_each_count():
     # each class adds n / classes
     assert sum(w * c for w, c in zip(weights, [90, 10, 20])) == pytest.approx(120)
     with pytest.raises(ValueError,
-        match="^CLASS_WEIGHTS = 'balanced' needs training images of every class, and "
-                                         "'b' has none"):
+                       match="^CLASS_WEIGHTS = 'balanced' needs training images of every class, "
+                             "and 'b' has none"):
         train_module.balanced_class_weights([5, 0, 3], ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"^CLASS_WEIGHTS = \(1.0, 0.0\) is out of range"):
         replace(configs(EPOCHS=1).fit, class_weights=(1.0, 0.0))
