@@ -130,7 +130,7 @@ def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     run = steps(bare_step(model, images, targets, autocast_dtype=autocast_dtype, graphed=graphed),
                 steps_per_pass)
     return best_rates({"bare": (run, steps_per_pass * len(images))}, repeats=repeats,
-        device=images.device)["bare"]
+                      device=images.device)["bare"]
 
 
 def resident_mb() -> dict[str, float]:

@@ -177,12 +177,11 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
             "pool_passes_images_per_s": [round(rate) for rate in rates["plain pool"]],
             "decode_memory_images_per_s": best["decode_files into memory"],
             "decode_memory_over_pool": best["decode_files into memory"] / best["plain pool"],
-            "decode_memory_passes_images_per_s": [round(rate) for rate in rates[
-            "decode_files into memory"]],
+            "decode_memory_passes_images_per_s": [round(rate)
+                                                  for rate in rates["decode_files into memory"]],
             "decode_memory_cpu_ms_per_image": min(cpu_ms["decode_files into memory"]),
-            "decode_cpu_ms_per_image": min(cpu_ms["decode_files"]), "pool_cpu_ms_per_image": min(
-            cpu_ms["plain pool"]),
-            **gpu, "memory": figures}
+            "decode_cpu_ms_per_image": min(cpu_ms["decode_files"]),
+            "pool_cpu_ms_per_image": min(cpu_ms["plain pool"]), **gpu, "memory": figures}
 
 
 def cpu_seconds() -> float:

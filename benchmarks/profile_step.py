@@ -111,9 +111,9 @@ def counting_syncs(device: torch.device):
             return function(*args, **kwargs)
         return _counted_call
 
-    waits = [(owner, name, getattr(owner, name)) for owner, name in
-             ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Stream,
-             "synchronize"))]
+    waits = [(owner, name, getattr(owner, name))
+             for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
+                                 (torch.cuda.Stream, "synchronize"))]
     with warnings.catch_warnings():  # puts showwarning and the filters back
         warnings.filterwarnings("always", message=SYNC_WARNING)  # every one, not once a line
         warnings.showwarning = _on_warning

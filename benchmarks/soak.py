@@ -72,9 +72,8 @@ def main_() -> None:
     print(f"{'':>16} | {'epoch ' + str(args.early):>10} | "
           f"{'epoch ' + str(args.epochs):>10} | growth")
     for key in early:
-        print(
-            f"{key:>16} | {early[key]:>10.1f} | {last[key]:>10.1f} | {result['growth'][key]:.3f}x"
-        )
+        print(f"{key:>16} | {early[key]:>10.1f} | {last[key]:>10.1f} | "
+              f"{result['growth'][key]:.3f}x")
     flat = result["growth"]["peak_rss_mb"] <= 1.02 and all(last[k] <= early[k]
                                                            for k in ("fds", "os_threads"))
     print(f"flat (RSS within 2%, no more descriptors or threads): {'yes' if flat else 'NO'}")

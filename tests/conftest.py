@@ -162,7 +162,7 @@ def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "ow
             for i in range(per_class):
                 base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.int16)
                 pixels = np.clip(base + rng.integers(-40, 40, size=(size[1], size[0], 3)), 0,
-                    255).astype(np.uint8)
+                                 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return str(root)
 
@@ -187,8 +187,8 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
     def split(n):
         labels = torch.arange(n) % classes
         noise = torch.randint(0, 60, (n, size, size, 3), generator=g)
-        images = (labels.view(-1, 1, 1, 1) * (190 // max(classes - 1, 1)) + noise).clamp(0, 255).to(
-            torch.uint8)
+        images = (labels.view(-1, 1, 1, 1) * (190 // max(classes - 1, 1))
+                  + noise).clamp(0, 255).to(torch.uint8)
         return images, labels
 
     (train_images, train_labels), (val_images, val_labels) = split(n_train), split(n_val)
@@ -215,8 +215,8 @@ PHOTO_CLASSES = ["chat noir", "zèbre", "éléphant"]  # as ImageFolder sorts th
 PHOTO_KINDS = [  # (file name, width, height): one of each in every class folder of every split
     ("rgb.jpg", 300, 200), ("grey.png", 40, 30), ("alpha.png", 120, 90), ("palette.png", 64, 64),
     ("palette_transparent.png", 80, 60), ("cmyk.jpg", 100, 150), ("sixteen_bit.png", 90, 70),
-    ("sideways.jpg", 100, 200), ("lossy.webp", 150, 100), ("bitmap.bmp", 50, 60), ("still.gif", 70,
-    50)]
+    ("sideways.jpg", 100, 200), ("lossy.webp", 150, 100), ("bitmap.bmp", 50, 60),
+    ("still.gif", 70, 50)]
 PHOTOS_PER_CLASS = len(PHOTO_KINDS)  # in each split; train/chat noir/ has one more, truncated.jpg
 
 
@@ -383,9 +383,8 @@ def stand_in_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
-    monkeypatch.setattr(torch.cuda, "graph",
-                        lambda graph, **options: step_module.rolled_back(capturing[0].model,
-                        capturing[0].optimizer))
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **options: step_module.rolled_back(
+        capturing[0].model, capturing[0].optimizer))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EagerGraph(capturing[0], broken=bool(
         broken)))
     monkeypatch.setattr(train_module, "TrainStep", CapturedStep)

@@ -56,8 +56,8 @@ def test_crop_boxes_fit_and_follow_torchvisions_distribution():
             <= area).all()
         assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
         image = torch.zeros(3, height, width)
-        reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0], [3
-            / 4, 4 / 3])
+        reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0],
+                                                                          [3 / 4, 4 / 3])
                                   for _ in range(3000)]).double()
         for ours, theirs in [(h * w / area, reference[:, 2] * reference[:, 3] / area),
                              ((w / h).log(), (reference[:, 3] / reference[:, 2]).log()),
@@ -155,7 +155,7 @@ def test_erased_boxes_follow_torchvisions_distribution():
     top = rows.double().argmax(1)
     erasing = transforms.RandomErasing(1.0)
     reference = torch.tensor([erasing.get_params(torch.zeros(3, size, size), erasing.scale,
-        erasing.ratio, [0.0])[:4]
+                                                 erasing.ratio, [0.0])[:4]
                               for _ in range(n)]).double()
     # nearly all fit
     assert (h > 0).float().mean() > 0.99 and (reference[:, 2] < size).float().mean() > 0.99

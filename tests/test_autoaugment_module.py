@@ -24,12 +24,10 @@ def torchvisions_op(image, op, magnitude):
     shear = math.degrees(math.atan(magnitude))
     calls = {
         "Identity": lambda: image,
-        "ShearX": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear,
-        0.0],
-                                    interpolation=nearest, center=[0, 0]),
-        "ShearY": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0,
-        shear],
-                                    interpolation=nearest, center=[0, 0]),
+        "ShearX": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
+                                    shear=[shear, 0.0], interpolation=nearest, center=[0, 0]),
+        "ShearY": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
+                                    shear=[0.0, shear], interpolation=nearest, center=[0, 0]),
         "TranslateX": lambda: F2.affine(image, angle=0.0, translate=[int(magnitude), 0], scale=1.0,
                                         shear=[0.0, 0.0], interpolation=nearest),
         "TranslateY": lambda: F2.affine(image, angle=0.0, translate=[0, int(magnitude)], scale=1.0,
