@@ -180,7 +180,7 @@ def test_a_memo_that_cannot_be_read_or_written_is_only_computed(tmp_path, damage
         for calls in (1, 2):
             statistics = Statistics(((0.5,) * 3, (0.25,) * 3))
             assert cache_module.remembered(cache.path, torch.arange(3),
-                statistics) == statistics.value
+                                           statistics) == statistics.value
             assert statistics.calls == (1 if damage == "read-only folder" or calls == 1 else 0)
     finally:
         os.chmod(tmp_path / "cache", 0o755)

@@ -267,7 +267,7 @@ def test_event_names_what_happened_in_the_order_the_loop_carries_it_out():
     lra.on_epoch_end(2, metrics(val_loss=1.5))
     assert lra.decision.event == "restored epoch 1, LR cut, stop"
     assert callback_module.describe(True, None, True, False,
-        True) == "best, LR cut, unfroze the body"
+                                    True) == "best, LR cut, unfroze the body"
 
 
 @pytest.mark.parametrize("ending", ["epoch limit", "LRA stop", "H", "Ctrl-C"])
@@ -452,9 +452,9 @@ def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
 
 
 def test_state_round_trip_makes_the_same_decisions():
-    sequence = [metrics(train_acc=a, val_loss=v) for a, v in
-                [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85), (0.97, 0.84), (
-                0.98, 0.9)]]
+    sequence = [metrics(train_acc=a, val_loss=v)
+                for a, v in [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85),
+                             (0.97, 0.84), (0.98, 0.9)]]
     straight = make_lra(threshold=0.9, stop_patience=5)
     straight_log = [(straight.on_epoch_end(e, m), lr_of(straight), straight.decision.monitor,
                      straight.lra.cuts) for e, m in enumerate(sequence, start=1)]

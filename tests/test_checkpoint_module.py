@@ -140,8 +140,8 @@ def test_files_that_did_not_record_a_start_are_named_by_the_oldest_file(tmp_path
         (tmp_path / name).write_bytes(b"written before runs recorded their start")
         os.utime(tmp_path / name, (1_800_000_000 - 3600 * age,) * 2)
     oldest = datetime.datetime.fromtimestamp(1_800_000_000 - 7200)
-    assert checkpoint_module.move_earlier_run(str(tmp_path)).endswith(oldest.strftime(
-        "previous/%Y-%m-%dT%H-%M-%S"))
+    assert checkpoint_module.move_earlier_run(str(tmp_path)).endswith(
+        oldest.strftime("previous/%Y-%m-%dT%H-%M-%S"))
 
 
 def test_a_checkpoint_alone_gives_its_start_time(tmp_path):

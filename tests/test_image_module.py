@@ -24,8 +24,8 @@ from image_module import DataError
 
 def test_load_image_for_prediction(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",))
-    image = image_module.load_image(os.path.join(root, "train", "cats", "0.png"), 16, (0.5,) * 3, (
-        0.5,) * 3)
+    image = image_module.load_image(os.path.join(root, "train", "cats", "0.png"), 16, (0.5,) * 3,
+                                    (0.5,) * 3)
     assert image.shape == (3, 16, 16)
     with pytest.raises(DataError, match="does not exist"):
         image_module.load_image(str(tmp_path / "missing.png"), 16, (0.5,) * 3, (0.5,) * 3)
@@ -321,7 +321,7 @@ def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_th
     # 3 classes, 2 splits
     assert {os.path.basename(paths[i]) for i in on_device} == {"rgb.jpg"} and len(on_device) == 6
     assert {"sideways.jpg", "cmyk.jpg", "truncated.jpg", "grey.jpg"} <= {os.path.basename(paths[i])
-        for i in left}
+                                                                         for i in left}
     assert (rows[left] == 7).all()  # not written: the CPU path's to fill
 
     cpu = torch.full((len(paths), 24, 24, 3), 7, dtype=torch.uint8)

@@ -289,7 +289,7 @@ def test_the_lr_finder_plot_is_a_png_on_a_log_axis_with_the_suggestion_marked(tm
              if abs(math.log10(lr / suggestion)) > 0.1]
     assert colour_distance(pixels, axes, curve, "tab:blue").max() <= 16
     assert colour_distance(pixels, axes, list(zip(lrs, losses[::-1]))[:lowest + 1],
-        "tab:blue").min() > 16
+                           "tab:blue").min() > 16
 
     def red_share(lr):
         """The share of the plot's height that is red in the pixel column at lr."""
@@ -352,7 +352,7 @@ def test_write_test_outputs_writes_the_three_files(tmp_path, one_thread):
                                    collect=True)
     report_module.write_test_outputs(result, data.classes, data.mean, data.std, str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png",
-        "misclassified.png",
+                                                          "misclassified.png",
                                                           # and no temporary files left
                                                           "test_report.csv"]
 

@@ -351,9 +351,9 @@ def mixed_fit(tmp_path, cuda_graph=False):
 def test_fit_trains_on_mixed_batches_on_the_cpu_and_validates_on_plain_ones(
         tmp_path, monkeypatch, one_thread):
     evaluated, evaluate = [], train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", lambda model, loader, **kwargs: evaluated.append(
-        loader) or
-                        evaluate(model, loader, **kwargs))
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda model, loader, **kwargs: evaluated.append(loader)
+                        or evaluate(model, loader, **kwargs))
     history = mixed_fit(tmp_path)
     assert len(history) == 2 and all(math.isfinite(row["train_loss"]) for row in history)
     assert all(0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1 for row in history)
