@@ -268,8 +268,8 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
             step(*random_batch(seed=int(lr * 100)))
         # filled in place
         assert all(group["lr"] is t for group, t in zip(held.param_groups, tensors))
-        assert [float(g["lr"])
-                for g in held.param_groups] == pytest.approx([g["lr"] for g in number.param_groups])
+        assert [float(g["lr"]) for g in held.param_groups] == pytest.approx(
+            [g["lr"] for g in number.param_groups])
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-6), "the fused step with tensor LRs trained differently"
     saved = held.state_dict()

@@ -45,8 +45,8 @@ def test_a_missing_tracker_package_is_one_line_naming_its_pip_install_before_any
     args, out = tiny_run
     assert main.main(args + ["--tracker", tracker]) == 2
     err = capsys.readouterr().err  # naming each package missing here, this one among them
-    assert re.fullmatch(f"error: --tracker '{tracker}' \\(TRACKER\\) needs ([a-z]+, )*{missing}(, "
-                        f"[a-z]+)*: pip install {install}\n", err) and not out.exists()
+    assert re.fullmatch(f"error: --tracker '{tracker}' \\(TRACKER\\) needs ([a-z]+, )*{missing}"
+                        f"(, [a-z]+)*: pip install {install}\n", err) and not out.exists()
 
 
 def test_a_bad_tracker_is_one_line_naming_the_choices(tiny_run, capsys):
