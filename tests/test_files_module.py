@@ -56,8 +56,9 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
 def test_atomic_write_gives_files_the_umask_s_mode_as_open_does(tmp_path, umask):
     """mkstemp makes -rw------- whatever the umask; the outputs get what open() gives (-rw-r--r--
     under 022)."""
-    code = ("import sys, files_module; files_module.atomic_write(sys.argv[1], lambda f: "
-            "f.write(b'x')); open(sys.argv[2], 'w').close()")
+    code = ("import sys, files_module; "
+            "files_module.atomic_write(sys.argv[1], lambda f: f.write(b'x')); "
+            "open(sys.argv[2], 'w').close()")
     subprocess.run([sys.executable, "-c", code, tmp_path / "atomic", tmp_path / "plain"], cwd=ROOT,
                    check=True, umask=umask)
     mode = stat.S_IMODE((tmp_path / "atomic").stat().st_mode)
