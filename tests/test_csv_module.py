@@ -115,9 +115,8 @@ def test_without_a_split_column_the_rows_are_split_as_a_folders_train(tmp_path):
     """The same images, listed in the folder's order: the same validation images held out (a
     tenth, one of each class at least) and the same training images left."""
     root = write_image_tree(tmp_path / "images", splits=("train",), per_class=7)
-    csv_path = write_csv(tmp_path / "labels.csv",
-                         tree_rows(root, labels={"cats": "cats", "dogs": "dogs", "owls": "owls"}),
-                         columns=("path", "label"))
+    csv_path = write_csv(tmp_path / "labels.csv", tree_rows(root, labels={
+        "cats": "cats", "dogs": "dogs", "owls": "owls"}), columns=("path", "label"))
     from_csv, from_folder = csv_data(csv_path), csv_data(root, DATASET="folder")
     (csv_images, csv_labels), (images, labels) = collect(from_csv.val), collect(from_folder.val)
     assert torch.equal(csv_images, images) and torch.equal(csv_labels, labels)
