@@ -50,13 +50,12 @@ def train_step(model: nn.Module, autocast_dtype: torch.dtype | None = None, grap
     optimizer = optim_module.make_optimizer(model, configs(LR=0.01).optim,
                                             lr_device=device if graphed else None)
     return step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(),
-        autocast_dtype=autocast_dtype,
-                                  graph=graphed, **options)
+                                 autocast_dtype=autocast_dtype, graph=graphed, **options)
 
 
 def bare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
-              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> Callable[[],
-              None]:
+              autocast_dtype: torch.dtype | None = None,
+              graphed: bool = False) -> Callable[[], None]:
     """One training step (forward, loss, backward, the pipeline's SGD step: step_module.TrainStep)
     on one fixed batch already on the device, as a function of no arguments. graphed (CUDA only):
     the step replayed from a CUDA graph, as main.py's CUDA_GRAPHS does, so no kernel is launched
@@ -94,8 +93,8 @@ def steps(step: Callable[[], None], n: int) -> Callable[[], None]:
 
 
 def bare_pass(model: nn.Module, batch_size: int, image_size: int, n_steps: int, *,
-              autocast_dtype: torch.dtype | None = None, graphed: bool = False) -> tuple[Callable[
-              [], None], int]:
+              autocast_dtype: torch.dtype | None = None,
+              graphed: bool = False) -> tuple[Callable[[], None], int]:
     """A pass of n_steps bare steps on one random batch (channels_last, on the model's device) and
     the images it trains on, for best_rates."""
     device = next(model.parameters()).device
@@ -107,8 +106,8 @@ def bare_pass(model: nn.Module, batch_size: int, image_size: int, n_steps: int, 
 
 
 def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = None,
-    graphed: bool = False,
-               ema_decay: float | None = None, **options) -> tuple[Callable[[], None], int]:
+               graphed: bool = False, ema_decay: float | None = None,
+               **options) -> tuple[Callable[[], None], int]:
     """A pass of train_one_epoch over the loader (the next epoch's shuffle each time) and the images
     it trains on, for best_rates; graphed: its steps replayed from a CUDA graph (captured in the
     first pass); ema_decay: an EMA of the weights follows each optimizer step (optim_module.EMA);
@@ -124,15 +123,14 @@ def epoch_pass(model: nn.Module, loader, autocast_dtype: torch.dtype | None = No
 
 
 def bare_step_rate(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
-    steps_per_pass: int,
-                   repeats: int, autocast_dtype: torch.dtype | None = None,
+                   steps_per_pass: int, repeats: int, autocast_dtype: torch.dtype | None = None,
                    graphed: bool = False) -> float:
     """Images/s of the bare step alone: the best of `repeats` passes of steps_per_pass steps, after
     one untimed pass."""
     run = steps(bare_step(model, images, targets, autocast_dtype=autocast_dtype, graphed=graphed),
-        steps_per_pass)
+                steps_per_pass)
     return best_rates({"bare": (run, steps_per_pass * len(images))}, repeats=repeats,
-        device=images.device)["bare"]
+                      device=images.device)["bare"]
 
 
 def resident_mb() -> dict[str, float]:

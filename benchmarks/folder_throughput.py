@@ -123,7 +123,7 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
         cache_module._claim_space(npy)  # its blocks allocated, as the cache's are
         started = time.perf_counter()
         failures = decode_module.decode_files(paths, size, rows, args.workers, "decoding",
-            device=device)
+                                              device=device)
         seconds = time.perf_counter() - started
         assert not failures, failures[:3]
         del rows
@@ -177,12 +177,11 @@ def decode_rates(args, memory: common.MemoryWatch) -> dict:
             "pool_passes_images_per_s": [round(rate) for rate in rates["plain pool"]],
             "decode_memory_images_per_s": best["decode_files into memory"],
             "decode_memory_over_pool": best["decode_files into memory"] / best["plain pool"],
-            "decode_memory_passes_images_per_s": [round(rate) for rate in rates[
-            "decode_files into memory"]],
+            "decode_memory_passes_images_per_s": [round(rate)
+                                                  for rate in rates["decode_files into memory"]],
             "decode_memory_cpu_ms_per_image": min(cpu_ms["decode_files into memory"]),
-            "decode_cpu_ms_per_image": min(cpu_ms["decode_files"]), "pool_cpu_ms_per_image": min(
-            cpu_ms["plain pool"]),
-            **gpu, "memory": figures}
+            "decode_cpu_ms_per_image": min(cpu_ms["decode_files"]),
+            "pool_cpu_ms_per_image": min(cpu_ms["plain pool"]), **gpu, "memory": figures}
 
 
 def cpu_seconds() -> float:
@@ -195,29 +194,25 @@ def cpu_seconds() -> float:
 
 def print_decode(result: dict) -> None:
     print(f"decode, {result['decode_images']} files to {result['decode_size']} px on "
-          f"{result['decode_workers']} "
-          f"workers, best of {len(result['decode_passes_images_per_s'])} in turn: decode_files "
+          f"{result['decode_workers']} workers, best of "
+          f"{len(result['decode_passes_images_per_s'])} in turn: decode_files "
           f"{result['decode_images_per_s']:,.0f} img/s, plain pool "
-          f"{result['pool_images_per_s']:,.0f} img/s: "
-          f"decode_over_pool {result['decode_over_pool']:.2f}, median of the turns' ratios "
+          f"{result['pool_images_per_s']:,.0f} img/s: decode_over_pool "
+          f"{result['decode_over_pool']:.2f}, median of the turns' ratios "
           f"{result['decode_over_pool_median_of_turns']:.2f} (each pass: "
           f"{', '.join(map(str, result['decode_passes_images_per_s']))} against "
           f"{', '.join(map(str, result['pool_passes_images_per_s']))}); CPU time per image (least "
-          "of the "
-          f"passes, workers included): {result['decode_cpu_ms_per_image']:.2f} ms against "
+          f"of the passes, workers included): {result['decode_cpu_ms_per_image']:.2f} ms against "
           f"{result['pool_cpu_ms_per_image']:.2f} ms")
     print(f"decode_files into memory (no cache): {result['decode_memory_images_per_s']:,.0f} "
-          "img/s, "
-          f"{result['decode_memory_over_pool']:.2f} of the pool (each pass: "
+          f"img/s, {result['decode_memory_over_pool']:.2f} of the pool (each pass: "
           f"{', '.join(map(str, result['decode_memory_passes_images_per_s']))}); CPU time per "
-          "image "
-          f"{result['decode_memory_cpu_ms_per_image']:.2f} ms")
+          f"image {result['decode_memory_cpu_ms_per_image']:.2f} ms")
     if "gpu_img_s" in result:
         print("decode_files with the GPU (JPEGs decoded there, in batches): "
-              f"{result['gpu_img_s']:,.0f} img/s, "
-              f"gpu_over_pool {result['gpu_over_pool']:.2f} (each pass: "
-              f"{', '.join(map(str, result['gpu_passes_images_per_s']))}); CPU time per image "
-              f"{result['gpu_cpu_ms_per_image']:.2f} ms")
+              f"{result['gpu_img_s']:,.0f} img/s, gpu_over_pool {result['gpu_over_pool']:.2f} "
+              f"(each pass: {', '.join(map(str, result['gpu_passes_images_per_s']))}); CPU time "
+              f"per image {result['gpu_cpu_ms_per_image']:.2f} ms")
 
 
 def print_memory(memory: dict[str, dict[str, float]]) -> None:
@@ -241,9 +236,9 @@ def fresh_model(args, device: torch.device) -> nn.Module:
 
 def bare_pass(args, device, autocast_dtype, images: int) -> tuple:
     """A pass of bare steps over as many images as an epoch, for common.best_rates."""
-    return common.bare_pass(fresh_model(args, device), args.batch_size, args.image_size, images
-        // args.batch_size,
-                            autocast_dtype=autocast_dtype, graphed=device.type == "cuda")
+    return common.bare_pass(fresh_model(args, device), args.batch_size, args.image_size,
+                            images // args.batch_size, autocast_dtype=autocast_dtype,
+                            graphed=device.type == "cuda")
 
 
 def epoch_seconds(step: step_module.TrainStep, loader, epoch: int) -> float:
@@ -277,16 +272,13 @@ def cold_start_seconds(args, cache_dir: str, limit: float = 300.0) -> float | No
     within `limit` seconds."""
     out = tempfile.mkdtemp(prefix="cold_start_")
     command = [sys.executable, os.path.join(ROOT, "main.py"), "--dataset", "folder", "--data-dir",
-        args.folder,
-               "--cache-dir", cache_dir, "--model", args.model, "--image-size", str(
-               args.image_size),
-               "--batch-size", str(args.batch_size), "--epochs", "1", "--ask-epoch", "none",
-               "--output-dir", out,
-               "--bf16", str(not args.no_bf16)]
+               args.folder, "--cache-dir", cache_dir, "--model", args.model, "--image-size",
+               str(args.image_size), "--batch-size", str(args.batch_size), "--epochs", "1",
+               "--ask-epoch", "none", "--output-dir", out, "--bf16", str(not args.no_bf16)]
     started, seconds, lines = time.perf_counter(), None, []
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     timer = threading.Timer(limit, process.kill)
     timer.start()
     try:
@@ -325,9 +317,8 @@ def ours(args, device, autocast_dtype, memory: common.MemoryWatch) -> dict:
     started = time.perf_counter()
     data = get_folder_data(args, device, cache_dir, "auto")
     result["decode_s"] = time.perf_counter() - started
-    result["first_epoch_s"] = result["decode_s"] + epoch_seconds(common.train_step(model,
-        autocast_dtype, graphed=device.type == "cuda"),
-                                                                 data.train, 1)
+    result["first_epoch_s"] = result["decode_s"] + epoch_seconds(
+        common.train_step(model, autocast_dtype, graphed=device.type == "cuda"), data.train, 1)
     result["first_epoch_resident"] = data.resident
     result["images_per_epoch"] = len(data.train) * args.batch_size
     result["cache_mb"] = os.path.getsize(data.cache_file) / 2**20
@@ -398,8 +389,8 @@ def reference(args, device, autocast_dtype, memory: common.MemoryWatch) -> dict:
     dataset = datasets.ImageFolder(os.path.join(args.folder, "train"), transform)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=device.type == "cuda", drop_last=True)
-    step = common.train_step(fresh_model(args, device), autocast_dtype, graphed=device.type
-        == "cuda")
+    step = common.train_step(fresh_model(args, device), autocast_dtype,
+                             graphed=device.type == "cuda")
     seconds = [epoch_seconds(step, _ToDevice(loader, device), epoch)
                for epoch in range(args.epochs + 1)]  # the first starts the workers
     images = len(loader) * args.batch_size
@@ -418,31 +409,30 @@ def peak_rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder",
-        help="an ImageFolder tree (train/<class>/<image>); default: write one")
+                        help="an ImageFolder tree (train/<class>/<image>); default: write one")
     parser.add_argument("--data-dir", default="./data",
-        help="holds cifar-10-batches-py/, to write the folder from")
+                        help="holds cifar-10-batches-py/, to write the folder from")
     parser.add_argument("--images", type=int, default=None,
-        help="training JPEGs to write (default: 20,000 on a "
-                        "GPU, 2,000 on the CPU)")
+                        help="training JPEGs to write (default: 20,000 on a GPU, 2,000 on the CPU)")
     parser.add_argument("--work-dir", default=None,
-        help="where the folder and the cache go (default: "
-                        "$TMPDIR/folder_throughput_<images>)")
+                        help="where the folder and the cache go (default: "
+                             "$TMPDIR/folder_throughput_<images>)")
     parser.add_argument("--model", default=None, help="default: resnet18 on a GPU, cnn on the CPU")
     parser.add_argument("--image-size", type=int, default=None,
-        help="default: 224 on a GPU, 64 on the CPU")
+                        help="default: 224 on a GPU, 64 on the CPU")
     parser.add_argument("--batch-size", type=int, default=None,
-        help="default: 256 on a GPU, 128 on the CPU")
+                        help="default: 256 on a GPU, 128 on the CPU")
     parser.add_argument("--epochs", type=int, default=None,
-        help="timed passes per path, taken in turn after "
-                        "one untimed pass each, best kept (default: 3 on a GPU, 2 on the CPU)")
+                        help="timed passes per path, taken in turn after one untimed pass each, "
+                             "best kept (default: 3 on a GPU, 2 on the CPU)")
     common.add_device_arguments(parser, "reference DataLoader workers")
     parser.add_argument("--decode-size", type=int, default=None,
-        help="pixels the decode comparison stores "
-                        "(default: the pipeline's, --image-size / RESIZE_RATIO)")
+                        help="pixels the decode comparison stores (default: the pipeline's, "
+                             "--image-size / RESIZE_RATIO)")
     parser.add_argument("--decode-repeats", type=int, default=3,
-        help="timed passes of each decode, in turn")
+                        help="timed passes of each decode, in turn")
     parser.add_argument("--decode-only", action="store_true",
-        help="the decode comparison alone, no training")
+                        help="the decode comparison alone, no training")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
 
@@ -454,7 +444,7 @@ def main() -> None:
     args.batch_size = args.batch_size or (256 if on_gpu else 128)
     args.epochs = args.epochs or (3 if on_gpu else 2)
     args.work_dir = args.work_dir or os.path.join(tempfile.gettempdir(),
-        f"folder_throughput_{args.images}")
+                                                  f"folder_throughput_{args.images}")
     args.decode_size = args.decode_size or round(args.image_size / data_module.RESIZE_RATIO)
     # a --folder given: nothing is written there, but the scratch files
     os.makedirs(args.work_dir, exist_ok=True)
@@ -466,8 +456,7 @@ def main() -> None:
     autocast_dtype = torch.bfloat16 if on_gpu and not args.no_bf16 else None
     name = common.device_name(on_gpu)
     print(f"{args.model} at {args.image_size} px, batch {args.batch_size}, {args.images} training "
-          "images in "
-          f"{args.folder}, best of {args.epochs}, on {name}")
+          f"images in {args.folder}, best of {args.epochs}, on {name}")
 
     memory = common.MemoryWatch()
     if args.decode_only:
@@ -475,16 +464,15 @@ def main() -> None:
         print_decode(result)
         print_memory(result["memory"])
         write_result(result, os.path.join(args.output,
-            f"folder_decode_{args.decode_size}_{args.images}.json"))
+                                          f"folder_decode_{args.decode_size}_{args.images}.json"))
         return
     step_alone, _ = bare_pass(args, device, autocast_dtype, args.images)
     step_alone()  # the model step alone: its peak memory, before any data is read
     peak_rss_bare = peak_rss_mb()
     del step_alone  # its model and batch would count in the device peak below
     result = {"device": name, "model": args.model, "image_size": args.image_size,
-        "batch_size": args.batch_size,
-              "images": args.images, "bf16": autocast_dtype is not None,
-              "peak_rss_mb_bare": peak_rss_bare,
+              "batch_size": args.batch_size, "images": args.images,
+              "bf16": autocast_dtype is not None, "peak_rss_mb_bare": peak_rss_bare,
               "memory": {"bare steps": memory.read()}}
     for part in (decode_rates(args, memory), ours(args, device, autocast_dtype, memory),
                  reference(args, device, autocast_dtype, memory)):
@@ -510,20 +498,17 @@ def main() -> None:
                         "reference_images_per_s"])]:
         print(f"{label:<52} {rate:>9,.0f} {rate / bare:>8.2f}")
     print(f"ours / reference: {result['ours_over_reference']:.2f}; first epoch "
-          f"{result['first_epoch_s']:.1f} s "
-          f"(decoding {result['decode_s']:.1f} s, then {first_path}) = "
-          f"{result['first_over_steady_epoch']:.2f} "
-          "steady epochs; a second run's first batch after "
-          f"{result['second_run_first_batch_s']:.2f} s in this "
-          "process, and a cold `python main.py` on the folder printed its first epoch's start "
-          "after "
+          f"{result['first_epoch_s']:.1f} s (decoding {result['decode_s']:.1f} s, then "
+          f"{first_path}) = {result['first_over_steady_epoch']:.2f} steady epochs; a second run's "
+          f"first batch after {result['second_run_first_batch_s']:.2f} s in this process, and a "
+          "cold `python main.py` on the folder printed its first epoch's start after "
           f"{result['second_run_cold_start_s'] or float('nan'):.1f} s")
     print(f"peak host RSS {result['peak_rss_mb_bare']:,.0f} MB after the bare steps, "
           f"{result['peak_rss_mb_streamed']:,.0f} MB streamed from the cache "
-          f"({result['cache_mb']:,.0f} MB file), "
-          f"{result['peak_rss_mb']:,.0f} MB after the resident path" +
-          (f"; peak GPU memory {result['peak_gpu_mb']:,.0f} MB with both paths' data on the device"
-           if on_gpu else ""))
+          f"({result['cache_mb']:,.0f} MB file), {result['peak_rss_mb']:,.0f} MB after "
+          "the resident path"
+          + (f"; peak GPU memory {result['peak_gpu_mb']:,.0f} MB with both paths' "
+             "data on the device" if on_gpu else ""))
     print_decode(result)
     print_memory(result["memory"])
     write_result(result, os.path.join(args.output, f"folder_throughput_{device.type}_{args.model}_"

@@ -21,8 +21,7 @@ import utils  # noqa: E402
 import common  # noqa: E402  (benchmarks/common.py, beside this script)
 
 MODELS = ["cnn", "mobilenet_v3_small", "squeezenet1_1", "regnet_y_400mf", "efficientnet_b0",
-    "resnet18",
-          "mobilenet_v3_large", "resnet50", "convnext_tiny", "swin_t", "vit_b_16"]
+          "resnet18", "mobilenet_v3_large", "resnet50", "convnext_tiny", "swin_t", "vit_b_16"]
 
 
 def step_rate(name: str, size: int, batch_size: int, steps: int, device: torch.device,
@@ -31,7 +30,7 @@ def step_rate(name: str, size: int, batch_size: int, steps: int, device: torch.d
     step."""
     torch.manual_seed(0)
     model = model_module.get_model(name, 10, image_size=size).to(device,
-        memory_format=torch.channels_last)
+                                                                 memory_format=torch.channels_last)
     images = torch.randn(batch_size, 3, size, size, device=device).contiguous(
         memory_format=torch.channels_last)
     targets = torch.randint(0, 10, (batch_size,), device=device)
@@ -45,7 +44,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 224])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3,
-        help="timed steps per model and size, best kept")
+                        help="timed steps per model and size, best kept")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     device = utils.get_device()
@@ -60,11 +59,10 @@ def main() -> None:
             0]).parameters())
         rates = {size: step_rate(name, size, args.batch_size, args.steps, device, autocast_dtype)
                  for size in args.sizes}
-        rows.append({"model": name, "parameters": parameters, **{f"images_per_s_{s}": round(r, 1)
-                                                                  for s, r in rates.items()}})
+        rows.append({"model": name, "parameters": parameters,
+                     **{f"images_per_s_{s}": round(r, 1) for s, r in rates.items()}})
         print(f"{name:<20} {parameters / 1e6:>10.1f}M" + "".join(f" {rates[s]:>9.1f}"
-            for s in args.sizes),
-              flush=True)
+                                                                 for s in args.sizes), flush=True)
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, f"models_{device.type}.json")
     with open(path, "w") as f:

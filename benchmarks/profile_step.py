@@ -111,9 +111,9 @@ def counting_syncs(device: torch.device):
             return function(*args, **kwargs)
         return _counted_call
 
-    waits = [(owner, name, getattr(owner, name)) for owner, name in
-             ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Stream,
-             "synchronize"))]
+    waits = [(owner, name, getattr(owner, name))
+             for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
+                                 (torch.cuda.Stream, "synchronize"))]
     with warnings.catch_warnings():  # puts showwarning and the filters back
         warnings.filterwarnings("always", message=SYNC_WARNING)  # every one, not once a line
         warnings.showwarning = _on_warning
@@ -166,18 +166,17 @@ def make_step(values: dict, device: torch.device, total_steps: int) -> Step:
     memory_format = torch.channels_last if config.data.channels_last else torch.preserve_format
     model = model.to(device, memory_format=memory_format)
     graph = step_module.use_cuda_graph(run.cuda_graphs, device, compile=config.fit.compile)
-    optimizer = optim_module.make_optimizer(model, config.optim, lr_device=device if graph
-        else None)
+    optimizer = optim_module.make_optimizer(model, config.optim,
+                                            lr_device=device if graph else None)
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr,
-        total_steps)
+                                          total_steps)
     lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
     precision = step_module.choose_precision(run.bf16, device, model, size,
                                              channels_last=config.data.channels_last, trial=False)
     wrapped = step_module.wrap_for_training(model, compile=config.fit.compile)
-    step = step_module.TrainStep(wrapped, optimizer,
-                                 nn.CrossEntropyLoss(label_smoothing=config.fit.label_smoothing),
-                                 autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
-                                 graph=graph)
+    step = step_module.TrainStep(
+        wrapped, optimizer, nn.CrossEntropyLoss(label_smoothing=config.fit.label_smoothing),
+        autocast_dtype=torch.bfloat16 if precision == "bf16" else None, graph=graph)
     model.train()
     images = torch.randn(batch, 3, size, size, device=device).contiguous(
         memory_format=memory_format)
@@ -251,12 +250,11 @@ def count_fit(flags: list[str], device: torch.device) -> dict:
 
 def _print_syncs(what: str, count: SyncCount, device: torch.device) -> None:
     if device.type != "cuda":
-        print(f"host synchronisations in {what}: 0 (on the CPU there is no device to synchronise "
-              "with)")
+        print(f"host synchronisations in {what}: 0 (on the CPU there is no device to "
+              "synchronise with)")
         return
     print(f"host synchronisations in {what}: {count.total()} ({sum(count.waited.values())} "
-          "operations that "
-          f"waited, {sum(count.explicit.values())} explicit waits)")
+          f"operations that waited, {sum(count.explicit.values())} explicit waits)")
     for kind, counter in (("waited", count.waited), ("explicit", count.explicit)):
         for stack, n in counter.most_common(15):
             print(f"  {n:>6}  {kind:<8}  {stack}")
@@ -267,22 +265,22 @@ def main() -> None:
     parser.add_argument("--model", default="fast", help="MODEL (default fast)")
     parser.add_argument("--preset", default=None, choices=[None, *pipeline.PRESETS],
                         type=lambda v: None if v.lower() == "none" else v,
-                        help="PRESET (default none): its constants as main.py applies them (batch "
-                             "size, ...)")
+                        help="PRESET (default none): its constants as main.py applies them "
+                             "(batch size, ...)")
     parser.add_argument("--batch-size", type=int,
-        help="BATCH_SIZE (default: the preset's, else main.py's)")
+                        help="BATCH_SIZE (default: the preset's, else main.py's)")
     parser.add_argument("--image-size", type=int,
-        help="IMAGE_SIZE (default: main.py's, 32 for our models)")
+                        help="IMAGE_SIZE (default: main.py's, 32 for our models)")
     parser.add_argument("--steps", type=int, default=20,
-        help="warm steps profiled, and as many counted")
+                        help="warm steps profiled, and as many counted")
     parser.add_argument("--warmup", type=int, default=5,
-        help="steps first (the first captures a CUDA graph)")
+                        help="steps first (the first captures a CUDA graph)")
     parser.add_argument("--fit", action="store_true",
-        help="also count a whole main.py run's synchronisations")
+                        help="also count a whole main.py run's synchronisations")
     parser.add_argument("--epochs", type=int, default=2, help="EPOCHS of the --fit run")
     parser.add_argument("--data-dir", default="./data", help="DATA_DIR of the --fit run")
     parser.add_argument("--main-args", default="",
-        help="more main.py flags, for the step and the --fit run")
+                        help="more main.py flags, for the step and the --fit run")
     parser.add_argument("--output", help="a folder for the JSON (and the table as text)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 0:
@@ -302,9 +300,8 @@ def main() -> None:
         f"the CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     graph = "yes" if step.train_step.use_graph else "no"
     print(f"profile_step: {values['MODEL']}, preset {args.preset}, on {where} | batch "
-          f"{step.batch_size} of "
-          f"{step.image_size} px | {step.precision} | CUDA graph: {graph} | {args.warmup} warm-up "
-          "steps")
+          f"{step.batch_size} of {step.image_size} px | {step.precision} | CUDA graph: {graph} | "
+          f"{args.warmup} warm-up steps")
 
     count, step_ms = counted_pass(step, args.steps)
     print(f"step: {step_ms:.3f} ms ({args.steps} warm steps, profiler off)")
@@ -316,19 +313,17 @@ def main() -> None:
 
     report = {"device": where, "model": values["MODEL"], "preset": args.preset, "flags": flags,
               "batch_size": step.batch_size, "image_size": step.image_size,
-              "precision": step.precision,
-              "cuda_graph": step.train_step.use_graph, "warmup": args.warmup, "steps": args.steps,
-              "step_ms": round(step_ms, 3), "step_syncs": count.as_dict(), "table_by": by,
-              "table": rows}
+              "precision": step.precision, "cuda_graph": step.train_step.use_graph,
+              "warmup": args.warmup, "steps": args.steps, "step_ms": round(step_ms, 3),
+              "step_syncs": count.as_dict(), "table_by": by, "table": rows}
     if args.fit:
         fit_flags = [*flags, "--epochs", str(args.epochs), "--data-dir", args.data_dir,
-            "--ask-epoch", "none"]
+                     "--ask-epoch", "none"]
         print(f"whole run: main.py {' '.join(fit_flags)} (counted after one uncounted run)",
-            flush=True)
+              flush=True)
         fit = count_fit(fit_flags, device)
         print(f"whole run: status {fit['status']}, {fit['epochs']} epochs, fit "
-              f"{fit['fit_seconds']:.2f} s, "
-              f"test accuracy {fit['test_acc']:.4f}")
+              f"{fit['fit_seconds']:.2f} s, test accuracy {fit['test_acc']:.4f}")
         _print_syncs("the whole run", fit.pop("count"), device)
         report["fit"] = fit
     if args.output:

@@ -37,14 +37,13 @@ def sample() -> dict[str, float]:
 def soak(args) -> dict:
     """Train args.epochs epochs and sample after args.early and after the last."""
     with tempfile.TemporaryDirectory() as output_dir:
-        values, _ = main.parse_config(["--data-dir", args.data_dir, "--train-subset", str(
-            args.images),
-                                       "--val-split", str(args.val), "--epochs", str(args.epochs),
-                                       "--ask-epoch", "none", "--patience", "1000",
-                                       "--stop-patience", "1000",
-                                       "--download", "false", "--output-dir", output_dir])
+        values, _ = main.parse_config(["--data-dir", args.data_dir, "--train-subset",
+                                       str(args.images), "--val-split", str(args.val), "--epochs",
+                                       str(args.epochs), "--ask-epoch", "none", "--patience",
+                                       "1000", "--stop-patience", "1000", "--download", "false",
+                                       "--output-dir", output_dir])
         run = run_module.setup(main.build_config(values), rank=0, world_size=1, local_rank=0,
-                         account=utils.TimeAccount(time.perf_counter()))
+                               account=utils.TimeAccount(time.perf_counter()))
         samples = {}
 
         def on_epoch(row: dict) -> None:
@@ -63,21 +62,20 @@ def main_() -> None:
     parser.add_argument("--data-dir", required=True, help="the folder holding cifar-10-batches-py/")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--early", type=int, default=10,
-        help="the epoch to compare the last one with")
+                        help="the epoch to compare the last one with")
     parser.add_argument("--images", type=int, default=256, help="training images per epoch")
     parser.add_argument("--val", type=int, default=128, help="validation images")
     parser.add_argument("--output", help="a folder for soak.json")
     args = parser.parse_args()
     result = soak(args)
     early, last = result[f"epoch_{args.early}"], result[f"epoch_{args.epochs}"]
-    print(f"{'':>16} | {'epoch ' + str(args.early):>10} | {'epoch ' + str(args.epochs):>10} | "
-          "growth")
+    print(f"{'':>16} | {'epoch ' + str(args.early):>10} | "
+          f"{'epoch ' + str(args.epochs):>10} | growth")
     for key in early:
-        print(
-            f"{key:>16} | {early[key]:>10.1f} | {last[key]:>10.1f} | {result['growth'][key]:.3f}x"
-        )
-    flat = result["growth"]["peak_rss_mb"] <= 1.02 and all(last[k] <= early[k] for k in ("fds",
-        "os_threads"))
+        print(f"{key:>16} | {early[key]:>10.1f} | {last[key]:>10.1f} | "
+              f"{result['growth'][key]:.3f}x")
+    flat = result["growth"]["peak_rss_mb"] <= 1.02 and all(last[k] <= early[k]
+                                                           for k in ("fds", "os_threads"))
     print(f"flat (RSS within 2%, no more descriptors or threads): {'yes' if flat else 'NO'}")
     if args.output:
         os.makedirs(args.output, exist_ok=True)

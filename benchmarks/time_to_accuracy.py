@@ -51,8 +51,8 @@ def run_ours(args, seed: int, epochs: int | None = None) -> dict:
         raise SystemExit(f"main.py --preset fast failed ({outcome.status}):\n{printed.getvalue()}")
     training = sum(row["train_seconds"] for row in outcome.history)
     final_eval = outcome.test["seconds"]
-    return {"seed": seed, "epochs": epochs or pipeline.PRESETS["fast"]["EPOCHS"], "test_acc": 100
-        * outcome.test["acc"],
+    return {"seed": seed, "epochs": epochs or pipeline.PRESETS["fast"]["EPOCHS"],
+            "test_acc": 100 * outcome.test["acc"],
             "train_plus_final_eval_s": round(training + final_eval, 3),
             "fit_plus_final_eval_s": round(outcome.fit_seconds + final_eval, 3),
             "in_process_total_s": round(total, 2)}
@@ -64,8 +64,8 @@ def write_airbench_data(data_dir: str, folder: str) -> None:
     train_images, train_labels, test_images, test_labels, classes = cifar_module.read_cifar10(
         data_dir, False)
     os.makedirs(os.path.join(folder, "cifar10"), exist_ok=True)
-    for name, images, labels in (("train", train_images, train_labels), ("test", test_images,
-            test_labels)):
+    for name, images, labels in (("train", train_images, train_labels),
+                                 ("test", test_images, test_labels)):
         torch.save({"images": images.contiguous(), "labels": labels, "classes": classes},
                    os.path.join(folder, "cifar10", f"{name}.pt"))
 
@@ -97,7 +97,7 @@ def cold_runs(args, airbench_folder: str | None) -> dict[str, list[dict]]:
         *args.main_args.split()])}
     if airbench_folder:
         commands["airbench94"] = (airbench_folder, [sys.executable, "-c",
-            "import airbench; airbench.train94()"])
+                                                    "import airbench; airbench.train94()"])
     runs = {program: [] for program in commands}
     for _ in range(args.cold_runs):
         for program, (cwd, command) in commands.items():
@@ -107,9 +107,9 @@ def cold_runs(args, airbench_folder: str | None) -> dict[str, list[dict]]:
                 result = subprocess.run(command + extra, cwd=cwd, capture_output=True, text=True)
                 seconds = time.perf_counter() - started
             tested = next((line for line in result.stdout.splitlines() if "Test accuracy" in line),
-                "")
+                          "")
             runs[program].append({"seconds": round(seconds, 2), "status": result.returncode,
-                "test_line": tested,
+                                  "test_line": tested,
                                   "stderr_tail": result.stderr[-300:] if result.returncode else ""})
     return runs
 
@@ -118,15 +118,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--runs", type=int, default=5,
-        help="runs of the fast preset (seeds 0, 1, ...)")
+                        help="runs of the fast preset (seeds 0, 1, ...)")
     parser.add_argument("--epochs", type=int, nargs="*", default=[None],
                         help="preset EPOCHS to try (default: the preset's own)")
     parser.add_argument("--airbench-runs", type=int, default=5)
     parser.add_argument("--cold-runs", type=int, default=2,
-        help="start-to-exit runs of each program")
+                        help="start-to-exit runs of each program")
     parser.add_argument("--main-args", default="",
-        help="more main.py flags, e.g. '--train-subset 512' for a "
-                        "quick check on the CPU")
+                        help="more main.py flags, e.g. '--train-subset 512' for a quick "
+                             "check on the CPU")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
     args.data_dir = os.path.abspath(args.data_dir)
@@ -141,8 +141,7 @@ def main() -> None:
         ours[str(epochs or pipeline.PRESETS["fast"]["EPOCHS"])] = runs
         for r in runs:
             print(f"  ours    epochs {r['epochs']:>2} seed {r['seed']}: {r['test_acc']:.2f}%  "
-                  "train+final eval "
-                  f"{r['train_plus_final_eval_s']:.2f} s  fit+final eval "
+                  f"train+final eval {r['train_plus_final_eval_s']:.2f} s  fit+final eval "
                   f"{r['fit_plus_final_eval_s']:.2f} s")
 
     airbench_runs, work = [], None
@@ -178,8 +177,7 @@ def main() -> None:
         fit = statistics.mean(r["fit_plus_final_eval_s"] for r in runs)
         ratio = f"{seconds / base:>6.2f}" if base else "     -"
         print(f"{f'fast preset, {epochs} epochs':<26} {statistics.mean(accs):>8.2f}% "
-              f"{min(accs):>7.2f}% "
-              f"{seconds:>9.2f} {fit:>9.2f} {ratio}")
+              f"{min(accs):>7.2f}% {seconds:>9.2f} {fit:>9.2f} {ratio}")
         summary[f"ratio_{epochs}"] = seconds / base if base else None
         summary[f"fit_ratio_{epochs}"] = fit / base if base else None
 
@@ -188,7 +186,7 @@ def main() -> None:
         shutil.rmtree(work)  # airbench's copy of CIFAR-10
     for program, runs in summary["cold"].items():
         times = ", ".join(f"{r['seconds']:.1f} s" + (f" (status {r['status']})" if r["status"]
-            else "") for r in runs)
+                                                     else "") for r in runs)
         print(f"{program + ', cold process, start to exit:':<46} {times}")
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if torch.cuda.is_available():

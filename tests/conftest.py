@@ -119,7 +119,7 @@ def write_fake_cifar(root, per_batch=20, seed=0):
                          "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}, f, protocol=2)
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f,
-            protocol=2)
+                    protocol=2)
     return str(root)
 
 
@@ -152,8 +152,7 @@ def fake_cifar(tmp_path):
 
 
 def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "owls"), per_class=6,
-    size=(20, 14),
-                     seed=0):
+                     size=(20, 14), seed=0):
     """An ImageFolder tree of small PNGs, each class a different mean colour."""
     rng = np.random.default_rng(seed)
     for split in splits:
@@ -163,7 +162,7 @@ def write_image_tree(root, splits=("train", "val"), classes=("cats", "dogs", "ow
             for i in range(per_class):
                 base = np.array([60 * c, 255 - 60 * c, 128], dtype=np.int16)
                 pixels = np.clip(base + rng.integers(-40, 40, size=(size[1], size[0], 3)), 0,
-                    255).astype(np.uint8)
+                                 255).astype(np.uint8)
                 Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return str(root)
 
@@ -188,8 +187,8 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
     def split(n):
         labels = torch.arange(n) % classes
         noise = torch.randint(0, 60, (n, size, size, 3), generator=g)
-        images = (labels.view(-1, 1, 1, 1) * (190 // max(classes - 1, 1)) + noise).clamp(0, 255).to(
-            torch.uint8)
+        images = (labels.view(-1, 1, 1, 1) * (190 // max(classes - 1, 1))
+                  + noise).clamp(0, 255).to(torch.uint8)
         return images, labels
 
     (train_images, train_labels), (val_images, val_labels) = split(n_train), split(n_val)
@@ -197,13 +196,11 @@ def make_tiny_data(n_train=64, n_val=32, classes=4, size=8, batch_size=16, seed=
     train = loader_module.ResidentLoader(train_images.to(device), train_labels.to(device),
                                          loader_module.Batching(batch_size, train=True, seed=seed),
                                          augmentation(mean, std, CROP_PADDING=1))
-    val = loader_module.ResidentLoader(val_images.to(device), val_labels.to(device),
-                                       loader_module.Batching(2 * batch_size, train=False,
-                                       seed=seed),
-                                       augmentation(mean, std))
+    val = loader_module.ResidentLoader(
+        val_images.to(device), val_labels.to(device),
+        loader_module.Batching(2 * batch_size, train=False, seed=seed), augmentation(mean, std))
     return data_module.Data(train, val, val, [f"c{i}" for i in range(classes)], mean, std, size,
-        True,
-                            test_is_val=True)
+                            True, test_is_val=True)
 
 
 def run_main(args, cwd=ROOT, timeout=300, env=None, **kwargs):
@@ -218,8 +215,8 @@ PHOTO_CLASSES = ["chat noir", "zèbre", "éléphant"]  # as ImageFolder sorts th
 PHOTO_KINDS = [  # (file name, width, height): one of each in every class folder of every split
     ("rgb.jpg", 300, 200), ("grey.png", 40, 30), ("alpha.png", 120, 90), ("palette.png", 64, 64),
     ("palette_transparent.png", 80, 60), ("cmyk.jpg", 100, 150), ("sixteen_bit.png", 90, 70),
-    ("sideways.jpg", 100, 200), ("lossy.webp", 150, 100), ("bitmap.bmp", 50, 60), ("still.gif", 70,
-    50)]
+    ("sideways.jpg", 100, 200), ("lossy.webp", 150, 100), ("bitmap.bmp", 50, 60),
+    ("still.gif", 70, 50)]
 PHOTOS_PER_CLASS = len(PHOTO_KINDS)  # in each split; train/chat noir/ has one more, truncated.jpg
 
 
@@ -254,7 +251,7 @@ def write_photo_tree(root, splits=("train", "val"), seed=0):
                 elif file_name.startswith("palette"):
                     palette = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
                     palette.save(path, **({"transparency": 0} if "transparent" in file_name
-                        else {}))
+                                          else {}))
                 elif file_name == "cmyk.jpg":
                     image.convert("CMYK").save(path, quality=95)
                 elif file_name == "sixteen_bit.png":
@@ -268,7 +265,7 @@ def write_photo_tree(root, splits=("train", "val"), seed=0):
                     image.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
                 else:
                     image.save(path, **({"quality": 95} if file_name.endswith((".jpg", ".webp"))
-                        else {}))
+                                        else {}))
     if "train" in splits:
         folder = os.path.join(root, "train", PHOTO_CLASSES[0])
         whole = io.BytesIO()
@@ -299,7 +296,7 @@ def smooth_photo(size=256, seed=0):
     """A uint8 (size, size, 3) image with a photo's smoothness: bicubic-enlarged noise."""
     noise = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed)) * 255
     big = torch.nn.functional.interpolate(noise, size=(size, size), mode="bicubic",
-        align_corners=False)
+                                          align_corners=False)
     return big.clamp(0, 255).round().to(torch.uint8)[0].permute(1, 2, 0).contiguous()
 
 
@@ -330,8 +327,8 @@ def assert_same_state(model, optimizer, state):
 def random_batch(n=8, size=16, seed=0):
     """A seeded batch of n random images and 4-class targets."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=generator), torch.randint(0, 4, (n,),
-        generator=generator)
+    return torch.randn(n, 3, size, size, generator=generator), torch.randint(
+        0, 4, (n,), generator=generator)
 
 
 class _EagerGraph:
@@ -386,9 +383,8 @@ def stand_in_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: None)
-    monkeypatch.setattr(torch.cuda, "graph",
-                        lambda graph, **options: step_module.rolled_back(capturing[0].model,
-                        capturing[0].optimizer))
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **options: step_module.rolled_back(
+        capturing[0].model, capturing[0].optimizer))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: _EagerGraph(capturing[0], broken=bool(
         broken)))
     monkeypatch.setattr(train_module, "TrainStep", CapturedStep)

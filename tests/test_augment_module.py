@@ -36,8 +36,8 @@ def test_crops_are_shifts_within_the_padding(reflect):
     shifts_seen = set()
     for i in range(len(images)):
         matches = [(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)
-                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8], out[i].permute(2, 0,
-                   1).float())]
+                   if torch.equal(padded[i, :, dy:dy + 8, dx:dx + 8],
+                                  out[i].permute(2, 0, 1).float())]
         assert matches, f"image {i} is not a crop of its padded self"
         shifts_seen.add(matches[0])
     assert len(shifts_seen) > 5  # the shifts really vary
@@ -56,8 +56,8 @@ def test_crop_boxes_fit_and_follow_torchvisions_distribution():
             <= area).all()
         assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
         image = torch.zeros(3, height, width)
-        reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0], [3
-            / 4, 4 / 3])
+        reference = torch.tensor([transforms.RandomResizedCrop.get_params(image, [0.08, 1.0],
+                                                                          [3 / 4, 4 / 3])
                                   for _ in range(3000)]).double()
         for ours, theirs in [(h * w / area, reference[:, 2] * reference[:, 3] / area),
                              ((w / h).log(), (reference[:, 3] / reference[:, 2]).log()),
@@ -70,8 +70,8 @@ def test_crop_boxes_fall_back_to_torchvisions_central_crop():
     # no box of 99-100% of a 10 x 100 image has a ratio in (3/4, 4/3): ten misses, then the central
     # crop
     boxes = augment_module.sample_crop_boxes(5, 10, 100, scale=(0.99, 1.0))
-    expected = transforms.RandomResizedCrop.get_params(torch.zeros(3, 10, 100), [0.99, 1.0], [3 / 4,
-        4 / 3])
+    expected = transforms.RandomResizedCrop.get_params(torch.zeros(3, 10, 100), [0.99, 1.0],
+                                                       [3 / 4, 4 / 3])
     assert boxes.tolist() == [list(expected)] * 5 == [[0, 43, 10, 13]] * 5
 
 
@@ -114,14 +114,13 @@ class HostReads(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         indexing = name in ("index", "index_put", "index_put_", "_index_put_impl_")
-        masks = indexing and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool,
-            torch.uint8)
-                                 for i in args[1])
+        masks = indexing and any(isinstance(i, torch.Tensor)
+                                 and i.dtype in (torch.bool, torch.uint8) for i in args[1])
         masked_fill = masks and name != "index" and args[2].numel() == 1 and args[
             2].device.type == "cpu"
-        if name in ("_local_scalar_dense", "nonzero", "masked_select") or (masks
-            and not masked_fill) or \
-                (name == "_to_copy" and "device" in kwargs):
+        if name in ("_local_scalar_dense", "nonzero",
+                    "masked_select") or (masks and not masked_fill) or (name == "_to_copy"
+                                                                        and "device" in kwargs):
             self.found.append(str(func))
         return func(*args, **kwargs)
 
@@ -140,7 +139,7 @@ def test_the_batched_augmentation_never_makes_the_device_wait_for_the_host():
         images[images > 100] = images[images > 100] // 2
         torch.zeros(3).sum().item()
     assert watch.found == ["aten.index.Tensor", "aten.index_put_.default",
-        "aten._local_scalar_dense.default"]
+                           "aten._local_scalar_dense.default"]
 
 
 # ----------------------------------------------------------------------------- random erasing
@@ -156,7 +155,7 @@ def test_erased_boxes_follow_torchvisions_distribution():
     top = rows.double().argmax(1)
     erasing = transforms.RandomErasing(1.0)
     reference = torch.tensor([erasing.get_params(torch.zeros(3, size, size), erasing.scale,
-        erasing.ratio, [0.0])[:4]
+                                                 erasing.ratio, [0.0])[:4]
                               for _ in range(n)]).double()
     # nearly all fit
     assert (h > 0).float().mean() > 0.99 and (reference[:, 2] < size).float().mean() > 0.99
@@ -186,25 +185,23 @@ def test_random_erasing_gives_two_identical_images_boxes_of_their_own():
 
 def test_the_streaming_path_trains_with_torchvisions_own_transforms():
     mean, std = (0.5,) * 3, (0.25,) * 3
-    for policy, kind in [("trivialaugment", transforms.TrivialAugmentWide), ("randaugment",
-            transforms.RandAugment)]:
+    for policy, kind in [("trivialaugment", transforms.TrivialAugmentWide),
+                         ("randaugment", transforms.RandAugment)]:
         augmented = augmentation(mean, std, AUTO_AUGMENT=policy, RANDOM_ERASING=0.25)
         steps = augment_module.pil_transform(True, 32, augmented).transforms
-        assert [type(step) for step in steps] == [transforms.RandomCrop,
-            transforms.RandomHorizontalFlip, kind,
-                                                  transforms.ToTensor, transforms.Normalize,
-                                                  transforms.RandomErasing]
-        assert steps[2].num_magnitude_bins == 31 and (policy == "trivialaugment" or
-                                                      (steps[2].num_ops, steps[2].magnitude) == (2,
-                                                      9))
-        assert (steps[-1].p, steps[-1].scale, steps[-1].ratio, steps[-1].value) == (0.25, (0.02,
-            0.33), (0.3, 3.3), 0)
+        assert [type(step) for step in steps] == [
+            transforms.RandomCrop, transforms.RandomHorizontalFlip, kind, transforms.ToTensor,
+            transforms.Normalize, transforms.RandomErasing]
+        assert steps[2].num_magnitude_bins == 31 and (
+            policy == "trivialaugment" or (steps[2].num_ops, steps[2].magnitude) == (2, 9))
+        assert (steps[-1].p, steps[-1].scale, steps[-1].ratio,
+                steps[-1].value) == (0.25, (0.02, 0.33), (0.3, 3.3), 0)
         evaluation = augment_module.pil_transform(False, 32, augmented).transforms
         assert [type(step) for step in evaluation] == [transforms.ToTensor, transforms.Normalize]
     plain = augment_module.pil_transform(True, 32, augmentation(mean, std)).transforms
     assert [type(step) for step in plain] == [transforms.RandomCrop,
-        transforms.RandomHorizontalFlip,
-                                              transforms.ToTensor, transforms.Normalize]
+                                              transforms.RandomHorizontalFlip, transforms.ToTensor,
+                                              transforms.Normalize]
 
 
 # ----------------------------------------------------------------------------- Mixup and CutMix

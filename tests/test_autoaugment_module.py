@@ -24,12 +24,10 @@ def torchvisions_op(image, op, magnitude):
     shear = math.degrees(math.atan(magnitude))
     calls = {
         "Identity": lambda: image,
-        "ShearX": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[shear,
-        0.0],
-                                    interpolation=nearest, center=[0, 0]),
-        "ShearY": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0,
-        shear],
-                                    interpolation=nearest, center=[0, 0]),
+        "ShearX": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
+                                    shear=[shear, 0.0], interpolation=nearest, center=[0, 0]),
+        "ShearY": lambda: F2.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
+                                    shear=[0.0, shear], interpolation=nearest, center=[0, 0]),
         "TranslateX": lambda: F2.affine(image, angle=0.0, translate=[int(magnitude), 0], scale=1.0,
                                         shear=[0.0, 0.0], interpolation=nearest),
         "TranslateY": lambda: F2.affine(image, angle=0.0, translate=[0, int(magnitude)], scale=1.0,
@@ -111,21 +109,21 @@ def test_each_output_is_torchvisions_op_on_its_own_image_and_every_op_is_drawn()
     outcomes = {}  # an output's pixels: the ops that give it
     for op in OPS:
         magnitudes = every_magnitude("trivialaugment", op, 32)
-        for out in autoaugment_module.apply_op(image.permute(2, 0, 1).expand(len(magnitudes), 3, 32,
-                32), op, magnitudes):
+        for out in autoaugment_module.apply_op(
+                image.permute(2, 0, 1).expand(len(magnitudes), 3, 32, 32), op, magnitudes):
             outcomes.setdefault(out.permute(1, 2, 0).numpy().tobytes(), set()).add(op)
     outputs = autoaugment_module.auto_augment(image.expand(1400, 32, 32, 3), "trivialaugment")
     drawn = [outcomes.get(out.numpy().tobytes()) for out in outputs]
     assert all(drawn)
-    counts = {op: sum(op in ops and len(ops) == 1 for ops in drawn) for op in OPS if op
-        != "Identity"}
+    counts = {op: sum(op in ops and len(ops) == 1 for ops in drawn) for op in OPS
+              if op != "Identity"}
     # told apart by their output: most of ~100 each
     assert all(count > 30 for count in counts.values()), counts
 
 
 def test_each_output_depends_only_on_its_own_image():
     images = torch.randint(0, 256, (40, 16, 16, 3), dtype=torch.uint8,
-        generator=torch.Generator().manual_seed(1))
+                           generator=torch.Generator().manual_seed(1))
     changed = images.clone()
     changed[7] = 255 - changed[7]
     for policy in autoaugment_module.AUTO_AUGMENTS:

@@ -20,8 +20,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "profile_step.py")
 
 def run_profile_step(*args, timeout=300):
     result = subprocess.run([sys.executable, SCRIPT, *map(str, args)], cwd=ROOT,
-        capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
 
@@ -43,12 +43,9 @@ def test_the_sync_counter_counts_sync_warnings_and_explicit_waits_by_where_they_
 
 def test_profile_step_prints_the_kernel_table_and_the_sync_count_of_the_step_on_a_cpu(tmp_path):
     printed = run_profile_step("--model", "cnn", "--steps", 2, "--batch-size", 8, "--warmup", 1,
-        "--output", tmp_path)
-    assert (
-        "host synchronisations in 2 warm steps: 0 (on the CPU there is no device to "
-        "synchronise with)"
-        in printed
-    )
+                               "--output", tmp_path)
+    assert ("host synchronisations in 2 warm steps: 0 (on the CPU there is no device to "
+            "synchronise with)" in printed)
     assert "kernel table: top 20 by self CPU time over 2 warm steps" in printed
     assert "aten::convolution_backward" in printed and "Self CPU time total" in printed
     report = json.loads((tmp_path / "profile_step_cnn_nopreset_cpu.json").read_text())
@@ -63,10 +60,8 @@ def test_profile_step_prints_the_kernel_table_and_the_sync_count_of_the_step_on_
 def test_profile_step_fit_counts_a_whole_main_run(tmp_path):
     data = write_fake_cifar(tmp_path / "data")
     printed = run_profile_step("--model", "cnn", "--steps", 1, "--warmup", 1, "--batch-size", 8,
-        "--fit",
-                               "--epochs", 1, "--data-dir", data, "--main-args",
-                               "--val-split 20 --download false",
-                               "--output", tmp_path)
+                               "--fit", "--epochs", 1, "--data-dir", data, "--main-args",
+                               "--val-split 20 --download false", "--output", tmp_path)
     fit = json.loads((tmp_path / "profile_step_cnn_nopreset_cpu.json").read_text())["fit"]
     assert fit["status"] == 0 and fit["epochs"] == 1 and fit["syncs"]["total"] == 0
     assert f"Test accuracy: {100 * fit['test_acc']:.2f}%" in printed  # as main.py printed it

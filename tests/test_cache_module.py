@@ -70,17 +70,17 @@ def test_the_cache_is_built_once_then_opened_without_decoding(tmp_path):
     paths = write_files(tmp_path / "images")
     first, fill = build(paths, tmp_path / "cache", tmp_path)
     assert first.built and fill.calls == 1 and first.failed == []
-    assert first.images.shape == (5, 4, 4, 3) and first.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3,
-        4]
+    assert first.images.shape == (5, 4, 4, 3) and first.images[:, 0, 0, 0].tolist() == [
+        0, 1, 2, 3, 4]
     written = os.stat(first.path)
     again, fill = build(paths, tmp_path / "cache", tmp_path)
     assert not again.built and fill.calls == 0 and again.path == first.path
     assert torch.equal(again.images, first.images)
     assert os.stat(again.path).st_mtime_ns == written.st_mtime_ns and os.stat(
         again.path).st_ino == written.st_ino
-    assert [name for name in cache_files(tmp_path / "cache") if name.endswith((".npy",
-        ".json"))] == [
-        os.path.basename(first.path)[:-4] + ".json", os.path.basename(first.path)]
+    assert [name for name in cache_files(tmp_path / "cache")
+            if name.endswith((".npy", ".json"))] == [os.path.basename(first.path)[:-4] + ".json",
+                                                     os.path.basename(first.path)]
 
 
 def test_unreadable_files_are_remembered_with_the_cache(tmp_path):
@@ -133,8 +133,8 @@ def test_the_key_is_the_same_for_relative_and_absolute_paths_and_roots(tmp_path,
     monkeypatch.chdir(tmp_path)
     relative = [os.path.relpath(path, tmp_path) for path in paths]
     key = cache_module.cache_key(paths, 4, str(tmp_path))
-    assert cache_module.cache_key(relative, 4, ".") == key == cache_module.cache_key(relative, 4,
-        str(tmp_path))
+    assert cache_module.cache_key(relative, 4, ".") == key == cache_module.cache_key(
+        relative, 4, str(tmp_path))
     # the relative paths differ
     assert cache_module.cache_key(paths, 4, str(tmp_path / "images")) != key
 
@@ -154,15 +154,15 @@ def test_statistics_are_computed_once_per_set_of_rows_and_remembered_beside_the_
     cache, _ = build(write_files(tmp_path / "images"), tmp_path / "cache", tmp_path)
     first = Statistics(((0.1, 0.2, 0.3), (0.4, 0.5, 0.6)))
     assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]),
-        first) == first.value and first.calls == 1
+                                   first) == first.value and first.calls == 1
     again = Statistics(((9.0,) * 3, (9.0,) * 3))
     assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]),
-        again) == first.value and again.calls == 0
+                                   again) == first.value and again.calls == 0
     other = Statistics(((0.7,) * 3, (0.8,) * 3))  # other rows: computed, and both kept
     assert cache_module.remembered(cache.path, torch.tensor([0, 2, 3]),
-        other) == other.value and other.calls == 1
+                                   other) == other.value and other.calls == 1
     assert cache_module.remembered(cache.path, torch.tensor([0, 2, 4]),
-        again) == first.value and again.calls == 0
+                                   again) == first.value and again.calls == 0
 
 
 @pytest.mark.parametrize("damage", ["garbage", "a list", "read-only folder"])
@@ -180,7 +180,7 @@ def test_a_memo_that_cannot_be_read_or_written_is_only_computed(tmp_path, damage
         for calls in (1, 2):
             statistics = Statistics(((0.5,) * 3, (0.25,) * 3))
             assert cache_module.remembered(cache.path, torch.arange(3),
-                statistics) == statistics.value
+                                           statistics) == statistics.value
             assert statistics.calls == (1 if damage == "read-only folder" or calls == 1 else 0)
     finally:
         os.chmod(tmp_path / "cache", 0o755)
@@ -209,8 +209,8 @@ def test_two_folders_with_the_same_file_names_get_caches_of_their_own(tmp_path):
     assert build(second, tmp_path / "cache", tmp_path / "two")[0].path == one.path
 
 
-def test_the_default_cache_folder_is_the_users_own_read_from_the_environment_at_each_call(tmp_path,
-        monkeypatch):
+def test_the_default_cache_folder_is_the_users_own_read_from_the_environment_at_each_call(
+        tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert REAL_DEFAULT_CACHE_DIR() == str(tmp_path / "xdg" / "lra-pipeline")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -224,7 +224,7 @@ def test_the_default_cache_folder_is_the_users_own_read_from_the_environment_at_
 
 
 @pytest.mark.parametrize("damage", ["truncated npy", "truncated index", "no index",
-    "index of another size"])
+                                    "index of another size"])
 def test_a_damaged_cache_is_rebuilt_never_trusted(tmp_path, damage):
     paths = write_files(tmp_path / "images")
     good, _ = build(paths, tmp_path / "cache", tmp_path)
@@ -259,7 +259,7 @@ def test_a_failed_build_leaves_no_file_and_the_next_run_builds(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         cache_module.open_or_build(paths, 4, str(tmp_path / "cache"), root=str(tmp_path),
-            fill=interrupted)
+                                   fill=interrupted)
     assert [name for name in cache_files(tmp_path / "cache") if not name.endswith(".lock")] == []
     assert build(paths, tmp_path / "cache", tmp_path)[0].built
 
@@ -286,7 +286,7 @@ def test_a_cache_larger_than_the_free_space_is_refused_before_decoding(tmp_path,
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda folder: type("Usage", (), {
         "free": 1000})())
     with pytest.raises(cache_module.CacheError,
-            match="needs 0.00 GiB in .*which has 0.00 GiB free"):
+                       match="needs 0.00 GiB in .*which has 0.00 GiB free"):
         build(paths, tmp_path / "cache", tmp_path, size=40)
 
 
@@ -307,21 +307,20 @@ def build_in_a_process(paths, cache_dir, lock, barrier, results):
 
     barrier.wait()
     cache = cache_module.open_or_build(paths, 64, cache_dir, root=os.path.dirname(paths[0]),
-        fill=fill)
+                                       fill=fill)
     results.put((bool(decoded), int(cache.images.numpy().sum(dtype=np.int64))))
 
 
 @pytest.mark.skipif(sys.platform != "linux",
-    reason="forks the test process (the children need no torch import)")
+                    reason="forks the test process (the children need no torch import)")
 @pytest.mark.parametrize("lock", [True, False])
 def test_two_processes_building_at_once_leave_one_valid_cache(tmp_path, lock):
     paths = write_files(tmp_path / "images", 20)
     cache_dir = str(tmp_path / "cache")
     context = multiprocessing.get_context("fork")
     barrier, results = context.Barrier(2), context.Queue()
-    builders = [context.Process(target=build_in_a_process, args=(paths, cache_dir, lock, barrier,
-        results))
-                for _ in range(2)]
+    builders = [context.Process(target=build_in_a_process,
+                                args=(paths, cache_dir, lock, barrier, results)) for _ in range(2)]
     for builder in builders:
         builder.start()
     outcomes = [results.get(timeout=60) for _ in builders]
@@ -381,10 +380,9 @@ def test_an_index_of_an_older_format_is_rebuilt_without_a_word(tmp_path, capsys)
     assert build(paths, tmp_path / "cache", tmp_path)[0].built and capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("entry", [
-    [[0.5, 0.5], [0.2, 0.2]], [[0.5] * 3, [0.2, 0.0, 0.2]], [[0.5] * 3, [0.2] * 3, 1],
-    [[0.5, float("nan"), 0.5], [0.2] * 3], [[0.5] * 3, ["0.2"] * 3], [[2.0] * 3, [0.2] * 3],
-    "mean"])
+@pytest.mark.parametrize("entry", [[[0.5, 0.5], [0.2, 0.2]], [[0.5] * 3, [0.2, 0.0, 0.2]],
+                                   [[0.5] * 3, [0.2] * 3, 1], [[0.5, float("nan"), 0.5], [0.2] * 3],
+                                   [[0.5] * 3, ["0.2"] * 3], [[2.0] * 3, [0.2] * 3], "mean"])
 def test_a_memo_that_reads_but_is_wrong_is_computed_anew_with_one_warning(tmp_path, capsys, entry):
     cache, _ = build(write_files(tmp_path / "images"), tmp_path / "cache", tmp_path)
     rows, right = torch.arange(3), Statistics(((0.5,) * 3, (0.25,) * 3))
@@ -405,8 +403,8 @@ def test_a_memo_that_reads_but_is_wrong_is_computed_anew_with_one_warning(tmp_pa
     assert capsys.readouterr().err == ""
 
 
-def test_a_failed_index_write_removes_the_npy_whose_room_the_next_build_needs(tmp_path,
-                                                                              monkeypatch):
+def test_a_failed_index_write_removes_the_npy_whose_room_the_next_build_needs(
+        tmp_path, monkeypatch):
     paths = write_files(tmp_path / "images")
 
     def full_disk(path):

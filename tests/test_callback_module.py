@@ -27,8 +27,7 @@ from state_module import TrainState
 def tiny_model(freeze=False):
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
     model = model_module.Classifier(body, nn.Linear(4, 3))
     if freeze:
         model_module.freeze_body(model)
@@ -69,7 +68,7 @@ def make_lra(model=None, lr=0.1, **settings):
 
 def metrics(train_acc=0.5, val_loss=1.0, val_acc=0.5, train_loss=1.0):
     return {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-        "val_acc": val_acc}
+            "val_acc": val_acc}
 
 
 def lr_of(h):
@@ -103,13 +102,12 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("name, value", [("patience", 0), ("patience", 1.5), ("stop_patience", 0),
-                                         ("threshold", 1.5), ("factor", 1.0), ("factor", 0.0), (
-                                         "ask_epoch", 0),
-                                         ("min_lr", -1), ("min_delta", -0.1), ("unfreeze_epoch",
-                                         0)])
+                                         ("threshold", 1.5), ("factor", 1.0), ("factor", 0.0),
+                                         ("ask_epoch", 0), ("min_lr", -1), ("min_delta", -0.1),
+                                         ("unfreeze_epoch", 0)])
 def test_bad_setting_is_refused_naming_its_constant(name, value):
     with pytest.raises(ValueError,
-            match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
+                       match=f"^{name.upper()} = {re.escape(repr(value))} is out of range: use "):
         configs(**{name.upper(): value})
 
 
@@ -184,11 +182,8 @@ def test_phase_switches_at_threshold_and_back():
     assert lra.decision.monitor == "val_loss" and lra.decision.improved
     # accuracy up, but the monitor is val_loss
     lra.on_epoch_end(3, metrics(train_acc=0.7, val_loss=0.95))
-    assert (
-        lra.decision.monitor == "val_loss"
-        and not lra.decision.improved
-        and "LR cut" in lra.decision.event
-    )
+    assert (lra.decision.monitor == "val_loss" and not lra.decision.improved
+            and "LR cut" in lra.decision.event)
     lra.on_epoch_end(4, metrics(train_acc=0.5, val_loss=0.99))  # below the threshold again
     assert lra.decision.monitor == "train_acc"
 
@@ -272,7 +267,7 @@ def test_event_names_what_happened_in_the_order_the_loop_carries_it_out():
     lra.on_epoch_end(2, metrics(val_loss=1.5))
     assert lra.decision.event == "restored epoch 1, LR cut, stop"
     assert callback_module.describe(True, None, True, False,
-        True) == "best, LR cut, unfroze the body"
+                                    True) == "best, LR cut, unfroze the body"
 
 
 @pytest.mark.parametrize("ending", ["epoch limit", "LRA stop", "H", "Ctrl-C"])
@@ -287,7 +282,7 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     lra = LRA(dataclasses.replace(configs().lra, **{"threshold": 0.0, "dwell": False,
                                                     "stop_patience": 5, "ask_epoch": None,
-                                        **settings}), stream=io.StringIO())
+                                                    **settings}), stream=io.StringIO())
     scripted, weights = {1: metrics(val_loss=1.0, val_acc=0.7), 2: metrics(val_loss=1.5)}, []
 
     # a real step moves the weights; the metrics are scripted
@@ -295,8 +290,7 @@ def test_fit_ends_on_the_best_weights_whatever_ended_training(ending, monkeypatc
         train_step(state.model, state.optimizer, epoch)
         weights.append({k: v.clone() for k, v in state.model.state_dict().items()})
         return {"epoch": epoch, **scripted[epoch], "lr": optim_module.get_lr(state.optimizer),
-            "seconds": 0.0,
-                "train_seconds": 0.0}
+                "seconds": 0.0, "train_seconds": 0.0}
 
     monkeypatch.setattr(train_module, "_train_and_validate", one_epoch)
     epochs = 2 if ending == "epoch limit" else 5
@@ -458,13 +452,12 @@ def test_a_number_runs_past_the_epoch_limit_in_fit(monkeypatch, tmp_path):
 
 
 def test_state_round_trip_makes_the_same_decisions():
-    sequence = [metrics(train_acc=a, val_loss=v) for a, v in
-                [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85), (0.97, 0.84), (
-                0.98, 0.9)]]
+    sequence = [metrics(train_acc=a, val_loss=v)
+                for a, v in [(0.3, 1.0), (0.5, 0.9), (0.4, 0.95), (0.95, 0.8), (0.96, 0.85),
+                             (0.97, 0.84), (0.98, 0.9)]]
     straight = make_lra(threshold=0.9, stop_patience=5)
     straight_log = [(straight.on_epoch_end(e, m), lr_of(straight), straight.decision.monitor,
-        straight.lra.cuts)
-                    for e, m in enumerate(sequence, start=1)]
+                     straight.lra.cuts) for e, m in enumerate(sequence, start=1)]
 
     first = make_lra(threshold=0.9, stop_patience=5)
     log = [(first.on_epoch_end(e, m), lr_of(first), first.decision.monitor, first.lra.cuts)
@@ -499,10 +492,8 @@ def test_without_validation_the_last_epoch_is_best_and_training_loss_is_watched_
     # empty V_loss, V_acc
     assert lines[3].split("|")[3].strip() == "" and lines[3].split("|")[4].strip() == ""
     h.lra.on_train_end()
-    assert (
-        "No validation images: the model and best_model.pth hold the final weights, from epoch 4"
-        in h.output
-    )
+    assert ("No validation images: the model and best_model.pth hold the final "
+            "weights, from epoch 4" in h.output)
 
 
 # ----------------------------------------------------------------------------- MONITOR, warm-up
@@ -628,8 +619,8 @@ def imbalanced_data(seed=1):
     return data_module.Data(train, val, val, ["a", "b", "c"], mean, std, 8, True, test_is_val=True)
 
 
-def test_on_imbalanced_classes_macro_f1_keeps_a_better_balanced_epoch_than_val_loss(tmp_path,
-                                                                                  one_thread):
+def test_on_imbalanced_classes_macro_f1_keeps_a_better_balanced_epoch_than_val_loss(
+        tmp_path, one_thread):
     runs = {}
     for monitor in ("val_loss", "macro_f1"):  # no cut, so no DWELL: the same training
         config = configs(MONITOR=monitor, PATIENCE=50, EPOCHS=7, ASK_EPOCH=None,

@@ -27,9 +27,8 @@ from state_module import RunInfo, TrainState
 def new_state(data, model_name="cnn", started=None):
     model = model_module.get_model(model_name, 4)
     optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
-    info = RunInfo({"MODEL": model_name, "DATASET": "cifar10", "FREEZE": False}, data.classes, list(
-        data.mean),
-                   list(data.std), 16, started=started)
+    info = RunInfo({"MODEL": model_name, "DATASET": "cifar10", "FREEZE": False}, data.classes,
+                   list(data.mean), list(data.std), 16, started=started)
     return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO()),
                       info=info)
 
@@ -76,16 +75,16 @@ def test_a_checkpoint_of_another_format_or_model_is_refused(tmp_path):
     checkpoint = torch.load(path, weights_only=True)
     utils.save_torch({**checkpoint, "format": 1}, str(tmp_path / "old.pth"))
     with pytest.raises(utils.CheckpointError,
-            match="is not a last_checkpoint.pth of this pipeline"):
+                       match="is not a last_checkpoint.pth of this pipeline"):
         checkpoint_module.read_checkpoint(str(tmp_path / "old.pth"))
     other = new_state(data, model_name="resnet18_cifar")
     with pytest.raises(utils.CheckpointError,
-            match="was saved with MODEL = 'cnn', but this run has 'resnet18_cifar'"):
+                       match="was saved with MODEL = 'cnn', but this run has 'resnet18_cifar'"):
         checkpoint_module.resume(checkpoint, path, other, output_dir=str(tmp_path / "run"))
 
 
-def test_a_checkpoint_written_before_the_ema_existed_resumes_as_a_run_without_one(tmp_path,
-        one_thread):
+def test_a_checkpoint_written_before_the_ema_existed_resumes_as_a_run_without_one(
+        tmp_path, one_thread):
     state, data, history = run_fit(tmp_path / "run", epochs=1)
     path = str(tmp_path / "old.pth")
     checkpoint = torch.load(tmp_path / "run" / "last_checkpoint.pth", weights_only=True)
@@ -120,7 +119,7 @@ def test_an_earlier_run_moves_to_previous_under_its_start_time_byte_for_byte(tmp
     (out / "notes.txt").write_text("mine")
     before = {name: data for name, data in files_in(out).items() if name != "notes.txt"}
     assert set(before) == {"last_checkpoint.pth", "best_model.pth", "best_model.json",
-        "training_metrics.csv"}
+                           "training_metrics.csv"}
     local = datetime.datetime(2026, 11, 27, 3, 58, 12, tzinfo=datetime.timezone.utc).astimezone()
     expected = out / "previous" / local.strftime("%Y-%m-%dT%H-%M-%S")
 
@@ -141,16 +140,15 @@ def test_files_that_did_not_record_a_start_are_named_by_the_oldest_file(tmp_path
         (tmp_path / name).write_bytes(b"written before runs recorded their start")
         os.utime(tmp_path / name, (1_800_000_000 - 3600 * age,) * 2)
     oldest = datetime.datetime.fromtimestamp(1_800_000_000 - 7200)
-    assert checkpoint_module.move_earlier_run(str(tmp_path)).endswith(oldest.strftime(
-        "previous/%Y-%m-%dT%H-%M-%S"))
+    assert checkpoint_module.move_earlier_run(str(tmp_path)).endswith(
+        oldest.strftime("previous/%Y-%m-%dT%H-%M-%S"))
 
 
 def test_a_checkpoint_alone_gives_its_start_time(tmp_path):
-    utils.save_torch({"started": "2026-01-02T03:04:05+00:00"}, str(tmp_path
-        / "last_checkpoint.pth"))
+    utils.save_torch({"started": "2026-01-02T03:04:05+00:00"},
+                     str(tmp_path / "last_checkpoint.pth"))
     assert checkpoint_module.run_started(str(tmp_path)) == datetime.datetime(
-        2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc
-    )
+        2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
 
 
 def test_a_folder_without_a_run_moves_nothing(tmp_path):
@@ -164,8 +162,7 @@ def writer_state(model, epoch=1):
     best = state_module.Snapshot(with_optimizer=False)
     best.take(model, optimizer)
     return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None).lra, stream=io.StringIO()),
-                      best,
-                      history=[{"epoch": epoch, "val_loss": 1.0}])
+                      best, history=[{"epoch": epoch, "val_loss": 1.0}])
 
 
 def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, monkeypatch):
@@ -193,8 +190,8 @@ def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, mo
     assert all(torch.equal(checkpoint["model"][k], v) for k, v in expected.items())
     # the modules' versions, for loading
     assert checkpoint["model"]._metadata == model.state_dict()._metadata
-    assert all(torch.equal(v, expected[k]) for k, v in torch.load(tmp_path
-        / "best_model.pth").items())
+    assert all(torch.equal(v, expected[k])
+               for k, v in torch.load(tmp_path / "best_model.pth").items())
     # header and epoch 1
     assert len(open(tmp_path / "training_metrics.csv").read().splitlines()) == 2
 
@@ -230,8 +227,8 @@ def test_the_writer_copies_the_whole_state_to_the_host_in_one_call(tmp_path, mon
     writer = checkpoint_module.EpochWriter(str(tmp_path))
     writer.save(checkpoint, new_best=True)
     writer.wait()
-    expected = [leaf for leaf in torch.utils._pytree.tree_leaves(checkpoint) if isinstance(leaf,
-        torch.Tensor)]
+    expected = [leaf for leaf in torch.utils._pytree.tree_leaves(checkpoint)
+                if isinstance(leaf, torch.Tensor)]
     assert len(calls) == 1  # one pass, so one wait for a device however many tensors
     # the model's, the best weights', the random states...
     assert len(expected) > len(model.state_dict())
@@ -338,8 +335,8 @@ def finished_run(tmp_path_factory):
     """A one-epoch run's files: (its folder, best_model.json's dict, last_checkpoint.pth's)."""
     out = tmp_path_factory.mktemp("finished")
     run_fit(out, epochs=1, started="2026-11-27T03:58:12+00:00")
-    return out, json.loads((out / "best_model.json").read_text()), \
-        torch.load(out / "last_checkpoint.pth", weights_only=True)
+    return out, json.loads((out / "best_model.json").read_text()), torch.load(
+        out / "last_checkpoint.pth", weights_only=True)
 
 
 CHANGED = "; the file was changed, or not written by this pipeline: "

@@ -73,8 +73,8 @@ def test_export_checks_the_model_on_the_csvs_own_images(tmp_path):
     write_image_tree(tmp_path / "images", splits=("train",), per_class=4)
     rows = tree_rows(str(tmp_path / "images"))
     splits = ["val" if i % 3 == 0 else "test" if i % 3 == 1 else "" for i in range(len(rows))]
-    csv_path = write_csv(tmp_path / "labels.csv", [row + (split,) for row, split in
-                                                   zip(rows, splits)])
+    csv_path = write_csv(tmp_path / "labels.csv", [row + (split,)
+                                                   for row, split in zip(rows, splits)])
     info = dict(image_size=12, mean=[0.5] * 3, std=[0.25] * 3, resize_size=14)
     images = inference_module._example_images(csv_path, "csv", info, "path,label,split", n=6)
     firsts = [path for (path, _), split in zip(rows, splits) if split == "test"][:4] + \
@@ -115,8 +115,8 @@ def test_without_a_split_column_the_rows_are_split_as_a_folders_train(tmp_path):
     """The same images, listed in the folder's order: the same validation images held out (a
     tenth, one of each class at least) and the same training images left."""
     root = write_image_tree(tmp_path / "images", splits=("train",), per_class=7)
-    csv_path = write_csv(tmp_path / "labels.csv", tree_rows(root, labels={"cats": "cats", "dogs":
-                         "dogs", "owls": "owls"}), columns=("path", "label"))
+    csv_path = write_csv(tmp_path / "labels.csv", tree_rows(root, labels={
+        "cats": "cats", "dogs": "dogs", "owls": "owls"}), columns=("path", "label"))
     from_csv, from_folder = csv_data(csv_path), csv_data(root, DATASET="folder")
     (csv_images, csv_labels), (images, labels) = collect(from_csv.val), collect(from_folder.val)
     assert torch.equal(csv_images, images) and torch.equal(csv_labels, labels)
@@ -244,5 +244,5 @@ def test_a_csv_that_is_a_fifo_or_a_device_is_refused_unread_in_one_line(tmp_path
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(err) == 1, err
     assert err[0] == (f"error: --data-dir (DATA_DIR) {csv_path} is not a regular file (a FIFO, "
-                      f"socket or device); with --dataset (DATASET) csv, point it at a CSV file of "
-                      f"paths and labels")
+                      "socket or device); with --dataset (DATASET) csv, point it at a CSV file of "
+                      "paths and labels")

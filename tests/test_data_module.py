@@ -102,8 +102,8 @@ def test_cifar_images_are_read_in_the_python_version_layout(tmp_path):
 
 @pytest.mark.parametrize("name", cifar_module.CIFAR_FILES)
 @pytest.mark.parametrize("call, named", [("system", "posix.system"), ("exec", "__builtin__.exec")])
-def test_a_crafted_batch_file_is_refused_naming_it_and_its_code_never_runs(tmp_path, name, call,
-                                                                          named):
+def test_a_crafted_batch_file_is_refused_naming_it_and_its_code_never_runs(
+        tmp_path, name, call, named):
     root = write_fake_cifar(tmp_path / "data", per_batch=10)
     marker = tmp_path / "marker"
     path = plant_crafted_batch(root, marker, name, call)
@@ -195,8 +195,7 @@ def test_mixup_and_cutmix_mix_the_training_batches_only(fake_cifar):
 def test_the_class_counts_are_the_training_splits_after_the_validation_images_and_the_subset(
         tmp_path):
     root = write_image_tree(tmp_path / "tree", splits=("train", "test"), classes=("cats", "dogs"),
-        per_class=12,
-                            size=(8, 8))
+                            per_class=12, size=(8, 8))
     for i in range(9):  # 12 cats, 3 dogs
         os.remove(os.path.join(root, "train", "dogs", f"{i}.png"))
     config = data_config("folder", root, BATCH_SIZE=4, IMAGE_SIZE=8, AUGMENT="shift")
@@ -218,7 +217,7 @@ def test_train_subset_is_stratified_and_counted_after_the_split(fake_cifar):
                     DOWNLOAD=False)
     assert len(data.train.labels) == 30 and torch.bincount(data.train.labels).tolist() == [3] * 10
     with pytest.raises(DataError,
-            match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
+                       match=r"^--train-subset \(TRAIN_SUBSET\) 81 is out of range: use 1 to 80 "):
         get_data("cifar10", fake_cifar, VAL_SPLIT=20, TRAIN_SUBSET=81, DOWNLOAD=False)
 
 
@@ -232,11 +231,8 @@ def test_missing_folder_offline_gives_one_clear_message(tmp_path):
     with pytest.raises(DataError) as error:
         get_data("cifar10", str(tmp_path / "nowhere"), DOWNLOAD=True)
     message = str(error.value)
-    assert (
-        "download failed" in message
-        and "cifar-10-batches-py" in message
-        and "--data-dir (DATA_DIR)" in message
-    )
+    assert ("download failed" in message and "cifar-10-batches-py" in message
+            and "--data-dir (DATA_DIR)" in message)
     assert "\n" not in message
 
 
@@ -247,8 +243,8 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(tmp_path,
-        monkeypatch):
+def test_a_failed_download_removes_only_what_it_made_in_a_folder_that_was_there(
+        tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "other.tar.gz").write_bytes(b"mine")
 
@@ -274,9 +270,8 @@ def test_a_data_dir_one_level_too_deep_for_cifar_names_its_parent(fake_cifar):
     folder = os.path.join(fake_cifar, "cifar-10-batches-py")
     with pytest.raises(DataError) as error:
         get_data("cifar10", folder, DOWNLOAD=True)
-    assert str(error.value) == (
-        f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: use its parent, "
-                                f"--data-dir {fake_cifar}")
+    assert str(error.value) == (f"--data-dir (DATA_DIR) {folder} holds CIFAR-10's files itself: "
+                                f"use its parent, --data-dir {fake_cifar}")
     assert sorted(os.listdir(folder)) == sorted(cifar_module.CIFAR_FILES)  # no download into it
 
 
@@ -288,9 +283,8 @@ def test_a_cifar_data_dir_that_is_a_file_is_called_one(tmp_path, name, kind):
     path.write_bytes(b"not a folder")
     with pytest.raises(DataError) as error:
         get_data("cifar10", str(path), DOWNLOAD=True)
-    expected = (
-        f"--data-dir (DATA_DIR) {path} is {kind} it at the folder that holds cifar-10-batches-py/"
-    )
+    expected = (f"--data-dir (DATA_DIR) {path} is {kind} it at the folder that holds "
+                "cifar-10-batches-py/")
     assert str(error.value) == expected
 
 
@@ -396,9 +390,8 @@ def test_a_train_only_folder_holds_out_a_tenth_of_it_with_every_class_by_default
     assert data.test_is_val and data.test is data.val  # no test/
     with pytest.raises(DataError) as error:
         get_data("folder", root, VAL_SPLIT=5000, NUM_WORKERS=0)
-    assert str(error.value) == (
-        "--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; use fewer, or "
-                                "leave it unset for a tenth of them")
+    assert str(error.value) == ("--val-split (VAL_SPLIT) 5000 is too large: train/ has 90 images; "
+                                "use fewer, or leave it unset for a tenth of them")
 
 
 def test_an_uneven_folder_validates_on_every_class_by_default(tmp_path):
@@ -419,9 +412,9 @@ def test_an_uneven_folder_validates_on_every_class_by_default(tmp_path):
 
 def test_an_unset_val_split_on_a_cifar_folder_too_small_for_5000_says_so(fake_cifar):
     with pytest.raises(DataError,
-        match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of CIFAR-10's "
-                                        r"training images, but there are 100 images; set a smaller "
-                                        r"one$"):
+                       match=r"^--val-split \(VAL_SPLIT\) is unset, which holds out 5000 of "
+                             r"CIFAR-10's training images, but there are 100 images; "
+                             r"set a smaller one$"):
         get_data("cifar10", fake_cifar, DOWNLOAD=False)
 
 
@@ -431,7 +424,7 @@ def test_files_and_their_decoded_images_split_and_measure_alike(tmp_path):
     files, classes = folder_module._scan_folder(listing, size=8), listing.classes
     images = {"train": files["train"].decode(num_workers=0, desc="decoding")}
     options = dict(val_split=6, train_subset=12, seed=3, data_dir=root, dataset="folder",
-        classes=classes)
+                   classes=classes)
     from_files = data_module._split(files, **options)
     from_images = data_module._split(images, **options)
     for name in ("train", "val"):
@@ -462,9 +455,8 @@ def test_a_split_folder_given_for_its_tree_names_the_tree(tmp_path):
     for split in ("train", "val", "train/"):
         with pytest.raises(DataError) as error:
             get_data("folder", os.path.join(root, split), NUM_WORKERS=0)
-        assert str(error.value) == (
-            f"--data-dir (DATA_DIR) {os.path.join(root, split)} is a split folder; "
-                                    f"use its parent, --data-dir {root}")
+        assert str(error.value) == (f"--data-dir (DATA_DIR) {os.path.join(root, split)} is a split "
+                                    f"folder; use its parent, --data-dir {root}")
     assert sorted(os.listdir(root)) == ["train", "val"] and "train" not in os.listdir(os.path.join(
         root, "train"))
 
@@ -474,8 +466,8 @@ def test_class_folders_without_train_a_file_or_no_folder_are_each_named(tmp_path
     write_image_tree(tmp_path / "tree", splits=("train",))
     os.rename(tmp_path / "tree" / "train", classes_only)
     with pytest.raises(DataError,
-        match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
-                                        rf"train/: move them into {classes_only}/train/, or point"):
+                       match=rf"^--data-dir \(DATA_DIR\) {classes_only} holds class folders but no "
+                             rf"train/: move them into {classes_only}/train/, or point"):
         get_data("folder", str(classes_only), NUM_WORKERS=0)
     (tmp_path / "photos.zip").write_bytes(b"PK")
     with pytest.raises(DataError,
@@ -647,8 +639,7 @@ def test_resize_size_mean_and_std_given_are_used(tmp_path, monkeypatch):
         assert torch.allclose(images[0], expected, atol=1e-5)
         path = files.paths[0]
         assert torch.allclose(image_module.load_image(path, 16, data.mean, data.std,
-            resize_size=24), expected,
-                              atol=1e-5)
+                                                      resize_size=24), expected, atol=1e-5)
     with pytest.raises(ValueError, match="mean and std"):
         replace(data_config("folder", root), mean=(0.5,) * 3)
     with pytest.raises(DataError,
@@ -690,8 +681,8 @@ def cached_data(root, cache_dir, **constants):
     return get_data("folder", root, CACHE_DIR=cache_dir and str(cache_dir), **defaults | constants)
 
 
-def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, decoded,
-        monkeypatch, capsys):
+def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(
+        tmp_path, decoded, monkeypatch, capsys):
     root = write_photo_tree(tmp_path / "photos")
     first = cached_data(root, tmp_path / "cache")
     n_images = 2 * 3 * PHOTOS_PER_CLASS + 2  # and truncated.jpg and broken.png, which are tried too
@@ -707,18 +698,16 @@ def test_a_cached_folder_is_decoded_once_and_later_runs_open_no_image(tmp_path, 
     again = cached_data(root, tmp_path / "cache")
     assert len(decoded) == n_images and os.stat(again.cache_file).st_mtime_ns == written
     later_warnings = capsys.readouterr().err  # the cache remembers what was skipped
-    assert (
-        "skipped 1 unreadable image file: " in later_warnings
-        and "files that are not images" in later_warnings
-    )
+    assert ("skipped 1 unreadable image file: " in later_warnings
+            and "files that are not images" in later_warnings)
     assert later_warnings.splitlines()[-3:] == warnings.splitlines()[-3:]
     assert again.mean == first.mean and again.classes == first.classes == PHOTO_CLASSES
     (v1, l1), (v2, l2) = collect(first.val), collect(again.val)
     assert torch.equal(v1, v2) and torch.equal(l1, l2)
 
 
-def test_a_cached_folders_statistics_are_a_samples_remembered_and_the_same_resident_or_not(tmp_path,
-        monkeypatch):
+def test_a_cached_folders_statistics_are_a_samples_remembered_and_the_same_resident_or_not(
+        tmp_path, monkeypatch):
     root = write_photo_tree(tmp_path / "photos")
     streamed = cached_data(root, tmp_path / "cache", RESIDENT="no")
     # under 2,000: all of them
@@ -817,8 +806,7 @@ def test_cached_resident_and_streamed_paths_give_the_same_pixels(tmp_path):
 
 
 def test_the_runs_device_reaches_the_decode_when_the_cache_is_built_and_files_are_read(
-    tmp_path, monkeypatch
-):
+        tmp_path, monkeypatch):
     """decode_files decodes JPEGs on a CUDA device: get_data hands it the run's device at both
     places it decodes a folder (here the CPU, which decode_files keeps to its worker processes)."""
     calls = []
@@ -864,8 +852,8 @@ def test_a_folder_whose_classes_are_wrong_is_refused_before_anything_is_decoded(
 
 
 
-def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path, monkeypatch,
-        decoded):
+def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(
+        tmp_path, monkeypatch, decoded):
     monkeypatch.setattr(cache_module, "default_cache_dir", REAL_DEFAULT_CACHE_DIR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     one = write_image_tree(tmp_path / "one", splits=("train", "val"), seed=1)
@@ -873,8 +861,8 @@ def test_auto_caches_in_the_users_cache_folder_one_file_per_data_folder(tmp_path
     first, second = (cached_data(folder, "auto", RESIDENT="yes") for folder in (one, two))
     folder = str(tmp_path / "xdg" / "lra-pipeline")
     assert os.path.dirname(first.cache_file) == os.path.dirname(second.cache_file) == folder
-    assert first.cache_file != second.cache_file and not torch.equal(first.val.images,
-        second.val.images)
+    assert first.cache_file != second.cache_file and not torch.equal(
+        first.val.images, second.val.images)
     # nothing written beside them
     assert sorted(os.listdir(one)) == sorted(os.listdir(two)) == ["train", "val"]
     assert len(decoded) == 2 * 36 and cached_data(one, "auto").cache_file == first.cache_file

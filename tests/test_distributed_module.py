@@ -118,8 +118,7 @@ def test_a_worker_killed_with_kill_9_comes_back_under_max_restarts_and_ends_as_t
     same_metrics(out / "training_metrics.csv", expected / "training_metrics.csv")
 
 
-def test_a_restart_agrees_on_a_new_prefix_and_never_reads_the_keys_of_the_start_before(
-        monkeypatch):
+def test_a_restart_agrees_on_a_new_prefix_and_never_reads_the_keys_of_the_start_before(monkeypatch):
     server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=20))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(server.port))
@@ -250,8 +249,8 @@ def test_two_launchers_as_two_nodes_train_as_two_processes_on_one_node(straight,
 # ----------------------------------------------------------------------------- resuming
 
 
-def test_a_run_resumed_with_another_number_of_processes_is_refused_in_one_line(straight, tmp_path,
-                                                                               capsys):
+def test_a_run_resumed_with_another_number_of_processes_is_refused_in_one_line(
+        straight, tmp_path, capsys):
     args, expected = straight
     shutil.copytree(expected, tmp_path / "out")
     capsys.readouterr()
@@ -318,8 +317,8 @@ class FailedStore:
 
 
 @pytest.mark.parametrize("interrupted", [True, False])
-def test_another_process_failure_ends_this_one_unless_it_is_ending_on_its_own(monkeypatch,
-                                                                            interrupted):
+def test_another_process_failure_ends_this_one_unless_it_is_ending_on_its_own(
+        monkeypatch, interrupted):
     # a terminal's Ctrl-C reaches every process: rank 0, drawing its curves, is not cut short
     exits, stop = [], threading.Event()
     monkeypatch.setattr(distributed_module.os, "_exit", exits.append)

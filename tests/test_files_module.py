@@ -34,8 +34,8 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
 
     def fsync(fd):
         status = os.fstat(fd)
-        events.append(("fsync", status.st_ino, status.st_size if stat.S_ISREG(status.st_mode)
-            else "folder"))
+        events.append(("fsync", status.st_ino,
+                       status.st_size if stat.S_ISREG(status.st_mode) else "folder"))
         real_fsync(fd)
 
     def replace(source, target):
@@ -47,8 +47,8 @@ def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_
     path = tmp_path / "file.bin"
     files_module.atomic_write(str(path), lambda f: f.write(b"new bytes"))
     file, folder = path.stat().st_ino, tmp_path.stat().st_ino
-    assert events == [("fsync", file, len(b"new bytes")), ("replace", file, str(path)), ("fsync",
-        folder, "folder")]
+    assert events == [("fsync", file, len(b"new bytes")), ("replace", file, str(path)),
+                      ("fsync", folder, "folder")]
     assert path.read_bytes() == b"new bytes"
 
 
@@ -60,8 +60,7 @@ def test_atomic_write_gives_files_the_umask_s_mode_as_open_does(tmp_path, umask)
             "files_module.atomic_write(sys.argv[1], lambda f: f.write(b'x')); "
             "open(sys.argv[2], 'w').close()")
     subprocess.run([sys.executable, "-c", code, tmp_path / "atomic", tmp_path / "plain"], cwd=ROOT,
-        check=True,
-                   umask=umask)
+                   check=True, umask=umask)
     mode = stat.S_IMODE((tmp_path / "atomic").stat().st_mode)
     assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     assert mode == {0o022: 0o644, 0o027: 0o640}[umask]
@@ -73,7 +72,7 @@ def test_atomic_write_gives_files_the_umask_s_mode_as_open_does(tmp_path, umask)
 
 def test_a_folder_locked_by_a_live_process_is_refused_and_a_kill_9_frees_it(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c",
-        "import sys, files_module; files_module.lock_folder(sys.argv[1]); "
+                               "import sys, files_module; files_module.lock_folder(sys.argv[1]); "
                                "print('locked', flush=True); sys.stdin.read()", tmp_path], cwd=ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -81,8 +80,8 @@ def test_a_folder_locked_by_a_live_process_is_refused_and_a_kill_9_frees_it(tmp_
         assert (tmp_path / files_module.LOCK_FILE).read_text() == f"{holder.pid}\n"
         for refused in (files_module.check_unlocked, files_module.lock_folder):
             with pytest.raises(files_module.FolderInUse,
-                match=rf"^OUTPUT_DIR {tmp_path} is in use by another run "
-                                                        rf"\(process {holder.pid}\)"):
+                               match=rf"^OUTPUT_DIR {tmp_path} is in use by another run "
+                                     rf"\(process {holder.pid}\)"):
                 refused(str(tmp_path))
     finally:
         holder.kill()  # SIGKILL: the process gets no chance to let go
@@ -163,10 +162,9 @@ def planted(tmp_path, kind):
     return victim
 
 
-@pytest.mark.parametrize("kind, fragment", [("symlink", "is a symbolic link to "),
-                                            ("fifo", "is a FIFO"),
-                                            ("hardlink", "has 2 names (a hard link"),
-                                            ("folder", "is a folder")])
+@pytest.mark.parametrize(
+    "kind, fragment", [("symlink", "is a symbolic link to "), ("fifo", "is a FIFO"),
+                       ("hardlink", "has 2 names (a hard link"), ("folder", "is a folder")])
 def test_a_lock_that_is_a_link_or_not_a_plain_file_is_refused_and_what_it_points_at_left_alone(
         tmp_path, kind, fragment):
     victim = planted(tmp_path, kind)

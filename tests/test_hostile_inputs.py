@@ -96,8 +96,8 @@ def warning(lines, start):
 # ------------------------------------------------------------------------- names that are not UTF-8
 
 
-def test_names_not_in_utf8_are_read_alike_with_or_without_a_cache_and_shown_as_bytes(tmp_path,
-                                                                                      capsys):
+def test_names_not_in_utf8_are_read_alike_with_or_without_a_cache_and_shown_as_bytes(
+        tmp_path, capsys):
     root = tree(tmp_path)
     raw = os.fsencode(root)
     png(os.path.join(raw, b"train", b"cats", LATIN1 + b".png"))
@@ -120,8 +120,8 @@ def test_utils_printable_shows_the_bytes_of_a_name_that_is_not_utf8():
     assert messages_module.printable("\ud800") == "\\ud800"  # a lone surrogate no byte stands for
 
 
-def test_a_run_on_names_not_in_utf8_writes_its_report_and_predicts_them(tmp_path, capsys,
-                                                                        one_thread):
+def test_a_run_on_names_not_in_utf8_writes_its_report_and_predicts_them(
+        tmp_path, capsys, one_thread):
     """A class folder, a file, and the folder that holds the data and the outputs named in Latin-1:
     the run trains, its report, figures and best_model.json name the class as its bytes, what it
     prints takes no stdout that refuses them (capsys's), and --predict (on the file, and on a folder
@@ -188,8 +188,8 @@ def test_fifos_sockets_and_devices_are_skipped_unopened_with_a_count(tmp_path, c
     assert line.endswith(os.path.join(cats, "pipe.jpg"))
 
 
-def test_dangling_links_and_loops_of_file_links_are_skipped_alike_with_or_without_a_cache(tmp_path,
-                                                                                          capsys):
+def test_dangling_links_and_loops_of_file_links_are_skipped_alike_with_or_without_a_cache(
+        tmp_path, capsys):
     root = tree(tmp_path)
     cats = os.path.join(root, "train", "cats")
     os.symlink("nowhere.png", os.path.join(cats, "gone.png"))
@@ -298,8 +298,8 @@ def test_links_to_folders_outside_the_tree_add_their_images_once(tmp_path, capsy
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, as it opens
-def test_an_image_over_the_pixel_limit_is_skipped_with_a_count_the_cache_keeps(tmp_path, capsys,
-                                                                              monkeypatch):
+def test_an_image_over_the_pixel_limit_is_skipped_with_a_count_the_cache_keeps(
+        tmp_path, capsys, monkeypatch):
     root = tree(tmp_path)  # 20 x 14 = 280 pixels each
     png(os.path.join(root, "train", "cats", "big.png"), size=(40, 30))  # over the limit
     png(os.path.join(root, "train", "dogs", "huge.png"), size=(60, 50))  # twice over it
@@ -340,8 +340,8 @@ def test_a_path_longer_than_the_system_allows_is_skipped_with_a_count(tmp_path, 
 
 @pytest.mark.parametrize("inside", ["train/cats", "train/cats/run", "train", "val/dogs/1",
                                     "linked/run"])
-def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(tmp_path, inside,
-                                                                              monkeypatch):
+def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(
+        tmp_path, inside, monkeypatch):
     root = tree(tmp_path)
     linked = tmp_path / "linked"  # a class folder that is a link: its target is in the tree too
     os.rename(os.path.join(root, "train", "dogs"), linked)
@@ -353,7 +353,7 @@ def test_an_output_dir_inside_the_data_tree_is_refused_before_anything_is_read(t
         folder_module.check_outside_data(folder_config(root), str(beside))
     # reads batch files only
     folder_module.check_outside_data(configs(DATASET="cifar10", DATA_DIR=str(root)).data,
-        output_dir)
+                                     output_dir)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read")

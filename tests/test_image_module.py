@@ -24,8 +24,8 @@ from image_module import DataError
 
 def test_load_image_for_prediction(tmp_path):
     root = write_image_tree(tmp_path, splits=("train",))
-    image = image_module.load_image(os.path.join(root, "train", "cats", "0.png"), 16, (0.5,) * 3, (
-        0.5,) * 3)
+    image = image_module.load_image(os.path.join(root, "train", "cats", "0.png"), 16, (0.5,) * 3,
+                                    (0.5,) * 3)
     assert image.shape == (3, 16, 16)
     with pytest.raises(DataError, match="does not exist"):
         image_module.load_image(str(tmp_path / "missing.png"), 16, (0.5,) * 3, (0.5,) * 3)
@@ -124,7 +124,7 @@ def photo_files(tmp_path):
     files."""
     root = write_photo_tree(tmp_path / "photos")
     return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root)
-        for name in names)
+                  for name in names)
 
 
 def rows_of(kind, tmp_path, shape):
@@ -139,9 +139,8 @@ def rows_of(kind, tmp_path, shape):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("kind", ["tensor", "npy"])
-def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_cannot_read(tmp_path,
-    kind,
-                                                                                       num_workers):
+def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_cannot_read(
+        tmp_path, kind, num_workers):
     paths = photo_files(tmp_path)
     out = rows_of(kind, tmp_path, (len(paths), 24, 24, 3))
     failures = decode_module.decode_files(paths, 24, out, num_workers, "decoding")
@@ -161,8 +160,8 @@ def test_decode_files_gives_read_stored_pixels_and_black_rows_for_files_it_canno
 def test_decoding_workers_write_the_npy_file_themselves(tmp_path):
     """This process maps the file read-only: the pixels it then sees were written by the workers,
     and no pixel went through it."""
-    paths = [path for path in photo_files(tmp_path) if not path.endswith(("broken.png", ".txt",
-        ".heic"))]
+    paths = [path for path in photo_files(tmp_path)
+             if not path.endswith(("broken.png", ".txt", ".heic"))]
     np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 16, 16, 3))
     read_only = np.load(str(tmp_path / "rows.npy"), mmap_mode="r")
     failures = decode_module.decode_files(paths, 16, read_only, 2, "decoding")
@@ -172,9 +171,9 @@ def test_decoding_workers_write_the_npy_file_themselves(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux",
-    reason="the workers see the patched reader only when forked")
-def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(tmp_path,
-        monkeypatch):
+                    reason="the workers see the patched reader only when forked")
+def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(
+        tmp_path, monkeypatch):
     paths = photo_files(tmp_path)
     read_stored = image_module.read_stored
 
@@ -185,7 +184,7 @@ def test_an_error_in_a_decoding_worker_other_than_an_unreadable_file_is_raised(t
     monkeypatch.setattr(image_module, "read_stored", failing)
     with pytest.raises(MemoryError, match="out of memory in a worker"):
         decode_module.decode_files(paths, 16, torch.zeros(len(paths), 16, 16, 3, dtype=torch.uint8),
-            2, "decoding")
+                                   2, "decoding")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers see the patched reader when forked")
@@ -214,8 +213,8 @@ def test_a_decoding_worker_that_dies_is_named_with_its_file_at_once_and_the_othe
     assert len(workers) == 2 and not any(os.path.exists(f"/proc/{pid}") for pid in workers)
 
 
-def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_stored_size(tmp_path,
-        monkeypatch):
+def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_stored_size(
+        tmp_path, monkeypatch):
     """JPEG DCT scaling (Image.draft) by 1/2, 1/4 or 1/8 in decode_files as in read_stored, as far
     as the shorter side stays at least twice the stored size: an 800x600 JPEG stored at 50 px is
     decoded at 200x150, at 150 px at 400x300, and at 200 px whole (1/2 would leave 300 < 400); a PNG
@@ -235,7 +234,7 @@ def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_s
     for size, scaled in ((50, (200, 150)), (150, (400, 300)), (200, (800, 600))):
         decoded.clear()
         decode_module.decode_files(paths, size, torch.zeros(2, size, size, 3, dtype=torch.uint8), 0,
-            "decoding")
+                                   "decoding")
         assert decoded == [scaled]  # the JPEG's; a PNG has no DCT to scale
 
 
@@ -286,8 +285,8 @@ def differences(rows, paths, size):
 
 
 @pytest.mark.parametrize("size", [24, 64])
-def test_the_batched_jpeg_decode_is_within_a_level_of_pillows_on_average_and_four_at_most(jpegs,
-        size):
+def test_the_batched_jpeg_decode_is_within_a_level_of_pillows_on_average_and_four_at_most(
+        jpegs, size):
     """Measured on these JPEGs: mean absolute difference 0 to 0.52 levels, largest 3 (coarser noise,
     +-40 on 16-px blocks: up to 0.67 and 5). The JPEG draft is reproduced (block means at Pillow's
     scale): without it, the 1200x900 JPEG stored at 24 px differs by 14 levels on average (90 at
@@ -322,7 +321,7 @@ def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_th
     # 3 classes, 2 splits
     assert {os.path.basename(paths[i]) for i in on_device} == {"rgb.jpg"} and len(on_device) == 6
     assert {"sideways.jpg", "cmyk.jpg", "truncated.jpg", "grey.jpg"} <= {os.path.basename(paths[i])
-        for i in left}
+                                                                         for i in left}
     assert (rows[left] == 7).all()  # not written: the CPU path's to fill
 
     cpu = torch.full((len(paths), 24, 24, 3), 7, dtype=torch.uint8)
@@ -330,8 +329,8 @@ def test_files_the_device_may_not_decode_are_left_to_the_cpu_path_which_makes_th
     monkeypatch.setattr(gpu_decode_module, "_jpeg_device", lambda device: torch.device("cpu"))
     out = torch.full((len(paths), 24, 24, 3), 7, dtype=torch.uint8)
     assert decode_module.decode_files(paths, 24, out, 2, "decoding", device="cuda") == cpu_failures
-    assert [os.path.basename(paths[i]) for i, _ in cpu_failures] == ["broken.png", "image.heic",
-        "notes.txt"]
+    assert [os.path.basename(paths[i])
+            for i, _ in cpu_failures] == ["broken.png", "image.heic", "notes.txt"]
     for i in left:
         assert torch.equal(out[i], cpu[i]), paths[i]
     means, largest = differences(out[on_device].numpy(), [paths[i] for i in on_device], 24)
@@ -380,9 +379,8 @@ def test_a_corrupt_jpeg_falls_back_to_the_cpu_path_and_the_rest_of_its_batch_sta
     assert capsys.readouterr().err.count("corrupt.jpg is truncated or damaged") == 1
 
 
-def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_a_npy_file(tmp_path,
-    monkeypatch,
-                                                                                            jpegs):
+def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_a_npy_file(
+        tmp_path, monkeypatch, jpegs):
     """Small batches (3 files, or 1.2 M pixels) through the two staging buffers in turn, into the
     rows of a .npy file, which this process writes by name as the workers do; the non-JPEG between
     them is left."""
@@ -396,8 +394,8 @@ def test_batches_hold_at_most_so_many_jpegs_and_decoded_pixels_and_rows_land_in_
     batches = [(files, others) for files, _, others in gpu_decode_module._jpeg_batches(paths)]
     # the PNG with the batch before it
     assert batches == [([0, 1, 2], [3]), ([4], []), ([5], []), ([6, 7], [])]
-    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(paths), 24,
-        24, 3))
+    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8,
+                                     (len(paths), 24, 24, 3))
     rows[:] = 7
     _, left = on_the_device(paths, 24, rows)
     assert left == [3] and (rows[3] == 7).all()
@@ -425,19 +423,19 @@ def test_decode_files_hands_a_cuda_device_its_jpegs_and_the_worker_processes_wha
     monkeypatch.setattr(gpu_decode_module, "_decode_jpegs", on_device)
     for device in (None, "cpu", torch.device("cpu")):
         decode_module.decode_files(paths[:3], 16, torch.zeros(3, 16, 16, 3, dtype=torch.uint8), 0,
-            "x", device=device)
+                                   "x", device=device)
     assert devices == []
     out = torch.full((len(paths), 16, 16, 3), 7, dtype=torch.uint8)
     failures = decode_module.decode_files(paths, 16, out, 2, "decoding", device="cuda")
     assert devices == [torch.device("cuda")]
-    assert [os.path.basename(paths[i]) for i, _ in failures] == ["broken.png", "image.heic",
-        "notes.txt"]
+    assert [os.path.basename(paths[i])
+            for i, _ in failures] == ["broken.png", "image.heic", "notes.txt"]
     for i, path in enumerate(paths):
         if path.endswith("rgb.jpg"):
             assert (out[i] == 200).all()
         elif i not in dict(failures):  # the rest decoded by the workers, as without a device
-            assert np.array_equal(out[i].numpy(), np.asarray(image_module.read_stored(path,
-                16))), path
+            assert np.array_equal(out[i].numpy(),
+                                  np.asarray(image_module.read_stored(path, 16))), path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
@@ -449,8 +447,8 @@ def test_the_cuda_decode_is_close_to_the_same_code_on_the_cpu_and_to_pillow(jpeg
     bounded loosely (24), as the 50x40 JPEG is enlarged, not averaged. Against Pillow: the CPU
     path's bound widened alike."""
     cpu, left = on_the_device(jpegs, 64)
-    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8, (len(jpegs), 64,
-        64, 3))
+    rows = np.lib.format.open_memmap(str(tmp_path / "rows.npy"), "w+", np.uint8,
+                                     (len(jpegs), 64, 64, 3))
     assert decode_module.decode_files(jpegs, 64, rows, 2, "decoding", device="cuda") == []
     gaps = np.abs(rows.astype(int) - cpu.astype(int)).reshape(len(jpegs), -1)
     assert left == [] and gaps.mean(1).max() <= 1.5 and gaps.max() <= 24, (gaps.mean(1), gaps.max(

@@ -41,8 +41,8 @@ def run_folder(tmp_path_factory):
     return root, pd.read_csv(out / "predictions.csv")
 
 
-def test_the_readme_lines_print_the_top_class_of_each_image_as_predict_does(run_folder,
-                                                                             monkeypatch, capsys):
+def test_the_readme_lines_print_the_top_class_of_each_image_as_predict_does(
+        run_folder, monkeypatch, capsys):
     root, csv = run_folder
     monkeypatch.chdir(root)
     capsys.readouterr()
@@ -89,8 +89,8 @@ def test_predict_refuses_normalised_tensors_and_other_things_in_one_line(run_fol
     (torch.zeros(3, 4, 4), 0, "k, the classes per image, of 1 or more, not 0"),
     (torch.zeros(3, 4, 4), -1, "k, the classes per image, of 1 or more, not -1"),
 ])
-def test_predict_refuses_pixels_it_would_misread_or_a_k_below_1_in_one_line(run_folder, images, k,
-                                                                           refusal):
+def test_predict_refuses_pixels_it_would_misread_or_a_k_below_1_in_one_line(
+        run_folder, images, k, refusal):
     """An int64 tensor of 0-255 values would wrap round when scaled to 8 bits, an empty image divide
     by zero in the resize, a k below 1 fail inside torch.topk."""
     model = inference_module.load(str(run_folder[0] / "runs" / "photos"))
@@ -98,8 +98,8 @@ def test_predict_refuses_pixels_it_would_misread_or_a_k_below_1_in_one_line(run_
         model.predict(images, k=k)
 
 
-def test_the_predict_flag_shows_names_with_line_breaks_and_escape_codes_on_one_line(run_folder,
-                                                                                   capsys):
+def test_the_predict_flag_shows_names_with_line_breaks_and_escape_codes_on_one_line(
+        run_folder, capsys):
     root, _ = run_folder
     out, odd = root / "runs" / "photos", root / "odd"
     odd.mkdir(exist_ok=True)

@@ -40,8 +40,8 @@ def test_alternate_flip_mirrors_every_image_every_other_epoch():
 def test_epochs_shuffle_differently_and_shards_do_not_overlap():
     images = torch.zeros(20, 4, 4, 3, dtype=torch.uint8)
     labels = torch.arange(20)
-    shards = [loader_module.ResidentLoader(images, labels, Batching(5, train=True, rank=r,
-        world_size=2),
+    shards = [loader_module.ResidentLoader(images, labels,
+                                           Batching(5, train=True, rank=r, world_size=2),
                                            augmentation((0,) * 3, (1,) * 3)) for r in (0, 1)]
     seen = [collect(s)[1] for s in shards]
     assert len(seen[0]) == len(seen[1]) == 10 and not set(seen[0].tolist()) & set(seen[1].tolist())
@@ -64,10 +64,9 @@ def test_resident_photo_crops_are_each_images_own_box_then_flipped():
     images = torch.stack([torch.stack([torch.full((size, size), 7 * i), columns, columns.T], -1)
                           for i in range(n)]).to(torch.uint8)
     labels = torch.arange(n)
-    loader = loader_module.ResidentLoader(images, labels, Batching(8, train=True,
-        channels_last=False),
-                                          augmentation((0,) * 3, (1 / 255,) * 3, crop_size=16,
-                                                       FLIP="random"))
+    loader = loader_module.ResidentLoader(
+        images, labels, Batching(8, train=True, channels_last=False),
+        augmentation((0,) * 3, (1 / 255,) * 3, crop_size=16, FLIP="random"))
     torch.manual_seed(0)
     crops, seen = collect(loader)
     assert crops.shape == (n, 3, 16, 16)
@@ -98,18 +97,17 @@ def test_training_chunks_get_each_images_own_ops_then_normalisation_then_erased_
     shuffled order, then each batch normalised, with erase_masks' boxes at 0, each image beside its
     own label."""
     images = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8,
-        generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0))
     augmented = augmentation((0.5,) * 3, (0.25,) * 3, CROP_PADDING=0, FLIP="none",
-                             AUTO_AUGMENT=policy,
-                             RANDOM_ERASING=0.5)
+                             AUTO_AUGMENT=policy, RANDOM_ERASING=0.5)
     loader = loader_module.ResidentLoader(images, torch.arange(48), Batching(16, train=True),
                                           augmented)
     torch.manual_seed(3)
     batches, labels = collect(loader)
     torch.manual_seed(3)
     chunk = loader.normalize(auto_augment(images[labels], policy))
-    expected = torch.cat([batch.masked_fill(erase_masks(16, 8, 8, 0.5, "cpu"),
-                                            0.0) for batch in chunk.split(16)])
+    expected = torch.cat([batch.masked_fill(erase_masks(16, 8, 8, 0.5, "cpu"), 0.0)
+                          for batch in chunk.split(16)])
     assert torch.equal(batches, expected)
     assert not torch.equal(batches, loader.normalize(images[labels]))
 

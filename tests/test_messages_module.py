@@ -10,8 +10,8 @@ import messages_module
 
 
 def test_plural_counts_one_in_the_singular_and_others_in_the_plural():
-    assert [messages_module.plural(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file",
-                                                                      "2 files"]
+    assert [messages_module.plural(n, "file")
+            for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
     assert messages_module.plural(1, "class folder") == "1 class folder" and messages_module.plural(
         3, "batch", "batches") == "3 batches"
 

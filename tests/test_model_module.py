@@ -21,15 +21,15 @@ from conftest import configs, make_tiny_data
 @pytest.mark.parametrize("name", list(model_module.MODELS))
 def test_each_architecture_classifies_32x32_images(name):
     torch.manual_seed(0)
-    model = model_module.get_model(name, 7, sample_images=lambda n: torch.randn(min(n, 64), 3, 32,
-        32))
+    model = model_module.get_model(name, 7,
+                                   sample_images=lambda n: torch.randn(min(n, 64), 3, 32, 32))
     model.eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
 def test_an_unknown_name_offers_the_closest_names():
     with pytest.raises(ValueError,
-            match="MODEL = 'resnet5O' is not known; the closest are resnet50, "):
+                       match="MODEL = 'resnet5O' is not known; the closest are resnet50, "):
         model_module.get_model("resnet5O", 10)
 
 
@@ -49,8 +49,8 @@ def _fast_with_adaptive_pool(seed):
     """The fast model as it was built before it pooled with max_pool2d: AdaptiveMaxPool2d(1) after
     the last group."""
     torch.manual_seed(seed)
-    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3,
-        32, 32))
+    model = model_module.get_model("fast", 10,
+                                   sample_images=lambda n: torch.randn(min(n, 256), 3, 32, 32))
     model.body[-2] = nn.AdaptiveMaxPool2d(1)
     return model
 
@@ -81,8 +81,8 @@ def test_the_fast_model_pools_with_max_pool2d_not_the_adaptive_kernel():
 def test_the_fast_model_gives_the_logits_and_gradients_of_its_adaptive_pooling_form(height, width):
     old = _fast_with_adaptive_pool(seed=1)
     torch.manual_seed(0)
-    model = model_module.get_model("fast", 10, sample_images=lambda n: torch.randn(min(n, 256), 3,
-        32, 32))
+    model = model_module.get_model("fast", 10,
+                                   sample_images=lambda n: torch.randn(min(n, 256), 3, 32, 32))
     # strict: the pools hold no state, so the keys are the same
     old.load_state_dict(model.state_dict())
     images = torch.randn(8, 3, height, width).contiguous(memory_format=torch.channels_last)
@@ -120,7 +120,7 @@ def test_freeze_leaves_only_the_head_trainable_and_batchnorm_in_eval():
     # the optimizer holds the frozen body too, for unfreezing later
     optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]
-        if p.requires_grad}
+               if p.requires_grad}
     assert trained == {id(p) for p in model.head.parameters()}
 
 
@@ -132,7 +132,7 @@ def test_an_epoch_with_freeze_changes_only_the_head(tmp_path):
     head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
     optimizer = optim_module.make_optimizer(model, configs(LR=0.1).optim)
     train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()),
-        data.train)
+                                 data.train)
     for key, value in model.body.state_dict().items():  # parameters and BatchNorm buffers alike
         assert torch.equal(value, body_before[key]), key
     assert any(not torch.equal(v, head_before[k]) for k, v in model.head.state_dict().items())
@@ -191,9 +191,8 @@ def test_every_torchvision_classifier_and_our_own_models_are_names():
 # two transformers (swin; ViT with its position embedding sized for 64 pixels), and MNASNet, which
 # checks module versions when loading a plain dict
 ARCHITECTURES = [("resnet18", None), ("mobilenet_v3_small", None), ("efficientnet_b0", None),
-                 ("regnet_y_400mf", None), ("squeezenet1_0", None), ("googlenet", None), (
-                 "mnasnet0_5", None),
-                 ("convnext_tiny", None), ("swin_t", None), ("vit_b_16", 64)]
+                 ("regnet_y_400mf", None), ("squeezenet1_0", None), ("googlenet", None),
+                 ("mnasnet0_5", None), ("convnext_tiny", None), ("swin_t", None), ("vit_b_16", 64)]
 
 
 def _copy(state):
@@ -219,7 +218,7 @@ def _train_steps(model, steps=1, classes=3):
     """Real training steps on random 64-pixel images: model.train(), SGD on what requires grad."""
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1,
-        momentum=0.9)
+                                momentum=0.9)
     for _ in range(steps):
         images, targets = torch.randn(4, 3, 64, 64), torch.arange(4) % classes
         optimizer.zero_grad()
@@ -228,15 +227,14 @@ def _train_steps(model, steps=1, classes=3):
 
 
 @pytest.mark.parametrize("name, image_size", ARCHITECTURES)
-def test_a_frozen_torchvision_model_trains_only_its_head_and_reloads_from_a_file(name, image_size,
-    tmp_path,
-                                                                                 one_thread):
+def test_a_frozen_torchvision_model_trains_only_its_head_and_reloads_from_a_file(
+        name, image_size, tmp_path, one_thread):
     torch.manual_seed(0)
     model = model_module.get_model(name, 3, image_size=image_size)
     _calibrate_batchnorm(model, torch.randn(8, 3, 64, 64))
     model_module.freeze_body(model)
-    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p)
-        for p in model.head.parameters()}
+    assert {id(p) for p in model.parameters()
+            if p.requires_grad} == {id(p) for p in model.head.parameters()}
     body, head = _copy(model.body.state_dict()), _copy(model.head.state_dict())
     _train_steps(model)
     for key, value in model.body.state_dict().items():  # parameters and BatchNorm statistics alike
@@ -281,7 +279,7 @@ def test_batchnorm_calibration_changes_only_the_running_statistics():
     after_plain = torch.get_rng_state()
     torch.manual_seed(0)
     calibrated = model_module.get_model("mobilenet_v3_small", 3,
-        sample_images=lambda n: torch.randn(n, 3, 32, 32))
+                                        sample_images=lambda n: torch.randn(n, 3, 32, 32))
     # the run's shuffling and augmentation stay as they were
     assert torch.equal(torch.get_rng_state(), after_plain)
     buffers = dict(calibrated.named_buffers())
@@ -334,8 +332,8 @@ def _publish(name, state, torch_home):
     torch.save(state, folder / os.path.basename(url))
 
 
-def test_pretrained_weights_fill_the_body_and_stay_put_while_the_head_trains(tmp_path, monkeypatch,
-        one_thread):
+def test_pretrained_weights_fill_the_body_and_stay_put_while_the_head_trains(
+        tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     torch.manual_seed(0)
     published = torchvision.models.mobilenet_v3_small()
@@ -363,25 +361,23 @@ def test_pretrained_weights_fill_the_body_and_stay_put_while_the_head_trains(tmp
         assert not torch.equal(value, head[key]), key
 
 
-def test_pretrained_weights_offline_and_not_cached_name_the_file_and_the_folder(tmp_path,
-        monkeypatch):
+def test_pretrained_weights_offline_and_not_cached_name_the_file_and_the_folder(
+        tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ValueError) as error:
         model_module.get_model("resnet18", 5, pretrained="default")
     message, folder = str(error.value), os.path.join(str(tmp_path), "hub", "checkpoints")
-    assert message.startswith(
-        f"PRETRAINED weights resnet18-f37072fd.pth are not in {folder} and could not be "
-                              f"downloaded (")
+    assert message.startswith(f"PRETRAINED weights resnet18-f37072fd.pth are not in {folder} and "
+                              "could not be downloaded (")
     assert message.endswith(
         "; download https://download.pytorch.org/models/resnet18-f37072fd.pth into that folder")
     assert "\n" not in message
     assert [name for _, _, names in os.walk(tmp_path) for name in names] == []
 
 
-@pytest.mark.parametrize("content, fragment", [(b"not a checkpoint",
-    "PRETRAINED weights .*resnet18-f37072fd.pth"),
-                                               ("squeezenet",
-                                               "resnet18-f37072fd.pth does not fit ResNet")])
+@pytest.mark.parametrize(
+    "content, fragment", [(b"not a checkpoint", "PRETRAINED weights .*resnet18-f37072fd.pth"),
+                          ("squeezenet", "resnet18-f37072fd.pth does not fit ResNet")])
 def test_a_bad_cached_file_is_refused_cleanly(tmp_path, monkeypatch, content, fragment):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     if content == "squeezenet":
@@ -395,19 +391,19 @@ def test_a_bad_cached_file_is_refused_cleanly(tmp_path, monkeypatch, content, fr
 
 def test_pretrained_names_that_do_not_exist_list_the_allowed_ones():
     with pytest.raises(ValueError,
-        match="PRETRAINED = 'IMAGENET1K_V3' is not known; choose one of 'default', "
-                                         "'IMAGENET1K_V1', 'IMAGENET1K_V2'"):
+                       match="PRETRAINED = 'IMAGENET1K_V3' is not known; choose one of 'default', "
+                             "'IMAGENET1K_V1', 'IMAGENET1K_V2'"):
         model_module.get_model("resnet50", 5, pretrained="IMAGENET1K_V3")
     for name in ("cnn", "fast", "resnet18_cifar"):
         with pytest.raises(ValueError,
-                match=f"choose one of None .{name} has no published weights"):
+                           match=f"choose one of None .{name} has no published weights"):
             model_module.get_model(name, 5, pretrained="default")
 
 
 def test_pretrained_and_saved_weights_cannot_both_be_given(tmp_path):
     with pytest.raises(ValueError, match="PRETRAINED and WEIGHTS cannot both be set"):
-        model_module.get_model("resnet18", 5, pretrained="default", weights=str(tmp_path
-            / "best_model.pth"))
+        model_module.get_model("resnet18", 5, pretrained="default",
+                               weights=str(tmp_path / "best_model.pth"))
 
 
 def test_preprocessing_is_the_published_weights_own():

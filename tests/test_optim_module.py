@@ -58,10 +58,9 @@ def test_onecycle_matches_torchs_one_cycle_lr():
     ours = optim_module.make_optimizer(model, configs(LR=1.5).optim)
     schedule = optim_module.make_schedule(ours, "onecycle", 1.5, total_steps=50)
     theirs = torch.optim.SGD(model.parameters(), lr=1.5)
-    reference = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=1.5, total_steps=50,
-        pct_start=0.23,
-                                                    anneal_strategy="linear", cycle_momentum=False,
-                                                    div_factor=5.0, final_div_factor=0.2 / 0.07)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        theirs, max_lr=1.5, total_steps=50, pct_start=0.23, anneal_strategy="linear",
+        cycle_momentum=False, div_factor=5.0, final_div_factor=0.2 / 0.07)
     for _ in range(49):
         assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-9)
         theirs.step()
@@ -109,7 +108,7 @@ def test_norm_parameters_get_a_scaled_lr_and_the_same_decay_per_step():
         "weight_decay"] == pytest.approx(1e-4)
     assert main["lr"] * main["weight_decay"] == pytest.approx(1e-4)
     bn_ids = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d)
-        for p in m.parameters()}
+              for p in m.parameters()}
     assert {id(p) for p in norms["params"]} == bn_ids
 
 
@@ -134,14 +133,13 @@ def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_in_its_range(one_
     optimizer = optim_module.make_optimizer(model, configs(LR=0.05).optim)
     # momentum
     train_module.train_one_epoch(step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss()),
-        data.train)
+                                 data.train)
     model.eval()
     before = state_of(model, optimizer)
     rng = torch.get_rng_state()
-    lrs, losses, suggestion = optim_module.find_lr(model, data.train, optimizer,
-        nn.CrossEntropyLoss(),
-                                                   sweep=RangeTest(start_lr=1e-4, end_lr=10,
-                                                   steps=60))
+    lrs, losses, suggestion = optim_module.find_lr(
+        model, data.train, optimizer, nn.CrossEntropyLoss(),
+        sweep=RangeTest(start_lr=1e-4, end_lr=10, steps=60))
     assert_same_state(model, optimizer, before)
     assert not model.training and optim_module.get_lr(optimizer) == 0.05
     # a run with the finder draws what one without would
@@ -151,9 +149,8 @@ def test_the_lr_finder_puts_everything_back_and_suggests_an_lr_in_its_range(one_
     assert lrs[1] / lrs[0] == pytest.approx((10 / 1e-4) ** (1 / 59))
     assert suggestion == optim_module.suggest_lr(lrs, losses) and lrs[0] <= suggestion <= lrs[-1]
     # this net diverges before LR 10: the test stops once the smoothed loss passes 4x its lowest
-    assert len(lrs) < 60 and losses[-1] > 4 * min(losses) and all(x <= 4 * min(losses[:i + 1])
-                                                                   for i, x in enumerate(losses[
-                                                                   :-1]))
+    assert len(lrs) < 60 and losses[-1] > 4 * min(losses) and all(
+        x <= 4 * min(losses[:i + 1]) for i, x in enumerate(losses[:-1]))
     # the first smoothed loss is the first batch's own (the bias correction), at the untouched
     # weights
     images, targets = next(iter(data.train))
@@ -262,8 +259,8 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
                                        lr_device=torch.device("cpu"))
     tensors = [group["lr"] for group in held.param_groups]
     assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 2
-    steps = [step_module.TrainStep(m, o, nn.CrossEntropyLoss()) for m, o in ((model, number), (twin,
-        held))]
+    steps = [step_module.TrainStep(m, o, nn.CrossEntropyLoss())
+             for m, o in ((model, number), (twin, held))]
     for lr in (0.1, 0.02, 0.3):
         for optimizer, step in zip((number, held), steps):
             optim_module.set_lr(optimizer, lr)
@@ -271,8 +268,8 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
             step(*random_batch(seed=int(lr * 100)))
         # filled in place
         assert all(group["lr"] is t for group, t in zip(held.param_groups, tensors))
-        assert [float(g["lr"]) for g in held.param_groups] == pytest.approx([g["lr"]
-            for g in number.param_groups])
+        assert [float(g["lr"]) for g in held.param_groups] == pytest.approx(
+            [g["lr"] for g in number.param_groups])
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-6), "the fused step with tensor LRs trained differently"
     saved = held.state_dict()
@@ -282,7 +279,7 @@ def test_an_lr_held_as_a_tensor_trains_as_a_number_does_and_is_saved_as_one():
     assert all(type(group["lr"]) is float and not group["fused"] for group in number.param_groups)
     held.load_state_dict(copy.deepcopy(number.state_dict()))
     assert all(isinstance(group["lr"], torch.Tensor) and group["fused"]
-        for group in held.param_groups)
+               for group in held.param_groups)
     assert optim_module.get_lr(held) == pytest.approx(0.3)
 
 

@@ -44,8 +44,8 @@ def test_background_items_come_in_order_an_error_there_is_raised_here_closing_st
      "most likely the system ran out of memory"),
     ("DataLoader worker (pid 8) exited unexpectedly with exit code 1. Details are lost",
      "(process 8) exited with status 1", "an error in the worker; see it with --num-workers 0")])
-def test_torchs_words_for_a_dead_dataloader_worker_become_a_line_with_the_likely_cause(message, how,
-                                                                                     cause):
+def test_torchs_words_for_a_dead_dataloader_worker_become_a_line_with_the_likely_cause(
+        message, how, cause):
     died = process_module.worker_died(RuntimeError(message), "reading training images")
     assert str(died).startswith(f"a worker process {how} while reading training images: {cause}")
     # not a death

@@ -85,8 +85,8 @@ def test_the_report_agrees_with_a_hand_computation(tmp_path):
     for name, weights in (("macro avg", [1, 1, 1]), ("weighted avg", support)):
         expected = [sum(w * v for w, v in zip(weights, values)) / sum(weights) for values in (
             precision, recall, f1)]
-        assert rows.loc[name, ["precision", "recall", "f1"]].tolist() == pytest.approx(expected,
-            abs=1e-6)
+        assert rows.loc[name, ["precision", "recall", "f1"]].tolist() == pytest.approx(
+            expected, abs=1e-6)
         assert rows.loc[name, "support"] == 16
     # the accuracy
     assert rows.loc["weighted avg", "recall"] == pytest.approx((5 + 3 + 4) / 16, abs=1e-6)
@@ -97,8 +97,8 @@ def test_undefined_ratios_are_left_empty_and_out_of_the_averages(tmp_path):
                               # "cow" has no images and is never predicted: nothing is defined
                               [1, 0, 0],
                               [0, 0, 0]])
-    frame = report_module.write_test_report(confusion, ["ant", "bee", "cow"], str(tmp_path
-        / "r.csv"))
+    frame = report_module.write_test_report(confusion, ["ant", "bee", "cow"],
+                                            str(tmp_path / "r.csv"))
     rows = pd.read_csv(tmp_path / "r.csv").set_index("class")
     assert math.isnan(rows.loc["bee", "precision"]) and rows.loc["bee", "recall"] == 0 and rows.loc[
         "bee", "f1"] == 0
@@ -117,12 +117,12 @@ def test_the_reports_weighted_recall_is_evaluates_accuracy_and_recall_its_per_cl
     data = make_tiny_data(n_val=36, size=8, classes=3, batch_size=4)
     model = model_module.get_model("cnn", 3)
     result = train_module.evaluate(model, data.val, num_classes=3, collect=True)
-    frame = report_module.write_test_report(result["confusion"], data.classes, str(tmp_path
-        / "r.csv"))
+    frame = report_module.write_test_report(result["confusion"], data.classes,
+                                            str(tmp_path / "r.csv"))
     rows = frame.set_index("class")
     assert rows.loc["weighted avg", "recall"] == pytest.approx(result["acc"], abs=1e-12)
-    assert rows.loc[data.classes, "recall"].tolist() == pytest.approx(result["per_class"],
-        abs=1e-12)
+    assert rows.loc[data.classes, "recall"].tolist() == pytest.approx(
+        result["per_class"], abs=1e-12)
     assert rows.loc[data.classes, "support"].sum() == len(data.val.labels)
 
 
@@ -130,21 +130,21 @@ def test_the_reports_weighted_recall_is_evaluates_accuracy_and_recall_its_per_cl
 
 
 @pytest.mark.parametrize("classes, size", [(3, (620, 500)), (50, (2070, 1950))])
-def test_the_confusion_matrix_shows_each_count_coloured_by_its_share_of_the_true_class(tmp_path,
-        classes, size):
+def test_the_confusion_matrix_shows_each_count_coloured_by_its_share_of_the_true_class(
+        tmp_path, classes, size):
     """Rows are true classes, columns predictions: a transposed or column-normalised matrix fails,
     since each row's 10 stray predictions land in a random column."""
     generator = torch.Generator().manual_seed(0)
     confusion = 90 * torch.eye(classes).long()
     confusion[torch.arange(classes), torch.randint(0, classes, (classes,),
-        generator=generator)] += 10
+                                                   generator=generator)] += 10
     names = [f"class_{i:02d}" for i in range(classes)]
     path = tmp_path / "confusion_matrix.png"
     report_module.plot_confusion_matrix(confusion, names, str(path))
     assert read_png(path) == size  # the figure grows with the class count
     axes = laid_out(report_module.confusion_figure(confusion, names)).axes[0]
     written = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
-        for t in axes.texts}
+               for t in axes.texts}
     assert written == {(row, column): str(count) for (row, column), count in np.ndenumerate(
         confusion.numpy())
                        if count or classes <= 20}  # beyond 20 classes, the cells that are not 0
@@ -177,15 +177,11 @@ def test_the_confusion_matrix_stays_legible(classes):
         rotation = math.radians(label.get_rotation() or 90)
         assert cell * math.sin(rotation) >= line  # the gap between neighbours, across the text
         box = label.get_window_extent(renderer)
-        assert (
-            box.x0 >= 0
-            and box.y0 >= 0
-            and box.x1 <= figure.bbox.width
-            and box.y1 <= figure.bbox.height
-        )
+        assert (box.x0 >= 0 and box.y0 >= 0 and box.x1 <= figure.bbox.width
+                and box.y1 <= figure.bbox.height)
     widest = max(text.get_window_extent(renderer).width for text in axes.texts)
     assert len(axes.texts) == (classes * classes if classes <= 20 else classes
-        + 1) and widest < cell
+                               + 1) and widest < cell
 
 
 @pytest.mark.parametrize("classes", [51, 1000])
@@ -226,17 +222,17 @@ def test_the_gallery_shows_the_mistakes_of_evaluate(tmp_path, one_thread):
     torch.manual_seed(0)
     data = make_tiny_data(n_val=40, size=8, batch_size=4)
     result = train_module.evaluate(model_module.get_model("cnn", 4), data.val, num_classes=4,
-        collect=True)
+                                   collect=True)
     assert len(result["mistakes"]) == train_module.MISTAKES
     path = tmp_path / "misclassified.png"
     report_module.plot_misclassified(result["mistakes"], data.classes, data.mean, data.std, str(
         path))
     assert read_png(path)[0] == 5 * 210  # a 5 x 5 grid, 2.1 inches a column
     figure = laid_out(report_module._mistakes_figure(result["mistakes"], data.classes, data.mean,
-        data.std))
+                                                     data.std))
     titles = [text.get_text() for text in figure.axes[0].texts]
     assert len(titles) == 25 and all(t.startswith("true: ") and "\npredicted: " in t
-        for t in titles)
+                                     for t in titles)
     assert titles == [f"true: {data.classes[m.target]}\npredicted: {data.classes[m.predicted]} "
                       f"({100 * m.probability:.1f}%)" for m in result["mistakes"]]
     pixels = read_pixels(path)
@@ -244,8 +240,8 @@ def test_the_gallery_shows_the_mistakes_of_evaluate(tmp_path, one_thread):
     rows, columns = np.divmod(np.arange(8 * 8), 8)
     for i, mistake in enumerate(result["mistakes"]):  # each image pixel, at its centre in the PNG
         top, left = report_module._gallery_origin(i, 5, 8, 8)
-        shown = pixels[pixel_rows_columns(pixels, figure.axes[0], np.stack([left + columns, top
-            + rows], 1))]
+        shown = pixels[pixel_rows_columns(pixels, figure.axes[0],
+                                          np.stack([left + columns, top + rows], 1))]
         expected = 255 * (mistake.image * std + mean).clamp(0, 1).permute(1, 2, 0).reshape(-1,
             3).numpy()
         assert np.abs(shown - expected).max() <= 1, f"mistake {i}"
@@ -257,8 +253,8 @@ def test_the_gallery_shows_the_images_as_they_were_before_normalisation():
     normalised = (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     other = torch.zeros(3, 6, 6)
     figure = report_module._mistakes_figure([train_module.Mistake(other, 1, 0, 0.95),
-                                             train_module.Mistake(normalised, 0, 1, 0.9)], ["a",
-                                             "b"], mean, std)
+                                             train_module.Mistake(normalised, 0, 1, 0.9)],
+                                            ["a", "b"], mean, std)
     shown = torch.from_numpy(figure.axes[0].images[0].get_array().data)
     top, left = report_module._gallery_origin(1, 2, 6, 6)  # the second of a row of two
     assert shown[top:top + 6, left:left + 6].permute(2, 0, 1) == pytest.approx(pixels, abs=1e-6)
@@ -266,8 +262,8 @@ def test_the_gallery_shows_the_images_as_they_were_before_normalisation():
 
 
 def test_no_mistakes_give_a_png_that_says_so(tmp_path):
-    report_module.plot_misclassified([], ["a", "b"], (0.5,) * 3, (0.2,) * 3, str(tmp_path
-        / "m.png"))
+    report_module.plot_misclassified([], ["a", "b"], (0.5,) * 3, (0.2,) * 3,
+                                     str(tmp_path / "m.png"))
     assert read_png(tmp_path / "m.png") == (400, 150)
     figure = report_module._mistakes_figure([], ["a", "b"], (0.5,) * 3, (0.2,) * 3)
     assert [text.get_text() for text in figure.texts] == ["no misclassified test images"]
@@ -293,7 +289,7 @@ def test_the_lr_finder_plot_is_a_png_on_a_log_axis_with_the_suggestion_marked(tm
              if abs(math.log10(lr / suggestion)) > 0.1]
     assert colour_distance(pixels, axes, curve, "tab:blue").max() <= 16
     assert colour_distance(pixels, axes, list(zip(lrs, losses[::-1]))[:lowest + 1],
-        "tab:blue").min() > 16
+                           "tab:blue").min() > 16
 
     def red_share(lr):
         """The share of the plot's height that is red in the pixel column at lr."""
@@ -320,25 +316,22 @@ def test_the_training_curves_show_each_epochs_metrics_in_their_panel_and_mark_th
     assert list(panels) == ["Loss", "Accuracy (%)"]
     pixels = read_pixels(tmp_path / "training_curves.png")
     for title, key, scale in (("Loss", "loss", 1), ("Accuracy (%)", "acc", 100)):
-        for split, colour, other in (("train", "tab:blue", "tab:orange"), ("val", "tab:orange",
-                "tab:blue")):
+        for split, colour, other in (("train", "tab:blue", "tab:orange"),
+                                     ("val", "tab:orange", "tab:blue")):
             points = [(row["epoch"], scale * row[f"{split}_{key}"]) for row in history]
             assert colour_distance(pixels, panels[title], points, colour).max() <= 8, (title, split)
             assert colour_distance(pixels, panels[title], points, other).min() > 100, (title, split)
         marks = {(line.get_xdata()[0], line.get_color()) for line in panels[title].lines
-            if line.get_label() in
-                 ("LR cut", "weights restored")}
+                 if line.get_label() in ("LR cut", "weights restored")}
         assert marks == {(3, "tab:red"), (3, "tab:purple")}
         lr_axis = next(axes for axes in figure.axes if axes is not panels[title]
-            and axes.bbox.bounds ==
-                       panels[title].bbox.bounds)  # its twin
+                       and axes.bbox.bounds == panels[title].bbox.bounds)  # its twin
         assert lr_axis.get_yscale() == "log" and list(lr_axis.lines[0].get_ydata()) == [row["lr"]
             for row in history]
 
 
 def test_a_figure_that_cannot_be_drawn_only_warns_but_one_that_cannot_be_written_is_an_error(
-    tmp_path, capsys, monkeypatch
-):
+        tmp_path, capsys, monkeypatch):
     path = tmp_path / "confusion_matrix.png"
     with monkeypatch.context() as patch:
         # matplotlib failing to draw
@@ -348,7 +341,7 @@ def test_a_figure_that_cannot_be_drawn_only_warns_but_one_that_cannot_be_written
     # as a full or read-only disk would fail
     missing = tmp_path / "missing_folder" / "confusion_matrix.png"
     with pytest.raises(files_module.WriteFailed,
-            match="could not write confusion_matrix.png in .*missing_folder"):
+                       match="could not write confusion_matrix.png in .*missing_folder"):
         report_module.plot_confusion_matrix(torch.eye(2, dtype=torch.int64), ["a", "b"], str(
             missing))
 
@@ -356,18 +349,17 @@ def test_a_figure_that_cannot_be_drawn_only_warns_but_one_that_cannot_be_written
 def test_write_test_outputs_writes_the_three_files(tmp_path, one_thread):
     data = make_tiny_data(size=8)
     result = train_module.evaluate(model_module.get_model("cnn", 4), data.val, num_classes=4,
-        collect=True)
+                                   collect=True)
     report_module.write_test_outputs(result, data.classes, data.mean, data.std, str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion_matrix.png",
-        "misclassified.png",
+                                                          "misclassified.png",
                                                           # and no temporary files left
                                                           "test_report.csv"]
 
 
 def test_the_curves_mark_whole_epochs_only_and_draw_a_run_without_validation():
     history = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.2 * e, "val_loss": None,
-        "val_acc": None,
-                "lr": 0.1, "event": ""} for e in range(1, 5)]
+                "val_acc": None, "lr": 0.1, "event": ""} for e in range(1, 5)]
     figure = report_module._curves_figure(history)
     for panel in figure.axes[:2]:  # the loss and accuracy panels (their LR axes come after them)
         ticks = [t for t in panel.get_xticks() if 1 <= t <= 4]

@@ -33,7 +33,7 @@ def test_find_lr_on_a_loss_never_finite_is_one_line_exit_1_and_writes_no_plot(na
     capsys.readouterr()
     assert main.main([*args, "--find-lr"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert err == [f"error: the loss was not finite at the LR finder's first step (LR 1e-07): no "
+    assert err == ["error: the loss was not finite at the LR finder's first step (LR 1e-07): no "
                    f"curve to read, nothing written; check --weights (WEIGHTS) {args[5]}"]
     assert os.listdir(out) in ([], [".lock"])
 
@@ -44,7 +44,7 @@ def test_a_loss_not_finite_before_any_epoch_ends_names_no_best_weights_and_repor
     capsys.readouterr()
     assert main.main([*args, "--epochs", "2"]) == 1
     printed, err = capsys.readouterr()
-    assert err.splitlines() == ["error: the training loss became nan at epoch 1, batch 1. No "
-                                "epoch finished: no weights kept; try a lower LR."]
+    assert err.splitlines() == ["error: the training loss became nan at epoch 1, batch 1. No epoch "
+                                "finished: no weights kept; try a lower LR."]
     assert "Test accuracy" not in printed and "Recall" not in printed  # no report on NaN
     assert not {"best_model.pth", "test_report.csv", "confusion_matrix.png"} & set(os.listdir(out))

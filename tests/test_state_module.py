@@ -41,7 +41,7 @@ def test_restoring_the_best_epoch_twice_brings_back_the_same_state():
         step()
         best.restore(model, optimizer)
         momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()
-            if p in optimizer.state]
+                    if p in optimizer.state]
         assert all(torch.equal(m, kept["state"][i]["momentum_buffer"]) for i, m in enumerate(
             momentum))
         assert all(torch.equal(v, best.model[k]) for k, v in model.state_dict().items())
@@ -55,7 +55,7 @@ def test_a_snapshot_read_from_a_checkpoint_shares_no_tensor_with_the_optimizer()
     nn.functional.cross_entropy(model(images), targets).backward()
     optimizer.step()
     saved = {"optimizer": optimizer.state_dict(), "best": {"model": model.state_dict(),
-        "optimizer": None}}
+                                                           "optimizer": None}}
     # torch.load keeps tensors that were shared when saved
     saved["best"]["optimizer"] = saved["optimizer"]
     kept = copy.deepcopy(saved["optimizer"])
@@ -64,9 +64,8 @@ def test_a_snapshot_read_from_a_checkpoint_shares_no_tensor_with_the_optimizer()
     optimizer.load_state_dict(saved["optimizer"])  # as resume does
     nn.functional.cross_entropy(model(images), targets).backward()
     optimizer.step()
-    assert all(torch.equal(best.optimizer["state"][i]["momentum_buffer"], kept["state"][i][
-        "momentum_buffer"])
-               for i in kept["state"])
+    assert all(torch.equal(best.optimizer["state"][i]["momentum_buffer"],
+                           kept["state"][i]["momentum_buffer"]) for i in kept["state"])
 
 
 def new_state(data, ema_decay=None, accumulate=1):
@@ -75,8 +74,7 @@ def new_state(data, ema_decay=None, accumulate=1):
                                                            LOOKAHEAD=True).optim)
     steps = 4 * step_module.optimizer_steps(len(data.train), accumulate)
     info = RunInfo({"MODEL": "cnn"}, data.classes, list(data.mean), list(data.std), 8,
-        precision="fp32",
-                   started="2026-11-30T04:00:00+00:00")
+                   precision="fp32", started="2026-11-30T04:00:00+00:00")
     return TrainState(model, optimizer, LRA(configs(ASK_EPOCH=None, SCHEDULE="onecycle").lra,
                                             stream=io.StringIO()),
                       schedule=optim_module.make_schedule(optimizer, "onecycle", 0.5, steps),
@@ -86,9 +84,8 @@ def new_state(data, ema_decay=None, accumulate=1):
 
 @pytest.mark.parametrize("ema_decay, accumulate, clip", [(None, 1, None), (0.9, 3, 1.0)],
                          ids=["plain", "EMA, accumulation and clipping"])
-def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tmp_path, ema_decay,
-    accumulate, clip,
-                                                                             one_thread):
+def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(
+        tmp_path, ema_decay, accumulate, clip, one_thread):
     torch.manual_seed(0)
     # 4 batches: with accumulate 3, a group of 3 and one of 1 each epoch
     data = make_tiny_data(size=8)
@@ -112,12 +109,12 @@ def test_a_state_loaded_from_its_state_dict_trains_on_exactly_as_the_original(tm
     train_module.fit(copy_, data, fit_config(EPOCHS=3, OUTPUT_DIR=str(tmp_path / "b")).fit)
     assert copy_.history[-1]["train_loss"] == original.history[-1]["train_loss"]
     assert [row["val_loss"] for row in copy_.history] == [row["val_loss"]
-        for row in original.history]
+                                                          for row in original.history]
     assert all(torch.equal(a, b) for a, b in zip(copy_.model.state_dict().values(),
-                                                  original.model.state_dict().values()))
+                                                 original.model.state_dict().values()))
     if ema_decay:
         assert all(torch.equal(a, b) for a, b in zip(copy_.ema.module.state_dict().values(),
-                                                      original.ema.module.state_dict().values()))
+                                                     original.ema.module.state_dict().values()))
         assert torch.load(tmp_path / "b" / "best_model.pth", weights_only=True).keys() == \
             original.model.state_dict().keys()  # the EMA's weights, under the model's own names
 
@@ -136,14 +133,14 @@ def test_restoring_the_best_epoch_puts_back_the_weights_the_optimizer_state_and_
     train(0)
     best = state_module.Snapshot()
     best.take(model, optimizer, ema)
-    kept = state_of(model, optimizer), {k: v.clone() for k,
-        v in ema.module.state_dict().items()}, ema.updates
+    kept = state_of(model, optimizer), {k: v.clone()
+                                        for k, v in ema.module.state_dict().items()}, ema.updates
     assert best.weights is best.ema["model"]  # best_model.pth: the EMA's
     for seed in (1, 2):  # two bad epochs
         train(seed)
     best.restore(model, optimizer, ema)
     assert_same_state(model, optimizer, kept[0])
-    assert all(torch.equal(v, kept[1][k]) for k,
-        v in ema.module.state_dict().items()) and ema.updates == kept[2]
+    assert all(torch.equal(v, kept[1][k])
+               for k, v in ema.module.state_dict().items()) and ema.updates == kept[2]
     train(3)  # training on changes neither the snapshot nor what it was taken from
     assert all(torch.equal(v, kept[1][k]) for k, v in best.ema["model"].items())

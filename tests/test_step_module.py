@@ -21,8 +21,7 @@ def test_a_resumed_run_keeps_its_precision_where_it_still_runs_natively(monkeypa
     monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail(
         "no trial on resume"))
     choose = functools.partial(step_module.choose_precision, model=None, image_size=32,
-        channels_last=True,
-                               trial=False)
+                               channels_last=True, trial=False)
     assert choose(True, cuda, recorded="fp32") == "fp32" and choose(True, cuda,
         recorded="bf16") == "bf16"
     assert choose(False, cuda, recorded="bf16") == "fp32"  # BF16 turned off: off
@@ -137,7 +136,7 @@ def test_a_captured_step_trains_as_the_eager_step_through_lr_changes_restores_an
         for step in steps:
             step.new_epoch()
         for i, (images, targets) in enumerate([random_batch(seed=epoch * 10 + s) for s in range(4)]
-                + [random_batch(n=5)]):
+                                              + [random_batch(n=5)]):
             for o, step in zip(optimizers, steps):
                 optim_module.set_lr(o, 0.1 / (1 + i + epoch))
                 step(images.to(device), targets.to(device))
@@ -164,8 +163,8 @@ def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_wit
     twin = copy.deepcopy(model)
     steps = [step_module.TrainStep(m, optim_module.make_optimizer(m, configs(LR=0.1).optim,
                                                                   lr_device=torch.device("cpu")),
-                                    nn.CrossEntropyLoss(), graph=graph) for m, graph in ((model,
-                                    True), (twin, False))]
+                                   nn.CrossEntropyLoss(), graph=graph)
+             for m, graph in ((model, True), (twin, False))]
     for seed in range(2):
         for step in steps:
             torch.manual_seed(seed)  # the same dropout
@@ -176,7 +175,7 @@ def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_wit
         in capsys.readouterr().err
     )
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-        twin.state_dict().values()))
+                                                 twin.state_dict().values()))
 
 
 # --------------------------------------------------------------------------- accumulation and
@@ -192,8 +191,8 @@ def mlp():
 
 @pytest.mark.parametrize("micro_batches, groups", [(8, [4, 4]), (6, [4, 2])],
                          ids=["whole groups", "a last smaller group"])
-def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(micro_batches, groups,
-        one_thread):
+def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(
+        micro_batches, groups, one_thread):
     batches = [random_batch(seed=seed) for seed in range(micro_batches)]
     joined, start = [], 0
     for size in groups:  # the reference: one batch of each group's micro-batches together
@@ -225,15 +224,15 @@ def test_accumulating_micro_batches_updates_as_one_step_on_each_group_joined(mic
 
 
 def test_micro_batches_fall_into_groups_of_accumulate_and_the_last_holds_what_is_left():
-    assert [step_module.micro_batch(b, 6, 4) for b in range(1, 7)] == [(0, 4), (1, 4), (2, 4), (3,
-        4), (0, 2), (1, 2)]
+    assert [step_module.micro_batch(b, 6, 4) for b in range(1, 7)] == [(0, 4), (1, 4), (2, 4),
+                                                                       (3, 4), (0, 2), (1, 2)]
     assert [step_module.micro_batch(b, 3, 1) for b in range(1, 4)] == [(0, 1)] * 3
     assert [step_module.optimizer_steps(n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
 
 
 @pytest.mark.parametrize("ratio", [0.25, 4.0])
-def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_ones_alone(ratio,
-        one_thread):
+def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_ones_alone(
+        ratio, one_thread):
     model, images_targets = mlp(), random_batch()
     reference = copy.deepcopy(model)
     nn.CrossEntropyLoss()(reference(images_targets[0]), images_targets[1]).backward()
@@ -241,16 +240,15 @@ def test_clipping_scales_the_gradients_down_to_the_max_norm_and_leaves_smaller_o
     norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradients])).item()
     max_norm, lr = ratio * norm, 0.1
     step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=lr),
-        nn.CrossEntropyLoss(),
-                                 clip_grad_norm=max_norm)
+                                 nn.CrossEntropyLoss(), clip_grad_norm=max_norm)
     step(*images_targets)
     scale = min(1.0, max_norm / norm)  # SGD on the gradients scaled to the max norm, or as they are
     for trained, before, gradient in zip(model.parameters(), reference.parameters(), gradients):
         assert torch.allclose(trained, before - lr * scale * gradient, rtol=1e-5, atol=1e-7)
 
 
-def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_torchrun(tmp_path,
-        one_thread):
+def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_torchrun(
+        tmp_path, one_thread):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", world_size=1, rank=0)
     try:
@@ -265,8 +263,7 @@ def test_only_the_last_micro_batch_of_a_group_all_reduces_the_gradients_under_to
             return done
         model.register_comm_hook(None, count)
         step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
-            nn.CrossEntropyLoss(),
-                                     accumulate=3)
+                                     nn.CrossEntropyLoss(), accumulate=3)
         for batch in range(1, 4):
             index, group = step_module.micro_batch(batch, 3, 3)
             step(*random_batch(seed=batch), index=index, group=group)
@@ -287,8 +284,7 @@ def test_accumulation_turns_cuda_graphs_off_with_a_note_and_a_yes_is_refused_nam
     model = mlp()
     with pytest.raises(ValueError, match="accumulates no micro-batches"):
         step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1),
-            nn.CrossEntropyLoss(),
-                              graph=True, accumulate=2)
+                              nn.CrossEntropyLoss(), graph=True, accumulate=2)
 
 
 def test_a_clipped_step_captures_once_and_the_ema_follows_its_replays(stand_in_cuda, one_thread):
@@ -303,7 +299,7 @@ def test_a_clipped_step_captures_once_and_the_ema_follows_its_replays(stand_in_c
                                                 lr_device=torch.device("cpu"))
         ema = optim_module.EMA(model, 0.9)
         step = step_module.TrainStep(model, optimizer, nn.CrossEntropyLoss(), graph=graph,
-            clip_grad_norm=0.1)
+                                     clip_grad_norm=0.1)
         train_module.train_one_epoch(step, batches, ema=ema)
         trained.append((model, ema))
     # the graphed run's steps were replays of one capture (the stand-in's)

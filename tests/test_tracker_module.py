@@ -25,8 +25,8 @@ def needs(module: str):
     """The tracker's package; a test without it skips, but fails under CI, which installs it."""
     if os.environ.get("CI"):
         return __import__(module)
-    return pytest.importorskip(module, reason=f"{module} is optional: pip install -r "
-                                              "requirements-trackers.txt")
+    return pytest.importorskip(
+        module, reason=f"{module} is optional: pip install -r requirements-trackers.txt")
 
 
 @pytest.fixture
@@ -95,8 +95,7 @@ def test_a_tensorboard_run_logs_each_epoch_and_the_test_accuracy(tiny_run):
     assert [e.step for e in events.Scalars("accuracy/test")] == [2]
 
 
-def test_an_mlflow_run_logs_params_metrics_and_files_and_a_resume_goes_on_with_it(tiny_run,
-                                                                                  capsys):
+def test_an_mlflow_run_logs_params_metrics_and_files_and_a_resume_goes_on_with_it(tiny_run, capsys):
     needs("mlflow")
     from mlflow.tracking import MlflowClient
 
@@ -164,8 +163,8 @@ def test_a_tracker_that_cannot_start_is_one_line_and_mlflow_usage_reports_stay_o
     monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
     args, out = tiny_run
     assert main.main(args + ["--tracker", "mlflow"]) == 2
-    assert capsys.readouterr().err == (
-        "error: --tracker 'mlflow' (TRACKER) could not start: ConnectionError: tracking server "
-        "10.0.0.9:5000 refused the connection\n")
+    assert capsys.readouterr().err == ("error: --tracker 'mlflow' (TRACKER) could not start: "
+                                       "ConnectionError: tracking server 10.0.0.9:5000 refused "
+                                       "the connection\n")
     # bookkeeping: MLflow's reports to its makers (and their id under ~/.config) only when asked
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"

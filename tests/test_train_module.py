@@ -144,14 +144,14 @@ def test_tta_evaluation_averages_the_six_views():
     augmented = train_module.evaluate(model, data.val, tta=True)
     assert augmented["loss"] == pytest.approx(expected, rel=1e-5)
     assert augmented["loss"] != pytest.approx(train_module.evaluate(model, data.val)["loss"],
-        rel=1e-5)
+                                              rel=1e-5)
 
 
 def test_the_fast_preset_trains_a_few_steps_on_tiny_data(tmp_path):
     torch.manual_seed(0)
     data = make_tiny_data(n_train=64, size=32, batch_size=16)
-    model = model_module.get_model("fast", 4, sample_images=lambda n: data.train.first_images(min(n,
-        64)))
+    model = model_module.get_model("fast", 4,
+                                   sample_images=lambda n: data.train.first_images(min(n, 64)))
     sgd = configs(LR=1.5, MOMENTUM=0.85, WEIGHT_DECAY=1.33e-3, NORM_LR_SCALE=64).optim
     optimizer = optim_module.make_optimizer(model, sgd)
     steps = 2 * len(data.train)
@@ -238,12 +238,12 @@ def test_a_perfect_model_has_no_mistakes_and_a_diagonal_confusion_matrix():
 
     result = train_module.evaluate(Oracle(), data.val, num_classes=4, collect=True)
     assert result["acc"] == 1.0 and result["mistakes"] == []
-    assert torch.equal(result["confusion"], torch.diag(torch.bincount(data.val.labels,
-        minlength=4)))
+    assert torch.equal(result["confusion"],
+                       torch.diag(torch.bincount(data.val.labels, minlength=4)))
 
 
-def test_a_compiled_run_times_its_first_step_once_and_evaluates_the_plain_model(tmp_path,
-        monkeypatch, capsys):
+def test_a_compiled_run_times_its_first_step_once_and_evaluates_the_plain_model(
+        tmp_path, monkeypatch, capsys):
     compile = torch.compile
     # quick: no code generated
     monkeypatch.setattr(torch, "compile", lambda model: compile(model, backend="eager"))
@@ -292,8 +292,8 @@ def test_fit_captures_again_after_a_restore_or_an_unfreeze_and_replays(tmp_path,
     assert [row["event"] for row in eager] == events
 
 
-def test_a_write_that_failed_in_the_background_stops_training_before_the_next_step(tmp_path,
-        monkeypatch):
+def test_a_write_that_failed_in_the_background_stops_training_before_the_next_step(
+        tmp_path, monkeypatch):
     torch.manual_seed(0)
     data = make_tiny_data(size=8)
     state = TrainState(model_module.get_model("cnn", 4), None, LRA(configs(ASK_EPOCH=None).lra))
@@ -308,7 +308,7 @@ def test_a_write_that_failed_in_the_background_stops_training_before_the_next_st
     before = {k: v.clone() for k, v in state.model.state_dict().items()}
     step = step_module.TrainStep(state.model, state.optimizer, nn.CrossEntropyLoss())
     with pytest.raises(files_module.WriteFailed,
-            match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
+                       match=f"could not write last_checkpoint.pth in {tmp_path}: no space left"):
         train_module.train_one_epoch(step, data.train, check=writer.check)
     # not one step taken
     assert all(torch.equal(v, before[k]) for k, v in state.model.state_dict().items())
@@ -348,12 +348,12 @@ def mixed_fit(tmp_path, cuda_graph=False):
                                             LABEL_SMOOTHING=0.1).fit, cuda_graph=cuda_graph))
 
 
-def test_fit_trains_on_mixed_batches_on_the_cpu_and_validates_on_plain_ones(tmp_path, monkeypatch,
-        one_thread):
+def test_fit_trains_on_mixed_batches_on_the_cpu_and_validates_on_plain_ones(
+        tmp_path, monkeypatch, one_thread):
     evaluated, evaluate = [], train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", lambda model, loader, **kwargs: evaluated.append(
-        loader) or
-                        evaluate(model, loader, **kwargs))
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda model, loader, **kwargs: evaluated.append(loader)
+                        or evaluate(model, loader, **kwargs))
     history = mixed_fit(tmp_path)
     assert len(history) == 2 and all(math.isfinite(row["train_loss"]) for row in history)
     assert all(0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1 for row in history)
@@ -379,8 +379,8 @@ def test_balanced_class_weights_are_n_over_classes_times_each_count():
     # each class adds n / classes
     assert sum(w * c for w, c in zip(weights, [90, 10, 20])) == pytest.approx(120)
     with pytest.raises(ValueError,
-        match="^CLASS_WEIGHTS = 'balanced' needs training images of every class, and "
-                                         "'b' has none"):
+                       match="^CLASS_WEIGHTS = 'balanced' needs training images of every class, "
+                             "and 'b' has none"):
         train_module.balanced_class_weights([5, 0, 3], ["a", "b", "c"])
     with pytest.raises(ValueError, match=r"^CLASS_WEIGHTS = \(1.0, 0.0\) is out of range"):
         replace(configs(EPOCHS=1).fit, class_weights=(1.0, 0.0))
@@ -397,7 +397,7 @@ def test_the_training_loss_weighs_each_class_and_keeps_label_smoothing():
     by_hand = -(torch.tensor([0.5, 2.0, 2.0]) * smoothed * logits.log_softmax(1)).sum(1)
     weights = torch.tensor([0.5, 2.0, 2.0])[targets]
     assert loss(logits, targets).item() == pytest.approx((by_hand.sum() / weights.sum()).item(),
-        rel=1e-5)
+                                                         rel=1e-5)
     unweighted = train_module.training_loss(configs(EPOCHS=1, LABEL_SMOOTHING=0.1).fit)
     assert unweighted(logits, targets).item() == pytest.approx(per_image.mean().item(), rel=1e-6)
 
@@ -413,8 +413,8 @@ def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_o
     def gaussians(n_common, n_rare):
         points = torch.cat([torch.randn(n_common, 2, generator=generator),
                             torch.randn(n_rare, 2, generator=generator) + torch.tensor([1.5, 0.0])])
-        return points, torch.cat([torch.zeros(n_common, dtype=torch.int64), torch.ones(n_rare,
-            dtype=torch.int64)])
+        return points, torch.cat([torch.zeros(n_common, dtype=torch.int64),
+                                  torch.ones(n_rare, dtype=torch.int64)])
 
     train_points, train_labels = gaussians(1000, 100)
     test_batches = [gaussians(500, 500)]
@@ -425,8 +425,7 @@ def test_balanced_class_weights_raise_the_recall_of_the_rare_class_on_a_ten_to_o
         model = nn.Linear(2, 2)
         loss_fn = train_module.training_loss(replace(configs().fit, class_weights=class_weights))
         step = step_module.TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1,
-            momentum=0.9),
-                                     loss_fn)
+                                                            momentum=0.9), loss_fn)
         for epoch in range(20):
             order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(
                 epoch))

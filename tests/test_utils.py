@@ -51,8 +51,8 @@ def test_a_fifo_or_a_link_to_a_device_is_said_to_be_no_regular_file_never_missin
     os.mkfifo(tmp_path / "fifo.pth")  # torch.load of it would wait for a writer for ever
     os.symlink(os.devnull, tmp_path / "device.pth")
     for name in ("fifo.pth", "device.pth"):
-        with pytest.raises(utils.CheckpointError, match=r"^the best model .* is not a regular "
-                                                        r"file$"):
+        with pytest.raises(utils.CheckpointError,
+                           match=r"^the best model .* is not a regular file$"):
             utils.load_torch(str(tmp_path / name), "the best model")
     with pytest.raises(utils.CheckpointError, match=r"^RESUME .*gone.pth does not exist$"):
         utils.load_torch(str(tmp_path / "gone.pth"), "RESUME")
