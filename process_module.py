@@ -109,8 +109,8 @@ def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDie
         cause = "a crash in the image decoder, or a full disk under a memory-mapped file; check " \
             "the file and the disk"
     elif exitcode is not None and exitcode > 0:
-        how, cause = f"exited with status {exitcode}", "an error in the worker; see it with " \
-            "--num-workers 0"
+        how, cause = (f"exited with status {exitcode}",
+                      "an error in the worker; see it with --num-workers 0")
     elif exitcode is not None and exitcode < 0 and exitcode != -signal.SIGKILL:
         cause = "a signal from outside the run"
     if exitcode is not None and exitcode < 0:
@@ -146,8 +146,8 @@ def worker_died(error: BaseException, doing: str) -> WorkerDied | None:
     pid, signal_text, status = match.groups()
     exitcode = int(status) if status else None
     if signal_text:  # strsignal's words: "Killed", "Segmentation fault"
-        exitcode = next((-number for number in signal.Signals
-                         if signal.strsignal(number) == signal_text), None)
+        exitcode = next(
+            (-number for number in signal.Signals if signal.strsignal(number) == signal_text), None)
     return worker_death(int(pid), exitcode, doing)
 
 
