@@ -94,7 +94,6 @@ def _export_pt2(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
     """Write model.pt2 (torch.export.save, the metadata as an extra file) and return its loaded
     module."""
     program = torch.export.export(model, (images,), dynamic_shapes=(batch,))
-    files_module.atomic_write(path, lambda f: torch.export.save(program, f,
-                                                         extra_files={"metadata.json": json.dumps(
-                                                         metadata)}))
+    files_module.atomic_write(path, lambda f: torch.export.save(
+        program, f, extra_files={"metadata.json": json.dumps(metadata)}))
     return torch.export.load(path).module()

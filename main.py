@@ -423,8 +423,8 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
         outcome = run_module.train(config, run)
         # finished, or stopped by a non-finite loss with the best weights restored (under torchrun
         # the other processes end with it: no report)
-        if outcome.status == 0 or outcome.status == 1 and world_size == 1 and \
-                run.state.lra.best_epoch is not None:  # weights to report on
+        if (outcome.status == 0 or outcome.status == 1 and world_size == 1
+                and run.state.lra.best_epoch is not None):  # weights to report on
             stage[0] = run_module.FINAL_EVALUATION
             try:
                 outcome.test = run_module.report(config, run)

@@ -220,8 +220,8 @@ def _final_layer_name(model: nn.Module) -> str:
     """The qualified name of torchvision's last classification layer: the last Linear (squeezenet:
     the 1x1 Conv2d) inside the model's fc, classifier, heads or head."""
     holder = next(h for h in _HEAD_HOLDERS if isinstance(getattr(model, h, None), nn.Module))
-    layers = [n for n, m in getattr(model, holder).named_modules() if isinstance(m, (nn.Linear,
-        nn.Conv2d))]
+    layers = [n for n, m in getattr(model, holder).named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d))]
     return ".".join(filter(None, (holder, layers[-1])))
 
 

@@ -219,10 +219,10 @@ class _MostConfidentMistakes:
         mine = []
         if self.kept is not None:
             probabilities, images, targets, predicted = self.kept
-            mine = [Mistake(image, target, prediction, probability) for probability, image, target,
-                prediction
+            mine = [Mistake(image, target, prediction, probability)
+                    for probability, image, target, prediction
                     in zip(probabilities.tolist(), images.cpu(), targets.tolist(),
-                    predicted.tolist())
+                           predicted.tolist())
                     if probability >= 0]
         everyone = [m for mistakes in distributed_module.gather(mine) for m in mistakes]
         return sorted(everyone, key=lambda m: -m.probability)[:self.k]

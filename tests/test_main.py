@@ -1280,8 +1280,8 @@ def test_a_decoding_worker_killed_ends_the_run_in_one_line_naming_its_file(
     assert time.monotonic() - began < 20
     [line] = error_lines(result)
     assert result.returncode == run_module.WORKER_DIED and "Traceback" not in result.stderr
-    assert f"was killed by SIGKILL while decoding {victim}: most likely the system ran out of " \
-        f"memory" in line
+    assert (f"was killed by SIGKILL while decoding {victim}: most likely the system ran out of "
+            "memory" in line)
 
 
 KILLED_IN_A_DATALOADER_WORKER = """
