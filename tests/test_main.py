@@ -89,8 +89,8 @@ def test_auto_augment_and_random_erasing_flags_reach_the_data_config():
     settings = main.build_config(config).data.augmentations
     assert config["AUTO_AUGMENT"] is None and settings["random_erasing"] == 0
     config["AUTO_AUGMENT"] = "rand"
-    with pytest.raises(ValueError,
-            match="^AUTO_AUGMENT = 'rand' is not known; choose one of None, 'trivialaug"):
+    with pytest.raises(ValueError, match="^AUTO_AUGMENT = 'rand' is not known; choose one of "
+                       "None, 'trivialaug"):
         main.build_config(config)
 
 
@@ -168,9 +168,8 @@ def test_out_of_range_constants_name_the_constant(name, value):
     (["--model", "vgg"], ["--model 'vgg' (MODEL) is not known", "the closest are", "vgg11"]),
     (["--factor", "2"], ["--factor 2.0 (FACTOR) is out of range"]),
     (["--cuda-graphs", "yes", "--compile", "true"], ["CUDA_GRAPHS='yes' needs", "COMPILE off"]),
-    (["--class-weights", "inverse"], [
-    "--class-weights 'inverse' (CLASS_WEIGHTS) is not known; choose one of None, "
-                                      "'balanced'"]),
+    (["--class-weights", "inverse"],
+     ["--class-weights 'inverse' (CLASS_WEIGHTS) is not known; choose one of None, 'balanced'"]),
     (["--mixup", "-1"], ["--mixup -1.0 (MIXUP) is out of range: use a number >= 0 (0: off)"]),
 ])
 def test_bad_constants_exit_2_with_one_line(tiny_run, args, fragments, capsys):
@@ -1229,8 +1228,8 @@ def test_ctrl_c_in_the_evaluation_predict_export_or_lr_finder_ends_in_one_line_p
                   signal.SIGINT)
         result = main_in_process(["--output-dir", out, "--predict", images, "--num-workers", "0"],
                                  capsys)
-    assert result.returncode == 130 and result.stderr == f"Interrupted with {kept} of {total} " \
-        f"images classified; {kept} predictions written to {out / 'predictions.csv'}\n"
+    assert (result.returncode == 130 and result.stderr == f"Interrupted with {kept} of {total} "
+            f"images classified; {kept} predictions written to {out / 'predictions.csv'}\n")
     written = (out / "predictions.csv").read_bytes()
     first = sorted(map(str, images.iterdir()))[:kept]
     assert list(pd.read_csv(out / "predictions.csv")["path"]) == first
