@@ -40,11 +40,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "threshold": (lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
     "factor": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
     "ask_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
-    "a whole number >= 1, or None"),
+                  "a whole number >= 1, or None"),
     "min_lr": (lambda v: v >= 0, "a number >= 0"),
     "min_delta": (lambda v: v >= 0, "a number >= 0"),
     "unfreeze_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
-    "a whole number >= 1, or None"),
+                       "a whole number >= 1, or None"),
 }
 
 
