@@ -269,8 +269,8 @@ def check_output_dir(output_dir: str, names: tuple[str, ...] = RUN_FILES) -> Non
 def _run_files(output_dir: str) -> list[str]:
     """The names of the run files that output_dir holds as regular files (links never count)."""
     paths = {name: os.path.join(output_dir, name) for name in RUN_FILES}
-    return [name
-            for name, path in paths.items() if os.path.isfile(path) and not os.path.islink(path)]
+    return [name for name, path in paths.items()
+            if os.path.isfile(path) and not os.path.islink(path)]
 
 
 def remove_partial_writes(output_dir: str) -> None:

@@ -158,8 +158,8 @@ def fast(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)) -> Cla
                       nn.Sequential(nn.Linear(widths[2], num_classes, bias=False), _Scale(1 / 9)))
 
 
-MODELS: dict[str, Callable[[int], Classifier]] = {"cnn": cnn, "resnet18_cifar": resnet18_cifar,
-                                                  "fast": fast}
+MODELS: dict[str, Callable[[int], Classifier]] = {
+    "cnn": cnn, "resnet18_cifar": resnet18_cifar, "fast": fast}
 TORCHVISION_MODELS: tuple[str, ...] = tuple(
     torchvision.models.list_models(module=torchvision.models))
 
