@@ -302,8 +302,8 @@ def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
     case)."""
     allowed = weight_names(name)
     if str(pretrained).upper() not in {a.upper() for a in allowed}:
-        what = f"the weights published for {name}" if allowed else \
-            f"{name} has no published weights; torchvision's models have, such as resnet18"
+        what = (f"the weights published for {name}" if allowed else f"{name} has no published "
+                "weights; torchvision's models have, such as resnet18")
         raise ValueError(
             f"{messages_module.not_known('PRETRAINED', pretrained, allowed or [None])} ({what})")
     return torchvision.models.get_model_weights(name)[pretrained.upper()]

@@ -282,8 +282,8 @@ def test_a_ten_to_one_folder_trains_balanced_and_mixed_and_reports_each_classs_r
 
 
 def test_the_class_weights_line_names_the_lightest_and_the_heaviest_class():
-    assert run_module._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == \
-        "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.5 (owls) to 3 (dogs)"
+    assert run_module._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == (
+        "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.5 (owls) to 3 (dogs)")
     assert run_module._class_weights_line((1.0, 1.0), ["cats", "dogs"]).endswith(
         ": 1 for every class (a balanced split)")
 
