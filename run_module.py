@@ -239,8 +239,8 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr,
                                           total_steps, config.optim.warmup_epochs * steps)
     lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
-    ema = optim_module.EMA(model,
-                           config.optim.ema_decay) if config.optim.ema_decay is not None else None
+    ema = (optim_module.EMA(model, config.optim.ema_decay) if config.optim.ema_decay is not None
+           else None)
     lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)),
               main_process=rank == 0, share=distributed_module.from_rank_0)
     return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead,
@@ -367,8 +367,8 @@ def chance_warning(result: dict[str, typing.Any], num_classes: int,
               "every image the same output (BatchNorm statistics behind the weights, as with few "
               "steps an epoch): try --pretrained default, a smaller --batch-size or --model cnn")
              if trained > 2 * chance
-             else f"nothing was learnt in {messages_module.plural(len(history), 'epoch')}: train "
-             f"longer (--epochs {FEW_EPOCHS * 2} or more)" if len(history) < FEW_EPOCHS
+             else (f"nothing was learnt in {messages_module.plural(len(history), 'epoch')}: train "
+                   f"longer (--epochs {FEW_EPOCHS * 2} or more)") if len(history) < FEW_EPOCHS
              else "nothing was learnt: try a lower --lr, or --find-lr's suggestion")
     return (f"warning: the final accuracy {100 * result['acc']:.1f}% is chance (1/{num_classes}) "
             f"and the loss {result['loss']:.4f} is ln {num_classes}; {cause}")
