@@ -414,8 +414,8 @@ class LRA:
             if answer.isascii() and answer.isdigit() and int(answer) > 0:
                 return ("more", int(answer))
             offered = "H, F" if self.frozen else "H"
-            self._print(f"{answer!r} is not accepted: enter {offered}, or a whole "
-                        "number of epochs above 0.")
+            self._print(f"{answer!r} is not accepted: enter {offered}, or a whole number of epochs "
+                        "above 0.")
 
     def ask_anew(self, ask_epoch: int | None) -> None:
         """Ask after ask_epoch (then every ask_epoch epochs), or never (None), whatever a resumed

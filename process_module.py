@@ -146,8 +146,8 @@ def worker_died(error: BaseException, doing: str) -> WorkerDied | None:
     pid, signal_text, status = match.groups()
     exitcode = int(status) if status else None
     if signal_text:  # strsignal's words: "Killed", "Segmentation fault"
-        exitcode = next(
-            (-number for number in signal.Signals if signal.strsignal(number) == signal_text), None)
+        exitcode = next((-number for number in signal.Signals
+                         if signal.strsignal(number) == signal_text), None)
     return worker_death(int(pid), exitcode, doing)
 
 
