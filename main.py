@@ -308,8 +308,8 @@ def build_config(values: dict[str, typing.Any]) -> run_module.Config:
     first constant that is out of range."""
     run = run_module.RunConfig(**_lower(values, "MODEL", "PRETRAINED", "FREEZE", "WEIGHTS", "BF16",
                                         "CUDA_GRAPHS", "CLASS_WEIGHTS", "TTA", "TRACKER",
-                                        "DIST_TIMEOUT"), resume=_resume_path(values),
-                               bf16_trial_steps=BF16_TRIAL_STEPS)
+                                        "DIST_TIMEOUT"),
+                               resume=_resume_path(values), bf16_trial_steps=BF16_TRIAL_STEPS)
     weights = model_module.preprocessing(run.model, run.pretrained) or {}  # their preparation
     own_size = values["IMAGE_SIZE"] is not None
     data = data_module.DataConfig(
