@@ -286,7 +286,7 @@ RULES: messages_module.Rules = {
     "epochs": (lambda v: v >= 1, "a whole number >= 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "class_weights": (lambda v: v is None or all(0 < w < math.inf for w in v),
-    "finite numbers > 0, or None"),
+                      "finite numbers > 0, or None"),
     "accumulate_steps": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "a number > 0, or None"),
 }
