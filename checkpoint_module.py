@@ -165,9 +165,10 @@ def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
                     checkpoint.get("config", {}))
     data_dir = config.get("DATA_DIR")  # what --export reads its example images from
     lra = checkpoint["lra"]
-    return {"format": FORMAT, "model": config.get("MODEL"), **info, "dataset": config.get(
-        "DATASET"), "data_dir": data_dir and os.path.abspath(data_dir), "epoch": lra["best_epoch"],
-            "monitor": config.get("MONITOR", "val_loss"), "score": lra.get("best_score"),  # None:
+    return {"format": FORMAT, "model": config.get("MODEL"), **info,
+            "dataset": config.get("DATASET"), "data_dir": data_dir and os.path.abspath(data_dir),
+            "epoch": lra["best_epoch"], "monitor": config.get("MONITOR", "val_loss"),
+            "score": lra.get("best_score"),  # None:
             "val_loss": lra["best_val_loss"] if lra["best_val_acc"] is not None else None,  # no val
             "val_acc": lra["best_val_acc"]}
 
