@@ -261,14 +261,15 @@ class LRA:
                         f"{elapsed:.1f} s; no epoch finished with a finite validation loss, so no "
                         "best weights to restore.")
             return
-        on_disk = "" if saved_best in (-1, self.best_epoch) else (
-            f" best_model.pth holds epoch {saved_best}'s weights, the last written whole."
-            if saved_best else " best_model.pth was never written whole.")
+        on_disk = ("" if saved_best in (-1, self.best_epoch)
+                   else (f" best_model.pth holds epoch {saved_best}'s weights, "
+                         "the last written whole." if saved_best
+                         else " best_model.pth was never written whole."))
         ended = f"Training ended: {self.stop_reason or 'the epoch limit was reached'}."
         if self.best_val_acc is None:  # no validation images: the best weights are the last
-            self._print(
-                f"{ended} No validation images: the model and best_model.pth hold the final "
-                f"weights, from epoch {self.best_epoch}. Elapsed {elapsed:.1f} s.{on_disk}")
+            self._print(f"{ended} No validation images: the model and best_model.pth hold the "
+                        f"final weights, from epoch {self.best_epoch}. "
+                        f"Elapsed {elapsed:.1f} s.{on_disk}")
             return
         watch = self.config.monitor
         score = "" if watch in ("val_loss", "val_acc") else f"{watch} {self.best_score:.4f}, "
@@ -344,9 +345,9 @@ class LRA:
         stop_reason."""
         if not self.config.adjust_lr or self.cuts < self.config.stop_patience:
             return False
-        self.stop_reason = (
-            f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} (STOP_PATIENCE = "
-            f"{self.config.stop_patience}){self._still_improving()}")
+        self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
+                            f"(STOP_PATIENCE = {self.config.stop_patience})"
+                            f"{self._still_improving()}")
         return True
 
     def _still_improving(self) -> str:
@@ -356,11 +357,11 @@ class LRA:
                 or self.best_score is None):
             return ""
         below = math.floor(20 * self.best_train_acc) / 20  # a round THRESHOLD it has reached
-        return (
-            f"; train_acc stayed below THRESHOLD {self.config.threshold:g} (it reached "
-            f"{100 * self.best_train_acc:.1f}%; augmentation can keep it low), so LRA judged by it "
-            f"while {self.config.monitor} kept improving (a new best at epoch {self.best_epoch}): "
-            f"set --threshold {below:g} or lower, or a higher --stop-patience")
+        return (f"; train_acc stayed below THRESHOLD {self.config.threshold:g} "
+                f"(it reached {100 * self.best_train_acc:.1f}%; augmentation can keep it low), "
+                f"so LRA judged by it while {self.config.monitor} kept improving "
+                f"(a new best at epoch {self.best_epoch}): set --threshold {below:g} or lower, "
+                "or a higher --stop-patience")
 
     def _ask_due(self, epoch: int) -> bool:
         """Whether to ask the user after this epoch."""
@@ -384,8 +385,8 @@ class LRA:
         elif kind == "unfreeze":
             self._unfreeze()
             self.ask_epoch = epoch + self.ask_every
-            self._print(
-                f"Unfreezing the body at LR {lr:.3g}; asking again after epoch {self.ask_epoch}.")
+            self._print(f"Unfreezing the body at LR {lr:.3g}; "
+                        f"asking again after epoch {self.ask_epoch}.")
             return "unfreeze"
         else:  # "eof" or "off": stop asking, go on to the configured number of epochs
             self.prompts_off = True

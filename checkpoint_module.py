@@ -356,9 +356,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
                                        list[float | str | bool | None])
         epochs = [row.get("epoch") for row in history]
         if epochs != list(range(1, len(epochs) + 1)) or checkpoint["epoch"] != len(epochs):
-            raise ValueError(
-                f"epoch = {messages_module.short_repr(checkpoint['epoch'])} and its history's "
-                f"epochs, {messages_module.short_repr(epochs)}, are not 1, 2, ... up to it")
+            raise ValueError(f"epoch = {messages_module.short_repr(checkpoint['epoch'])} and its "
+                             f"history's epochs, {messages_module.short_repr(epochs)}, "
+                             "are not 1, 2, ... up to it")
     except ValueError as error:
         raise damaged(f"RESUME {path}", error, RESUME_FIX) from None
     return checkpoint
@@ -366,8 +366,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 def damaged(where: str, error: Exception, fix: str) -> utils.CheckpointError:
     """The one line for a run file with a field that is wrong: "{where}: {error}; ...: {fix}"."""
-    return utils.CheckpointError(
-        f"{where}: {error}; the file was changed, or not written by this pipeline: {fix}")
+    return utils.CheckpointError(f"{where}: {error}; the file was changed, "
+                                 f"or not written by this pipeline: {fix}")
 
 
 def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
@@ -414,12 +414,13 @@ def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_d
     another folder first moves the files of output_dir's own run aside (move_earlier_run)."""
     for name in ("MODEL", "DATASET"):
         if checkpoint["config"].get(name) != state.info.config[name]:
-            raise utils.CheckpointError(
-                f"RESUME {path} was saved with {name} = {checkpoint['config'].get(name)!r}, but "
-                f"this run has {state.info.config[name]!r}; set {name} to match or start afresh")
+            raise utils.CheckpointError(f"RESUME {path} was saved with {name} = "
+                                        f"{checkpoint['config'].get(name)!r}, "
+                                        f"but this run has {state.info.config[name]!r}; "
+                                        f"set {name} to match or start afresh")
     if checkpoint.get("classes") != state.info.classes:
-        raise utils.CheckpointError(
-            f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
+        raise utils.CheckpointError(f"RESUME {path} was trained on other classes "
+                                    f"({checkpoint.get('classes')})")
     try:
         state.load_state_dict(checkpoint, rank, world_size)
     # a value of the wrong kind in a checkpoint's state fails in any of these ways, meaning the same
@@ -448,9 +449,9 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
     each field checked (CheckpointError naming the first that is wrong) before anything uses it."""
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
-        raise utils.CheckpointError(
-            f"{path} {utils.not_a_file(path)}: train first (python main.py), or set OUTPUT_DIR to "
-            "the folder that holds best_model.pth and best_model.json")
+        raise utils.CheckpointError(f"{path} {utils.not_a_file(path)}: train first "
+                                    "(python main.py), or set OUTPUT_DIR to the folder that holds "
+                                    "best_model.pth and best_model.json")
     info, fix = _read_json(path), "train again to rewrite it"
     if not isinstance(info, dict):
         raise utils.CheckpointError(f"{path} is not a JSON object of a run; {fix}")

@@ -52,8 +52,8 @@ class _Parser(argparse.ArgumentParser):
             unknown = [word for word in message.split(": ", 1)[1].split() if word.startswith("-")]
             word = (unknown or message.split(": ", 1)[1].split())[0]
             near = difflib.get_close_matches(word.split("=")[0], flags, n=3, cutoff=0.6)
-            message = (
-                f"unknown flag {word}" + (f"; did you mean {' or '.join(near)}?" if near else ""))
+            message = (f"unknown flag {word}"
+                       + (f"; did you mean {' or '.join(near)}?" if near else ""))
         self.exit(2, f"{self.prog}: error: {message}\n(python main.py --help lists every flag)\n")
 
 

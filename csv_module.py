@@ -123,9 +123,9 @@ def _listed(path: str, where: str, skipped: Skipped) -> tuple[int, int] | None:
             skipped.add("dangling link", path)
             return None
         reason = getattr(error, "strerror", None) or error
-        raise DataError(
-            f"{where}: {messages_module.printable(path)} cannot be read ({reason}); correct the "
-            "path (relative to the CSV's folder, or absolute) or remove the row") from None
+        raise DataError(f"{where}: {messages_module.printable(path)} cannot be read ({reason}); "
+                        "correct the path (relative to the CSV's folder, or absolute) "
+                        "or remove the row") from None
     if stat.S_ISDIR(status.st_mode):
         raise DataError(f"{where}: {messages_module.printable(path)} is a folder; name an image "
                         "file in it, or remove the row")

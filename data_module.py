@@ -202,10 +202,10 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         val = None
     else:
         csv = dataset == "csv"
-        raise DataError(
-            f"{data_dir} has no {'val or test rows' if csv else 'val/ or test/ folder'} and "
-            f"{flag_named('VAL_SPLIT')} is 0: nothing to evaluate on; set it above 0, or add "
-            f"{'val rows' if csv else f'{data_dir}/val/<class>/<image>'}")
+        raise DataError(f"{data_dir} has no "
+                        f"{'val or test rows' if csv else 'val/ or test/ folder'} and "
+                        f"{flag_named('VAL_SPLIT')} is 0: nothing to evaluate on; set it above 0, "
+                        f"or add {'val rows' if csv else f'{data_dir}/val/<class>/<image>'}")
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_index):
             raise DataError(f"{flag_named('TRAIN_SUBSET')} {train_subset} is out of range: use 1 "
@@ -259,9 +259,9 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
         if single:
             place = (f"the class {single[0]!r} of {data_dir}" if csv
                      else os.path.join(data_dir, 'train', single[0]))
-            raise DataError(
-                f"{place} has a single image, and an unset {flag_named('VAL_SPLIT')} holds out one "
-                f"of each class; add images or {'val rows' if csv else 'val/'}, or set it")
+            raise DataError(f"{place} has a single image, and an unset {flag_named('VAL_SPLIT')} "
+                            "holds out one of each class; "
+                            f"add images or {'val rows' if csv else 'val/'}, or set it")
     n_val = default_val_split(dataset, labels) if val_split is None else val_split
     if n_val < len(labels):
         return n_val
@@ -273,8 +273,8 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
         raise DataError(f"{flag_named('VAL_SPLIT')} {n_val} is too large: "
                         f"{'the train rows have' if csv else 'train/ has'} {images}; use fewer, or "
                         "leave it unset for a tenth of them")
-    raise DataError(
-        f"{flag_named('VAL_SPLIT')} {n_val} is too large: the training set has {images}; use fewer")
+    raise DataError(f"{flag_named('VAL_SPLIT')} {n_val} is too large: "
+                    f"the training set has {images}; use fewer")
 
 
 # --------------------------------------------------------------------------- loaders

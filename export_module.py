@@ -32,8 +32,8 @@ def check_export(kind: str) -> None:
         raise ValueError(messages_module.not_known("EXPORT", kind, EXPORT_KINDS))
     missing = [name for name in _EXPORT_PACKAGES[kind] if importlib.util.find_spec(name) is None]
     if missing:
-        raise ValueError(
-            f"EXPORT = {kind!r} needs {', '.join(missing)}: pip install -r requirements.txt")
+        raise ValueError(f"EXPORT = {kind!r} needs {', '.join(missing)}: "
+                         "pip install -r requirements.txt")
 
 
 def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std: Sequence[float],

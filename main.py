@@ -290,9 +290,9 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
     fixed = ("EPOCHS",) if saved.get("LOOKAHEAD") or schedule and schedule.sized_to_epochs else ()
     for name in sorted(given - set(RESUME_MAY_CHANGE) | (given & set(fixed))):
         if name in saved and saved[name] != values[name]:
-            raise ValueError(
-                f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
-                f"{saved[name]!r}; leave the flag out to resume, or start a new run elsewhere")
+            raise ValueError(f"{flag(name)} {values[name]!r} differs from the run in {path}, "
+                             f"which has {name} = {saved[name]!r}; leave the flag out to resume, "
+                             "or start a new run elsewhere")
     try:  # and in the ranges build_config allows them
         build_config({**values, **taken})
     except ValueError as error:

@@ -117,5 +117,5 @@ def check_fields(config: Any, rules: Rules,
             raise ValueError(not_known(name.upper(), getattr(config, name), allowed))
     for name, (test, allowed) in rules.items():
         if not test(getattr(config, name)):
-            raise ValueError(
-                f"{name.upper()} = {getattr(config, name)!r} is out of range: use {allowed}")
+            raise ValueError(f"{name.upper()} = {getattr(config, name)!r} "
+                             f"is out of range: use {allowed}")

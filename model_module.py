@@ -198,9 +198,9 @@ def _build_torchvision(name: str, num_classes: int, image_size: int | None,
     if name.startswith(("vit_", "maxvit_")):
         native = weights.meta["min_size"][0] if weights is not None else None
         if native is not None and image_size not in (None, native):
-            raise ValueError(
-                f"{name}'s {weights.name} weights are for {native}-pixel images, so IMAGE_SIZE "
-                f"must be {native} with PRETRAINED = {weights.name!r}, not {image_size}")
+            raise ValueError(f"{name}'s {weights.name} weights are for {native}-pixel images, "
+                             f"so IMAGE_SIZE must be {native} with PRETRAINED = {weights.name!r}, "
+                             f"not {image_size}")
         size = image_size or native
         if size is not None:
             options.update({"image_size": size} if name.startswith("vit_")
@@ -304,8 +304,8 @@ def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
     if str(pretrained).upper() not in {a.upper() for a in allowed}:
         what = (f"the weights published for {name}" if allowed else f"{name} has no published "
                 "weights; torchvision's models have, such as resnet18")
-        raise ValueError(
-            f"{messages_module.not_known('PRETRAINED', pretrained, allowed or [None])} ({what})")
+        raise ValueError(f"{messages_module.not_known('PRETRAINED', pretrained, allowed or [None])}"
+                         f" ({what})")
     return torchvision.models.get_model_weights(name)[pretrained.upper()]
 
 
@@ -349,9 +349,9 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> str:
             with contextlib.suppress(OSError):
                 os.rmdir(empty)
         detail = (str(getattr(error, "reason", error)).splitlines() or [type(error).__name__])[0]
-        raise ValueError(
-            f"PRETRAINED weights {file_name} are not in {folder} and could not be downloaded "
-            f"({detail}); download {weights.url} into that folder") from None
+        raise ValueError(f"PRETRAINED weights {file_name} are not in {folder} and could not be "
+                         f"downloaded ({detail}); "
+                         f"download {weights.url} into that folder") from None
 
 
 def preprocessing(name: str, pretrained: str | None) -> dict[str, Any] | None:
@@ -409,8 +409,8 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor],
         detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for what, keys in (("missing", missing), ("unexpected", unexpected),
                                               ("other shapes", mismatched)) if keys)
-        raise ValueError(
-            f"{source} does not fit this model ({detail}); was it saved from another MODEL?")
+        raise ValueError(f"{source} does not fit this model ({detail}); "
+                         "was it saved from another MODEL?")
     # Module versions travel in a state dict's _metadata, and MNASNet refuses a state without them;
     # a plain dict (best_model.pth) was saved from this code's models, whose versions are this
     # model's own.
@@ -442,9 +442,9 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least two classes, got {num_classes}")
     if pretrained is not None and weights is not None:
-        raise ValueError(
-            "PRETRAINED and WEIGHTS cannot both be set: WEIGHTS (a best_model.pth) holds the whole "
-            "model already; set PRETRAINED to start from published weights, or WEIGHTS, not both")
+        raise ValueError("PRETRAINED and WEIGHTS cannot both be set: WEIGHTS (a best_model.pth) "
+                         "holds the whole model already; set PRETRAINED to start from published "
+                         "weights, or WEIGHTS, not both")
     published = _find_weights(name, pretrained) if pretrained is not None else None
     if name in MODELS:
         model = MODELS[name](num_classes)

@@ -56,8 +56,8 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     classes = [messages_module.printable(name) for name in classes]
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
-        raise ValueError(
-            f"a confusion matrix of shape {counts.shape} does not fit {len(classes)} classes")
+        raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit "
+                         f"{len(classes)} classes")
     hits, support, predicted = np.diag(counts), counts.sum(1), counts.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, as wanted
         precision, recall = hits / predicted, hits / support

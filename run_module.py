@@ -142,11 +142,12 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     # another run writing there: refused at once
     files_module.check_unlocked(output_dir, main_process=rank == 0)
     if saved and len(saved["rng"]) != world_size:  # one random state per process of the run
-        raise utils.CheckpointError(
-            f"RESUME {options.resume} was saved by {len(saved['rng'])} processes and this run has "
-            f"{world_size}: each one's batch (BATCH_SIZE), so the global batch and the schedule's "
-            "steps, its share of the data and its random state belong to that number; resume with "
-            f"{len(saved['rng'])} processes in all, or start a new run")
+        raise utils.CheckpointError(f"RESUME {options.resume} was saved by {len(saved['rng'])} "
+                                    f"processes and this run has {world_size}: each one's batch "
+                                    "(BATCH_SIZE), so the global batch and the schedule's steps, "
+                                    "its share of the data and its random state belong to that "
+                                    f"number; resume with {len(saved['rng'])} processes in all, "
+                                    "or start a new run")
     weights = options.weights
     if saved is None and weights is not None and not os.path.isfile(weights):  # as get_model would
         raise utils.CheckpointError(f"WEIGHTS {weights} {utils.not_a_file(weights)}")
@@ -215,10 +216,10 @@ def freeze_warning(options: RunConfig) -> str | None:
     leaves only the head to learn; None otherwise."""
     if not options.freeze or options.pretrained is not None or options.weights is not None:
         return None
-    return (
-        "warning: --freeze true without --pretrained or --weights freezes a randomly initialised "
-        "body, so only the head learns; add --pretrained default (with a torchvision --model such "
-        "as resnet18) or --weights PATH (an earlier run's best_model.pth), or leave --freeze false")
+    return ("warning: --freeze true without --pretrained or --weights freezes a randomly "
+            "initialised body, so only the head learns; add --pretrained default "
+            "(with a torchvision --model such as resnet18) or --weights PATH "
+            "(an earlier run's best_model.pth), or leave --freeze false")
 
 
 def _make_state(config: Config, data: data_module.Data, device: torch.device,

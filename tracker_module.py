@@ -146,8 +146,8 @@ def check_installed(kind: str | None) -> None:
     missing = (
         [name for name in entry.modules if importlib.util.find_spec(name) is None] if entry else [])
     if missing:
-        raise ValueError(
-            f"TRACKER = {kind!r} needs {', '.join(missing)}: pip install {entry.install}")
+        raise ValueError(f"TRACKER = {kind!r} needs {', '.join(missing)}: "
+                         f"pip install {entry.install}")
 
 
 class Guarded:
@@ -189,5 +189,5 @@ def open_tracker(kind: str, output_dir: str, started: str, run_id: str | None,
     try:
         return Guarded(TRACKERS[kind].make(output_dir, started, run_id, params))
     except Exception as error:  # whatever the tracker's packages raise
-        raise ValueError(
-            f"TRACKER = {kind!r} could not start: {type(error).__name__}: {error}") from error
+        raise ValueError(f"TRACKER = {kind!r} could not start: "
+                         f"{type(error).__name__}: {error}") from error
