@@ -70,8 +70,9 @@ def main_in_process(args, capsys):
 
 
 def test_flags_are_derived_from_the_constants():
-    config, command = main.parse_config(["--epochs", "3", "--data-dir", "/x", "--train-subset",
-                                         "none", "--dwell", "false", "--lr", "0.2"])
+    config, command = main.parse_config(["--epochs", "3", "--data-dir", "/x",
+                                         "--train-subset", "none", "--dwell", "false",
+                                         "--lr", "0.2"])
     assert config["EPOCHS"] == 3 and config["DATA_DIR"] == "/x" and config["TRAIN_SUBSET"] is None
     assert config["DWELL"] is False and config["LR"] == 0.2 and command["predict"] is None
     assert set(main.constants()) >= {"DATA_DIR", "DATASET", "MODEL", "EPOCHS", "BATCH_SIZE", "LR",
@@ -293,8 +294,8 @@ def test_the_class_weights_line_names_the_lightest_and_the_heaviest_class():
                           ("cifar-10-batches-py/data_batch_1", "is a file, not a folder")])
 def test_a_data_dir_at_the_wrong_level_names_the_folder_to_give(where, fragment, fake_cifar,
                                                                 tmp_path, capsys):
-    result = main_in_process(["--data-dir", os.path.join(fake_cifar, where), "--output-dir",
-                              tmp_path / "out", "--download", "false"], capsys)
+    result = main_in_process(["--data-dir", os.path.join(fake_cifar, where),
+                              "--output-dir", tmp_path / "out", "--download", "false"], capsys)
     assert_one_clean_line(result, "--data-dir (DATA_DIR)", fragment)
 
 
@@ -1148,9 +1149,10 @@ def test_ctrl_c_while_the_cache_is_built_ends_in_one_line_leaving_no_process_loc
     photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=6)
     cache, reached = tmp_path / "cache", tmp_path / "reached"
     last = os.path.join(photos, "train", "owls", "5.png")
-    process = start_stalled(["--dataset", "folder", "--data-dir", photos, "--output-dir",
-                             tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], reached,
-                            "image_module", "read_stored", f"args[0] == {last!r}")
+    process = start_stalled(["--dataset", "folder", "--data-dir", photos,
+                             "--output-dir", tmp_path / "out", "--cache-dir", cache,
+                             "--num-workers", "2"], reached, "image_module", "read_stored",
+                            f"args[0] == {last!r}")
     worker = wait_for(reached, process)
     assert worker != process.pid  # a decoding worker
     assert ctrl_c(process) == (130, [BEFORE_TRAINING])  # and no traceback from the workers
@@ -1197,8 +1199,9 @@ def test_sigterm_while_the_cache_is_built_ends_in_one_line_leaving_no_process_lo
     signalled(monkeypatch, image_module, "read_stored", lambda path, size: path == last,
               signal.SIGTERM, target=os.getppid)  # from a worker to the run, as `kill` sends it
     cache = tmp_path / "cache"
-    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir",
-                              tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], capsys)
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos,
+                              "--output-dir", tmp_path / "out", "--cache-dir", cache,
+                              "--num-workers", "2"], capsys)
     assert result.returncode == 143 and result.stderr == BEFORE_TRAINING + "\n"
     assert_cleaned_up(cache, int((tmp_path / "pid").read_text()))
 
@@ -1274,8 +1277,9 @@ def test_a_decoding_worker_killed_ends_the_run_in_one_line_naming_its_file(
     victim = os.path.join(photos, "train", "dogs", "2.png")
     killed_in(monkeypatch, image_module, "read_stored", lambda path: path == victim)
     began = time.monotonic()
-    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir",
-                              tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], capsys)
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos,
+                              "--output-dir", tmp_path / "out", "--cache-dir", cache,
+                              "--num-workers", "2"], capsys)
     assert time.monotonic() - began < 20
     [line] = error_lines(result)
     assert result.returncode == run_module.WORKER_DIED and "Traceback" not in result.stderr
