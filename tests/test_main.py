@@ -704,8 +704,8 @@ def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(picture)
     for folder in (out, kept):
         predicted = main_in_process(["--output-dir", folder, "--predict", picture], capsys)
-        assert predicted.returncode == 0 and predicted.stdout.startswith(
-            f"{picture}: "), predicted.stderr
+        assert (predicted.returncode == 0
+                and predicted.stdout.startswith(f"{picture}: ")), predicted.stderr
 
 
 def test_resuming_another_folders_checkpoint_keeps_this_folders_run(tiny_run, tmp_path, capsys):
@@ -780,8 +780,8 @@ def test_each_file_a_run_writes_that_fails_gives_one_line_and_status_3(tiny_run,
     result = main_in_process(args + ["--epochs", "2"], capsys)
     assert result.returncode == 3 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(
-        f"error: could not write {name} in {out}: "), result.stderr
+    assert (len(lines) == 1
+            and lines[0].startswith(f"error: could not write {name} in {out}: ")), result.stderr
     assert os.strerror(error).lower() in lines[0]
     assert_loadable(out)
     # an epoch file: the run stops in the next epoch
@@ -868,8 +868,8 @@ def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
     chance = {"acc": 1 / 3, "loss": math.log(3), "confusion": confusion}
     learnt_in_training = run_module.chance_warning(chance, 3,
                                                    [{"train_acc": 0.4}, {"train_acc": 0.99}])
-    assert learnt_in_training.startswith(
-        "warning: the final accuracy 33.3% is chance (1/3) and the loss 1.0986 is ln 3")
+    assert learnt_in_training.startswith("warning: the final accuracy 33.3% is chance (1/3) "
+                                         "and the loss 1.0986 is ln 3")
     assert ("training accuracy reached 99%" in learnt_in_training
             and "BatchNorm" in learnt_in_training)
     # nothing learnt: in one epoch, train longer; in ten, the LR is the likely cause
