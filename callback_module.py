@@ -13,9 +13,8 @@ from typing import Any, Callable
 import messages_module
 import process_module
 
-PROMPT_UNFREEZE = (
-    "Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to train N "
-                   "more epochs before asking again: ")
+PROMPT_UNFREEZE = ("Enter H to halt, F to fine-tune (unfreeze the frozen layers), or a number N to "
+                   "train N more epochs before asking again: ")
 PROMPT = "Enter H to halt or a number N to train N more epochs before asking again: "
 NO_TERMINAL = "Standard input is not a terminal: prompts are off; training goes on to EPOCHS."
 STATE_TYPES = {  # LRA's state, as a checkpoint holds it: each value's type is checked on resume
@@ -41,11 +40,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "threshold": (lambda v: 0 <= v <= 1, "a fraction from 0 to 1"),
     "factor": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
     "ask_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
-    "a whole number >= 1, or None"),
+                  "a whole number >= 1, or None"),
     "min_lr": (lambda v: v >= 0, "a number >= 0"),
     "min_delta": (lambda v: v >= 0, "a number >= 0"),
     "unfreeze_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
-    "a whole number >= 1, or None"),
+                       "a whole number >= 1, or None"),
 }
 
 
@@ -90,7 +89,7 @@ class Decision:
     def row(self) -> dict[str, Any]:
         """The decision's columns of training_metrics.csv."""
         return {"monitor": self.monitor, "improved": self.improved, "new_best": self.new_best,
-            "event": self.event}
+                "event": self.event}
 
 
 # --------------------------------------------------------------------------- pure decision helpers
@@ -125,7 +124,7 @@ def cut_lr(lr: float, factor: float, min_lr: float) -> float:
 
 
 def describe(new_best: bool, restored_epoch: int | None, cut: bool, stop: bool,
-        unfroze: bool) -> str:
+             unfroze: bool) -> str:
     """The event column: what happened this epoch, in the order the loop carries it out."""
     events = [(new_best, "best"), (restored_epoch is not None, f"restored epoch {restored_epoch}"),
               (cut, "LR cut"), (stop, "stop"), (unfroze, "unfroze the body")]
@@ -159,12 +158,8 @@ class LRA:
 
     def __init__(self, config: LRAConfig, *, frozen: bool = False, main_process: bool = True,
                  share: Callable[[Any], Any] | None = None, stream=None):
-        self.config, self.main_process, self.share, self.stream = (
-            config,
-            main_process,
-            share,
-            stream,
-        )
+        self.config, self.main_process, self.share, self.stream = (config, main_process, share,
+                                                                   stream)
 
         self.bad_epochs = 0          # bad epochs in a row since the last improvement or cut
         self.cuts = 0                # LR cuts in a row with no improvement in between
@@ -224,8 +219,8 @@ class LRA:
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> Decision:
         """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask
         when due."""
-        train_acc, train_loss, lr = float(metrics["train_acc"]), float(metrics[
-            "train_loss"]), float(metrics["lr"])
+        train_acc, train_loss, lr = (float(metrics["train_acc"]), float(metrics["train_loss"]),
+                                     float(metrics["lr"]))
         # None: no validation images; the last epoch's weights are the best
         val_loss = metrics.get("val_loss")
         self.monitor = monitored(train_acc, self.config.threshold, val_loss is not None,
@@ -251,8 +246,7 @@ class LRA:
             answer = self._ask(epoch, shown_lr)
             stop, unfreeze = answer == "halt", unfreeze or answer == "unfreeze"
         return Decision(stop=stop, next_lr=next_lr, restore=restore, unfreeze=unfreeze,
-            new_best=new_best,
-                        improved=improved, monitor=self.monitor, event=event,
+                        new_best=new_best, improved=improved, monitor=self.monitor, event=event,
                         reason=self.stop_reason if stop else None)
 
     def on_train_end(self, reason: str | None = None, saved_best: int | None = -1) -> None:
@@ -264,19 +258,18 @@ class LRA:
         elapsed = time.perf_counter() - self._started
         if self.best_epoch is None:
             self._print(f"Training ended ({self.stop_reason or 'no epoch completed'}) after "
-                        f"{elapsed:.1f} s; "
-                        "no epoch finished with a finite validation loss, so no best weights to "
-                        "restore.")
+                        f"{elapsed:.1f} s; no epoch finished with a finite validation loss, so no "
+                        "best weights to restore.")
             return
-        on_disk = "" if saved_best in (-1, self.best_epoch) else (
-            f" best_model.pth holds epoch {saved_best}'s weights, the last written whole."
-            if saved_best else
-            " best_model.pth was never written whole.")
+        on_disk = ("" if saved_best in (-1, self.best_epoch)
+                   else (f" best_model.pth holds epoch {saved_best}'s weights, "
+                         "the last written whole." if saved_best
+                         else " best_model.pth was never written whole."))
         ended = f"Training ended: {self.stop_reason or 'the epoch limit was reached'}."
         if self.best_val_acc is None:  # no validation images: the best weights are the last
             self._print(f"{ended} No validation images: the model and best_model.pth hold the "
-                        "final weights, "
-                        f"from epoch {self.best_epoch}. Elapsed {elapsed:.1f} s.{on_disk}")
+                        f"final weights, from epoch {self.best_epoch}. "
+                        f"Elapsed {elapsed:.1f} s.{on_disk}")
             return
         watch = self.config.monitor
         score = "" if watch in ("val_loss", "val_acc") else f"{watch} {self.best_score:.4f}, "
@@ -290,8 +283,8 @@ class LRA:
     def _change(self, metrics: dict[str, float]) -> float | None:
         """% Improv: the monitored metric against its best before this epoch (so call it before
         noting)."""
-        best = {"train_acc": self.best_train_acc, "train_loss": self.best_train_loss}.get(
-            self.monitor, self.best_score)
+        best = {"train_acc": self.best_train_acc,
+                "train_loss": self.best_train_loss}.get(self.monitor, self.best_score)
         return relative_change(float(metrics[self.monitor]), best, HIGHER_IS_BETTER[self.monitor])
 
     def _note_best(self, epoch: int, metrics: dict[str, float]) -> bool:
@@ -306,15 +299,15 @@ class LRA:
                 score, best, self.config.min_delta, VAL_MONITORS[self.config.monitor]):
             return False
         self.best_epoch, self.best_score = epoch, score
-        self.best_val_loss, self.best_val_acc = float(metrics["val_loss"]), float(metrics[
-            "val_acc"])
+        self.best_val_loss, self.best_val_acc = (float(metrics["val_loss"]),
+                                                 float(metrics["val_acc"]))
         return True
 
     def _note_train_loss(self, train_loss: float) -> bool:
         """Whether training loss beats its best so far (watched without validation); if so, remember
         it."""
         improved = is_improvement(train_loss, self.best_train_loss, self.config.min_delta,
-            higher_is_better=False)
+                                  higher_is_better=False)
         if improved:
             self.best_train_loss = train_loss
         return improved
@@ -322,7 +315,7 @@ class LRA:
     def _note_train_acc(self, train_acc: float) -> bool:
         """Whether training accuracy beats its best so far; if so, remember it."""
         improved = is_improvement(train_acc, self.best_train_acc, self.config.min_delta,
-            higher_is_better=True)
+                                  higher_is_better=True)
         if improved:
             self.best_train_acc = train_acc
         return improved
@@ -360,15 +353,15 @@ class LRA:
     def _still_improving(self) -> str:
         """What a stop on train_acc says when the validation MONITOR kept improving meanwhile (as
         with augmentation that holds train_acc below THRESHOLD): why, and what to set."""
-        if self.monitor != "train_acc" or (self.best_epoch or 0) <= self.improved_epoch \
-                or self.best_score is None:
+        if (self.monitor != "train_acc" or (self.best_epoch or 0) <= self.improved_epoch
+                or self.best_score is None):
             return ""
         below = math.floor(20 * self.best_train_acc) / 20  # a round THRESHOLD it has reached
-        return (f"; train_acc stayed below THRESHOLD {self.config.threshold:g} (it reached "
-                f"{100 * self.best_train_acc:.1f}%; augmentation can keep it low), so LRA judged "
-                f"by it while {self.config.monitor} kept improving (a new best at epoch "
-                f"{self.best_epoch}): set --threshold {below:g} or lower, or a higher "
-                "--stop-patience")
+        return (f"; train_acc stayed below THRESHOLD {self.config.threshold:g} "
+                f"(it reached {100 * self.best_train_acc:.1f}%; augmentation can keep it low), "
+                f"so LRA judged by it while {self.config.monitor} kept improving "
+                f"(a new best at epoch {self.best_epoch}): set --threshold {below:g} or lower, "
+                "or a higher --stop-patience")
 
     def _ask_due(self, epoch: int) -> bool:
         """Whether to ask the user after this epoch."""
@@ -392,8 +385,8 @@ class LRA:
         elif kind == "unfreeze":
             self._unfreeze()
             self.ask_epoch = epoch + self.ask_every
-            self._print(f"Unfreezing the body at LR {lr:.3g}; asking again after epoch "
-                        f"{self.ask_epoch}.")
+            self._print(f"Unfreezing the body at LR {lr:.3g}; "
+                        f"asking again after epoch {self.ask_epoch}.")
             return "unfreeze"
         else:  # "eof" or "off": stop asking, go on to the configured number of epochs
             self.prompts_off = True
@@ -469,19 +462,19 @@ class LRA:
             return "warm"
         return f"{self.bad_epochs}/{self.config.patience}" if self.config.adjust_lr else ""
 
-    def _print_row(self, epoch: int, metrics: dict[str, Any], next_lr: float,
-                   change: float | None, event: str, warming: bool) -> None:
+    def _print_row(self, epoch: int, metrics: dict[str, Any], next_lr: float, change: float | None,
+                   event: str, warming: bool) -> None:
         """One row of the table, each cell within its column's width whatever its value."""
         val_acc, seconds = metrics.get("val_acc"), metrics.get("seconds")
-        row = self._line({
-            "Epoch": f"{epoch}", "Loss": _number(metrics["train_loss"], 7, 4),
-            "Accuracy": _number(100 * metrics["train_acc"], 7, 2) + "%",
-            "V_loss": _number(metrics.get("val_loss"), 7, 4),
-            "V_acc": "" if val_acc is None else _number(100 * val_acc, 6, 2) + "%",
-            self.config.monitor: _number(metrics.get(self.config.monitor), 7, 4),
-            "LR": f"{metrics['lr']:.3g}", "Next LR": f"{next_lr:.3g}", "Monitor": self.monitor,
-            "Wait": self._wait(warming), "% Improv": _number(change, 8, 2, "+"),
-            "Duration": "" if seconds is None else _number(seconds, 6, 1) + " s"})
+        row = self._line({"Epoch": f"{epoch}", "Loss": _number(metrics["train_loss"], 7, 4),
+                          "Accuracy": _number(100 * metrics["train_acc"], 7, 2) + "%",
+                          "V_loss": _number(metrics.get("val_loss"), 7, 4),
+                          "V_acc": "" if val_acc is None else _number(100 * val_acc, 6, 2) + "%",
+                          self.config.monitor: _number(metrics.get(self.config.monitor), 7, 4),
+                          "LR": f"{metrics['lr']:.3g}", "Next LR": f"{next_lr:.3g}",
+                          "Monitor": self.monitor, "Wait": self._wait(warming),
+                          "% Improv": _number(change, 8, 2, "+"),
+                          "Duration": "" if seconds is None else _number(seconds, 6, 1) + " s"})
         if event:
             colour = getattr(self.stream or sys.stdout, "isatty", lambda: False)()
             note = event.replace("best", "* new best")

@@ -75,11 +75,10 @@ class EpochWriter:
         new_best)."""
         self.wait()
         checkpoint = _cpu_copy({"format": FORMAT, **checkpoint})
-        best_files = (state_module.best_weights(checkpoint["best"]), _best_info(
-            checkpoint)) if new_best \
-            else (None, None)
-        self._thread = threading.Thread(target=self._write, args=(checkpoint, *best_files,
-            checkpoint["history"]),
+        best_files = ((state_module.best_weights(checkpoint["best"]), _best_info(checkpoint))
+                      if new_best else (None, None))
+        self._thread = threading.Thread(target=self._write,
+                                        args=(checkpoint, *best_files, checkpoint["history"]),
                                         name="epoch-writer")  # not a daemon: waited for at exit
         self._thread.start()
 
@@ -162,20 +161,21 @@ def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """best_model.json: what --predict needs (the RunInfo but its config), the run's data, and what
     the best epoch scored."""
-    info, config = {name: checkpoint.get(name) for name in INFO_FIELDS}, checkpoint.get("config",
-        {})
+    info, config = ({name: checkpoint.get(name) for name in INFO_FIELDS},
+                    checkpoint.get("config", {}))
     data_dir = config.get("DATA_DIR")  # what --export reads its example images from
     lra = checkpoint["lra"]
-    return {"format": FORMAT, "model": config.get("MODEL"), **info, "dataset": config.get(
-        "DATASET"), "data_dir": data_dir and os.path.abspath(data_dir), "epoch": lra["best_epoch"],
-            "monitor": config.get("MONITOR", "val_loss"), "score": lra.get("best_score"),  # None:
+    return {"format": FORMAT, "model": config.get("MODEL"), **info,
+            "dataset": config.get("DATASET"), "data_dir": data_dir and os.path.abspath(data_dir),
+            "epoch": lra["best_epoch"], "monitor": config.get("MONITOR", "val_loss"),
+            "score": lra.get("best_score"),  # None:
             "val_loss": lra["best_val_loss"] if lra["best_val_acc"] is not None else None,  # no val
             "val_acc": lra["best_val_acc"]}
 
 
-def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None, info: dict
-    | None,
-                 history: list[dict], landed: dict[str, int | None] | None = None) -> None:
+def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None,
+                 info: dict | None, history: list[dict],
+                 landed: dict[str, int | None] | None = None) -> None:
     """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the
     CSV; landed records the epoch best_model.pth holds once it is whole on disk."""
     landed = {} if landed is None else landed
@@ -208,20 +208,17 @@ def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
     needs room for two of each, a resumed one for one more of each."""
     model = utils.tensor_bytes(state.model.state_dict())
     trained = sum(p.nelement() * p.element_size() for p in state.model.parameters())
-    checkpoint = 2 * model + trained * (1 + state.best.with_optimizer) + (model if state.lookahead
-        else 0) + \
-        (2 * model if state.ema is not None else 0)
+    checkpoint = (2 * model + trained * (1 + state.best.with_optimizer)
+                  + (model if state.lookahead else 0) + (2 * model if state.ema is not None else 0))
     needed = (1 if resuming else 2) * (checkpoint + model)
     free = files_module.free_bytes(output_dir)
     if free < needed:
         raise files_module.FileError(errno.ENOSPC,
-            f"{os.path.abspath(output_dir)} has {files_module.megabytes(free)} free, and this "
-                                    "run's epoch files need about "
-                                    f"{files_module.megabytes(needed)} (the "
-                                    "checkpoint, "
-                                    "best_model.pth and their temporary copies); free some space "
-                                    "or choose "
-                                    f"another --output-dir")
+                                     f"{os.path.abspath(output_dir)} has "
+                                     f"{files_module.megabytes(free)} free, and this run's epoch "
+                                     f"files need about {files_module.megabytes(needed)} (the "
+                                     "checkpoint, best_model.pth and their temporary copies); free "
+                                     "some space or choose another --output-dir")
 
 
 def timestamp() -> str:
@@ -284,8 +281,8 @@ def remove_partial_writes(output_dir: str) -> None:
     files holds (--predict, which takes no lock, writes predictions.csv: its temporary files are
     left alone)."""
     for entry in os.scandir(output_dir):
-        if entry.is_file(follow_symlinks=False) and entry.name.endswith(".tmp") and any(
-                entry.name.startswith(f".{name}.") for name in TRAINING_FILES):
+        if (entry.is_file(follow_symlinks=False) and entry.name.endswith(".tmp")
+                and any(entry.name.startswith(f".{name}.") for name in TRAINING_FILES)):
             os.remove(entry.path)
 
 
@@ -317,9 +314,8 @@ def parse_started(value: Any) -> datetime.datetime:
             return when.astimezone()
     except (TypeError, ValueError, OverflowError):  # not text, not a time, the calendar's ends
         pass
-    raise ValueError(
-        f"started = {messages_module.short_repr(value)} is not when a run started: use a past "
-                     f"time in ISO 8601 with its UTC offset, as {timestamp()}")
+    raise ValueError(f"started = {messages_module.short_repr(value)} is not when a run started: "
+                     f"use a past time in ISO 8601 with its UTC offset, as {timestamp()}")
 
 
 def _info_started(output_dir: str) -> str | None:
@@ -335,7 +331,7 @@ def _checkpoint_started(output_dir: str) -> str | None:
     """The `started` of output_dir's last_checkpoint.pth, if it has one."""
     try:  # mmap: the tensors stay on the disk, however big the checkpoint
         checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT), map_location="cpu",
-            weights_only=True, mmap=True)
+                                weights_only=True, mmap=True)
         return checkpoint.get("started")
     # missing, truncated, foreign: any failure only means the time is not recorded here
     except Exception:
@@ -357,13 +353,12 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         messages_module.check_type("history", history, list[dict])
         for row in history:
             messages_module.check_type("history's values", list(row.values()),
-                             list[float | str | bool | None])
+                                       list[float | str | bool | None])
         epochs = [row.get("epoch") for row in history]
         if epochs != list(range(1, len(epochs) + 1)) or checkpoint["epoch"] != len(epochs):
-            raise ValueError(
-                f"epoch = {messages_module.short_repr(checkpoint['epoch'])} and its history's "
-                             f"epochs, {messages_module.short_repr(epochs)}, are not 1, 2, ... up "
-                             "to it")
+            raise ValueError(f"epoch = {messages_module.short_repr(checkpoint['epoch'])} and its "
+                             f"history's epochs, {messages_module.short_repr(epochs)}, "
+                             "are not 1, 2, ... up to it")
     except ValueError as error:
         raise damaged(f"RESUME {path}", error, RESUME_FIX) from None
     return checkpoint
@@ -371,8 +366,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 def damaged(where: str, error: Exception, fix: str) -> utils.CheckpointError:
     """The one line for a run file with a field that is wrong: "{where}: {error}; ...: {fix}"."""
-    return utils.CheckpointError(f"{where}: {error}; the file was changed, or not written by this "
-                                 f"pipeline: {fix}")
+    return utils.CheckpointError(f"{where}: {error}; the file was changed, "
+                                 f"or not written by this pipeline: {fix}")
 
 
 def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
@@ -387,17 +382,15 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
             messages_module.check_type(name, value, types[name])
         classes = values["classes"]
         if len(classes) < 2 or len(set(classes)) < len(classes):
-            raise ValueError(
-                f"classes = {messages_module.short_repr(classes)} is out of range: use two or "
-                             f"more names, each once")
+            raise ValueError(f"classes = {messages_module.short_repr(classes)} is out of range: "
+                             "use two or more names, each once")
         for name in ("mean", "std"):
             channels = values[name]
-            if len(channels) != 3 or not all(map(math.isfinite, channels)) or \
-                    (name == "std" and min(channels) <= 0):
+            if (len(channels) != 3 or not all(map(math.isfinite, channels))
+                    or (name == "std" and min(channels) <= 0)):
                 positive = ", each > 0" if name == "std" else ""
-                raise ValueError(
-                    f"{name} = {messages_module.short_repr(channels)} is out of range: use "
-                                 f"three finite numbers, one a colour channel{positive}")
+                raise ValueError(f"{name} = {messages_module.short_repr(channels)} is out of "
+                                 f"range: use three finite numbers, one a colour channel{positive}")
         size, resize = values["image_size"], values["resize_size"]
         test, allowed = data_module.RULES["image_size"]
         if not test(size):
@@ -407,7 +400,7 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
                              f"({size}) to twice it")
         if values["precision"] not in state_module.PRECISIONS:
             raise ValueError(messages_module.not_known("precision", values["precision"],
-                                             state_module.PRECISIONS))
+                                                       state_module.PRECISIONS))
         if values["started"] is not None:
             parse_started(values["started"])
     except ValueError as error:
@@ -415,20 +408,19 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
 
 
 def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_dir: str,
-    rank: int = 0, world_size: int = 1) -> None:
+           rank: int = 0, world_size: int = 1) -> None:
     """Load a read_checkpoint() from path into state, so the run continues exactly where it stopped.
     Rewrites best_model.pth and the CSV from the checkpoint, its authority; a checkpoint from
     another folder first moves the files of output_dir's own run aside (move_earlier_run)."""
     for name in ("MODEL", "DATASET"):
         if checkpoint["config"].get(name) != state.info.config[name]:
-            raise utils.CheckpointError(
-                f"RESUME {path} was saved with {name} = {checkpoint['config'].get(name)!r}, "
-                                        f"but this run has {state.info.config[name]!r}; set {name} "
-                                        "to match or "
-                                        f"start afresh")
+            raise utils.CheckpointError(f"RESUME {path} was saved with {name} = "
+                                        f"{checkpoint['config'].get(name)!r}, "
+                                        f"but this run has {state.info.config[name]!r}; "
+                                        f"set {name} to match or start afresh")
     if checkpoint.get("classes") != state.info.classes:
-        raise utils.CheckpointError(
-            f"RESUME {path} was trained on other classes ({checkpoint.get('classes')})")
+        raise utils.CheckpointError(f"RESUME {path} was trained on other classes "
+                                    f"({checkpoint.get('classes')})")
     try:
         state.load_state_dict(checkpoint, rank, world_size)
     # a value of the wrong kind in a checkpoint's state fails in any of these ways, meaning the same
@@ -439,8 +431,8 @@ def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_d
         own = os.path.join(output_dir, CHECKPOINT)
         if not (os.path.exists(own) and os.path.samefile(path, own)):
             move_earlier_run(output_dir)
-        best = _best_info({**checkpoint, "lra": state.lra.state_dict(), **dataclasses.asdict(
-            state.info)})
+        best = _best_info(
+            {**checkpoint, "lra": state.lra.state_dict(), **dataclasses.asdict(state.info)})
         _write_epoch(output_dir, None, _cpu_copy(state.best.weights), best, checkpoint["history"])
         print(f"Resuming {path} after epoch {checkpoint['epoch']} (best so far: epoch "
               f"{state.lra.best_epoch}).")
@@ -448,8 +440,8 @@ def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_d
 
 def is_checkpoint(obj: Any) -> bool:
     """Whether a loaded file is a last_checkpoint.pth."""
-    return isinstance(obj, dict) and all(key in obj for key in (*state_module.KEYS, "config")
-                                         if key not in state_module.NEWER_KEYS)
+    return isinstance(obj, dict) and all(
+        key in obj for key in (*state_module.KEYS, "config") if key not in state_module.NEWER_KEYS)
 
 
 def load_best_model_info(output_dir: str) -> dict[str, Any]:
@@ -457,9 +449,9 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
     each field checked (CheckpointError naming the first that is wrong) before anything uses it."""
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
-        raise utils.CheckpointError(
-            f"{path} {utils.not_a_file(path)}: train first (python main.py), or set OUTPUT_DIR "
-                                    f"to the folder that holds best_model.pth and best_model.json")
+        raise utils.CheckpointError(f"{path} {utils.not_a_file(path)}: train first "
+                                    "(python main.py), or set OUTPUT_DIR to the folder that holds "
+                                    "best_model.pth and best_model.json")
     info, fix = _read_json(path), "train again to rewrite it"
     if not isinstance(info, dict):
         raise utils.CheckpointError(f"{path} is not a JSON object of a run; {fix}")
@@ -474,8 +466,8 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
             raise ValueError(messages_module.not_known("model", info["model"], names, closest=True))
         messages_module.check_type("data_dir", info.get("data_dir"), str | None)
         if info.get("dataset") not in (None, *data_module.DATASETS):
-            raise ValueError(messages_module.not_known("dataset", info.get("dataset"),
-                data_module.DATASETS))
+            raise ValueError(
+                messages_module.not_known("dataset", info.get("dataset"), data_module.DATASETS))
     except ValueError as error:
         raise damaged(path, error, fix) from None
     return info

@@ -13,15 +13,15 @@ from messages_module import flag
 
 def _type_name(annotation) -> str:
     """INT for int and int | None, and so on: the metavar of a constant's flag."""
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,
-        )
+    kinds = (
+        typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,))
     return next(k for k in kinds if k is not type(None)).__name__.upper()
 
 
 def _parse_value(name: str, annotation) -> typing.Callable[[str], typing.Any]:
     """A command-line parser for a constant of the given type (int | None, bool, str, ...)."""
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,
-        )
+    kinds = (
+        typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,))
     optional, kind = type(None) in kinds, next(k for k in kinds if k is not type(None))
 
     def parse(text: str):
@@ -52,8 +52,8 @@ class _Parser(argparse.ArgumentParser):
             unknown = [word for word in message.split(": ", 1)[1].split() if word.startswith("-")]
             word = (unknown or message.split(": ", 1)[1].split())[0]
             near = difflib.get_close_matches(word.split("=")[0], flags, n=3, cutoff=0.6)
-            message = f"unknown flag {word}" + (f"; did you mean {' or '.join(near)}?" if near
-                else "")
+            message = (f"unknown flag {word}"
+                       + (f"; did you mean {' or '.join(near)}?" if near else ""))
         self.exit(2, f"{self.prog}: error: {message}\n(python main.py --help lists every flag)\n")
 
 
@@ -79,8 +79,8 @@ def documentation(path: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def make_parser(description: str, values: dict[str, typing.Any],
-                annotations: dict[str, typing.Any], path: str) -> argparse.ArgumentParser:
+def make_parser(description: str, values: dict[str, typing.Any], annotations: dict[str, typing.Any],
+                path: str) -> argparse.ArgumentParser:
     """A parser with a flag for each constant in values (--val-split for VAL_SPLIT), of the type its
     annotation gives, shown by --help with its comment and under its group in the file at path."""
     parser = _Parser(description=description, allow_abbrev=False)

@@ -53,12 +53,12 @@ def list_csv(csv_path: str, columns: str) -> Listing:
         where, split = f"{csv_path} line {line}", split or "train"
         if split not in SPLITS:
             raise DataError(f"{where}: the split {split!r} is not known; use train, val or test "
-                            f"(or leave it empty for train)")
+                            "(or leave it empty for train)")
         if not label.strip():
             raise DataError(f"{where}: the label is empty; give the row its label")
         if messages_module.CONTROL.search(label):
             raise DataError(f"{where}: the label {label!r} holds a control character (a line "
-                            f"break, a tab); remove it")
+                            "break, a tab); remove it")
         if not path:
             raise DataError(f"{where}: the path is empty; give the row its image file")
         path = os.path.join(folder, path)  # an absolute path stays as it is
@@ -69,14 +69,13 @@ def list_csv(csv_path: str, columns: str) -> Listing:
         rows.append((path, label, split, where, file))
     classes = sorted({label for _, label, split, _, _ in rows if split == "train"})
     if not classes:
-        raise DataError(f"{csv_path} has no train rows; add some (the split column train or "
-                        f"empty)")
+        raise DataError(f"{csv_path} has no train rows; add some (the split column train or empty)")
     label_of = {name: i for i, name in enumerate(classes)}
     splits = {split: [] for split in SPLITS if any(row[2] == split for row in rows)}
     for path, label, split, where, listed in rows:
         if label not in label_of:
             raise DataError(f"{where}: the label {label!r} has no train rows, so the model cannot "
-                            f"learn it; add some or remove the row")
+                            "learn it; add some or remove the row")
         if listed:
             splits[split].append((path, label_of[label]))
     places = {split: f"{csv_path}'s {split} split" for split in SPLITS}
@@ -97,7 +96,7 @@ def _read(csv_path: str):
                                     encoding="utf-8-sig") if stat.S_ISREG(mode) else None
     except FileNotFoundError:
         raise DataError(f"{flag_named('DATA_DIR')} {csv_path} does not exist; point it at a CSV "
-                        f"file of paths and labels") from None
+                        "file of paths and labels") from None
     except (OSError, UnicodeDecodeError, ValueError, pandas.errors.ParserWarning) as error:
         reason = str(error).replace("Error tokenizing data. C error: ", "").strip()
         raise DataError(f"cannot read {csv_path} as a UTF-8 CSV file ({reason}); fix it, or point "
@@ -125,11 +124,11 @@ def _listed(path: str, where: str, skipped: Skipped) -> tuple[int, int] | None:
             return None
         reason = getattr(error, "strerror", None) or error
         raise DataError(f"{where}: {messages_module.printable(path)} cannot be read ({reason}); "
-                        f"correct the path (relative to the CSV's folder, or absolute) or remove "
-                        f"the row") from None
+                        "correct the path (relative to the CSV's folder, or absolute) "
+                        "or remove the row") from None
     if stat.S_ISDIR(status.st_mode):
         raise DataError(f"{where}: {messages_module.printable(path)} is a folder; name an image "
-                        f"file in it, or remove the row")
+                        "file in it, or remove the row")
     if not path.lower().endswith(IMAGE_EXTENSIONS):
         skipped.add("not an image", path)
     elif not stat.S_ISREG(status.st_mode):  # opening a FIFO would wait for a writer for ever

@@ -143,10 +143,10 @@ def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
     folder's or a CSV's listing read through folder_module.read_folder."""
     data_dir = config.data_dir
     if config.dataset == "cifar10":
-        train_images, train_labels, test_images, test_labels, classes = read_cifar10(data_dir,
-            config.download)
-        sources = {"train": Images(train_images, train_labels), "test": Images(test_images,
-            test_labels)}
+        train_images, train_labels, test_images, test_labels, classes = read_cifar10(
+            data_dir, config.download)
+        sources = {"train": Images(train_images, train_labels),
+                   "test": Images(test_images, test_labels)}
         return sources, classes, train_images.shape[1], None
     listing = (csv_module.list_csv(data_dir, config.csv_columns) if config.dataset == "csv"
                else list_tree(data_dir))
@@ -173,10 +173,8 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
     elif (counts >= 2).all() and len(classes) <= n_holdout <= n - len(classes):
         quota = 1 + _apportion(counts - 2, n_holdout - len(classes))
     else:
-        raise ValueError(
-            f"cannot hold out {n_holdout} of {messages_module.plural(n, 'image')} with one of each "
-            "class "
-                         f"held out and one kept")
+        raise ValueError(f"cannot hold out {n_holdout} of {messages_module.plural(n, 'image')} "
+                         "with one of each class held out and one kept")
     shuffled = labels[order]
     held = torch.cat([order[shuffled == c][:q] for c, q in zip(classes.tolist(), quota.tolist())])
     mask = torch.zeros(n, dtype=torch.bool)
@@ -185,8 +183,7 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
 
 
 def _split(sources: dict[str, Source], val_split: int | None, train_subset: int | None, seed: int,
-    data_dir: str,
-           dataset: str, classes: list[str]) -> dict[str, Source]:
+           data_dir: str, dataset: str, classes: list[str]) -> dict[str, Source]:
     """The train, val and test parts: validation held out unless there is a val split (VAL_SPLIT
     images, or default_val_split's when None; VAL_SPLIT 0: no validation, val None), a stratified
     TRAIN_SUBSET of the training images left, and the test set, or the validation images when there
@@ -198,37 +195,33 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
         n_val = _n_held_out(train.labels, val_split, dataset, classes, data_dir)
         every_class = val_split is None and dataset != "cifar10"
         train_index, val_index = stratified_split(train.labels, n_val, seed,
-            every_class=every_class)
+                                                  every_class=every_class)
         val = train.take(val_index)
     elif "test" in sources:
         # VAL_SPLIT = 0: train on every image and validate on none (never on the test set)
         val = None
     else:
         csv = dataset == "csv"
-        raise DataError(
-            f"{data_dir} has no {'val or test rows' if csv else 'val/ or test/ folder'} and "
-            f"{flag_named('VAL_SPLIT')} is 0: nothing to evaluate on; set it above 0, or add "
-            f"{'val rows' if csv else f'{data_dir}/val/<class>/<image>'}")
+        raise DataError(f"{data_dir} has no "
+                        f"{'val or test rows' if csv else 'val/ or test/ folder'} and "
+                        f"{flag_named('VAL_SPLIT')} is 0: nothing to evaluate on; set it above 0, "
+                        f"or add {'val rows' if csv else f'{data_dir}/val/<class>/<image>'}")
     if train_subset is not None:
         if not 1 <= train_subset <= len(train_index):
-            raise DataError(
-                f"{flag_named('TRAIN_SUBSET')} {train_subset} is out of range: use 1 to "
-                f"{len(train_index)} "
-                            "(the training images left after the validation images are held out), "
-                            "or none for all")
+            raise DataError(f"{flag_named('TRAIN_SUBSET')} {train_subset} is out of range: use 1 "
+                            f"to {len(train_index)} (the training images left after the validation "
+                            "images are held out), or none for all")
         _, keep = stratified_split(train.labels[train_index], train_subset, seed)
         train_index = train_index[keep]
     parts = {"train": train.take(train_index), "val": val, "test": sources.get("test", val)}
     if "test" not in sources:
         print(f"note: {messages_module.printable(data_dir)} has no "
               f"{'test rows' if dataset == 'csv' else 'test/ folder'}; the final evaluation uses "
-              f"the validation images", file=sys.stderr)
+              "the validation images", file=sys.stderr)
     for name, part in parts.items():
         if part is not None and len(part) == 0:
-            raise DataError(
-                f"the {name} split is empty; check {flag_named('TRAIN_SUBSET')}, "
-                f"{flag_named('VAL_SPLIT')} "
-                            f"and {data_dir}")
+            raise DataError(f"the {name} split is empty; check {flag_named('TRAIN_SUBSET')}, "
+                            f"{flag_named('VAL_SPLIT')} and {data_dir}")
     return parts
 
 
@@ -266,25 +259,22 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
         if single:
             place = (f"the class {single[0]!r} of {data_dir}" if csv
                      else os.path.join(data_dir, 'train', single[0]))
-            raise DataError(
-                f"{place} has a single image, and an unset {flag_named('VAL_SPLIT')} holds out one "
-                f"of each class; add images or {'val rows' if csv else 'val/'}, or set it")
+            raise DataError(f"{place} has a single image, and an unset {flag_named('VAL_SPLIT')} "
+                            "holds out one of each class; "
+                            f"add images or {'val rows' if csv else 'val/'}, or set it")
     n_val = default_val_split(dataset, labels) if val_split is None else val_split
     if n_val < len(labels):
         return n_val
     images = messages_module.plural(len(labels), "image")
     if val_split is None:
-        raise DataError(
-            f"{flag_named('VAL_SPLIT')} is unset, which holds out {n_val} of CIFAR-10's training "
-            "images, "
-                        f"but there are {images}; set a smaller one")
+        raise DataError(f"{flag_named('VAL_SPLIT')} is unset, which holds out {n_val} of "
+                        f"CIFAR-10's training images, but there are {images}; set a smaller one")
     if dataset != "cifar10":
-        raise DataError(
-            f"{flag_named('VAL_SPLIT')} {n_val} is too large: "
-            f"{'the train rows have' if csv else 'train/ has'} {images}; use fewer, or leave it "
-            f"unset for a tenth of them")
-    raise DataError(
-        f"{flag_named('VAL_SPLIT')} {n_val} is too large: the training set has {images}; use fewer")
+        raise DataError(f"{flag_named('VAL_SPLIT')} {n_val} is too large: "
+                        f"{'the train rows have' if csv else 'train/ has'} {images}; use fewer, or "
+                        "leave it unset for a tenth of them")
+    raise DataError(f"{flag_named('VAL_SPLIT')} {n_val} is too large: "
+                    f"the training set has {images}; use fewer")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -301,8 +291,8 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
 
 
 def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Augmentation, *,
-    image_size: int,
-                  resident: bool, device: torch.device, num_workers: int) -> dict[str, Loader]:
+                  image_size: int, resident: bool, device: torch.device,
+                  num_workers: int) -> dict[str, Loader]:
     """The train, val and test loaders (one loader when test is val); evaluation batches are twice
     as large. Photos (augmentation.crop_size set) are cropped to image_size from their stored
     squares; CIFAR-10 is pad-cropped. Resident parts (decoded into Images) go to the device; the
@@ -314,16 +304,16 @@ def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Au
         batches = batching if train else evaluation
         if resident:
             return ResidentLoader(part.images.to(device), part.labels.to(device), batches,
-                augmentation)
+                                  augmentation)
         if isinstance(part, MappedImages):
             return MappedLoader(part.images, part.rows, part.labels, device, batches, augmentation)
         transform = pil_transform(train, image_size, augmentation)
         return StreamingLoader(_Transformed(part, transform), batches, device, num_workers)
 
-    loaders = {"train": make(parts["train"], True), "val": parts["val"] and make(parts["val"],
-        False)}
-    loaders["test"] = loaders["val"] if parts["test"] is parts["val"] else make(parts["test"],
-        False)
+    loaders = {"train": make(parts["train"], True),
+               "val": parts["val"] and make(parts["val"], False)}
+    loaders["test"] = (loaders["val"] if parts["test"] is parts["val"]
+                       else make(parts["test"], False))
     return loaders
 
 
@@ -333,13 +323,12 @@ def _resize_size(config: DataConfig, photos: bool) -> int | None:
     32 pixels."""
     if config.dataset == "cifar10":
         return None
-    size = (config.resize_size or round(config.image_size
-        / RESIZE_RATIO)) if photos else config.image_size
+    size = ((config.resize_size or round(config.image_size / RESIZE_RATIO)) if photos
+            else config.image_size)
     if size < config.image_size:
-        raise DataError(
-            f"the resize size {size} is smaller than {flag_named('IMAGE_SIZE')} "
-            f"{config.image_size}: "
-                        f"a centre crop of that size would not fit in it; lower --image-size")
+        raise DataError(f"the resize size {size} is smaller than {flag_named('IMAGE_SIZE')} "
+                        f"{config.image_size}: a centre crop of that size would not fit in "
+                        "it; lower --image-size")
     return size
 
 
@@ -358,8 +347,8 @@ def _decode(parts: dict[str, Source], num_workers: int, device: torch.device) ->
     that is the val part is read once."""
     train, val = (parts[name] and parts[name].decode(num_workers, f"decoding {name}", device)
                   for name in ("train", "val"))
-    test = val if parts["test"] is parts["val"] else parts["test"].decode(num_workers,
-        "decoding test", device)
+    test = (val if parts["test"] is parts["val"]
+            else parts["test"].decode(num_workers, "decoding test", device))
     return {"train": train, "val": val, "test": test}
 
 
@@ -367,7 +356,7 @@ def _decode(parts: dict[str, Source], num_workers: int, device: torch.device) ->
 
 
 def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: int = 0,
-        world_size: int = 1) -> Data:
+             world_size: int = 1) -> Data:
     """Read a dataset, split off validation images, and build the train, val and test loaders (this
     rank's shard of world_size) that yield batches on the device.
 
@@ -394,8 +383,7 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     sources, classes, size, cache_file = _read_sources(config, resize_size, num_workers, device)
     # files and cache rows are split by their labels: no pixel is read yet
     parts = _split(sources, config.val_split, config.train_subset, config.seed, config.data_dir,
-        config.dataset,
-                   classes)
+                   config.dataset, classes)
     test_is_val = "test" not in sources
     mean, std = config.mean, config.std
     # a sample's, remembered beside the cache: read before decoding
@@ -409,10 +397,9 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     image_size = config.image_size if config.dataset != "cifar10" else size
     augmentation = config.augmentation(mean, std, crop_size=image_size if photos else None)
     batching = Batching(config.batch_size, True, config.seed, rank, world_size,
-        config.channels_last)
+                        config.channels_last)
     loaders = _make_loaders(parts, batching, augmentation, image_size=image_size, resident=resident,
-        device=device,
-                            num_workers=num_workers)
+                            device=device, num_workers=num_workers)
     mix = batch_mixer(config.augmentations, len(classes))
     train = MixedLoader(loaders["train"], mix) if mix is not None else loaders["train"]
     counts = torch.bincount(parts["train"].labels, minlength=len(classes))

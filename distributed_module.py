@@ -41,8 +41,7 @@ def init_distributed(timeout: float) -> tuple[int, int, int]:
     wait = datetime.timedelta(seconds=timeout)
     store = _fresh_store(rank, world_size, wait)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=wait)
-    _group.update(rank=rank, world_size=world_size, store=store, stop=threading.Event(),
-                  shared=0)
+    _group.update(rank=rank, world_size=world_size, store=store, stop=threading.Event(), shared=0)
     threading.Thread(target=_watch, args=(store.clone(), rank, _group["stop"]), daemon=True,
                      name="failure watch").start()
     return rank, world_size, local_rank

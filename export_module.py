@@ -32,13 +32,13 @@ def check_export(kind: str) -> None:
         raise ValueError(messages_module.not_known("EXPORT", kind, EXPORT_KINDS))
     missing = [name for name in _EXPORT_PACKAGES[kind] if importlib.util.find_spec(name) is None]
     if missing:
-        raise ValueError(
-            f"EXPORT = {kind!r} needs {', '.join(missing)}: pip install -r requirements.txt")
+        raise ValueError(f"EXPORT = {kind!r} needs {', '.join(missing)}: "
+                         "pip install -r requirements.txt")
 
 
 def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std: Sequence[float],
-           classes: Sequence[str], example_images: torch.Tensor, resize_size: int
-           | None = None) -> float:
+           classes: Sequence[str], example_images: torch.Tensor,
+           resize_size: int | None = None) -> float:
     """Write the model in eval mode for inference outside this pipeline, and check the file by
     running it.
 
@@ -56,10 +56,8 @@ def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std
     images = example_images.detach().cpu().float().contiguous()
     images = images.repeat(-(-5 // len(images)), 1, 1, 1)[:5]  # five real images, repeated if fewer
     metadata = {"input": "normalised float32 NCHW images: (pixels / 255 - mean) / std",
-        "output": "logits",
-                "mean": list(mean), "std": list(std), "classes": list(classes),
-                "image_size": images.shape[-1],
-                "resize_size": resize_size}
+                "output": "logits", "mean": list(mean), "std": list(std), "classes": list(classes),
+                "image_size": images.shape[-1], "resize_size": resize_size}
     # traced at batch 2: torch.export specialises sizes 0 and 1
     batch = {0: torch.export.Dim("batch")}
     if kind == "onnx":
@@ -69,8 +67,8 @@ def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std
     with torch.no_grad():
         expected = model(images)
         scale = expected.abs().max().clamp_min(1e-12)
-        return max(float((run(images[:n]).float() - expected[:n]).abs().max() / scale) for n in (1,
-            5))
+        return max(float((run(images[:n]).float() - expected[:n]).abs().max() / scale)
+                   for n in (1, 5))
 
 
 def _export_onnx(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
@@ -96,7 +94,6 @@ def _export_pt2(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
     """Write model.pt2 (torch.export.save, the metadata as an extra file) and return its loaded
     module."""
     program = torch.export.export(model, (images,), dynamic_shapes=(batch,))
-    files_module.atomic_write(path, lambda f: torch.export.save(program, f,
-                                                         extra_files={"metadata.json": json.dumps(
-                                                         metadata)}))
+    files_module.atomic_write(path, lambda f: torch.export.save(
+        program, f, extra_files={"metadata.json": json.dumps(metadata)}))
     return torch.export.load(path).module()

@@ -234,13 +234,12 @@ def constants() -> dict[str, typing.Any]:
     return {name: globals()[name] for name in __annotations__ if name.isupper()}
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[dict[str, typing.Any],
-                                                         dict[str, typing.Any]]:
+def parse_config(
+        argv: list[str] | None = None) -> tuple[dict[str, typing.Any], dict[str, typing.Any]]:
     """The constants, with the chosen PRESET and then the command line applied; and the command:
     what --predict, --export and --find-lr ask for instead of training (None or False when not
     given), and "given": the constants the command line set."""
-    parser = cli_module.make_parser(__doc__.splitlines()[0], constants(), __annotations__,
-                                    __file__)
+    parser = cli_module.make_parser(__doc__.splitlines()[0], constants(), __annotations__, __file__)
     commands = parser.add_argument_group("Instead of training")
     commands.add_argument("--predict", nargs="+", metavar="PATH",
                           help="classify image files, and the images in folders, with "
@@ -285,22 +284,22 @@ def resumed_config(values: dict[str, typing.Any], given: set[str],
         try:
             messages_module.check_type(name, value, __annotations__[name])
         except ValueError as error:
-            raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
-                from None
+            raise checkpoint_module.damaged(f"RESUME {path}", error,
+                                            checkpoint_module.RESUME_FIX) from None
     schedule = optim_module.SCHEDULES.get(saved.get("SCHEDULE"))  # it, Lookahead: sized to EPOCHS
     fixed = ("EPOCHS",) if saved.get("LOOKAHEAD") or schedule and schedule.sized_to_epochs else ()
     for name in sorted(given - set(RESUME_MAY_CHANGE) | (given & set(fixed))):
         if name in saved and saved[name] != values[name]:
-            raise ValueError(
-                f"{flag(name)} {values[name]!r} differs from the run in {path}, which has {name} = "
-                f"{saved[name]!r}; leave the flag out to resume, or start a new run elsewhere")
+            raise ValueError(f"{flag(name)} {values[name]!r} differs from the run in {path}, "
+                             f"which has {name} = {saved[name]!r}; leave the flag out to resume, "
+                             "or start a new run elsewhere")
     try:  # and in the ranges build_config allows them
         build_config({**values, **taken})
     except ValueError as error:
         named = re.match(r"[A-Z][A-Z0-9_]*", str(error))
         if named and named.group(0) in taken:  # else a flag's error, which build_config gives again
-            raise checkpoint_module.damaged(f"RESUME {path}", error, checkpoint_module.RESUME_FIX) \
-                from None
+            raise checkpoint_module.damaged(f"RESUME {path}", error,
+                                            checkpoint_module.RESUME_FIX) from None
     return {**values, **taken}
 
 
@@ -366,8 +365,8 @@ def run_main(argv: list[str] | None = None) -> run_module.Outcome:
                                                                       values["OUTPUT_DIR"])))
         except process_module.WorkerDied as error:  # the out-of-memory killer's, most often
             process_module.ending()
-            return run_module.Outcome(end(run_module.WORKER_DIED,
-                                          f"error: {error}, then run again"))
+            return run_module.Outcome(
+                end(run_module.WORKER_DIED, f"error: {error}, then run again"))
         except Exception as error:  # under torchrun: another process's failure, or this one's
             process_module.ending()
             status = distributed_module.failed_collective(error, run_module.WORKER_DIED)
@@ -376,9 +375,9 @@ def run_main(argv: list[str] | None = None) -> run_module.Outcome:
             if status is None:  # a fault of its own: where it happened, and the others end too
                 frame = traceback.extract_tb(error.__traceback__)[-1]
                 where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
-                status = end(1, f"error on rank {distributed_module.rank()}: "
-                                f"{type(error).__name__}: {error} (at {where}; one process shows "
-                                "the traceback)")
+                status = end(1,
+                             f"error on rank {distributed_module.rank()}: {type(error).__name__}: "
+                             f"{error} (at {where}; one process shows the traceback)")
             return run_module.Outcome(status)
         finally:
             process_module.ending()
@@ -418,14 +417,14 @@ def _run(values: dict[str, typing.Any], command: dict[str, typing.Any], argv: li
                 f"error: {cli_module.as_typed(str(error), command['given'])}"))
         if command["find_lr"]:
             stage[0] = "finding the LR"
-            return run_module.Outcome(run_module.find_lr(config, run, argv if argv is not None
-                                                         else sys.argv[1:]))
+            return run_module.Outcome(
+                run_module.find_lr(config, run, argv if argv is not None else sys.argv[1:]))
         stage[0] = "training"
         outcome = run_module.train(config, run)
         # finished, or stopped by a non-finite loss with the best weights restored (under torchrun
         # the other processes end with it: no report)
-        if outcome.status == 0 or outcome.status == 1 and world_size == 1 and \
-                run.state.lra.best_epoch is not None:  # weights to report on
+        if (outcome.status == 0 or outcome.status == 1 and world_size == 1
+                and run.state.lra.best_epoch is not None):  # weights to report on
             stage[0] = run_module.FINAL_EVALUATION
             try:
                 outcome.test = run_module.report(config, run)

@@ -17,11 +17,8 @@ def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> 
     choices = list(choices)
     if closest:
         near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=5, cutoff=0.5)
-        offer = (
-            f"the closest are {', '.join(near)}"
-            if near
-            else f"there are {len(choices)} to choose from"
-        )
+        offer = (f"the closest are {', '.join(near)}" if near
+                 else f"there are {len(choices)} to choose from")
         return f"{name} = {value!r} is not known; {offer}"
     return f"{name} = {value!r} is not known; choose one of {', '.join(map(repr, choices))}"
 
@@ -111,8 +108,8 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
-def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]]
-        | None = None) -> None:
+def check_fields(config: Any, rules: Rules,
+                 choices: dict[str, Sequence[Any]] | None = None) -> None:
     """Raise ValueError naming the first field of a config that is not among its choices or breaks
     its rule. A field is named as the constant of main.py that sets it: VAL_SPLIT for val_split."""
     for name, allowed in (choices or {}).items():
@@ -120,5 +117,5 @@ def check_fields(config: Any, rules: Rules, choices: dict[str, Sequence[Any]]
             raise ValueError(not_known(name.upper(), getattr(config, name), allowed))
     for name, (test, allowed) in rules.items():
         if not test(getattr(config, name)):
-            raise ValueError(
-                f"{name.upper()} = {getattr(config, name)!r} is out of range: use {allowed}")
+            raise ValueError(f"{name.upper()} = {getattr(config, name)!r} "
+                             f"is out of range: use {allowed}")

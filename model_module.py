@@ -52,9 +52,8 @@ def _is_frozen(module: nn.Module) -> bool:
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(
-        out_channels),
-            nn.ReLU(inplace=True)]
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
 def cnn(num_classes: int, widths: tuple[int, ...] = (48, 96, 192)) -> Classifier:
@@ -98,10 +97,9 @@ class _DiracConv(nn.Conv2d):
 
 
 def _fast_group(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(_DiracConv(in_channels, out_channels), nn.MaxPool2d(2), _FastBatchNorm(
-        out_channels),
-                         nn.GELU(), _DiracConv(out_channels, out_channels), _FastBatchNorm(
-                         out_channels), nn.GELU())
+    return nn.Sequential(
+        _DiracConv(in_channels, out_channels), nn.MaxPool2d(2), _FastBatchNorm(out_channels),
+        nn.GELU(), _DiracConv(out_channels, out_channels), _FastBatchNorm(out_channels), nn.GELU())
 
 
 class Whitening(nn.Conv2d):
@@ -109,7 +107,7 @@ class Whitening(nn.Conv2d):
 
     def __init__(self, in_channels: int = 3, kernel_size: int = 2):
         super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, padding=0,
-            bias=True)
+                         bias=True)
         self.weight.requires_grad = False
 
     @torch.no_grad()
@@ -117,8 +115,8 @@ class Whitening(nn.Conv2d):
         """Set the filters to the eigenvectors of the patch covariance of normalised images, scaled
         to unit variance, in +/- pairs."""
         c, (h, w) = images.shape[1], self.weight.shape[2:]
-        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h
-            * w)
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(
+            -1, c * h * w)
         covariance = patches.T @ patches / len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.reshape(-1, c, h, w).flip(0)
@@ -156,14 +154,14 @@ def fast(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)) -> Cla
     body = nn.Sequential(whitening, nn.GELU(), _fast_group(whitening.out_channels, widths[0]),
                          _fast_group(widths[0], widths[1]), _fast_group(widths[1], widths[2]),
                          _WholeMapMaxPool(), nn.Flatten())
-    return Classifier(body, nn.Sequential(nn.Linear(widths[2], num_classes, bias=False), _Scale(1
-        / 9)))
+    return Classifier(body,
+                      nn.Sequential(nn.Linear(widths[2], num_classes, bias=False), _Scale(1 / 9)))
 
 
-MODELS: dict[str, Callable[[int], Classifier]] = {"cnn": cnn, "resnet18_cifar": resnet18_cifar,
-    "fast": fast}
-TORCHVISION_MODELS: tuple[str, ...] = tuple(torchvision.models.list_models(
-    module=torchvision.models))
+MODELS: dict[str, Callable[[int], Classifier]] = {
+    "cnn": cnn, "resnet18_cifar": resnet18_cifar, "fast": fast}
+TORCHVISION_MODELS: tuple[str, ...] = tuple(
+    torchvision.models.list_models(module=torchvision.models))
 
 
 def model_names() -> list[str]:
@@ -200,14 +198,13 @@ def _build_torchvision(name: str, num_classes: int, image_size: int | None,
     if name.startswith(("vit_", "maxvit_")):
         native = weights.meta["min_size"][0] if weights is not None else None
         if native is not None and image_size not in (None, native):
-            raise ValueError(
-                f"{name}'s {weights.name} weights are for {native}-pixel images, so IMAGE_SIZE "
-                "must be "
-                             f"{native} with PRETRAINED = {weights.name!r}, not {image_size}")
+            raise ValueError(f"{name}'s {weights.name} weights are for {native}-pixel images, "
+                             f"so IMAGE_SIZE must be {native} with PRETRAINED = {weights.name!r}, "
+                             f"not {image_size}")
         size = image_size or native
         if size is not None:
-            options.update({"image_size": size} if name.startswith("vit_") else {"input_size": (
-                size, size)})
+            options.update({"image_size": size} if name.startswith("vit_")
+                           else {"input_size": (size, size)})
     try:
         return torchvision.models.get_model(name, **options)
     # ViT asserts the patch size divides it, MaxViT checks its windows
@@ -215,17 +212,16 @@ def _build_torchvision(name: str, num_classes: int, image_size: int | None,
         if size is None:
             raise
         detail = (str(error).splitlines() or [type(error).__name__])[0]
-        raise ValueError(
-            f"MODEL = {name!r} cannot be built for IMAGE_SIZE = {size} ({detail}); it takes one "
-                         f"image size, fixed when it is built, and 224 fits it") from None
+        raise ValueError(f"MODEL = {name!r} cannot be built for IMAGE_SIZE = {size} ({detail}); it "
+                         "takes one image size, fixed when it is built, and 224 fits it") from None
 
 
 def _final_layer_name(model: nn.Module) -> str:
     """The qualified name of torchvision's last classification layer: the last Linear (squeezenet:
     the 1x1 Conv2d) inside the model's fc, classifier, heads or head."""
     holder = next(h for h in _HEAD_HOLDERS if isinstance(getattr(model, h, None), nn.Module))
-    layers = [n for n, m in getattr(model, holder).named_modules() if isinstance(m, (nn.Linear,
-        nn.Conv2d))]
+    layers = [n for n, m in getattr(model, holder).named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d))]
     return ".".join(filter(None, (holder, layers[-1])))
 
 
@@ -268,15 +264,13 @@ def _load_body(model: nn.Module, state: dict[str, torch.Tensor], final: str, sou
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(final + ".")]
         problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                    for what, keys in (("missing", missing), ("unexpected",
-                    result.unexpected_keys)) if keys]
+                    for what, keys in (("missing", missing), ("unexpected", result.unexpected_keys))
+                    if keys]
     except RuntimeError as error:  # tensors of other shapes
         problems = [(str(error).splitlines() or ["other shapes"])[-1].strip()]
     if problems:
-        raise ValueError(
-            f"{source} does not fit {type(model).__name__} ({'; '.join(problems)}); delete it so "
-            "that "
-                         f"the published file is downloaded again")
+        raise ValueError(f"{source} does not fit {type(model).__name__} ({'; '.join(problems)}); "
+                         "delete it so that the published file is downloaded again")
 
 
 def _torchvision_classifier(name: str, num_classes: int, image_size: int | None,
@@ -308,15 +302,15 @@ def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
     case)."""
     allowed = weight_names(name)
     if str(pretrained).upper() not in {a.upper() for a in allowed}:
-        what = f"the weights published for {name}" if allowed else \
-            f"{name} has no published weights; torchvision's models have, such as resnet18"
-        raise ValueError(
-            f"{messages_module.not_known('PRETRAINED', pretrained, allowed or [None])} ({what})")
+        what = (f"the weights published for {name}" if allowed else f"{name} has no published "
+                "weights; torchvision's models have, such as resnet18")
+        raise ValueError(f"{messages_module.not_known('PRETRAINED', pretrained, allowed or [None])}"
+                         f" ({what})")
     return torchvision.models.get_model_weights(name)[pretrained.upper()]
 
 
-def _load_pretrained(weights: torchvision.models.WeightsEnum) -> tuple[dict[str, torch.Tensor],
-        str]:
+def _load_pretrained(
+        weights: torchvision.models.WeightsEnum) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict of published weights and its path: read from torch's hub cache
     ($TORCH_HOME/hub/checkpoints), downloaded there first if missing. Only tensors load
     (weights_only)."""
@@ -355,9 +349,9 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> str:
             with contextlib.suppress(OSError):
                 os.rmdir(empty)
         detail = (str(getattr(error, "reason", error)).splitlines() or [type(error).__name__])[0]
-        raise ValueError(
-            f"PRETRAINED weights {file_name} are not in {folder} and could not be downloaded "
-                         f"({detail}); download {weights.url} into that folder") from None
+        raise ValueError(f"PRETRAINED weights {file_name} are not in {folder} and could not be "
+                         f"downloaded ({detail}); "
+                         f"download {weights.url} into that folder") from None
 
 
 def preprocessing(name: str, pretrained: str | None) -> dict[str, Any] | None:
@@ -400,13 +394,13 @@ def unfreeze_body(model: Classifier) -> list[nn.Parameter]:
 
 
 def load_weights(model: Classifier, state: dict[str, torch.Tensor],
-        source: str = "the checkpoint") -> list[str]:
+                 source: str = "the checkpoint") -> list[str]:
     """Load a state dict, keeping the model's own head where the saved head has another shape
     (transfer to a new class count); returns the names skipped. Raises ValueError for another
     architecture."""
     own = model.state_dict()
-    skipped = [k for k in state if k.startswith("head.") and k in own and state[k].shape != own[
-        k].shape]
+    skipped = [
+        k for k in state if k.startswith("head.") and k in own and state[k].shape != own[k].shape]
     kept = OrderedDict((k, v) for k, v in state.items() if k not in skipped)
     missing = sorted(set(own) - set(kept) - set(skipped))
     unexpected = sorted(set(kept) - set(own))
@@ -415,8 +409,8 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor],
         detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
                            for what, keys in (("missing", missing), ("unexpected", unexpected),
                                               ("other shapes", mismatched)) if keys)
-        raise ValueError(
-            f"{source} does not fit this model ({detail}); was it saved from another MODEL?")
+        raise ValueError(f"{source} does not fit this model ({detail}); "
+                         "was it saved from another MODEL?")
     # Module versions travel in a state dict's _metadata, and MNASNet refuses a state without them;
     # a plain dict (best_model.pth) was saved from this code's models, whose versions are this
     # model's own.
@@ -429,9 +423,8 @@ WHITENING_IMAGES = 5000  # training images the fast model's whitening filters ar
 
 
 def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | None = None,
-              sample_images: Callable[[int], torch.Tensor] | None = None, *, image_size: int
-              | None = None,
-              pretrained: str | None = None) -> Classifier:
+              sample_images: Callable[[int], torch.Tensor] | None = None, *,
+              image_size: int | None = None, pretrained: str | None = None) -> Classifier:
     """Build a model by name, optionally start from saved or published weights, and optionally
     freeze its body.
 
@@ -449,10 +442,9 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least two classes, got {num_classes}")
     if pretrained is not None and weights is not None:
-        raise ValueError(
-            "PRETRAINED and WEIGHTS cannot both be set: WEIGHTS (a best_model.pth) holds the whole "
-                         "model already; set PRETRAINED to start from published weights, or "
-                         "WEIGHTS, not both")
+        raise ValueError("PRETRAINED and WEIGHTS cannot both be set: WEIGHTS (a best_model.pth) "
+                         "holds the whole model already; set PRETRAINED to start from published "
+                         "weights, or WEIGHTS, not both")
     published = _find_weights(name, pretrained) if pretrained is not None else None
     if name in MODELS:
         model = MODELS[name](num_classes)
@@ -470,10 +462,10 @@ def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | 
             batchnorm_module.calibrate_batchnorm(model, sample_images)
     if weights is not None:
         skipped = load_weights(model, utils.load_state_dict(weights, "WEIGHTS"),
-            f"WEIGHTS {weights}")
+                               f"WEIGHTS {weights}")
         if skipped:
-            print(f"WEIGHTS {weights}: new head for {num_classes} classes (the saved head had "
-                  "another size)")
+            print(f"WEIGHTS {weights}: new head for {num_classes} classes (the saved "
+                  "head had another size)")
     if freeze:
         freeze_body(model)
     return model

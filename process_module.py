@@ -103,14 +103,14 @@ def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDie
     ended, the likely cause and the fix (the caller says what then). The out-of-memory killer sends
     SIGKILL; SIGSEGV is a crash in a decoder, SIGBUS a memory-mapped file cut short (full disk); an
     exit status of its own, an error in the worker, which --num-workers 0 shows where it happens."""
-    how, cause = "ended", "most likely the system ran out of memory; free some memory or lower " \
-        "--num-workers (NUM_WORKERS)"
+    how, cause = ("ended", "most likely the system ran out of memory; free some memory or lower "
+                  "--num-workers (NUM_WORKERS)")
     if exitcode in (-signal.SIGSEGV, -signal.SIGBUS):
-        cause = "a crash in the image decoder, or a full disk under a memory-mapped file; check " \
-            "the file and the disk"
+        cause = ("a crash in the image decoder, or a full disk under a memory-mapped file; check "
+                 "the file and the disk")
     elif exitcode is not None and exitcode > 0:
-        how, cause = f"exited with status {exitcode}", "an error in the worker; see it with " \
-            "--num-workers 0"
+        how, cause = (f"exited with status {exitcode}",
+                      "an error in the worker; see it with --num-workers 0")
     elif exitcode is not None and exitcode < 0 and exitcode != -signal.SIGKILL:
         cause = "a signal from outside the run"
     if exitcode is not None and exitcode < 0:

@@ -42,8 +42,8 @@ def write_test_outputs(result: dict[str, Any], classes: Sequence[str], mean: Seq
     collect=True) on the split named ("validation" when a folder has no test/)."""
     write_test_report(result["confusion"], classes, os.path.join(output_dir, TEST_REPORT))
     plot_confusion_matrix(result["confusion"], classes, os.path.join(output_dir, CONFUSION), split)
-    plot_misclassified(result["mistakes"], classes, mean, std, os.path.join(output_dir,
-        MISCLASSIFIED), split)
+    plot_misclassified(result["mistakes"], classes, mean, std,
+                       os.path.join(output_dir, MISCLASSIFIED), split)
 
 
 def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
@@ -56,20 +56,19 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     classes = [messages_module.printable(name) for name in classes]
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
-        raise ValueError(
-            f"a confusion matrix of shape {counts.shape} does not fit {len(classes)} classes")
+        raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit "
+                         f"{len(classes)} classes")
     hits, support, predicted = np.diag(counts), counts.sum(1), counts.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, as wanted
         precision, recall = hits / predicted, hits / support
         # the harmonic mean of the two, also when one is undefined
         f1 = 2 * hits / (support + predicted)
     frame = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall,
-        "f1": f1,
-                          "support": support.astype(np.int64)})
+                          "f1": f1, "support": support.astype(np.int64)})
     rows = [frame]
     for name, weights in zip(AVERAGES, (np.ones_like(support), support)):
-        averages = {key: _nan_average(frame[key].to_numpy(), weights) for key in ("precision",
-            "recall", "f1")}
+        averages = {key: _nan_average(frame[key].to_numpy(), weights)
+                    for key in ("precision", "recall", "f1")}
         rows.append(pd.DataFrame([{"class": name, **averages, "support": int(support.sum())}]))
     return pd.concat(rows, ignore_index=True)[REPORT_COLUMNS]
 
@@ -92,7 +91,7 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str,
-        split: str = "test") -> None:
+                          split: str = "test") -> None:
     """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's
     share going to each prediction), class names on both axes; the figure and the fonts scale with
     the class count, readable up to LEGIBLE_CLASSES; past them, colours at that size
@@ -133,8 +132,8 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     ticks = np.arange(0, n, math.ceil(n / LEGIBLE_CLASSES))  # every class, or one in ceil(n / 50)
     names = [str(classes[i]) for i in ticks]
     axes.set_xticks(ticks, labels=names, rotation=45 if n <= 10 else 90, fontsize=label_font,
-                    ha="right" if n <= 10 else "center", rotation_mode="anchor" if n <= 10
-                    else "default")
+                    ha="right" if n <= 10 else "center",
+                    rotation_mode="anchor" if n <= 10 else "default")
     axes.set_yticks(ticks, labels=names, fontsize=label_font)
     total = int(counts.sum())
     accuracy = np.trace(counts) / total if total else math.nan
@@ -184,14 +183,13 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
     axes = figure.add_axes((0, 0, 1, grid_height / (grid_height + title_band)))
     pixels = mosaic.numpy()
     axes.imshow(pixels[..., 0] if channels == 1 else pixels, cmap="gray", vmin=0, vmax=1,
-        interpolation="nearest")
+                interpolation="nearest")
     for i, mistake in enumerate(mistakes):
         top, left = _gallery_origin(i, columns, height, width)
         axes.text(left + width / 2, top - 0.04 * height,
-            f"true: {classes[mistake.target]}\npredicted: "
-                  f"{classes[mistake.predicted]} ({100 * mistake.probability:.1f}%)", fontsize=8,
-                  color="tab:red",
-                  ha="center", va="bottom")
+                  f"true: {classes[mistake.target]}\npredicted: {classes[mistake.predicted]} "
+                  f"({100 * mistake.probability:.1f}%)", fontsize=8, color="tab:red", ha="center",
+                  va="bottom")
     axes.axis("off")
     figure.suptitle(f"The {len(mistakes)} most confident mistakes on the test set")
     return figure
@@ -228,26 +226,26 @@ def _curves_figure(history: list[dict[str, Any]]):
     restores = [row["epoch"] for row in history if "restored" in str(row.get("event") or "")]
     figure = Figure(figsize=(12, 4.5), dpi=100)
     panels = figure.subplots(1, 2)
-    for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"), (panels[1], "acc", 100,
-            "Accuracy (%)")):
+    for panel, key, scale, title in ((panels[0], "loss", 1, "Loss"),
+                                     (panels[1], "acc", 100, "Accuracy (%)")):
         panel.plot(epochs, [scale * row[f"train_{key}"] for row in history], "o-", ms=3,
-            label="training")
+                   label="training")
         # none: a run without validation images
         if any(row.get(f"val_{key}") is not None for row in history):
-            panel.plot(epochs, [math.nan if row.get(f"val_{key}") is None else scale * row[
-                f"val_{key}"]
-                                for row in history], "o-", ms=3, label="validation")
+            panel.plot(epochs,
+                       [math.nan if row.get(f"val_{key}") is None else scale * row[f"val_{key}"]
+                        for row in history], "o-", ms=3, label="validation")
         for i, epoch in enumerate(cuts):
-            panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5, label="LR cut" if i == 0
-                else None)
+            panel.axvline(epoch, color="tab:red", ls="--", alpha=0.5,
+                          label="LR cut" if i == 0 else None)
         for i, epoch in enumerate(restores):
-            panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8, label="weights restored"
-                if i == 0 else None)
+            panel.axvline(epoch, color="tab:purple", ls=":", alpha=0.8,
+                          label="weights restored" if i == 0 else None)
         panel.set(xlabel="epoch", title=title)
         panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         lr_axis = panel.twinx()
         lr_axis.step(epochs, [row["lr"] for row in history], where="mid", color="gray", alpha=0.6,
-            label="LR")
+                     label="LR")
         lr_axis.set_yscale("log")
         lr_axis.set_ylabel("learning rate")
         lines, labels = panel.get_legend_handles_labels()
@@ -259,7 +257,7 @@ def _curves_figure(history: list[dict[str, Any]]):
 
 
 def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None,
-        path: str) -> None:
+                   path: str) -> None:
     """Draw lr_finder.png: the smoothed loss against the LR (log axis), the suggested LR (if any)
     marked."""
     _draw(path, lambda: _lr_finder_figure(lrs, losses, suggestion))

@@ -53,8 +53,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         model_module.check_name(self.model)
-        messages_module.check_fields(self, {"dist_timeout": (lambda t: t > 0, "seconds > 0")}, {
-                                      "cuda_graphs": step_module.CUDA_GRAPHS,
+        messages_module.check_fields(self, {"dist_timeout": (lambda t: t > 0, "seconds > 0")},
+                                     {"cuda_graphs": step_module.CUDA_GRAPHS,
                                       "class_weights": train_module.CLASS_WEIGHTS,
                                       "tracker": (None, *tracker_module.TRACKERS)})
         tracker_module.check_installed(self.tracker)
@@ -124,7 +124,7 @@ def interrupted_line(stage: str, output_dir: str) -> str:
     """The one line for a run interrupted outside the epochs (train and predict say their own)."""
     go_on = resume_command(output_dir)
     if stage == FINAL_EVALUATION:
-        return (f"Interrupted during the final evaluation; training is done and saved. To "
+        return ("Interrupted during the final evaluation; training is done and saved. To "
                 f"evaluate, run: {go_on}")
     return f"Interrupted while {stage}."
 
@@ -142,11 +142,12 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     # another run writing there: refused at once
     files_module.check_unlocked(output_dir, main_process=rank == 0)
     if saved and len(saved["rng"]) != world_size:  # one random state per process of the run
-        raise utils.CheckpointError(
-            f"RESUME {options.resume} was saved by {len(saved['rng'])} processes and this run has "
-            f"{world_size}: each one's batch (BATCH_SIZE), so the global batch and the schedule's "
-            "steps, its share of the data and its random state belong to that number; resume with "
-            f"{len(saved['rng'])} processes in all, or start a new run")
+        raise utils.CheckpointError(f"RESUME {options.resume} was saved by {len(saved['rng'])} "
+                                    f"processes and this run has {world_size}: each one's batch "
+                                    "(BATCH_SIZE), so the global batch and the schedule's steps, "
+                                    "its share of the data and its random state belong to that "
+                                    f"number; resume with {len(saved['rng'])} processes in all, "
+                                    "or start a new run")
     weights = options.weights
     if saved is None and weights is not None and not os.path.isfile(weights):  # as get_model would
         raise utils.CheckpointError(f"WEIGHTS {weights} {utils.not_a_file(weights)}")
@@ -164,8 +165,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         data = data_module.get_data(config.data, device, rank=rank, world_size=world_size)
     with account.timed("model"):
         state = _make_state(config, data, device, lr_device=device if cuda_graph else None,
-            rank=rank,
-                            fresh=saved is None)
+                            rank=rank, fresh=saved is None)
     if world_size > 1:
         utils.seed_everything(config.data.seed + rank)  # same initial weights, other augmentations
     total_steps = config.fit.epochs * len(data.train)
@@ -181,10 +181,10 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
                                       started=saved["started"] if saved
                                       else checkpoint_module.timestamp(),
                                       tracker_run=saved.get("tracker_run") if saved else None)
-    class_weights = train_module.balanced_class_weights(data.class_counts, data.classes) \
-        if options.class_weights == "balanced" else None
-    fit = dataclasses.replace(config.fit, autocast_dtype=torch.bfloat16 if precision == "bf16"
-        else None,
+    class_weights = (train_module.balanced_class_weights(data.class_counts, data.classes)
+                     if options.class_weights == "balanced" else None)
+    fit = dataclasses.replace(config.fit,
+                              autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
                               cuda_graph=cuda_graph, world_size=world_size, main_process=rank == 0,
                               class_weights=class_weights)
     if rank == 0:
@@ -217,14 +217,13 @@ def freeze_warning(options: RunConfig) -> str | None:
     if not options.freeze or options.pretrained is not None or options.weights is not None:
         return None
     return ("warning: --freeze true without --pretrained or --weights freezes a randomly "
-            "initialised body, so only the head learns; add --pretrained default (with a "
-            "torchvision --model such as resnet18) or --weights PATH (an earlier run's "
-            "best_model.pth), or leave --freeze false")
+            "initialised body, so only the head learns; add --pretrained default "
+            "(with a torchvision --model such as resnet18) or --weights PATH "
+            "(an earlier run's best_model.pth), or leave --freeze false")
 
 
 def _make_state(config: Config, data: data_module.Data, device: torch.device,
-    lr_device: torch.device | None,
-                rank: int, fresh: bool) -> state_module.TrainState:
+                lr_device: torch.device | None, rank: int, fresh: bool) -> state_module.TrainState:
     """A run's model (on the device), optimizer, schedule, Lookahead, EMA and LRA; fresh: a new run,
     which starts from WEIGHTS (a resumed one takes its weights from its checkpoint). The schedule
     and Lookahead count optimizer steps (ACCUMULATE_STEPS batches each)."""
@@ -232,8 +231,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
     model = model_module.get_model(options.model, len(data.classes), freeze=options.freeze,
                                    weights=options.weights if fresh else None,
                                    sample_images=data.train.first_images,
-                                   image_size=data.image_size,
-                                   pretrained=options.pretrained)
+                                   image_size=data.image_size, pretrained=options.pretrained)
     layout = torch.channels_last if config.data.channels_last else torch.preserve_format
     model = model.to(device, memory_format=layout)
     optimizer = optim_module.make_optimizer(model, config.optim, lr_device=lr_device)
@@ -242,13 +240,12 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
     schedule = optim_module.make_schedule(optimizer, config.optim.schedule, config.optim.lr,
                                           total_steps, config.optim.warmup_epochs * steps)
     lookahead = optim_module.Lookahead(model, total_steps) if config.optim.lookahead else None
-    ema = optim_module.EMA(model,
-        config.optim.ema_decay) if config.optim.ema_decay is not None else None
-    lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)), main_process=rank
-        == 0,
-              share=distributed_module.from_rank_0)
+    ema = (optim_module.EMA(model, config.optim.ema_decay) if config.optim.ema_decay is not None
+           else None)
+    lra = LRA(config.lra, frozen=bool(model_module.frozen_parameters(model)),
+              main_process=rank == 0, share=distributed_module.from_rank_0)
     return state_module.TrainState(model, optimizer, lra, schedule=schedule, lookahead=lookahead,
-        ema=ema)
+                                   ema=ema)
 
 
 def train(config: Config, run: Run) -> Outcome:
@@ -261,10 +258,8 @@ def train(config: Config, run: Run) -> Outcome:
         graphed = " (steps replayed from a CUDA graph)" if run.fit.cuda_graph else ""
         print(f"{config.run.model} on {run.device}{graphed} | "
               f"{messages_module.plural(len(run.data.train), 'batch', 'batches')} of "
-              f"{config.data.batch_size} per epoch"
-              f"{accumulation} | "
-              f"{_data_path(run.data)} | outputs in "
-              f"{messages_module.printable(os.path.abspath(output_dir))}")
+              f"{config.data.batch_size} per epoch{accumulation} | {_data_path(run.data)} | "
+              f"outputs in {messages_module.printable(os.path.abspath(output_dir))}")
         if run.fit.class_weights is not None:
             print(_class_weights_line(run.fit.class_weights, run.data.classes))
     started, outcome, message = time.perf_counter(), Outcome(0), None
@@ -290,8 +285,8 @@ def train(config: Config, run: Run) -> Outcome:
     if run.main_process and run.state.history and outcome.status != 3:
         try:
             with run.account.timed("reports"):
-                report_module.plot_training_curves(run.state.history, os.path.join(output_dir,
-                    report_module.CURVES))
+                report_module.plot_training_curves(run.state.history,
+                                                   os.path.join(output_dir, report_module.CURVES))
         except OSError as error:
             # a stop's own message stands; the curves are only a picture of it
             if outcome.status in (0, 1):
@@ -304,11 +299,11 @@ def train(config: Config, run: Run) -> Outcome:
 def _class_weights_line(weights: tuple[float, ...], classes: list[str]) -> str:
     """The line that says the training loss is weighted: the smallest and the largest weight, and
     their classes."""
-    low, high = min(range(len(weights)), key=weights.__getitem__), max(range(len(weights)),
-        key=weights.__getitem__)
-    spread = f"{weights[low]:.3g} for every class (a balanced split)" if weights[low] == weights[
-        high] else \
-        f"{weights[low]:.3g} ({classes[low]}) to {weights[high]:.3g} ({classes[high]})"
+    low, high = (min(range(len(weights)), key=weights.__getitem__),
+                 max(range(len(weights)), key=weights.__getitem__))
+    spread = (f"{weights[low]:.3g} for every class (a balanced split)"
+              if weights[low] == weights[high]
+              else f"{weights[low]:.3g} ({classes[low]}) to {weights[high]:.3g} ({classes[high]})")
     return f"class weights (CLASS_WEIGHTS balanced, the training loss only): {spread}"
 
 
@@ -316,11 +311,8 @@ def _data_path(data: data_module.Data) -> str:
     """Where the training batches come from, in words."""
     if data.resident:
         return "data resident on the device"
-    return (
-        "data streamed from the decoded-image cache"
-        if data.cache_file
-        else "data streamed by DataLoader workers"
-    )
+    return ("data streamed from the decoded-image cache" if data.cache_file
+            else "data streamed by DataLoader workers")
 
 
 def report(config: Config, run: Run) -> dict[str, typing.Any]:
@@ -331,8 +323,8 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
     data, started, tta = run.data, time.perf_counter(), config.run.tta
     with run.account.timed("final evaluation"):
         result = train_module.evaluate(run.state.evaluated_model, data.test,
-            autocast_dtype=run.fit.autocast_dtype,
-                                       tta=tta, num_classes=len(data.classes), collect=True)
+                                       autocast_dtype=run.fit.autocast_dtype, tta=tta,
+                                       num_classes=len(data.classes), collect=True)
     result["seconds"] = time.perf_counter() - started
     if not run.main_process:
         return result
@@ -348,7 +340,7 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
         print(warning)
     with run.account.timed("reports"):
         report_module.write_test_outputs(result, data.classes, data.mean, data.std,
-            run.fit.output_dir, split)
+                                         run.fit.output_dir, split)
     if run.tracker:
         run.tracker.log_test(result, data.classes, step=len(run.state.history))
         # the run's files but the checkpoint, which only a resume reads
@@ -362,27 +354,25 @@ def report(config: Config, run: Run) -> dict[str, typing.Any]:
 FEW_EPOCHS = 5  # a run of fewer that learnt nothing needs more epochs before a lower LR
 
 
-def chance_warning(result: dict[str, typing.Any], num_classes: int, history: list[
-        dict]) -> str | None:
+def chance_warning(result: dict[str, typing.Any], num_classes: int,
+                   history: list[dict]) -> str | None:
     """One line when the final evaluation is at chance (accuracy within two standard errors of
     1/classes, loss within 1% of ln classes: the same output for every image), with the likely
     cause; None otherwise."""
     chance, images = 1 / num_classes, int(result["confusion"].sum())
-    if abs(result["acc"] - chance) > 2 * math.sqrt(chance * (1 - chance) / images) or \
-            abs(result["loss"] - math.log(num_classes)) > 0.01 * math.log(num_classes):
+    if (abs(result["acc"] - chance) > 2 * math.sqrt(chance * (1 - chance) / images)
+            or abs(result["loss"] - math.log(num_classes)) > 0.01 * math.log(num_classes)):
         return None
     trained = max((row["train_acc"] for row in history), default=0.0)
-    cause = (f"training accuracy reached {100 * trained:.0f}%, so in eval mode the model gives "
-             "every image the same "
-             "output (BatchNorm statistics behind the weights, as with few steps an epoch): try "
-             "--pretrained "
-             f"default, a smaller --batch-size or --model cnn") if trained > 2 * chance else \
-        f"nothing was learnt in {messages_module.plural(len(history), 'epoch')}: train longer " \
-        f"(--epochs {FEW_EPOCHS * 2} or more)" if len(history) < FEW_EPOCHS else \
-        "nothing was learnt: try a lower --lr, or --find-lr's suggestion"
+    cause = ((f"training accuracy reached {100 * trained:.0f}%, so in eval mode the model gives "
+              "every image the same output (BatchNorm statistics behind the weights, as with few "
+              "steps an epoch): try --pretrained default, a smaller --batch-size or --model cnn")
+             if trained > 2 * chance
+             else (f"nothing was learnt in {messages_module.plural(len(history), 'epoch')}: train "
+                   f"longer (--epochs {FEW_EPOCHS * 2} or more)") if len(history) < FEW_EPOCHS
+             else "nothing was learnt: try a lower --lr, or --find-lr's suggestion")
     return (f"warning: the final accuracy {100 * result['acc']:.1f}% is chance (1/{num_classes}) "
-            "and the loss "
-            f"{result['loss']:.4f} is ln {num_classes}; {cause}")
+            f"and the loss {result['loss']:.4f} is ln {num_classes}; {cause}")
 
 
 def find_lr(config: Config, run: Run, argv: list[str]) -> int:

@@ -52,16 +52,16 @@ class Snapshot:
         self.optimizer: dict[str, Any] | None = None
         self.ema: dict[str, Any] | None = None  # EMA.state_dict()'s copy
 
-    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA
-            | None = None) -> None:
+    def take(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             ema: EMA | None = None) -> None:
         self.model = _clone(model.state_dict())
         if self.with_optimizer:
             self.optimizer = copy.deepcopy(optimizer.state_dict())
         averaged = None if ema is None else ema.state_dict()
         self.ema = None if averaged is None else {**averaged, "model": _clone(averaged["model"])}
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, ema: EMA
-            | None = None) -> None:
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                ema: EMA | None = None) -> None:
         """Load the snapshot into the model (and the optimizer and the EMA, when given)."""
         model.load_state_dict(self.model)  # copies the values in
         # load_state_dict keeps the tensors it is given: training would change the snapshot
@@ -138,11 +138,11 @@ class TrainState:
         """KEYS and RunInfo's fields, referring to the live tensors. Every process calls it
         together: it gathers each process's random state, so a resume continues each one."""
         optional = {name: part.state_dict() if part is not None else None
-                    for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead), (
-                    "ema", self.ema))}
+                    for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead),
+                                       ("ema", self.ema))}
         return {"epoch": self.epoch, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-                "lra": self.lra.state_dict(), "best": self.best.state_dict(), **optional,
+                "optimizer": self.optimizer.state_dict(), "lra": self.lra.state_dict(),
+                "best": self.best.state_dict(), **optional,
                 "rng": distributed_module.gather(utils.rng_state()), "history": list(self.history),
                 **(dataclasses.asdict(self.info) if self.info is not None else {})}
 
@@ -156,8 +156,8 @@ class TrainState:
             model_module.unfreeze_body(self.model)
         self.best.load_state_dict(state["best"], next(self.model.parameters()).device)
         self.optimizer.load_state_dict(state["optimizer"])
-        for part, name in ((self.schedule, "schedule"), (self.lookahead, "lookahead"), (self.ema,
-                "ema")):
+        for part, name in ((self.schedule, "schedule"), (self.lookahead, "lookahead"),
+                           (self.ema, "ema")):
             if part is not None and state.get(name):
                 part.load_state_dict(state[name])
         self.history = list(state["history"])

@@ -25,16 +25,15 @@ class TensorBoardTracker:
     """Per-epoch metrics, LR and LRA's events, and the test confusion matrix, in
     OUTPUT_DIR/tensorboard/<start time>/ (`tensorboard --logdir OUTPUT_DIR/tensorboard`)."""
 
-    def __init__(self, output_dir: str, started: str, run_id: str | None,
-                 params: dict[str, Any]):
+    def __init__(self, output_dir: str, started: str, run_id: str | None, params: dict[str, Any]):
         from torch.utils.tensorboard import SummaryWriter
 
         folder = os.path.join(output_dir, FOLDERS[0], started)
         new = not os.path.isdir(folder)  # a resume goes on in its run's folder
         self.writer, self.run_id = SummaryWriter(folder), run_id  # no id of its own
         if new:
-            self.writer.add_text("constants", "  \n".join(f"{k} = {v!r}" for k, v in
-                                                          params.items()))
+            self.writer.add_text("constants",
+                                 "  \n".join(f"{k} = {v!r}" for k, v in params.items()))
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """One epoch's metrics dict (fit's history row): losses, accuracies, the LR, LRA's event."""
@@ -74,8 +73,7 @@ class MLflowTracker:
     --backend-store-uri sqlite:///OUTPUT_DIR/mlruns/mlflow.db`), or at MLFLOW_TRACKING_URI when
     set. run_id: the MLflow run a resumed run goes on with."""
 
-    def __init__(self, output_dir: str, started: str, run_id: str | None,
-                 params: dict[str, Any]):
+    def __init__(self, output_dir: str, started: str, run_id: str | None, params: dict[str, Any]):
         from mlflow.entities import Param, RunStatus
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -145,11 +143,11 @@ def check_installed(kind: str | None) -> None:
     """ValueError naming the pip install when TRACKER's packages are missing (found, not
     imported: before any data is read)."""
     entry = TRACKERS.get(kind)
-    missing = [name for name in entry.modules if importlib.util.find_spec(name) is None] \
-        if entry else []
+    missing = (
+        [name for name in entry.modules if importlib.util.find_spec(name) is None] if entry else [])
     if missing:
-        raise ValueError(f"TRACKER = {kind!r} needs {', '.join(missing)}: pip install "
-                         f"{entry.install}")
+        raise ValueError(f"TRACKER = {kind!r} needs {', '.join(missing)}: "
+                         f"pip install {entry.install}")
 
 
 class Guarded:
@@ -191,5 +189,5 @@ def open_tracker(kind: str, output_dir: str, started: str, run_id: str | None,
     try:
         return Guarded(TRACKERS[kind].make(output_dir, started, run_id, params))
     except Exception as error:  # whatever the tracker's packages raise
-        raise ValueError(f"TRACKER = {kind!r} could not start: {type(error).__name__}: "
-                         f"{error}") from error
+        raise ValueError(f"TRACKER = {kind!r} could not start: "
+                         f"{type(error).__name__}: {error}") from error

@@ -55,7 +55,7 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
     totals = [torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device), 0]
     pending = ([], [], [])  # losses, logits, targets of the steps not yet tallied
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
-        disable=not _show_progress())
+               disable=not _show_progress())
     # a bar shows running figures, which costs a sync
     check_every = CHECK_EVERY if bar.disable else 10
     batch, batches = 0, len(loader)
@@ -77,7 +77,7 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
             _tally(pending, totals, epoch, batch)
             if not bar.disable:
                 bar.set_postfix(loss=f"{totals[0].item() / totals[2]:.4f}",
-                    acc=f"{totals[1].item() / totals[2]:.2%}")
+                                acc=f"{totals[1].item() / totals[2]:.2%}")
         bar.update()
     bar.close()
     _tally(pending, totals, epoch, batch)
@@ -108,11 +108,11 @@ def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batc
         store.clear()
 
 
-def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float,
-        float, float]:
+def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor,
+                        seen: int) -> tuple[float, float, float]:
     """Read the device accumulators once (summed over torchrun processes) as Python floats."""
-    totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen),
-        device=loss_sum.device)])
+    totals = torch.stack(
+        [loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)])
     return tuple(distributed_module.all_reduce_sum(totals.double()).tolist())
 
 
@@ -129,8 +129,8 @@ def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype | None = None,
-             tta: bool = False, num_classes: int | None = None, collect: bool = False) -> dict[str,
-             Any]:
+             tta: bool = False, num_classes: int | None = None,
+             collect: bool = False) -> dict[str, Any]:
     """Cross-entropy loss and accuracy of the model over a loader (over every process); with
     num_classes, also the confusion matrix ("confusion": counts, rows the true class, columns the
     predicted one) and what class_scores makes of it (per_class, macro_f1, balanced_acc); with
@@ -156,8 +156,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
         confusion += torch.bincount(cells, minlength=len(confusion))
         if collect:
             mistakes.add(images, logits, targets)
-    counts = distributed_module.all_reduce_sum(torch.cat([loss_sum[None].double(),
-                                                          hits[None].double(), confusion.double()]))
+    counts = distributed_module.all_reduce_sum(
+        torch.cat([loss_sum[None].double(), hits[None].double(), confusion.double()]))
     seen = counts[2:].sum().item()
     result = {"loss": counts[0].item() / seen, "acc": counts[1].item() / seen}
     if num_classes:
@@ -219,10 +219,10 @@ class _MostConfidentMistakes:
         mine = []
         if self.kept is not None:
             probabilities, images, targets, predicted = self.kept
-            mine = [Mistake(image, target, prediction, probability) for probability, image, target,
-                prediction
+            mine = [Mistake(image, target, prediction, probability)
+                    for probability, image, target, prediction
                     in zip(probabilities.tolist(), images.cpu(), targets.tolist(),
-                    predicted.tolist())
+                           predicted.tolist())
                     if probability >= 0]
         everyone = [m for mistakes in distributed_module.gather(mine) for m in mistakes]
         return sorted(everyone, key=lambda m: -m.probability)[:self.k]
@@ -286,7 +286,7 @@ RULES: messages_module.Rules = {
     "epochs": (lambda v: v >= 1, "a whole number >= 1"),
     "label_smoothing": (lambda v: 0 <= v < 1, "a number from 0 up to (not including) 1"),
     "class_weights": (lambda v: v is None or all(0 < w < math.inf for w in v),
-    "finite numbers > 0, or None"),
+                      "finite numbers > 0, or None"),
     "accumulate_steps": (lambda v: isinstance(v, int) and v >= 1, "a whole number >= 1"),
     "clip_grad_norm": (lambda v: v is None or v > 0, "a number > 0, or None"),
 }
@@ -301,11 +301,9 @@ def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tup
         raise ValueError(f"{len(counts)} class counts for {len(classes)} classes")
     empty = [name for name, count in zip(classes, counts) if count == 0]
     if empty:
-        raise ValueError(
-            f"CLASS_WEIGHTS = 'balanced' needs training images of every class, and {empty[0]!r} "
-            "has "
-                         "none after VAL_SPLIT and TRAIN_SUBSET; give it images, or set "
-                         "CLASS_WEIGHTS to None")
+        raise ValueError("CLASS_WEIGHTS = 'balanced' needs training images of every class, and "
+                         f"{empty[0]!r} has none after VAL_SPLIT and TRAIN_SUBSET; give it images, "
+                         "or set CLASS_WEIGHTS to None")
     n = sum(counts)
     return tuple(n / (len(counts) * count) for count in counts)
 
@@ -315,14 +313,14 @@ def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
     move it to the model's device). It takes class indices or probabilities (Mixup's and CutMix's
     soft targets); with probabilities and weights, the mean is over the images, with indices over
     their classes' weights."""
-    weight = None if config.class_weights is None else torch.tensor(config.class_weights,
-        dtype=torch.float32)
+    weight = (None if config.class_weights is None
+              else torch.tensor(config.class_weights, dtype=torch.float32))
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
 def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None = None,
-        on_epoch: Callable[[dict], None] | None = None, account: utils.TimeAccount
-        | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None,
+        account: utils.TimeAccount | None = None) -> list[dict]:
     """Train from the epoch after state's last to config.epochs (or as far as the user asks at the
     prompt) unless LRA stops first, carrying out its decisions and saving each epoch's files while
     the next trains (checkpoint_module.EpochWriter). At the end, or on an interruption, the model
@@ -333,14 +331,14 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
     loss_fn = loss_fn or training_loss(config).to(next(state.model.parameters()).device)
     account = account or utils.TimeAccount(time.perf_counter())
     step = _make_step(state, config, loss_fn, config.cuda_graph)
-    writer = checkpoint_module.EpochWriter(config.output_dir,
-        state.lra.best_epoch) if config.main_process else None
+    writer = (checkpoint_module.EpochWriter(config.output_dir, state.lra.best_epoch)
+              if config.main_process else None)
     state.lra.on_train_begin()
     epoch, reason = state.epoch + 1, None
     try:
         while epoch <= state.lra.epoch_limit(config.epochs):
-            metrics = _train_and_validate(step, data, epoch, state, writer.check if writer
-                else None)
+            metrics = _train_and_validate(step, data, epoch, state,
+                                          writer.check if writer else None)
             decision = state.lra.on_epoch_end(epoch, metrics)
             apply_decision(decision, state)
             if decision.unfreeze:  # new trainable parameters: wrapped (and captured) again
@@ -363,19 +361,18 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
                 writer.wait()
     # whatever ended training early is the reason LRA's closing line gives
     except BaseException as error:
-        reason = f"interrupted during epoch {epoch}" if isinstance(error,
-            KeyboardInterrupt) else f"{error}; stopped"
+        reason = (f"interrupted during epoch {epoch}" if isinstance(error, KeyboardInterrupt)
+                  else f"{error}; stopped")
         raise
     finally:
         if writer is not None:
             writer.wait(raise_error=False)  # interrupted: the write in flight still lands
         if state.best.model is not None:
             state.best.restore(state.model, ema=state.ema)
-        state.lra.on_train_end(reason, writer.landed[checkpoint_module.BEST_MODEL] if writer else
-            -1)
+        state.lra.on_train_end(reason,
+                               writer.landed[checkpoint_module.BEST_MODEL] if writer else -1)
     _check_agreement([state.model] + ([state.ema.module] if state.ema is not None else []),
-        state.history,
-                     config.main_process)
+                     state.history, config.main_process)
     return state.history
 
 
@@ -383,11 +380,11 @@ def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: 
     """The training step over what runs the batches: the model, compiled and/or data-parallel as
     asked."""
     model = step_module.wrap_for_training(state.model, compile=config.compile,
-        world_size=config.world_size,
+                                          world_size=config.world_size,
                                           device=next(state.model.parameters()).device)
     return TrainStep(model, state.optimizer, loss_fn, autocast_dtype=config.autocast_dtype,
-        graph=graph,
-                     accumulate=config.accumulate_steps, clip_grad_norm=config.clip_grad_norm)
+                     graph=graph, accumulate=config.accumulate_steps,
+                     clip_grad_norm=config.clip_grad_norm)
 
 
 def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
@@ -397,16 +394,15 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
     started = time.perf_counter()
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
-    metrics = {"epoch": epoch, **train_one_epoch(step, data.train, epoch=epoch,
-        schedule=state.schedule,
-                                                 lookahead=state.lookahead, ema=state.ema,
-                                                 check=check)}
+    metrics = {"epoch": epoch,
+               **train_one_epoch(step, data.train, epoch=epoch, schedule=state.schedule,
+                                 lookahead=state.lookahead, ema=state.ema, check=check)}
     trained = time.perf_counter()  # train_one_epoch ends by reading the device, so the time is real
     distributed_module.share_buffers(state.model, state.evaluated_model)
     # the EMA, with one
-    val = dict.fromkeys(("loss", "acc", "macro_f1", "balanced_acc")) if data.val is None else \
-        evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype,
-                 num_classes=len(data.classes))
+    val = (dict.fromkeys(("loss", "acc", "macro_f1", "balanced_acc")) if data.val is None
+           else evaluate(state.evaluated_model, data.val, autocast_dtype=step.autocast_dtype,
+                         num_classes=len(data.classes)))
     metrics.update(val_loss=val["loss"], val_acc=val["acc"], macro_f1=val["macro_f1"],
                    balanced_acc=val["balanced_acc"], lr=lr, seconds=time.perf_counter() - started,
                    train_seconds=trained - started)
@@ -421,11 +417,10 @@ def _check_agreement(models: list[nn.Module], history: list[dict], main_process:
         return
     with torch.no_grad():
         checksum = [float(sum(p.double().sum() for p in model.parameters())) for model in models]
-    states = distributed_module.gather(([(row["epoch"], row["next_lr"], row["event"])
-        for row in history],
-        checksum))
+    states = distributed_module.gather(
+        ([(row["epoch"], row["next_lr"], row["event"]) for row in history], checksum))
     if main_process:
         agree = all(state == states[0] for state in states)
         print(f"LR decisions and weights {'agreed' if agree else 'DIFFERED'} on all {len(states)} "
-              "processes"
-              f"{'' if agree else ': ' + repr(states)}", file=sys.stdout if agree else sys.stderr)
+              f"processes{'' if agree else ': ' + repr(states)}",
+              file=sys.stdout if agree else sys.stderr)

@@ -70,29 +70,28 @@ def main_in_process(args, capsys):
 
 
 def test_flags_are_derived_from_the_constants():
-    config, command = main.parse_config(["--epochs", "3", "--data-dir", "/x", "--train-subset",
-        "none",
-                                         "--dwell", "false", "--lr", "0.2"])
+    config, command = main.parse_config(["--epochs", "3", "--data-dir", "/x",
+                                         "--train-subset", "none", "--dwell", "false",
+                                         "--lr", "0.2"])
     assert config["EPOCHS"] == 3 and config["DATA_DIR"] == "/x" and config["TRAIN_SUBSET"] is None
     assert config["DWELL"] is False and config["LR"] == 0.2 and command["predict"] is None
     assert set(main.constants()) >= {"DATA_DIR", "DATASET", "MODEL", "EPOCHS", "BATCH_SIZE", "LR",
-        "FREEZE",
-                                     "WEIGHTS", "PATIENCE", "STOP_PATIENCE", "THRESHOLD", "FACTOR",
-                                     "DWELL",
-                                     "ASK_EPOCH", "VAL_SPLIT", "TRAIN_SUBSET", "SEED", "OUTPUT_DIR"}
+                                     "FREEZE", "WEIGHTS", "PATIENCE", "STOP_PATIENCE", "THRESHOLD",
+                                     "FACTOR", "DWELL", "ASK_EPOCH", "VAL_SPLIT", "TRAIN_SUBSET",
+                                     "SEED", "OUTPUT_DIR"}
 
 
 def test_auto_augment_and_random_erasing_flags_reach_the_data_config():
     config, _ = main.parse_config(["--auto-augment", "trivialaugment", "--random-erasing", "0.25"])
     data = main.build_config(config).data
-    assert data.augmentations == dict(auto_augment="trivialaugment", random_erasing=0.25,
-                                      mixup=0.0, cutmix=0.0)
+    assert data.augmentations == dict(auto_augment="trivialaugment", random_erasing=0.25, mixup=0.0,
+                                      cutmix=0.0)
     config, _ = main.parse_config(["--auto-augment", "none"])
     settings = main.build_config(config).data.augmentations
     assert config["AUTO_AUGMENT"] is None and settings["random_erasing"] == 0
     config["AUTO_AUGMENT"] = "rand"
-    with pytest.raises(ValueError,
-            match="^AUTO_AUGMENT = 'rand' is not known; choose one of None, 'trivialaug"):
+    with pytest.raises(ValueError, match="^AUTO_AUGMENT = 'rand' is not known; choose one of "
+                       "None, 'trivialaug"):
         main.build_config(config)
 
 
@@ -104,8 +103,8 @@ def test_a_preset_applies_and_flags_override_it():
 @pytest.mark.parametrize("preset", list(main.PRESETS))
 def test_no_preset_validates_on_the_test_set(preset, cifar_dir):
     config, _ = main.parse_config(["--preset", preset])
-    data = data_module.get_data(main.build_config({**config, "DATA_DIR": cifar_dir,
-                                                   "DOWNLOAD": False}).data)
+    data = data_module.get_data(
+        main.build_config({**config, "DATA_DIR": cifar_dir, "DOWNLOAD": False}).data)
     assert data.val is not data.test and len(data.test.labels) == 10000
     held_out = config["VAL_SPLIT"]
     # held out of the 50,000 training images, or none
@@ -116,9 +115,9 @@ def test_no_preset_validates_on_the_test_set(preset, cifar_dir):
         assert data.val is None
 
 
-@pytest.mark.parametrize("typed, meant", [("--epoch", "--epochs"), ("--ephocs", "--epochs"),
-                                          ("--val_split", "--val-split"), ("--learning-rate",
-                                          None)])
+@pytest.mark.parametrize("typed, meant",
+                         [("--epoch", "--epochs"), ("--ephocs", "--epochs"),
+                          ("--val_split", "--val-split"), ("--learning-rate", None)])
 def test_an_unknown_flag_names_the_closest_flags_in_two_lines(typed, meant, capsys):
     with pytest.raises(SystemExit) as exit_:
         main.parse_config([typed, "3"])
@@ -147,16 +146,13 @@ def test_a_value_of_the_wrong_type_is_refused(capsys):
     assert exit_.value.code == 2 and "EPOCHS takes a whole number, not 'three'" in err
 
 
-@pytest.mark.parametrize("name, value", [("EPOCHS", 0), ("BATCH_SIZE", 0), ("LR", 0.0), ("FACTOR",
-    1.0),
-                                         ("PATIENCE", 0), ("STOP_PATIENCE", 0), ("THRESHOLD", 1.5),
-                                         ("VAL_SPLIT", -1), ("TRAIN_SUBSET", 0), ("MODEL", "vgg"),
-                                         ("DATASET", "mnist"), ("SCHEDULE", "step"),
-                                         ("MIXUP", -0.2),
-                                         ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance"), (
-                                         "EMA_DECAY", 1.0),
-                                         ("EMA_DECAY", 0.0), ("ACCUMULATE_STEPS", 0), (
-                                         "CLIP_GRAD_NORM", 0.0)])
+@pytest.mark.parametrize("name, value",
+                         [("EPOCHS", 0), ("BATCH_SIZE", 0), ("LR", 0.0), ("FACTOR", 1.0),
+                          ("PATIENCE", 0), ("STOP_PATIENCE", 0), ("THRESHOLD", 1.5),
+                          ("VAL_SPLIT", -1), ("TRAIN_SUBSET", 0), ("MODEL", "vgg"),
+                          ("DATASET", "mnist"), ("SCHEDULE", "step"), ("MIXUP", -0.2),
+                          ("CUTMIX", -1.0), ("CLASS_WEIGHTS", "balance"), ("EMA_DECAY", 1.0),
+                          ("EMA_DECAY", 0.0), ("ACCUMULATE_STEPS", 0), ("CLIP_GRAD_NORM", 0.0)])
 def test_out_of_range_constants_name_the_constant(name, value):
     config = main.constants()
     config[name] = value
@@ -173,9 +169,8 @@ def test_out_of_range_constants_name_the_constant(name, value):
     (["--model", "vgg"], ["--model 'vgg' (MODEL) is not known", "the closest are", "vgg11"]),
     (["--factor", "2"], ["--factor 2.0 (FACTOR) is out of range"]),
     (["--cuda-graphs", "yes", "--compile", "true"], ["CUDA_GRAPHS='yes' needs", "COMPILE off"]),
-    (["--class-weights", "inverse"], [
-    "--class-weights 'inverse' (CLASS_WEIGHTS) is not known; choose one of None, "
-                                      "'balanced'"]),
+    (["--class-weights", "inverse"],
+     ["--class-weights 'inverse' (CLASS_WEIGHTS) is not known; choose one of None, 'balanced'"]),
     (["--mixup", "-1"], ["--mixup -1.0 (MIXUP) is out of range: use a number >= 0 (0: off)"]),
 ])
 def test_bad_constants_exit_2_with_one_line(tiny_run, args, fragments, capsys):
@@ -201,8 +196,8 @@ def test_an_unwritable_output_dir_is_reported_before_training(tiny_run, tmp_path
 def test_bad_checkpoints_exit_2_and_leave_good_files_alone(tiny_run, tmp_path, flag, capsys):
     args, out = tiny_run
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
-    before = {name: (out / name).read_bytes() for name in ("best_model.pth",
-        "training_metrics.csv")}
+    before = {name: (out / name).read_bytes()
+              for name in ("best_model.pth", "training_metrics.csv")}
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((out / "last_checkpoint.pth").read_bytes()[:1000])
     other = tmp_path / "resnet.pth"
@@ -211,9 +206,9 @@ def test_bad_checkpoints_exit_2_and_leave_good_files_alone(tiny_run, tmp_path, f
     cases = [([flag, tmp_path / "missing.pth"], "does not exist"), ([flag, truncated], "truncated"),
              ([flag, out / "training_metrics.csv"], "not a PyTorch checkpoint")]
     if flag == "--weights":
-        cases += [([flag, other], "does not fit this model"),
-                  (["--model", "resnet18", flag, out / "best_model.pth"],
-                  "does not fit this model")]
+        cases += [
+            ([flag, other], "does not fit this model"),
+            (["--model", "resnet18", flag, out / "best_model.pth"], "does not fit this model")]
     else:
         cases += [([flag, other], "not a last_checkpoint.pth"),
                   (["--model", "resnet18", flag, out / "last_checkpoint.pth"], "MODEL = 'cnn'")]
@@ -229,20 +224,18 @@ def test_bad_data_exits_2_with_one_line(tmp_path, capsys):
     batch = tmp_path / "truncated" / "cifar-10-batches-py" / "data_batch_2"
     batch.write_bytes(batch.read_bytes()[:300])
     assert_one_clean_line(main_in_process(["--data-dir", truncated, *common], capsys),
-        "data_batch_2")
+                          "data_batch_2")
     one_class = write_image_tree(tmp_path / "one", splits=("train",), classes=("only",))
     assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", one_class, *common],
-        capsys),
-                          "at least two")
+                                          capsys), "at least two")
     empty_val = write_image_tree(tmp_path / "empty", splits=("train",))
     (tmp_path / "empty" / "val" / "cats").mkdir(parents=True)
     assert_one_clean_line(main_in_process(["--dataset", "folder", "--data-dir", empty_val, *common],
-        capsys),
-                          "no readable images")
+                                          capsys), "no readable images")
     small = write_fake_cifar(tmp_path / "small", per_batch=20)
     assert_one_clean_line(main_in_process(["--data-dir", small, *common, "--val-split", "20",
                                            "--train-subset", "500"], capsys),
-                                           "--train-subset (TRAIN_SUBSET) 500")
+                          "--train-subset (TRAIN_SUBSET) 500")
 
 
 def test_a_small_photo_folder_with_only_train_trains_with_the_default_constants(tmp_path, capsys):
@@ -250,24 +243,20 @@ def test_a_small_photo_folder_with_only_train_trains_with_the_default_constants(
     photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=30)
     out = tmp_path / "out"
     result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out,
-        "--epochs", "1",
-                              "--ask-epoch", "none"], capsys)
+                              "--epochs", "1", "--ask-epoch", "none"], capsys)
     assert result.returncode == 0, result.stderr
     assert "1 batch of 128 per epoch" in result.stdout
-    assert (
-        "Validation accuracy (no test split): " in result.stdout
-        and "Test accuracy" not in result.stdout
-    )
+    assert ("Validation accuracy (no test split): " in result.stdout
+            and "Test accuracy" not in result.stdout)
     report = pd.read_csv(out / "test_report.csv")
     # a tenth
     assert report.set_index("class").loc[["cats", "dogs", "owls"], "support"].tolist() == [3, 3, 3]
 
 
 def test_a_ten_to_one_folder_trains_balanced_and_mixed_and_reports_each_classs_recall(
-    tmp_path, capsys, monkeypatch
-):
-    photos = write_image_tree(tmp_path / "photos", splits=("train", "test"), classes=("cats",
-        "dogs"), per_class=20)
+        tmp_path, capsys, monkeypatch):
+    photos = write_image_tree(tmp_path / "photos", splits=("train", "test"),
+                              classes=("cats", "dogs"), per_class=20)
     for i in range(18):  # 20 cats, 2 dogs
         os.remove(tmp_path / "photos" / "train" / "dogs" / f"{i}.png")
     setup, runs = run_module.setup, []
@@ -275,44 +264,38 @@ def test_a_ten_to_one_folder_trains_balanced_and_mixed_and_reports_each_classs_r
                         lambda *a, **k: runs.append(setup(*a, **k)) or runs[-1])
     out = tmp_path / "out"
     result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir", out,
-        "--epochs", "1",
-                              "--ask-epoch", "none", "--val-split", "0", "--batch-size", "8",
-                              "--cache-dir", "none",
-                              "--mixup", "0.2", "--cutmix", "1.0", "--class-weights", "balanced"],
-                              capsys)
+                              "--epochs", "1", "--ask-epoch", "none", "--val-split", "0",
+                              "--batch-size", "8", "--cache-dir", "none", "--mixup", "0.2",
+                              "--cutmix", "1.0", "--class-weights", "balanced"], capsys)
     assert result.returncode == 0, result.stderr
     run = runs[0]
-    assert run.data.class_counts == (20, 2) and isinstance(run.data.train,
-        loader_module.MixedLoader)
+    assert (run.data.class_counts == (20, 2)
+            and isinstance(run.data.train, loader_module.MixedLoader))
     assert run.fit.class_weights == pytest.approx((22 / 40, 22 / 4))
-    assert (
-        "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.55 (cats) to 5.5 (dogs)"
-        in result.stdout
-    )
+    assert ("class weights (CLASS_WEIGHTS balanced, the training loss only): 0.55 "
+            "(cats) to 5.5 (dogs)" in result.stdout)
     recalls = pd.read_csv(out / "test_report.csv").set_index("class")["recall"]
-    lines = result.stdout.split("Recall of each class (the share of its images called it):\n")[
-        1].splitlines()
+    lines = result.stdout.split(
+        "Recall of each class (the share of its images called it):\n")[1].splitlines()
     assert [line.split(":")[0].strip() for line in lines[:2]] == ["cats", "dogs"]
-    assert [float(line.split(":")[1].strip(" %")) for line in lines[:2]] == \
-        pytest.approx([100 * recalls["cats"], 100 * recalls["dogs"]], abs=0.005)
+    assert [float(line.split(":")[1].strip(" %")) for line in lines[:2]] == pytest.approx(
+        [100 * recalls["cats"], 100 * recalls["dogs"]], abs=0.005)
 
 
 def test_the_class_weights_line_names_the_lightest_and_the_heaviest_class():
-    assert run_module._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == \
-        "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.5 (owls) to 3 (dogs)"
+    assert run_module._class_weights_line((0.6, 3.0, 0.5), ["cats", "dogs", "owls"]) == (
+        "class weights (CLASS_WEIGHTS balanced, the training loss only): 0.5 (owls) to 3 (dogs)")
     assert run_module._class_weights_line((1.0, 1.0), ["cats", "dogs"]).endswith(
         ": 1 for every class (a balanced split)")
 
 
-@pytest.mark.parametrize("where, fragment", [("cifar-10-batches-py",
-    "holds CIFAR-10's files itself: use its parent"),
-                                             ("cifar-10-batches-py/data_batch_1",
-                                             "is a file, not a folder")])
+@pytest.mark.parametrize("where, fragment",
+                         [("cifar-10-batches-py", "holds CIFAR-10's files itself: use its parent"),
+                          ("cifar-10-batches-py/data_batch_1", "is a file, not a folder")])
 def test_a_data_dir_at_the_wrong_level_names_the_folder_to_give(where, fragment, fake_cifar,
-        tmp_path, capsys):
-    result = main_in_process(["--data-dir", os.path.join(fake_cifar, where), "--output-dir",
-        tmp_path / "out",
-                              "--download", "false"], capsys)
+                                                                tmp_path, capsys):
+    result = main_in_process(["--data-dir", os.path.join(fake_cifar, where),
+                              "--output-dir", tmp_path / "out", "--download", "false"], capsys)
     assert_one_clean_line(result, "--data-dir (DATA_DIR)", fragment)
 
 
@@ -332,7 +315,7 @@ def test_resume_from_a_run_with_other_classes_is_refused(tiny_run, tmp_path, cap
     other = tmp_path / "other.pth"
     utils.save_torch(checkpoint, str(other))
     assert_one_clean_line(main_in_process(args + ["--resume", other], capsys),
-        "trained on other classes")
+                          "trained on other classes")
 
 
 # ----------------------------------------------------------------------------- interruptions and
@@ -342,8 +325,8 @@ def test_resume_from_a_run_with_other_classes_is_refused(tiny_run, tmp_path, cap
 def start_main(args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)],
-        cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def wait_for_rows(csv, rows, process, timeout=120):
@@ -365,10 +348,8 @@ def test_a_signal_mid_run_finishes_cleanly(tiny_run, signum, status):
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == status, stderr
-    assert (
-        "Traceback" not in stderr
-        and f"to go on, run: python main.py --resume auto --output-dir {out}" in stderr
-    )
+    assert ("Traceback" not in stderr
+            and f"to go on, run: python main.py --resume auto --output-dir {out}" in stderr)
     assert "Restored the best weights" in stdout
     rows = len(pd.read_csv(out / "training_metrics.csv"))
     checkpoint = utils.load_torch(str(out / "last_checkpoint.pth"))
@@ -443,8 +424,8 @@ def test_sigterm_amid_an_exporters_extension_import_is_an_interruption_not_an_ex
 
 def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     args, out = tiny_run
-    args = args + ["--epochs", "6", "--patience", "1", "--stop-patience", "10", "--threshold",
-        "0.3"]
+    args = (
+        args + ["--epochs", "6", "--patience", "1", "--stop-patience", "10", "--threshold", "0.3"])
     straight = tmp_path / "straight"
     assert run_main(args + ["--output-dir", straight]).returncode == 0
 
@@ -461,8 +442,8 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     resumed = run_main(["--resume", "auto", "--output-dir", out])
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stdout
-    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out
-        / "training_metrics.csv")
+    expected, actual = (pd.read_csv(straight / "training_metrics.csv"),
+                        pd.read_csv(out / "training_metrics.csv"))
     assert list(actual["epoch"]) == list(expected["epoch"]) == list(range(1, 7))
     numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
     assert (actual[numeric] - expected[numeric]).abs().max().max() <= 1e-6
@@ -472,8 +453,8 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(tiny_run, tmp_path):
     assert all(torch.allclose(best[k].float(), reference[k].float(), atol=1e-6) for k in best)
 
 
-def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it(tiny_run, capsys,
-        monkeypatch):
+def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it(
+        tiny_run, capsys, monkeypatch):
     args, out = tiny_run
     monkeypatch.setattr(main, "BF16_TRIAL_STEPS", 1)  # the tiny run is long enough to measure
     used = []
@@ -488,10 +469,8 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
     # a CPU where bf16 pays
     monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: 3.0)
     result = main_in_process(args + ["--epochs", "1"], capsys)
-    assert (
-        result.returncode == 0
-        and "ran 3.00x as fast as fp32, so training is in bf16" in result.stdout
-    )
+    assert (result.returncode == 0
+            and "ran 3.00x as fast as fp32, so training is in bf16" in result.stdout)
     assert used == [torch.bfloat16]
     assert json.loads((out / "best_model.json").read_text())["precision"] == "bf16"
 
@@ -505,8 +484,8 @@ def test_a_cpu_run_trains_in_the_precision_its_trial_chose_and_a_resume_keeps_it
     assert "so training is in fp32" in result.stdout and used[-1] is None
     assert json.loads((out / "best_model.json").read_text())["precision"] == "fp32"
     monkeypatch.setattr(main, "BF16_TRIAL_STEPS", 10 ** 9)  # a run too short to pay for a trial
-    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu", lambda *a, **k: pytest.fail(
-        "measured a short run"))
+    monkeypatch.setattr(step_module, "bf16_speedup_on_cpu",
+                        lambda *a, **k: pytest.fail("measured a short run"))
     result = main_in_process(args + ["--epochs", "1"], capsys)
     assert result.returncode == 0 and "trial" not in result.stdout and used[-1] is None
 
@@ -523,28 +502,28 @@ def test_a_resume_takes_more_epochs_but_refuses_a_flag_that_would_change_the_run
     refused = main_in_process(["--resume", "auto", "--output-dir", out, "--lr", "0.1"], capsys)
     assert_one_clean_line(refused, "--lr 0.1 differs from the run", "LR = 0.02")
     assert len(pd.read_csv(out / "training_metrics.csv")) == 1
-    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2", "--lr",
-        "0.02"], capsys)
+    result = main_in_process(
+        ["--resume", "auto", "--output-dir", out, "--epochs", "2", "--lr", "0.02"], capsys)
     assert result.returncode == 0 and "Resuming" in result.stdout
     history = pd.read_csv(out / "training_metrics.csv")
     assert list(history["epoch"]) == [1, 2] and history["lr"].iloc[0] == pytest.approx(0.02)
 
 
-def test_a_resume_asks_anew_when_told_and_refuses_a_new_epoch_count_under_onecycle(tiny_run,
-        capsys):
+def test_a_resume_asks_anew_when_told_and_refuses_a_new_epoch_count_under_onecycle(
+        tiny_run, capsys):
     args, out = tiny_run
     # ASK_EPOCH none: never asks
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
-    result = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "2",
-        "--ask-epoch", "2"], capsys)
+    result = main_in_process(
+        ["--resume", "auto", "--output-dir", out, "--epochs", "2", "--ask-epoch", "2"], capsys)
     # it came to ask after epoch 2
     assert result.returncode == 0 and "prompts are off" in result.stdout
     onecycle = out.parent / "onecycle"
-    assert main_in_process(args + ["--output-dir", onecycle, "--epochs", "1", "--schedule",
-        "onecycle"],
-                           capsys).returncode == 0
+    assert main_in_process(
+        args + ["--output-dir", onecycle, "--epochs", "1", "--schedule", "onecycle"],
+        capsys).returncode == 0
     refused = main_in_process(["--resume", "auto", "--output-dir", onecycle, "--epochs", "3"],
-        capsys)
+                              capsys)
     assert_one_clean_line(refused, "--epochs 3 differs from the run", "EPOCHS = 1")
 
 
@@ -562,7 +541,7 @@ def test_a_cosine_run_decays_the_lr_to_0_uncut_and_a_resume_keeps_its_epochs(tin
 
 
 def test_a_run_with_a_relative_data_dir_resumes_from_another_directory(tmp_path, capsys,
-        monkeypatch):
+                                                                       monkeypatch):
     write_fake_cifar(tmp_path / "project" / "data", per_batch=40)
     monkeypatch.chdir(tmp_path / "project")
     out = tmp_path / "out"
@@ -586,26 +565,22 @@ METRICS = "training_metrics.csv"
 
 
 def test_a_run_with_ema_accumulation_and_clipping_resumes_as_if_never_stopped_tested_on_its_ema(
-    tiny_run, tmp_path, capsys, one_thread
-):
+        tiny_run, tmp_path, capsys, one_thread):
     args, out = tiny_run
     args = [str(a) for a in args] + ["--ema-decay", "0.9", "--accumulate-steps", "2",
-        "--clip-grad-norm", "1",
-                                     "--threshold", "0"]
+                                     "--clip-grad-norm", "1", "--threshold", "0"]
     straight = str(tmp_path / "straight")
     capsys.readouterr()
     expected = main.run_main(args + ["--output-dir", straight, "--epochs", "3"])
-    assert (
-        expected.status == 0
-        and "batches of 32 per epoch, 2 to an optimizer step" in capsys.readouterr().out
-    )
+    assert (expected.status == 0
+            and "batches of 32 per epoch, 2 to an optimizer step" in capsys.readouterr().out)
     assert main_in_process(args + ["--epochs", "2"], capsys).returncode == 0
     resumed = main.run_main(["--resume", "auto", "--output-dir", str(out), "--epochs", "3"])
     assert resumed.status == 0 and "Resuming" in capsys.readouterr().out
     numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
     before, after = pd.read_csv(tmp_path / "straight" / METRICS), pd.read_csv(out / METRICS)
-    assert list(after["epoch"]) == [1, 2, 3] and (after[numeric] - before[
-        numeric]).abs().max().max() <= 1e-6
+    assert (list(after["epoch"]) == [1, 2, 3]
+            and (after[numeric] - before[numeric]).abs().max().max() <= 1e-6)
     assert resumed.test["loss"] == pytest.approx(expected.test["loss"], rel=1e-6)
 
     # the best epoch's EMA, which the test saw
@@ -616,12 +591,12 @@ def test_a_run_with_ema_accumulation_and_clipping_resumes_as_if_never_stopped_te
     data = data_module.get_data(config.data, torch.device("cpu"))
     model = model_module.get_model("cnn", 10)
     model.load_state_dict(best)
-    assert train_module.evaluate(model, data.test)["loss"] == pytest.approx(resumed.test["loss"],
-        rel=1e-5)
+    assert train_module.evaluate(model, data.test)["loss"] == pytest.approx(
+        resumed.test["loss"], rel=1e-5)
     # the raw weights of that epoch score otherwise
     model.load_state_dict(checkpoint["best"]["model"])
-    assert train_module.evaluate(model, data.test)["loss"] != pytest.approx(resumed.test["loss"],
-        rel=1e-5)
+    assert train_module.evaluate(model, data.test)["loss"] != pytest.approx(
+        resumed.test["loss"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- earlier runs kept,
@@ -630,17 +605,17 @@ def test_a_run_with_ema_accumulation_and_clipping_resumes_as_if_never_stopped_te
 
 def run_files(folder):
     """A run's files in folder, by name (not the lock, nor previous/)."""
-    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()
-        and path.name != ".lock"}
+    return {path.name: path.read_bytes()
+            for path in folder.iterdir() if path.is_file() and path.name != ".lock"}
 
 
 def started(folder):
-    return datetime.datetime.fromisoformat(json.loads((folder / "best_model.json").read_text())[
-        "started"])
+    return datetime.datetime.fromisoformat(
+        json.loads((folder / "best_model.json").read_text())["started"])
 
 
-def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_time(tiny_run,
-        tmp_path):
+def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_time(
+        tiny_run, tmp_path):
     """Run as users run it, in a folder of their own under umask 027: every output is -rw-r-----."""
     args, out = tiny_run
     args, cwd = args + ["--epochs", "1"], tmp_path / "cwd"
@@ -650,9 +625,8 @@ def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_tim
     assert run_main(args, cwd=cwd, umask=0o027).returncode == 0
     first_ended, first = time.time(), run_files(out)
     assert set(first) == {"last_checkpoint.pth", "best_model.pth", "best_model.json",
-        "training_metrics.csv",
-                          "training_curves.png", "test_report.csv", "confusion_matrix.png",
-                          "misclassified.png"}
+                          "training_metrics.csv", "training_curves.png", "test_report.csv",
+                          "confusion_matrix.png", "misclassified.png"}
 
     second_began = int(time.time())
     second = run_main(args + ["--lr", "0.01"], cwd=cwd, umask=0o027)
@@ -660,7 +634,7 @@ def test_a_second_run_keeps_the_first_runs_files_in_previous_under_its_start_tim
     [kept] = (out / "previous").iterdir()
     assert run_files(kept) == first
     assert first_began <= datetime.datetime.strptime(kept.name,
-        "%Y-%m-%dT%H-%M-%S").timestamp() <= first_ended
+                                                     "%Y-%m-%dT%H-%M-%S").timestamp() <= first_ended
     assert f"The earlier run's files are kept in {kept}" in second.stdout.splitlines()
     assert set(run_files(out)) == set(first) and started(out).timestamp() >= second_began
     assert run_files(out)["best_model.pth"] != first["best_model.pth"]
@@ -680,7 +654,7 @@ def test_a_second_run_is_refused_at_once_while_the_first_trains(tiny_run, capsys
         refused = main_in_process(args + extra, capsys)
         assert time.time() - began < 5
         assert_one_clean_line(refused,
-            f"OUTPUT_DIR {out} is in use by another run (process {first.pid})")
+                              f"OUTPUT_DIR {out} is in use by another run (process {first.pid})")
     assert first.poll() is None, "the first run ended before the others were refused"
     stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr
@@ -710,8 +684,8 @@ def test_a_run_killed_with_kill_9_blocks_nothing_and_its_files_are_kept(tiny_run
     assert (out / ".predictions.csv.p1q2r3.tmp").exists()
 
 
-def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(tiny_run, tmp_path,
-        capsys):
+def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(
+        tiny_run, tmp_path, capsys):
     args, out = tiny_run
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
     first = run_files(out)
@@ -730,8 +704,8 @@ def test_resume_and_predict_find_the_current_run_and_a_moved_run_still_predicts(
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(picture)
     for folder in (out, kept):
         predicted = main_in_process(["--output-dir", folder, "--predict", picture], capsys)
-        assert predicted.returncode == 0 and predicted.stdout.startswith(
-            f"{picture}: "), predicted.stderr
+        assert (predicted.returncode == 0
+                and predicted.stdout.startswith(f"{picture}: ")), predicted.stderr
 
 
 def test_resuming_another_folders_checkpoint_keeps_this_folders_run(tiny_run, tmp_path, capsys):
@@ -741,7 +715,7 @@ def test_resuming_another_folders_checkpoint_keeps_this_folders_run(tiny_run, tm
     assert main_in_process(args + ["--epochs", "1", "--lr", "0.01"], capsys).returncode == 0
     own = run_files(out)
     resumed = main_in_process(args + ["--epochs", "2", "--resume", other / "last_checkpoint.pth"],
-        capsys)
+                              capsys)
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout
     [kept] = (out / "previous").iterdir()
     assert run_files(kept) == own
@@ -755,8 +729,7 @@ def test_the_quick_start_trains_on_real_cifar10(cifar_dir, tmp_path):
     """The README's quick start command (5,000 images, 3 epochs), on the real data."""
     started = time.time()
     result = run_main(["--data-dir", cifar_dir, "--train-subset", "5000", "--val-split", "1000",
-        "--epochs", "3",
-                       "--output-dir", tmp_path], timeout=900)
+                       "--epochs", "3", "--output-dir", tmp_path], timeout=900)
     assert result.returncode == 0, result.stderr
     frame = pd.read_csv(tmp_path / "training_metrics.csv")
     assert len(frame) == 3 and frame["val_acc"].max() >= 0.35, frame
@@ -801,15 +774,14 @@ def assert_loadable(out):
     ("training_curves.png", 0, errno.ENOSPC), ("test_report.csv", 0, errno.ENOSPC),
     ("confusion_matrix.png", 0, errno.ENOSPC), ("misclassified.png", 0, errno.ENOSPC)])
 def test_each_file_a_run_writes_that_fails_gives_one_line_and_status_3(tiny_run, name, after, error,
-    capsys,
-                                                                       monkeypatch):
+                                                                       capsys, monkeypatch):
     args, out = tiny_run
     fail_writes(monkeypatch, name, after, error)
     result = main_in_process(args + ["--epochs", "2"], capsys)
     assert result.returncode == 3 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(
-        f"error: could not write {name} in {out}: "), result.stderr
+    assert (len(lines) == 1
+            and lines[0].startswith(f"error: could not write {name} in {out}: ")), result.stderr
     assert os.strerror(error).lower() in lines[0]
     assert_loadable(out)
     # an epoch file: the run stops in the next epoch
@@ -817,16 +789,14 @@ def test_each_file_a_run_writes_that_fails_gives_one_line_and_status_3(tiny_run,
         assert utils.load_torch(str(out / "last_checkpoint.pth"))["epoch"] <= after + 1
 
 
-def test_predictions_and_an_export_that_cannot_be_written_give_one_line_and_status_3(tiny_run,
-    capsys,
-                                                                                    monkeypatch,
-                                                                                    tmp_path):
+def test_predictions_and_an_export_that_cannot_be_written_give_one_line_and_status_3(
+        tiny_run, capsys, monkeypatch, tmp_path):
     args, out = tiny_run
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
     image = tmp_path / "one.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
-    for name, command in [("predictions.csv", ["--predict", image]), ("model.pt2", ["--export",
-            "pt2"])]:
+    for name, command in [("predictions.csv", ["--predict", image]),
+                          ("model.pt2", ["--export", "pt2"])]:
         fail_writes(monkeypatch, name)
         result = main_in_process(["--output-dir", out, *command], capsys)
         assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
@@ -835,9 +805,8 @@ def test_predictions_and_an_export_that_cannot_be_written_give_one_line_and_stat
     assert_loadable(out)
 
 
-def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_stopped(tiny_run,
-    tmp_path, capsys,
-                                                                                    monkeypatch):
+def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_stopped(
+        tiny_run, tmp_path, capsys, monkeypatch):
     args, out = tiny_run
     args = args + ["--epochs", "4", "--threshold", "0"]
     straight = tmp_path / "straight"
@@ -851,15 +820,15 @@ def test_a_run_stopped_by_a_full_disk_resumes_once_there_is_room_as_if_never_sto
     monkeypatch.setattr(files_module, "write_fault", None)  # space freed
     resumed = main_in_process(["--resume", "auto", "--output-dir", out], capsys)
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr
-    expected, actual = pd.read_csv(straight / "training_metrics.csv"), pd.read_csv(out
-        / "training_metrics.csv")
+    expected, actual = (pd.read_csv(straight / "training_metrics.csv"),
+                        pd.read_csv(out / "training_metrics.csv"))
     numeric = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "next_lr"]
-    assert list(actual["epoch"]) == [1, 2, 3, 4] and (actual[numeric] - expected[
-        numeric]).abs().max().max() <= 1e-6
+    assert (list(actual["epoch"]) == [1, 2, 3, 4]
+            and (actual[numeric] - expected[numeric]).abs().max().max() <= 1e-6)
 
 
-def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_written(tiny_run,
-        capsys, monkeypatch):
+def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_written(
+        tiny_run, capsys, monkeypatch):
     args, out = tiny_run
     monkeypatch.setattr(files_module, "free_bytes", lambda folder: 2**20)
     result = main_in_process(args, capsys)
@@ -868,8 +837,7 @@ def test_a_disk_too_small_for_the_epoch_files_is_refused_before_anything_is_writ
 
 
 def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_columns_are_empty(
-    tiny_run, capsys, monkeypatch
-):
+        tiny_run, capsys, monkeypatch):
     args, out = tiny_run
     args = [a for a in args if a not in ("--val-split", "20")]
     evaluated, evaluate = [], train_module.evaluate
@@ -888,8 +856,8 @@ def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_col
     # once, after training, and nothing else evaluated
     assert data.val is None and evaluated == [data.test]
     frame = pd.read_csv(out / "training_metrics.csv")
-    assert frame["val_loss"].isna().all() and frame["val_acc"].isna().all() and list(frame[
-        "epoch"]) == [1, 2, 3]
+    assert (frame["val_loss"].isna().all() and frame["val_acc"].isna().all()
+            and list(frame["epoch"]) == [1, 2, 3])
     # the last epoch's weights
     assert json.loads((out / "best_model.json").read_text())["epoch"] == 3
     assert "No validation images" in result.stdout
@@ -898,13 +866,12 @@ def test_without_validation_the_test_set_is_read_once_at_the_end_and_the_val_col
 def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
     confusion = torch.tensor([[30, 0, 0], [30, 0, 0], [30, 0, 0]])  # every image one class
     chance = {"acc": 1 / 3, "loss": math.log(3), "confusion": confusion}
-    learnt_in_training = run_module.chance_warning(chance, 3, [{"train_acc": 0.4},
-                                                               {"train_acc": 0.99}])
-    assert learnt_in_training.startswith(
-        "warning: the final accuracy 33.3% is chance (1/3) and the loss 1.0986 is ln 3")
-    assert (
-        "training accuracy reached 99%" in learnt_in_training and "BatchNorm" in learnt_in_training
-    )
+    learnt_in_training = run_module.chance_warning(chance, 3,
+                                                   [{"train_acc": 0.4}, {"train_acc": 0.99}])
+    assert learnt_in_training.startswith("warning: the final accuracy 33.3% is chance (1/3) "
+                                         "and the loss 1.0986 is ln 3")
+    assert ("training accuracy reached 99%" in learnt_in_training
+            and "BatchNorm" in learnt_in_training)
     # nothing learnt: in one epoch, train longer; in ten, the LR is the likely cause
     one_epoch = run_module.chance_warning(chance, 3, [{"train_acc": 0.34}])
     assert "nothing was learnt in 1 epoch: train longer (--epochs 10 or more)" in one_epoch
@@ -931,14 +898,14 @@ def test_freeze_on_a_random_body_warns_once_saying_what_to_add(tiny_run, capsys)
         assert run_module.freeze_warning(options) is None
 
 
-def test_a_run_resumed_during_warm_up_continues_exactly_and_records_its_monitor(tiny_run, tmp_path,
-                                                                                capsys):
+def test_a_run_resumed_during_warm_up_continues_exactly_and_records_its_monitor(
+        tiny_run, tmp_path, capsys):
     args, out = tiny_run
     args = [str(a) for a in args] + ["--warmup-epochs", "2", "--monitor", "balanced_acc",
                                      "--patience", "1", "--threshold", "0"]
     straight = tmp_path / "straight"
-    assert main_in_process(args + ["--output-dir", straight, "--epochs", "4"], capsys).returncode \
-        == 0
+    assert main_in_process(args + ["--output-dir", straight, "--epochs", "4"],
+                           capsys).returncode == 0
     assert main_in_process(args + ["--epochs", "1"], capsys).returncode == 0
     resumed = main_in_process(["--resume", "auto", "--output-dir", out, "--epochs", "4"], capsys)
     assert resumed.returncode == 0 and "Resuming" in resumed.stdout, resumed.stderr
@@ -1020,13 +987,13 @@ def test_an_output_dir_that_is_a_dangling_link_is_refused_at_once_naming_it_and_
     args, out = tiny_run
     out.symlink_to(tmp_path / "gone")
     result = main_in_process(args + ["--epochs", "1"], capsys)
-    assert_one_clean_line(result, f"OUTPUT_DIR {out} is a symbolic link to {tmp_path / 'gone'}, "
-                                  f"which does not exist")
+    assert_one_clean_line(
+        result, f"OUTPUT_DIR {out} is a symbolic link to {tmp_path / 'gone'}, which does not exist")
     assert not (tmp_path / "gone").exists()
 
 
-def test_crafted_batch_files_never_run_from_the_data_dir_a_resume_or_an_export(trained, tmp_path,
-                                                                               capsys):
+def test_crafted_batch_files_never_run_from_the_data_dir_a_resume_or_an_export(
+        trained, tmp_path, capsys):
     data, out = trained
     crafted = write_fake_cifar(tmp_path / "crafted", per_batch=40)
     marker = tmp_path / "marker"
@@ -1081,8 +1048,8 @@ def test_a_checkpoint_with_a_hostile_field_stops_the_resume_in_one_line_before_t
     ("image_size", 60000, "image_size = 60000 is out of range"),
     ("started", "9999-01-01T00:00:00+00:00", "is not when a run started"),
     ("classes", [f"c{i}" for i in range(11)], "does not classify the 11 classes that best_model")])
-def test_a_hostile_best_model_json_stops_predict_and_export_in_one_line(
-        trained, tmp_path, field, value, fragment, capsys):
+def test_a_hostile_best_model_json_stops_predict_and_export_in_one_line(trained, tmp_path, field,
+                                                                        value, fragment, capsys):
     _, out = trained
     run = copy_run(out, tmp_path / "run")
     info = json.loads((run / "best_model.json").read_text())
@@ -1182,9 +1149,10 @@ def test_ctrl_c_while_the_cache_is_built_ends_in_one_line_leaving_no_process_loc
     photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=6)
     cache, reached = tmp_path / "cache", tmp_path / "reached"
     last = os.path.join(photos, "train", "owls", "5.png")
-    process = start_stalled(["--dataset", "folder", "--data-dir", photos, "--output-dir",
-                             tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"],
-                            reached, "image_module", "read_stored", f"args[0] == {last!r}")
+    process = start_stalled(["--dataset", "folder", "--data-dir", photos,
+                             "--output-dir", tmp_path / "out", "--cache-dir", cache,
+                             "--num-workers", "2"], reached, "image_module", "read_stored",
+                            f"args[0] == {last!r}")
     worker = wait_for(reached, process)
     assert worker != process.pid  # a decoding worker
     assert ctrl_c(process) == (130, [BEFORE_TRAINING])  # and no traceback from the workers
@@ -1231,8 +1199,9 @@ def test_sigterm_while_the_cache_is_built_ends_in_one_line_leaving_no_process_lo
     signalled(monkeypatch, image_module, "read_stored", lambda path, size: path == last,
               signal.SIGTERM, target=os.getppid)  # from a worker to the run, as `kill` sends it
     cache = tmp_path / "cache"
-    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir",
-                              tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], capsys)
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos,
+                              "--output-dir", tmp_path / "out", "--cache-dir", cache,
+                              "--num-workers", "2"], capsys)
     assert result.returncode == 143 and result.stderr == BEFORE_TRAINING + "\n"
     assert_cleaned_up(cache, int((tmp_path / "pid").read_text()))
 
@@ -1246,7 +1215,7 @@ def test_ctrl_c_in_the_evaluation_predict_export_or_lr_finder_ends_in_one_line_p
                   signal.SIGINT)  # the final evaluation's
         result = main_in_process(args + ["--epochs", "1"], capsys)
     assert result.returncode == 130 and result.stderr == (
-        f"Interrupted during the final evaluation; training is done and saved. To evaluate, run: "
+        "Interrupted during the final evaluation; training is done and saved. To evaluate, run: "
         f"python main.py --resume auto --output-dir {out}\n")
     assert not (out / "test_report.csv").exists()
     utils.load_state_dict(str(out / "best_model.pth"))
@@ -1262,8 +1231,8 @@ def test_ctrl_c_in_the_evaluation_predict_export_or_lr_finder_ends_in_one_line_p
                   signal.SIGINT)
         result = main_in_process(["--output-dir", out, "--predict", images, "--num-workers", "0"],
                                  capsys)
-    assert result.returncode == 130 and result.stderr == f"Interrupted with {kept} of {total} " \
-        f"images classified; {kept} predictions written to {out / 'predictions.csv'}\n"
+    assert (result.returncode == 130 and result.stderr == f"Interrupted with {kept} of {total} "
+            f"images classified; {kept} predictions written to {out / 'predictions.csv'}\n")
     written = (out / "predictions.csv").read_bytes()
     first = sorted(map(str, images.iterdir()))[:kept]
     assert list(pd.read_csv(out / "predictions.csv")["path"]) == first
@@ -1302,19 +1271,20 @@ def error_lines(result):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers see the patched reader when forked")
 @pytest.mark.parametrize("cache", ["auto", "none"])
-def test_a_decoding_worker_killed_ends_the_run_in_one_line_naming_its_file(tmp_path, capsys,
-                                                                           monkeypatch, cache):
+def test_a_decoding_worker_killed_ends_the_run_in_one_line_naming_its_file(
+        tmp_path, capsys, monkeypatch, cache):
     photos = write_image_tree(tmp_path / "photos", splits=("train",), per_class=6)
     victim = os.path.join(photos, "train", "dogs", "2.png")
     killed_in(monkeypatch, image_module, "read_stored", lambda path: path == victim)
     began = time.monotonic()
-    result = main_in_process(["--dataset", "folder", "--data-dir", photos, "--output-dir",
-                              tmp_path / "out", "--cache-dir", cache, "--num-workers", "2"], capsys)
+    result = main_in_process(["--dataset", "folder", "--data-dir", photos,
+                              "--output-dir", tmp_path / "out", "--cache-dir", cache,
+                              "--num-workers", "2"], capsys)
     assert time.monotonic() - began < 20
     [line] = error_lines(result)
     assert result.returncode == run_module.WORKER_DIED and "Traceback" not in result.stderr
-    assert f"was killed by SIGKILL while decoding {victim}: most likely the system ran out of " \
-        f"memory" in line
+    assert (f"was killed by SIGKILL while decoding {victim}: most likely the system ran out of "
+            "memory" in line)
 
 
 KILLED_IN_A_DATALOADER_WORKER = """
@@ -1347,8 +1317,8 @@ def test_a_dataloader_worker_killed_in_training_ends_the_run_in_one_line(tmp_pat
     assert time.monotonic() - began < 60
     [line] = error_lines(result)  # nothing from the workers, nor from torch's threads
     assert result.returncode == run_module.WORKER_DIED
-    assert line.startswith("error: a worker process") and \
-        "while reading training images: most likely the system ran out of memory" in line
+    assert (line.startswith("error: a worker process")
+            and "while reading training images: most likely the system ran out of memory" in line)
     assert line.endswith(f"then go on with: python main.py --resume auto --output-dir {out}")
 
 
@@ -1381,7 +1351,7 @@ runpy.run_path({main!r}, run_name="__main__")
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("where", ["reading the flags", "returning", "exiting"])
 def test_a_signal_just_before_or_after_the_run_is_one_line_or_ignored(tmp_path, signum, status,
-                                                                     where):
+                                                                      where):
     code = SIGNAL_AROUND_THE_RUN.format(signum=int(signum), where=where,
                                         main=os.path.join(ROOT, "main.py"))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
@@ -1420,9 +1390,9 @@ def test_ctrl_c_or_sigterm_while_the_modules_load_ends_in_one_line(tmp_path, sig
 
 def test_ctrl_c_ignored_before_main_py_starts_stays_ignored_while_the_modules_load(tmp_path):
     main_py = os.path.join(ROOT, "main.py")
-    code = (f"import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-            f"sys.path[0] = {ROOT!r}\n" + SIGNAL_AT_IMPORT.format(signum=int(signal.SIGINT),
-                                                                  main=main_py))
+    code = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            f"sys.path[0] = {ROOT!r}\n"
+            + SIGNAL_AT_IMPORT.format(signum=int(signal.SIGINT), main=main_py))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60)  # nohup, or a script's background job
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
