@@ -154,8 +154,7 @@ def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
     return sources, listing.classes, resize_size, cache_file
 
 
-# --------------------------------------------------------------------------- splitting and
-# statistics
+# ------------------------------------------------------------------------- splitting and statistics
 
 
 def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,

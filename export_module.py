@@ -15,8 +15,7 @@ import files_module
 import messages_module
 
 
-# --------------------------------------------------------------------------- export for inference
-# elsewhere
+# ------------------------------------------------------------------- export for inference elsewhere
 
 EXPORT_KINDS = ("onnx", "pt2")
 EXPORT_FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}  # in OUTPUT_DIR

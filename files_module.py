@@ -181,8 +181,7 @@ def check_writable(folder: str) -> None:
                       "choose another OUTPUT_DIR") from None
 
 
-# --------------------------------------------------------------------------- the output folder's
-# lock
+# ------------------------------------------------------------------------- the output folder's lock
 
 
 class FolderInUse(OSError):

@@ -175,8 +175,7 @@ def check_name(name: str) -> None:
         raise ValueError(messages_module.not_known("MODEL", name, model_names(), closest=True))
 
 
-# --------------------------------------------------------------------------- torchvision's
-# architectures
+# ---------------------------------------------------------------------- torchvision's architectures
 
 # where torchvision's families keep their classifier
 _HEAD_HOLDERS = ("fc", "classifier", "heads", "head")
@@ -285,8 +284,7 @@ def _torchvision_classifier(name: str, num_classes: int, image_size: int | None,
     return _split_head(model, final)
 
 
-# --------------------------------------------------------------------------- published (ImageNet)
-# weights
+# --------------------------------------------------------------------- published (ImageNet) weights
 
 
 def weight_names(name: str) -> list[str]:

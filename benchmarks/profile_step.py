@@ -54,8 +54,7 @@ STACK_DEPTH = 4  # project frames that name where a synchronisation comes from, 
 SYNC_WARNING = "called a synchronizing CUDA operation"  # what set_sync_debug_mode("warn") warns
 
 
-# --------------------------------------------------------------------------- counting
-# synchronisations
+# ------------------------------------------------------------------------ counting synchronisations
 
 
 @dataclasses.dataclass

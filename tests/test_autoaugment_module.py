@@ -13,8 +13,7 @@ from autoaugment_module import GEOMETRIC, OPS
 from conftest import smooth_photo
 
 
-# ----------------------------------------------------------------------------- automatic
-# augmentation
+# --------------------------------------------------------------------------- automatic augmentation
 
 
 def torchvisions_op(image, op, magnitude):

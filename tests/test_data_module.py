@@ -655,8 +655,7 @@ def test_cifar_ignores_resize_size_but_takes_mean_and_std(fake_cifar):
     assert data.resize_size is None and data.image_size == 32 and data.mean == (0.1, 0.2, 0.3)
 
 
-# ----------------------------------------------------------------------------- the decoded-image
-# cache
+# -------------------------------------------------------------------------- the decoded-image cache
 
 
 @pytest.fixture

@@ -66,8 +66,7 @@ def test_atomic_write_gives_files_the_umask_s_mode_as_open_does(tmp_path, umask)
     assert mode == {0o022: 0o644, 0o027: 0o640}[umask]
 
 
-# ----------------------------------------------------------------------------- the output folder's
-# lock
+# ------------------------------------------------------------------------- the output folder's lock
 
 
 def test_a_folder_locked_by_a_live_process_is_refused_and_a_kill_9_frees_it(tmp_path):

@@ -238,8 +238,7 @@ def test_the_decode_scales_a_jpeg_down_while_decoding_where_it_keeps_twice_the_s
         assert decoded == [scaled]  # the JPEG's; a PNG has no DCT to scale
 
 
-# ----------------------------------------------------------------------------- JPEGs decoded in
-# batches on a device
+# ------------------------------------------------------------- JPEGs decoded in batches on a device
 
 # width, height
 JPEG_SHAPES = [(300, 200), (200, 300), (640, 480), (801, 603), (1200, 900), (1000, 250), (50, 40)]

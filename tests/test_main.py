@@ -160,8 +160,7 @@ def test_out_of_range_constants_name_the_constant(name, value):
         main.build_config(config)
 
 
-# ----------------------------------------------------------------------------- bad input, end to
-# end
+# ---------------------------------------------------------------------------- bad input, end to end
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -318,8 +317,7 @@ def test_resume_from_a_run_with_other_classes_is_refused(tiny_run, tmp_path, cap
                           "trained on other classes")
 
 
-# ----------------------------------------------------------------------------- interruptions and
-# resume
+# ------------------------------------------------------------------------- interruptions and resume
 
 
 def start_main(args):
@@ -599,8 +597,7 @@ def test_a_run_with_ema_accumulation_and_clipping_resumes_as_if_never_stopped_te
         resumed.test["loss"], rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- earlier runs kept,
-# one run per folder
+# ------------------------------------------------------------ earlier runs kept, one run per folder
 
 
 def run_files(folder):
@@ -737,8 +734,7 @@ def test_the_quick_start_trains_on_real_cifar10(cifar_dir, tmp_path):
     print(f"quick run: {time.time() - started:.0f} s, best val acc {frame['val_acc'].max():.3f}")
 
 
-# ----------------------------------------------------------------------------- a full or failing
-# disk
+# --------------------------------------------------------------------------- a full or failing disk
 
 
 def fail_writes(monkeypatch, name, after=0, error=errno.ENOSPC):

@@ -175,8 +175,7 @@ def test_weights_from_another_architecture_are_refused(tmp_path):
         model_module.get_model("cnn", 10, weights=path)
 
 
-# --------------------------------------------------------------------------- torchvision's models
-# by name
+# --------------------------------------------------------------------- torchvision's models by name
 
 
 def test_every_torchvision_classifier_and_our_own_models_are_names():

@@ -178,8 +178,7 @@ def test_a_captured_step_that_trains_otherwise_than_the_eager_one_is_dropped_wit
                                                  twin.state_dict().values()))
 
 
-# --------------------------------------------------------------------------- accumulation and
-# clipping
+# ------------------------------------------------------------------------ accumulation and clipping
 
 
 def mlp():

@@ -315,8 +315,7 @@ def test_a_write_that_failed_in_the_background_stops_training_before_the_next_st
     writer.wait()  # raised once, by check()
 
 
-# ----------------------------------------------------------------------------- soft targets and
-# class weights
+# ------------------------------------------------------------------- soft targets and class weights
 
 
 def test_the_accuracy_tally_counts_a_hit_when_the_logits_argmax_is_the_soft_targets_largest_class():
