@@ -137,11 +137,10 @@ class _WholeMapMaxPool(nn.Module):
     """The max over each channel's whole map, (N, C, H, W) to (N, C, 1, 1): max_pool2d with the
     map's size as its kernel, what airbench94's MaxPool2d(3) does to the 3x3 map of a 32-pixel
     image. The same values as AdaptiveMaxPool2d(1), whose CUDA kernels, written for any output size,
-    took 127 ms forward and 89 ms backward (atomic adds) of a 12-epoch fast-preset run on an H200
-    (2026-11-30 profile). The kernel size is read from the map, not fixed when the model is built:
-    the fast model takes any IMAGE_SIZE (a folder's, --predict's, the benchmarks') and is built
-    without it, and the map's size is known at every call, the same in every replay of a CUDA graph
-    and fixed in an export."""
+    are slow (atomic adds backward; benchmarks/RESULTS.md, GPU runs). The kernel size is read from
+    the map, not fixed when the model is built: the fast model takes any IMAGE_SIZE (a folder's,
+    --predict's, the benchmarks') and is built without it, and the map's size is known at every
+    call, the same in every replay of a CUDA graph and fixed in an export."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.max_pool2d(x, kernel_size=x.shape[-2:])

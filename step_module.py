@@ -329,7 +329,7 @@ def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool =
     own copy for one untimed step and then `steps` timed steps, taken in turn, best kept; the model,
     the optimizer and the random state are left as they were. Measured, not assumed: on an Intel
     Xeon with AVX512-BF16 and no AMX bf16 ran at 0.66x fp32 for the default CNN, on an AMD EPYC with
-    AVX512-BF16 at 2x (README)."""
+    AVX512-BF16 at 2x (benchmarks/RESULTS.md)."""
     if not cpu_has_bf16():
         return None
     generator = torch.Generator().manual_seed(0)
