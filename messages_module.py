@@ -11,9 +11,7 @@ from typing import Any, Callable, Sequence
 
 
 def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> str:
-    """The one message for a value that is not among the choices: "NAME = 'x' is not known; choose
-    one of ...". With closest (for long lists, such as model names), only the nearest names are
-    offered."""
+    """The message for a value not among the choices; closest (long lists) offers the nearest."""
     choices = list(choices)
     if closest:
         near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=5, cutoff=0.5)
@@ -34,8 +32,7 @@ def flag_named(name: str) -> str:
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
-    """A count with its noun, singular for one: plural(1, "file") is "1 file", plural(2, "file") "2
-    files"; `many` gives a plural that is not word + "s"."""
+    """A count with its noun, singular for one; `many` is a plural that is not word + "s"."""
     return f"{n} {word if n == 1 else many or word + 's'}"
 
 
@@ -43,11 +40,9 @@ CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # control characters: no label hol
 
 
 def printable(name: str) -> str:
-    """A file or folder name as text any file or terminal takes: the bytes of a name that is not
-    UTF-8 (a Latin-1 "café" from an old archive, which os.fsdecode keeps as surrogates and open()
-    still opens) shown as \\xNN escapes, "caf\\xe9", and control characters as Python writes them
-    ("\\n", "\\x1b": a name keeps its line, and sends the terminal no codes); other UTF-8 names as
-    they are. For what is written or printed, never for opening."""
+    """A file name as text any file or terminal takes: non-UTF-8 bytes (os.fsdecode's surrogates)
+    as \\xNN, control characters escaped (a name keeps its line, sends the terminal no codes).
+    For what is written or printed, never for opening."""
     try:
         raw = name.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate that no byte stands for
@@ -62,8 +57,7 @@ TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", s
 
 
 def type_words(annotation: Any) -> str:
-    """What a setting of this type takes, in words: "a whole number or none" for int | None, "a
-    list, each a number" for list[float]."""
+    """What a setting of this type takes, in words: "a whole number or none" for int | None."""
     if typing.get_origin(annotation) in (types.UnionType, typing.Union):
         kinds = typing.get_args(annotation)
         words = " or ".join(type_words(kind) for kind in kinds if kind is not type(None))
@@ -74,9 +68,8 @@ def type_words(annotation: Any) -> str:
 
 
 def is_of_type(value: Any, annotation: Any) -> bool:
-    """Whether value is exactly of the annotation's type, as a JSON file or a checkpoint holds it: a
-    bool is not a number, a whole number is a number, "64" is text (int | None, list[str], dict and
-    Any are understood)."""
+    """Whether value is exactly of the annotation's type, as JSON or a checkpoint holds it: a bool
+    is not a number, a whole number is a number, "64" is text."""
     origin = typing.get_origin(annotation)
     if origin in (types.UnionType, typing.Union):
         return any(is_of_type(value, kind) for kind in typing.get_args(annotation))
@@ -95,23 +88,20 @@ def is_of_type(value: Any, annotation: Any) -> bool:
 
 
 def check_type(name: str, value: Any, annotation: Any) -> None:
-    """Raise ValueError unless value is of the annotation's type (is_of_type), in the words a flag's
-    wrong type gets: "BATCH_SIZE takes a whole number, not '64'"."""
+    """Raise ValueError unless is_of_type: "BATCH_SIZE takes a whole number, not '64'"."""
     if not is_of_type(value, annotation):
         raise ValueError(f"{name} takes {type_words(annotation)}, not {short_repr(value)}")
 
 
 def short_repr(value: Any, limit: int = 60) -> str:
-    """repr(value), cut to about limit characters: a value from a file can be any size, a message is
-    one line."""
+    """repr(value) cut to about limit characters: a file's value can be any size, a message not."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
 def check_fields(config: Any, rules: Rules,
                  choices: dict[str, Sequence[Any]] | None = None) -> None:
-    """Raise ValueError naming the first field of a config that is not among its choices or breaks
-    its rule. A field is named as the constant of main.py that sets it: VAL_SPLIT for val_split."""
+    """Raise ValueError naming (as its main.py constant) the first field off its choices or rule."""
     for name, allowed in (choices or {}).items():
         if getattr(config, name) not in allowed:
             raise ValueError(not_known(name.upper(), getattr(config, name), allowed))
