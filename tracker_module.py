@@ -1,6 +1,5 @@
-"""Experiment trackers (TRACKER): TensorBoard or MLflow, each imported only when asked. One
-interface: opening a tracker logs the constants; then log_epoch (each epoch's metrics and LRA's
-event), log_test (the final figures), log_files (the run's files) and close. Rank 0 only."""
+"""Experiment trackers (TRACKER): TensorBoard or MLflow, each imported only when asked. Rank 0 only.
+Opening one logs the constants; then log_epoch, log_test (final figures), log_files and close."""
 
 from __future__ import annotations
 
@@ -68,10 +67,9 @@ class TensorBoardTracker:
 
 
 class MLflowTracker:
-    """The constants as parameters, each epoch's metrics (LRA's events as tags), the test figures
-    and the run's files as artifacts, in OUTPUT_DIR/mlruns/ (SQLite and a folder; `mlflow ui
-    --backend-store-uri sqlite:///OUTPUT_DIR/mlruns/mlflow.db`), or at MLFLOW_TRACKING_URI when
-    set. run_id: the MLflow run a resumed run goes on with."""
+    """Constants as parameters, epoch metrics (LRA's events as tags), test figures, files as
+    artifacts, in OUTPUT_DIR/mlruns/ (`mlflow ui --backend-store-uri sqlite:///OUTPUT_DIR/mlruns/
+    mlflow.db`) or MLFLOW_TRACKING_URI when set. run_id: the MLflow run a resume goes on with."""
 
     def __init__(self, output_dir: str, started: str, run_id: str | None, params: dict[str, Any]):
         from mlflow.entities import Param, RunStatus
@@ -140,8 +138,7 @@ TRACKERS = {"tensorboard": Kind(TensorBoardTracker, ("tensorboard",), "tensorboa
 
 
 def check_installed(kind: str | None) -> None:
-    """ValueError naming the pip install when TRACKER's packages are missing (found, not
-    imported: before any data is read)."""
+    """ValueError naming the pip install for TRACKER's missing packages (found, not imported)."""
     entry = TRACKERS.get(kind)
     missing = (
         [name for name in entry.modules if importlib.util.find_spec(name) is None] if entry else [])
