@@ -1,6 +1,5 @@
 """The optimizer and what sets its LR: SGD with per-group LR scales, the fixed schedules
-(SCHEDULES), airbench's Lookahead, the exponential moving average of the weights (EMA), and the LR
-range test (the LR finder)."""
+(SCHEDULES), airbench's Lookahead, the weights' moving average (EMA), the LR range test."""
 
 from __future__ import annotations
 
@@ -22,8 +21,7 @@ from step_module import autocast
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """SGD and its LR schedule: each field but nesterov is main.py's constant of the same name in
-    upper case."""
+    """SGD and its LR schedule: each field but nesterov is main.py's constant, upper-cased."""
 
     lr: float
     momentum: float
@@ -57,12 +55,10 @@ RULES: messages_module.Rules = {
 
 def make_optimizer(model: nn.Module, config: OptimConfig,
                    lr_device: torch.device | None = None) -> torch.optim.SGD:
-    """SGD over every parameter meant to train, the frozen body included (it has no gradients, so
-    SGD skips it until it is unfrozen; the groups never change, so no schedule or saved state has to
-    follow a new one). Each group trains at LR x its lr_scale: BatchNorm parameters at norm_lr_scale
-    (their weight decay divided by it, so their decay per step is the others'), the frozen body at
-    body_lr_scale. lr_device: each group's LR is held as a tensor there and read by the fused SGD
-    kernel, so a step captured in a CUDA graph sees every new LR (see hold_lr_as_tensor)."""
+    """SGD over every parameter meant to train, the frozen body too (no gradients: SGD skips it till
+    unfrozen; the groups never change, so no schedule or saved state must follow). A group's LR is
+    LR x lr_scale: BatchNorm's norm_lr_scale (weight decay / it: the same decay per step), the
+    frozen body's body_lr_scale. lr_device: LRs held as tensors there (hold_lr_as_tensor)."""
     c = config
     norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for p in m.parameters()}
@@ -86,11 +82,9 @@ def make_optimizer(model: nn.Module, config: OptimConfig,
 
 
 def hold_lr_as_tensor(optimizer: torch.optim.SGD, device: torch.device) -> None:
-    """Hold each group's LR as a one-element tensor on the device, stepped by the fused SGD kernel
-    (which reads the LR from the tensor, where the foreach one reads a number when the step is
-    launched): what a CUDA graph needs to see the LR change. set_lr fills the tensors in place.
-    Saved state still holds plain numbers, so every checkpoint loads into every optimizer, and
-    loading one makes them tensors again."""
+    """Hold each group's LR as a one-element device tensor for the fused SGD kernel, which reads it
+    at run time (foreach reads a number at launch): so a CUDA graph sees the LR change. Saved state
+    keeps plain numbers, so any checkpoint loads into any optimizer; loading makes them tensors."""
     def to_tensors(optimizer: torch.optim.SGD) -> None:
         for group in optimizer.param_groups:
             group.update(lr=torch.tensor(float(group["lr"]), device=device), fused=True,
@@ -106,8 +100,7 @@ def hold_lr_as_tensor(optimizer: torch.optim.SGD, device: torch.device) -> None:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The one writer of the LR: every group trains at lr times its lr_scale (an LR tensor is filled
-    in place)."""
+    """The one writer of the LR: each group's is lr x its lr_scale (LR tensors filled in place)."""
     for group in optimizer.param_groups:
         value = lr * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):
@@ -123,9 +116,8 @@ def get_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 class StepSchedule:
-    """A fixed LR for each optimizer step, lr_at(step), held at its last value past the run's steps
-    (when the user asks for more epochs); None leaves the LR to LRA. Call advance(optimizer) after
-    each optimizer step."""
+    """A fixed LR per optimizer step, lr_at(step), held at its last value past the run (extra
+    epochs); None leaves the LR to LRA. Call advance(optimizer) after each optimizer step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float | None]):
         self.lr_at, self.step = lr_at, 0
@@ -177,9 +169,8 @@ SCHEDULES = {"lra": Schedule(None, False), "onecycle": Schedule(one_cycle, True)
 
 def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float, total_steps: int,
                   warmup_steps: int = 0) -> StepSchedule | None:
-    """The per-step schedule that sets the LR, or None where LRA's decisions do ("lra"). A warm-up
-    scales step s's LR by (s + 1) / warmup_steps over the first warmup_steps (under "lra", of LR;
-    LRA sets the LR after them)."""
+    """The per-step schedule, or None where LRA sets the LR ("lra"). A warm-up scales step s's LR by
+    (s + 1) / warmup_steps for the first warmup_steps (under "lra", of LR; LRA takes over after)."""
     shape = SCHEDULES[schedule].shape
     if not warmup_steps:
         return None if shape is None else StepSchedule(optimizer, shape(lr, total_steps))
@@ -190,8 +181,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, schedule: str, lr: float, to
 
 class Lookahead:
     """airbench's lookahead: every `every` steps, pull a slow copy of the weights towards the fast
-    ones by an amount that grows over the run, then continue from the slow copy; the run ends on
-    it."""
+    ones by a share that grows over the run, then go on from the slow copy; the run ends on it."""
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5):
         self.total_steps, self.every, self.step = total_steps, every, 0
@@ -222,15 +212,11 @@ class Lookahead:
 
 class EMA:
     """An exponential moving average of the model's weights and buffers (BatchNorm statistics too,
-    as torchvision's --model-ema averages them), updated after each optimizer step: what validation,
-    the best epoch's choice, best_model.pth and the final test see. Its copy of the model is a
-    swa_utils.AveragedModel's `module` (the model's own class and state_dict keys), averaged by
-    swa_utils' EMA function (one torch._foreach_lerp_). AveragedModel.update_parameters is not used:
-    it reads its device-held count on the host at every call (a wait for the GPU each step); the
-    count here is a Python int. The decay at update t (from 0) is min(decay, (1 + t) / (10 + t)),
-    TensorFlow's ExponentialMovingAverage with num_updates: 0.1 at the first, 0.99 by the 890th, so
-    the average soon leaves the initial weights behind. Whole-number buffers (BatchNorm's
-    num_batches_tracked) are copied, not averaged, as timm's ModelEmaV3 does."""
+    as torchvision's --model-ema), updated after each optimizer step; validation, the best epoch,
+    best_model.pth and the final test see it. Held as a swa_utils.AveragedModel's `module` (the
+    model's class and keys), averaged by swa_utils' EMA function (one _foreach_lerp_), but not by
+    update_parameters: it reads its device-held count on the host each call (a GPU wait per step).
+    Whole-number buffers (num_batches_tracked) are copied, not averaged, as in timm's ModelEmaV3."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
@@ -251,13 +237,13 @@ class EMA:
         return self.averaged.module
 
     def decay_at(self, update: int) -> float:
-        """The decay of the given update (counted from 0)."""
+        """Update t's decay (from 0): TensorFlow's ExponentialMovingAverage num_updates rule, 0.1 at
+        the first and 0.99 by the 890th, so the average soon leaves the initial weights behind."""
         return min(self.decay, (1 + update) / (10 + update))
 
     @torch.no_grad()
     def update(self) -> None:
-        """Move the average towards the model's weights after an optimizer step (device work only,
-        no wait)."""
+        """Move the average towards the model after an optimizer step (device work, no wait)."""
         get_ema_multi_avg_fn(self.decay_at(self.updates))(*self._averaged, None)
         if self._copied[0]:
             torch._foreach_copy_(*self._copied)
@@ -302,13 +288,10 @@ class RangeTest:
 def find_lr(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
             loss_fn: nn.Module, *, autocast_dtype: torch.dtype | None = None,
             sweep: RangeTest = RangeTest()) -> tuple[list[float], list[float], float | None]:
-    """An LR range test (Smith 2017, fastai's lr_find): train up to sweep.steps batches (cycling the
-    loader when it has fewer) with the LR rising exponentially from start_lr to end_lr, recording
-    the loss smoothed as fastai does (an exponential moving average, bias-corrected), and stop once
-    it diverges (or is not finite: the last loss is then inf). Returns the LRs, the smoothed losses
-    and the suggested LR (see suggest_lr; None where the curve is unclear). The model, the
-    optimizer and the random states are then put back exactly as they were: the test trains only
-    to measure."""
+    """LR range test (Smith 2017, fastai's lr_find): up to sweep.steps batches (cycling the loader)
+    at an LR rising exponentially, the loss smoothed as fastai does (bias-corrected EMA), stopped
+    once it diverges (a non-finite loss ends the curve with inf). Returns the LRs, smoothed losses
+    and suggest_lr's LR (None: unclear). Model, optimizer and random states are put back exactly."""
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_optimizer, rng, training = (copy.deepcopy(optimizer.state_dict()), utils.rng_state(),
                                       model.training)
@@ -407,9 +390,8 @@ LR_RULE = "steepest"  # the one that measured best (benchmarks/lr_finder_rules.p
 
 
 def unclear(lrs: list[float], losses: list[float], fall: float = 0.05) -> str | None:
-    """Why the curve gives no clear answer, or None: its lowest point is under `fall` (a share)
-    below where it started (flat, or noise), or the loss still falls at the sweep's last LR (no
-    minimum to read)."""
+    """Why the curve gives no clear answer, or None: its low is under `fall` (a share) below its
+    start (flat, or noise), or the loss still falls at the sweep's last LR (no minimum to read)."""
     start = sorted(losses[:max(1, len(losses) // 10)])[max(1, len(losses) // 10) // 2]
     lowest = losses.index(min(losses))
     if min(losses) > (1 - fall) * start:
