@@ -1,6 +1,5 @@
 """One training step and how it runs: gradient accumulation and clipping, autocast precision (chosen
-once per run, with a timing trial on a CPU), the step replayed from a CUDA graph, and the model
-compiled or data-parallel for training."""
+once per run, by a timing trial on a CPU), CUDA-graph replay, compiled or data-parallel models."""
 
 from __future__ import annotations
 
@@ -38,10 +37,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True
 
 @contextlib.contextmanager
 def autotuned(worth_it: bool):
-    """cuDNN's benchmark mode (set in run_module.setup: each new input shape first times the
-    algorithms of every convolution) left on only where worth_it: off for a batch size that runs
-    once, such as the last, smaller batch of an evaluation, whose timing would cost more than it
-    saves."""
+    """cuDNN's benchmark mode (run_module.setup's: each new input shape first times every
+    convolution's algorithms) kept on only where worth_it: off for a batch size that runs once (an
+    evaluation's last, smaller batch), whose timing costs more than it saves."""
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark and worth_it
     try:
@@ -51,25 +49,22 @@ def autotuned(worth_it: bool):
 
 
 class TrainStep:
-    """One training step on a batch (forward, loss, backward, optimizer step); returns the loss and
-    the logits.
+    """One training step on a batch (forward, loss, backward, optimizer step); returns loss, logits.
 
-    accumulate > 1: each call trains on one micro-batch, the index-th of a group of `group`
-    (micro_batch says which): its mean loss counts 1/group of the update, the gradients are zeroed
-    at the group's first and the optimizer steps at its last, so a group of equal micro-batches
-    updates as one batch of them all would (but BatchNorm, which sees each micro-batch alone). Under
-    torchrun the gradients are all-reduced at the last only (DistributedDataParallel's no_sync
-    before). clip_grad_norm: the gradients (summed over the group) are scaled down to this total
-    norm before each optimizer step, on the device, with no wait for it.
+    accumulate > 1: each call trains one micro-batch, the index-th of a group of `group`
+    (micro_batch): its mean loss counts 1/group, gradients are zeroed at the group's first and the
+    optimizer steps at its last, so equal micro-batches update as one batch of them all would
+    (BatchNorm aside: it sees each alone). Under torchrun gradients are all-reduced at the last only
+    (no_sync before). clip_grad_norm: the group's summed gradients are scaled to this total norm
+    before each optimizer step, on the device, with no wait.
 
-    graph=True (CUDA): the step is captured once in a CUDA graph, then replayed for every batch of
-    the captured size: one launch where eager mode launches one kernel per operation, which is what
-    holds small models back on a GPU. The graph reads and writes fixed tensors: its input buffers,
-    the model's state, the momentum buffers and the LR tensors (make_optimizer's lr_device; set_lr
-    fills them in place). new_epoch() notices when any of them was replaced (a restore or resume
-    loads new optimizer state, unfreezing adds parameters) and the next batch captures the step
-    again. Batches of another size run eagerly (after one, the parameters' .grad are that step's,
-    while replays write the graph's own gradient tensors: read neither)."""
+    graph=True (CUDA): the step is captured once in a CUDA graph and replayed for every batch of
+    that size: one launch where eager mode launches a kernel per operation, which holds small
+    models back on a GPU. The graph reads and writes fixed tensors (input buffers, model state,
+    momentum buffers, LR tensors); new_epoch() notices when one was replaced (a restore or resume
+    loads optimizer state, unfreezing adds parameters) and the next batch captures again. Other
+    batch sizes run eagerly (then .grad is that step's, while replays write the graph's own
+    gradient tensors: read neither)."""
 
     # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
     WARMUP_STEPS = 3
@@ -103,8 +98,7 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, *, index: int = 0,
                  group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train on the batch, the index-th micro-batch of a group of `group` (one optimizer step
-        per group)."""
+        """Train on the batch, the index-th micro-batch of a group of `group` (a step per group)."""
         assert 0 <= index < group <= self.accumulate, (
             "micro_batch's position in a group of at most accumulate")
         if self.compiling:  # torch.compile compiles on the first call
@@ -135,8 +129,7 @@ class TrainStep:
         return self.outputs[0].clone(), self.outputs[1].clone()
 
     def new_epoch(self) -> None:
-        """Drop the graph when a tensor it reads or writes has been replaced since it was
-        captured."""
+        """Drop the graph when a tensor it reads or writes was replaced since its capture."""
         if self.graph is not None and graph_key(self.model, self.optimizer) != self.key:
             self.graph = self.inputs = self.outputs = None
 
@@ -160,13 +153,11 @@ class TrainStep:
         return loss, logits
 
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """Warm up on a side stream, put everything back, and capture the step there (PyTorch's
-        whole-network capture, which records the work without doing it); then check that a replay
-        trains as the first eager step did (the same loss, change to the weights and momentum, from
-        the same state), and put everything back again. The model, the optimizer and the random
-        state are as they were, and the batch is then trained on by a replay. A replay that
-        disagrees raises RuntimeError. The capture is thread_local: a loader's thread may pin memory
-        meanwhile (and backward's own thread is not watched either, so the check after it is what
+        """Warm up on a side stream and capture the step there (PyTorch's whole-network capture
+        records without doing); then check that a replay trains as the first eager step did (loss,
+        weight change, momentum; RuntimeError if not). Model, optimizer and random state are rolled
+        back after each, so a replay then trains the batch. The capture is thread_local: a loader's
+        thread may pin memory meanwhile (backward's thread is not watched either: the replay check
         catches a step that the graph does not repeat)."""
         init_momentum(self.optimizer)
         self.inputs = (images.clone(), targets.clone())
@@ -202,22 +193,19 @@ class TrainStep:
 
 
 def micro_batch(batch: int, batches: int, accumulate: int) -> tuple[int, int]:
-    """Where the batch-th of an epoch's batches (from 1) falls when accumulate of them make an
-    optimizer step: its index in its group and the group's size (the epoch's last group holds what
-    is left)."""
+    """The batch-th batch's (from 1) index in its group of accumulate, and the group's size (the
+    epoch's last group holds what is left)."""
     first = (batch - 1) // accumulate * accumulate
     return batch - 1 - first, min(accumulate, batches - first)
 
 
 def optimizer_steps(batches: int, accumulate: int) -> int:
-    """The optimizer steps of an epoch of this many batches, accumulate to a step (a last smaller
-    group counts)."""
+    """An epoch's optimizer steps, accumulate batches to a step (a last smaller group counts)."""
     return -(-batches // accumulate)
 
 
 def _no_sync(model: nn.Module):
-    """DistributedDataParallel's no_sync (backward leaves the gradients unreduced), or nothing for a
-    plain model."""
+    """DDP's no_sync (backward leaves the gradients unreduced), or nothing for a plain model."""
     return (model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel)
             else contextlib.nullcontext())
 
@@ -227,16 +215,14 @@ def _trained(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _momentum(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
-    """p's momentum buffer, or None (without adding an empty state for p, as optimizer.state[p]
-    would)."""
+    """p's momentum buffer, or None (adding no empty state for p, as optimizer.state[p] would)."""
     return optimizer.state.get(p, {}).get("momentum_buffer")
 
 
 def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
                   start: list[torch.Tensor]) -> torch.Tensor:
-    """A step's loss, the norm of the change it made to the weights (from start) and the norm of the
-    momentum buffers, as one device tensor: figures that tell apart steps that differ in forward,
-    backward or update."""
+    """A step's loss, the norm of its weight change (from start) and of the momentum buffers, as one
+    device tensor: they tell apart steps that differ in forward, backward or update."""
     params = _trained(optimizer)
     buffers = [b for b in map(functools.partial(_momentum, optimizer), params) if b is not None]
 
@@ -248,9 +234,8 @@ def _step_figures(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
-    """Where the tensors a captured step reads and writes live (the model's state, the momentum
-    buffers, the LR tensors), and which parameters train: while it is unchanged, a captured step is
-    still the step."""
+    """Where a captured step's tensors live (model state, momentum buffers, LR tensors) and which
+    parameters train: while this is unchanged, the captured step is still the step."""
     state = [t.data_ptr() for t in model.state_dict().values()]
     buffers = [_momentum(optimizer, p) for g in optimizer.param_groups for p in g["params"]]
     lrs = [g["lr"].data_ptr() if isinstance(g["lr"], torch.Tensor) else g["lr"]
@@ -260,9 +245,8 @@ def graph_key(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
 
 
 def init_momentum(optimizer: torch.optim.Optimizer) -> None:
-    """Give every trainable parameter that has none a zero momentum buffer: SGD's first step then
-    computes what it computes without one (the buffer becomes the gradient), and a captured step has
-    a buffer to update."""
+    """A zero momentum buffer for each trainable parameter without one: SGD's first step computes
+    the same (the buffer becomes the gradient), and a captured step has a buffer to update."""
     for group in optimizer.param_groups:
         if group.get("momentum", 0):
             for p in group["params"]:
@@ -273,9 +257,8 @@ def init_momentum(optimizer: torch.optim.Optimizer) -> None:
 
 @contextlib.contextmanager
 def rolled_back(model: nn.Module, optimizer: torch.optim.Optimizer):
-    """Run the block (warm-up steps), then put the model's state, the momentum buffers and the
-    random states back as they were, in place (a captured step keeps pointing at the same
-    tensors)."""
+    """Run the block, then put the model's state, momentum buffers and random states back in place
+    (a captured step keeps pointing at the same tensors)."""
     tensors = list(model.state_dict().values()) + [s["momentum_buffer"]
                                                    for s in optimizer.state.values()
                                                    if s.get("momentum_buffer") is not None]
@@ -294,11 +277,10 @@ def rolled_back(model: nn.Module, optimizer: torch.optim.Optimizer):
 
 def choose_precision(bf16: bool, device: torch.device, model: nn.Module, image_size: int, *,
                      channels_last: bool, trial: bool, recorded: str | None = None) -> str:
-    """"bf16" or "fp32": with bf16 on, always bf16 on CUDA, and on a CPU only where trial is allowed
-    (a run long enough to pay for it, in the main process) and bf16_speedup_on_cpu finds it
-    BF16_CPU_GAIN times as fast; other devices fp32 (other processes take the main one's answer).
-    recorded: what a resumed run trained in, kept (so it goes on as it would have) unless BF16 is
-    now off or this device has no native bf16."""
+    """"bf16" or "fp32": with bf16 on, bf16 on CUDA, and on a CPU only where trial is allowed (a run
+    long enough to pay, in the main process; others take its answer) and bf16_speedup_on_cpu finds
+    it BF16_CPU_GAIN times as fast; fp32 elsewhere. recorded: a resumed run's precision, kept (it
+    goes on as it would have) unless BF16 is now off or this device lacks native bf16."""
     if not bf16 or device.type not in ("cuda", "cpu"):
         return "fp32"
     native = device.type == "cuda" or cpu_has_bf16()
@@ -324,12 +306,11 @@ def cpu_has_bf16() -> bool:
 
 def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True,
                         steps: int = 3) -> float | None:
-    """How many times as fast a training step of this model runs on the CPU under bf16 autocast as
-    in fp32, or None where the CPU has no native bf16 (oneDNN says so). Each precision trains its
-    own copy for one untimed step and then `steps` timed steps, taken in turn, best kept; the model,
-    the optimizer and the random state are left as they were. Measured, not assumed: on an Intel
-    Xeon with AVX512-BF16 and no AMX bf16 ran at 0.66x fp32 for the default CNN, on an AMD EPYC with
-    AVX512-BF16 at 2x (benchmarks/RESULTS.md)."""
+    """How many times as fast a training step runs on the CPU under bf16 autocast as in fp32; None
+    without native bf16 (oneDNN). Each precision trains its own copy, one untimed step then `steps`
+    timed ones in turn, best kept; model, optimizer and random state are left as they were.
+    Measured, not assumed: with AVX512-BF16, the default CNN ran bf16 at 0.66x fp32 on an Intel Xeon
+    without AMX, at 2x on an AMD EPYC (benchmarks/RESULTS.md)."""
     if not cpu_has_bf16():
         return None
     generator = torch.Generator().manual_seed(0)
@@ -366,10 +347,9 @@ def _trial_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1,
                    compile: bool = False, accumulate_steps: int = 1,
                    main_process: bool = True) -> bool:
-    """Whether training steps are replayed from a CUDA graph: "auto" on a CUDA device in one process
-    without torch.compile (whose own graphs would nest) and without gradient accumulation (a
-    captured step is one whole optimizer step: "auto" then says in a line that graphs are off),
-    "yes" there or a ValueError saying why not, "no" never."""
+    """Whether training steps replay a CUDA graph: "auto" on a CUDA device in one process without
+    torch.compile (its own graphs would nest) and without gradient accumulation (a line then says
+    graphs are off), "yes" there or a ValueError why not, "no" never."""
     possible = {"a CUDA device": device.type == "cuda",
                 "one process (not torchrun)": world_size == 1, "COMPILE off": not compile}
     if setting == "yes" and not all(possible.values()):
