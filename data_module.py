@@ -1,7 +1,6 @@
 """Datasets and their loaders: CIFAR-10 (cifar_module), an ImageFolder tree (folder_module) or a
-CSV of labelled image files (csv_module) read as sources (source_module), split, measured, and
-handed to the loaders of loader_module: kept on the device when they fit, else read from the
-memory-mapped cache a batch at a time, with the same batched augmentation."""
+CSV of labelled image files (csv_module) read as sources (source_module), split, measured, handed to
+loader_module: on the device when they fit, else read from the memory-mapped cache per batch."""
 
 from __future__ import annotations
 
@@ -56,9 +55,8 @@ RULES: messages_module.Rules = {  # a field: (test, what is allowed)
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What get_data reads and how it loads it. Each field but the four from image_size on is
-    main.py's constant of the same name in upper case (its default and meaning are there), and is
-    checked when the config is built (ValueError naming that constant)."""
+    """What get_data reads and how. Each field but the four from image_size on is main.py's
+    constant, upper-cased (default and meaning there), checked here (ValueError naming it)."""
 
     dataset: str
     data_dir: str
@@ -73,8 +71,7 @@ class DataConfig:
     crop_padding: int
     flip: str
     reflect: bool
-    augmentations: dict[str, Any]  # augment_module.AUGMENTATIONS' settings by name: AUTO_AUGMENT's
-    # as "auto_augment", ...
+    augmentations: dict[str, Any]  # AUGMENTATIONS' settings by name: "auto_augment": AUTO_AUGMENT
     resident: str
     num_workers: int | None
     download: bool
@@ -90,8 +87,7 @@ class DataConfig:
             raise ValueError("mean and std are given together or not at all")
 
     def augmentation(self, mean, std, crop_size: int | None) -> Augmentation:
-        """What the loaders do to each image, with these statistics; crop_size: photos' (None:
-        pad-crops)."""
+        """What the loaders do to each image, with these statistics; crop_size None: pad-crops."""
         return Augmentation(tuple(map(float, mean)), tuple(map(float, std)), crop_size,
                             self.crop_padding, self.flip, self.reflect, self.augmentations)
 
@@ -108,16 +104,15 @@ class Data:
     std: tuple[float, ...]
     image_size: int
     resident: bool
-    # a folder without test/: the test loader is the validation loader, the final evaluation
+    # a folder without test/: the test loader is the val loader (the final evaluation is on val)
     test_is_val: bool
-    # is on the validation images
     # photo folders: the size images are stored at and resized to; None for CIFAR
     resize_size: int | None = None
     # photo folders: the decoded-image cache the images come from; None: no cache
     cache_file: str | None = None
-    # the training split's images of each class (every rank's shard
+    # the training split's images of each class (all ranks' shards, after VAL_SPLIT and
+    # TRAIN_SUBSET): what balanced class weights come from
     class_counts: tuple[int, ...] | None = None
-    # together), after VAL_SPLIT and TRAIN_SUBSET: what balanced class weights come from
 
 
 # --------------------------------------------------------------------------- sources
@@ -138,9 +133,8 @@ class _Transformed(Dataset):
 
 def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
                   device: torch.device) -> tuple[dict[str, Source], list[str], int, str | None]:
-    """The train, test and (folders and CSVs only) val sources, the class names, the stored image
-    size (resize_size for a folder, 32 for CIFAR-10) and the cache file (None without one): a
-    folder's or a CSV's listing read through folder_module.read_folder."""
+    """The train, test and (folders, CSVs) val sources, the class names, the stored image size
+    (resize_size for a folder, 32 for CIFAR-10) and the cache file (None: no cache)."""
     data_dir = config.data_dir
     if config.dataset == "cifar10":
         train_images, train_labels, test_images, test_labels, classes = read_cifar10(
@@ -160,8 +154,8 @@ def _read_sources(config: DataConfig, resize_size: int | None, num_workers: int,
 def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
                      every_class: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (kept, held out): n_holdout held out in proportion to each class, chosen by seed.
-    With every_class, each class holds out one image and keeps one at least, and the rest are shared
-    in proportion to what each class has beyond those two."""
+    every_class: each class holds out one and keeps one at least, the rest shared in proportion to
+    what each has beyond those two."""
     n = len(labels)
     if not 0 <= n_holdout <= n:
         raise ValueError(f"cannot hold out {n_holdout} of {messages_module.plural(n, 'image')}")
@@ -183,10 +177,9 @@ def stratified_split(labels: torch.Tensor, n_holdout: int, seed: int, *,
 
 def _split(sources: dict[str, Source], val_split: int | None, train_subset: int | None, seed: int,
            data_dir: str, dataset: str, classes: list[str]) -> dict[str, Source]:
-    """The train, val and test parts: validation held out unless there is a val split (VAL_SPLIT
-    images, or default_val_split's when None; VAL_SPLIT 0: no validation, val None), a stratified
-    TRAIN_SUBSET of the training images left, and the test set, or the validation images when there
-    is none."""
+    """The train, val and test parts: val held out unless there is a val split (VAL_SPLIT images,
+    default_val_split's for None; 0: no validation, val None), a stratified TRAIN_SUBSET of the
+    training images left, and the test set (the val images where there is none)."""
     train, train_index = sources["train"], torch.arange(len(sources["train"]))
     if "val" in sources:
         val = sources["val"]
@@ -225,8 +218,7 @@ def _split(sources: dict[str, Source], val_split: int | None, train_subset: int 
 
 
 def _apportion(counts: torch.Tensor, total: int) -> torch.Tensor:
-    """total shared out in proportion to counts, by largest remainder: int64 shares that sum to
-    total."""
+    """total shared in proportion to counts by largest remainder: int64 shares summing to total."""
     if total == 0:
         return torch.zeros_like(counts)
     exact = counts.double() * total / int(counts.sum())
@@ -237,9 +229,8 @@ def _apportion(counts: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def default_val_split(dataset: str, labels: torch.Tensor) -> int:
-    """VAL_SPLIT when it is None: CIFAR_VAL_SPLIT for CIFAR-10; for a folder without val/, a tenth
-    of train/'s images (rounded half up), at least one image of each class and leaving at least one
-    of each to train on."""
+    """VAL_SPLIT when None: CIFAR_VAL_SPLIT for CIFAR-10; for a folder without val/, a tenth of
+    train/'s images, at least one of each class held out and one kept."""
     if dataset == "cifar10":
         return CIFAR_VAL_SPLIT
     n, n_classes = len(labels), len(labels.unique())
@@ -248,9 +239,8 @@ def default_val_split(dataset: str, labels: torch.Tensor) -> int:
 
 def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, classes: list[str],
                 data_dir: str) -> int:
-    """The training images to hold out for validation: VAL_SPLIT, or default_val_split's when None.
-    DataError when that leaves none to train on, or (None, a folder or CSV) a class has a single
-    image to split."""
+    """The training images held out for validation: VAL_SPLIT, or default_val_split's for None.
+    DataError when none are left to train on, or (None, folder, CSV) a class has a single image."""
     csv = dataset == "csv"
     if val_split is None and dataset != "cifar10":
         counts = torch.bincount(labels, minlength=len(classes)).tolist()
@@ -280,8 +270,7 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
 
 
 def fits_on_device(num_bytes: int, device: torch.device) -> bool:
-    """Whether data of this size may be kept on the device (a quarter of its free memory at
-    most)."""
+    """Whether data of this size may stay on the device (RESIDENT_SHARE of its free memory)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
@@ -292,11 +281,10 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
 def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Augmentation, *,
                   image_size: int, resident: bool, device: torch.device,
                   num_workers: int) -> dict[str, Loader]:
-    """The train, val and test loaders (one loader when test is val); evaluation batches are twice
-    as large. Photos (augmentation.crop_size set) are cropped to image_size from their stored
-    squares; CIFAR-10 is pad-cropped. Resident parts (decoded into Images) go to the device; the
-    cache's rows stay mapped and are read a batch at a time, augmented alike on the device; files
-    (no cache) go through PIL in DataLoader workers."""
+    """The train, val and test loaders (one when test is val); evaluation batches twice as large.
+    Photos (augmentation.crop_size set) are cropped to image_size from stored squares; CIFAR-10 is
+    pad-cropped. Resident parts (Images) go to the device; cache rows stay mapped, read a batch at a
+    time, augmented alike on the device; files (no cache) go through PIL in DataLoader workers."""
     evaluation = replace(batching, batch_size=2 * batching.batch_size, train=False)
 
     def make(part: Source, train: bool) -> Loader:
@@ -317,9 +305,8 @@ def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Au
 
 
 def _resize_size(config: DataConfig, photos: bool) -> int | None:
-    """The size a folder's images are stored at (pixels, a square): resize_size, or image_size /
-    RESIZE_RATIO when None, for photos; image_size for small images. None for CIFAR-10, which stays
-    32 pixels."""
+    """A folder's stored square size in pixels: resize_size (None: image_size / RESIZE_RATIO) for
+    photos, image_size for small images; None for CIFAR-10 (it stays 32 pixels)."""
     if config.dataset == "cifar10":
         return None
     size = ((config.resize_size or round(config.image_size / RESIZE_RATIO)) if photos
@@ -359,22 +346,20 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
     """Read a dataset, split off validation images, and build the train, val and test loaders (this
     rank's shard of world_size) that yield batches on the device.
 
-    augment "photo" (the default for folders): images are stored as resize_size squares (None:
-    image_size / RESIZE_RATIO, 256 for 224) and cropped to image_size: RandomResizedCrop for
-    training, the centre for evaluation, as torchvision's classification reference does. "shift"
-    (the default for CIFAR-10, and for folders of small images): stored at image_size, with
-    pad-crops (crop_padding, reflect). CIFAR-10 stays 32 pixels. mean and std (a pretrained model's)
-    replace the training images' own statistics.
+    augment "photo" (folders' default): stored as resize_size squares (None: image_size /
+    RESIZE_RATIO, 256 for 224), cropped to image_size: RandomResizedCrop for training, the centre
+    for evaluation, as in torchvision's classification reference. "shift" (CIFAR-10's default, and
+    small-image folders'): stored at image_size, pad-cropped (crop_padding, reflect). mean and std
+    (a pretrained model's) replace the training images' statistics.
 
     cache_dir (folders): where the stored squares are kept, decoded once, for later runs ("auto":
-    the user's cache folder, cache_module.default_cache_dir()); they go to the device when they fit
-    (resident), else are read from the memory-mapped cache a batch at a time. None: no cache; the
-    files are decoded into memory (resident) or by PIL in DataLoader workers every epoch.
+    cache_module.default_cache_dir()); on the device when they fit (resident), else read from the
+    memory-mapped cache a batch at a time. None: no cache; files decoded into memory (resident) or
+    by PIL in DataLoader workers every epoch.
 
-    augmentations that mix batches (Mixup, CutMix): the training loader is a MixedLoader, whose
-    batches are mixed on the device after normalisation and come with soft targets
-    (augment_module.batch_mixer); evaluation batches are never mixed.
-    """
+    Batch-mixing augmentations (Mixup, CutMix): the training loader is a MixedLoader, mixing on the
+    device after normalisation, with soft targets (augment_module.batch_mixer); evaluation batches
+    are never mixed."""
     device = torch.device(device)
     photos = config.augment == "photo" or (config.augment == "auto" and config.dataset != "cifar10")
     resize_size = _resize_size(config, photos)
