@@ -50,8 +50,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 @dataclasses.dataclass(frozen=True)
 class LRAConfig:
-    """LRA's settings, each set by the constant of main.py with its name in upper case (PATIENCE for
-    patience); a value out of range raises ValueError naming that constant."""
+    """LRA's settings, each main.py's constant, upper-cased; out of range: ValueError naming it."""
 
     patience: int
     stop_patience: int
@@ -102,16 +101,16 @@ def is_improvement(value: float, best: float, min_delta: float, higher_is_better
 
 def monitored(train_acc: float, threshold: float, validated: bool = True,
               watch: str = "val_loss") -> str:
-    """The metric LRA watches: training accuracy below the threshold, the validation metric `watch`
-    (MONITOR) at or above it (training loss in a run without validation images)."""
+    """The metric LRA watches: train_acc below the threshold, the validation metric `watch`
+    (MONITOR) at or above it (train_loss without validation images)."""
     if train_acc < threshold:
         return "train_acc"
     return watch if validated else "train_loss"
 
 
 def relative_change(value: float, best: float | None, higher_is_better: bool) -> float | None:
-    """Improvement of value over the previous best, in percent (positive is better); None when there
-    is no previous best or it is zero."""
+    """Improvement of value over the previous best, in percent (positive is better); None without a
+    previous best, or when it is zero."""
     if best is None or not math.isfinite(best) or best == 0 or not math.isfinite(value):
         return None
     change = (value - best) if higher_is_better else (best - value)
@@ -147,14 +146,13 @@ def _stdin_is_terminal() -> bool:
 
 
 class LRA:
-    """The learning-rate adjuster. Call on_epoch_end(epoch, metrics) after every epoch; it returns a
-    Decision. metrics holds train_loss, train_acc, val_loss, val_acc and lr (the epoch's LR).
+    """The learning-rate adjuster: on_epoch_end(epoch, metrics) after each epoch returns a Decision;
+    metrics holds train_loss, train_acc, val_loss, val_acc and lr (the epoch's).
 
-    With config.adjust_lr False (a fixed LR schedule drives the LR) LRA keeps track of the best
-    weights and asks, but never cuts the LR or stops on its own. frozen says the model has frozen
-    layers (so F is offered, and config.unfreeze_epoch can unfreeze them). Under torchrun every
-    process runs LRA on the same metrics; `share` gives them rank 0's prompt answers.
-    """
+    config.adjust_lr False (a fixed schedule drives the LR): LRA tracks the best weights and asks,
+    but never cuts or stops on its own. frozen: the model has frozen layers (F is offered, and
+    unfreeze_epoch can unfreeze them). Under torchrun every process runs LRA on the same metrics;
+    `share` gives them rank 0's prompt answers."""
 
     def __init__(self, config: LRAConfig, *, frozen: bool = False, main_process: bool = True,
                  share: Callable[[Any], Any] | None = None, stream=None):
@@ -171,8 +169,7 @@ class LRA:
         self.best_score: float | None = None  # MONITOR's value at the best epoch
         self.improved_epoch = 0      # the last epoch the monitored metric improved
         self.monitor = "train_acc"
-        # ask_epoch moves with the user's answers; ask_every is the step after F, saved with the
-        # state
+        # ask_epoch moves with the user's answers; ask_every is the step after F (in the state)
         self.ask_epoch, self.ask_every = config.ask_epoch, config.ask_epoch
         self.prompts_off = False
         self.run_until = 0           # the user asked to train at least to this epoch
@@ -182,20 +179,17 @@ class LRA:
 
     @property
     def restores(self) -> bool:
-        """Whether a decision can ever go back to the best epoch (so its optimizer state is worth
-        keeping)."""
+        """Whether LRA may restore the best epoch (so its optimizer state is worth keeping)."""
         return self.config.dwell and self.config.adjust_lr
 
     def epoch_limit(self, epochs: int) -> int:
-        """The last epoch to train: EPOCHS, or further when the user asked for more at the
-        prompt."""
+        """The last epoch to train: EPOCHS, or further when the user asked for more at a prompt."""
         return max(epochs, self.run_until)
 
     # ----------------------------------------------------------------------- the epoch decision
 
     def on_train_begin(self) -> None:
-        """Say before the table when prompts are off (no terminal), print its header, start the
-        clock."""
+        """Say when prompts are off (no terminal), print the table's header, start the clock."""
         if self.ask_epoch is not None and not self.prompts_off:
             terminal = _stdin_is_terminal() if self.main_process else None
             if not (self.share(terminal) if self.share is not None else terminal):
@@ -205,8 +199,7 @@ class LRA:
         self._print(self._line({name: name for name, _ in self._columns()}))
 
     def _columns(self) -> tuple[tuple[str, int], ...]:
-        """The table's (heading, width) columns: COLUMNS, and MONITOR's after V_acc when it has
-        none."""
+        """The table's (heading, width) columns: COLUMNS, MONITOR's after V_acc if it has none."""
         watch = self.config.monitor
         own = () if watch in ("val_loss", "val_acc") else ((watch, max(len(watch), 7)),)
         return COLUMNS[:5] + own + COLUMNS[5:]
@@ -217,8 +210,7 @@ class LRA:
                           for name, width in self._columns())
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> Decision:
-        """Decide as LRA.md says (best weights, monitored metric, cut, stop), print the row, ask
-        when due."""
+        """Decide as LRA.md says (best, monitored metric, cut, stop), print the row, ask if due."""
         train_acc, train_loss, lr = (float(metrics["train_acc"]), float(metrics["train_loss"]),
                                      float(metrics["lr"]))
         # None: no validation images; the last epoch's weights are the best
@@ -250,9 +242,8 @@ class LRA:
                         reason=self.stop_reason if stop else None)
 
     def on_train_end(self, reason: str | None = None, saved_best: int | None = -1) -> None:
-        """Say which epoch the best weights (which the loop has restored) came from and why training
-        ended; saved_best (when not -1): the epoch best_model.pth holds, said when a failed write
-        left it behind."""
+        """Say which epoch the best weights (restored by the loop) came from and why training ended;
+        saved_best (not -1): best_model.pth's epoch, said when a failed write left it behind."""
         if reason and not self.stop_reason:
             self.stop_reason = reason
         elapsed = time.perf_counter() - self._started
@@ -277,20 +268,17 @@ class LRA:
                     f"({score}validation loss {self.best_val_loss:.4f}, accuracy "
                     f"{100 * self.best_val_acc:.2f}%). Elapsed {elapsed:.1f} s.{on_disk}")
 
-    # ----------------------------------------------------------------------- the steps of
-    # on_epoch_end
+    # -------------------------------------------------------------------- the steps of on_epoch_end
 
     def _change(self, metrics: dict[str, float]) -> float | None:
-        """% Improv: the monitored metric against its best before this epoch (so call it before
-        noting)."""
+        """% Improv: the monitored metric against its best before this epoch (so call it first)."""
         best = {"train_acc": self.best_train_acc,
                 "train_loss": self.best_train_loss}.get(self.monitor, self.best_score)
         return relative_change(float(metrics[self.monitor]), best, HIGHER_IS_BETTER[self.monitor])
 
     def _note_best(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Whether this epoch has the best weights: MONITOR's best validation value so far, or
-        without validation (val_loss None) every epoch, the last being the best; if so, remember
-        it."""
+        """Whether this epoch has the best weights (MONITOR's best validation value so far; without
+        validation, every epoch: the last is the best); if so, remember it."""
         if metrics.get("val_loss") is None:
             self.best_epoch = epoch
             return True
@@ -304,8 +292,7 @@ class LRA:
         return True
 
     def _note_train_loss(self, train_loss: float) -> bool:
-        """Whether training loss beats its best so far (watched without validation); if so, remember
-        it."""
+        """Whether training loss beats its best (watched without validation); if so, remember it."""
         improved = is_improvement(train_loss, self.best_train_loss, self.config.min_delta,
                                   higher_is_better=False)
         if improved:
@@ -341,8 +328,7 @@ class LRA:
         return cut_lr(lr, self.config.factor, self.config.min_lr) if cut else lr
 
     def _stop_due(self) -> bool:
-        """Whether stop_patience cuts in a row passed with no improvement; if so, say so in
-        stop_reason."""
+        """Whether stop_patience cuts in a row passed unimproved; if so, set stop_reason."""
         if not self.config.adjust_lr or self.cuts < self.config.stop_patience:
             return False
         self.stop_reason = (f"{self.cuts} LR cuts in a row with no improvement of {self.monitor} "
@@ -370,8 +356,7 @@ class LRA:
     # ----------------------------------------------------------------------- asking the user
 
     def _ask(self, epoch: int, lr: float) -> str:
-        """Ask (rank 0 only; every process gets its answer) and return "halt", "unfreeze" or "go
-        on"."""
+        """Ask (rank 0; every process gets its answer); return "halt", "unfreeze" or "go on"."""
         answer = self._prompt(epoch) if self.main_process else None
         if self.share is not None:
             answer = self.share(answer)  # under torchrun, rank 0's answer for every rank
@@ -393,8 +378,7 @@ class LRA:
         return "go on"
 
     def _prompt(self, epoch: int) -> tuple:
-        """Ask on the terminal until the answer is one LRA accepts; never calls input() without
-        one."""
+        """Ask on the terminal until LRA accepts the answer; never calls input() without one."""
         if not _stdin_is_terminal():
             self._print(NO_TERMINAL)
             return ("off",)
@@ -419,14 +403,12 @@ class LRA:
                         "above 0.")
 
     def ask_anew(self, ask_epoch: int | None) -> None:
-        """Ask after ask_epoch (then every ask_epoch epochs), or never (None), whatever a resumed
-        state said."""
+        """Ask after ask_epoch (then every ask_epoch), or never (None), whatever a resume said."""
         self.ask_epoch = self.ask_every = ask_epoch
         self.prompts_off = False
 
     def _unfreeze(self) -> None:
-        """Count unfreezing as a fresh start: no frozen layers left, bad-epoch and cut counts
-        reset."""
+        """Unfreezing is a fresh start: no frozen layers left, bad-epoch and cut counts reset."""
         self.frozen = False
         self.bad_epochs = self.cuts = 0
 
