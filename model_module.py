@@ -1,6 +1,4 @@
-"""Architectures, freezing and weight loading: every model is a body of features and a classifier
-head.
-
+"""Architectures, freezing and weight loading: every model is a feature body and a classifier head.
 Our own models (cnn, fast, resnet18_cifar) and every torchvision classification model by name, the
 latter optionally starting from torchvision's published ImageNet weights (PRETRAINED)."""
 
@@ -57,8 +55,7 @@ def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 
 def cnn(num_classes: int, widths: tuple[int, ...] = (48, 96, 192)) -> Classifier:
-    """The custom CNN: blocks of two 3x3 conv-BN-ReLU layers and a 2x2 max pool, then a linear
-    head."""
+    """The custom CNN: blocks of two 3x3 conv-BN-ReLU layers and a 2x2 max pool, a linear head."""
     layers, in_channels = [], 3
     for width in widths:
         layers += _conv_bn(in_channels, width) + _conv_bn(width, width) + [nn.MaxPool2d(2)]
@@ -134,21 +131,19 @@ class _Scale(nn.Module):
 
 
 class _WholeMapMaxPool(nn.Module):
-    """The max over each channel's whole map, (N, C, H, W) to (N, C, 1, 1): max_pool2d with the
-    map's size as its kernel, what airbench94's MaxPool2d(3) does to the 3x3 map of a 32-pixel
-    image. The same values as AdaptiveMaxPool2d(1), whose CUDA kernels, written for any output size,
-    are slow (atomic adds backward; benchmarks/RESULTS.md, GPU runs). The kernel size is read from
-    the map, not fixed when the model is built: the fast model takes any IMAGE_SIZE (a folder's,
-    --predict's, the benchmarks') and is built without it, and the map's size is known at every
-    call, the same in every replay of a CUDA graph and fixed in an export."""
+    """The max over each channel's whole map, (N, C, H, W) to (N, C, 1, 1), as airbench94's
+    MaxPool2d(3) on a 32-pixel image's 3x3 map. AdaptiveMaxPool2d(1) gives the same values, but its
+    CUDA kernels (for any output size) are slow (atomic adds backward; benchmarks/RESULTS.md). The
+    kernel is the map's size, read at each call, not fixed at build: the fast model takes any
+    IMAGE_SIZE and is built without it; the map's size is the same in every CUDA-graph replay and
+    fixed in an export."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.max_pool2d(x, kernel_size=x.shape[-2:])
 
 
 def fast(num_classes: int, widths: tuple[int, int, int] = (64, 256, 256)) -> Classifier:
-    """The airbench94 network: a whitening layer, three conv groups, max pooling and a scaled linear
-    head."""
+    """airbench94's network: a whitening layer, three conv groups, max pool, scaled linear head."""
     whitening = Whitening()
     body = nn.Sequential(whitening, nn.GELU(), _fast_group(whitening.out_channels, widths[0]),
                          _fast_group(widths[0], widths[1]), _fast_group(widths[1], widths[2]),
@@ -184,9 +179,8 @@ _AUXILIARY = ("AuxLogits.", "aux1.", "aux2.")
 
 def _build_torchvision(name: str, num_classes: int, image_size: int | None,
                        weights: torchvision.models.WeightsEnum | None) -> nn.Module:
-    """torchvision's architecture with a num_classes classifier; image_size sizes the models made
-    for one size (ViT's position embedding, MaxViT's attention windows), which then take only that
-    size."""
+    """torchvision's architecture with a num_classes classifier; image_size sizes models made for
+    one size (ViT's position embedding, MaxViT's attention windows), which then take only it."""
     options: dict[str, Any] = {"num_classes": num_classes}
     if name in ("googlenet", "inception_v3"):
         # Plain logits from forward, and always the input transform that the ported Google weights
@@ -224,13 +218,11 @@ def _final_layer_name(model: nn.Module) -> str:
 
 
 def _split_head(model: nn.Module, final: str) -> Classifier:
-    """Classifier(body, head): the body is torchvision's model with its final layer made an identity
-    (so it returns the features that layer took), the head that layer (sized for our classes at
-    construction)."""
+    """Classifier(body, head): torchvision's model with its final layer made an identity (returning
+    the features that layer took), and that layer (sized for our classes) as the head."""
     if isinstance(model, torchvision.models.SqueezeNet):
-        # squeezenet classifies with a 1x1 conv, a ReLU and global pooling, and flattens after them:
-        # all of that is the head, so the body ends with the feature maps (and the dropout before
-        # the conv).
+        # squeezenet classifies with a 1x1 conv, a ReLU and global pooling, then flattens: all head,
+        # so the body ends with the feature maps (and the dropout before the conv).
         dropout, conv, relu, pool = model.classifier
         body = nn.Sequential(OrderedDict(features=model.features, dropout=dropout))
         return Classifier(body, nn.Sequential(conv, relu, pool, nn.Flatten()))
@@ -248,9 +240,8 @@ _OLD_DENSENET_KEY = re.compile(
 
 
 def _load_body(model: nn.Module, state: dict[str, torch.Tensor], final: str, source: str) -> None:
-    """Load ImageNet weights into torchvision's model, all but its final layer (and the auxiliary
-    classifiers, built off), which keeps the fresh num_classes layer; raises ValueError for another
-    model."""
+    """Load ImageNet weights into torchvision's model, all but its final layer (kept fresh for
+    num_classes) and the auxiliary classifiers (built off); ValueError for another model."""
     # deleted in place: the dict's module versions (_metadata) must stay with it
     for key in list(state):
         old = _OLD_DENSENET_KEY.match(key)
@@ -273,8 +264,7 @@ def _load_body(model: nn.Module, state: dict[str, torch.Tensor], final: str, sou
 
 def _torchvision_classifier(name: str, num_classes: int, image_size: int | None,
                             weights: torchvision.models.WeightsEnum | None) -> Classifier:
-    """torchvision's model `name` as Classifier(body, head), the body from the ImageNet weights when
-    given."""
+    """torchvision's model `name` as Classifier(body, head), the body from `weights` if given."""
     model = _build_torchvision(name, num_classes, image_size, weights)
     final = _final_layer_name(model)
     if weights is not None:
@@ -287,16 +277,14 @@ def _torchvision_classifier(name: str, num_classes: int, image_size: int | None,
 
 
 def weight_names(name: str) -> list[str]:
-    """The PRETRAINED values MODEL `name` accepts: "default" and the names of its published weights
-    (none for our own models)."""
+    """MODEL `name`'s PRETRAINED values: "default" and its published weights (none for ours)."""
     if name not in TORCHVISION_MODELS:
         return []
     return ["default", *(w.name for w in torchvision.models.get_model_weights(name))]
 
 
 def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
-    """The weights enum member PRETRAINED names for MODEL `name` ("default" or a member name, any
-    case)."""
+    """The weights PRETRAINED names for MODEL `name` ("default" or a member name, any case)."""
     allowed = weight_names(name)
     if str(pretrained).upper() not in {a.upper() for a in allowed}:
         what = (f"the weights published for {name}" if allowed else f"{name} has no published "
@@ -308,17 +296,15 @@ def _find_weights(name: str, pretrained: str) -> torchvision.models.WeightsEnum:
 
 def _load_pretrained(
         weights: torchvision.models.WeightsEnum) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict of published weights and its path: read from torch's hub cache
-    ($TORCH_HOME/hub/checkpoints), downloaded there first if missing. Only tensors load
-    (weights_only)."""
+    """Published weights' state dict and path, from torch's hub cache ($TORCH_HOME/hub/checkpoints),
+    downloaded first if missing; only tensors load (weights_only)."""
     path = _fetch_pretrained(weights)  # read by the safe loader, with its messages for a bad file
     return utils.load_state_dict(path, "PRETRAINED weights"), path
 
 
 def fetch_pretrained(name: str, pretrained: str | None) -> None:
-    """Make sure MODEL `name`'s published weights PRETRAINED are in torch's hub cache, downloading
-    them if need be: ValueError naming the file and the folder when they cannot be had. A run asks
-    before it reads any data."""
+    """Make sure MODEL `name`'s PRETRAINED weights are in torch's hub cache, downloading them if
+    need be (ValueError naming file and folder if not). A run asks before it reads any data."""
     if pretrained is not None:
         _fetch_pretrained(_find_weights(name, pretrained))
 
@@ -352,9 +338,8 @@ def _fetch_pretrained(weights: torchvision.models.WeightsEnum) -> str:
 
 
 def preprocessing(name: str, pretrained: str | None) -> dict[str, Any] | None:
-    """How images must be prepared for MODEL `name`'s published weights PRETRAINED (None without):
-    resize size (shorter side), crop size, mean and std, interpolation, from the weights' own
-    transforms."""
+    """How images must be prepared for MODEL `name`'s PRETRAINED weights (None without): resize size
+    (shorter side), crop size, mean, std, interpolation, from the weights' own transforms."""
     check_name(name)
     if pretrained is None:
         return None
@@ -392,9 +377,8 @@ def unfreeze_body(model: Classifier) -> list[nn.Parameter]:
 
 def load_weights(model: Classifier, state: dict[str, torch.Tensor],
                  source: str = "the checkpoint") -> list[str]:
-    """Load a state dict, keeping the model's own head where the saved head has another shape
-    (transfer to a new class count); returns the names skipped. Raises ValueError for another
-    architecture."""
+    """Load a state dict, keeping the model's own head where the saved one has another shape (a new
+    class count); returns the names skipped. ValueError for another architecture."""
     own = model.state_dict()
     skipped = [
         k for k in state if k.startswith("head.") and k in own and state[k].shape != own[k].shape]
@@ -409,8 +393,7 @@ def load_weights(model: Classifier, state: dict[str, torch.Tensor],
         raise ValueError(f"{source} does not fit this model ({detail}); "
                          "was it saved from another MODEL?")
     # Module versions travel in a state dict's _metadata, and MNASNet refuses a state without them;
-    # a plain dict (best_model.pth) was saved from this code's models, whose versions are this
-    # model's own.
+    # a plain dict (best_model.pth) was saved from this code's models, with this model's versions.
     kept._metadata = getattr(state, "_metadata", None) or own._metadata
     model.load_state_dict(kept, strict=False)
     return skipped
@@ -422,19 +405,16 @@ WHITENING_IMAGES = 5000  # training images the fast model's whitening filters ar
 def get_model(name: str, num_classes: int, freeze: bool = False, weights: str | None = None,
               sample_images: Callable[[int], torch.Tensor] | None = None, *,
               image_size: int | None = None, pretrained: str | None = None) -> Classifier:
-    """Build a model by name, optionally start from saved or published weights, and optionally
-    freeze its body.
+    """Build a model by name, optionally from saved or published weights, optionally body-frozen.
 
-    sample_images(n) returns up to n normalised (N, C, H, W) training images, asked for only by what
-    depends on data: the fast model's whitening filters, and the BatchNorm running statistics of a
-    torchvision model that starts from scratch (batchnorm_module.calibrate_batchnorm); saved
-    weights, when given, override both. Without PRETRAINED, a torchvision model's BatchNorm momentum
-    is at least batchnorm_module.BATCHNORM_MOMENTUM (quicken_batchnorm). image_size (pixels) matters
-    only to the models built for one size (vit_*, maxvit_t; when None, the size of their pretrained
-    weights, else 224); the others take any size. pretrained ("default" or a weights name such as
-    "IMAGENET1K_V2") starts a torchvision model's body from its published ImageNet weights, weights
-    (a best_model.pth) the whole model from our own.
-    """
+    sample_images(n): up to n normalised (N, C, H, W) training images, asked for only by what
+    depends on data: the fast model's whitening filters, and a from-scratch torchvision model's
+    BatchNorm running statistics (batchnorm_module.calibrate_batchnorm); saved weights override
+    both. Without PRETRAINED, a torchvision model's BatchNorm momentum is at least
+    batchnorm_module.BATCHNORM_MOMENTUM (quicken_batchnorm). image_size (pixels) matters only to
+    models built for one size (vit_*, maxvit_t; None: their pretrained weights' size, else 224).
+    pretrained ("default" or a weights name such as "IMAGENET1K_V2") starts a torchvision body from
+    published ImageNet weights; weights (a best_model.pth) the whole model from our own."""
     check_name(name)
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least two classes, got {num_classes}")
