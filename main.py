@@ -1,9 +1,8 @@
 """Train an image classifier on CIFAR-10 (or any ImageFolder tree) with the LRA callback in charge.
 
-Edit the constants below, or set any of them for one run from the command line: `--epochs 3` sets
-EPOCHS, `--data-dir DIR` sets DATA_DIR, `--train-subset none` sets TRAIN_SUBSET to None.
-`python main.py --predict IMAGE [IMAGE ...]` classifies images with OUTPUT_DIR/best_model.pth.
-"""
+Edit the constants below, or set any for one run on the command line: `--epochs 3` sets EPOCHS,
+`--train-subset none` sets TRAIN_SUBSET to None. `python main.py --predict IMAGE [IMAGE ...]`
+classifies images with OUTPUT_DIR/best_model.pth."""
 
 import gc
 import os
@@ -234,9 +233,9 @@ def constants() -> dict[str, typing.Any]:
 
 def parse_config(
         argv: list[str] | None = None) -> tuple[dict[str, typing.Any], dict[str, typing.Any]]:
-    """The constants, with the chosen PRESET and then the command line applied; and the command:
-    what --predict, --export and --find-lr ask for instead of training (None or False when not
-    given), and "given": the constants the command line set."""
+    """The constants (PRESET, then the flags, applied) and the command instead of training:
+    --predict, --export, --find-lr (None or False: not asked), and "given": the constants the flags
+    set."""
     parser = cli_module.make_parser(__doc__.splitlines()[0], constants(), __annotations__, __file__)
     commands = parser.add_argument_group("Instead of training")
     commands.add_argument("--predict", nargs="+", metavar="PATH",
@@ -270,9 +269,9 @@ PATHS = ("DATA_DIR", "CACHE_DIR", "WEIGHTS")
 
 def resumed_config(values: dict[str, typing.Any], given: set[str],
                    checkpoint: dict[str, typing.Any] | None) -> dict[str, typing.Any]:
-    """With a checkpoint to resume (read_checkpoint's), the constants the resumed run started with,
-    so it goes on as it began; the flags in RESUME_MAY_CHANGE given now apply, and any other given
-    flag that differs from the run's is refused (ValueError naming both values)."""
+    """With a checkpoint to resume (read_checkpoint's), the constants the run started with, so it
+    goes on as it began; given flags in RESUME_MAY_CHANGE apply, any other that differs from the
+    run's is refused (ValueError naming both values)."""
     if checkpoint is None:
         return values
     path, saved = _resume_path(values), checkpoint["config"]
@@ -341,8 +340,7 @@ def _lower(values: dict[str, typing.Any], *names: str) -> dict[str, typing.Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate on the test set and report (or predict, export, find the LR); returns the
-    exit status."""
+    """Train, evaluate on the test set and report (or predict, export, find the LR); exit status."""
     return run_main(argv).status
 
 
