@@ -233,9 +233,8 @@ def constants() -> dict[str, typing.Any]:
 
 def parse_config(
         argv: list[str] | None = None) -> tuple[dict[str, typing.Any], dict[str, typing.Any]]:
-    """The constants (PRESET, then the flags, applied) and the command instead of training:
-    --predict, --export, --find-lr (None or False: not asked), and "given": the constants the flags
-    set."""
+    """The constants (PRESET, then the flags, applied) and the command instead of training
+    (--predict, --export, --find-lr; None or False: not asked; "given": the flags set)."""
     parser = cli_module.make_parser(__doc__.splitlines()[0], constants(), __annotations__, __file__)
     commands = parser.add_argument_group("Instead of training")
     commands.add_argument("--predict", nargs="+", metavar="PATH",
