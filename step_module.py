@@ -38,8 +38,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True
 @contextlib.contextmanager
 def autotuned(worth_it: bool):
     """cuDNN's benchmark mode (run_module.setup's: each new input shape first times every
-    convolution's algorithms) kept on only where worth_it: off for a batch size that runs once (an
-    evaluation's last, smaller batch), whose timing costs more than it saves."""
+    convolution's algorithms) kept only where worth_it: off for a batch size that runs once (an
+    evaluation's last batch), whose timing costs more than it saves."""
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = benchmark and worth_it
     try:
@@ -51,20 +51,18 @@ def autotuned(worth_it: bool):
 class TrainStep:
     """One training step on a batch (forward, loss, backward, optimizer step); returns loss, logits.
 
-    accumulate > 1: each call trains one micro-batch, the index-th of a group of `group`
-    (micro_batch): its mean loss counts 1/group, gradients are zeroed at the group's first and the
-    optimizer steps at its last, so equal micro-batches update as one batch of them all would
-    (BatchNorm aside: it sees each alone). Under torchrun gradients are all-reduced at the last only
-    (no_sync before). clip_grad_norm: the group's summed gradients are scaled to this total norm
-    before each optimizer step, on the device, with no wait.
+    accumulate > 1: a call trains the index-th micro-batch of a group of `group` (micro_batch); its
+    mean loss counts 1/group, gradients are zeroed at the group's first and stepped at its last, so
+    equal micro-batches update as one batch would (BatchNorm aside: it sees each alone); under
+    torchrun they are all-reduced at the last only. clip_grad_norm: the summed gradients are scaled
+    to this total norm before each optimizer step, on the device, with no wait.
 
-    graph=True (CUDA): the step is captured once in a CUDA graph and replayed for every batch of
-    that size: one launch where eager mode launches a kernel per operation, which holds small
-    models back on a GPU. The graph reads and writes fixed tensors (input buffers, model state,
-    momentum buffers, LR tensors); new_epoch() notices when one was replaced (a restore or resume
-    loads optimizer state, unfreezing adds parameters) and the next batch captures again. Other
-    batch sizes run eagerly (then .grad is that step's, while replays write the graph's own
-    gradient tensors: read neither)."""
+    graph=True (CUDA): captured once in a CUDA graph, replayed for every batch of that size: one
+    launch where eager mode launches a kernel per operation (what holds small models back on a
+    GPU). The graph uses fixed tensors (inputs, model state, momentum buffers, LR tensors);
+    new_epoch() notices a replaced one (a restore or resume loads optimizer state, unfreezing adds
+    parameters) and the next batch captures again. Other sizes run eagerly (.grad is then that
+    step's, while replays write the graph's own gradients: read neither)."""
 
     # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
     WARMUP_STEPS = 3
@@ -153,12 +151,10 @@ class TrainStep:
         return loss, logits
 
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """Warm up on a side stream and capture the step there (PyTorch's whole-network capture
-        records without doing); then check that a replay trains as the first eager step did (loss,
-        weight change, momentum; RuntimeError if not). Model, optimizer and random state are rolled
-        back after each, so a replay then trains the batch. The capture is thread_local: a loader's
-        thread may pin memory meanwhile (backward's thread is not watched either: the replay check
-        catches a step that the graph does not repeat)."""
+        """Warm up on a side stream, capture the step there (PyTorch's whole-network recipe), check
+        that a replay trains as the first eager step did (loss, weight change, momentum; else
+        RuntimeError), rolling all back after each. thread_local: a loader's thread may pin memory
+        meanwhile (backward's thread is unwatched too: the replay check catches what it misses)."""
         init_momentum(self.optimizer)
         self.inputs = (images.clone(), targets.clone())
         current = torch.cuda.current_stream(self.device)
@@ -193,8 +189,8 @@ class TrainStep:
 
 
 def micro_batch(batch: int, batches: int, accumulate: int) -> tuple[int, int]:
-    """The batch-th batch's (from 1) index in its group of accumulate, and the group's size (the
-    epoch's last group holds what is left)."""
+    """Batch `batch`'s (from 1) index in its group of accumulate, and the group's size (the epoch's
+    last group holds what is left)."""
     first = (batch - 1) // accumulate * accumulate
     return batch - 1 - first, min(accumulate, batches - first)
 
@@ -381,9 +377,9 @@ def wrap_for_training(model: nn.Module, *, compile: bool = False, world_size: in
 
 
 def unwrapped(model: nn.Module, compiled: bool = True) -> nn.Module:
-    """The module inside DistributedDataParallel (evaluation needs no gradient sync, and shards of
-    different sizes must not wait on each other) and, with compiled, inside torch.compile's wrapper
-    (evaluation runs eagerly, so its other mode and batch sizes compile nothing more)."""
+    """The module inside DDP (evaluation needs no gradient sync, and shards of different sizes must
+    not wait on each other) and, with compiled, inside torch.compile's wrapper (evaluation runs
+    eagerly: its other mode and batch sizes compile nothing more)."""
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return getattr(model, "_orig_mod", model) if compiled else model
 
