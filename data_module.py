@@ -281,10 +281,8 @@ def fits_on_device(num_bytes: int, device: torch.device) -> bool:
 def _make_loaders(parts: dict[str, Source], batching: Batching, augmentation: Augmentation, *,
                   image_size: int, resident: bool, device: torch.device,
                   num_workers: int) -> dict[str, Loader]:
-    """The train, val and test loaders (one when test is val); evaluation batches twice as large.
-    Photos (augmentation.crop_size set) are cropped to image_size from stored squares; CIFAR-10 is
-    pad-cropped. Resident parts (Images) go to the device; cache rows stay mapped, read a batch at a
-    time, augmented alike on the device; files (no cache) go through PIL in DataLoader workers."""
+    """The train, val and test loaders (one when test is val; get_data says which kind); evaluation
+    batches are twice as large."""
     evaluation = replace(batching, batch_size=2 * batching.batch_size, train=False)
 
     def make(part: Source, train: bool) -> Loader:
@@ -348,18 +346,15 @@ def get_data(config: DataConfig, device: torch.device | str = "cpu", *, rank: in
 
     augment "photo" (folders' default): stored as resize_size squares (None: image_size /
     RESIZE_RATIO, 256 for 224), cropped to image_size: RandomResizedCrop for training, the centre
-    for evaluation, as in torchvision's classification reference. "shift" (CIFAR-10's default, and
-    small-image folders'): stored at image_size, pad-cropped (crop_padding, reflect). mean and std
-    (a pretrained model's) replace the training images' statistics.
+    for evaluation (torchvision's reference). "shift" (CIFAR-10's, small-image folders'): stored at
+    image_size, pad-cropped. mean and std (a pretrained model's) replace the training images' own.
 
-    cache_dir (folders): where the stored squares are kept, decoded once, for later runs ("auto":
+    cache_dir (folders): the stored squares, decoded once for later runs ("auto":
     cache_module.default_cache_dir()); on the device when they fit (resident), else read from the
-    memory-mapped cache a batch at a time. None: no cache; files decoded into memory (resident) or
-    by PIL in DataLoader workers every epoch.
-
-    Batch-mixing augmentations (Mixup, CutMix): the training loader is a MixedLoader, mixing on the
-    device after normalisation, with soft targets (augment_module.batch_mixer); evaluation batches
-    are never mixed."""
+    memory-mapped cache a batch at a time, augmented alike on the device. None: files decoded into
+    memory (resident) or by PIL in DataLoader workers every epoch. Mixup or CutMix: the training
+    loader is a MixedLoader (mixed on the device after normalisation, soft targets); evaluation
+    batches never mix."""
     device = torch.device(device)
     photos = config.augment == "photo" or (config.augment == "auto" and config.dataset != "cifar10")
     resize_size = _resize_size(config, photos)
