@@ -302,11 +302,10 @@ def cpu_has_bf16() -> bool:
 
 def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True,
                         steps: int = 3) -> float | None:
-    """How many times as fast a training step runs on the CPU under bf16 autocast as in fp32; None
-    without native bf16 (oneDNN). Each precision trains its own copy, one untimed step then `steps`
-    timed ones in turn, best kept; model, optimizer and random state are left as they were.
-    Measured, not assumed: with AVX512-BF16, the default CNN ran bf16 at 0.66x fp32 on an Intel Xeon
-    without AMX, at 2x on an AMD EPYC (benchmarks/RESULTS.md)."""
+    """How many times as fast a training step runs on the CPU under bf16 autocast as in fp32 (best
+    of `steps`, each on its own copy: the model and random state are left as they were); None
+    without native bf16 (oneDNN). Measured, not assumed: with AVX512-BF16, the default CNN ran bf16
+    at 0.66x fp32 on an Intel Xeon without AMX, at 2x on an AMD EPYC (benchmarks/RESULTS.md)."""
     if not cpu_has_bf16():
         return None
     generator = torch.Generator().manual_seed(0)
