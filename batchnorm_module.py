@@ -36,7 +36,7 @@ def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.T
     times over, so a fresh MobileNetV3's depthwise and projection layers see variances of 1e-3 to
     1e-8. Eval mode divides by sqrt(running var), so until the 1 is forgotten the signal shrinks
     layer by layer and every image gets the same logits (each class 1/num_classes, loss
-    ln(num_classes)). Momentum, random state (dropout, stochastic depth, shuffling) and weights stay."""
+    ln(num_classes)). Momentum, random state (dropout, drop paths, shuffling), weights: kept."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     if not norms:
