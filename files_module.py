@@ -115,7 +115,7 @@ def not_a_plain_file(path: str) -> str | None:
 
 
 def not_a_plain_folder(path: str) -> str | None:
-    """Why path may not hold a run's files (previous/, tensorboard/); None: a real folder, absent."""
+    """Why path can't hold a run's files (previous/, tensorboard/); None: a real folder, or none."""
     kind = _what_is(path)
     if kind in (None, "a folder"):
         return None
