@@ -137,8 +137,7 @@ _RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the run's to handle, never a d
 
 @contextlib.contextmanager
 def _signals_blocked() -> Iterator[None]:
-    """_RUN_SIGNALS blocked in this thread for the block (handled at its end), so a process started
-    in it begins with them blocked. No masks: nothing."""
+    """_RUN_SIGNALS blocked (handled after), so processes started in the block begin blocked."""
     masks = hasattr(signal, "pthread_sigmask")
     before = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS) if masks else None
     try:

@@ -245,8 +245,7 @@ def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
 
 
 def unlock_folder(folder: str) -> None:
-    """Release folder's lock if held. The file stays: removing it would let a run that had just
-    opened it lock a file no longer there while a third locks a new one."""
+    """Release folder's lock if held; the file stays (removing it lets two runs lock two files)."""
     fd = _locks.pop(os.path.realpath(folder), None)
     if fd is not None:
         os.close(fd)
@@ -264,8 +263,7 @@ def _try_flock(fd: int, folder: str, kind: int) -> str | None:
 
 
 def _forget_locks() -> None:
-    """In a forked child (DataLoader worker): close inherited lock fds, so a kill -9'd run is not
-    kept locked by lingering workers. Closing a copy never unlocks the parent."""
+    """In a fork: close inherited lock fds, so lingering workers keep no killed run locked."""
     for fd in _locks.values():
         os.close(fd)
     _locks.clear()

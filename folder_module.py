@@ -50,8 +50,7 @@ def _parent(path: str) -> str:
 
 
 def list_tree(data_dir: str) -> Listing:
-    """DATA_DIR/train's classes and each split's labelled image files in ImageFolder's order (as
-    walk_images lists them), and what was skipped. Opens no file."""
+    """DATA_DIR/train's classes, each split's labelled files (ImageFolder order), what's skipped."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
@@ -156,8 +155,7 @@ def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) ->
 
 
 def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """Each split's (paths, labels) but the skipped, after a warning per skip reason; DataError when
-    a class or split is left without images."""
+    """Each split's (paths, labels) but the skipped, after warnings; DataError if one is empty."""
     for line in listing.skipped.warnings():
         print(f"warning: {line}", file=sys.stderr)
     skip = listing.skipped.every_path()

@@ -117,8 +117,7 @@ def _device_pixels(data: np.ndarray) -> int:
 
 
 def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The JPEGs as uint8 (3, H, W) RGB on the device, one batch; None per failure. One bad file
-    fails a batch, which is then decoded a file at a time."""
+    """JPEGs as uint8 (3, H, W) RGB on device, None per failure; a bad batch goes file by file."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 0.29 deprecates it for TorchCodec
         try:
@@ -164,8 +163,7 @@ def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _draft_scale(height: int, width: int, size: int) -> int:
-    """The reduction (1, 2, 4, 8) Pillow's JPEG draft picks for read_stored (reduce_to asks 2 x size
-    square): the largest keeping both sides at least 2 x size."""
+    """The reduction (1, 2, 4, 8) Pillow's JPEG draft picks: the largest keeping 2 x size."""
     fits = min(width // (2 * size), height // (2 * size))
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 

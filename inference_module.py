@@ -53,8 +53,7 @@ def find_images(paths: list[str]) -> tuple[list[str], walk_module.Skipped]:
 
 
 class PredictionImages(Dataset):
-    """Image files prepared as load_image does, for DataLoader workers: item i is (image, "") or,
-    for an unreadable file, (zeros, the error message)."""
+    """Files prepared as load_image does: item i is (image, "") or, unreadable, (zeros, message)."""
 
     def __init__(self, paths: list[str], image_size: int, mean, std,
                  resize_size: int | None = None):

@@ -146,8 +146,7 @@ T = TypeVar("T")
 
 
 def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
-    """items made in a thread at most `depth` ahead, so making them overlaps using them. Its error
-    is raised here; closing the generator stops the thread."""
+    """items made in a thread up to `depth` ahead; its error raised here; closing this stops it."""
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 

@@ -33,8 +33,7 @@ from callback_module import LRA
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What setup, train and report read besides the modules' configs: each field but resume is the
-    upper-case constant of its name, checked as built."""
+    """What setup, train, report read beyond module configs; each field but resume: a constant."""
 
     model: str
     pretrained: str | None
@@ -61,8 +60,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run's settings: `constants` after PRESET and the command line (paths absolute; what each
-    checkpoint records), and the configs built and checked from them."""
+    """One run's settings: `constants` (after PRESET, flags; paths absolute) and configs built."""
 
     constants: dict[str, typing.Any]
     data: data_module.DataConfig
@@ -109,8 +107,7 @@ FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's st
 
 
 def resume_command(output_dir: str) -> str:
-    """The command resuming output_dir's run (torchrun's with as many processes: another is
-    refused)."""
+    """The command resuming output_dir's run (under torchrun, as many processes: no other resumes)."""
     world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
     launcher = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={local}"] + (
         [f"--nnodes={world // local}", "..."] if world > local else ["--standalone"])
@@ -237,8 +234,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
 
 
 def train(config: Config, run: Run) -> Outcome:
-    """fit, with Ctrl-C, SIGTERM, a non-finite loss or a failed write as a message and status; then
-    the training curves, whatever ended it."""
+    """fit, each way it can stop made a message and status; then the curves, whatever ended it."""
     output_dir, accumulate = run.fit.output_dir, run.fit.accumulate_steps
     go_on = resume_command(output_dir)
     accumulation = f", {accumulate} to an optimizer step" if accumulate > 1 else ""
@@ -357,8 +353,7 @@ def chance_warning(result: dict[str, typing.Any], num_classes: int,
 
 
 def find_lr(config: Config, run: Run, argv: list[str]) -> int:
-    """LR range test instead of training: lr_finder.png, a suggested LR and the command (argv with
-    --find-lr dropped, --lr set) that trains at it."""
+    """LR range test, not training: lr_finder.png, a suggested LR and the command to train at it."""
     try:
         lrs, losses, suggestion = optim_module.find_lr(
             run.state.model, run.data.train, run.state.optimizer,

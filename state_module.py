@@ -39,8 +39,7 @@ class RunInfo:
 
 
 class Snapshot:
-    """The best epoch's model, EMA (if kept) and optimizer state (if a restore uses it), on the
-    device."""
+    """The best epoch's model, EMA (if kept), optimizer state (if a restore uses it), on device."""
 
     def __init__(self, with_optimizer: bool = True):
         self.with_optimizer = with_optimizer
@@ -117,8 +116,7 @@ class TrainState:
 
     @property
     def evaluated_model(self) -> nn.Module:
-        """What validation (so the best epoch) and the final test evaluate: the EMA's copy if kept,
-        else model."""
+        """What validation (hence the best epoch) and the test evaluate: the EMA's copy if kept."""
         return self.ema.module if self.ema is not None else self.model
 
     @property
@@ -127,8 +125,7 @@ class TrainState:
         return self.history[-1]["epoch"] if self.history else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """KEYS and RunInfo's fields, live tensors. All processes call it together: it gathers each
-        one's random state, so a resume continues each."""
+        """KEYS and RunInfo's fields, live tensors; all ranks call it (it gathers RNG states)."""
         optional = {name: part.state_dict() if part is not None else None
                     for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead),
                                        ("ema", self.ema))}

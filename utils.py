@@ -29,8 +29,7 @@ class CheckpointError(ValueError):
 
 
 class TimeAccount:
-    """Where a run's time went by part, in seconds, as Lightning's simple profiler shows; the rest:
-    "other"."""
+    """A run's time by part, in seconds (as Lightning's simple profiler); the rest: "other"."""
 
     def __init__(self, started: float):
         self.started = started  # time.perf_counter() when the process began its work
@@ -74,8 +73,7 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(local_rank: int = 0) -> torch.device:
-    """The accelerator if any (CUDA: this process's GPU under torchrun; MPS; others
-    torch.accelerator knows), else the CPU."""
+    """Accelerator if any (CUDA: this rank's GPU; MPS; any torch.accelerator knows), else CPU."""
     if not torch.accelerator.is_available():
         return torch.device("cpu")
     device = torch.accelerator.current_accelerator()
@@ -114,8 +112,7 @@ def save_torch(obj: Any, path: str) -> None:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in obj (dicts, lists, tuples searched): about what torch.save
-    writes."""
+    """Bytes of the tensors in obj (dicts, lists, tuples searched): about what torch.save writes."""
     if isinstance(obj, torch.Tensor):
         return obj.nelement() * obj.element_size()
     if isinstance(obj, dict):
@@ -131,8 +128,7 @@ def not_a_file(path: str) -> str:
 
 
 def load_torch(path: str, what: str = "checkpoint") -> Any:
-    """torch.load(weights_only=True): other pickled objects (code run on load) refused, never
-    run."""
+    """torch.load(weights_only=True): other pickled objects (code run on load) are refused."""
     if not os.path.isfile(path):  # a FIFO would wait for ever, /dev/zero never end
         raise CheckpointError(f"{what} {path} {not_a_file(path)}")
     try:

@@ -46,8 +46,7 @@ class Skipped:
         return {path for paths in self.paths.values() for path in paths}
 
     def warnings(self) -> list[str]:
-        """A line per reason: how many were skipped, and the first (as printable shows it): "skipped
-        2 unreadable image files, e.g. train/cat/broken.png"."""
+        """A line per reason: "skipped 2 unreadable image files, e.g. a/b.png" (names printable)."""
         lines = []
         for reason, (one, many) in SKIPS.items():
             paths = self.paths.get(reason, [])
@@ -170,8 +169,7 @@ class _Walk:
 
 
 def _list_folder(path: str, skipped: Skipped) -> tuple[Identity, _Listing] | None:
-    """A folder's (device, inode) and listing, others counted skipped; None (counted) if
-    unlistable."""
+    """A folder's (dev, inode) and listing, others counted skipped; None (counted) if unlistable."""
     try:
         status = os.stat(path)
         with os.scandir(path) as scan:
