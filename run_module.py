@@ -107,7 +107,7 @@ FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's st
 
 
 def resume_command(output_dir: str) -> str:
-    """The command resuming output_dir's run (under torchrun, as many processes: no other resumes)."""
+    """The command resuming output_dir's run (torchrun's: as many processes, none other resumes)."""
     world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
     launcher = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={local}"] + (
         [f"--nnodes={world // local}", "..."] if world > local else ["--standalone"])
