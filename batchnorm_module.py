@@ -16,12 +16,11 @@ BATCHNORM_MOMENTUM = 0.1
 
 
 def quicken_batchnorm(model: nn.Module, momentum: float = BATCHNORM_MOMENTUM) -> None:
-    """Raise every BatchNorm's running-statistics momentum to at least `momentum`.
-
-    MobileNetV3, EfficientNet-B5 to B7 and MaxViT use 0.01, MNASNet 0.0003: averages over hundreds
-    (thousands) of steps, made for ImageNet's long epochs. A small folder trains a few steps an
-    epoch while the weights change fast, so eval mode divides by the std of weights long gone, and
-    validation sees another network than training."""
+    """Raise every BatchNorm's running-statistics momentum to at least `momentum`. MobileNetV3,
+    EfficientNet-B5 to B7 and MaxViT use 0.01, MNASNet 0.0003: averages over hundreds (thousands) of
+    steps, made for ImageNet's long epochs. A small folder trains a few steps an epoch while the
+    weights change fast, so eval mode divides by the std of weights long gone, and validation sees
+    another network than training."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
             module.momentum = max(module.momentum, momentum)
@@ -30,13 +29,12 @@ def quicken_batchnorm(model: nn.Module, momentum: float = BATCHNORM_MOMENTUM) ->
 @torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.Tensor]) -> None:
     """Start each BatchNorm's running mean and var at the fresh model's statistics on training
-    images (averaged over a few train-mode batches), not PyTorch's 0 and 1.
-
-    Those are far off for torchvision's init: kaiming fan_out counts a depthwise conv's fan-out C
-    times over, so a fresh MobileNetV3's depthwise and projection layers see variances of 1e-3 to
-    1e-8. Eval mode divides by sqrt(running var), so until the 1 is forgotten the signal shrinks
-    layer by layer and every image gets the same logits (each class 1/num_classes, loss
-    ln(num_classes)). Momentum, random state (dropout, drop paths, shuffling), weights: kept."""
+    images (averaged over a few train-mode batches), not PyTorch's 0 and 1, far off for
+    torchvision's init: kaiming fan_out counts a depthwise conv's fan-out C times over, so a fresh
+    MobileNetV3's depthwise and projection layers see variances of 1e-3 to 1e-8. Eval mode divides
+    by sqrt(running var), so until the 1 is forgotten the signal shrinks layer by layer and every
+    image gets the same logits (each class 1/num_classes, loss ln(num_classes)). Momentum, random
+    state (dropout, stochastic depth, shuffling) and weights stay as they were."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     if not norms:

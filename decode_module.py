@@ -32,12 +32,9 @@ def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, nu
                  desc: str, *, device: torch.device | str | None = None) -> list[tuple[int, str]]:
     """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor, or the
     cache's .npy memmap) in num_workers processes (0: this one); returns (i, message) per unreadable
-    file (its row left black).
-
-    Workers write rows straight into the .npy file, which each opens; rows in memory go through a
-    few shared chunks this process copies. With a CUDA device the JPEGs needing no turning are
-    decoded there first (within a level of Pillow's pixels on average, a few at most); the rest go
-    to the processes."""
+    file (its row left black). Workers write straight into the .npy file; rows in memory go through
+    shared chunks this process copies. With a CUDA device, JPEGs needing no turning are decoded
+    there first (within a level of Pillow's on average, a few at most)."""
     rows = out.numpy() if isinstance(out, torch.Tensor) else out
     assert rows.shape == (len(paths), size, size, 3) and rows.dtype == np.uint8, (
         "out is not N stored squares")

@@ -37,10 +37,9 @@ def check_export(kind: str) -> None:
 def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std: Sequence[float],
            classes: Sequence[str], example_images: torch.Tensor,
            resize_size: int | None = None) -> float:
-    """Write the model in eval mode for inference elsewhere, and check the file by running it.
-
-    Both kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images'
-    size, any batch, and return logits; both carry normalisation, sizes and class names (ONNX:
+    """Write the model in eval mode for inference elsewhere, and check the file by running it. Both
+    kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images' size,
+    any batch, and return logits; both carry normalisation, sizes and class names (ONNX:
     metadata_props, values JSON; pt2: extra file "metadata.json"). Exported and compared as a
     float32 CPU copy. Returns max |file - model| / max |model| over batch sizes 1 and 5, the latter
     max over all five images, so an image with logits all near 0 makes no rounding look large."""

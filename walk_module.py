@@ -67,13 +67,12 @@ class Skipped:
 
 
 def walk_images(roots: list[str], skipped: Skipped) -> list[list[str]]:
-    """Each root's image files, recursively: folders in sorted(os.walk) order, files by name. Only
-    regular files with an image extension; the rest (SKIPS) are counted in skipped, never opened.
-
-    Folder links are followed; each real folder is read once, for one root: the roots' own folders
-    first, then those only links reach, for the root holding the first link. So a link elsewhere
-    (another disk) adds its images, one into the tree adds nothing twice. A link to a folder on its
-    own path (itself, a parent, one the walk came through) would loop: DataError, naming it."""
+    """Each root's image files, recursively: folders in sorted(os.walk) order, files by name; only
+    regular files with an image extension, the rest (SKIPS) counted in skipped, never opened. Folder
+    links are followed; each real folder is read once, for one root: the roots' own folders first,
+    then those only links reach, for the root holding the first link. So a link elsewhere (another
+    disk) adds its images, one into the tree adds nothing twice. A link to a folder on its own path
+    (itself, a parent, one the walk came through) would loop: DataError, naming it."""
     walk = _Walk(skipped, [[] for _ in roots])
     tops = [walk.read(root, r) for r, root in enumerate(roots)]
     if walk.links:
