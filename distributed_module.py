@@ -48,7 +48,7 @@ def init_distributed(timeout: float) -> tuple[int, int, int]:
 def _fresh_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
     """The group's store, under a prefix only this start uses. torchrun's agent keeps one TCPStore
     across restarts (TORCHELASTIC_USE_AGENT_STORE), read with no prefix, so a restart reads the
-    killed start's keys: dead processes' gloo addresses ("Gloo connectFullMesh failed", or a hang).
+    killed start's keys: dead ranks' gloo addresses ("Gloo connectFullMesh failed", or a hang).
     TORCHELASTIC_RESTART_COUNT can't tell starts apart (each node counts its own,
     pytorch/pytorch#135712), so rank 0 draws a fresh number from the store's counter and hands it to
     each rank under a key named by a ticket that rank alone drew: no earlier start's key can answer
