@@ -50,8 +50,8 @@ def _fresh_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dis
     across restarts (TORCHELASTIC_USE_AGENT_STORE), read with no prefix, so a restart reads the
     killed start's keys: dead ranks' gloo addresses ("Gloo connectFullMesh failed", or a hang).
     TORCHELASTIC_RESTART_COUNT can't tell starts apart: nodes count their own
-    (pytorch/pytorch#135712). So rank 0 draws a fresh number from the store's counter for each rank,
-    under a key named by a ticket that rank alone drew: no earlier start's key answers it."""
+    (pytorch/pytorch#135712). So rank 0 draws one fresh number from the store's counter, given to
+    each rank under a key named by a ticket it alone drew: no earlier start's key answers."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # rank 0 hosts a new one
         store = dist.TCPStore(address, port, world_size, rank == 0, timeout=timeout)
