@@ -143,8 +143,7 @@ def fsync_folder(folder: str) -> None:
     try:
         os.fsync(fd)
     except OSError as error:
-        # EINVAL: a file system that cannot sync folders; nothing more to do
-        if error.errno != errno.EINVAL:
+        if error.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync folders
             raise
     finally:
         os.close(fd)
@@ -177,8 +176,7 @@ class FolderInUse(OSError):
     """OUTPUT_DIR is locked by another run that is still going."""
 
 
-# folder (its real path) -> the descriptor whose flock this process holds
-_locks: dict[str, int] = {}
+_locks: dict[str, int] = {}  # a folder's real path -> the fd whose flock this process holds
 
 
 def check_unlocked(folder: str, main_process: bool = True) -> None:

@@ -46,8 +46,7 @@ class RunConfig:
     tracker: str | None
     dist_timeout: float  # read before the configs are built (init_distributed); checked here too
     resume: str | None  # RESUME's checkpoint ("auto": OUTPUT_DIR's, when there); None: a new run
-    # a CPU run of at least this many training steps first times bf16 against fp32
-    bf16_trial_steps: int
+    bf16_trial_steps: int  # a CPU run of this many steps or more first times bf16 against fp32
 
     def __post_init__(self) -> None:
         model_module.check_name(self.model)
@@ -77,8 +76,7 @@ class Run:
     device: torch.device
     data: data_module.Data
     state: state_module.TrainState
-    # the config's, with what setup found out: precision, CUDA graph, processes
-    fit: train_module.FitConfig
+    fit: train_module.FitConfig  # the config's + setup's findings: precision, CUDA graph, processes
     rank: int
     account: utils.TimeAccount  # where the run's time goes
     tracker: tracker_module.Guarded | None = None
@@ -95,8 +93,7 @@ class Outcome:
     status: int
     history: list[dict] = dataclasses.field(default_factory=list)  # one metrics dict per epoch
     fit_seconds: float | None = None  # the whole of fit: training, validation, LRA and the files
-    # evaluate's result on the test set, and its "seconds"
-    test: dict[str, typing.Any] | None = None
+    test: dict[str, typing.Any] | None = None  # evaluate's test-set result, with its "seconds"
     time: dict[str, float] | None = None  # the time account: seconds by part, "other" and "total"
 
 
