@@ -128,7 +128,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     folder_module.check_outside_data(config.data, output_dir)  # before anything is read or written
     files_module.check_writable(output_dir)
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
-    files_module.check_unlocked(output_dir, main_process=rank == 0)  # another run there: now
+    files_module.check_unlocked(output_dir, main_process=rank == 0)  # a live run there: refuse now
     if saved and len(saved["rng"]) != world_size:  # one random state per process of the run
         raise utils.CheckpointError(f"RESUME {options.resume} was saved by {len(saved['rng'])} "
                                     f"processes and this run has {world_size}: each one's batch "
