@@ -134,7 +134,8 @@ _RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the run's to handle, never a d
 
 @contextlib.contextmanager
 def _signals_blocked() -> Iterator[None]:
-    """_RUN_SIGNALS blocked (handled after), so processes started in the block begin blocked."""
+    """_RUN_SIGNALS blocked in this thread for the block (handled at its end), so processes started
+    in it begin with them blocked. No masks: nothing."""
     masks = hasattr(signal, "pthread_sigmask")
     before = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS) if masks else None
     try:

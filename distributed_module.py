@@ -26,7 +26,8 @@ _said = threading.Lock()  # rank 0 prints one failure line, from whichever threa
 
 
 def init_distributed(timeout: float) -> tuple[int, int, int]:
-    """Join torchrun's group if under it (timeout: a collective's wait, s): (rank, world, local)."""
+    """Join torchrun's group when launched by it (timeout: seconds a collective waits); returns
+    (rank, world size, local rank)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
@@ -201,7 +202,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def share_buffers(*models: torch.nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm stats) on all: each last step set its own; all must agree."""
+    """Rank 0's buffers (BatchNorm stats) on every rank: each one's last step set its own, but all
+    must evaluate one model."""
     if is_distributed():
         for buffer in {id(b): b for model in models for b in model.buffers()}.values():
             dist.broadcast(buffer, src=0)

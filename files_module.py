@@ -261,7 +261,8 @@ def _try_flock(fd: int, folder: str, kind: int) -> str | None:
 
 
 def _forget_locks() -> None:
-    """In a fork: close inherited lock fds, so lingering workers keep no killed run locked."""
+    """In a forked child: close inherited lock fds (the parent's lock holds), so lingering workers
+    keep no killed run locked."""
     for fd in _locks.values():
         os.close(fd)
     _locks.clear()

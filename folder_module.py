@@ -50,7 +50,8 @@ def _parent(path: str) -> str:
 
 
 def list_tree(data_dir: str) -> Listing:
-    """DATA_DIR/train's classes, each split's labelled files (ImageFolder order), what's skipped."""
+    """train/'s classes, each split's labelled files (ImageFolder order), the skips; opens no
+    file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
@@ -155,7 +156,7 @@ def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) ->
 
 
 def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """Each split's (paths, labels) but the skipped, after warnings; DataError if one is empty."""
+    """Each split's (paths, labels) but the skipped (warned); DataError: a class or split empty."""
     for line in listing.skipped.warnings():
         print(f"warning: {line}", file=sys.stderr)
     skip = listing.skipped.every_path()
@@ -168,7 +169,7 @@ def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
 
 
 def _scan_folder(listing: Listing, size: int) -> dict[str, ImageFiles]:
-    """A listing's splits: files Pillow opens within its pixel limit (others skipped), size px."""
+    """Splits of files Pillow opens under its pixel limit (others skipped), as size-px squares."""
     for samples in listing.splits.values():
         for path, _ in samples:
             reason = check_image(path)
