@@ -50,8 +50,7 @@ def _parent(path: str) -> str:
 
 
 def list_tree(data_dir: str) -> Listing:
-    """train/'s classes, each split's labelled files (ImageFolder order), the skips; opens no
-    file."""
+    """train/'s classes, each split's labelled files (ImageFolder order), skips; opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
