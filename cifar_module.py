@@ -106,7 +106,7 @@ def _read_batch(path: str) -> dict:
 
 def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, list[str]]:
-    """CIFAR-10 (train images, labels, test images, labels, classes), uint8 NHWC; got if missing."""
+    """CIFAR-10 as (train x, y, test x, y, classes): uint8 NHWC, int64; downloaded if missing."""
     if os.path.isfile(data_dir):
         raise DataError(_file_message(data_dir, "cifar-10-batches-py/"))
     folder = os.path.join(data_dir, CIFAR10.base_folder)
