@@ -1,5 +1,5 @@
-"""CIFAR-10 (the python version): downloaded when missing, its batch files read with an unpickler
-that runs no code a file names, checked, and handed over as uint8 tensors (read_cifar10)."""
+"""CIFAR-10 (the python version): downloaded when missing, read with an unpickler that runs no code
+a file names, checked, handed over as uint8 tensors."""
 
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches
 
 
 class CIFAR10(datasets.CIFAR10):
-    """torchvision's CIFAR-10, its batch files read by _read_batch (which runs no code a file names)
-    and not checked against their sums: copies rebuilt from other sources (from JPEGs, say) have
-    other sums. The downloaded archive's checksum is still checked (_download_cifar10)."""
+    """torchvision's CIFAR-10 read by _read_batch, not checked against sums: copies rebuilt
+    elsewhere (from JPEGs, say) differ. The download's checksum is still checked."""
 
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
     test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
@@ -48,9 +47,9 @@ CIFAR_BATCH_BYTES = 64 * 2**20  # the most a batch file may take: one of 10,000 
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """An unpickler for CIFAR-10's batch files, which hold dicts, lists, text, numbers and numpy
-    arrays. A pickle may name any function to call as it loads (os.system, say): find_class admits
-    only those that rebuild a numpy array, so a crafted file is refused before its code runs."""
+    """An unpickler for CIFAR-10's batch files (dicts, lists, text, numbers, numpy arrays). A pickle
+    may call any function as it loads (os.system, say): find_class admits only numpy's rebuilders,
+    so a crafted file is refused before its code runs."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"),  # numpy 1 (the official files)
                ("numpy._core.multiarray", "_reconstruct"),  # numpy 2
@@ -70,9 +69,8 @@ class _Crafted(pickle.UnpicklingError):
 
 
 def _read_batch(path: str) -> dict:
-    """A CIFAR-10 batch file (the python version's pickle), read with _BatchUnpickler and checked:
-    "data" uint8 rows of 3,072 with one of "labels" (0-9) each, or batches.meta's "label_names".
-    DataError naming the file otherwise; a crafted file's code never runs."""
+    """A CIFAR-10 batch file read with _BatchUnpickler and checked: "data" uint8 rows of 3,072, one
+    of "labels" (0-9) each, or batches.meta's "label_names"; else DataError naming it."""
     fix = f"replace it, or delete {os.path.dirname(path)} to download CIFAR-10 again"
     size = os.path.getsize(path)
     if size > CIFAR_BATCH_BYTES:
@@ -99,9 +97,8 @@ def _read_batch(path: str) -> dict:
         raise DataError(f"{path} is not a CIFAR-10 batch file: it calls {error} as it loads, "
                         "which CIFAR-10's never do (it may be crafted to run code), "
                         f"so it was refused and nothing in it ran; {fix}") from None
-    # a pickle that is cut short or foreign fails in any of these ways
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError,
-            IndexError, MemoryError, RecursionError) as error:
+            IndexError, MemoryError, RecursionError) as error:  # how a cut or foreign pickle fails
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         message = f"{path} is not a readable CIFAR-10 batch file ({detail}); {fix}"
         raise DataError(message) from None
@@ -109,8 +106,7 @@ def _read_batch(path: str) -> dict:
 
 def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, list[str]]:
-    """CIFAR-10 as (train images, train labels, test images, test labels, class names): uint8
-    (N, 32, 32, 3) images and int64 labels, downloaded first when missing."""
+    """CIFAR-10 as (train x, y, test x, y, classes): uint8 NHWC, int64; downloaded if missing."""
     if os.path.isfile(data_dir):
         raise DataError(_file_message(data_dir, "cifar-10-batches-py/"))
     folder = os.path.join(data_dir, CIFAR10.base_folder)
@@ -139,9 +135,9 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
 
 
 def _download_cifar10(data_dir: str) -> None:
-    """Download and unpack CIFAR-10 into data_dir. When that fails (or is interrupted), what the
-    attempt made is removed: data_dir and the parents it lacked, or in a data_dir that was there,
-    the archive and the folder that were not, so a mistyped DATA_DIR leaves nothing behind."""
+    """Download and unpack CIFAR-10 into data_dir. On failure or interrupt what it made goes
+    (data_dir and parents it lacked, else the new archive and folder): a mistyped DATA_DIR leaves
+    nothing."""
     missing = _outermost_missing(data_dir)
     made = [os.path.join(data_dir, name) for name in (CIFAR10.filename, CIFAR10.base_folder)]
     made = [missing] if missing else [path for path in made if not os.path.lexists(path)]
@@ -159,8 +155,7 @@ def _download_cifar10(data_dir: str) -> None:
 
 
 def _outermost_missing(path: str) -> str | None:
-    """The outermost folder of path that does not exist (path itself when only it is missing); None
-    when path exists."""
+    """The outermost missing folder of path (path if only it is missing); None when path exists."""
     missing, path = None, os.path.abspath(path)
     while not os.path.lexists(path):
         missing, path = path, os.path.dirname(path)

@@ -1,6 +1,5 @@
-"""Many image files decoded as image_module.read_stored reads them into uint8 rows: in parallel
-worker processes (which die with the run and are named when they die), after the JPEGs a CUDA
-device can take (gpu_decode_module)."""
+"""Many image files decoded as image_module.read_stored reads them into uint8 rows: in worker
+processes (dying with the run, named when they die), after the JPEGs a CUDA device takes."""
 
 from __future__ import annotations
 
@@ -31,18 +30,11 @@ DECODE_CHUNK = 16
 
 def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, num_workers: int,
                  desc: str, *, device: torch.device | str | None = None) -> list[tuple[int, str]]:
-    """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor in
-    memory, or the cache's np.memmap of its .npy file), in num_workers processes (0: in this one)
-    with a progress bar; returns (i, message) for each file that could not be read (its row left
-    black).
-
-    Workers take DECODE_CHUNK file names at a time and write their rows straight into the .npy file,
-    which each opens itself; rows in memory they write into a few shared chunks, which this process
-    copies into out. Only the failures come back.
-
-    With a CUDA device, the JPEGs that need no turning are decoded there first, in batches
-    (_decode_jpegs: within a level of Pillow's pixels on average, a few at most); the other files,
-    and any JPEG the device could not decode, then go to the processes as above."""
+    """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor, or the
+    cache's .npy memmap) in num_workers processes (0: this one); returns (i, message) per unreadable
+    file (its row left black). Workers write straight into the .npy file; rows in memory go through
+    shared chunks this process copies. With a CUDA device, JPEGs needing no turning are decoded
+    there first (within a level of Pillow's on average, a few at most)."""
     rows = out.numpy() if isinstance(out, torch.Tensor) else out
     assert rows.shape == (len(paths), size, size, 3) and rows.dtype == np.uint8, (
         "out is not N stored squares")
@@ -56,8 +48,7 @@ def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, nu
 
 def _decode_in_processes(paths: list[str], files: list[int], rows: np.ndarray, num_workers: int,
                          bar: tqdm) -> list[tuple[int, str]]:
-    """decode_files' CPU path: the files numbered `files` (ascending) into their rows, as
-    decode_files says."""
+    """decode_files' CPU path for the files numbered `files` (ascending)."""
     size, failures = rows.shape[1], []
     if num_workers == 0 or not files:
         for i in files:
@@ -82,8 +73,7 @@ def _decode_in_processes(paths: list[str], files: list[int], rows: np.ndarray, n
 
 
 def _stored_bytes(path: str, size: int) -> tuple[bytes, str]:
-    """read_stored's pixels as bytes (size rows of size RGB pixels) and "", or zeros and the message
-    of a file that cannot be read."""
+    """(read_stored's RGB pixels as bytes, ""), or (zeros, message) for an unreadable file."""
     try:
         return image_module.read_stored(path, size).tobytes(), ""
     except image_module.DataError as error:
@@ -95,10 +85,9 @@ _target: _RowFile | _RowArray | None = None  # in a decoding worker process: whe
 
 def _decode_task(task: tuple[list[int], list[str], int | None, int | None], decoding,
                  worker: int) -> tuple[list[int], int | None, list[tuple[int, str]]]:
-    """In a worker: files numbered `files` (their paths given) decoded into their own rows of the
-    target (first None), or into its rows from `first` on; (files, slot, failures). decoding[worker]
-    holds the number of the file being decoded, for the parent to name should this process die (-1
-    between tasks)."""
+    """In a worker: decode `files` into their own target rows (first None) or rows from `first` on;
+    (files, slot, failures). decoding[worker] holds the file being decoded (-1 between tasks), for
+    the parent to name should this process die."""
     files, paths, first, slot = task
     failures = []
     for k, (i, path) in enumerate(zip(files, paths)):
@@ -112,10 +101,9 @@ def _decode_task(task: tuple[list[int], list[str], int | None, int | None], deco
 
 def _work(connection: Connection, parents_ends: list[Connection], target: _RowFile | _RowArray,
           decoding, worker: int, parent: int) -> None:
-    """A decoding worker's life: the tasks sent to it, one at a time, each answered with
-    _decode_task's result (or the error it raised) until None comes, or the parent is gone. It
-    leaves Ctrl-C to the parent and dies with it. parents_ends: the parent's ends of the pipes so
-    far, which a forked worker closes (so that its pipe ends with the parent)."""
+    """A decoding worker: answer each task with _decode_task's result (or its error) until None or
+    the parent is gone; leaves Ctrl-C to the parent and dies with it. parents_ends: the parent's
+    pipe ends so far, which a forked worker closes so its pipe ends with the parent."""
     global _target
     for end in parents_ends:
         end.close()
@@ -146,8 +134,8 @@ _RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the run's to handle, never a d
 
 @contextlib.contextmanager
 def _signals_blocked() -> Iterator[None]:
-    """_RUN_SIGNALS blocked in this thread for the block (held until its end, when Python runs their
-    handlers), so that a process started in it begins with them blocked. No masks: nothing."""
+    """_RUN_SIGNALS blocked in this thread for the block (handled at its end), so processes started
+    in it begin with them blocked. No masks: nothing."""
     masks = hasattr(signal, "pthread_sigmask")
     before = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS) if masks else None
     try:
@@ -158,11 +146,9 @@ def _signals_blocked() -> Iterator[None]:
 
 
 class _Workers:
-    """Decoding worker processes, each sent tasks of its own through a pipe, with shared memory
-    where each notes the file it is decoding. A worker that dies (the out-of-memory killer, a crash
-    in a decoder) is noticed at once and raises WorkerDied naming that file, where
-    multiprocessing.Pool would start another and wait forever for the lost task. Leaving the block
-    stops them all."""
+    """Decoding processes, each with its own task pipe and a shared slot naming its file. A worker
+    that dies (OOM killer, decoder crash) raises WorkerDied naming that file at once, where
+    multiprocessing.Pool would wait forever for the lost task. Leaving the block stops them all."""
 
     def __init__(self, context: multiprocessing.context.BaseContext, count: int,
                  target: _RowFile | _RowArray, paths: list[str]):
@@ -203,8 +189,7 @@ class _Workers:
         self.held[worker] += 1
 
     def result(self) -> tuple[int, object]:
-        """The next answer of any worker, and which worker gave it; WorkerDied when one died holding
-        tasks."""
+        """(worker, its next answer), from any worker; WorkerDied when one died holding tasks."""
         while True:
             watched = [w for w in range(self.count) if self.held[w]]
             ready = multiprocessing.connection.wait([self.connections[w] for w in watched] +
@@ -226,10 +211,9 @@ class _Workers:
 
 def _in_turn(workers: _Workers, paths: list[str], files: list[int], chunk: int,
              scratch: bool) -> Iterator[tuple[list[int], int | None, list[tuple[int, str]]]]:
-    """What _decode_task returns for each chunk of the files (numbers into paths), as workers finish
-    them: into their own rows (slot None), or into scratch slot s (rows s * chunk on). Each worker
-    holds two tasks, so that it has the next one when it finishes one; with scratch, each of its
-    tasks has a slot of its own, given the worker's next chunk once the caller took its rows."""
+    """_decode_task's result per chunk of files as workers finish: into their own rows (slot None)
+    or scratch slot s (rows s * chunk on). Each worker holds two tasks, so it never waits for the
+    next; with scratch each task owns a slot, reused once the caller took its rows."""
     starts = iter(range(0, len(files), chunk))
 
     def submit(worker: int, slot: int | None) -> int:
@@ -252,9 +236,8 @@ def _in_turn(workers: _Workers, paths: list[str], files: list[int], chunk: int,
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork on Linux: workers start at once, sharing this process's imports and memory, as
-    DataLoader workers do there (they touch no torch tensor, so torch's threads are not missed);
-    else the platform's default (spawn), whose workers import this module."""
+    """fork on Linux: workers start at once sharing imports and memory, as DataLoader's do (they
+    touch no tensor, so torch's threads are not missed); else the default (spawn)."""
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context()
@@ -263,13 +246,10 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 @contextlib.contextmanager
 def _shared_rows(rows: np.ndarray, scratch_rows: int, context: multiprocessing.context.BaseContext
                  ) -> Iterator[tuple[_RowFile | _RowArray, np.ndarray | None]]:
-    """Where workers write, and the scratch to copy rows from (None: they write rows themselves).
-
-    A .npy file's whole memory map (the cache): the file, which workers open. Rows in private
-    memory: a scratch of scratch_rows rows, reused, in shared anonymous memory that forked workers
-    inherit, else in a small temporary file. Reused, because the first write to shared memory is
-    slow: on a 2-core VM, 150 us for a 256-px row (48 new pages), against 28 us once its pages are
-    there."""
+    """(where workers write, scratch to copy rows from or None): a .npy memmap's file itself, else a
+    reused scratch of scratch_rows rows, in shared anonymous memory forked workers inherit or a
+    temporary file. Reused: a first write to shared memory is slow (a 256-px row, 48 new pages: 150
+    us against 28 us on a 2-core VM)."""
     size = rows.shape[1]
     if _in_a_file(rows):
         yield _RowFile(rows.filename, rows.offset, size), None

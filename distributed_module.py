@@ -1,6 +1,5 @@
-"""The torchrun helpers: joining and leaving the process group, the sums, gathers and broadcasts
-between its processes (each the value itself when a process is alone), and ending every process
-together when one fails."""
+"""The torchrun helpers: joining and leaving the group, sums, gathers and broadcasts (the value
+itself when alone), and ending every process together when one fails."""
 
 from __future__ import annotations
 
@@ -27,8 +26,8 @@ _said = threading.Lock()  # rank 0 prints one failure line, from whichever threa
 
 
 def init_distributed(timeout: float) -> tuple[int, int, int]:
-    """Join the torchrun process group when launched by torchrun (timeout: the seconds any process
-    waits for the others at a collective); returns (rank, world size, local rank)."""
+    """Join torchrun's group when launched by it (timeout: seconds a collective waits); returns
+    (rank, world size, local rank)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, 0
@@ -48,15 +47,12 @@ def init_distributed(timeout: float) -> tuple[int, int, int]:
 
 
 def _fresh_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
-    """The group's store, under a prefix that this start of the group alone uses.
-
-    torchrun's agent hosts one TCPStore for every restart of a run (TORCHELASTIC_USE_AGENT_STORE),
-    and init_process_group reads it with no prefix, so the workers of a restart read the keys the
-    killed start left: gloo's addresses of dead processes ("Gloo connectFullMesh failed", or a
-    hang). TORCHELASTIC_RESTART_COUNT cannot tell the starts apart: each node's agent counts its own
-    restarts (pytorch/pytorch#135712). So rank 0 draws a number no start drew before from the
-    store's counter, and hands it to each rank under a key named after a ticket that rank alone
-    drew: no key of an earlier start can answer it."""
+    """The group's store, under a prefix only this start uses. torchrun's agent keeps one TCPStore
+    across restarts (TORCHELASTIC_USE_AGENT_STORE), read with no prefix, so a restart reads the
+    killed start's keys: dead ranks' gloo addresses ("Gloo connectFullMesh failed", or a hang).
+    TORCHELASTIC_RESTART_COUNT can't tell starts apart: nodes count their own
+    (pytorch/pytorch#135712). So rank 0 draws one fresh number from the store's counter, given to
+    each rank under a key named by a ticket it alone drew: no earlier start's key answers."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # rank 0 hosts a new one
         store = dist.TCPStore(address, port, world_size, rank == 0, timeout=timeout)
@@ -83,17 +79,15 @@ def _fresh_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dis
 
 
 def _watch(store: dist.Store, rank: int, stop: threading.Event) -> None:
-    """The failure watch (a daemon thread): when another process has failed, rank 0 prints its line
-    and this process ends with its status, wherever its main thread waits (NCCL's collectives never
-    notice a peer that left)."""
+    """Daemon thread: when another process failed, rank 0 prints its line and this one ends with its
+    status, wherever the main thread waits (NCCL collectives never notice a peer that left)."""
     while not stop.wait(POLL_SECONDS):
         try:
             failure = _failure(store) if store.check([FAILURE]) else None
         except (dist.DistError, ValueError):  # the agent's store is gone: torchrun is ending
             return
         if failure is not None and failure[0] != rank and not stop.is_set():
-            # interrupted too (a terminal's Ctrl-C reaches every process): it ends on its own, once
-            # the files it is writing (the training curves, say) land whole
+            # interrupted too (Ctrl-C reaches all): it ends itself once its files land whole
             if process_module.ended() and stop.wait(WRITE_SECONDS):
                 return
             _tell(store, rank, failure[2])
@@ -120,10 +114,9 @@ def _tell(store: dist.Store, rank: int, line: str) -> None:
 
 
 def end_together(status: int, line: str | None) -> int:
-    """A run that stops early with status: alone, print line. Under torchrun, the first process to
-    fail sets every process's status and line, before any leaves, so none waits at a collective for
-    it: rank 0 prints the line, the others wait (a few seconds) until it has. Returns the status to
-    exit with."""
+    """The status to exit with, and line printed, for a run stopping early. Under torchrun the first
+    to fail sets all processes' status and line before any leaves, so none waits at a collective for
+    it; rank 0 prints, the others wait a few seconds until it has."""
     if "store" not in _group:
         if line:
             print(line, file=sys.stderr)
@@ -147,9 +140,8 @@ def end_together(status: int, line: str | None) -> int:
 
 
 def node_first(make: Callable[[], T], doing: str) -> T:
-    """make() on each node's local rank 0 first, while the node's other processes wait (doing: what
-    it does, for the one line a wait prints); then on them. A decoded-image cache on each node's
-    local disk is built once, and the others open it."""
+    """make() on each node's local rank 0 first, then on the rest (doing: for the line a wait
+    prints), so a node-local image cache is built once and the others open it."""
     if "store" not in _group:
         return make()
     key = f"node_first/{os.environ.get('GROUP_RANK', '0')}/{doing}"
@@ -169,9 +161,8 @@ def node_first(make: Callable[[], T], doing: str) -> T:
 
 
 def failed_collective(error: Exception, died: int) -> int | None:
-    """The exit status for an error escaping a run under torchrun: the status of the process whose
-    failure broke a collective (rank 0 prints its line), died for a process that ended without a
-    word (killed; rank 0 says so), or None when the error is this process's own."""
+    """Exit status for an error escaping a torchrun run: that of the process whose failure broke a
+    collective, died for one that ended without a word (killed), None if the error is our own."""
     if "store" not in _group or not (isinstance(error, dist.DistError) or "gloo" in str(error)):
         return None
     store = _group["store"]
@@ -211,8 +202,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def share_buffers(*models: torch.nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm's running statistics) in every process's models: each process's
-    last training step updated its own from its own batch, and all must evaluate one model."""
+    """Rank 0's buffers (BatchNorm stats) on every rank: each one's last step set its own, but all
+    must evaluate one model."""
     if is_distributed():
         for buffer in {id(b): b for model in models for b in model.buffers()}.values():
             dist.broadcast(buffer, src=0)
@@ -228,9 +219,8 @@ def gather(obj: Any) -> list[Any]:
 
 
 def from_rank_0(value: Any) -> Any:
-    """Rank 0's value (JSON: LRA's prompt's answers) on every process, however long rank 0 takes
-    to have it (a person at the prompt): the others poll the store, where a collective would end
-    them after DIST_TIMEOUT. The value itself when alone."""
+    """Rank 0's JSON value (LRA's prompt answers) on every process, however long a person takes: the
+    others poll the store, where a collective would end them after DIST_TIMEOUT."""
     if "store" not in _group:
         return value
     _group["shared"] += 1  # every process shares as often, in order (init_distributed sets 0)

@@ -1,5 +1,5 @@
-"""Export for inference elsewhere: a trained model written as ONNX or torch.export's .pt2, with
-its preprocessing and class names, and checked by running the file against PyTorch."""
+"""Export for inference elsewhere: a trained model as ONNX or .pt2 with its preprocessing and class
+names, checked by running the file against PyTorch."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ _EXPORT_PACKAGES = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "pt2": ()}
 
 
 def check_export(kind: str) -> None:
-    """Raise ValueError, before any training, when EXPORT names no kind or its packages are
-    missing."""
+    """ValueError, before any training, when EXPORT names no kind or its packages are missing."""
     if kind not in EXPORT_KINDS:
         raise ValueError(messages_module.not_known("EXPORT", kind, EXPORT_KINDS))
     missing = [name for name in _EXPORT_PACKAGES[kind] if importlib.util.find_spec(name) is None]
@@ -38,18 +37,12 @@ def check_export(kind: str) -> None:
 def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std: Sequence[float],
            classes: Sequence[str], example_images: torch.Tensor,
            resize_size: int | None = None) -> float:
-    """Write the model in eval mode for inference outside this pipeline, and check the file by
-    running it.
-
-    Both kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images'
-    size, any batch size, and return logits; both carry the normalisation, the sizes and the class
-    names (ONNX in its metadata_props, each value JSON; pt2 in its extra file "metadata.json").
-    "onnx": torch.onnx's torch.export-based exporter, run back with onnxruntime; "pt2":
-    torch.export's ExportedProgram (torch.export.load(path).module()). The export and the comparison
-    run on a float32 copy on the CPU. Returns the largest relative difference between the file's
-    logits and the model's on example_images at batch sizes 1 and 5: max |file - model| / max
-    |model|, the latter over all five images, so that an image whose logits are all near 0 does not
-    make a rounding difference look large."""
+    """Write the model in eval mode for inference elsewhere, and check the file by running it. Both
+    kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images' size,
+    any batch, and return logits; both carry normalisation, sizes and class names (ONNX:
+    metadata_props, values JSON; pt2: extra file "metadata.json"). Exported and compared as a
+    float32 CPU copy. Returns max |file - model| / max |model| over batch sizes 1 and 5, the latter
+    max over all five images, so an image with logits all near 0 makes no rounding look large."""
     check_export(kind)
     model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
     images = example_images.detach().cpu().float().contiguous()
@@ -57,8 +50,7 @@ def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std
     metadata = {"input": "normalised float32 NCHW images: (pixels / 255 - mean) / std",
                 "output": "logits", "mean": list(mean), "std": list(std), "classes": list(classes),
                 "image_size": images.shape[-1], "resize_size": resize_size}
-    # traced at batch 2: torch.export specialises sizes 0 and 1
-    batch = {0: torch.export.Dim("batch")}
+    batch = {0: torch.export.Dim("batch")}  # traced at batch 2: export specialises sizes 0 and 1
     if kind == "onnx":
         run = _export_onnx(model, path, images[:2], batch, metadata)
     else:
@@ -72,16 +64,14 @@ def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std
 
 def _export_onnx(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
                  metadata: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Write model.onnx (one file, the metadata added) and return a function that runs it with
-    onnxruntime."""
+    """Write model.onnx (one file, metadata added); return a function running it in onnxruntime."""
     # only export needs these (check_export names them): python main.py runs without them
     import onnx
     import onnxruntime
 
     program = torch.onnx.export(model, (images,), None, dynamo=True, input_names=["images"],
                                 output_names=["logits"], dynamic_shapes=(batch,), verbose=False)
-    # serialised here, not by export(f=path), which puts the weights in a second file
-    proto = program.model_proto
+    proto = program.model_proto  # serialised here: export(f=path) puts weights in a second file
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in metadata.items()})
     files_module.atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -90,8 +80,7 @@ def _export_onnx(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
 
 def _export_pt2(model: nn.Module, path: str, images: torch.Tensor, batch: dict,
                 metadata: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Write model.pt2 (torch.export.save, the metadata as an extra file) and return its loaded
-    module."""
+    """Write model.pt2 (torch.export.save, metadata as an extra file); return its loaded module."""
     program = torch.export.export(model, (images,), dynamic_shapes=(batch,))
     files_module.atomic_write(path, lambda f: torch.export.save(
         program, f, extra_files={"metadata.json": json.dumps(metadata)}))

@@ -1,5 +1,4 @@
-"""Writing the run's files safely: atomic writes with the umask's mode, a full or failing disk
-told in one line, links and other non-files refused, and the output folder's checks and lock."""
+"""Writing the run's files safely: atomic writes, one-line disk errors, links refused, the lock."""
 
 from __future__ import annotations
 
@@ -34,9 +33,8 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()
 
 
-# tests: called with each path atomic_write is about to write,
+# tests: called on each path atomic_write writes; raises OSError (ENOSPC, EIO, EROFS) as a disk may
 write_fault: Callable[[str], None] | None = None
-# raising OSError (ENOSPC, EIO, EROFS) as a full, failing or read-only disk would
 
 
 class FileError(OSError):
@@ -47,8 +45,7 @@ class FileError(OSError):
 
 
 class WriteFailed(FileError):
-    """A file could not be written: the one line says which, in which folder, why, and (a full disk)
-    how much room there is against what it needs."""
+    """A failed write in one line: which file, folder, why, and on a full disk free vs needed."""
 
     def __init__(self, path: str, error: OSError, needed: int | None = None):
         folder, name = os.path.split(os.path.abspath(path))
@@ -67,8 +64,7 @@ def megabytes(n: int) -> str:
 
 
 def free_bytes(folder: str) -> int:
-    """The free space of the file system that holds folder (or, when it does not exist yet, its
-    nearest parent)."""
+    """Free space of the file system holding folder (or its nearest existing parent)."""
     folder = os.path.abspath(folder)
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
@@ -76,10 +72,8 @@ def free_bytes(folder: str) -> int:
 
 
 def atomic_write(path: str, write: Callable[[Any], None], needed: int | None = None) -> None:
-    """Write a file through a temporary file in the same folder and os.replace, so a crash or a
-    power cut at any moment leaves either the old file or the new one, never half of one. The file
-    gets the umask's mode, as open() would give it. Any failure to write raises WriteFailed (needed:
-    the bytes the file takes, for its message)."""
+    """Write via a temp file in the same folder and os.replace: a crash leaves the old file or the
+    new, never half. Mode as open() gives; failures raise WriteFailed (needed: its bytes)."""
     folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
         if write_fault is not None:
@@ -112,9 +106,8 @@ def write_json(path: str, obj: Any, indent: int | None = None) -> None:
 
 
 def not_a_plain_file(path: str) -> str | None:
-    """Why path may not be replaced or moved as one of a run's files, in words: "PATH is a symbolic
-    link to /etc/passwd, not a file of a run; ..." (or a folder, a FIFO, ...); None when it is a
-    regular file or absent. Looked at with lstat: a link is never followed."""
+    """Why path may not be replaced as a run's file ("PATH is a symbolic link to ..., not a file of
+    a run; ..."); None when a regular file or absent. By lstat: a link is never followed."""
     kind = _what_is(path)
     if kind in (None, "a file"):
         return None
@@ -122,8 +115,7 @@ def not_a_plain_file(path: str) -> str | None:
 
 
 def not_a_plain_folder(path: str) -> str | None:
-    """Why path may not hold a run's files (previous/, tensorboard/), in words; None when it is a
-    folder (not a link to one) or absent."""
+    """Why path can't hold a run's files (previous/, tensorboard/); None: a real folder, or none."""
     kind = _what_is(path)
     if kind in (None, "a folder"):
         return None
@@ -131,8 +123,7 @@ def not_a_plain_folder(path: str) -> str | None:
 
 
 def _what_is(path: str) -> str | None:
-    """What path is, by lstat (a link is not followed): "a file", "a folder", "a symbolic link to
-    TARGET", "a FIFO", ...; None when there is nothing there."""
+    """What path is by lstat: "a file", "a folder", "a symbolic link to T", ...; None: absent."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -145,24 +136,21 @@ def _what_is(path: str) -> str | None:
 
 
 def fsync_folder(folder: str) -> None:
-    """Make the renames in folder survive a power cut (POSIX; Windows cannot open a folder, nor
-    needs to)."""
+    """Make folder's renames survive a power cut (POSIX; Windows can't open a folder, nor needs)."""
     if os.name != "posix":
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as error:
-        # EINVAL: a file system that cannot sync folders; nothing more to do
-        if error.errno != errno.EINVAL:
+        if error.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync folders
             raise
     finally:
         os.close(fd)
 
 
 def check_writable(folder: str) -> None:
-    """Fail now, not after an epoch of training, when outputs cannot be written to folder. Creates
-    nothing: a folder not there yet is checked through the nearest one that is."""
+    """Fail now, not after an epoch, if folder is unwritable; creates nothing (tries its parent)."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         if os.path.islink(existing):  # makedirs would fail on it later: "[Errno 17] File exists"
@@ -188,14 +176,12 @@ class FolderInUse(OSError):
     """OUTPUT_DIR is locked by another run that is still going."""
 
 
-# folder (its real path) -> the descriptor whose flock this process holds
-_locks: dict[str, int] = {}
+_locks: dict[str, int] = {}  # a folder's real path -> the fd whose flock this process holds
 
 
 def check_unlocked(folder: str, main_process: bool = True) -> None:
-    """Refuse now, before the data and model load, when another live run holds folder's lock (the
-    lock itself is taken by lock_folder, later), or (ValueError) when folder/.lock is a link or not
-    a plain file. Creates nothing. Under torchrun rank 0 looks, and every process raises with it."""
+    """Refuse before the data loads when a live run holds folder's lock (lock_folder takes it
+    later), or (ValueError) .lock is not a plain file. Creates nothing. Rank 0 looks, all raise."""
     error, unsafe = None, None
     path = os.path.join(folder, LOCK_FILE)
     if main_process and fcntl and os.path.realpath(folder) not in _locks and os.path.lexists(path):
@@ -213,11 +199,9 @@ def check_unlocked(folder: str, main_process: bool = True) -> None:
 
 
 def lock_folder(folder: str, main_process: bool = True) -> None:
-    """Hold an flock on folder/.lock (which then holds this process's id) until unlock_folder or the
-    end of the process, however it ends: the operating system drops the lock with the process, so a
-    run killed with kill -9 never blocks the next. Raises FolderInUse, naming the holder, when
-    another run holds it. Under torchrun only rank 0 locks, and every process raises with it.
-    ValueError when .lock is a link or not a plain file (what it points at would be overwritten)."""
+    """flock folder/.lock (holding our pid) till unlock_folder or process end: the OS drops it with
+    the process, so a kill -9 never blocks the next run. FolderInUse names a live holder; rank 0
+    locks, all raise. ValueError: .lock not a plain file (its target would be overwritten)."""
     error, unsafe, key = None, None, os.path.realpath(folder)
     if main_process and fcntl and key not in _locks:
         fd, unsafe = _open_lock(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT)
@@ -237,10 +221,8 @@ def lock_folder(folder: str, main_process: bool = True) -> None:
 
 
 def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
-    """Open a .lock without following a link (O_NOFOLLOW) or waiting on a FIFO (O_NONBLOCK): (its
-    descriptor, None), or (None, why not) when it is a link, not a regular file, or one with another
-    name (a hard link): lock_folder truncates it and writes into it, which must reach no other
-    file."""
+    """Open a .lock with O_NOFOLLOW|O_NONBLOCK (no link followed, no FIFO waited on): (fd, None), or
+    (None, why) for a link, non-file or hard link: lock_folder's writes must reach no other file."""
     problem = not_a_plain_file(path)
     if problem is None:
         try:
@@ -261,16 +243,14 @@ def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
 
 
 def unlock_folder(folder: str) -> None:
-    """Let go of folder's lock, when this process holds it. The file stays: removing it would let a
-    run that opened it a moment before lock a file no longer there while a third locks a new one."""
+    """Release folder's lock if held; the file stays (removing it lets two runs lock two files)."""
     fd = _locks.pop(os.path.realpath(folder), None)
     if fd is not None:
         os.close(fd)
 
 
 def _try_flock(fd: int, folder: str, kind: int) -> str | None:
-    """flock fd without waiting; None when it is ours, else the message naming the process that
-    holds it."""
+    """flock fd without waiting: None when ours, else a message naming the holding process."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
         return None
@@ -281,9 +261,8 @@ def _try_flock(fd: int, folder: str, kind: int) -> str | None:
 
 
 def _forget_locks() -> None:
-    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so that a run
-    killed with kill -9 does not stay locked while its workers linger. Closing a copy never unlocks
-    the parent."""
+    """In a forked child: close inherited lock fds (the parent's lock holds), so lingering workers
+    keep no killed run locked."""
     for fd in _locks.values():
         os.close(fd)
     _locks.clear()

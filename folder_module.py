@@ -1,7 +1,5 @@
-"""DATA_DIR's photo-folder tree (DATA_DIR/<split>/<class>/<image>) listed; it or a CSV's listing
-(csv_module) checked and read, its files one by one or through the decoded-image cache
-(cache_module); what is wrong with DATA_DIR, said; and check_outside_data, which keeps OUTPUT_DIR
-out of the tree."""
+"""DATA_DIR's folder tree (<split>/<class>/<image>) or a CSV's listing, checked and read (file by
+file or via the decoded-image cache); what is wrong with DATA_DIR said; OUTPUT_DIR kept out."""
 
 from __future__ import annotations
 
@@ -26,11 +24,9 @@ SPLITS = ("train", "val", "test")  # a folder tree's split folders: DATA_DIR/<sp
 
 @dataclass
 class Listing:
-    """A dataset's image files, listed and none opened: its classes (as messages_module.printable
-    shows them), each split's (path, label) pairs (train, and val and test when there), what was
-    skipped, the root its cache keys the paths by, each split's place and what a class is, as
-    messages name them (DATA_DIR/val and "class folder", or "labels.csv's val split" and
-    "class")."""
+    """A dataset's image files, none opened: classes (as printable shows them), each split's (path,
+    label) pairs, what was skipped, the root the cache keys paths by, and how messages name a
+    split's place and a class (DATA_DIR/val, "class folder"; "labels.csv's val split", "class")."""
 
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]
@@ -54,10 +50,7 @@ def _parent(path: str) -> str:
 
 
 def list_tree(data_dir: str) -> Listing:
-    """The classes of DATA_DIR/train, and for each split (train, and val and test when there) its
-    image files with their labels, in ImageFolder's order (walk_images: regular files only, each
-    real folder once, folder links followed, a link loop refused); and what was skipped. Opens no
-    file."""
+    """train/'s classes, each split's labelled files (ImageFolder order), skips; opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
@@ -112,9 +105,7 @@ def _is_folder(entry: os.DirEntry) -> bool:
 
 
 def _no_tree_message(data_dir: str) -> str:
-    """Why DATA_DIR holds no train/: it is a file, missing, a split folder given for the folder
-    above it, or a folder of class folders with no train/ around them; else where the tree is
-    expected."""
+    """Why DATA_DIR has no train/ (a file, missing, a split or class folder); else where it goes."""
     if os.path.isfile(data_dir):
         return _file_message(data_dir, "train/<class>/<image>")
     if not os.path.isdir(data_dir):
@@ -146,8 +137,7 @@ def _holds_class_folders(folder: str) -> bool:
 
 
 def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) -> None:
-    """Raise DataError unless every class has a training image, there are two classes or more, and
-    val and test (when there) hold images."""
+    """DataError unless each class has a training image, 2+ classes, and val/test hold images."""
     classes, train, unit = listing.classes, listing.places["train"], listing.unit
     found = {label for _, label in splits["train"]}
     empty = [name for label, name in enumerate(classes) if label not in found]
@@ -165,9 +155,7 @@ def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) ->
 
 
 def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """Each split's images but those skipped, as (paths, labels), after one line on stderr for each
-    reason a file was skipped for (Skipped.warnings); DataError when a class or a split is left
-    without images."""
+    """Each split's (paths, labels) but the skipped (warned); DataError: a class or split empty."""
     for line in listing.skipped.warnings():
         print(f"warning: {line}", file=sys.stderr)
     skip = listing.skipped.every_path()
@@ -180,9 +168,7 @@ def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
 
 
 def _scan_folder(listing: Listing, size: int) -> dict[str, ImageFiles]:
-    """The train, val and (optional) test files of a listing that Pillow opens (check_image: no more
-    pixels than its limit either; the others added to its skipped), read at `size` (pixels, a
-    square)."""
+    """Splits of files Pillow opens under its pixel limit (others skipped), as size-px squares."""
     for samples in listing.splits.values():
         for path, _ in samples:
             reason = check_image(path)
@@ -194,10 +180,8 @@ def _scan_folder(listing: Listing, size: int) -> dict[str, ImageFiles]:
 
 def _cached_folder(listing: Listing, size: int, cache_dir: str, num_workers: int,
                    device: torch.device) -> tuple[dict[str, MappedImages], str]:
-    """The splits and warnings of _scan_folder as rows of the decoded-image cache in cache_dir,
-    built first when missing or stale (files that fail to decode are the skipped ones, for the
-    reason their message gives, which the cache keeps; JPEGs decoded on the device when it is a
-    CUDA device); a valid cache opens no image file. Also the cache file."""
+    """_scan_folder's splits as rows of the cache in cache_dir (built when missing or stale; its
+    decode failures skipped), and the cache file. A valid cache opens no image."""
     _check_splits(listing, listing.splits)  # before anything is decoded
     paths = [path for samples in listing.splits.values() for path, _ in samples]
     cache = cache_module.open_or_build(
@@ -213,10 +197,8 @@ def _cached_folder(listing: Listing, size: int, cache_dir: str, num_workers: int
 
 def read_folder(listing: Listing, size: int, cache_dir: str | None, num_workers: int,
                 device: torch.device) -> tuple[dict[str, Source], str | None]:
-    """The train, val and test sources of a listing (list_tree's, or csv_module.list_csv's: files or
-    rows, _scan_folder's, _cached_folder's) and the cache file (None without one): through the cache
-    in cache_dir ("auto": the user's cache folder) unless it is None or, "auto", cannot be used; a
-    cache is built with the device's help (decode_files)."""
+    """A listing's split sources and the cache file (None: none): via the cache in cache_dir
+    ("auto": the user's cache folder, skipped if unusable) unless cache_dir is None."""
     if cache_dir is not None:
         folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir
         try:
@@ -234,10 +216,8 @@ def read_folder(listing: Listing, size: int, cache_dir: str | None, num_workers:
 
 
 def check_outside_data(config: Any, output_dir: str) -> None:
-    """DataError when a folder's images would include OUTPUT_DIR's files (its figures read as photos
-    by the next run): OUTPUT_DIR is, or is inside, DATA_DIR's train/, val/ or test/, or a class
-    folder (wherever its link leads). Reads nothing but those folders' names. config: a
-    data_module.DataConfig (its dataset and data_dir)."""
+    """DataError when OUTPUT_DIR is or is inside DATA_DIR's split or class folders (links followed):
+    the next run would read its figures as photos. Reads only folder names. config: a DataConfig."""
     if config.dataset != "folder":
         return
     output = os.path.realpath(output_dir)

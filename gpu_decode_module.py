@@ -1,5 +1,4 @@
-"""JPEGs decoded on a CUDA device (nvJPEG), in batches, resized and cropped as
-image_module.read_stored stores them, into their rows."""
+"""JPEGs decoded on a CUDA device (nvJPEG) in batches, stored as image_module.read_stored does."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ JPEG_END = b"\xff\xd9"  # the last marker of a whole JPEG (EOI); a file cut shor
 
 
 def _jpeg_device(device: torch.device | str | None) -> torch.device | None:
-    """The device decode_files decodes JPEGs on: the device given when it is a CUDA device, else
-    None (every file on the CPU). The seam tests replace to run the batched path on the CPU."""
+    """device if CUDA, else None (all on the CPU); tests replace it to run this path on the CPU."""
     if device is None or torch.device(device).type != "cuda":
         return None
     return torch.device(device)
@@ -38,16 +36,10 @@ def _jpeg_device(device: torch.device | str | None) -> torch.device | None:
 
 def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.device,
                   bar: tqdm) -> list[int]:
-    """The JPEGs among paths that the device may decode (_device_pixels), decoded there in batches,
-    resized and cropped as read_stored does (_stored_squares), into their rows; returns the numbers
-    of the other files, ascending, for the CPU: files of other formats, JPEGs to be turned, cut
-    short or of other colour spaces, and any JPEG the device failed to decode.
-
-    A thread reads the files ahead (process_module.in_background); each batch's squares are copied
-    to the host (pinned memory on CUDA, one copy a batch) while the next batch is decoded, then
-    written to their rows as _RowFile or _RowArray writes a worker's. Pixels are within a level of
-    Pillow's on average, a few at most: the decoder's rounding differs, and the JPEG draft is
-    reproduced from the whole image (_squares_of)."""
+    """Decode the JPEGs the device may take into their rows as read_stored would; return the other
+    files' numbers, ascending, for the CPU (with any JPEG the device failed on). A thread reads
+    ahead; each batch's copy to pinned host memory overlaps the next decode. Pixels are within a
+    level of Pillow's on average, a few at most: rounding differs, the draft is redone whole."""
     pinned = device.type == "cuda"
     staging = [torch.empty((GPU_DECODE_BATCH, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
                for _ in range(2)]  # one for the batch being copied, one for the batch being written
@@ -75,16 +67,14 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
     finally:
         batches.close()
         target.close()
-    if device.type == "cuda":
-        # the batches' blocks back to the device: its free memory then decides RESIDENT
+    if device.type == "cuda":  # the blocks back to the device: its free memory decides RESIDENT
         torch.cuda.empty_cache()
     return sorted(left)
 
 
 def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tensor], list[int]]]:
-    """The files the device may decode, read, in batches: (their numbers, their bytes as uint8
-    tensors, the numbers of the files passed over since the last batch, for the CPU). A batch holds
-    GPU_DECODE_BATCH files and GPU_DECODE_PIXELS decoded pixels at most."""
+    """Batches of device-decodable files, read: (numbers, bytes as uint8 tensors, numbers passed
+    over since the last batch, for the CPU); at most GPU_DECODE_BATCH files, GPU_DECODE_PIXELS."""
     files, encoded, others, pixels = [], [], [], 0
     for i, path in enumerate(paths):
         try:
@@ -106,12 +96,10 @@ def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tens
 
 
 def _device_pixels(data: np.ndarray) -> int:
-    """The pixels a file's bytes decode to when the device may decode them (0 when not): a whole
-    JPEG (its signature first, its end marker last), YCbCr (Pillow's mode RGB: greyscale, CMYK and
-    Adobe's unconverted RGB go to Pillow, whose conversions the device's decoder need not share),
-    upright as stored (an EXIF orientation other than 1 is Pillow's to apply, as read_stored does),
-    of no more pixels than PIL.Image.MAX_IMAGE_PIXELS (a larger one is the CPU path's to refuse).
-    Pillow reads the header alone."""
+    """A file's pixel count if the device may decode it, else 0: a whole JPEG (signature first, end
+    marker last), YCbCr (greyscale, CMYK, Adobe RGB go to Pillow, whose conversions nvJPEG need not
+    share), EXIF-upright (turning is Pillow's), within MAX_IMAGE_PIXELS (the CPU path refuses
+    larger). Pillow reads the header alone."""
     if (data[:3].tobytes() != JPEG_SIGNATURE
             or not data[-64:].tobytes().rstrip(b"\0").endswith(JPEG_END)):
         return 0
@@ -123,22 +111,18 @@ def _device_pixels(data: np.ndarray) -> int:
             small = not limit or image.width * image.height <= limit
             if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0 and small:
                 return image.width * image.height
-    # Pillow raises many types for a bad header (or EXIF block): the CPU path reports it
-    except Exception:
+    except Exception:  # Pillow raises many types for a bad header or EXIF: the CPU path says it
         pass
     return 0
 
 
 def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """The JPEGs decoded on the device as uint8 (3, H, W) RGB tensors, in one batch; None for each
-    that fails. One bad file fails a batch, which is then decoded a file at a time."""
+    """JPEGs as uint8 (3, H, W) RGB on device, None per failure; a bad batch goes file by file."""
     with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders for TorchCodec
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # 0.29 deprecates it for TorchCodec
         try:
             return list(decode_jpeg(encoded, ImageReadMode.RGB, device)) if encoded else []
-        # decoding errors (a corrupt file) are RuntimeErrors, on the CPU and on CUDA
-        except RuntimeError:
+        except RuntimeError:  # a corrupt file's, on the CPU and on CUDA
             pass
         images = []
         for data in encoded:
@@ -150,10 +134,8 @@ def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.
 
 
 def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Whole decoded JPEGs, uint8 (3, H, W) (at least one), as read_stored stores them: uint8 (N,
-    size, size, 3) (_squares_of). Images of one shape are reduced and resized as one batch (a
-    folder's photos mostly share a few; when they share one, its squares come back as they are, no
-    copy made)."""
+    """Decoded JPEGs (uint8 (3, H, W), at least one) as uint8 (N, size, size, 3) stored squares.
+    Each shape is one batch (a folder's photos mostly share a few; one shape: no copy made)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(k)
@@ -168,13 +150,10 @@ def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (N, 3, H, W) whole decoded JPEGs as read_stored stores them: uint8 (N, size, size, 3),
-    maybe a view. First reduced as read_stored's JPEG draft decodes them (_draft_scale; each s x s
-    block's mean, which is what DCT scaling computes, rounded to uint8 as it is), then the shorter
-    side resized to size (bilinear, antialiased), the centre square. Without the reduction a
-    2000x1500 photo stored at 24 px would differ from Pillow's by 14 levels on average, and an
-    801x603 one at 128 px by 9 (its resized width one pixel off, the crop shifted); with it, within
-    1 level of Pillow's on average (see the tests)."""
+    """uint8 (N, 3, H, W) JPEGs as read_stored stores them: (N, size, size, 3), maybe a view. First
+    reduced as the JPEG draft does (each s x s block's mean, as DCT scaling computes, rounded to
+    uint8), then resized and centre-cropped. Unreduced, a 2000x1500 photo at 24 px is 14 levels off
+    Pillow's on average, an 801x603 one at 128 px 9 (width 1 px off); reduced, within 1 (tests)."""
     scale = _draft_scale(images.shape[2], images.shape[3], size)
     if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
         images = torch.nn.functional.avg_pool2d(images.float(), scale,
@@ -184,16 +163,13 @@ def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _draft_scale(height: int, width: int, size: int) -> int:
-    """The reduction (1, 2, 4 or 8) Pillow's JpegImageFile.draft picks for read_stored (open_rgb's
-    reduce_to size, a square of twice that asked for): the largest that keeps both sides at least 2
-    x size."""
+    """Pillow's JPEG draft reduction (1, 2, 4, 8): the largest keeping both sides >= 2 x size."""
     fits = min(width // (2 * size), height // (2 * size))
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
 def _copied_event(device: torch.device) -> torch.cuda.Event | None:
-    """An event recorded after the copies queued on the device's current stream (None on the CPU,
-    whose copies are done when queued)."""
+    """An event after the copies queued on the current stream (None on CPU: done when queued)."""
     if device.type != "cuda":
         return None
     event = torch.cuda.Event()
@@ -203,8 +179,7 @@ def _copied_event(device: torch.device) -> torch.cuda.Event | None:
 
 def _write_rows(target: _RowFile | _RowArray, files: list[int], squares: torch.Tensor,
                 copied: torch.cuda.Event | None) -> None:
-    """Host squares[k] (once copied) into file files[k]'s row, a run of consecutive rows at a
-    time."""
+    """Host squares[k] (once copied) into file files[k]'s row, a run of consecutive rows at once."""
     if copied is not None:
         copied.synchronize()
     pixels = squares.numpy()

@@ -1,6 +1,5 @@
-"""After training: --predict classifies image files with OUTPUT_DIR/best_model.pth, and --export
-writes it as ONNX or torch.export's .pt2, checked against PyTorch on real images of the run's
-data."""
+"""After training: --predict classifies images with OUTPUT_DIR/best_model.pth, --export writes it as
+ONNX or .pt2, checked against PyTorch on real images of the run's data."""
 
 from __future__ import annotations
 
@@ -43,9 +42,7 @@ PREDICT_SAVE_SECONDS = 30  # a long --predict rewrites predictions.csv this ofte
 
 
 def find_images(paths: list[str]) -> tuple[list[str], walk_module.Skipped]:
-    """The files to classify: each file as named, and the image files under each folder
-    (walk_images: recursively, in sorted order, links to folders followed). Returns them and what
-    the walk skipped."""
+    """(Each file named, and each folder's images as walk_images lists them; what it skipped)."""
     skipped = walk_module.Skipped()
     folders = [path for path in paths if os.path.isdir(path)]
     listed = iter(walk_module.walk_images(folders, skipped))
@@ -56,8 +53,7 @@ def find_images(paths: list[str]) -> tuple[list[str], walk_module.Skipped]:
 
 
 class PredictionImages(Dataset):
-    """Image files prepared as load_image does, for batched prediction in DataLoader workers: item i
-    is (image, "") or, for a file that cannot be read, (zeros, the error message)."""
+    """Files prepared as load_image does: item i is (image, "") or, unreadable, (zeros, message)."""
 
     def __init__(self, paths: list[str], image_size: int, mean, std,
                  resize_size: int | None = None):
@@ -74,8 +70,7 @@ class PredictionImages(Dataset):
 
 
 def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
-    """best_model.json and the model of best_model.pth in output_dir, on the device, for
-    inference."""
+    """best_model.json and best_model.pth's model in output_dir, on the device, in eval mode."""
     info = checkpoint_module.load_best_model_info(output_dir)  # each field checked
     path, classes = os.path.join(output_dir, checkpoint_module.BEST_MODEL), len(info["classes"])
     state = utils.load_state_dict(path, "the best model")
@@ -92,8 +87,7 @@ def _best_model(output_dir: str) -> tuple[dict[str, typing.Any], nn.Module]:
 
 def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], csv_columns: str,
                     n: int = 5) -> torch.Tensor:
-    """n real images of the data's test set (else its val/ or train/ folder, or a CSV's val or train
-    rows), prepared as for --predict."""
+    """n real images of the data's test split (else val, else train), prepared as for --predict."""
     if dataset == "cifar10":
         prepare = augment_module.evaluation_transform(None, info["mean"], info["std"])
         test_images = cifar_module.read_cifar10(data_dir, download=False)[2]
@@ -110,9 +104,8 @@ def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], cs
 
 
 def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[str]) -> int:
-    """Write OUTPUT_DIR/model.onnx or model.pt2 from best_model.pth and run it on real test images
-    (of the run's own data, unless --data-dir and --dataset are among the flags `given`): 0 when its
-    logits agree with PyTorch's, 2 for bad input, 3 when the export fails or disagrees."""
+    """Export best_model.pth to OUTPUT_DIR and run it on real test images (the run's data unless
+    --data-dir/--dataset are `given`): 0 logits match PyTorch's, 2 bad input, 3 failed or off."""
     path = os.path.join(output_dir, export_module.EXPORT_FILES[kind])
     try:
         export_module.check_export(kind)
@@ -129,8 +122,7 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
         difference = export_module.export(
             model.cpu(), path, kind, mean=info["mean"], std=info["std"], classes=info["classes"],
             example_images=images, resize_size=info.get("resize_size"))
-    # exporters fail in many ways on unusual models; best_model.pth is untouched
-    except Exception as error:
+    except Exception as error:  # exporters fail many ways on odd models; best_model.pth is intact
         if isinstance(error.__cause__, KeyboardInterrupt):  # amid an extension's import (pybind11's
             raise error.__cause__ from None  # "initialization failed"): a signal, no export error
         print(f"error: could not export {path} "
@@ -149,13 +141,10 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
 
 
 def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
-    """Classify image files and the images in folders (recursively) with OUTPUT_DIR/best_model.pth,
-    in batches on the device (num_workers: NUM_WORKERS'); write OUTPUT_DIR/predictions.csv (path,
-    top1, p1, top2, p2, top3, p3; a path as messages_module.printable shows it) and print a line per
-    image when there are few. 2 when a file named on the command line is missing or not an image
-    (the rest is written), a folder given holds a link loop, or no image was classified (the last
-    predictions.csv then stays). Ctrl-C or SIGTERM (130, 143) and a DataLoader worker that dies
-    (WorkerDied) keep the rows so far."""
+    """Classify files and folders' images (recursively) with best_model.pth into predictions.csv
+    (paths as printable shows them), a line per image when few. 2: a named file missing or not an
+    image (the rest written), a link loop, or nothing classified (the old CSV stays). Ctrl-C,
+    SIGTERM (130, 143) and WorkerDied keep the rows so far."""
     try:
         output = os.path.join(output_dir, checkpoint_module.PREDICTIONS)
         problem = files_module.not_a_plain_file(output)
@@ -204,9 +193,8 @@ def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
 
 def _classify(model: nn.Module, loader: DataLoader, files: list[str], classes: list[str],
               rows: list[dict[str, typing.Any]], output: str) -> int:
-    """predict's batches: each image's row appended to rows as it comes (an interruption keeps
-    them), predictions.csv rewritten every PREDICT_SAVE_SECONDS; 2 when a file did not read, else
-    0."""
+    """predict's batches, each row appended as it comes (an interruption keeps them), the CSV
+    rewritten every PREDICT_SAVE_SECONDS; 2 when a file did not read, else 0."""
     status, done, saved = 0, 0, time.monotonic()
     batches = iter(loader)
     process_module.sigchld_default()  # a worker that dies is reported by the loader
@@ -220,8 +208,7 @@ def _classify(model: nn.Module, loader: DataLoader, files: list[str], classes: l
                 status = 2
                 continue
             ranked = [(classes[i], p) for p, i in zip(values, indices)]
-            # as written and printed: a name not UTF-8 shows its bytes
-            path = messages_module.printable(path)
+            path = messages_module.printable(path)  # written and printed: non-UTF-8 shows bytes
             rows.append({"path": path, **{f"{key}{k}": value
                                           for k, (name, p) in enumerate(ranked, start=1)
                                           for key, value in (("top", name), ("p", round(p, 6)))}})
@@ -236,15 +223,14 @@ def _classify(model: nn.Module, loader: DataLoader, files: list[str], classes: l
 
 
 def _write_predictions(rows: list[dict[str, typing.Any]], output: str) -> None:
-    """predictions.csv (atomically: a reader sees the last whole file or this one), its cells safe
-    for a spreadsheet (a file or class named "=1+2" is shown, never run)."""
+    """predictions.csv, atomically, cells spreadsheet-safe (a name "=1+2" is shown, never run)."""
     frame = pd.DataFrame(rows, columns=["path", "top1", "p1", "top2", "p2", "top3", "p3"])
     frame = utils.spreadsheet_safe(frame)
     files_module.atomic_write(output, lambda f: frame.to_csv(f, index=False))
 
 
 def _kept(rows: list[dict[str, typing.Any]], output: str) -> str:
-    """The rows classified so far written to predictions.csv (an interrupted --predict): where."""
+    """Write the rows so far (an interrupted --predict); say where, or why not."""
     if not rows:
         return f"{messages_module.printable(output)} is left as it was"
     try:
@@ -266,18 +252,16 @@ class Prediction:
 
 
 class Predictor:
-    """A run's best model (best_model.pth and .json), on the best device, classifying images as
-    --predict does: load(output_dir).predict(images)."""
+    """A run's best model on the best device, classifying as --predict does: load(d).predict(x)."""
 
     def __init__(self, output_dir: str):
         self.info, self.model = _best_model(output_dir)
         self.classes: list[str] = self.info["classes"]
 
     def predict(self, images: typing.Any, k: int = 5) -> list[Prediction]:
-        """One Prediction per image (top min(k, classes)), in order. images: an image file's path,
-        a PIL image, a (3, H, W) tensor or a (N, 3, H, W) batch, or a list of these; a tensor holds
-        uint8 values or floats in [0, 1] (rounded to 8 bits, as a file holds them). Each is
-        prepared as --predict prepares a file: the run's resize, centre crop and normalisation."""
+        """One Prediction per image (top min(k, classes)), in order. images: a path, PIL image, (3,
+        H, W) tensor or (N, 3, H, W) batch, or a list of these; tensors uint8 or floats in [0, 1]
+        (rounded to 8 bits, as a file holds them); prepared as --predict prepares a file."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"predict takes k, the classes per image, of 1 or more, not {k!r}")
         items, found = _each_image(images), []

@@ -26,19 +26,17 @@ AGAIN_SECONDS = 10.0  # a signal this soon after the one that stopped the run be
 
 
 def _interrupt(signum, frame) -> None:
-    # a second signal moments after the first (a terminal's, torchrun's SIGTERM) cannot break its
-    # way out of the stop, where the best weights are restored and files land; a later one stops
-    # the run again (had a library swallowed the first, Ctrl-C still works)
+    # a second signal soon after (a terminal's, torchrun's SIGTERM) can't break the stop, where the
+    # best weights return and files land; a later one stops again (in case a library ate the first)
     if _ending or _stopped and time.monotonic() - _stopped[-1] < AGAIN_SECONDS:
         return
     _stopped.append(time.monotonic())
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-# Called first where the run's outcome is decided (an except or finally of the block below): from
-# then on Ctrl-C and SIGTERM are ignored, so that a second one (torchrun's agent sends SIGTERM to
-# every process when one dies) cannot break the ending into a traceback. A C callable: no Python
-# frame starts before it takes effect, where a pending signal's handler would run first.
+# Called first where the outcome is decided: then Ctrl-C and SIGTERM are ignored, so a second one
+# (torchrun's agent SIGTERMs all when one dies) can't make the ending a traceback. A C callable: no
+# Python frame starts before it takes effect, where a pending signal's handler would run first.
 ending = functools.partial(_ending.append, True)
 
 
@@ -48,16 +46,14 @@ def ended() -> bool:
 
 
 def interruptible() -> None:
-    """After a Ctrl-C taken as an answer (at LRA's prompt), the run goes on: signals interrupt it
-    again."""
+    """After a Ctrl-C taken as an answer (LRA's prompt) the run goes on: signals interrupt again."""
     _stopped.clear()
 
 
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
-    """In the block SIGTERM raises Terminated, as Ctrl-C raises KeyboardInterrupt, wherever the run
-    is, until `ending` is called; the handlers before come back after. Ctrl-C stays ignored where it
-    was (nohup). Outside the main thread (no signals there): nothing."""
+    """In the block SIGTERM raises Terminated as Ctrl-C raises KeyboardInterrupt, until `ending`;
+    old handlers return after. An ignored Ctrl-C (nohup) stays so. Off the main thread: nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -79,17 +75,15 @@ def interrupt_status(interrupt: KeyboardInterrupt) -> int:
 
 
 class WorkerDied(RuntimeError):
-    """A worker process ended unasked (the out-of-memory killer, most often): a message for the
-    user."""
+    """A worker process ended unasked (most often the OOM killer): a message for the user."""
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2)'s option: the signal the kernel sends when the parent ends
 
 
 def become_worker(parent: int, worker_id: int | None = None) -> None:
-    """Called first in a new worker process of parent (a DataLoader's worker_init_fn, parent bound):
-    Ctrl-C, which a terminal sends to every process of the run, is left to the parent, which stops
-    the workers; and on Linux the worker is killed when its parent dies (kill -9 too)."""
+    """First thing in a worker of parent: Ctrl-C (a terminal sends it to all) is left to the parent,
+    which stops the workers; on Linux the worker dies with its parent (kill -9 too)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # no prctl: the checks below and EOFs
@@ -99,10 +93,9 @@ def become_worker(parent: int, worker_id: int | None = None) -> None:
 
 
 def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDied:
-    """The error for a worker process that ended unasked while `doing` ("decoding x.jpg"): how it
-    ended, the likely cause and the fix (the caller says what then). The out-of-memory killer sends
-    SIGKILL; SIGSEGV is a crash in a decoder, SIGBUS a memory-mapped file cut short (full disk); an
-    exit status of its own, an error in the worker, which --num-workers 0 shows where it happens."""
+    """The error for a worker that ended unasked while `doing`: how, likely cause, fix. SIGKILL: the
+    OOM killer; SIGSEGV: a decoder crash; SIGBUS: a memmapped file cut short (full disk); a status
+    of its own: an error in it, which --num-workers 0 shows in place."""
     how, cause = ("ended", "most likely the system ran out of memory; free some memory or lower "
                   "--num-workers (NUM_WORKERS)")
     if exitcode in (-signal.SIGSEGV, -signal.SIGBUS):
@@ -121,10 +114,9 @@ def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDie
 
 
 def sigchld_default() -> None:
-    """Call after starting a DataLoader's workers (iter(loader)). torch's SIGCHLD handler raises
-    when one dies, wherever the main thread then is (amid an error message, a plot, another loader's
-    shutdown: a traceback); with the default back, the loader itself raises where it is read, within
-    MP_STATUS_CHECK_INTERVAL (5 s) of the death."""
+    """Call after iter(loader): torch's SIGCHLD handler raises wherever the main thread is when a
+    worker dies (a traceback amid a plot, say); by default the loader raises where it is read,
+    within MP_STATUS_CHECK_INTERVAL (5 s)."""
     if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
@@ -135,9 +127,8 @@ _DATALOADER_DEATH = re.compile(r"DataLoader worker \(pid\(?s?\)? (\d+)[\d, ]*\) 
 
 
 def worker_died(error: BaseException, doing: str) -> WorkerDied | None:
-    """What a DataLoader raises where it is read when one of its workers died, as WorkerDied:
-    torch's RuntimeError, or the ConnectionError of fetching a batch's shared memory from the dead
-    worker; None for any other error."""
+    """A DataLoader's error for a dead worker as WorkerDied: torch's RuntimeError, or the
+    ConnectionError of fetching shared memory from it; None for any other error."""
     if isinstance(error, (ConnectionError, EOFError)):
         return worker_death(None, None, doing)
     match = _DATALOADER_DEATH.search(str(error)) if isinstance(error, RuntimeError) else None
@@ -155,9 +146,7 @@ T = TypeVar("T")
 
 
 def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
-    """The items, made in a thread of their own at most `depth` ahead of the consumer, so that
-    making them (reading files, copying to the device) overlaps using them. An error raised there is
-    raised here; a consumer that stops early (closing the generator) stops the thread."""
+    """items made in a thread up to `depth` ahead; its error raised here; closing this stops it."""
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 

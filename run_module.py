@@ -33,9 +33,7 @@ from callback_module import LRA
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What setup, train and report read besides the modules' configs (SEED and CHANNELS_LAST are
-    DataConfig's): each field but resume is the constant of the same name in upper case, checked as
-    it is built."""
+    """What setup, train, report read beyond module configs; each field but resume: a constant."""
 
     model: str
     pretrained: str | None
@@ -48,8 +46,7 @@ class RunConfig:
     tracker: str | None
     dist_timeout: float  # read before the configs are built (init_distributed); checked here too
     resume: str | None  # RESUME's checkpoint ("auto": OUTPUT_DIR's, when there); None: a new run
-    # a CPU run of at least this many training steps first times bf16 against fp32
-    bf16_trial_steps: int
+    bf16_trial_steps: int  # a CPU run of this many steps or more first times bf16 against fp32
 
     def __post_init__(self) -> None:
         model_module.check_name(self.model)
@@ -62,9 +59,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run's settings: the constants after PRESET and the command line (`constants`, by name,
-    paths made absolute: what each checkpoint records), and the configs built from them and checked
-    as they are built."""
+    """One run's settings: `constants` (after PRESET, flags; paths absolute) and configs built."""
 
     constants: dict[str, typing.Any]
     data: data_module.DataConfig
@@ -81,8 +76,7 @@ class Run:
     device: torch.device
     data: data_module.Data
     state: state_module.TrainState
-    # the config's, with what setup found out: precision, CUDA graph, processes
-    fit: train_module.FitConfig
+    fit: train_module.FitConfig  # the config's + setup's findings: precision, CUDA graph, processes
     rank: int
     account: utils.TimeAccount  # where the run's time goes
     tracker: tracker_module.Guarded | None = None
@@ -94,14 +88,12 @@ class Run:
 
 @dataclasses.dataclass
 class Outcome:
-    """What one run gives back to code that calls it (the benchmarks): the exit status and the
-    figures."""
+    """What one run gives its caller (the benchmarks): the exit status and the figures."""
 
     status: int
     history: list[dict] = dataclasses.field(default_factory=list)  # one metrics dict per epoch
     fit_seconds: float | None = None  # the whole of fit: training, validation, LRA and the files
-    # evaluate's result on the test set, and its "seconds"
-    test: dict[str, typing.Any] | None = None
+    test: dict[str, typing.Any] | None = None  # evaluate's test-set result, with its "seconds"
     time: dict[str, float] | None = None  # the time account: seconds by part, "other" and "total"
 
 
@@ -112,8 +104,7 @@ FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's st
 
 
 def resume_command(output_dir: str) -> str:
-    """The command that goes on with the run in output_dir (under torchrun: torchrun's, with as
-    many processes, for a resume with another number is refused)."""
+    """The command resuming output_dir's run (torchrun's: as many processes, none other resumes)."""
     world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
     launcher = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={local}"] + (
         [f"--nnodes={world // local}", "..."] if world > local else ["--standalone"])
@@ -131,16 +122,13 @@ def interrupted_line(stage: str, output_dir: str) -> str:
 
 def setup(config: Config, rank: int, world_size: int, local_rank: int, account: utils.TimeAccount,
           saved: dict[str, typing.Any] | None = None, new_run: bool = True) -> Run:
-    """Seed, device, data, model and the training state, resumed from saved (RESUME's checkpoint, as
-    read_checkpoint read it) when given; for a new run the earlier run's files move to
-    OUTPUT_DIR/previous/. Raises ValueError or OSError for anything the user got wrong, before any
-    training."""
+    """Seed, device, data, model and training state, resumed from saved (read_checkpoint's) if
+    given. Raises ValueError or OSError for anything the user got wrong, before any training."""
     options, output_dir = config.run, config.fit.output_dir
     folder_module.check_outside_data(config.data, output_dir)  # before anything is read or written
     files_module.check_writable(output_dir)
     checkpoint_module.check_output_dir(output_dir)  # a run file that is a link: refused
-    # another run writing there: refused at once
-    files_module.check_unlocked(output_dir, main_process=rank == 0)
+    files_module.check_unlocked(output_dir, main_process=rank == 0)  # a live run there: refuse now
     if saved and len(saved["rng"]) != world_size:  # one random state per process of the run
         raise utils.CheckpointError(f"RESUME {options.resume} was saved by {len(saved['rng'])} "
                                     f"processes and this run has {world_size}: each one's batch "
@@ -153,8 +141,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         raise utils.CheckpointError(f"WEIGHTS {weights} {utils.not_a_file(weights)}")
     if rank == 0 and saved is None and (warning := freeze_warning(options)):
         print(warning, file=sys.stderr)
-    # downloaded before any decoding
-    model_module.fetch_pretrained(options.model, options.pretrained)
+    model_module.fetch_pretrained(options.model, options.pretrained)  # before any decoding
     utils.seed_everything(config.data.seed)
     device = utils.get_device(local_rank)
     cuda_graph = step_module.use_cuda_graph(options.cuda_graphs, device, world_size=world_size,
@@ -190,18 +177,15 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     if rank == 0:
         checkpoint_module.check_room(output_dir, state, resuming=saved is not None)
     os.makedirs(output_dir, exist_ok=True)  # only now: bad input above leaves nothing behind
-    # held until run_main ends (or the process dies)
-    files_module.lock_folder(output_dir, main_process=rank == 0)
+    files_module.lock_folder(output_dir, main_process=rank == 0)  # till run_main ends or we die
     if rank == 0:
-        # what a killed run was writing: never a whole file
-        checkpoint_module.remove_partial_writes(output_dir)
+        checkpoint_module.remove_partial_writes(output_dir)  # a killed run's half-written files
     if saved:
         checkpoint_module.resume(saved, options.resume, state, output_dir=output_dir, rank=rank,
                                  world_size=world_size)
         if config.lra.ask_epoch != saved["config"].get("ASK_EPOCH"):  # given anew: it replaces it
             state.lra.ask_anew(config.lra.ask_epoch)
-    # the earlier run's files go to OUTPUT_DIR/previous/, so OUTPUT_DIR holds this one's
-    elif rank == 0 and new_run:
+    elif rank == 0 and new_run:  # the earlier run's files go to OUTPUT_DIR/previous/
         checkpoint_module.move_earlier_run(output_dir)
     tracker = None
     if options.tracker and rank == 0 and new_run:  # its run id goes into each checkpoint
@@ -212,8 +196,7 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
 
 
 def freeze_warning(options: RunConfig) -> str | None:
-    """The line for FREEZE on a randomly initialised body (neither PRETRAINED nor WEIGHTS), which
-    leaves only the head to learn; None otherwise."""
+    """The warning for FREEZE without PRETRAINED or WEIGHTS (only the head learns); else None."""
     if not options.freeze or options.pretrained is not None or options.weights is not None:
         return None
     return ("warning: --freeze true without --pretrained or --weights freezes a randomly "
@@ -224,9 +207,8 @@ def freeze_warning(options: RunConfig) -> str | None:
 
 def _make_state(config: Config, data: data_module.Data, device: torch.device,
                 lr_device: torch.device | None, rank: int, fresh: bool) -> state_module.TrainState:
-    """A run's model (on the device), optimizer, schedule, Lookahead, EMA and LRA; fresh: a new run,
-    which starts from WEIGHTS (a resumed one takes its weights from its checkpoint). The schedule
-    and Lookahead count optimizer steps (ACCUMULATE_STEPS batches each)."""
+    """Model (on device), optimizer, schedule, Lookahead, EMA and LRA; fresh: a new run, from
+    WEIGHTS (a resumed one loads its checkpoint). Schedule and Lookahead count optimizer steps."""
     options = config.run
     model = model_module.get_model(options.model, len(data.classes), freeze=options.freeze,
                                    weights=options.weights if fresh else None,
@@ -249,8 +231,7 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
 
 
 def train(config: Config, run: Run) -> Outcome:
-    """fit, with Ctrl-C, SIGTERM, a non-finite loss and a failed write turned into a message and a
-    status; then the training curves, whatever ended it."""
+    """fit, each way it can stop made a message and status; then the curves, whatever ended it."""
     output_dir, accumulate = run.fit.output_dir, run.fit.accumulate_steps
     go_on = resume_command(output_dir)
     accumulation = f", {accumulate} to an optimizer step" if accumulate > 1 else ""
@@ -275,12 +256,10 @@ def train(config: Config, run: Run) -> Outcome:
         kept = (f"The best weights so far are in {output_dir}/{checkpoint_module.BEST_MODEL}"
                 if run.state.lra.best_epoch is not None else "No epoch finished: no weights kept")
         message = f"error: {error}. {kept}; try a lower LR."
-    # a full disk, say: the files written whole before it stay as they were
-    except OSError as error:
+    except OSError as error:  # a full disk, say: files written whole before it stay
         fix = "free the space" if error.errno == errno.ENOSPC else "fix the disk"
         outcome.status, message = 3, f"error: {error}; {fix}, then go on with: {go_on}"
-    # a DataLoader worker died (the out-of-memory killer, say)
-    except process_module.WorkerDied as error:
+    except process_module.WorkerDied as error:  # a DataLoader worker died (OOM killer, say)
         outcome.status, message = WORKER_DIED, f"error: {error}, then go on with: {go_on}"
     if run.main_process and run.state.history and outcome.status != 3:
         try:
@@ -288,8 +267,7 @@ def train(config: Config, run: Run) -> Outcome:
                 report_module.plot_training_curves(run.state.history,
                                                    os.path.join(output_dir, report_module.CURVES))
         except OSError as error:
-            # a stop's own message stands; the curves are only a picture of it
-            if outcome.status in (0, 1):
+            if outcome.status in (0, 1):  # a stop's own message outranks the curves
                 outcome.status, message = 3, f"error: {error}"
     if message:  # under torchrun: rank 0 prints it, and every process ends with its status
         outcome.status = distributed_module.end_together(outcome.status, message)
@@ -297,8 +275,7 @@ def train(config: Config, run: Run) -> Outcome:
 
 
 def _class_weights_line(weights: tuple[float, ...], classes: list[str]) -> str:
-    """The line that says the training loss is weighted: the smallest and the largest weight, and
-    their classes."""
+    """The line saying the training loss is weighted: the least and greatest weight, and classes."""
     low, high = (min(range(len(weights)), key=weights.__getitem__),
                  max(range(len(weights)), key=weights.__getitem__))
     spread = (f"{weights[low]:.3g} for every class (a balanced split)"
@@ -316,10 +293,8 @@ def _data_path(data: data_module.Data) -> str:
 
 
 def report(config: Config, run: Run) -> dict[str, typing.Any]:
-    """Evaluate the (best) model, or its EMA with EMA_DECAY, on the test set, print the accuracy and
-    each class's recall (its accuracy: the share of its images called it), write the test report
-    (test_report.csv, recall among its columns), the confusion matrix and the most confident
-    mistakes; return the figures."""
+    """Evaluate the best model (or its EMA) on the test set; print accuracy and each class's recall,
+    write the test report, confusion matrix and most confident mistakes; return the figures."""
     data, started, tta = run.data, time.perf_counter(), config.run.tta
     with run.account.timed("final evaluation"):
         result = train_module.evaluate(run.state.evaluated_model, data.test,
@@ -356,9 +331,8 @@ FEW_EPOCHS = 5  # a run of fewer that learnt nothing needs more epochs before a 
 
 def chance_warning(result: dict[str, typing.Any], num_classes: int,
                    history: list[dict]) -> str | None:
-    """One line when the final evaluation is at chance (accuracy within two standard errors of
-    1/classes, loss within 1% of ln classes: the same output for every image), with the likely
-    cause; None otherwise."""
+    """A line with the likely cause when the final evaluation is at chance (accuracy within two
+    standard errors of 1/classes, loss within 1% of ln classes: one output for all); else None."""
     chance, images = 1 / num_classes, int(result["confusion"].sum())
     if (abs(result["acc"] - chance) > 2 * math.sqrt(chance * (1 - chance) / images)
             or abs(result["loss"] - math.log(num_classes)) > 0.01 * math.log(num_classes)):
@@ -376,8 +350,7 @@ def chance_warning(result: dict[str, typing.Any], num_classes: int,
 
 
 def find_lr(config: Config, run: Run, argv: list[str]) -> int:
-    """The LR range test on the training data, instead of training: lr_finder.png and a suggested
-    LR, with the command (argv, the LR finder's own flags and --lr replaced) that trains at it."""
+    """LR range test, not training: lr_finder.png, a suggested LR and the command to train at it."""
     try:
         lrs, losses, suggestion = optim_module.find_lr(
             run.state.model, run.data.train, run.state.optimizer,
@@ -403,8 +376,7 @@ def find_lr(config: Config, run: Run, argv: list[str]) -> int:
 
 
 def _command_with(argv: list[str], changes: dict[str, str | None]) -> str:
-    """`python main.py` and argv, with each flag in changes dropped (None) or set to its value (at
-    the end)."""
+    """`python main.py` + argv, each flag in changes dropped (None) or set (at the end)."""
     kept, skip = [], False
     for word in argv:
         name = word.split("=")[0]

@@ -1,5 +1,5 @@
-"""A split's images wherever they live (a source): uint8 images in memory, rows of the decoded-image
-cache (cache_module), or image files decoded when read; and their per-channel mean and std."""
+"""A split's images wherever they live (a source): uint8 in memory, decoded-image cache rows, or
+files decoded when read; and their per-channel mean and std."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from image_module import DataError, read_stored
 STATISTICS_SAMPLE = 2000  # images that estimate a folder's mean and std (decoding all is slow)
 
 
-# A source is one split's images and labels, wherever they live: `labels`, `len` and `take(index)`
-# for splitting, `decode` for the resident loader (uint8 images in memory), `statistics`, and
-# `read(i)` (a PIL image) for the streaming loader, the fallback for what has no cache.
+# A source's interface: `labels`, `len`, `take(index)` for splitting; `decode` (uint8 in memory) for
+# the resident loader; `statistics`; `read(i)` (PIL) for the streaming loader, the no-cache path.
 
 
 @dataclass
@@ -50,8 +49,8 @@ class Images:
 
 @dataclass
 class MappedImages:
-    """Rows of the decoded-image cache (uint8, memory-mapped) and their labels: splitting picks
-    rows, and pixels are read only when a batch (or decode) asks for them."""
+    """Rows of the memory-mapped decoded-image cache and their labels: splitting picks rows; pixels
+    are read only when a batch (or decode) asks."""
 
     images: torch.Tensor  # uint8 (M, S, S, C): the whole cache, memory-mapped
     rows: torch.Tensor  # int64 (N,): this source's rows of it
@@ -71,8 +70,7 @@ class MappedImages:
 
     def statistics(self, seed: int,
                    num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of _sampled rows, as ImageFiles estimates them; remembered
-        beside the cache, so a later run of the same split reads no pixels for them."""
+        """Per-channel mean, std of _sampled rows, kept by the cache: later runs read no pixels."""
         sample = _sampled(self, seed)
         return cache_module.remembered(
             self.cache_file, sample.rows,
@@ -80,8 +78,7 @@ class MappedImages:
 
 
 class ImageFiles:
-    """Image files decoded when read (upright, RGB), stored as read_stored does: the source without
-    a cache."""
+    """Image files decoded when read (upright, RGB), stored as read_stored does; no cache."""
 
     def __init__(self, paths: list[str], labels: torch.Tensor, size: int):
         self.paths, self.labels, self.size = paths, labels, size
@@ -98,9 +95,7 @@ class ImageFiles:
         return read_stored(self.paths[i], self.size)
 
     def decode(self, num_workers: int, desc: str, device: torch.device | None = None) -> Images:
-        """Every file decoded into uint8 (N, S, S, 3) images in memory, in parallel, with a progress
-        bar (the JPEGs on the device when it is a CUDA device: decode_files)."""
-        # filled in place
+        """Every file decoded into uint8 (N, S, S, 3) in memory, in parallel, with a bar."""
         images = torch.empty((len(self), self.size, self.size, 3), dtype=torch.uint8)
         failures = decode_files(self.paths, self.size, images, num_workers, desc, device=device)
         if failures:  # the scan opened every file, so only a file changed since then gets here

@@ -1,6 +1,5 @@
-"""What one run trains with, as one object: TrainState holds the model, the optimizer, LRA, the best
-epoch's snapshot, the schedule, Lookahead, the EMA, the history and the RunInfo, and its
-state_dict() is what last_checkpoint.pth holds."""
+"""What one run trains with, as one object: TrainState (model, optimizer, LRA, best snapshot,
+schedule, Lookahead, EMA, history, RunInfo), whose state_dict() last_checkpoint.pth holds."""
 
 from __future__ import annotations
 
@@ -33,18 +32,14 @@ class RunInfo:
     mean: list[float]
     std: list[float]
     image_size: int
-    # photo folders: the size images are stored at; None for CIFAR-10
-    resize_size: int | None = None
-    # "bf16" or "fp32": what it trains in, chosen once (step_module.choose_precision)
-    precision: str = "fp32"
-    # when it started (checkpoint_module.timestamp()): its folder's name in previous/
-    started: str | None = None
+    resize_size: int | None = None  # photo folders: the size images are stored at; None: CIFAR-10
+    precision: str = "fp32"  # "bf16" or "fp32", chosen once (step_module.choose_precision)
+    started: str | None = None  # checkpoint_module.timestamp(): its folder's name in previous/
     tracker_run: str | None = None  # TRACKER's run id (MLflow's): a resume goes on with it
 
 
 class Snapshot:
-    """The best epoch's model state, its EMA (when the run keeps one) and (when a restore can use
-    it) optimizer state, on the device."""
+    """The best epoch's model, EMA (if kept), optimizer state (if a restore uses it), on device."""
 
     def __init__(self, with_optimizer: bool = True):
         self.with_optimizer = with_optimizer
@@ -80,16 +75,14 @@ class Snapshot:
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.model = None if state["model"] is None else _to(state["model"], device)
-        # the optimizer may be loaded from the same tensors
-        self.optimizer = copy.deepcopy(state["optimizer"])
-        # none in a checkpoint of a run without an EMA, or from before EMA_DECAY
-        ema = state.get("ema")
+        self.optimizer = copy.deepcopy(state["optimizer"])  # the optimizer may load these tensors
+        ema = state.get("ema")  # None: a run without an EMA, or a checkpoint from before EMA_DECAY
         self.ema = None if ema is None else {**ema, "model": _to(ema["model"], device)}
 
 
 def best_weights(best: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The weights best_model.pth holds, from a Snapshot's state_dict(): the best epoch's EMA when
-    the run keeps one (what validation chose it by), else its model state."""
+    """best_model.pth's weights from a Snapshot's state_dict(): the best epoch's EMA if kept
+    (validation chose it by that), else its model state."""
     return best["ema"]["model"] if best.get("ema") is not None else best["model"]
 
 
@@ -104,8 +97,8 @@ def _to(state: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 @dataclasses.dataclass
 class TrainState:
-    """Everything a run trains with and a resume needs; best defaults to an empty Snapshot that
-    keeps optimizer state when LRA can go back to it."""
+    """Everything a run trains with and a resume needs; best defaults to an empty Snapshot keeping
+    optimizer state when LRA can go back to it."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -113,10 +106,8 @@ class TrainState:
     best: Snapshot | None = None
     schedule: StepSchedule | None = None
     lookahead: Lookahead | None = None
-    # the moving average of the weights (EMA_DECAY), which validation and the test see
-    ema: EMA | None = None
-    # one metrics row per finished epoch
-    history: list[dict] = dataclasses.field(default_factory=list)
+    ema: EMA | None = None  # the weights' moving average (EMA_DECAY), which validation and test see
+    history: list[dict] = dataclasses.field(default_factory=list)  # a metrics row per epoch
     info: RunInfo | None = None
 
     def __post_init__(self) -> None:
@@ -125,8 +116,7 @@ class TrainState:
 
     @property
     def evaluated_model(self) -> nn.Module:
-        """What validation (so the best epoch's choice) and the final test evaluate: the EMA's
-        averaged copy of the model when the run keeps one, else the model itself."""
+        """What validation (hence the best epoch) and the test evaluate: the EMA's copy if kept."""
         return self.ema.module if self.ema is not None else self.model
 
     @property
@@ -135,8 +125,7 @@ class TrainState:
         return self.history[-1]["epoch"] if self.history else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """KEYS and RunInfo's fields, referring to the live tensors. Every process calls it
-        together: it gathers each process's random state, so a resume continues each one."""
+        """KEYS and RunInfo's fields, live tensors; all ranks call it (it gathers RNG states)."""
         optional = {name: part.state_dict() if part is not None else None
                     for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead),
                                        ("ema", self.ema))}
@@ -148,11 +137,10 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
         """Continue exactly where state left off: weights, optimizer, LRA (and the body it unfroze),
-        the best snapshot, schedule, Lookahead, EMA, history and this process's random state."""
+        best snapshot, schedule, Lookahead, EMA, history, this process's random state."""
         self.model.load_state_dict(state["model"])
         self.lra.load_state_dict(state["lra"])
-        # unfrozen during the saved run (the optimizer has held the body all along)
-        if not self.lra.frozen:
+        if not self.lra.frozen:  # unfrozen in the saved run (the optimizer always held the body)
             model_module.unfreeze_body(self.model)
         self.best.load_state_dict(state["best"], next(self.model.parameters()).device)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,5 +1,5 @@
-"""Run plumbing: seeding, device choice and random states, the time account, safe loading and
-atomic saving of weights and checkpoints, and the metrics CSV."""
+"""Run plumbing: seeding, devices, random states, the time account, safe loading and atomic saving
+of weights and checkpoints, the metrics CSV."""
 
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ class CheckpointError(ValueError):
 
 
 class TimeAccount:
-    """Where a run's time went, by part, in seconds, as Lightning's simple profiler shows it: what
-    the parts leave out of the whole is "other"."""
+    """A run's time by part, in seconds (as Lightning's simple profiler); the rest: "other"."""
 
     def __init__(self, started: float):
         self.started = started  # time.perf_counter() when the process began its work
@@ -56,8 +55,7 @@ class TimeAccount:
             "total": total}.items()}
 
     def line(self) -> str:
-        """The account in one line: "Time: imports 2.9 s, data 0.4 s, ..., other 0.2 s; total 19.8
-        s"."""
+        """The account in one line: "Time: imports 2.9 s, ..., other 0.2 s; total 19.8 s"."""
         figures = self.figures()
         total = figures.pop("total")
         return ("Time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in figures.items())
@@ -75,8 +73,7 @@ def seed_everything(seed: int) -> None:
 
 
 def get_device(local_rank: int = 0) -> torch.device:
-    """The accelerator when there is one (CUDA, this process's GPU under torchrun; Apple's MPS;
-    others torch.accelerator knows), else the CPU."""
+    """Accelerator if any (CUDA: this rank's GPU; MPS; any torch.accelerator knows), else CPU."""
     if not torch.accelerator.is_available():
         return torch.device("cpu")
     device = torch.accelerator.current_accelerator()
@@ -115,8 +112,7 @@ def save_torch(obj: Any, path: str) -> None:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """The bytes of every tensor in obj (dicts, lists and tuples searched): about what torch.save
-    writes."""
+    """Bytes of the tensors in obj (dicts, lists, tuples searched): about what torch.save writes."""
     if isinstance(obj, torch.Tensor):
         return obj.nelement() * obj.element_size()
     if isinstance(obj, dict):
@@ -132,8 +128,7 @@ def not_a_file(path: str) -> str:
 
 
 def load_torch(path: str, what: str = "checkpoint") -> Any:
-    """torch.load with weights_only=True: tensors and plain containers only; a file that carries
-    other pickled objects (code that would run on load) is refused, never executed."""
+    """torch.load(weights_only=True): other pickled objects (code run on load) are refused."""
     if not os.path.isfile(path):  # a FIFO would wait for ever, /dev/zero never end
         raise CheckpointError(f"{what} {path} {not_a_file(path)}")
     try:
@@ -145,8 +140,7 @@ def load_torch(path: str, what: str = "checkpoint") -> Any:
                 "so it was refused and nothing in it ran; "
                 "use only weights saved by this pipeline or another source you trust") from None
         raise CheckpointError(f"{what} {path} is not a PyTorch checkpoint ({error})") from None
-    # the restricted unpickler fails in many ways on foreign bytes; all mean "not ours"
-    except Exception as error:
+    except Exception as error:  # the restricted unpickler fails many ways on foreign bytes
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{what} {path} is truncated or not a PyTorch checkpoint "
                               f"({detail})") from None
@@ -171,9 +165,8 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a cell that starts so runs 
 
 
 def safe_cell(value: Any) -> Any:
-    """A CSV cell a spreadsheet will show, never run: text that starts as a formula
-    (FORMULA_STARTS, as a file or class named "=HYPERLINK(...)" does) gets a leading ', as OWASP's
-    CSV injection advice says; the rest as it is."""
+    """A CSV cell a spreadsheet shows, never runs: text starting as a formula (a file named
+    "=HYPERLINK(...)") gets a leading ', per OWASP's CSV injection advice."""
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 

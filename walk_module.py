@@ -1,5 +1,4 @@
-"""Folders walked for image files (links followed, each real folder once), and what a walk or a
-decode passed over, counted by reason."""
+"""Folders walked for image files (links followed, each real folder once); what was passed over."""
 
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ SKIPS = {  # why a walk or a decode passes a file (or folder) over: what one and
 
 @dataclass
 class Skipped:
-    """What a walk of folders or a decode passed over: for each reason (a key of SKIPS), the paths,
-    in the order met."""
+    """What a walk or decode passed over: each reason's (SKIPS key) paths, in the order met."""
 
     paths: dict[str, list[str]] = field(default_factory=dict)
 
@@ -48,10 +46,7 @@ class Skipped:
         return {path for paths in self.paths.values() for path in paths}
 
     def warnings(self) -> list[str]:
-        """A line for each reason: how many were skipped, and the first of them (names shown as
-        messages_module.printable shows them): "skipped 2 unreadable image files, e.g.
-        train/cat/broken.png".
-        """
+        """A line per reason: "skipped 2 unreadable image files, e.g. a/b.png" (names printable)."""
         lines = []
         for reason, (one, many) in SKIPS.items():
             paths = self.paths.get(reason, [])
@@ -72,18 +67,12 @@ class Skipped:
 
 
 def walk_images(roots: list[str], skipped: Skipped) -> list[list[str]]:
-    """The image files under each root folder, searched recursively: its folders in the order of
-    their paths (as sorted(os.walk(root)) gives them), each one's files by name. Only regular files
-    with an image extension are listed; the rest (SKIPS: other files, FIFOs, sockets, devices,
-    dangling links, paths too long to open, folders that cannot be listed) are counted in skipped,
-    never opened.
-
-    Links to folders are followed, and each real folder is read once, for one root: every root's own
-    folders first, then the folders that only links reach, each for the root of the folder that
-    holds the first link to it; a link to a folder read already is counted in skipped. So a link to
-    a folder elsewhere (another disk) adds its images, and a link into the tree's own folders adds
-    nothing twice. A link to a folder on its own path (itself, a parent, or one that links led the
-    walk through to reach it) would make the walk endless: DataError, naming it."""
+    """Each root's image files, recursively: folders in sorted(os.walk) order, files by name; only
+    regular files with an image extension, the rest (SKIPS) counted in skipped, never opened. Folder
+    links are followed; each real folder is read once, for one root: the roots' own folders first,
+    then those only links reach, for the root holding the first link. So a link elsewhere (another
+    disk) adds its images, one into the tree adds nothing twice. A link to a folder on its own path
+    (itself, a parent, one the walk came through) would loop: DataError, naming it."""
     walk = _Walk(skipped, [[] for _ in roots])
     tops = [walk.read(root, r) for r, root in enumerate(roots)]
     if walk.links:
@@ -97,8 +86,7 @@ Identity = tuple[int, int]  # a folder's (device, inode): the same whatever path
 
 @dataclass
 class _Listing:
-    """A folder's entries that a walk goes on with (names, sorted): image files, subfolders, links
-    to folders."""
+    """A folder's entries a walk goes on with (names, sorted): images, subfolders, folder links."""
 
     files: list[str]
     folders: list[str]
@@ -107,8 +95,8 @@ class _Listing:
 
 @dataclass
 class _Walk:
-    """walk_images' state: what it skipped, each root's folders (path, image file names), and for
-    each folder read, its root, its listing and its subfolders' identities by name."""
+    """walk_images' state: what it skipped, each root's (folder, image names), and per folder read
+    its root, listing and subfolders' identities by name."""
 
     skipped: Skipped
     found: list[list[tuple[str, list[str]]]]
@@ -118,9 +106,8 @@ class _Walk:
     links: bool = False  # whether a folder read holds a link to a folder
 
     def read(self, top: str, root: int) -> Identity | None:
-        """The folder top and its subfolders (links not followed) read for the root numbered root,
-        but those read already (a root given twice, or a link to a folder read; a bind mount):
-        counted in skipped. Returns top's identity (None when it cannot be listed)."""
+        """Read top and its subfolders (not links) for root, but those read already (a root twice, a
+        linked folder, a bind mount: counted skipped); top's identity, None: unlistable."""
         stack: list[tuple[str, Identity | None]] = [(top, None)]  # a folder, and the one above it
         first = None
         while stack:
@@ -143,9 +130,8 @@ class _Walk:
         return first
 
     def follow_links(self, roots: list[str], tops: list[Identity | None]) -> None:
-        """A depth-first walk from each root through subfolders and links alike, each folder once,
-        that reads the folders only links reach and refuses a link to a folder on its own path (the
-        loop it closes would be walked for ever)."""
+        """Depth-first from each root through subfolders and links, each folder once: reads folders
+        only links reach; refuses a link to a folder on its own path (an endless loop)."""
         finished: set[Identity] = set()  # folders whose walk is over: all below them was seen
         for root, top in zip(roots, tops):
             way: list[tuple[Identity, str]] = []  # the folders walked through to here; real paths
@@ -169,9 +155,8 @@ class _Walk:
 
     def _follow(self, link: str, root: int,
                 way: list[tuple[Identity, str]]) -> list[tuple[str, Identity, str]]:
-        """A link to a folder, met on the way given in a folder read for root: DataError when it
-        leads to a folder on that way or above one; else its target read for that root unless read
-        already (counted in skipped), and what the walk enters next, itself."""
+        """A folder link met on `way` in a folder of root: DataError when it leads onto or above
+        that way; else its target read for root (unless read already) and what to enter next."""
         target = os.path.realpath(link)
         if any(real == target or real.startswith(os.path.join(target, "")) for _, real in way):
             raise DataError(f"{messages_module.printable(link)} is a link to "
@@ -183,9 +168,7 @@ class _Walk:
 
 
 def _list_folder(path: str, skipped: Skipped) -> tuple[Identity, _Listing] | None:
-    """A folder's identity (device, inode) and listing, or None (counted in skipped) when it cannot
-    be listed; the entries that are not image files or folders are counted in skipped as _Walk.read
-    says."""
+    """A folder's (dev, inode) and listing, others counted skipped; None (counted) if unlistable."""
     try:
         status = os.stat(path)
         with os.scandir(path) as scan:
