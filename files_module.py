@@ -181,7 +181,8 @@ _locks: dict[str, int] = {}  # a folder's real path -> the fd whose flock this p
 
 def check_unlocked(folder: str, main_process: bool = True) -> None:
     """Refuse before the data loads when a live run holds folder's lock (lock_folder takes it
-    later), or (ValueError) .lock is not a plain file. Creates nothing. Rank 0 looks, all raise."""
+    later), or (ValueError) .lock is not a plain file. Creates nothing. Under torchrun rank 0 looks
+    and every process raises."""
     error, unsafe = None, None
     path = os.path.join(folder, LOCK_FILE)
     if main_process and fcntl and os.path.realpath(folder) not in _locks and os.path.lexists(path):
@@ -199,9 +200,10 @@ def check_unlocked(folder: str, main_process: bool = True) -> None:
 
 
 def lock_folder(folder: str, main_process: bool = True) -> None:
-    """flock folder/.lock (holding our pid) till unlock_folder or process end: the OS drops it with
-    the process, so a kill -9 never blocks the next run. FolderInUse names a live holder; rank 0
-    locks, all raise. ValueError: .lock not a plain file (its target would be overwritten)."""
+    """Hold an flock on folder/.lock (holding this pid) until unlock_folder or the process ends: the
+    OS drops it with the process, so a kill -9 never blocks the next run. FolderInUse names a live
+    holder (under torchrun rank 0 locks and every process raises); ValueError when .lock is not a
+    plain file (what it points at would be overwritten)."""
     error, unsafe, key = None, None, os.path.realpath(folder)
     if main_process and fcntl and key not in _locks:
         fd, unsafe = _open_lock(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT)

@@ -104,7 +104,8 @@ FINAL_EVALUATION = "evaluating the trained model on the test set"  # report's st
 
 
 def resume_command(output_dir: str) -> str:
-    """The command resuming output_dir's run (torchrun's: as many processes, none other resumes)."""
+    """The command resuming output_dir's run (under torchrun, with as many processes: another number
+    is refused)."""
     world, local = (int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
     launcher = ["python"] if world == 1 else ["torchrun", f"--nproc_per_node={local}"] + (
         [f"--nnodes={world // local}", "..."] if world > local else ["--standalone"])
@@ -177,7 +178,8 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
     if rank == 0:
         checkpoint_module.check_room(output_dir, state, resuming=saved is not None)
     os.makedirs(output_dir, exist_ok=True)  # only now: bad input above leaves nothing behind
-    files_module.lock_folder(output_dir, main_process=rank == 0)  # till run_main ends or we die
+    # held until run_main ends (or the process dies)
+    files_module.lock_folder(output_dir, main_process=rank == 0)
     if rank == 0:
         checkpoint_module.remove_partial_writes(output_dir)  # a killed run's half-written files
     if saved:
