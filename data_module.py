@@ -35,8 +35,9 @@ CIFAR_VAL_SPLIT = 5000
 FOLDER_VAL_SHARE = 10
 # keep data on the device only when it takes at most this share of free memory
 RESIDENT_SHARE = 0.25
-MAX_IMAGE_SIZE = 1024  # pixels: above the largest published weights' crop (efficientnet_b7's 600);
-# a batch of 128 such float images takes 1.6 GB already, and 60,000 pixels would ask 43 GB an image
+# pixels: above the largest published weights' crop (efficientnet_b7's 600); a batch of 128 such
+# float images takes 1.6 GB already, and 60,000 pixels would ask 43 GB an image
+MAX_IMAGE_SIZE = 1024
 
 CHOICES = {"dataset": DATASETS, "augment": AUGMENTS, "flip": FLIPS,
            "resident": ("auto", "yes", "no")}

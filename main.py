@@ -257,11 +257,9 @@ def parse_config(
     return config, command
 
 
-# how far a resumed run goes, and where it is;
-RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR",
-                     # where its data is now
-                     "DATA_DIR", "CSV_COLUMNS", "DOWNLOAD", "CACHE_DIR", "NUM_WORKERS",
-                     "TRACKER", "DIST_TIMEOUT")
+# what a resume may change: how far the run goes, where it is, and where its data is now
+RESUME_MAY_CHANGE = ("EPOCHS", "ASK_EPOCH", "RESUME", "OUTPUT_DIR", "DATA_DIR", "CSV_COLUMNS",
+                     "DOWNLOAD", "CACHE_DIR", "NUM_WORKERS", "TRACKER", "DIST_TIMEOUT")
 # recorded as absolute paths, so a resume finds them from anywhere
 PATHS = ("DATA_DIR", "CACHE_DIR", "WEIGHTS")
 
