@@ -1,8 +1,7 @@
 """Augmentation as batched tensor operations on the device (CIFAR-10's pad-crops and flips,
-photos' random-resized crops, random erasing with a draw for each image, Mixup and CutMix of whole
-batches; torchvision's automatic augmentation is autoaugment_module's), and the PIL pipeline of the
-streaming fallback that does the same image by image; AUGMENTATIONS holds each one a constant
-switches on, its batched and its PIL version side by side."""
+photos' random-resized crops, per-image random erasing, Mixup and CutMix of whole batches; the
+automatic kinds are autoaugment_module's), and the streaming fallback's PIL pipeline; AUGMENTATIONS
+holds each kind a constant switches on, batched and PIL versions side by side."""
 
 from __future__ import annotations
 
@@ -66,10 +65,9 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float] = CROP_SCALE,
                       ratio: tuple[float, float] = CROP_RATIO,
                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """n boxes (top, left, height, width) as int64 (n, 4), each drawn as torchvision's
-    RandomResizedCrop.get_params draws one: up to CROP_TRIES tries of an area share in `scale` and a
-    log-uniform width / height in `ratio` that fit the image, else the central crop of the nearest
-    allowed ratio; all n at once on `device`, from its global generator."""
+    """n boxes (top, left, height, width), int64 (n, 4), drawn as RandomResizedCrop.get_params: up
+    to CROP_TRIES tries of an area share in `scale` and log-uniform width / height in `ratio` that
+    fit, else the central crop of the nearest ratio allowed; all at once, from device's RNG."""
     area = height * width
     target_area = area * torch.empty(n, CROP_TRIES, device=device).uniform_(scale[0], scale[1])
     aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]),
@@ -91,8 +89,7 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
 
 
 def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """RandomResizedCrop's fallback size (height, width): the whole image, trimmed to the nearest
-    allowed ratio."""
+    """RandomResizedCrop's fallback (h, w): the whole image trimmed to the nearest ratio allowed."""
     if width / height < min(ratio):
         return int(round(width / min(ratio))), width
     if width / height > max(ratio):
@@ -108,16 +105,11 @@ def _random_offset(room: torch.Tensor, device: torch.device | str) -> torch.Tens
 
 def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
                     flipped: torch.Tensor | None = None) -> torch.Tensor:
-    """The boxes (top, left, height, width) of uint8 (N, H, W, C) images resized to size x size,
-    mirrored where `flipped` is set: float (N, C, size, size) on the 0-255 scale, in one batched
-    call.
-
-    roi_align with aligned=True is bilinear resizing of each box; its adaptive sampling (ceil(box /
-    size) samples a pixel in each direction, averaged) stands in for the antialiasing of PIL's
-    resize when the box is larger than the output. One kernel for the batch, where
-    torchvision.transforms.v2 draws one box per call (RandomResizedCrop on a batch crops every image
-    alike).
-    """
+    """The boxes of uint8 (N, H, W, C) images resized to size x size, mirrored where `flipped`:
+    float (N, C, size, size), 0-255 scale. roi_align(aligned=True) resizes each box bilinearly; its
+    adaptive sampling (ceil(box / size) samples a pixel each way, averaged) stands in for PIL's
+    antialiasing when the box is larger. One kernel for the batch, where v2 draws one box per call
+    (its RandomResizedCrop crops a batch's images alike)."""
     top, left, height, width = boxes.unbind(1)
     batch = torch.arange(len(images), device=images.device)
     rois = torch.stack([batch, left, top, left + width, top + height], 1).float()
@@ -128,8 +120,7 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop places
-    it."""
+    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop does."""
     _, height, width, _ = images.shape
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return images[:, top:top + size, left:left + size].contiguous()
@@ -140,11 +131,10 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def erase_masks(n: int, height: int, width: int, probability: float,
                 device: torch.device | str) -> torch.Tensor:
-    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each of n images: an
-    image is chosen with that probability, then up to ERASE_TRIES tries of an area share in
-    ERASE_SCALE and a log-uniform height / width in ERASE_RATIO, the first smaller than the image
-    placed uniformly in it, as RandomErasing.get_params; no box when none fits. All drawn at once on
-    the device, from its global generator."""
+    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each image, drawn
+    as its get_params: up to ERASE_TRIES tries of an area share in ERASE_SCALE and log-uniform
+    height / width in ERASE_RATIO, the first smaller than the image placed uniformly; no box when
+    none fits. All at once, from the device's generator."""
     area = height * width
     target_area = area * torch.empty(n, ERASE_TRIES, device=device).uniform_(*ERASE_SCALE)
     log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
@@ -169,10 +159,9 @@ def erase_masks(n: int, height: int, width: int, probability: float,
 
 @dataclass(frozen=True)
 class Kind:
-    """A training augmentation, on where main.py's constant of its name in upper case is true: the
-    settings allowed (choices, or a rule: (test, what is allowed)); its stage ("pixels": uint8
-    (N, H, W, C) images; "normalised": float (N, C, H, W) ones; "batch": normalised batches and
-    their labels, MixedLoader's); its batched version and its PIL one, for the streaming path."""
+    """A training augmentation, on where main.py's constant of its name is true: settings allowed
+    (choices, or a rule: (test, what is allowed)); stage ("pixels": uint8 NHWC; "normalised": float
+    NCHW; "batch": MixedLoader's batches and labels); its batched and its PIL version."""
 
     choices: tuple | None
     rule: tuple[Callable[[Any], bool], str] | None
@@ -218,8 +207,7 @@ def check(settings: dict[str, Any]) -> None:
 
 
 def switched_on(settings: dict[str, Any], stage: str) -> list[tuple[Kind, Any]]:
-    """The kinds of the stage that the settings (by name; a kind not named is off) switch on,
-    each with its setting, in order."""
+    """The stage's kinds the settings switch on (one not named is off), with settings, in order."""
     return [(kind, settings[name]) for name, kind in AUGMENTATIONS.items()
             if kind.stage == stage and settings.get(name)]
 
@@ -232,14 +220,11 @@ def augment(images: torch.Tensor, stage: str, settings: dict[str, Any]) -> torch
 
 
 def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | None:
-    """The "batch" kinds the settings switch on (torchvision's v2.MixUp and v2.CutMix of a
-    normalised batch and its class indices); with both on, one of the two chosen at random for
-    each batch (v2.RandomChoice), as torchvision's references/classification/train.py does.
-    Called as mix(images, labels), it returns (mixed images, float (N, num_classes) targets, each
-    row summing to 1), each image paired with the one before it in the batch (which the loaders
-    shuffle). None when none is on. Its random draws (lambda, the box, the choice) are CPU
-    numbers; on the device it only rolls, scales and copies the batch, in its own memory layout,
-    so it never waits for the device."""
+    """The "batch" kinds switched on (v2.MixUp, v2.CutMix); with both, one chosen at random per
+    batch (v2.RandomChoice), as torchvision's references/classification/train.py. mix(images,
+    labels) gives (mixed images, float (N, num_classes) targets, rows summing to 1), each image
+    paired with the one before it (the loaders shuffle); None when none is on. Its draws are CPU
+    numbers; on the device it only rolls, scales and copies (in the batch's layout): no waits."""
     mixes = [kind.batched(setting, num_classes) for kind, setting in switched_on(settings, "batch")]
     if len(mixes) > 1:
         return v2.RandomChoice(mixes)
@@ -248,11 +233,10 @@ def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | No
 
 @dataclass(frozen=True)
 class Augmentation:
-    """What a loader does to each image: training pad-crops (crop_padding pixels, black or
-    reflected border) and flips ("random", "alternate" or "none") at the image's own size, or
-    with crop_size (photos) random-resized crops of that size and flips, the centre crop for
-    evaluation; normalisation by mean and std (0-1 scale, per channel); and for training the
-    AUGMENTATIONS that `augmentations` (their settings, by name) switch on, each at its stage."""
+    """What a loader does to each image: training pad-crops (crop_padding pixels, black or reflected
+    border) and flips ("random", "alternate", "none") at its own size, or with crop_size (photos)
+    random-resized crops and flips, the centre crop for evaluation; normalisation (0-1 scale, per
+    channel); and for training the AUGMENTATIONS `augmentations` switch on, each at its stage."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -267,10 +251,9 @@ class Augmentation:
 
 
 def pil_transform(train: bool, image_size: int, augmentation: Augmentation) -> transforms.Compose:
-    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are
-    drawn at random): photos (augmentation.crop_size set) get RandomResizedCrop for training,
-    CIFAR-10 its pad-crops; then the AUGMENTATIONS' PIL versions around ToTensor and Normalize,
-    as torchvision's classification reference. Evaluation: evaluation_transform."""
+    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips drawn at
+    random): RandomResizedCrop for photos (crop_size set), pad-crops for CIFAR-10, then the
+    AUGMENTATIONS' PIL versions around ToTensor and Normalize, as torchvision's reference."""
     if not train:
         return evaluation_transform(augmentation.crop_size, augmentation.mean, augmentation.std)
     steps = []
@@ -292,7 +275,6 @@ def pil_transform(train: bool, image_size: int, augmentation: Augmentation) -> t
 
 
 def evaluation_transform(crop_size: int | None, mean, std) -> transforms.Compose:
-    """How evaluation prepares a PIL image: its centre crop_size square (None: all of it),
-    normalised by mean and std: a float (C, H, W) tensor."""
+    """A PIL image for evaluation: its centre crop_size square (None: all), normalised, CHW."""
     crop = [transforms.CenterCrop(crop_size)] if crop_size is not None else []
     return transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(mean, std)])
