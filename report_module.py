@@ -1,10 +1,9 @@
 """What a run leaves to look at: the training curves, the test report, the confusion matrix, the
 gallery of confident mistakes and the LR finder's plot (the trackers: tracker_module).
 
-Figures are drawn with matplotlib's Figure, never pyplot (no global state, no display needed), and
-every file is written atomically (files_module.atomic_write). A figure that cannot be drawn only
-warns: the run matters more. Only rank 0 calls these under torchrun.
-"""
+Figures use matplotlib's Figure, never pyplot (no global state, no display needed); files are
+written atomically; a figure that cannot be drawn only warns (the run matters more). Only rank 0
+calls these under torchrun."""
 
 from __future__ import annotations
 
@@ -47,11 +46,10 @@ def write_test_outputs(result: dict[str, Any], classes: Sequence[str], mean: Seq
 
 
 def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support of each class from a confusion matrix (rows the true class,
-    columns the predicted one), then their macro and support-weighted averages, as scikit-learn's
-    classification_report with zero_division=nan: a ratio with nothing to divide (a class never
-    predicted has no precision; one with no images no recall) is NaN, and left out of the averages.
-    Recall is each class's accuracy, so the weighted recall is the accuracy."""
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows the true class),
+    then macro and support-weighted averages, as scikit-learn's classification_report with
+    zero_division=nan: a 0 / 0 (precision of a class never predicted, recall of one without images)
+    is NaN, left out of the averages. Recall is each class's accuracy: weighted, the accuracy."""
     # a name that is not UTF-8: its bytes
     classes = [messages_module.printable(name) for name in classes]
     counts = confusion.double().cpu().numpy()
@@ -74,16 +72,14 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
 
 
 def _nan_average(values: np.ndarray, weights: np.ndarray) -> float:
-    """The weighted mean of the values that are not NaN (NaN when none is, or their weights add to
-    0)."""
+    """The weighted mean of the non-NaN values (NaN when none is, or their weights sum to 0)."""
     known = ~np.isnan(values)
     total = weights[known].sum()
     return float((values[known] * weights[known]).sum() / total) if total else math.nan
 
 
 def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str) -> pd.DataFrame:
-    """Write test_report.csv (classification_report), atomically; returns the table. Unlike the
-    figures, a file that cannot be written raises OSError."""
+    """Write test_report.csv atomically and return it; unlike a figure, a failed write raises."""
     frame = classification_report(confusion, classes)
     safe = utils.spreadsheet_safe(frame)  # a class named "=1+2" is shown, never run
     files_module.atomic_write(path, lambda f: safe.to_csv(f, index=False, float_format="%.6f"))
@@ -92,10 +88,9 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
 
 def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str,
                           split: str = "test") -> None:
-    """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's
-    share going to each prediction), class names on both axes; the figure and the fonts scale with
-    the class count, readable up to LEGIBLE_CLASSES; past them, colours at that size
-    (confusion_figure)."""
+    """Draw confusion_matrix.png: counts in cells, colours by row share (each true class's to each
+    prediction), names on both axes; figure and fonts scale with the class count, readable up to
+    LEGIBLE_CLASSES; past them, colours at that size."""
     _draw(path, lambda: confusion_figure(confusion, classes, split))
 
 
@@ -147,17 +142,15 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
 
 def plot_misclassified(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                        std: Sequence[float], path: str, split: str = "test") -> None:
-    """Draw misclassified.png: the given mistakes (train_module.Mistake, most confident first), each
-    image un-normalised (x std + mean) and titled with its true class, the predicted class and its
-    probability."""
+    """Draw misclassified.png: the mistakes (train_module.Mistake, most confident first), each image
+    un-normalised (x std + mean), titled with its true and predicted class and that probability."""
     _draw(path, lambda: _mistakes_figure(mistakes, classes, mean, std, split))
 
 
 def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                      std: Sequence[float], split: str = "test"):
-    """One image of all the mistakes (a mosaic in a single axes, each cell a title band over the
-    image) with their titles as text: this draws in 0.2-0.4 s, a grid of 25 axes with tight_layout
-    in 0.7-0.9 s."""
+    """All the mistakes as one image (a mosaic in one axes, each cell a title band over the image),
+    titles as text: it draws in 0.2-0.4 s, a grid of 25 axes with tight_layout in 0.7-0.9 s."""
     from matplotlib.figure import Figure
 
     classes = [messages_module.printable(name) for name in classes]  # as the report writes them
@@ -196,8 +189,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
 
 
 def _gallery_cell(height: int, width: int) -> tuple[int, int]:
-    """A gallery cell's size in image pixels: a band for two lines of title above the image, a
-    margin beside."""
+    """A gallery cell's size in pixels: a two-line title band above the image, a margin beside."""
     return height + math.ceil(0.4 * height), width + math.ceil(0.1 * width)
 
 
@@ -258,8 +250,7 @@ def _curves_figure(history: list[dict[str, Any]]):
 
 def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None,
                    path: str) -> None:
-    """Draw lr_finder.png: the smoothed loss against the LR (log axis), the suggested LR (if any)
-    marked."""
+    """Draw lr_finder.png: the smoothed loss against the LR (log axis), any suggested LR marked."""
     _draw(path, lambda: _lr_finder_figure(lrs, losses, suggestion))
 
 
