@@ -41,20 +41,17 @@ def crop_flip(images: torch.Tensor, padding: int, flipped: torch.Tensor | None =
     device = images.device
     dy = torch.randint(-padding, padding + 1, (n, 1), device=device)
     dx = torch.randint(-padding, padding + 1, (n, 1), device=device)
-    # (n, h): source row of each output row
-    rows = torch.arange(h, device=device) + dy
+    rows = torch.arange(h, device=device) + dy  # (n, h): source row of each output row
     cols = torch.arange(w, device=device).expand(n, w)
     if flipped is not None:
         cols = torch.where(flipped[:, None], w - 1 - cols, cols)
-    # (n, w): source column of each output column
-    cols = cols + dx
+    cols = cols + dx  # (n, w): source column of each output column
     batch = torch.arange(n, device=device)[:, None, None]
     if reflect:
         return images[batch, _reflect(rows, h)[:, :, None], _reflect(cols, w)[:, None, :]]
     inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
     out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
-    # black border, as RandomCrop(padding=p)
-    return out * inside[..., None]
+    return out * inside[..., None]  # black border, as RandomCrop(padding=p)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -75,8 +72,7 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
     w = (target_area * aspect).sqrt().round().long()
     h = (target_area / aspect).sqrt().round().long()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    # the first try that fits (argmax takes the first maximum)
-    first = fits.long().argmax(1, keepdim=True)
+    first = fits.long().argmax(1, keepdim=True)  # first fitting try (argmax: the first maximum)
     found = fits.any(1)
     fallback_h, fallback_w = _central_box(height, width, ratio)
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)

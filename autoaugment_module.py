@@ -64,8 +64,7 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
     # as torchvision's `torch.rand(()) <= 0.5` for each image
     negative = torch.rand(n, device=device) <= 0.5
     shuffled = images[order]  # sorted by op: each op's share is a slice; a copy, changed in place
-    # (N, C, H, W) views, as torchvision's ops take them
-    sorted_images = shuffled.permute(0, 3, 1, 2)
+    sorted_images = shuffled.permute(0, 3, 1, 2)  # NCHW views, as torchvision's ops take them
     starts = [0, *itertools.accumulate(counts)]
     matrices = []
     for k, op in enumerate(OPS):
@@ -79,8 +78,7 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
             matrices.append(affine_matrices(op, magnitudes, height, width))
         else:
             sorted_images[share] = apply_op(sorted_images[share], op, magnitudes)
-    # the geometric ops' shares are one slice (OPS' order): one resample for all of them
-    if matrices:
+    if matrices:  # the geometric ops' shares are one slice (OPS' order): one resample for all
         share = slice(starts[OPS.index(GEOMETRIC[0])], starts[OPS.index(GEOMETRIC[-1]) + 1])
         sorted_images[share] = resample(sorted_images[share], torch.cat(matrices))
     return torch.empty_like(images).index_copy_(0, order, shuffled)  # back in the images' order

@@ -168,8 +168,7 @@ def _build(base: str, count: int, size: int, root: str,
            fill: Callable[[np.memmap], list[tuple[int, str]]]) -> Cache:
     """Decode into a temporary .npy, move it into place, then write the index that marks it done."""
     folder, name = os.path.split(base)
-    # under the lock no other build of this cache is live: these are killed builds'
-    if fcntl is not None:
+    if fcntl is not None:  # under the lock no other build is live: these are killed builds'
         for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.*.tmp")):
             os.remove(stale)
     with contextlib.suppress(FileNotFoundError):  # a killed build's, or a damaged one: its room

@@ -62,8 +62,7 @@ class EpochWriter:
 
     def __init__(self, output_dir: str, best_epoch: int | None = None):
         self.output_dir = output_dir
-        # best_epoch: the one already on disk
-        self.landed: dict[str, int | None] = {BEST_MODEL: best_epoch}
+        self.landed: dict[str, int | None] = {BEST_MODEL: best_epoch}  # best_epoch: already on disk
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -317,8 +316,7 @@ def _checkpoint_started(output_dir: str) -> str | None:
         checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT), map_location="cpu",
                                 weights_only=True, mmap=True)
         return checkpoint.get("started")
-    # missing, truncated, foreign: any failure only means the time is not recorded here
-    except Exception:
+    except Exception:  # missing, truncated, foreign: any failure means the time is not recorded
         return None
 
 

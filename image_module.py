@@ -147,8 +147,7 @@ def _upright(image: Image.Image) -> Image.Image:
         if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
             return image  # upright as stored: itself, not exif_transpose's copy (3% of a decode)
         return ImageOps.exif_transpose(image)
-    # a malformed EXIF block (Pillow raises several types): keep the pixels as stored
-    except Exception:
+    except Exception:  # a malformed EXIF block (Pillow raises several types): pixels as stored
         return image
 
 

@@ -164,8 +164,7 @@ class MappedLoader(ResidentLoader):
         super().__init__(images, labels.to(device), batching, augmentation)
         self.rows = rows  # int64 (N,): row of images of each of the N labelled images
         self.index_device = torch.device("cpu")  # the thread picks rows with them
-        # a batch at a time: little host memory, and the first batch comes soon
-        self.chunk = batching.batch_size
+        self.chunk = batching.batch_size  # one batch: little host memory, and the first comes soon
 
     def _gather(self, indices: torch.Tensor,
                 step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,8 +190,7 @@ class MappedLoader(ResidentLoader):
                 yield chosen, images, copy_stream.record_event()
 
         for chosen, images, copied in process_module.in_background(read(), PREFETCH):
-            # the training stream waits for the copy, and keeps the memory until used
-            if copied is not None:
+            if copied is not None:  # training waits for the copy and keeps its memory until used
                 stream = torch.cuda.current_stream(device)
                 stream.wait_event(copied)
                 chosen.record_stream(stream)

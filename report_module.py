@@ -50,8 +50,7 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     then macro and support-weighted averages, as scikit-learn's classification_report with
     zero_division=nan: a 0 / 0 (precision of a class never predicted, recall of one without images)
     is NaN, left out of the averages. Recall is each class's accuracy: weighted, the accuracy."""
-    # a name that is not UTF-8: its bytes
-    classes = [messages_module.printable(name) for name in classes]
+    classes = [messages_module.printable(name) for name in classes]  # not UTF-8: its bytes
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
         raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit "
@@ -59,8 +58,7 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     hits, support, predicted = np.diag(counts), counts.sum(1), counts.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, as wanted
         precision, recall = hits / predicted, hits / support
-        # the harmonic mean of the two, also when one is undefined
-        f1 = 2 * hits / (support + predicted)
+        f1 = 2 * hits / (support + predicted)  # their harmonic mean, also when one is undefined
     frame = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall,
                           "f1": f1, "support": support.astype(np.int64)})
     rows = [frame]
@@ -108,8 +106,7 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     counts = confusion.cpu().numpy()
     n = len(classes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        # a class with no images: an empty row
-        shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))
+        shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))  # no images: an empty row
     shown = min(n, LEGIBLE_CLASSES)
     side = max(5.0, 2.5 + 0.34 * shown)  # inches: a third of an inch per cell beyond the margins
     # points: 10 up to 14 classes, 7 from 35 (four digits fit)
@@ -120,8 +117,7 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     written = counts if n <= LEGIBLE_CLASSES else counts[:0]  # past them, no cell fits its count
     for (row, column), count in np.ndenumerate(written):
-        # beyond 20 classes a blank cell reads as 0, which keeps the matrix legible
-        if count or n <= 20:
+        if count or n <= 20:  # beyond 20 classes a blank cell reads as 0: the matrix stays legible
             axes.text(column, row, str(count), ha="center", va="center", fontsize=cell_font,
                       color="white" if shares[row, column] > 0.5 else "black")
     ticks = np.arange(0, n, math.ceil(n / LEGIBLE_CLASSES))  # every class, or one in ceil(n / 50)
@@ -164,8 +160,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
     images = [(m.image.float().cpu() * std_ + mean_).clamp(0, 1).permute(1, 2, 0) for m in mistakes]
     height, width, channels = images[0].shape
     cell_height, cell_width = _gallery_cell(height, width)
-    # white between the images
-    mosaic = torch.ones(rows * cell_height, columns * cell_width, channels)
+    mosaic = torch.ones(rows * cell_height, columns * cell_width, channels)  # white between images
     for i, (image, mistake) in enumerate(zip(images, mistakes)):
         top, left = _gallery_origin(i, columns, height, width)
         mosaic[top:top + height, left:left + width] = image
@@ -264,8 +259,7 @@ def _lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], suggestion:
     if suggestion is not None:  # None: the curve gave no clear answer
         axes.axvline(suggestion, color="tab:red", ls="--", label=f"suggested LR {suggestion:.3g}")
     lowest = int(np.argmin(losses))
-    # the diverging tail runs off the top rather than flattening the rest
-    top = max(losses[:lowest + 1])
+    top = max(losses[:lowest + 1])  # the diverging tail runs off the top, not flattening the rest
     margin = 0.05 * (top - losses[lowest]) or 0.05 * abs(top) or 1.0
     axes.set_ylim(losses[lowest] - margin, top + margin)
     axes.set(xlabel="learning rate (log scale)", ylabel="loss", title="LR range test")
@@ -279,10 +273,8 @@ def _draw(path: str, make_figure: Callable[[], Any]) -> None:
     try:
         figure = make_figure()
         files_module.atomic_write(path, lambda f: figure.savefig(f, format="png"))
-    # a full or failing disk: the run must say so, as for any file it writes
-    except files_module.WriteFailed:
+    except files_module.WriteFailed:  # a full or failing disk: said, as for any file the run writes
         raise
-    # a plot that cannot be drawn is a convenience lost: never let it end a run
-    except Exception as error:
+    except Exception as error:  # a plot that cannot be drawn is a convenience lost: never end a run
         print(f"warning: could not draw {path}: {error}", file=sys.stderr)
 

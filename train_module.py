@@ -54,8 +54,7 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
     pending = ([], [], [])  # losses, logits, targets of the steps not yet tallied
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
                disable=not _show_progress())
-    # a bar shows running figures, which costs a sync
-    check_every = CHECK_EVERY if bar.disable else 10
+    check_every = CHECK_EVERY if bar.disable else 10  # a bar's running figures cost a sync
     batch, batches = 0, len(loader)
     for batch, (images, targets) in enumerate(loader, start=1):
         if check is not None:
@@ -96,8 +95,7 @@ def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batc
     sizes = [len(t) for t in targets]
     totals[0] += values @ torch.tensor(sizes, device=values.device, dtype=values.dtype)
     classes = torch.cat(targets)
-    # soft targets (Mixup, CutMix): a hit is the logits' argmax on the targets' largest class
-    if classes.ndim == 2:
+    if classes.ndim == 2:  # soft targets (Mixup, CutMix): a hit when argmax is their largest class
         classes = classes.argmax(1)
     totals[1] += (torch.cat(logits).argmax(1) == classes).sum()
     totals[2] += sum(sizes)
@@ -198,8 +196,7 @@ class _MostConfidentMistakes:
 
     def add(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         probability, predicted = logits.float().softmax(1).max(1)
-        # right answers rank below every mistake
-        score = torch.where(predicted != targets, probability, -1.0)
+        score = torch.where(predicted != targets, probability, -1.0)  # right answers rank last
         chosen = score.topk(min(self.k, len(score))).indices
         candidates = (score[chosen], images[chosen], targets[chosen], predicted[chosen])
         if self.kept is not None:
@@ -236,8 +233,7 @@ def apply_decision(decision: Decision, state: TrainState) -> None:
     if decision.restore:
         state.best.restore(state.model, state.optimizer, state.ema)
     if decision.unfreeze:
-        # the optimizer already holds its parameters (make_optimizer)
-        model_module.unfreeze_body(state.model)
+        model_module.unfreeze_body(state.model)  # the optimizer holds them already (make_optimizer)
     if decision.next_lr is not None:
         set_lr(state.optimizer, decision.next_lr)
 
@@ -263,8 +259,7 @@ class FitConfig:
     # the training loss's weight of each class; None: equal (validation and test's never are)
     class_weights: tuple[float, ...] | None = None
     autocast_dtype: torch.dtype | None = None
-    # replay the step from a CUDA graph (the optimizer needs make_optimizer's lr_device)
-    cuda_graph: bool = False
+    cuda_graph: bool = False  # replay the step as a CUDA graph (needs make_optimizer's lr_device)
     world_size: int = 1  # processes under torchrun: the model runs data-parallel when more than one
     main_process: bool = True  # the one that writes the files
 
@@ -343,10 +338,8 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
             epoch += 1
         with account.timed("epoch files"):
             if writer is not None:
-                # the last epoch's files are on disk, or their error is raised, before fit returns
-                writer.wait()
-    # whatever ended training early is the reason LRA's closing line gives
-    except BaseException as error:
+                writer.wait()  # last epoch's files on disk (or its error raised) before fit returns
+    except BaseException as error:  # what ended training early: the reason in LRA's closing line
         reason = (f"interrupted during epoch {epoch}" if isinstance(error, KeyboardInterrupt)
                   else f"{error}; stopped")
         raise
@@ -391,8 +384,7 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
     metrics.update(val_loss=val["loss"], val_acc=val["acc"], macro_f1=val["macro_f1"],
                    balanced_acc=val["balanced_acc"], lr=lr, seconds=time.perf_counter() - started,
                    train_seconds=trained - started)
-    # under torchrun, rank 0's figures decide for every process
-    return distributed_module.broadcast(metrics)
+    return distributed_module.broadcast(metrics)  # rank 0's figures decide for every process
 
 
 def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
