@@ -53,12 +53,11 @@ FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: W
 
 
 class EpochWriter:
-    """Each epoch's files, written in a background thread so the device trains on while they are
-    serialized and fsynced: last_checkpoint.pth first (the authority on resume), then best_model.pth
-    and .json on a new best, then the CSV, each atomically, one write at a time. save() copies the
-    state to the CPU first (the next epoch changes the live tensors). A write's error is raised by
-    check() (called every step: a full disk stops training at once), save() or wait(). A kill
-    mid-write leaves the earlier files whole. `landed`: the epoch best_model.pth holds, whole."""
+    """Each epoch's files, written by a background thread as the device trains on, one write at a
+    time, each atomic: last_checkpoint.pth (resume's authority), best_model.pth and .json on a new
+    best, the CSV. save() first copies the state to the CPU (the next epoch changes it). check()
+    (every step: a full disk stops training at once), save() and wait() raise a write's error; a
+    kill mid-write leaves earlier files whole. `landed`: best_model.pth's epoch, once whole."""
 
     def __init__(self, output_dir: str, best_epoch: int | None = None):
         self.output_dir = output_dir
@@ -130,9 +129,8 @@ def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
 
 
 def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies in one pass: each CUDA tensor copied into pinned (caching host allocator) memory
-    without waiting, then one event wait after the last (.to("cpu") waits for each: most of a fast
-    run's host synchronisations). Other tensors are copied one by one: the live ones change."""
+    """CPU copies: CUDA tensors into pinned memory without waiting, then one event wait (.to("cpu")
+    waits for each: most of a run's host syncs); the rest copied too, as the live ones change."""
     copies, devices = [], set()
     for tensor in tensors:
         tensor = tensor.detach()
@@ -216,9 +214,8 @@ def timestamp() -> str:
 
 
 def move_earlier_run(output_dir: str) -> str | None:
-    """Move an earlier run's files (finished or not) into previous/<its start time>/ (_2, _3, ...
-    when taken) by atomic renames, saying where; that folder, or None when there were none. The
-    caller holds output_dir's lock, so no run is writing them."""
+    """Move an earlier run's files to previous/<its start time>/ (_2, _3, ... if taken) by atomic
+    renames, saying where; that folder, or None. The caller holds the lock: no run writes them."""
     check_output_dir(output_dir)  # no link is moved, and no file leaves output_dir through one
     names = _run_files(output_dir)
     if not names:
@@ -241,9 +238,8 @@ def move_earlier_run(output_dir: str) -> str | None:
 
 
 def check_output_dir(output_dir: str, names: tuple[str, ...] = RUN_FILES) -> None:
-    """Refuse (ValueError) an output_dir where a named run file (all by default) or the lock is a
-    link or not a regular file, or a RUN_FOLDERS folder is not a plain folder: a run writes through
-    no link and moves nothing out of output_dir. Creates nothing; called before the data is read."""
+    """Refuse (ValueError; creating nothing) an output_dir whose named run files or lock are links
+    or not regular files, or RUN_FOLDERS not plain folders: nothing goes via a link or out."""
     for name in (*names, files_module.LOCK_FILE):
         problem = files_module.not_a_plain_file(os.path.join(output_dir, name))
         if problem:
@@ -262,9 +258,8 @@ def _run_files(output_dir: str) -> list[str]:
 
 
 def remove_partial_writes(output_dir: str) -> None:
-    """Delete training files' temporaries (atomic_write's .NAME.*.tmp) a killed run left; never the
-    files, nor others' temporaries. The caller holds the lock every writer of these holds (--predict
-    takes none: predictions.csv's temporaries are left alone)."""
+    """Delete training files' temporaries (.NAME.*.tmp) a killed run left, never others'. The caller
+    holds the lock all their writers hold (--predict takes none: its temporaries stay)."""
     for entry in os.scandir(output_dir):
         if (entry.is_file(follow_symlinks=False) and entry.name.endswith(".tmp")
                 and any(entry.name.startswith(f".{name}.") for name in TRAINING_FILES)):
