@@ -1,7 +1,6 @@
-"""Augmentation as batched tensor operations on the device (CIFAR-10's pad-crops and flips,
-photos' random-resized crops, per-image random erasing, Mixup and CutMix of whole batches; the
-automatic kinds are autoaugment_module's), and the streaming fallback's PIL pipeline; AUGMENTATIONS
-holds each kind a constant switches on, batched and PIL versions side by side."""
+"""Augmentation as batched tensor ops on the device (CIFAR-10's pad-crops and flips, photos'
+random-resized crops, per-image random erasing, batch Mixup and CutMix; automatic kinds:
+autoaugment_module) and as the streaming fallback's PIL pipeline, side by side in AUGMENTATIONS."""
 
 from __future__ import annotations
 
@@ -101,11 +100,10 @@ def _random_offset(room: torch.Tensor, device: torch.device | str) -> torch.Tens
 
 def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
                     flipped: torch.Tensor | None = None) -> torch.Tensor:
-    """The boxes of uint8 (N, H, W, C) images resized to size x size, mirrored where `flipped`:
-    float (N, C, size, size), 0-255 scale. roi_align(aligned=True) resizes each box bilinearly; its
-    adaptive sampling (ceil(box / size) samples a pixel each way, averaged) stands in for PIL's
-    antialiasing when the box is larger. One kernel for the batch, where v2 draws one box per call
-    (its RandomResizedCrop crops a batch's images alike)."""
+    """The boxes of uint8 NHWC images resized to size x size, mirrored where `flipped`: float NCHW,
+    0-255 scale. roi_align(aligned=True) resizes each box bilinearly; its adaptive sampling
+    (ceil(box / size) samples a pixel each way, averaged) stands in for PIL's antialiasing on larger
+    boxes. One kernel per batch, where v2's RandomResizedCrop crops a batch's images alike."""
     top, left, height, width = boxes.unbind(1)
     batch = torch.arange(len(images), device=images.device)
     rois = torch.stack([batch, left, top, left + width, top + height], 1).float()
@@ -127,10 +125,9 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def erase_masks(n: int, height: int, width: int, probability: float,
                 device: torch.device | str) -> torch.Tensor:
-    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each image, drawn
-    as its get_params: up to ERASE_TRIES tries of an area share in ERASE_SCALE and log-uniform
-    height / width in ERASE_RATIO, the first smaller than the image placed uniformly; no box when
-    none fits. All at once, from the device's generator."""
+    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each image, as its
+    get_params: up to ERASE_TRIES tries of an area share in ERASE_SCALE and log-uniform height /
+    width in ERASE_RATIO, the first smaller than the image placed uniformly; no box if none fits."""
     area = height * width
     target_area = area * torch.empty(n, ERASE_TRIES, device=device).uniform_(*ERASE_SCALE)
     log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
@@ -216,11 +213,10 @@ def augment(images: torch.Tensor, stage: str, settings: dict[str, Any]) -> torch
 
 
 def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | None:
-    """The "batch" kinds switched on (v2.MixUp, v2.CutMix); with both, one chosen at random per
-    batch (v2.RandomChoice), as torchvision's references/classification/train.py. mix(images,
-    labels) gives (mixed images, float (N, num_classes) targets, rows summing to 1), each image
-    paired with the one before it (the loaders shuffle); None when none is on. Its draws are CPU
-    numbers; on the device it only rolls, scales and copies (in the batch's layout): no waits."""
+    """The "batch" kinds switched on (v2.MixUp, v2.CutMix; both: one at random per batch, as
+    torchvision's classification train.py), or None. mix(images, labels) gives (mixed images, float
+    (N, num_classes) targets summing to 1), each image paired with the one before it (loaders
+    shuffle). Draws are CPU numbers; on the device it only rolls, scales and copies: no waits."""
     mixes = [kind.batched(setting, num_classes) for kind, setting in switched_on(settings, "batch")]
     if len(mixes) > 1:
         return v2.RandomChoice(mixes)
@@ -230,9 +226,8 @@ def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | No
 @dataclass(frozen=True)
 class Augmentation:
     """What a loader does to each image: training pad-crops (crop_padding pixels, black or reflected
-    border) and flips ("random", "alternate", "none") at its own size, or with crop_size (photos)
-    random-resized crops and flips, the centre crop for evaluation; normalisation (0-1 scale, per
-    channel); and for training the AUGMENTATIONS `augmentations` switch on, each at its stage."""
+    border) and flips ("random", "alternate", "none"), or with crop_size (photos) random-resized
+    crops, flips, evaluation's centre crops; per-channel normalisation (0-1); the AUGMENTATIONS."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -247,9 +242,8 @@ class Augmentation:
 
 
 def pil_transform(train: bool, image_size: int, augmentation: Augmentation) -> transforms.Compose:
-    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips drawn at
-    random): RandomResizedCrop for photos (crop_size set), pad-crops for CIFAR-10, then the
-    AUGMENTATIONS' PIL versions around ToTensor and Normalize, as torchvision's reference."""
+    """The streaming PIL pipeline after the source's resize ("alternate" flips random): photos'
+    RandomResizedCrop or CIFAR's pad-crops, then PIL AUGMENTATIONS around ToTensor, Normalize."""
     if not train:
         return evaluation_transform(augmentation.crop_size, augmentation.mean, augmentation.std)
     steps = []
