@@ -42,11 +42,10 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
                     schedule: StepSchedule | None = None, lookahead: Lookahead | None = None,
                     ema: EMA | None = None,
                     check: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over the training data with this step (kept across epochs, it keeps its CUDA graph);
-    train_loss and train_acc over every process. With step.accumulate > 1, groups of that many
-    batches take one optimizer step (the last group holds the rest), then the schedule, Lookahead
-    and EMA, in that order. Tallied on the device every CHECK_EVERY batches: the GPU never waits on
-    Python. check() runs before each batch (the epoch writer's: it raises a failed write)."""
+    """One pass over the data with this step (kept across epochs, it keeps its CUDA graph):
+    train_loss and train_acc over every process. With step.accumulate > 1, each group of that many
+    batches (the last: the rest) takes one optimizer step, then schedule, Lookahead, EMA in turn.
+    Tallied on the device every CHECK_EVERY batches, so the GPU never waits on Python."""
     step.model.train()
     device = step.device
     step.new_epoch()
@@ -278,9 +277,8 @@ RULES: messages_module.Rules = {
 
 
 def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tuple[float, ...]:
-    """scikit-learn's "balanced" weights: class c weighs n / (classes x count_c), so each class adds
-    as much to the loss as in a balanced split. ValueError naming CLASS_WEIGHTS and the first class
-    with no images (its weight would be infinite)."""
+    """scikit-learn's "balanced" weights: class c weighs n / (classes x count_c): each adds to the
+    loss as in a balanced split. ValueError (CLASS_WEIGHTS) for an empty class (infinite weight)."""
     if len(counts) != len(classes):
         raise ValueError(f"{len(counts)} class counts for {len(classes)} classes")
     empty = [name for name, count in zip(classes, counts) if count == 0]
@@ -293,9 +291,8 @@ def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tup
 
 
 def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
-    """Cross-entropy with config's label smoothing and class weights (on the CPU: move it to the
-    model's device). With class probabilities (Mixup's, CutMix's) and weights, the mean is over the
-    images; with indices, over their classes' weights."""
+    """Cross-entropy with config's label smoothing and class weights, on the CPU. With probabilities
+    (Mixup, CutMix) and weights the mean is over images; with indices, over their weights."""
     weight = (None if config.class_weights is None
               else torch.tensor(config.class_weights, dtype=torch.float32))
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
@@ -304,11 +301,10 @@ def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
 def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         account: utils.TimeAccount | None = None) -> list[dict]:
-    """Train from the epoch after state's last to config.epochs (or as far as the prompt asks)
-    unless LRA stops first, carrying out its decisions and writing each epoch's files while the next
-    trains. At the end or on an interruption the model holds the best weights (the EMA the best
-    epoch's). loss_fn None: training_loss(config); on_epoch(row) after each epoch (TensorBoard);
-    account gets the training thread's seconds on training, validation and epoch files."""
+    """Train from the epoch after state's last to config.epochs (or as the prompt asks) unless LRA
+    stops first, applying its decisions and writing each epoch's files as the next trains; however
+    it ends, the model (and EMA) holds the best epoch's. loss_fn None: training_loss(config);
+    on_epoch(row) after each epoch; account: this thread's seconds training, validating, writing."""
     loss_fn = loss_fn or training_loss(config).to(next(state.model.parameters()).device)
     account = account or utils.TimeAccount(time.perf_counter())
     step = _make_step(state, config, loss_fn, config.cuda_graph)
