@@ -8,11 +8,10 @@ changed folder or size finds no cache and builds a new one:
                          failed rows with their messages
     <size>px-<key>.statistics.json  per-channel statistics of sets of rows, by their hash
 
-Each is written to a temporary file beside it and moved into place (os.replace), the .npy first: the
-index is the completion marker, and its byte count catches a truncated .npy; whatever does not check
-out is rebuilt, not trusted. Builders of one cache take turns under an flock (<size>px-<key>.lock),
-so the second finds the first's; a killed build's leftovers (a temporary file, a .npy without its
-index) are removed by a later run once no process holds that lock."""
+Each is written to a temporary file and moved into place (os.replace), .npy first: the index marks
+completion, its byte count catching a truncated .npy; what does not check out is rebuilt. Builders
+of one cache take turns under an flock (<size>px-<key>.lock), so the second finds the first's; a
+killed build's leftovers (temporaries, an index-less .npy) go once no process holds it."""
 
 from __future__ import annotations
 
@@ -73,11 +72,10 @@ def default_cache_dir() -> str:
 
 def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,
                   fill: Callable[[np.memmap], list[tuple[int, str]]]) -> Cache:
-    """The cache of these files at this size: opened when a valid one is in cache_dir, else built by
-    fill(images), which decodes paths[i] into images[i] (the new .npy's np.memmap, which workers can
-    open by filename) and returns the unreadable rows with messages, kept for later runs to tell.
-    Keyed relative to root, so a moved folder keeps its cache. CacheError when it cannot be
-    written."""
+    """The cache of these files at this size: opened if a valid one is in cache_dir, else built by
+    fill(images), which decodes paths[i] into images[i] (the new .npy's np.memmap, which workers
+    open by filename) and returns unreadable rows with messages, kept for later runs. Keyed relative
+    to root, so a moved folder keeps its cache. CacheError when it cannot be written."""
     base = os.path.join(cache_dir, f"{size}px-{cache_key(paths, size, root)}")
     _remove_leftovers(cache_dir)
     cache, damage = _open(base, len(paths), size)
@@ -211,10 +209,10 @@ def _build(base: str, count: int, size: int, root: str,
 def remembered(
         cache_file: str, rows: torch.Tensor,
         compute: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]) -> tuple[tuple, tuple]:
-    """compute()'s per-channel (mean, std) of these cache rows, memoised beside it
-    (.statistics.json, by a hash of the rows) so a later run reads two lines, not the rows' pixels.
-    A file that cannot be read or written is only a missed memo; one holding what compute could not
-    give (not three channels, a std of 0, NaN) is computed anew, with a warning."""
+    """compute()'s per-channel (mean, std) of these cache rows, memoised in its .statistics.json by
+    the rows' hash: a later run reads two lines, not the pixels. An unreadable or unwritable file is
+    a missed memo; one holding what compute cannot give (not 3 channels, std 0, NaN) is recomputed,
+    with a warning."""
     base = cache_file[:-len(".npy")]
     path = base + ".statistics.json"
     key = hashlib.sha256(rows.to(torch.int64).numpy().tobytes()).hexdigest()[:24]
@@ -277,8 +275,7 @@ def _claim_space(path: str) -> None:
 
 def _remove_superseded(base: str, root: str, size: int) -> None:
     """Delete this folder's older caches of this size and root (their files changed: never opened
-    again). Other sizes stay, for another IMAGE_SIZE; so does a cache whose lock another process
-    holds (building it, or writing its statistics)."""
+    again). Other sizes stay (another IMAGE_SIZE), and caches whose lock another process holds."""
     folder = glob.escape(os.path.dirname(base))
     for index_path in glob.glob(os.path.join(folder, f"{size}px-*.json")):
         other = index_path[:-len(".json")]
@@ -302,9 +299,8 @@ _LEFTOVER = re.compile(r"\.(\d+px-[0-9a-f]+)\..+\.tmp|(\d+px-[0-9a-f]+)\.npy")  
 
 
 def _remove_leftovers(folder: str) -> None:
-    """Delete what killed builds (and statistics writes) of any cache in the folder left: temporary
-    files, and a .npy without its index; only those of caches whose lock no process holds, as every
-    build and memo write holds its cache's lock while such files are there. No flock: nothing."""
+    """Delete killed builds' and memo writes' leftovers in folder (temporaries, an index-less .npy)
+    of caches whose lock no process holds (every such writer holds it); no flock: none."""
     try:
         names = os.listdir(folder) if fcntl is not None else []
     except OSError:  # none yet, or unreadable: nothing to clean up
@@ -339,8 +335,7 @@ if hasattr(os, "register_at_fork"):
 @contextlib.contextmanager
 def _locked(path: str, waiting: str | None = None) -> Iterator[None]:
     """An exclusive flock on path for the block (a second builder waits, then opens the cache); the
-    file holds the holder's pid. waiting: what the holder does, for a line saying so (None:
-    silent)."""
+    file holds the holder's pid. waiting: what the holder does, told if it waits (None: silent)."""
     if fcntl is None:
         yield
         return
