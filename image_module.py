@@ -40,15 +40,14 @@ class TooManyPixels(DataError):
 
 
 def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
-    """An image file as an upright RGB PIL image (EXIF orientation applied, to_rgb converting).
-    With reduce_to (pixels) it shrinks as it decodes: a JPEG at 1/2, 1/4 or 1/8 scale keeping sides
-    of at least twice reduce_to (DCT scaling, as Pillow's thumbnail: 2 to 7 times faster for much
-    larger photos, within a few levels once resized); any other image resized as read_stored does
-    before its mode is converted, so a worker holds the decoded file and its small copy, not
-    to_rgb's full-size copies (half the peak for a big RGBA PNG; Pillow's resize premultiplies a
-    copy). A file cut short or damaged (an interrupted copy) loads with the missing part grey, as
-    LOAD_TRUNCATED_IMAGES, warned of once per process; one that does not open raises DataError,
-    one over PIL.Image.MAX_IMAGE_PIXELS TooManyPixels (never decoded)."""
+    """An image file as an upright RGB PIL image (EXIF-rotated, to_rgb-converted). With reduce_to it
+    shrinks as it decodes: a JPEG at 1/2, 1/4 or 1/8 scale keeping sides of at least twice reduce_to
+    (DCT scaling, as Pillow's thumbnail: 2 to 7 times faster for much larger photos, within a few
+    levels once resized); any other image resized as read_stored does before its mode is converted,
+    so a worker holds the file and its small copy, not to_rgb's full-size copies (half the peak for
+    a big RGBA PNG; Pillow's resize premultiplies a copy). A file cut short or damaged loads with
+    the missing part grey (LOAD_TRUNCATED_IMAGES), warned once per process; one that does not open
+    raises DataError, one over MAX_IMAGE_PIXELS TooManyPixels (never decoded)."""
     # ValueError: a mode RGB cannot come from; the bomb error: an animation's frame, as it loads
     unreadable = (OSError, ValueError, Image.DecompressionBombError)
     try:

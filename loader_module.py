@@ -36,12 +36,11 @@ class Batching:
 
 
 class ResidentLoader:
-    """Batches from uint8 images held on the device; crop, flip and normalisation are batched ops.
-    Without crop_size (CIFAR-10), training images get pad-crops and flips at their own size; with it
-    (photo folders, stored as squares larger than crop_size), RandomResizedCrop boxes of their own
-    resized to crop_size, and flips; evaluation the centre crop. Then the AUGMENTATIONS, each at its
-    stage. Shuffling is seeded by (seed, epoch) as in DistributedSampler, so every rank draws the
-    same order and takes its own shard; augmentation draws from the device's global generator."""
+    """Batches from uint8 images on the device, augmented and normalised by batched ops. Without
+    crop_size (CIFAR-10), training gets pad-crops and flips at the images' size; with it (photos,
+    stored as larger squares), RandomResizedCrop boxes of their own resized to crop_size, and flips,
+    evaluation the centre crop; then the AUGMENTATIONS. Shuffles are seeded by (seed, epoch) as in
+    DistributedSampler, so ranks draw one order and take their shards; the device RNG augments."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching,
                  augmentation: Augmentation):
@@ -258,9 +257,8 @@ class StreamingLoader:
 
 
 class MixedLoader:
-    """A training loader whose batches are mixed on the device as they come (augment_module's
-    batch_mixer): (mixed images, float (N, classes) targets, rows summing to 1). Length, batching,
-    set_epoch and first_images are the loader's own, unmixed; evaluation never mixes."""
+    """Training batches mixed on the device as they come (batch_mixer): mixed images, float (N,
+    classes) targets summing to 1. len, batching, set_epoch, first_images: the loader's, unmixed."""
 
     def __init__(self, loader: ResidentLoader | MappedLoader | StreamingLoader,
                  mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):

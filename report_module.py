@@ -1,9 +1,7 @@
 """What a run leaves to look at: the training curves, the test report, the confusion matrix, the
-gallery of confident mistakes and the LR finder's plot (the trackers: tracker_module).
-
-Figures use matplotlib's Figure, never pyplot (no global state, no display needed); files are
-written atomically; a figure that cannot be drawn only warns (the run matters more). Only rank 0
-calls these under torchrun."""
+gallery of confident mistakes and the LR finder's plot (the trackers: tracker_module). Figures use
+matplotlib's Figure, never pyplot (no global state or display); files are written atomically; a
+figure that fails only warns (the run matters more). Only rank 0 calls these under torchrun."""
 
 from __future__ import annotations
 
@@ -86,9 +84,8 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
 
 def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str,
                           split: str = "test") -> None:
-    """Draw confusion_matrix.png: counts in cells, colours by row share (each true class's to each
-    prediction), names on both axes; figure and fonts scale with the class count, readable up to
-    LEGIBLE_CLASSES; past them, colours at that size."""
+    """Draw confusion_matrix.png: counts in cells, colours by row share, names on both axes; figure
+    and fonts grow with the classes, legible to LEGIBLE_CLASSES, past which colours at that size."""
     _draw(path, lambda: confusion_figure(confusion, classes, split))
 
 
