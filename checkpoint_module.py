@@ -316,8 +316,7 @@ def _checkpoint_started(output_dir: str) -> str | None:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """A last_checkpoint.pth of this FORMAT, plain fields checked (settings: main.resumed_config);
-    CheckpointError for anything else."""
+    """A last_checkpoint.pth of this FORMAT, its plain fields checked; else CheckpointError."""
     checkpoint = utils.load_torch(path, "RESUME")
     if not is_checkpoint(checkpoint) or checkpoint.get("format") != FORMAT:
         raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")

@@ -18,8 +18,7 @@ from walk_module import Skipped
 
 
 def column_names(text: str) -> list[str] | None:
-    """CSV_COLUMNS' names: the path column, the label column and the optional split column; None
-    unless it gives two or three, different and not empty."""
+    """CSV_COLUMNS' names (path, label, optional split); None unless 2 or 3, distinct, non-empty."""
     names = [name.strip() for name in text.split(",")]
     return names if len(names) in (2, 3) and all(names) and len(set(names)) == len(names) else None
 

@@ -176,8 +176,7 @@ def _stored(image: Image.Image, size: int) -> Image.Image:
 
 def prepare_image(image: Image.Image, image_size: int, mean, std,
                   resize_size: int | None = None) -> torch.Tensor:
-    """A PIL image prepared as load_image prepares a file's: upright RGB, stored at resize_size
-    (None: image_size), centre-cropped to image_size and normalised."""
+    """A PIL image as load_image prepares files: upright RGB, stored, centre-cropped, normalised."""
     stored = _stored(_decoded(image, None), resize_size or image_size)
     return evaluation_transform(image_size, mean, std)(stored)
 

@@ -95,8 +95,7 @@ LEGIBLE_CLASSES = 50  # past this many classes the confusion matrix keeps this o
 
 
 def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str = "test"):
-    """The confusion matrix as a matplotlib Figure (for plot_confusion_matrix and TensorBoard), no
-    bigger than LEGIBLE_CLASSES' whatever the class count."""
+    """The confusion matrix as a Figure (also TensorBoard's), no bigger than at LEGIBLE_CLASSES."""
     from matplotlib.figure import Figure
 
     classes = [messages_module.printable(name) for name in classes]  # as the report writes them

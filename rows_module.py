@@ -1,5 +1,4 @@
-"""Where decoded images are written: rows of a .npy file written in place, or of an array in shared
-memory, a run of consecutive rows at a time."""
+"""Where decoded images go, consecutive rows at once: an in-place .npy file or a shared array."""
 
 from __future__ import annotations
 

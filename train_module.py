@@ -246,8 +246,7 @@ CLASS_WEIGHTS = (None, "balanced")
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """How fit trains. Fields up to clip_grad_norm are main.py's constants of those names in upper
-    case; the rest are what setup finds out."""
+    """How fit trains: up to clip_grad_norm, main.py's constants by those names; then setup's."""
 
     epochs: int
     output_dir: str
@@ -363,8 +362,7 @@ def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: 
 
 def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                         check: Callable[[], None] | None) -> dict[str, Any]:
-    """One epoch: train (check() before each step), then validate (None without validation images);
-    the metrics, rank 0's under torchrun."""
+    """One epoch: train (check() each step), validate (None: no val images); rank 0's metrics."""
     started = time.perf_counter()
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
@@ -384,8 +382,7 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
 
 
 def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
-    """Under torchrun, confirm every process made the same LR decisions and ends with the same
-    weights (of the model and its EMA: they must, to stay in step)."""
+    """Under torchrun, check all processes made the same LR decisions and end with equal weights."""
     if not distributed_module.is_distributed():
         return
     with torch.no_grad():
