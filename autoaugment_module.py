@@ -33,20 +33,18 @@ SHARPNESS_KERNEL = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
 
 
 def auto_augment(images: torch.Tensor, policy: str) -> torch.Tensor:
-    """uint8 (N, H, W, C) images, each through ops of its own, drawn as torchvision's `policy` draws
-    them for one image: "trivialaugment" one op at a random bin, "randaugment" RANDAUGMENT_OPS ops
-    in turn at bin RANDAUGMENT_MAGNITUDE; a signed op takes either sign. Batched: images sorted by
-    op, each op run once on its share (geometric ones: one resample); a new tensor, same order."""
+    """uint8 NHWC images, each through its own ops, drawn as torchvision's `policy` draws them for
+    one image (trivialaugment: one at a random bin; randaugment: RANDAUGMENT_OPS at its magnitude),
+    signed either way. Batched: each op once on its share (geometric: one resample); order kept."""
     for _ in range(RANDAUGMENT_OPS if policy == "randaugment" else 1):
         images = _apply_drawn_ops(images, policy)
     return images
 
 
 def draw_ops(n: int, device: torch.device | str) -> tuple[torch.Tensor, list[int]]:
-    """An op of OPS per image, uniform and independent as torchvision's: `order` (the images sorted
-    by op: the first counts[0] take OPS[0], ...) and `counts`. Independent uniform draws are a
-    multinomial count per op, drawn on the CPU so shares' sizes are known without waiting for the
-    device, and a random choice of the images taking them: a permutation, from the device's RNG."""
+    """An op of OPS per image, uniform and independent as torchvision's: `order` (images sorted by
+    op: the first counts[0] take OPS[0], ...), `counts`: a multinomial count per op drawn on the CPU
+    (shares' sizes known without a device wait) and a permutation drawn on the device."""
     counts = torch.randint(len(OPS), (n,)).bincount(minlength=len(OPS)).tolist()
     return torch.randperm(n, device=device), counts
 
