@@ -285,7 +285,7 @@ def run_started(output_dir: str) -> datetime.datetime | None:
 
 
 def parse_started(value: Any) -> datetime.datetime:
-    """A `started` as local time; ValueError unless ISO 8601 with a UTC offset, not after now."""
+    """A `started` as local time; ValueError unless ISO 8601, UTC offset, <= now + STARTED_SLACK."""
     try:
         when = datetime.datetime.fromisoformat(value)
         if when.tzinfo is not None and when <= datetime.datetime.now().astimezone() + STARTED_SLACK:
