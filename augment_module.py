@@ -1,8 +1,6 @@
-"""Augmentation as batched tensor operations on the device (CIFAR-10's pad-crops and flips,
-photos' random-resized crops, random erasing with a draw for each image, Mixup and CutMix of whole
-batches; torchvision's automatic augmentation is autoaugment_module's), and the PIL pipeline of the
-streaming fallback that does the same image by image; AUGMENTATIONS holds each one a constant
-switches on, its batched and its PIL version side by side."""
+"""Augmentation as batched tensor ops on the device (CIFAR-10's pad-crops and flips, photos'
+random-resized crops, per-image random erasing, batch Mixup and CutMix; automatic kinds:
+autoaugment_module) and as the streaming fallback's PIL pipeline, side by side in AUGMENTATIONS."""
 
 from __future__ import annotations
 
@@ -42,20 +40,17 @@ def crop_flip(images: torch.Tensor, padding: int, flipped: torch.Tensor | None =
     device = images.device
     dy = torch.randint(-padding, padding + 1, (n, 1), device=device)
     dx = torch.randint(-padding, padding + 1, (n, 1), device=device)
-    # (n, h): source row of each output row
-    rows = torch.arange(h, device=device) + dy
+    rows = torch.arange(h, device=device) + dy  # (n, h): source row of each output row
     cols = torch.arange(w, device=device).expand(n, w)
     if flipped is not None:
         cols = torch.where(flipped[:, None], w - 1 - cols, cols)
-    # (n, w): source column of each output column
-    cols = cols + dx
+    cols = cols + dx  # (n, w): source column of each output column
     batch = torch.arange(n, device=device)[:, None, None]
     if reflect:
         return images[batch, _reflect(rows, h)[:, :, None], _reflect(cols, w)[:, None, :]]
     inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
     out = images[batch, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
-    # black border, as RandomCrop(padding=p)
-    return out * inside[..., None]
+    return out * inside[..., None]  # black border, as RandomCrop(padding=p)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -66,10 +61,9 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, float] = CROP_SCALE,
                       ratio: tuple[float, float] = CROP_RATIO,
                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """n boxes (top, left, height, width) as int64 (n, 4), each drawn as torchvision's
-    RandomResizedCrop.get_params draws one: up to CROP_TRIES tries of an area share in `scale` and a
-    log-uniform width / height in `ratio` that fit the image, else the central crop of the nearest
-    allowed ratio; all n at once on `device`, from its global generator."""
+    """n boxes (top, left, height, width), int64 (n, 4), drawn as RandomResizedCrop.get_params: up
+    to CROP_TRIES tries of an area share in `scale` and log-uniform width / height in `ratio` that
+    fit, else the central crop of the nearest ratio allowed; all at once, from device's RNG."""
     area = height * width
     target_area = area * torch.empty(n, CROP_TRIES, device=device).uniform_(scale[0], scale[1])
     aspect = torch.empty(n, CROP_TRIES, device=device).uniform_(math.log(ratio[0]),
@@ -77,8 +71,7 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
     w = (target_area * aspect).sqrt().round().long()
     h = (target_area / aspect).sqrt().round().long()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    # the first try that fits (argmax takes the first maximum)
-    first = fits.long().argmax(1, keepdim=True)
+    first = fits.long().argmax(1, keepdim=True)  # first fitting try (argmax: the first maximum)
     found = fits.any(1)
     fallback_h, fallback_w = _central_box(height, width, ratio)
     h = torch.where(found, h.gather(1, first).squeeze(1), fallback_h)
@@ -91,8 +84,7 @@ def sample_crop_boxes(n: int, height: int, width: int, *, scale: tuple[float, fl
 
 
 def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """RandomResizedCrop's fallback size (height, width): the whole image, trimmed to the nearest
-    allowed ratio."""
+    """RandomResizedCrop's fallback (h, w): the whole image trimmed to the nearest ratio allowed."""
     if width / height < min(ratio):
         return int(round(width / min(ratio))), width
     if width / height > max(ratio):
@@ -108,16 +100,10 @@ def _random_offset(room: torch.Tensor, device: torch.device | str) -> torch.Tens
 
 def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
                     flipped: torch.Tensor | None = None) -> torch.Tensor:
-    """The boxes (top, left, height, width) of uint8 (N, H, W, C) images resized to size x size,
-    mirrored where `flipped` is set: float (N, C, size, size) on the 0-255 scale, in one batched
-    call.
-
-    roi_align with aligned=True is bilinear resizing of each box; its adaptive sampling (ceil(box /
-    size) samples a pixel in each direction, averaged) stands in for the antialiasing of PIL's
-    resize when the box is larger than the output. One kernel for the batch, where
-    torchvision.transforms.v2 draws one box per call (RandomResizedCrop on a batch crops every image
-    alike).
-    """
+    """The boxes of uint8 NHWC images resized to size x size, mirrored where `flipped`: float NCHW,
+    0-255 scale. roi_align(aligned=True) resizes each box bilinearly; its adaptive sampling
+    (ceil(box / size) samples a pixel each way, averaged) stands in for PIL's antialiasing on larger
+    boxes. One kernel per batch, where v2's RandomResizedCrop crops a batch's images alike."""
     top, left, height, width = boxes.unbind(1)
     batch = torch.arange(len(images), device=images.device)
     rois = torch.stack([batch, left, top, left + width, top + height], 1).float()
@@ -128,8 +114,7 @@ def crop_and_resize(images: torch.Tensor, boxes: torch.Tensor, size: int,
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop places
-    it."""
+    """The centre size x size of uint8 (N, H, W, C) images, placed as transforms.CenterCrop does."""
     _, height, width, _ = images.shape
     top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     return images[:, top:top + size, left:left + size].contiguous()
@@ -140,11 +125,9 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def erase_masks(n: int, height: int, width: int, probability: float,
                 device: torch.device | str) -> torch.Tensor:
-    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each of n images: an
-    image is chosen with that probability, then up to ERASE_TRIES tries of an area share in
-    ERASE_SCALE and a log-uniform height / width in ERASE_RATIO, the first smaller than the image
-    placed uniformly in it, as RandomErasing.get_params; no box when none fits. All drawn at once on
-    the device, from its global generator."""
+    """bool (n, 1, height, width): the box RandomErasing(probability) erases in each image, as its
+    get_params: up to ERASE_TRIES tries of an area share in ERASE_SCALE and log-uniform height /
+    width in ERASE_RATIO, the first smaller than the image placed uniformly; no box if none fits."""
     area = height * width
     target_area = area * torch.empty(n, ERASE_TRIES, device=device).uniform_(*ERASE_SCALE)
     log_ratio = (math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]))
@@ -169,10 +152,9 @@ def erase_masks(n: int, height: int, width: int, probability: float,
 
 @dataclass(frozen=True)
 class Kind:
-    """A training augmentation, on where main.py's constant of its name in upper case is true: the
-    settings allowed (choices, or a rule: (test, what is allowed)); its stage ("pixels": uint8
-    (N, H, W, C) images; "normalised": float (N, C, H, W) ones; "batch": normalised batches and
-    their labels, MixedLoader's); its batched version and its PIL one, for the streaming path."""
+    """A training augmentation, on where main.py's constant of its name is true: settings allowed
+    (choices, or a rule: (test, what is allowed)); stage ("pixels": uint8 NHWC; "normalised": float
+    NCHW; "batch": MixedLoader's batches and labels); its batched and its PIL version."""
 
     choices: tuple | None
     rule: tuple[Callable[[Any], bool], str] | None
@@ -218,8 +200,7 @@ def check(settings: dict[str, Any]) -> None:
 
 
 def switched_on(settings: dict[str, Any], stage: str) -> list[tuple[Kind, Any]]:
-    """The kinds of the stage that the settings (by name; a kind not named is off) switch on,
-    each with its setting, in order."""
+    """The stage's kinds the settings switch on (one not named is off), with settings, in order."""
     return [(kind, settings[name]) for name, kind in AUGMENTATIONS.items()
             if kind.stage == stage and settings.get(name)]
 
@@ -232,14 +213,10 @@ def augment(images: torch.Tensor, stage: str, settings: dict[str, Any]) -> torch
 
 
 def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | None:
-    """The "batch" kinds the settings switch on (torchvision's v2.MixUp and v2.CutMix of a
-    normalised batch and its class indices); with both on, one of the two chosen at random for
-    each batch (v2.RandomChoice), as torchvision's references/classification/train.py does.
-    Called as mix(images, labels), it returns (mixed images, float (N, num_classes) targets, each
-    row summing to 1), each image paired with the one before it in the batch (which the loaders
-    shuffle). None when none is on. Its random draws (lambda, the box, the choice) are CPU
-    numbers; on the device it only rolls, scales and copies the batch, in its own memory layout,
-    so it never waits for the device."""
+    """The "batch" kinds switched on (v2.MixUp, v2.CutMix; both: one at random per batch, as
+    torchvision's classification train.py), or None. mix(images, labels) gives (mixed images, float
+    (N, num_classes) targets summing to 1), each image paired with the one before it (loaders
+    shuffle). Draws are CPU numbers; on the device it only rolls, scales and copies: no waits."""
     mixes = [kind.batched(setting, num_classes) for kind, setting in switched_on(settings, "batch")]
     if len(mixes) > 1:
         return v2.RandomChoice(mixes)
@@ -248,11 +225,9 @@ def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | No
 
 @dataclass(frozen=True)
 class Augmentation:
-    """What a loader does to each image: training pad-crops (crop_padding pixels, black or
-    reflected border) and flips ("random", "alternate" or "none") at the image's own size, or
-    with crop_size (photos) random-resized crops of that size and flips, the centre crop for
-    evaluation; normalisation by mean and std (0-1 scale, per channel); and for training the
-    AUGMENTATIONS that `augmentations` (their settings, by name) switch on, each at its stage."""
+    """What a loader does to each image: training pad-crops (crop_padding pixels, black or reflected
+    border) and flips ("random", "alternate", "none"), or with crop_size (photos) random-resized
+    crops, flips, evaluation's centre crops; per-channel normalisation (0-1); the AUGMENTATIONS."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -267,10 +242,8 @@ class Augmentation:
 
 
 def pil_transform(train: bool, image_size: int, augmentation: Augmentation) -> transforms.Compose:
-    """The streaming path's PIL pipeline, after the source's resizing ("alternate" flips are
-    drawn at random): photos (augmentation.crop_size set) get RandomResizedCrop for training,
-    CIFAR-10 its pad-crops; then the AUGMENTATIONS' PIL versions around ToTensor and Normalize,
-    as torchvision's classification reference. Evaluation: evaluation_transform."""
+    """The streaming PIL pipeline after the source's resize ("alternate" flips random): photos'
+    RandomResizedCrop or CIFAR's pad-crops, then PIL AUGMENTATIONS around ToTensor, Normalize."""
     if not train:
         return evaluation_transform(augmentation.crop_size, augmentation.mean, augmentation.std)
     steps = []
@@ -292,7 +265,6 @@ def pil_transform(train: bool, image_size: int, augmentation: Augmentation) -> t
 
 
 def evaluation_transform(crop_size: int | None, mean, std) -> transforms.Compose:
-    """How evaluation prepares a PIL image: its centre crop_size square (None: all of it),
-    normalised by mean and std: a float (C, H, W) tensor."""
+    """A PIL image for evaluation: its centre crop_size square (None: all), normalised, CHW."""
     crop = [transforms.CenterCrop(crop_size)] if crop_size is not None else []
     return transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(mean, std)])

@@ -33,31 +33,24 @@ SHARPNESS_KERNEL = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
 
 
 def auto_augment(images: torch.Tensor, policy: str) -> torch.Tensor:
-    """uint8 (N, H, W, C) images, each through ops of its own, drawn as torchvision's `policy`
-    (AUTO_AUGMENTS) draws them for one image: "trivialaugment" one op of OPS at a random magnitude
-    bin, "randaugment" RANDAUGMENT_OPS ops in turn at bin RANDAUGMENT_MAGNITUDE; a signed op takes
-    either sign. Batched: the images are sorted by the op they drew and each op runs once on its
-    share (the geometric ones as one resample), never image by image. A new uint8 (N, H, W, C)
-    tensor, image i from image i."""
+    """uint8 NHWC images, each through its own ops, drawn as torchvision's `policy` draws them for
+    one image (trivialaugment: one at a random bin; randaugment: RANDAUGMENT_OPS at its magnitude),
+    signed either way. Batched: each op once on its share (geometric: one resample); order kept."""
     for _ in range(RANDAUGMENT_OPS if policy == "randaugment" else 1):
         images = _apply_drawn_ops(images, policy)
     return images
 
 
 def draw_ops(n: int, device: torch.device | str) -> tuple[torch.Tensor, list[int]]:
-    """An op of OPS for each of n images, uniform and independent as torchvision draws one per call,
-    as `order`, the images sorted by op (the first counts[0] of order take OPS[0], the next
-    counts[1] OPS[1], ...), and `counts`. Independent uniform draws are a multinomial count of each
-    op, drawn on the CPU so that the shares' sizes are known without waiting for the device, and a
-    uniformly random choice of the images that take them: a permutation, drawn on the device from
-    its global generator."""
+    """An op of OPS per image, uniform and independent as torchvision's: `order` (images sorted by
+    op: the first counts[0] take OPS[0], ...), `counts`: a multinomial count per op drawn on the CPU
+    (shares' sizes known without a device wait) and a permutation drawn on the device."""
     counts = torch.randint(len(OPS), (n,)).bincount(minlength=len(OPS)).tolist()
     return torch.randperm(n, device=device), counts
 
 
 def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
-    """One round of auto_augment: an op, a magnitude bin and a sign drawn for each image, and
-    applied."""
+    """One round of auto_augment: an op, a magnitude bin and a sign drawn per image, and applied."""
     n, height, width, _ = images.shape
     device = images.device
     order, counts = draw_ops(n, device)
@@ -69,8 +62,7 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
     # as torchvision's `torch.rand(()) <= 0.5` for each image
     negative = torch.rand(n, device=device) <= 0.5
     shuffled = images[order]  # sorted by op: each op's share is a slice; a copy, changed in place
-    # (N, C, H, W) views, as torchvision's ops take them
-    sorted_images = shuffled.permute(0, 3, 1, 2)
+    sorted_images = shuffled.permute(0, 3, 1, 2)  # NCHW views, as torchvision's ops take them
     starts = [0, *itertools.accumulate(counts)]
     matrices = []
     for k, op in enumerate(OPS):
@@ -84,8 +76,7 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
             matrices.append(affine_matrices(op, magnitudes, height, width))
         else:
             sorted_images[share] = apply_op(sorted_images[share], op, magnitudes)
-    # the geometric ops' shares are one slice (OPS' order): one resample for all of them
-    if matrices:
+    if matrices:  # the geometric ops' shares are one slice (OPS' order): one resample for all
         share = slice(starts[OPS.index(GEOMETRIC[0])], starts[OPS.index(GEOMETRIC[-1]) + 1])
         sorted_images[share] = resample(sorted_images[share], torch.cat(matrices))
     return torch.empty_like(images).index_copy_(0, order, shuffled)  # back in the images' order
@@ -94,9 +85,8 @@ def _apply_drawn_ops(images: torch.Tensor, policy: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _magnitude_table(policy: str, height: int, width: int,
                      device: torch.device) -> tuple[torch.Tensor, tuple[bool, ...]]:
-    """The policy's magnitudes of each op at each bin, float32 (len(OPS), MAGNITUDE_BINS) on the
-    device (zeros for the ops that take none), from torchvision's own op table, and whether each op
-    is signed; made once for each image size and device."""
+    """The policy's float32 (len(OPS), MAGNITUDE_BINS) magnitudes (zeros: an op taking none) from
+    torchvision's own table, and whether each op is signed; made once per image size and device."""
     space = POLICIES[policy]._AUGMENTATION_SPACE
     rows, signed = [], []
     for op in OPS:
@@ -108,9 +98,8 @@ def _magnitude_table(policy: str, height: int, width: int,
 
 
 def apply_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> torch.Tensor:
-    """OPS' op on uint8 (N, C, H, W) images, image i at magnitudes[i] (signed, as torchvision's
-    policies hand it to the op): what their _apply_image_or_video_transform does to one image, for
-    the batch at once."""
+    """OPS' op on uint8 (N, C, H, W) images, image i at magnitudes[i] (signed, as the policies pass
+    it): what their _apply_image_or_video_transform does to one image, for the batch at once."""
     if op in GEOMETRIC:
         return resample(images, affine_matrices(op, magnitudes, images.shape[-2], images.shape[-1]))
     return _COLOUR_OPS[op](images, magnitudes.view(-1, 1, 1, 1))
@@ -118,26 +107,23 @@ def apply_op(images: torch.Tensor, op: str, magnitudes: torch.Tensor) -> torch.T
 
 def _blend(images: torch.Tensor, degenerate: torch.Tensor,
            magnitudes: torch.Tensor) -> torch.Tensor:
-    """v2.functional's _blend at ratio 1 + magnitude for each image: ratio * image + (1 - ratio) *
-    degenerate, clamped and truncated to uint8, in its float32 arithmetic (1 - ratio is -magnitude
-    exactly)."""
+    """v2.functional's _blend at ratio 1 + magnitude per image: ratio * image + (1 - ratio) *
+    degenerate, clamped, truncated to uint8, in its float32 (1 - ratio is -magnitude exactly)."""
     # add_'s fused a + alpha * b
     blended = torch.addcmul(images.mul(1 + magnitudes), degenerate.float(), -magnitudes)
     return blended.clamp_(0, 255).to(torch.uint8)
 
 
 def _mean_grey(images: torch.Tensor) -> torch.Tensor:
-    """adjust_contrast's degenerate image: the mean of each image's grey (rgb_to_grayscale's, whose
-    uint8 is the floor adjust_contrast takes), unrounded as adjust_contrast blends it.
-    F.adjust_contrast(images, 0) would truncate it."""
+    """adjust_contrast's degenerate image: each image's mean grey (of rgb_to_grayscale's floored
+    uint8, as it takes it), unrounded as it blends it (F.adjust_contrast(images, 0) truncates)."""
     return F.rgb_to_grayscale(images).float().mean((-3, -2, -1), keepdim=True)
 
 
 @functools.lru_cache(maxsize=None)
 def _sharpness_kernel(device: torch.device) -> torch.Tensor:
     """adjust_sharpness' smoothing filter, float32 (1, 1, 3, 3) on the device, made once
-    (torchvision makes it on every call: on a GPU a copy from the host that waits for the
-    device)."""
+    (torchvision makes it each call: on a GPU a host copy that waits for the device)."""
     return (torch.tensor(SHARPNESS_KERNEL, dtype=torch.float64) / 13).float().view(
         1, 1, 3, 3).to(device)
 
@@ -153,18 +139,16 @@ def _smoothed(images: torch.Tensor) -> torch.Tensor:
 
 
 def _sharpen(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """adjust_sharpness at 1 + magnitude for each image, in its own arithmetic: image + (1 - factor)
-    * (smoothed - image), clamped and truncated to uint8 (the frame, where the two are equal,
-    stays)."""
+    """adjust_sharpness at 1 + magnitude per image, in its arithmetic: image + (1 - factor) *
+    (smoothed - image), clamped, truncated to uint8 (the frame, where the two are equal, stays)."""
     original = images.float()
     return torch.addcmul(
         original, _smoothed(images) - original, -magnitudes).clamp_(0, 255).to(torch.uint8)
 
 
 def _posterize(images: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
-    """posterize to each image's own bits (its magnitude): the low 8 - bits bits cleared, as
-    v2.functional's mask does for one image, in one masking for all of them (no group for each
-    number of bits)."""
+    """posterize to each image's own bits (its magnitude): the low 8 - bits bits cleared as
+    v2.functional's mask does, in one masking for all (no group per number of bits)."""
     cleared = 8 - magnitudes.to(torch.int32)
     mask = torch.full_like(cleared, 255).bitwise_left_shift(cleared).bitwise_and(255)
     return images & mask.to(torch.uint8)
@@ -189,10 +173,9 @@ _COLOUR_OPS = {  # (uint8 images, magnitudes (N, 1, 1, 1)) -> uint8 images
 def affine_matrices(op: str, magnitudes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """float32 (N, 2, 3): a geometric op's inverse affine matrix at each magnitude, as torchvision's
     auto-augment calls F.affine or F.rotate: shears by atan(magnitude) about the top-left corner
-    (its center=[0, 0]), translations by whole pixels (int(magnitude)), rotations by magnitude
-    degrees anticlockwise about the centre. Worked out in float64 as torchvision's (in Python
-    floats) where the device has it (not Apple's MPS): in float32 a shear's half-pixel ties round
-    the other way for a few pixels."""
+    (center=[0, 0]), translations by int(magnitude) pixels, rotations by magnitude degrees
+    anticlockwise about the centre. In float64 like torchvision's Python floats where the device has
+    it (not MPS): in float32 a shear's half-pixel ties round the other way for a few pixels."""
     magnitudes = magnitudes.to(torch.float32 if magnitudes.device.type == "mps" else torch.float64)
     zero = torch.zeros_like(magnitudes)
     # center=[0, 0] in _get_inverse_affine_matrix's centred pixels
@@ -212,8 +195,7 @@ def affine_matrices(op: str, magnitudes: torch.Tensor, height: int, width: int) 
 def _inverse_affine(
         rotation: torch.Tensor, shear_x: torch.Tensor, shear_y: torch.Tensor,
         translate: tuple[torch.Tensor, torch.Tensor], center: tuple[float, float]) -> torch.Tensor:
-    """v2.functional's _get_inverse_affine_matrix (scale 1; angles in radians) for a batch: (N, 2,
-    3)."""
+    """v2.functional's _get_inverse_affine_matrix (scale 1, radians) for a batch: (N, 2, 3)."""
     (tx, ty), (cx, cy) = translate, center
     a = torch.cos(rotation - shear_y) / torch.cos(shear_y)
     b = -(a * torch.tan(shear_x) + torch.sin(rotation))

@@ -1,21 +1,17 @@
-"""The decoded-image cache: a folder's images decoded once into a memory-mapped uint8 file that
-later runs open.
+"""The decoded-image cache: a folder's images decoded once into a memory-mapped file for later runs.
 
-A cache is two files in the cache folder, named by a key of (the stored size, the image files'
-paths, sizes and modification times), so a changed folder or size finds no cache and builds a new
-one:
+Its files are named by a key of (the stored size, the image files' paths, sizes and mtimes), so a
+changed folder or size finds no cache and builds a new one:
 
     <size>px-<key>.npy   uint8 (N, size, size, 3), row i the i-th file; numpy's .npy, mmap'ed
     <size>px-<key>.json  the index: format, key, root, size, count, bytes (the .npy's length), the
                          failed rows with their messages
     <size>px-<key>.statistics.json  per-channel statistics of sets of rows, by their hash
 
-Both are written to temporary files in the same folder and moved into place (os.replace), the .npy
-first: the index is the completion marker, and its byte count catches a truncated .npy. Whatever
-does not check out is rebuilt, never trusted. Builders of the same cache take turns under an flock
-(<size>px-<key>.lock), so the second finds the first's; what a killed build left (a temporary file,
-a .npy without its index) is removed by a later run once no process holds that cache's lock.
-"""
+Each is written to a temporary file and moved into place (os.replace), .npy first: the index marks
+completion, its byte count catching a truncated .npy; what does not check out is rebuilt. Builders
+of one cache take turns under an flock (<size>px-<key>.lock), so the second finds the first's; a
+killed build's leftovers (temporaries, an index-less .npy) go once no process holds it."""
 
 from __future__ import annotations
 
@@ -67,8 +63,7 @@ class Cache:
 
 def default_cache_dir() -> str:
     """The per-user cache folder (CACHE_DIR "auto"), where pip and torchvision keep theirs:
-    $XDG_CACHE_HOME/lra-pipeline, else ~/.cache/lra-pipeline. The environment is read at each
-    call."""
+    $XDG_CACHE_HOME/lra-pipeline, else ~/.cache/lra-pipeline; the environment read at each call."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):  # unset, empty or relative: the XDG spec says to ignore it
         base = os.path.join(os.path.expanduser("~"), ".cache")
@@ -77,12 +72,10 @@ def default_cache_dir() -> str:
 
 def open_or_build(paths: list[str], size: int, cache_dir: str, root: str,
                   fill: Callable[[np.memmap], list[tuple[int, str]]]) -> Cache:
-    """The cache of these image files at this size: opened when a valid one is in cache_dir, else
-    built by fill(images), which decodes paths[i] into images[i] and returns the rows it could not
-    read, each with a message (kept in the index, for later runs to tell): images is the new .npy
-    file's np.memmap (uint8 (N, size, size, 3)), which worker processes can open by its filename.
-    Paths are keyed relative to root, so a moved folder keeps its cache. Raises CacheError when a
-    cache is needed and cannot be written."""
+    """The cache of these files at this size: opened if a valid one is in cache_dir, else built by
+    fill(images), which decodes paths[i] into images[i] (the new .npy's np.memmap, which workers
+    open by filename) and returns unreadable rows with messages, kept for later runs. Keyed relative
+    to root, so a moved folder keeps its cache. CacheError when it cannot be written."""
     base = os.path.join(cache_dir, f"{size}px-{cache_key(paths, size, root)}")
     _remove_leftovers(cache_dir)
     cache, damage = _open(base, len(paths), size)
@@ -149,8 +142,7 @@ def _open(base: str, count: int, size: int) -> tuple[Cache | None, str | None]:
 
 
 def _index_problem(index, key: str, count: int, size: int) -> str | None:
-    """What is wrong with an index read from JSON (as _build writes it for this key, count and
-    size), or None."""
+    """What is wrong with an index read from JSON (as _build writes it for this key), or None."""
     if not isinstance(index, dict):
         return f"its index is a {type(index).__name__}, not an object"
     for name, value in dict(format=FORMAT, key=key, size=size, count=count).items():
@@ -172,11 +164,9 @@ def _index_problem(index, key: str, count: int, size: int) -> str | None:
 
 def _build(base: str, count: int, size: int, root: str,
            fill: Callable[[np.memmap], list[tuple[int, str]]]) -> Cache:
-    """Decode into a temporary .npy, move it into place, then write the index that marks it
-    complete."""
+    """Decode into a temporary .npy, move it into place, then write the index that marks it done."""
     folder, name = os.path.split(base)
-    # under the lock no other build of this cache is live: these are killed builds'
-    if fcntl is not None:
+    if fcntl is not None:  # under the lock no other build is live: these are killed builds'
         for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.*.tmp")):
             os.remove(stale)
     with contextlib.suppress(FileNotFoundError):  # a killed build's, or a damaged one: its room
@@ -219,11 +209,10 @@ def _build(base: str, count: int, size: int, root: str,
 def remembered(
         cache_file: str, rows: torch.Tensor,
         compute: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]) -> tuple[tuple, tuple]:
-    """compute()'s per-channel (mean, std) of these rows of the cache, kept beside it (its
-    .statistics.json, by a hash of the rows) so that a later run on the same rows reads two lines
-    instead of the rows' pixels. A file that cannot be read or written is only a missed memo:
-    computed, as without it; one that reads but holds what compute could not have given (not three
-    channels, a std of 0, NaN) is computed anew, with a warning."""
+    """compute()'s per-channel (mean, std) of these cache rows, memoised in its .statistics.json by
+    the rows' hash: a later run reads two lines, not the pixels. An unreadable or unwritable file is
+    a missed memo; one holding what compute cannot give (not 3 channels, std 0, NaN) is recomputed,
+    with a warning."""
     base = cache_file[:-len(".npy")]
     path = base + ".statistics.json"
     key = hashlib.sha256(rows.to(torch.int64).numpy().tobytes()).hexdigest()[:24]
@@ -285,9 +274,8 @@ def _claim_space(path: str) -> None:
 
 
 def _remove_superseded(base: str, root: str, size: int) -> None:
-    """Delete this folder's older caches of the same size (the files changed since): they would
-    never be opened again. Other sizes stay, for runs at another IMAGE_SIZE; so does a cache whose
-    lock another process holds (building it, or writing its statistics)."""
+    """Delete this folder's older caches of this size and root (their files changed: never opened
+    again). Other sizes stay (another IMAGE_SIZE), and caches whose lock another process holds."""
     folder = glob.escape(os.path.dirname(base))
     for index_path in glob.glob(os.path.join(folder, f"{size}px-*.json")):
         other = index_path[:-len(".json")]
@@ -311,9 +299,8 @@ _LEFTOVER = re.compile(r"\.(\d+px-[0-9a-f]+)\..+\.tmp|(\d+px-[0-9a-f]+)\.npy")  
 
 
 def _remove_leftovers(folder: str) -> None:
-    """Delete what killed builds (and statistics writes) of any cache in the folder left: temporary
-    files, and a .npy without its index; only those of caches whose lock no process holds, as every
-    build and memo write holds its cache's lock while such files are there. No flock: nothing."""
+    """Delete killed builds' and memo writes' leftovers in folder (temporaries, an index-less .npy)
+    of caches whose lock no process holds (every such writer holds it); no flock: none."""
     try:
         names = os.listdir(folder) if fcntl is not None else []
     except OSError:  # none yet, or unreadable: nothing to clean up
@@ -347,9 +334,8 @@ if hasattr(os, "register_at_fork"):
 
 @contextlib.contextmanager
 def _locked(path: str, waiting: str | None = None) -> Iterator[None]:
-    """An exclusive flock on path for the block: a second builder of the same cache waits, then
-    opens it. The lock file holds the holder's process id; waiting: what the holder is doing, for
-    a line that says this process waits for it (None: wait without a word)."""
+    """An exclusive flock on path for the block (a second builder waits, then opens the cache); the
+    file holds the holder's pid. waiting: what the holder does, told if it waits (None: silent)."""
     if fcntl is None:
         yield
         return

@@ -1,6 +1,5 @@
 """A run's files, written and read side by side: last_checkpoint.pth (all a resume needs),
-best_model.pth and best_model.json (what --predict and WEIGHTS need), training_metrics.csv; and an
-earlier run's files, moved aside to previous/ when a new run starts."""
+best_model.pth and .json (for --predict, WEIGHTS), the CSV; an earlier run's, moved to previous/."""
 
 from __future__ import annotations
 
@@ -54,25 +53,20 @@ FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: W
 
 
 class EpochWriter:
-    """Each epoch's files written in a background thread, so the device goes on training while they
-    are serialized and fsynced: last_checkpoint.pth first (the authority on resume), then
-    best_model.pth and .json when the epoch is a new best, then the CSV, each atomically. save()
-    copies the state to the CPU first (the next epoch changes the live tensors), after the previous
-    write has finished: one write at a time, in order. A write's error is raised by check() (which
-    the loop calls every step, so a full disk stops training at once), the next save() or wait(). A
-    process killed mid-write leaves the earlier files whole, and resume starts from the last
-    checkpoint that landed. `landed` says which epoch best_model.pth holds, written whole."""
+    """Each epoch's files, written by a background thread as the device trains on, one write at a
+    time, each atomic: last_checkpoint.pth (resume's authority), best_model.pth and .json on a new
+    best, the CSV. save() first copies the state to the CPU (the next epoch changes it). check()
+    (every step: a full disk stops training at once), save() and wait() raise a write's error; a
+    kill mid-write leaves earlier files whole. `landed`: best_model.pth's epoch, once whole."""
 
     def __init__(self, output_dir: str, best_epoch: int | None = None):
         self.output_dir = output_dir
-        # best_epoch: the one already on disk
-        self.landed: dict[str, int | None] = {BEST_MODEL: best_epoch}
+        self.landed: dict[str, int | None] = {BEST_MODEL: best_epoch}  # best_epoch: already on disk
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def save(self, checkpoint: dict[str, Any], new_best: bool) -> None:
-        """Write a TrainState.state_dict() as the epoch's files (best_model.pth and .json too when
-        new_best)."""
+        """Write a TrainState.state_dict() as the epoch's files (and the best's when new_best)."""
         self.wait()
         checkpoint = _cpu_copy({"format": FORMAT, **checkpoint})
         best_files = ((state_module.best_weights(checkpoint["best"]), _best_info(checkpoint))
@@ -89,8 +83,7 @@ class EpochWriter:
             self._error = error
 
     def check(self) -> None:
-        """Raise the error of a write that failed in the background, without waiting for the one in
-        flight."""
+        """Raise a failed background write's error, without waiting for the one in flight."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -109,9 +102,8 @@ class EpochWriter:
 
 
 def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
-    """A copy of value that nothing changes after: its tensors copied to the CPU by one
-    copy_to_host call, dicts, lists and tuples rebuilt, the rest deep-copied. hosts: the copies, in
-    the order this walk meets the tensors (None: make them)."""
+    """A copy of value that nothing changes after: tensors copied by one copy_to_host call,
+    containers rebuilt, the rest deep-copied. hosts: the copies, in walk order (None: make them)."""
     if hosts is None:
         def tensors_in(item: Any) -> Iterator[torch.Tensor]:  # in the order of the walk below
             if isinstance(item, torch.Tensor):
@@ -137,10 +129,8 @@ def _cpu_copy(value: Any, hosts: Iterator[torch.Tensor] | None = None) -> Any:
 
 
 def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """CPU copies of the tensors, made in one pass: each CUDA tensor copied into pinned memory
-    (PyTorch's caching host allocator) without waiting, then one wait on an event after the last
-    copy (.to("cpu") waits for each: 1,500 of a fast-preset run's 1,780 host synchronisations on an
-    H200). Other tensors are copied one by one: the live ones change next epoch."""
+    """CPU copies: CUDA tensors into pinned memory without waiting, then one event wait (.to("cpu")
+    waits for each: most of a run's host syncs); the rest copied too, as the live ones change."""
     copies, devices = [], set()
     for tensor in tensors:
         tensor = tensor.detach()
@@ -159,8 +149,7 @@ def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """best_model.json: what --predict needs (the RunInfo but its config), the run's data, and what
-    the best epoch scored."""
+    """best_model.json: what --predict needs (RunInfo but config), the data, the best's scores."""
     info, config = ({name: checkpoint.get(name) for name in INFO_FIELDS},
                     checkpoint.get("config", {}))
     data_dir = config.get("DATA_DIR")  # what --export reads its example images from
@@ -176,8 +165,7 @@ def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
 def _write_epoch(output_dir: str, checkpoint: dict | None, best_weights: dict | None,
                  info: dict | None, history: list[dict],
                  landed: dict[str, int | None] | None = None) -> None:
-    """last_checkpoint.pth (when given), best_model.pth and best_model.json (when given), then the
-    CSV; landed records the epoch best_model.pth holds once it is whole on disk."""
+    """Write the files given, the CSV last; landed gets best_model.pth's epoch once it is whole."""
     landed = {} if landed is None else landed
     if checkpoint is not None:
         utils.save_torch(checkpoint, os.path.join(output_dir, CHECKPOINT))
@@ -201,11 +189,10 @@ def record_time(output_dir: str, figures: dict[str, float]) -> None:
 
 
 def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
-    """Refuse a run whose epoch files cannot fit: OSError naming the folder, the bytes needed and
-    the bytes free. The checkpoint holds the model, its momentum, the best snapshot (and its
-    momentum when LRA can go back to it), Lookahead's slow weights and the EMA (and the best
-    epoch's); best_model.pth the model. Each is written beside the file it replaces, so a new run
-    needs room for two of each, a resumed one for one more of each."""
+    """Refuse (OSError: folder, bytes needed and free) a run whose epoch files cannot fit. The
+    checkpoint holds the model, its momentum, the best snapshot (with momentum when LRA can go
+    back), Lookahead's slow weights, the EMA and the best epoch's; best_model.pth the model. Each is
+    written beside the file it replaces: a new run needs two of each, a resumed one one more."""
     model = utils.tensor_bytes(state.model.state_dict())
     trained = sum(p.nelement() * p.element_size() for p in state.model.parameters())
     checkpoint = (2 * model + trained * (1 + state.best.with_optimizer)
@@ -227,10 +214,8 @@ def timestamp() -> str:
 
 
 def move_earlier_run(output_dir: str) -> str | None:
-    """Move the files an earlier run left in output_dir (finished or interrupted) into
-    output_dir/previous/<its start time>/ (a suffix _2, _3, ... when that is taken) by atomic
-    renames, saying where in one line; returns that folder, or None when there were none. The caller
-    holds output_dir's lock, so no run is writing them."""
+    """Move an earlier run's files to previous/<its start time>/ (_2, _3, ... if taken) by atomic
+    renames, saying where; that folder, or None. The caller holds the lock: no run writes them."""
     check_output_dir(output_dir)  # no link is moved, and no file leaves output_dir through one
     names = _run_files(output_dir)
     if not names:
@@ -253,10 +238,8 @@ def move_earlier_run(output_dir: str) -> str | None:
 
 
 def check_output_dir(output_dir: str, names: tuple[str, ...] = RUN_FILES) -> None:
-    """Refuse (ValueError, one line) an output_dir where one of the named files a run writes,
-    replaces or moves (all of them by default), or its lock, is a link or not a regular file, or
-    where a folder of RUN_FOLDERS is not a folder of its own: a run writes through no link, and
-    moves nothing out of output_dir. Creates nothing; called before the data is read."""
+    """Refuse (ValueError; creating nothing) an output_dir whose named run files or lock are links
+    or not regular files, or RUN_FOLDERS not plain folders: nothing goes via a link or out."""
     for name in (*names, files_module.LOCK_FILE):
         problem = files_module.not_a_plain_file(os.path.join(output_dir, name))
         if problem:
@@ -275,11 +258,8 @@ def _run_files(output_dir: str) -> list[str]:
 
 
 def remove_partial_writes(output_dir: str) -> None:
-    """Delete the temporary files (files_module.atomic_write's .NAME.*.tmp) of the files training
-    writes that a killed run left in output_dir half-written. Never one of the files itself, nor
-    anyone else's temporary file. The caller holds output_dir's lock, which every writer of these
-    files holds (--predict, which takes no lock, writes predictions.csv: its temporary files are
-    left alone)."""
+    """Delete training files' temporaries (.NAME.*.tmp) a killed run left, never others'. The caller
+    holds the lock all their writers hold (--predict takes none: its temporaries stay)."""
     for entry in os.scandir(output_dir):
         if (entry.is_file(follow_symlinks=False) and entry.name.endswith(".tmp")
                 and any(entry.name.startswith(f".{name}.") for name in TRAINING_FILES)):
@@ -290,9 +270,8 @@ def remove_partial_writes(output_dir: str) -> None:
 
 
 def run_started(output_dir: str) -> datetime.datetime | None:
-    """When the run whose files are in output_dir started: the `started` its best_model.json or
-    last_checkpoint.pth recorded, else (files written before they recorded it) the oldest file's
-    modification time; None when output_dir holds none of a run's files."""
+    """When output_dir's run started: the `started` in best_model.json or last_checkpoint.pth, else
+    (older files) the oldest file's mtime; None when output_dir holds no run files."""
     paths = [os.path.join(output_dir, name) for name in _run_files(output_dir)]
     if not paths:
         return None
@@ -306,8 +285,7 @@ def run_started(output_dir: str) -> datetime.datetime | None:
 
 
 def parse_started(value: Any) -> datetime.datetime:
-    """A recorded `started` (timestamp()'s) as a local time; ValueError unless it is ISO 8601 text
-    with a UTC offset, and not later than now (give or take STARTED_SLACK)."""
+    """A `started` as local time; ValueError unless ISO 8601, UTC offset, <= now + STARTED_SLACK."""
     try:
         when = datetime.datetime.fromisoformat(value)
         if when.tzinfo is not None and when <= datetime.datetime.now().astimezone() + STARTED_SLACK:
@@ -333,14 +311,12 @@ def _checkpoint_started(output_dir: str) -> str | None:
         checkpoint = torch.load(os.path.join(output_dir, CHECKPOINT), map_location="cpu",
                                 weights_only=True, mmap=True)
         return checkpoint.get("started")
-    # missing, truncated, foreign: any failure only means the time is not recorded here
-    except Exception:
+    except Exception:  # missing, truncated, foreign: any failure means the time is not recorded
         return None
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """A last_checkpoint.pth of this FORMAT, loaded, its plain fields checked (its settings are
-    checked by main.resumed_config); CheckpointError for anything else."""
+    """A last_checkpoint.pth of this FORMAT, its plain fields checked; else CheckpointError."""
     checkpoint = utils.load_torch(path, "RESUME")
     if not is_checkpoint(checkpoint) or checkpoint.get("format") != FORMAT:
         raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")
@@ -371,9 +347,8 @@ def damaged(where: str, error: Exception, fix: str) -> utils.CheckpointError:
 
 
 def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
-    """Raise CheckpointError (damaged) for the first of RunInfo's fields (but config) in info, a
-    checkpoint or best_model.json, that is of the wrong type or out of range; a field missing takes
-    RunInfo's default. Checked before any is used: image_size sizes memory, classes the model."""
+    """CheckpointError (damaged) for the first RunInfo field (but config) of the wrong type or out
+    of range; a missing one takes its default. Checked before use: image_size sizes memory."""
     fields = {field.name: field for field in dataclasses.fields(state_module.RunInfo)}
     types = typing.get_type_hints(state_module.RunInfo)
     try:
@@ -409,9 +384,8 @@ def check_run_info(info: dict[str, Any], where: str, fix: str) -> None:
 
 def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_dir: str,
            rank: int = 0, world_size: int = 1) -> None:
-    """Load a read_checkpoint() from path into state, so the run continues exactly where it stopped.
-    Rewrites best_model.pth and the CSV from the checkpoint, its authority; a checkpoint from
-    another folder first moves the files of output_dir's own run aside (move_earlier_run)."""
+    """Load a read_checkpoint() into state to continue exactly; rewrite best_model.pth and the CSV
+    from it (their authority), first moving output_dir's own run aside if path is elsewhere."""
     for name in ("MODEL", "DATASET"):
         if checkpoint["config"].get(name) != state.info.config[name]:
             raise utils.CheckpointError(f"RESUME {path} was saved with {name} = "
@@ -423,7 +397,7 @@ def resume(checkpoint: dict[str, Any], path: str, state: TrainState, *, output_d
                                     f"({checkpoint.get('classes')})")
     try:
         state.load_state_dict(checkpoint, rank, world_size)
-    # a value of the wrong kind in a checkpoint's state fails in any of these ways, meaning the same
+    # a wrong kind of value in the state fails in any of these ways, all meaning the same
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
         raise utils.CheckpointError(f"RESUME {path} does not fit this run's model or optimizer "
                                     f"({str(error).splitlines()[0]})") from None
@@ -445,8 +419,7 @@ def is_checkpoint(obj: Any) -> bool:
 
 
 def load_best_model_info(output_dir: str) -> dict[str, Any]:
-    """best_model.json: what best_model.pth in output_dir is (model, classes, normalisation, size),
-    each field checked (CheckpointError naming the first that is wrong) before anything uses it."""
+    """best_model.json, each field checked before use (CheckpointError naming the first wrong)."""
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
         raise utils.CheckpointError(f"{path} {utils.not_a_file(path)}: train first "
@@ -474,8 +447,7 @@ def load_best_model_info(output_dir: str) -> dict[str, Any]:
 
 
 def _read_json(path: str) -> Any:
-    """A run's JSON file, its size checked before it is read; CheckpointError when it cannot be
-    read, is too big or is not JSON."""
+    """A run's JSON file, size checked first; CheckpointError if unreadable, too big or not JSON."""
     try:
         size = os.path.getsize(path)
         if size <= MAX_INFO_BYTES:

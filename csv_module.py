@@ -1,6 +1,5 @@
-"""DATASET "csv": a CSV file of image paths and their labels (and, optionally, splits) listed and
-checked as folder_module lists a photo-folder tree, for the same cache, checks and messages; a row
-that cannot be used is named by its line."""
+"""DATASET "csv": a CSV file of image paths and labels (and optional splits) listed and checked as
+folder_module lists a photo tree (same cache, checks, messages); bad rows are named by line."""
 
 from __future__ import annotations
 
@@ -19,20 +18,18 @@ from walk_module import Skipped
 
 
 def column_names(text: str) -> list[str] | None:
-    """CSV_COLUMNS' names: the path column, the label column and the optional split column; None
-    unless it gives two or three, different and not empty."""
+    """CSV_COLUMNS' names (path, label, optional split); None unless 2 or 3, distinct, non-empty."""
     names = [name.strip() for name in text.split(",")]
     return names if len(names) in (2, 3) and all(names) and len(set(names)) == len(names) else None
 
 
 def list_csv(csv_path: str, columns: str) -> Listing:
-    """The CSV's image files by split (its split column's, else all train), in the CSV's order,
-    labelled by their places in the sorted labels of the train rows (as ImageFolder sorts class
-    folders). A path is relative to the CSV's folder, or absolute; a regular image file is listed,
-    none opened; a link to nothing, a FIFO, socket or device, or a file without an image extension
-    is skipped as a folder's walk skips it (walk_module.SKIPS). DataError naming the line for a row
-    without a path or a label, a file that is not there, an unknown split, a label the train rows
-    lack or an image listed twice."""
+    """The CSV's image files by split (its split column's, else train), in CSV order, labelled by
+    their places in the train rows' sorted labels (as ImageFolder sorts class folders). A path is
+    relative to the CSV's folder, or absolute; regular image files are listed, none opened; a
+    dangling link, FIFO, socket, device or non-image file is skipped as a folder walk skips it
+    (walk_module.SKIPS). DataError naming the line for a row without path or label, a missing file,
+    an unknown split, a label the train rows lack, or an image listed twice."""
     names = column_names(columns)
     assert names is not None, "DataConfig checks CSV_COLUMNS"
     frame = _read(csv_path)
@@ -83,9 +80,8 @@ def list_csv(csv_path: str, columns: str) -> Listing:
 
 
 def _read(csv_path: str):
-    """The CSV as a pandas DataFrame of text, every field as written but the spaces after a comma
-    ("NA" a label, not a missing value), blank lines kept as empty rows (their lines count);
-    DataError when it cannot be read."""
+    """The CSV as a DataFrame of text, fields as written but the spaces after a comma ("NA" a label,
+    not missing), blank lines kept as empty rows (their lines count); DataError if unreadable."""
     try:
         mode = os.stat(csv_path).st_mode
         # only a regular file is read: a FIFO would wait for a writer for ever, /dev/zero never end

@@ -36,25 +36,18 @@ class DataError(ValueError):
 
 
 class TooManyPixels(DataError):
-    """An image of more pixels than PIL.Image.MAX_IMAGE_PIXELS: skipped like an unreadable one,
-    never decoded."""
+    """An image over PIL.Image.MAX_IMAGE_PIXELS: skipped like an unreadable one, never decoded."""
 
 
 def open_rgb(path: str, reduce_to: int | None = None) -> Image.Image:
-    """An image file as an upright RGB PIL image (EXIF orientation applied, any mode converted by
-    to_rgb).
-
-    With reduce_to (pixels), the image is made smaller while it decodes: a JPEG is decoded at 1/2,
-    1/4 or 1/8 scale where its sides keep at least twice reduce_to pixels (JPEG DCT scaling, as
-    Pillow's thumbnail does: 2 to 7 times faster for photos much larger than that, and within a few
-    levels of a full decode once resized to reduce_to); any other image is resized as read_stored
-    resizes it (shorter side reduce_to) before its mode is converted, so that a worker holds the
-    decoded file and its small copy, not the full-size copies to_rgb makes (a 36-megapixel RGBA PNG
-    stored at 256 px: 0.28 GB at its peak, not 0.55 GB; Pillow's resize premultiplies a copy). A
-    file whose header opens but whose data is cut short or damaged (an interrupted copy) loads with
-    the missing part grey, as Pillow's LOAD_TRUNCATED_IMAGES does, and a warning names it once per
-    process; a file that does not open at all raises DataError naming it, and one of more pixels
-    than PIL.Image.MAX_IMAGE_PIXELS TooManyPixels (it is never decoded)."""
+    """An image file as an upright RGB PIL image (EXIF-rotated, to_rgb-converted). With reduce_to it
+    shrinks as it decodes: a JPEG at 1/2, 1/4 or 1/8 scale keeping sides of at least twice reduce_to
+    (DCT scaling, as Pillow's thumbnail: 2 to 7 times faster for much larger photos, within a few
+    levels once resized); any other image resized as read_stored does before its mode is converted,
+    so a worker holds the file and its small copy, not to_rgb's full-size copies (half the peak for
+    a big RGBA PNG; Pillow's resize premultiplies a copy). A file cut short or damaged loads with
+    the missing part grey (LOAD_TRUNCATED_IMAGES), warned once per process; one that does not open
+    raises DataError, one over MAX_IMAGE_PIXELS TooManyPixels (never decoded)."""
     # ValueError: a mode RGB cannot come from; the bomb error: an animation's frame, as it loads
     unreadable = (OSError, ValueError, Image.DecompressionBombError)
     try:
@@ -84,9 +77,8 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _open(path: str) -> Image.Image:
-    """Image.open (the header read, no pixel decoded), refusing with TooManyPixels an image of more
-    pixels than PIL.Image.MAX_IMAGE_PIXELS (read at each call; None: no limit): a 100-megapixel PNG
-    of 2 MB takes over a gigabyte to decode."""
+    """Image.open (header only), refusing (TooManyPixels) an image over Image.MAX_IMAGE_PIXELS (read
+    each call; None: no limit): a 100-megapixel PNG of 2 MB takes over a gigabyte to decode."""
     limit = Image.MAX_IMAGE_PIXELS
     try:
         image = Image.open(path)
@@ -105,15 +97,13 @@ def _too_many_pixels(path: str, pixels: str, limit: int) -> str:
 
 
 def skip_reason(message: str) -> str:
-    """Why a file that failed to decode with this message (decode_files') is skipped: "unreadable",
-    or "too many pixels" (a key of SKIPS)."""
+    """Why a file that failed to decode with this message (decode_files') is skipped: SKIPS' key."""
     return "too many pixels" if message.endswith(PIXEL_LIMIT_NOTE) else "unreadable"
 
 
 def check_image(path: str) -> str | None:
-    """Why Pillow would not decode the file (a key of SKIPS: "unreadable", "too many pixels"), or
-    None when it opens and its header is sound (as cheap as a check can be that still catches
-    corrupt files, yet 20 times the cost of listing it: a valid cache spares it)."""
+    """Why Pillow would not decode the file (a SKIPS key), or None when it opens with a sound header
+    (the cheapest check that catches corrupt files, 20 times listing's cost: a cache spares it)."""
     try:
         with _open(path) as image:
             image.verify()
@@ -126,8 +116,7 @@ def check_image(path: str) -> str | None:
 
 @contextlib.contextmanager
 def _truncated_images_allowed() -> Iterator[None]:
-    """Pillow's switch is global: set it only around one load (loads run one at a time in each
-    process)."""
+    """Pillow's switch is global: set only around one load (one load at a time per process)."""
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = True
     try:
@@ -137,11 +126,10 @@ def _truncated_images_allowed() -> Iterator[None]:
 
 
 def _decoded(image: Image.Image, reduce_to: int | None) -> Image.Image:
-    """An opened image decoded as open_rgb says: upright and RGB; with reduce_to, a JPEG at the
-    scale its draft picks, and any other image whose mode allows it (RESIZED_EARLY, and no
-    transparent colour, which resizing would blend away) resized as read_stored resizes it, before
-    to_rgb rather than after: the same pixels (RGB, greyscale), or within two levels (transparency:
-    composited on white before or after)."""
+    """An opened image decoded as open_rgb says: upright RGB; with reduce_to, a JPEG at its draft's
+    scale, and any other whose mode allows (RESIZED_EARLY, no transparent colour, which resizing
+    would blend away) resized as read_stored does, before to_rgb: the same pixels (RGB, greyscale),
+    or within two levels (transparency: composited on white before or after)."""
     drafted = bool(reduce_to) and image.draft(None, (2 * reduce_to,) * 2) is not None  # JPEGs only
     image = _upright(image)
     early = image.mode in RESIZED_EARLY and "transparency" not in image.info
@@ -158,8 +146,7 @@ def _upright(image: Image.Image) -> Image.Image:
         if image.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
             return image  # upright as stored: itself, not exif_transpose's copy (3% of a decode)
         return ImageOps.exif_transpose(image)
-    # a malformed EXIF block (Pillow raises several types): keep the pixels as stored
-    except Exception:
+    except Exception:  # a malformed EXIF block (Pillow raises several types): pixels as stored
         return image
 
 
@@ -179,8 +166,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_stored(path: str, size: int) -> Image.Image:
-    """An image file as a folder's images are stored: upright RGB (open_rgb), shorter side resized
-    to size, the centre size x size square."""
+    """An image file as a folder's are stored: upright RGB, shorter side to size, centre square."""
     return _stored(open_rgb(path, reduce_to=size), size)
 
 
@@ -190,17 +176,15 @@ def _stored(image: Image.Image, size: int) -> Image.Image:
 
 def prepare_image(image: Image.Image, image_size: int, mean, std,
                   resize_size: int | None = None) -> torch.Tensor:
-    """A PIL image prepared as load_image prepares a file's: upright RGB, stored at resize_size
-    (None: image_size), centre-cropped to image_size and normalised."""
+    """A PIL image as load_image prepares files: upright RGB, stored, centre-cropped, normalised."""
     stored = _stored(_decoded(image, None), resize_size or image_size)
     return evaluation_transform(image_size, mean, std)(stored)
 
 
 def load_image(path: str, image_size: int, mean, std,
                resize_size: int | None = None) -> torch.Tensor:
-    """One image file as a normalised (C, S, S) tensor, prepared as a folder's evaluation images
-    are: stored as read_stored does at resize_size (None: image_size) and centre-cropped to
-    image_size."""
+    """An image file as a normalised (C, S, S) tensor, as a folder's evaluation images: stored as
+    read_stored does at resize_size (None: image_size), centre-cropped to image_size."""
     if not os.path.isfile(path):
         what = "is not a regular file" if os.path.exists(path) else "does not exist"
         raise DataError(f"image {messages_module.printable(path)} {what}")

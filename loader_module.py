@@ -1,7 +1,6 @@
 """Loaders that yield normalised batches on the device: from uint8 images kept there
-(ResidentLoader), from images left in host memory such as the memory-mapped cache (MappedLoader), or
-from a PIL Dataset in DataLoader workers (StreamingLoader, the fallback for what has no cache); and
-any of them with its training batches mixed (MixedLoader: Mixup, CutMix)."""
+(ResidentLoader), from host memory such as the memory-mapped cache (MappedLoader), or from a PIL
+Dataset in DataLoader workers (StreamingLoader, without a cache); MixedLoader: Mixup, CutMix."""
 
 from __future__ import annotations
 
@@ -25,9 +24,8 @@ PREFETCH = 3
 
 @dataclass(frozen=True)
 class Batching:
-    """How a loader cuts its images into batches: their size; training (shuffled by (seed, epoch), a
-    last partial batch dropped) or evaluation (in order, all kept); this rank's shard of world_size;
-    and whether batches are channels_last in memory."""
+    """How a loader batches: the size; training (shuffled by (seed, epoch), a last partial batch
+    dropped) or evaluation (in order, all kept); this rank's shard of world_size; channels_last."""
 
     batch_size: int
     train: bool
@@ -38,17 +36,11 @@ class Batching:
 
 
 class ResidentLoader:
-    """Batches from uint8 images held on the device; crop, flip and normalisation are batched tensor
-    ops.
-
-    Without augmentation.crop_size (CIFAR-10), training images get pad-crops (crop_padding, reflect)
-    and flips at their own size. With crop_size (photo folders, stored as squares larger than
-    crop_size), training images get RandomResizedCrop boxes of their own, resized to crop_size, and
-    flips; evaluation takes the centre crop. Training images then get the augmentations that
-    augment_module.AUGMENTATIONS holds, each at its stage (uint8 before normalisation, or after it).
-    Shuffling is seeded by (batching.seed, epoch) as in DistributedSampler, so every rank draws the
-    same order and takes its own shard; augmentation draws from the device's global generator.
-    """
+    """Batches from uint8 images on the device, augmented and normalised by batched ops. Without
+    crop_size (CIFAR-10), training gets pad-crops and flips at the images' size; with it (photos,
+    stored as larger squares), RandomResizedCrop boxes of their own resized to crop_size, and flips,
+    evaluation the centre crop; then the AUGMENTATIONS. Shuffles are seeded by (seed, epoch) as in
+    DistributedSampler, so ranks draw one order and take their shards; the device RNG augments."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching,
                  augmentation: Augmentation):
@@ -106,9 +98,8 @@ class ResidentLoader:
 
     def _padded_batches(self, chosen: torch.Tensor,
                         images: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of a chunk of CIFAR-size images: pad-crops and flips in one gather and the
-        "pixels" augmentations for the chunk, then each batch normalised and through the
-        "normalised" ones."""
+        """A chunk of CIFAR-size images as batches: pad-crops and flips in one gather, "pixels"
+        augmentations for the chunk, then each batch normalised and through "normalised" ones."""
         augmentation, batch_size, train = (self.augmentation, self.batching.batch_size,
                                            self.batching.train)
         if train and (augmentation.crop_padding or augmentation.flip != "none"):
@@ -124,9 +115,8 @@ class ResidentLoader:
             yield batch, labels[i:i + batch_size]
 
     def _photos(self, chosen: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """A photo batch: random-resized crops and flips for training, then the augmentations
-        (the "pixels" ones on the crops rounded to whole grey levels, as torchvision's ops take
-        them); for evaluation the centre crops."""
+        """A photo batch: training's random-resized crops, flips and augmentations ("pixels" ones on
+        crops rounded to whole grey levels, as torchvision's take them); else centre crops."""
         if not self.batching.train:
             return self.evaluated(images)
         settings = self.augmentation.augmentations
@@ -146,8 +136,7 @@ class ResidentLoader:
         return None
 
     def first_images(self, n: int) -> torch.Tensor:
-        """The first n images, normalised, as evaluation sees them (for data-dependent
-        initialisation)."""
+        """The first n images, as evaluation sees them (for data-dependent initialisation)."""
         first = torch.arange(min(n, len(self.labels)), device=self.index_device)
         return self.evaluated(next(self._gather(first, len(first)))[1])
 
@@ -165,18 +154,16 @@ class ResidentLoader:
 
 
 class MappedLoader(ResidentLoader):
-    """ResidentLoader's batches (the same order, augmentation and normalisation, on the device) from
-    uint8 images that stay in host memory, such as the memory-mapped cache: a background thread
-    gathers each batch's rows, PREFETCH batches ahead (on a GPU into pinned memory, copied on a CUDA
-    stream of its own), while the device works on the batch before."""
+    """ResidentLoader's batches (same order, augmentation, normalisation, on the device) from uint8
+    images in host memory, such as the memory-mapped cache: a thread gathers each batch's rows,
+    PREFETCH ahead (on a GPU into pinned memory, copied on its own stream), as the device works."""
 
     def __init__(self, images: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
                  device: torch.device, batching: Batching, augmentation: Augmentation):
         super().__init__(images, labels.to(device), batching, augmentation)
         self.rows = rows  # int64 (N,): row of images of each of the N labelled images
         self.index_device = torch.device("cpu")  # the thread picks rows with them
-        # a batch at a time: little host memory, and the first batch comes soon
-        self.chunk = batching.batch_size
+        self.chunk = batching.batch_size  # one batch: little host memory, and the first comes soon
 
     def _gather(self, indices: torch.Tensor,
                 step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -202,8 +189,7 @@ class MappedLoader(ResidentLoader):
                 yield chosen, images, copy_stream.record_event()
 
         for chosen, images, copied in process_module.in_background(read(), PREFETCH):
-            # the training stream waits for the copy, and keeps the memory until used
-            if copied is not None:
+            if copied is not None:  # training waits for the copy and keeps its memory until used
                 stream = torch.cuda.current_stream(device)
                 stream.wait_event(copied)
                 chosen.record_stream(stream)
@@ -271,10 +257,8 @@ class StreamingLoader:
 
 
 class MixedLoader:
-    """A training loader whose batches are mixed on the device as they come (mix:
-    augment_module.batch_mixer's Mixup and/or CutMix): it yields (mixed images, float (N, classes)
-    targets whose rows sum to 1). Its length, batching, set_epoch and first_images are the loader's
-    own, unmixed. Only training loaders are wrapped: evaluation never mixes."""
+    """Training batches mixed on the device as they come (batch_mixer): mixed images, float (N,
+    classes) targets summing to 1. len, batching, set_epoch, first_images: the loader's, unmixed."""
 
     def __init__(self, loader: ResidentLoader | MappedLoader | StreamingLoader,
                  mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):

@@ -1,10 +1,7 @@
 """What a run leaves to look at: the training curves, the test report, the confusion matrix, the
-gallery of confident mistakes and the LR finder's plot (the trackers: tracker_module).
-
-Figures are drawn with matplotlib's Figure, never pyplot (no global state, no display needed), and
-every file is written atomically (files_module.atomic_write). A figure that cannot be drawn only
-warns: the run matters more. Only rank 0 calls these under torchrun.
-"""
+gallery of confident mistakes and the LR finder's plot (the trackers: tracker_module). Figures use
+matplotlib's Figure, never pyplot (no global state or display); files are written atomically; a
+figure that fails only warns (the run matters more). Only rank 0 calls these under torchrun."""
 
 from __future__ import annotations
 
@@ -47,13 +44,11 @@ def write_test_outputs(result: dict[str, Any], classes: Sequence[str], mean: Seq
 
 
 def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support of each class from a confusion matrix (rows the true class,
-    columns the predicted one), then their macro and support-weighted averages, as scikit-learn's
-    classification_report with zero_division=nan: a ratio with nothing to divide (a class never
-    predicted has no precision; one with no images no recall) is NaN, and left out of the averages.
-    Recall is each class's accuracy, so the weighted recall is the accuracy."""
-    # a name that is not UTF-8: its bytes
-    classes = [messages_module.printable(name) for name in classes]
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows the true class),
+    then macro and support-weighted averages, as scikit-learn's classification_report with
+    zero_division=nan: a 0 / 0 (precision of a class never predicted, recall of one without images)
+    is NaN, left out of the averages. Recall is each class's accuracy: weighted, the accuracy."""
+    classes = [messages_module.printable(name) for name in classes]  # not UTF-8: its bytes
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
         raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit "
@@ -61,8 +56,7 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     hits, support, predicted = np.diag(counts), counts.sum(1), counts.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 is NaN, as wanted
         precision, recall = hits / predicted, hits / support
-        # the harmonic mean of the two, also when one is undefined
-        f1 = 2 * hits / (support + predicted)
+        f1 = 2 * hits / (support + predicted)  # their harmonic mean, also when one is undefined
     frame = pd.DataFrame({"class": list(classes), "precision": precision, "recall": recall,
                           "f1": f1, "support": support.astype(np.int64)})
     rows = [frame]
@@ -74,16 +68,14 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
 
 
 def _nan_average(values: np.ndarray, weights: np.ndarray) -> float:
-    """The weighted mean of the values that are not NaN (NaN when none is, or their weights add to
-    0)."""
+    """The weighted mean of the non-NaN values (NaN when none is, or their weights sum to 0)."""
     known = ~np.isnan(values)
     total = weights[known].sum()
     return float((values[known] * weights[known]).sum() / total) if total else math.nan
 
 
 def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str) -> pd.DataFrame:
-    """Write test_report.csv (classification_report), atomically; returns the table. Unlike the
-    figures, a file that cannot be written raises OSError."""
+    """Write test_report.csv atomically and return it; unlike a figure, a failed write raises."""
     frame = classification_report(confusion, classes)
     safe = utils.spreadsheet_safe(frame)  # a class named "=1+2" is shown, never run
     files_module.atomic_write(path, lambda f: safe.to_csv(f, index=False, float_format="%.6f"))
@@ -92,10 +84,8 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
 
 def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str,
                           split: str = "test") -> None:
-    """Draw confusion_matrix.png: counts in the cells, colours normalised by row (each true class's
-    share going to each prediction), class names on both axes; the figure and the fonts scale with
-    the class count, readable up to LEGIBLE_CLASSES; past them, colours at that size
-    (confusion_figure)."""
+    """Draw confusion_matrix.png: counts in cells, colours by row share, names on both axes; figure
+    and fonts grow with the classes, legible to LEGIBLE_CLASSES, past which colours at that size."""
     _draw(path, lambda: confusion_figure(confusion, classes, split))
 
 
@@ -105,16 +95,14 @@ LEGIBLE_CLASSES = 50  # past this many classes the confusion matrix keeps this o
 
 
 def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str = "test"):
-    """The confusion matrix as a matplotlib Figure (for plot_confusion_matrix and TensorBoard), no
-    bigger than LEGIBLE_CLASSES' whatever the class count."""
+    """The confusion matrix as a Figure (also TensorBoard's), no bigger than at LEGIBLE_CLASSES."""
     from matplotlib.figure import Figure
 
     classes = [messages_module.printable(name) for name in classes]  # as the report writes them
     counts = confusion.cpu().numpy()
     n = len(classes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        # a class with no images: an empty row
-        shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))
+        shares = np.nan_to_num(counts / counts.sum(1, keepdims=True))  # no images: an empty row
     shown = min(n, LEGIBLE_CLASSES)
     side = max(5.0, 2.5 + 0.34 * shown)  # inches: a third of an inch per cell beyond the margins
     # points: 10 up to 14 classes, 7 from 35 (four digits fit)
@@ -125,8 +113,7 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     written = counts if n <= LEGIBLE_CLASSES else counts[:0]  # past them, no cell fits its count
     for (row, column), count in np.ndenumerate(written):
-        # beyond 20 classes a blank cell reads as 0, which keeps the matrix legible
-        if count or n <= 20:
+        if count or n <= 20:  # beyond 20 classes a blank cell reads as 0: the matrix stays legible
             axes.text(column, row, str(count), ha="center", va="center", fontsize=cell_font,
                       color="white" if shares[row, column] > 0.5 else "black")
     ticks = np.arange(0, n, math.ceil(n / LEGIBLE_CLASSES))  # every class, or one in ceil(n / 50)
@@ -147,17 +134,15 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
 
 def plot_misclassified(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                        std: Sequence[float], path: str, split: str = "test") -> None:
-    """Draw misclassified.png: the given mistakes (train_module.Mistake, most confident first), each
-    image un-normalised (x std + mean) and titled with its true class, the predicted class and its
-    probability."""
+    """Draw misclassified.png: the mistakes (train_module.Mistake, most confident first), each image
+    un-normalised (x std + mean), titled with its true and predicted class and that probability."""
     _draw(path, lambda: _mistakes_figure(mistakes, classes, mean, std, split))
 
 
 def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                      std: Sequence[float], split: str = "test"):
-    """One image of all the mistakes (a mosaic in a single axes, each cell a title band over the
-    image) with their titles as text: this draws in 0.2-0.4 s, a grid of 25 axes with tight_layout
-    in 0.7-0.9 s."""
+    """All the mistakes as one image (a mosaic in one axes, each cell a title band over the image),
+    titles as text: it draws in 0.2-0.4 s, a grid of 25 axes with tight_layout in 0.7-0.9 s."""
     from matplotlib.figure import Figure
 
     classes = [messages_module.printable(name) for name in classes]  # as the report writes them
@@ -171,8 +156,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
     images = [(m.image.float().cpu() * std_ + mean_).clamp(0, 1).permute(1, 2, 0) for m in mistakes]
     height, width, channels = images[0].shape
     cell_height, cell_width = _gallery_cell(height, width)
-    # white between the images
-    mosaic = torch.ones(rows * cell_height, columns * cell_width, channels)
+    mosaic = torch.ones(rows * cell_height, columns * cell_width, channels)  # white between images
     for i, (image, mistake) in enumerate(zip(images, mistakes)):
         top, left = _gallery_origin(i, columns, height, width)
         mosaic[top:top + height, left:left + width] = image
@@ -196,8 +180,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
 
 
 def _gallery_cell(height: int, width: int) -> tuple[int, int]:
-    """A gallery cell's size in image pixels: a band for two lines of title above the image, a
-    margin beside."""
+    """A gallery cell's size in pixels: a two-line title band above the image, a margin beside."""
     return height + math.ceil(0.4 * height), width + math.ceil(0.1 * width)
 
 
@@ -258,8 +241,7 @@ def _curves_figure(history: list[dict[str, Any]]):
 
 def plot_lr_finder(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None,
                    path: str) -> None:
-    """Draw lr_finder.png: the smoothed loss against the LR (log axis), the suggested LR (if any)
-    marked."""
+    """Draw lr_finder.png: the smoothed loss against the LR (log axis), any suggested LR marked."""
     _draw(path, lambda: _lr_finder_figure(lrs, losses, suggestion))
 
 
@@ -273,8 +255,7 @@ def _lr_finder_figure(lrs: Sequence[float], losses: Sequence[float], suggestion:
     if suggestion is not None:  # None: the curve gave no clear answer
         axes.axvline(suggestion, color="tab:red", ls="--", label=f"suggested LR {suggestion:.3g}")
     lowest = int(np.argmin(losses))
-    # the diverging tail runs off the top rather than flattening the rest
-    top = max(losses[:lowest + 1])
+    top = max(losses[:lowest + 1])  # the diverging tail runs off the top, not flattening the rest
     margin = 0.05 * (top - losses[lowest]) or 0.05 * abs(top) or 1.0
     axes.set_ylim(losses[lowest] - margin, top + margin)
     axes.set(xlabel="learning rate (log scale)", ylabel="loss", title="LR range test")
@@ -288,10 +269,8 @@ def _draw(path: str, make_figure: Callable[[], Any]) -> None:
     try:
         figure = make_figure()
         files_module.atomic_write(path, lambda f: figure.savefig(f, format="png"))
-    # a full or failing disk: the run must say so, as for any file it writes
-    except files_module.WriteFailed:
+    except files_module.WriteFailed:  # a full or failing disk: said, as for any file the run writes
         raise
-    # a plot that cannot be drawn is a convenience lost: never let it end a run
-    except Exception as error:
+    except Exception as error:  # a plot that cannot be drawn is a convenience lost: never end a run
         print(f"warning: could not draw {path}: {error}", file=sys.stderr)
 

@@ -42,13 +42,10 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
                     schedule: StepSchedule | None = None, lookahead: Lookahead | None = None,
                     ema: EMA | None = None,
                     check: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over the training data with this step (one kept across epochs keeps its CUDA graph);
-    returns train_loss and train_acc (over every process). With step.accumulate > 1 the batches
-    train in groups of that many, one optimizer step each (the last group holds what is left); the
-    schedule, Lookahead and the EMA follow each optimizer step, in that order. Each step only queues
-    work: losses and logits are tallied on the device every CHECK_EVERY batches, so the GPU never
-    waits on Python. check() is called before each batch (the epoch writer's: it raises the error of
-    a write that failed)."""
+    """One pass over the data with this step (kept across epochs, it keeps its CUDA graph):
+    train_loss and train_acc over every process. With step.accumulate > 1, each group of that many
+    batches (the last: the rest) takes one optimizer step, then schedule, Lookahead, EMA in turn.
+    Tallied on the device every CHECK_EVERY batches, so the GPU never waits on Python."""
     step.model.train()
     device = step.device
     step.new_epoch()
@@ -56,8 +53,7 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
     pending = ([], [], [])  # losses, logits, targets of the steps not yet tallied
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}", unit="batch", leave=False,
                disable=not _show_progress())
-    # a bar shows running figures, which costs a sync
-    check_every = CHECK_EVERY if bar.disable else 10
+    check_every = CHECK_EVERY if bar.disable else 10  # a bar's running figures cost a sync
     batch, batches = 0, len(loader)
     for batch, (images, targets) in enumerate(loader, start=1):
         if check is not None:
@@ -86,8 +82,7 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
 
 
 def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batch: int) -> None:
-    """Add the pending steps' summed loss, correct count and size to totals; raise NonFiniteLoss
-    naming the first batch whose loss is not finite."""
+    """Add pending steps' loss sum, hits and size to totals; NonFiniteLoss at the first bad loss."""
     losses, logits, targets = pending
     if not losses:
         return
@@ -99,8 +94,7 @@ def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batc
     sizes = [len(t) for t in targets]
     totals[0] += values @ torch.tensor(sizes, device=values.device, dtype=values.dtype)
     classes = torch.cat(targets)
-    # soft targets (Mixup, CutMix): a hit is the logits' argmax on the targets' largest class
-    if classes.ndim == 2:
+    if classes.ndim == 2:  # soft targets (Mixup, CutMix): a hit when argmax is their largest class
         classes = classes.argmax(1)
     totals[1] += (torch.cat(logits).argmax(1) == classes).sum()
     totals[2] += sum(sizes)
@@ -117,8 +111,7 @@ def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor,
 
 
 def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Mean logits over the image and its mirror, and both shifted one pixel up-left and down-right
-    (airbench's test-time augmentation, level 2)."""
+    """Mean logits over image and mirror, unshifted and shifted a pixel (airbench's TTA level 2)."""
     def mirrored(x: torch.Tensor) -> torch.Tensor:
         return 0.5 * model(x) + 0.5 * model(x.flip(-1))
     h, w = images.shape[-2:]
@@ -131,11 +124,9 @@ def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype | None = None,
              tta: bool = False, num_classes: int | None = None,
              collect: bool = False) -> dict[str, Any]:
-    """Cross-entropy loss and accuracy of the model over a loader (over every process); with
-    num_classes, also the confusion matrix ("confusion": counts, rows the true class, columns the
-    predicted one) and what class_scores makes of it (per_class, macro_f1, balanced_acc); with
-    collect (which needs num_classes), also the MISTAKES most confident wrong predictions
-    ("mistakes", a list of Mistake, most confident first)."""
+    """Cross-entropy loss and accuracy over a loader (every process); with num_classes, also
+    "confusion" (counts, rows the true class) and class_scores' figures; with collect (needs
+    num_classes), "mistakes": the MISTAKES most confident wrong predictions, in that order."""
     if collect and not num_classes:
         raise ValueError("evaluate(collect=True) needs num_classes")
     model.eval()
@@ -169,10 +160,9 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
 
 
 def class_scores(confusion: torch.Tensor) -> dict[str, Any]:
-    """From a confusion matrix (rows the true class): each class's recall ("per_class", NaN for a
-    class with no images), their mean over the classes with images ("balanced_acc", scikit-learn's
-    balanced_accuracy_score) and the mean F1 over the classes seen or predicted ("macro_f1", as
-    report_module.classification_report averages it)."""
+    """From a confusion matrix (rows the true class): each class's recall ("per_class", NaN with no
+    images), their mean over classes with images ("balanced_acc", scikit-learn's), and the mean F1
+    over classes seen or predicted ("macro_f1", as report_module.classification_report)."""
     counts = confusion.double()
     hits, support, predicted = counts.diag(), counts.sum(1), counts.sum(0)
     recall, f1 = hits / support, 2 * hits / (support + predicted)  # 0 / 0: NaN, left out
@@ -205,8 +195,7 @@ class _MostConfidentMistakes:
 
     def add(self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         probability, predicted = logits.float().softmax(1).max(1)
-        # right answers rank below every mistake
-        score = torch.where(predicted != targets, probability, -1.0)
+        score = torch.where(predicted != targets, probability, -1.0)  # right answers rank last
         chosen = score.topk(min(self.k, len(score))).indices
         candidates = (score[chosen], images[chosen], targets[chosen], predicted[chosen])
         if self.kept is not None:
@@ -237,15 +226,13 @@ def predict_proba(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_decision(decision: Decision, state: TrainState) -> None:
-    """Carry out LRA's decision: keep a new best, go back to the best (the weights, the optimizer
-    state and the EMA), unfreeze the body, set the LR."""
+    """LRA's decision: keep a new best, restore it (weights, optimizer, EMA), unfreeze, set LR."""
     if decision.new_best:
         state.best.take(state.model, state.optimizer, state.ema)
     if decision.restore:
         state.best.restore(state.model, state.optimizer, state.ema)
     if decision.unfreeze:
-        # the optimizer already holds its parameters (make_optimizer)
-        model_module.unfreeze_body(state.model)
+        model_module.unfreeze_body(state.model)  # the optimizer holds them already (make_optimizer)
     if decision.next_lr is not None:
         set_lr(state.optimizer, decision.next_lr)
 
@@ -259,9 +246,7 @@ CLASS_WEIGHTS = (None, "balanced")
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """How fit trains: the epoch limit, where the epoch files go, the loss, and how each step runs.
-    The fields up to clip_grad_norm are main.py's constants of the same names in upper case; the
-    rest are what setup finds out."""
+    """How fit trains: up to clip_grad_norm, main.py's constants by those names; then setup's."""
 
     epochs: int
     output_dir: str
@@ -269,12 +254,10 @@ class FitConfig:
     compile: bool  # torch.compile what runs the training batches
     accumulate_steps: int
     clip_grad_norm: float | None
-    # the training loss's weight of each class (one per class);
+    # the training loss's weight of each class; None: equal (validation and test's never are)
     class_weights: tuple[float, ...] | None = None
-    # None: equal. Validation and test losses are never weighted
     autocast_dtype: torch.dtype | None = None
-    # replay the step from a CUDA graph (the optimizer needs make_optimizer's lr_device)
-    cuda_graph: bool = False
+    cuda_graph: bool = False  # replay the step as a CUDA graph (needs make_optimizer's lr_device)
     world_size: int = 1  # processes under torchrun: the model runs data-parallel when more than one
     main_process: bool = True  # the one that writes the files
 
@@ -293,10 +276,8 @@ RULES: messages_module.Rules = {
 
 
 def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tuple[float, ...]:
-    """scikit-learn's "balanced" class weights: class c weighs n / (classes x count_c), n the images
-    counted, so every class adds as much to the training loss as it would in a balanced split.
-    ValueError naming CLASS_WEIGHTS and the first class with no images (its weight would be
-    infinite)."""
+    """scikit-learn's "balanced" weights: class c weighs n / (classes x count_c): each adds to the
+    loss as in a balanced split. ValueError (CLASS_WEIGHTS) for an empty class (infinite weight)."""
     if len(counts) != len(classes):
         raise ValueError(f"{len(counts)} class counts for {len(classes)} classes")
     empty = [name for name, count in zip(classes, counts) if count == 0]
@@ -309,10 +290,8 @@ def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tup
 
 
 def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
-    """The training loss: cross-entropy with config's label smoothing and class weights (on the CPU:
-    move it to the model's device). It takes class indices or probabilities (Mixup's and CutMix's
-    soft targets); with probabilities and weights, the mean is over the images, with indices over
-    their classes' weights."""
+    """Cross-entropy with config's label smoothing and class weights, on the CPU. With probabilities
+    (Mixup, CutMix) and weights the mean is over images; with indices, over their weights."""
     weight = (None if config.class_weights is None
               else torch.tensor(config.class_weights, dtype=torch.float32))
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
@@ -321,13 +300,10 @@ def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
 def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         account: utils.TimeAccount | None = None) -> list[dict]:
-    """Train from the epoch after state's last to config.epochs (or as far as the user asks at the
-    prompt) unless LRA stops first, carrying out its decisions and saving each epoch's files while
-    the next trains (checkpoint_module.EpochWriter). At the end, or on an interruption, the model
-    holds the best weights (and the EMA, with one, the best epoch's average). loss_fn: None for
-    training_loss(config) (cross-entropy, label smoothing, class weights); on_epoch(row) after each
-    epoch (TensorBoard); account: gets the seconds of training, validation and the epoch files (what
-    the training thread spends on them)."""
+    """Train from the epoch after state's last to config.epochs (or as the prompt asks) unless LRA
+    stops first, applying its decisions and writing each epoch's files as the next trains; however
+    it ends, the model (and EMA) holds the best epoch's. loss_fn None: training_loss(config);
+    on_epoch(row) after each epoch; account: this thread's seconds training, validating, writing."""
     loss_fn = loss_fn or training_loss(config).to(next(state.model.parameters()).device)
     account = account or utils.TimeAccount(time.perf_counter())
     step = _make_step(state, config, loss_fn, config.cuda_graph)
@@ -357,10 +333,8 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
             epoch += 1
         with account.timed("epoch files"):
             if writer is not None:
-                # the last epoch's files are on disk, or their error is raised, before fit returns
-                writer.wait()
-    # whatever ended training early is the reason LRA's closing line gives
-    except BaseException as error:
+                writer.wait()  # last epoch's files on disk (or its error raised) before fit returns
+    except BaseException as error:  # what ended training early: the reason in LRA's closing line
         reason = (f"interrupted during epoch {epoch}" if isinstance(error, KeyboardInterrupt)
                   else f"{error}; stopped")
         raise
@@ -377,8 +351,7 @@ def fit(state: TrainState, data, config: FitConfig, *, loss_fn: nn.Module | None
 
 
 def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: bool) -> TrainStep:
-    """The training step over what runs the batches: the model, compiled and/or data-parallel as
-    asked."""
+    """The training step over the model, compiled and/or data-parallel as asked."""
     model = step_module.wrap_for_training(state.model, compile=config.compile,
                                           world_size=config.world_size,
                                           device=next(state.model.parameters()).device)
@@ -389,8 +362,7 @@ def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: 
 
 def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                         check: Callable[[], None] | None) -> dict[str, Any]:
-    """One epoch: train (calling check() before each step), then validate (val_loss and val_acc None
-    without validation images); returns the epoch's metrics, rank 0's under torchrun."""
+    """One epoch: train (check() each step), validate (None: no val images); rank 0's metrics."""
     started = time.perf_counter()
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
@@ -406,13 +378,11 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
     metrics.update(val_loss=val["loss"], val_acc=val["acc"], macro_f1=val["macro_f1"],
                    balanced_acc=val["balanced_acc"], lr=lr, seconds=time.perf_counter() - started,
                    train_seconds=trained - started)
-    # under torchrun, rank 0's figures decide for every process
-    return distributed_module.broadcast(metrics)
+    return distributed_module.broadcast(metrics)  # rank 0's figures decide for every process
 
 
 def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
-    """Under torchrun, confirm every process made the same LR decisions and ends with the same
-    weights (of the model and its EMA: they must, to stay in step)."""
+    """Under torchrun, check all processes made the same LR decisions and end with equal weights."""
     if not distributed_module.is_distributed():
         return
     with torch.no_grad():
