@@ -52,17 +52,17 @@ class TrainStep:
     """One training step on a batch (forward, loss, backward, optimizer step); returns loss, logits.
 
     accumulate > 1: a call trains the index-th micro-batch of a group of `group` (micro_batch); its
-    mean loss counts 1/group, gradients are zeroed at the group's first and stepped at its last, so
-    equal micro-batches update as one batch would (BatchNorm aside: it sees each alone); under
-    torchrun they are all-reduced at the last only. clip_grad_norm: the summed gradients are scaled
-    to this total norm before each optimizer step, on the device, with no wait.
+    mean loss counts 1/group, gradients are zeroed at the group's first and the optimizer steps at
+    its last, so equal micro-batches update as one batch would (BatchNorm aside: it sees each
+    alone); under torchrun they are all-reduced at the last only. clip_grad_norm: the summed
+    gradients are scaled to this total norm before each optimizer step, on the device, with no wait.
 
     graph=True (CUDA): captured once in a CUDA graph, replayed for every batch of that size: one
-    launch where eager mode launches a kernel per operation (what holds small models back on a
-    GPU). The graph uses fixed tensors (inputs, model state, momentum buffers, LR tensors);
-    new_epoch() notices a replaced one (a restore or resume loads optimizer state, unfreezing adds
-    parameters) and the next batch captures again. Other sizes run eagerly (.grad is then that
-    step's, while replays write the graph's own gradients: read neither)."""
+    launch where eager mode launches a kernel per operation (what holds small models back on a GPU).
+    The graph uses fixed tensors (inputs, model state, momentum buffers, LR tensors that set_lr
+    fills in place); new_epoch() notices a replaced one (a restore or resume loads optimizer state,
+    unfreezing adds parameters) and the next batch captures again. Other sizes run eagerly (.grad is
+    then that step's, while replays write the graph's own gradients: read neither)."""
 
     # eager steps before a capture, as PyTorch's whole-network example takes (cuDNN's choices)
     WARMUP_STEPS = 3
@@ -153,8 +153,9 @@ class TrainStep:
     def _capture(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """Warm up on a side stream, capture the step there (PyTorch's whole-network recipe), check
         that a replay trains as the first eager step did (loss, weight change, momentum; else
-        RuntimeError), rolling all back after each. thread_local: a loader's thread may pin memory
-        meanwhile (backward's thread is unwatched too: the replay check catches what it misses)."""
+        RuntimeError), rolling all back after each; a capture does no work, so a replay then trains
+        the batch. thread_local: a loader's thread may pin memory meanwhile (backward's thread is
+        unwatched too: the replay check catches what it misses)."""
         init_momentum(self.optimizer)
         self.inputs = (images.clone(), targets.clone())
         current = torch.cuda.current_stream(self.device)
@@ -303,9 +304,10 @@ def cpu_has_bf16() -> bool:
 def bf16_speedup_on_cpu(model: nn.Module, image_size: int, channels_last: bool = True,
                         steps: int = 3) -> float | None:
     """How many times as fast a training step runs on the CPU under bf16 autocast as in fp32 (best
-    of `steps`, each on its own copy: the model and random state are left as they were); None
-    without native bf16 (oneDNN). Measured, not assumed: with AVX512-BF16, the default CNN ran bf16
-    at 0.66x fp32 on an Intel Xeon without AMX, at 2x on an AMD EPYC (benchmarks/RESULTS.md)."""
+    of `steps`, each precision on its own copy: the model and random state are left as they were);
+    None without native bf16 (oneDNN). Measured, not assumed: with AVX512-BF16, the default CNN ran
+    bf16 at 0.66x fp32 on an Intel Xeon without AMX, at 2x on an AMD EPYC
+    (benchmarks/RESULTS.md)."""
     if not cpu_has_bf16():
         return None
     generator = torch.Generator().manual_seed(0)
@@ -343,8 +345,9 @@ def use_cuda_graph(setting: str, device: torch.device, *, world_size: int = 1,
                    compile: bool = False, accumulate_steps: int = 1,
                    main_process: bool = True) -> bool:
     """Whether training steps replay a CUDA graph: "auto" on a CUDA device in one process without
-    torch.compile (its own graphs would nest) and without gradient accumulation (a line then says
-    graphs are off), "yes" there or a ValueError why not, "no" never."""
+    torch.compile (its own graphs would nest) and without gradient accumulation (a captured step is
+    a whole optimizer step; a line then says graphs are off), "yes" there or a ValueError why not,
+    "no" never."""
     possible = {"a CUDA device": device.type == "cuda",
                 "one process (not torchrun)": world_size == 1, "COMPILE off": not compile}
     if setting == "yes" and not all(possible.values()):
