@@ -44,8 +44,9 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
                     check: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over the data with this step (kept across epochs, it keeps its CUDA graph):
     train_loss and train_acc over every process. With step.accumulate > 1, each group of that many
-    batches (the last: the rest) takes one optimizer step, then schedule, Lookahead, EMA in turn.
-    Tallied on the device every CHECK_EVERY batches, so the GPU never waits on Python."""
+    batches (the last holds what is left) takes one optimizer step, then schedule, Lookahead, EMA in
+    turn. Tallied on the device every CHECK_EVERY batches, so the GPU never waits on Python. check()
+    runs before each batch (the epoch writer's: it raises a failed write's error)."""
     step.model.train()
     device = step.device
     step.new_epoch()
@@ -82,7 +83,8 @@ def train_one_epoch(step: TrainStep, loader: Iterable, *, epoch: int = 1,
 
 
 def _tally(pending: tuple[list, list, list], totals: list, epoch: int, last_batch: int) -> None:
-    """Add pending steps' loss sum, hits and size to totals; NonFiniteLoss at the first bad loss."""
+    """Add pending steps' loss sum, hits and size to totals; NonFiniteLoss names the first batch
+    whose loss is not finite."""
     losses, logits, targets = pending
     if not losses:
         return
@@ -111,7 +113,8 @@ def _sum_over_processes(loss_sum: torch.Tensor, correct: torch.Tensor,
 
 
 def _tta_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Mean logits over image and mirror, unshifted and shifted a pixel (airbench's TTA level 2)."""
+    """Mean logits over image and mirror, unshifted and shifted a pixel up-left and down-right
+    (airbench's TTA level 2)."""
     def mirrored(x: torch.Tensor) -> torch.Tensor:
         return 0.5 * model(x) + 0.5 * model(x.flip(-1))
     h, w = images.shape[-2:]
@@ -126,7 +129,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, autocast_dtype: torch.dtype 
              collect: bool = False) -> dict[str, Any]:
     """Cross-entropy loss and accuracy over a loader (every process); with num_classes, also
     "confusion" (counts, rows the true class) and class_scores' figures; with collect (needs
-    num_classes), "mistakes": the MISTAKES most confident wrong predictions, in that order."""
+    num_classes), "mistakes": the MISTAKES most confident wrong predictions, most confident
+    first."""
     if collect and not num_classes:
         raise ValueError("evaluate(collect=True) needs num_classes")
     model.eval()
@@ -246,7 +250,8 @@ CLASS_WEIGHTS = (None, "balanced")
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """How fit trains: up to clip_grad_norm, main.py's constants by those names; then setup's."""
+    """How fit trains: fields up to clip_grad_norm are main.py's constants of those names in upper
+    case; the rest are what setup finds out."""
 
     epochs: int
     output_dir: str
@@ -254,7 +259,7 @@ class FitConfig:
     compile: bool  # torch.compile what runs the training batches
     accumulate_steps: int
     clip_grad_norm: float | None
-    # the training loss's weight of each class; None: equal (validation and test's never are)
+    # the training loss's weight of each class; None: equal (validation and test losses never are)
     class_weights: tuple[float, ...] | None = None
     autocast_dtype: torch.dtype | None = None
     cuda_graph: bool = False  # replay the step as a CUDA graph (needs make_optimizer's lr_device)
@@ -290,8 +295,9 @@ def balanced_class_weights(counts: Sequence[int], classes: Sequence[str]) -> tup
 
 
 def training_loss(config: FitConfig) -> nn.CrossEntropyLoss:
-    """Cross-entropy with config's label smoothing and class weights, on the CPU. With probabilities
-    (Mixup, CutMix) and weights the mean is over images; with indices, over their weights."""
+    """Cross-entropy with config's label smoothing and class weights, on the CPU (move it to the
+    model's device). With probabilities (Mixup, CutMix) and weights the mean is over images; with
+    class indices, over their classes' weights."""
     weight = (None if config.class_weights is None
               else torch.tensor(config.class_weights, dtype=torch.float32))
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
@@ -362,7 +368,8 @@ def _make_step(state: TrainState, config: FitConfig, loss_fn: nn.Module, graph: 
 
 def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
                         check: Callable[[], None] | None) -> dict[str, Any]:
-    """One epoch: train (check() each step), validate (None: no val images); rank 0's metrics."""
+    """One epoch: train (check() before each step), then validate (val_loss and val_acc None without
+    validation images); the metrics are rank 0's under torchrun."""
     started = time.perf_counter()
     data.train.set_epoch(epoch)
     lr = get_lr(state.optimizer)
@@ -382,7 +389,8 @@ def _train_and_validate(step: TrainStep, data, epoch: int, state: TrainState,
 
 
 def _check_agreement(models: list[nn.Module], history: list[dict], main_process: bool) -> None:
-    """Under torchrun, check all processes made the same LR decisions and end with equal weights."""
+    """Under torchrun, check all processes made the same LR decisions and end with equal weights
+    (model and EMA)."""
     if not distributed_module.is_distributed():
         return
     with torch.no_grad():
