@@ -1,5 +1,6 @@
 """A run's files, written and read side by side: last_checkpoint.pth (all a resume needs),
-best_model.pth and .json (for --predict, WEIGHTS), the CSV; an earlier run's, moved to previous/."""
+best_model.pth and .json (for --predict and WEIGHTS), training_metrics.csv; and an earlier run's
+files, moved to previous/ when a new run starts."""
 
 from __future__ import annotations
 
@@ -53,11 +54,13 @@ FOLDER_TIME = "%Y-%m-%dT%H-%M-%S"  # a start time as a folder name (no colons: W
 
 
 class EpochWriter:
-    """Each epoch's files, written by a background thread as the device trains on, one write at a
-    time, each atomic: last_checkpoint.pth (resume's authority), best_model.pth and .json on a new
-    best, the CSV. save() first copies the state to the CPU (the next epoch changes it). check()
-    (every step: a full disk stops training at once), save() and wait() raise a write's error; a
-    kill mid-write leaves earlier files whole. `landed`: best_model.pth's epoch, once whole."""
+    """Each epoch's files, written atomically by a background thread as the device trains on, in
+    this order: last_checkpoint.pth (resume's authority), best_model.pth and .json on a new best,
+    the CSV. save() waits for the previous write, then copies the state to the CPU (the next epoch
+    changes the live tensors). A failed write's error is raised by check() (the loop calls it every
+    step, so a full disk stops training at once), save() or wait(). A kill mid-write leaves the
+    earlier files whole, so resume starts from the last checkpoint that landed. `landed`: the epoch
+    best_model.pth holds, once written whole."""
 
     def __init__(self, output_dir: str, best_epoch: int | None = None):
         self.output_dir = output_dir
@@ -66,7 +69,8 @@ class EpochWriter:
         self._error: BaseException | None = None
 
     def save(self, checkpoint: dict[str, Any], new_best: bool) -> None:
-        """Write a TrainState.state_dict() as the epoch's files (and the best's when new_best)."""
+        """Write a TrainState.state_dict() as the epoch's files (best_model.pth and .json too when
+        new_best)."""
         self.wait()
         checkpoint = _cpu_copy({"format": FORMAT, **checkpoint})
         best_files = ((state_module.best_weights(checkpoint["best"]), _best_info(checkpoint))
@@ -149,7 +153,7 @@ def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _best_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """best_model.json: what --predict needs (RunInfo but config), the data, the best's scores."""
+    """best_model.json: what --predict needs (RunInfo less config), the data, the best's scores."""
     info, config = ({name: checkpoint.get(name) for name in INFO_FIELDS},
                     checkpoint.get("config", {}))
     data_dir = config.get("DATA_DIR")  # what --export reads its example images from
@@ -192,7 +196,8 @@ def check_room(output_dir: str, state: TrainState, resuming: bool) -> None:
     """Refuse (OSError: folder, bytes needed and free) a run whose epoch files cannot fit. The
     checkpoint holds the model, its momentum, the best snapshot (with momentum when LRA can go
     back), Lookahead's slow weights, the EMA and the best epoch's; best_model.pth the model. Each is
-    written beside the file it replaces: a new run needs two of each, a resumed one one more."""
+    written beside the file it replaces: a new run needs room for two of each, a resumed one for one
+    more."""
     model = utils.tensor_bytes(state.model.state_dict())
     trained = sum(p.nelement() * p.element_size() for p in state.model.parameters())
     checkpoint = (2 * model + trained * (1 + state.best.with_optimizer)
@@ -215,7 +220,8 @@ def timestamp() -> str:
 
 def move_earlier_run(output_dir: str) -> str | None:
     """Move an earlier run's files to previous/<its start time>/ (_2, _3, ... if taken) by atomic
-    renames, saying where; that folder, or None. The caller holds the lock: no run writes them."""
+    renames, saying where; returns that folder, or None when there were none. The caller holds the
+    lock: no run writes them."""
     check_output_dir(output_dir)  # no link is moved, and no file leaves output_dir through one
     names = _run_files(output_dir)
     if not names:
@@ -238,8 +244,9 @@ def move_earlier_run(output_dir: str) -> str | None:
 
 
 def check_output_dir(output_dir: str, names: tuple[str, ...] = RUN_FILES) -> None:
-    """Refuse (ValueError; creating nothing) an output_dir whose named run files or lock are links
-    or not regular files, or RUN_FOLDERS not plain folders: nothing goes via a link or out."""
+    """Refuse (ValueError; creating nothing) an output_dir whose named run files (all by default) or
+    lock are links or not regular files, or whose RUN_FOLDERS are not plain folders: a run writes
+    through no link and moves nothing out of output_dir. Called before the data is read."""
     for name in (*names, files_module.LOCK_FILE):
         problem = files_module.not_a_plain_file(os.path.join(output_dir, name))
         if problem:
@@ -285,7 +292,8 @@ def run_started(output_dir: str) -> datetime.datetime | None:
 
 
 def parse_started(value: Any) -> datetime.datetime:
-    """A `started` as local time; ValueError unless ISO 8601, UTC offset, <= now + STARTED_SLACK."""
+    """A recorded `started` as local time; ValueError unless it is ISO 8601 text with a UTC offset,
+    no later than now plus STARTED_SLACK."""
     try:
         when = datetime.datetime.fromisoformat(value)
         if when.tzinfo is not None and when <= datetime.datetime.now().astimezone() + STARTED_SLACK:
@@ -316,7 +324,8 @@ def _checkpoint_started(output_dir: str) -> str | None:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """A last_checkpoint.pth of this FORMAT, its plain fields checked; else CheckpointError."""
+    """A last_checkpoint.pth of this FORMAT, its plain fields checked (main.resumed_config checks
+    its settings); else CheckpointError."""
     checkpoint = utils.load_torch(path, "RESUME")
     if not is_checkpoint(checkpoint) or checkpoint.get("format") != FORMAT:
         raise utils.CheckpointError(f"RESUME {path} is not a last_checkpoint.pth of this pipeline")
@@ -419,7 +428,8 @@ def is_checkpoint(obj: Any) -> bool:
 
 
 def load_best_model_info(output_dir: str) -> dict[str, Any]:
-    """best_model.json, each field checked before use (CheckpointError naming the first wrong)."""
+    """best_model.json (model, classes, normalisation, size of best_model.pth), each field checked
+    before use (CheckpointError naming the first wrong one)."""
     path = os.path.join(output_dir, BEST_MODEL_INFO)
     if not os.path.isfile(path):
         raise utils.CheckpointError(f"{path} {utils.not_a_file(path)}: train first "
