@@ -57,7 +57,8 @@ RULES: messages_module.Rules = {  # a field: (test, what is allowed)
 @dataclass(frozen=True)
 class DataConfig:
     """What get_data reads and how. Each field but the four from image_size on is main.py's
-    constant, upper-cased (default and meaning there), checked here (ValueError naming it)."""
+    constant of that name in upper case (default and meaning there), checked when the config is
+    built (ValueError naming it)."""
 
     dataset: str
     data_dir: str
@@ -231,7 +232,7 @@ def _apportion(counts: torch.Tensor, total: int) -> torch.Tensor:
 
 def default_val_split(dataset: str, labels: torch.Tensor) -> int:
     """VAL_SPLIT when None: CIFAR_VAL_SPLIT for CIFAR-10; for a folder without val/, a tenth of
-    train/'s images, at least one of each class held out and one kept."""
+    train/'s images (rounded half up), at least one of each class held out and one kept."""
     if dataset == "cifar10":
         return CIFAR_VAL_SPLIT
     n, n_classes = len(labels), len(labels.unique())
@@ -241,7 +242,8 @@ def default_val_split(dataset: str, labels: torch.Tensor) -> int:
 def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, classes: list[str],
                 data_dir: str) -> int:
     """The training images held out for validation: VAL_SPLIT, or default_val_split's for None.
-    DataError when none are left to train on, or (None, folder, CSV) a class has a single image."""
+    DataError when none are left to train on, or (VAL_SPLIT None, a folder or CSV) a class has a
+    single image."""
     csv = dataset == "csv"
     if val_split is None and dataset != "cifar10":
         counts = torch.bincount(labels, minlength=len(classes)).tolist()
@@ -271,7 +273,7 @@ def _n_held_out(labels: torch.Tensor, val_split: int | None, dataset: str, class
 
 
 def fits_on_device(num_bytes: int, device: torch.device) -> bool:
-    """Whether data of this size may stay on the device (RESIDENT_SHARE of its free memory)."""
+    """Whether data this size may stay on the device (at most RESIDENT_SHARE of its free memory)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
