@@ -50,7 +50,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 @dataclasses.dataclass(frozen=True)
 class LRAConfig:
-    """LRA's settings, each main.py's constant, upper-cased; out of range: ValueError naming it."""
+    """LRA's settings, each main.py's constant of that name in upper case (PATIENCE for patience);
+    a value out of range raises ValueError naming it."""
 
     patience: int
     stop_patience: int
@@ -271,7 +272,8 @@ class LRA:
     # -------------------------------------------------------------------- the steps of on_epoch_end
 
     def _change(self, metrics: dict[str, float]) -> float | None:
-        """% Improv: the monitored metric against its best before this epoch (so call it first)."""
+        """% Improv: the monitored metric against its best before this epoch (so call it before
+        the _note_* methods)."""
         best = {"train_acc": self.best_train_acc,
                 "train_loss": self.best_train_loss}.get(self.monitor, self.best_score)
         return relative_change(float(metrics[self.monitor]), best, HIGHER_IS_BETTER[self.monitor])
@@ -403,7 +405,8 @@ class LRA:
                         "above 0.")
 
     def ask_anew(self, ask_epoch: int | None) -> None:
-        """Ask after ask_epoch (then every ask_epoch), or never (None), whatever a resume said."""
+        """Ask after ask_epoch (then every ask_epoch epochs), or never (None), whatever a resumed
+        state said."""
         self.ask_epoch = self.ask_every = ask_epoch
         self.prompts_off = False
 

@@ -55,10 +55,12 @@ RULES: messages_module.Rules = {
 
 def make_optimizer(model: nn.Module, config: OptimConfig,
                    lr_device: torch.device | None = None) -> torch.optim.SGD:
-    """SGD over every parameter meant to train, the frozen body too (no gradients: SGD skips it till
-    unfrozen; the groups never change, so no schedule or saved state must follow). A group's LR is
-    LR x lr_scale: BatchNorm's norm_lr_scale (weight decay / it: the same decay per step), the
-    frozen body's body_lr_scale. lr_device: LRs held as tensors there (hold_lr_as_tensor)."""
+    """SGD over every parameter meant to train, the frozen body too (it has no gradients, so SGD
+    skips it until unfrozen; the groups never change, so no schedule or saved state must follow a
+    new one). A group's LR is LR x its lr_scale: norm_lr_scale for BatchNorm parameters (their
+    weight decay divided by it, so their decay per step is the others'), body_lr_scale for the
+    frozen body. lr_device: LRs held as tensors there, so a step captured in a CUDA graph sees each
+    new LR (hold_lr_as_tensor)."""
     c = config
     norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              for p in m.parameters()}
