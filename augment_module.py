@@ -1,6 +1,7 @@
 """Augmentation as batched tensor ops on the device (CIFAR-10's pad-crops and flips, photos'
-random-resized crops, per-image random erasing, batch Mixup and CutMix; automatic kinds:
-autoaugment_module) and as the streaming fallback's PIL pipeline, side by side in AUGMENTATIONS."""
+random-resized crops, per-image random erasing, batch Mixup and CutMix; torchvision's automatic
+augmentation is autoaugment_module's) and as the streaming fallback's PIL pipeline, side by side in
+AUGMENTATIONS."""
 
 from __future__ import annotations
 
@@ -152,9 +153,10 @@ def erase_masks(n: int, height: int, width: int, probability: float,
 
 @dataclass(frozen=True)
 class Kind:
-    """A training augmentation, on where main.py's constant of its name is true: settings allowed
-    (choices, or a rule: (test, what is allowed)); stage ("pixels": uint8 NHWC; "normalised": float
-    NCHW; "batch": MixedLoader's batches and labels); its batched and its PIL version."""
+    """A training augmentation, on where main.py's constant of its name in upper case is true:
+    settings allowed (choices, or a rule: (test, what is allowed)); stage ("pixels": uint8 NHWC;
+    "normalised": float NCHW; "batch": MixedLoader's batches and labels); its batched and its PIL
+    version."""
 
     choices: tuple | None
     rule: tuple[Callable[[Any], bool], str] | None
@@ -227,7 +229,8 @@ def batch_mixer(settings: dict[str, Any], num_classes: int) -> v2.Transform | No
 class Augmentation:
     """What a loader does to each image: training pad-crops (crop_padding pixels, black or reflected
     border) and flips ("random", "alternate", "none"), or with crop_size (photos) random-resized
-    crops, flips, evaluation's centre crops; per-channel normalisation (0-1); the AUGMENTATIONS."""
+    crops, flips, evaluation's centre crops; normalisation by mean and std (per channel, 0-1 scale);
+    for training, the AUGMENTATIONS that `augmentations` switch on."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -242,8 +245,9 @@ class Augmentation:
 
 
 def pil_transform(train: bool, image_size: int, augmentation: Augmentation) -> transforms.Compose:
-    """The streaming PIL pipeline after the source's resize ("alternate" flips random): photos'
-    RandomResizedCrop or CIFAR's pad-crops, then PIL AUGMENTATIONS around ToTensor, Normalize."""
+    """The streaming PIL pipeline after the source's resize ("alternate" flips are drawn at random):
+    photos' RandomResizedCrop or CIFAR's pad-crops, then PIL AUGMENTATIONS around ToTensor,
+    Normalize."""
     if not train:
         return evaluation_transform(augmentation.crop_size, augmentation.mean, augmentation.std)
     steps = []

@@ -34,17 +34,19 @@ SHARPNESS_KERNEL = ((1, 1, 1), (1, 5, 1), (1, 1, 1))
 
 def auto_augment(images: torch.Tensor, policy: str) -> torch.Tensor:
     """uint8 NHWC images, each through its own ops, drawn as torchvision's `policy` draws them for
-    one image (trivialaugment: one at a random bin; randaugment: RANDAUGMENT_OPS at its magnitude),
-    signed either way. Batched: each op once on its share (geometric: one resample); order kept."""
+    one image (trivialaugment: one op at a random magnitude bin; randaugment: RANDAUGMENT_OPS ops in
+    turn at bin RANDAUGMENT_MAGNITUDE); a signed op takes either sign. Batched: each op runs once on
+    its share (the geometric ones as one resample). A new tensor, image i from image i."""
     for _ in range(RANDAUGMENT_OPS if policy == "randaugment" else 1):
         images = _apply_drawn_ops(images, policy)
     return images
 
 
 def draw_ops(n: int, device: torch.device | str) -> tuple[torch.Tensor, list[int]]:
-    """An op of OPS per image, uniform and independent as torchvision's: `order` (images sorted by
-    op: the first counts[0] take OPS[0], ...), `counts`: a multinomial count per op drawn on the CPU
-    (shares' sizes known without a device wait) and a permutation drawn on the device."""
+    """An op of OPS per image, uniform and independent as torchvision draws them: returns `order`
+    (the images sorted by op: the first counts[0] take OPS[0], the next counts[1] OPS[1], ...) and
+    `counts`. The counts are multinomial, drawn on the CPU so the shares' sizes are known without a
+    device wait; `order` is a permutation drawn on the device."""
     counts = torch.randint(len(OPS), (n,)).bincount(minlength=len(OPS)).tolist()
     return torch.randperm(n, device=device), counts
 
@@ -115,8 +117,9 @@ def _blend(images: torch.Tensor, degenerate: torch.Tensor,
 
 
 def _mean_grey(images: torch.Tensor) -> torch.Tensor:
-    """adjust_contrast's degenerate image: each image's mean grey (of rgb_to_grayscale's floored
-    uint8, as it takes it), unrounded as it blends it (F.adjust_contrast(images, 0) truncates)."""
+    """adjust_contrast's degenerate image: each image's mean grey, from rgb_to_grayscale's floored
+    uint8 as adjust_contrast takes it, unrounded as it blends it (F.adjust_contrast(images, 0) would
+    truncate it)."""
     return F.rgb_to_grayscale(images).float().mean((-3, -2, -1), keepdim=True)
 
 
