@@ -11,7 +11,8 @@ changed folder or size finds no cache and builds a new one:
 Each is written to a temporary file and moved into place (os.replace), .npy first: the index marks
 completion, its byte count catching a truncated .npy; what does not check out is rebuilt. Builders
 of one cache take turns under an flock (<size>px-<key>.lock), so the second finds the first's; a
-killed build's leftovers (temporaries, an index-less .npy) go once no process holds it."""
+killed build's leftovers (temporary files, a .npy without its index) are removed by a later run once
+no process holds that cache's lock."""
 
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def _open(base: str, count: int, size: int) -> tuple[Cache | None, str | None]:
 
 
 def _index_problem(index, key: str, count: int, size: int) -> str | None:
-    """What is wrong with an index read from JSON (as _build writes it for this key), or None."""
+    """What is wrong with an index read from JSON (as _build writes it for this key, count and
+    size), or None."""
     if not isinstance(index, dict):
         return f"its index is a {type(index).__name__}, not an object"
     for name, value in dict(format=FORMAT, key=key, size=size, count=count).items():
@@ -275,7 +277,8 @@ def _claim_space(path: str) -> None:
 
 def _remove_superseded(base: str, root: str, size: int) -> None:
     """Delete this folder's older caches of this size and root (their files changed: never opened
-    again). Other sizes stay (another IMAGE_SIZE), and caches whose lock another process holds."""
+    again). Other sizes stay, for runs at another IMAGE_SIZE, as do caches another process has
+    locked."""
     folder = glob.escape(os.path.dirname(base))
     for index_path in glob.glob(os.path.join(folder, f"{size}px-*.json")):
         other = index_path[:-len(".json")]
@@ -300,7 +303,8 @@ _LEFTOVER = re.compile(r"\.(\d+px-[0-9a-f]+)\..+\.tmp|(\d+px-[0-9a-f]+)\.npy")  
 
 def _remove_leftovers(folder: str) -> None:
     """Delete killed builds' and memo writes' leftovers in folder (temporaries, an index-less .npy)
-    of caches whose lock no process holds (every such writer holds it); no flock: none."""
+    of caches whose lock no process holds (every build and memo write holds its cache's lock while
+    such files exist). Without flock, nothing is deleted."""
     try:
         names = os.listdir(folder) if fcntl is not None else []
     except OSError:  # none yet, or unreadable: nothing to clean up
@@ -335,7 +339,8 @@ if hasattr(os, "register_at_fork"):
 @contextlib.contextmanager
 def _locked(path: str, waiting: str | None = None) -> Iterator[None]:
     """An exclusive flock on path for the block (a second builder waits, then opens the cache); the
-    file holds the holder's pid. waiting: what the holder does, told if it waits (None: silent)."""
+    file holds the holder's process id. waiting: what the holder is doing, for a line saying this
+    process waits for it (None: wait without a word)."""
     if fcntl is None:
         yield
         return

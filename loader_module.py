@@ -1,6 +1,7 @@
 """Loaders that yield normalised batches on the device: from uint8 images kept there
 (ResidentLoader), from host memory such as the memory-mapped cache (MappedLoader), or from a PIL
-Dataset in DataLoader workers (StreamingLoader, without a cache); MixedLoader: Mixup, CutMix."""
+Dataset in DataLoader workers (StreamingLoader, without a cache); and MixedLoader, which mixes any
+one's training batches (Mixup, CutMix)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ PREFETCH = 3
 @dataclass(frozen=True)
 class Batching:
     """How a loader batches: the size; training (shuffled by (seed, epoch), a last partial batch
-    dropped) or evaluation (in order, all kept); this rank's shard of world_size; channels_last."""
+    dropped) or evaluation (in order, all kept); this rank's shard of world_size; whether batches
+    are channels_last."""
 
     batch_size: int
     train: bool
@@ -258,7 +260,8 @@ class StreamingLoader:
 
 class MixedLoader:
     """Training batches mixed on the device as they come (batch_mixer): mixed images, float (N,
-    classes) targets summing to 1. len, batching, set_epoch, first_images: the loader's, unmixed."""
+    classes) targets summing to 1. Its len, batching, set_epoch and first_images are the wrapped
+    loader's, unmixed; only training loaders are wrapped (evaluation never mixes)."""
 
     def __init__(self, loader: ResidentLoader | MappedLoader | StreamingLoader,
                  mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):

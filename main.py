@@ -233,8 +233,9 @@ def constants() -> dict[str, typing.Any]:
 
 def parse_config(
         argv: list[str] | None = None) -> tuple[dict[str, typing.Any], dict[str, typing.Any]]:
-    """The constants (PRESET, then the flags, applied) and the command instead of training
-    (--predict, --export, --find-lr; None or False: not asked; "given": the flags set)."""
+    """The constants (PRESET, then the flags, applied) and the command asked for instead of training
+    (--predict, --export, --find-lr: None or False when not asked), whose "given" holds the
+    constants the flags set."""
     parser = cli_module.make_parser(__doc__.splitlines()[0], constants(), __annotations__, __file__)
     commands = parser.add_argument_group("Instead of training")
     commands.add_argument("--predict", nargs="+", metavar="PATH",
@@ -337,7 +338,8 @@ def _lower(values: dict[str, typing.Any], *names: str) -> dict[str, typing.Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, evaluate on the test set and report (or predict, export, find the LR); exit status."""
+    """Train, evaluate on the test set and report (or predict, export, find the LR); returns the
+    exit status."""
     return run_main(argv).status
 
 
