@@ -58,7 +58,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def documentation(path: str) -> dict[str, tuple[str, str]]:
-    """Each constant's comment (continuations joined) and `# --- ` group in path's file: --help."""
+    """Each constant's comment in the file at path (continuation lines joined) and its group (the
+    `# --- Data` line above it), as --help shows them."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     found, group, last = {}, "Constants", None

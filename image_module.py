@@ -97,13 +97,15 @@ def _too_many_pixels(path: str, pixels: str, limit: int) -> str:
 
 
 def skip_reason(message: str) -> str:
-    """Why a file that failed to decode with this message (decode_files') is skipped: SKIPS' key."""
+    """Why a file that failed to decode with this message (decode_files') is skipped: "unreadable"
+    or "too many pixels" (a key of SKIPS)."""
     return "too many pixels" if message.endswith(PIXEL_LIMIT_NOTE) else "unreadable"
 
 
 def check_image(path: str) -> str | None:
     """Why Pillow would not decode the file (a SKIPS key), or None when it opens with a sound header
-    (the cheapest check that catches corrupt files, 20 times listing's cost: a cache spares it)."""
+    (the cheapest check that catches corrupt files, yet 20 times the cost of listing the file: a
+    valid cache spares it)."""
     try:
         with _open(path) as image:
             image.verify()
@@ -176,7 +178,8 @@ def _stored(image: Image.Image, size: int) -> Image.Image:
 
 def prepare_image(image: Image.Image, image_size: int, mean, std,
                   resize_size: int | None = None) -> torch.Tensor:
-    """A PIL image as load_image prepares files: upright RGB, stored, centre-cropped, normalised."""
+    """A PIL image as load_image prepares files: upright RGB, stored at resize_size (None:
+    image_size), centre-cropped to image_size, normalised."""
     stored = _stored(_decoded(image, None), resize_size or image_size)
     return evaluation_transform(image_size, mean, std)(stored)
 

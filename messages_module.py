@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 
 
 def not_known(name: str, value: Any, choices: Any, *, closest: bool = False) -> str:
-    """The message for a value not among the choices; closest (long lists) offers the nearest."""
+    """The one message for a value not among the choices; with closest (for long lists, such as
+    model names), only the nearest names are offered."""
     choices = list(choices)
     if closest:
         near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=5, cutoff=0.5)
@@ -94,14 +95,16 @@ def check_type(name: str, value: Any, annotation: Any) -> None:
 
 
 def short_repr(value: Any, limit: int = 60) -> str:
-    """repr(value) cut to about limit characters: a file's value can be any size, a message not."""
+    """repr(value) cut to about limit characters: a file's value can be any size, a message is one
+    line."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
 
 
 def check_fields(config: Any, rules: Rules,
                  choices: dict[str, Sequence[Any]] | None = None) -> None:
-    """Raise ValueError naming (as its main.py constant) the first field off its choices or rule."""
+    """Raise ValueError naming the first field that is not among its choices or breaks its rule, by
+    the main.py constant that sets it (VAL_SPLIT for val_split)."""
     for name, allowed in (choices or {}).items():
         if getattr(config, name) not in allowed:
             raise ValueError(not_known(name.upper(), getattr(config, name), allowed))

@@ -138,7 +138,8 @@ TRACKERS = {"tensorboard": Kind(TensorBoardTracker, ("tensorboard",), "tensorboa
 
 
 def check_installed(kind: str | None) -> None:
-    """ValueError naming the pip install for TRACKER's missing packages (found, not imported)."""
+    """ValueError naming the pip install for TRACKER's missing packages (found without importing,
+    before any data is read)."""
     entry = TRACKERS.get(kind)
     missing = (
         [name for name in entry.modules if importlib.util.find_spec(name) is None] if entry else [])
