@@ -1,7 +1,8 @@
 """What a run leaves to look at: the training curves, the test report, the confusion matrix, the
 gallery of confident mistakes and the LR finder's plot (the trackers: tracker_module). Figures use
 matplotlib's Figure, never pyplot (no global state or display); files are written atomically; a
-figure that fails only warns (the run matters more). Only rank 0 calls these under torchrun."""
+figure that cannot be drawn only warns (the run matters more), but a failed write raises. Only
+rank 0 calls these under torchrun."""
 
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> pd
     """Per-class precision, recall, F1 and support from a confusion matrix (rows the true class),
     then macro and support-weighted averages, as scikit-learn's classification_report with
     zero_division=nan: a 0 / 0 (precision of a class never predicted, recall of one without images)
-    is NaN, left out of the averages. Recall is each class's accuracy: weighted, the accuracy."""
-    classes = [messages_module.printable(name) for name in classes]  # not UTF-8: its bytes
+    is NaN, left out of the averages. Recall is each class's accuracy, so the weighted recall is the
+    accuracy."""
+    classes = [messages_module.printable(name) for name in classes]  # not UTF-8: shown as bytes
     counts = confusion.double().cpu().numpy()
     if counts.shape != (len(classes), len(classes)):
         raise ValueError(f"a confusion matrix of shape {counts.shape} does not fit "
@@ -85,7 +87,8 @@ def write_test_report(confusion: torch.Tensor, classes: Sequence[str], path: str
 def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: str,
                           split: str = "test") -> None:
     """Draw confusion_matrix.png: counts in cells, colours by row share, names on both axes; figure
-    and fonts grow with the classes, legible to LEGIBLE_CLASSES, past which colours at that size."""
+    and fonts grow with the class count, legible up to LEGIBLE_CLASSES; past that, colours only, at
+    that size."""
     _draw(path, lambda: confusion_figure(confusion, classes, split))
 
 
@@ -135,7 +138,8 @@ def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], split: str
 def plot_misclassified(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequence[float],
                        std: Sequence[float], path: str, split: str = "test") -> None:
     """Draw misclassified.png: the mistakes (train_module.Mistake, most confident first), each image
-    un-normalised (x std + mean), titled with its true and predicted class and that probability."""
+    un-normalised (x std + mean), titled with its true class, the predicted one and its
+    probability."""
     _draw(path, lambda: _mistakes_figure(mistakes, classes, mean, std, split))
 
 
@@ -180,7 +184,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
 
 
 def _gallery_cell(height: int, width: int) -> tuple[int, int]:
-    """A gallery cell's size in pixels: a two-line title band above the image, a margin beside."""
+    """A gallery cell's size in image pixels: a two-line title over the image, margin beside."""
     return height + math.ceil(0.4 * height), width + math.ceil(0.1 * width)
 
 
@@ -269,7 +273,7 @@ def _draw(path: str, make_figure: Callable[[], Any]) -> None:
     try:
         figure = make_figure()
         files_module.atomic_write(path, lambda f: figure.savefig(f, format="png"))
-    except files_module.WriteFailed:  # a full or failing disk: said, as for any file the run writes
+    except files_module.WriteFailed:  # a full or failing disk: raised, as any failed write is
         raise
     except Exception as error:  # a plot that cannot be drawn is a convenience lost: never end a run
         print(f"warning: could not draw {path}: {error}", file=sys.stderr)
