@@ -184,7 +184,7 @@ def _mistakes_figure(mistakes: Sequence[Any], classes: Sequence[str], mean: Sequ
 
 
 def _gallery_cell(height: int, width: int) -> tuple[int, int]:
-    """A gallery cell's size in image pixels: a two-line title over the image, margin beside."""
+    """A gallery cell's size in image pixels: a two-line title above the image, a margin beside."""
     return height + math.ceil(0.4 * height), width + math.ceil(0.1 * width)
 
 
