@@ -42,7 +42,8 @@ class ResidentLoader:
     crop_size (CIFAR-10), training gets pad-crops and flips at the images' size; with it (photos,
     stored as larger squares), RandomResizedCrop boxes of their own resized to crop_size, and flips,
     evaluation the centre crop; then the AUGMENTATIONS. Shuffles are seeded by (seed, epoch) as in
-    DistributedSampler, so ranks draw one order and take their shards; the device RNG augments."""
+    DistributedSampler, so ranks draw one order and take their shards; augmentation draws from the
+    device's generator."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batching: Batching,
                  augmentation: Augmentation):

@@ -190,8 +190,8 @@ class TrainStep:
 
 
 def micro_batch(batch: int, batches: int, accumulate: int) -> tuple[int, int]:
-    """Batch `batch`'s (from 1) index in its group of accumulate, and the group's size (the epoch's
-    last group holds what is left)."""
+    """Where the batch-th batch (from 1) falls when accumulate batches make an optimizer step: its
+    index in its group and the group's size (the epoch's last group holds what is left)."""
     first = (batch - 1) // accumulate * accumulate
     return batch - 1 - first, min(accumulate, batches - first)
 
