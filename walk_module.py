@@ -107,7 +107,8 @@ class _Walk:
 
     def read(self, top: str, root: int) -> Identity | None:
         """Read top and its subfolders (not links) for root, but those read already (a root twice, a
-        linked folder, a bind mount: counted skipped); top's identity, None: unlistable."""
+        linked folder, a bind mount: counted in skipped). Returns top's identity (None when it
+        cannot be listed)."""
         stack: list[tuple[str, Identity | None]] = [(top, None)]  # a folder, and the one above it
         first = None
         while stack:
@@ -168,7 +169,8 @@ class _Walk:
 
 
 def _list_folder(path: str, skipped: Skipped) -> tuple[Identity, _Listing] | None:
-    """A folder's (dev, inode) and listing, others counted skipped; None (counted) if unlistable."""
+    """A folder's identity (device, inode) and listing, its other entries counted in skipped; None
+    (also counted) when it cannot be listed."""
     try:
         status = os.stat(path)
         with os.scandir(path) as scan:
