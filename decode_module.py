@@ -85,9 +85,9 @@ _target: _RowFile | _RowArray | None = None  # in a decoding worker process: whe
 
 def _decode_task(task: tuple[list[int], list[str], int | None, int | None], decoding,
                  worker: int) -> tuple[list[int], int | None, list[tuple[int, str]]]:
-    """In a worker: decode `files` into their own target rows (first None) or rows from `first` on;
-    (files, slot, failures). decoding[worker] holds the file being decoded (-1 between tasks), for
-    the parent to name should this process die."""
+    """In a worker: decode `files` into their own target rows (when first is None) or into rows from
+    `first` on; returns (files, slot, failures). decoding[worker] holds the file being decoded (-1
+    between tasks), for the parent to name should this process die."""
     files, paths, first, slot = task
     failures = []
     for k, (i, path) in enumerate(zip(files, paths)):

@@ -87,7 +87,8 @@ def _watch(store: dist.Store, rank: int, stop: threading.Event) -> None:
         except (dist.DistError, ValueError):  # the agent's store is gone: torchrun is ending
             return
         if failure is not None and failure[0] != rank and not stop.is_set():
-            # interrupted too (Ctrl-C reaches all): it ends itself once its files land whole
+            # interrupted too (a terminal's Ctrl-C reaches every process): it ends on its own once
+            # the files it is writing (the training curves, say) land whole
             if process_module.ended() and stop.wait(WRITE_SECONDS):
                 return
             _tell(store, rank, failure[2])

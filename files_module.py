@@ -33,7 +33,8 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()
 
 
-# tests: called on each path atomic_write writes; raises OSError (ENOSPC, EIO, EROFS) as a disk may
+# tests only: called on each path atomic_write writes, to raise OSError (ENOSPC, EIO, EROFS) as a
+# full, failing or read-only disk would
 write_fault: Callable[[str], None] | None = None
 
 
@@ -257,7 +258,7 @@ def unlock_folder(folder: str) -> None:
 
 
 def _try_flock(fd: int, folder: str, kind: int) -> str | None:
-    """flock fd without waiting: None when ours, else a message naming the holding process."""
+    """flock fd without waiting: None once this process holds it, else a message naming who does."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
         return None

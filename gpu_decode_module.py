@@ -171,7 +171,8 @@ def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _draft_scale(height: int, width: int, size: int) -> int:
-    """Pillow's JPEG draft reduction (1, 2, 4, 8): the largest keeping both sides >= 2 x size."""
+    """Pillow's JPEG draft reduction (1, 2, 4, 8) for read_stored, which asks for a square of twice
+    size: the largest keeping both sides >= 2 x size."""
     fits = min(width // (2 * size), height // (2 * size))
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 

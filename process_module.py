@@ -27,7 +27,8 @@ AGAIN_SECONDS = 10.0  # a signal this soon after the one that stopped the run be
 
 def _interrupt(signum, frame) -> None:
     # a second signal soon after (a terminal's, torchrun's SIGTERM) can't break the stop, where the
-    # best weights return and files land; a later one stops again (in case a library ate the first)
+    # best weights are restored and files land; a later one stops the run again (had a library
+    # swallowed the first, Ctrl-C still works)
     if _ending or _stopped and time.monotonic() - _stopped[-1] < AGAIN_SECONDS:
         return
     _stopped.append(time.monotonic())
@@ -35,8 +36,9 @@ def _interrupt(signum, frame) -> None:
 
 
 # Called first where the outcome is decided: then Ctrl-C and SIGTERM are ignored, so a second one
-# (torchrun's agent SIGTERMs all when one dies) can't make the ending a traceback. A C callable: no
-# Python frame starts before it takes effect, where a pending signal's handler would run first.
+# (torchrun's agent sends SIGTERM to every process when one dies) can't make the ending a traceback.
+# A C callable: no Python frame starts before it takes effect, where a pending signal's handler
+# would run first.
 ending = functools.partial(_ending.append, True)
 
 

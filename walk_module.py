@@ -156,8 +156,9 @@ class _Walk:
 
     def _follow(self, link: str, root: int,
                 way: list[tuple[Identity, str]]) -> list[tuple[str, Identity, str]]:
-        """A folder link met on `way` in a folder of root: DataError when it leads onto or above
-        that way; else its target read for root (unless read already) and what to enter next."""
+        """A folder link met on `way` in a folder of root: DataError when it leads to a folder on
+        that way or above one; else its target read for root (unless read already), and the folders
+        the walk enters next."""
         target = os.path.realpath(link)
         if any(real == target or real.startswith(os.path.join(target, "")) for _, real in way):
             raise DataError(f"{messages_module.printable(link)} is a link to "
