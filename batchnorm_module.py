@@ -32,9 +32,9 @@ def calibrate_batchnorm(model: nn.Module, sample_images: Callable[[int], torch.T
     images (averaged over a few train-mode batches), not PyTorch's 0 and 1, far off for
     torchvision's init: kaiming fan_out counts a depthwise conv's fan-out C times over, so a fresh
     MobileNetV3's depthwise and projection layers see variances of 1e-3 to 1e-8. Eval mode divides
-    by sqrt(running var), so until the 1 is forgotten the signal shrinks layer by layer and every
-    image gets the same logits (each class 1/num_classes, loss ln(num_classes)). Momentum, random
-    state (dropout, stochastic depth, shuffling) and weights stay as they were."""
+    by sqrt(running var), so until the running var forgets the 1 the signal shrinks layer by layer
+    and every image gets the same logits (each class 1/num_classes, loss ln(num_classes)).
+    Momentum, random state (dropout, stochastic depth, shuffling) and weights stay as they were."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     if not norms:

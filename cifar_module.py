@@ -21,8 +21,9 @@ CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches
 
 
 class CIFAR10(datasets.CIFAR10):
-    """torchvision's CIFAR-10 read by _read_batch, not checked against sums: copies rebuilt
-    elsewhere (from JPEGs, say) differ. The download's checksum is still checked."""
+    """torchvision's CIFAR-10, its batch files read by _read_batch and not checked against their
+    sums: copies rebuilt elsewhere (from JPEGs, say) have other sums. The downloaded archive's
+    checksum is still checked."""
 
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
     test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
@@ -106,7 +107,8 @@ def _read_batch(path: str) -> dict:
 
 def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, list[str]]:
-    """CIFAR-10 as (train x, y, test x, y, classes): uint8 NHWC, int64; downloaded if missing."""
+    """CIFAR-10 as (train images, train labels, test images, test labels, class names): uint8
+    (N, 32, 32, 3) images and int64 labels, downloaded first when missing."""
     if os.path.isfile(data_dir):
         raise DataError(_file_message(data_dir, "cifar-10-batches-py/"))
     folder = os.path.join(data_dir, CIFAR10.base_folder)
@@ -135,9 +137,9 @@ def read_cifar10(data_dir: str, download: bool) -> tuple[torch.Tensor, torch.Ten
 
 
 def _download_cifar10(data_dir: str) -> None:
-    """Download and unpack CIFAR-10 into data_dir. On failure or interrupt what it made goes
-    (data_dir and parents it lacked, else the new archive and folder): a mistyped DATA_DIR leaves
-    nothing."""
+    """Download and unpack CIFAR-10 into data_dir. If that fails or is interrupted, what it made is
+    removed (data_dir and the parents it lacked, or in a data_dir already there the new archive and
+    folder), so a mistyped DATA_DIR leaves nothing behind."""
     missing = _outermost_missing(data_dir)
     made = [os.path.join(data_dir, name) for name in (CIFAR10.filename, CIFAR10.base_folder)]
     made = [missing] if missing else [path for path in made if not os.path.lexists(path)]

@@ -1,5 +1,5 @@
 """Many image files decoded as image_module.read_stored reads them into uint8 rows: in worker
-processes (dying with the run, named when they die), after the JPEGs a CUDA device takes."""
+processes (dying with the run, named when they die), after a CUDA device decodes its JPEGs."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ DECODE_CHUNK = 16
 def decode_files(paths: list[str], size: int, out: torch.Tensor | np.ndarray, num_workers: int,
                  desc: str, *, device: torch.device | str | None = None) -> list[tuple[int, str]]:
     """Decode each file as read_stored does into out[i] (uint8 (N, size, size, 3): a tensor, or the
-    cache's .npy memmap) in num_workers processes (0: this one); returns (i, message) per unreadable
-    file (its row left black). Workers write straight into the .npy file; rows in memory go through
-    shared chunks this process copies. With a CUDA device, JPEGs needing no turning are decoded
-    there first (within a level of Pillow's on average, a few at most)."""
+    cache's .npy memmap) in num_workers processes (0: in this process); returns (i, message) per
+    unreadable file (its row left black). Workers write straight into the .npy file; rows in memory
+    go through shared chunks this process copies. With a CUDA device, JPEGs needing no turning are
+    decoded there first (within a level of Pillow's on average, a few at most)."""
     rows = out.numpy() if isinstance(out, torch.Tensor) else out
     assert rows.shape == (len(paths), size, size, 3) and rows.dtype == np.uint8, (
         "out is not N stored squares")
@@ -85,9 +85,9 @@ _target: _RowFile | _RowArray | None = None  # in a decoding worker process: whe
 
 def _decode_task(task: tuple[list[int], list[str], int | None, int | None], decoding,
                  worker: int) -> tuple[list[int], int | None, list[tuple[int, str]]]:
-    """In a worker: decode `files` into their own target rows (first None) or rows from `first` on;
-    (files, slot, failures). decoding[worker] holds the file being decoded (-1 between tasks), for
-    the parent to name should this process die."""
+    """In a worker: decode `files` into their own target rows (when first is None) or into rows from
+    `first` on; returns (files, slot, failures). decoding[worker] holds the file being decoded (-1
+    between tasks), for the parent to name should this process die."""
     files, paths, first, slot = task
     failures = []
     for k, (i, path) in enumerate(zip(files, paths)):
@@ -135,7 +135,7 @@ _RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the run's to handle, never a d
 @contextlib.contextmanager
 def _signals_blocked() -> Iterator[None]:
     """_RUN_SIGNALS blocked in this thread for the block (handled at its end), so processes started
-    in it begin with them blocked. No masks: nothing."""
+    in it begin with them blocked. Where the platform has no signal masks, it does nothing."""
     masks = hasattr(signal, "pthread_sigmask")
     before = signal.pthread_sigmask(signal.SIG_BLOCK, _RUN_SIGNALS) if masks else None
     try:
@@ -246,10 +246,10 @@ def _worker_context() -> multiprocessing.context.BaseContext:
 @contextlib.contextmanager
 def _shared_rows(rows: np.ndarray, scratch_rows: int, context: multiprocessing.context.BaseContext
                  ) -> Iterator[tuple[_RowFile | _RowArray, np.ndarray | None]]:
-    """(where workers write, scratch to copy rows from or None): a .npy memmap's file itself, else a
-    reused scratch of scratch_rows rows, in shared anonymous memory forked workers inherit or a
-    temporary file. Reused: a first write to shared memory is slow (a 256-px row, 48 new pages: 150
-    us against 28 us on a 2-core VM)."""
+    """(where workers write, the scratch to copy rows from; None when workers write the rows):
+    a .npy memmap's file, which workers open, else a reused scratch of scratch_rows rows, in shared
+    anonymous memory forked workers inherit or in a temporary file. Reused: a first write to shared
+    memory is slow (a 256-px row, 48 new pages: 150 us against 28 us on a 2-core VM)."""
     size = rows.shape[1]
     if _in_a_file(rows):
         yield _RowFile(rows.filename, rows.offset, size), None

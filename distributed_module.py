@@ -50,7 +50,7 @@ def _fresh_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dis
     """The group's store, under a prefix only this start uses. torchrun's agent keeps one TCPStore
     across restarts (TORCHELASTIC_USE_AGENT_STORE), read with no prefix, so a restart reads the
     killed start's keys: dead ranks' gloo addresses ("Gloo connectFullMesh failed", or a hang).
-    TORCHELASTIC_RESTART_COUNT can't tell starts apart: nodes count their own
+    TORCHELASTIC_RESTART_COUNT can't tell starts apart: each node's agent counts its own restarts
     (pytorch/pytorch#135712). So rank 0 draws one fresh number from the store's counter, given to
     each rank under a key named by a ticket it alone drew: no earlier start's key answers."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -87,7 +87,8 @@ def _watch(store: dist.Store, rank: int, stop: threading.Event) -> None:
         except (dist.DistError, ValueError):  # the agent's store is gone: torchrun is ending
             return
         if failure is not None and failure[0] != rank and not stop.is_set():
-            # interrupted too (Ctrl-C reaches all): it ends itself once its files land whole
+            # interrupted too (a terminal's Ctrl-C reaches every process): it ends on its own once
+            # the files it is writing (the training curves, say) land whole
             if process_module.ended() and stop.wait(WRITE_SECONDS):
                 return
             _tell(store, rank, failure[2])
@@ -162,7 +163,8 @@ def node_first(make: Callable[[], T], doing: str) -> T:
 
 def failed_collective(error: Exception, died: int) -> int | None:
     """Exit status for an error escaping a torchrun run: that of the process whose failure broke a
-    collective, died for one that ended without a word (killed), None if the error is our own."""
+    collective, `died` for one that ended without a word (killed), or None when the error is this
+    process's own."""
     if "store" not in _group or not (isinstance(error, dist.DistError) or "gloo" in str(error)):
         return None
     store = _group["store"]

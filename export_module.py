@@ -39,10 +39,11 @@ def export(model: nn.Module, path: str, kind: str, *, mean: Sequence[float], std
            resize_size: int | None = None) -> float:
     """Write the model in eval mode for inference elsewhere, and check the file by running it. Both
     kinds take normalised float32 NCHW images ((pixels / 255 - mean) / std) at example_images' size,
-    any batch, and return logits; both carry normalisation, sizes and class names (ONNX:
-    metadata_props, values JSON; pt2: extra file "metadata.json"). Exported and compared as a
-    float32 CPU copy. Returns max |file - model| / max |model| over batch sizes 1 and 5, the latter
-    max over all five images, so an image with logits all near 0 makes no rounding look large."""
+    any batch, and return logits; both carry normalisation, sizes and class names (ONNX in its
+    metadata_props, each value JSON; pt2 in its extra file "metadata.json"). Exported and compared
+    as a float32 CPU copy. Returns the largest relative difference of the file's logits at batch
+    sizes 1 and 5: max |file - model| / max |model|, the divisor taken over all five images, so an
+    image whose logits are all near 0 makes no rounding difference look large."""
     check_export(kind)
     model = copy.deepcopy(model).cpu().float().eval().to(memory_format=torch.contiguous_format)
     images = example_images.detach().cpu().float().contiguous()

@@ -33,7 +33,8 @@ def _read_umask() -> int:
 FILE_MODE = 0o666 & ~_read_umask()
 
 
-# tests: called on each path atomic_write writes; raises OSError (ENOSPC, EIO, EROFS) as a disk may
+# tests only: called on each path atomic_write writes, to raise OSError (ENOSPC, EIO, EROFS) as a
+# full, failing or read-only disk would
 write_fault: Callable[[str], None] | None = None
 
 
@@ -73,7 +74,8 @@ def free_bytes(folder: str) -> int:
 
 def atomic_write(path: str, write: Callable[[Any], None], needed: int | None = None) -> None:
     """Write via a temp file in the same folder and os.replace: a crash leaves the old file or the
-    new, never half. Mode as open() gives; failures raise WriteFailed (needed: its bytes)."""
+    new, never half. The file gets the umask's mode, as open() gives; any failure raises
+    WriteFailed (needed: the file's size in bytes, for its message)."""
     folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
         if write_fault is not None:
@@ -115,7 +117,8 @@ def not_a_plain_file(path: str) -> str | None:
 
 
 def not_a_plain_folder(path: str) -> str | None:
-    """Why path can't hold a run's files (previous/, tensorboard/); None: a real folder, or none."""
+    """Why path can't hold a run's files (previous/, tensorboard/); None when it is a real folder
+    (not a link to one) or absent."""
     kind = _what_is(path)
     if kind in (None, "a folder"):
         return None
@@ -123,7 +126,7 @@ def not_a_plain_folder(path: str) -> str | None:
 
 
 def _what_is(path: str) -> str | None:
-    """What path is by lstat: "a file", "a folder", "a symbolic link to T", ...; None: absent."""
+    """What path is by lstat: "a file", "a folder", "a symbolic link to T", ...; None if absent."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -150,7 +153,8 @@ def fsync_folder(folder: str) -> None:
 
 
 def check_writable(folder: str) -> None:
-    """Fail now, not after an epoch, if folder is unwritable; creates nothing (tries its parent)."""
+    """Fail now, not after an epoch, if folder is unwritable. Creates nothing: a folder not there
+    yet is checked through its nearest existing parent."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         if os.path.islink(existing):  # makedirs would fail on it later: "[Errno 17] File exists"
@@ -176,13 +180,13 @@ class FolderInUse(OSError):
     """OUTPUT_DIR is locked by another run that is still going."""
 
 
-_locks: dict[str, int] = {}  # a folder's real path -> the fd whose flock this process holds
+_locks: dict[str, int] = {}  # a folder's real path -> the descriptor whose flock this process holds
 
 
 def check_unlocked(folder: str, main_process: bool = True) -> None:
     """Refuse before the data loads when a live run holds folder's lock (lock_folder takes it
-    later), or (ValueError) .lock is not a plain file. Creates nothing. Under torchrun rank 0 looks
-    and every process raises."""
+    later), or (ValueError) .lock is not a plain file. Creates nothing. Under torchrun rank 0 looks,
+    and every process raises what it finds."""
     error, unsafe = None, None
     path = os.path.join(folder, LOCK_FILE)
     if main_process and fcntl and os.path.realpath(folder) not in _locks and os.path.lexists(path):
@@ -200,10 +204,10 @@ def check_unlocked(folder: str, main_process: bool = True) -> None:
 
 
 def lock_folder(folder: str, main_process: bool = True) -> None:
-    """Hold an flock on folder/.lock (holding this pid) until unlock_folder or the process ends: the
-    OS drops it with the process, so a kill -9 never blocks the next run. FolderInUse names a live
-    holder (under torchrun rank 0 locks and every process raises); ValueError when .lock is not a
-    plain file (what it points at would be overwritten)."""
+    """Hold an flock on folder/.lock (the file holds this process's id) until unlock_folder or the
+    process ends: the OS drops it with the process, so a kill -9 never blocks the next run.
+    FolderInUse names a live holder (under torchrun rank 0 locks and every process raises);
+    ValueError when .lock is not a plain file (what it points at would be overwritten)."""
     error, unsafe, key = None, None, os.path.realpath(folder)
     if main_process and fcntl and key not in _locks:
         fd, unsafe = _open_lock(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT)
@@ -223,8 +227,9 @@ def lock_folder(folder: str, main_process: bool = True) -> None:
 
 
 def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
-    """Open a .lock with O_NOFOLLOW|O_NONBLOCK (no link followed, no FIFO waited on): (fd, None), or
-    (None, why) for a link, non-file or hard link: lock_folder's writes must reach no other file."""
+    """Open a .lock with O_NOFOLLOW|O_NONBLOCK (no link followed, no FIFO waited on): (descriptor,
+    None), or (None, why) for a link, non-file or hard link: lock_folder's writes must reach no
+    other file."""
     problem = not_a_plain_file(path)
     if problem is None:
         try:
@@ -245,14 +250,15 @@ def _open_lock(path: str, flags: int) -> tuple[int | None, str | None]:
 
 
 def unlock_folder(folder: str) -> None:
-    """Release folder's lock if held; the file stays (removing it lets two runs lock two files)."""
+    """Release folder's lock if held. The file stays: removing it would let a run that had just
+    opened it lock a deleted file while another run locks a new one."""
     fd = _locks.pop(os.path.realpath(folder), None)
     if fd is not None:
         os.close(fd)
 
 
 def _try_flock(fd: int, folder: str, kind: int) -> str | None:
-    """flock fd without waiting: None when ours, else a message naming the holding process."""
+    """flock fd without waiting: None once this process holds it, else a message naming who does."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
         return None
@@ -263,8 +269,9 @@ def _try_flock(fd: int, folder: str, kind: int) -> str | None:
 
 
 def _forget_locks() -> None:
-    """In a forked child: close inherited lock fds (the parent's lock holds), so lingering workers
-    keep no killed run locked."""
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors, so workers
+    that linger never keep a run killed with kill -9 locked. Closing a copy never unlocks the
+    parent."""
     for fd in _locks.values():
         os.close(fd)
     _locks.clear()

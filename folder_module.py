@@ -50,7 +50,8 @@ def _parent(path: str) -> str:
 
 
 def list_tree(data_dir: str) -> Listing:
-    """train/'s classes, each split's labelled files (ImageFolder order), skips; opens no file."""
+    """The classes of DATA_DIR/train, each split's image files and labels in ImageFolder's order
+    (walk_images), and what was skipped; opens no file."""
     train_dir = os.path.join(data_dir, "train")
     if not os.path.isdir(train_dir):
         raise DataError(_no_tree_message(data_dir))
@@ -105,7 +106,8 @@ def _is_folder(entry: os.DirEntry) -> bool:
 
 
 def _no_tree_message(data_dir: str) -> str:
-    """Why DATA_DIR has no train/ (a file, missing, a split or class folder); else where it goes."""
+    """Why DATA_DIR has no train/ (a file, missing, a split or class folder); else where the tree
+    is expected."""
     if os.path.isfile(data_dir):
         return _file_message(data_dir, "train/<class>/<image>")
     if not os.path.isdir(data_dir):
@@ -155,7 +157,8 @@ def _check_splits(listing: Listing, splits: dict[str, list[tuple[str, int]]]) ->
 
 
 def _readable(listing: Listing) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """Each split's (paths, labels) but the skipped (warned); DataError: a class or split empty."""
+    """Each split's (paths, labels) but the skipped (warned about); DataError when a class or split
+    is left empty."""
     for line in listing.skipped.warnings():
         print(f"warning: {line}", file=sys.stderr)
     skip = listing.skipped.every_path()
@@ -197,7 +200,7 @@ def _cached_folder(listing: Listing, size: int, cache_dir: str, num_workers: int
 
 def read_folder(listing: Listing, size: int, cache_dir: str | None, num_workers: int,
                 device: torch.device) -> tuple[dict[str, Source], str | None]:
-    """A listing's split sources and the cache file (None: none): via the cache in cache_dir
+    """A listing's split sources and the cache file (None without one): via the cache in cache_dir
     ("auto": the user's cache folder, skipped if unusable) unless cache_dir is None."""
     if cache_dir is not None:
         folder = cache_module.default_cache_dir() if cache_dir == "auto" else cache_dir

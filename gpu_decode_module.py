@@ -28,7 +28,8 @@ JPEG_END = b"\xff\xd9"  # the last marker of a whole JPEG (EOI); a file cut shor
 
 
 def _jpeg_device(device: torch.device | str | None) -> torch.device | None:
-    """device if CUDA, else None (all on the CPU); tests replace it to run this path on the CPU."""
+    """The device decode_files decodes JPEGs on: device if CUDA, else None (every file on the CPU).
+    Tests replace it to run the batched path on the CPU."""
     if device is None or torch.device(device).type != "cuda":
         return None
     return torch.device(device)
@@ -39,7 +40,8 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
     """Decode the JPEGs the device may take into their rows as read_stored would; return the other
     files' numbers, ascending, for the CPU (with any JPEG the device failed on). A thread reads
     ahead; each batch's copy to pinned host memory overlaps the next decode. Pixels are within a
-    level of Pillow's on average, a few at most: rounding differs, the draft is redone whole."""
+    level of Pillow's on average, a few at most: the decoder's rounding differs, and the JPEG draft
+    reduction is redone from the whole image."""
     pinned = device.type == "cuda"
     staging = [torch.empty((GPU_DECODE_BATCH, size, size, 3), dtype=torch.uint8, pin_memory=pinned)
                for _ in range(2)]  # one for the batch being copied, one for the batch being written
@@ -67,14 +69,16 @@ def _decode_jpegs(paths: list[str], size: int, rows: np.ndarray, device: torch.d
     finally:
         batches.close()
         target.close()
-    if device.type == "cuda":  # the blocks back to the device: its free memory decides RESIDENT
+    # the batches' cached blocks go back to the device: its free memory then decides RESIDENT
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     return sorted(left)
 
 
 def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tensor], list[int]]]:
     """Batches of device-decodable files, read: (numbers, bytes as uint8 tensors, numbers passed
-    over since the last batch, for the CPU); at most GPU_DECODE_BATCH files, GPU_DECODE_PIXELS."""
+    over since the last batch, for the CPU); a batch holds at most GPU_DECODE_BATCH files and
+    GPU_DECODE_PIXELS decoded pixels."""
     files, encoded, others, pixels = [], [], [], 0
     for i, path in enumerate(paths):
         try:
@@ -97,9 +101,9 @@ def _jpeg_batches(paths: list[str]) -> Iterator[tuple[list[int], list[torch.Tens
 
 def _device_pixels(data: np.ndarray) -> int:
     """A file's pixel count if the device may decode it, else 0: a whole JPEG (signature first, end
-    marker last), YCbCr (greyscale, CMYK, Adobe RGB go to Pillow, whose conversions nvJPEG need not
-    share), EXIF-upright (turning is Pillow's), within MAX_IMAGE_PIXELS (the CPU path refuses
-    larger). Pillow reads the header alone."""
+    marker last), YCbCr (greyscale, CMYK, Adobe's unconverted RGB go to Pillow, whose conversions
+    nvJPEG need not share), EXIF-upright (turning is Pillow's), within PIL.Image.MAX_IMAGE_PIXELS
+    (the CPU path refuses larger). Pillow reads the header alone."""
     if (data[:3].tobytes() != JPEG_SIGNATURE
             or not data[-64:].tobytes().rstrip(b"\0").endswith(JPEG_END)):
         return 0
@@ -111,18 +115,20 @@ def _device_pixels(data: np.ndarray) -> int:
             small = not limit or image.width * image.height <= limit
             if image.mode == "RGB" and upright and image.info.get("adobe_transform") != 0 and small:
                 return image.width * image.height
-    except Exception:  # Pillow raises many types for a bad header or EXIF: the CPU path says it
+    except Exception:  # Pillow raises many types for a bad header or EXIF: the CPU path reports it
         pass
     return 0
 
 
 def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """JPEGs as uint8 (3, H, W) RGB on device, None per failure; a bad batch goes file by file."""
+    """JPEGs as uint8 (3, H, W) RGB on device, None per failure. One bad file fails a batch, which
+    is then decoded a file at a time."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 0.29 deprecates it for TorchCodec
+        # torchvision 0.29 deprecates its decoders for TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return list(decode_jpeg(encoded, ImageReadMode.RGB, device)) if encoded else []
-        except RuntimeError:  # a corrupt file's, on the CPU and on CUDA
+        except RuntimeError:  # what a corrupt file raises, on the CPU and on CUDA
             pass
         images = []
         for data in encoded:
@@ -135,7 +141,8 @@ def _decode_on(device: torch.device, encoded: list[torch.Tensor]) -> list[torch.
 
 def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
     """Decoded JPEGs (uint8 (3, H, W), at least one) as uint8 (N, size, size, 3) stored squares.
-    Each shape is one batch (a folder's photos mostly share a few; one shape: no copy made)."""
+    Images of one shape go as one batch (a folder's photos mostly share a few; when all share one,
+    no copy is made)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(k)
@@ -152,8 +159,9 @@ def _stored_squares(images: list[torch.Tensor], size: int) -> torch.Tensor:
 def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) JPEGs as read_stored stores them: (N, size, size, 3), maybe a view. First
     reduced as the JPEG draft does (each s x s block's mean, as DCT scaling computes, rounded to
-    uint8), then resized and centre-cropped. Unreduced, a 2000x1500 photo at 24 px is 14 levels off
-    Pillow's on average, an 801x603 one at 128 px 9 (width 1 px off); reduced, within 1 (tests)."""
+    uint8), then the shorter side resized (bilinear, antialiased) and the centre square cut.
+    Unreduced, a 2000x1500 photo at 24 px is 14 levels off Pillow's on average, an 801x603 one at
+    128 px 9 (width 1 px off); reduced, within 1 (tests)."""
     scale = _draft_scale(images.shape[2], images.shape[3], size)
     if scale > 1:  # ceil_mode: the edge's partial blocks too, averaged over the pixels they have
         images = torch.nn.functional.avg_pool2d(images.float(), scale,
@@ -163,7 +171,8 @@ def _squares_of(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _draft_scale(height: int, width: int, size: int) -> int:
-    """Pillow's JPEG draft reduction (1, 2, 4, 8): the largest keeping both sides >= 2 x size."""
+    """Pillow's JPEG draft reduction (1, 2, 4, 8) for read_stored, which asks for a square of twice
+    size: the largest keeping both sides >= 2 x size."""
     fits = min(width // (2 * size), height // (2 * size))
     return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 

@@ -42,7 +42,8 @@ PREDICT_SAVE_SECONDS = 30  # a long --predict rewrites predictions.csv this ofte
 
 
 def find_images(paths: list[str]) -> tuple[list[str], walk_module.Skipped]:
-    """(Each file named, and each folder's images as walk_images lists them; what it skipped)."""
+    """The files to classify (each file named, and the images walk_images finds under each folder)
+    and what the walk skipped."""
     skipped = walk_module.Skipped()
     folders = [path for path in paths if os.path.isdir(path)]
     listed = iter(walk_module.walk_images(folders, skipped))
@@ -105,7 +106,8 @@ def _example_images(data_dir: str, dataset: str, info: dict[str, typing.Any], cs
 
 def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[str]) -> int:
     """Export best_model.pth to OUTPUT_DIR and run it on real test images (the run's data unless
-    --data-dir/--dataset are `given`): 0 logits match PyTorch's, 2 bad input, 3 failed or off."""
+    --data-dir/--dataset are `given`). Returns 0 when its logits agree with PyTorch's, 2 for bad
+    input, 3 when the export fails or disagrees."""
     path = os.path.join(output_dir, export_module.EXPORT_FILES[kind])
     try:
         export_module.check_export(kind)
@@ -142,9 +144,10 @@ def export(output_dir: str, data: data_module.DataConfig, kind: str, given: set[
 
 def predict(output_dir: str, num_workers: int | None, paths: list[str]) -> int:
     """Classify files and folders' images (recursively) with best_model.pth into predictions.csv
-    (paths as printable shows them), a line per image when few. 2: a named file missing or not an
-    image (the rest written), a link loop, or nothing classified (the old CSV stays). Ctrl-C,
-    SIGTERM (130, 143) and WorkerDied keep the rows so far."""
+    (paths as printable shows them), a line per image when few. Returns 2 when a file named on the
+    command line is missing or not an image (the rest is written), a folder holds a link loop, or
+    nothing was classified (the old CSV then stays). Ctrl-C, SIGTERM (130, 143) and a dead worker
+    (WorkerDied) keep the rows so far."""
     try:
         output = os.path.join(output_dir, checkpoint_module.PREDICTIONS)
         problem = files_module.not_a_plain_file(output)
@@ -208,7 +211,8 @@ def _classify(model: nn.Module, loader: DataLoader, files: list[str], classes: l
                 status = 2
                 continue
             ranked = [(classes[i], p) for p, i in zip(values, indices)]
-            path = messages_module.printable(path)  # written and printed: non-UTF-8 shows bytes
+            # as written and printed: a name that is not UTF-8 shows its bytes
+            path = messages_module.printable(path)
             rows.append({"path": path, **{f"{key}{k}": value
                                           for k, (name, p) in enumerate(ranked, start=1)
                                           for key, value in (("top", name), ("p", round(p, 6)))}})
@@ -252,7 +256,8 @@ class Prediction:
 
 
 class Predictor:
-    """A run's best model on the best device, classifying as --predict does: load(d).predict(x)."""
+    """A run's best model on the best device, classifying as --predict does:
+    Predictor.load(output_dir).predict(images)."""
 
     def __init__(self, output_dir: str):
         self.info, self.model = _best_model(output_dir)

@@ -27,7 +27,8 @@ AGAIN_SECONDS = 10.0  # a signal this soon after the one that stopped the run be
 
 def _interrupt(signum, frame) -> None:
     # a second signal soon after (a terminal's, torchrun's SIGTERM) can't break the stop, where the
-    # best weights return and files land; a later one stops again (in case a library ate the first)
+    # best weights are restored and files land; a later one stops the run again (had a library
+    # swallowed the first, Ctrl-C still works)
     if _ending or _stopped and time.monotonic() - _stopped[-1] < AGAIN_SECONDS:
         return
     _stopped.append(time.monotonic())
@@ -35,8 +36,9 @@ def _interrupt(signum, frame) -> None:
 
 
 # Called first where the outcome is decided: then Ctrl-C and SIGTERM are ignored, so a second one
-# (torchrun's agent SIGTERMs all when one dies) can't make the ending a traceback. A C callable: no
-# Python frame starts before it takes effect, where a pending signal's handler would run first.
+# (torchrun's agent sends SIGTERM to every process when one dies) can't make the ending a traceback.
+# A C callable: no Python frame starts before it takes effect, where a pending signal's handler
+# would run first.
 ending = functools.partial(_ending.append, True)
 
 
@@ -53,7 +55,8 @@ def interruptible() -> None:
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """In the block SIGTERM raises Terminated as Ctrl-C raises KeyboardInterrupt, until `ending`;
-    old handlers return after. An ignored Ctrl-C (nohup) stays so. Off the main thread: nothing."""
+    old handlers return after. An ignored Ctrl-C (nohup) stays ignored. Outside the main thread (no
+    signals there) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -93,9 +96,10 @@ def become_worker(parent: int, worker_id: int | None = None) -> None:
 
 
 def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDied:
-    """The error for a worker that ended unasked while `doing`: how, likely cause, fix. SIGKILL: the
-    OOM killer; SIGSEGV: a decoder crash; SIGBUS: a memmapped file cut short (full disk); a status
-    of its own: an error in it, which --num-workers 0 shows in place."""
+    """The error for a worker that ended unasked while `doing` ("decoding x.jpg"): how it ended,
+    the likely cause and the fix. SIGKILL is most likely the OOM killer, SIGSEGV a decoder crash,
+    SIGBUS a memory-mapped file cut short (full disk); an exit status of its own means an error in
+    the worker, which --num-workers 0 shows where it happens."""
     how, cause = ("ended", "most likely the system ran out of memory; free some memory or lower "
                   "--num-workers (NUM_WORKERS)")
     if exitcode in (-signal.SIGSEGV, -signal.SIGBUS):
@@ -115,8 +119,8 @@ def worker_death(pid: int | None, exitcode: int | None, doing: str) -> WorkerDie
 
 def sigchld_default() -> None:
     """Call after iter(loader): torch's SIGCHLD handler raises wherever the main thread is when a
-    worker dies (a traceback amid a plot, say); by default the loader raises where it is read,
-    within MP_STATUS_CHECK_INTERVAL (5 s)."""
+    worker dies (a traceback amid a plot, say); with the default handler back, the loader raises
+    where it is read, within MP_STATUS_CHECK_INTERVAL (5 s) of the death."""
     if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
@@ -146,7 +150,8 @@ T = TypeVar("T")
 
 
 def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
-    """items made in a thread up to `depth` ahead; its error raised here; closing this stops it."""
+    """The items, made in a thread up to `depth` ahead so making them overlaps using them; an error
+    there is raised here, and closing the generator stops the thread."""
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 

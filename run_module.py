@@ -33,7 +33,8 @@ from callback_module import LRA
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What setup, train, report read beyond module configs; each field but resume: a constant."""
+    """What setup, train and report read beyond the modules' configs; each field but resume is the
+    constant of its name in upper case."""
 
     model: str
     pretrained: str | None
@@ -59,7 +60,8 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One run's settings: `constants` (after PRESET, flags; paths absolute) and configs built."""
+    """One run's settings: `constants` by name (after PRESET and the flags, paths made absolute:
+    what each checkpoint records) and the configs built from them."""
 
     constants: dict[str, typing.Any]
     data: data_module.DataConfig
@@ -210,7 +212,8 @@ def freeze_warning(options: RunConfig) -> str | None:
 def _make_state(config: Config, data: data_module.Data, device: torch.device,
                 lr_device: torch.device | None, rank: int, fresh: bool) -> state_module.TrainState:
     """Model (on device), optimizer, schedule, Lookahead, EMA and LRA; fresh: a new run, from
-    WEIGHTS (a resumed one loads its checkpoint). Schedule and Lookahead count optimizer steps."""
+    WEIGHTS (a resumed one loads its checkpoint). Schedule and Lookahead count optimizer steps
+    (ACCUMULATE_STEPS batches each)."""
     options = config.run
     model = model_module.get_model(options.model, len(data.classes), freeze=options.freeze,
                                    weights=options.weights if fresh else None,
@@ -233,7 +236,8 @@ def _make_state(config: Config, data: data_module.Data, device: torch.device,
 
 
 def train(config: Config, run: Run) -> Outcome:
-    """fit, each way it can stop made a message and status; then the curves, whatever ended it."""
+    """fit, with Ctrl-C, SIGTERM, a non-finite loss, a failed write and a dead worker each made a
+    message and an exit status; then the training curves, unless a write failed."""
     output_dir, accumulate = run.fit.output_dir, run.fit.accumulate_steps
     go_on = resume_command(output_dir)
     accumulation = f", {accumulate} to an optimizer step" if accumulate > 1 else ""
@@ -334,7 +338,8 @@ FEW_EPOCHS = 5  # a run of fewer that learnt nothing needs more epochs before a 
 def chance_warning(result: dict[str, typing.Any], num_classes: int,
                    history: list[dict]) -> str | None:
     """A line with the likely cause when the final evaluation is at chance (accuracy within two
-    standard errors of 1/classes, loss within 1% of ln classes: one output for all); else None."""
+    standard errors of 1/classes, loss within 1% of ln classes: the same output for every image),
+    else None."""
     chance, images = 1 / num_classes, int(result["confusion"].sum())
     if (abs(result["acc"] - chance) > 2 * math.sqrt(chance * (1 - chance) / images)
             or abs(result["loss"] - math.log(num_classes)) > 0.01 * math.log(num_classes)):

@@ -70,7 +70,8 @@ class MappedImages:
 
     def statistics(self, seed: int,
                    num_workers: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean, std of _sampled rows, kept by the cache: later runs read no pixels."""
+        """Per-channel mean and std of _sampled rows (as ImageFiles estimates them), remembered
+        beside the cache, so a later run of the same split reads no pixels for them."""
         sample = _sampled(self, seed)
         return cache_module.remembered(
             self.cache_file, sample.rows,
@@ -95,7 +96,8 @@ class ImageFiles:
         return read_stored(self.paths[i], self.size)
 
     def decode(self, num_workers: int, desc: str, device: torch.device | None = None) -> Images:
-        """Every file decoded into uint8 (N, S, S, 3) in memory, in parallel, with a bar."""
+        """Every file decoded into uint8 (N, S, S, 3) in memory, in parallel, with a progress bar
+        (the JPEGs on the device when it is a CUDA device)."""
         images = torch.empty((len(self), self.size, self.size, 3), dtype=torch.uint8)
         failures = decode_files(self.paths, self.size, images, num_workers, desc, device=device)
         if failures:  # the scan opened every file, so only a file changed since then gets here

@@ -34,7 +34,8 @@ class RunInfo:
     image_size: int
     resize_size: int | None = None  # photo folders: the size images are stored at; None: CIFAR-10
     precision: str = "fp32"  # "bf16" or "fp32", chosen once (step_module.choose_precision)
-    started: str | None = None  # checkpoint_module.timestamp(): its folder's name in previous/
+    # when it started (checkpoint_module.timestamp()): its folder's name in previous/
+    started: str | None = None
     tracker_run: str | None = None  # TRACKER's run id (MLflow's): a resume goes on with it
 
 
@@ -125,7 +126,8 @@ class TrainState:
         return self.history[-1]["epoch"] if self.history else 0
 
     def state_dict(self) -> dict[str, Any]:
-        """KEYS and RunInfo's fields, live tensors; all ranks call it (it gathers RNG states)."""
+        """KEYS and RunInfo's fields, referring to the live tensors. Every process calls it
+        together: it gathers each one's random state, so a resume continues each."""
         optional = {name: part.state_dict() if part is not None else None
                     for name, part in (("schedule", self.schedule), ("lookahead", self.lookahead),
                                        ("ema", self.ema))}

@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 
 
 class TimeAccount:
-    """A run's time by part, in seconds (as Lightning's simple profiler); the rest: "other"."""
+    """A run's time by part, in seconds (as Lightning's simple profiler); the rest is "other"."""
 
     def __init__(self, started: float):
         self.started = started  # time.perf_counter() when the process began its work
@@ -128,7 +128,8 @@ def not_a_file(path: str) -> str:
 
 
 def load_torch(path: str, what: str = "checkpoint") -> Any:
-    """torch.load(weights_only=True): other pickled objects (code run on load) are refused."""
+    """torch.load(weights_only=True): tensors and plain containers only; other pickled objects
+    (code that would run on load) are refused, never run."""
     if not os.path.isfile(path):  # a FIFO would wait for ever, /dev/zero never end
         raise CheckpointError(f"{what} {path} {not_a_file(path)}")
     try:
@@ -140,7 +141,8 @@ def load_torch(path: str, what: str = "checkpoint") -> Any:
                 "so it was refused and nothing in it ran; "
                 "use only weights saved by this pipeline or another source you trust") from None
         raise CheckpointError(f"{what} {path} is not a PyTorch checkpoint ({error})") from None
-    except Exception as error:  # the restricted unpickler fails many ways on foreign bytes
+    # the restricted unpickler fails many ways on foreign bytes; all mean "not ours"
+    except Exception as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{what} {path} is truncated or not a PyTorch checkpoint "
                               f"({detail})") from None

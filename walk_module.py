@@ -107,7 +107,8 @@ class _Walk:
 
     def read(self, top: str, root: int) -> Identity | None:
         """Read top and its subfolders (not links) for root, but those read already (a root twice, a
-        linked folder, a bind mount: counted skipped); top's identity, None: unlistable."""
+        linked folder, a bind mount: counted in skipped). Returns top's identity (None when it
+        cannot be listed)."""
         stack: list[tuple[str, Identity | None]] = [(top, None)]  # a folder, and the one above it
         first = None
         while stack:
@@ -155,8 +156,9 @@ class _Walk:
 
     def _follow(self, link: str, root: int,
                 way: list[tuple[Identity, str]]) -> list[tuple[str, Identity, str]]:
-        """A folder link met on `way` in a folder of root: DataError when it leads onto or above
-        that way; else its target read for root (unless read already) and what to enter next."""
+        """A folder link met on `way` in a folder of root: DataError when it leads to a folder on
+        that way or above one; else its target read for root (unless read already), and the folders
+        the walk enters next."""
         target = os.path.realpath(link)
         if any(real == target or real.startswith(os.path.join(target, "")) for _, real in way):
             raise DataError(f"{messages_module.printable(link)} is a link to "
@@ -168,7 +170,8 @@ class _Walk:
 
 
 def _list_folder(path: str, skipped: Skipped) -> tuple[Identity, _Listing] | None:
-    """A folder's (dev, inode) and listing, others counted skipped; None (counted) if unlistable."""
+    """A folder's identity (device, inode) and listing, its other entries counted in skipped; None
+    (also counted) when it cannot be listed."""
     try:
         status = os.stat(path)
         with os.scandir(path) as scan:
