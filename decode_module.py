@@ -249,7 +249,7 @@ def _shared_rows(rows: np.ndarray, scratch_rows: int, context: multiprocessing.c
     """(where workers write, the scratch to copy rows from; None when workers write the rows):
     a .npy memmap's file, which workers open, else a reused scratch of scratch_rows rows, in shared
     anonymous memory forked workers inherit or in a temporary file. Reused: a first write to shared
-    memory is slow (a 256-px row, 48 new pages: 150 us against 28 us on a 2-core VM)."""
+    memory is slow (a 256-px row touches 48 new pages; benchmarks/RESULTS.md)."""
     size = rows.shape[1]
     if _in_a_file(rows):
         yield _RowFile(rows.filename, rows.offset, size), None
