@@ -221,8 +221,9 @@ class LRA:
         change = self._change(metrics)  # against the bests before this epoch, so first
         new_best = self._note_best(epoch, metrics)  # step 1
         # step 2: every best kept, whichever is monitored
-        improved = {"train_acc": self._note_train_acc(train_acc),
-                    "train_loss": self._note_train_loss(train_loss)}.get(self.monitor, new_best)
+        noted = {name: self._note_train(name, value)
+                 for name, value in (("train_acc", train_acc), ("train_loss", train_loss))}
+        improved = noted.get(self.monitor, new_best)
         if improved:
             self.improved_epoch = epoch
         warming = epoch <= self.config.warmup_epochs  # the schedule sets the LR; nothing counts
@@ -293,20 +294,13 @@ class LRA:
                                                  float(metrics["val_acc"]))
         return True
 
-    def _note_train_loss(self, train_loss: float) -> bool:
-        """Whether training loss beats its best (watched without validation); if so, remember it."""
-        improved = is_improvement(train_loss, self.best_train_loss, self.config.min_delta,
-                                  higher_is_better=False)
+    def _note_train(self, name: str, value: float) -> bool:
+        """Whether train_acc or train_loss (watched without validation) beats its best so far, kept
+        in best_<name>; if so, remember it."""
+        improved = is_improvement(value, getattr(self, f"best_{name}"), self.config.min_delta,
+                                  higher_is_better=name == "train_acc")
         if improved:
-            self.best_train_loss = train_loss
-        return improved
-
-    def _note_train_acc(self, train_acc: float) -> bool:
-        """Whether training accuracy beats its best so far; if so, remember it."""
-        improved = is_improvement(train_acc, self.best_train_acc, self.config.min_delta,
-                                  higher_is_better=True)
-        if improved:
-            self.best_train_acc = train_acc
+            setattr(self, f"best_{name}", value)
         return improved
 
     def _count_bad_epoch(self, improved: bool, new_best: bool) -> tuple[bool, bool]:
