@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import warnings
 
 import pandas
@@ -41,6 +42,11 @@ def list_csv(csv_path: str, columns: str) -> Listing:
     table = [frame[name].tolist() for name in frame.columns]  # lists: quicker to read than a frame
     column = dict(zip(frame.columns, table))
     splits_of = column[names[2]] if len(names) == 3 and names[2] in column else [""] * len(frame)
+    others = [name for name in frame.columns if name not in names]
+    if len(names) == 3 and names[2] not in column and others:  # a split column under another name?
+        print(f"note: {messages_module.printable(csv_path)} has no column {names[2]!r}, so every "
+              f"row is in the train split; if {' or '.join(map(repr, others))} holds the splits, "
+              f"set {flag_named('CSV_COLUMNS')} to name it", file=sys.stderr)
     rows, folder, skipped, first = [], os.path.dirname(csv_path), Skipped(), {}
     next_line = 2  # after the header; blank lines are rows, and quoted line breaks move the rest
     for path, label, split, *cells in zip(column[names[0]], column[names[1]], splits_of, *table):

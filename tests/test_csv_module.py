@@ -84,6 +84,21 @@ def test_export_checks_the_model_on_the_csvs_own_images(tmp_path):
     assert torch.equal(images, torch.stack(expected))
 
 
+@pytest.mark.parametrize("columns, noted", [(("path", "label", "subset"), True),
+                                             (("path", "label"), False)])
+def test_a_csv_without_the_split_column_puts_every_row_in_train_and_names_its_other_columns(
+        tmp_path, capsys, columns, noted):
+    write_image_tree(tmp_path / "images", splits=("train",), per_class=2)
+    rows = tree_rows(tmp_path / "images")
+    rows = [row + ("test",) for row in rows] if len(columns) == 3 else rows
+    listing = csv_module.list_csv(write_csv(tmp_path / "labels.csv", rows, columns),
+                                  "path,label,split")
+    assert list(listing.splits) == ["train"] and len(listing.splits["train"]) == len(rows)
+    err = capsys.readouterr().err
+    assert ("has no column 'split', so every row is in the train split; if 'subset' holds the "
+            "splits, set --csv-columns (CSV_COLUMNS) to name it" in err) == noted, err
+
+
 def test_paths_relative_to_the_csvs_folder_or_absolute_and_odd_file_names(tmp_path):
     write_image_tree(tmp_path / "images", splits=("train",), per_class=2)
     odd = tmp_path / "images" / "odd" / 'a, "b" #1 ë.png'
