@@ -144,6 +144,11 @@ def setup(config: Config, rank: int, world_size: int, local_rank: int, account: 
         raise utils.CheckpointError(f"WEIGHTS {weights} {utils.not_a_file(weights)}")
     if rank == 0 and saved is None and (warning := freeze_warning(options)):
         print(warning, file=sys.stderr)
+    if rank == 0 and config.optim.warmup_epochs >= config.fit.epochs > 0:
+        print(f"warning: {messages_module.flag_named('WARMUP_EPOCHS')} "
+              f"{config.optim.warmup_epochs} covers every epoch of the run "
+              f"({messages_module.flag_named('EPOCHS')} {config.fit.epochs}): the LR rises "
+              "throughout and LRA never counts or cuts; set it below the epochs", file=sys.stderr)
     model_module.fetch_pretrained(options.model, options.pretrained)  # before any decoding
     utils.seed_everything(config.data.seed)
     device = utils.get_device(local_rank)

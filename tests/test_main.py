@@ -878,6 +878,18 @@ def test_a_run_that_ends_at_chance_is_told_so_with_the_likely_cause():
     assert run_module.chance_warning({**chance, "loss": 0.7}, 3, []) is None
 
 
+@pytest.mark.parametrize("warmup, warned", [(2, True), (3, True), (1, False)])
+def test_a_warm_up_over_every_epoch_warns_once(tiny_run, capsys, warmup, warned):
+    args, _ = tiny_run
+    result = main_in_process([str(a) for a in args] + ["--epochs", "2", "--warmup-epochs",
+                                                       str(warmup)], capsys)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "covers every epoch" in line]
+    assert warnings == ([f"warning: --warmup-epochs (WARMUP_EPOCHS) {warmup} covers every epoch of "
+                         "the run (--epochs (EPOCHS) 2): the LR rises throughout and LRA never "
+                         "counts or cuts; set it below the epochs"] if warned else []), warnings
+
+
 def test_freeze_on_a_random_body_warns_once_saying_what_to_add(tiny_run, capsys):
     args, out = tiny_run
     args = [str(a) for a in args]
