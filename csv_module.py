@@ -41,10 +41,11 @@ def list_csv(csv_path: str, columns: str) -> Listing:
                         f"{','.join(names)} or set {flag_named('CSV_COLUMNS')} to yours")
     table = [frame[name].tolist() for name in frame.columns]  # lists: quicker to read than a frame
     column = dict(zip(frame.columns, table))
-    splits_of = column[names[2]] if len(names) == 3 and names[2] in column else [""] * len(frame)
+    split_name = names[2] if len(names) == 3 else None
+    splits_of = column.get(split_name, [""] * len(frame))
     others = [name for name in frame.columns if name not in names]
-    if len(names) == 3 and names[2] not in column and others:  # a split column under another name?
-        print(f"note: {messages_module.printable(csv_path)} has no column {names[2]!r}, so every "
+    if split_name is not None and split_name not in column and others:  # a split column named otherwise?
+        print(f"note: {messages_module.printable(csv_path)} has no column {split_name!r}, so every "
               f"row is in the train split; if {' or '.join(map(repr, others))} holds the splits, "
               f"set {flag_named('CSV_COLUMNS')} to name it", file=sys.stderr)
     rows, folder, skipped, first = [], os.path.dirname(csv_path), Skipped(), {}
