@@ -44,7 +44,7 @@ def list_csv(csv_path: str, columns: str) -> Listing:
     split_name = names[2] if len(names) == 3 else None
     splits_of = column.get(split_name, [""] * len(frame))
     others = [name for name in frame.columns if name not in names]
-    if split_name is not None and split_name not in column and others:  # a split column named otherwise?
+    if split_name is not None and split_name not in column and others:  # named otherwise?
         print(f"note: {messages_module.printable(csv_path)} has no column {split_name!r}, so every "
               f"row is in the train split; if {' or '.join(map(repr, others))} holds the splits, "
               f"set {flag_named('CSV_COLUMNS')} to name it", file=sys.stderr)
